@@ -1,0 +1,485 @@
+//! Runtime configuration: serde structs with defaults, `validate()`, and a YAML loader whose
+//! errors name the file, line, column and field.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+use crate::driver::DriverChoice;
+
+/// An error in a configuration file: where, which field, what.
+#[derive(Debug, thiserror::Error)]
+pub struct ConfigError {
+    pub file: PathBuf,
+    pub line: Option<usize>,
+    pub column: Option<usize>,
+    /// Dotted path of the offending field (`listeners[1].upstream`), when known.
+    pub field: Option<String>,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.file.display())?;
+        if let Some(l) = self.line {
+            write!(f, ":{l}")?;
+            if let Some(c) = self.column {
+                write!(f, ":{c}")?;
+            }
+        }
+        if let Some(field) = &self.field {
+            write!(f, ": field `{field}`")?;
+        }
+        write!(f, ": {}", self.message)
+    }
+}
+
+/// Parse YAML text into `T`; errors carry file, line, column and the field path.
+pub fn from_yaml_str<T: DeserializeOwned>(file: &Path, text: &str) -> Result<T, ConfigError> {
+    serde_norway::from_str(text).map_err(|e| yaml_error(file, e))
+}
+
+/// Read and parse a YAML file.
+pub fn from_yaml_file<T: DeserializeOwned>(file: &Path) -> Result<T, ConfigError> {
+    let text = std::fs::read_to_string(file).map_err(|e| ConfigError {
+        file: file.to_owned(),
+        line: None,
+        column: None,
+        field: None,
+        message: format!("cannot read: {e}"),
+    })?;
+    from_yaml_str(file, &text)
+}
+
+fn yaml_error(file: &Path, e: serde_norway::Error) -> ConfigError {
+    let loc = e.location();
+    // The message reads `<path>: <what> at line L column C`; split it into its parts.
+    let mut message = e.to_string();
+    if let Some(i) = message.find(" at line ") {
+        message.truncate(i);
+    }
+    let mut field = None;
+    if let Some((head, rest)) = message.split_once(": ") {
+        let is_path = !head.is_empty()
+            && head
+                .chars()
+                .all(|c| c.is_alphanumeric() || matches!(c, '_' | '-' | '.' | '[' | ']'));
+        if is_path {
+            field = Some(head.to_string());
+            message = rest.to_string();
+        }
+    }
+    ConfigError {
+        file: file.to_owned(),
+        line: loc.as_ref().map(|l| l.line()),
+        column: loc.as_ref().map(|l| l.column()),
+        field,
+        message,
+    }
+}
+
+/// A validation error before the file name is attached.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Invalid {
+    pub field: String,
+    pub message: String,
+}
+
+impl Invalid {
+    pub fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
+        Invalid {
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+
+    /// Attach the file; the line is found by locating the field's key in the text.
+    pub fn in_file(self, file: &Path, text: Option<&str>) -> ConfigError {
+        let line = text.and_then(|t| locate_field(t, &self.field));
+        ConfigError {
+            file: file.to_owned(),
+            line,
+            column: None,
+            field: Some(self.field),
+            message: self.message,
+        }
+    }
+}
+
+/// Best-effort line of a dotted field path (`listeners[1].listen`) in YAML text: walks the
+/// keys in order, counting sequence items for `[n]`. Returns a 1-based line.
+pub fn locate_field(text: &str, field: &str) -> Option<usize> {
+    let lines: Vec<&str> = text.lines().collect();
+    let mut from = 0usize;
+    let mut min_indent = 0usize;
+    for part in field.split('.') {
+        let (key, index) = match part.find('[') {
+            Some(i) => (
+                &part[..i],
+                part[i + 1..part.len() - 1].parse::<usize>().ok(),
+            ),
+            None => (part, None),
+        };
+        let pos = (from..lines.len()).find(|&i| {
+            let l = lines[i];
+            let ind = l.len() - l.trim_start().len();
+            let t = l.trim_start().trim_start_matches("- ");
+            ind >= min_indent && (t.starts_with(&format!("{key}:")))
+        })?;
+        from = pos;
+        min_indent = lines[pos].len() - lines[pos].trim_start().len();
+        if let Some(n) = index {
+            let mut seen = 0usize;
+            let item = (pos + 1..lines.len()).find(|&i| {
+                if lines[i].trim_start().starts_with("- ") || lines[i].trim() == "-" {
+                    seen += 1;
+                    seen == n + 1
+                } else {
+                    false
+                }
+            })?;
+            from = item;
+            let l = lines[item];
+            min_indent = l.len() - l.trim_start().len();
+        }
+    }
+    Some(from + 1)
+}
+
+/// Durations in config files: `250ms`, `10s`, `5m`, `1h`, or a bare number of seconds.
+pub mod duration {
+    use super::*;
+
+    pub fn parse(s: &str) -> Result<Duration, String> {
+        let s = s.trim();
+        let split = s
+            .find(|c: char| !c.is_ascii_digit() && c != '.')
+            .unwrap_or(s.len());
+        let (num, unit) = s.split_at(split);
+        let n: f64 = num
+            .parse()
+            .map_err(|_| format!("invalid duration {s:?} (e.g. 250ms, 10s, 5m)"))?;
+        let secs = match unit.trim() {
+            "" | "s" => n,
+            "ms" => n / 1e3,
+            "us" | "µs" => n / 1e6,
+            "m" => n * 60.0,
+            "h" => n * 3600.0,
+            u => {
+                return Err(format!(
+                    "unknown duration unit {u:?} in {s:?} (use ms, s, m or h)"
+                ))
+            }
+        };
+        if !secs.is_finite() || secs < 0.0 {
+            return Err(format!("invalid duration {s:?}"));
+        }
+        Ok(Duration::from_secs_f64(secs))
+    }
+
+    pub fn format(d: Duration) -> String {
+        let ms = d.as_millis();
+        if ms % 1000 == 0 {
+            format!("{}s", ms / 1000)
+        } else {
+            format!("{ms}ms")
+        }
+    }
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&format(*d))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            N(u64),
+            S(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::N(n) => Ok(Duration::from_secs(n)),
+            Raw::S(s) => parse(&s).map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+/// How bytes move between two sockets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ForwardMode {
+    /// read/write through pooled user-space buffers, driven by the ring.
+    #[default]
+    Copy,
+    /// readiness from the ring, then non-blocking `splice(2)` through a pipe (zero copy).
+    Splice,
+}
+
+impl std::str::FromStr for ForwardMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "copy" => Ok(Self::Copy),
+            "splice" => Ok(Self::Splice),
+            o => Err(format!(
+                "unknown forward mode {o:?} (expected copy or splice)"
+            )),
+        }
+    }
+}
+
+/// Knobs of the byte forwarder.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ForwardConfig {
+    /// `copy` or `splice`.
+    pub mode: ForwardMode,
+    /// Bytes: first buffer taken from the per-core pool for a read (copy mode).
+    pub buffer_size: usize,
+    /// Bytes: a buffer grows to this once reads keep filling it (copy mode).
+    pub max_buffer_size: usize,
+    /// Bytes: pipe capacity per direction (splice mode).
+    pub pipe_size: usize,
+    /// A connection with no bytes moving either way for this long is closed.
+    #[serde(with = "duration")]
+    pub idle_timeout: Duration,
+    /// Buffers each worker keeps for reuse, per size class.
+    pub pool_buffers: usize,
+}
+
+impl Default for ForwardConfig {
+    fn default() -> Self {
+        ForwardConfig {
+            mode: ForwardMode::Copy,
+            buffer_size: 64 * 1024,
+            max_buffer_size: 256 * 1024,
+            pipe_size: 256 * 1024,
+            idle_timeout: Duration::from_secs(3600),
+            pool_buffers: 64,
+        }
+    }
+}
+
+/// Knobs of the thread-per-core runtime.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RuntimeConfig {
+    /// Worker threads; absent = one per selected core.
+    pub workers: Option<usize>,
+    /// CPU ids to run workers on; absent = every core this process may use.
+    pub cores: Option<Vec<usize>>,
+    /// Pin each worker to its core.
+    pub pin: bool,
+    /// `auto`, `uring` or `epoll` (the environment variable `MESH_IO_DRIVER` wins).
+    pub io_driver: DriverChoice,
+    /// io_uring submission queue entries per worker.
+    pub ring_entries: u32,
+    /// Connections a worker holds at once; accept pauses at the limit.
+    pub max_connections_per_worker: usize,
+    /// After SIGTERM/SIGINT, how long open connections may finish.
+    #[serde(with = "duration")]
+    pub drain_timeout: Duration,
+    /// `listen(2)` backlog for every sharded listener.
+    pub listen_backlog: i32,
+    /// `TCP_NODELAY` on accepted and upstream sockets.
+    pub nodelay: bool,
+    /// TCP keepalive idle time on accepted and upstream sockets; absent = off.
+    #[serde(with = "opt_duration")]
+    pub tcp_keepalive: Option<Duration>,
+    /// Steer each connection to the worker on the CPU its packets arrive on (reuseport CBPF).
+    /// Off by default: on loopback that CPU is the sender's, which puts every connection of a
+    /// pinned client on one worker.
+    pub reuseport_cpu_steering: bool,
+    pub forward: ForwardConfig,
+}
+
+impl Default for RuntimeConfig {
+    fn default() -> Self {
+        RuntimeConfig {
+            workers: None,
+            cores: None,
+            pin: true,
+            io_driver: DriverChoice::Auto,
+            ring_entries: 1024,
+            max_connections_per_worker: 50_000,
+            drain_timeout: Duration::from_secs(10),
+            listen_backlog: 4096,
+            nodelay: true,
+            tcp_keepalive: Some(Duration::from_secs(180)),
+            reuseport_cpu_steering: false,
+            forward: ForwardConfig::default(),
+        }
+    }
+}
+
+mod opt_duration {
+    use super::*;
+    pub fn serialize<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+        match d {
+            Some(d) => s.serialize_str(&duration::format(*d)),
+            None => s.serialize_none(),
+        }
+    }
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+        #[derive(Deserialize)]
+        struct W(#[serde(with = "duration")] Duration);
+        Ok(Option::<W>::deserialize(d)?.map(|w| w.0))
+    }
+}
+
+impl RuntimeConfig {
+    /// Check ranges and cross-field rules. `prefix` is the path of this struct in the file.
+    pub fn validate(&self, prefix: &str) -> Result<(), Invalid> {
+        let f = |name: &str| {
+            if prefix.is_empty() {
+                name.to_string()
+            } else {
+                format!("{prefix}.{name}")
+            }
+        };
+        if self.workers == Some(0) {
+            return Err(Invalid::new(f("workers"), "must be at least 1"));
+        }
+        if let Some(cores) = &self.cores {
+            if cores.is_empty() {
+                return Err(Invalid::new(f("cores"), "must list at least one CPU id"));
+            }
+            let online = std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1);
+            let all = core_affinity::get_core_ids()
+                .map(|v| v.len())
+                .unwrap_or(online);
+            if let Some(c) = cores.iter().find(|&&c| c >= all.max(online)) {
+                return Err(Invalid::new(
+                    f("cores"),
+                    format!("CPU {c} does not exist (this host has {})", all.max(online)),
+                ));
+            }
+        }
+        if !(2..=32768).contains(&self.ring_entries) || !self.ring_entries.is_power_of_two() {
+            return Err(Invalid::new(
+                f("ring_entries"),
+                "must be a power of two between 2 and 32768",
+            ));
+        }
+        if self.max_connections_per_worker == 0 {
+            return Err(Invalid::new(
+                f("max_connections_per_worker"),
+                "must be at least 1",
+            ));
+        }
+        if self.listen_backlog < 1 {
+            return Err(Invalid::new(f("listen_backlog"), "must be at least 1"));
+        }
+        let fw = &self.forward;
+        if fw.buffer_size < 4096 {
+            return Err(Invalid::new(
+                f("forward.buffer_size"),
+                "must be at least 4096 bytes",
+            ));
+        }
+        if fw.max_buffer_size < fw.buffer_size {
+            return Err(Invalid::new(
+                f("forward.max_buffer_size"),
+                "must be at least forward.buffer_size",
+            ));
+        }
+        if fw.pipe_size < 4096 {
+            return Err(Invalid::new(
+                f("forward.pipe_size"),
+                "must be at least 4096 bytes",
+            ));
+        }
+        if fw.idle_timeout.is_zero() {
+            return Err(Invalid::new(
+                f("forward.idle_timeout"),
+                "must be greater than zero",
+            ));
+        }
+        Ok(())
+    }
+
+    /// The CPUs workers run on, and how many workers.
+    pub fn worker_cores(&self) -> Vec<Option<usize>> {
+        let cores: Vec<usize> = match &self.cores {
+            Some(c) => c.clone(),
+            None => core_affinity::get_core_ids()
+                .map(|ids| ids.into_iter().map(|c| c.id).collect())
+                .unwrap_or_default(),
+        };
+        let n = self.workers.unwrap_or(cores.len().max(1));
+        (0..n)
+            .map(|i| {
+                if self.pin && !cores.is_empty() {
+                    Some(cores[i % cores.len()])
+                } else {
+                    None
+                }
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse() {
+        assert_eq!(
+            duration::parse("250ms").unwrap(),
+            Duration::from_millis(250)
+        );
+        assert_eq!(duration::parse("10s").unwrap(), Duration::from_secs(10));
+        assert_eq!(duration::parse("5m").unwrap(), Duration::from_secs(300));
+        assert_eq!(duration::parse("3").unwrap(), Duration::from_secs(3));
+        assert!(duration::parse("10 parsecs").is_err());
+        assert!(duration::parse("x").is_err());
+    }
+
+    #[test]
+    fn unknown_field_names_line_and_field() {
+        let text = "workers: 2\nforward:\n  mode: copy\n  bufer_size: 10\n";
+        let e = from_yaml_str::<RuntimeConfig>(Path::new("rt.yaml"), text).unwrap_err();
+        assert_eq!(e.line, Some(4), "{e}");
+        assert!(e.to_string().contains("rt.yaml:4"), "{e}");
+        assert!(e.message.contains("bufer_size"), "{e}");
+        assert_eq!(e.field.as_deref(), Some("forward"), "{e}");
+    }
+
+    #[test]
+    fn bad_value_names_field() {
+        let text = "forward:\n  mode: teleport\n";
+        let e = from_yaml_str::<RuntimeConfig>(Path::new("rt.yaml"), text).unwrap_err();
+        assert_eq!(e.line, Some(2), "{e}");
+        assert_eq!(e.field.as_deref(), Some("forward.mode"), "{e}");
+    }
+
+    #[test]
+    fn validation_errors_locate_line() {
+        let text = "io_driver: auto\nforward:\n  buffer_size: 100\n";
+        let cfg: RuntimeConfig = from_yaml_str(Path::new("x.yaml"), text).unwrap();
+        let e = cfg
+            .validate("")
+            .unwrap_err()
+            .in_file(Path::new("x.yaml"), Some(text));
+        assert_eq!(e.field.as_deref(), Some("forward.buffer_size"));
+        assert_eq!(e.line, Some(3), "{e}");
+    }
+
+    #[test]
+    fn locate_indexed_field() {
+        let text = "listeners:\n  - listen: a\n    upstream: b\n  - listen: c\n    upstream: d\n";
+        assert_eq!(locate_field(text, "listeners[1].upstream"), Some(5));
+        assert_eq!(locate_field(text, "listeners[0].listen"), Some(2));
+    }
+
+    #[test]
+    fn defaults_validate() {
+        RuntimeConfig::default().validate("").unwrap();
+    }
+}

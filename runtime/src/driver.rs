@@ -1,0 +1,149 @@
+//! Choosing the io driver: io_uring when it works here, epoll otherwise.
+//!
+//! monoio's `FusionDriver` falls back to epoll only when io_uring is missing, not when ring
+//! creation fails with `ENOMEM` (a low `ulimit -l` on older kernels) — so we build the ring
+//! ourselves and fall back explicitly, and say once why.
+
+use std::fmt;
+use std::io;
+
+use monoio::time::TimeDriver;
+use monoio::{FusionRuntime, IoUringDriver, LegacyDriver, RuntimeBuilder};
+use serde::{Deserialize, Serialize};
+
+/// Environment variable that forces the driver: `uring`, `epoll` or `auto`.
+pub const ENV_IO_DRIVER: &str = "MESH_IO_DRIVER";
+
+/// What the configuration asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DriverChoice {
+    /// io_uring when a ring can be created, else epoll.
+    #[default]
+    Auto,
+    /// io_uring or fail.
+    Uring,
+    /// epoll always.
+    Epoll,
+}
+
+impl std::str::FromStr for DriverChoice {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "auto" | "" => Ok(Self::Auto),
+            "uring" | "io_uring" | "iouring" => Ok(Self::Uring),
+            "epoll" | "legacy" => Ok(Self::Epoll),
+            other => Err(format!(
+                "unknown io driver {other:?} (expected auto, uring or epoll)"
+            )),
+        }
+    }
+}
+
+/// The driver actually in use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DriverKind {
+    Uring,
+    Epoll,
+}
+
+impl fmt::Display for DriverKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            DriverKind::Uring => "io_uring",
+            DriverKind::Epoll => "epoll",
+        })
+    }
+}
+
+/// The decision and the reason for it, logged once at start.
+#[derive(Debug, Clone)]
+pub struct DriverDecision {
+    pub kind: DriverKind,
+    pub reason: String,
+}
+
+/// A monoio runtime on either driver, with timers enabled.
+pub type MeshRuntime = FusionRuntime<TimeDriver<IoUringDriver>, TimeDriver<LegacyDriver>>;
+
+/// Resolve the configured choice (the environment variable wins) into a driver, probing
+/// io_uring by actually creating a ring of `ring_entries`.
+pub fn decide(configured: DriverChoice, ring_entries: u32) -> io::Result<DriverDecision> {
+    let (choice, source) = match std::env::var(ENV_IO_DRIVER) {
+        Ok(v) if !v.trim().is_empty() => (
+            v.parse::<DriverChoice>().map_err(|e| {
+                io::Error::new(io::ErrorKind::InvalidInput, format!("{ENV_IO_DRIVER}: {e}"))
+            })?,
+            ENV_IO_DRIVER,
+        ),
+        _ => (configured, "config"),
+    };
+    match choice {
+        DriverChoice::Epoll => Ok(DriverDecision {
+            kind: DriverKind::Epoll,
+            reason: format!("epoll forced by {source}"),
+        }),
+        DriverChoice::Uring => match probe_uring(ring_entries) {
+            Ok(()) => Ok(DriverDecision {
+                kind: DriverKind::Uring,
+                reason: format!("io_uring forced by {source}"),
+            }),
+            Err(e) => Err(io::Error::new(
+                e.kind(),
+                format!("io_uring forced by {source} but a ring of {ring_entries} entries cannot be created: {e}{}", memlock_hint()),
+            )),
+        },
+        DriverChoice::Auto => match probe_uring(ring_entries) {
+            Ok(()) => Ok(DriverDecision {
+                kind: DriverKind::Uring,
+                reason: format!("io_uring available (ring of {ring_entries} entries created)"),
+            }),
+            Err(e) => Ok(DriverDecision {
+                kind: DriverKind::Epoll,
+                reason: format!("io_uring unavailable, falling back to epoll: {e}{}", memlock_hint()),
+            }),
+        },
+    }
+}
+
+fn memlock_hint() -> String {
+    match crate::sys::memlock_limit() {
+        Ok(u64::MAX) => String::new(),
+        Ok(b) => format!(" (RLIMIT_MEMLOCK is {} KiB)", b / 1024),
+        Err(_) => String::new(),
+    }
+}
+
+fn probe_uring(entries: u32) -> io::Result<()> {
+    io_uring_ring(entries).map(drop)
+}
+
+fn io_uring_ring(entries: u32) -> io::Result<MeshRuntime> {
+    RuntimeBuilder::<IoUringDriver>::new()
+        .with_entries(entries)
+        .enable_timer()
+        .build()
+        .map(Into::into)
+}
+
+/// Build this thread's runtime on the decided driver. If io_uring fails here although the
+/// probe succeeded (resources ran out between threads), fall back to epoll rather than fail.
+pub fn build_runtime(
+    decision: &DriverDecision,
+    entries: u32,
+) -> io::Result<(MeshRuntime, DriverKind)> {
+    if decision.kind == DriverKind::Uring {
+        match io_uring_ring(entries) {
+            Ok(rt) => return Ok((rt, DriverKind::Uring)),
+            Err(e) => {
+                tracing::warn!(error = %e, "io_uring ring creation failed on this worker; using epoll")
+            }
+        }
+    }
+    let rt = RuntimeBuilder::<LegacyDriver>::new()
+        .enable_timer()
+        .build()?;
+    Ok((rt.into(), DriverKind::Epoll))
+}

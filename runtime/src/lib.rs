@@ -1,0 +1,44 @@
+//! The thread-per-core io_uring runtime every service of this mesh runs on.
+//!
+//! - [`worker`]: one pinned OS thread per selected core, each with its own monoio runtime
+//!   (io_uring, or epoll when a ring cannot be created — see [`driver`]), buffer pool and
+//!   counters; the accept loop with connection limits and drain.
+//! - [`listener`]: one `SO_REUSEPORT` socket per worker per address; refuses an address that
+//!   another process already serves.
+//! - [`forward`]: both-ways byte forwarding (pooled-buffer copy or readiness + `splice(2)`),
+//!   with half-close, reset propagation, idle timeout and byte counts.
+//! - [`snapshot`]: lock-free publishing of immutable routing snapshots.
+//! - [`shutdown`]: SIGTERM/SIGINT drain.
+//! - [`forwarder`]: the first service, a sharded L4 forwarder (binary `l4fwd`).
+//!
+//! This is the only crate of the workspace allowed `unsafe` (in [`sys`] and one readiness
+//! helper in [`forward`]), each block with a `SAFETY:` comment.
+
+pub mod bufpool;
+pub mod config;
+pub mod driver;
+pub mod event;
+pub mod forward;
+pub mod forwarder;
+pub mod listener;
+pub mod shutdown;
+pub mod snapshot;
+pub mod stats;
+pub mod sys;
+pub mod worker;
+
+pub use config::{ForwardConfig, ForwardMode, RuntimeConfig};
+pub use driver::{DriverChoice, DriverKind};
+pub use shutdown::Shutdown;
+pub use snapshot::{Publisher, Subscriber};
+pub use worker::{spawn_workers, WorkerCtx, Workers};
+
+/// Install a `tracing` subscriber reading `RUST_LOG` (default `info`), once per process.
+pub fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}

@@ -1,0 +1,206 @@
+//! Thin wrappers over the system calls the runtime needs and `std`/`socket2` do not offer.
+//! This is one of the few modules allowed `unsafe`; every block says why it is sound.
+#![allow(unsafe_code)]
+
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+
+fn cvt(ret: libc::c_int) -> io::Result<libc::c_int> {
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(ret)
+    }
+}
+
+/// Raise the soft `RLIMIT_NOFILE` to the hard limit; returns (old soft, new soft).
+pub fn raise_nofile_limit() -> io::Result<(u64, u64)> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: `lim` is a valid, writable rlimit struct for the duration of the call.
+    cvt(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) })?;
+    let old = lim.rlim_cur;
+    if lim.rlim_cur < lim.rlim_max {
+        lim.rlim_cur = lim.rlim_max;
+        // SAFETY: `lim` is a valid rlimit struct read just above; the kernel only reads it.
+        cvt(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) })?;
+    }
+    Ok((old, lim.rlim_cur))
+}
+
+/// The soft `RLIMIT_MEMLOCK` in bytes (`u64::MAX` when unlimited).
+pub fn memlock_limit() -> io::Result<u64> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: `lim` is a valid, writable rlimit struct for the duration of the call.
+    cvt(unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut lim) })?;
+    Ok(lim.rlim_cur)
+}
+
+/// Number of open file descriptors of this process (entries of `/proc/self/fd`).
+pub fn open_fd_count() -> io::Result<usize> {
+    // The directory handle itself is one entry while we read it.
+    Ok(std::fs::read_dir("/proc/self/fd")?
+        .count()
+        .saturating_sub(1))
+}
+
+/// Put a descriptor into non-blocking mode.
+pub fn set_nonblocking(fd: RawFd) -> io::Result<()> {
+    // SAFETY: F_GETFL/F_SETFL on a descriptor the caller owns; no memory is passed.
+    let flags = cvt(unsafe { libc::fcntl(fd, libc::F_GETFL) })?;
+    if flags & libc::O_NONBLOCK == 0 {
+        // SAFETY: as above.
+        cvt(unsafe { libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) })?;
+    }
+    Ok(())
+}
+
+/// Set `SO_LINGER {on, 0}` so that closing the socket sends a TCP RST.
+pub fn set_linger_zero(fd: RawFd) -> io::Result<()> {
+    let l = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: `l` is a valid linger struct and its exact size is passed.
+    cvt(unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&l as *const libc::linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        )
+    })?;
+    Ok(())
+}
+
+/// `shutdown(fd, SHUT_WR)`: send FIN, keep reading.
+pub fn shutdown_write(fd: RawFd) -> io::Result<()> {
+    // SAFETY: plain syscall on a descriptor the caller owns.
+    cvt(unsafe { libc::shutdown(fd, libc::SHUT_WR) })?;
+    Ok(())
+}
+
+/// Attach a classic BPF program to a `SO_REUSEPORT` group that picks the socket with the
+/// index of the CPU the packet arrived on (modulo `group_size`). Sockets must be bound in
+/// worker order for the index to mean "the worker pinned to that CPU".
+pub fn attach_reuseport_cpu_cbpf(fd: RawFd, group_size: u32) -> io::Result<()> {
+    const SKF_AD_OFF: u32 = 0xfffff000; // (-0x1000) as u32
+    const SKF_AD_CPU: u32 = 36;
+    let code = [
+        // A = current CPU
+        libc::sock_filter {
+            code: (libc::BPF_LD | libc::BPF_W | libc::BPF_ABS) as u16,
+            jt: 0,
+            jf: 0,
+            k: SKF_AD_OFF.wrapping_add(SKF_AD_CPU),
+        },
+        // A = A % group_size
+        libc::sock_filter {
+            code: (libc::BPF_ALU | libc::BPF_MOD | libc::BPF_K) as u16,
+            jt: 0,
+            jf: 0,
+            k: group_size.max(1),
+        },
+        // return A
+        libc::sock_filter {
+            code: (libc::BPF_RET | libc::BPF_A) as u16,
+            jt: 0,
+            jf: 0,
+            k: 0,
+        },
+    ];
+    let prog = libc::sock_fprog {
+        len: code.len() as u16,
+        filter: code.as_ptr() as *mut _,
+    };
+    // SAFETY: `prog` points at `code`, which outlives the call; the kernel copies the program.
+    cvt(unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_ATTACH_REUSEPORT_CBPF,
+            (&prog as *const libc::sock_fprog).cast(),
+            std::mem::size_of::<libc::sock_fprog>() as libc::socklen_t,
+        )
+    })?;
+    Ok(())
+}
+
+/// A non-blocking pipe used as the in-kernel buffer of a splice forwarder.
+pub struct Pipe {
+    pub read: OwnedFd,
+    pub write: OwnedFd,
+    pub capacity: usize,
+}
+
+impl Pipe {
+    /// Create a pipe and try to size it to `size` bytes (capped by `/proc/sys/fs/pipe-max-size`
+    /// for unprivileged users; the size actually granted is recorded).
+    pub fn new(size: usize) -> io::Result<Pipe> {
+        let mut fds = [0 as RawFd; 2];
+        // SAFETY: `fds` is a writable array of two descriptors, as pipe2 requires.
+        cvt(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) })?;
+        // SAFETY: pipe2 succeeded, so both descriptors are open and owned by nobody else.
+        let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        let want = size.clamp(4096, i32::MAX as usize) as libc::c_int;
+        // SAFETY: F_SETPIPE_SZ/F_GETPIPE_SZ take an int argument and no memory.
+        let granted = match cvt(unsafe { libc::fcntl(write.as_raw_fd(), libc::F_SETPIPE_SZ, want) })
+        {
+            Ok(n) => n as usize,
+            // EPERM above pipe-max-size: keep the default size.
+            // SAFETY: F_GETPIPE_SZ takes no argument and no memory.
+            Err(_) => cvt(unsafe { libc::fcntl(write.as_raw_fd(), libc::F_GETPIPE_SZ) })? as usize,
+        };
+        Ok(Pipe {
+            read,
+            write,
+            capacity: granted,
+        })
+    }
+}
+
+/// One non-blocking `splice(2)` of up to `len` bytes from `from` to `to`.
+/// Returns `Ok(0)` at end of file on `from`, `Err(WouldBlock)` when either side is not ready.
+pub fn splice_nonblocking(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
+    // SAFETY: null offsets are valid for pipes and sockets; descriptors are owned by the
+    // caller for the duration of the call; no user memory is passed.
+    let n = unsafe {
+        libc::splice(
+            from,
+            std::ptr::null_mut(),
+            to,
+            std::ptr::null_mut(),
+            len,
+            libc::SPLICE_F_MOVE | libc::SPLICE_F_NONBLOCK,
+        )
+    };
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
+}
+
+/// Which CPU the calling thread runs on now.
+pub fn current_cpu() -> Option<usize> {
+    // SAFETY: sched_getcpu takes no arguments and only returns a value.
+    let c = unsafe { libc::sched_getcpu() };
+    (c >= 0).then_some(c as usize)
+}
+
+/// Run `f` with a `socket2` view of a socket descriptor the caller keeps open.
+pub fn with_sockref<R>(
+    fd: RawFd,
+    f: impl FnOnce(socket2::SockRef<'_>) -> io::Result<R>,
+) -> io::Result<R> {
+    // SAFETY: the caller owns `fd` and keeps it open for this call; the borrow does not
+    // outlive the closure, and SockRef never closes the descriptor.
+    let borrowed = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+    f(socket2::SockRef::from(&borrowed))
+}

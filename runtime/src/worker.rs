@@ -1,0 +1,343 @@
+//! Thread-per-core workers: one pinned OS thread per selected core, each with its own monoio
+//! runtime, buffer pool and counters, and the accept loop every service uses.
+
+use std::cell::Cell;
+use std::future::{poll_fn, Future};
+use std::io;
+use std::net::SocketAddr;
+use std::pin::pin;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::task::Poll;
+use std::time::Instant;
+
+use monoio::net::TcpStream;
+
+use crate::bufpool::BufPool;
+use crate::config::RuntimeConfig;
+use crate::driver::{self, DriverDecision, DriverKind};
+use crate::event::LocalEvent;
+use crate::listener::{tune_stream, ListenOptions};
+use crate::shutdown::{DrainWatcher, Shutdown};
+use crate::stats::WorkerStats;
+
+struct CtxInner {
+    id: usize,
+    core: Option<usize>,
+    driver: DriverKind,
+    cfg: RuntimeConfig,
+    listen_opts: ListenOptions,
+    stats: Arc<WorkerStats>,
+    pool: BufPool,
+    drain: DrainWatcher,
+    /// Set at the drain deadline: every connection task stops.
+    abort: LocalEvent,
+    /// Notified whenever a connection ends.
+    conn_closed: LocalEvent,
+    live: Cell<usize>,
+}
+
+/// What a service sees of its worker. Cheap to clone; never leaves the worker thread.
+#[derive(Clone)]
+pub struct WorkerCtx(Rc<CtxInner>);
+
+impl WorkerCtx {
+    pub fn id(&self) -> usize {
+        self.0.id
+    }
+    pub fn core(&self) -> Option<usize> {
+        self.0.core
+    }
+    pub fn driver(&self) -> DriverKind {
+        self.0.driver
+    }
+    pub fn config(&self) -> &RuntimeConfig {
+        &self.0.cfg
+    }
+    pub fn listen_options(&self) -> &ListenOptions {
+        &self.0.listen_opts
+    }
+    pub fn stats(&self) -> &Arc<WorkerStats> {
+        &self.0.stats
+    }
+    pub fn pool(&self) -> &BufPool {
+        &self.0.pool
+    }
+    pub fn shutdown(&self) -> &Shutdown {
+        self.0.drain.shutdown()
+    }
+    /// Connections this worker holds now.
+    pub fn live_connections(&self) -> usize {
+        self.0.live.get()
+    }
+
+    /// Completes when the connections of this worker must stop (drain deadline).
+    pub fn aborted(&self) -> impl Future<Output = ()> + 'static {
+        self.0.abort.wait()
+    }
+
+    /// Accept on `listener` until the drain begins, running `handler` for each connection in
+    /// its own task. Pauses at `max_connections_per_worker` (counted in `accept_paused`).
+    pub async fn serve<H, Fut>(&self, listener: std::net::TcpListener, handler: H) -> io::Result<()>
+    where
+        H: Fn(TcpStream, SocketAddr) -> Fut + 'static,
+        Fut: Future<Output = ()> + 'static,
+    {
+        let listener = monoio::net::TcpListener::from_std(listener)?;
+        let handler = Rc::new(handler);
+        let inner = &self.0;
+        loop {
+            // Back-pressure: wait for a free slot.
+            if inner.live.get() >= inner.cfg.max_connections_per_worker {
+                WorkerStats::inc(&inner.stats.accept_paused);
+                while inner.live.get() >= inner.cfg.max_connections_per_worker {
+                    if race(inner.conn_closed.wait(), inner.drain.started())
+                        .await
+                        .is_right()
+                    {
+                        return Ok(());
+                    }
+                }
+            }
+            let accepted = match race(listener.accept(), inner.drain.started()).await {
+                Either::Left(r) => r,
+                Either::Right(()) => return Ok(()),
+            };
+            let (stream, peer) = match accepted {
+                Ok(x) => x,
+                Err(e) => {
+                    WorkerStats::inc(&inner.stats.accept_errors);
+                    tracing::warn!(worker = inner.id, error = %e, "accept failed");
+                    // Out of descriptors: back off instead of spinning.
+                    if matches!(
+                        e.raw_os_error(),
+                        Some(libc::EMFILE)
+                            | Some(libc::ENFILE)
+                            | Some(libc::ENOBUFS)
+                            | Some(libc::ENOMEM)
+                    ) {
+                        monoio::time::sleep(std::time::Duration::from_millis(20)).await;
+                    }
+                    continue;
+                }
+            };
+            let _ = tune_stream(&stream, &inner.listen_opts);
+            inner.live.set(inner.live.get() + 1);
+            WorkerStats::inc(&inner.stats.accepted);
+            WorkerStats::inc(&inner.stats.active);
+            let guard = ConnGuard(self.clone());
+            let h = handler.clone();
+            let abort = inner.abort.wait();
+            monoio::spawn(async move {
+                let _guard = guard;
+                let _ = race(h(stream, peer), abort).await;
+            });
+        }
+    }
+
+    /// After the accept loops returned (drain begun): let open connections finish until the
+    /// deadline, then cut the rest and wait for their tasks to end.
+    pub async fn finish_drain(&self) {
+        let inner = &self.0;
+        let deadline = self.shutdown().deadline().unwrap_or_else(Instant::now);
+        while inner.live.get() > 0 && Instant::now() < deadline {
+            let sleep = monoio::time::sleep_until(deadline.into());
+            let _ = race(inner.conn_closed.wait(), sleep).await;
+        }
+        if inner.live.get() > 0 {
+            let n = inner.live.get();
+            tracing::info!(
+                worker = inner.id,
+                connections = n,
+                "drain deadline passed: closing open connections"
+            );
+            crate::stats::WorkerStats::add(&inner.stats.drain_aborted, n as u64);
+            inner.abort.set();
+            while inner.live.get() > 0 {
+                inner.conn_closed.wait().await;
+            }
+        }
+    }
+}
+
+/// Counts a connection; on drop (however the task ends) frees its slot.
+struct ConnGuard(WorkerCtx);
+
+impl Drop for ConnGuard {
+    fn drop(&mut self) {
+        let inner = &self.0 .0;
+        inner.live.set(inner.live.get() - 1);
+        inner
+            .stats
+            .active
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        WorkerStats::inc(&inner.stats.closed);
+        inner.conn_closed.notify();
+    }
+}
+
+/// Which of two futures finished first.
+pub enum Either<A, B> {
+    Left(A),
+    Right(B),
+}
+
+impl<A, B> Either<A, B> {
+    pub fn is_right(&self) -> bool {
+        matches!(self, Either::Right(_))
+    }
+}
+
+/// Poll both; return the first to finish (the left one wins a tie). The other is dropped.
+pub async fn race<A: Future, B: Future>(a: A, b: B) -> Either<A::Output, B::Output> {
+    let (mut a, mut b) = (pin!(a), pin!(b));
+    poll_fn(|cx| {
+        if let Poll::Ready(x) = a.as_mut().poll(cx) {
+            return Poll::Ready(Either::Left(x));
+        }
+        if let Poll::Ready(x) = b.as_mut().poll(cx) {
+            return Poll::Ready(Either::Right(x));
+        }
+        Poll::Pending
+    })
+    .await
+}
+
+/// Running workers.
+pub struct Workers {
+    threads: Vec<std::thread::JoinHandle<()>>,
+    stats: Vec<Arc<WorkerStats>>,
+    decision: DriverDecision,
+    drivers: Vec<DriverKind>,
+    cores: Vec<Option<usize>>,
+}
+
+impl Workers {
+    pub fn stats(&self) -> &[Arc<WorkerStats>] {
+        &self.stats
+    }
+    pub fn decision(&self) -> &DriverDecision {
+        &self.decision
+    }
+    /// The driver each worker actually runs.
+    pub fn drivers(&self) -> &[DriverKind] {
+        &self.drivers
+    }
+    pub fn cores(&self) -> &[Option<usize>] {
+        &self.cores
+    }
+    pub fn len(&self) -> usize {
+        self.threads.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.threads.is_empty()
+    }
+    /// Wait for every worker to return; a panicked worker is reported as an error.
+    pub fn join(self) -> io::Result<()> {
+        let mut failed = 0;
+        for t in self.threads {
+            if t.join().is_err() {
+                failed += 1;
+            }
+        }
+        if failed > 0 {
+            return Err(io::Error::other(format!("{failed} worker(s) panicked")));
+        }
+        Ok(())
+    }
+}
+
+/// How many workers `cfg` asks for (one per selected core by default).
+pub fn worker_count(cfg: &RuntimeConfig) -> usize {
+    cfg.worker_cores().len()
+}
+
+/// Start the workers. `setup(i)` runs on the calling thread and returns the closure that
+/// worker `i` runs on its own thread to make its (non-`Send`) main future. Returns once every
+/// worker has built its runtime, or the first error.
+pub fn spawn_workers<S, F, Fut>(
+    cfg: &RuntimeConfig,
+    shutdown: &Shutdown,
+    mut setup: S,
+) -> io::Result<Workers>
+where
+    S: FnMut(usize) -> F,
+    F: FnOnce(WorkerCtx) -> Fut + Send + 'static,
+    Fut: Future<Output = ()> + 'static,
+{
+    let decision = driver::decide(cfg.io_driver, cfg.ring_entries)?;
+    let cores = cfg.worker_cores();
+    tracing::info!(driver = %decision.kind, reason = %decision.reason, workers = cores.len(), ?cores, "starting workers");
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel::<(usize, io::Result<DriverKind>)>();
+    let mut threads = Vec::with_capacity(cores.len());
+    let mut stats = Vec::with_capacity(cores.len());
+    for (id, core) in cores.iter().copied().enumerate() {
+        let st = Arc::new(WorkerStats::default());
+        stats.push(st.clone());
+        let f = setup(id);
+        let ready = ready_tx.clone();
+        let decision = decision.clone();
+        let cfg = cfg.clone();
+        let drain = shutdown.watcher();
+        let t = std::thread::Builder::new()
+            .name(format!("worker-{id}"))
+            .spawn(move || {
+                if let Some(c) = core {
+                    if !core_affinity::set_for_current(core_affinity::CoreId { id: c }) {
+                        tracing::warn!(worker = id, core = c, "could not pin worker to its core");
+                    }
+                }
+                let (mut rt, kind) = match driver::build_runtime(&decision, cfg.ring_entries) {
+                    Ok(x) => x,
+                    Err(e) => {
+                        let _ = ready.send((id, Err(e)));
+                        return;
+                    }
+                };
+                let _ = ready.send((id, Ok(kind)));
+                drop(ready);
+                let pool = BufPool::new(
+                    cfg.forward.buffer_size,
+                    cfg.forward.max_buffer_size,
+                    cfg.forward.pool_buffers,
+                );
+                let ctx = WorkerCtx(Rc::new(CtxInner {
+                    id,
+                    core,
+                    driver: kind,
+                    listen_opts: ListenOptions::from_config(&cfg),
+                    cfg,
+                    stats: st,
+                    pool,
+                    drain,
+                    abort: LocalEvent::new(),
+                    conn_closed: LocalEvent::new(),
+                    live: Cell::new(0),
+                }));
+                rt.block_on(async move { f(ctx).await });
+            })?;
+        threads.push(t);
+    }
+    drop(ready_tx);
+    let mut drivers = vec![decision.kind; cores.len()];
+    for _ in 0..cores.len() {
+        match ready_rx.recv() {
+            Ok((id, Ok(kind))) => drivers[id] = kind,
+            Ok((id, Err(e))) => {
+                shutdown.drain(std::time::Duration::ZERO);
+                return Err(io::Error::new(
+                    e.kind(),
+                    format!("worker {id}: cannot build its runtime: {e}"),
+                ));
+            }
+            Err(_) => return Err(io::Error::other("a worker exited during start-up")),
+        }
+    }
+    Ok(Workers {
+        threads,
+        stats,
+        decision,
+        drivers,
+        cores,
+    })
+}
