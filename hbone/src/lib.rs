@@ -1,7 +1,30 @@
-//! HBONE: HTTP/2 `CONNECT` tunnels over mutual TLS with SPIFFE identities.
+//! HBONE: HTTP/2 `CONNECT` tunnels over mutual TLS with SPIFFE identities, wire-compatible
+//! with Istio's ztunnel and waypoints.
 //!
-//! Not built yet (issue 3). This crate will hold the rustls + `h2` transport running on the
-//! runtime's workers, SPIFFE identity verifiers, certificate sources (built-in CA, Istio
-//! plug-in CA files, static files), per-core connection pools keyed by
-//! (source identity, destination identity, destination address), and streams exposed as
-//! byte streams with half-close and reset mapped to `END_STREAM` / `RST_STREAM`.
+//! - [`identity`]: `spiffe://<td>/ns/<ns>/sa/<sa>`.
+//! - [`ca`]: certificate sources behind [`ca::CertSource`] — the built-in CA, Istio's
+//!   plug-in CA files, static files — and the half-life renewing [`ca::CertStore`].
+//! - [`tls`]: rustls configs (TLS 1.3, AES-GCM, ALPN h2) with SPIFFE verifiers and
+//!   refusal counters.
+//! - [`wire`]: the CONNECT request and its headers (`forwarded`, `baggage`,
+//!   `traceparent`), status codes; pure and fuzzed.
+//! - [`client`], [`server`]: connections on the runtime's workers (monoio `poll-io` +
+//!   tokio-rustls + the stock `h2`), keepalive PINGs, GOAWAY on drain.
+//! - [`pool`]: per-worker connection pools keyed by (source identity, destination
+//!   identities, destination address).
+//! - [`stream`]: streams as byte streams and the TCP ⇄ stream bridge.
+
+pub mod ca;
+pub mod client;
+pub mod error;
+pub mod identity;
+pub mod pool;
+pub mod server;
+pub mod settings;
+pub mod stream;
+pub mod tls;
+pub mod wire;
+
+pub use error::HboneError;
+pub use identity::Identity;
+pub use settings::H2Settings;

@@ -62,8 +62,8 @@ pub struct Outcome {
     pub end: End,
 }
 
-/// How one direction ended.
-enum DirEnd {
+/// How one direction of a forwarded pair ended.
+pub enum DirEnd {
     Eof,
     /// The reading side failed (reset by its peer).
     ReadFailed(io::Error),
@@ -108,8 +108,10 @@ fn finish(o: Outcome, down: &TcpStream, up: &TcpStream) -> Outcome {
     o
 }
 
-/// Run both directions, the idle watchdog and `abort` together; decide the end.
-async fn drive(
+/// Run both directions, the idle watchdog and `abort` together; decide the end. `d2u` moves
+/// bytes from the downstream side to the upstream side, `u2d` the other way; `counts` are
+/// their byte counters (read by the idle watchdog). Reusable by any pair of byte streams.
+pub async fn drive(
     d2u: impl Future<Output = DirEnd>,
     u2d: impl Future<Output = DirEnd>,
     counts: &[Cell<u64>; 2],

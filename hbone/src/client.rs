@@ -1,0 +1,101 @@
+//! HBONE client connections: TCP → TLS (our workload cert, SPIFFE-verified peer) → h2.
+
+use std::cell::Cell;
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use h2::client::SendRequest;
+use monoio::io::IntoPollIo;
+use rustls_pki_types::ServerName;
+
+use crate::error::HboneError;
+use crate::settings::H2Settings;
+use crate::stream::H2Stream;
+use crate::tls::TlsCounters;
+use crate::wire::ConnectRequest;
+
+/// One HTTP/2 connection to an HBONE server. Cheap to clone (shares the connection).
+#[derive(Clone)]
+pub struct Client {
+    send: SendRequest<Bytes>,
+    closed: Rc<Cell<bool>>,
+    peer: SocketAddr,
+}
+
+fn random_fill(b: &mut [u8]) {
+    let _ = crate::tls::provider().secure_random.fill(b);
+}
+
+impl Client {
+    /// Connect to `addr`, authenticating with `tls` (built by `tls::client_config` for the
+    /// expected peer identities).
+    pub async fn connect(
+        addr: SocketAddr,
+        tls: Arc<rustls::ClientConfig>,
+        settings: &H2Settings,
+        counters: &TlsCounters,
+    ) -> Result<Client, HboneError> {
+        let tcp = monoio::net::TcpStream::connect_addr(addr)
+            .await
+            .map_err(|e| HboneError::Connect(addr, e))?;
+        let _ = tcp.set_nodelay(true);
+        let io = tcp
+            .into_poll_io()
+            .map_err(|e| HboneError::Connect(addr, e))?;
+        let tls_stream = match tokio_rustls::TlsConnector::from(tls)
+            .connect(ServerName::IpAddress(addr.ip().into()), io)
+            .await
+        {
+            Ok(s) => s,
+            Err(e) => return Err(HboneError::from_tls_io(e, counters)),
+        };
+        if tls_stream.get_ref().1.alpn_protocol() != Some(b"h2") {
+            return Err(HboneError::Protocol(
+                "server did not negotiate ALPN h2".into(),
+            ));
+        }
+        let (send, mut conn) = settings
+            .client_builder()
+            .handshake::<_, Bytes>(tls_stream)
+            .await?;
+        let closed = Rc::new(Cell::new(false));
+        let flag = closed.clone();
+        let ping = conn.ping_pong();
+        let (interval, timeout) = (settings.ping_interval, settings.ping_timeout);
+        monoio::spawn(async move {
+            let keepalive = crate::server::keepalive(ping, interval, timeout);
+            let r = runtime::worker::race(conn, keepalive).await;
+            if let runtime::worker::Either::Left(Err(e)) = r {
+                tracing::debug!(error = %e, "hbone client connection ended");
+            }
+            flag.set(true);
+        });
+        Ok(Client {
+            send,
+            closed,
+            peer: addr,
+        })
+    }
+
+    pub fn peer(&self) -> SocketAddr {
+        self.peer
+    }
+
+    /// The connection has ended (GOAWAY + streams done, error, or keepalive timeout).
+    pub fn is_closed(&self) -> bool {
+        self.closed.get()
+    }
+
+    /// Open a CONNECT stream; fails with `HboneError::Status` unless the server answers 200.
+    pub async fn open(&self, req: &ConnectRequest) -> Result<H2Stream, HboneError> {
+        let mut send = self.send.clone().ready().await?;
+        let (resp, stream) = send.send_request(req.to_http(random_fill), false)?;
+        let resp = resp.await?;
+        if resp.status() != http::StatusCode::OK {
+            return Err(HboneError::Status(resp.status()));
+        }
+        Ok(H2Stream::new(stream, resp.into_body()))
+    }
+}

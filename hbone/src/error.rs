@@ -1,0 +1,45 @@
+//! One error type for HBONE, saying which side failed and whether a retry can help.
+
+use std::net::SocketAddr;
+
+use crate::tls::TlsCounters;
+
+#[derive(Debug, thiserror::Error)]
+pub enum HboneError {
+    #[error("connect to {0}: {1}")]
+    Connect(SocketAddr, std::io::Error),
+    #[error("TLS handshake refused: {0}")]
+    Tls(rustls::Error),
+    #[error("TLS handshake: {0}")]
+    TlsIo(std::io::Error),
+    #[error("HTTP/2: {0}")]
+    H2(#[from] h2::Error),
+    #[error("HBONE server answered {0}")]
+    Status(http::StatusCode),
+    #[error("protocol: {0}")]
+    Protocol(String),
+    #[error("certificate: {0}")]
+    Cert(#[from] crate::ca::CaError),
+    #[error("TLS config: {0}")]
+    Config(rustls::Error),
+}
+
+impl HboneError {
+    /// Classify an I/O error from a TLS handshake, counting refusals by reason.
+    pub fn from_tls_io(e: std::io::Error, counters: &TlsCounters) -> HboneError {
+        if let Some(te) = e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) {
+            counters.count(te);
+            return HboneError::Tls(te.clone());
+        }
+        HboneError::TlsIo(e)
+    }
+
+    /// Whether trying again (on a new connection) may succeed.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            HboneError::Connect(..) | HboneError::TlsIo(_) => true,
+            HboneError::H2(e) => e.is_go_away() || e.is_io(),
+            _ => false,
+        }
+    }
+}

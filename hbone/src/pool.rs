@@ -1,0 +1,225 @@
+//! Per-worker HBONE connection pools, keyed by (source identity, destination identities,
+//! destination address). No lock and nothing shared across cores: each worker owns its pool.
+//!
+//! A connection carries at most `max_streams_per_connection` streams; the next stream opens
+//! another connection. Concurrent first requests share the connection being set up (its slot
+//! is reserved before the handshake), so N simultaneous streams make ⌈N/max⌉ connections.
+//! A connection that ended (GOAWAY with its streams done, error, keepalive timeout) takes no
+//! new streams; one unused for `pool_idle_timeout` is closed.
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::rc::{Rc, Weak};
+use std::sync::Arc;
+use std::time::Instant;
+
+use runtime::event::LocalEvent;
+
+use crate::ca::WorkloadCert;
+use crate::client::Client;
+use crate::error::HboneError;
+use crate::identity::Identity;
+use crate::settings::H2Settings;
+use crate::stream::{H2Stream, StreamGuard};
+use crate::tls::{self, TlsCounters};
+use crate::wire::ConnectRequest;
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct PoolKey {
+    /// The identity the tunnel acts for (our certificate).
+    pub src: Identity,
+    /// Identities the server may prove (any one).
+    pub dst: Vec<Identity>,
+    /// The HBONE server (`ip:15008`).
+    pub addr: SocketAddr,
+}
+
+struct Slot {
+    /// The leaf certificate the connection authenticates with: after a rotation, new
+    /// streams go to a connection made with the new certificate.
+    leaf: Vec<u8>,
+    client: RefCell<Option<Client>>,
+    failed: RefCell<Option<String>>,
+    ready: LocalEvent,
+    active: Cell<usize>,
+    retired: Cell<bool>,
+    /// A stream has been opened on it: a later failure is the connection going away
+    /// (GOAWAY, reset), worth one retry; a first failure is a refusal, not retried.
+    proven: Cell<bool>,
+    last_used: Cell<Instant>,
+}
+
+impl Slot {
+    fn dead(&self) -> bool {
+        self.retired.get()
+            || self.failed.borrow().is_some()
+            || self.client.borrow().as_ref().is_some_and(|c| c.is_closed())
+    }
+}
+
+struct Inner {
+    conns: RefCell<HashMap<PoolKey, Vec<Rc<Slot>>>>,
+    settings: H2Settings,
+    counters: Arc<TlsCounters>,
+    connects: Cell<u64>,
+    sweeper: Cell<bool>,
+}
+
+/// One worker's pool. Cheap to clone.
+#[derive(Clone)]
+pub struct Pool(Rc<Inner>);
+
+impl Pool {
+    pub fn new(settings: H2Settings, counters: Arc<TlsCounters>) -> Self {
+        Pool(Rc::new(Inner {
+            conns: RefCell::new(HashMap::new()),
+            settings,
+            counters,
+            connects: Cell::new(0),
+            sweeper: Cell::new(false),
+        }))
+    }
+
+    /// Connections opened so far.
+    pub fn connects(&self) -> u64 {
+        self.0.connects.get()
+    }
+
+    /// Live (not ended) connections for `key`.
+    pub fn connections(&self, key: &PoolKey) -> usize {
+        self.0
+            .conns
+            .borrow()
+            .get(key)
+            .map(|v| v.iter().filter(|s| !s.dead()).count())
+            .unwrap_or(0)
+    }
+
+    /// Open a CONNECT stream to `key.addr` acting as `cert` (whose identity must be
+    /// `key.src`). A failure on a pooled connection that a new one could avoid (GOAWAY,
+    /// connection gone) is retried once on a fresh connection.
+    pub async fn open(
+        &self,
+        key: &PoolKey,
+        cert: &WorkloadCert,
+        req: &ConnectRequest,
+    ) -> Result<H2Stream, HboneError> {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let slot = self.reserve(key, cert);
+            let s2 = slot.clone();
+            let guard = StreamGuard::new(move || {
+                s2.active.set(s2.active.get() - 1);
+                s2.last_used.set(Instant::now());
+            });
+            if slot.client.borrow().is_none() && slot.failed.borrow().is_none() {
+                slot.ready.wait().await;
+            }
+            if let Some(msg) = slot.failed.borrow().clone() {
+                return Err(HboneError::Protocol(format!(
+                    "connection to {} failed: {msg}",
+                    key.addr
+                )));
+            }
+            let client = slot
+                .client
+                .borrow()
+                .clone()
+                .expect("ready slot has a client");
+            let proven = slot.proven.get();
+            match client.open(req).await {
+                Ok(mut s) => {
+                    slot.proven.set(true);
+                    s._guard = Some(guard);
+                    return Ok(s);
+                }
+                Err(e) if attempt == 1 && proven && e.is_retryable() => {
+                    slot.retired.set(true);
+                    tracing::debug!(error = %e, addr = %key.addr, "pooled connection unusable; retrying on a new one");
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    fn reserve(&self, key: &PoolKey, cert: &WorkloadCert) -> Rc<Slot> {
+        self.start_sweeper();
+        let max = self.0.settings.max_streams_per_connection.max(1);
+        let mut conns = self.0.conns.borrow_mut();
+        let list = conns.entry(key.clone()).or_default();
+        list.retain(|s| !(s.dead() && s.active.get() == 0));
+        let leaf = cert.chain[0].as_ref();
+        for s in list.iter().filter(|s| s.leaf != leaf) {
+            s.retired.set(true);
+        }
+        list.retain(|s| !(s.dead() && s.active.get() == 0));
+        if let Some(s) = list.iter().find(|s| !s.dead() && s.active.get() < max) {
+            s.active.set(s.active.get() + 1);
+            return s.clone();
+        }
+        let slot = Rc::new(Slot {
+            leaf: leaf.to_vec(),
+            client: RefCell::new(None),
+            failed: RefCell::new(None),
+            ready: LocalEvent::new(),
+            active: Cell::new(1),
+            retired: Cell::new(false),
+            proven: Cell::new(false),
+            last_used: Cell::new(Instant::now()),
+        });
+        list.push(slot.clone());
+        self.0.connects.set(self.0.connects.get() + 1);
+        let tls = tls::client_config(cert, &key.dst);
+        let (addr, settings, counters, s) = (
+            key.addr,
+            self.0.settings.clone(),
+            self.0.counters.clone(),
+            slot.clone(),
+        );
+        monoio::spawn(async move {
+            let r = match tls {
+                Ok(tls) => Client::connect(addr, tls, &settings, &counters).await,
+                Err(e) => Err(HboneError::Config(e)),
+            };
+            match r {
+                Ok(c) => *s.client.borrow_mut() = Some(c),
+                Err(e) => *s.failed.borrow_mut() = Some(e.to_string()),
+            }
+            s.ready.set();
+        });
+        slot
+    }
+
+    /// Close connections unused for the idle timeout (dropping the last handle of an h2
+    /// connection sends GOAWAY and closes it).
+    pub fn sweep(&self) {
+        let idle = self.0.settings.pool_idle_timeout;
+        let mut conns = self.0.conns.borrow_mut();
+        for list in conns.values_mut() {
+            list.retain(|s| {
+                s.active.get() > 0 || (!s.dead() && s.last_used.get().elapsed() < idle)
+            });
+        }
+        conns.retain(|_, l| !l.is_empty());
+    }
+
+    fn start_sweeper(&self) {
+        if self.0.sweeper.replace(true) {
+            return;
+        }
+        let weak: Weak<Inner> = Rc::downgrade(&self.0);
+        let period =
+            (self.0.settings.pool_idle_timeout / 4).max(std::time::Duration::from_millis(50));
+        monoio::spawn(async move {
+            loop {
+                monoio::time::sleep(period).await;
+                match weak.upgrade() {
+                    Some(inner) => Pool(inner).sweep(),
+                    None => return,
+                }
+            }
+        });
+    }
+}

@@ -1,0 +1,72 @@
+//! HTTP/2 and pool settings. Defaults are Istio's ztunnel's.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct H2Settings {
+    /// Bytes: initial flow-control window per stream.
+    pub stream_window: u32,
+    /// Bytes: flow-control window per connection.
+    pub connection_window: u32,
+    /// Bytes: largest DATA frame we accept.
+    pub max_frame_size: u32,
+    /// Streams a server accepts at once per connection.
+    pub max_concurrent_streams: u32,
+    /// Bytes: largest header block we accept.
+    pub max_header_list_size: u32,
+    /// A PING is sent after this much time (keepalive).
+    #[serde(with = "runtime::config::duration")]
+    pub ping_interval: Duration,
+    /// A connection whose PING is not answered within this is closed.
+    #[serde(with = "runtime::config::duration")]
+    pub ping_timeout: Duration,
+    /// Client pool: streams per pooled connection before another connection is opened.
+    pub max_streams_per_connection: usize,
+    /// Client pool: an unused connection is closed after this.
+    #[serde(with = "runtime::config::duration")]
+    pub pool_idle_timeout: Duration,
+    /// Bytes read from a TCP socket per DATA frame sent.
+    pub chunk_size: usize,
+}
+
+impl Default for H2Settings {
+    fn default() -> Self {
+        H2Settings {
+            stream_window: 4 * 1024 * 1024,
+            connection_window: 16 * 1024 * 1024,
+            max_frame_size: 1024 * 1024,
+            max_concurrent_streams: 200,
+            max_header_list_size: 64 * 1024,
+            ping_interval: Duration::from_secs(10),
+            ping_timeout: Duration::from_secs(20),
+            max_streams_per_connection: 100,
+            pool_idle_timeout: Duration::from_secs(300),
+            chunk_size: 64 * 1024,
+        }
+    }
+}
+
+impl H2Settings {
+    pub fn client_builder(&self) -> h2::client::Builder {
+        let mut b = h2::client::Builder::new();
+        b.initial_window_size(self.stream_window)
+            .initial_connection_window_size(self.connection_window)
+            .max_frame_size(self.max_frame_size)
+            .max_header_list_size(self.max_header_list_size)
+            .enable_push(false);
+        b
+    }
+
+    pub fn server_builder(&self) -> h2::server::Builder {
+        let mut b = h2::server::Builder::new();
+        b.initial_window_size(self.stream_window)
+            .initial_connection_window_size(self.connection_window)
+            .max_frame_size(self.max_frame_size)
+            .max_concurrent_streams(self.max_concurrent_streams)
+            .max_header_list_size(self.max_header_list_size);
+        b
+    }
+}

@@ -1,0 +1,257 @@
+//! An HBONE stream as a byte stream, and the bridge between it and a TCP socket.
+//!
+//! Half-close maps to `END_STREAM` each way; a TCP reset maps to `RST_STREAM(CONNECT_ERROR)`
+//! and an `RST_STREAM` to a TCP reset (RFC 9113 §8.5). DATA is sent only within the peer's
+//! flow-control window (no unbounded buffering in h2), and received data releases window
+//! only once written to the socket.
+
+use std::cell::Cell;
+use std::future::{poll_fn, Future};
+use std::os::fd::AsRawFd;
+
+use bytes::{Bytes, BytesMut};
+use h2::{Reason, RecvStream, SendStream};
+use monoio::io::{
+    AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt, OwnedReadHalf, OwnedWriteHalf, Splitable,
+};
+use monoio::net::TcpStream;
+use runtime::forward::{drive, DirEnd, End, Outcome, Side};
+
+/// Decrements a counter when the stream ends (pool accounting).
+pub struct StreamGuard(Option<Box<dyn FnOnce()>>);
+
+impl StreamGuard {
+    pub fn new(f: impl FnOnce() + 'static) -> Self {
+        StreamGuard(Some(Box::new(f)))
+    }
+}
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        if let Some(f) = self.0.take() {
+            f()
+        }
+    }
+}
+
+/// One established CONNECT stream.
+pub struct H2Stream {
+    pub send: SendStream<Bytes>,
+    pub recv: RecvStream,
+    pub(crate) _guard: Option<StreamGuard>,
+}
+
+impl H2Stream {
+    pub fn new(send: SendStream<Bytes>, recv: RecvStream) -> Self {
+        H2Stream {
+            send,
+            recv,
+            _guard: None,
+        }
+    }
+
+    /// Send `data` respecting flow control; `end` closes our half.
+    pub async fn write_all(&mut self, data: Bytes, end: bool) -> Result<(), h2::Error> {
+        send_all(&mut self.send, data, end).await
+    }
+
+    /// Next non-empty chunk from the peer (`None` at END_STREAM); releases its window.
+    pub async fn read(&mut self) -> Option<Result<Bytes, h2::Error>> {
+        read_nonempty(&mut self.recv).await
+    }
+
+    /// Abort the stream with RST_STREAM.
+    pub fn reset(&mut self, reason: Reason) {
+        self.send.send_reset(reason)
+    }
+}
+
+/// Next non-empty DATA (an END_STREAM may come in an empty frame), window released.
+async fn read_nonempty(recv: &mut RecvStream) -> Option<Result<Bytes, h2::Error>> {
+    loop {
+        match recv.data().await {
+            Some(Ok(b)) if b.is_empty() => continue,
+            Some(Ok(b)) => {
+                let _ = recv.flow_control().release_capacity(b.len());
+                return Some(Ok(b));
+            }
+            other => return other,
+        }
+    }
+}
+
+/// The sending half of a split [`H2Stream`].
+pub struct H2Writer {
+    send: SendStream<Bytes>,
+    _guard: Option<StreamGuard>,
+}
+
+impl H2Writer {
+    pub async fn write_all(&mut self, data: Bytes, end: bool) -> Result<(), h2::Error> {
+        send_all(&mut self.send, data, end).await
+    }
+    pub fn reset(&mut self, reason: Reason) {
+        self.send.send_reset(reason)
+    }
+}
+
+/// The receiving half of a split [`H2Stream`].
+pub struct H2Reader {
+    recv: RecvStream,
+}
+
+impl H2Reader {
+    pub async fn read(&mut self) -> Option<Result<Bytes, h2::Error>> {
+        read_nonempty(&mut self.recv).await
+    }
+}
+
+impl H2Stream {
+    /// Separate halves, to send and receive from two tasks or futures.
+    pub fn split(self) -> (H2Writer, H2Reader) {
+        (
+            H2Writer {
+                send: self.send,
+                _guard: self._guard,
+            },
+            H2Reader { recv: self.recv },
+        )
+    }
+}
+
+async fn send_all(
+    send: &mut SendStream<Bytes>,
+    mut data: Bytes,
+    end: bool,
+) -> Result<(), h2::Error> {
+    while !data.is_empty() {
+        send.reserve_capacity(data.len());
+        match poll_fn(|cx| send.poll_capacity(cx)).await {
+            Some(Ok(0)) => continue,
+            Some(Ok(cap)) => {
+                let chunk = data.split_to(cap.min(data.len()));
+                let last = end && data.is_empty();
+                send.send_data(chunk, last)?;
+                if last {
+                    return Ok(());
+                }
+            }
+            Some(Err(e)) => return Err(e),
+            None => return Err(h2::Error::from(Reason::STREAM_CLOSED)),
+        }
+    }
+    if end {
+        send.send_data(Bytes::new(), true)?;
+    }
+    Ok(())
+}
+
+fn h2_err(e: h2::Error) -> std::io::Error {
+    if e.is_io() {
+        e.into_io()
+            .unwrap_or_else(|| std::io::Error::other("h2 io"))
+    } else {
+        std::io::Error::new(std::io::ErrorKind::ConnectionReset, e)
+    }
+}
+
+async fn tcp_to_h2(
+    r: &mut OwnedReadHalf<TcpStream>,
+    send: &mut SendStream<Bytes>,
+    chunk: usize,
+    count: &Cell<u64>,
+) -> DirEnd {
+    loop {
+        let (res, buf) = r.read(BytesMut::with_capacity(chunk)).await;
+        match res {
+            Ok(0) => {
+                return match send.send_data(Bytes::new(), true) {
+                    Ok(()) => DirEnd::Eof,
+                    Err(e) => DirEnd::WriteFailed(h2_err(e)),
+                }
+            }
+            Ok(n) => {
+                if let Err(e) = send_all(send, buf.freeze(), false).await {
+                    return DirEnd::WriteFailed(h2_err(e));
+                }
+                count.set(count.get() + n as u64);
+            }
+            Err(e) => return DirEnd::ReadFailed(e),
+        }
+    }
+}
+
+async fn h2_to_tcp(
+    recv: &mut RecvStream,
+    w: &mut OwnedWriteHalf<TcpStream>,
+    count: &Cell<u64>,
+) -> DirEnd {
+    loop {
+        match recv.data().await {
+            Some(Ok(data)) if data.is_empty() => {}
+            Some(Ok(data)) => {
+                let n = data.len();
+                let (res, _) = w.write_all(data).await;
+                if let Err(e) = res {
+                    return DirEnd::WriteFailed(e);
+                }
+                let _ = recv.flow_control().release_capacity(n);
+                count.set(count.get() + n as u64);
+            }
+            Some(Err(e)) => return DirEnd::ReadFailed(h2_err(e)),
+            None => {
+                return match w.shutdown().await {
+                    Ok(()) => DirEnd::Eof,
+                    Err(e) if e.kind() == std::io::ErrorKind::NotConnected => DirEnd::Eof,
+                    Err(e) => DirEnd::WriteFailed(e),
+                }
+            }
+        }
+    }
+}
+
+/// Move bytes between `tcp` (the "downstream" side of the outcome) and `stream` (the
+/// "upstream" side) until both halves close, a reset on either, `idle` passes with no bytes,
+/// or `abort` completes.
+pub async fn bridge(
+    tcp: TcpStream,
+    mut stream: H2Stream,
+    chunk: usize,
+    idle: std::time::Duration,
+    abort: impl Future<Output = ()>,
+) -> Outcome {
+    let counts = [Cell::new(0u64), Cell::new(0u64)];
+    let (mut r, mut w) = tcp.into_split();
+    let end = {
+        let H2Stream { send, recv, .. } = &mut stream;
+        drive(
+            tcp_to_h2(&mut r, send, chunk, &counts[0]),
+            h2_to_tcp(recv, &mut w, &counts[1]),
+            &counts,
+            idle,
+            abort,
+        )
+        .await
+    };
+    let tcp = r.reunite(w).expect("halves of one stream");
+    match &end {
+        // The TCP side failed: tell the peer with RST_STREAM(CONNECT_ERROR).
+        End::Reset {
+            by: Side::Downstream,
+            ..
+        } => stream.reset(Reason::CONNECT_ERROR),
+        // The stream was reset: reset the TCP connection.
+        End::Reset {
+            by: Side::Upstream, ..
+        } => {
+            let _ = runtime::sys::set_linger_zero(tcp.as_raw_fd());
+        }
+        End::Idle | End::Aborted => stream.reset(Reason::CANCEL),
+        End::Closed => {}
+    }
+    Outcome {
+        downstream_to_upstream: counts[0].get(),
+        upstream_to_downstream: counts[1].get(),
+        end,
+    }
+}

@@ -1,0 +1,310 @@
+//! The HBONE wire contract (Istio-compatible): `CONNECT` with `:authority` = `ip:port`, and
+//! the request headers `forwarded`, `baggage`, `traceparent`. Pure functions, no I/O, so the
+//! server's parsing is table-tested and fuzzed.
+
+use std::net::{IpAddr, SocketAddr};
+
+use http::{HeaderMap, HeaderValue, Method, Request, StatusCode};
+
+/// Response codes of an HBONE server.
+pub mod status {
+    use http::StatusCode;
+    pub const OK: StatusCode = StatusCode::OK;
+    /// Authorization policy denied the connection.
+    pub const DENIED: StatusCode = StatusCode::UNAUTHORIZED;
+    /// The upstream connect failed.
+    pub const UPSTREAM_FAILED: StatusCode = StatusCode::SERVICE_UNAVAILABLE;
+    /// Malformed or unserved authority.
+    pub const BAD_AUTHORITY: StatusCode = StatusCode::BAD_REQUEST;
+    /// Anything but CONNECT.
+    pub const NOT_CONNECT: StatusCode = StatusCode::METHOD_NOT_ALLOWED;
+}
+
+/// Workload metadata carried in `baggage` (W3C baggage, Istio's keys).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Baggage {
+    pub namespace: Option<String>,
+    pub workload_name: Option<String>,
+    /// `deployment`, `pod`, … — sent as `k8s.<kind>.name=<workload_name>`.
+    pub workload_kind: Option<String>,
+    pub service_name: Option<String>,
+    pub service_version: Option<String>,
+}
+
+impl Baggage {
+    pub fn to_header(&self) -> Option<String> {
+        let mut parts = Vec::new();
+        if let Some(ns) = &self.namespace {
+            parts.push(format!("k8s.namespace.name={ns}"));
+        }
+        if let Some(name) = &self.workload_name {
+            let kind = self.workload_kind.as_deref().unwrap_or("pod");
+            parts.push(format!("k8s.{kind}.name={name}"));
+        }
+        if let Some(s) = &self.service_name {
+            parts.push(format!("service.name={s}"));
+        }
+        if let Some(v) = &self.service_version {
+            parts.push(format!("service.version={v}"));
+        }
+        (!parts.is_empty()).then(|| parts.join(","))
+    }
+
+    pub fn parse(h: &str) -> Baggage {
+        let mut b = Baggage::default();
+        for kv in h.split(',') {
+            let Some((k, v)) = kv.trim().split_once('=') else {
+                continue;
+            };
+            let v = v.trim().to_string();
+            match k.trim() {
+                "k8s.namespace.name" => b.namespace = Some(v),
+                "service.name" => b.service_name = Some(v),
+                "service.version" => b.service_version = Some(v),
+                k if k.starts_with("k8s.") && k.ends_with(".name") => {
+                    b.workload_kind = Some(k[4..k.len() - 5].to_string());
+                    b.workload_name = Some(v);
+                }
+                _ => {}
+            }
+        }
+        b
+    }
+}
+
+/// What a client asks an HBONE server for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConnectRequest {
+    pub target: SocketAddr,
+    /// Original client address (`forwarded: for=`).
+    pub forwarded_for: Option<IpAddr>,
+    /// Service hostname when the target is a service (`forwarded: host=`).
+    pub host: Option<String>,
+    pub baggage: Baggage,
+    /// Kept if the caller has one; generated otherwise.
+    pub traceparent: Option<String>,
+}
+
+impl ConnectRequest {
+    pub fn new(target: SocketAddr) -> Self {
+        ConnectRequest {
+            target,
+            forwarded_for: None,
+            host: None,
+            baggage: Baggage::default(),
+            traceparent: None,
+        }
+    }
+
+    /// The HTTP/2 request. `random` fills a fresh trace id when none is given.
+    pub fn to_http(&self, random: impl FnOnce(&mut [u8])) -> Request<()> {
+        let mut b = Request::builder()
+            .method(Method::CONNECT)
+            .uri(self.target.to_string());
+        let mut fwd = Vec::new();
+        if let Some(ip) = self.forwarded_for {
+            fwd.push(match ip {
+                IpAddr::V4(v4) => format!("for={v4}"),
+                IpAddr::V6(v6) => format!("for=\"[{v6}]\""),
+            });
+        }
+        if let Some(h) = &self.host {
+            fwd.push(format!("host={h}"));
+        }
+        if !fwd.is_empty() {
+            b = b.header("forwarded", fwd.join(";"));
+        }
+        if let Some(bg) = self.baggage.to_header() {
+            b = b.header("baggage", bg);
+        }
+        let tp = match &self.traceparent {
+            Some(t) if valid_traceparent(t) => t.clone(),
+            _ => {
+                let mut id = [0u8; 24];
+                random(&mut id);
+                let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
+                format!("00-{}-{}-01", hex(&id[..16]), hex(&id[16..]))
+            }
+        };
+        b = b.header("traceparent", tp);
+        b.body(()).expect("valid CONNECT request")
+    }
+}
+
+/// `00-<32 hex>-<16 hex>-<2 hex>`, ids not all zero.
+pub fn valid_traceparent(t: &str) -> bool {
+    let p: Vec<&str> = t.split('-').collect();
+    let hex = |s: &str, n: usize| {
+        s.len() == n
+            && s.bytes()
+                .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase())
+    };
+    p.len() == 4
+        && hex(p[0], 2)
+        && p[0] != "ff"
+        && hex(p[1], 32)
+        && p[1].bytes().any(|c| c != b'0')
+        && hex(p[2], 16)
+        && p[2].bytes().any(|c| c != b'0')
+        && hex(p[3], 2)
+}
+
+/// What the server reads from a request before deciding anything.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ParsedConnect {
+    pub target: SocketAddr,
+    pub forwarded_for: Option<IpAddr>,
+    pub host: Option<String>,
+    pub baggage: Baggage,
+    pub traceparent: Option<String>,
+}
+
+/// Validate a request as an HBONE CONNECT; the error is the status to answer with.
+pub fn parse_connect(
+    method: &Method,
+    authority: Option<&str>,
+    headers: &HeaderMap,
+) -> Result<ParsedConnect, StatusCode> {
+    if method != Method::CONNECT {
+        return Err(status::NOT_CONNECT);
+    }
+    let target = parse_authority(authority.ok_or(status::BAD_AUTHORITY)?)?;
+    let text = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v: &HeaderValue| v.to_str().ok())
+    };
+    let (mut forwarded_for, mut host) = (None, None);
+    if let Some(f) = text("forwarded") {
+        // Only the first element (closest to the original client) matters here.
+        for pair in f.split(',').next().unwrap_or("").split(';') {
+            let Some((k, v)) = pair.trim().split_once('=') else {
+                continue;
+            };
+            let v = v.trim().trim_matches('"');
+            match k.trim().to_ascii_lowercase().as_str() {
+                "for" => {
+                    forwarded_for = v
+                        .trim_start_matches('[')
+                        .split(']')
+                        .next()
+                        .and_then(|s| s.parse().ok())
+                }
+                "host" => host = Some(v.to_string()),
+                _ => {}
+            }
+        }
+    }
+    Ok(ParsedConnect {
+        target,
+        forwarded_for,
+        host,
+        baggage: text("baggage").map(Baggage::parse).unwrap_or_default(),
+        traceparent: text("traceparent")
+            .filter(|t| valid_traceparent(t))
+            .map(str::to_string),
+    })
+}
+
+/// `ip:port` or `[ipv6]:port`, port non-zero; nothing else (no names, no userinfo).
+pub fn parse_authority(a: &str) -> Result<SocketAddr, StatusCode> {
+    let addr: SocketAddr = a.parse().map_err(|_| status::BAD_AUTHORITY)?;
+    if addr.port() == 0 || addr.ip().is_unspecified() {
+        return Err(status::BAD_AUTHORITY);
+    }
+    Ok(addr)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_roundtrip() {
+        let mut r = ConnectRequest::new("10.0.0.5:8080".parse().unwrap());
+        r.forwarded_for = Some("10.0.0.1".parse().unwrap());
+        r.host = Some("echo.default.svc.cluster.local".into());
+        r.baggage = Baggage {
+            namespace: Some("default".into()),
+            workload_name: Some("sleep".into()),
+            workload_kind: Some("deployment".into()),
+            service_name: Some("sleep".into()),
+            service_version: Some("v1".into()),
+        };
+        let req = r.to_http(|b| b.fill(7));
+        assert_eq!(req.method(), Method::CONNECT);
+        assert_eq!(req.uri().to_string(), "10.0.0.5:8080");
+        let p = parse_connect(
+            req.method(),
+            req.uri().authority().map(|a| a.as_str()),
+            req.headers(),
+        )
+        .unwrap();
+        assert_eq!(p.target, r.target);
+        assert_eq!(p.forwarded_for, r.forwarded_for);
+        assert_eq!(p.host, r.host);
+        assert_eq!(p.baggage, r.baggage);
+        assert!(valid_traceparent(p.traceparent.as_deref().unwrap()));
+    }
+
+    #[test]
+    fn traceparent_kept_or_generated() {
+        let mut r = ConnectRequest::new("10.0.0.5:80".parse().unwrap());
+        let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        r.traceparent = Some(tp.into());
+        assert_eq!(r.to_http(|_| {}).headers()["traceparent"], tp);
+        r.traceparent = Some("garbage".into());
+        let gen = r.to_http(|b| b.fill(0xab)).headers()["traceparent"]
+            .to_str()
+            .unwrap()
+            .to_string();
+        assert!(valid_traceparent(&gen), "{gen}");
+    }
+
+    #[test]
+    fn bad_requests_get_the_right_status() {
+        let h = HeaderMap::new();
+        assert_eq!(
+            parse_connect(&Method::GET, Some("10.0.0.1:80"), &h).unwrap_err(),
+            StatusCode::METHOD_NOT_ALLOWED
+        );
+        assert_eq!(
+            parse_connect(&Method::POST, None, &h).unwrap_err(),
+            StatusCode::METHOD_NOT_ALLOWED
+        );
+        for bad in [
+            "",
+            "10.0.0.1",
+            "10.0.0.1:0",
+            "0.0.0.0:80",
+            "echo:80",
+            "user@10.0.0.1:80",
+            "10.0.0.1:99999",
+            "[::1]",
+            "10.0.0.1:80/x",
+        ] {
+            assert_eq!(
+                parse_connect(&Method::CONNECT, Some(bad), &h).unwrap_err(),
+                StatusCode::BAD_REQUEST,
+                "{bad:?}"
+            );
+        }
+        assert_eq!(
+            parse_connect(&Method::CONNECT, None, &h).unwrap_err(),
+            StatusCode::BAD_REQUEST
+        );
+        assert!(parse_connect(&Method::CONNECT, Some("[fd00::1]:443"), &h).is_ok());
+    }
+
+    #[test]
+    fn forwarded_ipv6_and_quotes() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            "forwarded",
+            HeaderValue::from_static("for=\"[fd00::7]\";host=a.b, for=10.0.0.9"),
+        );
+        let p = parse_connect(&Method::CONNECT, Some("10.0.0.1:80"), &h).unwrap();
+        assert_eq!(p.forwarded_for, Some("fd00::7".parse().unwrap()));
+        assert_eq!(p.host.as_deref(), Some("a.b"));
+    }
+}

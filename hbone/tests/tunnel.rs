@@ -1,0 +1,444 @@
+//! HBONE end to end over real sockets and real TLS: data integrity, identities, refusals,
+//! pooling, GOAWAY, rotation and bad input.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use common::*;
+use hbone::ca::{CertSource, WorkloadCert};
+use hbone::pool::{Pool, PoolKey};
+use hbone::stream::H2Stream;
+use hbone::tls::TlsCounters;
+use hbone::wire::ConnectRequest;
+use hbone::{H2Settings, HboneError};
+use runtime::driver::DriverKind;
+
+const TARGET: &str = "10.1.2.3:8080";
+
+fn key(src: &str, dst: &str, addr: SocketAddr) -> PoolKey {
+    PoolKey {
+        src: id(src),
+        dst: vec![id(dst)],
+        addr,
+    }
+}
+
+fn req() -> ConnectRequest {
+    let mut r = ConnectRequest::new(TARGET.parse().unwrap());
+    r.baggage.namespace = Some("default".into());
+    r
+}
+
+/// Write `total` pattern bytes into `s` while reading the echo; returns (sent, received).
+async fn echo_through(s: H2Stream, total: usize, seed: u64) -> (Sum, Sum) {
+    let (mut w, mut r) = s.split();
+    let writer = async move {
+        let mut p = Pattern::new(seed);
+        let mut sum = Sum::default();
+        let mut left = total;
+        while left > 0 {
+            let n = left.min(256 * 1024);
+            let mut buf = vec![0u8; n];
+            p.fill(&mut buf);
+            sum.update(&buf);
+            w.write_all(Bytes::from(buf), false).await.expect("write");
+            left -= n;
+        }
+        w.write_all(Bytes::new(), true).await.expect("end stream");
+        sum
+    };
+    let reader = async move {
+        let mut sum = Sum::default();
+        while let Some(chunk) = r.read().await {
+            sum.update(&chunk.expect("read"));
+        }
+        sum
+    };
+    monoio::join!(writer, reader)
+}
+
+fn echo_test(kind: DriverKind, total: usize) {
+    let ca = ca();
+    let (client_cert, server_cert) = (cert(&ca, "client"), cert(&ca, "server"));
+    let srv = server(&server_cert, H2Settings::default(), Handler::Echo, kind);
+    let k = key("client", "server", srv.addr);
+    let (sent, got) = block_on(kind, async {
+        let pool = Pool::new(H2Settings::default(), Arc::new(TlsCounters::default()));
+        let s = pool.open(&k, &client_cert, &req()).await.expect("open");
+        echo_through(s, total, 7).await
+    });
+    assert_eq!(sent.len, total as u64);
+    assert_eq!(got, sent, "echoed bytes differ");
+    let seen = srv.seen.recv_timeout(Duration::from_secs(30)).unwrap();
+    assert_eq!(
+        seen.peer,
+        Some(id("client")),
+        "server must see the client's SPIFFE identity exactly"
+    );
+    assert_eq!(seen.target, TARGET.parse().unwrap());
+    assert_eq!(seen.baggage.namespace.as_deref(), Some("default"));
+}
+
+#[test]
+fn echo_256mib_with_matching_checksums_io_uring() {
+    echo_test(DriverKind::Uring, 256 << 20);
+}
+
+#[test]
+fn echo_32mib_with_matching_checksums_epoll() {
+    echo_test(DriverKind::Epoll, 32 << 20);
+}
+
+/// Try one stream; return the client error (if any) and the client's counters.
+fn try_open(
+    client_cert: &WorkloadCert,
+    expect: &str,
+    srv: &Server,
+) -> (Result<(), HboneError>, Arc<TlsCounters>) {
+    let counters = Arc::new(TlsCounters::default());
+    let c2 = counters.clone();
+    let k = key(&client_cert.identity.service_account, expect, srv.addr);
+    let r = block_on(DriverKind::Uring, async move {
+        let pool = Pool::new(H2Settings::default(), c2);
+        let s = pool.open(&k, client_cert, &req()).await?;
+        let (mut w, mut r) = s.split();
+        w.write_all(Bytes::from_static(b"ping"), true).await?;
+        let got = r.read().await.transpose()?;
+        assert_eq!(got.as_deref(), Some(&b"ping"[..]));
+        Ok(())
+    });
+    (r, counters)
+}
+
+/// Wait (bounded) until `f` holds.
+fn eventually(what: &str, f: impl Fn() -> bool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !f() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for: {what}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn wrong_server_identity_is_refused_and_counted() {
+    let ca = ca();
+    let srv = server(
+        &cert(&ca, "impostor"),
+        H2Settings::default(),
+        Handler::Echo,
+        DriverKind::Uring,
+    );
+    let (r, counters) = try_open(&cert(&ca, "client"), "server", &srv);
+    let e = r.expect_err("must refuse a server proving another identity");
+    assert!(
+        e.to_string().contains("connection to") || matches!(e, HboneError::Tls(_)),
+        "{e}"
+    );
+    assert_eq!(counters.identity_mismatch.load(Relaxed), 1, "{e}");
+    // The right expectation against the same server works.
+    let (ok, _) = try_open(&cert(&ca, "client"), "impostor", &srv);
+    ok.expect("expected identity accepted");
+}
+
+#[test]
+fn untrusted_root_is_refused_both_ways() {
+    let (ca, other) = (ca(), ca());
+    // Client from another CA: the server refuses it.
+    let srv = server(
+        &cert(&ca, "server"),
+        H2Settings::default(),
+        Handler::Echo,
+        DriverKind::Uring,
+    );
+    let foreign = other.issue(&id("client"), SystemTime::now()).unwrap();
+    // Make the foreign client trust our server's root so only the server's check fails.
+    let foreign = WorkloadCert {
+        roots: cert(&ca, "x").roots,
+        ..foreign
+    };
+    let (r, _) = try_open(&foreign, "server", &srv);
+    assert!(r.is_err());
+    eventually("server counts the untrusted client", || {
+        srv.counters.tls.untrusted.load(Relaxed) == 1
+    });
+    // Server from another CA: the client refuses it.
+    let srv2 = server(
+        &other.issue(&id("server"), SystemTime::now()).unwrap(),
+        H2Settings::default(),
+        Handler::Echo,
+        DriverKind::Uring,
+    );
+    let (r, counters) = try_open(&cert(&ca, "client"), "server", &srv2);
+    assert!(r.is_err());
+    assert_eq!(counters.untrusted.load(Relaxed), 1);
+}
+
+#[test]
+fn expired_client_certificate_is_refused() {
+    let ca = ca();
+    let srv = server(
+        &cert(&ca, "server"),
+        H2Settings::default(),
+        Handler::Echo,
+        DriverKind::Uring,
+    );
+    let old = ca
+        .mint(
+            &id("client"),
+            SystemTime::now() - Duration::from_secs(48 * 3600),
+            Duration::from_secs(24 * 3600),
+        )
+        .unwrap();
+    let (r, _) = try_open(&old, "server", &srv);
+    assert!(r.is_err());
+    eventually("server counts the expired client", || {
+        srv.counters.tls.expired.load(Relaxed) == 1
+    });
+    // And an expired server certificate is refused by the client.
+    let srv2 = server(
+        &ca.mint(
+            &id("server"),
+            SystemTime::now() - Duration::from_secs(48 * 3600),
+            Duration::from_secs(24 * 3600),
+        )
+        .unwrap(),
+        H2Settings::default(),
+        Handler::Echo,
+        DriverKind::Uring,
+    );
+    let (r, counters) = try_open(&cert(&ca, "client"), "server", &srv2);
+    assert!(r.is_err());
+    assert_eq!(counters.expired.load(Relaxed), 1);
+}
+
+#[test]
+fn missing_client_certificate_is_refused() {
+    use std::io::{Read, Write};
+    let ca = ca();
+    let srv = server(
+        &cert(&ca, "server"),
+        H2Settings::default(),
+        Handler::Echo,
+        DriverKind::Uring,
+    );
+    // A client with no certificate (and a verifier that accepts anything).
+    #[derive(Debug)]
+    struct Any;
+    impl rustls::client::danger::ServerCertVerifier for Any {
+        fn verify_server_cert(
+            &self,
+            _: &rustls_pki_types::CertificateDer<'_>,
+            _: &[rustls_pki_types::CertificateDer<'_>],
+            _: &rustls_pki_types::ServerName<'_>,
+            _: &[u8],
+            _: rustls_pki_types::UnixTime,
+        ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+            Ok(rustls::client::danger::ServerCertVerified::assertion())
+        }
+        fn verify_tls12_signature(
+            &self,
+            _: &[u8],
+            _: &rustls_pki_types::CertificateDer<'_>,
+            _: &rustls::DigitallySignedStruct,
+        ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+            Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
+        }
+        fn verify_tls13_signature(
+            &self,
+            _: &[u8],
+            _: &rustls_pki_types::CertificateDer<'_>,
+            _: &rustls::DigitallySignedStruct,
+        ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+            Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
+        }
+        fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+            hbone::tls::provider()
+                .signature_verification_algorithms
+                .supported_schemes()
+        }
+    }
+    let mut cfg = rustls::ClientConfig::builder_with_provider(hbone::tls::provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(Any))
+        .with_no_client_auth();
+    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    let mut conn =
+        rustls::ClientConnection::new(Arc::new(cfg), "10.0.0.1".try_into().unwrap()).unwrap();
+    let mut tcp = std::net::TcpStream::connect(srv.addr).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let mut tls = rustls::Stream::new(&mut conn, &mut tcp);
+    // TLS 1.3: the client finishes first; the refusal arrives on the next read.
+    let _ = tls.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n");
+    let mut buf = [0u8; 64];
+    let r = tls.read(&mut buf);
+    assert!(
+        !matches!(r, Ok(n) if n > 0),
+        "server must not talk to a client without a certificate"
+    );
+    eventually("server counts the missing client certificate", || {
+        srv.counters.tls.no_client_cert.load(Relaxed) == 1
+    });
+}
+
+#[test]
+fn five_hundred_streams_use_five_connections_and_goaway_drains() {
+    let ca = ca();
+    let (client_cert, server_cert) = (cert(&ca, "client"), cert(&ca, "server"));
+    let srv = server(
+        &server_cert,
+        H2Settings::default(),
+        Handler::Echo,
+        DriverKind::Uring,
+    );
+    let k = key("client", "server", srv.addr);
+    let srv = Arc::new(srv);
+    let srv2 = srv.clone();
+    block_on(DriverKind::Uring, async move {
+        let pool = Pool::new(H2Settings::default(), Arc::new(TlsCounters::default()));
+        // Open 500 streams concurrently and hold them all.
+        let mut opens = Vec::new();
+        for _ in 0..500 {
+            let (pool, k, c) = (pool.clone(), k.clone(), client_cert.clone());
+            opens.push(monoio::spawn(async move {
+                pool.open(&k, &c, &req()).await.expect("open")
+            }));
+        }
+        let mut streams = Vec::new();
+        for o in opens {
+            streams.push(o.await.split());
+        }
+        assert_eq!(pool.connects(), 5, "500 streams at 100 per connection");
+        assert_eq!(pool.connections(&k), 5);
+        // GOAWAY: open streams keep working to the end.
+        srv2.drain();
+        monoio::time::sleep(Duration::from_millis(100)).await;
+        for (w, r) in streams.iter_mut() {
+            w.write_all(Bytes::from_static(b"after-goaway"), true)
+                .await
+                .expect("stream survives GOAWAY");
+            let mut got = Vec::new();
+            while let Some(c) = r.read().await {
+                got.extend_from_slice(&c.expect("read after GOAWAY"));
+            }
+            assert_eq!(got, b"after-goaway");
+        }
+        drop(streams);
+        // New streams go to a new connection (the drained ones take none).
+        let s = pool
+            .open(&k, &client_cert, &req())
+            .await
+            .expect("open after GOAWAY");
+        let (sent, got) = echo_through(s, 1000, 3).await;
+        assert_eq!(sent, got);
+        assert!(
+            pool.connects() >= 6,
+            "a new connection after GOAWAY, got {}",
+            pool.connects()
+        );
+    });
+}
+
+#[test]
+fn rotation_keeps_running_stream_and_new_streams_use_new_cert() {
+    let ca = ca();
+    let server_cert = cert(&ca, "server");
+    let srv = server(
+        &server_cert,
+        H2Settings::default(),
+        Handler::Echo,
+        DriverKind::Uring,
+    );
+    let k = key("client", "server", srv.addr);
+    let old = cert(&ca, "client");
+    let new = cert(&ca, "client");
+    assert_ne!(old.chain[0], new.chain[0]);
+    let (old2, new2) = (old.clone(), new.clone());
+    block_on(DriverKind::Uring, async move {
+        let pool = Pool::new(H2Settings::default(), Arc::new(TlsCounters::default()));
+        let (mut w, mut r) = pool.open(&k, &old2, &req()).await.unwrap().split();
+        w.write_all(Bytes::from_static(b"one"), false)
+            .await
+            .unwrap();
+        assert_eq!(r.read().await.unwrap().unwrap().as_ref(), b"one");
+        // Rotate: a new stream with the new certificate.
+        let s2 = pool.open(&k, &new2, &req()).await.unwrap();
+        let (a, b) = echo_through(s2, 4096, 9).await;
+        assert_eq!(a, b);
+        // The old stream still works.
+        w.write_all(Bytes::from_static(b"two"), true).await.unwrap();
+        assert_eq!(r.read().await.unwrap().unwrap().as_ref(), b"two");
+        assert!(r.read().await.is_none());
+        assert_eq!(pool.connects(), 2);
+    });
+    let first = srv.seen.recv_timeout(Duration::from_secs(30)).unwrap();
+    let second = srv.seen.recv_timeout(Duration::from_secs(30)).unwrap();
+    assert_eq!(first.leaf.as_deref(), Some(old.chain[0].as_ref()));
+    assert_eq!(second.leaf.as_deref(), Some(new.chain[0].as_ref()));
+}
+
+#[test]
+fn forward_handler_bridges_to_tcp_and_503_when_upstream_is_down() {
+    use std::io::{Read, Write};
+    let ca = ca();
+    let srv = server(
+        &cert(&ca, "server"),
+        H2Settings::default(),
+        Handler::Forward,
+        DriverKind::Uring,
+    );
+    // A TCP backend that answers with what it got, reversed, after the client half-closes.
+    let backend = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let baddr = backend.local_addr().unwrap();
+    let bt = std::thread::spawn(move || {
+        let (mut c, _) = backend.accept().unwrap();
+        let mut v = Vec::new();
+        c.read_to_end(&mut v).unwrap();
+        v.reverse();
+        c.write_all(&v).unwrap();
+    });
+    let client_cert = cert(&ca, "client");
+    let k = key("client", "server", srv.addr);
+    block_on(DriverKind::Uring, async move {
+        let pool = Pool::new(H2Settings::default(), Arc::new(TlsCounters::default()));
+        let (mut w, mut r) = pool
+            .open(&k, &client_cert, &ConnectRequest::new(baddr))
+            .await
+            .unwrap()
+            .split();
+        w.write_all(Bytes::from_static(b"hello"), true)
+            .await
+            .unwrap();
+        let mut got = Vec::new();
+        while let Some(c) = r.read().await {
+            got.extend_from_slice(&c.unwrap());
+        }
+        assert_eq!(
+            got, b"olleh",
+            "half-close reached the backend and its reply came back"
+        );
+        // A dead upstream: 503.
+        let dead = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        match pool
+            .open(&k, &client_cert, &ConnectRequest::new(dead))
+            .await
+        {
+            Err(HboneError::Status(s)) => assert_eq!(s, http::StatusCode::SERVICE_UNAVAILABLE),
+            Err(e) => panic!("expected 503, got {e}"),
+            Ok(_) => panic!("expected 503, got a stream"),
+        }
+    });
+    bt.join().unwrap();
+}
