@@ -1,24 +1,25 @@
 //! HBONE: HTTP/2 `CONNECT` tunnels over mutual TLS with SPIFFE identities, wire-compatible
 //! with Istio's ztunnel and waypoints.
 //!
-//! - [`identity`]: `spiffe://<td>/ns/<ns>/sa/<sa>`.
-//! - [`ca`]: certificate sources behind [`ca::CertSource`] — the built-in CA, Istio's
+//! - [`identity`] — `spiffe://<td>/ns/<ns>/sa/<sa>`.
+//! - [`ca`] — certificate sources behind [`ca::CertSource`] — the built-in CA, Istio's
 //!   plug-in CA files, static files — and the half-life renewing [`ca::CertStore`].
-//! - [`tls`]: rustls configs (TLS 1.3, AES-GCM, ALPN h2) with SPIFFE verifiers and
+//! - [`tls`] — rustls configs (TLS 1.3, AES-GCM, ALPN h2) with SPIFFE verifiers and
 //!   refusal counters.
-//! - [`wire`]: the CONNECT request and its headers (`forwarded`, `baggage`,
+//! - [`wire`] — the CONNECT request and its headers (`forwarded`, `baggage`,
 //!   `traceparent`), status codes; pure and fuzzed.
-//! - [`client`], [`server`]: connections on the runtime's workers (monoio `poll-io` +
+//! - [`client`], [`server`] — connections on the runtime's workers (monoio `poll-io` +
 //!   tokio-rustls + the stock `h2`), keepalive PINGs, GOAWAY on drain.
-//! - [`pool`]: per-worker connection pools keyed by (source identity, destination
+//! - [`pool`] — per-worker connection pools keyed by (source identity, destination
 //!   identities, destination address).
-//! - [`stream`]: streams as byte streams and the TCP ⇄ stream bridge.
+//! - [`stream`] — streams as byte streams and the TCP ⇄ stream bridge.
 
 pub mod ca;
 pub mod client;
 pub mod error;
 pub mod identity;
 pub mod pool;
+pub mod proxy;
 pub mod server;
 pub mod settings;
 pub mod stream;

@@ -150,7 +150,7 @@ impl ServerCertVerifier for SpiffeServerVerifier {
             now,
             self.algs.all,
         )?;
-        let info = leaf_info(end_entity).map_err(|e| rustls::Error::General(e))?;
+        let info = leaf_info(end_entity).map_err(rustls::Error::General)?;
         if info.identities.iter().any(|id| self.expected.contains(id)) {
             Ok(ServerCertVerified::assertion())
         } else {

@@ -301,8 +301,7 @@ fn five_hundred_streams_use_five_connections_and_goaway_drains() {
         DriverKind::Uring,
     );
     let k = key("client", "server", srv.addr);
-    let srv = Arc::new(srv);
-    let srv2 = srv.clone();
+    let srv2 = &srv;
     block_on(DriverKind::Uring, async move {
         let pool = Pool::new(H2Settings::default(), Arc::new(TlsCounters::default()));
         // Open 500 streams concurrently and hold them all.

@@ -30,6 +30,10 @@ struct CtxInner {
     stats: Arc<WorkerStats>,
     pool: BufPool,
     drain: DrainWatcher,
+    /// Set once the drain has begun. Every accept loop of this worker waits on this event:
+    /// the [`DrainWatcher`] holds a single waker slot, so only one task (the relay spawned in
+    /// [`spawn_workers`]) may wait on it, or all but the last registered loop would sleep on.
+    draining: LocalEvent,
     /// Set at the drain deadline: every connection task stops.
     abort: LocalEvent,
     /// Notified whenever a connection ends.
@@ -71,6 +75,12 @@ impl WorkerCtx {
         self.0.live.get()
     }
 
+    /// Completes once the drain has begun (at once if it has): protocols with a graceful
+    /// goodbye (HTTP/2 GOAWAY) send it then, and let open streams finish.
+    pub fn draining(&self) -> impl Future<Output = ()> + 'static {
+        self.0.draining.wait()
+    }
+
     /// Completes when the connections of this worker must stop (drain deadline).
     pub fn aborted(&self) -> impl Future<Output = ()> + 'static {
         self.0.abort.wait()
@@ -91,7 +101,7 @@ impl WorkerCtx {
             if inner.live.get() >= inner.cfg.max_connections_per_worker {
                 WorkerStats::inc(&inner.stats.accept_paused);
                 while inner.live.get() >= inner.cfg.max_connections_per_worker {
-                    if race(inner.conn_closed.wait(), inner.drain.started())
+                    if race(inner.conn_closed.wait(), inner.draining.wait())
                         .await
                         .is_right()
                     {
@@ -99,7 +109,7 @@ impl WorkerCtx {
                     }
                 }
             }
-            let accepted = match race(listener.accept(), inner.drain.started()).await {
+            let accepted = match race(listener.accept(), inner.draining.wait()).await {
                 Either::Left(r) => r,
                 Either::Right(()) => return Ok(()),
             };
@@ -310,11 +320,20 @@ where
                     stats: st,
                     pool,
                     drain,
+                    draining: LocalEvent::new(),
                     abort: LocalEvent::new(),
                     conn_closed: LocalEvent::new(),
                     live: Cell::new(0),
                 }));
-                rt.block_on(async move { f(ctx).await });
+                rt.block_on(async move {
+                    // The one task that waits on the drain watcher; it wakes every accept loop.
+                    let relay = ctx.clone();
+                    monoio::spawn(async move {
+                        relay.0.drain.started().await;
+                        relay.0.draining.set();
+                    });
+                    f(ctx).await
+                });
             })?;
         threads.push(t);
     }

@@ -235,3 +235,45 @@ impl Sum {
         self.len += data.len() as u64;
     }
 }
+
+/// A tokio runtime for the stock-stack peer.
+pub fn tokio_rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// Their client: TLS + h2 on tokio, a CONNECT to `authority` with `method`.
+pub async fn their_request(
+    addr: SocketAddr,
+    tls: Arc<rustls::ClientConfig>,
+    method: http::Method,
+    authority: &str,
+    extra_header: Option<(String, String)>,
+) -> Result<
+    (
+        http::StatusCode,
+        h2::SendStream<bytes::Bytes>,
+        h2::RecvStream,
+    ),
+    h2::Error,
+> {
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let tls = tokio_rustls::TlsConnector::from(tls)
+        .connect("10.0.0.1".try_into().unwrap(), tcp)
+        .await
+        .unwrap();
+    let (send, conn) = h2::client::handshake(tls).await?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let mut send = send.ready().await?;
+    let mut b = http::Request::builder().method(method).uri(authority);
+    if let Some((k, v)) = extra_header {
+        b = b.header(k, v);
+    }
+    let (resp, stream) = send.send_request(b.body(()).unwrap(), false)?;
+    let resp = resp.await?;
+    Ok((resp.status(), stream, resp.into_body()))
+}
