@@ -1,8 +1,153 @@
-//! tuning: configuration profiles and host checks.
+//! Tuning: configuration profiles and host checks.
 //!
-//! Not built yet (issue 6). This crate will hold the YAML profiles in `tuning/profiles/`
-//! (`default`, `throughput`, `latency`, `low-memory`, `high-connections`) with every knob
-//! documented, and `tuning check`, which reads the host's relevant settings (cores, io_uring
-//! and `ulimit -l`, `RLIMIT_NOFILE`, somaxconn, TCP buffers, busy polling) and recommends
-//! values. Today the runtime's own config (`runtime::config::RuntimeConfig`) carries the
-//! knobs that exist.
+//! **Profiles** are YAML files in `tuning/profiles/` (embedded in every binary, so a name is
+//! enough; a path to a file of the same shape works too). A profile sets any subset of:
+//!
+//! | knob | unit | default | effect |
+//! |---|---|---|---|
+//! | `runtime.workers` | threads | one per core | worker threads, each with its own ring |
+//! | `runtime.cores` | CPU ids | all | where workers run |
+//! | `runtime.pin` | bool | true | pin each worker to its core (steadier caches, less migration) |
+//! | `runtime.io_driver` | auto/uring/epoll | auto | io_uring, falling back to epoll if a ring cannot be made |
+//! | `runtime.ring_entries` | entries | 1024 | io_uring submission queue size per worker |
+//! | `runtime.max_connections_per_worker` | connections | 50000 | accept pauses beyond it |
+//! | `runtime.drain_timeout` | duration | 10s | how long open connections may finish after SIGTERM |
+//! | `runtime.listen_backlog` | connections | 4096 | `listen(2)` backlog (capped by `net.core.somaxconn`) |
+//! | `runtime.nodelay` | bool | true | `TCP_NODELAY`: lower latency for small writes |
+//! | `runtime.tcp_keepalive` | duration | 180s | TCP keepalive idle time (dead peer detection) |
+//! | `runtime.reuseport_cpu_steering` | bool | false | CBPF: connection to the worker on its packets' CPU |
+//! | `runtime.forward.mode` | copy/splice | copy | user-space copy or zero-copy `splice(2)` |
+//! | `runtime.forward.buffer_size` | bytes | 65536 | first buffer of a busy direction |
+//! | `runtime.forward.max_buffer_size` | bytes | 262144 | a direction that keeps filling its buffer grows to this |
+//! | `runtime.forward.pipe_size` | bytes | 262144 | splice pipe per direction |
+//! | `runtime.forward.idle_timeout` | duration | 1h | close a connection with no bytes either way |
+//! | `runtime.forward.pool_buffers` | buffers | 64 | free buffers each worker keeps per size class |
+//! | `h2.stream_window` | bytes | 4 MiB | HTTP/2 flow-control window per stream |
+//! | `h2.connection_window` | bytes | 16 MiB | HTTP/2 window per connection |
+//! | `h2.max_frame_size` | bytes | 1 MiB | largest DATA frame accepted |
+//! | `h2.max_concurrent_streams` | streams | 200 | streams a server accepts per connection |
+//! | `h2.max_header_list_size` | bytes | 64 KiB | largest header block accepted |
+//! | `h2.ping_interval` / `h2.ping_timeout` | duration | 10s / 20s | keepalive PINGs |
+//! | `h2.max_streams_per_connection` | streams | 100 | client pool: streams before another connection |
+//! | `h2.pool_idle_timeout` | duration | 5m | client pool: close an unused connection |
+//! | `h2.chunk_size` | bytes | 64 KiB | bytes read from TCP per DATA frame |
+//!
+//! Unknown keys are errors naming the file, line and field.
+//!
+//! **Host checks** ([`check`]): what the host offers for the knobs above, with a
+//! recommendation and why, and the `sysctl` commands that apply them.
+
+use std::path::{Path, PathBuf};
+
+use hbone::H2Settings;
+use runtime::config::{from_yaml_str, ConfigError, RuntimeConfig};
+use serde::{Deserialize, Serialize};
+
+pub mod check;
+
+/// Built-in profiles: (name, YAML text).
+pub const PROFILES: [(&str, &str); 5] = [
+    ("default", include_str!("../profiles/default.yaml")),
+    ("throughput", include_str!("../profiles/throughput.yaml")),
+    ("latency", include_str!("../profiles/latency.yaml")),
+    ("low-memory", include_str!("../profiles/low-memory.yaml")),
+    (
+        "high-connections",
+        include_str!("../profiles/high-connections.yaml"),
+    ),
+];
+
+/// A profile: the runtime and HTTP/2 knobs.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Profile {
+    pub runtime: RuntimeConfig,
+    pub h2: H2Settings,
+}
+
+/// Load a built-in profile by name, or a profile file by path.
+pub fn load_profile(name_or_path: &str) -> Result<Profile, ConfigError> {
+    let (file, text) = match PROFILES.iter().find(|(n, _)| *n == name_or_path) {
+        Some((n, t)) => (
+            PathBuf::from(format!("tuning/profiles/{n}.yaml")),
+            t.to_string(),
+        ),
+        None => {
+            let p = Path::new(name_or_path);
+            let text = std::fs::read_to_string(p).map_err(|e| ConfigError {
+                file: p.to_owned(),
+                line: None,
+                column: None,
+                field: None,
+                message: format!(
+                    "cannot read: {e} (built-in profiles: {})",
+                    PROFILES
+                        .iter()
+                        .map(|(n, _)| *n)
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            })?;
+            (p.to_owned(), text)
+        }
+    };
+    let profile: Profile = from_yaml_str(&file, &text)?;
+    profile
+        .runtime
+        .validate("runtime")
+        .map_err(|e| e.in_file(&file, Some(&text)))?;
+    Ok(profile)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_builtin_profile_loads_and_validates() {
+        for (name, _) in PROFILES {
+            load_profile(name).unwrap_or_else(|e| panic!("{name}: {e}"));
+        }
+    }
+
+    #[test]
+    fn default_profile_is_the_defaults() {
+        assert_eq!(load_profile("default").unwrap(), Profile::default());
+    }
+
+    #[test]
+    fn profiles_change_what_they_claim() {
+        let d = Profile::default();
+        let t = load_profile("throughput").unwrap();
+        assert_eq!(t.runtime.forward.mode, runtime::ForwardMode::Splice);
+        assert!(t.runtime.forward.pipe_size > d.runtime.forward.pipe_size);
+        assert!(t.h2.stream_window > d.h2.stream_window);
+        let l = load_profile("low-memory").unwrap();
+        assert!(l.runtime.forward.buffer_size < d.runtime.forward.buffer_size);
+        assert!(l.h2.stream_window < d.h2.stream_window);
+        let h = load_profile("high-connections").unwrap();
+        assert!(h.runtime.max_connections_per_worker > d.runtime.max_connections_per_worker);
+        let lat = load_profile("latency").unwrap();
+        assert!(lat.h2.chunk_size < d.h2.chunk_size);
+    }
+
+    #[test]
+    fn unknown_key_names_file_line_field() {
+        let dir = std::env::temp_dir().join(format!("tuning-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("p.yaml");
+        std::fs::write(
+            &f,
+            "runtime:\n  forward:\n    mode: copy\n    pipe_sise: 1\n",
+        )
+        .unwrap();
+        let e = load_profile(f.to_str().unwrap()).unwrap_err();
+        assert_eq!(e.line, Some(4), "{e}");
+        assert!(e.to_string().contains("pipe_sise"), "{e}");
+        assert!(load_profile("no-such-profile")
+            .unwrap_err()
+            .to_string()
+            .contains("built-in profiles"));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
