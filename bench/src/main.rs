@@ -1,1 +1,707 @@
-fn main() {}
+//! `bench`: the bundled load harness. Direct and proxied paths in one invocation, interleaved
+//! and repeated, with the machine's noise accounted for as `/work/shared/BENCHMARKING.md`
+//! asks.
+//!
+//! ```text
+//! cargo run --release -p bench                      # default suite, ~2 minutes
+//! cargo run --release -p bench -- --quick           # 1 s runs, 1 repetition (~15 s)
+//! cargo run --release -p bench -- --scenario tcp-rr --duration 5s --size 100 --reps 5
+//! cargo run --release -p bench -- --scenario tcp-throughput --streams 1,4,8 --path direct,l4-splice
+//! ```
+//!
+//! **Scenarios.** `tcp-throughput`: N parallel bulk streams (default 1 and 8) for a fixed
+//! time, Gbit/s measured at the receiver. `tcp-rr`: fixed-size request/response (default
+//! 100 B) on one connection, closed loop; HdrHistogram of round trips. `conn-churn`:
+//! concurrent loops (default 8) of connect, one exchange, close; connections/s.
+//!
+//! **Paths.** `direct` (generator → backend), `l4-copy` and `l4-splice` (generator →
+//! `runtime::forwarder` → backend). The forwarder is this binary re-executed as
+//! `bench __l4fwd --config FILE`, one fresh process per run, stopped with SIGTERM (SIGKILL
+//! after 4 s). The harness waits at most 10 s for its `READY` line.
+//!
+//! **Placement.** Pinned by default: generator and backend threads on the first half of the
+//! CPUs (cpu0 on a 2-CPU machine), the proxy's workers on the other half (cpu1). The
+//! generator and the backends are thread-per-core monoio (io_uring, or epoll as
+//! `runtime::driver::decide` says), one generator and one backend thread per generator CPU.
+//! On the direct path the generator and the backend share their CPU(s); on proxied paths the
+//! proxy has the other half to itself.
+//!
+//! **Method.** For each scenario, every repetition runs the paths in order (direct, l4-copy,
+//! l4-splice, direct, …). Before each run the machine must be quiet (`/proc/stat` busy CPU
+//! outside this process ≤ threshold, waiting within a budget); during the window the CPU of
+//! other processes is measured and a disturbed run is re-run (within a budget). Each run has
+//! a warm-up, then a measured window over which the proxy's CPU (`/proc/<pid>/stat`) and TCP
+//! retransmits (`/proc/net/snmp`) are taken. Results: median [min–max] over repetitions,
+//! ratio of medians to direct, added latency (path − direct per percentile), and a flag when
+//! a scenario's first and last direct runs differ by more than 10 %.
+//!
+//! **Reading the CPU figures.** Proxy CPU is the forwarder process's utime+stime over the
+//! window (clock-tick resolution, 10 ms at 100 Hz). On loopback the sender's context also
+//! runs the receiver's TCP processing, so it includes kernel work for both of its sockets'
+//! peers; compare it between paths and with other proxies measured the same way, not with
+//! figures taken across machines. Generator and backend CPU (`gen`, `be`) are this process's
+//! threads; when their sum reaches 100 % of their core the client, not the proxy, is the
+//! bound (always so on the direct path, where both share one core).
+//!
+//! **Output.** Live progress on stderr, the summary table (Markdown) on stdout, and
+//! `report.json` + `summary.md` in `bench/results/<UTC timestamp>/` (or `--out DIR`). The
+//! JSON schema is documented in [`report`]. Exit status: 0 when every byte sent arrived and
+//! no exchange failed, 1 otherwise, 2 on bad arguments, 130 on Ctrl-C (partial report
+//! written).
+
+mod backend;
+mod generator;
+mod host;
+mod proxy;
+mod report;
+mod suite;
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use clap::Parser;
+use serde_json::{json, Value};
+
+use report::{Entry, Run};
+use suite::{Ctx, Kind, Knobs, PathKind, Placement, Scenario};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "bench",
+    about = "Load harness: direct vs the L4 forwarder (copy, splice), interleaved and repeated",
+    after_help = "With no arguments: the default suite (about 2 minutes). Results go to \
+                  bench/results/<UTC timestamp>/ unless --out is given."
+)]
+struct Args {
+    /// Scenarios to run (comma-separated or repeated): tcp-throughput, tcp-rr, conn-churn.
+    #[arg(long = "scenario", value_delimiter = ',')]
+    scenarios: Vec<String>,
+    /// Paths to compare: direct, l4-copy, l4-splice (direct is the baseline for ratios).
+    #[arg(long = "path", value_delimiter = ',')]
+    paths: Vec<String>,
+    /// Measured time per run (e.g. 2s, 500ms). Default 2s (quick: 1s).
+    #[arg(long, value_parser = parse_duration)]
+    duration: Option<Duration>,
+    /// Unmeasured warm-up before each window. Default 300ms (quick: 100ms).
+    #[arg(long, value_parser = parse_duration)]
+    warmup: Option<Duration>,
+    /// Repetitions of every scenario × path. Default 3 (quick: 1).
+    #[arg(long)]
+    reps: Option<usize>,
+    /// Message size in bytes for tcp-rr and conn-churn (default 100; churn needs ≥ 4).
+    #[arg(long, value_parser = parse_size)]
+    size: Option<usize>,
+    /// Parallel connections: tcp-throughput streams (default 1,8) and tcp-rr connections
+    /// (default 1). A list runs each value as its own scenario.
+    #[arg(long, value_delimiter = ',')]
+    streams: Vec<usize>,
+    /// Concurrent connect/exchange/close loops for conn-churn.
+    #[arg(long, default_value_t = 8)]
+    concurrency: usize,
+    /// Bytes per write in tcp-throughput.
+    #[arg(long, default_value = "128KiB", value_parser = parse_size)]
+    write_size: usize,
+    /// The shortened suite: 1 s runs, one repetition, no waiting for quiet.
+    #[arg(long)]
+    quick: bool,
+    /// Do not pin generator, backend and proxy to separate CPUs.
+    #[arg(long)]
+    no_pin: bool,
+    /// Report folder (default bench/results/<UTC timestamp>/).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// io driver for generator, backends and proxy: auto, uring, epoll
+    /// (MESH_IO_DRIVER wins, as in the runtime).
+    #[arg(long, default_value = "auto")]
+    io_driver: runtime::DriverChoice,
+    /// Busy CPU outside the harness (% of one CPU) above which the machine is not quiet.
+    #[arg(long, default_value_t = 10.0)]
+    quiet_threshold: f64,
+    /// Re-runs allowed, suite-wide, for runs disturbed by outside load.
+    /// Default 4 (quick: 0).
+    #[arg(long)]
+    max_retries: Option<usize>,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let d = runtime::config::duration::parse(s)?;
+    if d.is_zero() && !s.trim().starts_with('0') {
+        return Err("duration must be positive".into());
+    }
+    Ok(d)
+}
+
+fn parse_size(s: &str) -> Result<usize, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (n, unit) = t.split_at(split);
+    let n: usize = n.parse().map_err(|_| format!("invalid size {s:?}"))?;
+    let mul = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1024,
+        "m" | "mb" | "mib" => 1024 * 1024,
+        u => return Err(format!("unknown size unit {u:?} (use B, KiB or MiB)")),
+    };
+    Ok(n * mul)
+}
+
+fn main() -> ExitCode {
+    let mut argv = std::env::args();
+    let _argv0 = argv.next();
+    let rest: Vec<String> = argv.collect();
+    if rest.first().map(String::as_str) == Some(proxy::FORWARDER_ARG) {
+        return proxy::forwarder_main(rest[1..].to_vec());
+    }
+    if std::env::var_os("RUST_LOG").is_some() {
+        runtime::init_logging();
+    }
+    let args = match Args::try_parse() {
+        Ok(a) => a,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
+    let suite = match plan(&args) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("bench: error: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
+    match run(args, suite) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("bench: error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+struct Suite {
+    name: &'static str,
+    scenarios: Vec<Scenario>,
+    paths: Vec<PathKind>,
+    knobs: Knobs,
+}
+
+fn plan(args: &Args) -> Result<Suite> {
+    let custom = !args.scenarios.is_empty()
+        || !args.paths.is_empty()
+        || args.duration.is_some()
+        || args.reps.is_some()
+        || args.size.is_some()
+        || !args.streams.is_empty();
+    let name = if custom {
+        "custom"
+    } else if args.quick {
+        "quick"
+    } else {
+        "default"
+    };
+    let quick = args.quick;
+    let kinds: Vec<Kind> = if args.scenarios.is_empty() {
+        vec![Kind::Throughput, Kind::Rr, Kind::Churn]
+    } else {
+        let mut v = Vec::new();
+        for s in &args.scenarios {
+            let k = Kind::parse(s.trim()).with_context(|| {
+                format!("unknown scenario {s:?} (tcp-throughput, tcp-rr, conn-churn)")
+            })?;
+            if !v.contains(&k) {
+                v.push(k);
+            }
+        }
+        v
+    };
+    let paths: Vec<PathKind> = if args.paths.is_empty() {
+        vec![PathKind::Direct, PathKind::L4Copy, PathKind::L4Splice]
+    } else {
+        let mut v = Vec::new();
+        for s in &args.paths {
+            let p = PathKind::parse(s.trim())
+                .with_context(|| format!("unknown path {s:?} (direct, l4-copy, l4-splice)"))?;
+            if !v.contains(&p) {
+                v.push(p);
+            }
+        }
+        // The baseline goes first so that each repetition starts from it.
+        v.sort_by_key(|p| *p != PathKind::Direct);
+        v
+    };
+    let size = args.size.unwrap_or(100);
+    if size == 0 {
+        bail!("--size must be at least 1 byte");
+    }
+    if kinds.contains(&Kind::Churn) && size < 4 {
+        bail!("conn-churn needs --size of at least 4 bytes (its length header)");
+    }
+    if args.streams.contains(&0) || args.concurrency == 0 || args.write_size == 0 {
+        bail!("--streams, --concurrency and --write-size must be at least 1");
+    }
+    let mut scenarios = Vec::new();
+    for k in kinds {
+        match k {
+            Kind::Throughput => {
+                let streams = if args.streams.is_empty() {
+                    vec![1, 8]
+                } else {
+                    args.streams.clone()
+                };
+                for s in streams {
+                    scenarios.push(Scenario {
+                        kind: k,
+                        conns: s,
+                        size,
+                        write_size: args.write_size,
+                    });
+                }
+            }
+            Kind::Rr => {
+                let streams = if args.streams.is_empty() {
+                    vec![1]
+                } else {
+                    args.streams.clone()
+                };
+                for s in streams {
+                    scenarios.push(Scenario {
+                        kind: k,
+                        conns: s,
+                        size,
+                        write_size: args.write_size,
+                    });
+                }
+            }
+            Kind::Churn => scenarios.push(Scenario {
+                kind: k,
+                conns: args.concurrency,
+                size,
+                write_size: args.write_size,
+            }),
+        }
+    }
+    let duration = args.duration.unwrap_or(if quick {
+        Duration::from_secs(1)
+    } else {
+        Duration::from_secs(2)
+    });
+    if duration < Duration::from_millis(100) {
+        bail!("--duration must be at least 100ms");
+    }
+    if duration > Duration::from_secs(3600) {
+        bail!("--duration must be at most 1h");
+    }
+    let knobs = Knobs {
+        duration,
+        warmup: args.warmup.unwrap_or(if quick {
+            Duration::from_millis(100)
+        } else {
+            Duration::from_millis(300)
+        }),
+        reps: args.reps.unwrap_or(if quick { 1 } else { 3 }).max(1),
+        quiet_threshold_pct: args.quiet_threshold,
+        quiet_sample: if quick {
+            Duration::from_millis(100)
+        } else {
+            Duration::from_millis(200)
+        },
+        quiet_wait_budget: if quick {
+            Duration::ZERO
+        } else {
+            Duration::from_secs(15)
+        },
+        max_retries: args.max_retries.unwrap_or(if quick { 0 } else { 4 }),
+        io_driver: match args.io_driver {
+            runtime::DriverChoice::Auto => "auto",
+            runtime::DriverChoice::Uring => "uring",
+            runtime::DriverChoice::Epoll => "epoll",
+        }
+        .to_string(),
+    };
+    Ok(Suite {
+        name,
+        scenarios,
+        paths,
+        knobs,
+    })
+}
+
+/// A temporary folder removed on drop.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new() -> Result<TempDir> {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
+        let p = std::env::temp_dir().join(format!("bench-{}-{nanos}", std::process::id()));
+        std::fs::create_dir_all(&p).with_context(|| format!("creating {}", p.display()))?;
+        Ok(TempDir(p))
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn run(args: Args, suite: Suite) -> Result<ExitCode> {
+    let started = Instant::now();
+    let (started_utc, stamp) = host::utc_now();
+    let out_dir = match &args.out {
+        Some(d) => d.clone(),
+        None => PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("results")
+            .join(&stamp),
+    };
+    std::fs::create_dir_all(&out_dir)
+        .with_context(|| format!("creating the report folder {}", out_dir.display()))?;
+
+    // Ctrl-C (and SIGTERM): stop at the next check, stop the forwarder, write what we have.
+    // A second Ctrl-C exits at once (the forwarder then sees its stdin close and exits too).
+    let interrupted = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register_conditional_shutdown(sig, 130, interrupted.clone())
+            .context("installing the signal handler")?;
+        signal_hook::flag::register(sig, interrupted.clone())
+            .context("installing the signal handler")?;
+    }
+
+    let placement = Placement::decide(!args.no_pin);
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    let host_facts = host::HostFacts::collect(cores);
+    let decision = runtime::driver::decide(args.io_driver, 1024).context("io driver")?;
+    let gen_cores: Vec<Option<usize>> = (0..placement.gen_threads)
+        .map(|i| placement.gen_core(i))
+        .collect();
+    let backends = backend::start(&gen_cores, &decision)?;
+    let tmp = TempDir::new()?;
+
+    let total_runs = suite.scenarios.len() * suite.paths.len() * suite.knobs.reps;
+    let per_run = suite.knobs.duration + suite.knobs.warmup + suite.knobs.quiet_sample;
+    eprintln!(
+        "bench: {} suite: {} scenario(s) × {} path(s) × {} rep(s) = {total_runs} runs of {:.1}s (≈{:.0}s); \
+         pinning {}; generator driver {}; report → {}",
+        suite.name,
+        suite.scenarios.len(),
+        suite.paths.len(),
+        suite.knobs.reps,
+        suite.knobs.duration.as_secs_f64(),
+        total_runs as f64 * (per_run.as_secs_f64() + 0.15),
+        if placement.pin {
+            format!(
+                "generator+backend on {:?}, proxy on {:?}",
+                placement.gen_cores, placement.proxy_cores
+            )
+        } else {
+            "off".to_string()
+        },
+        decision.kind,
+        out_dir.display()
+    );
+    if let Some(n) = &placement.note {
+        eprintln!("bench: {n}");
+    }
+    if host_facts.idle.mode != "polling" {
+        eprintln!(
+            "bench: idle CPUs halt (cpuidle driver {}, cpu_dma_latency not held at 0): \
+             latency includes wake-ups; compare added µs",
+            host_facts
+                .idle
+                .cpuidle_driver
+                .as_deref()
+                .unwrap_or("unknown")
+        );
+    }
+
+    let mut ctx = Ctx {
+        knobs: &suite.knobs,
+        placement: &placement,
+        backends: &backends,
+        decision: &decision,
+        cores,
+        clk_tck: host_facts.clk_tck,
+        tmp: &tmp.0,
+        interrupted: interrupted.clone(),
+        tty: std::io::stderr().is_terminal(),
+        quiet_waited: Duration::ZERO,
+        retries_left: suite.knobs.max_retries,
+        total_runs,
+        seq: 0,
+        planned_done: 0,
+    };
+    let mut runs: Vec<Run> = Vec::new();
+    let was_interrupted = suite::run_suite(&mut ctx, &suite.scenarios, &suite.paths, &mut runs)
+        .is_err()
+        || interrupted.load(std::sync::atomic::Ordering::Relaxed);
+    if was_interrupted {
+        eprintln!("\nbench: interrupted; writing a partial report");
+    }
+
+    // Aggregate per scenario × path.
+    let mut entries: Vec<Entry> = Vec::new();
+    let mut flags: Vec<String> = Vec::new();
+    for sc in &suite.scenarios {
+        let direct_runs: Vec<&Run> = runs
+            .iter()
+            .filter(|r| r.id == sc.id() && r.path == "direct" && !r.superseded)
+            .filter(|r| r.failed.is_none())
+            .collect();
+        let drift = if direct_runs.len() >= 2 {
+            let (f, l) = (
+                direct_runs[0].figure,
+                direct_runs[direct_runs.len() - 1].figure,
+            );
+            (f > 0.0).then(|| (l - f).abs() / f * 100.0)
+        } else {
+            None
+        };
+        if let Some(d) = drift.filter(|d| *d > 10.0) {
+            flags.push(format!(
+                "{}: first and last direct runs differ by {d:.0}% (> 10%): the machine drifted; \
+                 treat this scenario's ratios with care",
+                sc.id()
+            ));
+        }
+        let (metric, unit) = sc.kind.metric();
+        let mut sc_entries: Vec<Entry> = Vec::new();
+        for p in &suite.paths {
+            let rs: Vec<&Run> = runs
+                .iter()
+                .filter(|r| r.id == sc.id() && r.path == p.name())
+                .collect();
+            if rs.is_empty() {
+                continue;
+            }
+            sc_entries.push(Entry::build(&rs, sc.params(), metric, unit));
+        }
+        let direct = sc_entries.iter().find(|e| e.path == "direct").cloned();
+        for e in &mut sc_entries {
+            e.compare(direct.as_ref(), drift);
+        }
+        entries.extend(sc_entries);
+    }
+    let mut failures: Vec<String> = Vec::new();
+    let mut rerun: Vec<String> = Vec::new();
+    let mut loaded: Vec<String> = Vec::new();
+    for r in &runs {
+        if r.superseded && r.failed.is_none() && r.errors == 0 {
+            rerun.push(r.seq.to_string());
+        } else if !r.quiet || r.disturbed {
+            loaded.push(format!(
+                "{} ({:.0}%/{:.0}%)",
+                r.seq,
+                r.pre_busy_pct.unwrap_or(0.0),
+                r.other_procs_cpu_pct
+            ));
+        }
+        for n in r.notes.iter().filter(|n| n.contains("forwarder")) {
+            flags.push(format!("run {} ({} {}): {n}", r.seq, r.id, r.path));
+        }
+        if r.is_failure() {
+            failures.push(format!(
+                "run {} ({} {} rep {}): {}",
+                r.seq,
+                r.id,
+                r.path,
+                r.rep,
+                r.failed.clone().unwrap_or_else(|| format!(
+                    "{} client error(s), {} backend error(s), bytes sent {} received {}{}",
+                    r.errors,
+                    r.backend_errors,
+                    r.bytes_sent,
+                    r.bytes_received,
+                    if r.error_samples.is_empty() {
+                        String::new()
+                    } else {
+                        format!(": {}", r.error_samples.join("; "))
+                    }
+                ))
+            ));
+        }
+    }
+    if !rerun.is_empty() {
+        flags.push(format!(
+            "{} run(s) disturbed by outside load were re-run (not aggregated): runs {}",
+            rerun.len(),
+            rerun.join(", ")
+        ));
+    }
+    if !loaded.is_empty() {
+        flags.push(format!(
+            "{} run(s) ran under outside load (quiet-wait or re-run budget spent) and are \
+             aggregated anyway; run (busy before / other processes during, % of a CPU): {}",
+            loaded.len(),
+            loaded.join(", ")
+        ));
+    }
+    let ok = failures.is_empty() && !was_interrupted && !runs.is_empty();
+
+    let (finished_utc, _) = host::utc_now();
+    let proxy_driver = runs.iter().find_map(|r| r.proxy_driver.clone());
+    let kind_str = |k: runtime::DriverKind| k.to_string();
+    let report = json!({
+        "schema": "mesh-bench/report/v1",
+        "ok": ok,
+        "interrupted": was_interrupted,
+        "started_utc": started_utc,
+        "finished_utc": finished_utc,
+        "wall_s": report::r(started.elapsed().as_secs_f64()),
+        "command_line": std::env::args().collect::<Vec<_>>(),
+        "suite": suite.name,
+        "settings": {
+            "scenarios": suite.scenarios.iter().map(|s| s.id()).collect::<Vec<_>>(),
+            "paths": suite.paths.iter().map(|p| p.name()).collect::<Vec<_>>(),
+            "duration_s": suite.knobs.duration.as_secs_f64(),
+            "warmup_s": suite.knobs.warmup.as_secs_f64(),
+            "reps": suite.knobs.reps,
+            "size": suite.scenarios.first().map(|s| s.size),
+            "write_size": args.write_size,
+            "throughput_streams": suite.scenarios.iter().filter(|s| s.kind == Kind::Throughput).map(|s| s.conns).collect::<Vec<_>>(),
+            "rr_streams": suite.scenarios.iter().filter(|s| s.kind == Kind::Rr).map(|s| s.conns).collect::<Vec<_>>(),
+            "churn_concurrency": args.concurrency,
+            "pin": placement.pin,
+            "io_driver_requested": suite.knobs.io_driver,
+            "quiet_threshold_pct": suite.knobs.quiet_threshold_pct,
+            "quiet_sample_s": suite.knobs.quiet_sample.as_secs_f64(),
+            "max_retries": suite.knobs.max_retries,
+        },
+        "host": host_json(&host_facts, &placement, proxy_driver, kind_str(decision.kind),
+                          backends.drivers.first().map(|k| kind_str(*k))),
+        "results": entries.iter().map(Entry::json).collect::<Vec<Value>>(),
+        "runs": runs,
+        "flags": flags,
+        "failures": failures,
+    });
+    let json_path = out_dir.join("report.json");
+    std::fs::write(&json_path, serde_json::to_string_pretty(&report)? + "\n")
+        .with_context(|| format!("writing {}", json_path.display()))?;
+
+    let table = report::summary_table(&entries);
+    let mut md = format!(
+        "# bench {} — {started_utc}\n\n{} CPUs ({}), {}; idle: {} (cpuidle driver {}); pinning: {}; \
+         proxy io driver: {}; profile: default; build: {}\n\n\
+         Each figure: median [min–max] of {} run(s) of {:.1} s; paths interleaved. \
+         Client: {} generator + {} backend thread(s), monoio ({}).\n\n{table}",
+        suite.name,
+        host_facts.cores,
+        host_facts.cpu_model.as_deref().unwrap_or("?"),
+        host_facts.kernel,
+        host_facts.idle.mode,
+        host_facts.idle.cpuidle_driver.as_deref().unwrap_or("?"),
+        if placement.pin {
+            format!(
+                "generator+backend {:?}, proxy {:?}",
+                placement.gen_cores, placement.proxy_cores
+            )
+        } else {
+            "off".into()
+        },
+        runs.iter()
+            .find_map(|r| r.proxy_driver.clone())
+            .unwrap_or_else(|| "-".into()),
+        if cfg!(debug_assertions) {
+            "debug"
+        } else {
+            "release"
+        },
+        suite.knobs.reps,
+        suite.knobs.duration.as_secs_f64(),
+        placement.gen_threads,
+        placement.gen_threads,
+        decision.kind,
+    );
+    if !flags.is_empty() {
+        md.push_str("\nFlags:\n");
+        for f in &flags {
+            md.push_str(&format!("- {f}\n"));
+        }
+    }
+    if !failures.is_empty() {
+        md.push_str("\nFailures:\n");
+        for f in &failures {
+            md.push_str(&format!("- {f}\n"));
+        }
+    }
+    std::fs::write(out_dir.join("summary.md"), &md)
+        .with_context(|| format!("writing {}", out_dir.join("summary.md").display()))?;
+
+    println!("{table}");
+    for f in &flags {
+        eprintln!("bench: flag: {f}");
+    }
+    for f in &failures {
+        eprintln!("bench: FAILURE: {f}");
+    }
+    eprintln!(
+        "bench: {} in {:.0}s; report: {}",
+        if ok { "ok" } else { "FAILED" },
+        started.elapsed().as_secs_f64(),
+        json_path.display()
+    );
+    Ok(if was_interrupted {
+        ExitCode::from(130)
+    } else if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+fn host_json(
+    h: &host::HostFacts,
+    p: &Placement,
+    proxy_driver: Option<String>,
+    gen_driver: String,
+    be_driver: Option<String>,
+) -> Value {
+    let mut v = serde_json::to_value(h).unwrap_or(Value::Null);
+    if let Value::Object(m) = &mut v {
+        m.insert("profile".into(), json!("default"));
+        m.insert(
+            "build".into(),
+            json!(if cfg!(debug_assertions) {
+                "debug"
+            } else {
+                "release"
+            }),
+        );
+        m.insert(
+            "io_driver".into(),
+            json!({"proxy": proxy_driver, "generator": gen_driver, "backend": be_driver}),
+        );
+        m.insert(
+            "pinning".into(),
+            json!({
+                "enabled": p.pin,
+                "generator_cores": if p.pin { json!(p.gen_cores) } else { Value::Null },
+                "backend_cores": if p.pin { json!(p.gen_cores) } else { Value::Null },
+                "proxy_cores": if p.pin { json!(p.proxy_cores) } else { Value::Null },
+                "proxy_workers": p.proxy_workers,
+                "note": p.note,
+            }),
+        );
+        m.insert(
+            "client".into(),
+            json!(format!(
+                "built-in: {} generator thread(s) and {} backend thread(s), thread-per-core monoio \
+                 ({gen_driver}), in the harness process; throughput measured at the receiving backend",
+                p.gen_threads, p.gen_threads
+            )),
+        );
+    }
+    v
+}

@@ -1,0 +1,223 @@
+//! The backends the load goes to: thread-per-core monoio servers, one thread per generator
+//! core, pinned beside the generator. Three protocols, each on its own port:
+//!
+//! - **sink** (`tcp-throughput`): read to end of file, counting bytes into a shared counter
+//!   (the receiver-side throughput the harness samples), then answer the 8-byte little-endian
+//!   total received and close. The client compares it with what it sent.
+//! - **echo** (`tcp-rr`): write back whatever arrives until end of file, then close.
+//! - **reply-close** (`conn-churn`): read one request whose first 4 bytes (big-endian) give
+//!   its total length, write it back, close. The server closes first, so `TIME_WAIT` lands on
+//!   the listening side and connection churn does not exhaust ephemeral ports.
+//!
+//! Every read and write has a 30 s bound; a connection that stalls longer is dropped.
+
+use std::net::{SocketAddr, TcpListener};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use monoio::buf::IoBuf;
+use monoio::io::{AsyncReadRent, AsyncReadRentExt, AsyncWriteRentExt};
+use monoio::net::TcpStream;
+use monoio::time::timeout;
+use runtime::driver::{self, DriverDecision, DriverKind};
+
+const OP_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Counters the harness samples while a run is going.
+#[derive(Debug, Default)]
+pub struct BackendCounters {
+    /// Bytes the sink has received, all connections, since start.
+    pub sink_bytes: AtomicU64,
+    /// Connections whose protocol went wrong (bad request header, early close, timeout).
+    pub errors: AtomicU64,
+}
+
+/// The running backends.
+pub struct Backends {
+    pub sink: SocketAddr,
+    pub echo: SocketAddr,
+    pub reply_close: SocketAddr,
+    pub counters: Arc<BackendCounters>,
+    pub drivers: Vec<DriverKind>,
+}
+
+fn listener() -> Result<TcpListener> {
+    let l = TcpListener::bind("127.0.0.1:0").context("binding a backend listener")?;
+    l.set_nonblocking(true)?;
+    Ok(l)
+}
+
+/// Start one backend thread per entry of `cores` (`None` = unpinned). Returns once each has
+/// built its runtime.
+pub fn start(cores: &[Option<usize>], decision: &DriverDecision) -> Result<Backends> {
+    let (sink, echo, rc) = (listener()?, listener()?, listener()?);
+    let addrs = (sink.local_addr()?, echo.local_addr()?, rc.local_addr()?);
+    let counters = Arc::new(BackendCounters::default());
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    for (i, core) in cores.iter().copied().enumerate() {
+        let ls = (sink.try_clone()?, echo.try_clone()?, rc.try_clone()?);
+        let counters = counters.clone();
+        let decision = decision.clone();
+        let ready = ready_tx.clone();
+        std::thread::Builder::new()
+            .name(format!("bench-be-{i}"))
+            .spawn(move || {
+                if let Some(c) = core {
+                    core_affinity::set_for_current(core_affinity::CoreId { id: c });
+                }
+                let (mut rt, kind) = match driver::build_runtime(&decision, 1024) {
+                    Ok(x) => x,
+                    Err(e) => {
+                        let _ = ready.send(Err(e.to_string()));
+                        return;
+                    }
+                };
+                let _ = ready.send(Ok(kind));
+                drop(ready);
+                rt.block_on(serve_all(ls, counters));
+            })
+            .context("spawning a backend thread")?;
+    }
+    drop(ready_tx);
+    let mut drivers = Vec::new();
+    for _ in cores {
+        match ready_rx.recv_timeout(Duration::from_secs(10)) {
+            Ok(Ok(kind)) => drivers.push(kind),
+            Ok(Err(e)) => anyhow::bail!("backend thread cannot build its runtime: {e}"),
+            Err(_) => anyhow::bail!("backend thread did not start within 10 s"),
+        }
+    }
+    Ok(Backends {
+        sink: addrs.0,
+        echo: addrs.1,
+        reply_close: addrs.2,
+        counters,
+        drivers,
+    })
+}
+
+async fn serve_all(
+    (sink, echo, rc): (TcpListener, TcpListener, TcpListener),
+    counters: Arc<BackendCounters>,
+) {
+    let c1 = counters.clone();
+    let c2 = counters.clone();
+    let a = monoio::spawn(accept_loop(sink, c1, Proto::Sink));
+    let b = monoio::spawn(accept_loop(echo, c2, Proto::Echo));
+    accept_loop(rc, counters, Proto::ReplyClose).await;
+    a.await;
+    b.await;
+}
+
+#[derive(Clone, Copy)]
+enum Proto {
+    Sink,
+    Echo,
+    ReplyClose,
+}
+
+async fn accept_loop(l: TcpListener, counters: Arc<BackendCounters>, proto: Proto) {
+    let l = match monoio::net::TcpListener::from_std(l) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("bench: backend listener: {e}");
+            return;
+        }
+    };
+    loop {
+        let (s, _) = match l.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                // Out of descriptors or similar: back off, never spin.
+                eprintln!("bench: backend accept failed: {e}");
+                monoio::time::sleep(Duration::from_millis(20)).await;
+                continue;
+            }
+        };
+        let counters = counters.clone();
+        monoio::spawn(async move {
+            let ok = match proto {
+                Proto::Sink => sink(s, &counters).await,
+                Proto::Echo => echo(s).await,
+                Proto::ReplyClose => reply_close(s).await,
+            };
+            if !ok {
+                counters.errors.fetch_add(1, Ordering::Relaxed);
+            }
+        });
+    }
+}
+
+async fn sink(mut s: TcpStream, counters: &BackendCounters) -> bool {
+    let mut buf: Box<[u8]> = vec![0u8; 256 * 1024].into_boxed_slice();
+    let mut total = 0u64;
+    loop {
+        let Ok((r, b)) = timeout(OP_TIMEOUT, s.read(buf)).await else {
+            return false;
+        };
+        buf = b;
+        match r {
+            Ok(0) => break,
+            Ok(n) => {
+                total += n as u64;
+                counters.sink_bytes.fetch_add(n as u64, Ordering::Relaxed);
+            }
+            Err(_) => return false,
+        }
+    }
+    let ack = total.to_le_bytes().to_vec();
+    matches!(timeout(OP_TIMEOUT, s.write_all(ack)).await, Ok((Ok(_), _)))
+}
+
+async fn echo(mut s: TcpStream) -> bool {
+    let _ = s.set_nodelay(true);
+    let mut buf: Vec<u8> = Vec::with_capacity(64 * 1024);
+    loop {
+        let Ok((r, b)) = timeout(OP_TIMEOUT, s.read(buf)).await else {
+            return false;
+        };
+        buf = b;
+        match r {
+            Ok(0) => return true,
+            Ok(_) => {}
+            Err(_) => return false,
+        }
+        let Ok((r, b)) = timeout(OP_TIMEOUT, s.write_all(buf)).await else {
+            return false;
+        };
+        buf = b;
+        if r.is_err() {
+            return false;
+        }
+    }
+}
+
+async fn reply_close(mut s: TcpStream) -> bool {
+    let _ = s.set_nodelay(true);
+    let head: Box<[u8]> = vec![0u8; 4].into_boxed_slice();
+    let Ok((Ok(_), head)) = timeout(OP_TIMEOUT, s.read_exact(head)).await else {
+        return false;
+    };
+    let len = u32::from_be_bytes([head[0], head[1], head[2], head[3]]) as usize;
+    if !(4..=1 << 20).contains(&len) {
+        return false;
+    }
+    let rest: Box<[u8]> = vec![0u8; len - 4].into_boxed_slice();
+    let rest = if len > 4 {
+        let Ok((Ok(_), rest)) = timeout(OP_TIMEOUT, s.read_exact(rest)).await else {
+            return false;
+        };
+        rest
+    } else {
+        rest
+    };
+    let mut msg = head.into_vec();
+    msg.extend_from_slice(&rest);
+    let Ok((Ok(_), _)) = timeout(OP_TIMEOUT, s.write_all(msg.slice(..))).await else {
+        return false;
+    };
+    // Close first (drop); the client reads our FIN.
+    true
+}

@@ -1,0 +1,392 @@
+//! The load generator: thread-per-core monoio clients (io_uring, or epoll where the runtime
+//! decides so), one thread per generator core, pinned beside the backends. Each run starts
+//! fresh threads; each connection (or churn loop) is a task on its thread.
+//!
+//! Windows: every run has a warm-up (`t0..t_warm`) and a measured window (`t_warm..t_end`).
+//! Round trips and connections count, and enter the histogram, when they *start* inside the
+//! window. Every connect, read and write is bounded (`OP_TIMEOUT`).
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::Sender;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+use monoio::io::{AsyncReadRent, AsyncReadRentExt, AsyncWriteRent, AsyncWriteRentExt};
+use monoio::net::TcpStream;
+use monoio::time::timeout;
+use runtime::driver::{self, DriverDecision};
+
+const OP_TIMEOUT: Duration = Duration::from_secs(5);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Error messages kept per run (the count is exact).
+const MAX_ERROR_SAMPLES: usize = 5;
+
+/// What each connection does.
+#[derive(Debug, Clone, Copy)]
+pub enum Work {
+    /// Write `write_size` chunks until the end, then half-close and read the sink's count.
+    Throughput { write_size: usize },
+    /// Closed loop: write `size` bytes, read them back, repeat.
+    Rr { size: usize },
+    /// Loop: connect, write `size` bytes, read them back and the server's close, close.
+    Churn { size: usize },
+}
+
+/// Live counters the main thread shows as progress.
+#[derive(Debug, Default)]
+pub struct Live {
+    pub ops: AtomicU64,
+    pub bytes_sent: AtomicU64,
+}
+
+/// One generator thread's share of a run.
+#[derive(Clone)]
+pub struct Plan {
+    pub work: Work,
+    pub target: SocketAddr,
+    /// Connections (throughput, rr) or concurrent loops (churn) on this thread.
+    pub conns: usize,
+    pub t_warm: Instant,
+    pub t_end: Instant,
+    pub stop: Arc<AtomicBool>,
+    pub live: Arc<Live>,
+}
+
+/// What a thread (or a connection) reports.
+#[derive(Debug, Clone)]
+pub struct GenResult {
+    /// Round-trip or connection times (ns) of operations started in the window.
+    pub hist: Histogram<u64>,
+    pub ops_window: u64,
+    pub ops_total: u64,
+    /// Payload bytes written.
+    pub sent: u64,
+    /// Payload bytes the other end confirmed: the sink's count (throughput) or bytes read
+    /// back (rr, churn).
+    pub received: u64,
+    pub errors: u64,
+    pub error_samples: Vec<String>,
+}
+
+pub fn new_hist() -> Histogram<u64> {
+    // 1 ns .. 100 s at 3 significant figures.
+    Histogram::new_with_bounds(1, 100_000_000_000, 3).expect("valid histogram bounds")
+}
+
+impl GenResult {
+    fn new() -> Self {
+        GenResult {
+            hist: new_hist(),
+            ops_window: 0,
+            ops_total: 0,
+            sent: 0,
+            received: 0,
+            errors: 0,
+            error_samples: Vec::new(),
+        }
+    }
+
+    fn error(&mut self, what: impl Into<String>) {
+        self.errors += 1;
+        if self.error_samples.len() < MAX_ERROR_SAMPLES {
+            self.error_samples.push(what.into());
+        }
+    }
+
+    pub fn merge(&mut self, o: &GenResult) {
+        let _ = self.hist.add(&o.hist);
+        self.ops_window += o.ops_window;
+        self.ops_total += o.ops_total;
+        self.sent += o.sent;
+        self.received += o.received;
+        self.errors += o.errors;
+        for e in &o.error_samples {
+            if self.error_samples.len() < MAX_ERROR_SAMPLES {
+                self.error_samples.push(e.clone());
+            }
+        }
+    }
+
+    pub fn empty() -> Self {
+        Self::new()
+    }
+}
+
+/// Start generator thread `id` on `core`; it sends its result (or why it could not run) on
+/// `tx` when its share is done.
+pub fn spawn(
+    id: usize,
+    core: Option<usize>,
+    decision: &DriverDecision,
+    plan: Plan,
+    tx: Sender<Result<GenResult, String>>,
+) -> std::io::Result<()> {
+    let decision = decision.clone();
+    std::thread::Builder::new()
+        .name(format!("bench-gen-{id}"))
+        .spawn(move || {
+            if let Some(c) = core {
+                core_affinity::set_for_current(core_affinity::CoreId { id: c });
+            }
+            let (mut rt, _kind) = match driver::build_runtime(&decision, 1024) {
+                Ok(x) => x,
+                Err(e) => {
+                    let _ = tx.send(Err(format!("generator runtime: {e}")));
+                    return;
+                }
+            };
+            let res = rt.block_on(run_plan(plan));
+            let _ = tx.send(Ok(res));
+        })?;
+    Ok(())
+}
+
+async fn run_plan(plan: Plan) -> GenResult {
+    let mut handles = Vec::with_capacity(plan.conns);
+    for i in 0..plan.conns {
+        let p = plan.clone();
+        handles.push(monoio::spawn(async move {
+            match p.work {
+                Work::Throughput { write_size } => throughput_conn(&p, write_size).await,
+                Work::Rr { size } => rr_conn(&p, size, i).await,
+                Work::Churn { size } => churn_loop(&p, size, i).await,
+            }
+        }));
+    }
+    let mut total = GenResult::new();
+    for h in handles {
+        total.merge(&h.await);
+    }
+    total
+}
+
+fn running(p: &Plan) -> bool {
+    !p.stop.load(Ordering::Relaxed) && Instant::now() < p.t_end
+}
+
+async fn connect(target: SocketAddr, nodelay: bool) -> Result<TcpStream, String> {
+    match timeout(CONNECT_TIMEOUT, TcpStream::connect_addr(target)).await {
+        Ok(Ok(s)) => {
+            if nodelay {
+                let _ = s.set_nodelay(true);
+            }
+            Ok(s)
+        }
+        Ok(Err(e)) => Err(format!("connect {target}: {e}")),
+        Err(_) => Err(format!(
+            "connect {target}: timed out after {}s",
+            CONNECT_TIMEOUT.as_secs()
+        )),
+    }
+}
+
+/// Read until end of file, bounded; `Ok(extra bytes)` (0 expected).
+async fn read_to_eof(s: &mut TcpStream) -> Result<usize, String> {
+    let mut extra = 0usize;
+    let mut buf: Vec<u8> = Vec::with_capacity(4096);
+    loop {
+        match timeout(OP_TIMEOUT, s.read(buf)).await {
+            Ok((Ok(0), _)) => return Ok(extra),
+            Ok((Ok(n), b)) => {
+                extra += n;
+                buf = b;
+            }
+            Ok((Err(e), _)) => return Err(format!("waiting for close: {e}")),
+            Err(_) => return Err("waiting for close: timed out".into()),
+        }
+    }
+}
+
+async fn throughput_conn(p: &Plan, write_size: usize) -> GenResult {
+    let mut r = GenResult::new();
+    let mut s = match connect(p.target, false).await {
+        Ok(s) => s,
+        Err(e) => {
+            r.error(e);
+            return r;
+        }
+    };
+    let mut buf: Vec<u8> = vec![0x5a; write_size];
+    while running(p) {
+        match timeout(OP_TIMEOUT, s.write_all(buf)).await {
+            Ok((Ok(n), b)) => {
+                buf = b;
+                r.sent += n as u64;
+                p.live.bytes_sent.fetch_add(n as u64, Ordering::Relaxed);
+            }
+            Ok((Err(e), _)) => {
+                r.error(format!("write: {e}"));
+                return r;
+            }
+            Err(_) => {
+                r.error("write: stalled for 5 s");
+                return r;
+            }
+        }
+    }
+    if let Err(e) = s.shutdown().await {
+        r.error(format!("shutdown(SHUT_WR): {e}"));
+        return r;
+    }
+    // The sink answers with its count once it has read everything; allow time for the
+    // socket buffers along the path to drain.
+    let ack: Box<[u8]> = vec![0u8; 8].into_boxed_slice();
+    match timeout(Duration::from_secs(15), s.read_exact(ack)).await {
+        Ok((Ok(_), a)) => {
+            let got = u64::from_le_bytes(a[..8].try_into().expect("8 bytes"));
+            r.received = got;
+            if got != r.sent {
+                r.error(format!("sink received {got} bytes of {} sent", r.sent));
+            }
+        }
+        Ok((Err(e), _)) => r.error(format!("reading the sink's count: {e}")),
+        Err(_) => r.error("reading the sink's count: timed out"),
+    }
+    if let Err(e) = read_to_eof(&mut s).await {
+        r.error(e);
+    }
+    r
+}
+
+async fn rr_conn(p: &Plan, size: usize, conn: usize) -> GenResult {
+    let mut r = GenResult::new();
+    let mut s = match connect(p.target, true).await {
+        Ok(s) => s,
+        Err(e) => {
+            r.error(e);
+            return r;
+        }
+    };
+    let mut req: Vec<u8> = vec![0u8; size];
+    let mut resp: Box<[u8]> = vec![0u8; size].into_boxed_slice();
+    let mut seq: u64 = conn as u64 * 7919;
+    while running(p) {
+        seq = seq.wrapping_add(1);
+        let tag = seq.to_le_bytes();
+        let n = tag.len().min(size);
+        req[..n].copy_from_slice(&tag[..n]);
+        let start = Instant::now();
+        match timeout(OP_TIMEOUT, s.write_all(req)).await {
+            Ok((Ok(_), b)) => req = b,
+            Ok((Err(e), _)) => {
+                r.error(format!("write: {e}"));
+                return r;
+            }
+            Err(_) => {
+                r.error("write: timed out");
+                return r;
+            }
+        }
+        r.sent += size as u64;
+        match timeout(OP_TIMEOUT, s.read_exact(resp)).await {
+            Ok((Ok(_), b)) => resp = b,
+            Ok((Err(e), _)) => {
+                r.error(format!("read: {e}"));
+                return r;
+            }
+            Err(_) => {
+                r.error("read: no answer within 5 s");
+                return r;
+            }
+        }
+        let done = Instant::now();
+        r.received += size as u64;
+        if resp[..] != req[..] {
+            r.error("echo differs from the request");
+            return r;
+        }
+        r.ops_total += 1;
+        p.live.ops.fetch_add(1, Ordering::Relaxed);
+        if start >= p.t_warm && start < p.t_end {
+            r.ops_window += 1;
+            r.hist.saturating_record((done - start).as_nanos() as u64);
+        }
+    }
+    if let Err(e) = s.shutdown().await {
+        r.error(format!("shutdown(SHUT_WR): {e}"));
+        return r;
+    }
+    match read_to_eof(&mut s).await {
+        Ok(0) => {}
+        Ok(n) => r.error(format!("{n} unexpected bytes before close")),
+        Err(e) => r.error(e),
+    }
+    r
+}
+
+async fn churn_loop(p: &Plan, size: usize, lp: usize) -> GenResult {
+    let mut r = GenResult::new();
+    let size = size.max(4);
+    let mut req: Vec<u8> = vec![0u8; size];
+    req[..4].copy_from_slice(&(size as u32).to_be_bytes());
+    let mut resp: Box<[u8]> = vec![0u8; size].into_boxed_slice();
+    let mut seq: u64 = lp as u64 * 104_729;
+    while running(p) {
+        seq = seq.wrapping_add(1);
+        let tag = seq.to_le_bytes();
+        let n = tag.len().min(size - 4);
+        req[4..4 + n].copy_from_slice(&tag[..n]);
+        let start = Instant::now();
+        let mut s = match connect(p.target, true).await {
+            Ok(s) => s,
+            Err(e) => {
+                r.error(e);
+                // Do not spin on a refusing target.
+                monoio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            }
+        };
+        match timeout(OP_TIMEOUT, s.write_all(req)).await {
+            Ok((Ok(_), b)) => req = b,
+            Ok((Err(e), b)) => {
+                r.error(format!("write: {e}"));
+                req = b;
+                continue;
+            }
+            Err(_) => {
+                r.error("write: timed out");
+                return r;
+            }
+        }
+        r.sent += size as u64;
+        match timeout(OP_TIMEOUT, s.read_exact(resp)).await {
+            Ok((Ok(_), b)) => resp = b,
+            Ok((Err(e), b)) => {
+                r.error(format!("read: {e}"));
+                resp = b;
+                continue;
+            }
+            Err(_) => {
+                r.error("read: no answer within 5 s");
+                return r;
+            }
+        }
+        r.received += size as u64;
+        if resp[..] != req[..] {
+            r.error("echo differs from the request");
+            continue;
+        }
+        match read_to_eof(&mut s).await {
+            Ok(0) => {}
+            Ok(n) => {
+                r.error(format!("{n} unexpected bytes before close"));
+                continue;
+            }
+            Err(e) => {
+                r.error(e);
+                continue;
+            }
+        }
+        drop(s);
+        let done = Instant::now();
+        r.ops_total += 1;
+        p.live.ops.fetch_add(1, Ordering::Relaxed);
+        if start >= p.t_warm && start < p.t_end {
+            r.ops_window += 1;
+            r.hist.saturating_record((done - start).as_nanos() as u64);
+        }
+    }
+    r
+}

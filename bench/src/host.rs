@@ -1,0 +1,367 @@
+//! What the harness reads from the host: `/proc` counters (CPU busy, per-process CPU time,
+//! TCP retransmits) and the facts recorded in every report. No `unsafe`: clock ticks come
+//! from `getconf CLK_TCK` (100 when that fails), the kernel from `/proc/sys/kernel`.
+
+use std::collections::HashMap;
+use std::io::Read;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::Serialize;
+
+/// Clock ticks per second for `/proc/*/stat` times.
+pub fn clk_tck() -> u64 {
+    std::process::Command::new("getconf")
+        .arg("CLK_TCK")
+        .stderr(std::process::Stdio::null())
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|s| s.trim().parse::<u64>().ok())
+        .filter(|&t| t > 0)
+        .unwrap_or(100)
+}
+
+/// The aggregate `cpu` line of `/proc/stat`, in ticks.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CpuTimes {
+    pub user: u64,
+    pub nice: u64,
+    pub system: u64,
+    pub idle: u64,
+    pub iowait: u64,
+    pub irq: u64,
+    pub softirq: u64,
+    pub steal: u64,
+}
+
+impl CpuTimes {
+    pub fn read() -> Option<CpuTimes> {
+        let text = std::fs::read_to_string("/proc/stat").ok()?;
+        let line = text.lines().find(|l| l.starts_with("cpu "))?;
+        let v: Vec<u64> = line
+            .split_whitespace()
+            .skip(1)
+            .map(|x| x.parse().unwrap_or(0))
+            .collect();
+        let g = |i: usize| v.get(i).copied().unwrap_or(0);
+        Some(CpuTimes {
+            user: g(0),
+            nice: g(1),
+            system: g(2),
+            idle: g(3),
+            iowait: g(4),
+            irq: g(5),
+            softirq: g(6),
+            steal: g(7),
+        })
+    }
+    /// Ticks spent running something (guest time is already inside user).
+    pub fn busy(&self) -> u64 {
+        self.user + self.nice + self.system + self.irq + self.softirq
+    }
+    pub fn total(&self) -> u64 {
+        self.busy() + self.idle + self.iowait + self.steal
+    }
+}
+
+/// utime+stime (ticks) of a process (all its threads) from `/proc/<pid>/stat`.
+pub fn proc_cpu_ticks(pid: u32) -> Option<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    parse_stat(&text).map(|s| s.utime + s.stime)
+}
+
+/// utime+stime (ticks) of this process.
+pub fn self_cpu_ticks() -> u64 {
+    proc_cpu_ticks(std::process::id()).unwrap_or(0)
+}
+
+struct StatLine {
+    comm: String,
+    flags: u64,
+    utime: u64,
+    stime: u64,
+}
+
+fn parse_stat(text: &str) -> Option<StatLine> {
+    let open = text.find('(')?;
+    let close = text.rfind(')')?;
+    let comm = text[open + 1..close].to_string();
+    // Fields after the comm start at field 3 (state).
+    let rest: Vec<&str> = text[close + 1..].split_whitespace().collect();
+    let f = |n: usize| -> u64 { rest.get(n - 3).and_then(|x| x.parse().ok()).unwrap_or(0) };
+    Some(StatLine {
+        comm,
+        flags: f(9),
+        utime: f(14),
+        stime: f(15),
+    })
+}
+
+/// CPU ticks of this process's threads whose name starts with `prefix`.
+pub fn thread_cpu_ticks(prefix: &str) -> u64 {
+    let Ok(dir) = std::fs::read_dir("/proc/self/task") else {
+        return 0;
+    };
+    dir.flatten()
+        .filter_map(|e| std::fs::read_to_string(e.path().join("stat")).ok())
+        .filter_map(|t| parse_stat(&t))
+        .filter(|s| s.comm.starts_with(prefix))
+        .map(|s| s.utime + s.stime)
+        .sum()
+}
+
+/// utime+stime of every user-space process except `exclude`, by pid.
+pub fn other_process_ticks(exclude: &[u32]) -> HashMap<u32, u64> {
+    const PF_KTHREAD: u64 = 0x0020_0000;
+    let mut out = HashMap::new();
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return out;
+    };
+    for e in dir.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        if exclude.contains(&pid) {
+            continue;
+        }
+        let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        if let Some(s) = parse_stat(&text) {
+            if s.flags & PF_KTHREAD == 0 {
+                out.insert(pid, s.utime + s.stime);
+            }
+        }
+    }
+    out
+}
+
+/// Ticks other processes used between two [`other_process_ticks`] snapshots, and the
+/// busiest of them (`comm`, ticks). A process that appeared in between counts fully.
+pub fn other_process_delta(
+    before: &HashMap<u32, u64>,
+    after: &HashMap<u32, u64>,
+) -> (u64, Option<(u32, u64)>) {
+    let mut sum = 0;
+    let mut top: Option<(u32, u64)> = None;
+    for (pid, &t) in after {
+        let d = t.saturating_sub(before.get(pid).copied().unwrap_or(0));
+        sum += d;
+        if d > 0 && top.is_none_or(|(_, td)| d > td) {
+            top = Some((*pid, d));
+        }
+    }
+    (sum, top)
+}
+
+/// Name of a process (for notes), if it still exists.
+pub fn proc_comm(pid: u32) -> Option<String> {
+    std::fs::read_to_string(format!("/proc/{pid}/comm"))
+        .ok()
+        .map(|s| s.trim().to_string())
+}
+
+/// `Tcp: RetransSegs` from `/proc/net/snmp` (this network namespace).
+pub fn tcp_retrans_segs() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/net/snmp").ok()?;
+    let mut tcp = text.lines().filter(|l| l.starts_with("Tcp:"));
+    let names: Vec<&str> = tcp.next()?.split_whitespace().collect();
+    let values: Vec<&str> = tcp.next()?.split_whitespace().collect();
+    let i = names.iter().position(|n| *n == "RetransSegs")?;
+    values.get(i)?.parse().ok()
+}
+
+/// How busy the machine is outside this process, sampled over `window`: percent of one CPU
+/// (0–100 × cores) from `/proc/stat` busy ticks minus this process's own ticks.
+#[derive(Debug, Clone, Serialize)]
+pub struct Busy {
+    /// Busy CPU outside this process, % of one CPU.
+    pub outside_pct: f64,
+    /// Steal over the window, % of one CPU.
+    pub steal_pct: f64,
+    /// The user process that used the most CPU in the window: `comm (pid, %)`.
+    pub top: Option<String>,
+}
+
+pub fn sample_busy(window: Duration, cores: usize, clk_tck: u64) -> Option<Busy> {
+    let me = std::process::id();
+    let a = CpuTimes::read()?;
+    let sa = self_cpu_ticks();
+    let oa = other_process_ticks(&[me]);
+    std::thread::sleep(window);
+    let b = CpuTimes::read()?;
+    let sb = self_cpu_ticks();
+    let ob = other_process_ticks(&[me]);
+    let total = b.total().saturating_sub(a.total()).max(1) as f64;
+    let busy = b.busy().saturating_sub(a.busy()) as f64;
+    let ours = sb.saturating_sub(sa) as f64;
+    let n = cores.max(1) as f64;
+    let (_, top) = other_process_delta(&oa, &ob);
+    let secs = window.as_secs_f64().max(1e-3);
+    Some(Busy {
+        outside_pct: ((busy - ours).max(0.0) / total * 100.0 * n).max(0.0),
+        steal_pct: b.steal.saturating_sub(a.steal) as f64 / total * 100.0 * n,
+        top: top.map(|(pid, t)| {
+            format!(
+                "{} (pid {pid}, {:.0}%)",
+                proc_comm(pid).unwrap_or_else(|| "?".into()),
+                t as f64 / clk_tck.max(1) as f64 / secs * 100.0
+            )
+        }),
+    })
+}
+
+/// Host facts recorded in every report.
+#[derive(Debug, Clone, Serialize)]
+pub struct HostFacts {
+    /// CPUs this process may run on.
+    pub cores: usize,
+    /// `/sys/devices/system/cpu/online`.
+    pub cpus_online: Option<String>,
+    pub cpu_model: Option<String>,
+    /// `uname -srvm` equivalent from `/proc/sys/kernel`.
+    pub kernel: String,
+    pub clk_tck: u64,
+    pub loopback_mtu: Option<u64>,
+    pub ulimit_nofile: Option<String>,
+    pub ulimit_memlock: Option<String>,
+    pub idle: IdleMode,
+}
+
+/// How idle CPUs wait, which moves loopback latency by ~3× (see BENCHMARKING.md).
+#[derive(Debug, Clone, Serialize)]
+pub struct IdleMode {
+    /// `/sys/devices/system/cpu/cpuidle/current_driver` (`none`: the default halt loop).
+    pub cpuidle_driver: Option<String>,
+    pub cpuidle_governor: Option<String>,
+    /// The PM QoS CPU latency limit read from `/dev/cpu_dma_latency` (µs), when readable.
+    /// 0 means someone holds it at 0: idle CPUs poll instead of halting.
+    pub cpu_dma_latency_us: Option<i64>,
+    /// `polling` (held at 0), `halting` (not held), or `unknown`.
+    pub mode: String,
+}
+
+impl HostFacts {
+    pub fn collect(cores: usize) -> HostFacts {
+        let read = |p: &str| {
+            std::fs::read_to_string(p)
+                .ok()
+                .map(|s| s.trim().to_string())
+                .filter(|s| !s.is_empty())
+        };
+        let kernel = format!(
+            "{} {} {} {}",
+            read("/proc/sys/kernel/ostype").unwrap_or_else(|| "Linux".into()),
+            read("/proc/sys/kernel/osrelease").unwrap_or_default(),
+            read("/proc/sys/kernel/version").unwrap_or_default(),
+            std::env::consts::ARCH
+        );
+        let cpu_model = std::fs::read_to_string("/proc/cpuinfo").ok().and_then(|t| {
+            t.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, v)| v.trim().to_string())
+        });
+        let limits = std::fs::read_to_string("/proc/self/limits").unwrap_or_default();
+        let limit = |name: &str| {
+            limits.lines().find(|l| l.starts_with(name)).map(|l| {
+                let v: Vec<&str> = l[name.len()..].split_whitespace().collect();
+                format!(
+                    "soft {} hard {}",
+                    v.first().unwrap_or(&"?"),
+                    v.get(1).unwrap_or(&"?")
+                )
+            })
+        };
+        let dma = read_cpu_dma_latency();
+        let mode = match dma {
+            Some(0) => "polling",
+            Some(_) => "halting",
+            None => "unknown",
+        };
+        HostFacts {
+            cores,
+            cpus_online: read("/sys/devices/system/cpu/online"),
+            cpu_model,
+            kernel,
+            clk_tck: clk_tck(),
+            loopback_mtu: read("/sys/class/net/lo/mtu").and_then(|s| s.parse().ok()),
+            ulimit_nofile: limit("Max open files"),
+            ulimit_memlock: limit("Max locked memory"),
+            idle: IdleMode {
+                cpuidle_driver: read("/sys/devices/system/cpu/cpuidle/current_driver"),
+                cpuidle_governor: read("/sys/devices/system/cpu/cpuidle/current_governor")
+                    .or_else(|| read("/sys/devices/system/cpu/cpuidle/current_governor_ro")),
+                cpu_dma_latency_us: dma,
+                mode: mode.to_string(),
+            },
+        }
+    }
+}
+
+/// Reading the device only queries the aggregate limit (our open adds a request at the
+/// default value, which constrains nothing, and closing removes it).
+fn read_cpu_dma_latency() -> Option<i64> {
+    let mut f = std::fs::File::open("/dev/cpu_dma_latency").ok()?;
+    let mut b = [0u8; 4];
+    f.read_exact(&mut b).ok()?;
+    Some(i32::from_ne_bytes(b) as i64)
+}
+
+/// `2025-01-31T12:34:56Z` and the folder-friendly `20250131T123456Z`.
+pub fn utc_now() -> (String, String) {
+    let secs = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    utc_format(secs)
+}
+
+pub fn utc_format(secs: u64) -> (String, String) {
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    let (h, m, s) = (rem / 3600, (rem % 3600) / 60, rem % 60);
+    // Civil-from-days (Howard Hinnant).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let mo = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + if mo <= 2 { 1 } else { 0 };
+    (
+        format!("{y:04}-{mo:02}-{d:02}T{h:02}:{m:02}:{s:02}Z"),
+        format!("{y:04}{mo:02}{d:02}T{h:02}{m:02}{s:02}Z"),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn utc_dates() {
+        assert_eq!(utc_format(0).0, "1970-01-01T00:00:00Z");
+        assert_eq!(utc_format(951_782_400).0, "2000-02-29T00:00:00Z");
+        assert_eq!(utc_format(1_735_689_599).1, "20241231T235959Z");
+    }
+
+    #[test]
+    fn stat_parsing_handles_spaces_in_comm() {
+        let line = "42 (a b) c) S 1 2 3 4 5 4194560 7 8 9 10 111 222 0 0 20 0 1 0 5 6 7";
+        let s = parse_stat(line).unwrap();
+        assert_eq!(s.comm, "a b) c");
+        assert_eq!(s.utime, 111);
+        assert_eq!(s.stime, 222);
+        assert_eq!(s.flags, 4_194_560);
+    }
+
+    #[test]
+    fn proc_readers_work_here() {
+        assert!(CpuTimes::read().is_some());
+        assert!(tcp_retrans_segs().is_some());
+        assert!(proc_cpu_ticks(std::process::id()).is_some());
+    }
+}

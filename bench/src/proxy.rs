@@ -1,0 +1,334 @@
+//! The proxy under test as a child process: this binary re-executed with `__l4fwd`, which
+//! runs `runtime::forwarder::main_with_args`.
+//!
+//! The child gets its own process group (a terminal's Ctrl-C reaches only the harness, which
+//! then stops it) and a piped stdin it watches: when the harness dies without cleaning up,
+//! stdin reaches end of file and the orphaned forwarder exits. Every wait is bounded.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::SocketAddr;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+
+/// First argument that turns this binary into the forwarder.
+pub const FORWARDER_ARG: &str = "__l4fwd";
+
+/// Entry point of the child: watch stdin for the harness's death, then run the forwarder.
+pub fn forwarder_main(rest: Vec<String>) -> std::process::ExitCode {
+    let _ = std::thread::Builder::new()
+        .name("parent-watch".into())
+        .spawn(|| {
+            let mut sink = [0u8; 64];
+            let mut stdin = std::io::stdin();
+            loop {
+                match stdin.read(&mut sink) {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {}
+                }
+            }
+            // The harness is gone. Our stderr probably went with it: never panic on the
+            // write (eprintln! would, on EPIPE, and this thread would die instead of exiting).
+            let _ = writeln!(std::io::stderr(), "l4fwd: harness went away; exiting");
+            std::process::exit(3);
+        });
+    let args = std::iter::once("l4fwd".to_string()).chain(rest);
+    runtime::forwarder::main_with_args(args)
+}
+
+/// How to start the forwarder.
+#[derive(Debug, Clone)]
+pub struct ProxySpec {
+    pub mode: &'static str,
+    pub upstream: SocketAddr,
+    /// CPUs for its workers (one worker per CPU); empty = unpinned, `workers` workers.
+    pub cores: Vec<usize>,
+    pub workers: usize,
+    pub io_driver: String,
+}
+
+impl ProxySpec {
+    pub fn yaml(&self) -> String {
+        let placement = if self.cores.is_empty() {
+            format!("  workers: {}\n  pin: false\n", self.workers)
+        } else {
+            format!(
+                "  workers: {}\n  cores: [{}]\n  pin: true\n",
+                self.cores.len(),
+                self.cores
+                    .iter()
+                    .map(|c| c.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        };
+        format!(
+            "# written by bench\nruntime:\n{placement}  io_driver: {}\n  drain_timeout: 1s\n  forward:\n    mode: {}\nlisteners:\n  - name: bench\n    listen: 127.0.0.1:0\n    upstream: {}\n",
+            self.io_driver, self.mode, self.upstream
+        )
+    }
+}
+
+/// A running forwarder. Dropping it stops it (SIGTERM, bounded wait, then SIGKILL).
+pub struct Proxy {
+    child: Option<Child>,
+    stdin: Option<ChildStdin>,
+    pub pid: u32,
+    pub listen: SocketAddr,
+    /// `driver=` of the READY line (`io_uring` or `epoll`).
+    pub driver: String,
+    pub workers: usize,
+    /// The child's stderr lines (also echoed to ours), for error messages.
+    stderr_rx: mpsc::Receiver<String>,
+    stderr_tail: Vec<String>,
+}
+
+const READY_TIMEOUT: Duration = Duration::from_secs(10);
+const TERM_TIMEOUT: Duration = Duration::from_secs(4);
+
+impl Proxy {
+    /// Write the config into `dir`, start the child, wait (bounded) for its READY line.
+    pub fn start(spec: &ProxySpec, dir: &Path, tag: &str) -> Result<Proxy> {
+        let cfg_path: PathBuf = dir.join(format!("l4fwd-{tag}.yaml"));
+        std::fs::write(&cfg_path, spec.yaml())
+            .with_context(|| format!("writing {}", cfg_path.display()))?;
+        let exe = std::env::current_exe().context("locating the bench binary")?;
+        let mut cmd = Command::new(exe);
+        cmd.arg(FORWARDER_ARG)
+            .arg("--config")
+            .arg(&cfg_path)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .process_group(0);
+        if std::env::var_os("RUST_LOG").is_none() {
+            cmd.env("RUST_LOG", "warn");
+        }
+        let mut child = cmd.spawn().context("spawning the forwarder")?;
+        let pid = child.id();
+        let stdout = child.stdout.take().expect("piped stdout");
+        let stderr = child.stderr.take().expect("piped stderr");
+        let stdin = child.stdin.take();
+        let (etx, stderr_rx) = mpsc::channel::<String>();
+        let _ = std::thread::Builder::new()
+            .name("l4fwd-stderr".into())
+            .spawn(move || {
+                for line in BufReader::new(stderr).lines().map_while(|l| l.ok()) {
+                    let _ = writeln!(std::io::stderr(), "  [l4fwd {pid}] {line}");
+                    let _ = etx.send(line);
+                }
+            });
+        let (tx, rx) = mpsc::channel::<String>();
+        let _ = std::thread::Builder::new()
+            .name("l4fwd-stdout".into())
+            .spawn(move || {
+                for line in BufReader::new(stdout).lines().map_while(|l| l.ok()) {
+                    let _ = tx.send(line);
+                }
+            });
+        let mut proxy = Proxy {
+            child: Some(child),
+            stdin,
+            pid,
+            listen: "0.0.0.0:0".parse().expect("literal"),
+            driver: String::new(),
+            workers: 0,
+            stderr_rx,
+            stderr_tail: Vec::new(),
+        };
+        let deadline = Instant::now() + READY_TIMEOUT;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(line) => {
+                    if let Some(rest) = line.strip_prefix("READY ") {
+                        proxy.parse_ready(rest)?;
+                        return Ok(proxy);
+                    }
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    let tail = proxy.tail();
+                    proxy.stop();
+                    bail!(
+                        "forwarder did not print READY within {}s{tail}",
+                        READY_TIMEOUT.as_secs()
+                    );
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    // stdout closed: it exited. Give stderr a moment to be read.
+                    let status = proxy.wait_exit(Duration::from_secs(2));
+                    std::thread::sleep(Duration::from_millis(50));
+                    let tail = proxy.tail();
+                    proxy.stop();
+                    bail!("forwarder exited before READY ({status}){tail}");
+                }
+            }
+        }
+    }
+
+    fn parse_ready(&mut self, rest: &str) -> Result<()> {
+        for kv in rest.split_whitespace() {
+            match kv.split_once('=') {
+                Some(("driver", v)) => self.driver = v.to_string(),
+                Some(("workers", v)) => self.workers = v.parse().unwrap_or(0),
+                Some(("listen", v)) => {
+                    let first = v.split(',').next().unwrap_or(v);
+                    self.listen = first
+                        .parse()
+                        .map_err(|e| anyhow!("READY line: bad listen address {first:?}: {e}"))?;
+                }
+                _ => {}
+            }
+        }
+        if self.listen.port() == 0 {
+            bail!("READY line without a listen address: {rest:?}");
+        }
+        Ok(())
+    }
+
+    fn tail(&mut self) -> String {
+        self.stderr_tail.extend(self.stderr_rx.try_iter());
+        let t = &self.stderr_tail[self.stderr_tail.len().saturating_sub(20)..];
+        if t.is_empty() {
+            String::new()
+        } else {
+            format!("; its stderr:\n{}", t.join("\n"))
+        }
+    }
+
+    /// Still running? (`Some(status)` once it exited.)
+    pub fn exited(&mut self) -> Option<String> {
+        let child = self.child.as_mut()?;
+        match child.try_wait() {
+            Ok(Some(st)) => Some(st.to_string()),
+            _ => None,
+        }
+    }
+
+    fn wait_exit(&mut self, bound: Duration) -> String {
+        let Some(child) = self.child.as_mut() else {
+            return "already reaped".into();
+        };
+        let deadline = Instant::now() + bound;
+        loop {
+            match child.try_wait() {
+                Ok(Some(st)) => return st.to_string(),
+                Ok(None) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(5))
+                }
+                Ok(None) => return "still running".into(),
+                Err(e) => return format!("wait failed: {e}"),
+            }
+        }
+    }
+
+    /// SIGTERM (via `kill -TERM`), wait up to 4 s for the drain, then SIGKILL. Returns how it
+    /// ended: `exit status: 0`, or a note when it had to be killed.
+    pub fn stop(&mut self) -> StopOutcome {
+        let Some(mut child) = self.child.take() else {
+            return StopOutcome::default();
+        };
+        if let Ok(Some(st)) = child.try_wait() {
+            self.stdin.take();
+            return StopOutcome {
+                status: st.to_string(),
+                clean: false,
+                note: Some(format!("forwarder had already exited ({st})")),
+            };
+        }
+        let term = Command::new("kill")
+            .args(["-TERM", &self.pid.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+        let deadline = Instant::now() + TERM_TIMEOUT;
+        let mut out = StopOutcome::default();
+        if term.map(|s| s.success()).unwrap_or(false) {
+            loop {
+                match child.try_wait() {
+                    Ok(Some(st)) => {
+                        out.status = st.to_string();
+                        out.clean = st.success();
+                        if !st.success() {
+                            out.note = Some(format!("forwarder exited with {st} after SIGTERM"));
+                        }
+                        self.stdin.take();
+                        return out;
+                    }
+                    Ok(None) if Instant::now() < deadline => {
+                        std::thread::sleep(Duration::from_millis(5))
+                    }
+                    _ => break,
+                }
+            }
+        }
+        let _ = child.kill();
+        self.stdin.take();
+        // SIGKILL cannot be ignored; reaping is immediate in practice, but stay bounded.
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = child.try_wait() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        out.status = "killed".into();
+        out.clean = false;
+        out.note = Some(format!(
+            "forwarder did not exit within {}s of SIGTERM; killed",
+            TERM_TIMEOUT.as_secs()
+        ));
+        out
+    }
+}
+
+/// How a stop went.
+#[derive(Debug, Clone, Default)]
+pub struct StopOutcome {
+    pub status: String,
+    /// Exited 0 after SIGTERM.
+    pub clean: bool,
+    pub note: Option<String>,
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        if self.child.is_some() {
+            self.stop();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn yaml_parses_as_forwarder_config() {
+        let spec = ProxySpec {
+            mode: "splice",
+            upstream: "127.0.0.1:9".parse().unwrap(),
+            cores: vec![0],
+            workers: 1,
+            io_driver: "auto".into(),
+        };
+        let text = spec.yaml();
+        let cfg =
+            runtime::forwarder::ForwarderConfig::from_str(Path::new("t.yaml"), &text).unwrap();
+        assert_eq!(cfg.runtime.workers, Some(1));
+        assert_eq!(cfg.runtime.cores, Some(vec![0]));
+        assert_eq!(cfg.listeners[0].listen.port(), 0);
+        let unpinned = ProxySpec {
+            cores: vec![],
+            ..spec
+        };
+        let cfg =
+            runtime::forwarder::ForwarderConfig::from_str(Path::new("t.yaml"), &unpinned.yaml())
+                .unwrap();
+        assert!(!cfg.runtime.pin);
+    }
+}

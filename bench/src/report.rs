@@ -1,0 +1,607 @@
+//! The report: `report.json` (schema below) and `summary.md`, written to
+//! `bench/results/<UTC timestamp>/` or the folder given by `--out`.
+//!
+//! # `report.json`, schema `mesh-bench/report/v1`
+//!
+//! One object. Numbers are JSON numbers; a figure that does not apply is `null`.
+//! `Agg` below is `{"median": f64, "min": f64, "max": f64}` over the repetitions used.
+//!
+//! ```text
+//! {
+//!   "schema": "mesh-bench/report/v1",
+//!   "ok": bool,                    // false: bytes lost, an exchange failed, a proxy failed
+//!   "interrupted": bool,           // Ctrl-C: partial report
+//!   "started_utc", "finished_utc": "2025-01-31T12:34:56Z", "wall_s": f64,
+//!   "command_line": [string],
+//!   "suite": "default" | "quick" | "custom",
+//!   "settings": { "scenarios": [string], "paths": [string], "duration_s", "warmup_s",
+//!                 "reps", "size", "write_size", "throughput_streams": [int],
+//!                 "rr_streams": [int], "churn_concurrency", "pin": bool,
+//!                 "io_driver_requested", "quiet_threshold_pct", "quiet_sample_s",
+//!                 "max_retries" },
+//!   "host": { "cores", "cpus_online", "cpu_model", "kernel", "clk_tck", "loopback_mtu",
+//!             "ulimit_nofile", "ulimit_memlock",
+//!             "idle": { "cpuidle_driver", "cpuidle_governor", "cpu_dma_latency_us",
+//!                       "mode": "halting" | "polling" | "unknown" },
+//!             "profile": "default",              // the runtime tuning profile in use
+//!             "build": "release" | "debug",      // how this binary was compiled
+//!             "io_driver": { "proxy": "io_uring"|"epoll"|null (from READY),
+//!                            "generator": .., "backend": .. },
+//!             "pinning": { "enabled", "generator_cores", "backend_cores", "proxy_cores",
+//!                          "proxy_workers", "note" },
+//!             "client": string },                // what the load generator is
+//!   "results": [ Result ],          // one per scenario × path, in run order
+//!   "runs": [ Run ],                // every run in execution order, incl. superseded ones
+//!   "flags": [string],              // drift, noisy runs, forwarder trouble, failures
+//!   "failures": [string]            // why "ok" is false
+//! }
+//!
+//! Result = {
+//!   "scenario": "tcp-throughput" | "tcp-rr" | "conn-churn",
+//!   "variant": "streams=8" | "size=100B" | "size=100B conc=8" ...,
+//!   "id": "<scenario>/<variant>",
+//!   "path": "direct" | "l4-copy" | "l4-splice",
+//!   "params": { "streams", "size", "write_size", "concurrency" },   // those that apply
+//!   "metric": "gbit_per_s" | "round_trips_per_s" | "connections_per_s",
+//!   "unit": "Gbit/s" | "1/s",
+//!   "figure": Agg + { "spread_pct": (max-min)/median*100, "runs": [f64] },
+//!   "direct_median": f64|null,      // the same scenario's direct figure
+//!   "ratio_to_direct": f64|null,    // figure.median / direct_median
+//!   "latency_us": null | { "p50": Agg, "p90": Agg, "p99": Agg, "p999": Agg, "max": Agg,
+//!                          "mean": Agg },
+//!                  // tcp-rr: round trip; conn-churn: connect+exchange+close; per-run
+//!                  // percentiles from HdrHistogram (ns precision), then Agg over runs
+//!   "added_latency_us": null | { "p50", "p90", "p99", "p999", "max" },
+//!                  // median(path) - median(direct) per percentile; null for direct
+//!   "proxy_cpu": null | { "cpu_pct": Agg (of one CPU), "cpu_s_per_gb": Agg|null,
+//!                         "cpu_us_per_round_trip": Agg|null,
+//!                         "cpu_us_per_connection": Agg|null },       // null for direct
+//!   "client_cpu": { "generator_pct": Agg, "backend_pct": Agg },      // % of one CPU
+//!   "tcp_retransmits": Agg + { "total": u64 },   // /proc/net/snmp RetransSegs per run
+//!   "bytes": { "sent": u64, "received": u64, "lost": u64 },  // summed over used runs
+//!   "errors": u64,
+//!   "runs_used": int, "runs_superseded": int,
+//!   "quiet": { "all_quiet": bool, "max_pre_busy_pct": f64, "max_other_procs_pct": f64 },
+//!   "direct_drift_pct": f64|null,   // |last direct - first direct| / first, per scenario
+//!   "drift_flag": bool,             // drift > 10 %
+//!   "io_driver": string|null,       // the proxy's, from its READY line
+//!   "ok": bool
+//! }
+//!
+//! Run = {
+//!   "seq", "scenario", "variant", "id", "path", "rep", "attempt",
+//!   "superseded": bool,             // re-run because of outside load; not aggregated
+//!   "window_s": f64,                // measured window (after warm-up)
+//!   "figure": f64, "gbit_per_s", "round_trips_per_s", "connections_per_s": f64|null,
+//!   "window_bytes": u64,            // throughput: bytes the sink received in the window
+//!   "ops_window": u64,              // round trips / connections started in the window
+//!   "latency_us": null | { "p50", "p90", "p99", "p999", "max", "mean", "count" },
+//!   "bytes_sent", "bytes_received": u64, "errors": u64, "backend_errors": u64,
+//!   "error_samples": [string],
+//!   "proxy_pid": u32|null, "proxy_driver": string|null, "proxy_cpu_s": f64|null,
+//!   "proxy_cpu_pct", "proxy_cpu_s_per_gb", "proxy_cpu_us_per_op": f64|null,
+//!   "proxy_exit": string|null,
+//!   "generator_cpu_pct", "backend_cpu_pct": f64,
+//!   "tcp_retransmits": u64|null,
+//!   "pre_busy_pct": f64|null,       // /proc/stat busy outside this process before the run
+//!   "pre_steal_pct": f64|null,
+//!   "quiet": bool,                  // pre_busy_pct <= threshold
+//!   "other_procs_cpu_pct": f64,     // other user processes' CPU during the window
+//!   "other_procs_top": string|null, // the busiest of them
+//!   "disturbed": bool,              // other_procs_cpu_pct > threshold
+//!   "notes": [string], "failed": string|null
+//! }
+//! ```
+
+use std::fmt::Write as _;
+
+use serde::Serialize;
+use serde_json::{json, Value};
+
+/// Median, min and max.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Agg {
+    pub median: f64,
+    pub min: f64,
+    pub max: f64,
+}
+
+impl Agg {
+    pub fn of(values: &[f64]) -> Option<Agg> {
+        let mut v: Vec<f64> = values.iter().copied().filter(|x| x.is_finite()).collect();
+        if v.is_empty() {
+            return None;
+        }
+        v.sort_by(|a, b| a.total_cmp(b));
+        let n = v.len();
+        let median = if n % 2 == 1 {
+            v[n / 2]
+        } else {
+            (v[n / 2 - 1] + v[n / 2]) / 2.0
+        };
+        Some(Agg {
+            median,
+            min: v[0],
+            max: v[n - 1],
+        })
+    }
+    pub fn spread_pct(&self) -> f64 {
+        if self.median.abs() > 0.0 {
+            (self.max - self.min) / self.median * 100.0
+        } else {
+            0.0
+        }
+    }
+    pub fn json(&self) -> Value {
+        json!({"median": r(self.median), "min": r(self.min), "max": r(self.max)})
+    }
+}
+
+/// Round for JSON readability (4 significant decimals is plenty for these figures).
+pub fn r(x: f64) -> f64 {
+    if !x.is_finite() {
+        return x;
+    }
+    let mag = if x.abs() >= 1000.0 {
+        1.0
+    } else if x.abs() >= 1.0 {
+        1000.0
+    } else {
+        1_000_000.0
+    };
+    (x * mag).round() / mag
+}
+
+/// Latency percentiles of one run, µs.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Latency {
+    pub p50: f64,
+    pub p90: f64,
+    pub p99: f64,
+    pub p999: f64,
+    pub max: f64,
+    pub mean: f64,
+    pub count: u64,
+}
+
+impl Latency {
+    pub fn from_hist(h: &hdrhistogram::Histogram<u64>) -> Option<Latency> {
+        if h.is_empty() {
+            return None;
+        }
+        let us = |ns: u64| r(ns as f64 / 1000.0);
+        Some(Latency {
+            p50: us(h.value_at_quantile(0.50)),
+            p90: us(h.value_at_quantile(0.90)),
+            p99: us(h.value_at_quantile(0.99)),
+            p999: us(h.value_at_quantile(0.999)),
+            max: us(h.max()),
+            mean: r(h.mean() / 1000.0),
+            count: h.len(),
+        })
+    }
+    pub fn field(&self, name: &str) -> f64 {
+        match name {
+            "p50" => self.p50,
+            "p90" => self.p90,
+            "p99" => self.p99,
+            "p999" => self.p999,
+            "max" => self.max,
+            _ => self.mean,
+        }
+    }
+}
+
+/// Everything measured in one run.
+#[derive(Debug, Clone, Serialize)]
+pub struct Run {
+    pub seq: usize,
+    pub scenario: String,
+    pub variant: String,
+    pub id: String,
+    pub path: String,
+    pub rep: usize,
+    pub attempt: usize,
+    pub superseded: bool,
+    pub window_s: f64,
+    pub figure: f64,
+    pub gbit_per_s: Option<f64>,
+    pub round_trips_per_s: Option<f64>,
+    pub connections_per_s: Option<f64>,
+    pub window_bytes: u64,
+    pub ops_window: u64,
+    pub latency_us: Option<Latency>,
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
+    pub errors: u64,
+    pub backend_errors: u64,
+    pub error_samples: Vec<String>,
+    pub proxy_pid: Option<u32>,
+    pub proxy_driver: Option<String>,
+    pub proxy_cpu_s: Option<f64>,
+    pub proxy_cpu_pct: Option<f64>,
+    pub proxy_cpu_s_per_gb: Option<f64>,
+    pub proxy_cpu_us_per_op: Option<f64>,
+    pub proxy_exit: Option<String>,
+    pub generator_cpu_pct: f64,
+    pub backend_cpu_pct: f64,
+    pub tcp_retransmits: Option<u64>,
+    pub pre_busy_pct: Option<f64>,
+    pub pre_steal_pct: Option<f64>,
+    pub quiet: bool,
+    pub other_procs_cpu_pct: f64,
+    pub other_procs_top: Option<String>,
+    pub disturbed: bool,
+    pub notes: Vec<String>,
+    pub failed: Option<String>,
+}
+
+impl Run {
+    /// Lost bytes or failed exchanges: the suite must exit non-zero.
+    pub fn is_failure(&self) -> bool {
+        self.failed.is_some()
+            || self.errors > 0
+            || self.backend_errors > 0
+            || self.bytes_sent != self.bytes_received
+    }
+}
+
+/// A scenario × path line of the report, built from its runs.
+#[derive(Debug, Clone)]
+pub struct Entry {
+    pub scenario: String,
+    pub variant: String,
+    pub id: String,
+    pub path: String,
+    pub params: Value,
+    pub metric: &'static str,
+    pub unit: &'static str,
+    pub figure: Option<Agg>,
+    pub runs_fig: Vec<f64>,
+    pub direct_median: Option<f64>,
+    pub ratio: Option<f64>,
+    pub latency: Option<[(&'static str, Agg); 6]>,
+    pub added: Option<Vec<(&'static str, f64)>>,
+    pub proxy_cpu_pct: Option<Agg>,
+    pub proxy_cpu_per_gb: Option<Agg>,
+    pub proxy_cpu_per_op: Option<Agg>,
+    pub gen_cpu: Option<Agg>,
+    pub be_cpu: Option<Agg>,
+    pub retrans: Option<Agg>,
+    pub retrans_total: u64,
+    pub sent: u64,
+    pub received: u64,
+    pub errors: u64,
+    pub used: usize,
+    pub superseded: usize,
+    pub all_quiet: bool,
+    pub max_pre_busy: f64,
+    pub max_other: f64,
+    pub drift_pct: Option<f64>,
+    pub drift_flag: bool,
+    pub io_driver: Option<String>,
+    pub ok: bool,
+}
+
+const PCTS: [&str; 6] = ["p50", "p90", "p99", "p999", "max", "mean"];
+
+impl Entry {
+    /// Build from the runs of one scenario × path (superseded runs are counted, not used).
+    pub fn build(runs: &[&Run], params: Value, metric: &'static str, unit: &'static str) -> Entry {
+        let first = runs[0];
+        let used: Vec<&Run> = runs
+            .iter()
+            .copied()
+            .filter(|r| !r.superseded && r.failed.is_none())
+            .collect();
+        let vals = |f: &dyn Fn(&Run) -> Option<f64>| -> Option<Agg> {
+            Agg::of(&used.iter().filter_map(|r| f(r)).collect::<Vec<_>>())
+        };
+        let runs_fig: Vec<f64> = used.iter().map(|r| r.figure).collect();
+        let latency = if used.iter().any(|r| r.latency_us.is_some()) {
+            let mut out = [(
+                "",
+                Agg {
+                    median: 0.0,
+                    min: 0.0,
+                    max: 0.0,
+                },
+            ); 6];
+            let mut complete = true;
+            for (i, name) in PCTS.iter().enumerate() {
+                match vals(&|r: &Run| r.latency_us.map(|l| l.field(name))) {
+                    Some(a) => out[i] = (name, a),
+                    None => complete = false,
+                }
+            }
+            complete.then_some(out)
+        } else {
+            None
+        };
+        let all: Vec<&Run> = runs.iter().copied().filter(|r| !r.superseded).collect();
+        Entry {
+            scenario: first.scenario.clone(),
+            variant: first.variant.clone(),
+            id: first.id.clone(),
+            path: first.path.clone(),
+            params,
+            metric,
+            unit,
+            figure: Agg::of(&runs_fig),
+            runs_fig,
+            direct_median: None,
+            ratio: None,
+            latency,
+            added: None,
+            proxy_cpu_pct: vals(&|r: &Run| r.proxy_cpu_pct),
+            proxy_cpu_per_gb: vals(&|r: &Run| r.proxy_cpu_s_per_gb),
+            proxy_cpu_per_op: vals(&|r: &Run| r.proxy_cpu_us_per_op),
+            gen_cpu: vals(&|r: &Run| Some(r.generator_cpu_pct)),
+            be_cpu: vals(&|r: &Run| Some(r.backend_cpu_pct)),
+            retrans: vals(&|r: &Run| r.tcp_retransmits.map(|x| x as f64)),
+            retrans_total: used.iter().filter_map(|r| r.tcp_retransmits).sum(),
+            sent: all.iter().map(|r| r.bytes_sent).sum(),
+            received: all.iter().map(|r| r.bytes_received).sum(),
+            errors: all.iter().map(|r| r.errors + r.backend_errors).sum(),
+            used: used.len(),
+            superseded: runs.iter().filter(|r| r.superseded).count(),
+            all_quiet: all.iter().all(|r| r.quiet && !r.disturbed),
+            max_pre_busy: all
+                .iter()
+                .filter_map(|r| r.pre_busy_pct)
+                .fold(0.0, f64::max),
+            max_other: all
+                .iter()
+                .map(|r| r.other_procs_cpu_pct)
+                .fold(0.0, f64::max),
+            drift_pct: None,
+            drift_flag: false,
+            io_driver: all.iter().find_map(|r| r.proxy_driver.clone()),
+            ok: !all.iter().any(|r| r.is_failure()) && !used.is_empty(),
+        }
+    }
+
+    /// Fill the fields that compare with the direct path of the same scenario.
+    pub fn compare(&mut self, direct: Option<&Entry>, drift: Option<f64>) {
+        self.drift_pct = drift;
+        self.drift_flag = drift.is_some_and(|d| d > 10.0);
+        let Some(d) = direct else { return };
+        self.direct_median = d.figure.map(|a| a.median);
+        if let (Some(me), Some(dm)) = (self.figure, self.direct_median) {
+            if dm > 0.0 {
+                self.ratio = Some(me.median / dm);
+            }
+        }
+        if self.path != "direct" {
+            if let (Some(me), Some(dl)) = (&self.latency, &d.latency) {
+                self.added = Some(
+                    me.iter()
+                        .zip(dl.iter())
+                        .filter(|((n, _), _)| *n != "mean")
+                        .map(|((n, a), (_, b))| (*n, a.median - b.median))
+                        .collect(),
+                );
+            }
+        }
+    }
+
+    pub fn json(&self) -> Value {
+        let is_direct = self.path == "direct";
+        let per_op_key = match self.scenario.as_str() {
+            "tcp-rr" => "cpu_us_per_round_trip",
+            "conn-churn" => "cpu_us_per_connection",
+            _ => "cpu_us_per_op",
+        };
+        let agg = |a: &Option<Agg>| a.map(|a| a.json()).unwrap_or(Value::Null);
+        let mut proxy_cpu = serde_json::Map::new();
+        if !is_direct {
+            proxy_cpu.insert("cpu_pct".into(), agg(&self.proxy_cpu_pct));
+            proxy_cpu.insert(
+                "cpu_s_per_gb".into(),
+                if self.scenario == "tcp-throughput" {
+                    agg(&self.proxy_cpu_per_gb)
+                } else {
+                    Value::Null
+                },
+            );
+            if self.scenario != "tcp-throughput" {
+                proxy_cpu.insert(per_op_key.into(), agg(&self.proxy_cpu_per_op));
+            }
+        }
+        let mut figure = self.figure.map(|a| a.json()).unwrap_or(Value::Null);
+        if let (Value::Object(m), Some(a)) = (&mut figure, self.figure) {
+            m.insert("spread_pct".into(), json!(r(a.spread_pct())));
+            m.insert(
+                "runs".into(),
+                json!(self.runs_fig.iter().map(|x| r(*x)).collect::<Vec<_>>()),
+            );
+        }
+        let mut retrans = agg(&self.retrans);
+        if let Value::Object(m) = &mut retrans {
+            m.insert("total".into(), json!(self.retrans_total));
+        }
+        json!({
+            "scenario": self.scenario,
+            "variant": self.variant,
+            "id": self.id,
+            "path": self.path,
+            "params": self.params,
+            "metric": self.metric,
+            "unit": self.unit,
+            "figure": figure,
+            "direct_median": self.direct_median.map(r),
+            "ratio_to_direct": self.ratio.map(r),
+            "latency_us": self.latency.map(|l| {
+                let m: serde_json::Map<String, Value> =
+                    l.iter().map(|(n, a)| (n.to_string(), a.json())).collect();
+                Value::Object(m)
+            }),
+            "added_latency_us": self.added.as_ref().map(|v| {
+                let m: serde_json::Map<String, Value> =
+                    v.iter().map(|(n, x)| (n.to_string(), json!(r(*x)))).collect();
+                Value::Object(m)
+            }),
+            "proxy_cpu": if is_direct { Value::Null } else { Value::Object(proxy_cpu) },
+            "client_cpu": {"generator_pct": agg(&self.gen_cpu), "backend_pct": agg(&self.be_cpu)},
+            "tcp_retransmits": retrans,
+            "bytes": {"sent": self.sent, "received": self.received,
+                      "lost": self.sent.saturating_sub(self.received)},
+            "errors": self.errors,
+            "runs_used": self.used,
+            "runs_superseded": self.superseded,
+            "quiet": {"all_quiet": self.all_quiet, "max_pre_busy_pct": r(self.max_pre_busy),
+                      "max_other_procs_pct": r(self.max_other)},
+            "direct_drift_pct": self.drift_pct.map(r),
+            "drift_flag": self.drift_flag,
+            "io_driver": self.io_driver,
+            "ok": self.ok,
+        })
+    }
+}
+
+/// Human units for a figure.
+pub fn fmt_figure(metric: &str, x: f64) -> String {
+    match metric {
+        "gbit_per_s" => format!("{x:.2} Gbit/s"),
+        "round_trips_per_s" => format!("{} rt/s", si(x)),
+        "connections_per_s" => format!("{} conn/s", si(x)),
+        _ => format!("{x:.3}"),
+    }
+}
+
+pub fn si(x: f64) -> String {
+    if x >= 10_000.0 {
+        format!("{:.1}k", x / 1000.0)
+    } else if x >= 1000.0 {
+        format!("{:.2}k", x / 1000.0)
+    } else {
+        format!("{x:.0}")
+    }
+}
+
+fn fmt_short(metric: &str, x: f64) -> String {
+    match metric {
+        "gbit_per_s" => format!("{x:.2}"),
+        _ => si(x),
+    }
+}
+
+/// The Markdown summary table (also printed on stdout).
+pub fn summary_table(entries: &[Entry]) -> String {
+    let mut s = String::new();
+    s.push_str("| scenario | path | figure: median [min–max] | of direct | spread | p50 µs | p90 µs | p99 µs | p99.9 µs | max µs | added p50 / p99 µs | proxy CPU | retrans/run | notes |\n");
+    s.push_str("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
+    for e in entries {
+        let fig = match e.figure {
+            Some(a) => format!(
+                "{} [{}–{}]",
+                fmt_figure(e.metric, a.median),
+                fmt_short(e.metric, a.min),
+                fmt_short(e.metric, a.max)
+            ),
+            None => "—".into(),
+        };
+        let ratio = e.ratio.map(|x| format!("{x:.2}")).unwrap_or("—".into());
+        let spread = e
+            .figure
+            .map(|a| format!("{:.0}%", a.spread_pct()))
+            .unwrap_or("—".into());
+        let lat = |i: usize| {
+            e.latency
+                .as_ref()
+                .map(|l| format!("{:.1}", l[i].1.median))
+                .unwrap_or("—".into())
+        };
+        let added = e
+            .added
+            .as_ref()
+            .map(|v| {
+                let g = |n: &str| v.iter().find(|(k, _)| *k == n).map(|x| x.1).unwrap_or(0.0);
+                format!("{:+.1} / {:+.1}", g("p50"), g("p99"))
+            })
+            .unwrap_or("—".into());
+        let cpu = if e.path == "direct" {
+            "—".to_string()
+        } else {
+            let pct = e
+                .proxy_cpu_pct
+                .map(|a| format!("{:.0}%", a.median))
+                .unwrap_or("?".into());
+            match e.scenario.as_str() {
+                "tcp-throughput" => format!(
+                    "{} CPU-s/GB ({pct})",
+                    e.proxy_cpu_per_gb
+                        .map(|a| format!("{:.3}", a.median))
+                        .unwrap_or("?".into())
+                ),
+                "tcp-rr" => format!(
+                    "{} CPU-µs/rt ({pct})",
+                    e.proxy_cpu_per_op
+                        .map(|a| format!("{:.1}", a.median))
+                        .unwrap_or("?".into())
+                ),
+                _ => format!(
+                    "{} CPU-µs/conn ({pct})",
+                    e.proxy_cpu_per_op
+                        .map(|a| format!("{:.1}", a.median))
+                        .unwrap_or("?".into())
+                ),
+            }
+        };
+        let retrans = e
+            .retrans
+            .map(|a| format!("{:.0}", a.median))
+            .unwrap_or("?".into());
+        let mut notes = Vec::new();
+        if !e.ok {
+            notes.push("FAILED".to_string());
+        }
+        if e.drift_flag && e.path == "direct" {
+            notes.push(format!(
+                "direct drift {:.0}%",
+                e.drift_pct.unwrap_or_default()
+            ));
+        }
+        if !e.all_quiet {
+            notes.push("outside load".into());
+        }
+        if e.superseded > 0 {
+            notes.push(format!("{} re-run", e.superseded));
+        }
+        let _ = writeln!(
+            s,
+            "| {} | {} | {fig} | {ratio} | {spread} | {} | {} | {} | {} | {} | {added} | {cpu} | {retrans} | {} |",
+            e.id,
+            e.path,
+            lat(0),
+            lat(1),
+            lat(2),
+            lat(3),
+            lat(4),
+            notes.join("; ")
+        );
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn agg_median_min_max() {
+        let a = Agg::of(&[3.0, 1.0, 2.0]).unwrap();
+        assert_eq!((a.median, a.min, a.max), (2.0, 1.0, 3.0));
+        let b = Agg::of(&[4.0, 1.0, 2.0, 3.0]).unwrap();
+        assert_eq!(b.median, 2.5);
+        assert!((b.spread_pct() - 120.0).abs() < 1e-9);
+        assert!(Agg::of(&[]).is_none());
+    }
+
+    #[test]
+    fn rounding() {
+        assert_eq!(r(12345.678), 12346.0);
+        assert_eq!(r(1.23456), 1.235);
+        assert_eq!(r(0.0123456), 0.012346);
+    }
+}

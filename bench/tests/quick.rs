@@ -1,0 +1,93 @@
+//! Runs the built harness with the quick suite and checks the report it writes.
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+#[test]
+fn quick_suite_reports_every_scenario_and_path() {
+    let out = std::env::temp_dir().join(format!("bench-quick-test-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&out);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_bench"))
+        .arg("--quick")
+        .arg("--out")
+        .arg(&out)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("start the bench binary");
+    // The quick suite takes ~15 s; never hang the test run.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let status = loop {
+        if let Some(st) = child.try_wait().expect("wait for bench") {
+            break st;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("bench --quick did not finish within 120 s");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let mut stdout = String::new();
+    if let Some(mut s) = child.stdout.take() {
+        use std::io::Read;
+        let _ = s.read_to_string(&mut stdout);
+    }
+    assert!(status.success(), "bench --quick exited with {status}");
+    assert!(
+        stdout.contains("| scenario | path |"),
+        "summary table on stdout: {stdout}"
+    );
+
+    let text = std::fs::read_to_string(out.join("report.json")).expect("report.json written");
+    let report: Value = serde_json::from_str(&text).expect("report.json is JSON");
+    assert_eq!(report["schema"], "mesh-bench/report/v1");
+    assert_eq!(report["ok"], true);
+    assert_eq!(report["suite"], "quick");
+    assert!(report["host"]["cores"].as_u64().unwrap_or(0) >= 1);
+    assert!(report["host"]["kernel"].as_str().is_some());
+    assert!(out.join("summary.md").exists(), "summary.md written");
+
+    let results = report["results"].as_array().expect("results array");
+    let scenarios = [
+        "tcp-throughput/streams=1",
+        "tcp-throughput/streams=8",
+        "tcp-rr/size=100B",
+        "conn-churn/size=100B conc=8",
+    ];
+    for id in scenarios {
+        for path in ["direct", "l4-copy", "l4-splice"] {
+            let e = results
+                .iter()
+                .find(|e| e["id"] == id && e["path"] == path)
+                .unwrap_or_else(|| panic!("no result for {id} × {path}"));
+            let median = e["figure"]["median"].as_f64().unwrap_or(0.0);
+            assert!(median > 0.0, "{id} × {path}: figure {median}");
+            assert!(
+                e["ratio_to_direct"].as_f64().unwrap_or(0.0) > 0.0,
+                "{id} × {path}: ratio"
+            );
+            assert_eq!(e["bytes"]["lost"], 0, "{id} × {path}: bytes lost");
+            assert!(
+                e["bytes"]["sent"].as_u64().unwrap_or(0) > 0,
+                "{id} × {path}: bytes sent"
+            );
+            assert_eq!(e["errors"], 0, "{id} × {path}: errors");
+            if id.starts_with("tcp-rr") || id.starts_with("conn-churn") {
+                let p50 = e["latency_us"]["p50"]["median"].as_f64().unwrap_or(0.0);
+                assert!(p50 > 0.0, "{id} × {path}: p50 {p50}");
+            }
+            if path != "direct" {
+                assert!(e["proxy_cpu"].is_object(), "{id} × {path}: proxy CPU");
+                assert!(
+                    e["io_driver"].as_str().is_some(),
+                    "{id} × {path}: proxy driver from READY"
+                );
+            }
+        }
+    }
+    let _ = std::fs::remove_dir_all(&out);
+}
