@@ -3,7 +3,7 @@
 //! asks.
 //!
 //! ```text
-//! cargo run --release -p bench                      # default suite, ~2 minutes
+//! cargo run --release -p bench                      # default suite, ~2.5 minutes
 //! cargo run --release -p bench -- --quick           # 1 s runs, 1 repetition (~15 s)
 //! cargo run --release -p bench -- --scenario tcp-rr --duration 5s --size 100 --reps 5
 //! cargo run --release -p bench -- --scenario tcp-throughput --streams 1,4,8 --path direct,l4-splice
@@ -15,9 +15,14 @@
 //! concurrent loops (default 8) of connect, one exchange, close; connections/s.
 //!
 //! **Paths.** `direct` (generator → backend), `l4-copy` and `l4-splice` (generator →
-//! `runtime::forwarder` → backend). The forwarder is this binary re-executed as
-//! `bench __l4fwd --config FILE`, one fresh process per run, stopped with SIGTERM (SIGKILL
-//! after 4 s). The harness waits at most 10 s for its `READY` line.
+//! `runtime::forwarder` → backend), `hbone` (generator → outbound `hbone::proxy` → mTLS
+//! HTTP/2 CONNECT over loopback → inbound `hbone::proxy` → backend). The forwarder is this
+//! binary re-executed as `bench __l4fwd --config FILE`, one fresh process per run; the hbone
+//! path starts two, `bench __hbone --config FILE` each (the inbound first: it creates the
+//! built-in CA in the suite's temp folder; then the outbound, which loads it). Each child is
+//! stopped with SIGTERM (SIGKILL after 4 s); the harness waits at most 10 s for each `READY`
+//! line. Both hbone processes run one worker on the proxy core: they share it, and the
+//! path's proxy CPU is the sum of the two.
 //!
 //! **Placement.** Pinned by default: generator and backend threads on the first half of the
 //! CPUs (cpu0 on a 2-CPU machine), the proxy's workers on the other half (cpu1). The
@@ -27,7 +32,7 @@
 //! proxy has the other half to itself.
 //!
 //! **Method.** For each scenario, every repetition runs the paths in order (direct, l4-copy,
-//! l4-splice, direct, …). Before each run the machine must be quiet (`/proc/stat` busy CPU
+//! l4-splice, hbone, direct, …). Before each run the machine must be quiet (`/proc/stat` busy CPU
 //! outside this process ≤ threshold, waiting within a budget); during the window the CPU of
 //! other processes is measured and a disturbed run is re-run (within a budget). Each run has
 //! a warm-up, then a measured window over which the proxy's CPU (`/proc/<pid>/stat`) and TCP
@@ -35,8 +40,8 @@
 //! ratio of medians to direct, added latency (path − direct per percentile), and a flag when
 //! a scenario's first and last direct runs differ by more than 10 %.
 //!
-//! **Reading the CPU figures.** Proxy CPU is the forwarder process's utime+stime over the
-//! window (clock-tick resolution, 10 ms at 100 Hz). On loopback the sender's context also
+//! **Reading the CPU figures.** Proxy CPU is the forwarder process's utime+stime (on the
+//! hbone path: both proxy processes' together) over the window (clock-tick resolution, 10 ms at 100 Hz). On loopback the sender's context also
 //! runs the receiver's TCP processing, so it includes kernel work for both of its sockets'
 //! peers; compare it between paths and with other proxies measured the same way, not with
 //! figures taken across machines. Generator and backend CPU (`gen`, `be`) are this process's
@@ -73,18 +78,19 @@ use suite::{Ctx, Kind, Knobs, PathKind, Placement, Scenario};
 #[derive(Parser, Debug)]
 #[command(
     name = "bench",
-    about = "Load harness: direct vs the L4 forwarder (copy, splice), interleaved and repeated",
-    after_help = "With no arguments: the default suite (about 2 minutes). Results go to \
+    about = "Load harness: direct vs the L4 forwarder (copy, splice) and the HBONE proxies, \
+             interleaved and repeated",
+    after_help = "With no arguments: the default suite (about 2.5 minutes). Results go to \
                   bench/results/<UTC timestamp>/ unless --out is given."
 )]
 struct Args {
     /// Scenarios to run (comma-separated or repeated): tcp-throughput, tcp-rr, conn-churn.
     #[arg(long = "scenario", value_delimiter = ',')]
     scenarios: Vec<String>,
-    /// Paths to compare: direct, l4-copy, l4-splice (direct is the baseline for ratios).
+    /// Paths to compare: direct, l4-copy, l4-splice, hbone (direct is the baseline for ratios).
     #[arg(long = "path", value_delimiter = ',')]
     paths: Vec<String>,
-    /// Measured time per run (e.g. 2s, 500ms). Default 2s (quick: 1s).
+    /// Measured time per run (e.g. 2s, 500ms). Default 1.5s (quick: 1s).
     #[arg(long, value_parser = parse_duration)]
     duration: Option<Duration>,
     /// Unmeasured warm-up before each window. Default 300ms (quick: 100ms).
@@ -157,6 +163,9 @@ fn main() -> ExitCode {
     if rest.first().map(String::as_str) == Some(proxy::FORWARDER_ARG) {
         return proxy::forwarder_main(rest[1..].to_vec());
     }
+    if rest.first().map(String::as_str) == Some(proxy::HBONE_ARG) {
+        return proxy::hbone_main(rest[1..].to_vec());
+    }
     if std::env::var_os("RUST_LOG").is_some() {
         runtime::init_logging();
     }
@@ -224,12 +233,18 @@ fn plan(args: &Args) -> Result<Suite> {
         v
     };
     let paths: Vec<PathKind> = if args.paths.is_empty() {
-        vec![PathKind::Direct, PathKind::L4Copy, PathKind::L4Splice]
+        vec![
+            PathKind::Direct,
+            PathKind::L4Copy,
+            PathKind::L4Splice,
+            PathKind::Hbone,
+        ]
     } else {
         let mut v = Vec::new();
         for s in &args.paths {
-            let p = PathKind::parse(s.trim())
-                .with_context(|| format!("unknown path {s:?} (direct, l4-copy, l4-splice)"))?;
+            let p = PathKind::parse(s.trim()).with_context(|| {
+                format!("unknown path {s:?} (direct, l4-copy, l4-splice, hbone)")
+            })?;
             if !v.contains(&p) {
                 v.push(p);
             }
@@ -292,7 +307,7 @@ fn plan(args: &Args) -> Result<Suite> {
     let duration = args.duration.unwrap_or(if quick {
         Duration::from_secs(1)
     } else {
-        Duration::from_secs(2)
+        Duration::from_millis(1500)
     });
     if duration < Duration::from_millis(100) {
         bail!("--duration must be at least 100ms");
@@ -508,7 +523,11 @@ fn run(args: Args, suite: Suite) -> Result<ExitCode> {
                 r.other_procs_cpu_pct
             ));
         }
-        for n in r.notes.iter().filter(|n| n.contains("forwarder")) {
+        for n in r
+            .notes
+            .iter()
+            .filter(|n| n.contains("forwarder") || (n.contains(" proxy") && n.contains("exit")))
+        {
             flags.push(format!("run {} ({} {}): {n}", r.seq, r.id, r.path));
         }
         if r.is_failure() {
@@ -532,6 +551,13 @@ fn run(args: Args, suite: Suite) -> Result<ExitCode> {
                 ))
             ));
         }
+    }
+    if suite.paths.contains(&PathKind::Hbone) && placement.pin {
+        flags.push(format!(
+            "hbone: two proxy processes per run (inbound and outbound, one worker each) share \
+             the proxy core cpu{}; its proxy CPU is their sum",
+            placement.proxy_cores.first().copied().unwrap_or(0)
+        ));
     }
     if !rerun.is_empty() {
         flags.push(format!(

@@ -1,5 +1,7 @@
 //! The proxy under test as a child process: this binary re-executed with `__l4fwd`, which
-//! runs `runtime::forwarder::main_with_args`.
+//! runs `runtime::forwarder::main_with_args`, or with `__hbone`, which runs
+//! `hbone::proxy::main_with_args` (the `hbone` path runs two of these: an inbound and an
+//! outbound, sharing one built-in CA folder).
 //!
 //! The child gets its own process group (a terminal's Ctrl-C reaches only the harness, which
 //! then stops it) and a piped stdin it watches: when the harness dies without cleaning up,
@@ -18,11 +20,14 @@ use anyhow::{anyhow, bail, Context, Result};
 /// First argument that turns this binary into the forwarder.
 pub const FORWARDER_ARG: &str = "__l4fwd";
 
-/// Entry point of the child: watch stdin for the harness's death, then run the forwarder.
-pub fn forwarder_main(rest: Vec<String>) -> std::process::ExitCode {
+/// First argument that turns this binary into the HBONE proxy.
+pub const HBONE_ARG: &str = "__hbone";
+
+/// Watch stdin for the harness's death: at end of file, exit.
+fn watch_parent(name: &'static str) {
     let _ = std::thread::Builder::new()
         .name("parent-watch".into())
-        .spawn(|| {
+        .spawn(move || {
             let mut sink = [0u8; 64];
             let mut stdin = std::io::stdin();
             loop {
@@ -33,11 +38,79 @@ pub fn forwarder_main(rest: Vec<String>) -> std::process::ExitCode {
             }
             // The harness is gone. Our stderr probably went with it: never panic on the
             // write (eprintln! would, on EPIPE, and this thread would die instead of exiting).
-            let _ = writeln!(std::io::stderr(), "l4fwd: harness went away; exiting");
+            let _ = writeln!(std::io::stderr(), "{name}: harness went away; exiting");
             std::process::exit(3);
         });
+}
+
+/// Entry point of the child: watch stdin for the harness's death, then run the forwarder.
+pub fn forwarder_main(rest: Vec<String>) -> std::process::ExitCode {
+    watch_parent("l4fwd");
     let args = std::iter::once("l4fwd".to_string()).chain(rest);
     runtime::forwarder::main_with_args(args)
+}
+
+/// Entry point of the child: watch stdin for the harness's death, then run the HBONE proxy.
+pub fn hbone_main(rest: Vec<String>) -> std::process::ExitCode {
+    watch_parent("hbone");
+    let args = std::iter::once("hbone".to_string()).chain(rest);
+    hbone::proxy::main_with_args(args)
+}
+
+fn runtime_yaml(cores: &[usize], workers: usize, io_driver: &str) -> String {
+    let placement = if cores.is_empty() {
+        format!("  workers: {workers}\n  pin: false\n")
+    } else {
+        format!(
+            "  workers: {}\n  cores: [{}]\n  pin: true\n",
+            cores.len(),
+            cores
+                .iter()
+                .map(|c| c.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
+    };
+    format!("runtime:\n{placement}  io_driver: {io_driver}\n  drain_timeout: 1s\n")
+}
+
+/// How to start the HBONE pair (inbound, then outbound).
+#[derive(Debug, Clone)]
+pub struct HboneSpec {
+    pub backend: SocketAddr,
+    /// The proxy core (both processes get one worker there); empty = unpinned.
+    pub core: Option<usize>,
+    pub io_driver: String,
+    /// The built-in CA folder, shared by both (the inbound creates it, the outbound loads it).
+    pub ca_dir: PathBuf,
+}
+
+pub const HBONE_SERVER_ID: &str = "spiffe://cluster.local/ns/bench/sa/server";
+pub const HBONE_CLIENT_ID: &str = "spiffe://cluster.local/ns/bench/sa/client";
+
+impl HboneSpec {
+    fn head(&self) -> String {
+        let cores: Vec<usize> = self.core.into_iter().collect();
+        format!(
+            "# written by bench\n{}trust_domain: cluster.local\nca: {{builtin: {}}}\n",
+            runtime_yaml(&cores, 1, &self.io_driver),
+            self.ca_dir.display()
+        )
+    }
+    pub fn inbound_yaml(&self) -> String {
+        format!(
+            "{}inbound:\n  listen: 127.0.0.1:0\n  identity: {HBONE_SERVER_ID}\n  targets: [{}]\n",
+            self.head(),
+            self.backend
+        )
+    }
+    pub fn outbound_yaml(&self, inbound: SocketAddr) -> String {
+        format!(
+            "{}outbound:\n  - listen: 127.0.0.1:0\n    identity: {HBONE_CLIENT_ID}\n    hbone: {inbound}\n    peer_identity: {HBONE_SERVER_ID}\n    target: {}\n",
+            self.head(),
+            self.backend
+        )
+    }
 }
 
 /// How to start the forwarder.
@@ -53,32 +126,25 @@ pub struct ProxySpec {
 
 impl ProxySpec {
     pub fn yaml(&self) -> String {
-        let placement = if self.cores.is_empty() {
-            format!("  workers: {}\n  pin: false\n", self.workers)
-        } else {
-            format!(
-                "  workers: {}\n  cores: [{}]\n  pin: true\n",
-                self.cores.len(),
-                self.cores
-                    .iter()
-                    .map(|c| c.to_string())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            )
-        };
         format!(
-            "# written by bench\nruntime:\n{placement}  io_driver: {}\n  drain_timeout: 1s\n  forward:\n    mode: {}\nlisteners:\n  - name: bench\n    listen: 127.0.0.1:0\n    upstream: {}\n",
-            self.io_driver, self.mode, self.upstream
+            "# written by bench\n{}  forward:\n    mode: {}\nlisteners:\n  - name: bench\n    listen: 127.0.0.1:0\n    upstream: {}\n",
+            runtime_yaml(&self.cores, self.workers, &self.io_driver),
+            self.mode,
+            self.upstream
         )
     }
 }
 
-/// A running forwarder. Dropping it stops it (SIGTERM, bounded wait, then SIGKILL).
+/// A running proxy child. Dropping it stops it (SIGTERM, bounded wait, then SIGKILL).
 pub struct Proxy {
+    /// For messages: `forwarder`, `hbone inbound proxy`, `hbone outbound proxy`.
+    pub name: &'static str,
     child: Option<Child>,
     stdin: Option<ChildStdin>,
     pub pid: u32,
     pub listen: SocketAddr,
+    /// `inbound=` of the READY line (HBONE inbound only).
+    pub inbound: Option<SocketAddr>,
     /// `driver=` of the READY line (`io_uring` or `epoll`).
     pub driver: String,
     pub workers: usize,
@@ -91,16 +157,36 @@ const READY_TIMEOUT: Duration = Duration::from_secs(10);
 const TERM_TIMEOUT: Duration = Duration::from_secs(4);
 
 impl Proxy {
-    /// Write the config into `dir`, start the child, wait (bounded) for its READY line.
+    /// Write the config into `dir`, start the forwarder, wait (bounded) for its READY line.
     pub fn start(spec: &ProxySpec, dir: &Path, tag: &str) -> Result<Proxy> {
         let cfg_path: PathBuf = dir.join(format!("l4fwd-{tag}.yaml"));
         std::fs::write(&cfg_path, spec.yaml())
             .with_context(|| format!("writing {}", cfg_path.display()))?;
+        Proxy::spawn(FORWARDER_ARG, &cfg_path, "forwarder", false)
+    }
+
+    /// Start the HBONE inbound, wait for READY, then the outbound pointing at it. Returns
+    /// `[inbound, outbound]`; the generator connects to the outbound's `listen`. When the
+    /// outbound fails, the inbound is stopped (on drop) before the error returns.
+    pub fn start_hbone(spec: &HboneSpec, dir: &Path, tag: &str) -> Result<Vec<Proxy>> {
+        let in_path: PathBuf = dir.join(format!("hbone-in-{tag}.yaml"));
+        std::fs::write(&in_path, spec.inbound_yaml())
+            .with_context(|| format!("writing {}", in_path.display()))?;
+        let inbound = Proxy::spawn(HBONE_ARG, &in_path, "hbone inbound proxy", true)?;
+        let in_addr = inbound.inbound.expect("checked in parse_ready");
+        let out_path: PathBuf = dir.join(format!("hbone-out-{tag}.yaml"));
+        std::fs::write(&out_path, spec.outbound_yaml(in_addr))
+            .with_context(|| format!("writing {}", out_path.display()))?;
+        let outbound = Proxy::spawn(HBONE_ARG, &out_path, "hbone outbound proxy", false)?;
+        Ok(vec![inbound, outbound])
+    }
+
+    fn spawn(arg: &str, cfg_path: &Path, name: &'static str, want_inbound: bool) -> Result<Proxy> {
         let exe = std::env::current_exe().context("locating the bench binary")?;
         let mut cmd = Command::new(exe);
-        cmd.arg(FORWARDER_ARG)
+        cmd.arg(arg)
             .arg("--config")
-            .arg(&cfg_path)
+            .arg(cfg_path)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -108,7 +194,9 @@ impl Proxy {
         if std::env::var_os("RUST_LOG").is_none() {
             cmd.env("RUST_LOG", "warn");
         }
-        let mut child = cmd.spawn().context("spawning the forwarder")?;
+        let mut child = cmd
+            .spawn()
+            .with_context(|| format!("spawning the {name}"))?;
         let pid = child.id();
         let stdout = child.stdout.take().expect("piped stdout");
         let stderr = child.stderr.take().expect("piped stderr");
@@ -118,7 +206,7 @@ impl Proxy {
             .name("l4fwd-stderr".into())
             .spawn(move || {
                 for line in BufReader::new(stderr).lines().map_while(|l| l.ok()) {
-                    let _ = writeln!(std::io::stderr(), "  [l4fwd {pid}] {line}");
+                    let _ = writeln!(std::io::stderr(), "  [{name} {pid}] {line}");
                     let _ = etx.send(line);
                 }
             });
@@ -131,10 +219,12 @@ impl Proxy {
                 }
             });
         let mut proxy = Proxy {
+            name,
             child: Some(child),
             stdin,
             pid,
             listen: "0.0.0.0:0".parse().expect("literal"),
+            inbound: None,
             driver: String::new(),
             workers: 0,
             stderr_rx,
@@ -146,7 +236,7 @@ impl Proxy {
             match rx.recv_timeout(left) {
                 Ok(line) => {
                     if let Some(rest) = line.strip_prefix("READY ") {
-                        proxy.parse_ready(rest)?;
+                        proxy.parse_ready(rest, want_inbound)?;
                         return Ok(proxy);
                     }
                 }
@@ -154,7 +244,7 @@ impl Proxy {
                     let tail = proxy.tail();
                     proxy.stop();
                     bail!(
-                        "forwarder did not print READY within {}s{tail}",
+                        "{name} did not print READY within {}s{tail}",
                         READY_TIMEOUT.as_secs()
                     );
                 }
@@ -164,27 +254,37 @@ impl Proxy {
                     std::thread::sleep(Duration::from_millis(50));
                     let tail = proxy.tail();
                     proxy.stop();
-                    bail!("forwarder exited before READY ({status}){tail}");
+                    bail!("{name} exited before READY ({status}){tail}");
                 }
             }
         }
     }
 
-    fn parse_ready(&mut self, rest: &str) -> Result<()> {
+    fn parse_ready(&mut self, rest: &str, want_inbound: bool) -> Result<()> {
         for kv in rest.split_whitespace() {
             match kv.split_once('=') {
                 Some(("driver", v)) => self.driver = v.to_string(),
                 Some(("workers", v)) => self.workers = v.parse().unwrap_or(0),
-                Some(("listen", v)) => {
+                Some(("listen", v)) if !v.is_empty() => {
                     let first = v.split(',').next().unwrap_or(v);
                     self.listen = first
                         .parse()
                         .map_err(|e| anyhow!("READY line: bad listen address {first:?}: {e}"))?;
                 }
+                Some(("inbound", v)) => {
+                    self.inbound = Some(
+                        v.parse()
+                            .map_err(|e| anyhow!("READY line: bad inbound address {v:?}: {e}"))?,
+                    );
+                }
                 _ => {}
             }
         }
-        if self.listen.port() == 0 {
+        if want_inbound {
+            if self.inbound.is_none_or(|a| a.port() == 0) {
+                bail!("READY line without an inbound address: {rest:?}");
+            }
+        } else if self.listen.port() == 0 {
             bail!("READY line without a listen address: {rest:?}");
         }
         Ok(())
@@ -237,7 +337,7 @@ impl Proxy {
             return StopOutcome {
                 status: st.to_string(),
                 clean: false,
-                note: Some(format!("forwarder had already exited ({st})")),
+                note: Some(format!("{} had already exited ({st})", self.name)),
             };
         }
         let term = Command::new("kill")
@@ -254,7 +354,8 @@ impl Proxy {
                         out.status = st.to_string();
                         out.clean = st.success();
                         if !st.success() {
-                            out.note = Some(format!("forwarder exited with {st} after SIGTERM"));
+                            out.note =
+                                Some(format!("{} exited with {st} after SIGTERM", self.name));
                         }
                         self.stdin.take();
                         return out;
@@ -279,7 +380,8 @@ impl Proxy {
         out.status = "killed".into();
         out.clean = false;
         out.note = Some(format!(
-            "forwarder did not exit within {}s of SIGTERM; killed",
+            "{} did not exit within {}s of SIGTERM; killed",
+            self.name,
             TERM_TIMEOUT.as_secs()
         ));
         out
@@ -330,5 +432,67 @@ mod tests {
             runtime::forwarder::ForwarderConfig::from_str(Path::new("t.yaml"), &unpinned.yaml())
                 .unwrap();
         assert!(!cfg.runtime.pin);
+    }
+
+    #[test]
+    fn yaml_parses_as_hbone_config() {
+        let spec = HboneSpec {
+            backend: "127.0.0.1:9".parse().unwrap(),
+            core: Some(1),
+            io_driver: "auto".into(),
+            ca_dir: PathBuf::from("/tmp/x/ca"),
+        };
+        let parse = |text: &str| -> hbone::proxy::ProxyConfig {
+            let cfg: hbone::proxy::ProxyConfig =
+                runtime::config::from_yaml_str(Path::new("t.yaml"), text).unwrap();
+            cfg.validate().unwrap();
+            cfg
+        };
+        let inb = parse(&spec.inbound_yaml());
+        assert!(inb.outbound.is_empty());
+        let i = inb.inbound.as_ref().unwrap();
+        assert_eq!(i.targets, vec![spec.backend]);
+        assert_eq!(i.identity, HBONE_SERVER_ID);
+        assert_eq!(inb.runtime.workers, Some(1));
+        assert_eq!(inb.runtime.cores, Some(vec![1]));
+        let out = parse(&spec.outbound_yaml("127.0.0.1:15008".parse().unwrap()));
+        assert!(out.inbound.is_none());
+        assert_eq!(out.outbound.len(), 1);
+        assert_eq!(out.outbound[0].hbone.port(), 15008);
+        assert_eq!(out.outbound[0].peer_identity, HBONE_SERVER_ID);
+        assert_eq!(out.outbound[0].identity, HBONE_CLIENT_ID);
+        assert_eq!(out.outbound[0].target, spec.backend);
+    }
+
+    #[test]
+    fn ready_lines() {
+        let mut p = Proxy {
+            name: "t",
+            child: None,
+            stdin: None,
+            pid: 0,
+            listen: "0.0.0.0:0".parse().unwrap(),
+            inbound: None,
+            driver: String::new(),
+            workers: 0,
+            stderr_rx: mpsc::channel().1,
+            stderr_tail: vec![],
+        };
+        p.parse_ready(
+            "driver=io_uring workers=1 listen= inbound=127.0.0.1:4000",
+            true,
+        )
+        .unwrap();
+        assert_eq!(p.inbound.unwrap().port(), 4000);
+        assert_eq!(p.driver, "io_uring");
+        assert!(p
+            .parse_ready("driver=epoll workers=1 listen=", false)
+            .is_err());
+        p.parse_ready(
+            "driver=epoll workers=1 listen=127.0.0.1:5,127.0.0.1:6",
+            false,
+        )
+        .unwrap();
+        assert_eq!(p.listen.port(), 5);
     }
 }

@@ -13,7 +13,7 @@ use serde_json::{json, Value};
 use crate::backend::Backends;
 use crate::generator::{self, GenResult, Live, Plan, Work};
 use crate::host;
-use crate::proxy::{Proxy, ProxySpec};
+use crate::proxy::{HboneSpec, Proxy, ProxySpec};
 use crate::report::{fmt_figure, si, Latency, Run};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -93,6 +93,7 @@ pub enum PathKind {
     Direct,
     L4Copy,
     L4Splice,
+    Hbone,
 }
 
 impl PathKind {
@@ -101,6 +102,7 @@ impl PathKind {
             PathKind::Direct => "direct",
             PathKind::L4Copy => "l4-copy",
             PathKind::L4Splice => "l4-splice",
+            PathKind::Hbone => "hbone",
         }
     }
     pub fn parse(s: &str) -> Option<PathKind> {
@@ -108,12 +110,13 @@ impl PathKind {
             "direct" => Some(PathKind::Direct),
             "l4-copy" | "copy" => Some(PathKind::L4Copy),
             "l4-splice" | "splice" => Some(PathKind::L4Splice),
+            "hbone" => Some(PathKind::Hbone),
             _ => None,
         }
     }
     fn mode(self) -> Option<&'static str> {
         match self {
-            PathKind::Direct => None,
+            PathKind::Direct | PathKind::Hbone => None,
             PathKind::L4Copy => Some("copy"),
             PathKind::L4Splice => Some("splice"),
         }
@@ -273,14 +276,21 @@ struct Snap {
     others: std::collections::HashMap<u32, u64>,
 }
 
-fn snap(ctx: &Ctx<'_>, proxy: Option<&Proxy>) -> Snap {
+/// `proxies`: every proxy process of the path (none on `direct`, two on `hbone`); their CPU
+/// is summed.
+fn snap(ctx: &Ctx<'_>, proxies: &[Proxy]) -> Snap {
     let mut exclude = vec![std::process::id()];
-    if let Some(p) = proxy {
-        exclude.push(p.pid);
-    }
+    exclude.extend(proxies.iter().map(|p| p.pid));
     // The cheap, time-critical readings first.
     let at = Instant::now();
-    let proxy_ticks = proxy.and_then(|p| host::proc_cpu_ticks(p.pid));
+    let proxy_ticks = if proxies.is_empty() {
+        None
+    } else {
+        proxies
+            .iter()
+            .map(|p| host::proc_cpu_ticks(p.pid))
+            .sum::<Option<u64>>()
+    };
     let sink = ctx
         .backends
         .counters
@@ -403,10 +413,25 @@ fn run_one(
         Kind::Rr => ctx.backends.echo,
         Kind::Churn => ctx.backends.reply_close,
     };
-    let mut proxy = None;
-    let target = match path.mode() {
-        None => upstream,
-        Some(mode) => {
+    let mut proxies: Vec<Proxy> = Vec::new();
+    let started = match (path, path.mode()) {
+        (PathKind::Direct, _) => Ok(None),
+        (PathKind::Hbone, _) => {
+            let spec = HboneSpec {
+                backend: upstream,
+                core: if ctx.placement.pin {
+                    ctx.placement.proxy_cores.first().copied()
+                } else {
+                    None
+                },
+                io_driver: k.io_driver.clone(),
+                ca_dir: ctx.tmp.join("ca"),
+            };
+            Proxy::start_hbone(&spec, ctx.tmp, &format!("{}", ctx.seq))
+                .map(Some)
+                .map_err(|e| format!("starting the hbone proxies: {e:#}"))
+        }
+        (_, Some(mode)) => {
             let spec = ProxySpec {
                 mode,
                 upstream,
@@ -418,20 +443,41 @@ fn run_one(
                 workers: ctx.placement.proxy_workers,
                 io_driver: k.io_driver.clone(),
             };
-            match Proxy::start(&spec, ctx.tmp, &format!("{}", ctx.seq)) {
-                Ok(p) => {
-                    run.proxy_pid = Some(p.pid);
-                    run.proxy_driver = Some(p.driver.clone());
-                    let t = p.listen;
-                    proxy = Some(p);
-                    t
-                }
-                Err(e) => {
-                    run.failed = Some(format!("starting the forwarder: {e:#}"));
-                    eprintln!("{label}  FAILED: {}", run.failed.as_deref().unwrap_or(""));
-                    return Ok(run);
-                }
+            Proxy::start(&spec, ctx.tmp, &format!("{}", ctx.seq))
+                .map(|p| Some(vec![p]))
+                .map_err(|e| format!("starting the forwarder: {e:#}"))
+        }
+        (_, None) => Ok(None),
+    };
+    let target = match started {
+        Ok(None) => upstream,
+        Ok(Some(ps)) => {
+            // The generator connects to the last one started (the hbone outbound).
+            let last = ps.last().expect("at least one proxy");
+            run.proxy_pid = Some(last.pid);
+            run.proxy_driver = Some(last.driver.clone());
+            let t = last.listen;
+            if ps.len() > 1 {
+                run.notes.push(format!(
+                    "{} proxy processes ({}) share {}; proxy CPU is their sum",
+                    ps.len(),
+                    ps.iter()
+                        .map(|p| format!("{} pid {}", p.name, p.pid))
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                    match ctx.placement.proxy_cores.first() {
+                        Some(c) if ctx.placement.pin => format!("the proxy core (cpu{c})"),
+                        _ => "the CPUs unpinned".into(),
+                    }
+                ));
             }
+            proxies = ps;
+            t
+        }
+        Err(e) => {
+            run.failed = Some(e);
+            eprintln!("{label}  FAILED: {}", run.failed.as_deref().unwrap_or(""));
+            return Ok(run);
         }
     };
     // Let the proxy's threads settle after start-up.
@@ -494,15 +540,15 @@ fn run_one(
         stop.store(true, Ordering::Relaxed);
         return Err(e);
     }
-    let a = snap(ctx, proxy.as_ref());
+    let a = snap(ctx, &proxies);
     let r = wait_until(ctx, t_end, || {
         progress("measure", a.at, k.duration, Some(a.sink))
     });
-    let b = snap(ctx, proxy.as_ref());
+    let b = snap(ctx, &proxies);
     if let Err(e) = r {
         // Generators see the flag and end within their op timeouts; the proxy stops on drop.
         stop.store(true, Ordering::Relaxed);
-        drop(proxy);
+        drop(proxies);
         return Err(e);
     }
     if tty {
@@ -539,16 +585,22 @@ fn run_one(
         }
     }
     let retrans1 = host::tcp_retrans_segs();
-    if let Some(mut p) = proxy.take() {
+    // Stop them in reverse start order (the hbone outbound before its inbound).
+    let mut exits = Vec::new();
+    for mut p in proxies.drain(..).rev() {
         if let Some(st) = p.exited() {
             run.failed
-                .get_or_insert(format!("the forwarder died during the run ({st})"));
+                .get_or_insert(format!("the {} died during the run ({st})", p.name));
         }
         let out = p.stop();
-        run.proxy_exit = Some(out.status.clone());
+        exits.push(out.status.clone());
         if let Some(n) = out.note {
             run.notes.push(n);
         }
+    }
+    if !exits.is_empty() {
+        exits.reverse();
+        run.proxy_exit = Some(exits.join("; "));
     }
     if ctx.interrupted.load(Ordering::Relaxed) {
         return Err(Interrupted);

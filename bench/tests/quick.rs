@@ -18,7 +18,7 @@ fn quick_suite_reports_every_scenario_and_path() {
         .stderr(Stdio::inherit())
         .spawn()
         .expect("start the bench binary");
-    // The quick suite takes ~15 s; never hang the test run.
+    // The quick suite takes ~20 s; never hang the test run.
     let deadline = Instant::now() + Duration::from_secs(120);
     let status = loop {
         if let Some(st) = child.try_wait().expect("wait for bench") {
@@ -59,7 +59,7 @@ fn quick_suite_reports_every_scenario_and_path() {
         "conn-churn/size=100B conc=8",
     ];
     for id in scenarios {
-        for path in ["direct", "l4-copy", "l4-splice"] {
+        for path in ["direct", "l4-copy", "l4-splice", "hbone"] {
             let e = results
                 .iter()
                 .find(|e| e["id"] == id && e["path"] == path)

@@ -96,6 +96,8 @@ pub struct ProxyConfig {
     pub runtime: RuntimeConfig,
     #[serde(default = "default_td")]
     pub trust_domain: String,
+    /// `{builtin: DIR}`, `{plugin: DIR}` or `{static: DIR}`.
+    #[serde(with = "serde_norway::with::singleton_map")]
     pub ca: CaConfig,
     #[serde(default)]
     pub h2: H2Settings,

@@ -129,3 +129,25 @@ fn tcp_through_two_proxies_both_directions_checksummed() {
     assert!(inbound.counters.server.connections.load(Relaxed) >= 1);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn config_file_forms_and_errors() {
+    let dir = std::env::temp_dir().join(format!("hbone-proxy-cfg-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let f = dir.join("p.yaml");
+    let ok = "ca: {builtin: /tmp/x}\ninbound:\n  listen: 127.0.0.1:15008\n  identity: spiffe://cluster.local/ns/a/sa/b\n  targets: [127.0.0.1:80]\n";
+    std::fs::write(&f, ok).unwrap();
+    let c = ProxyConfig::load(&f).unwrap();
+    assert_eq!(c.ca, CaConfig::Builtin("/tmp/x".into()));
+    std::fs::write(&f, "ca:\n  plugin: /etc/cacerts\noutbound: []\ninbound:\n  listen: 127.0.0.1:1\n  identity: nope\n  targets: [127.0.0.1:80]\n").unwrap();
+    let e = ProxyConfig::load(&f).unwrap_err();
+    assert_eq!(e.field.as_deref(), Some("inbound.identity"), "{e}");
+    assert_eq!(e.line, Some(6), "{e}");
+    std::fs::write(&f, "ca: {builtin: /tmp/x}\nh2: {stream_windw: 1}\ninbound: {listen: 127.0.0.1:1, identity: spiffe://td/ns/a/sa/b, targets: [127.0.0.1:80]}\n").unwrap();
+    let e = ProxyConfig::load(&f).unwrap_err();
+    assert!(
+        e.to_string().contains("stream_windw") && e.line == Some(2),
+        "{e}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
