@@ -1,0 +1,766 @@
+//! The local YAML configuration (see the crate docs for every field): parsed with
+//! `runtime::config::from_yaml_str` (errors name file:line:column and the field), validated,
+//! then compiled to the wire types — applying capture (R2) and waypoint binding (R3) where
+//! istiod would — and built into a [`Snapshot`].
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
+
+use runtime::config::{ConfigError, Invalid};
+use serde::{Deserialize, Deserializer};
+
+use crate::authz::Cidr;
+use crate::binding::{self, FOR_SERVICE_ACCOUNT_ANNOTATION};
+use crate::model::{
+    ip_to_bytes, Identity, Labels, Namespace, Node, Protocol, Waypoint, DEFAULT_SERVICE_ACCOUNT,
+    DEFAULT_TRUST_DOMAIN, HBONE_PORT,
+};
+use crate::snapshot::{Extras, Snapshot, WireState, ROUND_ROBIN_EXTENSION};
+use crate::wire::security as ws;
+use crate::wire::workload as ww;
+
+/// The whole file.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "camelCase")]
+pub struct LocalConfig {
+    pub workloads: Vec<LocalWorkload>,
+    pub services: Vec<LocalService>,
+    pub policies: Vec<LocalPolicy>,
+    pub namespaces: Vec<LocalNamespace>,
+    pub waypoints: Vec<LocalWaypoint>,
+    pub nodes: Vec<LocalNode>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum LocalProtocol {
+    #[serde(rename = "HBONE")]
+    Hbone,
+    #[serde(rename = "TCP")]
+    Tcp,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+pub enum LocalStatus {
+    #[default]
+    Healthy,
+    Unhealthy,
+}
+
+/// `network/ip` (ztunnel's form, network may be empty: `/10.0.0.1`) or a bare `ip`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetIp {
+    pub network: String,
+    pub ip: IpAddr,
+}
+
+impl<'de> Deserialize<'de> for NetIp {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        let (network, ip) = match s.rsplit_once('/') {
+            Some((n, ip)) => (n, ip),
+            None => ("", s.as_str()),
+        };
+        let ip = ip.parse().map_err(|_| {
+            serde::de::Error::custom(format!("invalid address {s:?} (expected IP or network/IP)"))
+        })?;
+        Ok(NetIp {
+            network: network.to_string(),
+            ip,
+        })
+    }
+}
+
+impl<'de> Deserialize<'de> for Cidr {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d)?
+            .parse()
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+/// ztunnel's `GatewayAddress`: `{destination: {Address: "network/ip"}, hboneMtlsPort: 15008}`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct LocalGatewayAddress {
+    pub destination: LocalGatewayDestination,
+    #[serde(default = "hbone_port")]
+    pub hbone_mtls_port: u16,
+}
+
+fn hbone_port() -> u16 {
+    HBONE_PORT
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub enum LocalGatewayDestination {
+    Address(NetIp),
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct LocalWorkload {
+    /// Defaults to `namespace/name`.
+    #[serde(default)]
+    pub uid: String,
+    pub name: String,
+    pub namespace: String,
+    #[serde(default)]
+    pub service_account: Option<String>,
+    #[serde(default)]
+    pub trust_domain: Option<String>,
+    #[serde(default)]
+    pub workload_ips: Vec<IpAddr>,
+    #[serde(default)]
+    pub hostname: String,
+    /// `HBONE` (captured) or `TCP`; absent: from labels (R2).
+    #[serde(default)]
+    pub protocol: Option<LocalProtocol>,
+    #[serde(default)]
+    pub node: String,
+    #[serde(default)]
+    pub network: String,
+    #[serde(default)]
+    pub cluster_id: String,
+    #[serde(default)]
+    pub canonical_name: String,
+    #[serde(default)]
+    pub canonical_revision: String,
+    #[serde(default)]
+    pub workload_name: String,
+    /// `namespace/hostname` → service port → target port.
+    #[serde(default)]
+    pub services: BTreeMap<String, BTreeMap<u16, u16>>,
+    #[serde(default)]
+    pub authorization_policies: Vec<String>,
+    #[serde(default)]
+    pub status: LocalStatus,
+    #[serde(default)]
+    pub capacity: Option<u32>,
+    #[serde(default)]
+    pub native_tunnel: bool,
+    /// Explicit waypoint (as istiod sends it); absent: from R3.
+    #[serde(default)]
+    pub waypoint: Option<LocalGatewayAddress>,
+    #[serde(default)]
+    pub labels: Labels,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+pub enum LocalLoadBalancing {
+    #[default]
+    WeightedRandom,
+    RoundRobin,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct LocalEndpoint {
+    pub workload_uid: String,
+    /// Service port → target port for this endpoint; absent: the service's.
+    #[serde(default)]
+    pub ports: BTreeMap<u16, u16>,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct LocalService {
+    pub name: String,
+    pub namespace: String,
+    pub hostname: String,
+    #[serde(default)]
+    pub vips: Vec<NetIp>,
+    #[serde(default)]
+    pub ports: BTreeMap<u16, u16>,
+    #[serde(default)]
+    pub subject_alt_names: Vec<String>,
+    #[serde(default)]
+    pub endpoints: Vec<LocalEndpoint>,
+    #[serde(default)]
+    pub load_balancing: LocalLoadBalancing,
+    #[serde(default)]
+    pub waypoint: Option<LocalGatewayAddress>,
+    #[serde(default)]
+    pub labels: Labels,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+pub enum LocalScope {
+    #[default]
+    #[serde(alias = "GLOBAL")]
+    Global,
+    #[serde(alias = "NAMESPACE")]
+    Namespace,
+    #[serde(alias = "WORKLOAD_SELECTOR")]
+    WorkloadSelector,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+pub enum LocalAction {
+    #[default]
+    #[serde(alias = "ALLOW")]
+    Allow,
+    #[serde(alias = "DENY")]
+    Deny,
+}
+
+/// `{Exact: s}`, `{Prefix: s}`, `{Suffix: s}`, `{Presence: …}` (ztunnel's form) or Istio's
+/// short string: `*` (presence), `abc*` (prefix), `*abc` (suffix), `abc` (exact).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalStringMatch(pub ws::StringMatch);
+
+impl<'de> Deserialize<'de> for LocalStringMatch {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        enum Tagged {
+            Exact(String),
+            Prefix(String),
+            Suffix(String),
+            Presence(serde::de::IgnoredAny),
+        }
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Short(String),
+            Tagged(Tagged),
+        }
+        use ws::string_match::MatchType as M;
+        let m = match Raw::deserialize(d).map_err(|_| {
+            serde::de::Error::custom(
+                "expected a string match: `*`, `abc*`, `*abc`, `abc`, or one of \
+                 {Exact: ..}, {Prefix: ..}, {Suffix: ..}, {Presence: {}}",
+            )
+        })? {
+            Raw::Short(s) if s == "*" => M::Presence(()),
+            Raw::Short(s) if s.len() > 1 && s.ends_with('*') => {
+                M::Prefix(s[..s.len() - 1].to_string())
+            }
+            Raw::Short(s) if s.len() > 1 && s.starts_with('*') => M::Suffix(s[1..].to_string()),
+            Raw::Short(s) => M::Exact(s),
+            Raw::Tagged(Tagged::Exact(s)) => M::Exact(s),
+            Raw::Tagged(Tagged::Prefix(s)) => M::Prefix(s),
+            Raw::Tagged(Tagged::Suffix(s)) => M::Suffix(s),
+            Raw::Tagged(Tagged::Presence(_)) => M::Presence(()),
+        };
+        Ok(LocalStringMatch(ws::StringMatch {
+            match_type: Some(m),
+        }))
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct LocalServiceAccountMatch {
+    pub namespace: String,
+    pub service_account: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "camelCase")]
+pub struct LocalMatch {
+    pub namespaces: Vec<LocalStringMatch>,
+    pub not_namespaces: Vec<LocalStringMatch>,
+    pub principals: Vec<LocalStringMatch>,
+    pub not_principals: Vec<LocalStringMatch>,
+    pub service_accounts: Vec<LocalServiceAccountMatch>,
+    pub not_service_accounts: Vec<LocalServiceAccountMatch>,
+    pub source_ips: Vec<Cidr>,
+    pub not_source_ips: Vec<Cidr>,
+    pub destination_ips: Vec<Cidr>,
+    pub not_destination_ips: Vec<Cidr>,
+    pub destination_ports: Vec<u16>,
+    pub not_destination_ports: Vec<u16>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct LocalPolicy {
+    pub name: String,
+    pub namespace: String,
+    #[serde(default)]
+    pub scope: LocalScope,
+    #[serde(default)]
+    pub action: LocalAction,
+    /// `rules[rule][clause][match]`.
+    #[serde(default)]
+    pub rules: Vec<Vec<Vec<LocalMatch>>>,
+    #[serde(default)]
+    pub dry_run: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct LocalNamespace {
+    pub name: String,
+    #[serde(default)]
+    pub labels: Labels,
+}
+
+/// `ip` (port 15008) or `ip:port`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HboneAddr(pub SocketAddr);
+
+impl<'de> Deserialize<'de> for HboneAddr {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        if let Ok(a) = s.parse::<SocketAddr>() {
+            return Ok(HboneAddr(a));
+        }
+        s.parse::<IpAddr>()
+            .map(|ip| HboneAddr(SocketAddr::new(ip, HBONE_PORT)))
+            .map_err(|_| {
+                serde::de::Error::custom(format!("invalid address {s:?} (expected IP or IP:port)"))
+            })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct LocalWaypoint {
+    pub name: String,
+    pub namespace: String,
+    pub address: HboneAddr,
+    /// Defaults to the waypoint's name (as Istio's waypoint deployments do).
+    #[serde(default)]
+    pub service_account: Option<String>,
+    #[serde(default)]
+    pub trust_domain: Option<String>,
+    #[serde(default)]
+    pub network: String,
+    #[serde(default)]
+    pub annotations: Labels,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct LocalNode {
+    pub name: String,
+    /// Where this node's ztunnel takes HBONE (port 15008).
+    pub ztunnel: IpAddr,
+}
+
+/// Parse, validate and build: the snapshot of a config text.
+pub fn load_str(file: &Path, text: &str, version: u64) -> Result<Snapshot, ConfigError> {
+    let cfg: LocalConfig = runtime::config::from_yaml_str(file, text)?;
+    let wire = cfg.compile().map_err(|e| e.in_file(file, Some(text)))?;
+    Snapshot::from_wire(version, &wire).map_err(|e| ConfigError {
+        file: file.to_owned(),
+        line: None,
+        column: None,
+        field: None,
+        message: e.to_string(),
+    })
+}
+
+/// Read a file and [`load_str`] it.
+pub fn load_file(file: &Path, version: u64) -> Result<Snapshot, ConfigError> {
+    let text = std::fs::read_to_string(file).map_err(|e| ConfigError {
+        file: file.to_owned(),
+        line: None,
+        column: None,
+        field: None,
+        message: format!("cannot read: {e}"),
+    })?;
+    load_str(file, &text, version)
+}
+
+fn gateway(g: &LocalGatewayAddress) -> ww::GatewayAddress {
+    let LocalGatewayDestination::Address(a) = &g.destination;
+    ww::GatewayAddress {
+        destination: Some(ww::gateway_address::Destination::Address(
+            ww::NetworkAddress {
+                network: a.network.clone(),
+                address: ip_to_bytes(a.ip),
+            },
+        )),
+        hbone_mtls_port: u32::from(g.hbone_mtls_port),
+    }
+}
+
+fn waypoint_gateway(w: &Waypoint, network: &str) -> ww::GatewayAddress {
+    ww::GatewayAddress {
+        destination: Some(ww::gateway_address::Destination::Address(
+            ww::NetworkAddress {
+                network: network.to_string(),
+                address: ip_to_bytes(w.address.ip()),
+            },
+        )),
+        hbone_mtls_port: u32::from(w.address.port()),
+    }
+}
+
+fn port_list(m: &BTreeMap<u16, u16>) -> ww::PortList {
+    ww::PortList {
+        ports: m
+            .iter()
+            .map(|(s, t)| ww::Port {
+                service_port: u32::from(*s),
+                target_port: u32::from(*t),
+            })
+            .collect(),
+    }
+}
+
+fn cidrs(v: &[Cidr]) -> Vec<ws::Address> {
+    v.iter()
+        .map(|c| ws::Address {
+            address: ip_to_bytes(c.addr),
+            length: u32::from(c.len),
+        })
+        .collect()
+}
+
+fn strings(v: &[LocalStringMatch]) -> Vec<ws::StringMatch> {
+    v.iter().map(|s| s.0.clone()).collect()
+}
+
+fn sas(v: &[LocalServiceAccountMatch]) -> Vec<ws::ServiceAccountMatch> {
+    v.iter()
+        .map(|s| ws::ServiceAccountMatch {
+            namespace: s.namespace.clone(),
+            service_account: s.service_account.clone(),
+        })
+        .collect()
+}
+
+impl LocalPolicy {
+    pub fn to_wire(&self) -> ws::Authorization {
+        ws::Authorization {
+            name: self.name.clone(),
+            namespace: self.namespace.clone(),
+            scope: match self.scope {
+                LocalScope::Global => ws::Scope::Global,
+                LocalScope::Namespace => ws::Scope::Namespace,
+                LocalScope::WorkloadSelector => ws::Scope::WorkloadSelector,
+            } as i32,
+            action: match self.action {
+                LocalAction::Allow => ws::Action::Allow,
+                LocalAction::Deny => ws::Action::Deny,
+            } as i32,
+            rules: self
+                .rules
+                .iter()
+                .map(|r| ws::Rule {
+                    clauses: r
+                        .iter()
+                        .map(|c| ws::Clause {
+                            matches: c
+                                .iter()
+                                .map(|m| ws::Match {
+                                    namespaces: strings(&m.namespaces),
+                                    not_namespaces: strings(&m.not_namespaces),
+                                    principals: strings(&m.principals),
+                                    not_principals: strings(&m.not_principals),
+                                    source_ips: cidrs(&m.source_ips),
+                                    not_source_ips: cidrs(&m.not_source_ips),
+                                    destination_ips: cidrs(&m.destination_ips),
+                                    not_destination_ips: cidrs(&m.not_destination_ips),
+                                    destination_ports: m
+                                        .destination_ports
+                                        .iter()
+                                        .map(|p| u32::from(*p))
+                                        .collect(),
+                                    not_destination_ports: m
+                                        .not_destination_ports
+                                        .iter()
+                                        .map(|p| u32::from(*p))
+                                        .collect(),
+                                    service_accounts: sas(&m.service_accounts),
+                                    not_service_accounts: sas(&m.not_service_accounts),
+                                })
+                                .collect(),
+                        })
+                        .collect(),
+                })
+                .collect(),
+            dry_run: self.dry_run,
+        }
+    }
+}
+
+impl LocalWorkload {
+    pub fn uid(&self) -> String {
+        if self.uid.is_empty() {
+            format!("{}/{}", self.namespace, self.name)
+        } else {
+            self.uid.clone()
+        }
+    }
+}
+
+impl LocalConfig {
+    /// The waypoints as model objects.
+    pub fn waypoints(&self) -> Vec<Waypoint> {
+        self.waypoints
+            .iter()
+            .map(|w| Waypoint {
+                name: w.name.clone(),
+                namespace: w.namespace.clone(),
+                address: w.address.0,
+                identity: Identity::new(
+                    w.trust_domain.as_deref().unwrap_or(DEFAULT_TRUST_DOMAIN),
+                    &w.namespace,
+                    w.service_account.as_deref().unwrap_or(&w.name),
+                ),
+                for_service_account: w.annotations.get(FOR_SERVICE_ACCOUNT_ANNOTATION).cloned(),
+            })
+            .collect()
+    }
+
+    /// Check references and uniqueness, then build the wire types, applying R2 and R3 to
+    /// workloads and services that do not state their protocol or waypoint explicitly.
+    pub fn compile(&self) -> Result<WireState, Invalid> {
+        let waypoints = self.waypoints();
+        // Namespaces, waypoints, nodes, policies: unique names.
+        let mut seen = BTreeSet::new();
+        for (i, n) in self.namespaces.iter().enumerate() {
+            if !seen.insert(n.name.as_str()) {
+                return Err(Invalid::new(
+                    format!("namespaces[{i}].name"),
+                    format!("namespace {:?} is defined twice", n.name),
+                ));
+            }
+        }
+        let ns_labels: HashMap<&str, &Labels> = self
+            .namespaces
+            .iter()
+            .map(|n| (n.name.as_str(), &n.labels))
+            .collect();
+        let mut seen = BTreeSet::new();
+        for (i, w) in waypoints.iter().enumerate() {
+            if !seen.insert(w.key()) {
+                return Err(Invalid::new(
+                    format!("waypoints[{i}].name"),
+                    format!("waypoint {} is defined twice", w.key()),
+                ));
+            }
+        }
+        let mut seen = BTreeSet::new();
+        for (i, n) in self.nodes.iter().enumerate() {
+            if !seen.insert(n.name.as_str()) {
+                return Err(Invalid::new(
+                    format!("nodes[{i}].name"),
+                    format!("node {:?} is defined twice", n.name),
+                ));
+            }
+        }
+        let mut policy_keys = BTreeSet::new();
+        for (i, p) in self.policies.iter().enumerate() {
+            if !policy_keys.insert(format!("{}/{}", p.namespace, p.name)) {
+                return Err(Invalid::new(
+                    format!("policies[{i}].name"),
+                    format!("policy {}/{} is defined twice", p.namespace, p.name),
+                ));
+            }
+        }
+        // Namespace-level use-waypoint labels must name existing waypoints.
+        for (i, n) in self.namespaces.iter().enumerate() {
+            binding::workload_waypoint(
+                &n.name,
+                "",
+                &[],
+                &Labels::new(),
+                Some(&n.labels),
+                &waypoints,
+            )
+            .map_err(|e| Invalid::new(format!("namespaces[{i}].labels"), e.to_string()))?;
+        }
+        // Services: unique keys and VIPs.
+        let mut ips: HashMap<IpAddr, String> = HashMap::new();
+        let mut service_keys = BTreeMap::new();
+        for (i, s) in self.services.iter().enumerate() {
+            let key = format!("{}/{}", s.namespace, s.hostname);
+            if service_keys.insert(key.clone(), i).is_some() {
+                return Err(Invalid::new(
+                    format!("services[{i}].hostname"),
+                    format!("service {key} is defined twice"),
+                ));
+            }
+            for v in &s.vips {
+                if let Some(first) = ips.insert(v.ip, format!("service {key}")) {
+                    return Err(Invalid::new(
+                        format!("services[{i}].vips"),
+                        format!("duplicate IP {}: already used by {first}", v.ip),
+                    ));
+                }
+            }
+        }
+        // Workloads: unique uids and IPs; every reference resolves.
+        let mut uids = BTreeMap::new();
+        let mut services_of: Vec<BTreeMap<String, BTreeMap<u16, u16>>> = Vec::new();
+        for (i, w) in self.workloads.iter().enumerate() {
+            let uid = w.uid();
+            if uids.insert(uid.clone(), i).is_some() {
+                let f = if w.uid.is_empty() { "name" } else { "uid" };
+                return Err(Invalid::new(
+                    format!("workloads[{i}].{f}"),
+                    format!("workload {uid} is defined twice"),
+                ));
+            }
+            for ip in &w.workload_ips {
+                if let Some(first) = ips.insert(*ip, format!("workload {uid}")) {
+                    return Err(Invalid::new(
+                        format!("workloads[{i}].workloadIps"),
+                        format!("duplicate IP {ip}: already used by {first}"),
+                    ));
+                }
+            }
+            for key in w.services.keys() {
+                if !service_keys.contains_key(key) {
+                    return Err(Invalid::new(
+                        format!("workloads[{i}].services"),
+                        format!(
+                            "names service {key:?}, which is not defined under `services` \
+                             (expected namespace/hostname)"
+                        ),
+                    ));
+                }
+            }
+            for p in &w.authorization_policies {
+                if !policy_keys.contains(p) {
+                    return Err(Invalid::new(
+                        format!("workloads[{i}].authorizationPolicies"),
+                        format!("names policy {p:?}, which is not defined under `policies` (expected namespace/name)"),
+                    ));
+                }
+            }
+            services_of.push(w.services.clone());
+        }
+        // Service endpoints add to their workloads' `services`.
+        for (i, s) in self.services.iter().enumerate() {
+            let key = format!("{}/{}", s.namespace, s.hostname);
+            for (k, e) in s.endpoints.iter().enumerate() {
+                let Some(&wi) = uids.get(&e.workload_uid) else {
+                    return Err(Invalid::new(
+                        format!("services[{i}].endpoints[{k}].workloadUid"),
+                        format!(
+                            "service {key} names endpoint workload {:?}, which is not defined under `workloads`",
+                            e.workload_uid
+                        ),
+                    ));
+                };
+                services_of[wi].insert(key.clone(), e.ports.clone());
+            }
+        }
+        let mut addresses = Vec::new();
+        for (i, (w, services)) in self.workloads.iter().zip(services_of).enumerate() {
+            let nsl = ns_labels.get(w.namespace.as_str()).copied();
+            let explicit = w.protocol.map(|p| match p {
+                LocalProtocol::Hbone => Protocol::Hbone,
+                LocalProtocol::Tcp => Protocol::Tcp,
+            });
+            let captured = binding::captured(explicit, &w.labels, nsl);
+            let sa = w
+                .service_account
+                .clone()
+                .unwrap_or_else(|| DEFAULT_SERVICE_ACCOUNT.to_string());
+            let waypoint = match &w.waypoint {
+                Some(g) => Some(gateway(g)),
+                None => binding::workload_waypoint(
+                    &w.namespace,
+                    &sa,
+                    &w.workload_ips,
+                    &w.labels,
+                    nsl,
+                    &waypoints,
+                )
+                .map_err(|e| Invalid::new(format!("workloads[{i}].labels"), e.to_string()))?
+                // Only captured pods have a waypoint (R3).
+                .filter(|_| captured)
+                .map(|(wp, _)| waypoint_gateway(wp, &w.network)),
+            };
+            addresses.push(ww::Address {
+                r#type: Some(ww::address::Type::Workload(ww::Workload {
+                    uid: w.uid(),
+                    name: w.name.clone(),
+                    namespace: w.namespace.clone(),
+                    addresses: w.workload_ips.iter().map(|ip| ip_to_bytes(*ip)).collect(),
+                    hostname: w.hostname.clone(),
+                    network: w.network.clone(),
+                    tunnel_protocol: if captured {
+                        ww::TunnelProtocol::Hbone
+                    } else {
+                        ww::TunnelProtocol::None
+                    } as i32,
+                    trust_domain: w.trust_domain.clone().unwrap_or_default(),
+                    service_account: sa,
+                    waypoint,
+                    node: w.node.clone(),
+                    canonical_name: w.canonical_name.clone(),
+                    canonical_revision: w.canonical_revision.clone(),
+                    workload_name: w.workload_name.clone(),
+                    native_tunnel: w.native_tunnel,
+                    services: services
+                        .iter()
+                        .map(|(k, m)| (k.clone(), port_list(m)))
+                        .collect(),
+                    authorization_policies: w.authorization_policies.clone(),
+                    status: match w.status {
+                        LocalStatus::Healthy => ww::WorkloadStatus::Healthy,
+                        LocalStatus::Unhealthy => ww::WorkloadStatus::Unhealthy,
+                    } as i32,
+                    cluster_id: w.cluster_id.clone(),
+                    capacity: w.capacity,
+                    ..Default::default()
+                })),
+            });
+        }
+        for (i, s) in self.services.iter().enumerate() {
+            let waypoint = match &s.waypoint {
+                Some(g) => Some(gateway(g)),
+                None => binding::service_waypoint(&s.namespace, &s.labels, &waypoints)
+                    .map_err(|e| Invalid::new(format!("services[{i}].labels"), e.to_string()))?
+                    .map(|(wp, _)| waypoint_gateway(wp, "")),
+            };
+            addresses.push(ww::Address {
+                r#type: Some(ww::address::Type::Service(ww::Service {
+                    name: s.name.clone(),
+                    namespace: s.namespace.clone(),
+                    hostname: s.hostname.clone(),
+                    addresses: s
+                        .vips
+                        .iter()
+                        .map(|v| ww::NetworkAddress {
+                            network: v.network.clone(),
+                            address: ip_to_bytes(v.ip),
+                        })
+                        .collect(),
+                    ports: port_list(&s.ports).ports,
+                    subject_alt_names: s.subject_alt_names.clone(),
+                    waypoint,
+                    extensions: match s.load_balancing {
+                        LocalLoadBalancing::RoundRobin => vec![ww::Extension {
+                            name: ROUND_ROBIN_EXTENSION.to_string(),
+                            config: None,
+                        }],
+                        LocalLoadBalancing::WeightedRandom => Vec::new(),
+                    },
+                    ..Default::default()
+                })),
+            });
+        }
+        Ok(WireState {
+            addresses,
+            authorizations: self.policies.iter().map(LocalPolicy::to_wire).collect(),
+            extras: Extras {
+                namespaces: self
+                    .namespaces
+                    .iter()
+                    .map(|n| Namespace {
+                        name: n.name.clone(),
+                        labels: n.labels.clone(),
+                    })
+                    .collect(),
+                waypoints,
+                nodes: self
+                    .nodes
+                    .iter()
+                    .map(|n| Node {
+                        name: n.name.clone(),
+                        ztunnel: n.ztunnel,
+                    })
+                    .collect(),
+            },
+        })
+    }
+}

@@ -1,0 +1,101 @@
+//! # mesh-model
+//!
+//! The routing model shared by ztunnel and the waypoint (rules R1–R12 of
+//! `shared/spec/ambient-routing.md`). Pure logic: no sockets, no threads.
+//!
+//! * [`wire`] — prost types generated from `proto/`, written for this project with the
+//!   message names, field names and numbers of Istio's workload-discovery API (`Address`,
+//!   `Workload`, `Service`, `GatewayAddress`, `Authorization`, …), so an xDS client can
+//!   decode istiod's resources straight into them.
+//! * [`model`] — the internal types (`Workload`, `Service`, `Namespace`, `Waypoint`, …).
+//! * [`snapshot`] — [`snapshot::Snapshot`]: immutable, versioned, indexed by workload IP,
+//!   service VIP and identity; built by [`snapshot::Snapshot::from_wire`].
+//! * [`binding`] — capture (R2) and waypoint binding (R3) as pure functions.
+//! * [`authz`] — L4 authorization (Istio's L4 subset) and its evaluation.
+//! * [`route`] — [`route::outbound`] (R1, R4–R8) and [`route::inbound`] (R9–R12), with an
+//!   injected [`route::Chooser`] for random and round-robin choices.
+//! * [`config`] — the local YAML file → wire types → snapshot.
+//!
+//! ## Local configuration file
+//!
+//! The shape of istio/ztunnel's local config (`workloads`, `services`, `policies`, camelCase
+//! keys), extended with `namespaces`, `waypoints` and `nodes`. Every key not listed here is
+//! an error naming file:line:column and the field; so are duplicate IPs and references to
+//! things that are not defined. The file plays istiod's part: it applies R2 and R3 when it
+//! fills the wire fields `tunnel_protocol` and `waypoint`.
+//!
+//! ### `workloads[]` → `istio.workload.Workload`
+//! | key | wire field | notes |
+//! |-----|-----------|-------|
+//! | `uid` | `uid` | default `namespace/name`; must be unique |
+//! | `name`, `namespace` | `name`, `namespace` | required |
+//! | `serviceAccount` | `service_account` | default `default` |
+//! | `trustDomain` | `trust_domain` | default `cluster.local` |
+//! | `workloadIps` | `addresses` | IPv4/IPv6; unique across workloads and service VIPs |
+//! | `hostname` | `hostname` | kept, not resolved |
+//! | `protocol` | `tunnel_protocol` | `HBONE` (captured) / `TCP`; absent: R2 from labels |
+//! | `node` | `node` | names a `nodes[]` entry for the HBONE target (else the pod IP) |
+//! | `network`, `clusterId` | `network`, `cluster_id` | |
+//! | `canonicalName`, `canonicalRevision`, `workloadName` | same, snake_case | telemetry |
+//! | `services` | `services` | `"namespace/hostname": {servicePort: targetPort}`; the service must exist |
+//! | `authorizationPolicies` | `authorization_policies` | `namespace/name` of `WorkloadSelector` policies; must exist |
+//! | `status` | `status` | `Healthy` (default) / `Unhealthy` (never chosen) |
+//! | `capacity` | `capacity` | weight for weighted random, default 1 |
+//! | `nativeTunnel` | `native_tunnel` | kept |
+//! | `waypoint` | `waypoint` | explicit, ztunnel's form `{destination: {Address: "net/ip"}, hboneMtlsPort: 15008}`; absent: R3 |
+//! | `labels` | — | extension: `istio.io/dataplane-mode` (`ambient`/`none`), `istio.io/use-waypoint`(`-namespace`) |
+//!
+//! ### `services[]` → `istio.workload.Service`
+//! | key | wire field | notes |
+//! |-----|-----------|-------|
+//! | `name`, `namespace`, `hostname` | same | required; `namespace/hostname` is the key |
+//! | `vips` | `addresses` | `network/ip` (`/10.0.0.1`) or `ip`; unique |
+//! | `ports` | `ports` | `{servicePort: targetPort}` |
+//! | `subjectAltNames` | `subject_alt_names` | kept |
+//! | `endpoints` | workloads' `services` | extension: `[{workloadUid, ports?}]`, `ports` overrides the target ports for that endpoint; the workload must exist |
+//! | `loadBalancing` | `extensions` | extension: `WeightedRandom` (default) / `RoundRobin` (an `Extension` named [`snapshot::ROUND_ROBIN_EXTENSION`]) |
+//! | `waypoint` | `waypoint` | explicit, as for workloads |
+//! | `labels` | `waypoint` | extension: `istio.io/use-waypoint` binds the service's waypoint |
+//!
+//! ### `policies[]` → `istio.security.Authorization`
+//! `name`, `namespace`, `scope` (`Global` default, `Namespace`, `WorkloadSelector`; the
+//! upper-case proto names too), `action` (`Allow` default, `Deny`), `dryRun` → `dry_run`,
+//! `rules: [[[match]]]` → `rules[].clauses[].matches[]`. A match has `namespaces`,
+//! `principals` (string matches: ztunnel's `{Exact|Prefix|Suffix: s}` / `{Presence: {}}`,
+//! or Istio's `"*"`, `"abc*"`, `"*abc"`, `"abc"`), `serviceAccounts`
+//! (`[{namespace, serviceAccount}]`), `sourceIps`, `destinationIps` (CIDRs or bare IPs),
+//! `destinationPorts`, each also as `notNamespaces`, `notPrincipals`, … Principals are
+//! written without `spiffe://` (`cluster.local/ns/a/sa/b`).
+//!
+//! ### Extensions
+//! * `namespaces[]`: `{name, labels}` — `istio.io/dataplane-mode: ambient` captures the
+//!   namespace's pods (R2); `istio.io/use-waypoint: <name>` binds its pods (R3).
+//! * `waypoints[]`: a Gateway — `{name, namespace, address: "ip" | "ip:port" (port 15008
+//!   by default), serviceAccount (default: name), trustDomain, network, annotations}`;
+//!   `annotations: {istio.io/for-service-account: <sa>}` restricts it to that account.
+//! * `nodes[]`: `{name, ztunnel: ip}` — where HBONE for that node's pods goes (port 15008).
+//!
+//! R3 precedence for a pod: its own `use-waypoint` label, then a service-account waypoint
+//! (which beats any namespace-wide binding), then the namespace's `use-waypoint` label, then
+//! a namespace waypoint (no annotation). `none` opts out. A waypoint never binds itself.
+
+pub mod authz;
+pub mod binding;
+pub mod config;
+pub mod model;
+pub mod route;
+pub mod snapshot;
+
+/// Generated by prost from `proto/` (Istio's workload-discovery API field names and numbers).
+pub mod wire {
+    /// `istio.workload`: `Address`, `Workload`, `Service`, `GatewayAddress`, …
+    #[allow(clippy::all, missing_docs, rust_2018_idioms)]
+    pub mod workload {
+        include!(concat!(env!("OUT_DIR"), "/istio.workload.rs"));
+    }
+    /// `istio.security`: `Authorization` and its rules, clauses and matches.
+    #[allow(clippy::all, missing_docs, rust_2018_idioms)]
+    pub mod security {
+        include!(concat!(env!("OUT_DIR"), "/istio.security.rs"));
+    }
+}

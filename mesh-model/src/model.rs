@@ -1,0 +1,257 @@
+//! The internal model: what a proxy consults on a connection's path. Built from the wire
+//! types (see [`crate::snapshot::Snapshot::from_wire`]); plain data, cheap to share.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+
+/// Istio's HBONE port: ztunnel's and every waypoint's mTLS tunnel listener.
+pub const HBONE_PORT: u16 = 15008;
+/// The mesh-wide default trust domain, used when a workload names none.
+pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
+/// The service account a workload runs as when it names none.
+pub const DEFAULT_SERVICE_ACCOUNT: &str = "default";
+
+/// Labels or annotations of a Kubernetes object.
+pub type Labels = BTreeMap<String, String>;
+
+/// A SPIFFE identity `spiffe://<trust domain>/ns/<namespace>/sa/<service account>`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Identity {
+    pub trust_domain: String,
+    pub namespace: String,
+    pub service_account: String,
+}
+
+impl Identity {
+    pub fn new(
+        trust_domain: impl Into<String>,
+        namespace: impl Into<String>,
+        service_account: impl Into<String>,
+    ) -> Self {
+        Identity {
+            trust_domain: trust_domain.into(),
+            namespace: namespace.into(),
+            service_account: service_account.into(),
+        }
+    }
+
+    /// Parse `spiffe://td/ns/N/sa/S`.
+    pub fn parse(uri: &str) -> Option<Self> {
+        let rest = uri.strip_prefix("spiffe://")?;
+        let parts: Vec<&str> = rest.split('/').collect();
+        match parts.as_slice() {
+            [td, "ns", ns, "sa", sa] if !td.is_empty() && !ns.is_empty() && !sa.is_empty() => {
+                Some(Identity::new(*td, *ns, *sa))
+            }
+            _ => None,
+        }
+    }
+
+    /// Istio's principal form, without the scheme: `td/ns/N/sa/S`.
+    pub fn principal(&self) -> String {
+        format!(
+            "{}/ns/{}/sa/{}",
+            self.trust_domain, self.namespace, self.service_account
+        )
+    }
+}
+
+impl fmt::Display for Identity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "spiffe://{}", self.principal())
+    }
+}
+
+/// How a workload is reached. HBONE means it is captured by its node's ztunnel (R2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum Protocol {
+    /// In the mesh: inbound and outbound go through ztunnel, peers tunnel to it.
+    Hbone,
+    /// Not in the mesh (R1): plain TCP, never touched.
+    #[default]
+    Tcp,
+}
+
+/// A waypoint a workload or service is bound to, as the data plane needs it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct WaypointRef {
+    /// HBONE address of the waypoint (`ip:15008`).
+    pub address: SocketAddr,
+    /// The waypoint's identity, when known (from a `waypoints` entry or the workload at that
+    /// address); a connection from this identity is the waypoint itself.
+    pub identity: Option<Identity>,
+    /// `namespace/name` of the Gateway, when known.
+    pub name: Option<String>,
+}
+
+/// A pod, VM or other endpoint.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Workload {
+    pub uid: String,
+    pub name: String,
+    pub namespace: String,
+    pub service_account: String,
+    pub trust_domain: String,
+    pub ips: Vec<IpAddr>,
+    pub node: String,
+    pub network: String,
+    pub protocol: Protocol,
+    pub waypoint: Option<WaypointRef>,
+    pub canonical_name: String,
+    pub canonical_revision: String,
+    pub workload_name: String,
+    /// Services it backs: `namespace/hostname` → service port → target port.
+    pub services: BTreeMap<String, BTreeMap<u16, u16>>,
+    /// Keys (`namespace/name`) of the selector-scoped policies that apply to it.
+    pub authorization_policies: Vec<String>,
+    pub healthy: bool,
+    /// Relative weight for weighted-random balancing (at least 1).
+    pub capacity: u32,
+}
+
+impl Workload {
+    pub fn identity(&self) -> Identity {
+        Identity::new(&self.trust_domain, &self.namespace, &self.service_account)
+    }
+
+    /// Captured by its node's ztunnel (R2).
+    pub fn captured(&self) -> bool {
+        self.protocol == Protocol::Hbone
+    }
+}
+
+/// How a service picks one of its endpoints.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum LoadBalancing {
+    /// Random, weighted by each endpoint workload's capacity (the default).
+    #[default]
+    WeightedRandom,
+    /// In turn, by a counter the caller supplies.
+    RoundRobin,
+}
+
+/// One workload backing a service, with its own target ports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Endpoint {
+    pub workload_uid: String,
+    /// Service port → target port for this endpoint. Empty means "the service's".
+    pub ports: BTreeMap<u16, u16>,
+}
+
+/// A group of workloads reached through virtual IPs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Service {
+    pub name: String,
+    pub namespace: String,
+    pub hostname: String,
+    /// Virtual IPs with their network.
+    pub vips: Vec<(String, IpAddr)>,
+    /// Service port → default target port.
+    pub ports: BTreeMap<u16, u16>,
+    /// Sorted by workload uid, so that choices are reproducible.
+    pub endpoints: Vec<Endpoint>,
+    pub waypoint: Option<WaypointRef>,
+    pub load_balancing: LoadBalancing,
+    pub subject_alt_names: Vec<String>,
+}
+
+impl Service {
+    /// `namespace/hostname`, the key workloads use to name it.
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.namespace, self.hostname)
+    }
+
+    /// The target port of `endpoint` for service port `port`, if the endpoint serves it:
+    /// the endpoint's own mapping when it has any, else the service's. 0 means unresolved.
+    pub fn target_port(&self, endpoint: &Endpoint, port: u16) -> Option<u16> {
+        let t = if endpoint.ports.is_empty() {
+            self.ports.get(&port).copied()
+        } else {
+            endpoint.ports.get(&port).copied()
+        };
+        t.filter(|t| *t != 0)
+    }
+}
+
+/// A namespace with its labels (`istio.io/dataplane-mode`, `istio.io/use-waypoint`).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Namespace {
+    pub name: String,
+    pub labels: Labels,
+}
+
+/// A waypoint: a Gateway object with its address and identity.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Waypoint {
+    pub name: String,
+    pub namespace: String,
+    /// HBONE address, normally `ip:15008`.
+    pub address: SocketAddr,
+    pub identity: Identity,
+    /// The `istio.io/for-service-account` annotation: applies only to that service account.
+    pub for_service_account: Option<String>,
+}
+
+impl Waypoint {
+    /// `namespace/name`.
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+
+    pub fn as_ref(&self) -> WaypointRef {
+        WaypointRef {
+            address: self.address,
+            identity: Some(self.identity.clone()),
+            name: Some(self.key()),
+        }
+    }
+}
+
+/// A node and the address of its ztunnel (peers send HBONE to `address:15008`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Node {
+    pub name: String,
+    pub ztunnel: IpAddr,
+}
+
+/// IPv4 from 4 bytes, IPv6 from 16.
+pub fn ip_from_bytes(b: &[u8]) -> Option<IpAddr> {
+    match b.len() {
+        4 => Some(IpAddr::from(<[u8; 4]>::try_from(b).ok()?)),
+        16 => Some(IpAddr::from(<[u8; 16]>::try_from(b).ok()?)),
+        _ => None,
+    }
+}
+
+/// 4 bytes for IPv4, 16 for IPv6.
+pub fn ip_to_bytes(ip: IpAddr) -> Vec<u8> {
+    match ip {
+        IpAddr::V4(v) => v.octets().to_vec(),
+        IpAddr::V6(v) => v.octets().to_vec(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn identity_parses_and_prints() {
+        let id = Identity::parse("spiffe://cluster.local/ns/a/sa/b").unwrap();
+        assert_eq!(id, Identity::new("cluster.local", "a", "b"));
+        assert_eq!(id.to_string(), "spiffe://cluster.local/ns/a/sa/b");
+        assert_eq!(id.principal(), "cluster.local/ns/a/sa/b");
+        assert!(Identity::parse("spiffe://cluster.local/ns/a").is_none());
+        assert!(Identity::parse("cluster.local/ns/a/sa/b").is_none());
+    }
+
+    #[test]
+    fn ip_bytes_round_trip() {
+        for ip in ["10.1.2.3", "fd00::1"] {
+            let ip: IpAddr = ip.parse().unwrap();
+            assert_eq!(ip_from_bytes(&ip_to_bytes(ip)), Some(ip));
+        }
+        assert_eq!(ip_from_bytes(&[1, 2, 3]), None);
+    }
+}

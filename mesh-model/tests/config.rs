@@ -1,0 +1,300 @@
+//! Local config: errors name file:line:column and the field; the ztunnel example shape
+//! loads; YAML → wire (prost bytes) → model round trip.
+
+use std::path::Path;
+
+use mesh_model::config::{self, LocalConfig};
+use mesh_model::model::{LoadBalancing, Protocol};
+use mesh_model::route::{outbound, Outbound, SeededChooser};
+use mesh_model::snapshot::{Snapshot, WireState};
+use mesh_model::wire::{security as ws, workload as ww};
+use prost::Message;
+
+fn load(text: &str) -> Result<Snapshot, runtime::config::ConfigError> {
+    config::load_str(Path::new("mesh.yaml"), text, 7)
+}
+
+#[test]
+fn config_unknown_field_names_line_column_and_field() {
+    let text = "workloads:\n  - name: a\n    namespace: ns\n    workloadIps: [\"10.0.0.1\"]\n    serviceAcount: x\n";
+    let e = load(text).unwrap_err();
+    assert_eq!(e.line, Some(5), "{e}");
+    assert!(e.column.is_some(), "{e}");
+    assert!(e.message.contains("serviceAcount"), "{e}");
+    assert!(
+        e.field.as_deref().unwrap_or("").starts_with("workloads[0]"),
+        "{e}"
+    );
+    let shown = e.to_string();
+    assert!(shown.starts_with("mesh.yaml:5:"), "{shown}");
+}
+
+#[test]
+fn config_bad_cidr_names_its_line() {
+    let text = "policies:\n  - name: p\n    namespace: ns\n    rules:\n      - - - sourceIps: [\"10.0.0.0/40\"]\n";
+    let e = load(text).unwrap_err();
+    assert_eq!(e.line, Some(5), "{e}");
+    assert!(e.message.contains("prefix length 40"), "{e}");
+}
+
+#[test]
+fn config_duplicate_ip_is_rejected() {
+    let text = "\
+workloads:
+  - name: a
+    namespace: ns
+    workloadIps: [\"10.0.0.1\"]
+  - name: b
+    namespace: ns
+    workloadIps: [\"10.0.0.2\", \"10.0.0.1\"]
+";
+    let e = load(text).unwrap_err();
+    assert_eq!(e.field.as_deref(), Some("workloads[1].workloadIps"), "{e}");
+    assert_eq!(e.line, Some(7), "{e}");
+    assert!(
+        e.message
+            .contains("duplicate IP 10.0.0.1: already used by workload ns/a"),
+        "{e}"
+    );
+    // A VIP that is also a pod IP.
+    let text = "\
+services:
+  - name: s
+    namespace: ns
+    hostname: s.ns
+    vips: [\"/10.0.0.1\"]
+workloads:
+  - name: a
+    namespace: ns
+    workloadIps: [\"10.0.0.1\"]
+";
+    let e = load(text).unwrap_err();
+    assert_eq!(e.field.as_deref(), Some("workloads[0].workloadIps"), "{e}");
+    assert!(e.message.contains("service ns/s.ns"), "{e}");
+}
+
+#[test]
+fn config_dangling_endpoint_workload_is_rejected() {
+    let text = "\
+services:
+  - name: s
+    namespace: ns
+    hostname: s.ns
+    endpoints:
+      - workloadUid: ghost
+";
+    let e = load(text).unwrap_err();
+    assert_eq!(
+        e.field.as_deref(),
+        Some("services[0].endpoints[0].workloadUid"),
+        "{e}"
+    );
+    assert_eq!(e.line, Some(6), "{e}");
+    assert!(e.message.contains("\"ghost\""), "{e}");
+    assert!(e.message.contains("not defined under `workloads`"), "{e}");
+}
+
+#[test]
+fn config_dangling_service_and_policy_references_are_rejected() {
+    let text = "\
+workloads:
+  - name: a
+    namespace: ns
+    services:
+      \"ns/missing.ns\": {80: 8080}
+";
+    let e = load(text).unwrap_err();
+    assert_eq!(e.field.as_deref(), Some("workloads[0].services"), "{e}");
+    assert!(e.message.contains("ns/missing.ns"), "{e}");
+    let text = "\
+workloads:
+  - name: a
+    namespace: ns
+    authorizationPolicies: [ns/nope]
+";
+    let e = load(text).unwrap_err();
+    assert_eq!(
+        e.field.as_deref(),
+        Some("workloads[0].authorizationPolicies"),
+        "{e}"
+    );
+}
+
+#[test]
+fn config_dangling_waypoint_is_rejected() {
+    let text = "\
+namespaces:
+  - name: ns
+    labels:
+      istio.io/use-waypoint: ghost
+";
+    let e = load(text).unwrap_err();
+    assert_eq!(e.field.as_deref(), Some("namespaces[0].labels"), "{e}");
+    assert_eq!(e.line, Some(3), "{e}");
+    assert!(e.message.contains("waypoint ns/ghost"), "{e}");
+    let text = "\
+workloads:
+  - name: a
+    namespace: ns
+    labels:
+      istio.io/use-waypoint: ghost
+";
+    let e = load(text).unwrap_err();
+    assert_eq!(e.field.as_deref(), Some("workloads[0].labels"), "{e}");
+    let text = "\
+services:
+  - name: s
+    namespace: ns
+    hostname: s.ns
+    labels:
+      istio.io/use-waypoint: ghost
+";
+    let e = load(text).unwrap_err();
+    assert_eq!(e.field.as_deref(), Some("services[0].labels"), "{e}");
+}
+
+/// The shape of istio/ztunnel's `examples/localhost.yaml` loads unchanged.
+#[test]
+fn config_ztunnel_local_config_shape_loads() {
+    let text = "\
+workloads:
+- uid: cluster1//v1/Pod/default/local
+  name: local
+  namespace: default
+  serviceAccount: default
+  workloadIps: [\"127.0.0.1\"]
+  protocol: HBONE
+  node: local
+  network: \"\"
+  services:
+    \"default/example.com\":
+      80: 8080
+- uid: cluster1//v1/Pod/default/local-tcp
+  name: local-tcp
+  namespace: default
+  serviceAccount: default
+  workloadIps: [\"127.0.0.2\"]
+  protocol: TCP
+  node: local
+  network: \"\"
+  services:
+    \"default/example.com\":
+      80: 8080
+policies:
+  - action: Allow
+    rules:
+    - - - notDestinationPorts:
+          - 9999
+    name: deny-9999
+    namespace: default
+    scope: Namespace
+services:
+- name: local
+  namespace: default
+  hostname: example.com
+  vips:
+    - /127.10.0.1
+  ports:
+    80: 8080
+  subjectAltNames:
+   - spiffe://cluster.local/ns/default/sa/local
+";
+    let s = load(text).unwrap();
+    assert_eq!(s.version, 7);
+    let w = s.workload("cluster1//v1/Pod/default/local").unwrap();
+    assert_eq!(w.protocol, Protocol::Hbone);
+    assert_eq!(
+        s.workload("cluster1//v1/Pod/default/local-tcp")
+            .unwrap()
+            .protocol,
+        Protocol::Tcp
+    );
+    let svc = s.service("default/example.com").unwrap();
+    assert_eq!(svc.endpoints.len(), 2);
+    assert_eq!(s.policies()[0].key(), "default/deny-9999");
+}
+
+#[test]
+fn weighted_random_follows_capacity() {
+    let text = "\
+workloads:
+  - {name: heavy, namespace: ns, workloadIps: [\"10.0.0.1\"], capacity: 9, protocol: TCP}
+  - {name: light, namespace: ns, workloadIps: [\"10.0.0.2\"], protocol: TCP}
+services:
+  - name: s
+    namespace: ns
+    hostname: s.ns
+    vips: [\"10.96.0.1\"]
+    ports: {80: 80}
+    endpoints: [{workloadUid: ns/heavy}, {workloadUid: ns/light}]
+";
+    let s = load(text).unwrap();
+    let mut c = SeededChooser::new(9);
+    let heavy = (0..1000)
+        .filter(|_| {
+            matches!(
+                outbound(&s, None, "10.96.0.1:80".parse().unwrap(), &mut c),
+                Outbound::Passthrough { workload: Some(ref w), .. } if w == "ns/heavy"
+            )
+        })
+        .count();
+    assert!((850..=950).contains(&heavy), "heavy picked {heavy}/1000");
+}
+
+/// YAML → wire types → protobuf bytes → wire types → internal model.
+#[test]
+fn round_trip_yaml_to_wire_to_model() {
+    let text = include_str!("topology.yaml");
+    let cfg: LocalConfig = runtime::config::from_yaml_str(Path::new("t.yaml"), text).unwrap();
+    let wire = cfg.compile().unwrap();
+    // Through the bytes, as an xDS client would receive them.
+    let addresses: Vec<ww::Address> = wire
+        .addresses
+        .iter()
+        .map(|a| ww::Address::decode(a.encode_to_vec().as_slice()).unwrap())
+        .collect();
+    let authorizations: Vec<ws::Authorization> = wire
+        .authorizations
+        .iter()
+        .map(|a| ws::Authorization::decode(a.encode_to_vec().as_slice()).unwrap())
+        .collect();
+    assert_eq!(addresses, wire.addresses);
+    assert_eq!(authorizations, wire.authorizations);
+    let decoded = WireState {
+        addresses,
+        authorizations,
+        extras: wire.extras.clone(),
+    };
+    let a = Snapshot::from_wire(3, &decoded).unwrap();
+    let b = config::load_str(Path::new("t.yaml"), text, 3).unwrap();
+    // The model holds every field of the file.
+    let server = a.workload("server").unwrap();
+    assert_eq!(server.namespace, "mesh");
+    assert_eq!(server.service_account, "server");
+    assert_eq!(server.trust_domain, "cluster.local");
+    assert_eq!(server.node, "node-b");
+    assert_eq!(server.ips.len(), 2);
+    assert_eq!(server.authorization_policies, ["mesh/require-identity"]);
+    assert_eq!(
+        server.services["mesh/multi.mesh.svc.cluster.local"][&80], 9090,
+        "per-endpoint override survives"
+    );
+    let wp = a.workload("reviews-v2").unwrap().waypoint.clone().unwrap();
+    assert_eq!(wp.address.to_string(), "10.1.0.101:15008");
+    assert_eq!(wp.name.as_deref(), Some("mesh/reviews-v2-wp"));
+    assert!(!a.workload("sick").unwrap().healthy);
+    let rr = a.service("mesh/rr.mesh.svc.cluster.local").unwrap();
+    assert_eq!(rr.load_balancing, LoadBalancing::RoundRobin);
+    assert_eq!(rr.endpoints.len(), 3);
+    let p = &a.policies()[1];
+    assert_eq!(p.key(), "mesh/require-identity");
+    // And it equals the model built without the byte round trip.
+    for w in b.workloads() {
+        assert_eq!(a.workload(&w.uid), Some(w));
+    }
+    for s in b.services() {
+        assert_eq!(a.service(&s.key()), Some(s));
+    }
+    assert_eq!(a.policies(), b.policies());
+    assert_eq!(a.workloads().count(), b.workloads().count());
+}
