@@ -113,7 +113,9 @@ impl DrainWatcher {
         &self.shutdown
     }
 
-    /// Completes once draining has begun.
+    /// Completes once draining has begun. The watcher has one waker slot: only one task may
+    /// wait on it at a time (a second waiting task would take the slot and the first would
+    /// never be woken). Several waiters need a watcher each, or a relay like the worker's.
     pub fn started(&self) -> DrainStarted<'_> {
         DrainStarted(self)
     }

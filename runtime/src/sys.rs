@@ -13,7 +13,12 @@ fn cvt(ret: libc::c_int) -> io::Result<libc::c_int> {
     }
 }
 
-/// Raise the soft `RLIMIT_NOFILE` to the hard limit; returns (old soft, new soft).
+/// The most `RLIMIT_NOFILE` is raised to when the process may raise its hard limit.
+const NOFILE_TARGET: u64 = 1 << 20;
+
+/// Raise the soft `RLIMIT_NOFILE` to the hard limit, and, when the process may raise the
+/// hard limit too (root / `CAP_SYS_RESOURCE`), both up to `fs.nr_open` (at most 1048576).
+/// Returns (old soft, new soft).
 pub fn raise_nofile_limit() -> io::Result<(u64, u64)> {
     let mut lim = libc::rlimit {
         rlim_cur: 0,
@@ -22,6 +27,23 @@ pub fn raise_nofile_limit() -> io::Result<(u64, u64)> {
     // SAFETY: `lim` is a valid, writable rlimit struct for the duration of the call.
     cvt(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) })?;
     let old = lim.rlim_cur;
+    // The kernel refuses a limit above fs.nr_open (EPERM even for root).
+    let nr_open = std::fs::read_to_string("/proc/sys/fs/nr_open")
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok())
+        .unwrap_or(NOFILE_TARGET);
+    let target = NOFILE_TARGET.min(nr_open);
+    if lim.rlim_max < target {
+        let want = libc::rlimit {
+            rlim_cur: target,
+            rlim_max: target,
+        };
+        // SAFETY: `want` is a valid rlimit struct; the kernel only reads it. Without the
+        // privilege to raise the hard limit this fails with EPERM and nothing changes.
+        if cvt(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &want) }).is_ok() {
+            return Ok((old, target));
+        }
+    }
     if lim.rlim_cur < lim.rlim_max {
         lim.rlim_cur = lim.rlim_max;
         // SAFETY: `lim` is a valid rlimit struct read just above; the kernel only reads it.
