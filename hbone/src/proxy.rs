@@ -155,13 +155,7 @@ impl ProxyConfig {
     }
 
     pub fn load(file: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(file).map_err(|e| ConfigError {
-            file: file.to_owned(),
-            line: None,
-            column: None,
-            field: None,
-            message: format!("cannot read: {e}"),
-        })?;
+        let text = config::read_file(file)?;
         let cfg: ProxyConfig = config::from_yaml_str(file, &text)?;
         cfg.validate().map_err(|e| e.in_file(file, Some(&text)))?;
         Ok(cfg)

@@ -354,13 +354,7 @@ pub fn load_str(file: &Path, text: &str, version: u64) -> Result<Snapshot, Confi
 
 /// Read a file and [`load_str`] it.
 pub fn load_file(file: &Path, version: u64) -> Result<Snapshot, ConfigError> {
-    let text = std::fs::read_to_string(file).map_err(|e| ConfigError {
-        file: file.to_owned(),
-        line: None,
-        column: None,
-        field: None,
-        message: format!("cannot read: {e}"),
-    })?;
+    let text = runtime::config::read_file(file)?;
     load_str(file, &text, version)
 }
 

@@ -42,16 +42,20 @@ pub fn from_yaml_str<T: DeserializeOwned>(file: &Path, text: &str) -> Result<T, 
     serde_norway::from_str(text).map_err(|e| yaml_error(file, e))
 }
 
-/// Read and parse a YAML file.
-pub fn from_yaml_file<T: DeserializeOwned>(file: &Path) -> Result<T, ConfigError> {
-    let text = std::fs::read_to_string(file).map_err(|e| ConfigError {
+/// Read a config file's text; the error names the file.
+pub fn read_file(file: &Path) -> Result<String, ConfigError> {
+    std::fs::read_to_string(file).map_err(|e| ConfigError {
         file: file.to_owned(),
         line: None,
         column: None,
         field: None,
         message: format!("cannot read: {e}"),
-    })?;
-    from_yaml_str(file, &text)
+    })
+}
+
+/// Read and parse a YAML file.
+pub fn from_yaml_file<T: DeserializeOwned>(file: &Path) -> Result<T, ConfigError> {
+    from_yaml_str(file, &read_file(file)?)
 }
 
 fn yaml_error(file: &Path, e: serde_norway::Error) -> ConfigError {

@@ -97,13 +97,7 @@ impl ForwarderConfig {
     }
 
     pub fn load(file: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(file).map_err(|e| ConfigError {
-            file: file.to_owned(),
-            line: None,
-            column: None,
-            field: None,
-            message: format!("cannot read: {e}"),
-        })?;
+        let text = config::read_file(file)?;
         Self::from_str(file, &text)
     }
 }

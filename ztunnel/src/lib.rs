@@ -1,5 +1,21 @@
-//! ztunnel: the per-node L4 proxy of ambient mode.
+//! ztunnel: the per-node L4 proxy of ambient mode (issue 4), on the runtime's workers.
 //!
-//! Not built yet (issue 4). This crate will hold transparent capture, outbound routing by
-//! rules R4–R8, inbound authorization and waypoint hairpinning by rules R9–R12 of
-//! `shared/spec/ambient-routing.md`, the hot-reloaded workload model, metrics and admin.
+//! This step runs without root: outbound traffic enters through SOCKS5 (`:15080`), inbound
+//! through HBONE (`:15008`) and plaintext listeners (`:15006`); transparent capture with
+//! network namespaces comes later.
+//!
+//! - [`config`] — the file: mesh-model's local YAML plus the `ztunnel:` section.
+//! - [`state`] — the published snapshot: mesh model + this node's certificates.
+//! - [`socks`] — SOCKS5 parsing and handshake.
+//! - [`proxy`] — listeners, outbound (R1, R4–R8) and inbound (R9–R12) paths, reload watcher.
+//! - [`metrics`] — `istio_tcp_*` with Istio's labels and ztunnel's path counters.
+//! - [`admin`] — `/healthz/ready`, `/stats/prometheus`, `/config_dump`.
+
+pub mod admin;
+pub mod config;
+pub mod metrics;
+pub mod proxy;
+pub mod socks;
+pub mod state;
+
+pub use proxy::{start, Handle, StartError};

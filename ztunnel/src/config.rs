@@ -1,0 +1,252 @@
+//! The ztunnel configuration file: mesh-model's local YAML (`workloads`, `services`,
+//! `policies`, `namespaces`, `waypoints`, `nodes`, see the `mesh_model` crate docs for every
+//! field) plus three sections of this proxy:
+//!
+//! ```yaml
+//! ztunnel:
+//!   node: node-a                      # required: which workloads are "on this node"
+//!   address: 127.0.1.10               # default IP of every listener below (default 127.0.0.1)
+//!   socks5: 127.0.0.1:15080           # outbound SOCKS5 (default <address>:15080)
+//!   hbone: 127.0.1.10:15008           # inbound HBONE (default <address>:15008)
+//!   plaintext:                        # inbound plaintext (optional; see below)
+//!     listen: 127.0.1.10:15006
+//!     target: 127.0.1.2:8080
+//!   admin: 127.0.0.1:15000            # /config_dump (default <address>:15000)
+//!   stats: 127.0.1.10:15020           # /stats/prometheus (default <address>:15020)
+//!   readiness: 127.0.1.10:15021       # /healthz/ready (default <address>:15021)
+//!   trust_domain: cluster.local
+//!   identity: spiffe://cluster.local/ns/istio-system/sa/ztunnel   # this ztunnel's own
+//!   peer_identity: spiffe://cluster.local/ns/istio-system/sa/ztunnel  # other nodes' ztunnels
+//!   ca: { builtin: /var/lib/mesh/ca }  # or { plugin: DIR } or { static: DIR }
+//! runtime: { workers: 2 }             # runtime knobs (optional; replaces the profile's)
+//! h2: { max_streams_per_connection: 100 }  # HTTP/2 knobs (optional; replaces the profile's)
+//! workloads: []
+//! services: []
+//! ```
+//!
+//! **Plaintext inbound** (loopback stand-in for `SO_ORIGINAL_DST`): without transparent
+//! capture there is no original destination, so each plaintext listener names the one local
+//! pod address it stands for (`target`); the connection is then treated exactly as captured
+//! plaintext to that address would be (R9–R12).
+//!
+//! **Identities on the HBONE inbound**: the node-level `hbone` listener presents this
+//! ztunnel's own certificate (`identity`); an outbound HBONE connection to another node's
+//! ztunnel therefore accepts either the destination workload's identity or `peer_identity`.
+//! A waypoint must present its own identity.
+//!
+//! Only the mesh part (workloads … nodes) is hot-reloaded; a change to the `ztunnel`,
+//! `runtime` or `h2` sections is logged and needs a restart.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+
+use hbone::proxy::CaConfig;
+use hbone::H2Settings;
+use mesh_model::config::{
+    LocalConfig, LocalNamespace, LocalNode, LocalPolicy, LocalService, LocalWaypoint, LocalWorkload,
+};
+use mesh_model::snapshot::Snapshot;
+use runtime::config::{ConfigError, Invalid, RuntimeConfig};
+use serde::Deserialize;
+
+/// Istio's ports.
+pub const SOCKS5_PORT: u16 = 15080;
+pub const HBONE_PORT: u16 = 15008;
+pub const PLAINTEXT_PORT: u16 = 15006;
+pub const ADMIN_PORT: u16 = 15000;
+pub const STATS_PORT: u16 = 15020;
+pub const READINESS_PORT: u16 = 15021;
+
+pub const DEFAULT_ZTUNNEL_IDENTITY: &str = "spiffe://cluster.local/ns/istio-system/sa/ztunnel";
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PlaintextListener {
+    pub listen: SocketAddr,
+    /// The local pod address connections to this listener are for.
+    pub target: SocketAddr,
+}
+
+/// The `ztunnel:` section.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ZtunnelSection {
+    pub node: String,
+    #[serde(default)]
+    pub address: Option<IpAddr>,
+    #[serde(default)]
+    pub socks5: Option<SocketAddr>,
+    #[serde(default)]
+    pub hbone: Option<SocketAddr>,
+    #[serde(default)]
+    pub plaintext: Vec<PlaintextListener>,
+    #[serde(default)]
+    pub admin: Option<SocketAddr>,
+    #[serde(default)]
+    pub stats: Option<SocketAddr>,
+    #[serde(default)]
+    pub readiness: Option<SocketAddr>,
+    #[serde(default)]
+    pub trust_domain: Option<String>,
+    #[serde(default)]
+    pub identity: Option<String>,
+    #[serde(default)]
+    pub peer_identity: Option<String>,
+    #[serde(with = "serde_norway::with::singleton_map")]
+    pub ca: CaConfig,
+}
+
+/// The whole file as written.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ZtunnelFile {
+    pub ztunnel: ZtunnelSection,
+    #[serde(default)]
+    pub runtime: Option<RuntimeConfig>,
+    #[serde(default)]
+    pub h2: Option<H2Settings>,
+    #[serde(default)]
+    pub workloads: Vec<LocalWorkload>,
+    #[serde(default)]
+    pub services: Vec<LocalService>,
+    #[serde(default)]
+    pub policies: Vec<LocalPolicy>,
+    #[serde(default)]
+    pub namespaces: Vec<LocalNamespace>,
+    #[serde(default)]
+    pub waypoints: Vec<LocalWaypoint>,
+    #[serde(default)]
+    pub nodes: Vec<LocalNode>,
+}
+
+/// Resolved listener addresses and identities.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Settings {
+    pub node: String,
+    pub socks5: SocketAddr,
+    pub hbone: SocketAddr,
+    pub plaintext: Vec<PlaintextListener>,
+    pub admin: SocketAddr,
+    pub stats: SocketAddr,
+    pub readiness: SocketAddr,
+    pub trust_domain: String,
+    pub identity: hbone::Identity,
+    pub peer_identity: hbone::Identity,
+    pub ca: CaConfig,
+    pub runtime: RuntimeConfig,
+    pub h2: H2Settings,
+}
+
+/// A loaded file: the proxy's settings and the first snapshot of the mesh.
+#[derive(Debug, Clone)]
+pub struct Loaded {
+    pub settings: Settings,
+    pub snapshot: Snapshot,
+}
+
+fn read(file: &Path) -> Result<String, ConfigError> {
+    runtime::config::read_file(file)
+}
+
+fn parse_id(field: &str, s: &str) -> Result<hbone::Identity, Invalid> {
+    s.parse::<hbone::Identity>()
+        .map_err(|e| Invalid::new(field, e.to_string()))
+}
+
+impl ZtunnelFile {
+    fn mesh(&self) -> LocalConfig {
+        LocalConfig {
+            workloads: self.workloads.clone(),
+            services: self.services.clone(),
+            policies: self.policies.clone(),
+            namespaces: self.namespaces.clone(),
+            waypoints: self.waypoints.clone(),
+            nodes: self.nodes.clone(),
+        }
+    }
+
+    fn settings(&self, profile: &tuning::Profile) -> Result<Settings, Invalid> {
+        let z = &self.ztunnel;
+        if z.node.is_empty() {
+            return Err(Invalid::new("ztunnel.node", "must name this node"));
+        }
+        let ip = z.address.unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST));
+        let at = |a: Option<SocketAddr>, port| a.unwrap_or(SocketAddr::new(ip, port));
+        let runtime = self.runtime.clone().unwrap_or(profile.runtime.clone());
+        runtime.validate("runtime")?;
+        let h2 = self.h2.clone().unwrap_or(profile.h2.clone());
+        if h2.max_streams_per_connection == 0 {
+            return Err(Invalid::new(
+                "h2.max_streams_per_connection",
+                "must be at least 1",
+            ));
+        }
+        let identity = parse_id(
+            "ztunnel.identity",
+            z.identity.as_deref().unwrap_or(DEFAULT_ZTUNNEL_IDENTITY),
+        )?;
+        let peer_identity = match &z.peer_identity {
+            Some(p) => parse_id("ztunnel.peer_identity", p)?,
+            None => identity.clone(),
+        };
+        Ok(Settings {
+            node: z.node.clone(),
+            socks5: at(z.socks5, SOCKS5_PORT),
+            hbone: at(z.hbone, HBONE_PORT),
+            plaintext: z.plaintext.clone(),
+            admin: at(z.admin, ADMIN_PORT),
+            stats: at(z.stats, STATS_PORT),
+            readiness: at(z.readiness, READINESS_PORT),
+            trust_domain: z
+                .trust_domain
+                .clone()
+                .unwrap_or_else(|| "cluster.local".into()),
+            identity,
+            peer_identity,
+            ca: z.ca.clone(),
+            runtime,
+            h2,
+        })
+    }
+}
+
+/// Parse and validate a config text; `version` numbers the snapshot.
+pub fn load_str(
+    file: &Path,
+    text: &str,
+    profile: &tuning::Profile,
+    version: u64,
+) -> Result<Loaded, ConfigError> {
+    let f: ZtunnelFile = runtime::config::from_yaml_str(file, text)?;
+    let settings = f
+        .settings(profile)
+        .map_err(|e| e.in_file(file, Some(text)))?;
+    let wire = f
+        .mesh()
+        .compile()
+        .map_err(|e| e.in_file(file, Some(text)))?;
+    let snapshot = Snapshot::from_wire(version, &wire).map_err(|e| ConfigError {
+        file: file.to_owned(),
+        line: None,
+        column: None,
+        field: None,
+        message: e.to_string(),
+    })?;
+    Ok(Loaded { settings, snapshot })
+}
+
+/// Read a file and [`load_str`] it.
+pub fn load_file(
+    file: &Path,
+    profile: &tuning::Profile,
+    version: u64,
+) -> Result<Loaded, ConfigError> {
+    load_str(file, &read(file)?, profile, version)
+}
+
+/// Where the config came from, for reloads.
+#[derive(Debug, Clone)]
+pub struct Source {
+    pub file: PathBuf,
+    pub profile: tuning::Profile,
+}

@@ -1,0 +1,280 @@
+//! Istio's TCP metrics and ztunnel's own path counters, in Prometheus text.
+//!
+//! Each label set owns a block of relaxed atomics shared by every worker. A worker finds the
+//! block through its own cache (no lock, no shared write); only the first connection of a
+//! label set on a worker goes to the registry, a copy-on-write map (`arc-swap`, no lock).
+//! Scrapes read the atomics.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::hash::Hash;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+
+/// Istio's standard labels of `istio_tcp_*`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ConnLabels {
+    /// `source` (outbound) or `destination` (inbound).
+    pub reporter: &'static str,
+    pub source_workload: String,
+    pub source_workload_namespace: String,
+    pub source_principal: String,
+    pub destination_service: String,
+    pub destination_workload: String,
+    pub destination_workload_namespace: String,
+    pub destination_principal: String,
+    /// `mutual_tls` or `none`.
+    pub connection_security_policy: &'static str,
+}
+
+impl ConnLabels {
+    fn render(&self) -> String {
+        format!(
+            "reporter=\"{}\",source_workload=\"{}\",source_workload_namespace=\"{}\",source_principal=\"{}\",destination_service=\"{}\",destination_workload=\"{}\",destination_workload_namespace=\"{}\",destination_principal=\"{}\",connection_security_policy=\"{}\",request_protocol=\"tcp\"",
+            self.reporter,
+            esc(&self.source_workload),
+            esc(&self.source_workload_namespace),
+            esc(&self.source_principal),
+            esc(&self.destination_service),
+            esc(&self.destination_workload),
+            esc(&self.destination_workload_namespace),
+            esc(&self.destination_principal),
+            self.connection_security_policy
+        )
+    }
+}
+
+/// The path a connection took, as this ztunnel saw it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PathLabels {
+    /// `outbound` or `inbound`.
+    pub direction: &'static str,
+    /// Outbound: `passthrough`, `hbone`, `waypoint`, `no_endpoint`, `refused`, `failed`.
+    /// Inbound: `<hbone|plaintext>_<allow|deny|hairpin|not_served|failed>`.
+    pub route: String,
+    /// Where this ztunnel sent it (`ip:port`), empty when nowhere.
+    pub target: String,
+    /// The HBONE `:authority` sent (outbound) or received (inbound), else empty.
+    pub authority: String,
+    /// Verified peer identity (inbound HBONE), else empty.
+    pub peer: String,
+}
+
+/// Denials by policy.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct DenyLabels {
+    /// `hbone` or `plaintext`.
+    pub transport: &'static str,
+    /// The DENY policy that matched, or the ALLOW policies none of which matched.
+    pub policy: String,
+}
+
+fn esc(s: &str) -> String {
+    s.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+/// Counters of one connection label set.
+#[derive(Debug, Default)]
+pub struct ConnCounters {
+    pub opened: AtomicU64,
+    pub closed: AtomicU64,
+    pub sent: AtomicU64,
+    pub received: AtomicU64,
+}
+
+struct Family<K, V>(ArcSwap<HashMap<K, Arc<V>>>);
+
+impl<K: Hash + Eq + Clone + Ord, V: Default> Family<K, V> {
+    fn new() -> Self {
+        Family(ArcSwap::from_pointee(HashMap::new()))
+    }
+    fn get(&self, k: &K) -> Arc<V> {
+        if let Some(v) = self.0.load().get(k) {
+            return v.clone();
+        }
+        // Copy-on-write insert; a racing insert of the same key keeps the first block.
+        let fresh = Arc::new(V::default());
+        self.0.rcu(|m| {
+            let mut m = HashMap::clone(m);
+            m.entry(k.clone()).or_insert_with(|| fresh.clone());
+            m
+        });
+        self.0.load().get(k).cloned().unwrap_or(fresh)
+    }
+    fn sorted(&self) -> Vec<(K, Arc<V>)> {
+        let m = self.0.load();
+        let mut v: Vec<_> = m.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
+    }
+}
+
+/// The process-wide registry.
+pub struct Metrics {
+    conns: Family<ConnLabels, ConnCounters>,
+    paths: Family<PathLabels, AtomicU64>,
+    denied: Family<DenyLabels, AtomicU64>,
+    socks_errors: Family<u8, AtomicU64>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics {
+            conns: Family::new(),
+            paths: Family::new(),
+            denied: Family::new(),
+            socks_errors: Family::new(),
+        }
+    }
+}
+
+impl Metrics {
+    /// Prometheus text exposition.
+    pub fn render(&self, snapshot_version: u64) -> String {
+        let mut out = String::new();
+        let conns = self.conns.sorted();
+        type Get = fn(&ConnCounters) -> u64;
+        let series: [(&str, &str, Get); 4] = [
+            (
+                "istio_tcp_connections_opened_total",
+                "TCP connections opened",
+                |c| c.opened.load(Relaxed),
+            ),
+            (
+                "istio_tcp_connections_closed_total",
+                "TCP connections closed",
+                |c| c.closed.load(Relaxed),
+            ),
+            (
+                "istio_tcp_sent_bytes_total",
+                "Bytes sent to the destination (client to server)",
+                |c| c.sent.load(Relaxed),
+            ),
+            (
+                "istio_tcp_received_bytes_total",
+                "Bytes received from the destination (server to client)",
+                |c| c.received.load(Relaxed),
+            ),
+        ];
+        for (name, help, get) in series {
+            let _ = writeln!(out, "# HELP {name} {help}.\n# TYPE {name} counter");
+            for (k, v) in &conns {
+                let _ = writeln!(out, "{name}{{{}}} {}", k.render(), get(v));
+            }
+        }
+        let _ = writeln!(
+            out,
+            "# HELP ztunnel_connection_paths_total Connections by the path this ztunnel gave them.\n# TYPE ztunnel_connection_paths_total counter"
+        );
+        for (k, v) in self.paths.sorted() {
+            let _ = writeln!(
+                out,
+                "ztunnel_connection_paths_total{{direction=\"{}\",route=\"{}\",target=\"{}\",authority=\"{}\",peer=\"{}\"}} {}",
+                k.direction,
+                esc(&k.route),
+                esc(&k.target),
+                esc(&k.authority),
+                esc(&k.peer),
+                v.load(Relaxed)
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP ztunnel_authorization_denied_total Inbound connections denied by L4 authorization.\n# TYPE ztunnel_authorization_denied_total counter"
+        );
+        for (k, v) in self.denied.sorted() {
+            let _ = writeln!(
+                out,
+                "ztunnel_authorization_denied_total{{transport=\"{}\",policy=\"{}\"}} {}",
+                k.transport,
+                esc(&k.policy),
+                v.load(Relaxed)
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP ztunnel_socks5_errors_total SOCKS5 requests answered with an error reply.\n# TYPE ztunnel_socks5_errors_total counter"
+        );
+        for (k, v) in self.socks_errors.sorted() {
+            let _ = writeln!(
+                out,
+                "ztunnel_socks5_errors_total{{reply=\"{k}\"}} {}",
+                v.load(Relaxed)
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP ztunnel_config_version Version of the mesh snapshot in use.\n# TYPE ztunnel_config_version gauge\nztunnel_config_version {snapshot_version}"
+        );
+        out
+    }
+}
+
+/// One worker's view: caches the counter blocks it has used.
+#[derive(Clone)]
+pub struct LocalMetrics(Rc<LocalInner>);
+
+struct LocalInner {
+    shared: Arc<Metrics>,
+    conns: RefCell<HashMap<ConnLabels, Arc<ConnCounters>>>,
+    paths: RefCell<HashMap<PathLabels, Arc<AtomicU64>>>,
+    denied: RefCell<HashMap<DenyLabels, Arc<AtomicU64>>>,
+    socks: RefCell<HashMap<u8, Arc<AtomicU64>>>,
+}
+
+fn cached<K: Hash + Eq + Clone + Ord, V: Default>(
+    cache: &RefCell<HashMap<K, Arc<V>>>,
+    family: &Family<K, V>,
+    k: &K,
+) -> Arc<V> {
+    if let Some(v) = cache.borrow().get(k) {
+        return v.clone();
+    }
+    let v = family.get(k);
+    cache.borrow_mut().insert(k.clone(), v.clone());
+    v
+}
+
+impl LocalMetrics {
+    pub fn new(shared: Arc<Metrics>) -> Self {
+        LocalMetrics(Rc::new(LocalInner {
+            shared,
+            conns: RefCell::default(),
+            paths: RefCell::default(),
+            denied: RefCell::default(),
+            socks: RefCell::default(),
+        }))
+    }
+
+    /// Count a connection opened; returns its counters for the close.
+    pub fn open(&self, labels: &ConnLabels) -> Arc<ConnCounters> {
+        let c = cached(&self.0.conns, &self.0.shared.conns, labels);
+        c.opened.fetch_add(1, Relaxed);
+        c
+    }
+
+    pub fn path(&self, labels: &PathLabels) {
+        cached(&self.0.paths, &self.0.shared.paths, labels).fetch_add(1, Relaxed);
+    }
+
+    pub fn denied(&self, labels: &DenyLabels) {
+        cached(&self.0.denied, &self.0.shared.denied, labels).fetch_add(1, Relaxed);
+    }
+
+    pub fn socks_error(&self, reply: u8) {
+        cached(&self.0.socks, &self.0.shared.socks_errors, &reply).fetch_add(1, Relaxed);
+    }
+}
+
+/// Record the end of a connection.
+pub fn close(c: &ConnCounters, sent: u64, received: u64) {
+    c.sent.fetch_add(sent, Relaxed);
+    c.received.fetch_add(received, Relaxed);
+    c.closed.fetch_add(1, Relaxed);
+}

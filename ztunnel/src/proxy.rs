@@ -1,0 +1,1241 @@
+//! The running ztunnel: listeners on the runtime's workers, the config watcher and the
+//! control-side endpoints.
+//!
+//! - **outbound** (SOCKS5): the client is identified by its source IP (a captured workload
+//!   of this node); [`mesh_model::route::outbound`] picks passthrough (plain TCP through
+//!   `runtime::forward`), HBONE to the destination node's ztunnel (`:authority` =
+//!   `podIP:targetPort`) or HBONE to a waypoint (`:authority` = `VIP:port` for a service,
+//!   R7). HBONE goes through the worker's [`hbone::pool::Pool`] acting as the client's
+//!   identity. The SOCKS reply is sent once the upstream answered, so a refusal at the far
+//!   end (401 → `02`, 503 → `05`) reaches the client.
+//! - **inbound HBONE**: peer identity from mTLS; [`mesh_model::route::inbound`] decides:
+//!   not a captured workload of this node → 400; deny → 401 (counted and logged with the
+//!   policy); hairpin → HBONE to the destination's waypoint (R12) as the ztunnel identity;
+//!   allow → connect to the pod (503 on failure) and bridge.
+//! - **inbound plaintext**: the same decision with no identity (R10); deny and not served
+//!   reset the connection.
+//! - **live re-check**: each worker notices a new snapshot version (50 ms tick) and every
+//!   allowed inbound connection re-runs the decision; one that is now denied is closed
+//!   (counted under `transport="hbone_live"`/`"plaintext_live"` with the policy).
+//!
+//! Not here yet: transparent capture (`SO_ORIGINAL_DST`, network namespaces, the `:15001`
+//! outbound) and in-pod per-workload HBONE listeners presenting each pod's own identity.
+
+use std::cell::{Cell, RefCell};
+use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::Bytes;
+use hbone::ca::CertSource;
+use hbone::pool::{Pool, PoolKey};
+use hbone::server::{serve_connection, Inbound as HboneInbound, ServerCounters};
+use hbone::stream::H2Stream;
+use hbone::tls::TlsCounters;
+use hbone::wire::{status, ConnectRequest};
+use hbone::HboneError;
+use mesh_model::model::{Identity, Workload};
+use mesh_model::route::{self, Inbound, InboundRequest, Outbound, SeededChooser};
+use mesh_model::snapshot::Snapshot;
+use monoio::net::TcpStream;
+use runtime::event::LocalEvent;
+use runtime::forward::{DirEnd, End};
+use runtime::listener::{self, BindError};
+use runtime::worker::race;
+use runtime::{Publisher, Shutdown, Subscriber, WorkerCtx, Workers};
+
+use crate::admin::{self, Endpoint};
+use crate::config::{self, Loaded, Settings};
+use crate::metrics::{self, ConnLabels, DenyLabels, LocalMetrics, Metrics, PathLabels};
+use crate::socks::{self, reply, Failure, Target};
+use crate::state::{self, hid, mid, State};
+
+const UNKNOWN: &str = "unknown";
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Bind(#[from] BindError),
+    #[error(transparent)]
+    State(#[from] state::StateError),
+    #[error("certificates: {0}")]
+    Ca(#[from] hbone::ca::CaError),
+    #[error("workers: {0}")]
+    Workers(#[from] std::io::Error),
+}
+
+/// Control-side counters of the config watcher.
+#[derive(Debug, Default)]
+pub struct ReloadCounters {
+    pub reloads: AtomicU64,
+    pub errors: AtomicU64,
+}
+
+/// Addresses actually bound.
+#[derive(Debug, Clone)]
+pub struct Addrs {
+    pub socks5: SocketAddr,
+    pub hbone: SocketAddr,
+    pub plaintext: Vec<SocketAddr>,
+    pub admin: SocketAddr,
+    pub stats: SocketAddr,
+    pub readiness: SocketAddr,
+}
+
+pub struct Handle {
+    workers: Option<Workers>,
+    shutdown: Shutdown,
+    pub addrs: Addrs,
+    pub state: Publisher<State>,
+    pub metrics: Arc<Metrics>,
+    pub reloads: Arc<ReloadCounters>,
+    endpoints: Vec<Endpoint>,
+    stop_watch: Arc<AtomicBool>,
+}
+
+impl Handle {
+    pub fn workers(&self) -> &Workers {
+        self.workers.as_ref().expect("running")
+    }
+    pub fn shutdown(&self) -> &Shutdown {
+        &self.shutdown
+    }
+    /// Wait for the workers (after a drain).
+    pub fn join(mut self) -> std::io::Result<()> {
+        let r = match self.workers.take() {
+            Some(w) => w.join(),
+            None => Ok(()),
+        };
+        self.stop_control();
+        r
+    }
+    /// Drain with `timeout`, then wait for everything to stop.
+    pub fn stop(self, timeout: Duration) -> std::io::Result<()> {
+        self.shutdown.drain(timeout);
+        self.join()
+    }
+    fn stop_control(&mut self) {
+        self.stop_watch.store(true, Ordering::SeqCst);
+        for e in &mut self.endpoints {
+            e.stop();
+        }
+    }
+}
+
+impl Drop for Handle {
+    fn drop(&mut self) {
+        if self.workers.is_some() {
+            self.shutdown.drain(Duration::ZERO);
+        }
+        self.stop_control();
+    }
+}
+
+/// What every worker shares (read-only).
+struct Shared {
+    settings: Settings,
+}
+
+/// One worker's state; never leaves its thread.
+struct Worker {
+    ctx: WorkerCtx,
+    sub: RefCell<Subscriber<State>>,
+    pool: Pool,
+    chooser: RefCell<SeededChooser>,
+    metrics: LocalMetrics,
+    server_counters: Arc<ServerCounters>,
+    /// Notified when this worker sees a new snapshot version (live re-check).
+    changed: LocalEvent,
+    shared: Arc<Shared>,
+}
+
+impl Worker {
+    fn state(&self) -> Arc<State> {
+        self.sub.borrow_mut().current().clone()
+    }
+    fn settings(&self) -> &Settings {
+        &self.shared.settings
+    }
+}
+
+/// Start ztunnel. `watch` (the file and profile it came from) enables hot reload.
+pub fn start(
+    loaded: Loaded,
+    watch: Option<config::Source>,
+    shutdown: Shutdown,
+) -> Result<Handle, StartError> {
+    let _ = runtime::sys::raise_nofile_limit();
+    let Loaded { settings, snapshot } = loaded;
+    let source = state::cert_source(&settings)?;
+    let first = state::build(source.as_ref(), &settings, snapshot, None)?;
+    let publisher = Publisher::new(first);
+    let metrics = Arc::new(Metrics::default());
+    let reloads = Arc::new(ReloadCounters::default());
+    let ready = Arc::new(AtomicBool::new(false));
+
+    // Readiness first (503 until everything below is up).
+    let mut endpoints = Vec::new();
+    let r2 = ready.clone();
+    endpoints.push(admin::serve(
+        "readiness",
+        settings.readiness,
+        move |path| match path {
+            "/healthz/ready" if r2.load(Ordering::SeqCst) => {
+                ("200 OK", "text/plain", "ready\n".into())
+            }
+            "/healthz/ready" => (
+                "503 Service Unavailable",
+                "text/plain",
+                "not ready\n".into(),
+            ),
+            _ => admin::not_found(),
+        },
+    )?);
+
+    let n = runtime::worker::worker_count(&settings.runtime);
+    let opts = listener::ListenOptions::from_config(&settings.runtime);
+    let bound = |a: SocketAddr, s: &[std::net::TcpListener]| {
+        s[0].local_addr()
+            .map_err(|source| BindError::Io { addr: a, source })
+    };
+    let socks_socks = listener::bind_sharded(settings.socks5, n, &opts)?;
+    let hbone_socks = listener::bind_sharded(settings.hbone, n, &opts)?;
+    let mut plain_socks = Vec::new();
+    let mut plain_addrs = Vec::new();
+    for p in &settings.plaintext {
+        let s = listener::bind_sharded(p.listen, n, &opts)?;
+        plain_addrs.push(bound(p.listen, &s)?);
+        plain_socks.push(s);
+    }
+    let socks_addr = bound(settings.socks5, &socks_socks)?;
+    let hbone_addr = bound(settings.hbone, &hbone_socks)?;
+
+    let (m2, p2, rl2) = (metrics.clone(), publisher.clone(), reloads.clone());
+    let stats_ep = admin::serve("stats", settings.stats, move |path| match path {
+        "/stats/prometheus" | "/metrics" | "/stats" => {
+            let mut body = m2.render(p2.version());
+            body.push_str(&format!(
+                "# TYPE ztunnel_config_reloads_total counter\nztunnel_config_reloads_total {}\n# TYPE ztunnel_config_reload_errors_total counter\nztunnel_config_reload_errors_total {}\n",
+                rl2.reloads.load(Ordering::Relaxed),
+                rl2.errors.load(Ordering::Relaxed)
+            ));
+            ("200 OK", "text/plain; version=0.0.4", body)
+        }
+        _ => admin::not_found(),
+    })?;
+    let p3 = publisher.clone();
+    let r3 = ready.clone();
+    let admin_ep = admin::serve("admin", settings.admin, move |path| match path {
+        "/config_dump" => {
+            let st = p3.load();
+            let body = admin::config_dump(&st, p3.version()).to_string();
+            ("200 OK", "application/json", body)
+        }
+        "/healthz/ready" if r3.load(Ordering::SeqCst) => ("200 OK", "text/plain", "ready\n".into()),
+        _ => admin::not_found(),
+    })?;
+    let addrs = Addrs {
+        socks5: socks_addr,
+        hbone: hbone_addr,
+        plaintext: plain_addrs,
+        admin: admin_ep.addr,
+        stats: stats_ep.addr,
+        readiness: endpoints[0].addr,
+    };
+    endpoints.push(stats_ep);
+    endpoints.push(admin_ep);
+
+    // Per worker: [socks, hbone, plaintext…].
+    let mut per_worker: Vec<Vec<std::net::TcpListener>> = (0..n).map(|_| Vec::new()).collect();
+    for group in std::iter::once(socks_socks)
+        .chain(std::iter::once(hbone_socks))
+        .chain(plain_socks)
+    {
+        for (w, s) in group.into_iter().enumerate() {
+            per_worker[w].push(s);
+        }
+    }
+    let shared = Arc::new(Shared {
+        settings: settings.clone(),
+    });
+    let mut per_worker = per_worker.into_iter();
+    let workers = runtime::spawn_workers(&settings.runtime, &shutdown, |id| {
+        let socks = per_worker.next().expect("sockets per worker");
+        let sub = publisher.subscribe();
+        let (metrics, shared) = (metrics.clone(), shared.clone());
+        move |ctx: WorkerCtx| async move {
+            let seed = SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(0)
+                ^ (id as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+            let w = Rc::new(Worker {
+                ctx: ctx.clone(),
+                sub: RefCell::new(sub),
+                pool: Pool::new(shared.settings.h2.clone(), Arc::new(TlsCounters::default())),
+                chooser: RefCell::new(SeededChooser::new(seed)),
+                metrics: LocalMetrics::new(metrics),
+                server_counters: Arc::new(ServerCounters::default()),
+                changed: LocalEvent::new(),
+                shared,
+            });
+            // Watch the snapshot version so live connections are re-authorized on change.
+            let watcher = w.clone();
+            monoio::spawn(async move {
+                let draining = watcher.ctx.draining();
+                let mut draining = std::pin::pin!(draining);
+                // Our own last-seen version: connections refresh the shared subscriber too.
+                let mut seen = watcher.sub.borrow().version();
+                loop {
+                    let tick = monoio::time::sleep(Duration::from_millis(50));
+                    if race(tick, draining.as_mut()).await.is_right() {
+                        return;
+                    }
+                    let now = {
+                        let mut sub = watcher.sub.borrow_mut();
+                        sub.current();
+                        sub.version()
+                    };
+                    if now != seen {
+                        seen = now;
+                        watcher.changed.notify();
+                    }
+                }
+            });
+            let mut loops = Vec::new();
+            for (i, sock) in socks.into_iter().enumerate() {
+                let w = w.clone();
+                loops.push(monoio::spawn(async move {
+                    let w2 = w.clone();
+                    let r = w
+                        .ctx
+                        .serve(sock, move |tcp, peer| {
+                            let w = w2.clone();
+                            async move {
+                                match i {
+                                    0 => socks_conn(w, tcp, peer).await,
+                                    1 => hbone_conn(w, tcp, peer).await,
+                                    _ => plaintext_conn(w, i - 2, tcp, peer).await,
+                                }
+                            }
+                        })
+                        .await;
+                    if let Err(e) = r {
+                        tracing::error!(worker = w.ctx.id(), error = %e, "listener failed");
+                    }
+                }));
+            }
+            for l in loops {
+                l.await;
+            }
+            ctx.finish_drain().await;
+        }
+    })?;
+    let stop_watch = Arc::new(AtomicBool::new(false));
+    spawn_watcher(
+        watch,
+        settings,
+        source,
+        publisher.clone(),
+        reloads.clone(),
+        stop_watch.clone(),
+    );
+    ready.store(true, Ordering::SeqCst);
+    Ok(Handle {
+        workers: Some(workers),
+        shutdown,
+        addrs,
+        state: publisher,
+        metrics,
+        reloads,
+        endpoints,
+        stop_watch,
+    })
+}
+
+/// Poll the file's mtime (and certificate lifetimes); publish a new state on change. A
+/// broken file is logged with file:line and field, and the old state keeps serving.
+fn spawn_watcher(
+    watch: Option<config::Source>,
+    settings: Settings,
+    source: Arc<dyn CertSource>,
+    publisher: Publisher<State>,
+    counters: Arc<ReloadCounters>,
+    stop: Arc<AtomicBool>,
+) {
+    let mtime = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    let mut last = watch.as_ref().and_then(|w| mtime(&w.file));
+    let _ = std::thread::Builder::new()
+        .name("config-watch".into())
+        .spawn(move || {
+            while !stop.load(Ordering::SeqCst) {
+                std::thread::sleep(Duration::from_millis(100));
+                if stop.load(Ordering::SeqCst) {
+                    return;
+                }
+                let current = publisher.load();
+                let mut next_model: Option<Snapshot> = None;
+                if let Some(w) = &watch {
+                    let now = mtime(&w.file);
+                    if now != last {
+                        last = now;
+                        match config::load_file(&w.file, &w.profile, publisher.version() + 1) {
+                            Ok(l) => {
+                                if l.settings != settings {
+                                    tracing::warn!(file = %w.file.display(), "the ztunnel/runtime/h2 sections changed: restart to apply them; reloading the mesh only");
+                                }
+                                next_model = Some(l.snapshot);
+                            }
+                            Err(e) => {
+                                counters.errors.fetch_add(1, Ordering::Relaxed);
+                                tracing::error!("config reload rejected, the old config keeps serving: {e}");
+                            }
+                        }
+                    }
+                }
+                if next_model.is_none() && state::needs_renewal(&current) {
+                    let mut m = current.model.clone();
+                    m.version = publisher.version() + 1;
+                    next_model = Some(m);
+                }
+                let Some(model) = next_model else { continue };
+                match state::build(source.as_ref(), &settings, model, Some(&current)) {
+                    Ok(st) => {
+                        let v = publisher.publish(st);
+                        counters.reloads.fetch_add(1, Ordering::Relaxed);
+                        tracing::info!(version = v, "config snapshot published");
+                    }
+                    Err(e) => {
+                        counters.errors.fetch_add(1, Ordering::Relaxed);
+                        tracing::error!(error = %e, "cannot issue certificates; the old config keeps serving");
+                    }
+                }
+            }
+        });
+}
+
+// ---------------------------------------------------------------------------------------
+// Labels and logs
+
+fn workload_name(w: &Workload) -> String {
+    if w.workload_name.is_empty() {
+        w.name.clone()
+    } else {
+        w.workload_name.clone()
+    }
+}
+
+/// `namespace/hostname` → `hostname`.
+fn service_host(key: &str) -> String {
+    key.split_once('/')
+        .map(|(_, h)| h)
+        .unwrap_or(key)
+        .to_string()
+}
+
+fn dest_labels(
+    labels: &mut ConnLabels,
+    snap: &Snapshot,
+    service: Option<&String>,
+    workload: Option<&String>,
+) {
+    if let Some(s) = service {
+        labels.destination_service = service_host(s);
+    }
+    if let Some(w) = workload.and_then(|u| snap.workload(u)) {
+        labels.destination_workload = workload_name(w);
+        labels.destination_workload_namespace = w.namespace.clone();
+        labels.destination_principal = w.identity().to_string();
+        if labels.destination_service == UNKNOWN {
+            if let Some(s) = w.services.keys().next() {
+                labels.destination_service = service_host(s);
+            }
+        }
+    }
+}
+
+fn base_labels(reporter: &'static str, security: &'static str) -> ConnLabels {
+    ConnLabels {
+        reporter,
+        source_workload: UNKNOWN.into(),
+        source_workload_namespace: UNKNOWN.into(),
+        source_principal: UNKNOWN.into(),
+        destination_service: UNKNOWN.into(),
+        destination_workload: UNKNOWN.into(),
+        destination_workload_namespace: UNKNOWN.into(),
+        destination_principal: UNKNOWN.into(),
+        connection_security_policy: security,
+    }
+}
+
+fn source_labels(labels: &mut ConnLabels, w: &Workload) {
+    labels.source_workload = workload_name(w);
+    labels.source_workload_namespace = w.namespace.clone();
+    labels.source_principal = w.identity().to_string();
+}
+
+fn end_reason(end: &End) -> String {
+    match end {
+        End::Closed => "closed".into(),
+        End::Reset { by, error } => format!("reset by {by:?}: {error}"),
+        End::Idle => "idle timeout".into(),
+        End::Aborted => "aborted (drain deadline)".into(),
+    }
+}
+
+/// One access-log line.
+#[allow(clippy::too_many_arguments)]
+fn access_log(
+    direction: &str,
+    route: &str,
+    src: SocketAddr,
+    dst: SocketAddr,
+    labels: &ConnLabels,
+    target: &str,
+    authority: &str,
+    sent: u64,
+    received: u64,
+    started: Instant,
+    reason: &str,
+) {
+    tracing::info!(
+        target: "ztunnel::access",
+        direction,
+        route,
+        src = %src,
+        dst = %dst,
+        src_workload = %labels.source_workload,
+        src_identity = %labels.source_principal,
+        dst_service = %labels.destination_service,
+        dst_workload = %labels.destination_workload,
+        dst_identity = %labels.destination_principal,
+        hbone_target = target,
+        authority,
+        bytes_sent = sent,
+        bytes_received = received,
+        duration_ms = started.elapsed().as_millis() as u64,
+        reason,
+        "connection complete"
+    );
+}
+
+fn reset(tcp: &TcpStream) {
+    let _ = runtime::sys::set_linger_zero(std::os::fd::AsRawFd::as_raw_fd(tcp));
+}
+
+// ---------------------------------------------------------------------------------------
+// Outbound (SOCKS5)
+
+/// A service hostname (or a workload-free name) → an address, from the snapshot.
+pub fn resolve(snap: &Snapshot, name: &str, port: u16) -> Option<SocketAddr> {
+    let name = name.trim_end_matches('.');
+    let svc = snap
+        .services()
+        .find(|s| s.hostname.eq_ignore_ascii_case(name))?;
+    let ip = svc
+        .vips
+        .iter()
+        .map(|(_, ip)| *ip)
+        .find(IpAddr::is_ipv4)
+        .or_else(|| svc.vips.first().map(|(_, ip)| *ip))?;
+    Some(SocketAddr::new(ip, port))
+}
+
+fn status_reply(e: &HboneError) -> u8 {
+    match e {
+        HboneError::Status(s) if *s == status::DENIED => reply::NOT_ALLOWED,
+        HboneError::Status(s) if *s == status::UPSTREAM_FAILED => reply::CONNECTION_REFUSED,
+        HboneError::Status(s) if *s == status::BAD_AUTHORITY => reply::HOST_UNREACHABLE,
+        HboneError::Connect(..) => reply::CONNECTION_REFUSED,
+        _ => reply::GENERAL_FAILURE,
+    }
+}
+
+async fn socks_fail(w: &Worker, tcp: &mut TcpStream, peer: SocketAddr, code: u8, why: &str) {
+    w.metrics.socks_error(code);
+    tracing::info!(target: "ztunnel::access", direction = "outbound", src = %peer, reply = code, reason = why, "socks5 request refused");
+    let _ = socks::send_reply(tcp, code).await;
+}
+
+async fn socks_conn(w: Rc<Worker>, mut tcp: TcpStream, peer: SocketAddr) {
+    let started = Instant::now();
+    let st = w.state();
+    let target = match socks::handshake(&mut tcp, Duration::from_secs(10)).await {
+        Ok(t) => t,
+        Err(Failure::Silent) => return,
+        Err(Failure::Greeting) => {
+            w.metrics.socks_error(socks::NO_ACCEPTABLE_METHOD);
+            return;
+        }
+        Err(Failure::Reply(code)) => {
+            return socks_fail(&w, &mut tcp, peer, code, "bad socks5 request").await
+        }
+    };
+    let dst = match target {
+        Target::Addr(a) => a,
+        Target::Domain(name, port) => match resolve(&st.model, &name, port) {
+            Some(a) => a,
+            None => {
+                let why = format!("unknown host {name:?}");
+                return socks_fail(&w, &mut tcp, peer, reply::HOST_UNREACHABLE, &why).await;
+            }
+        },
+    };
+    let node = &w.settings().node;
+    let Some(src) = st
+        .model
+        .workload_by_ip(peer.ip())
+        .filter(|s| &s.node == node)
+    else {
+        let why = format!("{} is not a workload on node {node}", peer.ip());
+        return socks_fail(&w, &mut tcp, peer, reply::NOT_ALLOWED, &why).await;
+    };
+    let decision = route::outbound(&st.model, Some(src), dst, &mut *w.chooser.borrow_mut());
+    let path = |route: &str, target: String, authority: String| PathLabels {
+        direction: "outbound",
+        route: route.into(),
+        target,
+        authority,
+        peer: String::new(),
+    };
+    match decision {
+        Outbound::NoEndpoint { service, port } => {
+            w.metrics
+                .path(&path("no_endpoint", String::new(), String::new()));
+            let why = format!("service {service} has no healthy endpoint for port {port}");
+            socks_fail(&w, &mut tcp, peer, reply::HOST_UNREACHABLE, &why).await
+        }
+        Outbound::Passthrough {
+            target,
+            reason,
+            service,
+            workload,
+        } => {
+            w.metrics
+                .path(&path("passthrough", target.to_string(), String::new()));
+            let mut labels = base_labels("source", "none");
+            source_labels(&mut labels, src);
+            dest_labels(&mut labels, &st.model, service.as_ref(), workload.as_ref());
+            let up = match listener::connect(target, w.ctx.listen_options()).await {
+                Ok(u) => u,
+                Err(e) => {
+                    let why = format!("connect {target}: {e}");
+                    return socks_fail(&w, &mut tcp, peer, reply::CONNECTION_REFUSED, &why).await;
+                }
+            };
+            if !socks::send_reply(&mut tcp, reply::SUCCEEDED).await {
+                return;
+            }
+            let counters = w.metrics.open(&labels);
+            let out = runtime::forward::forward(
+                tcp,
+                up,
+                &w.settings().runtime.forward,
+                w.ctx.pool(),
+                w.ctx.aborted(),
+            )
+            .await;
+            metrics::close(
+                &counters,
+                out.downstream_to_upstream,
+                out.upstream_to_downstream,
+            );
+            access_log(
+                "outbound",
+                &format!("passthrough ({reason:?})"),
+                peer,
+                dst,
+                &labels,
+                &target.to_string(),
+                "",
+                out.downstream_to_upstream,
+                out.upstream_to_downstream,
+                started,
+                &end_reason(&out.end),
+            );
+        }
+        Outbound::Hbone {
+            target,
+            authority,
+            identity,
+            service,
+            workload,
+        } => {
+            let expected = vec![hid(&identity), w.settings().peer_identity.clone()];
+            let mut labels = base_labels("source", "mutual_tls");
+            source_labels(&mut labels, src);
+            dest_labels(&mut labels, &st.model, service.as_ref(), Some(&workload));
+            let route = "hbone";
+            w.metrics
+                .path(&path(route, target.to_string(), authority.to_string()));
+            let host = service.as_deref().map(service_host);
+            outbound_hbone(
+                &w, &st, tcp, peer, dst, src, target, authority, expected, host, labels, route,
+                started,
+            )
+            .await
+        }
+        Outbound::Waypoint {
+            target,
+            authority,
+            identity,
+            waypoint,
+            service,
+            workload,
+        } => {
+            let expected = vec![identity
+                .as_ref()
+                .map(hid)
+                .unwrap_or_else(|| w.settings().peer_identity.clone())];
+            let mut labels = base_labels("source", "mutual_tls");
+            source_labels(&mut labels, src);
+            dest_labels(&mut labels, &st.model, service.as_ref(), workload.as_ref());
+            w.metrics
+                .path(&path("waypoint", target.to_string(), authority.to_string()));
+            tracing::debug!(?waypoint, %authority, "outbound via waypoint");
+            let host = service.as_deref().map(service_host);
+            outbound_hbone(
+                &w, &st, tcp, peer, dst, src, target, authority, expected, host, labels,
+                "waypoint", started,
+            )
+            .await
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn outbound_hbone(
+    w: &Worker,
+    st: &State,
+    mut tcp: TcpStream,
+    peer: SocketAddr,
+    dst: SocketAddr,
+    src: &Workload,
+    target: SocketAddr,
+    authority: SocketAddr,
+    expected: Vec<hbone::Identity>,
+    host: Option<String>,
+    labels: ConnLabels,
+    route: &str,
+    started: Instant,
+) {
+    let src_id = hid(&src.identity());
+    let Some(cert) = st.certs.get(&src_id).cloned() else {
+        let why = format!("no certificate for {src_id}");
+        return socks_fail(w, &mut tcp, peer, reply::GENERAL_FAILURE, &why).await;
+    };
+    let mut req = ConnectRequest::new(authority);
+    req.forwarded_for = Some(peer.ip());
+    req.host = host;
+    let key = PoolKey {
+        src: src_id,
+        dst: expected,
+        addr: target,
+    };
+    let stream = match w.pool.open(&key, &cert, &req).await {
+        Ok(s) => s,
+        Err(e) => {
+            let why = format!("HBONE to {target} (authority {authority}): {e}");
+            return socks_fail(w, &mut tcp, peer, status_reply(&e), &why).await;
+        }
+    };
+    if !socks::send_reply(&mut tcp, reply::SUCCEEDED).await {
+        return;
+    }
+    let counters = w.metrics.open(&labels);
+    let h2 = &w.settings().h2;
+    let out = hbone::stream::bridge(
+        tcp,
+        stream,
+        h2.chunk_size,
+        w.settings().runtime.forward.idle_timeout,
+        w.ctx.aborted(),
+    )
+    .await;
+    metrics::close(
+        &counters,
+        out.downstream_to_upstream,
+        out.upstream_to_downstream,
+    );
+    access_log(
+        "outbound",
+        route,
+        peer,
+        dst,
+        &labels,
+        &target.to_string(),
+        &authority.to_string(),
+        out.downstream_to_upstream,
+        out.upstream_to_downstream,
+        started,
+        &end_reason(&out.end),
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// Inbound
+
+async fn hbone_conn(w: Rc<Worker>, tcp: TcpStream, peer: SocketAddr) {
+    let st = w.state();
+    let tls = st.server_tls.clone();
+    drop(st);
+    let w2 = w.clone();
+    let handler = Rc::new(move |inb: HboneInbound| {
+        let w = w2.clone();
+        async move { hbone_stream(w, inb).await }
+    });
+    let r = serve_connection(
+        tcp,
+        peer,
+        tls,
+        &w.settings().h2,
+        w.server_counters.clone(),
+        w.ctx.draining(),
+        handler,
+    )
+    .await;
+    if let Err(e) = r {
+        tracing::debug!(%peer, error = %e, "hbone inbound connection ended with an error");
+    }
+}
+
+fn inbound_source_labels(
+    labels: &mut ConnLabels,
+    snap: &Snapshot,
+    peer: Option<&Identity>,
+    src_ip: IpAddr,
+) {
+    if let Some(p) = peer {
+        labels.source_principal = p.to_string();
+    }
+    let by_ip = snap
+        .workload_by_ip(src_ip)
+        .filter(|w| peer.is_none_or(|p| w.identity() == *p));
+    let by_id = || peer.and_then(|p| snap.workloads_by_identity(p).next());
+    if let Some(w) = by_ip.or_else(by_id) {
+        labels.source_workload = workload_name(w);
+        labels.source_workload_namespace = w.namespace.clone();
+    }
+}
+
+fn deny_policy(v: &mesh_model::authz::Verdict) -> String {
+    match &v.reason {
+        mesh_model::authz::Reason::DenyPolicy(p) => p.clone(),
+        mesh_model::authz::Reason::NoAllowMatched(ps) => ps.join(","),
+        other => format!("{other:?}"),
+    }
+}
+
+async fn hbone_stream(w: Rc<Worker>, inb: HboneInbound) {
+    let started = Instant::now();
+    let st = w.state();
+    let target = inb.request.target;
+    let peer_id = inb.peer_identity.as_ref().map(mid);
+    let src_ip = inb.request.forwarded_for.unwrap_or(inb.peer_addr.ip());
+    let src = SocketAddr::new(src_ip, 0);
+    let decision = route::inbound(
+        &st.model,
+        &InboundRequest {
+            peer: peer_id.as_ref(),
+            src: src_ip,
+            dst: target,
+        },
+        &w.settings().node,
+    );
+    let peer_s = peer_id.as_ref().map(|p| p.to_string()).unwrap_or_default();
+    let path = |route: &str, to: String| PathLabels {
+        direction: "inbound",
+        route: route.into(),
+        target: to,
+        authority: target.to_string(),
+        peer: peer_s.clone(),
+    };
+    let mut labels = base_labels("destination", "mutual_tls");
+    inbound_source_labels(&mut labels, &st.model, peer_id.as_ref(), src_ip);
+    match decision {
+        Inbound::NotServed => {
+            w.metrics.path(&path("hbone_not_served", String::new()));
+            tracing::info!(target: "ztunnel::access", direction = "inbound", src = %inb.peer_addr, peer = %peer_s, authority = %target, "not a workload on this node: 400");
+            inb.reject(status::BAD_AUTHORITY);
+        }
+        Inbound::Deny { workload, verdict } => {
+            let policy = deny_policy(&verdict);
+            w.metrics.path(&path("hbone_deny", String::new()));
+            w.metrics.denied(&DenyLabels {
+                transport: "hbone",
+                policy: policy.clone(),
+            });
+            tracing::info!(target: "ztunnel::access", direction = "inbound", src = %inb.peer_addr, peer = %peer_s, authority = %target, workload, policy, "denied by authorization: 401");
+            inb.reject(status::DENIED);
+        }
+        Inbound::Hairpin {
+            waypoint,
+            authority,
+            workload,
+        } => {
+            dest_labels(&mut labels, &st.model, None, Some(&workload));
+            w.metrics
+                .path(&path("hbone_hairpin", waypoint.address.to_string()));
+            let up = match hairpin_open(&w, &st, &waypoint, authority, src_ip).await {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::info!(target: "ztunnel::access", direction = "inbound", authority = %target, waypoint = %waypoint.address, error = %e, "hairpin to waypoint failed: 503");
+                    inb.reject(status::UPSTREAM_FAILED);
+                    return;
+                }
+            };
+            let Ok(down) = inb.accept() else { return };
+            let counters = w.metrics.open(&labels);
+            let (sent, received, end) = splice_h2(
+                down,
+                up,
+                w.settings().runtime.forward.idle_timeout,
+                w.ctx.aborted(),
+            )
+            .await;
+            metrics::close(&counters, sent, received);
+            access_log(
+                "inbound",
+                "hbone_hairpin",
+                src,
+                target,
+                &labels,
+                &waypoint.address.to_string(),
+                &authority.to_string(),
+                sent,
+                received,
+                started,
+                &end_reason(&end),
+            );
+        }
+        Inbound::Allow { workload, verdict } => {
+            dest_labels(&mut labels, &st.model, None, Some(&workload));
+            w.metrics.path(&path("hbone_allow", target.to_string()));
+            let tcp = match listener::connect(target, w.ctx.listen_options()).await {
+                Ok(t) => t,
+                Err(e) => {
+                    tracing::info!(target: "ztunnel::access", direction = "inbound", authority = %target, error = %e, "connect to pod failed: 503");
+                    inb.reject(status::UPSTREAM_FAILED);
+                    return;
+                }
+            };
+            let Ok(stream) = inb.accept() else { return };
+            let counters = w.metrics.open(&labels);
+            let why = Rc::new(RefCell::new(None));
+            let abort = abort_or_revoked(&w, peer_id.clone(), src_ip, target, &why);
+            let out = hbone::stream::bridge(
+                tcp,
+                stream,
+                w.settings().h2.chunk_size,
+                w.settings().runtime.forward.idle_timeout,
+                abort,
+            )
+            .await;
+            // The pod is the bridge's downstream: sent = towards the pod.
+            let (sent, received) = (out.upstream_to_downstream, out.downstream_to_upstream);
+            metrics::close(&counters, sent, received);
+            let reason = close_reason(&w, "hbone_live", &out.end, &why);
+            access_log(
+                "inbound",
+                &format!("hbone_allow ({:?})", verdict.reason),
+                src,
+                target,
+                &labels,
+                "",
+                &target.to_string(),
+                sent,
+                received,
+                started,
+                &reason,
+            );
+        }
+    }
+}
+
+/// Completes when a newer snapshot no longer allows this connection (live re-check); the
+/// deciding policy is left in `why`.
+async fn revoked(
+    w: Rc<Worker>,
+    peer: Option<Identity>,
+    src: IpAddr,
+    dst: SocketAddr,
+    why: Rc<RefCell<Option<String>>>,
+) {
+    let mut wait = w.changed.wait();
+    loop {
+        wait.await;
+        wait = w.changed.wait();
+        let st = w.state();
+        let req = InboundRequest {
+            peer: peer.as_ref(),
+            src,
+            dst,
+        };
+        match route::inbound(&st.model, &req, &w.settings().node) {
+            Inbound::Deny { verdict, .. } => {
+                *why.borrow_mut() = Some(deny_policy(&verdict));
+                return;
+            }
+            Inbound::NotServed => {
+                *why.borrow_mut() = Some("destination no longer served".into());
+                return;
+            }
+            Inbound::Allow { .. } | Inbound::Hairpin { .. } => {}
+        }
+    }
+}
+
+/// `abort` of a connection: the drain deadline or a revoked authorization.
+fn abort_or_revoked(
+    w: &Rc<Worker>,
+    peer: Option<Identity>,
+    src: IpAddr,
+    dst: SocketAddr,
+    why: &Rc<RefCell<Option<String>>>,
+) -> impl std::future::Future<Output = ()> + 'static {
+    let aborted = w.ctx.aborted();
+    let revoked = revoked(w.clone(), peer, src, dst, why.clone());
+    async move {
+        race(aborted, revoked).await;
+    }
+}
+
+/// After a connection: the close reason, counting a revocation.
+fn close_reason(
+    w: &Worker,
+    transport: &'static str,
+    end: &End,
+    why: &Rc<RefCell<Option<String>>>,
+) -> String {
+    match why.borrow().as_ref() {
+        Some(policy) if matches!(end, End::Aborted) => {
+            w.metrics.denied(&DenyLabels {
+                transport,
+                policy: policy.clone(),
+            });
+            format!("authorization revoked by a config change ({policy})")
+        }
+        _ => end_reason(end),
+    }
+}
+
+/// R12: open an HBONE stream to `waypoint` for `authority`, as the ztunnel identity.
+async fn hairpin_open(
+    w: &Worker,
+    st: &State,
+    waypoint: &mesh_model::model::WaypointRef,
+    authority: SocketAddr,
+    src_ip: IpAddr,
+) -> Result<H2Stream, HboneError> {
+    let me = &w.settings().identity;
+    let cert = st
+        .certs
+        .get(me)
+        .cloned()
+        .ok_or_else(|| HboneError::Protocol(format!("no certificate for {me}")))?;
+    let expected = vec![waypoint
+        .identity
+        .as_ref()
+        .map(hid)
+        .unwrap_or_else(|| w.settings().peer_identity.clone())];
+    let mut req = ConnectRequest::new(authority);
+    req.forwarded_for = Some(src_ip);
+    let key = PoolKey {
+        src: me.clone(),
+        dst: expected,
+        addr: waypoint.address,
+    };
+    w.pool.open(&key, &cert, &req).await
+}
+
+async fn copy_h2(
+    r: &mut hbone::stream::H2Reader,
+    wr: &mut hbone::stream::H2Writer,
+    count: &Cell<u64>,
+) -> DirEnd {
+    let io = |e: h2::Error| std::io::Error::new(std::io::ErrorKind::ConnectionReset, e);
+    loop {
+        match r.read().await {
+            Some(Ok(b)) => {
+                let n = b.len() as u64;
+                if let Err(e) = wr.write_all(b, false).await {
+                    return DirEnd::WriteFailed(io(e));
+                }
+                count.set(count.get() + n);
+            }
+            Some(Err(e)) => return DirEnd::ReadFailed(io(e)),
+            None => {
+                return match wr.write_all(Bytes::new(), true).await {
+                    Ok(()) => DirEnd::Eof,
+                    Err(e) => DirEnd::WriteFailed(io(e)),
+                }
+            }
+        }
+    }
+}
+
+/// Bridge two HBONE streams (hairpin). Returns (down→up bytes, up→down bytes, end).
+async fn splice_h2(
+    down: H2Stream,
+    up: H2Stream,
+    idle: Duration,
+    abort: impl std::future::Future<Output = ()>,
+) -> (u64, u64, End) {
+    let (mut dw, mut dr) = down.split();
+    let (mut uw, mut ur) = up.split();
+    let counts = [Cell::new(0u64), Cell::new(0u64)];
+    let end = runtime::forward::drive(
+        copy_h2(&mut dr, &mut uw, &counts[0]),
+        copy_h2(&mut ur, &mut dw, &counts[1]),
+        &counts,
+        idle,
+        abort,
+    )
+    .await;
+    match &end {
+        End::Closed => {}
+        _ => {
+            dw.reset(h2::Reason::CANCEL);
+            uw.reset(h2::Reason::CANCEL);
+        }
+    }
+    (counts[0].get(), counts[1].get(), end)
+}
+
+async fn plaintext_conn(w: Rc<Worker>, idx: usize, tcp: TcpStream, peer: SocketAddr) {
+    let started = Instant::now();
+    let st = w.state();
+    let Some(target) = w.settings().plaintext.get(idx).map(|p| p.target) else {
+        return;
+    };
+    let decision = route::inbound(
+        &st.model,
+        &InboundRequest {
+            peer: None,
+            src: peer.ip(),
+            dst: target,
+        },
+        &w.settings().node,
+    );
+    let path = |route: &str, to: String, authority: String| PathLabels {
+        direction: "inbound",
+        route: route.into(),
+        target: to,
+        authority,
+        peer: String::new(),
+    };
+    let mut labels = base_labels("destination", "none");
+    inbound_source_labels(&mut labels, &st.model, None, peer.ip());
+    match decision {
+        Inbound::NotServed => {
+            w.metrics
+                .path(&path("plaintext_not_served", String::new(), String::new()));
+            tracing::info!(target: "ztunnel::access", direction = "inbound", src = %peer, dst = %target, "plaintext: not a workload on this node: reset");
+            reset(&tcp);
+        }
+        Inbound::Deny { workload, verdict } => {
+            let policy = deny_policy(&verdict);
+            w.metrics
+                .path(&path("plaintext_deny", String::new(), String::new()));
+            w.metrics.denied(&DenyLabels {
+                transport: "plaintext",
+                policy: policy.clone(),
+            });
+            tracing::info!(target: "ztunnel::access", direction = "inbound", src = %peer, dst = %target, workload, policy, "plaintext denied by authorization: reset");
+            reset(&tcp);
+        }
+        Inbound::Hairpin {
+            waypoint,
+            authority,
+            workload,
+        } => {
+            dest_labels(&mut labels, &st.model, None, Some(&workload));
+            w.metrics.path(&path(
+                "plaintext_hairpin",
+                waypoint.address.to_string(),
+                authority.to_string(),
+            ));
+            let up = match hairpin_open(&w, &st, &waypoint, authority, peer.ip()).await {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::info!(target: "ztunnel::access", direction = "inbound", src = %peer, dst = %target, waypoint = %waypoint.address, error = %e, "plaintext hairpin failed: reset");
+                    reset(&tcp);
+                    return;
+                }
+            };
+            let counters = w.metrics.open(&labels);
+            let out = hbone::stream::bridge(
+                tcp,
+                up,
+                w.settings().h2.chunk_size,
+                w.settings().runtime.forward.idle_timeout,
+                w.ctx.aborted(),
+            )
+            .await;
+            metrics::close(
+                &counters,
+                out.downstream_to_upstream,
+                out.upstream_to_downstream,
+            );
+            access_log(
+                "inbound",
+                "plaintext_hairpin",
+                peer,
+                target,
+                &labels,
+                &waypoint.address.to_string(),
+                &authority.to_string(),
+                out.downstream_to_upstream,
+                out.upstream_to_downstream,
+                started,
+                &end_reason(&out.end),
+            );
+        }
+        Inbound::Allow { workload, verdict } => {
+            dest_labels(&mut labels, &st.model, None, Some(&workload));
+            w.metrics
+                .path(&path("plaintext_allow", target.to_string(), String::new()));
+            let up = match listener::connect(target, w.ctx.listen_options()).await {
+                Ok(u) => u,
+                Err(e) => {
+                    tracing::info!(target: "ztunnel::access", direction = "inbound", src = %peer, dst = %target, error = %e, "plaintext: connect to pod failed: reset");
+                    reset(&tcp);
+                    return;
+                }
+            };
+            let counters = w.metrics.open(&labels);
+            let why = Rc::new(RefCell::new(None));
+            let abort = abort_or_revoked(&w, None, peer.ip(), target, &why);
+            let out = runtime::forward::forward(
+                tcp,
+                up,
+                &w.settings().runtime.forward,
+                w.ctx.pool(),
+                abort,
+            )
+            .await;
+            metrics::close(
+                &counters,
+                out.downstream_to_upstream,
+                out.upstream_to_downstream,
+            );
+            let reason = close_reason(&w, "plaintext_live", &out.end, &why);
+            access_log(
+                "inbound",
+                &format!("plaintext_allow ({:?})", verdict.reason),
+                peer,
+                target,
+                &labels,
+                "",
+                "",
+                out.downstream_to_upstream,
+                out.upstream_to_downstream,
+                started,
+                &reason,
+            );
+        }
+    }
+}

@@ -1,0 +1,569 @@
+//! Two-node loopback topology: ztunnel A (127.N.1.10) and B (127.N.2.10) in this process,
+//! pods as echo servers on their own loopback IPs, a SOCKS5 client bound to the client pod's
+//! IP, an HBONE test waypoint (127.N.5.10:15008) that records what it receives.
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant, SystemTime};
+
+use hbone::ca::{CertSource, SigningCa};
+use hbone::server::{serve_connection, Inbound, ServerCounters};
+use hbone::{H2Settings, Identity};
+use socket2::{Domain, SockAddr, Socket, Type};
+
+pub const CLIENT_ID: &str = "spiffe://cluster.local/ns/ns-a/sa/client";
+pub const SERVER_ID: &str = "spiffe://cluster.local/ns/ns-b/sa/server";
+pub const WAYPOINT_ID: &str = "spiffe://cluster.local/ns/ns-w/sa/waypoint";
+pub const WAYPOINT2_ID: &str = "spiffe://cluster.local/ns/ns-w/sa/waypoint2";
+pub const ZTUNNEL_ID: &str = "spiffe://cluster.local/ns/istio-system/sa/ztunnel";
+
+/// The addresses of one test's topology; `n` keeps parallel tests apart (127.n.*.*).
+#[derive(Clone, Copy)]
+pub struct Net {
+    pub n: u8,
+}
+
+impl Net {
+    pub fn ip(&self, a: u8, b: u8) -> IpAddr {
+        IpAddr::from([127, self.n, a, b])
+    }
+    pub fn addr(&self, a: u8, b: u8, port: u16) -> SocketAddr {
+        SocketAddr::new(self.ip(a, b), port)
+    }
+    pub fn zt_a(&self) -> IpAddr {
+        self.ip(1, 10)
+    }
+    pub fn zt_b(&self) -> IpAddr {
+        self.ip(2, 10)
+    }
+    pub fn client(&self) -> IpAddr {
+        self.ip(1, 1)
+    }
+    pub fn server(&self) -> SocketAddr {
+        self.addr(2, 2, 8080)
+    }
+    pub fn server2(&self) -> SocketAddr {
+        self.addr(2, 3, 8080)
+    }
+    pub fn legacy(&self) -> SocketAddr {
+        self.addr(3, 2, 8080)
+    }
+    pub fn outside(&self) -> SocketAddr {
+        self.addr(4, 4, 8080)
+    }
+    pub fn wpod(&self) -> SocketAddr {
+        self.addr(2, 5, 8080)
+    }
+    pub fn waypoint(&self) -> SocketAddr {
+        self.addr(5, 10, 15008)
+    }
+    /// The service-account waypoint (for `wpod2` only).
+    pub fn waypoint2(&self) -> SocketAddr {
+        self.addr(5, 11, 15008)
+    }
+    pub fn wpod2(&self) -> SocketAddr {
+        self.addr(2, 6, 8080)
+    }
+    pub fn legacy_client(&self) -> IpAddr {
+        self.ip(1, 3)
+    }
+    pub fn mixed_vip(&self) -> IpAddr {
+        IpAddr::from([10, 200, self.n, 3])
+    }
+    pub fn echo_vip(&self) -> IpAddr {
+        IpAddr::from([10, 200, self.n, 1])
+    }
+    pub fn wsvc_vip(&self) -> IpAddr {
+        IpAddr::from([10, 200, self.n, 2])
+    }
+    pub fn plaintext_b(&self) -> SocketAddr {
+        self.addr(2, 10, 15006)
+    }
+    pub fn plaintext_wp(&self) -> SocketAddr {
+        self.addr(2, 10, 15007)
+    }
+
+    /// The mesh part shared by both nodes; `policies` is a YAML list (or `[]`).
+    pub fn mesh(&self, policies: &str) -> String {
+        let n = self.n;
+        format!(
+            r#"namespaces:
+  - name: ns-a
+    labels: {{istio.io/dataplane-mode: ambient}}
+  - name: ns-b
+    labels: {{istio.io/dataplane-mode: ambient}}
+  - name: ns-w
+    labels: {{istio.io/dataplane-mode: ambient, istio.io/use-waypoint: waypoint}}
+  - name: legacy
+nodes:
+  - {{name: node-a, ztunnel: 127.{n}.1.10}}
+  - {{name: node-b, ztunnel: 127.{n}.2.10}}
+waypoints:
+  - {{name: waypoint, namespace: ns-w, address: "127.{n}.5.10:15008"}}
+  - {{name: waypoint2, namespace: ns-w, address: "127.{n}.5.11:15008", annotations: {{istio.io/for-service-account: wpod2}}}}
+workloads:
+  - {{name: client, namespace: ns-a, serviceAccount: client, workloadIps: [127.{n}.1.1], node: node-a}}
+  - {{name: server, namespace: ns-b, serviceAccount: server, workloadIps: [127.{n}.2.2], node: node-b}}
+  - {{name: server2, namespace: ns-b, serviceAccount: server, workloadIps: [127.{n}.2.3], node: node-b}}
+  - {{name: legacy, namespace: legacy, workloadIps: [127.{n}.3.2], node: node-b}}
+  - {{name: wpod, namespace: ns-w, serviceAccount: wpod, workloadIps: [127.{n}.2.5], node: node-b}}
+  - {{name: wpod2, namespace: ns-w, serviceAccount: wpod2, workloadIps: [127.{n}.2.6], node: node-b}}
+  - {{name: legacy-client, namespace: legacy, workloadIps: [127.{n}.1.3], node: node-a}}
+services:
+  - name: echo
+    namespace: ns-b
+    hostname: echo.ns-b.svc.cluster.local
+    vips: [10.200.{n}.1]
+    ports: {{80: 8080}}
+    endpoints: [{{workloadUid: ns-b/server}}, {{workloadUid: ns-b/server2}}]
+  - name: wsvc
+    namespace: ns-w
+    hostname: wsvc.ns-w.svc.cluster.local
+    vips: [10.200.{n}.2]
+    ports: {{80: 8080}}
+    endpoints: [{{workloadUid: ns-w/wpod}}]
+  - name: mixed
+    namespace: ns-b
+    hostname: mixed.ns-b.svc.cluster.local
+    vips: [10.200.{n}.3]
+    ports: {{80: 8080}}
+    endpoints: [{{workloadUid: ns-b/server}}, {{workloadUid: ns-w/wpod}}]
+policies: {policies}
+"#
+        )
+    }
+
+    pub fn node_config(&self, node: &str, ca: &Path, policies: &str) -> String {
+        let (ip, plaintext) = if node == "node-a" {
+            (self.zt_a(), String::new())
+        } else {
+            (
+                self.zt_b(),
+                format!(
+                    "  plaintext:\n    - {{listen: \"{}\", target: \"{}\"}}\n    - {{listen: \"{}\", target: \"{}\"}}\n",
+                    self.plaintext_b(),
+                    self.server(),
+                    self.plaintext_wp(),
+                    self.wpod()
+                ),
+            )
+        };
+        format!(
+            "ztunnel:\n  node: {node}\n  address: {ip}\n  ca: {{builtin: {}}}\n{plaintext}runtime: {{workers: 1, pin: false, drain_timeout: 1s}}\n{}",
+            ca.display(),
+            self.mesh(policies)
+        )
+    }
+}
+
+pub fn tmpdir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!(
+        "ztunnel-test-{name}-{}-{}",
+        std::process::id(),
+        SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos()
+    ));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// Both nodes, the CA and the config files.
+pub struct Topo {
+    pub net: Net,
+    pub dir: PathBuf,
+    pub ca_dir: PathBuf,
+    pub a: Option<ztunnel::Handle>,
+    pub b: Option<ztunnel::Handle>,
+    pub file_a: PathBuf,
+    pub file_b: PathBuf,
+}
+
+pub fn start_node(file: &Path) -> ztunnel::Handle {
+    let profile = tuning::Profile::default();
+    let loaded = ztunnel::config::load_file(file, &profile, 1).unwrap();
+    let h = ztunnel::start(
+        loaded,
+        Some(ztunnel::config::Source {
+            file: file.to_owned(),
+            profile,
+        }),
+        runtime::Shutdown::new(),
+    )
+    .unwrap();
+    let body = http_get(h.addrs.readiness, "/healthz/ready");
+    assert!(body.0.contains("200"), "not ready: {body:?}");
+    h
+}
+
+impl Topo {
+    pub fn new(n: u8, policies: &str) -> Topo {
+        runtime::init_logging();
+        let net = Net { n };
+        let dir = tmpdir(&format!("n{n}"));
+        let ca_dir = dir.join("ca");
+        SigningCa::builtin(&ca_dir, "cluster.local").unwrap();
+        let file_a = dir.join("a.yaml");
+        let file_b = dir.join("b.yaml");
+        std::fs::write(&file_a, net.node_config("node-a", &ca_dir, "[]")).unwrap();
+        std::fs::write(&file_b, net.node_config("node-b", &ca_dir, policies)).unwrap();
+        let a = start_node(&file_a);
+        let b = start_node(&file_b);
+        Topo {
+            net,
+            dir,
+            ca_dir,
+            a: Some(a),
+            b: Some(b),
+            file_a,
+            file_b,
+        }
+    }
+    pub fn a(&self) -> &ztunnel::Handle {
+        self.a.as_ref().unwrap()
+    }
+    pub fn b(&self) -> &ztunnel::Handle {
+        self.b.as_ref().unwrap()
+    }
+    pub fn stats_a(&self) -> String {
+        http_get(self.a().addrs.stats, "/stats/prometheus").1
+    }
+    pub fn stats_b(&self) -> String {
+        http_get(self.b().addrs.stats, "/stats/prometheus").1
+    }
+    /// Rewrite B's file with `policies` (or raw `text`) and wait for the reload counters.
+    pub fn rewrite_b(&self, text: &str) {
+        // mtime must move: wait past the filesystem's timestamp granularity.
+        std::thread::sleep(Duration::from_millis(20));
+        std::fs::write(&self.file_b, text).unwrap();
+    }
+    pub fn ca(&self) -> SigningCa {
+        SigningCa::builtin(&self.ca_dir, "cluster.local").unwrap()
+    }
+}
+
+impl Drop for Topo {
+    fn drop(&mut self) {
+        for h in [self.a.take(), self.b.take()].into_iter().flatten() {
+            let _ = h.stop(Duration::from_millis(200));
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// GET `path`; returns (status line, body).
+pub fn http_get(addr: SocketAddr, path: &str) -> (String, String) {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nhost: x\r\n\r\n").unwrap();
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    let (head, body) = out.split_once("\r\n\r\n").unwrap_or((&out, ""));
+    (
+        head.lines().next().unwrap_or_default().to_string(),
+        body.to_string(),
+    )
+}
+
+/// Sum of the samples of `name` whose labels include every `(k, v)`.
+pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> u64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| l.starts_with(&format!("{name}{{")) || l.starts_with(&format!("{name} ")))
+        .filter(|l| {
+            labels
+                .iter()
+                .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
+}
+
+/// Poll `f` until true or 5 s.
+pub fn eventually(what: &str, mut f: impl FnMut() -> bool) {
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_secs(5) {
+        if f() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!("timed out waiting for: {what}");
+}
+
+/// A pod: accepts on `addr`, writes `name\n`, then echoes until EOF.
+pub struct Pod {
+    pub addr: SocketAddr,
+    pub peers: mpsc::Receiver<SocketAddr>,
+    stop: Arc<AtomicBool>,
+}
+
+impl Pod {
+    pub fn start(addr: SocketAddr, name: &str) -> Pod {
+        let l = TcpListener::bind(addr).unwrap();
+        let (tx, peers) = mpsc::channel();
+        let stop = Arc::new(AtomicBool::new(false));
+        let (s2, name) = (stop.clone(), name.to_string());
+        std::thread::spawn(move || {
+            for c in l.incoming() {
+                if s2.load(Ordering::SeqCst) {
+                    return;
+                }
+                let Ok(mut c) = c else { continue };
+                let _ = tx.send(c.peer_addr().unwrap());
+                let name = name.clone();
+                std::thread::spawn(move || {
+                    let _ = c.write_all(format!("{name}\n").as_bytes());
+                    let mut buf = [0u8; 16384];
+                    loop {
+                        match c.read(&mut buf) {
+                            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => {
+                                if c.write_all(&buf[..n]).is_err() {
+                                    break;
+                                }
+                            }
+                        }
+                    }
+                    let _ = c.shutdown(std::net::Shutdown::Write);
+                });
+            }
+        });
+        Pod { addr, peers, stop }
+    }
+}
+
+impl Drop for Pod {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        let _ = TcpStream::connect_timeout(&self.addr, Duration::from_millis(200));
+    }
+}
+
+/// A TCP socket bound to `src` connected to `dst`.
+pub fn connect_from(src: IpAddr, dst: SocketAddr) -> TcpStream {
+    try_connect_from(src, dst).unwrap()
+}
+
+/// As [`connect_from`]; a peer that resets at once may fail the connect itself.
+pub fn try_connect_from(src: IpAddr, dst: SocketAddr) -> std::io::Result<TcpStream> {
+    let s = Socket::new(Domain::for_address(dst), Type::STREAM, None)?;
+    s.bind(&SockAddr::from(SocketAddr::new(src, 0)))?;
+    s.connect_timeout(&SockAddr::from(dst), Duration::from_secs(2))?;
+    let s: TcpStream = s.into();
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    Ok(s)
+}
+
+pub enum Dest<'a> {
+    Addr(SocketAddr),
+    Name(&'a str, u16),
+}
+
+/// SOCKS5 CONNECT from `src` through `socks`; returns the reply code and the stream.
+pub fn socks_connect(src: IpAddr, socks: SocketAddr, dst: Dest<'_>) -> (u8, TcpStream) {
+    let mut s = connect_from(src, socks);
+    s.write_all(&[5, 1, 0]).unwrap();
+    let mut m = [0u8; 2];
+    s.read_exact(&mut m).unwrap();
+    assert_eq!(m, [5, 0]);
+    let mut req = vec![5, 1, 0];
+    match dst {
+        Dest::Addr(SocketAddr::V4(a)) => {
+            req.push(1);
+            req.extend_from_slice(&a.ip().octets());
+            req.extend_from_slice(&a.port().to_be_bytes());
+        }
+        Dest::Addr(SocketAddr::V6(a)) => {
+            req.push(4);
+            req.extend_from_slice(&a.ip().octets());
+            req.extend_from_slice(&a.port().to_be_bytes());
+        }
+        Dest::Name(h, p) => {
+            req.push(3);
+            req.push(h.len() as u8);
+            req.extend_from_slice(h.as_bytes());
+            req.extend_from_slice(&p.to_be_bytes());
+        }
+    }
+    s.write_all(&req).unwrap();
+    let mut rep = [0u8; 10];
+    s.read_exact(&mut rep).unwrap();
+    assert_eq!(rep[0], 5);
+    (rep[1], s)
+}
+
+/// Read the pod's greeting line.
+pub fn hello(s: &mut TcpStream) -> String {
+    let mut out = Vec::new();
+    let mut b = [0u8; 1];
+    loop {
+        match s.read(&mut b) {
+            Ok(1) if b[0] == b'\n' => break,
+            Ok(1) => out.push(b[0]),
+            Ok(_) => panic!("EOF before the greeting line (got {out:?})"),
+            // Something in this process sends signals now and then; a blocking read may
+            // see EINTR (std retries it in read_exact, not in read).
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => panic!("reading the greeting line: {e} (got {out:?})"),
+        }
+    }
+    String::from_utf8(out).unwrap()
+}
+
+/// Write `data`, read the same number of bytes back.
+pub fn roundtrip(s: &mut TcpStream, data: &[u8]) -> Vec<u8> {
+    s.write_all(data).unwrap();
+    let mut back = vec![0u8; data.len()];
+    s.read_exact(&mut back).unwrap();
+    back
+}
+
+/// What the test waypoint saw on each stream.
+#[derive(Debug, Clone)]
+pub struct Seen {
+    pub peer: Option<Identity>,
+    pub authority: SocketAddr,
+}
+
+/// An HBONE server presenting the waypoint identity: records each CONNECT, answers
+/// `waypoint\n`, then echoes.
+pub struct Waypoint {
+    pub seen: mpsc::Receiver<Seen>,
+    stop: Arc<AtomicBool>,
+    addr: SocketAddr,
+}
+
+impl Drop for Waypoint {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        let _ = TcpStream::connect_timeout(&self.addr, Duration::from_millis(200));
+    }
+}
+
+pub fn waypoint(ca: &SigningCa, addr: SocketAddr) -> Waypoint {
+    waypoint_as(ca, addr, WAYPOINT_ID)
+}
+
+/// A test waypoint presenting `identity`.
+pub fn waypoint_as(ca: &SigningCa, addr: SocketAddr, identity: &str) -> Waypoint {
+    let cert = ca
+        .issue(&identity.parse().unwrap(), SystemTime::now())
+        .unwrap();
+    let tls = hbone::tls::server_config(&cert).unwrap();
+    let listener = TcpListener::bind(addr).unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let (tx, seen) = mpsc::channel();
+    let stop = Arc::new(AtomicBool::new(false));
+    let s2 = stop.clone();
+    std::thread::spawn(move || {
+        let decision = runtime::driver::DriverDecision {
+            kind: runtime::driver::DriverKind::Epoll,
+            reason: "test".into(),
+        };
+        let (mut rt, _) = runtime::driver::build_runtime(&decision, 256).unwrap();
+        rt.block_on(async move {
+            let l = monoio::net::TcpListener::from_std(listener).unwrap();
+            let tx = Rc::new(tx);
+            loop {
+                let Ok((tcp, peer)) = l.accept().await else {
+                    continue;
+                };
+                if s2.load(Ordering::SeqCst) {
+                    return;
+                }
+                let (tls, tx) = (tls.clone(), tx.clone());
+                monoio::spawn(async move {
+                    let h = Rc::new(move |inb: Inbound| {
+                        let _ = tx.send(Seen {
+                            peer: inb.peer_identity.clone(),
+                            authority: inb.request.target,
+                        });
+                        async move {
+                            let Ok(mut s) = inb.accept() else { return };
+                            if s.write_all(bytes::Bytes::from_static(b"waypoint\n"), false)
+                                .await
+                                .is_err()
+                            {
+                                return;
+                            }
+                            while let Some(Ok(b)) = s.read().await {
+                                if s.write_all(b, false).await.is_err() {
+                                    return;
+                                }
+                            }
+                            let _ = s.write_all(bytes::Bytes::new(), true).await;
+                        }
+                    });
+                    let _ = serve_connection(
+                        tcp,
+                        peer,
+                        tls,
+                        &H2Settings::default(),
+                        Arc::new(ServerCounters::default()),
+                        std::future::pending(),
+                        h,
+                    )
+                    .await;
+                });
+            }
+        })
+    });
+    Waypoint { seen, stop, addr }
+}
+
+/// Open an HBONE stream to `zt` acting as `identity` (expecting the ztunnel identity), for
+/// `authority`; returns the status and, on 200, the first line the far end sent.
+pub fn hbone_call(
+    ca: &SigningCa,
+    identity: &str,
+    zt: SocketAddr,
+    authority: SocketAddr,
+) -> (u16, String) {
+    let cert = ca
+        .issue(&identity.parse().unwrap(), SystemTime::now())
+        .unwrap();
+    std::thread::spawn(move || {
+        let decision = runtime::driver::DriverDecision {
+            kind: runtime::driver::DriverKind::Epoll,
+            reason: "test".into(),
+        };
+        let (mut rt, _) = runtime::driver::build_runtime(&decision, 64).unwrap();
+        rt.block_on(async move {
+            let tls = hbone::tls::client_config(&cert, &[ZTUNNEL_ID.parse::<Identity>().unwrap()])
+                .unwrap();
+            let c = hbone::client::Client::connect(
+                zt,
+                tls,
+                &H2Settings::default(),
+                &hbone::tls::TlsCounters::default(),
+            )
+            .await
+            .unwrap();
+            match c.open(&hbone::wire::ConnectRequest::new(authority)).await {
+                Err(hbone::HboneError::Status(s)) => (s.as_u16(), String::new()),
+                Err(e) => panic!("{e}"),
+                Ok(mut s) => {
+                    let mut got = Vec::new();
+                    while !got.contains(&b'\n') {
+                        match s.read().await {
+                            Some(Ok(b)) => got.extend_from_slice(&b),
+                            _ => break,
+                        }
+                    }
+                    let line = String::from_utf8_lossy(&got);
+                    (200, line.lines().next().unwrap_or_default().to_string())
+                }
+            }
+        })
+    })
+    .join()
+    .unwrap()
+}

@@ -1,0 +1,278 @@
+//! Hot reload, bad SOCKS5 input, config errors and the binary.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use common::*;
+
+const DENY_CLIENT: &str = r#"
+  - name: deny-client
+    namespace: ns-b
+    scope: Namespace
+    action: Deny
+    rules: [[[{principals: ["cluster.local/ns/ns-a/sa/client"]}]]]
+"#;
+
+fn version(stats: &str) -> u64 {
+    metric(stats, "ztunnel_config_version", &[])
+}
+
+#[test]
+fn hot_reload_keeps_connections_rechecks_policy_and_a_broken_file_keeps_the_old_config() {
+    let t = Topo::new(120, "[]");
+    let _server = Pod::start(t.net.server(), "server");
+    let socks = t.a().addrs.socks5;
+    let mut conns: Vec<_> = (0..20)
+        .map(|_| {
+            let (code, mut s) = socks_connect(t.net.client(), socks, Dest::Addr(t.net.server()));
+            assert_eq!(code, 0);
+            assert_eq!(hello(&mut s), "server");
+            s
+        })
+        .collect();
+    // Ten reloads that change nothing for these connections…
+    let base = version(&t.stats_b());
+    for i in 0..10u64 {
+        t.rewrite_b(&format!(
+            "{}\n# reload {i}\n",
+            t.net.node_config("node-b", &t.ca_dir, "[]")
+        ));
+        eventually("reload published", || version(&t.stats_b()) > base + i);
+        let c = &mut conns[i as usize];
+        assert_eq!(
+            roundtrip(c, format!("r{i}").as_bytes()),
+            format!("r{i}").as_bytes()
+        );
+    }
+    // …then a policy that denies the client: new connections are refused, and the live ones
+    // are re-checked against the new snapshot and closed.
+    let before = version(&t.stats_b());
+    t.rewrite_b(&t.net.node_config("node-b", &t.ca_dir, DENY_CLIENT));
+    eventually("deny policy loaded", || version(&t.stats_b()) > before);
+    let (code, _) = socks_connect(t.net.client(), socks, Dest::Addr(t.net.server()));
+    assert_eq!(code, 2);
+    for c in &mut conns {
+        let mut buf = [0u8; 8];
+        let r = loop {
+            match c.read(&mut buf) {
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                r => break r,
+            }
+        };
+        assert!(
+            matches!(r, Ok(0)) || r.is_err(),
+            "revoked connection still open: {r:?}"
+        );
+    }
+    eventually("revocations counted", || {
+        metric(
+            &t.stats_b(),
+            "ztunnel_authorization_denied_total",
+            &[("transport", "hbone_live"), ("policy", "ns-b/deny-client")],
+        ) == 20
+    });
+    // A broken file: rejected, counted, the deny policy keeps applying.
+    let v = version(&t.stats_b());
+    let broken = t
+        .net
+        .node_config("node-b", &t.ca_dir, DENY_CLIENT)
+        .replace("serviceAccount: server,", "serviceAcount: server,");
+    t.rewrite_b(&broken);
+    eventually("reload error counted", || {
+        metric(&t.stats_b(), "ztunnel_config_reload_errors_total", &[]) == 1
+    });
+    assert_eq!(version(&t.stats_b()), v);
+    let (code, _) = socks_connect(t.net.client(), socks, Dest::Addr(t.net.server()));
+    assert_eq!(code, 2, "old config (with the deny policy) still serving");
+    let dump = http_get(t.b().addrs.admin, "/config_dump").1;
+    assert!(dump.contains("deny-client"), "{dump}");
+    assert!(dump.contains(&format!("\"version\":{v}")), "{dump}");
+    // Fixed again: allowed.
+    t.rewrite_b(&t.net.node_config("node-b", &t.ca_dir, "[]"));
+    eventually("fixed config loaded", || version(&t.stats_b()) > v);
+    let (code, mut s) = socks_connect(t.net.client(), socks, Dest::Addr(t.net.server()));
+    assert_eq!(code, 0);
+    assert_eq!(hello(&mut s), "server");
+    assert_eq!(roundtrip(&mut s, b"end"), b"end");
+}
+
+#[test]
+fn broken_config_names_file_line_and_field() {
+    let net = Net { n: 121 };
+    let dir = tmpdir("cfg");
+    let file = dir.join("z.yaml");
+    let good = net.node_config("node-b", &dir.join("ca"), "[]");
+    let profile = tuning::Profile::default();
+    assert!(ztunnel::config::load_str(&file, &good, &profile, 1).is_ok());
+    // Unknown field in a workload.
+    let bad = good.replace("serviceAccount: server,", "serviceAcount: server,");
+    let e = ztunnel::config::load_str(&file, &bad, &profile, 1).unwrap_err();
+    let line = good
+        .lines()
+        .position(|l| l.contains("serviceAccount: server,"))
+        .unwrap()
+        + 1;
+    assert_eq!(e.line, Some(line), "{e}");
+    assert!(e.to_string().contains("serviceAcount"), "{e}");
+    // Unknown key in the ztunnel section.
+    let bad = good.replace("  node: node-b", "  node: node-b\n  sock5: 127.0.0.1:1");
+    let e = ztunnel::config::load_str(&file, &bad, &profile, 1).unwrap_err();
+    assert_eq!(e.line, Some(3), "{e}");
+    assert!(e.to_string().contains("sock5"), "{e}");
+    // Duplicate IP.
+    let bad = good.replace("127.121.2.3]", "127.121.2.2]");
+    let e = ztunnel::config::load_str(&file, &bad, &profile, 1).unwrap_err();
+    assert!(e.to_string().contains("127.121.2.2"), "{e}");
+    // Dangling endpoint.
+    let bad = good.replace("workloadUid: ns-b/server2", "workloadUid: ns-b/nobody");
+    let e = ztunnel::config::load_str(&file, &bad, &profile, 1).unwrap_err();
+    assert!(e.to_string().contains("nobody"), "{e}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn raw(src: std::net::IpAddr, socks: SocketAddr, bytes: &[u8]) -> Vec<u8> {
+    let mut s = connect_from(src, socks);
+    s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    let _ = s.write_all(bytes);
+    let _ = s.shutdown(std::net::Shutdown::Write);
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    out
+}
+
+#[test]
+fn socks5_garbage_gets_reply_codes_not_a_crash() {
+    let t = Topo::new(122, "[]");
+    let _server = Pod::start(t.net.server(), "server");
+    let socks = t.a().addrs.socks5;
+    let c = t.net.client();
+    // Not SOCKS5 at all / no acceptable method: 05 FF.
+    assert_eq!(raw(c, socks, b"GET / HTTP/1.1\r\n\r\n"), [5, 0xff]);
+    assert_eq!(raw(c, socks, &[5, 1, 2]), [5, 0xff]);
+    // BIND: command not supported (7). Unknown address type: 8. Bad version: 1.
+    let r = raw(c, socks, &[5, 1, 0, 5, 2, 0, 1, 127, 0, 0, 1, 0, 80]);
+    assert_eq!(&r[..4], &[5, 0, 5, 7]);
+    let r = raw(c, socks, &[5, 1, 0, 5, 1, 0, 9, 1, 2, 3, 4, 0, 80]);
+    assert_eq!(&r[..4], &[5, 0, 5, 8]);
+    let r = raw(c, socks, &[5, 1, 0, 4, 1, 0, 1, 1, 2, 3, 4, 0, 80]);
+    assert_eq!(&r[..4], &[5, 0, 5, 1]);
+    // Truncated request then EOF: closed without a reply, no crash.
+    assert_eq!(raw(c, socks, &[5, 1, 0, 5, 1, 0, 1, 127]), [5, 0]);
+    // Unknown domain: host unreachable (4).
+    let (code, _) = socks_connect(c, socks, Dest::Name("no.such.host", 80));
+    assert_eq!(code, 4);
+    // A source that is not a workload of this node: not allowed (2).
+    let (code, _) = socks_connect(t.net.ip(9, 9), socks, Dest::Addr(t.net.server()));
+    assert_eq!(code, 2);
+    // Nothing listening behind a passthrough: connection refused (5).
+    let (code, _) = socks_connect(c, socks, Dest::Addr(t.net.addr(4, 4, 9)));
+    assert_eq!(code, 5);
+    // Random garbage, many times.
+    let mut x: u64 = 0x1234_5678_9abc_def1;
+    for _ in 0..200 {
+        let mut b = Vec::new();
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        for i in 0..(x % 64) {
+            b.push((x >> (i % 56)) as u8);
+        }
+        let _ = raw(c, socks, &b);
+    }
+    // Still serving, and the errors were counted.
+    let (code, mut s) = socks_connect(c, socks, Dest::Addr(t.net.server()));
+    assert_eq!(code, 0);
+    assert_eq!(hello(&mut s), "server");
+    let a = t.stats_a();
+    for reply in ["1", "2", "4", "5", "7", "8", "255"] {
+        assert!(
+            metric(&a, "ztunnel_socks5_errors_total", &[("reply", reply)]) >= 1,
+            "reply {reply}: {a}"
+        );
+    }
+}
+
+#[test]
+fn socks5_ipv6_destination_passes_through() {
+    let t = Topo::new(123, "[]");
+    let Ok(l) = std::net::TcpListener::bind("[::1]:0") else {
+        eprintln!("no IPv6 loopback here; skipping");
+        return;
+    };
+    let addr = l.local_addr().unwrap();
+    std::thread::spawn(move || {
+        if let Ok((mut c, _)) = l.accept() {
+            let _ = c.write_all(b"v6\n");
+        }
+    });
+    let (code, mut s) = socks_connect(t.net.client(), t.a().addrs.socks5, Dest::Addr(addr));
+    assert_eq!(code, 0);
+    assert_eq!(hello(&mut s), "v6");
+    eventually("v6 passthrough counted", || {
+        metric(
+            &t.stats_a(),
+            "ztunnel_connection_paths_total",
+            &[("route", "passthrough"), ("target", &addr.to_string())],
+        ) == 1
+    });
+}
+
+fn write_cfg(dir: &Path, text: &str) -> std::path::PathBuf {
+    let f = dir.join("bin.yaml");
+    std::fs::write(&f, text).unwrap();
+    f
+}
+
+#[test]
+fn binary_serves_readiness_and_config_dump_then_drains_on_sigterm() {
+    let net = Net { n: 124 };
+    let dir = tmpdir("bin");
+    let f = write_cfg(&dir, &net.node_config("node-a", &dir.join("ca"), "[]"));
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_ztunnel"))
+        .args(["--config", f.to_str().unwrap(), "--profile", "low-memory"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert!(line.starts_with("READY "), "{line}");
+    assert!(
+        line.contains(&format!("socks5={}:15080", net.zt_a())),
+        "{line}"
+    );
+    let ready = http_get(SocketAddr::new(net.zt_a(), 15021), "/healthz/ready");
+    assert!(ready.0.contains("200"), "{ready:?}");
+    let dump = http_get(SocketAddr::new(net.zt_a(), 15000), "/config_dump").1;
+    assert!(dump.contains("\"workloads\""), "{dump}");
+    assert!(dump.contains("echo.ns-b.svc.cluster.local"), "{dump}");
+    assert!(dump.contains("istio-system/sa/ztunnel"), "{dump}");
+    // SIGTERM → drain → exit 0.
+    let ok = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok);
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{status}");
+    // A broken file: exit 2 with file:line.
+    let bad = write_cfg(
+        &dir,
+        "ztunnel:\n  node: x\n  nod: y\n  ca: {builtin: /tmp}\n",
+    );
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ztunnel"))
+        .args(["--config", bad.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("bin.yaml:3"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
