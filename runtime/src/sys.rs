@@ -226,3 +226,91 @@ pub fn with_sockref<R>(
     let borrowed = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
     f(socket2::SockRef::from(&borrowed))
 }
+
+/// The destination a connection had before an iptables/nftables `REDIRECT` (or `DNAT`)
+/// rewrote it: `getsockopt(SOL_IP, SO_ORIGINAL_DST)` for IPv4 sockets and
+/// `getsockopt(SOL_IPV6, IP6T_SO_ORIGINAL_DST)` for IPv6 ones, read from conntrack.
+///
+/// `Ok(None)` when the connection was not NATed: conntrack has no entry (`ENOENT`), the
+/// option is not available for this socket (`ENOPROTOOPT`), or the original destination
+/// is the socket's own local address (the connection was made to the listener directly).
+pub fn original_dst(fd: RawFd) -> io::Result<Option<std::net::SocketAddr>> {
+    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+    let local = with_sockref(fd, |s| s.local_addr())?.as_socket();
+    let found = match local {
+        Some(SocketAddr::V4(_)) => {
+            // SAFETY: sockaddr_in is plain old data; all-zero is a valid value.
+            let mut sa: libc::sockaddr_in = unsafe { std::mem::zeroed() };
+            let mut len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+            // SAFETY: `sa` is writable and `len` holds its exact size; the kernel writes at
+            // most `len` bytes and updates `len`. The descriptor is owned by the caller.
+            let r = cvt(unsafe {
+                libc::getsockopt(
+                    fd,
+                    libc::SOL_IP,
+                    libc::SO_ORIGINAL_DST,
+                    (&mut sa as *mut libc::sockaddr_in).cast(),
+                    &mut len,
+                )
+            });
+            r.map(|_| {
+                let ip = Ipv4Addr::from(u32::from_be(sa.sin_addr.s_addr));
+                SocketAddr::new(IpAddr::V4(ip), u16::from_be(sa.sin_port))
+            })
+        }
+        Some(SocketAddr::V6(_)) => {
+            // SAFETY: sockaddr_in6 is plain old data; all-zero is a valid value.
+            let mut sa: libc::sockaddr_in6 = unsafe { std::mem::zeroed() };
+            let mut len = std::mem::size_of::<libc::sockaddr_in6>() as libc::socklen_t;
+            // SAFETY: `sa` is writable and `len` holds its exact size; the kernel writes at
+            // most `len` bytes and updates `len`. The descriptor is owned by the caller.
+            let r = cvt(unsafe {
+                libc::getsockopt(
+                    fd,
+                    libc::SOL_IPV6,
+                    libc::IP6T_SO_ORIGINAL_DST,
+                    (&mut sa as *mut libc::sockaddr_in6).cast(),
+                    &mut len,
+                )
+            });
+            r.map(|_| {
+                let ip = Ipv6Addr::from(sa.sin6_addr.s6_addr);
+                SocketAddr::new(IpAddr::V6(ip), u16::from_be(sa.sin6_port))
+            })
+        }
+        None => return Ok(None),
+    };
+    match found {
+        Ok(a) if Some(a) == local => Ok(None),
+        Ok(a) => Ok(Some(a)),
+        Err(e)
+            if matches!(
+                e.raw_os_error(),
+                Some(libc::ENOENT) | Some(libc::ENOPROTOOPT) | Some(libc::EOPNOTSUPP)
+            ) =>
+        {
+            Ok(None)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn original_dst_of_a_direct_connection_is_none() {
+        for bind in ["127.0.0.1:0", "[::1]:0"] {
+            let Ok(l) = std::net::TcpListener::bind(bind) else {
+                continue; // no IPv6 here
+            };
+            let c = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+            let (s, _) = l.accept().unwrap();
+            // Not redirected: no NAT entry, or one whose original destination is the
+            // listener itself; either way "none".
+            assert_eq!(original_dst(s.as_raw_fd()).unwrap(), None, "{bind}");
+            drop(c);
+        }
+    }
+}

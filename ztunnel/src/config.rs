@@ -7,10 +7,11 @@
 //!   node: node-a                      # required: which workloads are "on this node"
 //!   address: 127.0.1.10               # default IP of every listener below (default 127.0.0.1)
 //!   socks5: 127.0.0.1:15080           # outbound SOCKS5 (default <address>:15080)
+//!   outbound: 0.0.0.0:15001           # transparent outbound capture (optional; off if unset)
 //!   hbone: 127.0.1.10:15008           # inbound HBONE (default <address>:15008)
 //!   plaintext:                        # inbound plaintext (optional; see below)
-//!     listen: 127.0.1.10:15006
-//!     target: 127.0.1.2:8080
+//!     - listen: 127.0.1.10:15006
+//!       target: 127.0.1.2:8080        # optional: the pod when not redirected (see below)
 //!   admin: 127.0.0.1:15000            # /config_dump (default <address>:15000)
 //!   stats: 127.0.1.10:15020           # /stats/prometheus (default <address>:15020)
 //!   readiness: 127.0.1.10:15021       # /healthz/ready (default <address>:15021)
@@ -24,10 +25,17 @@
 //! services: []
 //! ```
 //!
-//! **Plaintext inbound** (loopback stand-in for `SO_ORIGINAL_DST`): without transparent
-//! capture there is no original destination, so each plaintext listener names the one local
-//! pod address it stands for (`target`); the connection is then treated exactly as captured
-//! plaintext to that address would be (R9–R12).
+//! **Transparent capture** (see [`crate::capture`]): node-level `REDIRECT` rules send a
+//! captured pod's outbound TCP to `outbound` (Istio's `:15001`) and TCP addressed to a
+//! captured pod to a `plaintext` listener (Istio's `:15006`); both read the original
+//! destination with `SO_ORIGINAL_DST`. `REDIRECT` rewrites the destination to the primary
+//! address of the interface the packet came in on, so these listeners are bound on `0.0.0.0`.
+//!
+//! **Plaintext inbound**: the destination is the connection's original destination
+//! (`SO_ORIGINAL_DST`). A connection that was not redirected (made to the listener itself,
+//! as on loopback without root) has none; it is then treated as captured plaintext to the
+//! listener's `target` (the one local pod address it stands for), and refused (reset) when
+//! no `target` is set. Either way R9–R12 apply as for any captured plaintext.
 //!
 //! **Identities on the HBONE inbound**: the node-level `hbone` listener presents this
 //! ztunnel's own certificate (`identity`); an outbound HBONE connection to another node's
@@ -51,6 +59,7 @@ use serde::Deserialize;
 
 /// Istio's ports.
 pub const SOCKS5_PORT: u16 = 15080;
+pub const OUTBOUND_CAPTURE_PORT: u16 = 15001;
 pub const HBONE_PORT: u16 = 15008;
 pub const PLAINTEXT_PORT: u16 = 15006;
 pub const ADMIN_PORT: u16 = 15000;
@@ -63,8 +72,10 @@ pub const DEFAULT_ZTUNNEL_IDENTITY: &str = "spiffe://cluster.local/ns/istio-syst
 #[serde(deny_unknown_fields)]
 pub struct PlaintextListener {
     pub listen: SocketAddr,
-    /// The local pod address connections to this listener are for.
-    pub target: SocketAddr,
+    /// The local pod address a connection is for when it has no original destination
+    /// (it was not redirected).
+    #[serde(default)]
+    pub target: Option<SocketAddr>,
 }
 
 /// The `ztunnel:` section.
@@ -76,6 +87,8 @@ pub struct ZtunnelSection {
     pub address: Option<IpAddr>,
     #[serde(default)]
     pub socks5: Option<SocketAddr>,
+    #[serde(default)]
+    pub outbound: Option<SocketAddr>,
     #[serde(default)]
     pub hbone: Option<SocketAddr>,
     #[serde(default)]
@@ -124,6 +137,8 @@ pub struct ZtunnelFile {
 pub struct Settings {
     pub node: String,
     pub socks5: SocketAddr,
+    /// The transparent outbound capture listener (`:15001`), when configured.
+    pub outbound: Option<SocketAddr>,
     pub hbone: SocketAddr,
     pub plaintext: Vec<PlaintextListener>,
     pub admin: SocketAddr,
@@ -192,6 +207,7 @@ impl ZtunnelFile {
         Ok(Settings {
             node: z.node.clone(),
             socks5: at(z.socks5, SOCKS5_PORT),
+            outbound: z.outbound,
             hbone: at(z.hbone, HBONE_PORT),
             plaintext: z.plaintext.clone(),
             admin: at(z.admin, ADMIN_PORT),

@@ -1,4 +1,6 @@
-//! `ztunnel --config FILE [--profile NAME]`.
+//! `ztunnel --config FILE [--profile NAME]`, and
+//! `ztunnel capture install|remove [--iface IF]… [--pod CIDR]… [--netns NS]` to manage a
+//! node's transparent-capture rules (see `ztunnel::capture`).
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -9,7 +11,7 @@ use clap::Parser;
 #[derive(Parser)]
 #[command(
     name = "ztunnel",
-    about = "Ambient-mode node proxy (SOCKS5 outbound, HBONE/plaintext inbound)"
+    about = "Ambient-mode node proxy (captured/SOCKS5 outbound, HBONE/plaintext inbound)"
 )]
 struct Args {
     /// YAML config: the `ztunnel:` section plus workloads, services, policies, …
@@ -21,8 +23,66 @@ struct Args {
     profile: String,
 }
 
+/// `ztunnel capture …`: install or remove the node's redirect rules.
+#[derive(Parser)]
+#[command(
+    name = "ztunnel capture",
+    about = "Install/remove the node-level transparent-capture rules (nftables, needs root)"
+)]
+struct CaptureArgs {
+    /// `install` or `remove`.
+    action: String,
+    /// Node-side interface (veth) of a captured pod; repeat for each pod.
+    #[arg(long = "iface")]
+    ifaces: Vec<String>,
+    /// Address or CIDR of a captured pod; repeat for each pod.
+    #[arg(long = "pod")]
+    pods: Vec<String>,
+    /// Run `nft` in this named network namespace (default: the current one).
+    #[arg(long)]
+    netns: Option<String>,
+    #[arg(long, default_value_t = ztunnel::config::OUTBOUND_CAPTURE_PORT)]
+    outbound_port: u16,
+    #[arg(long, default_value_t = ztunnel::config::PLAINTEXT_PORT)]
+    inbound_port: u16,
+    #[arg(long, default_value = ztunnel::capture::DEFAULT_TABLE)]
+    table: String,
+}
+
+fn capture_main(args: impl Iterator<Item = std::ffi::OsString>) -> ExitCode {
+    let a = match CaptureArgs::try_parse_from(args) {
+        Ok(a) => a,
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::from(2);
+        }
+    };
+    let mut rules = ztunnel::capture::Rules::new(a.ifaces, a.pods);
+    rules.table = a.table;
+    rules.outbound_port = a.outbound_port;
+    rules.inbound_port = a.inbound_port;
+    let r = match a.action.as_str() {
+        "install" => rules.install(a.netns.as_deref()),
+        "remove" => rules.remove(a.netns.as_deref()),
+        other => {
+            eprintln!("error: unknown capture action {other:?} (install or remove)");
+            return ExitCode::from(2);
+        }
+    };
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
 fn main() -> ExitCode {
     runtime::init_logging();
+    if std::env::args_os().nth(1).is_some_and(|a| a == "capture") {
+        return capture_main(std::env::args_os().skip(1));
+    }
     let args = match Args::try_parse() {
         Ok(a) => a,
         Err(e) => {
@@ -62,10 +122,11 @@ fn main() -> ExitCode {
     };
     let a = &h.addrs;
     println!(
-        "READY driver={} workers={} socks5={} hbone={} plaintext={} admin={} stats={} readiness={}",
+        "READY driver={} workers={} socks5={} outbound={} hbone={} plaintext={} admin={} stats={} readiness={}",
         h.workers().decision().kind,
         h.workers().len(),
         a.socks5,
+        a.outbound.map(|o| o.to_string()).unwrap_or_else(|| "off".into()),
         a.hbone,
         a.plaintext
             .iter()

@@ -1,8 +1,10 @@
 //! The running ztunnel: listeners on the runtime's workers, the config watcher and the
 //! control-side endpoints.
 //!
-//! - **outbound** (SOCKS5): the client is identified by its source IP (a captured workload
-//!   of this node); [`mesh_model::route::outbound`] picks passthrough (plain TCP through
+//! - **outbound** (transparent capture on `:15001` with the destination from
+//!   `SO_ORIGINAL_DST`, or SOCKS5): the client is identified by its source IP (a captured
+//!   workload of this node); both entries share one routing function (`outbound_conn`), and
+//!   differ only in how a failure is reported (SOCKS5 reply code vs. reset); [`mesh_model::route::outbound`] picks passthrough (plain TCP through
 //!   `runtime::forward`), HBONE to the destination node's ztunnel (`:authority` =
 //!   `podIP:targetPort`) or HBONE to a waypoint (`:authority` = `VIP:port` for a service,
 //!   R7). HBONE goes through the worker's [`hbone::pool::Pool`] acting as the client's
@@ -12,14 +14,15 @@
 //!   not a captured workload of this node → 400; deny → 401 (counted and logged with the
 //!   policy); hairpin → HBONE to the destination's waypoint (R12) as the ztunnel identity;
 //!   allow → connect to the pod (503 on failure) and bridge.
-//! - **inbound plaintext**: the same decision with no identity (R10); deny and not served
-//!   reset the connection.
+//! - **inbound plaintext**: the destination is the original destination (`SO_ORIGINAL_DST`,
+//!   captured traffic to a pod) or, when not redirected, the listener's `target`; the same
+//!   decision with no identity (R10); deny and not served reset the connection.
 //! - **live re-check**: each worker notices a new snapshot version (50 ms tick) and every
 //!   allowed inbound connection re-runs the decision; one that is now denied is closed
 //!   (counted under `transport="hbone_live"`/`"plaintext_live"` with the policy).
 //!
-//! Not here yet: transparent capture (`SO_ORIGINAL_DST`, network namespaces, the `:15001`
-//! outbound) and in-pod per-workload HBONE listeners presenting each pod's own identity.
+//! Not here: in-pod per-workload HBONE listeners presenting each pod's own identity (capture
+//! is node-level, see [`crate::capture`]).
 
 use std::cell::{Cell, RefCell};
 use std::net::{IpAddr, SocketAddr};
@@ -78,6 +81,8 @@ pub struct ReloadCounters {
 #[derive(Debug, Clone)]
 pub struct Addrs {
     pub socks5: SocketAddr,
+    /// The transparent outbound capture listener, when configured.
+    pub outbound: Option<SocketAddr>,
     pub hbone: SocketAddr,
     pub plaintext: Vec<SocketAddr>,
     pub admin: SocketAddr,
@@ -132,6 +137,15 @@ impl Drop for Handle {
         }
         self.stop_control();
     }
+}
+
+/// Which listener a socket belongs to.
+#[derive(Debug, Clone, Copy)]
+enum Listener {
+    Socks,
+    Hbone,
+    Outbound,
+    Plaintext(usize),
 }
 
 /// What every worker shares (read-only).
@@ -211,6 +225,14 @@ pub fn start(
         plain_socks.push(s);
     }
     let socks_addr = bound(settings.socks5, &socks_socks)?;
+    let (out_socks, out_addr) = match settings.outbound {
+        Some(a) => {
+            let s = listener::bind_sharded(a, n, &opts)?;
+            let bound_at = bound(a, &s)?;
+            (Some(s), Some(bound_at))
+        }
+        None => (None, None),
+    };
     let hbone_addr = bound(settings.hbone, &hbone_socks)?;
 
     let (m2, p2, rl2) = (metrics.clone(), publisher.clone(), reloads.clone());
@@ -239,6 +261,7 @@ pub fn start(
     })?;
     let addrs = Addrs {
         socks5: socks_addr,
+        outbound: out_addr,
         hbone: hbone_addr,
         plaintext: plain_addrs,
         admin: admin_ep.addr,
@@ -248,12 +271,20 @@ pub fn start(
     endpoints.push(stats_ep);
     endpoints.push(admin_ep);
 
-    // Per worker: [socks, hbone, plaintext…].
+    // Per worker: one socket of each listener, in the order of `kinds`.
+    let mut groups = vec![
+        (Listener::Socks, socks_socks),
+        (Listener::Hbone, hbone_socks),
+    ];
+    if let Some(s) = out_socks {
+        groups.push((Listener::Outbound, s));
+    }
+    for (i, s) in plain_socks.into_iter().enumerate() {
+        groups.push((Listener::Plaintext(i), s));
+    }
+    let kinds: Arc<Vec<Listener>> = Arc::new(groups.iter().map(|(k, _)| *k).collect());
     let mut per_worker: Vec<Vec<std::net::TcpListener>> = (0..n).map(|_| Vec::new()).collect();
-    for group in std::iter::once(socks_socks)
-        .chain(std::iter::once(hbone_socks))
-        .chain(plain_socks)
-    {
+    for (_, group) in groups {
         for (w, s) in group.into_iter().enumerate() {
             per_worker[w].push(s);
         }
@@ -265,7 +296,7 @@ pub fn start(
     let workers = runtime::spawn_workers(&settings.runtime, &shutdown, |id| {
         let socks = per_worker.next().expect("sockets per worker");
         let sub = publisher.subscribe();
-        let (metrics, shared) = (metrics.clone(), shared.clone());
+        let (metrics, shared, kinds) = (metrics.clone(), shared.clone(), kinds.clone());
         move |ctx: WorkerCtx| async move {
             let seed = SystemTime::now()
                 .duration_since(SystemTime::UNIX_EPOCH)
@@ -308,6 +339,7 @@ pub fn start(
             let mut loops = Vec::new();
             for (i, sock) in socks.into_iter().enumerate() {
                 let w = w.clone();
+                let kind = kinds[i];
                 loops.push(monoio::spawn(async move {
                     let w2 = w.clone();
                     let r = w
@@ -315,10 +347,11 @@ pub fn start(
                         .serve(sock, move |tcp, peer| {
                             let w = w2.clone();
                             async move {
-                                match i {
-                                    0 => socks_conn(w, tcp, peer).await,
-                                    1 => hbone_conn(w, tcp, peer).await,
-                                    _ => plaintext_conn(w, i - 2, tcp, peer).await,
+                                match kind {
+                                    Listener::Socks => socks_conn(w, tcp, peer).await,
+                                    Listener::Hbone => hbone_conn(w, tcp, peer).await,
+                                    Listener::Outbound => captured_conn(w, tcp, peer).await,
+                                    Listener::Plaintext(p) => plaintext_conn(w, p, tcp, peer).await,
                                 }
                             }
                         })
@@ -560,6 +593,61 @@ async fn socks_fail(w: &Worker, tcp: &mut TcpStream, peer: SocketAddr, code: u8,
     let _ = socks::send_reply(tcp, code).await;
 }
 
+/// How an outbound client reached ztunnel. The routing is the same; only the way a result
+/// is reported to the client differs: SOCKS5 answers with a reply code, a transparently
+/// captured connection (which believes it is talking to the destination) is reset on
+/// failure and just starts flowing on success.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Downstream {
+    Socks,
+    Captured,
+}
+
+impl Downstream {
+    /// Refuse the connection; `code` is the SOCKS5 reply (only logged when captured).
+    async fn fail(self, w: &Worker, tcp: &mut TcpStream, peer: SocketAddr, code: u8, why: &str) {
+        match self {
+            Downstream::Socks => socks_fail(w, tcp, peer, code, why).await,
+            Downstream::Captured => {
+                tracing::info!(target: "ztunnel::access", direction = "outbound", src = %peer, reply = code, reason = why, "captured connection refused: reset");
+                reset(tcp);
+            }
+        }
+    }
+    /// The upstream is ready: tell the client (SOCKS5 `succeeded`). False if it went away.
+    async fn ready(self, tcp: &mut TcpStream) -> bool {
+        match self {
+            Downstream::Socks => socks::send_reply(tcp, reply::SUCCEEDED).await,
+            Downstream::Captured => true,
+        }
+    }
+}
+
+/// Transparent outbound capture (`:15001`): the destination is the connection's original
+/// destination (`SO_ORIGINAL_DST`), the source workload its peer address (a pod of this
+/// node: node-level `REDIRECT` keeps the source address).
+async fn captured_conn(w: Rc<Worker>, mut tcp: TcpStream, peer: SocketAddr) {
+    let started = Instant::now();
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&tcp);
+    let dst = match runtime::sys::original_dst(fd) {
+        Ok(Some(d)) => d,
+        Ok(None) => {
+            let why = "no original destination (connection was not redirected)";
+            return Downstream::Captured
+                .fail(&w, &mut tcp, peer, reply::GENERAL_FAILURE, why)
+                .await;
+        }
+        Err(e) => {
+            let why = format!("SO_ORIGINAL_DST: {e}");
+            return Downstream::Captured
+                .fail(&w, &mut tcp, peer, reply::GENERAL_FAILURE, &why)
+                .await;
+        }
+    };
+    let st = w.state();
+    outbound_conn(&w, &st, Downstream::Captured, tcp, peer, dst, started).await
+}
+
 async fn socks_conn(w: Rc<Worker>, mut tcp: TcpStream, peer: SocketAddr) {
     let started = Instant::now();
     let st = w.state();
@@ -584,6 +672,20 @@ async fn socks_conn(w: Rc<Worker>, mut tcp: TcpStream, peer: SocketAddr) {
             }
         },
     };
+    outbound_conn(&w, &st, Downstream::Socks, tcp, peer, dst, started).await
+}
+
+/// The outbound decision (R1, R4–R8) for a client `peer` (a workload of this node, by IP)
+/// going to `dst`, shared by SOCKS5 and transparent capture.
+async fn outbound_conn(
+    w: &Worker,
+    st: &State,
+    mode: Downstream,
+    mut tcp: TcpStream,
+    peer: SocketAddr,
+    dst: SocketAddr,
+    started: Instant,
+) {
     let node = &w.settings().node;
     let Some(src) = st
         .model
@@ -591,7 +693,7 @@ async fn socks_conn(w: Rc<Worker>, mut tcp: TcpStream, peer: SocketAddr) {
         .filter(|s| &s.node == node)
     else {
         let why = format!("{} is not a workload on node {node}", peer.ip());
-        return socks_fail(&w, &mut tcp, peer, reply::NOT_ALLOWED, &why).await;
+        return mode.fail(w, &mut tcp, peer, reply::NOT_ALLOWED, &why).await;
     };
     let decision = route::outbound(&st.model, Some(src), dst, &mut *w.chooser.borrow_mut());
     let path = |route: &str, target: String, authority: String| PathLabels {
@@ -606,7 +708,8 @@ async fn socks_conn(w: Rc<Worker>, mut tcp: TcpStream, peer: SocketAddr) {
             w.metrics
                 .path(&path("no_endpoint", String::new(), String::new()));
             let why = format!("service {service} has no healthy endpoint for port {port}");
-            socks_fail(&w, &mut tcp, peer, reply::HOST_UNREACHABLE, &why).await
+            mode.fail(w, &mut tcp, peer, reply::HOST_UNREACHABLE, &why)
+                .await
         }
         Outbound::Passthrough {
             target,
@@ -623,10 +726,12 @@ async fn socks_conn(w: Rc<Worker>, mut tcp: TcpStream, peer: SocketAddr) {
                 Ok(u) => u,
                 Err(e) => {
                     let why = format!("connect {target}: {e}");
-                    return socks_fail(&w, &mut tcp, peer, reply::CONNECTION_REFUSED, &why).await;
+                    return mode
+                        .fail(w, &mut tcp, peer, reply::CONNECTION_REFUSED, &why)
+                        .await;
                 }
             };
-            if !socks::send_reply(&mut tcp, reply::SUCCEEDED).await {
+            if !mode.ready(&mut tcp).await {
                 return;
             }
             let counters = w.metrics.open(&labels);
@@ -673,7 +778,7 @@ async fn socks_conn(w: Rc<Worker>, mut tcp: TcpStream, peer: SocketAddr) {
                 .path(&path(route, target.to_string(), authority.to_string()));
             let host = service.as_deref().map(service_host);
             outbound_hbone(
-                &w, &st, tcp, peer, dst, src, target, authority, expected, host, labels, route,
+                w, st, mode, tcp, peer, dst, src, target, authority, expected, host, labels, route,
                 started,
             )
             .await
@@ -698,7 +803,7 @@ async fn socks_conn(w: Rc<Worker>, mut tcp: TcpStream, peer: SocketAddr) {
             tracing::debug!(?waypoint, %authority, "outbound via waypoint");
             let host = service.as_deref().map(service_host);
             outbound_hbone(
-                &w, &st, tcp, peer, dst, src, target, authority, expected, host, labels,
+                w, st, mode, tcp, peer, dst, src, target, authority, expected, host, labels,
                 "waypoint", started,
             )
             .await
@@ -710,6 +815,7 @@ async fn socks_conn(w: Rc<Worker>, mut tcp: TcpStream, peer: SocketAddr) {
 async fn outbound_hbone(
     w: &Worker,
     st: &State,
+    mode: Downstream,
     mut tcp: TcpStream,
     peer: SocketAddr,
     dst: SocketAddr,
@@ -725,7 +831,9 @@ async fn outbound_hbone(
     let src_id = hid(&src.identity());
     let Some(cert) = st.certs.get(&src_id).cloned() else {
         let why = format!("no certificate for {src_id}");
-        return socks_fail(w, &mut tcp, peer, reply::GENERAL_FAILURE, &why).await;
+        return mode
+            .fail(w, &mut tcp, peer, reply::GENERAL_FAILURE, &why)
+            .await;
     };
     let mut req = ConnectRequest::new(authority);
     req.forwarded_for = Some(peer.ip());
@@ -739,10 +847,10 @@ async fn outbound_hbone(
         Ok(s) => s,
         Err(e) => {
             let why = format!("HBONE to {target} (authority {authority}): {e}");
-            return socks_fail(w, &mut tcp, peer, status_reply(&e), &why).await;
+            return mode.fail(w, &mut tcp, peer, status_reply(&e), &why).await;
         }
     };
-    if !socks::send_reply(&mut tcp, reply::SUCCEEDED).await {
+    if !mode.ready(&mut tcp).await {
         return;
     }
     let counters = w.metrics.open(&labels);
@@ -1108,8 +1216,22 @@ async fn splice_h2(
 async fn plaintext_conn(w: Rc<Worker>, idx: usize, tcp: TcpStream, peer: SocketAddr) {
     let started = Instant::now();
     let st = w.state();
-    let Some(target) = w.settings().plaintext.get(idx).map(|p| p.target) else {
-        return;
+    let fallback = w.settings().plaintext.get(idx).and_then(|p| p.target);
+    let target = match runtime::sys::original_dst(std::os::fd::AsRawFd::as_raw_fd(&tcp)) {
+        Ok(Some(orig)) => orig,
+        Ok(None) => match fallback {
+            Some(t) => t,
+            None => {
+                tracing::info!(target: "ztunnel::access", direction = "inbound", src = %peer, "plaintext: no original destination and no target: reset");
+                reset(&tcp);
+                return;
+            }
+        },
+        Err(e) => {
+            tracing::info!(target: "ztunnel::access", direction = "inbound", src = %peer, error = %e, "plaintext: SO_ORIGINAL_DST failed: reset");
+            reset(&tcp);
+            return;
+        }
     };
     let decision = route::inbound(
         &st.model,

@@ -1,0 +1,325 @@
+//! Transparent capture (issue 4 item 5a): the node-level redirect rules and the helper that
+//! installs and removes them.
+//!
+//! # Design: node-level redirection, not in-pod listeners
+//!
+//! ztunnel runs in the **node's** network namespace. Each pod is its own network namespace
+//! joined to the node by a veth pair and routed (a /32 route per pod on the node side, the
+//! pod's default route via the node), so every packet a pod sends or receives crosses the
+//! node's IP stack and its `PREROUTING` hook. One nftables table on the node, in the `nat`
+//! `prerouting` hook, does all the capturing:
+//!
+//! - TCP **arriving from the veth of a captured pod** → `redirect to :15001` (outbound
+//!   capture). `REDIRECT` keeps the source address, so ztunnel identifies the client
+//!   workload by its peer IP; the destination (pod IP or service VIP) is read back with
+//!   `SO_ORIGINAL_DST`.
+//! - TCP **addressed to a captured pod** (from anywhere else: another node, an uncaptured pod)
+//!   → `redirect to :15006` (plaintext inbound, no identity, R10). HBONE is not redirected:
+//!   peers send it to the node's ztunnel address (`nodes[].ztunnel`), `:15008`.
+//!
+//! Why node level: one set of listeners per node serves every pod (no per-pod sockets,
+//! threads or `setns` dance inside the thread-per-core runtime, whose workers own their
+//! listeners for life), adding a pod is adding its interface and address to two sets, and
+//! the pod's own namespace is left untouched (nothing to install when a pod starts, nothing
+//! the pod can tamper with). The cost is that ztunnel's inbound HBONE presents the node's
+//! ztunnel identity rather than each pod's (see [`crate::config`]), which the outbound side
+//! already accepts via `peer_identity`.
+//!
+//! # Why ztunnel's own connections are not captured again
+//!
+//! Only the `prerouting` hook redirects. Packets that ztunnel itself sends (to a pod, a
+//! waypoint, another node's `:15008`, or a passthrough destination) are locally generated:
+//! they traverse `output`/`postrouting`, never `prerouting`, on this node. So no `SO_MARK`
+//! is needed. (On the *peer* node, ztunnel's HBONE arrives addressed to that node's ztunnel,
+//! not to a captured pod, so the inbound rule does not match it either; a plaintext
+//! passthrough to a captured pod is captured there as plaintext inbound, as it should be.)
+//! An `output`-hook design would have to mark ztunnel's sockets with `SO_MARK` and exclude
+//! the mark; this one has no such rule to get wrong.
+//!
+//! IPv4 and IPv6 are both handled (`inet` table); `SO_ORIGINAL_DST` /
+//! `IP6T_SO_ORIGINAL_DST` are read by [`runtime::sys::original_dst`].
+
+use std::io::Write;
+use std::net::IpAddr;
+use std::process::{Command, Stdio};
+
+use crate::config::{OUTBOUND_CAPTURE_PORT, PLAINTEXT_PORT};
+
+/// The nftables table this module owns (and deletes as a whole).
+pub const DEFAULT_TABLE: &str = "ztunnel_capture";
+
+/// What to capture on one node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rules {
+    /// nftables table name (family `inet`).
+    pub table: String,
+    /// Node-side interfaces (veths) of captured pods: their TCP goes to `outbound_port`.
+    pub pod_interfaces: Vec<String>,
+    /// Addresses or CIDRs of captured pods: TCP to them goes to `inbound_port`.
+    pub pod_cidrs: Vec<String>,
+    pub outbound_port: u16,
+    pub inbound_port: u16,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CaptureError {
+    #[error("invalid {what} {value:?}")]
+    Invalid { what: &'static str, value: String },
+    #[error("running {cmd}: {source}")]
+    Spawn { cmd: String, source: std::io::Error },
+    #[error("{cmd} failed ({status}): {stderr}")]
+    Failed {
+        cmd: String,
+        status: String,
+        stderr: String,
+    },
+}
+
+impl Rules {
+    /// Rules with Istio's ports (`:15001` outbound, `:15006` inbound).
+    pub fn new(pod_interfaces: Vec<String>, pod_cidrs: Vec<String>) -> Rules {
+        Rules {
+            table: DEFAULT_TABLE.into(),
+            pod_interfaces,
+            pod_cidrs,
+            outbound_port: OUTBOUND_CAPTURE_PORT,
+            inbound_port: PLAINTEXT_PORT,
+        }
+    }
+
+    /// The rules for node `node` from a mesh snapshot (R2): every captured workload on that
+    /// node (namespace labelled `istio.io/dataplane-mode=ambient`, or its workload override)
+    /// has its addresses captured inbound and, when `iface` names the node-side interface of
+    /// its veth, its traffic captured outbound.
+    pub fn for_node(
+        snapshot: &mesh_model::snapshot::Snapshot,
+        node: &str,
+        iface: impl Fn(&mesh_model::model::Workload) -> Option<String>,
+    ) -> Rules {
+        let mut ifaces = Vec::new();
+        let mut cidrs = Vec::new();
+        for w in snapshot
+            .workloads()
+            .filter(|w| w.node == node && w.captured())
+        {
+            ifaces.extend(iface(w));
+            cidrs.extend(w.ips.iter().map(|ip| match ip {
+                IpAddr::V4(a) => format!("{a}/32"),
+                IpAddr::V6(a) => format!("{a}/128"),
+            }));
+        }
+        ifaces.sort();
+        ifaces.dedup();
+        cidrs.sort();
+        cidrs.dedup();
+        Rules::new(ifaces, cidrs)
+    }
+
+    fn validate(&self) -> Result<(), CaptureError> {
+        let name_ok = |s: &str| {
+            !s.is_empty()
+                && s.len() <= 15
+                && s.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_.@".contains(&b))
+        };
+        let table_ok = !self.table.is_empty()
+            && self
+                .table
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_');
+        if !table_ok {
+            return Err(CaptureError::Invalid {
+                what: "table name",
+                value: self.table.clone(),
+            });
+        }
+        for i in &self.pod_interfaces {
+            if !name_ok(i) {
+                return Err(CaptureError::Invalid {
+                    what: "interface name",
+                    value: i.clone(),
+                });
+            }
+        }
+        for c in &self.pod_cidrs {
+            let (ip, len) = c.split_once('/').unwrap_or((c, ""));
+            let ip_ok = ip.parse::<IpAddr>().is_ok();
+            let len_ok = len.is_empty() || len.parse::<u8>().is_ok_and(|l| l <= 128);
+            if !(ip_ok && len_ok) {
+                return Err(CaptureError::Invalid {
+                    what: "pod address/CIDR",
+                    value: c.clone(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// The nftables script that (re)creates the table.
+    pub fn ruleset(&self) -> Result<String, CaptureError> {
+        self.validate()?;
+        let t = &self.table;
+        let mut s = format!(
+            "table inet {t}\ndelete table inet {t}\ntable inet {t} {{\n  chain prerouting {{\n    type nat hook prerouting priority dstnat; policy accept;\n"
+        );
+        if !self.pod_interfaces.is_empty() {
+            let ifs: Vec<String> = self
+                .pod_interfaces
+                .iter()
+                .map(|i| format!("\"{i}\""))
+                .collect();
+            s.push_str(&format!(
+                "    iifname {{ {} }} meta l4proto tcp redirect to :{}\n",
+                ifs.join(", "),
+                self.outbound_port
+            ));
+        }
+        let (v4, v6): (Vec<&String>, Vec<&String>) = self
+            .pod_cidrs
+            .iter()
+            .partition(|c| c.split('/').next().is_some_and(|ip| !ip.contains(':')));
+        for (fam, set) in [("ip", v4), ("ip6", v6)] {
+            if set.is_empty() {
+                continue;
+            }
+            let list: Vec<&str> = set.iter().map(|c| c.as_str()).collect();
+            s.push_str(&format!(
+                "    {fam} daddr {{ {} }} meta l4proto tcp redirect to :{}\n",
+                list.join(", "),
+                self.inbound_port
+            ));
+        }
+        s.push_str("  }\n}\n");
+        Ok(s)
+    }
+
+    /// Install (or replace) the rules, in network namespace `netns` (via `ip netns exec`)
+    /// or in the current one.
+    pub fn install(&self, netns: Option<&str>) -> Result<(), CaptureError> {
+        nft(netns, &self.ruleset()?)
+    }
+
+    /// Remove the table (no error if it is not there).
+    pub fn remove(&self, netns: Option<&str>) -> Result<(), CaptureError> {
+        self.validate()?;
+        let t = &self.table;
+        nft(netns, &format!("table inet {t}\ndelete table inet {t}\n"))
+    }
+}
+
+/// Run `nft -f -` with `script` on stdin.
+fn nft(netns: Option<&str>, script: &str) -> Result<(), CaptureError> {
+    let mut cmd = match netns {
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns, "nft", "-f", "-"]);
+            c
+        }
+        None => {
+            let mut c = Command::new("nft");
+            c.args(["-f", "-"]);
+            c
+        }
+    };
+    let what = format!("{cmd:?}");
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|source| CaptureError::Spawn {
+            cmd: what.clone(),
+            source,
+        })?;
+    if let Some(mut stdin) = child.stdin.take() {
+        let _ = stdin.write_all(script.as_bytes());
+    }
+    let out = child
+        .wait_with_output()
+        .map_err(|source| CaptureError::Spawn {
+            cmd: what.clone(),
+            source,
+        })?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(CaptureError::Failed {
+            cmd: what,
+            status: out.status.to_string(),
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ruleset_redirects_pod_interfaces_and_pod_addresses() {
+        let r = Rules::new(
+            vec!["p-client".into(), "p-two".into()],
+            vec![
+                "10.1.0.2".into(),
+                "10.1.0.0/24".into(),
+                "fd00::2/128".into(),
+            ],
+        );
+        let s = r.ruleset().unwrap();
+        assert!(
+            s.contains("type nat hook prerouting priority dstnat"),
+            "{s}"
+        );
+        assert!(
+            s.contains("iifname { \"p-client\", \"p-two\" } meta l4proto tcp redirect to :15001"),
+            "{s}"
+        );
+        assert!(
+            s.contains("ip daddr { 10.1.0.2, 10.1.0.0/24 } meta l4proto tcp redirect to :15006"),
+            "{s}"
+        );
+        assert!(
+            s.contains("ip6 daddr { fd00::2/128 } meta l4proto tcp redirect to :15006"),
+            "{s}"
+        );
+        // Only prerouting: ztunnel's own (locally generated) connections are never redirected.
+        assert!(!s.contains("output"), "{s}");
+    }
+
+    #[test]
+    fn for_node_takes_the_captured_workloads_of_that_node() {
+        let text = r#"
+ztunnel: {node: node-a, ca: {builtin: /nonexistent}}
+namespaces:
+  - {name: mesh, labels: {istio.io/dataplane-mode: ambient}}
+  - {name: legacy}
+workloads:
+  - {name: a1, namespace: mesh, workloadIps: [10.1.0.2], node: node-a}
+  - {name: a2, namespace: legacy, workloadIps: [10.1.0.3], node: node-a}
+  - {name: b1, namespace: mesh, workloadIps: [10.2.0.2], node: node-b}
+"#;
+        let loaded = crate::config::load_str(
+            std::path::Path::new("t.yaml"),
+            text,
+            &tuning::Profile::default(),
+            1,
+        )
+        .unwrap();
+        let r = Rules::for_node(&loaded.snapshot, "node-a", |w| {
+            Some(format!("p-{}", w.name))
+        });
+        assert_eq!(r.pod_interfaces, vec!["p-a1".to_string()]);
+        assert_eq!(r.pod_cidrs, vec!["10.1.0.2/32".to_string()]);
+    }
+
+    #[test]
+    fn ruleset_rejects_injection() {
+        let bad_if = Rules::new(vec!["x\"; flush ruleset".into()], vec![]);
+        assert!(bad_if.ruleset().is_err());
+        let bad_cidr = Rules::new(vec![], vec!["10.0.0.1 } ; flush".into()]);
+        assert!(bad_cidr.ruleset().is_err());
+        let mut bad_table = Rules::new(vec![], vec![]);
+        bad_table.table = "a b".into();
+        assert!(bad_table.remove(None).is_err());
+    }
+}

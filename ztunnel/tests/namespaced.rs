@@ -1,0 +1,635 @@
+//! Rules on real network namespaces with transparent capture (needs root; see
+//! `netns/mod.rs` for the topology). Each test checks the bytes end to end and the path
+//! taken, from both ztunnels' stats endpoints (and the test waypoint where there is one).
+//! Clients connect to the real destination (pod IP or service VIP): no SOCKS5 anywhere.
+
+mod common;
+mod netns;
+
+use std::io::{Read, Write};
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use common::{hello, metric, roundtrip, CLIENT_ID, SERVER_ID, WAYPOINT_ID, ZTUNNEL_ID};
+use netns::*;
+
+const PATHS: &str = "ztunnel_connection_paths_total";
+
+macro_rules! need_root {
+    ($name:expr) => {
+        if !can_run($name) {
+            return;
+        }
+    };
+}
+
+fn dump(w: &World) -> impl Fn() -> String + '_ {
+    move || {
+        format!(
+            "--- node-a stats\n{}\n--- node-b stats\n{}\n--- node-a log\n{}\n--- node-b log\n{}",
+            w.stats(0),
+            w.stats(1),
+            w.log("node-a"),
+            w.log("node-b")
+        )
+    }
+}
+
+#[test]
+fn r1_uncaptured_pod_traffic_is_not_touched() {
+    need_root!("r1_uncaptured_pod_traffic_is_not_touched");
+    let w = World::new("r1", "[]");
+    let legacy = w.server("legacy");
+    // An uncaptured pod (no capture rule for its veth) to an uncaptured pod on the other node.
+    let mut s = w.connect("legacy-client", legacy.addr).unwrap();
+    assert_eq!(hello(&mut s), "legacy");
+    assert_eq!(roundtrip(&mut s, b"untouched"), b"untouched");
+    drop(s);
+    // The server saw the client's own address: nothing proxied or NATed it.
+    let from = legacy.peers.recv_timeout(Duration::from_secs(1)).unwrap();
+    assert_eq!(from.ip(), IpAddr::V4(pod("legacy-client").ip));
+    // Neither ztunnel saw anything.
+    for i in 0..2 {
+        let st = w.stats(i);
+        assert_eq!(metric(&st, PATHS, &[]), 0, "node {i}:\n{st}");
+        assert_eq!(
+            metric(&st, "istio_tcp_connections_opened_total", &[]),
+            0,
+            "node {i}"
+        );
+    }
+    // Contrast: the captured client's connection to the same pod is captured by node A and
+    // passed through as plain TCP (R1 destination), so the pod sees node A's address.
+    let mut s = w.connect("client", legacy.addr).unwrap();
+    assert_eq!(hello(&mut s), "legacy");
+    assert_eq!(roundtrip(&mut s, b"captured"), b"captured");
+    drop(s);
+    let from = legacy.peers.recv_timeout(Duration::from_secs(1)).unwrap();
+    assert_eq!(from.ip(), IpAddr::V4(NODE_IPS[0]));
+    eventually_or(
+        "node A passthrough counted",
+        || {
+            metric(
+                &w.stats(0),
+                PATHS,
+                &[
+                    ("direction", "outbound"),
+                    ("route", "passthrough"),
+                    ("target", &legacy.addr.to_string()),
+                ],
+            ) == 1
+        },
+        dump(&w),
+    );
+    assert_eq!(metric(&w.stats(1), PATHS, &[]), 0);
+}
+
+#[test]
+fn r4_service_vip_goes_to_one_endpoint() {
+    need_root!("r4_service_vip_goes_to_one_endpoint");
+    let w = World::new("r4", "[]");
+    let _s1 = w.server("server");
+    let _s2 = w.server("server2");
+    let vip = SocketAddr::new(IpAddr::V4(ECHO_VIP), 80);
+    let mut seen = std::collections::BTreeSet::new();
+    const N: u64 = 10;
+    for _ in 0..N {
+        // Nothing routes the VIP: only the capture on node A makes this work.
+        let mut s = w.connect("client", vip).unwrap();
+        let who = hello(&mut s);
+        assert!(who == "server" || who == "server2", "{who}");
+        assert_eq!(roundtrip(&mut s, b"vip"), b"vip");
+        seen.insert(who);
+    }
+    assert_eq!(seen.len(), 2, "both endpoints are used: {seen:?}");
+    let zt_b = format!("{}:15008", NODE_IPS[1]);
+    eventually_or(
+        "each connection went to exactly one endpoint over HBONE",
+        || {
+            let a = w.stats(0);
+            let b = w.stats(1);
+            let out = |pod: &str| {
+                metric(
+                    &a,
+                    PATHS,
+                    &[
+                        ("direction", "outbound"),
+                        ("route", "hbone"),
+                        ("target", &zt_b),
+                        ("authority", &pod_addr(pod).to_string()),
+                    ],
+                )
+            };
+            let inb = |pod: &str| {
+                metric(
+                    &b,
+                    PATHS,
+                    &[
+                        ("direction", "inbound"),
+                        ("route", "hbone_allow"),
+                        ("authority", &pod_addr(pod).to_string()),
+                        ("peer", CLIENT_ID),
+                    ],
+                )
+            };
+            out("server") + out("server2") == N
+                && inb("server") + inb("server2") == N
+                && out("server") == inb("server")
+                && metric(
+                    &a,
+                    "istio_tcp_connections_closed_total",
+                    &[
+                        ("reporter", "source"),
+                        ("destination_service", "echo.ns-b.svc.cluster.local"),
+                    ],
+                ) == N
+        },
+        dump(&w),
+    );
+}
+
+#[test]
+fn r5_captured_to_captured_uses_hbone_across_nodes() {
+    need_root!("r5_captured_to_captured_uses_hbone_across_nodes");
+    let w = World::new("r5", "[]");
+    let server = w.server("server");
+    let mut s = w.connect("client", server.addr).unwrap();
+    assert_eq!(hello(&mut s), "server");
+    let big: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+    let mut r = s.try_clone().unwrap();
+    let n = big.len();
+    let reader = std::thread::spawn(move || {
+        let mut back = vec![0u8; n];
+        r.read_exact(&mut back).unwrap();
+        back
+    });
+    s.write_all(&big).unwrap();
+    assert_eq!(reader.join().unwrap(), big);
+    s.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut rest = Vec::new();
+    s.read_to_end(&mut rest).unwrap();
+    assert!(rest.is_empty());
+    // The pod was reached by node B's ztunnel (from its pod-side address), not the client.
+    let from = server.peers.recv_timeout(Duration::from_secs(1)).unwrap();
+    assert_eq!(from.ip(), IpAddr::from([10, 2, 0, 1]));
+    let zt_b = format!("{}:15008", NODE_IPS[1]);
+    eventually_or(
+        "HBONE on both sides",
+        || {
+            let a = w.stats(0);
+            let b = w.stats(1);
+            metric(
+                &a,
+                PATHS,
+                &[
+                    ("direction", "outbound"),
+                    ("route", "hbone"),
+                    ("target", &zt_b),
+                    ("authority", &server.addr.to_string()),
+                ],
+            ) == 1
+                && metric(
+                    &a,
+                    "istio_tcp_connections_closed_total",
+                    &[
+                        ("reporter", "source"),
+                        ("source_principal", CLIENT_ID),
+                        ("destination_principal", SERVER_ID),
+                        ("connection_security_policy", "mutual_tls"),
+                    ],
+                ) == 1
+                && metric(
+                    &b,
+                    PATHS,
+                    &[
+                        ("direction", "inbound"),
+                        ("route", "hbone_allow"),
+                        ("authority", &server.addr.to_string()),
+                        ("peer", CLIENT_ID),
+                    ],
+                ) == 1
+                && metric(
+                    &b,
+                    "istio_tcp_connections_closed_total",
+                    &[
+                        ("reporter", "destination"),
+                        ("source_workload", "client"),
+                        ("destination_workload", "server"),
+                        ("connection_security_policy", "mutual_tls"),
+                    ],
+                ) == 1
+        },
+        dump(&w),
+    );
+    let b = w.stats(1);
+    assert_eq!(
+        metric(
+            &b,
+            "istio_tcp_sent_bytes_total",
+            &[("reporter", "destination")]
+        ),
+        big.len() as u64
+    );
+    assert_eq!(
+        metric(
+            &b,
+            "istio_tcp_received_bytes_total",
+            &[("reporter", "destination")]
+        ),
+        big.len() as u64 + "server\n".len() as u64
+    );
+    // Captured at the source only: B's plaintext capture never saw it.
+    assert_eq!(metric(&b, PATHS, &[("route", "plaintext_allow")]), 0);
+}
+
+const DENY_CLIENT: &str = r#"
+  - name: deny-client
+    namespace: ns-b
+    scope: Namespace
+    action: Deny
+    rules: [[[{principals: ["cluster.local/ns/ns-a/sa/client"]}]]]
+"#;
+
+#[test]
+fn r9_deny_policy_refuses_captured_connection() {
+    need_root!("r9_deny_policy_refuses_captured_connection");
+    let w = World::new("r9", DENY_CLIENT);
+    let server = w.server("server");
+    // The captured client's connect succeeds (node A answers it) but it is reset once node
+    // B refuses the HBONE stream; the pod never sees it.
+    if let Ok(mut s) = w.connect("client", server.addr) {
+        if let Err(got) = refused(&mut s) {
+            panic!("denied connection delivered {got:?}");
+        }
+    }
+    eventually_or(
+        "denied on B with the policy's name",
+        || {
+            metric(
+                &w.stats(1),
+                "ztunnel_authorization_denied_total",
+                &[("transport", "hbone"), ("policy", "ns-b/deny-client")],
+            ) == 1
+                && metric(
+                    &w.stats(0),
+                    PATHS,
+                    &[("direction", "outbound"), ("route", "hbone")],
+                ) == 1
+        },
+        dump(&w),
+    );
+    let b = w.stats(1);
+    assert_eq!(
+        metric(&b, PATHS, &[("route", "hbone_deny"), ("peer", CLIENT_ID)]),
+        1
+    );
+    assert_eq!(metric(&b, "istio_tcp_connections_opened_total", &[]), 0);
+    assert!(
+        server.peers.try_recv().is_err(),
+        "the pod was never reached"
+    );
+}
+
+#[test]
+fn r9_captured_plaintext_inbound_goes_to_original_destination() {
+    need_root!("r9_captured_plaintext_inbound_goes_to_original_destination");
+    let w = World::new("r9p", "[]");
+    let _s1 = w.server("server");
+    let s2 = w.server("server2");
+    // An uncaptured pod on node A calls a captured pod on node B in plaintext: node B
+    // redirects it to :15006, which reads the pod address back with SO_ORIGINAL_DST.
+    let mut s = w.connect("legacy-client", s2.addr).unwrap();
+    assert_eq!(hello(&mut s), "server2");
+    assert_eq!(roundtrip(&mut s, b"plain"), b"plain");
+    drop(s);
+    let from = s2.peers.recv_timeout(Duration::from_secs(1)).unwrap();
+    assert_eq!(from.ip(), IpAddr::from([10, 2, 0, 1]), "proxied by node B");
+    eventually_or(
+        "plaintext allowed on B to the original destination",
+        || {
+            let b = w.stats(1);
+            metric(
+                &b,
+                PATHS,
+                &[
+                    ("direction", "inbound"),
+                    ("route", "plaintext_allow"),
+                    ("target", &s2.addr.to_string()),
+                ],
+            ) == 1
+                && metric(
+                    &b,
+                    "istio_tcp_connections_closed_total",
+                    &[
+                        ("reporter", "destination"),
+                        ("source_workload", "legacy-client"),
+                        ("destination_workload", "server2"),
+                        ("connection_security_policy", "none"),
+                    ],
+                ) == 1
+        },
+        dump(&w),
+    );
+    assert_eq!(metric(&w.stats(0), PATHS, &[]), 0, "node A did not capture");
+}
+
+const REQUIRE_MTLS: &str = r#"
+  - name: require-mtls
+    namespace: ns-b
+    scope: Namespace
+    action: Allow
+    rules: [[[{principals: ["*"]}]]]
+"#;
+
+#[test]
+fn r10_plaintext_into_captured_pod_rejected_by_identity_policy() {
+    need_root!("r10_plaintext_into_captured_pod_rejected_by_identity_policy");
+    let w = World::new("r10", REQUIRE_MTLS);
+    let server = w.server("server");
+    // Plaintext from an uncaptured pod: captured on B, no identity, reset.
+    if let Ok(mut s) = w.connect("legacy-client", server.addr) {
+        if let Err(got) = refused(&mut s) {
+            panic!("plaintext must be refused, got {got:?}");
+        }
+    }
+    eventually_or(
+        "plaintext denied on B",
+        || {
+            let b = w.stats(1);
+            metric(
+                &b,
+                "ztunnel_authorization_denied_total",
+                &[("transport", "plaintext"), ("policy", "ns-b/require-mtls")],
+            ) == 1
+                && metric(&b, PATHS, &[("route", "plaintext_deny")]) == 1
+        },
+        dump(&w),
+    );
+    assert!(
+        server.peers.try_recv().is_err(),
+        "the pod was never reached"
+    );
+    assert_eq!(metric(&w.stats(0), PATHS, &[]), 0, "node A did not capture");
+    // The captured client reaches the same pod over HBONE with its identity: allowed.
+    let mut s = w.connect("client", server.addr).unwrap();
+    assert_eq!(hello(&mut s), "server");
+    assert_eq!(roundtrip(&mut s, b"mtls"), b"mtls");
+    drop(s);
+    eventually_or(
+        "hbone allowed on B",
+        || {
+            metric(
+                &w.stats(1),
+                PATHS,
+                &[("route", "hbone_allow"), ("peer", CLIENT_ID)],
+            ) == 1
+        },
+        dump(&w),
+    );
+}
+
+fn start_waypoint(w: &World) -> common::Waypoint {
+    let ca_dir = w.ca_dir.clone();
+    netns::in_ns(&w.pod_ns("waypoint"), move || {
+        let ca = hbone::ca::SigningCa::builtin(&ca_dir, "cluster.local").unwrap();
+        common::waypoint_as(&ca, waypoint_addr(), WAYPOINT_ID)
+    })
+}
+
+#[test]
+fn r6_captured_call_to_waypoint_pod_goes_to_waypoint() {
+    need_root!("r6_captured_call_to_waypoint_pod_goes_to_waypoint");
+    let w = World::new("r6", "[]");
+    let wp = start_waypoint(&w);
+    let wpod = pod_addr("wpod");
+    let mut s = w.connect("client", wpod).unwrap();
+    assert_eq!(hello(&mut s), "waypoint");
+    assert_eq!(roundtrip(&mut s, b"via waypoint"), b"via waypoint");
+    let seen = wp.seen.recv_timeout(Duration::from_secs(2)).unwrap();
+    assert_eq!(seen.authority, wpod);
+    assert_eq!(seen.peer.unwrap().to_string(), CLIENT_ID);
+    eventually_or(
+        "node A sent it to the waypoint",
+        || {
+            metric(
+                &w.stats(0),
+                PATHS,
+                &[
+                    ("direction", "outbound"),
+                    ("route", "waypoint"),
+                    ("target", &waypoint_addr().to_string()),
+                    ("authority", &wpod.to_string()),
+                ],
+            ) == 1
+        },
+        dump(&w),
+    );
+    assert_eq!(metric(&w.stats(1), PATHS, &[]), 0, "node B not involved");
+}
+
+#[test]
+fn r7_captured_call_to_service_behind_waypoint_has_vip_authority() {
+    need_root!("r7_captured_call_to_service_behind_waypoint_has_vip_authority");
+    let w = World::new("r7", "[]");
+    let wp = start_waypoint(&w);
+    let vip = SocketAddr::new(IpAddr::V4(WSVC_VIP), 80);
+    let mut s = w.connect("client", vip).unwrap();
+    assert_eq!(hello(&mut s), "waypoint");
+    assert_eq!(roundtrip(&mut s, b"svc"), b"svc");
+    let seen = wp.seen.recv_timeout(Duration::from_secs(2)).unwrap();
+    assert_eq!(seen.authority, vip, "the VIP, not the chosen endpoint");
+    eventually_or(
+        "node A sent it to the waypoint with the VIP",
+        || {
+            metric(
+                &w.stats(0),
+                PATHS,
+                &[
+                    ("route", "waypoint"),
+                    ("target", &waypoint_addr().to_string()),
+                    ("authority", &vip.to_string()),
+                ],
+            ) == 1
+        },
+        dump(&w),
+    );
+}
+
+#[test]
+fn r12_plaintext_to_waypoint_pod_is_hairpinned() {
+    need_root!("r12_plaintext_to_waypoint_pod_is_hairpinned");
+    let w = World::new("r12", "[]");
+    let wp = start_waypoint(&w);
+    let wpod = pod_addr("wpod");
+    // An uncaptured client calls the waypoint-enabled pod directly; node B captures it and
+    // hairpins it to the pod's waypoint.
+    let mut s = w.connect("legacy-client", wpod).unwrap();
+    assert_eq!(hello(&mut s), "waypoint");
+    assert_eq!(roundtrip(&mut s, b"hairpin"), b"hairpin");
+    let seen = wp.seen.recv_timeout(Duration::from_secs(2)).unwrap();
+    assert_eq!(seen.authority, wpod);
+    assert_eq!(seen.peer.unwrap().to_string(), ZTUNNEL_ID);
+    eventually_or(
+        "hairpin counted on B",
+        || {
+            metric(
+                &w.stats(1),
+                PATHS,
+                &[
+                    ("route", "plaintext_hairpin"),
+                    ("target", &waypoint_addr().to_string()),
+                    ("authority", &wpod.to_string()),
+                ],
+            ) == 1
+        },
+        dump(&w),
+    );
+    assert_eq!(metric(&w.stats(0), PATHS, &[]), 0, "node A did not capture");
+}
+
+fn start_waypoint2(w: &World) -> common::Waypoint {
+    let ca_dir = w.ca_dir.clone();
+    netns::in_ns(&w.pod_ns("waypoint2"), move || {
+        let ca = hbone::ca::SigningCa::builtin(&ca_dir, "cluster.local").unwrap();
+        common::waypoint_as(&ca, waypoint2_addr(), common::WAYPOINT2_ID)
+    })
+}
+
+#[test]
+fn r3_service_account_waypoint_beats_namespace_waypoint() {
+    need_root!("r3_service_account_waypoint_beats_namespace_waypoint");
+    let w = World::new("r3", "[]");
+    let ns_wp = start_waypoint(&w);
+    let sa_wp = start_waypoint2(&w);
+    // wpod2 runs as service account wpod2: waypoint2 (annotated for it) wins.
+    let wpod2 = pod_addr("wpod2");
+    let mut s = w.connect("client", wpod2).unwrap();
+    assert_eq!(hello(&mut s), "waypoint");
+    assert_eq!(roundtrip(&mut s, b"sa"), b"sa");
+    let seen = sa_wp.seen.recv_timeout(Duration::from_secs(2)).unwrap();
+    assert_eq!(seen.authority, wpod2);
+    assert!(ns_wp.seen.try_recv().is_err());
+    // wpod (another service account of the namespace): the namespace waypoint.
+    let wpod = pod_addr("wpod");
+    let mut s = w.connect("client", wpod).unwrap();
+    assert_eq!(hello(&mut s), "waypoint");
+    let seen = ns_wp.seen.recv_timeout(Duration::from_secs(2)).unwrap();
+    assert_eq!(seen.authority, wpod);
+    assert!(sa_wp.seen.try_recv().is_err());
+    eventually_or(
+        "node A sent each to its waypoint",
+        || {
+            let a = w.stats(0);
+            [(waypoint2_addr(), wpod2), (waypoint_addr(), wpod)]
+                .iter()
+                .all(|(wp, pod)| {
+                    metric(
+                        &a,
+                        PATHS,
+                        &[
+                            ("route", "waypoint"),
+                            ("target", &wp.to_string()),
+                            ("authority", &pod.to_string()),
+                        ],
+                    ) == 1
+                })
+        },
+        dump(&w),
+    );
+}
+
+#[test]
+fn r8_mixed_service_sends_some_via_waypoint_and_some_direct() {
+    need_root!("r8_mixed_service_sends_some_via_waypoint_and_some_direct");
+    let w = World::new("r8", "[]");
+    let wp = start_waypoint(&w);
+    let _server = w.server("server");
+    let vip = SocketAddr::new(IpAddr::V4(MIXED_VIP), 80);
+    let (mut via_wp, mut direct) = (0u64, 0u64);
+    for _ in 0..24 {
+        let mut s = w.connect("client", vip).unwrap();
+        match hello(&mut s).as_str() {
+            "waypoint" => via_wp += 1,
+            "server" => direct += 1,
+            other => panic!("{other}"),
+        }
+        assert_eq!(roundtrip(&mut s, b"m"), b"m");
+    }
+    assert!(
+        via_wp > 0 && direct > 0,
+        "waypoint {via_wp}, direct {direct}"
+    );
+    for _ in 0..via_wp {
+        let seen = wp.seen.recv_timeout(Duration::from_secs(2)).unwrap();
+        assert_eq!(seen.authority, vip, "R7: the VIP as authority");
+    }
+    eventually_or(
+        "paths counted on both nodes",
+        || {
+            let a = w.stats(0);
+            metric(
+                &a,
+                PATHS,
+                &[("route", "waypoint"), ("authority", &vip.to_string())],
+            ) == via_wp
+                && metric(
+                    &a,
+                    PATHS,
+                    &[
+                        ("route", "hbone"),
+                        ("authority", &pod_addr("server").to_string()),
+                    ],
+                ) == direct
+                && metric(&w.stats(1), PATHS, &[("route", "hbone_allow")]) == direct
+        },
+        dump(&w),
+    );
+}
+
+#[test]
+fn r11_only_the_waypoint_reaches_a_waypoint_enabled_pod() {
+    need_root!("r11_only_the_waypoint_reaches_a_waypoint_enabled_pod");
+    let w = World::new("r11", "[]");
+    let wp = start_waypoint(&w);
+    let _pod = w.server("wpod");
+    let zt_b = SocketAddr::new(IpAddr::V4(NODE_IPS[1]), 15008);
+    let wpod = pod_addr("wpod");
+    let ca_dir = w.ca_dir.clone();
+    let call = move |ns: String, id: &'static str| {
+        let ca_dir = ca_dir.clone();
+        netns::in_ns(&ns, move || {
+            let ca = hbone::ca::SigningCa::builtin(&ca_dir, "cluster.local").unwrap();
+            common::hbone_call(&ca, id, zt_b, wpod)
+        })
+    };
+    // The waypoint itself (by identity), from its pod: forwarded to the pod.
+    let (status, line) = call(w.pod_ns("waypoint"), WAYPOINT_ID);
+    assert_eq!((status, line.as_str()), (200, "wpod"));
+    // Anyone else calling the pod directly over HBONE: hairpinned to the waypoint.
+    let (status, line) = call(w.pod_ns("legacy-client"), CLIENT_ID);
+    assert_eq!((status, line.as_str()), (200, "waypoint"));
+    let seen = wp.seen.recv_timeout(Duration::from_secs(2)).unwrap();
+    assert_eq!(seen.authority, wpod);
+    assert_eq!(seen.peer.unwrap().to_string(), ZTUNNEL_ID);
+    eventually_or(
+        "allow for the waypoint, hairpin for the rest",
+        || {
+            let b = w.stats(1);
+            metric(
+                &b,
+                PATHS,
+                &[("route", "hbone_allow"), ("peer", WAYPOINT_ID)],
+            ) == 1
+                && metric(
+                    &b,
+                    PATHS,
+                    &[
+                        ("route", "hbone_hairpin"),
+                        ("peer", CLIENT_ID),
+                        ("target", &waypoint_addr().to_string()),
+                    ],
+                ) == 1
+        },
+        dump(&w),
+    );
+}
