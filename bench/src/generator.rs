@@ -4,7 +4,8 @@
 //!
 //! Windows: every run has a warm-up (`t0..t_warm`) and a measured window (`t_warm..t_end`).
 //! Round trips and connections count, and enter the histogram, when they *start* inside the
-//! window. Every connect, read and write is bounded (`OP_TIMEOUT`).
+//! window (open loop, `tcp-rr-open`: when they are *due* inside the window, timed from that
+//! due time). Every connect, read and write is bounded (`OP_TIMEOUT`).
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -32,6 +33,10 @@ pub enum Work {
     Rr { size: usize },
     /// Loop: connect, write `size` bytes, read them back and the server's close, close.
     Churn { size: usize },
+    /// Open loop: request `i` of a connection is due at `t0 + i × interval`; write `size`
+    /// bytes at (or, when behind, after) that time, read them back; latency is measured from
+    /// the due time (coordinated-omission correction, as wrk2 does).
+    RrOpen { size: usize, interval: Duration },
 }
 
 /// Live counters the main thread shows as progress.
@@ -68,7 +73,20 @@ pub struct GenResult {
     pub received: u64,
     pub errors: u64,
     pub error_samples: Vec<String>,
+    /// Open loop: requests due in the window (`t_warm..t_end`).
+    pub due_window: u64,
+    /// Open loop: requests due in the window but not yet sent when it ended (each is in the
+    /// histogram with its wait so far, a lower bound).
+    pub unsent: u64,
+    /// Open loop: requests of the window sent more than `LATE_SLACK` after their due time.
+    pub late: u64,
+    /// Open loop: answers received in the window, whenever due (the achieved rate; behind
+    /// schedule these include requests due in the warm-up).
+    pub done_window: u64,
 }
+
+/// Open loop: how late a send may start before it counts as `late`.
+pub const LATE_SLACK: Duration = Duration::from_micros(100);
 
 pub fn new_hist() -> Histogram<u64> {
     // 1 ns .. 100 s at 3 significant figures.
@@ -85,6 +103,10 @@ impl GenResult {
             received: 0,
             errors: 0,
             error_samples: Vec::new(),
+            due_window: 0,
+            unsent: 0,
+            late: 0,
+            done_window: 0,
         }
     }
 
@@ -102,6 +124,10 @@ impl GenResult {
         self.sent += o.sent;
         self.received += o.received;
         self.errors += o.errors;
+        self.due_window += o.due_window;
+        self.unsent += o.unsent;
+        self.late += o.late;
+        self.done_window += o.done_window;
         for e in &o.error_samples {
             if self.error_samples.len() < MAX_ERROR_SAMPLES {
                 self.error_samples.push(e.clone());
@@ -152,6 +178,7 @@ async fn run_plan(plan: Plan) -> GenResult {
                 Work::Throughput { write_size } => throughput_conn(&p, write_size).await,
                 Work::Rr { size } => rr_conn(&p, size, i).await,
                 Work::Churn { size } => churn_loop(&p, size, i).await,
+                Work::RrOpen { size, interval } => rr_open_conn(&p, size, interval, i).await,
             }
         }));
     }
@@ -302,6 +329,165 @@ async fn rr_conn(p: &Plan, size: usize, conn: usize) -> GenResult {
         if start >= p.t_warm && start < p.t_end {
             r.ops_window += 1;
             r.hist.saturating_record((done - start).as_nanos() as u64);
+        }
+    }
+    if let Err(e) = s.shutdown().await {
+        r.error(format!("shutdown(SHUT_WR): {e}"));
+        return r;
+    }
+    match read_to_eof(&mut s).await {
+        Ok(0) => {}
+        Ok(n) => r.error(format!("{n} unexpected bytes before close")),
+        Err(e) => r.error(e),
+    }
+    r
+}
+
+/// Yield once to the other tasks of this thread (monoio has no `yield_now`).
+async fn yield_once() {
+    let mut yielded = false;
+    std::future::poll_fn(|cx| {
+        if yielded {
+            std::task::Poll::Ready(())
+        } else {
+            yielded = true;
+            cx.waker().wake_by_ref();
+            std::task::Poll::Pending
+        }
+    })
+    .await
+}
+
+/// Wait until `due` precisely (the runtime's timer has 1 ms granularity, too coarse for a
+/// 200 µs schedule). `alone`: this is the thread's only connection, so a blocking sleep
+/// to `SPIN` before `due`, then a spin, holds nothing else up; otherwise sleep on the runtime's
+/// timer until ~2 ms before, then yield (to the other connections and, by `sched_yield`, to
+/// the kernel) until `due`: a busy wait, and a fallback only — measured, it holds the other
+/// connections' answers back by up to the interval, which is why the suite gives each
+/// open-loop connection its own thread.
+/// The blocking wait's last stretch, spun (above the default 50 µs timer slack).
+const SPIN: Duration = Duration::from_micros(80);
+
+async fn wait_until_due(due: Instant, alone: bool) {
+    let now = Instant::now();
+    if now >= due {
+        return;
+    }
+    if alone {
+        // nanosleep may overshoot by the timer slack (50 µs by default): sleep to just
+        // before, then spin the rest.
+        if due - now > SPIN {
+            std::thread::sleep(due - now - SPIN);
+        }
+        while Instant::now() < due {
+            std::hint::spin_loop();
+        }
+        return;
+    }
+    let coarse = Duration::from_millis(2);
+    if due - now > coarse {
+        monoio::time::sleep_until(monoio::time::Instant::from_std(due - coarse)).await;
+    }
+    while Instant::now() < due {
+        // A syscall: returning from it runs the kernel's pending io_uring task work, so the
+        // other connections' completions get posted (a pure userspace spin would hold them
+        // back until this task sleeps); it also lets a backend thread on this core run.
+        std::thread::yield_now();
+        yield_once().await;
+    }
+}
+
+async fn rr_open_conn(p: &Plan, size: usize, interval: Duration, conn: usize) -> GenResult {
+    let mut r = GenResult::new();
+    let alone = p.conns == 1;
+    let mut s = match connect(p.target, true).await {
+        Ok(s) => s,
+        Err(e) => {
+            r.error(e);
+            return r;
+        }
+    };
+    let mut req: Vec<u8> = vec![0u8; size];
+    let mut resp: Box<[u8]> = vec![0u8; size].into_boxed_slice();
+    let mut seq: u64 = conn as u64 * 7919;
+    // Spread this thread's connections over one interval so their sends do not coincide.
+    let t0 = Instant::now() + interval.mul_f64(conn as f64 / p.conns.max(1) as f64);
+    let mut i: u64 = 0;
+    loop {
+        let due = t0 + interval.mul_f64(i as f64);
+        if due >= p.t_end || p.stop.load(Ordering::Relaxed) {
+            break;
+        }
+        if Instant::now() >= p.t_end {
+            // Behind schedule at the end: requests due in the window but never sent. Record
+            // each with its wait so far (a lower bound) rather than omit it.
+            let now = Instant::now();
+            let mut j = i;
+            loop {
+                let d = t0 + interval.mul_f64(j as f64);
+                if d >= p.t_end {
+                    break;
+                }
+                if d >= p.t_warm {
+                    r.due_window += 1;
+                    r.unsent += 1;
+                    r.hist.saturating_record((now - d).as_nanos() as u64);
+                }
+                j += 1;
+            }
+            break;
+        }
+        i += 1;
+        wait_until_due(due, alone).await;
+        let in_window = due >= p.t_warm;
+        if in_window {
+            r.due_window += 1;
+            if Instant::now() > due + LATE_SLACK {
+                r.late += 1;
+            }
+        }
+        seq = seq.wrapping_add(1);
+        let tag = seq.to_le_bytes();
+        let n = tag.len().min(size);
+        req[..n].copy_from_slice(&tag[..n]);
+        match timeout(OP_TIMEOUT, s.write_all(req)).await {
+            Ok((Ok(_), b)) => req = b,
+            Ok((Err(e), _)) => {
+                r.error(format!("write: {e}"));
+                return r;
+            }
+            Err(_) => {
+                r.error("write: timed out");
+                return r;
+            }
+        }
+        r.sent += size as u64;
+        match timeout(OP_TIMEOUT, s.read_exact(resp)).await {
+            Ok((Ok(_), b)) => resp = b,
+            Ok((Err(e), _)) => {
+                r.error(format!("read: {e}"));
+                return r;
+            }
+            Err(_) => {
+                r.error("read: no answer within 5 s");
+                return r;
+            }
+        }
+        let done = Instant::now();
+        r.received += size as u64;
+        if resp[..] != req[..] {
+            r.error("echo differs from the request");
+            return r;
+        }
+        r.ops_total += 1;
+        p.live.ops.fetch_add(1, Ordering::Relaxed);
+        if done >= p.t_warm && done < p.t_end {
+            r.done_window += 1;
+        }
+        if in_window {
+            r.ops_window += 1;
+            // From the due time, not the send: time spent behind schedule counts.
+            r.hist.saturating_record((done - due).as_nanos() as u64);
         }
     }
     if let Err(e) = s.shutdown().await {

@@ -6,12 +6,26 @@
 //! cargo run --release -p bench                      # default suite, ~2.5 minutes
 //! cargo run --release -p bench -- --quick           # 1 s runs, 1 repetition (~15 s)
 //! cargo run --release -p bench -- --scenario tcp-rr --duration 5s --size 100 --reps 5
+//! cargo run --release -p bench -- --scenario tcp-rr-open --rate 20000 --streams 4
 //! cargo run --release -p bench -- --scenario tcp-throughput --streams 1,4,8 --path direct,l4-splice
 //! ```
 //!
 //! **Scenarios.** `tcp-throughput`: N parallel bulk streams (default 1 and 8) for a fixed
 //! time, Gbit/s measured at the receiver. `tcp-rr`: fixed-size request/response (default
-//! 100 B) on one connection, closed loop; HdrHistogram of round trips. `conn-churn`:
+//! 100 B) on one connection, closed loop; HdrHistogram of round trips. `tcp-rr-open`: the
+//! same exchange open loop at a fixed rate (`--rate`, default 5000 requests/s in total,
+//! shared equally by `--streams` connections, default 1): request `i` of a connection is due
+//! at `t0 + i / rate_per_conn`; the generator waits until then if early (each connection
+//! has its own generator thread, on the generator cores in turn, and waits with a blocking
+//! sleep and a ≤ 80 µs spin: the runtime's timer has 1 ms granularity), sends `--size` bytes, reads the
+//! echo, and records *completion − due time*, not − send time, so a slow answer that delays
+//! later sends has their queueing counted (coordinated-omission correction, as wrk2 does).
+//! Requests due in the window count; late sends keep their due time; requests still unsent
+//! at the window's end enter the histogram with their wait so far (a lower bound). Figure:
+//! the p99 in µs (lower is better; its "of direct" ratio is path / direct, so above 1 is
+//! slower), with p50/p90/p99/p99.9/max as for tcp-rr, and the achieved rate (answers
+//! received in the window, per second) beside the target; a run achieving under 95 % of the target is flagged "saturated: open-loop latency
+//! beyond capacity". `conn-churn`:
 //! concurrent loops (default 8) of connect, one exchange, close; connections/s.
 //!
 //! **Paths.** `direct` (generator → backend), `l4-copy` and `l4-splice` (generator →
@@ -84,7 +98,8 @@ use suite::{Ctx, Kind, Knobs, PathKind, Placement, Scenario};
                   bench/results/<UTC timestamp>/ unless --out is given."
 )]
 struct Args {
-    /// Scenarios to run (comma-separated or repeated): tcp-throughput, tcp-rr, conn-churn.
+    /// Scenarios to run (comma-separated or repeated): tcp-throughput, tcp-rr, tcp-rr-open,
+    /// conn-churn.
     #[arg(long = "scenario", value_delimiter = ',')]
     scenarios: Vec<String>,
     /// Paths to compare: direct, l4-copy, l4-splice, hbone (direct is the baseline for ratios).
@@ -102,10 +117,14 @@ struct Args {
     /// Message size in bytes for tcp-rr and conn-churn (default 100; churn needs ≥ 4).
     #[arg(long, value_parser = parse_size)]
     size: Option<usize>,
-    /// Parallel connections: tcp-throughput streams (default 1,8) and tcp-rr connections
-    /// (default 1). A list runs each value as its own scenario.
+    /// Parallel connections: tcp-throughput streams (default 1,8), tcp-rr and tcp-rr-open
+    /// connections (default 1). A list runs each value as its own scenario.
     #[arg(long, value_delimiter = ',')]
     streams: Vec<usize>,
+    /// tcp-rr-open: requests per second, in total over its connections (each connection
+    /// gets an equal share, on a fixed schedule).
+    #[arg(long, default_value_t = 5000.0)]
+    rate: f64,
     /// Concurrent connect/exchange/close loops for conn-churn.
     #[arg(long, default_value_t = 8)]
     concurrency: usize,
@@ -209,7 +228,8 @@ fn plan(args: &Args) -> Result<Suite> {
         || args.duration.is_some()
         || args.reps.is_some()
         || args.size.is_some()
-        || !args.streams.is_empty();
+        || !args.streams.is_empty()
+        || args.rate != 5000.0;
     let name = if custom {
         "custom"
     } else if args.quick {
@@ -219,12 +239,12 @@ fn plan(args: &Args) -> Result<Suite> {
     };
     let quick = args.quick;
     let kinds: Vec<Kind> = if args.scenarios.is_empty() {
-        vec![Kind::Throughput, Kind::Rr, Kind::Churn]
+        vec![Kind::Throughput, Kind::Rr, Kind::RrOpen, Kind::Churn]
     } else {
         let mut v = Vec::new();
         for s in &args.scenarios {
             let k = Kind::parse(s.trim()).with_context(|| {
-                format!("unknown scenario {s:?} (tcp-throughput, tcp-rr, conn-churn)")
+                format!("unknown scenario {s:?} (tcp-throughput, tcp-rr, tcp-rr-open, conn-churn)")
             })?;
             if !v.contains(&k) {
                 v.push(k);
@@ -260,6 +280,9 @@ fn plan(args: &Args) -> Result<Suite> {
     if kinds.contains(&Kind::Churn) && size < 4 {
         bail!("conn-churn needs --size of at least 4 bytes (its length header)");
     }
+    if !(args.rate.is_finite() && args.rate >= 1.0 && args.rate <= 10_000_000.0) {
+        bail!("--rate must be between 1 and 10000000 requests/s");
+    }
     if args.streams.contains(&0) || args.concurrency == 0 || args.write_size == 0 {
         bail!("--streams, --concurrency and --write-size must be at least 1");
     }
@@ -278,10 +301,11 @@ fn plan(args: &Args) -> Result<Suite> {
                         conns: s,
                         size,
                         write_size: args.write_size,
+                        rate: if k == Kind::RrOpen { args.rate } else { 0.0 },
                     });
                 }
             }
-            Kind::Rr => {
+            Kind::Rr | Kind::RrOpen => {
                 let streams = if args.streams.is_empty() {
                     vec![1]
                 } else {
@@ -293,6 +317,7 @@ fn plan(args: &Args) -> Result<Suite> {
                         conns: s,
                         size,
                         write_size: args.write_size,
+                        rate: if k == Kind::RrOpen { args.rate } else { 0.0 },
                     });
                 }
             }
@@ -301,6 +326,7 @@ fn plan(args: &Args) -> Result<Suite> {
                 conns: args.concurrency,
                 size,
                 write_size: args.write_size,
+                rate: 0.0,
             }),
         }
     }
@@ -552,6 +578,23 @@ fn run(args: Args, suite: Suite) -> Result<ExitCode> {
             ));
         }
     }
+    for e in &entries {
+        if e.saturated_runs > 0 {
+            flags.push(format!(
+                "{} {}: {} ({} of {} runs achieved below 95% of the {} requests/s asked; \
+                 median achieved {}/s): its latency is that of an overloaded path",
+                e.id,
+                e.path,
+                report::SATURATED,
+                e.saturated_runs,
+                e.used,
+                e.target_rate.unwrap_or_default(),
+                e.achieved_rate
+                    .map(|a| report::r(a.median))
+                    .unwrap_or_default()
+            ));
+        }
+    }
     if suite.paths.contains(&PathKind::Hbone) && placement.pin {
         flags.push(format!(
             "hbone: two proxy processes per run (inbound and outbound, one worker each) share \
@@ -598,6 +641,8 @@ fn run(args: Args, suite: Suite) -> Result<ExitCode> {
             "write_size": args.write_size,
             "throughput_streams": suite.scenarios.iter().filter(|s| s.kind == Kind::Throughput).map(|s| s.conns).collect::<Vec<_>>(),
             "rr_streams": suite.scenarios.iter().filter(|s| s.kind == Kind::Rr).map(|s| s.conns).collect::<Vec<_>>(),
+            "rr_open_streams": suite.scenarios.iter().filter(|s| s.kind == Kind::RrOpen).map(|s| s.conns).collect::<Vec<_>>(),
+            "rr_open_rate_per_s": suite.scenarios.iter().any(|s| s.kind == Kind::RrOpen).then_some(args.rate),
             "churn_concurrency": args.concurrency,
             "pin": placement.pin,
             "io_driver_requested": suite.knobs.io_driver,

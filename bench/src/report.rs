@@ -16,7 +16,8 @@
 //!   "suite": "default" | "quick" | "custom",
 //!   "settings": { "scenarios": [string], "paths": [string], "duration_s", "warmup_s",
 //!                 "reps", "size", "write_size", "throughput_streams": [int],
-//!                 "rr_streams": [int], "churn_concurrency", "pin": bool,
+//!                 "rr_streams": [int], "rr_open_streams": [int],
+//!                 "rr_open_rate_per_s": f64|null, "churn_concurrency", "pin": bool,
 //!                 "io_driver_requested", "quiet_threshold_pct", "quiet_sample_s",
 //!                 "max_retries" },
 //!   "host": { "cores", "cpus_online", "cpu_model", "kernel", "clk_tck", "loopback_mtu",
@@ -37,24 +38,36 @@
 //! }
 //!
 //! Result = {
-//!   "scenario": "tcp-throughput" | "tcp-rr" | "conn-churn",
-//!   "variant": "streams=8" | "size=100B" | "size=100B conc=8" ...,
+//!   "scenario": "tcp-throughput" | "tcp-rr" | "tcp-rr-open" | "conn-churn",
+//!   "variant": "streams=8" | "size=100B" | "size=100B conc=8" | "size=100B rate=5000/s" ...,
 //!   "id": "<scenario>/<variant>",
-//!   "path": "direct" | "l4-copy" | "l4-splice",
-//!   "params": { "streams", "size", "write_size", "concurrency" },   // those that apply
-//!   "metric": "gbit_per_s" | "round_trips_per_s" | "connections_per_s",
-//!   "unit": "Gbit/s" | "1/s",
+//!   "path": "direct" | "l4-copy" | "l4-splice" | "hbone",
+//!   "params": { "streams", "size", "write_size", "concurrency", "rate_per_s" },
+//!                                   // those that apply
+//!   "metric": "gbit_per_s" | "round_trips_per_s" | "connections_per_s"
+//!             | "p99_latency_us",   // tcp-rr-open: open-loop p99, lower is better
+//!   "unit": "Gbit/s" | "1/s" | "µs",
 //!   "figure": Agg + { "spread_pct": (max-min)/median*100, "runs": [f64] },
 //!   "direct_median": f64|null,      // the same scenario's direct figure
-//!   "ratio_to_direct": f64|null,    // figure.median / direct_median
+//!   "ratio_to_direct": f64|null,    // figure.median / direct_median (path / direct, also
+//!                                   // for a latency figure: there above 1 is worse)
+//!   "lower_is_better": bool,        // true for "p99_latency_us" (tcp-rr-open)
+//!   "open_loop": null | {           // tcp-rr-open only
+//!       "target_rate_per_s": f64,   // --rate, all connections together
+//!       "achieved_rate_per_s": Agg, // answers received in the window, per s
+//!       "saturated_runs": int,      // runs with achieved < 95 % of target
+//!       "saturated": bool },        // any: "saturated: open-loop latency beyond capacity"
 //!   "latency_us": null | { "p50": Agg, "p90": Agg, "p99": Agg, "p999": Agg, "max": Agg,
 //!                          "mean": Agg },
-//!                  // tcp-rr: round trip; conn-churn: connect+exchange+close; per-run
-//!                  // percentiles from HdrHistogram (ns precision), then Agg over runs
+//!                  // tcp-rr: round trip; conn-churn: connect+exchange+close;
+//!                  // tcp-rr-open: completion - due time (coordinated-omission corrected:
+//!                  // includes time behind schedule; unsent requests at the window's end
+//!                  // enter with their wait so far); per-run percentiles from HdrHistogram
+//!                  // (ns precision), then Agg over runs
 //!   "added_latency_us": null | { "p50", "p90", "p99", "p999", "max" },
 //!                  // median(path) - median(direct) per percentile; null for direct
 //!   "proxy_cpu": null | { "cpu_pct": Agg (of one CPU), "cpu_s_per_gb": Agg|null,
-//!                         "cpu_us_per_round_trip": Agg|null,
+//!                         "cpu_us_per_round_trip": Agg|null,   // tcp-rr, tcp-rr-open
 //!                         "cpu_us_per_connection": Agg|null },       // null for direct
 //!   "client_cpu": { "generator_pct": Agg, "backend_pct": Agg },      // % of one CPU
 //!   "tcp_retransmits": Agg + { "total": u64 },   // /proc/net/snmp RetransSegs per run
@@ -73,8 +86,15 @@
 //!   "superseded": bool,             // re-run because of outside load; not aggregated
 //!   "window_s": f64,                // measured window (after warm-up)
 //!   "figure": f64, "gbit_per_s", "round_trips_per_s", "connections_per_s": f64|null,
+//!                                   // tcp-rr-open: figure = p99 µs, round_trips_per_s =
+//!                                   // the achieved rate (answers received in the window)
+//!   "open_loop": null | { "target_rate_per_s", "achieved_rate_per_s": f64,
+//!                         "due", "late", "unsent": u64,  // requests due in the window;
+//!                         // sent > 100 µs after due; never sent
+//!                         "saturated": bool },           // achieved < 95 % of target
 //!   "window_bytes": u64,            // throughput: bytes the sink received in the window
-//!   "ops_window": u64,              // round trips / connections started in the window
+//!   "ops_window": u64,              // round trips / connections started (tcp-rr-open: due
+//!                                   // and answered) in the window
 //!   "latency_us": null | { "p50", "p90", "p99", "p999", "max", "mean", "count" },
 //!   "bytes_sent", "bytes_received": u64, "errors": u64, "backend_errors": u64,
 //!   "error_samples": [string],
@@ -192,6 +212,25 @@ impl Latency {
     }
 }
 
+/// The flag (and note prefix) of an open-loop run that could not keep its schedule.
+pub const SATURATED: &str = "saturated: open-loop latency beyond capacity";
+
+/// tcp-rr-open: the schedule asked for and what was achieved, of one run.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct OpenLoop {
+    pub target_rate_per_s: f64,
+    /// Answers received in the window, per second of the planned window.
+    pub achieved_rate_per_s: f64,
+    /// Requests due in the window.
+    pub due: u64,
+    /// Of those, sent more than 100 µs after their due time.
+    pub late: u64,
+    /// Of those, never sent (behind schedule at the window's end).
+    pub unsent: u64,
+    /// achieved < 95 % of target.
+    pub saturated: bool,
+}
+
 /// Everything measured in one run.
 #[derive(Debug, Clone, Serialize)]
 pub struct Run {
@@ -208,6 +247,7 @@ pub struct Run {
     pub gbit_per_s: Option<f64>,
     pub round_trips_per_s: Option<f64>,
     pub connections_per_s: Option<f64>,
+    pub open_loop: Option<OpenLoop>,
     pub window_bytes: u64,
     pub ops_window: u64,
     pub latency_us: Option<Latency>,
@@ -281,6 +321,13 @@ pub struct Entry {
     pub drift_flag: bool,
     pub io_driver: Option<String>,
     pub ok: bool,
+    /// The figure is a latency (tcp-rr-open's p99): the ratio to direct is path / direct as
+    /// everywhere, so above 1 means worse.
+    pub lower_is_better: bool,
+    /// tcp-rr-open: the target rate, the achieved rate over runs, and runs saturated.
+    pub target_rate: Option<f64>,
+    pub achieved_rate: Option<Agg>,
+    pub saturated_runs: usize,
 }
 
 const PCTS: [&str; 6] = ["p50", "p90", "p99", "p999", "max", "mean"];
@@ -358,6 +405,15 @@ impl Entry {
             drift_flag: false,
             io_driver: all.iter().find_map(|r| r.proxy_driver.clone()),
             ok: !all.iter().any(|r| r.is_failure()) && !used.is_empty(),
+            lower_is_better: metric.ends_with("_latency_us"),
+            target_rate: used
+                .iter()
+                .find_map(|r| r.open_loop.map(|o| o.target_rate_per_s)),
+            achieved_rate: vals(&|r: &Run| r.open_loop.map(|o| o.achieved_rate_per_s)),
+            saturated_runs: used
+                .iter()
+                .filter(|r| r.open_loop.is_some_and(|o| o.saturated))
+                .count(),
         }
     }
 
@@ -388,7 +444,7 @@ impl Entry {
     pub fn json(&self) -> Value {
         let is_direct = self.path == "direct";
         let per_op_key = match self.scenario.as_str() {
-            "tcp-rr" => "cpu_us_per_round_trip",
+            "tcp-rr" | "tcp-rr-open" => "cpu_us_per_round_trip",
             "conn-churn" => "cpu_us_per_connection",
             _ => "cpu_us_per_op",
         };
@@ -431,6 +487,13 @@ impl Entry {
             "figure": figure,
             "direct_median": self.direct_median.map(r),
             "ratio_to_direct": self.ratio.map(r),
+            "lower_is_better": self.lower_is_better,
+            "open_loop": self.target_rate.map(|t| json!({
+                "target_rate_per_s": t,
+                "achieved_rate_per_s": agg(&self.achieved_rate),
+                "saturated_runs": self.saturated_runs,
+                "saturated": self.saturated_runs > 0,
+            })),
             "latency_us": self.latency.map(|l| {
                 let m: serde_json::Map<String, Value> =
                     l.iter().map(|(n, a)| (n.to_string(), a.json())).collect();
@@ -465,6 +528,7 @@ pub fn fmt_figure(metric: &str, x: f64) -> String {
         "gbit_per_s" => format!("{x:.2} Gbit/s"),
         "round_trips_per_s" => format!("{} rt/s", si(x)),
         "connections_per_s" => format!("{} conn/s", si(x)),
+        "p99_latency_us" => format!("p99 {x:.1} µs"),
         _ => format!("{x:.3}"),
     }
 }
@@ -482,6 +546,7 @@ pub fn si(x: f64) -> String {
 fn fmt_short(metric: &str, x: f64) -> String {
     match metric {
         "gbit_per_s" => format!("{x:.2}"),
+        "p99_latency_us" => format!("{x:.1}"),
         _ => si(x),
     }
 }
@@ -501,7 +566,18 @@ pub fn summary_table(entries: &[Entry]) -> String {
             ),
             None => "—".into(),
         };
-        let ratio = e.ratio.map(|x| format!("{x:.2}")).unwrap_or("—".into());
+        // Always path / direct; for a latency figure (lower is better) above 1 is worse,
+        // marked with a ↓ ("lower is better") and explained in the notes.
+        let ratio = e
+            .ratio
+            .map(|x| {
+                if e.lower_is_better {
+                    format!("{x:.2} ↓")
+                } else {
+                    format!("{x:.2}")
+                }
+            })
+            .unwrap_or("—".into());
         let spread = e
             .figure
             .map(|a| format!("{:.0}%", a.spread_pct()))
@@ -534,7 +610,7 @@ pub fn summary_table(entries: &[Entry]) -> String {
                         .map(|a| format!("{:.3}", a.median))
                         .unwrap_or("?".into())
                 ),
-                "tcp-rr" => format!(
+                "tcp-rr" | "tcp-rr-open" => format!(
                     "{} CPU-µs/rt ({pct})",
                     e.proxy_cpu_per_op
                         .map(|a| format!("{:.1}", a.median))
@@ -565,6 +641,24 @@ pub fn summary_table(entries: &[Entry]) -> String {
         if !e.all_quiet {
             notes.push("outside load".into());
         }
+        if let Some(t) = e.target_rate {
+            notes.push(format!(
+                "{} of {} req/s",
+                e.achieved_rate
+                    .map(|a| si(a.median))
+                    .unwrap_or_else(|| "?".into()),
+                si(t)
+            ));
+            if e.saturated_runs > 0 {
+                notes.push(format!(
+                    "{SATURATED} ({} of {} runs below 95% of the rate)",
+                    e.saturated_runs, e.used
+                ));
+            }
+        }
+        if e.lower_is_better && e.ratio.is_some() && e.path != "direct" {
+            notes.push("of direct = p99 path/direct, lower is better".into());
+        }
         if e.superseded > 0 {
             notes.push(format!("{} re-run", e.superseded));
         }
@@ -579,6 +673,13 @@ pub fn summary_table(entries: &[Entry]) -> String {
             lat(3),
             lat(4),
             notes.join("; ")
+        );
+    }
+    if entries.iter().any(|e| e.lower_is_better) {
+        s.push_str(
+            "\n\"of direct\" is path / direct throughout; for tcp-rr-open (figure: open-loop p99 \
+             latency, coordinated-omission corrected) lower is better, so above 1 (marked ↓) \
+             means slower than direct.\n",
         );
     }
     s

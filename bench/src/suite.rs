@@ -14,13 +14,18 @@ use crate::backend::Backends;
 use crate::generator::{self, GenResult, Live, Plan, Work};
 use crate::host;
 use crate::proxy::{HboneSpec, Proxy, ProxySpec};
-use crate::report::{fmt_figure, si, Latency, Run};
+use crate::report::{fmt_figure, si, Latency, OpenLoop, Run, SATURATED};
+
+/// tcp-rr-open: an achieved rate below this fraction of the target flags the run saturated.
+pub const OPEN_LOOP_MIN_FRACTION: f64 = 0.95;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
     Throughput,
     Rr,
     Churn,
+    /// Open-loop request/response at a fixed rate (`tcp-rr-open`).
+    RrOpen,
 }
 
 impl Kind {
@@ -29,6 +34,7 @@ impl Kind {
             Kind::Throughput => "tcp-throughput",
             Kind::Rr => "tcp-rr",
             Kind::Churn => "conn-churn",
+            Kind::RrOpen => "tcp-rr-open",
         }
     }
     pub fn parse(s: &str) -> Option<Kind> {
@@ -36,6 +42,7 @@ impl Kind {
             "tcp-throughput" | "throughput" => Some(Kind::Throughput),
             "tcp-rr" | "rr" => Some(Kind::Rr),
             "conn-churn" | "churn" => Some(Kind::Churn),
+            "tcp-rr-open" | "rr-open" => Some(Kind::RrOpen),
             _ => None,
         }
     }
@@ -44,6 +51,7 @@ impl Kind {
             Kind::Throughput => ("gbit_per_s", "Gbit/s"),
             Kind::Rr => ("round_trips_per_s", "1/s"),
             Kind::Churn => ("connections_per_s", "1/s"),
+            Kind::RrOpen => ("p99_latency_us", "µs"),
         }
     }
 }
@@ -56,6 +64,8 @@ pub struct Scenario {
     pub conns: usize,
     pub size: usize,
     pub write_size: usize,
+    /// tcp-rr-open: requests/s over all connections (0 elsewhere).
+    pub rate: f64,
 }
 
 impl Scenario {
@@ -65,6 +75,11 @@ impl Scenario {
             Kind::Rr if self.conns == 1 => format!("size={}B", self.size),
             Kind::Rr => format!("size={}B streams={}", self.size, self.conns),
             Kind::Churn => format!("size={}B conc={}", self.size, self.conns),
+            Kind::RrOpen if self.conns == 1 => format!("size={}B rate={}/s", self.size, self.rate),
+            Kind::RrOpen => format!(
+                "size={}B rate={}/s streams={}",
+                self.size, self.rate, self.conns
+            ),
         }
     }
     pub fn id(&self) -> String {
@@ -75,6 +90,9 @@ impl Scenario {
             Kind::Throughput => json!({"streams": self.conns, "write_size": self.write_size}),
             Kind::Rr => json!({"streams": self.conns, "size": self.size}),
             Kind::Churn => json!({"concurrency": self.conns, "size": self.size}),
+            Kind::RrOpen => {
+                json!({"streams": self.conns, "size": self.size, "rate_per_s": self.rate})
+            }
         }
     }
     fn work(&self) -> Work {
@@ -84,6 +102,11 @@ impl Scenario {
             },
             Kind::Rr => Work::Rr { size: self.size },
             Kind::Churn => Work::Churn { size: self.size },
+            Kind::RrOpen => Work::RrOpen {
+                size: self.size,
+                // Each connection's share of the rate.
+                interval: Duration::from_secs_f64(self.conns as f64 / self.rate.max(1e-3)),
+            },
         }
     }
 }
@@ -346,6 +369,7 @@ fn run_one(
         gbit_per_s: None,
         round_trips_per_s: None,
         connections_per_s: None,
+        open_loop: None,
         window_bytes: 0,
         ops_window: 0,
         latency_us: None,
@@ -410,7 +434,7 @@ fn run_one(
     // 2. The proxy, if this path has one.
     let upstream: SocketAddr = match sc.kind {
         Kind::Throughput => ctx.backends.sink,
-        Kind::Rr => ctx.backends.echo,
+        Kind::Rr | Kind::RrOpen => ctx.backends.echo,
         Kind::Churn => ctx.backends.reply_close,
     };
     let mut proxies: Vec<Proxy> = Vec::new();
@@ -492,7 +516,14 @@ fn run_one(
     let stop = Arc::new(AtomicBool::new(false));
     let live = Arc::new(Live::default());
     let (tx, rx) = mpsc::channel();
-    let threads = ctx.placement.gen_threads.max(1);
+    // tcp-rr-open: one thread per connection (on the generator cores in turn), so each
+    // can wait for its due times with a precise blocking sleep; several connections on one
+    // monoio thread would have to busy-wait, and that delays the others' completions.
+    let threads = if sc.kind == Kind::RrOpen {
+        sc.conns.max(1)
+    } else {
+        ctx.placement.gen_threads.max(1)
+    };
     let mut spawned = 0;
     for i in 0..threads {
         let conns = sc.conns / threads + usize::from(i < sc.conns % threads);
@@ -681,15 +712,61 @@ fn run_one(
                 });
             }
         }
+        Kind::RrOpen => {
+            // Answers received in the window, over the planned window (when behind
+            // schedule, requests due in the window may be answered after it, or never).
+            let achieved = total.done_window as f64 / planned;
+            run.round_trips_per_s = Some(crate::report::r(achieved));
+            let saturated = achieved < OPEN_LOOP_MIN_FRACTION * sc.rate;
+            run.open_loop = Some(OpenLoop {
+                target_rate_per_s: sc.rate,
+                achieved_rate_per_s: crate::report::r(achieved),
+                due: total.due_window,
+                late: total.late,
+                unsent: total.unsent,
+                saturated,
+            });
+            if saturated {
+                run.notes.push(format!(
+                    "{SATURATED}: achieved {} of the {} requests/s asked ({} of {} due in the \
+                     window answered, {} sent late, {} never sent)",
+                    si(achieved),
+                    si(sc.rate),
+                    total.ops_window,
+                    total.due_window,
+                    total.late,
+                    total.unsent
+                ));
+            }
+            run.figure = run.latency_us.map(|l| l.p99).unwrap_or(0.0);
+            if total.done_window > 0 {
+                run.proxy_cpu_us_per_op = proxy_cpu_s.map(|c| {
+                    crate::report::r(c / window * planned / total.done_window as f64 * 1e6)
+                });
+            }
+        }
     }
     if run.figure <= 0.0 && run.failed.is_none() {
         run.failed = Some("nothing was measured in the window".into());
     }
 
     // 7. Progress line.
-    let mut line = format!("{label}  {}", fmt_figure(sc.kind.metric().0, run.figure));
+    // tcp-rr-open's figure is its p99, shown with the latencies below.
+    let mut line = if sc.kind == Kind::RrOpen {
+        label.clone()
+    } else {
+        format!("{label}  {}", fmt_figure(sc.kind.metric().0, run.figure))
+    };
     if let Some(l) = run.latency_us {
         line += &format!("  p50 {:.1} µs  p99 {:.1} µs", l.p50, l.p99);
+    }
+    if let Some(o) = &run.open_loop {
+        line += &format!(
+            "  {}/{} req/s{}",
+            si(o.achieved_rate_per_s),
+            si(o.target_rate_per_s),
+            if o.saturated { " SATURATED" } else { "" }
+        );
     }
     if let Some(c) = run.proxy_cpu_pct {
         line += &format!("  proxy {c:.0}% CPU");

@@ -56,6 +56,7 @@ fn quick_suite_reports_every_scenario_and_path() {
         "tcp-throughput/streams=1",
         "tcp-throughput/streams=8",
         "tcp-rr/size=100B",
+        "tcp-rr-open/size=100B rate=5000/s",
         "conn-churn/size=100B conc=8",
     ];
     for id in scenarios {
@@ -76,6 +77,22 @@ fn quick_suite_reports_every_scenario_and_path() {
                 "{id} × {path}: bytes sent"
             );
             assert_eq!(e["errors"], 0, "{id} × {path}: errors");
+            if id.starts_with("tcp-rr-open") {
+                assert_eq!(e["metric"], "p99_latency_us", "{id} × {path}: metric");
+                assert_eq!(e["lower_is_better"], true, "{id} × {path}: lower is better");
+                let p99 = e["latency_us"]["p99"]["median"].as_f64().unwrap_or(0.0);
+                assert_eq!(median, p99, "{id} × {path}: figure is the p99");
+                assert_eq!(e["open_loop"]["target_rate_per_s"], 5000.0);
+                // Saturation (a debug build may not keep up) is flagged, not failed.
+                assert!(
+                    e["open_loop"]["achieved_rate_per_s"]["median"]
+                        .as_f64()
+                        .unwrap_or(0.0)
+                        > 0.0,
+                    "{id} × {path}: achieved rate"
+                );
+                assert!(e["open_loop"]["saturated"].is_boolean());
+            }
             if id.starts_with("tcp-rr") || id.starts_with("conn-churn") {
                 let p50 = e["latency_us"]["p50"]["median"].as_f64().unwrap_or(0.0);
                 assert!(p50 > 0.0, "{id} × {path}: p50 {p50}");
