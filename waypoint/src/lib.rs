@@ -1,5 +1,26 @@
-//! waypoint: the L7 proxy of ambient mode.
+//! waypoint: the L7 proxy of ambient mode (issue 5, rules R13–R17 of
+//! `shared/spec/ambient-routing.md`).
 //!
-//! Not built yet (issue 5). This crate will hold the HBONE-only listener (R13), the target
-//! check (R14), AuthorizationPolicy enforcement (R15), pod-addressed forwarding (R16) and
-//! Gateway API `HTTPRoute` routing with load balancing for service-addressed requests (R17).
+//! Built so far, as pure table-tested code:
+//! * [`config`] — multi-document Kubernetes YAML: `HTTPRoute`, `AuthorizationPolicy`,
+//!   `DestinationRule` and mesh-model's workload/service document; located errors.
+//! * [`route`] — Gateway API routing for service-addressed requests (R17), none for
+//!   pod-addressed ones (R16).
+//! * [`authz`] — Istio AuthorizationPolicy evaluation (R15).
+//! * [`lb`] — least request, round robin, random, consistent hash, outlier detection.
+//! * [`http1`] — HTTP/1.1 inside a tunnel: request head (400/431), policy first, routing,
+//!   one upstream exchange per request behind a trait, keep-alive.
+//! * [`target`] — the R14 target check over the mesh model.
+//! * [`upstream`] — a service's endpoints from the mesh model and per-worker balancers.
+//!
+//! Not built yet: the HBONE listener (R13) and its wiring to [`target`] and [`http1`];
+//! upstream HBONE connections; HTTP/2 and opaque TCP inside the tunnel; telemetry; hot
+//! reload; the `waypoint` binary.
+
+pub mod authz;
+pub mod config;
+pub mod http1;
+pub mod lb;
+pub mod route;
+pub mod target;
+pub mod upstream;

@@ -1,0 +1,1505 @@
+//! The waypoint's configuration file: multi-document Kubernetes YAML (`---` separated).
+//!
+//! | document | `apiVersion` | compiled to |
+//! |----------|--------------|-------------|
+//! | `HTTPRoute` | `gateway.networking.k8s.io/v1`, `/v1beta1` | [`crate::route::HttpRoute`] |
+//! | `AuthorizationPolicy` | `security.istio.io/v1`, `/v1beta1` | [`crate::authz::Policy`] |
+//! | `DestinationRule` | `networking.istio.io/v1`, `/v1beta1`, `/v1alpha3` | [`ServiceLb`] |
+//! | no `apiVersion`/`kind` | — | mesh-model's local config (`workloads`, `services`, …), at most one |
+//!
+//! `metadata` takes `name` (required), `namespace` (default `default`), `creationTimestamp`,
+//! `labels` and `annotations`. Every other key anywhere is an error; so are features the
+//! waypoint does not implement (AuthorizationPolicy `CUSTOM`, `requestPrincipals`,
+//! `request.auth.*` conditions, HTTPRoute `hostnames`, non-Service parents, …). Errors name
+//! the file, the document (counted from 1), the line in the file and the field.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use mesh_model::authz::Cidr;
+use mesh_model::snapshot::Snapshot;
+use regex::Regex;
+use runtime::config::{locate_field, ConfigError, Invalid};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Deserializer};
+
+use crate::authz::{self, Attachment, Condition, Key, OneOf, PathPattern, StrMatch};
+use crate::lb::{HashKey, LbPolicy, OutlierDetection};
+use crate::route::{
+    Backend, Filter, HeaderModifier, HttpRoute, Mirror, ObjectRef, PathMatch, PathModifier,
+    Redirect, Retry, Rewrite, RouteMatch, RouteTable, Rule, Timeouts, ValueMatch,
+};
+
+/// A configuration error: file, document, line, field, message.
+#[derive(Debug, thiserror::Error)]
+pub struct LoadError {
+    pub file: PathBuf,
+    /// Counted from 1.
+    pub document: usize,
+    /// Line in the whole file (1-based), when known.
+    pub line: Option<usize>,
+    pub column: Option<usize>,
+    pub field: Option<String>,
+    pub message: String,
+}
+
+impl fmt::Display for LoadError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.file.display())?;
+        if let Some(l) = self.line {
+            write!(f, ":{l}")?;
+            if let Some(c) = self.column {
+                write!(f, ":{c}")?;
+            }
+        }
+        write!(f, ": document {}", self.document)?;
+        if let Some(field) = &self.field {
+            write!(f, ": field `{field}`")?;
+        }
+        write!(f, ": {}", self.message)
+    }
+}
+
+/// Load balancing of one service (from a DestinationRule).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ServiceLb {
+    pub policy: LbPolicy,
+    pub outlier: Option<OutlierDetection>,
+}
+
+/// Everything the waypoint's L7 core reads.
+#[derive(Debug, Clone, Default)]
+pub struct WaypointConfig {
+    /// The workload/service model, when the file has a mesh-model document.
+    pub mesh: Option<Snapshot>,
+    pub routes: RouteTable,
+    pub policies: Vec<authz::Policy>,
+    /// By service.
+    pub load_balancing: BTreeMap<ObjectRef, ServiceLb>,
+}
+
+impl WaypointConfig {
+    /// Whether the mesh model knows a service of this namespace and name.
+    pub fn service_exists(&self, s: &ObjectRef) -> bool {
+        self.mesh.as_ref().is_some_and(|m| {
+            m.services()
+                .any(|x| x.namespace == s.namespace && x.name == s.name)
+        })
+    }
+
+    /// The service's balancing (least request by default).
+    pub fn lb(&self, s: &ObjectRef) -> ServiceLb {
+        self.load_balancing.get(s).cloned().unwrap_or_default()
+    }
+}
+
+/// Read and [`load_str`] a file.
+pub fn load_file(file: &Path, version: u64) -> Result<WaypointConfig, LoadError> {
+    let text = std::fs::read_to_string(file).map_err(|e| LoadError {
+        file: file.to_owned(),
+        document: 0,
+        line: None,
+        column: None,
+        field: None,
+        message: format!("cannot read: {e}"),
+    })?;
+    load_str(file, &text, version)
+}
+
+/// Split at `---` lines: (first line of the document, 1-based; its text).
+fn documents(text: &str) -> Vec<(usize, String)> {
+    let mut docs = vec![];
+    let mut cur = String::new();
+    let mut start = 1;
+    for (i, line) in text.lines().enumerate() {
+        let t = line.trim_end();
+        if t == "---" || t.starts_with("--- ") {
+            docs.push((start, std::mem::take(&mut cur)));
+            start = i + 2;
+            continue;
+        }
+        cur.push_str(line);
+        cur.push('\n');
+    }
+    docs.push((start, cur));
+    docs
+}
+
+/// Parse every document of `text`.
+pub fn load_str(file: &Path, text: &str, version: u64) -> Result<WaypointConfig, LoadError> {
+    let mut cfg = WaypointConfig::default();
+    let mut routes = vec![];
+    let mut seen = BTreeSet::new();
+    let mut index = 0;
+    for (start, doc) in documents(text) {
+        let blank = doc
+            .lines()
+            .all(|l| l.trim().is_empty() || l.trim_start().starts_with('#'));
+        if blank {
+            continue;
+        }
+        index += 1;
+        let at = |e: ConfigError| LoadError {
+            file: file.to_owned(),
+            document: index,
+            line: e.line.map(|l| l + start - 1),
+            column: e.column,
+            field: e.field,
+            message: e.message,
+        };
+        let invalid = |e: Invalid| {
+            // Not written out at all: the document's first line.
+            let line = Some(locate(&doc, &e.field).unwrap_or(1) + start - 1);
+            LoadError {
+                file: file.to_owned(),
+                document: index,
+                line,
+                column: None,
+                field: Some(e.field),
+                message: e.message,
+            }
+        };
+        let head: Head = runtime::config::from_yaml_str(file, &doc).map_err(at)?;
+        let (Some(api), Some(kind)) = (&head.api_version, &head.kind) else {
+            if head.api_version.is_some() || head.kind.is_some() {
+                let f = if head.kind.is_some() {
+                    "apiVersion"
+                } else {
+                    "kind"
+                };
+                return Err(invalid(Invalid::new(f, "required with apiVersion/kind")));
+            }
+            if cfg.mesh.is_some() {
+                return Err(invalid(Invalid::new(
+                    "workloads",
+                    "a second mesh-model document (only one is allowed)",
+                )));
+            }
+            let snap = mesh_model::config::load_str(file, &doc, version).map_err(at)?;
+            cfg.mesh = Some(snap);
+            continue;
+        };
+        let key = |m: &Metadata| (kind.clone(), m.namespace().to_string(), m.name.clone());
+        match (api.as_str(), kind.as_str()) {
+            ("gateway.networking.k8s.io/v1" | "gateway.networking.k8s.io/v1beta1", "HTTPRoute") => {
+                let d: Doc<RouteSpec> = parse(file, &doc).map_err(at)?;
+                if !seen.insert(key(&d.metadata)) {
+                    return Err(invalid(Invalid::new(
+                        "metadata.name",
+                        "duplicate HTTPRoute",
+                    )));
+                }
+                routes.push(compile_route(&d).map_err(invalid)?);
+            }
+            ("security.istio.io/v1" | "security.istio.io/v1beta1", "AuthorizationPolicy") => {
+                let d: Doc<PolicySpec> = parse(file, &doc).map_err(at)?;
+                if !seen.insert(key(&d.metadata)) {
+                    return Err(invalid(Invalid::new(
+                        "metadata.name",
+                        "duplicate AuthorizationPolicy",
+                    )));
+                }
+                cfg.policies.push(compile_policy(&d).map_err(invalid)?);
+            }
+            (
+                "networking.istio.io/v1"
+                | "networking.istio.io/v1beta1"
+                | "networking.istio.io/v1alpha3",
+                "DestinationRule",
+            ) => {
+                let d: Doc<DrSpec> = parse(file, &doc).map_err(at)?;
+                let (svc, lb) = compile_dr(&d).map_err(invalid)?;
+                if cfg.load_balancing.insert(svc.clone(), lb).is_some() {
+                    return Err(invalid(Invalid::new(
+                        "spec.host",
+                        format!(
+                            "a second DestinationRule for service {}/{}",
+                            svc.namespace, svc.name
+                        ),
+                    )));
+                }
+            }
+            ("gateway.networking.k8s.io/v1" | "gateway.networking.k8s.io/v1beta1", _)
+            | ("security.istio.io/v1" | "security.istio.io/v1beta1", _)
+            | ("networking.istio.io/v1" | "networking.istio.io/v1beta1", _)
+            | ("networking.istio.io/v1alpha3", _) => {
+                return Err(invalid(Invalid::new(
+                    "kind",
+                    format!("unsupported kind {kind:?} (HTTPRoute, AuthorizationPolicy, DestinationRule)"),
+                )));
+            }
+            _ => {
+                return Err(invalid(Invalid::new(
+                    "apiVersion",
+                    format!("unsupported apiVersion {api:?} for kind {kind:?}"),
+                )));
+            }
+        }
+    }
+    cfg.routes = RouteTable::new(routes);
+    Ok(cfg)
+}
+
+/// The line of `field`, or of its nearest enclosing field that is written out (a missing
+/// or flow-style field is reported at its parent).
+fn locate(doc: &str, field: &str) -> Option<usize> {
+    let mut f = field;
+    loop {
+        if let Some(l) = locate_field(doc, f) {
+            return Some(l);
+        }
+        let cut = f.rfind(['.', '['])?;
+        f = &f[..cut];
+        if f.is_empty() {
+            return None;
+        }
+    }
+}
+
+fn parse<T: DeserializeOwned>(file: &Path, doc: &str) -> Result<T, ConfigError> {
+    runtime::config::from_yaml_str(file, doc)
+}
+
+// ---------------------------------------------------------------- raw documents
+
+/// Just enough to dispatch a document.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Head {
+    #[serde(default)]
+    api_version: Option<String>,
+    #[serde(default)]
+    kind: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct Doc<S> {
+    #[allow(dead_code)]
+    api_version: String,
+    #[allow(dead_code)]
+    kind: String,
+    metadata: Metadata,
+    spec: S,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct Metadata {
+    name: String,
+    #[serde(default)]
+    namespace: Option<String>,
+    #[serde(default)]
+    creation_timestamp: Option<String>,
+    #[serde(default)]
+    #[allow(dead_code)]
+    labels: BTreeMap<String, String>,
+    #[serde(default)]
+    #[allow(dead_code)]
+    annotations: BTreeMap<String, String>,
+}
+
+impl Metadata {
+    fn namespace(&self) -> &str {
+        self.namespace.as_deref().unwrap_or("default")
+    }
+
+    fn id(&self) -> ObjectRef {
+        ObjectRef::new(self.namespace(), &self.name)
+    }
+}
+
+// HTTPRoute ---------------------------------------------------------------
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RouteSpec {
+    #[serde(default)]
+    parent_refs: Vec<ParentRef>,
+    #[serde(default)]
+    hostnames: Vec<String>,
+    #[serde(default)]
+    rules: Vec<RuleRaw>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct ParentRef {
+    #[serde(default)]
+    group: Option<String>,
+    #[serde(default)]
+    kind: Option<String>,
+    name: String,
+    #[serde(default)]
+    namespace: Option<String>,
+    #[serde(default)]
+    port: Option<u16>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RuleRaw {
+    #[serde(default)]
+    #[allow(dead_code)]
+    name: Option<String>,
+    #[serde(default)]
+    matches: Vec<MatchRaw>,
+    #[serde(default)]
+    filters: Vec<FilterRaw>,
+    #[serde(default)]
+    backend_refs: Vec<BackendRefRaw>,
+    #[serde(default)]
+    timeouts: Option<TimeoutsRaw>,
+    #[serde(default)]
+    retry: Option<RetryRaw>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct MatchRaw {
+    #[serde(default)]
+    path: Option<PathRaw>,
+    #[serde(default)]
+    headers: Vec<ValueMatchRaw>,
+    #[serde(default)]
+    query_params: Vec<ValueMatchRaw>,
+    #[serde(default)]
+    method: Option<Method>,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(rename_all = "UPPERCASE")]
+enum Method {
+    Get,
+    Head,
+    Post,
+    Put,
+    Delete,
+    Connect,
+    Options,
+    Trace,
+    Patch,
+}
+
+#[derive(Debug, Default, Clone, Copy, Deserialize)]
+enum PathType {
+    Exact,
+    #[default]
+    PathPrefix,
+    RegularExpression,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct PathRaw {
+    #[serde(default, rename = "type")]
+    kind: PathType,
+    #[serde(default)]
+    value: Option<String>,
+}
+
+#[derive(Debug, Default, Clone, Copy, Deserialize)]
+enum ValueType {
+    #[default]
+    Exact,
+    RegularExpression,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct ValueMatchRaw {
+    #[serde(default, rename = "type")]
+    kind: ValueType,
+    name: String,
+    value: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+enum FilterType {
+    RequestHeaderModifier,
+    ResponseHeaderModifier,
+    RequestRedirect,
+    #[serde(rename = "URLRewrite")]
+    UrlRewrite,
+    RequestMirror,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct FilterRaw {
+    #[serde(rename = "type")]
+    kind: FilterType,
+    #[serde(default)]
+    request_header_modifier: Option<HeaderModRaw>,
+    #[serde(default)]
+    response_header_modifier: Option<HeaderModRaw>,
+    #[serde(default)]
+    request_redirect: Option<RedirectRaw>,
+    #[serde(default, rename = "urlRewrite")]
+    url_rewrite: Option<RewriteRaw>,
+    #[serde(default)]
+    request_mirror: Option<MirrorRaw>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NameValue {
+    name: String,
+    value: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HeaderModRaw {
+    #[serde(default)]
+    set: Vec<NameValue>,
+    #[serde(default)]
+    add: Vec<NameValue>,
+    #[serde(default)]
+    remove: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize)]
+enum PathModType {
+    ReplaceFullPath,
+    ReplacePrefixMatch,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct PathModRaw {
+    #[serde(rename = "type")]
+    kind: PathModType,
+    #[serde(default)]
+    replace_full_path: Option<String>,
+    #[serde(default)]
+    replace_prefix_match: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RedirectRaw {
+    #[serde(default)]
+    scheme: Option<String>,
+    #[serde(default)]
+    hostname: Option<String>,
+    #[serde(default)]
+    path: Option<PathModRaw>,
+    #[serde(default)]
+    port: Option<u16>,
+    #[serde(default)]
+    status_code: Option<u16>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RewriteRaw {
+    #[serde(default)]
+    hostname: Option<String>,
+    #[serde(default)]
+    path: Option<PathModRaw>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct BackendObjRaw {
+    #[serde(default)]
+    group: Option<String>,
+    #[serde(default)]
+    kind: Option<String>,
+    name: String,
+    #[serde(default)]
+    namespace: Option<String>,
+    #[serde(default)]
+    port: Option<u16>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct MirrorRaw {
+    backend_ref: BackendObjRaw,
+    #[serde(default)]
+    percent: Option<u32>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct BackendRefRaw {
+    #[serde(default)]
+    group: Option<String>,
+    #[serde(default)]
+    kind: Option<String>,
+    name: String,
+    #[serde(default)]
+    namespace: Option<String>,
+    #[serde(default)]
+    port: Option<u16>,
+    #[serde(default)]
+    weight: Option<u32>,
+    #[serde(default)]
+    filters: Vec<FilterRaw>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct TimeoutsRaw {
+    #[serde(default)]
+    request: Option<String>,
+    #[serde(default)]
+    backend_request: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RetryRaw {
+    #[serde(default)]
+    codes: Vec<u16>,
+    #[serde(default)]
+    attempts: Option<u32>,
+    #[serde(default)]
+    backoff: Option<String>,
+}
+
+/// Gateway API durations: `1h`, `30m`, `10s`, `500ms`, combined (`1m30s`); `0s` disables.
+pub fn gateway_duration(s: &str) -> Result<Duration, String> {
+    let bad = || format!("invalid duration {s:?} (Gateway API form: 1h, 30m, 10s, 500ms, 1m30s)");
+    let mut total = Duration::ZERO;
+    let mut rest = s;
+    if rest.is_empty() {
+        return Err(bad());
+    }
+    while !rest.is_empty() {
+        let n_end = rest.find(|c: char| !c.is_ascii_digit()).ok_or_else(bad)?;
+        if n_end == 0 || n_end > 5 {
+            return Err(bad());
+        }
+        let n: u64 = rest[..n_end].parse().map_err(|_| bad())?;
+        rest = &rest[n_end..];
+        let (unit, len) = if rest.starts_with("ms") {
+            (Duration::from_millis(1), 2)
+        } else if rest.starts_with('h') {
+            (Duration::from_secs(3600), 1)
+        } else if rest.starts_with('m') {
+            (Duration::from_secs(60), 1)
+        } else if rest.starts_with('s') {
+            (Duration::from_secs(1), 1)
+        } else {
+            return Err(bad());
+        };
+        rest = &rest[len..];
+        total += unit * n as u32;
+    }
+    Ok(total)
+}
+
+fn anchored(field: &str, re: &str) -> Result<Regex, Invalid> {
+    Regex::new(&format!("^(?:{re})$"))
+        .map_err(|e| Invalid::new(field, format!("invalid regular expression: {e}")))
+}
+
+fn service_ref(
+    field: &str,
+    group: &Option<String>,
+    kind: &Option<String>,
+    name: &str,
+    namespace: &Option<String>,
+    port: Option<u16>,
+    default_ns: &str,
+) -> Result<(ObjectRef, u16), Invalid> {
+    if group.as_deref().is_some_and(|g| !g.is_empty())
+        || kind.as_deref().is_some_and(|k| k != "Service")
+    {
+        return Err(Invalid::new(
+            field,
+            "only Services (group \"\", kind Service) can be backends",
+        ));
+    }
+    let port =
+        port.ok_or_else(|| Invalid::new(format!("{field}.port"), "required for a Service"))?;
+    let ns = namespace.as_deref().unwrap_or(default_ns);
+    Ok((ObjectRef::new(ns, name), port))
+}
+
+fn header_mod(h: &HeaderModRaw) -> HeaderModifier {
+    let pairs = |v: &[NameValue]| {
+        v.iter()
+            .map(|nv| (nv.name.clone(), nv.value.clone()))
+            .collect()
+    };
+    HeaderModifier {
+        set: pairs(&h.set),
+        add: pairs(&h.add),
+        remove: h.remove.clone(),
+    }
+}
+
+fn path_mod(field: &str, p: &PathModRaw) -> Result<PathModifier, Invalid> {
+    match (p.kind, &p.replace_full_path, &p.replace_prefix_match) {
+        (PathModType::ReplaceFullPath, Some(f), None) => {
+            Ok(PathModifier::ReplaceFullPath(f.clone()))
+        }
+        (PathModType::ReplacePrefixMatch, None, Some(f)) => {
+            Ok(PathModifier::ReplacePrefixMatch(f.clone()))
+        }
+        (PathModType::ReplaceFullPath, ..) => Err(Invalid::new(
+            format!("{field}.replaceFullPath"),
+            "required (and only it) with type ReplaceFullPath",
+        )),
+        (PathModType::ReplacePrefixMatch, ..) => Err(Invalid::new(
+            format!("{field}.replacePrefixMatch"),
+            "required (and only it) with type ReplacePrefixMatch",
+        )),
+    }
+}
+
+fn compile_filters(
+    field: &str,
+    raw: &[FilterRaw],
+    backend_level: bool,
+    ns: &str,
+) -> Result<Vec<Filter>, Invalid> {
+    let mut out = vec![];
+    for (i, f) in raw.iter().enumerate() {
+        let fld = format!("{field}[{i}]");
+        let present = [
+            (
+                FilterType::RequestHeaderModifier,
+                f.request_header_modifier.is_some(),
+            ),
+            (
+                FilterType::ResponseHeaderModifier,
+                f.response_header_modifier.is_some(),
+            ),
+            (FilterType::RequestRedirect, f.request_redirect.is_some()),
+            (FilterType::UrlRewrite, f.url_rewrite.is_some()),
+            (FilterType::RequestMirror, f.request_mirror.is_some()),
+        ];
+        if present.iter().any(|(t, p)| *p != (*t == f.kind)) {
+            return Err(Invalid::new(
+                &fld,
+                format!(
+                    "type {:?} needs its own field and no other filter's",
+                    f.kind
+                ),
+            ));
+        }
+        let filter = match f.kind {
+            FilterType::RequestHeaderModifier => Filter::RequestHeader(header_mod(
+                f.request_header_modifier.as_ref().expect("checked"),
+            )),
+            FilterType::ResponseHeaderModifier => Filter::ResponseHeader(header_mod(
+                f.response_header_modifier.as_ref().expect("checked"),
+            )),
+            FilterType::RequestRedirect => {
+                if backend_level {
+                    return Err(Invalid::new(
+                        &fld,
+                        "RequestRedirect is not supported in backendRefs filters",
+                    ));
+                }
+                let r = f.request_redirect.as_ref().expect("checked");
+                let status_code = r.status_code.unwrap_or(302);
+                if !matches!(status_code, 301 | 302 | 303 | 307 | 308) {
+                    return Err(Invalid::new(
+                        format!("{fld}.requestRedirect.statusCode"),
+                        "must be 301, 302, 303, 307 or 308",
+                    ));
+                }
+                if let Some(s) = &r.scheme {
+                    if s != "http" && s != "https" {
+                        return Err(Invalid::new(
+                            format!("{fld}.requestRedirect.scheme"),
+                            "must be http or https",
+                        ));
+                    }
+                }
+                Filter::Redirect(Redirect {
+                    scheme: r.scheme.clone(),
+                    hostname: r.hostname.clone(),
+                    path: r
+                        .path
+                        .as_ref()
+                        .map(|p| path_mod(&format!("{fld}.requestRedirect.path"), p))
+                        .transpose()?,
+                    port: r.port,
+                    status_code,
+                })
+            }
+            FilterType::UrlRewrite => {
+                let r = f.url_rewrite.as_ref().expect("checked");
+                Filter::Rewrite(Rewrite {
+                    hostname: r.hostname.clone(),
+                    path: r
+                        .path
+                        .as_ref()
+                        .map(|p| path_mod(&format!("{fld}.urlRewrite.path"), p))
+                        .transpose()?,
+                })
+            }
+            FilterType::RequestMirror => {
+                let m = f.request_mirror.as_ref().expect("checked");
+                let b = &m.backend_ref;
+                let (service, port) = service_ref(
+                    &format!("{fld}.requestMirror.backendRef"),
+                    &b.group,
+                    &b.kind,
+                    &b.name,
+                    &b.namespace,
+                    b.port,
+                    ns,
+                )?;
+                let percent = m.percent.unwrap_or(100);
+                if percent > 100 {
+                    return Err(Invalid::new(
+                        format!("{fld}.requestMirror.percent"),
+                        "must be 0–100",
+                    ));
+                }
+                Filter::Mirror(Mirror {
+                    service,
+                    port,
+                    percent,
+                })
+            }
+        };
+        out.push(filter);
+    }
+    Ok(out)
+}
+
+fn compile_route(d: &Doc<RouteSpec>) -> Result<HttpRoute, Invalid> {
+    let ns = d.metadata.namespace();
+    if !d.spec.hostnames.is_empty() {
+        return Err(Invalid::new(
+            "spec.hostnames",
+            "not supported for Service parents (GAMMA routes match every host)",
+        ));
+    }
+    if let Some(ts) = &d.metadata.creation_timestamp {
+        let ok = ts.len() == 20
+            && ts.ends_with('Z')
+            && ts.as_bytes()[10] == b'T'
+            && ts.chars().filter(|c| c.is_ascii_digit()).count() == 14;
+        if !ok {
+            return Err(Invalid::new(
+                "metadata.creationTimestamp",
+                "expected RFC 3339 UTC, e.g. 2024-05-01T12:00:00Z",
+            ));
+        }
+    }
+    let mut parents = vec![];
+    for (i, p) in d.spec.parent_refs.iter().enumerate() {
+        let group = p.group.as_deref().unwrap_or("gateway.networking.k8s.io");
+        let kind = p.kind.as_deref().unwrap_or("Gateway");
+        if !group.is_empty() || kind != "Service" {
+            return Err(Invalid::new(
+                format!("spec.parentRefs[{i}]"),
+                format!(
+                    "the waypoint routes only for Services (group \"\", kind Service), not group {group:?} kind {kind:?}"
+                ),
+            ));
+        }
+        let pns = p.namespace.as_deref().unwrap_or(ns);
+        parents.push((ObjectRef::new(pns, &p.name), p.port));
+    }
+    let mut rules = vec![];
+    for (ri, r) in d.spec.rules.iter().enumerate() {
+        let rf = format!("spec.rules[{ri}]");
+        let mut matches = vec![];
+        for (mi, m) in r.matches.iter().enumerate() {
+            let mf = format!("{rf}.matches[{mi}]");
+            let path = match &m.path {
+                None => PathMatch::Prefix("/".into()),
+                Some(p) => {
+                    let v = p.value.clone().unwrap_or_else(|| "/".into());
+                    match p.kind {
+                        PathType::Exact | PathType::PathPrefix if !v.starts_with('/') => {
+                            return Err(Invalid::new(
+                                format!("{mf}.path.value"),
+                                "must start with /",
+                            ))
+                        }
+                        PathType::Exact => PathMatch::Exact(v),
+                        PathType::PathPrefix => PathMatch::Prefix(v),
+                        PathType::RegularExpression => {
+                            PathMatch::Regex(anchored(&format!("{mf}.path.value"), &v)?)
+                        }
+                    }
+                }
+            };
+            let values = |list: &[ValueMatchRaw], what: &str, lower: bool| {
+                let mut out: Vec<(String, ValueMatch)> = vec![];
+                for (i, h) in list.iter().enumerate() {
+                    let name = if lower {
+                        h.name.to_ascii_lowercase()
+                    } else {
+                        h.name.clone()
+                    };
+                    if out.iter().any(|(n, _)| *n == name) {
+                        return Err(Invalid::new(
+                            format!("{mf}.{what}[{i}].name"),
+                            "duplicate name in one match",
+                        ));
+                    }
+                    let vm = match h.kind {
+                        ValueType::Exact => ValueMatch::Exact(h.value.clone()),
+                        ValueType::RegularExpression => ValueMatch::Regex(anchored(
+                            &format!("{mf}.{what}[{i}].value"),
+                            &h.value,
+                        )?),
+                    };
+                    out.push((name, vm));
+                }
+                Ok(out)
+            };
+            matches.push(RouteMatch {
+                path,
+                headers: values(&m.headers, "headers", true)?,
+                query: values(&m.query_params, "queryParams", false)?,
+                method: m.method.map(|x| format!("{x:?}").to_ascii_uppercase()),
+            });
+        }
+        if matches.is_empty() {
+            matches.push(RouteMatch::default());
+        }
+        let filters = compile_filters(&format!("{rf}.filters"), &r.filters, false, ns)?;
+        let has = |f: fn(&Filter) -> bool| filters.iter().any(f);
+        if has(|f| matches!(f, Filter::Redirect(_))) && has(|f| matches!(f, Filter::Rewrite(_))) {
+            return Err(Invalid::new(
+                format!("{rf}.filters"),
+                "RequestRedirect and URLRewrite cannot be combined",
+            ));
+        }
+        let mut backends = vec![];
+        for (bi, b) in r.backend_refs.iter().enumerate() {
+            let bf = format!("{rf}.backendRefs[{bi}]");
+            let (service, port) =
+                service_ref(&bf, &b.group, &b.kind, &b.name, &b.namespace, b.port, ns)?;
+            let bfilters = compile_filters(&format!("{bf}.filters"), &b.filters, true, ns)?;
+            backends.push(Backend {
+                service,
+                port,
+                weight: b.weight.unwrap_or(1),
+                filters: bfilters,
+            });
+        }
+        let prefix_mod = filters
+            .iter()
+            .chain(backends.iter().flat_map(|b| &b.filters))
+            .any(|f| {
+                matches!(
+                    f,
+                    Filter::Redirect(Redirect {
+                        path: Some(PathModifier::ReplacePrefixMatch(_)),
+                        ..
+                    }) | Filter::Rewrite(Rewrite {
+                        path: Some(PathModifier::ReplacePrefixMatch(_)),
+                        ..
+                    })
+                )
+            });
+        if prefix_mod
+            && matches
+                .iter()
+                .any(|m| !matches!(m.path, PathMatch::Prefix(_)))
+        {
+            return Err(Invalid::new(
+                format!("{rf}.filters"),
+                "ReplacePrefixMatch needs every match of the rule to be a PathPrefix match",
+            ));
+        }
+        let mut timeouts = Timeouts::default();
+        if let Some(t) = &r.timeouts {
+            let dur = |v: &Option<String>, f: &str| {
+                v.as_deref()
+                    .map(gateway_duration)
+                    .transpose()
+                    .map(|d| d.filter(|d| !d.is_zero()))
+                    .map_err(|e| Invalid::new(format!("{rf}.timeouts.{f}"), e))
+            };
+            timeouts.request = dur(&t.request, "request")?;
+            timeouts.backend_request = dur(&t.backend_request, "backendRequest")?;
+            if let (Some(r), Some(b)) = (timeouts.request, timeouts.backend_request) {
+                if b > r {
+                    return Err(Invalid::new(
+                        format!("{rf}.timeouts.backendRequest"),
+                        "must not exceed timeouts.request",
+                    ));
+                }
+            }
+        }
+        let retry = r
+            .retry
+            .as_ref()
+            .map(|x| -> Result<Retry, Invalid> {
+                for (i, c) in x.codes.iter().enumerate() {
+                    if !(400..600).contains(c) {
+                        return Err(Invalid::new(
+                            format!("{rf}.retry.codes[{i}]"),
+                            "must be a 4xx or 5xx status",
+                        ));
+                    }
+                }
+                Ok(Retry {
+                    codes: x.codes.clone(),
+                    attempts: x.attempts.unwrap_or(1),
+                    backoff: x
+                        .backoff
+                        .as_deref()
+                        .map(gateway_duration)
+                        .transpose()
+                        .map_err(|e| Invalid::new(format!("{rf}.retry.backoff"), e))?,
+                })
+            })
+            .transpose()?;
+        rules.push(Rule {
+            matches,
+            filters,
+            backends,
+            timeouts,
+            retry,
+        });
+    }
+    Ok(HttpRoute {
+        id: d.metadata.id(),
+        created: d.metadata.creation_timestamp.clone(),
+        parents,
+        rules,
+    })
+}
+
+// AuthorizationPolicy -----------------------------------------------------
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct PolicySpec {
+    #[serde(default)]
+    selector: Option<SelectorRaw>,
+    #[serde(default)]
+    target_ref: Option<TargetRefRaw>,
+    #[serde(default)]
+    target_refs: Vec<TargetRefRaw>,
+    #[serde(default)]
+    action: ActionRaw,
+    #[serde(default)]
+    rules: Vec<PolicyRuleRaw>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct SelectorRaw {
+    #[serde(default)]
+    match_labels: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct TargetRefRaw {
+    #[serde(default)]
+    group: Option<String>,
+    kind: String,
+    name: String,
+    #[serde(default)]
+    namespace: Option<String>,
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "UPPERCASE")]
+enum ActionRaw {
+    #[default]
+    Allow,
+    Deny,
+    Audit,
+    Custom,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct PolicyRuleRaw {
+    #[serde(default)]
+    from: Vec<FromRaw>,
+    #[serde(default)]
+    to: Vec<ToRaw>,
+    #[serde(default)]
+    when: Vec<ConditionRaw>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FromRaw {
+    source: SourceRaw,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ToRaw {
+    operation: OperationRaw,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct SourceRaw {
+    principals: Option<Vec<String>>,
+    not_principals: Option<Vec<String>>,
+    request_principals: Option<Vec<String>>,
+    not_request_principals: Option<Vec<String>>,
+    namespaces: Option<Vec<String>>,
+    not_namespaces: Option<Vec<String>>,
+    ip_blocks: Option<Vec<Cidr>>,
+    not_ip_blocks: Option<Vec<Cidr>>,
+    remote_ip_blocks: Option<Vec<Cidr>>,
+    not_remote_ip_blocks: Option<Vec<Cidr>>,
+}
+
+/// Ports as users write them: `"8080"` (Istio's form) or `8080`.
+#[derive(Debug, Clone, Copy)]
+struct PortRaw(u16);
+
+impl<'de> Deserialize<'de> for PortRaw {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            N(u16),
+            S(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::N(n) => Ok(PortRaw(n)),
+            Raw::S(s) => s
+                .parse()
+                .map(PortRaw)
+                .map_err(|_| serde::de::Error::custom(format!("invalid port {s:?}"))),
+        }
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct OperationRaw {
+    hosts: Option<Vec<String>>,
+    not_hosts: Option<Vec<String>>,
+    ports: Option<Vec<PortRaw>>,
+    not_ports: Option<Vec<PortRaw>>,
+    methods: Option<Vec<String>>,
+    not_methods: Option<Vec<String>>,
+    paths: Option<Vec<String>>,
+    not_paths: Option<Vec<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct ConditionRaw {
+    key: String,
+    #[serde(default)]
+    values: Option<Vec<String>>,
+    #[serde(default)]
+    not_values: Option<Vec<String>>,
+}
+
+fn one_of<R, T>(
+    values: &Option<Vec<R>>,
+    not: &Option<Vec<R>>,
+    f: impl Fn(&R) -> Result<T, String>,
+    field: &str,
+    not_field: &str,
+) -> Result<OneOf<T>, Invalid> {
+    let conv = |v: &Option<Vec<R>>, fld: &str| -> Result<Option<Vec<T>>, Invalid> {
+        match v {
+            None => Ok(None),
+            Some(v) if v.is_empty() => Ok(None),
+            Some(v) => v
+                .iter()
+                .enumerate()
+                .map(|(i, x)| f(x).map_err(|e| Invalid::new(format!("{fld}[{i}]"), e)))
+                .collect::<Result<Vec<T>, Invalid>>()
+                .map(Some),
+        }
+    };
+    Ok(OneOf {
+        values: conv(values, field)?,
+        not: conv(not, not_field)?.unwrap_or_default(),
+    })
+}
+
+fn strs(
+    v: &Option<Vec<String>>,
+    n: &Option<Vec<String>>,
+    f: &str,
+    nf: &str,
+) -> Result<OneOf<StrMatch>, Invalid> {
+    one_of(v, n, |s| Ok(StrMatch::parse(s)), f, nf)
+}
+
+fn compile_policy(d: &Doc<PolicySpec>) -> Result<authz::Policy, Invalid> {
+    let ns = d.metadata.namespace();
+    let s = &d.spec;
+    let action = match s.action {
+        ActionRaw::Allow => authz::Action::Allow,
+        ActionRaw::Deny => authz::Action::Deny,
+        ActionRaw::Audit => authz::Action::Audit,
+        ActionRaw::Custom => {
+            return Err(Invalid::new(
+                "spec.action",
+                "CUSTOM is not supported (the waypoint has no external authorizer); use ALLOW, DENY or AUDIT",
+            ))
+        }
+    };
+    let mut targets: Vec<&TargetRefRaw> = s.target_refs.iter().collect();
+    let target_field = if s.target_ref.is_some() {
+        "spec.targetRef"
+    } else {
+        "spec.targetRefs"
+    };
+    if let Some(t) = &s.target_ref {
+        if !targets.is_empty() {
+            return Err(Invalid::new(
+                "spec.targetRef",
+                "use targetRef or targetRefs, not both",
+            ));
+        }
+        targets.push(t);
+    }
+    let attachment = if !targets.is_empty() {
+        if s.selector.is_some() {
+            return Err(Invalid::new(
+                "spec.selector",
+                "cannot be combined with targetRefs",
+            ));
+        }
+        let mut gateways = vec![];
+        let mut services = vec![];
+        for (i, t) in targets.iter().enumerate() {
+            let f = if s.target_ref.is_some() {
+                target_field.to_string()
+            } else {
+                format!("{target_field}[{i}]")
+            };
+            if t.namespace.as_deref().is_some_and(|n| n != ns) {
+                return Err(Invalid::new(
+                    format!("{f}.namespace"),
+                    "must be the policy's own namespace",
+                ));
+            }
+            match (t.group.as_deref().unwrap_or(""), t.kind.as_str()) {
+                ("gateway.networking.k8s.io", "Gateway") => gateways.push(t.name.clone()),
+                ("", "Service") => services.push(t.name.clone()),
+                (g, k) => {
+                    return Err(Invalid::new(
+                        format!("{f}.kind"),
+                        format!("unsupported target group {g:?} kind {k:?} (Gateway or Service)"),
+                    ))
+                }
+            }
+        }
+        Attachment::Targets { gateways, services }
+    } else if let Some(sel) = &s.selector {
+        Attachment::Selector(sel.match_labels.clone())
+    } else {
+        Attachment::Namespace
+    };
+    let mut rules = vec![];
+    for (ri, r) in s.rules.iter().enumerate() {
+        let rf = format!("spec.rules[{ri}]");
+        let mut from = vec![];
+        for (i, fr) in r.from.iter().enumerate() {
+            let f = format!("{rf}.from[{i}].source");
+            let src = &fr.source;
+            if src.request_principals.is_some() || src.not_request_principals.is_some() {
+                let k = if src.request_principals.is_some() {
+                    "requestPrincipals"
+                } else {
+                    "notRequestPrincipals"
+                };
+                return Err(Invalid::new(
+                    format!("{f}.{k}"),
+                    "request principals need JWT authentication (RequestAuthentication), which the waypoint does not support yet",
+                ));
+            }
+            let cidrs = |v: &Option<Vec<Cidr>>, n: &Option<Vec<Cidr>>, a: &str, b: &str| {
+                one_of(v, n, |c| Ok(*c), &format!("{f}.{a}"), &format!("{f}.{b}"))
+            };
+            from.push(authz::Source {
+                principals: strs(
+                    &src.principals,
+                    &src.not_principals,
+                    &format!("{f}.principals"),
+                    &format!("{f}.notPrincipals"),
+                )?,
+                namespaces: strs(
+                    &src.namespaces,
+                    &src.not_namespaces,
+                    &format!("{f}.namespaces"),
+                    &format!("{f}.notNamespaces"),
+                )?,
+                ip_blocks: cidrs(
+                    &src.ip_blocks,
+                    &src.not_ip_blocks,
+                    "ipBlocks",
+                    "notIpBlocks",
+                )?,
+                remote_ip_blocks: cidrs(
+                    &src.remote_ip_blocks,
+                    &src.not_remote_ip_blocks,
+                    "remoteIpBlocks",
+                    "notRemoteIpBlocks",
+                )?,
+            });
+        }
+        let mut to = vec![];
+        for (i, tr) in r.to.iter().enumerate() {
+            let f = format!("{rf}.to[{i}].operation");
+            let op = &tr.operation;
+            let ports = |v: &Option<Vec<PortRaw>>, n: &Option<Vec<PortRaw>>| {
+                one_of(
+                    v,
+                    n,
+                    |p| Ok(p.0),
+                    &format!("{f}.ports"),
+                    &format!("{f}.notPorts"),
+                )
+            };
+            let paths = |v: &Option<Vec<String>>, n: &Option<Vec<String>>| {
+                one_of(
+                    v,
+                    n,
+                    |p| PathPattern::parse(p),
+                    &format!("{f}.paths"),
+                    &format!("{f}.notPaths"),
+                )
+            };
+            to.push(authz::Operation {
+                hosts: strs(
+                    &op.hosts,
+                    &op.not_hosts,
+                    &format!("{f}.hosts"),
+                    &format!("{f}.notHosts"),
+                )?,
+                ports: ports(&op.ports, &op.not_ports)?,
+                methods: strs(
+                    &op.methods,
+                    &op.not_methods,
+                    &format!("{f}.methods"),
+                    &format!("{f}.notMethods"),
+                )?,
+                paths: paths(&op.paths, &op.not_paths)?,
+            });
+        }
+        let mut when = vec![];
+        for (i, c) in r.when.iter().enumerate() {
+            let f = format!("{rf}.when[{i}]");
+            if c.values.as_ref().is_none_or(|v| v.is_empty())
+                && c.not_values.as_ref().is_none_or(|v| v.is_empty())
+            {
+                return Err(Invalid::new(
+                    format!("{f}.values"),
+                    "values or notValues is required",
+                ));
+            }
+            let vf = format!("{f}.values");
+            let nf = format!("{f}.notValues");
+            let key = c.key.as_str();
+            let cond = if let Some(h) = key
+                .strip_prefix("request.headers[")
+                .and_then(|k| k.strip_suffix(']'))
+            {
+                if h.is_empty() {
+                    return Err(Invalid::new(format!("{f}.key"), "empty header name"));
+                }
+                Condition::Str {
+                    key: Key::Header(h.to_ascii_lowercase()),
+                    values: strs(&c.values, &c.not_values, &vf, &nf)?,
+                }
+            } else {
+                match key {
+                    "source.ip" | "remote.ip" | "destination.ip" => Condition::Ip {
+                        key: match key {
+                            "source.ip" => Key::SourceIp,
+                            "remote.ip" => Key::RemoteIp,
+                            _ => Key::DestinationIp,
+                        },
+                        values: one_of(&c.values, &c.not_values, |s| s.parse::<Cidr>(), &vf, &nf)?,
+                    },
+                    "source.namespace" | "source.principal" => Condition::Str {
+                        key: if key == "source.namespace" { Key::SourceNamespace } else { Key::SourcePrincipal },
+                        values: strs(&c.values, &c.not_values, &vf, &nf)?,
+                    },
+                    "destination.port" => Condition::Port(one_of(
+                        &c.values,
+                        &c.not_values,
+                        |s| s.parse::<u16>().map_err(|_| format!("invalid port {s:?}")),
+                        &vf,
+                        &nf,
+                    )?),
+                    k if k.starts_with("request.auth.") => {
+                        return Err(Invalid::new(
+                            format!("{f}.key"),
+                            format!("{k:?} needs JWT authentication, which the waypoint does not support yet"),
+                        ))
+                    }
+                    k => {
+                        return Err(Invalid::new(
+                            format!("{f}.key"),
+                            format!("unsupported condition key {k:?} (request.headers[...], source.ip, remote.ip, source.namespace, source.principal, destination.ip, destination.port)"),
+                        ))
+                    }
+                }
+            };
+            when.push(cond);
+        }
+        rules.push(authz::Rule { from, to, when });
+    }
+    Ok(authz::Policy {
+        id: d.metadata.id(),
+        action,
+        attachment,
+        rules,
+    })
+}
+
+// DestinationRule ---------------------------------------------------------
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct DrSpec {
+    host: String,
+    #[serde(default)]
+    traffic_policy: Option<TrafficPolicyRaw>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct TrafficPolicyRaw {
+    #[serde(default)]
+    load_balancer: Option<LbRaw>,
+    #[serde(default)]
+    outlier_detection: Option<OutlierRaw>,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+enum SimpleLb {
+    Unspecified,
+    LeastRequest,
+    /// Istio's deprecated name for LEAST_REQUEST.
+    LeastConn,
+    RoundRobin,
+    Random,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct LbRaw {
+    #[serde(default)]
+    simple: Option<SimpleLb>,
+    #[serde(default)]
+    consistent_hash: Option<ConsistentHashRaw>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct ConsistentHashRaw {
+    #[serde(default)]
+    http_header_name: Option<String>,
+    #[serde(default)]
+    http_cookie: Option<CookieRaw>,
+    #[serde(default)]
+    use_source_ip: Option<bool>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CookieRaw {
+    name: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct OutlierRaw {
+    #[serde(default, rename = "consecutive5xxErrors")]
+    consecutive_5xx_errors: Option<u32>,
+    #[serde(default)]
+    base_ejection_time: Option<String>,
+    #[serde(default)]
+    max_ejection_percent: Option<u32>,
+}
+
+/// `name`, `name.ns`, `name.ns.svc`, `name.ns.svc.cluster.local` → the service.
+fn dr_host(host: &str, ns: &str) -> Result<ObjectRef, Invalid> {
+    let parts: Vec<&str> = host.split('.').collect();
+    let bad = || {
+        Invalid::new(
+            "spec.host",
+            format!("{host:?}: expected a service name (name, name.ns, name.ns.svc.cluster.local)"),
+        )
+    };
+    if parts.iter().any(|p| p.is_empty() || p.contains('*')) {
+        return Err(bad());
+    }
+    match parts.as_slice() {
+        [n] => Ok(ObjectRef::new(ns, *n)),
+        [n, s] => Ok(ObjectRef::new(*s, *n)),
+        [n, s, "svc", ..] => Ok(ObjectRef::new(*s, *n)),
+        _ => Err(bad()),
+    }
+}
+
+fn compile_dr(d: &Doc<DrSpec>) -> Result<(ObjectRef, ServiceLb), Invalid> {
+    let svc = dr_host(&d.spec.host, d.metadata.namespace())?;
+    let mut lb = ServiceLb::default();
+    if let Some(tp) = &d.spec.traffic_policy {
+        if let Some(l) = &tp.load_balancer {
+            lb.policy = match (&l.simple, &l.consistent_hash) {
+                (Some(_), Some(_)) => {
+                    return Err(Invalid::new(
+                        "spec.trafficPolicy.loadBalancer",
+                        "simple and consistentHash are exclusive",
+                    ))
+                }
+                (Some(SimpleLb::RoundRobin), None) => LbPolicy::RoundRobin,
+                (Some(SimpleLb::Random), None) => LbPolicy::Random,
+                (Some(_), None) | (None, None) => LbPolicy::LeastRequest,
+                (None, Some(ch)) => {
+                    let f = "spec.trafficPolicy.loadBalancer.consistentHash";
+                    let key = match (&ch.http_header_name, &ch.http_cookie, ch.use_source_ip) {
+                        (Some(h), None, None | Some(false)) => {
+                            HashKey::Header(h.to_ascii_lowercase())
+                        }
+                        (None, Some(c), None | Some(false)) => HashKey::Cookie(c.name.clone()),
+                        (None, None, Some(true)) => HashKey::SourceIp,
+                        _ => {
+                            return Err(Invalid::new(
+                                f,
+                                "exactly one of httpHeaderName, httpCookie, useSourceIp",
+                            ))
+                        }
+                    };
+                    LbPolicy::ConsistentHash(key)
+                }
+            };
+        }
+        if let Some(o) = &tp.outlier_detection {
+            let mut od = OutlierDetection::default();
+            if let Some(n) = o.consecutive_5xx_errors {
+                od.consecutive_5xx = n;
+            }
+            if let Some(t) = &o.base_ejection_time {
+                od.base_ejection_time = runtime::config::duration::parse(t).map_err(|e| {
+                    Invalid::new("spec.trafficPolicy.outlierDetection.baseEjectionTime", e)
+                })?;
+            }
+            if let Some(p) = o.max_ejection_percent {
+                if p > 100 {
+                    return Err(Invalid::new(
+                        "spec.trafficPolicy.outlierDetection.maxEjectionPercent",
+                        "must be 0–100",
+                    ));
+                }
+                od.max_ejection_percent = p;
+            }
+            lb.outlier = Some(od);
+        }
+    }
+    Ok((svc, lb))
+}

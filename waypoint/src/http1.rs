@@ -1,0 +1,515 @@
+//! HTTP/1.1 inside an HBONE stream: the request head (httparse), policy first (R15), then
+//! routing (R16/R17), then one exchange with the upstream per request, keep-alive.
+//!
+//! The byte streams are abstract ([`Tunnel`] downstream, [`Upstream`] for the chosen
+//! service), so the whole path is driven in tests over memory; [`Tunnel`] is implemented
+//! for [`hbone::stream::H2Stream`]. Bad input: a malformed head is `400`, a head over
+//! [`MAX_HEAD`] bytes is `431`; both close the stream.
+//!
+//! Not handled yet: request bodies framed by `Transfer-Encoding` (answered `501`),
+//! `Expect: 100-continue`, pipelining beyond one buffered request, upgrades.
+
+use std::collections::BTreeMap;
+use std::io;
+use std::net::IpAddr;
+
+use bytes::{Bytes, BytesMut};
+
+use crate::authz::{self, DENIED_BODY};
+use crate::config::WaypointConfig;
+use crate::lb::Rng;
+use crate::route::{self, Decision, Forward, HeaderModifier, ObjectRef, Target};
+
+/// The largest request head accepted (request line and headers).
+pub const MAX_HEAD: usize = 64 * 1024;
+const MAX_HEADERS: usize = 256;
+
+/// One parsed request head.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RequestHead {
+    pub method: String,
+    /// Without the query.
+    pub path: String,
+    pub query: Option<String>,
+    /// 0 for HTTP/1.0, 1 for HTTP/1.1.
+    pub version: u8,
+    pub headers: Vec<(String, String)>,
+}
+
+impl RequestHead {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    fn keep_alive(&self) -> bool {
+        let conn = self.header("connection").map(|v| v.to_ascii_lowercase());
+        match self.version {
+            0 => conn.is_some_and(|c| c.contains("keep-alive")),
+            _ => !conn.is_some_and(|c| c.contains("close")),
+        }
+    }
+}
+
+/// The result of looking at the buffered bytes.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Parsed {
+    /// Need more bytes.
+    Partial,
+    /// A head, and how many bytes it took.
+    Head(RequestHead, usize),
+    /// Answer this status and close: 400 malformed, 431 too large.
+    Bad(u16),
+}
+
+/// Parse a request head from the start of `buf`.
+pub fn parse_head(buf: &[u8]) -> Parsed {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut headers);
+    match req.parse(buf) {
+        Ok(httparse::Status::Partial) => {
+            if buf.len() > MAX_HEAD {
+                Parsed::Bad(431)
+            } else {
+                Parsed::Partial
+            }
+        }
+        Ok(httparse::Status::Complete(n)) => {
+            if n > MAX_HEAD {
+                return Parsed::Bad(431);
+            }
+            let (Some(method), Some(target), Some(version)) = (req.method, req.path, req.version)
+            else {
+                return Parsed::Bad(400);
+            };
+            if !target.starts_with('/') {
+                return Parsed::Bad(400);
+            }
+            let mut hs = Vec::with_capacity(req.headers.len());
+            for h in req.headers.iter() {
+                let Ok(v) = std::str::from_utf8(h.value) else {
+                    return Parsed::Bad(400);
+                };
+                hs.push((h.name.to_string(), v.to_string()));
+            }
+            let (path, query) = match target.split_once('?') {
+                Some((p, q)) => (p.to_string(), Some(q.to_string())),
+                None => (target.to_string(), None),
+            };
+            Parsed::Head(
+                RequestHead {
+                    method: method.to_string(),
+                    path,
+                    query,
+                    version,
+                    headers: hs,
+                },
+                n,
+            )
+        }
+        Err(httparse::Error::TooManyHeaders) => Parsed::Bad(431),
+        Err(_) => Parsed::Bad(400),
+    }
+}
+
+/// A response the waypoint writes itself.
+pub fn simple_response(
+    status: u16,
+    headers: &[(String, String)],
+    body: &str,
+    close: bool,
+) -> Vec<u8> {
+    let mut out = format!("HTTP/1.1 {status} {}\r\n", reason(status));
+    for (n, v) in headers {
+        out.push_str(&format!("{n}: {v}\r\n"));
+    }
+    out.push_str(&format!("content-length: {}\r\n", body.len()));
+    if !body.is_empty() {
+        out.push_str("content-type: text/plain\r\n");
+    }
+    if close {
+        out.push_str("connection: close\r\n");
+    }
+    out.push_str("\r\n");
+    out.push_str(body);
+    out.into_bytes()
+}
+
+fn reason(status: u16) -> &'static str {
+    match status {
+        200 => "OK",
+        301 => "Moved Permanently",
+        302 => "Found",
+        303 => "See Other",
+        307 => "Temporary Redirect",
+        308 => "Permanent Redirect",
+        400 => "Bad Request",
+        403 => "Forbidden",
+        404 => "Not Found",
+        431 => "Request Header Fields Too Large",
+        500 => "Internal Server Error",
+        501 => "Not Implemented",
+        502 => "Bad Gateway",
+        _ => "",
+    }
+}
+
+/// Where the tunnel was addressed (the CONNECT target, resolved by the R14 check).
+#[derive(Debug, Clone)]
+pub enum Destination {
+    /// A pod (R16): its namespace and labels (for `selector` policies).
+    Workload {
+        namespace: String,
+        labels: BTreeMap<String, String>,
+    },
+    /// A service and port (R17).
+    Service { service: ObjectRef, port: u16 },
+}
+
+/// Per-tunnel facts: who called, what they addressed, who we are.
+#[derive(Debug, Clone)]
+pub struct TunnelCtx {
+    pub waypoint: ObjectRef,
+    pub root_namespace: String,
+    pub destination: Destination,
+    pub destination_ip: IpAddr,
+    pub destination_port: u16,
+    pub source_ip: IpAddr,
+    /// `td/ns/N/sa/S` from the peer's certificate.
+    pub principal: Option<String>,
+}
+
+/// What to do with one request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Answer directly (denial, redirect, 404, 500).
+    Respond(Vec<u8>),
+    /// Send `request` (the rewritten head) to the route's upstream.
+    Forward {
+        forward: Box<Forward>,
+        request: Vec<u8>,
+    },
+}
+
+/// Authorization first (R15), then routing: pure, no I/O.
+pub fn decide(
+    cfg: &WaypointConfig,
+    ctx: &TunnelCtx,
+    head: &RequestHead,
+    rng: &mut dyn Rng,
+) -> Action {
+    let hdrs: Vec<(&str, &str)> = head
+        .headers
+        .iter()
+        .map(|(n, v)| (n.as_str(), v.as_str()))
+        .collect();
+    let host = head.header("host").unwrap_or("");
+    // The original client, for remoteIpBlocks: the first x-forwarded-for entry.
+    let remote_ip = head
+        .header("x-forwarded-for")
+        .and_then(|v| v.split(',').next())
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(ctx.source_ip);
+    let (service, workload) = match &ctx.destination {
+        Destination::Service { service, .. } => (Some(service), None),
+        Destination::Workload { namespace, labels } => (None, Some((namespace.as_str(), labels))),
+    };
+    let subject = authz::Subject {
+        waypoint: &ctx.waypoint,
+        root_namespace: &ctx.root_namespace,
+        service,
+        workload,
+    };
+    let areq = authz::Request {
+        source_ip: ctx.source_ip,
+        remote_ip,
+        principal: ctx.principal.as_deref(),
+        destination_ip: ctx.destination_ip,
+        destination_port: ctx.destination_port,
+        host,
+        method: &head.method,
+        path: &head.path,
+        headers: &hdrs,
+    };
+    let close = !head.keep_alive();
+    if !authz::evaluate(&cfg.policies, &subject, &areq).allowed {
+        return Action::Respond(simple_response(403, &[], DENIED_BODY, close));
+    }
+    let target = match &ctx.destination {
+        Destination::Service { service, port } => Target::Service {
+            service,
+            port: *port,
+        },
+        Destination::Workload { .. } => Target::Workload,
+    };
+    let rreq = route::Request {
+        method: &head.method,
+        path: &head.path,
+        query: head.query.as_deref(),
+        headers: &hdrs,
+        scheme: "http",
+    };
+    match cfg
+        .routes
+        .route(target, &rreq, &|s| cfg.service_exists(s), rng)
+    {
+        Decision::Respond { status, reason } => {
+            Action::Respond(simple_response(status, &[], reason, close))
+        }
+        Decision::Redirect {
+            status,
+            location,
+            response_headers,
+        } => {
+            let mut h = vec![("location".to_string(), location)];
+            for m in &response_headers {
+                m.apply(&mut h);
+            }
+            Action::Respond(simple_response(status, &h, "", close))
+        }
+        Decision::Forward(fwd) => {
+            let request = upstream_head(head, &fwd, ctx.source_ip);
+            Action::Forward {
+                forward: fwd,
+                request,
+            }
+        }
+    }
+}
+
+/// The request head sent upstream: rewrites, header modifiers, `x-forwarded-for`.
+pub fn upstream_head(head: &RequestHead, fwd: &Forward, client: IpAddr) -> Vec<u8> {
+    let mut headers = head.headers.clone();
+    if let Some(h) = &fwd.host {
+        HeaderModifier {
+            set: vec![("host".into(), h.clone())],
+            ..Default::default()
+        }
+        .apply(&mut headers);
+    }
+    for m in &fwd.request_headers {
+        m.apply(&mut headers);
+    }
+    match headers
+        .iter_mut()
+        .find(|(n, _)| n.eq_ignore_ascii_case("x-forwarded-for"))
+    {
+        Some((_, v)) => {
+            v.push_str(", ");
+            v.push_str(&client.to_string());
+        }
+        None => headers.push(("x-forwarded-for".into(), client.to_string())),
+    }
+    let target = match &fwd.path {
+        Some(p) => p.clone(),
+        None => match &head.query {
+            Some(q) => format!("{}?{q}", head.path),
+            None => head.path.clone(),
+        },
+    };
+    let mut out = format!("{} {target} HTTP/1.{}\r\n", head.method, head.version);
+    for (n, v) in &headers {
+        out.push_str(&format!("{n}: {v}\r\n"));
+    }
+    out.push_str("\r\n");
+    out.into_bytes()
+}
+
+/// Apply `ResponseHeaderModifier`s to a complete upstream response (head and body).
+pub fn modify_response(resp: Vec<u8>, mods: &[HeaderModifier]) -> Vec<u8> {
+    if mods.is_empty() {
+        return resp;
+    }
+    let mut hs = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut r = httparse::Response::new(&mut hs);
+    let Ok(httparse::Status::Complete(n)) = r.parse(&resp) else {
+        return resp;
+    };
+    let mut headers: Vec<(String, String)> = r
+        .headers
+        .iter()
+        .map(|h| {
+            (
+                h.name.to_string(),
+                String::from_utf8_lossy(h.value).into_owned(),
+            )
+        })
+        .collect();
+    for m in mods {
+        m.apply(&mut headers);
+    }
+    let mut out = format!(
+        "HTTP/1.{} {} {}\r\n",
+        r.version.unwrap_or(1),
+        r.code.unwrap_or(502),
+        r.reason.unwrap_or("")
+    );
+    for (k, v) in &headers {
+        out.push_str(&format!("{k}: {v}\r\n"));
+    }
+    out.push_str("\r\n");
+    let mut out = out.into_bytes();
+    out.extend_from_slice(&resp[n..]);
+    out
+}
+
+/// The downstream byte stream (an HBONE CONNECT stream).
+#[allow(async_fn_in_trait)]
+pub trait Tunnel {
+    /// Next chunk; `None` at end of stream.
+    async fn read(&mut self) -> Option<io::Result<Bytes>>;
+    async fn write(&mut self, data: Bytes) -> io::Result<()>;
+    /// Close our half.
+    async fn finish(&mut self) -> io::Result<()>;
+}
+
+impl Tunnel for hbone::stream::H2Stream {
+    async fn read(&mut self) -> Option<io::Result<Bytes>> {
+        hbone::stream::H2Stream::read(self)
+            .await
+            .map(|r| r.map_err(io::Error::other))
+    }
+
+    async fn write(&mut self, data: Bytes) -> io::Result<()> {
+        self.write_all(data, false).await.map_err(io::Error::other)
+    }
+
+    async fn finish(&mut self) -> io::Result<()> {
+        self.write_all(Bytes::new(), true)
+            .await
+            .map_err(io::Error::other)
+    }
+}
+
+/// One request/response exchange with the routed service (load balancing and the upstream
+/// HBONE connection live behind this).
+#[allow(async_fn_in_trait)]
+pub trait Upstream {
+    /// `service` is `None` for a pod-addressed request (send to the tunnel's target).
+    /// Returns the complete response bytes.
+    async fn exchange(
+        &mut self,
+        service: Option<&(ObjectRef, u16)>,
+        request: Bytes,
+    ) -> io::Result<Vec<u8>>;
+}
+
+/// Why [`serve`] stopped.
+#[derive(Debug, PartialEq, Eq)]
+pub enum End {
+    /// The client closed between requests.
+    Eof,
+    /// The waypoint closed after answering (bad input, `Connection: close`, error).
+    Closed(u16),
+}
+
+/// Serve HTTP/1.1 requests on one tunnel until it ends.
+pub async fn serve<T: Tunnel, U: Upstream>(
+    tunnel: &mut T,
+    cfg: &WaypointConfig,
+    ctx: &TunnelCtx,
+    upstream: &mut U,
+    rng: &mut dyn Rng,
+) -> io::Result<End> {
+    let mut buf = BytesMut::new();
+    loop {
+        let (head, used) = loop {
+            match parse_head(&buf) {
+                Parsed::Head(h, n) => break (h, n),
+                Parsed::Bad(status) => {
+                    return close_with(tunnel, simple_response(status, &[], "", true), status)
+                        .await;
+                }
+                Parsed::Partial => match tunnel.read().await {
+                    Some(chunk) => buf.extend_from_slice(&chunk?),
+                    None if buf.is_empty() => return Ok(End::Eof),
+                    None => {
+                        return close_with(tunnel, simple_response(400, &[], "", true), 400).await
+                    }
+                },
+            }
+        };
+        let _ = buf.split_to(used);
+        if head.header("transfer-encoding").is_some() {
+            return close_with(tunnel, simple_response(501, &[], "", true), 501).await;
+        }
+        let body_len = match head
+            .header("content-length")
+            .map(|v| v.trim().parse::<usize>())
+        {
+            None => 0,
+            Some(Ok(n)) => n,
+            Some(Err(_)) => {
+                return close_with(tunnel, simple_response(400, &[], "", true), 400).await;
+            }
+        };
+        let close = !head.keep_alive();
+        // Policy and routing before the body is read or anything is sent upstream.
+        match decide(cfg, ctx, &head, rng) {
+            Action::Respond(resp) => {
+                let status = status_of(&resp);
+                // Discard the body of a request answered here.
+                if !skip_body(tunnel, &mut buf, body_len).await? || close {
+                    return close_with(tunnel, resp, status).await;
+                }
+                tunnel.write(Bytes::from(resp)).await?;
+            }
+            Action::Forward { forward, request } => {
+                let mut req = BytesMut::from(&request[..]);
+                while buf.len() < body_len {
+                    match tunnel.read().await {
+                        Some(chunk) => buf.extend_from_slice(&chunk?),
+                        None => return Ok(End::Closed(400)),
+                    }
+                }
+                req.extend_from_slice(&buf.split_to(body_len));
+                let resp = match upstream
+                    .exchange(forward.service.as_ref(), req.freeze())
+                    .await
+                {
+                    Ok(r) => modify_response(r, &forward.response_headers),
+                    Err(_) => {
+                        return close_with(
+                            tunnel,
+                            simple_response(502, &[], "upstream failed", true),
+                            502,
+                        )
+                        .await
+                    }
+                };
+                let status = status_of(&resp);
+                if close {
+                    return close_with(tunnel, resp, status).await;
+                }
+                tunnel.write(Bytes::from(resp)).await?;
+            }
+        }
+    }
+}
+
+fn status_of(resp: &[u8]) -> u16 {
+    resp.get(9..12)
+        .and_then(|s| std::str::from_utf8(s).ok())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Read and drop `len` body bytes; false if the stream ended first.
+async fn skip_body<T: Tunnel>(tunnel: &mut T, buf: &mut BytesMut, len: usize) -> io::Result<bool> {
+    while buf.len() < len {
+        match tunnel.read().await {
+            Some(chunk) => buf.extend_from_slice(&chunk?),
+            None => return Ok(false),
+        }
+    }
+    let _ = buf.split_to(len);
+    Ok(true)
+}
+
+async fn close_with<T: Tunnel>(tunnel: &mut T, resp: Vec<u8>, status: u16) -> io::Result<End> {
+    tunnel.write(Bytes::from(resp)).await?;
+    tunnel.finish().await?;
+    Ok(End::Closed(status))
+}

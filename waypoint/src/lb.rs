@@ -1,0 +1,468 @@
+//! Load balancing per service, configured the way Istio's `DestinationRule` does
+//! (`trafficPolicy.loadBalancer`, `trafficPolicy.outlierDetection`).
+//!
+//! Pure and deterministic: randomness comes from an injected [`Rng`], time from the `now`
+//! the caller passes. A [`Balancer`] belongs to one worker (thread-per-core), so it needs no
+//! locks; its request counts are that worker's view, as with Envoy's per-thread balancers.
+
+use std::net::IpAddr;
+use std::time::{Duration, Instant};
+
+/// A source of random numbers (injected, so tests are reproducible).
+pub trait Rng {
+    fn next_u64(&mut self) -> u64;
+
+    /// Uniform in `0..n` (`n > 0`), by multiply-shift (no modulo bias worth measuring).
+    fn below(&mut self, n: u64) -> u64 {
+        ((self.next_u64() as u128 * n as u128) >> 64) as u64
+    }
+}
+
+/// SplitMix64: small, fast, good enough for balancing; seeded explicitly.
+#[derive(Debug, Clone)]
+pub struct SplitMix64(pub u64);
+
+impl Rng for SplitMix64 {
+    fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+}
+
+/// What a consistent hash is computed from (`consistentHash` in a DestinationRule).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HashKey {
+    /// `httpHeaderName`: the value of this request header (name lower-cased).
+    Header(String),
+    /// `httpCookie.name`: the value of this cookie.
+    Cookie(String),
+    /// `useSourceIp: true`.
+    SourceIp,
+}
+
+/// `loadBalancer.simple` or `loadBalancer.consistentHash`.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum LbPolicy {
+    /// Power of two choices: two random endpoints, the one with fewer active requests.
+    #[default]
+    LeastRequest,
+    RoundRobin,
+    Random,
+    ConsistentHash(HashKey),
+}
+
+/// `outlierDetection`: consecutive 5xx → ejected for `base_ejection_time` × times ejected,
+/// never more than `max_ejection_percent` of the endpoints (at least one may always be).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OutlierDetection {
+    pub consecutive_5xx: u32,
+    pub base_ejection_time: Duration,
+    pub max_ejection_percent: u32,
+}
+
+impl Default for OutlierDetection {
+    /// Istio's defaults.
+    fn default() -> Self {
+        OutlierDetection {
+            consecutive_5xx: 5,
+            base_ejection_time: Duration::from_secs(30),
+            max_ejection_percent: 10,
+        }
+    }
+}
+
+/// The per-request inputs of a consistent hash.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct HashInput<'a> {
+    pub headers: &'a [(&'a str, &'a str)],
+    pub source_ip: Option<IpAddr>,
+}
+
+impl HashInput<'_> {
+    fn key(&self, k: &HashKey) -> Option<u64> {
+        match k {
+            HashKey::Header(name) => self
+                .headers
+                .iter()
+                .find(|(n, _)| n.eq_ignore_ascii_case(name))
+                .map(|(_, v)| fnv(v.as_bytes())),
+            HashKey::Cookie(name) => self
+                .headers
+                .iter()
+                .filter(|(n, _)| n.eq_ignore_ascii_case("cookie"))
+                .flat_map(|(_, v)| v.split(';'))
+                .filter_map(|c| c.trim().split_once('='))
+                .find(|(n, _)| n == name)
+                .map(|(_, v)| fnv(v.as_bytes())),
+            HashKey::SourceIp => self.source_ip.map(|ip| fnv(ip.to_string().as_bytes())),
+        }
+    }
+}
+
+fn fnv(b: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for x in b {
+        h ^= *x as u64;
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h
+}
+
+fn mix(mut z: u64) -> u64 {
+    z = (z ^ (z >> 33)).wrapping_mul(0xff51_afd7_ed55_8ccd);
+    z = (z ^ (z >> 33)).wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+    z ^ (z >> 33)
+}
+
+#[derive(Debug, Clone, Default)]
+struct EndpointState {
+    active: u32,
+    consecutive_5xx: u32,
+    ejected_until: Option<Instant>,
+    times_ejected: u32,
+}
+
+/// One service's balancer over `n` endpoints (indices into the caller's endpoint list).
+#[derive(Debug, Clone)]
+pub struct Balancer {
+    policy: LbPolicy,
+    outlier: Option<OutlierDetection>,
+    eps: Vec<EndpointState>,
+    next_rr: usize,
+}
+
+impl Balancer {
+    pub fn new(endpoints: usize, policy: LbPolicy, outlier: Option<OutlierDetection>) -> Self {
+        Balancer {
+            policy,
+            outlier,
+            eps: vec![EndpointState::default(); endpoints],
+            next_rr: 0,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.eps.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.eps.is_empty()
+    }
+
+    /// Whether endpoint `i` is ejected at `now`.
+    pub fn is_ejected(&self, i: usize, now: Instant) -> bool {
+        self.eps[i].ejected_until.is_some_and(|t| now < t)
+    }
+
+    fn ejected_count(&self, now: Instant) -> usize {
+        (0..self.eps.len())
+            .filter(|&i| self.is_ejected(i, now))
+            .count()
+    }
+
+    /// Choose an endpoint. Ejected endpoints are skipped unless every one is ejected (then
+    /// all are candidates, like Envoy's panic mode). `None` only with no endpoints.
+    pub fn pick(
+        &mut self,
+        input: &HashInput<'_>,
+        now: Instant,
+        rng: &mut dyn Rng,
+    ) -> Option<usize> {
+        if self.eps.is_empty() {
+            return None;
+        }
+        let mut cands: Vec<usize> = (0..self.eps.len())
+            .filter(|&i| !self.is_ejected(i, now))
+            .collect();
+        if cands.is_empty() {
+            cands = (0..self.eps.len()).collect();
+        }
+        let n = cands.len();
+        let i = match &self.policy {
+            LbPolicy::Random => cands[rng.below(n as u64) as usize],
+            LbPolicy::RoundRobin => {
+                let i = cands[self.next_rr % n];
+                self.next_rr = self.next_rr.wrapping_add(1);
+                i
+            }
+            LbPolicy::LeastRequest => {
+                if n == 1 {
+                    cands[0]
+                } else {
+                    let a = rng.below(n as u64) as usize;
+                    let mut b = rng.below(n as u64 - 1) as usize;
+                    if b >= a {
+                        b += 1;
+                    }
+                    let (a, b) = (cands[a], cands[b]);
+                    if self.eps[b].active < self.eps[a].active {
+                        b
+                    } else {
+                        a
+                    }
+                }
+            }
+            LbPolicy::ConsistentHash(k) => match input.key(k) {
+                // Rendezvous hashing: the endpoint with the highest mix(key, index) wins, so
+                // removing one endpoint moves only the keys it held.
+                Some(h) => *cands
+                    .iter()
+                    .max_by_key(|&&i| mix(h ^ mix(i as u64 + 1)))
+                    .expect("non-empty"),
+                None => cands[rng.below(n as u64) as usize],
+            },
+        };
+        Some(i)
+    }
+
+    /// A request to endpoint `i` starts (least-request bookkeeping).
+    pub fn start(&mut self, i: usize) {
+        self.eps[i].active += 1;
+    }
+
+    /// The request to endpoint `i` ended with `status` (0 for a connection failure, counted
+    /// as a 5xx, as Envoy's gateway errors are).
+    pub fn finish(&mut self, i: usize, status: u16, now: Instant) {
+        let e = &mut self.eps[i];
+        e.active = e.active.saturating_sub(1);
+        let failed = status == 0 || (500..600).contains(&status);
+        if !failed {
+            e.consecutive_5xx = 0;
+            return;
+        }
+        e.consecutive_5xx += 1;
+        let Some(od) = self.outlier else { return };
+        if od.consecutive_5xx == 0 || self.eps[i].consecutive_5xx < od.consecutive_5xx {
+            return;
+        }
+        if self.is_ejected(i, now) {
+            return;
+        }
+        let max = (self.eps.len() * od.max_ejection_percent.min(100) as usize) / 100;
+        let max = if od.max_ejection_percent > 0 {
+            max.max(1)
+        } else {
+            0
+        };
+        if self.ejected_count(now) >= max {
+            return;
+        }
+        let e = &mut self.eps[i];
+        e.times_ejected += 1;
+        e.consecutive_5xx = 0;
+        e.ejected_until = Some(now + od.base_ejection_time * e.times_ejected);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn counts(b: &mut Balancer, input: &HashInput<'_>, n: usize, now: Instant) -> Vec<usize> {
+        let mut rng = SplitMix64(7);
+        let mut c = vec![0; b.len()];
+        for _ in 0..n {
+            c[b.pick(input, now, &mut rng).unwrap()] += 1;
+        }
+        c
+    }
+
+    #[test]
+    fn round_robin_cycles() {
+        let now = Instant::now();
+        let mut b = Balancer::new(3, LbPolicy::RoundRobin, None);
+        let mut rng = SplitMix64(1);
+        let picks: Vec<_> = (0..6)
+            .map(|_| b.pick(&HashInput::default(), now, &mut rng).unwrap())
+            .collect();
+        assert_eq!(picks, [0, 1, 2, 0, 1, 2]);
+    }
+
+    #[test]
+    fn random_spreads_evenly() {
+        let now = Instant::now();
+        let mut b = Balancer::new(4, LbPolicy::Random, None);
+        for c in counts(&mut b, &HashInput::default(), 10_000, now) {
+            assert!((2_300..2_700).contains(&c), "{c}");
+        }
+    }
+
+    #[test]
+    fn least_request_prefers_idle_endpoints() {
+        let now = Instant::now();
+        let mut b = Balancer::new(3, LbPolicy::LeastRequest, None);
+        // Endpoint 0 is busy: P2C picks it only when both choices are 0, which cannot happen.
+        for _ in 0..10 {
+            b.start(0);
+        }
+        let c = counts(&mut b, &HashInput::default(), 3_000, now);
+        assert_eq!(c[0], 0);
+        assert!(c[1] > 1_000 && c[2] > 1_000, "{c:?}");
+        // A single endpoint is always chosen.
+        let mut one = Balancer::new(1, LbPolicy::LeastRequest, None);
+        assert_eq!(counts(&mut one, &HashInput::default(), 10, now), [10]);
+    }
+
+    #[test]
+    fn empty_balancer_picks_nothing() {
+        let mut b = Balancer::new(0, LbPolicy::default(), None);
+        assert_eq!(
+            b.pick(&HashInput::default(), Instant::now(), &mut SplitMix64(0)),
+            None
+        );
+    }
+
+    #[test]
+    fn consistent_hash_is_sticky_per_key() {
+        let now = Instant::now();
+        let mut rng = SplitMix64(3);
+        for key in [
+            HashKey::Header("x-user".into()),
+            HashKey::Cookie("session".into()),
+            HashKey::SourceIp,
+        ] {
+            let mut b = Balancer::new(5, LbPolicy::ConsistentHash(key), None);
+            let mut seen = std::collections::BTreeSet::new();
+            for user in 0..50 {
+                let v = format!("u{user}");
+                let cookie = format!("a=1; session={v}");
+                let h = [("X-User", v.as_str()), ("cookie", cookie.as_str())];
+                let ip: IpAddr = format!("10.0.0.{user}").parse().unwrap();
+                let input = HashInput {
+                    headers: &h,
+                    source_ip: Some(ip),
+                };
+                let first = b.pick(&input, now, &mut rng).unwrap();
+                for _ in 0..5 {
+                    assert_eq!(b.pick(&input, now, &mut rng), Some(first));
+                }
+                seen.insert(first);
+            }
+            assert!(seen.len() >= 4, "keys spread over endpoints: {seen:?}");
+        }
+    }
+
+    #[test]
+    fn consistent_hash_moves_only_the_ejected_endpoints_keys() {
+        let now = Instant::now();
+        let mut rng = SplitMix64(3);
+        let od = OutlierDetection {
+            consecutive_5xx: 1,
+            base_ejection_time: Duration::from_secs(10),
+            max_ejection_percent: 100,
+        };
+        let policy = LbPolicy::ConsistentHash(HashKey::SourceIp);
+        let mut before = Balancer::new(4, policy.clone(), Some(od));
+        let mut after = Balancer::new(4, policy, Some(od));
+        after.start(3);
+        after.finish(3, 503, now);
+        assert!(after.is_ejected(3, now));
+        let mut moved = 0;
+        for user in 0..200u32 {
+            let input = HashInput {
+                headers: &[],
+                source_ip: Some(IpAddr::from(user.to_be_bytes())),
+            };
+            let b = before.pick(&input, now, &mut rng).unwrap();
+            let a = after.pick(&input, now, &mut rng).unwrap();
+            assert_ne!(a, 3);
+            if b == 3 {
+                moved += 1;
+            } else {
+                assert_eq!(a, b, "a key not on the ejected endpoint stays put");
+            }
+        }
+        assert!(moved > 20, "{moved}");
+    }
+
+    #[test]
+    fn missing_hash_key_falls_back_to_random() {
+        let now = Instant::now();
+        let mut b = Balancer::new(
+            3,
+            LbPolicy::ConsistentHash(HashKey::Header("x".into())),
+            None,
+        );
+        let c = counts(&mut b, &HashInput::default(), 3_000, now);
+        assert!(c.iter().all(|&c| c > 800), "{c:?}");
+    }
+
+    #[test]
+    fn outlier_detection_ejects_after_consecutive_5xx_and_returns() {
+        let t0 = Instant::now();
+        let od = OutlierDetection {
+            consecutive_5xx: 3,
+            base_ejection_time: Duration::from_secs(30),
+            max_ejection_percent: 50,
+        };
+        let mut b = Balancer::new(4, LbPolicy::RoundRobin, Some(od));
+        // Two 5xx, then a success: the streak resets.
+        for s in [500, 502, 200, 503, 504] {
+            b.start(1);
+            b.finish(1, s, t0);
+        }
+        assert!(!b.is_ejected(1, t0));
+        b.start(1);
+        b.finish(1, 0, t0); // connect failure counts
+        assert!(b.is_ejected(1, t0));
+        let picks = counts(&mut b, &HashInput::default(), 30, t0);
+        assert_eq!(picks[1], 0);
+        // Back after baseEjectionTime; a second ejection lasts twice as long.
+        let t1 = t0 + Duration::from_secs(30);
+        assert!(!b.is_ejected(1, t1));
+        for _ in 0..3 {
+            b.start(1);
+            b.finish(1, 500, t1);
+        }
+        assert!(b.is_ejected(1, t1 + Duration::from_secs(59)));
+        assert!(!b.is_ejected(1, t1 + Duration::from_secs(60)));
+    }
+
+    #[test]
+    fn outlier_detection_respects_max_ejection_percent() {
+        let now = Instant::now();
+        let od = OutlierDetection {
+            consecutive_5xx: 1,
+            base_ejection_time: Duration::from_secs(30),
+            max_ejection_percent: 50,
+        };
+        let mut b = Balancer::new(4, LbPolicy::RoundRobin, Some(od));
+        for i in 0..4 {
+            b.start(i);
+            b.finish(i, 500, now);
+        }
+        let ejected = (0..4).filter(|&i| b.is_ejected(i, now)).count();
+        assert_eq!(ejected, 2);
+        // 10 % of 4 rounds down to 0, yet one endpoint may always be ejected.
+        let od = OutlierDetection {
+            max_ejection_percent: 10,
+            ..od
+        };
+        let mut b = Balancer::new(4, LbPolicy::RoundRobin, Some(od));
+        for i in 0..4 {
+            b.start(i);
+            b.finish(i, 500, now);
+        }
+        assert_eq!((0..4).filter(|&i| b.is_ejected(i, now)).count(), 1);
+    }
+
+    #[test]
+    fn all_ejected_falls_back_to_all() {
+        let now = Instant::now();
+        let od = OutlierDetection {
+            consecutive_5xx: 1,
+            base_ejection_time: Duration::from_secs(30),
+            max_ejection_percent: 100,
+        };
+        let mut b = Balancer::new(2, LbPolicy::RoundRobin, Some(od));
+        for i in 0..2 {
+            b.start(i);
+            b.finish(i, 500, now);
+        }
+        let c = counts(&mut b, &HashInput::default(), 10, now);
+        assert_eq!(c, [5, 5]);
+    }
+}

@@ -1,0 +1,577 @@
+//! Service routing (R16, R17): Gateway API `HTTPRoute`s whose `parentRefs` name a Service
+//! (group `""`, kind `Service`), with the spec's matching, precedence and filters.
+//!
+//! Pure: [`RouteTable::route`] takes a request and returns a [`Decision`]; it never does I/O.
+//! The compiled types here are built by [`crate::config`] from the YAML users write.
+
+use std::time::Duration;
+
+use regex::Regex;
+
+use crate::lb::Rng;
+
+/// `namespace/name` of a Kubernetes object.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ObjectRef {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl ObjectRef {
+    pub fn new(namespace: impl Into<String>, name: impl Into<String>) -> Self {
+        ObjectRef {
+            namespace: namespace.into(),
+            name: name.into(),
+        }
+    }
+}
+
+/// A route's path match.
+#[derive(Debug, Clone)]
+pub enum PathMatch {
+    Exact(String),
+    /// By path segment: `/foo` matches `/foo` and `/foo/bar`, not `/foobar`.
+    Prefix(String),
+    /// Anchored (the whole path must match).
+    Regex(Regex),
+}
+
+impl PathMatch {
+    pub fn matches(&self, path: &str) -> bool {
+        match self {
+            PathMatch::Exact(p) => path == p,
+            PathMatch::Prefix(p) => prefix_matches(p, path),
+            PathMatch::Regex(r) => r.is_match(path),
+        }
+    }
+}
+
+/// Segment-wise prefix: a trailing `/` in the prefix is ignored.
+fn prefix_matches(prefix: &str, path: &str) -> bool {
+    let p = prefix.trim_end_matches('/');
+    if p.is_empty() {
+        return true;
+    }
+    match path.strip_prefix(p) {
+        Some(rest) => rest.is_empty() || rest.starts_with('/'),
+        None => false,
+    }
+}
+
+/// A header or query value match.
+#[derive(Debug, Clone)]
+pub enum ValueMatch {
+    Exact(String),
+    /// Anchored.
+    Regex(Regex),
+}
+
+impl ValueMatch {
+    pub fn matches(&self, v: &str) -> bool {
+        match self {
+            ValueMatch::Exact(e) => v == e,
+            ValueMatch::Regex(r) => r.is_match(v),
+        }
+    }
+}
+
+/// One `matches[]` entry; all of its conditions must hold.
+#[derive(Debug, Clone)]
+pub struct RouteMatch {
+    pub path: PathMatch,
+    /// Header names lower-cased.
+    pub headers: Vec<(String, ValueMatch)>,
+    /// Query parameter names are case-sensitive.
+    pub query: Vec<(String, ValueMatch)>,
+    pub method: Option<String>,
+}
+
+impl Default for RouteMatch {
+    /// The spec's default: `PathPrefix /`.
+    fn default() -> Self {
+        RouteMatch {
+            path: PathMatch::Prefix("/".into()),
+            headers: vec![],
+            query: vec![],
+            method: None,
+        }
+    }
+}
+
+impl RouteMatch {
+    fn matches(&self, r: &Request<'_>) -> bool {
+        self.path.matches(r.path)
+            && self.method.as_deref().is_none_or(|m| m == r.method)
+            && self.headers.iter().all(|(n, m)| {
+                // Repeated headers: the first occurrence is matched (Gateway API).
+                r.header(n).is_some_and(|v| m.matches(v))
+            })
+            && self
+                .query
+                .iter()
+                .all(|(n, m)| r.query_param(n).is_some_and(|v| m.matches(v)))
+    }
+
+    /// Precedence key, higher wins: path class (Exact 3, RegularExpression 2, PathPrefix 1 —
+    /// regex precedence is implementation-specific; this is Istio's order), path length,
+    /// method, header count, query count.
+    fn rank(&self) -> (u8, usize, bool, usize, usize) {
+        let (class, len) = match &self.path {
+            PathMatch::Exact(p) => (3, p.len()),
+            PathMatch::Regex(r) => (2, r.as_str().len()),
+            PathMatch::Prefix(p) => (1, p.trim_end_matches('/').len()),
+        };
+        (
+            class,
+            len,
+            self.method.is_some(),
+            self.headers.len(),
+            self.query.len(),
+        )
+    }
+}
+
+/// `RequestHeaderModifier` / `ResponseHeaderModifier`. Names compare case-insensitively.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HeaderModifier {
+    pub set: Vec<(String, String)>,
+    pub add: Vec<(String, String)>,
+    pub remove: Vec<String>,
+}
+
+impl HeaderModifier {
+    /// Apply to a header list: `set` replaces every value of the name, `add` appends,
+    /// `remove` deletes.
+    pub fn apply(&self, headers: &mut Vec<(String, String)>) {
+        for (n, v) in &self.set {
+            headers.retain(|(h, _)| !h.eq_ignore_ascii_case(n));
+            headers.push((n.clone(), v.clone()));
+        }
+        for (n, v) in &self.add {
+            headers.push((n.clone(), v.clone()));
+        }
+        for n in &self.remove {
+            headers.retain(|(h, _)| !h.eq_ignore_ascii_case(n));
+        }
+    }
+}
+
+/// `path` of a redirect or rewrite.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PathModifier {
+    ReplaceFullPath(String),
+    /// Only with a `PathPrefix` match (checked at load).
+    ReplacePrefixMatch(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Redirect {
+    pub scheme: Option<String>,
+    pub hostname: Option<String>,
+    pub path: Option<PathModifier>,
+    pub port: Option<u16>,
+    /// 301, 302 (default), 303, 307 or 308.
+    pub status_code: u16,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Rewrite {
+    pub hostname: Option<String>,
+    pub path: Option<PathModifier>,
+}
+
+/// `RequestMirror`: a copy of the request to this service port, responses discarded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Mirror {
+    pub service: ObjectRef,
+    pub port: u16,
+    /// 0–100; 100 when not given.
+    pub percent: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Filter {
+    RequestHeader(HeaderModifier),
+    ResponseHeader(HeaderModifier),
+    Redirect(Redirect),
+    Rewrite(Rewrite),
+    Mirror(Mirror),
+}
+
+/// A weighted `backendRefs[]` entry (a Service and port), with its own filters.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Backend {
+    pub service: ObjectRef,
+    pub port: u16,
+    pub weight: u32,
+    pub filters: Vec<Filter>,
+}
+
+/// `timeouts`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Timeouts {
+    /// The whole request, retries included.
+    pub request: Option<Duration>,
+    /// Each try to a backend.
+    pub backend_request: Option<Duration>,
+}
+
+/// `retry`.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Retry {
+    /// Status codes that are retried (empty: connection failures only).
+    pub codes: Vec<u16>,
+    pub attempts: u32,
+    pub backoff: Option<Duration>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Rule {
+    /// Never empty (an absent list is the default match).
+    pub matches: Vec<RouteMatch>,
+    pub filters: Vec<Filter>,
+    pub backends: Vec<Backend>,
+    pub timeouts: Timeouts,
+    pub retry: Option<Retry>,
+}
+
+/// A compiled `HTTPRoute`.
+#[derive(Debug, Clone)]
+pub struct HttpRoute {
+    pub id: ObjectRef,
+    /// `metadata.creationTimestamp` (RFC 3339, compared as UTC text); absent sorts last.
+    pub created: Option<String>,
+    /// Service parents: namespace/name and an optional port.
+    pub parents: Vec<(ObjectRef, Option<u16>)>,
+    pub rules: Vec<Rule>,
+}
+
+/// The request as routing sees it.
+#[derive(Debug, Clone, Copy)]
+pub struct Request<'a> {
+    pub method: &'a str,
+    /// Without the query.
+    pub path: &'a str,
+    /// After `?`, without it.
+    pub query: Option<&'a str>,
+    pub headers: &'a [(&'a str, &'a str)],
+    /// `http` inside the mesh.
+    pub scheme: &'a str,
+}
+
+impl<'a> Request<'a> {
+    pub fn header(&self, name: &str) -> Option<&'a str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| *v)
+    }
+
+    /// First value of a query parameter (not percent-decoded).
+    pub fn query_param(&self, name: &str) -> Option<&'a str> {
+        self.query?.split('&').find_map(|kv| {
+            let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+            (k == name).then_some(v)
+        })
+    }
+
+    fn host(&self) -> &'a str {
+        self.header(":authority")
+            .or_else(|| self.header("host"))
+            .unwrap_or("")
+    }
+}
+
+/// Where a request was addressed (the HBONE CONNECT target, resolved).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target<'a> {
+    /// A pod: forwarded as is after policy (R16).
+    Workload,
+    /// A service and its port (R17).
+    Service { service: &'a ObjectRef, port: u16 },
+}
+
+/// The upstream chosen for a forwarded request, and what to do on the way.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Forward {
+    /// The service and port to balance over; `None` for a pod-addressed request.
+    pub service: Option<(ObjectRef, u16)>,
+    /// New `:path` (with the query), if rewritten.
+    pub path: Option<String>,
+    /// New `Host`/`:authority`, if rewritten.
+    pub host: Option<String>,
+    /// Route-level then backend-level, in order.
+    pub request_headers: Vec<HeaderModifier>,
+    pub response_headers: Vec<HeaderModifier>,
+    pub mirrors: Vec<Mirror>,
+    pub timeouts: Timeouts,
+    pub retry: Option<Retry>,
+    /// `namespace/name` and rule index of the route that decided, if any.
+    pub route: Option<(ObjectRef, usize)>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    Forward(Box<Forward>),
+    /// Answer directly with a redirect (`Location` header).
+    Redirect {
+        status: u16,
+        location: String,
+        response_headers: Vec<HeaderModifier>,
+    },
+    /// Answer directly: 404 (routes attached, none matched), 500 (no usable backend).
+    Respond {
+        status: u16,
+        reason: &'static str,
+    },
+}
+
+/// All routes, sorted by the cross-route tie-break (oldest, then namespace/name).
+#[derive(Debug, Clone, Default)]
+pub struct RouteTable {
+    routes: Vec<HttpRoute>,
+}
+
+impl RouteTable {
+    pub fn new(mut routes: Vec<HttpRoute>) -> Self {
+        routes.sort_by(|a, b| {
+            let ta = (a.created.is_none(), a.created.as_deref());
+            let tb = (b.created.is_none(), b.created.as_deref());
+            ta.cmp(&tb).then_with(|| a.id.cmp(&b.id))
+        });
+        RouteTable { routes }
+    }
+
+    pub fn routes(&self) -> &[HttpRoute] {
+        &self.routes
+    }
+
+    /// Routes attached to `service` (any port, or this port).
+    fn attached<'s>(
+        &'s self,
+        service: &'s ObjectRef,
+        port: u16,
+    ) -> impl Iterator<Item = &'s HttpRoute> {
+        self.routes.iter().filter(move |r| {
+            r.parents
+                .iter()
+                .any(|(p, pp)| p == service && pp.is_none_or(|pp| pp == port))
+        })
+    }
+
+    /// Route one request. `service_exists` says whether a backend service is known;
+    /// `rng` splits traffic across weighted backends.
+    pub fn route(
+        &self,
+        target: Target<'_>,
+        req: &Request<'_>,
+        service_exists: &dyn Fn(&ObjectRef) -> bool,
+        rng: &mut dyn Rng,
+    ) -> Decision {
+        let (service, port) = match target {
+            Target::Workload => return Decision::Forward(Box::default()),
+            Target::Service { service, port } => (service, port),
+        };
+        let mut any = false;
+        let mut best: Option<(_, &HttpRoute, usize, &RouteMatch)> = None;
+        for route in self.attached(service, port) {
+            any = true;
+            for (ri, rule) in route.rules.iter().enumerate() {
+                for m in &rule.matches {
+                    if !m.matches(req) {
+                        continue;
+                    }
+                    let rank = m.rank();
+                    // Strictly greater: ties go to the older route, then the earlier rule.
+                    if best.as_ref().is_none_or(|b| rank > b.0) {
+                        best = Some((rank, route, ri, m));
+                    }
+                }
+            }
+        }
+        if !any {
+            // R17: no route attached, the service routes to itself.
+            if !service_exists(service) {
+                return Decision::Respond {
+                    status: 500,
+                    reason: "unknown service",
+                };
+            }
+            return Decision::Forward(Box::new(Forward {
+                service: Some((service.clone(), port)),
+                ..Forward::default()
+            }));
+        }
+        let Some((_, route, ri, m)) = best else {
+            return Decision::Respond {
+                status: 404,
+                reason: "no matching route",
+            };
+        };
+        apply_rule(route, ri, m, req, port, service_exists, rng)
+    }
+}
+
+fn apply_rule(
+    route: &HttpRoute,
+    ri: usize,
+    m: &RouteMatch,
+    req: &Request<'_>,
+    port: u16,
+    service_exists: &dyn Fn(&ObjectRef) -> bool,
+    rng: &mut dyn Rng,
+) -> Decision {
+    let rule = &route.rules[ri];
+    let mut fwd = Forward {
+        timeouts: rule.timeouts,
+        retry: rule.retry.clone(),
+        route: Some((route.id.clone(), ri)),
+        ..Forward::default()
+    };
+    let mut redirect = None;
+    collect_filters(&rule.filters, m, req, &mut fwd, &mut redirect);
+    if let Some(r) = redirect {
+        return Decision::Redirect {
+            status: r.status_code,
+            location: redirect_location(&r, m, req, port),
+            response_headers: fwd.response_headers,
+        };
+    }
+    let total: u64 = rule.backends.iter().map(|b| b.weight as u64).sum();
+    if total == 0 {
+        return Decision::Respond {
+            status: 500,
+            reason: "no backend",
+        };
+    }
+    let mut pick = rng.below(total);
+    let backend = rule
+        .backends
+        .iter()
+        .find(|b| {
+            if pick < b.weight as u64 {
+                true
+            } else {
+                pick -= b.weight as u64;
+                false
+            }
+        })
+        .expect("pick below total weight");
+    if !service_exists(&backend.service) {
+        return Decision::Respond {
+            status: 500,
+            reason: "backend service not found",
+        };
+    }
+    collect_filters(&backend.filters, m, req, &mut fwd, &mut redirect);
+    fwd.service = Some((backend.service.clone(), backend.port));
+    fwd.mirrors.retain(|mi| service_exists(&mi.service));
+    Decision::Forward(Box::new(fwd))
+}
+
+fn collect_filters(
+    filters: &[Filter],
+    m: &RouteMatch,
+    req: &Request<'_>,
+    fwd: &mut Forward,
+    redirect: &mut Option<Redirect>,
+) {
+    for f in filters {
+        match f {
+            Filter::RequestHeader(h) => fwd.request_headers.push(h.clone()),
+            Filter::ResponseHeader(h) => fwd.response_headers.push(h.clone()),
+            Filter::Redirect(r) => *redirect = Some(r.clone()),
+            Filter::Rewrite(rw) => {
+                if let Some(h) = &rw.hostname {
+                    fwd.host = Some(h.clone());
+                }
+                if let Some(p) = &rw.path {
+                    let mut path = modify_path(p, m, req.path);
+                    if let Some(q) = req.query {
+                        path.push('?');
+                        path.push_str(q);
+                    }
+                    fwd.path = Some(path);
+                }
+            }
+            Filter::Mirror(mi) => fwd.mirrors.push(mi.clone()),
+        }
+    }
+}
+
+/// `ReplaceFullPath` / `ReplacePrefixMatch` per the Gateway API table: the matched prefix
+/// (segment-wise) is replaced and the separating `/` kept.
+pub fn modify_path(p: &PathModifier, m: &RouteMatch, path: &str) -> String {
+    match p {
+        PathModifier::ReplaceFullPath(f) => f.clone(),
+        PathModifier::ReplacePrefixMatch(repl) => {
+            let prefix = match &m.path {
+                PathMatch::Prefix(pre) => pre.trim_end_matches('/'),
+                _ => "",
+            };
+            let rest = path.get(prefix.len()..).unwrap_or("");
+            let mut out = repl.trim_end_matches('/').to_string();
+            out.push_str(rest);
+            if out.is_empty() {
+                out.push('/');
+            } else if !out.starts_with('/') {
+                out.insert(0, '/');
+            }
+            out
+        }
+    }
+}
+
+fn default_port(scheme: &str) -> Option<u16> {
+    match scheme {
+        "http" => Some(80),
+        "https" => Some(443),
+        _ => None,
+    }
+}
+
+/// `Location` of a `RequestRedirect`. Port: the configured one; else, when a scheme is
+/// configured, its well-known port; else the "listener" port, which for a waypoint is the
+/// service port the request was addressed to. A well-known port for the scheme is left out.
+fn redirect_location(r: &Redirect, m: &RouteMatch, req: &Request<'_>, listener: u16) -> String {
+    let scheme = r.scheme.as_deref().unwrap_or(req.scheme);
+    let (req_host, _) = split_host_port(req.host());
+    let host = r.hostname.as_deref().unwrap_or(req_host);
+    let port = match (r.port, &r.scheme) {
+        (Some(p), _) => Some(p),
+        (None, Some(_)) => default_port(scheme),
+        (None, None) => Some(listener),
+    };
+    let mut loc = format!("{scheme}://{host}");
+    if let Some(p) = port {
+        if default_port(scheme) != Some(p) {
+            loc.push_str(&format!(":{p}"));
+        }
+    }
+    match &r.path {
+        Some(p) => loc.push_str(&modify_path(p, m, req.path)),
+        None => loc.push_str(req.path),
+    }
+    if let Some(q) = req.query {
+        loc.push('?');
+        loc.push_str(q);
+    }
+    loc
+}
+
+/// `host[:port]`, IPv6 in brackets.
+fn split_host_port(a: &str) -> (&str, Option<u16>) {
+    if let Some(rest) = a.strip_prefix('[') {
+        if let Some((h, tail)) = rest.split_once(']') {
+            let port = tail.strip_prefix(':').and_then(|p| p.parse().ok());
+            return (&a[..h.len() + 2], port);
+        }
+    }
+    match a.rsplit_once(':') {
+        Some((h, p)) if !h.contains(':') => match p.parse() {
+            Ok(p) => (h, Some(p)),
+            Err(_) => (a, None),
+        },
+        _ => (a, None),
+    }
+}

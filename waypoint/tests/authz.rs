@@ -1,0 +1,475 @@
+//! AuthorizationPolicy (R15) table tests, from Istio's AuthorizationPolicy reference: each
+//! field, the `not*` forms, path templates, attachment and evaluation order.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::path::Path;
+
+use waypoint::authz::{evaluate, PathPattern, Policy, Request, Subject, Verdict};
+use waypoint::config::load_str;
+use waypoint::route::ObjectRef;
+
+type Labels = BTreeMap<String, String>;
+
+fn policies(yaml: &str) -> Vec<Policy> {
+    load_str(Path::new("p.yaml"), yaml, 1)
+        .unwrap_or_else(|e| panic!("{e}"))
+        .policies
+}
+
+/// A policy in namespace `default` attached to the waypoint.
+fn on_waypoint(action: &str, rules: &str) -> String {
+    format!(
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: p-{action}, namespace: default}}\nspec:\n  targetRefs:\n  - {{kind: Gateway, group: gateway.networking.k8s.io, name: waypoint}}\n  action: {action}\n  rules:\n{rules}"
+    )
+}
+
+#[derive(Clone)]
+struct R {
+    source_ip: &'static str,
+    remote_ip: Option<&'static str>,
+    principal: Option<&'static str>,
+    port: u16,
+    host: &'static str,
+    method: &'static str,
+    path: &'static str,
+    headers: Vec<(&'static str, &'static str)>,
+}
+
+fn req() -> R {
+    R {
+        source_ip: "10.1.0.1",
+        remote_ip: None,
+        principal: Some("cluster.local/ns/client/sa/sleep"),
+        port: 8080,
+        host: "echo.default.svc.cluster.local:8080",
+        method: "GET",
+        path: "/api/v1/items",
+        headers: vec![],
+    }
+}
+
+fn verdict_for(
+    ps: &[Policy],
+    svc: Option<&str>,
+    workload: Option<(&str, &BTreeMap<String, String>)>,
+    r: &R,
+) -> Verdict {
+    let wp = ObjectRef::new("default", "waypoint");
+    let service = svc.map(|s| ObjectRef::new("default", s));
+    let subject = Subject {
+        waypoint: &wp,
+        root_namespace: "istio-system",
+        service: service.as_ref(),
+        workload,
+    };
+    let source_ip: IpAddr = r.source_ip.parse().unwrap();
+    let request = Request {
+        source_ip,
+        remote_ip: r.remote_ip.map(|x| x.parse().unwrap()).unwrap_or(source_ip),
+        principal: r.principal,
+        destination_ip: "10.96.0.10".parse().unwrap(),
+        destination_port: r.port,
+        host: r.host,
+        method: r.method,
+        path: r.path,
+        headers: &r.headers,
+    };
+    evaluate(ps, &subject, &request)
+}
+
+fn allowed(ps: &[Policy], r: &R) -> bool {
+    verdict_for(ps, Some("echo"), None, r).allowed
+}
+
+/// Each row: an ALLOW rule, a request, whether it is allowed.
+#[test]
+fn allow_rule_fields_table() {
+    let base = req();
+    let with = |f: &dyn Fn(&mut R)| {
+        let mut r = base.clone();
+        f(&mut r);
+        r
+    };
+    let table: Vec<(&str, R, bool)> = vec![
+        // principals: exact, prefix*, *suffix, *
+        (
+            "- from: [{source: {principals: [cluster.local/ns/client/sa/sleep]}}]",
+            base.clone(),
+            true,
+        ),
+        (
+            "- from: [{source: {principals: [cluster.local/ns/client/sa/other]}}]",
+            base.clone(),
+            false,
+        ),
+        (
+            "- from: [{source: {principals: [\"cluster.local/ns/client/*\"]}}]",
+            base.clone(),
+            true,
+        ),
+        (
+            "- from: [{source: {principals: [\"*/sa/sleep\"]}}]",
+            base.clone(),
+            true,
+        ),
+        (
+            "- from: [{source: {principals: [\"*\"]}}]",
+            base.clone(),
+            true,
+        ),
+        // `*` needs an identity: plaintext is refused (R10).
+        (
+            "- from: [{source: {principals: [\"*\"]}}]",
+            with(&|r| r.principal = None),
+            false,
+        ),
+        (
+            "- from: [{source: {notPrincipals: [\"*/sa/sleep\"]}}]",
+            base.clone(),
+            false,
+        ),
+        (
+            "- from: [{source: {notPrincipals: [\"*/sa/other\"]}}]",
+            base.clone(),
+            true,
+        ),
+        // namespaces (from the principal)
+        (
+            "- from: [{source: {namespaces: [client]}}]",
+            base.clone(),
+            true,
+        ),
+        (
+            "- from: [{source: {namespaces: [\"cli*\"]}}]",
+            base.clone(),
+            true,
+        ),
+        (
+            "- from: [{source: {namespaces: [other]}}]",
+            base.clone(),
+            false,
+        ),
+        (
+            "- from: [{source: {namespaces: [client]}}]",
+            with(&|r| r.principal = None),
+            false,
+        ),
+        (
+            "- from: [{source: {notNamespaces: [client]}}]",
+            base.clone(),
+            false,
+        ),
+        (
+            "- from: [{source: {notNamespaces: [other]}}]",
+            base.clone(),
+            true,
+        ),
+        // ipBlocks (the peer), remoteIpBlocks (the original client)
+        (
+            "- from: [{source: {ipBlocks: [10.1.0.0/16]}}]",
+            base.clone(),
+            true,
+        ),
+        (
+            "- from: [{source: {ipBlocks: [10.1.0.1]}}]",
+            base.clone(),
+            true,
+        ),
+        (
+            "- from: [{source: {ipBlocks: [10.2.0.0/16]}}]",
+            base.clone(),
+            false,
+        ),
+        (
+            "- from: [{source: {notIpBlocks: [10.1.0.0/16]}}]",
+            base.clone(),
+            false,
+        ),
+        (
+            "- from: [{source: {remoteIpBlocks: [192.168.0.0/16]}}]",
+            with(&|r| r.remote_ip = Some("192.168.1.1")),
+            true,
+        ),
+        (
+            "- from: [{source: {remoteIpBlocks: [192.168.0.0/16]}}]",
+            base.clone(),
+            false,
+        ),
+        (
+            "- from: [{source: {notRemoteIpBlocks: [192.168.0.0/16]}}]",
+            with(&|r| r.remote_ip = Some("192.168.1.1")),
+            false,
+        ),
+        // hosts: with or without the port, case-insensitive
+        (
+            "- to: [{operation: {hosts: [echo.default.svc.cluster.local]}}]",
+            base.clone(),
+            true,
+        ),
+        (
+            "- to: [{operation: {hosts: [ECHO.default.svc.cluster.local:8080]}}]",
+            base.clone(),
+            true,
+        ),
+        (
+            "- to: [{operation: {hosts: [\"*.cluster.local\"]}}]",
+            base.clone(),
+            true,
+        ),
+        ("- to: [{operation: {hosts: [other]}}]", base.clone(), false),
+        (
+            "- to: [{operation: {notHosts: [\"echo.*\"]}}]",
+            base.clone(),
+            false,
+        ),
+        // ports (strings, as Istio writes them, or numbers)
+        (
+            "- to: [{operation: {ports: [\"8080\"]}}]",
+            base.clone(),
+            true,
+        ),
+        ("- to: [{operation: {ports: [9090]}}]", base.clone(), false),
+        (
+            "- to: [{operation: {notPorts: [\"8080\"]}}]",
+            base.clone(),
+            false,
+        ),
+        // methods
+        (
+            "- to: [{operation: {methods: [GET, HEAD]}}]",
+            base.clone(),
+            true,
+        ),
+        (
+            "- to: [{operation: {methods: [POST]}}]",
+            base.clone(),
+            false,
+        ),
+        (
+            "- to: [{operation: {notMethods: [GET]}}]",
+            base.clone(),
+            false,
+        ),
+        // paths: exact, prefix*, *suffix, *, templates
+        (
+            "- to: [{operation: {paths: [/api/v1/items]}}]",
+            base.clone(),
+            true,
+        ),
+        (
+            "- to: [{operation: {paths: [/api/v1]}}]",
+            base.clone(),
+            false,
+        ),
+        (
+            "- to: [{operation: {paths: [\"/api/*\"]}}]",
+            base.clone(),
+            true,
+        ),
+        (
+            "- to: [{operation: {paths: [\"*/items\"]}}]",
+            base.clone(),
+            true,
+        ),
+        ("- to: [{operation: {paths: [\"*\"]}}]", base.clone(), true),
+        (
+            "- to: [{operation: {notPaths: [\"/api/*\"]}}]",
+            base.clone(),
+            false,
+        ),
+        (
+            "- to: [{operation: {paths: [\"/api/{*}/items\"]}}]",
+            base.clone(),
+            true,
+        ),
+        (
+            "- to: [{operation: {paths: [\"/{*}/items\"]}}]",
+            base.clone(),
+            false,
+        ),
+        (
+            "- to: [{operation: {paths: [\"/api/{**}\"]}}]",
+            base.clone(),
+            true,
+        ),
+        (
+            "- to: [{operation: {paths: [\"/other/{**}\"]}}]",
+            base.clone(),
+            false,
+        ),
+        // from AND to AND when; lists inside are OR
+        (
+            "- from: [{source: {namespaces: [client]}}]\n    to: [{operation: {methods: [POST]}}]",
+            base.clone(),
+            false,
+        ),
+        (
+            "- from: [{source: {namespaces: [x]}}, {source: {namespaces: [client]}}]",
+            base.clone(),
+            true,
+        ),
+        // when
+        (
+            "- when: [{key: \"request.headers[X-Token]\", values: [secret]}]",
+            with(&|r| r.headers = vec![("x-token", "secret")]),
+            true,
+        ),
+        (
+            "- when: [{key: \"request.headers[x-token]\", values: [\"sec*\"]}]",
+            with(&|r| r.headers = vec![("X-Token", "secret")]),
+            true,
+        ),
+        (
+            "- when: [{key: \"request.headers[x-token]\", values: [secret]}]",
+            base.clone(),
+            false,
+        ),
+        (
+            "- when: [{key: \"request.headers[x-token]\", notValues: [bad]}]",
+            with(&|r| r.headers = vec![("x-token", "bad")]),
+            false,
+        ),
+        (
+            "- when: [{key: source.ip, values: [10.1.0.0/24]}]",
+            base.clone(),
+            true,
+        ),
+        (
+            "- when: [{key: source.ip, notValues: [10.1.0.1]}]",
+            base.clone(),
+            false,
+        ),
+        (
+            "- when: [{key: source.namespace, values: [client]}]",
+            base.clone(),
+            true,
+        ),
+        (
+            "- when: [{key: source.principal, values: [\"*/sa/sleep\"]}]",
+            base.clone(),
+            true,
+        ),
+        (
+            "- when: [{key: source.principal, values: [\"*/sa/x\"]}]",
+            base.clone(),
+            false,
+        ),
+        (
+            "- when: [{key: destination.port, values: [\"8080\"]}]",
+            base.clone(),
+            true,
+        ),
+        (
+            "- when: [{key: destination.port, notValues: [\"8080\"]}]",
+            base.clone(),
+            false,
+        ),
+        // An empty rule matches everything.
+        ("- {}", base.clone(), true),
+    ];
+    for (rules, r, want) in table {
+        let ps = policies(&on_waypoint("ALLOW", &format!("  {rules}\n")));
+        assert_eq!(allowed(&ps, &r), want, "{rules}");
+    }
+}
+
+#[test]
+fn evaluation_order() {
+    let r = req();
+    // No policy: allowed.
+    assert!(allowed(&[], &r));
+    // ALLOW with no rules allows nothing.
+    let ps = policies("apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: deny-all}\nspec: {}\n");
+    assert!(!allowed(&ps, &r));
+    // DENY with no rules denies nothing.
+    let ps = policies(&on_waypoint("DENY", "    []\n"));
+    assert!(allowed(&ps, &r));
+    // DENY wins over a matching ALLOW.
+    let text = [
+        on_waypoint("ALLOW", "  - {}\n"),
+        on_waypoint("DENY", "  - to: [{operation: {methods: [GET]}}]\n"),
+    ]
+    .join("---\n");
+    let ps = policies(&text);
+    let v = verdict_for(&ps, Some("echo"), None, &r);
+    assert!(!v.allowed);
+    assert_eq!(v.policy, Some(ObjectRef::new("default", "p-DENY")));
+    let mut post = r.clone();
+    post.method = "POST";
+    assert!(allowed(&ps, &post));
+    // Some ALLOW must match: one that does not, one that does.
+    let text = [
+        on_waypoint("ALLOW", "  - to: [{operation: {methods: [POST]}}]\n"),
+        on_waypoint("ALLOW", "  - to: [{operation: {methods: [GET]}}]\n")
+            .replace("p-ALLOW", "p-ALLOW-2"),
+    ]
+    .join("---\n");
+    let ps = policies(&text);
+    let v = verdict_for(&ps, Some("echo"), None, &r);
+    assert!(v.allowed);
+    assert_eq!(v.policy, Some(ObjectRef::new("default", "p-ALLOW-2")));
+    // AUDIT never changes the outcome but is reported.
+    let ps = policies(&on_waypoint("AUDIT", "  - {}\n"));
+    let v = verdict_for(&ps, Some("echo"), None, &r);
+    assert!(v.allowed);
+    assert_eq!(v.audited, [ObjectRef::new("default", "p-AUDIT")]);
+}
+
+#[test]
+fn attachment_target_refs_selector_and_namespace() {
+    let deny = |spec_head: &str, ns: &str| {
+        format!(
+            "apiVersion: security.istio.io/v1beta1\nkind: AuthorizationPolicy\nmetadata: {{name: d, namespace: {ns}}}\nspec:\n{spec_head}  action: DENY\n  rules: [{{}}]\n"
+        )
+    };
+    let r = req();
+    let labels: BTreeMap<String, String> = [("app".to_string(), "echo".to_string())].into();
+    let other: BTreeMap<String, String> = [("app".to_string(), "x".to_string())].into();
+    // (policy, service, workload labels, denied)
+    type Row<'a> = (String, Option<&'a str>, Option<(&'a str, &'a Labels)>, bool);
+    let table: Vec<Row<'_>> = vec![
+        (deny("  targetRefs: [{kind: Service, group: \"\", name: echo}]\n", "default"), Some("echo"), None, true),
+        (deny("  targetRefs: [{kind: Service, group: \"\", name: echo}]\n", "default"), Some("other"), None, false),
+        (deny("  targetRefs: [{kind: Service, group: \"\", name: echo}]\n", "default"), None, Some(("default", &labels)), false),
+        (deny("  targetRef: {kind: Gateway, group: gateway.networking.k8s.io, name: waypoint}\n", "default"), Some("other"), None, true),
+        (deny("  targetRefs: [{kind: Gateway, group: gateway.networking.k8s.io, name: waypoint}]\n", "elsewhere"), Some("echo"), None, false),
+        (deny("  targetRefs: [{kind: Gateway, group: gateway.networking.k8s.io, name: other-wp}]\n", "default"), Some("echo"), None, false),
+        (deny("  selector: {matchLabels: {app: echo}}\n", "default"), None, Some(("default", &labels)), true),
+        (deny("  selector: {matchLabels: {app: echo}}\n", "default"), None, Some(("default", &other)), false),
+        (deny("  selector: {matchLabels: {app: echo}}\n", "elsewhere"), None, Some(("default", &labels)), false),
+        (deny("  selector: {matchLabels: {app: echo}}\n", "istio-system"), None, Some(("default", &labels)), true),
+        (deny("", "default"), Some("echo"), None, true),
+        (deny("", "elsewhere"), Some("echo"), None, false),
+        (deny("", "istio-system"), Some("echo"), None, true),
+    ];
+    for (yaml, svc, wl, denied) in table {
+        let ps = policies(&yaml);
+        assert_eq!(
+            !verdict_for(&ps, svc, wl, &r).allowed,
+            denied,
+            "{yaml} {svc:?}"
+        );
+    }
+}
+
+#[test]
+fn path_templates() {
+    let table = [
+        ("/foo/{*}", "/foo/bar", true),
+        ("/foo/{*}", "/foo/bar/baz", false),
+        ("/foo/{*}", "/foo/", false),
+        ("/foo/{*}/baz", "/foo/bar/baz", true),
+        ("/foo/{**}", "/foo/bar/baz", true),
+        ("/foo/{**}", "/foo/", true),
+        ("/foo/{**}", "/foobar", false),
+        ("/{*}/bar/{**}", "/a/bar/b/c", true),
+        ("/a.b/{*}", "/aXb/c", false),
+    ];
+    for (pattern, path, want) in table {
+        let p = PathPattern::parse(pattern).unwrap();
+        assert_eq!(p.matches(path), want, "{pattern} {path}");
+    }
+    assert!(PathPattern::parse("/{**}/x").is_err());
+    assert!(PathPattern::parse("/a{*}").is_err());
+}

@@ -1,0 +1,253 @@
+//! The multi-document configuration: what loads, and errors that name document, line, field.
+
+use std::path::Path;
+use std::time::Duration;
+
+use waypoint::config::{gateway_duration, load_str, LoadError, ServiceLb};
+use waypoint::lb::{HashKey, LbPolicy, OutlierDetection};
+use waypoint::route::ObjectRef;
+
+fn err(text: &str) -> LoadError {
+    match load_str(Path::new("w.yaml"), text, 1) {
+        Ok(_) => panic!("loaded:\n{text}"),
+        Err(e) => e,
+    }
+}
+
+const MESH: &str = "services:\n  - {name: echo, namespace: default, hostname: echo.default.svc.cluster.local, vips: [\"10.96.0.10\"], ports: {80: 8080}}\n";
+
+const ROUTE_V1: &str = "apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata:
+  name: r
+  namespace: default
+spec:
+  parentRefs:
+  - {group: \"\", kind: Service, name: echo}
+  rules:
+  - backendRefs: [{name: echo, port: 80}]
+";
+
+#[test]
+fn loads_every_kind_and_version() {
+    let dr = |api: &str, name: &str, host: &str, tp: &str| {
+        format!("apiVersion: networking.istio.io/{api}\nkind: DestinationRule\nmetadata: {{name: {name}, namespace: default}}\nspec:\n  host: {host}\n  trafficPolicy:\n{tp}")
+    };
+    let text = [
+        format!("# the model\n{MESH}"),
+        ROUTE_V1.to_string(),
+        ROUTE_V1.replace("/v1\n", "/v1beta1\n").replace("name: r\n", "name: r2\n"),
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: a}\nspec: {action: DENY}\n".to_string(),
+        "apiVersion: security.istio.io/v1beta1\nkind: AuthorizationPolicy\nmetadata: {name: b}\nspec: {action: AUDIT, rules: [{}]}\n".to_string(),
+        dr("v1", "d1", "echo", "    loadBalancer: {simple: ROUND_ROBIN}\n"),
+        dr("v1beta1", "d2", "a.other", "    loadBalancer: {consistentHash: {httpHeaderName: X-User}}\n    outlierDetection: {consecutive5xxErrors: 3, baseEjectionTime: 10s, maxEjectionPercent: 50}\n"),
+        dr("v1alpha3", "d3", "b.other.svc.cluster.local", "    loadBalancer: {consistentHash: {httpCookie: {name: session}}}\n"),
+        dr("v1", "d4", "c.other.svc", "    loadBalancer: {consistentHash: {useSourceIp: true}}\n"),
+        dr("v1", "d5", "d.other", "    loadBalancer: {simple: RANDOM}\n    outlierDetection: {}\n"),
+        dr("v1", "d6", "e.other", "    loadBalancer: {simple: LEAST_REQUEST}\n"),
+    ]
+    .join("---\n");
+    let cfg = load_str(Path::new("w.yaml"), &text, 1).unwrap_or_else(|e| panic!("{e}"));
+    assert!(cfg.mesh.is_some());
+    assert!(cfg.service_exists(&ObjectRef::new("default", "echo")));
+    assert_eq!(cfg.routes.routes().len(), 2);
+    assert_eq!(cfg.policies.len(), 2);
+    let lb = |ns: &str, n: &str| cfg.lb(&ObjectRef::new(ns, n));
+    assert_eq!(lb("default", "echo").policy, LbPolicy::RoundRobin);
+    assert_eq!(
+        lb("other", "a"),
+        ServiceLb {
+            policy: LbPolicy::ConsistentHash(HashKey::Header("x-user".into())),
+            outlier: Some(OutlierDetection {
+                consecutive_5xx: 3,
+                base_ejection_time: Duration::from_secs(10),
+                max_ejection_percent: 50
+            }),
+        }
+    );
+    assert_eq!(
+        lb("other", "b").policy,
+        LbPolicy::ConsistentHash(HashKey::Cookie("session".into()))
+    );
+    assert_eq!(
+        lb("other", "c").policy,
+        LbPolicy::ConsistentHash(HashKey::SourceIp)
+    );
+    assert_eq!(lb("other", "d").policy, LbPolicy::Random);
+    assert_eq!(lb("other", "d").outlier, Some(OutlierDetection::default()));
+    assert_eq!(lb("other", "e").policy, LbPolicy::LeastRequest);
+    // No DestinationRule: least request, no outlier detection.
+    assert_eq!(lb("default", "nope"), ServiceLb::default());
+}
+
+/// (text, document, line, field substring, message substring)
+#[test]
+fn errors_name_document_line_and_field() {
+    let route_with = |extra_rule_line: &str| format!("{ROUTE_V1}{extra_rule_line}");
+    let ap = |spec: &str| {
+        format!("apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: a}}\nspec:\n{spec}")
+    };
+    let table: Vec<(String, usize, Option<usize>, &str, &str)> = vec![
+        // An unknown field in the second document, on the file's line 14.
+        (
+            format!("{MESH}---\n{}", route_with("    bogus: 1\n")),
+            2,
+            Some(14),
+            "spec.rules[0]",
+            "unknown field `bogus`",
+        ),
+        // Unknown metadata key.
+        (
+            ROUTE_V1.replace("  namespace: default\n", "  uid: x\n"),
+            1,
+            Some(5),
+            "metadata",
+            "unknown field `uid`",
+        ),
+        // CUSTOM is refused at load time.
+        (
+            format!("{ROUTE_V1}---\n{}", ap("  action: CUSTOM\n  rules: [{}]\n")),
+            2,
+            Some(16),
+            "spec.action",
+            "CUSTOM is not supported",
+        ),
+        // requestPrincipals (and the not form) are refused.
+        (
+            ap("  rules:\n  - from:\n    - source:\n        requestPrincipals: [\"*\"]\n"),
+            1,
+            Some(8),
+            "spec.rules[0].from[0].source.requestPrincipals",
+            "JWT",
+        ),
+        (
+            ap("  rules:\n  - from:\n    - source:\n        notRequestPrincipals: [\"*\"]\n"),
+            1,
+            Some(8),
+            "notRequestPrincipals",
+            "JWT",
+        ),
+        (
+            ap("  rules:\n  - when:\n    - key: request.auth.claims[iss]\n      values: [x]\n"),
+            1,
+            None,
+            "spec.rules[0].when[0].key",
+            "JWT",
+        ),
+        (
+            ap("  rules:\n  - when:\n    - key: connection.sni\n      values: [x]\n"),
+            1,
+            None,
+            "spec.rules[0].when[0].key",
+            "unsupported condition key",
+        ),
+        (ap("  rules:\n  - when:\n    - key: source.ip\n"), 1, None, "when[0].values", "values or notValues"),
+        (ap("  rules:\n  - to:\n    - operation:\n        paths: [\"/{**}/x\"]\n"), 1, None, "paths[0]", "last segment"),
+        (ap("  rules:\n  - from:\n    - source:\n        ipBlocks: [10.0.0.0/40]\n"), 1, Some(8), "ipBlocks", "prefix length"),
+        (
+            ap("  targetRefs: [{kind: Service, name: a}]\n  selector: {matchLabels: {a: b}}\n"),
+            1,
+            Some(6),
+            "spec.selector",
+            "cannot be combined",
+        ),
+        (ap("  targetRefs: [{kind: Pod, name: a}]\n"), 1, None, "spec.targetRefs[0].kind", "unsupported target"),
+        (ap("  action: MAYBE\n"), 1, Some(5), "spec.action", "unknown variant"),
+        // HTTPRoute features the waypoint does not implement, or invalid combinations.
+        (ROUTE_V1.replace("  parentRefs:", "  hostnames: [a]\n  parentRefs:"), 1, Some(7), "spec.hostnames", "not supported"),
+        (ROUTE_V1.replace("{group: \"\", kind: Service, name: echo}", "{name: gw}"), 1, None, "spec.parentRefs[0]", "only for Services"),
+        (route_with("    filters: [{type: ExtensionRef}]\n"), 1, None, "spec.rules[0].filters[0].type", "unknown variant"),
+        (route_with("    filters: [{type: RequestHeaderModifier}]\n"), 1, None, "spec.rules[0].filters[0]", "needs its own field"),
+        (route_with("    matches: [{path: {type: RegularExpression, value: \"(\"}}]\n"), 1, None, "spec.rules[0].matches[0].path.value", "regular expression"),
+        (route_with("    matches: [{path: {type: Exact, value: x}}]\n"), 1, None, "path.value", "must start with /"),
+        (route_with("    matches: [{method: FETCH}]\n"), 1, None, "method", "unknown variant"),
+        (
+            route_with("    matches: [{path: {type: Exact, value: /x}}]\n    filters: [{type: URLRewrite, urlRewrite: {path: {type: ReplacePrefixMatch, replacePrefixMatch: /y}}}]\n"),
+            1,
+            None,
+            "spec.rules[0].filters",
+            "ReplacePrefixMatch needs",
+        ),
+        (
+            route_with("    filters: [{type: RequestRedirect, requestRedirect: {statusCode: 304}}]\n"),
+            1,
+            None,
+            "statusCode",
+            "301, 302, 303, 307 or 308",
+        ),
+        (route_with("    timeouts: {request: 10 seconds}\n"), 1, None, "spec.rules[0].timeouts.request", "invalid duration"),
+        (route_with("    timeouts: {request: 1s, backendRequest: 2s}\n"), 1, None, "backendRequest", "must not exceed"),
+        (ROUTE_V1.replace("[{name: echo, port: 80}]", "[{name: echo}]"), 1, None, "backendRefs[0].port", "required"),
+        (ROUTE_V1.replace("[{name: echo, port: 80}]", "[{name: echo, kind: ServiceImport, port: 80}]"), 1, None, "backendRefs[0]", "only Services"),
+        (format!("{ROUTE_V1}---\n{ROUTE_V1}"), 2, Some(15), "metadata.name", "duplicate"),
+        // Documents and kinds.
+        (ROUTE_V1.replace("kind: HTTPRoute", "kind: GRPCRoute"), 1, Some(2), "kind", "unsupported kind"),
+        (ROUTE_V1.replace("gateway.networking.k8s.io/v1", "example.com/v1"), 1, Some(1), "apiVersion", "unsupported apiVersion"),
+        (ROUTE_V1.replace("kind: HTTPRoute\n", ""), 1, None, "kind", "required"),
+        (
+            "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: d}\nspec:\n  host: echo\n  trafficPolicy:\n    outlierDetection: {interval: 10s}\n".into(),
+            1,
+            Some(7),
+            "outlierDetection",
+            "unknown field `interval`",
+        ),
+        (
+            "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: d}\nspec:\n  host: \"*.local\"\n".into(),
+            1,
+            Some(5),
+            "spec.host",
+            "expected a service name",
+        ),
+        (
+            "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: d}\nspec:\n  host: echo\n  trafficPolicy:\n    loadBalancer: {simple: PASSTHROUGH}\n".into(),
+            1,
+            Some(7),
+            "simple",
+            "unknown variant",
+        ),
+        (
+            "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: d}\nspec:\n  host: echo\n  trafficPolicy:\n    loadBalancer:\n      consistentHash: {httpHeaderName: a, useSourceIp: true}\n".into(),
+            1,
+            None,
+            "consistentHash",
+            "exactly one",
+        ),
+        // The mesh-model document: its errors keep mesh-model's field and the file's line.
+        (format!("{ROUTE_V1}---\n# model\nservices:\n  - {{name: a}}\n"), 2, Some(14), "services[0]", "missing field"),
+        (format!("{MESH}---\n{MESH}"), 2, None, "workloads", "second mesh-model document"),
+    ];
+    for (text, doc, line, field, msg) in table {
+        let e = err(&text);
+        let shown = e.to_string();
+        assert_eq!(e.document, doc, "{shown}\n{text}");
+        if let Some(l) = line {
+            assert_eq!(e.line, Some(l), "{shown}\n{text}");
+        }
+        assert!(e.line.is_some(), "every error has a line: {shown}");
+        assert!(
+            e.field.as_deref().is_some_and(|f| f.contains(field)),
+            "field {field:?} in {shown}"
+        );
+        assert!(e.message.contains(msg), "message {msg:?} in {shown}");
+        assert!(shown.starts_with("w.yaml:"), "{shown}");
+        assert!(shown.contains(&format!("document {doc}")), "{shown}");
+    }
+}
+
+#[test]
+fn gateway_durations() {
+    let ok = [
+        ("1h", 3_600_000),
+        ("30m", 1_800_000),
+        ("10s", 10_000),
+        ("500ms", 500),
+        ("1m30s", 90_000),
+        ("0s", 0),
+    ];
+    for (s, ms) in ok {
+        assert_eq!(gateway_duration(s), Ok(Duration::from_millis(ms)), "{s}");
+    }
+    for s in ["", "10", "s", "1.5s", "1d", "123456s", "-1s"] {
+        assert!(gateway_duration(s).is_err(), "{s}");
+    }
+}

@@ -1,0 +1,315 @@
+//! The HTTP/1.1 request path inside a tunnel, driven over memory: bad input (400/431),
+//! policy before any upstream exchange (R15), routing (R16/R17), filters, keep-alive.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::future::Future;
+use std::io;
+use std::path::Path;
+use std::pin::pin;
+use std::task::{Context, Poll, Waker};
+
+use bytes::Bytes;
+use waypoint::config::{load_str, WaypointConfig};
+use waypoint::http1::{
+    parse_head, serve, Destination, End, Parsed, Tunnel, TunnelCtx, Upstream, MAX_HEAD,
+};
+use waypoint::lb::SplitMix64;
+use waypoint::route::ObjectRef;
+
+/// Every future here is ready whenever polled (memory streams): poll to completion.
+fn block_on<F: Future>(f: F) -> F::Output {
+    let mut f = pin!(f);
+    let mut cx = Context::from_waker(Waker::noop());
+    for _ in 0..1_000_000 {
+        if let Poll::Ready(v) = f.as_mut().poll(&mut cx) {
+            return v;
+        }
+    }
+    panic!("future did not complete");
+}
+
+struct MemTunnel {
+    input: VecDeque<Bytes>,
+    output: Vec<u8>,
+    finished: bool,
+}
+
+impl MemTunnel {
+    fn new(chunks: &[&[u8]]) -> Self {
+        MemTunnel {
+            input: chunks.iter().map(|c| Bytes::copy_from_slice(c)).collect(),
+            output: vec![],
+            finished: false,
+        }
+    }
+    fn out(&self) -> String {
+        String::from_utf8_lossy(&self.output).into_owned()
+    }
+}
+
+impl Tunnel for MemTunnel {
+    async fn read(&mut self) -> Option<io::Result<Bytes>> {
+        self.input.pop_front().map(Ok)
+    }
+    async fn write(&mut self, data: Bytes) -> io::Result<()> {
+        assert!(!self.finished, "write after finish");
+        self.output.extend_from_slice(&data);
+        Ok(())
+    }
+    async fn finish(&mut self) -> io::Result<()> {
+        self.finished = true;
+        Ok(())
+    }
+}
+
+/// Records each exchange; answers 200 with the service name in the body.
+#[derive(Default)]
+struct MockUpstream {
+    calls: Vec<(Option<(ObjectRef, u16)>, String)>,
+}
+
+impl Upstream for MockUpstream {
+    async fn exchange(
+        &mut self,
+        service: Option<&(ObjectRef, u16)>,
+        request: Bytes,
+    ) -> io::Result<Vec<u8>> {
+        self.calls.push((
+            service.cloned(),
+            String::from_utf8_lossy(&request).into_owned(),
+        ));
+        let body = service.map_or("pod".to_string(), |(s, _)| s.name.clone());
+        Ok(format!(
+            "HTTP/1.1 200 OK\r\nserver: echo\r\ncontent-length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .into_bytes())
+    }
+}
+
+const CONFIG: &str = r#"
+services:
+  - {name: echo, namespace: default, hostname: echo.default.svc.cluster.local, vips: ["10.96.0.10"], ports: {80: 8080}}
+  - {name: echo-v1, namespace: default, hostname: echo-v1.default.svc.cluster.local, vips: ["10.96.0.11"], ports: {80: 8080}}
+---
+apiVersion: gateway.networking.k8s.io/v1beta1
+kind: HTTPRoute
+metadata:
+  name: echo
+spec:
+  parentRefs:
+  - group: ""
+    kind: Service
+    name: echo
+  rules:
+  - matches: [{path: {type: PathPrefix, value: /}}]
+    filters:
+    - type: RequestHeaderModifier
+      requestHeaderModifier: {set: [{name: x-routed, value: "yes"}]}
+    - type: ResponseHeaderModifier
+      responseHeaderModifier: {remove: [server], add: [{name: x-via, value: waypoint}]}
+    backendRefs:
+    - name: echo-v1
+      port: 80
+  - matches: [{path: {type: Exact, value: /old}}]
+    filters:
+    - type: RequestRedirect
+      requestRedirect: {path: {type: ReplaceFullPath, replaceFullPath: /new}, statusCode: 301}
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: no-admin, namespace: default}
+spec:
+  targetRefs: [{kind: Gateway, group: gateway.networking.k8s.io, name: waypoint}]
+  action: DENY
+  rules:
+  - to: [{operation: {paths: ["/admin/*"]}}]
+"#;
+
+fn cfg() -> WaypointConfig {
+    load_str(Path::new("c.yaml"), CONFIG, 1).unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn service_ctx() -> TunnelCtx {
+    TunnelCtx {
+        waypoint: ObjectRef::new("default", "waypoint"),
+        root_namespace: "istio-system".into(),
+        destination: Destination::Service {
+            service: ObjectRef::new("default", "echo"),
+            port: 80,
+        },
+        destination_ip: "10.96.0.10".parse().unwrap(),
+        destination_port: 80,
+        source_ip: "10.1.0.1".parse().unwrap(),
+        principal: Some("cluster.local/ns/default/sa/client".into()),
+    }
+}
+
+fn run(chunks: &[&[u8]], ctx: &TunnelCtx) -> (End, MemTunnel, MockUpstream) {
+    let cfg = cfg();
+    let mut t = MemTunnel::new(chunks);
+    let mut up = MockUpstream::default();
+    let end = block_on(serve(&mut t, &cfg, ctx, &mut up, &mut SplitMix64(1))).unwrap();
+    (end, t, up)
+}
+
+#[test]
+fn parse_head_table() {
+    let big = format!("GET / HTTP/1.1\r\nx: {}\r\n\r\n", "a".repeat(MAX_HEAD));
+    let many: String = (0..300).map(|i| format!("h{i}: v\r\n")).collect();
+    let many = format!("GET / HTTP/1.1\r\n{many}\r\n");
+    let table: Vec<(&[u8], &str)> = vec![
+        (b"GET /a?b=c HTTP/1.1\r\nHost: x\r\n\r\n", "head"),
+        (b"GET /a HTTP/1.1\r\nHost: x\r\n", "partial"),
+        (b"GET /a HTT", "partial"),
+        (b"GET /a HTTP/9.9\r\n\r\n", "400"),
+        (b"G E T / HTTP/1.1\r\n\r\n", "400"),
+        (b"GET a HTTP/1.1\r\n\r\n", "400"),
+        (b"\x00\x01\x02\r\n\r\n", "400"),
+        (b"GET / HTTP/1.1\r\nbad header\r\n\r\n", "400"),
+        (big.as_bytes(), "431"),
+        (&big.as_bytes()[..MAX_HEAD + 10], "431"),
+        (many.as_bytes(), "431"),
+    ];
+    for (input, want) in table {
+        let got = match parse_head(input) {
+            Parsed::Head(..) => "head".to_string(),
+            Parsed::Partial => "partial".to_string(),
+            Parsed::Bad(s) => s.to_string(),
+        };
+        assert_eq!(
+            got,
+            want,
+            "{:?}",
+            String::from_utf8_lossy(&input[..input.len().min(40)])
+        );
+    }
+    let Parsed::Head(h, n) = parse_head(b"POST /a/b?x=1&y HTTP/1.0\r\nHost: h\r\n\r\nBODY") else {
+        panic!()
+    };
+    assert_eq!(
+        (
+            h.method.as_str(),
+            h.path.as_str(),
+            h.query.as_deref(),
+            h.version,
+            n
+        ),
+        ("POST", "/a/b", Some("x=1&y"), 0, 37)
+    );
+}
+
+#[test]
+fn malformed_request_line_is_400_and_closes() {
+    let (end, t, up) = run(&[b"BLAH\r\n\r\n"], &service_ctx());
+    assert_eq!(end, End::Closed(400));
+    assert!(t.out().starts_with("HTTP/1.1 400 "), "{}", t.out());
+    assert!(t.finished);
+    assert!(up.calls.is_empty());
+}
+
+#[test]
+fn headers_over_64k_are_431() {
+    let filler = format!("x-filler: {}\r\n", "a".repeat(8 * 1024));
+    let mut chunks: Vec<Vec<u8>> = vec![b"GET / HTTP/1.1\r\nhost: echo\r\n".to_vec()];
+    for _ in 0..9 {
+        chunks.push(filler.clone().into_bytes());
+    }
+    let refs: Vec<&[u8]> = chunks.iter().map(|c| c.as_slice()).collect();
+    let (end, t, up) = run(&refs, &service_ctx());
+    assert_eq!(end, End::Closed(431));
+    assert!(t.out().starts_with("HTTP/1.1 431 "));
+    assert!(up.calls.is_empty());
+}
+
+#[test]
+fn r15_denied_request_is_403_and_never_reaches_upstream() {
+    let (end, t, up) = run(
+        &[
+            b"GET /admin/users HTTP/1.1\r\nhost: echo\r\ncontent-length: 4\r\n\r\nbody",
+            b"GET /ok HTTP/1.1\r\nhost: echo\r\nconnection: close\r\n\r\n",
+        ],
+        &service_ctx(),
+    );
+    let out = t.out();
+    assert!(out.starts_with("HTTP/1.1 403 Forbidden\r\n"), "{out}");
+    assert!(out.contains("\r\n\r\nRBAC: access denied"), "{out}");
+    // The keep-alive connection goes on: the next request is served.
+    assert_eq!(up.calls.len(), 1);
+    assert!(up.calls[0].1.starts_with("GET /ok HTTP/1.1\r\n"));
+    assert_eq!(end, End::Closed(200));
+}
+
+#[test]
+fn r17_routed_with_filters_and_keep_alive() {
+    let req = b"GET /a?q=1 HTTP/1.1\r\nHost: echo\r\nx-forwarded-for: 192.0.2.1\r\n\r\n";
+    let post = b"POST /b HTTP/1.1\r\nHost: echo\r\ncontent-length: 5\r\n\r\nhello";
+    // The second request arrives split mid-head and mid-body.
+    let (end, t, up) = run(
+        &[req, &post[..20], &post[20..50], &post[50..]],
+        &service_ctx(),
+    );
+    assert_eq!(end, End::Eof);
+    assert_eq!(up.calls.len(), 2);
+    let (svc, sent) = &up.calls[0];
+    assert_eq!(svc, &Some((ObjectRef::new("default", "echo-v1"), 80)));
+    assert!(sent.starts_with("GET /a?q=1 HTTP/1.1\r\n"), "{sent}");
+    assert!(sent.contains("x-routed: yes\r\n"), "{sent}");
+    assert!(
+        sent.contains("x-forwarded-for: 192.0.2.1, 10.1.0.1\r\n"),
+        "{sent}"
+    );
+    assert!(
+        up.calls[1].1.ends_with("\r\n\r\nhello"),
+        "{}",
+        up.calls[1].1
+    );
+    let out = t.out();
+    assert_eq!(out.matches("HTTP/1.1 200 OK\r\n").count(), 2, "{out}");
+    assert!(!out.contains("server: echo"), "{out}");
+    assert!(out.contains("x-via: waypoint\r\n"), "{out}");
+    assert!(!t.finished);
+}
+
+#[test]
+fn redirects_are_answered_by_the_waypoint() {
+    let (_, t, up) = run(
+        &[b"GET /old HTTP/1.1\r\nHost: echo\r\n\r\n"],
+        &service_ctx(),
+    );
+    let out = t.out();
+    assert!(
+        out.starts_with("HTTP/1.1 301 Moved Permanently\r\nlocation: http://echo/new\r\n"),
+        "{out}"
+    );
+    assert!(up.calls.is_empty());
+}
+
+#[test]
+fn r16_pod_addressed_request_is_not_routed() {
+    let mut ctx = service_ctx();
+    ctx.destination = Destination::Workload {
+        namespace: "default".into(),
+        labels: BTreeMap::new(),
+    };
+    let (_, t, up) = run(&[b"GET /a HTTP/1.1\r\nHost: 10.1.0.9\r\n\r\n"], &ctx);
+    assert_eq!(up.calls.len(), 1);
+    assert_eq!(up.calls[0].0, None);
+    assert!(!up.calls[0].1.contains("x-routed"));
+    assert!(t.out().ends_with("pod"));
+    // Policy still applies to pods (the DENY targets the waypoint).
+    let (_, t, up) = run(&[b"GET /admin/x HTTP/1.1\r\nHost: 10.1.0.9\r\n\r\n"], &ctx);
+    assert!(t.out().starts_with("HTTP/1.1 403 "));
+    assert!(up.calls.is_empty());
+}
+
+#[test]
+fn chunked_bodies_are_refused_for_now() {
+    let (end, t, up) = run(
+        &[b"POST / HTTP/1.1\r\nHost: echo\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\n"],
+        &service_ctx(),
+    );
+    assert_eq!(end, End::Closed(501));
+    assert!(t.out().starts_with("HTTP/1.1 501 "));
+    assert!(up.calls.is_empty());
+}

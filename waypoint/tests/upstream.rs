@@ -1,0 +1,133 @@
+//! Endpoint choice for routed requests: the model's endpoints, the DestinationRule's policy.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use waypoint::config::{load_str, WaypointConfig};
+use waypoint::lb::{HashInput, SplitMix64};
+use waypoint::route::ObjectRef;
+use waypoint::upstream::{endpoints, Balancers};
+
+const MODEL: &str = r#"
+nodes:
+  - {name: node-a, ztunnel: 10.0.0.1}
+workloads:
+  - {uid: e1, name: e1, namespace: default, workloadIps: ["10.1.0.1"], node: node-a, services: {"default/echo.default.svc.cluster.local": {80: 8080}}}
+  - {uid: e2, name: e2, namespace: default, workloadIps: ["10.1.0.2"], services: {"default/echo.default.svc.cluster.local": {80: 9090}}}
+  - {uid: e3, name: e3, namespace: default, workloadIps: ["10.1.0.3"], services: {"default/echo.default.svc.cluster.local": {80: 8080}}}
+  - {uid: sick, name: sick, namespace: default, workloadIps: ["10.1.0.4"], status: Unhealthy, services: {"default/echo.default.svc.cluster.local": {80: 8080}}}
+services:
+  - {name: echo, namespace: default, hostname: echo.default.svc.cluster.local, vips: ["10.96.0.10"], ports: {80: 8080}}
+"#;
+
+fn load(extra: &str, version: u64) -> WaypointConfig {
+    load_str(Path::new("u.yaml"), &format!("{MODEL}{extra}"), version)
+        .unwrap_or_else(|e| panic!("{e}"))
+}
+
+#[test]
+fn endpoints_are_healthy_workloads_with_target_ports() {
+    let cfg = load("", 1);
+    let eps = endpoints(
+        cfg.mesh.as_ref().unwrap(),
+        &ObjectRef::new("default", "echo"),
+        80,
+    );
+    let got: Vec<(String, String, String)> = eps
+        .iter()
+        .map(|e| {
+            (
+                e.workload_uid.clone(),
+                e.authority.to_string(),
+                e.hbone.to_string(),
+            )
+        })
+        .collect();
+    let want = [
+        ("e1", "10.1.0.1:8080", "10.0.0.1:15008"),
+        ("e2", "10.1.0.2:9090", "10.1.0.2:15008"),
+        ("e3", "10.1.0.3:8080", "10.1.0.3:15008"),
+    ];
+    let want: Vec<(String, String, String)> = want
+        .iter()
+        .map(|(a, b, c)| (a.to_string(), b.to_string(), c.to_string()))
+        .collect();
+    assert_eq!(got, want);
+    assert!(endpoints(
+        cfg.mesh.as_ref().unwrap(),
+        &ObjectRef::new("default", "echo"),
+        81
+    )
+    .is_empty());
+    assert!(endpoints(
+        cfg.mesh.as_ref().unwrap(),
+        &ObjectRef::new("default", "nope"),
+        80
+    )
+    .is_empty());
+}
+
+fn spread(cfg: &WaypointConfig, n: usize) -> BTreeMap<String, usize> {
+    let mut b = Balancers::default();
+    let mut rng = SplitMix64(9);
+    let now = Instant::now();
+    let echo = ObjectRef::new("default", "echo");
+    let mut counts = BTreeMap::new();
+    for _ in 0..n {
+        let (i, ep) = b
+            .pick(cfg, &echo, 80, &HashInput::default(), now, &mut rng)
+            .unwrap();
+        *counts.entry(ep.workload_uid).or_default() += 1;
+        b.finish(&echo, 80, i, 200, now);
+    }
+    counts
+}
+
+#[test]
+fn r17_default_self_routing_spreads_over_endpoints() {
+    // Least request (the default) with no load: even.
+    let counts = spread(&load("", 1), 3_000);
+    assert_eq!(counts.len(), 3, "{counts:?}");
+    assert!(
+        counts.values().all(|&c| (800..1_200).contains(&c)),
+        "{counts:?}"
+    );
+    // Round robin from a DestinationRule: exact.
+    let dr = "---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: echo}\nspec:\n  host: echo.default.svc.cluster.local\n  trafficPolicy:\n    loadBalancer: {simple: ROUND_ROBIN}\n";
+    let counts = spread(&load(dr, 1), 300);
+    assert!(counts.values().all(|&c| c == 100), "{counts:?}");
+}
+
+#[test]
+fn outlier_state_survives_an_unrelated_reload() {
+    let dr = "---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: echo}\nspec:\n  host: echo\n  trafficPolicy:\n    loadBalancer: {simple: ROUND_ROBIN}\n    outlierDetection: {consecutive5xxErrors: 1, baseEjectionTime: 30s, maxEjectionPercent: 100}\n";
+    let cfg = load(dr, 1);
+    let echo = ObjectRef::new("default", "echo");
+    let mut b = Balancers::default();
+    let mut rng = SplitMix64(1);
+    let now = Instant::now();
+    let (i, ep) = b
+        .pick(&cfg, &echo, 80, &HashInput::default(), now, &mut rng)
+        .unwrap();
+    assert_eq!(ep.workload_uid, "e1");
+    b.finish(&echo, 80, i, 503, now);
+    // A new snapshot version with the same endpoints keeps e1 ejected.
+    let cfg2 = load(dr, 2);
+    for _ in 0..6 {
+        let (_, ep) = b
+            .pick(&cfg2, &echo, 80, &HashInput::default(), now, &mut rng)
+            .unwrap();
+        assert_ne!(ep.workload_uid, "e1");
+    }
+    let later = now + Duration::from_secs(30);
+    let seen: Vec<String> = (0..3)
+        .map(|_| {
+            b.pick(&cfg2, &echo, 80, &HashInput::default(), later, &mut rng)
+                .unwrap()
+                .1
+                .workload_uid
+        })
+        .collect();
+    assert!(seen.contains(&"e1".to_string()), "{seen:?}");
+}
