@@ -277,6 +277,50 @@ async fn throughput_conn(p: &Plan, write_size: usize) -> GenResult {
     r
 }
 
+/// One echo exchange: tag `req` with `seq`, send it, read the echo into `resp` and check it.
+/// Returns the buffers for reuse, or `None` once the failure is recorded in `r`.
+async fn echo_once(
+    s: &mut TcpStream,
+    mut req: Vec<u8>,
+    resp: Box<[u8]>,
+    seq: u64,
+    r: &mut GenResult,
+) -> Option<(Vec<u8>, Box<[u8]>)> {
+    let size = req.len();
+    let tag = seq.to_le_bytes();
+    let n = tag.len().min(size);
+    req[..n].copy_from_slice(&tag[..n]);
+    let req = match timeout(OP_TIMEOUT, s.write_all(req)).await {
+        Ok((Ok(_), b)) => b,
+        Ok((Err(e), _)) => {
+            r.error(format!("write: {e}"));
+            return None;
+        }
+        Err(_) => {
+            r.error("write: timed out");
+            return None;
+        }
+    };
+    r.sent += size as u64;
+    let resp = match timeout(OP_TIMEOUT, s.read_exact(resp)).await {
+        Ok((Ok(_), b)) => b,
+        Ok((Err(e), _)) => {
+            r.error(format!("read: {e}"));
+            return None;
+        }
+        Err(_) => {
+            r.error("read: no answer within 5 s");
+            return None;
+        }
+    };
+    r.received += size as u64;
+    if resp[..] != req[..] {
+        r.error("echo differs from the request");
+        return None;
+    }
+    Some((req, resp))
+}
+
 async fn rr_conn(p: &Plan, size: usize, conn: usize) -> GenResult {
     let mut r = GenResult::new();
     let mut s = match connect(p.target, true).await {
@@ -291,39 +335,12 @@ async fn rr_conn(p: &Plan, size: usize, conn: usize) -> GenResult {
     let mut seq: u64 = conn as u64 * 7919;
     while running(p) {
         seq = seq.wrapping_add(1);
-        let tag = seq.to_le_bytes();
-        let n = tag.len().min(size);
-        req[..n].copy_from_slice(&tag[..n]);
         let start = Instant::now();
-        match timeout(OP_TIMEOUT, s.write_all(req)).await {
-            Ok((Ok(_), b)) => req = b,
-            Ok((Err(e), _)) => {
-                r.error(format!("write: {e}"));
-                return r;
-            }
-            Err(_) => {
-                r.error("write: timed out");
-                return r;
-            }
-        }
-        r.sent += size as u64;
-        match timeout(OP_TIMEOUT, s.read_exact(resp)).await {
-            Ok((Ok(_), b)) => resp = b,
-            Ok((Err(e), _)) => {
-                r.error(format!("read: {e}"));
-                return r;
-            }
-            Err(_) => {
-                r.error("read: no answer within 5 s");
-                return r;
-            }
-        }
+        (req, resp) = match echo_once(&mut s, req, resp, seq, &mut r).await {
+            Some(bufs) => bufs,
+            None => return r,
+        };
         let done = Instant::now();
-        r.received += size as u64;
-        if resp[..] != req[..] {
-            r.error("echo differs from the request");
-            return r;
-        }
         r.ops_total += 1;
         p.live.ops.fetch_add(1, Ordering::Relaxed);
         if start >= p.t_warm && start < p.t_end {
@@ -447,38 +464,11 @@ async fn rr_open_conn(p: &Plan, size: usize, interval: Duration, conn: usize) ->
             }
         }
         seq = seq.wrapping_add(1);
-        let tag = seq.to_le_bytes();
-        let n = tag.len().min(size);
-        req[..n].copy_from_slice(&tag[..n]);
-        match timeout(OP_TIMEOUT, s.write_all(req)).await {
-            Ok((Ok(_), b)) => req = b,
-            Ok((Err(e), _)) => {
-                r.error(format!("write: {e}"));
-                return r;
-            }
-            Err(_) => {
-                r.error("write: timed out");
-                return r;
-            }
-        }
-        r.sent += size as u64;
-        match timeout(OP_TIMEOUT, s.read_exact(resp)).await {
-            Ok((Ok(_), b)) => resp = b,
-            Ok((Err(e), _)) => {
-                r.error(format!("read: {e}"));
-                return r;
-            }
-            Err(_) => {
-                r.error("read: no answer within 5 s");
-                return r;
-            }
-        }
+        (req, resp) = match echo_once(&mut s, req, resp, seq, &mut r).await {
+            Some(bufs) => bufs,
+            None => return r,
+        };
         let done = Instant::now();
-        r.received += size as u64;
-        if resp[..] != req[..] {
-            r.error("echo differs from the request");
-            return r;
-        }
         r.ops_total += 1;
         p.live.ops.fetch_add(1, Ordering::Relaxed);
         if done >= p.t_warm && done < p.t_end {
