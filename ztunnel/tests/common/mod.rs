@@ -315,25 +315,10 @@ impl Pod {
                 if s2.load(Ordering::SeqCst) {
                     return;
                 }
-                let Ok(mut c) = c else { continue };
+                let Ok(c) = c else { continue };
                 let _ = tx.send(c.peer_addr().unwrap());
                 let name = name.clone();
-                std::thread::spawn(move || {
-                    let _ = c.write_all(format!("{name}\n").as_bytes());
-                    let mut buf = [0u8; 16384];
-                    loop {
-                        match c.read(&mut buf) {
-                            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                            Ok(0) | Err(_) => break,
-                            Ok(n) => {
-                                if c.write_all(&buf[..n]).is_err() {
-                                    break;
-                                }
-                            }
-                        }
-                    }
-                    let _ = c.shutdown(std::net::Shutdown::Write);
-                });
+                std::thread::spawn(move || named_echo(c, &name));
             }
         });
         Pod { addr, peers, stop }
@@ -566,4 +551,24 @@ pub fn hbone_call(
     })
     .join()
     .unwrap()
+}
+
+/// Serve one connection as a test pod: say `name` and a newline, then echo every byte until
+/// the peer half-closes, then half-close back.
+pub fn named_echo(mut c: TcpStream, name: &str) {
+    let _ = c.set_nonblocking(false);
+    let _ = c.write_all(format!("{name}\n").as_bytes());
+    let mut buf = [0u8; 16384];
+    loop {
+        match c.read(&mut buf) {
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                if c.write_all(&buf[..n]).is_err() {
+                    break;
+                }
+            }
+        }
+    }
+    let _ = c.shutdown(std::net::Shutdown::Write);
 }

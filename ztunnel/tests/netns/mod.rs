@@ -101,7 +101,7 @@ impl Server {
         let (s2, name) = (stop.clone(), name.to_string());
         std::thread::spawn(move || {
             while !s2.load(Ordering::SeqCst) {
-                let (mut c, peer) = match l.accept() {
+                let (c, peer) = match l.accept() {
                     Ok(x) => x,
                     Err(_) => {
                         std::thread::sleep(Duration::from_millis(5));
@@ -110,23 +110,7 @@ impl Server {
                 };
                 let _ = tx.send(peer);
                 let name = name.clone();
-                std::thread::spawn(move || {
-                    let _ = c.set_nonblocking(false);
-                    let _ = c.write_all(format!("{name}\n").as_bytes());
-                    let mut buf = [0u8; 16384];
-                    loop {
-                        match c.read(&mut buf) {
-                            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                            Ok(0) | Err(_) => break,
-                            Ok(n) => {
-                                if c.write_all(&buf[..n]).is_err() {
-                                    break;
-                                }
-                            }
-                        }
-                    }
-                    let _ = c.shutdown(std::net::Shutdown::Write);
-                });
+                std::thread::spawn(move || crate::common::named_echo(c, &name));
             }
         });
         Server { addr, peers, stop }
