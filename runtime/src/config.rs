@@ -250,7 +250,8 @@ pub struct ForwardConfig {
     /// A connection with no bytes moving either way for this long is closed.
     #[serde(with = "duration")]
     pub idle_timeout: Duration,
-    /// Buffers each worker keeps for reuse, per size class.
+    /// Free buffers each worker keeps for reuse, per size class; also the number of empty
+    /// splice pipes it keeps (each holds two descriptors).
     pub pool_buffers: usize,
 }
 

@@ -82,9 +82,13 @@ pub async fn forward(
 ) -> Outcome {
     match cfg.mode {
         ForwardMode::Copy => forward_copy(down, up, cfg, pool, abort).await,
-        ForwardMode::Splice => match prepare_splice(&down, &up, cfg) {
+        ForwardMode::Splice => match prepare_splice(&down, &up, cfg, pool) {
             Ok(pipes) => {
                 let o = forward_splice(&down, &up, &pipes, cfg, abort).await;
+                // Pipes left empty go back to the worker's pool for the next connection.
+                for p in pipes {
+                    pool.put_pipe(p);
+                }
                 finish(o, &down, &up)
             }
             // Pipe creation failed (descriptor limit): copy this connection instead.
@@ -298,13 +302,11 @@ fn prepare_splice(
     down: &TcpStream,
     up: &TcpStream,
     cfg: &ForwardConfig,
+    pool: &BufPool,
 ) -> io::Result<[sys::Pipe; 2]> {
     sys::set_nonblocking(down.as_raw_fd())?;
     sys::set_nonblocking(up.as_raw_fd())?;
-    Ok([
-        sys::Pipe::new(cfg.pipe_size)?,
-        sys::Pipe::new(cfg.pipe_size)?,
-    ])
+    Ok([pool.get_pipe(cfg.pipe_size)?, pool.get_pipe(cfg.pipe_size)?])
 }
 
 async fn forward_splice(

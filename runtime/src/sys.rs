@@ -159,6 +159,8 @@ pub struct Pipe {
     pub read: OwnedFd,
     pub write: OwnedFd,
     pub capacity: usize,
+    /// The size asked for (the pool hands a pipe out again only for the same request).
+    pub requested: usize,
 }
 
 impl Pipe {
@@ -183,6 +185,7 @@ impl Pipe {
             read,
             write,
             capacity: granted,
+            requested: size,
         })
     }
 }
@@ -293,6 +296,15 @@ pub fn original_dst(fd: RawFd) -> io::Result<Option<std::net::SocketAddr>> {
         }
         Err(e) => Err(e),
     }
+}
+
+/// Bytes waiting in a pipe (`FIONREAD` on its read end).
+pub fn pipe_pending(pipe: &Pipe) -> io::Result<usize> {
+    let mut n: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one int through the pointer, which points at `n`, alive for
+    // the call; the descriptor is owned by `pipe`.
+    cvt(unsafe { libc::ioctl(pipe.read.as_raw_fd(), libc::FIONREAD, &mut n) })?;
+    Ok(n.max(0) as usize)
 }
 
 #[cfg(test)]

@@ -84,6 +84,111 @@ fn r1_uncaptured_pod_traffic_is_not_touched() {
     assert_eq!(metric(&w.stats(1), PATHS, &[]), 0);
 }
 
+/// The counters that would show a ztunnel touched a connection.
+fn touched(st: &str) -> [u64; 5] {
+    [
+        metric(st, PATHS, &[]),
+        metric(st, "istio_tcp_connections_opened_total", &[]),
+        metric(st, "istio_tcp_connections_closed_total", &[]),
+        metric(st, "istio_tcp_sent_bytes_total", &[]),
+        metric(st, "istio_tcp_received_bytes_total", &[]),
+    ]
+}
+
+/// Send `data` through the echo, half-close, read the rest: exact byte counts both ways.
+fn echo_all(s: &mut std::net::TcpStream, data: &[u8]) {
+    assert_eq!(roundtrip(s, data), data);
+    s.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut rest = Vec::new();
+    s.read_to_end(&mut rest).unwrap();
+    assert!(rest.is_empty(), "{} extra bytes", rest.len());
+}
+
+#[test]
+fn r2_captured_pod_traffic_is_intercepted_and_uncaptured_is_not() {
+    need_root!("r2_captured_pod_traffic_is_intercepted_and_uncaptured_is_not");
+    // Node A hosts "client" (namespace ns-a, labelled istio.io/dataplane-mode=ambient) and
+    // "legacy-client" (namespace legacy, unlabelled); `World::new` already checked that the
+    // capture rules derived from those labels cover exactly the labelled pod's veth.
+    let w = World::new("r2", "[]");
+    // One destination for both: an uncaptured pod on node B, so that only the source side
+    // can make a difference.
+    let dst = w.server("legacy");
+    let payload: Vec<u8> = (0..16_384u32).map(|i| (i % 253) as u8).collect();
+    let greeting = "legacy\n".len() as u64;
+
+    // Unlabelled namespace: not intercepted anywhere.
+    let before = [touched(&w.stats(0)), touched(&w.stats(1))];
+    let mut s = w.connect("legacy-client", dst.addr).unwrap();
+    assert_eq!(hello(&mut s), "legacy");
+    echo_all(&mut s, &payload);
+    drop(s);
+    let from = dst.peers.recv_timeout(Duration::from_secs(1)).unwrap();
+    assert_eq!(
+        from.ip(),
+        IpAddr::V4(pod("legacy-client").ip),
+        "the server sees the client's own address"
+    );
+    // Give a (wrong) late close a moment to show up before comparing.
+    std::thread::sleep(Duration::from_millis(200));
+    let after = [touched(&w.stats(0)), touched(&w.stats(1))];
+    assert_eq!(
+        after, before,
+        "no ztunnel counter moved for the unlabelled pod"
+    );
+    assert_eq!(before, [[0; 5]; 2], "nothing else ran in this world");
+
+    // Labelled namespace, same node, same destination: node A's ztunnel intercepts it.
+    let mut s = w.connect("client", dst.addr).unwrap();
+    assert_eq!(hello(&mut s), "legacy");
+    echo_all(&mut s, &payload);
+    drop(s);
+    let from = dst.peers.recv_timeout(Duration::from_secs(1)).unwrap();
+    assert_eq!(
+        from.ip(),
+        IpAddr::V4(NODE_IPS[0]),
+        "proxied by node A's ztunnel"
+    );
+    let conn = [
+        ("reporter", "source"),
+        ("source_workload", "client"),
+        ("destination_workload", "legacy"),
+        ("connection_security_policy", "none"),
+    ];
+    eventually_or(
+        "node A saw the labelled pod's connection and counted its bytes",
+        || {
+            let a = w.stats(0);
+            metric(
+                &a,
+                PATHS,
+                &[
+                    ("direction", "outbound"),
+                    ("route", "passthrough"),
+                    ("target", &dst.addr.to_string()),
+                ],
+            ) == 1
+                && metric(&a, "istio_tcp_connections_opened_total", &conn) == 1
+                && metric(&a, "istio_tcp_connections_closed_total", &conn) == 1
+        },
+        dump(&w),
+    );
+    let a = w.stats(0);
+    assert_eq!(
+        metric(&a, "istio_tcp_sent_bytes_total", &conn),
+        payload.len() as u64,
+        "{a}"
+    );
+    assert_eq!(
+        metric(&a, "istio_tcp_received_bytes_total", &conn),
+        payload.len() as u64 + greeting,
+        "{a}"
+    );
+    // Exactly that one connection on node A; node B (uncaptured destination) saw nothing.
+    assert_eq!(touched(&a)[..3], [1, 1, 1], "{a}");
+    assert_eq!(touched(&w.stats(1)), [0; 5]);
+}
+
 #[test]
 fn r4_service_vip_goes_to_one_endpoint() {
     need_root!("r4_service_vip_goes_to_one_endpoint");
