@@ -13,14 +13,18 @@
 //! * [`target`] — the R14 target check over the mesh model.
 //! * [`upstream`] — a service's endpoints from the mesh model and per-worker balancers.
 //!
-//! Not built yet: the HBONE listener (R13) and its wiring to [`target`] and [`http1`];
-//! upstream HBONE connections; HTTP/2 and opaque TCP inside the tunnel; telemetry; hot
-//! reload; the `waypoint` binary.
+//! * [`service`] — the HBONE listener (R13) on the runtime's workers: the target check
+//!   per CONNECT stream, then [`http1`] with upstream HBONE streams through a per-worker
+//!   pool; the `waypoint` binary runs it.
+//!
+//! Not built yet: HTTP/2 and opaque TCP inside the tunnel; upstream keep-alive (one
+//! upstream stream per request); telemetry; hot reload.
 
 pub mod authz;
 pub mod config;
 pub mod http1;
 pub mod lb;
 pub mod route;
+pub mod service;
 pub mod target;
 pub mod upstream;

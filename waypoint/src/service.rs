@@ -1,0 +1,756 @@
+//! The running waypoint: an HBONE listener (R13) on the runtime's workers, the R14 target
+//! check per CONNECT stream, then HTTP/1.1 ([`crate::http1::serve`]) over the stream with an
+//! [`Upstream`] that opens HBONE streams through a per-worker [`Pool`] to the chosen
+//! endpoint's node ztunnel (`:15008`), as the waypoint's identity.
+//!
+//! The service file (`waypoint --config FILE`):
+//!
+//! ```yaml
+//! listen: 0.0.0.0:15008                 # default
+//! identity: spiffe://cluster.local/ns/app/sa/waypoint
+//! gateway: app/waypoint                 # the Gateway bindings name (namespace/name)
+//! address: 10.1.0.100:15008             # the address bindings use (default: listen)
+//! ca: { builtin: /var/lib/mesh/ca }     # or { plugin: DIR } or { static: DIR }
+//! trust_domain: cluster.local           # default
+//! root_namespace: istio-system          # default
+//! l7: waypoint-l7.yaml                  # HTTPRoute/AuthorizationPolicy/DestinationRule/model
+//!                                       # (multi-document; relative to this file)
+//! runtime: { workers: 2 }               # optional; replaces the profile's
+//! h2: { max_streams_per_connection: 100 }  # optional; replaces the profile's
+//! ```
+//!
+//! Plain TCP, plaintext HTTP and TLS without a client certificate never get past the TLS
+//! accept of [`serve_connection`]: nothing is served to them.
+//!
+//! Not built yet: keep-alive reuse of upstream streams (one HBONE stream per request),
+//! HTTP/2 and opaque TCP inside the tunnel, hot reload of the L7 file, telemetry.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::Bytes;
+use serde::Deserialize;
+
+use hbone::ca::{CertSource, SigningCa, StaticCerts, WorkloadCert};
+use hbone::pool::{Pool, PoolKey};
+use hbone::proxy::CaConfig;
+use hbone::server::{serve_connection, Inbound, ServerCounters};
+use hbone::stream::H2Stream;
+use hbone::tls::TlsCounters;
+use hbone::wire::{status, ConnectRequest};
+use hbone::{H2Settings, Identity};
+use mesh_model::model::HBONE_PORT;
+use mesh_model::snapshot::Snapshot;
+use runtime::config::{self, ConfigError, Invalid, RuntimeConfig};
+use runtime::listener::{self, BindError};
+use runtime::worker::{race, Either};
+use runtime::{Publisher, Shutdown, Workers};
+
+use crate::config::WaypointConfig;
+use crate::http1::{self, TunnelCtx, Upstream};
+use crate::lb::{HashInput, SplitMix64};
+use crate::route::ObjectRef;
+use crate::target::{self, Me, Refused};
+use crate::upstream::{Balancers, Endpoint};
+
+/// The service file, as written.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceFile {
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    pub identity: String,
+    /// `namespace/name` of the Gateway.
+    pub gateway: String,
+    #[serde(default)]
+    pub address: Option<SocketAddr>,
+    #[serde(with = "serde_norway::with::singleton_map")]
+    pub ca: CaConfig,
+    #[serde(default = "default_td")]
+    pub trust_domain: String,
+    #[serde(default = "default_root")]
+    pub root_namespace: String,
+    /// The L7 configuration file (relative to the service file).
+    pub l7: PathBuf,
+    #[serde(default)]
+    pub runtime: Option<RuntimeConfig>,
+    #[serde(default)]
+    pub h2: Option<H2Settings>,
+}
+
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([0, 0, 0, 0], HBONE_PORT))
+}
+fn default_td() -> String {
+    "cluster.local".into()
+}
+fn default_root() -> String {
+    "istio-system".into()
+}
+
+/// Everything [`start`] needs besides certificates and the L7 configuration.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub listen: SocketAddr,
+    pub identity: Identity,
+    pub me: Me,
+    pub root_namespace: String,
+    pub runtime: RuntimeConfig,
+    pub h2: H2Settings,
+}
+
+impl ServiceFile {
+    /// Validate and resolve against a tuning profile's knobs.
+    pub fn settings(&self, runtime: &RuntimeConfig, h2: &H2Settings) -> Result<Settings, Invalid> {
+        let identity: Identity = self
+            .identity
+            .parse()
+            .map_err(|e: hbone::identity::IdentityError| Invalid::new("identity", e.to_string()))?;
+        let (ns, name) = self
+            .gateway
+            .split_once('/')
+            .filter(|(n, m)| !n.is_empty() && !m.is_empty() && !m.contains('/'))
+            .ok_or_else(|| Invalid::new("gateway", "expected namespace/name"))?;
+        let runtime = self.runtime.clone().unwrap_or_else(|| runtime.clone());
+        runtime.validate("runtime")?;
+        Ok(Settings {
+            listen: self.listen,
+            identity,
+            me: Me {
+                gateway: ObjectRef::new(ns, name),
+                address: self.address.unwrap_or(self.listen),
+            },
+            root_namespace: self.root_namespace.clone(),
+            runtime,
+            h2: self.h2.clone().unwrap_or_else(|| h2.clone()),
+        })
+    }
+
+    pub fn load(file: &Path) -> Result<Self, ConfigError> {
+        let text = config::read_file(file)?;
+        config::from_yaml_str(file, &text)
+    }
+
+    /// The L7 file's path, relative to the service file's directory.
+    pub fn l7_path(&self, service_file: &Path) -> PathBuf {
+        match service_file.parent() {
+            Some(dir) if self.l7.is_relative() => dir.join(&self.l7),
+            _ => self.l7.clone(),
+        }
+    }
+
+    pub fn cert_source(&self) -> Result<Arc<dyn CertSource>, hbone::ca::CaError> {
+        Ok(match &self.ca {
+            CaConfig::Builtin(dir) => Arc::new(SigningCa::builtin(dir, &self.trust_domain)?),
+            CaConfig::Plugin(dir) => Arc::new(SigningCa::plugin(dir)?),
+            CaConfig::Static(dir) => Arc::new(StaticCerts::new(dir)?),
+        })
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    #[error(transparent)]
+    Bind(#[from] BindError),
+    #[error("certificates: {0}")]
+    Ca(#[from] hbone::ca::CaError),
+    #[error("TLS: {0}")]
+    Tls(#[from] rustls::Error),
+    #[error("workers: {0}")]
+    Workers(#[from] io::Error),
+}
+
+/// Counters of a running waypoint (relaxed atomics, shared by the workers).
+#[derive(Debug, Default)]
+pub struct Counters {
+    pub server: Arc<ServerCounters>,
+    /// CONNECT streams accepted (target bound to this waypoint).
+    pub tunnels: AtomicU64,
+    /// CONNECT streams refused by the R14 target check.
+    pub refused_targets: AtomicU64,
+    /// Upstream HBONE streams opened.
+    pub upstream_streams: AtomicU64,
+    /// Upstream exchanges that failed (no endpoint, open, I/O).
+    pub upstream_errors: AtomicU64,
+}
+
+/// The waypoint's certificate and the server TLS made from it.
+pub struct Certs {
+    pub cert: Arc<WorkloadCert>,
+    pub server_tls: Arc<rustls::ServerConfig>,
+}
+
+fn issue(source: &dyn CertSource, id: &Identity) -> Result<Certs, ServiceError> {
+    let cert = Arc::new(source.issue(id, SystemTime::now())?);
+    let server_tls = hbone::tls::server_config(&cert)?;
+    Ok(Certs { cert, server_tls })
+}
+
+/// A running waypoint.
+pub struct Handle {
+    workers: Workers,
+    /// The bound HBONE address.
+    pub addr: SocketAddr,
+    pub counters: Arc<Counters>,
+    pub certs: Publisher<Certs>,
+}
+
+impl Handle {
+    pub fn workers(&self) -> &Workers {
+        &self.workers
+    }
+    pub fn join(self) -> io::Result<()> {
+        self.workers.join()
+    }
+}
+
+struct Shared {
+    settings: Settings,
+    l7: Arc<WaypointConfig>,
+    counters: Arc<Counters>,
+}
+
+/// Start the HBONE listener on the runtime's workers.
+pub fn start(
+    settings: Settings,
+    source: Arc<dyn CertSource>,
+    l7: Arc<WaypointConfig>,
+    shutdown: Shutdown,
+) -> Result<Handle, ServiceError> {
+    let _ = runtime::sys::raise_nofile_limit();
+    let certs = Publisher::new(issue(source.as_ref(), &settings.identity)?);
+    spawn_renewer(source, settings.identity.clone(), certs.clone());
+    let n = runtime::worker::worker_count(&settings.runtime);
+    let opts = listener::ListenOptions::from_config(&settings.runtime);
+    let socks = listener::bind_sharded(settings.listen, n, &opts)?;
+    let addr = socks[0].local_addr().map_err(|source| BindError::Io {
+        addr: settings.listen,
+        source,
+    })?;
+    let mut socks: Vec<Option<std::net::TcpListener>> = socks.into_iter().map(Some).collect();
+    let counters = Arc::new(Counters::default());
+    let shared = Arc::new(Shared {
+        settings: settings.clone(),
+        l7,
+        counters: counters.clone(),
+    });
+    let workers = runtime::spawn_workers(&settings.runtime, &shutdown, |w| {
+        let sock = socks[w].take().expect("one socket per worker");
+        let (certs, shared) = (certs.subscribe(), shared.clone());
+        move |ctx: runtime::WorkerCtx| async move {
+            let certs = Rc::new(RefCell::new(certs));
+            let worker = Rc::new(Worker {
+                ctx: ctx.clone(),
+                pool: Pool::new(shared.settings.h2.clone(), Arc::new(TlsCounters::default())),
+                balancers: RefCell::new(Balancers::default()),
+                seed: std::cell::Cell::new(seed(ctx.id())),
+                shared,
+            });
+            let _ = ctx
+                .serve(sock, move |tcp, peer| {
+                    let set = certs.borrow_mut().current().clone();
+                    connection(worker.clone(), set, tcp, peer)
+                })
+                .await;
+            ctx.finish_drain().await;
+        }
+    })?;
+    Ok(Handle {
+        workers,
+        addr,
+        counters,
+        certs,
+    })
+}
+
+fn seed(worker: usize) -> u64 {
+    let t = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    t ^ ((worker as u64 + 1) << 48) ^ u64::from(std::process::id())
+}
+
+/// One worker's state.
+struct Worker {
+    ctx: runtime::WorkerCtx,
+    pool: Pool,
+    balancers: RefCell<Balancers>,
+    seed: std::cell::Cell<u64>,
+    shared: Arc<Shared>,
+}
+
+impl Worker {
+    fn rng(&self) -> SplitMix64 {
+        let s = self.seed.get().wrapping_add(0x9e37_79b9_7f4a_7c15);
+        self.seed.set(s);
+        SplitMix64(s)
+    }
+}
+
+async fn connection(
+    w: Rc<Worker>,
+    certs: Arc<Certs>,
+    tcp: monoio::net::TcpStream,
+    peer: SocketAddr,
+) {
+    let shared = w.shared.clone();
+    let w2 = w.clone();
+    let cert = certs.cert.clone();
+    let handler = Rc::new(move |inb: Inbound| {
+        let (w, cert) = (w2.clone(), cert.clone());
+        async move { tunnel(w, cert, inb).await }
+    });
+    let r = serve_connection(
+        tcp,
+        peer,
+        certs.server_tls.clone(),
+        &shared.settings.h2,
+        shared.counters.server.clone(),
+        w.ctx.draining(),
+        handler,
+    )
+    .await;
+    if let Err(e) = r {
+        tracing::debug!(%peer, error = %e, "waypoint connection ended with an error");
+    }
+}
+
+/// `td/ns/N/sa/S`, as AuthorizationPolicy principals name it.
+fn principal(id: &Identity) -> String {
+    format!(
+        "{}/ns/{}/sa/{}",
+        id.trust_domain, id.namespace, id.service_account
+    )
+}
+
+async fn tunnel(w: Rc<Worker>, cert: Arc<WorkloadCert>, inb: Inbound) {
+    let shared = w.shared.clone();
+    let (settings, l7, counters) = (&shared.settings, &shared.l7, &shared.counters);
+    let target = inb.request.target;
+    let resolved = match l7.mesh.as_ref() {
+        Some(snap) => target::resolve(snap, &settings.me, target),
+        None => Err(Refused::Unknown),
+    };
+    let destination = match resolved {
+        Ok(d) => d,
+        Err(why) => {
+            counters.refused_targets.fetch_add(1, Relaxed);
+            tracing::debug!(%target, ?why, "CONNECT target refused (R14)");
+            inb.reject(status::BAD_AUTHORITY);
+            return;
+        }
+    };
+    let source_ip = inb
+        .request
+        .forwarded_for
+        .unwrap_or_else(|| inb.peer_addr.ip());
+    let ctx = TunnelCtx {
+        waypoint: settings.me.gateway.clone(),
+        root_namespace: settings.root_namespace.clone(),
+        destination,
+        destination_ip: target.ip(),
+        destination_port: target.port(),
+        source_ip,
+        principal: inb.peer_identity.as_ref().map(principal),
+    };
+    let Ok(mut stream) = inb.accept() else { return };
+    counters.tunnels.fetch_add(1, Relaxed);
+    let mut up = HboneUpstream {
+        worker: &w,
+        cert,
+        target,
+        source_ip,
+        rng: w.rng(),
+        idle: HashMap::new(),
+    };
+    let mut rng = w.rng();
+    let serve = http1::serve(&mut stream, l7, &ctx, &mut up, &mut rng);
+    match race(serve, w.ctx.aborted()).await {
+        Either::Left(Ok(end)) => tracing::trace!(%target, ?end, "tunnel ended"),
+        Either::Left(Err(e)) => tracing::debug!(%target, error = %e, "tunnel failed"),
+        Either::Right(()) => stream.reset(h2::Reason::CANCEL),
+    }
+}
+
+/// The endpoint of a pod-addressed request (R16): the pod itself, through its node's
+/// ztunnel (or the pod's own address when the model has no node for it).
+fn pod_endpoint(snap: &Snapshot, target: SocketAddr) -> Option<Endpoint> {
+    let w = snap.workload_by_ip(target.ip())?;
+    let hbone_ip = snap.node(&w.node).map_or(target.ip(), |n| n.ztunnel);
+    Some(Endpoint {
+        workload_uid: w.uid.clone(),
+        authority: target,
+        hbone: SocketAddr::new(hbone_ip, HBONE_PORT),
+    })
+}
+
+/// Upstream exchanges over HBONE for one tunnel.
+struct HboneUpstream<'a> {
+    worker: &'a Worker,
+    cert: Arc<WorkloadCert>,
+    target: SocketAddr,
+    source_ip: IpAddr,
+    rng: SplitMix64,
+    /// Streams whose last response was complete, by (HBONE address, authority).
+    idle: HashMap<(SocketAddr, SocketAddr), H2Stream>,
+}
+
+impl Upstream for HboneUpstream<'_> {
+    async fn exchange(
+        &mut self,
+        service: Option<&(ObjectRef, u16)>,
+        request: Bytes,
+    ) -> io::Result<Vec<u8>> {
+        let r = self.exchange_inner(service, request).await;
+        if r.is_err() {
+            self.worker
+                .shared
+                .counters
+                .upstream_errors
+                .fetch_add(1, Relaxed);
+        }
+        r
+    }
+}
+
+impl HboneUpstream<'_> {
+    async fn exchange_inner(
+        &mut self,
+        service: Option<&(ObjectRef, u16)>,
+        request: Bytes,
+    ) -> io::Result<Vec<u8>> {
+        let shared = self.worker.shared.clone();
+        let l7 = &shared.l7;
+        let snap = l7
+            .mesh
+            .as_ref()
+            .ok_or_else(|| io::Error::other("no mesh model"))?;
+        let head = match http1::parse_head(&request) {
+            http1::Parsed::Head(h, _) => h,
+            _ => return Err(io::Error::other("unparsable upstream request")),
+        };
+        let (ep, picked) = match service {
+            Some((svc, port)) => {
+                let hdrs: Vec<(&str, &str)> = head
+                    .headers
+                    .iter()
+                    .map(|(n, v)| (n.as_str(), v.as_str()))
+                    .collect();
+                let input = HashInput {
+                    headers: &hdrs,
+                    source_ip: Some(self.source_ip),
+                };
+                let picked = self.worker.balancers.borrow_mut().pick(
+                    l7,
+                    svc,
+                    *port,
+                    &input,
+                    Instant::now(),
+                    &mut self.rng,
+                );
+                let (i, ep) = picked.ok_or_else(|| {
+                    io::Error::other(format!("{}/{} has no endpoints", svc.namespace, svc.name))
+                })?;
+                (ep, Some((svc, *port, i)))
+            }
+            None => (
+                pod_endpoint(snap, self.target)
+                    .ok_or_else(|| io::Error::other("target pod left the model"))?,
+                None,
+            ),
+        };
+        let expected = snap
+            .workload(&ep.workload_uid)
+            .map(|w| {
+                let i = w.identity();
+                Identity::new(&i.trust_domain, &i.namespace, &i.service_account)
+            })
+            .ok_or_else(|| io::Error::other("endpoint left the model"))?;
+        let close = head
+            .header("connection")
+            .is_some_and(|v| v.to_ascii_lowercase().contains("close"))
+            || head.version == 0;
+        let r = self
+            .send(&ep, expected, request, head.method == "HEAD", close)
+            .await;
+        if let Some((svc, port, i)) = picked {
+            let status = r.as_ref().map_or(0, |resp| status_of(resp));
+            self.worker
+                .balancers
+                .borrow_mut()
+                .finish(svc, port, i, status, Instant::now());
+        }
+        r
+    }
+
+    /// One exchange with `ep`: on an idle stream kept from an earlier request of this tunnel
+    /// when there is one (retried once on a fresh stream if it yields no response byte),
+    /// else on a new stream from the pool.
+    async fn send(
+        &mut self,
+        ep: &Endpoint,
+        expected: Identity,
+        request: Bytes,
+        head_request: bool,
+        close: bool,
+    ) -> io::Result<Vec<u8>> {
+        let idle_key = (ep.hbone, ep.authority);
+        if let Some(mut s) = self.idle.remove(&idle_key) {
+            let mut got = false;
+            let r = match s.write_all(request.clone(), false).await {
+                Ok(()) => read_response(&mut s, head_request, &mut got).await,
+                Err(e) => Err(io::Error::other(e)),
+            };
+            match r {
+                Ok((resp, reusable)) => {
+                    self.keep(idle_key, s, reusable && !close);
+                    return Ok(resp);
+                }
+                Err(e) if got || e.kind() == io::ErrorKind::TimedOut => {
+                    s.reset(h2::Reason::CANCEL);
+                    return Err(e);
+                }
+                Err(e) => {
+                    s.reset(h2::Reason::CANCEL);
+                    tracing::debug!(error = %e, authority = %ep.authority, "idle upstream stream unusable; opening a new one");
+                }
+            }
+        }
+        let w = self.worker;
+        let mut req = ConnectRequest::new(ep.authority);
+        req.forwarded_for = Some(self.source_ip);
+        let key = PoolKey {
+            src: w.shared.settings.identity.clone(),
+            dst: vec![expected],
+            addr: ep.hbone,
+        };
+        let mut s = w
+            .pool
+            .open(&key, &self.cert, &req)
+            .await
+            .map_err(io::Error::other)?;
+        w.shared.counters.upstream_streams.fetch_add(1, Relaxed);
+        s.write_all(request, false)
+            .await
+            .map_err(io::Error::other)?;
+        match read_response(&mut s, head_request, &mut false).await {
+            Ok((resp, reusable)) => {
+                self.keep(idle_key, s, reusable && !close);
+                Ok(resp)
+            }
+            Err(e) => {
+                s.reset(h2::Reason::CANCEL);
+                Err(e)
+            }
+        }
+    }
+
+    /// Keep a stream whose response was fully read for the next request to the same
+    /// endpoint; otherwise (or with too many kept) end it.
+    fn keep(&mut self, key: (SocketAddr, SocketAddr), mut s: H2Stream, reusable: bool) {
+        if reusable && self.idle.len() < MAX_IDLE_STREAMS {
+            self.idle.insert(key, s);
+        } else {
+            s.reset(h2::Reason::CANCEL);
+        }
+    }
+}
+
+/// Idle upstream streams one tunnel keeps (one per endpoint).
+const MAX_IDLE_STREAMS: usize = 16;
+
+fn status_of(resp: &[u8]) -> u16 {
+    resp.get(9..12)
+        .and_then(|s| std::str::from_utf8(s).ok())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0)
+}
+
+/// How long to wait for the upstream's response before answering 502.
+const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// A complete response, and whether the stream can carry another request. `got` is set
+/// once any response byte arrived.
+async fn read_response(
+    s: &mut H2Stream,
+    head_request: bool,
+    got: &mut bool,
+) -> io::Result<(Vec<u8>, bool)> {
+    match race(
+        read_response_inner(s, head_request, got),
+        monoio::time::sleep(UPSTREAM_TIMEOUT),
+    )
+    .await
+    {
+        Either::Left(r) => r,
+        Either::Right(()) => Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            "upstream response timed out",
+        )),
+    }
+}
+
+async fn read_more(s: &mut H2Stream, buf: &mut Vec<u8>, got: &mut bool) -> io::Result<bool> {
+    match s.read().await {
+        Some(Ok(b)) => {
+            *got = true;
+            buf.extend_from_slice(&b);
+            Ok(true)
+        }
+        Some(Err(e)) => Err(io::Error::other(e)),
+        None => Ok(false),
+    }
+}
+
+/// One complete HTTP/1.1 response (head and body) from the stream.
+async fn read_response_inner(
+    s: &mut H2Stream,
+    head_request: bool,
+    got: &mut bool,
+) -> io::Result<(Vec<u8>, bool)> {
+    let mut buf = Vec::new();
+    let (head_len, framing, server_close) = loop {
+        let mut hs = [httparse::EMPTY_HEADER; 128];
+        let mut r = httparse::Response::new(&mut hs);
+        match r.parse(&buf) {
+            Ok(httparse::Status::Complete(n)) => {
+                let code = r.code.unwrap_or(0);
+                if (100..200).contains(&code) && code != 101 {
+                    // Interim response: drop it, keep reading.
+                    buf.drain(..n);
+                    continue;
+                }
+                let header = |name: &str| {
+                    r.headers
+                        .iter()
+                        .find(|h| h.name.eq_ignore_ascii_case(name))
+                        .map(|h| String::from_utf8_lossy(h.value).to_ascii_lowercase())
+                };
+                let framing = if head_request || code == 204 || code == 304 {
+                    Framing::Length(0)
+                } else if header("transfer-encoding").is_some_and(|v| v.contains("chunked")) {
+                    Framing::Chunked
+                } else if let Some(cl) = header("content-length") {
+                    Framing::Length(
+                        cl.trim()
+                            .parse()
+                            .map_err(|_| io::Error::other("bad upstream content-length"))?,
+                    )
+                } else {
+                    Framing::Eof
+                };
+                let server_close =
+                    code == 101 || header("connection").is_some_and(|v| v.contains("close"));
+                break (n, framing, server_close);
+            }
+            Ok(httparse::Status::Partial) if buf.len() <= http1::MAX_HEAD => {
+                if !read_more(s, &mut buf, got).await? {
+                    return Err(io::Error::other("upstream closed before a response"));
+                }
+            }
+            _ => return Err(io::Error::other("malformed upstream response head")),
+        }
+    };
+    let mut reusable = !server_close;
+    match framing {
+        Framing::Length(n) => {
+            while buf.len() < head_len + n {
+                if !read_more(s, &mut buf, got).await? {
+                    return Err(io::Error::other("upstream body truncated"));
+                }
+            }
+            buf.truncate(head_len + n);
+        }
+        Framing::Chunked => loop {
+            if let Some(end) = chunked_end(&buf[head_len..]) {
+                buf.truncate(head_len + end);
+                break;
+            }
+            if !read_more(s, &mut buf, got).await? {
+                return Err(io::Error::other("upstream chunked body truncated"));
+            }
+        },
+        Framing::Eof => {
+            reusable = false;
+            while read_more(s, &mut buf, got).await? {}
+            // Delimit it for the downstream keep-alive connection.
+            let body = buf.split_off(head_len);
+            buf.truncate(head_len - 2);
+            buf.extend_from_slice(format!("content-length: {}\r\n\r\n", body.len()).as_bytes());
+            buf.extend_from_slice(&body);
+        }
+    }
+    Ok((buf, reusable))
+}
+
+enum Framing {
+    Length(usize),
+    Chunked,
+    Eof,
+}
+
+fn find_crlf(b: &[u8], from: usize) -> Option<usize> {
+    b.get(from..)?
+        .windows(2)
+        .position(|w| w == b"\r\n")
+        .map(|p| p + from)
+}
+
+/// The length of a complete chunked body at the start of `b`, if it is complete.
+pub fn chunked_end(b: &[u8]) -> Option<usize> {
+    let mut pos = 0;
+    loop {
+        let eol = find_crlf(b, pos)?;
+        let line = std::str::from_utf8(&b[pos..eol]).ok()?;
+        let size = usize::from_str_radix(line.split(';').next()?.trim(), 16).ok()?;
+        pos = eol + 2;
+        if size == 0 {
+            // Trailers, then an empty line.
+            loop {
+                let eol = find_crlf(b, pos)?;
+                let empty = eol == pos;
+                pos = eol + 2;
+                if empty {
+                    return Some(pos);
+                }
+            }
+        }
+        pos = pos.checked_add(size)?.checked_add(2)?;
+        if pos > b.len() {
+            return None;
+        }
+    }
+}
+
+/// Re-issue the certificate at half life; running connections keep theirs.
+fn spawn_renewer(source: Arc<dyn CertSource>, id: Identity, certs: Publisher<Certs>) {
+    let _ = std::thread::Builder::new()
+        .name("cert-renew".into())
+        .spawn(move || loop {
+            let wait = certs
+                .load()
+                .cert
+                .refresh_at()
+                .duration_since(SystemTime::now())
+                .unwrap_or(Duration::ZERO);
+            std::thread::sleep(wait.max(Duration::from_secs(1)));
+            match issue(source.as_ref(), &id) {
+                Ok(set) => {
+                    let v = certs.publish(set);
+                    tracing::info!(version = v, "waypoint certificate renewed");
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "certificate renewal failed; retrying in 10 s");
+                    std::thread::sleep(Duration::from_secs(10));
+                }
+            }
+        });
+}

@@ -1,0 +1,141 @@
+//! The `waypoint` binary: `READY … hbone=ADDR` once listening, the R14 check on a real
+//! HBONE connection with its own (built-in CA) identity, SIGTERM drain, config errors.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::process::{Command, Stdio};
+use std::time::{Duration, SystemTime};
+
+use hbone::ca::{CertSource, SigningCa};
+use hbone::client::Client;
+use hbone::tls::TlsCounters;
+use hbone::wire::ConnectRequest;
+use hbone::{H2Settings, HboneError, Identity};
+use runtime::driver::{build_runtime, DriverDecision, DriverKind};
+
+const L7: &str = r#"namespaces:
+  - name: app
+    labels: {istio.io/dataplane-mode: ambient}
+waypoints:
+  - {name: wp, namespace: app, address: 10.1.0.100}
+workloads:
+  - {uid: wp, name: wp, namespace: app, serviceAccount: waypoint, workloadIps: ["10.1.0.100"]}
+  - {uid: a1, name: a1, namespace: app, workloadIps: ["10.1.0.1"], services: {"app/echo.app.svc.cluster.local": {80: 8080}}}
+services:
+  - {name: echo, namespace: app, hostname: echo.app.svc.cluster.local, vips: ["10.96.0.1"], ports: {80: 8080}}
+"#;
+
+fn dir(name: &str) -> std::path::PathBuf {
+    let d = std::env::temp_dir().join(format!("waypoint-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+#[test]
+fn binary_serves_hbone_and_drains_on_sigterm() {
+    let d = dir("bin");
+    std::fs::write(d.join("l7.yaml"), L7).unwrap();
+    let cfg = format!(
+        "listen: 127.0.0.1:0\nidentity: spiffe://cluster.local/ns/app/sa/waypoint\ngateway: app/wp\naddress: 10.1.0.100:15008\nca: {{builtin: {}}}\nl7: l7.yaml\nruntime: {{workers: 1, pin: false, drain_timeout: 1s}}\n",
+        d.join("ca").display()
+    );
+    std::fs::write(d.join("waypoint.yaml"), cfg).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_waypoint"))
+        .args(["--config", d.join("waypoint.yaml").to_str().unwrap()])
+        .args(["--profile", "latency"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert!(line.starts_with("READY "), "{line}");
+    let addr: SocketAddr = line
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("hbone="))
+        .expect("hbone=ADDR")
+        .parse()
+        .unwrap();
+
+    // A client certificate from the same built-in CA.
+    let ca = SigningCa::builtin(&d.join("ca"), "cluster.local").unwrap();
+    let me = ca
+        .issue(
+            &Identity::new("cluster.local", "app", "client"),
+            SystemTime::now(),
+        )
+        .unwrap();
+    let tls = hbone::tls::client_config(&me, &[Identity::new("cluster.local", "app", "waypoint")])
+        .unwrap();
+    let (mut rt, _) = build_runtime(
+        &DriverDecision {
+            kind: DriverKind::Epoll,
+            reason: "test".into(),
+        },
+        64,
+    )
+    .unwrap();
+    rt.block_on(async move {
+        let c = Client::connect(addr, tls, &H2Settings::default(), &TlsCounters::default())
+            .await
+            .unwrap();
+        // Not bound to this waypoint: refused.
+        let r = c
+            .open(&ConnectRequest::new("10.9.9.9:80".parse().unwrap()))
+            .await;
+        assert!(matches!(r, Err(HboneError::Status(s)) if s.as_u16() == 400));
+        // Bound: accepted.
+        assert!(c
+            .open(&ConnectRequest::new("10.96.0.1:80".parse().unwrap()))
+            .await
+            .is_ok());
+        // Let the client connection close cleanly.
+        drop(c);
+        monoio::time::sleep(Duration::from_millis(50)).await;
+    });
+    // Close the client connection (its runtime) before the drain.
+    drop(rt);
+
+    let ok = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    let started = std::time::Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "no exit after SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "{status}");
+    let _ = std::fs::remove_dir_all(&d);
+}
+
+#[test]
+fn binary_reports_config_errors() {
+    let d = dir("bad");
+    std::fs::write(
+        d.join("waypoint.yaml"),
+        "identity: not-spiffe\ngateway: app/wp\nca: {builtin: /nonexistent}\nl7: l7.yaml\n",
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_waypoint"))
+        .args(["--config", d.join("waypoint.yaml").to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("identity"), "{err}");
+    let out = Command::new(env!("CARGO_BIN_EXE_waypoint"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let _ = std::fs::remove_dir_all(&d);
+}

@@ -1,0 +1,598 @@
+//! End to end on loopback: client (HBONE) → waypoint → destination node's ztunnel (a test
+//! HBONE server that bridges CONNECT streams to their target) → real HTTP/1.1 backends.
+//!
+//! Each test gets its own `127.X.0.0/24` addresses: the stand-in ztunnel listens on
+//! `127.X.0.1:15008` (the port upstream.rs derives from the model), the `echo` pod on
+//! `127.X.0.2`, the `echo-v1` pod on `127.X.0.3`.
+
+use std::io::{Read, Write};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener};
+use std::path::Path;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use hbone::ca::{CertSource, SigningCa, WorkloadCert};
+use hbone::client::Client;
+use hbone::server::{serve_connection, Inbound, ServerCounters};
+use hbone::stream::H2Stream;
+use hbone::tls::TlsCounters;
+use hbone::wire::ConnectRequest;
+use hbone::{H2Settings, HboneError, Identity};
+use runtime::config::RuntimeConfig;
+use runtime::driver::{build_runtime, DriverDecision, DriverKind};
+use runtime::Shutdown;
+use waypoint::route::ObjectRef;
+use waypoint::service::{self, Settings};
+use waypoint::target::Me;
+
+fn id(ns: &str, sa: &str) -> Identity {
+    Identity::new("cluster.local", ns, sa)
+}
+
+fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    let d = DriverDecision {
+        kind: DriverKind::Epoll,
+        reason: "test".into(),
+    };
+    let (mut rt, _) = build_runtime(&d, 256).unwrap();
+    rt.block_on(f)
+}
+
+/// A keep-alive HTTP/1.1 backend answering `200 <name> <path> xff=<x-forwarded-for>`.
+struct Backend {
+    addr: SocketAddr,
+    paths: mpsc::Receiver<String>,
+}
+
+impl Backend {
+    /// Request targets seen since the last call.
+    fn seen(&self) -> Vec<String> {
+        self.paths.try_iter().collect()
+    }
+}
+
+fn backend(ip: Ipv4Addr, name: &'static str) -> Backend {
+    let l = TcpListener::bind((ip, 0)).unwrap();
+    let addr = l.local_addr().unwrap();
+    let (p2, paths) = mpsc::channel();
+    std::thread::spawn(move || {
+        for conn in l.incoming() {
+            let Ok(mut c) = conn else { return };
+            let paths = p2.clone();
+            std::thread::spawn(move || {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                loop {
+                    let mut hs = [httparse::EMPTY_HEADER; 64];
+                    let mut req = httparse::Request::new(&mut hs);
+                    let n = match req.parse(&buf) {
+                        Ok(httparse::Status::Complete(n)) => n,
+                        Ok(httparse::Status::Partial) => match c.read(&mut chunk) {
+                            Ok(0) | Err(_) => return,
+                            Ok(k) => {
+                                buf.extend_from_slice(&chunk[..k]);
+                                continue;
+                            }
+                        },
+                        Err(_) => return,
+                    };
+                    let path = req.path.unwrap_or("").to_string();
+                    let xff = req
+                        .headers
+                        .iter()
+                        .find(|h| h.name.eq_ignore_ascii_case("x-forwarded-for"))
+                        .map(|h| String::from_utf8_lossy(h.value).into_owned())
+                        .unwrap_or_default();
+                    buf.drain(..n);
+                    let _ = paths.send(path.clone());
+                    let body = format!("{name} {path} xff={xff}");
+                    let resp = match path.as_str() {
+                        // Chunked, with an extension and a trailer.
+                        "/chunked" => format!(
+                            "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n3;x=y\r\n{}\r\n{:x}\r\n{}\r\n0\r\nx-t: 1\r\n\r\n",
+                            &body[..3],
+                            body.len() - 3,
+                            &body[3..]
+                        ),
+                        // Delimited by the end of the connection.
+                        "/eof" => format!("HTTP/1.1 200 OK\r\nconnection: close\r\n\r\n{body}"),
+                        _ => format!(
+                            "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}",
+                            body.len()
+                        ),
+                    };
+                    // /drop: a keep-alive response, then the connection closes anyway.
+                    if c.write_all(resp.as_bytes()).is_err() || path == "/eof" || path == "/drop" {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    Backend { addr, paths }
+}
+
+/// The destination node's ztunnel: accepts CONNECT and bridges to the target.
+struct Ztunnel {
+    /// (peer identity, CONNECT target) of each stream.
+    seen: mpsc::Receiver<(Option<Identity>, SocketAddr)>,
+}
+
+impl Ztunnel {
+    fn streams(&self) -> Vec<(Option<Identity>, SocketAddr)> {
+        self.seen.try_iter().collect()
+    }
+}
+
+async fn forward(inb: Inbound) {
+    let target = inb.request.target;
+    let Ok(tcp) = monoio::net::TcpStream::connect_addr(target).await else {
+        inb.reject(hbone::wire::status::UPSTREAM_FAILED);
+        return;
+    };
+    let Ok(s) = inb.accept() else { return };
+    hbone::stream::bridge(
+        tcp,
+        s,
+        64 * 1024,
+        Duration::from_secs(60),
+        std::future::pending(),
+    )
+    .await;
+}
+
+fn ztunnel(listener: TcpListener, cert: &WorkloadCert) -> Ztunnel {
+    let tls = hbone::tls::server_config(cert).unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let (tx, seen) = mpsc::channel();
+    std::thread::spawn(move || {
+        block_on(async move {
+            let l = monoio::net::TcpListener::from_std(listener).unwrap();
+            let tx = Rc::new(tx);
+            loop {
+                let Ok((tcp, peer)) = l.accept().await else {
+                    continue;
+                };
+                let (tls, tx) = (tls.clone(), tx.clone());
+                monoio::spawn(async move {
+                    let h = Rc::new(move |inb: Inbound| {
+                        let _ = tx.send((inb.peer_identity.clone(), inb.request.target));
+                        forward(inb)
+                    });
+                    let _ = serve_connection(
+                        tcp,
+                        peer,
+                        tls,
+                        &H2Settings::default(),
+                        Arc::new(ServerCounters::default()),
+                        std::future::pending(),
+                        h,
+                    )
+                    .await;
+                });
+            }
+        })
+    });
+    Ztunnel { seen }
+}
+
+const ROUTE: &str = r#"apiVersion: gateway.networking.k8s.io/v1beta1
+kind: HTTPRoute
+metadata:
+  name: echo
+  namespace: app
+spec:
+  parentRefs:
+  - group: ""
+    kind: Service
+    name: echo
+  rules:
+  - backendRefs:
+    - name: echo-v1
+      port: 80
+"#;
+
+const DENY_ADMIN: &str = r#"apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: deny-admin, namespace: app}
+spec:
+  targetRefs:
+  - {kind: Gateway, group: gateway.networking.k8s.io, name: wp}
+  action: DENY
+  rules:
+  - to: [{operation: {paths: ["/admin*"]}}]
+  # The client's certificate identity reaches the policy as its principal…
+  - from: [{source: {principals: ["cluster.local/ns/app/sa/client"]}}]
+    to: [{operation: {paths: ["/secret"]}}]
+  # …and the CONNECT's `forwarded: for=` as its source IP.
+  - from: [{source: {ipBlocks: ["10.1.0.7/32"]}}]
+    to: [{operation: {paths: ["/from-7"]}}]
+"#;
+
+struct Mesh {
+    net: u8,
+    waypoint: SocketAddr,
+    client_cert: WorkloadCert,
+    zt: Ztunnel,
+    echo: Backend,
+    echo_v1: Backend,
+    shutdown: Shutdown,
+    handle: Option<service::Handle>,
+}
+
+impl Drop for Mesh {
+    fn drop(&mut self) {
+        self.shutdown.drain(Duration::from_millis(200));
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+static NEXT: AtomicU32 = AtomicU32::new(0);
+
+fn ip(net: u8, host: u8) -> Ipv4Addr {
+    Ipv4Addr::new(127, net, 0, host)
+}
+
+impl Mesh {
+    fn start() -> Mesh {
+        // A free 127.X.0.1:15008 for the stand-in ztunnel.
+        let (net, zl) = loop {
+            let n = NEXT.fetch_add(1, Ordering::SeqCst);
+            let net = (10 + (std::process::id() * 7 + n * 13) % 240) as u8;
+            if let Ok(l) = TcpListener::bind((ip(net, 1), 15008)) {
+                break (net, l);
+            }
+            assert!(n < 200, "no free loopback address for port 15008");
+        };
+        let ca = Arc::new(SigningCa::generate_root("cluster.local").unwrap().0);
+        let now = SystemTime::now();
+        let zt = ztunnel(zl, &ca.issue(&id("app", "echo"), now).unwrap());
+        let client_cert = ca.issue(&id("app", "client"), now).unwrap();
+        let echo = backend(ip(net, 2), "echo");
+        let echo_v1 = backend(ip(net, 3), "echo-v1");
+        let model = format!(
+            r#"namespaces:
+  - name: app
+    labels: {{istio.io/dataplane-mode: ambient}}
+  - name: other
+    labels: {{istio.io/dataplane-mode: ambient}}
+waypoints:
+  - {{name: wp, namespace: app, address: 10.1.0.100}}
+nodes:
+  - {{name: node-b, ztunnel: {zt}}}
+workloads:
+  - {{uid: wp, name: wp, namespace: app, serviceAccount: waypoint, workloadIps: ["10.1.0.100"]}}
+  - {{uid: echo-1, name: echo-1, namespace: app, serviceAccount: echo, node: node-b, workloadIps: ["{e}"], services: {{"app/echo.app.svc.cluster.local": {{80: {ep}}}}}}}
+  - {{uid: v1-1, name: v1-1, namespace: app, serviceAccount: echo, node: node-b, workloadIps: ["{v}"], services: {{"app/echo-v1.app.svc.cluster.local": {{80: {vp}}}}}}}
+  - {{uid: o1, name: o1, namespace: other, workloadIps: ["{o}"], services: {{"other/lone.other.svc.cluster.local": {{80: 8080}}}}}}
+services:
+  - {{name: echo, namespace: app, hostname: echo.app.svc.cluster.local, vips: ["10.96.0.1"], ports: {{80: 8080}}}}
+  - {{name: echo-v1, namespace: app, hostname: echo-v1.app.svc.cluster.local, vips: ["10.96.0.2"], ports: {{80: 8080}}}}
+  - {{name: lone, namespace: other, hostname: lone.other.svc.cluster.local, vips: ["10.96.0.3"], ports: {{80: 8080}}}}
+"#,
+            zt = ip(net, 1),
+            e = echo.addr.ip(),
+            ep = echo.addr.port(),
+            v = echo_v1.addr.ip(),
+            vp = echo_v1.addr.port(),
+            o = ip(net, 4),
+        );
+        let text = format!("{model}---\n{ROUTE}---\n{DENY_ADMIN}");
+        let l7 = waypoint::config::load_str(Path::new("e2e.yaml"), &text, 1)
+            .unwrap_or_else(|e| panic!("{e}"));
+        let settings = Settings {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            identity: id("app", "waypoint"),
+            me: Me {
+                gateway: ObjectRef::new("app", "wp"),
+                address: "10.1.0.100:15008".parse().unwrap(),
+            },
+            root_namespace: "istio-system".into(),
+            runtime: RuntimeConfig {
+                workers: Some(1),
+                pin: false,
+                drain_timeout: Duration::from_millis(200),
+                ..Default::default()
+            },
+            h2: H2Settings::default(),
+        };
+        let shutdown = Shutdown::new();
+        let source: Arc<dyn CertSource> = ca.clone();
+        let handle = service::start(settings, source, Arc::new(l7), shutdown.clone()).unwrap();
+        Mesh {
+            net,
+            waypoint: handle.addr,
+            client_cert,
+            zt,
+            echo,
+            echo_v1,
+            shutdown,
+            handle: Some(handle),
+        }
+    }
+
+    fn counters(&self) -> &service::Counters {
+        &self.handle.as_ref().unwrap().counters
+    }
+
+    /// Open a tunnel to `target` through the waypoint and send each request on it.
+    fn requests(&self, target: &str, reqs: &[String]) -> Result<Vec<(u16, String)>, HboneError> {
+        let target: SocketAddr = target.parse().unwrap();
+        let tls = hbone::tls::client_config(&self.client_cert, &[id("app", "waypoint")]).unwrap();
+        let addr = self.waypoint;
+        let reqs = reqs.to_vec();
+        block_on(async move {
+            let c =
+                Client::connect(addr, tls, &H2Settings::default(), &TlsCounters::default()).await?;
+            let mut req = ConnectRequest::new(target);
+            req.forwarded_for = Some(IpAddr::V4(Ipv4Addr::new(10, 1, 0, 7)));
+            let mut s = c.open(&req).await?;
+            let mut out = Vec::new();
+            let mut buf = Vec::new();
+            for r in reqs {
+                s.write_all(Bytes::from(r), false).await?;
+                out.push(read_response(&mut s, &mut buf).await);
+            }
+            Ok(out)
+        })
+    }
+}
+
+async fn read_response(s: &mut H2Stream, buf: &mut Vec<u8>) -> (u16, String) {
+    loop {
+        let mut hs = [httparse::EMPTY_HEADER; 32];
+        let mut r = httparse::Response::new(&mut hs);
+        if let Ok(httparse::Status::Complete(n)) = r.parse(buf) {
+            let code = r.code.unwrap();
+            let chunked = r
+                .headers
+                .iter()
+                .any(|h| h.name.eq_ignore_ascii_case("transfer-encoding"));
+            if chunked {
+                if let Some(end) = waypoint::service::chunked_end(&buf[n..]) {
+                    let body = String::from_utf8_lossy(&buf[n..n + end]).into_owned();
+                    buf.drain(..n + end);
+                    return (code, body);
+                }
+            } else {
+                let len: usize = r
+                    .headers
+                    .iter()
+                    .find(|h| h.name.eq_ignore_ascii_case("content-length"))
+                    .map(|h| std::str::from_utf8(h.value).unwrap().parse().unwrap())
+                    .unwrap_or(0);
+                if buf.len() >= n + len {
+                    let body = String::from_utf8_lossy(&buf[n..n + len]).into_owned();
+                    buf.drain(..n + len);
+                    return (code, body);
+                }
+            }
+        }
+        match s.read().await {
+            Some(Ok(b)) => buf.extend_from_slice(&b),
+            other => panic!("stream ended before a full response: {other:?}"),
+        }
+    }
+}
+
+fn get(path: &str, host: &str) -> String {
+    format!("GET {path} HTTP/1.1\r\nhost: {host}\r\n\r\n")
+}
+
+#[test]
+fn r13_plaintext_http_to_the_waypoint_gets_nothing() {
+    let m = Mesh::start();
+    let mut c = std::net::TcpStream::connect(m.waypoint).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    c.write_all(b"GET / HTTP/1.1\r\nhost: echo\r\n\r\n")
+        .unwrap();
+    let mut got = Vec::new();
+    let _ = c.read_to_end(&mut got);
+    assert!(
+        !got.starts_with(b"HTTP/"),
+        "plaintext got an HTTP answer: {:?}",
+        String::from_utf8_lossy(&got)
+    );
+    // And the HBONE path works on the same port.
+    let r = m
+        .requests("10.96.0.1:80", &[get("/", "echo.app.svc.cluster.local")])
+        .unwrap();
+    assert_eq!(r[0].0, 200);
+    assert_eq!(m.echo_v1.seen(), vec!["/".to_string()]);
+}
+
+#[test]
+fn r14_target_not_bound_to_the_waypoint_is_refused() {
+    let m = Mesh::start();
+    for target in [
+        "10.96.0.3:80".to_string(),       // service without this waypoint
+        format!("{}:8080", ip(m.net, 4)), // pod without this waypoint
+        "10.9.9.9:80".to_string(),        // unknown
+        "10.96.0.1:81".to_string(),       // bound service, no such port
+    ] {
+        match m.requests(&target, &[get("/", "x")]) {
+            Err(HboneError::Status(s)) => assert_eq!(s.as_u16(), 400, "{target}"),
+            other => panic!("{target}: expected a refusal, got {other:?}"),
+        }
+    }
+    assert_eq!(m.counters().refused_targets.load(Ordering::Relaxed), 4);
+    assert!(m.zt.streams().is_empty());
+}
+
+#[test]
+fn r15_deny_policy_answers_403_before_any_upstream_connection() {
+    let m = Mesh::start();
+    let r = m
+        .requests(
+            "10.96.0.1:80",
+            &[
+                get("/admin/users", "echo.app.svc.cluster.local"),
+                get("/admin", "echo.app.svc.cluster.local"),
+            ],
+        )
+        .unwrap();
+    for (code, body) in &r {
+        assert_eq!(*code, 403);
+        assert_eq!(body, "RBAC: access denied");
+    }
+    assert!(m.echo.seen().is_empty());
+    assert!(m.echo_v1.seen().is_empty());
+    assert!(m.zt.streams().is_empty(), "an upstream stream was opened");
+    assert_eq!(m.counters().upstream_streams.load(Ordering::Relaxed), 0);
+    // Allowed paths on the same tunnel still go through.
+    let r = m
+        .requests(
+            "10.96.0.1:80",
+            &[
+                get("/admin", "echo.app.svc.cluster.local"),
+                get("/ok", "echo.app.svc.cluster.local"),
+            ],
+        )
+        .unwrap();
+    assert_eq!(r[0].0, 403);
+    assert_eq!(r[1].0, 200);
+    assert_eq!(m.echo_v1.seen(), vec!["/ok".to_string()]);
+    let r = m
+        .requests(
+            "10.96.0.1:80",
+            &[
+                get("/secret", "echo.app.svc.cluster.local"),
+                get("/from-7", "echo.app.svc.cluster.local"),
+            ],
+        )
+        .unwrap();
+    assert_eq!(r[0], (403, "RBAC: access denied".to_string()));
+    assert_eq!(r[1], (403, "RBAC: access denied".to_string()));
+    assert!(m.echo_v1.seen().is_empty());
+}
+
+#[test]
+fn r16_pod_addressed_request_is_not_rerouted() {
+    let m = Mesh::start();
+    let pod = m.echo.addr.to_string();
+    let r = m
+        .requests(&pod, &[get("/direct", &pod), get("/again", &pod)])
+        .unwrap();
+    for (code, body) in &r {
+        assert_eq!(*code, 200);
+        assert!(body.starts_with("echo /"), "{body}");
+    }
+    assert_eq!(
+        m.echo.seen(),
+        vec!["/direct".to_string(), "/again".to_string()]
+    );
+    assert!(m.echo_v1.seen().is_empty());
+    // Both requests on one upstream stream (kept alive for the tunnel).
+    let seen = m.zt.streams();
+    assert_eq!(seen.len(), 1);
+    for (peer, target) in seen {
+        assert_eq!(peer, Some(id("app", "waypoint")));
+        assert_eq!(target, m.echo.addr);
+    }
+}
+
+#[test]
+fn r17_service_request_follows_the_echo_to_echo_v1_route() {
+    let m = Mesh::start();
+    let host = "echo.app.svc.cluster.local";
+    let r = m
+        .requests(
+            "10.96.0.1:80",
+            &[get("/", host), get("/anything/at/all?x=1", host)],
+        )
+        .unwrap();
+    assert_eq!(r[0], (200, "echo-v1 / xff=10.1.0.7".to_string()));
+    assert_eq!(
+        r[1],
+        (200, "echo-v1 /anything/at/all?x=1 xff=10.1.0.7".to_string())
+    );
+    assert!(m.echo.seen().is_empty());
+    // Both requests on one upstream stream (kept alive for the tunnel).
+    let seen = m.zt.streams();
+    assert_eq!(seen.len(), 1);
+    for (peer, target) in seen {
+        // As the waypoint's identity, authority podIP:targetPort.
+        assert_eq!(peer, Some(id("app", "waypoint")));
+        assert_eq!(target, m.echo_v1.addr);
+    }
+    // echo-v1 itself (no route attached) routes to its own endpoints.
+    let r = m
+        .requests(
+            "10.96.0.2:80",
+            &[get("/self", "echo-v1.app.svc.cluster.local")],
+        )
+        .unwrap();
+    assert_eq!(r[0].1, "echo-v1 /self xff=10.1.0.7");
+    assert_eq!(m.counters().tunnels.load(Ordering::Relaxed), 2);
+}
+
+#[test]
+fn upstream_chunked_and_eof_delimited_responses_keep_the_tunnel_usable() {
+    let m = Mesh::start();
+    let host = "echo-v1.app.svc.cluster.local";
+    let r = m
+        .requests(
+            "10.96.0.2:80",
+            &[
+                get("/chunked", host),
+                get("/eof", host),
+                get("/after", host),
+            ],
+        )
+        .unwrap();
+    assert_eq!(r[0].0, 200);
+    assert_eq!(
+        r[0].1,
+        "3;x=y\r\nech\r\n1a\r\no-v1 /chunked xff=10.1.0.7\r\n0\r\nx-t: 1\r\n\r\n"
+    );
+    assert_eq!(r[1], (200, "echo-v1 /eof xff=10.1.0.7".to_string()));
+    assert_eq!(r[2], (200, "echo-v1 /after xff=10.1.0.7".to_string()));
+    // /eof reused the chunked response's stream; the stream it ended is not reused.
+    assert_eq!(m.counters().upstream_streams.load(Ordering::Relaxed), 2);
+    assert_eq!(m.echo_v1.seen(), vec!["/chunked", "/eof", "/after"]);
+}
+
+#[test]
+fn chunked_end_table() {
+    use waypoint::service::chunked_end;
+    let table: [(&[u8], Option<usize>); 7] = [
+        (b"0\r\n\r\n", Some(5)),
+        (b"0\r\n\r\nextra", Some(5)),
+        (b"3\r\nabc\r\n0\r\n\r\n", Some(13)),
+        (b"3;ext=1\r\nabc\r\n0\r\nt: v\r\n\r\n", Some(25)),
+        (b"3\r\nabc\r\n0\r\n", None),
+        (b"a\r\nabc", None),
+        (b"zz\r\n", None),
+    ];
+    for (input, want) in table {
+        assert_eq!(
+            chunked_end(input),
+            want,
+            "{:?}",
+            String::from_utf8_lossy(input)
+        );
+    }
+}
+
+#[test]
+fn a_kept_stream_the_backend_closed_is_replaced_transparently() {
+    let m = Mesh::start();
+    let host = "echo-v1.app.svc.cluster.local";
+    let r = m
+        .requests(
+            "10.96.0.2:80",
+            &[get("/drop", host), get("/next", host), get("/last", host)],
+        )
+        .unwrap();
+    assert_eq!(r[0], (200, "echo-v1 /drop xff=10.1.0.7".to_string()));
+    assert_eq!(r[1], (200, "echo-v1 /next xff=10.1.0.7".to_string()));
+    assert_eq!(r[2], (200, "echo-v1 /last xff=10.1.0.7".to_string()));
+    assert_eq!(m.echo_v1.seen(), vec!["/drop", "/next", "/last"]);
+    assert_eq!(m.counters().upstream_streams.load(Ordering::Relaxed), 2);
+    assert_eq!(m.counters().upstream_errors.load(Ordering::Relaxed), 0);
+}
