@@ -236,7 +236,10 @@ fn socks5_ipv6_destination_passes_through() {
     let t = Topo::new(123, "[]");
     let Ok(l) = std::net::TcpListener::bind("[::1]:0") else {
         // Under CI a test that cannot run fails; elsewhere it says why it did not run.
-        assert!(std::env::var_os("CI").is_none(), "no IPv6 loopback and CI is set: failing");
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "no IPv6 loopback and CI is set: failing"
+        );
         eprintln!("no IPv6 loopback here; not run");
         return;
     };
