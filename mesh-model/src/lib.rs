@@ -82,6 +82,7 @@
 pub mod authz;
 pub mod binding;
 pub mod config;
+pub mod identity;
 pub mod model;
 pub mod route;
 pub mod snapshot;

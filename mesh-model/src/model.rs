@@ -2,7 +2,6 @@
 //! types (see [`crate::snapshot::Snapshot::from_wire`]); plain data, cheap to share.
 
 use std::collections::BTreeMap;
-use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 
 /// Istio's HBONE port: ztunnel's and every waypoint's mTLS tunnel listener.
@@ -15,53 +14,7 @@ pub const DEFAULT_SERVICE_ACCOUNT: &str = "default";
 /// Labels or annotations of a Kubernetes object.
 pub type Labels = BTreeMap<String, String>;
 
-/// A SPIFFE identity `spiffe://<trust domain>/ns/<namespace>/sa/<service account>`.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Identity {
-    pub trust_domain: String,
-    pub namespace: String,
-    pub service_account: String,
-}
-
-impl Identity {
-    pub fn new(
-        trust_domain: impl Into<String>,
-        namespace: impl Into<String>,
-        service_account: impl Into<String>,
-    ) -> Self {
-        Identity {
-            trust_domain: trust_domain.into(),
-            namespace: namespace.into(),
-            service_account: service_account.into(),
-        }
-    }
-
-    /// Parse `spiffe://td/ns/N/sa/S`.
-    pub fn parse(uri: &str) -> Option<Self> {
-        let rest = uri.strip_prefix("spiffe://")?;
-        let parts: Vec<&str> = rest.split('/').collect();
-        match parts.as_slice() {
-            [td, "ns", ns, "sa", sa] if !td.is_empty() && !ns.is_empty() && !sa.is_empty() => {
-                Some(Identity::new(*td, *ns, *sa))
-            }
-            _ => None,
-        }
-    }
-
-    /// Istio's principal form, without the scheme: `td/ns/N/sa/S`.
-    pub fn principal(&self) -> String {
-        format!(
-            "{}/ns/{}/sa/{}",
-            self.trust_domain, self.namespace, self.service_account
-        )
-    }
-}
-
-impl fmt::Display for Identity {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "spiffe://{}", self.principal())
-    }
-}
+pub use crate::identity::Identity;
 
 /// How a workload is reached. HBONE means it is captured by its node's ztunnel (R2).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]

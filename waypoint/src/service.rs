@@ -469,10 +469,7 @@ impl HboneUpstream<'_> {
         };
         let expected = snap
             .workload(&ep.workload_uid)
-            .map(|w| {
-                let i = w.identity();
-                Identity::new(&i.trust_domain, &i.namespace, &i.service_account)
-            })
+            .map(|w| w.identity())
             .ok_or_else(|| io::Error::other("endpoint left the model"))?;
         let close = head
             .header("connection")

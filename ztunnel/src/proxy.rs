@@ -54,7 +54,7 @@ use crate::admin::{self, Endpoint};
 use crate::config::{self, Loaded, Settings};
 use crate::metrics::{self, ConnLabels, DenyLabels, LocalMetrics, Metrics, PathLabels};
 use crate::socks::{self, reply, Failure, Target};
-use crate::state::{self, hid, mid, State};
+use crate::state::{self, State};
 
 const UNKNOWN: &str = "unknown";
 
@@ -769,7 +769,7 @@ async fn outbound_conn(
             service,
             workload,
         } => {
-            let expected = vec![hid(&identity), w.settings().peer_identity.clone()];
+            let expected = vec![identity.clone(), w.settings().peer_identity.clone()];
             let mut labels = base_labels("source", "mutual_tls");
             source_labels(&mut labels, src);
             dest_labels(&mut labels, &st.model, service.as_ref(), Some(&workload));
@@ -793,7 +793,7 @@ async fn outbound_conn(
         } => {
             let expected = vec![identity
                 .as_ref()
-                .map(hid)
+                .cloned()
                 .unwrap_or_else(|| w.settings().peer_identity.clone())];
             let mut labels = base_labels("source", "mutual_tls");
             source_labels(&mut labels, src);
@@ -828,7 +828,7 @@ async fn outbound_hbone(
     route: &str,
     started: Instant,
 ) {
-    let src_id = hid(&src.identity());
+    let src_id = src.identity();
     let Some(cert) = st.certs.get(&src_id).cloned() else {
         let why = format!("no certificate for {src_id}");
         return mode
@@ -941,7 +941,7 @@ async fn hbone_stream(w: Rc<Worker>, inb: HboneInbound) {
     let started = Instant::now();
     let st = w.state();
     let target = inb.request.target;
-    let peer_id = inb.peer_identity.as_ref().map(mid);
+    let peer_id = inb.peer_identity.clone();
     let src_ip = inb.request.forwarded_for.unwrap_or(inb.peer_addr.ip());
     let src = SocketAddr::new(src_ip, 0);
     let decision = route::inbound(
@@ -1147,7 +1147,7 @@ async fn hairpin_open(
     let expected = vec![waypoint
         .identity
         .as_ref()
-        .map(hid)
+        .cloned()
         .unwrap_or_else(|| w.settings().peer_identity.clone())];
     let mut req = ConnectRequest::new(authority);
     req.forwarded_for = Some(src_ip);

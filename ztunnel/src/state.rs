@@ -28,16 +28,6 @@ pub enum StateError {
     Tls(#[from] rustls::Error),
 }
 
-/// mesh-model identity → hbone identity.
-pub fn hid(i: &mesh_model::model::Identity) -> hbone::Identity {
-    hbone::Identity::new(&i.trust_domain, &i.namespace, &i.service_account)
-}
-
-/// hbone identity → mesh-model identity.
-pub fn mid(i: &hbone::Identity) -> mesh_model::model::Identity {
-    mesh_model::model::Identity::new(&i.trust_domain, &i.namespace, &i.service_account)
-}
-
 pub fn cert_source(s: &Settings) -> Result<Arc<dyn CertSource>, CaError> {
     Ok(match &s.ca {
         CaConfig::Builtin(dir) => Arc::new(SigningCa::builtin(dir, &s.trust_domain)?),
@@ -51,7 +41,7 @@ fn identities(s: &Settings, model: &Snapshot) -> Vec<hbone::Identity> {
     let mut ids: Vec<hbone::Identity> = model
         .workloads()
         .filter(|w| w.node == s.node && w.captured())
-        .map(|w| hid(&w.identity()))
+        .map(|w| w.identity())
         .chain(std::iter::once(s.identity.clone()))
         .collect();
     ids.sort();
