@@ -21,6 +21,7 @@
 //! upstream stream per request); telemetry; hot reload.
 
 pub mod authz;
+pub mod cli;
 pub mod config;
 pub mod http1;
 pub mod lb;

@@ -16,6 +16,7 @@
 
 pub mod admin;
 pub mod capture;
+pub mod cli;
 pub mod config;
 pub mod metrics;
 pub mod proxy;
