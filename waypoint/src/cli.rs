@@ -1,13 +1,15 @@
-//! The command line, `waypoint --config FILE [--profile NAME]`: the HBONE listener of
-//! [`crate::service`]. Prints `READY driver=… workers=… hbone=ADDR` once listening;
-//! SIGTERM/SIGINT drain.
+//! The command line, `waypoint --config FILE [--profile NAME|FILE]`: the HBONE listener of
+//! [`crate::service`]. FILE is the multi-document configuration of [`crate::config`]
+//! (Kubernetes objects, the mesh model and the `waypoint:` settings document). Prints
+//! `READY driver=… workers=… hbone=ADDR[ stats=ADDR]` once listening; SIGTERM/SIGINT drain.
+//! Exit status 2 for a bad command line or configuration, 1 for a start failure.
 
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use crate::service::{self, ServiceFile};
+use crate::service::{self, Settings};
 use runtime::Shutdown;
 
 fn usage(prog: &str) -> ExitCode {
@@ -50,28 +52,33 @@ pub fn main_with_args(args: Vec<std::ffi::OsString>) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let file = match ServiceFile::load(&config) {
-        Ok(f) => f,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return ExitCode::from(2);
-        }
-    };
-    let settings = match file.settings(&profile.runtime, &profile.h2) {
-        Ok(s) => s,
-        Err(e) => {
-            eprintln!("error: {}: {}: {}", config.display(), e.field, e.message);
-            return ExitCode::from(2);
-        }
-    };
-    let l7 = match crate::config::load_file(&file.l7_path(&config), 1) {
+    let l7 = match crate::config::load_file(&config, 1) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("error: {e}");
             return ExitCode::from(2);
         }
     };
-    let source = match file.cert_source() {
+    let Some(doc) = l7.settings.clone() else {
+        eprintln!(
+            "error: {}: no settings document (a document with a `waypoint:` section)",
+            config.display()
+        );
+        return ExitCode::from(2);
+    };
+    let settings = match Settings::new(&doc, &profile.runtime, &profile.h2) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!(
+                "error: {}: field `{}`: {}",
+                config.display(),
+                e.field,
+                e.message
+            );
+            return ExitCode::from(2);
+        }
+    };
+    let source = match service::cert_source(&doc) {
         Ok(s) => s,
         Err(e) => {
             eprintln!("error: certificates: {e}");
@@ -90,8 +97,12 @@ pub fn main_with_args(args: Vec<std::ffi::OsString>) -> ExitCode {
             return ExitCode::from(1);
         }
     };
+    let stats = h
+        .stats_addr()
+        .map(|a| format!(" stats={a}"))
+        .unwrap_or_default();
     println!(
-        "READY driver={} workers={} hbone={}",
+        "READY driver={} workers={} hbone={}{stats}",
         h.workers().decision().kind,
         h.workers().len(),
         h.addr

@@ -1,20 +1,49 @@
-//! The waypoint's configuration file: multi-document Kubernetes YAML (`---` separated).
+//! The waypoint's configuration file (`waypoint --config FILE`): multi-document Kubernetes
+//! YAML (`---` separated), the objects users write plus the mesh model and the waypoint's
+//! own settings, all in one file.
 //!
 //! | document | `apiVersion` | compiled to |
 //! |----------|--------------|-------------|
 //! | `HTTPRoute` | `gateway.networking.k8s.io/v1`, `/v1beta1` | [`crate::route::HttpRoute`] |
 //! | `AuthorizationPolicy` | `security.istio.io/v1`, `/v1beta1` | [`crate::authz::Policy`] |
 //! | `DestinationRule` | `networking.istio.io/v1`, `/v1beta1`, `/v1alpha3` | [`ServiceLb`] |
-//! | no `apiVersion`/`kind` | — | mesh-model's local config (`workloads`, `services`, …), at most one |
+//! | no `apiVersion`/`kind`, a `waypoint:` key | — | [`SettingsDoc`], exactly one for the binary |
+//! | no `apiVersion`/`kind`, no `waypoint:` key | — | mesh-model's local config (`namespaces`, `workloads`, `services`, `policies`, `waypoints`, `nodes`; see the `mesh_model` crate docs), at most one |
 //!
 //! `metadata` takes `name` (required), `namespace` (default `default`), `creationTimestamp`,
 //! `labels` and `annotations`. Every other key anywhere is an error; so are features the
 //! waypoint does not implement (AuthorizationPolicy `CUSTOM`, `requestPrincipals`,
 //! `request.auth.*` conditions, HTTPRoute `hostnames`, non-Service parents, …). Errors name
-//! the file, the document (counted from 1), the line in the file and the field.
+//! the file, the line in the file, the document (counted from 1, blank documents not
+//! counted) and the field: `w.yaml:7:3: document 2: field `waypoint`: unknown field `listn``.
+//!
+//! ## The settings document
+//!
+//! ```yaml
+//! waypoint:
+//!   listen: 0.0.0.0:15008        # HBONE listener (default 0.0.0.0:15008); port 0 = any
+//!   address: 10.1.0.100:15008    # the address the model's bindings use for this waypoint
+//!                                # (the `waypoints[].address` of the model; default: listen)
+//!   gateway: app/waypoint        # required: which waypoint of the model this is
+//!                                # (namespace/name of `waypoints[]`, the Gateway)
+//!   identity: spiffe://cluster.local/ns/app/sa/waypoint   # required: own SPIFFE identity
+//!   ca: { builtin: /var/lib/mesh/ca }   # required: { builtin: DIR } (root created on
+//!                                # first start, or loaded) | { plugin: DIR } (Istio plug-in
+//!                                # CA files) | { static: DIR } (pre-issued certificates)
+//!   trust_domain: cluster.local  # default; used by the builtin CA
+//!   root_namespace: istio-system # default; AuthorizationPolicies here apply mesh-wide
+//!   stats: 127.0.0.1:15020       # optional: GET /stats/prometheus and /healthz/ready
+//! runtime: { workers: 2 }        # optional: replaces the --profile's runtime knobs
+//! h2: { max_streams_per_connection: 100 }   # optional: replaces the --profile's h2 knobs
+//! ```
+//!
+//! `runtime` and `h2` take the fields of `runtime::config::RuntimeConfig` and
+//! `hbone::H2Settings` (the tuning profiles' sections); without them the `--profile`
+//! (`default` unless given; a built-in name or a profile file) supplies both.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -78,6 +107,8 @@ pub struct WaypointConfig {
     pub policies: Vec<authz::Policy>,
     /// By service.
     pub load_balancing: BTreeMap<ObjectRef, ServiceLb>,
+    /// The waypoint's own settings document, when the file has one.
+    pub settings: Option<SettingsDoc>,
 }
 
 impl WaypointConfig {
@@ -162,6 +193,24 @@ pub fn load_str(file: &Path, text: &str, version: u64) -> Result<WaypointConfig,
             }
         };
         let head: Head = runtime::config::from_yaml_str(file, &doc).map_err(at)?;
+        if head.waypoint.is_some() {
+            if head.api_version.is_some() || head.kind.is_some() {
+                return Err(invalid(Invalid::new(
+                    "waypoint",
+                    "the settings document has no apiVersion/kind",
+                )));
+            }
+            if cfg.settings.is_some() {
+                return Err(invalid(Invalid::new(
+                    "waypoint",
+                    "a second settings document (only one is allowed)",
+                )));
+            }
+            let d: SettingsDoc = parse(file, &doc).map_err(at)?;
+            d.validate().map_err(invalid)?;
+            cfg.settings = Some(d);
+            continue;
+        }
         let (Some(api), Some(kind)) = (&head.api_version, &head.kind) else {
             if head.api_version.is_some() || head.kind.is_some() {
                 let f = if head.kind.is_some() {
@@ -262,6 +311,85 @@ fn parse<T: DeserializeOwned>(file: &Path, doc: &str) -> Result<T, ConfigError> 
     runtime::config::from_yaml_str(file, doc)
 }
 
+// ---------------------------------------------------------------- settings document
+
+/// The settings document: the waypoint's own section plus optional runtime/h2 knobs that
+/// replace the tuning profile's.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SettingsDoc {
+    pub waypoint: WaypointSection,
+    #[serde(default)]
+    pub runtime: Option<runtime::config::RuntimeConfig>,
+    #[serde(default)]
+    pub h2: Option<hbone::H2Settings>,
+}
+
+/// `waypoint:` — see the crate docs for each field.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WaypointSection {
+    /// The HBONE listener (default `0.0.0.0:15008`).
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    /// The address the model's bindings use for this waypoint (default: `listen`).
+    #[serde(default)]
+    pub address: Option<SocketAddr>,
+    /// `namespace/name` of the waypoint (Gateway) in the model.
+    pub gateway: String,
+    /// This waypoint's SPIFFE identity.
+    pub identity: String,
+    #[serde(with = "serde_norway::with::singleton_map")]
+    pub ca: hbone::proxy::CaConfig,
+    #[serde(default = "default_trust_domain")]
+    pub trust_domain: String,
+    #[serde(default = "default_root_namespace")]
+    pub root_namespace: String,
+    /// `/stats/prometheus` and `/healthz/ready` (off when unset).
+    #[serde(default)]
+    pub stats: Option<SocketAddr>,
+}
+
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([0, 0, 0, 0], mesh_model::model::HBONE_PORT))
+}
+fn default_trust_domain() -> String {
+    "cluster.local".into()
+}
+fn default_root_namespace() -> String {
+    "istio-system".into()
+}
+
+impl SettingsDoc {
+    fn validate(&self) -> Result<(), Invalid> {
+        self.identity()?;
+        self.gateway()?;
+        if let Some(r) = &self.runtime {
+            r.validate("runtime")?;
+        }
+        Ok(())
+    }
+
+    pub fn identity(&self) -> Result<hbone::Identity, Invalid> {
+        self.waypoint
+            .identity
+            .parse()
+            .map_err(|e: mesh_model::identity::IdentityError| {
+                Invalid::new("waypoint.identity", e.to_string())
+            })
+    }
+
+    pub fn gateway(&self) -> Result<ObjectRef, Invalid> {
+        let (ns, name) = self
+            .waypoint
+            .gateway
+            .split_once('/')
+            .filter(|(n, m)| !n.is_empty() && !m.is_empty() && !m.contains('/'))
+            .ok_or_else(|| Invalid::new("waypoint.gateway", "expected namespace/name"))?;
+        Ok(ObjectRef::new(ns, name))
+    }
+}
+
 // ---------------------------------------------------------------- raw documents
 
 /// Just enough to dispatch a document.
@@ -272,6 +400,9 @@ struct Head {
     api_version: Option<String>,
     #[serde(default)]
     kind: Option<String>,
+    /// Present only in the settings document.
+    #[serde(default)]
+    waypoint: Option<serde::de::IgnoredAny>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -2,8 +2,9 @@
 //! `shared/spec/ambient-routing.md`).
 //!
 //! Built so far, as pure table-tested code:
-//! * [`config`] — multi-document Kubernetes YAML: `HTTPRoute`, `AuthorizationPolicy`,
-//!   `DestinationRule` and mesh-model's workload/service document; located errors.
+//! * [`config`] — the one configuration file: multi-document Kubernetes YAML (`HTTPRoute`,
+//!   `AuthorizationPolicy`, `DestinationRule`), mesh-model's workload/service document and
+//!   the `waypoint:` settings document (every field documented there); located errors.
 //! * [`route`] — Gateway API routing for service-addressed requests (R17), none for
 //!   pod-addressed ones (R16).
 //! * [`authz`] — Istio AuthorizationPolicy evaluation (R15).
@@ -15,11 +16,13 @@
 //!
 //! * [`service`] — the HBONE listener (R13) on the runtime's workers: the target check
 //!   per CONNECT stream, then [`http1`] with upstream HBONE streams through a per-worker
-//!   pool; the `waypoint` binary runs it.
+//!   pool; the `waypoint` binary ([`cli`]) runs it.
+//! * [`admin`] — `/stats/prometheus` and `/healthz/ready` on `waypoint.stats`.
 //!
 //! Not built yet: HTTP/2 and opaque TCP inside the tunnel; upstream keep-alive (one
 //! upstream stream per request); telemetry; hot reload.
 
+pub mod admin;
 pub mod authz;
 pub mod cli;
 pub mod config;

@@ -3,21 +3,8 @@
 //! [`Upstream`] that opens HBONE streams through a per-worker [`Pool`] to the chosen
 //! endpoint's node ztunnel (`:15008`), as the waypoint's identity.
 //!
-//! The service file (`waypoint --config FILE`):
-//!
-//! ```yaml
-//! listen: 0.0.0.0:15008                 # default
-//! identity: spiffe://cluster.local/ns/app/sa/waypoint
-//! gateway: app/waypoint                 # the Gateway bindings name (namespace/name)
-//! address: 10.1.0.100:15008             # the address bindings use (default: listen)
-//! ca: { builtin: /var/lib/mesh/ca }     # or { plugin: DIR } or { static: DIR }
-//! trust_domain: cluster.local           # default
-//! root_namespace: istio-system          # default
-//! l7: waypoint-l7.yaml                  # HTTPRoute/AuthorizationPolicy/DestinationRule/model
-//!                                       # (multi-document; relative to this file)
-//! runtime: { workers: 2 }               # optional; replaces the profile's
-//! h2: { max_streams_per_connection: 100 }  # optional; replaces the profile's
-//! ```
+//! [`Settings`] come from the settings document of the configuration file (see
+//! [`crate::config`]) resolved against a tuning profile.
 //!
 //! Plain TCP, plaintext HTTP and TLS without a client certificate never get past the TLS
 //! accept of [`serve_connection`]: nothing is served to them.
@@ -29,14 +16,12 @@ use std::cell::RefCell;
 use std::collections::HashMap;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
-use std::path::{Path, PathBuf};
 use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
-use serde::Deserialize;
 
 use hbone::ca::{CertSource, SigningCa, StaticCerts, WorkloadCert};
 use hbone::pool::{Pool, PoolKey};
@@ -48,52 +33,17 @@ use hbone::wire::{status, ConnectRequest};
 use hbone::{H2Settings, Identity};
 use mesh_model::model::HBONE_PORT;
 use mesh_model::snapshot::Snapshot;
-use runtime::config::{self, ConfigError, Invalid, RuntimeConfig};
+use runtime::config::{Invalid, RuntimeConfig};
 use runtime::listener::{self, BindError};
 use runtime::worker::{race, Either};
 use runtime::{Publisher, Shutdown, Workers};
 
-use crate::config::WaypointConfig;
+use crate::config::{SettingsDoc, WaypointConfig};
 use crate::http1::{self, TunnelCtx, Upstream};
 use crate::lb::{HashInput, SplitMix64};
 use crate::route::ObjectRef;
 use crate::target::{self, Me, Refused};
 use crate::upstream::{Balancers, Endpoint};
-
-/// The service file, as written.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ServiceFile {
-    #[serde(default = "default_listen")]
-    pub listen: SocketAddr,
-    pub identity: String,
-    /// `namespace/name` of the Gateway.
-    pub gateway: String,
-    #[serde(default)]
-    pub address: Option<SocketAddr>,
-    #[serde(with = "serde_norway::with::singleton_map")]
-    pub ca: CaConfig,
-    #[serde(default = "default_td")]
-    pub trust_domain: String,
-    #[serde(default = "default_root")]
-    pub root_namespace: String,
-    /// The L7 configuration file (relative to the service file).
-    pub l7: PathBuf,
-    #[serde(default)]
-    pub runtime: Option<RuntimeConfig>,
-    #[serde(default)]
-    pub h2: Option<H2Settings>,
-}
-
-fn default_listen() -> SocketAddr {
-    SocketAddr::from(([0, 0, 0, 0], HBONE_PORT))
-}
-fn default_td() -> String {
-    "cluster.local".into()
-}
-fn default_root() -> String {
-    "istio-system".into()
-}
 
 /// Everything [`start`] needs besides certificates and the L7 configuration.
 #[derive(Debug, Clone)]
@@ -104,55 +54,44 @@ pub struct Settings {
     pub root_namespace: String,
     pub runtime: RuntimeConfig,
     pub h2: H2Settings,
+    /// `/stats/prometheus` and `/healthz/ready` (off when `None`).
+    pub stats: Option<SocketAddr>,
 }
 
-impl ServiceFile {
-    /// Validate and resolve against a tuning profile's knobs.
-    pub fn settings(&self, runtime: &RuntimeConfig, h2: &H2Settings) -> Result<Settings, Invalid> {
-        let identity: Identity = self
-            .identity
-            .parse()
-            .map_err(|e: hbone::identity::IdentityError| Invalid::new("identity", e.to_string()))?;
-        let (ns, name) = self
-            .gateway
-            .split_once('/')
-            .filter(|(n, m)| !n.is_empty() && !m.is_empty() && !m.contains('/'))
-            .ok_or_else(|| Invalid::new("gateway", "expected namespace/name"))?;
-        let runtime = self.runtime.clone().unwrap_or_else(|| runtime.clone());
+impl Settings {
+    /// The settings document resolved against a tuning profile's knobs (the document's
+    /// `runtime`/`h2` replace the profile's).
+    pub fn new(
+        doc: &SettingsDoc,
+        runtime: &RuntimeConfig,
+        h2: &H2Settings,
+    ) -> Result<Settings, Invalid> {
+        let runtime = doc.runtime.clone().unwrap_or_else(|| runtime.clone());
         runtime.validate("runtime")?;
+        let w = &doc.waypoint;
         Ok(Settings {
-            listen: self.listen,
-            identity,
+            listen: w.listen,
+            identity: doc.identity()?,
             me: Me {
-                gateway: ObjectRef::new(ns, name),
-                address: self.address.unwrap_or(self.listen),
+                gateway: doc.gateway()?,
+                address: w.address.unwrap_or(w.listen),
             },
-            root_namespace: self.root_namespace.clone(),
+            root_namespace: w.root_namespace.clone(),
             runtime,
-            h2: self.h2.clone().unwrap_or_else(|| h2.clone()),
+            h2: doc.h2.clone().unwrap_or_else(|| h2.clone()),
+            stats: w.stats,
         })
     }
+}
 
-    pub fn load(file: &Path) -> Result<Self, ConfigError> {
-        let text = config::read_file(file)?;
-        config::from_yaml_str(file, &text)
-    }
-
-    /// The L7 file's path, relative to the service file's directory.
-    pub fn l7_path(&self, service_file: &Path) -> PathBuf {
-        match service_file.parent() {
-            Some(dir) if self.l7.is_relative() => dir.join(&self.l7),
-            _ => self.l7.clone(),
-        }
-    }
-
-    pub fn cert_source(&self) -> Result<Arc<dyn CertSource>, hbone::ca::CaError> {
-        Ok(match &self.ca {
-            CaConfig::Builtin(dir) => Arc::new(SigningCa::builtin(dir, &self.trust_domain)?),
-            CaConfig::Plugin(dir) => Arc::new(SigningCa::plugin(dir)?),
-            CaConfig::Static(dir) => Arc::new(StaticCerts::new(dir)?),
-        })
-    }
+/// The certificate source the settings document names (`ca:`).
+pub fn cert_source(doc: &SettingsDoc) -> Result<Arc<dyn CertSource>, hbone::ca::CaError> {
+    let w = &doc.waypoint;
+    Ok(match &w.ca {
+        CaConfig::Builtin(dir) => Arc::new(SigningCa::builtin(dir, &w.trust_domain)?),
+        CaConfig::Plugin(dir) => Arc::new(SigningCa::plugin(dir)?),
+        CaConfig::Static(dir) => Arc::new(StaticCerts::new(dir)?),
+    })
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -200,9 +139,15 @@ pub struct Handle {
     pub addr: SocketAddr,
     pub counters: Arc<Counters>,
     pub certs: Publisher<Certs>,
+    /// The stats/readiness endpoint, when configured.
+    pub stats: Option<crate::admin::Endpoint>,
 }
 
 impl Handle {
+    /// The bound stats/readiness address, when configured.
+    pub fn stats_addr(&self) -> Option<SocketAddr> {
+        self.stats.as_ref().map(|e| e.addr)
+    }
     pub fn workers(&self) -> &Workers {
         &self.workers
     }
@@ -262,12 +207,59 @@ pub fn start(
             ctx.finish_drain().await;
         }
     })?;
+    let stats = match settings.stats {
+        Some(a) => {
+            let c = counters.clone();
+            Some(crate::admin::serve(a, move |path| match path {
+                "/healthz/ready" => ("200 OK", "text/plain", "ready\n".into()),
+                "/stats/prometheus" => (
+                    "200 OK",
+                    "text/plain; version=0.0.4; charset=utf-8",
+                    prometheus(&c),
+                ),
+                _ => crate::admin::not_found(),
+            })?)
+        }
+        None => None,
+    };
     Ok(Handle {
         workers,
         addr,
         counters,
         certs,
+        stats,
     })
+}
+
+/// The counters in Prometheus text format.
+pub fn prometheus(c: &Counters) -> String {
+    let mut out = String::new();
+    let mut counter = |name: &str, help: &str, v: u64| {
+        out.push_str(&format!(
+            "# HELP {name} {help}\n# TYPE {name} counter\n{name}_total {v}\n"
+        ));
+    };
+    counter(
+        "waypoint_tunnels",
+        "CONNECT streams accepted (target bound to this waypoint).",
+        c.tunnels.load(Relaxed),
+    );
+    counter(
+        "waypoint_refused_targets",
+        "CONNECT streams refused by the R14 target check.",
+        c.refused_targets.load(Relaxed),
+    );
+    counter(
+        "waypoint_upstream_streams",
+        "Upstream HBONE streams opened.",
+        c.upstream_streams.load(Relaxed),
+    );
+    counter(
+        "waypoint_upstream_errors",
+        "Upstream exchanges that failed.",
+        c.upstream_errors.load(Relaxed),
+    );
+    out
 }
 
 fn seed(worker: usize) -> u64 {

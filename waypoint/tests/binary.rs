@@ -35,9 +35,8 @@ fn dir(name: &str) -> std::path::PathBuf {
 #[test]
 fn binary_serves_hbone_and_drains_on_sigterm() {
     let d = dir("bin");
-    std::fs::write(d.join("l7.yaml"), L7).unwrap();
     let cfg = format!(
-        "listen: 127.0.0.1:0\nidentity: spiffe://cluster.local/ns/app/sa/waypoint\ngateway: app/wp\naddress: 10.1.0.100:15008\nca: {{builtin: {}}}\nl7: l7.yaml\nruntime: {{workers: 1, pin: false, drain_timeout: 1s}}\n",
+        "{L7}---\nwaypoint:\n  listen: 127.0.0.1:0\n  identity: spiffe://cluster.local/ns/app/sa/waypoint\n  gateway: app/wp\n  address: 10.1.0.100:15008\n  ca: {{builtin: {}}}\n  stats: 127.0.0.1:0\nruntime: {{workers: 1, pin: false, drain_timeout: 1s}}\n",
         d.join("ca").display()
     );
     std::fs::write(d.join("waypoint.yaml"), cfg).unwrap();
@@ -52,6 +51,14 @@ fn binary_serves_hbone_and_drains_on_sigterm() {
         .read_line(&mut line)
         .unwrap();
     assert!(line.starts_with("READY "), "{line}");
+    let stats: SocketAddr = line
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("stats="))
+        .expect("stats=ADDR")
+        .parse()
+        .unwrap();
+    assert!(http_get(stats, "/healthz/ready").starts_with("HTTP/1.1 200"));
+    assert!(http_get(stats, "/nope").starts_with("HTTP/1.1 404"));
     let addr: SocketAddr = line
         .split_whitespace()
         .find_map(|w| w.strip_prefix("hbone="))
@@ -97,6 +104,9 @@ fn binary_serves_hbone_and_drains_on_sigterm() {
     });
     // Close the client connection (its runtime) before the drain.
     drop(rt);
+    let m = http_get(stats, "/stats/prometheus");
+    assert!(m.contains("waypoint_refused_targets_total 1\n"), "{m}");
+    assert!(m.contains("waypoint_tunnels_total 1\n"), "{m}");
 
     let ok = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
@@ -118,21 +128,65 @@ fn binary_serves_hbone_and_drains_on_sigterm() {
     let _ = std::fs::remove_dir_all(&d);
 }
 
-#[test]
-fn binary_reports_config_errors() {
-    let d = dir("bad");
-    std::fs::write(
-        d.join("waypoint.yaml"),
-        "identity: not-spiffe\ngateway: app/wp\nca: {builtin: /nonexistent}\nl7: l7.yaml\n",
-    )
-    .unwrap();
+fn http_get(addr: SocketAddr, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut c = std::net::TcpStream::connect(addr).unwrap();
+    write!(c, "GET {path} HTTP/1.1\r\nhost: x\r\n\r\n").unwrap();
+    let mut out = String::new();
+    c.read_to_string(&mut out).unwrap();
+    out
+}
+
+fn run_err(d: &std::path::Path, text: &str) -> String {
+    std::fs::write(d.join("waypoint.yaml"), text).unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_waypoint"))
         .args(["--config", d.join("waypoint.yaml").to_str().unwrap()])
         .output()
         .unwrap();
-    assert_eq!(out.status.code(), Some(2));
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("identity"), "{err}");
+    assert_eq!(out.status.code(), Some(2), "{text}");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn binary_reports_config_errors() {
+    let d = dir("bad");
+    let file = d.join("waypoint.yaml").display().to_string();
+    let settings = "waypoint:\n  identity: spiffe://cluster.local/ns/app/sa/waypoint\n  gateway: app/wp\n  ca: {builtin: /nonexistent}\n";
+    // A bad identity: file, line (of the whole file), document, field.
+    let err = run_err(
+        &d,
+        &format!(
+            "{L7}---\n{}",
+            settings.replace("spiffe://cluster.local/ns/app/sa/waypoint", "not-spiffe")
+        ),
+    );
+    let line = L7.lines().count() + 3;
+    assert!(
+        err.contains(&format!("{file}:{line}"))
+            && err.contains("document 2")
+            && err.contains("waypoint.identity"),
+        "{err}"
+    );
+    // An unknown field in the settings document.
+    let err = run_err(&d, &format!("{L7}---\n{settings}  listn: 1.2.3.4:1\n"));
+    assert!(
+        err.contains(&format!("{file}:{}", L7.lines().count() + 6))
+            && err.contains("document 2")
+            && err.contains("listn"),
+        "{err}"
+    );
+    // The old separate-file layout is refused, naming the field.
+    let err = run_err(&d, &format!("{L7}---\n{settings}  l7: l7.yaml\n"));
+    assert!(err.contains("`l7`") || err.contains("l7"), "{err}");
+    // No settings document.
+    let err = run_err(&d, L7);
+    assert!(err.contains("no settings document"), "{err}");
+    // Two settings documents.
+    let err = run_err(&d, &format!("{L7}---\n{settings}---\n{settings}"));
+    assert!(
+        err.contains("document 3") && err.contains("second settings"),
+        "{err}"
+    );
     let out = Command::new(env!("CARGO_BIN_EXE_waypoint"))
         .output()
         .unwrap();

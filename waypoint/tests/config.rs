@@ -251,3 +251,36 @@ fn gateway_durations() {
         assert!(gateway_duration(s).is_err(), "{s}");
     }
 }
+
+#[test]
+fn settings_document_loads_with_defaults_and_names_bad_fields() {
+    let settings = "waypoint:\n  identity: spiffe://cluster.local/ns/app/sa/wp\n  gateway: app/wp\n  ca: {static: /certs}\n";
+    let text = format!("{MESH}---\n{settings}runtime: {{workers: 1}}\n---\n{ROUTE_V1}");
+    let cfg = load_str(Path::new("w.yaml"), &text, 1).unwrap_or_else(|e| panic!("{e}"));
+    let s = cfg.settings.expect("settings document");
+    assert_eq!(s.waypoint.listen, "0.0.0.0:15008".parse().unwrap());
+    assert_eq!(s.waypoint.address, None);
+    assert_eq!(s.waypoint.stats, None);
+    assert_eq!(s.waypoint.trust_domain, "cluster.local");
+    assert_eq!(s.waypoint.root_namespace, "istio-system");
+    assert_eq!(s.gateway().unwrap(), ObjectRef::new("app", "wp"));
+    assert_eq!(s.runtime.unwrap().workers, Some(1));
+    assert!(cfg.mesh.is_some());
+    assert_eq!(cfg.routes.routes().len(), 1);
+
+    // Errors: document, line in the whole file, field.
+    let e = err(&format!("{MESH}---\n{}", settings.replace("app/wp", "wp")));
+    assert_eq!((e.document, e.line), (2, Some(6)), "{e}");
+    assert_eq!(e.field.as_deref(), Some("waypoint.gateway"), "{e}");
+    let e = err(&format!("{MESH}---\n{settings}  ca_dir: /x\n"));
+    assert_eq!((e.document, e.line), (2, Some(8)), "{e}");
+    assert!(e.to_string().contains("ca_dir"), "{e}");
+    let e = err(&format!("{MESH}---\n{settings}runtime: {{workers: 0}}\n"));
+    assert_eq!(e.document, 2, "{e}");
+    assert!(
+        e.field.as_deref().unwrap_or("").starts_with("runtime"),
+        "{e}"
+    );
+    let e = err(&format!("apiVersion: v1\nkind: ConfigMap\n{settings}"));
+    assert_eq!(e.field.as_deref(), Some("waypoint"), "{e}");
+}

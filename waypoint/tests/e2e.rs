@@ -300,6 +300,7 @@ services:
                 ..Default::default()
             },
             h2: H2Settings::default(),
+            stats: None,
         };
         let shutdown = Shutdown::new();
         let source: Arc<dyn CertSource> = ca.clone();
