@@ -7,10 +7,9 @@
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
 
 use crate::service::{self, Settings};
-use runtime::Shutdown;
+use runtime::{Publisher, Shutdown};
 
 fn usage(prog: &str) -> ExitCode {
     eprintln!("usage: {prog} --config FILE [--profile NAME]");
@@ -52,7 +51,14 @@ pub fn main_with_args(args: Vec<std::ffi::OsString>) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let l7 = match crate::config::load_file(&config, 1) {
+    let text = match std::fs::read_to_string(&config) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("error: {}: cannot read: {e}", config.display());
+            return ExitCode::from(2);
+        }
+    };
+    let l7 = match crate::config::load_str(&config, &text, 1) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("error: {e}");
@@ -90,7 +96,8 @@ pub fn main_with_args(args: Vec<std::ffi::OsString>) -> ExitCode {
         eprintln!("error: signals: {e}");
         return ExitCode::from(1);
     }
-    let h = match service::start(settings, source, Arc::new(l7), shutdown) {
+    let publisher = Publisher::new(l7);
+    let h = match service::start(settings, source, publisher.clone(), shutdown) {
         Ok(h) => h,
         Err(e) => {
             eprintln!("error: {e}");
@@ -108,6 +115,14 @@ pub fn main_with_args(args: Vec<std::ffi::OsString>) -> ExitCode {
         h.addr
     );
     let _ = std::io::stdout().flush();
+    let _watcher =
+        match crate::reload::watch(config, text, Some(doc), publisher, h.counters.clone()) {
+            Ok(w) => w,
+            Err(e) => {
+                eprintln!("error: config watcher: {e}");
+                return ExitCode::from(1);
+            }
+        };
     match h.join() {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

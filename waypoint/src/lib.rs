@@ -17,10 +17,12 @@
 //! * [`service`] — the HBONE listener (R13) on the runtime's workers: the target check
 //!   per CONNECT stream, then [`http1`] with upstream HBONE streams through a per-worker
 //!   pool; the `waypoint` binary ([`cli`]) runs it.
+//! * [`reload`] — hot reload: valid edits publish a new snapshot, broken ones are logged
+//!   and the old snapshot keeps serving; a tunnel keeps the snapshot it started with.
 //! * [`admin`] — `/stats/prometheus` and `/healthz/ready` on `waypoint.stats`.
 //!
 //! Not built yet: HTTP/2 and opaque TCP inside the tunnel; upstream keep-alive (one
-//! upstream stream per request); telemetry; hot reload.
+//! upstream stream per request); telemetry.
 
 pub mod admin;
 pub mod authz;
@@ -28,6 +30,7 @@ pub mod cli;
 pub mod config;
 pub mod http1;
 pub mod lb;
+pub mod reload;
 pub mod route;
 pub mod service;
 pub mod target;

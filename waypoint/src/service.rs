@@ -118,6 +118,10 @@ pub struct Counters {
     pub upstream_streams: AtomicU64,
     /// Upstream exchanges that failed (no endpoint, open, I/O).
     pub upstream_errors: AtomicU64,
+    /// Configuration snapshots published by the watcher.
+    pub config_reloads: AtomicU64,
+    /// Edited configurations rejected (the old snapshot kept serving).
+    pub config_reload_errors: AtomicU64,
 }
 
 /// The waypoint's certificate and the server TLS made from it.
@@ -158,7 +162,6 @@ impl Handle {
 
 struct Shared {
     settings: Settings,
-    l7: Arc<WaypointConfig>,
     counters: Arc<Counters>,
 }
 
@@ -166,7 +169,7 @@ struct Shared {
 pub fn start(
     settings: Settings,
     source: Arc<dyn CertSource>,
-    l7: Arc<WaypointConfig>,
+    l7: Publisher<WaypointConfig>,
     shutdown: Shutdown,
 ) -> Result<Handle, ServiceError> {
     let _ = runtime::sys::raise_nofile_limit();
@@ -183,18 +186,19 @@ pub fn start(
     let counters = Arc::new(Counters::default());
     let shared = Arc::new(Shared {
         settings: settings.clone(),
-        l7,
         counters: counters.clone(),
     });
     let workers = runtime::spawn_workers(&settings.runtime, &shutdown, |w| {
         let sock = socks[w].take().expect("one socket per worker");
         let (certs, shared) = (certs.subscribe(), shared.clone());
+        let l7 = l7.subscribe();
         move |ctx: runtime::WorkerCtx| async move {
             let certs = Rc::new(RefCell::new(certs));
             let worker = Rc::new(Worker {
                 ctx: ctx.clone(),
                 pool: Pool::new(shared.settings.h2.clone(), Arc::new(TlsCounters::default())),
                 balancers: RefCell::new(Balancers::default()),
+                l7: RefCell::new(l7),
                 seed: std::cell::Cell::new(seed(ctx.id())),
                 shared,
             });
@@ -259,6 +263,16 @@ pub fn prometheus(c: &Counters) -> String {
         "Upstream exchanges that failed.",
         c.upstream_errors.load(Relaxed),
     );
+    counter(
+        "waypoint_config_reloads",
+        "Configuration snapshots published by hot reload.",
+        c.config_reloads.load(Relaxed),
+    );
+    counter(
+        "waypoint_config_reload_errors",
+        "Edited configurations rejected; the old snapshot kept serving.",
+        c.config_reload_errors.load(Relaxed),
+    );
     out
 }
 
@@ -275,6 +289,8 @@ struct Worker {
     ctx: runtime::WorkerCtx,
     pool: Pool,
     balancers: RefCell<Balancers>,
+    /// The L7 snapshot (routes, policies, model); each tunnel keeps the one it started with.
+    l7: RefCell<runtime::snapshot::Subscriber<WaypointConfig>>,
     seed: std::cell::Cell<u64>,
     shared: Arc<Shared>,
 }
@@ -325,7 +341,9 @@ fn principal(id: &Identity) -> String {
 
 async fn tunnel(w: Rc<Worker>, cert: Arc<WorkloadCert>, inb: Inbound) {
     let shared = w.shared.clone();
-    let (settings, l7, counters) = (&shared.settings, &shared.l7, &shared.counters);
+    let (settings, counters) = (&shared.settings, &shared.counters);
+    // This CONNECT stream keeps the snapshot current at its start for all its requests.
+    let l7 = w.l7.borrow_mut().current().clone();
     let target = inb.request.target;
     let resolved = match l7.mesh.as_ref() {
         Some(snap) => target::resolve(snap, &settings.me, target),
@@ -357,6 +375,7 @@ async fn tunnel(w: Rc<Worker>, cert: Arc<WorkloadCert>, inb: Inbound) {
     counters.tunnels.fetch_add(1, Relaxed);
     let mut up = HboneUpstream {
         worker: &w,
+        l7: l7.clone(),
         cert,
         target,
         source_ip,
@@ -364,7 +383,7 @@ async fn tunnel(w: Rc<Worker>, cert: Arc<WorkloadCert>, inb: Inbound) {
         idle: HashMap::new(),
     };
     let mut rng = w.rng();
-    let serve = http1::serve(&mut stream, l7, &ctx, &mut up, &mut rng);
+    let serve = http1::serve(&mut stream, &l7, &ctx, &mut up, &mut rng);
     match race(serve, w.ctx.aborted()).await {
         Either::Left(Ok(end)) => tracing::trace!(%target, ?end, "tunnel ended"),
         Either::Left(Err(e)) => tracing::debug!(%target, error = %e, "tunnel failed"),
@@ -387,6 +406,7 @@ fn pod_endpoint(snap: &Snapshot, target: SocketAddr) -> Option<Endpoint> {
 /// Upstream exchanges over HBONE for one tunnel.
 struct HboneUpstream<'a> {
     worker: &'a Worker,
+    l7: Arc<WaypointConfig>,
     cert: Arc<WorkloadCert>,
     target: SocketAddr,
     source_ip: IpAddr,
@@ -419,8 +439,7 @@ impl HboneUpstream<'_> {
         service: Option<&(ObjectRef, u16)>,
         request: Bytes,
     ) -> io::Result<Vec<u8>> {
-        let shared = self.worker.shared.clone();
-        let l7 = &shared.l7;
+        let l7 = self.l7.clone();
         let snap = l7
             .mesh
             .as_ref()
@@ -441,7 +460,7 @@ impl HboneUpstream<'_> {
                     source_ip: Some(self.source_ip),
                 };
                 let picked = self.worker.balancers.borrow_mut().pick(
-                    l7,
+                    &l7,
                     svc,
                     *port,
                     &input,

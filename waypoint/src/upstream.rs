@@ -2,7 +2,8 @@
 //! mesh model, balanced per service as its DestinationRule says.
 //!
 //! [`Balancers`] belongs to one worker; on a new snapshot version it rebuilds a service's
-//! balancer only if that service's endpoint list changed, keeping the others' state.
+//! balancer only if that service's endpoint list or DestinationRule changed, keeping the
+//! others' state.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -11,7 +12,7 @@ use std::time::Instant;
 use mesh_model::model::HBONE_PORT;
 use mesh_model::snapshot::Snapshot;
 
-use crate::config::WaypointConfig;
+use crate::config::{ServiceLb, WaypointConfig};
 use crate::lb::{Balancer, HashInput, Rng};
 use crate::route::ObjectRef;
 
@@ -56,6 +57,8 @@ struct Entry {
     /// The snapshot version the endpoints were read from.
     version: u64,
     endpoints: Vec<Endpoint>,
+    /// The DestinationRule it was built with.
+    lb: ServiceLb,
     balancer: Balancer,
 }
 
@@ -85,18 +88,19 @@ impl Balancers {
             .is_some_and(|e| e.version == snap.version);
         if !current {
             // A new snapshot: keep the balancer's state unless this service's endpoints
-            // changed.
+            // or its DestinationRule changed.
             let eps = endpoints(snap, service, port);
+            let lb = cfg.lb(service);
             match self.by_service.get_mut(&key) {
-                Some(e) if e.endpoints == eps => e.version = snap.version,
+                Some(e) if e.endpoints == eps && e.lb == lb => e.version = snap.version,
                 _ => {
-                    let lb = cfg.lb(service);
-                    let balancer = Balancer::new(eps.len(), lb.policy, lb.outlier);
+                    let balancer = Balancer::new(eps.len(), lb.policy.clone(), lb.outlier);
                     self.by_service.insert(
                         key.clone(),
                         Entry {
                             version: snap.version,
                             endpoints: eps,
+                            lb,
                             balancer,
                         },
                     );

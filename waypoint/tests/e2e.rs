@@ -7,7 +7,6 @@
 
 use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener};
-use std::path::Path;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{mpsc, Arc};
@@ -220,14 +219,22 @@ struct Mesh {
     echo: Backend,
     echo_v1: Backend,
     shutdown: Shutdown,
+    /// The configuration file the watcher reloads, and its mesh-model document.
+    file: std::path::PathBuf,
+    model: String,
+    watcher: Option<waypoint::reload::Watcher>,
     handle: Option<service::Handle>,
 }
 
 impl Drop for Mesh {
     fn drop(&mut self) {
+        self.watcher.take();
         self.shutdown.drain(Duration::from_millis(200));
         if let Some(h) = self.handle.take() {
             let _ = h.join();
+        }
+        if let Some(d) = self.file.parent() {
+            let _ = std::fs::remove_dir_all(d);
         }
     }
 }
@@ -283,8 +290,12 @@ services:
             o = ip(net, 4),
         );
         let text = format!("{model}---\n{ROUTE}---\n{DENY_ADMIN}");
-        let l7 = waypoint::config::load_str(Path::new("e2e.yaml"), &text, 1)
-            .unwrap_or_else(|e| panic!("{e}"));
+        let dir = std::env::temp_dir().join(format!("waypoint-e2e-{}-{net}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("e2e.yaml");
+        std::fs::write(&file, &text).unwrap();
+        let l7 = waypoint::config::load_str(&file, &text, 1).unwrap_or_else(|e| panic!("{e}"));
         let settings = Settings {
             listen: "127.0.0.1:0".parse().unwrap(),
             identity: id("app", "waypoint"),
@@ -304,8 +315,15 @@ services:
         };
         let shutdown = Shutdown::new();
         let source: Arc<dyn CertSource> = ca.clone();
-        let handle = service::start(settings, source, Arc::new(l7), shutdown.clone()).unwrap();
+        let publisher = runtime::Publisher::new(l7);
+        let handle = service::start(settings, source, publisher.clone(), shutdown.clone()).unwrap();
+        let watcher =
+            waypoint::reload::watch(file.clone(), text, None, publisher, handle.counters.clone())
+                .unwrap();
         Mesh {
+            file,
+            model,
+            watcher: Some(watcher),
             net,
             waypoint: handle.addr,
             client_cert,
@@ -596,4 +614,94 @@ fn a_kept_stream_the_backend_closed_is_replaced_transparently() {
     assert_eq!(m.echo_v1.seen(), vec!["/drop", "/next", "/last"]);
     assert_eq!(m.counters().upstream_streams.load(Ordering::Relaxed), 2);
     assert_eq!(m.counters().upstream_errors.load(Ordering::Relaxed), 0);
+}
+
+/// Wait (generously) until `counter` reaches `want`.
+async fn wait_for(counter: &std::sync::atomic::AtomicU64, want: u64) {
+    for _ in 0..3000 {
+        if counter.load(Ordering::Relaxed) >= want {
+            return;
+        }
+        monoio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("counter never reached {want}");
+}
+
+/// The tunnels of the reload test come from here (no `forwarded` header).
+const ME: &str = "127.0.0.1";
+
+struct Tun {
+    s: H2Stream,
+    buf: Vec<u8>,
+}
+
+impl Tun {
+    async fn ask(&mut self, path: &str) -> (u16, String) {
+        let host = "echo.app.svc.cluster.local";
+        self.s
+            .write_all(Bytes::from(get(path, host)), false)
+            .await
+            .unwrap();
+        read_response(&mut self.s, &mut self.buf).await
+    }
+}
+
+#[test]
+fn hot_reload_publishes_valid_edits_keeps_old_snapshot_on_broken_ones_and_tunnels_keep_theirs() {
+    let m = Mesh::start();
+    let tls = hbone::tls::client_config(&m.client_cert, &[id("app", "waypoint")]).unwrap();
+    let counters = m.handle.as_ref().unwrap().counters.clone();
+    let (addr, file, model) = (m.waypoint, m.file.clone(), m.model.clone());
+    block_on(async move {
+        let c = Client::connect(addr, tls, &H2Settings::default(), &TlsCounters::default())
+            .await
+            .unwrap();
+        let open = || async {
+            let s = c
+                .open(&ConnectRequest::new("10.96.0.1:80".parse().unwrap()))
+                .await
+                .unwrap();
+            Tun { s, buf: Vec::new() }
+        };
+        // Snapshot 1: the echo → echo-v1 route.
+        let mut old = open().await;
+        assert_eq!(old.ask("/a").await.1, format!("echo-v1 /a xff={ME}"));
+        // A valid edit: the route removed and /blocked denied.
+        let deny = DENY_ADMIN.replace("\"/admin*\"", "\"/admin*\", \"/blocked\"");
+        std::fs::write(&file, format!("{model}---\n{deny}")).unwrap();
+        wait_for(&counters.config_reloads, 1).await;
+        // The tunnel opened before keeps its snapshot…
+        assert_eq!(old.ask("/b").await.1, format!("echo-v1 /b xff={ME}"));
+        assert_eq!(
+            old.ask("/blocked").await.1,
+            format!("echo-v1 /blocked xff={ME}")
+        );
+        // …a new one sees the new: no route (echo routes to itself), /blocked denied.
+        let mut new = open().await;
+        assert_eq!(new.ask("/c").await.1, format!("echo /c xff={ME}"));
+        assert_eq!(
+            new.ask("/blocked").await,
+            (403, "RBAC: access denied".into())
+        );
+        // A broken edit (unknown field, line 3 of the second document) is rejected and
+        // the last good snapshot keeps serving.
+        std::fs::write(
+            &file,
+            format!(
+                "{model}---\n{ROUTE}---\n{}",
+                deny.replace("action: DENY", "action: DENY\n  bogus: 1")
+            ),
+        )
+        .unwrap();
+        wait_for(&counters.config_reload_errors, 1).await;
+        let mut after = open().await;
+        assert_eq!(after.ask("/d").await.1, format!("echo /d xff={ME}"));
+        assert_eq!(after.ask("/blocked").await.0, 403);
+        assert_eq!(counters.config_reloads.load(Ordering::Relaxed), 1);
+        // Fixed again: the route is back for new tunnels.
+        std::fs::write(&file, format!("{model}---\n{ROUTE}---\n{DENY_ADMIN}")).unwrap();
+        wait_for(&counters.config_reloads, 2).await;
+        let mut last = open().await;
+        assert_eq!(last.ask("/e").await.1, format!("echo-v1 /e xff={ME}"));
+    });
 }
