@@ -13,21 +13,31 @@
 //!   capture). `REDIRECT` keeps the source address, so ztunnel identifies the client
 //!   workload by its peer IP; the destination (pod IP or service VIP) is read back with
 //!   `SO_ORIGINAL_DST`.
-//! - TCP **addressed to a captured pod** (from anywhere else: another node, an uncaptured pod)
-//!   → `redirect to :15006` (plaintext inbound, no identity, R10). HBONE is not redirected:
-//!   peers send it to the node's ztunnel address (`nodes[].ztunnel`), `:15008`.
+//! - TCP **addressed to a captured pod's `:15008`** (HBONE, Istio's way: peers tunnel to
+//!   `podIP:15008`) → `redirect to :15008`, the node's HBONE listener, which reads the
+//!   original destination to present *that pod's* certificate (every tunnel uses the
+//!   identity of the workload it acts for). The same rule in the `output` hook catches this
+//!   node's own ztunnel tunnelling to a pod of the same node (locally generated, so it never
+//!   crosses `prerouting`; `REDIRECT` there goes to the loopback address, so the HBONE
+//!   listener must be bound on the wildcard address for that case).
+//! - Any other TCP **addressed to a captured pod** (from anywhere else: another node, an
+//!   uncaptured pod) → `redirect to :15006` (plaintext inbound, no identity, R10). HBONE
+//!   addressed to the node's ztunnel (`nodes[].ztunnel`, `:15008`) is not redirected and is
+//!   answered with the ztunnel's own identity.
 //!
 //! Why node level: one set of listeners per node serves every pod (no per-pod sockets,
 //! threads or `setns` dance inside the thread-per-core runtime, whose workers own their
 //! listeners for life), adding a pod is adding its interface and address to two sets, and
 //! the pod's own namespace is left untouched (nothing to install when a pod starts, nothing
-//! the pod can tamper with). The cost is that ztunnel's inbound HBONE presents the node's
-//! ztunnel identity rather than each pod's (see [`crate::config`]), which the outbound side
-//! already accepts via `peer_identity`.
+//! the pod can tamper with). Per-pod identity on the HBONE inbound is kept by addressing
+//! tunnels to the pod (`podIP:15008`) and choosing the certificate from the original
+//! destination, as above.
 //!
 //! # Why ztunnel's own connections are not captured again
 //!
-//! Only the `prerouting` hook redirects. Packets that ztunnel itself sends (to a pod, a
+//! Only the `prerouting` hook redirects, except HBONE to a pod of this node (`output` hook,
+//! above: it lands on ztunnel's own HBONE listener, which is where it was going anyway).
+//! Other packets that ztunnel itself sends (to a pod, a
 //! waypoint, another node's `:15008`, or a passthrough destination) are locally generated:
 //! they traverse `output`/`postrouting`, never `prerouting`, on this node. So no `SO_MARK`
 //! is needed. (On the *peer* node, ztunnel's HBONE arrives addressed to that node's ztunnel,
@@ -43,7 +53,7 @@ use std::io::Write;
 use std::net::IpAddr;
 use std::process::{Command, Stdio};
 
-use crate::config::{OUTBOUND_CAPTURE_PORT, PLAINTEXT_PORT};
+use crate::config::{HBONE_PORT, OUTBOUND_CAPTURE_PORT, PLAINTEXT_PORT};
 
 /// The nftables table this module owns (and deletes as a whole).
 pub const DEFAULT_TABLE: &str = "ztunnel_capture";
@@ -59,6 +69,8 @@ pub struct Rules {
     pub pod_cidrs: Vec<String>,
     pub outbound_port: u16,
     pub inbound_port: u16,
+    /// HBONE to a captured pod's `:hbone_port` goes to this node's `:hbone_port`.
+    pub hbone_port: u16,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -84,6 +96,7 @@ impl Rules {
             pod_cidrs,
             outbound_port: OUTBOUND_CAPTURE_PORT,
             inbound_port: PLAINTEXT_PORT,
+            hbone_port: HBONE_PORT,
         }
     }
 
@@ -178,18 +191,35 @@ impl Rules {
             .pod_cidrs
             .iter()
             .partition(|c| c.split('/').next().is_some_and(|ip| !ip.contains(':')));
+        let mut hbone = String::new();
         for (fam, set) in [("ip", v4), ("ip6", v6)] {
             if set.is_empty() {
                 continue;
             }
-            let list: Vec<&str> = set.iter().map(|c| c.as_str()).collect();
+            let list = set
+                .iter()
+                .map(|c| c.as_str())
+                .collect::<Vec<&str>>()
+                .join(", ");
+            let h = self.hbone_port;
+            hbone.push_str(&format!(
+                "    {fam} daddr {{ {list} }} tcp dport {h} redirect to :{h}\n"
+            ));
             s.push_str(&format!(
-                "    {fam} daddr {{ {} }} meta l4proto tcp redirect to :{}\n",
-                list.join(", "),
+                "    {fam} daddr {{ {list} }} tcp dport {h} redirect to :{h}\n"
+            ));
+            s.push_str(&format!(
+                "    {fam} daddr {{ {list} }} meta l4proto tcp redirect to :{}\n",
                 self.inbound_port
             ));
         }
-        s.push_str("  }\n}\n");
+        s.push_str("  }\n");
+        if !hbone.is_empty() {
+            s.push_str(&format!(
+                "  chain output {{\n    type nat hook output priority -100; policy accept;\n{hbone}  }}\n"
+            ));
+        }
+        s.push_str("}\n");
         Ok(s)
     }
 
@@ -282,8 +312,23 @@ mod tests {
             s.contains("ip6 daddr { fd00::2/128 } meta l4proto tcp redirect to :15006"),
             "{s}"
         );
-        // Only prerouting: ztunnel's own (locally generated) connections are never redirected.
-        assert!(!s.contains("output"), "{s}");
+        assert!(
+            s.contains("ip daddr { 10.1.0.2, 10.1.0.0/24 } tcp dport 15008 redirect to :15008"),
+            "{s}"
+        );
+        // HBONE to a pod is matched before the plaintext catch-all.
+        assert!(s.find("dport 15008").unwrap() < s.find("redirect to :15006").unwrap());
+        // The output hook (ztunnel's own, locally generated connections) only redirects HBONE
+        // to a pod of this node; nothing else ztunnel sends is captured again.
+        let output = &s[s.find("chain output").unwrap()..];
+        assert_eq!(output.matches("redirect").count(), 2, "{output}");
+        assert!(
+            output
+                .lines()
+                .filter(|l| l.contains("redirect"))
+                .all(|l| l.contains("tcp dport 15008 redirect to :15008")),
+            "{output}"
+        );
     }
 
     #[test]

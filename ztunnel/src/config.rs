@@ -37,10 +37,17 @@
 //! listener's `target` (the one local pod address it stands for), and refused (reset) when
 //! no `target` is set. Either way R9–R12 apply as for any captured plaintext.
 //!
-//! **Identities on the HBONE inbound**: the node-level `hbone` listener presents this
-//! ztunnel's own certificate (`identity`); an outbound HBONE connection to another node's
-//! ztunnel therefore accepts either the destination workload's identity or `peer_identity`.
-//! A waypoint must present its own identity.
+//! **Identities on HBONE**: every tunnel uses the identity of the workload it acts for.
+//! Outbound, the client certificate is the source workload's. Inbound, the `hbone` listener
+//! picks its certificate per connection from the address the connection was made to (its
+//! original destination when capture redirected `podIP:15008` to it, else its local
+//! address): a captured workload of this node there → that workload's certificate (and the
+//! connection's CONNECT streams may only target it, else 400); anything else, i.e. the
+//! node's own address → this ztunnel's certificate (`identity`). So an outbound tunnel to a
+//! pod (no `nodes[].ztunnel` for its node: Istio's `podIP:15008`) requires exactly the
+//! destination's identity; one addressed to another node's ztunnel (`nodes[].ztunnel`)
+//! accepts the destination's identity or `peer_identity`. A waypoint must present its own
+//! identity. The R12 hairpin to a waypoint is made as this ztunnel's identity.
 //!
 //! Only the mesh part (workloads … nodes) is hot-reloaded; a change to the `ztunnel`,
 //! `runtime` or `h2` sections is logged and needs a restart.

@@ -60,8 +60,14 @@ pub struct PathLabels {
     pub target: String,
     /// The HBONE `:authority` sent (outbound) or received (inbound), else empty.
     pub authority: String,
-    /// Verified peer identity (inbound HBONE), else empty.
+    /// Inbound HBONE: the peer's verified (client certificate) identity. Outbound HBONE: the
+    /// identities the server certificate was required to carry (comma separated; one when
+    /// the tunnel goes to a pod or a waypoint of known identity). Else empty.
     pub peer: String,
+    /// The identity this ztunnel acted as on the tunnel: outbound, the client certificate
+    /// (the source workload's); inbound HBONE, the certificate presented (the destination
+    /// pod's, or the ztunnel's for a connection addressed to the node). Else empty.
+    pub identity: String,
 }
 
 /// Denials by policy.
@@ -175,12 +181,13 @@ impl Metrics {
         for (k, v) in self.paths.sorted() {
             let _ = writeln!(
                 out,
-                "ztunnel_connection_paths_total{{direction=\"{}\",route=\"{}\",target=\"{}\",authority=\"{}\",peer=\"{}\"}} {}",
+                "ztunnel_connection_paths_total{{direction=\"{}\",route=\"{}\",target=\"{}\",authority=\"{}\",peer=\"{}\",identity=\"{}\"}} {}",
                 k.direction,
                 esc(&k.route),
                 esc(&k.target),
                 esc(&k.authority),
                 esc(&k.peer),
+                esc(&k.identity),
                 v.load(Relaxed)
             );
         }

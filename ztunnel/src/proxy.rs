@@ -10,7 +10,8 @@
 //!   R7). HBONE goes through the worker's [`hbone::pool::Pool`] acting as the client's
 //!   identity. The SOCKS reply is sent once the upstream answered, so a refusal at the far
 //!   end (401 → `02`, 503 → `05`) reaches the client.
-//! - **inbound HBONE**: peer identity from mTLS; [`mesh_model::route::inbound`] decides:
+//! - **inbound HBONE**: peer identity from mTLS, our certificate chosen by the address the
+//!   connection was made to (below); [`mesh_model::route::inbound`] decides:
 //!   not a captured workload of this node → 400; deny → 401 (counted and logged with the
 //!   policy); hairpin → HBONE to the destination's waypoint (R12) as the ztunnel identity;
 //!   allow → connect to the pod (503 on failure) and bridge.
@@ -21,8 +22,9 @@
 //!   allowed inbound connection re-runs the decision; one that is now denied is closed
 //!   (counted under `transport="hbone_live"`/`"plaintext_live"` with the policy).
 //!
-//! Not here: in-pod per-workload HBONE listeners presenting each pod's own identity (capture
-//! is node-level, see [`crate::capture`]).
+//! Identities: one node-level HBONE listener presents, per connection, the certificate of
+//! the pod the connection was addressed to (`hbone_addressed`: original destination or
+//! local address), or the ztunnel's own for the node address; see [`crate::config`].
 
 use std::cell::{Cell, RefCell};
 use std::net::{IpAddr, SocketAddr};
@@ -702,6 +704,19 @@ async fn outbound_conn(
         target,
         authority,
         peer: String::new(),
+        identity: String::new(),
+    };
+    let hbone_path = |route: &str,
+                      target: SocketAddr,
+                      authority: SocketAddr,
+                      expected: &[hbone::Identity]| PathLabels {
+        peer: expected
+            .iter()
+            .map(|i| i.to_string())
+            .collect::<Vec<_>>()
+            .join(","),
+        identity: src.identity().to_string(),
+        ..path(route, target.to_string(), authority.to_string())
     };
     match decision {
         Outbound::NoEndpoint { service, port } => {
@@ -769,13 +784,24 @@ async fn outbound_conn(
             service,
             workload,
         } => {
-            let expected = vec![identity.clone(), w.settings().peer_identity.clone()];
+            // A tunnel addressed to the pod (`podIP:15008`, Istio's way) must be answered
+            // with the pod's own identity; one addressed to the destination node's ztunnel
+            // (`nodes[].ztunnel`) may be answered by that ztunnel (`peer_identity`).
+            let to_node = st
+                .model
+                .workload(&workload)
+                .and_then(|d| st.model.node(&d.node))
+                .is_some_and(|n| n.ztunnel == target.ip());
+            let mut expected = vec![identity.clone()];
+            if to_node {
+                expected.push(w.settings().peer_identity.clone());
+            }
             let mut labels = base_labels("source", "mutual_tls");
             source_labels(&mut labels, src);
             dest_labels(&mut labels, &st.model, service.as_ref(), Some(&workload));
             let route = "hbone";
             w.metrics
-                .path(&path(route, target.to_string(), authority.to_string()));
+                .path(&hbone_path(route, target, authority, &expected));
             let host = service.as_deref().map(service_host);
             outbound_hbone(
                 w, st, mode, tcp, peer, dst, src, target, authority, expected, host, labels, route,
@@ -799,7 +825,7 @@ async fn outbound_conn(
             source_labels(&mut labels, src);
             dest_labels(&mut labels, &st.model, service.as_ref(), workload.as_ref());
             w.metrics
-                .path(&path("waypoint", target.to_string(), authority.to_string()));
+                .path(&hbone_path("waypoint", target, authority, &expected));
             tracing::debug!(?waypoint, %authority, "outbound via waypoint");
             let host = service.as_deref().map(service_host);
             outbound_hbone(
@@ -886,14 +912,47 @@ async fn outbound_hbone(
 // ---------------------------------------------------------------------------------------
 // Inbound
 
+/// Which TLS identity an accepted HBONE connection presents, and which pod it is for.
+///
+/// The connection's original destination (`SO_ORIGINAL_DST`: a peer dialled
+/// `podIP:15008` and node-level capture redirected it here) or, when it was not
+/// redirected, its local address (the listener is bound on the pod's address) names the
+/// address it was made to. A captured workload of this node there → its certificate, and
+/// the connection's CONNECT streams may only target that workload. Anything else (the
+/// node's ztunnel address) → the ztunnel's own identity, any local workload.
+fn hbone_addressed(
+    w: &Worker,
+    st: &State,
+    tcp: &TcpStream,
+) -> (Arc<rustls::ServerConfig>, String, Option<String>) {
+    let fd = std::os::fd::AsRawFd::as_raw_fd(tcp);
+    let addressed = match runtime::sys::original_dst(fd) {
+        Ok(Some(a)) => Some(a),
+        _ => tcp.local_addr().ok(),
+    };
+    let node = &w.settings().node;
+    if let Some(a) = addressed {
+        if let Some((id, tls)) = st.server_tls_for(a.ip(), node) {
+            let uid = st.model.workload_by_ip(a.ip()).map(|w| w.uid.clone());
+            return (tls.clone(), id.to_string(), uid);
+        }
+    }
+    (
+        st.server_tls.clone(),
+        w.settings().identity.to_string(),
+        None,
+    )
+}
+
 async fn hbone_conn(w: Rc<Worker>, tcp: TcpStream, peer: SocketAddr) {
     let st = w.state();
-    let tls = st.server_tls.clone();
+    let (tls, presented, for_pod) = hbone_addressed(&w, &st, &tcp);
     drop(st);
     let w2 = w.clone();
+    let conn = Rc::new((presented, for_pod));
     let handler = Rc::new(move |inb: HboneInbound| {
-        let w = w2.clone();
-        async move { hbone_stream(w, inb).await }
+        let (w, conn) = (w2.clone(), conn.clone());
+        async move { hbone_stream(w, inb, conn).await }
     });
     let r = serve_connection(
         tcp,
@@ -937,11 +996,14 @@ fn deny_policy(v: &mesh_model::authz::Verdict) -> String {
     }
 }
 
-async fn hbone_stream(w: Rc<Worker>, inb: HboneInbound) {
+/// One CONNECT stream of an inbound HBONE connection; `conn` = (the identity the
+/// connection presented, the uid of the pod it was addressed to, if any).
+async fn hbone_stream(w: Rc<Worker>, inb: HboneInbound, conn: Rc<(String, Option<String>)>) {
     let started = Instant::now();
     let st = w.state();
     let target = inb.request.target;
     let peer_id = inb.peer_identity.clone();
+    let (presented, for_pod) = (&conn.0, &conn.1);
     let src_ip = inb.request.forwarded_for.unwrap_or(inb.peer_addr.ip());
     let src = SocketAddr::new(src_ip, 0);
     let decision = route::inbound(
@@ -960,7 +1022,21 @@ async fn hbone_stream(w: Rc<Worker>, inb: HboneInbound) {
         target: to,
         authority: target.to_string(),
         peer: peer_s.clone(),
+        identity: presented.clone(),
     };
+    // A tunnel made to one pod (and authenticated as it) carries streams for that pod only.
+    if let Some(uid) = for_pod {
+        let ok = st
+            .model
+            .workload(uid)
+            .is_some_and(|p| p.ips.contains(&target.ip()));
+        if !ok {
+            w.metrics.path(&path("hbone_wrong_pod", String::new()));
+            tracing::info!(target: "ztunnel::access", direction = "inbound", src = %inb.peer_addr, peer = %peer_s, authority = %target, addressed = %uid, "CONNECT target is not the pod this tunnel was made to: 400");
+            inb.reject(status::BAD_AUTHORITY);
+            return;
+        }
+    }
     let mut labels = base_labels("destination", "mutual_tls");
     inbound_source_labels(&mut labels, &st.model, peer_id.as_ref(), src_ip);
     match decision {
@@ -1248,6 +1324,7 @@ async fn plaintext_conn(w: Rc<Worker>, idx: usize, tcp: TcpStream, peer: SocketA
         target: to,
         authority,
         peer: String::new(),
+        identity: String::new(),
     };
     let mut labels = base_labels("destination", "none");
     inbound_source_labels(&mut labels, &st.model, None, peer.ip());

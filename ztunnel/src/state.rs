@@ -16,8 +16,29 @@ pub struct State {
     pub model: Snapshot,
     /// Certificates of this node's captured workloads and of the ztunnel identity.
     pub certs: HashMap<hbone::Identity, Arc<WorkloadCert>>,
-    /// The HBONE inbound's TLS (the ztunnel identity, client certificates required).
+    /// The HBONE inbound's TLS as the ztunnel identity (client certificates required): for
+    /// connections addressed to the node's ztunnel rather than to a pod.
     pub server_tls: Arc<rustls::ServerConfig>,
+    /// The HBONE inbound's TLS per captured workload identity of this node: a connection
+    /// addressed to a pod (`podIP:15008`, redirected or not) presents that pod's identity.
+    pub workload_tls: HashMap<hbone::Identity, Arc<rustls::ServerConfig>>,
+}
+
+impl State {
+    /// The server TLS for an HBONE connection addressed to `addr` (its original destination,
+    /// or its local address when not redirected): the identity of the captured workload of
+    /// `node` at that address, else the ztunnel's own. Returns the identity too.
+    pub fn server_tls_for(
+        &self,
+        addr: std::net::IpAddr,
+        node: &str,
+    ) -> Option<(&hbone::Identity, &Arc<rustls::ServerConfig>)> {
+        let w = self
+            .model
+            .workload_by_ip(addr)
+            .filter(|w| w.node == node && w.captured())?;
+        self.workload_tls.get_key_value(&w.identity())
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -80,10 +101,28 @@ pub fn build(
         }
         _ => hbone::tls::server_config(own)?,
     };
+    // One server config per workload identity, reused from `previous` while its
+    // certificate is the same (a config holds the parsed key: not rebuilt per snapshot).
+    let mut workload_tls = HashMap::new();
+    for (id, cert) in &certs {
+        if *id == s.identity {
+            continue;
+        }
+        let reuse = previous.and_then(|p| {
+            let same = p.certs.get(id).is_some_and(|c| Arc::ptr_eq(c, cert));
+            same.then(|| p.workload_tls.get(id).cloned()).flatten()
+        });
+        let tls = match reuse {
+            Some(t) => t,
+            None => hbone::tls::server_config(cert)?,
+        };
+        workload_tls.insert(id.clone(), tls);
+    }
     Ok(State {
         model,
         certs,
         server_tls,
+        workload_tls,
     })
 }
 

@@ -207,7 +207,6 @@ fn r4_service_vip_goes_to_one_endpoint() {
         seen.insert(who);
     }
     assert_eq!(seen.len(), 2, "both endpoints are used: {seen:?}");
-    let zt_b = format!("{}:15008", NODE_IPS[1]);
     eventually_or(
         "each connection went to exactly one endpoint over HBONE",
         || {
@@ -220,7 +219,7 @@ fn r4_service_vip_goes_to_one_endpoint() {
                     &[
                         ("direction", "outbound"),
                         ("route", "hbone"),
-                        ("target", &zt_b),
+                        ("target", &pod_hbone(pod).to_string()),
                         ("authority", &pod_addr(pod).to_string()),
                     ],
                 )
@@ -277,20 +276,24 @@ fn r5_captured_to_captured_uses_hbone_across_nodes() {
     // The pod was reached by node B's ztunnel (from its pod-side address), not the client.
     let from = server.peers.recv_timeout(Duration::from_secs(1)).unwrap();
     assert_eq!(from.ip(), IpAddr::from([10, 2, 0, 1]));
-    let zt_b = format!("{}:15008", NODE_IPS[1]);
+    let to_pod = pod_hbone("server").to_string();
     eventually_or(
-        "HBONE on both sides",
+        "HBONE on both sides, each side acting as its own workload",
         || {
             let a = w.stats(0);
             let b = w.stats(1);
+            // Node A tunnelled to the pod's :15008 as the client (client certificate) and
+            // required the server's identity (and only it) from the far end.
             metric(
                 &a,
                 PATHS,
                 &[
                     ("direction", "outbound"),
                     ("route", "hbone"),
-                    ("target", &zt_b),
+                    ("target", &to_pod),
                     ("authority", &server.addr.to_string()),
+                    ("peer", SERVER_ID),
+                    ("identity", CLIENT_ID),
                 ],
             ) == 1
                 && metric(
@@ -303,6 +306,7 @@ fn r5_captured_to_captured_uses_hbone_across_nodes() {
                         ("connection_security_policy", "mutual_tls"),
                     ],
                 ) == 1
+                // Node B presented the server pod's certificate and saw the client's.
                 && metric(
                     &b,
                     PATHS,
@@ -311,6 +315,7 @@ fn r5_captured_to_captured_uses_hbone_across_nodes() {
                         ("route", "hbone_allow"),
                         ("authority", &server.addr.to_string()),
                         ("peer", CLIENT_ID),
+                        ("identity", SERVER_ID),
                     ],
                 ) == 1
                 && metric(
@@ -732,6 +737,95 @@ fn r11_only_the_waypoint_reaches_a_waypoint_enabled_pod() {
                         ("route", "hbone_hairpin"),
                         ("peer", CLIENT_ID),
                         ("target", &waypoint_addr().to_string()),
+                    ],
+                ) == 1
+        },
+        dump(&w),
+    );
+}
+
+#[test]
+fn r5_inbound_hbone_presents_the_destination_pods_identity() {
+    need_root!("r5_inbound_hbone_presents_the_destination_pods_identity");
+    let w = World::new("r5id", "[]");
+    let _server = w.server("server");
+    let ca_dir = w.ca_dir.clone();
+    let ns = w.pod_ns("legacy-client");
+    // From an uncaptured pod on node A (its traffic crosses node A untouched and is
+    // redirected on node B to the HBONE listener): the TLS handshake alone, reading back
+    // the certificate node B's ztunnel presents for each address.
+    let probe = move |expect: &'static str, addr: SocketAddr| {
+        let ca_dir = ca_dir.clone();
+        netns::in_ns(&ns, move || {
+            let ca = hbone::ca::SigningCa::builtin(&ca_dir, "cluster.local").unwrap();
+            common::presented_identity(&ca, CLIENT_ID, expect, addr)
+        })
+    };
+    let wpod_id = "spiffe://cluster.local/ns/ns-w/sa/wpod";
+    assert_eq!(
+        probe(SERVER_ID, pod_hbone("server")),
+        Ok(vec![SERVER_ID.to_string()])
+    );
+    assert_eq!(
+        probe(SERVER_ID, pod_hbone("server2")),
+        Ok(vec![SERVER_ID.to_string()])
+    );
+    assert_eq!(
+        probe(wpod_id, pod_hbone("wpod")),
+        Ok(vec![wpod_id.to_string()])
+    );
+    // The node's own address: the ztunnel's identity.
+    let node_b = SocketAddr::new(IpAddr::V4(NODE_IPS[1]), 15008);
+    assert_eq!(probe(ZTUNNEL_ID, node_b), Ok(vec![ZTUNNEL_ID.to_string()]));
+    // A client that expects the ztunnel at a pod's address is refused by its own verifier:
+    // the pod's identity, not the ztunnel's, is what is presented there.
+    assert!(probe(ZTUNNEL_ID, pod_hbone("server")).is_err());
+    // A tunnel made to one pod carries streams for that pod only.
+    let ca_dir = w.ca_dir.clone();
+    let ns = w.pod_ns("legacy-client");
+    let (status, _) = netns::in_ns(&ns, move || {
+        let ca = hbone::ca::SigningCa::builtin(&ca_dir, "cluster.local").unwrap();
+        common::hbone_call_expecting(
+            &ca,
+            CLIENT_ID,
+            SERVER_ID,
+            pod_hbone("server"),
+            pod_addr("wpod"),
+        )
+    });
+    assert_eq!(status, 400);
+    let ca_dir = w.ca_dir.clone();
+    let (status, line) = netns::in_ns(&ns, move || {
+        let ca = hbone::ca::SigningCa::builtin(&ca_dir, "cluster.local").unwrap();
+        common::hbone_call_expecting(
+            &ca,
+            CLIENT_ID,
+            SERVER_ID,
+            pod_hbone("server"),
+            pod_addr("server"),
+        )
+    });
+    assert_eq!((status, line.as_str()), (200, "server"));
+    eventually_or(
+        "node B: wrong-pod refusal and the allowed stream, both as the server pod",
+        || {
+            let b = w.stats(1);
+            metric(
+                &b,
+                PATHS,
+                &[
+                    ("route", "hbone_wrong_pod"),
+                    ("identity", SERVER_ID),
+                    ("peer", CLIENT_ID),
+                ],
+            ) == 1
+                && metric(
+                    &b,
+                    PATHS,
+                    &[
+                        ("route", "hbone_allow"),
+                        ("identity", SERVER_ID),
+                        ("peer", CLIENT_ID),
                     ],
                 ) == 1
         },

@@ -9,6 +9,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use common::*;
+use hbone::ca::SigningCa;
 
 #[test]
 fn r1_uncaptured_destination_is_passthrough() {
@@ -588,4 +589,84 @@ fn r11_only_the_waypoint_reaches_a_waypoint_enabled_pod() {
         ),
         1
     );
+}
+
+/// Pod-addressed HBONE without any redirect: node B's HBONE listener is bound on the
+/// server pod's own address (no `nodes:` entry for node B, so node A tunnels to
+/// `podIP:15008`); the accepted socket's local address names the pod, whose certificate is
+/// presented. Node A's own address still presents the ztunnel identity.
+#[test]
+fn r5_pod_addressed_hbone_presents_the_pods_identity_on_loopback() {
+    runtime::init_logging();
+    let net = Net { n: 115 };
+    let dir = tmpdir("n115");
+    let ca_dir = dir.join("ca");
+    SigningCa::builtin(&ca_dir, "cluster.local").unwrap();
+    let unnode_b = |text: String| {
+        let b = format!("  - {{name: node-b, ztunnel: {}}}\n", net.zt_b());
+        assert!(text.contains(&b));
+        text.replace(&b, "")
+    };
+    let file_a = dir.join("a.yaml");
+    let file_b = dir.join("b.yaml");
+    std::fs::write(&file_a, unnode_b(net.node_config("node-a", &ca_dir, "[]"))).unwrap();
+    let pod_hbone = SocketAddr::new(net.server().ip(), 15008);
+    let b_text = unnode_b(net.node_config("node-b", &ca_dir, "[]")).replacen(
+        "  ca:",
+        &format!("  hbone: \"{pod_hbone}\"\n  ca:"),
+        1,
+    );
+    std::fs::write(&file_b, b_text).unwrap();
+    let a = start_node(&file_a);
+    let b = start_node(&file_b);
+    assert_eq!(b.addrs.hbone, pod_hbone);
+    let server = Pod::start(net.server(), "server");
+    let ca = SigningCa::builtin(&ca_dir, "cluster.local").unwrap();
+    // What the listener presents, read from the certificate.
+    assert_eq!(
+        presented_identity(&ca, CLIENT_ID, SERVER_ID, pod_hbone),
+        Ok(vec![SERVER_ID.to_string()])
+    );
+    assert!(presented_identity(&ca, CLIENT_ID, ZTUNNEL_ID, pod_hbone).is_err());
+    assert_eq!(
+        presented_identity(&ca, CLIENT_ID, ZTUNNEL_ID, a.addrs.hbone),
+        Ok(vec![ZTUNNEL_ID.to_string()])
+    );
+    // Through the mesh: SOCKS5 on A → HBONE to the pod's address → B → pod.
+    let (code, mut s) = socks_connect(net.client(), a.addrs.socks5, Dest::Addr(server.addr));
+    assert_eq!(code, 0);
+    assert_eq!(hello(&mut s), "server");
+    let data: Vec<u8> = (0..32_768u32).map(|i| (i % 249) as u8).collect();
+    assert_eq!(roundtrip(&mut s, &data), data);
+    drop(s);
+    let stats = |h: &ztunnel::Handle| http_get(h.addrs.stats, "/stats/prometheus").1;
+    eventually("both sides acted as their own workloads", || {
+        metric(
+            &stats(&a),
+            "ztunnel_connection_paths_total",
+            &[
+                ("direction", "outbound"),
+                ("route", "hbone"),
+                ("target", &pod_hbone.to_string()),
+                ("peer", SERVER_ID),
+                ("identity", CLIENT_ID),
+            ],
+        ) == 1
+            && metric(
+                &stats(&b),
+                "ztunnel_connection_paths_total",
+                &[
+                    ("direction", "inbound"),
+                    ("route", "hbone_allow"),
+                    ("peer", CLIENT_ID),
+                    ("identity", SERVER_ID),
+                ],
+            ) == 1
+    });
+    // A tunnel to the server pod may not carry a stream for another pod of the node.
+    let (status, _) = hbone_call_expecting(&ca, CLIENT_ID, SERVER_ID, pod_hbone, net.wpod());
+    assert_eq!(status, 400);
+    let _ = a.stop(Duration::from_millis(200));
+    let _ = b.stop(Duration::from_millis(200));
+    let _ = std::fs::remove_dir_all(&dir);
 }

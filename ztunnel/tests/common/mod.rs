@@ -512,6 +512,18 @@ pub fn hbone_call(
     zt: SocketAddr,
     authority: SocketAddr,
 ) -> (u16, String) {
+    hbone_call_expecting(ca, identity, ZTUNNEL_ID, zt, authority)
+}
+
+/// [`hbone_call`] requiring the server to prove `server_id`.
+pub fn hbone_call_expecting(
+    ca: &SigningCa,
+    identity: &str,
+    server_id: &str,
+    zt: SocketAddr,
+    authority: SocketAddr,
+) -> (u16, String) {
+    let server_id: Identity = server_id.parse().unwrap();
     let cert = ca
         .issue(&identity.parse().unwrap(), SystemTime::now())
         .unwrap();
@@ -522,8 +534,7 @@ pub fn hbone_call(
         };
         let (mut rt, _) = runtime::driver::build_runtime(&decision, 64).unwrap();
         rt.block_on(async move {
-            let tls = hbone::tls::client_config(&cert, &[ZTUNNEL_ID.parse::<Identity>().unwrap()])
-                .unwrap();
+            let tls = hbone::tls::client_config(&cert, &[server_id]).unwrap();
             let c = hbone::client::Client::connect(
                 zt,
                 tls,
@@ -551,6 +562,38 @@ pub fn hbone_call(
     })
     .join()
     .unwrap()
+}
+
+/// A TLS handshake with the HBONE listener at `addr`, as `identity` (client certificate from
+/// `ca`), requiring the server to prove `expect`. Ok: the SPIFFE identities of the leaf the
+/// server presented (read back from the certificate); Err: the handshake failed.
+pub fn presented_identity(
+    ca: &SigningCa,
+    identity: &str,
+    expect: &str,
+    addr: SocketAddr,
+) -> Result<Vec<String>, String> {
+    let cert = ca
+        .issue(&identity.parse().unwrap(), SystemTime::now())
+        .unwrap();
+    let cfg = hbone::tls::client_config(&cert, &[expect.parse::<Identity>().unwrap()]).unwrap();
+    let name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
+    let mut conn = rustls::ClientConnection::new(cfg, name).unwrap();
+    let mut tcp =
+        TcpStream::connect_timeout(&addr, Duration::from_secs(3)).map_err(|e| e.to_string())?;
+    tcp.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    while conn.is_handshaking() {
+        conn.complete_io(&mut tcp).map_err(|e| e.to_string())?;
+    }
+    while conn.wants_write() {
+        conn.write_tls(&mut tcp).map_err(|e| e.to_string())?;
+    }
+    let leaf = conn
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .ok_or("no server certificate")?;
+    let info = hbone::tls::leaf_info(leaf)?;
+    Ok(info.identities.iter().map(|i| i.to_string()).collect())
 }
 
 /// Serve one connection as a test pod: say `name` and a newline, then echo every byte until

@@ -207,6 +207,11 @@ pub fn pod_addr(name: &str) -> SocketAddr {
     SocketAddr::new(IpAddr::V4(pod(name).ip), 8080)
 }
 
+/// Where HBONE to pod `name` is addressed (`podIP:15008`).
+pub fn pod_hbone(name: &str) -> SocketAddr {
+    SocketAddr::new(IpAddr::V4(pod(name).ip), 15008)
+}
+
 /// The namespace waypoint of `ns-w`.
 pub fn waypoint_addr() -> SocketAddr {
     SocketAddr::new(IpAddr::V4(pod("waypoint").ip), 15008)
@@ -222,7 +227,9 @@ fn gateway(node: usize) -> Ipv4Addr {
 }
 
 fn mesh(policies: &str) -> String {
-    let [a, b] = NODE_IPS;
+    // No `nodes:` entries: HBONE is addressed to the destination pod (`podIP:15008`, Istio's
+    // way), redirected to the node's ztunnel by the capture rules, and answered with the
+    // pod's own identity.
     let wp = waypoint_addr();
     let wp2 = waypoint2_addr();
     let ip = |n: &str| pod(n).ip;
@@ -235,9 +242,6 @@ fn mesh(policies: &str) -> String {
   - name: ns-w
     labels: {{istio.io/dataplane-mode: ambient, istio.io/use-waypoint: waypoint}}
   - name: legacy
-nodes:
-  - {{name: node-a, ztunnel: {a}}}
-  - {{name: node-b, ztunnel: {b}}}
 waypoints:
   - {{name: waypoint, namespace: ns-w, address: "{wp}"}}
   - {{name: waypoint2, namespace: ns-w, address: "{wp2}", annotations: {{istio.io/for-service-account: wpod2}}}}
