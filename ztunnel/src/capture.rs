@@ -49,6 +49,22 @@
 //! IPv4 and IPv6 are both handled (`inet` table); `SO_ORIGINAL_DST` /
 //! `IP6T_SO_ORIGINAL_DST` are read by [`runtime::sys::original_dst`].
 
+//! # Who owns the rules
+//!
+//! Either the **ztunnel process**, when its config has a `ztunnel.capture` section
+//! ([`crate::config::CaptureSettings`]): it derives the rules from its own snapshot
+//! ([`Rules::for_node`], R2: namespace label `istio.io/dataplane-mode=ambient` and the
+//! workload override; each pod's veth found by asking the kernel which interface routes its
+//! address, [`route_interface`]), installs them before it reports ready, and after every
+//! published reload whose captured set changed replaces them in one `nft -f` transaction
+//! (the table is deleted and recreated atomically: no instant without rules, no half
+//! state); a failure is logged and counted (`ztunnel_capture_errors_total`) and the old
+//! rules stay. The rules are *not* removed when ztunnel exits: captured pods then fail
+//! closed (redirected to a port nobody serves) instead of silently bypassing the mesh;
+//! `ztunnel capture remove` removes them.
+//! Or, without that section, **whoever runs `ztunnel capture install|remove`** (a CNI
+//! plug-in, a script): ztunnel then never touches nftables.
+
 use std::io::Write;
 use std::net::IpAddr;
 use std::process::{Command, Stdio};
@@ -235,6 +251,37 @@ impl Rules {
         let t = &self.table;
         nft(netns, &format!("table inet {t}\ndelete table inet {t}\n"))
     }
+}
+
+/// The interface the kernel routes `ip` through in the current network namespace
+/// (`ip -o route get IP` → the word after `dev`): a pod's node-side veth in the routed
+/// topology. None when there is no route or `ip` fails.
+pub fn route_interface(ip: IpAddr) -> Option<String> {
+    let out = Command::new("ip")
+        .args(["-o", "route", "get", &ip.to_string()])
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .output()
+        .ok()?;
+    if !out.status.success() {
+        return None;
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut words = text.split_whitespace();
+    words.find(|w| *w == "dev")?;
+    let dev = words.next()?;
+    // A pod reached through loopback or with no interface of its own is not a veth.
+    (dev != "lo").then(|| dev.to_string())
+}
+
+/// The rules the ztunnel process owns for `node` (see "Who owns the rules"), in table
+/// `table`.
+pub fn owned_rules(snapshot: &mesh_model::snapshot::Snapshot, node: &str, table: &str) -> Rules {
+    let mut r = Rules::for_node(snapshot, node, |w| {
+        w.ips.iter().find_map(|ip| route_interface(*ip))
+    });
+    r.table = table.to_string();
+    r
 }
 
 /// Run `nft -f -` with `script` on stdin.

@@ -19,6 +19,9 @@
 //!   identity: spiffe://cluster.local/ns/istio-system/sa/ztunnel   # this ztunnel's own
 //!   peer_identity: spiffe://cluster.local/ns/istio-system/sa/ztunnel  # other nodes' ztunnels
 //!   ca: { builtin: /var/lib/mesh/ca }  # or { plugin: DIR } or { static: DIR }
+//!   capture: { table: ztunnel_capture } # optional: this process owns the node's nftables
+//!                                     # capture rules and keeps them in step with reloads
+//!                                     # (needs root; see `crate::capture`)
 //! runtime: { workers: 2 }             # runtime knobs (optional; replaces the profile's)
 //! h2: { max_streams_per_connection: 100 }  # HTTP/2 knobs (optional; replaces the profile's)
 //! workloads: []
@@ -85,6 +88,19 @@ pub struct PlaintextListener {
     pub target: Option<SocketAddr>,
 }
 
+/// `ztunnel.capture`: the process installs and updates the node's capture rules.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CaptureSettings {
+    /// nftables table (family `inet`) the rules live in.
+    #[serde(default = "default_capture_table")]
+    pub table: String,
+}
+
+fn default_capture_table() -> String {
+    crate::capture::DEFAULT_TABLE.to_string()
+}
+
 /// The `ztunnel:` section.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -114,6 +130,8 @@ pub struct ZtunnelSection {
     pub peer_identity: Option<String>,
     #[serde(with = "serde_norway::with::singleton_map")]
     pub ca: CaConfig,
+    #[serde(default)]
+    pub capture: Option<CaptureSettings>,
 }
 
 /// The whole file as written.
@@ -155,6 +173,8 @@ pub struct Settings {
     pub identity: hbone::Identity,
     pub peer_identity: hbone::Identity,
     pub ca: CaConfig,
+    /// Set: this process owns the node's capture rules (see [`crate::capture`]).
+    pub capture: Option<CaptureSettings>,
     pub runtime: RuntimeConfig,
     pub h2: H2Settings,
 }
@@ -203,6 +223,18 @@ impl ZtunnelFile {
                 "must be at least 1",
             ));
         }
+        if let Some(c) = &z.capture {
+            let ok = !c.table.is_empty()
+                && c.table
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_');
+            if !ok {
+                return Err(Invalid::new(
+                    "ztunnel.capture.table",
+                    "an nftables table name: letters, digits and `_`",
+                ));
+            }
+        }
         let identity = parse_id(
             "ztunnel.identity",
             z.identity.as_deref().unwrap_or(DEFAULT_ZTUNNEL_IDENTITY),
@@ -227,6 +259,7 @@ impl ZtunnelFile {
             identity,
             peer_identity,
             ca: z.ca.clone(),
+            capture: z.capture.clone(),
             runtime,
             h2,
         })

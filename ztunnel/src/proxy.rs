@@ -70,6 +70,8 @@ pub enum StartError {
     Ca(#[from] hbone::ca::CaError),
     #[error("workers: {0}")]
     Workers(#[from] std::io::Error),
+    #[error("capture rules: {0}")]
+    Capture(#[from] crate::capture::CaptureError),
 }
 
 /// Control-side counters of the config watcher.
@@ -77,6 +79,10 @@ pub enum StartError {
 pub struct ReloadCounters {
     pub reloads: AtomicU64,
     pub errors: AtomicU64,
+    /// Capture rule sets installed by this process (`ztunnel.capture`), the first included.
+    pub capture_installs: AtomicU64,
+    /// Capture rule updates that failed (the previous rules stay).
+    pub capture_errors: AtomicU64,
 }
 
 /// Addresses actually bound.
@@ -236,15 +242,29 @@ pub fn start(
         None => (None, None),
     };
     let hbone_addr = bound(settings.hbone, &hbone_socks)?;
+    // Capture rules owned by this process: in place before anything reports ready.
+    let capture = match &settings.capture {
+        Some(c) => {
+            let rules =
+                crate::capture::owned_rules(&publisher.load().model, &settings.node, &c.table);
+            rules.install(None)?;
+            reloads.capture_installs.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(table = %rules.table, interfaces = ?rules.pod_interfaces, pods = ?rules.pod_cidrs, "capture rules installed");
+            Some(rules)
+        }
+        None => None,
+    };
 
     let (m2, p2, rl2) = (metrics.clone(), publisher.clone(), reloads.clone());
     let stats_ep = admin::serve("stats", settings.stats, move |path| match path {
         "/stats/prometheus" | "/metrics" | "/stats" => {
             let mut body = m2.render(p2.version());
             body.push_str(&format!(
-                "# TYPE ztunnel_config_reloads_total counter\nztunnel_config_reloads_total {}\n# TYPE ztunnel_config_reload_errors_total counter\nztunnel_config_reload_errors_total {}\n",
+                "# TYPE ztunnel_config_reloads_total counter\nztunnel_config_reloads_total {}\n# TYPE ztunnel_config_reload_errors_total counter\nztunnel_config_reload_errors_total {}\n# TYPE ztunnel_capture_installs_total counter\nztunnel_capture_installs_total {}\n# TYPE ztunnel_capture_errors_total counter\nztunnel_capture_errors_total {}\n",
                 rl2.reloads.load(Ordering::Relaxed),
-                rl2.errors.load(Ordering::Relaxed)
+                rl2.errors.load(Ordering::Relaxed),
+                rl2.capture_installs.load(Ordering::Relaxed),
+                rl2.capture_errors.load(Ordering::Relaxed)
             ));
             ("200 OK", "text/plain; version=0.0.4", body)
         }
@@ -377,6 +397,7 @@ pub fn start(
         publisher.clone(),
         reloads.clone(),
         stop_watch.clone(),
+        capture,
     );
     ready.store(true, Ordering::SeqCst);
     Ok(Handle {
@@ -400,6 +421,7 @@ fn spawn_watcher(
     publisher: Publisher<State>,
     counters: Arc<ReloadCounters>,
     stop: Arc<AtomicBool>,
+    mut capture: Option<crate::capture::Rules>,
 ) {
     let mtime = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
     let mut last = watch.as_ref().and_then(|w| mtime(&w.file));
@@ -439,6 +461,24 @@ fn spawn_watcher(
                 let Some(model) = next_model else { continue };
                 match state::build(source.as_ref(), &settings, model, Some(&current)) {
                     Ok(st) => {
+                        // The capture rules follow the new snapshot (R2) before it serves:
+                        // a pod captured from now on is already known to the proxy.
+                        if let Some(old) = capture.as_mut() {
+                            let next = crate::capture::owned_rules(&st.model, &settings.node, &old.table);
+                            if next != *old {
+                                match next.install(None) {
+                                    Ok(()) => {
+                                        counters.capture_installs.fetch_add(1, Ordering::Relaxed);
+                                        tracing::info!(interfaces = ?next.pod_interfaces, pods = ?next.pod_cidrs, "capture rules updated");
+                                        *old = next;
+                                    }
+                                    Err(e) => {
+                                        counters.capture_errors.fetch_add(1, Ordering::Relaxed);
+                                        tracing::error!(error = %e, "capture rules not updated; the previous rules stay");
+                                    }
+                                }
+                            }
+                        }
                         let v = publisher.publish(st);
                         counters.reloads.fetch_add(1, Ordering::Relaxed);
                         tracing::info!(version = v, "config snapshot published");

@@ -832,3 +832,106 @@ fn r5_inbound_hbone_presents_the_destination_pods_identity() {
         dump(&w),
     );
 }
+
+/// A plain (uncaptured) client's connection to `pod` on node B: who answered, the address
+/// the pod saw, and node B's plaintext-inbound count for it.
+fn plain_call(w: &World, server: &Server, pod: &str) -> (String, IpAddr) {
+    let mut s = w.connect("legacy-client", pod_addr(pod)).unwrap();
+    let who = hello(&mut s);
+    assert_eq!(roundtrip(&mut s, b"r2"), b"r2");
+    drop(s);
+    let from = server.peers.recv_timeout(Duration::from_secs(2)).unwrap();
+    (who, from.ip())
+}
+
+#[test]
+fn r2_capture_rules_follow_reloads() {
+    need_root!("r2_capture_rules_follow_reloads");
+    let w = World::new("r2rl", "[]");
+    let server = w.server("server");
+    let legacy_client = IpAddr::V4(pod("legacy-client").ip);
+    let installs = |w: &World| metric(&w.stats(1), "ztunnel_capture_installs_total", &[]);
+    assert_eq!(installs(&w), 1, "installed once, at start");
+    // ns-b is ambient: node B captures the plaintext call to "server" (its address is
+    // redirected to :15006, so the pod sees node B's pod-side address, not the client).
+    assert_eq!(
+        plain_call(&w, &server, "server"),
+        ("server".into(), IpAddr::from([10, 2, 0, 1]))
+    );
+    let inbound = |w: &World| {
+        metric(
+            &w.stats(1),
+            PATHS,
+            &[
+                ("route", "plaintext_allow"),
+                ("target", &pod_addr("server").to_string()),
+            ],
+        )
+    };
+    eventually_or(
+        "captured as plaintext inbound",
+        || inbound(&w) == 1,
+        dump(&w),
+    );
+    let with_b = vec![
+        "p-server".to_string(),
+        "p-server2".into(),
+        "p-wpod".into(),
+        "p-wpod2".into(),
+    ];
+    assert_eq!(w.capture_rules(1), with_b);
+
+    // R2: ns-b loses istio.io/dataplane-mode=ambient → its pods are no longer captured.
+    let labelled = "  - name: ns-b\n    labels: {istio.io/dataplane-mode: ambient}\n";
+    w.rewrite("node-b", |t| {
+        assert!(t.contains(labelled));
+        t.replace(labelled, "  - name: ns-b\n")
+    });
+    eventually_or(
+        "rules reinstalled without ns-b",
+        || installs(&w) == 2,
+        dump(&w),
+    );
+    assert_eq!(
+        w.capture_rules(1),
+        vec!["p-wpod".to_string(), "p-wpod2".into()]
+    );
+    assert_eq!(
+        plain_call(&w, &server, "server"),
+        ("server".into(), legacy_client),
+        "not redirected any more: the pod sees the client itself"
+    );
+    assert_eq!(inbound(&w), 1, "node B did not see it");
+
+    // A workload-level override captures one pod of the unlabelled namespace again.
+    w.rewrite("node-b", |t| {
+        let pod_line = "  - {name: server, namespace: ns-b, serviceAccount: server, ";
+        assert!(t.contains(pod_line));
+        t.replace(pod_line, "  - {name: server, namespace: ns-b, serviceAccount: server, labels: {istio.io/dataplane-mode: ambient}, ")
+    });
+    eventually_or(
+        "rules reinstalled with the override",
+        || installs(&w) == 3,
+        dump(&w),
+    );
+    assert_eq!(
+        w.capture_rules(1),
+        vec!["p-server".to_string(), "p-wpod".into(), "p-wpod2".into()]
+    );
+    assert_eq!(
+        plain_call(&w, &server, "server"),
+        ("server".into(), IpAddr::from([10, 2, 0, 1]))
+    );
+    eventually_or("captured again", || inbound(&w) == 2, dump(&w));
+    // A reload that changes nothing about capture leaves the rules alone.
+    w.rewrite("node-b", |t| {
+        t.replace("policies: []", "policies: []\n# touched")
+    });
+    eventually_or(
+        "reloaded",
+        || metric(&w.stats(1), "ztunnel_config_reloads_total", &[]) >= 3,
+        dump(&w),
+    );
+    assert_eq!(installs(&w), 3);
+    assert_eq!(metric(&w.stats(1), "ztunnel_capture_errors_total", &[]), 0);
+}

@@ -444,10 +444,14 @@ impl World {
             let name = ["node-a", "node-b"][i];
             let policies = if i == 1 { policies_b } else { "[]" };
             let file = self.dir.join(format!("{name}.yaml"));
+            // Node A's rules are installed from outside (as `ztunnel capture install`
+            // would); node B's ztunnel owns its rules (`capture:`) and keeps them in step
+            // with reloads.
+            let owned = if i == 1 { "  capture: {}\n" } else { "" };
             std::fs::write(
                 &file,
                 format!(
-                    "ztunnel:\n  node: {name}\n  address: 0.0.0.0\n  outbound: 0.0.0.0:15001\n  plaintext:\n    - listen: 0.0.0.0:15006\n  ca: {{builtin: {}}}\nruntime: {{workers: 1, pin: false, drain_timeout: 1s}}\n{}",
+                    "ztunnel:\n  node: {name}\n  address: 0.0.0.0\n  outbound: 0.0.0.0:15001\n  plaintext:\n    - listen: 0.0.0.0:15006\n{owned}  ca: {{builtin: {}}}\nruntime: {{workers: 1, pin: false, drain_timeout: 1s}}\n{}",
                     self.ca_dir.display(),
                     mesh(policies)
                 ),
@@ -465,8 +469,18 @@ impl World {
                 .collect();
             expected.sort();
             assert_eq!(rules.pod_interfaces, expected, "captured pods of {name}");
-            rules.install(Some(&self.node(i))).unwrap();
+            if i == 0 {
+                rules.install(Some(&self.node(i))).unwrap();
+            }
             self.spawn_ztunnel(&self.node(i), &file, name);
+            if i == 1 {
+                // What node B's ztunnel installed (before READY) is what the config says.
+                assert_eq!(
+                    self.capture_rules(1),
+                    rules.pod_interfaces,
+                    "node B's own rules"
+                );
+            }
         }
     }
 
@@ -505,6 +519,52 @@ impl World {
                 self.log(name)
             ),
         }
+    }
+
+    /// The node-side interfaces node `i`'s capture table redirects outbound (sorted), read
+    /// back from the kernel with `nft list table`.
+    pub fn capture_rules(&self, i: usize) -> Vec<String> {
+        let out = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &self.node(i),
+                "nft",
+                "list",
+                "table",
+                "inet",
+                "ztunnel_capture",
+            ])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        let mut ifaces: Vec<String> = text
+            .lines()
+            .filter(|l| l.contains("iifname") && l.contains("redirect to :15001"))
+            .flat_map(|l| {
+                l.split('"')
+                    .skip(1)
+                    .step_by(2)
+                    .map(str::to_string)
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        ifaces.sort();
+        ifaces
+    }
+
+    /// Rewrite node `name`'s config file with `f` (the ztunnel reloads it).
+    pub fn rewrite(&self, name: &str, f: impl FnOnce(String) -> String) {
+        let file = self.dir.join(format!("{name}.yaml"));
+        let text = std::fs::read_to_string(&file).unwrap();
+        // The mtime must move: wait past the filesystem's timestamp granularity.
+        std::thread::sleep(Duration::from_millis(20));
+        std::fs::write(&file, f(text)).unwrap();
     }
 
     /// The ztunnel's log (stderr) of `node-a` / `node-b`.
