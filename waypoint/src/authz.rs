@@ -315,7 +315,36 @@ impl Operation {
     }
 }
 
+impl<T> OneOf<T> {
+    fn given(&self) -> bool {
+        self.values.is_some() || !self.not.is_empty()
+    }
+}
+
+impl Operation {
+    /// Whether it names HTTP-only fields (hosts, methods, paths).
+    fn http_only(&self) -> bool {
+        self.hosts.given() || self.methods.given() || self.paths.given()
+    }
+
+    /// On opaque TCP (Istio): an operation with HTTP-only fields never matches in an ALLOW
+    /// rule; in a DENY rule those fields are ignored (so it denies more, never less).
+    fn matches_tcp(&self, r: &Request<'_>, deny: bool) -> bool {
+        (deny || !self.http_only()) && self.ports.check(|p| *p == r.destination_port)
+    }
+}
+
 impl Condition {
+    fn http_only(&self) -> bool {
+        matches!(
+            self,
+            Condition::Str {
+                key: Key::Header(_),
+                ..
+            }
+        )
+    }
+
     fn matches(&self, r: &Request<'_>) -> bool {
         match self {
             Condition::Str { key, values } => {
@@ -348,6 +377,17 @@ impl Rule {
         (self.from.is_empty() || self.from.iter().any(|s| s.matches(r)))
             && (self.to.is_empty() || self.to.iter().any(|o| o.matches(r)))
             && self.when.iter().all(|c| c.matches(r))
+    }
+}
+
+impl Rule {
+    fn matches_tcp(&self, r: &Request<'_>, deny: bool) -> bool {
+        (self.from.is_empty() || self.from.iter().any(|s| s.matches(r)))
+            && (self.to.is_empty() || self.to.iter().any(|o| o.matches_tcp(r, deny)))
+            && self
+                .when
+                .iter()
+                .all(|c| if c.http_only() { deny } else { c.matches(r) })
     }
 }
 
@@ -386,15 +426,34 @@ pub struct Verdict {
 
 /// Evaluate every applicable policy in Istio's order.
 pub fn evaluate(policies: &[Policy], s: &Subject<'_>, r: &Request<'_>) -> Verdict {
+    evaluate_with(policies, s, &|p: &Policy| p.matches(r))
+}
+
+/// [`evaluate`] for an opaque TCP tunnel (no HTTP attributes; `r`'s host, method, path and
+/// headers are ignored), with Istio's rule for HTTP-only fields: an ALLOW rule that uses
+/// them does not match, a DENY rule that uses them matches as if they were absent.
+pub fn evaluate_tcp(policies: &[Policy], s: &Subject<'_>, r: &Request<'_>) -> Verdict {
+    evaluate_with(policies, s, &|p: &Policy| {
+        p.rules
+            .iter()
+            .any(|rule| rule.matches_tcp(r, p.action == Action::Deny))
+    })
+}
+
+fn evaluate_with(
+    policies: &[Policy],
+    s: &Subject<'_>,
+    matches: &dyn Fn(&Policy) -> bool,
+) -> Verdict {
     let applicable: Vec<&Policy> = policies.iter().filter(|p| p.applies(s)).collect();
     let audited = applicable
         .iter()
-        .filter(|p| p.action == Action::Audit && p.matches(r))
+        .filter(|p| p.action == Action::Audit && matches(p))
         .map(|p| p.id.clone())
         .collect();
     if let Some(p) = applicable
         .iter()
-        .find(|p| p.action == Action::Deny && p.matches(r))
+        .find(|p| p.action == Action::Deny && matches(p))
     {
         return Verdict {
             allowed: false,
@@ -413,7 +472,7 @@ pub fn evaluate(policies: &[Policy], s: &Subject<'_>, r: &Request<'_>) -> Verdic
             audited,
         };
     }
-    let hit = allows.find(|p| p.matches(r)).map(|p| p.id.clone());
+    let hit = allows.find(|p| matches(p)).map(|p| p.id.clone());
     Verdict {
         allowed: hit.is_some(),
         policy: hit,

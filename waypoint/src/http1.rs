@@ -152,6 +152,9 @@ fn reason(status: u16) -> &'static str {
         500 => "Internal Server Error",
         501 => "Not Implemented",
         502 => "Bad Gateway",
+        503 => "Service Unavailable",
+        504 => "Gateway Timeout",
+        413 => "Content Too Large",
         _ => "",
     }
 }
@@ -413,7 +416,18 @@ pub async fn serve<T: Tunnel, U: Upstream>(
     upstream: &mut U,
     rng: &mut dyn Rng,
 ) -> io::Result<End> {
-    let mut buf = BytesMut::new();
+    serve_from(tunnel, BytesMut::new(), cfg, ctx, upstream, rng).await
+}
+
+/// [`serve`], with `buf` already read from the tunnel (by protocol detection).
+pub async fn serve_from<T: Tunnel, U: Upstream>(
+    tunnel: &mut T,
+    mut buf: BytesMut,
+    cfg: &WaypointConfig,
+    ctx: &TunnelCtx,
+    upstream: &mut U,
+    rng: &mut dyn Rng,
+) -> io::Result<End> {
     loop {
         let (head, used) = loop {
             match parse_head(&buf) {
@@ -470,13 +484,10 @@ pub async fn serve<T: Tunnel, U: Upstream>(
                     .await
                 {
                     Ok(r) => modify_response(r, &forward.response_headers),
-                    Err(_) => {
-                        return close_with(
-                            tunnel,
-                            simple_response(502, &[], "upstream failed", true),
-                            502,
-                        )
-                        .await
+                    Err(e) => {
+                        let resp = upstream_failure(&e);
+                        let status = status_of(&resp);
+                        return close_with(tunnel, resp, status).await;
                     }
                 };
                 let status = status_of(&resp);
@@ -486,6 +497,22 @@ pub async fn serve<T: Tunnel, U: Upstream>(
                 tunnel.write(Bytes::from(resp)).await?;
             }
         }
+    }
+}
+
+/// The answer to a failed upstream exchange, as Envoy/Istio give it: `504` when the
+/// response did not come in time, `503` otherwise (connect failure, refused, reset before
+/// a response, no healthy endpoint).
+pub fn upstream_failure(e: &io::Error) -> Vec<u8> {
+    if e.kind() == io::ErrorKind::TimedOut {
+        simple_response(504, &[], "upstream request timeout", true)
+    } else {
+        simple_response(
+            503,
+            &[],
+            "upstream connect error or disconnect/reset before headers",
+            true,
+        )
     }
 }
 

@@ -21,14 +21,21 @@
 //!   and the old snapshot keeps serving; a tunnel keeps the snapshot it started with.
 //! * [`admin`] — `/stats/prometheus` and `/healthz/ready` on `waypoint.stats`.
 //!
-//! Not built yet: HTTP/2 and opaque TCP inside the tunnel; upstream keep-alive (one
-//! upstream stream per request); telemetry.
+//! * [`inner`] — per-tunnel protocol detection (HTTP/2 prior knowledge, HTTP/1.1, opaque
+//!   TCP), the CONNECT stream as a byte stream for `h2`, the opaque TCP splice (L4 policy
+//!   only, Istio's rules for HTTP-only fields: [`authz::evaluate_tcp`]).
+//! * [`h2srv`] — HTTP/2 inside the tunnel: many concurrent streams, the same policy and
+//!   routing as HTTP/1.1; upstream is HTTP/1.1 over HBONE; protocol errors → GOAWAY.
+//!
+//! Not built yet: HTTP/2 to the backend (HTTP/2 requests go upstream as HTTP/1.1).
 
 pub mod admin;
 pub mod authz;
 pub mod cli;
 pub mod config;
+pub mod h2srv;
 pub mod http1;
+pub mod inner;
 pub mod lb;
 pub mod reload;
 pub mod route;

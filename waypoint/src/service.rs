@@ -9,8 +9,10 @@
 //! Plain TCP, plaintext HTTP and TLS without a client certificate never get past the TLS
 //! accept of [`serve_connection`]: nothing is served to them.
 //!
-//! Not built yet: keep-alive reuse of upstream streams (one HBONE stream per request),
-//! HTTP/2 and opaque TCP inside the tunnel, hot reload of the L7 file, telemetry.
+//! Per tunnel, [`crate::inner::detect`] picks HTTP/1.1 ([`crate::http1`]), HTTP/2
+//! ([`crate::h2srv`]) or opaque TCP (L4 policy, then [`crate::inner::splice`] to the
+//! chosen endpoint). Upstream HBONE streams whose response completed are kept per tunnel
+//! and reused by its next requests.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -39,7 +41,9 @@ use runtime::worker::{race, Either};
 use runtime::{Publisher, Shutdown, Workers};
 
 use crate::config::{SettingsDoc, WaypointConfig};
+use crate::h2srv::{self, H2End};
 use crate::http1::{self, TunnelCtx, Upstream};
+use crate::inner::{self, Protocol};
 use crate::lb::{HashInput, SplitMix64};
 use crate::route::ObjectRef;
 use crate::target::{self, Me, Refused};
@@ -114,6 +118,19 @@ pub struct Counters {
     pub tunnels: AtomicU64,
     /// CONNECT streams refused by the R14 target check.
     pub refused_targets: AtomicU64,
+    /// Accepted tunnels by detected inner protocol.
+    pub http1_tunnels: AtomicU64,
+    pub http2_tunnels: AtomicU64,
+    pub tcp_tunnels: AtomicU64,
+    /// HTTP/2 tunnels ended by a protocol error (GOAWAY sent).
+    pub h2_protocol_errors: AtomicU64,
+    /// Requests answered 400/413 by the waypoint itself (HTTP/2 path).
+    pub bad_requests: AtomicU64,
+    /// Opaque TCP tunnels refused by L4 policy (R15).
+    pub tcp_denied: AtomicU64,
+    /// Opaque TCP bytes client → endpoint and endpoint → client.
+    pub tcp_bytes_sent: AtomicU64,
+    pub tcp_bytes_received: AtomicU64,
     /// Upstream HBONE streams opened.
     pub upstream_streams: AtomicU64,
     /// Upstream exchanges that failed (no endpoint, open, I/O).
@@ -238,37 +255,84 @@ pub fn start(
 /// The counters in Prometheus text format.
 pub fn prometheus(c: &Counters) -> String {
     let mut out = String::new();
-    let mut counter = |name: &str, help: &str, v: u64| {
+    let counter = |out: &mut String, name: &str, help: &str, v: u64| {
         out.push_str(&format!(
             "# HELP {name} {help}\n# TYPE {name} counter\n{name}_total {v}\n"
         ));
     };
     counter(
+        &mut out,
         "waypoint_tunnels",
         "CONNECT streams accepted (target bound to this waypoint).",
         c.tunnels.load(Relaxed),
     );
     counter(
+        &mut out,
         "waypoint_refused_targets",
         "CONNECT streams refused by the R14 target check.",
         c.refused_targets.load(Relaxed),
     );
     counter(
+        &mut out,
+        "waypoint_h2_protocol_errors",
+        "HTTP/2 tunnels ended by a protocol error (GOAWAY sent).",
+        c.h2_protocol_errors.load(Relaxed),
+    );
+    counter(
+        &mut out,
+        "waypoint_bad_requests",
+        "HTTP/2 requests answered 400/413 by the waypoint.",
+        c.bad_requests.load(Relaxed),
+    );
+    counter(
+        &mut out,
+        "waypoint_tcp_denied",
+        "Opaque TCP tunnels denied by AuthorizationPolicy (R15).",
+        c.tcp_denied.load(Relaxed),
+    );
+    counter(
+        &mut out,
+        "waypoint_tcp_sent_bytes",
+        "Opaque TCP bytes client to endpoint.",
+        c.tcp_bytes_sent.load(Relaxed),
+    );
+    counter(
+        &mut out,
+        "waypoint_tcp_received_bytes",
+        "Opaque TCP bytes endpoint to client.",
+        c.tcp_bytes_received.load(Relaxed),
+    );
+    counter(
+        &mut out,
         "waypoint_upstream_streams",
         "Upstream HBONE streams opened.",
         c.upstream_streams.load(Relaxed),
     );
     counter(
+        &mut out,
         "waypoint_upstream_errors",
         "Upstream exchanges that failed.",
         c.upstream_errors.load(Relaxed),
     );
+    out.push_str("# HELP waypoint_tunnels_by_protocol_total Accepted tunnels by detected inner protocol.\n# TYPE waypoint_tunnels_by_protocol_total counter\n");
+    for (proto, v) in [
+        ("http1", &c.http1_tunnels),
+        ("http2", &c.http2_tunnels),
+        ("tcp", &c.tcp_tunnels),
+    ] {
+        out.push_str(&format!(
+            "waypoint_tunnels_by_protocol_total{{protocol=\"{proto}\"}} {}\n",
+            v.load(Relaxed)
+        ));
+    }
     counter(
+        &mut out,
         "waypoint_config_reloads",
         "Configuration snapshots published by hot reload.",
         c.config_reloads.load(Relaxed),
     );
     counter(
+        &mut out,
         "waypoint_config_reload_errors",
         "Edited configurations rejected; the old snapshot kept serving.",
         c.config_reload_errors.load(Relaxed),
@@ -373,21 +437,69 @@ async fn tunnel(w: Rc<Worker>, cert: Arc<WorkloadCert>, inb: Inbound) {
     };
     let Ok(mut stream) = inb.accept() else { return };
     counters.tunnels.fetch_add(1, Relaxed);
-    let mut up = HboneUpstream {
-        worker: &w,
+    let idle = Rc::new(RefCell::new(HashMap::new()));
+    let upstream = |w: &Rc<Worker>| HboneUpstream {
+        worker: w.clone(),
         l7: l7.clone(),
-        cert,
+        cert: cert.clone(),
         target,
         source_ip,
         rng: w.rng(),
-        idle: HashMap::new(),
+        idle: idle.clone(),
     };
-    let mut rng = w.rng();
-    let serve = http1::serve(&mut stream, &l7, &ctx, &mut up, &mut rng);
-    match race(serve, w.ctx.aborted()).await {
-        Either::Left(Ok(end)) => tracing::trace!(%target, ?end, "tunnel ended"),
-        Either::Left(Err(e)) => tracing::debug!(%target, error = %e, "tunnel failed"),
-        Either::Right(()) => stream.reset(h2::Reason::CANCEL),
+    let (proto, first) = match race(inner::detect(&mut stream), w.ctx.aborted()).await {
+        Either::Left(Ok(x)) => x,
+        Either::Left(Err(e)) => {
+            tracing::debug!(%target, error = %e, "tunnel failed before its first bytes");
+            return;
+        }
+        Either::Right(()) => {
+            stream.reset(h2::Reason::CANCEL);
+            return;
+        }
+    };
+    match proto {
+        Protocol::Http1 => {
+            counters.http1_tunnels.fetch_add(1, Relaxed);
+            let mut up = upstream(&w);
+            let mut rng = w.rng();
+            let serve = http1::serve_from(&mut stream, first, &l7, &ctx, &mut up, &mut rng);
+            match race(serve, w.ctx.aborted()).await {
+                Either::Left(Ok(end)) => tracing::trace!(%target, ?end, "tunnel ended"),
+                Either::Left(Err(e)) => tracing::debug!(%target, error = %e, "tunnel failed"),
+                Either::Right(()) => stream.reset(h2::Reason::CANCEL),
+            }
+        }
+        Protocol::Http2 => {
+            counters.http2_tunnels.fetch_add(1, Relaxed);
+            let io = inner::StreamIo::new(stream, first.freeze());
+            let w2 = w.clone();
+            let c2 = counters.clone();
+            let serve = h2srv::serve(
+                io,
+                &settings.h2,
+                l7.clone(),
+                Rc::new(ctx),
+                || (upstream(&w2), w2.rng()),
+                Rc::new(move || {
+                    c2.bad_requests.fetch_add(1, Relaxed);
+                }),
+            );
+            match race(serve, w.ctx.aborted()).await {
+                Either::Left(H2End::Closed) => tracing::trace!(%target, "h2 tunnel ended"),
+                Either::Left(H2End::Error(e)) => {
+                    counters.h2_protocol_errors.fetch_add(1, Relaxed);
+                    tracing::debug!(%target, error = %e, "h2 tunnel failed (GOAWAY sent)");
+                }
+                // The connection (and its stream) is dropped: the stream is reset.
+                Either::Right(()) => {}
+            }
+        }
+        Protocol::Tcp => {
+            counters.tcp_tunnels.fetch_add(1, Relaxed);
+            let mut up = upstream(&w);
+            up.opaque(stream, &ctx, first.freeze()).await;
+        }
     }
 }
 
@@ -403,19 +515,23 @@ fn pod_endpoint(snap: &Snapshot, target: SocketAddr) -> Option<Endpoint> {
     })
 }
 
+/// Idle upstream streams of one tunnel (shared by its HTTP/2 request streams), by
+/// (HBONE address, authority).
+type IdleStreams = Rc<RefCell<HashMap<(SocketAddr, SocketAddr), Vec<H2Stream>>>>;
+
 /// Upstream exchanges over HBONE for one tunnel.
-struct HboneUpstream<'a> {
-    worker: &'a Worker,
+struct HboneUpstream {
+    worker: Rc<Worker>,
     l7: Arc<WaypointConfig>,
     cert: Arc<WorkloadCert>,
     target: SocketAddr,
     source_ip: IpAddr,
     rng: SplitMix64,
-    /// Streams whose last response was complete, by (HBONE address, authority).
-    idle: HashMap<(SocketAddr, SocketAddr), H2Stream>,
+    /// Streams whose last response was complete.
+    idle: IdleStreams,
 }
 
-impl Upstream for HboneUpstream<'_> {
+impl Upstream for HboneUpstream {
     async fn exchange(
         &mut self,
         service: Option<&(ObjectRef, u16)>,
@@ -433,7 +549,7 @@ impl Upstream for HboneUpstream<'_> {
     }
 }
 
-impl HboneUpstream<'_> {
+impl HboneUpstream {
     async fn exchange_inner(
         &mut self,
         service: Option<&(ObjectRef, u16)>,
@@ -448,19 +564,46 @@ impl HboneUpstream<'_> {
             http1::Parsed::Head(h, _) => h,
             _ => return Err(io::Error::other("unparsable upstream request")),
         };
+        let hdrs: Vec<(&str, &str)> = head
+            .headers
+            .iter()
+            .map(|(n, v)| (n.as_str(), v.as_str()))
+            .collect();
+        let (ep, expected, picked) = self.choose(snap, service, &hdrs)?;
+        let close = head
+            .header("connection")
+            .is_some_and(|v| v.to_ascii_lowercase().contains("close"))
+            || head.version == 0;
+        let r = self
+            .send(&ep, expected, request, head.method == "HEAD", close)
+            .await;
+        if let Some((svc, port, i)) = picked {
+            let status = r.as_ref().map_or(0, |resp| status_of(resp));
+            self.worker
+                .balancers
+                .borrow_mut()
+                .finish(svc, port, i, status, Instant::now());
+        }
+        r
+    }
+
+    /// The endpoint for `service` (balanced; `None`: the tunnel's pod, R16), the identity
+    /// it must present, and the balancer slot to [`Balancers::finish`].
+    #[allow(clippy::type_complexity)]
+    fn choose<'s>(
+        &mut self,
+        snap: &Snapshot,
+        service: Option<&'s (ObjectRef, u16)>,
+        hdrs: &[(&str, &str)],
+    ) -> io::Result<(Endpoint, Identity, Option<(&'s ObjectRef, u16, usize)>)> {
         let (ep, picked) = match service {
             Some((svc, port)) => {
-                let hdrs: Vec<(&str, &str)> = head
-                    .headers
-                    .iter()
-                    .map(|(n, v)| (n.as_str(), v.as_str()))
-                    .collect();
                 let input = HashInput {
-                    headers: &hdrs,
+                    headers: hdrs,
                     source_ip: Some(self.source_ip),
                 };
                 let picked = self.worker.balancers.borrow_mut().pick(
-                    &l7,
+                    &self.l7,
                     svc,
                     *port,
                     &input,
@@ -482,21 +625,113 @@ impl HboneUpstream<'_> {
             .workload(&ep.workload_uid)
             .map(|w| w.identity())
             .ok_or_else(|| io::Error::other("endpoint left the model"))?;
-        let close = head
-            .header("connection")
-            .is_some_and(|v| v.to_ascii_lowercase().contains("close"))
-            || head.version == 0;
-        let r = self
-            .send(&ep, expected, request, head.method == "HEAD", close)
-            .await;
-        if let Some((svc, port, i)) = picked {
-            let status = r.as_ref().map_or(0, |resp| status_of(resp));
-            self.worker
-                .balancers
-                .borrow_mut()
-                .finish(svc, port, i, status, Instant::now());
+        Ok((ep, expected, picked))
+    }
+
+    /// A new upstream CONNECT stream to `ep` through the worker's pool.
+    async fn open(&self, ep: &Endpoint, expected: Identity) -> io::Result<H2Stream> {
+        let w = &self.worker;
+        let mut req = ConnectRequest::new(ep.authority);
+        req.forwarded_for = Some(self.source_ip);
+        let key = PoolKey {
+            src: w.shared.settings.identity.clone(),
+            dst: vec![expected],
+            addr: ep.hbone,
+        };
+        let s = w
+            .pool
+            .open(&key, &self.cert, &req)
+            .await
+            .map_err(io::Error::other)?;
+        w.shared.counters.upstream_streams.fetch_add(1, Relaxed);
+        Ok(s)
+    }
+
+    /// An opaque TCP tunnel (R15 at L4, then bytes to the chosen endpoint).
+    async fn opaque(&mut self, mut down: H2Stream, ctx: &TunnelCtx, first: Bytes) {
+        let counters = self.worker.shared.counters.clone();
+        let (service, workload) = match &ctx.destination {
+            http1::Destination::Service { service, .. } => (Some(service), None),
+            http1::Destination::Workload { namespace, labels } => {
+                (None, Some((namespace.as_str(), labels)))
+            }
+        };
+        let subject = crate::authz::Subject {
+            waypoint: &ctx.waypoint,
+            root_namespace: &ctx.root_namespace,
+            service,
+            workload,
+        };
+        let areq = crate::authz::Request {
+            source_ip: ctx.source_ip,
+            remote_ip: ctx.source_ip,
+            principal: ctx.principal.as_deref(),
+            destination_ip: ctx.destination_ip,
+            destination_port: ctx.destination_port,
+            host: "",
+            method: "",
+            path: "",
+            headers: &[],
+        };
+        let verdict = crate::authz::evaluate_tcp(&self.l7.policies, &subject, &areq);
+        if !verdict.allowed {
+            counters.tcp_denied.fetch_add(1, Relaxed);
+            tracing::debug!(target = %self.target, policy = ?verdict.policy, "opaque TCP tunnel denied (R15)");
+            down.reset(h2::Reason::REFUSED_STREAM);
+            return;
         }
-        r
+        let l7 = self.l7.clone();
+        let Some(snap) = l7.mesh.as_ref() else {
+            down.reset(h2::Reason::REFUSED_STREAM);
+            return;
+        };
+        let svc = match &ctx.destination {
+            http1::Destination::Service { service, port } => Some((service.clone(), *port)),
+            http1::Destination::Workload { .. } => None,
+        };
+        let opened = match self.choose(snap, svc.as_ref(), &[]) {
+            Ok((ep, expected, picked)) => {
+                let r = self.open(&ep, expected).await;
+                if let (Some((svc, port, i)), Err(_)) = (picked, &r) {
+                    self.worker
+                        .balancers
+                        .borrow_mut()
+                        .finish(svc, port, i, 503, Instant::now());
+                } else if let Some((svc, port, i)) = picked {
+                    self.worker
+                        .balancers
+                        .borrow_mut()
+                        .finish(svc, port, i, 200, Instant::now());
+                }
+                r
+            }
+            Err(e) => Err(e),
+        };
+        let up = match opened {
+            Ok(s) => s,
+            Err(e) => {
+                counters.upstream_errors.fetch_add(1, Relaxed);
+                tracing::debug!(target = %self.target, error = %e, "opaque TCP: upstream failed");
+                down.reset(h2::Reason::CONNECT_ERROR);
+                return;
+            }
+        };
+        let rt = &self.worker.shared.settings.runtime;
+        let out = inner::splice(
+            down,
+            up,
+            first,
+            rt.forward.idle_timeout,
+            self.worker.ctx.aborted(),
+        )
+        .await;
+        counters
+            .tcp_bytes_sent
+            .fetch_add(out.downstream_to_upstream, Relaxed);
+        counters
+            .tcp_bytes_received
+            .fetch_add(out.upstream_to_downstream, Relaxed);
+        tracing::debug!(target = %self.target, sent = out.downstream_to_upstream, received = out.upstream_to_downstream, end = ?out.end, "opaque TCP tunnel ended");
     }
 
     /// One exchange with `ep`: on an idle stream kept from an earlier request of this tunnel
@@ -511,7 +746,8 @@ impl HboneUpstream<'_> {
         close: bool,
     ) -> io::Result<Vec<u8>> {
         let idle_key = (ep.hbone, ep.authority);
-        if let Some(mut s) = self.idle.remove(&idle_key) {
+        let kept = self.idle.borrow_mut().get_mut(&idle_key).and_then(Vec::pop);
+        if let Some(mut s) = kept {
             let mut got = false;
             let r = match s.write_all(request.clone(), false).await {
                 Ok(()) => read_response(&mut s, head_request, &mut got).await,
@@ -532,20 +768,7 @@ impl HboneUpstream<'_> {
                 }
             }
         }
-        let w = self.worker;
-        let mut req = ConnectRequest::new(ep.authority);
-        req.forwarded_for = Some(self.source_ip);
-        let key = PoolKey {
-            src: w.shared.settings.identity.clone(),
-            dst: vec![expected],
-            addr: ep.hbone,
-        };
-        let mut s = w
-            .pool
-            .open(&key, &self.cert, &req)
-            .await
-            .map_err(io::Error::other)?;
-        w.shared.counters.upstream_streams.fetch_add(1, Relaxed);
+        let mut s = self.open(ep, expected).await?;
         s.write_all(request, false)
             .await
             .map_err(io::Error::other)?;
@@ -564,15 +787,17 @@ impl HboneUpstream<'_> {
     /// Keep a stream whose response was fully read for the next request to the same
     /// endpoint; otherwise (or with too many kept) end it.
     fn keep(&mut self, key: (SocketAddr, SocketAddr), mut s: H2Stream, reusable: bool) {
-        if reusable && self.idle.len() < MAX_IDLE_STREAMS {
-            self.idle.insert(key, s);
+        let mut idle = self.idle.borrow_mut();
+        let total: usize = idle.values().map(Vec::len).sum();
+        if reusable && total < MAX_IDLE_STREAMS {
+            idle.entry(key).or_default().push(s);
         } else {
             s.reset(h2::Reason::CANCEL);
         }
     }
 }
 
-/// Idle upstream streams one tunnel keeps (one per endpoint).
+/// Idle upstream streams one tunnel keeps.
 const MAX_IDLE_STREAMS: usize = 16;
 
 fn status_of(resp: &[u8]) -> u16 {

@@ -245,8 +245,43 @@ fn ip(net: u8, host: u8) -> Ipv4Addr {
     Ipv4Addr::new(127, net, 0, host)
 }
 
+/// A TCP backend that sends back every byte it reads and half-closes after the client's
+/// half-close.
+fn tcp_echo(ip: Ipv4Addr) -> SocketAddr {
+    let l = TcpListener::bind((ip, 0)).unwrap();
+    let addr = l.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for conn in l.incoming() {
+            let Ok(mut c) = conn else { return };
+            std::thread::spawn(move || {
+                let mut buf = vec![0u8; 64 * 1024];
+                loop {
+                    match c.read(&mut buf) {
+                        Ok(0) => {
+                            let _ = c.shutdown(std::net::Shutdown::Write);
+                            return;
+                        }
+                        Ok(n) => {
+                            if c.write_all(&buf[..n]).is_err() {
+                                return;
+                            }
+                        }
+                        Err(_) => return,
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
 impl Mesh {
     fn start() -> Mesh {
+        Mesh::start_with(DENY_ADMIN)
+    }
+
+    /// The mesh with `policies` (YAML documents) instead of the default DENY policy.
+    fn start_with(policies: &str) -> Mesh {
         // A free 127.X.0.1:15008 for the stand-in ztunnel.
         let (net, zl) = loop {
             let n = NEXT.fetch_add(1, Ordering::SeqCst);
@@ -262,6 +297,7 @@ impl Mesh {
         let client_cert = ca.issue(&id("app", "client"), now).unwrap();
         let echo = backend(ip(net, 2), "echo");
         let echo_v1 = backend(ip(net, 3), "echo-v1");
+        let raw = tcp_echo(ip(net, 5));
         let model = format!(
             r#"namespaces:
   - name: app
@@ -277,10 +313,12 @@ workloads:
   - {{uid: echo-1, name: echo-1, namespace: app, serviceAccount: echo, node: node-b, workloadIps: ["{e}"], services: {{"app/echo.app.svc.cluster.local": {{80: {ep}}}}}}}
   - {{uid: v1-1, name: v1-1, namespace: app, serviceAccount: echo, node: node-b, workloadIps: ["{v}"], services: {{"app/echo-v1.app.svc.cluster.local": {{80: {vp}}}}}}}
   - {{uid: o1, name: o1, namespace: other, workloadIps: ["{o}"], services: {{"other/lone.other.svc.cluster.local": {{80: 8080}}}}}}
+  - {{uid: raw-1, name: raw-1, namespace: app, serviceAccount: echo, node: node-b, workloadIps: ["{r}"], services: {{"app/raw.app.svc.cluster.local": {{80: {rp}}}}}}}
 services:
   - {{name: echo, namespace: app, hostname: echo.app.svc.cluster.local, vips: ["10.96.0.1"], ports: {{80: 8080}}}}
   - {{name: echo-v1, namespace: app, hostname: echo-v1.app.svc.cluster.local, vips: ["10.96.0.2"], ports: {{80: 8080}}}}
   - {{name: lone, namespace: other, hostname: lone.other.svc.cluster.local, vips: ["10.96.0.3"], ports: {{80: 8080}}}}
+  - {{name: raw, namespace: app, hostname: raw.app.svc.cluster.local, vips: ["10.96.0.4"], ports: {{80: 8080}}}}
 "#,
             zt = ip(net, 1),
             e = echo.addr.ip(),
@@ -288,8 +326,10 @@ services:
             v = echo_v1.addr.ip(),
             vp = echo_v1.addr.port(),
             o = ip(net, 4),
+            r = raw.ip(),
+            rp = raw.port(),
         );
-        let text = format!("{model}---\n{ROUTE}---\n{DENY_ADMIN}");
+        let text = format!("{model}---\n{ROUTE}---\n{policies}");
         let dir = std::env::temp_dir().join(format!("waypoint-e2e-{}-{net}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
@@ -704,4 +744,264 @@ fn hot_reload_publishes_valid_edits_keeps_old_snapshot_on_broken_ones_and_tunnel
         let mut last = open().await;
         assert_eq!(last.ask("/e").await.1, format!("echo-v1 /e xff={ME}"));
     });
+}
+
+/// Open a CONNECT stream through the waypoint to `target`.
+async fn tunnel_to(m: &Mesh, target: &str) -> (Client, H2Stream) {
+    let tls = hbone::tls::client_config(&m.client_cert, &[id("app", "waypoint")]).unwrap();
+    let c = Client::connect(
+        m.waypoint,
+        tls,
+        &H2Settings::default(),
+        &TlsCounters::default(),
+    )
+    .await
+    .unwrap();
+    let s = c
+        .open(&ConnectRequest::new(target.parse().unwrap()))
+        .await
+        .unwrap();
+    (c, s)
+}
+
+async fn h2_get(send: &h2::client::SendRequest<Bytes>, path: &str, host: &str) -> (u16, String) {
+    let req = http::Request::builder()
+        .method("GET")
+        .uri(format!("http://{host}{path}"))
+        .body(())
+        .unwrap();
+    let mut send = send.clone().ready().await.unwrap();
+    let (resp, _) = send.send_request(req, true).unwrap();
+    let resp = resp.await.unwrap();
+    let status = resp.status().as_u16();
+    let mut body = resp.into_body();
+    let mut out = Vec::new();
+    while let Some(chunk) = body.data().await {
+        let chunk = chunk.unwrap();
+        let _ = body.flow_control().release_capacity(chunk.len());
+        out.extend_from_slice(&chunk);
+    }
+    (status, String::from_utf8(out).unwrap())
+}
+
+#[test]
+fn h2_prior_knowledge_many_concurrent_streams_policy_first_then_routing() {
+    let m = Mesh::start();
+    let host = "echo.app.svc.cluster.local";
+    block_on(async {
+        let (_c, s) = tunnel_to(&m, "10.96.0.1:80").await;
+        let io = waypoint::inner::StreamIo::new(s, Bytes::new());
+        let (send, conn) = h2::client::handshake(io).await.unwrap();
+        monoio::spawn(async move {
+            let _ = conn.await;
+        });
+        // 256 requests, 64 in flight at a time, on one tunnel.
+        for round in 0..4 {
+            let mut handles = Vec::new();
+            for i in 0..64 {
+                let send = send.clone();
+                let path = format!("/r{round}/{i}");
+                handles.push(monoio::spawn(async move {
+                    let got = h2_get(&send, &path, host).await;
+                    (path, got)
+                }));
+            }
+            for h in handles {
+                let (path, (status, body)) = h.await;
+                assert_eq!(status, 200, "{path}");
+                // The echo → echo-v1 route, x-forwarded-for added.
+                assert_eq!(body, format!("echo-v1 {path} xff={ME}"));
+            }
+        }
+        // Policy first: denied without an upstream request.
+        let before = m.echo_v1.seen().len();
+        assert_eq!(before, 256);
+        assert_eq!(
+            h2_get(&send, "/admin/x", host).await,
+            (403, "RBAC: access denied".to_string())
+        );
+        assert!(m.echo_v1.seen().is_empty());
+        assert_eq!(m.counters().http2_tunnels.load(Ordering::Relaxed), 1);
+    });
+    assert!(m.echo.seen().is_empty());
+}
+
+/// Read HTTP/2 frames from `s` until a GOAWAY (its error code) or the end.
+async fn read_goaway(s: &mut H2Stream) -> Option<u32> {
+    let mut buf = Vec::new();
+    loop {
+        while buf.len() >= 9 {
+            let len = u32::from_be_bytes([0, buf[0], buf[1], buf[2]]) as usize;
+            if buf.len() < 9 + len {
+                break;
+            }
+            let kind = buf[3];
+            let payload = buf[9..9 + len].to_vec();
+            buf.drain(..9 + len);
+            if kind == 7 {
+                return Some(u32::from_be_bytes(payload[4..8].try_into().unwrap()));
+            }
+        }
+        match s.read().await {
+            Some(Ok(b)) => buf.extend_from_slice(&b),
+            _ => return None,
+        }
+    }
+}
+
+#[test]
+fn h2_invalid_frames_get_goaway_and_the_worker_keeps_serving() {
+    let m = Mesh::start();
+    block_on(async {
+        let (_c, mut s) = tunnel_to(&m, "10.96.0.1:80").await;
+        let mut bad = waypoint::inner::H2_PREFACE.to_vec();
+        // An empty SETTINGS, then DATA on stream 0: a connection error (PROTOCOL_ERROR).
+        bad.extend_from_slice(&[0, 0, 0, 4, 0, 0, 0, 0, 0]);
+        bad.extend_from_slice(&[0, 0, 1, 0, 0, 0, 0, 0, 0, b'x']);
+        s.write_all(Bytes::from(bad), false).await.unwrap();
+        assert_eq!(read_goaway(&mut s).await, Some(1), "GOAWAY(PROTOCOL_ERROR)");
+    });
+    for _ in 0..3000 {
+        if m.counters().h2_protocol_errors.load(Ordering::Relaxed) == 1 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(m.counters().h2_protocol_errors.load(Ordering::Relaxed), 1);
+    // The worker keeps serving: HTTP/1.1 and HTTP/2 tunnels after it.
+    let r = m
+        .requests(
+            "10.96.0.1:80",
+            &[get("/after", "echo.app.svc.cluster.local")],
+        )
+        .unwrap();
+    assert_eq!(r[0].0, 200);
+    block_on(async {
+        let (_c, s) = tunnel_to(&m, "10.96.0.2:80").await;
+        let (send, conn) = h2::client::handshake(waypoint::inner::StreamIo::new(s, Bytes::new()))
+            .await
+            .unwrap();
+        monoio::spawn(async move {
+            let _ = conn.await;
+        });
+        let (status, body) = h2_get(&send, "/h2-after", "echo-v1.app.svc.cluster.local").await;
+        assert_eq!(
+            (status, body.as_str()),
+            (200, "echo-v1 /h2-after xff=127.0.0.1")
+        );
+    });
+}
+
+/// Deterministic bytes that do not look like HTTP (first byte 0x16, a TLS record).
+fn payload(len: usize) -> Vec<u8> {
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut v: Vec<u8> = (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    v[0] = 0x16;
+    v
+}
+
+fn fnv(b: &[u8]) -> u64 {
+    b.iter().fold(0xcbf2_9ce4_8422_2325, |h, &x| {
+        (h ^ u64::from(x)).wrapping_mul(0x100_0000_01b3)
+    })
+}
+
+#[test]
+fn opaque_tcp_is_forwarded_byte_exact_with_half_close() {
+    // No DENY policy here: see the test below for TCP under HTTP-only DENY rules.
+    let m = Mesh::start_with("");
+    let data = payload(8 * 1024 * 1024 + 17);
+    let want = fnv(&data);
+    let got = block_on(async {
+        let (_c, s) = tunnel_to(&m, "10.96.0.4:80").await;
+        let (mut w, mut r) = s.split();
+        let sent = data.clone();
+        let writer = monoio::spawn(async move {
+            for chunk in sent.chunks(100_000) {
+                w.write_all(Bytes::copy_from_slice(chunk), false)
+                    .await
+                    .unwrap();
+            }
+            // Half-close: the echo answers everything, then closes its side.
+            w.write_all(Bytes::new(), true).await.unwrap();
+            w
+        });
+        let mut got = Vec::new();
+        loop {
+            match r.read().await {
+                Some(Ok(b)) => got.extend_from_slice(&b),
+                Some(Err(e)) => panic!("reset: {e}"),
+                None => break,
+            }
+        }
+        let _w = writer.await;
+        got
+    });
+    assert_eq!(got.len(), data.len());
+    assert_eq!(fnv(&got), want);
+    let c = m.counters();
+    for _ in 0..3000 {
+        if c.tcp_bytes_received.load(Ordering::Relaxed) == data.len() as u64 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(c.tcp_tunnels.load(Ordering::Relaxed), 1);
+    assert_eq!(c.tcp_bytes_sent.load(Ordering::Relaxed), data.len() as u64);
+    assert_eq!(
+        c.tcp_bytes_received.load(Ordering::Relaxed),
+        data.len() as u64
+    );
+    let seen = m.zt.streams();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].0, Some(id("app", "waypoint")));
+}
+
+/// Send non-HTTP bytes on a tunnel to `target`; whether the waypoint refused it (reset
+/// with no byte back).
+fn tcp_refused(m: &Mesh, target: &str) -> bool {
+    block_on(async {
+        let (_c, mut s) = tunnel_to(m, target).await;
+        s.write_all(Bytes::from_static(b"\x16hello"), true)
+            .await
+            .unwrap();
+        match s.read().await {
+            Some(Err(_)) => true,
+            Some(Ok(b)) => {
+                // Forwarded: the echo's answer.
+                assert_eq!(&b[..], b"\x16hello");
+                false
+            }
+            None => panic!("closed without a reset or a byte"),
+        }
+    })
+}
+
+#[test]
+fn r15_opaque_tcp_policy_follows_istio_rules_for_http_only_fields() {
+    // DENY with only HTTP fields (paths): for TCP those fields are ignored, so it denies.
+    let m = Mesh::start();
+    assert!(tcp_refused(&m, "10.96.0.4:80"));
+    assert_eq!(m.counters().tcp_denied.load(Ordering::Relaxed), 1);
+    assert!(m.zt.streams().is_empty(), "an upstream stream was opened");
+    drop(m);
+    // ALLOW with an HTTP-only field (methods) never matches TCP: refused; an ALLOW on
+    // L4 fields (principals, ports) matches.
+    let allow = |op: &str| {
+        format!("apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: allow, namespace: app}}\nspec:\n  targetRefs: [{{kind: Service, group: \"\", name: raw}}]\n  action: ALLOW\n  rules:\n  - from: [{{source: {{principals: [\"cluster.local/ns/app/sa/client\"]}}}}]\n    to: [{{operation: {op}}}]\n")
+    };
+    let m = Mesh::start_with(&allow("{methods: [GET]}"));
+    assert!(tcp_refused(&m, "10.96.0.4:80"));
+    assert_eq!(m.counters().tcp_denied.load(Ordering::Relaxed), 1);
+    drop(m);
+    let m = Mesh::start_with(&allow("{ports: [\"80\"]}"));
+    assert!(!tcp_refused(&m, "10.96.0.4:80"));
+    assert_eq!(m.counters().tcp_denied.load(Ordering::Relaxed), 0);
 }

@@ -1,0 +1,309 @@
+//! What runs inside one accepted HBONE tunnel: protocol detection, the byte-level adapter
+//! that lets the stock `h2` server run over a CONNECT stream, and the opaque-TCP splice
+//! between two CONNECT streams.
+//!
+//! **Detection** ([`detect`]) looks at the first bytes the client sends: the HTTP/2 client
+//! preface (`PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n`, prior knowledge) → [`Protocol::Http2`]; an
+//! HTTP/1 request line (an upper-case method token and a space) → [`Protocol::Http1`];
+//! anything else → [`Protocol::Tcp`]. A client that sends nothing for
+//! [`DETECT_TIMEOUT`] (a server-first protocol) is treated as opaque TCP, as Istio does.
+
+use std::cell::Cell;
+use std::future::{poll_fn, Future};
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use h2::{Reason, RecvStream, SendStream};
+use hbone::stream::H2Stream;
+use runtime::forward::{drive, DirEnd, End, Outcome, Side};
+use runtime::worker::{race, Either};
+
+/// The HTTP/2 client connection preface (RFC 9113 §3.4).
+pub const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// How long to wait for the client's first bytes before treating the tunnel as opaque TCP.
+pub const DETECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The longest HTTP method token accepted as an HTTP/1 request line.
+const MAX_METHOD: usize = 20;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    Http1,
+    Http2,
+    Tcp,
+}
+
+/// The verdict on the bytes so far: `None` = need more.
+pub fn classify(buf: &[u8]) -> Option<Protocol> {
+    if buf.is_empty() {
+        return None;
+    }
+    let n = buf.len().min(H2_PREFACE.len());
+    if buf[..n] == H2_PREFACE[..n] {
+        // "PRI" is also a token; only the full preface decides HTTP/2.
+        return (n == H2_PREFACE.len()).then_some(Protocol::Http2);
+    }
+    match buf.iter().position(|b| !b.is_ascii_uppercase()) {
+        Some(0) => Some(Protocol::Tcp),
+        Some(i) if buf[i] == b' ' && i <= MAX_METHOD => Some(Protocol::Http1),
+        Some(_) => Some(Protocol::Tcp),
+        None if buf.len() > MAX_METHOD => Some(Protocol::Tcp),
+        None => None,
+    }
+}
+
+/// Read from the tunnel until [`classify`] decides; returns the protocol and every byte
+/// read (to be replayed). End of stream or silence decides [`Protocol::Tcp`].
+pub async fn detect(s: &mut H2Stream) -> Result<(Protocol, BytesMut), h2::Error> {
+    let mut buf = BytesMut::new();
+    loop {
+        if let Some(p) = classify(&buf) {
+            return Ok((p, buf));
+        }
+        match race(s.read(), monoio::time::sleep(DETECT_TIMEOUT)).await {
+            Either::Left(Some(Ok(b))) => buf.extend_from_slice(&b),
+            Either::Left(Some(Err(e))) => return Err(e),
+            Either::Left(None) | Either::Right(()) => return Ok((Protocol::Tcp, buf)),
+        }
+    }
+}
+
+/// A CONNECT stream as a tokio byte stream, for the `h2` crate's server and client (which
+/// monoio's `poll-io` would otherwise provide for a socket). `pending` is replayed first.
+pub struct StreamIo {
+    send: SendStream<Bytes>,
+    recv: RecvStream,
+    pending: Bytes,
+    eof: bool,
+}
+
+impl StreamIo {
+    pub fn new(s: H2Stream, pending: Bytes) -> Self {
+        let H2Stream { send, recv, .. } = s;
+        StreamIo {
+            send,
+            recv,
+            pending,
+            eof: false,
+        }
+    }
+
+    /// Abort the underlying CONNECT stream.
+    pub fn reset(&mut self, reason: Reason) {
+        self.send.send_reset(reason);
+    }
+}
+
+impl tokio::io::AsyncRead for StreamIo {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        loop {
+            if !self.pending.is_empty() {
+                let n = self.pending.len().min(buf.remaining());
+                let chunk = self.pending.split_to(n);
+                buf.put_slice(&chunk);
+                return Poll::Ready(Ok(()));
+            }
+            if self.eof {
+                return Poll::Ready(Ok(()));
+            }
+            match self.recv.poll_data(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(None) => self.eof = true,
+                Poll::Ready(Some(Err(e))) => return Poll::Ready(Err(io::Error::other(e))),
+                Poll::Ready(Some(Ok(b))) => {
+                    let _ = self.recv.flow_control().release_capacity(b.len());
+                    self.pending = b;
+                }
+            }
+        }
+    }
+}
+
+impl tokio::io::AsyncWrite for StreamIo {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        if buf.is_empty() {
+            return Poll::Ready(Ok(0));
+        }
+        self.send.reserve_capacity(buf.len());
+        loop {
+            match self.send.poll_capacity(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(None) => {
+                    return Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::BrokenPipe,
+                        "tunnel stream closed",
+                    )))
+                }
+                Poll::Ready(Some(Err(e))) => return Poll::Ready(Err(io::Error::other(e))),
+                Poll::Ready(Some(Ok(0))) => continue,
+                Poll::Ready(Some(Ok(cap))) => {
+                    let n = cap.min(buf.len());
+                    return Poll::Ready(
+                        self.send
+                            .send_data(Bytes::copy_from_slice(&buf[..n]), false)
+                            .map(|()| n)
+                            .map_err(io::Error::other),
+                    );
+                }
+            }
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        // END_STREAM; a stream already closed or reset has nothing left to end.
+        let _ = self.send.send_data(Bytes::new(), true);
+        Poll::Ready(Ok(()))
+    }
+}
+
+/// One direction of an opaque TCP tunnel: DATA from `recv` to `send`, END_STREAM at the
+/// end, a reset passed on (RST_STREAM CONNECT_ERROR).
+async fn pipe(
+    first: Bytes,
+    recv: &mut RecvStream,
+    send: &mut SendStream<Bytes>,
+    count: &Cell<u64>,
+) -> DirEnd {
+    if !first.is_empty() {
+        let n = first.len() as u64;
+        if let Err(e) = send_all(send, first, false).await {
+            return DirEnd::WriteFailed(io::Error::other(e));
+        }
+        count.set(count.get() + n);
+    }
+    loop {
+        match poll_fn(|cx| recv.poll_data(cx)).await {
+            Some(Ok(b)) if b.is_empty() => {}
+            Some(Ok(b)) => {
+                let n = b.len();
+                if let Err(e) = send_all(send, b, false).await {
+                    return DirEnd::WriteFailed(io::Error::other(e));
+                }
+                let _ = recv.flow_control().release_capacity(n);
+                count.set(count.get() + n as u64);
+            }
+            Some(Err(e)) => return DirEnd::ReadFailed(io::Error::other(e)),
+            None => {
+                return match send.send_data(Bytes::new(), true) {
+                    Ok(()) => DirEnd::Eof,
+                    Err(e) => DirEnd::WriteFailed(io::Error::other(e)),
+                }
+            }
+        }
+    }
+}
+
+async fn send_all(
+    send: &mut SendStream<Bytes>,
+    mut data: Bytes,
+    end: bool,
+) -> Result<(), h2::Error> {
+    while !data.is_empty() {
+        send.reserve_capacity(data.len());
+        match poll_fn(|cx| send.poll_capacity(cx)).await {
+            Some(Ok(0)) => continue,
+            Some(Ok(cap)) => {
+                let chunk = data.split_to(cap.min(data.len()));
+                send.send_data(chunk, end && data.is_empty())?;
+            }
+            Some(Err(e)) => return Err(e),
+            None => return Err(h2::Error::from(Reason::STREAM_CLOSED)),
+        }
+    }
+    Ok(())
+}
+
+/// Move bytes between the downstream tunnel and the upstream CONNECT stream until both
+/// halves close, a reset on either (passed on as RST_STREAM), `idle` with no bytes, or
+/// `abort`. `first` (what detection read) goes upstream first.
+pub async fn splice(
+    mut down: H2Stream,
+    mut up: H2Stream,
+    first: Bytes,
+    idle: Duration,
+    abort: impl Future<Output = ()>,
+) -> Outcome {
+    let counts = [Cell::new(0u64), Cell::new(0u64)];
+    let end = {
+        let (d, u) = (&mut down, &mut up);
+        drive(
+            pipe(first, &mut d.recv, &mut u.send, &counts[0]),
+            pipe(Bytes::new(), &mut u.recv, &mut d.send, &counts[1]),
+            &counts,
+            idle,
+            abort,
+        )
+        .await
+    };
+    match &end {
+        End::Reset {
+            by: Side::Downstream,
+            ..
+        } => up.reset(Reason::CONNECT_ERROR),
+        End::Reset {
+            by: Side::Upstream, ..
+        } => down.reset(Reason::CONNECT_ERROR),
+        End::Idle | End::Aborted => {
+            up.reset(Reason::CANCEL);
+            down.reset(Reason::CANCEL);
+        }
+        End::Closed => {}
+    }
+    Outcome {
+        downstream_to_upstream: counts[0].get(),
+        upstream_to_downstream: counts[1].get(),
+        end,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classify_table() {
+        let t: &[(&[u8], Option<Protocol>)] = &[
+            (b"", None),
+            (b"P", None),
+            (b"PRI * HTTP/2.0\r\n", None),
+            (H2_PREFACE, Some(Protocol::Http2)),
+            (
+                b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0",
+                Some(Protocol::Http2),
+            ),
+            (b"PRI * HTTP/1.1\r\n", Some(Protocol::Http1)),
+            (b"GET", None),
+            (b"GET /", Some(Protocol::Http1)),
+            (b"OPTIONS * HTTP/1.1", Some(Protocol::Http1)),
+            (b"\x16\x03\x01", Some(Protocol::Tcp)),
+            (b"get / HTTP/1.1", Some(Protocol::Tcp)),
+            (b"SSH-2.0-x", Some(Protocol::Tcp)),
+            (b"AAAAAAAAAAAAAAAAAAAAAAAA", Some(Protocol::Tcp)),
+            (b"hello", Some(Protocol::Tcp)),
+        ];
+        for (input, want) in t {
+            assert_eq!(
+                classify(input),
+                *want,
+                "{:?}",
+                String::from_utf8_lossy(input)
+            );
+        }
+    }
+}
