@@ -65,6 +65,8 @@ pub fn serve(
                 let mut buf = [0u8; 1024];
                 while !req.windows(4).any(|w| w == b"\r\n\r\n") && req.len() < 8192 {
                     match c.read(&mut buf) {
+                        // Not expected on this thread (see `proxy::start` on EINTR), but a
+                        // server loop retries an interrupted read whatever its cause.
                         Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                         Ok(0) | Err(_) => break,
                         Ok(n) => req.extend_from_slice(&buf[..n]),

@@ -315,54 +315,69 @@ pub fn start(
         settings: settings.clone(),
     });
     let mut per_worker = per_worker.into_iter();
-    let workers = runtime::spawn_workers(&settings.runtime, &shutdown, |id| {
-        let socks = per_worker.next().expect("sockets per worker");
-        let sub = publisher.subscribe();
-        let (metrics, shared, kinds) = (metrics.clone(), shared.clone(), kinds.clone());
-        move |ctx: WorkerCtx| async move {
-            let seed = SystemTime::now()
-                .duration_since(SystemTime::UNIX_EPOCH)
-                .map(|d| d.as_nanos() as u64)
-                .unwrap_or(0)
-                ^ (id as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-            let w = Rc::new(Worker {
-                ctx: ctx.clone(),
-                sub: RefCell::new(sub),
-                pool: Pool::new(shared.settings.h2.clone(), Arc::new(TlsCounters::default())),
-                chooser: RefCell::new(SeededChooser::new(seed)),
-                metrics: LocalMetrics::new(metrics),
-                server_counters: Arc::new(ServerCounters::default()),
-                changed: LocalEvent::new(),
-                shared,
-            });
-            // Watch the snapshot version so live connections are re-authorized on change.
-            let watcher = w.clone();
-            monoio::spawn(async move {
-                let draining = watcher.ctx.draining();
-                let mut draining = std::pin::pin!(draining);
-                // Our own last-seen version: connections refresh the shared subscriber too.
-                let mut seen = watcher.sub.borrow().version();
-                loop {
-                    let tick = monoio::time::sleep(Duration::from_millis(50));
-                    if race(tick, draining.as_mut()).await.is_right() {
-                        return;
-                    }
-                    let now = {
-                        let mut sub = watcher.sub.borrow_mut();
-                        sub.current();
-                        sub.version()
-                    };
-                    if now != seen {
-                        seen = now;
-                        watcher.changed.notify();
-                    }
-                }
-            });
-            let mut loops = Vec::new();
-            for (i, sock) in socks.into_iter().enumerate() {
-                let w = w.clone();
-                let kind = kinds[i];
-                loops.push(monoio::spawn(async move {
+    // Started from a short-lived thread, never the caller's: `spawn_workers` probes io_uring
+    // by creating (and entering) a ring on the thread it runs on, and when that ring is
+    // closed the kernel's ring-exit work (a kworker, possibly much later) queues task work
+    // with TWA_SIGNAL to every thread that entered it. That sets TIF_NOTIFY_SIGNAL on the
+    // thread, which makes a blocking socket call with a timeout (SO_RCVTIMEO/SO_SNDTIMEO)
+    // fail with EINTR: no signal is delivered (strace shows EINTR without any `--- SIG`),
+    // and calls without a timeout are restarted silently. A process embedding ztunnel (the
+    // tests, the bench harness) saw its blocking reads fail with EINTR now and then. Here
+    // the task work targets a thread that has exited, which the kernel skips.
+    let workers = std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                runtime::spawn_workers(&settings.runtime, &shutdown, |id| {
+                    let socks = per_worker.next().expect("sockets per worker");
+                    let sub = publisher.subscribe();
+                    let (metrics, shared, kinds) = (metrics.clone(), shared.clone(), kinds.clone());
+                    move |ctx: WorkerCtx| async move {
+                        let seed = SystemTime::now()
+                            .duration_since(SystemTime::UNIX_EPOCH)
+                            .map(|d| d.as_nanos() as u64)
+                            .unwrap_or(0)
+                            ^ (id as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+                        let w = Rc::new(Worker {
+                            ctx: ctx.clone(),
+                            sub: RefCell::new(sub),
+                            pool: Pool::new(
+                                shared.settings.h2.clone(),
+                                Arc::new(TlsCounters::default()),
+                            ),
+                            chooser: RefCell::new(SeededChooser::new(seed)),
+                            metrics: LocalMetrics::new(metrics),
+                            server_counters: Arc::new(ServerCounters::default()),
+                            changed: LocalEvent::new(),
+                            shared,
+                        });
+                        // Watch the snapshot version so live connections are re-authorized on change.
+                        let watcher = w.clone();
+                        monoio::spawn(async move {
+                            let draining = watcher.ctx.draining();
+                            let mut draining = std::pin::pin!(draining);
+                            // Our own last-seen version: connections refresh the shared subscriber too.
+                            let mut seen = watcher.sub.borrow().version();
+                            loop {
+                                let tick = monoio::time::sleep(Duration::from_millis(50));
+                                if race(tick, draining.as_mut()).await.is_right() {
+                                    return;
+                                }
+                                let now = {
+                                    let mut sub = watcher.sub.borrow_mut();
+                                    sub.current();
+                                    sub.version()
+                                };
+                                if now != seen {
+                                    seen = now;
+                                    watcher.changed.notify();
+                                }
+                            }
+                        });
+                        let mut loops = Vec::new();
+                        for (i, sock) in socks.into_iter().enumerate() {
+                            let w = w.clone();
+                            let kind = kinds[i];
+                            loops.push(monoio::spawn(async move {
                     let w2 = w.clone();
                     let r = w
                         .ctx
@@ -382,12 +397,16 @@ pub fn start(
                         tracing::error!(worker = w.ctx.id(), error = %e, "listener failed");
                     }
                 }));
-            }
-            for l in loops {
-                l.await;
-            }
-            ctx.finish_drain().await;
-        }
+                        }
+                        for l in loops {
+                            l.await;
+                        }
+                        ctx.finish_drain().await;
+                    }
+                })
+            })
+            .join()
+            .unwrap_or_else(|p| std::panic::resume_unwind(p))
     })?;
     let stop_watch = Arc::new(AtomicBool::new(false));
     spawn_watcher(

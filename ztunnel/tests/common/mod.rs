@@ -394,9 +394,6 @@ pub fn hello(s: &mut TcpStream) -> String {
             Ok(1) if b[0] == b'\n' => break,
             Ok(1) => out.push(b[0]),
             Ok(_) => panic!("EOF before the greeting line (got {out:?})"),
-            // Something in this process sends signals now and then; a blocking read may
-            // see EINTR (std retries it in read_exact, not in read).
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             Err(e) => panic!("reading the greeting line: {e} (got {out:?})"),
         }
     }
@@ -604,7 +601,6 @@ pub fn named_echo(mut c: TcpStream, name: &str) {
     let mut buf = [0u8; 16384];
     loop {
         match c.read(&mut buf) {
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             Ok(0) | Err(_) => break,
             Ok(n) => {
                 if c.write_all(&buf[..n]).is_err() {

@@ -640,7 +640,15 @@ pub fn refused(s: &mut TcpStream) -> Result<(), Vec<u8>> {
     let mut buf = [0u8; 64];
     loop {
         match s.read(&mut buf) {
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            // EOF or reset; not a timeout (that would be a connection still open).
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                panic!("no refusal: the connection is still open ({e})")
+            }
             Ok(0) | Err(_) => break,
             Ok(n) => got.extend_from_slice(&buf[..n]),
         }
