@@ -9,9 +9,16 @@
 //!   its total length, write it back, close. The server closes first, so `TIME_WAIT` lands on
 //!   the listening side and connection churn does not exhaust ephemeral ports.
 //!
+//! - **http** (`http1-rps`, `large-body`): HTTP/1.1 keep-alive ([`crate::http1`]): a request
+//!   with a body gets it back as the response body; `GET /N` gets `N` bytes; anything
+//!   unparsable gets `400` and a close (counted as a backend error).
+//!
+//! On loopback the listeners take ephemeral ports on 127.0.0.1; in a mesh pod they listen on
+//! [`PORTS`] on every address of the pod's network namespace.
+//!
 //! Every read and write has a 30 s bound; a connection that stalls longer is dropped.
 
-use std::net::{SocketAddr, TcpListener};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -34,30 +41,95 @@ pub struct BackendCounters {
     pub errors: AtomicU64,
 }
 
+/// The ports of a backend set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ports {
+    pub echo: u16,
+    pub sink: u16,
+    pub reply_close: u16,
+    pub http: u16,
+}
+
+/// Fixed ports of the backends in mesh pods.
+pub const PORTS: Ports = Ports {
+    echo: 8080,
+    sink: 8081,
+    reply_close: 8082,
+    http: 8090,
+};
+
 /// The running backends.
 pub struct Backends {
     pub sink: SocketAddr,
     pub echo: SocketAddr,
     pub reply_close: SocketAddr,
-    pub counters: Arc<BackendCounters>,
+    pub http: SocketAddr,
     pub drivers: Vec<DriverKind>,
 }
 
-fn listener() -> Result<TcpListener> {
-    let l = TcpListener::bind("127.0.0.1:0").context("binding a backend listener")?;
+fn listener(port: u16) -> Result<TcpListener> {
+    let ip = if port == 0 {
+        IpAddr::V4(Ipv4Addr::LOCALHOST)
+    } else {
+        IpAddr::V4(Ipv4Addr::UNSPECIFIED)
+    };
+    let l = TcpListener::bind((ip, port))
+        .with_context(|| format!("binding a backend listener on {ip}:{port}"))?;
     l.set_nonblocking(true)?;
     Ok(l)
 }
 
-/// Start one backend thread per entry of `cores` (`None` = unpinned). Returns once each has
+type Listeners = (TcpListener, TcpListener, TcpListener, TcpListener);
+
+fn listeners(ports: Option<Ports>) -> Result<Listeners> {
+    let p = ports.unwrap_or(Ports {
+        echo: 0,
+        sink: 0,
+        reply_close: 0,
+        http: 0,
+    });
+    Ok((
+        listener(p.sink)?,
+        listener(p.echo)?,
+        listener(p.reply_close)?,
+        listener(p.http)?,
+    ))
+}
+
+/// Start one backend thread per entry of `cores` (`None` = unpinned), listening on
+/// loopback ephemeral ports (`netns` None) or on [`PORTS`] inside network namespace `netns`
+/// (a mesh pod; the returned addresses are then `pod_ip:port`). Returns once each thread has
 /// built its runtime.
-pub fn start(cores: &[Option<usize>], decision: &DriverDecision) -> Result<Backends> {
-    let (sink, echo, rc) = (listener()?, listener()?, listener()?);
-    let addrs = (sink.local_addr()?, echo.local_addr()?, rc.local_addr()?);
-    let counters = Arc::new(BackendCounters::default());
+pub fn start(
+    cores: &[Option<usize>],
+    decision: &DriverDecision,
+    netns: Option<(&str, IpAddr)>,
+    counters: Arc<BackendCounters>,
+) -> Result<Backends> {
+    let (sink, echo, rc, http) = match netns {
+        None => listeners(None)?,
+        Some((ns, _)) => crate::mesh::in_ns(ns, || listeners(Some(PORTS)))?,
+    };
+    let mut addrs = (
+        sink.local_addr()?,
+        echo.local_addr()?,
+        rc.local_addr()?,
+        http.local_addr()?,
+    );
+    if let Some((_, ip)) = netns {
+        addrs.0.set_ip(ip);
+        addrs.1.set_ip(ip);
+        addrs.2.set_ip(ip);
+        addrs.3.set_ip(ip);
+    }
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     for (i, core) in cores.iter().copied().enumerate() {
-        let ls = (sink.try_clone()?, echo.try_clone()?, rc.try_clone()?);
+        let ls = (
+            sink.try_clone()?,
+            echo.try_clone()?,
+            rc.try_clone()?,
+            http.try_clone()?,
+        );
         let counters = counters.clone();
         let decision = decision.clone();
         let ready = ready_tx.clone();
@@ -93,22 +165,22 @@ pub fn start(cores: &[Option<usize>], decision: &DriverDecision) -> Result<Backe
         sink: addrs.0,
         echo: addrs.1,
         reply_close: addrs.2,
-        counters,
+        http: addrs.3,
         drivers,
     })
 }
 
-async fn serve_all(
-    (sink, echo, rc): (TcpListener, TcpListener, TcpListener),
-    counters: Arc<BackendCounters>,
-) {
+async fn serve_all((sink, echo, rc, http): Listeners, counters: Arc<BackendCounters>) {
     let c1 = counters.clone();
     let c2 = counters.clone();
+    let c3 = counters.clone();
     let a = monoio::spawn(accept_loop(sink, c1, Proto::Sink));
     let b = monoio::spawn(accept_loop(echo, c2, Proto::Echo));
+    let c = monoio::spawn(accept_loop(http, c3, Proto::Http));
     accept_loop(rc, counters, Proto::ReplyClose).await;
     a.await;
     b.await;
+    c.await;
 }
 
 #[derive(Clone, Copy)]
@@ -116,6 +188,7 @@ enum Proto {
     Sink,
     Echo,
     ReplyClose,
+    Http,
 }
 
 async fn accept_loop(l: TcpListener, counters: Arc<BackendCounters>, proto: Proto) {
@@ -142,6 +215,7 @@ async fn accept_loop(l: TcpListener, counters: Arc<BackendCounters>, proto: Prot
                 Proto::Sink => sink(s, &counters).await,
                 Proto::Echo => echo(s).await,
                 Proto::ReplyClose => reply_close(s).await,
+                Proto::Http => crate::http1::serve(s).await,
             };
             if !ok {
                 counters.errors.fetch_add(1, Ordering::Relaxed);

@@ -37,6 +37,12 @@ pub enum Work {
     /// bytes at (or, when behind, after) that time, read them back; latency is measured from
     /// the due time (coordinated-omission correction, as wrk2 does).
     RrOpen { size: usize, interval: Duration },
+    /// HTTP/1.1 keep-alive, closed loop: `req_body` bytes up (POST, echoed back) or a
+    /// `GET /resp_body`; every response body byte is checked ([`crate::http1`]).
+    Http1 { req_body: usize, resp_body: usize },
+    /// Open idle connections (`conns` of them), hold them until the end of the window, then
+    /// check each still answers one echo exchange.
+    Idle { size: usize },
 }
 
 /// Live counters the main thread shows as progress.
@@ -57,6 +63,10 @@ pub struct Plan {
     pub t_end: Instant,
     pub stop: Arc<AtomicBool>,
     pub live: Arc<Live>,
+    /// Network namespace the generator thread enters first (a mesh client pod).
+    pub netns: Option<String>,
+    /// `host` header of HTTP requests.
+    pub host: String,
 }
 
 /// What a thread (or a connection) reports.
@@ -156,7 +166,17 @@ pub fn spawn(
             if let Some(c) = core {
                 core_affinity::set_for_current(core_affinity::CoreId { id: c });
             }
-            let (mut rt, _kind) = match driver::build_runtime(&decision, 1024) {
+            if let Some(ns) = &plan.netns {
+                if let Err(e) = crate::mesh::enter(ns) {
+                    let _ = tx.send(Err(format!("generator: entering {ns}: {e}")));
+                    return;
+                }
+            }
+            let entries = match plan.work {
+                Work::Idle { .. } => 4096,
+                _ => 1024,
+            };
+            let (mut rt, _kind) = match driver::build_runtime(&decision, entries) {
                 Ok(x) => x,
                 Err(e) => {
                     let _ = tx.send(Err(format!("generator runtime: {e}")));
@@ -179,6 +199,11 @@ async fn run_plan(plan: Plan) -> GenResult {
                 Work::Rr { size } => rr_conn(&p, size, i).await,
                 Work::Churn { size } => churn_loop(&p, size, i).await,
                 Work::RrOpen { size, interval } => rr_open_conn(&p, size, interval, i).await,
+                Work::Http1 {
+                    req_body,
+                    resp_body,
+                } => http1_conn(&p, req_body, resp_body).await,
+                Work::Idle { size } => idle_conn(&p, size, i).await,
             }
         }));
     }
@@ -564,5 +589,76 @@ async fn churn_loop(p: &Plan, size: usize, lp: usize) -> GenResult {
             r.hist.saturating_record((done - start).as_nanos() as u64);
         }
     }
+    r
+}
+
+async fn http1_conn(p: &Plan, req_body: usize, resp_body: usize) -> GenResult {
+    let mut r = GenResult::new();
+    let s = match connect(p.target, true).await {
+        Ok(s) => s,
+        Err(e) => {
+            r.error(e);
+            return r;
+        }
+    };
+    let mut c = crate::http1::Client::new(s, &p.host, req_body, resp_body);
+    let want = if req_body > 0 { req_body } else { resp_body } as u64;
+    while running(p) {
+        let start = Instant::now();
+        r.sent += want;
+        match c.exchange().await {
+            Ok(x) => r.received += x.body as u64,
+            Err(e) => {
+                r.error(e);
+                return r;
+            }
+        }
+        let done = Instant::now();
+        r.ops_total += 1;
+        p.live.ops.fetch_add(1, Ordering::Relaxed);
+        if start >= p.t_warm && start < p.t_end {
+            r.ops_window += 1;
+            r.hist.saturating_record((done - start).as_nanos() as u64);
+        }
+    }
+    r
+}
+
+/// Wait (in slices, so Ctrl-C is seen) until the window ends.
+async fn hold(p: &Plan) {
+    while running(p) {
+        monoio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// One idle connection: connect (retrying while the path's accept queue is full), one
+/// exchange to prove it is through, idle until the end, one more exchange, close.
+async fn idle_conn(p: &Plan, size: usize, conn: usize) -> GenResult {
+    let mut r = GenResult::new();
+    let mut s = match connect(p.target, false).await {
+        Ok(s) => s,
+        Err(e) => {
+            r.error(e);
+            return r;
+        }
+    };
+    let mut req: Vec<u8> = vec![0u8; size];
+    let mut resp: Box<[u8]> = vec![0u8; size].into_boxed_slice();
+    let start = Instant::now();
+    (req, resp) = match echo_once(&mut s, req, resp, conn as u64, &mut r).await {
+        Some(b) => b,
+        None => return r,
+    };
+    r.hist.saturating_record(start.elapsed().as_nanos() as u64);
+    p.live.ops.fetch_add(1, Ordering::Relaxed);
+    hold(p).await;
+    if echo_once(&mut s, req, resp, conn as u64 + 1, &mut r)
+        .await
+        .is_none()
+    {
+        return r;
+    }
+    r.ops_total += 1;
+    r.ops_window += 1;
     r
 }

@@ -337,6 +337,17 @@ pub fn utc_format(secs: u64) -> (String, String) {
     )
 }
 
+/// VmRSS of a process, in kB (`/proc/<pid>/status`).
+pub fn proc_rss_kb(pid: u32) -> Option<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    text.lines()
+        .find(|l| l.starts_with("VmRSS:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -71,9 +71,13 @@
 mod backend;
 mod generator;
 mod host;
+mod http1;
+mod mesh;
 mod proxy;
 mod report;
 mod suite;
+mod svg;
+mod waypoint;
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -87,7 +91,7 @@ use clap::Parser;
 use serde_json::{json, Value};
 
 use report::{Entry, Run};
-use suite::{Ctx, Kind, Knobs, PathKind, Placement, Scenario};
+use suite::{Ctx, Kind, Knobs, MeshBackends, PathKind, Placement, Scenario, Topo};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -99,12 +103,31 @@ use suite::{Ctx, Kind, Knobs, PathKind, Placement, Scenario};
 )]
 struct Args {
     /// Scenarios to run (comma-separated or repeated): tcp-throughput, tcp-rr, tcp-rr-open,
-    /// conn-churn.
+    /// conn-churn, http1-rps, large-body, idle-connections.
     #[arg(long = "scenario", value_delimiter = ',')]
     scenarios: Vec<String>,
-    /// Paths to compare: direct, l4-copy, l4-splice, hbone (direct is the baseline for ratios).
+    /// Paths to compare. Mesh topology: direct, l4, hbone, waypoint. Loopback topology:
+    /// direct, l4-copy, l4-splice, hbone-proxy. Direct is the baseline for ratios.
     #[arg(long = "path", value_delimiter = ',')]
     paths: Vec<String>,
+    /// mesh (network namespaces, two ztunnels and a waypoint; needs root), loopback
+    /// (per-run proxies on 127.0.0.1), or auto: mesh when root.
+    #[arg(long, default_value = "auto")]
+    topology: String,
+    /// Tuning profile (built-in name or YAML file) passed to the ztunnels and the waypoint.
+    #[arg(long, default_value = "default")]
+    profile: String,
+    /// http1-rps and large-body: concurrent keep-alive connections.
+    #[arg(long, default_value_t = 64)]
+    conns: usize,
+    /// large-body: bytes up and (echoed) down per request.
+    #[arg(long, default_value = "1MiB", value_parser = parse_size)]
+    body: usize,
+    /// idle-connections: connections held open through the path. The harness holds two
+    /// descriptors per connection (client and backend) under RLIMIT_NOFILE, so the default
+    /// 9,000 is the largest round number that fits a 20,000 limit.
+    #[arg(long, default_value_t = 9000)]
+    idle_conns: usize,
     /// Measured time per run (e.g. 2s, 500ms). Default 1.5s (quick: 1s).
     #[arg(long, value_parser = parse_duration)]
     duration: Option<Duration>,
@@ -185,6 +208,12 @@ fn main() -> ExitCode {
     if rest.first().map(String::as_str) == Some(proxy::HBONE_ARG) {
         return proxy::hbone_main(rest[1..].to_vec());
     }
+    if rest.first().map(String::as_str) == Some(proxy::ZTUNNEL_ARG) {
+        return proxy::ztunnel_main(rest[1..].to_vec());
+    }
+    if rest.first().map(String::as_str) == Some(proxy::WAYPOINT_ARG) {
+        return proxy::waypoint_main(rest[1..].to_vec());
+    }
     if std::env::var_os("RUST_LOG").is_some() {
         runtime::init_logging();
     }
@@ -220,6 +249,8 @@ struct Suite {
     scenarios: Vec<Scenario>,
     paths: Vec<PathKind>,
     knobs: Knobs,
+    mesh: bool,
+    profile: tuning::Profile,
 }
 
 fn plan(args: &Args) -> Result<Suite> {
@@ -238,13 +269,40 @@ fn plan(args: &Args) -> Result<Suite> {
         "default"
     };
     let quick = args.quick;
+    let root = mesh::is_root();
+    let mesh = match args.topology.as_str() {
+        "auto" => root,
+        "mesh" if root => true,
+        "mesh" => bail!(
+            "--topology mesh needs root (network namespaces, nftables); run as root or use \
+             --topology loopback"
+        ),
+        "loopback" => false,
+        t => bail!("unknown topology {t:?} (auto, mesh, loopback)"),
+    };
+    let profile = tuning::load_profile(&args.profile)
+        .map_err(|e| anyhow::anyhow!("--profile {}: {e}", args.profile))?;
     let kinds: Vec<Kind> = if args.scenarios.is_empty() {
-        vec![Kind::Throughput, Kind::Rr, Kind::RrOpen, Kind::Churn]
+        let mut v = vec![
+            Kind::Throughput,
+            Kind::Rr,
+            Kind::RrOpen,
+            Kind::Churn,
+            Kind::Http1,
+        ];
+        if mesh {
+            v.push(Kind::Idle);
+        }
+        v
     } else {
         let mut v = Vec::new();
         for s in &args.scenarios {
             let k = Kind::parse(s.trim()).with_context(|| {
-                format!("unknown scenario {s:?} (tcp-throughput, tcp-rr, tcp-rr-open, conn-churn)")
+                format!(
+                    "unknown scenario {s:?} (tcp-throughput, tcp-rr, tcp-rr-open, conn-churn, \
+                     http1-rps, large-body, idle-connections; http2-rps and mixed are not \
+                     supported yet)"
+                )
             })?;
             if !v.contains(&k) {
                 v.push(k);
@@ -253,18 +311,43 @@ fn plan(args: &Args) -> Result<Suite> {
         v
     };
     let paths: Vec<PathKind> = if args.paths.is_empty() {
-        vec![
-            PathKind::Direct,
-            PathKind::L4Copy,
-            PathKind::L4Splice,
-            PathKind::Hbone,
-        ]
+        if mesh {
+            vec![
+                PathKind::Direct,
+                PathKind::L4,
+                PathKind::Hbone,
+                PathKind::Waypoint,
+            ]
+        } else {
+            vec![
+                PathKind::Direct,
+                PathKind::L4Copy,
+                PathKind::L4Splice,
+                PathKind::HboneProxy,
+            ]
+        }
     } else {
         let mut v = Vec::new();
         for s in &args.paths {
             let p = PathKind::parse(s.trim()).with_context(|| {
-                format!("unknown path {s:?} (direct, l4-copy, l4-splice, hbone)")
+                format!(
+                    "unknown path {s:?} (mesh: direct, l4, hbone, waypoint; loopback: direct, \
+                     l4-copy, l4-splice, hbone-proxy)"
+                )
             })?;
+            if p != PathKind::Direct && p.is_mesh() != mesh {
+                bail!(
+                    "path {} needs the {} topology (this run: {}{})",
+                    p.name(),
+                    if p.is_mesh() { "mesh" } else { "loopback" },
+                    if mesh { "mesh" } else { "loopback" },
+                    if p.is_mesh() && !root {
+                        "; the mesh needs root"
+                    } else {
+                        ""
+                    }
+                );
+            }
             if !v.contains(&p) {
                 v.push(p);
             }
@@ -302,6 +385,7 @@ fn plan(args: &Args) -> Result<Suite> {
                         size,
                         write_size: args.write_size,
                         rate: if k == Kind::RrOpen { args.rate } else { 0.0 },
+                        body: 0,
                     });
                 }
             }
@@ -318,6 +402,7 @@ fn plan(args: &Args) -> Result<Suite> {
                         size,
                         write_size: args.write_size,
                         rate: if k == Kind::RrOpen { args.rate } else { 0.0 },
+                        body: 0,
                     });
                 }
             }
@@ -327,13 +412,42 @@ fn plan(args: &Args) -> Result<Suite> {
                 size,
                 write_size: args.write_size,
                 rate: 0.0,
+                body: 0,
+            }),
+            Kind::Http1 | Kind::LargeBody => scenarios.push(Scenario {
+                kind: k,
+                conns: if k == Kind::LargeBody && args.conns == 64 {
+                    // 64 × 1 MiB each way in flight is more than the point; 8 fill the path.
+                    8
+                } else {
+                    args.conns
+                },
+                size,
+                write_size: args.write_size,
+                rate: 0.0,
+                body: if k == Kind::LargeBody { args.body } else { 0 },
+            }),
+            Kind::Idle => scenarios.push(Scenario {
+                kind: k,
+                conns: if quick && args.idle_conns == 9000 {
+                    1000
+                } else {
+                    args.idle_conns
+                },
+                size,
+                write_size: args.write_size,
+                rate: 0.0,
+                body: 0,
             }),
         }
     }
+    if args.body == 0 || args.body > http1::MAX_BODY || args.conns == 0 || args.idle_conns == 0 {
+        bail!("--body must be 1 B..64 MiB; --conns and --idle-conns at least 1");
+    }
     let duration = args.duration.unwrap_or(if quick {
-        Duration::from_secs(1)
+        Duration::from_millis(500)
     } else {
-        Duration::from_millis(1500)
+        Duration::from_millis(1000)
     });
     if duration < Duration::from_millis(100) {
         bail!("--duration must be at least 100ms");
@@ -373,6 +487,8 @@ fn plan(args: &Args) -> Result<Suite> {
         scenarios,
         paths,
         knobs,
+        mesh,
+        profile,
     })
 }
 
@@ -428,13 +544,85 @@ fn run(args: Args, suite: Suite) -> Result<ExitCode> {
     let gen_cores: Vec<Option<usize>> = (0..placement.gen_threads)
         .map(|i| placement.gen_core(i))
         .collect();
-    let backends = backend::start(&gen_cores, &decision)?;
     let tmp = TempDir::new()?;
+    let counters = Arc::new(backend::BackendCounters::default());
+    // The topology: loopback backends, or the mesh with a backend set in each server pod.
+    let mut loop_be = None;
+    let mut mesh_up = None;
+    if suite.mesh {
+        eprintln!(
+            "bench: bringing up the mesh (network namespaces {}{}-*, two ztunnels{}, profile {})",
+            mesh::PREFIX,
+            std::process::id(),
+            if suite.paths.contains(&PathKind::Waypoint) {
+                ", a waypoint"
+            } else {
+                ""
+            },
+            args.profile
+        );
+        let spec = mesh::MeshSpec {
+            proxy_cores: if placement.pin {
+                placement.proxy_cores.clone()
+            } else {
+                vec![]
+            },
+            workers: placement.proxy_workers,
+            io_driver: suite.knobs.io_driver.clone(),
+            profile_name: args.profile.clone(),
+            profile: suite.profile.clone(),
+            waypoint: suite.paths.contains(&PathKind::Waypoint),
+        };
+        let m = mesh::Mesh::up(&spec, &tmp.0).context("bringing up the mesh")?;
+        if let Some(e) = &m.waypoint_error {
+            eprintln!("bench: the waypoint did not start: {e}");
+        }
+        let in_pod = |name: &str| {
+            let ns = m.ns(name);
+            backend::start(
+                &gen_cores,
+                &decision,
+                Some((ns.as_str(), mesh::pod(name).ip.into())),
+                counters.clone(),
+            )
+            .with_context(|| format!("starting the backends in pod {name}"))
+        };
+        let be = MeshBackends {
+            plain: in_pod("plain")?,
+            echo: in_pod("echo")?,
+            echo_v1: in_pod("echo-v1")?,
+        };
+        mesh_up = Some((m, be));
+    } else {
+        loop_be = Some(backend::start(
+            &gen_cores,
+            &decision,
+            None,
+            counters.clone(),
+        )?);
+    }
+    let backend_drivers = loop_be
+        .as_ref()
+        .map(|b| b.drivers.clone())
+        .or_else(|| mesh_up.as_ref().map(|(_, be)| be.plain.drivers.clone()))
+        .unwrap_or_default();
 
-    let total_runs = suite.scenarios.len() * suite.paths.len() * suite.knobs.reps;
+    let total_runs: usize = suite
+        .scenarios
+        .iter()
+        .map(|sc| {
+            let paths = suite.paths.iter().filter(|p| p.carries(sc.kind)).count();
+            paths
+                * if sc.kind == Kind::Idle {
+                    1
+                } else {
+                    suite.knobs.reps
+                }
+        })
+        .sum();
     let per_run = suite.knobs.duration + suite.knobs.warmup + suite.knobs.quiet_sample;
     eprintln!(
-        "bench: {} suite: {} scenario(s) × {} path(s) × {} rep(s) = {total_runs} runs of {:.1}s (≈{:.0}s); \
+        "bench: {} suite: {} scenario(s) × {} path(s) × {} rep(s): {total_runs} runs of {:.1}s (≈{:.0}s); \
          pinning {}; generator driver {}; report → {}",
         suite.name,
         suite.scenarios.len(),
@@ -468,10 +656,16 @@ fn run(args: Args, suite: Suite) -> Result<ExitCode> {
         );
     }
 
+    let topo = match (&mut mesh_up, &loop_be) {
+        (Some((m, be)), _) => Topo::Mesh { mesh: m, be },
+        (None, Some(be)) => Topo::Loopback(be),
+        (None, None) => unreachable!("one topology is always built"),
+    };
     let mut ctx = Ctx {
         knobs: &suite.knobs,
         placement: &placement,
-        backends: &backends,
+        topo,
+        counters: counters.clone(),
         decision: &decision,
         cores,
         clk_tck: host_facts.clk_tck,
@@ -488,9 +682,30 @@ fn run(args: Args, suite: Suite) -> Result<ExitCode> {
     let was_interrupted = suite::run_suite(&mut ctx, &suite.scenarios, &suite.paths, &mut runs)
         .is_err()
         || interrupted.load(std::sync::atomic::Ordering::Relaxed);
+    drop(ctx);
     if was_interrupted {
         eprintln!("\nbench: interrupted; writing a partial report");
     }
+    let mesh_facts = mesh_up.as_ref().map(|(m, _)| {
+        json!({
+            "namespaces_prefix": m.prefix,
+            "waypoint": m.waypoint.as_ref().map(|w| w.pid),
+            "waypoint_error": m.waypoint_error,
+            "ztunnel_pids": m.ztunnels.iter().map(|z| z.pid).collect::<Vec<_>>(),
+        })
+    });
+    let mesh_facts = mesh_facts.map(|mut v| {
+        if let (Value::Object(o), Some((_, be))) = (&mut v, &mesh_up) {
+            o.insert(
+                "backends".into(),
+                json!({"plain": be.plain.echo.ip(), "echo": be.echo.echo.ip(),
+                       "echo_v1": be.echo_v1.http.to_string()}),
+            );
+        }
+        v
+    });
+    // Tear the mesh down now (children, namespaces, their rules), before the report.
+    drop(mesh_up);
 
     // Aggregate per scenario × path.
     let mut entries: Vec<Entry> = Vec::new();
@@ -595,10 +810,18 @@ fn run(args: Args, suite: Suite) -> Result<ExitCode> {
             ));
         }
     }
-    if suite.paths.contains(&PathKind::Hbone) && placement.pin {
+    if suite.paths.contains(&PathKind::HboneProxy) && placement.pin {
         flags.push(format!(
-            "hbone: two proxy processes per run (inbound and outbound, one worker each) share \
-             the proxy core cpu{}; its proxy CPU is their sum",
+            "hbone-proxy: two proxy processes per run (inbound and outbound, one worker each) \
+             share the proxy core cpu{}; its proxy CPU is their sum",
+            placement.proxy_cores.first().copied().unwrap_or(0)
+        ));
+    }
+    if suite.mesh && placement.pin {
+        flags.push(format!(
+            "mesh: both ztunnels and the waypoint run one worker each on the proxy core cpu{}; \
+             a path's proxy CPU is the sum over the proxies it crosses (l4: ztunnel A; hbone: \
+             both ztunnels; waypoint: both ztunnels and the waypoint)",
             placement.proxy_cores.first().copied().unwrap_or(0)
         ));
     }
@@ -649,9 +872,15 @@ fn run(args: Args, suite: Suite) -> Result<ExitCode> {
             "quiet_threshold_pct": suite.knobs.quiet_threshold_pct,
             "quiet_sample_s": suite.knobs.quiet_sample.as_secs_f64(),
             "max_retries": suite.knobs.max_retries,
+            "topology": if suite.mesh { "mesh" } else { "loopback" },
+            "http_connections": args.conns,
+            "large_body": args.body,
+            "idle_connections": suite.scenarios.iter().find(|s| s.kind == Kind::Idle).map(|s| s.conns),
+            "profile": args.profile,
         },
+        "mesh": mesh_facts,
         "host": host_json(&host_facts, &placement, proxy_driver, kind_str(decision.kind),
-                          backends.drivers.first().map(|k| kind_str(*k))),
+                          backend_drivers.first().map(|k| kind_str(*k)), &args.profile),
         "results": entries.iter().map(Entry::json).collect::<Vec<Value>>(),
         "runs": runs,
         "flags": flags,
@@ -664,7 +893,7 @@ fn run(args: Args, suite: Suite) -> Result<ExitCode> {
     let table = report::summary_table(&entries);
     let mut md = format!(
         "# bench {} — {started_utc}\n\n{} CPUs ({}), {}; idle: {} (cpuidle driver {}); pinning: {}; \
-         proxy io driver: {}; profile: default; build: {}\n\n\
+         proxy io driver: {}; profile: {}; build: {}\n\n\
          Each figure: median [min–max] of {} run(s) of {:.1} s; paths interleaved. \
          Client: {} generator + {} backend thread(s), monoio ({}).\n\n{table}",
         suite.name,
@@ -684,6 +913,7 @@ fn run(args: Args, suite: Suite) -> Result<ExitCode> {
         runs.iter()
             .find_map(|r| r.proxy_driver.clone())
             .unwrap_or_else(|| "-".into()),
+        args.profile,
         if cfg!(debug_assertions) {
             "debug"
         } else {
@@ -706,6 +936,16 @@ fn run(args: Args, suite: Suite) -> Result<ExitCode> {
         for f in &failures {
             md.push_str(&format!("- {f}\n"));
         }
+    }
+    match svg::write_all(&out_dir, &entries) {
+        Ok(files) if !files.is_empty() => {
+            md.push_str("\nCharts:\n\n");
+            for f in &files {
+                md.push_str(&format!("![{f}]({f})\n"));
+            }
+        }
+        Ok(_) => {}
+        Err(e) => eprintln!("bench: writing the SVG charts: {e}"),
     }
     std::fs::write(out_dir.join("summary.md"), &md)
         .with_context(|| format!("writing {}", out_dir.join("summary.md").display()))?;
@@ -738,10 +978,11 @@ fn host_json(
     proxy_driver: Option<String>,
     gen_driver: String,
     be_driver: Option<String>,
+    profile: &str,
 ) -> Value {
     let mut v = serde_json::to_value(h).unwrap_or(Value::Null);
     if let Value::Object(m) = &mut v {
-        m.insert("profile".into(), json!("default"));
+        m.insert("profile".into(), json!(profile));
         m.insert(
             "build".into(),
             json!(if cfg!(debug_assertions) {

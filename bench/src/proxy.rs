@@ -23,6 +23,12 @@ pub const FORWARDER_ARG: &str = "__l4fwd";
 /// First argument that turns this binary into the HBONE proxy.
 pub const HBONE_ARG: &str = "__hbone";
 
+/// First argument that turns this binary into a ztunnel (`ztunnel::cli::main_with_args`).
+pub const ZTUNNEL_ARG: &str = "__ztunnel";
+
+/// First argument that turns this binary into a waypoint (`waypoint::cli::main_with_args`).
+pub const WAYPOINT_ARG: &str = "__waypoint";
+
 /// Watch stdin for the harness's death: at end of file, exit.
 fn watch_parent(name: &'static str) {
     let _ = std::thread::Builder::new()
@@ -55,6 +61,26 @@ pub fn hbone_main(rest: Vec<String>) -> std::process::ExitCode {
     watch_parent("hbone");
     let args = std::iter::once("hbone".to_string()).chain(rest);
     hbone::proxy::main_with_args(args)
+}
+
+/// Entry point of the child: a ztunnel.
+pub fn ztunnel_main(rest: Vec<String>) -> std::process::ExitCode {
+    watch_parent("ztunnel");
+    let args = std::iter::once("ztunnel".to_string())
+        .chain(rest)
+        .map(std::ffi::OsString::from)
+        .collect();
+    ztunnel::cli::main_with_args(args)
+}
+
+/// Entry point of the child: a waypoint.
+pub fn waypoint_main(rest: Vec<String>) -> std::process::ExitCode {
+    watch_parent("waypoint");
+    let args = std::iter::once("waypoint".to_string())
+        .chain(rest)
+        .map(std::ffi::OsString::from)
+        .collect();
+    waypoint::cli::main_with_args(args)
 }
 
 fn runtime_yaml(cores: &[usize], workers: usize, io_driver: &str) -> String {
@@ -135,10 +161,19 @@ impl ProxySpec {
     }
 }
 
+/// What a child's READY line must name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Expect {
+    /// `listen=` (forwarder, hbone outbound).
+    Listen,
+    /// `inbound=` or `hbone=` (hbone inbound, ztunnel, waypoint).
+    Inbound,
+}
+
 /// A running proxy child. Dropping it stops it (SIGTERM, bounded wait, then SIGKILL).
 pub struct Proxy {
     /// For messages: `forwarder`, `hbone inbound proxy`, `hbone outbound proxy`.
-    pub name: &'static str,
+    pub name: String,
     child: Option<Child>,
     stdin: Option<ChildStdin>,
     pub pid: u32,
@@ -162,7 +197,7 @@ impl Proxy {
         let cfg_path: PathBuf = dir.join(format!("l4fwd-{tag}.yaml"));
         std::fs::write(&cfg_path, spec.yaml())
             .with_context(|| format!("writing {}", cfg_path.display()))?;
-        Proxy::spawn(FORWARDER_ARG, &cfg_path, "forwarder", false)
+        Proxy::spawn(FORWARDER_ARG, &cfg_path, "forwarder", Expect::Listen)
     }
 
     /// Start the HBONE inbound, wait for READY, then the outbound pointing at it. Returns
@@ -172,22 +207,58 @@ impl Proxy {
         let in_path: PathBuf = dir.join(format!("hbone-in-{tag}.yaml"));
         std::fs::write(&in_path, spec.inbound_yaml())
             .with_context(|| format!("writing {}", in_path.display()))?;
-        let inbound = Proxy::spawn(HBONE_ARG, &in_path, "hbone inbound proxy", true)?;
+        let inbound = Proxy::spawn(HBONE_ARG, &in_path, "hbone inbound proxy", Expect::Inbound)?;
         let in_addr = inbound.inbound.expect("checked in parse_ready");
         let out_path: PathBuf = dir.join(format!("hbone-out-{tag}.yaml"));
         std::fs::write(&out_path, spec.outbound_yaml(in_addr))
             .with_context(|| format!("writing {}", out_path.display()))?;
-        let outbound = Proxy::spawn(HBONE_ARG, &out_path, "hbone outbound proxy", false)?;
+        let outbound = Proxy::spawn(HBONE_ARG, &out_path, "hbone outbound proxy", Expect::Listen)?;
         Ok(vec![inbound, outbound])
     }
 
-    fn spawn(arg: &str, cfg_path: &Path, name: &'static str, want_inbound: bool) -> Result<Proxy> {
+    fn spawn(arg: &str, cfg_path: &Path, name: &str, expect: Expect) -> Result<Proxy> {
         let exe = std::env::current_exe().context("locating the bench binary")?;
         let mut cmd = Command::new(exe);
-        cmd.arg(arg)
+        cmd.arg(arg).arg("--config").arg(cfg_path);
+        Proxy::spawn_cmd(cmd, name, expect)
+    }
+
+    /// A ztunnel (`__ztunnel --config FILE --profile P`) inside network namespace `ns`
+    /// (`ip netns exec` enters it and executes the binary in the same process).
+    pub fn spawn_ztunnel(ns: &str, cfg_path: &Path, profile: &str, node: &str) -> Result<Proxy> {
+        Proxy::spawn_in_ns(
+            ns,
+            ZTUNNEL_ARG,
+            cfg_path,
+            profile,
+            &format!("ztunnel {node}"),
+        )
+    }
+
+    /// This binary re-executed as `arg --config FILE --profile P` inside `ns`; READY must
+    /// name an `hbone=` address.
+    pub fn spawn_in_ns(
+        ns: &str,
+        arg: &str,
+        cfg_path: &Path,
+        profile: &str,
+        name: &str,
+    ) -> Result<Proxy> {
+        let exe = std::env::current_exe().context("locating the bench binary")?;
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", ns])
+            .arg(exe)
+            .arg(arg)
             .arg("--config")
             .arg(cfg_path)
-            .stdin(Stdio::piped())
+            .arg("--profile")
+            .arg(profile);
+        Proxy::spawn_cmd(cmd, name, Expect::Inbound)
+    }
+
+    fn spawn_cmd(mut cmd: Command, name: &str, expect: Expect) -> Result<Proxy> {
+        let name_s = name.to_string();
+        cmd.stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .process_group(0);
@@ -202,11 +273,12 @@ impl Proxy {
         let stderr = child.stderr.take().expect("piped stderr");
         let stdin = child.stdin.take();
         let (etx, stderr_rx) = mpsc::channel::<String>();
+        let name2 = name_s.clone();
         let _ = std::thread::Builder::new()
             .name("l4fwd-stderr".into())
             .spawn(move || {
                 for line in BufReader::new(stderr).lines().map_while(|l| l.ok()) {
-                    let _ = writeln!(std::io::stderr(), "  [{name} {pid}] {line}");
+                    let _ = writeln!(std::io::stderr(), "  [{name2} {pid}] {line}");
                     let _ = etx.send(line);
                 }
             });
@@ -219,7 +291,7 @@ impl Proxy {
                 }
             });
         let mut proxy = Proxy {
-            name,
+            name: name_s,
             child: Some(child),
             stdin,
             pid,
@@ -236,7 +308,7 @@ impl Proxy {
             match rx.recv_timeout(left) {
                 Ok(line) => {
                     if let Some(rest) = line.strip_prefix("READY ") {
-                        proxy.parse_ready(rest, want_inbound)?;
+                        proxy.parse_ready(rest, expect)?;
                         return Ok(proxy);
                     }
                 }
@@ -260,7 +332,7 @@ impl Proxy {
         }
     }
 
-    fn parse_ready(&mut self, rest: &str, want_inbound: bool) -> Result<()> {
+    fn parse_ready(&mut self, rest: &str, expect: Expect) -> Result<()> {
         for kv in rest.split_whitespace() {
             match kv.split_once('=') {
                 Some(("driver", v)) => self.driver = v.to_string(),
@@ -271,7 +343,12 @@ impl Proxy {
                         .parse()
                         .map_err(|e| anyhow!("READY line: bad listen address {first:?}: {e}"))?;
                 }
-                Some(("inbound", v)) => {
+                Some(("socks5", v)) => {
+                    self.listen = v
+                        .parse()
+                        .map_err(|e| anyhow!("READY line: bad socks5 address {v:?}: {e}"))?;
+                }
+                Some(("inbound" | "hbone", v)) => {
                     self.inbound = Some(
                         v.parse()
                             .map_err(|e| anyhow!("READY line: bad inbound address {v:?}: {e}"))?,
@@ -280,7 +357,7 @@ impl Proxy {
                 _ => {}
             }
         }
-        if want_inbound {
+        if expect == Expect::Inbound {
             if self.inbound.is_none_or(|a| a.port() == 0) {
                 bail!("READY line without an inbound address: {rest:?}");
             }
@@ -467,7 +544,7 @@ mod tests {
     #[test]
     fn ready_lines() {
         let mut p = Proxy {
-            name: "t",
+            name: "t".into(),
             child: None,
             stdin: None,
             pid: 0,
@@ -480,17 +557,17 @@ mod tests {
         };
         p.parse_ready(
             "driver=io_uring workers=1 listen= inbound=127.0.0.1:4000",
-            true,
+            Expect::Inbound,
         )
         .unwrap();
         assert_eq!(p.inbound.unwrap().port(), 4000);
         assert_eq!(p.driver, "io_uring");
         assert!(p
-            .parse_ready("driver=epoll workers=1 listen=", false)
+            .parse_ready("driver=epoll workers=1 listen=", Expect::Listen)
             .is_err());
         p.parse_ready(
             "driver=epoll workers=1 listen=127.0.0.1:5,127.0.0.1:6",
-            false,
+            Expect::Listen,
         )
         .unwrap();
         assert_eq!(p.listen.port(), 5);

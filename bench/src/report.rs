@@ -231,6 +231,18 @@ pub struct OpenLoop {
     pub saturated: bool,
 }
 
+/// idle-connections: the proxies' resident memory around the idle connections.
+#[derive(Debug, Clone, Serialize)]
+pub struct IdleMem {
+    /// Asked for.
+    pub connections: u64,
+    /// Answered their first exchange before the second RSS reading.
+    pub established: u64,
+    /// VmRSS of each proxy of the path (in path order), before and with the connections.
+    pub rss_before_kb: Vec<u64>,
+    pub rss_after_kb: Vec<u64>,
+}
+
 /// Everything measured in one run.
 #[derive(Debug, Clone, Serialize)]
 pub struct Run {
@@ -248,6 +260,10 @@ pub struct Run {
     pub round_trips_per_s: Option<f64>,
     pub connections_per_s: Option<f64>,
     pub open_loop: Option<OpenLoop>,
+    /// http1-rps, large-body: requests completed in the window, per second.
+    pub requests_per_s: Option<f64>,
+    /// idle-connections.
+    pub idle: Option<IdleMem>,
     pub window_bytes: u64,
     pub ops_window: u64,
     pub latency_us: Option<Latency>,
@@ -405,7 +421,8 @@ impl Entry {
             drift_flag: false,
             io_driver: all.iter().find_map(|r| r.proxy_driver.clone()),
             ok: !all.iter().any(|r| r.is_failure()) && !used.is_empty(),
-            lower_is_better: metric.ends_with("_latency_us"),
+            lower_is_better: metric.ends_with("_latency_us")
+                || metric == "bytes_per_idle_connection",
             target_rate: used
                 .iter()
                 .find_map(|r| r.open_loop.map(|o| o.target_rate_per_s)),
@@ -446,6 +463,7 @@ impl Entry {
         let per_op_key = match self.scenario.as_str() {
             "tcp-rr" | "tcp-rr-open" => "cpu_us_per_round_trip",
             "conn-churn" => "cpu_us_per_connection",
+            "http1-rps" => "cpu_us_per_request",
             _ => "cpu_us_per_op",
         };
         let agg = |a: &Option<Agg>| a.map(|a| a.json()).unwrap_or(Value::Null);
@@ -454,7 +472,7 @@ impl Entry {
             proxy_cpu.insert("cpu_pct".into(), agg(&self.proxy_cpu_pct));
             proxy_cpu.insert(
                 "cpu_s_per_gb".into(),
-                if self.scenario == "tcp-throughput" {
+                if self.scenario == "tcp-throughput" || self.scenario == "large-body" {
                     agg(&self.proxy_cpu_per_gb)
                 } else {
                     Value::Null
@@ -529,7 +547,20 @@ pub fn fmt_figure(metric: &str, x: f64) -> String {
         "round_trips_per_s" => format!("{} rt/s", si(x)),
         "connections_per_s" => format!("{} conn/s", si(x)),
         "p99_latency_us" => format!("p99 {x:.1} µs"),
+        "requests_per_s" => format!("{} req/s", si(x)),
+        "bytes_per_idle_connection" => format!("{x:.0} B/conn"),
         _ => format!("{x:.3}"),
+    }
+}
+
+/// Bytes in binary units (`64KiB`, `1MiB`).
+pub fn bytes(n: usize) -> String {
+    if n >= 1 << 20 && n % (1 << 20) == 0 {
+        format!("{}MiB", n >> 20)
+    } else if n >= 1024 && n % 1024 == 0 {
+        format!("{}KiB", n >> 10)
+    } else {
+        format!("{n}B")
     }
 }
 
@@ -554,8 +585,8 @@ fn fmt_short(metric: &str, x: f64) -> String {
 /// The Markdown summary table (also printed on stdout).
 pub fn summary_table(entries: &[Entry]) -> String {
     let mut s = String::new();
-    s.push_str("| scenario | path | figure: median [min–max] | of direct | spread | p50 µs | p90 µs | p99 µs | p99.9 µs | max µs | added p50 / p99 µs | proxy CPU | retrans/run | notes |\n");
-    s.push_str("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
+    s.push_str("| scenario | path | figure: median [min–max] | direct | of direct | spread | p50 µs | p90 µs | p99 µs | p99.9 µs | max µs | added p50 / p99 µs | proxy CPU | retrans/run | notes |\n");
+    s.push_str("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
     for e in entries {
         let fig = match e.figure {
             Some(a) => format!(
@@ -604,7 +635,14 @@ pub fn summary_table(entries: &[Entry]) -> String {
                 .map(|a| format!("{:.0}%", a.median))
                 .unwrap_or("?".into());
             match e.scenario.as_str() {
-                "tcp-throughput" => format!(
+                "idle-connections" => "—".to_string(),
+                "http1-rps" => format!(
+                    "{} CPU-µs/req ({pct})",
+                    e.proxy_cpu_per_op
+                        .map(|a| format!("{:.1}", a.median))
+                        .unwrap_or("?".into())
+                ),
+                "tcp-throughput" | "large-body" => format!(
                     "{} CPU-s/GB ({pct})",
                     e.proxy_cpu_per_gb
                         .map(|a| format!("{:.3}", a.median))
@@ -664,9 +702,12 @@ pub fn summary_table(entries: &[Entry]) -> String {
         }
         let _ = writeln!(
             s,
-            "| {} | {} | {fig} | {ratio} | {spread} | {} | {} | {} | {} | {} | {added} | {cpu} | {retrans} | {} |",
+            "| {} | {} | {fig} | {} | {ratio} | {spread} | {} | {} | {} | {} | {} | {added} | {cpu} | {retrans} | {} |",
             e.id,
             e.path,
+            e.direct_median
+                .map(|d| fmt_figure(e.metric, d))
+                .unwrap_or_else(|| "—".into()),
             lat(0),
             lat(1),
             lat(2),

@@ -10,9 +10,10 @@ use std::time::{Duration, Instant};
 use anyhow::Result;
 use serde_json::{json, Value};
 
-use crate::backend::Backends;
+use crate::backend::{BackendCounters, Backends};
 use crate::generator::{self, GenResult, Live, Plan, Work};
 use crate::host;
+use crate::mesh::{self, Mesh};
 use crate::proxy::{HboneSpec, Proxy, ProxySpec};
 use crate::report::{fmt_figure, si, Latency, OpenLoop, Run, SATURATED};
 
@@ -26,6 +27,12 @@ pub enum Kind {
     Churn,
     /// Open-loop request/response at a fixed rate (`tcp-rr-open`).
     RrOpen,
+    /// HTTP/1.1 keep-alive requests, closed loop (`http1-rps`).
+    Http1,
+    /// HTTP/1.1 with large bodies (`large-body`): Gbit/s of echoed bodies.
+    LargeBody,
+    /// Idle connections held open: proxy memory per connection (`idle-connections`).
+    Idle,
 }
 
 impl Kind {
@@ -35,6 +42,9 @@ impl Kind {
             Kind::Rr => "tcp-rr",
             Kind::Churn => "conn-churn",
             Kind::RrOpen => "tcp-rr-open",
+            Kind::Http1 => "http1-rps",
+            Kind::LargeBody => "large-body",
+            Kind::Idle => "idle-connections",
         }
     }
     pub fn parse(s: &str) -> Option<Kind> {
@@ -43,16 +53,25 @@ impl Kind {
             "tcp-rr" | "rr" => Some(Kind::Rr),
             "conn-churn" | "churn" => Some(Kind::Churn),
             "tcp-rr-open" | "rr-open" => Some(Kind::RrOpen),
+            "http1-rps" | "http1" => Some(Kind::Http1),
+            "large-body" => Some(Kind::LargeBody),
+            "idle-connections" | "idle" => Some(Kind::Idle),
             _ => None,
         }
     }
     pub fn metric(self) -> (&'static str, &'static str) {
         match self {
-            Kind::Throughput => ("gbit_per_s", "Gbit/s"),
+            Kind::Throughput | Kind::LargeBody => ("gbit_per_s", "Gbit/s"),
             Kind::Rr => ("round_trips_per_s", "1/s"),
             Kind::Churn => ("connections_per_s", "1/s"),
             Kind::RrOpen => ("p99_latency_us", "µs"),
+            Kind::Http1 => ("requests_per_s", "1/s"),
+            Kind::Idle => ("bytes_per_idle_connection", "B"),
         }
+    }
+    /// HTTP scenarios (the only ones the waypoint path, an L7 proxy, can carry).
+    pub fn is_http(self) -> bool {
+        matches!(self, Kind::Http1 | Kind::LargeBody)
     }
 }
 
@@ -66,6 +85,8 @@ pub struct Scenario {
     pub write_size: usize,
     /// tcp-rr-open: requests/s over all connections (0 elsewhere).
     pub rate: f64,
+    /// large-body: body bytes each way per request.
+    pub body: usize,
 }
 
 impl Scenario {
@@ -80,6 +101,13 @@ impl Scenario {
                 "size={}B rate={}/s streams={}",
                 self.size, self.rate, self.conns
             ),
+            Kind::Http1 => format!("body={}B conns={}", self.size, self.conns),
+            Kind::LargeBody => format!(
+                "body={} conns={}",
+                crate::report::bytes(self.body),
+                self.conns
+            ),
+            Kind::Idle => format!("conns={}", self.conns),
         }
     }
     pub fn id(&self) -> String {
@@ -93,6 +121,9 @@ impl Scenario {
             Kind::RrOpen => {
                 json!({"streams": self.conns, "size": self.size, "rate_per_s": self.rate})
             }
+            Kind::Http1 => json!({"connections": self.conns, "response_body": self.size}),
+            Kind::LargeBody => json!({"connections": self.conns, "body": self.body}),
+            Kind::Idle => json!({"connections": self.conns, "size": self.size}),
         }
     }
     fn work(&self) -> Work {
@@ -107,6 +138,15 @@ impl Scenario {
                 // Each connection's share of the rate.
                 interval: Duration::from_secs_f64(self.conns as f64 / self.rate.max(1e-3)),
             },
+            Kind::Http1 => Work::Http1 {
+                req_body: 0,
+                resp_body: self.size,
+            },
+            Kind::LargeBody => Work::Http1 {
+                req_body: self.body,
+                resp_body: self.body,
+            },
+            Kind::Idle => Work::Idle { size: self.size },
         }
     }
 }
@@ -114,34 +154,62 @@ impl Scenario {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PathKind {
     Direct,
-    L4Copy,
-    L4Splice,
+    /// Mesh: captured client → ztunnel A → plain TCP → pod outside the mesh.
+    L4,
+    /// Mesh: ztunnel A → HBONE → ztunnel B.
     Hbone,
+    /// Mesh: ztunnel A → HBONE → waypoint → HBONE → ztunnel B.
+    Waypoint,
+    /// Loopback: the runtime's forwarder, copy mode.
+    L4Copy,
+    /// Loopback: the runtime's forwarder, splice mode.
+    L4Splice,
+    /// Loopback: two `hbone::proxy` processes.
+    HboneProxy,
 }
 
 impl PathKind {
     pub fn name(self) -> &'static str {
         match self {
             PathKind::Direct => "direct",
+            PathKind::L4 => "l4",
+            PathKind::Hbone => "hbone",
+            PathKind::Waypoint => "waypoint",
             PathKind::L4Copy => "l4-copy",
             PathKind::L4Splice => "l4-splice",
-            PathKind::Hbone => "hbone",
+            PathKind::HboneProxy => "hbone-proxy",
         }
     }
     pub fn parse(s: &str) -> Option<PathKind> {
         match s {
             "direct" => Some(PathKind::Direct),
+            "l4" => Some(PathKind::L4),
+            "hbone" => Some(PathKind::Hbone),
+            "waypoint" => Some(PathKind::Waypoint),
             "l4-copy" | "copy" => Some(PathKind::L4Copy),
             "l4-splice" | "splice" => Some(PathKind::L4Splice),
-            "hbone" => Some(PathKind::Hbone),
+            "hbone-proxy" => Some(PathKind::HboneProxy),
             _ => None,
         }
     }
+    /// Runs over the mesh topology (else: loopback, with its own proxies per run).
+    pub fn is_mesh(self) -> bool {
+        matches!(self, PathKind::L4 | PathKind::Hbone | PathKind::Waypoint)
+    }
     fn mode(self) -> Option<&'static str> {
         match self {
-            PathKind::Direct | PathKind::Hbone => None,
             PathKind::L4Copy => Some("copy"),
             PathKind::L4Splice => Some("splice"),
+            _ => None,
+        }
+    }
+    /// Can this path carry this scenario? (The waypoint is an HTTP proxy; idle
+    /// connections measure a proxy's memory, so `direct` has nothing to measure.)
+    pub fn carries(self, k: Kind) -> bool {
+        match self {
+            PathKind::Waypoint => k.is_http(),
+            PathKind::Direct => k != Kind::Idle,
+            _ => true,
         }
     }
 }
@@ -214,11 +282,33 @@ pub struct Knobs {
     pub io_driver: String,
 }
 
+/// The mesh's backends: one set per server pod.
+pub struct MeshBackends {
+    /// In `plain` (not captured; `direct` and `l4`).
+    pub plain: Backends,
+    /// In `echo` (captured; `hbone`).
+    pub echo: Backends,
+    /// In `echo-v1` (captured; where the waypoint's route sends `echo`'s requests).
+    pub echo_v1: Backends,
+}
+
+/// Where the load goes.
+pub enum Topo<'a> {
+    /// Generator, backends and per-run proxies on 127.0.0.1 in this namespace.
+    Loopback(&'a Backends),
+    /// The mesh of [`crate::mesh`]: generator in a client pod, backends in server pods.
+    Mesh {
+        mesh: &'a mut Mesh,
+        be: &'a MeshBackends,
+    },
+}
+
 /// Shared state of a suite invocation.
 pub struct Ctx<'a> {
     pub knobs: &'a Knobs,
     pub placement: &'a Placement,
-    pub backends: &'a Backends,
+    pub topo: Topo<'a>,
+    pub counters: Arc<BackendCounters>,
     pub decision: &'a runtime::driver::DriverDecision,
     pub cores: usize,
     pub clk_tck: u64,
@@ -256,6 +346,11 @@ pub fn run_suite(
     for sc in scenarios {
         for rep in 1..=ctx.knobs.reps {
             for &path in paths {
+                if !path.carries(sc.kind) || (sc.kind == Kind::Idle && rep > 1) {
+                    // Idle connections: one run per path (it holds thousands of sockets and
+                    // its figure, memory, does not vary like a rate).
+                    continue;
+                }
                 let mut attempt = 1;
                 loop {
                     let run = run_one(ctx, sc, path, rep, attempt)?;
@@ -299,23 +394,24 @@ struct Snap {
     others: std::collections::HashMap<u32, u64>,
 }
 
-/// `proxies`: every proxy process of the path (none on `direct`, two on `hbone`); their CPU
-/// is summed.
-fn snap(ctx: &Ctx<'_>, proxies: &[Proxy]) -> Snap {
+/// `pids`: every proxy process of the path (none on `direct`, two on `hbone`); their CPU
+/// is summed. Every other proxy of the mesh is excluded from "other processes".
+fn snap(ctx: &Ctx<'_>, pids: &[u32]) -> Snap {
     let mut exclude = vec![std::process::id()];
-    exclude.extend(proxies.iter().map(|p| p.pid));
+    exclude.extend(pids.iter().copied());
+    if let Topo::Mesh { mesh, .. } = &ctx.topo {
+        exclude.extend(mesh.pids("waypoint"));
+    }
     // The cheap, time-critical readings first.
     let at = Instant::now();
-    let proxy_ticks = if proxies.is_empty() {
+    let proxy_ticks = if pids.is_empty() {
         None
     } else {
-        proxies
-            .iter()
-            .map(|p| host::proc_cpu_ticks(p.pid))
+        pids.iter()
+            .map(|p| host::proc_cpu_ticks(*p))
             .sum::<Option<u64>>()
     };
     let sink = ctx
-        .backends
         .counters
         .sink_bytes
         .load(std::sync::atomic::Ordering::Relaxed);
@@ -370,6 +466,8 @@ fn run_one(
         round_trips_per_s: None,
         connections_per_s: None,
         open_loop: None,
+        requests_per_s: None,
+        idle: None,
         window_bytes: 0,
         ops_window: 0,
         latency_us: None,
@@ -431,85 +529,149 @@ fn run_one(
         ));
     }
 
-    // 2. The proxy, if this path has one.
-    let upstream: SocketAddr = match sc.kind {
-        Kind::Throughput => ctx.backends.sink,
-        Kind::Rr | Kind::RrOpen => ctx.backends.echo,
-        Kind::Churn => ctx.backends.reply_close,
+    // 2. Where to connect from and to, and the proxy, if this path has one.
+    let pick = |be: &Backends| -> SocketAddr {
+        match sc.kind {
+            Kind::Throughput => be.sink,
+            Kind::Rr | Kind::RrOpen | Kind::Idle => be.echo,
+            Kind::Churn => be.reply_close,
+            Kind::Http1 | Kind::LargeBody => be.http,
+        }
     };
     let mut proxies: Vec<Proxy> = Vec::new();
-    let started = match (path, path.mode()) {
-        (PathKind::Direct, _) => Ok(None),
-        (PathKind::Hbone, _) => {
-            let spec = HboneSpec {
-                backend: upstream,
-                core: if ctx.placement.pin {
-                    ctx.placement.proxy_cores.first().copied()
-                } else {
-                    None
-                },
-                io_driver: k.io_driver.clone(),
-                ca_dir: ctx.tmp.join("ca"),
+    let mut pids: Vec<u32> = Vec::new();
+    let mut netns: Option<String> = None;
+    let mut host_header = "echo".to_string();
+    let target = match &mut ctx.topo {
+        Topo::Mesh { mesh, be } => {
+            let (client, t) = match path {
+                PathKind::Direct => ("plain-client", pick(&be.plain)),
+                PathKind::L4 => ("client", pick(&be.plain)),
+                PathKind::Hbone => ("client", pick(&be.echo)),
+                PathKind::Waypoint => {
+                    host_header = "echo.bench.svc.cluster.local".into();
+                    (
+                        "client",
+                        SocketAddr::new(mesh::ECHO_VIP.into(), mesh::SERVICE_PORT),
+                    )
+                }
+                other => {
+                    run.failed = Some(format!(
+                        "path {} runs on the loopback topology only (--topology loopback)",
+                        other.name()
+                    ));
+                    return Ok(run);
+                }
             };
-            Proxy::start_hbone(&spec, ctx.tmp, &format!("{}", ctx.seq))
-                .map(Some)
-                .map_err(|e| format!("starting the hbone proxies: {e:#}"))
-        }
-        (_, Some(mode)) => {
-            let spec = ProxySpec {
-                mode,
-                upstream,
-                cores: if ctx.placement.pin {
-                    ctx.placement.proxy_cores.clone()
-                } else {
-                    vec![]
-                },
-                workers: ctx.placement.proxy_workers,
-                io_driver: k.io_driver.clone(),
-            };
-            Proxy::start(&spec, ctx.tmp, &format!("{}", ctx.seq))
-                .map(|p| Some(vec![p]))
-                .map_err(|e| format!("starting the forwarder: {e:#}"))
-        }
-        (_, None) => Ok(None),
-    };
-    let target = match started {
-        Ok(None) => upstream,
-        Ok(Some(ps)) => {
-            // The generator connects to the last one started (the hbone outbound).
-            let last = ps.last().expect("at least one proxy");
-            run.proxy_pid = Some(last.pid);
-            run.proxy_driver = Some(last.driver.clone());
-            let t = last.listen;
-            if ps.len() > 1 {
+            if path == PathKind::Waypoint && mesh.waypoint.is_none() {
+                run.failed = Some(format!(
+                    "the waypoint is not running: {}",
+                    mesh.waypoint_error.as_deref().unwrap_or("not started")
+                ));
+                eprintln!("{label}  FAILED: {}", run.failed.as_deref().unwrap_or(""));
+                return Ok(run);
+            }
+            netns = Some(mesh.ns(client));
+            pids = mesh.pids(path.name());
+            run.proxy_pid = pids.first().copied();
+            run.proxy_driver = if pids.is_empty() { None } else { mesh.driver() };
+            if pids.len() > 1 {
                 run.notes.push(format!(
-                    "{} proxy processes ({}) share {}; proxy CPU is their sum",
-                    ps.len(),
-                    ps.iter()
-                        .map(|p| format!("{} pid {}", p.name, p.pid))
-                        .collect::<Vec<_>>()
-                        .join(", "),
+                    "{} proxy processes (pids {pids:?}) share {}; proxy CPU is their sum",
+                    pids.len(),
                     match ctx.placement.proxy_cores.first() {
                         Some(c) if ctx.placement.pin => format!("the proxy core (cpu{c})"),
                         _ => "the CPUs unpinned".into(),
                     }
                 ));
             }
-            proxies = ps;
             t
         }
-        Err(e) => {
-            run.failed = Some(e);
-            eprintln!("{label}  FAILED: {}", run.failed.as_deref().unwrap_or(""));
-            return Ok(run);
+        Topo::Loopback(be) => {
+            let upstream = pick(be);
+            let started = match (path, path.mode()) {
+                (PathKind::Direct, _) => Ok(None),
+                (PathKind::HboneProxy, _) => {
+                    let spec = HboneSpec {
+                        backend: upstream,
+                        core: if ctx.placement.pin {
+                            ctx.placement.proxy_cores.first().copied()
+                        } else {
+                            None
+                        },
+                        io_driver: k.io_driver.clone(),
+                        ca_dir: ctx.tmp.join("ca"),
+                    };
+                    Proxy::start_hbone(&spec, ctx.tmp, &format!("{}", ctx.seq))
+                        .map(Some)
+                        .map_err(|e| format!("starting the hbone proxies: {e:#}"))
+                }
+                (_, Some(mode)) => {
+                    let spec = ProxySpec {
+                        mode,
+                        upstream,
+                        cores: if ctx.placement.pin {
+                            ctx.placement.proxy_cores.clone()
+                        } else {
+                            vec![]
+                        },
+                        workers: ctx.placement.proxy_workers,
+                        io_driver: k.io_driver.clone(),
+                    };
+                    Proxy::start(&spec, ctx.tmp, &format!("{}", ctx.seq))
+                        .map(|p| Some(vec![p]))
+                        .map_err(|e| format!("starting the forwarder: {e:#}"))
+                }
+                (other, None) => Err(format!(
+                    "path {} needs the mesh topology (root; --topology mesh)",
+                    other.name()
+                )),
+            };
+            match started {
+                Ok(None) => upstream,
+                Ok(Some(ps)) => {
+                    // The generator connects to the last one started (the hbone outbound).
+                    let last = ps.last().expect("at least one proxy");
+                    run.proxy_pid = Some(last.pid);
+                    run.proxy_driver = Some(last.driver.clone());
+                    let t = last.listen;
+                    if ps.len() > 1 {
+                        run.notes.push(format!(
+                            "{} proxy processes ({}) share {}; proxy CPU is their sum",
+                            ps.len(),
+                            ps.iter()
+                                .map(|p| format!("{} pid {}", p.name, p.pid))
+                                .collect::<Vec<_>>()
+                                .join(", "),
+                            match ctx.placement.proxy_cores.first() {
+                                Some(c) if ctx.placement.pin => {
+                                    format!("the proxy core (cpu{c})")
+                                }
+                                _ => "the CPUs unpinned".into(),
+                            }
+                        ));
+                    }
+                    pids = ps.iter().map(|p| p.pid).collect();
+                    proxies = ps;
+                    t
+                }
+                Err(e) => {
+                    run.failed = Some(e);
+                    eprintln!("{label}  FAILED: {}", run.failed.as_deref().unwrap_or(""));
+                    return Ok(run);
+                }
+            }
         }
     };
     // Let the proxy's threads settle after start-up.
     std::thread::sleep(Duration::from_millis(30));
+    if sc.kind == Kind::Idle {
+        return idle_run(ctx, sc, run, &label, &pids, proxies, target, netns);
+    }
 
     // 3. Generators.
     let retrans0 = host::tcp_retrans_segs();
-    let be_err0 = ctx.backends.counters.errors.load(Ordering::Relaxed);
+    let be_err0 = ctx.counters.errors.load(Ordering::Relaxed);
     let t0 = Instant::now();
     let t_warm = t0 + k.warmup;
     let t_end = t_warm + k.duration;
@@ -538,6 +700,8 @@ fn run_one(
             t_end,
             stop: stop.clone(),
             live: live.clone(),
+            netns: netns.clone(),
+            host: host_header.clone(),
         };
         match generator::spawn(i, ctx.placement.gen_core(i), ctx.decision, plan, tx.clone()) {
             Ok(()) => spawned += 1,
@@ -556,7 +720,7 @@ fn run_one(
         let ops = live.ops.load(Ordering::Relaxed);
         let rate = match (sc.kind, sink0) {
             (Kind::Throughput, Some(s0)) if el > 0.0 => {
-                let b = ctx.backends.counters.sink_bytes.load(Ordering::Relaxed) - s0;
+                let b = ctx.counters.sink_bytes.load(Ordering::Relaxed) - s0;
                 format!("{:.2} Gbit/s", b as f64 * 8.0 / el / 1e9)
             }
             (Kind::Throughput, _) => String::new(),
@@ -571,11 +735,11 @@ fn run_one(
         stop.store(true, Ordering::Relaxed);
         return Err(e);
     }
-    let a = snap(ctx, &proxies);
+    let a = snap(ctx, &pids);
     let r = wait_until(ctx, t_end, || {
         progress("measure", a.at, k.duration, Some(a.sink))
     });
-    let b = snap(ctx, &proxies);
+    let b = snap(ctx, &pids);
     if let Err(e) = r {
         // Generators see the flag and end within their op timeouts; the proxy stops on drop.
         stop.store(true, Ordering::Relaxed);
@@ -633,6 +797,11 @@ fn run_one(
         exits.reverse();
         run.proxy_exit = Some(exits.join("; "));
     }
+    if let Topo::Mesh { mesh, .. } = &mut ctx.topo {
+        if let Some(d) = mesh.dead() {
+            run.failed.get_or_insert(format!("a mesh proxy died: {d}"));
+        }
+    }
     if ctx.interrupted.load(Ordering::Relaxed) {
         return Err(Interrupted);
     }
@@ -647,7 +816,6 @@ fn run_one(
     run.errors = total.errors;
     run.error_samples = total.error_samples.clone();
     run.backend_errors = ctx
-        .backends
         .counters
         .errors
         .load(Ordering::Relaxed)
@@ -697,13 +865,27 @@ fn run_one(
                     proxy_cpu_s.map(|c| crate::report::r(c / (window_bytes as f64 / 1e9)));
             }
         }
-        Kind::Rr | Kind::Churn => {
+        Kind::LargeBody => {
+            // Body bytes checked by the client in the window's requests, both ways.
+            let bytes = total.ops_window as f64 * sc.body as f64 * 2.0;
+            let g = bytes * 8.0 / planned / 1e9;
+            run.window_bytes = bytes as u64;
+            run.gbit_per_s = Some(crate::report::r(g));
+            run.requests_per_s = Some(crate::report::r(total.ops_window as f64 / planned));
+            run.figure = g;
+            if bytes > 0.0 {
+                run.proxy_cpu_s_per_gb =
+                    proxy_cpu_s.map(|c| crate::report::r(c / window * planned / (bytes / 1e9)));
+            }
+        }
+        Kind::Idle => {}
+        Kind::Rr | Kind::Churn | Kind::Http1 => {
             let rate = total.ops_window as f64 / planned;
             run.figure = rate;
-            if sc.kind == Kind::Rr {
-                run.round_trips_per_s = Some(crate::report::r(rate));
-            } else {
-                run.connections_per_s = Some(crate::report::r(rate));
+            match sc.kind {
+                Kind::Rr => run.round_trips_per_s = Some(crate::report::r(rate)),
+                Kind::Http1 => run.requests_per_s = Some(crate::report::r(rate)),
+                _ => run.connections_per_s = Some(crate::report::r(rate)),
             }
             if total.ops_window > 0 {
                 // CPU over the snapshot window, operations over the planned one: scale.
@@ -797,6 +979,168 @@ fn run_one(
         eprintln!("\r{line}\x1b[K");
     } else {
         eprintln!("{line}");
+    }
+    Ok(run)
+}
+
+/// `idle-connections`: read each proxy's RSS, open `sc.conns` connections through the path
+/// (one echo each), wait until all are up, read the RSS again, then let the generators do
+/// one more exchange on each and close. Figure: (RSS after − before) / connections, summed
+/// over the path's proxies.
+#[allow(clippy::too_many_arguments)]
+fn idle_run(
+    ctx: &mut Ctx<'_>,
+    sc: &Scenario,
+    mut run: Run,
+    label: &str,
+    pids: &[u32],
+    mut proxies: Vec<Proxy>,
+    target: SocketAddr,
+    netns: Option<String>,
+) -> Result<Run, Interrupted> {
+    let before: Vec<Option<u64>> = pids.iter().map(|p| host::proc_rss_kb(*p)).collect();
+    let stop = Arc::new(AtomicBool::new(false));
+    let live = Arc::new(Live::default());
+    let (tx, rx) = mpsc::channel();
+    let t0 = Instant::now();
+    let threads = ctx.placement.gen_threads.max(1);
+    let mut spawned = 0;
+    for i in 0..threads {
+        let conns = sc.conns / threads + usize::from(i < sc.conns % threads);
+        if conns == 0 {
+            continue;
+        }
+        let plan = Plan {
+            work: sc.work(),
+            target,
+            conns,
+            t_warm: t0,
+            // The generators hold their connections until told to stop.
+            t_end: t0 + Duration::from_secs(600),
+            stop: stop.clone(),
+            live: live.clone(),
+            netns: netns.clone(),
+            host: String::new(),
+        };
+        match generator::spawn(i, ctx.placement.gen_core(i), ctx.decision, plan, tx.clone()) {
+            Ok(()) => spawned += 1,
+            Err(e) => run.notes.push(format!("generator thread {i}: {e}")),
+        }
+    }
+    drop(tx);
+    // Wait (bounded) until every connection answered its first exchange, or a thread gave up.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut early: Vec<Result<GenResult, String>> = Vec::new();
+    while live.ops.load(Ordering::Relaxed) < sc.conns as u64 && Instant::now() < deadline {
+        if ctx.interrupted.load(Ordering::Relaxed) {
+            stop.store(true, Ordering::Relaxed);
+            return Err(Interrupted);
+        }
+        if let Ok(r) = rx.try_recv() {
+            early.push(r);
+        }
+        if early.len() == spawned {
+            break;
+        }
+        if ctx.tty {
+            eprint!(
+                "\r{label}  opening {}/{}\x1b[K",
+                live.ops.load(Ordering::Relaxed),
+                sc.conns
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let up = live.ops.load(Ordering::Relaxed);
+    // Let the proxies finish whatever the last connections started.
+    std::thread::sleep(Duration::from_millis(300));
+    let after: Vec<Option<u64>> = pids.iter().map(|p| host::proc_rss_kb(*p)).collect();
+    stop.store(true, Ordering::Relaxed);
+    let mut total = GenResult::empty();
+    let mut got = early.len();
+    for r in early {
+        match r {
+            Ok(r) => total.merge(&r),
+            Err(e) => run.failed = Some(e),
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while got < spawned {
+        match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            Ok(Ok(r)) => {
+                total.merge(&r);
+                got += 1;
+            }
+            Ok(Err(e)) => {
+                run.failed = Some(e);
+                got += 1;
+            }
+            Err(_) => {
+                run.failed = Some("generator threads did not finish within 60 s".into());
+                break;
+            }
+        }
+    }
+    for mut p in proxies.drain(..).rev() {
+        let out = p.stop();
+        if let Some(n) = out.note {
+            run.notes.push(n);
+        }
+    }
+    run.bytes_sent = total.sent;
+    run.bytes_received = total.received;
+    run.errors = total.errors;
+    run.error_samples = total.error_samples.clone();
+    run.ops_window = total.ops_window;
+    run.latency_us = Latency::from_hist(&total.hist);
+    run.window_s = crate::report::r(t0.elapsed().as_secs_f64());
+    let per_proxy: Vec<(u64, u64)> = before
+        .iter()
+        .zip(&after)
+        .filter_map(|(b, a)| Some(((*b)?, (*a)?)))
+        .collect();
+    let delta_kb: i64 = per_proxy.iter().map(|(b, a)| *a as i64 - *b as i64).sum();
+    let conns_up = total.ops_window.max(up.min(sc.conns as u64));
+    run.idle = Some(crate::report::IdleMem {
+        connections: sc.conns as u64,
+        established: up,
+        rss_before_kb: per_proxy.iter().map(|x| x.0).collect(),
+        rss_after_kb: per_proxy.iter().map(|x| x.1).collect(),
+    });
+    if per_proxy.len() != pids.len() || pids.is_empty() {
+        run.failed
+            .get_or_insert("could not read the proxies' VmRSS".into());
+    } else if up < sc.conns as u64 {
+        run.failed.get_or_insert(format!(
+            "only {up} of {} connections were established within 60 s",
+            sc.conns
+        ));
+    }
+    run.figure = (delta_kb.max(0) as f64 * 1024.0 / conns_up.max(1) as f64).round();
+    if let Topo::Mesh { mesh, .. } = &mut ctx.topo {
+        if let Some(d) = mesh.dead() {
+            run.failed.get_or_insert(format!("a mesh proxy died: {d}"));
+        }
+    }
+    let line = format!(
+        "{label}  {} B/conn over {} conns (RSS {:?} → {:?} kB)",
+        run.figure,
+        conns_up,
+        before.iter().flatten().collect::<Vec<_>>(),
+        after.iter().flatten().collect::<Vec<_>>()
+    );
+    if ctx.tty {
+        eprintln!("\r{line}\x1b[K");
+    } else {
+        eprintln!("{line}");
+    }
+    if run.is_failure() {
+        eprintln!(
+            "         FAILED: {}",
+            run.failed
+                .clone()
+                .unwrap_or_else(|| run.error_samples.join("; "))
+        );
     }
     Ok(run)
 }

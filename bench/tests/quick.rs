@@ -1,12 +1,30 @@
-//! Runs the built harness with the quick suite and checks the report it writes.
+//! Runs the built harness with the quick suite (the main job, shortened) and checks the
+//! report it writes. As root the suite runs over the mesh topology (network namespaces,
+//! transparent capture, two ztunnels and a waypoint); without root, over loopback — and
+//! under `CI` a missing root fails the test instead.
 
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .and_then(|l| l.split_whitespace().nth(2).map(|e| e == "0"))
+        })
+        .unwrap_or(false)
+}
+
 #[test]
 fn quick_suite_reports_every_scenario_and_path() {
+    let root = is_root();
+    if !root && std::env::var_os("CI").is_some() {
+        panic!("the mesh topology needs root (network namespaces, nftables) and CI is set");
+    }
     let out = std::env::temp_dir().join(format!("bench-quick-test-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&out);
     let mut child = Command::new(env!("CARGO_BIN_EXE_bench"))
@@ -18,6 +36,7 @@ fn quick_suite_reports_every_scenario_and_path() {
         .stderr(Stdio::inherit())
         .spawn()
         .expect("start the bench binary");
+    let child_pid = child.id();
     // The quick suite takes ~20 s; never hang the test run.
     let deadline = Instant::now() + Duration::from_secs(120);
     let status = loop {
@@ -47,6 +66,30 @@ fn quick_suite_reports_every_scenario_and_path() {
     assert_eq!(report["schema"], "mesh-bench/report/v1");
     assert_eq!(report["ok"], true);
     assert_eq!(report["suite"], "quick");
+    assert_eq!(
+        report["settings"]["topology"],
+        if root { "mesh" } else { "loopback" }
+    );
+    for f in ["throughput.svg", "rates.svg"] {
+        let svg = std::fs::read_to_string(out.join(f)).unwrap_or_else(|e| panic!("{f}: {e}"));
+        assert!(
+            svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"),
+            "{f}"
+        );
+    }
+    let latency_svg = std::fs::read_dir(&out)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().starts_with("latency-"))
+        .count();
+    assert!(latency_svg >= 2, "latency curves written");
+    if root {
+        // Torn down: no namespace of this run is left.
+        let prefix = format!("bn{}-", child_pid);
+        let list = Command::new("ip").args(["netns", "list"]).output().unwrap();
+        let list = String::from_utf8_lossy(&list.stdout);
+        assert!(!list.contains(&prefix), "namespaces left behind:\n{list}");
+    }
     assert!(report["host"]["cores"].as_u64().unwrap_or(0) >= 1);
     assert!(report["host"]["kernel"].as_str().is_some());
     assert!(out.join("summary.md").exists(), "summary.md written");
@@ -58,9 +101,23 @@ fn quick_suite_reports_every_scenario_and_path() {
         "tcp-rr/size=100B",
         "tcp-rr-open/size=100B rate=5000/s",
         "conn-churn/size=100B conc=8",
+        "http1-rps/body=100B conns=64",
     ];
+    let paths: &[&str] = if root {
+        &["direct", "l4", "hbone", "waypoint"]
+    } else {
+        &["direct", "l4-copy", "l4-splice", "hbone-proxy"]
+    };
     for id in scenarios {
-        for path in ["direct", "l4-copy", "l4-splice", "hbone"] {
+        for &path in paths {
+            if path == "waypoint" && !id.starts_with("http") {
+                // An HTTP proxy: TCP scenarios do not run on it.
+                assert!(
+                    !results.iter().any(|e| e["id"] == id && e["path"] == path),
+                    "{id} ran over the waypoint"
+                );
+                continue;
+            }
             let e = results
                 .iter()
                 .find(|e| e["id"] == id && e["path"] == path)
@@ -93,7 +150,7 @@ fn quick_suite_reports_every_scenario_and_path() {
                 );
                 assert!(e["open_loop"]["saturated"].is_boolean());
             }
-            if id.starts_with("tcp-rr") || id.starts_with("conn-churn") {
+            if id.starts_with("tcp-rr") || id.starts_with("conn-churn") || id.starts_with("http") {
                 let p50 = e["latency_us"]["p50"]["median"].as_f64().unwrap_or(0.0);
                 assert!(p50 > 0.0, "{id} × {path}: p50 {p50}");
             }
@@ -104,6 +161,17 @@ fn quick_suite_reports_every_scenario_and_path() {
                     "{id} × {path}: proxy driver from READY"
                 );
             }
+        }
+    }
+    if root {
+        // Memory per idle connection through each proxied mesh path.
+        for path in ["l4", "hbone"] {
+            let e = results
+                .iter()
+                .find(|e| e["scenario"] == "idle-connections" && e["path"] == path)
+                .unwrap_or_else(|| panic!("no idle-connections result for {path}"));
+            assert_eq!(e["ok"], true, "idle-connections × {path}");
+            assert_eq!(e["bytes"]["lost"], 0);
         }
     }
     let _ = std::fs::remove_dir_all(&out);

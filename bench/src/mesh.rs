@@ -1,0 +1,529 @@
+//! The default mesh the main job brings up (root: network namespaces with transparent
+//! capture; see `ztunnel/tests/netns/mod.rs` for the same shape in the ztunnel tests).
+//!
+//! ```text
+//!  pod "client"       10.181.0.2 (captured) ─┐                                  ┌─ pod "echo"     10.182.0.2 (captured)
+//!  pod "plain-client" 10.181.0.3 ────────────┴ node A ── veth ── node B ────────┼─ pod "echo-v1"  10.182.0.3 (captured)
+//!                                          ztunnel A        ztunnel B           ├─ pod "plain"    10.182.0.4 (not captured)
+//!                                       10.180.255.1      10.180.255.2          └─ pod "waypoint" 10.182.0.10 (the waypoint)
+//! ```
+//!
+//! Namespaces are named `bn<pid>-<name>` (`na`, `nb` for the nodes); addresses are in
+//! 10.180.0.0/14, apart from the ztunnel tests' (`zt…`, 10.1/10.2/192.168.100) and the
+//! waypoint tests' (`wp…`) so all can run at once. Pods are routed (a /32 per pod on its
+//! node, default route via the node's `10.18x.0.1`), so every pod packet crosses its node's
+//! `PREROUTING`, where `ztunnel::capture` installs the redirects for the captured pods (those
+//! of a namespace labelled `istio.io/dataplane-mode: ambient`).
+//!
+//! Paths over this mesh (all with the same backends, in pods on node B):
+//! - `direct`: `plain-client` → `plain`: the same veths and node routing, no proxy.
+//! - `l4`: `client` → `plain`: captured by ztunnel A and passed through as plain TCP
+//!   (R1: the destination is not in the mesh), i.e. one L4 proxy hop.
+//! - `hbone`: `client` → `echo` (pod address): ztunnel A → HBONE (mTLS, HTTP/2 CONNECT) →
+//!   ztunnel B → pod (R5). The pods opt out of their namespace's waypoint
+//!   (`istio.io/use-waypoint: none` on the workload, R3), so pod-addressed traffic is not
+//!   sent to it; only the services are bound to it (their own label, R7).
+//! - `waypoint`: `client` → the `echo` service VIP: ztunnel A → HBONE → waypoint (R7;
+//!   HTTPRoute `echo` → `echo-v1`, R17) → HBONE → ztunnel B → `echo-v1`.
+//!
+//! Everything is removed on drop (children stopped, namespaces deleted, which takes their
+//! veths and nftables rules with them); namespaces left by a harness that was killed are
+//! swept at the next start.
+
+use std::fs::File;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use anyhow::{bail, Context, Result};
+
+use crate::proxy::Proxy;
+
+pub const PREFIX: &str = "bn";
+pub const NODE_IPS: [Ipv4Addr; 2] = [
+    Ipv4Addr::new(10, 180, 255, 1),
+    Ipv4Addr::new(10, 180, 255, 2),
+];
+pub const ECHO_VIP: Ipv4Addr = Ipv4Addr::new(10, 183, 0, 1);
+pub const ECHO_V1_VIP: Ipv4Addr = Ipv4Addr::new(10, 183, 0, 2);
+/// Service port of `echo` and `echo-v1` (to the pods' HTTP backend).
+pub const SERVICE_PORT: u16 = 80;
+
+/// One pod.
+#[derive(Debug, Clone, Copy)]
+pub struct PodSpec {
+    pub name: &'static str,
+    pub node: usize,
+    pub ip: Ipv4Addr,
+    pub captured: bool,
+}
+
+pub const PODS: &[PodSpec] = &[
+    PodSpec {
+        name: "client",
+        node: 0,
+        ip: Ipv4Addr::new(10, 181, 0, 2),
+        captured: true,
+    },
+    PodSpec {
+        name: "plain-client",
+        node: 0,
+        ip: Ipv4Addr::new(10, 181, 0, 3),
+        captured: false,
+    },
+    PodSpec {
+        name: "echo",
+        node: 1,
+        ip: Ipv4Addr::new(10, 182, 0, 2),
+        captured: true,
+    },
+    PodSpec {
+        name: "echo-v1",
+        node: 1,
+        ip: Ipv4Addr::new(10, 182, 0, 3),
+        captured: true,
+    },
+    PodSpec {
+        name: "plain",
+        node: 1,
+        ip: Ipv4Addr::new(10, 182, 0, 4),
+        captured: false,
+    },
+    PodSpec {
+        name: "waypoint",
+        node: 1,
+        ip: Ipv4Addr::new(10, 182, 0, 10),
+        captured: false,
+    },
+];
+
+pub fn pod(name: &str) -> PodSpec {
+    *PODS.iter().find(|p| p.name == name).expect("known pod")
+}
+
+fn gateway(node: usize) -> Ipv4Addr {
+    Ipv4Addr::new(10, 181 + node as u8, 0, 1)
+}
+
+/// Is this process root (effective uid 0)?
+pub fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .and_then(|l| l.split_whitespace().nth(2).map(|e| e == "0"))
+        })
+        .unwrap_or(false)
+}
+
+/// Run a command (bounded by the command itself; `ip` and `sysctl` return at once).
+fn sh(args: &[&str]) -> Result<()> {
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("running {}", args.join(" ")))?;
+    if !out.status.success() {
+        bail!(
+            "`{}` failed ({}): {}",
+            args.join(" "),
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+/// Move the calling thread into network namespace `ns` (sockets it creates from then on
+/// live there; threads it spawns inherit it).
+pub fn enter(ns: &str) -> std::io::Result<()> {
+    let path = format!("/var/run/netns/{ns}");
+    let f = File::open(&path)?;
+    nix::sched::setns(f.as_raw_fd(), nix::sched::CloneFlags::CLONE_NEWNET)
+        .map_err(|e| std::io::Error::other(format!("setns {path}: {e}")))
+}
+
+/// Run `f` on a fresh thread inside `ns`.
+pub fn in_ns<R: Send + 'static>(
+    ns: &str,
+    f: impl FnOnce() -> Result<R> + Send + 'static,
+) -> Result<R> {
+    let ns2 = ns.to_string();
+    std::thread::Builder::new()
+        .name("bench-netns".into())
+        .spawn(move || {
+            enter(&ns2).with_context(|| format!("entering network namespace {ns2}"))?;
+            f()
+        })
+        .context("spawning a thread")?
+        .join()
+        .map_err(|_| anyhow::anyhow!("thread in {ns} panicked"))?
+}
+
+/// Delete `bn<pid>-…` namespaces whose harness process is gone.
+pub fn sweep_stale() {
+    let Ok(out) = Command::new("ip").args(["netns", "list"]).output() else {
+        return;
+    };
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let name = line.split_whitespace().next().unwrap_or("");
+        let Some(rest) = name.strip_prefix(PREFIX) else {
+            continue;
+        };
+        let Some((pid, _)) = rest.split_once('-') else {
+            continue;
+        };
+        let Ok(pid) = pid.parse::<u32>() else {
+            continue;
+        };
+        if !Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = sh(&["ip", "netns", "del", name]);
+        }
+    }
+}
+
+/// Install ztunnel's capture ruleset in `ns` with `nft -f -`. `dstnat` is written as its
+/// value (-100): nft 1.0.6 (Debian 12) accepts the keyword for `prerouting` only, not for
+/// an `output` nat chain, which the ruleset may contain.
+fn install_rules(rules: &ztunnel::capture::Rules, ns: &str) -> Result<()> {
+    use std::io::Write as _;
+    let script = rules
+        .ruleset()
+        .map_err(|e| anyhow::anyhow!("capture rules: {e}"))?
+        .replace("priority dstnat;", "priority -100;");
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", ns, "nft", "-f", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("running nft")?;
+    child
+        .stdin
+        .take()
+        .expect("piped")
+        .write_all(script.as_bytes())
+        .context("writing the nft script")?;
+    let out = child.wait_with_output().context("waiting for nft")?;
+    if !out.status.success() {
+        bail!(
+            "installing capture rules in {ns}: nft failed ({}): {}\n{script}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+/// The mesh-model part of the config, shared by both ztunnels and the waypoint.
+pub fn mesh_yaml() -> String {
+    let ip = |n: &str| pod(n).ip;
+    let wp = SocketAddr::new(IpAddr::V4(pod("waypoint").ip), 15008);
+    format!(
+        r#"namespaces:
+  - name: bench-client
+    labels: {{istio.io/dataplane-mode: ambient}}
+  - name: bench
+    labels: {{istio.io/dataplane-mode: ambient}}
+  - name: legacy
+waypoints:
+  - {{name: waypoint, namespace: bench, address: "{wp}"}}
+workloads:
+  - {{name: client, namespace: bench-client, serviceAccount: client, workloadIps: [{}], node: node-a}}
+  - {{name: plain-client, namespace: legacy, workloadIps: [{}], node: node-a}}
+  - {{name: echo, namespace: bench, serviceAccount: echo, workloadIps: [{}], node: node-b, labels: {{istio.io/use-waypoint: none}}}}
+  - {{name: echo-v1, namespace: bench, serviceAccount: echo, workloadIps: [{}], node: node-b, labels: {{istio.io/use-waypoint: none}}}}
+  - {{name: plain, namespace: legacy, workloadIps: [{}], node: node-b}}
+services:
+  - name: echo
+    namespace: bench
+    hostname: echo.bench.svc.cluster.local
+    vips: [{ECHO_VIP}]
+    ports: {{{SERVICE_PORT}: {http}}}
+    endpoints: [{{workloadUid: bench/echo}}]
+    labels: {{istio.io/use-waypoint: waypoint}}
+  - name: echo-v1
+    namespace: bench
+    hostname: echo-v1.bench.svc.cluster.local
+    vips: [{ECHO_V1_VIP}]
+    ports: {{{SERVICE_PORT}: {http}}}
+    endpoints: [{{workloadUid: bench/echo-v1}}]
+    labels: {{istio.io/use-waypoint: waypoint}}
+policies: []
+"#,
+        ip("client"),
+        ip("plain-client"),
+        ip("echo"),
+        ip("echo-v1"),
+        ip("plain"),
+        http = crate::backend::PORTS.http,
+    )
+}
+
+/// Runtime and HTTP/2 sections for a proxy of the mesh: the profile's knobs, with the
+/// placement (cores, workers, pinning, driver) the harness decides.
+pub fn tuning_yaml(
+    profile: &tuning::Profile,
+    cores: &[usize],
+    workers: usize,
+    io_driver: &str,
+) -> Result<String> {
+    let mut rt = profile.runtime.clone();
+    if cores.is_empty() {
+        rt.cores = None;
+        rt.pin = false;
+        rt.workers = Some(workers);
+    } else {
+        rt.cores = Some(cores.to_vec());
+        rt.pin = true;
+        rt.workers = Some(cores.len());
+    }
+    rt.io_driver = io_driver
+        .parse()
+        .map_err(|e| anyhow::anyhow!("io driver {io_driver:?}: {e}"))?;
+    rt.drain_timeout = std::time::Duration::from_secs(1);
+    // JSON is YAML: one line each.
+    Ok(format!(
+        "runtime: {}\nh2: {}\n",
+        serde_json::to_string(&rt)?,
+        serde_json::to_string(&profile.h2)?
+    ))
+}
+
+/// How to bring the mesh up.
+#[derive(Debug, Clone)]
+pub struct MeshSpec {
+    /// Proxy cores (both ztunnels and the waypoint share them); empty = unpinned.
+    pub proxy_cores: Vec<usize>,
+    pub workers: usize,
+    pub io_driver: String,
+    pub profile_name: String,
+    pub profile: tuning::Profile,
+    /// Start the waypoint too.
+    pub waypoint: bool,
+}
+
+/// The running mesh. Drop tears it down.
+pub struct Mesh {
+    pub prefix: String,
+    pub dir: PathBuf,
+    namespaces: Vec<String>,
+    /// ztunnel A, ztunnel B.
+    pub ztunnels: Vec<Proxy>,
+    pub waypoint: Option<Proxy>,
+    /// Why the waypoint is not running, when it is not.
+    pub waypoint_error: Option<String>,
+}
+
+impl Mesh {
+    pub fn ns(&self, pod_or_node: &str) -> String {
+        format!("{}-{pod_or_node}", self.prefix)
+    }
+
+    pub fn node_ns(&self, i: usize) -> String {
+        self.ns(["na", "nb"][i])
+    }
+
+    /// Build the namespaces, install capture, start both ztunnels (and the waypoint).
+    pub fn up(spec: &MeshSpec, dir: &Path) -> Result<Mesh> {
+        sweep_stale();
+        let prefix = format!("{PREFIX}{}", std::process::id());
+        let dir = dir.join("mesh");
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let mut m = Mesh {
+            prefix,
+            dir,
+            namespaces: Vec::new(),
+            ztunnels: Vec::new(),
+            waypoint: None,
+            waypoint_error: None,
+        };
+        m.build(spec)?;
+        Ok(m)
+    }
+
+    fn add_ns(&mut self, ns: &str) -> Result<()> {
+        sh(&["ip", "netns", "add", ns])?;
+        self.namespaces.push(ns.to_string());
+        sh(&["ip", "-n", ns, "link", "set", "lo", "up"])
+    }
+
+    fn build(&mut self, spec: &MeshSpec) -> Result<()> {
+        for i in 0..2 {
+            let n = self.node_ns(i);
+            self.add_ns(&n)?;
+            // New namespaces start with forwarding off.
+            for kv in ["net.ipv4.ip_forward=1", "net.ipv4.conf.all.rp_filter=0"] {
+                sh(&["ip", "netns", "exec", &n, "sysctl", "-qw", kv])?;
+            }
+        }
+        let (na, nb) = (self.node_ns(0), self.node_ns(1));
+        sh(&[
+            "ip", "-n", &na, "link", "add", "to-b", "type", "veth", "peer", "name", "to-a",
+            "netns", &nb,
+        ])?;
+        for (ns, dev, ip) in [(&na, "to-b", NODE_IPS[0]), (&nb, "to-a", NODE_IPS[1])] {
+            sh(&[
+                "ip",
+                "-n",
+                ns,
+                "addr",
+                "add",
+                &format!("{ip}/24"),
+                "dev",
+                dev,
+            ])?;
+            sh(&["ip", "-n", ns, "link", "set", dev, "up"])?;
+        }
+        let (b_gw, a_gw) = (NODE_IPS[1].to_string(), NODE_IPS[0].to_string());
+        for (ns, net, via) in [
+            (&na, "10.182.0.0/24", &b_gw),
+            (&na, "10.183.0.0/24", &b_gw),
+            (&nb, "10.181.0.0/24", &a_gw),
+        ] {
+            sh(&["ip", "-n", ns, "route", "add", net, "via", via])?;
+        }
+        for p in PODS {
+            let (pns, node) = (self.ns(p.name), self.node_ns(p.node));
+            self.add_ns(&pns)?;
+            let dev = format!("p-{}", p.name);
+            let gw = gateway(p.node).to_string();
+            let ip = p.ip.to_string();
+            sh(&[
+                "ip", "-n", &node, "link", "add", &dev, "type", "veth", "peer", "name", "eth0",
+                "netns", &pns,
+            ])?;
+            sh(&[
+                "ip",
+                "-n",
+                &node,
+                "addr",
+                "add",
+                &format!("{gw}/32"),
+                "dev",
+                &dev,
+            ])?;
+            sh(&["ip", "-n", &node, "link", "set", &dev, "up"])?;
+            sh(&[
+                "ip",
+                "-n",
+                &node,
+                "route",
+                "add",
+                &format!("{ip}/32"),
+                "dev",
+                &dev,
+            ])?;
+            sh(&[
+                "ip",
+                "-n",
+                &pns,
+                "addr",
+                "add",
+                &format!("{ip}/32"),
+                "dev",
+                "eth0",
+            ])?;
+            sh(&["ip", "-n", &pns, "link", "set", "eth0", "up"])?;
+            sh(&["ip", "-n", &pns, "route", "add", &gw, "dev", "eth0"])?;
+            sh(&[
+                "ip", "-n", &pns, "route", "add", "default", "via", &gw, "dev", "eth0",
+            ])?;
+        }
+        // The built-in CA, created once for both ztunnels and the waypoint.
+        let ca_dir = self.dir.join("ca");
+        hbone::ca::SigningCa::builtin(&ca_dir, "cluster.local").map_err(|e| {
+            anyhow::anyhow!("creating the built-in CA in {}: {e}", ca_dir.display())
+        })?;
+        let tun = tuning_yaml(
+            &spec.profile,
+            &spec.proxy_cores,
+            spec.workers,
+            &spec.io_driver,
+        )?;
+        for (i, name) in ["node-a", "node-b"].into_iter().enumerate() {
+            let file = self.dir.join(format!("{name}.yaml"));
+            std::fs::write(
+                &file,
+                format!(
+                    "# written by bench\nztunnel:\n  node: {name}\n  address: 0.0.0.0\n  outbound: 0.0.0.0:15001\n  plaintext:\n    - listen: 0.0.0.0:15006\n  ca: {{builtin: {}}}\n{tun}{}",
+                    ca_dir.display(),
+                    mesh_yaml()
+                ),
+            )
+            .with_context(|| format!("writing {}", file.display()))?;
+            let loaded = ztunnel::config::load_file(&file, &spec.profile, 1)
+                .map_err(|e| anyhow::anyhow!("the generated ztunnel config: {e}"))?;
+            let rules = ztunnel::capture::Rules::for_node(&loaded.snapshot, name, |w| {
+                Some(format!("p-{}", w.name))
+            });
+            let mut expected: Vec<String> = PODS
+                .iter()
+                .filter(|p| p.node == i && p.captured)
+                .map(|p| format!("p-{}", p.name))
+                .collect();
+            expected.sort();
+            if rules.pod_interfaces != expected {
+                bail!(
+                    "capture rules of {name} cover {:?}, the topology captures {expected:?}",
+                    rules.pod_interfaces
+                );
+            }
+            let ns = self.node_ns(i);
+            install_rules(&rules, &ns)?;
+            let z = Proxy::spawn_ztunnel(&ns, &file, &spec.profile_name, name)?;
+            self.ztunnels.push(z);
+        }
+        if spec.waypoint {
+            match crate::waypoint::start(self, spec, &ca_dir, &tun) {
+                Ok(p) => self.waypoint = Some(p),
+                Err(e) => self.waypoint_error = Some(format!("{e:#}")),
+            }
+        }
+        Ok(())
+    }
+
+    /// Process ids of the proxies a path goes through.
+    pub fn pids(&self, path: &str) -> Vec<u32> {
+        let z = |i: usize| self.ztunnels.get(i).map(|p| p.pid);
+        match path {
+            "l4" => z(0).into_iter().collect(),
+            "hbone" => [z(0), z(1)].into_iter().flatten().collect(),
+            "waypoint" => [z(0), self.waypoint.as_ref().map(|w| w.pid), z(1)]
+                .into_iter()
+                .flatten()
+                .collect(),
+            _ => vec![],
+        }
+    }
+
+    /// Any proxy that died: its name and status.
+    pub fn dead(&mut self) -> Option<String> {
+        for p in self.ztunnels.iter_mut().chain(self.waypoint.iter_mut()) {
+            if let Some(st) = p.exited() {
+                return Some(format!("{} exited ({st})", p.name));
+            }
+        }
+        None
+    }
+
+    pub fn driver(&self) -> Option<String> {
+        self.ztunnels.first().map(|z| z.driver.clone())
+    }
+}
+
+impl Drop for Mesh {
+    fn drop(&mut self) {
+        if let Some(mut w) = self.waypoint.take() {
+            w.stop();
+        }
+        for mut z in self.ztunnels.drain(..).rev() {
+            z.stop();
+        }
+        for ns in self.namespaces.drain(..).rev() {
+            let _ = sh(&["ip", "netns", "del", &ns]);
+        }
+    }
+}

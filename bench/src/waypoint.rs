@@ -1,0 +1,72 @@
+//! The mesh's waypoint: this binary re-executed as `__waypoint --config FILE --profile P`
+//! (`waypoint::cli::main_with_args`) in the `waypoint` pod's network namespace. Its config
+//! is one multi-document YAML file (the waypoint crate's format): the settings document,
+//! the mesh model shared with both ztunnels, and the `echo` → `echo-v1` HTTPRoute (R17).
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
+
+use anyhow::{Context, Result};
+
+use crate::mesh::{self, Mesh, MeshSpec};
+use crate::proxy::{Proxy, WAYPOINT_ARG};
+
+pub const WAYPOINT_ID: &str = "spiffe://cluster.local/ns/bench/sa/waypoint";
+
+/// The HTTPRoute of the default mesh: every request to `echo` goes to `echo-v1`.
+pub const ROUTE: &str = r#"apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata:
+  name: echo
+  namespace: bench
+spec:
+  parentRefs:
+  - group: ""
+    kind: Service
+    name: echo
+  rules:
+  - backendRefs:
+    - name: echo-v1
+      port: 80
+"#;
+
+/// The whole config file.
+pub fn config_yaml(ca_dir: &Path, tuning: &str) -> String {
+    let addr = SocketAddr::new(IpAddr::V4(mesh::pod("waypoint").ip), 15008);
+    format!(
+        "# written by bench\nwaypoint:\n  listen: 0.0.0.0:15008\n  address: {addr}\n  gateway: bench/waypoint\n  identity: {WAYPOINT_ID}\n  ca: {{builtin: {}}}\n{tuning}---\n{}---\n{ROUTE}",
+        ca_dir.display(),
+        mesh::mesh_yaml()
+    )
+}
+
+/// Write the config and start the waypoint in its pod; wait for READY.
+pub fn start(m: &Mesh, spec: &MeshSpec, ca_dir: &Path, tuning: &str) -> Result<Proxy> {
+    let file = m.dir.join("waypoint.yaml");
+    std::fs::write(&file, config_yaml(ca_dir, tuning))
+        .with_context(|| format!("writing {}", file.display()))?;
+    Proxy::spawn_in_ns(
+        &m.ns("waypoint"),
+        WAYPOINT_ARG,
+        &file,
+        &spec.profile_name,
+        "waypoint",
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_loads_in_the_waypoint() {
+        let text = config_yaml(
+            Path::new("/tmp/ca"),
+            &mesh::tuning_yaml(&tuning::Profile::default(), &[1], 1, "auto").unwrap(),
+        );
+        let cfg = waypoint::config::load_str(Path::new("w.yaml"), &text, 1)
+            .unwrap_or_else(|e| panic!("{e}\n{text}"));
+        assert!(cfg.settings.is_some());
+        assert!(cfg.mesh.is_some());
+    }
+}
