@@ -161,12 +161,18 @@ async fn request<U: Upstream>(
     let resp = match http1::decide(cfg, ctx, &head, &mut rng) {
         Action::Respond(bytes) => bytes,
         Action::Forward { forward, request } => {
+            let has_body = !data.is_empty();
             let mut req = BytesMut::from(&request[..]);
             req.extend_from_slice(&data);
-            match up.exchange(forward.service.as_ref(), req.freeze()).await {
-                Ok(r) => http1::modify_response(r, &forward.response_headers),
-                Err(e) => http1::upstream_failure(&e),
-            }
+            http1::execute(
+                &mut up,
+                &forward,
+                req.freeze(),
+                &head.method,
+                has_body,
+                &mut rng,
+            )
+            .await
         }
     };
     send(&mut respond, resp, head_request).await;

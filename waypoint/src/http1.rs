@@ -6,19 +6,25 @@
 //! for [`hbone::stream::H2Stream`]. Bad input: a malformed head is `400`, a head over
 //! [`MAX_HEAD`] bytes is `431`; both close the stream.
 //!
-//! Not handled yet: request bodies framed by `Transfer-Encoding` (answered `501`),
-//! `Expect: 100-continue`, pipelining beyond one buffered request, upgrades.
+//! Request bodies (`Content-Length` or `Transfer-Encoding: chunked`, forwarded as
+//! received) are buffered whole (up to [`crate::h2srv::MAX_BODY`], else `413`), then the
+//! routed request is carried out by [`execute`]: mirrors, timeouts (`504`), retries;
+//! a failed upstream answers `503` as Istio does.
+//!
+//! Not handled yet: `Expect: 100-continue`, pipelining beyond one buffered request,
+//! upgrades; responses are buffered whole too (no streaming).
 
 use std::collections::BTreeMap;
 use std::io;
 use std::net::IpAddr;
+use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 
 use crate::authz::{self, DENIED_BODY};
 use crate::config::WaypointConfig;
 use crate::lb::Rng;
-use crate::route::{self, Decision, Forward, HeaderModifier, ObjectRef, Target};
+use crate::route::{self, Decision, Forward, HeaderModifier, ObjectRef, Retry, Target};
 
 /// The largest request head accepted (request line and headers).
 pub const MAX_HEAD: usize = 64 * 1024;
@@ -391,12 +397,142 @@ impl Tunnel for hbone::stream::H2Stream {
 #[allow(async_fn_in_trait)]
 pub trait Upstream {
     /// `service` is `None` for a pod-addressed request (send to the tunnel's target).
-    /// Returns the complete response bytes.
+    /// Returns the complete response bytes; an error of kind `TimedOut` when no complete
+    /// response came within `timeout` (`None`: no limit).
     async fn exchange(
         &mut self,
         service: Option<&(ObjectRef, u16)>,
         request: Bytes,
+        timeout: Option<Duration>,
     ) -> io::Result<Vec<u8>>;
+
+    /// Send a copy of `request` to `service` in the background; its response is discarded
+    /// and nothing waits for it.
+    fn mirror(&mut self, service: &(ObjectRef, u16), request: Bytes);
+
+    /// A request is about to be re-sent (for counters).
+    fn retried(&mut self) {}
+}
+
+/// Istio's default retry policy when the route gives none: 2 retries on connect failure,
+/// refused stream, reset before a response and `503`.
+pub fn default_retry() -> Retry {
+    Retry {
+        codes: vec![503],
+        attempts: 2,
+        backoff: None,
+    }
+}
+
+/// Envoy's default base interval between retries (doubling, at most 10×).
+const RETRY_BACKOFF: Duration = Duration::from_millis(25);
+
+/// Methods a retry may re-send even with a body (RFC 9110 §9.2.2 idempotent methods).
+fn idempotent(method: &str) -> bool {
+    matches!(
+        method,
+        "GET" | "HEAD" | "OPTIONS" | "TRACE" | "PUT" | "DELETE"
+    )
+}
+
+/// Carry out what routing decided for one request: mirrors (fire and forget, `Host` with
+/// `-shadow` as Envoy sends it), the request timeout (all tries) and the backendRequest
+/// timeout (each try) — `504` when they expire — and retries: the route's `retry` or
+/// [`default_retry`]; only requests without a body or with an idempotent method are
+/// re-sent; a try that timed out is not retried. A failure that is not retried answers
+/// [`upstream_failure`].
+pub async fn execute<U: Upstream>(
+    up: &mut U,
+    fwd: &Forward,
+    request: Bytes,
+    method: &str,
+    has_body: bool,
+    rng: &mut dyn Rng,
+) -> Vec<u8> {
+    for m in &fwd.mirrors {
+        if m.percent >= 100 || rng.below(100) < u64::from(m.percent) {
+            up.mirror(&(m.service.clone(), m.port), shadow(&request));
+        }
+    }
+    let policy = fwd.retry.clone().unwrap_or_else(default_retry);
+    let replayable = !has_body || idempotent(method);
+    let nonzero = |d: &Duration| !d.is_zero();
+    let deadline = fwd
+        .timeouts
+        .request
+        .filter(nonzero)
+        .map(|d| Instant::now() + d);
+    let remaining = || deadline.map(|d| d.saturating_duration_since(Instant::now()));
+    let timed_out = || simple_response(504, &[], "upstream request timeout", false);
+    let mut retries = 0u32;
+    loop {
+        let left = remaining();
+        if left.is_some_and(|d| d.is_zero()) {
+            return timed_out();
+        }
+        let per_try = match (fwd.timeouts.backend_request.filter(nonzero), left) {
+            (Some(b), Some(l)) => Some(b.min(l)),
+            (b, l) => b.or(l),
+        };
+        let r = up
+            .exchange(fwd.service.as_ref(), request.clone(), per_try)
+            .await;
+        let again = retries < policy.attempts
+            && replayable
+            && match &r {
+                Ok(resp) => policy.codes.contains(&status_of(resp)),
+                Err(e) => e.kind() != io::ErrorKind::TimedOut,
+            };
+        if !again {
+            return match r {
+                Ok(resp) => modify_response(resp, &fwd.response_headers),
+                Err(e) => upstream_failure(&e),
+            };
+        }
+        retries += 1;
+        up.retried();
+        let base = policy.backoff.unwrap_or(RETRY_BACKOFF);
+        let mut wait = (base * (1 << (retries - 1).min(8))).min(base * 10);
+        if let Some(l) = remaining() {
+            wait = wait.min(l);
+        }
+        monoio::time::sleep(wait).await;
+    }
+}
+
+/// The mirrored copy of a request: `Host` gets `-shadow` appended (before any port).
+fn shadow(request: &[u8]) -> Bytes {
+    let Parsed::Head(mut head, n) = parse_head(request) else {
+        return Bytes::copy_from_slice(request);
+    };
+    for (name, v) in head.headers.iter_mut() {
+        if name.eq_ignore_ascii_case("host") {
+            *v = match v.rsplit_once(':') {
+                Some((h, p)) if !h.is_empty() && p.chars().all(|c| c.is_ascii_digit()) => {
+                    format!("{h}-shadow:{p}")
+                }
+                _ => format!("{v}-shadow"),
+            };
+        }
+    }
+    let mut out = write_head(&head, None);
+    out.extend_from_slice(&request[n..]);
+    Bytes::from(out)
+}
+
+/// A request head as HTTP/1.1 bytes (`target` replaces path and query when given).
+fn write_head(head: &RequestHead, target: Option<&str>) -> Vec<u8> {
+    let target = match (target, &head.query) {
+        (Some(t), _) => t.to_string(),
+        (None, Some(q)) => format!("{}?{q}", head.path),
+        (None, None) => head.path.clone(),
+    };
+    let mut out = format!("{} {target} HTTP/1.{}\r\n", head.method, head.version);
+    for (n, v) in &head.headers {
+        out.push_str(&format!("{n}: {v}\r\n"));
+    }
+    out.push_str("\r\n");
+    out.into_bytes()
 }
 
 /// Why [`serve`] stopped.
@@ -446,17 +582,10 @@ pub async fn serve_from<T: Tunnel, U: Upstream>(
             }
         };
         let _ = buf.split_to(used);
-        if head.header("transfer-encoding").is_some() {
-            return close_with(tunnel, simple_response(501, &[], "", true), 501).await;
-        }
-        let body_len = match head
-            .header("content-length")
-            .map(|v| v.trim().parse::<usize>())
-        {
-            None => 0,
-            Some(Ok(n)) => n,
-            Some(Err(_)) => {
-                return close_with(tunnel, simple_response(400, &[], "", true), 400).await;
+        let body = match body_framing(&head) {
+            Ok(b) => b,
+            Err(status) => {
+                return close_with(tunnel, simple_response(status, &[], "", true), status).await;
             }
         };
         let close = !head.keep_alive();
@@ -465,31 +594,29 @@ pub async fn serve_from<T: Tunnel, U: Upstream>(
             Action::Respond(resp) => {
                 let status = status_of(&resp);
                 // Discard the body of a request answered here.
-                if !skip_body(tunnel, &mut buf, body_len).await? || close {
+                let n = match read_body(tunnel, &mut buf, body).await? {
+                    Ok(n) => n,
+                    Err(_) => return close_with(tunnel, resp, status).await,
+                };
+                let _ = buf.split_to(n);
+                if close {
                     return close_with(tunnel, resp, status).await;
                 }
                 tunnel.write(Bytes::from(resp)).await?;
             }
             Action::Forward { forward, request } => {
-                let mut req = BytesMut::from(&request[..]);
-                while buf.len() < body_len {
-                    match tunnel.read().await {
-                        Some(chunk) => buf.extend_from_slice(&chunk?),
-                        None => return Ok(End::Closed(400)),
+                let n = match read_body(tunnel, &mut buf, body).await? {
+                    Ok(n) => n,
+                    Err(413) => {
+                        let resp = simple_response(413, &[], "", true);
+                        return close_with(tunnel, resp, 413).await;
                     }
-                }
-                req.extend_from_slice(&buf.split_to(body_len));
-                let resp = match upstream
-                    .exchange(forward.service.as_ref(), req.freeze())
-                    .await
-                {
-                    Ok(r) => modify_response(r, &forward.response_headers),
-                    Err(e) => {
-                        let resp = upstream_failure(&e);
-                        let status = status_of(&resp);
-                        return close_with(tunnel, resp, status).await;
-                    }
+                    Err(status) => return Ok(End::Closed(status)),
                 };
+                let mut req = BytesMut::from(&request[..]);
+                req.extend_from_slice(&buf.split_to(n));
+                let resp =
+                    execute(upstream, &forward, req.freeze(), &head.method, n > 0, rng).await;
                 let status = status_of(&resp);
                 if close {
                     return close_with(tunnel, resp, status).await;
@@ -500,18 +627,77 @@ pub async fn serve_from<T: Tunnel, U: Upstream>(
     }
 }
 
+/// How a request body is delimited.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyFraming {
+    Length(usize),
+    /// `Transfer-Encoding: chunked`, forwarded as received.
+    Chunked,
+}
+
+/// The request's body framing (RFC 9112 §6): `400` for a `Transfer-Encoding` whose final
+/// coding is not `chunked`, for both `Transfer-Encoding` and `Content-Length` (a request
+/// smuggling vector; rejected rather than guessed), and for a bad `Content-Length`.
+pub fn body_framing(head: &RequestHead) -> Result<BodyFraming, u16> {
+    let te = head.header("transfer-encoding");
+    let cl = head.header("content-length");
+    match (te, cl) {
+        (Some(_), Some(_)) => Err(400),
+        (Some(te), None) => {
+            let last = te.rsplit(',').next().unwrap_or("").trim();
+            if last.eq_ignore_ascii_case("chunked") && head.version == 1 {
+                Ok(BodyFraming::Chunked)
+            } else {
+                Err(400)
+            }
+        }
+        (None, Some(cl)) => cl
+            .trim()
+            .parse::<usize>()
+            .map(BodyFraming::Length)
+            .map_err(|_| 400),
+        (None, None) => Ok(BodyFraming::Length(0)),
+    }
+}
+
+/// Buffer the whole body at the start of `buf`: its length, or `Err(400)` if the stream
+/// ended first, `Err(413)` over [`crate::h2srv::MAX_BODY`] bytes.
+async fn read_body<T: Tunnel>(
+    tunnel: &mut T,
+    buf: &mut BytesMut,
+    framing: BodyFraming,
+) -> io::Result<Result<usize, u16>> {
+    loop {
+        let have = match framing {
+            BodyFraming::Length(n) if n > crate::h2srv::MAX_BODY => return Ok(Err(413)),
+            BodyFraming::Length(n) => (buf.len() >= n).then_some(n),
+            BodyFraming::Chunked => crate::service::chunked_end(buf),
+        };
+        if let Some(n) = have {
+            return Ok(Ok(n));
+        }
+        if buf.len() > crate::h2srv::MAX_BODY + 64 * 1024 {
+            return Ok(Err(413));
+        }
+        match tunnel.read().await {
+            Some(chunk) => buf.extend_from_slice(&chunk?),
+            None => return Ok(Err(400)),
+        }
+    }
+}
+
 /// The answer to a failed upstream exchange, as Envoy/Istio give it: `504` when the
 /// response did not come in time, `503` otherwise (connect failure, refused, reset before
 /// a response, no healthy endpoint).
 pub fn upstream_failure(e: &io::Error) -> Vec<u8> {
     if e.kind() == io::ErrorKind::TimedOut {
-        simple_response(504, &[], "upstream request timeout", true)
+        simple_response(504, &[], "upstream request timeout", false)
     } else {
         simple_response(
             503,
             &[],
             "upstream connect error or disconnect/reset before headers",
-            true,
+            false,
         )
     }
 }
@@ -521,18 +707,6 @@ fn status_of(resp: &[u8]) -> u16 {
         .and_then(|s| std::str::from_utf8(s).ok())
         .and_then(|s| s.parse().ok())
         .unwrap_or(0)
-}
-
-/// Read and drop `len` body bytes; false if the stream ended first.
-async fn skip_body<T: Tunnel>(tunnel: &mut T, buf: &mut BytesMut, len: usize) -> io::Result<bool> {
-    while buf.len() < len {
-        match tunnel.read().await {
-            Some(chunk) => buf.extend_from_slice(&chunk?),
-            None => return Ok(false),
-        }
-    }
-    let _ = buf.split_to(len);
-    Ok(true)
 }
 
 async fn close_with<T: Tunnel>(tunnel: &mut T, resp: Vec<u8>, status: u16) -> io::Result<End> {

@@ -109,7 +109,7 @@ impl RouteMatch {
             && self
                 .query
                 .iter()
-                .all(|(n, m)| r.query_param(n).is_some_and(|v| m.matches(v)))
+                .all(|(n, m)| r.query_param(n).is_some_and(|v| m.matches(&v)))
     }
 
     /// Precedence key, higher wins: path class (Exact 3, RegularExpression 2, PathPrefix 1 —
@@ -267,11 +267,12 @@ impl<'a> Request<'a> {
             .map(|(_, v)| *v)
     }
 
-    /// First value of a query parameter (not percent-decoded).
-    pub fn query_param(&self, name: &str) -> Option<&'a str> {
+    /// First value of a query parameter, name and value percent-decoded (`+` is kept:
+    /// Gateway API matches the decoded value, as Envoy does).
+    pub fn query_param(&self, name: &str) -> Option<std::borrow::Cow<'a, str>> {
         self.query?.split('&').find_map(|kv| {
             let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
-            (k == name).then_some(v)
+            (percent_decode(k) == name).then(|| percent_decode(v))
         })
     }
 
@@ -573,5 +574,37 @@ fn split_host_port(a: &str) -> (&str, Option<u16>) {
             Err(_) => (a, None),
         },
         _ => (a, None),
+    }
+}
+
+/// Decode `%XX` escapes; a malformed escape or a result that is not UTF-8 is kept as
+/// written.
+pub fn percent_decode(s: &str) -> std::borrow::Cow<'_, str> {
+    if !s.contains('%') {
+        return std::borrow::Cow::Borrowed(s);
+    }
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let hex = |c: u8| (c as char).to_digit(16);
+        match (
+            b[i],
+            b.get(i + 1).and_then(|&c| hex(c)),
+            b.get(i + 2).and_then(|&c| hex(c)),
+        ) {
+            (b'%', Some(h), Some(l)) => {
+                out.push((h * 16 + l) as u8);
+                i += 3;
+            }
+            (c, _, _) => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    match String::from_utf8(out) {
+        Ok(d) => std::borrow::Cow::Owned(d),
+        Err(_) => std::borrow::Cow::Borrowed(s),
     }
 }

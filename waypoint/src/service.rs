@@ -135,6 +135,12 @@ pub struct Counters {
     pub upstream_streams: AtomicU64,
     /// Upstream exchanges that failed (no endpoint, open, I/O).
     pub upstream_errors: AtomicU64,
+    /// Upstream tries that timed out (route timeouts).
+    pub upstream_timeouts: AtomicU64,
+    /// Requests re-sent by the retry policy.
+    pub retries: AtomicU64,
+    /// Mirrored copies sent (RequestMirror).
+    pub mirrored: AtomicU64,
     /// Configuration snapshots published by the watcher.
     pub config_reloads: AtomicU64,
     /// Edited configurations rejected (the old snapshot kept serving).
@@ -313,6 +319,24 @@ pub fn prometheus(c: &Counters) -> String {
         "waypoint_upstream_errors",
         "Upstream exchanges that failed.",
         c.upstream_errors.load(Relaxed),
+    );
+    counter(
+        &mut out,
+        "waypoint_upstream_timeouts",
+        "Upstream tries that timed out (route timeouts).",
+        c.upstream_timeouts.load(Relaxed),
+    );
+    counter(
+        &mut out,
+        "waypoint_retries",
+        "Requests re-sent by the retry policy.",
+        c.retries.load(Relaxed),
+    );
+    counter(
+        &mut out,
+        "waypoint_mirrored_requests",
+        "Mirrored request copies sent.",
+        c.mirrored.load(Relaxed),
     );
     out.push_str("# HELP waypoint_tunnels_by_protocol_total Accepted tunnels by detected inner protocol.\n# TYPE waypoint_tunnels_by_protocol_total counter\n");
     for (proto, v) in [
@@ -536,24 +560,56 @@ impl Upstream for HboneUpstream {
         &mut self,
         service: Option<&(ObjectRef, u16)>,
         request: Bytes,
+        timeout: Option<Duration>,
     ) -> io::Result<Vec<u8>> {
-        let r = self.exchange_inner(service, request).await;
-        if r.is_err() {
-            self.worker
-                .shared
-                .counters
-                .upstream_errors
-                .fetch_add(1, Relaxed);
+        let r = self.exchange_inner(service, request, timeout).await;
+        if let Err(e) = &r {
+            let c = &self.worker.shared.counters;
+            if e.kind() == io::ErrorKind::TimedOut {
+                c.upstream_timeouts.fetch_add(1, Relaxed);
+            } else {
+                c.upstream_errors.fetch_add(1, Relaxed);
+            }
         }
         r
     }
+
+    fn mirror(&mut self, service: &(ObjectRef, u16), request: Bytes) {
+        let mut copy = HboneUpstream {
+            worker: self.worker.clone(),
+            l7: self.l7.clone(),
+            cert: self.cert.clone(),
+            target: self.target,
+            source_ip: self.source_ip,
+            rng: self.worker.rng(),
+            idle: Rc::new(RefCell::new(HashMap::new())),
+        };
+        let service = service.clone();
+        self.worker.shared.counters.mirrored.fetch_add(1, Relaxed);
+        monoio::spawn(async move {
+            let r = copy
+                .exchange_inner(Some(&service), request, Some(MIRROR_TIMEOUT))
+                .await;
+            if let Err(e) = r {
+                tracing::debug!(service = %format!("{}/{}", service.0.namespace, service.0.name), error = %e, "mirrored request failed (ignored)");
+            }
+        });
+    }
+
+    fn retried(&mut self) {
+        self.worker.shared.counters.retries.fetch_add(1, Relaxed);
+    }
 }
+
+/// How long a mirrored request may take before it is abandoned.
+const MIRROR_TIMEOUT: Duration = Duration::from_secs(30);
 
 impl HboneUpstream {
     async fn exchange_inner(
         &mut self,
         service: Option<&(ObjectRef, u16)>,
         request: Bytes,
+        timeout: Option<Duration>,
     ) -> io::Result<Vec<u8>> {
         let l7 = self.l7.clone();
         let snap = l7
@@ -574,9 +630,18 @@ impl HboneUpstream {
             .header("connection")
             .is_some_and(|v| v.to_ascii_lowercase().contains("close"))
             || head.version == 0;
-        let r = self
-            .send(&ep, expected, request, head.method == "HEAD", close)
-            .await;
+        let send = self.send(&ep, expected, request, head.method == "HEAD", close);
+        let r = match timeout {
+            // Dropped on expiry: the upstream stream is reset.
+            Some(t) => match race(send, monoio::time::sleep(t)).await {
+                Either::Left(r) => r,
+                Either::Right(()) => Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "upstream request timeout",
+                )),
+            },
+            None => send.await,
+        };
         if let Some((svc, port, i)) = picked {
             let status = r.as_ref().map_or(0, |resp| status_of(resp));
             self.worker
@@ -807,28 +872,15 @@ fn status_of(resp: &[u8]) -> u16 {
         .unwrap_or(0)
 }
 
-/// How long to wait for the upstream's response before answering 502.
-const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(60);
-
 /// A complete response, and whether the stream can carry another request. `got` is set
-/// once any response byte arrived.
+/// once any response byte arrived. (Timeouts are the route's, applied around the whole
+/// exchange by [`HboneUpstream::exchange`].)
 async fn read_response(
     s: &mut H2Stream,
     head_request: bool,
     got: &mut bool,
 ) -> io::Result<(Vec<u8>, bool)> {
-    match race(
-        read_response_inner(s, head_request, got),
-        monoio::time::sleep(UPSTREAM_TIMEOUT),
-    )
-    .await
-    {
-        Either::Left(r) => r,
-        Either::Right(()) => Err(io::Error::new(
-            io::ErrorKind::TimedOut,
-            "upstream response timed out",
-        )),
-    }
+    read_response_inner(s, head_request, got).await
 }
 
 async fn read_more(s: &mut H2Stream, buf: &mut Vec<u8>, got: &mut bool) -> io::Result<bool> {

@@ -57,10 +57,12 @@ fn backend(ip: Ipv4Addr, name: &'static str) -> Backend {
     let l = TcpListener::bind((ip, 0)).unwrap();
     let addr = l.local_addr().unwrap();
     let (p2, paths) = mpsc::channel();
+    let hits = Arc::new(AtomicU32::new(0));
     std::thread::spawn(move || {
         for conn in l.incoming() {
             let Ok(mut c) = conn else { return };
             let paths = p2.clone();
+            let hits = hits.clone();
             std::thread::spawn(move || {
                 let mut buf = Vec::new();
                 let mut chunk = [0u8; 4096];
@@ -79,15 +81,56 @@ fn backend(ip: Ipv4Addr, name: &'static str) -> Backend {
                         Err(_) => return,
                     };
                     let path = req.path.unwrap_or("").to_string();
-                    let xff = req
-                        .headers
-                        .iter()
-                        .find(|h| h.name.eq_ignore_ascii_case("x-forwarded-for"))
-                        .map(|h| String::from_utf8_lossy(h.value).into_owned())
-                        .unwrap_or_default();
+                    let header = |name: &str| {
+                        req.headers
+                            .iter()
+                            .find(|h| h.name.eq_ignore_ascii_case(name))
+                            .map(|h| String::from_utf8_lossy(h.value).into_owned())
+                    };
+                    let xff = header("x-forwarded-for").unwrap_or_default();
+                    let shadow = header("host").is_some_and(|h| h.contains("-shadow"));
+                    let chunked = header("transfer-encoding").is_some();
+                    let len: usize = header("content-length").map_or(0, |v| v.parse().unwrap());
                     buf.drain(..n);
-                    let _ = paths.send(path.clone());
-                    let body = format!("{name} {path} xff={xff}");
+                    // The request body, decoded.
+                    let body_in = loop {
+                        let end = if chunked {
+                            waypoint::service::chunked_end(&buf)
+                        } else {
+                            (buf.len() >= len).then_some(len)
+                        };
+                        if let Some(end) = end {
+                            let raw: Vec<u8> = buf.drain(..end).collect();
+                            break if chunked {
+                                waypoint::h2srv::dechunk(&raw).unwrap()
+                            } else {
+                                raw
+                            };
+                        }
+                        match c.read(&mut chunk) {
+                            Ok(0) | Err(_) => return,
+                            Ok(k) => buf.extend_from_slice(&chunk[..k]),
+                        }
+                    };
+                    let _ = paths.send(if shadow {
+                        format!("shadow:{path}")
+                    } else {
+                        path.clone()
+                    });
+                    let mut body = format!("{name} {path} xff={xff}");
+                    if !body_in.is_empty() {
+                        body.push_str(&format!(" body={}", String::from_utf8_lossy(&body_in)));
+                    }
+                    if path.contains("hang") {
+                        // Never answers: waits for the connection to go away.
+                        while let Ok(k) = c.read(&mut chunk) {
+                            if k == 0 {
+                                return;
+                            }
+                        }
+                        return;
+                    }
+                    let hit = hits.fetch_add(1, Ordering::SeqCst);
                     let resp = match path.as_str() {
                         // Chunked, with an extension and a trailer.
                         "/chunked" => format!(
@@ -98,6 +141,13 @@ fn backend(ip: Ipv4Addr, name: &'static str) -> Backend {
                         ),
                         // Delimited by the end of the connection.
                         "/eof" => format!("HTTP/1.1 200 OK\r\nconnection: close\r\n\r\n{body}"),
+                        // Fails every other time (the first included).
+                        p if p.contains("flaky") && hit % 2 == 0 => {
+                            "HTTP/1.1 503 Service Unavailable\r\ncontent-length: 4\r\n\r\nflak".to_string()
+                        }
+                        p if p.contains("fail") => {
+                            "HTTP/1.1 503 Service Unavailable\r\ncontent-length: 4\r\n\r\nfail".to_string()
+                        }
                         _ => format!(
                             "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}",
                             body.len()
@@ -313,12 +363,14 @@ workloads:
   - {{uid: echo-1, name: echo-1, namespace: app, serviceAccount: echo, node: node-b, workloadIps: ["{e}"], services: {{"app/echo.app.svc.cluster.local": {{80: {ep}}}}}}}
   - {{uid: v1-1, name: v1-1, namespace: app, serviceAccount: echo, node: node-b, workloadIps: ["{v}"], services: {{"app/echo-v1.app.svc.cluster.local": {{80: {vp}}}}}}}
   - {{uid: o1, name: o1, namespace: other, workloadIps: ["{o}"], services: {{"other/lone.other.svc.cluster.local": {{80: 8080}}}}}}
+  - {{uid: dead-1, name: dead-1, namespace: app, serviceAccount: echo, node: node-b, workloadIps: ["{d}"], services: {{"app/dead.app.svc.cluster.local": {{80: 9}}}}}}
   - {{uid: raw-1, name: raw-1, namespace: app, serviceAccount: echo, node: node-b, workloadIps: ["{r}"], services: {{"app/raw.app.svc.cluster.local": {{80: {rp}}}}}}}
 services:
   - {{name: echo, namespace: app, hostname: echo.app.svc.cluster.local, vips: ["10.96.0.1"], ports: {{80: 8080}}}}
   - {{name: echo-v1, namespace: app, hostname: echo-v1.app.svc.cluster.local, vips: ["10.96.0.2"], ports: {{80: 8080}}}}
   - {{name: lone, namespace: other, hostname: lone.other.svc.cluster.local, vips: ["10.96.0.3"], ports: {{80: 8080}}}}
   - {{name: raw, namespace: app, hostname: raw.app.svc.cluster.local, vips: ["10.96.0.4"], ports: {{80: 8080}}}}
+  - {{name: dead, namespace: app, hostname: dead.app.svc.cluster.local, vips: ["10.96.0.6"], ports: {{80: 8080}}}}
 "#,
             zt = ip(net, 1),
             e = echo.addr.ip(),
@@ -326,6 +378,7 @@ services:
             v = echo_v1.addr.ip(),
             vp = echo_v1.addr.port(),
             o = ip(net, 4),
+            d = ip(net, 6),
             r = raw.ip(),
             rp = raw.port(),
         );
@@ -1004,4 +1057,127 @@ fn r15_opaque_tcp_policy_follows_istio_rules_for_http_only_fields() {
     let m = Mesh::start_with(&allow("{ports: [\"80\"]}"));
     assert!(!tcp_refused(&m, "10.96.0.4:80"));
     assert_eq!(m.counters().tcp_denied.load(Ordering::Relaxed), 0);
+}
+
+/// Routes on echo-v1 that exercise timeouts, retries, mirrors and query matching.
+const EXEC_ROUTE: &str = r#"apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: exec, namespace: app}
+spec:
+  parentRefs: [{group: "", kind: Service, name: echo-v1}]
+  rules:
+  - matches: [{path: {type: PathPrefix, value: /hang}}]
+    backendRefs: [{name: echo-v1, port: 80}]
+    timeouts: {backendRequest: 200ms}
+  - matches: [{path: {type: PathPrefix, value: /total}}]
+    backendRefs: [{name: echo-v1, port: 80}]
+    timeouts: {request: 300ms}
+  - matches: [{path: {type: PathPrefix, value: /noretry}}]
+    backendRefs: [{name: echo-v1, port: 80}]
+    retry: {attempts: 0}
+  - matches: [{path: {type: PathPrefix, value: /dead}}]
+    backendRefs: [{name: dead, port: 80}]
+  - matches: [{path: {type: PathPrefix, value: /mirror}}]
+    filters:
+    - type: RequestMirror
+      requestMirror: {backendRef: {name: echo, port: 80}}
+    backendRefs: [{name: echo-v1, port: 80}]
+  - matches: [{queryParams: [{name: "a b", value: "x/y"}]}]
+    backendRefs: [{name: echo, port: 80}]
+  - backendRefs: [{name: echo-v1, port: 80}]
+"#;
+
+const V1: &str = "echo-v1.app.svc.cluster.local";
+
+fn req(method: &str, path: &str, body: &str) -> String {
+    format!(
+        "{method} {path} HTTP/1.1\r\nhost: {V1}\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    )
+}
+
+#[test]
+fn timeouts_answer_504_against_a_slow_backend_and_the_tunnel_stays_usable() {
+    let m = Mesh::start_with(EXEC_ROUTE);
+    let r = m
+        .requests(
+            "10.96.0.2:80",
+            &[get("/hang", V1), get("/total/hang", V1), get("/ok", V1)],
+        )
+        .unwrap();
+    // backendRequest, then request timeout: 504, the try not repeated.
+    assert_eq!(r[0], (504, "upstream request timeout".to_string()));
+    assert_eq!(r[1], (504, "upstream request timeout".to_string()));
+    assert_eq!(r[2], (200, "echo-v1 /ok xff=10.1.0.7".to_string()));
+    assert_eq!(m.echo_v1.seen(), vec!["/hang", "/total/hang", "/ok"]);
+    assert_eq!(m.counters().upstream_timeouts.load(Ordering::Relaxed), 2);
+    assert_eq!(m.counters().retries.load(Ordering::Relaxed), 0);
+}
+
+#[test]
+fn retries_against_a_failing_backend_follow_istio_defaults_and_the_route() {
+    let m = Mesh::start_with(EXEC_ROUTE);
+    // 503 then 200: retried once, the client sees 200.
+    let r = m.requests("10.96.0.2:80", &[get("/flaky", V1)]).unwrap();
+    assert_eq!(r[0], (200, "echo-v1 /flaky xff=10.1.0.7".to_string()));
+    assert_eq!(m.echo_v1.seen(), vec!["/flaky", "/flaky"]);
+    // Always 503: 1 try + 2 retries (Istio's default), then the 503 itself.
+    let r = m.requests("10.96.0.2:80", &[get("/fail", V1)]).unwrap();
+    assert_eq!(r[0], (503, "fail".to_string()));
+    assert_eq!(m.echo_v1.seen(), vec!["/fail", "/fail", "/fail"]);
+    // A POST with a body is not re-sent; a PUT (idempotent) is.
+    let r = m
+        .requests(
+            "10.96.0.2:80",
+            &[req("POST", "/fail", "data"), req("PUT", "/fail", "data")],
+        )
+        .unwrap();
+    assert_eq!((r[0].0, r[1].0), (503, 503));
+    assert_eq!(m.echo_v1.seen(), vec!["/fail"; 4]);
+    // retry: {attempts: 0} on the route: one try.
+    let r = m
+        .requests("10.96.0.2:80", &[get("/noretry/fail", V1)])
+        .unwrap();
+    assert_eq!(r[0].0, 503);
+    assert_eq!(m.echo_v1.seen(), vec!["/noretry/fail"]);
+    assert_eq!(m.counters().retries.load(Ordering::Relaxed), 1 + 2 + 2);
+    // Nothing listens behind `dead`: connect failure, retried, then 503 (not 502).
+    let dead = SocketAddr::new(IpAddr::V4(ip(m.net, 6)), 9);
+    let _ = m.zt.streams();
+    let r = m
+        .requests("10.96.0.2:80", &[get("/dead", V1), get("/ok", V1)])
+        .unwrap();
+    assert_eq!(r[0].0, 503);
+    assert!(r[0].1.starts_with("upstream connect error"), "{}", r[0].1);
+    assert_eq!(r[1].0, 200, "the tunnel stays usable after a 503");
+    let tries = m.zt.streams().iter().filter(|(_, t)| *t == dead).count();
+    assert_eq!(tries, 3);
+}
+
+#[test]
+fn request_mirror_is_fire_and_forget_and_chunked_bodies_and_decoded_queries_route() {
+    let m = Mesh::start_with(EXEC_ROUTE);
+    let chunked = format!(
+        "POST /post HTTP/1.1\r\nhost: {V1}\r\ntransfer-encoding: chunked\r\n\r\n4\r\nwiki\r\n5\r\npedia\r\n0\r\n\r\n"
+    );
+    let r = m
+        .requests(
+            "10.96.0.2:80",
+            &[get("/mirror", V1), chunked, get("/q?a%20b=x%2Fy", V1)],
+        )
+        .unwrap();
+    assert_eq!(r[0], (200, "echo-v1 /mirror xff=10.1.0.7".to_string()));
+    assert_eq!(
+        r[1],
+        (200, "echo-v1 /post xff=10.1.0.7 body=wikipedia".to_string())
+    );
+    // The decoded query parameter matched the rule that sends to echo.
+    assert_eq!(r[2], (200, "echo /q?a%20b=x%2Fy xff=10.1.0.7".to_string()));
+    // The mirror's copy reached echo, with the -shadow host.
+    let shadow = m.echo.paths.recv_timeout(Duration::from_secs(30)).unwrap();
+    let next = m.echo.paths.recv_timeout(Duration::from_secs(30)).unwrap();
+    let mut got = vec![shadow, next];
+    got.sort();
+    assert_eq!(got, vec!["/q?a%20b=x%2Fy", "shadow:/mirror"]);
+    assert_eq!(m.counters().mirrored.load(Ordering::Relaxed), 1);
 }

@@ -66,6 +66,7 @@ impl Tunnel for MemTunnel {
 #[derive(Default)]
 struct MockUpstream {
     calls: Vec<(Option<(ObjectRef, u16)>, String)>,
+    mirrors: Vec<((ObjectRef, u16), String)>,
 }
 
 impl Upstream for MockUpstream {
@@ -73,6 +74,7 @@ impl Upstream for MockUpstream {
         &mut self,
         service: Option<&(ObjectRef, u16)>,
         request: Bytes,
+        _timeout: Option<std::time::Duration>,
     ) -> io::Result<Vec<u8>> {
         self.calls.push((
             service.cloned(),
@@ -84,6 +86,13 @@ impl Upstream for MockUpstream {
             body.len()
         )
         .into_bytes())
+    }
+
+    fn mirror(&mut self, service: &(ObjectRef, u16), request: Bytes) {
+        self.mirrors.push((
+            service.clone(),
+            String::from_utf8_lossy(&request).into_owned(),
+        ));
     }
 }
 
@@ -304,12 +313,44 @@ fn r16_pod_addressed_request_is_not_routed() {
 }
 
 #[test]
-fn chunked_bodies_are_refused_for_now() {
+fn chunked_request_bodies_are_forwarded_as_received() {
+    let body = "4\r\nwiki\r\n5;ext=1\r\npedia\r\n0\r\nx-trailer: t\r\n\r\n";
+    let req =
+        format!("POST /up HTTP/1.1\r\nHost: echo\r\ntransfer-encoding: chunked\r\n\r\n{body}");
+    // Split across reads, and followed by a second request on the same tunnel.
+    let (head, rest) = req.split_at(40);
     let (end, t, up) = run(
-        &[b"POST / HTTP/1.1\r\nHost: echo\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\n"],
+        &[
+            head.as_bytes(),
+            rest.as_bytes(),
+            b"GET /next HTTP/1.1\r\nHost: echo\r\n\r\n",
+        ],
         &service_ctx(),
     );
-    assert_eq!(end, End::Closed(501));
-    assert!(t.out().starts_with("HTTP/1.1 501 "));
-    assert!(up.calls.is_empty());
+    assert_eq!(end, End::Eof);
+    assert_eq!(up.calls.len(), 2);
+    assert!(up.calls[0].1.contains("transfer-encoding: chunked\r\n"));
+    assert!(
+        up.calls[0].1.ends_with(&format!("\r\n\r\n{body}")),
+        "{}",
+        up.calls[0].1
+    );
+    assert!(up.calls[1].1.starts_with("GET /next "));
+    assert_eq!(t.out().matches("HTTP/1.1 200 OK").count(), 2);
+}
+
+#[test]
+fn ambiguous_or_unsupported_body_framing_is_400() {
+    for req in [
+        // Both framings: a smuggling vector.
+        &b"POST / HTTP/1.1\r\nHost: echo\r\ntransfer-encoding: chunked\r\ncontent-length: 5\r\n\r\n0\r\n\r\n"[..],
+        // A final coding other than chunked.
+        b"POST / HTTP/1.1\r\nHost: echo\r\ntransfer-encoding: chunked, gzip\r\n\r\n",
+        b"POST / HTTP/1.1\r\nHost: echo\r\ncontent-length: x\r\n\r\n",
+    ] {
+        let (end, t, up) = run(&[req], &service_ctx());
+        assert_eq!(end, End::Closed(400), "{}", String::from_utf8_lossy(req));
+        assert!(t.out().starts_with("HTTP/1.1 400 "));
+        assert!(up.calls.is_empty());
+    }
 }
