@@ -46,8 +46,12 @@
 //! An `output`-hook design would have to mark ztunnel's sockets with `SO_MARK` and exclude
 //! the mark; this one has no such rule to get wrong.
 //!
-//! IPv4 and IPv6 are both handled (`inet` table); `SO_ORIGINAL_DST` /
-//! `IP6T_SO_ORIGINAL_DST` are read by [`runtime::sys::original_dst`].
+//! IPv4 and IPv6 are both handled (`inet` table: the interface rule is family-blind, the
+//! address rules come as `ip` and `ip6`); `SO_ORIGINAL_DST` / `IP6T_SO_ORIGINAL_DST` are
+//! read by [`runtime::sys::original_dst`]. IPv6 `REDIRECT` lands on the interface's IPv6
+//! address, so a dual-stack node runs the capture listeners on `[::]` too (`address6`,
+//! see [`crate::config`]; the runtime's IPv6 sockets are IPv6-only). Tested over IPv6 in
+//! `tests/namespaced.rs` (`r1_ipv6_…`, `r4_ipv6_…`, `r5_ipv6_…`, `r9_ipv6_…`).
 
 //! # Who owns the rules
 //!

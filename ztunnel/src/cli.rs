@@ -123,8 +123,16 @@ pub fn main_with_args(args: Vec<std::ffi::OsString>) -> ExitCode {
         }
     };
     let a = &h.addrs;
+    // Additive only (the bench harness parses this line): ` v6=…` is appended when
+    // `address6` bound IPv6 twins.
+    let v6 = if a.v6.is_empty() {
+        String::new()
+    } else {
+        let list: Vec<String> = a.v6.iter().map(|x| x.to_string()).collect();
+        format!(" v6={}", list.join(","))
+    };
     println!(
-        "READY driver={} workers={} socks5={} outbound={} hbone={} plaintext={} admin={} stats={} readiness={}",
+        "READY driver={} workers={} socks5={} outbound={} hbone={} plaintext={} admin={} stats={} readiness={}{v6}",
         h.workers().decision().kind,
         h.workers().len(),
         a.socks5,

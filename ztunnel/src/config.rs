@@ -6,6 +6,9 @@
 //! ztunnel:
 //!   node: node-a                      # required: which workloads are "on this node"
 //!   address: 127.0.1.10               # default IP of every listener below (default 127.0.0.1)
+//!   address6: "::"                    # optional, dual stack: the outbound, hbone and plaintext
+//!                                     # listeners are bound again on this IPv6 address, same
+//!                                     # ports (IPv6-only sockets; IPv6 capture lands there)
 //!   socks5: 127.0.0.1:15080           # outbound SOCKS5 (default <address>:15080)
 //!   outbound: 0.0.0.0:15001           # transparent outbound capture (optional; off if unset)
 //!   hbone: 127.0.1.10:15008           # inbound HBONE (default <address>:15008)
@@ -109,6 +112,8 @@ pub struct ZtunnelSection {
     #[serde(default)]
     pub address: Option<IpAddr>,
     #[serde(default)]
+    pub address6: Option<std::net::Ipv6Addr>,
+    #[serde(default)]
     pub socks5: Option<SocketAddr>,
     #[serde(default)]
     pub outbound: Option<SocketAddr>,
@@ -166,6 +171,8 @@ pub struct Settings {
     pub outbound: Option<SocketAddr>,
     pub hbone: SocketAddr,
     pub plaintext: Vec<PlaintextListener>,
+    /// Dual stack: the outbound, hbone and plaintext listeners again on this IPv6 address.
+    pub address6: Option<std::net::Ipv6Addr>,
     pub admin: SocketAddr,
     pub stats: SocketAddr,
     pub readiness: SocketAddr,
@@ -249,6 +256,7 @@ impl ZtunnelFile {
             outbound: z.outbound,
             hbone: at(z.hbone, HBONE_PORT),
             plaintext: z.plaintext.clone(),
+            address6: z.address6,
             admin: at(z.admin, ADMIN_PORT),
             stats: at(z.stats, STATS_PORT),
             readiness: at(z.readiness, READINESS_PORT),

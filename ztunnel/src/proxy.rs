@@ -96,6 +96,8 @@ pub struct Addrs {
     pub admin: SocketAddr,
     pub stats: SocketAddr,
     pub readiness: SocketAddr,
+    /// Dual stack (`address6`): the IPv6 twins of outbound, hbone and plaintext listeners.
+    pub v6: Vec<SocketAddr>,
 }
 
 pub struct Handle {
@@ -242,6 +244,24 @@ pub fn start(
         None => (None, None),
     };
     let hbone_addr = bound(settings.hbone, &hbone_socks)?;
+    // Dual stack: the same listeners again on the IPv6 address (IPv6-only sockets).
+    let mut v6_groups = Vec::new();
+    let mut v6_addrs = Vec::new();
+    if let Some(ip6) = settings.address6 {
+        let mut twins = vec![(Listener::Hbone, hbone_addr.port())];
+        if let Some(o) = out_addr {
+            twins.push((Listener::Outbound, o.port()));
+        }
+        for (i, p) in plain_addrs.iter().enumerate() {
+            twins.push((Listener::Plaintext(i), p.port()));
+        }
+        for (kind, port) in twins {
+            let a = SocketAddr::new(IpAddr::V6(ip6), port);
+            let s = listener::bind_sharded(a, n, &opts)?;
+            v6_addrs.push(bound(a, &s)?);
+            v6_groups.push((kind, s));
+        }
+    }
     // Capture rules owned by this process: in place before anything reports ready.
     let capture = match &settings.capture {
         Some(c) => {
@@ -289,6 +309,7 @@ pub fn start(
         admin: admin_ep.addr,
         stats: stats_ep.addr,
         readiness: endpoints[0].addr,
+        v6: v6_addrs,
     };
     endpoints.push(stats_ep);
     endpoints.push(admin_ep);
@@ -304,6 +325,7 @@ pub fn start(
     for (i, s) in plain_socks.into_iter().enumerate() {
         groups.push((Listener::Plaintext(i), s));
     }
+    groups.extend(v6_groups);
     let kinds: Arc<Vec<Listener>> = Arc::new(groups.iter().map(|(k, _)| *k).collect());
     let mut per_worker: Vec<Vec<std::net::TcpListener>> = (0..n).map(|_| Vec::new()).collect();
     for (_, group) in groups {

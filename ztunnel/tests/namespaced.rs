@@ -935,3 +935,209 @@ fn r2_capture_rules_follow_reloads() {
     assert_eq!(installs(&w), 3);
     assert_eq!(metric(&w.stats(1), "ztunnel_capture_errors_total", &[]), 0);
 }
+
+// ---------------------------------------------------------------------------------------
+// IPv6 (dual-stack pods and nodes; capture through the `ip6` rules and `[::]` listeners,
+// original destinations through IP6T_SO_ORIGINAL_DST).
+
+macro_rules! need_v6 {
+    ($name:expr) => {
+        if !can_run_v6($name) {
+            return;
+        }
+    };
+}
+
+#[test]
+fn r1_ipv6_uncaptured_pod_traffic_is_not_touched() {
+    need_v6!("r1_ipv6_uncaptured_pod_traffic_is_not_touched");
+    let w = World::new("r1v6", "[]");
+    let legacy = w.server6("legacy");
+    let mut s = w.connect("legacy-client", legacy.addr).unwrap();
+    assert_eq!(hello(&mut s), "legacy");
+    assert_eq!(roundtrip(&mut s, b"untouched6"), b"untouched6");
+    drop(s);
+    let from = legacy.peers.recv_timeout(Duration::from_secs(2)).unwrap();
+    assert_eq!(from.ip(), IpAddr::V6(pod_ip6("legacy-client")));
+    for i in 0..2 {
+        assert_eq!(touched(&w.stats(i)), [0; 5], "node {i}");
+    }
+    // The captured client to the same pod: captured on node A over IPv6, passed through.
+    let mut s = w.connect("client", legacy.addr).unwrap();
+    assert_eq!(hello(&mut s), "legacy");
+    assert_eq!(roundtrip(&mut s, b"captured6"), b"captured6");
+    drop(s);
+    let from = legacy.peers.recv_timeout(Duration::from_secs(2)).unwrap();
+    assert_eq!(from.ip(), IpAddr::V6(NODE_IP6S[0]));
+    eventually_or(
+        "node A passthrough (IPv6) counted",
+        || {
+            metric(
+                &w.stats(0),
+                PATHS,
+                &[
+                    ("direction", "outbound"),
+                    ("route", "passthrough"),
+                    ("target", &legacy.addr.to_string()),
+                ],
+            ) == 1
+        },
+        dump(&w),
+    );
+}
+
+#[test]
+fn r4_ipv6_service_vip_goes_to_one_endpoint() {
+    need_v6!("r4_ipv6_service_vip_goes_to_one_endpoint");
+    let w = World::new("r4v6", "[]");
+    let _s1 = w.server6("server");
+    let _s2 = w.server6("server2");
+    let vip = SocketAddr::new(IpAddr::V6(ECHO_VIP6), 80);
+    let mut seen = std::collections::BTreeSet::new();
+    const N: u64 = 10;
+    for _ in 0..N {
+        let mut s = w.connect("client", vip).unwrap();
+        let who = hello(&mut s);
+        assert!(who == "server" || who == "server2", "{who}");
+        assert_eq!(roundtrip(&mut s, b"vip6"), b"vip6");
+        seen.insert(who);
+    }
+    assert_eq!(seen.len(), 2, "both endpoints are used: {seen:?}");
+    eventually_or(
+        "each connection went to one endpoint's IPv6 address over HBONE",
+        || {
+            let a = w.stats(0);
+            let b = w.stats(1);
+            let out = |pod: &str| {
+                metric(
+                    &a,
+                    PATHS,
+                    &[
+                        ("route", "hbone"),
+                        (
+                            "target",
+                            &SocketAddr::new(IpAddr::V6(pod_ip6(pod)), 15008).to_string(),
+                        ),
+                        ("authority", &pod_addr6(pod).to_string()),
+                        ("peer", SERVER_ID),
+                    ],
+                )
+            };
+            let inb = |pod: &str| {
+                metric(
+                    &b,
+                    PATHS,
+                    &[
+                        ("route", "hbone_allow"),
+                        ("authority", &pod_addr6(pod).to_string()),
+                        ("identity", SERVER_ID),
+                    ],
+                )
+            };
+            out("server") + out("server2") == N && inb("server") + inb("server2") == N
+        },
+        dump(&w),
+    );
+}
+
+#[test]
+fn r5_ipv6_captured_to_captured_uses_hbone_across_nodes() {
+    need_v6!("r5_ipv6_captured_to_captured_uses_hbone_across_nodes");
+    let w = World::new("r5v6", "[]");
+    let server = w.server6("server");
+    let mut s = w.connect("client", server.addr).unwrap();
+    assert_eq!(hello(&mut s), "server");
+    let big: Vec<u8> = (0..300_000u32).map(|i| (i % 241) as u8).collect();
+    let mut r = s.try_clone().unwrap();
+    let n = big.len();
+    let reader = std::thread::spawn(move || {
+        let mut back = vec![0u8; n];
+        r.read_exact(&mut back).unwrap();
+        back
+    });
+    s.write_all(&big).unwrap();
+    assert_eq!(reader.join().unwrap(), big);
+    s.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut rest = Vec::new();
+    s.read_to_end(&mut rest).unwrap();
+    assert!(rest.is_empty());
+    let from = server.peers.recv_timeout(Duration::from_secs(2)).unwrap();
+    assert_eq!(
+        from.ip(),
+        IpAddr::V6(gateway6(1)),
+        "node B's ztunnel reached the pod"
+    );
+    let to_pod = SocketAddr::new(IpAddr::V6(pod_ip6("server")), 15008).to_string();
+    eventually_or(
+        "HBONE over IPv6 on both sides, as the workloads",
+        || {
+            metric(
+                &w.stats(0),
+                PATHS,
+                &[
+                    ("route", "hbone"),
+                    ("target", &to_pod),
+                    ("authority", &server.addr.to_string()),
+                    ("peer", SERVER_ID),
+                    ("identity", CLIENT_ID),
+                ],
+            ) == 1
+                && metric(
+                    &w.stats(1),
+                    PATHS,
+                    &[
+                        ("route", "hbone_allow"),
+                        ("authority", &server.addr.to_string()),
+                        ("peer", CLIENT_ID),
+                        ("identity", SERVER_ID),
+                    ],
+                ) == 1
+                // Every byte both ways: towards the pod the payload, back the greeting too.
+                && metric(
+                    &w.stats(1),
+                    "istio_tcp_sent_bytes_total",
+                    &[
+                        ("reporter", "destination"),
+                        ("destination_workload", "server"),
+                    ],
+                ) == big.len() as u64
+                && metric(
+                    &w.stats(1),
+                    "istio_tcp_received_bytes_total",
+                    &[
+                        ("reporter", "destination"),
+                        ("destination_workload", "server"),
+                    ],
+                ) == big.len() as u64 + "server\n".len() as u64
+        },
+        dump(&w),
+    );
+}
+
+#[test]
+fn r9_ipv6_captured_plaintext_inbound_goes_to_original_destination() {
+    need_v6!("r9_ipv6_captured_plaintext_inbound_goes_to_original_destination");
+    let w = World::new("r9v6", "[]");
+    let s2 = w.server6("server2");
+    let mut s = w.connect("legacy-client", s2.addr).unwrap();
+    assert_eq!(hello(&mut s), "server2");
+    assert_eq!(roundtrip(&mut s, b"plain6"), b"plain6");
+    drop(s);
+    let from = s2.peers.recv_timeout(Duration::from_secs(2)).unwrap();
+    assert_eq!(from.ip(), IpAddr::V6(gateway6(1)), "proxied by node B");
+    eventually_or(
+        "plaintext (IPv6) allowed on B to the original destination",
+        || {
+            metric(
+                &w.stats(1),
+                PATHS,
+                &[
+                    ("direction", "inbound"),
+                    ("route", "plaintext_allow"),
+                    ("target", &s2.addr.to_string()),
+                ],
+            ) == 1
+        },
+        dump(&w),
+    );
+}

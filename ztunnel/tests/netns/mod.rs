@@ -16,7 +16,7 @@
 #![allow(dead_code)]
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -195,12 +195,64 @@ pub const NODE_IPS: [Ipv4Addr; 2] = [
     Ipv4Addr::new(192, 168, 100, 1),
     Ipv4Addr::new(192, 168, 100, 2),
 ];
+/// Dual stack: node addresses on the node-to-node link.
+pub const NODE_IP6S: [Ipv6Addr; 2] = [
+    Ipv6Addr::new(0xfd00, 0x100, 0, 0, 0, 0, 0, 1),
+    Ipv6Addr::new(0xfd00, 0x100, 0, 0, 0, 0, 0, 2),
+];
+pub const ECHO_VIP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x96, 0, 0, 0, 0, 0, 1);
 pub const ECHO_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 1);
 pub const WSVC_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 2);
 pub const MIXED_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 3);
 
 pub fn pod(name: &str) -> PodSpec {
     *PODS.iter().find(|p| p.name == name).expect("pod")
+}
+
+/// Pod `name`'s IPv6 address: `fd00:<node+1>::<last octet of its IPv4>`.
+pub fn pod_ip6(name: &str) -> Ipv6Addr {
+    let p = pod(name);
+    Ipv6Addr::new(
+        0xfd00,
+        p.node as u16 + 1,
+        0,
+        0,
+        0,
+        0,
+        0,
+        p.ip.octets()[3].into(),
+    )
+}
+
+pub fn pod_addr6(name: &str) -> SocketAddr {
+    SocketAddr::new(IpAddr::V6(pod_ip6(name)), 8080)
+}
+
+/// The pod-side gateway (node side of every pod veth) of node `node`, IPv6.
+pub fn gateway6(node: usize) -> Ipv6Addr {
+    Ipv6Addr::new(0xfd00, node as u16 + 1, 0, 0, 0, 0, 0, 1)
+}
+
+/// Can namespaces here carry IPv6? Checked on the host (`/proc/sys/net/ipv6` present and
+/// not disabled); new namespaces inherit `disable_ipv6` from `default`.
+pub fn ipv6_available() -> bool {
+    std::fs::read_to_string("/proc/sys/net/ipv6/conf/default/disable_ipv6")
+        .is_ok_and(|v| v.trim() == "0")
+}
+
+/// IPv6 tests: without IPv6, panic under `CI`, else print SKIP.
+pub fn can_run_v6(test: &str) -> bool {
+    if !can_run(test) {
+        return false;
+    }
+    if ipv6_available() {
+        return true;
+    }
+    if std::env::var_os("CI").is_some() {
+        panic!("{test}: IPv6 is unavailable (net.ipv6 missing or disabled) and CI is set: failing, not skipping");
+    }
+    eprintln!("SKIP {test}: IPv6 is unavailable here");
+    false
 }
 
 pub fn pod_addr(name: &str) -> SocketAddr {
@@ -232,7 +284,20 @@ fn mesh(policies: &str) -> String {
     // pod's own identity.
     let wp = waypoint_addr();
     let wp2 = waypoint2_addr();
-    let ip = |n: &str| pod(n).ip;
+    // Dual stack when IPv6 is here: every pod has both addresses.
+    let v6 = ipv6_available();
+    let ip = |n: &str| {
+        if v6 {
+            format!("{}, \"{}\"", pod(n).ip, pod_ip6(n))
+        } else {
+            pod(n).ip.to_string()
+        }
+    };
+    let echo_vips = if v6 {
+        format!("{ECHO_VIP}, \"{ECHO_VIP6}\"")
+    } else {
+        ECHO_VIP.to_string()
+    };
     format!(
         r#"namespaces:
   - name: ns-a
@@ -257,7 +322,7 @@ services:
   - name: echo
     namespace: ns-b
     hostname: echo.ns-b.svc.cluster.local
-    vips: [{ECHO_VIP}]
+    vips: [{echo_vips}]
     ports: {{80: 8080}}
     endpoints: [{{workloadUid: ns-b/server}}, {{workloadUid: ns-b/server2}}]
   - name: wsvc
@@ -439,6 +504,9 @@ impl World {
                 "ip", "-n", &pns, "route", "add", "default", "via", &gw, "dev", "eth0",
             ]);
         }
+        if ipv6_available() {
+            self.build_v6();
+        }
         // Capture rules (from the config: R2) and ztunnels.
         for i in 0..2 {
             let name = ["node-a", "node-b"][i];
@@ -447,7 +515,11 @@ impl World {
             // Node A's rules are installed from outside (as `ztunnel capture install`
             // would); node B's ztunnel owns its rules (`capture:`) and keeps them in step
             // with reloads.
-            let owned = if i == 1 { "  capture: {}\n" } else { "" };
+            let mut owned = if i == 1 { "  capture: {}\n" } else { "" }.to_string();
+            if ipv6_available() {
+                // Dual stack: the capture listeners again on [::].
+                owned.push_str("  address6: \"::\"\n");
+            }
             std::fs::write(
                 &file,
                 format!(
@@ -481,6 +553,105 @@ impl World {
                     "node B's own rules"
                 );
             }
+        }
+    }
+
+    /// The IPv6 half of the topology: same shape, `fd00:<node+1>::/64` pods, the nodes on
+    /// `fd00:100::/64`, forwarding on, no duplicate address detection (addresses are
+    /// usable at once).
+    fn build_v6(&mut self) {
+        let (na, nb) = (self.node(0), self.node(1));
+        for n in [&na, &nb] {
+            run(&[
+                "ip",
+                "netns",
+                "exec",
+                n,
+                "sysctl",
+                "-qw",
+                "net.ipv6.conf.all.forwarding=1",
+            ]);
+        }
+        for (ns, dev, ip) in [(&na, "to-b", NODE_IP6S[0]), (&nb, "to-a", NODE_IP6S[1])] {
+            run(&[
+                "ip",
+                "-n",
+                ns,
+                "-6",
+                "addr",
+                "add",
+                &format!("{ip}/64"),
+                "dev",
+                dev,
+                "nodad",
+            ]);
+        }
+        run(&[
+            "ip",
+            "-n",
+            &na,
+            "-6",
+            "route",
+            "add",
+            "fd00:2::/64",
+            "via",
+            &NODE_IP6S[1].to_string(),
+        ]);
+        run(&[
+            "ip",
+            "-n",
+            &nb,
+            "-6",
+            "route",
+            "add",
+            "fd00:1::/64",
+            "via",
+            &NODE_IP6S[0].to_string(),
+        ]);
+        for p in PODS {
+            let (pns, node) = (self.pod_ns(p.name), self.node(p.node));
+            let dev = format!("p-{}", p.name);
+            let gw = gateway6(p.node).to_string();
+            let ip = pod_ip6(p.name).to_string();
+            run(&[
+                "ip",
+                "-n",
+                &node,
+                "-6",
+                "addr",
+                "add",
+                &format!("{gw}/128"),
+                "dev",
+                &dev,
+                "nodad",
+            ]);
+            run(&[
+                "ip",
+                "-n",
+                &node,
+                "-6",
+                "route",
+                "add",
+                &format!("{ip}/128"),
+                "dev",
+                &dev,
+            ]);
+            run(&[
+                "ip",
+                "-n",
+                &pns,
+                "-6",
+                "addr",
+                "add",
+                &format!("{ip}/128"),
+                "dev",
+                "eth0",
+                "nodad",
+            ]);
+            run(&["ip", "-n", &pns, "-6", "route", "add", &gw, "dev", "eth0"]);
+            run(&[
+                "ip", "-n", &pns, "-6", "route", "add", "default", "via", &gw, "dev", "eth0",
+            ]);
         }
     }
 
@@ -593,6 +764,11 @@ impl World {
     /// Connect from pod `from` to `dst`.
     pub fn connect(&self, from: &str, dst: SocketAddr) -> std::io::Result<TcpStream> {
         connect_in(&self.pod_ns(from), dst)
+    }
+
+    /// Start the echo server of pod `name` on `[its IPv6]:8080`.
+    pub fn server6(&self, name: &str) -> Server {
+        Server::start(&self.pod_ns(name), pod_addr6(name), name)
     }
 
     /// Start the echo server of pod `name` on `:8080`.
