@@ -77,6 +77,7 @@ pub fn self_cpu_ticks() -> u64 {
 
 struct StatLine {
     comm: String,
+    pgrp: u64,
     flags: u64,
     utime: u64,
     stime: u64,
@@ -91,10 +92,27 @@ fn parse_stat(text: &str) -> Option<StatLine> {
     let f = |n: usize| -> u64 { rest.get(n - 3).and_then(|x| x.parse().ok()).unwrap_or(0) };
     Some(StatLine {
         comm,
+        pgrp: f(5),
         flags: f(9),
         utime: f(14),
         stime: f(15),
     })
+}
+
+/// Processes whose process group is `pgid` (a peer and its workers).
+pub fn pgrp_pids(pgid: u32) -> Vec<u32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return vec![];
+    };
+    dir.flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .ok()
+                .and_then(|t| parse_stat(&t))
+                .is_some_and(|s| s.pgrp == pgid as u64)
+        })
+        .collect()
 }
 
 /// CPU ticks of this process's threads whose name starts with `prefix`.

@@ -73,6 +73,7 @@ mod generator;
 mod host;
 mod http1;
 mod mesh;
+mod peer;
 mod proxy;
 mod report;
 mod suite;
@@ -114,6 +115,11 @@ struct Args {
     /// (per-run proxies on 127.0.0.1), or auto: mesh when root.
     #[arg(long, default_value = "auto")]
     topology: String,
+    /// An external proxy to compare with, run in the mesh's `peer` pod:
+    /// NAME=ADDR,cmd=COMMAND (repeatable; see bench/peers/ and `bench/src/peer.rs` for
+    /// the port layout it must forward).
+    #[arg(long = "peer")]
+    peers: Vec<String>,
     /// Tuning profile (built-in name or YAML file) passed to the ztunnels and the waypoint.
     #[arg(long, default_value = "default")]
     profile: String,
@@ -251,6 +257,7 @@ struct Suite {
     knobs: Knobs,
     mesh: bool,
     profile: tuning::Profile,
+    peers: Vec<peer::PeerSpec>,
 }
 
 fn plan(args: &Args) -> Result<Suite> {
@@ -310,13 +317,25 @@ fn plan(args: &Args) -> Result<Suite> {
         }
         v
     };
-    let paths: Vec<PathKind> = if args.paths.is_empty() {
+    let mut peers = Vec::new();
+    for p in &args.peers {
+        let spec = peer::PeerSpec::parse(p)?;
+        if peers.iter().any(|x: &peer::PeerSpec| x.name == spec.name) {
+            bail!("--peer {}: given twice", spec.name);
+        }
+        peers.push(spec);
+    }
+    if !peers.is_empty() && !mesh {
+        bail!("--peer runs in the mesh topology (root)");
+    }
+    let mut paths: Vec<PathKind> = if args.paths.is_empty() {
         if mesh {
             vec![
                 PathKind::Direct,
                 PathKind::L4,
                 PathKind::Hbone,
                 PathKind::Waypoint,
+                PathKind::HboneCold,
             ]
         } else {
             vec![
@@ -324,6 +343,7 @@ fn plan(args: &Args) -> Result<Suite> {
                 PathKind::L4Copy,
                 PathKind::L4Splice,
                 PathKind::HboneProxy,
+                PathKind::HboneCold,
             ]
         }
     } else {
@@ -335,7 +355,7 @@ fn plan(args: &Args) -> Result<Suite> {
                      l4-copy, l4-splice, hbone-proxy)"
                 )
             })?;
-            if p != PathKind::Direct && p.is_mesh() != mesh {
+            if !matches!(p, PathKind::Direct | PathKind::HboneCold) && p.is_mesh() != mesh {
                 bail!(
                     "path {} needs the {} topology (this run: {}{})",
                     p.name(),
@@ -356,6 +376,7 @@ fn plan(args: &Args) -> Result<Suite> {
         v.sort_by_key(|p| *p != PathKind::Direct);
         v
     };
+    paths.extend(peers.iter().map(|p| PathKind::Peer(p.name)));
     let size = args.size.unwrap_or(100);
     if size == 0 {
         bail!("--size must be at least 1 byte");
@@ -489,6 +510,7 @@ fn plan(args: &Args) -> Result<Suite> {
         knobs,
         mesh,
         profile,
+        peers,
     })
 }
 
@@ -549,6 +571,7 @@ fn run(args: Args, suite: Suite) -> Result<ExitCode> {
     // The topology: loopback backends, or the mesh with a backend set in each server pod.
     let mut loop_be = None;
     let mut mesh_up = None;
+    let mut peers: Vec<peer::Peer> = Vec::new();
     if suite.mesh {
         eprintln!(
             "bench: bringing up the mesh (network namespaces {}{}-*, two ztunnels{}, profile {})",
@@ -592,6 +615,10 @@ fn run(args: Args, suite: Suite) -> Result<ExitCode> {
             echo: in_pod("echo")?,
             echo_v1: in_pod("echo-v1")?,
         };
+        for spec in &suite.peers {
+            eprintln!("bench: starting peer {}: {}", spec.name, spec.cmd);
+            peers.push(peer::Peer::start(spec, &m, &tmp.0)?);
+        }
         mesh_up = Some((m, be));
     } else {
         loop_be = Some(backend::start(
@@ -663,6 +690,7 @@ fn run(args: Args, suite: Suite) -> Result<ExitCode> {
     };
     let mut ctx = Ctx {
         knobs: &suite.knobs,
+        peers: &mut peers,
         placement: &placement,
         topo,
         counters: counters.clone(),
@@ -704,7 +732,8 @@ fn run(args: Args, suite: Suite) -> Result<ExitCode> {
         }
         v
     });
-    // Tear the mesh down now (children, namespaces, their rules), before the report.
+    // Tear the mesh down now (peers, children, namespaces, their rules), before the report.
+    drop(peers);
     drop(mesh_up);
 
     // Aggregate per scenario × path.

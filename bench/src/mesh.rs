@@ -3,7 +3,8 @@
 //!
 //! ```text
 //!  pod "client"       10.181.0.2 (captured) ─┐                                  ┌─ pod "echo"     10.182.0.2 (captured)
-//!  pod "plain-client" 10.181.0.3 ────────────┴ node A ── veth ── node B ────────┼─ pod "echo-v1"  10.182.0.3 (captured)
+//!  pod "plain-client" 10.181.0.3 ────────────┤ node A ── veth ── node B ────────┼─ pod "echo-v1"  10.182.0.3 (captured)
+//!  pod "peer"         10.181.0.5 ────────────┘
 //!                                          ztunnel A        ztunnel B           ├─ pod "plain"    10.182.0.4 (not captured)
 //!                                       10.180.255.1      10.180.255.2          └─ pod "waypoint" 10.182.0.10 (the waypoint)
 //! ```
@@ -70,6 +71,13 @@ pub const PODS: &[PodSpec] = &[
         name: "plain-client",
         node: 0,
         ip: Ipv4Addr::new(10, 181, 0, 3),
+        captured: false,
+    },
+    // Hosts `--peer` proxies (see `crate::peer`); not a mesh workload.
+    PodSpec {
+        name: "peer",
+        node: 0,
+        ip: Ipv4Addr::new(10, 181, 0, 5),
         captured: false,
     },
     PodSpec {

@@ -109,10 +109,18 @@ pub struct HboneSpec {
     pub io_driver: String,
     /// The built-in CA folder, shared by both (the inbound creates it, the outbound loads it).
     pub ca_dir: PathBuf,
+    /// Pool HBONE connections (warm) or open a TLS connection per stream (cold).
+    pub pool: bool,
+    /// Network namespaces of the inbound and the outbound (mesh `hbone-cold`: the server
+    /// pod and the client pod), with the address the outbound reaches the inbound at;
+    /// `None`: both on 127.0.0.1 here.
+    pub netns: Option<(String, String, std::net::IpAddr)>,
 }
 
 pub const HBONE_SERVER_ID: &str = "spiffe://cluster.local/ns/bench/sa/server";
 pub const HBONE_CLIENT_ID: &str = "spiffe://cluster.local/ns/bench/sa/client";
+/// Port of the `hbone-cold` inbound in the server pod.
+pub const COLD_INBOUND_PORT: u16 = 15009;
 
 impl HboneSpec {
     fn head(&self) -> String {
@@ -124,17 +132,23 @@ impl HboneSpec {
         )
     }
     pub fn inbound_yaml(&self) -> String {
+        let listen = if self.netns.is_some() {
+            format!("0.0.0.0:{COLD_INBOUND_PORT}")
+        } else {
+            "127.0.0.1:0".into()
+        };
         format!(
-            "{}inbound:\n  listen: 127.0.0.1:0\n  identity: {HBONE_SERVER_ID}\n  targets: [{}]\n",
+            "{}inbound:\n  listen: {listen}\n  identity: {HBONE_SERVER_ID}\n  targets: [{}]\n",
             self.head(),
             self.backend
         )
     }
     pub fn outbound_yaml(&self, inbound: SocketAddr) -> String {
         format!(
-            "{}outbound:\n  - listen: 127.0.0.1:0\n    identity: {HBONE_CLIENT_ID}\n    hbone: {inbound}\n    peer_identity: {HBONE_SERVER_ID}\n    target: {}\n",
+            "{}outbound:\n  - listen: 127.0.0.1:0\n    identity: {HBONE_CLIENT_ID}\n    hbone: {inbound}\n    peer_identity: {HBONE_SERVER_ID}\n    target: {}\n    pool: {}\n",
             self.head(),
-            self.backend
+            self.backend,
+            self.pool
         )
     }
 }
@@ -207,13 +221,43 @@ impl Proxy {
         let in_path: PathBuf = dir.join(format!("hbone-in-{tag}.yaml"));
         std::fs::write(&in_path, spec.inbound_yaml())
             .with_context(|| format!("writing {}", in_path.display()))?;
-        let inbound = Proxy::spawn(HBONE_ARG, &in_path, "hbone inbound proxy", Expect::Inbound)?;
-        let in_addr = inbound.inbound.expect("checked in parse_ready");
         let out_path: PathBuf = dir.join(format!("hbone-out-{tag}.yaml"));
+        let (inbound, in_addr) = match &spec.netns {
+            None => {
+                let p = Proxy::spawn(HBONE_ARG, &in_path, "hbone inbound proxy", Expect::Inbound)?;
+                let a = p.inbound.expect("checked in parse_ready");
+                (p, a)
+            }
+            Some((ns_in, _, ip)) => {
+                let p = Proxy::spawn_hbone_in_ns(
+                    ns_in,
+                    &in_path,
+                    "hbone inbound proxy",
+                    Expect::Inbound,
+                )?;
+                (p, SocketAddr::new(*ip, COLD_INBOUND_PORT))
+            }
+        };
         std::fs::write(&out_path, spec.outbound_yaml(in_addr))
             .with_context(|| format!("writing {}", out_path.display()))?;
-        let outbound = Proxy::spawn(HBONE_ARG, &out_path, "hbone outbound proxy", Expect::Listen)?;
+        let outbound = match &spec.netns {
+            None => Proxy::spawn(HBONE_ARG, &out_path, "hbone outbound proxy", Expect::Listen)?,
+            Some((_, ns_out, _)) => {
+                Proxy::spawn_hbone_in_ns(ns_out, &out_path, "hbone outbound proxy", Expect::Listen)?
+            }
+        };
         Ok(vec![inbound, outbound])
+    }
+
+    fn spawn_hbone_in_ns(ns: &str, cfg: &Path, name: &str, expect: Expect) -> Result<Proxy> {
+        let exe = std::env::current_exe().context("locating the bench binary")?;
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", ns])
+            .arg(exe)
+            .arg(HBONE_ARG)
+            .arg("--config")
+            .arg(cfg);
+        Proxy::spawn_cmd(cmd, name, expect)
     }
 
     fn spawn(arg: &str, cfg_path: &Path, name: &str, expect: Expect) -> Result<Proxy> {
@@ -518,6 +562,8 @@ mod tests {
             core: Some(1),
             io_driver: "auto".into(),
             ca_dir: PathBuf::from("/tmp/x/ca"),
+            pool: false,
+            netns: None,
         };
         let parse = |text: &str| -> hbone::proxy::ProxyConfig {
             let cfg: hbone::proxy::ProxyConfig =
@@ -539,6 +585,7 @@ mod tests {
         assert_eq!(out.outbound[0].peer_identity, HBONE_SERVER_ID);
         assert_eq!(out.outbound[0].identity, HBONE_CLIENT_ID);
         assert_eq!(out.outbound[0].target, spec.backend);
+        assert!(!out.outbound[0].pool, "cold: a TLS connection per stream");
     }
 
     #[test]

@@ -166,6 +166,11 @@ pub enum PathKind {
     L4Splice,
     /// Loopback: two `hbone::proxy` processes.
     HboneProxy,
+    /// Two `hbone::proxy` processes with the pool off: a new TLS connection (handshake) per
+    /// stream (mesh: outbound in `plain-client`, inbound in `plain`; loopback: both here).
+    HboneCold,
+    /// An external proxy (`--peer`), see [`crate::peer`].
+    Peer(&'static str),
 }
 
 impl PathKind {
@@ -178,6 +183,8 @@ impl PathKind {
             PathKind::L4Copy => "l4-copy",
             PathKind::L4Splice => "l4-splice",
             PathKind::HboneProxy => "hbone-proxy",
+            PathKind::HboneCold => "hbone-cold",
+            PathKind::Peer(n) => n,
         }
     }
     pub fn parse(s: &str) -> Option<PathKind> {
@@ -189,12 +196,17 @@ impl PathKind {
             "l4-copy" | "copy" => Some(PathKind::L4Copy),
             "l4-splice" | "splice" => Some(PathKind::L4Splice),
             "hbone-proxy" => Some(PathKind::HboneProxy),
+            "hbone-cold" => Some(PathKind::HboneCold),
             _ => None,
         }
     }
-    /// Runs over the mesh topology (else: loopback, with its own proxies per run).
+    /// Runs over the mesh topology only (`direct` and `hbone-cold` run on both; the others
+    /// on loopback, with their own proxies per run).
     pub fn is_mesh(self) -> bool {
-        matches!(self, PathKind::L4 | PathKind::Hbone | PathKind::Waypoint)
+        matches!(
+            self,
+            PathKind::L4 | PathKind::Hbone | PathKind::Waypoint | PathKind::Peer(_)
+        )
     }
     fn mode(self) -> Option<&'static str> {
         match self {
@@ -209,6 +221,8 @@ impl PathKind {
         match self {
             PathKind::Waypoint => k.is_http(),
             PathKind::Direct => k != Kind::Idle,
+            // Handshakes per second: one connection per exchange.
+            PathKind::HboneCold => k == Kind::Churn,
             _ => true,
         }
     }
@@ -306,6 +320,8 @@ pub enum Topo<'a> {
 /// Shared state of a suite invocation.
 pub struct Ctx<'a> {
     pub knobs: &'a Knobs,
+    /// Running `--peer` proxies (mesh only).
+    pub peers: &'a mut [crate::peer::Peer],
     pub placement: &'a Placement,
     pub topo: Topo<'a>,
     pub counters: Arc<BackendCounters>,
@@ -543,6 +559,72 @@ fn run_one(
     let mut netns: Option<String> = None;
     let mut host_header = "echo".to_string();
     let target = match &mut ctx.topo {
+        Topo::Mesh { mesh, be } if path == PathKind::HboneCold => {
+            let plain = mesh::pod("plain").ip;
+            let spec = HboneSpec {
+                backend: pick(&be.plain),
+                core: if ctx.placement.pin {
+                    ctx.placement.proxy_cores.first().copied()
+                } else {
+                    None
+                },
+                io_driver: k.io_driver.clone(),
+                ca_dir: mesh.dir.join("ca"),
+                pool: false,
+                netns: Some((mesh.ns("plain"), mesh.ns("plain-client"), plain.into())),
+            };
+            netns = Some(mesh.ns("plain-client"));
+            match Proxy::start_hbone(&spec, ctx.tmp, &format!("{}", ctx.seq)) {
+                Ok(ps) => {
+                    let last = ps.last().expect("two proxies");
+                    run.proxy_pid = Some(last.pid);
+                    run.proxy_driver = Some(last.driver.clone());
+                    run.notes.push(
+                        "hbone-cold: hbone::proxy outbound (plain-client) → inbound (plain), \
+                         pool off: one TLS handshake per connection; proxy CPU is both"
+                            .into(),
+                    );
+                    let t = last.listen;
+                    pids = ps.iter().map(|p| p.pid).collect();
+                    proxies = ps;
+                    t
+                }
+                Err(e) => {
+                    run.failed = Some(format!("starting the hbone-cold proxies: {e:#}"));
+                    eprintln!("{label}  FAILED: {}", run.failed.as_deref().unwrap_or(""));
+                    return Ok(run);
+                }
+            }
+        }
+        Topo::Mesh { mesh, .. } if matches!(path, PathKind::Peer(_)) => {
+            let Some(peer) = ctx
+                .peers
+                .iter_mut()
+                .find(|p| PathKind::Peer(p.spec.name) == path)
+            else {
+                run.failed = Some(format!("peer {} is not running", path.name()));
+                return Ok(run);
+            };
+            if !peer.alive() {
+                run.failed = Some(format!(
+                    "peer {} exited; its output: {}",
+                    path.name(),
+                    peer.log.display()
+                ));
+                eprintln!("{label}  FAILED: {}", run.failed.as_deref().unwrap_or(""));
+                return Ok(run);
+            }
+            netns = Some(mesh.ns("plain-client"));
+            pids = peer.pids();
+            run.proxy_pid = Some(peer.pgid);
+            run.notes.push(format!(
+                "peer {}: plain-client → peer pod → plain; proxy CPU over its process group \
+                 ({} process(es))",
+                path.name(),
+                pids.len()
+            ));
+            peer.spec.target(sc.kind)
+        }
         Topo::Mesh { mesh, be } => {
             let (client, t) = match path {
                 PathKind::Direct => ("plain-client", pick(&be.plain)),
@@ -591,7 +673,7 @@ fn run_one(
             let upstream = pick(be);
             let started = match (path, path.mode()) {
                 (PathKind::Direct, _) => Ok(None),
-                (PathKind::HboneProxy, _) => {
+                (PathKind::HboneProxy | PathKind::HboneCold, _) => {
                     let spec = HboneSpec {
                         backend: upstream,
                         core: if ctx.placement.pin {
@@ -601,6 +683,8 @@ fn run_one(
                         },
                         io_driver: k.io_driver.clone(),
                         ca_dir: ctx.tmp.join("ca"),
+                        pool: path == PathKind::HboneProxy,
+                        netns: None,
                     };
                     Proxy::start_hbone(&spec, ctx.tmp, &format!("{}", ctx.seq))
                         .map(Some)

@@ -163,6 +163,19 @@ fn quick_suite_reports_every_scenario_and_path() {
             }
         }
     }
+    // Cold HBONE handshakes (a TLS connection per stream) beside the warm pool.
+    let cold = results
+        .iter()
+        .find(|e| e["id"] == "conn-churn/size=100B conc=8" && e["path"] == "hbone-cold")
+        .expect("conn-churn × hbone-cold");
+    assert_eq!(cold["ok"], true, "hbone-cold: {cold}");
+    assert!(cold["figure"]["median"].as_f64().unwrap_or(0.0) > 0.0);
+    assert!(
+        !results
+            .iter()
+            .any(|e| e["path"] == "hbone-cold" && e["scenario"] != "conn-churn"),
+        "hbone-cold carries conn-churn only"
+    );
     if root {
         // Memory per idle connection through each proxied mesh path.
         for path in ["l4", "hbone"] {

@@ -1,0 +1,233 @@
+//! External proxies to compare with (`--peer NAME=ADDR,cmd=COMMAND`, repeatable): the same
+//! scenarios through HAProxy, nginx, Envoy, Istio's ztunnel… in the same invocation, as
+//! ratios to `direct` like the built-in paths.
+//!
+//! A peer runs in the mesh's `peer` pod (10.181.0.5, node A, not captured): the harness runs
+//! `sh -c COMMAND` there (`ip netns exec`), in its own process group, waits (≤ 15 s) until
+//! `ADDR` accepts a connection from the client pod, and stops the group (SIGTERM, SIGKILL
+//! after 4 s) at the end. The generator connects from `plain-client` — the `direct` path's
+//! client — so a peer adds exactly one proxy hop on node A, as the `l4` path does.
+//!
+//! A peer forwards to the `plain` pod's backends (10.182.0.4) by port, `ADDR`'s port `P`
+//! being the base: `P` → `:8080` (echo: tcp-rr, tcp-rr-open, idle), `P+1` → `:8081` (sink:
+//! tcp-throughput), `P+2` → `:8082` (reply-close: conn-churn), `P+10` → `:8090` (HTTP/1.1:
+//! http1-rps, large-body). `bench/peers/` has nginx and HAProxy configs in this shape. The
+//! command gets `BENCH_PEER_DIR` (a scratch folder for pid and temp files) in its
+//! environment. The peer's CPU is the sum over its process group (e.g. nginx's master and
+//! workers).
+
+use std::net::SocketAddr;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+use crate::mesh::Mesh;
+use crate::suite::Kind;
+
+/// One `--peer` argument.
+#[derive(Debug, Clone)]
+pub struct PeerSpec {
+    pub name: &'static str,
+    pub addr: SocketAddr,
+    pub cmd: String,
+}
+
+impl PeerSpec {
+    /// `NAME=ADDR,cmd=COMMAND` (the command is everything after `cmd=`).
+    pub fn parse(s: &str) -> Result<PeerSpec> {
+        let (name, rest) = s
+            .split_once('=')
+            .with_context(|| format!("--peer {s:?}: expected NAME=ADDR,cmd=COMMAND"))?;
+        let name = name.trim();
+        if name.is_empty()
+            || !name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        {
+            bail!("--peer {s:?}: the name must be letters, digits, '-' or '_'");
+        }
+        if [
+            "direct",
+            "l4",
+            "hbone",
+            "waypoint",
+            "hbone-cold",
+            "l4-copy",
+            "l4-splice",
+        ]
+        .contains(&name)
+        {
+            bail!("--peer {s:?}: {name} is a built-in path's name");
+        }
+        let (addr, cmd) = match rest.split_once(",cmd=") {
+            Some((a, c)) => (a, c.trim().to_string()),
+            None => (rest, String::new()),
+        };
+        if cmd.is_empty() {
+            bail!(
+                "--peer {s:?}: give the command that starts it (,cmd=COMMAND): peers run in \
+                 the mesh's peer pod"
+            );
+        }
+        let addr: SocketAddr = addr
+            .trim()
+            .parse()
+            .with_context(|| format!("--peer {s:?}: bad address {addr:?}"))?;
+        if addr.port() > u16::MAX - 10 {
+            bail!("--peer {s:?}: the base port leaves no room for +10 (HTTP)");
+        }
+        Ok(PeerSpec {
+            name: Box::leak(name.to_string().into_boxed_str()),
+            addr,
+            cmd,
+        })
+    }
+
+    /// The peer's address for a scenario (see the module docs).
+    pub fn target(&self, k: Kind) -> SocketAddr {
+        let off = match k {
+            Kind::Rr | Kind::RrOpen | Kind::Idle => 0,
+            Kind::Throughput => 1,
+            Kind::Churn => 2,
+            Kind::Http1 | Kind::LargeBody => 10,
+        };
+        SocketAddr::new(self.addr.ip(), self.addr.port() + off)
+    }
+}
+
+/// A running peer (its process group). Drop stops it.
+pub struct Peer {
+    pub spec: PeerSpec,
+    child: Option<Child>,
+    pub pgid: u32,
+    pub log: PathBuf,
+}
+
+impl Peer {
+    pub fn start(spec: &PeerSpec, mesh: &Mesh, dir: &Path) -> Result<Peer> {
+        let busy = crate::mesh::in_ns(&mesh.ns("plain-client"), {
+            let a = spec.addr;
+            move || Ok(std::net::TcpStream::connect_timeout(&a, Duration::from_millis(300)).is_ok())
+        })
+        .unwrap_or(false);
+        if busy {
+            bail!(
+                "peer {}: {} already accepts connections before its command ran (another \
+                 peer on the same ports?)",
+                spec.name,
+                spec.addr
+            );
+        }
+        let pdir = dir.join(format!("peer-{}", spec.name));
+        std::fs::create_dir_all(&pdir).with_context(|| format!("creating {}", pdir.display()))?;
+        let log = pdir.join("output.log");
+        let out = std::fs::File::create(&log)?;
+        let child = Command::new("ip")
+            .args(["netns", "exec", &mesh.ns("peer"), "sh", "-c", &spec.cmd])
+            .env("BENCH_PEER_DIR", &pdir)
+            .stdin(Stdio::null())
+            .stdout(out.try_clone()?)
+            .stderr(out)
+            .process_group(0)
+            .spawn()
+            .with_context(|| format!("starting peer {}: {}", spec.name, spec.cmd))?;
+        let pgid = child.id();
+        let mut p = Peer {
+            spec: spec.clone(),
+            child: Some(child),
+            pgid,
+            log,
+        };
+        // Wait until it accepts connections from the client pod.
+        let deadline = Instant::now() + Duration::from_secs(15);
+        let addr = spec.addr;
+        let ns = mesh.ns("plain-client");
+        loop {
+            let ok = crate::mesh::in_ns(&ns, move || {
+                Ok(std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(300)).is_ok())
+            })
+            .unwrap_or(false);
+            if ok {
+                return Ok(p);
+            }
+            if let Some(Ok(Some(st))) = p.child.as_mut().map(|c| c.try_wait()) {
+                let tail = std::fs::read_to_string(&p.log).unwrap_or_default();
+                bail!(
+                    "peer {} exited ({st}) before accepting on {addr}:\n{tail}",
+                    spec.name
+                );
+            }
+            if Instant::now() > deadline {
+                let tail = std::fs::read_to_string(&p.log).unwrap_or_default();
+                p.stop();
+                bail!(
+                    "peer {} did not accept on {addr} within 15 s:\n{tail}",
+                    spec.name
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Processes of its group now (for CPU).
+    pub fn pids(&self) -> Vec<u32> {
+        crate::host::pgrp_pids(self.pgid)
+    }
+
+    pub fn alive(&mut self) -> bool {
+        matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
+    }
+
+    pub fn stop(&mut self) {
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        let group = format!("-{}", self.pgid);
+        let _ = Command::new("kill")
+            .args(["-TERM", "--", &group])
+            .stderr(Stdio::null())
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(4);
+        while Instant::now() < deadline {
+            if crate::host::pgrp_pids(self.pgid).is_empty() {
+                break;
+            }
+            let _ = child.try_wait();
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = Command::new("kill")
+            .args(["-KILL", "--", &group])
+            .stderr(Stdio::null())
+            .status();
+        let _ = child.wait();
+    }
+}
+
+impl Drop for Peer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn peer_arguments() {
+        let p = PeerSpec::parse("nginx=10.181.0.5:9000,cmd=nginx -c /x -g 'daemon off;'").unwrap();
+        assert_eq!(p.name, "nginx");
+        assert_eq!(p.addr.port(), 9000);
+        assert_eq!(p.cmd, "nginx -c /x -g 'daemon off;'");
+        assert_eq!(p.target(Kind::Http1).port(), 9010);
+        assert_eq!(p.target(Kind::Churn).port(), 9002);
+        assert_eq!(p.target(Kind::Throughput).port(), 9001);
+        assert!(PeerSpec::parse("nginx=10.181.0.5:9000").is_err());
+        assert!(PeerSpec::parse("direct=10.181.0.5:9000,cmd=x").is_err());
+        assert!(PeerSpec::parse("a b=1.2.3.4:5,cmd=x").is_err());
+        assert!(PeerSpec::parse("x=nope,cmd=x").is_err());
+    }
+}
