@@ -153,13 +153,28 @@ async fn request<U: Upstream>(
             return;
         }
     };
-    let Some(head) = head_of(&parts, data.len()) else {
+    let started = std::time::Instant::now();
+    let Some(mut head) = head_of(&parts, data.len()) else {
         on_bad();
         send(&mut respond, status_only(400), head_request).await;
         return;
     };
-    let resp = match http1::decide(cfg, ctx, &head, &mut rng) {
-        Action::Respond(bytes) => bytes,
+    let traceparent = http1::trace(&mut head, ctx.traceparent.as_deref(), &mut rng);
+    let head_len: usize = head
+        .headers
+        .iter()
+        .map(|(n, v)| n.len() + v.len() + 4)
+        .sum::<usize>()
+        + head.method.len()
+        + head.path.len()
+        + 12;
+    let mut denied = false;
+    let (resp, flags) = match http1::decide(cfg, ctx, &head, &mut rng) {
+        Action::Respond(bytes) => {
+            let status = resp_status(&bytes);
+            denied = status == 403;
+            (bytes, http1::local_flags(status))
+        }
         Action::Forward { forward, request } => {
             let has_body = !data.is_empty();
             let mut req = BytesMut::from(&request[..]);
@@ -175,7 +190,29 @@ async fn request<U: Upstream>(
             .await
         }
     };
+    let status = resp_status(&resp);
+    let response_bytes = resp.len() as u64;
     send(&mut respond, resp, head_request).await;
+    up.record(&http1::Record {
+        protocol: "HTTP/2",
+        method: &head.method,
+        host: head.header("host").unwrap_or(""),
+        path: &http1::target_of(&head),
+        status,
+        flags,
+        request_bytes: (head_len + data.len()) as u64,
+        response_bytes,
+        started,
+        traceparent: &traceparent,
+        denied,
+    });
+}
+
+fn resp_status(resp: &[u8]) -> u16 {
+    resp.get(9..12)
+        .and_then(|s| std::str::from_utf8(s).ok())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0)
 }
 
 fn status_only(status: u16) -> Vec<u8> {

@@ -188,6 +188,8 @@ pub struct TunnelCtx {
     pub source_ip: IpAddr,
     /// `td/ns/N/sa/S` from the peer's certificate.
     pub principal: Option<String>,
+    /// The CONNECT's `traceparent`, if any (requests without a valid one continue it).
+    pub traceparent: Option<String>,
 }
 
 /// What to do with one request.
@@ -412,6 +414,48 @@ pub trait Upstream {
 
     /// A request is about to be re-sent (for counters).
     fn retried(&mut self) {}
+
+    /// One request is done (answered here or upstream): metrics and the access log.
+    fn record(&mut self, _r: &Record<'_>) {}
+}
+
+/// What [`Upstream::record`] gets about one finished request.
+#[derive(Debug)]
+pub struct Record<'a> {
+    /// `HTTP/1.1` or `HTTP/2`.
+    pub protocol: &'static str,
+    pub method: &'a str,
+    pub host: &'a str,
+    /// With the query.
+    pub path: &'a str,
+    pub status: u16,
+    /// Envoy's response flags: `UF`, `UT`, `NR` or `-`.
+    pub flags: &'static str,
+    pub request_bytes: u64,
+    pub response_bytes: u64,
+    pub started: Instant,
+    pub traceparent: &'a str,
+    /// Whether AuthorizationPolicy denied it (R15).
+    pub denied: bool,
+}
+
+/// Set a valid `traceparent` on the request (kept when valid, else continued from the
+/// tunnel's or generated); returns it.
+pub fn trace(head: &mut RequestHead, tunnel: Option<&str>, rng: &mut dyn Rng) -> String {
+    let t = crate::telemetry::traceparent(head.header("traceparent"), tunnel, rng);
+    head.headers
+        .retain(|(n, _)| !n.eq_ignore_ascii_case("traceparent"));
+    head.headers.push(("traceparent".into(), t.clone()));
+    t
+}
+
+/// The response flags of a response the waypoint wrote itself (`NR`: no route matched).
+pub fn local_flags(status: u16) -> &'static str {
+    if status == 404 {
+        "NR"
+    } else {
+        "-"
+    }
 }
 
 /// Istio's default retry policy when the route gives none: 2 retries on connect failure,
@@ -448,7 +492,7 @@ pub async fn execute<U: Upstream>(
     method: &str,
     has_body: bool,
     rng: &mut dyn Rng,
-) -> Vec<u8> {
+) -> (Vec<u8>, &'static str) {
     for m in &fwd.mirrors {
         if m.percent >= 100 || rng.below(100) < u64::from(m.percent) {
             up.mirror(&(m.service.clone(), m.port), shadow(&request));
@@ -463,7 +507,12 @@ pub async fn execute<U: Upstream>(
         .filter(nonzero)
         .map(|d| Instant::now() + d);
     let remaining = || deadline.map(|d| d.saturating_duration_since(Instant::now()));
-    let timed_out = || simple_response(504, &[], "upstream request timeout", false);
+    let timed_out = || {
+        (
+            simple_response(504, &[], "upstream request timeout", false),
+            "UT",
+        )
+    };
     let mut retries = 0u32;
     loop {
         let left = remaining();
@@ -485,8 +534,9 @@ pub async fn execute<U: Upstream>(
             };
         if !again {
             return match r {
-                Ok(resp) => modify_response(resp, &fwd.response_headers),
-                Err(e) => upstream_failure(&e),
+                Ok(resp) => (modify_response(resp, &fwd.response_headers), "-"),
+                Err(e) if e.kind() == io::ErrorKind::TimedOut => (upstream_failure(&e), "UT"),
+                Err(e) => (upstream_failure(&e), "UF"),
             };
         }
         retries += 1;
@@ -582,6 +632,9 @@ pub async fn serve_from<T: Tunnel, U: Upstream>(
             }
         };
         let _ = buf.split_to(used);
+        let started = Instant::now();
+        let mut head = head;
+        let traceparent = trace(&mut head, ctx.traceparent.as_deref(), rng);
         let body = match body_framing(&head) {
             Ok(b) => b,
             Err(status) => {
@@ -599,6 +652,20 @@ pub async fn serve_from<T: Tunnel, U: Upstream>(
                     Err(_) => return close_with(tunnel, resp, status).await,
                 };
                 let _ = buf.split_to(n);
+                let rec = Record {
+                    protocol: "HTTP/1.1",
+                    method: &head.method,
+                    host: head.header("host").unwrap_or(""),
+                    path: &target_of(&head),
+                    status,
+                    flags: local_flags(status),
+                    request_bytes: (used + n) as u64,
+                    response_bytes: resp.len() as u64,
+                    started,
+                    traceparent: &traceparent,
+                    denied: status == 403,
+                };
+                upstream.record(&rec);
                 if close {
                     return close_with(tunnel, resp, status).await;
                 }
@@ -615,15 +682,37 @@ pub async fn serve_from<T: Tunnel, U: Upstream>(
                 };
                 let mut req = BytesMut::from(&request[..]);
                 req.extend_from_slice(&buf.split_to(n));
-                let resp =
+                let (resp, flags) =
                     execute(upstream, &forward, req.freeze(), &head.method, n > 0, rng).await;
                 let status = status_of(&resp);
+                let rec = Record {
+                    protocol: "HTTP/1.1",
+                    method: &head.method,
+                    host: head.header("host").unwrap_or(""),
+                    path: &target_of(&head),
+                    status,
+                    flags,
+                    request_bytes: (used + n) as u64,
+                    response_bytes: resp.len() as u64,
+                    started,
+                    traceparent: &traceparent,
+                    denied: false,
+                };
+                upstream.record(&rec);
                 if close {
                     return close_with(tunnel, resp, status).await;
                 }
                 tunnel.write(Bytes::from(resp)).await?;
             }
         }
+    }
+}
+
+/// The request target as received (path and query).
+pub fn target_of(head: &RequestHead) -> String {
+    match &head.query {
+        Some(q) => format!("{}?{q}", head.path),
+        None => head.path.clone(),
     }
 }
 

@@ -19,6 +19,10 @@
 //!   pool; the `waypoint` binary ([`cli`]) runs it.
 //! * [`reload`] — hot reload: valid edits publish a new snapshot, broken ones are logged
 //!   and the old snapshot keeps serving; a tunnel keeps the snapshot it started with.
+//! * [`telemetry`] — `istio_requests_total`, `istio_request_duration_milliseconds`,
+//!   `istio_request_bytes`, `istio_response_bytes` (`reporter="waypoint"`, Istio's labels,
+//!   the original client from the tunnel), one access-log line per request (tracing target
+//!   `access`), `traceparent` kept when valid, else generated, and sent upstream.
 //! * [`admin`] — `/stats/prometheus` and `/healthz/ready` on `waypoint.stats`.
 //!
 //! * [`inner`] — per-tunnel protocol detection (HTTP/2 prior knowledge, HTTP/1.1, opaque
@@ -41,4 +45,5 @@ pub mod reload;
 pub mod route;
 pub mod service;
 pub mod target;
+pub mod telemetry;
 pub mod upstream;

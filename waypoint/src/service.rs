@@ -47,6 +47,7 @@ use crate::inner::{self, Protocol};
 use crate::lb::{HashInput, SplitMix64};
 use crate::route::ObjectRef;
 use crate::target::{self, Me, Refused};
+use crate::telemetry::LocalMetrics;
 use crate::upstream::{Balancers, Endpoint};
 
 /// Everything [`start`] needs besides certificates and the L7 configuration.
@@ -124,8 +125,10 @@ pub struct Counters {
     pub tcp_tunnels: AtomicU64,
     /// HTTP/2 tunnels ended by a protocol error (GOAWAY sent).
     pub h2_protocol_errors: AtomicU64,
-    /// Requests answered 400/413 by the waypoint itself (HTTP/2 path).
+    /// Requests answered 400/413/431 by the waypoint itself (malformed, too large).
     pub bad_requests: AtomicU64,
+    /// HTTP requests denied by AuthorizationPolicy (R15, answered 403).
+    pub denied: AtomicU64,
     /// Opaque TCP tunnels refused by L4 policy (R15).
     pub tcp_denied: AtomicU64,
     /// Opaque TCP bytes client → endpoint and endpoint → client.
@@ -165,6 +168,8 @@ pub struct Handle {
     /// The bound HBONE address.
     pub addr: SocketAddr,
     pub counters: Arc<Counters>,
+    /// Istio's request metrics.
+    pub metrics: Arc<crate::telemetry::Metrics>,
     pub certs: Publisher<Certs>,
     /// The stats/readiness endpoint, when configured.
     pub stats: Option<crate::admin::Endpoint>,
@@ -186,6 +191,7 @@ impl Handle {
 struct Shared {
     settings: Settings,
     counters: Arc<Counters>,
+    metrics: Arc<crate::telemetry::Metrics>,
 }
 
 /// Start the HBONE listener on the runtime's workers.
@@ -207,9 +213,11 @@ pub fn start(
     })?;
     let mut socks: Vec<Option<std::net::TcpListener>> = socks.into_iter().map(Some).collect();
     let counters = Arc::new(Counters::default());
+    let metrics = Arc::new(crate::telemetry::Metrics::default());
     let shared = Arc::new(Shared {
         settings: settings.clone(),
         counters: counters.clone(),
+        metrics: metrics.clone(),
     });
     let workers = runtime::spawn_workers(&settings.runtime, &shutdown, |w| {
         let sock = socks[w].take().expect("one socket per worker");
@@ -222,6 +230,7 @@ pub fn start(
                 pool: Pool::new(shared.settings.h2.clone(), Arc::new(TlsCounters::default())),
                 balancers: RefCell::new(Balancers::default()),
                 l7: RefCell::new(l7),
+                metrics: LocalMetrics::new(shared.metrics.clone()),
                 seed: std::cell::Cell::new(seed(ctx.id())),
                 shared,
             });
@@ -237,12 +246,13 @@ pub fn start(
     let stats = match settings.stats {
         Some(a) => {
             let c = counters.clone();
+            let (m, srv) = (metrics.clone(), shared.counters.server.clone());
             Some(crate::admin::serve(a, move |path| match path {
                 "/healthz/ready" => ("200 OK", "text/plain", "ready\n".into()),
                 "/stats/prometheus" => (
                     "200 OK",
                     "text/plain; version=0.0.4; charset=utf-8",
-                    prometheus(&c),
+                    format!("{}{}{}", m.render(), prometheus(&c), refusals(&srv)),
                 ),
                 _ => crate::admin::not_found(),
             })?)
@@ -253,9 +263,32 @@ pub fn start(
         workers,
         addr,
         counters,
+        metrics,
         certs,
         stats,
     })
+}
+
+/// R13 refusals: connections that never became HBONE (TLS failed: plaintext, no or bad
+/// client certificate), and malformed CONNECTs.
+pub fn refusals(s: &ServerCounters) -> String {
+    let t = &s.tls;
+    let mut out = String::from("# HELP waypoint_refused_connections_total Connections refused before HBONE (R13), by reason.\n# TYPE waypoint_refused_connections_total counter\n");
+    for (reason, v) in [
+        ("no_client_cert", &t.no_client_cert),
+        ("untrusted", &t.untrusted),
+        ("expired", &t.expired),
+        ("identity_mismatch", &t.identity_mismatch),
+        ("tls_other", &t.other),
+        ("not_connect", &s.bad_method),
+        ("bad_authority", &s.bad_authority),
+    ] {
+        out.push_str(&format!(
+            "waypoint_refused_connections_total{{reason=\"{reason}\"}} {}\n",
+            v.load(Relaxed)
+        ));
+    }
+    out
 }
 
 /// The counters in Prometheus text format.
@@ -287,8 +320,14 @@ pub fn prometheus(c: &Counters) -> String {
     counter(
         &mut out,
         "waypoint_bad_requests",
-        "HTTP/2 requests answered 400/413 by the waypoint.",
+        "Requests answered 400/413/431 by the waypoint (malformed, too large).",
         c.bad_requests.load(Relaxed),
+    );
+    counter(
+        &mut out,
+        "waypoint_http_denied",
+        "HTTP requests denied by AuthorizationPolicy (R15).",
+        c.denied.load(Relaxed),
     );
     counter(
         &mut out,
@@ -379,6 +418,7 @@ struct Worker {
     balancers: RefCell<Balancers>,
     /// The L7 snapshot (routes, policies, model); each tunnel keeps the one it started with.
     l7: RefCell<runtime::snapshot::Subscriber<WaypointConfig>>,
+    metrics: LocalMetrics,
     seed: std::cell::Cell<u64>,
     shared: Arc<Shared>,
 }
@@ -458,7 +498,9 @@ async fn tunnel(w: Rc<Worker>, cert: Arc<WorkloadCert>, inb: Inbound) {
         destination_port: target.port(),
         source_ip,
         principal: inb.peer_identity.as_ref().map(principal),
+        traceparent: inb.request.traceparent.clone(),
     };
+    let peer = Rc::new(peer_of(&inb, &l7, source_ip, &ctx.destination));
     let Ok(mut stream) = inb.accept() else { return };
     counters.tunnels.fetch_add(1, Relaxed);
     let idle = Rc::new(RefCell::new(HashMap::new()));
@@ -470,6 +512,8 @@ async fn tunnel(w: Rc<Worker>, cert: Arc<WorkloadCert>, inb: Inbound) {
         source_ip,
         rng: w.rng(),
         idle: idle.clone(),
+        peer: peer.clone(),
+        last: None,
     };
     let (proto, first) = match race(inner::detect(&mut stream), w.ctx.aborted()).await {
         Either::Left(Ok(x)) => x,
@@ -489,7 +533,12 @@ async fn tunnel(w: Rc<Worker>, cert: Arc<WorkloadCert>, inb: Inbound) {
             let mut rng = w.rng();
             let serve = http1::serve_from(&mut stream, first, &l7, &ctx, &mut up, &mut rng);
             match race(serve, w.ctx.aborted()).await {
-                Either::Left(Ok(end)) => tracing::trace!(%target, ?end, "tunnel ended"),
+                Either::Left(Ok(end)) => {
+                    if let http1::End::Closed(400 | 413 | 431) = end {
+                        counters.bad_requests.fetch_add(1, Relaxed);
+                    }
+                    tracing::trace!(%target, ?end, "tunnel ended")
+                }
                 Either::Left(Err(e)) => tracing::debug!(%target, error = %e, "tunnel failed"),
                 Either::Right(()) => stream.reset(h2::Reason::CANCEL),
             }
@@ -527,6 +576,44 @@ async fn tunnel(w: Rc<Worker>, cert: Arc<WorkloadCert>, inb: Inbound) {
     }
 }
 
+fn workload_name(w: &mesh_model::model::Workload) -> String {
+    if w.workload_name.is_empty() {
+        w.name.clone()
+    } else {
+        w.workload_name.clone()
+    }
+}
+
+/// The tunnel's original client: the peer certificate's identity, and the workload from
+/// the CONNECT's `baggage` (else the model's workload at the client address).
+fn peer_of(
+    inb: &Inbound,
+    l7: &WaypointConfig,
+    addr: IpAddr,
+    destination: &http1::Destination,
+) -> Peer {
+    let b = &inb.request.baggage;
+    let w = l7.mesh.as_ref().and_then(|s| s.workload_by_ip(addr));
+    Peer {
+        principal: inb
+            .peer_identity
+            .as_ref()
+            .map_or_else(|| "unknown".into(), |i| i.to_string()),
+        workload: b
+            .workload_name
+            .clone()
+            .or_else(|| w.map(workload_name))
+            .unwrap_or_else(|| "unknown".into()),
+        namespace: b
+            .namespace
+            .clone()
+            .or_else(|| w.map(|w| w.namespace.clone()))
+            .unwrap_or_else(|| "unknown".into()),
+        addr,
+        destination: destination.clone(),
+    }
+}
+
 /// The endpoint of a pod-addressed request (R16): the pod itself, through its node's
 /// ztunnel (or the pod's own address when the model has no node for it).
 fn pod_endpoint(snap: &Snapshot, target: SocketAddr) -> Option<Endpoint> {
@@ -553,6 +640,21 @@ struct HboneUpstream {
     rng: SplitMix64,
     /// Streams whose last response was complete.
     idle: IdleStreams,
+    /// Who called (for telemetry), and what the tunnel was addressed to.
+    peer: Rc<Peer>,
+    /// The service and endpoint workload of the current request's last try.
+    last: Option<(Option<ObjectRef>, String)>,
+}
+
+/// The original client of a tunnel and its destination, as telemetry names them.
+struct Peer {
+    /// `spiffe://…` of the peer certificate, or `unknown`.
+    principal: String,
+    workload: String,
+    namespace: String,
+    /// The client address (`forwarded: for=`, else the peer's).
+    addr: IpAddr,
+    destination: http1::Destination,
 }
 
 impl Upstream for HboneUpstream {
@@ -583,6 +685,8 @@ impl Upstream for HboneUpstream {
             source_ip: self.source_ip,
             rng: self.worker.rng(),
             idle: Rc::new(RefCell::new(HashMap::new())),
+            peer: self.peer.clone(),
+            last: None,
         };
         let service = service.clone();
         self.worker.shared.counters.mirrored.fetch_add(1, Relaxed);
@@ -594,6 +698,75 @@ impl Upstream for HboneUpstream {
                 tracing::debug!(service = %format!("{}/{}", service.0.namespace, service.0.name), error = %e, "mirrored request failed (ignored)");
             }
         });
+    }
+
+    fn record(&mut self, r: &http1::Record<'_>) {
+        let l7 = self.l7.clone();
+        let snap = l7.mesh.as_ref();
+        let p = &self.peer;
+        let last = self.last.take();
+        // The destination: the routed service and the endpoint that answered; else what
+        // the tunnel was addressed to.
+        let (service, workload) = match (&last, &p.destination) {
+            (Some((svc, uid)), _) => (svc.clone(), snap.and_then(|s| s.workload(uid))),
+            (None, http1::Destination::Service { service, .. }) => (Some(service.clone()), None),
+            (None, http1::Destination::Workload { .. }) => {
+                (None, snap.and_then(|s| s.workload_by_ip(self.target.ip())))
+            }
+        };
+        let unknown = || "unknown".to_string();
+        let host = service.as_ref().map_or_else(unknown, |svc| {
+            snap.and_then(|s| {
+                s.services()
+                    .find(|x| x.namespace == svc.namespace && x.name == svc.name)
+                    .map(|x| x.hostname.clone())
+            })
+            .unwrap_or_else(|| format!("{}.{}.svc.cluster.local", svc.name, svc.namespace))
+        });
+        let labels = crate::telemetry::RequestLabels {
+            source_workload: p.workload.clone(),
+            source_workload_namespace: p.namespace.clone(),
+            source_principal: p.principal.clone(),
+            destination_service: host,
+            destination_service_name: service.as_ref().map_or_else(unknown, |s| s.name.clone()),
+            destination_service_namespace: service
+                .as_ref()
+                .map_or_else(unknown, |s| s.namespace.clone()),
+            destination_workload: workload.map_or_else(unknown, workload_name),
+            destination_workload_namespace: workload.map_or_else(unknown, |w| w.namespace.clone()),
+            destination_principal: workload.map_or_else(unknown, |w| w.identity().to_string()),
+            request_protocol: "http",
+            response_code: r.status,
+            response_flags: r.flags,
+        };
+        let ms = r.started.elapsed().as_secs_f64() * 1000.0;
+        self.worker
+            .metrics
+            .record(&labels, ms, r.request_bytes, r.response_bytes);
+        if r.denied {
+            self.worker.shared.counters.denied.fetch_add(1, Relaxed);
+        }
+        tracing::info!(
+            target: "access",
+            src_addr = %p.addr,
+            src_workload = %p.workload,
+            src_namespace = %p.namespace,
+            src_identity = %p.principal,
+            dst_service = %labels.destination_service,
+            dst_workload = %labels.destination_workload,
+            dst_identity = %labels.destination_principal,
+            protocol = r.protocol,
+            method = r.method,
+            authority = r.host,
+            path = r.path,
+            status = r.status,
+            flags = r.flags,
+            request_bytes = r.request_bytes,
+            response_bytes = r.response_bytes,
+            duration_ms = format!("{ms:.3}"),
+            traceparent = r.traceparent,
+            "request"
+        );
     }
 
     fn retried(&mut self) {
@@ -626,6 +799,7 @@ impl HboneUpstream {
             .map(|(n, v)| (n.as_str(), v.as_str()))
             .collect();
         let (ep, expected, picked) = self.choose(snap, service, &hdrs)?;
+        self.last = Some((service.map(|s| s.0.clone()), ep.workload_uid.clone()));
         let close = head
             .header("connection")
             .is_some_and(|v| v.to_ascii_lowercase().contains("close"))

@@ -66,6 +66,15 @@ fn binary_serves_hbone_and_drains_on_sigterm() {
         .parse()
         .unwrap();
 
+    // R13: plaintext HTTP to the HBONE port gets no HTTP answer, and is counted.
+    {
+        use std::io::{Read, Write};
+        let mut c = std::net::TcpStream::connect(addr).unwrap();
+        c.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n").unwrap();
+        let mut got = Vec::new();
+        let _ = c.read_to_end(&mut got);
+        assert!(!got.starts_with(b"HTTP/"));
+    }
     // A client certificate from the same built-in CA.
     let ca = SigningCa::builtin(&d.join("ca"), "cluster.local").unwrap();
     let me = ca
@@ -107,6 +116,10 @@ fn binary_serves_hbone_and_drains_on_sigterm() {
     let m = http_get(stats, "/stats/prometheus");
     assert!(m.contains("waypoint_refused_targets_total 1\n"), "{m}");
     assert!(m.contains("waypoint_tunnels_total 1\n"), "{m}");
+    assert!(
+        m.contains("waypoint_refused_connections_total{reason=\"tls_other\"} 1\n"),
+        "{m}"
+    );
 
     let ok = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])

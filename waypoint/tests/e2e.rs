@@ -91,6 +91,7 @@ fn backend(ip: Ipv4Addr, name: &'static str) -> Backend {
                     let shadow = header("host").is_some_and(|h| h.contains("-shadow"));
                     let chunked = header("transfer-encoding").is_some();
                     let len: usize = header("content-length").map_or(0, |v| v.parse().unwrap());
+                    let tp = header("traceparent").unwrap_or_default();
                     buf.drain(..n);
                     // The request body, decoded.
                     let body_in = loop {
@@ -118,6 +119,9 @@ fn backend(ip: Ipv4Addr, name: &'static str) -> Backend {
                         path.clone()
                     });
                     let mut body = format!("{name} {path} xff={xff}");
+                    if path.contains("trace") {
+                        body.push_str(&format!(" tp={tp}"));
+                    }
                     if !body_in.is_empty() {
                         body.push_str(&format!(" body={}", String::from_utf8_lossy(&body_in)));
                     }
@@ -1180,4 +1184,68 @@ fn request_mirror_is_fire_and_forget_and_chunked_bodies_and_decoded_queries_rout
     got.sort();
     assert_eq!(got, vec!["/q?a%20b=x%2Fy", "shadow:/mirror"]);
     assert_eq!(m.counters().mirrored.load(Ordering::Relaxed), 1);
+}
+
+#[test]
+fn telemetry_istio_request_metrics_keep_the_original_client_and_traceparent() {
+    let m = Mesh::start();
+    let host = "echo.app.svc.cluster.local";
+    let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let r = m
+        .requests(
+            "10.96.0.1:80",
+            &[
+                get("/a", host),
+                get("/b", host),
+                format!("GET /trace HTTP/1.1\r\nhost: {host}\r\ntraceparent: {tp}\r\n\r\n"),
+                format!("GET /trace2 HTTP/1.1\r\nhost: {host}\r\ntraceparent: junk\r\n\r\n"),
+                get("/admin", host),
+            ],
+        )
+        .unwrap();
+    assert_eq!(r[0].0, 200);
+    // A valid traceparent is propagated as is; an invalid one is replaced by a valid one.
+    assert_eq!(r[2].1, format!("echo-v1 /trace xff=10.1.0.7 tp={tp}"));
+    let new_tp = r[3].1.rsplit("tp=").next().unwrap();
+    assert!(waypoint::telemetry::valid_traceparent(new_tp), "{new_tp}");
+    assert_eq!(r[4].0, 403);
+    let metrics = &m.handle.as_ref().unwrap().metrics;
+    let labels =
+        |code: u16, svc: &str, wl: &str, principal: &str| waypoint::telemetry::RequestLabels {
+            source_workload: "unknown".into(),
+            source_workload_namespace: "unknown".into(),
+            source_principal: "spiffe://cluster.local/ns/app/sa/client".into(),
+            destination_service: format!("{svc}.app.svc.cluster.local"),
+            destination_service_name: svc.into(),
+            destination_service_namespace: "app".into(),
+            destination_workload: wl.into(),
+            destination_workload_namespace: if wl == "unknown" { "unknown" } else { "app" }.into(),
+            destination_principal: principal.into(),
+            request_protocol: "http",
+            response_code: code,
+            response_flags: "-",
+        };
+    // Routed echo → echo-v1: the destination is the service and pod that answered.
+    let ok = metrics
+        .lookup(&labels(
+            200,
+            "echo-v1",
+            "v1-1",
+            "spiffe://cluster.local/ns/app/sa/echo",
+        ))
+        .unwrap_or_else(|| panic!("{:#?}", metrics.label_sets()));
+    assert_eq!(ok.requests.load(Ordering::Relaxed), 4);
+    assert_eq!(ok.duration_ms.count(), 4);
+    assert_eq!(ok.response_bytes.count(), 4);
+    // Denied before routing: the addressed service, no workload.
+    let denied = metrics
+        .lookup(&labels(403, "echo", "unknown", "unknown"))
+        .unwrap_or_else(|| panic!("{:#?}", metrics.label_sets()));
+    assert_eq!(denied.requests.load(Ordering::Relaxed), 1);
+    assert_eq!(m.counters().denied.load(Ordering::Relaxed), 1);
+    let text = metrics.render();
+    assert!(text.contains("# TYPE istio_requests_total counter"));
+    assert!(text.contains("# TYPE istio_request_duration_milliseconds histogram"));
+    assert!(text.contains("istio_request_bytes_bucket{reporter=\"waypoint\""));
+    assert!(text.contains("connection_security_policy=\"mutual_tls\""));
 }

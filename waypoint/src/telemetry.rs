@@ -1,0 +1,375 @@
+//! Istio's HTTP metrics as a waypoint reports them (`reporter="waypoint"`), the access log
+//! (tracing target `access`, one line per request) and `traceparent` handling.
+//!
+//! Each label set owns a block of relaxed atomics (counter and three fixed-bucket
+//! histograms) shared by every worker. A worker finds the block through its own cache (no
+//! lock); only the first request of a label set on a worker goes to the registry, a
+//! copy-on-write map (`arc-swap`, no lock). Scrapes read the atomics.
+//!
+//! | metric | type | unit / buckets |
+//! |---|---|---|
+//! | `istio_requests_total` | counter | |
+//! | `istio_request_duration_milliseconds` | histogram | ms: Istio's buckets 0.5 … 3,600,000 |
+//! | `istio_request_bytes` | histogram | bytes (head + body): 1 … 10^9 by 10× |
+//! | `istio_response_bytes` | histogram | bytes (head + body): 1 … 10^9 by 10× |
+//!
+//! Labels: `reporter`, `source_workload`, `source_workload_namespace`, `source_principal`,
+//! `destination_service`, `destination_service_name`, `destination_service_namespace`,
+//! `destination_workload`, `destination_workload_namespace`, `destination_principal`,
+//! `request_protocol`, `response_code`, `response_flags`, `connection_security_policy`
+//! (always `mutual_tls`: the waypoint is HBONE only). The source is the original client:
+//! the inbound tunnel's peer certificate (`source_principal`) and the `baggage` /
+//! `forwarded` headers its ztunnel sent (workload name and namespace, else the model's
+//! workload at the `forwarded: for=` address). Response flags follow Envoy: `UF`
+//! (upstream connect failure), `UT` (upstream timeout), `NR` (no route), `-` otherwise.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::hash::Hash;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+
+use crate::lb::Rng;
+
+/// Istio's standard labels of `istio_requests_total` and friends.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RequestLabels {
+    pub source_workload: String,
+    pub source_workload_namespace: String,
+    pub source_principal: String,
+    /// The service's hostname (`echo.app.svc.cluster.local`), or `unknown`.
+    pub destination_service: String,
+    pub destination_service_name: String,
+    pub destination_service_namespace: String,
+    pub destination_workload: String,
+    pub destination_workload_namespace: String,
+    pub destination_principal: String,
+    /// `http` (HTTP/1.1), `http2`… Istio says `http` or `grpc`; HTTP/2 is `http` too.
+    pub request_protocol: &'static str,
+    pub response_code: u16,
+    pub response_flags: &'static str,
+}
+
+impl RequestLabels {
+    fn render(&self) -> String {
+        format!(
+            "reporter=\"waypoint\",source_workload=\"{}\",source_workload_namespace=\"{}\",source_principal=\"{}\",destination_service=\"{}\",destination_service_name=\"{}\",destination_service_namespace=\"{}\",destination_workload=\"{}\",destination_workload_namespace=\"{}\",destination_principal=\"{}\",request_protocol=\"{}\",response_code=\"{}\",response_flags=\"{}\",connection_security_policy=\"mutual_tls\"",
+            esc(&self.source_workload),
+            esc(&self.source_workload_namespace),
+            esc(&self.source_principal),
+            esc(&self.destination_service),
+            esc(&self.destination_service_name),
+            esc(&self.destination_service_namespace),
+            esc(&self.destination_workload),
+            esc(&self.destination_workload_namespace),
+            esc(&self.destination_principal),
+            self.request_protocol,
+            self.response_code,
+            self.response_flags,
+        )
+    }
+}
+
+fn esc(s: &str) -> String {
+    s.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+/// Istio's default `istio_request_duration_milliseconds` buckets.
+pub const DURATION_BUCKETS_MS: [f64; 19] = [
+    0.5, 1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0, 30000.0,
+    60000.0, 300000.0, 600000.0, 1800000.0, 3600000.0,
+];
+
+/// Size buckets: 1 B … 1 GB by powers of ten.
+pub const BYTES_BUCKETS: [f64; 10] = [1.0, 10.0, 100.0, 1e3, 1e4, 1e5, 1e6, 1e7, 1e8, 1e9];
+
+/// A fixed-bucket histogram of relaxed atomics (non-cumulative buckets; rendered
+/// cumulatively). The sum is kept in thousandths of the unit.
+#[derive(Debug)]
+pub struct Histogram {
+    bounds: &'static [f64],
+    /// One per bound, plus `+Inf`.
+    buckets: Vec<AtomicU64>,
+    sum_milli: AtomicU64,
+    count: AtomicU64,
+}
+
+impl Histogram {
+    pub fn new(bounds: &'static [f64]) -> Self {
+        Histogram {
+            bounds,
+            buckets: (0..=bounds.len()).map(|_| AtomicU64::new(0)).collect(),
+            sum_milli: AtomicU64::new(0),
+            count: AtomicU64::new(0),
+        }
+    }
+
+    pub fn observe(&self, v: f64) {
+        let i = self
+            .bounds
+            .iter()
+            .position(|b| v <= *b)
+            .unwrap_or(self.bounds.len());
+        self.buckets[i].fetch_add(1, Relaxed);
+        self.sum_milli.fetch_add((v * 1000.0) as u64, Relaxed);
+        self.count.fetch_add(1, Relaxed);
+    }
+
+    pub fn count(&self) -> u64 {
+        self.count.load(Relaxed)
+    }
+
+    fn render(&self, out: &mut String, name: &str, labels: &str) {
+        let mut acc = 0;
+        for (i, b) in self.buckets.iter().enumerate() {
+            acc += b.load(Relaxed);
+            let le = match self.bounds.get(i) {
+                Some(x) => format!("{x}"),
+                None => "+Inf".into(),
+            };
+            let _ = writeln!(out, "{name}_bucket{{{labels},le=\"{le}\"}} {acc}");
+        }
+        let sum = self.sum_milli.load(Relaxed) as f64 / 1000.0;
+        let _ = writeln!(out, "{name}_sum{{{labels}}} {sum}");
+        let _ = writeln!(out, "{name}_count{{{labels}}} {}", self.count.load(Relaxed));
+    }
+}
+
+/// Counters of one label set.
+#[derive(Debug)]
+pub struct RequestCounters {
+    pub requests: AtomicU64,
+    pub duration_ms: Histogram,
+    pub request_bytes: Histogram,
+    pub response_bytes: Histogram,
+}
+
+impl Default for RequestCounters {
+    fn default() -> Self {
+        RequestCounters {
+            requests: AtomicU64::new(0),
+            duration_ms: Histogram::new(&DURATION_BUCKETS_MS),
+            request_bytes: Histogram::new(&BYTES_BUCKETS),
+            response_bytes: Histogram::new(&BYTES_BUCKETS),
+        }
+    }
+}
+
+/// The process-wide registry.
+pub struct Metrics {
+    requests: ArcSwap<HashMap<RequestLabels, Arc<RequestCounters>>>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics {
+            requests: ArcSwap::from_pointee(HashMap::new()),
+        }
+    }
+}
+
+impl Metrics {
+    fn get(&self, k: &RequestLabels) -> Arc<RequestCounters> {
+        if let Some(v) = self.requests.load().get(k) {
+            return v.clone();
+        }
+        let fresh = Arc::new(RequestCounters::default());
+        self.requests.rcu(|m| {
+            let mut m = HashMap::clone(m);
+            m.entry(k.clone()).or_insert_with(|| fresh.clone());
+            m
+        });
+        self.requests.load().get(k).cloned().unwrap_or(fresh)
+    }
+
+    /// The counters of `labels`, if any request was recorded with them.
+    pub fn lookup(&self, labels: &RequestLabels) -> Option<Arc<RequestCounters>> {
+        self.requests.load().get(labels).cloned()
+    }
+
+    /// All label sets recorded so far.
+    pub fn label_sets(&self) -> Vec<RequestLabels> {
+        let mut v: Vec<_> = self.requests.load().keys().cloned().collect();
+        v.sort();
+        v
+    }
+
+    /// Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let m = self.requests.load();
+        let mut sets: Vec<_> = m.iter().map(|(k, v)| (k.render(), v.clone())).collect();
+        sets.sort_by(|a, b| a.0.cmp(&b.0));
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "# HELP istio_requests_total Requests handled by this waypoint.\n# TYPE istio_requests_total counter"
+        );
+        for (l, c) in &sets {
+            let _ = writeln!(
+                out,
+                "istio_requests_total{{{l}}} {}",
+                c.requests.load(Relaxed)
+            );
+        }
+        type Get = fn(&RequestCounters) -> &Histogram;
+        let hists: [(&str, &str, Get); 3] = [
+            (
+                "istio_request_duration_milliseconds",
+                "Request duration.",
+                |c| &c.duration_ms,
+            ),
+            (
+                "istio_request_bytes",
+                "Request size (head and body).",
+                |c| &c.request_bytes,
+            ),
+            (
+                "istio_response_bytes",
+                "Response size (head and body).",
+                |c| &c.response_bytes,
+            ),
+        ];
+        for (name, help, get) in hists {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+            for (l, c) in &sets {
+                get(c).render(&mut out, name, l);
+            }
+        }
+        out
+    }
+}
+
+/// One worker's view: caches the counter blocks it has used.
+#[derive(Clone)]
+pub struct LocalMetrics {
+    shared: Arc<Metrics>,
+    cache: Rc<RefCell<HashMap<RequestLabels, Arc<RequestCounters>>>>,
+}
+
+impl LocalMetrics {
+    pub fn new(shared: Arc<Metrics>) -> Self {
+        LocalMetrics {
+            shared,
+            cache: Rc::default(),
+        }
+    }
+
+    /// Count one request.
+    pub fn record(
+        &self,
+        labels: &RequestLabels,
+        duration_ms: f64,
+        req_bytes: u64,
+        resp_bytes: u64,
+    ) {
+        let c = {
+            let hit = self.cache.borrow().get(labels).cloned();
+            match hit {
+                Some(c) => c,
+                None => {
+                    let c = self.shared.get(labels);
+                    self.cache.borrow_mut().insert(labels.clone(), c.clone());
+                    c
+                }
+            }
+        };
+        c.requests.fetch_add(1, Relaxed);
+        c.duration_ms.observe(duration_ms);
+        c.request_bytes.observe(req_bytes as f64);
+        c.response_bytes.observe(resp_bytes as f64);
+    }
+}
+
+/// Whether `v` is a valid W3C `traceparent` (version 00, non-zero ids).
+pub fn valid_traceparent(v: &str) -> bool {
+    let p: Vec<&str> = v.trim().split('-').collect();
+    let hex = |s: &str, n: usize| {
+        s.len() == n
+            && s.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    };
+    p.len() == 4
+        && p[0] == "00"
+        && hex(p[1], 32)
+        && hex(p[2], 16)
+        && hex(p[3], 2)
+        && p[1].bytes().any(|b| b != b'0')
+        && p[2].bytes().any(|b| b != b'0')
+}
+
+/// The `traceparent` to send upstream: the request's when valid; else a new span of the
+/// tunnel's trace (the CONNECT's `traceparent`) when that one is valid; else a new trace.
+pub fn traceparent(request: Option<&str>, tunnel: Option<&str>, rng: &mut dyn Rng) -> String {
+    if let Some(v) = request.filter(|v| valid_traceparent(v)) {
+        return v.trim().to_string();
+    }
+    let span = format!("{:016x}", rng.next_u64() | 1);
+    match tunnel.filter(|v| valid_traceparent(v)) {
+        Some(t) => {
+            let p: Vec<&str> = t.trim().split('-').collect();
+            format!("00-{}-{span}-{}", p[1], p[3])
+        }
+        None => format!(
+            "00-{:016x}{:016x}-{span}-01",
+            rng.next_u64() | 1,
+            rng.next_u64()
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::lb::SplitMix64;
+
+    #[test]
+    fn traceparent_is_kept_when_valid_and_generated_otherwise() {
+        let mut rng = SplitMix64(7);
+        let good = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        assert!(valid_traceparent(good));
+        assert_eq!(traceparent(Some(good), None, &mut rng), good);
+        for bad in [
+            "",
+            "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
+            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e473-00f067aa0ba902b7-01",
+        ] {
+            assert!(!valid_traceparent(bad), "{bad}");
+            let t = traceparent(Some(bad), None, &mut rng);
+            assert!(valid_traceparent(&t), "{t}");
+            assert_ne!(t, bad);
+        }
+        // The tunnel's trace continues with a new span.
+        let t = traceparent(None, Some(good), &mut rng);
+        assert!(valid_traceparent(&t));
+        assert!(t.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"));
+        assert!(!t.contains("00f067aa0ba902b7"));
+    }
+
+    #[test]
+    fn histogram_buckets_are_cumulative_when_rendered() {
+        let h = Histogram::new(&BYTES_BUCKETS);
+        for v in [0.0, 5.0, 5.0, 2e9] {
+            h.observe(v);
+        }
+        let mut out = String::new();
+        h.render(&mut out, "x", "a=\"b\"");
+        assert!(out.contains("x_bucket{a=\"b\",le=\"1\"} 1\n"), "{out}");
+        assert!(out.contains("x_bucket{a=\"b\",le=\"10\"} 3\n"), "{out}");
+        assert!(
+            out.contains("x_bucket{a=\"b\",le=\"1000000000\"} 3\n"),
+            "{out}"
+        );
+        assert!(out.contains("x_bucket{a=\"b\",le=\"+Inf\"} 4\n"), "{out}");
+        assert!(out.contains("x_count{a=\"b\"} 4\n"), "{out}");
+        assert!(out.contains("x_sum{a=\"b\"} 2000000010\n"), "{out}");
+    }
+}
