@@ -1,0 +1,964 @@
+//! R13–R17 end to end on real network namespaces (needs root; fails under `CI` without it):
+//! client pod → its node's ztunnel (transparent capture, nftables) → the waypoint (the real
+//! `waypoint` binary) → the destination node's ztunnel → server pod, with the real
+//! `ztunnel` (its command line, run by re-executing this test binary).
+//!
+//! ```text
+//!  pod "client" 10.51.0.2 ──veth── node A (ztunnel) ──veth── node B (ztunnel) ──veth── pods "echo-1" 10.52.0.2, "echo-2" 10.52.0.3, "echo-v1" 10.52.0.4
+//!  pod "outsider" 10.51.0.3 ─┘ 192.168.151.1      192.168.151.2 └──veth── pod "waypoint" 10.52.0.10 (waypoint binary)
+//! ```
+//!
+//! Namespaces are `wp<pid>-<test>-…` and addresses `10.51/10.52/10.196/192.168.151`, apart
+//! from ztunnel's own namespace tests, so both can run at once. Each test checks the bytes
+//! and the path from the ztunnels' and the waypoint's metrics.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitCode, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant, SystemTime};
+
+use nix::sched::{setns, CloneFlags};
+
+/// The env var that turns this test binary into a ztunnel (see [`ztunnel_child`]).
+const ZT_ARGS: &str = "WP_NS_ZTUNNEL_ARGS";
+
+/// Not a test: the entry point of the re-executed child that runs the real ztunnel's
+/// command line (`ZT_ARGS`, unit-separator separated). Ignored, so it runs only when
+/// asked for by name with `--ignored`.
+#[test]
+#[ignore = "the ztunnel child process of the namespace tests"]
+fn ztunnel_child() {
+    let Some(args) = std::env::var_os(ZT_ARGS) else {
+        panic!("run by the namespace tests only ({ZT_ARGS} is not set)");
+    };
+    let mut argv = vec![std::ffi::OsString::from("ztunnel")];
+    argv.extend(
+        args.to_string_lossy()
+            .split('\u{1f}')
+            .map(std::ffi::OsString::from),
+    );
+    let code = ztunnel::cli::main_with_args(argv);
+    std::process::exit(if code == ExitCode::SUCCESS { 0 } else { 1 });
+}
+
+/// Root, or a failure under `CI`, or a printed SKIP.
+fn can_run(test: &str) -> bool {
+    let root = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .and_then(|l| l.split_whitespace().nth(2).map(|e| e == "0"))
+        })
+        .unwrap_or(false);
+    if root {
+        return true;
+    }
+    if std::env::var_os("CI").is_some() {
+        panic!("{test}: needs root (network namespaces, nftables) and CI is set: failing, not skipping");
+    }
+    eprintln!("SKIP {test}: needs root for network namespaces and nftables");
+    false
+}
+
+macro_rules! need_root {
+    ($name:expr) => {
+        if !can_run($name) {
+            return;
+        }
+    };
+}
+
+fn run(args: &[&str]) {
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("{args:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Run `f` on a fresh thread inside network namespace `ns`.
+fn in_ns<R: Send + 'static>(ns: &str, f: impl FnOnce() -> R + Send + 'static) -> R {
+    let path = format!("/var/run/netns/{ns}");
+    let r = std::thread::spawn(move || {
+        let file = std::fs::File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+        setns(file.as_raw_fd(), CloneFlags::CLONE_NEWNET)
+            .unwrap_or_else(|e| panic!("setns {path}: {e}"));
+        f()
+    })
+    .join();
+    match r {
+        Ok(v) => v,
+        Err(p) => std::panic::resume_unwind(p),
+    }
+}
+
+struct Pod {
+    name: &'static str,
+    node: usize,
+    ip: Ipv4Addr,
+}
+
+const PODS: &[Pod] = &[
+    Pod {
+        name: "client",
+        node: 0,
+        ip: Ipv4Addr::new(10, 51, 0, 2),
+    },
+    Pod {
+        name: "outsider",
+        node: 0,
+        ip: Ipv4Addr::new(10, 51, 0, 3),
+    },
+    Pod {
+        name: "echo-1",
+        node: 1,
+        ip: Ipv4Addr::new(10, 52, 0, 2),
+    },
+    Pod {
+        name: "echo-2",
+        node: 1,
+        ip: Ipv4Addr::new(10, 52, 0, 3),
+    },
+    Pod {
+        name: "echo-v1",
+        node: 1,
+        ip: Ipv4Addr::new(10, 52, 0, 4),
+    },
+    Pod {
+        name: "waypoint",
+        node: 1,
+        ip: Ipv4Addr::new(10, 52, 0, 10),
+    },
+];
+
+const NODE_IPS: [Ipv4Addr; 2] = [
+    Ipv4Addr::new(192, 168, 151, 1),
+    Ipv4Addr::new(192, 168, 151, 2),
+];
+const ECHO_VIP: Ipv4Addr = Ipv4Addr::new(10, 196, 0, 1);
+const PLAIN_VIP: Ipv4Addr = Ipv4Addr::new(10, 196, 0, 3);
+const OTHER_VIP: Ipv4Addr = Ipv4Addr::new(10, 196, 0, 9);
+
+fn pod(name: &str) -> &'static Pod {
+    PODS.iter().find(|p| p.name == name).expect("pod")
+}
+
+fn pod_addr(name: &str) -> SocketAddr {
+    SocketAddr::new(IpAddr::V4(pod(name).ip), 8080)
+}
+
+fn waypoint_addr() -> SocketAddr {
+    SocketAddr::new(IpAddr::V4(pod("waypoint").ip), 15008)
+}
+
+/// The mesh model: `client` (ns-a) calls services of `default`, whose namespace uses the
+/// waypoint; `outsider` is not in the mesh; `other` has no waypoint.
+fn model() -> String {
+    let ip = |n: &str| pod(n).ip;
+    format!(
+        r#"namespaces:
+  - name: ns-a
+    labels: {{istio.io/dataplane-mode: ambient}}
+  - name: default
+    labels: {{istio.io/dataplane-mode: ambient, istio.io/use-waypoint: waypoint}}
+  - name: other
+    labels: {{istio.io/dataplane-mode: ambient}}
+  - name: legacy
+waypoints:
+  - {{name: waypoint, namespace: default, address: "{wp}"}}
+workloads:
+  - {{name: client, namespace: ns-a, serviceAccount: client, workloadIps: [{c}], node: node-a}}
+  - {{name: outsider, namespace: legacy, workloadIps: [{o}], node: node-a}}
+  - {{name: echo-1, namespace: default, serviceAccount: echo, workloadIps: [{e1}], node: node-b}}
+  - {{name: echo-2, namespace: default, serviceAccount: echo, workloadIps: [{e2}], node: node-b}}
+  - {{name: echo-v1, namespace: default, serviceAccount: echo-v1, workloadIps: [{v1}], node: node-b}}
+services:
+  - name: echo
+    namespace: default
+    hostname: echo.default.svc.cluster.local
+    vips: [{ECHO_VIP}]
+    ports: {{80: 8080}}
+    endpoints: [{{workloadUid: default/echo-1}}, {{workloadUid: default/echo-2}}]
+  - name: echo-v1
+    namespace: default
+    hostname: echo-v1.default.svc.cluster.local
+    vips: [10.196.0.2]
+    ports: {{80: 8080}}
+    endpoints: [{{workloadUid: default/echo-v1}}]
+  - name: plain
+    namespace: default
+    hostname: plain.default.svc.cluster.local
+    vips: [{PLAIN_VIP}]
+    ports: {{80: 8080}}
+    endpoints: [{{workloadUid: default/echo-1}}, {{workloadUid: default/echo-2}}]
+  - name: other
+    namespace: other
+    hostname: other.other.svc.cluster.local
+    vips: [{OTHER_VIP}]
+    ports: {{80: 8080}}
+    endpoints: []
+"#,
+        wp = waypoint_addr(),
+        c = ip("client"),
+        o = ip("outsider"),
+        e1 = ip("echo-1"),
+        e2 = ip("echo-2"),
+        v1 = ip("echo-v1"),
+    )
+}
+
+/// The spec's route, verbatim (R17).
+const ROUTE: &str = r#"apiVersion: gateway.networking.k8s.io/v1beta1
+kind: HTTPRoute
+metadata:
+  name: echo
+spec:
+  parentRefs:
+  - group: ""
+    kind: Service
+    name: echo
+  rules:
+  - backendRefs:
+    - name: echo-v1
+      port: 80
+"#;
+
+const DENY_ADMIN: &str = r#"apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: deny-admin, namespace: default}
+spec:
+  targetRefs: [{kind: Gateway, group: gateway.networking.k8s.io, name: waypoint}]
+  action: DENY
+  rules:
+  - to: [{operation: {paths: ["/admin*"]}}]
+"#;
+
+/// A keep-alive HTTP/1.1 server in a pod: answers `<name> <path> xff=<x-forwarded-for>`,
+/// reports each request's (peer, path).
+struct HttpPod {
+    seen: mpsc::Receiver<(SocketAddr, String)>,
+    stop: Arc<AtomicBool>,
+}
+
+impl HttpPod {
+    fn start(ns: &str, addr: SocketAddr, name: &'static str) -> HttpPod {
+        let l = in_ns(ns, move || TcpListener::bind(addr).unwrap());
+        l.set_nonblocking(true).unwrap();
+        let (tx, seen) = mpsc::channel();
+        let stop = Arc::new(AtomicBool::new(false));
+        let s2 = stop.clone();
+        std::thread::spawn(move || {
+            while !s2.load(Ordering::SeqCst) {
+                let (c, peer) = match l.accept() {
+                    Ok(x) => x,
+                    Err(_) => {
+                        std::thread::sleep(Duration::from_millis(5));
+                        continue;
+                    }
+                };
+                let tx = tx.clone();
+                std::thread::spawn(move || serve_http(c, peer, name, tx));
+            }
+        });
+        HttpPod { seen, stop }
+    }
+
+    fn seen(&self) -> Vec<String> {
+        self.seen.try_iter().map(|(_, p)| p).collect()
+    }
+}
+
+impl Drop for HttpPod {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+    }
+}
+
+fn serve_http(
+    mut c: TcpStream,
+    peer: SocketAddr,
+    name: &str,
+    tx: mpsc::Sender<(SocketAddr, String)>,
+) {
+    let _ = c.set_nonblocking(false);
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        let mut hs = [httparse::EMPTY_HEADER; 64];
+        let mut req = httparse::Request::new(&mut hs);
+        let n = match req.parse(&buf) {
+            Ok(httparse::Status::Complete(n)) => n,
+            Ok(httparse::Status::Partial) => match c.read(&mut chunk) {
+                Ok(0) | Err(_) => return,
+                Ok(k) => {
+                    buf.extend_from_slice(&chunk[..k]);
+                    continue;
+                }
+            },
+            Err(_) => return,
+        };
+        let path = req.path.unwrap_or("").to_string();
+        let xff = req
+            .headers
+            .iter()
+            .find(|h| h.name.eq_ignore_ascii_case("x-forwarded-for"))
+            .map(|h| String::from_utf8_lossy(h.value).into_owned())
+            .unwrap_or_default();
+        buf.drain(..n);
+        let _ = tx.send((peer, path.clone()));
+        let body = format!("{name} {path} xff={xff}");
+        let resp = format!(
+            "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        if c.write_all(resp.as_bytes()).is_err() {
+            return;
+        }
+    }
+}
+
+/// One HTTP/1.1 exchange on `s`: (status, body).
+fn exchange(s: &mut TcpStream, req: &str) -> (u16, String) {
+    s.write_all(req.as_bytes()).unwrap();
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        let mut hs = [httparse::EMPTY_HEADER; 32];
+        let mut r = httparse::Response::new(&mut hs);
+        if let Ok(httparse::Status::Complete(n)) = r.parse(&buf) {
+            let len: usize = r
+                .headers
+                .iter()
+                .find(|h| h.name.eq_ignore_ascii_case("content-length"))
+                .map(|h| std::str::from_utf8(h.value).unwrap().parse().unwrap())
+                .unwrap_or(0);
+            if buf.len() >= n + len {
+                return (
+                    r.code.unwrap(),
+                    String::from_utf8_lossy(&buf[n..n + len]).into_owned(),
+                );
+            }
+        }
+        match s.read(&mut chunk) {
+            Ok(0) => panic!(
+                "connection closed before a response: {:?}",
+                String::from_utf8_lossy(&buf)
+            ),
+            Ok(k) => buf.extend_from_slice(&chunk[..k]),
+            Err(e) => panic!("read: {e}; got {:?}", String::from_utf8_lossy(&buf)),
+        }
+    }
+}
+
+fn get(path: &str, host: &str) -> String {
+    format!("GET {path} HTTP/1.1\r\nhost: {host}\r\n\r\n")
+}
+
+/// The value of `name{labels…}` summed over the series that carry all `labels`.
+fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> u64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            let (n, rest) = series.split_once('{').unwrap_or((series, ""));
+            if n != name {
+                return None;
+            }
+            labels
+                .iter()
+                .all(|(k, v)| rest.contains(&format!("{k}=\"{v}\"")))
+                .then(|| value.parse::<f64>().ok().map(|v| v as u64))
+                .flatten()
+        })
+        .sum()
+}
+
+struct World {
+    prefix: String,
+    dir: PathBuf,
+    ca_dir: PathBuf,
+    namespaces: Vec<String>,
+    procs: Vec<Child>,
+}
+
+impl World {
+    /// The topology, both ztunnels and the waypoint (with `l7`: HTTPRoutes and policies).
+    fn new(tag: &str, l7: &str) -> World {
+        let prefix = format!("wp{}-{tag}", std::process::id());
+        let dir = std::env::temp_dir().join(format!("waypoint-netns-{prefix}"));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let ca_dir = dir.join("ca");
+        hbone::ca::SigningCa::builtin(&ca_dir, "cluster.local").unwrap();
+        let mut w = World {
+            prefix,
+            dir,
+            ca_dir,
+            namespaces: Vec::new(),
+            procs: Vec::new(),
+        };
+        w.build();
+        w.start_ztunnels();
+        w.start_waypoint(l7);
+        w
+    }
+
+    fn node(&self, i: usize) -> String {
+        format!("{}-n{}", self.prefix, ["a", "b"][i])
+    }
+
+    fn pod_ns(&self, name: &str) -> String {
+        format!("{}-{name}", self.prefix)
+    }
+
+    fn add_ns(&mut self, ns: &str) {
+        run(&["ip", "netns", "add", ns]);
+        self.namespaces.push(ns.to_string());
+        run(&["ip", "-n", ns, "link", "set", "lo", "up"]);
+    }
+
+    fn build(&mut self) {
+        for i in 0..2 {
+            let n = self.node(i);
+            self.add_ns(&n);
+            for k in ["net.ipv4.ip_forward=1", "net.ipv4.conf.all.rp_filter=0"] {
+                run(&["ip", "netns", "exec", &n, "sysctl", "-qw", k]);
+            }
+        }
+        let (na, nb) = (self.node(0), self.node(1));
+        run(&[
+            "ip", "-n", &na, "link", "add", "to-b", "type", "veth", "peer", "name", "to-a",
+            "netns", &nb,
+        ]);
+        for (ns, dev, ip) in [(&na, "to-b", NODE_IPS[0]), (&nb, "to-a", NODE_IPS[1])] {
+            run(&[
+                "ip",
+                "-n",
+                ns,
+                "addr",
+                "add",
+                &format!("{ip}/24"),
+                "dev",
+                dev,
+            ]);
+            run(&["ip", "-n", ns, "link", "set", dev, "up"]);
+        }
+        let via = |i: usize| NODE_IPS[i].to_string();
+        run(&[
+            "ip",
+            "-n",
+            &na,
+            "route",
+            "add",
+            "10.52.0.0/24",
+            "via",
+            &via(1),
+        ]);
+        run(&[
+            "ip",
+            "-n",
+            &nb,
+            "route",
+            "add",
+            "10.51.0.0/24",
+            "via",
+            &via(0),
+        ]);
+        for p in PODS {
+            let (pns, node) = (self.pod_ns(p.name), self.node(p.node));
+            self.add_ns(&pns);
+            let dev = format!("p-{}", p.name);
+            let gw = format!("10.5{}.0.1", p.node + 1);
+            let ip = p.ip.to_string();
+            run(&[
+                "ip", "-n", &node, "link", "add", &dev, "type", "veth", "peer", "name", "eth0",
+                "netns", &pns,
+            ]);
+            run(&[
+                "ip",
+                "-n",
+                &node,
+                "addr",
+                "add",
+                &format!("{gw}/32"),
+                "dev",
+                &dev,
+            ]);
+            run(&["ip", "-n", &node, "link", "set", &dev, "up"]);
+            run(&[
+                "ip",
+                "-n",
+                &node,
+                "route",
+                "add",
+                &format!("{ip}/32"),
+                "dev",
+                &dev,
+            ]);
+            run(&[
+                "ip",
+                "-n",
+                &pns,
+                "addr",
+                "add",
+                &format!("{ip}/32"),
+                "dev",
+                "eth0",
+            ]);
+            run(&["ip", "-n", &pns, "link", "set", "eth0", "up"]);
+            run(&["ip", "-n", &pns, "route", "add", &gw, "dev", "eth0"]);
+            run(&[
+                "ip", "-n", &pns, "route", "add", "default", "via", &gw, "dev", "eth0",
+            ]);
+        }
+    }
+
+    fn start_ztunnels(&mut self) {
+        for i in 0..2 {
+            let name = ["node-a", "node-b"][i];
+            let file = self.dir.join(format!("{name}.yaml"));
+            // Node B's ztunnel installs its own capture rules; node A's are installed from
+            // here, as `ztunnel capture install` would.
+            let owned = if i == 1 { "  capture: {}\n" } else { "" };
+            std::fs::write(
+                &file,
+                format!(
+                    "ztunnel:\n  node: {name}\n  address: 0.0.0.0\n  outbound: 0.0.0.0:15001\n  plaintext:\n    - listen: 0.0.0.0:15006\n{owned}  ca: {{builtin: {}}}\nruntime: {{workers: 1, pin: false, drain_timeout: 1s}}\n{}",
+                    self.ca_dir.display(),
+                    model()
+                ),
+            )
+            .unwrap();
+            if i == 0 {
+                let loaded =
+                    ztunnel::config::load_file(&file, &tuning::Profile::default(), 1).unwrap();
+                let rules = ztunnel::capture::Rules::for_node(&loaded.snapshot, name, |w| {
+                    Some(format!("p-{}", w.name))
+                });
+                assert_eq!(rules.pod_interfaces, vec!["p-client".to_string()]);
+                rules.install(Some(&self.node(i))).unwrap();
+            }
+            let args = format!("--config\u{1f}{}", file.display());
+            let exe = std::env::current_exe().unwrap();
+            let mut cmd = Command::new("ip");
+            cmd.args(["netns", "exec", &self.node(i)])
+                .arg(exe)
+                .args(["--ignored", "--exact", "ztunnel_child", "--nocapture"])
+                .env(ZT_ARGS, args)
+                .env("RUST_LOG", "info");
+            self.spawn(&mut cmd, name);
+        }
+    }
+
+    fn start_waypoint(&mut self, l7: &str) {
+        let file = self.dir.join("waypoint.yaml");
+        std::fs::write(
+            &file,
+            format!(
+                "{}---\n{l7}---\nwaypoint:\n  listen: 0.0.0.0:15008\n  address: {}\n  gateway: default/waypoint\n  identity: spiffe://cluster.local/ns/default/sa/waypoint\n  ca: {{builtin: {}}}\n  stats: 0.0.0.0:15020\nruntime: {{workers: 1, pin: false, drain_timeout: 1s}}\n",
+                model(),
+                waypoint_addr(),
+                self.ca_dir.display()
+            ),
+        )
+        .unwrap();
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.pod_ns("waypoint")])
+            .arg(env!("CARGO_BIN_EXE_waypoint"))
+            .arg("--config")
+            .arg(&file)
+            .env("RUST_LOG", "info,access=info");
+        self.spawn(&mut cmd, "waypoint");
+    }
+
+    fn spawn(&mut self, cmd: &mut Command, name: &str) {
+        let log = std::fs::File::create(self.dir.join(format!("{name}.log"))).unwrap();
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let out = child.stdout.take().unwrap();
+        self.procs.push(child);
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut sent = false;
+            for l in BufReader::new(out).lines() {
+                let Ok(l) = l else { break };
+                // The test harness prints its own lines first.
+                if !sent && l.starts_with("READY ") {
+                    let _ = tx.send(l);
+                    sent = true;
+                }
+            }
+        });
+        match rx.recv_timeout(Duration::from_secs(30)) {
+            Ok(_) => {}
+            Err(e) => panic!("{name}: no READY line ({e}); log:\n{}", self.log(name)),
+        }
+    }
+
+    fn log(&self, name: &str) -> String {
+        std::fs::read_to_string(self.dir.join(format!("{name}.log"))).unwrap_or_default()
+    }
+
+    /// `/stats/prometheus` on :15020 inside namespace `ns`.
+    fn stats_in(&self, ns: String) -> String {
+        in_ns(&ns, || {
+            let mut s = TcpStream::connect_timeout(
+                &"127.0.0.1:15020".parse().unwrap(),
+                Duration::from_secs(2),
+            )
+            .unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            write!(s, "GET /stats/prometheus HTTP/1.1\r\nhost: x\r\n\r\n").unwrap();
+            let mut out = String::new();
+            let _ = s.read_to_string(&mut out);
+            out.split_once("\r\n\r\n")
+                .map(|(_, b)| b.to_string())
+                .unwrap_or_default()
+        })
+    }
+
+    /// Node `i`'s ztunnel metrics.
+    fn zt(&self, i: usize) -> String {
+        self.stats_in(self.node(i))
+    }
+
+    /// The waypoint's metrics.
+    fn wp(&self) -> String {
+        self.stats_in(self.pod_ns("waypoint"))
+    }
+
+    fn http_pod(&self, name: &'static str) -> HttpPod {
+        HttpPod::start(&self.pod_ns(name), pod_addr(name), name)
+    }
+
+    fn connect(&self, from: &str, dst: SocketAddr) -> TcpStream {
+        in_ns(&self.pod_ns(from), move || {
+            let s = TcpStream::connect_timeout(&dst, Duration::from_secs(5)).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            s
+        })
+    }
+
+    fn dump(&self) -> String {
+        format!(
+            "--- node-a\n{}\n--- node-b\n{}\n--- waypoint\n{}\n--- node-a log\n{}\n--- node-b log\n{}\n--- waypoint log\n{}",
+            self.zt(0),
+            self.zt(1),
+            self.wp(),
+            self.log("node-a"),
+            self.log("node-b"),
+            self.log("waypoint")
+        )
+    }
+
+    /// Poll `f` (generously) until true; else panic with everything the proxies said.
+    fn eventually(&self, what: &str, mut f: impl FnMut() -> bool) {
+        let t = Instant::now();
+        while t.elapsed() < Duration::from_secs(20) {
+            if f() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
+        panic!("timed out waiting for: {what}\n{}", self.dump());
+    }
+}
+
+impl Drop for World {
+    fn drop(&mut self) {
+        for c in &mut self.procs {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        for ns in self.namespaces.iter().rev() {
+            let _ = Command::new("ip")
+                .args(["netns", "del", ns])
+                .stderr(Stdio::null())
+                .status();
+        }
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        } else {
+            eprintln!("logs kept in {}", self.dir.display());
+        }
+    }
+}
+
+const PATHS: &str = "ztunnel_connection_paths_total";
+const ECHO_HOST: &str = "echo.default.svc.cluster.local";
+
+fn vip(ip: Ipv4Addr) -> SocketAddr {
+    SocketAddr::new(IpAddr::V4(ip), 80)
+}
+
+#[test]
+fn r13_plaintext_to_the_waypoint_is_refused() {
+    need_root!("r13_plaintext_to_the_waypoint_is_refused");
+    let w = World::new("r13", "");
+    let _e = w.http_pod("echo-1");
+    // An uncaptured pod speaks plain HTTP straight to the waypoint's HBONE port.
+    let mut s = w.connect("outsider", waypoint_addr());
+    s.write_all(get("/", ECHO_HOST).as_bytes()).unwrap();
+    let mut got = Vec::new();
+    let _ = s.read_to_end(&mut got);
+    assert!(
+        !got.starts_with(b"HTTP/"),
+        "plaintext got an HTTP answer: {:?}",
+        String::from_utf8_lossy(&got)
+    );
+    w.eventually("the waypoint counted the refusal", || {
+        metric(&w.wp(), "waypoint_refused_connections_total", &[]) == 1
+    });
+    let st = w.wp();
+    assert_eq!(metric(&st, "waypoint_tunnels_total", &[]), 0, "{st}");
+    assert_eq!(metric(&st, "istio_requests_total", &[]), 0, "{st}");
+}
+
+#[test]
+fn r14_target_not_bound_to_the_waypoint_is_refused() {
+    need_root!("r14_target_not_bound_to_the_waypoint_is_refused");
+    let w = World::new("r14", "");
+    let _e1 = w.http_pod("echo-1");
+    let _e2 = w.http_pod("echo-2");
+    // An HBONE client with a mesh identity (as a misbehaving ztunnel would be) asks the
+    // waypoint for a service that does not use it, then for one that does.
+    let ca = hbone::ca::SigningCa::builtin(&w.ca_dir, "cluster.local").unwrap();
+    let cert = hbone::ca::CertSource::issue(
+        &ca,
+        &hbone::Identity::new("cluster.local", "ns-a", "client"),
+        SystemTime::now(),
+    )
+    .unwrap();
+    let results = in_ns(&w.pod_ns("outsider"), move || {
+        let tls = hbone::tls::client_config(
+            &cert,
+            &[hbone::Identity::new("cluster.local", "default", "waypoint")],
+        )
+        .unwrap();
+        let (mut rt, _) = runtime::driver::build_runtime(
+            &runtime::driver::DriverDecision {
+                kind: runtime::driver::DriverKind::Epoll,
+                reason: "test".into(),
+            },
+            64,
+        )
+        .unwrap();
+        rt.block_on(async move {
+            let c = hbone::client::Client::connect(
+                waypoint_addr(),
+                tls,
+                &hbone::H2Settings::default(),
+                &hbone::tls::TlsCounters::default(),
+            )
+            .await
+            .unwrap();
+            let mut out = Vec::new();
+            for target in [vip(OTHER_VIP), vip(PLAIN_VIP)] {
+                let r = c
+                    .open(&hbone::wire::ConnectRequest::new(target))
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| match e {
+                        hbone::HboneError::Status(s) => s.as_u16(),
+                        other => panic!("{other}"),
+                    });
+                out.push(r);
+            }
+            out
+        })
+    });
+    assert_eq!(results, vec![Err(400), Ok(())]);
+    let st = w.wp();
+    assert_eq!(
+        metric(&st, "waypoint_refused_targets_total", &[]),
+        1,
+        "{st}"
+    );
+    assert_eq!(metric(&st, "waypoint_tunnels_total", &[]), 1, "{st}");
+    // Nothing went to node B.
+    assert_eq!(metric(&w.zt(1), PATHS, &[("direction", "inbound")]), 0);
+}
+
+#[test]
+fn r15_deny_answers_403_and_no_upstream_connection_is_made() {
+    need_root!("r15_deny_answers_403_and_no_upstream_connection_is_made");
+    let w = World::new("r15", &format!("{ROUTE}---\n{DENY_ADMIN}"));
+    let (e1, e2, v1) = (
+        w.http_pod("echo-1"),
+        w.http_pod("echo-2"),
+        w.http_pod("echo-v1"),
+    );
+    let mut s = w.connect("client", vip(ECHO_VIP));
+    let r = exchange(&mut s, &get("/admin/users", ECHO_HOST));
+    assert_eq!(r, (403, "RBAC: access denied".to_string()));
+    let r = exchange(&mut s, &get("/admin", ECHO_HOST));
+    assert_eq!(r.0, 403);
+    drop(s);
+    // Node A sent it to the waypoint (R7: the service uses it)…
+    w.eventually("node A routed the client to the waypoint", || {
+        metric(
+            &w.zt(0),
+            PATHS,
+            &[
+                ("direction", "outbound"),
+                ("route", "waypoint"),
+                ("target", &waypoint_addr().to_string()),
+            ],
+        ) == 1
+    });
+    // …which denied both requests with no upstream stream: node B saw nothing, no pod did.
+    let st = w.wp();
+    assert_eq!(
+        metric(
+            &st,
+            "istio_requests_total",
+            &[
+                ("response_code", "403"),
+                ("destination_service_name", "echo")
+            ]
+        ),
+        2,
+        "{st}"
+    );
+    assert_eq!(metric(&st, "waypoint_http_denied_total", &[]), 2, "{st}");
+    assert_eq!(
+        metric(&st, "waypoint_upstream_streams_total", &[]),
+        0,
+        "{st}"
+    );
+    assert_eq!(metric(&w.zt(1), PATHS, &[]), 0, "{}", w.zt(1));
+    for p in [&e1, &e2, &v1] {
+        assert!(p.seen().is_empty());
+    }
+}
+
+#[test]
+fn r16_pod_addressed_request_is_not_rerouted() {
+    need_root!("r16_pod_addressed_request_is_not_rerouted");
+    let w = World::new("r16", ROUTE);
+    let (e1, v1) = (w.http_pod("echo-1"), w.http_pod("echo-v1"));
+    // echo-1 is an endpoint of `echo`, whose HTTPRoute sends everything to echo-v1; a
+    // request addressed to the pod itself stays with the pod.
+    let mut s = w.connect("client", pod_addr("echo-1"));
+    let host = pod_addr("echo-1").to_string();
+    for path in ["/direct", "/again"] {
+        let (code, body) = exchange(&mut s, &get(path, &host));
+        assert_eq!(code, 200);
+        assert_eq!(body, format!("echo-1 {path} xff={}", pod("client").ip));
+    }
+    drop(s);
+    assert_eq!(e1.seen(), vec!["/direct", "/again"]);
+    assert!(v1.seen().is_empty());
+    w.eventually("both ztunnels and the waypoint counted the path", || {
+        metric(
+            &w.zt(0),
+            PATHS,
+            &[("direction", "outbound"), ("route", "waypoint")],
+        ) == 1
+            && metric(&w.zt(1), PATHS, &[("direction", "inbound")]) >= 1
+    });
+    let st = w.wp();
+    assert_eq!(
+        metric(
+            &st,
+            "istio_requests_total",
+            &[
+                ("response_code", "200"),
+                ("destination_workload", "echo-1"),
+                (
+                    "source_principal",
+                    "spiffe://cluster.local/ns/ns-a/sa/client"
+                ),
+            ]
+        ),
+        2,
+        "{st}"
+    );
+}
+
+#[test]
+fn r17_service_routes_to_itself_across_endpoints_and_the_httproute_wins() {
+    need_root!("r17_service_routes_to_itself_across_endpoints_and_the_httproute_wins");
+    let w = World::new("r17", ROUTE);
+    let (e1, e2, v1) = (
+        w.http_pod("echo-1"),
+        w.http_pod("echo-2"),
+        w.http_pod("echo-v1"),
+    );
+    // `plain` has no route: it routes to itself, spread over its two endpoints.
+    let mut s = w.connect("client", vip(PLAIN_VIP));
+    let n = 40;
+    let mut by = std::collections::BTreeMap::new();
+    for i in 0..n {
+        let (code, body) = exchange(
+            &mut s,
+            &get(&format!("/p{i}"), "plain.default.svc.cluster.local"),
+        );
+        assert_eq!(code, 200);
+        *by.entry(body.split(' ').next().unwrap().to_string())
+            .or_insert(0) += 1;
+    }
+    drop(s);
+    assert_eq!(by.values().sum::<i32>(), n);
+    assert!(by.get("echo-1").is_some_and(|c| *c > 0), "{by:?}");
+    assert!(by.get("echo-2").is_some_and(|c| *c > 0), "{by:?}");
+    assert!(v1.seen().is_empty());
+    let _ = (e1.seen(), e2.seen());
+    // `echo` with the spec's HTTPRoute: every request to echo-v1.
+    let mut s = w.connect("client", vip(ECHO_VIP));
+    for i in 0..10 {
+        let (code, body) = exchange(&mut s, &get(&format!("/e{i}"), ECHO_HOST));
+        assert_eq!(code, 200);
+        assert_eq!(body, format!("echo-v1 /e{i} xff={}", pod("client").ip));
+    }
+    drop(s);
+    assert!(e1.seen().is_empty() && e2.seen().is_empty());
+    assert_eq!(v1.seen().len(), 10);
+    let st = w.wp();
+    assert_eq!(
+        metric(
+            &st,
+            "istio_requests_total",
+            &[
+                ("destination_service_name", "echo-v1"),
+                ("destination_workload", "echo-v1"),
+                ("response_code", "200"),
+            ]
+        ),
+        10,
+        "{st}"
+    );
+    assert_eq!(
+        metric(
+            &st,
+            "istio_requests_total",
+            &[
+                ("destination_service_name", "plain"),
+                ("response_code", "200")
+            ]
+        ),
+        n as u64,
+        "{st}"
+    );
+    w.eventually("node A sent both connections to the waypoint", || {
+        metric(
+            &w.zt(0),
+            PATHS,
+            &[("direction", "outbound"), ("route", "waypoint")],
+        ) == 2
+    });
+}
