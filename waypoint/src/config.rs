@@ -6,7 +6,7 @@
 //! |----------|--------------|-------------|
 //! | `HTTPRoute` | `gateway.networking.k8s.io/v1`, `/v1beta1` | [`crate::route::HttpRoute`] |
 //! | `AuthorizationPolicy` | `security.istio.io/v1`, `/v1beta1` | [`crate::authz::Policy`] |
-//! | `DestinationRule` | `networking.istio.io/v1`, `/v1beta1`, `/v1alpha3` | [`ServiceLb`] |
+//! | `DestinationRule` | `networking.istio.io/v1`, `/v1beta1`, `/v1alpha3` | [`ServiceLb`]: `trafficPolicy.loadBalancer`, `.outlierDetection`, `.connectionPool.http.useClientProtocol` |
 //! | no `apiVersion`/`kind`, a `waypoint:` key | — | [`SettingsDoc`], exactly one for the binary |
 //! | no `apiVersion`/`kind`, no `waypoint:` key | — | mesh-model's local config (`namespaces`, `workloads`, `services`, `policies`, `waypoints`, `nodes`; see the `mesh_model` crate docs), at most one |
 //!
@@ -96,6 +96,9 @@ impl fmt::Display for LoadError {
 pub struct ServiceLb {
     pub policy: LbPolicy,
     pub outlier: Option<OutlierDetection>,
+    /// `connectionPool.http.useClientProtocol`: speak HTTP/2 to the backend when the client
+    /// spoke HTTP/2 (Istio's default, `false`, is HTTP/1.1 upstream).
+    pub use_client_protocol: bool,
 }
 
 /// Everything the waypoint's L7 core reads.
@@ -1506,6 +1509,22 @@ struct TrafficPolicyRaw {
     load_balancer: Option<LbRaw>,
     #[serde(default)]
     outlier_detection: Option<OutlierRaw>,
+    #[serde(default)]
+    connection_pool: Option<ConnPoolRaw>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct ConnPoolRaw {
+    #[serde(default)]
+    http: Option<HttpPoolRaw>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct HttpPoolRaw {
+    #[serde(default)]
+    use_client_protocol: Option<bool>,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize)]
@@ -1630,6 +1649,9 @@ fn compile_dr(d: &Doc<DrSpec>) -> Result<(ObjectRef, ServiceLb), Invalid> {
                 od.max_ejection_percent = p;
             }
             lb.outlier = Some(od);
+        }
+        if let Some(http) = tp.connection_pool.as_ref().and_then(|c| c.http.as_ref()) {
+            lb.use_client_protocol = http.use_client_protocol.unwrap_or(false);
         }
     }
     Ok((svc, lb))

@@ -3,10 +3,13 @@
 //! policy-first decision as HTTP/1.1 ([`crate::http1::decide`]: R15, then R16/R17 routing,
 //! filters, load balancing).
 //!
-//! **Upstream protocol**: a request that arrived over HTTP/2 is sent to the backend as
-//! HTTP/1.1 (over HBONE, through the same [`Upstream`] as HTTP/1.1 requests, keep-alive
-//! streams shared by the tunnel); the response is converted back to HTTP/2 (hop-by-hop
-//! headers dropped, chunked bodies decoded). HTTP/2 to the backend is not built.
+//! **Upstream protocol** (as Istio chooses it): HTTP/1.1 by default — over HBONE, through
+//! the same [`Upstream`] as HTTP/1.1 requests, keep-alive streams shared by the tunnel —
+//! and HTTP/2 when the client spoke HTTP/2 and the service's DestinationRule sets
+//! `trafficPolicy.connectionPool.http.useClientProtocol: true`: then requests are
+//! multiplexed on one HTTP/2 connection per worker and endpoint (one HBONE stream). The
+//! response is converted back to HTTP/2 (hop-by-hop headers dropped, chunked bodies
+//! decoded).
 //!
 //! Protocol errors (invalid frames, bad preface after detection, …) make the `h2` server
 //! send GOAWAY and end the tunnel; the worker keeps serving others. A request whose headers

@@ -29,9 +29,11 @@
 //!   TCP), the CONNECT stream as a byte stream for `h2`, the opaque TCP splice (L4 policy
 //!   only, Istio's rules for HTTP-only fields: [`authz::evaluate_tcp`]).
 //! * [`h2srv`] — HTTP/2 inside the tunnel: many concurrent streams, the same policy and
-//!   routing as HTTP/1.1; upstream is HTTP/1.1 over HBONE; protocol errors → GOAWAY.
+//!   routing as HTTP/1.1; upstream HTTP/1.1 over HBONE, or HTTP/2 multiplexed per worker
+//!   with DestinationRule `useClientProtocol`; protocol errors → GOAWAY.
 //!
-//! Not built yet: HTTP/2 to the backend (HTTP/2 requests go upstream as HTTP/1.1).
+//! Not built yet: streaming bodies (requests and responses are buffered whole, up to
+//! 64 MiB per request body), `Expect: 100-continue`, upgrades.
 
 pub mod admin;
 pub mod authz;

@@ -136,6 +136,8 @@ pub struct Counters {
     pub tcp_bytes_received: AtomicU64,
     /// Upstream HBONE streams opened.
     pub upstream_streams: AtomicU64,
+    /// Upstream HTTP/2 connections made (each on one HBONE stream).
+    pub upstream_h2_connections: AtomicU64,
     /// Upstream exchanges that failed (no endpoint, open, I/O).
     pub upstream_errors: AtomicU64,
     /// Upstream tries that timed out (route timeouts).
@@ -231,6 +233,7 @@ pub fn start(
                 balancers: RefCell::new(Balancers::default()),
                 l7: RefCell::new(l7),
                 metrics: LocalMetrics::new(shared.metrics.clone()),
+                h2_clients: RefCell::new(HashMap::new()),
                 seed: std::cell::Cell::new(seed(ctx.id())),
                 shared,
             });
@@ -361,6 +364,12 @@ pub fn prometheus(c: &Counters) -> String {
     );
     counter(
         &mut out,
+        "waypoint_upstream_h2_connections",
+        "Upstream HTTP/2 connections made (useClientProtocol).",
+        c.upstream_h2_connections.load(Relaxed),
+    );
+    counter(
+        &mut out,
         "waypoint_upstream_timeouts",
         "Upstream tries that timed out (route timeouts).",
         c.upstream_timeouts.load(Relaxed),
@@ -419,6 +428,9 @@ struct Worker {
     /// The L7 snapshot (routes, policies, model); each tunnel keeps the one it started with.
     l7: RefCell<runtime::snapshot::Subscriber<WaypointConfig>>,
     metrics: LocalMetrics,
+    /// HTTP/2 upstream connections, by (HBONE address, authority), shared by the worker's
+    /// tunnels.
+    h2_clients: RefCell<HashMap<(SocketAddr, SocketAddr), H2Slot>>,
     seed: std::cell::Cell<u64>,
     shared: Arc<Shared>,
 }
@@ -504,8 +516,9 @@ async fn tunnel(w: Rc<Worker>, cert: Arc<WorkloadCert>, inb: Inbound) {
     let Ok(mut stream) = inb.accept() else { return };
     counters.tunnels.fetch_add(1, Relaxed);
     let idle = Rc::new(RefCell::new(HashMap::new()));
-    let upstream = |w: &Rc<Worker>| HboneUpstream {
+    let upstream = |w: &Rc<Worker>, client_h2: bool| HboneUpstream {
         worker: w.clone(),
+        client_h2,
         l7: l7.clone(),
         cert: cert.clone(),
         target,
@@ -529,7 +542,7 @@ async fn tunnel(w: Rc<Worker>, cert: Arc<WorkloadCert>, inb: Inbound) {
     match proto {
         Protocol::Http1 => {
             counters.http1_tunnels.fetch_add(1, Relaxed);
-            let mut up = upstream(&w);
+            let mut up = upstream(&w, false);
             let mut rng = w.rng();
             let serve = http1::serve_from(&mut stream, first, &l7, &ctx, &mut up, &mut rng);
             match race(serve, w.ctx.aborted()).await {
@@ -553,7 +566,7 @@ async fn tunnel(w: Rc<Worker>, cert: Arc<WorkloadCert>, inb: Inbound) {
                 &settings.h2,
                 l7.clone(),
                 Rc::new(ctx),
-                || (upstream(&w2), w2.rng()),
+                || (upstream(&w2, true), w2.rng()),
                 Rc::new(move || {
                     c2.bad_requests.fetch_add(1, Relaxed);
                 }),
@@ -570,7 +583,7 @@ async fn tunnel(w: Rc<Worker>, cert: Arc<WorkloadCert>, inb: Inbound) {
         }
         Protocol::Tcp => {
             counters.tcp_tunnels.fetch_add(1, Relaxed);
-            let mut up = upstream(&w);
+            let mut up = upstream(&w, false);
             up.opaque(stream, &ctx, first.freeze()).await;
         }
     }
@@ -626,6 +639,53 @@ fn pod_endpoint(snap: &Snapshot, target: SocketAddr) -> Option<Endpoint> {
     })
 }
 
+/// A worker's HTTP/2 upstream connection to one endpoint, or one being made.
+#[derive(Clone)]
+enum H2Slot {
+    Ready(h2::client::SendRequest<Bytes>),
+    Connecting(runtime::event::LocalEvent),
+}
+
+/// The connecting slot of one key: waiters wake when it is done, also when the connecting
+/// request is dropped or fails (the slot is then cleared).
+struct Connecting {
+    worker: Rc<Worker>,
+    key: (SocketAddr, SocketAddr),
+    ev: runtime::event::LocalEvent,
+    done: bool,
+}
+
+impl Connecting {
+    fn start(worker: &Rc<Worker>, key: (SocketAddr, SocketAddr)) -> Connecting {
+        let ev = runtime::event::LocalEvent::new();
+        worker
+            .h2_clients
+            .borrow_mut()
+            .insert(key, H2Slot::Connecting(ev.clone()));
+        Connecting {
+            worker: worker.clone(),
+            key,
+            ev,
+            done: false,
+        }
+    }
+
+    fn done(mut self, slot: H2Slot) {
+        self.worker.h2_clients.borrow_mut().insert(self.key, slot);
+        self.done = true;
+        self.ev.set();
+    }
+}
+
+impl Drop for Connecting {
+    fn drop(&mut self) {
+        if !self.done {
+            self.worker.h2_clients.borrow_mut().remove(&self.key);
+            self.ev.set();
+        }
+    }
+}
+
 /// Idle upstream streams of one tunnel (shared by its HTTP/2 request streams), by
 /// (HBONE address, authority).
 type IdleStreams = Rc<RefCell<HashMap<(SocketAddr, SocketAddr), Vec<H2Stream>>>>;
@@ -633,6 +693,9 @@ type IdleStreams = Rc<RefCell<HashMap<(SocketAddr, SocketAddr), Vec<H2Stream>>>>
 /// Upstream exchanges over HBONE for one tunnel.
 struct HboneUpstream {
     worker: Rc<Worker>,
+    /// The client spoke HTTP/2: a service whose DestinationRule sets `useClientProtocol`
+    /// gets HTTP/2 upstream.
+    client_h2: bool,
     l7: Arc<WaypointConfig>,
     cert: Arc<WorkloadCert>,
     target: SocketAddr,
@@ -679,6 +742,7 @@ impl Upstream for HboneUpstream {
     fn mirror(&mut self, service: &(ObjectRef, u16), request: Bytes) {
         let mut copy = HboneUpstream {
             worker: self.worker.clone(),
+            client_h2: self.client_h2,
             l7: self.l7.clone(),
             cert: self.cert.clone(),
             target: self.target,
@@ -789,8 +853,8 @@ impl HboneUpstream {
             .mesh
             .as_ref()
             .ok_or_else(|| io::Error::other("no mesh model"))?;
-        let head = match http1::parse_head(&request) {
-            http1::Parsed::Head(h, _) => h,
+        let (head, head_len) = match http1::parse_head(&request) {
+            http1::Parsed::Head(h, n) => (h, n),
             _ => return Err(io::Error::other("unparsable upstream request")),
         };
         let hdrs: Vec<(&str, &str)> = head
@@ -804,7 +868,16 @@ impl HboneUpstream {
             .header("connection")
             .is_some_and(|v| v.to_ascii_lowercase().contains("close"))
             || head.version == 0;
-        let send = self.send(&ep, expected, request, head.method == "HEAD", close);
+        let h2 = self.client_h2 && service.is_some_and(|(svc, _)| l7.lb(svc).use_client_protocol);
+        let send = async {
+            if h2 {
+                self.send_h2(&ep, expected, &head, request.slice(head_len..))
+                    .await
+            } else {
+                self.send(&ep, expected, request, head.method == "HEAD", close)
+                    .await
+            }
+        };
         let r = match timeout {
             // Dropped on expiry: the upstream stream is reset.
             Some(t) => match race(send, monoio::time::sleep(t)).await {
@@ -824,6 +897,161 @@ impl HboneUpstream {
                 .finish(svc, port, i, status, Instant::now());
         }
         r
+    }
+
+    /// One exchange with `ep` in HTTP/2, multiplexed on the worker's connection to it (an
+    /// `h2` client over one HBONE stream, made on first use and replaced when it fails).
+    /// The request comes and the response goes as HTTP/1.1 bytes (the shared form of
+    /// [`Upstream::exchange`]).
+    async fn send_h2(
+        &mut self,
+        ep: &Endpoint,
+        expected: Identity,
+        head: &http1::RequestHead,
+        raw_body: Bytes,
+    ) -> io::Result<Vec<u8>> {
+        let chunked = head
+            .header("transfer-encoding")
+            .is_some_and(|v| v.to_ascii_lowercase().contains("chunked"));
+        let body = if chunked {
+            Bytes::from(
+                h2srv::dechunk(&raw_body).ok_or_else(|| io::Error::other("bad chunked body"))?,
+            )
+        } else {
+            raw_body
+        };
+        let authority = head
+            .header("host")
+            .map(str::to_string)
+            .unwrap_or_else(|| ep.authority.to_string());
+        let uri = format!("http://{authority}{}", http1::target_of(head));
+        let mut b = http::Request::builder()
+            .method(head.method.as_str())
+            .uri(uri);
+        for (n, v) in &head.headers {
+            let l = n.to_ascii_lowercase();
+            if matches!(
+                l.as_str(),
+                "host"
+                    | "connection"
+                    | "keep-alive"
+                    | "proxy-connection"
+                    | "transfer-encoding"
+                    | "upgrade"
+                    | "te"
+                    | "content-length"
+            ) {
+                continue;
+            }
+            b = b.header(l, v.as_str());
+        }
+        if !body.is_empty() {
+            b = b.header("content-length", body.len());
+        }
+        let req = b.body(()).map_err(io::Error::other)?;
+        let key = (ep.hbone, ep.authority);
+        let mut sender = loop {
+            let slot = self.worker.h2_clients.borrow().get(&key).cloned();
+            match slot {
+                Some(H2Slot::Ready(c)) => match c.ready().await {
+                    Ok(s) => break s,
+                    Err(e) => {
+                        tracing::debug!(error = %e, "upstream HTTP/2 connection unusable; replacing it");
+                        self.worker.h2_clients.borrow_mut().remove(&key);
+                    }
+                },
+                // Another request of this worker is connecting: use its connection.
+                Some(H2Slot::Connecting(ev)) => ev.wait().await,
+                None => {
+                    let guard = Connecting::start(&self.worker, key);
+                    let c = self.h2_connect(ep, expected.clone()).await?;
+                    guard.done(H2Slot::Ready(c.clone()));
+                    break c.ready().await.map_err(io::Error::other)?;
+                }
+            }
+        };
+        let (resp, mut tx) = sender
+            .send_request(req, body.is_empty())
+            .map_err(io::Error::other)?;
+        if !body.is_empty() {
+            let mut body = body;
+            while !body.is_empty() {
+                tx.reserve_capacity(body.len());
+                match std::future::poll_fn(|cx| tx.poll_capacity(cx)).await {
+                    Some(Ok(0)) => continue,
+                    Some(Ok(cap)) => {
+                        let chunk = body.split_to(cap.min(body.len()));
+                        tx.send_data(chunk, body.is_empty())
+                            .map_err(io::Error::other)?;
+                    }
+                    Some(Err(e)) => return Err(io::Error::other(e)),
+                    None => return Err(io::Error::other("upstream h2 stream closed")),
+                }
+            }
+        }
+        let resp = resp.await.map_err(io::Error::other)?;
+        let (parts, mut rx) = resp.into_parts();
+        let mut data = Vec::new();
+        while let Some(chunk) = rx.data().await {
+            let chunk = chunk.map_err(io::Error::other)?;
+            let _ = rx.flow_control().release_capacity(chunk.len());
+            data.extend_from_slice(&chunk);
+        }
+        if head.method == "HEAD" {
+            data.clear();
+        }
+        let mut out = format!(
+            "HTTP/1.1 {} {}\r\n",
+            parts.status.as_u16(),
+            parts.status.canonical_reason().unwrap_or("")
+        );
+        for (n, v) in &parts.headers {
+            if matches!(
+                n.as_str(),
+                "content-length" | "transfer-encoding" | "connection"
+            ) {
+                continue;
+            }
+            out.push_str(&format!(
+                "{}: {}\r\n",
+                n,
+                String::from_utf8_lossy(v.as_bytes())
+            ));
+        }
+        out.push_str(&format!("content-length: {}\r\n\r\n", data.len()));
+        let mut out = out.into_bytes();
+        out.extend_from_slice(&data);
+        Ok(out)
+    }
+
+    /// A new HTTP/2 connection to `ep` over one HBONE stream.
+    async fn h2_connect(
+        &self,
+        ep: &Endpoint,
+        expected: Identity,
+    ) -> io::Result<h2::client::SendRequest<Bytes>> {
+        let s = self.open(ep, expected).await?;
+        let io = inner::StreamIo::new(s, Bytes::new());
+        let (send, conn) = self
+            .worker
+            .shared
+            .settings
+            .h2
+            .client_builder()
+            .handshake::<_, Bytes>(io)
+            .await
+            .map_err(io::Error::other)?;
+        self.worker
+            .shared
+            .counters
+            .upstream_h2_connections
+            .fetch_add(1, Relaxed);
+        monoio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "upstream HTTP/2 connection ended");
+            }
+        });
+        Ok(send)
     }
 
     /// The endpoint for `service` (balanced; `None`: the tunnel's pod, R16), the identity

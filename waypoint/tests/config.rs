@@ -63,6 +63,7 @@ fn loads_every_kind_and_version() {
                 base_ejection_time: Duration::from_secs(10),
                 max_ejection_percent: 50
             }),
+            use_client_protocol: false,
         }
     );
     assert_eq!(

@@ -273,6 +273,8 @@ struct Mesh {
     echo: Backend,
     echo_v1: Backend,
     shutdown: Shutdown,
+    /// TCP connections the HTTP/2 backend accepted.
+    h2_conns: Arc<AtomicU32>,
     /// The configuration file the watcher reloads, and its mesh-model document.
     file: std::path::PathBuf,
     model: String,
@@ -297,6 +299,51 @@ static NEXT: AtomicU32 = AtomicU32::new(0);
 
 fn ip(net: u8, host: u8) -> Ipv4Addr {
     Ipv4Addr::new(127, net, 0, host)
+}
+
+/// An HTTP/2 (prior knowledge) backend answering `h2echo <path> <version> xff=<…>`; counts
+/// the TCP connections it accepted.
+fn h2_backend(ip: Ipv4Addr) -> (SocketAddr, Arc<AtomicU32>) {
+    let l = TcpListener::bind((ip, 0)).unwrap();
+    let addr = l.local_addr().unwrap();
+    l.set_nonblocking(true).unwrap();
+    let conns = Arc::new(AtomicU32::new(0));
+    let c2 = conns.clone();
+    std::thread::spawn(move || {
+        block_on(async move {
+            let l = monoio::net::TcpListener::from_std(l).unwrap();
+            loop {
+                let Ok((tcp, _)) = l.accept().await else {
+                    continue;
+                };
+                c2.fetch_add(1, Ordering::SeqCst);
+                monoio::spawn(async move {
+                    let io = monoio::io::IntoPollIo::into_poll_io(tcp).unwrap();
+                    let Ok(mut conn) = h2::server::handshake(io).await else {
+                        return;
+                    };
+                    while let Some(Ok((req, mut respond))) = conn.accept().await {
+                        monoio::spawn(async move {
+                            let xff = req
+                                .headers()
+                                .get("x-forwarded-for")
+                                .map(|v| v.to_str().unwrap().to_string())
+                                .unwrap_or_default();
+                            let body = format!(
+                                "h2echo {} {:?} xff={xff}",
+                                req.uri().path(),
+                                req.version()
+                            );
+                            let resp = http::Response::builder().status(200).body(()).unwrap();
+                            let mut tx = respond.send_response(resp, false).unwrap();
+                            let _ = tx.send_data(Bytes::from(body), true);
+                        });
+                    }
+                });
+            }
+        })
+    });
+    (addr, conns)
 }
 
 /// A TCP backend that sends back every byte it reads and half-closes after the client's
@@ -352,6 +399,7 @@ impl Mesh {
         let echo = backend(ip(net, 2), "echo");
         let echo_v1 = backend(ip(net, 3), "echo-v1");
         let raw = tcp_echo(ip(net, 5));
+        let (h2b, h2_conns) = h2_backend(ip(net, 7));
         let model = format!(
             r#"namespaces:
   - name: app
@@ -367,6 +415,7 @@ workloads:
   - {{uid: echo-1, name: echo-1, namespace: app, serviceAccount: echo, node: node-b, workloadIps: ["{e}"], services: {{"app/echo.app.svc.cluster.local": {{80: {ep}}}}}}}
   - {{uid: v1-1, name: v1-1, namespace: app, serviceAccount: echo, node: node-b, workloadIps: ["{v}"], services: {{"app/echo-v1.app.svc.cluster.local": {{80: {vp}}}}}}}
   - {{uid: o1, name: o1, namespace: other, workloadIps: ["{o}"], services: {{"other/lone.other.svc.cluster.local": {{80: 8080}}}}}}
+  - {{uid: h2-1, name: h2-1, namespace: app, serviceAccount: echo, node: node-b, workloadIps: ["{h}"], services: {{"app/grpcish.app.svc.cluster.local": {{80: {hp}}}}}}}
   - {{uid: dead-1, name: dead-1, namespace: app, serviceAccount: echo, node: node-b, workloadIps: ["{d}"], services: {{"app/dead.app.svc.cluster.local": {{80: 9}}}}}}
   - {{uid: raw-1, name: raw-1, namespace: app, serviceAccount: echo, node: node-b, workloadIps: ["{r}"], services: {{"app/raw.app.svc.cluster.local": {{80: {rp}}}}}}}
 services:
@@ -374,6 +423,7 @@ services:
   - {{name: echo-v1, namespace: app, hostname: echo-v1.app.svc.cluster.local, vips: ["10.96.0.2"], ports: {{80: 8080}}}}
   - {{name: lone, namespace: other, hostname: lone.other.svc.cluster.local, vips: ["10.96.0.3"], ports: {{80: 8080}}}}
   - {{name: raw, namespace: app, hostname: raw.app.svc.cluster.local, vips: ["10.96.0.4"], ports: {{80: 8080}}}}
+  - {{name: grpcish, namespace: app, hostname: grpcish.app.svc.cluster.local, vips: ["10.96.0.7"], ports: {{80: 8080}}}}
   - {{name: dead, namespace: app, hostname: dead.app.svc.cluster.local, vips: ["10.96.0.6"], ports: {{80: 8080}}}}
 "#,
             zt = ip(net, 1),
@@ -383,6 +433,8 @@ services:
             vp = echo_v1.addr.port(),
             o = ip(net, 4),
             d = ip(net, 6),
+            h = h2b.ip(),
+            hp = h2b.port(),
             r = raw.ip(),
             rp = raw.port(),
         );
@@ -418,6 +470,7 @@ services:
             waypoint::reload::watch(file.clone(), text, None, publisher, handle.counters.clone())
                 .unwrap();
         Mesh {
+            h2_conns,
             file,
             model,
             watcher: Some(watcher),
@@ -1248,4 +1301,45 @@ fn telemetry_istio_request_metrics_keep_the_original_client_and_traceparent() {
     assert!(text.contains("# TYPE istio_request_duration_milliseconds histogram"));
     assert!(text.contains("istio_request_bytes_bucket{reporter=\"waypoint\""));
     assert!(text.contains("connection_security_policy=\"mutual_tls\""));
+}
+
+#[test]
+fn h2_client_to_a_use_client_protocol_service_gets_h2_upstream_multiplexed_on_one_connection() {
+    let dr = "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: grpcish, namespace: app}\nspec:\n  host: grpcish\n  trafficPolicy:\n    connectionPool:\n      http: {useClientProtocol: true}\n";
+    let m = Mesh::start_with(&format!("{DENY_ADMIN}---\n{dr}"));
+    let host = "grpcish.app.svc.cluster.local";
+    block_on(async {
+        for _tunnel in 0..2 {
+            let (_c, s) = tunnel_to(&m, "10.96.0.7:80").await;
+            let (send, conn) =
+                h2::client::handshake(waypoint::inner::StreamIo::new(s, Bytes::new()))
+                    .await
+                    .unwrap();
+            monoio::spawn(async move {
+                let _ = conn.await;
+            });
+            let mut handles = Vec::new();
+            for i in 0..50 {
+                let send = send.clone();
+                handles.push(monoio::spawn(async move {
+                    let path = format!("/s{i}");
+                    (path.clone(), h2_get(&send, &path, host).await)
+                }));
+            }
+            for h in handles {
+                let (path, (status, body)) = h.await;
+                assert_eq!(status, 200);
+                // HTTP/2 reached the backend, with x-forwarded-for added.
+                assert_eq!(body, format!("h2echo {path} HTTP/2.0 xff={ME}"));
+            }
+            // Policy still first.
+            assert_eq!(h2_get(&send, "/admin", host).await.0, 403);
+        }
+    });
+    // 100 requests from two tunnels on one upstream HTTP/2 connection (per worker).
+    assert_eq!(m.h2_conns.load(Ordering::SeqCst), 1);
+    assert_eq!(
+        m.counters().upstream_h2_connections.load(Ordering::Relaxed),
+        1
+    );
 }
