@@ -44,7 +44,7 @@ impl Client {
         let io = tcp
             .into_poll_io()
             .map_err(|e| HboneError::Connect(addr, e))?;
-        let tls_stream = match tokio_rustls::TlsConnector::from(tls)
+        let mut tls_stream = match tokio_rustls::TlsConnector::from(tls)
             .connect(ServerName::IpAddress(addr.ip().into()), io)
             .await
         {
@@ -56,6 +56,10 @@ impl Client {
                 "server did not negotiate ALPN h2".into(),
             ));
         }
+        tls_stream
+            .get_mut()
+            .1
+            .set_buffer_limit(Some(settings.tls_send_buffer));
         let (send, mut conn) = settings
             .client_builder()
             .handshake::<_, Bytes>(tls_stream)

@@ -111,11 +111,13 @@ where
 {
     let _ = tcp.set_nodelay(true);
     let io = tcp.into_poll_io().map_err(HboneError::TlsIo)?;
-    let tls_stream = match tokio_rustls::TlsAcceptor::from(tls).accept(io).await {
+    let mut tls_stream = match tokio_rustls::TlsAcceptor::from(tls).accept(io).await {
         Ok(s) => s,
         Err(e) => return Err(HboneError::from_tls_io(e, &counters.tls)),
     };
     counters.connections.fetch_add(1, Relaxed);
+    let limit = Some(settings.tls_send_buffer);
+    tls_stream.get_mut().1.set_buffer_limit(limit);
     let peer_certs = tls_stream.get_ref().1.peer_certificates();
     let peer_identity = peer_identity(peer_certs);
     let peer_certificate = peer_certs

@@ -28,8 +28,13 @@ pub struct H2Settings {
     /// Client pool: an unused connection is closed after this.
     #[serde(with = "runtime::config::duration")]
     pub pool_idle_timeout: Duration,
-    /// Bytes read from a TCP socket per DATA frame sent.
+    /// Bytes: the largest read from a TCP socket, i.e. the largest DATA frame sent. Reads
+    /// start at 16 KiB and double while they fill the buffer, so idle and request/response
+    /// streams hold small buffers and bulk ones make few large frames and syscalls.
     pub chunk_size: usize,
+    /// Bytes of encrypted TLS records buffered before a socket write: one `writev` carries
+    /// up to this much (rustls's default, 64 KiB, splits a large DATA frame into several).
+    pub tls_send_buffer: usize,
 }
 
 impl Default for H2Settings {
@@ -45,6 +50,7 @@ impl Default for H2Settings {
             max_streams_per_connection: 100,
             pool_idle_timeout: Duration::from_secs(300),
             chunk_size: 64 * 1024,
+            tls_send_buffer: 256 * 1024,
         }
     }
 }

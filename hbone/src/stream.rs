@@ -155,14 +155,31 @@ fn h2_err(e: h2::Error) -> std::io::Error {
     }
 }
 
+/// The first read from a TCP socket; reads grow to the configured chunk size.
+const MIN_READ: usize = 16 * 1024;
+
 async fn tcp_to_h2(
     r: &mut OwnedReadHalf<TcpStream>,
     send: &mut SendStream<Bytes>,
     chunk: usize,
     count: &Cell<u64>,
 ) -> DirEnd {
+    // Start small (request/response and idle streams keep small buffers) and double while
+    // reads fill the buffer (bulk transfers make few, large DATA frames).
+    let max = chunk.max(1);
+    let min = MIN_READ.min(max);
+    let mut size = min;
     loop {
-        let (res, buf) = r.read(BytesMut::with_capacity(chunk)).await;
+        let (res, buf) = r.read(BytesMut::with_capacity(size)).await;
+        if let Ok(n) = res {
+            size = if n == size {
+                (size * 2).min(max)
+            } else if n < size / 4 {
+                (size / 2).max(min)
+            } else {
+                size
+            };
+        }
         match res {
             Ok(0) => {
                 return match send.send_data(Bytes::new(), true) {
