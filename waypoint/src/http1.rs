@@ -72,8 +72,20 @@ pub enum Parsed {
 
 /// Parse a request head from the start of `buf`.
 pub fn parse_head(buf: &[u8]) -> Parsed {
-    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut req = httparse::Request::new(&mut headers);
+    // Most requests have few headers: a small array first (cheap to set up per request),
+    // the full one only when it is too small.
+    let mut few = [httparse::EMPTY_HEADER; 32];
+    match parse_head_with(buf, &mut few) {
+        Parsed::Bad(431) if buf.len() <= MAX_HEAD => {
+            let mut all = [httparse::EMPTY_HEADER; MAX_HEADERS];
+            parse_head_with(buf, &mut all)
+        }
+        p => p,
+    }
+}
+
+fn parse_head_with<'b>(buf: &'b [u8], headers: &mut [httparse::Header<'b>]) -> Parsed {
+    let mut req = httparse::Request::new(headers);
     match req.parse(buf) {
         Ok(httparse::Status::Partial) => {
             if buf.len() > MAX_HEAD {

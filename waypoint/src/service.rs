@@ -527,6 +527,7 @@ async fn tunnel(w: Rc<Worker>, cert: Arc<WorkloadCert>, inb: Inbound) {
         idle: idle.clone(),
         peer: peer.clone(),
         last: None,
+        metric_cache: Vec::new(),
     };
     let (proto, first) = match race(inner::detect(&mut stream), w.ctx.aborted()).await {
         Either::Left(Ok(x)) => x,
@@ -707,7 +708,15 @@ struct HboneUpstream {
     peer: Rc<Peer>,
     /// The service and endpoint workload of the current request's last try.
     last: Option<(Option<ObjectRef>, String)>,
+    /// This tunnel's recent metric label sets: (status, flags, `last`) → counters, so a
+    /// keep-alive tunnel builds its labels once.
+    metric_cache: Vec<(MetricKey, Arc<crate::telemetry::RequestCounters>)>,
 }
+
+type MetricKey = (u16, &'static str, Option<(Option<ObjectRef>, String)>);
+
+/// Label sets a tunnel remembers.
+const METRIC_CACHE: usize = 8;
 
 /// The original client of a tunnel and its destination, as telemetry names them.
 struct Peer {
@@ -751,6 +760,7 @@ impl Upstream for HboneUpstream {
             idle: Rc::new(RefCell::new(HashMap::new())),
             peer: self.peer.clone(),
             last: None,
+            metric_cache: Vec::new(),
         };
         let service = service.clone();
         self.worker.shared.counters.mirrored.fetch_add(1, Relaxed);
@@ -765,10 +775,27 @@ impl Upstream for HboneUpstream {
     }
 
     fn record(&mut self, r: &http1::Record<'_>) {
+        let ms = r.started.elapsed().as_secs_f64() * 1000.0;
+        let last = self.last.take();
+        let key: MetricKey = (r.status, r.flags, last);
+        let cached = self
+            .metric_cache
+            .iter()
+            .find(|(k, _)| *k == key)
+            .map(|(_, c)| c.clone());
+        let access = tracing::enabled!(target: "access", tracing::Level::INFO);
+        if let (Some(c), false) = (&cached, access) {
+            // The common case: labels known, no access log.
+            crate::telemetry::observe(c, ms, r.request_bytes, r.response_bytes);
+            if r.denied {
+                self.worker.shared.counters.denied.fetch_add(1, Relaxed);
+            }
+            return;
+        }
+        let last = key.2.clone();
         let l7 = self.l7.clone();
         let snap = l7.mesh.as_ref();
         let p = &self.peer;
-        let last = self.last.take();
         // The destination: the routed service and the endpoint that answered; else what
         // the tunnel was addressed to.
         let (service, workload) = match (&last, &p.destination) {
@@ -803,10 +830,18 @@ impl Upstream for HboneUpstream {
             response_code: r.status,
             response_flags: r.flags,
         };
-        let ms = r.started.elapsed().as_secs_f64() * 1000.0;
-        self.worker
-            .metrics
-            .record(&labels, ms, r.request_bytes, r.response_bytes);
+        let c = match cached {
+            Some(c) => c,
+            None => {
+                let c = self.worker.metrics.counters(&labels);
+                if self.metric_cache.len() >= METRIC_CACHE {
+                    self.metric_cache.remove(0);
+                }
+                self.metric_cache.push((key, c.clone()));
+                c
+            }
+        };
+        crate::telemetry::observe(&c, ms, r.request_bytes, r.response_bytes);
         if r.denied {
             self.worker.shared.counters.denied.fetch_add(1, Relaxed);
         }

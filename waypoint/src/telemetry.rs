@@ -261,6 +261,20 @@ impl LocalMetrics {
     }
 
     /// Count one request.
+    /// The counters of a label set (from this worker's cache when it has them).
+    pub fn counters(&self, labels: &RequestLabels) -> Arc<RequestCounters> {
+        let hit = self.cache.borrow().get(labels).cloned();
+        match hit {
+            Some(c) => c,
+            None => {
+                let c = self.shared.get(labels);
+                self.cache.borrow_mut().insert(labels.clone(), c.clone());
+                c
+            }
+        }
+    }
+
+    /// Count one request.
     pub fn record(
         &self,
         labels: &RequestLabels,
@@ -268,22 +282,16 @@ impl LocalMetrics {
         req_bytes: u64,
         resp_bytes: u64,
     ) {
-        let c = {
-            let hit = self.cache.borrow().get(labels).cloned();
-            match hit {
-                Some(c) => c,
-                None => {
-                    let c = self.shared.get(labels);
-                    self.cache.borrow_mut().insert(labels.clone(), c.clone());
-                    c
-                }
-            }
-        };
-        c.requests.fetch_add(1, Relaxed);
-        c.duration_ms.observe(duration_ms);
-        c.request_bytes.observe(req_bytes as f64);
-        c.response_bytes.observe(resp_bytes as f64);
+        observe(&self.counters(labels), duration_ms, req_bytes, resp_bytes);
     }
+}
+
+/// Count one request in a label set's counters.
+pub fn observe(c: &RequestCounters, duration_ms: f64, req_bytes: u64, resp_bytes: u64) {
+    c.requests.fetch_add(1, Relaxed);
+    c.duration_ms.observe(duration_ms);
+    c.request_bytes.observe(req_bytes as f64);
+    c.response_bytes.observe(resp_bytes as f64);
 }
 
 /// Whether `v` is a valid W3C `traceparent` (version 00, non-zero ids).

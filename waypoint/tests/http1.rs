@@ -355,3 +355,28 @@ fn ambiguous_or_unsupported_body_framing_is_400() {
         assert!(up.calls.is_empty());
     }
 }
+
+#[test]
+fn requests_with_many_headers_are_parsed_up_to_the_limit() {
+    // More headers than the small first-try array, fewer than the limit: forwarded whole.
+    let mut req = String::from("GET /many HTTP/1.1\r\nHost: echo\r\n");
+    for i in 0..100 {
+        req.push_str(&format!("x-h{i}: v{i}\r\n"));
+    }
+    req.push_str("\r\n");
+    let (end, t, up) = run(&[req.as_bytes()], &service_ctx());
+    assert_eq!(end, End::Eof);
+    assert_eq!(up.calls.len(), 1);
+    assert!(up.calls[0].1.contains("x-h99: v99\r\n"));
+    assert!(t.out().starts_with("HTTP/1.1 200 "));
+    // Over the limit (256): 431.
+    let mut req = String::from("GET /many HTTP/1.1\r\nHost: echo\r\n");
+    for i in 0..300 {
+        req.push_str(&format!("x-h{i}: v{i}\r\n"));
+    }
+    req.push_str("\r\n");
+    let (end, t, up) = run(&[req.as_bytes()], &service_ctx());
+    assert_eq!(end, End::Closed(431));
+    assert!(t.out().starts_with("HTTP/1.1 431 "));
+    assert!(up.calls.is_empty());
+}
