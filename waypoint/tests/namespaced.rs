@@ -699,6 +699,24 @@ impl Drop for World {
 }
 
 const PATHS: &str = "ztunnel_connection_paths_total";
+
+/// The text without terminal colour sequences (`ESC [ … m`).
+fn strip_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut it = s.chars();
+    while let Some(c) = it.next() {
+        if c == '\u{1b}' {
+            for d in it.by_ref() {
+                if d == 'm' {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
 const ECHO_HOST: &str = "echo.default.svc.cluster.local";
 
 fn vip(ip: Ipv4Addr) -> SocketAddr {
@@ -954,6 +972,21 @@ fn r17_service_routes_to_itself_across_endpoints_and_the_httproute_wins() {
         n as u64,
         "{st}"
     );
+    // One access-log line per request, naming the original client and the endpoint.
+    let log = strip_ansi(&w.log("waypoint"));
+    let lines: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains(" access: request") && l.contains("dst_workload=echo-v1"))
+        .collect();
+    assert_eq!(lines.len(), 10, "{log}");
+    for (i, l) in lines.iter().enumerate() {
+        assert!(l.contains(&format!("path=\"/e{i}\" ")), "{l}");
+        assert!(
+            l.contains("src_identity=spiffe://cluster.local/ns/ns-a/sa/client"),
+            "{l}"
+        );
+        assert!(l.contains("status=200"), "{l}");
+    }
     w.eventually("node A sent both connections to the waypoint", || {
         metric(
             &w.zt(0),
