@@ -362,6 +362,11 @@ fn tcp_echo(ip: Ipv4Addr) -> SocketAddr {
                             let _ = c.shutdown(std::net::Shutdown::Write);
                             return;
                         }
+                        // Asked to reset: close with RST (linger 0).
+                        Ok(n) if buf[..n].starts_with(b"\x16RST") => {
+                            let _ = socket2::SockRef::from(&c).set_linger(Some(Duration::ZERO));
+                            return;
+                        }
                         Ok(n) => {
                             if c.write_all(&buf[..n]).is_err() {
                                 return;
@@ -1342,4 +1347,33 @@ fn h2_client_to_a_use_client_protocol_service_gets_h2_upstream_multiplexed_on_on
         m.counters().upstream_h2_connections.load(Ordering::Relaxed),
         1
     );
+}
+
+#[test]
+fn opaque_tcp_reset_by_the_backend_reaches_the_client_as_a_stream_reset() {
+    let m = Mesh::start_with("");
+    block_on(async {
+        let (_c, mut s) = tunnel_to(&m, "10.96.0.4:80").await;
+        // Forwarded bytes first (the echo answers), then the reset.
+        s.write_all(Bytes::from_static(b"\x16hello"), false)
+            .await
+            .unwrap();
+        assert_eq!(&s.read().await.unwrap().unwrap()[..], b"\x16hello");
+        s.write_all(Bytes::from_static(b"\x16RST"), false)
+            .await
+            .unwrap();
+        match s.read().await {
+            Some(Err(e)) => assert!(e.is_reset(), "{e}"),
+            other => panic!("expected a reset, got {other:?}"),
+        }
+    });
+    let c = m.counters();
+    for _ in 0..3000 {
+        if c.tcp_bytes_sent.load(Ordering::Relaxed) == 10 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(c.tcp_bytes_sent.load(Ordering::Relaxed), 10);
+    assert_eq!(c.tcp_bytes_received.load(Ordering::Relaxed), 6);
 }
