@@ -460,7 +460,7 @@ fn run_one(
         sc.id(),
         path.name(),
         rep,
-        k.reps,
+        if sc.kind == Kind::Idle { 1 } else { k.reps },
         if attempt > 1 {
             format!(" (attempt {attempt})")
         } else {

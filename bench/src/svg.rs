@@ -160,7 +160,7 @@ pub fn latency(entries: &[Entry], id: &str) -> Option<String> {
     let width = left + pw + 150.0;
     let height = top + ph + 50.0;
     let px = |x: f64| left + (x - xs[0].2) / (xs[4].2 - xs[0].2) * pw;
-    let py = |v: f64| top + ph - (v.max(lo).log10() - l0) / (l1 - l0).max(1e-9) * ph;
+    let py = |v: f64| top + ph - (v.max(10f64.powf(l0)).log10() - l0) / (l1 - l0).max(1e-9) * ph;
     let mut s = String::new();
     let _ = writeln!(
         s,
