@@ -206,3 +206,146 @@ fn binary_reports_config_errors() {
     assert_eq!(out.status.code(), Some(2));
     let _ = std::fs::remove_dir_all(&d);
 }
+
+/// The error code of the first GOAWAY frame in a stream of HTTP/2 frames.
+fn goaway(mut b: &[u8]) -> Option<u32> {
+    while b.len() >= 9 {
+        let len = u32::from_be_bytes([0, b[0], b[1], b[2]]) as usize;
+        let frame = b.get(..9 + len)?;
+        if frame[3] == 7 {
+            return Some(u32::from_be_bytes(frame[13..17].try_into().ok()?));
+        }
+        b = &b[9 + len..];
+    }
+    None
+}
+
+fn fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count()
+}
+
+/// Bad input of every kind, many times: the process answers each correctly and ends with
+/// the descriptors it started with.
+#[test]
+fn bad_input_is_refused_and_leaks_no_descriptor() {
+    let d = dir("fds");
+    let cfg = format!(
+        "{L7}---\nwaypoint:\n  listen: 127.0.0.1:0\n  identity: spiffe://cluster.local/ns/app/sa/waypoint\n  gateway: app/wp\n  address: 10.1.0.100:15008\n  ca: {{builtin: {}}}\n  stats: 127.0.0.1:0\nruntime: {{workers: 1, pin: false, drain_timeout: 1s}}\n",
+        d.join("ca").display()
+    );
+    std::fs::write(d.join("waypoint.yaml"), cfg).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_waypoint"))
+        .args(["--config", d.join("waypoint.yaml").to_str().unwrap()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let field = |k: &str| -> SocketAddr {
+        line.split_whitespace()
+            .find_map(|w| w.strip_prefix(k))
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    let (addr, stats) = (field("hbone="), field("stats="));
+    let ca = SigningCa::builtin(&d.join("ca"), "cluster.local").unwrap();
+    let me = ca
+        .issue(
+            &Identity::new("cluster.local", "app", "client"),
+            SystemTime::now(),
+        )
+        .unwrap();
+    let tls = hbone::tls::client_config(&me, &[Identity::new("cluster.local", "app", "waypoint")])
+        .unwrap();
+    let round = |n: usize| {
+        for _ in 0..n {
+            use std::io::{Read, Write};
+            // Plaintext, and TLS garbage.
+            for bytes in [&b"GET / HTTP/1.1\r\n\r\n"[..], b"\x16\x03\x01\x00\x05hello"] {
+                let mut c = std::net::TcpStream::connect(addr).unwrap();
+                c.write_all(bytes).unwrap();
+                let mut got = Vec::new();
+                let _ = c.read_to_end(&mut got);
+                assert!(!got.starts_with(b"HTTP/"));
+            }
+        }
+        let (mut rt, _) = build_runtime(
+            &DriverDecision {
+                kind: DriverKind::Epoll,
+                reason: "test".into(),
+            },
+            64,
+        )
+        .unwrap();
+        let tls = tls.clone();
+        rt.block_on(async move {
+            let c = Client::connect(addr, tls, &H2Settings::default(), &TlsCounters::default())
+                .await
+                .unwrap();
+            for _ in 0..n {
+                // R14 refusal.
+                let r = c
+                    .open(&ConnectRequest::new("10.9.9.9:80".parse().unwrap()))
+                    .await;
+                assert!(matches!(r, Err(HboneError::Status(s)) if s.as_u16() == 400));
+                // Invalid HTTP/2 inside a bound tunnel: GOAWAY.
+                let mut s = c
+                    .open(&ConnectRequest::new("10.96.0.1:80".parse().unwrap()))
+                    .await
+                    .unwrap();
+                let mut bad = waypoint::inner::H2_PREFACE.to_vec();
+                bad.extend_from_slice(&[0, 0, 1, 0, 0, 0, 0, 0, 0, b'x']);
+                s.write_all(bytes::Bytes::from(bad), false).await.unwrap();
+                let mut got = Vec::new();
+                while let Some(Ok(b)) = s.read().await {
+                    got.extend_from_slice(&b);
+                }
+                // The server's frames end with a GOAWAY (type 7) with PROTOCOL_ERROR (1).
+                assert_eq!(goaway(&got), Some(1), "{got:?}");
+                // A malformed HTTP/1 request line: 400.
+                let mut s = c
+                    .open(&ConnectRequest::new("10.96.0.1:80".parse().unwrap()))
+                    .await
+                    .unwrap();
+                s.write_all(bytes::Bytes::from_static(b"GET nope\r\n\r\n"), false)
+                    .await
+                    .unwrap();
+                let mut got = Vec::new();
+                while let Some(Ok(b)) = s.read().await {
+                    got.extend_from_slice(&b);
+                }
+                assert!(got.starts_with(b"HTTP/1.1 400 "), "{got:?}");
+            }
+            drop(c);
+            monoio::time::sleep(Duration::from_millis(20)).await;
+        });
+    };
+    // Warm up (lazily made descriptors), then count.
+    round(2);
+    std::thread::sleep(Duration::from_millis(200));
+    let before = fds(child.id());
+    round(30);
+    let mut after = fds(child.id());
+    let t = std::time::Instant::now();
+    while after > before && t.elapsed() < Duration::from_secs(20) {
+        std::thread::sleep(Duration::from_millis(50));
+        after = fds(child.id());
+    }
+    assert!(
+        after <= before,
+        "descriptors: {before} before, {after} after"
+    );
+    let m = http_get(stats, "/stats/prometheus");
+    assert!(m.contains("waypoint_refused_targets_total 32\n"), "{m}");
+    assert!(m.contains("waypoint_h2_protocol_errors_total 32\n"), "{m}");
+    assert!(m.contains("waypoint_bad_requests_total 32\n"), "{m}");
+    let _ = child.kill();
+    let _ = child.wait();
+    let _ = std::fs::remove_dir_all(&d);
+}
