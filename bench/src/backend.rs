@@ -13,6 +13,8 @@
 //!   with a body gets it back as the response body; `GET /N` gets `N` bytes; anything
 //!   unparsable gets `400` and a close (counted as a backend error).
 //!
+//! - **h2** (`http2-rps`): HTTP/2 cleartext ([`crate::http2`]), `GET /N` gets `N` bytes.
+//!
 //! On loopback the listeners take ephemeral ports on 127.0.0.1; in a mesh pod they listen on
 //! [`PORTS`] on every address of the pod's network namespace.
 //!
@@ -48,6 +50,7 @@ pub struct Ports {
     pub sink: u16,
     pub reply_close: u16,
     pub http: u16,
+    pub h2: u16,
 }
 
 /// Fixed ports of the backends in mesh pods.
@@ -56,6 +59,7 @@ pub const PORTS: Ports = Ports {
     sink: 8081,
     reply_close: 8082,
     http: 8090,
+    h2: 8091,
 };
 
 /// The running backends.
@@ -64,6 +68,7 @@ pub struct Backends {
     pub echo: SocketAddr,
     pub reply_close: SocketAddr,
     pub http: SocketAddr,
+    pub h2: SocketAddr,
     pub drivers: Vec<DriverKind>,
 }
 
@@ -79,7 +84,13 @@ fn listener(port: u16) -> Result<TcpListener> {
     Ok(l)
 }
 
-type Listeners = (TcpListener, TcpListener, TcpListener, TcpListener);
+type Listeners = (
+    TcpListener,
+    TcpListener,
+    TcpListener,
+    TcpListener,
+    TcpListener,
+);
 
 fn listeners(ports: Option<Ports>) -> Result<Listeners> {
     let p = ports.unwrap_or(Ports {
@@ -87,12 +98,14 @@ fn listeners(ports: Option<Ports>) -> Result<Listeners> {
         sink: 0,
         reply_close: 0,
         http: 0,
+        h2: 0,
     });
     Ok((
         listener(p.sink)?,
         listener(p.echo)?,
         listener(p.reply_close)?,
         listener(p.http)?,
+        listener(p.h2)?,
     ))
 }
 
@@ -106,7 +119,7 @@ pub fn start(
     netns: Option<(&str, IpAddr)>,
     counters: Arc<BackendCounters>,
 ) -> Result<Backends> {
-    let (sink, echo, rc, http) = match netns {
+    let (sink, echo, rc, http, h2) = match netns {
         None => listeners(None)?,
         Some((ns, _)) => crate::mesh::in_ns(ns, || listeners(Some(PORTS)))?,
     };
@@ -115,12 +128,14 @@ pub fn start(
         echo.local_addr()?,
         rc.local_addr()?,
         http.local_addr()?,
+        h2.local_addr()?,
     );
     if let Some((_, ip)) = netns {
         addrs.0.set_ip(ip);
         addrs.1.set_ip(ip);
         addrs.2.set_ip(ip);
         addrs.3.set_ip(ip);
+        addrs.4.set_ip(ip);
     }
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     for (i, core) in cores.iter().copied().enumerate() {
@@ -129,6 +144,7 @@ pub fn start(
             echo.try_clone()?,
             rc.try_clone()?,
             http.try_clone()?,
+            h2.try_clone()?,
         );
         let counters = counters.clone();
         let decision = decision.clone();
@@ -166,14 +182,17 @@ pub fn start(
         echo: addrs.1,
         reply_close: addrs.2,
         http: addrs.3,
+        h2: addrs.4,
         drivers,
     })
 }
 
-async fn serve_all((sink, echo, rc, http): Listeners, counters: Arc<BackendCounters>) {
+async fn serve_all((sink, echo, rc, http, h2): Listeners, counters: Arc<BackendCounters>) {
     let c1 = counters.clone();
     let c2 = counters.clone();
     let c3 = counters.clone();
+    let c4 = counters.clone();
+    let d = monoio::spawn(accept_loop(h2, c4, Proto::Http2));
     let a = monoio::spawn(accept_loop(sink, c1, Proto::Sink));
     let b = monoio::spawn(accept_loop(echo, c2, Proto::Echo));
     let c = monoio::spawn(accept_loop(http, c3, Proto::Http));
@@ -181,6 +200,7 @@ async fn serve_all((sink, echo, rc, http): Listeners, counters: Arc<BackendCount
     a.await;
     b.await;
     c.await;
+    d.await;
 }
 
 #[derive(Clone, Copy)]
@@ -189,6 +209,7 @@ enum Proto {
     Echo,
     ReplyClose,
     Http,
+    Http2,
 }
 
 async fn accept_loop(l: TcpListener, counters: Arc<BackendCounters>, proto: Proto) {
@@ -216,6 +237,7 @@ async fn accept_loop(l: TcpListener, counters: Arc<BackendCounters>, proto: Prot
                 Proto::Echo => echo(s).await,
                 Proto::ReplyClose => reply_close(s).await,
                 Proto::Http => crate::http1::serve(s).await,
+                Proto::Http2 => crate::http2::serve(s).await,
             };
             if !ok {
                 counters.errors.fetch_add(1, Ordering::Relaxed);

@@ -40,6 +40,8 @@ pub enum Work {
     /// HTTP/1.1 keep-alive, closed loop: `req_body` bytes up (POST, echoed back) or a
     /// `GET /resp_body`; every response body byte is checked ([`crate::http1`]).
     Http1 { req_body: usize, resp_body: usize },
+    /// HTTP/2, closed loop: `streams` concurrent `GET /resp_body` on each connection.
+    Http2 { streams: usize, resp_body: usize },
     /// Open idle connections (`conns` of them), hold them until the end of the window, then
     /// check each still answers one echo exchange.
     Idle { size: usize },
@@ -204,6 +206,7 @@ async fn run_plan(plan: Plan) -> GenResult {
                     resp_body,
                 } => http1_conn(&p, req_body, resp_body).await,
                 Work::Idle { size } => idle_conn(&p, size, i).await,
+                Work::Http2 { streams, resp_body } => http2_conn(&p, streams, resp_body).await,
             }
         }));
     }
@@ -660,5 +663,47 @@ async fn idle_conn(p: &Plan, size: usize, conn: usize) -> GenResult {
     }
     r.ops_total += 1;
     r.ops_window += 1;
+    r
+}
+
+async fn http2_conn(p: &Plan, streams: usize, resp_body: usize) -> GenResult {
+    let mut r = GenResult::new();
+    let send = match crate::http2::connect(p.target).await {
+        Ok(s) => s,
+        Err(e) => {
+            r.error(e);
+            return r;
+        }
+    };
+    let mut loops = Vec::with_capacity(streams);
+    for _ in 0..streams.max(1) {
+        let mut send = send.clone();
+        let p = p.clone();
+        loops.push(monoio::spawn(async move {
+            let mut r = GenResult::new();
+            while running(&p) {
+                let start = Instant::now();
+                r.sent += resp_body as u64;
+                match crate::http2::request(&mut send, &p.host, resp_body).await {
+                    Ok(n) => r.received += n as u64,
+                    Err(e) => {
+                        r.error(e);
+                        return r;
+                    }
+                }
+                let done = Instant::now();
+                r.ops_total += 1;
+                p.live.ops.fetch_add(1, Ordering::Relaxed);
+                if start >= p.t_warm && start < p.t_end {
+                    r.ops_window += 1;
+                    r.hist.saturating_record((done - start).as_nanos() as u64);
+                }
+            }
+            r
+        }));
+    }
+    for l in loops {
+        r.merge(&l.await);
+    }
     r
 }

@@ -72,6 +72,7 @@ mod backend;
 mod generator;
 mod host;
 mod http1;
+mod http2;
 mod mesh;
 mod peer;
 mod proxy;
@@ -126,6 +127,10 @@ struct Args {
     /// http1-rps and large-body: concurrent keep-alive connections.
     #[arg(long, default_value_t = 64)]
     conns: usize,
+    /// http2-rps: concurrent streams per connection (with the default --conns, the
+    /// connections are 64 / this, so 64 requests are in flight as in http1-rps).
+    #[arg(long, default_value_t = 8)]
+    h2_streams: usize,
     /// large-body: bytes up and (echoed) down per request.
     #[arg(long, default_value = "1MiB", value_parser = parse_size)]
     body: usize,
@@ -296,6 +301,7 @@ fn plan(args: &Args) -> Result<Suite> {
             Kind::RrOpen,
             Kind::Churn,
             Kind::Http1,
+            Kind::Http2,
         ];
         if mesh {
             v.push(Kind::Idle);
@@ -307,7 +313,7 @@ fn plan(args: &Args) -> Result<Suite> {
             let k = Kind::parse(s.trim()).with_context(|| {
                 format!(
                     "unknown scenario {s:?} (tcp-throughput, tcp-rr, tcp-rr-open, conn-churn, \
-                     http1-rps, large-body, idle-connections; http2-rps and mixed are not \
+                     http1-rps, http2-rps, large-body, idle-connections; mixed is not \
                      supported yet)"
                 )
             })?;
@@ -407,6 +413,7 @@ fn plan(args: &Args) -> Result<Suite> {
                         write_size: args.write_size,
                         rate: if k == Kind::RrOpen { args.rate } else { 0.0 },
                         body: 0,
+                        h2_streams: 0,
                     });
                 }
             }
@@ -424,6 +431,7 @@ fn plan(args: &Args) -> Result<Suite> {
                         write_size: args.write_size,
                         rate: if k == Kind::RrOpen { args.rate } else { 0.0 },
                         body: 0,
+                        h2_streams: 0,
                     });
                 }
             }
@@ -434,6 +442,7 @@ fn plan(args: &Args) -> Result<Suite> {
                 write_size: args.write_size,
                 rate: 0.0,
                 body: 0,
+                h2_streams: 0,
             }),
             Kind::Http1 | Kind::LargeBody => scenarios.push(Scenario {
                 kind: k,
@@ -447,6 +456,20 @@ fn plan(args: &Args) -> Result<Suite> {
                 write_size: args.write_size,
                 rate: 0.0,
                 body: if k == Kind::LargeBody { args.body } else { 0 },
+                h2_streams: 0,
+            }),
+            Kind::Http2 => scenarios.push(Scenario {
+                kind: k,
+                conns: if args.conns == 64 {
+                    64 / args.h2_streams.clamp(1, 64)
+                } else {
+                    args.conns
+                },
+                size,
+                write_size: args.write_size,
+                rate: 0.0,
+                body: 0,
+                h2_streams: args.h2_streams.max(1),
             }),
             Kind::Idle => scenarios.push(Scenario {
                 kind: k,
@@ -459,6 +482,7 @@ fn plan(args: &Args) -> Result<Suite> {
                 write_size: args.write_size,
                 rate: 0.0,
                 body: 0,
+                h2_streams: 0,
             }),
         }
     }

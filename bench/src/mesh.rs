@@ -48,6 +48,9 @@ pub const NODE_IPS: [Ipv4Addr; 2] = [
 ];
 pub const ECHO_VIP: Ipv4Addr = Ipv4Addr::new(10, 183, 0, 1);
 pub const ECHO_V1_VIP: Ipv4Addr = Ipv4Addr::new(10, 183, 0, 2);
+/// `echo-h2`: `echo-v1`'s HTTP/2 backend port behind the waypoint (DestinationRule
+/// `useClientProtocol`, so the waypoint speaks HTTP/2 upstream too).
+pub const ECHO_H2_VIP: Ipv4Addr = Ipv4Addr::new(10, 183, 0, 3);
 /// Service port of `echo` and `echo-v1` (to the pods' HTTP backend).
 pub const SERVICE_PORT: u16 = 80;
 
@@ -259,6 +262,13 @@ services:
     ports: {{{SERVICE_PORT}: {http}}}
     endpoints: [{{workloadUid: bench/echo-v1}}]
     labels: {{istio.io/use-waypoint: waypoint}}
+  - name: echo-h2
+    namespace: bench
+    hostname: echo-h2.bench.svc.cluster.local
+    vips: [{ECHO_H2_VIP}]
+    ports: {{{SERVICE_PORT}: {h2}}}
+    endpoints: [{{workloadUid: bench/echo-v1}}]
+    labels: {{istio.io/use-waypoint: waypoint}}
 policies: []
 "#,
         ip("client"),
@@ -267,6 +277,7 @@ policies: []
         ip("echo-v1"),
         ip("plain"),
         http = crate::backend::PORTS.http,
+        h2 = crate::backend::PORTS.h2,
     )
 }
 

@@ -92,7 +92,7 @@ impl PeerSpec {
             Kind::Rr | Kind::RrOpen | Kind::Idle => 0,
             Kind::Throughput => 1,
             Kind::Churn => 2,
-            Kind::Http1 | Kind::LargeBody => 10,
+            Kind::Http1 | Kind::LargeBody | Kind::Http2 => 10,
         };
         SocketAddr::new(self.addr.ip(), self.addr.port() + off)
     }

@@ -29,6 +29,8 @@ pub enum Kind {
     RrOpen,
     /// HTTP/1.1 keep-alive requests, closed loop (`http1-rps`).
     Http1,
+    /// HTTP/2 cleartext, concurrent streams on few connections (`http2-rps`).
+    Http2,
     /// HTTP/1.1 with large bodies (`large-body`): Gbit/s of echoed bodies.
     LargeBody,
     /// Idle connections held open: proxy memory per connection (`idle-connections`).
@@ -43,6 +45,7 @@ impl Kind {
             Kind::Churn => "conn-churn",
             Kind::RrOpen => "tcp-rr-open",
             Kind::Http1 => "http1-rps",
+            Kind::Http2 => "http2-rps",
             Kind::LargeBody => "large-body",
             Kind::Idle => "idle-connections",
         }
@@ -54,6 +57,7 @@ impl Kind {
             "conn-churn" | "churn" => Some(Kind::Churn),
             "tcp-rr-open" | "rr-open" => Some(Kind::RrOpen),
             "http1-rps" | "http1" => Some(Kind::Http1),
+            "http2-rps" | "http2" => Some(Kind::Http2),
             "large-body" => Some(Kind::LargeBody),
             "idle-connections" | "idle" => Some(Kind::Idle),
             _ => None,
@@ -65,13 +69,13 @@ impl Kind {
             Kind::Rr => ("round_trips_per_s", "1/s"),
             Kind::Churn => ("connections_per_s", "1/s"),
             Kind::RrOpen => ("p99_latency_us", "µs"),
-            Kind::Http1 => ("requests_per_s", "1/s"),
+            Kind::Http1 | Kind::Http2 => ("requests_per_s", "1/s"),
             Kind::Idle => ("bytes_per_idle_connection", "B"),
         }
     }
     /// HTTP scenarios (the only ones the waypoint path, an L7 proxy, can carry).
     pub fn is_http(self) -> bool {
-        matches!(self, Kind::Http1 | Kind::LargeBody)
+        matches!(self, Kind::Http1 | Kind::Http2 | Kind::LargeBody)
     }
 }
 
@@ -87,6 +91,8 @@ pub struct Scenario {
     pub rate: f64,
     /// large-body: body bytes each way per request.
     pub body: usize,
+    /// http2-rps: concurrent streams per connection.
+    pub h2_streams: usize,
 }
 
 impl Scenario {
@@ -102,6 +108,10 @@ impl Scenario {
                 self.size, self.rate, self.conns
             ),
             Kind::Http1 => format!("body={}B conns={}", self.size, self.conns),
+            Kind::Http2 => format!(
+                "body={}B conns={} streams={}",
+                self.size, self.conns, self.h2_streams
+            ),
             Kind::LargeBody => format!(
                 "body={} conns={}",
                 crate::report::bytes(self.body),
@@ -122,6 +132,9 @@ impl Scenario {
                 json!({"streams": self.conns, "size": self.size, "rate_per_s": self.rate})
             }
             Kind::Http1 => json!({"connections": self.conns, "response_body": self.size}),
+            Kind::Http2 => {
+                json!({"connections": self.conns, "streams_per_connection": self.h2_streams, "response_body": self.size})
+            }
             Kind::LargeBody => json!({"connections": self.conns, "body": self.body}),
             Kind::Idle => json!({"connections": self.conns, "size": self.size}),
         }
@@ -147,6 +160,10 @@ impl Scenario {
                 resp_body: self.body,
             },
             Kind::Idle => Work::Idle { size: self.size },
+            Kind::Http2 => Work::Http2 {
+                streams: self.h2_streams,
+                resp_body: self.size,
+            },
         }
     }
 }
@@ -223,6 +240,8 @@ impl PathKind {
             PathKind::Direct => k != Kind::Idle,
             // Handshakes per second: one connection per exchange.
             PathKind::HboneCold => k == Kind::Churn,
+            // The configs in bench/peers/ serve HTTP/1.1 only.
+            PathKind::Peer(_) => k != Kind::Http2,
             _ => true,
         }
     }
@@ -552,6 +571,7 @@ fn run_one(
             Kind::Rr | Kind::RrOpen | Kind::Idle => be.echo,
             Kind::Churn => be.reply_close,
             Kind::Http1 | Kind::LargeBody => be.http,
+            Kind::Http2 => be.h2,
         }
     };
     let mut proxies: Vec<Proxy> = Vec::new();
@@ -630,6 +650,13 @@ fn run_one(
                 PathKind::Direct => ("plain-client", pick(&be.plain)),
                 PathKind::L4 => ("client", pick(&be.plain)),
                 PathKind::Hbone => ("client", pick(&be.echo)),
+                PathKind::Waypoint if sc.kind == Kind::Http2 => {
+                    host_header = "echo-h2.bench.svc.cluster.local".into();
+                    (
+                        "client",
+                        SocketAddr::new(mesh::ECHO_H2_VIP.into(), mesh::SERVICE_PORT),
+                    )
+                }
                 PathKind::Waypoint => {
                     host_header = "echo.bench.svc.cluster.local".into();
                     (
@@ -963,12 +990,12 @@ fn run_one(
             }
         }
         Kind::Idle => {}
-        Kind::Rr | Kind::Churn | Kind::Http1 => {
+        Kind::Rr | Kind::Churn | Kind::Http1 | Kind::Http2 => {
             let rate = total.ops_window as f64 / planned;
             run.figure = rate;
             match sc.kind {
                 Kind::Rr => run.round_trips_per_s = Some(crate::report::r(rate)),
-                Kind::Http1 => run.requests_per_s = Some(crate::report::r(rate)),
+                Kind::Http1 | Kind::Http2 => run.requests_per_s = Some(crate::report::r(rate)),
                 _ => run.connections_per_s = Some(crate::report::r(rate)),
             }
             if total.ops_window > 0 {

@@ -30,11 +30,22 @@ spec:
       port: 80
 "#;
 
+/// `echo-h2` is spoken to in the client's protocol (HTTP/2 for `http2-rps`).
+pub const H2_RULE: &str = "apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: echo-h2, namespace: bench}
+spec:
+  host: echo-h2
+  trafficPolicy:
+    connectionPool:
+      http: {useClientProtocol: true}
+";
+
 /// The whole config file.
 pub fn config_yaml(ca_dir: &Path, tuning: &str) -> String {
     let addr = SocketAddr::new(IpAddr::V4(mesh::pod("waypoint").ip), 15008);
     format!(
-        "# written by bench\nwaypoint:\n  listen: 0.0.0.0:15008\n  address: {addr}\n  gateway: bench/waypoint\n  identity: {WAYPOINT_ID}\n  ca: {{builtin: {}}}\n{tuning}---\n{}---\n{ROUTE}",
+        "# written by bench\nwaypoint:\n  listen: 0.0.0.0:15008\n  address: {addr}\n  gateway: bench/waypoint\n  identity: {WAYPOINT_ID}\n  ca: {{builtin: {}}}\n{tuning}---\n{}---\n{ROUTE}---\n{H2_RULE}",
         ca_dir.display(),
         mesh::mesh_yaml()
     )

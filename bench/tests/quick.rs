@@ -102,6 +102,7 @@ fn quick_suite_reports_every_scenario_and_path() {
         "tcp-rr-open/size=100B rate=5000/s",
         "conn-churn/size=100B conc=8",
         "http1-rps/body=100B conns=64",
+        "http2-rps/body=100B conns=8 streams=8",
     ];
     let paths: &[&str] = if root {
         &["direct", "l4", "hbone", "waypoint"]
