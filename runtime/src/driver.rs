@@ -116,8 +116,17 @@ fn memlock_hint() -> String {
     }
 }
 
+/// Creates (and drops) a real ring on a short-lived thread of its own. A thread that has
+/// entered a ring later gets the ring's exit work queued as `TWA_SIGNAL` task work
+/// (`TIF_NOTIFY_SIGNAL`), which fails its blocking socket calls with EINTR although no signal
+/// was sent; the caller of [`decide`] (a test thread, the bench harness, a `main`) must not
+/// pay for that.
 fn probe_uring(entries: u32) -> io::Result<()> {
-    io_uring_ring(entries).map(drop)
+    std::thread::Builder::new()
+        .name("uring-probe".into())
+        .spawn(move || io_uring_ring(entries).map(drop))?
+        .join()
+        .unwrap_or_else(|_| Err(io::Error::other("io_uring probe thread panicked")))
 }
 
 fn io_uring_ring(entries: u32) -> io::Result<MeshRuntime> {
