@@ -45,7 +45,7 @@ struct Slot {
     active: Cell<usize>,
     retired: Cell<bool>,
     /// A stream has been opened on it: a later failure is the connection going away
-    /// (GOAWAY, reset), worth one retry; a first failure is a refusal, not retried.
+    /// (GOAWAY, reset), worth a retry elsewhere; a first failure is a refusal, not retried.
     proven: Cell<bool>,
     last_used: Cell<Instant>,
 }
@@ -98,16 +98,14 @@ impl Pool {
 
     /// Open a CONNECT stream to `key.addr` acting as `cert` (whose identity must be
     /// `key.src`). A failure on a pooled connection that a new one could avoid (GOAWAY,
-    /// connection gone) is retried once on a fresh connection.
+    /// connection gone) retires it and is retried on another, ending on a fresh one.
     pub async fn open(
         &self,
         key: &PoolKey,
         cert: &WorkloadCert,
         req: &ConnectRequest,
     ) -> Result<H2Stream, HboneError> {
-        let mut attempt = 0;
         loop {
-            attempt += 1;
             let slot = self.reserve(key, cert);
             let s2 = slot.clone();
             let guard = StreamGuard::new(move || {
@@ -135,7 +133,10 @@ impl Pool {
                     s._guard = Some(guard);
                     return Ok(s);
                 }
-                Err(e) if attempt == 1 && proven && e.is_retryable() => {
+                // Each retry retires the connection that failed, and only proven ones are
+                // retried: after a GOAWAY on every pooled connection (a draining server),
+                // the loop walks them once and ends on a fresh connection.
+                Err(e) if proven && e.is_retryable() => {
                     slot.retired.set(true);
                     tracing::debug!(error = %e, addr = %key.addr, "pooled connection unusable; retrying on a new one");
                 }
