@@ -463,7 +463,7 @@ impl Entry {
         let per_op_key = match self.scenario.as_str() {
             "tcp-rr" | "tcp-rr-open" => "cpu_us_per_round_trip",
             "conn-churn" => "cpu_us_per_connection",
-            "http1-rps" => "cpu_us_per_request",
+            "http1-rps" | "http2-rps" => "cpu_us_per_request",
             _ => "cpu_us_per_op",
         };
         let agg = |a: &Option<Agg>| a.map(|a| a.json()).unwrap_or(Value::Null);
@@ -636,7 +636,7 @@ pub fn summary_table(entries: &[Entry]) -> String {
                 .unwrap_or("?".into());
             match e.scenario.as_str() {
                 "idle-connections" => "—".to_string(),
-                "http1-rps" => format!(
+                "http1-rps" | "http2-rps" => format!(
                     "{} CPU-µs/req ({pct})",
                     e.proxy_cpu_per_op
                         .map(|a| format!("{:.1}", a.median))
