@@ -7,7 +7,6 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use h2::client::SendRequest;
-use monoio::io::IntoPollIo;
 use rustls_pki_types::ServerName;
 
 use crate::error::HboneError;
@@ -41,9 +40,7 @@ impl Client {
             .await
             .map_err(|e| HboneError::Connect(addr, e))?;
         let _ = tcp.set_nodelay(true);
-        let io = tcp
-            .into_poll_io()
-            .map_err(|e| HboneError::Connect(addr, e))?;
+        let io = crate::stream::TcpIo::new(tcp);
         let mut tls_stream = match tokio_rustls::TlsConnector::from(tls)
             .connect(ServerName::IpAddress(addr.ip().into()), io)
             .await

@@ -12,7 +12,6 @@ use bytes::Bytes;
 use h2::server::SendResponse;
 use h2::{Ping, PingPong, RecvStream};
 use http::{Response, StatusCode};
-use monoio::io::IntoPollIo;
 use monoio::net::TcpStream;
 use runtime::worker::{race, Either};
 use rustls_pki_types::CertificateDer;
@@ -110,7 +109,7 @@ where
     Fut: Future<Output = ()> + 'static,
 {
     let _ = tcp.set_nodelay(true);
-    let io = tcp.into_poll_io().map_err(HboneError::TlsIo)?;
+    let io = crate::stream::TcpIo::new(tcp);
     let mut tls_stream = match tokio_rustls::TlsAcceptor::from(tls).accept(io).await {
         Ok(s) => s,
         Err(e) => return Err(HboneError::from_tls_io(e, &counters.tls)),

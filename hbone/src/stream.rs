@@ -7,7 +7,11 @@
 
 use std::cell::Cell;
 use std::future::{poll_fn, Future};
+use std::io;
 use std::os::fd::AsRawFd;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::task::{ready, Context, Poll};
 
 use bytes::{Bytes, BytesMut};
 use h2::{Reason, RecvStream, SendStream};
@@ -270,5 +274,119 @@ pub async fn bridge(
         downstream_to_upstream: counts[0].get(),
         upstream_to_downstream: counts[1].get(),
         end,
+    }
+}
+
+type Readiness = Pin<Box<dyn Future<Output = io::Result<()>>>>;
+
+/// The socket under TLS + h2: non-blocking `recv`/`sendmsg` straight from and into the
+/// callers' buffers (no copy), waiting for readiness with a poll on the ring itself. Saves
+/// the `epoll_wait` (and the epoll registration) that monoio's `poll-io` adds per wake-up.
+pub struct TcpIo {
+    tcp: Rc<TcpStream>,
+    read_ready: Option<Readiness>,
+    write_ready: Option<Readiness>,
+}
+
+impl TcpIo {
+    pub fn new(tcp: TcpStream) -> Self {
+        TcpIo {
+            tcp: Rc::new(tcp),
+            read_ready: None,
+            write_ready: None,
+        }
+    }
+
+    /// Start waiting for readability (`read`) or writability: one poll on the ring.
+    fn arm(&mut self, read: bool) {
+        let t = self.tcp.clone();
+        if read {
+            self.read_ready = Some(Box::pin(async move { t.readable(false).await }));
+        } else {
+            self.write_ready = Some(Box::pin(async move { t.writable(false).await }));
+        }
+    }
+
+    /// Poll the armed wait; once it fires, the next call tries the syscall again.
+    fn poll_ready(&mut self, cx: &mut Context<'_>, read: bool) -> Poll<io::Result<()>> {
+        let slot = if read {
+            &mut self.read_ready
+        } else {
+            &mut self.write_ready
+        };
+        if let Some(wait) = slot {
+            let r = ready!(wait.as_mut().poll(cx));
+            *slot = None;
+            return Poll::Ready(r);
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl tokio::io::AsyncRead for TcpIo {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        loop {
+            // After `WouldBlock`, no syscall until the ring says readable.
+            if this.read_ready.is_some() {
+                ready!(this.poll_ready(cx, true))?;
+            }
+            let fd = this.tcp.as_raw_fd();
+            match runtime::sys::recv_nonblocking(fd, buf.initialize_unfilled()) {
+                Ok(n) => {
+                    buf.advance(n);
+                    return Poll::Ready(Ok(()));
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => this.arm(true),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+    }
+}
+
+impl tokio::io::AsyncWrite for TcpIo {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.poll_write_vectored(cx, &[io::IoSlice::new(buf)])
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        loop {
+            if this.write_ready.is_some() {
+                ready!(this.poll_ready(cx, false))?;
+            }
+            let fd = this.tcp.as_raw_fd();
+            match runtime::sys::send_vectored_nonblocking(fd, bufs) {
+                Ok(n) => return Poll::Ready(Ok(n)),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => this.arm(false),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(runtime::sys::shutdown_write(self.tcp.as_raw_fd()))
     }
 }

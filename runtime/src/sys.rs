@@ -108,6 +108,37 @@ pub fn shutdown_write(fd: RawFd) -> io::Result<()> {
     Ok(())
 }
 
+/// `recv(fd, buf, MSG_DONTWAIT)`: the bytes queued now (0 at end of stream), or
+/// `WouldBlock`. For readiness-driven I/O on a socket the ring otherwise owns.
+pub fn recv_nonblocking(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
+    // SAFETY: `buf` is valid for writes of `buf.len()` bytes for the duration of the call
+    // and the kernel writes at most that many.
+    let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
+}
+
+/// `sendmsg(fd, bufs, MSG_DONTWAIT | MSG_NOSIGNAL)`: one gathered write of what fits in
+/// the socket buffer now, or `WouldBlock`.
+pub fn send_vectored_nonblocking(fd: RawFd, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
+    // SAFETY: an all-zero msghdr is a valid value (no name, no control data, no iovecs).
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    // `IoSlice` is guaranteed ABI-compatible with `struct iovec` on Unix; the kernel only
+    // reads the iovecs and the memory they point at, all borrowed for the call.
+    msg.msg_iov = bufs.as_ptr() as *mut libc::iovec;
+    msg.msg_iovlen = bufs.len().min(1024) as _;
+    // SAFETY: `msg` points at `bufs`, valid for reads for the duration of the call.
+    let n = unsafe { libc::sendmsg(fd, &msg, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) };
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
+}
+
 /// Attach a classic BPF program to a `SO_REUSEPORT` group that picks the socket with the
 /// index of the CPU the packet arrived on (modulo `group_size`). Sockets must be bound in
 /// worker order for the index to mean "the worker pinned to that CPU".
