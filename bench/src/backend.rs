@@ -18,7 +18,11 @@
 //! On loopback the listeners take ephemeral ports on 127.0.0.1; in a mesh pod they listen on
 //! [`PORTS`] on every address of the pod's network namespace.
 //!
-//! Every read and write has a 30 s bound; a connection that stalls longer is dropped.
+//! Every read and write has a 30 s bound; a connection that stalls longer is dropped and
+//! counted as an error. Waiting for the next message on an echo or HTTP connection (idle,
+//! between messages) is bounded by 10 minutes instead and ends quietly: proxies keep idle
+//! upstream connections (nginx's and HAProxy's keep-alive pools), and idle-connections
+//! holds thousands open for as long as it takes to open the rest.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -33,6 +37,8 @@ use monoio::time::timeout;
 use runtime::driver::{self, DriverDecision, DriverKind};
 
 const OP_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long an echo or HTTP connection may wait idle for its next message.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// Counters the harness samples while a run is going.
 #[derive(Debug, Default)]
@@ -271,8 +277,10 @@ async fn echo(mut s: TcpStream) -> bool {
     let _ = s.set_nodelay(true);
     let mut buf: Vec<u8> = Vec::with_capacity(64 * 1024);
     loop {
-        let Ok((r, b)) = timeout(OP_TIMEOUT, s.read(buf)).await else {
-            return false;
+        // Waiting for the next message owes the client nothing: an idle connection (an
+        // idle-connections run, a proxy's kept connection) closes quietly after IDLE_TIMEOUT.
+        let Ok((r, b)) = timeout(IDLE_TIMEOUT, s.read(buf)).await else {
+            return true;
         };
         buf = b;
         match r {

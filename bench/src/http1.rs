@@ -126,8 +126,15 @@ pub async fn serve(mut s: TcpStream) -> bool {
                 }
             }
             let before = buf.len();
-            let Ok((r, b)) = timeout(OP_TIMEOUT, read_more(&mut s, buf)).await else {
-                return false;
+            let wait = if buf.is_empty() {
+                crate::backend::IDLE_TIMEOUT
+            } else {
+                OP_TIMEOUT
+            };
+            let idle = buf.is_empty();
+            let Ok((r, b)) = timeout(wait, read_more(&mut s, buf)).await else {
+                // Idle between requests: a kept connection closed quietly; mid-request: an error.
+                return idle;
             };
             buf = b;
             match r {
