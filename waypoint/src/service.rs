@@ -1030,6 +1030,9 @@ impl HboneUpstream {
         while let Some(chunk) = rx.data().await {
             let chunk = chunk.map_err(io::Error::other)?;
             let _ = rx.flow_control().release_capacity(chunk.len());
+            if data.len() + chunk.len() > MAX_RESPONSE {
+                return Err(io::Error::other("upstream response too large"));
+            }
             data.extend_from_slice(&chunk);
         }
         if head.method == "HEAD" {
@@ -1320,10 +1323,17 @@ async fn read_response(
     read_response_inner(s, head_request, got).await
 }
 
+/// The largest upstream response buffered (head and body); a larger one fails the
+/// exchange (`503`) instead of growing without bound.
+pub const MAX_RESPONSE: usize = h2srv::MAX_BODY + http1::MAX_HEAD;
+
 async fn read_more(s: &mut H2Stream, buf: &mut Vec<u8>, got: &mut bool) -> io::Result<bool> {
     match s.read().await {
         Some(Ok(b)) => {
             *got = true;
+            if buf.len() + b.len() > MAX_RESPONSE {
+                return Err(io::Error::other("upstream response too large"));
+            }
             buf.extend_from_slice(&b);
             Ok(true)
         }
