@@ -70,6 +70,8 @@ fn binary_serves_hbone_and_drains_on_sigterm() {
     {
         use std::io::{Read, Write};
         let mut c = std::net::TcpStream::connect(addr).unwrap();
+        // A generous bound: a hang fails instead of blocking the suite.
+        c.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
         c.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n").unwrap();
         let mut got = Vec::new();
         let _ = c.read_to_end(&mut got);
@@ -144,6 +146,8 @@ fn binary_serves_hbone_and_drains_on_sigterm() {
 fn http_get(addr: SocketAddr, path: &str) -> String {
     use std::io::{Read, Write};
     let mut c = std::net::TcpStream::connect(addr).unwrap();
+    // A generous bound: a hang fails instead of blocking the suite.
+    c.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
     write!(c, "GET {path} HTTP/1.1\r\nhost: x\r\n\r\n").unwrap();
     let mut out = String::new();
     c.read_to_string(&mut out).unwrap();
@@ -269,6 +273,8 @@ fn bad_input_is_refused_and_leaks_no_descriptor() {
             // Plaintext, and TLS garbage.
             for bytes in [&b"GET / HTTP/1.1\r\n\r\n"[..], b"\x16\x03\x01\x00\x05hello"] {
                 let mut c = std::net::TcpStream::connect(addr).unwrap();
+                // A generous bound: a hang fails instead of blocking the suite.
+                c.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
                 c.write_all(bytes).unwrap();
                 let mut got = Vec::new();
                 let _ = c.read_to_end(&mut got);
