@@ -76,8 +76,12 @@ fn authorization_rules_clauses_matches_numbers_and_dry_run_extension() {
         ..Default::default()
     };
     assert_eq!(d.encode_to_vec(), [&tag(1000, 0)[..], &[1]].concat());
-    // An Istio encoder that knows nothing of dry_run: its policies decode as enforced.
-    assert!(!Authorization::decode(&bytes[..]).unwrap().dry_run);
+    // The old number 6 (free in Istio: a field it may add) is not dry_run: a message with
+    // field 6 set decodes as enforced, its field skipped as unknown.
+    let six = [&bytes[..], &tag(6, 0)[..], &[1]].concat();
+    let decoded = Authorization::decode(&six[..]).unwrap();
+    assert!(!decoded.dry_run);
+    assert_eq!(decoded.encode_to_vec(), bytes);
 }
 
 #[test]
@@ -92,13 +96,34 @@ fn workload_numbers_match_istio() {
         }),
         ..Default::default()
     };
+    // One field at a time, exact bytes: a swap of two numbers fails too.
+    let one = |w: Workload| w.encode_to_vec();
+    let uid = Workload {
+        uid: "u".into(),
+        ..Default::default()
+    };
+    assert_eq!(one(uid), [&tag(20, 2)[..], &[1], b"u"].concat());
+    let sa = Workload {
+        service_account: "sa".into(),
+        ..Default::default()
+    };
+    assert_eq!(one(sa), [&tag(7, 2)[..], &[2], b"sa"].concat());
+    let node = Workload {
+        node: "n".into(),
+        ..Default::default()
+    };
+    assert_eq!(one(node), [&tag(9, 2)[..], &[1], b"n"].concat());
+    let wp = Workload {
+        waypoint: w.waypoint.clone(),
+        ..Default::default()
+    };
+    // waypoint = 8 → GatewayAddress.hbone_mtls_port = 3 (varint 15008 = 0xa0 0x75).
+    assert_eq!(
+        one(wp),
+        [&tag(8, 2)[..], &[3], &tag(3, 0), &[0xa0, 0x75]].concat()
+    );
     let b = w.encode_to_vec();
-    for (field, wt) in [(20u32, 2u32), (7, 2), (9, 2), (8, 2)] {
-        assert!(
-            contains(&b, &tag(field, wt)),
-            "field {field} missing in {b:?}"
-        );
-    }
+    assert!(contains(&b, &tag(20, 2)));
     let addr = Address {
         r#type: Some(address::Type::Workload(w)),
     };
