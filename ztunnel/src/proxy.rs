@@ -337,8 +337,10 @@ pub fn start(
         settings: settings.clone(),
     });
     let mut per_worker = per_worker.into_iter();
-    // Started from a short-lived thread, never the caller's: `spawn_workers` probes io_uring
-    // by creating (and entering) a ring on the thread it runs on, and when that ring is
+    // Started from a short-lived thread, never the caller's. `spawn_workers` probes io_uring
+    // by creating (and entering) a ring; since `runtime::driver::decide` runs that probe on
+    // a thread of its own this is a second line of defence (no ring may ever be entered on
+    // the embedding process's thread). Why it matters: when a ring is
     // closed the kernel's ring-exit work (a kworker, possibly much later) queues task work
     // with TWA_SIGNAL to every thread that entered it. That sets TIF_NOTIFY_SIGNAL on the
     // thread, which makes a blocking socket call with a timeout (SO_RCVTIMEO/SO_SNDTIMEO)

@@ -40,21 +40,24 @@ impl Drop for Proc {
 
 /// Start the binary; returns the process and its READY line.
 fn spawn(file: &std::path::Path) -> (Proc, String) {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_ztunnel"))
-        .arg("--config")
-        .arg(file)
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let out = c.stdout.take().unwrap();
+    // Owned by `Proc` at once: killed and reaped even if the READY check below panics.
+    let mut c = Proc(
+        Command::new(env!("CARGO_BIN_EXE_ztunnel"))
+            .arg("--config")
+            .arg(file)
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap(),
+    );
+    let out = c.0.stdout.take().unwrap();
     let mut lines = BufReader::new(out).lines();
     let ready = lines.next().unwrap().unwrap();
     assert!(ready.starts_with("READY "), "{ready}");
     std::thread::spawn(move || for _ in lines {});
-    (Proc(c), ready)
+    (c, ready)
 }
 
 /// A pod that accepts and holds connections, echoing whatever arrives (one thread polls

@@ -816,11 +816,14 @@ pub fn refused(s: &mut TcpStream) -> Result<(), Vec<u8>> {
     let mut buf = [0u8; 64];
     loop {
         match s.read(&mut buf) {
-            // EOF or reset; not a timeout (that would be a connection still open).
+            // EOF or reset; not a timeout or EINTR (that would be a connection still open,
+            // as the other closed-connection checks treat it).
             Err(e)
                 if matches!(
                     e.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    std::io::ErrorKind::WouldBlock
+                        | std::io::ErrorKind::TimedOut
+                        | std::io::ErrorKind::Interrupted
                 ) =>
             {
                 panic!("no refusal: the connection is still open ({e})")
