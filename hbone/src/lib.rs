@@ -8,7 +8,8 @@
 //!   refusal counters.
 //! - [`wire`] — the CONNECT request and its headers (`forwarded`, `baggage`,
 //!   `traceparent`), status codes; pure and fuzzed.
-//! - [`client`], [`server`] — connections on the runtime's workers (monoio `poll-io` +
+//! - [`client`], [`server`] — connections on the runtime's workers (the socket as
+//!   [`stream::TcpIo`]: non-blocking `recv`/`sendmsg` with readiness from the ring, +
 //!   tokio-rustls + the stock `h2`), keepalive PINGs, GOAWAY on drain.
 //! - [`pool`] — per-worker connection pools keyed by (source identity, destination
 //!   identities, destination address).
