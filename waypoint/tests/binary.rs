@@ -3,7 +3,7 @@
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, SystemTime};
 
 use hbone::ca::{CertSource, SigningCa};
@@ -25,6 +25,49 @@ services:
   - {name: echo, namespace: app, hostname: echo.app.svc.cluster.local, vips: ["10.96.0.1"], ports: {80: 8080}}
 "#;
 
+/// The waypoint process, killed and reaped when dropped, so a failed check never leaves it
+/// running. (Once the test has reaped it itself, `kill` signals nothing.)
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Read until the waypoint closes the connection, which it must do without an HTTP
+/// answer: EOF or a reset count as closed; hitting the (generous) read bound is a hang and
+/// fails.
+fn closed_without_answer(c: &mut std::net::TcpStream) {
+    use std::io::Read;
+    let mut got = Vec::new();
+    match c.read_to_end(&mut got) {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+        Err(e) => panic!("the waypoint did not close the connection: {e}"),
+    }
+    assert!(
+        !got.starts_with(b"HTTP/"),
+        "got an HTTP answer: {:?}",
+        String::from_utf8_lossy(&got)
+    );
+}
+
+/// The metrics once they contain every line of `want` (waited for, generously: a refusal
+/// may be counted after the connection is closed); fails naming the first missing line.
+fn metrics_with(stats: SocketAddr, want: &[String]) -> String {
+    let t = std::time::Instant::now();
+    loop {
+        let m = http_get(stats, "/stats/prometheus");
+        match want.iter().find(|w| !m.contains(w.as_str())) {
+            None => return m,
+            Some(w) if t.elapsed() > Duration::from_secs(30) => panic!("no {w:?} in\n{m}"),
+            Some(_) => std::thread::sleep(Duration::from_millis(20)),
+        }
+    }
+}
+
 fn dir(name: &str) -> std::path::PathBuf {
     let d = std::env::temp_dir().join(format!("waypoint-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
@@ -40,14 +83,16 @@ fn binary_serves_hbone_and_drains_on_sigterm() {
         d.join("ca").display()
     );
     std::fs::write(d.join("waypoint.yaml"), cfg).unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_waypoint"))
-        .args(["--config", d.join("waypoint.yaml").to_str().unwrap()])
-        .args(["--profile", "latency"])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = Proc(
+        Command::new(env!("CARGO_BIN_EXE_waypoint"))
+            .args(["--config", d.join("waypoint.yaml").to_str().unwrap()])
+            .args(["--profile", "latency"])
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
     let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
+    BufReader::new(child.0.stdout.take().unwrap())
         .read_line(&mut line)
         .unwrap();
     assert!(line.starts_with("READY "), "{line}");
@@ -68,14 +113,12 @@ fn binary_serves_hbone_and_drains_on_sigterm() {
 
     // R13: plaintext HTTP to the HBONE port gets no HTTP answer, and is counted.
     {
-        use std::io::{Read, Write};
+        use std::io::Write;
         let mut c = std::net::TcpStream::connect(addr).unwrap();
         // A generous bound: a hang fails instead of blocking the suite.
         c.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
         c.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n").unwrap();
-        let mut got = Vec::new();
-        let _ = c.read_to_end(&mut got);
-        assert!(!got.starts_with(b"HTTP/"));
+        closed_without_answer(&mut c);
     }
     // A client certificate from the same built-in CA.
     let ca = SigningCa::builtin(&d.join("ca"), "cluster.local").unwrap();
@@ -115,22 +158,23 @@ fn binary_serves_hbone_and_drains_on_sigterm() {
     });
     // Close the client connection (its runtime) before the drain.
     drop(rt);
-    let m = http_get(stats, "/stats/prometheus");
-    assert!(m.contains("waypoint_refused_targets_total 1\n"), "{m}");
-    assert!(m.contains("waypoint_tunnels_total 1\n"), "{m}");
-    assert!(
-        m.contains("waypoint_refused_connections_total{reason=\"tls_other\"} 1\n"),
-        "{m}"
+    metrics_with(
+        stats,
+        &[
+            "waypoint_refused_targets_total 1\n".into(),
+            "waypoint_tunnels_total 1\n".into(),
+            "waypoint_refused_connections_total{reason=\"tls_other\"} 1\n".into(),
+        ],
     );
 
     let ok = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
+        .args(["-TERM", &child.0.id().to_string()])
         .status()
         .unwrap();
     assert!(ok.success());
     let started = std::time::Instant::now();
     let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
+        if let Some(s) = child.0.try_wait().unwrap() {
             break s;
         }
         assert!(
@@ -230,6 +274,26 @@ fn fds(pid: u32) -> usize {
         .count()
 }
 
+/// The descriptor count once two readings in a row agree and it is at most `want` (waited
+/// for, generously; the last steady count if it never gets there).
+fn stable_fds(pid: u32, want: usize) -> usize {
+    let t = std::time::Instant::now();
+    let mut last = fds(pid);
+    let mut steady = None;
+    while t.elapsed() < Duration::from_secs(30) {
+        std::thread::sleep(Duration::from_millis(50));
+        let now = fds(pid);
+        if now == last {
+            steady = Some(now);
+            if now <= want {
+                break;
+            }
+        }
+        last = now;
+    }
+    steady.expect("the descriptor count never held still")
+}
+
 /// Bad input of every kind, many times: the process answers each correctly and ends with
 /// the descriptors it started with.
 #[test]
@@ -240,14 +304,16 @@ fn bad_input_is_refused_and_leaks_no_descriptor() {
         d.join("ca").display()
     );
     std::fs::write(d.join("waypoint.yaml"), cfg).unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_waypoint"))
-        .args(["--config", d.join("waypoint.yaml").to_str().unwrap()])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = Proc(
+        Command::new(env!("CARGO_BIN_EXE_waypoint"))
+            .args(["--config", d.join("waypoint.yaml").to_str().unwrap()])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
     let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
+    BufReader::new(child.0.stdout.take().unwrap())
         .read_line(&mut line)
         .unwrap();
     let field = |k: &str| -> SocketAddr {
@@ -269,16 +335,14 @@ fn bad_input_is_refused_and_leaks_no_descriptor() {
         .unwrap();
     let round = |n: usize| {
         for _ in 0..n {
-            use std::io::{Read, Write};
-            // Plaintext, and TLS garbage.
+            use std::io::Write;
+            // Plaintext, and TLS garbage: each closed, without an HTTP answer.
             for bytes in [&b"GET / HTTP/1.1\r\n\r\n"[..], b"\x16\x03\x01\x00\x05hello"] {
                 let mut c = std::net::TcpStream::connect(addr).unwrap();
                 // A generous bound: a hang fails instead of blocking the suite.
                 c.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
                 c.write_all(bytes).unwrap();
-                let mut got = Vec::new();
-                let _ = c.read_to_end(&mut got);
-                assert!(!got.starts_with(b"HTTP/"));
+                closed_without_answer(&mut c);
             }
         }
         let (mut rt, _) = build_runtime(
@@ -332,26 +396,41 @@ fn bad_input_is_refused_and_leaks_no_descriptor() {
             monoio::time::sleep(Duration::from_millis(20)).await;
         });
     };
-    // Warm up (lazily made descriptors), then count.
+    // Warm up (lazily made descriptors), then count once the warm-up's descriptors are
+    // closed (the count holds still).
+    let pid = child.0.id();
     round(2);
-    std::thread::sleep(Duration::from_millis(200));
-    let before = fds(child.id());
+    let before = stable_fds(pid, usize::MAX);
     round(30);
-    let mut after = fds(child.id());
-    let t = std::time::Instant::now();
-    while after > before && t.elapsed() < Duration::from_secs(20) {
-        std::thread::sleep(Duration::from_millis(50));
-        after = fds(child.id());
-    }
+    let after = stable_fds(pid, before);
     assert!(
         after <= before,
         "descriptors: {before} before, {after} after"
     );
-    let m = http_get(stats, "/stats/prometheus");
-    assert!(m.contains("waypoint_refused_targets_total 32\n"), "{m}");
-    assert!(m.contains("waypoint_h2_protocol_errors_total 32\n"), "{m}");
-    assert!(m.contains("waypoint_bad_requests_total 32\n"), "{m}");
-    let _ = child.kill();
-    let _ = child.wait();
+    // Every plaintext and TLS-garbage connection (2 per round, 32 rounds) counted as a
+    // refusal, by the TLS reason; nothing under another reason.
+    let mut want: Vec<String> = [
+        "waypoint_refused_targets_total 32",
+        "waypoint_h2_protocol_errors_total 32",
+        "waypoint_bad_requests_total 32",
+        "waypoint_refused_connections_total{reason=\"tls_other\"} 64",
+    ]
+    .iter()
+    .map(|l| format!("{l}\n"))
+    .collect();
+    for r in [
+        "no_client_cert",
+        "untrusted",
+        "expired",
+        "identity_mismatch",
+        "not_connect",
+        "bad_authority",
+    ] {
+        want.push(format!(
+            "waypoint_refused_connections_total{{reason=\"{r}\"}} 0\n"
+        ));
+    }
+    metrics_with(stats, &want);
+    drop(child);
     let _ = std::fs::remove_dir_all(&d);
 }
