@@ -134,6 +134,30 @@ fn backend(ip: Ipv4Addr, name: &'static str) -> Backend {
                         }
                         return;
                     }
+                    if path.contains("huge") {
+                        // One byte over the waypoint's limit (head and body), or (`at-limit`)
+                        // exactly at it, then close.
+                        let max = waypoint::service::MAX_RESPONSE
+                            - usize::from(path.contains("at-limit"));
+                        let head =
+                            |n: usize| format!("HTTP/1.1 200 OK\r\ncontent-length: {n}\r\n\r\n");
+                        let mut n = max;
+                        while head(n).len() + n != max + 1 {
+                            n = max + 1 - head(n).len();
+                        }
+                        if c.write_all(head(n).as_bytes()).is_err() {
+                            return;
+                        }
+                        let chunk = vec![b'x'; 1 << 20];
+                        while n > 0 {
+                            let k = n.min(chunk.len());
+                            if c.write_all(&chunk[..k]).is_err() {
+                                return;
+                            }
+                            n -= k;
+                        }
+                        return;
+                    }
                     let hit = hits.fetch_add(1, Ordering::SeqCst);
                     let resp = match path.as_str() {
                         // Chunked, with an extension and a trailer.
@@ -1367,13 +1391,53 @@ fn opaque_tcp_reset_by_the_backend_reaches_the_client_as_a_stream_reset() {
             other => panic!("expected a reset, got {other:?}"),
         }
     });
+    // The tunnel adds `sent`, then `received`, when it ends: wait for both (generously),
+    // so the check never lands between the two.
     let c = m.counters();
-    for _ in 0..3000 {
-        if c.tcp_bytes_sent.load(Ordering::Relaxed) == 10 {
-            break;
-        }
+    let t = std::time::Instant::now();
+    while (c.tcp_bytes_sent.load(Ordering::Relaxed) < 10
+        || c.tcp_bytes_received.load(Ordering::Relaxed) < 6)
+        && t.elapsed() < Duration::from_secs(30)
+    {
         std::thread::sleep(Duration::from_millis(10));
     }
     assert_eq!(c.tcp_bytes_sent.load(Ordering::Relaxed), 10);
     assert_eq!(c.tcp_bytes_received.load(Ordering::Relaxed), 6);
+}
+
+#[test]
+fn an_upstream_response_over_the_limit_answers_503_and_the_tunnel_stays_usable() {
+    // The backend's `/…huge` answer is `MAX_RESPONSE + 1` bytes, head and body
+    // (`/…huge-at-limit`: exactly `MAX_RESPONSE`); `/noretry` so the oversized answer is
+    // not asked for again.
+    let m = Mesh::start_with(EXEC_ROUTE);
+    let r = m
+        .requests(
+            "10.96.0.2:80",
+            &[
+                get("/noretry/huge-at-limit", V1),
+                get("/noretry/huge", V1),
+                get("/noretry/ok", V1),
+            ],
+        )
+        .unwrap();
+    // At the limit: delivered whole.
+    let head = format!(
+        "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n",
+        r[0].1.len()
+    );
+    assert_eq!(
+        (r[0].0, head.len() + r[0].1.len()),
+        (200, waypoint::service::MAX_RESPONSE)
+    );
+    // One byte over: 503.
+    let (code, body) = (r[1].0, &r[1].1[..r[1].1.len().min(200)]);
+    assert_eq!(code, 503, "{body}");
+    assert!(body.starts_with("upstream connect error"), "{body}");
+    assert_eq!(r[2], (200, "echo-v1 /noretry/ok xff=10.1.0.7".to_string()));
+    assert_eq!(
+        m.echo_v1.seen(),
+        vec!["/noretry/huge-at-limit", "/noretry/huge", "/noretry/ok"]
+    );
+    assert_eq!(m.counters().upstream_errors.load(Ordering::Relaxed), 1);
 }
