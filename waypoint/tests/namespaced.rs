@@ -28,12 +28,13 @@ const ZT_ARGS: &str = "WP_NS_ZTUNNEL_ARGS";
 
 /// Not a test: the entry point of the re-executed child that runs the real ztunnel's
 /// command line (`ZT_ARGS`, unit-separator separated). Ignored, so it runs only when
-/// asked for by name with `--ignored`.
+/// asked for by name with `--ignored`; without `ZT_ARGS` (e.g. `--include-ignored` over
+/// the whole workspace) it is not a child and passes without doing anything.
 #[test]
 #[ignore = "the ztunnel child process of the namespace tests"]
 fn ztunnel_child() {
     let Some(args) = std::env::var_os(ZT_ARGS) else {
-        panic!("run by the namespace tests only ({ZT_ARGS} is not set)");
+        return;
     };
     let mut argv = vec![std::ffi::OsString::from("ztunnel")];
     argv.extend(
