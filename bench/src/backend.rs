@@ -78,11 +78,11 @@ pub struct Backends {
     pub drivers: Vec<DriverKind>,
 }
 
-fn listener(port: u16) -> Result<TcpListener> {
-    let ip = if port == 0 {
-        IpAddr::V4(Ipv4Addr::LOCALHOST)
-    } else {
-        IpAddr::V4(Ipv4Addr::UNSPECIFIED)
+fn listener(port: u16, bind: Option<IpAddr>) -> Result<TcpListener> {
+    let ip = match bind {
+        Some(ip) => ip,
+        None if port == 0 => IpAddr::V4(Ipv4Addr::LOCALHOST),
+        None => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
     };
     let l = TcpListener::bind((ip, port))
         .with_context(|| format!("binding a backend listener on {ip}:{port}"))?;
@@ -98,7 +98,7 @@ type Listeners = (
     TcpListener,
 );
 
-fn listeners(ports: Option<Ports>) -> Result<Listeners> {
+fn listeners(ports: Option<Ports>, bind: Option<IpAddr>) -> Result<Listeners> {
     let p = ports.unwrap_or(Ports {
         echo: 0,
         sink: 0,
@@ -107,18 +107,19 @@ fn listeners(ports: Option<Ports>) -> Result<Listeners> {
         h2: 0,
     });
     Ok((
-        listener(p.sink)?,
-        listener(p.echo)?,
-        listener(p.reply_close)?,
-        listener(p.http)?,
-        listener(p.h2)?,
+        listener(p.sink, bind)?,
+        listener(p.echo, bind)?,
+        listener(p.reply_close, bind)?,
+        listener(p.http, bind)?,
+        listener(p.h2, bind)?,
     ))
 }
 
 /// Start one backend thread per entry of `cores` (`None` = unpinned), listening on
 /// loopback ephemeral ports (`netns` None) or on [`PORTS`] inside network namespace `netns`
-/// (a mesh pod; the returned addresses are then `pod_ip:port`). Returns once each thread has
-/// built its runtime.
+/// (a mesh pod; the returned addresses are then `pod_ip:port`), or on [`PORTS`] of the pod's
+/// own loopback address (`netns` `("", ip)`: the loopback mesh). Returns once each thread
+/// has built its runtime.
 pub fn start(
     cores: &[Option<usize>],
     decision: &DriverDecision,
@@ -126,8 +127,9 @@ pub fn start(
     counters: Arc<BackendCounters>,
 ) -> Result<Backends> {
     let (sink, echo, rc, http, h2) = match netns {
-        None => listeners(None)?,
-        Some((ns, _)) => crate::mesh::in_ns(ns, || listeners(Some(PORTS)))?,
+        None => listeners(None, None)?,
+        Some(("", ip)) => listeners(Some(PORTS), Some(ip))?,
+        Some((ns, _)) => crate::mesh::in_ns(ns, || listeners(Some(PORTS), None))?,
     };
     let mut addrs = (
         sink.local_addr()?,

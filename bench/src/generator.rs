@@ -69,6 +69,16 @@ pub struct Plan {
     pub netns: Option<String>,
     /// `host` header of HTTP requests.
     pub host: String,
+    /// Reach `target` through a SOCKS5 proxy (the loopback mesh: ztunnel A's SOCKS5).
+    pub socks: Option<Socks>,
+}
+
+/// A SOCKS5 CONNECT step before the exchange: connect from `src` (the client pod's address,
+/// by which ztunnel identifies the source workload) to `proxy`, then ask for the target.
+#[derive(Debug, Clone, Copy)]
+pub struct Socks {
+    pub src: std::net::IpAddr,
+    pub proxy: SocketAddr,
 }
 
 /// What a thread (or a connection) reports.
@@ -221,7 +231,7 @@ fn running(p: &Plan) -> bool {
     !p.stop.load(Ordering::Relaxed) && Instant::now() < p.t_end
 }
 
-async fn connect(target: SocketAddr, nodelay: bool) -> Result<TcpStream, String> {
+async fn connect_addr(target: SocketAddr, nodelay: bool) -> Result<TcpStream, String> {
     match timeout(CONNECT_TIMEOUT, TcpStream::connect_addr(target)).await {
         Ok(Ok(s)) => {
             if nodelay {
@@ -235,6 +245,84 @@ async fn connect(target: SocketAddr, nodelay: bool) -> Result<TcpStream, String>
             CONNECT_TIMEOUT.as_secs()
         )),
     }
+}
+
+/// Connect to the plan's target, through its SOCKS5 proxy when it has one (the SOCKS5
+/// handshake is part of the connect, so conn-churn counts it in the connection time).
+async fn connect(p: &Plan, nodelay: bool) -> Result<TcpStream, String> {
+    match p.socks {
+        None => connect_addr(p.target, nodelay).await,
+        Some(sx) => match timeout(CONNECT_TIMEOUT, socks_connect(sx, p.target, nodelay)).await {
+            Ok(r) => r,
+            Err(_) => Err(format!(
+                "socks5 {} → {}: timed out after {}s",
+                sx.proxy,
+                p.target,
+                CONNECT_TIMEOUT.as_secs()
+            )),
+        },
+    }
+}
+
+/// A TCP connection from `src` to `dst` (a bound source address, which std cannot do).
+/// The connect is blocking but bounded; on loopback it completes within the call.
+fn connect_from(src: std::net::IpAddr, dst: SocketAddr) -> std::io::Result<std::net::TcpStream> {
+    use socket2::{Domain, Socket, Type};
+    let s = Socket::new(Domain::for_address(dst), Type::STREAM, None)?;
+    s.bind(&SocketAddr::new(src, 0).into())?;
+    s.connect_timeout(&dst.into(), CONNECT_TIMEOUT)?;
+    s.set_nonblocking(true)?;
+    Ok(s.into())
+}
+
+async fn socks_connect(sx: Socks, target: SocketAddr, nodelay: bool) -> Result<TcpStream, String> {
+    let what = format!("socks5 {} → {target}", sx.proxy);
+    let std = connect_from(sx.src, sx.proxy).map_err(|e| format!("{what}: connect: {e}"))?;
+    let _ = std.set_nodelay(true);
+    let mut s = TcpStream::from_std(std).map_err(|e| format!("{what}: {e}"))?;
+    // Greeting: version 5, one method, no authentication.
+    let (r, _) = s.write_all(vec![5u8, 1, 0]).await;
+    r.map_err(|e| format!("{what}: greeting: {e}"))?;
+    let (r, b) = s.read_exact(vec![0u8; 2]).await;
+    r.map_err(|e| format!("{what}: greeting reply: {e}"))?;
+    if b != [5, 0] {
+        return Err(format!("{what}: greeting refused ({b:?})"));
+    }
+    let mut req = vec![5u8, 1, 0];
+    match target {
+        SocketAddr::V4(a) => {
+            req.push(1);
+            req.extend_from_slice(&a.ip().octets());
+        }
+        SocketAddr::V6(a) => {
+            req.push(4);
+            req.extend_from_slice(&a.ip().octets());
+        }
+    }
+    req.extend_from_slice(&target.port().to_be_bytes());
+    let (r, _) = s.write_all(req).await;
+    r.map_err(|e| format!("{what}: request: {e}"))?;
+    let (r, head) = s.read_exact(vec![0u8; 4]).await;
+    r.map_err(|e| format!("{what}: reply: {e}"))?;
+    if head[0] != 5 || head[1] != 0 {
+        return Err(format!("{what}: reply code {}", head[1]));
+    }
+    let rest = match head[3] {
+        1 => 4 + 2,
+        4 => 16 + 2,
+        3 => {
+            let (r, l) = s.read_exact(vec![0u8; 1]).await;
+            r.map_err(|e| format!("{what}: reply: {e}"))?;
+            l[0] as usize + 2
+        }
+        t => return Err(format!("{what}: reply address type {t}")),
+    };
+    let (r, _) = s.read_exact(vec![0u8; rest]).await;
+    r.map_err(|e| format!("{what}: reply: {e}"))?;
+    if !nodelay {
+        let _ = s.set_nodelay(false);
+    }
+    Ok(s)
 }
 
 /// Read until end of file, bounded; `Ok(extra bytes)` (0 expected).
@@ -256,7 +344,7 @@ async fn read_to_eof(s: &mut TcpStream) -> Result<usize, String> {
 
 async fn throughput_conn(p: &Plan, write_size: usize) -> GenResult {
     let mut r = GenResult::new();
-    let mut s = match connect(p.target, false).await {
+    let mut s = match connect(p, false).await {
         Ok(s) => s,
         Err(e) => {
             r.error(e);
@@ -351,7 +439,7 @@ async fn echo_once(
 
 async fn rr_conn(p: &Plan, size: usize, conn: usize) -> GenResult {
     let mut r = GenResult::new();
-    let mut s = match connect(p.target, true).await {
+    let mut s = match connect(p, true).await {
         Ok(s) => s,
         Err(e) => {
             r.error(e);
@@ -445,7 +533,7 @@ async fn wait_until_due(due: Instant, alone: bool) {
 async fn rr_open_conn(p: &Plan, size: usize, interval: Duration, conn: usize) -> GenResult {
     let mut r = GenResult::new();
     let alone = p.conns == 1;
-    let mut s = match connect(p.target, true).await {
+    let mut s = match connect(p, true).await {
         Ok(s) => s,
         Err(e) => {
             r.error(e);
@@ -533,7 +621,7 @@ async fn churn_loop(p: &Plan, size: usize, lp: usize) -> GenResult {
         let n = tag.len().min(size - 4);
         req[4..4 + n].copy_from_slice(&tag[..n]);
         let start = Instant::now();
-        let mut s = match connect(p.target, true).await {
+        let mut s = match connect(p, true).await {
             Ok(s) => s,
             Err(e) => {
                 r.error(e);
@@ -597,7 +685,7 @@ async fn churn_loop(p: &Plan, size: usize, lp: usize) -> GenResult {
 
 async fn http1_conn(p: &Plan, req_body: usize, resp_body: usize) -> GenResult {
     let mut r = GenResult::new();
-    let s = match connect(p.target, true).await {
+    let s = match connect(p, true).await {
         Ok(s) => s,
         Err(e) => {
             r.error(e);
@@ -638,7 +726,7 @@ async fn hold(p: &Plan) {
 /// exchange to prove it is through, idle until the end, one more exchange, close.
 async fn idle_conn(p: &Plan, size: usize, conn: usize) -> GenResult {
     let mut r = GenResult::new();
-    let mut s = match connect(p.target, false).await {
+    let mut s = match connect(p, false).await {
         Ok(s) => s,
         Err(e) => {
             r.error(e);
@@ -668,7 +756,7 @@ async fn idle_conn(p: &Plan, size: usize, conn: usize) -> GenResult {
 
 async fn http2_conn(p: &Plan, streams: usize, resp_body: usize) -> GenResult {
     let mut r = GenResult::new();
-    let send = match crate::http2::connect(p.target).await {
+    let send = match crate::http2::connect(p.target, connect(p, true).await).await {
         Ok(s) => s,
         Err(e) => {
             r.error(e);

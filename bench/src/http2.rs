@@ -64,12 +64,13 @@ pub async fn serve(s: TcpStream) -> bool {
 
 /// A client connection: `SendRequest` handle (clone per stream loop); the connection is
 /// driven by a task on this thread.
-pub async fn connect(target: SocketAddr) -> Result<h2::client::SendRequest<Bytes>, String> {
-    let s = match timeout(Duration::from_secs(5), TcpStream::connect_addr(target)).await {
-        Ok(Ok(s)) => s,
-        Ok(Err(e)) => return Err(format!("connect {target}: {e}")),
-        Err(_) => return Err(format!("connect {target}: timed out")),
-    };
+/// `s`: the connection to `target` (made by the generator, through SOCKS5 if need be).
+pub async fn connect(
+    target: SocketAddr,
+    s: Result<TcpStream, String>,
+) -> Result<h2::client::SendRequest<Bytes>, String> {
+    let s = s?;
+    let _ = target;
     let _ = s.set_nodelay(true);
     let io = s.into_poll_io().map_err(|e| format!("poll io: {e}"))?;
     let (send, conn) = match timeout(OP_TIMEOUT, h2::client::handshake(io)).await {

@@ -28,7 +28,14 @@
 //! beyond capacity". `conn-churn`:
 //! concurrent loops (default 8) of connect, one exchange, close; connections/s.
 //!
-//! **Paths.** `direct` (generator → backend), `l4-copy` and `l4-splice` (generator →
+//! **Topologies.** `--topology netns` (root): the default mesh in network namespaces with
+//! transparent capture ([`mesh`]). `--topology loopback` (the default without root): the
+//! same mesh on `127.<net>.*` addresses, clients through ztunnel A's SOCKS5 (the generator
+//! binds the `client` pod's address, then does the SOCKS5 CONNECT before the measured
+//! exchange; conn-churn counts it in the connection time). Mesh paths: `direct`, `l4`,
+//! `hbone`, `waypoint`, `hbone-cold`. `--topology legacy`: the per-run proxies below.
+//!
+//! **Legacy paths.** `direct` (generator → backend), `l4-copy` and `l4-splice` (generator →
 //! `runtime::forwarder` → backend), `hbone` (generator → outbound `hbone::proxy` → mTLS
 //! HTTP/2 CONNECT over loopback → inbound `hbone::proxy` → backend). The forwarder is this
 //! binary re-executed as `bench __l4fwd --config FILE`, one fresh process per run; the hbone
@@ -112,10 +119,17 @@ struct Args {
     /// direct, l4-copy, l4-splice, hbone-proxy. Direct is the baseline for ratios.
     #[arg(long = "path", value_delimiter = ',')]
     paths: Vec<String>,
-    /// mesh (network namespaces, two ztunnels and a waypoint; needs root), loopback
-    /// (per-run proxies on 127.0.0.1), or auto: mesh when root.
+    /// The default mesh (two ztunnels and a waypoint) as `netns` (network namespaces with
+    /// transparent capture; needs root; `mesh` is an alias) or `loopback` (its own 127.x
+    /// addresses, clients through ztunnel A's SOCKS5; no root); `legacy`: the older per-run
+    /// proxies on 127.0.0.1 (l4-copy, l4-splice, hbone-proxy); auto: netns when root, else
+    /// loopback.
     #[arg(long, default_value = "auto")]
     topology: String,
+    /// Loopback topology: ztunnel A's SOCKS5 address (default 127.<net>.1.10:15080, node
+    /// A's address).
+    #[arg(long)]
+    socks5: Option<std::net::SocketAddr>,
     /// An external proxy to compare with, run in the mesh's `peer` pod:
     /// NAME=ADDR,cmd=COMMAND (repeatable; see bench/peers/ and `bench/src/peer.rs` for
     /// the port layout it must forward).
@@ -261,6 +275,8 @@ struct Suite {
     paths: Vec<PathKind>,
     knobs: Knobs,
     mesh: bool,
+    /// The mesh's layout (None: the legacy per-run proxies).
+    layout: Option<mesh::Layout>,
     profile: tuning::Profile,
     peers: Vec<peer::PeerSpec>,
 }
@@ -282,16 +298,21 @@ fn plan(args: &Args) -> Result<Suite> {
     };
     let quick = args.quick;
     let root = mesh::is_root();
-    let mesh = match args.topology.as_str() {
-        "auto" => root,
-        "mesh" if root => true,
-        "mesh" => bail!(
-            "--topology mesh needs root (network namespaces, nftables); run as root or use \
+    let layout = match args.topology.as_str() {
+        "auto" if root => Some(mesh::Layout::Netns),
+        "auto" | "loopback" => Some(mesh::Layout::loopback()),
+        "netns" | "mesh" if root => Some(mesh::Layout::Netns),
+        "netns" | "mesh" => bail!(
+            "--topology netns needs root (network namespaces, nftables); run as root or use \
              --topology loopback"
         ),
-        "loopback" => false,
-        t => bail!("unknown topology {t:?} (auto, mesh, loopback)"),
+        "legacy" => None,
+        t => bail!("unknown topology {t:?} (auto, netns, loopback, legacy)"),
     };
+    let mesh = layout.is_some();
+    if args.socks5.is_some() && !layout.is_some_and(|l| l.is_loopback()) {
+        bail!("--socks5 is for --topology loopback");
+    }
     let profile = tuning::load_profile(&args.profile)
         .map_err(|e| anyhow::anyhow!("--profile {}: {e}", args.profile))?;
     let kinds: Vec<Kind> = if args.scenarios.is_empty() {
@@ -331,8 +352,8 @@ fn plan(args: &Args) -> Result<Suite> {
         }
         peers.push(spec);
     }
-    if !peers.is_empty() && !mesh {
-        bail!("--peer runs in the mesh topology (root)");
+    if !peers.is_empty() && layout != Some(mesh::Layout::Netns) {
+        bail!("--peer runs in the netns topology (root)");
     }
     let mut paths: Vec<PathKind> = if args.paths.is_empty() {
         if mesh {
@@ -357,16 +378,20 @@ fn plan(args: &Args) -> Result<Suite> {
         for s in &args.paths {
             let p = PathKind::parse(s.trim()).with_context(|| {
                 format!(
-                    "unknown path {s:?} (mesh: direct, l4, hbone, waypoint; loopback: direct, \
-                     l4-copy, l4-splice, hbone-proxy)"
+                    "unknown path {s:?} (netns, loopback: direct, l4, hbone, waypoint, \
+                     hbone-cold; legacy: direct, l4-copy, l4-splice, hbone-proxy, hbone-cold)"
                 )
             })?;
             if !matches!(p, PathKind::Direct | PathKind::HboneCold) && p.is_mesh() != mesh {
                 bail!(
                     "path {} needs the {} topology (this run: {}{})",
                     p.name(),
-                    if p.is_mesh() { "mesh" } else { "loopback" },
-                    if mesh { "mesh" } else { "loopback" },
+                    if p.is_mesh() {
+                        "netns or loopback"
+                    } else {
+                        "legacy"
+                    },
+                    if mesh { "a mesh" } else { "legacy" },
                     if p.is_mesh() && !root {
                         "; the mesh needs root"
                     } else {
@@ -533,6 +558,7 @@ fn plan(args: &Args) -> Result<Suite> {
         paths,
         knobs,
         mesh,
+        layout,
         profile,
         peers,
     })
@@ -596,11 +622,18 @@ fn run(args: Args, suite: Suite) -> Result<ExitCode> {
     let mut loop_be = None;
     let mut mesh_up = None;
     let mut peers: Vec<peer::Peer> = Vec::new();
-    if suite.mesh {
+    if let Some(layout) = suite.layout {
         eprintln!(
-            "bench: bringing up the mesh (network namespaces {}{}-*, two ztunnels{}, profile {})",
-            mesh::PREFIX,
-            std::process::id(),
+            "bench: bringing up the mesh ({}, two ztunnels{}, profile {})",
+            match layout {
+                mesh::Layout::Netns => format!(
+                    "network namespaces {}{}-*",
+                    mesh::PREFIX,
+                    std::process::id()
+                ),
+                mesh::Layout::Loopback { net } =>
+                    format!("loopback addresses 127.{net}.*, clients through SOCKS5"),
+            },
             if suite.paths.contains(&PathKind::Waypoint) {
                 ", a waypoint"
             } else {
@@ -619,6 +652,8 @@ fn run(args: Args, suite: Suite) -> Result<ExitCode> {
             profile_name: args.profile.clone(),
             profile: suite.profile.clone(),
             waypoint: suite.paths.contains(&PathKind::Waypoint),
+            layout,
+            socks5: args.socks5,
         };
         let m = mesh::Mesh::up(&spec, &tmp.0).context("bringing up the mesh")?;
         if let Some(e) = &m.waypoint_error {
@@ -629,7 +664,7 @@ fn run(args: Args, suite: Suite) -> Result<ExitCode> {
             backend::start(
                 &gen_cores,
                 &decision,
-                Some((ns.as_str(), mesh::pod(name).ip.into())),
+                Some((ns.as_str(), m.layout.ip(name).into())),
                 counters.clone(),
             )
             .with_context(|| format!("starting the backends in pod {name}"))
@@ -740,7 +775,8 @@ fn run(args: Args, suite: Suite) -> Result<ExitCode> {
     }
     let mesh_facts = mesh_up.as_ref().map(|(m, _)| {
         json!({
-            "namespaces_prefix": m.prefix,
+            "namespaces_prefix": (!m.layout.is_loopback()).then_some(&m.prefix),
+            "socks5": m.socks5,
             "waypoint": m.waypoint.as_ref().map(|w| w.pid),
             "waypoint_error": m.waypoint_error,
             "ztunnel_pids": m.ztunnels.iter().map(|z| z.pid).collect::<Vec<_>>(),
@@ -931,7 +967,11 @@ fn run(args: Args, suite: Suite) -> Result<ExitCode> {
             "quiet_threshold_pct": suite.knobs.quiet_threshold_pct,
             "quiet_sample_s": suite.knobs.quiet_sample.as_secs_f64(),
             "max_retries": suite.knobs.max_retries,
-            "topology": if suite.mesh { "mesh" } else { "loopback" },
+            "topology": match suite.layout {
+                Some(mesh::Layout::Netns) => "netns",
+                Some(mesh::Layout::Loopback { .. }) => "loopback",
+                None => "legacy",
+            },
             "http_connections": args.conns,
             "large_body": args.body,
             "idle_connections": suite.scenarios.iter().find(|s| s.kind == Kind::Idle).map(|s| s.conns),

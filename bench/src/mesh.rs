@@ -117,6 +117,62 @@ fn gateway(node: usize) -> Ipv4Addr {
     Ipv4Addr::new(10, 181 + node as u8, 0, 1)
 }
 
+/// Where the mesh's pods and nodes live.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Layout {
+    /// Network namespaces with transparent capture (root).
+    Netns,
+    /// Loopback addresses `127.<net>.x.y` in this namespace; clients go through ztunnel A's
+    /// SOCKS5 (no root needed). Node A's pods are `127.<net>.1.*`, node B's `127.<net>.2.*`,
+    /// the nodes' ztunnels `.10` of their /24, the waypoint `127.<net>.5.10`.
+    Loopback { net: u8 },
+}
+
+impl Layout {
+    /// This run's loopback layout (the second octet from the pid, so concurrent runs and
+    /// the ztunnel tests' `127.<small n>` worlds stay apart).
+    pub fn loopback() -> Layout {
+        Layout::Loopback {
+            net: 150 + (std::process::id() % 50) as u8,
+        }
+    }
+    pub fn is_loopback(self) -> bool {
+        matches!(self, Layout::Loopback { .. })
+    }
+    /// A pod's address.
+    pub fn ip(self, name: &str) -> Ipv4Addr {
+        match self {
+            Layout::Netns => pod(name).ip,
+            Layout::Loopback { net } => {
+                let (c, d) = match name {
+                    "client" => (1, 2),
+                    "plain-client" => (1, 3),
+                    "peer" => (1, 5),
+                    "echo" => (2, 2),
+                    "echo-v1" => (2, 3),
+                    "plain" => (2, 4),
+                    "waypoint" => (5, 10),
+                    other => panic!("unknown pod {other}"),
+                };
+                Ipv4Addr::new(127, net, c, d)
+            }
+        }
+    }
+    /// The waypoint's HBONE address. On loopback its port is not 15008: ztunnel B's HBONE
+    /// listens on `0.0.0.0:15008` there (see [`Mesh::build_loopback`]).
+    pub fn waypoint_addr(self) -> SocketAddr {
+        let port = if self.is_loopback() { 15018 } else { 15008 };
+        SocketAddr::new(IpAddr::V4(self.ip("waypoint")), port)
+    }
+    /// Node `i`'s ztunnel address.
+    pub fn node_ip(self, i: usize) -> Ipv4Addr {
+        match self {
+            Layout::Netns => NODE_IPS[i],
+            Layout::Loopback { net } => Ipv4Addr::new(127, net, 1 + i as u8, 10),
+        }
+    }
+}
+
 /// Is this process root (effective uid 0)?
 pub fn is_root() -> bool {
     std::fs::read_to_string("/proc/self/status")
@@ -229,11 +285,28 @@ fn install_rules(rules: &ztunnel::capture::Rules, ns: &str) -> Result<()> {
 }
 
 /// The mesh-model part of the config, shared by both ztunnels and the waypoint.
-pub fn mesh_yaml() -> String {
-    let ip = |n: &str| pod(n).ip;
-    let wp = SocketAddr::new(IpAddr::V4(pod("waypoint").ip), 15008);
+pub fn mesh_yaml(layout: Layout) -> String {
+    mesh_yaml_nodes(layout, true)
+}
+
+/// `nodes`: on loopback, list the nodes' ztunnel addresses (the ztunnels' config). The
+/// waypoint's config leaves them out: it then sends to `podIP:15008`, which ztunnel B
+/// answers with the pod's identity, the one the waypoint checks.
+pub fn mesh_yaml_nodes(layout: Layout, nodes: bool) -> String {
+    let ip = |n: &str| layout.ip(n);
+    let wp = layout.waypoint_addr();
+    // On loopback nothing is captured: HBONE goes to the destination node's ztunnel.
+    let nodes = if layout.is_loopback() && nodes {
+        format!(
+            "nodes:\n  - {{name: node-a, ztunnel: {}}}\n  - {{name: node-b, ztunnel: {}}}\n",
+            layout.node_ip(0),
+            layout.node_ip(1)
+        )
+    } else {
+        String::new()
+    };
     format!(
-        r#"namespaces:
+        r#"{nodes}namespaces:
   - name: bench-client
     labels: {{istio.io/dataplane-mode: ambient}}
   - name: bench
@@ -322,6 +395,9 @@ pub struct MeshSpec {
     pub profile: tuning::Profile,
     /// Start the waypoint too.
     pub waypoint: bool,
+    pub layout: Layout,
+    /// Loopback layout: ztunnel A's SOCKS5 address (default node A's address, port 15080).
+    pub socks5: Option<SocketAddr>,
 }
 
 /// The running mesh. Drop tears it down.
@@ -334,10 +410,17 @@ pub struct Mesh {
     pub waypoint: Option<Proxy>,
     /// Why the waypoint is not running, when it is not.
     pub waypoint_error: Option<String>,
+    pub layout: Layout,
+    /// Loopback layout: where clients ask ztunnel A for their connections.
+    pub socks5: Option<SocketAddr>,
 }
 
 impl Mesh {
+    /// A pod's or node's network namespace ("" on the loopback layout: this one).
     pub fn ns(&self, pod_or_node: &str) -> String {
+        if self.layout.is_loopback() {
+            return String::new();
+        }
         format!("{}-{pod_or_node}", self.prefix)
     }
 
@@ -347,7 +430,9 @@ impl Mesh {
 
     /// Build the namespaces, install capture, start both ztunnels (and the waypoint).
     pub fn up(spec: &MeshSpec, dir: &Path) -> Result<Mesh> {
-        sweep_stale();
+        if !spec.layout.is_loopback() {
+            sweep_stale();
+        }
         let prefix = format!("{PREFIX}{}", std::process::id());
         let dir = dir.join("mesh");
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -358,8 +443,14 @@ impl Mesh {
             ztunnels: Vec::new(),
             waypoint: None,
             waypoint_error: None,
+            layout: spec.layout,
+            socks5: None,
         };
-        m.build(spec)?;
+        if spec.layout.is_loopback() {
+            m.build_loopback(spec)?;
+        } else {
+            m.build(spec)?;
+        }
         Ok(m)
     }
 
@@ -367,6 +458,61 @@ impl Mesh {
         sh(&["ip", "netns", "add", ns])?;
         self.namespaces.push(ns.to_string());
         sh(&["ip", "-n", ns, "link", "set", "lo", "up"])
+    }
+
+    /// The loopback layout: both ztunnels and the waypoint on their own 127.x addresses,
+    /// no namespaces, no capture; clients use ztunnel A's SOCKS5.
+    ///
+    /// ztunnel B's HBONE inbound listens on `0.0.0.0:15008`: the waypoint sends to a pod's
+    /// `podIP:15008` (it checks the pod's identity, which ztunnel B presents for connections
+    /// addressed to its pods, by local address), while ztunnel A goes to node B's address
+    /// (`nodes:`) and expects the ztunnel identity. So nothing else may listen on port 15008:
+    /// ztunnel A's (unused) HBONE inbound is on 15009, the waypoint on 15018.
+    fn build_loopback(&mut self, spec: &MeshSpec) -> Result<()> {
+        let ca_dir = self.dir.join("ca");
+        hbone::ca::SigningCa::builtin(&ca_dir, "cluster.local").map_err(|e| {
+            anyhow::anyhow!("creating the built-in CA in {}: {e}", ca_dir.display())
+        })?;
+        let tun = tuning_yaml(
+            &spec.profile,
+            &spec.proxy_cores,
+            spec.workers,
+            &spec.io_driver,
+        )?;
+        let socks_a = spec
+            .socks5
+            .unwrap_or(SocketAddr::new(self.layout.node_ip(0).into(), 15080));
+        for (i, name) in ["node-a", "node-b"].into_iter().enumerate() {
+            let address = self.layout.node_ip(i);
+            let (socks, hbone) = if i == 0 {
+                (socks_a, format!("{address}:15009"))
+            } else {
+                (
+                    SocketAddr::new(address.into(), 15080),
+                    "0.0.0.0:15008".to_string(),
+                )
+            };
+            let file = self.dir.join(format!("{name}.yaml"));
+            std::fs::write(
+                &file,
+                format!(
+                    "# written by bench (loopback)\nztunnel:\n  node: {name}\n  address: {address}\n  socks5: \"{socks}\"\n  hbone: \"{hbone}\"\n  ca: {{builtin: {}}}\n{tun}{}",
+                    ca_dir.display(),
+                    mesh_yaml(self.layout)
+                ),
+            )
+            .with_context(|| format!("writing {}", file.display()))?;
+            let z = Proxy::spawn_ztunnel("", &file, &spec.profile_name, name)?;
+            self.ztunnels.push(z);
+        }
+        self.socks5 = Some(socks_a);
+        if spec.waypoint {
+            match crate::waypoint::start(self, spec, &ca_dir, &tun) {
+                Ok(p) => self.waypoint = Some(p),
+                Err(e) => self.waypoint_error = Some(format!("{e:#}")),
+            }
+        }
+        Ok(())
     }
 
     fn build(&mut self, spec: &MeshSpec) -> Result<()> {
@@ -469,7 +615,7 @@ impl Mesh {
                 format!(
                     "# written by bench\nztunnel:\n  node: {name}\n  address: 0.0.0.0\n  outbound: 0.0.0.0:15001\n  plaintext:\n    - listen: 0.0.0.0:15006\n  ca: {{builtin: {}}}\n{tun}{}",
                     ca_dir.display(),
-                    mesh_yaml()
+                    mesh_yaml(self.layout)
                 ),
             )
             .with_context(|| format!("writing {}", file.display()))?;

@@ -289,10 +289,15 @@ impl Proxy {
         name: &str,
     ) -> Result<Proxy> {
         let exe = std::env::current_exe().context("locating the bench binary")?;
-        let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", ns])
-            .arg(exe)
-            .arg(arg)
+        // `ns` empty: this namespace (the loopback mesh).
+        let mut cmd = if ns.is_empty() {
+            Command::new(exe)
+        } else {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns]).arg(exe);
+            c
+        };
+        cmd.arg(arg)
             .arg("--config")
             .arg(cfg_path)
             .arg("--profile")

@@ -588,10 +588,12 @@ fn run_one(
     let mut proxies: Vec<Proxy> = Vec::new();
     let mut pids: Vec<u32> = Vec::new();
     let mut netns: Option<String> = None;
+    let mut socks: Option<generator::Socks> = None;
     let mut host_header = "echo".to_string();
     let target = match &mut ctx.topo {
         Topo::Mesh { mesh, be } if path == PathKind::HboneCold => {
-            let plain = mesh::pod("plain").ip;
+            let plain = mesh.layout.ip("plain");
+            let lo = mesh.layout.is_loopback();
             let spec = HboneSpec {
                 backend: pick(&be.plain),
                 core: if ctx.placement.pin {
@@ -602,9 +604,11 @@ fn run_one(
                 io_driver: k.io_driver.clone(),
                 ca_dir: mesh.dir.join("ca"),
                 pool: false,
-                netns: Some((mesh.ns("plain"), mesh.ns("plain-client"), plain.into())),
+                netns: (!lo).then(|| (mesh.ns("plain"), mesh.ns("plain-client"), plain.into())),
             };
-            netns = Some(mesh.ns("plain-client"));
+            if !lo {
+                netns = Some(mesh.ns("plain-client"));
+            }
             match Proxy::start_hbone(&spec, ctx.tmp, &format!("{}", ctx.seq)) {
                 Ok(ps) => {
                     let last = ps.last().expect("two proxies");
@@ -691,7 +695,17 @@ fn run_one(
                 eprintln!("{label}  FAILED: {}", run.failed.as_deref().unwrap_or(""));
                 return Ok(run);
             }
-            netns = Some(mesh.ns(client));
+            match mesh.socks5 {
+                // Loopback: the client pod's address is the source, ztunnel A's SOCKS5 the way in.
+                Some(proxy) if path != PathKind::Direct => {
+                    socks = Some(generator::Socks {
+                        src: mesh.layout.ip(client).into(),
+                        proxy,
+                    });
+                }
+                Some(_) => {}
+                None => netns = Some(mesh.ns(client)),
+            }
             pids = mesh.pids(path.name());
             run.proxy_pid = pids.first().copied();
             run.proxy_driver = if pids.is_empty() { None } else { mesh.driver() };
@@ -788,7 +802,7 @@ fn run_one(
     // Let the proxy's threads settle after start-up.
     std::thread::sleep(Duration::from_millis(30));
     if sc.kind == Kind::Idle {
-        return idle_run(ctx, sc, run, &label, &pids, proxies, target, netns);
+        return idle_run(ctx, sc, run, &label, &pids, proxies, target, netns, socks);
     }
 
     // 3. Generators.
@@ -824,6 +838,7 @@ fn run_one(
             live: live.clone(),
             netns: netns.clone(),
             host: host_header.clone(),
+            socks,
         };
         match generator::spawn(i, ctx.placement.gen_core(i), ctx.decision, plan, tx.clone()) {
             Ok(()) => spawned += 1,
@@ -1119,6 +1134,7 @@ fn idle_run(
     mut proxies: Vec<Proxy>,
     target: SocketAddr,
     netns: Option<String>,
+    socks: Option<generator::Socks>,
 ) -> Result<Run, Interrupted> {
     let before: Vec<Option<u64>> = pids.iter().map(|p| host::proc_rss_kb(*p)).collect();
     let stop = Arc::new(AtomicBool::new(false));
@@ -1143,6 +1159,7 @@ fn idle_run(
             live: live.clone(),
             netns: netns.clone(),
             host: String::new(),
+            socks,
         };
         match generator::spawn(i, ctx.placement.gen_core(i), ctx.decision, plan, tx.clone()) {
             Ok(()) => spawned += 1,

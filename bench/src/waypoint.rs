@@ -3,7 +3,6 @@
 //! is one multi-document YAML file (the waypoint crate's format): the settings document,
 //! the mesh model shared with both ztunnels, and the `echo` → `echo-v1` HTTPRoute (R17).
 
-use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 
 use anyhow::{Context, Result};
@@ -42,19 +41,24 @@ spec:
 ";
 
 /// The whole config file.
-pub fn config_yaml(ca_dir: &Path, tuning: &str) -> String {
-    let addr = SocketAddr::new(IpAddr::V4(mesh::pod("waypoint").ip), 15008);
+pub fn config_yaml(layout: mesh::Layout, ca_dir: &Path, tuning: &str) -> String {
+    let addr = layout.waypoint_addr();
+    let listen = if layout.is_loopback() {
+        addr.to_string()
+    } else {
+        "0.0.0.0:15008".into()
+    };
     format!(
-        "# written by bench\nwaypoint:\n  listen: 0.0.0.0:15008\n  address: {addr}\n  gateway: bench/waypoint\n  identity: {WAYPOINT_ID}\n  ca: {{builtin: {}}}\n{tuning}---\n{}---\n{ROUTE}---\n{H2_RULE}",
+        "# written by bench\nwaypoint:\n  listen: {listen}\n  address: {addr}\n  gateway: bench/waypoint\n  identity: {WAYPOINT_ID}\n  ca: {{builtin: {}}}\n{tuning}---\n{}---\n{ROUTE}---\n{H2_RULE}",
         ca_dir.display(),
-        mesh::mesh_yaml()
+        mesh::mesh_yaml_nodes(layout, false)
     )
 }
 
 /// Write the config and start the waypoint in its pod; wait for READY.
 pub fn start(m: &Mesh, spec: &MeshSpec, ca_dir: &Path, tuning: &str) -> Result<Proxy> {
     let file = m.dir.join("waypoint.yaml");
-    std::fs::write(&file, config_yaml(ca_dir, tuning))
+    std::fs::write(&file, config_yaml(m.layout, ca_dir, tuning))
         .with_context(|| format!("writing {}", file.display()))?;
     Proxy::spawn_in_ns(
         &m.ns("waypoint"),
@@ -72,6 +76,7 @@ mod tests {
     #[test]
     fn config_loads_in_the_waypoint() {
         let text = config_yaml(
+            mesh::Layout::Netns,
             Path::new("/tmp/ca"),
             &mesh::tuning_yaml(&tuning::Profile::default(), &[1], 1, "auto").unwrap(),
         );

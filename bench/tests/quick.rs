@@ -1,10 +1,125 @@
 //! Runs the built harness with the quick suite (the main job, shortened) and checks the
-//! report it writes. As root the suite runs over the mesh topology (network namespaces,
-//! transparent capture, two ztunnels and a waypoint); without root, over loopback — and
-//! under `CI` a missing root fails the test instead.
+//! report it writes. As root the suite runs over the netns topology (network namespaces,
+//! transparent capture, two ztunnels and a waypoint); without root, over the same mesh on
+//! loopback addresses through SOCKS5 — and under `CI` a missing root fails the test instead.
+//! A second test runs the loopback topology explicitly (so it is tested as root too).
+//! The two run one at a time: both use the machine's CPUs, and the loopback mesh listens on
+//! `0.0.0.0:15008`.
 
 use std::process::{Command, Stdio};
+// Serialises the two tests (test harness only, no data path).
+#[allow(clippy::disallowed_types)]
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
+
+#[allow(clippy::disallowed_types)]
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+/// Run the bench binary with `args` (bounded: 120 s), return (status, stdout).
+fn run_bench(args: &[&str]) -> (std::process::ExitStatus, String, u32) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_bench"))
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("start the bench binary");
+    let pid = child.id();
+    let mut out = child.stdout.take().expect("piped");
+    // Read stdout on a thread so a full pipe cannot stall the child.
+    let reader = std::thread::spawn(move || {
+        use std::io::Read;
+        let mut s = String::new();
+        let _ = out.read_to_string(&mut s);
+        s
+    });
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let status = loop {
+        if let Some(st) = child.try_wait().expect("wait for bench") {
+            break st;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("bench {args:?} did not finish within 120 s");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    (status, reader.join().unwrap_or_default(), pid)
+}
+
+#[test]
+fn loopback_topology_runs_every_path_without_loss() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let out = std::env::temp_dir().join(format!("bench-loopback-test-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&out);
+    let (status, stdout, _) = run_bench(&[
+        "--quick",
+        "--topology",
+        "loopback",
+        "--scenario",
+        "tcp-throughput,tcp-rr,conn-churn,http1-rps,http2-rps",
+        "--streams",
+        "2",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(
+        status.success(),
+        "bench --topology loopback exited with {status}"
+    );
+    assert!(
+        stdout.contains("| scenario | path |"),
+        "summary table: {stdout}"
+    );
+    let text = std::fs::read_to_string(out.join("report.json")).expect("report.json written");
+    let report: Value = serde_json::from_str(&text).expect("report.json is JSON");
+    assert_eq!(report["ok"], true);
+    assert_eq!(report["settings"]["topology"], "loopback");
+    assert!(
+        report["mesh"]["socks5"].as_str().is_some(),
+        "SOCKS5 address reported"
+    );
+    assert!(
+        report["mesh"]["waypoint"].as_u64().is_some(),
+        "the waypoint ran"
+    );
+    let results = report["results"].as_array().expect("results array");
+    for id in [
+        "tcp-throughput/streams=2",
+        "tcp-rr/size=100B streams=2",
+        "conn-churn/size=100B conc=8",
+        "http1-rps/body=100B conns=64",
+        "http2-rps/body=100B conns=8 streams=8",
+    ] {
+        for path in ["direct", "l4", "hbone", "waypoint"] {
+            let e = results.iter().find(|e| e["id"] == id && e["path"] == path);
+            if path == "waypoint" && !id.starts_with("http") {
+                assert!(e.is_none(), "{id} ran over the waypoint");
+                continue;
+            }
+            let e = e.unwrap_or_else(|| panic!("no result for {id} × {path}"));
+            assert_eq!(e["ok"], true, "{id} × {path}: {e}");
+            assert!(
+                e["figure"]["median"].as_f64().unwrap_or(0.0) > 0.0,
+                "{id} × {path}"
+            );
+            assert_eq!(e["bytes"]["lost"], 0, "{id} × {path}: bytes lost");
+            assert!(
+                e["bytes"]["sent"].as_u64().unwrap_or(0) > 0,
+                "{id} × {path}"
+            );
+            assert_eq!(e["errors"], 0, "{id} × {path}: errors");
+        }
+    }
+    // Every run, not just the aggregates: nothing lost, nothing failed.
+    for r in report["runs"].as_array().expect("runs") {
+        assert_eq!(r["bytes_sent"], r["bytes_received"], "run {r}");
+        assert_eq!(r["errors"], 0, "run {r}");
+        assert!(r["failed"].is_null(), "run {r}");
+    }
+    let _ = std::fs::remove_dir_all(&out);
+}
 
 use serde_json::Value;
 
@@ -21,40 +136,14 @@ fn is_root() -> bool {
 
 #[test]
 fn quick_suite_reports_every_scenario_and_path() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let root = is_root();
     if !root && std::env::var_os("CI").is_some() {
         panic!("the mesh topology needs root (network namespaces, nftables) and CI is set");
     }
     let out = std::env::temp_dir().join(format!("bench-quick-test-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&out);
-    let mut child = Command::new(env!("CARGO_BIN_EXE_bench"))
-        .arg("--quick")
-        .arg("--out")
-        .arg(&out)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("start the bench binary");
-    let child_pid = child.id();
-    // The quick suite takes ~20 s; never hang the test run.
-    let deadline = Instant::now() + Duration::from_secs(120);
-    let status = loop {
-        if let Some(st) = child.try_wait().expect("wait for bench") {
-            break st;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("bench --quick did not finish within 120 s");
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    };
-    let mut stdout = String::new();
-    if let Some(mut s) = child.stdout.take() {
-        use std::io::Read;
-        let _ = s.read_to_string(&mut stdout);
-    }
+    let (status, stdout, child_pid) = run_bench(&["--quick", "--out", out.to_str().unwrap()]);
     assert!(status.success(), "bench --quick exited with {status}");
     assert!(
         stdout.contains("| scenario | path |"),
@@ -68,7 +157,7 @@ fn quick_suite_reports_every_scenario_and_path() {
     assert_eq!(report["suite"], "quick");
     assert_eq!(
         report["settings"]["topology"],
-        if root { "mesh" } else { "loopback" }
+        if root { "netns" } else { "loopback" }
     );
     for f in ["throughput.svg", "rates.svg"] {
         let svg = std::fs::read_to_string(out.join(f)).unwrap_or_else(|e| panic!("{f}: {e}"));
@@ -104,11 +193,7 @@ fn quick_suite_reports_every_scenario_and_path() {
         "http1-rps/body=100B conns=64",
         "http2-rps/body=100B conns=8 streams=8",
     ];
-    let paths: &[&str] = if root {
-        &["direct", "l4", "hbone", "waypoint"]
-    } else {
-        &["direct", "l4-copy", "l4-splice", "hbone-proxy"]
-    };
+    let paths: &[&str] = &["direct", "l4", "hbone", "waypoint"];
     for id in scenarios {
         for &path in paths {
             if path == "waypoint" && !id.starts_with("http") {
@@ -177,7 +262,7 @@ fn quick_suite_reports_every_scenario_and_path() {
             .any(|e| e["path"] == "hbone-cold" && e["scenario"] != "conn-churn"),
         "hbone-cold carries conn-churn only"
     );
-    if root {
+    {
         // Memory per idle connection through each proxied mesh path.
         for path in ["l4", "hbone"] {
             let e = results
