@@ -112,7 +112,8 @@ use suite::{Ctx, Kind, Knobs, MeshBackends, PathKind, Placement, Scenario, Topo}
 )]
 struct Args {
     /// Scenarios to run (comma-separated or repeated): tcp-throughput, tcp-rr, tcp-rr-open,
-    /// conn-churn, http1-rps, large-body, idle-connections.
+    /// conn-churn, http1-rps, http2-rps, large-body, idle-connections, mixed (one bulk stream,
+    /// tcp-rr and --conns HTTP/1.1 connections (default 8) at once; not in the default suite).
     #[arg(long = "scenario", value_delimiter = ',')]
     scenarios: Vec<String>,
     /// Paths to compare. Mesh topology: direct, l4, hbone, waypoint. Loopback topology:
@@ -334,8 +335,7 @@ fn plan(args: &Args) -> Result<Suite> {
             let k = Kind::parse(s.trim()).with_context(|| {
                 format!(
                     "unknown scenario {s:?} (tcp-throughput, tcp-rr, tcp-rr-open, conn-churn, \
-                     http1-rps, http2-rps, large-body, idle-connections; mixed is not \
-                     supported yet)"
+                     http1-rps, http2-rps, large-body, idle-connections, mixed)"
                 )
             })?;
             if !v.contains(&k) {
@@ -411,6 +411,9 @@ fn plan(args: &Args) -> Result<Suite> {
     let size = args.size.unwrap_or(100);
     if size == 0 {
         bail!("--size must be at least 1 byte");
+    }
+    if kinds.contains(&Kind::Mixed) && !mesh {
+        bail!("mixed runs on the mesh topologies (netns, loopback): its three parts use the pod backends' fixed ports");
     }
     if kinds.contains(&Kind::Churn) && size < 4 {
         bail!("conn-churn needs --size of at least 4 bytes (its length header)");
@@ -495,6 +498,16 @@ fn plan(args: &Args) -> Result<Suite> {
                 rate: 0.0,
                 body: 0,
                 h2_streams: args.h2_streams.max(1),
+            }),
+            Kind::Mixed => scenarios.push(Scenario {
+                kind: k,
+                // HTTP connections beside the bulk stream and the rr connection.
+                conns: if args.conns == 64 { 8 } else { args.conns },
+                size,
+                write_size: args.write_size,
+                rate: 0.0,
+                body: 0,
+                h2_streams: 0,
             }),
             Kind::Idle => scenarios.push(Scenario {
                 kind: k,

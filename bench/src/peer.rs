@@ -89,7 +89,8 @@ impl PeerSpec {
     /// The peer's address for a scenario (see the module docs).
     pub fn target(&self, k: Kind) -> SocketAddr {
         let off = match k {
-            Kind::Rr | Kind::RrOpen | Kind::Idle => 0,
+            // mixed does not run on peers (`PathKind::carries`).
+            Kind::Rr | Kind::RrOpen | Kind::Idle | Kind::Mixed => 0,
             Kind::Throughput => 1,
             Kind::Churn => 2,
             Kind::Http1 | Kind::LargeBody | Kind::Http2 => 10,

@@ -243,6 +243,14 @@ pub struct IdleMem {
     pub rss_after_kb: Vec<u64>,
 }
 
+/// mixed: what ran beside the tcp-rr round trips.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Mixed {
+    pub bulk_gbit_per_s: f64,
+    pub http_requests_per_s: f64,
+    pub http_latency_us: Option<Latency>,
+}
+
 /// Everything measured in one run.
 #[derive(Debug, Clone, Serialize)]
 pub struct Run {
@@ -260,6 +268,10 @@ pub struct Run {
     pub round_trips_per_s: Option<f64>,
     pub connections_per_s: Option<f64>,
     pub open_loop: Option<OpenLoop>,
+    /// mixed: the HTTP/1.1 requests' latency and rate, and the bulk stream's Gbit/s, beside
+    /// the tcp-rr round trips (`latency_us`, the figure's p99).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mixed: Option<Mixed>,
     /// http1-rps, large-body: requests completed in the window, per second.
     pub requests_per_s: Option<f64>,
     /// idle-connections.
@@ -344,6 +356,8 @@ pub struct Entry {
     pub target_rate: Option<f64>,
     pub achieved_rate: Option<Agg>,
     pub saturated_runs: usize,
+    /// mixed: medians over runs of the bulk Gbit/s and the HTTP p50/p99 (µs).
+    pub mixed: Option<[f64; 4]>,
 }
 
 const PCTS: [&str; 6] = ["p50", "p90", "p99", "p999", "max", "mean"];
@@ -431,6 +445,20 @@ impl Entry {
                 .iter()
                 .filter(|r| r.open_loop.is_some_and(|o| o.saturated))
                 .count(),
+            mixed: {
+                let m = |f: &dyn Fn(&Mixed) -> Option<f64>| {
+                    vals(&|r: &Run| r.mixed.as_ref().and_then(f)).map(|a| a.median)
+                };
+                match (
+                    m(&|x| Some(x.bulk_gbit_per_s)),
+                    m(&|x| Some(x.http_requests_per_s)),
+                    m(&|x| x.http_latency_us.map(|l| l.p50)),
+                    m(&|x| x.http_latency_us.map(|l| l.p99)),
+                ) {
+                    (Some(g), Some(rps), Some(p50), Some(p99)) => Some([g, rps, p50, p99]),
+                    _ => None,
+                }
+            },
         }
     }
 
@@ -506,6 +534,12 @@ impl Entry {
             "direct_median": self.direct_median.map(r),
             "ratio_to_direct": self.ratio.map(r),
             "lower_is_better": self.lower_is_better,
+            "mixed": self.mixed.map(|[g, rps, p50, p99]| json!({
+                "bulk_gbit_per_s": r(g),
+                "http_requests_per_s": r(rps),
+                "http_p50_us": r(p50),
+                "http_p99_us": r(p99),
+            })),
             "open_loop": self.target_rate.map(|t| json!({
                 "target_rate_per_s": t,
                 "achieved_rate_per_s": agg(&self.achieved_rate),
@@ -693,6 +727,13 @@ pub fn summary_table(entries: &[Entry]) -> String {
                     e.saturated_runs, e.used
                 ));
             }
+        }
+        if let Some([g, rps, p50, p99]) = e.mixed {
+            notes.push(format!(
+                "under bulk {g:.2} Gbit/s: http1 {} req/s p50 {p50:.1} µs p99 {p99:.1} µs; \
+                 percentiles left are tcp-rr's",
+                si(rps)
+            ));
         }
         if e.lower_is_better && e.ratio.is_some() && e.path != "direct" {
             notes.push("of direct = p99 path/direct, lower is better".into());

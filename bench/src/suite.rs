@@ -38,6 +38,9 @@ pub enum Kind {
     LargeBody,
     /// Idle connections held open: proxy memory per connection (`idle-connections`).
     Idle,
+    /// At once on one path: one bulk tcp stream, tcp-rr round trips on one connection and
+    /// HTTP/1.1 requests (`mixed`): the rr and http latency under the bulk load.
+    Mixed,
 }
 
 impl Kind {
@@ -51,6 +54,7 @@ impl Kind {
             Kind::Http2 => "http2-rps",
             Kind::LargeBody => "large-body",
             Kind::Idle => "idle-connections",
+            Kind::Mixed => "mixed",
         }
     }
     pub fn parse(s: &str) -> Option<Kind> {
@@ -63,6 +67,7 @@ impl Kind {
             "http2-rps" | "http2" => Some(Kind::Http2),
             "large-body" => Some(Kind::LargeBody),
             "idle-connections" | "idle" => Some(Kind::Idle),
+            "mixed" => Some(Kind::Mixed),
             _ => None,
         }
     }
@@ -71,7 +76,7 @@ impl Kind {
             Kind::Throughput | Kind::LargeBody => ("gbit_per_s", "Gbit/s"),
             Kind::Rr => ("round_trips_per_s", "1/s"),
             Kind::Churn => ("connections_per_s", "1/s"),
-            Kind::RrOpen => ("p99_latency_us", "µs"),
+            Kind::RrOpen | Kind::Mixed => ("p99_latency_us", "µs"),
             Kind::Http1 | Kind::Http2 => ("requests_per_s", "1/s"),
             Kind::Idle => ("bytes_per_idle_connection", "B"),
         }
@@ -121,6 +126,7 @@ impl Scenario {
                 self.conns
             ),
             Kind::Idle => format!("conns={}", self.conns),
+            Kind::Mixed => format!("size={}B http-conns={}", self.size, self.conns),
         }
     }
     pub fn id(&self) -> String {
@@ -140,6 +146,9 @@ impl Scenario {
             }
             Kind::LargeBody => json!({"connections": self.conns, "body": self.body}),
             Kind::Idle => json!({"connections": self.conns, "size": self.size}),
+            Kind::Mixed => json!({"bulk_streams": 1, "write_size": self.write_size,
+                                  "rr_connections": 1, "size": self.size,
+                                  "http_connections": self.conns, "response_body": self.size}),
         }
     }
     fn work(&self) -> Work {
@@ -147,7 +156,7 @@ impl Scenario {
             Kind::Throughput => Work::Throughput {
                 write_size: self.write_size,
             },
-            Kind::Rr => Work::Rr { size: self.size },
+            Kind::Rr | Kind::Mixed => Work::Rr { size: self.size },
             Kind::Churn => Work::Churn { size: self.size },
             Kind::RrOpen => Work::RrOpen {
                 size: self.size,
@@ -243,8 +252,11 @@ impl PathKind {
             PathKind::Direct => k != Kind::Idle,
             // Handshakes per second: one connection per exchange.
             PathKind::HboneCold => k == Kind::Churn,
-            // The configs in bench/peers/ serve HTTP/1.1 only.
-            PathKind::Peer(_) => k != Kind::Http2,
+            // The configs in bench/peers/ serve HTTP/1.1 only (and forward one port per
+            // scenario: mixed needs three through one path).
+            PathKind::Peer(_) => k != Kind::Http2 && k != Kind::Mixed,
+            // One upstream per proxy: mixed needs three (sink, echo, http).
+            PathKind::L4Copy | PathKind::L4Splice | PathKind::HboneProxy => k != Kind::Mixed,
             _ => true,
         }
     }
@@ -512,6 +524,7 @@ fn run_one(
         round_trips_per_s: None,
         connections_per_s: None,
         open_loop: None,
+        mixed: None,
         requests_per_s: None,
         idle: None,
         window_bytes: 0,
@@ -579,7 +592,7 @@ fn run_one(
     let pick = |be: &Backends| -> SocketAddr {
         match sc.kind {
             Kind::Throughput => be.sink,
-            Kind::Rr | Kind::RrOpen | Kind::Idle => be.echo,
+            Kind::Rr | Kind::RrOpen | Kind::Idle | Kind::Mixed => be.echo,
             Kind::Churn => be.reply_close,
             Kind::Http1 | Kind::LargeBody => be.http,
             Kind::Http2 => be.h2,
@@ -817,14 +830,62 @@ fn run_one(
     // tcp-rr-open: one thread per connection (on the generator cores in turn), so each
     // can wait for its due times with a precise blocking sleep; several connections on one
     // monoio thread would have to busy-wait, and that delays the others' completions.
+    // mixed: the main plan is its tcp-rr connection; the bulk stream and the HTTP
+    // connections run beside it (same pod address, the backends' other ports), each on its
+    // own thread and channel.
+    let main_conns = if sc.kind == Kind::Mixed { 1 } else { sc.conns };
     let threads = if sc.kind == Kind::RrOpen {
         sc.conns.max(1)
     } else {
-        ctx.placement.gen_threads.max(1)
+        ctx.placement.gen_threads.max(1).min(main_conns)
     };
+    let mut side: Vec<(&'static str, mpsc::Receiver<Result<GenResult, String>>)> = Vec::new();
+    if sc.kind == Kind::Mixed {
+        let ports = crate::backend::PORTS;
+        for (i, (name, work, port, conns)) in [
+            (
+                "bulk",
+                Work::Throughput {
+                    write_size: sc.write_size,
+                },
+                ports.sink,
+                1,
+            ),
+            (
+                "http",
+                Work::Http1 {
+                    req_body: 0,
+                    resp_body: sc.size,
+                },
+                ports.http,
+                sc.conns,
+            ),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let (stx, srx) = mpsc::channel();
+            let plan = Plan {
+                work,
+                target: SocketAddr::new(target.ip(), port),
+                conns,
+                t_warm,
+                t_end,
+                stop: stop.clone(),
+                live: Arc::new(Live::default()),
+                netns: netns.clone(),
+                host: host_header.clone(),
+                socks,
+            };
+            match generator::spawn(100 + i, ctx.placement.gen_core(i), ctx.decision, plan, stx) {
+                Ok(()) => side.push((name, srx)),
+                Err(e) => run.notes.push(format!("mixed {name} thread: {e}")),
+            }
+        }
+    }
     let mut spawned = 0;
     for i in 0..threads {
-        let conns = sc.conns / threads + usize::from(i < sc.conns % threads);
+        let conns = main_conns / threads + usize::from(i < main_conns % threads);
         if conns == 0 {
             continue;
         }
@@ -913,6 +974,31 @@ fn run_one(
                     spawned - got
                 ));
                 break;
+            }
+        }
+    }
+    let mut mixed_http: Option<GenResult> = None;
+    for (name, srx) in side {
+        let left = collect_deadline.saturating_duration_since(Instant::now());
+        match srx.recv_timeout(left.max(Duration::from_secs(1))) {
+            Ok(Ok(res)) => {
+                // Every byte of every part is checked; only the rr part feeds the histogram.
+                total.sent += res.sent;
+                total.received += res.received;
+                total.errors += res.errors;
+                total
+                    .error_samples
+                    .extend(res.error_samples.iter().cloned());
+                if name == "http" {
+                    mixed_http = Some(res);
+                }
+            }
+            Ok(Err(e)) => run.failed = Some(format!("mixed {name}: {e}")),
+            Err(_) => {
+                stop.store(true, Ordering::Relaxed);
+                run.failed = Some(format!(
+                    "mixed {name}: did not finish within 30 s of the window's end"
+                ));
             }
         }
     }
@@ -1016,6 +1102,25 @@ fn run_one(
             }
         }
         Kind::Idle => {}
+        Kind::Mixed => {
+            let rate = total.ops_window as f64 / planned;
+            run.round_trips_per_s = Some(crate::report::r(rate));
+            let g = window_bytes as f64 * 8.0 / window / 1e9;
+            run.window_bytes = window_bytes;
+            run.gbit_per_s = Some(crate::report::r(g));
+            let http = mixed_http.as_ref();
+            let http_rps = http.map_or(0.0, |h| h.ops_window as f64 / planned);
+            run.requests_per_s = Some(crate::report::r(http_rps));
+            run.mixed = Some(crate::report::Mixed {
+                bulk_gbit_per_s: crate::report::r(g),
+                http_requests_per_s: crate::report::r(http_rps),
+                http_latency_us: http.and_then(|h| Latency::from_hist(&h.hist)),
+            });
+            run.figure = run.latency_us.map(|l| l.p99).unwrap_or(0.0);
+            if g <= 0.0 || http_rps <= 0.0 {
+                run.figure = 0.0;
+            }
+        }
         Kind::Rr | Kind::Churn | Kind::Http1 | Kind::Http2 => {
             let rate = total.ops_window as f64 / planned;
             run.figure = rate;
@@ -1071,13 +1176,22 @@ fn run_one(
 
     // 7. Progress line.
     // tcp-rr-open's figure is its p99, shown with the latencies below.
-    let mut line = if sc.kind == Kind::RrOpen {
+    let mut line = if matches!(sc.kind, Kind::RrOpen | Kind::Mixed) {
         label.clone()
     } else {
         format!("{label}  {}", fmt_figure(sc.kind.metric().0, run.figure))
     };
     if let Some(l) = run.latency_us {
         line += &format!("  p50 {:.1} µs  p99 {:.1} µs", l.p50, l.p99);
+    }
+    if let Some(m) = &run.mixed {
+        line += &format!(
+            "  under bulk {:.2} Gbit/s: http {} req/s p50 {:.1} µs p99 {:.1} µs",
+            m.bulk_gbit_per_s,
+            si(m.http_requests_per_s),
+            m.http_latency_us.map_or(0.0, |l| l.p50),
+            m.http_latency_us.map_or(0.0, |l| l.p99)
+        );
     }
     if let Some(o) = &run.open_loop {
         line += &format!(

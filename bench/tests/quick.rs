@@ -58,7 +58,7 @@ fn loopback_topology_runs_every_path_without_loss() {
         "--topology",
         "loopback",
         "--scenario",
-        "tcp-throughput,tcp-rr,conn-churn,http1-rps,http2-rps",
+        "tcp-throughput,tcp-rr,conn-churn,http1-rps,http2-rps,mixed",
         "--streams",
         "2",
         "--out",
@@ -91,6 +91,7 @@ fn loopback_topology_runs_every_path_without_loss() {
         "conn-churn/size=100B conc=8",
         "http1-rps/body=100B conns=64",
         "http2-rps/body=100B conns=8 streams=8",
+        "mixed/size=100B http-conns=8",
     ] {
         for path in ["direct", "l4", "hbone", "waypoint"] {
             let e = results.iter().find(|e| e["id"] == id && e["path"] == path);
@@ -110,6 +111,23 @@ fn loopback_topology_runs_every_path_without_loss() {
                 "{id} × {path}"
             );
             assert_eq!(e["errors"], 0, "{id} × {path}: errors");
+            if id.starts_with("mixed") {
+                // Bulk, rr and http all ran at once: each part has its figure.
+                let m = &e["mixed"];
+                assert!(
+                    m["bulk_gbit_per_s"].as_f64().unwrap_or(0.0) > 0.0,
+                    "{path}: {m}"
+                );
+                assert!(
+                    m["http_requests_per_s"].as_f64().unwrap_or(0.0) > 0.0,
+                    "{path}: {m}"
+                );
+                assert!(
+                    m["http_p99_us"].as_f64().unwrap_or(0.0) > 0.0,
+                    "{path}: {m}"
+                );
+                assert!(e["latency_us"]["p99"]["median"].as_f64().unwrap_or(0.0) > 0.0);
+            }
         }
     }
     // Every run, not just the aggregates: nothing lost, nothing failed.
