@@ -325,7 +325,11 @@ fn plan(args: &Args) -> Result<Suite> {
             Kind::Http1,
             Kind::Http2,
         ];
-        if mesh {
+        // idle-connections: netns only by default. On loopback the SOCKS5 connect is a
+        // blocking connect (bound source address); with ztunnel A's accept queue full, each
+        // stalls a generator thread for a SYN retransmit, and 9,000 connections through
+        // hbone did not all open within the scenario's 60 s. `--scenario idle` still runs it.
+        if layout == Some(mesh::Layout::Netns) {
             v.push(Kind::Idle);
         }
         v

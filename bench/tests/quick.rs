@@ -280,8 +280,8 @@ fn quick_suite_reports_every_scenario_and_path() {
             .any(|e| e["path"] == "hbone-cold" && e["scenario"] != "conn-churn"),
         "hbone-cold carries conn-churn only"
     );
-    {
-        // Memory per idle connection through each proxied mesh path.
+    if root {
+        // Memory per idle connection through each proxied mesh path (netns only by default).
         for path in ["l4", "hbone"] {
             let e = results
                 .iter()
