@@ -9,11 +9,13 @@
 //!   with half-close, reset propagation, idle timeout and byte counts.
 //! - [`snapshot`]: lock-free publishing of immutable routing snapshots.
 //! - [`shutdown`]: SIGTERM/SIGINT drain.
+//! - [`admin`]: the blocking control-side HTTP endpoint (readiness, stats) services share.
 //! - [`forwarder`]: the first service, a sharded L4 forwarder (binary `l4fwd`).
 //!
 //! This is the only crate of the workspace allowed `unsafe` (in [`sys`] and one readiness
 //! helper in [`forward`]), each block with a `SAFETY:` comment.
 
+pub mod admin;
 pub mod bufpool;
 pub mod config;
 pub mod driver;

@@ -250,15 +250,19 @@ pub fn start(
         Some(a) => {
             let c = counters.clone();
             let (m, srv) = (metrics.clone(), shared.counters.server.clone());
-            Some(crate::admin::serve(a, move |path| match path {
-                "/healthz/ready" => ("200 OK", "text/plain", "ready\n".into()),
-                "/stats/prometheus" => (
-                    "200 OK",
-                    "text/plain; version=0.0.4; charset=utf-8",
-                    format!("{}{}{}", m.render(), prometheus(&c), refusals(&srv)),
-                ),
-                _ => crate::admin::not_found(),
-            })?)
+            Some(crate::admin::serve(
+                "waypoint-stats",
+                a,
+                move |path| match path {
+                    "/healthz/ready" => ("200 OK", "text/plain", "ready\n".into()),
+                    "/stats/prometheus" => (
+                        "200 OK",
+                        "text/plain; version=0.0.4; charset=utf-8",
+                        format!("{}{}{}", m.render(), prometheus(&c), refusals(&srv)),
+                    ),
+                    _ => crate::admin::not_found(),
+                },
+            )?)
         }
         None => None,
     };
