@@ -23,6 +23,38 @@ macro_rules! need_root {
     };
 }
 
+/// Each rule test named here runs once per address family from one body:
+/// `<test>::v4` and `<test>::v6` (IPv6 over the dual-stack topology; where the host has no
+/// IPv6 the v6 test prints SKIP, or fails when `CI` is set).
+macro_rules! per_family {
+    ($($test:ident),* $(,)?) => {$(
+        mod $test {
+            #[test]
+            fn v4() {
+                if netlab::require_root(concat!(stringify!($test), "::v4")) {
+                    super::$test(super::Family::V4);
+                }
+            }
+            #[test]
+            fn v6() {
+                if netlab::require_ipv6(concat!(stringify!($test), "::v6")) {
+                    super::$test(super::Family::V6);
+                }
+            }
+        }
+    )*};
+}
+
+per_family!(
+    r1_uncaptured_pod_traffic_is_not_touched,
+    r2_captured_pod_traffic_is_intercepted_and_uncaptured_is_not,
+    r4_service_vip_goes_to_one_endpoint,
+    r5_captured_to_captured_uses_hbone_across_nodes,
+    r9_captured_plaintext_inbound_goes_to_original_destination,
+    r9_deny_policy_refuses_captured_connection,
+    r10_plaintext_into_captured_pod_rejected_by_identity_policy,
+);
+
 fn dump(w: &World) -> impl Fn() -> String + '_ {
     move || {
         format!(
@@ -35,28 +67,23 @@ fn dump(w: &World) -> impl Fn() -> String + '_ {
     }
 }
 
-#[test]
-fn r1_uncaptured_pod_traffic_is_not_touched() {
-    need_root!("r1_uncaptured_pod_traffic_is_not_touched");
-    let w = World::new("r1", "[]");
-    let legacy = w.server("legacy");
+/// R1: an uncaptured pod's traffic crosses both nodes untouched; the captured client's
+/// call to the same pod is captured on node A and passed through.
+fn r1_uncaptured_pod_traffic_is_not_touched(fam: Family) {
+    let w = World::new(&fam.tag("r1"), "[]");
+    let legacy = w.server_on(fam, "legacy");
     // An uncaptured pod (no capture rule for its veth) to an uncaptured pod on the other node.
     let mut s = w.connect("legacy-client", legacy.addr).unwrap();
     assert_eq!(hello(&mut s), "legacy");
     assert_eq!(roundtrip(&mut s, b"untouched"), b"untouched");
     drop(s);
     // The server saw the client's own address: nothing proxied or NATed it.
-    let from = legacy.peers.recv_timeout(Duration::from_secs(1)).unwrap();
-    assert_eq!(from.ip(), IpAddr::V4(pod("legacy-client").ip));
+    let from = legacy.peers.recv_timeout(Duration::from_secs(2)).unwrap();
+    assert_eq!(from.ip(), fam.pod_ip("legacy-client"));
     // Neither ztunnel saw anything.
     for i in 0..2 {
         let st = w.stats(i);
-        assert_eq!(metric(&st, PATHS, &[]), 0, "node {i}:\n{st}");
-        assert_eq!(
-            metric(&st, "istio_tcp_connections_opened_total", &[]),
-            0,
-            "node {i}"
-        );
+        assert_eq!(touched(&st), [0; 5], "node {i}:\n{st}");
     }
     // Contrast: the captured client's connection to the same pod is captured by node A and
     // passed through as plain TCP (R1 destination), so the pod sees node A's address.
@@ -64,8 +91,8 @@ fn r1_uncaptured_pod_traffic_is_not_touched() {
     assert_eq!(hello(&mut s), "legacy");
     assert_eq!(roundtrip(&mut s, b"captured"), b"captured");
     drop(s);
-    let from = legacy.peers.recv_timeout(Duration::from_secs(1)).unwrap();
-    assert_eq!(from.ip(), IpAddr::V4(NODE_IPS[0]));
+    let from = legacy.peers.recv_timeout(Duration::from_secs(2)).unwrap();
+    assert_eq!(from.ip(), fam.node_ip(0));
     eventually_or(
         "node A passthrough counted",
         || {
@@ -104,16 +131,16 @@ fn echo_all(s: &mut std::net::TcpStream, data: &[u8]) {
     assert!(rest.is_empty(), "{} extra bytes", rest.len());
 }
 
-#[test]
-fn r2_captured_pod_traffic_is_intercepted_and_uncaptured_is_not() {
-    need_root!("r2_captured_pod_traffic_is_intercepted_and_uncaptured_is_not");
+/// R2: a pod of a namespace labelled for ambient is captured, one of an unlabelled
+/// namespace is not.
+fn r2_captured_pod_traffic_is_intercepted_and_uncaptured_is_not(fam: Family) {
     // Node A hosts "client" (namespace ns-a, labelled istio.io/dataplane-mode=ambient) and
     // "legacy-client" (namespace legacy, unlabelled); `World::new` already checked that the
     // capture rules derived from those labels cover exactly the labelled pod's veth.
-    let w = World::new("r2", "[]");
+    let w = World::new(&fam.tag("r2"), "[]");
     // One destination for both: an uncaptured pod on node B, so that only the source side
     // can make a difference.
-    let dst = w.server("legacy");
+    let dst = w.server_on(fam, "legacy");
     let payload: Vec<u8> = (0..16_384u32).map(|i| (i % 253) as u8).collect();
     let greeting = "legacy\n".len() as u64;
 
@@ -126,7 +153,7 @@ fn r2_captured_pod_traffic_is_intercepted_and_uncaptured_is_not() {
     let from = dst.peers.recv_timeout(Duration::from_secs(1)).unwrap();
     assert_eq!(
         from.ip(),
-        IpAddr::V4(pod("legacy-client").ip),
+        fam.pod_ip("legacy-client"),
         "the server sees the client's own address"
     );
     // Give a (wrong) late close a moment to show up before comparing.
@@ -144,11 +171,7 @@ fn r2_captured_pod_traffic_is_intercepted_and_uncaptured_is_not() {
     echo_all(&mut s, &payload);
     drop(s);
     let from = dst.peers.recv_timeout(Duration::from_secs(1)).unwrap();
-    assert_eq!(
-        from.ip(),
-        IpAddr::V4(NODE_IPS[0]),
-        "proxied by node A's ztunnel"
-    );
+    assert_eq!(from.ip(), fam.node_ip(0), "proxied by node A's ztunnel");
     let conn = [
         ("reporter", "source"),
         ("source_workload", "client"),
@@ -189,13 +212,12 @@ fn r2_captured_pod_traffic_is_intercepted_and_uncaptured_is_not() {
     assert_eq!(touched(&w.stats(1)), [0; 5]);
 }
 
-#[test]
-fn r4_service_vip_goes_to_one_endpoint() {
-    need_root!("r4_service_vip_goes_to_one_endpoint");
-    let w = World::new("r4", "[]");
-    let _s1 = w.server("server");
-    let _s2 = w.server("server2");
-    let vip = SocketAddr::new(IpAddr::V4(ECHO_VIP), 80);
+/// R4: a connection to a service VIP goes to exactly one of its endpoints, over HBONE.
+fn r4_service_vip_goes_to_one_endpoint(fam: Family) {
+    let w = World::new(&fam.tag("r4"), "[]");
+    let _s1 = w.server_on(fam, "server");
+    let _s2 = w.server_on(fam, "server2");
+    let vip = SocketAddr::new(fam.echo_vip(), 80);
     let mut seen = std::collections::BTreeSet::new();
     const N: u64 = 10;
     for _ in 0..N {
@@ -219,8 +241,9 @@ fn r4_service_vip_goes_to_one_endpoint() {
                     &[
                         ("direction", "outbound"),
                         ("route", "hbone"),
-                        ("target", &pod_hbone(pod).to_string()),
-                        ("authority", &pod_addr(pod).to_string()),
+                        ("target", &fam.pod_hbone(pod).to_string()),
+                        ("authority", &fam.pod_addr(pod).to_string()),
+                        ("peer", SERVER_ID),
                     ],
                 )
             };
@@ -231,8 +254,9 @@ fn r4_service_vip_goes_to_one_endpoint() {
                     &[
                         ("direction", "inbound"),
                         ("route", "hbone_allow"),
-                        ("authority", &pod_addr(pod).to_string()),
+                        ("authority", &fam.pod_addr(pod).to_string()),
                         ("peer", CLIENT_ID),
+                        ("identity", SERVER_ID),
                     ],
                 )
             };
@@ -252,11 +276,11 @@ fn r4_service_vip_goes_to_one_endpoint() {
     );
 }
 
-#[test]
-fn r5_captured_to_captured_uses_hbone_across_nodes() {
-    need_root!("r5_captured_to_captured_uses_hbone_across_nodes");
-    let w = World::new("r5", "[]");
-    let server = w.server("server");
+/// R5: captured to captured crosses the nodes over HBONE, each side acting as its own
+/// workload; every byte arrives and is counted.
+fn r5_captured_to_captured_uses_hbone_across_nodes(fam: Family) {
+    let w = World::new(&fam.tag("r5"), "[]");
+    let server = w.server_on(fam, "server");
     let mut s = w.connect("client", server.addr).unwrap();
     assert_eq!(hello(&mut s), "server");
     let big: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
@@ -274,9 +298,9 @@ fn r5_captured_to_captured_uses_hbone_across_nodes() {
     s.read_to_end(&mut rest).unwrap();
     assert!(rest.is_empty());
     // The pod was reached by node B's ztunnel (from its pod-side address), not the client.
-    let from = server.peers.recv_timeout(Duration::from_secs(1)).unwrap();
-    assert_eq!(from.ip(), IpAddr::from([10, 2, 0, 1]));
-    let to_pod = pod_hbone("server").to_string();
+    let from = server.peers.recv_timeout(Duration::from_secs(2)).unwrap();
+    assert_eq!(from.ip(), fam.gateway(1));
+    let to_pod = fam.pod_hbone("server").to_string();
     eventually_or(
         "HBONE on both sides, each side acting as its own workload",
         || {
@@ -360,11 +384,10 @@ const DENY_CLIENT: &str = r#"
     rules: [[[{principals: ["cluster.local/ns/ns-a/sa/client"]}]]]
 "#;
 
-#[test]
-fn r9_deny_policy_refuses_captured_connection() {
-    need_root!("r9_deny_policy_refuses_captured_connection");
-    let w = World::new("r9", DENY_CLIENT);
-    let server = w.server("server");
+/// R9: a deny policy refuses the captured connection on the destination node.
+fn r9_deny_policy_refuses_captured_connection(fam: Family) {
+    let w = World::new(&fam.tag("r9"), DENY_CLIENT);
+    let server = w.server_on(fam, "server");
     // The captured client's connect succeeds (node A answers it) but it is reset once node
     // B refuses the HBONE stream; the pod never sees it.
     if let Ok(mut s) = w.connect("client", server.addr) {
@@ -400,20 +423,20 @@ fn r9_deny_policy_refuses_captured_connection() {
     );
 }
 
-#[test]
-fn r9_captured_plaintext_inbound_goes_to_original_destination() {
-    need_root!("r9_captured_plaintext_inbound_goes_to_original_destination");
-    let w = World::new("r9p", "[]");
-    let _s1 = w.server("server");
-    let s2 = w.server("server2");
+/// R9: plaintext from an uncaptured pod into a captured one is captured on the
+/// destination node and delivered to its original destination.
+fn r9_captured_plaintext_inbound_goes_to_original_destination(fam: Family) {
+    let w = World::new(&fam.tag("r9p"), "[]");
+    let _s1 = w.server_on(fam, "server");
+    let s2 = w.server_on(fam, "server2");
     // An uncaptured pod on node A calls a captured pod on node B in plaintext: node B
     // redirects it to :15006, which reads the pod address back with SO_ORIGINAL_DST.
     let mut s = w.connect("legacy-client", s2.addr).unwrap();
     assert_eq!(hello(&mut s), "server2");
     assert_eq!(roundtrip(&mut s, b"plain"), b"plain");
     drop(s);
-    let from = s2.peers.recv_timeout(Duration::from_secs(1)).unwrap();
-    assert_eq!(from.ip(), IpAddr::from([10, 2, 0, 1]), "proxied by node B");
+    let from = s2.peers.recv_timeout(Duration::from_secs(2)).unwrap();
+    assert_eq!(from.ip(), fam.gateway(1), "proxied by node B");
     eventually_or(
         "plaintext allowed on B to the original destination",
         || {
@@ -451,11 +474,11 @@ const REQUIRE_MTLS: &str = r#"
     rules: [[[{principals: ["*"]}]]]
 "#;
 
-#[test]
-fn r10_plaintext_into_captured_pod_rejected_by_identity_policy() {
-    need_root!("r10_plaintext_into_captured_pod_rejected_by_identity_policy");
-    let w = World::new("r10", REQUIRE_MTLS);
-    let server = w.server("server");
+/// R10: plaintext into a captured pod has no identity: refused by an identity policy,
+/// while the captured client over HBONE is allowed.
+fn r10_plaintext_into_captured_pod_rejected_by_identity_policy(fam: Family) {
+    let w = World::new(&fam.tag("r10"), REQUIRE_MTLS);
+    let server = w.server_on(fam, "server");
     // Plaintext from an uncaptured pod: captured on B, no identity, reset.
     if let Ok(mut s) = w.connect("legacy-client", server.addr) {
         if let Err(got) = refused(&mut s) {
@@ -934,210 +957,4 @@ fn r2_capture_rules_follow_reloads() {
     );
     assert_eq!(installs(&w), 3);
     assert_eq!(metric(&w.stats(1), "ztunnel_capture_errors_total", &[]), 0);
-}
-
-// ---------------------------------------------------------------------------------------
-// IPv6 (dual-stack pods and nodes; capture through the `ip6` rules and `[::]` listeners,
-// original destinations through IP6T_SO_ORIGINAL_DST).
-
-macro_rules! need_v6 {
-    ($name:expr) => {
-        if !can_run_v6($name) {
-            return;
-        }
-    };
-}
-
-#[test]
-fn r1_ipv6_uncaptured_pod_traffic_is_not_touched() {
-    need_v6!("r1_ipv6_uncaptured_pod_traffic_is_not_touched");
-    let w = World::new("r1v6", "[]");
-    let legacy = w.server6("legacy");
-    let mut s = w.connect("legacy-client", legacy.addr).unwrap();
-    assert_eq!(hello(&mut s), "legacy");
-    assert_eq!(roundtrip(&mut s, b"untouched6"), b"untouched6");
-    drop(s);
-    let from = legacy.peers.recv_timeout(Duration::from_secs(2)).unwrap();
-    assert_eq!(from.ip(), IpAddr::V6(pod_ip6("legacy-client")));
-    for i in 0..2 {
-        assert_eq!(touched(&w.stats(i)), [0; 5], "node {i}");
-    }
-    // The captured client to the same pod: captured on node A over IPv6, passed through.
-    let mut s = w.connect("client", legacy.addr).unwrap();
-    assert_eq!(hello(&mut s), "legacy");
-    assert_eq!(roundtrip(&mut s, b"captured6"), b"captured6");
-    drop(s);
-    let from = legacy.peers.recv_timeout(Duration::from_secs(2)).unwrap();
-    assert_eq!(from.ip(), IpAddr::V6(NODE_IP6S[0]));
-    eventually_or(
-        "node A passthrough (IPv6) counted",
-        || {
-            metric(
-                &w.stats(0),
-                PATHS,
-                &[
-                    ("direction", "outbound"),
-                    ("route", "passthrough"),
-                    ("target", &legacy.addr.to_string()),
-                ],
-            ) == 1
-        },
-        dump(&w),
-    );
-}
-
-#[test]
-fn r4_ipv6_service_vip_goes_to_one_endpoint() {
-    need_v6!("r4_ipv6_service_vip_goes_to_one_endpoint");
-    let w = World::new("r4v6", "[]");
-    let _s1 = w.server6("server");
-    let _s2 = w.server6("server2");
-    let vip = SocketAddr::new(IpAddr::V6(ECHO_VIP6), 80);
-    let mut seen = std::collections::BTreeSet::new();
-    const N: u64 = 10;
-    for _ in 0..N {
-        let mut s = w.connect("client", vip).unwrap();
-        let who = hello(&mut s);
-        assert!(who == "server" || who == "server2", "{who}");
-        assert_eq!(roundtrip(&mut s, b"vip6"), b"vip6");
-        seen.insert(who);
-    }
-    assert_eq!(seen.len(), 2, "both endpoints are used: {seen:?}");
-    eventually_or(
-        "each connection went to one endpoint's IPv6 address over HBONE",
-        || {
-            let a = w.stats(0);
-            let b = w.stats(1);
-            let out = |pod: &str| {
-                metric(
-                    &a,
-                    PATHS,
-                    &[
-                        ("route", "hbone"),
-                        (
-                            "target",
-                            &SocketAddr::new(IpAddr::V6(pod_ip6(pod)), 15008).to_string(),
-                        ),
-                        ("authority", &pod_addr6(pod).to_string()),
-                        ("peer", SERVER_ID),
-                    ],
-                )
-            };
-            let inb = |pod: &str| {
-                metric(
-                    &b,
-                    PATHS,
-                    &[
-                        ("route", "hbone_allow"),
-                        ("authority", &pod_addr6(pod).to_string()),
-                        ("identity", SERVER_ID),
-                    ],
-                )
-            };
-            out("server") + out("server2") == N && inb("server") + inb("server2") == N
-        },
-        dump(&w),
-    );
-}
-
-#[test]
-fn r5_ipv6_captured_to_captured_uses_hbone_across_nodes() {
-    need_v6!("r5_ipv6_captured_to_captured_uses_hbone_across_nodes");
-    let w = World::new("r5v6", "[]");
-    let server = w.server6("server");
-    let mut s = w.connect("client", server.addr).unwrap();
-    assert_eq!(hello(&mut s), "server");
-    let big: Vec<u8> = (0..300_000u32).map(|i| (i % 241) as u8).collect();
-    let mut r = s.try_clone().unwrap();
-    let n = big.len();
-    let reader = std::thread::spawn(move || {
-        let mut back = vec![0u8; n];
-        r.read_exact(&mut back).unwrap();
-        back
-    });
-    s.write_all(&big).unwrap();
-    assert_eq!(reader.join().unwrap(), big);
-    s.shutdown(std::net::Shutdown::Write).unwrap();
-    let mut rest = Vec::new();
-    s.read_to_end(&mut rest).unwrap();
-    assert!(rest.is_empty());
-    let from = server.peers.recv_timeout(Duration::from_secs(2)).unwrap();
-    assert_eq!(
-        from.ip(),
-        IpAddr::V6(gateway6(1)),
-        "node B's ztunnel reached the pod"
-    );
-    let to_pod = SocketAddr::new(IpAddr::V6(pod_ip6("server")), 15008).to_string();
-    eventually_or(
-        "HBONE over IPv6 on both sides, as the workloads",
-        || {
-            metric(
-                &w.stats(0),
-                PATHS,
-                &[
-                    ("route", "hbone"),
-                    ("target", &to_pod),
-                    ("authority", &server.addr.to_string()),
-                    ("peer", SERVER_ID),
-                    ("identity", CLIENT_ID),
-                ],
-            ) == 1
-                && metric(
-                    &w.stats(1),
-                    PATHS,
-                    &[
-                        ("route", "hbone_allow"),
-                        ("authority", &server.addr.to_string()),
-                        ("peer", CLIENT_ID),
-                        ("identity", SERVER_ID),
-                    ],
-                ) == 1
-                // Every byte both ways: towards the pod the payload, back the greeting too.
-                && metric(
-                    &w.stats(1),
-                    "istio_tcp_sent_bytes_total",
-                    &[
-                        ("reporter", "destination"),
-                        ("destination_workload", "server"),
-                    ],
-                ) == big.len() as u64
-                && metric(
-                    &w.stats(1),
-                    "istio_tcp_received_bytes_total",
-                    &[
-                        ("reporter", "destination"),
-                        ("destination_workload", "server"),
-                    ],
-                ) == big.len() as u64 + "server\n".len() as u64
-        },
-        dump(&w),
-    );
-}
-
-#[test]
-fn r9_ipv6_captured_plaintext_inbound_goes_to_original_destination() {
-    need_v6!("r9_ipv6_captured_plaintext_inbound_goes_to_original_destination");
-    let w = World::new("r9v6", "[]");
-    let s2 = w.server6("server2");
-    let mut s = w.connect("legacy-client", s2.addr).unwrap();
-    assert_eq!(hello(&mut s), "server2");
-    assert_eq!(roundtrip(&mut s, b"plain6"), b"plain6");
-    drop(s);
-    let from = s2.peers.recv_timeout(Duration::from_secs(2)).unwrap();
-    assert_eq!(from.ip(), IpAddr::V6(gateway6(1)), "proxied by node B");
-    eventually_or(
-        "plaintext (IPv6) allowed on B to the original destination",
-        || {
-            metric(
-                &w.stats(1),
-                PATHS,
-                &[
-                    ("direction", "inbound"),
-                    ("route", "plaintext_allow"),
-                    ("target", &s2.addr.to_string()),
-                ],
-            ) == 1
-        },
-        dump(&w),
-    );
 }

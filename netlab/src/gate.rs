@@ -1,0 +1,71 @@
+//! What the host allows, the gate of tests that need it, and polling.
+
+use std::time::{Duration, Instant};
+
+/// The env var that turns a skipped namespace test into a failure.
+const CI: &str = "CI";
+
+/// Is this process root (effective uid 0)?
+pub fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .and_then(|l| l.split_whitespace().nth(2).map(|e| e == "0"))
+        })
+        .unwrap_or(false)
+}
+
+/// Can namespaces here carry IPv6? Checked on the host (`/proc/sys/net/ipv6` present and
+/// not disabled); new namespaces inherit `disable_ipv6` from `default`.
+pub fn ipv6_available() -> bool {
+    std::fs::read_to_string("/proc/sys/net/ipv6/conf/default/disable_ipv6")
+        .is_ok_and(|v| v.trim() == "0")
+}
+
+/// May `test` build namespaces? Root: yes. Otherwise it panics when `CI` is set (a test
+/// that cannot run must not pass there) and prints SKIP and returns false elsewhere.
+pub fn require_root(test: &str) -> bool {
+    if is_root() {
+        return true;
+    }
+    if std::env::var_os(CI).is_some() {
+        panic!("{test}: needs root (network namespaces, nftables) and CI is set: failing, not skipping");
+    }
+    eprintln!("SKIP {test}: needs root for network namespaces and nftables (run as root, or set CI to make this a failure)");
+    false
+}
+
+/// [`require_root`], and IPv6 too (missing IPv6 likewise fails under `CI`).
+pub fn require_ipv6(test: &str) -> bool {
+    if !require_root(test) {
+        return false;
+    }
+    if ipv6_available() {
+        return true;
+    }
+    if std::env::var_os(CI).is_some() {
+        panic!("{test}: IPv6 is unavailable (net.ipv6 missing or disabled) and CI is set: failing, not skipping");
+    }
+    eprintln!("SKIP {test}: IPv6 is unavailable here");
+    false
+}
+
+/// Poll `f` every 25 ms until it holds; after `within`, panic naming `what` with `dump()`
+/// (the logs and counters that say why).
+pub fn eventually(
+    what: &str,
+    within: Duration,
+    mut f: impl FnMut() -> bool,
+    dump: impl FnOnce() -> String,
+) {
+    let t = Instant::now();
+    while t.elapsed() < within {
+        if f() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    panic!("timed out waiting for: {what}\n{}", dump());
+}
