@@ -12,16 +12,14 @@
 //! from ztunnel's own namespace tests, so both can run at once. Each test checks the bytes
 //! and the path from the ztunnels' and the waypoint's metrics.
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream};
-use std::os::fd::AsRawFd;
+use std::io::{Read, Write};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
 use std::path::PathBuf;
-use std::process::{Child, Command, ExitCode, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc, Arc};
-use std::time::{Duration, Instant, SystemTime};
+use std::process::ExitCode;
+use std::sync::mpsc;
+use std::time::{Duration, SystemTime};
 
-use nix::sched::{setns, CloneFlags};
+use netlab::{in_ns, Addressing, Lab, TwoNodes};
 
 /// The env var that turns this test binary into a ztunnel (see [`ztunnel_child`]).
 const ZT_ARGS: &str = "WP_NS_ZTUNNEL_ARGS";
@@ -47,60 +45,12 @@ fn ztunnel_child() {
 }
 
 /// Root, or a failure under `CI`, or a printed SKIP.
-fn can_run(test: &str) -> bool {
-    let root = std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("Uid:"))
-                .and_then(|l| l.split_whitespace().nth(2).map(|e| e == "0"))
-        })
-        .unwrap_or(false);
-    if root {
-        return true;
-    }
-    if std::env::var_os("CI").is_some() {
-        panic!("{test}: needs root (network namespaces, nftables) and CI is set: failing, not skipping");
-    }
-    eprintln!("SKIP {test}: needs root for network namespaces and nftables");
-    false
-}
-
 macro_rules! need_root {
     ($name:expr) => {
-        if !can_run($name) {
+        if !netlab::require_root($name) {
             return;
         }
     };
-}
-
-fn run(args: &[&str]) {
-    let out = Command::new(args[0])
-        .args(&args[1..])
-        .stdin(Stdio::null())
-        .output()
-        .unwrap_or_else(|e| panic!("{args:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// Run `f` on a fresh thread inside network namespace `ns`.
-fn in_ns<R: Send + 'static>(ns: &str, f: impl FnOnce() -> R + Send + 'static) -> R {
-    let path = format!("/var/run/netns/{ns}");
-    let r = std::thread::spawn(move || {
-        let file = std::fs::File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
-        setns(file.as_raw_fd(), CloneFlags::CLONE_NEWNET)
-            .unwrap_or_else(|e| panic!("setns {path}: {e}"));
-        f()
-    })
-    .join();
-    match r {
-        Ok(v) => v,
-        Err(p) => std::panic::resume_unwind(p),
-    }
 }
 
 struct Pod {
@@ -248,40 +198,24 @@ spec:
 /// reports each request's (peer, path).
 struct HttpPod {
     seen: mpsc::Receiver<(SocketAddr, String)>,
-    stop: Arc<AtomicBool>,
+    _served: netlab::Served,
 }
 
 impl HttpPod {
     fn start(ns: &str, addr: SocketAddr, name: &'static str) -> HttpPod {
-        let l = in_ns(ns, move || TcpListener::bind(addr).unwrap());
-        l.set_nonblocking(true).unwrap();
         let (tx, seen) = mpsc::channel();
-        let stop = Arc::new(AtomicBool::new(false));
-        let s2 = stop.clone();
-        std::thread::spawn(move || {
-            while !s2.load(Ordering::SeqCst) {
-                let (c, peer) = match l.accept() {
-                    Ok(x) => x,
-                    Err(_) => {
-                        std::thread::sleep(Duration::from_millis(5));
-                        continue;
-                    }
-                };
-                let tx = tx.clone();
-                std::thread::spawn(move || serve_http(c, peer, name, tx));
-            }
-        });
-        HttpPod { seen, stop }
+        let served = netlab::serve_in(ns, addr, move |c, peer| {
+            serve_http(c, peer, name, tx.clone())
+        })
+        .unwrap_or_else(|e| panic!("{name} on {addr}: {e}"));
+        HttpPod {
+            seen,
+            _served: served,
+        }
     }
 
     fn seen(&self) -> Vec<String> {
         self.seen.try_iter().map(|(_, p)| p).collect()
-    }
-}
-
-impl Drop for HttpPod {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
     }
 }
 
@@ -291,7 +225,6 @@ fn serve_http(
     name: &str,
     tx: mpsc::Sender<(SocketAddr, String)>,
 ) {
-    let _ = c.set_nonblocking(false);
     let mut buf = Vec::new();
     let mut chunk = [0u8; 4096];
     loop {
@@ -385,143 +318,39 @@ fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> u64 {
 }
 
 struct World {
-    prefix: String,
     dir: PathBuf,
     ca_dir: PathBuf,
-    namespaces: Vec<String>,
-    procs: Vec<Child>,
+    nodes: TwoNodes,
+    lab: Lab,
 }
 
 impl World {
     /// The topology, both ztunnels and the waypoint (with `l7`: HTTPRoutes and policies).
     fn new(tag: &str, l7: &str) -> World {
-        let prefix = format!("wp{}-{tag}", std::process::id());
+        netlab::sweep_stale("wp");
+        let prefix = format!("{}-{tag}", netlab::process_prefix("wp"));
         let dir = std::env::temp_dir().join(format!("waypoint-netns-{prefix}"));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
+        let mut lab = Lab::new(prefix).with_dir(&dir).unwrap();
         let ca_dir = dir.join("ca");
         hbone::ca::SigningCa::builtin(&ca_dir, "cluster.local").unwrap();
+        let nodes = build(&mut lab).unwrap_or_else(|e| panic!("building the topology: {e}"));
         let mut w = World {
-            prefix,
             dir,
             ca_dir,
-            namespaces: Vec::new(),
-            procs: Vec::new(),
+            nodes,
+            lab,
         };
-        w.build();
         w.start_ztunnels();
         w.start_waypoint(l7);
         w
     }
 
     fn node(&self, i: usize) -> String {
-        format!("{}-n{}", self.prefix, ["a", "b"][i])
+        self.nodes.nodes[i].clone()
     }
 
     fn pod_ns(&self, name: &str) -> String {
-        format!("{}-{name}", self.prefix)
-    }
-
-    fn add_ns(&mut self, ns: &str) {
-        run(&["ip", "netns", "add", ns]);
-        self.namespaces.push(ns.to_string());
-        run(&["ip", "-n", ns, "link", "set", "lo", "up"]);
-    }
-
-    fn build(&mut self) {
-        for i in 0..2 {
-            let n = self.node(i);
-            self.add_ns(&n);
-            for k in ["net.ipv4.ip_forward=1", "net.ipv4.conf.all.rp_filter=0"] {
-                run(&["ip", "netns", "exec", &n, "sysctl", "-qw", k]);
-            }
-        }
-        let (na, nb) = (self.node(0), self.node(1));
-        run(&[
-            "ip", "-n", &na, "link", "add", "to-b", "type", "veth", "peer", "name", "to-a",
-            "netns", &nb,
-        ]);
-        for (ns, dev, ip) in [(&na, "to-b", NODE_IPS[0]), (&nb, "to-a", NODE_IPS[1])] {
-            run(&[
-                "ip",
-                "-n",
-                ns,
-                "addr",
-                "add",
-                &format!("{ip}/24"),
-                "dev",
-                dev,
-            ]);
-            run(&["ip", "-n", ns, "link", "set", dev, "up"]);
-        }
-        let via = |i: usize| NODE_IPS[i].to_string();
-        run(&[
-            "ip",
-            "-n",
-            &na,
-            "route",
-            "add",
-            "10.52.0.0/24",
-            "via",
-            &via(1),
-        ]);
-        run(&[
-            "ip",
-            "-n",
-            &nb,
-            "route",
-            "add",
-            "10.51.0.0/24",
-            "via",
-            &via(0),
-        ]);
-        for p in PODS {
-            let (pns, node) = (self.pod_ns(p.name), self.node(p.node));
-            self.add_ns(&pns);
-            let dev = format!("p-{}", p.name);
-            let gw = format!("10.5{}.0.1", p.node + 1);
-            let ip = p.ip.to_string();
-            run(&[
-                "ip", "-n", &node, "link", "add", &dev, "type", "veth", "peer", "name", "eth0",
-                "netns", &pns,
-            ]);
-            run(&[
-                "ip",
-                "-n",
-                &node,
-                "addr",
-                "add",
-                &format!("{gw}/32"),
-                "dev",
-                &dev,
-            ]);
-            run(&["ip", "-n", &node, "link", "set", &dev, "up"]);
-            run(&[
-                "ip",
-                "-n",
-                &node,
-                "route",
-                "add",
-                &format!("{ip}/32"),
-                "dev",
-                &dev,
-            ]);
-            run(&[
-                "ip",
-                "-n",
-                &pns,
-                "addr",
-                "add",
-                &format!("{ip}/32"),
-                "dev",
-                "eth0",
-            ]);
-            run(&["ip", "-n", &pns, "link", "set", "eth0", "up"]);
-            run(&["ip", "-n", &pns, "route", "add", &gw, "dev", "eth0"]);
-            run(&[
-                "ip", "-n", &pns, "route", "add", "default", "via", &gw, "dev", "eth0",
-            ]);
-        }
+        self.lab.ns(name)
     }
 
     fn start_ztunnels(&mut self) {
@@ -544,17 +373,15 @@ impl World {
                 let loaded =
                     ztunnel::config::load_file(&file, &tuning::Profile::default(), 1).unwrap();
                 let rules = ztunnel::capture::Rules::for_node(&loaded.snapshot, name, |w| {
-                    Some(format!("p-{}", w.name))
+                    Some(TwoNodes::pod_dev(&w.name))
                 });
                 assert_eq!(rules.pod_interfaces, vec!["p-client".to_string()]);
                 rules.install(Some(&self.node(i))).unwrap();
             }
             let args = format!("--config\u{1f}{}", file.display());
             let exe = std::env::current_exe().unwrap();
-            let mut cmd = Command::new("ip");
-            cmd.args(["netns", "exec", &self.node(i)])
-                .arg(exe)
-                .args(["--ignored", "--exact", "ztunnel_child", "--nocapture"])
+            let mut cmd = netlab::netns_command(&self.node(i), exe);
+            cmd.args(["--ignored", "--exact", "ztunnel_child", "--nocapture"])
                 .env(ZT_ARGS, args)
                 .env("RUST_LOG", "info");
             self.spawn(&mut cmd, name);
@@ -573,40 +400,23 @@ impl World {
             ),
         )
         .unwrap();
-        let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", &self.pod_ns("waypoint")])
-            .arg(env!("CARGO_BIN_EXE_waypoint"))
-            .arg("--config")
+        let mut cmd =
+            netlab::netns_command(&self.pod_ns("waypoint"), env!("CARGO_BIN_EXE_waypoint"));
+        cmd.arg("--config")
             .arg(&file)
             .env("RUST_LOG", "info,access=info");
         self.spawn(&mut cmd, "waypoint");
     }
 
-    fn spawn(&mut self, cmd: &mut Command, name: &str) {
-        let log = std::fs::File::create(self.dir.join(format!("{name}.log"))).unwrap();
-        let mut child = cmd
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        let out = child.stdout.take().unwrap();
-        self.procs.push(child);
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            let mut sent = false;
-            for l in BufReader::new(out).lines() {
-                let Ok(l) = l else { break };
-                // The test harness prints its own lines first.
-                if !sent && l.starts_with("READY ") {
-                    let _ = tx.send(l);
-                    sent = true;
-                }
-            }
-        });
-        match rx.recv_timeout(Duration::from_secs(30)) {
-            Ok(_) => {}
-            Err(e) => panic!("{name}: no READY line ({e}); log:\n{}", self.log(name)),
+    /// Start `cmd` and wait for its READY line (the test harness prints its own lines
+    /// first).
+    fn spawn(&mut self, cmd: &mut std::process::Command, name: &str) {
+        let log = self.dir.join(format!("{name}.log"));
+        if let Err(e) = self
+            .lab
+            .spawn_ready(name, cmd, &log, Duration::from_secs(30))
+        {
+            panic!("{e}");
         }
     }
 
@@ -616,20 +426,9 @@ impl World {
 
     /// `/stats/prometheus` on :15020 inside namespace `ns`.
     fn stats_in(&self, ns: String) -> String {
-        in_ns(&ns, || {
-            let mut s = TcpStream::connect_timeout(
-                &"127.0.0.1:15020".parse().unwrap(),
-                Duration::from_secs(2),
-            )
-            .unwrap();
-            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-            write!(s, "GET /stats/prometheus HTTP/1.1\r\nhost: x\r\n\r\n").unwrap();
-            let mut out = String::new();
-            let _ = s.read_to_string(&mut out);
-            out.split_once("\r\n\r\n")
-                .map(|(_, b)| b.to_string())
-                .unwrap_or_default()
-        })
+        let stats = SocketAddr::from(([127, 0, 0, 1], 15020));
+        netlab::http_get_in(&ns, stats, "/stats/prometheus")
+            .unwrap_or_else(|e| panic!("stats in {ns}: {e}"))
     }
 
     /// Node `i`'s ztunnel metrics.
@@ -647,11 +446,13 @@ impl World {
     }
 
     fn connect(&self, from: &str, dst: SocketAddr) -> TcpStream {
-        in_ns(&self.pod_ns(from), move || {
-            let s = TcpStream::connect_timeout(&dst, Duration::from_secs(5)).unwrap();
-            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-            s
-        })
+        netlab::connect_in(
+            &self.pod_ns(from),
+            dst,
+            Duration::from_secs(5),
+            Duration::from_secs(10),
+        )
+        .unwrap_or_else(|e| panic!("{from} to {dst}: {e}"))
     }
 
     fn dump(&self) -> String {
@@ -667,36 +468,29 @@ impl World {
     }
 
     /// Poll `f` (generously) until true; else panic with everything the proxies said.
-    fn eventually(&self, what: &str, mut f: impl FnMut() -> bool) {
-        let t = Instant::now();
-        while t.elapsed() < Duration::from_secs(20) {
-            if f() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(25));
-        }
-        panic!("timed out waiting for: {what}\n{}", self.dump());
+    fn eventually(&self, what: &str, f: impl FnMut() -> bool) {
+        netlab::eventually(what, Duration::from_secs(20), f, || self.dump());
     }
 }
 
-impl Drop for World {
-    fn drop(&mut self) {
-        for c in &mut self.procs {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-        for ns in self.namespaces.iter().rev() {
-            let _ = Command::new("ip")
-                .args(["netns", "del", ns])
-                .stderr(Stdio::null())
-                .status();
-        }
-        if !std::thread::panicking() {
-            let _ = std::fs::remove_dir_all(&self.dir);
-        } else {
-            eprintln!("logs kept in {}", self.dir.display());
-        }
+/// The namespaces, veths, addresses and routes.
+fn build(lab: &mut Lab) -> netlab::Result<TwoNodes> {
+    let nodes = TwoNodes::build(lab)?;
+    for p in PODS {
+        nodes.add_pod(lab, p.name, p.node)?;
     }
+    let ip = |a: [u8; 4]| IpAddr::V4(a.into());
+    let plan = Addressing {
+        node_ips: NODE_IPS.map(IpAddr::V4),
+        link_prefix: 24,
+        gateways: [ip([10, 51, 0, 1]), ip([10, 52, 0, 1])],
+        routes: vec![(0, "10.52.0.0/24".into()), (1, "10.51.0.0/24".into())],
+    };
+    let pods = PODS
+        .iter()
+        .map(|p| (p.name.to_string(), p.node, IpAddr::V4(p.ip)));
+    nodes.address(lab, &plan, pods)?;
+    Ok(nodes)
 }
 
 const PATHS: &str = "ztunnel_connection_paths_total";

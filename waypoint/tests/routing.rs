@@ -23,6 +23,32 @@ fn load(routes: &str) -> WaypointConfig {
     load_str(Path::new("test.yaml"), &text, 1).unwrap_or_else(|e| panic!("{e}"))
 }
 
+/// The parent reference of every route here but two: service `echo`.
+const ECHO: &str = r#"{group: "", kind: Service, name: echo}"#;
+
+/// An HTTPRoute document: `metadata` (a YAML flow map), one parent, `rules` (the list
+/// items of `spec.rules`, indented two spaces).
+fn http_route(metadata: &str, parent: &str, rules: &str) -> String {
+    format!(
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {metadata}\nspec:\n  parentRefs: [{parent}]\n  rules:\n{rules}"
+    )
+}
+
+/// HTTPRoute `r` on service `echo` with `rules`: the fixture of most tests here.
+fn route(rules: &str) -> String {
+    http_route("{name: r}", ECHO, rules)
+}
+
+/// Every request of `uris` is answered by the waypoint itself with `status`.
+fn assert_responds(cfg: &WaypointConfig, uris: &[&str], status: u16) {
+    for uri in uris {
+        match decide(cfg, &get(uri)) {
+            Decision::Respond { status: s, .. } => assert_eq!(s, status, "{uri}"),
+            other => panic!("{uri}: expected {status}, got {other:?}"),
+        }
+    }
+}
+
 struct Req<'a> {
     method: &'a str,
     uri: &'a str,
@@ -46,20 +72,24 @@ impl<'a> Req<'a> {
         self.headers.push((n, v));
         self
     }
+    /// The router's view of this request (`uri` split into path and query).
+    fn request(&self) -> Request<'_> {
+        let (path, query) = match self.uri.split_once('?') {
+            Some((p, q)) => (p, Some(q)),
+            None => (self.uri, None),
+        };
+        Request {
+            method: self.method,
+            path,
+            query,
+            headers: &self.headers,
+            scheme: "http",
+        }
+    }
 }
 
 fn decide_to(cfg: &WaypointConfig, svc: &str, port: u16, r: &Req<'_>, seed: u64) -> Decision {
-    let (path, query) = match r.uri.split_once('?') {
-        Some((p, q)) => (p, Some(q)),
-        None => (r.uri, None),
-    };
-    let req = Request {
-        method: r.method,
-        path,
-        query,
-        headers: &r.headers,
-        scheme: "http",
-    };
+    let req = r.request();
     let service = ObjectRef::new("default", svc);
     cfg.routes.route(
         Target::Service {
@@ -146,27 +176,22 @@ fn r17_no_route_attached_routes_to_the_service_itself() {
 #[test]
 fn r16_pod_addressed_requests_are_never_routed() {
     let cfg = load(SPEC_ECHO_ROUTE);
-    let headers = [("host", "10.1.0.5:8080")];
-    let req = Request {
+    let r = Req {
         method: "GET",
-        path: "/",
-        query: None,
-        headers: &headers,
-        scheme: "http",
+        uri: "/",
+        headers: vec![("host", "10.1.0.5:8080")],
     };
-    let d = cfg
-        .routes
-        .route(Target::Workload, &req, &|_| true, &mut SplitMix64(1));
+    let d = cfg.routes.route(
+        Target::Workload,
+        &r.request(),
+        &|_| true,
+        &mut SplitMix64(1),
+    );
     assert_eq!(forward(d), Forward::default());
 }
 
+/// Two rules: a prefix and an exact path.
 const TWO_PATHS: &str = r#"
-apiVersion: gateway.networking.k8s.io/v1
-kind: HTTPRoute
-metadata: {name: r, namespace: default}
-spec:
-  parentRefs: [{group: "", kind: Service, name: echo}]
-  rules:
   - matches: [{path: {type: PathPrefix, value: /foo}}]
     backendRefs: [{name: echo-v1, port: 80}]
   - matches: [{path: {type: Exact, value: /exact}}]
@@ -175,21 +200,13 @@ spec:
 
 #[test]
 fn routes_attached_but_none_matching_is_404() {
-    let cfg = load(TWO_PATHS);
-    for uri in ["/", "/foobar", "/exact/more", "/fo"] {
-        assert!(
-            matches!(
-                decide(&cfg, &get(uri)),
-                Decision::Respond { status: 404, .. }
-            ),
-            "{uri}"
-        );
-    }
+    let cfg = load(&route(TWO_PATHS));
+    assert_responds(&cfg, &["/", "/foobar", "/exact/more", "/fo"], 404);
 }
 
 #[test]
 fn path_prefix_matches_by_segment() {
-    let cfg = load(TWO_PATHS);
+    let cfg = load(&route(TWO_PATHS));
     let table = [
         ("/foo", true),
         ("/foo/", true),
@@ -203,27 +220,20 @@ fn path_prefix_matches_by_segment() {
         assert_eq!(rule_of(&cfg, &get(uri)).is_some(), hit, "{uri}");
     }
     // A trailing slash in the prefix is ignored: `/foo/` matches `/foo`.
-    let cfg = load(&TWO_PATHS.replace("value: /foo}", "value: /foo/}"));
+    let cfg = load(&route(&TWO_PATHS.replace("value: /foo}", "value: /foo/}")));
     assert!(rule_of(&cfg, &get("/foo")).is_some());
     assert!(rule_of(&cfg, &get("/foobar")).is_none());
 }
 
 #[test]
 fn exact_and_regex_paths() {
-    let cfg = load(
-        r#"
-apiVersion: gateway.networking.k8s.io/v1
-kind: HTTPRoute
-metadata: {name: r}
-spec:
-  parentRefs: [{group: "", kind: Service, name: echo}]
-  rules:
-  - matches: [{path: {type: Exact, value: /a}}]
+    let cfg = load(&route(
+        r#"  - matches: [{path: {type: Exact, value: /a}}]
     backendRefs: [{name: echo-v1, port: 80}]
   - matches: [{path: {type: RegularExpression, value: "/items/[0-9]+"}}]
     backendRefs: [{name: echo-v2, port: 80}]
 "#,
-    );
+    ));
     let table = [
         ("/a", Some(0)),
         ("/a/", None),
@@ -240,15 +250,8 @@ spec:
 
 #[test]
 fn header_query_and_method_matches() {
-    let cfg = load(
-        r#"
-apiVersion: gateway.networking.k8s.io/v1
-kind: HTTPRoute
-metadata: {name: r}
-spec:
-  parentRefs: [{group: "", kind: Service, name: echo}]
-  rules:
-  - matches:
+    let cfg = load(&route(
+        r#"  - matches:
     - headers: [{name: X-Version, value: v2}]
       queryParams: [{name: debug, value: "1"}]
       method: POST
@@ -258,7 +261,7 @@ spec:
     - queryParams: [{type: RegularExpression, name: id, value: "[a-f]+"}]
     backendRefs: [{name: echo-v1, port: 80}]
 "#,
-    );
+    ));
     let table: Vec<(Req<'_>, Option<usize>)> = vec![
         (
             get("/?debug=1").method("POST").header("x-version", "v2"),
@@ -306,8 +309,10 @@ spec:
 #[test]
 fn precedence_across_rules_and_routes() {
     let route = |name: &str, ts: &str, rules: &str| {
-        format!(
-            "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: {name}, creationTimestamp: \"{ts}\"}}\nspec:\n  parentRefs: [{{group: \"\", kind: Service, name: echo}}]\n  rules:\n{rules}"
+        http_route(
+            &format!("{{name: {name}, creationTimestamp: \"{ts}\"}}"),
+            ECHO,
+            rules,
         )
     };
     let rule =
@@ -379,8 +384,12 @@ fn precedence_across_rules_and_routes() {
 #[test]
 fn equal_age_ties_go_to_namespace_name_order() {
     let doc = |ns: &str, name: &str, backend: &str| {
-        format!(
-            "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: {name}, namespace: {ns}, creationTimestamp: \"2024-01-01T00:00:00Z\"}}\nspec:\n  parentRefs: [{{group: \"\", kind: Service, name: echo, namespace: default}}]\n  rules:\n  - backendRefs: [{{name: {backend}, namespace: default, port: 80}}]\n"
+        http_route(
+            &format!(
+                "{{name: {name}, namespace: {ns}, creationTimestamp: \"2024-01-01T00:00:00Z\"}}"
+            ),
+            "{group: \"\", kind: Service, name: echo, namespace: default}",
+            &format!("  - backendRefs: [{{name: {backend}, namespace: default, port: 80}}]\n"),
         )
     };
     let cfg = load(
@@ -399,17 +408,11 @@ fn equal_age_ties_go_to_namespace_name_order() {
 
 #[test]
 fn parent_port_restricts_attachment() {
-    let cfg = load(
-        r#"
-apiVersion: gateway.networking.k8s.io/v1
-kind: HTTPRoute
-metadata: {name: r}
-spec:
-  parentRefs: [{group: "", kind: Service, name: echo, port: 8080}]
-  rules:
-  - backendRefs: [{name: echo-v1, port: 80}]
-"#,
-    );
+    let cfg = load(&http_route(
+        "{name: r}",
+        "{group: \"\", kind: Service, name: echo, port: 8080}",
+        "  - backendRefs: [{name: echo-v1, port: 80}]\n",
+    ));
     assert_eq!(
         backend(&decide_to(&cfg, "echo", 8080, &get("/"), 1)),
         Some(("echo-v1".into(), 80))
@@ -423,60 +426,31 @@ spec:
 
 #[test]
 fn missing_backend_service_is_500_and_zero_weights_are_500() {
-    let cfg = load(
-        r#"
-apiVersion: gateway.networking.k8s.io/v1
-kind: HTTPRoute
-metadata: {name: r}
-spec:
-  parentRefs: [{group: "", kind: Service, name: echo}]
-  rules:
-  - matches: [{path: {value: /ghost}}]
+    let cfg = load(&route(
+        r#"  - matches: [{path: {value: /ghost}}]
     backendRefs: [{name: ghost, port: 80}]
   - matches: [{path: {value: /zero}}]
     backendRefs: [{name: echo-v1, port: 80, weight: 0}]
   - matches: [{path: {value: /none}}]
 "#,
-    );
-    for uri in ["/ghost", "/zero", "/none"] {
-        assert!(
-            matches!(
-                decide(&cfg, &get(uri)),
-                Decision::Respond { status: 500, .. }
-            ),
-            "{uri}"
-        );
-    }
+    ));
+    assert_responds(&cfg, &["/ghost", "/zero", "/none"], 500);
 }
 
 #[test]
 fn weights_split_10000_requests_within_5_percent() {
-    let cfg = load(
-        r#"
-apiVersion: gateway.networking.k8s.io/v1
-kind: HTTPRoute
-metadata: {name: r}
-spec:
-  parentRefs: [{group: "", kind: Service, name: echo}]
-  rules:
-  - backendRefs:
+    let cfg = load(&route(
+        r#"  - backendRefs:
     - {name: echo-v1, port: 80, weight: 70}
     - {name: echo-v2, port: 80, weight: 20}
     - {name: other, namespace: other, port: 8080, weight: 10}
     - {name: mirror, port: 80, weight: 0}
 "#,
-    );
+    ));
     let mut rng = SplitMix64(42);
     let mut counts = std::collections::BTreeMap::<String, u32>::new();
     let r = get("/");
-    let headers = r.headers.clone();
-    let req = Request {
-        method: "GET",
-        path: "/",
-        query: None,
-        headers: &headers,
-        scheme: "http",
-    };
+    let req = r.request();
     let echo = ObjectRef::new("default", "echo");
     for _ in 0..10_000 {
         let d = cfg.routes.route(
@@ -503,15 +477,8 @@ spec:
 
 #[test]
 fn header_modifiers_set_add_remove() {
-    let cfg = load(
-        r#"
-apiVersion: gateway.networking.k8s.io/v1
-kind: HTTPRoute
-metadata: {name: r}
-spec:
-  parentRefs: [{group: "", kind: Service, name: echo}]
-  rules:
-  - filters:
+    let cfg = load(&route(
+        r#"  - filters:
     - type: RequestHeaderModifier
       requestHeaderModifier:
         set: [{name: X-Set, value: new}]
@@ -527,7 +494,7 @@ spec:
       - type: RequestHeaderModifier
         requestHeaderModifier: {add: [{name: x-backend, value: v1}]}
 "#,
-    );
+    ));
     let f = forward(decide(&cfg, &get("/")));
     assert_eq!(f.request_headers.len(), 2);
     let mut h: Vec<(String, String)> = [
@@ -563,10 +530,11 @@ spec:
     );
 }
 
+/// Route `r` with one rule: requests under `path` get `filter`.
 fn redirect_route(filter: &str, path: &str) -> String {
-    format!(
-        "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: r}}\nspec:\n  parentRefs: [{{group: \"\", kind: Service, name: echo}}]\n  rules:\n  - matches: [{{path: {{type: PathPrefix, value: {path}}}}}]\n    filters:\n    - {filter}\n"
-    )
+    route(&format!(
+        "  - matches: [{{path: {{type: PathPrefix, value: {path}}}}}]\n    filters:\n    - {filter}\n"
+    ))
 }
 
 #[test]
@@ -652,15 +620,8 @@ fn url_rewrite_replace_prefix_match_table() {
 
 #[test]
 fn request_mirrors_route_and_backend_level() {
-    let cfg = load(
-        r#"
-apiVersion: gateway.networking.k8s.io/v1
-kind: HTTPRoute
-metadata: {name: r}
-spec:
-  parentRefs: [{group: "", kind: Service, name: echo}]
-  rules:
-  - filters:
+    let cfg = load(&route(
+        r#"  - filters:
     - type: RequestMirror
       requestMirror: {backendRef: {name: mirror, port: 80}}
     - type: RequestMirror
@@ -672,7 +633,7 @@ spec:
       - type: RequestMirror
         requestMirror: {backendRef: {name: other, namespace: other, port: 8080}, percent: 10}
 "#,
-    );
+    ));
     let f = forward(decide(&cfg, &get("/")));
     assert_eq!(
         f.mirrors,
@@ -694,19 +655,12 @@ spec:
 
 #[test]
 fn timeouts_and_retries_are_carried() {
-    let cfg = load(
-        r#"
-apiVersion: gateway.networking.k8s.io/v1
-kind: HTTPRoute
-metadata: {name: r}
-spec:
-  parentRefs: [{group: "", kind: Service, name: echo}]
-  rules:
-  - timeouts: {request: 1m30s, backendRequest: 500ms}
+    let cfg = load(&route(
+        r#"  - timeouts: {request: 1m30s, backendRequest: 500ms}
     retry: {codes: [503, 504], attempts: 3, backoff: 100ms}
     backendRefs: [{name: echo-v1, port: 80}]
 "#,
-    );
+    ));
     let f = forward(decide(&cfg, &get("/")));
     assert_eq!(f.timeouts.request, Some(Duration::from_secs(90)));
     assert_eq!(f.timeouts.backend_request, Some(Duration::from_millis(500)));
