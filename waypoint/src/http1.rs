@@ -6,13 +6,21 @@
 //! for [`hbone::stream::H2Stream`]. Bad input: a malformed head is `400`, a head over
 //! [`MAX_HEAD`] bytes is `431`; both close the stream.
 //!
-//! Request bodies (`Content-Length` or `Transfer-Encoding: chunked`, forwarded as
-//! received) are buffered whole (up to [`crate::h2srv::MAX_BODY`], else `413`), then the
-//! routed request is carried out by [`execute`]: mirrors, timeouts (`504`), retries;
-//! a failed upstream answers `503` as Istio does.
+//! Bodies are **streamed** ([`crate::body`]): a request body up to [`REPLAY_BUFFER`]
+//! bytes is read whole first (so a retry or a mirror can send it again), a longer one is
+//! copied to the upstream as it arrives and its request is never retried; responses are
+//! copied to the tunnel as they arrive (Content-Length and chunked as received; a body
+//! delimited by the end of the upstream connection is re-framed chunked). Mirrors,
+//! timeouts (`504`), retries; a failed upstream answers `503` as Istio does.
 //!
-//! Not handled yet: `Expect: 100-continue`, pipelining beyond one buffered request,
-//! upgrades; responses are buffered whole too (no streaming).
+//! `Expect: 100-continue`: once policy and routing allow the request, the waypoint
+//! answers `100 Continue` itself and does not pass the expectation on (Envoy's default);
+//! a request answered here (a `403` denial, a redirect, `404`) is answered without
+//! reading its body, and the tunnel is closed after it.
+//!
+//! Upgrades (`Upgrade` + `Connection: upgrade`, e.g. websocket) are forwarded; after a
+//! `101` from the upstream the tunnel and the upstream connection are spliced as raw bytes
+//! both ways with half-close ([`End::Upgraded`]).
 
 use std::collections::BTreeMap;
 use std::io;
@@ -22,9 +30,11 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 
 use crate::authz::{self, DENIED_BODY};
+use crate::body::{CopyError, Framing};
 use crate::config::WaypointConfig;
 use crate::lb::Rng;
 use crate::route::{self, Decision, Forward, HeaderModifier, ObjectRef, Retry, Target};
+use runtime::worker::{race, Either};
 
 /// The largest request head accepted (request line and headers).
 pub const MAX_HEAD: usize = 64 * 1024;
@@ -406,13 +416,39 @@ impl Tunnel for hbone::stream::H2Stream {
     }
 }
 
-/// One request/response exchange with the routed service (load balancing and the upstream
-/// HBONE connection live behind this).
+/// The routed service's side: load balancing and upstream connections live behind this.
 #[allow(async_fn_in_trait)]
 pub trait Upstream {
-    /// `service` is `None` for a pod-addressed request (send to the tunnel's target).
-    /// Returns the complete response bytes; an error of kind `TimedOut` when no complete
-    /// response came within `timeout` (`None`: no limit).
+    /// A byte stream to one endpoint, carrying one HTTP/1.1 exchange at a time.
+    type Conn: Tunnel;
+
+    /// A connection to an endpoint of `service` (`None`: the tunnel's pod, R16) for one
+    /// try of `head`; `true` when it is a kept one (it may turn out closed). Every
+    /// connect is followed by one [`Upstream::done`].
+    async fn connect(
+        &mut self,
+        service: Option<&(ObjectRef, u16)>,
+        head: &RequestHead,
+    ) -> io::Result<(Self::Conn, bool)>;
+
+    /// The try ended: `status` (0: no response), `conn` back when it is there, kept for the
+    /// next request when `reusable`; `error` when the try failed.
+    fn done(
+        &mut self,
+        conn: Option<Self::Conn>,
+        status: u16,
+        reusable: bool,
+        error: Option<io::ErrorKind>,
+    );
+
+    /// After [`Upstream::done`] with status 101: the connection is handed over to be
+    /// spliced with the tunnel; `to_upstream` are tunnel bytes already read past the
+    /// request.
+    fn upgraded(&mut self, _to_upstream: Bytes) {}
+
+    /// One complete buffered exchange (used by HTTP/2 requests): the complete response
+    /// bytes; an error of kind `TimedOut` when no complete response came within
+    /// `timeout` (`None`: no limit).
     async fn exchange(
         &mut self,
         service: Option<&(ObjectRef, u16)>,
@@ -426,6 +462,9 @@ pub trait Upstream {
 
     /// A request is about to be re-sent (for counters).
     fn retried(&mut self) {}
+
+    /// Something worth counting happened.
+    fn note(&mut self, _n: Note) {}
 
     /// One request is done (answered here or upstream): metrics and the access log.
     fn record(&mut self, _r: &Record<'_>) {}
@@ -604,6 +643,9 @@ pub enum End {
     Eof,
     /// The waypoint closed after answering (bad input, `Connection: close`, error).
     Closed(u16),
+    /// The upstream answered `101 Switching Protocols`: the connection was handed to
+    /// [`Upstream::upgraded`] to be spliced as raw bytes both ways.
+    Upgraded,
 }
 
 /// Serve HTTP/1.1 requests on one tunnel until it ends.
@@ -615,6 +657,34 @@ pub async fn serve<T: Tunnel, U: Upstream>(
     rng: &mut dyn Rng,
 ) -> io::Result<End> {
     serve_from(tunnel, BytesMut::new(), cfg, ctx, upstream, rng).await
+}
+
+/// The largest request body kept in memory so that a retry (or a mirror) can send it
+/// again. **Retry rule:** a request whose body is at most this long is read whole before
+/// the first try and may be retried (if it is body-less or idempotent, as before); a
+/// longer body, or one whose length is unknown past this limit, is streamed to the one
+/// try and is **never retried** (its bytes are gone). **Mirror rule:** only requests
+/// whose body fits this buffer are mirrored; a streamed one is not (counted,
+/// [`Note::MirrorSkipped`]).
+pub const REPLAY_BUFFER: usize = 64 * 1024;
+
+/// Events [`Upstream::note`] is told about (for counters).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Note {
+    /// A request body too large for [`REPLAY_BUFFER`] was streamed (no retry possible).
+    StreamedBody,
+    /// A mirror was not sent because the request body was streamed.
+    MirrorSkipped,
+    /// `Expect: 100-continue` was answered `100 Continue` by the waypoint.
+    Continue,
+    /// A connection was upgraded (`101`).
+    Upgraded,
+}
+
+/// A request body: nothing, read whole (replayable), or still in the tunnel.
+enum ReqBody {
+    Buffered(Bytes),
+    Streamed(Framing),
 }
 
 /// [`serve`], with `buf` already read from the tunnel (by protocol detection).
@@ -647,23 +717,33 @@ pub async fn serve_from<T: Tunnel, U: Upstream>(
         let started = Instant::now();
         let mut head = head;
         let traceparent = trace(&mut head, ctx.traceparent.as_deref(), rng);
-        let body = match body_framing(&head) {
-            Ok(b) => b,
+        let framing = match body_framing(&head) {
+            Ok(BodyFraming::Length(n)) => Framing::Length(n as u64),
+            Ok(BodyFraming::Chunked) => Framing::Chunked,
             Err(status) => {
                 return close_with(tunnel, simple_response(status, &[], "", true), status).await;
             }
         };
+        let has_body = framing != Framing::Length(0);
+        let expect = head.version == 1
+            && head
+                .header("expect")
+                .is_some_and(|v| v.trim().eq_ignore_ascii_case("100-continue"));
         let close = !head.keep_alive();
         // Policy and routing before the body is read or anything is sent upstream.
         match decide(cfg, ctx, &head, rng) {
             Action::Respond(resp) => {
                 let status = status_of(&resp);
-                // Discard the body of a request answered here.
-                let n = match read_body(tunnel, &mut buf, body).await? {
-                    Ok(n) => n,
-                    Err(_) => return close_with(tunnel, resp, status).await,
-                };
-                let _ = buf.split_to(n);
+                let mut request_bytes = used as u64;
+                // A client waiting for `100 Continue` may or may not send its body: answer
+                // without reading it and close. Otherwise discard the body (streamed).
+                let close = close || (expect && has_body);
+                if has_body && !expect {
+                    match crate::body::copy::<T, T>(tunnel, &mut buf, framing, None, false).await {
+                        Ok(n) => request_bytes += n,
+                        Err(_) => return close_with(tunnel, resp, status).await,
+                    }
+                }
                 let rec = Record {
                     protocol: "HTTP/1.1",
                     method: &head.method,
@@ -671,7 +751,7 @@ pub async fn serve_from<T: Tunnel, U: Upstream>(
                     path: &target_of(&head),
                     status,
                     flags: local_flags(status),
-                    request_bytes: (used + n) as u64,
+                    request_bytes,
                     response_bytes: resp.len() as u64,
                     started,
                     traceparent: &traceparent,
@@ -684,40 +764,572 @@ pub async fn serve_from<T: Tunnel, U: Upstream>(
                 tunnel.write(Bytes::from(resp)).await?;
             }
             Action::Forward { forward, request } => {
-                let n = match read_body(tunnel, &mut buf, body).await? {
-                    Ok(n) => n,
-                    Err(413) => {
-                        let resp = simple_response(413, &[], "", true);
-                        return close_with(tunnel, resp, 413).await;
-                    }
-                    Err(status) => return Ok(End::Closed(status)),
+                if expect {
+                    // Envoy's default: the proxy answers the expectation itself once the
+                    // request is allowed and routed, and does not pass it on.
+                    head.headers
+                        .retain(|(n, _)| !n.eq_ignore_ascii_case("expect"));
+                    upstream.note(Note::Continue);
+                    tunnel
+                        .write(Bytes::from_static(b"HTTP/1.1 100 Continue\r\n\r\n"))
+                        .await?;
+                }
+                let request = if expect {
+                    upstream_head_without_expect(&request)
+                } else {
+                    Bytes::from(request)
                 };
-                let mut req = BytesMut::from(&request[..]);
-                req.extend_from_slice(&buf.split_to(n));
-                let (resp, flags) =
-                    execute(upstream, &forward, req.freeze(), &head.method, n > 0, rng).await;
-                let status = status_of(&resp);
+                // Read the body whole when it fits the replay buffer; else stream it.
+                let body = match framing {
+                    Framing::Length(n) if n as usize <= REPLAY_BUFFER => {
+                        match fill(tunnel, &mut buf, |b| {
+                            (b.len() as u64 >= n).then_some(n as usize)
+                        })
+                        .await?
+                        {
+                            Some(n) => ReqBody::Buffered(buf.split_to(n).freeze()),
+                            None => return bad_body(tunnel).await,
+                        }
+                    }
+                    Framing::Chunked => {
+                        let mut scan = crate::body::ChunkScan::default();
+                        let mut seen = 0;
+                        let r = fill(tunnel, &mut buf, |b| {
+                            let got = scan.feed(&b[seen..]);
+                            let r = match got {
+                                Ok(Some(k)) => Some(Some(seen + k)),
+                                Ok(None) if b.len() > REPLAY_BUFFER => Some(None),
+                                Ok(None) => None,
+                                Err(_) => Some(None),
+                            };
+                            seen = b.len();
+                            r
+                        })
+                        .await?;
+                        match r {
+                            Some(Some(n)) => ReqBody::Buffered(buf.split_to(n).freeze()),
+                            Some(None) => ReqBody::Streamed(Framing::Chunked),
+                            None => return bad_body(tunnel).await,
+                        }
+                    }
+                    f => ReqBody::Streamed(f),
+                };
+                if matches!(body, ReqBody::Streamed(_)) {
+                    upstream.note(Note::StreamedBody);
+                }
+                let out = forward_request(
+                    tunnel, &mut buf, upstream, &forward, &head, request, body, has_body, rng,
+                )
+                .await?;
                 let rec = Record {
                     protocol: "HTTP/1.1",
                     method: &head.method,
                     host: head.header("host").unwrap_or(""),
                     path: &target_of(&head),
-                    status,
-                    flags,
-                    request_bytes: (used + n) as u64,
-                    response_bytes: resp.len() as u64,
+                    status: out.status,
+                    flags: out.flags,
+                    request_bytes: used as u64 + out.request_body,
+                    response_bytes: out.response_bytes,
                     started,
                     traceparent: &traceparent,
                     denied: false,
                 };
                 upstream.record(&rec);
-                if close {
-                    return close_with(tunnel, resp, status).await;
+                match out.next {
+                    Next::Continue if !close && head.version == 1 => {}
+                    Next::Continue | Next::Close => {
+                        tunnel.finish().await?;
+                        return Ok(End::Closed(out.status));
+                    }
+                    Next::Bad(status) => {
+                        return close_with(tunnel, simple_response(status, &[], "", true), status)
+                            .await
+                    }
+                    Next::Abort(e) => return Err(e),
+                    Next::Upgraded => {
+                        upstream.upgraded(buf.split().freeze());
+                        return Ok(End::Upgraded);
+                    }
                 }
-                tunnel.write(Bytes::from(resp)).await?;
             }
         }
     }
+}
+
+/// The upstream request head without its `expect` header (the waypoint answered it).
+fn upstream_head_without_expect(request: &[u8]) -> Bytes {
+    let mut out = Vec::with_capacity(request.len());
+    for line in request.split_inclusive(|&b| b == b'\n') {
+        let is_expect = line.len() > 7 && line[..7].eq_ignore_ascii_case(b"expect:");
+        if !is_expect {
+            out.extend_from_slice(line);
+        }
+    }
+    Bytes::from(out)
+}
+
+async fn bad_body<T: Tunnel>(tunnel: &mut T) -> io::Result<End> {
+    close_with(tunnel, simple_response(400, &[], "", true), 400).await
+}
+
+/// Read from the tunnel into `buf` until `done` says how many bytes are wanted
+/// (`Some`), or the tunnel ends (`None`).
+async fn fill<T: Tunnel, R>(
+    tunnel: &mut T,
+    buf: &mut BytesMut,
+    mut done: impl FnMut(&[u8]) -> Option<R>,
+) -> io::Result<Option<R>> {
+    loop {
+        if let Some(r) = done(buf) {
+            return Ok(Some(r));
+        }
+        match tunnel.read().await {
+            Some(chunk) => buf.extend_from_slice(&chunk?),
+            None => return Ok(None),
+        }
+    }
+}
+
+/// What to do with the tunnel after a forwarded request.
+enum Next {
+    /// Serve the next request (unless the client asked to close).
+    Continue,
+    /// Close after this response (its body was EOF-delimited for an HTTP/1.0 client, or
+    /// the request body was not fully read).
+    Close,
+    /// Answer this status and close (the request body was bad).
+    Bad(u16),
+    /// The response was cut after its head went out: reset the tunnel.
+    Abort(io::Error),
+    /// `101`: the connection is handed over ([`Upstream::upgraded`]).
+    Upgraded,
+}
+
+struct Forwarded {
+    status: u16,
+    flags: &'static str,
+    request_body: u64,
+    response_bytes: u64,
+    next: Next,
+}
+
+/// A response head read from the upstream.
+struct RespHead {
+    status: u16,
+    /// Its length in the buffer.
+    len: usize,
+    framing: Framing,
+    close: bool,
+}
+
+/// Parse a response head at the start of `buf`: `None` when incomplete.
+fn parse_response_head(buf: &[u8], head_request: bool) -> io::Result<Option<RespHead>> {
+    let mut hs = [httparse::EMPTY_HEADER; 64];
+    let mut r = httparse::Response::new(&mut hs);
+    let parsed = match r.parse(buf) {
+        Ok(s) => s,
+        Err(httparse::Error::TooManyHeaders) => {
+            let mut all = [httparse::EMPTY_HEADER; MAX_HEADERS];
+            let mut r2 = httparse::Response::new(&mut all);
+            return match r2.parse(buf) {
+                Ok(httparse::Status::Complete(n)) => {
+                    Ok(Some(response_facts(&r2, n, head_request)?))
+                }
+                Ok(httparse::Status::Partial) => Ok(None),
+                Err(_) => Err(io::Error::other("malformed upstream response head")),
+            };
+        }
+        Err(_) => return Err(io::Error::other("malformed upstream response head")),
+    };
+    match parsed {
+        httparse::Status::Complete(n) => Ok(Some(response_facts(&r, n, head_request)?)),
+        httparse::Status::Partial if buf.len() > MAX_HEAD => {
+            Err(io::Error::other("upstream response head too large"))
+        }
+        httparse::Status::Partial => Ok(None),
+    }
+}
+
+fn response_facts(
+    r: &httparse::Response<'_, '_>,
+    n: usize,
+    head_request: bool,
+) -> io::Result<RespHead> {
+    let status = r.code.unwrap_or(0);
+    let mut te_chunked = false;
+    let mut cl = None;
+    let mut close = r.version == Some(0);
+    for h in r.headers.iter() {
+        if h.name.eq_ignore_ascii_case("transfer-encoding") {
+            te_chunked = contains_token(h.value, b"chunked");
+        } else if h.name.eq_ignore_ascii_case("content-length") {
+            let v = std::str::from_utf8(h.value)
+                .ok()
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .ok_or_else(|| io::Error::other("bad upstream content-length"))?;
+            cl = Some(v);
+        } else if h.name.eq_ignore_ascii_case("connection") {
+            if contains_token(h.value, b"close") {
+                close = true;
+            } else if contains_token(h.value, b"keep-alive") {
+                close = false;
+            }
+        }
+    }
+    let framing = if head_request || status == 204 || status == 304 || (100..200).contains(&status)
+    {
+        Framing::Length(0)
+    } else if te_chunked {
+        Framing::Chunked
+    } else if let Some(n) = cl {
+        Framing::Length(n)
+    } else {
+        Framing::Eof
+    };
+    Ok(RespHead {
+        status,
+        len: n,
+        framing,
+        close,
+    })
+}
+
+fn contains_token(v: &[u8], token: &[u8]) -> bool {
+    v.split(|&b| b == b',')
+        .any(|t| t.trim_ascii().eq_ignore_ascii_case(token))
+}
+
+/// Read one final response head from `conn` into `ubuf` (interim `1xx` other than `101`
+/// dropped). `got` is set once any byte arrived.
+async fn read_response_head<C: Tunnel>(
+    conn: &mut C,
+    ubuf: &mut BytesMut,
+    head_request: bool,
+    got: &mut bool,
+) -> io::Result<RespHead> {
+    loop {
+        if let Some(h) = parse_response_head(ubuf, head_request)? {
+            if (100..200).contains(&h.status) && h.status != 101 {
+                let _ = ubuf.split_to(h.len);
+                continue;
+            }
+            return Ok(h);
+        }
+        match conn.read().await {
+            Some(Ok(b)) => {
+                *got = true;
+                ubuf.extend_from_slice(&b);
+            }
+            Some(Err(e)) => return Err(e),
+            None => return Err(io::Error::other("upstream closed before a response")),
+        }
+    }
+}
+
+/// How one try failed.
+enum TryError {
+    /// Upstream failure; `fresh` when no response byte came (a kept connection that turns
+    /// out dead can be replaced transparently).
+    Upstream { e: io::Error, fresh: bool },
+    /// The downstream request body failed while being streamed.
+    Body(CopyError),
+}
+
+/// One try: connect (or reuse), send the head and body, read the response head.
+#[allow(clippy::too_many_arguments)]
+async fn one_try<T: Tunnel, U: Upstream>(
+    up: &mut U,
+    tunnel: &mut T,
+    buf: &mut BytesMut,
+    service: Option<&(ObjectRef, u16)>,
+    head: &RequestHead,
+    request: &Bytes,
+    body: &ReqBody,
+    sent: &mut u64,
+) -> Result<(U::Conn, bool, RespHead, BytesMut), TryError> {
+    let (mut conn, reused) = up
+        .connect(service, head)
+        .await
+        .map_err(|e| TryError::Upstream { e, fresh: false })?;
+    let fail = |e: io::Error| TryError::Upstream { e, fresh: reused };
+    match body {
+        ReqBody::Buffered(b) if !b.is_empty() => {
+            // One write: head and body together.
+            let mut all = BytesMut::with_capacity(request.len() + b.len());
+            all.extend_from_slice(request);
+            all.extend_from_slice(b);
+            conn.write(all.freeze()).await.map_err(fail)?;
+            *sent = b.len() as u64;
+        }
+        ReqBody::Buffered(_) => conn.write(request.clone()).await.map_err(fail)?,
+        ReqBody::Streamed(framing) => {
+            conn.write(request.clone()).await.map_err(fail)?;
+            *sent = match crate::body::copy(tunnel, buf, *framing, Some(&mut conn), false).await {
+                Ok(n) => n,
+                Err(CopyError::Write(e)) => return Err(TryError::Upstream { e, fresh: false }),
+                Err(e) => return Err(TryError::Body(e)),
+            };
+        }
+    }
+    let mut ubuf = BytesMut::new();
+    let mut got = false;
+    match read_response_head(&mut conn, &mut ubuf, head.method == "HEAD", &mut got).await {
+        Ok(h) => Ok((conn, reused, h, ubuf)),
+        Err(e) => Err(TryError::Upstream {
+            e,
+            fresh: reused && !got,
+        }),
+    }
+}
+
+/// Carry out a routed request with the body streamed or buffered: mirrors, timeouts,
+/// retries (see [`REPLAY_BUFFER`] for which requests can be retried), then the response
+/// streamed to the tunnel.
+#[allow(clippy::too_many_arguments)]
+async fn forward_request<T: Tunnel, U: Upstream>(
+    tunnel: &mut T,
+    buf: &mut BytesMut,
+    up: &mut U,
+    fwd: &Forward,
+    head: &RequestHead,
+    request: Bytes,
+    body: ReqBody,
+    has_body: bool,
+    rng: &mut dyn Rng,
+) -> io::Result<Forwarded> {
+    let streamed = matches!(body, ReqBody::Streamed(_));
+    for m in &fwd.mirrors {
+        if m.percent >= 100 || rng.below(100) < u64::from(m.percent) {
+            match &body {
+                ReqBody::Buffered(b) => {
+                    let mut all = BytesMut::with_capacity(request.len() + b.len());
+                    all.extend_from_slice(&request);
+                    all.extend_from_slice(b);
+                    up.mirror(&(m.service.clone(), m.port), shadow(&all));
+                }
+                ReqBody::Streamed(_) => up.note(Note::MirrorSkipped),
+            }
+        }
+    }
+    let policy = fwd.retry.clone().unwrap_or_else(default_retry);
+    let replayable = !streamed && (!has_body || idempotent(&head.method));
+    let nonzero = |d: &Duration| !d.is_zero();
+    let deadline = fwd
+        .timeouts
+        .request
+        .filter(nonzero)
+        .map(|d| Instant::now() + d);
+    let remaining = || deadline.map(|d| d.saturating_duration_since(Instant::now()));
+    let mut retries = 0u32;
+    let mut replaced = false;
+    let mut sent = 0u64;
+    // A local answer after a failed try; the tunnel closes when the streamed request body
+    // was not fully read.
+    let local = |status: u16, flags: &'static str, body: &str, sent: u64, close: bool| {
+        let resp = simple_response(status, &[], body, close);
+        (resp, flags, sent, close)
+    };
+    let outcome = loop {
+        let left = remaining();
+        if left.is_some_and(|d| d.is_zero()) {
+            break Err(local(504, "UT", "upstream request timeout", sent, streamed));
+        }
+        let per_try = match (fwd.timeouts.backend_request.filter(nonzero), left) {
+            (Some(b), Some(l)) => Some(b.min(l)),
+            (b, l) => b.or(l),
+        };
+        let attempt = one_try(
+            up,
+            tunnel,
+            buf,
+            fwd.service.as_ref(),
+            head,
+            &request,
+            &body,
+            &mut sent,
+        );
+        let r = match per_try {
+            // Dropped on expiry: the upstream stream is reset.
+            Some(t) => match race(attempt, monoio::time::sleep(t)).await {
+                Either::Left(r) => Some(r),
+                Either::Right(()) => None,
+            },
+            None => Some(attempt.await),
+        };
+        let again = retries < policy.attempts && replayable;
+        match r {
+            None => {
+                up.done(None, 0, false, Some(io::ErrorKind::TimedOut));
+                break Err(local(504, "UT", "upstream request timeout", sent, streamed));
+            }
+            Some(Err(TryError::Body(e))) => {
+                up.done(None, 0, false, Some(io::ErrorKind::BrokenPipe));
+                return Ok(Forwarded {
+                    status: 400,
+                    flags: "DPE",
+                    request_body: sent,
+                    response_bytes: 0,
+                    next: match e {
+                        CopyError::Read(e) => Next::Abort(e),
+                        _ => Next::Bad(400),
+                    },
+                });
+            }
+            Some(Err(TryError::Upstream { e, fresh })) => {
+                if fresh && !replaced && !streamed {
+                    // A kept connection the upstream had closed: once more on a new one
+                    // (neither an error nor a retry).
+                    up.done(None, 0, false, None);
+                    replaced = true;
+                    continue;
+                }
+                up.done(None, 0, false, Some(e.kind()));
+                if !again || e.kind() == io::ErrorKind::TimedOut {
+                    let resp = upstream_failure(&e);
+                    break Err((resp, "UF", sent, streamed));
+                }
+            }
+            Some(Ok((conn, _, h, ubuf))) => {
+                if again && policy.codes.contains(&h.status) {
+                    up.done(Some(conn), h.status, false, None);
+                } else {
+                    break Ok((conn, h, ubuf));
+                }
+            }
+        }
+        retries += 1;
+        up.retried();
+        let base = policy.backoff.unwrap_or(RETRY_BACKOFF);
+        let mut wait = (base * (1 << (retries - 1).min(8))).min(base * 10);
+        if let Some(l) = remaining() {
+            wait = wait.min(l);
+        }
+        monoio::time::sleep(wait).await;
+    };
+    let (mut conn, h, mut ubuf) = match outcome {
+        Ok(x) => x,
+        Err((resp, flags, sent, close)) => {
+            let status = status_of(&resp);
+            let n = resp.len() as u64;
+            tunnel.write(Bytes::from(resp)).await?;
+            return Ok(Forwarded {
+                status,
+                flags,
+                request_body: sent,
+                response_bytes: n,
+                next: if close { Next::Close } else { Next::Continue },
+            });
+        }
+    };
+    // The response: its head (modified when the route says so, or re-framed), then the
+    // body streamed.
+    let upgrade = h.status == 101 && head.header("upgrade").is_some();
+    let eof_to_chunked = h.framing == Framing::Eof && head.version == 1 && !upgrade;
+    let raw_head = ubuf.split_to(h.len).freeze();
+    let out_head = if fwd.response_headers.is_empty() && !eof_to_chunked {
+        raw_head
+    } else {
+        Bytes::from(rewrite_response_head(
+            &raw_head,
+            &fwd.response_headers,
+            eof_to_chunked,
+        ))
+    };
+    let mut response_bytes = out_head.len() as u64;
+    tunnel.write(out_head).await?;
+    if upgrade {
+        if !ubuf.is_empty() {
+            tunnel.write(ubuf.split().freeze()).await?;
+        }
+        up.note(Note::Upgraded);
+        up.done(Some(conn), 101, false, None);
+        return Ok(Forwarded {
+            status: 101,
+            flags: "-",
+            request_body: sent,
+            response_bytes,
+            next: Next::Upgraded,
+        });
+    }
+    let framing = if h.status == 101 {
+        Framing::Eof
+    } else {
+        h.framing
+    };
+    match crate::body::copy(&mut conn, &mut ubuf, framing, Some(tunnel), eof_to_chunked).await {
+        Ok(n) => response_bytes += n,
+        Err(e) => {
+            up.done(None, h.status, false, Some(io::ErrorKind::UnexpectedEof));
+            let e = match e {
+                CopyError::Read(e) | CopyError::Write(e) => e,
+                CopyError::Truncated => io::Error::other("upstream body truncated"),
+                CopyError::Malformed => io::Error::other("upstream chunked body malformed"),
+            };
+            return Ok(Forwarded {
+                status: h.status,
+                flags: "UPE",
+                request_body: sent,
+                response_bytes,
+                next: Next::Abort(e),
+            });
+        }
+    }
+    let reusable = !h.close && h.framing != Framing::Eof && ubuf.is_empty() && head.keep_alive();
+    up.done(Some(conn), h.status, reusable, None);
+    let next = if h.framing == Framing::Eof && !eof_to_chunked {
+        Next::Close
+    } else {
+        Next::Continue
+    };
+    Ok(Forwarded {
+        status: h.status,
+        flags: "-",
+        request_body: sent,
+        response_bytes,
+        next,
+    })
+}
+
+/// A response head with `ResponseHeaderModifier`s applied; with `chunked`, re-framed as
+/// `transfer-encoding: chunked` (for an end-of-connection delimited body), hop-by-hop
+/// `connection` dropped.
+fn rewrite_response_head(raw: &[u8], mods: &[HeaderModifier], chunked: bool) -> Vec<u8> {
+    let mut hs = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut r = httparse::Response::new(&mut hs);
+    if !matches!(r.parse(raw), Ok(httparse::Status::Complete(_))) {
+        return raw.to_vec();
+    }
+    let mut headers: Vec<(String, String)> = r
+        .headers
+        .iter()
+        .filter(|h| !(chunked && h.name.eq_ignore_ascii_case("connection")))
+        .map(|h| {
+            (
+                h.name.to_string(),
+                String::from_utf8_lossy(h.value).into_owned(),
+            )
+        })
+        .collect();
+    for m in mods {
+        m.apply(&mut headers);
+    }
+    if chunked {
+        headers.push(("transfer-encoding".into(), "chunked".into()));
+    }
+    let mut out = format!(
+        "HTTP/1.{} {} {}\r\n",
+        r.version.unwrap_or(1),
+        r.code.unwrap_or(502),
+        r.reason.unwrap_or("")
+    );
+    for (k, v) in &headers {
+        out.push_str(k);
+        out.push_str(": ");
+        out.push_str(v);
+        out.push_str("\r\n");
+    }
+    out.push_str("\r\n");
+    out.into_bytes()
 }
 
 /// The request target as received (path and query).
@@ -758,32 +1370,6 @@ pub fn body_framing(head: &RequestHead) -> Result<BodyFraming, u16> {
             .map(BodyFraming::Length)
             .map_err(|_| 400),
         (None, None) => Ok(BodyFraming::Length(0)),
-    }
-}
-
-/// Buffer the whole body at the start of `buf`: its length, or `Err(400)` if the stream
-/// ended first, `Err(413)` over [`crate::h2srv::MAX_BODY`] bytes.
-async fn read_body<T: Tunnel>(
-    tunnel: &mut T,
-    buf: &mut BytesMut,
-    framing: BodyFraming,
-) -> io::Result<Result<usize, u16>> {
-    loop {
-        let have = match framing {
-            BodyFraming::Length(n) if n > crate::h2srv::MAX_BODY => return Ok(Err(413)),
-            BodyFraming::Length(n) => (buf.len() >= n).then_some(n),
-            BodyFraming::Chunked => crate::service::chunked_end(buf),
-        };
-        if let Some(n) = have {
-            return Ok(Ok(n));
-        }
-        if buf.len() > crate::h2srv::MAX_BODY + 64 * 1024 {
-            return Ok(Err(413));
-        }
-        match tunnel.read().await {
-            Some(chunk) => buf.extend_from_slice(&chunk?),
-            None => return Ok(Err(400)),
-        }
     }
 }
 

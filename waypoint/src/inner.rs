@@ -35,6 +35,9 @@ pub enum Protocol {
     Http1,
     Http2,
     Tcp,
+    /// The client ended its half without sending a byte: nothing to forward (no upstream
+    /// stream is opened for it).
+    Empty,
 }
 
 /// The verdict on the bytes so far: `None` = need more.
@@ -57,7 +60,8 @@ pub fn classify(buf: &[u8]) -> Option<Protocol> {
 }
 
 /// Read from the tunnel until [`classify`] decides; returns the protocol and every byte
-/// read (to be replayed). End of stream or silence decides [`Protocol::Tcp`].
+/// read (to be replayed). Silence (or end of stream after some bytes) decides
+/// [`Protocol::Tcp`]; end of stream before any byte is [`Protocol::Empty`].
 pub async fn detect(s: &mut H2Stream) -> Result<(Protocol, BytesMut), h2::Error> {
     let mut buf = BytesMut::new();
     loop {
@@ -67,6 +71,7 @@ pub async fn detect(s: &mut H2Stream) -> Result<(Protocol, BytesMut), h2::Error>
         match race(s.read(), monoio::time::sleep(DETECT_TIMEOUT)).await {
             Either::Left(Some(Ok(b))) => buf.extend_from_slice(&b),
             Either::Left(Some(Err(e))) => return Err(e),
+            Either::Left(None) if buf.is_empty() => return Ok((Protocol::Empty, buf)),
             Either::Left(None) | Either::Right(()) => return Ok((Protocol::Tcp, buf)),
         }
     }

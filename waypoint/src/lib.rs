@@ -32,11 +32,17 @@
 //!   routing as HTTP/1.1; upstream HTTP/1.1 over HBONE, or HTTP/2 multiplexed per worker
 //!   with DestinationRule `useClientProtocol`; protocol errors → GOAWAY.
 //!
-//! Not built yet: streaming bodies (requests and responses are buffered whole, up to
-//! 64 MiB per request body), `Expect: 100-continue`, upgrades.
+//! * [`body`] — HTTP/1.1 bodies streamed as they pass (Content-Length and chunked both
+//!   ways, an end-of-connection body re-framed chunked), with bounded memory per request.
+//!
+//! HTTP/1.1 requests and responses are streamed; `Expect: 100-continue` is answered by the
+//! waypoint once policy and routing allow the request; upgrades (`101`) become raw byte
+//! splices. Not built yet: streaming for HTTP/2 requests (their bodies are buffered whole,
+//! up to [`h2srv::MAX_BODY`]).
 
 pub mod admin;
 pub mod authz;
+pub mod body;
 pub mod cli;
 pub mod config;
 pub mod h2srv;

@@ -123,6 +123,8 @@ pub struct Counters {
     pub http1_tunnels: AtomicU64,
     pub http2_tunnels: AtomicU64,
     pub tcp_tunnels: AtomicU64,
+    /// Tunnels whose client closed without sending a byte (no upstream stream opened).
+    pub empty_tunnels: AtomicU64,
     /// HTTP/2 tunnels ended by a protocol error (GOAWAY sent).
     pub h2_protocol_errors: AtomicU64,
     /// Requests answered 400/413/431 by the waypoint itself (malformed, too large).
@@ -146,6 +148,14 @@ pub struct Counters {
     pub retries: AtomicU64,
     /// Mirrored copies sent (RequestMirror).
     pub mirrored: AtomicU64,
+    /// HTTP/1.1 request bodies over the replay buffer, streamed (never retried).
+    pub streamed_bodies: AtomicU64,
+    /// Mirrors not sent because the request body was streamed.
+    pub mirrors_skipped: AtomicU64,
+    /// `Expect: 100-continue` requests answered `100 Continue` by the waypoint.
+    pub continues: AtomicU64,
+    /// Connections upgraded after a `101` (spliced as raw bytes).
+    pub upgrades: AtomicU64,
     /// Configuration snapshots published by the watcher.
     pub config_reloads: AtomicU64,
     /// Edited configurations rejected (the old snapshot kept serving).
@@ -390,11 +400,36 @@ pub fn prometheus(c: &Counters) -> String {
         "Mirrored request copies sent.",
         c.mirrored.load(Relaxed),
     );
+    counter(
+        &mut out,
+        "waypoint_streamed_request_bodies",
+        "HTTP/1.1 request bodies over the replay buffer, streamed (never retried).",
+        c.streamed_bodies.load(Relaxed),
+    );
+    counter(
+        &mut out,
+        "waypoint_mirrors_skipped",
+        "Mirrors not sent because the request body was streamed.",
+        c.mirrors_skipped.load(Relaxed),
+    );
+    counter(
+        &mut out,
+        "waypoint_expect_continue",
+        "Expect: 100-continue requests answered 100 Continue by the waypoint.",
+        c.continues.load(Relaxed),
+    );
+    counter(
+        &mut out,
+        "waypoint_upgrades",
+        "Connections upgraded after a 101 and spliced as raw bytes.",
+        c.upgrades.load(Relaxed),
+    );
     out.push_str("# HELP waypoint_tunnels_by_protocol_total Accepted tunnels by detected inner protocol.\n# TYPE waypoint_tunnels_by_protocol_total counter\n");
     for (proto, v) in [
         ("http1", &c.http1_tunnels),
         ("http2", &c.http2_tunnels),
         ("tcp", &c.tcp_tunnels),
+        ("empty", &c.empty_tunnels),
     ] {
         out.push_str(&format!(
             "waypoint_tunnels_by_protocol_total{{protocol=\"{proto}\"}} {}\n",
@@ -532,6 +567,9 @@ async fn tunnel(w: Rc<Worker>, cert: Arc<WorkloadCert>, inb: Inbound) {
         peer: peer.clone(),
         last: None,
         metric_cache: Vec::new(),
+        current: None,
+        upgrade: None,
+        upgrade_first: Bytes::new(),
     };
     let (proto, first) = match race(inner::detect(&mut stream), w.ctx.aborted()).await {
         Either::Left(Ok(x)) => x,
@@ -551,6 +589,21 @@ async fn tunnel(w: Rc<Worker>, cert: Arc<WorkloadCert>, inb: Inbound) {
             let mut rng = w.rng();
             let serve = http1::serve_from(&mut stream, first, &l7, &ctx, &mut up, &mut rng);
             match race(serve, w.ctx.aborted()).await {
+                Either::Left(Ok(http1::End::Upgraded)) => {
+                    if let Some(upstream) = up.upgrade.take() {
+                        let first = std::mem::take(&mut up.upgrade_first);
+                        let rt = &settings.runtime;
+                        let out = inner::splice(
+                            stream,
+                            upstream,
+                            first,
+                            rt.forward.idle_timeout,
+                            w.ctx.aborted(),
+                        )
+                        .await;
+                        tracing::debug!(%target, sent = out.downstream_to_upstream, received = out.upstream_to_downstream, end = ?out.end, "upgraded connection ended");
+                    }
+                }
                 Either::Left(Ok(end)) => {
                     if let http1::End::Closed(400 | 413 | 431) = end {
                         counters.bad_requests.fetch_add(1, Relaxed);
@@ -585,6 +638,12 @@ async fn tunnel(w: Rc<Worker>, cert: Arc<WorkloadCert>, inb: Inbound) {
                 // The connection (and its stream) is dropped: the stream is reset.
                 Either::Right(()) => {}
             }
+        }
+        Protocol::Empty => {
+            // Nothing to forward: end our half too; no upstream stream is opened.
+            counters.empty_tunnels.fetch_add(1, Relaxed);
+            let _ = stream.write_all(Bytes::new(), true).await;
+            tracing::trace!(%target, "tunnel closed before its first byte");
         }
         Protocol::Tcp => {
             counters.tcp_tunnels.fetch_add(1, Relaxed);
@@ -715,6 +774,11 @@ struct HboneUpstream {
     /// This tunnel's recent metric label sets: (status, flags, `last`) → counters, so a
     /// keep-alive tunnel builds its labels once.
     metric_cache: Vec<(MetricKey, Arc<crate::telemetry::RequestCounters>)>,
+    /// The balancer slot of the current HTTP/1.1 try.
+    current: Option<(ObjectRef, u16, usize)>,
+    /// An upgraded (`101`) upstream stream, and tunnel bytes to send it first.
+    upgrade: Option<H2Stream>,
+    upgrade_first: Bytes,
 }
 
 type MetricKey = (u16, &'static str, Option<(Option<ObjectRef>, String)>);
@@ -733,7 +797,120 @@ struct Peer {
     destination: http1::Destination,
 }
 
+/// An upstream HBONE stream carrying HTTP/1.1 exchanges, and where it goes (to keep it
+/// for the tunnel's next request to the same endpoint).
+pub struct UpConn {
+    s: H2Stream,
+    key: (SocketAddr, SocketAddr),
+}
+
+impl http1::Tunnel for UpConn {
+    async fn read(&mut self) -> Option<io::Result<Bytes>> {
+        self.s.read().await.map(|r| r.map_err(io::Error::other))
+    }
+
+    async fn write(&mut self, data: Bytes) -> io::Result<()> {
+        self.s
+            .write_all(data, false)
+            .await
+            .map_err(io::Error::other)
+    }
+
+    async fn finish(&mut self) -> io::Result<()> {
+        self.s
+            .write_all(Bytes::new(), true)
+            .await
+            .map_err(io::Error::other)
+    }
+}
+
 impl Upstream for HboneUpstream {
+    type Conn = UpConn;
+
+    async fn connect(
+        &mut self,
+        service: Option<&(ObjectRef, u16)>,
+        head: &http1::RequestHead,
+    ) -> io::Result<(UpConn, bool)> {
+        let l7 = self.l7.clone();
+        let snap = l7
+            .mesh
+            .as_ref()
+            .ok_or_else(|| io::Error::other("no mesh model"))?;
+        let hashed = service.is_some_and(|(svc, _)| {
+            matches!(l7.lb(svc).policy, crate::lb::LbPolicy::ConsistentHash(_))
+        });
+        let hdrs: Vec<(&str, &str)> = if hashed {
+            head.headers
+                .iter()
+                .map(|(n, v)| (n.as_str(), v.as_str()))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let (ep, expected, picked) = self.choose(snap, service, &hdrs)?;
+        self.current = picked.map(|(svc, port, i)| (svc.clone(), port, i));
+        self.last = Some((service.map(|s| s.0.clone()), ep.workload_uid.clone()));
+        let key = (ep.hbone, ep.authority);
+        let kept = self.idle.borrow_mut().get_mut(&key).and_then(Vec::pop);
+        if let Some(s) = kept {
+            return Ok((UpConn { s, key }, true));
+        }
+        let s = self.open(&ep, expected).await?;
+        Ok((UpConn { s, key }, false))
+    }
+
+    fn done(
+        &mut self,
+        conn: Option<UpConn>,
+        status: u16,
+        reusable: bool,
+        error: Option<io::ErrorKind>,
+    ) {
+        if let Some((svc, port, i)) = self.current.take() {
+            // A try abandoned without a verdict (a kept stream found closed) is neutral.
+            let verdict = if status == 0 && error.is_none() {
+                200
+            } else {
+                status
+            };
+            self.worker
+                .balancers
+                .borrow_mut()
+                .finish(&svc, port, i, verdict, Instant::now());
+        }
+        if let Some(kind) = error {
+            let c = &self.worker.shared.counters;
+            if kind == io::ErrorKind::TimedOut {
+                c.upstream_timeouts.fetch_add(1, Relaxed);
+            } else {
+                c.upstream_errors.fetch_add(1, Relaxed);
+            }
+        }
+        if let Some(c) = conn {
+            if status == 101 {
+                self.upgrade = Some(c.s);
+            } else {
+                self.keep(c.key, c.s, reusable);
+            }
+        }
+    }
+
+    fn upgraded(&mut self, to_upstream: Bytes) {
+        self.upgrade_first = to_upstream;
+    }
+
+    fn note(&mut self, n: http1::Note) {
+        let c = &self.worker.shared.counters;
+        let ctr = match n {
+            http1::Note::StreamedBody => &c.streamed_bodies,
+            http1::Note::MirrorSkipped => &c.mirrors_skipped,
+            http1::Note::Continue => &c.continues,
+            http1::Note::Upgraded => &c.upgrades,
+        };
+        ctr.fetch_add(1, Relaxed);
+    }
+
     async fn exchange(
         &mut self,
         service: Option<&(ObjectRef, u16)>,
@@ -765,6 +942,9 @@ impl Upstream for HboneUpstream {
             peer: self.peer.clone(),
             last: None,
             metric_cache: Vec::new(),
+            current: None,
+            upgrade: None,
+            upgrade_first: Bytes::new(),
         };
         let service = service.clone();
         self.worker.shared.counters.mirrored.fetch_add(1, Relaxed);

@@ -65,7 +65,7 @@ fn backend(ip: Ipv4Addr, name: &'static str) -> Backend {
             let hits = hits.clone();
             std::thread::spawn(move || {
                 let mut buf = Vec::new();
-                let mut chunk = [0u8; 4096];
+                let mut chunk = vec![0u8; 64 * 1024];
                 loop {
                     let mut hs = [httparse::EMPTY_HEADER; 64];
                     let mut req = httparse::Request::new(&mut hs);
@@ -93,6 +93,28 @@ fn backend(ip: Ipv4Addr, name: &'static str) -> Backend {
                     let len: usize = header("content-length").map_or(0, |v| v.parse().unwrap());
                     let tp = header("traceparent").unwrap_or_default();
                     buf.drain(..n);
+                    if path == "/stream/upgrade" {
+                        // 101, then every byte echoed; half-close after the client's.
+                        let _ = paths.send(path.clone());
+                        let resp = "HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: websocket\r\n\r\n";
+                        if c.write_all(resp.as_bytes()).is_err() || c.write_all(&buf).is_err() {
+                            return;
+                        }
+                        loop {
+                            match c.read(&mut chunk) {
+                                Ok(0) => {
+                                    let _ = c.shutdown(std::net::Shutdown::Write);
+                                    return;
+                                }
+                                Ok(k) => {
+                                    if c.write_all(&chunk[..k]).is_err() {
+                                        return;
+                                    }
+                                }
+                                Err(_) => return,
+                            }
+                        }
+                    }
                     // The request body, decoded.
                     let body_in = loop {
                         let end = if chunked {
@@ -113,6 +135,55 @@ fn backend(ip: Ipv4Addr, name: &'static str) -> Backend {
                             Ok(k) => buf.extend_from_slice(&chunk[..k]),
                         }
                     };
+                    if let Some(rest) = path.strip_prefix("/stream/") {
+                        let _ = paths.send(path.clone());
+                        let block = payload(1 << 20);
+                        let ok = if let Some(n) = rest.strip_prefix("gen/") {
+                            // `n` bytes: the 1 MiB block repeated, Content-Length.
+                            let mut n: usize = n.parse().unwrap();
+                            let mut ok = c
+                                .write_all(
+                                    format!("HTTP/1.1 200 OK\r\ncontent-length: {n}\r\n\r\n")
+                                        .as_bytes(),
+                                )
+                                .is_ok();
+                            while ok && n > 0 {
+                                let k = n.min(block.len());
+                                ok = c.write_all(&block[..k]).is_ok();
+                                n -= k;
+                            }
+                            ok
+                        } else if let Some(n) = rest.strip_prefix("genchunked/") {
+                            // The same, chunked (1 MiB chunks).
+                            let mut n: usize = n.parse().unwrap();
+                            let mut ok = c
+                                .write_all(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
+                                .is_ok();
+                            while ok && n > 0 {
+                                let k = n.min(block.len());
+                                ok = c.write_all(format!("{k:x}\r\n").as_bytes()).is_ok()
+                                    && c.write_all(&block[..k]).is_ok()
+                                    && c.write_all(b"\r\n").is_ok();
+                                n -= k;
+                            }
+                            ok && c.write_all(b"0\r\n\r\n").is_ok()
+                        } else {
+                            // The request body's length and checksum.
+                            let b = format!("len={} fnv={:x}", body_in.len(), fnv(&body_in));
+                            c.write_all(
+                                format!(
+                                    "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{b}",
+                                    b.len()
+                                )
+                                .as_bytes(),
+                            )
+                            .is_ok()
+                        };
+                        if !ok {
+                            return;
+                        }
+                        continue;
+                    }
                     let _ = paths.send(if shadow {
                         format!("shadow:{path}")
                     } else {
@@ -748,7 +819,14 @@ fn upstream_chunked_and_eof_delimited_responses_keep_the_tunnel_usable() {
         r[0].1,
         "3;x=y\r\nech\r\n1a\r\no-v1 /chunked xff=10.1.0.7\r\n0\r\nx-t: 1\r\n\r\n"
     );
-    assert_eq!(r[1], (200, "echo-v1 /eof xff=10.1.0.7".to_string()));
+    // End-of-connection delimited: re-framed chunked for the keep-alive tunnel.
+    assert_eq!(
+        r[1],
+        (
+            200,
+            "19\r\necho-v1 /eof xff=10.1.0.7\r\n0\r\n\r\n".to_string()
+        )
+    );
     assert_eq!(r[2], (200, "echo-v1 /after xff=10.1.0.7".to_string()));
     // /eof reused the chunked response's stream; the stream it ended is not reused.
     assert_eq!(m.counters().upstream_streams.load(Ordering::Relaxed), 2);
@@ -1405,39 +1483,291 @@ fn opaque_tcp_reset_by_the_backend_reaches_the_client_as_a_stream_reset() {
     assert_eq!(c.tcp_bytes_received.load(Ordering::Relaxed), 6);
 }
 
+/// One response read whole from a tunnel: status, head, body (chunked framing removed).
+async fn read_raw_response(s: &mut H2Stream, buf: &mut Vec<u8>) -> (u16, String, Vec<u8>) {
+    loop {
+        let mut hs = [httparse::EMPTY_HEADER; 32];
+        let mut r = httparse::Response::new(&mut hs);
+        if let Ok(httparse::Status::Complete(n)) = r.parse(buf) {
+            let code = r.code.unwrap();
+            let head = String::from_utf8_lossy(&buf[..n]).into_owned();
+            let chunked = head.contains("transfer-encoding: chunked");
+            let len: Option<usize> = r
+                .headers
+                .iter()
+                .find(|h| h.name.eq_ignore_ascii_case("content-length"))
+                .map(|h| std::str::from_utf8(h.value).unwrap().parse().unwrap());
+            if chunked {
+                if let Some(end) = waypoint::service::chunked_end(&buf[n..]) {
+                    let body = waypoint::h2srv::dechunk(&buf[n..n + end]).unwrap();
+                    buf.drain(..n + end);
+                    return (code, head, body);
+                }
+            } else if let Some(len) = len {
+                if buf.len() >= n + len {
+                    let body = buf[n..n + len].to_vec();
+                    buf.drain(..n + len);
+                    return (code, head, body);
+                }
+            } else if (100..200).contains(&code) {
+                buf.drain(..n);
+                return (code, head, Vec::new());
+            }
+        }
+        match s.read().await {
+            Some(Ok(b)) => buf.extend_from_slice(&b),
+            other => panic!("stream ended before a full response: {other:?}"),
+        }
+    }
+}
+
+/// `n` bytes of the backend's repeated 1 MiB block, and their checksum.
+fn block_fnv(n: usize) -> u64 {
+    let block = payload(1 << 20);
+    let mut h = 0xcbf2_9ce4_8422_2325u64;
+    let mut left = n;
+    while left > 0 {
+        let k = left.min(block.len());
+        for &x in &block[..k] {
+            h = (h ^ u64::from(x)).wrapping_mul(0x100_0000_01b3);
+        }
+        left -= k;
+    }
+    h
+}
+
+/// Write `body` in 1 MiB pieces (each a chunk when `chunked`).
+async fn write_body(s: &mut H2Stream, body: &[u8], chunked: bool) {
+    for piece in body.chunks(1 << 20) {
+        if chunked {
+            let mut c = format!("{:x}\r\n", piece.len()).into_bytes();
+            c.extend_from_slice(piece);
+            c.extend_from_slice(b"\r\n");
+            s.write_all(Bytes::from(c), false).await.unwrap();
+        } else {
+            s.write_all(Bytes::copy_from_slice(piece), false)
+                .await
+                .unwrap();
+        }
+    }
+    if chunked {
+        s.write_all(Bytes::from_static(b"0\r\n\r\n"), false)
+            .await
+            .unwrap();
+    }
+}
+
 #[test]
-fn an_upstream_response_over_the_limit_answers_503_and_the_tunnel_stays_usable() {
-    // The backend's `/…huge` answer is `MAX_RESPONSE + 1` bytes, head and body
-    // (`/…huge-at-limit`: exactly `MAX_RESPONSE`); `/noretry` so the oversized answer is
-    // not asked for again.
-    let m = Mesh::start_with(EXEC_ROUTE);
+fn large_bodies_are_streamed_both_ways_byte_exact() {
+    // Request bodies of 80 MiB (Content-Length) and 3 MiB (chunked), responses of 100 MiB
+    // (Content-Length) and 70 MiB (chunked): all over the old 64 MiB whole-body limit or
+    // the replay buffer, all on one keep-alive tunnel, checked by checksum.
+    let m = Mesh::start_with("");
+    let (cl_len, ch_len, resp_len, resp_ch_len) =
+        (80 << 20, 3 << 20, 100 << 20, (70 << 20) + 12_345);
+    let big = payload(cl_len);
+    let (_c, out) = block_on(async {
+        let (c, mut s) = tunnel_to(&m, "10.96.0.2:80").await;
+        let mut buf = Vec::new();
+        let mut out = Vec::new();
+        s.write_all(
+            Bytes::from(format!(
+                "POST /stream/sum HTTP/1.1\r\nhost: {V1}\r\ncontent-length: {cl_len}\r\n\r\n"
+            )),
+            false,
+        )
+        .await
+        .unwrap();
+        write_body(&mut s, &big, false).await;
+        out.push(read_raw_response(&mut s, &mut buf).await);
+        s.write_all(
+            Bytes::from(format!(
+                "POST /stream/sum HTTP/1.1\r\nhost: {V1}\r\ntransfer-encoding: chunked\r\n\r\n"
+            )),
+            false,
+        )
+        .await
+        .unwrap();
+        write_body(&mut s, &big[..ch_len], true).await;
+        out.push(read_raw_response(&mut s, &mut buf).await);
+        for path in [
+            format!("/stream/gen/{resp_len}"),
+            format!("/stream/genchunked/{resp_ch_len}"),
+        ] {
+            s.write_all(Bytes::from(get(&path, V1)), false)
+                .await
+                .unwrap();
+            out.push(read_raw_response(&mut s, &mut buf).await);
+        }
+        s.write_all(Bytes::from(get("/after", V1)), false)
+            .await
+            .unwrap();
+        out.push(read_raw_response(&mut s, &mut buf).await);
+        (c, out)
+    });
+    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    assert_eq!(
+        (out[0].0, text(&out[0].2)),
+        (200, format!("len={cl_len} fnv={:x}", fnv(&big)))
+    );
+    assert_eq!(
+        (out[1].0, text(&out[1].2)),
+        (200, format!("len={ch_len} fnv={:x}", fnv(&big[..ch_len])))
+    );
+    assert_eq!(out[2].0, 200);
+    assert_eq!(
+        (out[2].2.len(), fnv(&out[2].2)),
+        (resp_len, block_fnv(resp_len))
+    );
+    assert!(
+        out[3].1.contains("transfer-encoding: chunked"),
+        "{}",
+        out[3].1
+    );
+    assert_eq!(
+        (out[3].2.len(), fnv(&out[3].2)),
+        (resp_ch_len, block_fnv(resp_ch_len))
+    );
+    assert_eq!(text(&out[4].2), "echo-v1 /after xff=127.0.0.1");
+    let c = m.counters();
+    assert_eq!(c.streamed_bodies.load(Ordering::Relaxed), 2);
+    // One upstream stream carried all five exchanges.
+    assert_eq!(c.upstream_streams.load(Ordering::Relaxed), 1);
+    assert_eq!(c.upstream_errors.load(Ordering::Relaxed), 0);
+}
+
+#[test]
+fn only_bodies_within_the_replay_buffer_are_retried() {
+    // PUT is idempotent: with a small body the 503 is retried twice (Istio's default);
+    // with a body over the replay buffer it was streamed and is not retried.
+    let m = Mesh::start_with("");
+    let small = "x".repeat(1000);
+    let large = "y".repeat(waypoint::http1::REPLAY_BUFFER + 1);
     let r = m
         .requests(
             "10.96.0.2:80",
             &[
-                get("/noretry/huge-at-limit", V1),
-                get("/noretry/huge", V1),
-                get("/noretry/ok", V1),
+                req("PUT", "/small/fail", &small),
+                req("PUT", "/large/fail", &large),
             ],
         )
         .unwrap();
-    // At the limit: delivered whole.
-    let head = format!(
-        "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n",
-        r[0].1.len()
-    );
-    assert_eq!(
-        (r[0].0, head.len() + r[0].1.len()),
-        (200, waypoint::service::MAX_RESPONSE)
-    );
-    // One byte over: 503.
-    let (code, body) = (r[1].0, &r[1].1[..r[1].1.len().min(200)]);
-    assert_eq!(code, 503, "{body}");
-    assert!(body.starts_with("upstream connect error"), "{body}");
-    assert_eq!(r[2], (200, "echo-v1 /noretry/ok xff=10.1.0.7".to_string()));
+    assert_eq!((r[0].0, r[1].0), (503, 503));
     assert_eq!(
         m.echo_v1.seen(),
-        vec!["/noretry/huge-at-limit", "/noretry/huge", "/noretry/ok"]
+        vec!["/small/fail", "/small/fail", "/small/fail", "/large/fail"]
     );
-    assert_eq!(m.counters().upstream_errors.load(Ordering::Relaxed), 1);
+    let c = m.counters();
+    assert_eq!(c.retries.load(Ordering::Relaxed), 2);
+    assert_eq!(c.streamed_bodies.load(Ordering::Relaxed), 1);
+}
+
+#[test]
+fn expect_100_continue_is_answered_after_policy_and_a_denial_skips_the_body() {
+    let m = Mesh::start();
+    let body = payload(300_000);
+    let (first, done, denied, after_denied) = block_on(async {
+        let (_c, mut s) = tunnel_to(&m, "10.96.0.2:80").await;
+        let mut buf = Vec::new();
+        s.write_all(
+            Bytes::from(format!(
+                "POST /stream/sum HTTP/1.1\r\nhost: {V1}\r\nexpect: 100-continue\r\ncontent-length: {}\r\n\r\n",
+                body.len()
+            )),
+            false,
+        )
+        .await
+        .unwrap();
+        // Nothing of the body is sent before the 100.
+        let first = read_raw_response(&mut s, &mut buf).await;
+        write_body(&mut s, &body, false).await;
+        let done = read_raw_response(&mut s, &mut buf).await;
+        // Denied: 403 at once, the body never sent, the tunnel ends.
+        let (_c2, mut s2) = tunnel_to(&m, "10.96.0.2:80").await;
+        s2.write_all(
+            Bytes::from(format!(
+                "POST /admin/x HTTP/1.1\r\nhost: {V1}\r\nexpect: 100-continue\r\ncontent-length: 1000000\r\n\r\n"
+            )),
+            false,
+        )
+        .await
+        .unwrap();
+        let mut buf2 = Vec::new();
+        let denied = read_raw_response(&mut s2, &mut buf2).await;
+        let after = s2.read().await;
+        (first, done, denied, after.is_none() && buf2.is_empty())
+    });
+    assert_eq!(first.0, 100, "{}", first.1);
+    assert_eq!(
+        (done.0, String::from_utf8_lossy(&done.2).into_owned()),
+        (200, format!("len={} fnv={:x}", body.len(), fnv(&body)))
+    );
+    assert_eq!(
+        (denied.0, String::from_utf8_lossy(&denied.2).into_owned()),
+        (403, "RBAC: access denied".to_string())
+    );
+    assert!(after_denied, "the tunnel ends after the denial");
+    assert_eq!(m.echo_v1.seen(), vec!["/stream/sum"]);
+    assert_eq!(m.counters().continues.load(Ordering::Relaxed), 1);
+}
+
+#[test]
+fn upgrade_after_101_splices_raw_bytes_both_ways_with_half_close() {
+    let m = Mesh::start_with("");
+    let data = payload(2 * 1024 * 1024 + 5);
+    let (status, got) = block_on(async {
+        let (_c, mut s) = tunnel_to(&m, "10.96.0.2:80").await;
+        s.write_all(
+            Bytes::from(format!(
+                "GET /stream/upgrade HTTP/1.1\r\nhost: {V1}\r\nconnection: upgrade\r\nupgrade: websocket\r\n\r\n"
+            )),
+            false,
+        )
+        .await
+        .unwrap();
+        let mut buf = Vec::new();
+        let (status, _, _) = read_raw_response(&mut s, &mut buf).await;
+        let (mut w, mut r) = s.split();
+        let sent = data.clone();
+        let writer = monoio::spawn(async move {
+            for chunk in sent.chunks(100_000) {
+                w.write_all(Bytes::copy_from_slice(chunk), false)
+                    .await
+                    .unwrap();
+            }
+            // Half-close: the backend echoes everything, then closes its side.
+            w.write_all(Bytes::new(), true).await.unwrap();
+            w
+        });
+        let mut got = buf;
+        loop {
+            match r.read().await {
+                Some(Ok(b)) => got.extend_from_slice(&b),
+                Some(Err(e)) => panic!("reset: {e}"),
+                None => break,
+            }
+        }
+        let _w = writer.await;
+        (status, got)
+    });
+    assert_eq!(status, 101);
+    assert_eq!((got.len(), fnv(&got)), (data.len(), fnv(&data)));
+    assert_eq!(m.counters().upgrades.load(Ordering::Relaxed), 1);
+}
+
+#[test]
+fn a_tunnel_closed_before_its_first_byte_opens_no_upstream_stream() {
+    let m = Mesh::start_with("");
+    let ended = block_on(async {
+        let (_c, mut s) = tunnel_to(&m, "10.96.0.2:80").await;
+        s.write_all(Bytes::new(), true).await.unwrap();
+        // The waypoint ends its half too.
+        s.read().await.is_none()
+    });
+    assert!(ended);
+    let c = m.counters();
+    assert_eq!(c.empty_tunnels.load(Ordering::Relaxed), 1);
+    assert_eq!(c.tcp_tunnels.load(Ordering::Relaxed), 0);
+    assert_eq!(c.upstream_streams.load(Ordering::Relaxed), 0);
+    assert!(m.zt.streams().is_empty());
 }

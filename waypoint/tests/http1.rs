@@ -62,30 +62,76 @@ impl Tunnel for MemTunnel {
     }
 }
 
-/// Records each exchange; answers 200 with the service name in the body.
+/// Records each exchange (on `done`); answers 200 with the service name in the body.
 #[derive(Default)]
 struct MockUpstream {
     calls: Vec<(Option<(ObjectRef, u16)>, String)>,
     mirrors: Vec<((ObjectRef, u16), String)>,
 }
 
+/// One upstream connection over memory: what was written, and the canned response.
+struct MemConn {
+    service: Option<(ObjectRef, u16)>,
+    written: Vec<u8>,
+    response: Option<Bytes>,
+}
+
+impl Tunnel for MemConn {
+    async fn read(&mut self) -> Option<io::Result<Bytes>> {
+        self.response.take().map(Ok)
+    }
+    async fn write(&mut self, data: Bytes) -> io::Result<()> {
+        self.written.extend_from_slice(&data);
+        Ok(())
+    }
+    async fn finish(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
 impl Upstream for MockUpstream {
-    async fn exchange(
+    type Conn = MemConn;
+
+    async fn connect(
         &mut self,
         service: Option<&(ObjectRef, u16)>,
-        request: Bytes,
-        _timeout: Option<std::time::Duration>,
-    ) -> io::Result<Vec<u8>> {
-        self.calls.push((
-            service.cloned(),
-            String::from_utf8_lossy(&request).into_owned(),
-        ));
+        _head: &waypoint::http1::RequestHead,
+    ) -> io::Result<(MemConn, bool)> {
         let body = service.map_or("pod".to_string(), |(s, _)| s.name.clone());
-        Ok(format!(
+        let resp = format!(
             "HTTP/1.1 200 OK\r\nserver: echo\r\ncontent-length: {}\r\n\r\n{body}",
             body.len()
-        )
-        .into_bytes())
+        );
+        Ok((
+            MemConn {
+                service: service.cloned(),
+                written: Vec::new(),
+                response: Some(Bytes::from(resp)),
+            },
+            false,
+        ))
+    }
+
+    fn done(
+        &mut self,
+        conn: Option<MemConn>,
+        _status: u16,
+        _reusable: bool,
+        _error: Option<io::ErrorKind>,
+    ) {
+        if let Some(c) = conn {
+            self.calls
+                .push((c.service, String::from_utf8_lossy(&c.written).into_owned()));
+        }
+    }
+
+    async fn exchange(
+        &mut self,
+        _service: Option<&(ObjectRef, u16)>,
+        _request: Bytes,
+        _timeout: Option<std::time::Duration>,
+    ) -> io::Result<Vec<u8>> {
+        unreachable!("HTTP/1.1 requests use connect/done")
     }
 
     fn mirror(&mut self, service: &(ObjectRef, u16), request: Bytes) {
