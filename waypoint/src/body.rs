@@ -58,6 +58,16 @@ impl ChunkScan {
     /// Feed the next bytes: `Some(n)` when the body ends after the first `n` of them,
     /// `None` when all were consumed and more are needed.
     pub fn feed(&mut self, b: &[u8]) -> Result<Option<usize>, Malformed> {
+        self.feed_with(b, |_, _| {})
+    }
+
+    /// [`ChunkScan::feed`], telling `on_data(start, end)` where chunk data lies in `b`
+    /// (to decode the body as it passes).
+    pub fn feed_with(
+        &mut self,
+        b: &[u8],
+        mut on_data: impl FnMut(usize, usize),
+    ) -> Result<Option<usize>, Malformed> {
         let mut i = 0;
         while i < b.len() {
             let c = b[i];
@@ -100,6 +110,7 @@ impl ChunkScan {
                 }
                 State::Data => {
                     let n = ((b.len() - i) as u64).min(self.size);
+                    on_data(i, i + n as usize);
                     self.size -= n;
                     i += n as usize;
                     if self.size == 0 {

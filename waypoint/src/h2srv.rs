@@ -15,6 +15,7 @@
 //! send GOAWAY and end the tunnel; the worker keeps serving others. A request whose headers
 //! cannot be represented in HTTP/1.1 is answered `400`.
 
+use std::io;
 use std::rc::Rc;
 use std::sync::Arc;
 
@@ -23,10 +24,12 @@ use h2::server::SendResponse;
 use h2::RecvStream;
 use hbone::H2Settings;
 
+use crate::body::{ChunkScan, Framing};
 use crate::config::WaypointConfig;
-use crate::http1::{self, Action, RequestHead, TunnelCtx, Upstream};
-use crate::inner::StreamIo;
+use crate::http1::{self, Action, Attempt, ReqBody, RequestHead, Tunnel, TunnelCtx, Upstream};
+use crate::inner::{send_all, StreamIo};
 use crate::lb::SplitMix64;
+use crate::route::{Forward, HeaderModifier};
 
 /// The largest request body buffered for one HTTP/2 request.
 pub const MAX_BODY: usize = 64 * 1024 * 1024;
@@ -84,9 +87,10 @@ where
     }
 }
 
-/// The request head as HTTP/1.1 sees it (`:authority` as `host`), or `None` when a
-/// header value is not text.
-fn head_of(parts: &http::request::Parts, body_len: usize) -> Option<RequestHead> {
+/// The request head as HTTP/1.1 sees it (`:authority` as `host`; no body framing
+/// headers, those are added once the body's length is known), or `None` when a header
+/// value is not text.
+fn head_of(parts: &http::request::Parts) -> Option<RequestHead> {
     let target = parts
         .uri
         .path_and_query()
@@ -112,9 +116,6 @@ fn head_of(parts: &http::request::Parts, body_len: usize) -> Option<RequestHead>
         }
         headers.push((n.to_string(), v.to_str().ok()?.to_string()));
     }
-    if body_len > 0 || !matches!(parts.method.as_str(), "GET" | "HEAD" | "DELETE" | "OPTIONS") {
-        headers.push(("content-length".into(), body_len.to_string()));
-    }
     Some(RequestHead {
         method: parts.method.as_str().to_string(),
         path,
@@ -122,6 +123,12 @@ fn head_of(parts: &http::request::Parts, body_len: usize) -> Option<RequestHead>
         version: 1,
         headers,
     })
+}
+
+/// Whether an HTTP/1.1 request of `method` with an empty body still says
+/// `content-length: 0`.
+fn says_length(method: &str) -> bool {
+    !matches!(method, "GET" | "HEAD" | "DELETE" | "OPTIONS")
 }
 
 async fn read_body(body: &mut RecvStream) -> Result<BytesMut, u16> {
@@ -137,6 +144,41 @@ async fn read_body(body: &mut RecvStream) -> Result<BytesMut, u16> {
     Ok(data)
 }
 
+/// An HTTP/2 request body as the byte source of [`http1::attempt`].
+struct H2Body(RecvStream);
+
+impl Tunnel for H2Body {
+    async fn read(&mut self) -> Option<io::Result<Bytes>> {
+        loop {
+            return match self.0.data().await {
+                Some(Ok(b)) if b.is_empty() => continue,
+                Some(Ok(b)) => {
+                    let _ = self.0.flow_control().release_capacity(b.len());
+                    Some(Ok(b))
+                }
+                Some(Err(e)) => Some(Err(io::Error::other(e))),
+                None => None,
+            };
+        }
+    }
+
+    async fn write(&mut self, _data: Bytes) -> io::Result<()> {
+        Err(io::Error::other("a request body is read only"))
+    }
+
+    async fn finish(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Insert a header line before the blank line ending an HTTP/1.1 head.
+fn add_header(mut head: Vec<u8>, line: &str) -> Vec<u8> {
+    head.truncate(head.len() - 2);
+    head.extend_from_slice(line.as_bytes());
+    head.extend_from_slice(b"\r\n\r\n");
+    head
+}
+
 async fn request<U: Upstream>(
     cfg: &WaypointConfig,
     ctx: &TunnelCtx,
@@ -146,18 +188,10 @@ async fn request<U: Upstream>(
     mut respond: SendResponse<Bytes>,
     on_bad: &dyn Fn(),
 ) {
-    let (parts, mut body) = req.into_parts();
+    let (parts, recv) = req.into_parts();
     let head_request = parts.method == http::Method::HEAD;
-    let data = match read_body(&mut body).await {
-        Ok(d) => d,
-        Err(status) => {
-            on_bad();
-            send(&mut respond, status_only(status), head_request).await;
-            return;
-        }
-    };
     let started = std::time::Instant::now();
-    let Some(mut head) = head_of(&parts, data.len()) else {
+    let Some(mut head) = head_of(&parts) else {
         on_bad();
         send(&mut respond, status_only(400), head_request).await;
         return;
@@ -171,31 +205,71 @@ async fn request<U: Upstream>(
         + head.method.len()
         + head.path.len()
         + 12;
+    let mut body = H2Body(recv);
     let mut denied = false;
-    let (resp, flags) = match http1::decide(cfg, ctx, &head, &mut rng) {
+    let (status, flags, body_len, response_bytes) = match http1::decide(cfg, ctx, &head, &mut rng) {
         Action::Respond(bytes) => {
             let status = resp_status(&bytes);
             denied = status == 403;
-            (bytes, http1::local_flags(status))
+            let n = bytes.len() as u64;
+            send(&mut respond, bytes, head_request).await;
+            (status, http1::local_flags(status), 0, n)
         }
         Action::Forward { forward, request } => {
-            let has_body = !data.is_empty();
-            let mut req = BytesMut::from(&request[..]);
-            req.extend_from_slice(&data);
-            http1::execute(
-                &mut up,
-                &forward,
-                req.freeze(),
-                &head.method,
-                has_body,
-                &mut rng,
-            )
-            .await
+            let h2_upstream = forward
+                .service
+                .as_ref()
+                .is_some_and(|(svc, _)| cfg.lb(svc).use_client_protocol);
+            if h2_upstream {
+                let data = match read_body(&mut body.0).await {
+                    Ok(d) => d,
+                    Err(status) => {
+                        on_bad();
+                        send(&mut respond, status_only(status), head_request).await;
+                        return;
+                    }
+                };
+                let has_body = !data.is_empty();
+                let request = if has_body || says_length(&head.method) {
+                    add_header(request, &format!("content-length: {}", data.len()))
+                } else {
+                    request
+                };
+                let mut req = BytesMut::from(&request[..]);
+                req.extend_from_slice(&data);
+                let (resp, flags) = http1::execute(
+                    &mut up,
+                    &forward,
+                    req.freeze(),
+                    &head.method,
+                    has_body,
+                    &mut rng,
+                )
+                .await;
+                let status = resp_status(&resp);
+                let n = resp.len() as u64;
+                send(&mut respond, resp, head_request).await;
+                (status, flags, data.len() as u64, n)
+            } else {
+                let r = forward_streamed(
+                    &mut up,
+                    &mut body,
+                    &parts,
+                    &head,
+                    &forward,
+                    request,
+                    &mut respond,
+                    head_request,
+                    &mut rng,
+                )
+                .await;
+                if r.0 == 400 && r.1 == "DPE" {
+                    on_bad();
+                }
+                r
+            }
         }
     };
-    let status = resp_status(&resp);
-    let response_bytes = resp.len() as u64;
-    send(&mut respond, resp, head_request).await;
     up.record(&http1::Record {
         protocol: "HTTP/2",
         method: &head.method,
@@ -203,12 +277,249 @@ async fn request<U: Upstream>(
         path: &http1::target_of(&head),
         status,
         flags,
-        request_bytes: (head_len + data.len()) as u64,
+        request_bytes: head_len as u64 + body_len,
         response_bytes,
         started,
         traceparent: &traceparent,
         denied,
     });
+}
+
+/// An HTTP/2 request to an HTTP/1.1 upstream, natively: the body (read whole up to
+/// [`http1::REPLAY_BUFFER`], else streamed, chunked when its length is unknown) goes
+/// upstream behind the routed head, and the upstream response head becomes the HTTP/2
+/// response head directly, its body streamed (a chunked one decoded as it passes).
+/// Returns (status, flags, request body bytes, response bytes).
+#[allow(clippy::too_many_arguments)]
+async fn forward_streamed<U: Upstream>(
+    up: &mut U,
+    body: &mut H2Body,
+    parts: &http::request::Parts,
+    head: &RequestHead,
+    forward: &Forward,
+    request: Vec<u8>,
+    respond: &mut SendResponse<Bytes>,
+    head_request: bool,
+    rng: &mut SplitMix64,
+) -> (u16, &'static str, u64, u64) {
+    let declared: Option<u64> = parts
+        .headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse().ok());
+    let mut buf = BytesMut::new();
+    let mut ended = body.0.is_end_stream();
+    while !ended && buf.len() <= http1::REPLAY_BUFFER {
+        match body.read().await {
+            Some(Ok(b)) => buf.extend_from_slice(&b),
+            Some(Err(_)) => {
+                send(respond, status_only(400), head_request).await;
+                return (400, "DPE", buf.len() as u64, 0);
+            }
+            None => ended = true,
+        }
+    }
+    let (reqbody, request) = if ended {
+        let b = buf.split().freeze();
+        let request = if !b.is_empty() || says_length(&head.method) {
+            add_header(request, &format!("content-length: {}", b.len()))
+        } else {
+            request
+        };
+        (ReqBody::Buffered(b), request)
+    } else {
+        up.note(http1::Note::StreamedBody);
+        match declared {
+            Some(n) => (
+                ReqBody::Streamed(Framing::Length(n)),
+                add_header(request, &format!("content-length: {n}")),
+            ),
+            None => (
+                ReqBody::Streamed(Framing::Eof),
+                add_header(request, "transfer-encoding: chunked"),
+            ),
+        }
+    };
+    let has_body = !matches!(&reqbody, ReqBody::Buffered(b) if b.is_empty());
+    let a = http1::attempt(
+        body,
+        &mut buf,
+        up,
+        forward,
+        head,
+        Bytes::from(request),
+        &reqbody,
+        has_body,
+        rng,
+    )
+    .await;
+    match a {
+        Attempt::Answer {
+            mut conn,
+            head: h,
+            mut ubuf,
+            sent,
+        } => {
+            let r = write_response(
+                respond,
+                &mut conn,
+                &h,
+                &mut ubuf,
+                &forward.response_headers,
+                head_request,
+            )
+            .await;
+            match r {
+                Ok(n) => {
+                    let reusable = !h.close && h.framing != Framing::Eof && ubuf.is_empty();
+                    up.done(Some(conn), h.status, reusable, None);
+                    (h.status, "-", sent, n)
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "HTTP/2 response cut");
+                    respond.send_reset(h2::Reason::INTERNAL_ERROR);
+                    up.done(None, h.status, false, Some(io::ErrorKind::UnexpectedEof));
+                    (h.status, "UPE", sent, 0)
+                }
+            }
+        }
+        Attempt::Local {
+            resp, flags, sent, ..
+        } => {
+            let status = resp_status(&resp);
+            let n = resp.len() as u64;
+            send(respond, resp, head_request).await;
+            (status, flags, sent, n)
+        }
+        Attempt::BodyFailed { sent, .. } => {
+            respond.send_reset(h2::Reason::CANCEL);
+            (400, "DPE", sent, 0)
+        }
+    }
+}
+
+/// The HTTP/2 response head for an HTTP/1.1 one: hop-by-hop headers and
+/// `transfer-encoding` dropped, `ResponseHeaderModifier`s applied.
+fn h2_head(raw: &[u8], mods: &[HeaderModifier]) -> io::Result<http::Response<()>> {
+    let mut hs = [httparse::EMPTY_HEADER; 256];
+    let mut r = httparse::Response::new(&mut hs);
+    if !matches!(r.parse(raw), Ok(httparse::Status::Complete(_))) {
+        return Err(io::Error::other("malformed upstream response head"));
+    }
+    let mut b = http::Response::builder().status(r.code.unwrap_or(502));
+    let keep = |name: &str| {
+        !name.eq_ignore_ascii_case("transfer-encoding")
+            && !HOP_BY_HOP.iter().any(|h| name.eq_ignore_ascii_case(h))
+    };
+    if mods.is_empty() {
+        for h in r.headers.iter().filter(|h| keep(h.name)) {
+            b = b.header(h.name, h.value);
+        }
+    } else {
+        let mut headers: Vec<(String, String)> = r
+            .headers
+            .iter()
+            .filter(|h| keep(h.name))
+            .map(|h| {
+                (
+                    h.name.to_string(),
+                    String::from_utf8_lossy(h.value).into_owned(),
+                )
+            })
+            .collect();
+        for m in mods {
+            m.apply(&mut headers);
+        }
+        for (n, v) in &headers {
+            b = b.header(n.as_str(), v.as_str());
+        }
+    }
+    b.body(()).map_err(io::Error::other)
+}
+
+/// Send the upstream response (head at the start of `ubuf`, then the body from `conn`) as
+/// an HTTP/2 response; the response bytes sent.
+async fn write_response<C: Tunnel>(
+    respond: &mut SendResponse<Bytes>,
+    conn: &mut C,
+    h: &http1::RespHead,
+    ubuf: &mut BytesMut,
+    mods: &[HeaderModifier],
+    head_request: bool,
+) -> io::Result<u64> {
+    let raw = ubuf.split_to(h.len);
+    let resp = h2_head(&raw, mods)?;
+    let no_body = head_request || h.framing == Framing::Length(0);
+    let mut tx = respond
+        .send_response(resp, no_body)
+        .map_err(io::Error::other)?;
+    let mut total = raw.len() as u64;
+    if no_body {
+        return Ok(total);
+    }
+    let mut left = match h.framing {
+        Framing::Length(n) => n,
+        _ => u64::MAX,
+    };
+    let mut scan = ChunkScan::default();
+    let mut spans: Vec<(usize, usize)> = Vec::new();
+    loop {
+        let mut chunk = if !ubuf.is_empty() {
+            ubuf.split().freeze()
+        } else {
+            match conn.read().await {
+                Some(Ok(b)) => b,
+                Some(Err(e)) => return Err(e),
+                None if h.framing == Framing::Eof => break,
+                None => return Err(io::Error::other("upstream body truncated")),
+            }
+        };
+        total += chunk.len() as u64;
+        let end = match h.framing {
+            Framing::Length(_) => {
+                let n = (chunk.len() as u64).min(left);
+                left -= n;
+                if (n as usize) < chunk.len() {
+                    ubuf.extend_from_slice(&chunk.split_off(n as usize));
+                }
+                send_all(&mut tx, chunk, false)
+                    .await
+                    .map_err(io::Error::other)?;
+                left == 0
+            }
+            Framing::Chunked => {
+                spans.clear();
+                let done = scan
+                    .feed_with(&chunk, |a, b| spans.push((a, b)))
+                    .map_err(|_| io::Error::other("upstream chunked body malformed"))?;
+                for &(a, b) in &spans {
+                    if b > a {
+                        send_all(&mut tx, chunk.slice(a..b), false)
+                            .await
+                            .map_err(io::Error::other)?;
+                    }
+                }
+                if let Some(n) = done {
+                    if n < chunk.len() {
+                        ubuf.extend_from_slice(&chunk[n..]);
+                    }
+                }
+                done.is_some()
+            }
+            Framing::Eof => {
+                send_all(&mut tx, chunk, false)
+                    .await
+                    .map_err(io::Error::other)?;
+                false
+            }
+        };
+        if end {
+            break;
+        }
+    }
+    // END_STREAM (send_all sends nothing for an empty piece).
+    tx.send_data(Bytes::new(), true).map_err(io::Error::other)?;
+    Ok(total)
 }
 
 fn resp_status(resp: &[u8]) -> u16 {

@@ -681,8 +681,9 @@ pub enum Note {
     Upgraded,
 }
 
-/// A request body: nothing, read whole (replayable), or still in the tunnel.
-enum ReqBody {
+/// A request body: read whole (replayable, possibly empty), or still in the tunnel
+/// (`Framing::Eof`: an HTTP/2 body of unknown length, sent chunked).
+pub(crate) enum ReqBody {
     Buffered(Bytes),
     Streamed(Framing),
 }
@@ -914,12 +915,12 @@ struct Forwarded {
 }
 
 /// A response head read from the upstream.
-struct RespHead {
-    status: u16,
+pub(crate) struct RespHead {
+    pub status: u16,
     /// Its length in the buffer.
-    len: usize,
-    framing: Framing,
-    close: bool,
+    pub len: usize,
+    pub framing: Framing,
+    pub close: bool,
 }
 
 /// Parse a response head at the start of `buf`: `None` when incomplete.
@@ -1064,7 +1065,8 @@ async fn one_try<T: Tunnel, U: Upstream>(
         ReqBody::Buffered(_) => conn.write(request.clone()).await.map_err(fail)?,
         ReqBody::Streamed(framing) => {
             conn.write(request.clone()).await.map_err(fail)?;
-            *sent = match crate::body::copy(tunnel, buf, *framing, Some(&mut conn), false).await {
+            let encode = *framing == Framing::Eof;
+            *sent = match crate::body::copy(tunnel, buf, *framing, Some(&mut conn), encode).await {
                 Ok(n) => n,
                 Err(CopyError::Write(e)) => return Err(TryError::Upstream { e, fresh: false }),
                 Err(e) => return Err(TryError::Body(e)),
@@ -1082,25 +1084,47 @@ async fn one_try<T: Tunnel, U: Upstream>(
     }
 }
 
-/// Carry out a routed request with the body streamed or buffered: mirrors, timeouts,
-/// retries (see [`REPLAY_BUFFER`] for which requests can be retried), then the response
-/// streamed to the tunnel.
+/// What the tries of a forwarded request came to.
+pub(crate) enum Attempt<C> {
+    /// A final response head from the upstream (`head.len` bytes at the start of `ubuf`).
+    Answer {
+        conn: C,
+        head: RespHead,
+        ubuf: BytesMut,
+        /// Request body bytes sent.
+        sent: u64,
+    },
+    /// Answer this locally (`503`, `504`); `close` when the streamed request body was not
+    /// fully read.
+    Local {
+        resp: Vec<u8>,
+        flags: &'static str,
+        sent: u64,
+        close: bool,
+    },
+    /// The downstream request body failed while streamed (`Some`: a read error).
+    BodyFailed { sent: u64, read: Option<io::Error> },
+}
+
+/// Mirrors, then the tries of a routed request with its body streamed or buffered:
+/// timeouts, retries (see [`REPLAY_BUFFER`] for which requests can be retried). `source`
+/// is where a streamed body comes from (the tunnel, or an HTTP/2 request stream).
 #[allow(clippy::too_many_arguments)]
-async fn forward_request<T: Tunnel, U: Upstream>(
-    tunnel: &mut T,
+pub(crate) async fn attempt<T: Tunnel, U: Upstream>(
+    source: &mut T,
     buf: &mut BytesMut,
     up: &mut U,
     fwd: &Forward,
     head: &RequestHead,
     request: Bytes,
-    body: ReqBody,
+    body: &ReqBody,
     has_body: bool,
     rng: &mut dyn Rng,
-) -> io::Result<Forwarded> {
+) -> Attempt<U::Conn> {
     let streamed = matches!(body, ReqBody::Streamed(_));
     for m in &fwd.mirrors {
         if m.percent >= 100 || rng.below(100) < u64::from(m.percent) {
-            match &body {
+            match body {
                 ReqBody::Buffered(b) => {
                     let mut all = BytesMut::with_capacity(request.len() + b.len());
                     all.extend_from_slice(&request);
@@ -1111,7 +1135,14 @@ async fn forward_request<T: Tunnel, U: Upstream>(
             }
         }
     }
-    let policy = fwd.retry.clone().unwrap_or_else(default_retry);
+    let default;
+    let policy = match &fwd.retry {
+        Some(r) => r,
+        None => {
+            default = default_retry();
+            &default
+        }
+    };
     let replayable = !streamed && (!has_body || idempotent(&head.method));
     let nonzero = |d: &Duration| !d.is_zero();
     let deadline = fwd
@@ -1123,16 +1154,16 @@ async fn forward_request<T: Tunnel, U: Upstream>(
     let mut retries = 0u32;
     let mut replaced = false;
     let mut sent = 0u64;
-    // A local answer after a failed try; the tunnel closes when the streamed request body
-    // was not fully read.
-    let local = |status: u16, flags: &'static str, body: &str, sent: u64, close: bool| {
-        let resp = simple_response(status, &[], body, close);
-        (resp, flags, sent, close)
+    let local = |status: u16, flags: &'static str, body: &str, sent: u64| Attempt::Local {
+        resp: simple_response(status, &[], body, streamed),
+        flags,
+        sent,
+        close: streamed,
     };
-    let outcome = loop {
+    loop {
         let left = remaining();
         if left.is_some_and(|d| d.is_zero()) {
-            break Err(local(504, "UT", "upstream request timeout", sent, streamed));
+            return local(504, "UT", "upstream request timeout", sent);
         }
         let per_try = match (fwd.timeouts.backend_request.filter(nonzero), left) {
             (Some(b), Some(l)) => Some(b.min(l)),
@@ -1140,12 +1171,12 @@ async fn forward_request<T: Tunnel, U: Upstream>(
         };
         let attempt = one_try(
             up,
-            tunnel,
+            source,
             buf,
             fwd.service.as_ref(),
             head,
             &request,
-            &body,
+            body,
             &mut sent,
         );
         let r = match per_try {
@@ -1160,20 +1191,17 @@ async fn forward_request<T: Tunnel, U: Upstream>(
         match r {
             None => {
                 up.done(None, 0, false, Some(io::ErrorKind::TimedOut));
-                break Err(local(504, "UT", "upstream request timeout", sent, streamed));
+                return local(504, "UT", "upstream request timeout", sent);
             }
             Some(Err(TryError::Body(e))) => {
                 up.done(None, 0, false, Some(io::ErrorKind::BrokenPipe));
-                return Ok(Forwarded {
-                    status: 400,
-                    flags: "DPE",
-                    request_body: sent,
-                    response_bytes: 0,
-                    next: match e {
-                        CopyError::Read(e) => Next::Abort(e),
-                        _ => Next::Bad(400),
+                return Attempt::BodyFailed {
+                    sent,
+                    read: match e {
+                        CopyError::Read(e) => Some(e),
+                        _ => None,
                     },
-                });
+                };
             }
             Some(Err(TryError::Upstream { e, fresh })) => {
                 if fresh && !replaced && !streamed {
@@ -1185,15 +1213,29 @@ async fn forward_request<T: Tunnel, U: Upstream>(
                 }
                 up.done(None, 0, false, Some(e.kind()));
                 if !again || e.kind() == io::ErrorKind::TimedOut {
-                    let resp = upstream_failure(&e);
-                    break Err((resp, "UF", sent, streamed));
+                    let flags = if e.kind() == io::ErrorKind::TimedOut {
+                        "UT"
+                    } else {
+                        "UF"
+                    };
+                    return Attempt::Local {
+                        resp: upstream_failure(&e),
+                        flags,
+                        sent,
+                        close: streamed,
+                    };
                 }
             }
             Some(Ok((conn, _, h, ubuf))) => {
                 if again && policy.codes.contains(&h.status) {
                     up.done(Some(conn), h.status, false, None);
                 } else {
-                    break Ok((conn, h, ubuf));
+                    return Attempt::Answer {
+                        conn,
+                        head: h,
+                        ubuf,
+                        sent,
+                    };
                 }
             }
         }
@@ -1205,10 +1247,37 @@ async fn forward_request<T: Tunnel, U: Upstream>(
             wait = wait.min(l);
         }
         monoio::time::sleep(wait).await;
-    };
-    let (mut conn, h, mut ubuf) = match outcome {
-        Ok(x) => x,
-        Err((resp, flags, sent, close)) => {
+    }
+}
+
+/// Carry out a routed HTTP/1.1 request ([`attempt`]), then stream the response to the
+/// tunnel.
+#[allow(clippy::too_many_arguments)]
+async fn forward_request<T: Tunnel, U: Upstream>(
+    tunnel: &mut T,
+    buf: &mut BytesMut,
+    up: &mut U,
+    fwd: &Forward,
+    head: &RequestHead,
+    request: Bytes,
+    body: ReqBody,
+    has_body: bool,
+    rng: &mut dyn Rng,
+) -> io::Result<Forwarded> {
+    let a = attempt(tunnel, buf, up, fwd, head, request, &body, has_body, rng).await;
+    let (mut conn, h, mut ubuf, sent) = match a {
+        Attempt::Answer {
+            conn,
+            head,
+            ubuf,
+            sent,
+        } => (conn, head, ubuf, sent),
+        Attempt::Local {
+            resp,
+            flags,
+            sent,
+            close,
+        } => {
             let status = status_of(&resp);
             let n = resp.len() as u64;
             tunnel.write(Bytes::from(resp)).await?;
@@ -1219,6 +1288,18 @@ async fn forward_request<T: Tunnel, U: Upstream>(
                 response_bytes: n,
                 next: if close { Next::Close } else { Next::Continue },
             });
+        }
+        Attempt::BodyFailed { sent, read } => {
+            return Ok(Forwarded {
+                status: 400,
+                flags: "DPE",
+                request_body: sent,
+                response_bytes: 0,
+                next: match read {
+                    Some(e) => Next::Abort(e),
+                    None => Next::Bad(400),
+                },
+            })
         }
     };
     // The response: its head (modified when the route says so, or re-framed), then the

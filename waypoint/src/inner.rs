@@ -214,7 +214,7 @@ async fn pipe(
     }
 }
 
-async fn send_all(
+pub(crate) async fn send_all(
     send: &mut SendStream<Bytes>,
     mut data: Bytes,
     end: bool,

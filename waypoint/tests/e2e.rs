@@ -1771,3 +1771,91 @@ fn a_tunnel_closed_before_its_first_byte_opens_no_upstream_stream() {
     assert_eq!(c.upstream_streams.load(Ordering::Relaxed), 0);
     assert!(m.zt.streams().is_empty());
 }
+
+#[test]
+fn h2_requests_stream_bodies_both_ways_to_an_http1_upstream() {
+    // HTTP/2 inside the tunnel, HTTP/1.1 upstream: a 3 MiB request body of unknown length
+    // (sent upstream chunked), a 5 MiB Content-Length body, a 20 MiB chunked response
+    // (decoded as it passes) and a 70 MiB Content-Length response, each checksummed.
+    let m = Mesh::start_with("");
+    let up = payload(5 << 20);
+    let (sums, gets) = block_on(async {
+        let (_c, s) = tunnel_to(&m, "10.96.0.2:80").await;
+        let io = waypoint::inner::StreamIo::new(s, Bytes::new());
+        let (send, conn) = h2::client::handshake(io).await.unwrap();
+        monoio::spawn(async move {
+            let _ = conn.await;
+        });
+        let mut sums = Vec::new();
+        for (len, declared) in [(3 << 20, false), (5 << 20, true)] {
+            let mut b = http::Request::builder()
+                .method("POST")
+                .uri(format!("http://{V1}/stream/sum"));
+            if declared {
+                b = b.header("content-length", len);
+            }
+            let mut tx_send = send.clone().ready().await.unwrap();
+            let (resp, mut tx) = tx_send.send_request(b.body(()).unwrap(), false).unwrap();
+            for piece in up[..len].chunks(256 * 1024) {
+                let mut piece = Bytes::copy_from_slice(piece);
+                while !piece.is_empty() {
+                    tx.reserve_capacity(piece.len());
+                    let cap = std::future::poll_fn(|cx| tx.poll_capacity(cx))
+                        .await
+                        .unwrap()
+                        .unwrap();
+                    let n = cap.min(piece.len());
+                    tx.send_data(piece.split_to(n), false).unwrap();
+                }
+            }
+            tx.send_data(Bytes::new(), true).unwrap();
+            let resp = resp.await.unwrap();
+            let status = resp.status().as_u16();
+            let mut body = resp.into_body();
+            let mut out = Vec::new();
+            while let Some(c) = body.data().await {
+                let c = c.unwrap();
+                let _ = body.flow_control().release_capacity(c.len());
+                out.extend_from_slice(&c);
+            }
+            sums.push((status, String::from_utf8(out).unwrap(), len));
+        }
+        let mut gets = Vec::new();
+        for (path, len) in [
+            (format!("/stream/genchunked/{}", 20 << 20), 20 << 20),
+            (format!("/stream/gen/{}", 70 << 20), 70 << 20),
+        ] {
+            let req = http::Request::builder()
+                .uri(format!("http://{V1}{path}"))
+                .body(())
+                .unwrap();
+            let mut s2 = send.clone().ready().await.unwrap();
+            let (resp, _) = s2.send_request(req, true).unwrap();
+            let resp = resp.await.unwrap();
+            let te = resp.headers().get("transfer-encoding").is_some();
+            let mut body = resp.into_body();
+            let (mut n, mut h) = (0usize, 0xcbf2_9ce4_8422_2325u64);
+            while let Some(c) = body.data().await {
+                let c = c.unwrap();
+                let _ = body.flow_control().release_capacity(c.len());
+                n += c.len();
+                for &x in c.iter() {
+                    h = (h ^ u64::from(x)).wrapping_mul(0x100_0000_01b3);
+                }
+            }
+            gets.push((te, n, h, len));
+        }
+        (sums, gets)
+    });
+    for (status, text, len) in sums {
+        assert_eq!(
+            (status, text),
+            (200, format!("len={len} fnv={:x}", fnv(&up[..len])))
+        );
+    }
+    for (te, n, h, len) in gets {
+        assert!(!te, "no transfer-encoding in HTTP/2");
+        assert_eq!((n, h), (len, block_fnv(len)));
+    }
+    assert_eq!(m.counters().streamed_bodies.load(Ordering::Relaxed), 2);
+}
