@@ -27,17 +27,18 @@
 //! - `waypoint`: `client` → the `echo` service VIP: ztunnel A → HBONE → waypoint (R7;
 //!   HTTPRoute `echo` → `echo-v1`, R17) → HBONE → ztunnel B → `echo-v1`.
 //!
-//! Everything is removed on drop (children stopped, namespaces deleted, which takes their
-//! veths and nftables rules with them); namespaces left by a harness that was killed are
-//! swept at the next start.
+//! The namespaces, veths, addresses and routes are `netlab`'s (`TwoNodes`, the same shape as
+//! the ztunnel and waypoint namespace tests). Everything is removed on drop (children
+//! stopped, then the `netlab::Lab` deletes the namespaces, which takes their veths and
+//! nftables rules with them); a Ctrl-C ends the suite and the report is written after this
+//! teardown; namespaces left by a harness that was killed (or a second Ctrl-C) are swept at
+//! the next start.
 
-use std::fs::File;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 
 use anyhow::{bail, Context, Result};
+use netlab::{Addressing, Lab, Pod, TwoNodes};
 
 use crate::proxy::Proxy;
 
@@ -54,62 +55,19 @@ pub const ECHO_H2_VIP: Ipv4Addr = Ipv4Addr::new(10, 183, 0, 3);
 /// Service port of `echo` and `echo-v1` (to the pods' HTTP backend).
 pub const SERVICE_PORT: u16 = 80;
 
-/// One pod.
-#[derive(Debug, Clone, Copy)]
-pub struct PodSpec {
-    pub name: &'static str,
-    pub node: usize,
-    pub ip: Ipv4Addr,
-    pub captured: bool,
-}
-
-pub const PODS: &[PodSpec] = &[
-    PodSpec {
-        name: "client",
-        node: 0,
-        ip: Ipv4Addr::new(10, 181, 0, 2),
-        captured: true,
-    },
-    PodSpec {
-        name: "plain-client",
-        node: 0,
-        ip: Ipv4Addr::new(10, 181, 0, 3),
-        captured: false,
-    },
+/// The pods: `(name, node, IPv4, captured)`; the mesh model's namespace labels must agree.
+pub const PODS: &[Pod] = &[
+    Pod::new("client", 0, [10, 181, 0, 2], true),
+    Pod::new("plain-client", 0, [10, 181, 0, 3], false),
     // Hosts `--peer` proxies (see `crate::peer`); not a mesh workload.
-    PodSpec {
-        name: "peer",
-        node: 0,
-        ip: Ipv4Addr::new(10, 181, 0, 5),
-        captured: false,
-    },
-    PodSpec {
-        name: "echo",
-        node: 1,
-        ip: Ipv4Addr::new(10, 182, 0, 2),
-        captured: true,
-    },
-    PodSpec {
-        name: "echo-v1",
-        node: 1,
-        ip: Ipv4Addr::new(10, 182, 0, 3),
-        captured: true,
-    },
-    PodSpec {
-        name: "plain",
-        node: 1,
-        ip: Ipv4Addr::new(10, 182, 0, 4),
-        captured: false,
-    },
-    PodSpec {
-        name: "waypoint",
-        node: 1,
-        ip: Ipv4Addr::new(10, 182, 0, 10),
-        captured: false,
-    },
+    Pod::new("peer", 0, [10, 181, 0, 5], false),
+    Pod::new("echo", 1, [10, 182, 0, 2], true),
+    Pod::new("echo-v1", 1, [10, 182, 0, 3], true),
+    Pod::new("plain", 1, [10, 182, 0, 4], false),
+    Pod::new("waypoint", 1, [10, 182, 0, 10], false),
 ];
 
-pub fn pod(name: &str) -> PodSpec {
+pub fn pod(name: &str) -> Pod {
     *PODS.iter().find(|p| p.name == name).expect("known pod")
 }
 
@@ -174,114 +132,29 @@ impl Layout {
 }
 
 /// Is this process root (effective uid 0)?
-pub fn is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("Uid:"))
-                .and_then(|l| l.split_whitespace().nth(2).map(|e| e == "0"))
-        })
-        .unwrap_or(false)
-}
-
-/// Run a command (bounded by the command itself; `ip` and `sysctl` return at once).
-fn sh(args: &[&str]) -> Result<()> {
-    let out = Command::new(args[0])
-        .args(&args[1..])
-        .stdin(Stdio::null())
-        .output()
-        .with_context(|| format!("running {}", args.join(" ")))?;
-    if !out.status.success() {
-        bail!(
-            "`{}` failed ({}): {}",
-            args.join(" "),
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(())
-}
+pub use netlab::is_root;
 
 /// Move the calling thread into network namespace `ns` (sockets it creates from then on
 /// live there; threads it spawns inherit it).
-pub fn enter(ns: &str) -> std::io::Result<()> {
-    let path = format!("/var/run/netns/{ns}");
-    let f = File::open(&path)?;
-    nix::sched::setns(f.as_raw_fd(), nix::sched::CloneFlags::CLONE_NEWNET)
-        .map_err(|e| std::io::Error::other(format!("setns {path}: {e}")))
-}
+pub use netlab::enter;
 
 /// Run `f` on a fresh thread inside `ns`.
 pub fn in_ns<R: Send + 'static>(
     ns: &str,
     f: impl FnOnce() -> Result<R> + Send + 'static,
 ) -> Result<R> {
-    let ns2 = ns.to_string();
-    std::thread::Builder::new()
-        .name("bench-netns".into())
-        .spawn(move || {
-            enter(&ns2).with_context(|| format!("entering network namespace {ns2}"))?;
-            f()
-        })
-        .context("spawning a thread")?
-        .join()
-        .map_err(|_| anyhow::anyhow!("thread in {ns} panicked"))?
-}
-
-/// Delete `bn<pid>-…` namespaces whose harness process is gone.
-pub fn sweep_stale() {
-    let Ok(out) = Command::new("ip").args(["netns", "list"]).output() else {
-        return;
-    };
-    for line in String::from_utf8_lossy(&out.stdout).lines() {
-        let name = line.split_whitespace().next().unwrap_or("");
-        let Some(rest) = name.strip_prefix(PREFIX) else {
-            continue;
-        };
-        let Some((pid, _)) = rest.split_once('-') else {
-            continue;
-        };
-        let Ok(pid) = pid.parse::<u32>() else {
-            continue;
-        };
-        if !Path::new(&format!("/proc/{pid}")).exists() {
-            let _ = sh(&["ip", "netns", "del", name]);
-        }
-    }
+    netlab::try_in_ns(ns, f)?
 }
 
 /// Install ztunnel's capture ruleset in `ns` with `nft -f -`. `dstnat` is written as its
 /// value (-100): nft 1.0.6 (Debian 12) accepts the keyword for `prerouting` only, not for
 /// an `output` nat chain, which the ruleset may contain.
 fn install_rules(rules: &ztunnel::capture::Rules, ns: &str) -> Result<()> {
-    use std::io::Write as _;
     let script = rules
         .ruleset()
         .map_err(|e| anyhow::anyhow!("capture rules: {e}"))?
         .replace("priority dstnat;", "priority -100;");
-    let mut child = Command::new("ip")
-        .args(["netns", "exec", ns, "nft", "-f", "-"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .context("running nft")?;
-    child
-        .stdin
-        .take()
-        .expect("piped")
-        .write_all(script.as_bytes())
-        .context("writing the nft script")?;
-    let out = child.wait_with_output().context("waiting for nft")?;
-    if !out.status.success() {
-        bail!(
-            "installing capture rules in {ns}: nft failed ({}): {}\n{script}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(())
+    netlab::nft(ns, &script).with_context(|| format!("installing capture rules in {ns}"))
 }
 
 /// The mesh-model part of the config, shared by both ztunnels and the waypoint.
@@ -404,7 +277,8 @@ pub struct MeshSpec {
 pub struct Mesh {
     pub prefix: String,
     pub dir: PathBuf,
-    namespaces: Vec<String>,
+    /// The namespaces (none on the loopback layout); deleted after the proxies stopped.
+    lab: Lab,
     /// ztunnel A, ztunnel B.
     pub ztunnels: Vec<Proxy>,
     pub waypoint: Option<Proxy>,
@@ -431,15 +305,15 @@ impl Mesh {
     /// Build the namespaces, install capture, start both ztunnels (and the waypoint).
     pub fn up(spec: &MeshSpec, dir: &Path) -> Result<Mesh> {
         if !spec.layout.is_loopback() {
-            sweep_stale();
+            netlab::sweep_stale(PREFIX);
         }
-        let prefix = format!("{PREFIX}{}", std::process::id());
+        let prefix = netlab::process_prefix(PREFIX);
         let dir = dir.join("mesh");
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         let mut m = Mesh {
+            lab: Lab::new(prefix.clone()),
             prefix,
             dir,
-            namespaces: Vec::new(),
             ztunnels: Vec::new(),
             waypoint: None,
             waypoint_error: None,
@@ -454,10 +328,31 @@ impl Mesh {
         Ok(m)
     }
 
-    fn add_ns(&mut self, ns: &str) -> Result<()> {
-        sh(&["ip", "netns", "add", ns])?;
-        self.namespaces.push(ns.to_string());
-        sh(&["ip", "-n", ns, "link", "set", "lo", "up"])
+    /// The built-in CA (created once for both ztunnels and the waypoint) and the proxies'
+    /// runtime/HTTP/2 sections.
+    fn ca_and_tuning(&self, spec: &MeshSpec) -> Result<(PathBuf, String)> {
+        let ca_dir = self.dir.join("ca");
+        hbone::ca::SigningCa::builtin(&ca_dir, "cluster.local").map_err(|e| {
+            anyhow::anyhow!("creating the built-in CA in {}: {e}", ca_dir.display())
+        })?;
+        let tun = tuning_yaml(
+            &spec.profile,
+            &spec.proxy_cores,
+            spec.workers,
+            &spec.io_driver,
+        )?;
+        Ok((ca_dir, tun))
+    }
+
+    /// The waypoint, when the suite has a waypoint path; why it did not start is kept, not
+    /// fatal (the other paths still run).
+    fn start_waypoint(&mut self, spec: &MeshSpec, ca_dir: &Path, tun: &str) {
+        if spec.waypoint {
+            match crate::waypoint::start(self, spec, ca_dir, tun) {
+                Ok(p) => self.waypoint = Some(p),
+                Err(e) => self.waypoint_error = Some(format!("{e:#}")),
+            }
+        }
     }
 
     /// The loopback layout: both ztunnels and the waypoint on their own 127.x addresses,
@@ -469,16 +364,7 @@ impl Mesh {
     /// (`nodes:`) and expects the ztunnel identity. So nothing else may listen on port 15008:
     /// ztunnel A's (unused) HBONE inbound is on 15009, the waypoint on 15018.
     fn build_loopback(&mut self, spec: &MeshSpec) -> Result<()> {
-        let ca_dir = self.dir.join("ca");
-        hbone::ca::SigningCa::builtin(&ca_dir, "cluster.local").map_err(|e| {
-            anyhow::anyhow!("creating the built-in CA in {}: {e}", ca_dir.display())
-        })?;
-        let tun = tuning_yaml(
-            &spec.profile,
-            &spec.proxy_cores,
-            spec.workers,
-            &spec.io_driver,
-        )?;
+        let (ca_dir, tun) = self.ca_and_tuning(spec)?;
         let socks_a = spec
             .socks5
             .unwrap_or(SocketAddr::new(self.layout.node_ip(0).into(), 15080));
@@ -506,108 +392,30 @@ impl Mesh {
             self.ztunnels.push(z);
         }
         self.socks5 = Some(socks_a);
-        if spec.waypoint {
-            match crate::waypoint::start(self, spec, &ca_dir, &tun) {
-                Ok(p) => self.waypoint = Some(p),
-                Err(e) => self.waypoint_error = Some(format!("{e:#}")),
-            }
-        }
+        self.start_waypoint(spec, &ca_dir, &tun);
         Ok(())
     }
 
     fn build(&mut self, spec: &MeshSpec) -> Result<()> {
-        for i in 0..2 {
-            let n = self.node_ns(i);
-            self.add_ns(&n)?;
-            // New namespaces start with forwarding off.
-            for kv in ["net.ipv4.ip_forward=1", "net.ipv4.conf.all.rp_filter=0"] {
-                sh(&["ip", "netns", "exec", &n, "sysctl", "-qw", kv])?;
-            }
-        }
-        let (na, nb) = (self.node_ns(0), self.node_ns(1));
-        sh(&[
-            "ip", "-n", &na, "link", "add", "to-b", "type", "veth", "peer", "name", "to-a",
-            "netns", &nb,
-        ])?;
-        for (ns, dev, ip) in [(&na, "to-b", NODE_IPS[0]), (&nb, "to-a", NODE_IPS[1])] {
-            sh(&[
-                "ip",
-                "-n",
-                ns,
-                "addr",
-                "add",
-                &format!("{ip}/24"),
-                "dev",
-                dev,
-            ])?;
-            sh(&["ip", "-n", ns, "link", "set", dev, "up"])?;
-        }
-        let (b_gw, a_gw) = (NODE_IPS[1].to_string(), NODE_IPS[0].to_string());
-        for (ns, net, via) in [
-            (&na, "10.182.0.0/24", &b_gw),
-            (&na, "10.183.0.0/24", &b_gw),
-            (&nb, "10.181.0.0/24", &a_gw),
-        ] {
-            sh(&["ip", "-n", ns, "route", "add", net, "via", via])?;
-        }
-        for p in PODS {
-            let (pns, node) = (self.ns(p.name), self.node_ns(p.node));
-            self.add_ns(&pns)?;
-            let dev = format!("p-{}", p.name);
-            let gw = gateway(p.node).to_string();
-            let ip = p.ip.to_string();
-            sh(&[
-                "ip", "-n", &node, "link", "add", &dev, "type", "veth", "peer", "name", "eth0",
-                "netns", &pns,
-            ])?;
-            sh(&[
-                "ip",
-                "-n",
-                &node,
-                "addr",
-                "add",
-                &format!("{gw}/32"),
-                "dev",
-                &dev,
-            ])?;
-            sh(&["ip", "-n", &node, "link", "set", &dev, "up"])?;
-            sh(&[
-                "ip",
-                "-n",
-                &node,
-                "route",
-                "add",
-                &format!("{ip}/32"),
-                "dev",
-                &dev,
-            ])?;
-            sh(&[
-                "ip",
-                "-n",
-                &pns,
-                "addr",
-                "add",
-                &format!("{ip}/32"),
-                "dev",
-                "eth0",
-            ])?;
-            sh(&["ip", "-n", &pns, "link", "set", "eth0", "up"])?;
-            sh(&["ip", "-n", &pns, "route", "add", &gw, "dev", "eth0"])?;
-            sh(&[
-                "ip", "-n", &pns, "route", "add", "default", "via", &gw, "dev", "eth0",
-            ])?;
-        }
-        // The built-in CA, created once for both ztunnels and the waypoint.
-        let ca_dir = self.dir.join("ca");
-        hbone::ca::SigningCa::builtin(&ca_dir, "cluster.local").map_err(|e| {
-            anyhow::anyhow!("creating the built-in CA in {}: {e}", ca_dir.display())
-        })?;
-        let tun = tuning_yaml(
-            &spec.profile,
-            &spec.proxy_cores,
-            spec.workers,
-            &spec.io_driver,
-        )?;
+        let nodes = TwoNodes::build(&mut self.lab).context("creating the node namespaces")?;
+        nodes
+            .add_pods(&mut self.lab, PODS)
+            .context("creating the pods")?;
+        let plan = Addressing {
+            node_ips: NODE_IPS.map(IpAddr::V4),
+            link_prefix: 24,
+            gateways: [gateway(0).into(), gateway(1).into()],
+            // Node B's pods and the service VIPs lie beyond node B, node A's pods beyond A.
+            routes: vec![
+                (0, "10.182.0.0/24".into()),
+                (0, "10.183.0.0/24".into()),
+                (1, "10.181.0.0/24".into()),
+            ],
+        };
+        nodes
+            .address(&self.lab, &plan, PODS, |p| IpAddr::V4(p.ip))
+            .context("addressing the mesh")?;
+        let (ca_dir, tun) = self.ca_and_tuning(spec)?;
         for (i, name) in ["node-a", "node-b"].into_iter().enumerate() {
             let file = self.dir.join(format!("{name}.yaml"));
             std::fs::write(
@@ -622,14 +430,9 @@ impl Mesh {
             let loaded = ztunnel::config::load_file(&file, &spec.profile, 1)
                 .map_err(|e| anyhow::anyhow!("the generated ztunnel config: {e}"))?;
             let rules = ztunnel::capture::Rules::for_node(&loaded.snapshot, name, |w| {
-                Some(format!("p-{}", w.name))
+                Some(TwoNodes::pod_dev(&w.name))
             });
-            let mut expected: Vec<String> = PODS
-                .iter()
-                .filter(|p| p.node == i && p.captured)
-                .map(|p| format!("p-{}", p.name))
-                .collect();
-            expected.sort();
+            let expected = netlab::captured_devs(PODS, i);
             if rules.pod_interfaces != expected {
                 bail!(
                     "capture rules of {name} cover {:?}, the topology captures {expected:?}",
@@ -641,12 +444,7 @@ impl Mesh {
             let z = Proxy::spawn_ztunnel(&ns, &file, &spec.profile_name, name)?;
             self.ztunnels.push(z);
         }
-        if spec.waypoint {
-            match crate::waypoint::start(self, spec, &ca_dir, &tun) {
-                Ok(p) => self.waypoint = Some(p),
-                Err(e) => self.waypoint_error = Some(format!("{e:#}")),
-            }
-        }
+        self.start_waypoint(spec, &ca_dir, &tun);
         Ok(())
     }
 
@@ -687,8 +485,7 @@ impl Drop for Mesh {
         for mut z in self.ztunnels.drain(..).rev() {
             z.stop();
         }
-        for ns in self.namespaces.drain(..).rev() {
-            let _ = sh(&["ip", "netns", "del", &ns]);
-        }
+        // Only now that nothing runs in them.
+        self.lab.teardown();
     }
 }

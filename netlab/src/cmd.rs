@@ -7,6 +7,11 @@ use crate::{Error, Result};
 
 /// Run `args[0]` with the rest as arguments; an error carries its stderr.
 pub fn run(args: &[&str]) -> Result<()> {
+    output(args).map(drop)
+}
+
+/// [`run`], returning what it printed.
+fn output(args: &[&str]) -> Result<String> {
     let out = Command::new(args[0])
         .args(&args[1..])
         .stdin(Stdio::null())
@@ -19,7 +24,7 @@ pub fn run(args: &[&str]) -> Result<()> {
             stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
         });
     }
-    Ok(())
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 /// Run a command inside network namespace `ns` (`ip netns exec`).
@@ -58,20 +63,7 @@ pub fn nft(ns: &str, script: &str) -> Result<()> {
 
 /// The kernel's listing of nftables table `family table` in `ns` (`nft list table`).
 pub fn nft_list_table(ns: &str, family: &str, table: &str) -> Result<String> {
-    let args = [
+    output(&[
         "ip", "netns", "exec", ns, "nft", "list", "table", family, table,
-    ];
-    let out = Command::new(args[0])
-        .args(&args[1..])
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|e| Error::io(format!("running {}", args.join(" ")), e))?;
-    if !out.status.success() {
-        return Err(Error::Command {
-            cmd: args.join(" "),
-            status: out.status,
-            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
-        });
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    ])
 }

@@ -27,28 +27,34 @@ pub fn ipv6_available() -> bool {
 /// May `test` build namespaces? Root: yes. Otherwise it panics when `CI` is set (a test
 /// that cannot run must not pass there) and prints SKIP and returns false elsewhere.
 pub fn require_root(test: &str) -> bool {
-    if is_root() {
-        return true;
-    }
-    if std::env::var_os(CI).is_some() {
-        panic!("{test}: needs root (network namespaces, nftables) and CI is set: failing, not skipping");
-    }
-    eprintln!("SKIP {test}: needs root for network namespaces and nftables (run as root, or set CI to make this a failure)");
-    false
+    gate(
+        test,
+        is_root(),
+        "needs root (network namespaces, nftables)",
+        "needs root for network namespaces and nftables (run as root, or set CI to make this a failure)",
+    )
 }
 
 /// [`require_root`], and IPv6 too (missing IPv6 likewise fails under `CI`).
 pub fn require_ipv6(test: &str) -> bool {
-    if !require_root(test) {
-        return false;
-    }
-    if ipv6_available() {
+    require_root(test)
+        && gate(
+            test,
+            ipv6_available(),
+            "IPv6 is unavailable (net.ipv6 missing or disabled)",
+            "IPv6 is unavailable here",
+        )
+}
+
+/// `ok`, or a failure under `CI` (`why`), or a printed SKIP (`skip`) and false.
+fn gate(test: &str, ok: bool, why: &str, skip: &str) -> bool {
+    if ok {
         return true;
     }
     if std::env::var_os(CI).is_some() {
-        panic!("{test}: IPv6 is unavailable (net.ipv6 missing or disabled) and CI is set: failing, not skipping");
+        panic!("{test}: {why} and CI is set: failing, not skipping");
     }
-    eprintln!("SKIP {test}: IPv6 is unavailable here");
+    eprintln!("SKIP {test}: {skip}");
     false
 }
 

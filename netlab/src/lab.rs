@@ -76,6 +76,16 @@ impl Lab {
         Ok(self)
     }
 
+    /// A test's lab: sweeps what killed runs left ([`sweep_stale`] of `tag`), names its
+    /// namespaces `<tag><pid>-<name>-…` (apart from parallel tests and processes) and keeps
+    /// its files in a fresh temporary folder of the same name ([`Lab::with_dir`]).
+    pub fn for_test(tag: &str, name: &str) -> Result<Lab> {
+        sweep_stale(tag);
+        let prefix = format!("{}-{name}", process_prefix(tag));
+        let dir = std::env::temp_dir().join(format!("netlab-{prefix}"));
+        Lab::new(prefix).with_dir(dir)
+    }
+
     pub fn prefix(&self) -> &str {
         &self.prefix
     }

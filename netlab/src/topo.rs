@@ -1,12 +1,48 @@
 //! [`TwoNodes`]: two routed nodes and pods behind them.
 
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr};
 
 use crate::cmd::{run, run_in};
 use crate::{Lab, Result};
 
 /// The veth between the nodes: its name in node A (towards B) and in node B.
 pub const NODE_LINK: [&str; 2] = ["to-b", "to-a"];
+
+/// One pod of a [`TwoNodes`] lab.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Pod {
+    pub name: &'static str,
+    /// 0: node A, 1: node B.
+    pub node: usize,
+    /// Its IPv4 address (an IPv6 plan gives its own, see [`TwoNodes::address`]).
+    pub ip: Ipv4Addr,
+    /// Whether its node's capture rules redirect its traffic ([`captured_devs`]: what the
+    /// caller's rules must cover).
+    pub captured: bool,
+}
+
+impl Pod {
+    pub const fn new(name: &'static str, node: usize, ip: [u8; 4], captured: bool) -> Pod {
+        Pod {
+            name,
+            node,
+            ip: Ipv4Addr::new(ip[0], ip[1], ip[2], ip[3]),
+            captured,
+        }
+    }
+}
+
+/// The node-side veths of the captured pods of node `node`, sorted: what its capture rules
+/// must list.
+pub fn captured_devs(pods: &[Pod], node: usize) -> Vec<String> {
+    let mut devs: Vec<String> = pods
+        .iter()
+        .filter(|p| p.node == node && p.captured)
+        .map(|p| TwoNodes::pod_dev(p.name))
+        .collect();
+    devs.sort();
+    devs
+}
 
 /// The addresses of one family (IPv4 or IPv6) in a [`TwoNodes`] lab.
 #[derive(Debug, Clone)]
@@ -43,24 +79,27 @@ impl TwoNodes {
         format!("p-{pod}")
     }
 
-    /// Create pod namespace `<prefix>-<pod>` behind node `node` (veth `p-<pod>` ⇄ `eth0`,
-    /// both up, no addresses yet); returns its full name.
-    pub fn add_pod(&self, lab: &mut Lab, pod: &str, node: usize) -> Result<String> {
-        let ns = lab.add_ns(pod)?;
-        veth(&self.nodes[node], &Self::pod_dev(pod), &ns, "eth0")?;
-        Ok(ns)
+    /// Create the pods' namespaces, each behind its node (veth `p-<pod>` ⇄ `eth0`, both
+    /// up, no addresses yet).
+    pub fn add_pods(&self, lab: &mut Lab, pods: &[Pod]) -> Result<()> {
+        for p in pods {
+            let ns = lab.add_ns(p.name)?;
+            veth(&self.nodes[p.node], &Self::pod_dev(p.name), &ns, "eth0")?;
+        }
+        Ok(())
     }
 
     /// Give the lab the addresses of one family: forwarding on in the nodes (and, for
     /// IPv4, reverse-path filtering off: replies of a proxy leave by another interface), the
-    /// link addresses and the routes between the nodes, and for each `(pod, node, ip)` the
-    /// pod's host route on its node and its default route via the gateway. IPv6 addresses
-    /// skip duplicate address detection, so they are usable at once.
+    /// link addresses and the routes between the nodes, and for each pod its address
+    /// `ip(pod)` (of this family), its host route on its node and its default route via the
+    /// gateway. IPv6 addresses skip duplicate address detection, so they are usable at once.
     pub fn address(
         &self,
         lab: &Lab,
         plan: &Addressing,
-        pods: impl IntoIterator<Item = (String, usize, IpAddr)>,
+        pods: &[Pod],
+        ip: impl Fn(&Pod) -> IpAddr,
     ) -> Result<()> {
         let v6 = plan.node_ips[0].is_ipv6();
         let (fam, host) = if v6 { ("-6", 128) } else { ("-4", 32) };
@@ -99,12 +138,12 @@ impl TwoNodes {
                 &via,
             ])?;
         }
-        for (pod, node, ip) in pods {
-            let (pns, nns) = (lab.ns(&pod), &self.nodes[node]);
-            let dev = Self::pod_dev(&pod);
-            let gw = plan.gateways[node].to_string();
+        for p in pods {
+            let (pns, nns) = (lab.ns(p.name), &self.nodes[p.node]);
+            let dev = Self::pod_dev(p.name);
+            let gw = plan.gateways[p.node].to_string();
             addr_add(nns, &format!("{gw}/{host}"), &dev)?;
-            let ip_host = format!("{ip}/{host}");
+            let ip_host = format!("{}/{host}", ip(p));
             run(&["ip", "-n", nns, fam, "route", "add", &ip_host, "dev", &dev])?;
             addr_add(&pns, &ip_host, "eth0")?;
             run(&["ip", "-n", &pns, fam, "route", "add", &gw, "dev", "eth0"])?;

@@ -19,7 +19,7 @@ use std::process::ExitCode;
 use std::sync::mpsc;
 use std::time::{Duration, SystemTime};
 
-use netlab::{in_ns, Addressing, Lab, TwoNodes};
+use netlab::{in_ns, Addressing, Lab, Pod, TwoNodes};
 
 /// The env var that turns this test binary into a ztunnel (see [`ztunnel_child`]).
 const ZT_ARGS: &str = "WP_NS_ZTUNNEL_ARGS";
@@ -53,43 +53,14 @@ macro_rules! need_root {
     };
 }
 
-struct Pod {
-    name: &'static str,
-    node: usize,
-    ip: Ipv4Addr,
-}
-
+/// The pods: `(name, node, IPv4, captured)` (the model's ambient namespaces).
 const PODS: &[Pod] = &[
-    Pod {
-        name: "client",
-        node: 0,
-        ip: Ipv4Addr::new(10, 51, 0, 2),
-    },
-    Pod {
-        name: "outsider",
-        node: 0,
-        ip: Ipv4Addr::new(10, 51, 0, 3),
-    },
-    Pod {
-        name: "echo-1",
-        node: 1,
-        ip: Ipv4Addr::new(10, 52, 0, 2),
-    },
-    Pod {
-        name: "echo-2",
-        node: 1,
-        ip: Ipv4Addr::new(10, 52, 0, 3),
-    },
-    Pod {
-        name: "echo-v1",
-        node: 1,
-        ip: Ipv4Addr::new(10, 52, 0, 4),
-    },
-    Pod {
-        name: "waypoint",
-        node: 1,
-        ip: Ipv4Addr::new(10, 52, 0, 10),
-    },
+    Pod::new("client", 0, [10, 51, 0, 2], true),
+    Pod::new("outsider", 0, [10, 51, 0, 3], false),
+    Pod::new("echo-1", 1, [10, 52, 0, 2], true),
+    Pod::new("echo-2", 1, [10, 52, 0, 3], true),
+    Pod::new("echo-v1", 1, [10, 52, 0, 4], true),
+    Pod::new("waypoint", 1, [10, 52, 0, 10], false),
 ];
 
 const NODE_IPS: [Ipv4Addr; 2] = [
@@ -100,8 +71,8 @@ const ECHO_VIP: Ipv4Addr = Ipv4Addr::new(10, 196, 0, 1);
 const PLAIN_VIP: Ipv4Addr = Ipv4Addr::new(10, 196, 0, 3);
 const OTHER_VIP: Ipv4Addr = Ipv4Addr::new(10, 196, 0, 9);
 
-fn pod(name: &str) -> &'static Pod {
-    PODS.iter().find(|p| p.name == name).expect("pod")
+fn pod(name: &str) -> Pod {
+    *PODS.iter().find(|p| p.name == name).expect("pod")
 }
 
 fn pod_addr(name: &str) -> SocketAddr {
@@ -327,10 +298,8 @@ struct World {
 impl World {
     /// The topology, both ztunnels and the waypoint (with `l7`: HTTPRoutes and policies).
     fn new(tag: &str, l7: &str) -> World {
-        netlab::sweep_stale("wp");
-        let prefix = format!("{}-{tag}", netlab::process_prefix("wp"));
-        let dir = std::env::temp_dir().join(format!("waypoint-netns-{prefix}"));
-        let mut lab = Lab::new(prefix).with_dir(&dir).unwrap();
+        let mut lab = Lab::for_test("wp", tag).unwrap();
+        let dir = lab.dir().expect("the test's folder").to_path_buf();
         let ca_dir = dir.join("ca");
         hbone::ca::SigningCa::builtin(&ca_dir, "cluster.local").unwrap();
         let nodes = build(&mut lab).unwrap_or_else(|e| panic!("building the topology: {e}"));
@@ -375,7 +344,7 @@ impl World {
                 let rules = ztunnel::capture::Rules::for_node(&loaded.snapshot, name, |w| {
                     Some(TwoNodes::pod_dev(&w.name))
                 });
-                assert_eq!(rules.pod_interfaces, vec!["p-client".to_string()]);
+                assert_eq!(rules.pod_interfaces, netlab::captured_devs(PODS, 0));
                 rules.install(Some(&self.node(i))).unwrap();
             }
             let args = format!("--config\u{1f}{}", file.display());
@@ -476,9 +445,7 @@ impl World {
 /// The namespaces, veths, addresses and routes.
 fn build(lab: &mut Lab) -> netlab::Result<TwoNodes> {
     let nodes = TwoNodes::build(lab)?;
-    for p in PODS {
-        nodes.add_pod(lab, p.name, p.node)?;
-    }
+    nodes.add_pods(lab, PODS)?;
     let ip = |a: [u8; 4]| IpAddr::V4(a.into());
     let plan = Addressing {
         node_ips: NODE_IPS.map(IpAddr::V4),
@@ -486,10 +453,7 @@ fn build(lab: &mut Lab) -> netlab::Result<TwoNodes> {
         gateways: [ip([10, 51, 0, 1]), ip([10, 52, 0, 1])],
         routes: vec![(0, "10.52.0.0/24".into()), (1, "10.51.0.0/24".into())],
     };
-    let pods = PODS
-        .iter()
-        .map(|p| (p.name.to_string(), p.node, IpAddr::V4(p.ip)));
-    nodes.address(lab, &plan, pods)?;
+    nodes.address(lab, &plan, PODS, |p| IpAddr::V4(p.ip))?;
     Ok(nodes)
 }
 

@@ -181,13 +181,6 @@ fn idle_connection_memory_through_both_ztunnels() {
 }
 
 /// Poll `f` until true or 60 s (thousands of connections take a while on a loaded host).
-fn eventually_long(what: &str, mut f: impl FnMut() -> bool) {
-    let t = Instant::now();
-    while t.elapsed() < Duration::from_secs(60) {
-        if f() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    panic!("timed out waiting for: {what}");
+fn eventually_long(what: &str, f: impl FnMut() -> bool) {
+    eventually_within(what, Duration::from_secs(60), f)
 }

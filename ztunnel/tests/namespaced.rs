@@ -903,17 +903,22 @@ fn r2_capture_rules_follow_reloads() {
         "p-wpod2".into(),
     ];
     assert_eq!(w.capture_rules(1), with_b);
+    // Edit node B's config (`from` must be in it) and wait for its install number `n`.
+    let relabel = |from: &str, to: &str, n: u64, what: &str| {
+        w.rewrite("node-b", |t| {
+            assert!(t.contains(from), "{from}");
+            t.replace(from, to)
+        });
+        eventually_or(what, || installs(&w) == n, dump(&w));
+    };
 
     // R2: ns-b loses istio.io/dataplane-mode=ambient → its pods are no longer captured.
     let labelled = "  - name: ns-b\n    labels: {istio.io/dataplane-mode: ambient}\n";
-    w.rewrite("node-b", |t| {
-        assert!(t.contains(labelled));
-        t.replace(labelled, "  - name: ns-b\n")
-    });
-    eventually_or(
+    relabel(
+        labelled,
+        "  - name: ns-b\n",
+        2,
         "rules reinstalled without ns-b",
-        || installs(&w) == 2,
-        dump(&w),
     );
     assert_eq!(
         w.capture_rules(1),
@@ -927,15 +932,12 @@ fn r2_capture_rules_follow_reloads() {
     assert_eq!(inbound(&w), 1, "node B did not see it");
 
     // A workload-level override captures one pod of the unlabelled namespace again.
-    w.rewrite("node-b", |t| {
-        let pod_line = "  - {name: server, namespace: ns-b, serviceAccount: server, ";
-        assert!(t.contains(pod_line));
-        t.replace(pod_line, "  - {name: server, namespace: ns-b, serviceAccount: server, labels: {istio.io/dataplane-mode: ambient}, ")
-    });
-    eventually_or(
+    let pod_line = "  - {name: server, namespace: ns-b, serviceAccount: server, ";
+    relabel(
+        pod_line,
+        "  - {name: server, namespace: ns-b, serviceAccount: server, labels: {istio.io/dataplane-mode: ambient}, ",
+        3,
         "rules reinstalled with the override",
-        || installs(&w) == 3,
-        dump(&w),
     );
     assert_eq!(
         w.capture_rules(1),

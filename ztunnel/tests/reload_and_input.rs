@@ -94,15 +94,7 @@ fn hot_reload_keeps_connections_rechecks_policy_and_a_broken_file_keeps_the_old_
         let mut buf = [0u8; 8];
         let r = c.read(&mut buf);
         // Closed is EOF or a reset; a timeout (or EINTR) would mean it is still open.
-        let closed = matches!(r, Ok(0))
-            || r.as_ref().is_err_and(|e| {
-                !matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock
-                        | std::io::ErrorKind::TimedOut
-                        | std::io::ErrorKind::Interrupted
-                )
-            });
+        let closed = read_closed(&r);
         assert!(closed, "revoked connection still open: {r:?}");
     }
     eventually("revocations counted", || {

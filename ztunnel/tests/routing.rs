@@ -264,15 +264,7 @@ fn r10_identity_policy_rejects_plaintext_but_allows_hbone() {
         let mut buf = [0u8; 16];
         let r = p.read(&mut buf);
         // Closed is EOF or a reset; a timeout (or EINTR) would mean it is still open.
-        let closed = matches!(r, Ok(0))
-            || r.as_ref().is_err_and(|e| {
-                !matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock
-                        | std::io::ErrorKind::TimedOut
-                        | std::io::ErrorKind::Interrupted
-                )
-            });
+        let closed = read_closed(&r);
         assert!(closed, "plaintext must be refused: {r:?}");
     }
     eventually("plaintext denied", || {

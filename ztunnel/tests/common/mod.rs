@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
 use hbone::ca::{CertSource, SigningCa};
 use hbone::server::{serve_connection, Inbound, ServerCounters};
@@ -286,15 +286,32 @@ pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> u64 {
 }
 
 /// Poll `f` until true or 5 s.
-pub fn eventually(what: &str, mut f: impl FnMut() -> bool) {
-    let t = Instant::now();
-    while t.elapsed() < Duration::from_secs(5) {
-        if f() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(20));
+pub fn eventually(what: &str, f: impl FnMut() -> bool) {
+    eventually_within(what, Duration::from_secs(5), f)
+}
+
+/// Poll `f` until true or `within`.
+pub fn eventually_within(what: &str, within: Duration, f: impl FnMut() -> bool) {
+    netlab::eventually(what, within, f, String::new)
+}
+
+/// A read error that means the connection is still open: a timeout, or EINTR.
+pub fn still_open(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::WouldBlock
+            | std::io::ErrorKind::TimedOut
+            | std::io::ErrorKind::Interrupted
+    )
+}
+
+/// Did this read see the connection closed: end of file or a reset, not a timeout or EINTR
+/// (that would be a connection still open)?
+pub fn read_closed(r: &std::io::Result<usize>) -> bool {
+    match r {
+        Ok(n) => *n == 0,
+        Err(e) => !still_open(e),
     }
-    panic!("timed out waiting for: {what}");
 }
 
 /// A pod: accepts on `addr`, writes `name\n`, then echoes until EOF.

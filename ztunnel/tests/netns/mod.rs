@@ -21,7 +21,7 @@ use std::path::PathBuf;
 use std::sync::mpsc;
 use std::time::Duration;
 
-use netlab::{Addressing, Lab, TwoNodes};
+use netlab::{Addressing, Lab, Pod, TwoNodes};
 
 pub use netlab::in_ns;
 
@@ -133,72 +133,18 @@ impl Server {
     }
 }
 
-/// One pod of the topology.
-#[derive(Debug, Clone, Copy)]
-pub struct PodSpec {
-    pub name: &'static str,
-    /// 0 = node A, 1 = node B.
-    pub node: usize,
-    pub ip: Ipv4Addr,
-    pub captured: bool,
-}
-
-pub const PODS: &[PodSpec] = &[
-    PodSpec {
-        name: "client",
-        node: 0,
-        ip: Ipv4Addr::new(10, 1, 0, 2),
-        captured: true,
-    },
-    PodSpec {
-        name: "legacy-client",
-        node: 0,
-        ip: Ipv4Addr::new(10, 1, 0, 3),
-        captured: false,
-    },
-    PodSpec {
-        name: "server",
-        node: 1,
-        ip: Ipv4Addr::new(10, 2, 0, 2),
-        captured: true,
-    },
-    PodSpec {
-        name: "server2",
-        node: 1,
-        ip: Ipv4Addr::new(10, 2, 0, 3),
-        captured: true,
-    },
-    PodSpec {
-        name: "legacy",
-        node: 1,
-        ip: Ipv4Addr::new(10, 2, 0, 4),
-        captured: false,
-    },
-    PodSpec {
-        name: "wpod",
-        node: 1,
-        ip: Ipv4Addr::new(10, 2, 0, 5),
-        captured: true,
-    },
-    PodSpec {
-        name: "wpod2",
-        node: 1,
-        ip: Ipv4Addr::new(10, 2, 0, 6),
-        captured: true,
-    },
+/// The pods: `(name, node, IPv4, captured)`; the config's namespace labels must agree.
+pub const PODS: &[Pod] = &[
+    Pod::new("client", 0, [10, 1, 0, 2], true),
+    Pod::new("legacy-client", 0, [10, 1, 0, 3], false),
+    Pod::new("server", 1, [10, 2, 0, 2], true),
+    Pod::new("server2", 1, [10, 2, 0, 3], true),
+    Pod::new("legacy", 1, [10, 2, 0, 4], false),
+    Pod::new("wpod", 1, [10, 2, 0, 5], true),
+    Pod::new("wpod2", 1, [10, 2, 0, 6], true),
     // Host the test waypoints (HBONE servers); not mesh workloads.
-    PodSpec {
-        name: "waypoint",
-        node: 1,
-        ip: Ipv4Addr::new(10, 2, 0, 10),
-        captured: false,
-    },
-    PodSpec {
-        name: "waypoint2",
-        node: 1,
-        ip: Ipv4Addr::new(10, 2, 0, 11),
-        captured: false,
-    },
+    Pod::new("waypoint", 1, [10, 2, 0, 10], false),
+    Pod::new("waypoint2", 1, [10, 2, 0, 11], false),
 ];
 
 pub const NODE_IPS: [Ipv4Addr; 2] = [
@@ -215,7 +161,7 @@ pub const ECHO_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 1);
 pub const WSVC_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 2);
 pub const MIXED_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 3);
 
-pub fn pod(name: &str) -> PodSpec {
+pub fn pod(name: &str) -> Pod {
     *PODS.iter().find(|p| p.name == name).expect("pod")
 }
 
@@ -344,10 +290,8 @@ impl World {
     /// Build the namespaces, install capture rules, start both ztunnels (node B with
     /// `policies_b`, a YAML list) and wait for their READY lines.
     pub fn new(tag: &str, policies_b: &str) -> World {
-        netlab::sweep_stale("zt");
-        let prefix = format!("{}-{tag}", netlab::process_prefix("zt"));
-        let dir = std::env::temp_dir().join(format!("ztunnel-netns-{prefix}"));
-        let mut lab = Lab::new(prefix).with_dir(&dir).unwrap();
+        let mut lab = Lab::for_test("zt", tag).unwrap();
+        let dir = lab.dir().expect("the test's folder").to_path_buf();
         let ca_dir = dir.join("ca");
         hbone::ca::SigningCa::builtin(&ca_dir, "cluster.local").unwrap();
         let nodes = build(&mut lab).unwrap_or_else(|e| panic!("building the topology: {e}"));
@@ -397,12 +341,7 @@ impl World {
                 Some(TwoNodes::pod_dev(&w.name))
             });
             // The config (namespace labels) and the topology agree on who is captured.
-            let mut expected: Vec<String> = PODS
-                .iter()
-                .filter(|p| p.node == i && p.captured)
-                .map(|p| TwoNodes::pod_dev(p.name))
-                .collect();
-            expected.sort();
+            let expected = netlab::captured_devs(PODS, i);
             assert_eq!(rules.pod_interfaces, expected, "captured pods of {name}");
             if i == 0 {
                 rules.install(Some(&self.node(i))).unwrap();
@@ -487,19 +426,14 @@ impl World {
 /// The namespaces, veths, addresses and routes (both families where IPv6 is here).
 fn build(lab: &mut Lab) -> netlab::Result<TwoNodes> {
     let nodes = TwoNodes::build(lab)?;
-    for p in PODS {
-        nodes.add_pod(lab, p.name, p.node)?;
-    }
+    nodes.add_pods(lab, PODS)?;
     let families: &[Family] = if netlab::ipv6_available() {
         &[Family::V4, Family::V6]
     } else {
         &[Family::V4]
     };
     for &fam in families {
-        let pods = PODS
-            .iter()
-            .map(|p| (p.name.to_string(), p.node, fam.pod_ip(p.name)));
-        nodes.address(lab, &fam.addressing(), pods)?;
+        nodes.address(lab, &fam.addressing(), PODS, |p| fam.pod_ip(p.name))?;
     }
     Ok(nodes)
 }
@@ -518,14 +452,7 @@ pub fn refused(s: &mut TcpStream) -> Result<(), Vec<u8>> {
         match s.read(&mut buf) {
             // EOF or reset; not a timeout or EINTR (that would be a connection still open,
             // as the other closed-connection checks treat it).
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock
-                        | std::io::ErrorKind::TimedOut
-                        | std::io::ErrorKind::Interrupted
-                ) =>
-            {
+            Err(e) if crate::common::still_open(&e) => {
                 panic!("no refusal: the connection is still open ({e})")
             }
             Ok(0) | Err(_) => break,
