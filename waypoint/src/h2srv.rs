@@ -20,16 +20,17 @@ use std::rc::Rc;
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
-use h2::server::SendResponse;
 use h2::RecvStream;
+use h2::server::SendResponse;
 use hbone::H2Settings;
 
 use crate::body::{ChunkScan, Framing};
 use crate::config::WaypointConfig;
 use crate::http1::{self, Action, Attempt, ReqBody, RequestHead, Tunnel, TunnelCtx, Upstream};
-use crate::inner::{send_all, StreamIo};
-use crate::lb::SplitMix64;
+use crate::inner::{StreamIo, send_all};
+use crate::lb::{Rng, SplitMix64};
 use crate::route::{Forward, HeaderModifier};
+use runtime::worker::{Either, race};
 
 /// The largest request body buffered for one HTTP/2 request.
 pub const MAX_BODY: usize = 64 * 1024 * 1024;
@@ -131,19 +132,6 @@ fn says_length(method: &str) -> bool {
     !matches!(method, "GET" | "HEAD" | "DELETE" | "OPTIONS")
 }
 
-async fn read_body(body: &mut RecvStream) -> Result<BytesMut, u16> {
-    let mut data = BytesMut::new();
-    while let Some(chunk) = body.data().await {
-        let chunk = chunk.map_err(|_| 400u16)?;
-        let _ = body.flow_control().release_capacity(chunk.len());
-        if data.len() + chunk.len() > MAX_BODY {
-            return Err(413);
-        }
-        data.extend_from_slice(&chunk);
-    }
-    Ok(data)
-}
-
 /// An HTTP/2 request body as the byte source of [`http1::attempt`].
 struct H2Body(RecvStream);
 
@@ -215,42 +203,26 @@ async fn request<U: Upstream>(
             send(&mut respond, bytes, head_request).await;
             (status, http1::local_flags(status), 0, n)
         }
-        Action::Forward { forward, request } => {
+        Action::Forward { forward } => {
             let h2_upstream = forward
                 .service
                 .as_ref()
                 .is_some_and(|(svc, _)| cfg.lb(svc).use_client_protocol);
             if h2_upstream {
-                let data = match read_body(&mut body.0).await {
-                    Ok(d) => d,
-                    Err(status) => {
-                        on_bad();
-                        send(&mut respond, status_only(status), head_request).await;
-                        return;
-                    }
-                };
-                let has_body = !data.is_empty();
-                let request = if has_body || says_length(&head.method) {
-                    add_header(request, &format!("content-length: {}", data.len()))
-                } else {
-                    request
-                };
-                let mut req = BytesMut::from(&request[..]);
-                req.extend_from_slice(&data);
-                let (resp, flags) = http1::execute(
+                forward_h2(
                     &mut up,
+                    &mut body,
+                    &parts,
+                    &head,
                     &forward,
-                    req.freeze(),
-                    &head.method,
-                    has_body,
+                    ctx.source_ip,
+                    &mut respond,
+                    head_request,
                     &mut rng,
                 )
-                .await;
-                let status = resp_status(&resp);
-                let n = resp.len() as u64;
-                send(&mut respond, resp, head_request).await;
-                (status, flags, data.len() as u64, n)
+                .await
             } else {
+                let request = http1::upstream_head(&head, &forward, ctx.source_ip);
                 let r = forward_streamed(
                     &mut up,
                     &mut body,
@@ -308,17 +280,10 @@ async fn forward_streamed<U: Upstream>(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.trim().parse().ok());
     let mut buf = BytesMut::new();
-    let mut ended = body.0.is_end_stream();
-    while !ended && buf.len() <= http1::REPLAY_BUFFER {
-        match body.read().await {
-            Some(Ok(b)) => buf.extend_from_slice(&b),
-            Some(Err(_)) => {
-                send(respond, status_only(400), head_request).await;
-                return (400, "DPE", buf.len() as u64, 0);
-            }
-            None => ended = true,
-        }
-    }
+    let Ok(ended) = buffer_body(body, &mut buf).await else {
+        send(respond, status_only(400), head_request).await;
+        return (400, "DPE", buf.len() as u64, 0);
+    };
     let (reqbody, request) = if ended {
         let b = buf.split().freeze();
         let request = if !b.is_empty() || says_length(&head.method) {
@@ -396,6 +361,304 @@ async fn forward_streamed<U: Upstream>(
             (400, "DPE", sent, 0)
         }
     }
+}
+
+/// The request body of an HTTP/2 request: read whole up to [`http1::REPLAY_BUFFER`]
+/// (`true`: complete), else the part read so far.
+async fn buffer_body(body: &mut H2Body, buf: &mut BytesMut) -> io::Result<bool> {
+    let mut ended = body.0.is_end_stream();
+    while !ended && buf.len() <= http1::REPLAY_BUFFER {
+        match body.read().await {
+            Some(Ok(b)) => buf.extend_from_slice(&b),
+            Some(Err(e)) => return Err(e),
+            None => ended = true,
+        }
+    }
+    Ok(ended)
+}
+
+/// An HTTP/2 request to an HTTP/2 upstream (DestinationRule `useClientProtocol`),
+/// natively: the routed request is built from the HTTP/2 head (no HTTP/1.1 text), the
+/// body is sent as it comes (read whole first when it fits the replay buffer, so it can be
+/// retried), and the upstream response — head, body and trailers — is relayed frame by
+/// frame. Returns (status, flags, request body bytes, response bytes).
+#[allow(clippy::too_many_arguments)]
+async fn forward_h2<U: Upstream>(
+    up: &mut U,
+    body: &mut H2Body,
+    parts: &http::request::Parts,
+    head: &RequestHead,
+    fwd: &Forward,
+    client: std::net::IpAddr,
+    respond: &mut SendResponse<Bytes>,
+    head_request: bool,
+    rng: &mut SplitMix64,
+) -> (u16, &'static str, u64, u64) {
+    let Some(service) = fwd.service.as_ref() else {
+        send(respond, status_only(500), head_request).await;
+        return (500, "-", 0, 0);
+    };
+    let mut buf = BytesMut::new();
+    let complete = match buffer_body(body, &mut buf).await {
+        Ok(c) => c,
+        Err(_) => {
+            respond.send_reset(h2::Reason::CANCEL);
+            return (400, "DPE", buf.len() as u64, 0);
+        }
+    };
+    let buffered = if complete {
+        Some(buf.split().freeze())
+    } else {
+        up.note(http1::Note::StreamedBody);
+        None
+    };
+    let has_body = buffered.as_ref().is_none_or(|b| !b.is_empty());
+    // The routed request, as an HTTP/2 head.
+    let authority = fwd
+        .host
+        .clone()
+        .or_else(|| head.header("host").map(str::to_string))
+        .unwrap_or_default();
+    let target = http1::routed_target(head, fwd);
+    let uri = format!("http://{authority}{target}");
+    let headers = if fwd.request_headers.is_empty() && fwd.host.is_none() {
+        None
+    } else {
+        Some(http1::routed_headers(head, fwd, client))
+    };
+    let xff = {
+        let prior = parts
+            .headers
+            .get("x-forwarded-for")
+            .and_then(|v| v.to_str().ok());
+        match prior {
+            Some(p) => format!("{p}, {client}"),
+            None => client.to_string(),
+        }
+    };
+    let build = || -> io::Result<http::Request<()>> {
+        let mut b = http::Request::builder()
+            .method(parts.method.clone())
+            .uri(uri.as_str());
+        match &headers {
+            None => {
+                for (n, v) in &parts.headers {
+                    if matches!(
+                        n.as_str(),
+                        "host" | "x-forwarded-for" | "traceparent" | "content-length"
+                    ) {
+                        continue;
+                    }
+                    b = b.header(n, v);
+                }
+                b = b.header("traceparent", head.header("traceparent").unwrap_or(""));
+                b = b.header("x-forwarded-for", xff.as_str());
+            }
+            Some(hs) => {
+                for (n, v) in hs {
+                    if n.eq_ignore_ascii_case("host") || HOP_BY_HOP.contains(&n.as_str()) {
+                        continue;
+                    }
+                    b = b.header(n.as_str(), v.as_str());
+                }
+            }
+        }
+        match &buffered {
+            Some(d) if !d.is_empty() => b = b.header("content-length", d.len()),
+            Some(_) => {}
+            None => {
+                if let Some(cl) = parts.headers.get(http::header::CONTENT_LENGTH) {
+                    b = b.header(http::header::CONTENT_LENGTH, cl);
+                }
+            }
+        }
+        b.body(()).map_err(io::Error::other)
+    };
+    for m in &fwd.mirrors {
+        if m.percent >= 100 || rng.below(100) < u64::from(m.percent) {
+            match &buffered {
+                Some(d) => {
+                    let mut h1 = BytesMut::from(&http1::upstream_head(head, fwd, client)[..]);
+                    if !d.is_empty() || says_length(&head.method) {
+                        h1 = BytesMut::from(
+                            &add_header(h1.to_vec(), &format!("content-length: {}", d.len()))[..],
+                        );
+                    }
+                    h1.extend_from_slice(d);
+                    up.mirror(&(m.service.clone(), m.port), http1::shadow(&h1));
+                }
+                None => up.note(http1::Note::MirrorSkipped),
+            }
+        }
+    }
+    let default;
+    let policy = match &fwd.retry {
+        Some(r) => r,
+        None => {
+            default = http1::default_retry();
+            &default
+        }
+    };
+    let replayable = buffered.is_some() && (!has_body || http1::idempotent(&head.method));
+    let nonzero = |d: &std::time::Duration| !d.is_zero();
+    let deadline = fwd
+        .timeouts
+        .request
+        .filter(nonzero)
+        .map(|d| std::time::Instant::now() + d);
+    let remaining = || deadline.map(|d| d.saturating_duration_since(std::time::Instant::now()));
+    let mut retries = 0u32;
+    let mut sent = 0u64;
+    let local = |e: &io::Error| {
+        let flags = if e.kind() == io::ErrorKind::TimedOut {
+            "UT"
+        } else {
+            "UF"
+        };
+        (http1::upstream_failure(e), flags)
+    };
+    let answer = loop {
+        let left = remaining();
+        let timed_out = || io::Error::new(io::ErrorKind::TimedOut, "upstream request timeout");
+        if left.is_some_and(|d| d.is_zero()) {
+            break Err(local(&timed_out()));
+        }
+        let per_try = match (fwd.timeouts.backend_request.filter(nonzero), left) {
+            (Some(b), Some(l)) => Some(b.min(l)),
+            (b, l) => b.or(l),
+        };
+        let attempt = async {
+            let req = build()?;
+            let (resp, mut tx) = up.h2_request(service, req, !has_body).await?;
+            match &buffered {
+                Some(d) if !d.is_empty() => {
+                    send_all(&mut tx, d.clone(), true)
+                        .await
+                        .map_err(io::Error::other)?;
+                    sent = d.len() as u64;
+                }
+                Some(_) => {}
+                None => {
+                    let first = buf.split().freeze();
+                    sent = first.len() as u64;
+                    send_all(&mut tx, first, false)
+                        .await
+                        .map_err(io::Error::other)?;
+                    while let Some(chunk) = body.read().await {
+                        let chunk = chunk?;
+                        sent += chunk.len() as u64;
+                        send_all(&mut tx, chunk, false)
+                            .await
+                            .map_err(io::Error::other)?;
+                    }
+                    tx.send_data(Bytes::new(), true).map_err(io::Error::other)?;
+                }
+            }
+            resp.await.map_err(io::Error::other)
+        };
+        let r = match per_try {
+            Some(t) => match race(attempt, monoio::time::sleep(t)).await {
+                Either::Left(r) => r,
+                Either::Right(()) => Err(timed_out()),
+            },
+            None => attempt.await,
+        };
+        let again = retries < policy.attempts && replayable;
+        match r {
+            Ok(resp) if again && policy.codes.contains(&resp.status().as_u16()) => {
+                up.done(None, resp.status().as_u16(), false, None);
+            }
+            Ok(resp) => break Ok(resp),
+            Err(e) => {
+                up.done(None, 0, false, Some(e.kind()));
+                if !again || e.kind() == io::ErrorKind::TimedOut {
+                    break Err(local(&e));
+                }
+            }
+        }
+        retries += 1;
+        up.retried();
+        let base = policy.backoff.unwrap_or(http1::RETRY_BACKOFF);
+        let mut wait = (base * (1 << (retries - 1).min(8))).min(base * 10);
+        if let Some(l) = remaining() {
+            wait = wait.min(l);
+        }
+        monoio::time::sleep(wait).await;
+    };
+    let resp = match answer {
+        Ok(r) => r,
+        Err((resp, flags)) => {
+            let status = resp_status(&resp);
+            let n = resp.len() as u64;
+            send(respond, resp, head_request).await;
+            return (status, flags, sent, n);
+        }
+    };
+    let (mut rparts, mut rx) = resp.into_parts();
+    let status = rparts.status.as_u16();
+    if !fwd.response_headers.is_empty() {
+        let mut hs: Vec<(String, String)> = rparts
+            .headers
+            .iter()
+            .map(|(n, v)| {
+                (
+                    n.as_str().to_string(),
+                    String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                )
+            })
+            .collect();
+        for m in &fwd.response_headers {
+            m.apply(&mut hs);
+        }
+        rparts.headers.clear();
+        for (n, v) in hs {
+            if let (Ok(n), Ok(v)) = (
+                http::HeaderName::from_bytes(n.as_bytes()),
+                http::HeaderValue::from_str(&v),
+            ) {
+                rparts.headers.append(n, v);
+            }
+        }
+    }
+    let end = rx.is_end_stream() || head_request;
+    let out = http::Response::from_parts(rparts, ());
+    let Ok(mut tx) = respond.send_response(out, end) else {
+        up.done(None, status, false, None);
+        return (status, "-", sent, 0);
+    };
+    let mut n = 0u64;
+    let mut ok = true;
+    if !end {
+        while let Some(chunk) = rx.data().await {
+            let Ok(chunk) = chunk else {
+                ok = false;
+                break;
+            };
+            let _ = rx.flow_control().release_capacity(chunk.len());
+            n += chunk.len() as u64;
+            if send_all(&mut tx, chunk, false).await.is_err() {
+                ok = false;
+                break;
+            }
+        }
+        if ok {
+            match rx.trailers().await {
+                Ok(Some(t)) => ok = tx.send_trailers(t).is_ok(),
+                Ok(None) => ok = tx.send_data(Bytes::new(), true).is_ok(),
+                Err(_) => ok = false,
+            }
+        }
+        if !ok {
+            tx.send_reset(h2::Reason::INTERNAL_ERROR);
+        }
+    }
+    up.done(
+        None,
+        status,
+        false,
+        (!ok).then_some(io::ErrorKind::UnexpectedEof),
+    );
+    (status, if ok { "-" } else { "UPE" }, sent, n)
 }
 
 /// The HTTP/2 response head for an HTTP/1.1 one: hop-by-hop headers and

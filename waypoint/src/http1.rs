@@ -34,7 +34,7 @@ use crate::body::{CopyError, Framing};
 use crate::config::WaypointConfig;
 use crate::lb::Rng;
 use crate::route::{self, Decision, Forward, HeaderModifier, ObjectRef, Retry, Target};
-use runtime::worker::{race, Either};
+use runtime::worker::{Either, race};
 
 /// The largest request head accepted (request line and headers).
 pub const MAX_HEAD: usize = 64 * 1024;
@@ -219,11 +219,8 @@ pub struct TunnelCtx {
 pub enum Action {
     /// Answer directly (denial, redirect, 404, 500).
     Respond(Vec<u8>),
-    /// Send `request` (the rewritten head) to the route's upstream.
-    Forward {
-        forward: Box<Forward>,
-        request: Vec<u8>,
-    },
+    /// Send the request to the route's upstream ([`upstream_head`] for HTTP/1.1).
+    Forward { forward: Box<Forward> },
 }
 
 /// Authorization first (R15), then routing: pure, no I/O.
@@ -302,18 +299,13 @@ pub fn decide(
             }
             Action::Respond(simple_response(status, &h, "", close))
         }
-        Decision::Forward(fwd) => {
-            let request = upstream_head(head, &fwd, ctx.source_ip);
-            Action::Forward {
-                forward: fwd,
-                request,
-            }
-        }
+        Decision::Forward(fwd) => Action::Forward { forward: fwd },
     }
 }
 
-/// The request head sent upstream: rewrites, header modifiers, `x-forwarded-for`.
-pub fn upstream_head(head: &RequestHead, fwd: &Forward, client: IpAddr) -> Vec<u8> {
+/// The request headers sent upstream: `Host` rewrite, header modifiers,
+/// `x-forwarded-for` with the client appended.
+pub fn routed_headers(head: &RequestHead, fwd: &Forward, client: IpAddr) -> Vec<(String, String)> {
     let mut headers = head.headers.clone();
     if let Some(h) = &fwd.host {
         HeaderModifier {
@@ -335,19 +327,71 @@ pub fn upstream_head(head: &RequestHead, fwd: &Forward, client: IpAddr) -> Vec<u
         }
         None => headers.push(("x-forwarded-for".into(), client.to_string())),
     }
-    let target = match &fwd.path {
+    headers
+}
+
+/// The request target sent upstream (a rewritten path, else path and query as received).
+pub fn routed_target(head: &RequestHead, fwd: &Forward) -> String {
+    match &fwd.path {
         Some(p) => p.clone(),
-        None => match &head.query {
-            Some(q) => format!("{}?{q}", head.path),
-            None => head.path.clone(),
-        },
-    };
-    let mut out = format!("{} {target} HTTP/1.{}\r\n", head.method, head.version);
-    for (n, v) in &headers {
-        out.push_str(&format!("{n}: {v}\r\n"));
+        None => target_of(head),
     }
-    out.push_str("\r\n");
-    out.into_bytes()
+}
+
+/// The request head sent upstream as HTTP/1.1 bytes: rewrites, header modifiers,
+/// `x-forwarded-for`. Without modifiers (the common case) the headers are written
+/// straight from the parsed head, with no copy of the header list.
+pub fn upstream_head(head: &RequestHead, fwd: &Forward, client: IpAddr) -> Vec<u8> {
+    use std::io::Write as _;
+    let size: usize = head
+        .headers
+        .iter()
+        .map(|(n, v)| n.len() + v.len() + 4)
+        .sum();
+    let mut out = Vec::with_capacity(size + head.path.len() + 96);
+    out.extend_from_slice(head.method.as_bytes());
+    out.push(b' ');
+    match (&fwd.path, &head.query) {
+        (Some(p), _) => out.extend_from_slice(p.as_bytes()),
+        (None, q) => {
+            out.extend_from_slice(head.path.as_bytes());
+            if let Some(q) = q {
+                out.push(b'?');
+                out.extend_from_slice(q.as_bytes());
+            }
+        }
+    }
+    out.extend_from_slice(if head.version == 0 {
+        b" HTTP/1.0\r\n"
+    } else {
+        b" HTTP/1.1\r\n"
+    });
+    let line = |out: &mut Vec<u8>, n: &str, v: &str| {
+        out.extend_from_slice(n.as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(v.as_bytes());
+    };
+    if fwd.host.is_none() && fwd.request_headers.is_empty() {
+        let mut xff = false;
+        for (n, v) in &head.headers {
+            line(&mut out, n, v);
+            if !xff && n.eq_ignore_ascii_case("x-forwarded-for") {
+                xff = true;
+                let _ = write!(out, ", {client}");
+            }
+            out.extend_from_slice(b"\r\n");
+        }
+        if !xff {
+            let _ = write!(out, "x-forwarded-for: {client}\r\n");
+        }
+    } else {
+        for (n, v) in &routed_headers(head, fwd, client) {
+            line(&mut out, n, v);
+            out.extend_from_slice(b"\r\n");
+        }
+    }
+    out.extend_from_slice(b"\r\n");
+    out
 }
 
 /// Apply `ResponseHeaderModifier`s to a complete upstream response (head and body).
@@ -441,6 +485,21 @@ pub trait Upstream {
         error: Option<io::ErrorKind>,
     );
 
+    /// HTTP/2 to an endpoint of `service` (DestinationRule `useClientProtocol`): a
+    /// request stream on the worker's HTTP/2 connection to it. Followed by one
+    /// [`Upstream::done`] (without a connection).
+    async fn h2_request(
+        &mut self,
+        _service: &(ObjectRef, u16),
+        _req: http::Request<()>,
+        _end: bool,
+    ) -> io::Result<(h2::client::ResponseFuture, h2::SendStream<Bytes>)> {
+        Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            "no HTTP/2 upstream",
+        ))
+    }
+
     /// After [`Upstream::done`] with status 101: the connection is handed over to be
     /// spliced with the tunnel; `to_upstream` are tunnel bytes already read past the
     /// request.
@@ -502,11 +561,7 @@ pub fn trace(head: &mut RequestHead, tunnel: Option<&str>, rng: &mut dyn Rng) ->
 
 /// The response flags of a response the waypoint wrote itself (`NR`: no route matched).
 pub fn local_flags(status: u16) -> &'static str {
-    if status == 404 {
-        "NR"
-    } else {
-        "-"
-    }
+    if status == 404 { "NR" } else { "-" }
 }
 
 /// Istio's default retry policy when the route gives none: 2 retries on connect failure,
@@ -520,10 +575,10 @@ pub fn default_retry() -> Retry {
 }
 
 /// Envoy's default base interval between retries (doubling, at most 10×).
-const RETRY_BACKOFF: Duration = Duration::from_millis(25);
+pub(crate) const RETRY_BACKOFF: Duration = Duration::from_millis(25);
 
 /// Methods a retry may re-send even with a body (RFC 9110 §9.2.2 idempotent methods).
-fn idempotent(method: &str) -> bool {
+pub(crate) fn idempotent(method: &str) -> bool {
     matches!(
         method,
         "GET" | "HEAD" | "OPTIONS" | "TRACE" | "PUT" | "DELETE"
@@ -602,7 +657,7 @@ pub async fn execute<U: Upstream>(
 }
 
 /// The mirrored copy of a request: `Host` gets `-shadow` appended (before any port).
-fn shadow(request: &[u8]) -> Bytes {
+pub(crate) fn shadow(request: &[u8]) -> Bytes {
     let Parsed::Head(mut head, n) = parse_head(request) else {
         return Bytes::copy_from_slice(request);
     };
@@ -709,7 +764,7 @@ pub async fn serve_from<T: Tunnel, U: Upstream>(
                     Some(chunk) => buf.extend_from_slice(&chunk?),
                     None if buf.is_empty() => return Ok(End::Eof),
                     None => {
-                        return close_with(tunnel, simple_response(400, &[], "", true), 400).await
+                        return close_with(tunnel, simple_response(400, &[], "", true), 400).await;
                     }
                 },
             }
@@ -764,7 +819,8 @@ pub async fn serve_from<T: Tunnel, U: Upstream>(
                 }
                 tunnel.write(Bytes::from(resp)).await?;
             }
-            Action::Forward { forward, request } => {
+            Action::Forward { forward } => {
+                let request = upstream_head(&head, &forward, ctx.source_ip);
                 if expect {
                     // Envoy's default: the proxy answers the expectation itself once the
                     // request is allowed and routed, and does not pass it on.
@@ -844,7 +900,7 @@ pub async fn serve_from<T: Tunnel, U: Upstream>(
                     }
                     Next::Bad(status) => {
                         return close_with(tunnel, simple_response(status, &[], "", true), status)
-                            .await
+                            .await;
                     }
                     Next::Abort(e) => return Err(e),
                     Next::Upgraded => {
@@ -1299,7 +1355,7 @@ async fn forward_request<T: Tunnel, U: Upstream>(
                     Some(e) => Next::Abort(e),
                     None => Next::Bad(400),
                 },
-            })
+            });
         }
     };
     // The response: its head (modified when the route says so, or re-framed), then the

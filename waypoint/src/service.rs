@@ -19,8 +19,8 @@ use std::collections::HashMap;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::rc::Rc;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
@@ -28,16 +28,16 @@ use bytes::Bytes;
 use hbone::ca::{CertSource, SigningCa, StaticCerts, WorkloadCert};
 use hbone::pool::{Pool, PoolKey};
 use hbone::proxy::CaConfig;
-use hbone::server::{serve_connection, Inbound, ServerCounters};
+use hbone::server::{Inbound, ServerCounters, serve_connection};
 use hbone::stream::H2Stream;
 use hbone::tls::TlsCounters;
-use hbone::wire::{status, ConnectRequest};
+use hbone::wire::{ConnectRequest, status};
 use hbone::{H2Settings, Identity};
 use mesh_model::model::HBONE_PORT;
 use mesh_model::snapshot::Snapshot;
 use runtime::config::{Invalid, RuntimeConfig};
 use runtime::listener::{self, BindError};
-use runtime::worker::{race, Either};
+use runtime::worker::{Either, race};
 use runtime::{Publisher, Shutdown, Workers};
 
 use crate::config::{SettingsDoc, WaypointConfig};
@@ -290,7 +290,9 @@ pub fn start(
 /// client certificate), and malformed CONNECTs.
 pub fn refusals(s: &ServerCounters) -> String {
     let t = &s.tls;
-    let mut out = String::from("# HELP waypoint_refused_connections_total Connections refused before HBONE (R13), by reason.\n# TYPE waypoint_refused_connections_total counter\n");
+    let mut out = String::from(
+        "# HELP waypoint_refused_connections_total Connections refused before HBONE (R13), by reason.\n# TYPE waypoint_refused_connections_total counter\n",
+    );
     for (reason, v) in [
         ("no_client_cert", &t.no_client_cert),
         ("untrusted", &t.untrusted),
@@ -896,6 +898,36 @@ impl Upstream for HboneUpstream {
         }
     }
 
+    async fn h2_request(
+        &mut self,
+        service: &(ObjectRef, u16),
+        req: http::Request<()>,
+        end: bool,
+    ) -> io::Result<(h2::client::ResponseFuture, h2::SendStream<Bytes>)> {
+        let l7 = self.l7.clone();
+        let snap = l7
+            .mesh
+            .as_ref()
+            .ok_or_else(|| io::Error::other("no mesh model"))?;
+        let hashed = matches!(
+            l7.lb(&service.0).policy,
+            crate::lb::LbPolicy::ConsistentHash(_)
+        );
+        let hdrs: Vec<(&str, &str)> = if hashed {
+            req.headers()
+                .iter()
+                .filter_map(|(n, v)| Some((n.as_str(), v.to_str().ok()?)))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let (ep, expected, picked) = self.choose(snap, Some(service), &hdrs)?;
+        self.current = picked.map(|(svc, port, i)| (svc.clone(), port, i));
+        self.last = Some((Some(service.0.clone()), ep.workload_uid.clone()));
+        let mut sender = self.h2_sender(&ep, expected).await?;
+        sender.send_request(req, end).map_err(io::Error::other)
+    }
+
     fn upgraded(&mut self, to_upstream: Bytes) {
         self.upgrade_first = to_upstream;
     }
@@ -1168,27 +1200,7 @@ impl HboneUpstream {
             b = b.header("content-length", body.len());
         }
         let req = b.body(()).map_err(io::Error::other)?;
-        let key = (ep.hbone, ep.authority);
-        let mut sender = loop {
-            let slot = self.worker.h2_clients.borrow().get(&key).cloned();
-            match slot {
-                Some(H2Slot::Ready(c)) => match c.ready().await {
-                    Ok(s) => break s,
-                    Err(e) => {
-                        tracing::debug!(error = %e, "upstream HTTP/2 connection unusable; replacing it");
-                        self.worker.h2_clients.borrow_mut().remove(&key);
-                    }
-                },
-                // Another request of this worker is connecting: use its connection.
-                Some(H2Slot::Connecting(ev)) => ev.wait().await,
-                None => {
-                    let guard = Connecting::start(&self.worker, key);
-                    let c = self.h2_connect(ep, expected.clone()).await?;
-                    guard.done(H2Slot::Ready(c.clone()));
-                    break c.ready().await.map_err(io::Error::other)?;
-                }
-            }
-        };
+        let mut sender = self.h2_sender(ep, expected).await?;
         let (resp, mut tx) = sender
             .send_request(req, body.is_empty())
             .map_err(io::Error::other)?;
@@ -1244,6 +1256,36 @@ impl HboneUpstream {
         let mut out = out.into_bytes();
         out.extend_from_slice(&data);
         Ok(out)
+    }
+
+    /// The worker's HTTP/2 connection to `ep`, ready for a request (made on first use,
+    /// replaced when it failed; concurrent first uses wait for one connect).
+    async fn h2_sender(
+        &self,
+        ep: &Endpoint,
+        expected: Identity,
+    ) -> io::Result<h2::client::SendRequest<Bytes>> {
+        let key = (ep.hbone, ep.authority);
+        loop {
+            let slot = self.worker.h2_clients.borrow().get(&key).cloned();
+            match slot {
+                Some(H2Slot::Ready(c)) => match c.ready().await {
+                    Ok(s) => return Ok(s),
+                    Err(e) => {
+                        tracing::debug!(error = %e, "upstream HTTP/2 connection unusable; replacing it");
+                        self.worker.h2_clients.borrow_mut().remove(&key);
+                    }
+                },
+                // Another request of this worker is connecting: use its connection.
+                Some(H2Slot::Connecting(ev)) => ev.wait().await,
+                None => {
+                    let guard = Connecting::start(&self.worker, key);
+                    let c = self.h2_connect(ep, expected.clone()).await?;
+                    guard.done(H2Slot::Ready(c.clone()));
+                    return c.ready().await.map_err(io::Error::other);
+                }
+            }
+        }
     }
 
     /// A new HTTP/2 connection to `ep` over one HBONE stream.
@@ -1650,22 +1692,24 @@ pub fn chunked_end(b: &[u8]) -> Option<usize> {
 fn spawn_renewer(source: Arc<dyn CertSource>, id: Identity, certs: Publisher<Certs>) {
     let _ = std::thread::Builder::new()
         .name("cert-renew".into())
-        .spawn(move || loop {
-            let wait = certs
-                .load()
-                .cert
-                .refresh_at()
-                .duration_since(SystemTime::now())
-                .unwrap_or(Duration::ZERO);
-            std::thread::sleep(wait.max(Duration::from_secs(1)));
-            match issue(source.as_ref(), &id) {
-                Ok(set) => {
-                    let v = certs.publish(set);
-                    tracing::info!(version = v, "waypoint certificate renewed");
-                }
-                Err(e) => {
-                    tracing::error!(error = %e, "certificate renewal failed; retrying in 10 s");
-                    std::thread::sleep(Duration::from_secs(10));
+        .spawn(move || {
+            loop {
+                let wait = certs
+                    .load()
+                    .cert
+                    .refresh_at()
+                    .duration_since(SystemTime::now())
+                    .unwrap_or(Duration::ZERO);
+                std::thread::sleep(wait.max(Duration::from_secs(1)));
+                match issue(source.as_ref(), &id) {
+                    Ok(set) => {
+                        let v = certs.publish(set);
+                        tracing::info!(version = v, "waypoint certificate renewed");
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "certificate renewal failed; retrying in 10 s");
+                        std::thread::sleep(Duration::from_secs(10));
+                    }
                 }
             }
         });
