@@ -20,17 +20,17 @@ use std::rc::Rc;
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
-use h2::RecvStream;
 use h2::server::SendResponse;
+use h2::RecvStream;
 use hbone::H2Settings;
 
 use crate::body::{ChunkScan, Framing};
 use crate::config::WaypointConfig;
 use crate::http1::{self, Action, Attempt, ReqBody, RequestHead, Tunnel, TunnelCtx, Upstream};
-use crate::inner::{StreamIo, send_all};
+use crate::inner::{send_all, StreamIo};
 use crate::lb::{Rng, SplitMix64};
 use crate::route::{Forward, HeaderModifier};
-use runtime::worker::{Either, race};
+use runtime::worker::{race, Either};
 
 /// The largest request body buffered for one HTTP/2 request.
 pub const MAX_BODY: usize = 64 * 1024 * 1024;

@@ -34,7 +34,7 @@ use crate::body::{CopyError, Framing};
 use crate::config::WaypointConfig;
 use crate::lb::Rng;
 use crate::route::{self, Decision, Forward, HeaderModifier, ObjectRef, Retry, Target};
-use runtime::worker::{Either, race};
+use runtime::worker::{race, Either};
 
 /// The largest request head accepted (request line and headers).
 pub const MAX_HEAD: usize = 64 * 1024;
@@ -561,7 +561,11 @@ pub fn trace(head: &mut RequestHead, tunnel: Option<&str>, rng: &mut dyn Rng) ->
 
 /// The response flags of a response the waypoint wrote itself (`NR`: no route matched).
 pub fn local_flags(status: u16) -> &'static str {
-    if status == 404 { "NR" } else { "-" }
+    if status == 404 {
+        "NR"
+    } else {
+        "-"
+    }
 }
 
 /// Istio's default retry policy when the route gives none: 2 retries on connect failure,

@@ -19,8 +19,8 @@ use std::collections::HashMap;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::rc::Rc;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
@@ -28,16 +28,16 @@ use bytes::Bytes;
 use hbone::ca::{CertSource, SigningCa, StaticCerts, WorkloadCert};
 use hbone::pool::{Pool, PoolKey};
 use hbone::proxy::CaConfig;
-use hbone::server::{Inbound, ServerCounters, serve_connection};
+use hbone::server::{serve_connection, Inbound, ServerCounters};
 use hbone::stream::H2Stream;
 use hbone::tls::TlsCounters;
-use hbone::wire::{ConnectRequest, status};
+use hbone::wire::{status, ConnectRequest};
 use hbone::{H2Settings, Identity};
 use mesh_model::model::HBONE_PORT;
 use mesh_model::snapshot::Snapshot;
 use runtime::config::{Invalid, RuntimeConfig};
 use runtime::listener::{self, BindError};
-use runtime::worker::{Either, race};
+use runtime::worker::{race, Either};
 use runtime::{Publisher, Shutdown, Workers};
 
 use crate::config::{SettingsDoc, WaypointConfig};
@@ -1692,24 +1692,22 @@ pub fn chunked_end(b: &[u8]) -> Option<usize> {
 fn spawn_renewer(source: Arc<dyn CertSource>, id: Identity, certs: Publisher<Certs>) {
     let _ = std::thread::Builder::new()
         .name("cert-renew".into())
-        .spawn(move || {
-            loop {
-                let wait = certs
-                    .load()
-                    .cert
-                    .refresh_at()
-                    .duration_since(SystemTime::now())
-                    .unwrap_or(Duration::ZERO);
-                std::thread::sleep(wait.max(Duration::from_secs(1)));
-                match issue(source.as_ref(), &id) {
-                    Ok(set) => {
-                        let v = certs.publish(set);
-                        tracing::info!(version = v, "waypoint certificate renewed");
-                    }
-                    Err(e) => {
-                        tracing::error!(error = %e, "certificate renewal failed; retrying in 10 s");
-                        std::thread::sleep(Duration::from_secs(10));
-                    }
+        .spawn(move || loop {
+            let wait = certs
+                .load()
+                .cert
+                .refresh_at()
+                .duration_since(SystemTime::now())
+                .unwrap_or(Duration::ZERO);
+            std::thread::sleep(wait.max(Duration::from_secs(1)));
+            match issue(source.as_ref(), &id) {
+                Ok(set) => {
+                    let v = certs.publish(set);
+                    tracing::info!(version = v, "waypoint certificate renewed");
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "certificate renewal failed; retrying in 10 s");
+                    std::thread::sleep(Duration::from_secs(10));
                 }
             }
         });
