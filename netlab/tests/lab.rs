@@ -138,3 +138,29 @@ fn two_nodes_route_pods_and_teardown_removes_everything() {
     assert!(!dir.exists(), "{} left behind", dir.display());
     assert!(!proc_dir.exists(), "child {pid} still running");
 }
+
+#[test]
+fn sweep_removes_only_namespaces_of_dead_processes() {
+    if !netlab::require_root("sweep_removes_only_namespaces_of_dead_processes") {
+        return;
+    }
+    // A pid that is surely gone: a child that exited and was reaped.
+    let dead = Command::new("true").spawn().unwrap();
+    let dead_pid = dead.id();
+    let mut dead = dead;
+    dead.wait().unwrap();
+    let stale = format!("nlsweep{dead_pid}-x");
+    let live = format!("{}-x", netlab::process_prefix("nlsweep"));
+    for ns in [&stale, &live] {
+        netlab::run(&["ip", "netns", "add", ns]).unwrap();
+    }
+    netlab::sweep_stale("nlsweep");
+    let left = namespaces();
+    let _ = netlab::run(&["ip", "netns", "del", &live]);
+    let _ = netlab::run(&["ip", "netns", "del", &stale]);
+    assert!(!left.contains(&stale), "stale namespace kept:\n{left}");
+    assert!(
+        left.contains(&live),
+        "a live run's namespace was swept:\n{left}"
+    );
+}
