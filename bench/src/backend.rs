@@ -15,6 +15,11 @@
 //!
 //! - **h2** (`http2-rps`): HTTP/2 cleartext ([`crate::http2`]), `GET /N` gets `N` bytes.
 //!
+//! - **stall** (`slow-reader`): a slow reader. Its receive buffer is small
+//!   ([`crate::generator::SLOW_SOCKET_BUFFER`]) and it reads nothing until the harness sets
+//!   [`BackendCounters::release_stalled`]; then it reads to end of file and answers the
+//!   8-byte count, as the sink does.
+//!
 //! On loopback the listeners take ephemeral ports on 127.0.0.1; in a mesh pod they listen on
 //! [`PORTS`] on every address of the pod's network namespace.
 //!
@@ -47,6 +52,8 @@ pub struct BackendCounters {
     pub sink_bytes: AtomicU64,
     /// Connections whose protocol went wrong (bad request header, early close, timeout).
     pub errors: AtomicU64,
+    /// slow-reader: the stall backend starts reading once this is set.
+    pub release_stalled: std::sync::atomic::AtomicBool,
 }
 
 /// The ports of a backend set.
@@ -57,6 +64,7 @@ pub struct Ports {
     pub reply_close: u16,
     pub http: u16,
     pub h2: u16,
+    pub stall: u16,
 }
 
 /// Fixed ports of the backends in mesh pods.
@@ -66,6 +74,7 @@ pub const PORTS: Ports = Ports {
     reply_close: 8082,
     http: 8090,
     h2: 8091,
+    stall: 8083,
 };
 
 /// The running backends.
@@ -75,6 +84,7 @@ pub struct Backends {
     pub reply_close: SocketAddr,
     pub http: SocketAddr,
     pub h2: SocketAddr,
+    pub stall: SocketAddr,
     pub drivers: Vec<DriverKind>,
 }
 
@@ -96,6 +106,7 @@ type Listeners = (
     TcpListener,
     TcpListener,
     TcpListener,
+    TcpListener,
 );
 
 fn listeners(ports: Option<Ports>, bind: Option<IpAddr>) -> Result<Listeners> {
@@ -105,13 +116,20 @@ fn listeners(ports: Option<Ports>, bind: Option<IpAddr>) -> Result<Listeners> {
         reply_close: 0,
         http: 0,
         h2: 0,
+        stall: 0,
     });
+    let stall = listener(p.stall, bind)?;
+    // Accepted connections inherit it: a small, fixed window for the slow reader.
+    socket2::SockRef::from(&stall)
+        .set_recv_buffer_size(crate::generator::SLOW_SOCKET_BUFFER)
+        .context("SO_RCVBUF on the stall listener")?;
     Ok((
         listener(p.sink, bind)?,
         listener(p.echo, bind)?,
         listener(p.reply_close, bind)?,
         listener(p.http, bind)?,
         listener(p.h2, bind)?,
+        stall,
     ))
 }
 
@@ -126,7 +144,7 @@ pub fn start(
     netns: Option<(&str, IpAddr)>,
     counters: Arc<BackendCounters>,
 ) -> Result<Backends> {
-    let (sink, echo, rc, http, h2) = match netns {
+    let (sink, echo, rc, http, h2, stall) = match netns {
         None => listeners(None, None)?,
         Some(("", ip)) => listeners(Some(PORTS), Some(ip))?,
         Some((ns, _)) => crate::mesh::in_ns(ns, || listeners(Some(PORTS), None))?,
@@ -137,6 +155,7 @@ pub fn start(
         rc.local_addr()?,
         http.local_addr()?,
         h2.local_addr()?,
+        stall.local_addr()?,
     );
     if let Some((_, ip)) = netns {
         addrs.0.set_ip(ip);
@@ -144,6 +163,7 @@ pub fn start(
         addrs.2.set_ip(ip);
         addrs.3.set_ip(ip);
         addrs.4.set_ip(ip);
+        addrs.5.set_ip(ip);
     }
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     for (i, core) in cores.iter().copied().enumerate() {
@@ -153,6 +173,7 @@ pub fn start(
             rc.try_clone()?,
             http.try_clone()?,
             h2.try_clone()?,
+            stall.try_clone()?,
         );
         let counters = counters.clone();
         let decision = decision.clone();
@@ -191,11 +212,14 @@ pub fn start(
         reply_close: addrs.2,
         http: addrs.3,
         h2: addrs.4,
+        stall: addrs.5,
         drivers,
     })
 }
 
-async fn serve_all((sink, echo, rc, http, h2): Listeners, counters: Arc<BackendCounters>) {
+async fn serve_all((sink, echo, rc, http, h2, stall): Listeners, counters: Arc<BackendCounters>) {
+    let c5 = counters.clone();
+    let e = monoio::spawn(accept_loop(stall, c5, Proto::Stall));
     let c1 = counters.clone();
     let c2 = counters.clone();
     let c3 = counters.clone();
@@ -209,6 +233,7 @@ async fn serve_all((sink, echo, rc, http, h2): Listeners, counters: Arc<BackendC
     b.await;
     c.await;
     d.await;
+    e.await;
 }
 
 #[derive(Clone, Copy)]
@@ -218,6 +243,7 @@ enum Proto {
     ReplyClose,
     Http,
     Http2,
+    Stall,
 }
 
 async fn accept_loop(l: TcpListener, counters: Arc<BackendCounters>, proto: Proto) {
@@ -246,6 +272,7 @@ async fn accept_loop(l: TcpListener, counters: Arc<BackendCounters>, proto: Prot
                 Proto::ReplyClose => reply_close(s).await,
                 Proto::Http => crate::http1::serve(s).await,
                 Proto::Http2 => crate::http2::serve(s).await,
+                Proto::Stall => stall(s, &counters).await,
             };
             if !ok {
                 counters.errors.fetch_add(1, Ordering::Relaxed);
@@ -273,6 +300,19 @@ async fn sink(mut s: TcpStream, counters: &BackendCounters) -> bool {
     }
     let ack = total.to_le_bytes().to_vec();
     matches!(timeout(OP_TIMEOUT, s.write_all(ack)).await, Ok((Ok(_), _)))
+}
+
+/// The slow reader: nothing read until released (bounded by [`IDLE_TIMEOUT`]), then a sink.
+async fn stall(s: TcpStream, counters: &BackendCounters) -> bool {
+    let mut waited = Duration::ZERO;
+    while !counters.release_stalled.load(Ordering::Relaxed) {
+        if waited > IDLE_TIMEOUT {
+            return false;
+        }
+        monoio::time::sleep(Duration::from_millis(20)).await;
+        waited += Duration::from_millis(20);
+    }
+    sink(s, counters).await
 }
 
 async fn echo(mut s: TcpStream) -> bool {

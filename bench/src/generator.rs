@@ -45,7 +45,32 @@ pub enum Work {
     /// Open idle connections (`conns` of them), hold them until the end of the window, then
     /// check each still answers one echo exchange.
     Idle { size: usize },
+    /// Idle HTTP/1.1 keep-alive connections: one `GET /resp_body` each to prove it is through,
+    /// held until the end, then one more request each.
+    IdleHttp { resp_body: usize },
+    /// Open loop HTTP/1.1: this thread's requests are due at `t_first + i × interval` (one
+    /// schedule over all its connections), each sent on the next free keep-alive connection;
+    /// latency from the due time (coordinated-omission corrected). See [`http1_open`].
+    Http1Open {
+        resp_body: usize,
+        interval: Duration,
+    },
+    /// Slow reader: write `write_size` chunks to a backend that does not read (the stall
+    /// port) until told to stop, so the path's buffers fill; then the backend reads everything
+    /// and answers the count, which must equal what was written.
+    SlowReader { write_size: usize },
 }
+
+/// idle-connections, idle-http: connections a generator thread has opening at once (connect,
+/// SOCKS5, first exchange). Opening all at once overflows a proxy's accept queue: the
+/// handshake-completing ACK and the first data are dropped (`ListenOverflows`), the client
+/// retransmits with exponential backoff and the SOCKS5 step times out (measured on the
+/// loopback mesh: 1,318 of 9,000 timed out, 13,478 listen overflows, no connect stalled).
+pub const OPEN_WINDOW: usize = 256;
+
+/// slow-reader: the client's `SO_SNDBUF` and the stall backend's `SO_RCVBUF`, so the kernel
+/// buffers outside the proxies are small and fixed; what fills up is the path in between.
+pub const SLOW_SOCKET_BUFFER: usize = 64 * 1024;
 
 /// Live counters the main thread shows as progress.
 #[derive(Debug, Default)]
@@ -202,8 +227,28 @@ pub fn spawn(
 }
 
 async fn run_plan(plan: Plan) -> GenResult {
+    if let Work::Http1Open {
+        resp_body,
+        interval,
+    } = plan.work
+    {
+        return http1_open(plan, resp_body, interval).await;
+    }
+    let opening = matches!(plan.work, Work::Idle { .. } | Work::IdleHttp { .. });
+    // Connections still opening (idle scenarios): at most OPEN_WINDOW at once.
+    let inflight = std::rc::Rc::new(std::cell::Cell::new(0usize));
     let mut handles = Vec::with_capacity(plan.conns);
     for i in 0..plan.conns {
+        if opening {
+            while inflight.get() >= OPEN_WINDOW && running(&plan) {
+                monoio::time::sleep(Duration::from_millis(1)).await;
+            }
+            if !running(&plan) {
+                break;
+            }
+            inflight.set(inflight.get() + 1);
+        }
+        let opened = Opened(opening.then(|| inflight.clone()));
         let p = plan.clone();
         handles.push(monoio::spawn(async move {
             match p.work {
@@ -215,8 +260,11 @@ async fn run_plan(plan: Plan) -> GenResult {
                     req_body,
                     resp_body,
                 } => http1_conn(&p, req_body, resp_body).await,
-                Work::Idle { size } => idle_conn(&p, size, i).await,
+                Work::Idle { size } => idle_conn(&p, size, i, opened).await,
+                Work::IdleHttp { resp_body } => idle_http_conn(&p, resp_body, opened).await,
                 Work::Http2 { streams, resp_body } => http2_conn(&p, streams, resp_body).await,
+                Work::SlowReader { write_size } => slow_writer_conn(&p, write_size).await,
+                Work::Http1Open { .. } => unreachable!("handled above"),
             }
         }));
     }
@@ -225,6 +273,24 @@ async fn run_plan(plan: Plan) -> GenResult {
         total.merge(&h.await);
     }
     total
+}
+
+/// An idle connection's place in the opening window: released (once) when its first
+/// exchange is done or it failed.
+struct Opened(Option<std::rc::Rc<std::cell::Cell<usize>>>);
+
+impl Opened {
+    fn done(&mut self) {
+        if let Some(c) = self.0.take() {
+            c.set(c.get().saturating_sub(1));
+        }
+    }
+}
+
+impl Drop for Opened {
+    fn drop(&mut self) {
+        self.done();
+    }
 }
 
 fn running(p: &Plan) -> bool {
@@ -264,22 +330,58 @@ async fn connect(p: &Plan, nodelay: bool) -> Result<TcpStream, String> {
     }
 }
 
-/// A TCP connection from `src` to `dst` (a bound source address, which std cannot do).
-/// The connect is blocking but bounded; on loopback it completes within the call.
-fn connect_from(src: std::net::IpAddr, dst: SocketAddr) -> std::io::Result<std::net::TcpStream> {
+/// A TCP connection from `src` to `dst` (a bound source address, which std cannot do),
+/// connected without blocking the thread: a connect that waits (a SYN retransmit) must not
+/// hold up the thread's other connections.
+async fn connect_from(src: std::net::IpAddr, dst: SocketAddr) -> std::io::Result<TcpStream> {
     use socket2::{Domain, Socket, Type};
+    use std::os::fd::AsRawFd;
     let s = Socket::new(Domain::for_address(dst), Type::STREAM, None)?;
-    s.bind(&SocketAddr::new(src, 0).into())?;
-    s.connect_timeout(&dst.into(), CONNECT_TIMEOUT)?;
     s.set_nonblocking(true)?;
-    Ok(s.into())
+    s.bind(&SocketAddr::new(src, 0).into())?;
+    match s.connect(&dst.into()) {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
+        Err(e) => return Err(e),
+    }
+    let std: std::net::TcpStream = s.into();
+    let t = TcpStream::from_std(std)?;
+    t.writable(false).await?;
+    // The connect's outcome (SO_ERROR).
+    match runtime::sys::with_sockref(t.as_raw_fd(), |s| s.take_error())? {
+        Some(e) => Err(e),
+        None => Ok(t),
+    }
+}
+
+/// Close without leaving a TIME_WAIT on this side: half-close, wait (bounded) for the
+/// other side's close, then close with a zero linger. Once both FINs are exchanged the
+/// socket is in TIME_WAIT; closing it then with linger 0 frees the port at once without a
+/// reset (a reset goes out only from the open states). The loopback mesh binds every client
+/// socket to the client pod's address, where a `bind` to port 0 needs a port free of every
+/// socket on that address, TIME_WAIT ones included: three idle scenarios in a row (9,000 +
+/// 9,000 + 10,000 connections) would otherwise exhaust the 28,232 ephemeral ports.
+/// `Err` when the other side did not close cleanly.
+async fn close_quietly(mut s: TcpStream) -> Result<(), String> {
+    use std::os::fd::AsRawFd;
+    s.shutdown()
+        .await
+        .map_err(|e| format!("shutdown(SHUT_WR): {e}"))?;
+    let extra = read_to_eof(&mut s).await?;
+    let _ = runtime::sys::with_sockref(s.as_raw_fd(), |r| r.set_linger(Some(Duration::ZERO)));
+    drop(s);
+    if extra > 0 {
+        return Err(format!("{extra} unexpected bytes before close"));
+    }
+    Ok(())
 }
 
 async fn socks_connect(sx: Socks, target: SocketAddr, nodelay: bool) -> Result<TcpStream, String> {
     let what = format!("socks5 {} → {target}", sx.proxy);
-    let std = connect_from(sx.src, sx.proxy).map_err(|e| format!("{what}: connect: {e}"))?;
-    let _ = std.set_nodelay(true);
-    let mut s = TcpStream::from_std(std).map_err(|e| format!("{what}: {e}"))?;
+    let mut s = connect_from(sx.src, sx.proxy)
+        .await
+        .map_err(|e| format!("{what}: connect: {e}"))?;
+    let _ = s.set_nodelay(true);
     // Greeting: version 5, one method, no authentication.
     let (r, _) = s.write_all(vec![5u8, 1, 0]).await;
     r.map_err(|e| format!("{what}: greeting: {e}"))?;
@@ -718,13 +820,14 @@ async fn http1_conn(p: &Plan, req_body: usize, resp_body: usize) -> GenResult {
 /// Wait (in slices, so Ctrl-C is seen) until the window ends.
 async fn hold(p: &Plan) {
     while running(p) {
-        monoio::time::sleep(Duration::from_millis(20)).await;
+        // Coarse: thousands of idle connections each wake up this often.
+        monoio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
 /// One idle connection: connect (retrying while the path's accept queue is full), one
 /// exchange to prove it is through, idle until the end, one more exchange, close.
-async fn idle_conn(p: &Plan, size: usize, conn: usize) -> GenResult {
+async fn idle_conn(p: &Plan, size: usize, conn: usize, mut opened: Opened) -> GenResult {
     let mut r = GenResult::new();
     let mut s = match connect(p, false).await {
         Ok(s) => s,
@@ -742,11 +845,16 @@ async fn idle_conn(p: &Plan, size: usize, conn: usize) -> GenResult {
     };
     r.hist.saturating_record(start.elapsed().as_nanos() as u64);
     p.live.ops.fetch_add(1, Ordering::Relaxed);
+    opened.done();
     hold(p).await;
     if echo_once(&mut s, req, resp, conn as u64 + 1, &mut r)
         .await
         .is_none()
     {
+        return r;
+    }
+    if let Err(e) = close_quietly(s).await {
+        r.error(e);
         return r;
     }
     r.ops_total += 1;
@@ -794,4 +902,315 @@ async fn http2_conn(p: &Plan, streams: usize, resp_body: usize) -> GenResult {
         r.merge(&l.await);
     }
     r
+}
+
+/// One idle HTTP/1.1 keep-alive connection: connect, one request to prove it is through,
+/// idle until the end, one more request, close.
+async fn idle_http_conn(p: &Plan, resp_body: usize, mut opened: Opened) -> GenResult {
+    let mut r = GenResult::new();
+    let s = match connect(p, true).await {
+        Ok(s) => s,
+        Err(e) => {
+            r.error(e);
+            return r;
+        }
+    };
+    let mut c = crate::http1::Client::new(s, &p.host, 0, resp_body);
+    let start = Instant::now();
+    for round in 0..2 {
+        r.sent += resp_body as u64;
+        match c.exchange().await {
+            Ok(x) => r.received += x.body as u64,
+            Err(e) => {
+                r.error(e);
+                return r;
+            }
+        }
+        if round == 0 {
+            r.hist.saturating_record(start.elapsed().as_nanos() as u64);
+            p.live.ops.fetch_add(1, Ordering::Relaxed);
+            opened.done();
+            hold(p).await;
+        }
+    }
+    // Best effort: an HTTP proxy need not close on a client's half-close at once.
+    let _ = close_quietly(c.s).await;
+    r.ops_total += 1;
+    r.ops_window += 1;
+    r
+}
+
+/// slow-reader: write to the stall backend (which does not read until the harness releases
+/// it) until told to stop; every chunk's write waits as long as it takes. Then half-close
+/// and compare the backend's count with what was written. `live.ops` counts connections up,
+/// `live.bytes_sent` the bytes written so far (the harness waits until it stops growing).
+async fn slow_writer_conn(p: &Plan, write_size: usize) -> GenResult {
+    use std::os::fd::AsRawFd;
+    let mut r = GenResult::new();
+    let mut s = match connect(p, false).await {
+        Ok(s) => s,
+        Err(e) => {
+            r.error(e);
+            return r;
+        }
+    };
+    let _ = runtime::sys::with_sockref(s.as_raw_fd(), |r| {
+        r.set_send_buffer_size(SLOW_SOCKET_BUFFER)
+    });
+    p.live.ops.fetch_add(1, Ordering::Relaxed);
+    let mut buf: Vec<u8> = vec![0x5a; write_size];
+    // The backend stays stalled for as long as the harness measures (bounded by its own
+    // deadline); a write blocked longer than this is a failure.
+    let stall_bound = Duration::from_secs(120);
+    while !p.stop.load(Ordering::Relaxed) {
+        match timeout(stall_bound, s.write_all(buf)).await {
+            Ok((Ok(n), b)) => {
+                buf = b;
+                r.sent += n as u64;
+                p.live.bytes_sent.fetch_add(n as u64, Ordering::Relaxed);
+            }
+            Ok((Err(e), _)) => {
+                r.error(format!("write: {e}"));
+                return r;
+            }
+            Err(_) => {
+                r.error("write: stalled beyond the stall's bound");
+                return r;
+            }
+        }
+    }
+    if let Err(e) = s.shutdown().await {
+        r.error(format!("shutdown(SHUT_WR): {e}"));
+        return r;
+    }
+    let ack: Box<[u8]> = vec![0u8; 8].into_boxed_slice();
+    match timeout(Duration::from_secs(30), s.read_exact(ack)).await {
+        Ok((Ok(_), a)) => {
+            let got = u64::from_le_bytes(a[..8].try_into().expect("8 bytes"));
+            r.received = got;
+            if got != r.sent {
+                r.error(format!("backend received {got} bytes of {} sent", r.sent));
+            }
+        }
+        Ok((Err(e), _)) => r.error(format!("reading the backend's count: {e}")),
+        Err(_) => r.error("reading the backend's count: timed out"),
+    }
+    if let Err(e) = read_to_eof(&mut s).await {
+        r.error(e);
+    }
+    r.ops_total += 1;
+    r.ops_window += 1;
+    r
+}
+
+/// Open-loop requests waiting for a free connection, shared by one thread's tasks.
+#[derive(Default)]
+struct DueQueue {
+    due: std::collections::VecDeque<Instant>,
+    waiters: Vec<std::task::Waker>,
+    closed: bool,
+}
+
+type SharedQueue = std::rc::Rc<std::cell::RefCell<DueQueue>>;
+
+fn wake_all(q: &SharedQueue) {
+    let w = std::mem::take(&mut q.borrow_mut().waiters);
+    for w in w {
+        w.wake();
+    }
+}
+
+/// The next request due, or `None` once the schedule has ended and the queue is empty.
+async fn next_due(q: &SharedQueue) -> Option<Instant> {
+    std::future::poll_fn(|cx| {
+        let mut s = q.borrow_mut();
+        if let Some(d) = s.due.pop_front() {
+            std::task::Poll::Ready(Some(d))
+        } else if s.closed {
+            std::task::Poll::Ready(None)
+        } else {
+            s.waiters.push(cx.waker().clone());
+            std::task::Poll::Pending
+        }
+    })
+    .await
+}
+
+/// Open-loop HTTP/1.1 (`http1-open`), as wrk2 measures: one schedule per generator thread,
+/// request `i` due at `t_first + i × interval`; each due request goes to the next free
+/// keep-alive connection (`p.conns` of them), or waits in a queue while all are busy; its
+/// latency is completion − due time, so waiting behind a slow answer counts
+/// (coordinated-omission correction).
+///
+/// Pacing: the runtime's timer has 1 ms granularity, too coarse for a 67 µs schedule, so a
+/// ticker thread (same CPUs) waits for each due time on a timerfd (an hrtimer without the
+/// 50 µs timer slack of `nanosleep`) and wakes the dispatcher task through a socket pair;
+/// the dispatcher queues every request due by then.
+/// A late wake-up (the CPU's halt exit, a busy core) is counted in the latency, as it would
+/// be for a real client. At the window's end, requests still queued are recorded with their
+/// wait so far (a lower bound) as `unsent`.
+async fn http1_open(p: Plan, resp_body: usize, interval: Duration) -> GenResult {
+    let mut r = GenResult::new();
+    let mut clients = Vec::with_capacity(p.conns);
+    for _ in 0..p.conns {
+        match connect(&p, true).await {
+            Ok(s) => clients.push(crate::http1::Client::new(s, &p.host, 0, resp_body)),
+            Err(e) => {
+                r.error(e);
+                return r;
+            }
+        }
+    }
+    let (tick_tx, tick_rx) = match std::os::unix::net::UnixStream::pair() {
+        Ok(x) => x,
+        Err(e) => {
+            r.error(format!("socket pair: {e}"));
+            return r;
+        }
+    };
+    let _ = tick_tx.set_nonblocking(true);
+    let mut rx = match monoio::net::UnixStream::from_std(tick_rx) {
+        Ok(x) => x,
+        Err(e) => {
+            r.error(format!("socket pair: {e}"));
+            return r;
+        }
+    };
+    let t_first = Instant::now() + Duration::from_millis(1);
+    let (t_end, stop) = (p.t_end, p.stop.clone());
+    let due_at = move |i: u64| t_first + interval.mul_f64(i as f64);
+    let ticker = std::thread::Builder::new()
+        .name("bench-gen-tick".into())
+        .spawn(move || {
+            use nix::sys::time::TimeSpec;
+            use nix::sys::timerfd::{ClockId, Expiration, TimerFd, TimerFlags, TimerSetTimeFlags};
+            let timer = TimerFd::new(ClockId::CLOCK_MONOTONIC, TimerFlags::TFD_CLOEXEC).ok();
+            let mut tx = tick_tx;
+            let mut i: u64 = 0;
+            loop {
+                let due = due_at(i);
+                if due >= t_end || stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                let now = Instant::now();
+                if due > now {
+                    let armed = timer.as_ref().is_some_and(|t| {
+                        t.set(
+                            Expiration::OneShot(TimeSpec::from_duration(due - now)),
+                            TimerSetTimeFlags::empty(),
+                        )
+                        .and_then(|()| t.wait())
+                        .is_ok()
+                    });
+                    if !armed {
+                        std::thread::sleep(due.saturating_duration_since(Instant::now()));
+                    }
+                }
+                // One byte wakes the dispatcher; a full pair means it is awake already.
+                let _ = std::io::Write::write(&mut tx, &[1u8]);
+                // Behind schedule: the dispatcher queues every request due by now anyway.
+                let now = Instant::now();
+                i += 1;
+                while due_at(i) < now {
+                    i += 1;
+                }
+            }
+            // Close at the window's end: the dispatcher then records what is still queued.
+            while Instant::now() < t_end && !stop.load(Ordering::Relaxed) {
+                std::thread::sleep(
+                    t_end
+                        .saturating_duration_since(Instant::now())
+                        .min(Duration::from_millis(50)),
+                );
+            }
+        });
+    if let Err(e) = ticker {
+        r.error(format!("ticker thread: {e}"));
+        return r;
+    }
+    let q: SharedQueue = Default::default();
+    let mut workers = Vec::with_capacity(clients.len());
+    for mut c in clients {
+        let q = q.clone();
+        let p = p.clone();
+        workers.push(monoio::spawn(async move {
+            let mut r = GenResult::new();
+            while let Some(due) = next_due(&q).await {
+                let in_window = due >= p.t_warm && due < p.t_end;
+                if in_window && Instant::now() > due + LATE_SLACK {
+                    r.late += 1;
+                }
+                r.sent += resp_body as u64;
+                match c.exchange().await {
+                    Ok(x) => r.received += x.body as u64,
+                    Err(e) => {
+                        r.error(e);
+                        return r;
+                    }
+                }
+                let done = Instant::now();
+                r.ops_total += 1;
+                p.live.ops.fetch_add(1, Ordering::Relaxed);
+                if done >= p.t_warm && done < p.t_end {
+                    r.done_window += 1;
+                }
+                if in_window {
+                    r.ops_window += 1;
+                    r.hist.saturating_record((done - due).as_nanos() as u64);
+                }
+            }
+            r
+        }));
+    }
+    // Dispatcher: on each tick, queue every request due by now.
+    let mut next: u64 = 0;
+    let mut buf: Vec<u8> = vec![0u8; 256];
+    loop {
+        let now = Instant::now();
+        let mut queued = false;
+        while next_due_time(t_first, interval, next) <= now
+            && next_due_time(t_first, interval, next) < p.t_end
+        {
+            let due = next_due_time(t_first, interval, next);
+            if due >= p.t_warm {
+                r.due_window += 1;
+            }
+            q.borrow_mut().due.push_back(due);
+            queued = true;
+            next += 1;
+        }
+        if queued {
+            wake_all(&q);
+        }
+        if p.stop.load(Ordering::Relaxed) {
+            break;
+        }
+        let (res, b) = rx.read(buf).await;
+        buf = b;
+        match res {
+            Ok(0) | Err(_) => break,
+            Ok(_) => {}
+        }
+    }
+    // The schedule has ended: whatever is still queued was never sent.
+    let now = Instant::now();
+    {
+        let mut s = q.borrow_mut();
+        for due in s.due.drain(..) {
+            if due >= p.t_warm {
+                r.unsent += 1;
+                r.hist.saturating_record((now - due).as_nanos() as u64);
+            }
+        }
+        s.closed = true;
+    }
+    wake_all(&q);
+    for w in workers {
+        r.merge(&w.await);
+    }
+    r
+}
+
+fn next_due_time(t_first: Instant, interval: Duration, i: u64) -> Instant {
+    t_first + interval.mul_f64(i as f64)
 }

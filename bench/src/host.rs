@@ -366,9 +366,51 @@ pub fn proc_rss_kb(pid: u32) -> Option<u64> {
         .ok()
 }
 
+/// The kernel's TCP socket memory (`/proc/net/sockstat`, `TCP: … mem PAGES`; the count is
+/// machine-wide, every network namespace), in kB.
+pub fn tcp_mem_kb() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/net/sockstat").ok()?;
+    parse_tcp_mem_pages(&text).map(|p| p * page_size() / 1024)
+}
+
+fn parse_tcp_mem_pages(sockstat: &str) -> Option<u64> {
+    let line = sockstat.lines().find(|l| l.starts_with("TCP:"))?;
+    let mut it = line.split_whitespace();
+    while let Some(w) = it.next() {
+        if w == "mem" {
+            return it.next()?.parse().ok();
+        }
+    }
+    None
+}
+
+/// The kernel's page size, from this process's first mapping in `/proc/self/smaps`.
+fn page_size() -> u64 {
+    std::fs::read_to_string("/proc/self/smaps")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find(|l| l.starts_with("KernelPageSize:"))?
+                .split_whitespace()
+                .nth(1)?
+                .parse::<u64>()
+                .ok()
+        })
+        .map(|kb| kb * 1024)
+        .unwrap_or(4096)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sockstat_tcp_mem() {
+        let t =
+            "sockets: used 301\nTCP: inuse 12 orphan 0 tw 3 alloc 14 mem 57\nUDP: inuse 1 mem 2\n";
+        assert_eq!(parse_tcp_mem_pages(t), Some(57));
+        assert_eq!(parse_tcp_mem_pages("UDP: inuse 1 mem 2\n"), None);
+    }
 
     #[test]
     fn utc_dates() {

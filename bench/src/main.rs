@@ -27,6 +27,23 @@
 //! received in the window, per second) beside the target; a run achieving under 95 % of the target is flagged "saturated: open-loop latency
 //! beyond capacity". `conn-churn`:
 //! concurrent loops (default 8) of connect, one exchange, close; connections/s.
+//! `http1-open`: HTTP/1.1 open loop at `--http-rate` requests/s (default 10,000) over
+//! `--conns` keep-alive connections (default 64), as wrk2 measures: one schedule per
+//! generator thread, each due request sent on the next free connection (or queued while all
+//! are busy), latency = completion − due time; paced by a timerfd thread (the runtime's
+//! timer has 1 ms granularity); figure, saturation flag and achieved rate as tcp-rr-open.
+//! `idle-connections`: each proxy's VmRSS before and with `--idle-conns` (9,000) idle echo
+//! connections (at most 256 opening at once per generator thread: more overflow a proxy's
+//! accept queue); `idle-http`: the same with `--idle-http-conns` (10,000) idle HTTP/1.1
+//! keep-alive connections through the waypoint (each a tunnel to it, and the waypoint keeps an
+//! upstream stream per tunnel to the backend, so the clients run in a child process, the
+//! backends staying in the harness: each process under its own 20,000 descriptors) or a
+//! peer.
+//! `slow-reader`: `--slow-conns` (100) connections to a backend that reads nothing until
+//! released, the client writing until the path is full; figure: proxy RSS growth per
+//! connection (what the profile's buffer and window sizes bound), beside the kernel's TCP
+//! memory and the bytes the path absorbed per connection; then the backend reads everything
+//! and the count is checked. The three memory scenarios run once per path (no repetitions).
 //!
 //! **Topologies.** `--topology netns` (root): the default mesh in network namespaces with
 //! transparent capture ([`mesh`]). `--topology loopback` (the default without root): the
@@ -80,6 +97,7 @@ mod generator;
 mod host;
 mod http1;
 mod http2;
+mod idle_client;
 mod mesh;
 mod peer;
 mod proxy;
@@ -112,8 +130,12 @@ use suite::{Ctx, Kind, Knobs, MeshBackends, PathKind, Placement, Scenario, Topo}
 )]
 struct Args {
     /// Scenarios to run (comma-separated or repeated): tcp-throughput, tcp-rr, tcp-rr-open,
-    /// conn-churn, http1-rps, http2-rps, large-body, idle-connections, mixed (one bulk stream,
-    /// tcp-rr and --conns HTTP/1.1 connections (default 8) at once; not in the default suite).
+    /// conn-churn, http1-rps, http1-open (open loop at --http-rate over --conns keep-alive
+    /// connections), http2-rps, large-body, idle-connections, idle-http (--idle-http-conns
+    /// idle HTTP keep-alive connections: the waypoint and peers), mixed (one bulk stream,
+    /// tcp-rr and --conns HTTP/1.1 connections (default 8) at once; mesh topologies),
+    /// slow-reader (--slow-conns connections whose backend stops reading; not in the
+    /// default suite).
     #[arg(long = "scenario", value_delimiter = ',')]
     scenarios: Vec<String>,
     /// Paths to compare. Mesh topology: direct, l4, hbone, waypoint. Loopback topology:
@@ -154,6 +176,18 @@ struct Args {
     /// 9,000 is the largest round number that fits a 20,000 limit.
     #[arg(long, default_value_t = 9000)]
     idle_conns: usize,
+    /// idle-http: idle HTTP/1.1 keep-alive connections held through the waypoint (each a
+    /// tunnel from ztunnel A to the waypoint; the waypoint pools its upstream connections,
+    /// so the harness holds about one descriptor per connection).
+    #[arg(long, default_value_t = 10000)]
+    idle_http_conns: usize,
+    /// slow-reader: connections whose backend stops reading while the client writes.
+    #[arg(long, default_value_t = 100)]
+    slow_conns: usize,
+    /// http1-open: requests per second in total (open loop, one schedule over the --conns
+    /// keep-alive connections; the default is one the waypoint path sustains on a 2-CPU box).
+    #[arg(long, default_value_t = DEFAULT_HTTP_RATE)]
+    http_rate: f64,
     /// Measured time per run (e.g. 2s, 500ms). Default 1.5s (quick: 1s).
     #[arg(long, value_parser = parse_duration)]
     duration: Option<Duration>,
@@ -202,6 +236,9 @@ struct Args {
     max_retries: Option<usize>,
 }
 
+/// http1-open's default rate (requests/s).
+const DEFAULT_HTTP_RATE: f64 = 10_000.0;
+
 fn parse_duration(s: &str) -> Result<Duration, String> {
     let d = runtime::config::duration::parse(s)?;
     if d.is_zero() && !s.trim().starts_with('0') {
@@ -239,6 +276,9 @@ fn main() -> ExitCode {
     }
     if rest.first().map(String::as_str) == Some(proxy::WAYPOINT_ARG) {
         return proxy::waypoint_main(rest[1..].to_vec());
+    }
+    if rest.first().map(String::as_str) == Some(idle_client::ARG) {
+        return idle_client::child_main(rest[1..].to_vec());
     }
     if std::env::var_os("RUST_LOG").is_some() {
         runtime::init_logging();
@@ -289,7 +329,8 @@ fn plan(args: &Args) -> Result<Suite> {
         || args.reps.is_some()
         || args.size.is_some()
         || !args.streams.is_empty()
-        || args.rate != 5000.0;
+        || args.rate != 5000.0
+        || args.http_rate != DEFAULT_HTTP_RATE;
     let name = if custom {
         "custom"
     } else if args.quick {
@@ -323,14 +364,17 @@ fn plan(args: &Args) -> Result<Suite> {
             Kind::RrOpen,
             Kind::Churn,
             Kind::Http1,
+            Kind::Http1Open,
             Kind::Http2,
+            Kind::Mixed,
         ];
-        // idle-connections: netns only by default. On loopback the SOCKS5 connect is a
-        // blocking connect (bound source address); with ztunnel A's accept queue full, each
-        // stalls a generator thread for a SYN retransmit, and 9,000 connections through
-        // hbone did not all open within the scenario's 60 s. `--scenario idle` still runs it.
-        if layout == Some(mesh::Layout::Netns) {
+        // Memory last; idle-http first of them: its figure is the waypoint's, which no
+        // earlier memory scenario has grown (see the lower-bound note in `suite::idle_run`).
+        if layout.is_some() {
+            v.push(Kind::IdleHttp);
             v.push(Kind::Idle);
+        } else {
+            v.retain(|k| *k != Kind::Mixed);
         }
         v
     } else {
@@ -339,7 +383,8 @@ fn plan(args: &Args) -> Result<Suite> {
             let k = Kind::parse(s.trim()).with_context(|| {
                 format!(
                     "unknown scenario {s:?} (tcp-throughput, tcp-rr, tcp-rr-open, conn-churn, \
-                     http1-rps, http2-rps, large-body, idle-connections, mixed)"
+                     http1-rps, http1-open, http2-rps, large-body, idle-connections, idle-http, \
+                     mixed, slow-reader)"
                 )
             })?;
             if !v.contains(&k) {
@@ -425,6 +470,12 @@ fn plan(args: &Args) -> Result<Suite> {
     if !(args.rate.is_finite() && args.rate >= 1.0 && args.rate <= 10_000_000.0) {
         bail!("--rate must be between 1 and 10000000 requests/s");
     }
+    if !(args.http_rate.is_finite() && args.http_rate >= 1.0 && args.http_rate <= 10_000_000.0) {
+        bail!("--http-rate must be between 1 and 10000000 requests/s");
+    }
+    if args.idle_http_conns == 0 || args.slow_conns == 0 {
+        bail!("--idle-http-conns and --slow-conns must be at least 1");
+    }
     if args.streams.contains(&0) || args.concurrency == 0 || args.write_size == 0 {
         bail!("--streams, --concurrency and --write-size must be at least 1");
     }
@@ -507,6 +558,28 @@ fn plan(args: &Args) -> Result<Suite> {
                 kind: k,
                 // HTTP connections beside the bulk stream and the rr connection.
                 conns: if args.conns == 64 { 8 } else { args.conns },
+                size,
+                write_size: args.write_size,
+                rate: 0.0,
+                body: 0,
+                h2_streams: 0,
+            }),
+            Kind::Http1Open => scenarios.push(Scenario {
+                kind: k,
+                conns: args.conns,
+                size,
+                write_size: args.write_size,
+                rate: args.http_rate,
+                body: 0,
+                h2_streams: 0,
+            }),
+            Kind::IdleHttp | Kind::SlowReader => scenarios.push(Scenario {
+                kind: k,
+                conns: match k {
+                    Kind::IdleHttp if quick && args.idle_http_conns == 10000 => 1000,
+                    Kind::IdleHttp => args.idle_http_conns,
+                    _ => args.slow_conns,
+                },
                 size,
                 write_size: args.write_size,
                 rate: 0.0,
@@ -716,7 +789,7 @@ fn run(args: Args, suite: Suite) -> Result<ExitCode> {
         .map(|sc| {
             let paths = suite.paths.iter().filter(|p| p.carries(sc.kind)).count();
             paths
-                * if sc.kind == Kind::Idle {
+                * if sc.kind.is_memory() {
                     1
                 } else {
                     suite.knobs.reps
@@ -778,6 +851,7 @@ fn run(args: Args, suite: Suite) -> Result<ExitCode> {
         tty: std::io::stderr().is_terminal(),
         quiet_waited: Duration::ZERO,
         retries_left: suite.knobs.max_retries,
+        memory_pids: Vec::new(),
         total_runs,
         seq: 0,
         planned_done: 0,
@@ -876,11 +950,12 @@ fn run(args: Args, suite: Suite) -> Result<ExitCode> {
                 r.other_procs_cpu_pct
             ));
         }
-        for n in r
-            .notes
-            .iter()
-            .filter(|n| n.contains("forwarder") || (n.contains(" proxy") && n.contains("exit")))
-        {
+        for n in r.notes.iter().filter(|n| {
+            n.contains("forwarder")
+                || (n.contains(" proxy") && n.contains("exit"))
+                || n.starts_with(suite::LOWER_BOUND)
+                || n.starts_with("slow-reader:")
+        }) {
             flags.push(format!("run {} ({} {}): {n}", r.seq, r.id, r.path));
         }
         if r.is_failure() && !starved {
@@ -992,6 +1067,9 @@ fn run(args: Args, suite: Suite) -> Result<ExitCode> {
             "http_connections": args.conns,
             "large_body": args.body,
             "idle_connections": suite.scenarios.iter().find(|s| s.kind == Kind::Idle).map(|s| s.conns),
+            "idle_http_connections": suite.scenarios.iter().find(|s| s.kind == Kind::IdleHttp).map(|s| s.conns),
+            "slow_reader_connections": suite.scenarios.iter().find(|s| s.kind == Kind::SlowReader).map(|s| s.conns),
+            "http_open_rate_per_s": suite.scenarios.iter().any(|s| s.kind == Kind::Http1Open).then_some(args.http_rate),
             "profile": args.profile,
         },
         "mesh": mesh_facts,

@@ -11,7 +11,7 @@
 //! A peer forwards to the `plain` pod's backends (10.182.0.4) by port, `ADDR`'s port `P`
 //! being the base: `P` → `:8080` (echo: tcp-rr, tcp-rr-open, idle), `P+1` → `:8081` (sink:
 //! tcp-throughput), `P+2` → `:8082` (reply-close: conn-churn), `P+10` → `:8090` (HTTP/1.1:
-//! http1-rps, large-body). `bench/peers/` has nginx and HAProxy configs in this shape. The
+//! http1-rps, http1-open, large-body, idle-http). `bench/peers/` has nginx and HAProxy configs in this shape. The
 //! command gets `BENCH_PEER_DIR` (a scratch folder for pid and temp files) in its
 //! environment. The peer's CPU is the sum over its process group (e.g. nginx's master and
 //! workers).
@@ -90,10 +90,11 @@ impl PeerSpec {
     pub fn target(&self, k: Kind) -> SocketAddr {
         let off = match k {
             // mixed does not run on peers (`PathKind::carries`).
-            Kind::Rr | Kind::RrOpen | Kind::Idle | Kind::Mixed => 0,
+            // slow-reader does not run on peers either.
+            Kind::Rr | Kind::RrOpen | Kind::Idle | Kind::Mixed | Kind::SlowReader => 0,
             Kind::Throughput => 1,
             Kind::Churn => 2,
-            Kind::Http1 | Kind::LargeBody | Kind::Http2 => 10,
+            Kind::Http1 | Kind::LargeBody | Kind::Http2 | Kind::Http1Open | Kind::IdleHttp => 10,
         };
         SocketAddr::new(self.addr.ip(), self.addr.port() + off)
     }

@@ -19,7 +19,13 @@
 //!                 "rr_streams": [int], "rr_open_streams": [int],
 //!                 "rr_open_rate_per_s": f64|null, "churn_concurrency", "pin": bool,
 //!                 "io_driver_requested", "quiet_threshold_pct", "quiet_sample_s",
-//!                 "max_retries" },
+//!                 "max_retries", "topology": "netns"|"loopback"|"legacy",
+//!                 "http_connections", "large_body", "profile",
+//!                 "idle_connections", "idle_http_connections", "slow_reader_connections":
+//!                     int|null (null: the scenario did not run),
+//!                 "http_open_rate_per_s": f64|null },
+//!   "mesh": null | { "namespaces_prefix", "socks5", "waypoint", "waypoint_error",
+//!                    "ztunnel_pids", "backends" },
 //!   "host": { "cores", "cpus_online", "cpu_model", "kernel", "clk_tck", "loopback_mtu",
 //!             "ulimit_nofile", "ulimit_memlock",
 //!             "idle": { "cpuidle_driver", "cpuidle_governor", "cpu_dma_latency_us",
@@ -38,29 +44,48 @@
 //! }
 //!
 //! Result = {
-//!   "scenario": "tcp-throughput" | "tcp-rr" | "tcp-rr-open" | "conn-churn",
-//!   "variant": "streams=8" | "size=100B" | "size=100B conc=8" | "size=100B rate=5000/s" ...,
+//!   "scenario": "tcp-throughput" | "tcp-rr" | "tcp-rr-open" | "conn-churn" | "http1-rps"
+//!               | "http1-open" | "http2-rps" | "large-body" | "idle-connections"
+//!               | "idle-http" | "mixed" | "slow-reader",
+//!   "variant": "streams=8" | "size=100B" | "size=100B conc=8" | "size=100B rate=5000/s"
+//!              | "body=100B rate=10000/s conns=64" | "conns=9000" ...,
 //!   "id": "<scenario>/<variant>",
-//!   "path": "direct" | "l4-copy" | "l4-splice" | "hbone",
-//!   "params": { "streams", "size", "write_size", "concurrency", "rate_per_s" },
+//!   "path": "direct" | "l4" | "hbone" | "waypoint" | "hbone-cold" | "l4-copy" | "l4-splice"
+//!           | "hbone-proxy" | <a --peer name>,
+//!   "params": { "streams", "size", "write_size", "concurrency", "rate_per_s", "connections",
+//!               "response_body", "body", "streams_per_connection", "socket_buffer", … },
 //!                                   // those that apply
-//!   "metric": "gbit_per_s" | "round_trips_per_s" | "connections_per_s"
-//!             | "p99_latency_us",   // tcp-rr-open: open-loop p99, lower is better
-//!   "unit": "Gbit/s" | "1/s" | "µs",
+//!   "metric": "gbit_per_s" | "round_trips_per_s" | "connections_per_s" | "requests_per_s"
+//!             | "p99_latency_us"    // tcp-rr-open, http1-open (open-loop p99), mixed (tcp-rr
+//!                                   // p99 under load): lower is better
+//!             | "bytes_per_idle_connection"   // idle-connections, idle-http: lower is better
+//!             | "bytes_per_slow_connection",  // slow-reader: lower is better
+//!   "unit": "Gbit/s" | "1/s" | "µs" | "B",
 //!   "figure": Agg + { "spread_pct": (max-min)/median*100, "runs": [f64] },
 //!   "direct_median": f64|null,      // the same scenario's direct figure
 //!   "ratio_to_direct": f64|null,    // figure.median / direct_median (path / direct, also
 //!                                   // for a latency figure: there above 1 is worse)
-//!   "lower_is_better": bool,        // true for "p99_latency_us" (tcp-rr-open)
-//!   "open_loop": null | {           // tcp-rr-open only
-//!       "target_rate_per_s": f64,   // --rate, all connections together
+//!   "lower_is_better": bool,        // true for latency and memory figures
+//!   "mixed": null | { "bulk_gbit_per_s", "http_requests_per_s", "http_p50_us",
+//!                     "http_p99_us" },       // mixed: medians of what ran beside tcp-rr
+//!   "memory": null | {              // idle-connections, idle-http, slow-reader (one run)
+//!       "connections", "established": int, "open_s": f64,   // asked, up, seconds to open
+//!       "rss_before_kb", "rss_after_kb": [u64],   // VmRSS per proxy, in path order (waypoint:
+//!                                   // ztunnel A, waypoint, ztunnel B)
+//!       "kernel_tcp_mem_kb": [before, after]|null,   // /proc/net/sockstat TCP mem, machine-wide
+//!       "kernel_tcp_bytes_per_connection": f64|null,
+//!       "buffered_bytes_per_connection": f64|null }, // slow-reader: written into the path
+//!   "open_loop": null | {           // tcp-rr-open, http1-open
+//!       "target_rate_per_s": f64,   // --rate / --http-rate, all connections together
 //!       "achieved_rate_per_s": Agg, // answers received in the window, per s
 //!       "saturated_runs": int,      // runs with achieved < 95 % of target
 //!       "saturated": bool },        // any: "saturated: open-loop latency beyond capacity"
 //!   "latency_us": null | { "p50": Agg, "p90": Agg, "p99": Agg, "p999": Agg, "max": Agg,
 //!                          "mean": Agg },
 //!                  // tcp-rr: round trip; conn-churn: connect+exchange+close;
-//!                  // tcp-rr-open: completion - due time (coordinated-omission corrected:
+//!                  // http1-rps, http2-rps: request to whole response; idle-*: the first
+//!                  // exchange (connect not included);
+//!                  // tcp-rr-open, http1-open: completion - due time (coordinated-omission corrected:
 //!                  // includes time behind schedule; unsent requests at the window's end
 //!                  // enter with their wait so far); per-run percentiles from HdrHistogram
 //!                  // (ns precision), then Agg over runs
@@ -68,6 +93,7 @@
 //!                  // median(path) - median(direct) per percentile; null for direct
 //!   "proxy_cpu": null | { "cpu_pct": Agg (of one CPU), "cpu_s_per_gb": Agg|null,
 //!                         "cpu_us_per_round_trip": Agg|null,   // tcp-rr, tcp-rr-open
+//!                         "cpu_us_per_request": Agg|null,      // http1-rps, http1-open, http2-rps
 //!                         "cpu_us_per_connection": Agg|null },       // null for direct
 //!   "client_cpu": { "generator_pct": Agg, "backend_pct": Agg },      // % of one CPU
 //!   "tcp_retransmits": Agg + { "total": u64 },   // /proc/net/snmp RetransSegs per run
@@ -87,8 +113,13 @@
 //!   "window_s": f64,                // measured window (after warm-up)
 //!   "figure": f64, "gbit_per_s", "round_trips_per_s", "connections_per_s": f64|null,
 //!                                   // tcp-rr-open: figure = p99 µs, round_trips_per_s =
-//!                                   // the achieved rate (answers received in the window)
-//!   "open_loop": null | { "target_rate_per_s", "achieved_rate_per_s": f64,
+//!                                   // the achieved rate (answers received in the window);
+//!                                   // http1-open: the same in requests_per_s
+//!   "requests_per_s": f64|null,     // http1-rps, http2-rps, large-body, http1-open, mixed
+//!   "mixed": absent | { "bulk_gbit_per_s", "http_requests_per_s", "http_latency_us" },
+//!   "idle": null | { "connections", "established", "rss_before_kb", "rss_after_kb",
+//!                    "open_s", "kernel_tcp_mem_kb"?, "buffered_bytes"? },  // memory scenarios
+//!   "open_loop": null | { "target_rate_per_s", "achieved_rate_per_s": f64,   // open loop
 //!                         "due", "late", "unsent": u64,  // requests due in the window;
 //!                         // sent > 100 µs after due; never sent
 //!                         "saturated": bool },           // achieved < 95 % of target
@@ -241,6 +272,14 @@ pub struct IdleMem {
     /// VmRSS of each proxy of the path (in path order), before and with the connections.
     pub rss_before_kb: Vec<u64>,
     pub rss_after_kb: Vec<u64>,
+    /// Seconds from the start until every connection was up (or the 60 s bound).
+    pub open_s: f64,
+    /// Kernel TCP socket memory (`/proc/net/sockstat`, machine-wide) before and with them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kernel_tcp_mem_kb: Option<[u64; 2]>,
+    /// slow-reader: bytes the clients had written, all connections, when the path was full.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub buffered_bytes: Option<u64>,
 }
 
 /// mixed: what ran beside the tcp-rr round trips.
@@ -358,6 +397,8 @@ pub struct Entry {
     pub saturated_runs: usize,
     /// mixed: medians over runs of the bulk Gbit/s and the HTTP p50/p99 (µs).
     pub mixed: Option<[f64; 4]>,
+    /// Memory scenarios: the (single) run's readings.
+    pub memory: Option<IdleMem>,
 }
 
 const PCTS: [&str; 6] = ["p50", "p90", "p99", "p999", "max", "mean"];
@@ -435,12 +476,15 @@ impl Entry {
             drift_flag: false,
             io_driver: all.iter().find_map(|r| r.proxy_driver.clone()),
             ok: !all.iter().any(|r| r.is_failure()) && !used.is_empty(),
-            lower_is_better: metric.ends_with("_latency_us")
-                || metric == "bytes_per_idle_connection",
+            lower_is_better: metric.ends_with("_latency_us") || metric.starts_with("bytes_per_"),
             target_rate: used
                 .iter()
                 .find_map(|r| r.open_loop.map(|o| o.target_rate_per_s)),
             achieved_rate: vals(&|r: &Run| r.open_loop.map(|o| o.achieved_rate_per_s)),
+            memory: runs
+                .iter()
+                .filter(|r| !r.superseded)
+                .find_map(|r| r.idle.clone()),
             saturated_runs: used
                 .iter()
                 .filter(|r| r.open_loop.is_some_and(|o| o.saturated))
@@ -491,7 +535,7 @@ impl Entry {
         let per_op_key = match self.scenario.as_str() {
             "tcp-rr" | "tcp-rr-open" => "cpu_us_per_round_trip",
             "conn-churn" => "cpu_us_per_connection",
-            "http1-rps" | "http2-rps" => "cpu_us_per_request",
+            "http1-rps" | "http2-rps" | "http1-open" => "cpu_us_per_request",
             _ => "cpu_us_per_op",
         };
         let agg = |a: &Option<Agg>| a.map(|a| a.json()).unwrap_or(Value::Null);
@@ -540,6 +584,21 @@ impl Entry {
                 "http_p50_us": r(p50),
                 "http_p99_us": r(p99),
             })),
+            "memory": self.memory.as_ref().map(|m| {
+                let conns = m.established.max(1) as f64;
+                json!({
+                    "connections": m.connections,
+                    "established": m.established,
+                    "open_s": m.open_s,
+                    "rss_before_kb": m.rss_before_kb,
+                    "rss_after_kb": m.rss_after_kb,
+                    "kernel_tcp_mem_kb": m.kernel_tcp_mem_kb,
+                    "kernel_tcp_bytes_per_connection": m.kernel_tcp_mem_kb
+                        .map(|[a, b]| ((b as f64 - a as f64) * 1024.0 / conns).round()),
+                    "buffered_bytes_per_connection": m.buffered_bytes
+                        .map(|b| (b as f64 / conns).round()),
+                })
+            }),
             "open_loop": self.target_rate.map(|t| json!({
                 "target_rate_per_s": t,
                 "achieved_rate_per_s": agg(&self.achieved_rate),
@@ -574,6 +633,44 @@ impl Entry {
     }
 }
 
+/// The memory scenarios' readings, per proxy and from the kernel, for the summary.
+pub fn memory_note(m: &IdleMem) -> String {
+    let conns = m.established.max(1) as f64;
+    let rss: Vec<String> = m
+        .rss_before_kb
+        .iter()
+        .zip(&m.rss_after_kb)
+        .map(|(b, a)| {
+            format!(
+                "{:.1}→{:.1} MB ({:.1} kB/conn)",
+                *b as f64 / 1024.0,
+                *a as f64 / 1024.0,
+                (*a as f64 - *b as f64) / conns
+            )
+        })
+        .collect();
+    let mut s = format!(
+        "RSS per proxy {}; {} of {} up in {:.1} s",
+        rss.join(", "),
+        m.established,
+        m.connections,
+        m.open_s
+    );
+    if let Some(b) = m.buffered_bytes {
+        let _ = write!(s, "; {:.0} kB written per conn", b as f64 / 1024.0 / conns);
+    }
+    if let Some([a, b]) = m.kernel_tcp_mem_kb {
+        let _ = write!(
+            s,
+            "; kernel TCP memory {:.1}→{:.1} MB ({:.1} kB/conn, all sockets of the machine)",
+            a as f64 / 1024.0,
+            b as f64 / 1024.0,
+            (b as f64 - a as f64) / conns
+        );
+    }
+    s
+}
+
 /// Human units for a figure.
 pub fn fmt_figure(metric: &str, x: f64) -> String {
     match metric {
@@ -582,7 +679,7 @@ pub fn fmt_figure(metric: &str, x: f64) -> String {
         "connections_per_s" => format!("{} conn/s", si(x)),
         "p99_latency_us" => format!("p99 {x:.1} µs"),
         "requests_per_s" => format!("{} req/s", si(x)),
-        "bytes_per_idle_connection" => format!("{x:.0} B/conn"),
+        "bytes_per_idle_connection" | "bytes_per_slow_connection" => format!("{x:.0} B/conn"),
         _ => format!("{x:.3}"),
     }
 }
@@ -669,8 +766,8 @@ pub fn summary_table(entries: &[Entry]) -> String {
                 .map(|a| format!("{:.0}%", a.median))
                 .unwrap_or("?".into());
             match e.scenario.as_str() {
-                "idle-connections" => "—".to_string(),
-                "http1-rps" | "http2-rps" => format!(
+                "idle-connections" | "idle-http" | "slow-reader" => "—".to_string(),
+                "http1-rps" | "http2-rps" | "http1-open" => format!(
                     "{} CPU-µs/req ({pct})",
                     e.proxy_cpu_per_op
                         .map(|a| format!("{:.1}", a.median))
@@ -738,6 +835,9 @@ pub fn summary_table(entries: &[Entry]) -> String {
         if e.lower_is_better && e.ratio.is_some() && e.path != "direct" {
             notes.push("of direct = p99 path/direct, lower is better".into());
         }
+        if let Some(m) = &e.memory {
+            notes.push(memory_note(m));
+        }
         if e.superseded > 0 {
             notes.push(format!("{} re-run", e.superseded));
         }
@@ -759,9 +859,9 @@ pub fn summary_table(entries: &[Entry]) -> String {
     }
     if entries.iter().any(|e| e.lower_is_better) {
         s.push_str(
-            "\n\"of direct\" is path / direct throughout; for tcp-rr-open (figure: open-loop p99 \
-             latency, coordinated-omission corrected) lower is better, so above 1 (marked ↓) \
-             means slower than direct.\n",
+            "\n\"of direct\" is path / direct throughout; for tcp-rr-open and http1-open (figure: \
+             open-loop p99 latency, coordinated-omission corrected) lower is better, so above 1 \
+             (marked ↓) means slower than direct; memory figures are bytes per connection.\n",
         );
     }
     s

@@ -41,6 +41,15 @@ pub enum Kind {
     /// At once on one path: one bulk tcp stream, tcp-rr round trips on one connection and
     /// HTTP/1.1 requests (`mixed`): the rr and http latency under the bulk load.
     Mixed,
+    /// HTTP/1.1 open loop at a fixed request rate over keep-alive connections, latency from
+    /// each request's due time (`http1-open`).
+    Http1Open,
+    /// Idle HTTP/1.1 keep-alive connections (one request each) held open: proxy memory per
+    /// connection (`idle-http`; the waypoint path, where each is a tunnel to the waypoint).
+    IdleHttp,
+    /// Connections whose reader stops reading while the writer keeps sending: proxy memory
+    /// per connection once the path's buffers are full (`slow-reader`).
+    SlowReader,
 }
 
 impl Kind {
@@ -55,6 +64,9 @@ impl Kind {
             Kind::LargeBody => "large-body",
             Kind::Idle => "idle-connections",
             Kind::Mixed => "mixed",
+            Kind::Http1Open => "http1-open",
+            Kind::IdleHttp => "idle-http",
+            Kind::SlowReader => "slow-reader",
         }
     }
     pub fn parse(s: &str) -> Option<Kind> {
@@ -68,6 +80,9 @@ impl Kind {
             "large-body" => Some(Kind::LargeBody),
             "idle-connections" | "idle" => Some(Kind::Idle),
             "mixed" => Some(Kind::Mixed),
+            "http1-open" | "http-open" => Some(Kind::Http1Open),
+            "idle-http" => Some(Kind::IdleHttp),
+            "slow-reader" | "slow" => Some(Kind::SlowReader),
             _ => None,
         }
     }
@@ -76,14 +91,22 @@ impl Kind {
             Kind::Throughput | Kind::LargeBody => ("gbit_per_s", "Gbit/s"),
             Kind::Rr => ("round_trips_per_s", "1/s"),
             Kind::Churn => ("connections_per_s", "1/s"),
-            Kind::RrOpen | Kind::Mixed => ("p99_latency_us", "µs"),
+            Kind::RrOpen | Kind::Mixed | Kind::Http1Open => ("p99_latency_us", "µs"),
             Kind::Http1 | Kind::Http2 => ("requests_per_s", "1/s"),
-            Kind::Idle => ("bytes_per_idle_connection", "B"),
+            Kind::Idle | Kind::IdleHttp => ("bytes_per_idle_connection", "B"),
+            Kind::SlowReader => ("bytes_per_slow_connection", "B"),
         }
+    }
+    /// Memory scenarios: one run per path holding many connections (no repetitions).
+    pub fn is_memory(self) -> bool {
+        matches!(self, Kind::Idle | Kind::IdleHttp | Kind::SlowReader)
     }
     /// HTTP scenarios (the only ones the waypoint path, an L7 proxy, can carry).
     pub fn is_http(self) -> bool {
-        matches!(self, Kind::Http1 | Kind::Http2 | Kind::LargeBody)
+        matches!(
+            self,
+            Kind::Http1 | Kind::Http2 | Kind::LargeBody | Kind::Http1Open | Kind::IdleHttp
+        )
     }
 }
 
@@ -127,6 +150,12 @@ impl Scenario {
             ),
             Kind::Idle => format!("conns={}", self.conns),
             Kind::Mixed => format!("size={}B http-conns={}", self.size, self.conns),
+            Kind::Http1Open => format!(
+                "body={}B rate={}/s conns={}",
+                self.size, self.rate, self.conns
+            ),
+            Kind::IdleHttp => format!("conns={}", self.conns),
+            Kind::SlowReader => format!("conns={}", self.conns),
         }
     }
     pub fn id(&self) -> String {
@@ -149,6 +178,11 @@ impl Scenario {
             Kind::Mixed => json!({"bulk_streams": 1, "write_size": self.write_size,
                                   "rr_connections": 1, "size": self.size,
                                   "http_connections": self.conns, "response_body": self.size}),
+            Kind::Http1Open => json!({"connections": self.conns, "response_body": self.size,
+                                      "rate_per_s": self.rate}),
+            Kind::IdleHttp => json!({"connections": self.conns, "response_body": self.size}),
+            Kind::SlowReader => json!({"connections": self.conns, "write_size": self.write_size,
+                                       "socket_buffer": crate::generator::SLOW_SOCKET_BUFFER}),
         }
     }
     fn work(&self) -> Work {
@@ -175,6 +209,18 @@ impl Scenario {
             Kind::Http2 => Work::Http2 {
                 streams: self.h2_streams,
                 resp_body: self.size,
+            },
+            // The interval of one generator thread's schedule: `run_one` scales it by the
+            // number of threads sharing the rate.
+            Kind::Http1Open => Work::Http1Open {
+                resp_body: self.size,
+                interval: Duration::from_secs_f64(1.0 / self.rate.max(1e-3)),
+            },
+            Kind::IdleHttp => Work::IdleHttp {
+                resp_body: self.size,
+            },
+            Kind::SlowReader => Work::SlowReader {
+                write_size: self.write_size.min(64 * 1024),
             },
         }
     }
@@ -247,14 +293,21 @@ impl PathKind {
     /// Can this path carry this scenario? (The waypoint is an HTTP proxy; idle
     /// connections measure a proxy's memory, so `direct` has nothing to measure.)
     pub fn carries(self, k: Kind) -> bool {
+        // idle-http holds one backend connection per client connection unless the proxy
+        // pools its upstream connections (the waypoint, nginx): over l4 or hbone the harness
+        // would hold two descriptors per connection, as idle-connections does.
+        if k == Kind::IdleHttp {
+            return matches!(self, PathKind::Waypoint | PathKind::Peer(_));
+        }
         match self {
             PathKind::Waypoint => k.is_http(),
-            PathKind::Direct => k != Kind::Idle,
+            PathKind::Direct => !k.is_memory(),
             // Handshakes per second: one connection per exchange.
             PathKind::HboneCold => k == Kind::Churn,
             // The configs in bench/peers/ serve HTTP/1.1 only (and forward one port per
             // scenario: mixed needs three through one path).
-            PathKind::Peer(_) => k != Kind::Http2 && k != Kind::Mixed,
+            // (and have no slow-reader port).
+            PathKind::Peer(_) => !matches!(k, Kind::Http2 | Kind::Mixed | Kind::SlowReader),
             // One upstream per proxy: mixed needs three (sink, echo, http).
             PathKind::L4Copy | PathKind::L4Splice | PathKind::HboneProxy => k != Kind::Mixed,
             _ => true,
@@ -367,6 +420,8 @@ pub struct Ctx<'a> {
     pub tty: bool,
     pub quiet_waited: Duration,
     pub retries_left: usize,
+    /// Proxies whose RSS an earlier memory scenario of this invocation already grew.
+    pub memory_pids: Vec<u32>,
     pub total_runs: usize,
     /// Runs started, including re-runs (the `seq` of the next run).
     pub seq: usize,
@@ -396,7 +451,7 @@ pub fn run_suite(
     for sc in scenarios {
         for rep in 1..=ctx.knobs.reps {
             for &path in paths {
-                if !path.carries(sc.kind) || (sc.kind == Kind::Idle && rep > 1) {
+                if !path.carries(sc.kind) || (sc.kind.is_memory() && rep > 1) {
                     // Idle connections: one run per path (it holds thousands of sockets and
                     // its figure, memory, does not vary like a rate).
                     continue;
@@ -452,6 +507,28 @@ struct Snap {
     others: std::collections::HashMap<u32, u64>,
 }
 
+/// The note (and flag) of a memory figure taken on a proxy an earlier memory scenario grew.
+pub const LOWER_BOUND: &str = "lower bound";
+
+/// slow-reader: the bytes written must hold still this long before the RSS is read.
+pub const SLOW_SETTLE: Duration = Duration::from_secs(1);
+
+/// Releases the stall backends when dropped (also on an early return), so the slow-reader
+/// clients' writes complete and every byte is counted.
+struct ReleaseStalled(Arc<BackendCounters>);
+
+impl ReleaseStalled {
+    fn now(&mut self) {
+        self.0.release_stalled.store(true, Ordering::Relaxed);
+    }
+}
+
+impl Drop for ReleaseStalled {
+    fn drop(&mut self) {
+        self.now();
+    }
+}
+
 /// `pids`: every proxy process of the path (none on `direct`, two on `hbone`); their CPU
 /// is summed. Every other proxy of the mesh is excluded from "other processes".
 fn snap(ctx: &Ctx<'_>, pids: &[u32]) -> Snap {
@@ -502,7 +579,7 @@ fn run_one(
         sc.id(),
         path.name(),
         rep,
-        if sc.kind == Kind::Idle { 1 } else { k.reps },
+        if sc.kind.is_memory() { 1 } else { k.reps },
         if attempt > 1 {
             format!(" (attempt {attempt})")
         } else {
@@ -594,8 +671,9 @@ fn run_one(
             Kind::Throughput => be.sink,
             Kind::Rr | Kind::RrOpen | Kind::Idle | Kind::Mixed => be.echo,
             Kind::Churn => be.reply_close,
-            Kind::Http1 | Kind::LargeBody => be.http,
+            Kind::Http1 | Kind::LargeBody | Kind::Http1Open | Kind::IdleHttp => be.http,
             Kind::Http2 => be.h2,
+            Kind::SlowReader => be.stall,
         }
     };
     let mut proxies: Vec<Proxy> = Vec::new();
@@ -814,8 +892,14 @@ fn run_one(
     };
     // Let the proxy's threads settle after start-up.
     std::thread::sleep(Duration::from_millis(30));
-    if sc.kind == Kind::Idle {
-        return idle_run(ctx, sc, run, &label, &pids, proxies, target, netns, socks);
+    if sc.kind.is_memory() {
+        let conn = Conn {
+            target,
+            netns,
+            socks,
+            host: host_header,
+        };
+        return idle_run(ctx, sc, run, &label, &pids, proxies, conn);
     }
 
     // 3. Generators.
@@ -838,6 +922,17 @@ fn run_one(
         sc.conns.max(1)
     } else {
         ctx.placement.gen_threads.max(1).min(main_conns)
+    };
+    // http1-open: each thread runs its own schedule at its share of the rate.
+    let work = match sc.work() {
+        Work::Http1Open {
+            resp_body,
+            interval,
+        } => Work::Http1Open {
+            resp_body,
+            interval: interval * threads as u32,
+        },
+        w => w,
     };
     let mut side: Vec<(&'static str, mpsc::Receiver<Result<GenResult, String>>)> = Vec::new();
     if sc.kind == Kind::Mixed {
@@ -890,7 +985,7 @@ fn run_one(
             continue;
         }
         let plan = Plan {
-            work: sc.work(),
+            work,
             target,
             conns,
             t_warm,
@@ -1101,7 +1196,7 @@ fn run_one(
                     proxy_cpu_s.map(|c| crate::report::r(c / window * planned / (bytes / 1e9)));
             }
         }
-        Kind::Idle => {}
+        Kind::Idle | Kind::IdleHttp | Kind::SlowReader => {}
         Kind::Mixed => {
             let rate = total.ops_window as f64 / planned;
             run.round_trips_per_s = Some(crate::report::r(rate));
@@ -1136,11 +1231,15 @@ fn run_one(
                 });
             }
         }
-        Kind::RrOpen => {
+        Kind::RrOpen | Kind::Http1Open => {
             // Answers received in the window, over the planned window (when behind
             // schedule, requests due in the window may be answered after it, or never).
             let achieved = total.done_window as f64 / planned;
-            run.round_trips_per_s = Some(crate::report::r(achieved));
+            if sc.kind == Kind::RrOpen {
+                run.round_trips_per_s = Some(crate::report::r(achieved));
+            } else {
+                run.requests_per_s = Some(crate::report::r(achieved));
+            }
             let saturated = achieved < OPEN_LOOP_MIN_FRACTION * sc.rate;
             run.open_loop = Some(OpenLoop {
                 target_rate_per_s: sc.rate,
@@ -1176,7 +1275,7 @@ fn run_one(
 
     // 7. Progress line.
     // tcp-rr-open's figure is its p99, shown with the latencies below.
-    let mut line = if matches!(sc.kind, Kind::RrOpen | Kind::Mixed) {
+    let mut line = if matches!(sc.kind, Kind::RrOpen | Kind::Mixed | Kind::Http1Open) {
         label.clone()
     } else {
         format!("{label}  {}", fmt_figure(sc.kind.metric().0, run.figure))
@@ -1234,10 +1333,26 @@ fn run_one(
     Ok(run)
 }
 
-/// `idle-connections`: read each proxy's RSS, open `sc.conns` connections through the path
-/// (one echo each), wait until all are up, read the RSS again, then let the generators do
-/// one more exchange on each and close. Figure: (RSS after − before) / connections, summed
-/// over the path's proxies.
+/// Where a memory scenario's generators connect.
+struct Conn {
+    target: SocketAddr,
+    netns: Option<String>,
+    socks: Option<generator::Socks>,
+    host: String,
+}
+
+/// The memory scenarios, one run per path:
+///
+/// - `idle-connections`, `idle-http`: read each proxy's RSS, open `sc.conns` connections
+///   through the path (at most [`generator::OPEN_WINDOW`] opening at once per generator
+///   thread; one echo or one HTTP request each), wait until all are up, read the RSS again,
+///   then let the generators do one more exchange on each and close.
+/// - `slow-reader`: open `sc.conns` connections to the stall backend, which reads nothing;
+///   the clients write until the path's buffers are full (bytes written stop growing for
+///   [`SLOW_SETTLE`]), then read the RSS (and the kernel's TCP memory from
+///   `/proc/net/sockstat`), release the backends, which read everything and answer the count.
+///
+/// Figure: (RSS after − before) / connections, summed over the path's proxies.
 #[allow(clippy::too_many_arguments)]
 fn idle_run(
     ctx: &mut Ctx<'_>,
@@ -1246,10 +1361,32 @@ fn idle_run(
     label: &str,
     pids: &[u32],
     mut proxies: Vec<Proxy>,
-    target: SocketAddr,
-    netns: Option<String>,
-    socks: Option<generator::Socks>,
+    conn: Conn,
 ) -> Result<Run, Interrupted> {
+    let Conn {
+        target,
+        netns,
+        socks,
+        host,
+    } = conn;
+    let slow = sc.kind == Kind::SlowReader;
+    // Memory freed by an earlier memory scenario stays with the proxy's allocator and is
+    // reused: that proxy's growth here is a lower bound.
+    let reused: Vec<u32> = pids
+        .iter()
+        .copied()
+        .filter(|p| ctx.memory_pids.contains(p))
+        .collect();
+    if !reused.is_empty() {
+        run.notes.push(format!(
+            "{LOWER_BOUND}: proxy pid(s) {reused:?} already held connections of an earlier \
+             memory scenario of this run (freed memory stays with the allocator and is reused)"
+        ));
+    }
+    ctx.memory_pids
+        .extend(pids.iter().copied().filter(|p| !reused.contains(p)));
+    ctx.counters.release_stalled.store(false, Ordering::Relaxed);
+    let tcp_mem0 = host::tcp_mem_kb();
     let before: Vec<Option<u64>> = pids.iter().map(|p| host::proc_rss_kb(*p)).collect();
     let stop = Arc::new(AtomicBool::new(false));
     let live = Arc::new(Live::default());
@@ -1257,7 +1394,31 @@ fn idle_run(
     let t0 = Instant::now();
     let threads = ctx.placement.gen_threads.max(1);
     let mut spawned = 0;
+    // idle-http: the clients in a child process (see `crate::idle_client`).
+    let mut child: Option<crate::idle_client::IdleClient> = None;
+    if sc.kind == Kind::IdleHttp {
+        let spec = crate::idle_client::Spec {
+            target,
+            netns: netns.clone(),
+            socks: socks.map(|s| (s.src, s.proxy)),
+            host: host.clone(),
+            conns: sc.conns,
+            resp_body: sc.size,
+            core: ctx.placement.gen_core(0),
+            io_driver: ctx.knobs.io_driver.clone(),
+        };
+        match crate::idle_client::IdleClient::start(&spec, live.clone(), tx.clone()) {
+            Ok(c) => {
+                child = Some(c);
+                spawned = 1;
+            }
+            Err(e) => run.failed = Some(format!("starting the idle client process: {e}")),
+        }
+    }
     for i in 0..threads {
+        if sc.kind == Kind::IdleHttp {
+            break;
+        }
         let conns = sc.conns / threads + usize::from(i < sc.conns % threads);
         if conns == 0 {
             continue;
@@ -1272,7 +1433,7 @@ fn idle_run(
             stop: stop.clone(),
             live: live.clone(),
             netns: netns.clone(),
-            host: String::new(),
+            host: host.clone(),
             socks,
         };
         match generator::spawn(i, ctx.placement.gen_core(i), ctx.decision, plan, tx.clone()) {
@@ -1283,6 +1444,7 @@ fn idle_run(
     drop(tx);
     // Wait (bounded) until every connection answered its first exchange, or a thread gave up.
     let deadline = Instant::now() + Duration::from_secs(60);
+    let mut release = ReleaseStalled(ctx.counters.clone());
     let mut early: Vec<Result<GenResult, String>> = Vec::new();
     while live.ops.load(Ordering::Relaxed) < sc.conns as u64 && Instant::now() < deadline {
         if ctx.interrupted.load(Ordering::Relaxed) {
@@ -1305,10 +1467,41 @@ fn idle_run(
         std::thread::sleep(Duration::from_millis(50));
     }
     let up = live.ops.load(Ordering::Relaxed);
+    let opened_s = t0.elapsed().as_secs_f64();
     // Let the proxies finish whatever the last connections started.
     std::thread::sleep(Duration::from_millis(300));
+    let mut buffered = None;
+    if slow && early.is_empty() {
+        // Until the bytes written stop growing: every buffer along the path is full.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut last = live.bytes_sent.load(Ordering::Relaxed);
+        let mut still_since = Instant::now();
+        while Instant::now() < deadline && still_since.elapsed() < SLOW_SETTLE {
+            if ctx.interrupted.load(Ordering::Relaxed) {
+                stop.store(true, Ordering::Relaxed);
+                return Err(Interrupted);
+            }
+            std::thread::sleep(Duration::from_millis(100));
+            let now = live.bytes_sent.load(Ordering::Relaxed);
+            if now != last {
+                last = now;
+                still_since = Instant::now();
+            }
+        }
+        if still_since.elapsed() < SLOW_SETTLE {
+            run.notes.push(
+                "slow-reader: bytes written were still growing after 30 s; RSS taken anyway".into(),
+            );
+        }
+        buffered = Some(last);
+    }
     let after: Vec<Option<u64>> = pids.iter().map(|p| host::proc_rss_kb(*p)).collect();
+    let tcp_mem1 = host::tcp_mem_kb();
     stop.store(true, Ordering::Relaxed);
+    release.now();
+    if let Some(c) = child.as_mut() {
+        c.stop();
+    }
     let mut total = GenResult::empty();
     let mut got = early.len();
     for r in early {
@@ -1359,6 +1552,12 @@ fn idle_run(
         established: up,
         rss_before_kb: per_proxy.iter().map(|x| x.0).collect(),
         rss_after_kb: per_proxy.iter().map(|x| x.1).collect(),
+        open_s: crate::report::r(opened_s),
+        kernel_tcp_mem_kb: match (tcp_mem0, tcp_mem1) {
+            (Some(a), Some(b)) => Some([a, b]),
+            _ => None,
+        },
+        buffered_bytes: buffered,
     });
     if per_proxy.len() != pids.len() || pids.is_empty() {
         run.failed
@@ -1375,13 +1574,19 @@ fn idle_run(
             run.failed.get_or_insert(format!("a mesh proxy died: {d}"));
         }
     }
-    let line = format!(
-        "{label}  {} B/conn over {} conns (RSS {:?} → {:?} kB)",
+    let mut line = format!(
+        "{label}  {} B/conn over {} conns opened in {opened_s:.1}s (RSS {:?} → {:?} kB)",
         run.figure,
         conns_up,
         before.iter().flatten().collect::<Vec<_>>(),
         after.iter().flatten().collect::<Vec<_>>()
     );
+    if let (Some(b), Some((m0, m1))) = (buffered, tcp_mem0.zip(tcp_mem1)) {
+        line += &format!(
+            "; {} kB written per conn into the path, kernel TCP memory {m0} → {m1} kB",
+            b / 1024 / conns_up.max(1)
+        );
+    }
     if ctx.tty {
         eprintln!("\r{line}\x1b[K");
     } else {

@@ -255,14 +255,18 @@ pub fn write_all(dir: &std::path::Path, entries: &[Entry]) -> std::io::Result<Ve
         "idle-memory.svg".into(),
         bars(
             entries,
-            "Proxy memory per idle connection (lower is better)",
+            "Proxy memory per connection: idle, idle HTTP, slow reader (lower is better)",
             "B",
-            |e| e.metric == "bytes_per_idle_connection",
+            |e| e.metric.starts_with("bytes_per_"),
         ),
     )?;
     let mut ids: Vec<String> = Vec::new();
     for e in entries {
-        if e.latency.is_some() && e.scenario != "idle-connections" && !ids.contains(&e.id) {
+        let memory = matches!(
+            e.scenario.as_str(),
+            "idle-connections" | "idle-http" | "slow-reader"
+        );
+        if e.latency.is_some() && !memory && !ids.contains(&e.id) {
             ids.push(e.id.clone());
         }
     }

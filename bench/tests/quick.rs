@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 #[allow(clippy::disallowed_types)]
 static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 
-/// Run the bench binary with `args` (bounded: 120 s), return (status, stdout).
+/// Run the bench binary with `args` (bounded: 240 s), return (status, stdout).
 fn run_bench(args: &[&str]) -> (std::process::ExitStatus, String, u32) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_bench"))
         .args(args)
@@ -33,7 +33,7 @@ fn run_bench(args: &[&str]) -> (std::process::ExitStatus, String, u32) {
         let _ = out.read_to_string(&mut s);
         s
     });
-    let deadline = Instant::now() + Duration::from_secs(120);
+    let deadline = Instant::now() + Duration::from_secs(240);
     let status = loop {
         if let Some(st) = child.try_wait().expect("wait for bench") {
             break st;
@@ -41,7 +41,7 @@ fn run_bench(args: &[&str]) -> (std::process::ExitStatus, String, u32) {
         if Instant::now() > deadline {
             let _ = child.kill();
             let _ = child.wait();
-            panic!("bench {args:?} did not finish within 120 s");
+            panic!("bench {args:?} did not finish within 240 s");
         }
         std::thread::sleep(Duration::from_millis(100));
     };
@@ -58,9 +58,11 @@ fn loopback_topology_runs_every_path_without_loss() {
         "--topology",
         "loopback",
         "--scenario",
-        "tcp-throughput,tcp-rr,conn-churn,http1-rps,http2-rps,mixed",
+        "tcp-throughput,tcp-rr,conn-churn,http1-rps,http2-rps,mixed,slow-reader",
         "--streams",
         "2",
+        "--slow-conns",
+        "20",
         "--out",
         out.to_str().unwrap(),
     ]);
@@ -130,6 +132,31 @@ fn loopback_topology_runs_every_path_without_loss() {
             }
         }
     }
+    // slow-reader: the path filled up, memory read, then every byte arrived.
+    for path in ["l4", "hbone"] {
+        let e = results
+            .iter()
+            .find(|e| e["id"] == "slow-reader/conns=20" && e["path"] == path)
+            .unwrap_or_else(|| panic!("no slow-reader result for {path}"));
+        assert_eq!(e["ok"], true, "slow-reader × {path}: {e}");
+        assert_eq!(e["metric"], "bytes_per_slow_connection");
+        assert_eq!(e["memory"]["established"], 20, "{e}");
+        assert!(
+            e["memory"]["buffered_bytes_per_connection"]
+                .as_f64()
+                .unwrap_or(0.0)
+                > 0.0,
+            "slow-reader × {path}: bytes written into the path: {e}"
+        );
+        assert!(e["bytes"]["sent"].as_u64().unwrap_or(0) > 0);
+        assert_eq!(e["bytes"]["lost"], 0);
+    }
+    assert!(
+        !results
+            .iter()
+            .any(|e| e["scenario"] == "slow-reader" && e["path"] == "direct"),
+        "slow-reader measures proxies: not on direct"
+    );
     // Every run, not just the aggregates: nothing lost, nothing failed.
     for r in report["runs"].as_array().expect("runs") {
         assert_eq!(r["bytes_sent"], r["bytes_received"], "run {r}");
@@ -209,7 +236,9 @@ fn quick_suite_reports_every_scenario_and_path() {
         "tcp-rr-open/size=100B rate=5000/s",
         "conn-churn/size=100B conc=8",
         "http1-rps/body=100B conns=64",
+        "http1-open/body=100B rate=10000/s conns=64",
         "http2-rps/body=100B conns=8 streams=8",
+        "mixed/size=100B http-conns=8",
     ];
     let paths: &[&str] = &["direct", "l4", "hbone", "waypoint"];
     for id in scenarios {
@@ -238,12 +267,19 @@ fn quick_suite_reports_every_scenario_and_path() {
                 "{id} × {path}: bytes sent"
             );
             assert_eq!(e["errors"], 0, "{id} × {path}: errors");
-            if id.starts_with("tcp-rr-open") {
+            if id.starts_with("tcp-rr-open") || id.starts_with("http1-open") {
                 assert_eq!(e["metric"], "p99_latency_us", "{id} × {path}: metric");
                 assert_eq!(e["lower_is_better"], true, "{id} × {path}: lower is better");
                 let p99 = e["latency_us"]["p99"]["median"].as_f64().unwrap_or(0.0);
                 assert_eq!(median, p99, "{id} × {path}: figure is the p99");
-                assert_eq!(e["open_loop"]["target_rate_per_s"], 5000.0);
+                assert_eq!(
+                    e["open_loop"]["target_rate_per_s"],
+                    if id.starts_with("tcp") {
+                        5000.0
+                    } else {
+                        10000.0
+                    }
+                );
                 // Saturation (a debug build may not keep up) is flagged, not failed.
                 assert!(
                     e["open_loop"]["achieved_rate_per_s"]["median"]
@@ -280,16 +316,33 @@ fn quick_suite_reports_every_scenario_and_path() {
             .any(|e| e["path"] == "hbone-cold" && e["scenario"] != "conn-churn"),
         "hbone-cold carries conn-churn only"
     );
-    if root {
-        // Memory per idle connection through each proxied mesh path (netns only by default).
-        for path in ["l4", "hbone"] {
-            let e = results
-                .iter()
-                .find(|e| e["scenario"] == "idle-connections" && e["path"] == path)
-                .unwrap_or_else(|| panic!("no idle-connections result for {path}"));
-            assert_eq!(e["ok"], true, "idle-connections × {path}");
-            assert_eq!(e["bytes"]["lost"], 0);
-        }
+    // Memory per idle connection through each proxied mesh path (both topologies).
+    for path in ["l4", "hbone"] {
+        let e = results
+            .iter()
+            .find(|e| e["scenario"] == "idle-connections" && e["path"] == path)
+            .unwrap_or_else(|| panic!("no idle-connections result for {path}"));
+        assert_eq!(e["ok"], true, "idle-connections × {path}");
+        assert_eq!(e["bytes"]["lost"], 0);
+        assert_eq!(e["memory"]["established"], 1000, "{e}");
     }
+    // Idle HTTP keep-alive connections (tunnels) through the waypoint: the RSS of all three
+    // proxies of the path, before and with them.
+    let e = results
+        .iter()
+        .find(|e| e["scenario"] == "idle-http" && e["path"] == "waypoint")
+        .expect("idle-http × waypoint");
+    assert_eq!(e["ok"], true, "idle-http × waypoint: {e}");
+    assert_eq!(e["memory"]["established"], 1000, "{e}");
+    assert_eq!(
+        e["memory"]["rss_after_kb"].as_array().map(Vec::len),
+        Some(3)
+    );
+    assert!(
+        !results
+            .iter()
+            .any(|e| e["scenario"] == "idle-http" && e["path"] != "waypoint"),
+        "idle-http runs on the waypoint only"
+    );
     let _ = std::fs::remove_dir_all(&out);
 }
