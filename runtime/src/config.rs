@@ -39,7 +39,42 @@ impl fmt::Display for ConfigError {
 
 /// Parse YAML text into `T`; errors carry file, line, column and the field path.
 pub fn from_yaml_str<T: DeserializeOwned>(file: &Path, text: &str) -> Result<T, ConfigError> {
-    serde_norway::from_str(text).map_err(|e| yaml_error(file, e))
+    serde_norway::from_str(text).map_err(|e| {
+        let mut err = yaml_error(file, e);
+        complete_field(&mut err, text);
+        err
+    })
+}
+
+/// A bad value of a leaf field (a duration that does not parse) is reported by serde with the
+/// path of the enclosing struct and the position of the value's key: name the key too.
+fn complete_field(err: &mut ConfigError, text: &str) {
+    let (Some(line), Some(col)) = (err.line, err.column) else {
+        return;
+    };
+    if err.message.starts_with("unknown field") || err.message.starts_with("missing field") {
+        return;
+    }
+    let Some(l) = text.lines().nth(line.saturating_sub(1)) else {
+        return;
+    };
+    let rest = l.get(col.saturating_sub(1)..).unwrap_or("");
+    let Some((key, _)) = rest.split_once(':') else {
+        return;
+    };
+    let key = key.trim();
+    if key.is_empty()
+        || !key
+            .chars()
+            .all(|c| c.is_alphanumeric() || c == '_' || c == '-')
+    {
+        return;
+    }
+    match &err.field {
+        Some(f) if f == key || f.ends_with(&format!(".{key}")) => {}
+        Some(f) => err.field = Some(format!("{f}.{key}")),
+        None => err.field = Some(key.to_string()),
+    }
 }
 
 /// Read a config file's text; the error names the file.
@@ -153,7 +188,7 @@ pub fn locate_field(text: &str, field: &str) -> Option<usize> {
     Some(from + 1)
 }
 
-/// Durations in config files: `250ms`, `10s`, `5m`, `1h`, or a bare number of seconds.
+/// Durations in config files: `50us`, `250ms`, `10s`, `5m`, `1h`, or a bare number of seconds.
 pub mod duration {
     use super::*;
 
@@ -174,7 +209,7 @@ pub mod duration {
             "h" => n * 3600.0,
             u => {
                 return Err(format!(
-                    "unknown duration unit {u:?} in {s:?} (use ms, s, m or h)"
+                    "unknown duration unit {u:?} in {s:?} (use us, ms, s, m or h)"
                 ))
             }
         };
@@ -185,6 +220,10 @@ pub mod duration {
     }
 
     pub fn format(d: Duration) -> String {
+        let us = d.as_micros();
+        if us % 1000 != 0 {
+            return format!("{us}us");
+        }
         let ms = d.as_millis();
         if ms % 1000 == 0 {
             format!("{}s", ms / 1000)
@@ -298,6 +337,17 @@ pub struct RuntimeConfig {
     /// Off by default: on loopback that CPU is the sender's, which puts every connection of a
     /// pinned client on one worker.
     pub reuseport_cpu_steering: bool,
+    /// Busy polling: after activity, a worker keeps reaping its ring without sleeping for
+    /// this long (`50us`); `0` = off. Lowers wake-up latency on hosts whose idle CPUs halt,
+    /// at the cost of a CPU spinning while traffic flows. io_uring only. See [`crate::busy`].
+    #[serde(with = "duration")]
+    pub busy_poll: Duration,
+    /// Bytes: `SO_RCVBUF` on listeners (inherited by accepted sockets) and on connected
+    /// sockets; absent = kernel autotuning (`net.ipv4.tcp_rmem`). The kernel doubles the
+    /// value for its bookkeeping; setting it turns receive autotuning off for the socket.
+    pub socket_recv_buffer: Option<usize>,
+    /// Bytes: `SO_SNDBUF` likewise; absent = autotuning (`net.ipv4.tcp_wmem`).
+    pub socket_send_buffer: Option<usize>,
     pub forward: ForwardConfig,
 }
 
@@ -315,10 +365,19 @@ impl Default for RuntimeConfig {
             nodelay: true,
             tcp_keepalive: Some(Duration::from_secs(180)),
             reuseport_cpu_steering: false,
+            busy_poll: Duration::ZERO,
+            socket_recv_buffer: None,
+            socket_send_buffer: None,
             forward: ForwardConfig::default(),
         }
     }
 }
+
+/// Largest `busy_poll` budget accepted.
+pub const MAX_BUSY_POLL: Duration = Duration::from_millis(10);
+/// Range of `socket_recv_buffer` / `socket_send_buffer` (bytes).
+pub const MIN_SOCKET_BUFFER: usize = 4096;
+pub const MAX_SOCKET_BUFFER: usize = 1 << 30;
 
 mod opt_duration {
     use super::*;
@@ -379,6 +438,30 @@ impl RuntimeConfig {
         }
         if self.listen_backlog < 1 {
             return Err(Invalid::new(f("listen_backlog"), "must be at least 1"));
+        }
+        if self.busy_poll > MAX_BUSY_POLL {
+            return Err(Invalid::new(
+                f("busy_poll"),
+                format!(
+                    "at most {} (a longer budget only burns CPU; 0 turns it off)",
+                    duration::format(MAX_BUSY_POLL)
+                ),
+            ));
+        }
+        for (name, v) in [
+            ("socket_recv_buffer", self.socket_recv_buffer),
+            ("socket_send_buffer", self.socket_send_buffer),
+        ] {
+            if let Some(v) = v {
+                if !(MIN_SOCKET_BUFFER..=MAX_SOCKET_BUFFER).contains(&v) {
+                    return Err(Invalid::new(
+                        f(name),
+                        format!(
+                            "must be between {MIN_SOCKET_BUFFER} and {MAX_SOCKET_BUFFER} bytes (omit it for kernel autotuning)"
+                        ),
+                    ));
+                }
+            }
         }
         let fw = &self.forward;
         if fw.buffer_size < 4096 {
@@ -481,6 +564,78 @@ mod tests {
         let text = "listeners:\n  - listen: a\n    upstream: b\n  - listen: c\n    upstream: d\n";
         assert_eq!(locate_field(text, "listeners[1].upstream"), Some(5));
         assert_eq!(locate_field(text, "listeners[0].listen"), Some(2));
+    }
+
+    #[test]
+    fn busy_poll_and_socket_buffers_parse_validate_and_round_trip() {
+        let text = "busy_poll: 50us\nsocket_recv_buffer: 65536\nsocket_send_buffer: 32768\n";
+        let cfg: RuntimeConfig = from_yaml_str(Path::new("rt.yaml"), text).unwrap();
+        assert_eq!(cfg.busy_poll, Duration::from_micros(50));
+        assert_eq!(cfg.socket_recv_buffer, Some(65536));
+        assert_eq!(cfg.socket_send_buffer, Some(32768));
+        cfg.validate("runtime").unwrap();
+        // Serialized (the bench hands configs to its proxies as JSON) and read back unchanged.
+        let json = serde_json::to_string(&cfg).unwrap();
+        assert!(json.contains("\"busy_poll\":\"50us\""), "{json}");
+        let back: RuntimeConfig = from_yaml_str(Path::new("j.yaml"), &json).unwrap();
+        assert_eq!(back, cfg);
+        // Off by default.
+        assert_eq!(RuntimeConfig::default().busy_poll, Duration::ZERO);
+        assert_eq!(RuntimeConfig::default().socket_recv_buffer, None);
+    }
+
+    #[test]
+    fn busy_poll_and_socket_buffer_errors_name_file_line_field() {
+        let text = "workers: 1\nbusy_poll: 2s\n";
+        let cfg: RuntimeConfig = from_yaml_str(Path::new("p.yaml"), text).unwrap();
+        let e = cfg
+            .validate("")
+            .unwrap_err()
+            .in_file(Path::new("p.yaml"), Some(text));
+        assert_eq!(e.field.as_deref(), Some("busy_poll"), "{e}");
+        assert_eq!(e.line, Some(2), "{e}");
+        assert!(
+            e.to_string().starts_with("p.yaml:2: field `busy_poll`"),
+            "{e}"
+        );
+
+        let text = "pin: true\nsocket_send_buffer: 100\n";
+        let cfg: RuntimeConfig = from_yaml_str(Path::new("p.yaml"), text).unwrap();
+        let e = cfg
+            .validate("runtime")
+            .unwrap_err()
+            .in_file(Path::new("p.yaml"), None);
+        assert_eq!(
+            e.field.as_deref(),
+            Some("runtime.socket_send_buffer"),
+            "{e}"
+        );
+
+        let e =
+            from_yaml_str::<RuntimeConfig>(Path::new("p.yaml"), "busy_poll: fast\n").unwrap_err();
+        assert_eq!(e.line, Some(1), "{e}");
+        assert_eq!(e.field.as_deref(), Some("busy_poll"), "{e}");
+        assert!(e.message.contains("fast"), "{e}");
+        let e = from_yaml_str::<RuntimeConfig>(Path::new("p.yaml"), "a: 1\nbusy_pol: 50us\n")
+            .unwrap_err();
+        assert!(e.message.contains("busy_pol"), "{e}");
+        let e = from_yaml_str::<RuntimeConfig>(Path::new("p.yaml"), "socket_recv_buffer: -1\n")
+            .unwrap_err();
+        assert_eq!(e.line, Some(1), "{e}");
+    }
+
+    #[test]
+    fn durations_format_round_trips() {
+        for d in [
+            Duration::from_micros(50),
+            Duration::from_micros(1500),
+            Duration::from_millis(250),
+            Duration::from_secs(10),
+            Duration::ZERO,
+        ] {
+            assert_eq!(duration::parse(&duration::format(d)).unwrap(), d);
+        }
+        assert_eq!(duration::format(Duration::from_micros(50)), "50us");
     }
 
     #[test]

@@ -9,6 +9,7 @@
 //!   with half-close, reset propagation, idle timeout and byte counts.
 //! - [`snapshot`]: lock-free publishing of immutable routing snapshots.
 //! - [`shutdown`]: SIGTERM/SIGINT drain.
+//! - [`busy`]: busy polling before a worker parks (`runtime.busy_poll`).
 //! - [`admin`]: the blocking control-side HTTP endpoint (readiness, stats) services share.
 //! - [`forwarder`]: the first service, a sharded L4 forwarder (binary `l4fwd`).
 //!
@@ -17,6 +18,7 @@
 
 pub mod admin;
 pub mod bufpool;
+pub mod busy;
 pub mod config;
 pub mod driver;
 pub mod event;

@@ -18,6 +18,10 @@ pub struct ListenOptions {
     pub keepalive: Option<Duration>,
     /// Attach the reuseport CBPF that steers a connection to the worker on its packets' CPU.
     pub cpu_steering: bool,
+    /// `SO_RCVBUF` bytes for listeners (inherited by accepted sockets) and connected sockets.
+    pub recv_buffer: Option<usize>,
+    /// `SO_SNDBUF` bytes, likewise.
+    pub send_buffer: Option<usize>,
 }
 
 impl ListenOptions {
@@ -27,6 +31,8 @@ impl ListenOptions {
             nodelay: cfg.nodelay,
             keepalive: cfg.tcp_keepalive,
             cpu_steering: cfg.reuseport_cpu_steering,
+            recv_buffer: cfg.socket_recv_buffer,
+            send_buffer: cfg.socket_send_buffer,
         }
     }
 }
@@ -87,6 +93,9 @@ pub fn bind_sharded(
             .map_err(|source| BindError::Io { addr, source })?;
         s.set_nodelay(opts.nodelay)
             .map_err(|source| BindError::Io { addr, source })?;
+        // Before listen(2): accepted sockets inherit the sizes, and the window scale they
+        // advertise in the handshake follows the receive buffer.
+        set_buffers(&s, opts).map_err(|source| BindError::Io { addr, source })?;
         s.bind(&SockAddr::from(bound))
             .map_err(|source| match source.kind() {
                 io::ErrorKind::AddrInUse => BindError::InUse { addr },
@@ -110,10 +119,21 @@ pub fn bind_sharded(
     Ok(out.into_iter().map(Into::into).collect())
 }
 
+fn set_buffers(s: &Socket, opts: &ListenOptions) -> io::Result<()> {
+    if let Some(n) = opts.recv_buffer {
+        s.set_recv_buffer_size(n)?;
+    }
+    if let Some(n) = opts.send_buffer {
+        s.set_send_buffer_size(n)?;
+    }
+    Ok(())
+}
+
 /// Apply per-connection options to an accepted or connected socket.
 pub fn tune_stream(fd: &impl AsRawFd, opts: &ListenOptions) -> io::Result<()> {
     crate::sys::with_sockref(fd.as_raw_fd(), |s| {
         s.set_nodelay(opts.nodelay)?;
+        set_buffers(&s, opts)?;
         if let Some(idle) = opts.keepalive {
             s.set_tcp_keepalive(
                 &TcpKeepalive::new()
@@ -142,6 +162,8 @@ mod tests {
             nodelay: true,
             keepalive: None,
             cpu_steering: false,
+            recv_buffer: None,
+            send_buffer: None,
         }
     }
 

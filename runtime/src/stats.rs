@@ -18,6 +18,12 @@ pub struct WorkerStats {
     pub idle_timeouts: AtomicU64,
     /// Connections cut when the drain deadline passed.
     pub drain_aborted: AtomicU64,
+    /// Busy polling (`runtime.busy_poll`): times the worker started spinning after activity.
+    pub busy_poll_spins: AtomicU64,
+    /// Busy polling: microseconds spent spinning (CPU the worker burnt instead of sleeping).
+    pub busy_poll_us: AtomicU64,
+    /// Busy polling: times it paused because the scheduler preempted the spinning worker.
+    pub busy_poll_backoffs: AtomicU64,
 }
 
 impl WorkerStats {
@@ -31,7 +37,7 @@ impl WorkerStats {
     }
 
     /// (name, value) pairs, for text exposition.
-    pub fn snapshot(&self) -> [(&'static str, u64); 11] {
+    pub fn snapshot(&self) -> [(&'static str, u64); 14] {
         [
             ("accepted", self.accepted.load(Relaxed)),
             ("active", self.active.load(Relaxed)),
@@ -53,6 +59,9 @@ impl WorkerStats {
             ("resets", self.resets.load(Relaxed)),
             ("idle_timeouts", self.idle_timeouts.load(Relaxed)),
             ("drain_aborted", self.drain_aborted.load(Relaxed)),
+            ("busy_poll_spins", self.busy_poll_spins.load(Relaxed)),
+            ("busy_poll_us", self.busy_poll_us.load(Relaxed)),
+            ("busy_poll_backoffs", self.busy_poll_backoffs.load(Relaxed)),
         ]
     }
 }

@@ -243,6 +243,17 @@ pub fn splice_nonblocking(from: RawFd, to: RawFd, len: usize) -> io::Result<usiz
     }
 }
 
+/// Involuntary context switches of the calling thread so far (`getrusage(RUSAGE_THREAD)`
+/// `ru_nivcsw`): how often the scheduler took the CPU away from it while it was runnable.
+pub fn thread_involuntary_switches() -> io::Result<u64> {
+    // SAFETY: `getrusage` fills the zeroed `rusage` we own; RUSAGE_THREAD only reads the
+    // calling thread's counters.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: `ru` is a valid, writable `rusage` for the duration of the call.
+    cvt(unsafe { libc::getrusage(libc::RUSAGE_THREAD, &mut ru) })?;
+    Ok(ru.ru_nivcsw as u64)
+}
+
 /// Which CPU the calling thread runs on now.
 pub fn current_cpu() -> Option<usize> {
     // SAFETY: sched_getcpu takes no arguments and only returns a value.

@@ -140,7 +140,8 @@ impl WorkerCtx {
             let abort = inner.abort.wait();
             monoio::spawn(async move {
                 let _guard = guard;
-                let _ = race(h(stream, peer), abort).await;
+                // Every poll of a connection counts as activity for busy polling.
+                let _ = race(crate::busy::tracked(h(stream, peer)), abort).await;
             });
         }
     }
@@ -326,6 +327,18 @@ where
                     live: Cell::new(0),
                 }));
                 rt.block_on(async move {
+                    if !ctx.0.cfg.busy_poll.is_zero() {
+                        if ctx.0.driver == DriverKind::Uring {
+                            let budget = ctx.0.cfg.busy_poll;
+                            let st = ctx.0.stats.clone();
+                            monoio::spawn(crate::busy::spinner(budget, st));
+                        } else {
+                            tracing::warn!(
+                                worker = id,
+                                "runtime.busy_poll is ignored under the epoll driver"
+                            );
+                        }
+                    }
                     // The one task that waits on the drain watcher; it wakes every accept loop.
                     let relay = ctx.clone();
                     monoio::spawn(async move {

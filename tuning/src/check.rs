@@ -42,8 +42,13 @@ fn at_least(name: &str, idx: usize, min: u64, rec: &str, why: &'static str) -> F
     }
 }
 
-/// Inspect the host.
+/// Inspect the host (recommendations for the default profile).
 pub fn run() -> Vec<Finding> {
+    run_for(&crate::Profile::default())
+}
+
+/// Inspect the host, with the recommendations that depend on the profile (busy polling).
+pub fn run_for(profile: &crate::Profile) -> Vec<Finding> {
     let mut f = Vec::new();
     let cores = std::thread::available_parallelism()
         .map(|n| n.get())
@@ -163,15 +168,7 @@ pub fn run() -> Vec<Finding> {
         why: "each upstream connection takes a local port per destination (connection churn)",
         fix: (span < 60000).then(|| "sysctl -w net.ipv4.ip_local_port_range=\"1024 65535\"".into()),
     });
-    let bp = sysctl("net.core.busy_poll");
-    f.push(Finding {
-        name: "net.core.busy_poll".into(),
-        value: bp.clone().unwrap_or_else(|| "unavailable".into()),
-        recommended: "0 (default); 50 for the latency profile on dedicated cores".into(),
-        ok: true,
-        why: "busy polling trades CPU for tens of microseconds of latency on real NICs",
-        fix: None,
-    });
+    f.extend(busy_polling(profile));
     let idle = read("/sys/devices/system/cpu/cpuidle/current_driver");
     f.push(Finding {
         name: "cpuidle driver".into(),
@@ -182,6 +179,76 @@ pub fn run() -> Vec<Finding> {
         fix: None,
     });
     f
+}
+
+/// Busy polling: the kernel's socket busy polling (`net.core.busy_read`, `net.core.busy_poll`,
+/// per socket `SO_BUSY_POLL`) and the runtime's own (`runtime.busy_poll`). They are different
+/// mechanisms: the kernel's spins in the NAPI poll loop of the device a socket's packets
+/// arrived on (real multi-queue NICs; never loopback; veth only with GRO or XDP), the
+/// runtime's spins reaping its io_uring completion queue and works on any path.
+fn busy_polling(profile: &crate::Profile) -> Vec<Finding> {
+    let runtime_bp = profile.runtime.busy_poll;
+    let mut f = Vec::new();
+    let why_kernel = "socket busy polling (µs) spins in the NIC's NAPI poll loop instead of \
+                      waiting for its interrupt: lower latency on real NICs for a CPU per \
+                      busy queue; no effect on loopback or plain veth (no NAPI), so the \
+                      runtime's own runtime.busy_poll is what helps there";
+    let (rec_read, rec_poll) = if runtime_bp.is_zero() {
+        ("0 (default: no busy polling)", "0")
+    } else {
+        (
+            "50 on a dedicated NIC queue + cores, else 0 (runtime.busy_poll covers veth/loopback)",
+            "50 on a dedicated NIC queue + cores, else 0",
+        )
+    };
+    for (name, rec, why) in [
+        ("net.core.busy_read", rec_read, why_kernel),
+        (
+            "net.core.busy_poll",
+            rec_poll,
+            "the same for poll/epoll/io_uring poll waits (µs); needs busy_read's conditions",
+        ),
+    ] {
+        let v = sysctl(name);
+        f.push(Finding {
+            name: name.into(),
+            value: v.unwrap_or_else(|| "unavailable".into()),
+            recommended: rec.into(),
+            ok: true,
+            why,
+            fix: None,
+        });
+    }
+    let cores = available_cores();
+    f.push(Finding {
+        name: "runtime.busy_poll".into(),
+        value: if runtime_bp.is_zero() {
+            "0 (off in this profile)".into()
+        } else {
+            format!(
+                "{} after each burst of activity ({cores} usable cores)",
+                runtime::config::duration::format(runtime_bp)
+            )
+        },
+        recommended: if runtime_bp.is_zero() {
+            "off, unless latency matters more than CPU (profile latency)".into()
+        } else {
+            "give the proxy's worker cores to it alone (cpuset/isolcpus, load generators elsewhere)"
+                .into()
+        },
+        ok: runtime_bp.is_zero() || cores >= 2,
+        why: "a worker that spins keeps its CPU from halting between messages (wake-ups cost \
+              tens of µs on VMs), burning that CPU while traffic flows; a worker preempted \
+              while spinning stops spinning for 0.1–5 s, so shared cores get little from it",
+        fix: None,
+    });
+    f
+}
+
+fn available_cores() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
 }
 
 fn nofile() -> (u64, u64) {
@@ -232,12 +299,32 @@ pub fn fixes(findings: &[Finding]) -> String {
 #[cfg(test)]
 mod tests {
     #[test]
+    fn busy_poll_findings_follow_the_profile() {
+        let lat = crate::load_profile("latency").unwrap();
+        let f = super::run_for(&lat);
+        let rt = f.iter().find(|x| x.name == "runtime.busy_poll").unwrap();
+        assert!(rt.value.contains("us after each burst"), "{}", rt.value);
+        let br = f.iter().find(|x| x.name == "net.core.busy_read").unwrap();
+        assert!(br.recommended.contains("50"), "{}", br.recommended);
+        let def = super::run();
+        let rt = def.iter().find(|x| x.name == "runtime.busy_poll").unwrap();
+        assert!(rt.value.starts_with("0 (off"), "{}", rt.value);
+    }
+
+    #[test]
     fn check_reads_this_host() {
         let f = super::run();
         assert!(f
             .iter()
             .any(|x| x.name == "net.core.somaxconn" && x.value != "unavailable"));
         assert!(f.iter().any(|x| x.name == "io_uring"));
+        for name in [
+            "net.core.busy_read",
+            "net.core.busy_poll",
+            "runtime.busy_poll",
+        ] {
+            assert!(f.iter().any(|x| x.name == name), "{name} missing");
+        }
         let (soft, hard) = super::nofile();
         assert!(soft > 0 && hard >= soft);
         // Every failing finding with a fix renders as a command.

@@ -16,6 +16,9 @@
 //! | `runtime.nodelay` | bool | true | `TCP_NODELAY`: lower latency for small writes |
 //! | `runtime.tcp_keepalive` | duration | 180s | TCP keepalive idle time (dead peer detection) |
 //! | `runtime.reuseport_cpu_steering` | bool | false | CBPF: connection to the worker on its packets' CPU |
+//! | `runtime.busy_poll` | duration (`50us`) | 0 (off) | after activity a worker keeps reaping its ring without sleeping this long, so the next message finds its CPU awake (no halt/wake-up); burns that CPU while traffic flows; backs off 0.1–5 s when preempted (shared core); io_uring only; max 10ms |
+//! | `runtime.socket_recv_buffer` | bytes | absent (autotuning) | `SO_RCVBUF` on listeners (inherited by accepted sockets) and connected sockets; bounds the kernel memory a socket's unread bytes take (the kernel reserves twice the value) and turns receive autotuning off; capped by `net.core.rmem_max` |
+//! | `runtime.socket_send_buffer` | bytes | absent (autotuning) | `SO_SNDBUF` likewise: bounds unsent bytes queued in the kernel per socket (a slow reader's backlog); capped by `net.core.wmem_max` |
 //! | `runtime.forward.mode` | copy/splice | copy | user-space copy or zero-copy `splice(2)` |
 //! | `runtime.forward.buffer_size` | bytes | 65536 | first buffer of a busy direction |
 //! | `runtime.forward.max_buffer_size` | bytes | 262144 | a direction that keeps filling its buffer grows to this |
@@ -128,8 +131,41 @@ mod tests {
         assert!(l.h2.stream_window < d.h2.stream_window);
         let h = load_profile("high-connections").unwrap();
         assert!(h.runtime.max_connections_per_worker > d.runtime.max_connections_per_worker);
+        assert!(l.runtime.socket_recv_buffer.is_some() && d.runtime.socket_recv_buffer.is_none());
+        assert!(l.runtime.socket_send_buffer.is_some() && d.runtime.socket_send_buffer.is_none());
+        assert!(l.runtime.forward.max_buffer_size < d.runtime.forward.max_buffer_size);
         let lat = load_profile("latency").unwrap();
         assert!(lat.h2.chunk_size < d.h2.chunk_size);
+        assert!(!lat.runtime.busy_poll.is_zero() && d.runtime.busy_poll.is_zero());
+    }
+
+    #[test]
+    fn bad_busy_poll_and_socket_buffer_name_file_line_field() {
+        let dir = std::env::temp_dir().join(format!("tuning-bp-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("p.yaml");
+        std::fs::write(&f, "runtime:\n  pin: true\n  busy_poll: 1s\n").unwrap();
+        let e = load_profile(f.to_str().unwrap()).unwrap_err();
+        assert_eq!(e.line, Some(3), "{e}");
+        assert_eq!(e.field.as_deref(), Some("runtime.busy_poll"), "{e}");
+        assert!(e.to_string().contains("p.yaml:3"), "{e}");
+        std::fs::write(&f, "runtime:\n  socket_recv_buffer: 10\n").unwrap();
+        let e = load_profile(f.to_str().unwrap()).unwrap_err();
+        assert_eq!(e.line, Some(2), "{e}");
+        assert_eq!(
+            e.field.as_deref(),
+            Some("runtime.socket_recv_buffer"),
+            "{e}"
+        );
+        std::fs::write(&f, "runtime:\n  busy_poll: soon\n").unwrap();
+        let e = load_profile(f.to_str().unwrap()).unwrap_err();
+        assert_eq!(e.line, Some(2), "{e}");
+        assert_eq!(e.field.as_deref(), Some("runtime.busy_poll"), "{e}");
+        std::fs::write(&f, "runtime:\n  busy_polling: 50us\n").unwrap();
+        let e = load_profile(f.to_str().unwrap()).unwrap_err();
+        assert_eq!(e.line, Some(2), "{e}");
+        assert!(e.to_string().contains("busy_polling"), "{e}");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -1,4 +1,4 @@
-//! `tuning check [--sysctl]` · `tuning show PROFILE`
+//! `tuning check [--sysctl] [--profile NAME|FILE]` · `tuning show PROFILE`
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -18,6 +18,10 @@ enum Cmd {
         /// Print only the commands that apply the recommendations not met.
         #[arg(long)]
         sysctl: bool,
+        /// Recommendations for this profile (built-in name or file), e.g. busy polling for
+        /// `latency`.
+        #[arg(long, default_value = "default")]
+        profile: String,
     },
     /// Print a profile (built-in name or file) with every knob resolved.
     Show { profile: String },
@@ -27,8 +31,15 @@ enum Cmd {
 
 fn main() -> std::process::ExitCode {
     match Args::parse().cmd {
-        Cmd::Check { sysctl } => {
-            let f = tuning::check::run();
+        Cmd::Check { sysctl, profile } => {
+            let p = match tuning::load_profile(&profile) {
+                Ok(p) => p,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return std::process::ExitCode::from(2);
+                }
+            };
+            let f = tuning::check::run_for(&p);
             if sysctl {
                 print!("{}", tuning::check::fixes(&f));
             } else {
