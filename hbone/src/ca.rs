@@ -44,6 +44,10 @@ impl SecretKey {
     pub fn from_pkcs8_der(der: Vec<u8>) -> Self {
         SecretKey(Arc::new(der))
     }
+    /// The same key (the same shared bytes, or equal bytes).
+    pub fn same_as(&self, other: &SecretKey) -> bool {
+        Arc::ptr_eq(&self.0, &other.0) || self.0 == other.0
+    }
     pub fn to_rustls(&self) -> PrivateKeyDer<'static> {
         PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(self.0.as_ref().clone()))
     }

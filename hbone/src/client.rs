@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use h2::client::SendRequest;
+use h2::SendStream;
 use rustls_pki_types::ServerName;
 
 use crate::error::HboneError;
@@ -36,11 +37,41 @@ impl Client {
         settings: &H2Settings,
         counters: &TlsCounters,
     ) -> Result<Client, HboneError> {
+        Ok(Self::establish(addr, tls, settings, counters, None)
+            .await?
+            .0)
+    }
+
+    /// [`Client::connect`] and open a first stream with `req`. The TLS Finished, the h2
+    /// preface and SETTINGS and the CONNECT request leave in one packet (a separate
+    /// `open` after `connect` costs one more).
+    pub async fn connect_and_open(
+        addr: SocketAddr,
+        tls: Arc<rustls::ClientConfig>,
+        settings: &H2Settings,
+        counters: &TlsCounters,
+        req: &ConnectRequest,
+    ) -> Result<(Client, H2Stream), HboneError> {
+        let (client, first) = Self::establish(addr, tls, settings, counters, Some(req)).await?;
+        let (resp, stream) = first.expect("a first request was asked for");
+        let stream = answered(resp, stream).await?;
+        Ok((client, stream))
+    }
+
+    pub(crate) async fn establish(
+        addr: SocketAddr,
+        tls: Arc<rustls::ClientConfig>,
+        settings: &H2Settings,
+        counters: &TlsCounters,
+        first: Option<&ConnectRequest>,
+    ) -> Result<(Client, Option<FirstRequest>), HboneError> {
         let tcp = monoio::net::TcpStream::connect_addr(addr)
             .await
             .map_err(|e| HboneError::Connect(addr, e))?;
         let _ = tcp.set_nodelay(true);
-        let io = crate::stream::TcpIo::new(tcp);
+        // Our writes after the server's flight (TLS Finished, h2 preface, SETTINGS, the
+        // first HEADERS) wait for one flush, below.
+        let (io, hold) = crate::stream::TcpIo::held_after_first_read(tcp);
         let mut tls_stream = match tokio_rustls::TlsConnector::from(tls)
             .connect(ServerName::IpAddress(addr.ip().into()), io)
             .await
@@ -61,6 +92,15 @@ impl Client {
             .client_builder()
             .handshake::<_, Bytes>(tls_stream)
             .await?;
+        let first = match first {
+            Some(req) => {
+                let mut ready = send.clone().ready().await?;
+                Some(ready.send_request(req.to_http(random_fill), false)?)
+            }
+            None => None,
+        };
+        // The connection task's first flush sends everything gathered.
+        drop(hold);
         let closed = Rc::new(Cell::new(false));
         let flag = closed.clone();
         let ping = conn.ping_pong();
@@ -73,11 +113,14 @@ impl Client {
             }
             flag.set(true);
         });
-        Ok(Client {
-            send,
-            closed,
-            peer: addr,
-        })
+        Ok((
+            Client {
+                send,
+                closed,
+                peer: addr,
+            },
+            first,
+        ))
     }
 
     pub fn peer(&self) -> SocketAddr {
@@ -93,10 +136,21 @@ impl Client {
     pub async fn open(&self, req: &ConnectRequest) -> Result<H2Stream, HboneError> {
         let mut send = self.send.clone().ready().await?;
         let (resp, stream) = send.send_request(req.to_http(random_fill), false)?;
-        let resp = resp.await?;
-        if resp.status() != http::StatusCode::OK {
-            return Err(HboneError::Status(resp.status()));
-        }
-        Ok(H2Stream::new(stream, resp.into_body()))
+        answered(resp, stream).await
     }
+}
+
+/// A first request sent with the connection's setup, its answer not awaited yet.
+pub(crate) type FirstRequest = (h2::client::ResponseFuture, SendStream<Bytes>);
+
+/// The stream once the server answered 200; `HboneError::Status` otherwise.
+pub(crate) async fn answered(
+    resp: h2::client::ResponseFuture,
+    stream: SendStream<Bytes>,
+) -> Result<H2Stream, HboneError> {
+    let resp = resp.await?;
+    if resp.status() != http::StatusCode::OK {
+        return Err(HboneError::Status(resp.status()));
+    }
+    Ok(H2Stream::new(stream, resp.into_body()))
 }

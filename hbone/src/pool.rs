@@ -17,7 +17,7 @@ use std::time::Instant;
 use runtime::event::LocalEvent;
 
 use crate::ca::WorkloadCert;
-use crate::client::Client;
+use crate::client::{answered, Client, FirstRequest};
 use crate::error::HboneError;
 use crate::identity::Identity;
 use crate::settings::H2Settings;
@@ -40,6 +40,10 @@ struct Slot {
     /// streams go to a connection made with the new certificate.
     leaf: Vec<u8>,
     client: RefCell<Option<Client>>,
+    /// The stream of the request that made the connection, sent with its setup (one
+    /// packet carries TLS Finished, h2 preface, SETTINGS and the CONNECT), for the opener
+    /// that reserved the slot.
+    first: RefCell<Option<FirstRequest>>,
     failed: RefCell<Option<String>>,
     ready: LocalEvent,
     active: Cell<usize>,
@@ -106,7 +110,7 @@ impl Pool {
         req: &ConnectRequest,
     ) -> Result<H2Stream, HboneError> {
         loop {
-            let slot = self.reserve(key, cert);
+            let (slot, owner) = self.reserve(key, cert, req);
             let s2 = slot.clone();
             let guard = StreamGuard::new(move || {
                 s2.active.set(s2.active.get() - 1);
@@ -120,6 +124,19 @@ impl Pool {
                     "connection to {} failed: {msg}",
                     key.addr
                 )));
+            }
+            let first = if owner {
+                slot.first.borrow_mut().take()
+            } else {
+                None
+            };
+            if let Some((resp, send)) = first {
+                // A fresh connection's first stream: like any first failure on an
+                // unproven connection, not retried.
+                let mut s = answered(resp, send).await?;
+                slot.proven.set(true);
+                s._guard = Some(guard);
+                return Ok(s);
             }
             let client = slot
                 .client
@@ -145,7 +162,14 @@ impl Pool {
         }
     }
 
-    fn reserve(&self, key: &PoolKey, cert: &WorkloadCert) -> Rc<Slot> {
+    /// A slot with room for one more stream; `true` when it is a new connection whose
+    /// setup carries `req` (see [`Slot::first`]).
+    fn reserve(
+        &self,
+        key: &PoolKey,
+        cert: &WorkloadCert,
+        req: &ConnectRequest,
+    ) -> (Rc<Slot>, bool) {
         self.start_sweeper();
         let max = self.0.settings.max_streams_per_connection.max(1);
         let mut conns = self.0.conns.borrow_mut();
@@ -158,11 +182,12 @@ impl Pool {
         list.retain(|s| !(s.dead() && s.active.get() == 0));
         if let Some(s) = list.iter().find(|s| !s.dead() && s.active.get() < max) {
             s.active.set(s.active.get() + 1);
-            return s.clone();
+            return (s.clone(), false);
         }
         let slot = Rc::new(Slot {
             leaf: leaf.to_vec(),
             client: RefCell::new(None),
+            first: RefCell::new(None),
             failed: RefCell::new(None),
             ready: LocalEvent::new(),
             active: Cell::new(1),
@@ -173,24 +198,28 @@ impl Pool {
         list.push(slot.clone());
         self.0.connects.set(self.0.connects.get() + 1);
         let tls = tls::client_config(cert, &key.dst);
-        let (addr, settings, counters, s) = (
+        let (addr, settings, counters, s, req) = (
             key.addr,
             self.0.settings.clone(),
             self.0.counters.clone(),
             slot.clone(),
+            req.clone(),
         );
         monoio::spawn(async move {
             let r = match tls {
-                Ok(tls) => Client::connect(addr, tls, &settings, &counters).await,
+                Ok(tls) => Client::establish(addr, tls, &settings, &counters, Some(&req)).await,
                 Err(e) => Err(HboneError::Config(e)),
             };
             match r {
-                Ok(c) => *s.client.borrow_mut() = Some(c),
+                Ok((c, first)) => {
+                    *s.client.borrow_mut() = Some(c);
+                    *s.first.borrow_mut() = first;
+                }
                 Err(e) => *s.failed.borrow_mut() = Some(e.to_string()),
             }
             s.ready.set();
         });
-        slot
+        (slot, true)
     }
 
     /// Close connections unused for the idle timeout (dropping the last handle of an h2

@@ -394,14 +394,15 @@ async fn outbound_conn(
     } else {
         // Cold path: a fresh connection per stream (handshake benchmark).
         match crate::tls::client_config(&cert, &key.dst) {
-            Ok(tls) => {
-                match crate::client::Client::connect(o.hbone, tls, &cfg.h2, &counters.client_tls)
-                    .await
-                {
-                    Ok(c) => c.open(&req).await,
-                    Err(e) => Err(e),
-                }
-            }
+            Ok(tls) => crate::client::Client::connect_and_open(
+                o.hbone,
+                tls,
+                &cfg.h2,
+                &counters.client_tls,
+                &req,
+            )
+            .await
+            .map(|(_client, stream)| stream),
             Err(e) => Err(crate::HboneError::Config(e)),
         }
     };

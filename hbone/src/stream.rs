@@ -279,13 +279,51 @@ pub async fn bridge(
 
 type Readiness = Pin<Box<dyn Future<Output = io::Result<()>>>>;
 
+/// Writes at most this big are gathered until the next flush (TLS records of h2 control
+/// frames, handshake flights, small DATA): one `sendmsg` — one packet — per flush instead
+/// of one per record. Larger writes go straight to the socket (with anything gathered
+/// before them in front, in the same `sendmsg`), so bulk data is never copied.
+const GATHER_MAX: usize = 4096;
+
 /// The socket under TLS + h2: non-blocking `recv`/`sendmsg` straight from and into the
 /// callers' buffers (no copy), waiting for readiness with a poll on the ring itself. Saves
 /// the `epoll_wait` (and the epoll registration) that monoio's `poll-io` adds per wake-up.
+///
+/// Small writes are gathered until `poll_flush`/`poll_shutdown` (tokio-rustls flushes at
+/// the end of each handshake step, h2 after each batch of frames). While a [`Hold`] is
+/// active, flushes are deferred too: a client holds its TLS Finished, the h2 preface and
+/// SETTINGS and its first request HEADERS, and sends them as one packet.
 pub struct TcpIo {
     tcp: Rc<TcpStream>,
     read_ready: Option<Readiness>,
     write_ready: Option<Readiness>,
+    gathered: Vec<u8>,
+    hold: Option<Rc<Cell<HoldState>>>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum HoldState {
+    /// Not holding (released, or never armed).
+    Off,
+    /// Hold from the first byte read on.
+    Armed,
+    Holding,
+}
+
+/// Defers a [`TcpIo`]'s flushes until released (or dropped).
+pub struct Hold(Rc<Cell<HoldState>>);
+
+impl Hold {
+    /// Let the next flush send what was gathered.
+    pub fn release(&self) {
+        self.0.set(HoldState::Off);
+    }
+}
+
+impl Drop for Hold {
+    fn drop(&mut self) {
+        self.release();
+    }
 }
 
 impl TcpIo {
@@ -294,7 +332,25 @@ impl TcpIo {
             tcp: Rc::new(tcp),
             read_ready: None,
             write_ready: None,
+            gathered: Vec::new(),
+            hold: None,
         }
+    }
+
+    /// A socket whose writes are held (flushes deferred) from the first byte it reads —
+    /// i.e. after the first flight went out and the peer answered — until the [`Hold`] is
+    /// released or dropped.
+    pub fn held_after_first_read(tcp: TcpStream) -> (Self, Hold) {
+        let flag = Rc::new(Cell::new(HoldState::Armed));
+        let mut io = TcpIo::new(tcp);
+        io.hold = Some(flag.clone());
+        (io, Hold(flag))
+    }
+
+    fn holding(&self) -> bool {
+        self.hold
+            .as_ref()
+            .is_some_and(|h| h.get() == HoldState::Holding)
     }
 
     /// Start waiting for readability (`read`) or writability: one poll on the ring.
@@ -321,6 +377,53 @@ impl TcpIo {
         }
         Poll::Ready(Ok(()))
     }
+
+    /// One `sendmsg` of `bufs`, waiting for writability after `WouldBlock`.
+    fn poll_send(
+        &mut self,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        loop {
+            if self.write_ready.is_some() {
+                ready!(self.poll_ready(cx, false))?;
+            }
+            let fd = self.tcp.as_raw_fd();
+            match runtime::sys::send_vectored_nonblocking(fd, bufs) {
+                Ok(n) => return Poll::Ready(Ok(n)),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.arm(false),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+    }
+
+    /// Send everything gathered.
+    fn poll_drain(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while !self.gathered.is_empty() {
+            let g = std::mem::take(&mut self.gathered);
+            let r = self.poll_send(cx, &[io::IoSlice::new(&g)]);
+            self.gathered = g;
+            let n = ready!(r)?;
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            self.gathered.drain(..n);
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl Drop for TcpIo {
+    fn drop(&mut self) {
+        // Best effort for bytes gathered but never flushed (a connection dropped on error).
+        if !self.gathered.is_empty() {
+            let _ = runtime::sys::send_vectored_nonblocking(
+                self.tcp.as_raw_fd(),
+                &[io::IoSlice::new(&self.gathered)],
+            );
+        }
+    }
 }
 
 impl tokio::io::AsyncRead for TcpIo {
@@ -339,9 +442,26 @@ impl tokio::io::AsyncRead for TcpIo {
             match runtime::sys::recv_nonblocking(fd, buf.initialize_unfilled()) {
                 Ok(n) => {
                     buf.advance(n);
+                    if let Some(h) = &this.hold {
+                        // `held_after_first_read`: hold from the peer's first answer on
+                        // (unless the `Hold` is already gone).
+                        if n > 0 && h.get() == HoldState::Armed && Rc::strong_count(h) > 1 {
+                            h.set(HoldState::Holding);
+                        }
+                    }
                     return Poll::Ready(Ok(()));
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => this.arm(true),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    // Never wait for the peer with held bytes it may be waiting for (a
+                    // HelloRetryRequest's second ClientHello): stop holding and send.
+                    if this.holding() && !this.gathered.is_empty() {
+                        if let Some(h) = &this.hold {
+                            h.set(HoldState::Off);
+                        }
+                        ready!(this.poll_drain(cx))?;
+                    }
+                    this.arm(true)
+                }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Poll::Ready(Err(e)),
             }
@@ -364,29 +484,57 @@ impl tokio::io::AsyncWrite for TcpIo {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
-        loop {
-            if this.write_ready.is_some() {
-                ready!(this.poll_ready(cx, false))?;
+        let total: usize = bufs.iter().map(|b| b.len()).sum();
+        if this.holding() || this.gathered.len() + total <= GATHER_MAX {
+            for b in bufs {
+                this.gathered.extend_from_slice(b);
             }
-            let fd = this.tcp.as_raw_fd();
-            match runtime::sys::send_vectored_nonblocking(fd, bufs) {
-                Ok(n) => return Poll::Ready(Ok(n)),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => this.arm(false),
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Poll::Ready(Err(e)),
+            return Poll::Ready(Ok(total));
+        }
+        // A large write: what was gathered goes first, in the same `sendmsg`.
+        while !this.gathered.is_empty() {
+            let g = std::mem::take(&mut this.gathered);
+            let mut iov = Vec::with_capacity(bufs.len() + 1);
+            iov.push(io::IoSlice::new(&g));
+            iov.extend_from_slice(bufs);
+            let r = this.poll_send(cx, &iov);
+            drop(iov);
+            this.gathered = g;
+            let n = ready!(r)?;
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            if n < this.gathered.len() {
+                this.gathered.drain(..n);
+            } else {
+                let of_bufs = n - this.gathered.len();
+                this.gathered.clear();
+                if of_bufs > 0 {
+                    return Poll::Ready(Ok(of_bufs));
+                }
             }
         }
+        this.poll_send(cx, bufs)
     }
 
     fn is_write_vectored(&self) -> bool {
         true
     }
 
-    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Poll::Ready(Ok(()))
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if this.holding() {
+            return Poll::Ready(Ok(()));
+        }
+        this.poll_drain(cx)
     }
 
-    fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Poll::Ready(runtime::sys::shutdown_write(self.tcp.as_raw_fd()))
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if let Some(h) = this.hold.take() {
+            h.set(HoldState::Off);
+        }
+        ready!(this.poll_drain(cx))?;
+        Poll::Ready(runtime::sys::shutdown_write(this.tcp.as_raw_fd()))
     }
 }
