@@ -487,3 +487,76 @@ pub fn webpki_server_verifier(
         .build()
         .map_err(|e| rustls::Error::General(e.to_string()))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ca::{CertSource, SigningCa};
+
+    fn at(t: SystemTime) -> UnixTime {
+        UnixTime::since_unix_epoch(t.duration_since(UNIX_EPOCH).unwrap())
+    }
+
+    /// A chain remembered as verified is accepted again only inside its validity, and only
+    /// against the same roots; outside, the full check runs and gives its own error.
+    #[test]
+    fn verified_chain_memo_respects_validity_and_roots() {
+        let ca = SigningCa::generate_root("cluster.local").unwrap().0;
+        let id = Identity::new("cluster.local", "default", "server");
+        let now = SystemTime::now();
+        let cert = ca.mint(&id, now, Duration::from_secs(3600)).unwrap();
+        let verifier = SpiffeServerVerifier {
+            roots: roots_store(&cert.roots).unwrap(),
+            anchors: anchors_key(b's', &cert.roots),
+            expected: vec![id.clone()],
+            algs: provider().signature_verification_algorithms,
+        };
+        let name = ServerName::try_from("example.com").unwrap();
+        let leaf = &cert.chain[0];
+        let inside = at(now + Duration::from_secs(60));
+        verifier
+            .verify_server_cert(leaf, &[], &name, &[], inside)
+            .expect("valid chain");
+        assert!(verified_before(&verifier.anchors, leaf, &[], inside));
+        // Past not_after: not taken from the memo; the full check says expired.
+        let later = at(now + Duration::from_secs(7200));
+        assert!(!verified_before(&verifier.anchors, leaf, &[], later));
+        let e = verifier
+            .verify_server_cert(leaf, &[], &name, &[], later)
+            .unwrap_err();
+        assert!(
+            matches!(
+                e,
+                rustls::Error::InvalidCertificate(
+                    CertificateError::Expired | CertificateError::ExpiredContext { .. }
+                )
+            ),
+            "{e:?}"
+        );
+        // Other roots (another mesh) or the other use (client certificates): not verified.
+        let other = SigningCa::generate_root("cluster.local").unwrap().0;
+        let other_roots = other.roots();
+        assert!(!verified_before(
+            &anchors_key(b's', &other_roots),
+            leaf,
+            &[],
+            inside
+        ));
+        assert!(!verified_before(
+            &anchors_key(b'c', &cert.roots),
+            leaf,
+            &[],
+            inside
+        ));
+        // A memoised chain still has to carry an expected identity.
+        let wrong = SpiffeServerVerifier {
+            roots: roots_store(&cert.roots).unwrap(),
+            anchors: verifier.anchors.clone(),
+            expected: vec![Identity::new("cluster.local", "default", "other")],
+            algs: provider().signature_verification_algorithms,
+        };
+        assert!(wrong
+            .verify_server_cert(leaf, &[], &name, &[], inside)
+            .is_err());
+    }
+}
