@@ -204,10 +204,11 @@ async fn request<U: Upstream>(
             (status, http1::local_flags(status), 0, n)
         }
         Action::Forward { forward } => {
-            let h2_upstream = forward
-                .service
-                .as_ref()
-                .is_some_and(|(svc, _)| cfg.lb(svc).use_client_protocol);
+            let h2_upstream = forward.service.as_ref().is_some_and(|(svc, _)| {
+                cfg.load_balancing
+                    .get(svc)
+                    .is_some_and(|lb| lb.use_client_protocol)
+            });
             if h2_upstream {
                 forward_h2(
                     &mut up,
@@ -246,7 +247,8 @@ async fn request<U: Upstream>(
         protocol: "HTTP/2",
         method: &head.method,
         host: head.header("host").unwrap_or(""),
-        path: &http1::target_of(&head),
+        path: &head.path,
+        query: head.query.as_deref(),
         status,
         flags,
         request_bytes: head_len as u64 + body_len,

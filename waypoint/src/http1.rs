@@ -115,7 +115,7 @@ fn parse_head_with<'b>(buf: &'b [u8], headers: &mut [httparse::Header<'b>]) -> P
             if !target.starts_with('/') {
                 return Parsed::Bad(400);
             }
-            let mut hs = Vec::with_capacity(req.headers.len());
+            let mut hs = Vec::with_capacity(req.headers.len() + 2);
             for h in req.headers.iter() {
                 let Ok(v) = std::str::from_utf8(h.value) else {
                     return Parsed::Bad(400);
@@ -536,8 +536,9 @@ pub struct Record<'a> {
     pub protocol: &'static str,
     pub method: &'a str,
     pub host: &'a str,
-    /// With the query.
+    /// Without the query.
     pub path: &'a str,
+    pub query: Option<&'a str>,
     pub status: u16,
     /// Envoy's response flags: `UF`, `UT`, `NR` or `-`.
     pub flags: &'static str,
@@ -552,10 +553,30 @@ pub struct Record<'a> {
 /// Set a valid `traceparent` on the request (kept when valid, else continued from the
 /// tunnel's or generated); returns it.
 pub fn trace(head: &mut RequestHead, tunnel: Option<&str>, rng: &mut dyn Rng) -> String {
-    let t = crate::telemetry::traceparent(head.header("traceparent"), tunnel, rng);
-    head.headers
-        .retain(|(n, _)| !n.eq_ignore_ascii_case("traceparent"));
-    head.headers.push(("traceparent".into(), t.clone()));
+    let mut found: Option<usize> = None;
+    let mut extra = false;
+    for (i, (n, _)) in head.headers.iter().enumerate() {
+        if n.eq_ignore_ascii_case("traceparent") {
+            if found.is_some() {
+                extra = true;
+            } else {
+                found = Some(i);
+            }
+        }
+    }
+    let current = found.map(|i| head.headers[i].1.as_str());
+    let t = crate::telemetry::traceparent(current, tunnel, rng);
+    if extra {
+        head.headers
+            .retain(|(n, _)| !n.eq_ignore_ascii_case("traceparent"));
+        found = None;
+    }
+    match found {
+        // Kept as it was: nothing to change.
+        Some(i) if head.headers[i].1 == t => {}
+        Some(i) => head.headers[i].1.clone_from(&t),
+        None => head.headers.push(("traceparent".into(), t.clone())),
+    }
     t
 }
 
@@ -808,7 +829,8 @@ pub async fn serve_from<T: Tunnel, U: Upstream>(
                     protocol: "HTTP/1.1",
                     method: &head.method,
                     host: head.header("host").unwrap_or(""),
-                    path: &target_of(&head),
+                    path: &head.path,
+                    query: head.query.as_deref(),
                     status,
                     flags: local_flags(status),
                     request_bytes,
@@ -886,7 +908,8 @@ pub async fn serve_from<T: Tunnel, U: Upstream>(
                     protocol: "HTTP/1.1",
                     method: &head.method,
                     host: head.header("host").unwrap_or(""),
-                    path: &target_of(&head),
+                    path: &head.path,
+                    query: head.query.as_deref(),
                     status: out.status,
                     flags: out.flags,
                     request_bytes: used as u64 + out.request_body,
@@ -1366,6 +1389,23 @@ async fn forward_request<T: Tunnel, U: Upstream>(
     // body streamed.
     let upgrade = h.status == 101 && head.header("upgrade").is_some();
     let eof_to_chunked = h.framing == Framing::Eof && head.version == 1 && !upgrade;
+    // The common small response: head and whole body already read, passed on unchanged in
+    // one write.
+    if let Framing::Length(n) = h.framing {
+        let whole = h.len + n as usize;
+        if fwd.response_headers.is_empty() && ubuf.len() == whole && h.status != 101 {
+            tunnel.write(ubuf.split().freeze()).await?;
+            let reusable = !h.close && head.keep_alive();
+            up.done(Some(conn), h.status, reusable, None);
+            return Ok(Forwarded {
+                status: h.status,
+                flags: "-",
+                request_body: sent,
+                response_bytes: whole as u64,
+                next: Next::Continue,
+            });
+        }
+    }
     let raw_head = ubuf.split_to(h.len).freeze();
     let out_head = if fwd.response_headers.is_empty() && !eof_to_chunked {
         raw_head

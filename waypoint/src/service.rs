@@ -556,7 +556,7 @@ async fn tunnel(w: Rc<Worker>, cert: Arc<WorkloadCert>, inb: Inbound) {
     let peer = Rc::new(peer_of(&inb, &l7, source_ip, &ctx.destination));
     let Ok(mut stream) = inb.accept() else { return };
     counters.tunnels.fetch_add(1, Relaxed);
-    let idle = Rc::new(RefCell::new(HashMap::new()));
+    let idle: IdleStreams = Rc::new(RefCell::new(Default::default()));
     let upstream = |w: &Rc<Worker>, client_h2: bool| HboneUpstream {
         worker: w.clone(),
         client_h2,
@@ -570,6 +570,7 @@ async fn tunnel(w: Rc<Worker>, cert: Arc<WorkloadCert>, inb: Inbound) {
         last: None,
         metric_cache: Vec::new(),
         current: None,
+        routed: false,
         upgrade: None,
         upgrade_first: Bytes::new(),
     };
@@ -754,7 +755,7 @@ impl Drop for Connecting {
 
 /// Idle upstream streams of one tunnel (shared by its HTTP/2 request streams), by
 /// (HBONE address, authority).
-type IdleStreams = Rc<RefCell<HashMap<(SocketAddr, SocketAddr), Vec<H2Stream>>>>;
+type IdleStreams = Rc<RefCell<crate::upstream::FnvMap<(SocketAddr, SocketAddr), Vec<H2Stream>>>>;
 
 /// Upstream exchanges over HBONE for one tunnel.
 struct HboneUpstream {
@@ -776,8 +777,10 @@ struct HboneUpstream {
     /// This tunnel's recent metric label sets: (status, flags, `last`) → counters, so a
     /// keep-alive tunnel builds its labels once.
     metric_cache: Vec<(MetricKey, Arc<crate::telemetry::RequestCounters>)>,
-    /// The balancer slot of the current HTTP/1.1 try.
-    current: Option<(ObjectRef, u16, usize)>,
+    /// The balancer slot (port, index) of the current try; its service is `last`'s.
+    current: Option<(u16, usize)>,
+    /// Whether `last` names the current request's destination (else it answered here).
+    routed: bool,
     /// An upgraded (`101`) upstream stream, and tunnel bytes to send it first.
     upgrade: Option<H2Stream>,
     upgrade_first: Bytes,
@@ -834,30 +837,67 @@ impl Upstream for HboneUpstream {
         service: Option<&(ObjectRef, u16)>,
         head: &http1::RequestHead,
     ) -> io::Result<(UpConn, bool)> {
-        let l7 = self.l7.clone();
-        let snap = l7
-            .mesh
-            .as_ref()
-            .ok_or_else(|| io::Error::other("no mesh model"))?;
-        let hashed = service.is_some_and(|(svc, _)| {
-            matches!(l7.lb(svc).policy, crate::lb::LbPolicy::ConsistentHash(_))
-        });
-        let hdrs: Vec<(&str, &str)> = if hashed {
-            head.headers
-                .iter()
-                .map(|(n, v)| (n.as_str(), v.as_str()))
-                .collect()
-        } else {
-            Vec::new()
+        let key = match service {
+            Some((svc, port)) => {
+                let hdrs: Vec<(&str, &str)> = if Balancers::hashed(&self.l7, svc) {
+                    head.headers
+                        .iter()
+                        .map(|(n, v)| (n.as_str(), v.as_str()))
+                        .collect()
+                } else {
+                    Vec::new()
+                };
+                let input = HashInput {
+                    headers: &hdrs,
+                    source_ip: Some(self.source_ip),
+                };
+                let mut b = self.worker.balancers.borrow_mut();
+                let (i, ep) = b
+                    .pick_ref(&self.l7, svc, *port, &input, Instant::now(), &mut self.rng)
+                    .ok_or_else(|| {
+                        io::Error::other(format!("{}/{} has no endpoints", svc.namespace, svc.name))
+                    })?;
+                // The telemetry destination; copied only when it changed.
+                let same = matches!(&self.last, Some((Some(s), uid)) if s == svc && *uid == ep.workload_uid);
+                if !same {
+                    self.last = Some((Some(svc.clone()), ep.workload_uid.clone()));
+                }
+                self.current = Some((*port, i));
+                (ep.hbone, ep.authority)
+            }
+            None => {
+                let snap = self
+                    .l7
+                    .mesh
+                    .as_ref()
+                    .ok_or_else(|| io::Error::other("no mesh model"))?;
+                let ep = pod_endpoint(snap, self.target)
+                    .ok_or_else(|| io::Error::other("target pod left the model"))?;
+                self.current = None;
+                let key = (ep.hbone, ep.authority);
+                self.last = Some((None, ep.workload_uid));
+                key
+            }
         };
-        let (ep, expected, picked) = self.choose(snap, service, &hdrs)?;
-        self.current = picked.map(|(svc, port, i)| (svc.clone(), port, i));
-        self.last = Some((service.map(|s| s.0.clone()), ep.workload_uid.clone()));
-        let key = (ep.hbone, ep.authority);
+        self.routed = true;
         let kept = self.idle.borrow_mut().get_mut(&key).and_then(Vec::pop);
         if let Some(s) = kept {
             return Ok((UpConn { s, key }, true));
         }
+        // A new stream: the endpoint's identity is needed only now.
+        let uid = self.last.as_ref().map(|l| l.1.clone()).unwrap_or_default();
+        let expected = self
+            .l7
+            .mesh
+            .as_ref()
+            .and_then(|snap| snap.workload(&uid))
+            .map(|w| w.identity())
+            .ok_or_else(|| io::Error::other("endpoint left the model"))?;
+        let ep = Endpoint {
+            workload_uid: uid,
+            authority: key.1,
+            hbone: key.0,
+        };
         let s = self.open(&ep, expected).await?;
         Ok((UpConn { s, key }, false))
     }
@@ -869,7 +909,7 @@ impl Upstream for HboneUpstream {
         reusable: bool,
         error: Option<io::ErrorKind>,
     ) {
-        if let Some((svc, port, i)) = self.current.take() {
+        if let (Some((port, i)), Some((Some(svc), _))) = (self.current.take(), &self.last) {
             // A try abandoned without a verdict (a kept stream found closed) is neutral.
             let verdict = if status == 0 && error.is_none() {
                 200
@@ -879,7 +919,7 @@ impl Upstream for HboneUpstream {
             self.worker
                 .balancers
                 .borrow_mut()
-                .finish(&svc, port, i, verdict, Instant::now());
+                .finish(svc, port, i, verdict, Instant::now());
         }
         if let Some(kind) = error {
             let c = &self.worker.shared.counters;
@@ -922,8 +962,9 @@ impl Upstream for HboneUpstream {
             Vec::new()
         };
         let (ep, expected, picked) = self.choose(snap, Some(service), &hdrs)?;
-        self.current = picked.map(|(svc, port, i)| (svc.clone(), port, i));
+        self.current = picked.map(|(_, port, i)| (port, i));
         self.last = Some((Some(service.0.clone()), ep.workload_uid.clone()));
+        self.routed = true;
         let mut sender = self.h2_sender(&ep, expected).await?;
         sender.send_request(req, end).map_err(io::Error::other)
     }
@@ -970,11 +1011,12 @@ impl Upstream for HboneUpstream {
             target: self.target,
             source_ip: self.source_ip,
             rng: self.worker.rng(),
-            idle: Rc::new(RefCell::new(HashMap::new())),
+            idle: Rc::new(RefCell::new(Default::default())),
             peer: self.peer.clone(),
             last: None,
             metric_cache: Vec::new(),
             current: None,
+            routed: false,
             upgrade: None,
             upgrade_first: Bytes::new(),
         };
@@ -992,12 +1034,12 @@ impl Upstream for HboneUpstream {
 
     fn record(&mut self, r: &http1::Record<'_>) {
         let ms = r.started.elapsed().as_secs_f64() * 1000.0;
-        let last = self.last.take();
-        let key: MetricKey = (r.status, r.flags, last);
+        let was_routed = std::mem::take(&mut self.routed);
+        let last_ref = if was_routed { self.last.as_ref() } else { None };
         let cached = self
             .metric_cache
             .iter()
-            .find(|(k, _)| *k == key)
+            .find(|(k, _)| k.0 == r.status && k.1 == r.flags && k.2.as_ref() == last_ref)
             .map(|(_, c)| c.clone());
         let access = tracing::enabled!(target: "access", tracing::Level::INFO);
         if let (Some(c), false) = (&cached, access) {
@@ -1008,7 +1050,9 @@ impl Upstream for HboneUpstream {
             }
             return;
         }
-        let last = key.2.clone();
+        // Slow path: a new label set, or the access log.
+        let last = if was_routed { self.last.clone() } else { None };
+        let key: MetricKey = (r.status, r.flags, last.clone());
         let l7 = self.l7.clone();
         let snap = l7.mesh.as_ref();
         let p = &self.peer;
@@ -1061,6 +1105,10 @@ impl Upstream for HboneUpstream {
         if r.denied {
             self.worker.shared.counters.denied.fetch_add(1, Relaxed);
         }
+        let target = match r.query {
+            Some(q) => format!("{}?{q}", r.path),
+            None => r.path.to_string(),
+        };
         tracing::info!(
             target: "access",
             src_addr = %p.addr,
@@ -1073,7 +1121,7 @@ impl Upstream for HboneUpstream {
             protocol = r.protocol,
             method = r.method,
             authority = r.host,
-            path = r.path,
+            path = target.as_str(),
             status = r.status,
             flags = r.flags,
             request_bytes = r.request_bytes,
@@ -1115,6 +1163,7 @@ impl HboneUpstream {
             .collect();
         let (ep, expected, picked) = self.choose(snap, service, &hdrs)?;
         self.last = Some((service.map(|s| s.0.clone()), ep.workload_uid.clone()));
+        self.routed = true;
         let close = head
             .header("connection")
             .is_some_and(|v| v.to_ascii_lowercase().contains("close"))

@@ -296,19 +296,29 @@ pub fn observe(c: &RequestCounters, duration_ms: f64, req_bytes: u64, resp_bytes
 
 /// Whether `v` is a valid W3C `traceparent` (version 00, non-zero ids).
 pub fn valid_traceparent(v: &str) -> bool {
-    let p: Vec<&str> = v.trim().split('-').collect();
-    let hex = |s: &str, n: usize| {
-        s.len() == n
-            && s.bytes()
-                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    // `00-<32 hex>-<16 hex>-<2 hex>`, lower-case hex, trace and span ids not all zero.
+    let b = v.trim().as_bytes();
+    let hex = |s: &[u8]| {
+        s.iter()
+            .all(|&c| c.is_ascii_digit() || (b'a'..=b'f').contains(&c))
     };
-    p.len() == 4
-        && p[0] == "00"
-        && hex(p[1], 32)
-        && hex(p[2], 16)
-        && hex(p[3], 2)
-        && p[1].bytes().any(|b| b != b'0')
-        && p[2].bytes().any(|b| b != b'0')
+    b.len() == 55
+        && &b[..3] == b"00-"
+        && b[35] == b'-'
+        && b[52] == b'-'
+        && hex(&b[3..35])
+        && hex(&b[36..52])
+        && hex(&b[53..55])
+        && b[3..35].iter().any(|&c| c != b'0')
+        && b[36..52].iter().any(|&c| c != b'0')
+}
+
+/// `n` as 16 lower-case hex digits.
+fn hex16(out: &mut String, n: u64) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    for i in (0..16).rev() {
+        out.push(HEX[((n >> (i * 4)) & 0xf) as usize] as char);
+    }
 }
 
 /// The `traceparent` to send upstream: the request's when valid; else a new span of the
@@ -317,18 +327,28 @@ pub fn traceparent(request: Option<&str>, tunnel: Option<&str>, rng: &mut dyn Rn
     if let Some(v) = request.filter(|v| valid_traceparent(v)) {
         return v.trim().to_string();
     }
-    let span = format!("{:016x}", rng.next_u64() | 1);
+    let mut out = String::with_capacity(55);
+    out.push_str("00-");
     match tunnel.filter(|v| valid_traceparent(v)) {
         Some(t) => {
-            let p: Vec<&str> = t.trim().split('-').collect();
-            format!("00-{}-{span}-{}", p[1], p[3])
+            let t = t.trim();
+            let span = rng.next_u64() | 1;
+            out.push_str(&t[3..35]);
+            out.push('-');
+            hex16(&mut out, span);
+            out.push('-');
+            out.push_str(&t[53..55]);
         }
-        None => format!(
-            "00-{:016x}{:016x}-{span}-01",
-            rng.next_u64() | 1,
-            rng.next_u64()
-        ),
+        None => {
+            let span = rng.next_u64() | 1;
+            hex16(&mut out, rng.next_u64() | 1);
+            hex16(&mut out, rng.next_u64());
+            out.push('-');
+            hex16(&mut out, span);
+            out.push_str("-01");
+        }
     }
+    out
 }
 
 #[cfg(test)]

@@ -62,10 +62,35 @@ struct Entry {
     balancer: Balancer,
 }
 
-/// Per-worker balancers, by service port.
+/// FNV-1a: a cheap hash for the per-request lookups by keys from the configuration
+/// (service names, endpoint addresses), which an outside party cannot choose.
+#[derive(Default, Clone, Copy)]
+pub struct Fnv(u64);
+
+impl std::hash::Hasher for Fnv {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        let mut h = if self.0 == 0 {
+            0xcbf2_9ce4_8422_2325
+        } else {
+            self.0
+        };
+        for &b in bytes {
+            h = (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3);
+        }
+        self.0 = h;
+    }
+}
+
+/// A map hashed with [`Fnv`].
+pub type FnvMap<K, V> = HashMap<K, V, std::hash::BuildHasherDefault<Fnv>>;
+
+/// Per-worker balancers, by service, then port.
 #[derive(Default)]
 pub struct Balancers {
-    by_service: HashMap<(ObjectRef, u16), Entry>,
+    by_service: FnvMap<ObjectRef, Vec<(u16, Entry)>>,
 }
 
 impl Balancers {
@@ -80,42 +105,80 @@ impl Balancers {
         now: Instant,
         rng: &mut dyn Rng,
     ) -> Option<(usize, Endpoint)> {
+        self.pick_ref(cfg, service, port, input, now, rng)
+            .map(|(i, e)| (i, e.clone()))
+    }
+
+    /// [`Balancers::pick`] without copying the endpoint.
+    pub fn pick_ref(
+        &mut self,
+        cfg: &WaypointConfig,
+        service: &ObjectRef,
+        port: u16,
+        input: &HashInput<'_>,
+        now: Instant,
+        rng: &mut dyn Rng,
+    ) -> Option<(usize, &Endpoint)> {
         let snap = cfg.mesh.as_ref()?;
-        let key = (service.clone(), port);
-        let current = self
-            .by_service
-            .get(&key)
-            .is_some_and(|e| e.version == snap.version);
-        if !current {
-            // A new snapshot: keep the balancer's state unless this service's endpoints
-            // or its DestinationRule changed.
-            let eps = endpoints(snap, service, port);
-            let lb = cfg.lb(service);
-            match self.by_service.get_mut(&key) {
-                Some(e) if e.endpoints == eps && e.lb == lb => e.version = snap.version,
-                _ => {
-                    let balancer = Balancer::new(eps.len(), lb.policy.clone(), lb.outlier);
-                    self.by_service.insert(
-                        key.clone(),
-                        Entry {
+        if !self.by_service.contains_key(service) {
+            self.by_service.insert(service.clone(), Vec::new());
+        }
+        let ports = self.by_service.get_mut(service)?;
+        let at = match ports.iter().position(|(p, _)| *p == port) {
+            Some(at) if ports[at].1.version == snap.version => at,
+            found => {
+                // A new snapshot (or a first use): keep the balancer's state unless this
+                // service's endpoints or its DestinationRule changed.
+                let eps = endpoints(snap, service, port);
+                let lb = cfg.lb(service);
+                match found {
+                    Some(at) if ports[at].1.endpoints == eps && ports[at].1.lb == lb => {
+                        ports[at].1.version = snap.version;
+                        at
+                    }
+                    _ => {
+                        let balancer = Balancer::new(eps.len(), lb.policy.clone(), lb.outlier);
+                        let entry = Entry {
                             version: snap.version,
                             endpoints: eps,
                             lb,
                             balancer,
-                        },
-                    );
+                        };
+                        match found {
+                            Some(at) => {
+                                ports[at].1 = entry;
+                                at
+                            }
+                            None => {
+                                ports.push((port, entry));
+                                ports.len() - 1
+                            }
+                        }
+                    }
                 }
             }
-        }
-        let entry = self.by_service.get_mut(&key).expect("inserted");
+        };
+        let entry = &mut ports[at].1;
         let i = entry.balancer.pick(input, now, rng)?;
         entry.balancer.start(i);
-        Some((i, entry.endpoints[i].clone()))
+        Some((i, &entry.endpoints[i]))
+    }
+
+    /// Whether `service`'s DestinationRule balances by a hash of the request (the caller
+    /// then passes its headers in [`HashInput`]).
+    pub fn hashed(cfg: &WaypointConfig, service: &ObjectRef) -> bool {
+        cfg.load_balancing
+            .get(service)
+            .is_some_and(|lb| matches!(lb.policy, crate::lb::LbPolicy::ConsistentHash(_)))
     }
 
     /// The request to endpoint `i` of `service:port` ended with `status` (0: no response).
     pub fn finish(&mut self, service: &ObjectRef, port: u16, i: usize, status: u16, now: Instant) {
-        if let Some(e) = self.by_service.get_mut(&(service.clone(), port)) {
+        let e = self
+            .by_service
+            .get_mut(service)
+            .and_then(|ps| ps.iter_mut().find(|(p, _)| *p == port));
+        if let Some((_, e)) = e {
             if i < e.balancer.len() {
                 e.balancer.finish(i, status, now);
             }
