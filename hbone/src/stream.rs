@@ -299,6 +299,10 @@ pub struct TcpIo {
     write_ready: Option<Readiness>,
     gathered: Vec<u8>,
     hold: Option<Rc<Cell<HoldState>>>,
+    /// The last `recv` returned less than asked: the socket was empty then, so the next
+    /// read waits for readiness first instead of a `recv` that would say `EAGAIN` (one
+    /// syscall less per message; data that came in meanwhile completes the poll at once).
+    drained: bool,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -334,6 +338,7 @@ impl TcpIo {
             write_ready: None,
             gathered: Vec::new(),
             hold: None,
+            drained: false,
         }
     }
 
@@ -433,15 +438,28 @@ impl tokio::io::AsyncRead for TcpIo {
         buf: &mut tokio::io::ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        if std::mem::take(&mut this.drained) && this.read_ready.is_none() {
+            this.arm(true);
+        }
         loop {
             // After `WouldBlock`, no syscall until the ring says readable.
             if this.read_ready.is_some() {
+                // Never wait for the peer with held bytes it may be waiting for (a
+                // HelloRetryRequest's second ClientHello): stop holding and send.
+                if this.holding() && !this.gathered.is_empty() {
+                    if let Some(h) = &this.hold {
+                        h.set(HoldState::Off);
+                    }
+                    ready!(this.poll_drain(cx))?;
+                }
                 ready!(this.poll_ready(cx, true))?;
             }
             let fd = this.tcp.as_raw_fd();
+            let want = buf.remaining();
             match runtime::sys::recv_nonblocking(fd, buf.initialize_unfilled()) {
                 Ok(n) => {
                     buf.advance(n);
+                    this.drained = n > 0 && n < want;
                     if let Some(h) = &this.hold {
                         // `held_after_first_read`: hold from the peer's first answer on
                         // (unless the `Hold` is already gone).
@@ -451,17 +469,7 @@ impl tokio::io::AsyncRead for TcpIo {
                     }
                     return Poll::Ready(Ok(()));
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    // Never wait for the peer with held bytes it may be waiting for (a
-                    // HelloRetryRequest's second ClientHello): stop holding and send.
-                    if this.holding() && !this.gathered.is_empty() {
-                        if let Some(h) = &this.hold {
-                            h.set(HoldState::Off);
-                        }
-                        ready!(this.poll_drain(cx))?;
-                    }
-                    this.arm(true)
-                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => this.arm(true),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Poll::Ready(Err(e)),
             }

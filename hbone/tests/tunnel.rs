@@ -441,3 +441,58 @@ fn forward_handler_bridges_to_tcp_and_503_when_upstream_is_down() {
     });
     bt.join().unwrap();
 }
+
+/// A server that does not take our preferred key share (X25519 only) answers with a
+/// HelloRetryRequest: the client's second ClientHello must not be held back with the
+/// writes it gathers for one packet after the server's first answer.
+#[test]
+fn hello_retry_request_is_answered_and_the_stream_works() {
+    let ca = ca();
+    let (client_cert, server_cert) = (cert(&ca, "client"), cert(&ca, "server"));
+    let mut provider = (*hbone::tls::provider()).clone();
+    provider.kx_groups = vec![rustls::crypto::ring::kx_group::X25519];
+    let provider = Arc::new(provider);
+    let mut roots = rustls::RootCertStore::empty();
+    for r in &server_cert.roots {
+        roots.add(r.clone()).unwrap();
+    }
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        Arc::new(roots),
+        provider.clone(),
+    )
+    .build()
+    .unwrap();
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(server_cert.chain.clone(), server_cert.key.to_rustls())
+        .unwrap();
+    tls.alpn_protocols = vec![b"h2".to_vec()];
+    let srv = server_with_tls(
+        Arc::new(tls),
+        H2Settings::default(),
+        Handler::Echo,
+        DriverKind::Uring,
+    );
+    let k = key("client", "server", srv.addr);
+    block_on(DriverKind::Uring, async move {
+        let pool = Pool::new(H2Settings::default(), Arc::new(TlsCounters::default()));
+        let s = pool.open(&k, &client_cert, &req()).await.expect("open");
+        let (sent, got) = echo_through(s, 100_000, 7).await;
+        assert_eq!(sent, got);
+        // And a plain connect (no first request) on the same kind of server.
+        let tls = hbone::tls::client_config(&client_cert, &[id("server")]).unwrap();
+        let c = hbone::client::Client::connect(
+            srv.addr,
+            tls,
+            &H2Settings::default(),
+            &TlsCounters::default(),
+        )
+        .await
+        .expect("connect");
+        let s = c.open(&req()).await.expect("open on a connected client");
+        let (sent, got) = echo_through(s, 1000, 8).await;
+        assert_eq!(sent, got);
+    });
+}

@@ -123,7 +123,21 @@ pub fn server(
     handler: Handler,
     kind: DriverKind,
 ) -> Server {
-    let tls = hbone::tls::server_config(cert).unwrap();
+    server_with_tls(
+        hbone::tls::server_config(cert).unwrap(),
+        settings,
+        handler,
+        kind,
+    )
+}
+
+/// Start an HBONE server with a given rustls config on 127.0.0.1:0.
+pub fn server_with_tls(
+    tls: Arc<rustls::ServerConfig>,
+    settings: H2Settings,
+    handler: Handler,
+    kind: DriverKind,
+) -> Server {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     listener.set_nonblocking(true).unwrap();
     let addr = listener.local_addr().unwrap();
