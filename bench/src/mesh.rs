@@ -397,10 +397,6 @@ impl Mesh {
     }
 
     fn build(&mut self, spec: &MeshSpec) -> Result<()> {
-        let nodes = TwoNodes::build(&mut self.lab).context("creating the node namespaces")?;
-        nodes
-            .add_pods(&mut self.lab, PODS)
-            .context("creating the pods")?;
         let plan = Addressing {
             node_ips: NODE_IPS.map(IpAddr::V4),
             link_prefix: 24,
@@ -411,10 +407,9 @@ impl Mesh {
                 (0, "10.183.0.0/24".into()),
                 (1, "10.181.0.0/24".into()),
             ],
+            pod_ip: |p| IpAddr::V4(p.ip),
         };
-        nodes
-            .address(&self.lab, &plan, PODS, |p| IpAddr::V4(p.ip))
-            .context("addressing the mesh")?;
+        TwoNodes::with_pods(&mut self.lab, PODS, &[plan]).context("building the mesh's network")?;
         let (ca_dir, tun) = self.ca_and_tuning(spec)?;
         for (i, name) in ["node-a", "node-b"].into_iter().enumerate() {
             let file = self.dir.join(format!("{name}.yaml"));

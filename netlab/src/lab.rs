@@ -155,6 +155,26 @@ impl Lab {
         })
     }
 
+    /// [`Lab::spawn_ready`] with the log at `<dir>/<name>.log` (see [`Lab::log`]); panics
+    /// with the error (and the log) when the process does not get ready: for tests.
+    pub fn spawn_logged(&mut self, name: &str, cmd: &mut Command, within: Duration) -> String {
+        let log = self.log_path(name);
+        self.spawn_ready(name, cmd, &log, within)
+            .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// What child `name` started with [`Lab::spawn_logged`] wrote to its stderr so far.
+    pub fn log(&self, name: &str) -> String {
+        std::fs::read_to_string(self.log_path(name)).unwrap_or_default()
+    }
+
+    fn log_path(&self, name: &str) -> PathBuf {
+        self.dir
+            .as_deref()
+            .expect("a lab with a folder (Lab::with_dir)")
+            .join(format!("{name}.log"))
+    }
+
     /// Kill the children, delete the namespaces, remove the folder (see the type's docs).
     /// Idempotent.
     pub fn teardown(&mut self) {

@@ -55,6 +55,8 @@ pub struct Addressing {
     pub gateways: [IpAddr; 2],
     /// `(node, network)`: node `node` reaches `network` through the other node.
     pub routes: Vec<(usize, String)>,
+    /// A pod's address in this family (IPv4: `|p| p.ip.into()`).
+    pub pod_ip: fn(&Pod) -> IpAddr,
 }
 
 /// Two node namespaces (`<prefix>-na`, `<prefix>-nb`) joined by a veth, and pods: see the
@@ -79,6 +81,17 @@ impl TwoNodes {
         format!("p-{pod}")
     }
 
+    /// The whole lab: both nodes, the pods, and the addresses of each plan (one per
+    /// family).
+    pub fn with_pods(lab: &mut Lab, pods: &[Pod], plans: &[Addressing]) -> Result<TwoNodes> {
+        let nodes = TwoNodes::build(lab)?;
+        nodes.add_pods(lab, pods)?;
+        for plan in plans {
+            nodes.address(lab, plan, pods)?;
+        }
+        Ok(nodes)
+    }
+
     /// Create the pods' namespaces, each behind its node (veth `p-<pod>` ⇄ `eth0`, both
     /// up, no addresses yet).
     pub fn add_pods(&self, lab: &mut Lab, pods: &[Pod]) -> Result<()> {
@@ -92,15 +105,9 @@ impl TwoNodes {
     /// Give the lab the addresses of one family: forwarding on in the nodes (and, for
     /// IPv4, reverse-path filtering off: replies of a proxy leave by another interface), the
     /// link addresses and the routes between the nodes, and for each pod its address
-    /// `ip(pod)` (of this family), its host route on its node and its default route via the
-    /// gateway. IPv6 addresses skip duplicate address detection, so they are usable at once.
-    pub fn address(
-        &self,
-        lab: &Lab,
-        plan: &Addressing,
-        pods: &[Pod],
-        ip: impl Fn(&Pod) -> IpAddr,
-    ) -> Result<()> {
+    /// (`plan.pod_ip`), its host route on its node and its default route via the gateway.
+    /// IPv6 addresses skip duplicate address detection, so they are usable at once.
+    pub fn address(&self, lab: &Lab, plan: &Addressing, pods: &[Pod]) -> Result<()> {
         let v6 = plan.node_ips[0].is_ipv6();
         let (fam, host) = if v6 { ("-6", 128) } else { ("-4", 32) };
         let addr_add = |ns: &str, cidr: &str, dev: &str| {
@@ -143,7 +150,7 @@ impl TwoNodes {
             let dev = Self::pod_dev(p.name);
             let gw = plan.gateways[p.node].to_string();
             addr_add(nns, &format!("{gw}/{host}"), &dev)?;
-            let ip_host = format!("{}/{host}", ip(p));
+            let ip_host = format!("{}/{host}", (plan.pod_ip)(p));
             run(&["ip", "-n", nns, fam, "route", "add", &ip_host, "dev", &dev])?;
             addr_add(&pns, &ip_host, "eth0")?;
             run(&["ip", "-n", &pns, fam, "route", "add", &gw, "dev", "eth0"])?;

@@ -66,8 +66,6 @@ fn two_nodes_route_pods_and_teardown_removes_everything() {
     }
     let mut lab = Lab::for_test("nl", "route").unwrap();
     let prefix = format!("{}-", lab.prefix());
-    let nodes = TwoNodes::build(&mut lab).unwrap();
-    nodes.add_pods(&mut lab, PODS).unwrap();
     let v4 = Addressing {
         node_ips: [
             "192.168.241.1".parse().unwrap(),
@@ -76,10 +74,9 @@ fn two_nodes_route_pods_and_teardown_removes_everything() {
         link_prefix: 24,
         gateways: ["10.241.0.1".parse().unwrap(), "10.242.0.1".parse().unwrap()],
         routes: vec![(0, "10.242.0.0/24".into()), (1, "10.241.0.0/24".into())],
+        pod_ip: |p| p.ip.into(),
     };
-    nodes
-        .address(&lab, &v4, PODS, |p| IpAddr::V4(p.ip))
-        .unwrap();
+    let nodes = TwoNodes::with_pods(&mut lab, PODS, &[v4]).unwrap();
     assert_eq!(netlab::captured_devs(PODS, 0), vec!["p-a".to_string()]);
     assert!(netlab::captured_devs(PODS, 1).is_empty());
     let b = SocketAddr::new(IpAddr::V4(PODS[1].ip), 8080);
@@ -96,8 +93,9 @@ fn two_nodes_route_pods_and_teardown_removes_everything() {
                 "fd00:242::1".parse().unwrap(),
             ],
             routes: vec![(0, "fd00:242::/64".into()), (1, "fd00:241::/64".into())],
+            pod_ip: v6,
         };
-        nodes.address(&lab, &v6plan, PODS, v6).unwrap();
+        nodes.address(&lab, &v6plan, PODS).unwrap();
         let b6 = SocketAddr::new(v6(&PODS[1]), 8080);
         assert_eq!(call(&lab, b6), v6(&PODS[0]));
     }

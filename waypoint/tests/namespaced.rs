@@ -380,17 +380,11 @@ impl World {
     /// Start `cmd` and wait for its READY line (the test harness prints its own lines
     /// first).
     fn spawn(&mut self, cmd: &mut std::process::Command, name: &str) {
-        let log = self.dir.join(format!("{name}.log"));
-        if let Err(e) = self
-            .lab
-            .spawn_ready(name, cmd, &log, Duration::from_secs(30))
-        {
-            panic!("{e}");
-        }
+        self.lab.spawn_logged(name, cmd, Duration::from_secs(30));
     }
 
     fn log(&self, name: &str) -> String {
-        std::fs::read_to_string(self.dir.join(format!("{name}.log"))).unwrap_or_default()
+        self.lab.log(name)
     }
 
     /// `/stats/prometheus` on :15020 inside namespace `ns`.
@@ -444,17 +438,15 @@ impl World {
 
 /// The namespaces, veths, addresses and routes.
 fn build(lab: &mut Lab) -> netlab::Result<TwoNodes> {
-    let nodes = TwoNodes::build(lab)?;
-    nodes.add_pods(lab, PODS)?;
     let ip = |a: [u8; 4]| IpAddr::V4(a.into());
     let plan = Addressing {
         node_ips: NODE_IPS.map(IpAddr::V4),
         link_prefix: 24,
         gateways: [ip([10, 51, 0, 1]), ip([10, 52, 0, 1])],
         routes: vec![(0, "10.52.0.0/24".into()), (1, "10.51.0.0/24".into())],
+        pod_ip: |p| IpAddr::V4(p.ip),
     };
-    nodes.address(lab, &plan, PODS, |p| IpAddr::V4(p.ip))?;
-    Ok(nodes)
+    TwoNodes::with_pods(lab, PODS, &[plan])
 }
 
 const PATHS: &str = "ztunnel_connection_paths_total";

@@ -806,28 +806,22 @@ fn r5_inbound_hbone_presents_the_destination_pods_identity() {
     // A tunnel made to one pod carries streams for that pod only.
     let ca_dir = w.ca_dir.clone();
     let ns = w.pod_ns("legacy-client");
-    let (status, _) = netns::in_ns(&ns, move || {
-        let ca = hbone::ca::SigningCa::builtin(&ca_dir, "cluster.local").unwrap();
-        common::hbone_call_expecting(
-            &ca,
-            CLIENT_ID,
-            SERVER_ID,
-            pod_hbone("server"),
-            pod_addr("wpod"),
-        )
-    });
+    let stream_for = move |target: &'static str| {
+        let ca_dir = ca_dir.clone();
+        netns::in_ns(&ns, move || {
+            let ca = hbone::ca::SigningCa::builtin(&ca_dir, "cluster.local").unwrap();
+            common::hbone_call_expecting(
+                &ca,
+                CLIENT_ID,
+                SERVER_ID,
+                pod_hbone("server"),
+                pod_addr(target),
+            )
+        })
+    };
+    let (status, _) = stream_for("wpod");
     assert_eq!(status, 400);
-    let ca_dir = w.ca_dir.clone();
-    let (status, line) = netns::in_ns(&ns, move || {
-        let ca = hbone::ca::SigningCa::builtin(&ca_dir, "cluster.local").unwrap();
-        common::hbone_call_expecting(
-            &ca,
-            CLIENT_ID,
-            SERVER_ID,
-            pod_hbone("server"),
-            pod_addr("server"),
-        )
-    });
+    let (status, line) = stream_for("server");
     assert_eq!((status, line.as_str()), (200, "server"));
     eventually_or(
         "node B: wrong-pod refusal and the allowed stream, both as the server pod",

@@ -95,6 +95,10 @@ impl Family {
             gateways: [self.gateway(0), self.gateway(1)],
             // Each node reaches the other node's pods through it.
             routes: vec![(0, nets[1].to_string()), (1, nets[0].to_string())],
+            pod_ip: match self {
+                Family::V4 => |p| IpAddr::V4(p.ip),
+                Family::V6 => |p| IpAddr::V6(pod_ip6(p.name)),
+            },
         }
     }
 }
@@ -348,13 +352,8 @@ impl World {
             }
             let mut cmd = netlab::netns_command(&self.node(i), env!("CARGO_BIN_EXE_ztunnel"));
             cmd.arg("--config").arg(&file).env("RUST_LOG", "info");
-            let log = self.dir.join(format!("{name}.log"));
-            if let Err(e) = self
-                .lab
-                .spawn_ready(name, &mut cmd, &log, Duration::from_secs(15))
-            {
-                panic!("{e}");
-            }
+            self.lab
+                .spawn_logged(name, &mut cmd, Duration::from_secs(15));
             if i == 1 {
                 // What node B's ztunnel installed (before READY) is what the config says.
                 assert_eq!(
@@ -397,7 +396,7 @@ impl World {
 
     /// The ztunnel's log (stderr) of `node-a` / `node-b`.
     pub fn log(&self, name: &str) -> String {
-        std::fs::read_to_string(self.dir.join(format!("{name}.log"))).unwrap_or_default()
+        self.lab.log(name)
     }
 
     /// `/stats/prometheus` of node `i`, fetched from inside its namespace.
@@ -425,17 +424,11 @@ impl World {
 
 /// The namespaces, veths, addresses and routes (both families where IPv6 is here).
 fn build(lab: &mut Lab) -> netlab::Result<TwoNodes> {
-    let nodes = TwoNodes::build(lab)?;
-    nodes.add_pods(lab, PODS)?;
-    let families: &[Family] = if netlab::ipv6_available() {
-        &[Family::V4, Family::V6]
-    } else {
-        &[Family::V4]
-    };
-    for &fam in families {
-        nodes.address(lab, &fam.addressing(), PODS, |p| fam.pod_ip(p.name))?;
+    let mut plans = vec![Family::V4.addressing()];
+    if netlab::ipv6_available() {
+        plans.push(Family::V6.addressing());
     }
-    Ok(nodes)
+    TwoNodes::with_pods(lab, PODS, &plans)
 }
 
 /// Poll `f` until true or 5 s; on timeout panic with `dump()`.
