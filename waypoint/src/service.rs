@@ -557,6 +557,7 @@ async fn tunnel(w: Rc<Worker>, cert: Arc<WorkloadCert>, inb: Inbound) {
     let Ok(mut stream) = inb.accept() else { return };
     counters.tunnels.fetch_add(1, Relaxed);
     let idle: IdleStreams = Rc::new(RefCell::new(Default::default()));
+    let metric_cache: MetricCache = Rc::default();
     let upstream = |w: &Rc<Worker>, client_h2: bool| HboneUpstream {
         worker: w.clone(),
         client_h2,
@@ -568,7 +569,7 @@ async fn tunnel(w: Rc<Worker>, cert: Arc<WorkloadCert>, inb: Inbound) {
         idle: idle.clone(),
         peer: peer.clone(),
         last: None,
-        metric_cache: Vec::new(),
+        metric_cache: metric_cache.clone(),
         current: None,
         routed: false,
         upgrade: None,
@@ -776,7 +777,7 @@ struct HboneUpstream {
     last: Option<(Option<ObjectRef>, String)>,
     /// This tunnel's recent metric label sets: (status, flags, `last`) → counters, so a
     /// keep-alive tunnel builds its labels once.
-    metric_cache: Vec<(MetricKey, Arc<crate::telemetry::RequestCounters>)>,
+    metric_cache: MetricCache,
     /// The balancer slot (port, index) of the current try; its service is `last`'s.
     current: Option<(u16, usize)>,
     /// Whether `last` names the current request's destination (else it answered here).
@@ -787,6 +788,9 @@ struct HboneUpstream {
 }
 
 type MetricKey = (u16, &'static str, Option<(Option<ObjectRef>, String)>);
+
+/// A tunnel's recent label sets, shared by its requests (HTTP/2 streams included).
+type MetricCache = Rc<RefCell<Vec<(MetricKey, Arc<crate::telemetry::RequestCounters>)>>>;
 
 /// Label sets a tunnel remembers.
 const METRIC_CACHE: usize = 8;
@@ -1014,7 +1018,7 @@ impl Upstream for HboneUpstream {
             idle: Rc::new(RefCell::new(Default::default())),
             peer: self.peer.clone(),
             last: None,
-            metric_cache: Vec::new(),
+            metric_cache: Rc::default(),
             current: None,
             routed: false,
             upgrade: None,
@@ -1038,6 +1042,7 @@ impl Upstream for HboneUpstream {
         let last_ref = if was_routed { self.last.as_ref() } else { None };
         let cached = self
             .metric_cache
+            .borrow()
             .iter()
             .find(|(k, _)| k.0 == r.status && k.1 == r.flags && k.2.as_ref() == last_ref)
             .map(|(_, c)| c.clone());
@@ -1094,10 +1099,11 @@ impl Upstream for HboneUpstream {
             Some(c) => c,
             None => {
                 let c = self.worker.metrics.counters(&labels);
-                if self.metric_cache.len() >= METRIC_CACHE {
-                    self.metric_cache.remove(0);
+                let mut cache = self.metric_cache.borrow_mut();
+                if cache.len() >= METRIC_CACHE {
+                    cache.remove(0);
                 }
-                self.metric_cache.push((key, c.clone()));
+                cache.push((key, c.clone()));
                 c
             }
         };
