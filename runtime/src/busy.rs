@@ -6,11 +6,12 @@
 //! How it fits monoio 0.2.4: its `block_on` loop runs queued tasks, and only when the task
 //! queue is empty does it *park* (submit and wait for at least one completion). While the
 //! queue is not empty it calls the driver's `submit()` instead, which enters the kernel
-//! without waiting and reaps whatever completions are there. The [spinner](spinner) is one
-//! task per worker that re-queues itself (a yield) while the worker was active within the
-//! last `busy_poll`: the queue never empties, so the worker never sleeps, and every loop
-//! turn is a non-blocking `io_uring_enter` + completion reap.
-//!
+//! without waiting and reaps whatever completions are there. The [spinner] is one task per
+//! worker that stays queued while the worker was active within the last `busy_poll`: the
+//! queue never empties, so the worker never sleeps, and every loop turn is a non-blocking
+//! `io_uring_enter` + completion reap. (It is requeued by a helper task rather than by waking
+//! itself: monoio puts a task that wakes itself during its poll back at the *front* of the
+//! queue, where it would starve the connection tasks.)
 //! - **Activity** is a poll of a connection task: [`WorkerCtx::serve`] wraps every handler in
 //!   [`tracked`], which bumps a per-thread counter and wakes a sleeping spinner. Services that
 //!   spawn long-lived tasks of their own may wrap them too. The spinner's own polls are not
@@ -18,9 +19,13 @@
 //! - **Timers** fire only when monoio parks. While spinning, the spinner lets the runtime
 //!   park once every [`TIMER_PASS`]: it waits for a poll of a socket that is always readable,
 //!   which completes at once, so that park returns immediately after processing due timers.
-//! - **Sharing a CPU**: each turn also calls `sched_yield(2)`, so another runnable thread on
-//!   the same CPU (a second proxy pinned there, the control thread) runs at once instead of
-//!   waiting out the spinner's time slice.
+//! - **Sharing a CPU**: a spinning thread is always runnable, so it loses the wake-up
+//!   preference the scheduler gives a sleeping one, and another thread pinned to the same CPU
+//!   (a second proxy, a load generator, a compiler) would wait out its time slice. The
+//!   spinner therefore checks the thread's involuntary context switches (`ru_nivcsw`) every
+//!   [`TIMER_PASS`] and at the end of each spin; if the scheduler took the CPU away it stops
+//!   spinning for [`BACKOFF_MIN`], doubling up to [`BACKOFF_MAX`] while that keeps happening
+//!   (counter `busy_poll_backoffs`). Busy polling pays on cores the proxy has to itself.
 //! - io_uring only: under the epoll driver `busy_poll` is ignored (logged once per worker).
 //!
 //! [`WorkerCtx::serve`]: crate::worker::WorkerCtx::serve

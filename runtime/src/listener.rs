@@ -188,6 +188,53 @@ mod tests {
     }
 
     #[test]
+    fn socket_buffer_sizes_reach_listeners_accepted_and_connected_sockets() {
+        let mut o = opts();
+        o.recv_buffer = Some(49152);
+        o.send_buffer = Some(24576);
+        let ls = bind_sharded("127.0.0.1:0".parse().unwrap(), 1, &o).unwrap();
+        let addr = ls[0].local_addr().unwrap();
+        // The kernel reports twice the value asked for (its bookkeeping share).
+        let l = socket2::SockRef::from(&ls[0]);
+        assert_eq!(l.recv_buffer_size().unwrap(), 2 * 49152);
+        assert_eq!(l.send_buffer_size().unwrap(), 2 * 24576);
+        ls[0].set_nonblocking(false).unwrap();
+        let (connected, accepted) = std::thread::scope(|s| {
+            let a = s.spawn(|| ls[0].accept().unwrap().0);
+            // Connected the runtime's way, on a real ring.
+            let (mut rt, _) = crate::driver::build_runtime(
+                &crate::driver::decide(crate::DriverChoice::Auto, 64).unwrap(),
+                64,
+            )
+            .unwrap();
+            let sizes = rt.block_on(async {
+                let c = connect(addr, &o).await.unwrap();
+                crate::sys::with_sockref(c.as_raw_fd(), |r| {
+                    Ok((r.recv_buffer_size()?, r.send_buffer_size()?))
+                })
+                .unwrap()
+            });
+            (sizes, a.join().unwrap())
+        });
+        let a = socket2::SockRef::from(&accepted);
+        assert_eq!(
+            a.recv_buffer_size().unwrap(),
+            2 * 49152,
+            "inherited from the listener"
+        );
+        assert_eq!(a.send_buffer_size().unwrap(), 2 * 24576);
+        assert_eq!(connected, (2 * 49152, 2 * 24576));
+        // Without the knobs, autotuning: no lock, the kernel's defaults.
+        let plain = bind_sharded("127.0.0.1:0".parse().unwrap(), 1, &opts()).unwrap();
+        assert_ne!(
+            socket2::SockRef::from(&plain[0])
+                .recv_buffer_size()
+                .unwrap(),
+            2 * 49152
+        );
+    }
+
+    #[test]
     fn sharded_group_shares_port() {
         let ls = bind_sharded("127.0.0.1:0".parse().unwrap(), 3, &opts()).unwrap();
         let p = ls[0].local_addr().unwrap().port();

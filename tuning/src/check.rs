@@ -206,7 +206,7 @@ fn busy_polling(profile: &crate::Profile) -> Vec<Finding> {
         (
             "net.core.busy_poll",
             rec_poll,
-            "the same for poll/epoll/io_uring poll waits (µs); needs busy_read's conditions",
+            "the same for poll/select/epoll waits (µs; the epoll driver), not io_uring completions; needs busy_read's conditions",
         ),
     ] {
         let v = sysctl(name);
