@@ -66,7 +66,10 @@ pub enum Work {
 /// handshake-completing ACK and the first data are dropped (`ListenOverflows`), the client
 /// retransmits with exponential backoff and the SOCKS5 step times out (measured on the
 /// loopback mesh: 1,318 of 9,000 timed out, 13,478 listen overflows, no connect stalled).
-pub const OPEN_WINDOW: usize = 256;
+/// Opening is bound by the proxies' CPU, not by this window: a smaller one only keeps each
+/// connection's opening time (window ÷ opening rate) well under the 5 s SOCKS5 bound when
+/// outside load slows the proxies down (256 in flight at 150 openings/s timed out 98 of 9,000).
+pub const OPEN_WINDOW: usize = 64;
 
 /// slow-reader: the client's `SO_SNDBUF` and the stall backend's `SO_RCVBUF`, so the kernel
 /// buffers outside the proxies are small and fixed; what fills up is the path in between.

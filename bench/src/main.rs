@@ -33,7 +33,7 @@
 //! are busy), latency = completion − due time; paced by a timerfd thread (the runtime's
 //! timer has 1 ms granularity); figure, saturation flag and achieved rate as tcp-rr-open.
 //! `idle-connections`: each proxy's VmRSS before and with `--idle-conns` (9,000) idle echo
-//! connections (at most 256 opening at once per generator thread: more overflow a proxy's
+//! connections (at most 64 opening at once per generator thread: more overflow a proxy's
 //! accept queue); `idle-http`: the same with `--idle-http-conns` (10,000) idle HTTP/1.1
 //! keep-alive connections through the waypoint (each a tunnel to it, and the waypoint keeps an
 //! upstream stream per tunnel to the backend, so the clients run in a child process, the
@@ -373,7 +373,11 @@ fn plan(args: &Args) -> Result<Suite> {
         if layout.is_some() {
             v.push(Kind::IdleHttp);
             v.push(Kind::Idle);
-        } else {
+        }
+        // mixed: mesh topologies only; not in --quick (a 0.5 s window of a debug build under
+        // outside load can hold no tcp-rr round trip behind the bulk stream; the loopback
+        // test runs it explicitly).
+        if layout.is_none() || quick {
             v.retain(|k| *k != Kind::Mixed);
         }
         v

@@ -767,6 +767,8 @@ pub fn summary_table(entries: &[Entry]) -> String {
                 .unwrap_or("?".into());
             match e.scenario.as_str() {
                 "idle-connections" | "idle-http" | "slow-reader" => "—".to_string(),
+                // Three kinds of operation at once: no single per-operation figure.
+                "mixed" => pct,
                 "http1-rps" | "http2-rps" | "http1-open" => format!(
                     "{} CPU-µs/req ({pct})",
                     e.proxy_cpu_per_op

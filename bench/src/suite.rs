@@ -507,6 +507,9 @@ struct Snap {
     others: std::collections::HashMap<u32, u64>,
 }
 
+/// Memory scenarios: how long opening every connection may take.
+pub const OPEN_BOUND: Duration = Duration::from_secs(90);
+
 /// The note (and flag) of a memory figure taken on a proxy an earlier memory scenario grew.
 pub const LOWER_BOUND: &str = "lower bound";
 
@@ -1443,7 +1446,7 @@ fn idle_run(
     }
     drop(tx);
     // Wait (bounded) until every connection answered its first exchange, or a thread gave up.
-    let deadline = Instant::now() + Duration::from_secs(60);
+    let deadline = Instant::now() + OPEN_BOUND;
     let mut release = ReleaseStalled(ctx.counters.clone());
     let mut early: Vec<Result<GenResult, String>> = Vec::new();
     while live.ops.load(Ordering::Relaxed) < sc.conns as u64 && Instant::now() < deadline {
@@ -1564,8 +1567,9 @@ fn idle_run(
             .get_or_insert("could not read the proxies' VmRSS".into());
     } else if up < sc.conns as u64 {
         run.failed.get_or_insert(format!(
-            "only {up} of {} connections were established within 60 s",
-            sc.conns
+            "only {up} of {} connections were established within {} s",
+            sc.conns,
+            OPEN_BOUND.as_secs()
         ));
     }
     run.figure = (delta_kb.max(0) as f64 * 1024.0 / conns_up.max(1) as f64).round();

@@ -238,7 +238,6 @@ fn quick_suite_reports_every_scenario_and_path() {
         "http1-rps/body=100B conns=64",
         "http1-open/body=100B rate=10000/s conns=64",
         "http2-rps/body=100B conns=8 streams=8",
-        "mixed/size=100B http-conns=8",
     ];
     let paths: &[&str] = &["direct", "l4", "hbone", "waypoint"];
     for id in scenarios {
