@@ -27,7 +27,7 @@ use std::io;
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 
 use crate::authz::{self, DENIED_BODY};
 use crate::body::{CopyError, Framing};
@@ -794,7 +794,7 @@ pub async fn serve_from<T: Tunnel, U: Upstream>(
                 },
             }
         };
-        let _ = buf.split_to(used);
+        buf.advance(used);
         let started = Instant::now();
         let mut head = head;
         let traceparent = trace(&mut head, ctx.traceparent.as_deref(), rng);
@@ -1004,6 +1004,9 @@ pub(crate) struct RespHead {
     pub len: usize,
     pub framing: Framing,
     pub close: bool,
+    /// The one chunk read from the upstream when it held exactly what `ubuf` holds (so a
+    /// small response can be passed on without a copy).
+    pub whole: Option<Bytes>,
 }
 
 /// Parse a response head at the start of `buf`: `None` when incomplete.
@@ -1075,6 +1078,7 @@ fn response_facts(
         len: n,
         framing,
         close,
+        whole: None,
     })
 }
 
@@ -1091,17 +1095,21 @@ async fn read_response_head<C: Tunnel>(
     head_request: bool,
     got: &mut bool,
 ) -> io::Result<RespHead> {
+    let mut single: Option<Bytes> = None;
     loop {
-        if let Some(h) = parse_response_head(ubuf, head_request)? {
+        if let Some(mut h) = parse_response_head(ubuf, head_request)? {
             if (100..200).contains(&h.status) && h.status != 101 {
-                let _ = ubuf.split_to(h.len);
+                ubuf.advance(h.len);
+                single = None;
                 continue;
             }
+            h.whole = single;
             return Ok(h);
         }
         match conn.read().await {
             Some(Ok(b)) => {
                 *got = true;
+                single = ubuf.is_empty().then(|| b.clone());
                 ubuf.extend_from_slice(&b);
             }
             Some(Err(e)) => return Err(e),
@@ -1348,7 +1356,7 @@ async fn forward_request<T: Tunnel, U: Upstream>(
     rng: &mut dyn Rng,
 ) -> io::Result<Forwarded> {
     let a = attempt(tunnel, buf, up, fwd, head, request, &body, has_body, rng).await;
-    let (mut conn, h, mut ubuf, sent) = match a {
+    let (mut conn, mut h, mut ubuf, sent) = match a {
         Attempt::Answer {
             conn,
             head,
@@ -1394,7 +1402,14 @@ async fn forward_request<T: Tunnel, U: Upstream>(
     if let Framing::Length(n) = h.framing {
         let whole = h.len + n as usize;
         if fwd.response_headers.is_empty() && ubuf.len() == whole && h.status != 101 {
-            tunnel.write(ubuf.split().freeze()).await?;
+            let out = match h.whole.take() {
+                Some(w) if w.len() == whole => {
+                    ubuf.clear();
+                    w
+                }
+                _ => ubuf.split().freeze(),
+            };
+            tunnel.write(out).await?;
             let reusable = !h.close && head.keep_alive();
             up.done(Some(conn), h.status, reusable, None);
             return Ok(Forwarded {
