@@ -3,13 +3,18 @@
 //! policy-first decision as HTTP/1.1 ([`crate::http1::decide`]: R15, then R16/R17 routing,
 //! filters, load balancing).
 //!
-//! **Upstream protocol** (as Istio chooses it): HTTP/1.1 by default — over HBONE, through
-//! the same [`Upstream`] as HTTP/1.1 requests, keep-alive streams shared by the tunnel —
-//! and HTTP/2 when the client spoke HTTP/2 and the service's DestinationRule sets
-//! `trafficPolicy.connectionPool.http.useClientProtocol: true`: then requests are
-//! multiplexed on one HTTP/2 connection per worker and endpoint (one HBONE stream). The
-//! response is converted back to HTTP/2 (hop-by-hop headers dropped, chunked bodies
-//! decoded).
+//! **Upstream protocol** (as Istio chooses it): HTTP/1.1 by default — over HBONE, on the
+//! same streaming core as HTTP/1.1 requests ([`crate::http1::attempt`]), keep-alive
+//! streams shared by the tunnel; the upstream response head becomes the HTTP/2 head
+//! directly (hop-by-hop headers dropped) and its body is streamed (chunked decoded as it
+//! passes). HTTP/2 when the client spoke HTTP/2 and the service's DestinationRule sets
+//! `trafficPolicy.connectionPool.http.useClientProtocol: true`: requests are multiplexed
+//! on one HTTP/2 connection per worker and endpoint (one HBONE stream), built from the
+//! client's HTTP/2 head and relayed frame by frame (trailers included).
+//!
+//! Bodies follow the same rule as HTTP/1.1 ([`crate::http1::REPLAY_BUFFER`]): read whole
+//! up to 64 KiB (retryable, mirrorable), streamed beyond (one try, no mirror); a streamed
+//! body of unknown length goes to an HTTP/1.1 upstream chunked.
 //!
 //! Protocol errors (invalid frames, bad preface after detection, …) make the `h2` server
 //! send GOAWAY and end the tunnel; the worker keeps serving others. A request whose headers

@@ -37,8 +37,10 @@
 //!
 //! HTTP/1.1 requests and responses are streamed; `Expect: 100-continue` is answered by the
 //! waypoint once policy and routing allow the request; upgrades (`101`) become raw byte
-//! splices. Not built yet: streaming for HTTP/2 requests (their bodies are buffered whole,
-//! up to [`h2srv::MAX_BODY`]).
+//! splices. HTTP/2 requests are handled natively (no HTTP/1.1 round trip inside): to an
+//! HTTP/1.1 upstream on the same streaming core, to an HTTP/2 upstream frame by frame.
+//! Only mirrored copies are buffered (and only bodies within the replay buffer are
+//! mirrored).
 
 pub mod admin;
 pub mod authz;
