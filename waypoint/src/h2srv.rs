@@ -4,7 +4,7 @@
 //! filters, load balancing).
 //!
 //! **Upstream protocol** (as Istio chooses it): HTTP/1.1 by default — over HBONE, on the
-//! same streaming core as HTTP/1.1 requests ([`crate::http1::attempt`]), keep-alive
+//! same streaming core as HTTP/1.1 requests, keep-alive
 //! streams shared by the tunnel; the upstream response head becomes the HTTP/2 head
 //! directly (hop-by-hop headers dropped) and its body is streamed (chunked decoded as it
 //! passes). HTTP/2 when the client spoke HTTP/2 and the service's DestinationRule sets
