@@ -4,13 +4,16 @@
 //! - [`identity`] — `spiffe://<td>/ns/<ns>/sa/<sa>`.
 //! - [`ca`] — certificate sources behind [`ca::CertSource`] — the built-in CA, Istio's
 //!   plug-in CA files, static files — and the half-life renewing [`ca::CertStore`].
-//! - [`tls`] — rustls configs (TLS 1.3, AES-GCM, ALPN h2) with SPIFFE verifiers and
-//!   refusal counters.
+//! - [`tls`] — rustls configs (TLS 1.3, AES-GCM, P-256 key share first, ALPN h2, no
+//!   session tickets) with SPIFFE verifiers and refusal counters; per worker, a chain
+//!   verified once is not re-verified while valid, and client configs are cached.
 //! - [`wire`] — the CONNECT request and its headers (`forwarded`, `baggage`,
 //!   `traceparent`), status codes; pure and fuzzed.
 //! - [`client`], [`server`] — connections on the runtime's workers (the socket as
-//!   [`stream::TcpIo`]: non-blocking `recv`/`sendmsg` with readiness from the ring, +
-//!   tokio-rustls + the stock `h2`), keepalive PINGs, GOAWAY on drain.
+//!   [`stream::TcpIo`]: non-blocking `recv`/`sendmsg` with readiness from the ring, small
+//!   records gathered per flush, + tokio-rustls + the stock `h2`), keepalive PINGs, GOAWAY
+//!   on drain. A new client connection sends TLS Finished, preface, SETTINGS and its first
+//!   CONNECT in one packet.
 //! - [`pool`] — per-worker connection pools keyed by (source identity, destination
 //!   identities, destination address).
 //! - [`stream`] — streams as byte streams and the TCP ⇄ stream bridge.
