@@ -3,10 +3,12 @@
 //! asks.
 //!
 //! ```text
-//! cargo run --release -p bench                      # default suite, ~2.5 minutes
+//! cargo run --release -p bench                      # default suite, ~3 minutes
 //! cargo run --release -p bench -- --quick           # 1 s runs, 1 repetition (~15 s)
 //! cargo run --release -p bench -- --scenario tcp-rr --duration 5s --size 100 --reps 5
 //! cargo run --release -p bench -- --scenario tcp-rr-open --rate 20000 --streams 4
+//! cargo run --release -p bench -- --scenario http1-open --http-rate 15000 --path direct,waypoint
+//! cargo run --release -p bench -- --scenario slow-reader --path l4,hbone --profile low-memory
 //! cargo run --release -p bench -- --scenario tcp-throughput --streams 1,4,8 --path direct,l4-splice
 //! ```
 //!
@@ -125,7 +127,7 @@ use suite::{Ctx, Kind, Knobs, MeshBackends, PathKind, Placement, Scenario, Topo}
     name = "bench",
     about = "Load harness: direct vs the L4 forwarder (copy, splice) and the HBONE proxies, \
              interleaved and repeated",
-    after_help = "With no arguments: the default suite (about 2.5 minutes). Results go to \
+    after_help = "With no arguments: the default suite (about 3 minutes). Results go to \
                   bench/results/<UTC timestamp>/ unless --out is given."
 )]
 struct Args {
