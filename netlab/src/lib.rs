@@ -8,8 +8,9 @@
 //!   and `<prefix>-nb` joined by a veth (`to-b` ⇄ `to-a`), pods in their own namespaces
 //!   behind a veth (`p-<pod>` on the node, `eth0` in the pod), a /32 (/128) route per pod on
 //!   its node and the pod's default route via the node, so every pod packet crosses its
-//!   node's `PREROUTING`. [`Addressing`] gives it the addresses of one family; call it again
-//!   for dual stack.
+//!   node's `PREROUTING`. [`TwoNodes::with_pods`] builds it from the [`Pod`]s and one
+//!   [`Addressing`] plan per family (two for dual stack); [`captured_devs`] says which pod
+//!   veths the caller's capture rules must cover.
 //! - Commands ([`run`], [`run_in`], [`nft`], [`nft_list_table`]), namespace entry ([`enter`],
 //!   [`in_ns`], [`try_in_ns`]), sockets made inside a namespace ([`connect_in`],
 //!   [`serve_in`], [`http_get_in`]), readiness ([`Lab::spawn_ready`], [`eventually`]) and the
@@ -17,6 +18,9 @@
 //!
 //! Namespace names start with `<tag><pid>` ([`process_prefix`]) so that [`sweep_stale`] can
 //! remove what a killed process left behind without touching live runs.
+//!
+//! No `unsafe` here: `setns(2)` comes from `nix`; everything else is `ip`, `sysctl` and
+//! `nft` run as commands.
 
 mod cmd;
 mod gate;
