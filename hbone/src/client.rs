@@ -24,8 +24,30 @@ pub struct Client {
     peer: SocketAddr,
 }
 
+/// Random bytes for trace ids (`traceparent`): unique, not secret, so a per-thread
+/// splitmix64 stream seeded once from the system's generator instead of a `getrandom`
+/// syscall per stream.
 fn random_fill(b: &mut [u8]) {
-    let _ = crate::tls::provider().secure_random.fill(b);
+    thread_local! {
+        static STATE: Cell<u64> = const { Cell::new(0) };
+    }
+    STATE.with(|s| {
+        let mut x = s.get();
+        if x == 0 {
+            let mut seed = [0u8; 8];
+            let _ = crate::tls::provider().secure_random.fill(&mut seed);
+            x = u64::from_ne_bytes(seed) | 1;
+        }
+        for chunk in b.chunks_mut(8) {
+            x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+            let mut z = x;
+            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            z ^= z >> 31;
+            chunk.copy_from_slice(&z.to_ne_bytes()[..chunk.len()]);
+        }
+        s.set(x);
+    });
 }
 
 impl Client {

@@ -122,8 +122,18 @@ impl ConnectRequest {
             _ => {
                 let mut id = [0u8; 24];
                 random(&mut id);
-                let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
-                format!("00-{}-{}-01", hex(&id[..16]), hex(&id[16..]))
+                const HEX: &[u8; 16] = b"0123456789abcdef";
+                let mut t = String::with_capacity(55);
+                t.push_str("00-");
+                for (i, x) in id.iter().enumerate() {
+                    if i == 16 {
+                        t.push('-');
+                    }
+                    t.push(HEX[usize::from(x >> 4)] as char);
+                    t.push(HEX[usize::from(x & 15)] as char);
+                }
+                t.push_str("-01");
+                t
             }
         };
         b = b.header("traceparent", tp);
