@@ -418,6 +418,29 @@ fn h2_backend(ip: Ipv4Addr) -> (SocketAddr, Arc<AtomicU32>) {
                         return;
                     };
                     while let Some(Ok((req, mut respond))) = conn.accept().await {
+                        if req.uri().path() == "/h2/sum" {
+                            // The body's length and checksum, read as it comes; the same
+                            // in a trailer.
+                            monoio::spawn(async move {
+                                let mut body = req.into_body();
+                                let (mut n, mut h) = (0usize, 0xcbf2_9ce4_8422_2325u64);
+                                while let Some(Ok(c)) = body.data().await {
+                                    let _ = body.flow_control().release_capacity(c.len());
+                                    n += c.len();
+                                    for &x in c.iter() {
+                                        h = (h ^ u64::from(x)).wrapping_mul(0x100_0000_01b3);
+                                    }
+                                }
+                                let text = format!("len={n} fnv={h:x}");
+                                let resp = http::Response::builder().status(200).body(()).unwrap();
+                                let mut tx = respond.send_response(resp, false).unwrap();
+                                let _ = tx.send_data(Bytes::from(text.clone()), false);
+                                let mut t = http::HeaderMap::new();
+                                t.insert("x-sum", text.parse().unwrap());
+                                let _ = tx.send_trailers(t);
+                            });
+                            continue;
+                        }
                         monoio::spawn(async move {
                             let xff = req
                                 .headers()
@@ -1858,4 +1881,68 @@ fn h2_requests_stream_bodies_both_ways_to_an_http1_upstream() {
         assert_eq!((n, h), (len, block_fnv(len)));
     }
     assert_eq!(m.counters().streamed_bodies.load(Ordering::Relaxed), 2);
+}
+
+#[test]
+fn h2_to_an_h2_upstream_streams_bodies_and_relays_trailers() {
+    // useClientProtocol: a 6 MiB request body (over the replay buffer: streamed), and a
+    // small one (buffered); the backend's checksum comes back in the body and in a
+    // trailer.
+    let dr = "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: grpcish, namespace: app}\nspec:\n  host: grpcish\n  trafficPolicy:\n    connectionPool:\n      http: {useClientProtocol: true}\n";
+    let m = Mesh::start_with(dr);
+    let host = "grpcish.app.svc.cluster.local";
+    let data = payload(6 << 20);
+    let got = block_on(async {
+        let (_c, s) = tunnel_to(&m, "10.96.0.7:80").await;
+        let (send, conn) = h2::client::handshake(waypoint::inner::StreamIo::new(s, Bytes::new()))
+            .await
+            .unwrap();
+        monoio::spawn(async move {
+            let _ = conn.await;
+        });
+        let mut got = Vec::new();
+        for len in [6 << 20, 1000] {
+            let req = http::Request::builder()
+                .method("POST")
+                .uri(format!("http://{host}/h2/sum"))
+                .body(())
+                .unwrap();
+            let mut s2 = send.clone().ready().await.unwrap();
+            let (resp, mut tx) = s2.send_request(req, false).unwrap();
+            for piece in data[..len].chunks(256 * 1024) {
+                let mut piece = Bytes::copy_from_slice(piece);
+                while !piece.is_empty() {
+                    tx.reserve_capacity(piece.len());
+                    let cap = std::future::poll_fn(|cx| tx.poll_capacity(cx))
+                        .await
+                        .unwrap()
+                        .unwrap();
+                    let n = cap.min(piece.len());
+                    tx.send_data(piece.split_to(n), false).unwrap();
+                }
+            }
+            tx.send_data(Bytes::new(), true).unwrap();
+            let resp = resp.await.unwrap();
+            let status = resp.status().as_u16();
+            let mut body = resp.into_body();
+            let mut out = Vec::new();
+            while let Some(c) = body.data().await {
+                out.extend_from_slice(&c.unwrap());
+            }
+            let trailer = body
+                .trailers()
+                .await
+                .unwrap()
+                .and_then(|t| t.get("x-sum").map(|v| v.to_str().unwrap().to_string()));
+            got.push((status, String::from_utf8(out).unwrap(), trailer, len));
+        }
+        got
+    });
+    for (status, body, trailer, len) in got {
+        let want = format!("len={len} fnv={:x}", fnv(&data[..len]));
+        assert_eq!((status, &body), (200, &want));
+        assert_eq!(trailer.as_deref(), Some(want.as_str()));
+    }
+    assert_eq!(m.counters().streamed_bodies.load(Ordering::Relaxed), 1);
+    assert_eq!(m.h2_conns.load(Ordering::SeqCst), 1);
 }
