@@ -81,7 +81,7 @@ fn two_nodes_route_pods_and_teardown_removes_everything() {
     assert!(netlab::captured_devs(PODS, 1).is_empty());
     let b = SocketAddr::new(IpAddr::V4(PODS[1].ip), 8080);
     assert_eq!(call(&lab, b), IpAddr::V4(PODS[0].ip), "routed, not NATed");
-    if netlab::ipv6_available() {
+    if netlab::require_ipv6("two_nodes_route_pods_and_teardown_removes_everything (IPv6 half)") {
         let v6plan = Addressing {
             node_ips: [
                 "fd00:240::1".parse().unwrap(),
