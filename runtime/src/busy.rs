@@ -20,12 +20,14 @@
 //!   park once every [`TIMER_PASS`]: it waits for a poll of a socket that is always readable,
 //!   which completes at once, so that park returns immediately after processing due timers.
 //! - **Sharing a CPU**: a spinning thread is always runnable, so it loses the wake-up
-//!   preference the scheduler gives a sleeping one, and another thread pinned to the same CPU
-//!   (a second proxy, a load generator, a compiler) would wait out its time slice. The
-//!   spinner therefore checks the thread's involuntary context switches (`ru_nivcsw`) every
-//!   [`TIMER_PASS`] and at the end of each spin; if the scheduler took the CPU away it stops
-//!   spinning for [`BACKOFF_MIN`], doubling up to [`BACKOFF_MAX`] while that keeps happening
-//!   (counter `busy_poll_backoffs`). Busy polling pays on cores the proxy has to itself.
+//!   preference the scheduler gives a sleeping one. Each spin turn therefore calls
+//!   `sched_yield(2)`: a thread woken on the same CPU (the next proxy on the path, pinned to
+//!   the same core) runs at once instead of after the spinner's time slice, and alone on
+//!   the CPU the call returns at once. Every [`TIMER_PASS`] the spinner compares its thread
+//!   CPU time with the wall time: below 3/4, other threads want this CPU (a compiler, a
+//!   second spinner), and it stops spinning for [`BACKOFF_MIN`], doubling up to
+//!   [`BACKOFF_MAX`] while that keeps happening (counter `busy_poll_backoffs`). Busy polling
+//!   pays on cores the proxy has (mostly) to itself.
 //! - io_uring only: under the epoll driver `busy_poll` is ignored (logged once per worker).
 //!
 //! [`WorkerCtx::serve`]: crate::worker::WorkerCtx::serve
@@ -197,8 +199,9 @@ pub async fn spinner(budget: Duration, stats: Arc<WorkerStats>) {
     spin(budget, stats, true).await
 }
 
-/// The spinner; `yield_to_others`: back off after being preempted (off only in tests, where a
-/// loaded test machine would make the outcome depend on the scheduler).
+/// The spinner; `yield_to_others`: `sched_yield` every turn and back off when the thread
+/// gets less than 3/4 of its CPU (off only in tests, where a loaded test machine would make
+/// the outcome depend on the scheduler).
 async fn spin(budget: Duration, stats: Arc<WorkerStats>, yield_to_others: bool) {
     let timer_pass = match TimerPass::new() {
         Ok(t) => t,
@@ -226,11 +229,17 @@ async fn spin(budget: Duration, stats: Arc<WorkerStats>, yield_to_others: bool) 
         }
         WorkerStats::inc(&stats.busy_poll_spins);
         set_spinning(true);
-        let switches = sys::thread_involuntary_switches().unwrap_or(0);
         let mut deadline = start + budget;
+        let mut window_start = start;
+        let mut window_cpu = sys::thread_cpu_time().unwrap_or_default();
         let mut next_check = start + TIMER_PASS;
         let contended = loop {
             relay.yield_turn().await;
+            if yield_to_others {
+                // A thread woken on this CPU (another proxy on the path) runs now, not after
+                // our time slice; alone on the CPU this returns at once.
+                std::thread::yield_now();
+            }
             let now = Instant::now();
             let a = activity();
             if a != seen {
@@ -240,15 +249,20 @@ async fn spin(budget: Duration, stats: Arc<WorkerStats>, yield_to_others: bool) 
                 break false;
             }
             if now >= next_check {
-                if yield_to_others && sys::thread_involuntary_switches().unwrap_or(0) > switches {
-                    break true;
+                if yield_to_others {
+                    let cpu = sys::thread_cpu_time().unwrap_or_default();
+                    let wall = now.duration_since(window_start);
+                    // Less than 3/4 of the CPU while spinning: other threads want it.
+                    if (cpu.saturating_sub(window_cpu)) * 4 < wall * 3 {
+                        break true;
+                    }
+                    window_cpu = cpu;
+                    window_start = now;
                 }
                 timer_pass.run().await;
                 next_check = Instant::now() + TIMER_PASS;
             }
         };
-        let contended = yield_to_others
-            && (contended || sys::thread_involuntary_switches().unwrap_or(0) > switches);
         set_spinning(false);
         let end = Instant::now();
         WorkerStats::add(
@@ -256,9 +270,9 @@ async fn spin(budget: Duration, stats: Arc<WorkerStats>, yield_to_others: bool) 
             end.duration_since(start).as_micros() as u64,
         );
         if contended {
-            // The scheduler took the CPU away while we spun: another thread wants this CPU,
-            // and a spinning thread loses the wake-up preference a sleeping one gets. Stop
-            // spinning for a while (doubling while it keeps happening).
+            // Other threads took a share of this CPU while we spun: they want it, and a
+            // spinning thread loses the wake-up preference a sleeping one gets. Stop spinning
+            // for a while (doubling while it keeps happening).
             WorkerStats::inc(&stats.busy_poll_backoffs);
             backoff = (backoff * 2).clamp(BACKOFF_MIN, BACKOFF_MAX);
             resume_at = Some(end + backoff);

@@ -243,15 +243,18 @@ pub fn splice_nonblocking(from: RawFd, to: RawFd, len: usize) -> io::Result<usiz
     }
 }
 
-/// Involuntary context switches of the calling thread so far (`getrusage(RUSAGE_THREAD)`
-/// `ru_nivcsw`): how often the scheduler took the CPU away from it while it was runnable.
-pub fn thread_involuntary_switches() -> io::Result<u64> {
-    // SAFETY: `getrusage` fills the zeroed `rusage` we own; RUSAGE_THREAD only reads the
-    // calling thread's counters.
-    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
-    // SAFETY: `ru` is a valid, writable `rusage` for the duration of the call.
-    cvt(unsafe { libc::getrusage(libc::RUSAGE_THREAD, &mut ru) })?;
-    Ok(ru.ru_nivcsw as u64)
+/// CPU time the calling thread has used so far (`CLOCK_THREAD_CPUTIME_ID`).
+pub fn thread_cpu_time() -> io::Result<std::time::Duration> {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid, writable `timespec` we own for the duration of the call.
+    cvt(unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) })?;
+    Ok(std::time::Duration::new(
+        ts.tv_sec as u64,
+        ts.tv_nsec as u32,
+    ))
 }
 
 /// Which CPU the calling thread runs on now.
