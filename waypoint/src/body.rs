@@ -4,8 +4,11 @@
 //! Bodies are **streamed**: each chunk read from one side is written to the other before
 //! the next is read, so a body of any size needs about one read's worth of memory (the
 //! HTTP/2 flow-control window of the CONNECT stream bounds how much is in flight). Chunked
-//! bodies are forwarded as received (extensions and trailers kept); the scanner only finds
-//! where they end.
+//! bodies are forwarded as received (extensions and trailers kept); the scanner finds
+//! where they end and is strict about everything it passes on: CRLF only (no bare LF or
+//! CR), no control bytes in extensions or trailers, trailers of the form `name: value`,
+//! chunk sizes of at most 16 hex digits with nothing but `;` extensions after them. A
+//! lenient backend could otherwise read a "trailer" as a new request (smuggling).
 
 use bytes::{BufMut, Bytes, BytesMut};
 
@@ -29,13 +32,16 @@ const MAX_LINE: usize = 8 * 1024;
 enum State {
     #[default]
     Size,
+    /// Whitespace after the size: only more whitespace, `;` or CR may follow.
+    SizeWs,
     Ext,
     SizeLf,
     Data,
     DataCr,
     DataLf,
     TrailerStart,
-    TrailerLine,
+    TrailerName,
+    TrailerValue,
     TrailerLf,
     FinalLf,
     Done,
@@ -50,11 +56,29 @@ pub struct ChunkScan {
     line: usize,
 }
 
+/// A control byte other than HTAB (RFC 9110 §5.5: not allowed in field values).
+fn is_ctl(c: u8) -> bool {
+    (c < 0x20 && c != b'\t') || c == 0x7f
+}
+
+/// A token character (RFC 9110 §5.6.2).
+fn is_tchar(c: u8) -> bool {
+    c.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&c)
+}
+
 /// A chunked body that is not well formed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Malformed;
 
 impl ChunkScan {
+    fn count_line(&mut self) -> Result<(), Malformed> {
+        self.line += 1;
+        if self.line > MAX_LINE {
+            return Err(Malformed);
+        }
+        Ok(())
+    }
+
     /// Feed the next bytes: `Some(n)` when the body ends after the first `n` of them,
     /// `None` when all were consumed and more are needed.
     pub fn feed(&mut self, b: &[u8]) -> Result<Option<usize>, Malformed> {
@@ -81,22 +105,28 @@ impl ChunkScan {
                         }
                         self.size = self.size * 16 + d;
                     }
-                    b';' | b' ' | b'\t' if self.digits > 0 => {
+                    b';' if self.digits > 0 => {
                         self.state = State::Ext;
+                        self.line = 0;
+                    }
+                    b' ' | b'\t' if self.digits > 0 => {
+                        self.state = State::SizeWs;
                         self.line = 0;
                     }
                     b'\r' if self.digits > 0 => self.state = State::SizeLf,
                     _ => return Err(Malformed),
                 },
+                State::SizeWs => match c {
+                    b' ' | b'\t' => self.count_line()?,
+                    b';' => self.state = State::Ext,
+                    b'\r' => self.state = State::SizeLf,
+                    _ => return Err(Malformed),
+                },
                 State::Ext => match c {
                     b'\r' => self.state = State::SizeLf,
-                    b'\n' => return Err(Malformed),
-                    _ => {
-                        self.line += 1;
-                        if self.line > MAX_LINE {
-                            return Err(Malformed);
-                        }
-                    }
+                    // No bare LF, no other control bytes (a smuggling vector).
+                    _ if is_ctl(c) => return Err(Malformed),
+                    _ => self.count_line()?,
                 },
                 State::SizeLf => {
                     if c != b'\n' {
@@ -133,20 +163,23 @@ impl ChunkScan {
                 }
                 State::TrailerStart => {
                     self.line = 0;
-                    self.state = if c == b'\r' {
-                        State::FinalLf
-                    } else {
-                        State::TrailerLine
+                    self.state = match c {
+                        b'\r' => State::FinalLf,
+                        _ if is_tchar(c) => State::TrailerName,
+                        // Strict: a trailer line is `name: value` CRLF; a bare LF (or
+                        // anything else) would let a lenient backend see a new request.
+                        _ => return Err(Malformed),
                     };
                 }
-                State::TrailerLine => match c {
+                State::TrailerName => match c {
+                    b':' => self.state = State::TrailerValue,
+                    _ if is_tchar(c) => self.count_line()?,
+                    _ => return Err(Malformed),
+                },
+                State::TrailerValue => match c {
                     b'\r' => self.state = State::TrailerLf,
-                    _ => {
-                        self.line += 1;
-                        if self.line > MAX_LINE {
-                            return Err(Malformed);
-                        }
-                    }
+                    _ if is_ctl(c) => return Err(Malformed),
+                    _ => self.count_line()?,
                 },
                 State::TrailerLf => {
                     if c != b'\n' {
@@ -285,6 +318,9 @@ mod tests {
             ),
             (b"A\r\n0123456789\r\n0\r\n\r\n", 20),
             (b"1 ; x\r\na\r\n0\r\n\r\n", 15),
+            (b"1\t;x=\"q\"\r\na\r\n0\r\n\r\n", 18),
+            (b"0\r\nx-t:\r\n\r\n", 11),
+            (b"0\r\nx-t: a\tb\r\ny: 2\r\n\r\n", 21),
         ];
         for (input, want) in ok {
             for step in [1, 2, 3, 7, 1000] {
@@ -297,6 +333,8 @@ mod tests {
             }
         }
         assert_eq!(scan_all(b"4\r\nwik", 2), Ok(None));
+        // The largest size that fits 64 bits is accepted (and waits for its data).
+        assert_eq!(scan_all(b"ffffffffffffffff\r\nab", 1), Ok(None));
         for bad in [
             &b"x\r\n"[..],
             b"\r\n",
@@ -304,6 +342,28 @@ mod tests {
             b"4\nwiki",
             b"11111111111111111\r\n",
             b"0\r\n\rX",
+            // Smuggling through trailers: bare LF ends nothing here.
+            b"0\r\n\nGET /admin HTTP/1.1\r\nHost: x\r\n\r\n",
+            b"0\r\nx\n\r\n",
+            b"0\r\nx-t: 1\n\r\n",
+            b"0\r\nx-t: a\nb\r\n\r\n",
+            b"0\r\nno-colon\r\n\r\n",
+            b"0\r\n: v\r\n\r\n",
+            b"0\r\nbad name: v\r\n\r\n",
+            b"0\r\nx-t: a\x00b\r\n\r\n",
+            b"0\r\nx-t: 1\r\n\n",
+            b"0\r\n\r\r\n",
+            // Chunk sizes: junk before or after, overflow, bare LF in an extension.
+            b" 1\r\na\r\n0\r\n\r\n",
+            b"+1\r\na\r\n0\r\n\r\n",
+            b"1x\r\na\r\n0\r\n\r\n",
+            b"1 x\r\na\r\n0\r\n\r\n",
+            b"0x1\r\na\r\n0\r\n\r\n",
+            b"10000000000000000\r\n",
+            b"1;ext\nGET / HTTP/1.1\r\n",
+            b"1;e\x01xt\r\na\r\n0\r\n\r\n",
+            b"1;ext\r\r\na\r\n0\r\n\r\n",
+            b"1\r\na\n0\r\n\r\n",
         ] {
             assert_eq!(scan_all(bad, 1), Err(Malformed), "{bad:?}");
         }
