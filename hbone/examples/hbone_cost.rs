@@ -106,7 +106,7 @@ fn main() {
          outbound:\n  - listen: 127.0.0.1:0\n    identity: spiffe://cluster.local/ns/b/sa/client\n    hbone: 127.0.0.1:{port}\n    peer_identity: spiffe://cluster.local/ns/b/sa/server\n    target: {backend}\n    pool: {pool}\n\
          inbound:\n  listen: 127.0.0.1:{port}\n  identity: spiffe://cluster.local/ns/b/sa/server\n  targets: [{backend}]\n",
         dir.display(),
-        port = 20000 + (std::process::id() % 20000),
+        port = 20000 + (std::process::id() % 10000),
         pool = !cold,
     );
     let cfg: hbone::proxy::ProxyConfig =
