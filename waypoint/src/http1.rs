@@ -183,6 +183,7 @@ fn reason(status: u16) -> &'static str {
         503 => "Service Unavailable",
         504 => "Gateway Timeout",
         413 => "Content Too Large",
+        417 => "Expectation Failed",
         _ => "",
     }
 }
@@ -806,11 +807,20 @@ pub async fn serve_from<T: Tunnel, U: Upstream>(
             }
         };
         let has_body = framing != Framing::Length(0);
-        let expect = head.version == 1
-            && head
-                .header("expect")
-                .is_some_and(|v| v.trim().eq_ignore_ascii_case("100-continue"));
+        // `Expect`: only `100-continue` is understood (and ignored from HTTP/1.0 clients,
+        // RFC 9110 §10.1.1); any other expectation is `417` (and the tunnel closed, the
+        // body unread).
+        let mut expect = false;
+        for (n, v) in &head.headers {
+            if n.eq_ignore_ascii_case("expect") {
+                if !v.trim().eq_ignore_ascii_case("100-continue") {
+                    return close_with(tunnel, simple_response(417, &[], "", true), 417).await;
+                }
+                expect = head.version == 1;
+            }
+        }
         let close = !head.keep_alive();
+        let upgrade = allowed_upgrade(&head);
         // Policy and routing before the body is read or anything is sent upstream.
         match decide(cfg, ctx, &head, rng) {
             Action::Respond(resp) => {
@@ -846,22 +856,18 @@ pub async fn serve_from<T: Tunnel, U: Upstream>(
                 tunnel.write(Bytes::from(resp)).await?;
             }
             Action::Forward { forward } => {
-                let request = upstream_head(&head, &forward, ctx.source_ip);
+                // Hop-by-hop fields and `Expect` are not passed on; only an allowed
+                // upgrade is.
+                normalize_request(&mut head, upgrade.as_deref());
+                let request = Bytes::from(upstream_head(&head, &forward, ctx.source_ip));
                 if expect {
                     // Envoy's default: the proxy answers the expectation itself once the
                     // request is allowed and routed, and does not pass it on.
-                    head.headers
-                        .retain(|(n, _)| !n.eq_ignore_ascii_case("expect"));
                     upstream.note(Note::Continue);
                     tunnel
                         .write(Bytes::from_static(b"HTTP/1.1 100 Continue\r\n\r\n"))
                         .await?;
                 }
-                let request = if expect {
-                    upstream_head_without_expect(&request)
-                } else {
-                    Bytes::from(request)
-                };
                 // Read the body whole when it fits the replay buffer; else stream it.
                 let body = match framing {
                     Framing::Length(n) if n as usize <= REPLAY_BUFFER => {
@@ -880,19 +886,20 @@ pub async fn serve_from<T: Tunnel, U: Upstream>(
                         let r = fill(tunnel, &mut buf, |b| {
                             let got = scan.feed(&b[seen..]);
                             let r = match got {
-                                Ok(Some(k)) => Some(Some(seen + k)),
-                                Ok(None) if b.len() > REPLAY_BUFFER => Some(None),
+                                Ok(Some(k)) => Some(Ok(Some(seen + k))),
+                                Ok(None) if b.len() > REPLAY_BUFFER => Some(Ok(None)),
                                 Ok(None) => None,
-                                Err(_) => Some(None),
+                                // Malformed: 400 here, before any upstream stream opens.
+                                Err(_) => Some(Err(())),
                             };
                             seen = b.len();
                             r
                         })
                         .await?;
                         match r {
-                            Some(Some(n)) => ReqBody::Buffered(buf.split_to(n).freeze()),
-                            Some(None) => ReqBody::Streamed(Framing::Chunked),
-                            None => return bad_body(tunnel).await,
+                            Some(Ok(Some(n))) => ReqBody::Buffered(buf.split_to(n).freeze()),
+                            Some(Ok(None)) => ReqBody::Streamed(Framing::Chunked),
+                            Some(Err(())) | None => return bad_body(tunnel).await,
                         }
                     }
                     f => ReqBody::Streamed(f),
@@ -938,18 +945,6 @@ pub async fn serve_from<T: Tunnel, U: Upstream>(
             }
         }
     }
-}
-
-/// The upstream request head without its `expect` header (the waypoint answered it).
-fn upstream_head_without_expect(request: &[u8]) -> Bytes {
-    let mut out = Vec::with_capacity(request.len());
-    for line in request.split_inclusive(|&b| b == b'\n') {
-        let is_expect = line.len() > 7 && line[..7].eq_ignore_ascii_case(b"expect:");
-        if !is_expect {
-            out.extend_from_slice(line);
-        }
-    }
-    Bytes::from(out)
 }
 
 async fn bad_body<T: Tunnel>(tunnel: &mut T) -> io::Result<End> {
@@ -1004,6 +999,9 @@ pub(crate) struct RespHead {
     pub len: usize,
     pub framing: Framing,
     pub close: bool,
+    /// The head has fields not to pass on as they are (hop-by-hop, duplicate or
+    /// overridden `Content-Length`): see [`rewrite_response_head`].
+    pub rewrite: bool,
     /// The one chunk read from the upstream when it held exactly what `ubuf` holds (so a
     /// small response can be passed on without a copy).
     pub whole: Option<Bytes>,
@@ -1043,19 +1041,28 @@ fn response_facts(
     head_request: bool,
 ) -> io::Result<RespHead> {
     let status = r.code.unwrap_or(0);
-    let mut te_chunked = false;
+    let bad = |what: &str| io::Error::new(io::ErrorKind::InvalidData, what.to_string());
+    let mut te: Option<&[u8]> = None;
     let mut cl = None;
     let mut close = r.version == Some(0);
+    let mut connection: Vec<&str> = Vec::new();
     for h in r.headers.iter() {
         if h.name.eq_ignore_ascii_case("transfer-encoding") {
-            te_chunked = contains_token(h.value, b"chunked");
+            if te.is_some() {
+                return Err(bad("several upstream transfer-encoding lines"));
+            }
+            te = Some(h.value);
         } else if h.name.eq_ignore_ascii_case("content-length") {
             let v = std::str::from_utf8(h.value)
                 .ok()
-                .and_then(|v| v.trim().parse::<u64>().ok())
-                .ok_or_else(|| io::Error::other("bad upstream content-length"))?;
+                .and_then(content_length)
+                .ok_or_else(|| bad("bad upstream content-length"))?;
+            if cl.is_some_and(|c| c != v) {
+                return Err(bad("conflicting upstream content-lengths"));
+            }
             cl = Some(v);
         } else if h.name.eq_ignore_ascii_case("connection") {
+            connection.push(std::str::from_utf8(h.value).unwrap_or(""));
             if contains_token(h.value, b"close") {
                 close = true;
             } else if contains_token(h.value, b"keep-alive") {
@@ -1063,11 +1070,33 @@ fn response_facts(
             }
         }
     }
-    let framing = if head_request || status == 204 || status == 304 || (100..200).contains(&status)
-    {
+    // Hop-by-hop fields (RFC 9110 §7.6.1) are removed before the head goes downstream
+    // (kept for a `101`, whose `Connection`/`Upgrade` the client needs); several
+    // `Content-Length`s and one next to `Transfer-Encoding` are rewritten too.
+    let cls = r
+        .headers
+        .iter()
+        .filter(|h| h.name.eq_ignore_ascii_case("content-length"))
+        .count();
+    let rewrite = (status != 101 && r.headers.iter().any(|h| hop_by_hop(h.name, &connection)))
+        || cls > 1
+        || (te.is_some() && cls > 0);
+    let no_body = head_request || status == 204 || status == 304 || (100..200).contains(&status);
+    let framing = if let Some(te) = te {
+        // RFC 9112 §6.3: Transfer-Encoding overrides Content-Length (which is dropped on the
+        // way down). A final coding other than chunked would be delimited by the end of
+        // the connection: not passed on (the waypoint answers 503).
+        let last = te.rsplit(|&b| b == b',').next().unwrap_or(b"").trim_ascii();
+        if !last.eq_ignore_ascii_case(b"chunked") {
+            return Err(bad("upstream transfer-encoding not ending in chunked"));
+        }
+        if no_body {
+            Framing::Length(0)
+        } else {
+            Framing::Chunked
+        }
+    } else if no_body {
         Framing::Length(0)
-    } else if te_chunked {
-        Framing::Chunked
     } else if let Some(n) = cl {
         Framing::Length(n)
     } else {
@@ -1078,6 +1107,7 @@ fn response_facts(
         len: n,
         framing,
         close,
+        rewrite,
         whole: None,
     })
 }
@@ -1395,13 +1425,28 @@ async fn forward_request<T: Tunnel, U: Upstream>(
     };
     // The response: its head (modified when the route says so, or re-framed), then the
     // body streamed.
+    // Only an upgrade the waypoint passed on (an allowed one, [`allowed_upgrade`]) can be
+    // switched to; a `101` to anything else is a bad upstream response.
     let upgrade = h.status == 101 && head.header("upgrade").is_some();
+    if h.status == 101 && !upgrade {
+        up.done(None, 101, false, Some(io::ErrorKind::InvalidData));
+        let resp = simple_response(502, &[], "upstream switched protocols unasked", true);
+        let n = resp.len() as u64;
+        tunnel.write(Bytes::from(resp)).await?;
+        return Ok(Forwarded {
+            status: 502,
+            flags: "UPE",
+            request_body: sent,
+            response_bytes: n,
+            next: Next::Close,
+        });
+    }
     let eof_to_chunked = h.framing == Framing::Eof && head.version == 1 && !upgrade;
     // The common small response: head and whole body already read, passed on unchanged in
     // one write.
     if let Framing::Length(n) = h.framing {
         let whole = h.len + n as usize;
-        if fwd.response_headers.is_empty() && ubuf.len() == whole && h.status != 101 {
+        if fwd.response_headers.is_empty() && !h.rewrite && ubuf.len() == whole && h.status != 101 {
             let out = match h.whole.take() {
                 Some(w) if w.len() == whole => {
                     ubuf.clear();
@@ -1422,7 +1467,7 @@ async fn forward_request<T: Tunnel, U: Upstream>(
         }
     }
     let raw_head = ubuf.split_to(h.len).freeze();
-    let out_head = if fwd.response_headers.is_empty() && !eof_to_chunked {
+    let out_head = if fwd.response_headers.is_empty() && !eof_to_chunked && !h.rewrite {
         raw_head
     } else {
         Bytes::from(rewrite_response_head(
@@ -1486,38 +1531,59 @@ async fn forward_request<T: Tunnel, U: Upstream>(
     })
 }
 
-/// A response head with `ResponseHeaderModifier`s applied; with `chunked`, re-framed as
-/// `transfer-encoding: chunked` (for an end-of-connection delimited body), hop-by-hop
-/// `connection` dropped.
+/// A response head with `ResponseHeaderModifier`s applied and hop-by-hop fields removed
+/// (RFC 9110 §7.6.1; a `101` keeps its `Connection`/`Upgrade`), one `Content-Length`
+/// (none next to `Transfer-Encoding`, RFC 9112 §6.3); with `chunked`, re-framed as
+/// `transfer-encoding: chunked` (for an end-of-connection delimited body) with an
+/// `HTTP/1.1` status line (chunked does not exist in HTTP/1.0).
 fn rewrite_response_head(raw: &[u8], mods: &[HeaderModifier], chunked: bool) -> Vec<u8> {
     let mut hs = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut r = httparse::Response::new(&mut hs);
     if !matches!(r.parse(raw), Ok(httparse::Status::Complete(_))) {
         return raw.to_vec();
     }
+    let status = r.code.unwrap_or(502);
+    let connection: Vec<&str> = r
+        .headers
+        .iter()
+        .filter(|h| h.name.eq_ignore_ascii_case("connection"))
+        .map(|h| std::str::from_utf8(h.value).unwrap_or(""))
+        .collect();
+    let has_te = r
+        .headers
+        .iter()
+        .any(|h| h.name.eq_ignore_ascii_case("transfer-encoding"));
+    let mut seen_cl = false;
     let mut headers: Vec<(String, String)> = r
         .headers
         .iter()
-        .filter(|h| !(chunked && h.name.eq_ignore_ascii_case("connection")))
+        .filter(|h| {
+            if h.name.eq_ignore_ascii_case("content-length") {
+                let keep = !has_te && !seen_cl;
+                seen_cl = true;
+                return keep;
+            }
+            status == 101 || !hop_by_hop(h.name, &connection)
+        })
         .map(|h| {
-            (
-                h.name.to_string(),
-                String::from_utf8_lossy(h.value).into_owned(),
-            )
+            let v = String::from_utf8_lossy(h.value).into_owned();
+            let v = if h.name.eq_ignore_ascii_case("content-length") {
+                content_length(&v).map_or(v, |n| n.to_string())
+            } else {
+                v
+            };
+            (h.name.to_string(), v)
         })
         .collect();
     for m in mods {
         m.apply(&mut headers);
     }
     if chunked {
+        headers.retain(|(n, _)| !n.eq_ignore_ascii_case("transfer-encoding"));
         headers.push(("transfer-encoding".into(), "chunked".into()));
     }
-    let mut out = format!(
-        "HTTP/1.{} {} {}\r\n",
-        r.version.unwrap_or(1),
-        r.code.unwrap_or(502),
-        r.reason.unwrap_or("")
-    );
+    let version = if chunked { 1 } else { r.version.unwrap_or(1) };
+    let mut out = format!("HTTP/1.{version} {status} {}\r\n", r.reason.unwrap_or(""));
     for (k, v) in &headers {
         out.push_str(k);
         out.push_str(": ");
@@ -1544,28 +1610,151 @@ pub enum BodyFraming {
     Chunked,
 }
 
-/// The request's body framing (RFC 9112 §6): `400` for a `Transfer-Encoding` whose final
-/// coding is not `chunked`, for both `Transfer-Encoding` and `Content-Length` (a request
-/// smuggling vector; rejected rather than guessed), and for a bad `Content-Length`.
+/// A `Content-Length` value: one or more comma-separated copies of the same decimal
+/// number (RFC 9110 §8.6); digits only (no sign, no blanks inside), overflow-checked.
+fn content_length(v: &str) -> Option<u64> {
+    let mut out = None;
+    for part in v.split(',') {
+        let part = part.trim_matches([' ', '\t']);
+        if part.is_empty() || !part.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        let n = part.parse::<u64>().ok()?;
+        if out.is_some_and(|o| o != n) {
+            return None;
+        }
+        out = Some(n);
+    }
+    out
+}
+
+/// The request's body framing (RFC 9112 §6), strict about anything two parsers could
+/// read differently (request smuggling): `400` for both `Transfer-Encoding` and
+/// `Content-Length`, for more than one `Transfer-Encoding` line or one other than exactly
+/// `chunked` (the only coding the waypoint forwards), for `Transfer-Encoding` in an
+/// HTTP/1.0 request, for `Content-Length` values that differ or are not all digits, and
+/// for more than one `Host`. Several equal `Content-Length` values are one length (the
+/// upstream gets a single `Content-Length`, [`normalize_request`]).
 pub fn body_framing(head: &RequestHead) -> Result<BodyFraming, u16> {
-    let te = head.header("transfer-encoding");
-    let cl = head.header("content-length");
+    let (mut te, mut tes, mut cl, mut hosts) = (None, 0, None::<u64>, 0);
+    for (n, v) in &head.headers {
+        if n.eq_ignore_ascii_case("transfer-encoding") {
+            tes += 1;
+            te = Some(v.as_str());
+        } else if n.eq_ignore_ascii_case("content-length") {
+            let len = content_length(v).ok_or(400u16)?;
+            if cl.is_some_and(|c| c != len) {
+                return Err(400);
+            }
+            cl = Some(len);
+        } else if n.eq_ignore_ascii_case("host") {
+            hosts += 1;
+        }
+    }
+    if hosts > 1 || tes > 1 {
+        return Err(400);
+    }
     match (te, cl) {
         (Some(_), Some(_)) => Err(400),
         (Some(te), None) => {
-            let last = te.rsplit(',').next().unwrap_or("").trim();
-            if last.eq_ignore_ascii_case("chunked") && head.version == 1 {
+            if te.trim_matches([' ', '\t']).eq_ignore_ascii_case("chunked") && head.version == 1 {
                 Ok(BodyFraming::Chunked)
             } else {
                 Err(400)
             }
         }
-        (None, Some(cl)) => cl
-            .trim()
-            .parse::<usize>()
-            .map(BodyFraming::Length)
-            .map_err(|_| 400),
+        (None, Some(n)) => usize::try_from(n).map(BodyFraming::Length).map_err(|_| 400),
         (None, None) => Ok(BodyFraming::Length(0)),
+    }
+}
+
+/// Upgrades passed on to the upstream (as Istio's default `upgradeConfigs`): only
+/// websocket. Any other (`h2c`, …) is stripped, so the request is an ordinary one and
+/// the tunnel stays under L7 policy and routing.
+pub const ALLOWED_UPGRADES: &[&str] = &["websocket"];
+
+/// The upgrade a request asks for, when it is allowed: HTTP/1.1, an `Upgrade` whose
+/// protocol is in [`ALLOWED_UPGRADES`] and a `Connection` with the `upgrade` token.
+pub fn allowed_upgrade(head: &RequestHead) -> Option<String> {
+    if head.version != 1 {
+        return None;
+    }
+    let mut upgrades = head
+        .headers
+        .iter()
+        .filter(|(n, _)| n.eq_ignore_ascii_case("upgrade"));
+    let (_, v) = upgrades.next()?;
+    if upgrades.next().is_some() {
+        return None;
+    }
+    let proto = v.trim();
+    let name = proto.split('/').next().unwrap_or("");
+    let allowed = ALLOWED_UPGRADES
+        .iter()
+        .any(|a| a.eq_ignore_ascii_case(name.trim()))
+        && !proto.contains(',');
+    let token = head.headers.iter().any(|(n, v)| {
+        n.eq_ignore_ascii_case("connection") && contains_token(v.as_bytes(), b"upgrade")
+    });
+    (allowed && token).then(|| proto.to_string())
+}
+
+/// Hop-by-hop fields (RFC 9110 §7.6.1) never passed on by the waypoint (besides any
+/// field named in `Connection`).
+pub const HOP_BY_HOP: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "upgrade",
+    "http2-settings",
+];
+
+/// Fields a `Connection` header cannot make hop-by-hop: the message framing and the
+/// target, which the waypoint relies on (dropping them would desynchronise the upstream).
+const NOT_DROPPABLE: &[&str] = &["content-length", "transfer-encoding", "host"];
+
+/// Whether field `name` is hop-by-hop for a message whose `Connection` fields are
+/// `connection`.
+fn hop_by_hop(name: &str, connection: &[&str]) -> bool {
+    HOP_BY_HOP.iter().any(|h| name.eq_ignore_ascii_case(h))
+        || (!NOT_DROPPABLE.iter().any(|h| name.eq_ignore_ascii_case(h))
+            && connection.iter().any(|c| {
+                c.split(',')
+                    .any(|t| t.trim_matches([' ', '\t']).eq_ignore_ascii_case(name))
+            }))
+}
+
+/// The request as it goes upstream (after [`body_framing`] accepted it): hop-by-hop
+/// fields removed (RFC 9110 §7.6.1: `Connection`, `Keep-Alive`, `Proxy-Connection`, `TE`,
+/// `Upgrade`, `HTTP2-Settings` and every field `Connection` names), an allowed `upgrade`
+/// put back as `Upgrade` + `Connection: upgrade`, `Expect` dropped (the waypoint answers
+/// it), several equal `Content-Length`s made one.
+pub fn normalize_request(head: &mut RequestHead, upgrade: Option<&str>) {
+    let connection: Vec<String> = head
+        .headers
+        .iter()
+        .filter(|(n, _)| n.eq_ignore_ascii_case("connection"))
+        .map(|(_, v)| v.clone())
+        .collect();
+    let connection: Vec<&str> = connection.iter().map(|s| s.as_str()).collect();
+    let mut seen_cl = false;
+    head.headers.retain_mut(|(n, v)| {
+        if n.eq_ignore_ascii_case("content-length") {
+            if seen_cl {
+                return false;
+            }
+            seen_cl = true;
+            if let Some(len) = content_length(v) {
+                *v = len.to_string();
+            }
+            return true;
+        }
+        !(n.eq_ignore_ascii_case("expect") || hop_by_hop(n, &connection))
+    });
+    if let Some(u) = upgrade {
+        head.headers.push(("connection".into(), "upgrade".into()));
+        head.headers.push(("upgrade".into(), u.to_string()));
     }
 }
 

@@ -67,6 +67,10 @@ impl Tunnel for MemTunnel {
 struct MockUpstream {
     calls: Vec<(Option<(ObjectRef, u16)>, String)>,
     mirrors: Vec<((ObjectRef, u16), String)>,
+    /// Connections opened.
+    connects: usize,
+    /// The upstream's response instead of the default `200` (then end of stream).
+    response: Option<String>,
 }
 
 /// One upstream connection over memory: what was written, and the canned response.
@@ -97,11 +101,14 @@ impl Upstream for MockUpstream {
         service: Option<&(ObjectRef, u16)>,
         _head: &waypoint::http1::RequestHead,
     ) -> io::Result<(MemConn, bool)> {
+        self.connects += 1;
         let body = service.map_or("pod".to_string(), |(s, _)| s.name.clone());
-        let resp = format!(
-            "HTTP/1.1 200 OK\r\nserver: echo\r\ncontent-length: {}\r\n\r\n{body}",
-            body.len()
-        );
+        let resp = self.response.clone().unwrap_or_else(|| {
+            format!(
+                "HTTP/1.1 200 OK\r\nserver: echo\r\ncontent-length: {}\r\n\r\n{body}",
+                body.len()
+            )
+        });
         Ok((
             MemConn {
                 service: service.cloned(),
@@ -202,9 +209,21 @@ fn service_ctx() -> TunnelCtx {
 }
 
 fn run(chunks: &[&[u8]], ctx: &TunnelCtx) -> (End, MemTunnel, MockUpstream) {
+    run_with(chunks, ctx, None)
+}
+
+/// [`run`] with the upstream answering `response`.
+fn run_with(
+    chunks: &[&[u8]],
+    ctx: &TunnelCtx,
+    response: Option<&str>,
+) -> (End, MemTunnel, MockUpstream) {
     let cfg = cfg();
     let mut t = MemTunnel::new(chunks);
-    let mut up = MockUpstream::default();
+    let mut up = MockUpstream {
+        response: response.map(str::to_string),
+        ..Default::default()
+    };
     let end = block_on(serve(&mut t, &cfg, ctx, &mut up, &mut SplitMix64(1))).unwrap();
     (end, t, up)
 }
@@ -425,4 +444,245 @@ fn requests_with_many_headers_are_parsed_up_to_the_limit() {
     assert_eq!(end, End::Closed(431));
     assert!(t.out().starts_with("HTTP/1.1 431 "));
     assert!(up.calls.is_empty());
+}
+
+#[test]
+fn duplicate_or_malformed_framing_and_host_are_400() {
+    let table: &[&[u8]] = &[
+        b"POST / HTTP/1.1\r\nHost: echo\r\ncontent-length: 5\r\ncontent-length: 6\r\n\r\nhello",
+        b"POST / HTTP/1.1\r\nHost: echo\r\ncontent-length: 5, 6\r\n\r\nhello",
+        b"POST / HTTP/1.1\r\nHost: echo\r\ncontent-length: +5\r\n\r\nhello",
+        b"POST / HTTP/1.1\r\nHost: echo\r\ncontent-length: -0\r\n\r\n",
+        b"POST / HTTP/1.1\r\nHost: echo\r\ncontent-length: 0x5\r\n\r\nhello",
+        b"POST / HTTP/1.1\r\nHost: echo\r\ncontent-length: 5 5\r\n\r\nhello",
+        b"POST / HTTP/1.1\r\nHost: echo\r\ncontent-length: 99999999999999999999999\r\n\r\n",
+        b"POST / HTTP/1.1\r\nHost: echo\r\ncontent-length:\r\n\r\n",
+        b"POST / HTTP/1.1\r\nHost: echo\r\ntransfer-encoding: chunked\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\n",
+        b"POST / HTTP/1.1\r\nHost: echo\r\ntransfer-encoding: gzip, chunked\r\n\r\n0\r\n\r\n",
+        b"POST / HTTP/1.1\r\nHost: echo\r\ntransfer-encoding: xchunked\r\n\r\n0\r\n\r\n",
+        b"POST / HTTP/1.1\r\nHost: echo\r\ntransfer-encoding: identity\r\n\r\n",
+        b"POST / HTTP/1.0\r\nHost: echo\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: echo\r\nHost: admin.internal\r\n\r\n",
+    ];
+    for req in table {
+        let (end, t, up) = run(&[req], &service_ctx());
+        assert_eq!(end, End::Closed(400), "{}", String::from_utf8_lossy(req));
+        assert!(t.out().starts_with("HTTP/1.1 400 "), "{}", t.out());
+        assert_eq!(up.connects, 0, "{}", String::from_utf8_lossy(req));
+    }
+    // Equal copies are one length, and only one Content-Length goes upstream.
+    for req in [
+        &b"POST / HTTP/1.1\r\nHost: echo\r\ncontent-length: 5\r\ncontent-length: 5\r\n\r\nhello"[..],
+        b"POST / HTTP/1.1\r\nHost: echo\r\ncontent-length: 5, 5\r\n\r\nhello",
+    ] {
+        let (end, _, up) = run(&[req], &service_ctx());
+        assert_eq!(end, End::Eof);
+        let sent = &up.calls[0].1;
+        assert_eq!(
+            sent.to_ascii_lowercase().matches("content-length").count(),
+            1,
+            "{sent}"
+        );
+        assert!(sent.contains("content-length: 5\r\n"), "{sent}");
+        assert!(sent.ends_with("\r\n\r\nhello"), "{sent}");
+    }
+}
+
+#[test]
+fn malformed_chunked_body_is_400_before_any_upstream() {
+    for body in [
+        // Trailer smuggling: a lenient backend would see `GET /admin` here.
+        &b"0\r\n\nGET /admin/x HTTP/1.1\r\nHost: x\r\n\r\n"[..],
+        b"0\r\nx\n\r\n",
+        b"zz\r\n",
+        b"1 x\r\na\r\n0\r\n\r\n",
+    ] {
+        let mut req =
+            b"POST /up HTTP/1.1\r\nHost: echo\r\ntransfer-encoding: chunked\r\n\r\n".to_vec();
+        req.extend_from_slice(body);
+        let (end, t, up) = run(&[&req], &service_ctx());
+        assert_eq!(end, End::Closed(400), "{}", String::from_utf8_lossy(body));
+        assert!(t.out().starts_with("HTTP/1.1 400 "), "{}", t.out());
+        assert_eq!(up.connects, 0, "{}", String::from_utf8_lossy(body));
+    }
+}
+
+#[test]
+fn expectations_other_than_100_continue_are_417() {
+    let (end, t, up) = run(
+        &[b"POST / HTTP/1.1\r\nHost: echo\r\nexpect: 100-continue-please\r\ncontent-length: 2\r\n\r\nhi"],
+        &service_ctx(),
+    );
+    assert_eq!(end, End::Closed(417));
+    assert!(
+        t.out().starts_with("HTTP/1.1 417 Expectation Failed\r\n"),
+        "{}",
+        t.out()
+    );
+    assert_eq!(up.connects, 0);
+    // 100-continue: answered here, not passed on.
+    let (_, t, up) = run(
+        &[
+            b"POST / HTTP/1.1\r\nHost: echo\r\nExpect: 100-Continue\r\ncontent-length: 2\r\n\r\n",
+            b"hi",
+        ],
+        &service_ctx(),
+    );
+    assert!(
+        t.out()
+            .starts_with("HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 "),
+        "{}",
+        t.out()
+    );
+    assert!(
+        !up.calls[0].1.to_ascii_lowercase().contains("expect"),
+        "{}",
+        up.calls[0].1
+    );
+}
+
+#[test]
+fn h2c_upgrade_is_stripped_and_hop_by_hop_fields_are_not_forwarded() {
+    let req = b"GET /a HTTP/1.1\r\nHost: echo\r\nConnection: Upgrade, HTTP2-Settings, x-secret, content-length\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\nx-secret: s\r\nkeep-alive: timeout=5\r\nte: trailers\r\nproxy-connection: keep-alive\r\nx-kept: k\r\ncontent-length: 0\r\n\r\n";
+    // The upstream answers 101 anyway: not spliced (the request asked for nothing allowed).
+    let (end, t, up) = run_with(
+        &[req],
+        &service_ctx(),
+        Some("HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: h2c\r\n\r\n"),
+    );
+    let sent = up.calls.first().map(|c| c.1.to_ascii_lowercase());
+    assert_eq!(up.connects, 1);
+    assert_ne!(end, End::Upgraded);
+    assert!(t.out().starts_with("HTTP/1.1 502 "), "{}", t.out());
+    let (end, t, up) = run(&[req], &service_ctx());
+    assert_eq!(end, End::Eof);
+    assert!(t.out().starts_with("HTTP/1.1 200 "), "{}", t.out());
+    let sent = sent.unwrap_or_else(|| up.calls[0].1.to_ascii_lowercase());
+    for gone in [
+        "upgrade",
+        "http2-settings",
+        "connection",
+        "x-secret",
+        "keep-alive",
+        "\r\nte:",
+        "proxy-connection",
+    ] {
+        assert!(!sent.contains(gone), "{gone} in {sent}");
+    }
+    assert!(sent.contains("x-kept: k\r\n"), "{sent}");
+    // `Connection` cannot make the framing hop-by-hop.
+    assert!(sent.contains("content-length: 0\r\n"), "{sent}");
+}
+
+#[test]
+fn websocket_upgrade_is_forwarded_and_spliced() {
+    let req = b"GET /ws HTTP/1.1\r\nHost: echo\r\nConnection: keep-alive, Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Key: k\r\n\r\n";
+    let (end, t, up) = run_with(
+        &[req],
+        &service_ctx(),
+        Some(
+            "HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
+        ),
+    );
+    assert_eq!(end, End::Upgraded);
+    assert!(t.out().contains("Upgrade: websocket\r\n"), "{}", t.out());
+    assert_eq!(up.connects, 1);
+    // Without `Connection: upgrade`, no upgrade is asked for.
+    let (end, _, up) = run(
+        &[b"GET /ws HTTP/1.1\r\nHost: echo\r\nUpgrade: websocket\r\n\r\n"],
+        &service_ctx(),
+    );
+    assert_eq!(end, End::Eof);
+    assert!(
+        !up.calls[0].1.to_ascii_lowercase().contains("upgrade"),
+        "{}",
+        up.calls[0].1
+    );
+}
+
+#[test]
+fn response_heads_lose_hop_by_hop_fields_and_ambiguous_framing() {
+    let pod = {
+        let mut c = service_ctx();
+        c.destination = Destination::Workload {
+            namespace: "default".into(),
+            labels: BTreeMap::new(),
+        };
+        c
+    };
+    let get = &b"GET /a HTTP/1.1\r\nHost: 10.1.0.9\r\n\r\n"[..];
+    // Hop-by-hop fields dropped, others kept.
+    let (_, t, _) = run_with(
+        &[get],
+        &pod,
+        Some("HTTP/1.1 200 OK\r\nconnection: keep-alive, x-hop\r\nx-hop: 1\r\nkeep-alive: timeout=5\r\nx-end: e\r\ncontent-length: 2\r\n\r\nok"),
+    );
+    let out = t.out();
+    assert!(out.starts_with("HTTP/1.1 200 OK\r\n"), "{out}");
+    assert!(
+        !out.contains("x-hop") && !out.contains("keep-alive") && !out.contains("connection"),
+        "{out}"
+    );
+    assert!(
+        out.contains("x-end: e\r\n") && out.ends_with("\r\n\r\nok"),
+        "{out}"
+    );
+    // Transfer-Encoding and Content-Length: the length is dropped (RFC 9112 §6.3).
+    let (_, t, _) = run_with(
+        &[get],
+        &pod,
+        Some("HTTP/1.1 200 OK\r\ncontent-length: 100\r\ntransfer-encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n"),
+    );
+    let out = t.out();
+    assert!(!out.contains("content-length"), "{out}");
+    assert!(
+        out.ends_with("transfer-encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n"),
+        "{out}"
+    );
+    // Equal Content-Lengths: one passed on; different ones: not passed on at all.
+    let (_, t, _) = run_with(
+        &[get],
+        &pod,
+        Some("HTTP/1.1 200 OK\r\ncontent-length: 2\r\ncontent-length: 2\r\n\r\nok"),
+    );
+    assert_eq!(
+        t.out().matches("content-length: 2\r\n").count(),
+        1,
+        "{}",
+        t.out()
+    );
+    for bad in [
+        "HTTP/1.1 200 OK\r\ncontent-length: 2\r\ncontent-length: 3\r\n\r\nok",
+        "HTTP/1.1 200 OK\r\ncontent-length: +2\r\n\r\nok",
+        "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked, gzip\r\n\r\n",
+        "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\n",
+    ] {
+        // Retried as a failed upstream (backoff timers): on a runtime.
+        let mut rt = monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
+            .enable_timer()
+            .build()
+            .unwrap();
+        let cfg = cfg();
+        let mut t = MemTunnel::new(&[get]);
+        let mut up = MockUpstream {
+            response: Some(bad.to_string()),
+            ..Default::default()
+        };
+        rt.block_on(serve(&mut t, &cfg, &pod, &mut up, &mut SplitMix64(1)))
+            .unwrap();
+        assert!(t.out().starts_with("HTTP/1.1 503 "), "{bad:?}: {}", t.out());
+    }
+}
+
+#[test]
+fn eof_delimited_http10_response_is_rechunked_as_http11() {
+    let (_, t, _) = run_with(
+        &[b"GET /a HTTP/1.1\r\nHost: echo\r\n\r\n"],
+        &service_ctx(),
+        Some("HTTP/1.0 200 OK\r\nx-a: b\r\n\r\nbody"),
+    );
+    let out = t.out();
+    assert!(out.starts_with("HTTP/1.1 200 OK\r\n"), "{out}");
+    assert!(out.contains("transfer-encoding: chunked\r\n"), "{out}");
+    assert!(out.ends_with("\r\n\r\n4\r\nbody\r\n0\r\n\r\n"), "{out}");
 }
