@@ -37,7 +37,9 @@ use crate::lb::{Rng, SplitMix64};
 use crate::route::{Forward, HeaderModifier};
 use runtime::worker::{race, Either};
 
-/// The largest request body buffered for one HTTP/2 request.
+/// The largest response body the waypoint buffers whole (a mirrored or HTTP/2-upstream
+/// exchange made through [`crate::service`]); request bodies are not bounded by it (read
+/// whole up to [`http1::REPLAY_BUFFER`], streamed beyond).
 pub const MAX_BODY: usize = 64 * 1024 * 1024;
 
 /// Hop-by-hop headers that HTTP/2 forbids (RFC 9113 §8.2.2).
@@ -48,6 +50,7 @@ const HOP_BY_HOP: &[&str] = &[
     "transfer-encoding",
     "upgrade",
     "te",
+    "http2-settings",
 ];
 
 /// How an HTTP/2 tunnel ended.
@@ -115,12 +118,25 @@ fn head_of(parts: &http::request::Parts) -> Option<RequestHead> {
         None => parts.headers.get("host")?.to_str().ok()?.to_string(),
     };
     headers.push(("host".to_string(), host));
+    // Several `cookie` fields (HTTP/2 sends one per cookie) are one in HTTP/1.1, joined
+    // with "; " (RFC 9113 §8.2.3).
+    let mut cookie: Option<usize> = None;
     for (n, v) in &parts.headers {
         let n = n.as_str();
         if n == "host" || n == "content-length" || HOP_BY_HOP.contains(&n) {
             continue;
         }
-        headers.push((n.to_string(), v.to_str().ok()?.to_string()));
+        let v = v.to_str().ok()?;
+        if n == "cookie" {
+            if let Some(i) = cookie {
+                let joined: &mut String = &mut headers[i].1;
+                joined.push_str("; ");
+                joined.push_str(v);
+                continue;
+            }
+            cookie = Some(headers.len());
+        }
+        headers.push((n.to_string(), v.to_string()));
     }
     Some(RequestHead {
         method: parts.method.as_str().to_string(),
@@ -880,5 +896,32 @@ pub fn dechunk(mut b: &[u8]) -> Option<Vec<u8>> {
         }
         out.extend_from_slice(&b[..size]);
         b = &b[size + 2..];
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cookies_are_joined_for_http1() {
+        let req = http::Request::builder()
+            .uri("http://echo/a")
+            .header("cookie", "a=1")
+            .header("x-other", "o")
+            .header("cookie", "b=2")
+            .header("cookie", "c=3")
+            .body(())
+            .unwrap();
+        let (parts, ()) = req.into_parts();
+        let head = head_of(&parts).unwrap();
+        let cookies: Vec<&str> = head
+            .headers
+            .iter()
+            .filter(|(n, _)| n == "cookie")
+            .map(|(_, v)| v.as_str())
+            .collect();
+        assert_eq!(cookies, ["a=1; b=2; c=3"]);
+        assert_eq!(head.header("x-other"), Some("o"));
     }
 }

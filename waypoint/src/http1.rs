@@ -18,9 +18,15 @@
 //! a request answered here (a `403` denial, a redirect, `404`) is answered without
 //! reading its body, and the tunnel is closed after it.
 //!
-//! Upgrades (`Upgrade` + `Connection: upgrade`, e.g. websocket) are forwarded; after a
-//! `101` from the upstream the tunnel and the upstream connection are spliced as raw bytes
-//! both ways with half-close ([`End::Upgraded`]).
+//! Upgrades: only those in [`ALLOWED_UPGRADES`] (websocket, as Istio's default
+//! `upgradeConfigs`), asked with `Connection: upgrade`, are forwarded; after a `101` from
+//! the upstream the tunnel and the upstream connection are spliced as raw bytes both ways
+//! with half-close ([`End::Upgraded`]). Any other upgrade (`h2c`, …) is stripped so the
+//! request stays an ordinary one under L7 policy, and an unasked `101` is `502`.
+//!
+//! Framing is strict (request smuggling): see [`body_framing`] and [`crate::body`];
+//! hop-by-hop fields are removed both ways ([`normalize_request`], RFC 9110 §7.6.1);
+//! `Expect` other than `100-continue` is `417`.
 
 use std::collections::BTreeMap;
 use std::io;
@@ -506,8 +512,8 @@ pub trait Upstream {
     /// request.
     fn upgraded(&mut self, _to_upstream: Bytes) {}
 
-    /// One complete buffered exchange (used by HTTP/2 requests): the complete response
-    /// bytes; an error of kind `TimedOut` when no complete response came within
+    /// One complete buffered exchange (not on the request paths, which stream; an
+    /// implementation may build its mirrors on it): the complete response bytes; an error of kind `TimedOut` when no complete response came within
     /// `timeout` (`None`: no limit).
     async fn exchange(
         &mut self,
@@ -609,77 +615,6 @@ pub(crate) fn idempotent(method: &str) -> bool {
         method,
         "GET" | "HEAD" | "OPTIONS" | "TRACE" | "PUT" | "DELETE"
     )
-}
-
-/// Carry out what routing decided for one request: mirrors (fire and forget, `Host` with
-/// `-shadow` as Envoy sends it), the request timeout (all tries) and the backendRequest
-/// timeout (each try) — `504` when they expire — and retries: the route's `retry` or
-/// [`default_retry`]; only requests without a body or with an idempotent method are
-/// re-sent; a try that timed out is not retried. A failure that is not retried answers
-/// [`upstream_failure`].
-pub async fn execute<U: Upstream>(
-    up: &mut U,
-    fwd: &Forward,
-    request: Bytes,
-    method: &str,
-    has_body: bool,
-    rng: &mut dyn Rng,
-) -> (Vec<u8>, &'static str) {
-    for m in &fwd.mirrors {
-        if m.percent >= 100 || rng.below(100) < u64::from(m.percent) {
-            up.mirror(&(m.service.clone(), m.port), shadow(&request));
-        }
-    }
-    let policy = fwd.retry.clone().unwrap_or_else(default_retry);
-    let replayable = !has_body || idempotent(method);
-    let nonzero = |d: &Duration| !d.is_zero();
-    let deadline = fwd
-        .timeouts
-        .request
-        .filter(nonzero)
-        .map(|d| Instant::now() + d);
-    let remaining = || deadline.map(|d| d.saturating_duration_since(Instant::now()));
-    let timed_out = || {
-        (
-            simple_response(504, &[], "upstream request timeout", false),
-            "UT",
-        )
-    };
-    let mut retries = 0u32;
-    loop {
-        let left = remaining();
-        if left.is_some_and(|d| d.is_zero()) {
-            return timed_out();
-        }
-        let per_try = match (fwd.timeouts.backend_request.filter(nonzero), left) {
-            (Some(b), Some(l)) => Some(b.min(l)),
-            (b, l) => b.or(l),
-        };
-        let r = up
-            .exchange(fwd.service.as_ref(), request.clone(), per_try)
-            .await;
-        let again = retries < policy.attempts
-            && replayable
-            && match &r {
-                Ok(resp) => policy.codes.contains(&status_of(resp)),
-                Err(e) => e.kind() != io::ErrorKind::TimedOut,
-            };
-        if !again {
-            return match r {
-                Ok(resp) => (modify_response(resp, &fwd.response_headers), "-"),
-                Err(e) if e.kind() == io::ErrorKind::TimedOut => (upstream_failure(&e), "UT"),
-                Err(e) => (upstream_failure(&e), "UF"),
-            };
-        }
-        retries += 1;
-        up.retried();
-        let base = policy.backoff.unwrap_or(RETRY_BACKOFF);
-        let mut wait = (base * (1 << (retries - 1).min(8))).min(base * 10);
-        if let Some(l) = remaining() {
-            wait = wait.min(l);
-        }
-        monoio::time::sleep(wait).await;
-    }
 }
 
 /// The mirrored copy of a request: `Host` gets `-shadow` appended (before any port).

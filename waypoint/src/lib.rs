@@ -1,7 +1,7 @@
 //! waypoint: the L7 proxy of ambient mode (issue 5, rules R13–R17 of
 //! `shared/spec/ambient-routing.md`).
 //!
-//! Built so far, as pure table-tested code:
+//! The modules (the pure ones table-tested, the I/O ones end to end):
 //! * [`config`] — the one configuration file: multi-document Kubernetes YAML (`HTTPRoute`,
 //!   `AuthorizationPolicy`, `DestinationRule`), mesh-model's workload/service document and
 //!   the `waypoint:` settings document (every field documented there); located errors.
@@ -9,8 +9,9 @@
 //!   pod-addressed ones (R16).
 //! * [`authz`] — Istio AuthorizationPolicy evaluation (R15).
 //! * [`lb`] — least request, round robin, random, consistent hash, outlier detection.
-//! * [`http1`] — HTTP/1.1 inside a tunnel: request head (400/431), policy first, routing,
-//!   one upstream exchange per request behind a trait, keep-alive.
+//! * [`http1`] — HTTP/1.1 inside a tunnel: request head (400/431), strict framing and
+//!   hop-by-hop removal, policy first, routing, streamed exchanges with the upstream
+//!   behind a trait, allow-listed upgrades, keep-alive.
 //! * [`target`] — the R14 target check over the mesh model.
 //! * [`upstream`] — a service's endpoints from the mesh model and per-worker balancers.
 //!
