@@ -92,9 +92,11 @@ fn backend(ip: Ipv4Addr, name: &'static str) -> Backend {
                     let chunked = header("transfer-encoding").is_some();
                     let len: usize = header("content-length").map_or(0, |v| v.parse().unwrap());
                     let tp = header("traceparent").unwrap_or_default();
+                    let upgrade = header("upgrade").is_some();
                     buf.drain(..n);
-                    if path == "/stream/upgrade" {
-                        // 101, then every byte echoed; half-close after the client's.
+                    if path == "/stream/upgrade" && upgrade {
+                        // Any upgrade asked for (this backend is lenient: h2c too): 101,
+                        // then every byte echoed; half-close after the client's.
                         let _ = paths.send(path.clone());
                         let resp = "HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: websocket\r\n\r\n";
                         if c.write_all(resp.as_bytes()).is_err() || c.write_all(&buf).is_err() {
@@ -1945,4 +1947,34 @@ fn h2_to_an_h2_upstream_streams_bodies_and_relays_trailers() {
     }
     assert_eq!(m.counters().streamed_bodies.load(Ordering::Relaxed), 1);
     assert_eq!(m.h2_conns.load(Ordering::SeqCst), 1);
+}
+
+#[test]
+fn h2c_upgrade_is_not_passed_on_and_later_requests_stay_under_policy() {
+    // A lenient backend would switch to any protocol asked for and take what follows as raw
+    // bytes: an h2c upgrade must not reach it, so the next request on the tunnel is still
+    // parsed, checked by policy (DENY /admin*) and answered 403 by the waypoint.
+    let m = Mesh::start_with(DENY_ADMIN);
+    let (first, second) = block_on(async {
+        let (_c, mut s) = tunnel_to(&m, "10.96.0.2:80").await;
+        s.write_all(
+            Bytes::from(format!(
+                "GET /stream/upgrade HTTP/1.1\r\nhost: {V1}\r\nconnection: Upgrade, HTTP2-Settings\r\nupgrade: h2c\r\nhttp2-settings: AAMAAABkAARAAAAAAAIAAAAA\r\n\r\n"
+            )),
+            false,
+        )
+        .await
+        .unwrap();
+        let mut buf = Vec::new();
+        let first = read_raw_response(&mut s, &mut buf).await;
+        s.write_all(Bytes::from(get("/admin/x", V1)), false)
+            .await
+            .unwrap();
+        let second = read_raw_response(&mut s, &mut buf).await;
+        (first, second)
+    });
+    assert_eq!(first.0, 200, "{}", first.1);
+    assert_eq!(second.0, 403, "{}", second.1);
+    assert_eq!(second.2, b"RBAC: access denied");
+    assert_eq!(m.counters().upgrades.load(Ordering::Relaxed), 0);
 }
