@@ -4,6 +4,9 @@
 //! A connection carries at most `max_streams_per_connection` streams; the next stream opens
 //! another connection. Concurrent first requests share the connection being set up (its slot
 //! is reserved before the handshake), so N simultaneous streams make ⌈N/max⌉ connections.
+//! The stream sent with a new connection's setup belongs to the opener that reserved it; if
+//! that opener is cancelled first, the stream is dropped (reset), not parked on the
+//! connection.
 //! A connection that ended (GOAWAY with its streams done, error, keepalive timeout) takes no
 //! new streams; one unused for `pool_idle_timeout` is closed.
 
@@ -44,6 +47,10 @@ struct Slot {
     /// packet carries TLS Finished, h2 preface, SETTINGS and the CONNECT), for the opener
     /// that reserved the slot.
     first: RefCell<Option<FirstRequest>>,
+    /// The opener that reserved the slot went away (its future was dropped, e.g. a
+    /// cancelled caller) before taking [`Slot::first`]: the setup task drops the first
+    /// stream instead of parking it, so h2 resets it and the peer closes its upstream.
+    owner_gone: Cell<bool>,
     failed: RefCell<Option<String>>,
     ready: LocalEvent,
     active: Cell<usize>,
@@ -55,10 +62,27 @@ struct Slot {
 }
 
 impl Slot {
+    /// The owner is done with the slot: a first stream it did not take is dropped now (h2
+    /// sends RST_STREAM(CANCEL)), and one still being set up is dropped when it arrives.
+    fn release_owner(&self) {
+        self.owner_gone.set(true);
+        let first = self.first.borrow_mut().take();
+        drop(first);
+    }
+
     fn dead(&self) -> bool {
         self.retired.get()
             || self.failed.borrow().is_some()
             || self.client.borrow().as_ref().is_some_and(|c| c.is_closed())
+    }
+}
+
+/// Held by the opener that reserved a new connection's slot; see [`Slot::release_owner`].
+struct Owner(Rc<Slot>);
+
+impl Drop for Owner {
+    fn drop(&mut self) {
+        self.0.release_owner();
     }
 }
 
@@ -111,6 +135,9 @@ impl Pool {
     ) -> Result<H2Stream, HboneError> {
         loop {
             let (slot, owner) = self.reserve(key, cert, req);
+            // Runs however this iteration ends, cancellation included: the first stream
+            // must not outlive the opener that asked for it.
+            let _owner = owner.then(|| Owner(slot.clone()));
             let s2 = slot.clone();
             let guard = StreamGuard::new(move || {
                 s2.active.set(s2.active.get() - 1);
@@ -188,6 +215,7 @@ impl Pool {
             leaf: leaf.to_vec(),
             client: RefCell::new(None),
             first: RefCell::new(None),
+            owner_gone: Cell::new(false),
             failed: RefCell::new(None),
             ready: LocalEvent::new(),
             active: Cell::new(1),
@@ -213,7 +241,9 @@ impl Pool {
             match r {
                 Ok((c, first)) => {
                     *s.client.borrow_mut() = Some(c);
-                    *s.first.borrow_mut() = first;
+                    if !s.owner_gone.get() {
+                        *s.first.borrow_mut() = first;
+                    }
                 }
                 Err(e) => *s.failed.borrow_mut() = Some(e.to_string()),
             }

@@ -496,3 +496,88 @@ fn hello_retry_request_is_answered_and_the_stream_works() {
         assert_eq!(sent, got);
     });
 }
+
+/// An opener cancelled while its new connection is being set up (its future dropped while
+/// it waits for the handshake) must not leave its first stream parked on the connection:
+/// the stream is reset, so the server's forward to the upstream is closed, and the
+/// connection stays usable for later streams.
+#[test]
+fn cancelled_opener_resets_its_first_stream_and_upstream_closes() {
+    use std::io::Read;
+    let ca = ca();
+    let srv = server(
+        &cert(&ca, "server"),
+        H2Settings::default(),
+        Handler::Forward,
+        DriverKind::Uring,
+    );
+    let backend = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let baddr = backend.local_addr().unwrap();
+    // The backend reports what became of the server's connection to it: EOF (or a reset)
+    // once the stream is gone, or a timeout if it was kept open.
+    let (tx, closed) = std::sync::mpsc::channel();
+    let bt = std::thread::spawn(move || {
+        let (mut c, _) = backend.accept().unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let mut buf = [0u8; 64];
+        let r = loop {
+            match c.read(&mut buf) {
+                Ok(0) => break Ok(()),
+                Ok(_) => continue,
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break Ok(()),
+                Err(e) => break Err(e.kind()),
+            }
+        };
+        let _ = tx.send(r);
+    });
+    let client_cert = cert(&ca, "client");
+    let k = key("client", "server", srv.addr);
+    block_on(DriverKind::Uring, async move {
+        let pool = Pool::new(H2Settings::default(), Arc::new(TlsCounters::default()));
+        // The open is polled once (it reserves the slot and starts the connection), then
+        // dropped: the other branch is already done.
+        let to_backend = ConnectRequest::new(baddr);
+        let open = pool.open(&k, &client_cert, &to_backend);
+        let r = runtime::worker::race(open, std::future::ready(())).await;
+        assert!(r.is_right(), "the open cannot have finished in one poll");
+        assert_eq!(pool.connects(), 1, "the connection was started");
+        // Keep this runtime (and the pooled connection) running until the backend knows.
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        let outcome = loop {
+            match closed.try_recv() {
+                Ok(r) => break r,
+                Err(_) => {
+                    assert!(
+                        std::time::Instant::now() < deadline,
+                        "backend never reported"
+                    );
+                    monoio::time::sleep(Duration::from_millis(10)).await;
+                }
+            }
+        };
+        assert_eq!(
+            outcome,
+            Ok(()),
+            "the cancelled opener's CONNECT stayed open on the server (its upstream too)"
+        );
+        // The reset took only the stream: the connection serves the next one.
+        let dead = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        match pool
+            .open(&k, &client_cert, &ConnectRequest::new(dead))
+            .await
+        {
+            Err(HboneError::Status(s)) => assert_eq!(s, http::StatusCode::SERVICE_UNAVAILABLE),
+            Err(e) => panic!("expected 503, got {e}"),
+            Ok(_) => panic!("expected 503, got a stream"),
+        }
+        assert_eq!(
+            pool.connects(),
+            1,
+            "the same connection took the next stream"
+        );
+    });
+    bt.join().unwrap();
+}
