@@ -1,5 +1,7 @@
 //! Hot reload of the configuration file, as ztunnel does it: a control thread polls the
-//! file (every 100 ms: modification time and size, then the text), loads an edited file
+//! file (every 100 ms: modification time and size, then the text; the text is read on the
+//! first poll, and on every poll while the modification time is within two seconds of
+//! now, since an edit in the same time tick with the same size keeps the same stamp), loads an edited file
 //! completely and, only if every document is valid, publishes it as a new
 //! [`WaypointConfig`] snapshot (routes, policies, load balancing, mesh model). A broken edit
 //! is logged with file:line, document and field, counted, and the old snapshot keeps
@@ -41,6 +43,18 @@ impl Drop for Watcher {
     }
 }
 
+/// How coarse a file's modification time may be (file systems keep it in ticks of up to
+/// a second or two, and a write in place is a truncate and then a write).
+const MTIME_SLACK: Duration = Duration::from_secs(2);
+
+/// Whether a stamp cannot be trusted to change on the next edit: modified so recently (or
+/// in the future) that a further edit of the same length may keep the same modification
+/// time. Such a file is read again on every poll until its time is safely in the past
+/// (Git's "racily clean" problem).
+fn racy(stamp: Option<(SystemTime, u64)>, now: SystemTime) -> bool {
+    stamp.is_some_and(|(mtime, _)| mtime + MTIME_SLACK >= now)
+}
+
 fn stamp(p: &Path) -> Option<(SystemTime, u64)> {
     let m = std::fs::metadata(p).ok()?;
     Some((m.modified().ok()?, m.len()))
@@ -60,12 +74,14 @@ pub fn watch(
     let thread = std::thread::Builder::new()
         .name("config-watch".into())
         .spawn(move || {
-            let mut last_stamp = stamp(&file);
+            // No stamp yet: the first look reads the file and compares it with the text the
+            // snapshot was loaded from (an edit made before this thread ran is not missed).
+            let mut last_stamp = None;
             let mut last_text = text;
             while !s2.load(Ordering::SeqCst) {
                 std::thread::sleep(POLL);
                 let now = stamp(&file);
-                if now == last_stamp {
+                if now.is_some() && now == last_stamp && !racy(now, SystemTime::now()) {
                     continue;
                 }
                 last_stamp = now;
@@ -98,4 +114,80 @@ pub fn watch(
         stop,
         thread: Some(thread),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const A: &str = "services:\n  - {name: a, namespace: default, hostname: a.default.svc.cluster.local, vips: [\"10.96.0.10\"], ports: {80: 8080}}\n";
+
+    fn wait(c: &Counters, want: u64) {
+        // Generous: the watcher polls every 100 ms.
+        for _ in 0..600 {
+            if c.config_reloads.load(Ordering::Relaxed) >= want {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("no reload");
+    }
+
+    fn start(file: &Path, loaded: &str) -> (Watcher, Arc<Counters>, Publisher<WaypointConfig>) {
+        let cfg = config::load_str(file, loaded, 1).unwrap();
+        let publisher = Publisher::new(cfg);
+        let counters = Arc::new(Counters::default());
+        let w = watch(
+            file.to_path_buf(),
+            loaded.to_string(),
+            None,
+            publisher.clone(),
+            counters.clone(),
+        )
+        .unwrap();
+        (w, counters, publisher)
+    }
+
+    #[test]
+    fn an_edit_made_before_the_watcher_looked_is_published() {
+        let dir = std::env::temp_dir().join(format!("wp-reload-a-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("c.yaml");
+        // Loaded from A, but the file was edited (B) before the watcher's first look.
+        let b = A.replace("name: a,", "name: b,");
+        std::fs::write(&file, &b).unwrap();
+        let (_w, counters, publisher) = start(&file, A);
+        wait(&counters, 1);
+        assert_eq!(publisher.version(), 2);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn an_edit_keeping_size_and_modification_time_is_published() {
+        let dir = std::env::temp_dir().join(format!("wp-reload-b-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("c.yaml");
+        // A modification time the next edit will keep (as an edit within one time tick).
+        let mtime = SystemTime::now() + Duration::from_secs(3600);
+        std::fs::write(&file, A).unwrap();
+        std::fs::File::options()
+            .write(true)
+            .open(&file)
+            .unwrap()
+            .set_modified(mtime)
+            .unwrap();
+        let (_w, counters, _p) = start(&file, A);
+        // Same length, same modification time, other text.
+        let b = A.replace("name: a,", "name: b,");
+        assert_eq!(b.len(), A.len());
+        std::fs::write(&file, &b).unwrap();
+        std::fs::File::options()
+            .write(true)
+            .open(&file)
+            .unwrap()
+            .set_modified(mtime)
+            .unwrap();
+        wait(&counters, 1);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }
