@@ -8,6 +8,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use h2::client::SendRequest;
 use h2::SendStream;
+use runtime::listener::ListenOptions;
 use rustls_pki_types::ServerName;
 
 use crate::error::HboneError;
@@ -50,16 +51,42 @@ fn random_fill(b: &mut [u8]) {
     });
 }
 
+/// Socket options for a client connection made without the worker's: `TCP_NODELAY`, the
+/// kernel's buffer autotuning, no keepalive probes.
+pub fn default_socket_options() -> ListenOptions {
+    ListenOptions {
+        backlog: 0,
+        nodelay: true,
+        keepalive: None,
+        cpu_steering: false,
+        recv_buffer: None,
+        send_buffer: None,
+    }
+}
+
 impl Client {
     /// Connect to `addr`, authenticating with `tls` (built by `tls::client_config` for the
-    /// expected peer identities).
+    /// expected peer identities), with [`default_socket_options`].
     pub async fn connect(
         addr: SocketAddr,
         tls: Arc<rustls::ClientConfig>,
         settings: &H2Settings,
         counters: &TlsCounters,
     ) -> Result<Client, HboneError> {
-        Ok(Self::establish(addr, tls, settings, counters, None)
+        Self::connect_with(addr, tls, settings, counters, &default_socket_options()).await
+    }
+
+    /// [`Client::connect`] with the worker's socket options (`WorkerCtx::listen_options`:
+    /// nodelay, keepalive, `SO_RCVBUF`/`SO_SNDBUF`), applied to the socket as
+    /// `runtime::listener::connect` does for any connected socket.
+    pub async fn connect_with(
+        addr: SocketAddr,
+        tls: Arc<rustls::ClientConfig>,
+        settings: &H2Settings,
+        counters: &TlsCounters,
+        opts: &ListenOptions,
+    ) -> Result<Client, HboneError> {
+        Ok(Self::establish(addr, tls, settings, counters, opts, None)
             .await?
             .0)
     }
@@ -72,9 +99,11 @@ impl Client {
         tls: Arc<rustls::ClientConfig>,
         settings: &H2Settings,
         counters: &TlsCounters,
+        opts: &ListenOptions,
         req: &ConnectRequest,
     ) -> Result<(Client, H2Stream), HboneError> {
-        let (client, first) = Self::establish(addr, tls, settings, counters, Some(req)).await?;
+        let (client, first) =
+            Self::establish(addr, tls, settings, counters, opts, Some(req)).await?;
         let (resp, stream) = first.expect("a first request was asked for");
         let stream = answered(resp, stream).await?;
         Ok((client, stream))
@@ -85,12 +114,12 @@ impl Client {
         tls: Arc<rustls::ClientConfig>,
         settings: &H2Settings,
         counters: &TlsCounters,
+        opts: &ListenOptions,
         first: Option<&ConnectRequest>,
     ) -> Result<(Client, Option<FirstRequest>), HboneError> {
-        let tcp = monoio::net::TcpStream::connect_addr(addr)
+        let tcp = runtime::listener::connect(addr, opts)
             .await
             .map_err(|e| HboneError::Connect(addr, e))?;
-        let _ = tcp.set_nodelay(true);
         // Our writes after the server's flight (TLS Finished, h2 preface, SETTINGS, the
         // first HEADERS) wait for one flush, below.
         let (io, hold) = crate::stream::TcpIo::held_after_first_read(tcp);

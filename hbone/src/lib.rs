@@ -15,7 +15,8 @@
 //!   on drain. A new client connection sends TLS Finished, preface, SETTINGS and its first
 //!   CONNECT in one packet.
 //! - [`pool`] — per-worker connection pools keyed by (source identity, destination
-//!   identities, destination address).
+//!   identities, destination address); their sockets get the worker's socket options
+//!   ([`pool::Pool::with_socket_options`]).
 //! - [`stream`] — streams as byte streams and the TCP ⇄ stream bridge.
 
 pub mod ca;

@@ -18,9 +18,10 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use runtime::event::LocalEvent;
+use runtime::listener::ListenOptions;
 
 use crate::ca::WorkloadCert;
-use crate::client::{answered, Client, FirstRequest};
+use crate::client::{answered, default_socket_options, Client, FirstRequest};
 use crate::error::HboneError;
 use crate::identity::Identity;
 use crate::settings::H2Settings;
@@ -90,6 +91,8 @@ struct Inner {
     conns: RefCell<HashMap<PoolKey, Vec<Rc<Slot>>>>,
     settings: H2Settings,
     counters: Arc<TlsCounters>,
+    /// For the sockets of new connections.
+    socket: ListenOptions,
     connects: Cell<u64>,
     sweeper: Cell<bool>,
 }
@@ -99,11 +102,24 @@ struct Inner {
 pub struct Pool(Rc<Inner>);
 
 impl Pool {
+    /// A pool whose connections use [`crate::client::default_socket_options`]; a worker's
+    /// pool should be made with [`Pool::with_socket_options`].
     pub fn new(settings: H2Settings, counters: Arc<TlsCounters>) -> Self {
+        Self::with_socket_options(settings, counters, default_socket_options())
+    }
+
+    /// A pool whose connections' sockets get `socket` (the worker's
+    /// `WorkerCtx::listen_options`: nodelay, keepalive, `SO_RCVBUF`/`SO_SNDBUF`).
+    pub fn with_socket_options(
+        settings: H2Settings,
+        counters: Arc<TlsCounters>,
+        socket: ListenOptions,
+    ) -> Self {
         Pool(Rc::new(Inner {
             conns: RefCell::new(HashMap::new()),
             settings,
             counters,
+            socket,
             connects: Cell::new(0),
             sweeper: Cell::new(false),
         }))
@@ -226,16 +242,19 @@ impl Pool {
         list.push(slot.clone());
         self.0.connects.set(self.0.connects.get() + 1);
         let tls = tls::client_config(cert, &key.dst);
-        let (addr, settings, counters, s, req) = (
+        let (addr, settings, counters, s, req, opts) = (
             key.addr,
             self.0.settings.clone(),
             self.0.counters.clone(),
             slot.clone(),
             req.clone(),
+            self.0.socket.clone(),
         );
         monoio::spawn(async move {
             let r = match tls {
-                Ok(tls) => Client::establish(addr, tls, &settings, &counters, Some(&req)).await,
+                Ok(tls) => {
+                    Client::establish(addr, tls, &settings, &counters, &opts, Some(&req)).await
+                }
                 Err(e) => Err(HboneError::Config(e)),
             };
             match r {

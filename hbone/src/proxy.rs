@@ -302,7 +302,11 @@ pub fn start(cfg: ProxyConfig, shutdown: Shutdown) -> Result<Handle, ProxyError>
         move |ctx: runtime::WorkerCtx| async move {
             let certs = Rc::new(RefCell::new(certs));
             let client_tls: Arc<TlsCounters> = Arc::new(TlsCounters::default());
-            let pool = Pool::new(shared.0.h2.clone(), client_tls);
+            let pool = Pool::with_socket_options(
+                shared.0.h2.clone(),
+                client_tls,
+                ctx.listen_options().clone(),
+            );
             let mut loops = Vec::new();
             for (i, sock) in outs.into_iter().enumerate() {
                 let (ctx2, certs, pool, counters, shared) = (
@@ -399,6 +403,7 @@ async fn outbound_conn(
                 tls,
                 &cfg.h2,
                 &counters.client_tls,
+                ctx.listen_options(),
                 &req,
             )
             .await

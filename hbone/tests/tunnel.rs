@@ -581,3 +581,83 @@ fn cancelled_opener_resets_its_first_stream_and_upstream_closes() {
     });
     bt.join().unwrap();
 }
+
+/// The sockets of this process connected to `peer` (found through `/proc/self/fd`), with
+/// (SO_RCVBUF, SO_SNDBUF, TCP_NODELAY, SO_KEEPALIVE, TCP_KEEPIDLE) of each.
+fn sockets_to(peer: SocketAddr) -> Vec<(usize, usize, bool, bool, Duration)> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc/self/fd").unwrap() {
+        let Ok(fd) = e.unwrap().file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let r = runtime::sys::with_sockref(fd, |s| {
+            if s.peer_addr()?.as_socket() != Some(peer) {
+                return Ok(None);
+            }
+            Ok(Some((
+                s.recv_buffer_size()?,
+                s.send_buffer_size()?,
+                s.nodelay()?,
+                s.keepalive()?,
+                s.keepalive_time()?,
+            )))
+        });
+        if let Ok(Some(x)) = r {
+            out.push(x);
+        }
+    }
+    out
+}
+
+/// The worker's socket options (`runtime.socket_recv_buffer` / `socket_send_buffer`,
+/// nodelay, keepalive) reach the sockets of HBONE client connections, pooled or not.
+#[test]
+fn worker_socket_options_reach_hbone_client_sockets() {
+    let ca = ca();
+    let (client_cert, server_cert) = (cert(&ca, "client"), cert(&ca, "server"));
+    let pooled = server(
+        &server_cert,
+        H2Settings::default(),
+        Handler::Echo,
+        DriverKind::Uring,
+    );
+    let direct = server(
+        &server_cert,
+        H2Settings::default(),
+        Handler::Echo,
+        DriverKind::Uring,
+    );
+    let mut opts = hbone::client::default_socket_options();
+    opts.recv_buffer = Some(49152);
+    opts.send_buffer = Some(24576);
+    opts.keepalive = Some(Duration::from_secs(45));
+    let k = key("client", "server", pooled.addr);
+    let (paddr, daddr) = (pooled.addr, direct.addr);
+    block_on(DriverKind::Uring, async move {
+        let pool = Pool::with_socket_options(
+            H2Settings::default(),
+            Arc::new(TlsCounters::default()),
+            opts.clone(),
+        );
+        let s = pool.open(&k, &client_cert, &req()).await.expect("open");
+        let (sent, got) = echo_through(s, 1000, 5).await;
+        assert_eq!(sent, got);
+        let tls = hbone::tls::client_config(&client_cert, &[id("server")]).unwrap();
+        let c = hbone::client::Client::connect_with(
+            daddr,
+            tls,
+            &H2Settings::default(),
+            &TlsCounters::default(),
+            &opts,
+        )
+        .await
+        .expect("connect");
+        let (sent, got) = echo_through(c.open(&req()).await.expect("open"), 1000, 6).await;
+        assert_eq!(sent, got);
+        // The kernel reports twice the buffer sizes asked for (its bookkeeping share).
+        let want = (2 * 49152, 2 * 24576, true, true, Duration::from_secs(45));
+        assert_eq!(sockets_to(paddr), vec![want], "pooled connection");
+        assert_eq!(sockets_to(daddr), vec![want], "Client::connect_with");
+        drop(c);
+    });
+}
