@@ -47,7 +47,7 @@ use crate::sys;
 /// While spinning, let the runtime park (non-blocking) this often so due timers fire, and
 /// check whether the thread lost its CPU.
 pub const TIMER_PASS: Duration = Duration::from_millis(1);
-/// First pause of busy polling after the thread was preempted while spinning.
+/// First pause of busy polling after the thread got less than 3/4 of its CPU while spinning.
 pub const BACKOFF_MIN: Duration = Duration::from_millis(100);
 /// Longest pause (it doubles while preemption keeps happening).
 pub const BACKOFF_MAX: Duration = Duration::from_secs(5);

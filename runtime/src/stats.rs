@@ -22,7 +22,7 @@ pub struct WorkerStats {
     pub busy_poll_spins: AtomicU64,
     /// Busy polling: microseconds spent spinning (CPU the worker burnt instead of sleeping).
     pub busy_poll_us: AtomicU64,
-    /// Busy polling: times it paused because the scheduler preempted the spinning worker.
+    /// Busy polling: times it paused because other threads took a share of its CPU.
     pub busy_poll_backoffs: AtomicU64,
 }
 

@@ -16,7 +16,7 @@
 //! | `runtime.nodelay` | bool | true | `TCP_NODELAY`: lower latency for small writes |
 //! | `runtime.tcp_keepalive` | duration | 180s | TCP keepalive idle time (dead peer detection) |
 //! | `runtime.reuseport_cpu_steering` | bool | false | CBPF: connection to the worker on its packets' CPU |
-//! | `runtime.busy_poll` | duration (`50us`) | 0 (off) | after activity a worker keeps reaping its ring without sleeping this long, so the next message finds its CPU awake (no halt/wake-up); burns that CPU while traffic flows; backs off 0.1–5 s when preempted (shared core); io_uring only; max 10ms |
+//! | `runtime.busy_poll` | duration (`50us`) | 0 (off) | after activity a worker keeps reaping its ring without sleeping this long, so the next message finds its CPU awake (no halt/wake-up); burns that CPU while traffic flows (tcp-rr: proxy core ~95% busy instead of ~58%); `sched_yield`s each turn; stops 0.1–5 s when it gets < 3/4 of its CPU (shared core); io_uring only (ignored under epoll); max 10ms; latency profile: 50us |
 //! | `runtime.socket_recv_buffer` | bytes | absent (autotuning) | `SO_RCVBUF` on listeners (inherited by accepted sockets) and connected sockets; bounds the kernel memory a socket's unread bytes take (the kernel reserves twice the value) and turns receive autotuning off; capped by `net.core.rmem_max` |
 //! | `runtime.socket_send_buffer` | bytes | absent (autotuning) | `SO_SNDBUF` likewise: bounds unsent bytes queued in the kernel per socket (a slow reader's backlog); capped by `net.core.wmem_max` |
 //! | `runtime.forward.mode` | copy/splice | copy | user-space copy or zero-copy `splice(2)` |
