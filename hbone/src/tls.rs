@@ -158,8 +158,15 @@ thread_local! {
     static CLIENT_CONFIGS: RefCell<Memo<CachedClientConfig>> = const { RefCell::new(Memo::new()) };
 }
 
-fn same_chain(c: &VerifiedChain, ee: &CertificateDer<'_>, inter: &[CertificateDer<'_>]) -> bool {
-    c.leaf == ee.as_ref()
+/// `c` is the verdict on this chain against these anchors.
+fn same_chain(
+    c: &VerifiedChain,
+    anchors: &Arc<[u8]>,
+    ee: &CertificateDer<'_>,
+    inter: &[CertificateDer<'_>],
+) -> bool {
+    (Arc::ptr_eq(&c.anchors, anchors) || c.anchors == *anchors)
+        && c.leaf == ee.as_ref()
         && c.intermediates.len() == inter.len()
         && c.intermediates
             .iter()
@@ -175,10 +182,8 @@ fn verified_before(
 ) -> bool {
     let t = now.as_secs();
     VERIFIED.with_borrow(|m| {
-        m.find(|c| {
-            (Arc::ptr_eq(&c.anchors, anchors) || c.anchors == *anchors) && same_chain(c, ee, inter)
-        })
-        .is_some_and(|c| c.valid_from <= t && t <= c.valid_until)
+        m.find(|c| same_chain(c, anchors, ee, inter))
+            .is_some_and(|c| c.valid_from <= t && t <= c.valid_until)
     })
 }
 
@@ -191,6 +196,17 @@ fn remember_verified(anchors: &Arc<[u8]>, ee: &CertificateDer<'_>, inter: &[Cert
         until = until.min(secs(info.not_after));
     }
     VERIFIED.with_borrow_mut(|m| {
+        // The same chain again (a window that excludes now — say an expired intermediate
+        // off the path — makes every handshake miss): refresh its entry, so repeated misses
+        // do not fill the memo with copies and evict other chains.
+        if let Some(c) = m
+            .items
+            .iter_mut()
+            .find(|c| same_chain(c, anchors, ee, inter))
+        {
+            (c.valid_from, c.valid_until) = (from, until);
+            return;
+        }
         m.push(VerifiedChain {
             anchors: anchors.clone(),
             leaf: ee.as_ref().to_vec(),
@@ -271,6 +287,20 @@ struct SpiffeServerVerifier {
     algs: WebPkiSupportedAlgorithms,
 }
 
+impl SpiffeServerVerifier {
+    fn new(
+        roots: &[CertificateDer<'static>],
+        expected: &[Identity],
+    ) -> Result<Self, rustls::Error> {
+        Ok(SpiffeServerVerifier {
+            roots: roots_store(roots)?,
+            anchors: anchors_key(b's', roots),
+            expected: expected.to_vec(),
+            algs: provider().signature_verification_algorithms,
+        })
+    }
+}
+
 impl ServerCertVerifier for SpiffeServerVerifier {
     fn verify_server_cert(
         &self,
@@ -327,10 +357,12 @@ impl ServerCertVerifier for SpiffeServerVerifier {
     }
 }
 
-/// A client config built before on this thread, for the same certificate, key, roots and
-/// expected identities.
+/// A client config built before on this thread, for the same certificate chain, key, roots
+/// and expected identities.
 struct CachedClientConfig {
-    leaf: Vec<u8>,
+    /// Our whole chain, not only the leaf: a plug-in CA's `cert-chain.pem` can rotate an
+    /// intermediate under an unchanged leaf, and the config presents the chain.
+    chain: Vec<CertificateDer<'static>>,
     key: crate::ca::SecretKey,
     roots: Vec<CertificateDer<'static>>,
     expected: Vec<Identity>,
@@ -346,11 +378,10 @@ pub fn client_config(
     me: &WorkloadCert,
     expected: &[Identity],
 ) -> Result<Arc<rustls::ClientConfig>, rustls::Error> {
-    let leaf = me.chain.first().map(|c| c.as_ref()).unwrap_or_default();
     let hit = CLIENT_CONFIGS.with_borrow(|m| {
         m.find(|c| {
             c.expected == expected
-                && c.leaf == leaf
+                && c.chain == me.chain
                 && c.key.same_as(&me.key)
                 && c.roots == me.roots
         })
@@ -362,7 +393,7 @@ pub fn client_config(
     let config = build_client_config(me, expected)?;
     CLIENT_CONFIGS.with_borrow_mut(|m| {
         m.push(CachedClientConfig {
-            leaf: leaf.to_vec(),
+            chain: me.chain.clone(),
             key: me.key.clone(),
             roots: me.roots.clone(),
             expected: expected.to_vec(),
@@ -377,12 +408,7 @@ fn build_client_config(
     expected: &[Identity],
 ) -> Result<Arc<rustls::ClientConfig>, rustls::Error> {
     let provider = provider();
-    let verifier = SpiffeServerVerifier {
-        roots: roots_store(&me.roots)?,
-        anchors: anchors_key(b's', &me.roots),
-        expected: expected.to_vec(),
-        algs: provider.signature_verification_algorithms,
-    };
+    let verifier = SpiffeServerVerifier::new(&me.roots, expected)?;
     let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .dangerous()
@@ -396,14 +422,7 @@ fn build_client_config(
 /// Server config acting as `me`, requiring a client certificate chained to our roots.
 pub fn server_config(me: &WorkloadCert) -> Result<Arc<rustls::ServerConfig>, rustls::Error> {
     let provider = provider();
-    let roots = Arc::new(roots_store(&me.roots)?);
-    let inner = WebPkiClientVerifier::builder_with_provider(roots, provider.clone())
-        .build()
-        .map_err(|e| rustls::Error::General(e.to_string()))?;
-    let client_verifier = Arc::new(CachingClientVerifier {
-        inner,
-        anchors: anchors_key(b'c', &me.roots),
-    });
+    let client_verifier = Arc::new(CachingClientVerifier::new(&me.roots)?);
     let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(client_verifier)
@@ -424,6 +443,19 @@ pub fn server_config(me: &WorkloadCert) -> Result<Arc<rustls::ServerConfig>, rus
 struct CachingClientVerifier {
     inner: Arc<dyn ClientCertVerifier>,
     anchors: Arc<[u8]>,
+}
+
+impl CachingClientVerifier {
+    fn new(roots: &[CertificateDer<'static>]) -> Result<Self, rustls::Error> {
+        let inner =
+            WebPkiClientVerifier::builder_with_provider(Arc::new(roots_store(roots)?), provider())
+                .build()
+                .map_err(|e| rustls::Error::General(e.to_string()))?;
+        Ok(CachingClientVerifier {
+            inner,
+            anchors: anchors_key(b'c', roots),
+        })
+    }
 }
 
 impl ClientCertVerifier for CachingClientVerifier {
@@ -497,66 +529,197 @@ mod tests {
         UnixTime::since_unix_epoch(t.duration_since(UNIX_EPOCH).unwrap())
     }
 
-    /// A chain remembered as verified is accepted again only inside its validity, and only
-    /// against the same roots; outside, the full check runs and gives its own error.
+    fn memo_len() -> usize {
+        VERIFIED.with_borrow(|m| m.items.len())
+    }
+
+    /// A self-signed CA certificate named `cn`, valid in [`from`, `until`] (years).
+    fn ca_cert(cn: &str, from: i32, until: i32) -> CertificateDer<'static> {
+        use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut params = CertificateParams::default();
+        params.distinguished_name.push(DnType::CommonName, cn);
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let year = |y| time::Date::from_calendar_date(y, time::Month::January, 1).unwrap();
+        params.not_before = year(from).midnight().assume_utc();
+        params.not_after = year(until).midnight().assume_utc();
+        params.self_signed(&key).unwrap().der().clone()
+    }
+
+    fn is_expired(e: &rustls::Error) -> bool {
+        matches!(
+            e,
+            rustls::Error::InvalidCertificate(
+                CertificateError::Expired | CertificateError::ExpiredContext { .. }
+            )
+        )
+    }
+
+    /// Not chained to the roots: another mesh's root has the same name as ours, so WebPKI
+    /// finds a candidate issuer whose signature does not match.
+    fn is_untrusted(e: &rustls::Error) -> bool {
+        matches!(
+            e,
+            rustls::Error::InvalidCertificate(
+                CertificateError::UnknownIssuer | CertificateError::BadSignature
+            )
+        )
+    }
+
+    /// Both verifiers — the client's server-certificate one and the server's
+    /// `CachingClientVerifier` — remember a chain only once it passed the full check:
+    /// untrusted and expired chains, before or after a valid one was remembered, leave the
+    /// memo as it was and fail with their own errors; a verdict for one use (server) is not
+    /// taken for the other (client) nor under other roots; a remembered chain still has to
+    /// carry an expected identity.
     #[test]
-    fn verified_chain_memo_respects_validity_and_roots() {
+    fn chain_memo_is_filled_only_by_verified_chains_on_both_sides() {
         let ca = SigningCa::generate_root("cluster.local").unwrap().0;
+        let other = SigningCa::generate_root("cluster.local").unwrap().0;
         let id = Identity::new("cluster.local", "default", "server");
         let now = SystemTime::now();
         let cert = ca.mint(&id, now, Duration::from_secs(3600)).unwrap();
-        let verifier = SpiffeServerVerifier {
-            roots: roots_store(&cert.roots).unwrap(),
-            anchors: anchors_key(b's', &cert.roots),
-            expected: vec![id.clone()],
-            algs: provider().signature_verification_algorithms,
-        };
+        // The same identity, signed by another mesh's root.
+        let foreign = other.mint(&id, now, Duration::from_secs(3600)).unwrap();
         let name = ServerName::try_from("example.com").unwrap();
+        let (inside, later) = (
+            at(now + Duration::from_secs(60)),
+            at(now + Duration::from_secs(7200)),
+        );
+        let server_side = SpiffeServerVerifier::new(&cert.roots, std::slice::from_ref(&id))
+            .expect("client config's verifier");
+        let client_side = CachingClientVerifier::new(&cert.roots).expect("server's verifier");
         let leaf = &cert.chain[0];
-        let inside = at(now + Duration::from_secs(60));
-        verifier
+        let check_s = |c: &CertificateDer<'_>, t| {
+            server_side
+                .verify_server_cert(c, &[], &name, &[], t)
+                .map(|_| ())
+        };
+        let check_c =
+            |c: &CertificateDer<'_>, t| client_side.verify_client_cert(c, &[], t).map(|_| ());
+        assert_eq!(memo_len(), 0);
+
+        // Refused chains are not remembered.
+        let e = check_s(&foreign.chain[0], inside).unwrap_err();
+        assert!(is_untrusted(&e), "{e:?}");
+        let e = check_c(&foreign.chain[0], inside).unwrap_err();
+        assert!(is_untrusted(&e), "{e:?}");
+        let e = check_s(leaf, later).unwrap_err();
+        assert!(is_expired(&e), "{e:?}");
+        let e = check_c(leaf, later).unwrap_err();
+        assert!(is_expired(&e), "{e:?}");
+        assert_eq!(memo_len(), 0, "refusals must not be remembered");
+
+        // A valid chain: remembered once per use, then taken from the memo.
+        check_s(leaf, inside).expect("valid server chain");
+        assert_eq!(memo_len(), 1);
+        check_s(leaf, inside).expect("remembered server chain");
+        assert_eq!(memo_len(), 1, "a second verification is a memo hit");
+        check_c(leaf, inside).expect("valid client chain");
+        assert_eq!(
+            memo_len(),
+            2,
+            "a server-use verdict says nothing about client use"
+        );
+        check_c(leaf, inside).expect("remembered client chain");
+        assert_eq!(memo_len(), 2);
+
+        // Remembered, yet past its validity: both sides run the full check and refuse.
+        let e = check_s(leaf, later).unwrap_err();
+        assert!(is_expired(&e), "{e:?}");
+        let e = check_c(leaf, later).unwrap_err();
+        assert!(is_expired(&e), "{e:?}");
+        // Untrusted ones are still refused next to a remembered chain.
+        let e = check_s(&foreign.chain[0], inside).unwrap_err();
+        assert!(is_untrusted(&e), "{e:?}");
+        let e = check_c(&foreign.chain[0], inside).unwrap_err();
+        assert!(is_untrusted(&e), "{e:?}");
+        // Another mesh's verifiers do not take our roots' verdicts.
+        let e = SpiffeServerVerifier::new(&other.roots(), std::slice::from_ref(&id))
+            .unwrap()
             .verify_server_cert(leaf, &[], &name, &[], inside)
-            .expect("valid chain");
-        assert!(verified_before(&verifier.anchors, leaf, &[], inside));
-        // Past not_after: not taken from the memo; the full check says expired.
-        let later = at(now + Duration::from_secs(7200));
-        assert!(!verified_before(&verifier.anchors, leaf, &[], later));
-        let e = verifier
-            .verify_server_cert(leaf, &[], &name, &[], later)
+            .unwrap_err();
+        assert!(is_untrusted(&e), "{e:?}");
+        let e = CachingClientVerifier::new(&other.roots())
+            .unwrap()
+            .verify_client_cert(leaf, &[], inside)
+            .unwrap_err();
+        assert!(is_untrusted(&e), "{e:?}");
+        assert_eq!(memo_len(), 2, "refusals must not be remembered");
+
+        // A remembered chain still has to carry an expected identity.
+        let wrong = SpiffeServerVerifier::new(
+            &cert.roots,
+            &[Identity::new("cluster.local", "default", "other")],
+        )
+        .unwrap();
+        let e = wrong
+            .verify_server_cert(leaf, &[], &name, &[], inside)
             .unwrap_err();
         assert!(
             matches!(
                 e,
-                rustls::Error::InvalidCertificate(
-                    CertificateError::Expired | CertificateError::ExpiredContext { .. }
-                )
+                rustls::Error::InvalidCertificate(CertificateError::ApplicationVerificationFailure)
             ),
             "{e:?}"
         );
-        // Other roots (another mesh) or the other use (client certificates): not verified.
-        let other = SigningCa::generate_root("cluster.local").unwrap().0;
-        let other_roots = other.roots();
-        assert!(!verified_before(
-            &anchors_key(b's', &other_roots),
-            leaf,
-            &[],
-            inside
-        ));
-        assert!(!verified_before(
-            &anchors_key(b'c', &cert.roots),
-            leaf,
-            &[],
-            inside
-        ));
-        // A memoised chain still has to carry an expected identity.
-        let wrong = SpiffeServerVerifier {
-            roots: roots_store(&cert.roots).unwrap(),
-            anchors: verifier.anchors.clone(),
-            expected: vec![Identity::new("cluster.local", "default", "other")],
-            algs: provider().signature_verification_algorithms,
+        assert_eq!(memo_len(), 2);
+    }
+
+    /// An extra intermediate that is not on the path and has expired makes the remembered
+    /// window empty, so every handshake re-verifies the chain: it refreshes its one entry
+    /// instead of adding a copy each time and evicting the other chains.
+    #[test]
+    fn reverified_chain_refreshes_its_entry_instead_of_adding_copies() {
+        let ca = SigningCa::generate_root("cluster.local").unwrap().0;
+        let (a, b) = (
+            Identity::new("cluster.local", "default", "a"),
+            Identity::new("cluster.local", "default", "b"),
+        );
+        let now = SystemTime::now();
+        let ca_a = ca.mint(&a, now, Duration::from_secs(3600)).unwrap();
+        let ca_b = ca.mint(&b, now, Duration::from_secs(3600)).unwrap();
+        let v = SpiffeServerVerifier::new(&ca_a.roots, &[a, b]).unwrap();
+        let name = ServerName::try_from("example.com").unwrap();
+        let inside = at(now + Duration::from_secs(60));
+        v.verify_server_cert(&ca_b.chain[0], &[], &name, &[], inside)
+            .unwrap();
+        let stale = [ca_cert("retired intermediate", 2000, 2001)];
+        for _ in 0..2 * MEMO {
+            v.verify_server_cert(&ca_a.chain[0], &stale, &name, &[], inside)
+                .expect("the path does not use the stale certificate");
+        }
+        assert_eq!(memo_len(), 2, "one entry per chain");
+        assert!(
+            verified_before(&v.anchors, &ca_b.chain[0], &[], inside),
+            "the other chain stays remembered"
+        );
+    }
+
+    /// The client config cache is keyed by our whole chain: a rotated intermediate under the
+    /// same leaf and key (a plug-in CA's new cert-chain.pem) gets a config presenting it.
+    #[test]
+    fn client_config_follows_a_rotated_chain_under_the_same_leaf() {
+        let ca = SigningCa::generate_root("cluster.local").unwrap().0;
+        let id = Identity::new("cluster.local", "default", "client");
+        let peer = [Identity::new("cluster.local", "default", "server")];
+        let mut old = ca.issue(&id, SystemTime::now()).unwrap();
+        old.chain.push(ca_cert("intermediate 1", 2020, 2100));
+        let mut new = old.clone();
+        new.chain[1] = ca_cert("intermediate 2", 2020, 2100);
+        let presented = |c: &rustls::ClientConfig| {
+            c.client_auth_cert_resolver
+                .resolve(&[], &[SignatureScheme::ECDSA_NISTP256_SHA256])
+                .expect("a client certificate")
+                .cert
+                .clone()
         };
-        assert!(wrong
-            .verify_server_cert(leaf, &[], &name, &[], inside)
-            .is_err());
+        let a = client_config(&old, &peer).unwrap();
+        assert!(Arc::ptr_eq(&a, &client_config(&old, &peer).unwrap()));
+        let b = client_config(&new, &peer).unwrap();
+        assert!(!Arc::ptr_eq(&a, &b), "a new chain needs a new config");
+        assert_eq!(presented(&a), old.chain);
+        assert_eq!(presented(&b), new.chain);
+        assert!(Arc::ptr_eq(&b, &client_config(&new, &peer).unwrap()));
     }
 }
