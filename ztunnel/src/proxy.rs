@@ -364,9 +364,12 @@ pub fn start(
                         let w = Rc::new(Worker {
                             ctx: ctx.clone(),
                             sub: RefCell::new(sub),
-                            pool: Pool::new(
+                            // HBONE legs get the worker's socket options (nodelay,
+                            // keepalive, SO_RCVBUF/SO_SNDBUF of the profile).
+                            pool: Pool::with_socket_options(
                                 shared.settings.h2.clone(),
                                 Arc::new(TlsCounters::default()),
+                                ctx.listen_options().clone(),
                             ),
                             chooser: RefCell::new(SeededChooser::new(seed)),
                             metrics: LocalMetrics::new(metrics),
