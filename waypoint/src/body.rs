@@ -12,7 +12,7 @@
 
 use bytes::{BufMut, Bytes, BytesMut};
 
-use crate::http1::Tunnel;
+use crate::http1::{Tunnel, Watched};
 
 /// How a message body is delimited.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -287,6 +287,114 @@ pub async fn copy<S: Tunnel, D: Tunnel>(
         }
         if end {
             return Ok(total);
+        }
+    }
+}
+
+/// [`copy`] of a request body to the upstream `dst`, watching `dst` for an early
+/// response: whatever the upstream sends while the body goes out is added to `ubuf`, and
+/// once `answered(ubuf)` says a final response has begun the copy stops (the rest of the
+/// body is not sent; the upstream connection must not be reused). Returns the body bytes
+/// sent and whether the body went out whole.
+pub async fn copy_watching<S: Tunnel, D: Tunnel>(
+    src: &mut S,
+    buf: &mut BytesMut,
+    framing: Framing,
+    dst: &mut D,
+    encode_chunks: bool,
+    ubuf: &mut BytesMut,
+    mut answered: impl FnMut(&mut BytesMut) -> bool,
+) -> Result<(u64, bool), CopyError> {
+    let mut scan = ChunkScan::default();
+    let mut left = match framing {
+        Framing::Length(0) => return Ok((0, true)),
+        Framing::Length(n) => n,
+        _ => u64::MAX,
+    };
+    let mut total = 0u64;
+    // What the upstream sent: `true` when the copy is to stop.
+    let mut peer = |w: Watched, ubuf: &mut BytesMut| match w {
+        Watched::Written => false,
+        Watched::Data(b) => {
+            ubuf.extend_from_slice(&b);
+            answered(ubuf)
+        }
+        Watched::End => true,
+    };
+    loop {
+        let mut chunk = if !buf.is_empty() {
+            buf.split().freeze()
+        } else {
+            let got = loop {
+                match dst.read_or_source(src).await {
+                    Ok(got) => break got,
+                    Err(w) => {
+                        if peer(w, ubuf) {
+                            return Ok((total, false));
+                        }
+                    }
+                }
+            };
+            match got {
+                Some(Ok(b)) => b,
+                Some(Err(e)) => return Err(CopyError::Read(e)),
+                None if framing == Framing::Eof => {
+                    let mut end = if encode_chunks {
+                        Bytes::from_static(b"0\r\n\r\n")
+                    } else {
+                        Bytes::new()
+                    };
+                    while !end.is_empty() {
+                        let w = dst
+                            .write_watching(&mut end)
+                            .await
+                            .map_err(CopyError::Write)?;
+                        if peer(w, ubuf) {
+                            return Ok((total, false));
+                        }
+                    }
+                    return Ok((total, true));
+                }
+                None => return Err(CopyError::Truncated),
+            }
+        };
+        let (n, end) = match framing {
+            Framing::Length(_) => {
+                let n = (chunk.len() as u64).min(left);
+                left -= n;
+                (n as usize, left == 0)
+            }
+            Framing::Chunked => match scan.feed(&chunk) {
+                Ok(Some(n)) => (n, true),
+                Ok(None) => (chunk.len(), false),
+                Err(Malformed) => return Err(CopyError::Malformed),
+            },
+            Framing::Eof => (chunk.len(), false),
+        };
+        if n < chunk.len() {
+            buf.extend_from_slice(&chunk.split_off(n));
+        }
+        total += n as u64;
+        let mut out = if encode_chunks && !chunk.is_empty() {
+            let mut o = BytesMut::with_capacity(chunk.len() + 20);
+            o.put_slice(format!("{:x}\r\n", chunk.len()).as_bytes());
+            o.put_slice(&chunk);
+            o.put_slice(b"\r\n");
+            o.freeze()
+        } else {
+            chunk
+        };
+        while !out.is_empty() {
+            let w = dst
+                .write_watching(&mut out)
+                .await
+                .map_err(CopyError::Write)?;
+            if peer(w, ubuf) {
+                return Ok((total, false));
+            }
+        }
+        if end {
+            return Ok((total, true));
         }
     }
 }

@@ -359,7 +359,8 @@ async fn forward_streamed<U: Upstream>(
             .await;
             match r {
                 Ok(n) => {
-                    let reusable = !h.close && h.framing != Framing::Eof && ubuf.is_empty();
+                    let reusable =
+                        !h.close && !h.early && h.framing != Framing::Eof && ubuf.is_empty();
                     up.done(Some(conn), h.status, reusable, None);
                     (h.status, "-", sent, n)
                 }

@@ -447,6 +447,94 @@ pub trait Tunnel {
     async fn write(&mut self, data: Bytes) -> io::Result<()>;
     /// Close our half.
     async fn finish(&mut self) -> io::Result<()>;
+
+    /// Write `data` (advanced as it goes out) unless the peer sends first: `Written` once
+    /// all of it went, else what the peer sent (`data` keeps the unsent rest; call again
+    /// to go on). Lets a request body be sent while an early response is watched for.
+    /// The default (streams that cannot do both at once) just writes.
+    async fn write_watching(&mut self, data: &mut Bytes) -> io::Result<Watched> {
+        let d = std::mem::take(data);
+        self.write(d).await?;
+        Ok(Watched::Written)
+    }
+
+    /// Wait for the peer while `source` is read (`source` wins ties): what the peer sent
+    /// (`Some`), or `None` with the source's next chunk. The default only reads `source`.
+    async fn read_or_source<S: Tunnel>(
+        &mut self,
+        source: &mut S,
+    ) -> Result<Option<io::Result<Bytes>>, Watched> {
+        Ok(source.read().await)
+    }
+}
+
+/// What the peer did while [`Tunnel::write_watching`] wrote.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Watched {
+    /// Everything was written.
+    Written,
+    /// The peer sent these bytes first.
+    Data(Bytes),
+    /// The peer ended its half.
+    End,
+}
+
+/// [`Tunnel::write_watching`] for an HTTP/2 stream: the send window and the receive side
+/// are polled together.
+pub(crate) async fn h2_write_watching(
+    s: &mut hbone::stream::H2Stream,
+    data: &mut Bytes,
+) -> io::Result<Watched> {
+    while !data.is_empty() {
+        s.send.reserve_capacity(data.len());
+        let send = &mut s.send;
+        let recv = &mut s.recv;
+        match race(
+            std::future::poll_fn(|cx| send.poll_capacity(cx)),
+            h2_read(recv),
+        )
+        .await
+        {
+            Either::Left(Some(Ok(0))) => continue,
+            Either::Left(Some(Ok(cap))) => {
+                let chunk = data.split_to(cap.min(data.len()));
+                s.send.send_data(chunk, false).map_err(io::Error::other)?;
+            }
+            Either::Left(Some(Err(e))) => return Err(io::Error::other(e)),
+            Either::Left(None) => return Err(io::Error::other("upstream stream closed")),
+            Either::Right(Some(Ok(b))) => return Ok(Watched::Data(b)),
+            Either::Right(Some(Err(e))) => return Err(e),
+            Either::Right(None) => return Ok(Watched::End),
+        }
+    }
+    Ok(Watched::Written)
+}
+
+/// [`Tunnel::read_or_source`] for an HTTP/2 stream.
+pub(crate) async fn h2_read_or_source<S: Tunnel>(
+    s: &mut hbone::stream::H2Stream,
+    source: &mut S,
+) -> Result<Option<io::Result<Bytes>>, Watched> {
+    match race(source.read(), h2_read(&mut s.recv)).await {
+        Either::Left(r) => Ok(r),
+        Either::Right(Some(Ok(b))) => Err(Watched::Data(b)),
+        Either::Right(Some(Err(_)) | None) => Err(Watched::End),
+    }
+}
+
+/// Next non-empty chunk from an HTTP/2 receive side, its window released.
+async fn h2_read(recv: &mut h2::RecvStream) -> Option<io::Result<Bytes>> {
+    loop {
+        match recv.data().await {
+            Some(Ok(b)) if b.is_empty() => continue,
+            Some(Ok(b)) => {
+                let _ = recv.flow_control().release_capacity(b.len());
+                return Some(Ok(b));
+            }
+            Some(Err(e)) => return Some(Err(io::Error::other(e))),
+            None => return None,
+        }
+    }
 }
 
 impl Tunnel for hbone::stream::H2Stream {
@@ -464,6 +552,17 @@ impl Tunnel for hbone::stream::H2Stream {
         self.write_all(Bytes::new(), true)
             .await
             .map_err(io::Error::other)
+    }
+
+    async fn write_watching(&mut self, data: &mut Bytes) -> io::Result<Watched> {
+        h2_write_watching(self, data).await
+    }
+
+    async fn read_or_source<S: Tunnel>(
+        &mut self,
+        source: &mut S,
+    ) -> Result<Option<io::Result<Bytes>>, Watched> {
+        h2_read_or_source(self, source).await
     }
 }
 
@@ -937,6 +1036,10 @@ pub(crate) struct RespHead {
     /// The head has fields not to pass on as they are (hop-by-hop, duplicate or
     /// overridden `Content-Length`): see [`rewrite_response_head`].
     pub rewrite: bool,
+    /// It came before the request body was all sent (an early response): the rest was
+    /// not sent, so neither the upstream connection nor the tunnel can carry another
+    /// request.
+    pub early: bool,
     /// The one chunk read from the upstream when it held exactly what `ubuf` holds (so a
     /// small response can be passed on without a copy).
     pub whole: Option<Bytes>,
@@ -1043,6 +1146,7 @@ fn response_facts(
         framing,
         close,
         rewrite,
+        early: false,
         whole: None,
     })
 }
@@ -1109,30 +1213,68 @@ async fn one_try<T: Tunnel, U: Upstream>(
         .await
         .map_err(|e| TryError::Upstream { e, fresh: false })?;
     let fail = |e: io::Error| TryError::Upstream { e, fresh: reused };
+    // The response head is watched for while the body goes out: an upstream may answer
+    // early (413, 401, …) and stop reading; then the rest of the body is not sent, and
+    // neither the upstream connection nor the tunnel is used again (RFC 9112 §9.6).
+    let head_request = head.method == "HEAD";
+    let answered = |u: &mut BytesMut| loop {
+        match parse_response_head(u, head_request) {
+            Ok(Some(h)) if (100..200).contains(&h.status) && h.status != 101 => u.advance(h.len),
+            Ok(Some(_)) | Err(_) => return true,
+            Ok(None) => return !u.is_empty(),
+        }
+    };
+    let mut ubuf = BytesMut::new();
+    let mut complete = true;
     match body {
-        ReqBody::Buffered(b) if !b.is_empty() => {
+        ReqBody::Buffered(b) => {
             // One write: head and body together.
-            let mut all = BytesMut::with_capacity(request.len() + b.len());
-            all.extend_from_slice(request);
-            all.extend_from_slice(b);
-            conn.write(all.freeze()).await.map_err(fail)?;
+            let mut all = if b.is_empty() {
+                request.clone()
+            } else {
+                let mut all = BytesMut::with_capacity(request.len() + b.len());
+                all.extend_from_slice(request);
+                all.extend_from_slice(b);
+                all.freeze()
+            };
+            while !all.is_empty() {
+                match conn.write_watching(&mut all).await.map_err(fail)? {
+                    Watched::Written => {}
+                    Watched::Data(d) => {
+                        ubuf.extend_from_slice(&d);
+                        if answered(&mut ubuf) {
+                            complete = false;
+                            break;
+                        }
+                    }
+                    Watched::End => {
+                        complete = false;
+                        break;
+                    }
+                }
+            }
             *sent = b.len() as u64;
         }
-        ReqBody::Buffered(_) => conn.write(request.clone()).await.map_err(fail)?,
         ReqBody::Streamed(framing) => {
             conn.write(request.clone()).await.map_err(fail)?;
             let encode = *framing == Framing::Eof;
-            *sent = match crate::body::copy(tunnel, buf, *framing, Some(&mut conn), encode).await {
-                Ok(n) => n,
+            let r = crate::body::copy_watching(
+                tunnel, buf, *framing, &mut conn, encode, &mut ubuf, answered,
+            )
+            .await;
+            (*sent, complete) = match r {
+                Ok(r) => r,
                 Err(CopyError::Write(e)) => return Err(TryError::Upstream { e, fresh: false }),
                 Err(e) => return Err(TryError::Body(e)),
             };
         }
     }
-    let mut ubuf = BytesMut::new();
-    let mut got = false;
-    match read_response_head(&mut conn, &mut ubuf, head.method == "HEAD", &mut got).await {
-        Ok(h) => Ok((conn, reused, h, ubuf)),
+    let mut got = !ubuf.is_empty();
+    match read_response_head(&mut conn, &mut ubuf, head_request, &mut got).await {
+        Ok(mut h) => {
+            h.early = !complete;
+            Ok((conn, reused, h, ubuf))
+        }
         Err(e) => Err(TryError::Upstream {
             e,
             fresh: reused && !got,
@@ -1320,6 +1462,7 @@ async fn forward_request<T: Tunnel, U: Upstream>(
     has_body: bool,
     rng: &mut dyn Rng,
 ) -> io::Result<Forwarded> {
+    let streamed = matches!(body, ReqBody::Streamed(_));
     let a = attempt(tunnel, buf, up, fwd, head, request, &body, has_body, rng).await;
     let (mut conn, mut h, mut ubuf, sent) = match a {
         Attempt::Answer {
@@ -1390,14 +1533,18 @@ async fn forward_request<T: Tunnel, U: Upstream>(
                 _ => ubuf.split().freeze(),
             };
             tunnel.write(out).await?;
-            let reusable = !h.close && head.keep_alive();
+            let reusable = !h.close && head.keep_alive() && !h.early;
             up.done(Some(conn), h.status, reusable, None);
             return Ok(Forwarded {
                 status: h.status,
                 flags: "-",
                 request_body: sent,
                 response_bytes: whole as u64,
-                next: Next::Continue,
+                next: if h.early && streamed {
+                    Next::Close
+                } else {
+                    Next::Continue
+                },
             });
         }
     }
@@ -1450,9 +1597,12 @@ async fn forward_request<T: Tunnel, U: Upstream>(
             });
         }
     }
-    let reusable = !h.close && h.framing != Framing::Eof && ubuf.is_empty() && head.keep_alive();
+    let reusable =
+        !h.close && !h.early && h.framing != Framing::Eof && ubuf.is_empty() && head.keep_alive();
     up.done(Some(conn), h.status, reusable, None);
-    let next = if h.framing == Framing::Eof && !eof_to_chunked {
+    // After an early response to a streamed body, the rest of that body is still in the
+    // tunnel: closed rather than drained.
+    let next = if (h.framing == Framing::Eof && !eof_to_chunked) || (h.early && streamed) {
         Next::Close
     } else {
         Next::Continue

@@ -831,6 +831,17 @@ impl http1::Tunnel for UpConn {
             .await
             .map_err(io::Error::other)
     }
+
+    async fn write_watching(&mut self, data: &mut Bytes) -> io::Result<http1::Watched> {
+        http1::h2_write_watching(&mut self.s, data).await
+    }
+
+    async fn read_or_source<S: http1::Tunnel>(
+        &mut self,
+        source: &mut S,
+    ) -> Result<Option<io::Result<Bytes>>, http1::Watched> {
+        http1::h2_read_or_source(&mut self.s, source).await
+    }
 }
 
 impl Upstream for HboneUpstream {

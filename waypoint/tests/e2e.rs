@@ -94,6 +94,15 @@ fn backend(ip: Ipv4Addr, name: &'static str) -> Backend {
                     let tp = header("traceparent").unwrap_or_default();
                     let upgrade = header("upgrade").is_some();
                     buf.drain(..n);
+                    if path == "/stream/early" {
+                        // Answers 413 after the head and never reads the body.
+                        let _ = paths.send(path.clone());
+                        let _ = c.write_all(
+                            b"HTTP/1.1 413 Content Too Large\r\ncontent-length: 8\r\n\r\ntoo big!",
+                        );
+                        std::thread::sleep(Duration::from_secs(120));
+                        return;
+                    }
                     if path == "/stream/upgrade" && upgrade {
                         // Any upgrade asked for (this backend is lenient: h2c too): 101,
                         // then every byte echoed; half-close after the client's.
@@ -1977,4 +1986,63 @@ fn h2c_upgrade_is_not_passed_on_and_later_requests_stay_under_policy() {
     assert_eq!(second.0, 403, "{}", second.1);
     assert_eq!(second.2, b"RBAC: access denied");
     assert_eq!(m.counters().upgrades.load(Ordering::Relaxed), 0);
+}
+
+#[test]
+fn an_early_413_stops_the_streamed_body_and_reaches_the_client() {
+    // The backend answers 413 after the head of a 1 GiB upload and stops reading: far more
+    // than every window and socket buffer on the way, so a proxy that sends the whole body
+    // before reading the response never gets to it. The waypoint passes the 413 on, stops
+    // sending, and closes the tunnel (the rest of the body is not drained).
+    let m = Mesh::start_with("");
+    let len: u64 = 1 << 30;
+    let (status, body, ended) = block_on(async {
+        let (_c, s) = tunnel_to(&m, "10.96.0.2:80").await;
+        let (mut w, mut r) = s.split();
+        let writer = monoio::spawn(async move {
+            let head = format!(
+                "POST /stream/early HTTP/1.1\r\nhost: {V1}\r\ncontent-length: {len}\r\n\r\n"
+            );
+            if w.write_all(Bytes::from(head), false).await.is_err() {
+                return w;
+            }
+            let block = Bytes::from(payload(1 << 20));
+            for _ in 0..(len >> 20) {
+                if w.write_all(block.clone(), false).await.is_err() {
+                    break;
+                }
+            }
+            w
+        });
+        let mut buf = Vec::new();
+        let (status, body) = loop {
+            let mut hs = [httparse::EMPTY_HEADER; 16];
+            let mut resp = httparse::Response::new(&mut hs);
+            if let Ok(httparse::Status::Complete(n)) = resp.parse(&buf) {
+                if buf.len() >= n + 8 {
+                    break (resp.code.unwrap(), buf[n..n + 8].to_vec());
+                }
+            }
+            match r.read().await {
+                Some(Ok(b)) => buf.extend_from_slice(&b),
+                other => panic!("tunnel ended before the response: {other:?}"),
+            }
+        };
+        // Then the waypoint ends the tunnel (end of stream or reset).
+        let ended = loop {
+            match r.read().await {
+                Some(Ok(_)) => continue,
+                Some(Err(_)) | None => break true,
+            }
+        };
+        drop(r);
+        drop(writer);
+        (status, body, ended)
+    });
+    assert_eq!((status, body.as_slice()), (413, &b"too big!"[..]));
+    assert!(ended);
+    assert_eq!(m.echo_v1.seen(), ["/stream/early"]);
+    // The waypoint serves on.
+    let out = m.requests("10.96.0.2:80", &[get("/after", V1)]).unwrap();
+    assert_eq!(out[0].0, 200);
 }
