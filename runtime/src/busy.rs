@@ -13,8 +13,9 @@
 //! itself: monoio puts a task that wakes itself during its poll back at the *front* of the
 //! queue, where it would starve the connection tasks.)
 //! - **Activity** is a poll of a connection task: [`WorkerCtx::serve`] wraps every handler in
-//!   [`tracked`], which bumps a per-thread counter and wakes a sleeping spinner. Services that
-//!   spawn long-lived tasks of their own may wrap them too. The spinner's own polls are not
+//!   [`tracked`], which bumps a per-thread counter and wakes a sleeping spinner. Tasks a
+//!   handler spawns are not covered by that: spawn them with [`spawn_tracked`] (or
+//!   [`WorkerCtx::spawn`]) so their polls count too. The spinner's own polls are not
 //!   activity, so an idle worker stops spinning after `busy_poll` and parks as usual.
 //! - **Timers** fire only when monoio parks. While spinning, the spinner lets the runtime
 //!   park once every [`TIMER_PASS`]: it waits for a poll of a socket that is always readable,
@@ -25,12 +26,13 @@
 //!   the same core) runs at once instead of after the spinner's time slice, and alone on
 //!   the CPU the call returns at once. Every [`TIMER_PASS`] the spinner compares its thread
 //!   CPU time with the wall time: below 3/4, other threads want this CPU (a compiler, a
-//!   second spinner), and it stops spinning for [`BACKOFF_MIN`], doubling up to
+//!   second spinner; [`lost_cpu`]), and it stops spinning for [`BACKOFF_MIN`], doubling up to
 //!   [`BACKOFF_MAX`] while that keeps happening (counter `busy_poll_backoffs`). Busy polling
 //!   pays on cores the proxy has (mostly) to itself.
 //! - io_uring only: under the epoll driver `busy_poll` is ignored (logged once per worker).
 //!
 //! [`WorkerCtx::serve`]: crate::worker::WorkerCtx::serve
+//! [`WorkerCtx::spawn`]: crate::worker::WorkerCtx::spawn
 
 use std::cell::Cell;
 use std::future::{poll_fn, Future};
@@ -192,17 +194,103 @@ impl TimerPass {
     }
 }
 
+/// Spawn `f` on the current worker as a task whose every poll counts as busy-poll activity
+/// ([`tracked`]). Use it for the tasks a connection handler spawns (an HTTP/2 connection
+/// driver, per-request/per-stream tasks, pooled upstream connection drivers, mirrors): the
+/// accept loop tracks only the handler future itself, so a worker whose traffic runs in
+/// such tasks would otherwise look idle to its spinner and park while traffic flows.
+/// Like `monoio::spawn`, the task runs detached if the handle is dropped, and it is not cut
+/// at the drain deadline (race it with [`WorkerCtx::aborted`] for that). Outside a worker
+/// with busy polling it is plain `monoio::spawn`. Also available as [`WorkerCtx::spawn`].
+///
+/// [`WorkerCtx::aborted`]: crate::worker::WorkerCtx::aborted
+/// [`WorkerCtx::spawn`]: crate::worker::WorkerCtx::spawn
+pub fn spawn_tracked<F>(f: F) -> monoio::task::JoinHandle<F::Output>
+where
+    F: Future + 'static,
+    F::Output: 'static,
+{
+    monoio::spawn(tracked(f))
+}
+
+/// Where the spinner reads its thread's CPU time: [`ThreadCpuClock`] in production, a fake
+/// in tests (so the backoff decision can be driven without a contended CPU).
+pub trait CpuClock {
+    /// CPU time the spinning thread has used so far.
+    fn thread_cpu(&mut self) -> Duration;
+}
+
+/// The real clock: `CLOCK_THREAD_CPUTIME_ID`.
+pub struct ThreadCpuClock;
+
+impl CpuClock for ThreadCpuClock {
+    fn thread_cpu(&mut self) -> Duration {
+        sys::thread_cpu_time().unwrap_or_default()
+    }
+}
+
+/// Whether a thread that used `cpu` of CPU time over `wall` of spinning lost its CPU to other
+/// threads: less than 3/4 of it.
+pub fn lost_cpu(cpu: Duration, wall: Duration) -> bool {
+    cpu.saturating_mul(4) < wall.saturating_mul(3)
+}
+
+/// The spinner's pause after it lost its CPU: [`BACKOFF_MIN`], doubling up to [`BACKOFF_MAX`]
+/// while spins keep losing it; a spin that did not lose it halves the pause (to zero below
+/// [`BACKOFF_MIN`]).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Backoff {
+    pause: Duration,
+    resume_at: Option<Instant>,
+}
+
+impl Backoff {
+    /// Record a spin that ended at `end`; `contended`: it lost its CPU ([`lost_cpu`]).
+    pub fn after_spin(&mut self, contended: bool, end: Instant) {
+        if contended {
+            self.pause = (self.pause * 2).clamp(BACKOFF_MIN, BACKOFF_MAX);
+            self.resume_at = Some(end + self.pause);
+        } else {
+            self.pause /= 2;
+            if self.pause < BACKOFF_MIN {
+                self.pause = Duration::ZERO;
+            }
+        }
+    }
+
+    /// Whether spinning is paused at `now` (a pause that has passed is cleared).
+    pub fn paused(&mut self, now: Instant) -> bool {
+        match self.resume_at {
+            Some(t) if now < t => true,
+            _ => {
+                self.resume_at = None;
+                false
+            }
+        }
+    }
+
+    /// The current pause length (zero when not backing off).
+    pub fn pause(&self) -> Duration {
+        self.pause
+    }
+}
+
 /// The per-worker busy-poll task (spawned by [`crate::spawn_workers`] when
 /// `runtime.busy_poll` is set): spins while the worker was active within `budget`, then
 /// sleeps until the next activity. Never returns.
 pub async fn spinner(budget: Duration, stats: Arc<WorkerStats>) {
-    spin(budget, stats, true).await
+    spin(budget, stats, true, Some(ThreadCpuClock)).await
 }
 
-/// The spinner; `yield_to_others`: `sched_yield` every turn and back off when the thread
-/// gets less than 3/4 of its CPU (off only in tests, where a loaded test machine would make
-/// the outcome depend on the scheduler).
-async fn spin(budget: Duration, stats: Arc<WorkerStats>, yield_to_others: bool) {
+/// The spinner. `sched_yield`: call `sched_yield(2)` every turn; `cpu`: the clock of the
+/// back-off check (none: never back off). Tests turn both off where a loaded test machine
+/// would make the outcome depend on the scheduler, and inject a fake clock to test backoff.
+async fn spin<C: CpuClock>(
+    budget: Duration,
+    stats: Arc<WorkerStats>,
+    sched_yield: bool,
+    mut cpu: Option<C>,
+) {
     let timer_pass = match TimerPass::new() {
         Ok(t) => t,
         Err(e) => {
@@ -214,28 +302,24 @@ async fn spin(budget: Duration, stats: Arc<WorkerStats>, yield_to_others: bool) 
     monoio::spawn(relay.clone().helper());
     STATE.with(|s| s.enabled.set(true));
     let mut seen = activity();
-    let mut backoff = Duration::ZERO;
-    let mut resume_at: Option<Instant> = None;
+    let mut backoff = Backoff::default();
     loop {
         activity_after(seen).await;
         seen = activity();
         let start = Instant::now();
-        if let Some(t) = resume_at {
-            if start < t {
-                // Backing off after losing the CPU: behave as without busy polling.
-                continue;
-            }
-            resume_at = None;
+        if backoff.paused(start) {
+            // Backing off after losing the CPU: behave as without busy polling.
+            continue;
         }
         WorkerStats::inc(&stats.busy_poll_spins);
         set_spinning(true);
         let mut deadline = start + budget;
         let mut window_start = start;
-        let mut window_cpu = sys::thread_cpu_time().unwrap_or_default();
+        let mut window_cpu = cpu.as_mut().map(|c| c.thread_cpu()).unwrap_or_default();
         let mut next_check = start + TIMER_PASS;
         let contended = loop {
             relay.yield_turn().await;
-            if yield_to_others {
+            if sched_yield {
                 // A thread woken on this CPU (another proxy on the path) runs now, not after
                 // our time slice; alone on the CPU this returns at once.
                 std::thread::yield_now();
@@ -249,14 +333,16 @@ async fn spin(budget: Duration, stats: Arc<WorkerStats>, yield_to_others: bool) 
                 break false;
             }
             if now >= next_check {
-                if yield_to_others {
-                    let cpu = sys::thread_cpu_time().unwrap_or_default();
-                    let wall = now.duration_since(window_start);
+                if let Some(c) = cpu.as_mut() {
+                    let used = c.thread_cpu();
                     // Less than 3/4 of the CPU while spinning: other threads want it.
-                    if (cpu.saturating_sub(window_cpu)) * 4 < wall * 3 {
+                    if lost_cpu(
+                        used.saturating_sub(window_cpu),
+                        now.duration_since(window_start),
+                    ) {
                         break true;
                     }
-                    window_cpu = cpu;
+                    window_cpu = used;
                     window_start = now;
                 }
                 timer_pass.run().await;
@@ -274,14 +360,8 @@ async fn spin(budget: Duration, stats: Arc<WorkerStats>, yield_to_others: bool) 
             // spinning thread loses the wake-up preference a sleeping one gets. Stop spinning
             // for a while (doubling while it keeps happening).
             WorkerStats::inc(&stats.busy_poll_backoffs);
-            backoff = (backoff * 2).clamp(BACKOFF_MIN, BACKOFF_MAX);
-            resume_at = Some(end + backoff);
-        } else {
-            backoff /= 2;
-            if backoff < BACKOFF_MIN {
-                backoff = Duration::ZERO;
-            }
         }
+        backoff.after_spin(contended, end);
     }
 }
 
@@ -290,16 +370,93 @@ mod tests {
     use super::*;
     use crate::driver::{self, DriverChoice, DriverKind};
     use monoio::io::{AsyncReadRent, AsyncWriteRentExt};
+    use std::sync::atomic::Ordering::Relaxed;
 
-    /// A real io_uring worker runtime, or `None` where io_uring is unavailable.
+    /// `CI` set (and not `0`/`false`): a test that cannot run must fail, not skip.
+    fn in_ci() -> bool {
+        std::env::var_os("CI").is_some_and(|v| !v.is_empty() && v != "false" && v != "0")
+    }
+
+    /// A test that cannot run here: panics under `ci`, else prints SKIP.
+    fn cannot_run(why: &str, ci: bool) {
+        if ci {
+            panic!("{why}, and CI is set: failing, not skipping");
+        }
+        eprintln!("SKIP: {why}");
+    }
+
+    /// A real io_uring worker runtime; `None` (SKIP) where io_uring is unavailable, and a
+    /// failure there under `CI`.
     fn uring_runtime() -> Option<driver::MeshRuntime> {
         let d = driver::decide(DriverChoice::Auto, 64).unwrap();
         if d.kind != DriverKind::Uring {
-            eprintln!("SKIP: no io_uring here ({})", d.reason);
+            cannot_run(&format!("no io_uring here ({})", d.reason), in_ci());
             return None;
         }
         let (rt, kind) = driver::build_runtime(&d, 64).unwrap();
-        (kind == DriverKind::Uring).then_some(rt)
+        if kind != DriverKind::Uring {
+            cannot_run("the io_uring runtime fell back to epoll", in_ci());
+            return None;
+        }
+        Some(rt)
+    }
+
+    #[test]
+    #[should_panic(expected = "CI is set")]
+    fn a_missing_ring_fails_under_ci() {
+        cannot_run("no io_uring here (test)", true);
+    }
+
+    #[test]
+    fn a_missing_ring_skips_outside_ci() {
+        cannot_run("no io_uring here (test)", false);
+    }
+
+    /// Wait (on the ring: timers) until `cond` holds; fail after a generous bound.
+    async fn wait_for(what: &str, cond: impl Fn() -> bool) {
+        let give_up = Instant::now() + Duration::from_secs(30);
+        while !cond() {
+            assert!(Instant::now() < give_up, "gave up waiting for: {what}");
+            monoio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+
+    /// Whether the spinner is asleep waiting for activity.
+    fn asleep() -> bool {
+        STATE.with(|s| {
+            let w = s.sleeper.take();
+            let some = w.is_some();
+            s.sleeper.set(w);
+            some
+        })
+    }
+
+    /// A tracked ring-driven ping-pong over a socket pair (two ring writes and two ring
+    /// reads a round) until `done()` after at least `min_rounds`, or a bound of rounds far
+    /// beyond what any condition here needs. Returns (rounds, spun during it).
+    async fn pingpong(min_rounds: u64, done: impl Fn() -> bool + 'static) -> (u64, bool) {
+        let (a, b) = monoio::net::UnixStream::pair().unwrap();
+        spawn_tracked(async move {
+            let (mut a, mut b) = (a, b);
+            let mut buf = vec![0u8; 8];
+            let mut rounds = 0u64;
+            let mut spun_during = false;
+            while (rounds < min_rounds || !done()) && rounds < 20_000_000 {
+                let (r, _) = a.write_all(vec![1u8; 8]).await;
+                r.unwrap();
+                let (r, b2) = b.read(buf).await;
+                assert_eq!(r.unwrap(), 8);
+                let (r, _) = b.write_all(b2.clone()).await;
+                r.unwrap();
+                let (r, b3) = a.read(b2).await;
+                assert_eq!(r.unwrap(), 8);
+                buf = b3;
+                rounds += 1;
+                spun_during |= is_spinning();
+            }
+            (rounds, spun_during)
+        })
+        .await
     }
 
     #[test]
@@ -310,74 +467,184 @@ mod tests {
         let stats = Arc::new(WorkerStats::default());
         let st = stats.clone();
         rt.block_on(async move {
-            monoio::spawn(spin(Duration::from_millis(2), st.clone(), false));
-            // Continuous ring-driven activity: a ping-pong over a socket pair, every round two
-            // ring writes and two ring reads, counted as activity (as `serve` does for
-            // connections). It stops when the timer below fired (after at least 1,000 rounds),
-            // or after a bound of rounds far beyond what a 20 ms timer needs.
-            let (a, b) = monoio::net::UnixStream::pair().unwrap();
+            monoio::spawn(spin::<ThreadCpuClock>(
+                Duration::from_millis(2),
+                st.clone(),
+                false,
+                None,
+            ));
+            // The event under test: a timer armed while the worker spins must fire during
+            // the continuous ring activity (timers fire only when monoio parks).
             let fired = Rc::new(Cell::new(false));
-            let fired2 = fired.clone();
-            let pingpong = monoio::spawn(tracked(async move {
-                let (mut a, mut b) = (a, b);
-                let mut buf = vec![0u8; 8];
-                let mut rounds = 0u64;
-                let mut spun_during = false;
-                while (rounds < 1000 || !fired2.get()) && rounds < 5_000_000 {
-                    let (r, _) = a.write_all(vec![1u8; 8]).await;
-                    r.unwrap();
-                    let (r, b2) = b.read(buf).await;
-                    assert_eq!(r.unwrap(), 8);
-                    let (r, _) = b.write_all(b2.clone()).await;
-                    r.unwrap();
-                    let (r, b3) = a.read(b2).await;
-                    assert_eq!(r.unwrap(), 8);
-                    buf = b3;
-                    rounds += 1;
-                    spun_during |= is_spinning();
-                }
-                (fired2.get(), rounds, spun_during)
-            }));
-            monoio::time::sleep(Duration::from_millis(20)).await;
-            fired.set(true);
-            let (stopped_by_timer, rounds, spun_during) = pingpong.await;
+            let f2 = fired.clone();
+            monoio::spawn(async move {
+                monoio::time::sleep(Duration::from_millis(1)).await;
+                f2.set(true);
+            });
+            let f3 = fired.clone();
+            let (rounds, spun_during) = pingpong(1000, move || f3.get()).await;
             assert!(
-                stopped_by_timer,
+                fired.get(),
                 "the timer never fired in {rounds} rounds of spinning"
             );
             assert!(
                 spun_during,
                 "the worker never spun during the ping-pong ({rounds} rounds, {} spins)",
-                st.busy_poll_spins
-                    .load(std::sync::atomic::Ordering::Relaxed)
+                st.busy_poll_spins.load(Relaxed)
             );
-            // Idle now: the spinner stops within its budget and sleeps.
-            monoio::time::sleep(Duration::from_millis(30)).await;
-            assert!(!is_spinning(), "still spinning with no activity");
-            let spins = st
-                .busy_poll_spins
-                .load(std::sync::atomic::Ordering::Relaxed);
+            // Idle now: the spinner stops after its budget and sleeps.
+            wait_for("the spinner to stop and sleep", || {
+                !is_spinning() && asleep()
+            })
+            .await;
+            let spins = st.busy_poll_spins.load(Relaxed);
             assert!(spins >= 1);
-            assert!(st.busy_poll_us.load(std::sync::atomic::Ordering::Relaxed) > 0);
-            // Timers alone are not activity: the spinner stays asleep.
-            monoio::time::sleep(Duration::from_millis(30)).await;
-            assert_eq!(
-                st.busy_poll_spins
-                    .load(std::sync::atomic::Ordering::Relaxed),
-                spins
-            );
+            assert!(st.busy_poll_us.load(Relaxed) > 0);
+            // Timers alone are not activity: 50 parks later it is still asleep, no new spin.
+            for _ in 0..50 {
+                monoio::time::sleep(Duration::from_millis(1)).await;
+            }
+            assert!(asleep() && !is_spinning());
+            assert_eq!(st.busy_poll_spins.load(Relaxed), spins);
             // New activity wakes it again.
             let (mut c, mut d) = monoio::net::UnixStream::pair().unwrap();
             let (r, _) = tracked(c.write_all(vec![2u8; 4])).await;
             r.unwrap();
             let (r, _) = tracked(d.read(vec![0u8; 4])).await;
             assert_eq!(r.unwrap(), 4);
-            monoio::time::sleep(Duration::from_millis(10)).await;
-            assert!(
-                st.busy_poll_spins
-                    .load(std::sync::atomic::Ordering::Relaxed)
-                    > spins
-            );
+            wait_for("a new spin after new activity", || {
+                st.busy_poll_spins.load(Relaxed) > spins
+            })
+            .await;
+        });
+    }
+
+    /// A fake CPU clock: `share` (in percent) of the wall time since it was made, and the
+    /// number of times the spinner read it.
+    struct FakeCpu {
+        origin: Instant,
+        share: u32,
+        reads: Rc<Cell<u64>>,
+    }
+
+    impl CpuClock for FakeCpu {
+        fn thread_cpu(&mut self) -> Duration {
+            self.reads.set(self.reads.get() + 1);
+            self.origin.elapsed() * self.share / 100
+        }
+    }
+
+    /// Spin under a fake clock reporting `share`% CPU while a ping-pong runs until `done`.
+    fn spin_with_cpu_share(share: u32, done: fn(&WorkerStats, u64) -> bool) -> Arc<WorkerStats> {
+        let Some(mut rt) = uring_runtime() else {
+            return Arc::new(WorkerStats::default());
+        };
+        let stats = Arc::new(WorkerStats::default());
+        let st = stats.clone();
+        rt.block_on(async move {
+            let reads = Rc::new(Cell::new(0u64));
+            let clock = FakeCpu {
+                origin: Instant::now(),
+                share,
+                reads: reads.clone(),
+            };
+            monoio::spawn(spin(
+                Duration::from_millis(2),
+                st.clone(),
+                false,
+                Some(clock),
+            ));
+            let st2 = st.clone();
+            pingpong(1, move || done(&st2, reads.get())).await;
+        });
+        stats
+    }
+
+    #[test]
+    fn a_spinner_that_gets_less_than_three_quarters_of_its_cpu_backs_off() {
+        // 50% of the wall time: the first check (after TIMER_PASS of spinning) backs off.
+        let st = spin_with_cpu_share(50, |st, _| st.busy_poll_backoffs.load(Relaxed) >= 1);
+        if st.busy_poll_spins.load(Relaxed) == 0 {
+            return; // skipped (no io_uring)
+        }
+        assert!(st.busy_poll_backoffs.load(Relaxed) >= 1);
+    }
+
+    #[test]
+    fn a_spinner_with_its_cpu_to_itself_keeps_spinning() {
+        // 100% of the wall time: 20 checks pass without a backoff.
+        let st = spin_with_cpu_share(100, |_, reads| reads >= 21);
+        if st.busy_poll_spins.load(Relaxed) == 0 {
+            return; // skipped (no io_uring)
+        }
+        assert_eq!(st.busy_poll_backoffs.load(Relaxed), 0);
+    }
+
+    #[test]
+    fn the_backoff_decision() {
+        let ms = Duration::from_millis;
+        assert!(lost_cpu(ms(74), ms(100)));
+        assert!(lost_cpu(Duration::ZERO, ms(1)));
+        assert!(!lost_cpu(ms(75), ms(100)));
+        assert!(!lost_cpu(ms(100), ms(100)));
+        let t0 = Instant::now();
+        let mut b = Backoff::default();
+        assert!(!b.paused(t0));
+        // Losing the CPU: a pause from BACKOFF_MIN, doubling up to BACKOFF_MAX.
+        b.after_spin(true, t0);
+        assert_eq!(b.pause(), BACKOFF_MIN);
+        assert!(b.paused(t0 + BACKOFF_MIN - ms(1)));
+        assert!(!b.paused(t0 + BACKOFF_MIN));
+        assert!(!b.paused(t0), "a passed pause is cleared");
+        let mut expect = BACKOFF_MIN;
+        for _ in 0..10 {
+            b.after_spin(true, t0);
+            expect = (expect * 2).min(BACKOFF_MAX);
+            assert_eq!(b.pause(), expect);
+            assert!(b.paused(t0 + expect - ms(1)));
+        }
+        assert_eq!(b.pause(), BACKOFF_MAX);
+        // Spins that keep their CPU: the pause halves, then is gone, and nothing is paused.
+        b.after_spin(false, t0);
+        assert_eq!(b.pause(), BACKOFF_MAX / 2);
+        while b.pause() > Duration::ZERO {
+            let before = b.pause();
+            b.after_spin(false, t0);
+            assert!(b.pause() == before / 2 || b.pause().is_zero());
+            assert!(b.pause().is_zero() || b.pause() >= BACKOFF_MIN);
+        }
+        assert!(!b.paused(t0 + BACKOFF_MAX));
+    }
+
+    #[test]
+    fn tasks_spawned_tracked_count_as_activity_and_untracked_ones_do_not() {
+        let Some(mut rt) = uring_runtime() else {
+            return;
+        };
+        let stats = Arc::new(WorkerStats::default());
+        rt.block_on(async move {
+            monoio::spawn(spin::<ThreadCpuClock>(
+                Duration::from_millis(2),
+                stats,
+                false,
+                None,
+            ));
+            wait_for("the spinner to start", || {
+                STATE.with(|s| s.enabled.get()) && asleep()
+            })
+            .await;
+            let io = || async {
+                let (mut c, mut d) = monoio::net::UnixStream::pair().unwrap();
+                let (r, _) = c.write_all(vec![2u8; 4]).await;
+                r.unwrap();
+                let (r, _) = d.read(vec![0u8; 4]).await;
+                assert_eq!(r.unwrap(), 4);
+            };
+            let before = activity();
+            monoio::spawn(io()).await;
+            assert_eq!(activity(), before, "an untracked task is not activity");
+            spawn_tracked(io()).await;
+            assert!(activity() > before, "a tracked task's polls are activity");
         });
     }
 

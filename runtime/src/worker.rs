@@ -86,6 +86,18 @@ impl WorkerCtx {
         self.0.abort.wait()
     }
 
+    /// Spawn a task on this worker that counts as busy-poll activity: see
+    /// [`crate::busy::spawn_tracked`]. Handlers should spawn their helper tasks (connection
+    /// drivers, per-request tasks) this way rather than with `monoio::spawn`, or a worker
+    /// whose traffic runs in them parks while it flows.
+    pub fn spawn<F>(&self, f: F) -> monoio::task::JoinHandle<F::Output>
+    where
+        F: Future + 'static,
+        F::Output: 'static,
+    {
+        crate::busy::spawn_tracked(f)
+    }
+
     /// Accept on `listener` until the drain begins, running `handler` for each connection in
     /// its own task. Pauses at `max_connections_per_worker` (counted in `accept_paused`).
     pub async fn serve<H, Fut>(&self, listener: std::net::TcpListener, handler: H) -> io::Result<()>
