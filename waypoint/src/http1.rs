@@ -1158,7 +1158,7 @@ fn contains_token(v: &[u8], token: &[u8]) -> bool {
 
 /// Read one final response head from `conn` into `ubuf` (interim `1xx` other than `101`
 /// dropped). `got` is set once any byte arrived.
-async fn read_response_head<C: Tunnel>(
+pub(crate) async fn read_response_head<C: Tunnel>(
     conn: &mut C,
     ubuf: &mut BytesMut,
     head_request: bool,

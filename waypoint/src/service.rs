@@ -150,8 +150,13 @@ pub struct Counters {
     pub mirrored: AtomicU64,
     /// HTTP/1.1 request bodies over the replay buffer, streamed (never retried).
     pub streamed_bodies: AtomicU64,
-    /// Mirrors not sent because the request body was streamed.
+    /// Mirrors not sent: the request body was streamed, or the worker already had
+    /// [`MAX_MIRRORS_IN_FLIGHT`] in flight.
     pub mirrors_skipped: AtomicU64,
+    /// Mirrored exchanges that ended with the response read (and discarded) whole.
+    pub mirrors_completed: AtomicU64,
+    /// Mirrored exchanges that failed (connect, reset, timeout, bad response).
+    pub mirror_errors: AtomicU64,
     /// `Expect: 100-continue` requests answered `100 Continue` by the waypoint.
     pub continues: AtomicU64,
     /// Connections upgraded after a `101` (spliced as raw bytes).
@@ -245,6 +250,7 @@ pub fn start(
                 metrics: LocalMetrics::new(shared.metrics.clone()),
                 h2_clients: RefCell::new(HashMap::new()),
                 seed: std::cell::Cell::new(seed(ctx.id())),
+                mirrors: std::cell::Cell::new(0),
                 shared,
             });
             let _ = ctx
@@ -411,8 +417,20 @@ pub fn prometheus(c: &Counters) -> String {
     counter(
         &mut out,
         "waypoint_mirrors_skipped",
-        "Mirrors not sent because the request body was streamed.",
+        "Mirrors not sent (streamed request body, or too many in flight on the worker).",
         c.mirrors_skipped.load(Relaxed),
+    );
+    counter(
+        &mut out,
+        "waypoint_mirrors_completed",
+        "Mirrored exchanges whose response was read (and discarded) whole.",
+        c.mirrors_completed.load(Relaxed),
+    );
+    counter(
+        &mut out,
+        "waypoint_mirror_errors",
+        "Mirrored exchanges that failed.",
+        c.mirror_errors.load(Relaxed),
     );
     counter(
         &mut out,
@@ -473,6 +491,8 @@ struct Worker {
     /// tunnels.
     h2_clients: RefCell<HashMap<(SocketAddr, SocketAddr), H2Slot>>,
     seed: std::cell::Cell<u64>,
+    /// Mirrored requests in flight on this worker (at most [`MAX_MIRRORS_IN_FLIGHT`]).
+    mirrors: std::cell::Cell<usize>,
     shared: Arc<Shared>,
 }
 
@@ -1005,7 +1025,7 @@ impl Upstream for HboneUpstream {
         request: Bytes,
         timeout: Option<Duration>,
     ) -> io::Result<Vec<u8>> {
-        let r = self.exchange_inner(service, request, timeout).await;
+        let r = self.exchange_inner(service, request, timeout, false).await;
         if let Err(e) = &r {
             let c = &self.worker.shared.counters;
             if e.kind() == io::ErrorKind::TimedOut {
@@ -1018,6 +1038,17 @@ impl Upstream for HboneUpstream {
     }
 
     fn mirror(&mut self, service: &(ObjectRef, u16), request: Bytes) {
+        // Bounded: past the cap a mirror is skipped (counted), never queued.
+        let in_flight = self.worker.mirrors.get();
+        if in_flight >= MAX_MIRRORS_IN_FLIGHT {
+            self.worker
+                .shared
+                .counters
+                .mirrors_skipped
+                .fetch_add(1, Relaxed);
+            return;
+        }
+        self.worker.mirrors.set(in_flight + 1);
         let mut copy = HboneUpstream {
             worker: self.worker.clone(),
             client_h2: self.client_h2,
@@ -1038,9 +1069,17 @@ impl Upstream for HboneUpstream {
         let service = service.clone();
         self.worker.shared.counters.mirrored.fetch_add(1, Relaxed);
         monoio::spawn(async move {
+            // The response is read and discarded as it comes (never buffered).
             let r = copy
-                .exchange_inner(Some(&service), request, Some(MIRROR_TIMEOUT))
+                .exchange_inner(Some(&service), request, Some(MIRROR_TIMEOUT), true)
                 .await;
+            let w = &copy.worker;
+            w.mirrors.set(w.mirrors.get().saturating_sub(1));
+            let c = &w.shared.counters;
+            match &r {
+                Ok(_) => c.mirrors_completed.fetch_add(1, Relaxed),
+                Err(_) => c.mirror_errors.fetch_add(1, Relaxed),
+            };
             if let Err(e) = r {
                 tracing::debug!(service = %format!("{}/{}", service.0.namespace, service.0.name), error = %e, "mirrored request failed (ignored)");
             }
@@ -1157,12 +1196,16 @@ impl Upstream for HboneUpstream {
 /// How long a mirrored request may take before it is abandoned.
 const MIRROR_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// Mirrored requests one worker keeps in flight; more are skipped (`waypoint_mirrors_skipped`).
+pub const MAX_MIRRORS_IN_FLIGHT: usize = 256;
+
 impl HboneUpstream {
     async fn exchange_inner(
         &mut self,
         service: Option<&(ObjectRef, u16)>,
         request: Bytes,
         timeout: Option<Duration>,
+        discard: bool,
     ) -> io::Result<Vec<u8>> {
         let l7 = self.l7.clone();
         let snap = l7
@@ -1188,11 +1231,18 @@ impl HboneUpstream {
         let h2 = self.client_h2 && service.is_some_and(|(svc, _)| l7.lb(svc).use_client_protocol);
         let send = async {
             if h2 {
-                self.send_h2(&ep, expected, &head, request.slice(head_len..))
+                self.send_h2(&ep, expected, &head, request.slice(head_len..), discard)
                     .await
             } else {
-                self.send(&ep, expected, request, head.method == "HEAD", close)
-                    .await
+                self.send(
+                    &ep,
+                    expected,
+                    request,
+                    head.method == "HEAD",
+                    close,
+                    discard,
+                )
+                .await
             }
         };
         let r = match timeout {
@@ -1226,6 +1276,7 @@ impl HboneUpstream {
         expected: Identity,
         head: &http1::RequestHead,
         raw_body: Bytes,
+        discard: bool,
     ) -> io::Result<Vec<u8>> {
         let chunked = head
             .header("transfer-encoding")
@@ -1292,6 +1343,9 @@ impl HboneUpstream {
         while let Some(chunk) = rx.data().await {
             let chunk = chunk.map_err(io::Error::other)?;
             let _ = rx.flow_control().release_capacity(chunk.len());
+            if discard {
+                continue;
+            }
             if data.len() + chunk.len() > MAX_RESPONSE {
                 return Err(io::Error::other("upstream response too large"));
             }
@@ -1541,13 +1595,14 @@ impl HboneUpstream {
         request: Bytes,
         head_request: bool,
         close: bool,
+        discard: bool,
     ) -> io::Result<Vec<u8>> {
         let idle_key = (ep.hbone, ep.authority);
         let kept = self.idle.borrow_mut().get_mut(&idle_key).and_then(Vec::pop);
         if let Some(mut s) = kept {
             let mut got = false;
             let r = match s.write_all(request.clone(), false).await {
-                Ok(()) => read_response(&mut s, head_request, &mut got).await,
+                Ok(()) => read_response(&mut s, head_request, discard, &mut got).await,
                 Err(e) => Err(io::Error::other(e)),
             };
             match r {
@@ -1569,7 +1624,7 @@ impl HboneUpstream {
         s.write_all(request, false)
             .await
             .map_err(io::Error::other)?;
-        match read_response(&mut s, head_request, &mut false).await {
+        match read_response(&mut s, head_request, discard, &mut false).await {
             Ok((resp, reusable)) => {
                 self.keep(idle_key, s, reusable && !close);
                 Ok(resp)
@@ -1610,9 +1665,36 @@ fn status_of(resp: &[u8]) -> u16 {
 async fn read_response(
     s: &mut H2Stream,
     head_request: bool,
+    discard: bool,
     got: &mut bool,
 ) -> io::Result<(Vec<u8>, bool)> {
-    read_response_inner(s, head_request, got).await
+    if discard {
+        discard_response(s, head_request, got).await
+    } else {
+        read_response_inner(s, head_request, got).await
+    }
+}
+
+/// Read one response and throw its body away as it comes (a mirror's): memory stays at
+/// one read whatever the body's size. Returns its status line alone (for the balancer)
+/// and whether the stream can carry another request.
+async fn discard_response(
+    s: &mut H2Stream,
+    head_request: bool,
+    got: &mut bool,
+) -> io::Result<(Vec<u8>, bool)> {
+    let mut ubuf = bytes::BytesMut::new();
+    let h = http1::read_response_head(s, &mut ubuf, head_request, got).await?;
+    let status = format!("HTTP/1.1 {} \r\n\r\n", h.status).into_bytes();
+    if h.status == 101 {
+        return Ok((status, false));
+    }
+    bytes::Buf::advance(&mut ubuf, h.len);
+    crate::body::copy::<H2Stream, H2Stream>(s, &mut ubuf, h.framing, None, false)
+        .await
+        .map_err(|e| io::Error::other(format!("mirrored response body: {e:?}")))?;
+    let reusable = !h.close && h.framing != crate::body::Framing::Eof && ubuf.is_empty();
+    Ok((status, reusable))
 }
 
 /// The largest upstream response buffered (head and body); a larger one fails the

@@ -2046,3 +2046,46 @@ fn an_early_413_stops_the_streamed_body_and_reaches_the_client() {
     let out = m.requests("10.96.0.2:80", &[get("/after", V1)]).unwrap();
     assert_eq!(out[0].0, 200);
 }
+
+#[test]
+fn mirrored_responses_are_streamed_and_discarded_whatever_their_size() {
+    // The mirror's copy gets a response larger than anything the waypoint buffers
+    // (MAX_RESPONSE): read and thrown away as it comes, it completes instead of failing.
+    let route = r#"apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: big-mirror, namespace: app}
+spec:
+  parentRefs: [{group: "", kind: Service, name: echo-v1}]
+  rules:
+  - matches: [{path: {type: PathPrefix, value: /stream/gen}}]
+    filters:
+    - type: RequestMirror
+      requestMirror: {backendRef: {name: echo, port: 80}}
+    backendRefs: [{name: echo-v1, port: 80}]
+"#;
+    let m = Mesh::start_with(route);
+    let n = waypoint::service::MAX_RESPONSE + (1 << 20);
+    let c = m.counters();
+    let got = block_on(async {
+        let (_c, mut s) = tunnel_to(&m, "10.96.0.2:80").await;
+        s.write_all(Bytes::from(get(&format!("/stream/gen/{n}"), V1)), false)
+            .await
+            .unwrap();
+        let mut buf = Vec::new();
+        let (status, _, body) = read_raw_response(&mut s, &mut buf).await;
+        let mirrors_done = &m.handle.as_ref().unwrap().counters;
+        for _ in 0..3000 {
+            let done = mirrors_done.mirrors_completed.load(Ordering::Relaxed)
+                + mirrors_done.mirror_errors.load(Ordering::Relaxed);
+            if done > 0 {
+                break;
+            }
+            monoio::time::sleep(Duration::from_millis(10)).await;
+        }
+        (status, body.len())
+    });
+    assert_eq!(got, (200, n));
+    assert_eq!(c.mirrored.load(Ordering::Relaxed), 1);
+    assert_eq!(c.mirror_errors.load(Ordering::Relaxed), 0);
+    assert_eq!(c.mirrors_completed.load(Ordering::Relaxed), 1);
+}
