@@ -10,8 +10,14 @@
 //! bytes is read whole first (so a retry or a mirror can send it again), a longer one is
 //! copied to the upstream as it arrives and its request is never retried; responses are
 //! copied to the tunnel as they arrive (Content-Length and chunked as received; a body
-//! delimited by the end of the upstream connection is re-framed chunked). Mirrors,
-//! timeouts (`504`), retries; a failed upstream answers `503` as Istio does.
+//! delimited by the end of the upstream connection is re-framed chunked, with an
+//! `HTTP/1.1` status line). While a request body goes out the upstream is watched: an
+//! early final response (`413`, `401`, …) stops the body, is passed on, and neither the
+//! upstream connection nor (for a streamed body) the tunnel carries another request.
+//! Mirrors, timeouts (`504`), retries; a failed upstream answers `503` as Istio does, and
+//! so does an upstream response head with ambiguous framing (differing or malformed
+//! `Content-Length`s, several `Transfer-Encoding` lines or a final coding other than
+//! chunked); a `Content-Length` next to `Transfer-Encoding: chunked` is dropped.
 //!
 //! `Expect: 100-continue`: once policy and routing allow the request, the waypoint
 //! answers `100 Continue` itself and does not pass the expectation on (Envoy's default);
