@@ -91,11 +91,10 @@ pub fn bind_sharded(
             .map_err(|source| BindError::Io { addr, source })?;
         s.set_nonblocking(true)
             .map_err(|source| BindError::Io { addr, source })?;
-        s.set_nodelay(opts.nodelay)
-            .map_err(|source| BindError::Io { addr, source })?;
-        // Before listen(2): accepted sockets inherit the sizes, and the window scale they
-        // advertise in the handshake follows the receive buffer.
-        set_buffers(&s, opts).map_err(|source| BindError::Io { addr, source })?;
+        // Before listen(2): accepted sockets inherit every per-connection option (see
+        // `inherit_to_accepted`), and the window scale they advertise in the handshake
+        // follows the receive buffer.
+        set_stream_options(&s, opts).map_err(|source| BindError::Io { addr, source })?;
         s.bind(&SockAddr::from(bound))
             .map_err(|source| match source.kind() {
                 io::ErrorKind::AddrInUse => BindError::InUse { addr },
@@ -129,17 +128,74 @@ fn set_buffers(s: &Socket, opts: &ListenOptions) -> io::Result<()> {
     Ok(())
 }
 
-/// Apply per-connection options to an accepted or connected socket.
+/// Every per-connection option: `TCP_NODELAY`, `SO_RCVBUF`/`SO_SNDBUF`, and keepalive
+/// (`SO_KEEPALIVE`, `TCP_KEEPIDLE`, `TCP_KEEPINTVL`).
+fn set_stream_options(s: &Socket, opts: &ListenOptions) -> io::Result<()> {
+    s.set_nodelay(opts.nodelay)?;
+    set_buffers(s, opts)?;
+    match opts.keepalive {
+        Some(idle) => s.set_tcp_keepalive(
+            &TcpKeepalive::new()
+                .with_time(idle)
+                .with_interval(KEEPALIVE_INTERVAL),
+        )?,
+        None => s.set_keepalive(false)?,
+    }
+    Ok(())
+}
+
+/// Interval between keepalive probes once the idle time passed.
+pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
+
+/// Apply per-connection options to a connected socket (or an accepted one whose listener was
+/// not prepared with [`inherit_to_accepted`]): up to 6 `setsockopt` calls.
 pub fn tune_stream(fd: &impl AsRawFd, opts: &ListenOptions) -> io::Result<()> {
-    crate::sys::with_sockref(fd.as_raw_fd(), |s| {
-        s.set_nodelay(opts.nodelay)?;
-        set_buffers(&s, opts)?;
-        if let Some(idle) = opts.keepalive {
-            s.set_tcp_keepalive(
-                &TcpKeepalive::new()
-                    .with_time(idle)
-                    .with_interval(Duration::from_secs(30)),
-            )?;
+    crate::sys::with_sockref(fd.as_raw_fd(), |s| set_stream_options(&s, opts))
+}
+
+/// Make `listener` carry the per-connection options, so that the sockets it accepts get
+/// them without a system call of their own: Linux copies `TCP_NODELAY`, `SO_KEEPALIVE`,
+/// `TCP_KEEPIDLE`, `TCP_KEEPINTVL`, `SO_RCVBUF` and `SO_SNDBUF` from the listening socket
+/// to each accepted one (checked per option by the test
+/// `accepted_sockets_inherit_every_option_from_the_listener`). Reads the listener's options
+/// and sets only those that differ: nothing for a listener from [`bind_sharded`], which
+/// sets them before `listen(2)`. Called once per listener by [`WorkerCtx::serve`].
+///
+/// [`WorkerCtx::serve`]: crate::worker::WorkerCtx::serve
+pub fn inherit_to_accepted(listener: &impl AsRawFd, opts: &ListenOptions) -> io::Result<()> {
+    crate::sys::with_sockref(listener.as_raw_fd(), |s| {
+        if s.nodelay()? != opts.nodelay {
+            s.set_nodelay(opts.nodelay)?;
+        }
+        // The kernel reports twice the size asked for.
+        if let Some(n) = opts.recv_buffer {
+            if s.recv_buffer_size()? != 2 * n {
+                s.set_recv_buffer_size(n)?;
+            }
+        }
+        if let Some(n) = opts.send_buffer {
+            if s.send_buffer_size()? != 2 * n {
+                s.set_send_buffer_size(n)?;
+            }
+        }
+        match opts.keepalive {
+            Some(idle) => {
+                if !s.keepalive()?
+                    || s.keepalive_time()? != idle
+                    || s.keepalive_interval()? != KEEPALIVE_INTERVAL
+                {
+                    s.set_tcp_keepalive(
+                        &TcpKeepalive::new()
+                            .with_time(idle)
+                            .with_interval(KEEPALIVE_INTERVAL),
+                    )?;
+                }
+            }
+            None => {
+                if s.keepalive()? {
+                    s.set_keepalive(false)?;
+                }
+            }
         }
         Ok(())
     })
@@ -239,5 +295,95 @@ mod tests {
         let ls = bind_sharded("127.0.0.1:0".parse().unwrap(), 3, &opts()).unwrap();
         let p = ls[0].local_addr().unwrap().port();
         assert!(ls.iter().all(|l| l.local_addr().unwrap().port() == p));
+    }
+
+    /// The options of a socket that per-connection tuning sets.
+    #[derive(Debug, PartialEq)]
+    struct Opts {
+        nodelay: bool,
+        keepalive: bool,
+        keepidle: Duration,
+        keepintvl: Duration,
+        rcvbuf: usize,
+        sndbuf: usize,
+    }
+
+    fn read_opts(fd: &impl AsRawFd) -> Opts {
+        crate::sys::with_sockref(fd.as_raw_fd(), |s| {
+            Ok(Opts {
+                nodelay: s.nodelay()?,
+                keepalive: s.keepalive()?,
+                keepidle: s.keepalive_time()?,
+                keepintvl: s.keepalive_interval()?,
+                rcvbuf: s.recv_buffer_size()?,
+                sndbuf: s.send_buffer_size()?,
+            })
+        })
+        .unwrap()
+    }
+
+    fn tuned() -> ListenOptions {
+        let mut o = opts();
+        o.nodelay = true;
+        o.keepalive = Some(Duration::from_secs(77));
+        o.recv_buffer = Some(49152);
+        o.send_buffer = Some(24576);
+        o
+    }
+
+    /// What a socket tuned with `tuned()` reports.
+    fn tuned_opts() -> Opts {
+        Opts {
+            nodelay: true,
+            keepalive: true,
+            keepidle: Duration::from_secs(77),
+            keepintvl: KEEPALIVE_INTERVAL,
+            rcvbuf: 2 * 49152,
+            sndbuf: 2 * 24576,
+        }
+    }
+
+    fn accept_one(l: &std::net::TcpListener) -> (std::net::TcpStream, std::net::TcpStream) {
+        l.set_nonblocking(false).unwrap();
+        let c = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        (l.accept().unwrap().0, c)
+    }
+
+    #[test]
+    fn accepted_sockets_inherit_every_option_from_the_listener() {
+        // A plain listener (kernel defaults): its accepted sockets differ from the tuned
+        // values in every option, so the check below can tell inheritance from defaults.
+        let plain = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let (a, _c) = accept_one(&plain);
+        let d = read_opts(&a);
+        let t = tuned_opts();
+        assert_ne!(d.nodelay, t.nodelay);
+        assert_ne!(d.keepalive, t.keepalive);
+        assert_ne!(d.keepidle, t.keepidle);
+        assert_ne!(d.keepintvl, t.keepintvl);
+        assert_ne!(d.rcvbuf, t.rcvbuf);
+        assert_ne!(d.sndbuf, t.sndbuf);
+        // A listener from bind_sharded: each option reaches the accepted socket with no
+        // setsockopt on it.
+        let ls = bind_sharded("127.0.0.1:0".parse().unwrap(), 1, &tuned()).unwrap();
+        assert_eq!(read_opts(&ls[0]), t);
+        let (a, _c) = accept_one(&ls[0]);
+        assert_eq!(
+            read_opts(&a),
+            t,
+            "options of a socket accepted from a tuned listener"
+        );
+        // A listener made elsewhere (already listening), prepared the way `serve` does.
+        inherit_to_accepted(&plain, &tuned()).unwrap();
+        let (a, _c) = accept_one(&plain);
+        assert_eq!(read_opts(&a), t);
+        // ... and turned back (keepalive off, no delay off) the same way.
+        let mut off = tuned();
+        off.keepalive = None;
+        off.nodelay = false;
+        inherit_to_accepted(&plain, &off).unwrap();
+        let (a, _c) = accept_one(&plain);
+        let o = read_opts(&a);
+        assert!(!o.keepalive && !o.nodelay, "{o:?}");
     }
 }

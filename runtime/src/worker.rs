@@ -17,7 +17,7 @@ use crate::bufpool::BufPool;
 use crate::config::RuntimeConfig;
 use crate::driver::{self, DriverDecision, DriverKind};
 use crate::event::LocalEvent;
-use crate::listener::{tune_stream, ListenOptions};
+use crate::listener::{inherit_to_accepted, ListenOptions};
 use crate::shutdown::{DrainWatcher, Shutdown};
 use crate::stats::WorkerStats;
 
@@ -105,6 +105,9 @@ impl WorkerCtx {
         H: Fn(TcpStream, SocketAddr) -> Fut + 'static,
         Fut: Future<Output = ()> + 'static,
     {
+        // Accepted sockets inherit the per-connection options from the listener: set them
+        // there once (if missing), none per connection.
+        inherit_to_accepted(&listener, &self.0.listen_opts)?;
         let listener = monoio::net::TcpListener::from_std(listener)?;
         let handler = Rc::new(handler);
         let inner = &self.0;
@@ -143,7 +146,6 @@ impl WorkerCtx {
                     continue;
                 }
             };
-            let _ = tune_stream(&stream, &inner.listen_opts);
             inner.live.set(inner.live.get() + 1);
             WorkerStats::inc(&inner.stats.accepted);
             WorkerStats::inc(&inner.stats.active);
@@ -384,4 +386,68 @@ where
         drivers,
         cores,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Read;
+    use std::os::fd::AsRawFd;
+
+    /// `serve` on a listener made elsewhere (kernel defaults): the accepted sockets carry
+    /// the configured options, inherited from the listener `serve` prepared once.
+    #[test]
+    fn serve_hands_out_sockets_with_the_configured_options() {
+        let cfg = RuntimeConfig {
+            workers: Some(1),
+            pin: false,
+            nodelay: true,
+            tcp_keepalive: Some(std::time::Duration::from_secs(91)),
+            socket_recv_buffer: Some(65536),
+            ..RuntimeConfig::default()
+        };
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let shutdown = Shutdown::new();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let mut listener = Some(listener);
+        let workers = spawn_workers(&cfg, &shutdown, |_| {
+            let l = listener.take().unwrap();
+            let tx = tx.clone();
+            move |ctx: WorkerCtx| async move {
+                let c2 = ctx.clone();
+                ctx.serve(l, move |s, _| {
+                    let got = crate::sys::with_sockref(s.as_raw_fd(), |r| {
+                        Ok((
+                            r.nodelay()?,
+                            r.keepalive()?,
+                            r.keepalive_time()?,
+                            r.recv_buffer_size()?,
+                        ))
+                    });
+                    tx.send(got.unwrap()).unwrap();
+                    async move { drop(s) }
+                })
+                .await
+                .unwrap();
+                c2.finish_drain().await;
+            }
+        })
+        .unwrap();
+        for _ in 0..3 {
+            let mut c = std::net::TcpStream::connect(addr).unwrap();
+            let got = rx
+                .recv_timeout(std::time::Duration::from_secs(30))
+                .expect("the handler never ran");
+            assert_eq!(
+                got,
+                (true, true, std::time::Duration::from_secs(91), 2 * 65536)
+            );
+            // The handler closed it.
+            let _ = c.read(&mut [0u8; 1]);
+        }
+        shutdown.drain(std::time::Duration::ZERO);
+        workers.join().unwrap();
+    }
 }
