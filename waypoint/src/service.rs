@@ -1803,37 +1803,11 @@ enum Framing {
     Eof,
 }
 
-fn find_crlf(b: &[u8], from: usize) -> Option<usize> {
-    b.get(from..)?
-        .windows(2)
-        .position(|w| w == b"\r\n")
-        .map(|p| p + from)
-}
-
-/// The length of a complete chunked body at the start of `b`, if it is complete.
+/// The length of a complete chunked body at the start of `b`, if it is complete and well
+/// formed (the strict scanner of [`crate::body::ChunkScan`]: a bare LF in a trailer is no
+/// end).
 pub fn chunked_end(b: &[u8]) -> Option<usize> {
-    let mut pos = 0;
-    loop {
-        let eol = find_crlf(b, pos)?;
-        let line = std::str::from_utf8(&b[pos..eol]).ok()?;
-        let size = usize::from_str_radix(line.split(';').next()?.trim(), 16).ok()?;
-        pos = eol + 2;
-        if size == 0 {
-            // Trailers, then an empty line.
-            loop {
-                let eol = find_crlf(b, pos)?;
-                let empty = eol == pos;
-                pos = eol + 2;
-                if empty {
-                    return Some(pos);
-                }
-            }
-        }
-        pos = pos.checked_add(size)?.checked_add(2)?;
-        if pos > b.len() {
-            return None;
-        }
-    }
+    crate::body::ChunkScan::default().feed(b).ok().flatten()
 }
 
 /// Re-issue the certificate at half life; running connections keep theirs.

@@ -870,7 +870,7 @@ fn upstream_chunked_and_eof_delimited_responses_keep_the_tunnel_usable() {
 #[test]
 fn chunked_end_table() {
     use waypoint::service::chunked_end;
-    let table: [(&[u8], Option<usize>); 7] = [
+    let table: [(&[u8], Option<usize>); 9] = [
         (b"0\r\n\r\n", Some(5)),
         (b"0\r\n\r\nextra", Some(5)),
         (b"3\r\nabc\r\n0\r\n\r\n", Some(13)),
@@ -878,6 +878,9 @@ fn chunked_end_table() {
         (b"3\r\nabc\r\n0\r\n", None),
         (b"a\r\nabc", None),
         (b"zz\r\n", None),
+        // Strict: a bare LF is no line end (trailer smuggling).
+        (b"0\r\n\nGET /admin HTTP/1.1\r\n\r\n", None),
+        (b"0\r\nx\n\r\n", None),
     ];
     for (input, want) in table {
         assert_eq!(
