@@ -390,22 +390,9 @@ async fn splice_dir(
             }
         } else if budget == 0 {
             budget = SPLICE_BUDGET;
-            yield_now().await;
+            // Behind the worker's other ready tasks (a self-waking yield would run first
+            // again: see `worker::yield_now`).
+            crate::worker::yield_now().await;
         }
     }
-}
-
-/// Let the worker run its other tasks once.
-async fn yield_now() {
-    let mut yielded = false;
-    poll_fn(|cx| {
-        if yielded {
-            Poll::Ready(())
-        } else {
-            yielded = true;
-            cx.waker().wake_by_ref();
-            Poll::Pending
-        }
-    })
-    .await
 }

@@ -228,6 +228,28 @@ pub async fn race<A: Future, B: Future>(a: A, b: B) -> Either<A::Output, B::Outp
     .await
 }
 
+/// Let the worker run its other ready tasks before this one continues: for loops that would
+/// otherwise keep the worker to themselves (a splice direction that never blocks).
+///
+/// Not the usual "wake yourself and return `Pending`": monoio 0.2.4 puts a task that wakes
+/// itself during its own poll at the *front* of the run queue, so it runs again at once and
+/// keeps every other ready task waiting (its loop limit only returns to the ring; the task is
+/// still first in the next round). Here a one-shot task spawned behind the ready tasks wakes
+/// this one, and a task woken from outside its own poll goes to the back of the queue.
+pub async fn yield_now() {
+    let mut yielded = false;
+    poll_fn(|cx| {
+        if yielded {
+            return Poll::Ready(());
+        }
+        yielded = true;
+        let w = cx.waker().clone();
+        drop(monoio::spawn(async move { w.wake() }));
+        Poll::Pending
+    })
+    .await
+}
+
 /// Running workers.
 pub struct Workers {
     threads: Vec<std::thread::JoinHandle<()>>,
@@ -393,6 +415,50 @@ mod tests {
     use super::*;
     use std::io::Read;
     use std::os::fd::AsRawFd;
+
+    /// The self-waking yield monoio offers (wake during the poll, return `Pending`).
+    async fn yield_to_front() {
+        let mut yielded = false;
+        poll_fn(|cx| {
+            if yielded {
+                return Poll::Ready(());
+            }
+            yielded = true;
+            cx.waker().wake_by_ref();
+            Poll::Pending
+        })
+        .await
+    }
+
+    /// A task yields 1,000 times in a loop; a task spawned behind it records how many yields
+    /// had happened when it first ran.
+    fn yields_before_the_other_task_runs<Y: Future<Output = ()> + 'static>(y: fn() -> Y) -> u32 {
+        let d = driver::decide(crate::DriverChoice::Auto, 64).unwrap();
+        let (mut rt, _) = driver::build_runtime(&d, 64).unwrap();
+        rt.block_on(async move {
+            let count = Rc::new(Cell::new(0u32));
+            let c = count.clone();
+            let looping = monoio::spawn(async move {
+                for _ in 0..1000 {
+                    c.set(c.get() + 1);
+                    y().await;
+                }
+            });
+            let other = monoio::spawn(async move { count.get() });
+            let seen = other.await;
+            looping.await;
+            seen
+        })
+    }
+
+    #[test]
+    fn yield_now_lets_the_other_ready_tasks_run() {
+        // The starvation this fixes, on this monoio: a self-waking yield runs its loop to the
+        // end before a task queued behind it runs at all.
+        assert_eq!(yields_before_the_other_task_runs(yield_to_front), 1000);
+        // Ours goes to the back: the other task runs after the first yield.
+        assert_eq!(yields_before_the_other_task_runs(yield_now), 1);
+    }
 
     /// `serve` on a listener made elsewhere (kernel defaults): the accepted sockets carry
     /// the configured options, inherited from the listener `serve` prepared once.
