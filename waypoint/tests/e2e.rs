@@ -207,7 +207,7 @@ fn backend(ip: Ipv4Addr, name: &'static str) -> Backend {
                     if !body_in.is_empty() {
                         body.push_str(&format!(" body={}", String::from_utf8_lossy(&body_in)));
                     }
-                    if path.contains("hang") {
+                    if path.contains("hang") || (shadow && path.contains("stall")) {
                         // Never answers: waits for the connection to go away.
                         while let Ok(k) = c.read(&mut chunk) {
                             if k == 0 {
@@ -2091,4 +2091,32 @@ spec:
     assert_eq!(c.mirrored.load(Ordering::Relaxed), 1);
     assert_eq!(c.mirror_errors.load(Ordering::Relaxed), 0);
     assert_eq!(c.mirrors_completed.load(Ordering::Relaxed), 1);
+}
+
+#[test]
+fn mirrors_in_flight_are_capped_per_worker_and_the_rest_skipped() {
+    // Every mirrored copy stalls at the backend (never answered); the primary requests are
+    // answered at once. One tunnel, so one worker: past the cap, mirrors are skipped.
+    let route = r#"apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: stall-mirror, namespace: app}
+spec:
+  parentRefs: [{group: "", kind: Service, name: echo-v1}]
+  rules:
+  - matches: [{path: {type: PathPrefix, value: /mirror-stall}}]
+    filters:
+    - type: RequestMirror
+      requestMirror: {backendRef: {name: echo, port: 80}}
+    backendRefs: [{name: echo-v1, port: 80}]
+"#;
+    let m = Mesh::start_with(route);
+    let cap = waypoint::service::MAX_MIRRORS_IN_FLIGHT;
+    let reqs: Vec<String> = (0..cap + 3)
+        .map(|i| get(&format!("/mirror-stall/{i}"), V1))
+        .collect();
+    let out = m.requests("10.96.0.2:80", &reqs).unwrap();
+    assert!(out.iter().all(|(s, _)| *s == 200));
+    let c = m.counters();
+    assert_eq!(c.mirrored.load(Ordering::Relaxed), cap as u64);
+    assert_eq!(c.mirrors_skipped.load(Ordering::Relaxed), 3);
 }
