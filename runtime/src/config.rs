@@ -411,17 +411,11 @@ impl RuntimeConfig {
             if cores.is_empty() {
                 return Err(Invalid::new(f("cores"), "must list at least one CPU id"));
             }
-            let online = std::thread::available_parallelism()
-                .map(|n| n.get())
-                .unwrap_or(1);
-            let all = core_affinity::get_core_ids()
-                .map(|v| v.len())
-                .unwrap_or(online);
-            if let Some(c) = cores.iter().find(|&&c| c >= all.max(online)) {
-                return Err(Invalid::new(
-                    f("cores"),
-                    format!("CPU {c} does not exist (this host has {})", all.max(online)),
-                ));
+            // Explicit cores win over the CPU affinity this process inherited (`taskset -c
+            // 0 l4fwd` may still run its worker on CPU 1): only a CPU that is offline or
+            // does not exist is refused.
+            if let Err(why) = check_cores(cores, &HostCpus::read()) {
+                return Err(Invalid::new(f("cores"), why));
             }
         }
         if !(2..=32768).contains(&self.ring_entries) || !self.ring_entries.is_power_of_two() {
@@ -491,7 +485,9 @@ impl RuntimeConfig {
         Ok(())
     }
 
-    /// The CPUs workers run on, and how many workers.
+    /// The CPUs workers run on, and how many workers. Explicit `cores` are used as given
+    /// (workers pin to them even outside the affinity the process inherited); without them,
+    /// the CPUs this process may use.
     pub fn worker_cores(&self) -> Vec<Option<usize>> {
         let cores: Vec<usize> = match &self.cores {
             Some(c) => c.clone(),
@@ -510,6 +506,80 @@ impl RuntimeConfig {
             })
             .collect()
     }
+}
+
+/// The host's CPUs as the kernel lists them (`/sys/devices/system/cpu/{present,online}`),
+/// independent of this process's affinity.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HostCpus {
+    /// CPUs that exist (online or not); `None`: unknown.
+    pub present: Option<Vec<usize>>,
+    /// CPUs online now; `None`: unknown.
+    pub online: Option<Vec<usize>>,
+}
+
+impl HostCpus {
+    pub fn read() -> Self {
+        let list = |f: &str| {
+            std::fs::read_to_string(format!("/sys/devices/system/cpu/{f}"))
+                .ok()
+                .and_then(|s| parse_cpu_list(&s))
+        };
+        HostCpus {
+            present: list("present"),
+            online: list("online"),
+        }
+    }
+}
+
+/// Parse a kernel CPU list (`0-3,5,7-8`).
+pub fn parse_cpu_list(s: &str) -> Option<Vec<usize>> {
+    let mut out = Vec::new();
+    for part in s.trim().split(',').filter(|p| !p.is_empty()) {
+        match part.split_once('-') {
+            Some((a, b)) => {
+                let (a, b): (usize, usize) = (a.trim().parse().ok()?, b.trim().parse().ok()?);
+                if a > b {
+                    return None;
+                }
+                out.extend(a..=b);
+            }
+            None => out.push(part.trim().parse().ok()?),
+        }
+    }
+    Some(out)
+}
+
+/// Every CPU of `cores` must be online on this host; this process's affinity does not
+/// matter. With the kernel's lists unknown, the CPUs the process may use are the fallback.
+pub fn check_cores(cores: &[usize], host: &HostCpus) -> Result<(), String> {
+    let fmt = |v: &[usize]| {
+        v.iter()
+            .map(|c| c.to_string())
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    let online = match &host.online {
+        Some(o) => o.clone(),
+        None => core_affinity::get_core_ids()
+            .map(|ids| ids.into_iter().map(|c| c.id).collect())
+            .unwrap_or_default(),
+    };
+    for &c in cores {
+        if online.contains(&c) {
+            continue;
+        }
+        let exists = host.present.as_ref().is_some_and(|p| p.contains(&c));
+        return Err(if exists {
+            format!("CPU {c} is offline (online CPUs: {})", fmt(&online))
+        } else {
+            format!(
+                "CPU {c} does not exist on this host (online CPUs: {})",
+                fmt(&online)
+            )
+        });
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -641,5 +711,69 @@ mod tests {
     #[test]
     fn defaults_validate() {
         RuntimeConfig::default().validate("").unwrap();
+    }
+
+    #[test]
+    fn cpu_lists_parse() {
+        assert_eq!(parse_cpu_list("0-1\n"), Some(vec![0, 1]));
+        assert_eq!(parse_cpu_list("0,2-4,7"), Some(vec![0, 2, 3, 4, 7]));
+        assert_eq!(parse_cpu_list("5"), Some(vec![5]));
+        assert_eq!(parse_cpu_list("3-1"), None);
+        assert_eq!(parse_cpu_list("x"), None);
+    }
+
+    #[test]
+    fn cores_must_be_online_not_in_our_affinity() {
+        let host = HostCpus {
+            present: Some(vec![0, 1, 2, 3]),
+            online: Some(vec![0, 1, 3]),
+        };
+        assert_eq!(check_cores(&[0, 3], &host), Ok(()));
+        let e = check_cores(&[1, 2], &host).unwrap_err();
+        assert_eq!(e, "CPU 2 is offline (online CPUs: 0,1,3)");
+        let e = check_cores(&[9], &host).unwrap_err();
+        assert_eq!(e, "CPU 9 does not exist on this host (online CPUs: 0,1,3)");
+    }
+
+    /// `taskset -c 0` then `cores: [1]`: accepted (the process's affinity does not limit the
+    /// explicit cores); a CPU beyond the host's is still refused, naming it.
+    #[test]
+    fn explicit_cores_outside_the_inherited_affinity_are_accepted() {
+        let online = HostCpus::read().online.unwrap_or_default();
+        if online.len() < 2 {
+            let ci =
+                std::env::var_os("CI").is_some_and(|v| !v.is_empty() && v != "0" && v != "false");
+            assert!(!ci, "needs 2 online CPUs (have {online:?}) and CI is set");
+            eprintln!("SKIP: needs 2 online CPUs (have {online:?})");
+            return;
+        }
+        let (first, other) = (online[0], online[1]);
+        std::thread::spawn(move || {
+            // This thread's affinity: `first` only, like a process started under taskset.
+            assert!(core_affinity::set_for_current(core_affinity::CoreId {
+                id: first
+            }));
+            let ids: Vec<usize> = core_affinity::get_core_ids()
+                .unwrap()
+                .into_iter()
+                .map(|c| c.id)
+                .collect();
+            assert_eq!(ids, vec![first]);
+            let cfg = RuntimeConfig {
+                cores: Some(vec![other]),
+                ..RuntimeConfig::default()
+            };
+            cfg.validate("runtime").unwrap();
+            assert_eq!(cfg.worker_cores(), vec![Some(other)]);
+            let bad = RuntimeConfig {
+                cores: Some(vec![100_000]),
+                ..RuntimeConfig::default()
+            };
+            let e = bad.validate("runtime").unwrap_err();
+            assert_eq!(e.field, "runtime.cores");
+            assert!(e.message.starts_with("CPU 100000 does not exist"), "{e:?}");
+        })
+        .join()
+        .unwrap();
     }
 }

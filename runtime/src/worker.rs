@@ -516,4 +516,51 @@ mod tests {
         shutdown.drain(std::time::Duration::ZERO);
         workers.join().unwrap();
     }
+
+    /// A worker pinned to a core outside the affinity its process inherited runs there.
+    #[test]
+    fn a_worker_runs_on_its_explicit_core_outside_the_inherited_affinity() {
+        let online = crate::config::HostCpus::read().online.unwrap_or_default();
+        if online.len() < 2 {
+            let ci =
+                std::env::var_os("CI").is_some_and(|v| !v.is_empty() && v != "0" && v != "false");
+            assert!(!ci, "needs 2 online CPUs (have {online:?}) and CI is set");
+            eprintln!("SKIP: needs 2 online CPUs (have {online:?})");
+            return;
+        }
+        let (first, other) = (online[0], online[1]);
+        std::thread::spawn(move || {
+            assert!(core_affinity::set_for_current(core_affinity::CoreId {
+                id: first
+            }));
+            let cfg = RuntimeConfig {
+                cores: Some(vec![other]),
+                ..RuntimeConfig::default()
+            };
+            cfg.validate("runtime").unwrap();
+            let shutdown = Shutdown::new();
+            let (tx, rx) = std::sync::mpsc::channel();
+            let workers = spawn_workers(&cfg, &shutdown, |_| {
+                let tx = tx.clone();
+                move |ctx: WorkerCtx| async move {
+                    let allowed: Vec<usize> = core_affinity::get_core_ids()
+                        .unwrap_or_default()
+                        .into_iter()
+                        .map(|c| c.id)
+                        .collect();
+                    tx.send((ctx.core(), allowed, crate::sys::current_cpu()))
+                        .unwrap();
+                }
+            })
+            .unwrap();
+            let got = rx
+                .recv_timeout(std::time::Duration::from_secs(30))
+                .expect("the worker never ran");
+            assert_eq!(got, (Some(other), vec![other], Some(other)));
+            shutdown.drain(std::time::Duration::ZERO);
+            workers.join().unwrap();
+        })
+        .join()
+        .unwrap();
+    }
 }
