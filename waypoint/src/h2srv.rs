@@ -694,9 +694,26 @@ fn h2_head(raw: &[u8], mods: &[HeaderModifier]) -> io::Result<http::Response<()>
         return Err(io::Error::other("malformed upstream response head"));
     }
     let mut b = http::Response::builder().status(r.code.unwrap_or(502));
+    // Hop-by-hop fields (those `Connection` names too) dropped; `content-length` kept once,
+    // and not at all next to `transfer-encoding` (the body is de-chunked, RFC 9112 §6.3).
+    let connection: Vec<&str> = r
+        .headers
+        .iter()
+        .filter(|h| h.name.eq_ignore_ascii_case("connection"))
+        .map(|h| std::str::from_utf8(h.value).unwrap_or(""))
+        .collect();
+    let te = r
+        .headers
+        .iter()
+        .any(|h| h.name.eq_ignore_ascii_case("transfer-encoding"));
+    let seen_cl = std::cell::Cell::new(false);
     let keep = |name: &str| {
+        if name.eq_ignore_ascii_case("content-length") {
+            return !te && !seen_cl.replace(true);
+        }
         !name.eq_ignore_ascii_case("transfer-encoding")
             && !HOP_BY_HOP.iter().any(|h| name.eq_ignore_ascii_case(h))
+            && !http1::hop_by_hop(name, &connection)
     };
     if mods.is_empty() {
         for h in r.headers.iter().filter(|h| keep(h.name)) {
@@ -903,6 +920,23 @@ pub fn dechunk(mut b: &[u8]) -> Option<Vec<u8>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn h2_response_heads_drop_hop_by_hop_and_overridden_lengths() {
+        let r = h2_head(
+            b"HTTP/1.1 200 OK\r\nconnection: x-a\r\nx-a: 1\r\nkeep-alive: t=1\r\ncontent-length: 9\r\ntransfer-encoding: chunked\r\nx-b: 2\r\n\r\n",
+            &[],
+        )
+        .unwrap();
+        let names: Vec<&str> = r.headers().keys().map(|k| k.as_str()).collect();
+        assert_eq!(names, ["x-b"]);
+        let r = h2_head(
+            b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\ncontent-length: 2\r\n\r\n",
+            &[],
+        )
+        .unwrap();
+        assert_eq!(r.headers().get_all("content-length").iter().count(), 1);
+    }
 
     #[test]
     fn cookies_are_joined_for_http1() {

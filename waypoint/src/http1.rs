@@ -1807,7 +1807,7 @@ const NOT_DROPPABLE: &[&str] = &["content-length", "transfer-encoding", "host"];
 
 /// Whether field `name` is hop-by-hop for a message whose `Connection` fields are
 /// `connection`.
-fn hop_by_hop(name: &str, connection: &[&str]) -> bool {
+pub(crate) fn hop_by_hop(name: &str, connection: &[&str]) -> bool {
     HOP_BY_HOP.iter().any(|h| name.eq_ignore_ascii_case(h))
         || (!NOT_DROPPABLE.iter().any(|h| name.eq_ignore_ascii_case(h))
             && connection.iter().any(|c| {
