@@ -335,6 +335,15 @@ async fn forward_splice(
 /// Bytes moved without waiting after which a direction yields to the worker's other tasks.
 const SPLICE_BUDGET: usize = 4 << 20;
 
+/// Times a splice direction used up [`SPLICE_BUDGET`] and yielded (all workers).
+static SPLICE_YIELDS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// How often splice directions of this process moved their budget without waiting and
+/// yielded to the worker's other tasks.
+pub fn splice_yields() -> u64 {
+    SPLICE_YIELDS.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 async fn splice_dir(
     src: &TcpStream,
     dst: &TcpStream,
@@ -390,6 +399,7 @@ async fn splice_dir(
             }
         } else if budget == 0 {
             budget = SPLICE_BUDGET;
+            SPLICE_YIELDS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             // Behind the worker's other ready tasks (a self-waking yield would run first
             // again: see `worker::yield_now`).
             crate::worker::yield_now().await;
