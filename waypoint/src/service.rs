@@ -244,7 +244,13 @@ pub fn start(
             let certs = Rc::new(RefCell::new(certs));
             let worker = Rc::new(Worker {
                 ctx: ctx.clone(),
-                pool: Pool::new(shared.settings.h2.clone(), Arc::new(TlsCounters::default())),
+                // HBONE legs get the worker's socket options (nodelay, keepalive, the
+                // profile's SO_RCVBUF/SO_SNDBUF).
+                pool: Pool::with_socket_options(
+                    shared.settings.h2.clone(),
+                    Arc::new(TlsCounters::default()),
+                    ctx.listen_options().clone(),
+                ),
                 balancers: RefCell::new(Balancers::default()),
                 l7: RefCell::new(l7),
                 metrics: LocalMetrics::new(shared.metrics.clone()),
