@@ -161,21 +161,30 @@ pub fn tune_stream(fd: &impl AsRawFd, opts: &ListenOptions) -> io::Result<()> {
 /// and sets only those that differ: nothing for a listener from [`bind_sharded`], which
 /// sets them before `listen(2)`. Called once per listener by [`WorkerCtx::serve`].
 ///
+/// Returns whether it changed anything: connections already queued on the listener were
+/// cloned from it before, so the caller then has to tune what it accepts one by one
+/// ([`tune_stream`]); `false` (a listener from [`bind_sharded`]) means no per-connection
+/// calls at all.
+///
 /// [`WorkerCtx::serve`]: crate::worker::WorkerCtx::serve
-pub fn inherit_to_accepted(listener: &impl AsRawFd, opts: &ListenOptions) -> io::Result<()> {
+pub fn inherit_to_accepted(listener: &impl AsRawFd, opts: &ListenOptions) -> io::Result<bool> {
     crate::sys::with_sockref(listener.as_raw_fd(), |s| {
+        let mut changed = false;
         if s.nodelay()? != opts.nodelay {
             s.set_nodelay(opts.nodelay)?;
+            changed = true;
         }
         // The kernel reports twice the size asked for.
         if let Some(n) = opts.recv_buffer {
             if s.recv_buffer_size()? != 2 * n {
                 s.set_recv_buffer_size(n)?;
+                changed = true;
             }
         }
         if let Some(n) = opts.send_buffer {
             if s.send_buffer_size()? != 2 * n {
                 s.set_send_buffer_size(n)?;
+                changed = true;
             }
         }
         match opts.keepalive {
@@ -189,15 +198,17 @@ pub fn inherit_to_accepted(listener: &impl AsRawFd, opts: &ListenOptions) -> io:
                             .with_time(idle)
                             .with_interval(KEEPALIVE_INTERVAL),
                     )?;
+                    changed = true;
                 }
             }
             None => {
                 if s.keepalive()? {
                     s.set_keepalive(false)?;
+                    changed = true;
                 }
             }
         }
-        Ok(())
+        Ok(changed)
     })
 }
 
@@ -373,15 +384,19 @@ mod tests {
             t,
             "options of a socket accepted from a tuned listener"
         );
+        // Nothing to change on it: no per-connection calls.
+        assert!(!inherit_to_accepted(&ls[0], &tuned()).unwrap());
+        assert!(!inherit_to_accepted(&ls[0], &tuned()).unwrap());
         // A listener made elsewhere (already listening), prepared the way `serve` does.
-        inherit_to_accepted(&plain, &tuned()).unwrap();
+        assert!(inherit_to_accepted(&plain, &tuned()).unwrap());
+        assert!(!inherit_to_accepted(&plain, &tuned()).unwrap());
         let (a, _c) = accept_one(&plain);
         assert_eq!(read_opts(&a), t);
         // ... and turned back (keepalive off, no delay off) the same way.
         let mut off = tuned();
         off.keepalive = None;
         off.nodelay = false;
-        inherit_to_accepted(&plain, &off).unwrap();
+        assert!(inherit_to_accepted(&plain, &off).unwrap());
         let (a, _c) = accept_one(&plain);
         let o = read_opts(&a);
         assert!(!o.keepalive && !o.nodelay, "{o:?}");

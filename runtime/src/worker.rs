@@ -17,7 +17,7 @@ use crate::bufpool::BufPool;
 use crate::config::RuntimeConfig;
 use crate::driver::{self, DriverDecision, DriverKind};
 use crate::event::LocalEvent;
-use crate::listener::{inherit_to_accepted, ListenOptions};
+use crate::listener::{inherit_to_accepted, tune_stream, ListenOptions};
 use crate::shutdown::{DrainWatcher, Shutdown};
 use crate::stats::WorkerStats;
 
@@ -106,8 +106,9 @@ impl WorkerCtx {
         Fut: Future<Output = ()> + 'static,
     {
         // Accepted sockets inherit the per-connection options from the listener: set them
-        // there once (if missing), none per connection.
-        inherit_to_accepted(&listener, &self.0.listen_opts)?;
+        // there once (if missing), none per connection. A listener that lacked them may
+        // hold connections cloned before: then tune each accepted socket as well.
+        let tune_each = inherit_to_accepted(&listener, &self.0.listen_opts)?;
         let listener = monoio::net::TcpListener::from_std(listener)?;
         let handler = Rc::new(handler);
         let inner = &self.0;
@@ -146,6 +147,9 @@ impl WorkerCtx {
                     continue;
                 }
             };
+            if tune_each {
+                let _ = tune_stream(&stream, &inner.listen_opts);
+            }
             inner.live.set(inner.live.get() + 1);
             WorkerStats::inc(&inner.stats.accepted);
             WorkerStats::inc(&inner.stats.active);
@@ -461,7 +465,7 @@ mod tests {
     }
 
     /// `serve` on a listener made elsewhere (kernel defaults): the accepted sockets carry
-    /// the configured options, inherited from the listener `serve` prepared once.
+    /// the configured options, even one that was queued before `serve` prepared the listener.
     #[test]
     fn serve_hands_out_sockets_with_the_configured_options() {
         let cfg = RuntimeConfig {
