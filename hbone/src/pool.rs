@@ -250,7 +250,7 @@ impl Pool {
             req.clone(),
             self.0.socket.clone(),
         );
-        monoio::spawn(async move {
+        runtime::busy::spawn_tracked(async move {
             let r = match tls {
                 Ok(tls) => {
                     Client::establish(addr, tls, &settings, &counters, &opts, Some(&req)).await

@@ -171,7 +171,7 @@ where
                         recv,
                     };
                     let h = handler.clone();
-                    monoio::spawn(async move { h(inbound).await });
+                    runtime::busy::spawn_tracked(async move { h(inbound).await });
                 }
                 Err(status) => {
                     let c = if status == wire::status::NOT_CONNECT {

@@ -88,7 +88,7 @@ where
             Some(Ok((req, respond))) => {
                 let (up, rng) = new_upstream();
                 let (cfg, ctx, on_bad) = (cfg.clone(), ctx.clone(), on_bad.clone());
-                monoio::spawn(async move {
+                runtime::busy::spawn_tracked(async move {
                     request(&cfg, &ctx, up, rng, req, respond, &*on_bad).await;
                 });
             }

@@ -1074,7 +1074,7 @@ impl Upstream for HboneUpstream {
         };
         let service = service.clone();
         self.worker.shared.counters.mirrored.fetch_add(1, Relaxed);
-        monoio::spawn(async move {
+        runtime::busy::spawn_tracked(async move {
             // The response is read and discarded as it comes (never buffered).
             let r = copy
                 .exchange_inner(Some(&service), request, Some(MIRROR_TIMEOUT), true)
@@ -1436,7 +1436,7 @@ impl HboneUpstream {
             .counters
             .upstream_h2_connections
             .fetch_add(1, Relaxed);
-        monoio::spawn(async move {
+        runtime::busy::spawn_tracked(async move {
             if let Err(e) = conn.await {
                 tracing::debug!(error = %e, "upstream HTTP/2 connection ended");
             }
