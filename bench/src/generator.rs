@@ -456,9 +456,35 @@ async fn throughput_conn(p: &Plan, write_size: usize) -> GenResult {
             return r;
         }
     };
+    // The sink answers with its count once it has read everything; allow time for the
+    // socket buffers along the path to drain.
+    let bounds = (
+        OP_TIMEOUT,
+        "write: stalled for 5 s",
+        Duration::from_secs(15),
+    );
+    send_then_check_count(&mut s, p, &mut r, write_size, || running(p), bounds, "sink").await;
+    r
+}
+
+/// Writes `write_size` blocks while `keep_going()`, half-closes, reads the peer's 8-byte
+/// count of what it received and checks it against what was sent, then reads to EOF.
+/// `bounds`: (longest a write may block, its error, how long to wait for the count); `peer`
+/// names the counting side in errors. Errors are recorded in `r`; false when the exchange
+/// stopped before the count (a write or the half-close failed).
+async fn send_then_check_count(
+    s: &mut TcpStream,
+    p: &Plan,
+    r: &mut GenResult,
+    write_size: usize,
+    keep_going: impl Fn() -> bool,
+    bounds: (Duration, &str, Duration),
+    peer: &str,
+) -> bool {
+    let (stall, stall_error, count_wait) = bounds;
     let mut buf: Vec<u8> = vec![0x5a; write_size];
-    while running(p) {
-        match timeout(OP_TIMEOUT, s.write_all(buf)).await {
+    while keep_going() {
+        match timeout(stall, s.write_all(buf)).await {
             Ok((Ok(n), b)) => {
                 buf = b;
                 r.sent += n as u64;
@@ -466,36 +492,34 @@ async fn throughput_conn(p: &Plan, write_size: usize) -> GenResult {
             }
             Ok((Err(e), _)) => {
                 r.error(format!("write: {e}"));
-                return r;
+                return false;
             }
             Err(_) => {
-                r.error("write: stalled for 5 s");
-                return r;
+                r.error(stall_error);
+                return false;
             }
         }
     }
     if let Err(e) = s.shutdown().await {
         r.error(format!("shutdown(SHUT_WR): {e}"));
-        return r;
+        return false;
     }
-    // The sink answers with its count once it has read everything; allow time for the
-    // socket buffers along the path to drain.
     let ack: Box<[u8]> = vec![0u8; 8].into_boxed_slice();
-    match timeout(Duration::from_secs(15), s.read_exact(ack)).await {
+    match timeout(count_wait, s.read_exact(ack)).await {
         Ok((Ok(_), a)) => {
             let got = u64::from_le_bytes(a[..8].try_into().expect("8 bytes"));
             r.received = got;
             if got != r.sent {
-                r.error(format!("sink received {got} bytes of {} sent", r.sent));
+                r.error(format!("{peer} received {got} bytes of {} sent", r.sent));
             }
         }
-        Ok((Err(e), _)) => r.error(format!("reading the sink's count: {e}")),
-        Err(_) => r.error("reading the sink's count: timed out"),
+        Ok((Err(e), _)) => r.error(format!("reading the {peer}'s count: {e}")),
+        Err(_) => r.error(format!("reading the {peer}'s count: timed out")),
     }
-    if let Err(e) = read_to_eof(&mut s).await {
+    if let Err(e) = read_to_eof(s).await {
         r.error(e);
     }
-    r
+    true
 }
 
 /// One echo exchange: tag `req` with `seq`, send it, read the echo into `resp` and check it.
@@ -961,45 +985,16 @@ async fn slow_writer_conn(p: &Plan, write_size: usize) -> GenResult {
         r.set_send_buffer_size(SLOW_SOCKET_BUFFER)
     });
     p.live.ops.fetch_add(1, Ordering::Relaxed);
-    let mut buf: Vec<u8> = vec![0x5a; write_size];
     // The backend stays stalled for as long as the harness measures (bounded by its own
     // deadline); a write blocked longer than this is a failure.
-    let stall_bound = Duration::from_secs(120);
-    while !p.stop.load(Ordering::Relaxed) {
-        match timeout(stall_bound, s.write_all(buf)).await {
-            Ok((Ok(n), b)) => {
-                buf = b;
-                r.sent += n as u64;
-                p.live.bytes_sent.fetch_add(n as u64, Ordering::Relaxed);
-            }
-            Ok((Err(e), _)) => {
-                r.error(format!("write: {e}"));
-                return r;
-            }
-            Err(_) => {
-                r.error("write: stalled beyond the stall's bound");
-                return r;
-            }
-        }
-    }
-    if let Err(e) = s.shutdown().await {
-        r.error(format!("shutdown(SHUT_WR): {e}"));
+    let bounds = (
+        Duration::from_secs(120),
+        "write: stalled beyond the stall's bound",
+        Duration::from_secs(30),
+    );
+    let keep_going = || !p.stop.load(Ordering::Relaxed);
+    if !send_then_check_count(&mut s, p, &mut r, write_size, keep_going, bounds, "backend").await {
         return r;
-    }
-    let ack: Box<[u8]> = vec![0u8; 8].into_boxed_slice();
-    match timeout(Duration::from_secs(30), s.read_exact(ack)).await {
-        Ok((Ok(_), a)) => {
-            let got = u64::from_le_bytes(a[..8].try_into().expect("8 bytes"));
-            r.received = got;
-            if got != r.sent {
-                r.error(format!("backend received {got} bytes of {} sent", r.sent));
-            }
-        }
-        Ok((Err(e), _)) => r.error(format!("reading the backend's count: {e}")),
-        Err(_) => r.error("reading the backend's count: timed out"),
-    }
-    if let Err(e) = read_to_eof(&mut s).await {
-        r.error(e);
     }
     r.ops_total += 1;
     r.ops_window += 1;
