@@ -215,6 +215,38 @@ pub enum CopyError {
     Write(std::io::Error),
 }
 
+/// How much of `chunk` belongs to the body being copied, and whether the body ends there;
+/// `left` counts down a Content-Length, `scan` follows chunked framing.
+fn take(
+    framing: Framing,
+    left: &mut u64,
+    scan: &mut ChunkScan,
+    chunk: &[u8],
+) -> Result<(usize, bool), CopyError> {
+    Ok(match framing {
+        Framing::Length(_) => {
+            let n = (chunk.len() as u64).min(*left);
+            *left -= n;
+            (n as usize, *left == 0)
+        }
+        Framing::Chunked => match scan.feed(chunk) {
+            Ok(Some(n)) => (n, true),
+            Ok(None) => (chunk.len(), false),
+            Err(Malformed) => return Err(CopyError::Malformed),
+        },
+        Framing::Eof => (chunk.len(), false),
+    })
+}
+
+/// `chunk` framed as one HTTP/1.1 chunk (size line, data, CRLF).
+fn chunk_frame(chunk: &[u8]) -> Bytes {
+    let mut o = BytesMut::with_capacity(chunk.len() + 20);
+    o.put_slice(format!("{:x}\r\n", chunk.len()).as_bytes());
+    o.put_slice(chunk);
+    o.put_slice(b"\r\n");
+    o.freeze()
+}
+
 /// Copy one body with `framing` from `src` (whose already-read bytes are at the start of
 /// `buf`) to `dst` (`None`: discard it). Bytes after the body stay in `buf`. With
 /// `encode_chunks`, the body is written chunked (an end-of-connection delimited response
@@ -253,19 +285,7 @@ pub async fn copy<S: Tunnel, D: Tunnel>(
                 None => return Err(CopyError::Truncated),
             }
         };
-        let (n, end) = match framing {
-            Framing::Length(_) => {
-                let n = (chunk.len() as u64).min(left);
-                left -= n;
-                (n as usize, left == 0)
-            }
-            Framing::Chunked => match scan.feed(&chunk) {
-                Ok(Some(n)) => (n, true),
-                Ok(None) => (chunk.len(), false),
-                Err(Malformed) => return Err(CopyError::Malformed),
-            },
-            Framing::Eof => (chunk.len(), false),
-        };
+        let (n, end) = take(framing, &mut left, &mut scan, &chunk)?;
         if n < chunk.len() {
             // The rest belongs to the next message (pipelining).
             buf.extend_from_slice(&chunk.split_off(n));
@@ -274,11 +294,7 @@ pub async fn copy<S: Tunnel, D: Tunnel>(
         if let Some(d) = dst.as_mut() {
             if !chunk.is_empty() {
                 let out = if encode_chunks {
-                    let mut o = BytesMut::with_capacity(chunk.len() + 20);
-                    o.put_slice(format!("{:x}\r\n", chunk.len()).as_bytes());
-                    o.put_slice(&chunk);
-                    o.put_slice(b"\r\n");
-                    o.freeze()
+                    chunk_frame(&chunk)
                 } else {
                     chunk
                 };
@@ -358,29 +374,13 @@ pub async fn copy_watching<S: Tunnel, D: Tunnel>(
                 None => return Err(CopyError::Truncated),
             }
         };
-        let (n, end) = match framing {
-            Framing::Length(_) => {
-                let n = (chunk.len() as u64).min(left);
-                left -= n;
-                (n as usize, left == 0)
-            }
-            Framing::Chunked => match scan.feed(&chunk) {
-                Ok(Some(n)) => (n, true),
-                Ok(None) => (chunk.len(), false),
-                Err(Malformed) => return Err(CopyError::Malformed),
-            },
-            Framing::Eof => (chunk.len(), false),
-        };
+        let (n, end) = take(framing, &mut left, &mut scan, &chunk)?;
         if n < chunk.len() {
             buf.extend_from_slice(&chunk.split_off(n));
         }
         total += n as u64;
         let mut out = if encode_chunks && !chunk.is_empty() {
-            let mut o = BytesMut::with_capacity(chunk.len() + 20);
-            o.put_slice(format!("{:x}\r\n", chunk.len()).as_bytes());
-            o.put_slice(&chunk);
-            o.put_slice(b"\r\n");
-            o.freeze()
+            chunk_frame(&chunk)
         } else {
             chunk
         };
