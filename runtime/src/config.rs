@@ -342,6 +342,13 @@ pub struct RuntimeConfig {
     /// at the cost of a CPU spinning while traffic flows. io_uring only. See [`crate::busy`].
     #[serde(with = "duration")]
     pub busy_poll: Duration,
+    /// PM QoS CPU latency limit (`0us`, `10us`): held through `/dev/cpu_dma_latency` for the
+    /// life of the process, so no CPU of the host enters an idle state slower to leave than
+    /// this (0: idle CPUs poll instead of halting). Host-wide: it keeps every core out of
+    /// deep idle, costing power on all of them. Absent = no request. Needs root; when it
+    /// cannot be held a warning names the file and the error. See [`crate::pmqos`].
+    #[serde(with = "opt_duration")]
+    pub cpu_latency_limit: Option<Duration>,
     /// Bytes: `SO_RCVBUF` on listeners (inherited by accepted sockets) and on connected
     /// sockets; absent = kernel autotuning (`net.ipv4.tcp_rmem`). The kernel doubles the
     /// value for its bookkeeping; setting it turns receive autotuning off for the socket.
@@ -366,6 +373,7 @@ impl Default for RuntimeConfig {
             tcp_keepalive: Some(Duration::from_secs(180)),
             reuseport_cpu_steering: false,
             busy_poll: Duration::ZERO,
+            cpu_latency_limit: None,
             socket_recv_buffer: None,
             socket_send_buffer: None,
             forward: ForwardConfig::default(),
@@ -375,6 +383,9 @@ impl Default for RuntimeConfig {
 
 /// Largest `busy_poll` budget accepted.
 pub const MAX_BUSY_POLL: Duration = Duration::from_millis(10);
+/// Largest `cpu_latency_limit` accepted: idle states take at most milliseconds to leave, so
+/// a larger limit allows every one of them (no effect).
+pub const MAX_CPU_LATENCY_LIMIT: Duration = Duration::from_secs(1);
 /// Range of `socket_recv_buffer` / `socket_send_buffer` (bytes).
 pub const MIN_SOCKET_BUFFER: usize = 4096;
 pub const MAX_SOCKET_BUFFER: usize = 1 << 30;
@@ -441,6 +452,17 @@ impl RuntimeConfig {
                     duration::format(MAX_BUSY_POLL)
                 ),
             ));
+        }
+        if let Some(l) = self.cpu_latency_limit {
+            if l > MAX_CPU_LATENCY_LIMIT {
+                return Err(Invalid::new(
+                    f("cpu_latency_limit"),
+                    format!(
+                        "at most {} (µs granularity; 0 keeps idle CPUs polling; omit it for no PM QoS request)",
+                        duration::format(MAX_CPU_LATENCY_LIMIT)
+                    ),
+                ));
+            }
         }
         for (name, v) in [
             ("socket_recv_buffer", self.socket_recv_buffer),
@@ -692,6 +714,57 @@ mod tests {
         let e = from_yaml_str::<RuntimeConfig>(Path::new("p.yaml"), "socket_recv_buffer: -1\n")
             .unwrap_err();
         assert_eq!(e.line, Some(1), "{e}");
+    }
+
+    #[test]
+    fn cpu_latency_limit_parses_validates_round_trips_and_is_off_by_default() {
+        assert_eq!(RuntimeConfig::default().cpu_latency_limit, None);
+        let cfg: RuntimeConfig =
+            from_yaml_str(Path::new("rt.yaml"), "cpu_latency_limit: 0us\n").unwrap();
+        assert_eq!(cfg.cpu_latency_limit, Some(Duration::ZERO));
+        cfg.validate("runtime").unwrap();
+        let json = serde_json::to_string(&cfg).unwrap();
+        assert!(json.contains("\"cpu_latency_limit\":\"0s\""), "{json}");
+        let back: RuntimeConfig = from_yaml_str(Path::new("j.yaml"), &json).unwrap();
+        assert_eq!(back, cfg);
+        // Unset serializes as null and reads back unset.
+        let json = serde_json::to_string(&RuntimeConfig::default()).unwrap();
+        assert!(json.contains("\"cpu_latency_limit\":null"), "{json}");
+        let back: RuntimeConfig = from_yaml_str(Path::new("j.yaml"), &json).unwrap();
+        assert_eq!(back.cpu_latency_limit, None);
+        let cfg: RuntimeConfig =
+            from_yaml_str(Path::new("rt.yaml"), "cpu_latency_limit: 20us\n").unwrap();
+        assert_eq!(cfg.cpu_latency_limit, Some(Duration::from_micros(20)));
+    }
+
+    #[test]
+    fn bad_cpu_latency_limit_names_file_line_field() {
+        // Out of range: a validation error naming the field and its line.
+        let text = "pin: true\ncpu_latency_limit: 5s\n";
+        let cfg: RuntimeConfig = from_yaml_str(Path::new("p.yaml"), text).unwrap();
+        let e = cfg
+            .validate("")
+            .unwrap_err()
+            .in_file(Path::new("p.yaml"), Some(text));
+        assert_eq!(e.field.as_deref(), Some("cpu_latency_limit"), "{e}");
+        assert!(
+            e.to_string()
+                .starts_with("p.yaml:2: field `cpu_latency_limit`: at most 1s"),
+            "{e}"
+        );
+        // Not a duration: a parse error naming the field.
+        let e = from_yaml_str::<RuntimeConfig>(Path::new("p.yaml"), "cpu_latency_limit: low\n")
+            .unwrap_err();
+        assert_eq!(e.line, Some(1), "{e}");
+        assert_eq!(e.field.as_deref(), Some("cpu_latency_limit"), "{e}");
+        assert!(e.message.contains("low"), "{e}");
+        let e = from_yaml_str::<RuntimeConfig>(Path::new("p.yaml"), "cpu_latency_limit: -5\n")
+            .unwrap_err();
+        assert_eq!(e.field.as_deref(), Some("cpu_latency_limit"), "{e}");
+        // A misspelt key is still an unknown field.
+        let e =
+            from_yaml_str::<RuntimeConfig>(Path::new("p.yaml"), "cpu_latency: 0us\n").unwrap_err();
+        assert!(e.message.contains("unknown field `cpu_latency`"), "{e}");
     }
 
     #[test]

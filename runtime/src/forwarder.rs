@@ -345,6 +345,7 @@ fn spawn_admin(
                 "/stats" | "/stats/prometheus" | "/metrics" => {
                     let mut b = stats::render_prometheus("l4fwd", &workers);
                     b.push_str(&format!("# TYPE l4fwd_snapshot_version gauge\nl4fwd_snapshot_version {}\n", routes.version()));
+                    b.push_str(&crate::pmqos::render_prometheus("l4fwd"));
                     ("200 OK", b)
                 }
                 "/healthz" | "/healthz/ready" => ("200 OK", "ok\n".to_string()),

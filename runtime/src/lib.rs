@@ -10,6 +10,8 @@
 //! - [`snapshot`]: lock-free publishing of immutable routing snapshots.
 //! - [`shutdown`]: SIGTERM/SIGINT drain.
 //! - [`busy`]: busy polling before a worker parks (`runtime.busy_poll`).
+//! - [`pmqos`]: the host-wide PM QoS CPU latency request (`runtime.cpu_latency_limit`), held
+//!   from the first [`spawn_workers`] until the process exits.
 //! - [`admin`]: the blocking control-side HTTP endpoint (readiness, stats) services share.
 //! - [`forwarder`]: the first service, a sharded L4 forwarder (binary `l4fwd`).
 //!
@@ -25,6 +27,7 @@ pub mod event;
 pub mod forward;
 pub mod forwarder;
 pub mod listener;
+pub mod pmqos;
 pub mod shutdown;
 pub mod snapshot;
 pub mod stats;

@@ -316,6 +316,11 @@ where
     F: FnOnce(WorkerCtx) -> Fut + Send + 'static,
     Fut: Future<Output = ()> + 'static,
 {
+    if let Some(limit) = cfg.cpu_latency_limit {
+        // Once per process: held until it exits (a later call only lowers it). Not holding
+        // it is a warning, not an error: the service works, idle CPUs just halt as usual.
+        crate::pmqos::hold_for_process(limit);
+    }
     let decision = driver::decide(cfg.io_driver, cfg.ring_entries)?;
     let cores = cfg.worker_cores();
     tracing::info!(driver = %decision.kind, reason = %decision.reason, workers = cores.len(), ?cores, "starting workers");

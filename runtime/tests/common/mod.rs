@@ -619,7 +619,13 @@ pub fn wait_exit(child: &mut Child, bound: Duration) -> Option<ExitStatus> {
 impl Proc {
     /// Start l4fwd and wait for its READY line.
     pub fn start(config: &Path, driver: DriverChoice, mode: Option<ForwardMode>) -> Proc {
-        let mut child = l4fwd_command(config, Some(driver), mode)
+        Self::start_command(l4fwd_command(config, Some(driver), mode), driver)
+    }
+
+    /// Start `cmd` (l4fwd, possibly behind a wrapper such as `setpriv`) and wait for its
+    /// READY line; `driver` is the one it was asked for.
+    pub fn start_command(mut cmd: Command, driver: DriverChoice) -> Proc {
+        let mut child = cmd
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
