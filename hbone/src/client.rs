@@ -130,6 +130,7 @@ impl Client {
             Ok(s) => s,
             Err(e) => return Err(HboneError::from_tls_io(e, counters)),
         };
+        crate::tls::note_handshake(addr, tls_stream.get_ref().1, counters);
         if tls_stream.get_ref().1.alpn_protocol() != Some(b"h2") {
             return Err(HboneError::Protocol(
                 "server did not negotiate ALPN h2".into(),

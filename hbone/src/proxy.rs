@@ -397,7 +397,7 @@ async fn outbound_conn(
         pool.open(&key, &cert, &req).await
     } else {
         // Cold path: a fresh connection per stream (handshake benchmark).
-        match crate::tls::client_config(&cert, &key.dst) {
+        match crate::tls::client_config_to(&cert, &key.dst, o.hbone) {
             Ok(tls) => crate::client::Client::connect_and_open(
                 o.hbone,
                 tls,

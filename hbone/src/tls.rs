@@ -31,6 +31,8 @@ pub struct TlsCounters {
     pub expired: AtomicU64,
     pub no_client_cert: AtomicU64,
     pub other: AtomicU64,
+    /// Client handshakes the server answered with a HelloRetryRequest (not a refusal).
+    pub hello_retries: AtomicU64,
 }
 
 impl TlsCounters {
@@ -72,32 +74,98 @@ impl TlsCounters {
     }
 }
 
-/// The crypto provider: ring, TLS 1.3 AES-128-GCM and AES-256-GCM only. Built once.
-///
-/// Key exchange prefers P-256 (our client's key share): ring's P-256 key generation uses a
-/// precomputed base-point table and costs a fraction of an X25519 one, and the ECDH itself
-/// is about the same, so a handshake is ~25 µs cheaper per side. X25519 and P-384 stay
-/// supported; a server picks in the client's order, so an X25519-first peer (Istio's
-/// ztunnel, Envoy) still gets X25519 without a HelloRetryRequest.
+/// The key-exchange group a client sends its (single) key share for; the other groups are
+/// still offered in `supported_groups`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyShare {
+    /// P-256 first: ring's P-256 key generation uses a precomputed base-point table and
+    /// costs a fraction of an X25519 one (the ECDH itself is about the same), so a
+    /// handshake is ~25 µs cheaper per side. Our servers (and Istio's ztunnel: rustls picks
+    /// the client's first supported group) take it as is.
+    P256,
+    /// X25519 first: what a server that picks by its own preference with X25519 first —
+    /// Envoy (BoringSSL with `SSL_OP_CIPHER_SERVER_PREFERENCE`, set unless
+    /// `prefer_client_ciphers`, and curves `X25519:P-256`) — would otherwise ask for in a
+    /// HelloRetryRequest, a round trip more per handshake.
+    X25519,
+}
+
+impl KeyShare {
+    fn of(group: rustls::NamedGroup) -> Option<KeyShare> {
+        match group {
+            rustls::NamedGroup::secp256r1 => Some(KeyShare::P256),
+            rustls::NamedGroup::X25519 => Some(KeyShare::X25519),
+            _ => None,
+        }
+    }
+}
+
+/// The crypto provider: ring, TLS 1.3 AES-128-GCM and AES-256-GCM only, key share P-256
+/// first (see [`KeyShare`]); X25519 and P-384 stay supported. Built once.
 pub fn provider() -> Arc<CryptoProvider> {
-    static PROVIDER: OnceLock<Arc<CryptoProvider>> = OnceLock::new();
-    PROVIDER
+    provider_for(KeyShare::P256)
+}
+
+/// The provider whose client sends its key share for `first`.
+pub fn provider_for(first: KeyShare) -> Arc<CryptoProvider> {
+    static PROVIDERS: [OnceLock<Arc<CryptoProvider>>; 2] = [OnceLock::new(), OnceLock::new()];
+    PROVIDERS[first as usize]
         .get_or_init(|| {
             use rustls::crypto::ring as r;
+            let (a, b) = match first {
+                KeyShare::P256 => (r::kx_group::SECP256R1, r::kx_group::X25519),
+                KeyShare::X25519 => (r::kx_group::X25519, r::kx_group::SECP256R1),
+            };
             Arc::new(CryptoProvider {
                 cipher_suites: vec![
                     r::cipher_suite::TLS13_AES_128_GCM_SHA256,
                     r::cipher_suite::TLS13_AES_256_GCM_SHA384,
                 ],
-                kx_groups: vec![
-                    r::kx_group::SECP256R1,
-                    r::kx_group::X25519,
-                    r::kx_group::SECP384R1,
-                ],
+                kx_groups: vec![a, b, r::kx_group::SECP384R1],
                 ..r::default_provider()
             })
         })
         .clone()
+}
+
+/// Destinations (per worker thread) that answered our P-256 key share with a
+/// HelloRetryRequest, and the group they asked for: later handshakes to them send that
+/// group's share first. A peer not known to want another group gets P-256 (ours and Istio's
+/// ztunnel take it); an Envoy peer costs one HelloRetryRequest per worker and address (until
+/// evicted from the [`HRR_MEMO`] most recent), not one per connection.
+const HRR_MEMO: usize = 256;
+
+/// The key share to send first to `dst`.
+pub fn key_share_for(dst: std::net::SocketAddr) -> KeyShare {
+    WANTS
+        .with_borrow(|m| m.find(|(a, _)| *a == dst).map(|(_, k)| *k))
+        .unwrap_or(KeyShare::P256)
+}
+
+/// Note how a handshake with `dst` went: after a HelloRetryRequest, remember the group the
+/// server asked for (and count it). Returns whether there was a HelloRetryRequest.
+pub fn note_handshake(
+    dst: std::net::SocketAddr,
+    conn: &rustls::ClientConnection,
+    counters: &TlsCounters,
+) -> bool {
+    if conn.handshake_kind() != Some(rustls::HandshakeKind::FullWithHelloRetryRequest) {
+        return false;
+    }
+    counters.hello_retries.fetch_add(1, Relaxed);
+    let wanted = conn
+        .negotiated_key_exchange_group()
+        .and_then(|g| KeyShare::of(g.name()));
+    if let Some(k) = wanted {
+        WANTS.with_borrow_mut(|m| {
+            if let Some(e) = m.items.iter_mut().find(|(a, _)| *a == dst) {
+                e.1 = k;
+            } else {
+                m.push((dst, k));
+            }
+        });
+    }
+    true
 }
 
 /// What a leaf certificate says about itself.
@@ -113,12 +181,12 @@ pub struct LeafInfo {
 /// otherwise, and peers present the same certificate connection after connection.
 const MEMO: usize = 32;
 
-struct Memo<T> {
+struct Memo<T, const N: usize = MEMO> {
     items: Vec<T>,
     next: usize,
 }
 
-impl<T> Memo<T> {
+impl<T, const N: usize> Memo<T, N> {
     const fn new() -> Self {
         Memo {
             items: Vec::new(),
@@ -129,11 +197,11 @@ impl<T> Memo<T> {
         self.items.iter().find(|t| f(t))
     }
     fn push(&mut self, t: T) {
-        if self.items.len() < MEMO {
+        if self.items.len() < N {
             self.items.push(t);
         } else {
             self.items[self.next] = t;
-            self.next = (self.next + 1) % MEMO;
+            self.next = (self.next + 1) % N;
         }
     }
 }
@@ -156,6 +224,8 @@ thread_local! {
     static LEAF_INFO: RefCell<Memo<(Vec<u8>, LeafInfo)>> = const { RefCell::new(Memo::new()) };
     static VERIFIED: RefCell<Memo<VerifiedChain>> = const { RefCell::new(Memo::new()) };
     static CLIENT_CONFIGS: RefCell<Memo<CachedClientConfig>> = const { RefCell::new(Memo::new()) };
+    static WANTS: RefCell<Memo<(std::net::SocketAddr, KeyShare), HRR_MEMO>> =
+        const { RefCell::new(Memo::new()) };
 }
 
 /// `c` is the verdict on this chain against these anchors.
@@ -278,6 +348,34 @@ fn roots_store(roots: &[CertificateDer<'static>]) -> Result<RootCertStore, rustl
     Ok(store)
 }
 
+/// The handshake-signature checks (CertificateVerify) of both verifiers, against ring's
+/// algorithms in `self.algs` — what WebPKI's own verifiers built with [`provider`] do.
+macro_rules! signature_checks {
+    () => {
+        fn verify_tls12_signature(
+            &self,
+            m: &[u8],
+            c: &CertificateDer<'_>,
+            d: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            verify_tls12_signature(m, c, d, &self.algs)
+        }
+
+        fn verify_tls13_signature(
+            &self,
+            m: &[u8],
+            c: &CertificateDer<'_>,
+            d: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            verify_tls13_signature(m, c, d, &self.algs)
+        }
+
+        fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+            self.algs.supported_schemes()
+        }
+    };
+}
+
 /// Client-side verifier: chain to our roots, then the leaf must carry an expected identity.
 #[derive(Debug)]
 struct SpiffeServerVerifier {
@@ -334,27 +432,7 @@ impl ServerCertVerifier for SpiffeServerVerifier {
         }
     }
 
-    fn verify_tls12_signature(
-        &self,
-        m: &[u8],
-        c: &CertificateDer<'_>,
-        d: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls12_signature(m, c, d, &self.algs)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        m: &[u8],
-        c: &CertificateDer<'_>,
-        d: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls13_signature(m, c, d, &self.algs)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.algs.supported_schemes()
-    }
+    signature_checks!();
 }
 
 /// A client config built before on this thread, for the same certificate chain, key, roots
@@ -366,6 +444,7 @@ struct CachedClientConfig {
     key: crate::ca::SecretKey,
     roots: Vec<CertificateDer<'static>>,
     expected: Vec<Identity>,
+    share: KeyShare,
     config: Arc<rustls::ClientConfig>,
 }
 
@@ -378,9 +457,29 @@ pub fn client_config(
     me: &WorkloadCert,
     expected: &[Identity],
 ) -> Result<Arc<rustls::ClientConfig>, rustls::Error> {
+    client_config_with(me, expected, KeyShare::P256)
+}
+
+/// [`client_config`] for a connection to `dst`: its first key share is the one `dst` asked
+/// for in an earlier HelloRetryRequest, if any ([`key_share_for`]).
+pub fn client_config_to(
+    me: &WorkloadCert,
+    expected: &[Identity],
+    dst: std::net::SocketAddr,
+) -> Result<Arc<rustls::ClientConfig>, rustls::Error> {
+    client_config_with(me, expected, key_share_for(dst))
+}
+
+/// [`client_config`] sending its key share for `share` first.
+pub fn client_config_with(
+    me: &WorkloadCert,
+    expected: &[Identity],
+    share: KeyShare,
+) -> Result<Arc<rustls::ClientConfig>, rustls::Error> {
     let hit = CLIENT_CONFIGS.with_borrow(|m| {
         m.find(|c| {
-            c.expected == expected
+            c.share == share
+                && c.expected == expected
                 && c.chain == me.chain
                 && c.key.same_as(&me.key)
                 && c.roots == me.roots
@@ -390,13 +489,14 @@ pub fn client_config(
     if let Some(config) = hit {
         return Ok(config);
     }
-    let config = build_client_config(me, expected)?;
+    let config = build_client_config(me, expected, share)?;
     CLIENT_CONFIGS.with_borrow_mut(|m| {
         m.push(CachedClientConfig {
             chain: me.chain.clone(),
             key: me.key.clone(),
             roots: me.roots.clone(),
             expected: expected.to_vec(),
+            share,
             config: config.clone(),
         })
     });
@@ -406,8 +506,9 @@ pub fn client_config(
 fn build_client_config(
     me: &WorkloadCert,
     expected: &[Identity],
+    share: KeyShare,
 ) -> Result<Arc<rustls::ClientConfig>, rustls::Error> {
-    let provider = provider();
+    let provider = provider_for(share);
     let verifier = SpiffeServerVerifier::new(&me.roots, expected)?;
     let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
@@ -443,6 +544,7 @@ pub fn server_config(me: &WorkloadCert) -> Result<Arc<rustls::ServerConfig>, rus
 struct CachingClientVerifier {
     inner: Arc<dyn ClientCertVerifier>,
     anchors: Arc<[u8]>,
+    algs: WebPkiSupportedAlgorithms,
 }
 
 impl CachingClientVerifier {
@@ -454,6 +556,7 @@ impl CachingClientVerifier {
         Ok(CachingClientVerifier {
             inner,
             anchors: anchors_key(b'c', roots),
+            algs: provider().signature_verification_algorithms,
         })
     }
 }
@@ -487,27 +590,7 @@ impl ClientCertVerifier for CachingClientVerifier {
         Ok(ok)
     }
 
-    fn verify_tls12_signature(
-        &self,
-        m: &[u8],
-        c: &CertificateDer<'_>,
-        d: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls12_signature(m, c, d)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        m: &[u8],
-        c: &CertificateDer<'_>,
-        d: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls13_signature(m, c, d)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.inner.supported_verify_schemes()
-    }
+    signature_checks!();
 }
 
 /// An unverified-name client for tests of the verifier itself (plain webpki, DNS names).
