@@ -9,8 +9,6 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use common::*;
-use hbone::H2Settings;
-use runtime::driver::DriverKind;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 fn fd_count() -> usize {
@@ -20,12 +18,7 @@ fn fd_count() -> usize {
 #[test]
 fn bad_input_gets_the_right_answer_and_the_server_keeps_serving() {
     let ca = ca();
-    let srv = server(
-        &cert(&ca, "server"),
-        H2Settings::default(),
-        Handler::Echo,
-        DriverKind::Uring,
-    );
+    let srv = echo_server(&cert(&ca, "server"));
     let tls = hbone::tls::client_config(&cert(&ca, "client"), &[id("server")]).unwrap();
     // Round one warms up process-wide resources (tokio's and TLS's lazy globals); round two
     // must leave the descriptor count where round one left it.

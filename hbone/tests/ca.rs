@@ -29,12 +29,7 @@ fn tmp(name: &str) -> std::path::PathBuf {
 
 /// Echo one message from `client` to a server with `server_cert`; both must verify.
 fn handshake_works(client: &hbone::ca::WorkloadCert, server_cert: &hbone::ca::WorkloadCert) {
-    let srv = server(
-        server_cert,
-        H2Settings::default(),
-        Handler::Echo,
-        DriverKind::Uring,
-    );
+    let srv = echo_server(server_cert);
     let k = PoolKey {
         src: client.identity.clone(),
         dst: vec![server_cert.identity.clone()],

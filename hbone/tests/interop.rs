@@ -18,12 +18,7 @@ use runtime::driver::DriverKind;
 #[test]
 fn stock_client_through_our_server() {
     let ca = ca();
-    let srv = server(
-        &cert(&ca, "server"),
-        H2Settings::default(),
-        Handler::Echo,
-        DriverKind::Uring,
-    );
+    let srv = echo_server(&cert(&ca, "server"));
     let tls = hbone::tls::client_config(&cert(&ca, "client"), &[id("server")]).unwrap();
     tokio_rt().block_on(async {
         let local = tokio::task::LocalSet::new();

@@ -55,12 +55,7 @@ fn relay(to: SocketAddr, freeze: Arc<AtomicBool>) -> SocketAddr {
 #[test]
 fn unanswered_ping_closes_the_connection() {
     let ca = ca();
-    let srv = server(
-        &cert(&ca, "server"),
-        H2Settings::default(),
-        Handler::Echo,
-        DriverKind::Uring,
-    );
+    let srv = echo_server(&cert(&ca, "server"));
     let freeze = Arc::new(AtomicBool::new(false));
     let addr = relay(srv.addr, freeze.clone());
     let settings = H2Settings {

@@ -6,11 +6,11 @@ mod common;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use bytes::Bytes;
 use common::*;
-use hbone::ca::{CertSource, WorkloadCert};
+use hbone::ca::WorkloadCert;
 use hbone::pool::{Pool, PoolKey};
 use hbone::stream::H2Stream;
 use hbone::tls::TlsCounters;
@@ -130,12 +130,7 @@ fn eventually(what: &str, f: impl Fn() -> bool) {
 #[test]
 fn wrong_server_identity_is_refused_and_counted() {
     let ca = ca();
-    let srv = server(
-        &cert(&ca, "impostor"),
-        H2Settings::default(),
-        Handler::Echo,
-        DriverKind::Uring,
-    );
+    let srv = echo_server(&cert(&ca, "impostor"));
     let (r, counters) = try_open(&cert(&ca, "client"), "server", &srv);
     let e = r.expect_err("must refuse a server proving another identity");
     assert!(
@@ -148,87 +143,50 @@ fn wrong_server_identity_is_refused_and_counted() {
     ok.expect("expected identity accepted");
 }
 
-#[test]
-fn untrusted_root_is_refused_both_ways() {
-    let (ca, other) = (ca(), ca());
-    // Client from another CA: the server refuses it.
-    let srv = server(
-        &cert(&ca, "server"),
-        H2Settings::default(),
-        Handler::Echo,
-        DriverKind::Uring,
-    );
-    let foreign = other.issue(&id("client"), SystemTime::now()).unwrap();
-    // Make the foreign client trust our server's root so only the server's check fails.
-    let foreign = WorkloadCert {
-        roots: cert(&ca, "x").roots,
-        ..foreign
-    };
-    let (r, _) = try_open(&foreign, "server", &srv);
+/// A server with a good certificate refuses `bad_client` and counts it under `reason`; a
+/// client with a good certificate refuses `bad_server` and counts it under `reason` too.
+fn refused_both_ways(
+    ca: &hbone::ca::SigningCa,
+    bad_client: &WorkloadCert,
+    bad_server: &WorkloadCert,
+    reason: fn(&TlsCounters) -> &std::sync::atomic::AtomicU64,
+) {
+    let srv = echo_server(&cert(ca, "server"));
+    let (r, _) = try_open(bad_client, "server", &srv);
     assert!(r.is_err());
-    eventually("server counts the untrusted client", || {
-        srv.counters.tls.untrusted.load(Relaxed) == 1
+    eventually("the server counts the refused client", || {
+        reason(&srv.counters.tls).load(Relaxed) == 1
     });
-    // Server from another CA: the client refuses it.
-    let srv2 = server(
-        &other.issue(&id("server"), SystemTime::now()).unwrap(),
-        H2Settings::default(),
-        Handler::Echo,
-        DriverKind::Uring,
-    );
-    let (r, counters) = try_open(&cert(&ca, "client"), "server", &srv2);
+    let srv2 = echo_server(bad_server);
+    let (r, counters) = try_open(&cert(ca, "client"), "server", &srv2);
     assert!(r.is_err());
-    assert_eq!(counters.untrusted.load(Relaxed), 1);
+    assert_eq!(reason(&counters).load(Relaxed), 1);
 }
 
 #[test]
-fn expired_client_certificate_is_refused() {
+fn untrusted_root_is_refused_both_ways() {
+    let (ca, other) = (ca(), ca());
+    // A client from another CA, trusting our server's root so only the server's check fails;
+    // a server from another CA.
+    let foreign = WorkloadCert {
+        roots: cert(&ca, "x").roots,
+        ..cert(&other, "client")
+    };
+    refused_both_ways(&ca, &foreign, &cert(&other, "server"), |c| &c.untrusted);
+}
+
+#[test]
+fn expired_certificate_is_refused_both_ways() {
     let ca = ca();
-    let srv = server(
-        &cert(&ca, "server"),
-        H2Settings::default(),
-        Handler::Echo,
-        DriverKind::Uring,
-    );
-    let old = ca
-        .mint(
-            &id("client"),
-            SystemTime::now() - Duration::from_secs(48 * 3600),
-            Duration::from_secs(24 * 3600),
-        )
-        .unwrap();
-    let (r, _) = try_open(&old, "server", &srv);
-    assert!(r.is_err());
-    eventually("server counts the expired client", || {
-        srv.counters.tls.expired.load(Relaxed) == 1
-    });
-    // And an expired server certificate is refused by the client.
-    let srv2 = server(
-        &ca.mint(
-            &id("server"),
-            SystemTime::now() - Duration::from_secs(48 * 3600),
-            Duration::from_secs(24 * 3600),
-        )
-        .unwrap(),
-        H2Settings::default(),
-        Handler::Echo,
-        DriverKind::Uring,
-    );
-    let (r, counters) = try_open(&cert(&ca, "client"), "server", &srv2);
-    assert!(r.is_err());
-    assert_eq!(counters.expired.load(Relaxed), 1);
+    let (client, server) = (expired_cert(&ca, "client"), expired_cert(&ca, "server"));
+    refused_both_ways(&ca, &client, &server, |c| &c.expired);
 }
 
 #[test]
 fn missing_client_certificate_is_refused() {
     use std::io::{Read, Write};
     let ca = ca();
-    let srv = server(
-        &cert(&ca, "server"),
-        H2Settings::default(),
-        Handler::Echo,
-        DriverKind::Uring,
-    );
+    let srv = echo_server(&cert(&ca, "server"));
     // A client with no certificate (and a verifier that accepts anything).
     #[derive(Debug)]
     struct Any;
@@ -294,12 +252,7 @@ fn missing_client_certificate_is_refused() {
 fn five_hundred_streams_use_five_connections_and_goaway_drains() {
     let ca = ca();
     let (client_cert, server_cert) = (cert(&ca, "client"), cert(&ca, "server"));
-    let srv = server(
-        &server_cert,
-        H2Settings::default(),
-        Handler::Echo,
-        DriverKind::Uring,
-    );
+    let srv = echo_server(&server_cert);
     let k = key("client", "server", srv.addr);
     let srv2 = &srv;
     block_on(DriverKind::Uring, async move {
@@ -351,12 +304,7 @@ fn five_hundred_streams_use_five_connections_and_goaway_drains() {
 fn rotation_keeps_running_stream_and_new_streams_use_new_cert() {
     let ca = ca();
     let server_cert = cert(&ca, "server");
-    let srv = server(
-        &server_cert,
-        H2Settings::default(),
-        Handler::Echo,
-        DriverKind::Uring,
-    );
+    let srv = echo_server(&server_cert);
     let k = key("client", "server", srv.addr);
     let old = cert(&ca, "client");
     let new = cert(&ca, "client");
@@ -389,12 +337,7 @@ fn rotation_keeps_running_stream_and_new_streams_use_new_cert() {
 fn forward_handler_bridges_to_tcp_and_503_when_upstream_is_down() {
     use std::io::{Read, Write};
     let ca = ca();
-    let srv = server(
-        &cert(&ca, "server"),
-        H2Settings::default(),
-        Handler::Forward,
-        DriverKind::Uring,
-    );
+    let srv = forward_server(&cert(&ca, "server"));
     // A TCP backend that answers with what it got, reversed, after the client half-closes.
     let backend = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let baddr = backend.local_addr().unwrap();
@@ -442,58 +385,75 @@ fn forward_handler_bridges_to_tcp_and_503_when_upstream_is_down() {
     bt.join().unwrap();
 }
 
-/// A server that does not take our preferred key share (X25519 only) answers with a
-/// HelloRetryRequest: the client's second ClientHello must not be held back with the
-/// writes it gathers for one packet after the server's first answer.
+/// The first key share against servers that choose the group differently. Envoy (BoringSSL,
+/// which sets `SSL_OP_CIPHER_SERVER_PREFERENCE` unless `prefer_client_ciphers`, curves
+/// `X25519:P-256`) picks X25519 whatever the client's order, so our P-256 share draws a
+/// HelloRetryRequest. A rustls 0.23 server picks the client's first supported group, so one
+/// with groups [X25519, P-256] would take P-256; a server with X25519 alone makes Envoy's
+/// choice. Istio's ztunnel (rustls, ring's default groups) and ours take P-256.
+///
+/// Each HelloRetryRequest is answered (the second ClientHello is not held back with the
+/// writes gathered for one packet after the server's first answer), on the pool's path
+/// (a first request rides with the handshake) and on a plain connect; after one, the worker
+/// sends that destination the group it asked for, so the next handshake has none.
 #[test]
-fn hello_retry_request_is_answered_and_the_stream_works() {
+fn hello_retry_request_is_answered_and_taught_once_per_destination() {
+    use hbone::tls::{key_share_for, KeyShare};
+    use rustls::crypto::ring::kx_group::{SECP256R1, SECP384R1, X25519};
     let ca = ca();
     let (client_cert, server_cert) = (cert(&ca, "client"), cert(&ca, "server"));
-    let mut provider = (*hbone::tls::provider()).clone();
-    provider.kx_groups = vec![rustls::crypto::ring::kx_group::X25519];
-    let provider = Arc::new(provider);
-    let mut roots = rustls::RootCertStore::empty();
-    for r in &server_cert.roots {
-        roots.add(r.clone()).unwrap();
-    }
-    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
-        Arc::new(roots),
-        provider.clone(),
-    )
-    .build()
-    .unwrap();
-    let mut tls = rustls::ServerConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .unwrap()
-        .with_client_cert_verifier(verifier)
-        .with_single_cert(server_cert.chain.clone(), server_cert.key.to_rustls())
-        .unwrap();
-    tls.alpn_protocols = vec![b"h2".to_vec()];
-    let srv = server_with_tls(
-        Arc::new(tls),
-        H2Settings::default(),
-        Handler::Echo,
-        DriverKind::Uring,
-    );
-    let k = key("client", "server", srv.addr);
+    let with = |groups| {
+        let tls = server_tls_with_groups(&server_cert, groups);
+        server_with_tls(tls, H2Settings::default(), Handler::Echo, DriverKind::Uring)
+    };
+    let (envoy1, envoy2) = (with(vec![X25519]), with(vec![X25519]));
+    let ztunnel = with(vec![X25519, SECP256R1, SECP384R1]);
+    let ours = echo_server(&server_cert);
+    let addrs = [envoy1.addr, envoy2.addr, ztunnel.addr, ours.addr];
     block_on(DriverKind::Uring, async move {
-        let pool = Pool::new(H2Settings::default(), Arc::new(TlsCounters::default()));
+        let counters = Arc::new(TlsCounters::default());
+        let retries = || counters.hello_retries.load(Relaxed);
+        let pool = Pool::new(H2Settings::default(), counters.clone());
+        let settings = H2Settings::default();
+        let connect = |addr| {
+            let tls = hbone::tls::client_config_to(&client_cert, &[id("server")], addr).unwrap();
+            hbone::client::Client::connect(addr, tls, &settings, &counters)
+        };
+        for a in addrs {
+            assert_eq!(key_share_for(a), KeyShare::P256, "nothing learnt yet");
+        }
+        // The pool's path: a HelloRetryRequest, answered.
+        let k = key("client", "server", envoy1.addr);
         let s = pool.open(&k, &client_cert, &req()).await.expect("open");
         let (sent, got) = echo_through(s, 100_000, 7).await;
         assert_eq!(sent, got);
-        // And a plain connect (no first request) on the same kind of server.
-        let tls = hbone::tls::client_config(&client_cert, &[id("server")]).unwrap();
-        let c = hbone::client::Client::connect(
-            srv.addr,
-            tls,
-            &H2Settings::default(),
-            &TlsCounters::default(),
-        )
-        .await
-        .expect("connect");
-        let s = c.open(&req()).await.expect("open on a connected client");
-        let (sent, got) = echo_through(s, 1000, 8).await;
+        assert_eq!(retries(), 1);
+        // A plain connect (no first request) to another such server: answered too.
+        let c = connect(envoy2.addr).await.expect("connect");
+        let (sent, got) = echo_through(c.open(&req()).await.expect("open"), 1000, 8).await;
         assert_eq!(sent, got);
+        assert_eq!(retries(), 2);
+        // Learnt: a new connection to the first sends X25519 first, and has no retry.
+        assert_eq!(key_share_for(envoy1.addr), KeyShare::X25519);
+        let c = connect(envoy1.addr).await.expect("connect");
+        let (sent, got) = echo_through(c.open(&req()).await.expect("open"), 1000, 9).await;
+        assert_eq!(sent, got);
+        assert_eq!(
+            retries(),
+            2,
+            "the second handshake to a destination must not retry"
+        );
+        // Servers that take the client's first group keep getting P-256, with no retry.
+        for addr in [ztunnel.addr, ours.addr] {
+            let s = pool
+                .open(&key("client", "server", addr), &client_cert, &req())
+                .await
+                .expect("open");
+            let (sent, got) = echo_through(s, 1000, 10).await;
+            assert_eq!(sent, got);
+            assert_eq!(key_share_for(addr), KeyShare::P256);
+        }
+        assert_eq!(retries(), 2);
     });
 }
 
@@ -505,12 +465,7 @@ fn hello_retry_request_is_answered_and_the_stream_works() {
 fn cancelled_opener_resets_its_first_stream_and_upstream_closes() {
     use std::io::Read;
     let ca = ca();
-    let srv = server(
-        &cert(&ca, "server"),
-        H2Settings::default(),
-        Handler::Forward,
-        DriverKind::Uring,
-    );
+    let srv = forward_server(&cert(&ca, "server"));
     let backend = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let baddr = backend.local_addr().unwrap();
     // The backend reports what became of the server's connection to it: EOF (or a reset)
@@ -615,18 +570,8 @@ fn sockets_to(peer: SocketAddr) -> Vec<(usize, usize, bool, bool, Duration)> {
 fn worker_socket_options_reach_hbone_client_sockets() {
     let ca = ca();
     let (client_cert, server_cert) = (cert(&ca, "client"), cert(&ca, "server"));
-    let pooled = server(
-        &server_cert,
-        H2Settings::default(),
-        Handler::Echo,
-        DriverKind::Uring,
-    );
-    let direct = server(
-        &server_cert,
-        H2Settings::default(),
-        Handler::Echo,
-        DriverKind::Uring,
-    );
+    let pooled = echo_server(&server_cert);
+    let direct = echo_server(&server_cert);
     let mut opts = hbone::client::default_socket_options();
     opts.recv_buffer = Some(49152);
     opts.send_buffer = Some(24576);

@@ -131,6 +131,61 @@ pub fn server(
     )
 }
 
+/// An echo server with default settings on io_uring.
+pub fn echo_server(cert: &WorkloadCert) -> Server {
+    server(
+        cert,
+        H2Settings::default(),
+        Handler::Echo,
+        DriverKind::Uring,
+    )
+}
+
+/// A forwarding server (CONNECT target dialled and bridged) with default settings.
+pub fn forward_server(cert: &WorkloadCert) -> Server {
+    server(
+        cert,
+        H2Settings::default(),
+        Handler::Forward,
+        DriverKind::Uring,
+    )
+}
+
+/// A certificate for `sa` that was valid for a day and expired a day ago.
+pub fn expired_cert(ca: &SigningCa, sa: &str) -> WorkloadCert {
+    let day = Duration::from_secs(24 * 3600);
+    ca.mint(&id(sa), SystemTime::now() - 2 * day, day).unwrap()
+}
+
+/// A server config like ours (TLS 1.3, client certificate required, ALPN h2) whose
+/// key-exchange groups are `groups`, to stand in for other implementations' choices.
+pub fn server_tls_with_groups(
+    cert: &WorkloadCert,
+    groups: Vec<&'static dyn rustls::crypto::SupportedKxGroup>,
+) -> Arc<rustls::ServerConfig> {
+    let mut provider = (*hbone::tls::provider()).clone();
+    provider.kx_groups = groups;
+    let provider = Arc::new(provider);
+    let mut roots = rustls::RootCertStore::empty();
+    for r in &cert.roots {
+        roots.add(r.clone()).unwrap();
+    }
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        Arc::new(roots),
+        provider.clone(),
+    )
+    .build()
+    .unwrap();
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(cert.chain.clone(), cert.key.to_rustls())
+        .unwrap();
+    tls.alpn_protocols = vec![b"h2".to_vec()];
+    Arc::new(tls)
+}
+
 /// Start an HBONE server with a given rustls config on 127.0.0.1:0.
 pub fn server_with_tls(
     tls: Arc<rustls::ServerConfig>,
