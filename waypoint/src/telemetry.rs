@@ -241,6 +241,8 @@ impl Metrics {
                 get(c).render(&mut out, name, l);
             }
         }
+        // Whether this process holds `runtime.cpu_latency_limit` (a process-wide gauge).
+        out.push_str(&runtime::pmqos::render_prometheus("waypoint"));
         out
     }
 }

@@ -286,6 +286,7 @@ pub fn start(
                 rl2.capture_installs.load(Ordering::Relaxed),
                 rl2.capture_errors.load(Ordering::Relaxed)
             ));
+            body.push_str(&runtime::pmqos::render_prometheus("ztunnel"));
             ("200 OK", "text/plain; version=0.0.4", body)
         }
         _ => admin::not_found(),
