@@ -10,7 +10,10 @@ use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
-use common::{hello, metric, roundtrip, CLIENT_ID, SERVER_ID, WAYPOINT_ID, ZTUNNEL_ID};
+use common::{
+    hello, metric, roundtrip, CLIENT_ID, DENY_CLIENT, REQUIRE_MTLS, SERVER_ID, WAYPOINT_ID,
+    ZTUNNEL_ID,
+};
 use netns::*;
 
 const PATHS: &str = "ztunnel_connection_paths_total";
@@ -73,9 +76,8 @@ fn r1_uncaptured_pod_traffic_is_not_touched(fam: Family) {
     let w = World::new(&fam.tag("r1"), "[]");
     let legacy = w.server_on(fam, "legacy");
     // An uncaptured pod (no capture rule for its veth) to an uncaptured pod on the other node.
-    let mut s = w.connect("legacy-client", legacy.addr).unwrap();
-    assert_eq!(hello(&mut s), "legacy");
-    assert_eq!(roundtrip(&mut s, b"untouched"), b"untouched");
+    let (who, s) = w.call("legacy-client", legacy.addr, b"untouched");
+    assert_eq!(who, "legacy");
     drop(s);
     // The server saw the client's own address: nothing proxied or NATed it.
     let from = legacy.peers.recv_timeout(Duration::from_secs(2)).unwrap();
@@ -87,9 +89,8 @@ fn r1_uncaptured_pod_traffic_is_not_touched(fam: Family) {
     }
     // Contrast: the captured client's connection to the same pod is captured by node A and
     // passed through as plain TCP (R1 destination), so the pod sees node A's address.
-    let mut s = w.connect("client", legacy.addr).unwrap();
-    assert_eq!(hello(&mut s), "legacy");
-    assert_eq!(roundtrip(&mut s, b"captured"), b"captured");
+    let (who, s) = w.call("client", legacy.addr, b"captured");
+    assert_eq!(who, "legacy");
     drop(s);
     let from = legacy.peers.recv_timeout(Duration::from_secs(2)).unwrap();
     assert_eq!(from.ip(), fam.node_ip(0));
@@ -376,14 +377,6 @@ fn r5_captured_to_captured_uses_hbone_across_nodes(fam: Family) {
     assert_eq!(metric(&b, PATHS, &[("route", "plaintext_allow")]), 0);
 }
 
-const DENY_CLIENT: &str = r#"
-  - name: deny-client
-    namespace: ns-b
-    scope: Namespace
-    action: Deny
-    rules: [[[{principals: ["cluster.local/ns/ns-a/sa/client"]}]]]
-"#;
-
 /// R9: a deny policy refuses the captured connection on the destination node.
 fn r9_deny_policy_refuses_captured_connection(fam: Family) {
     let w = World::new(&fam.tag("r9"), DENY_CLIENT);
@@ -431,9 +424,8 @@ fn r9_captured_plaintext_inbound_goes_to_original_destination(fam: Family) {
     let s2 = w.server_on(fam, "server2");
     // An uncaptured pod on node A calls a captured pod on node B in plaintext: node B
     // redirects it to :15006, which reads the pod address back with SO_ORIGINAL_DST.
-    let mut s = w.connect("legacy-client", s2.addr).unwrap();
-    assert_eq!(hello(&mut s), "server2");
-    assert_eq!(roundtrip(&mut s, b"plain"), b"plain");
+    let (who, s) = w.call("legacy-client", s2.addr, b"plain");
+    assert_eq!(who, "server2");
     drop(s);
     let from = s2.peers.recv_timeout(Duration::from_secs(2)).unwrap();
     assert_eq!(from.ip(), fam.gateway(1), "proxied by node B");
@@ -466,14 +458,6 @@ fn r9_captured_plaintext_inbound_goes_to_original_destination(fam: Family) {
     assert_eq!(metric(&w.stats(0), PATHS, &[]), 0, "node A did not capture");
 }
 
-const REQUIRE_MTLS: &str = r#"
-  - name: require-mtls
-    namespace: ns-b
-    scope: Namespace
-    action: Allow
-    rules: [[[{principals: ["*"]}]]]
-"#;
-
 /// R10: plaintext into a captured pod has no identity: refused by an identity policy,
 /// while the captured client over HBONE is allowed.
 fn r10_plaintext_into_captured_pod_rejected_by_identity_policy(fam: Family) {
@@ -504,9 +488,8 @@ fn r10_plaintext_into_captured_pod_rejected_by_identity_policy(fam: Family) {
     );
     assert_eq!(metric(&w.stats(0), PATHS, &[]), 0, "node A did not capture");
     // The captured client reaches the same pod over HBONE with its identity: allowed.
-    let mut s = w.connect("client", server.addr).unwrap();
-    assert_eq!(hello(&mut s), "server");
-    assert_eq!(roundtrip(&mut s, b"mtls"), b"mtls");
+    let (who, s) = w.call("client", server.addr, b"mtls");
+    assert_eq!(who, "server");
     drop(s);
     eventually_or(
         "hbone allowed on B",
@@ -521,12 +504,18 @@ fn r10_plaintext_into_captured_pod_rejected_by_identity_policy(fam: Family) {
     );
 }
 
-fn start_waypoint(w: &World) -> common::Waypoint {
-    let ca_dir = w.ca_dir.clone();
-    netns::in_ns(&w.pod_ns("waypoint"), move || {
+/// A test waypoint (HBONE server) in pod `pod`'s namespace on `addr`, as `identity`.
+fn start_waypoint_in(w: &World, pod: &str, addr: SocketAddr, identity: &str) -> common::Waypoint {
+    let (ca_dir, identity) = (w.ca_dir.clone(), identity.to_string());
+    netns::in_ns(&w.pod_ns(pod), move || {
         let ca = hbone::ca::SigningCa::builtin(&ca_dir, "cluster.local").unwrap();
-        common::waypoint_as(&ca, waypoint_addr(), WAYPOINT_ID)
+        common::waypoint_as(&ca, addr, &identity)
     })
+}
+
+/// The namespace waypoint of `ns-w`.
+fn start_waypoint(w: &World) -> common::Waypoint {
+    start_waypoint_in(w, "waypoint", waypoint_addr(), WAYPOINT_ID)
 }
 
 #[test]
@@ -535,9 +524,8 @@ fn r6_captured_call_to_waypoint_pod_goes_to_waypoint() {
     let w = World::new("r6", "[]");
     let wp = start_waypoint(&w);
     let wpod = pod_addr("wpod");
-    let mut s = w.connect("client", wpod).unwrap();
-    assert_eq!(hello(&mut s), "waypoint");
-    assert_eq!(roundtrip(&mut s, b"via waypoint"), b"via waypoint");
+    let (who, _s) = w.call("client", wpod, b"via waypoint");
+    assert_eq!(who, "waypoint");
     let seen = wp.seen.recv_timeout(Duration::from_secs(2)).unwrap();
     assert_eq!(seen.authority, wpod);
     assert_eq!(seen.peer.unwrap().to_string(), CLIENT_ID);
@@ -566,9 +554,8 @@ fn r7_captured_call_to_service_behind_waypoint_has_vip_authority() {
     let w = World::new("r7", "[]");
     let wp = start_waypoint(&w);
     let vip = SocketAddr::new(IpAddr::V4(WSVC_VIP), 80);
-    let mut s = w.connect("client", vip).unwrap();
-    assert_eq!(hello(&mut s), "waypoint");
-    assert_eq!(roundtrip(&mut s, b"svc"), b"svc");
+    let (who, _s) = w.call("client", vip, b"svc");
+    assert_eq!(who, "waypoint");
     let seen = wp.seen.recv_timeout(Duration::from_secs(2)).unwrap();
     assert_eq!(seen.authority, vip, "the VIP, not the chosen endpoint");
     eventually_or(
@@ -596,9 +583,8 @@ fn r12_plaintext_to_waypoint_pod_is_hairpinned() {
     let wpod = pod_addr("wpod");
     // An uncaptured client calls the waypoint-enabled pod directly; node B captures it and
     // hairpins it to the pod's waypoint.
-    let mut s = w.connect("legacy-client", wpod).unwrap();
-    assert_eq!(hello(&mut s), "waypoint");
-    assert_eq!(roundtrip(&mut s, b"hairpin"), b"hairpin");
+    let (who, _s) = w.call("legacy-client", wpod, b"hairpin");
+    assert_eq!(who, "waypoint");
     let seen = wp.seen.recv_timeout(Duration::from_secs(2)).unwrap();
     assert_eq!(seen.authority, wpod);
     assert_eq!(seen.peer.unwrap().to_string(), ZTUNNEL_ID);
@@ -620,25 +606,16 @@ fn r12_plaintext_to_waypoint_pod_is_hairpinned() {
     assert_eq!(metric(&w.stats(0), PATHS, &[]), 0, "node A did not capture");
 }
 
-fn start_waypoint2(w: &World) -> common::Waypoint {
-    let ca_dir = w.ca_dir.clone();
-    netns::in_ns(&w.pod_ns("waypoint2"), move || {
-        let ca = hbone::ca::SigningCa::builtin(&ca_dir, "cluster.local").unwrap();
-        common::waypoint_as(&ca, waypoint2_addr(), common::WAYPOINT2_ID)
-    })
-}
-
 #[test]
 fn r3_service_account_waypoint_beats_namespace_waypoint() {
     need_root!("r3_service_account_waypoint_beats_namespace_waypoint");
     let w = World::new("r3", "[]");
     let ns_wp = start_waypoint(&w);
-    let sa_wp = start_waypoint2(&w);
+    let sa_wp = start_waypoint_in(&w, "waypoint2", waypoint2_addr(), common::WAYPOINT2_ID);
     // wpod2 runs as service account wpod2: waypoint2 (annotated for it) wins.
     let wpod2 = pod_addr("wpod2");
-    let mut s = w.connect("client", wpod2).unwrap();
-    assert_eq!(hello(&mut s), "waypoint");
-    assert_eq!(roundtrip(&mut s, b"sa"), b"sa");
+    let (who, _s) = w.call("client", wpod2, b"sa");
+    assert_eq!(who, "waypoint");
     let seen = sa_wp.seen.recv_timeout(Duration::from_secs(2)).unwrap();
     assert_eq!(seen.authority, wpod2);
     assert!(ns_wp.seen.try_recv().is_err());
@@ -853,9 +830,7 @@ fn r5_inbound_hbone_presents_the_destination_pods_identity() {
 /// A plain (uncaptured) client's connection to `pod` on node B: who answered, the address
 /// the pod saw, and node B's plaintext-inbound count for it.
 fn plain_call(w: &World, server: &Server, pod: &str) -> (String, IpAddr) {
-    let mut s = w.connect("legacy-client", pod_addr(pod)).unwrap();
-    let who = hello(&mut s);
-    assert_eq!(roundtrip(&mut s, b"r2"), b"r2");
+    let (who, s) = w.call("legacy-client", pod_addr(pod), b"r2");
     drop(s);
     let from = server.peers.recv_timeout(Duration::from_secs(2)).unwrap();
     (who, from.ip())

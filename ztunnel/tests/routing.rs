@@ -18,16 +18,17 @@ fn r1_uncaptured_destination_is_passthrough() {
     let outside = Pod::start(t.net.outside(), "outside");
     let socks = t.a().addrs.socks5;
     // A workload that is not captured (namespace without the ambient label).
-    let (code, mut s) = socks_connect(t.net.client(), socks, Dest::Addr(legacy.addr));
-    assert_eq!(code, 0);
-    assert_eq!(hello(&mut s), "legacy");
-    assert_eq!(roundtrip(&mut s, b"plain bytes"), b"plain bytes");
+    let (who, s) = socks_call(
+        t.net.client(),
+        socks,
+        Dest::Addr(legacy.addr),
+        b"plain bytes",
+    );
+    assert_eq!(who, "legacy");
     drop(s);
     // An address that is no workload of the mesh.
-    let (code, mut s) = socks_connect(t.net.client(), socks, Dest::Addr(outside.addr));
-    assert_eq!(code, 0);
-    assert_eq!(hello(&mut s), "outside");
-    assert_eq!(roundtrip(&mut s, b"xyz"), b"xyz");
+    let (who, s) = socks_call(t.net.client(), socks, Dest::Addr(outside.addr), b"xyz");
+    assert_eq!(who, "outside");
     drop(s);
     // Path: node A passed both through as plain TCP; node B never saw them.
     eventually("passthrough counted", || {
@@ -209,14 +210,6 @@ fn r5_captured_destination_gets_hbone_with_client_identity() {
     );
 }
 
-const DENY_CLIENT: &str = r#"
-  - name: deny-client
-    namespace: ns-b
-    scope: Namespace
-    action: Deny
-    rules: [[[{principals: ["cluster.local/ns/ns-a/sa/client"]}]]]
-"#;
-
 #[test]
 fn r9_deny_policy_refuses_and_counts_with_policy_name() {
     let t = Topo::new(109, DENY_CLIENT);
@@ -245,14 +238,6 @@ fn r9_deny_policy_refuses_and_counts_with_policy_name() {
     );
 }
 
-const REQUIRE_MTLS: &str = r#"
-  - name: require-mtls
-    namespace: ns-b
-    scope: Namespace
-    action: Allow
-    rules: [[[{principals: ["*"]}]]]
-"#;
-
 #[test]
 fn r10_identity_policy_rejects_plaintext_but_allows_hbone() {
     let t = Topo::new(110, REQUIRE_MTLS);
@@ -275,10 +260,13 @@ fn r10_identity_policy_rejects_plaintext_but_allows_hbone() {
         ) == 1
     });
     // The same pod over HBONE with the client's identity: allowed.
-    let (code, mut s) = socks_connect(t.net.client(), t.a().addrs.socks5, Dest::Addr(server.addr));
-    assert_eq!(code, 0);
-    assert_eq!(hello(&mut s), "server");
-    assert_eq!(roundtrip(&mut s, b"mtls"), b"mtls");
+    let (who, _s) = socks_call(
+        t.net.client(),
+        t.a().addrs.socks5,
+        Dest::Addr(server.addr),
+        b"mtls",
+    );
+    assert_eq!(who, "server");
 }
 
 #[test]
@@ -306,10 +294,13 @@ fn r10_plaintext_without_policy_is_allowed() {
 fn r6_direct_pod_with_waypoint_goes_to_waypoint() {
     let t = Topo::new(106, "[]");
     let wp = waypoint(&t.ca(), t.net.waypoint());
-    let (code, mut s) = socks_connect(t.net.client(), t.a().addrs.socks5, Dest::Addr(t.net.wpod()));
-    assert_eq!(code, 0);
-    assert_eq!(hello(&mut s), "waypoint");
-    assert_eq!(roundtrip(&mut s, b"via wp"), b"via wp");
+    let (who, _s) = socks_call(
+        t.net.client(),
+        t.a().addrs.socks5,
+        Dest::Addr(t.net.wpod()),
+        b"via wp",
+    );
+    assert_eq!(who, "waypoint");
     let seen = wp.seen.recv_timeout(Duration::from_secs(2)).unwrap();
     assert_eq!(seen.authority, t.net.wpod(), "pod IP:port as authority");
     assert_eq!(seen.peer.unwrap().to_string(), CLIENT_ID);
@@ -330,10 +321,8 @@ fn r7_service_behind_waypoint_gets_vip_as_authority() {
     let t = Topo::new(107, "[]");
     let wp = waypoint(&t.ca(), t.net.waypoint());
     let vip = SocketAddr::new(t.net.wsvc_vip(), 80);
-    let (code, mut s) = socks_connect(t.net.client(), t.a().addrs.socks5, Dest::Addr(vip));
-    assert_eq!(code, 0);
-    assert_eq!(hello(&mut s), "waypoint");
-    assert_eq!(roundtrip(&mut s, b"svc"), b"svc");
+    let (who, _s) = socks_call(t.net.client(), t.a().addrs.socks5, Dest::Addr(vip), b"svc");
+    assert_eq!(who, "waypoint");
     let seen = wp.seen.recv_timeout(Duration::from_secs(2)).unwrap();
     assert_eq!(
         seen.authority, vip,
@@ -382,38 +371,9 @@ fn r12_direct_plaintext_call_is_hairpinned_to_waypoint() {
 fn inbound_hbone_for_pod_not_on_this_node_is_refused() {
     let t = Topo::new(113, "[]");
     // The client pod lives on node A; asking node B for it directly gets 400 → reply 4.
-    let client = hbone::Identity::new("cluster.local", "ns-a", "client");
-    let cert =
-        hbone::ca::CertSource::issue(&t.ca(), &client, std::time::SystemTime::now()).unwrap();
     let zt_b = SocketAddr::new(t.net.zt_b(), 15008);
     let target: SocketAddr = SocketAddr::new(t.net.client(), 8080);
-    let status = std::thread::spawn(move || {
-        let decision = runtime::driver::DriverDecision {
-            kind: runtime::driver::DriverKind::Epoll,
-            reason: "test".into(),
-        };
-        let (mut rt, _) = runtime::driver::build_runtime(&decision, 64).unwrap();
-        rt.block_on(async move {
-            let tls =
-                hbone::tls::client_config(&cert, &[ZTUNNEL_ID.parse::<hbone::Identity>().unwrap()])
-                    .unwrap();
-            let c = hbone::client::Client::connect(
-                zt_b,
-                tls,
-                &hbone::H2Settings::default(),
-                &hbone::tls::TlsCounters::default(),
-            )
-            .await
-            .unwrap();
-            match c.open(&hbone::wire::ConnectRequest::new(target)).await {
-                Err(hbone::HboneError::Status(s)) => s.as_u16(),
-                Ok(_) => 200,
-                Err(e) => panic!("{e}"),
-            }
-        })
-    })
-    .join()
-    .unwrap();
+    let (status, _) = hbone_call(&t.ca(), CLIENT_ID, zt_b, target);
     assert_eq!(status, 400);
     assert_eq!(
         metric(
@@ -430,14 +390,13 @@ fn r2_uncaptured_source_is_passthrough_even_to_captured_pod() {
     let t = Topo::new(102, "[]");
     let server = Pod::start(t.net.server(), "server");
     // legacy-client is in a namespace without istio.io/dataplane-mode=ambient.
-    let (code, mut s) = socks_connect(
+    let (who, _s) = socks_call(
         t.net.legacy_client(),
         t.a().addrs.socks5,
         Dest::Addr(server.addr),
+        b"r2",
     );
-    assert_eq!(code, 0);
-    assert_eq!(hello(&mut s), "server");
-    assert_eq!(roundtrip(&mut s, b"r2"), b"r2");
+    assert_eq!(who, "server");
     eventually("plain passthrough", || {
         metric(
             &t.stats_a(),
@@ -506,14 +465,12 @@ fn r8_mixed_service_sends_some_via_waypoint_and_some_direct() {
     let vip = SocketAddr::new(t.net.mixed_vip(), 80);
     let (mut via_wp, mut direct) = (0, 0);
     for _ in 0..24 {
-        let (code, mut s) = socks_connect(t.net.client(), t.a().addrs.socks5, Dest::Addr(vip));
-        assert_eq!(code, 0);
-        match hello(&mut s).as_str() {
+        let (who, _s) = socks_call(t.net.client(), t.a().addrs.socks5, Dest::Addr(vip), b"m");
+        match who.as_str() {
             "waypoint" => via_wp += 1,
             "server" => direct += 1,
             other => panic!("{other}"),
         }
-        assert_eq!(roundtrip(&mut s, b"m"), b"m");
     }
     assert!(
         via_wp > 0 && direct > 0,

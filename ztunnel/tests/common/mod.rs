@@ -22,6 +22,24 @@ pub const WAYPOINT_ID: &str = "spiffe://cluster.local/ns/ns-w/sa/waypoint";
 pub const WAYPOINT2_ID: &str = "spiffe://cluster.local/ns/ns-w/sa/waypoint2";
 pub const ZTUNNEL_ID: &str = "spiffe://cluster.local/ns/istio-system/sa/ztunnel";
 
+/// Node B policy (a YAML list): deny the client's identity in `ns-b`.
+pub const DENY_CLIENT: &str = r#"
+  - name: deny-client
+    namespace: ns-b
+    scope: Namespace
+    action: Deny
+    rules: [[[{principals: ["cluster.local/ns/ns-a/sa/client"]}]]]
+"#;
+
+/// Node B policy (a YAML list): `ns-b` allows only authenticated peers (any identity).
+pub const REQUIRE_MTLS: &str = r#"
+  - name: require-mtls
+    namespace: ns-b
+    scope: Namespace
+    action: Allow
+    rules: [[[{principals: ["*"]}]]]
+"#;
+
 /// The addresses of one test's topology; `n` keeps parallel tests apart (127.n.*.*).
 #[derive(Clone, Copy)]
 pub struct Net {
@@ -400,6 +418,21 @@ pub fn socks_connect(src: IpAddr, socks: SocketAddr, dst: Dest<'_>) -> (u8, TcpS
     s.read_exact(&mut rep).unwrap();
     assert_eq!(rep[0], 5);
     (rep[1], s)
+}
+
+/// SOCKS5 CONNECT from `src` through `socks` to `dst`, which must succeed; then read the
+/// greeting of whoever answered and check `data` comes back. (The greeting, the stream.)
+pub fn socks_call(
+    src: IpAddr,
+    socks: SocketAddr,
+    dst: Dest<'_>,
+    data: &[u8],
+) -> (String, TcpStream) {
+    let (code, mut s) = socks_connect(src, socks, dst);
+    assert_eq!(code, 0, "SOCKS5 reply");
+    let who = hello(&mut s);
+    assert_eq!(roundtrip(&mut s, data), data);
+    (who, s)
 }
 
 /// Read the pod's greeting line.

@@ -411,6 +411,17 @@ impl World {
         connect_in(&self.pod_ns(from), dst)
     }
 
+    /// Connect from pod `from` to `dst`, read the greeting of whoever answered and check
+    /// `data` comes back: (the greeting, the stream).
+    pub fn call(&self, from: &str, dst: SocketAddr, data: &[u8]) -> (String, TcpStream) {
+        let mut s = self
+            .connect(from, dst)
+            .unwrap_or_else(|e| panic!("{from} to {dst}: {e}"));
+        let who = crate::common::hello(&mut s);
+        assert_eq!(crate::common::roundtrip(&mut s, data), data);
+        (who, s)
+    }
+
     /// Start the echo server of pod `name` on `:8080` of its `fam` address.
     pub fn server_on(&self, fam: Family, name: &str) -> Server {
         Server::start(&self.pod_ns(name), fam.pod_addr(name), name)
