@@ -169,13 +169,94 @@ pub fn run_for(profile: &crate::Profile) -> Vec<Finding> {
         fix: (span < 60000).then(|| "sysctl -w net.ipv4.ip_local_port_range=\"1024 65535\"".into()),
     });
     f.extend(busy_polling(profile));
-    let idle = read("/sys/devices/system/cpu/cpuidle/current_driver");
+    f.extend(idle(profile, &IdleState::read()));
+    f
+}
+
+/// How this host's idle CPUs wait: the cpuidle driver and governor, and the PM QoS CPU
+/// latency limit in force (`/dev/cpu_dma_latency`: the smallest request of any process).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IdleState {
+    /// `none`: no cpuidle driver, idle CPUs halt (the VM default).
+    pub driver: Option<String>,
+    pub governor: Option<String>,
+    /// The aggregate limit (µs), or why it cannot be read (not root, no device).
+    pub pm_qos_limit: Result<i32, String>,
+}
+
+impl IdleState {
+    pub fn read() -> Self {
+        IdleState {
+            driver: read("/sys/devices/system/cpu/cpuidle/current_driver"),
+            governor: read("/sys/devices/system/cpu/cpuidle/current_governor")
+                .or_else(|| read("/sys/devices/system/cpu/cpuidle/current_governor_ro")),
+            pm_qos_limit: runtime::pmqos::current_limit().map_err(|e| e.to_string()),
+        }
+    }
+}
+
+/// The kernel's CPU latency limit when nobody asks for one (2000 s).
+const PM_QOS_DEFAULT_US: i32 = 2_000_000_000;
+
+/// The idle findings: how idle CPUs wait, whether a PM QoS CPU latency request is in force,
+/// and what `runtime.cpu_latency_limit` of `profile` will do about it.
+pub fn idle(profile: &crate::Profile, st: &IdleState) -> Vec<Finding> {
+    let mut f = Vec::new();
     f.push(Finding {
-        name: "cpuidle driver".into(),
-        value: idle.unwrap_or_else(|| "none".into()),
-        recommended: "hold /dev/cpu_dma_latency at 0 for latency benchmarks".into(),
+        name: "cpuidle".into(),
+        value: format!(
+            "driver {}, governor {}",
+            st.driver.as_deref().unwrap_or("unavailable"),
+            st.governor.as_deref().unwrap_or("unavailable")
+        ),
+        recommended: "any; what matters for latency is the PM QoS limit below".into(),
         ok: true,
-        why: "halting idle CPUs added ~37 µs to a loopback round trip on the dev machine",
+        why: "driver none: idle CPUs halt (the VM default) and each wake-up costs tens of µs; \
+              with a driver (intel_idle, acpi_idle, haltpoll) the governor picks idle states \
+              no slower to leave than the PM QoS limit",
+        fix: None,
+    });
+    let in_force = match &st.pm_qos_limit {
+        Ok(us) if *us >= PM_QOS_DEFAULT_US => format!("{us} us: no request in force"),
+        Ok(0) => "0 us: a request is in force, idle CPUs poll instead of halting".into(),
+        Ok(us) => format!("{us} us: a request is in force"),
+        Err(e) => format!("unreadable ({e}): run as root to see it"),
+    };
+    let readable = st.pm_qos_limit.is_ok();
+    let (recommended, ok) = match profile.runtime.cpu_latency_limit {
+        Some(l) => {
+            let l = format!("{}us", l.as_micros());
+            (
+                if readable {
+                    format!(
+                        "this profile holds {l} while the proxy runs (runtime.cpu_latency_limit)"
+                    )
+                } else {
+                    format!(
+                        "this profile asks for {l} (runtime.cpu_latency_limit): run the proxy as \
+                         root, or it only warns and the limit is not held"
+                    )
+                },
+                readable,
+            )
+        }
+        None => (
+            "for small request/response latency: profile latency \
+             (runtime.cpu_latency_limit: 0us) holds 0 while the proxy runs; otherwise leave it \
+             (power)"
+                .into(),
+            true,
+        ),
+    };
+    f.push(Finding {
+        name: "PM QoS CPU latency".into(),
+        value: in_force,
+        recommended,
+        ok,
+        why: "/dev/cpu_dma_latency: the smallest request of any process bounds how slow an \
+              idle state any CPU may enter; held at 0 a loopback 64-byte round trip went p50 \
+              54.6 -> 17.6 µs on the dev VM. Host-wide: it keeps every core out of deep idle \
+              (power on all cores) and helps every process there",
         fix: None,
     });
     f
@@ -231,17 +312,20 @@ fn busy_polling(profile: &crate::Profile) -> Vec<Finding> {
             )
         },
         recommended: if runtime_bp.is_zero() {
-            "off, unless latency matters more than CPU (profile latency)".into()
+            "off: for latency hold runtime.cpu_latency_limit instead (profile latency), which \
+             keeps every CPU on the path awake, not only the proxy's"
+                .into()
         } else {
             "give the proxy's worker cores to it alone (cpuset/isolcpus, load generators elsewhere)"
                 .into()
         },
         ok: runtime_bp.is_zero() || cores >= 2,
-        why: "a worker that spins keeps its CPU from halting between messages (wake-ups cost \
-              tens of µs on VMs), burning that CPU while traffic flows; one that gets less \
-              than 3/4 of its CPU while spinning stops for 0.1–5 s, so shared cores get \
-              little from it. On the 2-vCPU dev VM: l4 tcp-rr p99 107 -> 92 µs at +50% proxy \
-              CPU per round trip, within run-to-run spread",
+        why: "a worker that spins keeps its own CPU from halting between messages (wake-ups \
+              cost tens of µs on VMs), burning that CPU while traffic flows; one that gets \
+              less than 3/4 of its CPU while spinning stops for 0.1–5 s, so shared cores get \
+              little from it. On the 2-vCPU dev VM 50us gave no tcp-rr gain beyond run-to-run \
+              spread at +50-70% proxy CPU per round trip: the generator's and backend's CPUs \
+              still halt",
         fix: None,
     });
     f
@@ -302,7 +386,8 @@ pub fn fixes(findings: &[Finding]) -> String {
 mod tests {
     #[test]
     fn busy_poll_findings_follow_the_profile() {
-        let lat = crate::load_profile("latency").unwrap();
+        let mut lat = crate::load_profile("latency").unwrap();
+        lat.runtime.busy_poll = std::time::Duration::from_micros(50);
         let f = super::run_for(&lat);
         let rt = f.iter().find(|x| x.name == "runtime.busy_poll").unwrap();
         assert!(rt.value.contains("us after each burst"), "{}", rt.value);
@@ -311,6 +396,64 @@ mod tests {
         let def = super::run();
         let rt = def.iter().find(|x| x.name == "runtime.busy_poll").unwrap();
         assert!(rt.value.starts_with("0 (off"), "{}", rt.value);
+    }
+
+    fn idle_state(limit: Result<i32, &str>) -> super::IdleState {
+        super::IdleState {
+            driver: Some("none".into()),
+            governor: Some("menu".into()),
+            pm_qos_limit: limit.map_err(str::to_string),
+        }
+    }
+
+    fn pm_qos(f: &[super::Finding]) -> &super::Finding {
+        f.iter().find(|x| x.name == "PM QoS CPU latency").unwrap()
+    }
+
+    /// `--profile latency`: the profile will hold the limit (or, unable to read the device,
+    /// must run as root); the default profile recommends the latency profile's knob.
+    #[test]
+    fn pm_qos_findings_follow_the_profile_and_the_host() {
+        let lat = crate::load_profile("latency").unwrap();
+        let def = crate::Profile::default();
+
+        let f = super::idle(&lat, &idle_state(Ok(2_000_000_000)));
+        let cpuidle = f.iter().find(|x| x.name == "cpuidle").unwrap();
+        assert_eq!(cpuidle.value, "driver none, governor menu");
+        let q = pm_qos(&f);
+        assert_eq!(q.value, "2000000000 us: no request in force");
+        assert_eq!(
+            q.recommended,
+            "this profile holds 0us while the proxy runs (runtime.cpu_latency_limit)"
+        );
+        assert!(q.ok);
+
+        let f = super::idle(&lat, &idle_state(Err("Permission denied (os error 13)")));
+        let q = pm_qos(&f);
+        assert!(
+            q.value.starts_with("unreadable (Permission denied"),
+            "{}",
+            q.value
+        );
+        assert!(q.recommended.contains("as root"), "{}", q.recommended);
+        assert!(!q.ok);
+
+        let f = super::idle(&def, &idle_state(Ok(0)));
+        let q = pm_qos(&f);
+        assert!(
+            q.value.starts_with("0 us: a request is in force"),
+            "{}",
+            q.value
+        );
+        assert!(
+            q.recommended.contains("profile latency")
+                && q.recommended.contains("runtime.cpu_latency_limit: 0us"),
+            "{}",
+            q.recommended
+        );
+        assert!(q.ok);
+        let f = super::idle(&def, &idle_state(Ok(20)));
+        assert_eq!(pm_qos(&f).value, "20 us: a request is in force");
     }
 
     #[test]
@@ -324,6 +467,8 @@ mod tests {
             "net.core.busy_read",
             "net.core.busy_poll",
             "runtime.busy_poll",
+            "cpuidle",
+            "PM QoS CPU latency",
         ] {
             assert!(f.iter().any(|x| x.name == name), "{name} missing");
         }

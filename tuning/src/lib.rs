@@ -16,7 +16,8 @@
 //! | `runtime.nodelay` | bool | true | `TCP_NODELAY`: lower latency for small writes |
 //! | `runtime.tcp_keepalive` | duration | 180s | TCP keepalive idle time (dead peer detection) |
 //! | `runtime.reuseport_cpu_steering` | bool | false | CBPF: connection to the worker on its packets' CPU |
-//! | `runtime.busy_poll` | duration (`50us`) | 0 (off) | after activity a worker keeps reaping its ring without sleeping this long, so the next message finds its CPU awake (no halt/wake-up); burns that CPU while traffic flows (tcp-rr: proxy core ~95% busy instead of ~58%); `sched_yield`s each turn; stops 0.1–5 s when it gets < 3/4 of its CPU (shared core); io_uring only (ignored under epoll); max 10ms; latency profile: 50us |
+//! | `runtime.busy_poll` | duration (`50us`) | 0 (off) | after activity a worker keeps reaping its ring without sleeping this long, so the next message finds its CPU awake (no halt/wake-up); burns that CPU while traffic flows (tcp-rr: proxy core ~95% busy instead of ~58%); `sched_yield`s each turn; stops 0.1–5 s when it gets < 3/4 of its CPU (shared core); io_uring only (ignored under epoll); max 10ms; not in any profile (50us gave no tcp-rr gain beyond spread on the dev VM: the other CPUs on the path still halt; see `runtime.cpu_latency_limit`) |
+//! | `runtime.cpu_latency_limit` | duration (µs, `0us`) | absent (no request) | PM QoS CPU latency request: the process opens `/dev/cpu_dma_latency`, writes the limit and keeps it open until it exits, so no CPU enters an idle state slower to leave than this (0: idle CPUs poll instead of halting; the wake-up of the generator's, backend's and proxy's CPUs per message is gone). **Host-wide**: it keeps every CPU of the host out of deep idle (at 0: out of halt too) while the proxy runs, costing power on all cores, and helps every process there (the `direct` baseline too); needs root, else a warning names the file and the error and the stats gauge `*_cpu_latency_limit_held` reads 0; max 1s; latency profile: 0us |
 //! | `runtime.socket_recv_buffer` | bytes | absent (autotuning) | `SO_RCVBUF` on listeners (inherited by accepted sockets) and connected sockets; bounds the kernel memory a socket's unread bytes take (the kernel reserves twice the value) and turns receive autotuning off; capped by `net.core.rmem_max` |
 //! | `runtime.socket_send_buffer` | bytes | absent (autotuning) | `SO_SNDBUF` likewise: bounds unsent bytes queued in the kernel per socket (a slow reader's backlog); capped by `net.core.wmem_max` |
 //! | `runtime.forward.mode` | copy/splice | copy | user-space copy or zero-copy `splice(2)` |
@@ -136,7 +137,11 @@ mod tests {
         assert!(l.runtime.forward.max_buffer_size < d.runtime.forward.max_buffer_size);
         let lat = load_profile("latency").unwrap();
         assert!(lat.h2.chunk_size < d.h2.chunk_size);
-        assert!(!lat.runtime.busy_poll.is_zero() && d.runtime.busy_poll.is_zero());
+        assert_eq!(
+            lat.runtime.cpu_latency_limit,
+            Some(std::time::Duration::ZERO)
+        );
+        assert_eq!(d.runtime.cpu_latency_limit, None);
     }
 
     #[test]
@@ -161,6 +166,14 @@ mod tests {
         let e = load_profile(f.to_str().unwrap()).unwrap_err();
         assert_eq!(e.line, Some(2), "{e}");
         assert_eq!(e.field.as_deref(), Some("runtime.busy_poll"), "{e}");
+        std::fs::write(&f, "runtime:\n  pin: true\n  cpu_latency_limit: 2s\n").unwrap();
+        let e = load_profile(f.to_str().unwrap()).unwrap_err();
+        assert_eq!(e.line, Some(3), "{e}");
+        assert_eq!(e.field.as_deref(), Some("runtime.cpu_latency_limit"), "{e}");
+        std::fs::write(&f, "runtime:\n  cpu_latency_limit: zero\n").unwrap();
+        let e = load_profile(f.to_str().unwrap()).unwrap_err();
+        assert_eq!(e.line, Some(2), "{e}");
+        assert_eq!(e.field.as_deref(), Some("runtime.cpu_latency_limit"), "{e}");
         std::fs::write(&f, "runtime:\n  busy_polling: 50us\n").unwrap();
         let e = load_profile(f.to_str().unwrap()).unwrap_err();
         assert_eq!(e.line, Some(2), "{e}");

@@ -18,8 +18,8 @@ enum Cmd {
         /// Print only the commands that apply the recommendations not met.
         #[arg(long)]
         sysctl: bool,
-        /// Recommendations for this profile (built-in name or file), e.g. busy polling for
-        /// `latency`.
+        /// Recommendations for this profile (built-in name or file), e.g. the PM QoS CPU
+        /// latency request `latency` holds.
         #[arg(long, default_value = "default")]
         profile: String,
     },
