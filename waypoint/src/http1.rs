@@ -947,9 +947,11 @@ pub async fn serve_from<T: Tunnel, U: Upstream>(
                 if matches!(body, ReqBody::Streamed(_)) {
                     upstream.note(Note::StreamedBody);
                 }
-                let out = forward_request(
+                // Boxed: the state of a request in flight is allocated for its duration
+                // only, so a tunnel idle between requests holds a small future.
+                let out = Box::pin(forward_request(
                     tunnel, &mut buf, upstream, &forward, &head, request, body, has_body, rng,
-                )
+                ))
                 .await?;
                 let rec = Record {
                     protocol: "HTTP/1.1",

@@ -255,6 +255,7 @@ pub fn start(
                 l7: RefCell::new(l7),
                 metrics: LocalMetrics::new(shared.metrics.clone()),
                 h2_clients: RefCell::new(HashMap::new()),
+                idle: RefCell::new(crate::upstream::IdleStreams::default()),
                 seed: std::cell::Cell::new(seed(ctx.id())),
                 mirrors: std::cell::Cell::new(0),
                 shared,
@@ -496,6 +497,9 @@ struct Worker {
     /// HTTP/2 upstream connections, by (HBONE address, authority), shared by the worker's
     /// tunnels.
     h2_clients: RefCell<HashMap<(SocketAddr, SocketAddr), H2Slot>>,
+    /// Idle upstream HTTP/1.1 streams, shared by the worker's tunnels (none is bound to a
+    /// tunnel between its requests).
+    idle: RefCell<crate::upstream::IdleStreams>,
     seed: std::cell::Cell<u64>,
     /// Mirrored requests in flight on this worker (at most [`MAX_MIRRORS_IN_FLIGHT`]).
     mirrors: std::cell::Cell<usize>,
@@ -521,7 +525,8 @@ async fn connection(
     let cert = certs.cert.clone();
     let handler = Rc::new(move |inb: Inbound| {
         let (w, cert) = (w2.clone(), cert.clone());
-        async move { tunnel(w, cert, inb).await }
+        // Boxed: the per-stream task then holds a pointer, not the tunnel's state twice.
+        Box::pin(tunnel(w, cert, inb))
     });
     let r = serve_connection(
         tcp,
@@ -582,7 +587,6 @@ async fn tunnel(w: Rc<Worker>, cert: Arc<WorkloadCert>, inb: Inbound) {
     let peer = Rc::new(peer_of(&inb, &l7, source_ip, &ctx.destination));
     let Ok(mut stream) = inb.accept() else { return };
     counters.tunnels.fetch_add(1, Relaxed);
-    let idle: IdleStreams = Rc::new(RefCell::new(Default::default()));
     let metric_cache: MetricCache = Rc::default();
     let upstream = |w: &Rc<Worker>, client_h2: bool| HboneUpstream {
         worker: w.clone(),
@@ -592,7 +596,6 @@ async fn tunnel(w: Rc<Worker>, cert: Arc<WorkloadCert>, inb: Inbound) {
         target,
         source_ip,
         rng: w.rng(),
-        idle: idle.clone(),
         peer: peer.clone(),
         last: None,
         metric_cache: metric_cache.clone(),
@@ -601,7 +604,9 @@ async fn tunnel(w: Rc<Worker>, cert: Arc<WorkloadCert>, inb: Inbound) {
         upgrade: None,
         upgrade_first: Bytes::new(),
     };
-    let (proto, first) = match race(inner::detect(&mut stream), w.ctx.aborted()).await {
+    // Boxed: only live until the first bytes, it would otherwise size the whole tunnel.
+    let detect = Box::pin(race(inner::detect(&mut stream), w.ctx.aborted()));
+    let (proto, first) = match detect.await {
         Either::Left(Ok(x)) => x,
         Either::Left(Err(e)) => {
             tracing::debug!(%target, error = %e, "tunnel failed before its first bytes");
@@ -617,19 +622,28 @@ async fn tunnel(w: Rc<Worker>, cert: Arc<WorkloadCert>, inb: Inbound) {
             counters.http1_tunnels.fetch_add(1, Relaxed);
             let mut up = upstream(&w, false);
             let mut rng = w.rng();
-            let serve = http1::serve_from(&mut stream, first, &l7, &ctx, &mut up, &mut rng);
+            // Boxed (as the other branches): the tunnel's future is as large as its
+            // largest branch, and `race` holds it twice.
+            let serve = Box::pin(http1::serve_from(
+                &mut stream,
+                first,
+                &l7,
+                &ctx,
+                &mut up,
+                &mut rng,
+            ));
             match race(serve, w.ctx.aborted()).await {
                 Either::Left(Ok(http1::End::Upgraded)) => {
                     if let Some(upstream) = up.upgrade.take() {
                         let first = std::mem::take(&mut up.upgrade_first);
                         let rt = &settings.runtime;
-                        let out = inner::splice(
+                        let out = Box::pin(inner::splice(
                             stream,
                             upstream,
                             first,
                             rt.forward.idle_timeout,
                             w.ctx.aborted(),
-                        )
+                        ))
                         .await;
                         tracing::debug!(%target, sent = out.downstream_to_upstream, received = out.upstream_to_downstream, end = ?out.end, "upgraded connection ended");
                     }
@@ -649,7 +663,7 @@ async fn tunnel(w: Rc<Worker>, cert: Arc<WorkloadCert>, inb: Inbound) {
             let io = inner::StreamIo::new(stream, first.freeze());
             let w2 = w.clone();
             let c2 = counters.clone();
-            let serve = h2srv::serve(
+            let serve = Box::pin(h2srv::serve(
                 io,
                 &settings.h2,
                 l7.clone(),
@@ -658,7 +672,7 @@ async fn tunnel(w: Rc<Worker>, cert: Arc<WorkloadCert>, inb: Inbound) {
                 Rc::new(move || {
                     c2.bad_requests.fetch_add(1, Relaxed);
                 }),
-            );
+            ));
             match race(serve, w.ctx.aborted()).await {
                 Either::Left(H2End::Closed) => tracing::trace!(%target, "h2 tunnel ended"),
                 Either::Left(H2End::Error(e)) => {
@@ -678,7 +692,7 @@ async fn tunnel(w: Rc<Worker>, cert: Arc<WorkloadCert>, inb: Inbound) {
         Protocol::Tcp => {
             counters.tcp_tunnels.fetch_add(1, Relaxed);
             let mut up = upstream(&w, false);
-            up.opaque(stream, &ctx, first.freeze()).await;
+            Box::pin(up.opaque(stream, &ctx, first.freeze())).await;
         }
     }
 }
@@ -780,10 +794,6 @@ impl Drop for Connecting {
     }
 }
 
-/// Idle upstream streams of one tunnel (shared by its HTTP/2 request streams), by
-/// (HBONE address, authority).
-type IdleStreams = Rc<RefCell<crate::upstream::FnvMap<(SocketAddr, SocketAddr), Vec<H2Stream>>>>;
-
 /// Upstream exchanges over HBONE for one tunnel.
 struct HboneUpstream {
     worker: Rc<Worker>,
@@ -795,8 +805,6 @@ struct HboneUpstream {
     target: SocketAddr,
     source_ip: IpAddr,
     rng: SplitMix64,
-    /// Streams whose last response was complete.
-    idle: IdleStreams,
     /// Who called (for telemetry), and what the tunnel was addressed to.
     peer: Rc<Peer>,
     /// The service and endpoint workload of the current request's last try.
@@ -921,7 +929,11 @@ impl Upstream for HboneUpstream {
             }
         };
         self.routed = true;
-        let kept = self.idle.borrow_mut().get_mut(&key).and_then(Vec::pop);
+        let kept = self
+            .worker
+            .idle
+            .borrow_mut()
+            .take(&(key.0, key.1, self.source_ip), Instant::now());
         if let Some(s) = kept {
             return Ok((UpConn { s, key }, true));
         }
@@ -1063,7 +1075,6 @@ impl Upstream for HboneUpstream {
             target: self.target,
             source_ip: self.source_ip,
             rng: self.worker.rng(),
-            idle: Rc::new(RefCell::new(Default::default())),
             peer: self.peer.clone(),
             last: None,
             metric_cache: Rc::default(),
@@ -1591,9 +1602,9 @@ impl HboneUpstream {
         tracing::debug!(target = %self.target, sent = out.downstream_to_upstream, received = out.upstream_to_downstream, end = ?out.end, "opaque TCP tunnel ended");
     }
 
-    /// One exchange with `ep`: on an idle stream kept from an earlier request of this tunnel
-    /// when there is one (retried once on a fresh stream if it yields no response byte),
-    /// else on a new stream from the pool.
+    /// One exchange with `ep`: on an idle stream kept from an earlier request of this
+    /// client (on any tunnel of the worker) when there is one (retried once on a fresh
+    /// stream if it yields no response byte), else on a new stream from the pool.
     async fn send(
         &mut self,
         ep: &Endpoint,
@@ -1604,7 +1615,11 @@ impl HboneUpstream {
         discard: bool,
     ) -> io::Result<Vec<u8>> {
         let idle_key = (ep.hbone, ep.authority);
-        let kept = self.idle.borrow_mut().get_mut(&idle_key).and_then(Vec::pop);
+        let kept = self
+            .worker
+            .idle
+            .borrow_mut()
+            .take(&(idle_key.0, idle_key.1, self.source_ip), Instant::now());
         if let Some(mut s) = kept {
             let mut got = false;
             let r = match s.write_all(request.clone(), false).await {
@@ -1643,20 +1658,19 @@ impl HboneUpstream {
     }
 
     /// Keep a stream whose response was fully read for the next request to the same
-    /// endpoint; otherwise (or with too many kept) end it.
+    /// endpoint from the same client (on any of the worker's tunnels); otherwise (or with
+    /// too many kept) end it.
     fn keep(&mut self, key: (SocketAddr, SocketAddr), mut s: H2Stream, reusable: bool) {
-        let mut idle = self.idle.borrow_mut();
-        let total: usize = idle.values().map(Vec::len).sum();
-        if reusable && total < MAX_IDLE_STREAMS {
-            idle.entry(key).or_default().push(s);
+        if reusable {
+            self.worker
+                .idle
+                .borrow_mut()
+                .put((key.0, key.1, self.source_ip), s, Instant::now());
         } else {
             s.reset(h2::Reason::CANCEL);
         }
     }
 }
-
-/// Idle upstream streams one tunnel keeps.
-const MAX_IDLE_STREAMS: usize = 16;
 
 fn status_of(resp: &[u8]) -> u16 {
     resp.get(9..12)

@@ -185,3 +185,107 @@ impl Balancers {
         }
     }
 }
+
+/// Which idle upstream streams can carry a request: (HBONE address, `podIP:targetPort`
+/// authority, original client address). The client address is part of the key because the
+/// CONNECT names it (`forwarded`), so a stream only ever carries one client's requests.
+pub type IdleKey = (SocketAddr, SocketAddr, std::net::IpAddr);
+
+/// How long an idle upstream stream is kept for reuse.
+pub const IDLE_STREAM_EXPIRY: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Idle upstream streams kept per key, and per worker in all.
+pub const MAX_IDLE_PER_KEY: usize = 256;
+pub const MAX_IDLE_STREAMS: usize = 4096;
+
+/// A worker's upstream HBONE streams whose last HTTP/1.1 response was complete (HTTP/1.1
+/// keep-alive), shared by all the worker's tunnels: an idle downstream tunnel holds no
+/// upstream stream, and the next request to the same endpoint from the same client, on
+/// any tunnel of the worker, reuses the most recently used one. Streams idle for
+/// [`IDLE_STREAM_EXPIRY`] are reset (an upstream that closed one meanwhile is found on
+/// reuse, and the request goes on a new stream).
+pub struct IdleStreams {
+    by_key: FnvMap<IdleKey, std::collections::VecDeque<(hbone::stream::H2Stream, Instant)>>,
+    total: usize,
+    swept: Instant,
+}
+
+impl Default for IdleStreams {
+    fn default() -> Self {
+        IdleStreams {
+            by_key: FnvMap::default(),
+            total: 0,
+            swept: Instant::now(),
+        }
+    }
+}
+
+impl IdleStreams {
+    /// The most recently kept live stream for `key`.
+    pub fn take(&mut self, key: &IdleKey, now: Instant) -> Option<hbone::stream::H2Stream> {
+        let q = self.by_key.get_mut(key)?;
+        let mut found = None;
+        while let Some((mut s, at)) = q.pop_back() {
+            self.total -= 1;
+            if now.saturating_duration_since(at) < IDLE_STREAM_EXPIRY {
+                found = Some(s);
+                break;
+            }
+            // The rest are older still.
+            s.reset(h2::Reason::CANCEL);
+            for (mut s, _) in q.drain(..) {
+                self.total -= 1;
+                s.reset(h2::Reason::CANCEL);
+            }
+        }
+        if q.is_empty() {
+            self.by_key.remove(key);
+        }
+        found
+    }
+
+    /// Keep `s` for the next request to `key`; reset it when the limits are reached.
+    pub fn put(&mut self, key: IdleKey, mut s: hbone::stream::H2Stream, now: Instant) {
+        if now.saturating_duration_since(self.swept) >= IDLE_STREAM_EXPIRY / 4 {
+            self.sweep(now);
+        }
+        if self.total >= MAX_IDLE_STREAMS {
+            s.reset(h2::Reason::CANCEL);
+            return;
+        }
+        let q = self.by_key.entry(key).or_default();
+        if q.len() >= MAX_IDLE_PER_KEY {
+            s.reset(h2::Reason::CANCEL);
+            return;
+        }
+        q.push_back((s, now));
+        self.total += 1;
+    }
+
+    /// Streams kept now.
+    pub fn len(&self) -> usize {
+        self.total
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.total == 0
+    }
+
+    /// Reset the expired streams of every key.
+    fn sweep(&mut self, now: Instant) {
+        self.swept = now;
+        let total = &mut self.total;
+        self.by_key.retain(|_, q| {
+            while q
+                .front()
+                .is_some_and(|(_, at)| now.saturating_duration_since(*at) >= IDLE_STREAM_EXPIRY)
+            {
+                if let Some((mut s, _)) = q.pop_front() {
+                    *total -= 1;
+                    s.reset(h2::Reason::CANCEL);
+                }
+            }
+            !q.is_empty()
+        });
+    }
+}
