@@ -225,6 +225,7 @@ async fn request<U: Upstream>(
             (status, http1::local_flags(status), 0, n)
         }
         Action::Forward { forward } => {
+            let deadline = http1::request_deadline(&forward, started);
             let h2_upstream = forward.service.as_ref().is_some_and(|(svc, _)| {
                 cfg.load_balancing
                     .get(svc)
@@ -241,6 +242,7 @@ async fn request<U: Upstream>(
                     &mut respond,
                     head_request,
                     &mut rng,
+                    deadline,
                 )
                 .await
             } else {
@@ -255,6 +257,7 @@ async fn request<U: Upstream>(
                     &mut respond,
                     head_request,
                     &mut rng,
+                    deadline,
                 )
                 .await;
                 if r.0 == 400 && r.1 == "DPE" {
@@ -296,6 +299,7 @@ async fn forward_streamed<U: Upstream>(
     respond: &mut SendResponse<Bytes>,
     head_request: bool,
     rng: &mut SplitMix64,
+    deadline: Option<std::time::Instant>,
 ) -> (u16, &'static str, u64, u64) {
     let declared: Option<u64> = parts
         .headers
@@ -303,7 +307,13 @@ async fn forward_streamed<U: Upstream>(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.trim().parse().ok());
     let mut buf = BytesMut::new();
-    let Ok(ended) = buffer_body(body, &mut buf).await else {
+    let Some(buffered) = http1::within(deadline, buffer_body(body, &mut buf)).await else {
+        let resp = http1::simple_response(504, &[], "upstream request timeout", false);
+        let n = resp.len() as u64;
+        send(respond, resp, head_request).await;
+        return (504, "UT", buf.len() as u64, n);
+    };
+    let Ok(ended) = buffered else {
         send(respond, status_only(400), head_request).await;
         return (400, "DPE", buf.len() as u64, 0);
     };
@@ -339,6 +349,7 @@ async fn forward_streamed<U: Upstream>(
         &reqbody,
         has_body,
         rng,
+        deadline,
     )
     .await;
     match a {
@@ -347,16 +358,23 @@ async fn forward_streamed<U: Upstream>(
             head: h,
             mut ubuf,
             sent,
+            deadline,
         } => {
-            let r = write_response(
+            let w = write_response(
                 respond,
                 &mut conn,
                 &h,
                 &mut ubuf,
                 &forward.response_headers,
                 head_request,
-            )
-            .await;
+            );
+            let Some(r) = http1::within(deadline, w).await else {
+                // The route's time ran out after the response head went out: the stream
+                // is reset, never ended as if complete.
+                respond.send_reset(h2::Reason::CANCEL);
+                up.done(None, h.status, false, Some(io::ErrorKind::TimedOut));
+                return (h.status, "UT", sent, 0);
+            };
             match r {
                 Ok(n) => {
                     let reusable =
@@ -417,13 +435,20 @@ async fn forward_h2<U: Upstream>(
     respond: &mut SendResponse<Bytes>,
     head_request: bool,
     rng: &mut SplitMix64,
+    deadline: Option<std::time::Instant>,
 ) -> (u16, &'static str, u64, u64) {
     let Some(service) = fwd.service.as_ref() else {
         send(respond, status_only(500), head_request).await;
         return (500, "-", 0, 0);
     };
     let mut buf = BytesMut::new();
-    let complete = match buffer_body(body, &mut buf).await {
+    let Some(buffered) = http1::within(deadline, buffer_body(body, &mut buf)).await else {
+        let resp = http1::simple_response(504, &[], "upstream request timeout", false);
+        let n = resp.len() as u64;
+        send(respond, resp, head_request).await;
+        return (504, "UT", buf.len() as u64, n);
+    };
+    let complete = match buffered {
         Ok(c) => c,
         Err(_) => {
             respond.send_reset(h2::Reason::CANCEL);
@@ -525,14 +550,10 @@ async fn forward_h2<U: Upstream>(
     };
     let replayable = buffered.is_some() && (!has_body || http1::idempotent(&head.method));
     let nonzero = |d: &std::time::Duration| !d.is_zero();
-    let deadline = fwd
-        .timeouts
-        .request
-        .filter(nonzero)
-        .map(|d| std::time::Instant::now() + d);
     let remaining = || deadline.map(|d| d.saturating_duration_since(std::time::Instant::now()));
     let mut retries = 0u32;
     let mut sent = 0u64;
+    let mut try_deadline = None;
     let local = |e: &io::Error| {
         let flags = if e.kind() == io::ErrorKind::TimedOut {
             "UT"
@@ -551,6 +572,7 @@ async fn forward_h2<U: Upstream>(
             (Some(b), Some(l)) => Some(b.min(l)),
             (b, l) => b.or(l),
         };
+        try_deadline = per_try.map(|t| std::time::Instant::now() + t);
         let attempt = async {
             let req = build()?;
             let (resp, mut tx) = up.h2_request(service, req, !has_body).await?;
@@ -652,7 +674,13 @@ async fn forward_h2<U: Upstream>(
     };
     let mut n = 0u64;
     let mut ok = true;
-    if !end {
+    let mut timed_out = false;
+    // The body and trailers within the try's time (the route's `backendRequest` and
+    // `request` timeouts cover the whole response); past it the stream is reset.
+    let relay = async {
+        if end {
+            return;
+        }
         while let Some(chunk) = rx.data().await {
             let Ok(chunk) = chunk else {
                 ok = false;
@@ -672,17 +700,30 @@ async fn forward_h2<U: Upstream>(
                 Err(_) => ok = false,
             }
         }
-        if !ok {
-            tx.send_reset(h2::Reason::INTERNAL_ERROR);
-        }
+    };
+    if http1::within(try_deadline, relay).await.is_none() {
+        ok = false;
+        timed_out = true;
     }
-    up.done(
-        None,
-        status,
-        false,
-        (!ok).then_some(io::ErrorKind::UnexpectedEof),
-    );
-    (status, if ok { "-" } else { "UPE" }, sent, n)
+    if !ok && !end {
+        tx.send_reset(if timed_out {
+            h2::Reason::CANCEL
+        } else {
+            h2::Reason::INTERNAL_ERROR
+        });
+    }
+    let error = match (ok, timed_out) {
+        (true, _) => None,
+        (false, true) => Some(io::ErrorKind::TimedOut),
+        (false, false) => Some(io::ErrorKind::UnexpectedEof),
+    };
+    up.done(None, status, false, error);
+    let flags = match error {
+        None => "-",
+        Some(io::ErrorKind::TimedOut) => "UT",
+        Some(_) => "UPE",
+    };
+    (status, flags, sent, n)
 }
 
 /// The HTTP/2 response head for an HTTP/1.1 one: hop-by-hop headers and

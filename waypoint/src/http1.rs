@@ -900,6 +900,8 @@ pub async fn serve_from<T: Tunnel, U: Upstream>(
                 // upgrade is.
                 normalize_request(&mut head, upgrade.as_deref());
                 let request = Bytes::from(upstream_head(&head, &forward, ctx.source_ip));
+                let deadline = request_deadline(&forward, started);
+                let timeout = || simple_response(504, &[], "upstream request timeout", true);
                 if expect {
                     // Envoy's default: the proxy answers the expectation itself once the
                     // request is allowed and routed, and does not pass it on.
@@ -911,19 +913,21 @@ pub async fn serve_from<T: Tunnel, U: Upstream>(
                 // Read the body whole when it fits the replay buffer; else stream it.
                 let body = match framing {
                     Framing::Length(n) if n as usize <= REPLAY_BUFFER => {
-                        match fill(tunnel, &mut buf, |b| {
+                        let f = fill(tunnel, &mut buf, |b| {
                             (b.len() as u64 >= n).then_some(n as usize)
-                        })
-                        .await?
-                        {
-                            Some(n) => ReqBody::Buffered(buf.split_to(n).freeze()),
-                            None => return bad_body(tunnel).await,
+                        });
+                        match within(deadline, f).await {
+                            Some(r) => match r? {
+                                Some(n) => ReqBody::Buffered(buf.split_to(n).freeze()),
+                                None => return bad_body(tunnel).await,
+                            },
+                            None => return close_with(tunnel, timeout(), 504).await,
                         }
                     }
                     Framing::Chunked => {
                         let mut scan = crate::body::ChunkScan::default();
                         let mut seen = 0;
-                        let r = fill(tunnel, &mut buf, |b| {
+                        let f = fill(tunnel, &mut buf, |b| {
                             let got = scan.feed(&b[seen..]);
                             let r = match got {
                                 Ok(Some(k)) => Some(Ok(Some(seen + k))),
@@ -934,8 +938,11 @@ pub async fn serve_from<T: Tunnel, U: Upstream>(
                             };
                             seen = b.len();
                             r
-                        })
-                        .await?;
+                        });
+                        let Some(r) = within(deadline, f).await else {
+                            return close_with(tunnel, timeout(), 504).await;
+                        };
+                        let r = r?;
                         match r {
                             Some(Ok(Some(n))) => ReqBody::Buffered(buf.split_to(n).freeze()),
                             Some(Ok(None)) => ReqBody::Streamed(Framing::Chunked),
@@ -951,6 +958,7 @@ pub async fn serve_from<T: Tunnel, U: Upstream>(
                 // only, so a tunnel idle between requests holds a small future.
                 let out = Box::pin(forward_request(
                     tunnel, &mut buf, upstream, &forward, &head, request, body, has_body, rng,
+                    deadline,
                 ))
                 .await?;
                 let rec = Record {
@@ -984,6 +992,36 @@ pub async fn serve_from<T: Tunnel, U: Upstream>(
                         return Ok(End::Upgraded);
                     }
                 }
+            }
+        }
+    }
+}
+
+/// When a routed request's time is up: the route's `timeouts.request` (Gateway API; `0s`
+/// or unset: no limit) counted from `started`, when its head was read. It bounds the
+/// whole exchange: the request body's arrival (buffered or streamed), every try and the
+/// streamed response body until its last byte; `timeouts.backendRequest` bounds each try
+/// within it, from the try's first byte upstream to the response's last byte. Before the
+/// response head is sent the answer is `504`; after, the response is cut (tunnel reset).
+pub(crate) fn request_deadline(fwd: &Forward, started: Instant) -> Option<Instant> {
+    fwd.timeouts
+        .request
+        .filter(|d| !d.is_zero())
+        .map(|d| started + d)
+}
+
+/// `f`'s output, or `None` when `deadline` passes first (`f` is then dropped).
+pub(crate) async fn within<F: std::future::Future>(
+    deadline: Option<Instant>,
+    f: F,
+) -> Option<F::Output> {
+    match deadline {
+        None => Some(f.await),
+        Some(d) => {
+            let left = d.saturating_duration_since(Instant::now());
+            match race(f, monoio::time::sleep(left)).await {
+                Either::Left(r) => Some(r),
+                Either::Right(()) => None,
             }
         }
     }
@@ -1299,6 +1337,9 @@ pub(crate) enum Attempt<C> {
         ubuf: BytesMut,
         /// Request body bytes sent.
         sent: u64,
+        /// When this try's time is up (the route's `backendRequest` from the try's start,
+        /// within its `request` deadline): the response body must be complete by then.
+        deadline: Option<Instant>,
     },
     /// Answer this locally (`503`, `504`); `close` when the streamed request body was not
     /// fully read.
@@ -1326,6 +1367,7 @@ pub(crate) async fn attempt<T: Tunnel, U: Upstream>(
     body: &ReqBody,
     has_body: bool,
     rng: &mut dyn Rng,
+    deadline: Option<Instant>,
 ) -> Attempt<U::Conn> {
     let streamed = matches!(body, ReqBody::Streamed(_));
     for m in &fwd.mirrors {
@@ -1351,11 +1393,6 @@ pub(crate) async fn attempt<T: Tunnel, U: Upstream>(
     };
     let replayable = !streamed && (!has_body || idempotent(&head.method));
     let nonzero = |d: &Duration| !d.is_zero();
-    let deadline = fwd
-        .timeouts
-        .request
-        .filter(nonzero)
-        .map(|d| Instant::now() + d);
     let remaining = || deadline.map(|d| d.saturating_duration_since(Instant::now()));
     let mut retries = 0u32;
     let mut replaced = false;
@@ -1375,6 +1412,7 @@ pub(crate) async fn attempt<T: Tunnel, U: Upstream>(
             (Some(b), Some(l)) => Some(b.min(l)),
             (b, l) => b.or(l),
         };
+        let try_deadline = per_try.map(|t| Instant::now() + t);
         let attempt = one_try(
             up,
             source,
@@ -1441,6 +1479,7 @@ pub(crate) async fn attempt<T: Tunnel, U: Upstream>(
                         head: h,
                         ubuf,
                         sent,
+                        deadline: try_deadline,
                     };
                 }
             }
@@ -1469,16 +1508,21 @@ async fn forward_request<T: Tunnel, U: Upstream>(
     body: ReqBody,
     has_body: bool,
     rng: &mut dyn Rng,
+    deadline: Option<Instant>,
 ) -> io::Result<Forwarded> {
     let streamed = matches!(body, ReqBody::Streamed(_));
-    let a = attempt(tunnel, buf, up, fwd, head, request, &body, has_body, rng).await;
-    let (mut conn, mut h, mut ubuf, sent) = match a {
+    let a = attempt(
+        tunnel, buf, up, fwd, head, request, &body, has_body, rng, deadline,
+    )
+    .await;
+    let (mut conn, mut h, mut ubuf, sent, deadline) = match a {
         Attempt::Answer {
             conn,
             head,
             ubuf,
             sent,
-        } => (conn, head, ubuf, sent),
+            deadline,
+        } => (conn, head, ubuf, sent, deadline),
         Attempt::Local {
             resp,
             flags,
@@ -1587,7 +1631,23 @@ async fn forward_request<T: Tunnel, U: Upstream>(
     } else {
         h.framing
     };
-    match crate::body::copy(&mut conn, &mut ubuf, framing, Some(tunnel), eof_to_chunked).await {
+    let copy = crate::body::copy(&mut conn, &mut ubuf, framing, Some(tunnel), eof_to_chunked);
+    let Some(copied) = within(deadline, copy).await else {
+        // The route's time ran out after the response head went out: the tunnel is reset
+        // (the client sees a cut body, never a complete-looking one).
+        up.done(None, h.status, false, Some(io::ErrorKind::TimedOut));
+        return Ok(Forwarded {
+            status: h.status,
+            flags: "UT",
+            request_body: sent,
+            response_bytes,
+            next: Next::Abort(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "upstream request timeout in the response body",
+            )),
+        });
+    };
+    match copied {
         Ok(n) => response_bytes += n,
         Err(e) => {
             up.done(None, h.status, false, Some(io::ErrorKind::UnexpectedEof));

@@ -654,7 +654,12 @@ async fn tunnel(w: Rc<Worker>, cert: Arc<WorkloadCert>, inb: Inbound) {
                     }
                     tracing::trace!(%target, ?end, "tunnel ended")
                 }
-                Either::Left(Err(e)) => tracing::debug!(%target, error = %e, "tunnel failed"),
+                Either::Left(Err(e)) => {
+                    // A response cut after its head (or a failed tunnel): the stream is
+                    // reset, so the client never sees a complete-looking end.
+                    stream.reset(h2::Reason::CANCEL);
+                    tracing::debug!(%target, error = %e, "tunnel failed");
+                }
                 Either::Right(()) => stream.reset(h2::Reason::CANCEL),
             }
         }

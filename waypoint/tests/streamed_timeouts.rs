@@ -1,0 +1,583 @@
+//! Route timeouts (Gateway API `HTTPRoute` `timeouts.request` / `timeouts.backendRequest`)
+//! with streamed bodies, against a real backend that trickles: the `waypoint` binary, a
+//! stand-in destination ztunnel and plain TCP backends.
+//!
+//! The reading implemented (`http1::request_deadline`): `request` bounds the whole
+//! exchange, from the request head's arrival through the request body (buffered or
+//! streamed), every try and the streamed response body to its last byte;
+//! `backendRequest` bounds each try, from its first byte upstream to the response's last
+//! byte. Before the response head went out the client gets `504`; after, the response is
+//! cut: the CONNECT stream (HTTP/1.1 in the tunnel) or the request stream (HTTP/2 in the
+//! tunnel) is reset, never ended as if complete, and the backend's connection is closed.
+//!
+//! No timing thresholds: the backends trickle until their connection closes (so only the
+//! timeout can end an exchange), and the tests wait for events with generous bounds.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::rc::Rc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use hbone::ca::{CertSource, SigningCa, WorkloadCert};
+use hbone::client::Client;
+use hbone::server::{serve_connection, Inbound, ServerCounters};
+use hbone::stream::H2Stream;
+use hbone::tls::TlsCounters;
+use hbone::wire::ConnectRequest;
+use hbone::{H2Settings, Identity};
+use runtime::driver::{build_runtime, DriverDecision, DriverKind};
+
+/// How long any awaited event may take before the test fails (generous: the timeouts
+/// under test are 1 s).
+const EVENT_BOUND: Duration = Duration::from_secs(60);
+
+fn id(sa: &str) -> Identity {
+    Identity::new("cluster.local", "app", sa)
+}
+
+fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    let d = DriverDecision {
+        kind: DriverKind::Epoll,
+        reason: "test".into(),
+    };
+    let (mut rt, _) = build_runtime(&d, 256).unwrap();
+    rt.block_on(f)
+}
+
+/// What the backend saw end.
+#[derive(Debug, PartialEq, Eq)]
+enum Seen {
+    /// Its trickled response could not be written any more: the path closed it.
+    ResponseCut(&'static str),
+    /// The request body stopped (end of stream) before its declared length.
+    UploadCut { got: usize },
+}
+
+fn content_length(req: &httparse::Request<'_, '_>) -> usize {
+    req.headers
+        .iter()
+        .find(|h| h.name.eq_ignore_ascii_case("content-length"))
+        .map_or(0, |h| {
+            std::str::from_utf8(h.value).unwrap().parse().unwrap()
+        })
+}
+
+/// Trickle `unit` every few milliseconds until a write fails.
+fn trickle(c: &mut TcpStream, unit: &[u8]) {
+    loop {
+        if c.write_all(unit).is_err() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A backend: `…/slow-body` answers a head with `content-length: 1000000` at once and then
+/// one byte at a time; `…/slow-chunked` the same with one-byte chunks; `…/upload` reads
+/// the whole declared body before answering `200 got=N`; anything else `200 ok`.
+/// Reports what it saw end on `tx`.
+fn backend(ip: Ipv4Addr, tx: mpsc::Sender<Seen>) -> SocketAddr {
+    let l = TcpListener::bind((ip, 0)).unwrap();
+    let addr = l.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for c in l.incoming() {
+            let Ok(mut c) = c else { return };
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                let mut buf = Vec::new();
+                let mut chunk = vec![0u8; 64 * 1024];
+                loop {
+                    let mut hs = [httparse::EMPTY_HEADER; 32];
+                    let mut req = httparse::Request::new(&mut hs);
+                    let n = match req.parse(&buf) {
+                        Ok(httparse::Status::Complete(n)) => n,
+                        Ok(httparse::Status::Partial) => match c.read(&mut chunk) {
+                            Ok(0) | Err(_) => return,
+                            Ok(k) => {
+                                buf.extend_from_slice(&chunk[..k]);
+                                continue;
+                            }
+                        },
+                        Err(_) => return,
+                    };
+                    let path = req.path.unwrap().to_string();
+                    let len = content_length(&req);
+                    buf.drain(..n);
+                    let mut got = len.min(buf.len());
+                    buf.drain(..got);
+                    while got < len {
+                        match c.read(&mut chunk[..(len - got).min(64 * 1024)]) {
+                            Ok(0) | Err(_) => {
+                                let _ = tx.send(Seen::UploadCut { got });
+                                return;
+                            }
+                            Ok(k) => got += k,
+                        }
+                    }
+                    if path.ends_with("/slow-body") {
+                        let head = "HTTP/1.1 200 OK\r\ncontent-length: 1000000\r\n\r\n";
+                        if c.write_all(head.as_bytes()).is_ok() {
+                            trickle(&mut c, b"x");
+                        }
+                        let _ = tx.send(Seen::ResponseCut("length"));
+                        return;
+                    }
+                    if path.ends_with("/slow-chunked") {
+                        let head = "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n";
+                        if c.write_all(head.as_bytes()).is_ok() {
+                            trickle(&mut c, b"1\r\nx\r\n");
+                        }
+                        let _ = tx.send(Seen::ResponseCut("chunked"));
+                        return;
+                    }
+                    let body = if path.ends_with("/upload") {
+                        format!("got={got}")
+                    } else {
+                        "ok".to_string()
+                    };
+                    let resp = format!(
+                        "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}",
+                        body.len()
+                    );
+                    if c.write_all(resp.as_bytes()).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// The backend's node ztunnel: accepts CONNECT and bridges to the target.
+fn ztunnel(l: TcpListener, tls: Arc<rustls::ServerConfig>) {
+    l.set_nonblocking(true).unwrap();
+    std::thread::spawn(move || {
+        block_on(async move {
+            let l = monoio::net::TcpListener::from_std(l).unwrap();
+            loop {
+                let Ok((tcp, peer)) = l.accept().await else {
+                    continue;
+                };
+                let tls = tls.clone();
+                monoio::spawn(async move {
+                    let h = Rc::new(|inb: Inbound| async move {
+                        let target = inb.request.target;
+                        let Ok(tcp) = monoio::net::TcpStream::connect_addr(target).await else {
+                            inb.reject(hbone::wire::status::UPSTREAM_FAILED);
+                            return;
+                        };
+                        let Ok(s) = inb.accept() else { return };
+                        hbone::stream::bridge(
+                            tcp,
+                            s,
+                            64 * 1024,
+                            Duration::from_secs(120),
+                            std::future::pending(),
+                        )
+                        .await;
+                    });
+                    let _ = serve_connection(
+                        tcp,
+                        peer,
+                        tls,
+                        &H2Settings::default(),
+                        Arc::new(ServerCounters::default()),
+                        std::future::pending(),
+                        h,
+                    )
+                    .await;
+                });
+            }
+        })
+    });
+}
+
+/// The waypoint process, killed and reaped when dropped.
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+const HOST: &str = "echo.app.svc.cluster.local";
+
+/// `/rq/…`: `request: 1s`; `/br/…`: `backendRequest: 1s` within `request: 10m`.
+const ROUTE: &str = r#"apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: timeouts, namespace: app}
+spec:
+  parentRefs: [{group: "", kind: Service, name: echo}]
+  rules:
+  - matches: [{path: {type: PathPrefix, value: /rq}}]
+    backendRefs: [{name: echo, port: 80}]
+    timeouts: {request: 1s}
+  - matches: [{path: {type: PathPrefix, value: /br}}]
+    backendRefs: [{name: echo, port: 80}]
+    timeouts: {request: 10m, backendRequest: 1s}
+  - backendRefs: [{name: echo, port: 80}]
+"#;
+
+struct Setup {
+    _wp: Proc,
+    _dir: TempDir,
+    addr: SocketAddr,
+    stats: SocketAddr,
+    tls: Arc<rustls::ClientConfig>,
+    seen: mpsc::Receiver<Seen>,
+}
+
+struct TempDir(std::path::PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+static NEXT: AtomicU32 = AtomicU32::new(0);
+
+fn setup() -> Setup {
+    let k = NEXT.fetch_add(1, Ordering::Relaxed);
+    let net = (100 + (std::process::id() * 7 + k) % 150) as u8;
+    let zt_ip = Ipv4Addr::new(127, net, 7, 1);
+    let Ok(zl) = TcpListener::bind((zt_ip, 15008)) else {
+        panic!("{zt_ip}:15008 is taken");
+    };
+    let (tx, seen) = mpsc::channel();
+    let pod = backend(Ipv4Addr::new(127, net, 7, 2), tx);
+    let d = TempDir(std::env::temp_dir().join(format!(
+        "waypoint-streamed-timeouts-{}-{k}",
+        std::process::id()
+    )));
+    let _ = std::fs::remove_dir_all(&d.0);
+    std::fs::create_dir_all(&d.0).unwrap();
+    let ca = SigningCa::builtin(&d.0.join("ca"), "cluster.local").unwrap();
+    let now = SystemTime::now();
+    let zt_cert: WorkloadCert = ca.issue(&id("echo"), now).unwrap();
+    ztunnel(zl, hbone::tls::server_config(&zt_cert).unwrap());
+    let cfg = format!(
+        r#"namespaces:
+  - name: app
+    labels: {{istio.io/dataplane-mode: ambient}}
+waypoints:
+  - {{name: wp, namespace: app, address: 10.1.0.100}}
+nodes:
+  - {{name: node-b, ztunnel: {zt_ip}}}
+workloads:
+  - {{uid: wp, name: wp, namespace: app, serviceAccount: waypoint, workloadIps: ["10.1.0.100"]}}
+  - {{uid: e1, name: e1, namespace: app, serviceAccount: echo, node: node-b, workloadIps: ["{ip}"], services: {{"app/echo.app.svc.cluster.local": {{80: {port}}}}}}}
+services:
+  - {{name: echo, namespace: app, hostname: echo.app.svc.cluster.local, vips: ["10.96.0.1"], ports: {{80: 8080}}}}
+---
+waypoint:
+  listen: 127.0.0.1:0
+  stats: 127.0.0.1:0
+  identity: spiffe://cluster.local/ns/app/sa/waypoint
+  gateway: app/wp
+  address: 10.1.0.100:15008
+  ca: {{builtin: {ca}}}
+runtime: {{workers: 1, pin: false, drain_timeout: 1s}}
+---
+{ROUTE}"#,
+        ip = pod.ip(),
+        port = pod.port(),
+        ca = d.0.join("ca").display(),
+    );
+    std::fs::write(d.0.join("waypoint.yaml"), cfg).unwrap();
+    let mut child = Proc(
+        Command::new(env!("CARGO_BIN_EXE_waypoint"))
+            .args(["--config", d.0.join("waypoint.yaml").to_str().unwrap()])
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let mut line = String::new();
+    BufReader::new(child.0.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert!(line.starts_with("READY "), "{line}");
+    let addr_of = |key: &str| -> SocketAddr {
+        line.split_whitespace()
+            .find_map(|w| w.strip_prefix(key))
+            .unwrap_or_else(|| panic!("{key} in {line}"))
+            .parse()
+            .unwrap()
+    };
+    let (addr, stats) = (addr_of("hbone="), addr_of("stats="));
+    let me = ca.issue(&id("client"), now).unwrap();
+    let tls = hbone::tls::client_config(&me, &[id("waypoint")]).unwrap();
+    Setup {
+        _wp: child,
+        _dir: d,
+        addr,
+        stats,
+        tls,
+        seen,
+    }
+}
+
+impl Setup {
+    /// A tunnel to the echo service (on its own connection, which lives as long as the
+    /// client does).
+    async fn tunnel(&self) -> (Client, H2Stream) {
+        let c = Client::connect(
+            self.addr,
+            self.tls.clone(),
+            &H2Settings::default(),
+            &TlsCounters::default(),
+        )
+        .await
+        .unwrap();
+        let s = c
+            .open(&ConnectRequest::new("10.96.0.1:80".parse().unwrap()))
+            .await
+            .unwrap();
+        (c, s)
+    }
+
+    /// What the backend saw end next.
+    fn next_seen(&self) -> Seen {
+        self.seen
+            .recv_timeout(EVENT_BOUND)
+            .expect("the backend saw nothing end")
+    }
+
+    /// A counter of the waypoint's `/stats/prometheus`.
+    fn metric(&self, name: &str) -> u64 {
+        let mut c = TcpStream::connect(self.stats).unwrap();
+        c.write_all(b"GET /stats/prometheus HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+            .unwrap();
+        let mut s = String::new();
+        c.read_to_string(&mut s).unwrap();
+        s.lines()
+            .find_map(|l| {
+                let (n, v) = l.split_once(' ')?;
+                (n == name || n.starts_with(&format!("{name}{{"))).then(|| v.trim().parse().ok())?
+            })
+            .unwrap_or_else(|| panic!("{name} not in the stats"))
+    }
+}
+
+/// How a tunnel's HTTP/1.1 response ended.
+#[derive(Debug, PartialEq, Eq)]
+enum Ended {
+    /// The stream was reset.
+    Reset,
+    /// The stream ended cleanly (END_STREAM).
+    Closed,
+}
+
+/// Read the response head (status, head length) and then everything until the stream
+/// ends: (status, bytes after the head, how it ended).
+async fn read_all(s: &mut H2Stream) -> (u16, Vec<u8>, Ended) {
+    let mut buf = Vec::new();
+    let ended = loop {
+        match bounded(s.read()).await {
+            Some(Ok(b)) => buf.extend_from_slice(&b),
+            Some(Err(_)) => break Ended::Reset,
+            None => break Ended::Closed,
+        }
+    };
+    let mut hs = [httparse::EMPTY_HEADER; 16];
+    let mut r = httparse::Response::new(&mut hs);
+    let n = match r.parse(&buf) {
+        Ok(httparse::Status::Complete(n)) => n,
+        other => panic!(
+            "no response head ({other:?}) in {:?}",
+            String::from_utf8_lossy(&buf)
+        ),
+    };
+    (r.code.unwrap(), buf[n..].to_vec(), ended)
+}
+
+/// `f`, which must finish within [`EVENT_BOUND`] (a response the timeout does not end
+/// would trickle for hours).
+async fn bounded<F: std::future::Future>(f: F) -> F::Output {
+    match runtime::worker::race(f, monoio::time::sleep(EVENT_BOUND)).await {
+        runtime::worker::Either::Left(x) => x,
+        runtime::worker::Either::Right(()) => panic!("nothing ended within {EVENT_BOUND:?}"),
+    }
+}
+
+/// A complete exchange on a fresh tunnel: (status, body).
+async fn exchange(st: &Setup, path: &str) -> (u16, String) {
+    let (_c, mut s) = st.tunnel().await;
+    let req = format!("GET {path} HTTP/1.1\r\nhost: {HOST}\r\nconnection: close\r\n\r\n");
+    s.write_all(Bytes::from(req), false).await.unwrap();
+    let (status, body, ended) = read_all(&mut s).await;
+    assert_eq!(ended, Ended::Closed);
+    (status, String::from_utf8(body).unwrap())
+}
+
+/// A response body trickled past the route's `request` timeout, after its head went
+/// out: the tunnel is reset with the body incomplete (content-length and chunked), the
+/// backend's connection is closed, and the timeout is counted. The same route answers
+/// a quick exchange in full.
+#[test]
+fn r17_request_timeout_cuts_a_streamed_response_body_after_its_head() {
+    let st = setup();
+    block_on(async {
+        assert_eq!(exchange(&st, "/rq/fast").await, (200, "ok".into()));
+        for (path, framing) in [("/rq/slow-body", "length"), ("/rq/slow-chunked", "chunked")] {
+            let (_c, mut s) = st.tunnel().await;
+            let req = format!("GET {path} HTTP/1.1\r\nhost: {HOST}\r\n\r\n");
+            s.write_all(Bytes::from(req), false).await.unwrap();
+            let (status, body, ended) = read_all(&mut s).await;
+            assert_eq!(status, 200, "{path}");
+            assert_eq!(
+                ended,
+                Ended::Reset,
+                "{path}: the cut must not look complete"
+            );
+            if framing == "length" {
+                assert!(body.len() < 1_000_000, "{path}: {} bytes", body.len());
+            } else {
+                assert!(
+                    !body.windows(5).any(|w| w == b"0\r\n\r\n"),
+                    "{path}: a last chunk was sent"
+                );
+            }
+            assert_eq!(st.next_seen(), Seen::ResponseCut(framing));
+        }
+    });
+    assert_eq!(st.metric("waypoint_upstream_timeouts_total"), 2);
+}
+
+/// `backendRequest` bounds a try until the response's last byte, not only its head.
+#[test]
+fn r17_backend_request_timeout_covers_the_response_body() {
+    let st = setup();
+    block_on(async {
+        assert_eq!(exchange(&st, "/br/fast").await, (200, "ok".into()));
+        let (_c, mut s) = st.tunnel().await;
+        let req = format!("GET /br/slow-body HTTP/1.1\r\nhost: {HOST}\r\n\r\n");
+        s.write_all(Bytes::from(req), false).await.unwrap();
+        let (status, body, ended) = read_all(&mut s).await;
+        assert_eq!((status, ended), (200, Ended::Reset));
+        assert!(body.len() < 1_000_000);
+    });
+    assert_eq!(st.next_seen(), Seen::ResponseCut("length"));
+    assert_eq!(st.metric("waypoint_upstream_timeouts_total"), 1);
+}
+
+/// A request body trickled past the route's `request` timeout, before any response:
+/// `504`, and the tunnel is closed (the rest of the body is never read). A small body
+/// (read whole by the waypoint before the first try) never reaches the backend; a large
+/// (streamed) one is cut at the backend.
+#[test]
+fn r17_request_timeout_answers_504_to_a_slow_upload() {
+    let st = setup();
+    block_on(async {
+        for (len, sent_first) in [(1_000usize, 10usize), (1_000_000, 100 * 1024)] {
+            let (_c, mut s) = st.tunnel().await;
+            let head = format!(
+                "POST /rq/upload HTTP/1.1\r\nhost: {HOST}\r\ncontent-length: {len}\r\n\r\n"
+            );
+            s.write_all(Bytes::from(head), false).await.unwrap();
+            s.write_all(Bytes::from(vec![b'u'; sent_first]), false)
+                .await
+                .unwrap();
+            // Trickle the rest until the waypoint answers and the stream ends.
+            let (mut w, mut r) = s.split();
+            let reader = async {
+                let mut buf = Vec::new();
+                loop {
+                    match r.read().await {
+                        Some(Ok(b)) => buf.extend_from_slice(&b),
+                        Some(Err(_)) => return (buf, Ended::Reset),
+                        None => return (buf, Ended::Closed),
+                    }
+                }
+            };
+            let trickler = async {
+                while w.write_all(Bytes::from_static(b"u"), false).await.is_ok() {
+                    monoio::time::sleep(Duration::from_millis(20)).await;
+                }
+                std::future::pending::<()>().await
+            };
+            let (buf, ended) = match bounded(runtime::worker::race(reader, trickler)).await {
+                runtime::worker::Either::Left(x) => x,
+                runtime::worker::Either::Right(()) => unreachable!(),
+            };
+            let text = String::from_utf8_lossy(&buf).into_owned();
+            assert!(
+                text.starts_with("HTTP/1.1 504 "),
+                "{len}-byte upload: {text:?}"
+            );
+            assert!(text.ends_with("upstream request timeout"), "{text:?}");
+            assert!(
+                text.to_ascii_lowercase().contains("connection: close"),
+                "{text:?}"
+            );
+            assert_eq!(ended, Ended::Closed, "{len}-byte upload");
+            if len > 64 * 1024 {
+                match st.next_seen() {
+                    Seen::UploadCut { got } => assert!(got >= sent_first && got < len),
+                    other => panic!("{other:?}"),
+                }
+            }
+        }
+    });
+    // Only the streamed upload reached the backend; nothing else ended there.
+    assert!(st.seen.try_recv().is_err());
+    assert_eq!(st.metric("waypoint_upstream_timeouts_total"), 1);
+}
+
+/// HTTP/2 inside the tunnel: a response body trickled past the route's `request` timeout
+/// after its head went out is reset (RST_STREAM), not ended; the connection and its other
+/// streams go on (a quick request on the same connection afterwards completes).
+#[test]
+fn r17_request_timeout_resets_an_h2_stream_whose_body_is_streaming() {
+    let st = setup();
+    block_on(async {
+        let (_c, s) = st.tunnel().await;
+        let io = waypoint::inner::StreamIo::new(s, Bytes::new());
+        let (mut client, conn) = h2::client::handshake(io).await.unwrap();
+        monoio::spawn(async move {
+            let _ = conn.await;
+        });
+        let get = |path: &str| {
+            http::Request::builder()
+                .uri(format!("http://{HOST}{path}"))
+                .body(())
+                .unwrap()
+        };
+        let (resp, _) = client.send_request(get("/rq/slow-body"), true).unwrap();
+        let resp = bounded(resp).await.unwrap();
+        assert_eq!(resp.status(), 200);
+        let mut body = resp.into_body();
+        let mut got = 0;
+        let err = loop {
+            match bounded(body.data()).await {
+                Some(Ok(b)) => {
+                    got += b.len();
+                    let _ = body.flow_control().release_capacity(b.len());
+                }
+                Some(Err(e)) => break e,
+                None => panic!("the stream ended as if complete after {got} bytes"),
+            }
+        };
+        assert_eq!(err.reason(), Some(h2::Reason::CANCEL), "{err}");
+        assert!(got < 1_000_000);
+        assert_eq!(st.next_seen(), Seen::ResponseCut("length"));
+        // The connection still serves.
+        let (resp, _) = client.send_request(get("/rq/fast"), true).unwrap();
+        let resp = bounded(resp).await.unwrap();
+        assert_eq!(resp.status(), 200);
+        let mut body = resp.into_body();
+        let mut all = Vec::new();
+        while let Some(b) = bounded(body.data()).await {
+            all.extend_from_slice(&b.unwrap());
+        }
+        assert_eq!(all, b"ok");
+    });
+    assert_eq!(st.metric("waypoint_upstream_timeouts_total"), 1);
+}
