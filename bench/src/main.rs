@@ -3,8 +3,8 @@
 //! asks.
 //!
 //! ```text
-//! cargo run --release -p bench                      # default suite, ~3 minutes
-//! cargo run --release -p bench -- --quick           # 1 s runs, 1 repetition (~15 s)
+//! cargo run --release -p bench                      # default suite, about two minutes
+//! cargo run --release -p bench -- --quick           # 0.5 s runs, 1 repetition (~20 s)
 //! cargo run --release -p bench -- --scenario tcp-rr --duration 5s --size 100 --reps 5
 //! cargo run --release -p bench -- --scenario tcp-rr-open --rate 20000 --streams 4
 //! cargo run --release -p bench -- --scenario http1-open --http-rate 15000 --path direct,waypoint
@@ -46,6 +46,10 @@
 //! connection (what the profile's buffer and window sizes bound), beside the kernel's TCP
 //! memory and the bytes the path absorbed per connection; then the backend reads everything
 //! and the count is checked. The three memory scenarios run once per path (no repetitions).
+//! Before the suite starts, each memory scenario × path is fitted to the descriptor limits of
+//! the processes it crosses (the harness, our proxies, a peer; see [`fds`]): a run that would
+//! not fit is measured with the largest count that does, or skipped when under 100 fit;
+//! either is said at the start, in the summary, the flags and the JSON, and is no failure.
 //!
 //! **Topologies.** `--topology netns` (root): the default mesh in network namespaces with
 //! transparent capture ([`mesh`]). `--topology loopback` (the default without root): the
@@ -95,6 +99,7 @@
 //! written).
 
 mod backend;
+mod fds;
 mod generator;
 mod host;
 mod http1;
@@ -127,7 +132,7 @@ use suite::{Ctx, Kind, Knobs, MeshBackends, PathKind, Placement, Scenario, Topo}
     name = "bench",
     about = "Load harness: direct vs the L4 forwarder (copy, splice) and the HBONE proxies, \
              interleaved and repeated",
-    after_help = "With no arguments: the default suite (about 3 minutes). Results go to \
+    after_help = "With no arguments: the default suite (about two minutes). Results go to \
                   bench/results/<UTC timestamp>/ unless --out is given."
 )]
 struct Args {
@@ -136,8 +141,7 @@ struct Args {
     /// connections), http2-rps, large-body, idle-connections, idle-http (--idle-http-conns
     /// idle HTTP keep-alive connections: the waypoint and peers), mixed (one bulk stream,
     /// tcp-rr and --conns HTTP/1.1 connections (default 8) at once; mesh topologies),
-    /// slow-reader (--slow-conns connections whose backend stops reading; not in the
-    /// default suite).
+    /// slow-reader (--slow-conns connections whose backend stops reading; mesh topologies).
     #[arg(long = "scenario", value_delimiter = ',')]
     scenarios: Vec<String>,
     /// Paths to compare. Mesh topology: direct, l4, hbone, waypoint. Loopback topology:
@@ -156,8 +160,10 @@ struct Args {
     #[arg(long)]
     socks5: Option<std::net::SocketAddr>,
     /// An external proxy to compare with, run in the mesh's `peer` pod:
-    /// NAME=ADDR,cmd=COMMAND (repeatable; see bench/peers/ and `bench/src/peer.rs` for
-    /// the port layout it must forward).
+    /// NAME=ADDR[,maxconn=N],cmd=COMMAND (repeatable; see bench/peers/ and
+    /// `bench/src/peer.rs` for the port layout it must forward). maxconn: the most client
+    /// connections its config admits (HAProxy's maxconn; nginx's worker_connections / 2):
+    /// the memory scenarios are sized to it and to its descriptor limit.
     #[arg(long = "peer")]
     peers: Vec<String>,
     /// Tuning profile (built-in name or YAML file) passed to the ztunnels and the waypoint.
@@ -175,7 +181,8 @@ struct Args {
     body: usize,
     /// idle-connections: connections held open through the path. The harness holds two
     /// descriptors per connection (client and backend) under RLIMIT_NOFILE, so the default
-    /// 9,000 is the largest round number that fits a 20,000 limit.
+    /// 9,000 is the largest round number that fits a 20,000 limit (a run that does not fit
+    /// the harness's, a proxy's or a peer's limit is sized down or skipped, and said so).
     #[arg(long, default_value_t = 9000)]
     idle_conns: usize,
     /// idle-http: idle HTTP/1.1 keep-alive connections held through the waypoint (each a
@@ -190,10 +197,11 @@ struct Args {
     /// keep-alive connections; the default is one the waypoint path sustains on a 2-CPU box).
     #[arg(long, default_value_t = DEFAULT_HTTP_RATE)]
     http_rate: f64,
-    /// Measured time per run (e.g. 2s, 500ms). Default 1.5s (quick: 1s).
+    /// Measured time per run (e.g. 2s, 500ms). Default 0.6s, and 1s for tcp-rr-open,
+    /// http1-open and mixed (their p99 needs the samples); quick: 0.5s. Sets both.
     #[arg(long, value_parser = parse_duration)]
     duration: Option<Duration>,
-    /// Unmeasured warm-up before each window. Default 300ms (quick: 100ms).
+    /// Unmeasured warm-up before each window. Default 200ms (quick: 100ms).
     #[arg(long, value_parser = parse_duration)]
     warmup: Option<Duration>,
     /// Repetitions of every scenario × path. Default 3 (quick: 1).
@@ -216,7 +224,8 @@ struct Args {
     /// Bytes per write in tcp-throughput.
     #[arg(long, default_value = "128KiB", value_parser = parse_size)]
     write_size: usize,
-    /// The shortened suite: 1 s runs, one repetition, no waiting for quiet.
+    /// The shortened suite: 0.5 s runs, one repetition, no waiting for quiet, 1,000 idle
+    /// connections.
     #[arg(long)]
     quick: bool,
     /// Do not pin generator, backend and proxy to separate CPUs.
@@ -371,10 +380,12 @@ fn plan(args: &Args) -> Result<Suite> {
             Kind::Mixed,
         ];
         // Memory last; idle-http first of them: its figure is the waypoint's, which no
-        // earlier memory scenario has grown (see the lower-bound note in `suite::idle_run`).
+        // earlier memory scenario has grown (see the lower-bound note in `suite::idle_run`);
+        // slow-reader (l4, hbone) after the idle ones.
         if layout.is_some() {
             v.push(Kind::IdleHttp);
             v.push(Kind::Idle);
+            v.push(Kind::SlowReader);
         }
         // mixed: mesh topologies only; not in --quick (a 0.5 s window of a debug build under
         // outside load can hold no tcp-rr round trip behind the bulk stream; the loopback
@@ -610,7 +621,15 @@ fn plan(args: &Args) -> Result<Suite> {
     if args.body == 0 || args.body > http1::MAX_BODY || args.conns == 0 || args.idle_conns == 0 {
         bail!("--body must be 1 B..64 MiB; --conns and --idle-conns at least 1");
     }
+    // The default suite's budget (about two minutes): rates settle within 0.6 s windows
+    // (thousands of operations each); the open-loop and mixed p99s get 1 s (5,000 samples at
+    // tcp-rr-open's rate). --duration sets both.
     let duration = args.duration.unwrap_or(if quick {
+        Duration::from_millis(500)
+    } else {
+        Duration::from_millis(600)
+    });
+    let latency_duration = args.duration.unwrap_or(if quick {
         Duration::from_millis(500)
     } else {
         Duration::from_millis(1000)
@@ -623,10 +642,11 @@ fn plan(args: &Args) -> Result<Suite> {
     }
     let knobs = Knobs {
         duration,
+        latency_duration,
         warmup: args.warmup.unwrap_or(if quick {
             Duration::from_millis(100)
         } else {
-            Duration::from_millis(300)
+            Duration::from_millis(200)
         }),
         reps: args.reps.unwrap_or(if quick { 1 } else { 3 }).max(1),
         quiet_threshold_pct: args.quiet_threshold,
@@ -703,6 +723,9 @@ fn run(args: Args, suite: Suite) -> Result<ExitCode> {
             .context("installing the signal handler")?;
     }
 
+    // The memory scenarios hold two descriptors per connection here: take the hard limit
+    // (children, peers included, inherit it). What still does not fit is sized up front.
+    let _ = runtime::sys::raise_nofile_limit();
     let placement = Placement::decide(!args.no_pin);
     let cores = std::thread::available_parallelism()
         .map(|n| n.get())
@@ -802,16 +825,41 @@ fn run(args: Args, suite: Suite) -> Result<ExitCode> {
                 }
         })
         .sum();
-    let per_run = suite.knobs.duration + suite.knobs.warmup + suite.knobs.quiet_sample;
+    // Rough: each run's warm-up, window and quiet check; a memory run ≈ 5 s.
+    let estimate: f64 = suite
+        .scenarios
+        .iter()
+        .map(|sc| {
+            let paths = suite.paths.iter().filter(|p| p.carries(sc.kind)).count() as f64;
+            if sc.kind.is_memory() {
+                return paths * 5.0;
+            }
+            let window = if sc.kind.is_latency() {
+                suite.knobs.latency_duration
+            } else {
+                suite.knobs.duration
+            };
+            let per_run = window + suite.knobs.warmup + suite.knobs.quiet_sample;
+            paths * suite.knobs.reps as f64 * (per_run.as_secs_f64() + 0.1)
+        })
+        .sum();
     eprintln!(
-        "bench: {} suite: {} scenario(s) × {} path(s) × {} rep(s): {total_runs} runs of {:.1}s (≈{:.0}s); \
+        "bench: {} suite: {} scenario(s) × {} path(s) × {} rep(s): {total_runs} runs of {:.1}s{} (≈{:.0}s); \
          pinning {}; generator driver {}; report → {}",
         suite.name,
         suite.scenarios.len(),
         suite.paths.len(),
         suite.knobs.reps,
         suite.knobs.duration.as_secs_f64(),
-        total_runs as f64 * (per_run.as_secs_f64() + 0.15),
+        if suite.knobs.latency_duration != suite.knobs.duration {
+            format!(
+                " (open loop and mixed {:.1}s)",
+                suite.knobs.latency_duration.as_secs_f64()
+            )
+        } else {
+            String::new()
+        },
+        estimate,
         if placement.pin {
             format!(
                 "generator+backend on {:?}, proxy on {:?}",
@@ -854,6 +902,7 @@ fn run(args: Args, suite: Suite) -> Result<ExitCode> {
         clk_tck: host_facts.clk_tck,
         tmp: &tmp.0,
         interrupted: interrupted.clone(),
+        sizing: Vec::new(),
         tty: std::io::stderr().is_terminal(),
         quiet_waited: Duration::ZERO,
         retries_left: suite.knobs.max_retries,
@@ -862,6 +911,22 @@ fn run(args: Args, suite: Suite) -> Result<ExitCode> {
         seq: 0,
         planned_done: 0,
     };
+    // Memory runs that would not fit a process's descriptor limit: sized or skipped, said now.
+    ctx.sizing = suite::fit_memory_runs(&ctx, &suite.scenarios, &suite.paths);
+    for (id, path, z) in &ctx.sizing {
+        eprintln!("bench: {id} × {path}: {}", z.reason);
+    }
+    let sizing_json: Vec<Value> = ctx
+        .sizing
+        .iter()
+        .map(|(id, path, z)| {
+            let mut v = json!({"id": id, "path": path});
+            if let (Value::Object(o), Ok(Value::Object(z))) = (&mut v, serde_json::to_value(z)) {
+                o.extend(z);
+            }
+            v
+        })
+        .collect();
     let mut runs: Vec<Run> = Vec::new();
     let was_interrupted = suite::run_suite(&mut ctx, &suite.scenarios, &suite.paths, &mut runs)
         .is_err()
@@ -955,6 +1020,9 @@ fn run(args: Args, suite: Suite) -> Result<ExitCode> {
                 r.pre_busy_pct.unwrap_or(0.0),
                 r.other_procs_cpu_pct
             ));
+        }
+        if let Some(z) = &r.sizing {
+            flags.push(format!("{} {}: {}", r.id, r.path, z.reason));
         }
         for n in r.notes.iter().filter(|n| {
             n.contains("forwarder")
@@ -1051,6 +1119,7 @@ fn run(args: Args, suite: Suite) -> Result<ExitCode> {
             "scenarios": suite.scenarios.iter().map(|s| s.id()).collect::<Vec<_>>(),
             "paths": suite.paths.iter().map(|p| p.name()).collect::<Vec<_>>(),
             "duration_s": suite.knobs.duration.as_secs_f64(),
+            "latency_duration_s": suite.knobs.latency_duration.as_secs_f64(),
             "warmup_s": suite.knobs.warmup.as_secs_f64(),
             "reps": suite.knobs.reps,
             "size": suite.scenarios.first().map(|s| s.size),
@@ -1079,6 +1148,7 @@ fn run(args: Args, suite: Suite) -> Result<ExitCode> {
             "profile": args.profile,
         },
         "mesh": mesh_facts,
+        "sizing": sizing_json,
         "host": host_json(&host_facts, &placement, proxy_driver, kind_str(decision.kind),
                           backend_drivers.first().map(|k| kind_str(*k)), &args.profile),
         "results": entries.iter().map(Entry::json).collect::<Vec<Value>>(),
@@ -1094,7 +1164,7 @@ fn run(args: Args, suite: Suite) -> Result<ExitCode> {
     let mut md = format!(
         "# bench {} — {started_utc}\n\n{} CPUs ({}), {}; idle: {} (cpuidle driver {}); pinning: {}; \
          proxy io driver: {}; profile: {}; build: {}\n\n\
-         Each figure: median [min–max] of {} run(s) of {:.1} s; paths interleaved. \
+         Each figure: median [min–max] of {} run(s) of {:.1} s{}; paths interleaved. \
          Client: {} generator + {} backend thread(s), monoio ({}).\n\n{table}",
         suite.name,
         host_facts.cores,
@@ -1121,6 +1191,14 @@ fn run(args: Args, suite: Suite) -> Result<ExitCode> {
         },
         suite.knobs.reps,
         suite.knobs.duration.as_secs_f64(),
+        if suite.knobs.latency_duration != suite.knobs.duration {
+            format!(
+                " (tcp-rr-open, http1-open, mixed: {:.1} s)",
+                suite.knobs.latency_duration.as_secs_f64()
+            )
+        } else {
+            String::new()
+        },
         placement.gen_threads,
         placement.gen_threads,
         decision.kind,

@@ -2,6 +2,11 @@
 //! scenarios through HAProxy, nginx, Envoy, Istio's ztunnel… in the same invocation, as
 //! ratios to `direct` like the built-in paths.
 //!
+//! `NAME=ADDR[,maxconn=N],cmd=COMMAND`: `maxconn` is the most client connections the peer's
+//! config admits at once (HAProxy's `maxconn`; nginx's `worker_connections` / 2, each client
+//! connection having an upstream one), used with its descriptor limit to size the memory
+//! scenarios for it ([`crate::fds`]).
+//!
 //! A peer runs in the mesh's `peer` pod (10.181.0.5, node A, not captured): the harness runs
 //! `sh -c COMMAND` there (`ip netns exec`), in its own process group, waits (≤ 15 s) until
 //! `ADDR` accepts a connection from the client pod, and stops the group (SIGTERM, SIGKILL
@@ -33,10 +38,12 @@ pub struct PeerSpec {
     pub name: &'static str,
     pub addr: SocketAddr,
     pub cmd: String,
+    /// The most client connections its config admits (`maxconn=N`), when given.
+    pub maxconn: Option<usize>,
 }
 
 impl PeerSpec {
-    /// `NAME=ADDR,cmd=COMMAND` (the command is everything after `cmd=`).
+    /// `NAME=ADDR[,maxconn=N],cmd=COMMAND` (the command is everything after `cmd=`).
     pub fn parse(s: &str) -> Result<PeerSpec> {
         let (name, rest) = s
             .split_once('=')
@@ -62,10 +69,26 @@ impl PeerSpec {
         {
             bail!("--peer {s:?}: {name} is a built-in path's name");
         }
-        let (addr, cmd) = match rest.split_once(",cmd=") {
+        let (head, cmd) = match rest.split_once(",cmd=") {
             Some((a, c)) => (a, c.trim().to_string()),
             None => (rest, String::new()),
         };
+        let mut parts = head.split(',');
+        let addr = parts.next().unwrap_or_default();
+        let mut maxconn = None;
+        for opt in parts {
+            match opt.trim().split_once('=') {
+                Some(("maxconn", n)) => {
+                    let n: usize = n.trim().parse().ok().filter(|n| *n > 0).with_context(|| {
+                        format!("--peer {s:?}: maxconn must be a positive count")
+                    })?;
+                    maxconn = Some(n);
+                }
+                _ => bail!(
+                    "--peer {s:?}: unknown option {opt:?} (NAME=ADDR[,maxconn=N],cmd=COMMAND)"
+                ),
+            }
+        }
         if cmd.is_empty() {
             bail!(
                 "--peer {s:?}: give the command that starts it (,cmd=COMMAND): peers run in \
@@ -83,6 +106,7 @@ impl PeerSpec {
             name: Box::leak(name.to_string().into_boxed_str()),
             addr,
             cmd,
+            maxconn,
         })
     }
 
@@ -174,6 +198,17 @@ impl Peer {
         }
     }
 
+    /// The process of its group with the least room, as a holder of `per_conn` descriptors
+    /// per connection (which process holds the connections is not known from outside: with
+    /// nginx, the worker under `worker_rlimit_nofile` while the master keeps what it
+    /// inherited; the tightest one is the safe guess); None when `/proc` cannot tell.
+    pub fn holder(&self, per_conn: u64) -> Option<crate::fds::Holder> {
+        self.pids()
+            .into_iter()
+            .filter_map(|pid| crate::fds::process(self.spec.name, pid, per_conn))
+            .min_by_key(|h| h.room())
+    }
+
     /// Processes of its group now (for CPU).
     pub fn pids(&self) -> Vec<u32> {
         crate::host::pgrp_pids(self.pgid)
@@ -231,5 +266,35 @@ mod tests {
         assert!(PeerSpec::parse("direct=10.181.0.5:9000,cmd=x").is_err());
         assert!(PeerSpec::parse("a b=1.2.3.4:5,cmd=x").is_err());
         assert!(PeerSpec::parse("x=nope,cmd=x").is_err());
+        assert_eq!(p.maxconn, None);
+        let h = PeerSpec::parse("haproxy=10.181.0.5:9100,maxconn=9000,cmd=haproxy -f x,y").unwrap();
+        assert_eq!(h.maxconn, Some(9000));
+        assert_eq!(h.addr.port(), 9100);
+        assert_eq!(h.cmd, "haproxy -f x,y");
+        assert!(PeerSpec::parse("h=10.181.0.5:9100,maxconn=0,cmd=x").is_err());
+        assert!(PeerSpec::parse("h=10.181.0.5:9100,maxconn=many,cmd=x").is_err());
+        assert!(PeerSpec::parse("h=10.181.0.5:9100,conns=5,cmd=x").is_err());
+    }
+
+    #[test]
+    fn the_forwarder_peer_config_forwards_the_peer_port_layout() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/peers/l4fwd.yaml");
+        let text = std::fs::read_to_string(path).unwrap();
+        let cfg = runtime::forwarder::ForwarderConfig::from_str(Path::new(path), &text).unwrap();
+        let spec = PeerSpec::parse("l4fwd=10.181.0.5:9200,cmd=x").unwrap();
+        // Each scenario's port on the peer goes to the plain pod's backend for it.
+        for (k, backend) in [
+            (Kind::Rr, 8080),
+            (Kind::Throughput, 8081),
+            (Kind::Churn, 8082),
+            (Kind::Http1, 8090),
+        ] {
+            let l = cfg
+                .listeners
+                .iter()
+                .find(|l| l.listen == spec.target(k))
+                .unwrap_or_else(|| panic!("no listener on {}", spec.target(k)));
+            assert_eq!(l.upstream, format!("10.182.0.4:{backend}").parse().unwrap());
+        }
     }
 }

@@ -29,8 +29,15 @@ pub const ZTUNNEL_ARG: &str = "__ztunnel";
 /// First argument that turns this binary into a waypoint (`waypoint::cli::main_with_args`).
 pub const WAYPOINT_ARG: &str = "__waypoint";
 
-/// Watch stdin for the harness's death: at end of file, exit.
+/// Watch stdin for the harness's death: at end of file, exit. Only when stdin is a pipe
+/// (the harness's children): a process started otherwise (as a `--peer`, whose stdin is
+/// `/dev/null` and whose process group the harness stops) has no harness to watch.
 fn watch_parent(name: &'static str) {
+    use std::os::unix::fs::FileTypeExt;
+    let piped = std::fs::metadata("/proc/self/fd/0").is_ok_and(|m| m.file_type().is_fifo());
+    if !piped {
+        return;
+    }
     let _ = std::thread::Builder::new()
         .name("parent-watch".into())
         .spawn(move || {

@@ -23,6 +23,7 @@
 //!                 "http_connections", "large_body", "profile",
 //!                 "idle_connections", "idle_http_connections", "slow_reader_connections":
 //!                     int|null (null: the scenario did not run),
+//!                 "latency_duration_s",  // the window of tcp-rr-open, http1-open, mixed
 //!                 "http_open_rate_per_s": f64|null },
 //!   "mesh": null | { "namespaces_prefix", "socks5", "waypoint", "waypoint_error",
 //!                    "ztunnel_pids", "backends" },
@@ -37,6 +38,9 @@
 //!             "pinning": { "enabled", "generator_cores", "backend_cores", "proxy_cores",
 //!                          "proxy_workers", "note" },
 //!             "client": string },                // what the load generator is
+//!   "sizing": [ { "id", "path", Sizing } ],  // memory runs sized or skipped to fit the
+//!                                   // descriptor limits (see `crate::fds`), as printed at
+//!                                   // the start of the run
 //!   "results": [ Result ],          // one per scenario × path, in run order
 //!   "runs": [ Run ],                // every run in execution order, incl. superseded ones
 //!   "flags": [string],              // drift, noisy runs, forwarder trouble, failures
@@ -104,7 +108,19 @@
 //!   "direct_drift_pct": f64|null,   // |last direct - first direct| / first, per scenario
 //!   "drift_flag": bool,             // drift > 10 %
 //!   "io_driver": string|null,       // the proxy's, from its READY line
-//!   "ok": bool
+//!   "sizing": null | Sizing,        // memory scenarios: the connections did not fit a
+//!                                   // process's descriptor limit (or a peer's maxconn)
+//!   "ok": bool                      // a sized or skipped row is not a failure
+//! }
+//!
+//! Sizing = {                        // (see `crate::fds`)
+//!   "asked": int,                   // the scenario's count
+//!   "connections": int,             // the count the row was measured with; 0: skipped
+//!   "skipped": bool,                // fewer than 100 fit: no figure ("figure": null)
+//!   "limited_by": string,           // "nginx pid 42", "the harness", a peer's name (maxconn)
+//!   "needs_fds", "limit_fds": u64,  // for "asked"; both 0 when a peer's maxconn binds
+//!   "reason": string                // "skipped: needs 2,076 descriptors, limit 200 (…)",
+//!                                   // "sized: measured with 9,900 of 10,000 connections: …"
 //! }
 //!
 //! Run = {
@@ -140,6 +156,7 @@
 //!   "other_procs_cpu_pct": f64,     // other user processes' CPU during the window
 //!   "other_procs_top": string|null, // the busiest of them
 //!   "disturbed": bool,              // other_procs_cpu_pct > threshold
+//!   "sizing": null | Sizing,        // a memory run sized or skipped (skipped: nothing ran)
 //!   "notes": [string], "failed": string|null
 //! }
 //! ```
@@ -339,11 +356,17 @@ pub struct Run {
     pub other_procs_cpu_pct: f64,
     pub other_procs_top: Option<String>,
     pub disturbed: bool,
+    /// Memory runs whose connections did not fit the descriptor limits.
+    pub sizing: Option<crate::fds::Sizing>,
     pub notes: Vec<String>,
     pub failed: Option<String>,
 }
 
 impl Run {
+    /// Skipped up front (too few descriptors): nothing ran, nothing failed.
+    pub fn is_skipped(&self) -> bool {
+        self.sizing.as_ref().is_some_and(|s| s.skipped)
+    }
     /// Lost bytes or failed exchanges: the suite must exit non-zero.
     pub fn is_failure(&self) -> bool {
         self.failed.is_some()
@@ -399,6 +422,8 @@ pub struct Entry {
     pub mixed: Option<[f64; 4]>,
     /// Memory scenarios: the (single) run's readings.
     pub memory: Option<IdleMem>,
+    /// Memory scenarios: sized or skipped to fit the descriptor limits.
+    pub sizing: Option<crate::fds::Sizing>,
 }
 
 const PCTS: [&str; 6] = ["p50", "p90", "p99", "p999", "max", "mean"];
@@ -410,7 +435,7 @@ impl Entry {
         let used: Vec<&Run> = runs
             .iter()
             .copied()
-            .filter(|r| !r.superseded && r.failed.is_none())
+            .filter(|r| !r.superseded && r.failed.is_none() && !r.is_skipped())
             .collect();
         let vals = |f: &dyn Fn(&Run) -> Option<f64>| -> Option<Agg> {
             Agg::of(&used.iter().filter_map(|r| f(r)).collect::<Vec<_>>())
@@ -475,7 +500,8 @@ impl Entry {
             drift_pct: None,
             drift_flag: false,
             io_driver: all.iter().find_map(|r| r.proxy_driver.clone()),
-            ok: !all.iter().any(|r| r.is_failure()) && !used.is_empty(),
+            ok: !all.iter().any(|r| r.is_failure())
+                && (!used.is_empty() || (!all.is_empty() && all.iter().all(|r| r.is_skipped()))),
             lower_is_better: metric.ends_with("_latency_us") || metric.starts_with("bytes_per_"),
             target_rate: used
                 .iter()
@@ -485,6 +511,7 @@ impl Entry {
                 .iter()
                 .filter(|r| !r.superseded)
                 .find_map(|r| r.idle.clone()),
+            sizing: all.iter().find_map(|r| r.sizing.clone()),
             saturated_runs: used
                 .iter()
                 .filter(|r| r.open_loop.is_some_and(|o| o.saturated))
@@ -628,6 +655,7 @@ impl Entry {
             "direct_drift_pct": self.drift_pct.map(r),
             "drift_flag": self.drift_flag,
             "io_driver": self.io_driver,
+            "sizing": self.sizing,
             "ok": self.ok,
         })
     }
@@ -720,6 +748,7 @@ pub fn summary_table(entries: &[Entry]) -> String {
     s.push_str("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
     for e in entries {
         let fig = match e.figure {
+            None if e.sizing.as_ref().is_some_and(|z| z.skipped) => "skipped".into(),
             Some(a) => format!(
                 "{} [{}–{}]",
                 fmt_figure(e.metric, a.median),
@@ -837,6 +866,9 @@ pub fn summary_table(entries: &[Entry]) -> String {
         if e.lower_is_better && e.ratio.is_some() && e.path != "direct" {
             notes.push("of direct = p99 path/direct, lower is better".into());
         }
+        if let Some(z) = &e.sizing {
+            notes.push(z.reason.clone());
+        }
         if let Some(m) = &e.memory {
             notes.push(memory_note(m));
         }
@@ -881,6 +913,55 @@ mod tests {
         assert_eq!(b.median, 2.5);
         assert!((b.spread_pct() - 120.0).abs() < 1e-9);
         assert!(Agg::of(&[]).is_none());
+    }
+
+    #[test]
+    fn a_skipped_memory_run_is_a_row_without_a_figure_not_a_failure() {
+        let sc = crate::suite::Scenario {
+            kind: crate::suite::Kind::Idle,
+            conns: 1000,
+            size: 100,
+            write_size: 1024,
+            rate: 0.0,
+            body: 0,
+            h2_streams: 0,
+        };
+        let mut run = crate::suite::blank_run(1, &sc, crate::suite::PathKind::Peer("tiny"), 1, 1);
+        let holder = crate::fds::Holder {
+            name: "tiny pid 9".into(),
+            limit: 200,
+            open: 12,
+            per_conn: 2,
+        };
+        run.sizing = crate::fds::fit(1000, &[holder], None);
+        assert!(run.is_skipped());
+        assert!(!run.is_failure());
+        let e = Entry::build(&[&run], sc.params(), "bytes_per_idle_connection", "B");
+        assert!(e.ok, "skipped is not failed");
+        assert!(e.figure.is_none());
+        let j = e.json();
+        assert_eq!(j["sizing"]["skipped"], true);
+        assert_eq!(j["sizing"]["limit_fds"], 200);
+        assert!(j["figure"].is_null());
+        let table = summary_table(&[e]);
+        assert!(
+            table.contains("| idle-connections/conns=1000 | tiny | skipped |"),
+            "{table}"
+        );
+        assert!(
+            table.contains("skipped: needs 2,076 descriptors, limit 200"),
+            "{table}"
+        );
+        // A run that failed is still a failure, sized or not.
+        let mut failed = crate::suite::blank_run(2, &sc, crate::suite::PathKind::Peer("p"), 1, 1);
+        failed.sizing = Some(crate::fds::Sizing {
+            skipped: false,
+            connections: 500,
+            ..run.sizing.clone().unwrap()
+        });
+        failed.failed = Some("only 400 of 500 connections were established".into());
+        assert!(failed.is_failure());
+        assert!(!Entry::build(&[&failed], sc.params(), "bytes_per_idle_connection", "B").ok);
     }
 
     #[test]

@@ -101,6 +101,11 @@ impl Kind {
     pub fn is_memory(self) -> bool {
         matches!(self, Kind::Idle | Kind::IdleHttp | Kind::SlowReader)
     }
+    /// Latency scenarios whose figure is a p99 of a fixed-rate schedule (or under a bulk
+    /// load): they get [`Knobs::latency_duration`], long enough for enough samples.
+    pub fn is_latency(self) -> bool {
+        matches!(self, Kind::RrOpen | Kind::Http1Open | Kind::Mixed)
+    }
     /// HTTP scenarios (the only ones the waypoint path, an L7 proxy, can carry).
     pub fn is_http(self) -> bool {
         matches!(
@@ -371,7 +376,10 @@ impl Placement {
 /// Suite-wide knobs.
 #[derive(Debug, Clone)]
 pub struct Knobs {
+    /// Measured window of a run.
     pub duration: Duration,
+    /// Measured window of a latency run ([`Kind::is_latency`]).
+    pub latency_duration: Duration,
     pub warmup: Duration,
     pub reps: usize,
     pub quiet_threshold_pct: f64,
@@ -427,6 +435,8 @@ pub struct Ctx<'a> {
     pub seq: usize,
     /// Planned runs started (progress counter; re-runs do not advance it).
     pub planned_done: usize,
+    /// Memory runs sized or skipped to fit the descriptor limits ([`fit_memory_runs`]).
+    pub sizing: Vec<(String, &'static str, crate::fds::Sizing)>,
 }
 
 /// The run was interrupted (Ctrl-C): stop the suite.
@@ -456,9 +466,49 @@ pub fn run_suite(
                     // its figure, memory, does not vary like a rate).
                     continue;
                 }
+                let sizing = ctx
+                    .sizing
+                    .iter()
+                    .find(|(id, p, _)| *id == sc.id() && *p == path.name())
+                    .map(|(_, _, z)| z.clone());
+                if let Some(z) = sizing.as_ref().filter(|z| z.skipped) {
+                    ctx.seq += 1;
+                    ctx.planned_done += 1;
+                    let mut run = blank_run(ctx.seq, sc, path, rep, 1);
+                    eprintln!(
+                        "[{:>2}/{}] {:<34} {:<9} {}",
+                        ctx.planned_done,
+                        ctx.total_runs,
+                        sc.id(),
+                        path.name(),
+                        z.reason
+                    );
+                    run.notes.push(z.reason.clone());
+                    run.sizing = Some(z.clone());
+                    runs.push(run);
+                    continue;
+                }
+                // A sized run holds fewer connections; it stays this scenario's row.
+                let sized;
+                let this = match &sizing {
+                    Some(z) => {
+                        sized = Scenario {
+                            conns: z.connections,
+                            ..sc.clone()
+                        };
+                        &sized
+                    }
+                    None => sc,
+                };
                 let mut attempt = 1;
                 loop {
-                    let run = run_one(ctx, sc, path, rep, attempt)?;
+                    let mut run = run_one(ctx, this, path, rep, attempt)?;
+                    if let Some(z) = &sizing {
+                        run.id = sc.id();
+                        run.variant = sc.variant();
+                        run.notes.push(z.reason.clone());
+                        run.sizing = Some(z.clone());
+                    }
                     // Starved: other processes took the CPUs for the whole window, yet
                     // every byte arrived and nothing failed: outside load, not a failure
                     // of the path; run it again like any disturbed run.
@@ -481,6 +531,116 @@ pub fn run_suite(
         }
     }
     Ok(())
+}
+
+/// Fit every memory scenario × path to the descriptor limits of the processes it crosses
+/// (see [`crate::fds`]); called once the mesh and the peers run, before the suite starts.
+/// Returns the runs to size or skip.
+pub fn fit_memory_runs(
+    ctx: &Ctx<'_>,
+    scenarios: &[Scenario],
+    paths: &[PathKind],
+) -> Vec<(String, &'static str, crate::fds::Sizing)> {
+    use crate::fds;
+    let mut out = Vec::new();
+    for sc in scenarios.iter().filter(|s| s.kind.is_memory()) {
+        for &path in paths.iter().filter(|p| p.carries(sc.kind)) {
+            // The harness: generator and backend sockets (idle-http: the backends only, the
+            // clients being in a child process under the same limit, one each).
+            let mut holders = vec![fds::harness(
+                "the harness",
+                if sc.kind == Kind::IdleHttp { 1 } else { 2 },
+            )];
+            if sc.kind == Kind::IdleHttp {
+                let mut child = fds::harness("the idle-client process", 1);
+                child.open = 3;
+                holders.push(child);
+            }
+            let mut maxconn = None;
+            match (&ctx.topo, path) {
+                (_, PathKind::Peer(name)) => {
+                    if let Some(p) = ctx.peers.iter().find(|p| p.spec.name == name) {
+                        // One hop: the client's socket and its upstream socket.
+                        holders.extend(p.holder(2));
+                        maxconn = p.spec.maxconn.map(|n| fds::MaxConn {
+                            name: name.to_string(),
+                            maxconn: n,
+                        });
+                    }
+                }
+                (Topo::Mesh { mesh, .. }, _) => {
+                    let per_conn: &[(&str, u64)] = match path {
+                        PathKind::L4 => &[("ztunnel A", 2)],
+                        PathKind::Hbone => &[("ztunnel A", 1), ("ztunnel B", 1)],
+                        PathKind::Waypoint => {
+                            &[("ztunnel A", 1), ("waypoint", 0), ("ztunnel B", 1)]
+                        }
+                        _ => &[],
+                    };
+                    for (pid, (name, n)) in mesh.pids(path.name()).into_iter().zip(per_conn) {
+                        holders.extend(fds::process(name, pid, *n));
+                    }
+                }
+                // Legacy paths start their proxies per run, under the harness's limit (and
+                // the forwarder raises its own): the harness binds.
+                (Topo::Loopback(_), _) => {}
+            }
+            if let Some(z) = fds::fit(sc.conns, &holders, maxconn.as_ref()) {
+                out.push((sc.id(), path.name(), z));
+            }
+        }
+    }
+    out
+}
+
+/// A run before anything was measured.
+pub fn blank_run(seq: usize, sc: &Scenario, path: PathKind, rep: usize, attempt: usize) -> Run {
+    Run {
+        seq,
+        scenario: sc.kind.name().into(),
+        variant: sc.variant(),
+        id: sc.id(),
+        path: path.name().into(),
+        rep,
+        attempt,
+        superseded: false,
+        window_s: 0.0,
+        figure: 0.0,
+        gbit_per_s: None,
+        round_trips_per_s: None,
+        connections_per_s: None,
+        open_loop: None,
+        mixed: None,
+        requests_per_s: None,
+        idle: None,
+        window_bytes: 0,
+        ops_window: 0,
+        latency_us: None,
+        bytes_sent: 0,
+        bytes_received: 0,
+        errors: 0,
+        backend_errors: 0,
+        error_samples: vec![],
+        proxy_pid: None,
+        proxy_driver: None,
+        proxy_cpu_s: None,
+        proxy_cpu_pct: None,
+        proxy_cpu_s_per_gb: None,
+        proxy_cpu_us_per_op: None,
+        proxy_exit: None,
+        generator_cpu_pct: 0.0,
+        backend_cpu_pct: 0.0,
+        tcp_retransmits: None,
+        pre_busy_pct: None,
+        pre_steal_pct: None,
+        quiet: true,
+        other_procs_cpu_pct: 0.0,
+        other_procs_top: None,
+        disturbed: false,
+        sizing: None,
+        notes: vec![],
+        failed: None,
+    }
 }
 
 /// Sleep until `until`, in slices, showing progress; stop early on Ctrl-C.
@@ -589,51 +749,7 @@ fn run_one(
             String::new()
         }
     );
-    let mut run = Run {
-        seq: ctx.seq,
-        scenario: sc.kind.name().into(),
-        variant: sc.variant(),
-        id: sc.id(),
-        path: path.name().into(),
-        rep,
-        attempt,
-        superseded: false,
-        window_s: 0.0,
-        figure: 0.0,
-        gbit_per_s: None,
-        round_trips_per_s: None,
-        connections_per_s: None,
-        open_loop: None,
-        mixed: None,
-        requests_per_s: None,
-        idle: None,
-        window_bytes: 0,
-        ops_window: 0,
-        latency_us: None,
-        bytes_sent: 0,
-        bytes_received: 0,
-        errors: 0,
-        backend_errors: 0,
-        error_samples: vec![],
-        proxy_pid: None,
-        proxy_driver: None,
-        proxy_cpu_s: None,
-        proxy_cpu_pct: None,
-        proxy_cpu_s_per_gb: None,
-        proxy_cpu_us_per_op: None,
-        proxy_exit: None,
-        generator_cpu_pct: 0.0,
-        backend_cpu_pct: 0.0,
-        tcp_retransmits: None,
-        pre_busy_pct: None,
-        pre_steal_pct: None,
-        quiet: true,
-        other_procs_cpu_pct: 0.0,
-        other_procs_top: None,
-        disturbed: false,
-        notes: vec![],
-        failed: None,
-    };
+    let mut run = blank_run(ctx.seq, sc, path, rep, attempt);
 
     // 1. Is the machine quiet? Wait (within the suite's budget) while it is not.
     loop {
@@ -910,7 +1026,13 @@ fn run_one(
     let be_err0 = ctx.counters.errors.load(Ordering::Relaxed);
     let t0 = Instant::now();
     let t_warm = t0 + k.warmup;
-    let t_end = t_warm + k.duration;
+    // Latency scenarios get the longer window (their p99 needs the samples).
+    let window_len = if sc.kind.is_latency() {
+        k.latency_duration
+    } else {
+        k.duration
+    };
+    let t_end = t_warm + window_len;
     let stop = Arc::new(AtomicBool::new(false));
     let live = Arc::new(Live::default());
     let (tx, rx) = mpsc::channel();
@@ -1033,7 +1155,7 @@ fn run_one(
     }
     let a = snap(ctx, &pids);
     let r = wait_until(ctx, t_end, || {
-        progress("measure", a.at, k.duration, Some(a.sink))
+        progress("measure", a.at, window_len, Some(a.sink))
     });
     let b = snap(ctx, &pids);
     if let Err(e) = r {
@@ -1129,7 +1251,7 @@ fn run_one(
 
     // 6. Figures.
     let window = b.at.duration_since(a.at).as_secs_f64().max(1e-6);
-    let planned = k.duration.as_secs_f64();
+    let planned = window_len.as_secs_f64();
     let tck = ctx.clk_tck.max(1) as f64;
     run.window_s = crate::report::r(window);
     run.bytes_sent = total.sent;

@@ -2,8 +2,10 @@
 //! report it writes. As root the suite runs over the netns topology (network namespaces,
 //! transparent capture, two ztunnels and a waypoint); without root, over the same mesh on
 //! loopback addresses through SOCKS5 — and under `CI` a missing root fails the test instead.
-//! A second test runs the loopback topology explicitly (so it is tested as root too).
-//! The two run one at a time: both use the machine's CPUs, and the loopback mesh listens on
+//! A second test runs the loopback topology explicitly (so it is tested as root too); a third
+//! (root) runs two peers, the runtime's forwarder under small descriptor limits, and checks
+//! that the memory rows are sized and skipped to fit them, not failed.
+//! They run one at a time: all use the machine's CPUs, and the loopback mesh listens on
 //! `0.0.0.0:15008`.
 
 use std::process::{Command, Stdio};
@@ -343,5 +345,156 @@ fn quick_suite_reports_every_scenario_and_path() {
             .any(|e| e["scenario"] == "idle-http" && e["path"] != "waypoint"),
         "idle-http runs on the waypoint only"
     );
+    // slow-reader is part of the suite: the paths filled up, then every byte arrived.
+    for path in ["l4", "hbone"] {
+        let e = results
+            .iter()
+            .find(|e| e["id"] == "slow-reader/conns=100" && e["path"] == path)
+            .unwrap_or_else(|| panic!("no slow-reader result for {path}"));
+        assert_eq!(e["ok"], true, "slow-reader × {path}: {e}");
+        assert_eq!(e["memory"]["established"], 100, "{e}");
+        assert!(e["bytes"]["sent"].as_u64().unwrap_or(0) > 0, "{e}");
+        assert_eq!(e["bytes"]["lost"], 0, "{e}");
+    }
+    // Our own paths fit the descriptor limits as they are: nothing sized or skipped.
+    assert_eq!(
+        report["sizing"],
+        serde_json::json!([]),
+        "sizing: {}",
+        report["sizing"]
+    );
+    let _ = std::fs::remove_dir_all(&out);
+}
+
+/// A `--peer` command: the runtime's forwarder (`bench __l4fwd`, bench/peers/l4fwd.yaml with
+/// its ports moved from 92xx to `base`xx) under `ulimit -n limit`, without the capability to
+/// raise it again (the forwarder raises its limit when it may).
+fn forwarder_peer(name: &str, base: u16, limit: u64) -> String {
+    let exe = env!("CARGO_BIN_EXE_bench");
+    let cfg = concat!(env!("CARGO_MANIFEST_DIR"), "/peers/l4fwd.yaml");
+    let hi = base / 100;
+    format!(
+        "{name}=10.181.0.5:{base},cmd=sed 's/10.181.0.5:92/10.181.0.5:{hi}/' {cfg} > \
+         \"$BENCH_PEER_DIR/l4fwd.yaml\" && ulimit -n {limit} && exec setpriv \
+         --bounding-set=-sys_resource {exe} __l4fwd --config \"$BENCH_PEER_DIR/l4fwd.yaml\""
+    )
+}
+
+#[test]
+fn peer_memory_rows_are_sized_or_skipped_to_the_peers_descriptor_limit() {
+    if !netlab::require_root("peer_memory_rows_are_sized_or_skipped") {
+        return;
+    }
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let out = std::env::temp_dir().join(format!("bench-peer-fit-test-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&out);
+    // 1,000 idle connections (--quick) need 2,000 descriptors in a one-hop proxy: `small`
+    // (1,200) fits about 560 of them, `tiny` (200) under 100.
+    let small = forwarder_peer("small", 9200, 1200);
+    let tiny = forwarder_peer("tiny", 9300, 200);
+    let (status, stdout, _) = run_bench(&[
+        "--quick",
+        "--scenario",
+        "tcp-rr,idle-connections,idle-http",
+        "--path",
+        "direct,l4",
+        "--peer",
+        &small,
+        "--peer",
+        &tiny,
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(
+        status.success(),
+        "sized and skipped rows are no failure: bench exited with {status}"
+    );
+    assert!(stdout.contains("| skipped |"), "summary table: {stdout}");
+    let text = std::fs::read_to_string(out.join("report.json")).expect("report.json written");
+    let report: Value = serde_json::from_str(&text).expect("report.json is JSON");
+    assert_eq!(report["ok"], true, "{}", report["failures"]);
+    let results = report["results"].as_array().expect("results array");
+    let row = |id: &str, path: &str| -> &Value {
+        results
+            .iter()
+            .find(|e| e["id"] == id && e["path"] == path)
+            .unwrap_or_else(|| panic!("no result for {id} × {path}"))
+    };
+    // Both peers forward: their tcp-rr rows measured.
+    for peer in ["small", "tiny"] {
+        let e = row("tcp-rr/size=100B", peer);
+        assert_eq!(e["ok"], true, "{e}");
+        assert!(e["figure"]["median"].as_f64().unwrap_or(0.0) > 0.0, "{e}");
+        assert!(e["sizing"].is_null(), "{e}");
+    }
+    for id in ["idle-connections/conns=1000", "idle-http/conns=1000"] {
+        // small: measured with what fits its 1,200 descriptors, every one established.
+        let e = row(id, "small");
+        assert_eq!(e["ok"], true, "{id} × small: {e}");
+        let z = &e["sizing"];
+        assert_eq!(z["skipped"], false, "{z}");
+        assert_eq!(z["asked"], 1000, "{z}");
+        assert_eq!(z["limit_fds"], 1200, "{z}");
+        assert!(
+            z["limited_by"]
+                .as_str()
+                .unwrap_or("")
+                .starts_with("small pid "),
+            "{z}"
+        );
+        let n = z["connections"].as_u64().unwrap_or(0);
+        assert!((100..=568).contains(&n), "{id} × small: sized to {n}: {z}");
+        assert_eq!(e["memory"]["connections"], n, "{e}");
+        assert_eq!(e["memory"]["established"], n, "{e}");
+        assert!(e["figure"]["median"].as_f64().unwrap_or(0.0) > 0.0, "{e}");
+        assert_eq!(e["bytes"]["lost"], 0, "{e}");
+        assert!(
+            z["reason"]
+                .as_str()
+                .unwrap_or("")
+                .starts_with(&format!("sized: measured with {n} of 1,000 connections")),
+            "{z}"
+        );
+        // tiny: skipped, said so, nothing measured, nothing failed.
+        let e = row(id, "tiny");
+        assert_eq!(e["ok"], true, "{id} × tiny: {e}");
+        let z = &e["sizing"];
+        assert_eq!(z["skipped"], true, "{z}");
+        assert_eq!(z["connections"], 0, "{z}");
+        assert_eq!(z["limit_fds"], 200, "{z}");
+        assert!(
+            z["reason"]
+                .as_str()
+                .unwrap_or("")
+                .starts_with("skipped: needs 2,"),
+            "{z}"
+        );
+        assert!(e["figure"].is_null(), "{e}");
+        assert!(e["memory"].is_null(), "{e}");
+        assert_eq!(e["bytes"]["sent"], 0, "{e}");
+    }
+    // Our own path fits: measured with the scenario's count.
+    let e = row("idle-connections/conns=1000", "l4");
+    assert_eq!(e["ok"], true, "{e}");
+    assert!(e["sizing"].is_null(), "{e}");
+    assert_eq!(e["memory"]["established"], 1000, "{e}");
+    // The same four decisions up front, in the flags and in the Markdown summary.
+    let sizing = report["sizing"].as_array().expect("sizing array");
+    assert_eq!(sizing.len(), 4, "{sizing:?}");
+    assert!(sizing
+        .iter()
+        .all(|z| z["path"] == "small" || z["path"] == "tiny"));
+    let flags = report["flags"].as_array().expect("flags");
+    assert!(
+        flags
+            .iter()
+            .filter(|f| f.as_str().unwrap_or("").contains("skipped: needs"))
+            .count()
+            == 2,
+        "{flags:?}"
+    );
+    let md = std::fs::read_to_string(out.join("summary.md")).expect("summary.md");
+    assert!(md.contains("skipped: needs"), "{md}");
+    assert!(md.contains("sized: measured with"), "{md}");
     let _ = std::fs::remove_dir_all(&out);
 }
