@@ -43,7 +43,7 @@ use runtime::worker::{race, Either};
 pub const MAX_BODY: usize = 64 * 1024 * 1024;
 
 /// Hop-by-hop headers that HTTP/2 forbids (RFC 9113 §8.2.2).
-const HOP_BY_HOP: &[&str] = &[
+pub(crate) const HOP_BY_HOP: &[&str] = &[
     "connection",
     "keep-alive",
     "proxy-connection",
@@ -726,58 +726,15 @@ async fn forward_h2<U: Upstream>(
     (status, flags, sent, n)
 }
 
-/// The HTTP/2 response head for an HTTP/1.1 one: hop-by-hop headers and
-/// `transfer-encoding` dropped, `ResponseHeaderModifier`s applied.
+/// The HTTP/2 response head for an HTTP/1.1 one ([`http1::downstream_head`]: the fields
+/// HTTP/2 forbids and `transfer-encoding` dropped, one `content-length` and none next to
+/// `transfer-encoding`, `ResponseHeaderModifier`s applied).
 fn h2_head(raw: &[u8], mods: &[HeaderModifier]) -> io::Result<http::Response<()>> {
-    let mut hs = [httparse::EMPTY_HEADER; 256];
-    let mut r = httparse::Response::new(&mut hs);
-    if !matches!(r.parse(raw), Ok(httparse::Status::Complete(_))) {
-        return Err(io::Error::other("malformed upstream response head"));
-    }
-    let mut b = http::Response::builder().status(r.code.unwrap_or(502));
-    // Hop-by-hop fields (those `Connection` names too) dropped; `content-length` kept once,
-    // and not at all next to `transfer-encoding` (the body is de-chunked, RFC 9112 §6.3).
-    let connection: Vec<&str> = r
-        .headers
-        .iter()
-        .filter(|h| h.name.eq_ignore_ascii_case("connection"))
-        .map(|h| std::str::from_utf8(h.value).unwrap_or(""))
-        .collect();
-    let te = r
-        .headers
-        .iter()
-        .any(|h| h.name.eq_ignore_ascii_case("transfer-encoding"));
-    let seen_cl = std::cell::Cell::new(false);
-    let keep = |name: &str| {
-        if name.eq_ignore_ascii_case("content-length") {
-            return !te && !seen_cl.replace(true);
-        }
-        !name.eq_ignore_ascii_case("transfer-encoding")
-            && !HOP_BY_HOP.iter().any(|h| name.eq_ignore_ascii_case(h))
-            && !http1::hop_by_hop(name, &connection)
-    };
-    if mods.is_empty() {
-        for h in r.headers.iter().filter(|h| keep(h.name)) {
-            b = b.header(h.name, h.value);
-        }
-    } else {
-        let mut headers: Vec<(String, String)> = r
-            .headers
-            .iter()
-            .filter(|h| keep(h.name))
-            .map(|h| {
-                (
-                    h.name.to_string(),
-                    String::from_utf8_lossy(h.value).into_owned(),
-                )
-            })
-            .collect();
-        for m in mods {
-            m.apply(&mut headers);
-        }
-        for (n, v) in &headers {
-            b = b.header(n.as_str(), v.as_str());
-        }
+    let d = http1::downstream_head(raw, mods, true)
+        .ok_or_else(|| io::Error::other("malformed upstream response head"))?;
+    let mut b = http::Response::builder().status(d.status);
+    for (n, v) in &d.fields {
+        b = b.header(n.as_ref(), v.as_ref());
     }
     b.body(()).map_err(io::Error::other)
 }

@@ -34,6 +34,7 @@
 //! hop-by-hop fields are removed both ways ([`normalize_request`], RFC 9110 §7.6.1);
 //! `Expect` other than `100-continue` is `417`.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::io;
 use std::net::IpAddr;
@@ -1684,16 +1685,33 @@ async fn forward_request<T: Tunnel, U: Upstream>(
     })
 }
 
-/// A response head with `ResponseHeaderModifier`s applied and hop-by-hop fields removed
-/// (RFC 9110 §7.6.1; a `101` keeps its `Connection`/`Upgrade`), one `Content-Length`
-/// (none next to `Transfer-Encoding`, RFC 9112 §6.3); with `chunked`, re-framed as
-/// `transfer-encoding: chunked` (for an end-of-connection delimited body) with an
-/// `HTTP/1.1` status line (chunked does not exist in HTTP/1.0).
-fn rewrite_response_head(raw: &[u8], mods: &[HeaderModifier], chunked: bool) -> Vec<u8> {
+/// An upstream response head as it goes downstream, HTTP/1.1 ([`rewrite_response_head`])
+/// or HTTP/2 (`h2srv`): the status line's parts and the fields passed on.
+pub(crate) struct DownstreamHead<'a> {
+    pub status: u16,
+    /// 0 for HTTP/1.0, 1 for HTTP/1.1.
+    pub version: u8,
+    pub reason: &'a str,
+    /// In order; borrowed from the raw head unless a `ResponseHeaderModifier` applied.
+    pub fields: Vec<(Cow<'a, str>, Cow<'a, [u8]>)>,
+}
+
+/// The fields of an upstream response head that go downstream: hop-by-hop fields removed
+/// (RFC 9110 §7.6.1, and those `Connection` names; for HTTP/1.1 a `101` keeps its
+/// `Connection`/`Upgrade`, which the client needs), one `Content-Length` (none next to
+/// `Transfer-Encoding`, RFC 9112 §6.3; its value normalised), then the route's
+/// `ResponseHeaderModifier`s. For HTTP/2 (`h2`) also every field HTTP/2 forbids
+/// (RFC 9113 §8.2.2, `Transfer-Encoding` included: the body is de-chunked). `None` when
+/// `raw` is not a complete response head.
+pub(crate) fn downstream_head<'a>(
+    raw: &'a [u8],
+    mods: &[HeaderModifier],
+    h2: bool,
+) -> Option<DownstreamHead<'a>> {
     let mut hs = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut r = httparse::Response::new(&mut hs);
     if !matches!(r.parse(raw), Ok(httparse::Status::Complete(_))) {
-        return raw.to_vec();
+        return None;
     }
     let status = r.code.unwrap_or(502);
     let connection: Vec<&str> = r
@@ -1706,45 +1724,83 @@ fn rewrite_response_head(raw: &[u8], mods: &[HeaderModifier], chunked: bool) -> 
         .headers
         .iter()
         .any(|h| h.name.eq_ignore_ascii_case("transfer-encoding"));
+    let keep_hop_by_hop = status == 101 && !h2;
     let mut seen_cl = false;
-    let mut headers: Vec<(String, String)> = r
-        .headers
-        .iter()
-        .filter(|h| {
-            if h.name.eq_ignore_ascii_case("content-length") {
-                let keep = !has_te && !seen_cl;
-                seen_cl = true;
-                return keep;
+    let mut fields: Vec<(Cow<'a, str>, Cow<'a, [u8]>)> = Vec::with_capacity(r.headers.len());
+    for h in r.headers.iter() {
+        let (name, value): (&'a str, &'a [u8]) = (h.name, h.value);
+        if name.eq_ignore_ascii_case("content-length") {
+            if has_te || std::mem::replace(&mut seen_cl, true) {
+                continue;
             }
-            status == 101 || !hop_by_hop(h.name, &connection)
-        })
-        .map(|h| {
-            let v = String::from_utf8_lossy(h.value).into_owned();
-            let v = if h.name.eq_ignore_ascii_case("content-length") {
-                content_length(&v).map_or(v, |n| n.to_string())
-            } else {
-                v
-            };
-            (h.name.to_string(), v)
-        })
-        .collect();
-    for m in mods {
-        m.apply(&mut headers);
+            let v = std::str::from_utf8(value).ok().and_then(content_length);
+            fields.push(match v {
+                Some(n) if n.to_string().as_bytes() != value => {
+                    (Cow::Borrowed(name), Cow::Owned(n.to_string().into_bytes()))
+                }
+                _ => (Cow::Borrowed(name), Cow::Borrowed(value)),
+            });
+            continue;
+        }
+        let dropped = if h2 {
+            crate::h2srv::HOP_BY_HOP
+                .iter()
+                .any(|x| name.eq_ignore_ascii_case(x))
+                || hop_by_hop(name, &connection)
+        } else {
+            !keep_hop_by_hop && hop_by_hop(name, &connection)
+        };
+        if !dropped {
+            fields.push((Cow::Borrowed(name), Cow::Borrowed(value)));
+        }
     }
+    if !mods.is_empty() {
+        let mut owned: Vec<(String, String)> = fields
+            .iter()
+            .map(|(n, v)| (n.to_string(), String::from_utf8_lossy(v).into_owned()))
+            .collect();
+        for m in mods {
+            m.apply(&mut owned);
+        }
+        fields = owned
+            .into_iter()
+            .map(|(n, v)| (Cow::Owned(n), Cow::Owned(v.into_bytes())))
+            .collect();
+    }
+    Some(DownstreamHead {
+        status,
+        version: r.version.unwrap_or(1),
+        reason: r.reason.unwrap_or(""),
+        fields,
+    })
+}
+
+/// A response head for an HTTP/1.1 client ([`downstream_head`]); with `chunked`,
+/// re-framed as `transfer-encoding: chunked` (for an end-of-connection delimited body)
+/// with an `HTTP/1.1` status line (chunked does not exist in HTTP/1.0).
+fn rewrite_response_head(raw: &[u8], mods: &[HeaderModifier], chunked: bool) -> Vec<u8> {
+    let Some(mut d) = downstream_head(raw, mods, false) else {
+        return raw.to_vec();
+    };
     if chunked {
-        headers.retain(|(n, _)| !n.eq_ignore_ascii_case("transfer-encoding"));
-        headers.push(("transfer-encoding".into(), "chunked".into()));
+        d.fields
+            .retain(|(n, _)| !n.eq_ignore_ascii_case("transfer-encoding"));
+        d.fields.push((
+            Cow::Borrowed("transfer-encoding"),
+            Cow::Borrowed(b"chunked"),
+        ));
     }
-    let version = if chunked { 1 } else { r.version.unwrap_or(1) };
-    let mut out = format!("HTTP/1.{version} {status} {}\r\n", r.reason.unwrap_or(""));
-    for (k, v) in &headers {
-        out.push_str(k);
-        out.push_str(": ");
-        out.push_str(v);
-        out.push_str("\r\n");
+    let version = if chunked { 1 } else { d.version };
+    let mut out = Vec::with_capacity(raw.len() + 32);
+    out.extend_from_slice(format!("HTTP/1.{version} {} {}\r\n", d.status, d.reason).as_bytes());
+    for (k, v) in &d.fields {
+        out.extend_from_slice(k.as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(v);
+        out.extend_from_slice(b"\r\n");
     }
-    out.push_str("\r\n");
-    out.into_bytes()
+    out.extend_from_slice(b"\r\n");
+    out
 }
 
 /// The request target as received (path and query).
