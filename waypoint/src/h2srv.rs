@@ -31,7 +31,9 @@ use hbone::H2Settings;
 
 use crate::body::{ChunkScan, Framing};
 use crate::config::WaypointConfig;
-use crate::http1::{self, Action, Attempt, ReqBody, RequestHead, Tunnel, TunnelCtx, Upstream};
+use crate::http1::{
+    self, Action, Attempt, ReqBody, RequestHead, Text, Tunnel, TunnelCtx, Upstream,
+};
 use crate::inner::{send_all, StreamIo};
 use crate::lb::{Rng, SplitMix64};
 use crate::route::{Forward, HeaderModifier};
@@ -109,15 +111,15 @@ fn head_of(parts: &http::request::Parts) -> Option<RequestHead> {
         return None;
     }
     let (path, query) = match target.split_once('?') {
-        Some((p, q)) => (p.to_string(), Some(q.to_string())),
+        Some((p, q)) => (p.to_string(), Some(Text::from(q.to_string()))),
         None => (target.to_string(), None),
     };
-    let mut headers = Vec::with_capacity(parts.headers.len() + 2);
+    let mut headers: Vec<(Text, Text)> = Vec::with_capacity(parts.headers.len() + 2);
     let host = match parts.uri.authority() {
         Some(a) => a.as_str().to_string(),
         None => parts.headers.get("host")?.to_str().ok()?.to_string(),
     };
-    headers.push(("host".to_string(), host));
+    headers.push(("host".into(), Text::from(host)));
     // Several `cookie` fields (HTTP/2 sends one per cookie) are one in HTTP/1.1, joined
     // with "; " (RFC 9113 §8.2.3).
     let mut cookie: Option<usize> = None;
@@ -129,18 +131,17 @@ fn head_of(parts: &http::request::Parts) -> Option<RequestHead> {
         let v = v.to_str().ok()?;
         if n == "cookie" {
             if let Some(i) = cookie {
-                let joined: &mut String = &mut headers[i].1;
-                joined.push_str("; ");
-                joined.push_str(v);
+                let joined = format!("{}; {v}", headers[i].1);
+                headers[i].1 = Text::from(joined);
                 continue;
             }
             cookie = Some(headers.len());
         }
-        headers.push((n.to_string(), v.to_string()));
+        headers.push((Text::from(n.to_string()), Text::from(v.to_string())));
     }
     Some(RequestHead {
-        method: parts.method.as_str().to_string(),
-        path,
+        method: Text::from(parts.method.as_str().to_string()),
+        path: Text::from(path),
         query,
         version: 1,
         headers,

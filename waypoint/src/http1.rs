@@ -38,6 +38,7 @@ use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::io;
 use std::net::IpAddr;
+use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes, BytesMut};
@@ -53,16 +54,114 @@ use runtime::worker::{race, Either};
 pub const MAX_HEAD: usize = 64 * 1024;
 const MAX_HEADERS: usize = 256;
 
+/// A piece of text of a request head: a slice of the head as received (shared by all its
+/// fields: parsing copies the head once, not each field), a static name, or a value made
+/// here. Reads as a `str`.
+#[derive(Clone)]
+pub struct Text(TextRepr);
+
+#[derive(Clone)]
+enum TextRepr {
+    Static(&'static str),
+    Slice { src: Rc<str>, start: u32, end: u32 },
+    Owned(String),
+}
+
+impl Text {
+    pub fn as_str(&self) -> &str {
+        match &self.0 {
+            TextRepr::Static(s) => s,
+            TextRepr::Slice { src, start, end } => &src[*start as usize..*end as usize],
+            TextRepr::Owned(s) => s,
+        }
+    }
+
+    /// `sub` of `src` (`sub` must lie within `src`, which holds at most 4 GiB).
+    fn slice_of(src: &Rc<str>, sub: &str) -> Text {
+        let start = sub.as_ptr() as usize - src.as_ptr() as usize;
+        debug_assert!(start + sub.len() <= src.len());
+        Text(TextRepr::Slice {
+            src: src.clone(),
+            start: start as u32,
+            end: (start + sub.len()) as u32,
+        })
+    }
+}
+
+impl std::ops::Deref for Text {
+    type Target = str;
+    fn deref(&self) -> &str {
+        self.as_str()
+    }
+}
+
+impl AsRef<str> for Text {
+    fn as_ref(&self) -> &str {
+        self.as_str()
+    }
+}
+
+impl From<&'static str> for Text {
+    fn from(s: &'static str) -> Self {
+        Text(TextRepr::Static(s))
+    }
+}
+
+impl From<Rc<str>> for Text {
+    fn from(src: Rc<str>) -> Self {
+        let end = src.len() as u32;
+        Text(TextRepr::Slice { src, start: 0, end })
+    }
+}
+
+impl From<String> for Text {
+    fn from(s: String) -> Self {
+        Text(TextRepr::Owned(s))
+    }
+}
+
+impl PartialEq for Text {
+    fn eq(&self, other: &Self) -> bool {
+        self.as_str() == other.as_str()
+    }
+}
+
+impl Eq for Text {}
+
+impl PartialEq<str> for Text {
+    fn eq(&self, other: &str) -> bool {
+        self.as_str() == other
+    }
+}
+
+impl PartialEq<&str> for Text {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_str() == *other
+    }
+}
+
+impl std::fmt::Debug for Text {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(self.as_str(), f)
+    }
+}
+
+impl std::fmt::Display for Text {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// One parsed request head.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RequestHead {
-    pub method: String,
+    pub method: Text,
     /// Without the query.
-    pub path: String,
-    pub query: Option<String>,
+    pub path: Text,
+    pub query: Option<Text>,
     /// 0 for HTTP/1.0, 1 for HTTP/1.1.
     pub version: u8,
-    pub headers: Vec<(String, String)>,
+    pub headers: Vec<(Text, Text)>,
 }
 
 impl RequestHead {
@@ -128,20 +227,32 @@ fn parse_head_with<'b>(buf: &'b [u8], headers: &mut [httparse::Header<'b>]) -> P
             if !target.starts_with('/') {
                 return Parsed::Bad(400);
             }
+            // Method, target and names are text (httparse checks their bytes); the values
+            // must be too. The head is copied once and every field is a slice of it.
+            let Ok(text) = std::str::from_utf8(&buf[..n]) else {
+                return Parsed::Bad(400);
+            };
+            let src: Rc<str> = Rc::from(text);
+            // The parsed fields point into `buf`; the same offsets into the copy.
+            let at = |sub: &[u8]| {
+                let start = sub.as_ptr() as usize - buf.as_ptr() as usize;
+                &src[start..start + sub.len()]
+            };
             let mut hs = Vec::with_capacity(req.headers.len() + 2);
             for h in req.headers.iter() {
-                let Ok(v) = std::str::from_utf8(h.value) else {
-                    return Parsed::Bad(400);
-                };
-                hs.push((h.name.to_string(), v.to_string()));
+                hs.push((
+                    Text::slice_of(&src, at(h.name.as_bytes())),
+                    Text::slice_of(&src, at(h.value)),
+                ));
             }
+            let target = at(target.as_bytes());
             let (path, query) = match target.split_once('?') {
-                Some((p, q)) => (p.to_string(), Some(q.to_string())),
-                None => (target.to_string(), None),
+                Some((p, q)) => (Text::slice_of(&src, p), Some(Text::slice_of(&src, q))),
+                None => (Text::slice_of(&src, target), None),
             };
             Parsed::Head(
                 RequestHead {
-                    method: method.to_string(),
+                    method: Text::slice_of(&src, at(method.as_bytes())),
                     path,
                     query,
                     version,
@@ -230,25 +341,44 @@ pub struct TunnelCtx {
 
 /// What to do with one request.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Action {
+// Not boxed: a forward is usually borrowed (small); an owned one is moved once or twice,
+// which costs less than an allocation per request.
+#[allow(clippy::large_enum_variant)]
+pub enum Action<'c> {
     /// Answer directly (denial, redirect, 404, 500).
     Respond(Vec<u8>),
-    /// Send the request to the route's upstream ([`upstream_head`] for HTTP/1.1).
-    Forward { forward: Box<Forward> },
+    /// Send the request to the route's upstream ([`upstream_head`] for HTTP/1.1); borrowed
+    /// from the configuration when the route's forward is prebuilt
+    /// ([`crate::route::RouteTable::route_shared`]).
+    Forward { forward: Cow<'c, Forward> },
 }
 
+/// Header lists up to this long are viewed from the stack by [`decide`].
+const STACK_HEADERS: usize = 24;
+
 /// Authorization first (R15), then routing: pure, no I/O.
-pub fn decide(
-    cfg: &WaypointConfig,
+pub fn decide<'c>(
+    cfg: &'c WaypointConfig,
     ctx: &TunnelCtx,
     head: &RequestHead,
     rng: &mut dyn Rng,
-) -> Action {
-    let hdrs: Vec<(&str, &str)> = head
-        .headers
-        .iter()
-        .map(|(n, v)| (n.as_str(), v.as_str()))
-        .collect();
+) -> Action<'c> {
+    // The header list as `(&str, &str)` pairs: on the stack for the usual few headers.
+    let mut stack = [("", ""); STACK_HEADERS];
+    let heap: Vec<(&str, &str)>;
+    let hdrs: &[(&str, &str)] = if head.headers.len() <= STACK_HEADERS {
+        for (slot, (n, v)) in stack.iter_mut().zip(&head.headers) {
+            *slot = (n.as_str(), v.as_str());
+        }
+        &stack[..head.headers.len()]
+    } else {
+        heap = head
+            .headers
+            .iter()
+            .map(|(n, v)| (n.as_str(), v.as_str()))
+            .collect();
+        &heap
+    };
     let host = head.header("host").unwrap_or("");
     // The original client, for remoteIpBlocks: the first x-forwarded-for entry.
     let remote_ip = head
@@ -275,7 +405,7 @@ pub fn decide(
         host,
         method: &head.method,
         path: &head.path,
-        headers: &hdrs,
+        headers: hdrs,
     };
     let close = !head.keep_alive();
     if !authz::evaluate(&cfg.policies, &subject, &areq).allowed {
@@ -292,35 +422,42 @@ pub fn decide(
         method: &head.method,
         path: &head.path,
         query: head.query.as_deref(),
-        headers: &hdrs,
+        headers: hdrs,
         scheme: "http",
     };
     match cfg
         .routes
-        .route(target, &rreq, &|s| cfg.service_exists(s), rng)
+        .route_shared(target, &rreq, &|s| cfg.service_exists(s), rng)
     {
-        Decision::Respond { status, reason } => {
+        Ok(forward) => Action::Forward { forward },
+        Err(Decision::Respond { status, reason }) => {
             Action::Respond(simple_response(status, &[], reason, close))
         }
-        Decision::Redirect {
+        Err(Decision::Redirect {
             status,
             location,
             response_headers,
-        } => {
+        }) => {
             let mut h = vec![("location".to_string(), location)];
             for m in &response_headers {
                 m.apply(&mut h);
             }
             Action::Respond(simple_response(status, &h, "", close))
         }
-        Decision::Forward(fwd) => Action::Forward { forward: fwd },
+        Err(Decision::Forward(fwd)) => Action::Forward {
+            forward: Cow::Owned(*fwd),
+        },
     }
 }
 
 /// The request headers sent upstream: `Host` rewrite, header modifiers,
 /// `x-forwarded-for` with the client appended.
 pub fn routed_headers(head: &RequestHead, fwd: &Forward, client: IpAddr) -> Vec<(String, String)> {
-    let mut headers = head.headers.clone();
+    let mut headers: Vec<(String, String)> = head
+        .headers
+        .iter()
+        .map(|(n, v)| (n.to_string(), v.to_string()))
+        .collect();
     if let Some(h) = &fwd.host {
         HeaderModifier {
             set: vec![("host".into(), h.clone())],
@@ -356,13 +493,49 @@ pub fn routed_target(head: &RequestHead, fwd: &Forward) -> String {
 /// `x-forwarded-for`. Without modifiers (the common case) the headers are written
 /// straight from the parsed head, with no copy of the header list.
 pub fn upstream_head(head: &RequestHead, fwd: &Forward, client: IpAddr) -> Vec<u8> {
-    use std::io::Write as _;
-    let size: usize = head
-        .headers
-        .iter()
+    let mut ip = IpText {
+        buf: [0; 48],
+        len: 0,
+    };
+    if fwd.host.is_none() && fwd.request_headers.is_empty() {
+        let fields = head.headers.iter().map(|(n, v)| (n.as_str(), v.as_str()));
+        head_bytes(head, fwd, fields, Some(ip.format(client)))
+    } else {
+        // The routed list already has the client in `x-forwarded-for`.
+        let routed = routed_headers(head, fwd, client);
+        let fields = routed.iter().map(|(n, v)| (n.as_str(), v.as_str()));
+        head_bytes(head, fwd, fields, None)
+    }
+}
+
+/// [`upstream_head`]'s bytes: request line, `fields`, `client` appended to the first
+/// `x-forwarded-for` (or added) when given. Sized exactly, so that the buffer becomes
+/// `Bytes` without another allocation.
+fn head_bytes<'a>(
+    head: &RequestHead,
+    fwd: &Forward,
+    fields: impl Iterator<Item = (&'a str, &'a str)> + Clone,
+    client: Option<&str>,
+) -> Vec<u8> {
+    let is_xff = |n: &str| n.eq_ignore_ascii_case("x-forwarded-for");
+    let target_len = match (&fwd.path, &head.query) {
+        (Some(p), _) => p.len(),
+        (None, Some(q)) => head.path.len() + 1 + q.len(),
+        (None, None) => head.path.len(),
+    };
+    let mut size = head.method.len() + 1 + target_len + " HTTP/1.1\r\n".len() + 2;
+    size += fields
+        .clone()
         .map(|(n, v)| n.len() + v.len() + 4)
-        .sum();
-    let mut out = Vec::with_capacity(size + head.path.len() + 96);
+        .sum::<usize>();
+    if let Some(c) = client {
+        size += if fields.clone().any(|(n, _)| is_xff(n)) {
+            ", ".len() + c.len()
+        } else {
+            "x-forwarded-for: \r\n".len() + c.len()
+        };
+    }
+    let mut out = Vec::with_capacity(size);
     out.extend_from_slice(head.method.as_bytes());
     out.push(b' ');
     match (&fwd.path, &head.query) {
@@ -380,70 +553,67 @@ pub fn upstream_head(head: &RequestHead, fwd: &Forward, client: IpAddr) -> Vec<u
     } else {
         b" HTTP/1.1\r\n"
     });
-    let line = |out: &mut Vec<u8>, n: &str, v: &str| {
+    let mut client = client;
+    for (n, v) in fields {
         out.extend_from_slice(n.as_bytes());
         out.extend_from_slice(b": ");
         out.extend_from_slice(v.as_bytes());
-    };
-    if fwd.host.is_none() && fwd.request_headers.is_empty() {
-        let mut xff = false;
-        for (n, v) in &head.headers {
-            line(&mut out, n, v);
-            if !xff && n.eq_ignore_ascii_case("x-forwarded-for") {
-                xff = true;
-                let _ = write!(out, ", {client}");
+        if is_xff(n) {
+            if let Some(c) = client.take() {
+                out.extend_from_slice(b", ");
+                out.extend_from_slice(c.as_bytes());
             }
-            out.extend_from_slice(b"\r\n");
         }
-        if !xff {
-            let _ = write!(out, "x-forwarded-for: {client}\r\n");
-        }
-    } else {
-        for (n, v) in &routed_headers(head, fwd, client) {
-            line(&mut out, n, v);
-            out.extend_from_slice(b"\r\n");
-        }
+        out.extend_from_slice(b"\r\n");
+    }
+    if let Some(c) = client {
+        out.extend_from_slice(b"x-forwarded-for: ");
+        out.extend_from_slice(c.as_bytes());
+        out.extend_from_slice(b"\r\n");
     }
     out.extend_from_slice(b"\r\n");
+    debug_assert_eq!(out.len(), size);
     out
 }
 
-/// Apply `ResponseHeaderModifier`s to a complete upstream response (head and body).
-pub fn modify_response(resp: Vec<u8>, mods: &[HeaderModifier]) -> Vec<u8> {
-    if mods.is_empty() {
-        return resp;
+/// An IP address as text, formatted on the stack (IPv4 without `fmt`).
+struct IpText {
+    buf: [u8; 48],
+    len: usize,
+}
+
+impl IpText {
+    fn format(&mut self, ip: IpAddr) -> &str {
+        self.len = 0;
+        match ip {
+            IpAddr::V4(v4) => {
+                for (i, o) in v4.octets().into_iter().enumerate() {
+                    if i > 0 {
+                        self.push(b'.');
+                    }
+                    if o >= 100 {
+                        self.push(b'0' + o / 100);
+                    }
+                    if o >= 10 {
+                        self.push(b'0' + o / 10 % 10);
+                    }
+                    self.push(b'0' + o % 10);
+                }
+            }
+            IpAddr::V6(_) => {
+                use std::io::Write as _;
+                let mut w = &mut self.buf[..];
+                let _ = write!(w, "{ip}");
+                self.len = 48 - w.len();
+            }
+        }
+        std::str::from_utf8(&self.buf[..self.len]).unwrap_or("")
     }
-    let mut hs = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut r = httparse::Response::new(&mut hs);
-    let Ok(httparse::Status::Complete(n)) = r.parse(&resp) else {
-        return resp;
-    };
-    let mut headers: Vec<(String, String)> = r
-        .headers
-        .iter()
-        .map(|h| {
-            (
-                h.name.to_string(),
-                String::from_utf8_lossy(h.value).into_owned(),
-            )
-        })
-        .collect();
-    for m in mods {
-        m.apply(&mut headers);
+
+    fn push(&mut self, b: u8) {
+        self.buf[self.len] = b;
+        self.len += 1;
     }
-    let mut out = format!(
-        "HTTP/1.{} {} {}\r\n",
-        r.version.unwrap_or(1),
-        r.code.unwrap_or(502),
-        r.reason.unwrap_or("")
-    );
-    for (k, v) in &headers {
-        out.push_str(&format!("{k}: {v}\r\n"));
-    }
-    out.push_str("\r\n");
-    let mut out = out.into_bytes();
-    out.extend_from_slice(&resp[n..]);
-    out
 }
 
 /// The downstream byte stream (an HBONE CONNECT stream).
@@ -665,7 +835,7 @@ pub struct Record<'a> {
 
 /// Set a valid `traceparent` on the request (kept when valid, else continued from the
 /// tunnel's or generated); returns it.
-pub fn trace(head: &mut RequestHead, tunnel: Option<&str>, rng: &mut dyn Rng) -> String {
+pub fn trace(head: &mut RequestHead, tunnel: Option<&str>, rng: &mut dyn Rng) -> Text {
     let mut found: Option<usize> = None;
     let mut extra = false;
     for (i, (n, _)) in head.headers.iter().enumerate() {
@@ -678,7 +848,7 @@ pub fn trace(head: &mut RequestHead, tunnel: Option<&str>, rng: &mut dyn Rng) ->
         }
     }
     let current = found.map(|i| head.headers[i].1.as_str());
-    let t = crate::telemetry::traceparent(current, tunnel, rng);
+    let t = Text::from(crate::telemetry::traceparent(current, tunnel, rng));
     if extra {
         head.headers
             .retain(|(n, _)| !n.eq_ignore_ascii_case("traceparent"));
@@ -687,7 +857,7 @@ pub fn trace(head: &mut RequestHead, tunnel: Option<&str>, rng: &mut dyn Rng) ->
     match found {
         // Kept as it was: nothing to change.
         Some(i) if head.headers[i].1 == t => {}
-        Some(i) => head.headers[i].1.clone_from(&t),
+        Some(i) => head.headers[i].1 = t.clone(),
         None => head.headers.push(("traceparent".into(), t.clone())),
     }
     t
@@ -732,9 +902,9 @@ pub(crate) fn shadow(request: &[u8]) -> Bytes {
         if name.eq_ignore_ascii_case("host") {
             *v = match v.rsplit_once(':') {
                 Some((h, p)) if !h.is_empty() && p.chars().all(|c| c.is_ascii_digit()) => {
-                    format!("{h}-shadow:{p}")
+                    Text::from(format!("{h}-shadow:{p}"))
                 }
-                _ => format!("{v}-shadow"),
+                _ => Text::from(format!("{v}-shadow")),
             };
         }
     }
@@ -748,7 +918,7 @@ fn write_head(head: &RequestHead, target: Option<&str>) -> Vec<u8> {
     let target = match (target, &head.query) {
         (Some(t), _) => t.to_string(),
         (None, Some(q)) => format!("{}?{q}", head.path),
-        (None, None) => head.path.clone(),
+        (None, None) => head.path.to_string(),
     };
     let mut out = format!("{} {target} HTTP/1.{}\r\n", head.method, head.version);
     for (n, v) in &head.headers {
@@ -1807,7 +1977,7 @@ fn rewrite_response_head(raw: &[u8], mods: &[HeaderModifier], chunked: bool) -> 
 pub fn target_of(head: &RequestHead) -> String {
     match &head.query {
         Some(q) => format!("{}?{q}", head.path),
-        None => head.path.clone(),
+        None => head.path.to_string(),
     }
 }
 
@@ -1940,7 +2110,7 @@ pub(crate) fn hop_by_hop(name: &str, connection: &[&str]) -> bool {
 /// put back as `Upgrade` + `Connection: upgrade`, `Expect` dropped (the waypoint answers
 /// it), several equal `Content-Length`s made one.
 pub fn normalize_request(head: &mut RequestHead, upgrade: Option<&str>) {
-    let connection: Vec<String> = head
+    let connection: Vec<Text> = head
         .headers
         .iter()
         .filter(|(n, _)| n.eq_ignore_ascii_case("connection"))
@@ -1955,7 +2125,10 @@ pub fn normalize_request(head: &mut RequestHead, upgrade: Option<&str>) {
             }
             seen_cl = true;
             if let Some(len) = content_length(v) {
-                *v = len.to_string();
+                // Rewritten only when it is not already the plain number.
+                if v.bytes().any(|b| !b.is_ascii_digit()) || (v.len() > 1 && v.starts_with('0')) {
+                    *v = Text::from(len.to_string());
+                }
             }
             return true;
         }
@@ -1963,7 +2136,8 @@ pub fn normalize_request(head: &mut RequestHead, upgrade: Option<&str>) {
     });
     if let Some(u) = upgrade {
         head.headers.push(("connection".into(), "upgrade".into()));
-        head.headers.push(("upgrade".into(), u.to_string()));
+        head.headers
+            .push(("upgrade".into(), Text::from(u.to_string())));
     }
 }
 
@@ -1994,4 +2168,144 @@ async fn close_with<T: Tunnel>(tunnel: &mut T, resp: Vec<u8>, status: u16) -> io
     tunnel.write(Bytes::from(resp)).await?;
     tunnel.finish().await?;
     Ok(End::Closed(status))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn head_of(raw: &[u8]) -> RequestHead {
+        match parse_head(raw) {
+            Parsed::Head(h, _) => h,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn parsed_fields_are_slices_of_one_copy_of_the_head() {
+        let h = head_of(b"GET /a/b?x=1 HTTP/1.1\r\nHost: echo\r\nX-Y:  z \r\n\r\nrest");
+        assert_eq!(
+            (h.method.as_str(), h.path.as_str(), h.query.as_deref()),
+            ("GET", "/a/b", Some("x=1"))
+        );
+        assert_eq!(h.header("host"), Some("echo"));
+        assert_eq!(h.header("x-y"), Some("z"));
+        // A value that is not UTF-8 is still 400.
+        assert_eq!(
+            parse_head(b"GET / HTTP/1.1\r\nx: \xff\r\n\r\n"),
+            Parsed::Bad(400)
+        );
+    }
+
+    /// The head sent upstream is sized exactly (so it becomes `Bytes` without copying) and
+    /// carries the client in `x-forwarded-for`, appended or added, IPv4 and IPv6.
+    #[test]
+    fn upstream_head_is_exact_and_appends_the_client() {
+        let fwd = Forward::default();
+        for (raw, client, want) in [
+            (
+                &b"GET /p?q HTTP/1.1\r\nhost: echo\r\n\r\n"[..],
+                "10.1.0.1",
+                "GET /p?q HTTP/1.1\r\nhost: echo\r\nx-forwarded-for: 10.1.0.1\r\n\r\n",
+            ),
+            (
+                b"GET / HTTP/1.0\r\nX-Forwarded-For: 1.2.3.4\r\nx-forwarded-for: 5.6.7.8\r\n\r\n",
+                "255.0.10.9",
+                "GET / HTTP/1.0\r\nX-Forwarded-For: 1.2.3.4, 255.0.10.9\r\nx-forwarded-for: 5.6.7.8\r\n\r\n",
+            ),
+            (
+                b"GET / HTTP/1.1\r\n\r\n",
+                "fd00::1",
+                "GET / HTTP/1.1\r\nx-forwarded-for: fd00::1\r\n\r\n",
+            ),
+        ] {
+            let out = upstream_head(&head_of(raw), &fwd, client.parse().unwrap());
+            assert_eq!(String::from_utf8_lossy(&out), want);
+            assert_eq!(out.len(), out.capacity());
+        }
+        // With a header modifier and a rewritten path.
+        let fwd = Forward {
+            path: Some("/new?q".into()),
+            host: Some("h2".into()),
+            request_headers: vec![HeaderModifier {
+                add: vec![("x-a".into(), "1".into())],
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let out = upstream_head(
+            &head_of(b"GET /old?q HTTP/1.1\r\nhost: echo\r\n\r\n"),
+            &fwd,
+            "10.0.0.7".parse().unwrap(),
+        );
+        assert_eq!(
+            String::from_utf8_lossy(&out),
+            "GET /new?q HTTP/1.1\r\nhost: h2\r\nx-a: 1\r\nx-forwarded-for: 10.0.0.7\r\n\r\n"
+        );
+        assert_eq!(out.len(), out.capacity());
+    }
+
+    #[test]
+    fn traceparent_header_is_added_once_and_shared_with_the_record() {
+        let mut rng = crate::lb::SplitMix64(3);
+        let mut h = head_of(b"GET / HTTP/1.1\r\ntraceparent: bad\r\ntraceparent: x\r\n\r\n");
+        let t = trace(&mut h, None, &mut rng);
+        let found: Vec<&str> = h
+            .headers
+            .iter()
+            .filter(|(n, _)| n.eq_ignore_ascii_case("traceparent"))
+            .map(|(_, v)| v.as_str())
+            .collect();
+        assert_eq!(found, [t.as_str()]);
+        assert!(crate::telemetry::valid_traceparent(&t));
+    }
+
+    /// The HTTP/1.1 and HTTP/2 response heads come from one filter
+    /// ([`downstream_head`]): hop-by-hop fields (and those `Connection` names) dropped,
+    /// one normalised `content-length`, none next to `transfer-encoding`; HTTP/2 also
+    /// drops `transfer-encoding`; HTTP/1.1 keeps a `101`'s `Connection`/`Upgrade`.
+    #[test]
+    fn response_heads_for_both_protocols_share_one_filter() {
+        let names = |raw: &[u8], h2: bool| -> Vec<(String, String)> {
+            downstream_head(raw, &[], h2)
+                .unwrap()
+                .fields
+                .iter()
+                .map(|(n, v)| (n.to_string(), String::from_utf8_lossy(v).into_owned()))
+                .collect()
+        };
+        let raw = b"HTTP/1.1 200 OK\r\nconnection: x-a\r\nx-a: 1\r\nkeep-alive: t=1\r\ncontent-length: 9\r\ntransfer-encoding: chunked\r\nx-b: 2\r\n\r\n";
+        let both = [("transfer-encoding", "chunked"), ("x-b", "2")];
+        let want: Vec<(String, String)> = both
+            .iter()
+            .map(|(n, v)| (n.to_string(), v.to_string()))
+            .collect();
+        assert_eq!(names(raw, false), want);
+        assert_eq!(names(raw, true), want[1..]);
+        let raw = b"HTTP/1.1 200 OK\r\ncontent-length: 2, 2\r\ncontent-length: 2\r\n\r\n";
+        for h2 in [false, true] {
+            assert_eq!(names(raw, h2), [("content-length".into(), "2".into())]);
+        }
+        let raw = b"HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: websocket\r\n\r\n";
+        assert_eq!(names(raw, false).len(), 2);
+        assert!(names(raw, true).is_empty());
+        // Modifiers apply after the filter.
+        let m = HeaderModifier {
+            set: vec![("x-b".into(), "3".into())],
+            remove: vec!["server".into()],
+            ..Default::default()
+        };
+        let d = downstream_head(
+            b"HTTP/1.0 200 OK\r\nserver: s\r\nx-b: 2\r\n\r\n",
+            &[m],
+            false,
+        )
+        .unwrap();
+        assert_eq!((d.status, d.version, d.reason), (200, 0, "OK"));
+        assert_eq!(d.fields, [(Cow::Borrowed("x-b"), Cow::Borrowed(&b"3"[..]))]);
+        assert_eq!(
+            rewrite_response_head(b"HTTP/1.0 200 OK\r\nx: 1\r\n\r\n", &[], true),
+            b"HTTP/1.1 200 OK\r\nx: 1\r\ntransfer-encoding: chunked\r\n\r\n"
+        );
+    }
 }

@@ -117,6 +117,29 @@ fn mix(mut z: u64) -> u64 {
     z ^ (z >> 33)
 }
 
+/// The endpoints a pick chooses among: all `n`, or the listed ones.
+enum Cands<'a> {
+    All(usize),
+    Listed(&'a [usize]),
+}
+
+impl Cands<'_> {
+    fn len(&self) -> usize {
+        match self {
+            Cands::All(n) => *n,
+            Cands::Listed(l) => l.len(),
+        }
+    }
+
+    /// The `k`-th candidate's endpoint index.
+    fn get(&self, k: usize) -> usize {
+        match self {
+            Cands::All(_) => k,
+            Cands::Listed(l) => l[k],
+        }
+    }
+}
+
 #[derive(Debug, Clone, Default)]
 struct EndpointState {
     active: u32,
@@ -174,30 +197,43 @@ impl Balancer {
         if self.eps.is_empty() {
             return None;
         }
-        let mut cands: Vec<usize> = (0..self.eps.len())
-            .filter(|&i| !self.is_ejected(i, now))
-            .collect();
-        if cands.is_empty() {
-            cands = (0..self.eps.len()).collect();
-        }
+        // The candidates: the endpoints not ejected, else all. Without ejections (the
+        // common case) they are all endpoints, and no list is built.
+        let ejected = self
+            .eps
+            .iter()
+            .any(|e| e.ejected_until.is_some_and(|t| now < t));
+        let listed: Vec<usize>;
+        let cands: Cands<'_> = if ejected {
+            listed = (0..self.eps.len())
+                .filter(|&i| !self.is_ejected(i, now))
+                .collect();
+            if listed.is_empty() {
+                Cands::All(self.eps.len())
+            } else {
+                Cands::Listed(&listed)
+            }
+        } else {
+            Cands::All(self.eps.len())
+        };
         let n = cands.len();
         let i = match &self.policy {
-            LbPolicy::Random => cands[rng.below(n as u64) as usize],
+            LbPolicy::Random => cands.get(rng.below(n as u64) as usize),
             LbPolicy::RoundRobin => {
-                let i = cands[self.next_rr % n];
+                let i = cands.get(self.next_rr % n);
                 self.next_rr = self.next_rr.wrapping_add(1);
                 i
             }
             LbPolicy::LeastRequest => {
                 if n == 1 {
-                    cands[0]
+                    cands.get(0)
                 } else {
                     let a = rng.below(n as u64) as usize;
                     let mut b = rng.below(n as u64 - 1) as usize;
                     if b >= a {
                         b += 1;
                     }
-                    let (a, b) = (cands[a], cands[b]);
+                    let (a, b) = (cands.get(a), cands.get(b));
                     if self.eps[b].active < self.eps[a].active {
                         b
                     } else {
@@ -208,11 +244,11 @@ impl Balancer {
             LbPolicy::ConsistentHash(k) => match input.key(k) {
                 // Rendezvous hashing: the endpoint with the highest mix(key, index) wins, so
                 // removing one endpoint moves only the keys it held.
-                Some(h) => *cands
-                    .iter()
-                    .max_by_key(|&&i| mix(h ^ mix(i as u64 + 1)))
+                Some(h) => (0..n)
+                    .map(|k| cands.get(k))
+                    .max_by_key(|&i| mix(h ^ mix(i as u64 + 1)))
                     .expect("non-empty"),
-                None => cands[rng.below(n as u64) as usize],
+                None => cands.get(rng.below(n as u64) as usize),
             },
         };
         Some(i)

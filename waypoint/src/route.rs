@@ -4,6 +4,7 @@
 //! Pure: [`RouteTable::route`] takes a request and returns a [`Decision`]; it never does I/O.
 //! The compiled types here are built by [`crate::config`] from the YAML users write.
 
+use std::borrow::Cow;
 use std::time::Duration;
 
 use regex::Regex;
@@ -331,6 +332,11 @@ pub enum Decision {
 #[derive(Debug, Clone, Default)]
 pub struct RouteTable {
     routes: Vec<HttpRoute>,
+    /// By route, rule and backend: the [`Forward`] of a rule and backend whose filters do
+    /// not depend on the request (no redirect, no path rewrite), built once here so that a
+    /// request borrows it instead of building its own. Its mirrors are all the configured
+    /// ones (a request checks they exist).
+    prebuilt: Vec<Vec<Vec<Option<Forward>>>>,
 }
 
 impl RouteTable {
@@ -340,24 +346,19 @@ impl RouteTable {
             let tb = (b.created.is_none(), b.created.as_deref());
             ta.cmp(&tb).then_with(|| a.id.cmp(&b.id))
         });
-        RouteTable { routes }
+        let prebuilt = routes
+            .iter()
+            .map(|route| {
+                (0..route.rules.len())
+                    .map(|ri| prebuild(route, ri))
+                    .collect()
+            })
+            .collect();
+        RouteTable { routes, prebuilt }
     }
 
     pub fn routes(&self) -> &[HttpRoute] {
         &self.routes
-    }
-
-    /// Routes attached to `service` (any port, or this port).
-    fn attached<'s>(
-        &'s self,
-        service: &'s ObjectRef,
-        port: u16,
-    ) -> impl Iterator<Item = &'s HttpRoute> {
-        self.routes.iter().filter(move |r| {
-            r.parents
-                .iter()
-                .any(|(p, pp)| p == service && pp.is_none_or(|pp| pp == port))
-        })
     }
 
     /// Route one request. `service_exists` says whether a backend service is known;
@@ -369,13 +370,36 @@ impl RouteTable {
         service_exists: &dyn Fn(&ObjectRef) -> bool,
         rng: &mut dyn Rng,
     ) -> Decision {
+        match self.route_shared(target, req, service_exists, rng) {
+            Ok(fwd) => Decision::Forward(Box::new(fwd.into_owned())),
+            Err(d) => d,
+        }
+    }
+
+    /// [`RouteTable::route`] without copying a rule's prebuilt [`Forward`]: `Ok` with the
+    /// forward (borrowed from the table when the rule and backend allow it), `Err` with any
+    /// other decision (never [`Decision::Forward`]).
+    pub fn route_shared(
+        &self,
+        target: Target<'_>,
+        req: &Request<'_>,
+        service_exists: &dyn Fn(&ObjectRef) -> bool,
+        rng: &mut dyn Rng,
+    ) -> Result<Cow<'_, Forward>, Decision> {
         let (service, port) = match target {
-            Target::Workload => return Decision::Forward(Box::default()),
+            Target::Workload => return Ok(Cow::Owned(Forward::default())),
             Target::Service { service, port } => (service, port),
         };
         let mut any = false;
-        let mut best: Option<(_, &HttpRoute, usize, &RouteMatch)> = None;
-        for route in self.attached(service, port) {
+        let mut best: Option<(_, usize, usize, &RouteMatch)> = None;
+        for (i, route) in self.routes.iter().enumerate() {
+            if !route
+                .parents
+                .iter()
+                .any(|(p, pp)| p == service && pp.is_none_or(|pp| pp == port))
+            {
+                continue;
+            }
             any = true;
             for (ri, rule) in route.rules.iter().enumerate() {
                 for m in &rule.matches {
@@ -385,7 +409,7 @@ impl RouteTable {
                     let rank = m.rank();
                     // Strictly greater: ties go to the older route, then the earlier rule.
                     if best.as_ref().is_none_or(|b| rank > b.0) {
-                        best = Some((rank, route, ri, m));
+                        best = Some((rank, i, ri, m));
                     }
                 }
             }
@@ -393,63 +417,130 @@ impl RouteTable {
         if !any {
             // R17: no route attached, the service routes to itself.
             if !service_exists(service) {
-                return Decision::Respond {
+                return Err(Decision::Respond {
                     status: 500,
                     reason: "unknown service",
-                };
+                });
             }
-            return Decision::Forward(Box::new(Forward {
+            return Ok(Cow::Owned(Forward {
                 service: Some((service.clone(), port)),
                 ..Forward::default()
             }));
         }
-        let Some((_, route, ri, m)) = best else {
-            return Decision::Respond {
+        let Some((_, i, ri, m)) = best else {
+            return Err(Decision::Respond {
                 status: 404,
                 reason: "no matching route",
-            };
+            });
         };
-        apply_rule(route, ri, m, req, port, service_exists, rng)
+        let prebuilt = &self.prebuilt[i][ri];
+        apply_rule(
+            &self.routes[i],
+            ri,
+            prebuilt,
+            m,
+            req,
+            port,
+            service_exists,
+            rng,
+        )
     }
 }
 
-fn apply_rule(
+/// The prebuilt [`Forward`]s of rule `ri` of `route`, by backend: `None` for a backend
+/// (or a rule) whose filters depend on the request (a redirect, a path rewrite).
+fn prebuild(route: &HttpRoute, ri: usize) -> Vec<Option<Forward>> {
+    let rule = &route.rules[ri];
+    let per_request = |fs: &[Filter]| {
+        fs.iter().any(|f| {
+            matches!(
+                f,
+                Filter::Redirect(_) | Filter::Rewrite(Rewrite { path: Some(_), .. })
+            )
+        })
+    };
+    if per_request(&rule.filters) {
+        return vec![None; rule.backends.len()];
+    }
+    // Filters without a path rewrite do not read the request or the match.
+    let m = RouteMatch::default();
+    let req = Request {
+        method: "",
+        path: "",
+        query: None,
+        headers: &[],
+        scheme: "http",
+    };
+    rule.backends
+        .iter()
+        .map(|backend| {
+            if per_request(&backend.filters) {
+                return None;
+            }
+            let mut fwd = Forward {
+                timeouts: rule.timeouts,
+                retry: rule.retry.clone(),
+                route: Some((route.id.clone(), ri)),
+                ..Forward::default()
+            };
+            let mut redirect = None;
+            collect_filters(&rule.filters, &m, &req, &mut fwd, &mut redirect);
+            collect_filters(&backend.filters, &m, &req, &mut fwd, &mut redirect);
+            fwd.service = Some((backend.service.clone(), backend.port));
+            Some(fwd)
+        })
+        .collect()
+}
+
+#[allow(clippy::too_many_arguments)]
+fn apply_rule<'t>(
     route: &HttpRoute,
     ri: usize,
+    prebuilt: &'t [Option<Forward>],
     m: &RouteMatch,
     req: &Request<'_>,
     port: u16,
     service_exists: &dyn Fn(&ObjectRef) -> bool,
     rng: &mut dyn Rng,
-) -> Decision {
+) -> Result<Cow<'t, Forward>, Decision> {
     let rule = &route.rules[ri];
-    let mut fwd = Forward {
-        timeouts: rule.timeouts,
-        retry: rule.retry.clone(),
-        route: Some((route.id.clone(), ri)),
-        ..Forward::default()
-    };
-    let mut redirect = None;
-    collect_filters(&rule.filters, m, req, &mut fwd, &mut redirect);
-    if let Some(r) = redirect {
-        return Decision::Redirect {
-            status: r.status_code,
-            location: redirect_location(&r, m, req, port),
-            response_headers: fwd.response_headers,
+    let build = |redirect: &mut Option<Redirect>| {
+        let mut fwd = Forward {
+            timeouts: rule.timeouts,
+            retry: rule.retry.clone(),
+            route: Some((route.id.clone(), ri)),
+            ..Forward::default()
         };
+        collect_filters(&rule.filters, m, req, &mut fwd, redirect);
+        fwd
+    };
+    // A rule with a prebuilt forward has no redirect (see `prebuild`); else the rule's
+    // filters are applied first, a redirect answering before any backend is chosen.
+    let mut built = None;
+    if prebuilt.iter().all(Option::is_none) {
+        let mut redirect = None;
+        let fwd = build(&mut redirect);
+        if let Some(r) = redirect {
+            return Err(Decision::Redirect {
+                status: r.status_code,
+                location: redirect_location(&r, m, req, port),
+                response_headers: fwd.response_headers,
+            });
+        }
+        built = Some(fwd);
     }
     let total: u64 = rule.backends.iter().map(|b| b.weight as u64).sum();
     if total == 0 {
-        return Decision::Respond {
+        return Err(Decision::Respond {
             status: 500,
             reason: "no backend",
-        };
+        });
     }
     let mut pick = rng.below(total);
-    let backend = rule
+    let bi = rule
         .backends
         .iter()
-        .find(|b| {
+        .position(|b| {
             if pick < b.weight as u64 {
                 true
             } else {
@@ -458,16 +549,27 @@ fn apply_rule(
             }
         })
         .expect("pick below total weight");
+    let backend = &rule.backends[bi];
     if !service_exists(&backend.service) {
-        return Decision::Respond {
+        return Err(Decision::Respond {
             status: 500,
             reason: "backend service not found",
-        };
+        });
     }
+    if let Some(Some(t)) = prebuilt.get(bi) {
+        if t.mirrors.iter().all(|mi| service_exists(&mi.service)) {
+            return Ok(Cow::Borrowed(t));
+        }
+        let mut fwd = t.clone();
+        fwd.mirrors.retain(|mi| service_exists(&mi.service));
+        return Ok(Cow::Owned(fwd));
+    }
+    let mut redirect = None;
+    let mut fwd = built.unwrap_or_else(|| build(&mut redirect));
     collect_filters(&backend.filters, m, req, &mut fwd, &mut redirect);
     fwd.service = Some((backend.service.clone(), backend.port));
     fwd.mirrors.retain(|mi| service_exists(&mi.service));
-    Decision::Forward(Box::new(fwd))
+    Ok(Cow::Owned(fwd))
 }
 
 fn collect_filters(
@@ -606,5 +708,86 @@ pub fn percent_decode(s: &str) -> std::borrow::Cow<'_, str> {
     match String::from_utf8(out) {
         Ok(d) => std::borrow::Cow::Owned(d),
         Err(_) => std::borrow::Cow::Borrowed(s),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::lb::SplitMix64;
+
+    fn backend(name: &str, weight: u32, filters: Vec<Filter>) -> Backend {
+        Backend {
+            service: ObjectRef::new("default", name),
+            port: 80,
+            weight,
+            filters,
+        }
+    }
+
+    /// A rule and backend without request-dependent filters are routed to a forward built
+    /// once (borrowed); a path rewrite is built per request; both decide as `route` does.
+    #[test]
+    fn r17_prebuilt_forwards_are_borrowed_and_decide_as_built_ones() {
+        let add = HeaderModifier {
+            add: vec![("x-a".into(), "1".into())],
+            ..Default::default()
+        };
+        let rewrite = Filter::Rewrite(Rewrite {
+            hostname: None,
+            path: Some(PathModifier::ReplaceFullPath("/r".into())),
+        });
+        let mirror = Filter::Mirror(Mirror {
+            service: ObjectRef::new("default", "ghost"),
+            port: 80,
+            percent: 100,
+        });
+        let route = HttpRoute {
+            id: ObjectRef::new("default", "echo"),
+            created: None,
+            parents: vec![(ObjectRef::new("default", "echo"), None)],
+            rules: vec![Rule {
+                matches: vec![RouteMatch::default()],
+                filters: vec![Filter::RequestHeader(add)],
+                backends: vec![
+                    backend("v1", 1, vec![]),
+                    backend("v2", 1, vec![rewrite]),
+                    backend("v3", 1, vec![mirror]),
+                ],
+                timeouts: Timeouts::default(),
+                retry: None,
+            }],
+        };
+        let table = RouteTable::new(vec![route]);
+        let svc = ObjectRef::new("default", "echo");
+        let target = Target::Service {
+            service: &svc,
+            port: 80,
+        };
+        let req = Request {
+            method: "GET",
+            path: "/p",
+            query: None,
+            headers: &[],
+            scheme: "http",
+        };
+        let exists = |s: &ObjectRef| s.name != "ghost";
+        let mut seen = std::collections::BTreeMap::new();
+        for seed in 0..60 {
+            let shared = table.route_shared(target, &req, &exists, &mut SplitMix64(seed));
+            let built = table.route(target, &req, &exists, &mut SplitMix64(seed));
+            let fwd = shared.expect("forwarded");
+            assert_eq!(Decision::Forward(Box::new(fwd.clone().into_owned())), built);
+            let name = fwd.service.as_ref().unwrap().0.name.clone();
+            // v1: prebuilt; v2: its path rewrite is per request; v3: prebuilt, but its
+            // mirror's service is missing, so a copy without it.
+            let borrowed = matches!(fwd, Cow::Borrowed(_));
+            assert_eq!(borrowed, name == "v1", "{name}");
+            assert_eq!(fwd.request_headers.len(), 1);
+            assert!(fwd.mirrors.is_empty());
+            assert_eq!(fwd.path.as_deref(), (name == "v2").then_some("/r"));
+            *seen.entry(name).or_insert(0) += 1;
+        }
+        assert_eq!(seen.len(), 3, "{seen:?}");
     }
 }

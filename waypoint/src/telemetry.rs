@@ -316,41 +316,38 @@ pub fn valid_traceparent(v: &str) -> bool {
 }
 
 /// `n` as 16 lower-case hex digits.
-fn hex16(out: &mut String, n: u64) {
+fn hex16(out: &mut [u8], n: u64) {
     const HEX: &[u8; 16] = b"0123456789abcdef";
-    for i in (0..16).rev() {
-        out.push(HEX[((n >> (i * 4)) & 0xf) as usize] as char);
+    for (i, o) in out[..16].iter_mut().enumerate() {
+        *o = HEX[((n >> ((15 - i) * 4)) & 0xf) as usize];
     }
 }
 
 /// The `traceparent` to send upstream: the request's when valid; else a new span of the
 /// tunnel's trace (the CONNECT's `traceparent`) when that one is valid; else a new trace.
-pub fn traceparent(request: Option<&str>, tunnel: Option<&str>, rng: &mut dyn Rng) -> String {
+/// Shared text (one allocation; the request's header and its access log use the same).
+pub fn traceparent(request: Option<&str>, tunnel: Option<&str>, rng: &mut dyn Rng) -> Rc<str> {
     if let Some(v) = request.filter(|v| valid_traceparent(v)) {
-        return v.trim().to_string();
+        return Rc::from(v.trim());
     }
-    let mut out = String::with_capacity(55);
-    out.push_str("00-");
+    // `00-<trace id>-<span id>-<flags>`, built in place.
+    let mut out = *b"00-00000000000000000000000000000000-0000000000000000-01";
     match tunnel.filter(|v| valid_traceparent(v)) {
         Some(t) => {
-            let t = t.trim();
+            let t = t.trim().as_bytes();
             let span = rng.next_u64() | 1;
-            out.push_str(&t[3..35]);
-            out.push('-');
-            hex16(&mut out, span);
-            out.push('-');
-            out.push_str(&t[53..55]);
+            out[3..35].copy_from_slice(&t[3..35]);
+            hex16(&mut out[36..52], span);
+            out[53..55].copy_from_slice(&t[53..55]);
         }
         None => {
             let span = rng.next_u64() | 1;
-            hex16(&mut out, rng.next_u64() | 1);
-            hex16(&mut out, rng.next_u64());
-            out.push('-');
-            hex16(&mut out, span);
-            out.push_str("-01");
+            hex16(&mut out[3..19], rng.next_u64() | 1);
+            hex16(&mut out[19..35], rng.next_u64());
+            hex16(&mut out[36..52], span);
         }
     }
-    out
+    Rc::from(std::str::from_utf8(&out).expect("traceparent is ASCII"))
 }
 
 #[cfg(test)]
@@ -363,7 +360,7 @@ mod tests {
         let mut rng = SplitMix64(7);
         let good = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
         assert!(valid_traceparent(good));
-        assert_eq!(traceparent(Some(good), None, &mut rng), good);
+        assert_eq!(&*traceparent(Some(good), None, &mut rng), good);
         for bad in [
             "",
             "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
@@ -375,7 +372,7 @@ mod tests {
             assert!(!valid_traceparent(bad), "{bad}");
             let t = traceparent(Some(bad), None, &mut rng);
             assert!(valid_traceparent(&t), "{t}");
-            assert_ne!(t, bad);
+            assert_ne!(&*t, bad);
         }
         // The tunnel's trace continues with a new span.
         let t = traceparent(None, Some(good), &mut rng);
