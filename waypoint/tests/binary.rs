@@ -1,17 +1,16 @@
 //! The `waypoint` binary: `READY … hbone=ADDR` once listening, the R14 check on a real
 //! HBONE connection with its own (built-in CA) identity, SIGTERM drain, config errors.
 
-use std::io::{BufRead, BufReader};
+mod common;
+
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, SystemTime};
 
+use common::{block_on, connect, goaway, id, settings, test_dir as dir, Proc};
 use hbone::ca::{CertSource, SigningCa};
-use hbone::client::Client;
-use hbone::tls::TlsCounters;
 use hbone::wire::ConnectRequest;
-use hbone::{H2Settings, HboneError, Identity};
-use runtime::driver::{build_runtime, DriverDecision, DriverKind};
+use hbone::HboneError;
 
 const L7: &str = r#"namespaces:
   - name: app
@@ -24,17 +23,6 @@ workloads:
 services:
   - {name: echo, namespace: app, hostname: echo.app.svc.cluster.local, vips: ["10.96.0.1"], ports: {80: 8080}}
 "#;
-
-/// The waypoint process, killed and reaped when dropped, so a failed check never leaves it
-/// running. (Once the test has reaped it itself, `kill` signals nothing.)
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 /// Read until the waypoint closes the connection, which it must do without an HTTP
 /// answer: EOF or a reset count as closed; hitting the (generous) read bound is a hang and
@@ -68,48 +56,29 @@ fn metrics_with(stats: SocketAddr, want: &[String]) -> String {
     }
 }
 
-fn dir(name: &str) -> std::path::PathBuf {
-    let d = std::env::temp_dir().join(format!("waypoint-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+/// The binary on the model [`L7`] (stats on, built-in CA in the test's folder `name`) with
+/// `args`; the folder and the process, once READY.
+fn start(name: &str, args: &[&str], stderr: Stdio) -> (std::path::PathBuf, Proc) {
+    let d = dir(name);
+    let cfg = format!("{L7}---\n{}", settings(&d.join("ca"), true));
+    std::fs::write(d.join("waypoint.yaml"), cfg).unwrap();
+    let child = Proc::start(&d.join("waypoint.yaml"), args, stderr);
+    (d, child)
+}
+
+/// A client certificate (`app/client`) from the built-in CA in folder `d`.
+fn client_cert(d: &std::path::Path) -> hbone::ca::WorkloadCert {
+    let ca = SigningCa::builtin(&d.join("ca"), "cluster.local").unwrap();
+    ca.issue(&id("app", "client"), SystemTime::now()).unwrap()
 }
 
 #[test]
 fn binary_serves_hbone_and_drains_on_sigterm() {
-    let d = dir("bin");
-    let cfg = format!(
-        "{L7}---\nwaypoint:\n  listen: 127.0.0.1:0\n  identity: spiffe://cluster.local/ns/app/sa/waypoint\n  gateway: app/wp\n  address: 10.1.0.100:15008\n  ca: {{builtin: {}}}\n  stats: 127.0.0.1:0\nruntime: {{workers: 1, pin: false, drain_timeout: 1s}}\n",
-        d.join("ca").display()
-    );
-    std::fs::write(d.join("waypoint.yaml"), cfg).unwrap();
-    let mut child = Proc(
-        Command::new(env!("CARGO_BIN_EXE_waypoint"))
-            .args(["--config", d.join("waypoint.yaml").to_str().unwrap()])
-            .args(["--profile", "latency"])
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap(),
-    );
-    let mut line = String::new();
-    BufReader::new(child.0.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    assert!(line.starts_with("READY "), "{line}");
-    let stats: SocketAddr = line
-        .split_whitespace()
-        .find_map(|w| w.strip_prefix("stats="))
-        .expect("stats=ADDR")
-        .parse()
-        .unwrap();
+    let (d, mut child) = start("bin", &["--profile", "latency"], Stdio::inherit());
+    let stats = child.addr("stats");
     assert!(http_get(stats, "/healthz/ready").starts_with("HTTP/1.1 200"));
     assert!(http_get(stats, "/nope").starts_with("HTTP/1.1 404"));
-    let addr: SocketAddr = line
-        .split_whitespace()
-        .find_map(|w| w.strip_prefix("hbone="))
-        .expect("hbone=ADDR")
-        .parse()
-        .unwrap();
+    let addr = child.addr("hbone");
 
     // R13: plaintext HTTP to the HBONE port gets no HTTP answer, and is counted.
     {
@@ -121,27 +90,10 @@ fn binary_serves_hbone_and_drains_on_sigterm() {
         closed_without_answer(&mut c);
     }
     // A client certificate from the same built-in CA.
-    let ca = SigningCa::builtin(&d.join("ca"), "cluster.local").unwrap();
-    let me = ca
-        .issue(
-            &Identity::new("cluster.local", "app", "client"),
-            SystemTime::now(),
-        )
-        .unwrap();
-    let tls = hbone::tls::client_config(&me, &[Identity::new("cluster.local", "app", "waypoint")])
-        .unwrap();
-    let (mut rt, _) = build_runtime(
-        &DriverDecision {
-            kind: DriverKind::Epoll,
-            reason: "test".into(),
-        },
-        64,
-    )
-    .unwrap();
-    rt.block_on(async move {
-        let c = Client::connect(addr, tls, &H2Settings::default(), &TlsCounters::default())
-            .await
-            .unwrap();
+    let me = client_cert(&d);
+    // The client's runtime ends (its connection closed) before the drain.
+    block_on(async move {
+        let c = connect(addr, &me, id("app", "waypoint")).await.unwrap();
         // Not bound to this waypoint: refused.
         let r = c
             .open(&ConnectRequest::new("10.9.9.9:80".parse().unwrap()))
@@ -156,8 +108,6 @@ fn binary_serves_hbone_and_drains_on_sigterm() {
         drop(c);
         monoio::time::sleep(Duration::from_millis(50)).await;
     });
-    // Close the client connection (its runtime) before the drain.
-    drop(rt);
     metrics_with(
         stats,
         &[
@@ -168,13 +118,13 @@ fn binary_serves_hbone_and_drains_on_sigterm() {
     );
 
     let ok = Command::new("kill")
-        .args(["-TERM", &child.0.id().to_string()])
+        .args(["-TERM", &child.pid().to_string()])
         .status()
         .unwrap();
     assert!(ok.success());
     let started = std::time::Instant::now();
     let status = loop {
-        if let Some(s) = child.0.try_wait().unwrap() {
+        if let Some(s) = child.child.try_wait().unwrap() {
             break s;
         }
         assert!(
@@ -255,19 +205,6 @@ fn binary_reports_config_errors() {
     let _ = std::fs::remove_dir_all(&d);
 }
 
-/// The error code of the first GOAWAY frame in a stream of HTTP/2 frames.
-fn goaway(mut b: &[u8]) -> Option<u32> {
-    while b.len() >= 9 {
-        let len = u32::from_be_bytes([0, b[0], b[1], b[2]]) as usize;
-        let frame = b.get(..9 + len)?;
-        if frame[3] == 7 {
-            return Some(u32::from_be_bytes(frame[13..17].try_into().ok()?));
-        }
-        b = &b[9 + len..];
-    }
-    None
-}
-
 fn fds(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd"))
         .unwrap()
@@ -298,41 +235,9 @@ fn stable_fds(pid: u32, want: usize) -> usize {
 /// the descriptors it started with.
 #[test]
 fn bad_input_is_refused_and_leaks_no_descriptor() {
-    let d = dir("fds");
-    let cfg = format!(
-        "{L7}---\nwaypoint:\n  listen: 127.0.0.1:0\n  identity: spiffe://cluster.local/ns/app/sa/waypoint\n  gateway: app/wp\n  address: 10.1.0.100:15008\n  ca: {{builtin: {}}}\n  stats: 127.0.0.1:0\nruntime: {{workers: 1, pin: false, drain_timeout: 1s}}\n",
-        d.join("ca").display()
-    );
-    std::fs::write(d.join("waypoint.yaml"), cfg).unwrap();
-    let mut child = Proc(
-        Command::new(env!("CARGO_BIN_EXE_waypoint"))
-            .args(["--config", d.join("waypoint.yaml").to_str().unwrap()])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    let mut line = String::new();
-    BufReader::new(child.0.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let field = |k: &str| -> SocketAddr {
-        line.split_whitespace()
-            .find_map(|w| w.strip_prefix(k))
-            .unwrap()
-            .parse()
-            .unwrap()
-    };
-    let (addr, stats) = (field("hbone="), field("stats="));
-    let ca = SigningCa::builtin(&d.join("ca"), "cluster.local").unwrap();
-    let me = ca
-        .issue(
-            &Identity::new("cluster.local", "app", "client"),
-            SystemTime::now(),
-        )
-        .unwrap();
-    let tls = hbone::tls::client_config(&me, &[Identity::new("cluster.local", "app", "waypoint")])
-        .unwrap();
+    let (d, child) = start("fds", &[], Stdio::null());
+    let (addr, stats) = (child.addr("hbone"), child.addr("stats"));
+    let me = client_cert(&d);
     let round = |n: usize| {
         for _ in 0..n {
             use std::io::Write;
@@ -345,19 +250,8 @@ fn bad_input_is_refused_and_leaks_no_descriptor() {
                 closed_without_answer(&mut c);
             }
         }
-        let (mut rt, _) = build_runtime(
-            &DriverDecision {
-                kind: DriverKind::Epoll,
-                reason: "test".into(),
-            },
-            64,
-        )
-        .unwrap();
-        let tls = tls.clone();
-        rt.block_on(async move {
-            let c = Client::connect(addr, tls, &H2Settings::default(), &TlsCounters::default())
-                .await
-                .unwrap();
+        block_on(async {
+            let c = connect(addr, &me, id("app", "waypoint")).await.unwrap();
             for _ in 0..n {
                 // R14 refusal.
                 let r = c
@@ -398,7 +292,7 @@ fn bad_input_is_refused_and_leaks_no_descriptor() {
     };
     // Warm up (lazily made descriptors), then count once the warm-up's descriptors are
     // closed (the count holds still).
-    let pid = child.0.id();
+    let pid = child.pid();
     round(2);
     let before = stable_fds(pid, usize::MAX);
     round(30);

@@ -5,40 +5,29 @@
 //! `127.X.0.1:15008` (the port upstream.rs derives from the model), the `echo` pod on
 //! `127.X.0.2`, the `echo-v1` pod on `127.X.0.3`.
 
+mod common;
+
 use std::io::{Read, Write};
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener};
-use std::rc::Rc;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
+use common::{
+    block_on, blocks_fnv, connect, fnv, get, id, next_request, ok_response, payload, read_response,
+    read_until, spec_echo_route_in, stand_in_ztunnel, write_blocks, Response, Ztunnel, BLOCK,
+};
 use hbone::ca::{CertSource, SigningCa, WorkloadCert};
 use hbone::client::Client;
-use hbone::server::{serve_connection, Inbound, ServerCounters};
 use hbone::stream::H2Stream;
-use hbone::tls::TlsCounters;
 use hbone::wire::ConnectRequest;
-use hbone::{H2Settings, HboneError, Identity};
+use hbone::{H2Settings, HboneError};
 use runtime::config::RuntimeConfig;
-use runtime::driver::{build_runtime, DriverDecision, DriverKind};
 use runtime::Shutdown;
 use waypoint::route::ObjectRef;
 use waypoint::service::{self, Settings};
 use waypoint::target::Me;
-
-fn id(ns: &str, sa: &str) -> Identity {
-    Identity::new("cluster.local", ns, sa)
-}
-
-fn block_on<F: std::future::Future>(f: F) -> F::Output {
-    let d = DriverDecision {
-        kind: DriverKind::Epoll,
-        reason: "test".into(),
-    };
-    let (mut rt, _) = build_runtime(&d, 256).unwrap();
-    rt.block_on(f)
-}
 
 /// A keep-alive HTTP/1.1 backend answering `200 <name> <path> xff=<x-forwarded-for>`.
 struct Backend {
@@ -60,299 +49,188 @@ fn backend(ip: Ipv4Addr, name: &'static str) -> Backend {
     let hits = Arc::new(AtomicU32::new(0));
     std::thread::spawn(move || {
         for conn in l.incoming() {
-            let Ok(mut c) = conn else { return };
-            let paths = p2.clone();
-            let hits = hits.clone();
-            std::thread::spawn(move || {
-                let mut buf = Vec::new();
-                let mut chunk = vec![0u8; 64 * 1024];
-                loop {
-                    let mut hs = [httparse::EMPTY_HEADER; 64];
-                    let mut req = httparse::Request::new(&mut hs);
-                    let n = match req.parse(&buf) {
-                        Ok(httparse::Status::Complete(n)) => n,
-                        Ok(httparse::Status::Partial) => match c.read(&mut chunk) {
-                            Ok(0) | Err(_) => return,
-                            Ok(k) => {
-                                buf.extend_from_slice(&chunk[..k]);
-                                continue;
-                            }
-                        },
-                        Err(_) => return,
-                    };
-                    let path = req.path.unwrap_or("").to_string();
-                    let header = |name: &str| {
-                        req.headers
-                            .iter()
-                            .find(|h| h.name.eq_ignore_ascii_case(name))
-                            .map(|h| String::from_utf8_lossy(h.value).into_owned())
-                    };
-                    let xff = header("x-forwarded-for").unwrap_or_default();
-                    let shadow = header("host").is_some_and(|h| h.contains("-shadow"));
-                    let chunked = header("transfer-encoding").is_some();
-                    let len: usize = header("content-length").map_or(0, |v| v.parse().unwrap());
-                    let tp = header("traceparent").unwrap_or_default();
-                    let upgrade = header("upgrade").is_some();
-                    buf.drain(..n);
-                    if path == "/stream/early" {
-                        // Answers 413 after the head and never reads the body.
-                        let _ = paths.send(path.clone());
-                        let _ = c.write_all(
-                            b"HTTP/1.1 413 Content Too Large\r\ncontent-length: 8\r\n\r\ntoo big!",
-                        );
-                        std::thread::sleep(Duration::from_secs(120));
-                        return;
-                    }
-                    if path == "/stream/upgrade" && upgrade {
-                        // Any upgrade asked for (this backend is lenient: h2c too): 101,
-                        // then every byte echoed; half-close after the client's.
-                        let _ = paths.send(path.clone());
-                        let resp = "HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: websocket\r\n\r\n";
-                        if c.write_all(resp.as_bytes()).is_err() || c.write_all(&buf).is_err() {
-                            return;
-                        }
-                        loop {
-                            match c.read(&mut chunk) {
-                                Ok(0) => {
-                                    let _ = c.shutdown(std::net::Shutdown::Write);
-                                    return;
-                                }
-                                Ok(k) => {
-                                    if c.write_all(&chunk[..k]).is_err() {
-                                        return;
-                                    }
-                                }
-                                Err(_) => return,
-                            }
-                        }
-                    }
-                    // The request body, decoded.
-                    let body_in = loop {
-                        let end = if chunked {
-                            waypoint::service::chunked_end(&buf)
-                        } else {
-                            (buf.len() >= len).then_some(len)
-                        };
-                        if let Some(end) = end {
-                            let raw: Vec<u8> = buf.drain(..end).collect();
-                            break if chunked {
-                                waypoint::h2srv::dechunk(&raw).unwrap()
-                            } else {
-                                raw
-                            };
-                        }
-                        match c.read(&mut chunk) {
-                            Ok(0) | Err(_) => return,
-                            Ok(k) => buf.extend_from_slice(&chunk[..k]),
-                        }
-                    };
-                    if let Some(rest) = path.strip_prefix("/stream/") {
-                        let _ = paths.send(path.clone());
-                        let block = payload(1 << 20);
-                        let ok = if let Some(n) = rest.strip_prefix("gen/") {
-                            // `n` bytes: the 1 MiB block repeated, Content-Length.
-                            let mut n: usize = n.parse().unwrap();
-                            let mut ok = c
-                                .write_all(
-                                    format!("HTTP/1.1 200 OK\r\ncontent-length: {n}\r\n\r\n")
-                                        .as_bytes(),
-                                )
-                                .is_ok();
-                            while ok && n > 0 {
-                                let k = n.min(block.len());
-                                ok = c.write_all(&block[..k]).is_ok();
-                                n -= k;
-                            }
-                            ok
-                        } else if let Some(n) = rest.strip_prefix("genchunked/") {
-                            // The same, chunked (1 MiB chunks).
-                            let mut n: usize = n.parse().unwrap();
-                            let mut ok = c
-                                .write_all(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
-                                .is_ok();
-                            while ok && n > 0 {
-                                let k = n.min(block.len());
-                                ok = c.write_all(format!("{k:x}\r\n").as_bytes()).is_ok()
-                                    && c.write_all(&block[..k]).is_ok()
-                                    && c.write_all(b"\r\n").is_ok();
-                                n -= k;
-                            }
-                            ok && c.write_all(b"0\r\n\r\n").is_ok()
-                        } else {
-                            // The request body's length and checksum.
-                            let b = format!("len={} fnv={:x}", body_in.len(), fnv(&body_in));
-                            c.write_all(
-                                format!(
-                                    "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{b}",
-                                    b.len()
-                                )
-                                .as_bytes(),
-                            )
-                            .is_ok()
-                        };
-                        if !ok {
-                            return;
-                        }
-                        continue;
-                    }
-                    let _ = paths.send(if shadow {
-                        format!("shadow:{path}")
-                    } else {
-                        path.clone()
-                    });
-                    let mut body = format!("{name} {path} xff={xff}");
-                    if path.contains("trace") {
-                        body.push_str(&format!(" tp={tp}"));
-                    }
-                    if !body_in.is_empty() {
-                        body.push_str(&format!(" body={}", String::from_utf8_lossy(&body_in)));
-                    }
-                    if path.contains("hang") || (shadow && path.contains("stall")) {
-                        // Never answers: waits for the connection to go away.
-                        while let Ok(k) = c.read(&mut chunk) {
-                            if k == 0 {
-                                return;
-                            }
-                        }
-                        return;
-                    }
-                    if path.contains("huge") {
-                        // One byte over the waypoint's limit (head and body), or (`at-limit`)
-                        // exactly at it, then close.
-                        let max = waypoint::service::MAX_RESPONSE
-                            - usize::from(path.contains("at-limit"));
-                        let head =
-                            |n: usize| format!("HTTP/1.1 200 OK\r\ncontent-length: {n}\r\n\r\n");
-                        let mut n = max;
-                        while head(n).len() + n != max + 1 {
-                            n = max + 1 - head(n).len();
-                        }
-                        if c.write_all(head(n).as_bytes()).is_err() {
-                            return;
-                        }
-                        let chunk = vec![b'x'; 1 << 20];
-                        while n > 0 {
-                            let k = n.min(chunk.len());
-                            if c.write_all(&chunk[..k]).is_err() {
-                                return;
-                            }
-                            n -= k;
-                        }
-                        return;
-                    }
-                    let hit = hits.fetch_add(1, Ordering::SeqCst);
-                    let resp = match path.as_str() {
-                        // Chunked, with an extension and a trailer.
-                        "/chunked" => format!(
-                            "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n3;x=y\r\n{}\r\n{:x}\r\n{}\r\n0\r\nx-t: 1\r\n\r\n",
-                            &body[..3],
-                            body.len() - 3,
-                            &body[3..]
-                        ),
-                        // Delimited by the end of the connection.
-                        "/eof" => format!("HTTP/1.1 200 OK\r\nconnection: close\r\n\r\n{body}"),
-                        // Fails every other time (the first included).
-                        p if p.contains("flaky") && hit % 2 == 0 => {
-                            "HTTP/1.1 503 Service Unavailable\r\ncontent-length: 4\r\n\r\nflak".to_string()
-                        }
-                        p if p.contains("fail") => {
-                            "HTTP/1.1 503 Service Unavailable\r\ncontent-length: 4\r\n\r\nfail".to_string()
-                        }
-                        _ => format!(
-                            "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}",
-                            body.len()
-                        ),
-                    };
-                    // /drop: a keep-alive response, then the connection closes anyway.
-                    if c.write_all(resp.as_bytes()).is_err() || path == "/eof" || path == "/drop" {
-                        return;
-                    }
-                }
-            });
+            let Ok(c) = conn else { return };
+            let (paths, hits) = (p2.clone(), hits.clone());
+            std::thread::spawn(move || serve_backend(c, name, &paths, &hits));
         }
     });
     Backend { addr, paths }
 }
 
-/// The destination node's ztunnel: accepts CONNECT and bridges to the target.
-struct Ztunnel {
-    /// (peer identity, CONNECT target) of each stream.
-    seen: mpsc::Receiver<(Option<Identity>, SocketAddr)>,
-}
-
-impl Ztunnel {
-    fn streams(&self) -> Vec<(Option<Identity>, SocketAddr)> {
-        self.seen.try_iter().collect()
+/// Send back every byte read until the peer's half-close, then half-close too. With
+/// `reset_on_ask`, a read starting `\x16RST` closes with a reset (linger 0) instead.
+fn echo_back(c: &mut TcpStream, reset_on_ask: bool) {
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        match c.read(&mut buf) {
+            Ok(0) => {
+                let _ = c.shutdown(std::net::Shutdown::Write);
+                return;
+            }
+            Ok(n) if reset_on_ask && buf[..n].starts_with(b"\x16RST") => {
+                let _ = socket2::SockRef::from(&*c).set_linger(Some(Duration::ZERO));
+                return;
+            }
+            Ok(n) => {
+                if c.write_all(&buf[..n]).is_err() {
+                    return;
+                }
+            }
+            Err(_) => return,
+        }
     }
 }
 
-async fn forward(inb: Inbound) {
-    let target = inb.request.target;
-    let Ok(tcp) = monoio::net::TcpStream::connect_addr(target).await else {
-        inb.reject(hbone::wire::status::UPSTREAM_FAILED);
-        return;
-    };
-    let Ok(s) = inb.accept() else { return };
-    hbone::stream::bridge(
-        tcp,
-        s,
-        64 * 1024,
-        Duration::from_secs(60),
-        std::future::pending(),
-    )
-    .await;
-}
-
-fn ztunnel(listener: TcpListener, cert: &WorkloadCert) -> Ztunnel {
-    let tls = hbone::tls::server_config(cert).unwrap();
-    listener.set_nonblocking(true).unwrap();
-    let (tx, seen) = mpsc::channel();
-    std::thread::spawn(move || {
-        block_on(async move {
-            let l = monoio::net::TcpListener::from_std(listener).unwrap();
-            let tx = Rc::new(tx);
-            loop {
-                let Ok((tcp, peer)) = l.accept().await else {
-                    continue;
-                };
-                let (tls, tx) = (tls.clone(), tx.clone());
-                monoio::spawn(async move {
-                    let h = Rc::new(move |inb: Inbound| {
-                        let _ = tx.send((inb.peer_identity.clone(), inb.request.target));
-                        forward(inb)
-                    });
-                    let _ = serve_connection(
-                        tcp,
-                        peer,
-                        tls,
-                        &H2Settings::default(),
-                        Arc::new(ServerCounters::default()),
-                        std::future::pending(),
-                        h,
-                    )
-                    .await;
-                });
+/// One connection of [`backend`]: every request answered by its path (see the comments).
+fn serve_backend(mut c: TcpStream, name: &str, paths: &mpsc::Sender<String>, hits: &AtomicU32) {
+    let mut buf = Vec::new();
+    let mut chunk = vec![0u8; 64 * 1024];
+    while let Some(req) = next_request(&mut c, &mut buf) {
+        let path = req.path.clone();
+        let xff = req.header("x-forwarded-for").unwrap_or_default();
+        let shadow = req.header("host").is_some_and(|h| h.contains("-shadow"));
+        let chunked = req.header("transfer-encoding").is_some();
+        let len = req.content_length();
+        let tp = req.header("traceparent").unwrap_or_default();
+        if path == "/stream/early" {
+            // Answers 413 after the head and never reads the body.
+            let _ = paths.send(path.clone());
+            let _ =
+                c.write_all(b"HTTP/1.1 413 Content Too Large\r\ncontent-length: 8\r\n\r\ntoo big!");
+            std::thread::sleep(Duration::from_secs(120));
+            return;
+        }
+        if path == "/stream/upgrade" && req.header("upgrade").is_some() {
+            // Any upgrade asked for (this backend is lenient: h2c too): 101, then every
+            // byte echoed; half-close after the client's.
+            let _ = paths.send(path.clone());
+            let resp = "HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: websocket\r\n\r\n";
+            if c.write_all(resp.as_bytes()).is_ok() && c.write_all(&buf).is_ok() {
+                echo_back(&mut c, false);
             }
-        })
-    });
-    Ztunnel { seen }
+            return;
+        }
+        // The request body, decoded.
+        let body_in = loop {
+            let end = if chunked {
+                waypoint::service::chunked_end(&buf)
+            } else {
+                (buf.len() >= len).then_some(len)
+            };
+            if let Some(end) = end {
+                let raw: Vec<u8> = buf.drain(..end).collect();
+                break if chunked {
+                    waypoint::h2srv::dechunk(&raw).unwrap()
+                } else {
+                    raw
+                };
+            }
+            match c.read(&mut chunk) {
+                Ok(0) | Err(_) => return,
+                Ok(k) => buf.extend_from_slice(&chunk[..k]),
+            }
+        };
+        if let Some(rest) = path.strip_prefix("/stream/") {
+            let _ = paths.send(path.clone());
+            let ok = if let Some(n) = rest.strip_prefix("gen/") {
+                // `n` bytes: the 1 MiB block repeated, Content-Length.
+                let n: usize = n.parse().unwrap();
+                c.write_all(format!("HTTP/1.1 200 OK\r\ncontent-length: {n}\r\n\r\n").as_bytes())
+                    .and_then(|()| write_blocks(&mut c, n))
+                    .is_ok()
+            } else if let Some(n) = rest.strip_prefix("genchunked/") {
+                // The same, chunked (1 MiB chunks).
+                let mut n: usize = n.parse().unwrap();
+                let mut ok = c
+                    .write_all(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
+                    .is_ok();
+                while ok && n > 0 {
+                    let k = n.min(BLOCK);
+                    ok = c.write_all(format!("{k:x}\r\n").as_bytes()).is_ok()
+                        && write_blocks(&mut c, k).is_ok()
+                        && c.write_all(b"\r\n").is_ok();
+                    n -= k;
+                }
+                ok && c.write_all(b"0\r\n\r\n").is_ok()
+            } else {
+                // The request body's length and checksum.
+                let b = format!("len={} fnv={:x}", body_in.len(), fnv(&body_in));
+                c.write_all(ok_response(&b).as_bytes()).is_ok()
+            };
+            if !ok {
+                return;
+            }
+            continue;
+        }
+        let _ = paths.send(if shadow {
+            format!("shadow:{path}")
+        } else {
+            path.clone()
+        });
+        let mut body = format!("{name} {path} xff={xff}");
+        if path.contains("trace") {
+            body.push_str(&format!(" tp={tp}"));
+        }
+        if !body_in.is_empty() {
+            body.push_str(&format!(" body={}", String::from_utf8_lossy(&body_in)));
+        }
+        if path.contains("hang") || (shadow && path.contains("stall")) {
+            // Never answers: waits for the connection to go away.
+            while let Ok(k) = c.read(&mut chunk) {
+                if k == 0 {
+                    return;
+                }
+            }
+            return;
+        }
+        if path.contains("huge") {
+            // One byte over the waypoint's limit (head and body), or (`at-limit`) exactly
+            // at it, then close.
+            let max = waypoint::service::MAX_RESPONSE - usize::from(path.contains("at-limit"));
+            let head = |n: usize| format!("HTTP/1.1 200 OK\r\ncontent-length: {n}\r\n\r\n");
+            let mut n = max;
+            while head(n).len() + n != max + 1 {
+                n = max + 1 - head(n).len();
+            }
+            if c.write_all(head(n).as_bytes()).is_err() {
+                return;
+            }
+            let chunk = vec![b'x'; 1 << 20];
+            while n > 0 {
+                let k = n.min(chunk.len());
+                if c.write_all(&chunk[..k]).is_err() {
+                    return;
+                }
+                n -= k;
+            }
+            return;
+        }
+        let hit = hits.fetch_add(1, Ordering::SeqCst);
+        let resp = match path.as_str() {
+            // Chunked, with an extension and a trailer.
+            "/chunked" => format!(
+                "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n3;x=y\r\n{}\r\n{:x}\r\n{}\r\n0\r\nx-t: 1\r\n\r\n",
+                &body[..3],
+                body.len() - 3,
+                &body[3..]
+            ),
+            // Delimited by the end of the connection.
+            "/eof" => format!("HTTP/1.1 200 OK\r\nconnection: close\r\n\r\n{body}"),
+            // Fails every other time (the first included).
+            p if p.contains("flaky") && hit % 2 == 0 => {
+                "HTTP/1.1 503 Service Unavailable\r\ncontent-length: 4\r\n\r\nflak".to_string()
+            }
+            p if p.contains("fail") => {
+                "HTTP/1.1 503 Service Unavailable\r\ncontent-length: 4\r\n\r\nfail".to_string()
+            }
+            _ => ok_response(&body),
+        };
+        // /drop: a keep-alive response, then the connection closes anyway.
+        if c.write_all(resp.as_bytes()).is_err() || path == "/eof" || path == "/drop" {
+            return;
+        }
+    }
 }
-
-const ROUTE: &str = r#"apiVersion: gateway.networking.k8s.io/v1beta1
-kind: HTTPRoute
-metadata:
-  name: echo
-  namespace: app
-spec:
-  parentRefs:
-  - group: ""
-    kind: Service
-    name: echo
-  rules:
-  - backendRefs:
-    - name: echo-v1
-      port: 80
-"#;
 
 const DENY_ADMIN: &str = r#"apiVersion: security.istio.io/v1
 kind: AuthorizationPolicy
@@ -370,6 +248,32 @@ spec:
   - from: [{source: {ipBlocks: ["10.1.0.7/32"]}}]
     to: [{operation: {paths: ["/from-7"]}}]
 "#;
+
+/// The spec's R17 route, for Service `echo` of namespace `app`.
+fn route() -> String {
+    spec_echo_route_in("app")
+}
+
+/// `useClientProtocol` for `grpcish`: HTTP/2 clients get HTTP/2 upstream.
+const USE_CLIENT_PROTOCOL: &str = "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: grpcish, namespace: app}\nspec:\n  host: grpcish\n  trafficPolicy:\n    connectionPool:\n      http: {useClientProtocol: true}\n";
+
+/// HTTPRoute `name` on echo-v1: requests under `prefix` are mirrored to echo.
+fn mirror_route(name: &str, prefix: &str) -> String {
+    format!(
+        r#"apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {{name: {name}, namespace: app}}
+spec:
+  parentRefs: [{{group: "", kind: Service, name: echo-v1}}]
+  rules:
+  - matches: [{{path: {{type: PathPrefix, value: {prefix}}}}}]
+    filters:
+    - type: RequestMirror
+      requestMirror: {{backendRef: {{name: echo, port: 80}}}}
+    backendRefs: [{{name: echo-v1, port: 80}}]
+"#
+    )
+}
 
 struct Mesh {
     net: u8,
@@ -434,13 +338,11 @@ fn h2_backend(ip: Ipv4Addr) -> (SocketAddr, Arc<AtomicU32>) {
                             // in a trailer.
                             monoio::spawn(async move {
                                 let mut body = req.into_body();
-                                let (mut n, mut h) = (0usize, 0xcbf2_9ce4_8422_2325u64);
+                                let (mut n, mut h) = (0usize, common::FNV0);
                                 while let Some(Ok(c)) = body.data().await {
                                     let _ = body.flow_control().release_capacity(c.len());
                                     n += c.len();
-                                    for &x in c.iter() {
-                                        h = (h ^ u64::from(x)).wrapping_mul(0x100_0000_01b3);
-                                    }
+                                    h = common::fnv_add(h, &c);
                                 }
                                 let text = format!("len={n} fnv={h:x}");
                                 let resp = http::Response::builder().status(200).body(()).unwrap();
@@ -476,35 +378,14 @@ fn h2_backend(ip: Ipv4Addr) -> (SocketAddr, Arc<AtomicU32>) {
 }
 
 /// A TCP backend that sends back every byte it reads and half-closes after the client's
-/// half-close.
+/// half-close; a read starting `\x16RST` asks it to reset instead.
 fn tcp_echo(ip: Ipv4Addr) -> SocketAddr {
     let l = TcpListener::bind((ip, 0)).unwrap();
     let addr = l.local_addr().unwrap();
     std::thread::spawn(move || {
         for conn in l.incoming() {
             let Ok(mut c) = conn else { return };
-            std::thread::spawn(move || {
-                let mut buf = vec![0u8; 64 * 1024];
-                loop {
-                    match c.read(&mut buf) {
-                        Ok(0) => {
-                            let _ = c.shutdown(std::net::Shutdown::Write);
-                            return;
-                        }
-                        // Asked to reset: close with RST (linger 0).
-                        Ok(n) if buf[..n].starts_with(b"\x16RST") => {
-                            let _ = socket2::SockRef::from(&c).set_linger(Some(Duration::ZERO));
-                            return;
-                        }
-                        Ok(n) => {
-                            if c.write_all(&buf[..n]).is_err() {
-                                return;
-                            }
-                        }
-                        Err(_) => return,
-                    }
-                }
-            });
+            std::thread::spawn(move || echo_back(&mut c, true));
         }
     });
     addr
@@ -528,7 +409,7 @@ impl Mesh {
         };
         let ca = Arc::new(SigningCa::generate_root("cluster.local").unwrap().0);
         let now = SystemTime::now();
-        let zt = ztunnel(zl, &ca.issue(&id("app", "echo"), now).unwrap());
+        let zt = stand_in_ztunnel(zl, &ca.issue(&id("app", "echo"), now).unwrap());
         let client_cert = ca.issue(&id("app", "client"), now).unwrap();
         let echo = backend(ip(net, 2), "echo");
         let echo_v1 = backend(ip(net, 3), "echo-v1");
@@ -572,7 +453,7 @@ services:
             r = raw.ip(),
             rp = raw.port(),
         );
-        let text = format!("{model}---\n{ROUTE}---\n{policies}");
+        let text = format!("{model}---\n{}---\n{policies}", route());
         let dir = std::env::temp_dir().join(format!("waypoint-e2e-{}-{net}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
@@ -626,67 +507,44 @@ services:
     /// Open a tunnel to `target` through the waypoint and send each request on it.
     fn requests(&self, target: &str, reqs: &[String]) -> Result<Vec<(u16, String)>, HboneError> {
         let target: SocketAddr = target.parse().unwrap();
-        let tls = hbone::tls::client_config(&self.client_cert, &[id("app", "waypoint")]).unwrap();
-        let addr = self.waypoint;
         let reqs = reqs.to_vec();
         block_on(async move {
-            let c =
-                Client::connect(addr, tls, &H2Settings::default(), &TlsCounters::default()).await?;
+            let c = connect(self.waypoint, &self.client_cert, id("app", "waypoint")).await?;
             let mut req = ConnectRequest::new(target);
             req.forwarded_for = Some(IpAddr::V4(Ipv4Addr::new(10, 1, 0, 7)));
             let mut s = c.open(&req).await?;
             let mut out = Vec::new();
             let mut buf = Vec::new();
             for r in reqs {
-                s.write_all(Bytes::from(r), false).await?;
-                out.push(read_response(&mut s, &mut buf).await);
+                let r = ask(&mut s, &mut buf, r).await;
+                out.push((r.status, r.text()));
             }
             Ok(out)
         })
     }
 }
 
-async fn read_response(s: &mut H2Stream, buf: &mut Vec<u8>) -> (u16, String) {
-    loop {
-        let mut hs = [httparse::EMPTY_HEADER; 32];
-        let mut r = httparse::Response::new(&mut hs);
-        if let Ok(httparse::Status::Complete(n)) = r.parse(buf) {
-            let code = r.code.unwrap();
-            let chunked = r
-                .headers
-                .iter()
-                .any(|h| h.name.eq_ignore_ascii_case("transfer-encoding"));
-            if chunked {
-                if let Some(end) = waypoint::service::chunked_end(&buf[n..]) {
-                    let body = String::from_utf8_lossy(&buf[n..n + end]).into_owned();
-                    buf.drain(..n + end);
-                    return (code, body);
-                }
-            } else {
-                let len: usize = r
-                    .headers
-                    .iter()
-                    .find(|h| h.name.eq_ignore_ascii_case("content-length"))
-                    .map(|h| std::str::from_utf8(h.value).unwrap().parse().unwrap())
-                    .unwrap_or(0);
-                if buf.len() >= n + len {
-                    let body = String::from_utf8_lossy(&buf[n..n + len]).into_owned();
-                    buf.drain(..n + len);
-                    return (code, body);
-                }
-            }
+/// Send `req` on the tunnel and read the whole response (bytes read past it stay in `buf`).
+async fn ask(s: &mut H2Stream, buf: &mut Vec<u8>, req: String) -> Response {
+    s.write_all(Bytes::from(req), false).await.unwrap();
+    read_response(s, buf).await
+}
+
+/// Wait (generously) until `f` holds, on this thread.
+fn settle(what: &str, f: impl FnMut() -> bool) {
+    netlab::eventually(what, Duration::from_secs(30), f, String::new);
+}
+
+/// Wait (generously) until `f` holds, letting this runtime's other tasks run meanwhile.
+async fn wait_until(what: &str, f: impl Fn() -> bool) {
+    for _ in 0..3000 {
+        if f() {
+            return;
         }
-        match s.read().await {
-            Some(Ok(b)) => buf.extend_from_slice(&b),
-            other => panic!("stream ended before a full response: {other:?}"),
-        }
+        monoio::time::sleep(Duration::from_millis(10)).await;
     }
+    panic!("timed out waiting for: {what}");
 }
-
-fn get(path: &str, host: &str) -> String {
-    format!("GET {path} HTTP/1.1\r\nhost: {host}\r\n\r\n")
-}
-
 #[test]
 fn r13_plaintext_http_to_the_waypoint_gets_nothing() {
     let m = Mesh::start();
@@ -912,13 +770,8 @@ fn a_kept_stream_the_backend_closed_is_replaced_transparently() {
 
 /// Wait (generously) until `counter` reaches `want`.
 async fn wait_for(counter: &std::sync::atomic::AtomicU64, want: u64) {
-    for _ in 0..3000 {
-        if counter.load(Ordering::Relaxed) >= want {
-            return;
-        }
-        monoio::time::sleep(Duration::from_millis(10)).await;
-    }
-    panic!("counter never reached {want}");
+    let what = format!("the counter at {want}");
+    wait_until(&what, || counter.load(Ordering::Relaxed) >= want).await;
 }
 
 /// The tunnels of the reload test come from here (no `forwarded` header).
@@ -931,23 +784,23 @@ struct Tun {
 
 impl Tun {
     async fn ask(&mut self, path: &str) -> (u16, String) {
-        let host = "echo.app.svc.cluster.local";
-        self.s
-            .write_all(Bytes::from(get(path, host)), false)
-            .await
-            .unwrap();
-        read_response(&mut self.s, &mut self.buf).await
+        let r = ask(
+            &mut self.s,
+            &mut self.buf,
+            get(path, "echo.app.svc.cluster.local"),
+        )
+        .await;
+        (r.status, r.text())
     }
 }
 
 #[test]
 fn hot_reload_publishes_valid_edits_keeps_old_snapshot_on_broken_ones_and_tunnels_keep_theirs() {
     let m = Mesh::start();
-    let tls = hbone::tls::client_config(&m.client_cert, &[id("app", "waypoint")]).unwrap();
     let counters = m.handle.as_ref().unwrap().counters.clone();
-    let (addr, file, model) = (m.waypoint, m.file.clone(), m.model.clone());
-    block_on(async move {
-        let c = Client::connect(addr, tls, &H2Settings::default(), &TlsCounters::default())
+    let (file, model, route) = (m.file.clone(), m.model.clone(), route());
+    block_on(async {
+        let c = connect(m.waypoint, &m.client_cert, id("app", "waypoint"))
             .await
             .unwrap();
         let open = || async {
@@ -982,7 +835,7 @@ fn hot_reload_publishes_valid_edits_keeps_old_snapshot_on_broken_ones_and_tunnel
         std::fs::write(
             &file,
             format!(
-                "{model}---\n{ROUTE}---\n{}",
+                "{model}---\n{route}---\n{}",
                 deny.replace("action: DENY", "action: DENY\n  bogus: 1")
             ),
         )
@@ -993,7 +846,7 @@ fn hot_reload_publishes_valid_edits_keeps_old_snapshot_on_broken_ones_and_tunnel
         assert_eq!(after.ask("/blocked").await.0, 403);
         assert_eq!(counters.config_reloads.load(Ordering::Relaxed), 1);
         // Fixed again: the route is back for new tunnels.
-        std::fs::write(&file, format!("{model}---\n{ROUTE}---\n{DENY_ADMIN}")).unwrap();
+        std::fs::write(&file, format!("{model}---\n{route}---\n{DENY_ADMIN}")).unwrap();
         wait_for(&counters.config_reloads, 2).await;
         let mut last = open().await;
         assert_eq!(last.ask("/e").await.1, format!("echo-v1 /e xff={ME}"));
@@ -1002,15 +855,9 @@ fn hot_reload_publishes_valid_edits_keeps_old_snapshot_on_broken_ones_and_tunnel
 
 /// Open a CONNECT stream through the waypoint to `target`.
 async fn tunnel_to(m: &Mesh, target: &str) -> (Client, H2Stream) {
-    let tls = hbone::tls::client_config(&m.client_cert, &[id("app", "waypoint")]).unwrap();
-    let c = Client::connect(
-        m.waypoint,
-        tls,
-        &H2Settings::default(),
-        &TlsCounters::default(),
-    )
-    .await
-    .unwrap();
+    let c = connect(m.waypoint, &m.client_cert, id("app", "waypoint"))
+        .await
+        .unwrap();
     let s = c
         .open(&ConnectRequest::new(target.parse().unwrap()))
         .await
@@ -1018,24 +865,86 @@ async fn tunnel_to(m: &Mesh, target: &str) -> (Client, H2Stream) {
     (c, s)
 }
 
-async fn h2_get(send: &h2::client::SendRequest<Bytes>, path: &str, host: &str) -> (u16, String) {
-    let req = http::Request::builder()
-        .method("GET")
-        .uri(format!("http://{host}{path}"))
-        .body(())
-        .unwrap();
+/// An HTTP/2 (prior knowledge) client connection inside a tunnel to `target`.
+async fn h2_over_tunnel(m: &Mesh, target: &str) -> (Client, h2::client::SendRequest<Bytes>) {
+    let (c, s) = tunnel_to(m, target).await;
+    let io = waypoint::inner::StreamIo::new(s, Bytes::new());
+    let (send, conn) = h2::client::handshake(io).await.unwrap();
+    monoio::spawn(async move {
+        let _ = conn.await;
+    });
+    (c, send)
+}
+
+/// An HTTP/2 response read whole.
+struct H2Response {
+    status: u16,
+    /// Whether it carried a transfer-encoding field (never valid in HTTP/2).
+    transfer_encoding: bool,
+    body: Vec<u8>,
+    trailers: Option<http::HeaderMap>,
+}
+
+impl H2Response {
+    fn text(&self) -> String {
+        String::from_utf8(self.body.clone()).unwrap()
+    }
+}
+
+/// Send `req` with `body` (none: the request ends with its head), as flow control lets it
+/// go, in 256 KiB pieces; read the whole response, trailers included.
+async fn h2_send(
+    send: &h2::client::SendRequest<Bytes>,
+    req: http::Request<()>,
+    body: Option<&[u8]>,
+) -> H2Response {
     let mut send = send.clone().ready().await.unwrap();
-    let (resp, _) = send.send_request(req, true).unwrap();
+    let (resp, mut tx) = send.send_request(req, body.is_none()).unwrap();
+    if let Some(body) = body {
+        for piece in body.chunks(256 * 1024) {
+            let mut piece = Bytes::copy_from_slice(piece);
+            while !piece.is_empty() {
+                tx.reserve_capacity(piece.len());
+                let cap = std::future::poll_fn(|cx| tx.poll_capacity(cx))
+                    .await
+                    .unwrap()
+                    .unwrap();
+                let n = cap.min(piece.len());
+                tx.send_data(piece.split_to(n), false).unwrap();
+            }
+        }
+        tx.send_data(Bytes::new(), true).unwrap();
+    }
     let resp = resp.await.unwrap();
     let status = resp.status().as_u16();
-    let mut body = resp.into_body();
+    let transfer_encoding = resp.headers().contains_key("transfer-encoding");
+    let mut rx = resp.into_body();
     let mut out = Vec::new();
-    while let Some(chunk) = body.data().await {
+    while let Some(chunk) = rx.data().await {
         let chunk = chunk.unwrap();
-        let _ = body.flow_control().release_capacity(chunk.len());
+        let _ = rx.flow_control().release_capacity(chunk.len());
         out.extend_from_slice(&chunk);
     }
-    (status, String::from_utf8(out).unwrap())
+    let trailers = rx.trailers().await.unwrap();
+    H2Response {
+        status,
+        transfer_encoding,
+        body: out,
+        trailers,
+    }
+}
+
+fn h2_request(method: &str, host: &str, path: &str) -> http::Request<()> {
+    http::Request::builder()
+        .method(method)
+        .uri(format!("http://{host}{path}"))
+        .body(())
+        .unwrap()
+}
+
+async fn h2_get(send: &h2::client::SendRequest<Bytes>, path: &str, host: &str) -> (u16, String) {
+    let r = h2_send(send, h2_request("GET", host, path), None).await;
+    (r.status, r.text())
 }
 
 #[test]
@@ -1043,12 +952,7 @@ fn h2_prior_knowledge_many_concurrent_streams_policy_first_then_routing() {
     let m = Mesh::start();
     let host = "echo.app.svc.cluster.local";
     block_on(async {
-        let (_c, s) = tunnel_to(&m, "10.96.0.1:80").await;
-        let io = waypoint::inner::StreamIo::new(s, Bytes::new());
-        let (send, conn) = h2::client::handshake(io).await.unwrap();
-        monoio::spawn(async move {
-            let _ = conn.await;
-        });
+        let (_c, send) = h2_over_tunnel(&m, "10.96.0.1:80").await;
         // 256 requests, 64 in flight at a time, on one tunnel.
         for round in 0..4 {
             let mut handles = Vec::new();
@@ -1080,27 +984,9 @@ fn h2_prior_knowledge_many_concurrent_streams_policy_first_then_routing() {
     assert!(m.echo.seen().is_empty());
 }
 
-/// Read HTTP/2 frames from `s` until a GOAWAY (its error code) or the end.
-async fn read_goaway(s: &mut H2Stream) -> Option<u32> {
-    let mut buf = Vec::new();
-    loop {
-        while buf.len() >= 9 {
-            let len = u32::from_be_bytes([0, buf[0], buf[1], buf[2]]) as usize;
-            if buf.len() < 9 + len {
-                break;
-            }
-            let kind = buf[3];
-            let payload = buf[9..9 + len].to_vec();
-            buf.drain(..9 + len);
-            if kind == 7 {
-                return Some(u32::from_be_bytes(payload[4..8].try_into().unwrap()));
-            }
-        }
-        match s.read().await {
-            Some(Ok(b)) => buf.extend_from_slice(&b),
-            _ => return None,
-        }
-    }
+/// Read HTTP/2 frames from `s` until a GOAWAY: its error code.
+async fn read_goaway(s: &mut H2Stream) -> u32 {
+    read_until(s, &mut Vec::new(), |b| common::goaway(b)).await
 }
 
 #[test]
@@ -1113,14 +999,11 @@ fn h2_invalid_frames_get_goaway_and_the_worker_keeps_serving() {
         bad.extend_from_slice(&[0, 0, 0, 4, 0, 0, 0, 0, 0]);
         bad.extend_from_slice(&[0, 0, 1, 0, 0, 0, 0, 0, 0, b'x']);
         s.write_all(Bytes::from(bad), false).await.unwrap();
-        assert_eq!(read_goaway(&mut s).await, Some(1), "GOAWAY(PROTOCOL_ERROR)");
+        assert_eq!(read_goaway(&mut s).await, 1, "GOAWAY(PROTOCOL_ERROR)");
     });
-    for _ in 0..3000 {
-        if m.counters().h2_protocol_errors.load(Ordering::Relaxed) == 1 {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    settle("the protocol error counted", || {
+        m.counters().h2_protocol_errors.load(Ordering::Relaxed) == 1
+    });
     assert_eq!(m.counters().h2_protocol_errors.load(Ordering::Relaxed), 1);
     // The worker keeps serving: HTTP/1.1 and HTTP/2 tunnels after it.
     let r = m
@@ -1131,13 +1014,7 @@ fn h2_invalid_frames_get_goaway_and_the_worker_keeps_serving() {
         .unwrap();
     assert_eq!(r[0].0, 200);
     block_on(async {
-        let (_c, s) = tunnel_to(&m, "10.96.0.2:80").await;
-        let (send, conn) = h2::client::handshake(waypoint::inner::StreamIo::new(s, Bytes::new()))
-            .await
-            .unwrap();
-        monoio::spawn(async move {
-            let _ = conn.await;
-        });
+        let (_c, send) = h2_over_tunnel(&m, "10.96.0.2:80").await;
         let (status, body) = h2_get(&send, "/h2-after", "echo-v1.app.svc.cluster.local").await;
         assert_eq!(
             (status, body.as_str()),
@@ -1146,25 +1023,30 @@ fn h2_invalid_frames_get_goaway_and_the_worker_keeps_serving() {
     });
 }
 
-/// Deterministic bytes that do not look like HTTP (first byte 0x16, a TLS record).
-fn payload(len: usize) -> Vec<u8> {
-    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
-    let mut v: Vec<u8> = (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect();
-    v[0] = 0x16;
-    v
-}
-
-fn fnv(b: &[u8]) -> u64 {
-    b.iter().fold(0xcbf2_9ce4_8422_2325, |h, &x| {
-        (h ^ u64::from(x)).wrapping_mul(0x100_0000_01b3)
-    })
+/// Send `data` on the tunnel from a task of its own, in 100 kB writes, then half-close;
+/// read what comes back until the far end's half-close (a reset fails), after `got`.
+async fn echo_through(s: H2Stream, data: &[u8], mut got: Vec<u8>) -> Vec<u8> {
+    let (mut w, mut r) = s.split();
+    let sent = data.to_vec();
+    let writer = monoio::spawn(async move {
+        for chunk in sent.chunks(100_000) {
+            w.write_all(Bytes::copy_from_slice(chunk), false)
+                .await
+                .unwrap();
+        }
+        // Half-close: the far end answers everything, then closes its side.
+        w.write_all(Bytes::new(), true).await.unwrap();
+        w
+    });
+    loop {
+        match r.read().await {
+            Some(Ok(b)) => got.extend_from_slice(&b),
+            Some(Err(e)) => panic!("reset: {e}"),
+            None => break,
+        }
+    }
+    let _w = writer.await;
+    got
 }
 
 #[test]
@@ -1175,38 +1057,14 @@ fn opaque_tcp_is_forwarded_byte_exact_with_half_close() {
     let want = fnv(&data);
     let got = block_on(async {
         let (_c, s) = tunnel_to(&m, "10.96.0.4:80").await;
-        let (mut w, mut r) = s.split();
-        let sent = data.clone();
-        let writer = monoio::spawn(async move {
-            for chunk in sent.chunks(100_000) {
-                w.write_all(Bytes::copy_from_slice(chunk), false)
-                    .await
-                    .unwrap();
-            }
-            // Half-close: the echo answers everything, then closes its side.
-            w.write_all(Bytes::new(), true).await.unwrap();
-            w
-        });
-        let mut got = Vec::new();
-        loop {
-            match r.read().await {
-                Some(Ok(b)) => got.extend_from_slice(&b),
-                Some(Err(e)) => panic!("reset: {e}"),
-                None => break,
-            }
-        }
-        let _w = writer.await;
-        got
+        echo_through(s, &data, Vec::new()).await
     });
     assert_eq!(got.len(), data.len());
     assert_eq!(fnv(&got), want);
     let c = m.counters();
-    for _ in 0..3000 {
-        if c.tcp_bytes_received.load(Ordering::Relaxed) == data.len() as u64 {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    settle("the tunnel's bytes counted", || {
+        c.tcp_bytes_received.load(Ordering::Relaxed) == data.len() as u64
+    });
     assert_eq!(c.tcp_tunnels.load(Ordering::Relaxed), 1);
     assert_eq!(c.tcp_bytes_sent.load(Ordering::Relaxed), data.len() as u64);
     assert_eq!(
@@ -1449,19 +1307,11 @@ fn telemetry_istio_request_metrics_keep_the_original_client_and_traceparent() {
 
 #[test]
 fn h2_client_to_a_use_client_protocol_service_gets_h2_upstream_multiplexed_on_one_connection() {
-    let dr = "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: grpcish, namespace: app}\nspec:\n  host: grpcish\n  trafficPolicy:\n    connectionPool:\n      http: {useClientProtocol: true}\n";
-    let m = Mesh::start_with(&format!("{DENY_ADMIN}---\n{dr}"));
+    let m = Mesh::start_with(&format!("{DENY_ADMIN}---\n{USE_CLIENT_PROTOCOL}"));
     let host = "grpcish.app.svc.cluster.local";
     block_on(async {
         for _tunnel in 0..2 {
-            let (_c, s) = tunnel_to(&m, "10.96.0.7:80").await;
-            let (send, conn) =
-                h2::client::handshake(waypoint::inner::StreamIo::new(s, Bytes::new()))
-                    .await
-                    .unwrap();
-            monoio::spawn(async move {
-                let _ = conn.await;
-            });
+            let (_c, send) = h2_over_tunnel(&m, "10.96.0.7:80").await;
             let mut handles = Vec::new();
             for i in 0..50 {
                 let send = send.clone();
@@ -1509,68 +1359,12 @@ fn opaque_tcp_reset_by_the_backend_reaches_the_client_as_a_stream_reset() {
     // The tunnel adds `sent`, then `received`, when it ends: wait for both (generously),
     // so the check never lands between the two.
     let c = m.counters();
-    let t = std::time::Instant::now();
-    while (c.tcp_bytes_sent.load(Ordering::Relaxed) < 10
-        || c.tcp_bytes_received.load(Ordering::Relaxed) < 6)
-        && t.elapsed() < Duration::from_secs(30)
-    {
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    settle("both directions counted", || {
+        c.tcp_bytes_sent.load(Ordering::Relaxed) >= 10
+            && c.tcp_bytes_received.load(Ordering::Relaxed) >= 6
+    });
     assert_eq!(c.tcp_bytes_sent.load(Ordering::Relaxed), 10);
     assert_eq!(c.tcp_bytes_received.load(Ordering::Relaxed), 6);
-}
-
-/// One response read whole from a tunnel: status, head, body (chunked framing removed).
-async fn read_raw_response(s: &mut H2Stream, buf: &mut Vec<u8>) -> (u16, String, Vec<u8>) {
-    loop {
-        let mut hs = [httparse::EMPTY_HEADER; 32];
-        let mut r = httparse::Response::new(&mut hs);
-        if let Ok(httparse::Status::Complete(n)) = r.parse(buf) {
-            let code = r.code.unwrap();
-            let head = String::from_utf8_lossy(&buf[..n]).into_owned();
-            let chunked = head.contains("transfer-encoding: chunked");
-            let len: Option<usize> = r
-                .headers
-                .iter()
-                .find(|h| h.name.eq_ignore_ascii_case("content-length"))
-                .map(|h| std::str::from_utf8(h.value).unwrap().parse().unwrap());
-            if chunked {
-                if let Some(end) = waypoint::service::chunked_end(&buf[n..]) {
-                    let body = waypoint::h2srv::dechunk(&buf[n..n + end]).unwrap();
-                    buf.drain(..n + end);
-                    return (code, head, body);
-                }
-            } else if let Some(len) = len {
-                if buf.len() >= n + len {
-                    let body = buf[n..n + len].to_vec();
-                    buf.drain(..n + len);
-                    return (code, head, body);
-                }
-            } else if (100..200).contains(&code) {
-                buf.drain(..n);
-                return (code, head, Vec::new());
-            }
-        }
-        match s.read().await {
-            Some(Ok(b)) => buf.extend_from_slice(&b),
-            other => panic!("stream ended before a full response: {other:?}"),
-        }
-    }
-}
-
-/// `n` bytes of the backend's repeated 1 MiB block, and their checksum.
-fn block_fnv(n: usize) -> u64 {
-    let block = payload(1 << 20);
-    let mut h = 0xcbf2_9ce4_8422_2325u64;
-    let mut left = n;
-    while left > 0 {
-        let k = left.min(block.len());
-        for &x in &block[..k] {
-            h = (h ^ u64::from(x)).wrapping_mul(0x100_0000_01b3);
-        }
-        left -= k;
-    }
-    h
 }
 
 /// Write `body` in 1 MiB pieces (each a chunk when `chunked`).
@@ -1607,65 +1401,51 @@ fn large_bodies_are_streamed_both_ways_byte_exact() {
         let (c, mut s) = tunnel_to(&m, "10.96.0.2:80").await;
         let mut buf = Vec::new();
         let mut out = Vec::new();
-        s.write_all(
-            Bytes::from(format!(
-                "POST /stream/sum HTTP/1.1\r\nhost: {V1}\r\ncontent-length: {cl_len}\r\n\r\n"
-            )),
-            false,
-        )
-        .await
-        .unwrap();
-        write_body(&mut s, &big, false).await;
-        out.push(read_raw_response(&mut s, &mut buf).await);
-        s.write_all(
-            Bytes::from(format!(
-                "POST /stream/sum HTTP/1.1\r\nhost: {V1}\r\ntransfer-encoding: chunked\r\n\r\n"
-            )),
-            false,
-        )
-        .await
-        .unwrap();
-        write_body(&mut s, &big[..ch_len], true).await;
-        out.push(read_raw_response(&mut s, &mut buf).await);
+        for (framing, body, chunked) in [
+            (format!("content-length: {cl_len}"), &big[..], false),
+            (
+                "transfer-encoding: chunked".to_string(),
+                &big[..ch_len],
+                true,
+            ),
+        ] {
+            let head = format!("POST /stream/sum HTTP/1.1\r\nhost: {V1}\r\n{framing}\r\n\r\n");
+            s.write_all(Bytes::from(head), false).await.unwrap();
+            write_body(&mut s, body, chunked).await;
+            out.push(read_response(&mut s, &mut buf).await);
+        }
         for path in [
             format!("/stream/gen/{resp_len}"),
             format!("/stream/genchunked/{resp_ch_len}"),
+            "/after".to_string(),
         ] {
-            s.write_all(Bytes::from(get(&path, V1)), false)
-                .await
-                .unwrap();
-            out.push(read_raw_response(&mut s, &mut buf).await);
+            out.push(ask(&mut s, &mut buf, get(&path, V1)).await);
         }
-        s.write_all(Bytes::from(get("/after", V1)), false)
-            .await
-            .unwrap();
-        out.push(read_raw_response(&mut s, &mut buf).await);
         (c, out)
     });
-    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    let text = |r: &Response| String::from_utf8_lossy(&r.decoded()).into_owned();
     assert_eq!(
-        (out[0].0, text(&out[0].2)),
+        (out[0].status, text(&out[0])),
         (200, format!("len={cl_len} fnv={:x}", fnv(&big)))
     );
     assert_eq!(
-        (out[1].0, text(&out[1].2)),
+        (out[1].status, text(&out[1])),
         (200, format!("len={ch_len} fnv={:x}", fnv(&big[..ch_len])))
     );
-    assert_eq!(out[2].0, 200);
-    assert_eq!(
-        (out[2].2.len(), fnv(&out[2].2)),
-        (resp_len, block_fnv(resp_len))
-    );
+    assert_eq!(out[2].status, 200);
+    let body = out[2].decoded();
+    assert_eq!((body.len(), fnv(&body)), (resp_len, blocks_fnv(resp_len)));
     assert!(
-        out[3].1.contains("transfer-encoding: chunked"),
+        out[3].head.contains("transfer-encoding: chunked"),
         "{}",
-        out[3].1
+        out[3].head
     );
+    let body = out[3].decoded();
     assert_eq!(
-        (out[3].2.len(), fnv(&out[3].2)),
-        (resp_ch_len, block_fnv(resp_ch_len))
+        (body.len(), fnv(&body)),
+        (resp_ch_len, blocks_fnv(resp_ch_len))
     );
-    assert_eq!(text(&out[4].2), "echo-v1 /after xff=127.0.0.1");
+    assert_eq!(text(&out[4]), "echo-v1 /after xff=127.0.0.1");
     let c = m.counters();
     assert_eq!(c.streamed_bodies.load(Ordering::Relaxed), 2);
     // One upstream stream carried all five exchanges.
@@ -1706,41 +1486,31 @@ fn expect_100_continue_is_answered_after_policy_and_a_denial_skips_the_body() {
     let (first, done, denied, after_denied) = block_on(async {
         let (_c, mut s) = tunnel_to(&m, "10.96.0.2:80").await;
         let mut buf = Vec::new();
-        s.write_all(
-            Bytes::from(format!(
-                "POST /stream/sum HTTP/1.1\r\nhost: {V1}\r\nexpect: 100-continue\r\ncontent-length: {}\r\n\r\n",
-                body.len()
-            )),
-            false,
-        )
-        .await
-        .unwrap();
+        let head = format!(
+            "POST /stream/sum HTTP/1.1\r\nhost: {V1}\r\nexpect: 100-continue\r\ncontent-length: {}\r\n\r\n",
+            body.len()
+        );
         // Nothing of the body is sent before the 100.
-        let first = read_raw_response(&mut s, &mut buf).await;
+        let first = ask(&mut s, &mut buf, head).await;
         write_body(&mut s, &body, false).await;
-        let done = read_raw_response(&mut s, &mut buf).await;
+        let done = read_response(&mut s, &mut buf).await;
         // Denied: 403 at once, the body never sent, the tunnel ends.
         let (_c2, mut s2) = tunnel_to(&m, "10.96.0.2:80").await;
-        s2.write_all(
-            Bytes::from(format!(
-                "POST /admin/x HTTP/1.1\r\nhost: {V1}\r\nexpect: 100-continue\r\ncontent-length: 1000000\r\n\r\n"
-            )),
-            false,
-        )
-        .await
-        .unwrap();
+        let head = format!(
+            "POST /admin/x HTTP/1.1\r\nhost: {V1}\r\nexpect: 100-continue\r\ncontent-length: 1000000\r\n\r\n"
+        );
         let mut buf2 = Vec::new();
-        let denied = read_raw_response(&mut s2, &mut buf2).await;
+        let denied = ask(&mut s2, &mut buf2, head).await;
         let after = s2.read().await;
         (first, done, denied, after.is_none() && buf2.is_empty())
     });
-    assert_eq!(first.0, 100, "{}", first.1);
+    assert_eq!(first.status, 100, "{}", first.head);
     assert_eq!(
-        (done.0, String::from_utf8_lossy(&done.2).into_owned()),
+        (done.status, done.text()),
         (200, format!("len={} fnv={:x}", body.len(), fnv(&body)))
     );
     assert_eq!(
-        (denied.0, String::from_utf8_lossy(&denied.2).into_owned()),
+        (denied.status, denied.text()),
         (403, "RBAC: access denied".to_string())
     );
     assert!(after_denied, "the tunnel ends after the denial");
@@ -1754,38 +1524,13 @@ fn upgrade_after_101_splices_raw_bytes_both_ways_with_half_close() {
     let data = payload(2 * 1024 * 1024 + 5);
     let (status, got) = block_on(async {
         let (_c, mut s) = tunnel_to(&m, "10.96.0.2:80").await;
-        s.write_all(
-            Bytes::from(format!(
-                "GET /stream/upgrade HTTP/1.1\r\nhost: {V1}\r\nconnection: upgrade\r\nupgrade: websocket\r\n\r\n"
-            )),
-            false,
-        )
-        .await
-        .unwrap();
+        let head = format!(
+            "GET /stream/upgrade HTTP/1.1\r\nhost: {V1}\r\nconnection: upgrade\r\nupgrade: websocket\r\n\r\n"
+        );
         let mut buf = Vec::new();
-        let (status, _, _) = read_raw_response(&mut s, &mut buf).await;
-        let (mut w, mut r) = s.split();
-        let sent = data.clone();
-        let writer = monoio::spawn(async move {
-            for chunk in sent.chunks(100_000) {
-                w.write_all(Bytes::copy_from_slice(chunk), false)
-                    .await
-                    .unwrap();
-            }
-            // Half-close: the backend echoes everything, then closes its side.
-            w.write_all(Bytes::new(), true).await.unwrap();
-            w
-        });
-        let mut got = buf;
-        loop {
-            match r.read().await {
-                Some(Ok(b)) => got.extend_from_slice(&b),
-                Some(Err(e)) => panic!("reset: {e}"),
-                None => break,
-            }
-        }
-        let _w = writer.await;
-        (status, got)
+        let status = ask(&mut s, &mut buf, head).await.status;
+        // Spliced bytes read with the 101 come first.
+        (status, echo_through(s, &data, buf).await)
     });
     assert_eq!(status, 101);
     assert_eq!((got.len(), fnv(&got)), (data.len(), fnv(&data)));
@@ -1817,70 +1562,23 @@ fn h2_requests_stream_bodies_both_ways_to_an_http1_upstream() {
     let m = Mesh::start_with("");
     let up = payload(5 << 20);
     let (sums, gets) = block_on(async {
-        let (_c, s) = tunnel_to(&m, "10.96.0.2:80").await;
-        let io = waypoint::inner::StreamIo::new(s, Bytes::new());
-        let (send, conn) = h2::client::handshake(io).await.unwrap();
-        monoio::spawn(async move {
-            let _ = conn.await;
-        });
+        let (_c, send) = h2_over_tunnel(&m, "10.96.0.2:80").await;
         let mut sums = Vec::new();
         for (len, declared) in [(3 << 20, false), (5 << 20, true)] {
-            let mut b = http::Request::builder()
-                .method("POST")
-                .uri(format!("http://{V1}/stream/sum"));
+            let mut req = h2_request("POST", V1, "/stream/sum");
             if declared {
-                b = b.header("content-length", len);
+                req.headers_mut().insert("content-length", len.into());
             }
-            let mut tx_send = send.clone().ready().await.unwrap();
-            let (resp, mut tx) = tx_send.send_request(b.body(()).unwrap(), false).unwrap();
-            for piece in up[..len].chunks(256 * 1024) {
-                let mut piece = Bytes::copy_from_slice(piece);
-                while !piece.is_empty() {
-                    tx.reserve_capacity(piece.len());
-                    let cap = std::future::poll_fn(|cx| tx.poll_capacity(cx))
-                        .await
-                        .unwrap()
-                        .unwrap();
-                    let n = cap.min(piece.len());
-                    tx.send_data(piece.split_to(n), false).unwrap();
-                }
-            }
-            tx.send_data(Bytes::new(), true).unwrap();
-            let resp = resp.await.unwrap();
-            let status = resp.status().as_u16();
-            let mut body = resp.into_body();
-            let mut out = Vec::new();
-            while let Some(c) = body.data().await {
-                let c = c.unwrap();
-                let _ = body.flow_control().release_capacity(c.len());
-                out.extend_from_slice(&c);
-            }
-            sums.push((status, String::from_utf8(out).unwrap(), len));
+            let r = h2_send(&send, req, Some(&up[..len])).await;
+            sums.push((r.status, r.text(), len));
         }
         let mut gets = Vec::new();
         for (path, len) in [
             (format!("/stream/genchunked/{}", 20 << 20), 20 << 20),
             (format!("/stream/gen/{}", 70 << 20), 70 << 20),
         ] {
-            let req = http::Request::builder()
-                .uri(format!("http://{V1}{path}"))
-                .body(())
-                .unwrap();
-            let mut s2 = send.clone().ready().await.unwrap();
-            let (resp, _) = s2.send_request(req, true).unwrap();
-            let resp = resp.await.unwrap();
-            let te = resp.headers().get("transfer-encoding").is_some();
-            let mut body = resp.into_body();
-            let (mut n, mut h) = (0usize, 0xcbf2_9ce4_8422_2325u64);
-            while let Some(c) = body.data().await {
-                let c = c.unwrap();
-                let _ = body.flow_control().release_capacity(c.len());
-                n += c.len();
-                for &x in c.iter() {
-                    h = (h ^ u64::from(x)).wrapping_mul(0x100_0000_01b3);
-                }
-            }
-            gets.push((te, n, h, len));
+            let r = h2_send(&send, h2_request("GET", V1, &path), None).await;
+            gets.push((r.transfer_encoding, r.body.len(), fnv(&r.body), len));
         }
         (sums, gets)
     });
@@ -1892,7 +1590,7 @@ fn h2_requests_stream_bodies_both_ways_to_an_http1_upstream() {
     }
     for (te, n, h, len) in gets {
         assert!(!te, "no transfer-encoding in HTTP/2");
-        assert_eq!((n, h), (len, block_fnv(len)));
+        assert_eq!((n, h), (len, blocks_fnv(len)));
     }
     assert_eq!(m.counters().streamed_bodies.load(Ordering::Relaxed), 2);
 }
@@ -1902,53 +1600,20 @@ fn h2_to_an_h2_upstream_streams_bodies_and_relays_trailers() {
     // useClientProtocol: a 6 MiB request body (over the replay buffer: streamed), and a
     // small one (buffered); the backend's checksum comes back in the body and in a
     // trailer.
-    let dr = "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: grpcish, namespace: app}\nspec:\n  host: grpcish\n  trafficPolicy:\n    connectionPool:\n      http: {useClientProtocol: true}\n";
-    let m = Mesh::start_with(dr);
+    let m = Mesh::start_with(USE_CLIENT_PROTOCOL);
     let host = "grpcish.app.svc.cluster.local";
     let data = payload(6 << 20);
     let got = block_on(async {
-        let (_c, s) = tunnel_to(&m, "10.96.0.7:80").await;
-        let (send, conn) = h2::client::handshake(waypoint::inner::StreamIo::new(s, Bytes::new()))
-            .await
-            .unwrap();
-        monoio::spawn(async move {
-            let _ = conn.await;
-        });
+        let (_c, send) = h2_over_tunnel(&m, "10.96.0.7:80").await;
         let mut got = Vec::new();
         for len in [6 << 20, 1000] {
-            let req = http::Request::builder()
-                .method("POST")
-                .uri(format!("http://{host}/h2/sum"))
-                .body(())
-                .unwrap();
-            let mut s2 = send.clone().ready().await.unwrap();
-            let (resp, mut tx) = s2.send_request(req, false).unwrap();
-            for piece in data[..len].chunks(256 * 1024) {
-                let mut piece = Bytes::copy_from_slice(piece);
-                while !piece.is_empty() {
-                    tx.reserve_capacity(piece.len());
-                    let cap = std::future::poll_fn(|cx| tx.poll_capacity(cx))
-                        .await
-                        .unwrap()
-                        .unwrap();
-                    let n = cap.min(piece.len());
-                    tx.send_data(piece.split_to(n), false).unwrap();
-                }
-            }
-            tx.send_data(Bytes::new(), true).unwrap();
-            let resp = resp.await.unwrap();
-            let status = resp.status().as_u16();
-            let mut body = resp.into_body();
-            let mut out = Vec::new();
-            while let Some(c) = body.data().await {
-                out.extend_from_slice(&c.unwrap());
-            }
-            let trailer = body
-                .trailers()
-                .await
-                .unwrap()
+            let req = h2_request("POST", host, "/h2/sum");
+            let r = h2_send(&send, req, Some(&data[..len])).await;
+            let trailer = r
+                .trailers
+                .as_ref()
                 .and_then(|t| t.get("x-sum").map(|v| v.to_str().unwrap().to_string()));
-            got.push((status, String::from_utf8(out).unwrap(), trailer, len));
+            got.push((r.status, r.text(), trailer, len));
         }
         got
     });
@@ -1969,25 +1634,17 @@ fn h2c_upgrade_is_not_passed_on_and_later_requests_stay_under_policy() {
     let m = Mesh::start_with(DENY_ADMIN);
     let (first, second) = block_on(async {
         let (_c, mut s) = tunnel_to(&m, "10.96.0.2:80").await;
-        s.write_all(
-            Bytes::from(format!(
-                "GET /stream/upgrade HTTP/1.1\r\nhost: {V1}\r\nconnection: Upgrade, HTTP2-Settings\r\nupgrade: h2c\r\nhttp2-settings: AAMAAABkAARAAAAAAAIAAAAA\r\n\r\n"
-            )),
-            false,
-        )
-        .await
-        .unwrap();
+        let head = format!(
+            "GET /stream/upgrade HTTP/1.1\r\nhost: {V1}\r\nconnection: Upgrade, HTTP2-Settings\r\nupgrade: h2c\r\nhttp2-settings: AAMAAABkAARAAAAAAAIAAAAA\r\n\r\n"
+        );
         let mut buf = Vec::new();
-        let first = read_raw_response(&mut s, &mut buf).await;
-        s.write_all(Bytes::from(get("/admin/x", V1)), false)
-            .await
-            .unwrap();
-        let second = read_raw_response(&mut s, &mut buf).await;
+        let first = ask(&mut s, &mut buf, head).await;
+        let second = ask(&mut s, &mut buf, get("/admin/x", V1)).await;
         (first, second)
     });
-    assert_eq!(first.0, 200, "{}", first.1);
-    assert_eq!(second.0, 403, "{}", second.1);
-    assert_eq!(second.2, b"RBAC: access denied");
+    assert_eq!(first.status, 200, "{}", first.head);
+    assert_eq!(second.status, 403, "{}", second.head);
+    assert_eq!(second.decoded(), b"RBAC: access denied");
     assert_eq!(m.counters().upgrades.load(Ordering::Relaxed), 0);
 }
 
@@ -1999,7 +1656,7 @@ fn an_early_413_stops_the_streamed_body_and_reaches_the_client() {
     // sending, and closes the tunnel (the rest of the body is not drained).
     let m = Mesh::start_with("");
     let len: u64 = 1 << 30;
-    let (status, body, ended) = block_on(async {
+    let (resp, ended) = block_on(async {
         let (_c, s) = tunnel_to(&m, "10.96.0.2:80").await;
         let (mut w, mut r) = s.split();
         let writer = monoio::spawn(async move {
@@ -2017,20 +1674,7 @@ fn an_early_413_stops_the_streamed_body_and_reaches_the_client() {
             }
             w
         });
-        let mut buf = Vec::new();
-        let (status, body) = loop {
-            let mut hs = [httparse::EMPTY_HEADER; 16];
-            let mut resp = httparse::Response::new(&mut hs);
-            if let Ok(httparse::Status::Complete(n)) = resp.parse(&buf) {
-                if buf.len() >= n + 8 {
-                    break (resp.code.unwrap(), buf[n..n + 8].to_vec());
-                }
-            }
-            match r.read().await {
-                Some(Ok(b)) => buf.extend_from_slice(&b),
-                other => panic!("tunnel ended before the response: {other:?}"),
-            }
-        };
+        let resp = read_response(&mut r, &mut Vec::new()).await;
         // Then the waypoint ends the tunnel (end of stream or reset).
         let ended = loop {
             match r.read().await {
@@ -2040,9 +1684,12 @@ fn an_early_413_stops_the_streamed_body_and_reaches_the_client() {
         };
         drop(r);
         drop(writer);
-        (status, body, ended)
+        (resp, ended)
     });
-    assert_eq!((status, body.as_slice()), (413, &b"too big!"[..]));
+    assert_eq!(
+        (resp.status, resp.decoded().as_slice()),
+        (413, &b"too big!"[..])
+    );
     assert!(ended);
     assert_eq!(m.echo_v1.seen(), ["/stream/early"]);
     // The waypoint serves on.
@@ -2054,38 +1701,23 @@ fn an_early_413_stops_the_streamed_body_and_reaches_the_client() {
 fn mirrored_responses_are_streamed_and_discarded_whatever_their_size() {
     // The mirror's copy gets a response larger than anything the waypoint buffers
     // (MAX_RESPONSE): read and thrown away as it comes, it completes instead of failing.
-    let route = r#"apiVersion: gateway.networking.k8s.io/v1
-kind: HTTPRoute
-metadata: {name: big-mirror, namespace: app}
-spec:
-  parentRefs: [{group: "", kind: Service, name: echo-v1}]
-  rules:
-  - matches: [{path: {type: PathPrefix, value: /stream/gen}}]
-    filters:
-    - type: RequestMirror
-      requestMirror: {backendRef: {name: echo, port: 80}}
-    backendRefs: [{name: echo-v1, port: 80}]
-"#;
-    let m = Mesh::start_with(route);
+    let m = Mesh::start_with(&mirror_route("big-mirror", "/stream/gen"));
     let n = waypoint::service::MAX_RESPONSE + (1 << 20);
     let c = m.counters();
     let got = block_on(async {
         let (_c, mut s) = tunnel_to(&m, "10.96.0.2:80").await;
-        s.write_all(Bytes::from(get(&format!("/stream/gen/{n}"), V1)), false)
-            .await
-            .unwrap();
-        let mut buf = Vec::new();
-        let (status, _, body) = read_raw_response(&mut s, &mut buf).await;
-        let mirrors_done = &m.handle.as_ref().unwrap().counters;
-        for _ in 0..3000 {
-            let done = mirrors_done.mirrors_completed.load(Ordering::Relaxed)
-                + mirrors_done.mirror_errors.load(Ordering::Relaxed);
-            if done > 0 {
-                break;
-            }
-            monoio::time::sleep(Duration::from_millis(10)).await;
-        }
-        (status, body.len())
+        let r = ask(
+            &mut s,
+            &mut Vec::new(),
+            get(&format!("/stream/gen/{n}"), V1),
+        )
+        .await;
+        wait_until("the mirror done", || {
+            c.mirrors_completed.load(Ordering::Relaxed) + c.mirror_errors.load(Ordering::Relaxed)
+                > 0
+        })
+        .await;
+        (r.status, r.decoded().len())
     });
     assert_eq!(got, (200, n));
     assert_eq!(c.mirrored.load(Ordering::Relaxed), 1);
@@ -2097,19 +1729,7 @@ spec:
 fn mirrors_in_flight_are_capped_per_worker_and_the_rest_skipped() {
     // Every mirrored copy stalls at the backend (never answered); the primary requests are
     // answered at once. One tunnel, so one worker: past the cap, mirrors are skipped.
-    let route = r#"apiVersion: gateway.networking.k8s.io/v1
-kind: HTTPRoute
-metadata: {name: stall-mirror, namespace: app}
-spec:
-  parentRefs: [{group: "", kind: Service, name: echo-v1}]
-  rules:
-  - matches: [{path: {type: PathPrefix, value: /mirror-stall}}]
-    filters:
-    - type: RequestMirror
-      requestMirror: {backendRef: {name: echo, port: 80}}
-    backendRefs: [{name: echo-v1, port: 80}]
-"#;
-    let m = Mesh::start_with(route);
+    let m = Mesh::start_with(&mirror_route("stall-mirror", "/mirror-stall"));
     let cap = waypoint::service::MAX_MIRRORS_IN_FLIGHT;
     let reqs: Vec<String> = (0..cap + 3)
         .map(|i| get(&format!("/mirror-stall/{i}"), V1))

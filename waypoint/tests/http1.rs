@@ -1,6 +1,8 @@
 //! The HTTP/1.1 request path inside a tunnel, driven over memory: bad input (400/431),
 //! policy before any upstream exchange (R15), routing (R16/R17), filters, keep-alive.
 
+mod common;
+
 use std::collections::{BTreeMap, VecDeque};
 use std::future::Future;
 use std::io;
@@ -9,6 +11,7 @@ use std::pin::pin;
 use std::task::{Context, Poll, Waker};
 
 use bytes::Bytes;
+use common::echo_route_with_rules;
 use waypoint::config::{load_str, WaypointConfig};
 use waypoint::http1::{
     parse_head, serve, Destination, End, Parsed, Tunnel, TunnelCtx, Upstream, MAX_HEAD,
@@ -149,22 +152,11 @@ impl Upstream for MockUpstream {
     }
 }
 
-const CONFIG: &str = r#"
-services:
-  - {name: echo, namespace: default, hostname: echo.default.svc.cluster.local, vips: ["10.96.0.10"], ports: {80: 8080}}
-  - {name: echo-v1, namespace: default, hostname: echo-v1.default.svc.cluster.local, vips: ["10.96.0.11"], ports: {80: 8080}}
----
-apiVersion: gateway.networking.k8s.io/v1beta1
-kind: HTTPRoute
-metadata:
-  name: echo
-spec:
-  parentRefs:
-  - group: ""
-    kind: Service
-    name: echo
-  rules:
-  - matches: [{path: {type: PathPrefix, value: /}}]
+/// Services `echo` and `echo-v1`, the route on `echo` (everything to echo-v1 with header
+/// filters; `/old` redirected), and a DENY of `/admin/*`.
+fn cfg() -> WaypointConfig {
+    let route = echo_route_with_rules(
+        r#"  - matches: [{path: {type: PathPrefix, value: /}}]
     filters:
     - type: RequestHeaderModifier
       requestHeaderModifier: {set: [{name: x-routed, value: "yes"}]}
@@ -177,19 +169,26 @@ spec:
     filters:
     - type: RequestRedirect
       requestRedirect: {path: {type: ReplaceFullPath, replaceFullPath: /new}, statusCode: 301}
+"#,
+    );
+    let text = format!(
+        r#"
+services:
+  - {{name: echo, namespace: default, hostname: echo.default.svc.cluster.local, vips: ["10.96.0.10"], ports: {{80: 8080}}}}
+  - {{name: echo-v1, namespace: default, hostname: echo-v1.default.svc.cluster.local, vips: ["10.96.0.11"], ports: {{80: 8080}}}}
 ---
+{route}---
 apiVersion: security.istio.io/v1
 kind: AuthorizationPolicy
-metadata: {name: no-admin, namespace: default}
+metadata: {{name: no-admin, namespace: default}}
 spec:
-  targetRefs: [{kind: Gateway, group: gateway.networking.k8s.io, name: waypoint}]
+  targetRefs: [{{kind: Gateway, group: gateway.networking.k8s.io, name: waypoint}}]
   action: DENY
   rules:
-  - to: [{operation: {paths: ["/admin/*"]}}]
-"#;
-
-fn cfg() -> WaypointConfig {
-    load_str(Path::new("c.yaml"), CONFIG, 1).unwrap_or_else(|e| panic!("{e}"))
+  - to: [{{operation: {{paths: ["/admin/*"]}}}}]
+"#
+    );
+    load_str(Path::new("c.yaml"), &text, 1).unwrap_or_else(|e| panic!("{e}"))
 }
 
 fn service_ctx() -> TunnelCtx {

@@ -12,6 +12,8 @@
 //! from ztunnel's own namespace tests, so both can run at once. Each test checks the bytes
 //! and the path from the ztunnels' and the waypoint's metrics.
 
+mod common;
+
 use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
 use std::path::PathBuf;
@@ -19,6 +21,7 @@ use std::process::ExitCode;
 use std::sync::mpsc;
 use std::time::{Duration, SystemTime};
 
+use common::{block_on, connect, exchange, get, id, next_request, ok_response, SPEC_ECHO_ROUTE};
 use netlab::{in_ns, Addressing, Lab, Pod, TwoNodes};
 
 /// The env var that turns this test binary into a ztunnel (see [`ztunnel_child`]).
@@ -139,22 +142,6 @@ services:
     )
 }
 
-/// The spec's route, verbatim (R17).
-const ROUTE: &str = r#"apiVersion: gateway.networking.k8s.io/v1beta1
-kind: HTTPRoute
-metadata:
-  name: echo
-spec:
-  parentRefs:
-  - group: ""
-    kind: Service
-    name: echo
-  rules:
-  - backendRefs:
-    - name: echo-v1
-      port: 80
-"#;
-
 const DENY_ADMIN: &str = r#"apiVersion: security.istio.io/v1
 kind: AuthorizationPolicy
 metadata: {name: deny-admin, namespace: default}
@@ -197,76 +184,14 @@ fn serve_http(
     tx: mpsc::Sender<(SocketAddr, String)>,
 ) {
     let mut buf = Vec::new();
-    let mut chunk = [0u8; 4096];
-    loop {
-        let mut hs = [httparse::EMPTY_HEADER; 64];
-        let mut req = httparse::Request::new(&mut hs);
-        let n = match req.parse(&buf) {
-            Ok(httparse::Status::Complete(n)) => n,
-            Ok(httparse::Status::Partial) => match c.read(&mut chunk) {
-                Ok(0) | Err(_) => return,
-                Ok(k) => {
-                    buf.extend_from_slice(&chunk[..k]);
-                    continue;
-                }
-            },
-            Err(_) => return,
-        };
-        let path = req.path.unwrap_or("").to_string();
-        let xff = req
-            .headers
-            .iter()
-            .find(|h| h.name.eq_ignore_ascii_case("x-forwarded-for"))
-            .map(|h| String::from_utf8_lossy(h.value).into_owned())
-            .unwrap_or_default();
-        buf.drain(..n);
-        let _ = tx.send((peer, path.clone()));
-        let body = format!("{name} {path} xff={xff}");
-        let resp = format!(
-            "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}",
-            body.len()
-        );
-        if c.write_all(resp.as_bytes()).is_err() {
+    while let Some(req) = next_request(&mut c, &mut buf) {
+        let xff = req.header("x-forwarded-for").unwrap_or_default();
+        let _ = tx.send((peer, req.path.clone()));
+        let body = format!("{name} {} xff={xff}", req.path);
+        if c.write_all(ok_response(&body).as_bytes()).is_err() {
             return;
         }
     }
-}
-
-/// One HTTP/1.1 exchange on `s`: (status, body).
-fn exchange(s: &mut TcpStream, req: &str) -> (u16, String) {
-    s.write_all(req.as_bytes()).unwrap();
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 4096];
-    loop {
-        let mut hs = [httparse::EMPTY_HEADER; 32];
-        let mut r = httparse::Response::new(&mut hs);
-        if let Ok(httparse::Status::Complete(n)) = r.parse(&buf) {
-            let len: usize = r
-                .headers
-                .iter()
-                .find(|h| h.name.eq_ignore_ascii_case("content-length"))
-                .map(|h| std::str::from_utf8(h.value).unwrap().parse().unwrap())
-                .unwrap_or(0);
-            if buf.len() >= n + len {
-                return (
-                    r.code.unwrap(),
-                    String::from_utf8_lossy(&buf[n..n + len]).into_owned(),
-                );
-            }
-        }
-        match s.read(&mut chunk) {
-            Ok(0) => panic!(
-                "connection closed before a response: {:?}",
-                String::from_utf8_lossy(&buf)
-            ),
-            Ok(k) => buf.extend_from_slice(&chunk[..k]),
-            Err(e) => panic!("read: {e}; got {:?}", String::from_utf8_lossy(&buf)),
-        }
-    }
-}
-
-fn get(path: &str, host: &str) -> String {
-    format!("GET {path} HTTP/1.1\r\nhost: {host}\r\n\r\n")
 }
 
 /// The value of `name{labels…}` summed over the series that carry all `labels`.
@@ -506,35 +431,12 @@ fn r14_target_not_bound_to_the_waypoint_is_refused() {
     // An HBONE client with a mesh identity (as a misbehaving ztunnel would be) asks the
     // waypoint for a service that does not use it, then for one that does.
     let ca = hbone::ca::SigningCa::builtin(&w.ca_dir, "cluster.local").unwrap();
-    let cert = hbone::ca::CertSource::issue(
-        &ca,
-        &hbone::Identity::new("cluster.local", "ns-a", "client"),
-        SystemTime::now(),
-    )
-    .unwrap();
+    let cert = hbone::ca::CertSource::issue(&ca, &id("ns-a", "client"), SystemTime::now()).unwrap();
     let results = in_ns(&w.pod_ns("outsider"), move || {
-        let tls = hbone::tls::client_config(
-            &cert,
-            &[hbone::Identity::new("cluster.local", "default", "waypoint")],
-        )
-        .unwrap();
-        let (mut rt, _) = runtime::driver::build_runtime(
-            &runtime::driver::DriverDecision {
-                kind: runtime::driver::DriverKind::Epoll,
-                reason: "test".into(),
-            },
-            64,
-        )
-        .unwrap();
-        rt.block_on(async move {
-            let c = hbone::client::Client::connect(
-                waypoint_addr(),
-                tls,
-                &hbone::H2Settings::default(),
-                &hbone::tls::TlsCounters::default(),
-            )
-            .await
-            .unwrap();
+        block_on(async move {
+            let c = connect(waypoint_addr(), &cert, id("default", "waypoint"))
+                .await
+                .unwrap();
             let mut out = Vec::new();
             for target in [vip(OTHER_VIP), vip(PLAIN_VIP)] {
                 let r = c
@@ -565,7 +467,7 @@ fn r14_target_not_bound_to_the_waypoint_is_refused() {
 #[test]
 fn r15_deny_answers_403_and_no_upstream_connection_is_made() {
     need_root!("r15_deny_answers_403_and_no_upstream_connection_is_made");
-    let w = World::new("r15", &format!("{ROUTE}---\n{DENY_ADMIN}"));
+    let w = World::new("r15", &format!("{SPEC_ECHO_ROUTE}---\n{DENY_ADMIN}"));
     let (e1, e2, v1) = (
         w.http_pod("echo-1"),
         w.http_pod("echo-2"),
@@ -618,7 +520,7 @@ fn r15_deny_answers_403_and_no_upstream_connection_is_made() {
 #[test]
 fn r16_pod_addressed_request_is_not_rerouted() {
     need_root!("r16_pod_addressed_request_is_not_rerouted");
-    let w = World::new("r16", ROUTE);
+    let w = World::new("r16", SPEC_ECHO_ROUTE);
     let (e1, v1) = (w.http_pod("echo-1"), w.http_pod("echo-v1"));
     // echo-1 is an endpoint of `echo`, whose HTTPRoute sends everything to echo-v1; a
     // request addressed to the pod itself stays with the pod.
@@ -662,7 +564,7 @@ fn r16_pod_addressed_request_is_not_rerouted() {
 #[test]
 fn r17_service_routes_to_itself_across_endpoints_and_the_httproute_wins() {
     need_root!("r17_service_routes_to_itself_across_endpoints_and_the_httproute_wins");
-    let w = World::new("r17", ROUTE);
+    let w = World::new("r17", SPEC_ECHO_ROUTE);
     let (e1, e2, v1) = (
         w.http_pod("echo-1"),
         w.http_pod("echo-2"),

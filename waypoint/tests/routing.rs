@@ -1,8 +1,12 @@
 //! HTTPRoute routing (R16, R17) table tests, written from the Gateway API's
 //! `apis/v1/httproute_types.go` semantics.
 
+mod common;
+
 use std::path::Path;
 use std::time::Duration;
+
+use common::SPEC_ECHO_ROUTE;
 
 use waypoint::config::{load_str, WaypointConfig};
 use waypoint::lb::SplitMix64;
@@ -127,22 +131,6 @@ fn backend(d: &Decision) -> Option<(String, u16)> {
         _ => None,
     }
 }
-
-/// The spec's R17 example, verbatim.
-const SPEC_ECHO_ROUTE: &str = r#"apiVersion: gateway.networking.k8s.io/v1beta1
-kind: HTTPRoute
-metadata:
-  name: echo
-spec:
-  parentRefs:
-  - group: ""
-    kind: Service
-    name: echo
-  rules:
-  - backendRefs:
-    - name: echo-v1
-      port: 80
-"#;
 
 #[test]
 fn r17_spec_echo_example_sends_everything_to_echo_v1() {

@@ -1,0 +1,492 @@
+//! Fixtures shared by the waypoint's test files: the spec's R17 route, an epoll runtime,
+//! the stand-in destination-node ztunnel (an HBONE server that bridges each CONNECT stream
+//! to its target), HTTP/1.1 framing for the test servers and clients, test payloads and
+//! their checksum, and the `waypoint` binary as a child process.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::rc::Rc;
+use std::sync::{mpsc, Arc};
+use std::time::Duration;
+
+use bytes::Bytes;
+use hbone::ca::WorkloadCert;
+use hbone::client::Client;
+use hbone::server::{serve_connection, Inbound, ServerCounters};
+use hbone::stream::{H2Reader, H2Stream};
+use hbone::tls::TlsCounters;
+use hbone::{H2Settings, HboneError, Identity};
+use runtime::driver::{build_runtime, DriverDecision, DriverKind};
+
+/// The spec's R17 example (`ambient-routing.md`), verbatim: every request for Service
+/// `echo` goes to Service `echo-v1` port 80.
+pub const SPEC_ECHO_ROUTE: &str = r#"apiVersion: gateway.networking.k8s.io/v1beta1
+kind: HTTPRoute
+metadata:
+  name: echo
+spec:
+  parentRefs:
+  - group: ""
+    kind: Service
+    name: echo
+  rules:
+  - backendRefs:
+    - name: echo-v1
+      port: 80
+"#;
+
+/// [`SPEC_ECHO_ROUTE`] placed in namespace `ns` (the example names none).
+pub fn spec_echo_route_in(ns: &str) -> String {
+    let named = "\n  name: echo\n";
+    assert!(SPEC_ECHO_ROUTE.contains(named));
+    SPEC_ECHO_ROUTE.replacen(named, &format!("{named}  namespace: {ns}\n"), 1)
+}
+
+/// The example's route on Service `echo` with `rules` (items of `spec.rules`, indented two
+/// spaces) instead of its single rule.
+pub fn echo_route_with_rules(rules: &str) -> String {
+    let (head, _) = SPEC_ECHO_ROUTE
+        .split_once("  rules:\n")
+        .expect("the example's rules");
+    format!("{head}  rules:\n{rules}")
+}
+
+pub fn id(ns: &str, sa: &str) -> Identity {
+    Identity::new("cluster.local", ns, sa)
+}
+
+/// Run `f` to completion on a fresh epoll runtime.
+pub fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    let d = DriverDecision {
+        kind: DriverKind::Epoll,
+        reason: "test".into(),
+    };
+    let (mut rt, _) = build_runtime(&d, 256).unwrap();
+    rt.block_on(f)
+}
+
+/// An HBONE client connection to the waypoint at `addr`, as `cert`, requiring the waypoint
+/// to prove `waypoint`.
+pub async fn connect(
+    addr: SocketAddr,
+    cert: &WorkloadCert,
+    waypoint: Identity,
+) -> Result<Client, HboneError> {
+    let tls = hbone::tls::client_config(cert, &[waypoint]).unwrap();
+    Client::connect(addr, tls, &H2Settings::default(), &TlsCounters::default()).await
+}
+
+/// The destination node's ztunnel: accepts CONNECT and bridges each stream to its target.
+pub struct Ztunnel {
+    /// (peer identity, CONNECT target) of each stream.
+    seen: mpsc::Receiver<(Option<Identity>, SocketAddr)>,
+}
+
+impl Ztunnel {
+    /// The streams opened since the last call.
+    pub fn streams(&self) -> Vec<(Option<Identity>, SocketAddr)> {
+        self.seen.try_iter().collect()
+    }
+}
+
+async fn forward(inb: Inbound) {
+    let target = inb.request.target;
+    let Ok(tcp) = monoio::net::TcpStream::connect_addr(target).await else {
+        inb.reject(hbone::wire::status::UPSTREAM_FAILED);
+        return;
+    };
+    let Ok(s) = inb.accept() else { return };
+    hbone::stream::bridge(
+        tcp,
+        s,
+        64 * 1024,
+        Duration::from_secs(120),
+        std::future::pending(),
+    )
+    .await;
+}
+
+/// Serve HBONE on `listener` (on its own thread) as `cert`.
+pub fn stand_in_ztunnel(listener: TcpListener, cert: &WorkloadCert) -> Ztunnel {
+    let tls = hbone::tls::server_config(cert).unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let (tx, seen) = mpsc::channel();
+    std::thread::spawn(move || {
+        block_on(async move {
+            let l = monoio::net::TcpListener::from_std(listener).unwrap();
+            let tx = Rc::new(tx);
+            loop {
+                let Ok((tcp, peer)) = l.accept().await else {
+                    continue;
+                };
+                let (tls, tx) = (tls.clone(), tx.clone());
+                monoio::spawn(async move {
+                    let h = Rc::new(move |inb: Inbound| {
+                        let _ = tx.send((inb.peer_identity.clone(), inb.request.target));
+                        forward(inb)
+                    });
+                    let _ = serve_connection(
+                        tcp,
+                        peer,
+                        tls,
+                        &H2Settings::default(),
+                        Arc::new(ServerCounters::default()),
+                        std::future::pending(),
+                        h,
+                    )
+                    .await;
+                });
+            }
+        })
+    });
+    Ztunnel { seen }
+}
+
+pub fn get(path: &str, host: &str) -> String {
+    format!("GET {path} HTTP/1.1\r\nhost: {host}\r\n\r\n")
+}
+
+/// A request head as a test backend sees it.
+pub struct RequestHead {
+    pub method: String,
+    pub path: String,
+    headers: Vec<(String, String)>,
+}
+
+impl RequestHead {
+    /// The first field called `name` (any case).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// The declared Content-Length (0 without one).
+    pub fn content_length(&self) -> usize {
+        self.header("content-length")
+            .map_or(0, |v| v.parse().unwrap())
+    }
+}
+
+/// The next request head on a backend's connection, reading as needed; the bytes after it
+/// stay in `buf`. None at the end of the connection or on a bad head.
+pub fn next_request(c: &mut impl Read, buf: &mut Vec<u8>) -> Option<RequestHead> {
+    let mut chunk = vec![0u8; 64 * 1024];
+    loop {
+        let mut hs = [httparse::EMPTY_HEADER; 64];
+        let mut req = httparse::Request::new(&mut hs);
+        match req.parse(buf) {
+            Ok(httparse::Status::Complete(n)) => {
+                let head = RequestHead {
+                    method: req.method.unwrap_or("").to_string(),
+                    path: req.path.unwrap_or("").to_string(),
+                    headers: req
+                        .headers
+                        .iter()
+                        .map(|h| {
+                            let v = String::from_utf8_lossy(h.value).into_owned();
+                            (h.name.to_string(), v)
+                        })
+                        .collect(),
+                };
+                buf.drain(..n);
+                return Some(head);
+            }
+            Ok(httparse::Status::Partial) => match c.read(&mut chunk) {
+                Ok(0) | Err(_) => return None,
+                Ok(k) => buf.extend_from_slice(&chunk[..k]),
+            },
+            Err(_) => return None,
+        }
+    }
+}
+
+/// A `200 OK` with `body` and its Content-Length.
+pub fn ok_response(body: &str) -> String {
+    format!(
+        "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    )
+}
+
+/// A response head parsed from the front of a buffer.
+pub struct ResponseHead {
+    pub status: u16,
+    /// The head's length in bytes.
+    pub size: usize,
+    pub text: String,
+    pub content_length: Option<usize>,
+    pub chunked: bool,
+}
+
+/// The response head at the front of `buf`, once all of it is there.
+pub fn response_head(buf: &[u8]) -> Option<ResponseHead> {
+    let mut hs = [httparse::EMPTY_HEADER; 32];
+    let mut r = httparse::Response::new(&mut hs);
+    let Ok(httparse::Status::Complete(size)) = r.parse(buf) else {
+        return None;
+    };
+    let field = |name: &str| {
+        r.headers
+            .iter()
+            .find(|h| h.name.eq_ignore_ascii_case(name))
+            .map(|h| std::str::from_utf8(h.value).unwrap())
+    };
+    Some(ResponseHead {
+        status: r.code.unwrap(),
+        size,
+        text: String::from_utf8_lossy(&buf[..size]).into_owned(),
+        content_length: field("content-length").map(|v| v.parse().unwrap()),
+        chunked: field("transfer-encoding").is_some(),
+    })
+}
+
+/// One whole response.
+pub struct Response {
+    pub status: u16,
+    pub head: String,
+    /// As framed on the wire: a chunked body keeps its chunk framing.
+    pub body: Vec<u8>,
+    pub chunked: bool,
+}
+
+impl Response {
+    /// The body as text, as framed on the wire.
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
+    /// The body with the chunked framing removed.
+    pub fn decoded(&self) -> Vec<u8> {
+        if self.chunked {
+            waypoint::h2srv::dechunk(&self.body).unwrap()
+        } else {
+            self.body.clone()
+        }
+    }
+}
+
+/// The response at the front of `buf`, taken out once all of it is there: a chunked body
+/// ends with its last chunk and trailers, any other with its Content-Length (none: empty,
+/// as for a 1xx; the bytes after the head stay in `buf`).
+pub fn take_response(buf: &mut Vec<u8>) -> Option<Response> {
+    let h = response_head(buf)?;
+    let rest = &buf[h.size..];
+    let len = if h.chunked {
+        waypoint::service::chunked_end(rest)?
+    } else {
+        let len = h.content_length.unwrap_or(0);
+        if rest.len() < len {
+            return None;
+        }
+        len
+    };
+    let body = buf[h.size..h.size + len].to_vec();
+    buf.drain(..h.size + len);
+    Some(Response {
+        status: h.status,
+        head: h.text,
+        body,
+        chunked: h.chunked,
+    })
+}
+
+/// The read side of a tunnel: a whole stream or its read half.
+pub trait ReadChunk {
+    async fn read_chunk(&mut self) -> Option<Result<Bytes, h2::Error>>;
+}
+
+impl ReadChunk for H2Stream {
+    async fn read_chunk(&mut self) -> Option<Result<Bytes, h2::Error>> {
+        self.read().await
+    }
+}
+
+impl ReadChunk for H2Reader {
+    async fn read_chunk(&mut self) -> Option<Result<Bytes, h2::Error>> {
+        self.read().await
+    }
+}
+
+/// Read from `s` into `buf` until `take` gets what it wants from `buf`; the stream ending
+/// first fails.
+pub async fn read_until<T>(
+    s: &mut impl ReadChunk,
+    buf: &mut Vec<u8>,
+    mut take: impl FnMut(&mut Vec<u8>) -> Option<T>,
+) -> T {
+    loop {
+        if let Some(v) = take(buf) {
+            return v;
+        }
+        match s.read_chunk().await {
+            Some(Ok(b)) => buf.extend_from_slice(&b),
+            other => panic!("stream ended before a full response: {other:?}"),
+        }
+    }
+}
+
+/// The next whole response on `s` (bytes read past it stay in `buf`).
+pub async fn read_response(s: &mut impl ReadChunk, buf: &mut Vec<u8>) -> Response {
+    read_until(s, buf, take_response).await
+}
+
+/// One HTTP/1.1 exchange on a plain connection: send `req`, read one whole response
+/// (status, body as framed).
+pub fn exchange(s: &mut std::net::TcpStream, req: &str) -> (u16, String) {
+    s.write_all(req.as_bytes()).unwrap();
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        if let Some(r) = take_response(&mut buf) {
+            return (r.status, r.text());
+        }
+        match s.read(&mut chunk) {
+            Ok(0) => panic!(
+                "connection closed before a response: {:?}",
+                String::from_utf8_lossy(&buf)
+            ),
+            Ok(k) => buf.extend_from_slice(&chunk[..k]),
+            Err(e) => panic!("read: {e}; got {:?}", String::from_utf8_lossy(&buf)),
+        }
+    }
+}
+
+/// The error code of the first GOAWAY frame in a run of HTTP/2 frames (None: none among
+/// the whole frames there).
+pub fn goaway(mut b: &[u8]) -> Option<u32> {
+    while b.len() >= 9 {
+        let len = u32::from_be_bytes([0, b[0], b[1], b[2]]) as usize;
+        let frame = b.get(..9 + len)?;
+        if frame[3] == 7 {
+            return Some(u32::from_be_bytes(frame[13..17].try_into().ok()?));
+        }
+        b = &b[9 + len..];
+    }
+    None
+}
+
+/// Deterministic bytes that do not look like HTTP (first byte 0x16, a TLS record).
+pub fn payload(len: usize) -> Vec<u8> {
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut v: Vec<u8> = (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    v[0] = 0x16;
+    v
+}
+
+/// The FNV-1a offset basis: the checksum of nothing.
+pub const FNV0: u64 = 0xcbf2_9ce4_8422_2325;
+
+/// The FNV-1a checksum `h` continued over `b`.
+pub fn fnv_add(h: u64, b: &[u8]) -> u64 {
+    b.iter()
+        .fold(h, |h, &x| (h ^ u64::from(x)).wrapping_mul(0x100_0000_01b3))
+}
+
+pub fn fnv(b: &[u8]) -> u64 {
+    fnv_add(FNV0, b)
+}
+
+/// The block the test backends repeat for generated bodies.
+pub const BLOCK: usize = 1 << 20;
+
+/// `n` bytes of the repeated [`BLOCK`]-byte payload: the body the backends generate.
+pub fn write_blocks(c: &mut impl Write, mut n: usize) -> std::io::Result<()> {
+    let block = payload(BLOCK);
+    while n > 0 {
+        let k = n.min(BLOCK);
+        c.write_all(&block[..k])?;
+        n -= k;
+    }
+    Ok(())
+}
+
+/// The checksum of [`write_blocks`]' `n` bytes.
+pub fn blocks_fnv(n: usize) -> u64 {
+    let block = payload(BLOCK);
+    let (mut h, mut left) = (FNV0, n);
+    while left > 0 {
+        let k = left.min(BLOCK);
+        h = fnv_add(h, &block[..k]);
+        left -= k;
+    }
+    h
+}
+
+/// A fresh folder for one test's files.
+pub fn test_dir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("waypoint-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// The binary's settings document: the `app/wp` waypoint on `127.0.0.1:0`, built-in CA in
+/// `ca`, the stats endpoint on `127.0.0.1:0` when `stats`, one worker.
+pub fn settings(ca: &Path, stats: bool) -> String {
+    format!(
+        "waypoint:\n  listen: 127.0.0.1:0\n  identity: spiffe://cluster.local/ns/app/sa/waypoint\n  gateway: app/wp\n  address: 10.1.0.100:15008\n  ca: {{builtin: {}}}\n{}runtime: {{workers: 1, pin: false, drain_timeout: 1s}}\n",
+        ca.display(),
+        if stats { "  stats: 127.0.0.1:0\n" } else { "" }
+    )
+}
+
+/// The `waypoint` binary, killed and reaped when dropped, so a failed check never leaves it
+/// running. (Once the test has reaped it itself, `kill` signals nothing.)
+pub struct Proc {
+    pub child: Child,
+    /// Its `READY …` line.
+    pub ready: String,
+}
+
+impl Proc {
+    /// Start the binary on `config` with `args`, and wait for its READY line.
+    pub fn start(config: &Path, args: &[&str], stderr: Stdio) -> Proc {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_waypoint"))
+            .arg("--config")
+            .arg(config)
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(stderr)
+            .spawn()
+            .unwrap();
+        let mut ready = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut ready)
+            .unwrap();
+        assert!(ready.starts_with("READY "), "{ready}");
+        Proc { child, ready }
+    }
+
+    /// The address the READY line gives as `key=ADDR` (`hbone`, `stats`).
+    pub fn addr(&self, key: &str) -> SocketAddr {
+        self.ready
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
+            .unwrap_or_else(|| panic!("{key}=ADDR in {}", self.ready))
+            .parse()
+            .unwrap()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
