@@ -77,7 +77,7 @@ impl Text {
     }
 
     /// `sub` of `src` (`sub` must lie within `src`, which holds at most 4 GiB).
-    fn slice_of(src: &Rc<str>, sub: &str) -> Text {
+    pub(crate) fn slice_of(src: &Rc<str>, sub: &str) -> Text {
         let start = sub.as_ptr() as usize - src.as_ptr() as usize;
         debug_assert!(start + sub.len() <= src.len());
         Text(TextRepr::Slice {
@@ -1087,7 +1087,7 @@ pub async fn serve_from<T: Tunnel, U: Upstream>(
                         let f = fill(tunnel, &mut buf, |b| {
                             (b.len() as u64 >= n).then_some(n as usize)
                         });
-                        match within(deadline, f).await {
+                        match within_boxed(deadline, f).await {
                             Some(r) => match r? {
                                 Some(n) => ReqBody::Buffered(buf.split_to(n).freeze()),
                                 None => return bad_body(tunnel).await,
@@ -1110,7 +1110,7 @@ pub async fn serve_from<T: Tunnel, U: Upstream>(
                             seen = b.len();
                             r
                         });
-                        let Some(r) = within(deadline, f).await else {
+                        let Some(r) = within_boxed(deadline, f).await else {
                             return close_with(tunnel, timeout(), 504).await;
                         };
                         let r = r?;
@@ -1195,6 +1195,19 @@ pub(crate) async fn within<F: std::future::Future>(
                 Either::Right(()) => None,
             }
         }
+    }
+}
+
+/// [`within`] for a future awaited in a tunnel's long-lived state: the timer and the race
+/// (whose state is larger than the future's) are boxed, allocated only when there is a
+/// deadline, so an idle tunnel's future does not grow by them.
+async fn within_boxed<F: std::future::Future>(
+    deadline: Option<Instant>,
+    f: F,
+) -> Option<F::Output> {
+    match deadline {
+        None => Some(f.await),
+        Some(_) => Box::pin(within(deadline, f)).await,
     }
 }
 
