@@ -581,3 +581,31 @@ fn r17_request_timeout_resets_an_h2_stream_whose_body_is_streaming() {
     });
     assert_eq!(st.metric("waypoint_upstream_timeouts_total"), 1);
 }
+
+/// Idle tunnels hold no upstream stream: ten tunnels from one client, each having made
+/// one keep-alive request and left open (idle), were all served over one upstream HBONE
+/// stream, which went back to the worker's pool after each response (the issue's
+/// "upstream stream kept per idle tunnel").
+#[test]
+fn idle_tunnels_share_the_workers_kept_upstream_stream() {
+    let st = setup();
+    block_on(async {
+        let mut open = Vec::new();
+        for i in 0..10 {
+            let (c, mut s) = st.tunnel().await;
+            let req = format!("GET /fast/{i} HTTP/1.1\r\nhost: {HOST}\r\n\r\n");
+            s.write_all(Bytes::from(req), false).await.unwrap();
+            let mut buf = Vec::new();
+            while !buf.ends_with(b"\r\n\r\nok") {
+                match bounded(s.read()).await {
+                    Some(Ok(b)) => buf.extend_from_slice(&b),
+                    other => panic!("tunnel {i}: {other:?} after {buf:?}"),
+                }
+            }
+            assert!(buf.starts_with(b"HTTP/1.1 200 "), "{buf:?}");
+            open.push((c, s));
+        }
+        assert_eq!(st.metric("waypoint_tunnels_total"), 10);
+        assert_eq!(st.metric("waypoint_upstream_streams_total"), 1);
+    });
+}
