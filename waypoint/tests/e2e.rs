@@ -249,6 +249,9 @@ spec:
     to: [{operation: {paths: ["/from-7"]}}]
 "#;
 
+const ECHO: &str = "echo.app.svc.cluster.local";
+const V1: &str = "echo-v1.app.svc.cluster.local";
+
 /// The spec's R17 route, for Service `echo` of namespace `app`.
 fn route() -> String {
     spec_echo_route_in("app")
@@ -504,6 +507,12 @@ services:
         &self.handle.as_ref().unwrap().counters
     }
 
+    /// [`Mesh::requests`] of a GET for each of `paths` on `host`, which must not be refused.
+    fn gets(&self, target: &str, host: &str, paths: &[&str]) -> Vec<(u16, String)> {
+        let reqs: Vec<String> = paths.iter().map(|p| get(p, host)).collect();
+        self.requests(target, &reqs).unwrap()
+    }
+
     /// Open a tunnel to `target` through the waypoint and send each request on it.
     fn requests(&self, target: &str, reqs: &[String]) -> Result<Vec<(u16, String)>, HboneError> {
         let target: SocketAddr = target.parse().unwrap();
@@ -560,9 +569,7 @@ fn r13_plaintext_http_to_the_waypoint_gets_nothing() {
         String::from_utf8_lossy(&got)
     );
     // And the HBONE path works on the same port.
-    let r = m
-        .requests("10.96.0.1:80", &[get("/", "echo.app.svc.cluster.local")])
-        .unwrap();
+    let r = m.gets("10.96.0.1:80", ECHO, &["/"]);
     assert_eq!(r[0].0, 200);
     assert_eq!(m.echo_v1.seen(), vec!["/".to_string()]);
 }
@@ -588,15 +595,7 @@ fn r14_target_not_bound_to_the_waypoint_is_refused() {
 #[test]
 fn r15_deny_policy_answers_403_before_any_upstream_connection() {
     let m = Mesh::start();
-    let r = m
-        .requests(
-            "10.96.0.1:80",
-            &[
-                get("/admin/users", "echo.app.svc.cluster.local"),
-                get("/admin", "echo.app.svc.cluster.local"),
-            ],
-        )
-        .unwrap();
+    let r = m.gets("10.96.0.1:80", ECHO, &["/admin/users", "/admin"]);
     for (code, body) in &r {
         assert_eq!(*code, 403);
         assert_eq!(body, "RBAC: access denied");
@@ -606,27 +605,11 @@ fn r15_deny_policy_answers_403_before_any_upstream_connection() {
     assert!(m.zt.streams().is_empty(), "an upstream stream was opened");
     assert_eq!(m.counters().upstream_streams.load(Ordering::Relaxed), 0);
     // Allowed paths on the same tunnel still go through.
-    let r = m
-        .requests(
-            "10.96.0.1:80",
-            &[
-                get("/admin", "echo.app.svc.cluster.local"),
-                get("/ok", "echo.app.svc.cluster.local"),
-            ],
-        )
-        .unwrap();
+    let r = m.gets("10.96.0.1:80", ECHO, &["/admin", "/ok"]);
     assert_eq!(r[0].0, 403);
     assert_eq!(r[1].0, 200);
     assert_eq!(m.echo_v1.seen(), vec!["/ok".to_string()]);
-    let r = m
-        .requests(
-            "10.96.0.1:80",
-            &[
-                get("/secret", "echo.app.svc.cluster.local"),
-                get("/from-7", "echo.app.svc.cluster.local"),
-            ],
-        )
-        .unwrap();
+    let r = m.gets("10.96.0.1:80", ECHO, &["/secret", "/from-7"]);
     assert_eq!(r[0], (403, "RBAC: access denied".to_string()));
     assert_eq!(r[1], (403, "RBAC: access denied".to_string()));
     assert!(m.echo_v1.seen().is_empty());
@@ -660,13 +643,8 @@ fn r16_pod_addressed_request_is_not_rerouted() {
 #[test]
 fn r17_service_request_follows_the_echo_to_echo_v1_route() {
     let m = Mesh::start();
-    let host = "echo.app.svc.cluster.local";
-    let r = m
-        .requests(
-            "10.96.0.1:80",
-            &[get("/", host), get("/anything/at/all?x=1", host)],
-        )
-        .unwrap();
+    let host = ECHO;
+    let r = m.gets("10.96.0.1:80", host, &["/", "/anything/at/all?x=1"]);
     assert_eq!(r[0], (200, "echo-v1 / xff=10.1.0.7".to_string()));
     assert_eq!(
         r[1],
@@ -682,12 +660,7 @@ fn r17_service_request_follows_the_echo_to_echo_v1_route() {
         assert_eq!(target, m.echo_v1.addr);
     }
     // echo-v1 itself (no route attached) routes to its own endpoints.
-    let r = m
-        .requests(
-            "10.96.0.2:80",
-            &[get("/self", "echo-v1.app.svc.cluster.local")],
-        )
-        .unwrap();
+    let r = m.gets("10.96.0.2:80", V1, &["/self"]);
     assert_eq!(r[0].1, "echo-v1 /self xff=10.1.0.7");
     assert_eq!(m.counters().tunnels.load(Ordering::Relaxed), 2);
 }
@@ -695,17 +668,8 @@ fn r17_service_request_follows_the_echo_to_echo_v1_route() {
 #[test]
 fn upstream_chunked_and_eof_delimited_responses_keep_the_tunnel_usable() {
     let m = Mesh::start();
-    let host = "echo-v1.app.svc.cluster.local";
-    let r = m
-        .requests(
-            "10.96.0.2:80",
-            &[
-                get("/chunked", host),
-                get("/eof", host),
-                get("/after", host),
-            ],
-        )
-        .unwrap();
+    let host = V1;
+    let r = m.gets("10.96.0.2:80", host, &["/chunked", "/eof", "/after"]);
     assert_eq!(r[0].0, 200);
     assert_eq!(
         r[0].1,
@@ -753,13 +717,8 @@ fn chunked_end_table() {
 #[test]
 fn a_kept_stream_the_backend_closed_is_replaced_transparently() {
     let m = Mesh::start();
-    let host = "echo-v1.app.svc.cluster.local";
-    let r = m
-        .requests(
-            "10.96.0.2:80",
-            &[get("/drop", host), get("/next", host), get("/last", host)],
-        )
-        .unwrap();
+    let host = V1;
+    let r = m.gets("10.96.0.2:80", host, &["/drop", "/next", "/last"]);
     assert_eq!(r[0], (200, "echo-v1 /drop xff=10.1.0.7".to_string()));
     assert_eq!(r[1], (200, "echo-v1 /next xff=10.1.0.7".to_string()));
     assert_eq!(r[2], (200, "echo-v1 /last xff=10.1.0.7".to_string()));
@@ -784,12 +743,7 @@ struct Tun {
 
 impl Tun {
     async fn ask(&mut self, path: &str) -> (u16, String) {
-        let r = ask(
-            &mut self.s,
-            &mut self.buf,
-            get(path, "echo.app.svc.cluster.local"),
-        )
-        .await;
+        let r = ask(&mut self.s, &mut self.buf, get(path, ECHO)).await;
         (r.status, r.text())
     }
 }
@@ -950,7 +904,7 @@ async fn h2_get(send: &h2::client::SendRequest<Bytes>, path: &str, host: &str) -
 #[test]
 fn h2_prior_knowledge_many_concurrent_streams_policy_first_then_routing() {
     let m = Mesh::start();
-    let host = "echo.app.svc.cluster.local";
+    let host = ECHO;
     block_on(async {
         let (_c, send) = h2_over_tunnel(&m, "10.96.0.1:80").await;
         // 256 requests, 64 in flight at a time, on one tunnel.
@@ -1006,16 +960,11 @@ fn h2_invalid_frames_get_goaway_and_the_worker_keeps_serving() {
     });
     assert_eq!(m.counters().h2_protocol_errors.load(Ordering::Relaxed), 1);
     // The worker keeps serving: HTTP/1.1 and HTTP/2 tunnels after it.
-    let r = m
-        .requests(
-            "10.96.0.1:80",
-            &[get("/after", "echo.app.svc.cluster.local")],
-        )
-        .unwrap();
+    let r = m.gets("10.96.0.1:80", ECHO, &["/after"]);
     assert_eq!(r[0].0, 200);
     block_on(async {
         let (_c, send) = h2_over_tunnel(&m, "10.96.0.2:80").await;
-        let (status, body) = h2_get(&send, "/h2-after", "echo-v1.app.svc.cluster.local").await;
+        let (status, body) = h2_get(&send, "/h2-after", V1).await;
         assert_eq!(
             (status, body.as_str()),
             (200, "echo-v1 /h2-after xff=127.0.0.1")
@@ -1146,8 +1095,6 @@ spec:
   - backendRefs: [{name: echo-v1, port: 80}]
 "#;
 
-const V1: &str = "echo-v1.app.svc.cluster.local";
-
 fn req(method: &str, path: &str, body: &str) -> String {
     format!(
         "{method} {path} HTTP/1.1\r\nhost: {V1}\r\ncontent-length: {}\r\n\r\n{body}",
@@ -1158,12 +1105,7 @@ fn req(method: &str, path: &str, body: &str) -> String {
 #[test]
 fn timeouts_answer_504_against_a_slow_backend_and_the_tunnel_stays_usable() {
     let m = Mesh::start_with(EXEC_ROUTE);
-    let r = m
-        .requests(
-            "10.96.0.2:80",
-            &[get("/hang", V1), get("/total/hang", V1), get("/ok", V1)],
-        )
-        .unwrap();
+    let r = m.gets("10.96.0.2:80", V1, &["/hang", "/total/hang", "/ok"]);
     // backendRequest, then request timeout: 504, the try not repeated.
     assert_eq!(r[0], (504, "upstream request timeout".to_string()));
     assert_eq!(r[1], (504, "upstream request timeout".to_string()));
@@ -1177,11 +1119,11 @@ fn timeouts_answer_504_against_a_slow_backend_and_the_tunnel_stays_usable() {
 fn retries_against_a_failing_backend_follow_istio_defaults_and_the_route() {
     let m = Mesh::start_with(EXEC_ROUTE);
     // 503 then 200: retried once, the client sees 200.
-    let r = m.requests("10.96.0.2:80", &[get("/flaky", V1)]).unwrap();
+    let r = m.gets("10.96.0.2:80", V1, &["/flaky"]);
     assert_eq!(r[0], (200, "echo-v1 /flaky xff=10.1.0.7".to_string()));
     assert_eq!(m.echo_v1.seen(), vec!["/flaky", "/flaky"]);
     // Always 503: 1 try + 2 retries (Istio's default), then the 503 itself.
-    let r = m.requests("10.96.0.2:80", &[get("/fail", V1)]).unwrap();
+    let r = m.gets("10.96.0.2:80", V1, &["/fail"]);
     assert_eq!(r[0], (503, "fail".to_string()));
     assert_eq!(m.echo_v1.seen(), vec!["/fail", "/fail", "/fail"]);
     // A POST with a body is not re-sent; a PUT (idempotent) is.
@@ -1194,18 +1136,14 @@ fn retries_against_a_failing_backend_follow_istio_defaults_and_the_route() {
     assert_eq!((r[0].0, r[1].0), (503, 503));
     assert_eq!(m.echo_v1.seen(), vec!["/fail"; 4]);
     // retry: {attempts: 0} on the route: one try.
-    let r = m
-        .requests("10.96.0.2:80", &[get("/noretry/fail", V1)])
-        .unwrap();
+    let r = m.gets("10.96.0.2:80", V1, &["/noretry/fail"]);
     assert_eq!(r[0].0, 503);
     assert_eq!(m.echo_v1.seen(), vec!["/noretry/fail"]);
     assert_eq!(m.counters().retries.load(Ordering::Relaxed), 1 + 2 + 2);
     // Nothing listens behind `dead`: connect failure, retried, then 503 (not 502).
     let dead = SocketAddr::new(IpAddr::V4(ip(m.net, 6)), 9);
     let _ = m.zt.streams();
-    let r = m
-        .requests("10.96.0.2:80", &[get("/dead", V1), get("/ok", V1)])
-        .unwrap();
+    let r = m.gets("10.96.0.2:80", V1, &["/dead", "/ok"]);
     assert_eq!(r[0].0, 503);
     assert!(r[0].1.starts_with("upstream connect error"), "{}", r[0].1);
     assert_eq!(r[1].0, 200, "the tunnel stays usable after a 503");
@@ -1244,7 +1182,7 @@ fn request_mirror_is_fire_and_forget_and_chunked_bodies_and_decoded_queries_rout
 #[test]
 fn telemetry_istio_request_metrics_keep_the_original_client_and_traceparent() {
     let m = Mesh::start();
-    let host = "echo.app.svc.cluster.local";
+    let host = ECHO;
     let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
     let r = m
         .requests(
@@ -1693,7 +1631,7 @@ fn an_early_413_stops_the_streamed_body_and_reaches_the_client() {
     assert!(ended);
     assert_eq!(m.echo_v1.seen(), ["/stream/early"]);
     // The waypoint serves on.
-    let out = m.requests("10.96.0.2:80", &[get("/after", V1)]).unwrap();
+    let out = m.gets("10.96.0.2:80", V1, &["/after"]);
     assert_eq!(out[0].0, 200);
 }
 
