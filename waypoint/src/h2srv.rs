@@ -110,18 +110,31 @@ fn head_of(parts: &http::request::Parts) -> Option<RequestHead> {
     if !target.starts_with('/') {
         return None;
     }
-    let (path, query) = match target.split_once('?') {
-        Some((p, q)) => (p.to_string(), Some(Text::from(q.to_string()))),
-        None => (target.to_string(), None),
-    };
-    let mut headers: Vec<(Text, Text)> = Vec::with_capacity(parts.headers.len() + 2);
     let host = match parts.uri.authority() {
-        Some(a) => a.as_str().to_string(),
-        None => parts.headers.get("host")?.to_str().ok()?.to_string(),
+        Some(a) => a.as_str(),
+        None => parts.headers.get("host")?.to_str().ok()?,
     };
-    headers.push(("host".into(), Text::from(host)));
+    // All the head's text is copied into one string, and every field is a slice of it.
+    let size = parts.method.as_str().len()
+        + target.len()
+        + host.len()
+        + parts
+            .headers
+            .iter()
+            .map(|(n, v)| n.as_str().len() + v.len() + 2)
+            .sum::<usize>();
+    let mut text = String::with_capacity(size);
+    let mut put = |s: &str| {
+        let start = text.len();
+        text.push_str(s);
+        (start, text.len())
+    };
+    let method = put(parts.method.as_str());
+    let target = put(target);
+    let mut spans = Vec::with_capacity(parts.headers.len() + 2);
+    spans.push((put("host"), put(host)));
     // Several `cookie` fields (HTTP/2 sends one per cookie) are one in HTTP/1.1, joined
-    // with "; " (RFC 9113 §8.2.3).
+    // with "; " (RFC 9113 §8.2.3), where the first one was.
     let mut cookie: Option<usize> = None;
     for (n, v) in &parts.headers {
         let n = n.as_str();
@@ -130,21 +143,37 @@ fn head_of(parts: &http::request::Parts) -> Option<RequestHead> {
         }
         let v = v.to_str().ok()?;
         if n == "cookie" {
-            if let Some(i) = cookie {
-                let joined = format!("{}; {v}", headers[i].1);
-                headers[i].1 = Text::from(joined);
-                continue;
+            if cookie.is_none() {
+                cookie = Some(spans.len());
+                spans.push((put(n), (0, 0)));
             }
-            cookie = Some(headers.len());
+            continue;
         }
-        headers.push((Text::from(n.to_string()), Text::from(v.to_string())));
+        spans.push((put(n), put(v)));
     }
+    if let Some(i) = cookie {
+        let start = text.len();
+        for (k, v) in parts.headers.get_all("cookie").iter().enumerate() {
+            if k > 0 {
+                text.push_str("; ");
+            }
+            text.push_str(v.to_str().ok()?);
+        }
+        spans[i].1 = (start, text.len());
+    }
+    let src: Rc<str> = Rc::from(text);
+    let at = |(a, b): (usize, usize)| Text::slice_of(&src, &src[a..b]);
+    let target_text = &src[target.0..target.1];
+    let (path, query) = match target_text.split_once('?') {
+        Some((p, q)) => (Text::slice_of(&src, p), Some(Text::slice_of(&src, q))),
+        None => (Text::slice_of(&src, target_text), None),
+    };
     Some(RequestHead {
-        method: Text::from(parts.method.as_str().to_string()),
-        path: Text::from(path),
+        method: at(method),
+        path,
         query,
         version: 1,
-        headers,
+        headers: spans.into_iter().map(|(n, v)| (at(n), at(v))).collect(),
     })
 }
 
