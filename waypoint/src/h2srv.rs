@@ -779,6 +779,10 @@ async fn write_response<C: Tunnel>(
     mods: &[HeaderModifier],
     head_request: bool,
 ) -> io::Result<u64> {
+    if let Some(w) = &h.whole {
+        // Kept as one chunk ([`http1::RespHead::whole`]): read from `ubuf` here.
+        ubuf.extend_from_slice(w);
+    }
     let raw = ubuf.split_to(h.len);
     let resp = h2_head(&raw, mods)?;
     let no_body = head_request || h.framing == Framing::Length(0);

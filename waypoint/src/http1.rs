@@ -1270,9 +1270,20 @@ pub(crate) struct RespHead {
     /// not sent, so neither the upstream connection nor the tunnel can carry another
     /// request.
     pub early: bool,
-    /// The one chunk read from the upstream when it held exactly what `ubuf` holds (so a
-    /// small response can be passed on without a copy).
+    /// The whole response (head and Content-Length body) when it came as one chunk:
+    /// then `ubuf` was left empty (a small response is passed on without a copy; whoever
+    /// needs the bytes in `ubuf` puts them there, [`RespHead::spill`]).
     pub whole: Option<Bytes>,
+}
+
+impl RespHead {
+    /// Put a response kept whole ([`RespHead::whole`]) into `ubuf`, where the rest of the
+    /// code reads head and body from.
+    pub(crate) fn spill(&mut self, ubuf: &mut BytesMut) {
+        if let Some(w) = self.whole.take() {
+            ubuf.extend_from_slice(&w);
+        }
+    }
 }
 
 /// Parse a response head at the start of `buf`: `None` when incomplete.
@@ -1394,21 +1405,30 @@ pub(crate) async fn read_response_head<C: Tunnel>(
     head_request: bool,
     got: &mut bool,
 ) -> io::Result<RespHead> {
-    let mut single: Option<Bytes> = None;
     loop {
-        if let Some(mut h) = parse_response_head(ubuf, head_request)? {
+        if let Some(h) = parse_response_head(ubuf, head_request)? {
             if (100..200).contains(&h.status) && h.status != 101 {
                 ubuf.advance(h.len);
-                single = None;
                 continue;
             }
-            h.whole = single;
             return Ok(h);
         }
         match conn.read().await {
             Some(Ok(b)) => {
                 *got = true;
-                single = ubuf.is_empty().then(|| b.clone());
+                // The usual small response: all of it (head and a Content-Length body) in
+                // one chunk, kept as it came (not copied into `ubuf`).
+                if ubuf.is_empty() {
+                    if let Some(mut h) = parse_response_head(&b, head_request)? {
+                        let interim = (100..200).contains(&h.status) && h.status != 101;
+                        if !interim
+                            && matches!(h.framing, Framing::Length(n) if h.len as u64 + n == b.len() as u64)
+                        {
+                            h.whole = Some(b);
+                            return Ok(h);
+                        }
+                    }
+                }
                 ubuf.extend_from_slice(&b);
             }
             Some(Err(e)) => return Err(e),
@@ -1760,13 +1780,15 @@ async fn forward_request<T: Tunnel, U: Upstream>(
     // one write.
     if let Framing::Length(n) = h.framing {
         let whole = h.len + n as usize;
-        if fwd.response_headers.is_empty() && !h.rewrite && ubuf.len() == whole && h.status != 101 {
+        let kept = h.whole.as_ref().is_some_and(|w| w.len() == whole);
+        if fwd.response_headers.is_empty()
+            && !h.rewrite
+            && (kept || ubuf.len() == whole)
+            && h.status != 101
+        {
             let out = match h.whole.take() {
-                Some(w) if w.len() == whole => {
-                    ubuf.clear();
-                    w
-                }
-                _ => ubuf.split().freeze(),
+                Some(w) => w,
+                None => ubuf.split().freeze(),
             };
             tunnel.write(out).await?;
             let reusable = !h.close && head.keep_alive() && !h.early;
@@ -1784,6 +1806,7 @@ async fn forward_request<T: Tunnel, U: Upstream>(
             });
         }
     }
+    h.spill(&mut ubuf);
     let raw_head = ubuf.split_to(h.len).freeze();
     let out_head = if fwd.response_headers.is_empty() && !eof_to_chunked && !h.rewrite {
         raw_head

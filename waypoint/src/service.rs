@@ -1709,7 +1709,8 @@ async fn discard_response(
     got: &mut bool,
 ) -> io::Result<(Vec<u8>, bool)> {
     let mut ubuf = bytes::BytesMut::new();
-    let h = http1::read_response_head(s, &mut ubuf, head_request, got).await?;
+    let mut h = http1::read_response_head(s, &mut ubuf, head_request, got).await?;
+    h.spill(&mut ubuf);
     let status = format!("HTTP/1.1 {} \r\n\r\n", h.status).into_bytes();
     if h.status == 101 {
         return Ok((status, false));
