@@ -903,6 +903,7 @@ fn run(args: Args, suite: Suite) -> Result<ExitCode> {
         tmp: &tmp.0,
         interrupted: interrupted.clone(),
         sizing: Vec::new(),
+        fd_baseline: 0,
         tty: std::io::stderr().is_terminal(),
         quiet_waited: Duration::ZERO,
         retries_left: suite.knobs.max_retries,
@@ -913,9 +914,15 @@ fn run(args: Args, suite: Suite) -> Result<ExitCode> {
     };
     // Memory runs that would not fit a process's descriptor limit: sized or skipped, said now.
     ctx.sizing = suite::fit_memory_runs(&ctx, &suite.scenarios, &suite.paths);
+    ctx.fd_baseline = fds::open_fds("self").unwrap_or(0);
     for (id, path, z) in &ctx.sizing {
         eprintln!("bench: {id} × {path}: {}", z.reason);
     }
+    let mut runs: Vec<Run> = Vec::new();
+    let was_interrupted = suite::run_suite(&mut ctx, &suite.scenarios, &suite.paths, &mut runs)
+        .is_err()
+        || interrupted.load(std::sync::atomic::Ordering::Relaxed);
+    // The decisions as taken (announced at the start, fitted again before each run).
     let sizing_json: Vec<Value> = ctx
         .sizing
         .iter()
@@ -927,10 +934,6 @@ fn run(args: Args, suite: Suite) -> Result<ExitCode> {
             v
         })
         .collect();
-    let mut runs: Vec<Run> = Vec::new();
-    let was_interrupted = suite::run_suite(&mut ctx, &suite.scenarios, &suite.paths, &mut runs)
-        .is_err()
-        || interrupted.load(std::sync::atomic::Ordering::Relaxed);
     drop(ctx);
     if was_interrupted {
         eprintln!("\nbench: interrupted; writing a partial report");

@@ -39,8 +39,8 @@
 //!                          "proxy_workers", "note" },
 //!             "client": string },                // what the load generator is
 //!   "sizing": [ { "id", "path", Sizing } ],  // memory runs sized or skipped to fit the
-//!                                   // descriptor limits (see `crate::fds`), as printed at
-//!                                   // the start of the run
+//!                                   // descriptor limits (see `crate::fds`): printed at the
+//!                                   // start of the run, fitted again just before each one
 //!   "results": [ Result ],          // one per scenario × path, in run order
 //!   "runs": [ Run ],                // every run in execution order, incl. superseded ones
 //!   "flags": [string],              // drift, noisy runs, forwarder trouble, failures

@@ -435,8 +435,11 @@ pub struct Ctx<'a> {
     pub seq: usize,
     /// Planned runs started (progress counter; re-runs do not advance it).
     pub planned_done: usize,
-    /// Memory runs sized or skipped to fit the descriptor limits ([`fit_memory_runs`]).
+    /// Memory runs sized or skipped to fit the descriptor limits ([`fit_memory_runs`],
+    /// fitted again just before each run).
     pub sizing: Vec<(String, &'static str, crate::fds::Sizing)>,
+    /// Descriptors the harness held when the suite started.
+    pub fd_baseline: u64,
 }
 
 /// The run was interrupted (Ctrl-C): stop the suite.
@@ -458,76 +461,90 @@ pub fn run_suite(
     paths: &[PathKind],
     runs: &mut Vec<Run>,
 ) -> Result<(), Interrupted> {
+    // The peers' memory runs come after all of ours: a peer that pools its upstream
+    // connections keeps backend sockets of the harness open for a while after its run.
+    let memory = |sc: &Scenario, path: PathKind| sc.kind.is_memory() && path.carries(sc.kind);
+    let peers_memory: Vec<(&Scenario, PathKind)> = scenarios
+        .iter()
+        .flat_map(|sc| paths.iter().map(move |p| (sc, *p)))
+        .filter(|(sc, p)| memory(sc, *p) && matches!(p, PathKind::Peer(_)))
+        .collect();
+    let mut plan: Vec<(&Scenario, usize, PathKind)> = Vec::new();
     for sc in scenarios {
         for rep in 1..=ctx.knobs.reps {
             for &path in paths {
+                // Memory: one run per path (it holds thousands of sockets and its figure,
+                // memory, does not vary like a rate).
                 if !path.carries(sc.kind) || (sc.kind.is_memory() && rep > 1) {
-                    // Idle connections: one run per path (it holds thousands of sockets and
-                    // its figure, memory, does not vary like a rate).
                     continue;
                 }
-                let sizing = ctx
-                    .sizing
-                    .iter()
-                    .find(|(id, p, _)| *id == sc.id() && *p == path.name())
-                    .map(|(_, _, z)| z.clone());
-                if let Some(z) = sizing.as_ref().filter(|z| z.skipped) {
-                    ctx.seq += 1;
-                    ctx.planned_done += 1;
-                    let mut run = blank_run(ctx.seq, sc, path, rep, 1);
-                    eprintln!(
-                        "[{:>2}/{}] {:<34} {:<9} {}",
-                        ctx.planned_done,
-                        ctx.total_runs,
-                        sc.id(),
-                        path.name(),
-                        z.reason
-                    );
-                    run.notes.push(z.reason.clone());
-                    run.sizing = Some(z.clone());
-                    runs.push(run);
-                    continue;
-                }
-                // A sized run holds fewer connections; it stays this scenario's row.
-                let sized;
-                let this = match &sizing {
-                    Some(z) => {
-                        sized = Scenario {
-                            conns: z.connections,
-                            ..sc.clone()
-                        };
-                        &sized
-                    }
-                    None => sc,
-                };
-                let mut attempt = 1;
-                loop {
-                    let mut run = run_one(ctx, this, path, rep, attempt)?;
-                    if let Some(z) = &sizing {
-                        run.id = sc.id();
-                        run.variant = sc.variant();
-                        run.notes.push(z.reason.clone());
-                        run.sizing = Some(z.clone());
-                    }
-                    // Starved: other processes took the CPUs for the whole window, yet
-                    // every byte arrived and nothing failed: outside load, not a failure
-                    // of the path; run it again like any disturbed run.
-                    let starved = run.failed.as_deref() == Some(NOTHING_MEASURED)
-                        && run.errors == 0
-                        && run.backend_errors == 0
-                        && run.bytes_sent == run.bytes_received;
-                    let retry =
-                        run.disturbed && (!run.is_failure() || starved) && ctx.retries_left > 0;
-                    runs.push(run);
-                    if !retry {
-                        break;
-                    }
-                    ctx.retries_left -= 1;
-                    runs.last_mut().expect("just pushed").superseded = true;
-                    eprintln!("         outside load during that run: running it again");
-                    attempt += 1;
+                if !(memory(sc, path) && matches!(path, PathKind::Peer(_))) {
+                    plan.push((sc, rep, path));
                 }
             }
+        }
+    }
+    plan.extend(peers_memory.iter().map(|(sc, p)| (*sc, 1, *p)));
+    for (sc, rep, path) in plan {
+        let sizing = if sc.kind.is_memory() {
+            refit(ctx, sc, path)?
+        } else {
+            None
+        };
+        if let Some(z) = sizing.as_ref().filter(|z| z.skipped) {
+            ctx.seq += 1;
+            ctx.planned_done += 1;
+            let mut run = blank_run(ctx.seq, sc, path, rep, 1);
+            eprintln!(
+                "[{:>2}/{}] {:<34} {:<9} {}",
+                ctx.planned_done,
+                ctx.total_runs,
+                sc.id(),
+                path.name(),
+                z.reason
+            );
+            run.notes.push(z.reason.clone());
+            run.sizing = Some(z.clone());
+            runs.push(run);
+            continue;
+        }
+        // A sized run holds fewer connections; it stays this scenario's row.
+        let sized;
+        let this = match &sizing {
+            Some(z) => {
+                sized = Scenario {
+                    conns: z.connections,
+                    ..sc.clone()
+                };
+                &sized
+            }
+            None => sc,
+        };
+        let mut attempt = 1;
+        loop {
+            let mut run = run_one(ctx, this, path, rep, attempt)?;
+            if let Some(z) = &sizing {
+                run.id = sc.id();
+                run.variant = sc.variant();
+                run.notes.push(z.reason.clone());
+                run.sizing = Some(z.clone());
+            }
+            // Starved: other processes took the CPUs for the whole window, yet
+            // every byte arrived and nothing failed: outside load, not a failure
+            // of the path; run it again like any disturbed run.
+            let starved = run.failed.as_deref() == Some(NOTHING_MEASURED)
+                && run.errors == 0
+                && run.backend_errors == 0
+                && run.bytes_sent == run.bytes_received;
+            let retry = run.disturbed && (!run.is_failure() || starved) && ctx.retries_left > 0;
+            runs.push(run);
+            if !retry {
+                break;
+            }
+            ctx.retries_left -= 1;
+            runs.last_mut().expect("just pushed").superseded = true;
+            eprintln!("         outside load during that run: running it again");
+            attempt += 1;
         }
     }
     Ok(())
@@ -541,57 +558,111 @@ pub fn fit_memory_runs(
     scenarios: &[Scenario],
     paths: &[PathKind],
 ) -> Vec<(String, &'static str, crate::fds::Sizing)> {
-    use crate::fds;
     let mut out = Vec::new();
     for sc in scenarios.iter().filter(|s| s.kind.is_memory()) {
         for &path in paths.iter().filter(|p| p.carries(sc.kind)) {
-            // The harness: generator and backend sockets (idle-http: the backends only, the
-            // clients being in a child process under the same limit, one each).
-            let mut holders = vec![fds::harness(
-                "the harness",
-                if sc.kind == Kind::IdleHttp { 1 } else { 2 },
-            )];
-            if sc.kind == Kind::IdleHttp {
-                let mut child = fds::harness("the idle-client process", 1);
-                child.open = 3;
-                holders.push(child);
-            }
-            let mut maxconn = None;
-            match (&ctx.topo, path) {
-                (_, PathKind::Peer(name)) => {
-                    if let Some(p) = ctx.peers.iter().find(|p| p.spec.name == name) {
-                        // One hop: the client's socket and its upstream socket.
-                        holders.extend(p.holder(2));
-                        maxconn = p.spec.maxconn.map(|n| fds::MaxConn {
-                            name: name.to_string(),
-                            maxconn: n,
-                        });
-                    }
-                }
-                (Topo::Mesh { mesh, .. }, _) => {
-                    let per_conn: &[(&str, u64)] = match path {
-                        PathKind::L4 => &[("ztunnel A", 2)],
-                        PathKind::Hbone => &[("ztunnel A", 1), ("ztunnel B", 1)],
-                        PathKind::Waypoint => {
-                            &[("ztunnel A", 1), ("waypoint", 0), ("ztunnel B", 1)]
-                        }
-                        _ => &[],
-                    };
-                    for (pid, (name, n)) in mesh.pids(path.name()).into_iter().zip(per_conn) {
-                        holders.extend(fds::process(name, pid, *n));
-                    }
-                }
-                // Legacy paths start their proxies per run, under the harness's limit (and
-                // the forwarder raises its own): the harness binds.
-                (Topo::Loopback(_), _) => {}
-            }
-            if let Some(z) = fds::fit(sc.conns, &holders, maxconn.as_ref()) {
+            if let Some(z) = fit_one(ctx, sc, path) {
                 out.push((sc.id(), path.name(), z));
             }
         }
     }
     out
 }
+
+/// [`fit_memory_runs`] for one scenario × path, with the descriptors held now.
+fn fit_one(ctx: &Ctx<'_>, sc: &Scenario, path: PathKind) -> Option<crate::fds::Sizing> {
+    use crate::fds;
+    // The harness: generator and backend sockets (idle-http: the backends only, the
+    // clients being in a child process under the same limit, one each).
+    let mut holders = vec![fds::harness(
+        "the harness",
+        if sc.kind == Kind::IdleHttp { 1 } else { 2 },
+    )];
+    if sc.kind == Kind::IdleHttp {
+        let mut child = fds::harness("the idle-client process", 1);
+        child.open = 3;
+        holders.push(child);
+    }
+    let mut maxconn = None;
+    match (&ctx.topo, path) {
+        (_, PathKind::Peer(name)) => {
+            if let Some(p) = ctx.peers.iter().find(|p| p.spec.name == name) {
+                // One hop: the client's socket and its upstream socket.
+                holders.extend(p.holder(2));
+                maxconn = p.spec.maxconn.map(|n| fds::MaxConn {
+                    name: name.to_string(),
+                    maxconn: n,
+                });
+            }
+        }
+        (Topo::Mesh { mesh, .. }, _) => {
+            let per_conn: &[(&str, u64)] = match path {
+                PathKind::L4 => &[("ztunnel A", 2)],
+                PathKind::Hbone => &[("ztunnel A", 1), ("ztunnel B", 1)],
+                PathKind::Waypoint => &[("ztunnel A", 1), ("waypoint", 0), ("ztunnel B", 1)],
+                _ => &[],
+            };
+            for (pid, (name, n)) in mesh.pids(path.name()).into_iter().zip(per_conn) {
+                holders.extend(fds::process(name, pid, *n));
+            }
+        }
+        // Legacy paths start their proxies per run, under the harness's limit (and
+        // the forwarder raises its own): the harness binds.
+        (Topo::Loopback(_), _) => {}
+    }
+    fds::fit(sc.conns, &holders, maxconn.as_ref())
+}
+
+/// Before a memory run: wait (at most [`FD_SETTLE`]) until the harness holds no more than
+/// [`crate::fds::MARGIN`] descriptors over what it held when the suite started (a peer that
+/// pools its upstream connections, HAProxy's `http-reuse`, keeps backend sockets here open
+/// for a while after its run), then fit the run again with what is held now. Returns the
+/// sizing to use, said when it differs from the one announced at the start.
+fn refit(
+    ctx: &mut Ctx<'_>,
+    sc: &Scenario,
+    path: PathKind,
+) -> Result<Option<crate::fds::Sizing>, Interrupted> {
+    let deadline = Instant::now() + FD_SETTLE;
+    let held = || crate::fds::open_fds("self").unwrap_or(0);
+    while held() > ctx.fd_baseline + crate::fds::MARGIN && Instant::now() < deadline {
+        if ctx.interrupted.load(Ordering::Relaxed) {
+            return Err(Interrupted);
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let fresh = fit_one(ctx, sc, path);
+    let id = sc.id();
+    let slot = ctx
+        .sizing
+        .iter()
+        .position(|(i, p, _)| *i == id && *p == path.name());
+    let before = slot.map(|i| ctx.sizing[i].2.clone());
+    if fresh != before {
+        eprintln!(
+            "bench: {id} × {path}: fitted again (the harness holds {} descriptors, {} at the \
+             start): {}",
+            held(),
+            ctx.fd_baseline,
+            fresh
+                .as_ref()
+                .map_or("fits".to_string(), |z| z.reason.clone()),
+            path = path.name()
+        );
+        match (slot, &fresh) {
+            (Some(i), Some(z)) => ctx.sizing[i].2 = z.clone(),
+            (Some(i), None) => {
+                ctx.sizing.remove(i);
+            }
+            (None, Some(z)) => ctx.sizing.push((id, path.name(), z.clone())),
+            (None, None) => {}
+        }
+    }
+    Ok(fresh)
+}
+
+/// How long a memory run waits for the harness's descriptors to come back to the start's.
+pub const FD_SETTLE: Duration = Duration::from_secs(20);
 
 /// A run before anything was measured.
 pub fn blank_run(seq: usize, sc: &Scenario, path: PathKind, rep: usize, attempt: usize) -> Run {
