@@ -254,8 +254,9 @@ pub fn idle(profile: &crate::Profile, st: &IdleState) -> Vec<Finding> {
         recommended,
         ok,
         why: "/dev/cpu_dma_latency: the smallest request of any process bounds how slow an \
-              idle state any CPU may enter; held at 0 a loopback 64-byte round trip went p50 \
-              54.6 -> 17.6 µs on the dev VM. Host-wide: it keeps every core out of deep idle \
+              idle state any CPU may enter; BENCHMARKING.md: held at 0 a loopback 64-byte round \
+              trip went p50 54.6 -> 17.6 µs; not reproduced by bench tcp-rr on 2026-11-26 \
+              (driver none: direct 31.9 -> 31.7 µs). Host-wide: it keeps every core out of deep idle \
               (power on all cores) and helps every process there",
         fix: None,
     });
