@@ -291,12 +291,6 @@ impl HostFacts {
                 )
             })
         };
-        let dma = read_cpu_dma_latency();
-        let mode = match dma {
-            Some(0) => "polling",
-            Some(_) => "halting",
-            None => "unknown",
-        };
         HostFacts {
             cores,
             cpus_online: read("/sys/devices/system/cpu/online"),
@@ -306,13 +300,37 @@ impl HostFacts {
             loopback_mtu: read("/sys/class/net/lo/mtu").and_then(|s| s.parse().ok()),
             ulimit_nofile: limit("Max open files"),
             ulimit_memlock: limit("Max locked memory"),
-            idle: IdleMode {
-                cpuidle_driver: read("/sys/devices/system/cpu/cpuidle/current_driver"),
-                cpuidle_governor: read("/sys/devices/system/cpu/cpuidle/current_governor")
-                    .or_else(|| read("/sys/devices/system/cpu/cpuidle/current_governor_ro")),
-                cpu_dma_latency_us: dma,
-                mode: mode.to_string(),
-            },
+            idle: IdleMode::read(),
+        }
+    }
+}
+
+impl IdleMode {
+    /// The host's idle facts now. Read again once the proxies run: a profile with
+    /// `runtime.cpu_latency_limit` holds the PM QoS request only while they live.
+    /// "polling" needs both a limit of 0 and a cpuidle driver to obey it: with driver
+    /// `none` the kernel's default idle routine halts whatever the limit says.
+    pub fn read() -> IdleMode {
+        let read = |p: &str| {
+            std::fs::read_to_string(p)
+                .ok()
+                .map(|s| s.trim().to_string())
+                .filter(|s| !s.is_empty())
+        };
+        let cpuidle_driver = read("/sys/devices/system/cpu/cpuidle/current_driver");
+        let dma = read_cpu_dma_latency();
+        let mode = match (dma, cpuidle_driver.as_deref()) {
+            (Some(0), Some("none")) => "halting (limit 0 held, but no cpuidle driver obeys it)",
+            (Some(0), _) => "polling",
+            (Some(_), _) => "halting",
+            (None, _) => "unknown",
+        };
+        IdleMode {
+            cpuidle_driver,
+            cpuidle_governor: read("/sys/devices/system/cpu/cpuidle/current_governor")
+                .or_else(|| read("/sys/devices/system/cpu/cpuidle/current_governor_ro")),
+            cpu_dma_latency_us: dma,
+            mode: mode.to_string(),
         }
     }
 }

@@ -730,7 +730,7 @@ fn run(args: Args, suite: Suite) -> Result<ExitCode> {
     let cores = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1);
-    let host_facts = host::HostFacts::collect(cores);
+    let mut host_facts = host::HostFacts::collect(cores);
     let decision = runtime::driver::decide(args.io_driver, 1024).context("io driver")?;
     let gen_cores: Vec<Option<usize>> = (0..placement.gen_threads)
         .map(|i| placement.gen_core(i))
@@ -775,6 +775,9 @@ fn run(args: Args, suite: Suite) -> Result<ExitCode> {
             socks5: args.socks5,
         };
         let m = mesh::Mesh::up(&spec, &tmp.0).context("bringing up the mesh")?;
+        // The proxies may hold a PM QoS request (the latency profile): record what is in
+        // force while they run, not before they started.
+        host_facts.idle = host::IdleMode::read();
         if let Some(e) = &m.waypoint_error {
             eprintln!("bench: the waypoint did not start: {e}");
         }
@@ -876,13 +879,17 @@ fn run(args: Args, suite: Suite) -> Result<ExitCode> {
     }
     if host_facts.idle.mode != "polling" {
         eprintln!(
-            "bench: idle CPUs halt (cpuidle driver {}, cpu_dma_latency not held at 0): \
+            "bench: idle CPUs halt (cpuidle driver {}, cpu_dma_latency {}): \
              latency includes wake-ups; compare added µs",
             host_facts
                 .idle
                 .cpuidle_driver
                 .as_deref()
-                .unwrap_or("unknown")
+                .unwrap_or("unknown"),
+            host_facts
+                .idle
+                .cpu_dma_latency_us
+                .map_or("unreadable".to_string(), |v| format!("{v} µs"))
         );
     }
 

@@ -30,7 +30,7 @@
 //!   "host": { "cores", "cpus_online", "cpu_model", "kernel", "clk_tck", "loopback_mtu",
 //!             "ulimit_nofile", "ulimit_memlock",
 //!             "idle": { "cpuidle_driver", "cpuidle_governor", "cpu_dma_latency_us",
-//!                       "mode": "halting" | "polling" | "unknown" },
+//!                       "mode": "halting" | "polling" | "unknown" | "halting (limit 0 held, but no cpuidle driver obeys it)" },
 //!             "profile": "default",              // the runtime tuning profile in use
 //!             "build": "release" | "debug",      // how this binary was compiled
 //!             "io_driver": { "proxy": "io_uring"|"epoll"|null (from READY),
