@@ -291,6 +291,9 @@ pub fn load_str(file: &Path, text: &str, version: u64) -> Result<WaypointConfig,
         }
     }
     cfg.routes = RouteTable::new(routes);
+    if let Some(snap) = &cfg.mesh {
+        cfg.routes.prebuild_self_routes(snap);
+    }
     Ok(cfg)
 }
 

@@ -337,6 +337,10 @@ pub struct RouteTable {
     /// request borrows it instead of building its own. Its mirrors are all the configured
     /// ones (a request checks they exist).
     prebuilt: Vec<Vec<Vec<Option<Forward>>>>,
+    /// By service and port of the mesh snapshot ([`RouteTable::prebuild_self_routes`]):
+    /// the [`Forward`] of a service without routes (R17, the service routes to itself),
+    /// borrowed by its requests instead of built for each.
+    self_routed: crate::upstream::FnvMap<ObjectRef, Vec<(u16, Forward)>>,
 }
 
 impl RouteTable {
@@ -354,7 +358,33 @@ impl RouteTable {
                     .collect()
             })
             .collect();
-        RouteTable { routes, prebuilt }
+        RouteTable {
+            routes,
+            prebuilt,
+            self_routed: Default::default(),
+        }
+    }
+
+    /// Prebuild the self-routing (R17) [`Forward`] of every port of every service of `snap`
+    /// (the snapshot this table is used with). A request still checks that its service
+    /// exists and has no route attached; a port the snapshot does not list gets its own.
+    pub fn prebuild_self_routes(&mut self, snap: &mesh_model::snapshot::Snapshot) {
+        self.self_routed.clear();
+        for svc in snap.services() {
+            let service = ObjectRef::new(svc.namespace.clone(), svc.name.clone());
+            let ports = svc
+                .ports
+                .keys()
+                .map(|&port| {
+                    let fwd = Forward {
+                        service: Some((service.clone(), port)),
+                        ..Forward::default()
+                    };
+                    (port, fwd)
+                })
+                .collect();
+            self.self_routed.insert(service, ports);
+        }
     }
 
     pub fn routes(&self) -> &[HttpRoute] {
@@ -422,10 +452,17 @@ impl RouteTable {
                     reason: "unknown service",
                 });
             }
-            return Ok(Cow::Owned(Forward {
-                service: Some((service.clone(), port)),
-                ..Forward::default()
-            }));
+            let prebuilt = self
+                .self_routed
+                .get(service)
+                .and_then(|ps| ps.iter().find(|(p, _)| *p == port));
+            return Ok(match prebuilt {
+                Some((_, fwd)) => Cow::Borrowed(fwd),
+                None => Cow::Owned(Forward {
+                    service: Some((service.clone(), port)),
+                    ..Forward::default()
+                }),
+            });
         }
         let Some((_, i, ri, m)) = best else {
             return Err(Decision::Respond {
@@ -789,5 +826,61 @@ mod tests {
             *seen.entry(name).or_insert(0) += 1;
         }
         assert_eq!(seen.len(), 3, "{seen:?}");
+    }
+
+    /// R17: a service without routes routes to itself through a forward built once per
+    /// snapshot (borrowed), equal to the one built for a port the snapshot does not list;
+    /// an unknown service is still 500, a routed one still goes by its route.
+    #[test]
+    fn r17_self_routed_forward_is_prebuilt_per_snapshot() {
+        let text = r#"
+services:
+  - {name: echo, namespace: default, hostname: echo.default.svc.cluster.local, vips: ["10.96.0.10"], ports: {80: 8080, 81: 8081}}
+  - {name: other, namespace: default, hostname: other.default.svc.cluster.local, vips: ["10.96.0.11"], ports: {80: 8080}}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: r, namespace: default}
+spec:
+  parentRefs: [{group: "", kind: Service, name: other}]
+  rules:
+    - backendRefs: [{name: echo, port: 80}]
+"#;
+        let cfg = crate::config::load_str(std::path::Path::new("t.yaml"), text, 1).unwrap();
+        let exists = |s: &ObjectRef| cfg.service_exists(s);
+        let req = Request {
+            method: "GET",
+            path: "/",
+            query: None,
+            headers: &[],
+            scheme: "http",
+        };
+        let echo = ObjectRef::new("default", "echo");
+        let route = |service: &ObjectRef, port| {
+            let target = Target::Service { service, port };
+            cfg.routes
+                .route_shared(target, &req, &exists, &mut SplitMix64(1))
+        };
+        for port in [80, 81, 82] {
+            let fwd = route(&echo, port).expect("forwarded");
+            // Ports 80 and 81 are the snapshot's: prebuilt; 82 is built for the request.
+            assert_eq!(matches!(fwd, Cow::Borrowed(_)), port != 82, "{port}");
+            let want = Forward {
+                service: Some((echo.clone(), port)),
+                ..Forward::default()
+            };
+            assert_eq!(*fwd, want, "{port}");
+        }
+        let ghost = ObjectRef::new("default", "ghost");
+        assert_eq!(
+            route(&ghost, 80).unwrap_err(),
+            Decision::Respond {
+                status: 500,
+                reason: "unknown service"
+            }
+        );
+        let routed = route(&ObjectRef::new("default", "other"), 80).expect("forwarded");
+        assert_eq!(routed.service, Some((echo.clone(), 80)));
+        assert!(routed.route.is_some());
     }
 }
