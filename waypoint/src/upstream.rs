@@ -238,15 +238,19 @@ impl IdleStreams {
                 s.reset(h2::Reason::CANCEL);
             }
         }
-        if q.is_empty() {
-            self.by_key.remove(key);
-        }
+        // An emptied key stays (with its queue's storage) for the stream this request
+        // puts back; the sweep removes it if it stays empty.
         found
     }
 
     /// Keep `s` for the next request to `key`; reset it when the limits are reached.
     pub fn put(&mut self, key: IdleKey, mut s: hbone::stream::H2Stream, now: Instant) {
-        if now.saturating_duration_since(self.swept) >= IDLE_STREAM_EXPIRY / 4 {
+        // Sweep every quarter expiry, and when the keys left empty reach the streams'
+        // bound (each sweep then removes at least that many: keys never outgrow twice
+        // [`MAX_IDLE_STREAMS`] for long).
+        if now.saturating_duration_since(self.swept) >= IDLE_STREAM_EXPIRY / 4
+            || self.by_key.len() >= 2 * MAX_IDLE_STREAMS
+        {
             self.sweep(now);
         }
         if self.total >= MAX_IDLE_STREAMS {
@@ -271,7 +275,12 @@ impl IdleStreams {
         self.total == 0
     }
 
-    /// Reset the expired streams of every key.
+    /// Keys held now, with streams or left empty until the next sweep.
+    pub fn keys(&self) -> usize {
+        self.by_key.len()
+    }
+
+    /// Reset the expired streams of every key; remove the keys left empty.
     fn sweep(&mut self, now: Instant) {
         self.swept = now;
         let total = &mut self.total;
