@@ -14,6 +14,8 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
+use hbone::server::ServerCounters;
+use hbone::tls::TlsCounters;
 
 /// Istio's standard labels of `istio_tcp_*`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -127,6 +129,11 @@ pub struct Metrics {
     paths: Family<PathLabels, AtomicU64>,
     denied: Family<DenyLabels, AtomicU64>,
     socks_errors: Family<u8, AtomicU64>,
+    /// HBONE handshakes this ztunnel made as a client (outbound legs), shared by every
+    /// worker's pool: refusals by reason and HelloRetryRequests answered.
+    pub hbone_client_tls: Arc<TlsCounters>,
+    /// The inbound HBONE server's counters (`:15008`), shared by every worker.
+    pub hbone_server: Arc<ServerCounters>,
 }
 
 impl Default for Metrics {
@@ -136,6 +143,8 @@ impl Default for Metrics {
             paths: Family::new(),
             denied: Family::new(),
             socks_errors: Family::new(),
+            hbone_client_tls: Arc::default(),
+            hbone_server: Arc::default(),
         }
     }
 }
@@ -215,11 +224,59 @@ impl Metrics {
                 v.load(Relaxed)
             );
         }
+        render_hbone(&mut out, &self.hbone_client_tls, &self.hbone_server);
         let _ = writeln!(
             out,
             "# HELP ztunnel_config_version Version of the mesh snapshot in use.\n# TYPE ztunnel_config_version gauge\nztunnel_config_version {snapshot_version}"
         );
         out
+    }
+}
+
+/// The HBONE layer's counters: TLS refusals per side and reason (issue 3: each rejection
+/// has a counter), HelloRetryRequests our client was answered with, and the inbound
+/// server's connections, streams and malformed CONNECTs.
+fn render_hbone(out: &mut String, client: &TlsCounters, server: &ServerCounters) {
+    let _ = writeln!(
+        out,
+        "# HELP ztunnel_hbone_tls_failures_total HBONE TLS handshakes refused, by side and reason.\n# TYPE ztunnel_hbone_tls_failures_total counter"
+    );
+    for (side, t) in [("client", client), ("server", &server.tls)] {
+        for (reason, v) in [
+            ("identity_mismatch", &t.identity_mismatch),
+            ("untrusted", &t.untrusted),
+            ("expired", &t.expired),
+            ("no_client_cert", &t.no_client_cert),
+            ("other", &t.other),
+        ] {
+            let _ = writeln!(
+                out,
+                "ztunnel_hbone_tls_failures_total{{side=\"{side}\",reason=\"{reason}\"}} {}",
+                v.load(Relaxed)
+            );
+        }
+    }
+    let _ = writeln!(
+        out,
+        "# HELP ztunnel_hbone_hello_retries_total Outbound HBONE handshakes answered with a HelloRetryRequest (the peer wanted another key share).\n# TYPE ztunnel_hbone_hello_retries_total counter\nztunnel_hbone_hello_retries_total {}",
+        client.hello_retries.load(Relaxed)
+    );
+    let _ = writeln!(
+        out,
+        "# HELP ztunnel_hbone_inbound_total Inbound HBONE connections and CONNECT streams, and streams refused as malformed.\n# TYPE ztunnel_hbone_inbound_total counter"
+    );
+    for (what, v) in [
+        ("connections", &server.connections),
+        ("streams", &server.streams),
+        ("bad_method", &server.bad_method),
+        ("bad_authority", &server.bad_authority),
+        ("h2_errors", &server.h2_errors),
+    ] {
+        let _ = writeln!(
+            out,
+            "ztunnel_hbone_inbound_total{{kind=\"{what}\"}} {}",
+            v.load(Relaxed)
+        );
     }
 }
 

@@ -39,7 +39,6 @@ use hbone::ca::CertSource;
 use hbone::pool::{Pool, PoolKey};
 use hbone::server::{serve_connection, Inbound as HboneInbound, ServerCounters};
 use hbone::stream::H2Stream;
-use hbone::tls::TlsCounters;
 use hbone::wire::{status, ConnectRequest};
 use hbone::HboneError;
 use mesh_model::model::{Identity, Workload};
@@ -369,12 +368,12 @@ pub fn start(
                             // keepalive, SO_RCVBUF/SO_SNDBUF of the profile).
                             pool: Pool::with_socket_options(
                                 shared.settings.h2.clone(),
-                                Arc::new(TlsCounters::default()),
+                                metrics.hbone_client_tls.clone(),
                                 ctx.listen_options().clone(),
                             ),
                             chooser: RefCell::new(SeededChooser::new(seed)),
+                            server_counters: metrics.hbone_server.clone(),
                             metrics: LocalMetrics::new(metrics),
-                            server_counters: Arc::new(ServerCounters::default()),
                             changed: LocalEvent::new(),
                             shared,
                         });

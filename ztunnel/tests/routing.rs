@@ -375,13 +375,56 @@ fn inbound_hbone_for_pod_not_on_this_node_is_refused() {
     let target: SocketAddr = SocketAddr::new(t.net.client(), 8080);
     let (status, _) = hbone_call(&t.ca(), CLIENT_ID, zt_b, target);
     assert_eq!(status, 400);
+    let b = t.stats_b();
     assert_eq!(
         metric(
-            &t.stats_b(),
+            &b,
             "ztunnel_connection_paths_total",
             &[("route", "hbone_not_served")]
         ),
         1
+    );
+    // The inbound HBONE server's own counters are exported, summed over the workers.
+    for kind in ["connections", "streams"] {
+        assert_eq!(
+            metric(&b, "ztunnel_hbone_inbound_total", &[("kind", kind)]),
+            1,
+            "{kind}"
+        );
+    }
+}
+
+#[test]
+fn hbone_client_certificate_from_another_root_is_refused_and_counted() {
+    let t = Topo::new(115, "[]");
+    let zt_b = SocketAddr::new(t.net.zt_b(), 15008);
+    // Same trust domain, another root: B must refuse the client certificate.
+    let (foreign, _, _) = SigningCa::generate_root("cluster.local").unwrap();
+    let r = try_hbone_call(&foreign, &t.ca(), CLIENT_ID, ZTUNNEL_ID, zt_b, t.net.wpod());
+    assert!(
+        r.is_err(),
+        "a certificate from another root was accepted: {r:?}"
+    );
+    eventually("server-side refusal counted", || {
+        metric(
+            &t.stats_b(),
+            "ztunnel_hbone_tls_failures_total",
+            &[("side", "server"), ("reason", "untrusted")],
+        ) == 1
+    });
+    let b = t.stats_b();
+    assert_eq!(
+        metric(&b, "ztunnel_hbone_inbound_total", &[("kind", "streams")]),
+        0
+    );
+    // Our own client's view of the same refusal is on the caller's side, not ztunnel B's.
+    assert_eq!(
+        metric(
+            &b,
+            "ztunnel_hbone_tls_failures_total",
+            &[("side", "client"), ("reason", "untrusted")]
+        ),
+        0
     );
 }
 

@@ -570,10 +570,25 @@ pub fn hbone_call_expecting(
     zt: SocketAddr,
     authority: SocketAddr,
 ) -> (u16, String) {
+    try_hbone_call(ca, ca, identity, server_id, zt, authority)
+        .unwrap_or_else(|e| panic!("HBONE connection to {zt}: {e}"))
+}
+
+/// [`hbone_call_expecting`] with a client certificate issued by `ca` while trusting the
+/// roots of `trust`; Err: the TLS/HTTP/2 connection itself failed (e.g. the server refused
+/// our certificate).
+pub fn try_hbone_call(
+    ca: &SigningCa,
+    trust: &SigningCa,
+    identity: &str,
+    server_id: &str,
+    zt: SocketAddr,
+    authority: SocketAddr,
+) -> Result<(u16, String), String> {
     let server_id: Identity = server_id.parse().unwrap();
-    let cert = ca
-        .issue(&identity.parse().unwrap(), SystemTime::now())
-        .unwrap();
+    let id: Identity = identity.parse().unwrap();
+    let mut cert = ca.issue(&id, SystemTime::now()).unwrap();
+    cert.roots = trust.issue(&id, SystemTime::now()).unwrap().roots;
     std::thread::spawn(move || {
         let decision = runtime::driver::DriverDecision {
             kind: runtime::driver::DriverKind::Epoll,
@@ -589,22 +604,25 @@ pub fn hbone_call_expecting(
                 &hbone::tls::TlsCounters::default(),
             )
             .await
-            .unwrap();
-            match c.open(&hbone::wire::ConnectRequest::new(authority)).await {
-                Err(hbone::HboneError::Status(s)) => (s.as_u16(), String::new()),
-                Err(e) => panic!("{e}"),
-                Ok(mut s) => {
-                    let mut got = Vec::new();
-                    while !got.contains(&b'\n') {
-                        match s.read().await {
-                            Some(Ok(b)) => got.extend_from_slice(&b),
-                            _ => break,
+            .map_err(|e| e.to_string())?;
+            Ok(
+                match c.open(&hbone::wire::ConnectRequest::new(authority)).await {
+                    Err(hbone::HboneError::Status(s)) => (s.as_u16(), String::new()),
+                    // TLS 1.3: a refused client certificate surfaces here.
+                    Err(e) => return Err(e.to_string()),
+                    Ok(mut s) => {
+                        let mut got = Vec::new();
+                        while !got.contains(&b'\n') {
+                            match s.read().await {
+                                Some(Ok(b)) => got.extend_from_slice(&b),
+                                _ => break,
+                            }
                         }
+                        let line = String::from_utf8_lossy(&got);
+                        (200, line.lines().next().unwrap_or_default().to_string())
                     }
-                    let line = String::from_utf8_lossy(&got);
-                    (200, line.lines().next().unwrap_or_default().to_string())
-                }
-            }
+                },
+            )
         })
     })
     .join()
