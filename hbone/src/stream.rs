@@ -330,22 +330,8 @@ impl Drop for Hold {
     }
 }
 
-/// The allocator keeps freed blocks up to this size in its heaps (instead of fresh mmaps)…
-const RETAIN_BLOCKS: usize = 4 << 20;
-/// …and up to this much free memory at a heap's top (instead of `MADV_DONTNEED`).
-const RETAIN_TOP: usize = 32 << 20;
-
 impl TcpIo {
     pub fn new(tcp: TcpStream) -> Self {
-        // An HBONE connection's bulk buffers (h2's read buffer grown to a frame, TLS records)
-        // come and go with each burst; with glibc's defaults they were page-faulted in again
-        // each time (up to 75k faults per GB, ~12 % of the proxies' CPU). Once per process.
-        static RETAIN: std::sync::Once = std::sync::Once::new();
-        RETAIN.call_once(|| {
-            if !runtime::sys::retain_freed_memory(RETAIN_BLOCKS, RETAIN_TOP) {
-                tracing::debug!("allocator thresholds not set (not glibc?)");
-            }
-        });
         TcpIo {
             tcp: Rc::new(tcp),
             read_ready: None,

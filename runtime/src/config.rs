@@ -356,7 +356,50 @@ pub struct RuntimeConfig {
     /// Bytes: `SO_SNDBUF` likewise; absent = autotuning (`net.ipv4.tcp_wmem`).
     pub socket_send_buffer: Option<usize>,
     pub forward: ForwardConfig,
+    /// glibc malloc thresholds, applied once per process before the first worker starts.
+    /// See [`AllocatorConfig`].
+    pub allocator: AllocatorConfig,
 }
+
+/// `runtime.allocator`: whether the process's allocator (glibc malloc) keeps freed memory
+/// instead of handing it back to the kernel after each burst. glibc's defaults serve blocks of
+/// 128 KiB and more as fresh mmaps and give a heap's free top back once it exceeds 128 KiB
+/// (both thresholds then move up dynamically); an HBONE connection's burst buffers (h2's read
+/// buffer, TLS records) were then page-faulted in again on every burst (up to 75k faults per
+/// GB, ~17 % of the HBONE proxies' CPU). Retaining costs RSS: freed blocks below
+/// `mmap_threshold` stay in the heap and up to `trim_threshold` of free top per arena is kept,
+/// so RSS does not fall back after a burst. Process-wide; set once, in
+/// [`spawn_workers`](crate::spawn_workers) before any worker thread exists. Not glibc: ignored.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AllocatorConfig {
+    /// `true` (default): set both thresholds below (fixed; glibc's dynamic adjustment stops).
+    /// `false`: leave glibc's defaults (128 KiB each, dynamic); the two sizes are ignored.
+    pub retain_freed: bool,
+    /// Bytes (`M_MMAP_THRESHOLD`): blocks smaller than this come from the heap and are kept
+    /// there when freed; larger ones are mmapped and unmapped on free. Default 4 MiB
+    /// (4194304); between 4096 and 32 MiB (glibc's maximum on 64-bit).
+    pub mmap_threshold: usize,
+    /// Bytes (`M_TRIM_THRESHOLD`): free memory at the top of a heap kept before it is given
+    /// back to the kernel. Default 32 MiB (33554432); between 4096 and 2 GiB - 1.
+    pub trim_threshold: usize,
+}
+
+impl Default for AllocatorConfig {
+    fn default() -> Self {
+        AllocatorConfig {
+            retain_freed: true,
+            mmap_threshold: 4 << 20,
+            trim_threshold: 32 << 20,
+        }
+    }
+}
+
+/// Range of `allocator.mmap_threshold` (bytes; glibc refuses more than 32 MiB on 64-bit).
+pub const MIN_MALLOC_THRESHOLD: usize = 4096;
+pub const MAX_MALLOC_MMAP_THRESHOLD: usize = 32 << 20;
+/// Largest `allocator.trim_threshold` (bytes; `mallopt` takes a C `int`).
+pub const MAX_MALLOC_TRIM_THRESHOLD: usize = i32::MAX as usize;
 
 impl Default for RuntimeConfig {
     fn default() -> Self {
@@ -377,6 +420,7 @@ impl Default for RuntimeConfig {
             socket_recv_buffer: None,
             socket_send_buffer: None,
             forward: ForwardConfig::default(),
+            allocator: AllocatorConfig::default(),
         }
     }
 }
@@ -477,6 +521,28 @@ impl RuntimeConfig {
                         ),
                     ));
                 }
+            }
+        }
+        let al = &self.allocator;
+        for (name, v, max) in [
+            (
+                "allocator.mmap_threshold",
+                al.mmap_threshold,
+                MAX_MALLOC_MMAP_THRESHOLD,
+            ),
+            (
+                "allocator.trim_threshold",
+                al.trim_threshold,
+                MAX_MALLOC_TRIM_THRESHOLD,
+            ),
+        ] {
+            if !(MIN_MALLOC_THRESHOLD..=max).contains(&v) {
+                return Err(Invalid::new(
+                    f(name),
+                    format!(
+                        "must be between {MIN_MALLOC_THRESHOLD} and {max} bytes (allocator.retain_freed: false keeps glibc's defaults)"
+                    ),
+                ));
             }
         }
         let fw = &self.forward;
@@ -765,6 +831,78 @@ mod tests {
         let e =
             from_yaml_str::<RuntimeConfig>(Path::new("p.yaml"), "cpu_latency: 0us\n").unwrap_err();
         assert!(e.message.contains("unknown field `cpu_latency`"), "{e}");
+    }
+
+    #[test]
+    fn allocator_parses_validates_round_trips_and_retains_by_default() {
+        let d = RuntimeConfig::default().allocator;
+        assert_eq!(
+            (d.retain_freed, d.mmap_threshold, d.trim_threshold),
+            (true, 4 << 20, 32 << 20)
+        );
+        let cfg: RuntimeConfig =
+            from_yaml_str(Path::new("rt.yaml"), "allocator:\n  retain_freed: false\n").unwrap();
+        assert!(!cfg.allocator.retain_freed);
+        assert_eq!(
+            cfg.allocator.mmap_threshold,
+            4 << 20,
+            "others keep defaults"
+        );
+        cfg.validate("runtime").unwrap();
+        let text = "allocator: { mmap_threshold: 1048576, trim_threshold: 8388608 }\n";
+        let cfg: RuntimeConfig = from_yaml_str(Path::new("rt.yaml"), text).unwrap();
+        assert!(cfg.allocator.retain_freed);
+        assert_eq!(cfg.allocator.mmap_threshold, 1 << 20);
+        assert_eq!(cfg.allocator.trim_threshold, 8 << 20);
+        cfg.validate("runtime").unwrap();
+        let json = serde_json::to_string(&cfg).unwrap();
+        let back: RuntimeConfig = from_yaml_str(Path::new("j.yaml"), &json).unwrap();
+        assert_eq!(back, cfg);
+    }
+
+    #[test]
+    fn bad_allocator_names_file_line_field() {
+        // Unknown key: an error, not ignored.
+        let text = "pin: true\nallocator:\n  retain: false\n";
+        let e = from_yaml_str::<RuntimeConfig>(Path::new("p.yaml"), text).unwrap_err();
+        assert_eq!(e.line, Some(3), "{e}");
+        assert_eq!(e.field.as_deref(), Some("allocator"), "{e}");
+        assert!(e.message.contains("retain"), "{e}");
+        // Wrong type.
+        let text = "allocator:\n  retain_freed: sometimes\n";
+        let e = from_yaml_str::<RuntimeConfig>(Path::new("p.yaml"), text).unwrap_err();
+        assert_eq!(e.field.as_deref(), Some("allocator.retain_freed"), "{e}");
+        assert_eq!(e.line, Some(2), "{e}");
+        let text = "allocator:\n  trim_threshold: -1\n";
+        let e = from_yaml_str::<RuntimeConfig>(Path::new("p.yaml"), text).unwrap_err();
+        assert_eq!(e.field.as_deref(), Some("allocator.trim_threshold"), "{e}");
+        // Out of range: validation names the field and its line.
+        for (text, field, line) in [
+            (
+                "workers: 1\nallocator:\n  mmap_threshold: 67108864\n",
+                "allocator.mmap_threshold",
+                3,
+            ),
+            (
+                "allocator:\n  retain_freed: true\n  trim_threshold: 100\n",
+                "allocator.trim_threshold",
+                3,
+            ),
+            (
+                "allocator:\n  trim_threshold: 4294967296\n",
+                "allocator.trim_threshold",
+                2,
+            ),
+        ] {
+            let cfg: RuntimeConfig = from_yaml_str(Path::new("p.yaml"), text).unwrap();
+            let e = cfg
+                .validate("")
+                .unwrap_err()
+                .in_file(Path::new("p.yaml"), Some(text));
+            assert_eq!(e.field.as_deref(), Some(field), "{e}");
+            assert_eq!(e.line, Some(line), "{e}");
+            assert!(e.message.contains("between 4096 and"), "{e}");
+        }
     }
 
     #[test]

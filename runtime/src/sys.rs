@@ -352,32 +352,77 @@ pub fn pipe_pending(pipe: &Pipe) -> io::Result<usize> {
     Ok(n.max(0) as usize)
 }
 
-/// Keep freed blocks up to `mmap_max` bytes in the allocator instead of handing them back to
-/// the kernel, and up to `trim` bytes of free memory at the top of each heap. glibc's
-/// defaults serve blocks of 128 KiB and more as fresh mmaps (raising that threshold only
-/// after one is freed) and give a heap's free top back once it exceeds twice the threshold
-/// (`MADV_DONTNEED` on a thread's arena), so a proxy's burst buffers — h2's read buffer
-/// growing to a frame, TLS records — can be page-faulted in again on every burst: measured
-/// up to 75k faults per GB and ~12 % of the HBONE proxies' CPU. Fixed thresholds also stop
-/// the dynamic adjustment. Process-wide; returns whether the C library took both values
-/// (glibc refuses an mmap threshold above 32 MiB); not glibc: nothing to do, `false`.
-pub fn retain_freed_memory(mmap_max: usize, trim: usize) -> bool {
+/// What [`apply_allocator`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AllocatorStatus {
+    /// `retain_freed: false`: glibc's defaults (dynamic thresholds) left alone.
+    Defaults,
+    /// Both thresholds set.
+    Retaining,
+    /// glibc refused a value, or the C library is not glibc: nothing (or not all) was set.
+    NotApplied,
+}
+
+/// Apply `runtime.allocator` ([`AllocatorConfig`](crate::config::AllocatorConfig)) to this
+/// process's allocator, once: later calls return the first call's status and change nothing.
+/// [`spawn_workers`](crate::spawn_workers) calls it before it starts any worker thread.
+pub fn apply_allocator(cfg: &crate::config::AllocatorConfig) -> AllocatorStatus {
+    static APPLIED: std::sync::OnceLock<AllocatorStatus> = std::sync::OnceLock::new();
+    *APPLIED.get_or_init(|| {
+        if !cfg.retain_freed {
+            return AllocatorStatus::Defaults;
+        }
+        if set_malloc_thresholds(cfg.mmap_threshold, cfg.trim_threshold) {
+            tracing::debug!(
+                mmap_threshold = cfg.mmap_threshold,
+                trim_threshold = cfg.trim_threshold,
+                "allocator retains freed memory"
+            );
+            AllocatorStatus::Retaining
+        } else {
+            tracing::warn!(
+                mmap_threshold = cfg.mmap_threshold,
+                trim_threshold = cfg.trim_threshold,
+                "runtime.allocator: thresholds not set (not glibc, or refused); the allocator keeps its defaults"
+            );
+            AllocatorStatus::NotApplied
+        }
+    })
+}
+
+/// Set glibc malloc's `M_MMAP_THRESHOLD` (blocks below it come from the heap and stay there
+/// when freed) and `M_TRIM_THRESHOLD` (free heap top kept before it is returned to the
+/// kernel); fixed values also stop glibc's dynamic adjustment of both. Returns whether glibc
+/// took both (it refuses an mmap threshold above 32 MiB on 64-bit, and values that are no C
+/// `int`); not glibc: `false`, nothing done. Process-wide: only [`apply_allocator`] calls it
+/// (once, at start-up).
+fn set_malloc_thresholds(mmap_threshold: usize, trim_threshold: usize) -> bool {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {
-        let (Ok(m), Ok(t)) = (libc::c_int::try_from(mmap_max), libc::c_int::try_from(trim)) else {
+        let (Ok(m), Ok(t)) = (
+            libc::c_int::try_from(mmap_threshold),
+            libc::c_int::try_from(trim_threshold),
+        ) else {
             return false;
         };
-        // SAFETY: `mallopt` only sets glibc malloc parameters, under malloc's own lock; it
-        // takes plain integers, touches no memory of ours and may be called from any thread
-        // at any time.
+        // SAFETY: `mallopt` takes two integers and dereferences no memory of ours; it cannot
+        // break Rust's memory safety. glibc documents it MT-Unsafe (`const:mallopt`): it
+        // writes malloc's global parameters, under the main arena's lock only, that
+        // malloc/free in other arenas read without that lock. We call it once per process
+        // (`apply_allocator`'s OnceLock), from `spawn_workers` before any worker thread — the
+        // threads that allocate — exists. A thread the embedding process started earlier
+        // (signals, admin, certificate renewal) that allocates at that moment races on those
+        // word-sized parameters exactly as glibc's own `free` does when it raises the dynamic
+        // thresholds from any thread: it uses the old or the new threshold for that call,
+        // which changes where a block is placed, not whether the heap is consistent.
         let mmap_ok = unsafe { libc::mallopt(libc::M_MMAP_THRESHOLD, m) } == 1;
-        // SAFETY: as above.
+        // SAFETY: as above (same call site, same once-per-process start-up).
         let trim_ok = unsafe { libc::mallopt(libc::M_TRIM_THRESHOLD, t) } == 1;
         mmap_ok && trim_ok
     }
     #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
     {
-        let _ = (mmap_max, trim);
+        let _ = (mmap_threshold, trim_threshold);
         false
     }
 }
@@ -386,49 +431,12 @@ pub fn retain_freed_memory(mmap_max: usize, trim: usize) -> bool {
 mod tests {
     use super::*;
 
-    /// Blocks freed at the top of a thread's heap stay with the allocator: two 120 KiB
-    /// buffers allocated, written and freed again and again are faulted in once, not every
-    /// round (glibc's default trims a free top above 128 KiB and faults it in again). The
-    /// wrapper refuses values that are no C `int`.
+    /// Values glibc's `mallopt` cannot take are refused before it is called (the
+    /// thresholds' effect is tested in `tests/allocator.rs`, in processes of their own).
     #[test]
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    fn retained_memory_is_not_faulted_in_again() {
-        assert!(!retain_freed_memory(usize::MAX, 32 << 20), "not a C int");
-        let faults = || {
-            let mut u = zeroed_rusage();
-            // SAFETY: `u` is a valid, writable rusage for the call to fill.
-            assert_eq!(unsafe { libc::getrusage(libc::RUSAGE_THREAD, &mut u) }, 0);
-            u.ru_minflt
-        };
-        let rounds = move |n| {
-            let before = faults();
-            for _ in 0..n {
-                let (mut a, mut b) = (vec![0u8; 120 << 10], vec![0u8; 120 << 10]);
-                for i in (0..a.len()).step_by(4096) {
-                    a[i] = 1;
-                    b[i] = 1;
-                }
-                std::hint::black_box((&a, &b));
-                drop(b);
-                drop(a);
-            }
-            faults() - before
-        };
-        std::thread::spawn(move || {
-            let by_default = rounds(20);
-            assert!(retain_freed_memory(4 << 20, 32 << 20));
-            rounds(1);
-            let retained = rounds(20);
-            eprintln!("faults over 20 rounds: {by_default} by default, {retained} retained");
-            assert!(retained < 20, "{retained} faults over 20 rounds");
-        })
-        .join()
-        .unwrap();
-    }
-
-    fn zeroed_rusage() -> libc::rusage {
-        // SAFETY: rusage is plain integers and timevals; all-zero is a valid value.
-        unsafe { std::mem::zeroed() }
+    fn malloc_thresholds_that_are_no_c_int_are_refused() {
+        assert!(!set_malloc_thresholds(usize::MAX, 32 << 20));
+        assert!(!set_malloc_thresholds(4 << 20, 1 << 40));
     }
 
     #[test]

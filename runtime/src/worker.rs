@@ -321,6 +321,9 @@ where
         // it is a warning, not an error: the service works, idle CPUs just halt as usual.
         crate::pmqos::hold_for_process(limit);
     }
+    // Once per process, before the first worker thread exists (mallopt is process-wide and
+    // must not change the allocator under threads that use it; see `sys::apply_allocator`).
+    crate::sys::apply_allocator(&cfg.allocator);
     let decision = driver::decide(cfg.io_driver, cfg.ring_entries)?;
     let cores = cfg.worker_cores();
     tracing::info!(driver = %decision.kind, reason = %decision.reason, workers = cores.len(), ?cores, "starting workers");
