@@ -445,14 +445,20 @@ impl Mesh {
 
     /// Process ids of the proxies a path goes through.
     pub fn pids(&self, path: &str) -> Vec<u32> {
+        self.procs(path).into_iter().map(|(_, p)| p).collect()
+    }
+
+    /// The proxies `path` crosses, in path order, with the names the report gives them
+    /// (`ztunnel-a`, `waypoint`, `ztunnel-b`).
+    pub fn procs(&self, path: &str) -> Vec<(&'static str, u32)> {
         let z = |i: usize| self.ztunnels.get(i).map(|p| p.pid);
+        let a = z(0).map(|p| ("ztunnel-a", p));
+        let b = z(1).map(|p| ("ztunnel-b", p));
+        let w = self.waypoint.as_ref().map(|w| ("waypoint", w.pid));
         match path {
-            "l4" => z(0).into_iter().collect(),
-            "hbone" => [z(0), z(1)].into_iter().flatten().collect(),
-            "waypoint" => [z(0), self.waypoint.as_ref().map(|w| w.pid), z(1)]
-                .into_iter()
-                .flatten()
-                .collect(),
+            "l4" => a.into_iter().collect(),
+            "hbone" => [a, b].into_iter().flatten().collect(),
+            "waypoint" => [a, w, b].into_iter().flatten().collect(),
             _ => vec![],
         }
     }

@@ -98,7 +98,15 @@
 //!   "proxy_cpu": null | { "cpu_pct": Agg (of one CPU), "cpu_s_per_gb": Agg|null,
 //!                         "cpu_us_per_round_trip": Agg|null,   // tcp-rr, tcp-rr-open
 //!                         "cpu_us_per_request": Agg|null,      // http1-rps, http1-open, http2-rps
-//!                         "cpu_us_per_connection": Agg|null },       // null for direct
+//!                         "cpu_us_per_connection": Agg|null,         // null for direct
+//!                         "by_process": { "<name>": { the keys above but by_process } } },
+//!                  // all of it the SUM over the proxies the path crosses; by_process splits
+//!                  // it per process, read from the same /proc/<pid>/stat samples and
+//!                  // aggregated per process over the runs (median [min–max]: the per-process
+//!                  // medians add up to the sum's only with one run used). Names, in path
+//!                  // order: "ztunnel-a", "waypoint", "ztunnel-b" (mesh); "forwarder",
+//!                  // "hbone-in", "hbone-out" (loopback, hbone-cold); a peer's name (its
+//!                  // whole process group); {} when there is no CPU figure (memory rows)
 //!   "client_cpu": { "generator_pct": Agg, "backend_pct": Agg },      // % of one CPU
 //!   "tcp_retransmits": Agg + { "total": u64 },   // /proc/net/snmp RetransSegs per run
 //!   "bytes": { "sent": u64, "received": u64, "lost": u64 },  // summed over used runs
@@ -147,6 +155,8 @@
 //!   "error_samples": [string],
 //!   "proxy_pid": u32|null, "proxy_driver": string|null, "proxy_cpu_s": f64|null,
 //!   "proxy_cpu_pct", "proxy_cpu_s_per_gb", "proxy_cpu_us_per_op": f64|null,
+//!   "proxy_cpu_by_process": [ { "name", "cpu_s", "cpu_pct", "cpu_s_per_gb",
+//!                               "cpu_us_per_op": f64|null } ],  // the sum split, path order
 //!   "proxy_exit": string|null,
 //!   "generator_cpu_pct", "backend_cpu_pct": f64,
 //!   "tcp_retransmits": u64|null,
@@ -299,6 +309,27 @@ pub struct IdleMem {
     pub buffered_bytes: Option<u64>,
 }
 
+/// One proxy process's share of a run's proxy CPU (the run's `proxy_cpu_*` are the sum of
+/// these), from the same two /proc/<pid>/stat samples and the same per-unit scaling.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct ProcCpu {
+    /// `ztunnel-a`, `waypoint`, `ztunnel-b`, `forwarder`, `hbone-in`, `hbone-out` or a
+    /// peer's name (every process of its group together).
+    pub name: String,
+    pub cpu_s: Option<f64>,
+    pub cpu_pct: Option<f64>,
+    pub cpu_s_per_gb: Option<f64>,
+    pub cpu_us_per_op: Option<f64>,
+}
+
+/// Proxy CPU over the runs used: the path's sum, or one process's share of it.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CpuAgg {
+    pub pct: Option<Agg>,
+    pub per_gb: Option<Agg>,
+    pub per_op: Option<Agg>,
+}
+
 /// mixed: what ran beside the tcp-rr round trips.
 #[derive(Debug, Clone, Copy, Serialize)]
 pub struct Mixed {
@@ -346,6 +377,7 @@ pub struct Run {
     pub proxy_cpu_pct: Option<f64>,
     pub proxy_cpu_s_per_gb: Option<f64>,
     pub proxy_cpu_us_per_op: Option<f64>,
+    pub proxy_cpu_by_process: Vec<ProcCpu>,
     pub proxy_exit: Option<String>,
     pub generator_cpu_pct: f64,
     pub backend_cpu_pct: f64,
@@ -395,6 +427,8 @@ pub struct Entry {
     pub proxy_cpu_pct: Option<Agg>,
     pub proxy_cpu_per_gb: Option<Agg>,
     pub proxy_cpu_per_op: Option<Agg>,
+    /// The sum split per proxy process, in path order (see [`ProcCpu`]).
+    pub proxy_cpu_by_process: Vec<(String, CpuAgg)>,
     pub gen_cpu: Option<Agg>,
     pub be_cpu: Option<Agg>,
     pub retrans: Option<Agg>,
@@ -479,6 +513,33 @@ impl Entry {
             proxy_cpu_pct: vals(&|r: &Run| r.proxy_cpu_pct),
             proxy_cpu_per_gb: vals(&|r: &Run| r.proxy_cpu_s_per_gb),
             proxy_cpu_per_op: vals(&|r: &Run| r.proxy_cpu_us_per_op),
+            proxy_cpu_by_process: {
+                let mut names: Vec<&str> = Vec::new();
+                for p in used.iter().flat_map(|r| &r.proxy_cpu_by_process) {
+                    if !names.contains(&p.name.as_str()) {
+                        names.push(&p.name);
+                    }
+                }
+                names
+                    .into_iter()
+                    .map(|n| {
+                        let of = |f: &dyn Fn(&ProcCpu) -> Option<f64>| {
+                            vals(&|r: &Run| {
+                                r.proxy_cpu_by_process
+                                    .iter()
+                                    .find(|p| p.name == n)
+                                    .and_then(f)
+                            })
+                        };
+                        let a = CpuAgg {
+                            pct: of(&|p| p.cpu_pct),
+                            per_gb: of(&|p| p.cpu_s_per_gb),
+                            per_op: of(&|p| p.cpu_us_per_op),
+                        };
+                        (n.to_string(), a)
+                    })
+                    .collect()
+            },
             gen_cpu: vals(&|r: &Run| Some(r.generator_cpu_pct)),
             be_cpu: vals(&|r: &Run| Some(r.backend_cpu_pct)),
             retrans: vals(&|r: &Run| r.tcp_retransmits.map(|x| x as f64)),
@@ -566,20 +627,36 @@ impl Entry {
             _ => "cpu_us_per_op",
         };
         let agg = |a: &Option<Agg>| a.map(|a| a.json()).unwrap_or(Value::Null);
-        let mut proxy_cpu = serde_json::Map::new();
-        if !is_direct {
-            proxy_cpu.insert("cpu_pct".into(), agg(&self.proxy_cpu_pct));
-            proxy_cpu.insert(
+        // The same keys for the sum and for each process.
+        let cpu_keys = |c: &CpuAgg| {
+            let mut m = serde_json::Map::new();
+            m.insert("cpu_pct".into(), agg(&c.pct));
+            m.insert(
                 "cpu_s_per_gb".into(),
                 if self.scenario == "tcp-throughput" || self.scenario == "large-body" {
-                    agg(&self.proxy_cpu_per_gb)
+                    agg(&c.per_gb)
                 } else {
                     Value::Null
                 },
             );
             if self.scenario != "tcp-throughput" {
-                proxy_cpu.insert(per_op_key.into(), agg(&self.proxy_cpu_per_op));
+                m.insert(per_op_key.into(), agg(&c.per_op));
             }
+            m
+        };
+        let mut proxy_cpu = serde_json::Map::new();
+        if !is_direct {
+            proxy_cpu = cpu_keys(&CpuAgg {
+                pct: self.proxy_cpu_pct,
+                per_gb: self.proxy_cpu_per_gb,
+                per_op: self.proxy_cpu_per_op,
+            });
+            let by: serde_json::Map<String, Value> = self
+                .proxy_cpu_by_process
+                .iter()
+                .map(|(n, c)| (n.clone(), Value::Object(cpu_keys(c))))
+                .collect();
+            proxy_cpu.insert("by_process".into(), Value::Object(by));
         }
         let mut figure = self.figure.map(|a| a.json()).unwrap_or(Value::Null);
         if let (Value::Object(m), Some(a)) = (&mut figure, self.figure) {
@@ -741,6 +818,75 @@ fn fmt_short(metric: &str, x: f64) -> String {
     }
 }
 
+/// How a scenario's proxy CPU is shown.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum CpuUnit {
+    /// % of one CPU (mixed: three kinds of operation at once).
+    Pct,
+    PerGb,
+    PerRequest,
+    PerRoundTrip,
+    PerConnection,
+}
+
+impl CpuUnit {
+    fn label(self) -> &'static str {
+        match self {
+            CpuUnit::Pct => "% of a CPU",
+            CpuUnit::PerGb => "CPU-s/GB",
+            CpuUnit::PerRequest => "CPU-µs/req",
+            CpuUnit::PerRoundTrip => "CPU-µs/rt",
+            CpuUnit::PerConnection => "CPU-µs/conn",
+        }
+    }
+    /// The median, or "?" when it was not measured.
+    fn value(self, c: &CpuAgg) -> String {
+        let (a, prec) = match self {
+            CpuUnit::Pct => (c.pct, 0),
+            CpuUnit::PerGb => (c.per_gb, 3),
+            _ => (c.per_op, 1),
+        };
+        a.map(|a| format!("{:.*}", prec, a.median))
+            .unwrap_or("?".into())
+    }
+}
+
+/// None: no CPU figure (memory scenarios).
+fn cpu_unit(scenario: &str) -> Option<CpuUnit> {
+    Some(match scenario {
+        "idle-connections" | "idle-http" | "slow-reader" => return None,
+        "mixed" => CpuUnit::Pct,
+        "http1-rps" | "http2-rps" | "http1-open" => CpuUnit::PerRequest,
+        "tcp-throughput" | "large-body" => CpuUnit::PerGb,
+        "tcp-rr" | "tcp-rr-open" => CpuUnit::PerRoundTrip,
+        _ => CpuUnit::PerConnection,
+    })
+}
+
+/// `ztunnel-a 12.1 · waypoint 10.8 · ztunnel-b 12.4 CPU-µs/req (sum 35.3)`: a path's proxy
+/// CPU split per process, in path order.
+pub fn per_process(e: &Entry) -> String {
+    let Some(u) = cpu_unit(&e.scenario) else {
+        return String::new();
+    };
+    let parts: Vec<String> = e
+        .proxy_cpu_by_process
+        .iter()
+        .map(|(n, c)| format!("{n} {}", u.value(c)))
+        .collect();
+    let sum = CpuAgg {
+        pct: e.proxy_cpu_pct,
+        per_gb: e.proxy_cpu_per_gb,
+        per_op: e.proxy_cpu_per_op,
+    };
+    format!(
+        "{} {} (sum {})",
+        parts.join(" · "),
+        u.label(),
+        u.value(&sum)
+    )
+}
+
 /// The Markdown summary table (also printed on stdout).
 pub fn summary_table(entries: &[Entry]) -> String {
     let mut s = String::new();
@@ -794,34 +940,16 @@ pub fn summary_table(entries: &[Entry]) -> String {
                 .proxy_cpu_pct
                 .map(|a| format!("{:.0}%", a.median))
                 .unwrap_or("?".into());
-            match e.scenario.as_str() {
-                "idle-connections" | "idle-http" | "slow-reader" => "—".to_string(),
+            let sum = CpuAgg {
+                pct: e.proxy_cpu_pct,
+                per_gb: e.proxy_cpu_per_gb,
+                per_op: e.proxy_cpu_per_op,
+            };
+            match cpu_unit(&e.scenario) {
+                None => "—".to_string(),
                 // Three kinds of operation at once: no single per-operation figure.
-                "mixed" => pct,
-                "http1-rps" | "http2-rps" | "http1-open" => format!(
-                    "{} CPU-µs/req ({pct})",
-                    e.proxy_cpu_per_op
-                        .map(|a| format!("{:.1}", a.median))
-                        .unwrap_or("?".into())
-                ),
-                "tcp-throughput" | "large-body" => format!(
-                    "{} CPU-s/GB ({pct})",
-                    e.proxy_cpu_per_gb
-                        .map(|a| format!("{:.3}", a.median))
-                        .unwrap_or("?".into())
-                ),
-                "tcp-rr" | "tcp-rr-open" => format!(
-                    "{} CPU-µs/rt ({pct})",
-                    e.proxy_cpu_per_op
-                        .map(|a| format!("{:.1}", a.median))
-                        .unwrap_or("?".into())
-                ),
-                _ => format!(
-                    "{} CPU-µs/conn ({pct})",
-                    e.proxy_cpu_per_op
-                        .map(|a| format!("{:.1}", a.median))
-                        .unwrap_or("?".into())
-                ),
+                Some(CpuUnit::Pct) => pct,
+                Some(u) => format!("{} {} ({pct})", u.value(&sum), u.label()),
             }
         };
         let retrans = e
@@ -890,6 +1018,20 @@ pub fn summary_table(entries: &[Entry]) -> String {
             lat(4),
             notes.join("; ")
         );
+    }
+    let split: Vec<&Entry> = entries
+        .iter()
+        .filter(|e| e.path != "direct" && e.proxy_cpu_by_process.len() > 1)
+        .filter(|e| cpu_unit(&e.scenario).is_some())
+        .collect();
+    if !split.is_empty() {
+        s.push_str(
+            "\nProxy CPU per process (median over runs; the table's proxy CPU is the whole \
+             path's, their sum):\n\n",
+        );
+        for e in split {
+            let _ = writeln!(s, "- {} × {}: {}", e.id, e.path, per_process(e));
+        }
     }
     if entries.iter().any(|e| e.lower_is_better) {
         s.push_str(
@@ -962,6 +1104,134 @@ mod tests {
         failed.failed = Some("only 400 of 500 connections were established".into());
         assert!(failed.is_failure());
         assert!(!Entry::build(&[&failed], sc.params(), "bytes_per_idle_connection", "B").ok);
+    }
+
+    /// A waypoint-path http1-rps run whose proxy CPU is split over the three processes.
+    fn split_run(seq: usize, parts: [f64; 3]) -> Run {
+        let sc = crate::suite::Scenario {
+            kind: crate::suite::Kind::Http1,
+            conns: 64,
+            size: 100,
+            write_size: 1024,
+            rate: 0.0,
+            body: 100,
+            h2_streams: 0,
+        };
+        let mut run = crate::suite::blank_run(seq, &sc, crate::suite::PathKind::Waypoint, seq, 1);
+        run.figure = 1000.0;
+        run.bytes_sent = 10;
+        run.bytes_received = 10;
+        let names = ["ztunnel-a", "waypoint", "ztunnel-b"];
+        run.proxy_cpu_by_process = names
+            .iter()
+            .zip(parts)
+            .map(|(n, us)| ProcCpu {
+                name: n.to_string(),
+                cpu_s: Some(us / 1000.0),
+                cpu_pct: Some(us / 10.0),
+                cpu_s_per_gb: None,
+                cpu_us_per_op: Some(us),
+            })
+            .collect();
+        let sum: f64 = parts.iter().sum();
+        run.proxy_cpu_s = Some(sum / 1000.0);
+        run.proxy_cpu_pct = Some(sum / 10.0);
+        run.proxy_cpu_us_per_op = Some(sum);
+        run
+    }
+
+    #[test]
+    fn proxy_cpu_by_process_aggregates_per_process_over_runs_and_renders() {
+        let runs = [
+            split_run(1, [12.0, 10.0, 13.0]),
+            split_run(2, [11.0, 12.0, 12.0]),
+            split_run(3, [14.0, 11.0, 11.0]),
+        ];
+        let refs: Vec<&Run> = runs.iter().collect();
+        let params = json!({});
+        let e = Entry::build(&refs, params, "requests_per_s", "1/s");
+        let names: Vec<&str> = e
+            .proxy_cpu_by_process
+            .iter()
+            .map(|(n, _)| n.as_str())
+            .collect();
+        assert_eq!(names, ["ztunnel-a", "waypoint", "ztunnel-b"], "path order");
+        let a = e.proxy_cpu_by_process[0].1.per_op.unwrap();
+        assert_eq!((a.median, a.min, a.max), (12.0, 11.0, 14.0));
+        let w = e.proxy_cpu_by_process[1].1.pct.unwrap();
+        assert_eq!((w.median, w.min, w.max), (1.1, 1.0, 1.2));
+        let sum = e.proxy_cpu_per_op.unwrap();
+        assert_eq!((sum.median, sum.min, sum.max), (35.0, 35.0, 36.0));
+
+        let j = e.json();
+        let by = &j["proxy_cpu"]["by_process"];
+        assert_eq!(by.as_object().unwrap().len(), 3, "{j}");
+        assert_eq!(by["waypoint"]["cpu_us_per_request"]["median"], 11.0);
+        assert_eq!(by["ztunnel-b"]["cpu_us_per_request"]["max"], 13.0);
+        // The same keys as the sum.
+        let keys = |v: &Value| {
+            let mut k: Vec<String> = v.as_object().unwrap().keys().cloned().collect();
+            k.retain(|k| k != "by_process");
+            k.sort();
+            k
+        };
+        assert_eq!(keys(&by["ztunnel-a"]), keys(&j["proxy_cpu"]));
+        assert!(keys(&j["proxy_cpu"]).contains(&"cpu_us_per_request".to_string()));
+        assert!(by["ztunnel-a"]["cpu_s_per_gb"].is_null());
+
+        // The table keeps one proxy CPU cell (the sum); the split is a line under it.
+        let table = summary_table(std::slice::from_ref(&e));
+        assert!(table.contains("| 35.0 CPU-µs/req (4%) |"), "{table}");
+        assert!(
+            table.contains(
+                "- http1-rps/body=100B conns=64 × waypoint: ztunnel-a 12.0 · waypoint 11.0 · \
+                 ztunnel-b 12.0 CPU-µs/req (sum 35.0)"
+            ),
+            "{table}"
+        );
+
+        // One proxy: no split line; direct: no proxy CPU at all.
+        let mut one = split_run(4, [5.0, 0.0, 0.0]);
+        one.path = "l4".into();
+        one.proxy_cpu_by_process.truncate(1);
+        let e1 = Entry::build(&[&one], json!({}), "requests_per_s", "1/s");
+        assert_eq!(
+            e1.json()["proxy_cpu"]["by_process"]["ztunnel-a"]["cpu_us_per_request"]["median"],
+            5.0
+        );
+        assert!(!summary_table(&[e1]).contains("per process"));
+        let mut d = split_run(5, [0.0; 3]);
+        d.path = "direct".into();
+        d.proxy_cpu_by_process.clear();
+        assert!(
+            Entry::build(&[&d], json!({}), "requests_per_s", "1/s").json()["proxy_cpu"].is_null()
+        );
+    }
+
+    #[test]
+    fn throughput_splits_in_cpu_s_per_gb() {
+        let mut run = split_run(1, [1.0, 2.0, 3.0]);
+        run.scenario = "tcp-throughput".into();
+        run.id = "tcp-throughput/streams=1".into();
+        run.path = "hbone".into();
+        run.proxy_cpu_by_process.remove(1);
+        for p in &mut run.proxy_cpu_by_process {
+            p.cpu_s_per_gb = p.cpu_us_per_op.map(|x| x / 100.0);
+        }
+        run.proxy_cpu_s_per_gb = Some(0.04);
+        let e = Entry::build(&[&run], json!({}), "gbit_per_s", "Gbit/s");
+        let j = e.json();
+        assert_eq!(
+            j["proxy_cpu"]["by_process"]["ztunnel-b"]["cpu_s_per_gb"]["median"],
+            0.03
+        );
+        assert!(j["proxy_cpu"]["by_process"]["ztunnel-b"]
+            .get("cpu_us_per_op")
+            .is_none());
+        assert_eq!(
+            per_process(&e),
+            "ztunnel-a 0.010 · ztunnel-b 0.030 CPU-s/GB (sum 0.040)"
+        );
     }
 
     #[test]

@@ -698,6 +698,7 @@ pub fn blank_run(seq: usize, sc: &Scenario, path: PathKind, rep: usize, attempt:
         proxy_cpu_pct: None,
         proxy_cpu_s_per_gb: None,
         proxy_cpu_us_per_op: None,
+        proxy_cpu_by_process: vec![],
         proxy_exit: None,
         generator_cpu_pct: 0.0,
         backend_cpu_pct: 0.0,
@@ -731,7 +732,10 @@ fn wait_until(ctx: &Ctx<'_>, until: Instant, mut tick: impl FnMut()) -> Result<(
 
 struct Snap {
     at: Instant,
+    /// The path's proxies' CPU ticks together (None: one could not be read)…
     proxy_ticks: Option<u64>,
+    /// …and each one's, in the order of `pids`.
+    proc_ticks: Vec<Option<u64>>,
     gen_ticks: u64,
     be_ticks: u64,
     sink: u64,
@@ -763,6 +767,50 @@ impl Drop for ReleaseStalled {
     }
 }
 
+/// The path's proxy CPU split per process: the same two samples of each pid as the sum
+/// (`a`, `b`: ticks in the order of `names`), grouped by name (a peer's processes are one)
+/// in path order, turned into figures by `figures` (CPU-seconds → s, %, per GB, per op).
+fn cpu_by_process(
+    names: &[String],
+    a: &[Option<u64>],
+    b: &[Option<u64>],
+    tck: f64,
+    figures: impl Fn(f64) -> (f64, f64, Option<f64>, Option<f64>),
+) -> Vec<crate::report::ProcCpu> {
+    let mut out: Vec<(String, Option<u64>)> = Vec::new();
+    for (i, name) in names.iter().enumerate() {
+        let ticks = match (a.get(i), b.get(i)) {
+            (Some(Some(x)), Some(Some(y))) => Some(y.saturating_sub(*x)),
+            _ => None,
+        };
+        match out.iter_mut().find(|(n, _)| n == name) {
+            Some((_, t)) => *t = t.zip(ticks).map(|(s, t)| s + t),
+            None => out.push((name.clone(), ticks)),
+        }
+    }
+    out.into_iter()
+        .map(|(name, ticks)| {
+            let f = ticks.map(|t| figures(t as f64 / tck));
+            crate::report::ProcCpu {
+                name,
+                cpu_s: f.map(|f| f.0),
+                cpu_pct: f.map(|f| f.1),
+                cpu_s_per_gb: f.and_then(|f| f.2),
+                cpu_us_per_op: f.and_then(|f| f.3),
+            }
+        })
+        .collect()
+}
+
+/// A proxy process's name in the report: `forwarder`, `hbone-in`, `hbone-out`.
+fn proc_name(started_as: &str) -> String {
+    match started_as {
+        "hbone inbound proxy" => "hbone-in".into(),
+        "hbone outbound proxy" => "hbone-out".into(),
+        n => n.replace(' ', "-"),
+    }
+}
+
 /// `pids`: every proxy process of the path (none on `direct`, two on `hbone`); their CPU
 /// is summed. Every other proxy of the mesh is excluded from "other processes".
 fn snap(ctx: &Ctx<'_>, pids: &[u32]) -> Snap {
@@ -773,12 +821,11 @@ fn snap(ctx: &Ctx<'_>, pids: &[u32]) -> Snap {
     }
     // The cheap, time-critical readings first.
     let at = Instant::now();
+    let proc_ticks: Vec<Option<u64>> = pids.iter().map(|p| host::proc_cpu_ticks(*p)).collect();
     let proxy_ticks = if pids.is_empty() {
         None
     } else {
-        pids.iter()
-            .map(|p| host::proc_cpu_ticks(*p))
-            .sum::<Option<u64>>()
+        proc_ticks.iter().copied().sum::<Option<u64>>()
     };
     let sink = ctx
         .counters
@@ -787,6 +834,7 @@ fn snap(ctx: &Ctx<'_>, pids: &[u32]) -> Snap {
     Snap {
         at,
         proxy_ticks,
+        proc_ticks,
         gen_ticks: host::thread_cpu_ticks("bench-gen"),
         be_ticks: host::thread_cpu_ticks("bench-be"),
         sink,
@@ -868,6 +916,8 @@ fn run_one(
     };
     let mut proxies: Vec<Proxy> = Vec::new();
     let mut pids: Vec<u32> = Vec::new();
+    // The report's name of each of `pids` (a peer's processes all carry the peer's name).
+    let mut names: Vec<String> = Vec::new();
     let mut netns: Option<String> = None;
     let mut socks: Option<generator::Socks> = None;
     let mut host_header = "echo".to_string();
@@ -902,6 +952,7 @@ fn run_one(
                     );
                     let t = last.listen;
                     pids = ps.iter().map(|p| p.pid).collect();
+                    names = ps.iter().map(|p| proc_name(&p.name)).collect();
                     proxies = ps;
                     t
                 }
@@ -932,6 +983,7 @@ fn run_one(
             }
             netns = Some(mesh.ns("plain-client"));
             pids = peer.pids();
+            names = vec![path.name().to_string(); pids.len()];
             run.proxy_pid = Some(peer.pgid);
             run.notes.push(format!(
                 "peer {}: plain-client → peer pod → plain; proxy CPU over its process group \
@@ -987,7 +1039,9 @@ fn run_one(
                 Some(_) => {}
                 None => netns = Some(mesh.ns(client)),
             }
-            pids = mesh.pids(path.name());
+            let procs = mesh.procs(path.name());
+            pids = procs.iter().map(|(_, p)| *p).collect();
+            names = procs.iter().map(|(n, _)| n.to_string()).collect();
             run.proxy_pid = pids.first().copied();
             run.proxy_driver = if pids.is_empty() { None } else { mesh.driver() };
             if pids.len() > 1 {
@@ -1069,6 +1123,7 @@ fn run_one(
                         ));
                     }
                     pids = ps.iter().map(|p| p.pid).collect();
+                    names = ps.iter().map(|p| proc_name(&p.name)).collect();
                     proxies = ps;
                     t
                 }
@@ -1366,8 +1421,9 @@ fn run_one(
         (Some(x), Some(y)) => Some(y.saturating_sub(x) as f64 / tck),
         _ => None,
     };
-    run.proxy_cpu_s = proxy_cpu_s.map(crate::report::r);
-    run.proxy_cpu_pct = proxy_cpu_s.map(|c| crate::report::r(c / window * 100.0));
+    // CPU-seconds to the per-unit figures, the same for the sum and for each process.
+    let mut s_per_gb: Option<f64> = None;
+    let mut us_per_op: Option<f64> = None;
     match sc.kind {
         Kind::Throughput => {
             run.window_bytes = window_bytes;
@@ -1375,8 +1431,7 @@ fn run_one(
             run.gbit_per_s = Some(crate::report::r(g));
             run.figure = g;
             if window_bytes > 0 {
-                run.proxy_cpu_s_per_gb =
-                    proxy_cpu_s.map(|c| crate::report::r(c / (window_bytes as f64 / 1e9)));
+                s_per_gb = Some(1.0 / (window_bytes as f64 / 1e9));
             }
         }
         Kind::LargeBody => {
@@ -1388,8 +1443,7 @@ fn run_one(
             run.requests_per_s = Some(crate::report::r(total.ops_window as f64 / planned));
             run.figure = g;
             if bytes > 0.0 {
-                run.proxy_cpu_s_per_gb =
-                    proxy_cpu_s.map(|c| crate::report::r(c / window * planned / (bytes / 1e9)));
+                s_per_gb = Some(planned / window / (bytes / 1e9));
             }
         }
         Kind::Idle | Kind::IdleHttp | Kind::SlowReader => {}
@@ -1422,9 +1476,7 @@ fn run_one(
             }
             if total.ops_window > 0 {
                 // CPU over the snapshot window, operations over the planned one: scale.
-                run.proxy_cpu_us_per_op = proxy_cpu_s.map(|c| {
-                    crate::report::r(c / window * planned / total.ops_window as f64 * 1e6)
-                });
+                us_per_op = Some(planned / window / total.ops_window as f64 * 1e6);
             }
         }
         Kind::RrOpen | Kind::Http1Open => {
@@ -1459,12 +1511,26 @@ fn run_one(
             }
             run.figure = run.latency_us.map(|l| l.p99).unwrap_or(0.0);
             if total.done_window > 0 {
-                run.proxy_cpu_us_per_op = proxy_cpu_s.map(|c| {
-                    crate::report::r(c / window * planned / total.done_window as f64 * 1e6)
-                });
+                us_per_op = Some(planned / window / total.done_window as f64 * 1e6);
             }
         }
     }
+    let figures = |cpu_s: f64| {
+        let r = crate::report::r;
+        (
+            r(cpu_s),
+            r(cpu_s / window * 100.0),
+            s_per_gb.map(|f| r(cpu_s * f)),
+            us_per_op.map(|f| r(cpu_s * f)),
+        )
+    };
+    if let Some((c, pct, gb, op)) = proxy_cpu_s.map(figures) {
+        run.proxy_cpu_s = Some(c);
+        run.proxy_cpu_pct = Some(pct);
+        run.proxy_cpu_s_per_gb = gb;
+        run.proxy_cpu_us_per_op = op;
+    }
+    run.proxy_cpu_by_process = cpu_by_process(&names, &a.proc_ticks, &b.proc_ticks, tck, figures);
     if run.figure <= 0.0 && run.failed.is_none() {
         run.failed = Some(NOTHING_MEASURED.into());
     }
@@ -1798,4 +1864,59 @@ fn idle_run(
         );
     }
     Ok(run)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn proxy_cpu_splits_per_process_and_the_parts_add_up_to_the_sum() {
+        // ztunnel A, the waypoint, ztunnel B; a peer's two processes share its name.
+        let names: Vec<String> = ["ztunnel-a", "waypoint", "ztunnel-b", "nginx", "nginx"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        let a = [Some(100), Some(50), Some(10), Some(0), Some(7)];
+        let b = [Some(130), Some(70), Some(35), Some(4), Some(13)];
+        // 100 ticks/s, a 2 s window, 1,000 operations: µs/op = s * 1e6 / 1000.
+        let figures = |c: f64| (c, c / 2.0 * 100.0, None, Some(c * 1e6 / 1000.0));
+        let split = cpu_by_process(&names, &a, &b, 100.0, figures);
+        let got: Vec<(&str, Option<f64>, Option<f64>)> = split
+            .iter()
+            .map(|p| (p.name.as_str(), p.cpu_s, p.cpu_us_per_op))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("ztunnel-a", Some(0.3), Some(300.0)),
+                ("waypoint", Some(0.2), Some(200.0)),
+                ("ztunnel-b", Some(0.25), Some(250.0)),
+                ("nginx", Some(0.1), Some(100.0)),
+            ]
+        );
+        assert_eq!(split[1].cpu_pct, Some(10.0));
+        assert_eq!(split[1].cpu_s_per_gb, None);
+        let sum: f64 = split.iter().filter_map(|p| p.cpu_s).sum();
+        let total = a
+            .iter()
+            .zip(&b)
+            .map(|(x, y)| y.unwrap() - x.unwrap())
+            .sum::<u64>();
+        assert!((sum - total as f64 / 100.0).abs() < 1e-9);
+        // A process that could not be read has no figure (as the sum then has none).
+        let split = cpu_by_process(
+            &names[..2],
+            &[Some(1), None],
+            &[Some(2), Some(3)],
+            100.0,
+            figures,
+        );
+        assert_eq!(split[0].cpu_s, Some(0.01));
+        assert_eq!(split[1].cpu_s, None);
+        assert_eq!(split[1].cpu_us_per_op, None);
+        assert_eq!(proc_name("hbone outbound proxy"), "hbone-out");
+        assert_eq!(proc_name("hbone inbound proxy"), "hbone-in");
+        assert_eq!(proc_name("forwarder"), "forwarder");
+    }
 }

@@ -88,6 +88,7 @@ fn loopback_topology_runs_every_path_without_loss() {
         report["mesh"]["waypoint"].as_u64().is_some(),
         "the waypoint ran"
     );
+    proxy_cpu_splits_per_process(&report, 2);
     let results = report["results"].as_array().expect("results array");
     for id in [
         "tcp-throughput/streams=2",
@@ -304,6 +305,7 @@ fn quick_suite_reports_every_scenario_and_path() {
             }
         }
     }
+    proxy_cpu_splits_per_process(&report, 3);
     // Cold HBONE handshakes (a TLS connection per stream) beside the warm pool.
     let cold = results
         .iter()
@@ -364,6 +366,107 @@ fn quick_suite_reports_every_scenario_and_path() {
         report["sizing"]
     );
     let _ = std::fs::remove_dir_all(&out);
+}
+
+/// `a` and `b` agree but for the report's rounding (four significant digits per figure).
+fn close(a: f64, b: f64) -> bool {
+    (a - b).abs() <= 2e-3 * a.abs().max(b.abs()) + 2e-3
+}
+
+/// Proxy CPU is the sum over the path's proxies; `by_process` splits it: ztunnel A, the
+/// waypoint and ztunnel B on the waypoint path, from the same samples, so the parts add up
+/// to the total in every run and (one run per row in --quick) in every result row.
+fn proxy_cpu_splits_per_process(report: &Value, waypoint_rows: usize) {
+    assert_eq!(report["settings"]["reps"], 1, "--quick runs once per row");
+    let mut rows = 0;
+    for e in report["results"].as_array().unwrap() {
+        let (id, path) = (&e["id"], e["path"].as_str().unwrap_or(""));
+        let by = &e["proxy_cpu"]["by_process"];
+        let want: &[&str] = match path {
+            "direct" => {
+                assert!(e["proxy_cpu"].is_null(), "{id} × direct: no proxy CPU");
+                continue;
+            }
+            "l4" => &["ztunnel-a"],
+            "hbone" => &["ztunnel-a", "ztunnel-b"],
+            "waypoint" => &["ztunnel-a", "waypoint", "ztunnel-b"],
+            _ => continue,
+        };
+        if e["proxy_cpu"]["cpu_pct"].is_null() {
+            // Memory rows: no CPU figure, so nothing to split.
+            assert_eq!(by, &serde_json::json!({}), "{id} × {path}");
+            continue;
+        }
+        let names: Vec<&str> = by
+            .as_object()
+            .unwrap_or_else(|| panic!("{id} × {path}: by_process: {e}"))
+            .keys()
+            .map(String::as_str)
+            .collect();
+        let mut sorted = want.to_vec();
+        sorted.sort();
+        let mut got = names.clone();
+        got.sort();
+        assert_eq!(got, sorted, "{id} × {path}: processes");
+        let Some(key) = [
+            "cpu_us_per_request",
+            "cpu_us_per_round_trip",
+            "cpu_us_per_connection",
+            "cpu_s_per_gb",
+        ]
+        .into_iter()
+        .find(|k| e["proxy_cpu"][*k].is_object()) else {
+            continue;
+        };
+        if e["runs_used"] != 1 {
+            continue;
+        }
+        for k in [key, "cpu_pct"] {
+            let total = e["proxy_cpu"][k]["median"].as_f64().unwrap();
+            let parts: Vec<f64> = want
+                .iter()
+                .map(|n| {
+                    by[*n][k]["median"]
+                        .as_f64()
+                        .unwrap_or_else(|| panic!("{id} × {path}: {n} {k}: {by}"))
+                })
+                .collect();
+            let sum: f64 = parts.iter().sum();
+            assert!(
+                close(sum, total),
+                "{id} × {path}: {k} parts {parts:?} add up to {sum}, the path's total is {total}"
+            );
+        }
+        if path == "waypoint" {
+            rows += 1;
+        }
+    }
+    assert!(
+        rows >= waypoint_rows,
+        "the waypoint's http rows carry the split ({rows})"
+    );
+    // Every run: the parts' CPU-seconds add up to the run's proxy CPU-seconds.
+    let mut runs = 0;
+    for run in report["runs"].as_array().unwrap() {
+        if run["path"] != "waypoint" || run["failed"].is_string() || run["proxy_cpu_s"].is_null() {
+            continue;
+        }
+        let parts = run["proxy_cpu_by_process"].as_array().unwrap();
+        let names: Vec<&str> = parts.iter().filter_map(|p| p["name"].as_str()).collect();
+        assert_eq!(names, ["ztunnel-a", "waypoint", "ztunnel-b"], "{run}");
+        let sum: f64 = parts.iter().map(|p| p["cpu_s"].as_f64().unwrap()).sum();
+        let total = run["proxy_cpu_s"].as_f64().unwrap();
+        assert!(
+            close(sum, total),
+            "run {}: parts {sum} vs {total}",
+            run["seq"]
+        );
+        runs += 1;
+    }
+    assert!(
+        runs >= waypoint_rows,
+        "waypoint runs with proxy CPU: {runs}"
+    );
 }
 
 /// A `--peer` command: the runtime's forwarder (`bench __l4fwd`, bench/peers/l4fwd.yaml with
