@@ -133,6 +133,41 @@ pub struct GenResult {
     /// Open loop: answers received in the window, whenever due (the achieved rate; behind
     /// schedule these include requests due in the warm-up).
     pub done_window: u64,
+    /// HTTP/1.1 (`large-body`'s figure): body bytes moved both ways inside the window, each
+    /// write or read counted when it completes ([`WindowBytes`]), so exchanges straddling
+    /// the window's edges count with the part moved inside it.
+    pub window_bytes: u64,
+}
+
+/// Bytes counted by when they moved: a piece (a write or a read) completing inside the
+/// measured window `[t_warm, t_end)` counts, whole; one completing before or after does not.
+/// Unlike counting whole exchanges by their start, this does not quantise the figure when an
+/// exchange takes a sizeable part of the window (`large-body`: 64 connections each echoing
+/// 1 MiB over the waypoint take ~0.3–0.5 s per exchange, so a 0.6 s window starts only one or
+/// two per connection). The error is at most one piece per connection at each edge, the two
+/// edges' errors of opposite sign.
+#[derive(Debug, Clone, Copy)]
+pub struct WindowBytes {
+    t_warm: Instant,
+    t_end: Instant,
+    pub bytes: u64,
+}
+
+impl WindowBytes {
+    pub fn new(t_warm: Instant, t_end: Instant) -> Self {
+        WindowBytes {
+            t_warm,
+            t_end,
+            bytes: 0,
+        }
+    }
+
+    /// `n` bytes finished moving at `at`.
+    pub fn add(&mut self, at: Instant, n: usize) {
+        if at >= self.t_warm && at < self.t_end {
+            self.bytes += n as u64;
+        }
+    }
 }
 
 /// Open loop: how late a send may start before it counts as `late`.
@@ -157,6 +192,7 @@ impl GenResult {
             unsent: 0,
             late: 0,
             done_window: 0,
+            window_bytes: 0,
         }
     }
 
@@ -178,6 +214,7 @@ impl GenResult {
         self.unsent += o.unsent;
         self.late += o.late;
         self.done_window += o.done_window;
+        self.window_bytes += o.window_bytes;
         for e in &o.error_samples {
             if self.error_samples.len() < MAX_ERROR_SAMPLES {
                 self.error_samples.push(e.clone());
@@ -823,10 +860,15 @@ async fn http1_conn(p: &Plan, req_body: usize, resp_body: usize) -> GenResult {
     };
     let mut c = crate::http1::Client::new(s, &p.host, req_body, resp_body);
     let want = if req_body > 0 { req_body } else { resp_body } as u64;
+    let mut meter = WindowBytes::new(p.t_warm, p.t_end);
     while running(p) {
         let start = Instant::now();
         r.sent += want;
-        match c.exchange().await {
+        let res = c
+            .exchange_metered(&mut |n| meter.add(Instant::now(), n))
+            .await;
+        r.window_bytes = meter.bytes;
+        match res {
             Ok(x) => r.received += x.body as u64,
             Err(e) => {
                 r.error(e);
@@ -1211,4 +1253,89 @@ async fn http1_open(p: Plan, resp_body: usize, interval: Duration) -> GenResult 
 
 fn next_due_time(t_first: Instant, interval: Duration, i: u64) -> Instant {
     t_first + interval.mul_f64(i as f64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A constructed `large-body` timeline (no clocks read): `conns` connections in step, each
+    /// exchange `exchange` long moving `2 × body` bytes in `pieces` equal pieces evenly spread
+    /// over it, the first exchanges starting at `offset` after `t0`. Returns (bytes counted by
+    /// [`WindowBytes`], whole exchanges started in the window) for a window `warm..warm+win`.
+    fn timeline(
+        t0: Instant,
+        offset: Duration,
+        exchange: Duration,
+        warm: Duration,
+        win: Duration,
+    ) -> (u64, u64) {
+        let (conns, body, pieces) = (64u64, 1u64 << 20, 32u64);
+        let (t_warm, t_end) = (t0 + warm, t0 + warm + win);
+        let mut meter = WindowBytes::new(t_warm, t_end);
+        let mut started = 0;
+        for _ in 0..conns {
+            let mut start = t0 + offset;
+            // The generator finishes the exchange running when the window ends.
+            while start < t_end {
+                if start >= t_warm {
+                    started += 1;
+                }
+                for i in 1..=pieces {
+                    let at = start + exchange.mul_f64(i as f64 / pieces as f64);
+                    meter.add(at, (2 * body / pieces) as usize);
+                }
+                start += exchange;
+            }
+        }
+        (meter.bytes, started)
+    }
+
+    #[test]
+    fn window_bytes_count_pieces_by_completion_inside_the_window_only() {
+        let t0 = Instant::now();
+        let mut m = WindowBytes::new(
+            t0 + Duration::from_millis(200),
+            t0 + Duration::from_millis(800),
+        );
+        m.add(t0, 1);
+        m.add(t0 + Duration::from_millis(199), 2);
+        m.add(t0 + Duration::from_millis(200), 4);
+        m.add(t0 + Duration::from_millis(799), 8);
+        m.add(t0 + Duration::from_millis(800), 16);
+        m.add(t0 + Duration::from_secs(5), 32);
+        assert_eq!(m.bytes, 4 + 8);
+    }
+
+    #[test]
+    fn large_body_window_bytes_do_not_depend_on_the_exchanges_phase() {
+        // 0.4 s exchanges in a 0.6 s window (the default length): the true
+        // rate is 64 × 2 MiB per 0.4 s. Counting whole exchanges by start gives 64 or 128
+        // exchanges (±33 %) depending on where the exchanges fall; bytes by completion stay
+        // within one piece (64 KiB) per connection at each edge of the truth.
+        let t0 = Instant::now();
+        let exchange = Duration::from_millis(400);
+        // The constructed flow starts a whole exchange before the window (offsets cover one
+        // exchange), as a run's connections are busy when its window opens.
+        let (warm, win) = (Duration::from_millis(1000), Duration::from_millis(600));
+        let truth = 64.0 * 2.0 * (1u64 << 20) as f64 * win.as_secs_f64() / exchange.as_secs_f64();
+        let piece = 2.0 * (1u64 << 20) as f64 / 32.0;
+        let mut by_start = Vec::new();
+        for step in 0..40u32 {
+            let offset = Duration::from_millis(10) * step;
+            let (bytes, started) = timeline(t0, offset, exchange, warm, win);
+            let err = (bytes as f64 - truth).abs();
+            assert!(
+                err <= 64.0 * piece,
+                "offset {offset:?}: {bytes} bytes counted, {truth} moved (error {err})"
+            );
+            by_start.push(started);
+        }
+        // The old count really is quantised on this timeline (what the meter replaces).
+        let (lo, hi) = (
+            *by_start.iter().min().unwrap(),
+            *by_start.iter().max().unwrap(),
+        );
+        assert_eq!((lo, hi), (64, 128), "exchanges started in the window");
+    }
 }

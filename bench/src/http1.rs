@@ -9,7 +9,7 @@
 
 use std::time::Duration;
 
-use monoio::buf::IoBufMut;
+use monoio::buf::{IoBuf, IoBufMut};
 use monoio::io::{AsyncReadRent, AsyncWriteRentExt};
 use monoio::net::TcpStream;
 use monoio::time::timeout;
@@ -20,6 +20,8 @@ const MAX_HEAD: usize = 64 * 1024;
 /// Largest body the backend will produce or echo.
 pub const MAX_BODY: usize = 64 << 20;
 const MAX_HEADERS: usize = 32;
+/// [`Client::exchange_metered`]: request body bytes per write.
+pub const METER_CHUNK: usize = 64 * 1024;
 
 /// Byte `i` of a generated body.
 pub fn pattern(i: usize) -> u8 {
@@ -211,6 +213,8 @@ pub struct Client {
     req: Vec<u8>,
     /// Expected response body length.
     want: usize,
+    /// Request body length (the tail of `req`).
+    req_body: usize,
 }
 
 impl Client {
@@ -228,18 +232,47 @@ impl Client {
             buf: Vec::with_capacity(16 * 1024),
             req,
             want: if req_body > 0 { req_body } else { resp_body },
+            req_body,
         }
     }
 
     /// Send the request, read the whole response; check status 200 and every body byte.
     pub async fn exchange(&mut self) -> Result<Exchange, String> {
+        self.exchange_metered(&mut |_| {}).await
+    }
+
+    /// [`Client::exchange`], telling `moved` each time body bytes have gone out (request
+    /// body, written in [`METER_CHUNK`] pieces) or come in (response body, each read; a
+    /// chunked response's framing counts as body), so a caller can count the bytes of
+    /// exchanges that straddle its window's edges (`large-body`).
+    pub async fn exchange_metered(
+        &mut self,
+        moved: &mut dyn FnMut(usize),
+    ) -> Result<Exchange, String> {
         let req = std::mem::take(&mut self.req);
-        let (r, req) = match timeout(OP_TIMEOUT, self.s.write_all(req)).await {
-            Ok(x) => x,
-            Err(_) => return Err("write: timed out".into()),
-        };
+        let head_len = req.len() - self.req_body;
+        let mut off = 0;
+        let mut req = req;
+        while off < req.len() {
+            // The head and the first piece of the body together, then the body piecewise.
+            let end = if off == 0 {
+                (head_len + METER_CHUNK).min(req.len())
+            } else {
+                (off + METER_CHUNK).min(req.len())
+            };
+            let (r, sl) = match timeout(OP_TIMEOUT, self.s.write_all(req.slice(off..end))).await {
+                Ok(x) => x,
+                Err(_) => return Err("write: timed out".into()),
+            };
+            req = sl.into_inner();
+            if let Err(e) = r {
+                self.req = req;
+                return Err(format!("write: {e}"));
+            }
+            moved(end - off.max(head_len));
+            off = end;
+        }
         self.req = req;
-        r.map_err(|e| format!("write: {e}"))?;
         let head = loop {
             match parse_response(&self.buf) {
                 Ok(Some(h)) => break h,
@@ -247,6 +280,15 @@ impl Client {
                 Err(e) => return Err(format!("bad response head: {e}")),
             }
             self.fill().await?;
+        };
+        // What arrived with the head is body: counted now, the rest as each read ends.
+        let mut counted = 0;
+        let mut count = |buf_len: usize, limit: usize| {
+            let now = buf_len.saturating_sub(head.len).min(limit);
+            if now > counted {
+                moved(now - counted);
+                counted = now;
+            }
         };
         if head.status != 200 {
             return Err(format!("status {}", head.status));
@@ -272,8 +314,10 @@ impl Client {
                 let size = usize::from_str_radix(&size_txt, 16)
                     .map_err(|_| format!("bad chunk size {size_txt:?}"))?;
                 pos = line_end + 2;
+                count(self.buf.len(), usize::MAX);
                 while self.buf.len() < pos + size + 2 {
                     self.fill().await?;
+                    count(self.buf.len(), usize::MAX);
                 }
                 got.extend_from_slice(&self.buf[pos..pos + size]);
                 pos += size + 2;
@@ -286,8 +330,10 @@ impl Client {
             let cl = head
                 .content_length
                 .ok_or("response without content-length or chunked")?;
+            count(self.buf.len(), cl);
             while self.buf.len() < head.len + cl {
                 self.fill().await?;
+                count(self.buf.len(), cl);
             }
             got = self.buf[head.len..head.len + cl].to_vec();
             self.buf.drain(..head.len + cl);
@@ -320,5 +366,55 @@ impl Client {
             Ok(_) => Ok(()),
             Err(e) => Err(format!("read: {e}")),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use runtime::driver::{self, DriverChoice};
+
+    /// Over a real loopback connection to [`serve`]: the bytes [`Client::exchange_metered`]
+    /// reports add up to exactly the body bytes each way (1 MiB up and echoed: many pieces;
+    /// a `GET`: the response body only), exchange after exchange on one keep-alive connection.
+    #[test]
+    fn metered_exchange_reports_every_body_byte_once() {
+        let decision = driver::decide(DriverChoice::Auto, 256).expect("a driver");
+        let (mut rt, _) = driver::build_runtime(&decision, 256).expect("a runtime");
+        rt.block_on(async {
+            for (req_body, resp_body) in [(1usize << 20, 1usize << 20), (0, 300_000), (0, 0)] {
+                let l = monoio::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+                let addr = l.local_addr().expect("address");
+                let server = monoio::spawn(async move {
+                    let (s, _) = l.accept().await.expect("accept");
+                    serve(s).await
+                });
+                let s = TcpStream::connect(addr).await.expect("connect");
+                let mut c = Client::new(s, "test", req_body, resp_body);
+                for _ in 0..3 {
+                    let (mut total, mut pieces) = (0usize, 0usize);
+                    let x = c
+                        .exchange_metered(&mut |n| {
+                            total += n;
+                            pieces += 1;
+                        })
+                        .await
+                        .expect("exchange");
+                    assert_eq!(x.body, resp_body);
+                    assert_eq!(total, req_body + resp_body, "body bytes reported");
+                    if req_body > 0 {
+                        assert!(
+                            pieces >= req_body / METER_CHUNK,
+                            "the request body is written in pieces ({pieces} reported)"
+                        );
+                    }
+                }
+                drop(c);
+                assert!(
+                    server.await,
+                    "the backend saw a clean keep-alive connection"
+                );
+            }
+        });
     }
 }
