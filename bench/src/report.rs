@@ -1026,8 +1026,8 @@ pub fn summary_table(entries: &[Entry]) -> String {
         .collect();
     if !split.is_empty() {
         s.push_str(
-            "\nProxy CPU per process (median over runs; the table's proxy CPU is the whole \
-             path's, their sum):\n\n",
+            "\nProxy CPU per process, median over runs (the table's proxy CPU is the path's \
+             sum of them; over several runs the medians need not add up to the sum's):\n\n",
         );
         for e in split {
             let _ = writeln!(s, "- {} × {}: {}", e.id, e.path, per_process(e));
