@@ -147,7 +147,9 @@
 //!                         "due", "late", "unsent": u64,  // requests due in the window;
 //!                         // sent > 100 µs after due; never sent
 //!                         "saturated": bool },           // achieved < 95 % of target
-//!   "window_bytes": u64,            // throughput: bytes the sink received in the window
+//!   "window_bytes": u64,            // throughput: bytes the sink received in the window;
+//!                                   // large-body: body bytes moved both ways in it (each
+//!                                   // write/read counted when it completed)
 //!   "ops_window": u64,              // round trips / connections started (tcp-rr-open: due
 //!                                   // and answered) in the window
 //!   "latency_us": null | { "p50", "p90", "p99", "p999", "max", "mean", "count" },
@@ -359,7 +361,8 @@ pub struct Run {
     /// the tcp-rr round trips (`latency_us`, the figure's p99).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub mixed: Option<Mixed>,
-    /// http1-rps, large-body: requests completed in the window, per second.
+    /// http1-rps: requests started in the window, per second; large-body: the window's body
+    /// bytes (`window_bytes`) in exchanges (2 × body each) per second.
     pub requests_per_s: Option<f64>,
     /// idle-connections.
     pub idle: Option<IdleMem>,
