@@ -340,6 +340,7 @@ async fn forward_streamed<U: Upstream>(
     let Some(buffered) = http1::within(deadline, buffer_body(body, &mut buf)).await else {
         let resp = http1::simple_response(504, &[], "upstream request timeout", false);
         let n = resp.len() as u64;
+        up.note(http1::Note::RequestBodyTimeout);
         send(respond, resp, head_request).await;
         return (504, "UT", buf.len() as u64, n);
     };
@@ -475,6 +476,7 @@ async fn forward_h2<U: Upstream>(
     let Some(buffered) = http1::within(deadline, buffer_body(body, &mut buf)).await else {
         let resp = http1::simple_response(504, &[], "upstream request timeout", false);
         let n = resp.len() as u64;
+        up.note(http1::Note::RequestBodyTimeout);
         send(respond, resp, head_request).await;
         return (504, "UT", buf.len() as u64, n);
     };

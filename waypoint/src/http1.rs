@@ -76,15 +76,23 @@ impl Text {
         }
     }
 
-    /// `sub` of `src` (`sub` must lie within `src`, which holds at most 4 GiB).
+    /// `sub` of `src`, as a range of it. `sub` is meant to lie within `src` (which the
+    /// parser guarantees); one that does not, or beyond 4 GiB, becomes a copy rather than
+    /// a wrong range or a panic.
     pub(crate) fn slice_of(src: &Rc<str>, sub: &str) -> Text {
-        let start = sub.as_ptr() as usize - src.as_ptr() as usize;
-        debug_assert!(start + sub.len() <= src.len());
-        Text(TextRepr::Slice {
-            src: src.clone(),
-            start: start as u32,
-            end: (start + sub.len()) as u32,
-        })
+        let range = (sub.as_ptr() as usize)
+            .checked_sub(src.as_ptr() as usize)
+            .and_then(|start| Some((start, start.checked_add(sub.len())?)))
+            .filter(|&(_, end)| end <= src.len())
+            .and_then(|(start, end)| Some((u32::try_from(start).ok()?, u32::try_from(end).ok()?)));
+        match range {
+            Some((start, end)) => Text(TextRepr::Slice {
+                src: src.clone(),
+                start,
+                end,
+            }),
+            None => Text(TextRepr::Owned(sub.to_owned())),
+        }
     }
 }
 
@@ -971,6 +979,9 @@ pub enum Note {
     Continue,
     /// A connection was upgraded (`101`).
     Upgraded,
+    /// The route's time ran out while the request body was read (answered `504`, flags
+    /// `UT`): counted with the upstream timeouts.
+    RequestBodyTimeout,
 }
 
 /// A request body: read whole (replayable, possibly empty), or still in the tunnel
@@ -1072,7 +1083,6 @@ pub async fn serve_from<T: Tunnel, U: Upstream>(
                 normalize_request(&mut head, upgrade.as_deref());
                 let request = Bytes::from(upstream_head(&head, &forward, ctx.source_ip));
                 let deadline = request_deadline(&forward, started);
-                let timeout = || simple_response(504, &[], "upstream request timeout", true);
                 if expect {
                     // Envoy's default: the proxy answers the expectation itself once the
                     // request is allowed and routed, and does not pass it on.
@@ -1092,7 +1102,18 @@ pub async fn serve_from<T: Tunnel, U: Upstream>(
                                 Some(n) => ReqBody::Buffered(buf.split_to(n).freeze()),
                                 None => return bad_body(tunnel).await,
                             },
-                            None => return close_with(tunnel, timeout(), 504).await,
+                            None => {
+                                let n = used as u64 + buf.len() as u64;
+                                return body_timeout(
+                                    tunnel,
+                                    upstream,
+                                    &head,
+                                    n,
+                                    started,
+                                    &traceparent,
+                                )
+                                .await;
+                            }
                         }
                     }
                     Framing::Chunked => {
@@ -1111,7 +1132,9 @@ pub async fn serve_from<T: Tunnel, U: Upstream>(
                             r
                         });
                         let Some(r) = within_boxed(deadline, f).await else {
-                            return close_with(tunnel, timeout(), 504).await;
+                            let n = used as u64 + buf.len() as u64;
+                            return body_timeout(tunnel, upstream, &head, n, started, &traceparent)
+                                .await;
                         };
                         let r = r?;
                         match r {
@@ -1790,9 +1813,18 @@ async fn forward_request<T: Tunnel, U: Upstream>(
                 Some(w) => w,
                 None => ubuf.split().freeze(),
             };
-            tunnel.write(out).await?;
+            // The upstream's part is over (whatever becomes of the write): its try ends
+            // here, so the balancer's count of active requests always comes back.
             let reusable = !h.close && head.keep_alive() && !h.early;
             up.done(Some(conn), h.status, reusable, None);
+            // Under the try's deadline: a client that does not read cannot hold it.
+            if within(deadline, tunnel.write(out))
+                .await
+                .transpose()?
+                .is_none()
+            {
+                return Ok(response_cut(h.status, sent, 0));
+            }
             return Ok(Forwarded {
                 status: h.status,
                 flags: "-",
@@ -1818,13 +1850,25 @@ async fn forward_request<T: Tunnel, U: Upstream>(
         ))
     };
     let mut response_bytes = out_head.len() as u64;
-    tunnel.write(out_head).await?;
+    // Under the try's deadline, as the body; a failed write ends the try too (the
+    // balancer's count of active requests comes back).
+    match within(deadline, tunnel.write(out_head)).await {
+        Some(Ok(())) => {}
+        Some(Err(e)) => {
+            up.done(None, h.status, false, None);
+            return Err(e);
+        }
+        None => {
+            up.done(None, h.status, false, Some(io::ErrorKind::TimedOut));
+            return Ok(response_cut(h.status, sent, 0));
+        }
+    }
     if upgrade {
+        up.note(Note::Upgraded);
+        up.done(Some(conn), 101, false, None);
         if !ubuf.is_empty() {
             tunnel.write(ubuf.split().freeze()).await?;
         }
-        up.note(Note::Upgraded);
-        up.done(Some(conn), 101, false, None);
         return Ok(Forwarded {
             status: 101,
             flags: "-",
@@ -1889,6 +1933,21 @@ async fn forward_request<T: Tunnel, U: Upstream>(
         response_bytes,
         next,
     })
+}
+
+/// The route's time ran out while the response went downstream (a client not reading it):
+/// the tunnel is reset, so the client sees a cut response, never a complete-looking one.
+fn response_cut(status: u16, sent: u64, response_bytes: u64) -> Forwarded {
+    Forwarded {
+        status,
+        flags: "UT",
+        request_body: sent,
+        response_bytes,
+        next: Next::Abort(io::Error::new(
+            io::ErrorKind::TimedOut,
+            "upstream request timeout while the response was written",
+        )),
+    }
 }
 
 /// An upstream response head as it goes downstream, HTTP/1.1 ([`rewrite_response_head`])
@@ -2200,6 +2259,36 @@ fn status_of(resp: &[u8]) -> u16 {
         .unwrap_or(0)
 }
 
+/// `504` for a request whose body did not come within the route's time: recorded (flags
+/// `UT`) and counted ([`Note::RequestBodyTimeout`]) as the route's other timeouts, then
+/// the tunnel is closed (the rest of the body is not read).
+async fn body_timeout<T: Tunnel, U: Upstream>(
+    tunnel: &mut T,
+    upstream: &mut U,
+    head: &RequestHead,
+    request_bytes: u64,
+    started: Instant,
+    traceparent: &str,
+) -> io::Result<End> {
+    let resp = simple_response(504, &[], "upstream request timeout", true);
+    upstream.note(Note::RequestBodyTimeout);
+    upstream.record(&Record {
+        protocol: "HTTP/1.1",
+        method: &head.method,
+        host: head.header("host").unwrap_or(""),
+        path: &head.path,
+        query: head.query.as_deref(),
+        status: 504,
+        flags: "UT",
+        request_bytes,
+        response_bytes: resp.len() as u64,
+        started,
+        traceparent,
+        denied: false,
+    });
+    close_with(tunnel, resp, 504).await
+}
+
 async fn close_with<T: Tunnel>(tunnel: &mut T, resp: Vec<u8>, status: u16) -> io::Result<End> {
     tunnel.write(Bytes::from(resp)).await?;
     tunnel.finish().await?;
@@ -2215,6 +2304,141 @@ mod tests {
             Parsed::Head(h, _) => h,
             other => panic!("{other:?}"),
         }
+    }
+
+    /// An upstream stream that yields one response, then its end.
+    struct OneResponse(Option<Bytes>);
+
+    impl Tunnel for OneResponse {
+        async fn read(&mut self) -> Option<io::Result<Bytes>> {
+            self.0.take().map(Ok)
+        }
+        async fn write(&mut self, _data: Bytes) -> io::Result<()> {
+            Ok(())
+        }
+        async fn finish(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// A downstream client that went away: every write fails.
+    struct Gone;
+
+    impl Tunnel for Gone {
+        async fn read(&mut self) -> Option<io::Result<Bytes>> {
+            None
+        }
+        async fn write(&mut self, _data: Bytes) -> io::Result<()> {
+            Err(io::ErrorKind::BrokenPipe.into())
+        }
+        async fn finish(&mut self) -> io::Result<()> {
+            Err(io::ErrorKind::BrokenPipe.into())
+        }
+    }
+
+    /// One endpoint balanced by least request, as the service's upstream does: `connect`
+    /// starts a request on it, `done` finishes it.
+    struct LeastRequest {
+        lb: crate::lb::Balancer,
+        response: &'static [u8],
+    }
+
+    impl Upstream for LeastRequest {
+        type Conn = OneResponse;
+
+        async fn connect(
+            &mut self,
+            _service: Option<&(ObjectRef, u16)>,
+            _head: &RequestHead,
+        ) -> io::Result<(OneResponse, bool)> {
+            let input = crate::lb::HashInput {
+                headers: &[],
+                source_ip: None,
+            };
+            let mut rng = crate::lb::SplitMix64(1);
+            let i = self.lb.pick(&input, Instant::now(), &mut rng).unwrap();
+            self.lb.start(i);
+            Ok((OneResponse(Some(Bytes::from_static(self.response))), false))
+        }
+
+        fn done(
+            &mut self,
+            _c: Option<OneResponse>,
+            status: u16,
+            _r: bool,
+            _e: Option<io::ErrorKind>,
+        ) {
+            self.lb.finish(0, status, Instant::now());
+        }
+
+        async fn exchange(
+            &mut self,
+            _service: Option<&(ObjectRef, u16)>,
+            _request: Bytes,
+            _timeout: Option<Duration>,
+        ) -> io::Result<Vec<u8>> {
+            Err(io::Error::other("not used here"))
+        }
+
+        fn mirror(&mut self, _service: &(ObjectRef, u16), _request: Bytes) {}
+    }
+
+    /// A client that disconnects while the response goes out (the whole one-chunk
+    /// response, or the head of a streamed one) leaves no request counted as active on
+    /// the endpoint (least-request balancing would avoid it for ever).
+    #[test]
+    fn least_request_count_returns_to_zero_when_the_client_is_gone() {
+        let (mut rt, _) = runtime::driver::build_runtime(
+            &runtime::driver::DriverDecision {
+                kind: runtime::DriverKind::Epoll,
+                reason: "test".into(),
+            },
+            64,
+        )
+        .unwrap();
+        for response in [
+            &b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"[..],
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n",
+        ] {
+            let mut up = LeastRequest {
+                lb: crate::lb::Balancer::new(1, crate::lb::LbPolicy::LeastRequest, None),
+                response,
+            };
+            let head = head_of(b"GET / HTTP/1.1\r\nhost: echo\r\n\r\n");
+            let r = rt.block_on(forward_request(
+                &mut Gone,
+                &mut BytesMut::new(),
+                &mut up,
+                &Forward::default(),
+                &head,
+                Bytes::from_static(b"GET / HTTP/1.1\r\nhost: echo\r\n\r\n"),
+                ReqBody::Buffered(Bytes::new()),
+                false,
+                &mut crate::lb::SplitMix64(2),
+                None,
+            ));
+            assert_eq!(r.err().map(|e| e.kind()), Some(io::ErrorKind::BrokenPipe));
+            assert_eq!(up.lb.active(0), 0);
+        }
+    }
+
+    #[test]
+    fn slice_of_a_foreign_str_is_a_copy_not_a_wrong_range() {
+        let src: Rc<str> = Rc::from("GET /a HTTP/1.1");
+        let t = Text::slice_of(&src, &src[4..6]);
+        assert!(matches!(
+            t.0,
+            TextRepr::Slice {
+                start: 4,
+                end: 6,
+                ..
+            }
+        ));
+        assert_eq!(t.as_str(), "/a");
+        let other = String::from("elsewhere");
+        let t = Text::slice_of(&src, &other);
+        assert!(matches!(t.0, TextRepr::Owned(_)));
+        assert_eq!(t.as_str(), "elsewhere");
     }
 
     #[test]

@@ -259,6 +259,11 @@ impl Balancer {
         self.eps[i].active += 1;
     }
 
+    /// Requests to endpoint `i` started and not finished.
+    pub fn active(&self, i: usize) -> u32 {
+        self.eps.get(i).map_or(0, |e| e.active)
+    }
+
     /// The request to endpoint `i` ended with `status` (0 for a connection failure, counted
     /// as a 5xx, as Envoy's gateway errors are).
     pub fn finish(&mut self, i: usize, status: u16, now: Instant) {

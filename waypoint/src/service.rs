@@ -260,6 +260,7 @@ pub fn start(
                 mirrors: std::cell::Cell::new(0),
                 shared,
             });
+            spawn_idle_sweeper(Rc::downgrade(&worker));
             let _ = ctx
                 .serve(sock, move |tcp, peer| {
                     let set = certs.borrow_mut().current().clone();
@@ -506,6 +507,27 @@ struct Worker {
     shared: Arc<Shared>,
 }
 
+/// The worker's one timer for its idle upstream streams: every half
+/// [`crate::upstream::IDLE_STREAM_EXPIRY`], the expired ones are reset, so that none stays
+/// open once the traffic stopped (`take`/`put` sweep only while requests come).
+fn spawn_idle_sweeper(w: std::rc::Weak<Worker>) {
+    monoio::spawn(async move {
+        loop {
+            monoio::time::sleep(crate::upstream::IDLE_STREAM_EXPIRY / 2).await;
+            let Some(w) = w.upgrade() else { return };
+            if w.ctx.shutdown().is_draining() {
+                w.idle
+                    .borrow_mut()
+                    .sweep(Instant::now() + crate::upstream::IDLE_STREAM_EXPIRY);
+                return;
+            }
+            if !w.idle.borrow().is_empty() {
+                w.idle.borrow_mut().sweep(Instant::now());
+            }
+        }
+    });
+}
+
 impl Worker {
     fn rng(&self) -> SplitMix64 {
         let s = self.seed.get().wrapping_add(0x9e37_79b9_7f4a_7c15);
@@ -603,6 +625,7 @@ async fn tunnel(w: Rc<Worker>, cert: Arc<WorkloadCert>, inb: Inbound) {
         routed: false,
         upgrade: None,
         upgrade_first: Bytes::new(),
+        fresh_next: false,
     };
     // Boxed: only live until the first bytes, it would otherwise size the whole tunnel.
     let detect = Box::pin(race(inner::detect(&mut stream), w.ctx.aborted()));
@@ -824,6 +847,9 @@ struct HboneUpstream {
     /// An upgraded (`101`) upstream stream, and tunnel bytes to send it first.
     upgrade: Option<H2Stream>,
     upgrade_first: Bytes,
+    /// A kept stream just turned out closed: the next connect opens a new stream (the
+    /// other kept ones of that endpoint are likely closed too).
+    fresh_next: bool,
 }
 
 type MetricKey = (u16, &'static str, Option<(Option<ObjectRef>, String)>);
@@ -934,11 +960,20 @@ impl Upstream for HboneUpstream {
             }
         };
         self.routed = true;
-        let kept = self
-            .worker
-            .idle
-            .borrow_mut()
-            .take(&(key.0, key.1, self.source_ip), Instant::now());
+        // A request that cannot be replayed if the kept stream turns out closed gets only
+        // a recently used one; after a kept stream that was closed, a new one.
+        let max_idle = if std::mem::take(&mut self.fresh_next) {
+            Duration::ZERO
+        } else if replayable_on_new_stream(head) {
+            crate::upstream::IDLE_STREAM_EXPIRY
+        } else {
+            crate::upstream::UNSAFE_REUSE_MAX_IDLE
+        };
+        let kept = self.worker.idle.borrow_mut().take(
+            &(key.0, key.1, self.source_ip),
+            Instant::now(),
+            max_idle,
+        );
         if let Some(s) = kept {
             return Ok((UpConn { s, key }, true));
         }
@@ -967,13 +1002,12 @@ impl Upstream for HboneUpstream {
         reusable: bool,
         error: Option<io::ErrorKind>,
     ) {
+        if status == 0 && error.is_none() && conn.is_none() {
+            // A kept stream found closed: the try again goes on a new stream.
+            self.fresh_next = true;
+        }
         if let (Some((port, i)), Some((Some(svc), _))) = (self.current.take(), &self.last) {
-            // A try abandoned without a verdict (a kept stream found closed) is neutral.
-            let verdict = if status == 0 && error.is_none() {
-                200
-            } else {
-                status
-            };
+            let verdict = outlier_verdict(status, error);
             self.worker
                 .balancers
                 .borrow_mut()
@@ -1038,6 +1072,7 @@ impl Upstream for HboneUpstream {
             http1::Note::MirrorSkipped => &c.mirrors_skipped,
             http1::Note::Continue => &c.continues,
             http1::Note::Upgraded => &c.upgrades,
+            http1::Note::RequestBodyTimeout => &c.upstream_timeouts,
         };
         ctr.fetch_add(1, Relaxed);
     }
@@ -1087,6 +1122,7 @@ impl Upstream for HboneUpstream {
             routed: false,
             upgrade: None,
             upgrade_first: Bytes::new(),
+            fresh_next: false,
         };
         let service = service.clone();
         self.worker.shared.counters.mirrored.fetch_add(1, Relaxed);
@@ -1620,11 +1656,11 @@ impl HboneUpstream {
         discard: bool,
     ) -> io::Result<Vec<u8>> {
         let idle_key = (ep.hbone, ep.authority);
-        let kept = self
-            .worker
-            .idle
-            .borrow_mut()
-            .take(&(idle_key.0, idle_key.1, self.source_ip), Instant::now());
+        let kept = self.worker.idle.borrow_mut().take(
+            &(idle_key.0, idle_key.1, self.source_ip),
+            Instant::now(),
+            crate::upstream::IDLE_STREAM_EXPIRY,
+        );
         if let Some(mut s) = kept {
             let mut got = false;
             let r = match s.write_all(request.clone(), false).await {
@@ -1674,6 +1710,35 @@ impl HboneUpstream {
         } else {
             s.reset(h2::Reason::CANCEL);
         }
+    }
+}
+
+/// Whether a request can go again on a new stream when the kept one it was sent on turns
+/// out closed before any response byte ([`http1::attempt`] replays only a request whose
+/// body was buffered): an idempotent method, with no body or one short enough to be kept
+/// ([`http1::REPLAY_BUFFER`]). Others get only a recently used kept stream
+/// ([`crate::upstream::UNSAFE_REUSE_MAX_IDLE`]).
+fn replayable_on_new_stream(head: &http1::RequestHead) -> bool {
+    if !http1::idempotent(&head.method) || head.header("transfer-encoding").is_some() {
+        return false;
+    }
+    head.header("content-length").is_none_or(|n| {
+        n.trim()
+            .parse::<usize>()
+            .is_ok_and(|n| n <= http1::REPLAY_BUFFER)
+    })
+}
+
+/// The outcome of a try as outlier detection counts it: a try abandoned without a verdict
+/// (a kept stream found closed) is neutral (200); a response whose body timed out or was
+/// cut counts as the gateway error the client effectively got (504, 502), whatever its
+/// status said.
+fn outlier_verdict(status: u16, error: Option<io::ErrorKind>) -> u16 {
+    match error {
+        None if status == 0 => 200,
+        Some(io::ErrorKind::TimedOut) if status < 500 => 504,
+        Some(io::ErrorKind::UnexpectedEof) if status < 500 => 502,
+        _ => status,
     }
 }
 

@@ -191,8 +191,37 @@ impl Balancers {
 /// CONNECT names it (`forwarded`), so a stream only ever carries one client's requests.
 pub type IdleKey = (SocketAddr, SocketAddr, std::net::IpAddr);
 
-/// How long an idle upstream stream is kept for reuse.
-pub const IDLE_STREAM_EXPIRY: std::time::Duration = std::time::Duration::from_secs(60);
+/// How long an idle upstream stream is kept for reuse. A kept stream is not read while it
+/// waits (watching each would cost a task per stream), so an upstream that closes idle
+/// keep-alive connections is only noticed when the stream is taken ([`IdleStreams::take`]
+/// skips streams whose receive side ended or holds unsolicited bytes) or on the first
+/// try on it (then replaced by a new stream). Backends commonly close idle connections
+/// after 5 s or more (Apache httpd 5 s, Node.js 5 s, nginx 75 s), so streams are kept for
+/// 4 s: a close after a shorter idle time than this is still found by `take` or the
+/// replacement, and none is kept much past its backend's own limit.
+pub const IDLE_STREAM_EXPIRY: std::time::Duration = std::time::Duration::from_secs(4);
+
+/// The longest idle time of a kept stream given to a request that cannot be replayed on a
+/// new stream if the kept one turns out closed (a streamed body, or a method that is not
+/// idempotent): such a request goes on a new stream instead. As nginx and Envoy, which
+/// retry only idempotent requests on a reused connection, the risk is kept to the race
+/// of an upstream closing at the very moment the request is sent.
+pub const UNSAFE_REUSE_MAX_IDLE: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Whether a kept stream can still carry a request: its receive side has not ended, and
+/// no byte arrived on it while idle (an upstream that writes while nothing was asked, a
+/// `408` before a close, would have those bytes read as the next response). Looked at
+/// without waiting.
+pub fn idle_stream_usable(s: &mut hbone::stream::H2Stream) -> bool {
+    if s.recv.is_end_stream() {
+        return false;
+    }
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    if s.send.poll_reset(&mut cx).is_ready() {
+        return false;
+    }
+    s.recv.poll_data(&mut cx).is_pending()
+}
 
 /// Idle upstream streams kept per key, and per worker in all.
 pub const MAX_IDLE_PER_KEY: usize = 256;
@@ -203,7 +232,8 @@ pub const MAX_IDLE_STREAMS: usize = 4096;
 /// upstream stream, and the next request to the same endpoint from the same client, on
 /// any tunnel of the worker, reuses the most recently used one. Streams idle for
 /// [`IDLE_STREAM_EXPIRY`] are reset (an upstream that closed one meanwhile is found on
-/// reuse, and the request goes on a new stream).
+/// reuse, and the request goes on a new stream); a worker's timer sweeps them every
+/// half expiry when the traffic stops.
 pub struct IdleStreams {
     by_key: FnvMap<IdleKey, std::collections::VecDeque<(hbone::stream::H2Stream, Instant)>>,
     total: usize,
@@ -221,22 +251,43 @@ impl Default for IdleStreams {
 }
 
 impl IdleStreams {
-    /// The most recently kept live stream for `key`.
-    pub fn take(&mut self, key: &IdleKey, now: Instant) -> Option<hbone::stream::H2Stream> {
+    /// The most recently kept usable stream for `key` that has been idle for less than
+    /// `max_idle` (at most [`IDLE_STREAM_EXPIRY`]). Expired streams, and those found
+    /// closed or holding unsolicited bytes ([`idle_stream_usable`]), are reset.
+    pub fn take(
+        &mut self,
+        key: &IdleKey,
+        now: Instant,
+        max_idle: std::time::Duration,
+    ) -> Option<hbone::stream::H2Stream> {
+        if now.saturating_duration_since(self.swept) >= IDLE_STREAM_EXPIRY / 4 {
+            self.sweep(now);
+        }
         let q = self.by_key.get_mut(key)?;
         let mut found = None;
         while let Some((mut s, at)) = q.pop_back() {
+            let idle = now.saturating_duration_since(at);
+            if idle >= IDLE_STREAM_EXPIRY {
+                // The rest are older still.
+                self.total -= 1;
+                s.reset(h2::Reason::CANCEL);
+                for (mut s, _) in q.drain(..) {
+                    self.total -= 1;
+                    s.reset(h2::Reason::CANCEL);
+                }
+                break;
+            }
+            if idle >= max_idle {
+                // Too old for this request (the rest are older still), not for others.
+                q.push_back((s, at));
+                break;
+            }
             self.total -= 1;
-            if now.saturating_duration_since(at) < IDLE_STREAM_EXPIRY {
+            if idle_stream_usable(&mut s) {
                 found = Some(s);
                 break;
             }
-            // The rest are older still.
             s.reset(h2::Reason::CANCEL);
-            for (mut s, _) in q.drain(..) {
-                self.total -= 1;
-                s.reset(h2::Reason::CANCEL);
-            }
         }
         // An emptied key stays (with its queue's storage) for the stream this request
         // puts back; the sweep removes it if it stays empty.
@@ -280,8 +331,10 @@ impl IdleStreams {
         self.by_key.len()
     }
 
-    /// Reset the expired streams of every key; remove the keys left empty.
-    fn sweep(&mut self, now: Instant) {
+    /// Reset the expired streams of every key; remove the keys left empty. Also run on
+    /// `take`, `put` and by each worker's timer, so that streams do not stay open after
+    /// the traffic stopped.
+    pub fn sweep(&mut self, now: Instant) {
         self.swept = now;
         let total = &mut self.total;
         self.by_key.retain(|_, q| {

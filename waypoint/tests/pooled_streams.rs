@@ -1,0 +1,400 @@
+//! The worker's pool of idle upstream HBONE streams against backends that close idle
+//! keep-alive connections: a kept stream the backend ended (END_STREAM through the
+//! destination's ztunnel), or one holding bytes the backend wrote unasked, is never handed
+//! to a request, whatever the request (a GET, a streamed upload that cannot be replayed).
+//!
+//! The destination ztunnel here reports each stream whose backend side ended once it has
+//! queued the END_STREAM; a probe request on another client's stream, which shares the
+//! waypoint's HBONE connection to that ztunnel, then comes back after it: by then the
+//! waypoint has seen the END_STREAM (frames of one connection are handled in order), so
+//! the tests wait on events, not on time.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::rc::Rc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{mpsc, Arc, Barrier, Mutex};
+use std::time::{Duration, SystemTime};
+
+use bytes::{Bytes, BytesMut};
+use common::{block_on, connect, get, id, next_request, ok_response, read_response};
+use hbone::ca::{CertSource, SigningCa, WorkloadCert};
+use hbone::server::{serve_connection, Inbound, ServerCounters};
+use hbone::stream::H2Stream;
+use hbone::wire::ConnectRequest;
+use hbone::H2Settings;
+use monoio::io::{AsyncReadRent, AsyncWriteRentExt, Splitable};
+use runtime::config::RuntimeConfig;
+use runtime::Shutdown;
+use waypoint::route::ObjectRef;
+use waypoint::service::{self, Settings};
+use waypoint::target::Me;
+
+/// What a backend does once it answered a connection's first request.
+#[derive(Clone, Copy)]
+enum AfterFirst {
+    /// Close the connection (an idle keep-alive timeout that already ran out).
+    Close,
+    /// Write a `408 Request Timeout` nobody asked for, then close (as nginx, Apache httpd
+    /// and Node.js do on an idle keep-alive timeout); after `/first`, only once told to
+    /// (the response delivered, its stream kept idle).
+    Unsolicited408,
+}
+
+/// An HTTP/1.1 backend answering `200 <path> <request body length>` (keep-alive framing,
+/// no `Connection: close`), then doing `after` on the connection. Requests to `/pair…`
+/// are answered only once two of them arrived (two upstream streams at once).
+fn backend(
+    ip: Ipv4Addr,
+    after: AfterFirst,
+    go: mpsc::Receiver<()>,
+) -> (SocketAddr, mpsc::Receiver<String>) {
+    let l = TcpListener::bind((ip, 0)).unwrap();
+    let addr = l.local_addr().unwrap();
+    let (tx, seen) = mpsc::channel();
+    let pair = Arc::new(Barrier::new(2));
+    let go = Arc::new(Mutex::new(go));
+    std::thread::spawn(move || {
+        for c in l.incoming() {
+            let Ok(c) = c else { return };
+            let (tx, pair, go) = (tx.clone(), pair.clone(), go.clone());
+            std::thread::spawn(move || serve(c, after, &tx, &pair, &go));
+        }
+    });
+    (addr, seen)
+}
+
+fn serve(
+    mut c: TcpStream,
+    after: AfterFirst,
+    seen: &mpsc::Sender<String>,
+    pair: &Barrier,
+    go: &Mutex<mpsc::Receiver<()>>,
+) {
+    let mut buf = Vec::new();
+    let Some(req) = next_request(&mut c, &mut buf) else {
+        return;
+    };
+    let len = req.content_length();
+    let mut chunk = vec![0u8; 64 * 1024];
+    while buf.len() < len {
+        match c.read(&mut chunk) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+    if req.path.starts_with("/pair") {
+        pair.wait();
+    }
+    let _ = seen.send(req.path.clone());
+    let _ = c.write_all(ok_response(&format!("{} {len}", req.path)).as_bytes());
+    if let AfterFirst::Unsolicited408 = after {
+        if req.path == "/first" {
+            let told = go.lock().unwrap().recv_timeout(Duration::from_secs(30));
+            told.expect("told to write the 408");
+        }
+        let _ = c.write_all(
+            b"HTTP/1.1 408 Request Timeout\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
+        );
+    }
+    // Closed when dropped.
+}
+
+/// The destination node's ztunnel: bridges each CONNECT stream to its target and sends
+/// the target's close as END_STREAM, then reports the target on `ended`.
+fn ztunnel(listener: TcpListener, cert: &WorkloadCert, ended: mpsc::Sender<SocketAddr>) {
+    let tls = hbone::tls::server_config(cert).unwrap();
+    listener.set_nonblocking(true).unwrap();
+    std::thread::spawn(move || {
+        block_on(async move {
+            let l = monoio::net::TcpListener::from_std(listener).unwrap();
+            loop {
+                let Ok((tcp, peer)) = l.accept().await else {
+                    continue;
+                };
+                let (tls, ended) = (tls.clone(), ended.clone());
+                monoio::spawn(async move {
+                    let h = Rc::new(move |inb: Inbound| bridge(inb, ended.clone()));
+                    let _ = serve_connection(
+                        tcp,
+                        peer,
+                        tls,
+                        &H2Settings::default(),
+                        Arc::new(ServerCounters::default()),
+                        std::future::pending(),
+                        h,
+                    )
+                    .await;
+                });
+            }
+        })
+    });
+}
+
+async fn bridge(inb: Inbound, ended: mpsc::Sender<SocketAddr>) {
+    let target = inb.request.target;
+    let Ok(tcp) = monoio::net::TcpStream::connect_addr(target).await else {
+        inb.reject(hbone::wire::status::UPSTREAM_FAILED);
+        return;
+    };
+    let Ok(s) = inb.accept() else { return };
+    let H2Stream {
+        mut send, mut recv, ..
+    } = s;
+    let (mut tr, mut tw) = tcp.into_split();
+    monoio::spawn(async move {
+        while let Some(Ok(b)) = recv.data().await {
+            let n = b.len();
+            let (r, _) = tw.write_all(b).await;
+            if r.is_err() {
+                return;
+            }
+            let _ = recv.flow_control().release_capacity(n);
+        }
+    });
+    loop {
+        let (r, buf) = tr.read(BytesMut::with_capacity(16 * 1024)).await;
+        match r {
+            Ok(n) if n > 0 => {
+                send.reserve_capacity(n);
+                if send.send_data(buf.freeze(), false).is_err() {
+                    return;
+                }
+            }
+            _ => break,
+        }
+    }
+    if send.send_data(Bytes::new(), true).is_ok() {
+        let _ = ended.send(target);
+    }
+}
+
+struct Mesh {
+    waypoint: SocketAddr,
+    client_cert: WorkloadCert,
+    /// Requests the `echo` backend answered, by path.
+    seen: mpsc::Receiver<String>,
+    /// Backend connections whose close went out as END_STREAM.
+    ended: mpsc::Receiver<SocketAddr>,
+    /// Tells the backend to write its unsolicited `408` after `/first`.
+    go: mpsc::Sender<()>,
+    shutdown: Shutdown,
+    handle: Option<service::Handle>,
+}
+
+impl Drop for Mesh {
+    fn drop(&mut self) {
+        self.shutdown.drain(Duration::from_millis(200));
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+static NEXT: AtomicU32 = AtomicU32::new(0);
+
+fn ip(net: u8, host: u8) -> Ipv4Addr {
+    Ipv4Addr::new(127, net, 0, host)
+}
+
+/// The requests' client.
+const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 1, 0, 7);
+/// The probe's client (its own kept streams).
+const PROBE: Ipv4Addr = Ipv4Addr::new(10, 1, 0, 8);
+
+impl Mesh {
+    fn start(after: AfterFirst) -> Mesh {
+        let (net, zl) = loop {
+            let n = NEXT.fetch_add(1, Ordering::SeqCst);
+            let net = (11 + (std::process::id() * 5 + n * 17) % 240) as u8;
+            if let Ok(l) = TcpListener::bind((ip(net, 1), 15008)) {
+                break (net, l);
+            }
+            assert!(n < 200, "no free loopback address for port 15008");
+        };
+        let ca = Arc::new(SigningCa::generate_root("cluster.local").unwrap().0);
+        let now = SystemTime::now();
+        let (ended_tx, ended) = mpsc::channel();
+        ztunnel(zl, &ca.issue(&id("app", "echo"), now).unwrap(), ended_tx);
+        let client_cert = ca.issue(&id("app", "client"), now).unwrap();
+        let (go, go_rx) = mpsc::channel();
+        let (echo, seen) = backend(ip(net, 2), after, go_rx);
+        let text = format!(
+            r#"namespaces:
+  - name: app
+    labels: {{istio.io/dataplane-mode: ambient}}
+waypoints:
+  - {{name: wp, namespace: app, address: 10.1.0.100}}
+nodes:
+  - {{name: node-b, ztunnel: {zt}}}
+workloads:
+  - {{uid: wp, name: wp, namespace: app, serviceAccount: waypoint, workloadIps: ["10.1.0.100"]}}
+  - {{uid: echo-1, name: echo-1, namespace: app, serviceAccount: echo, node: node-b, workloadIps: ["{e}"], services: {{"app/echo.app.svc.cluster.local": {{80: {ep}}}}}}}
+services:
+  - {{name: echo, namespace: app, hostname: echo.app.svc.cluster.local, vips: ["10.96.0.1"], ports: {{80: 8080}}}}
+"#,
+            zt = ip(net, 1),
+            e = echo.ip(),
+            ep = echo.port(),
+        );
+        let file = std::env::temp_dir().join(format!("waypoint-pooled-{net}.yaml"));
+        let l7 = waypoint::config::load_str(&file, &text, 1).unwrap_or_else(|e| panic!("{e}"));
+        let settings = Settings {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            identity: id("app", "waypoint"),
+            me: Me {
+                gateway: ObjectRef::new("app", "wp"),
+                address: "10.1.0.100:15008".parse().unwrap(),
+            },
+            root_namespace: "istio-system".into(),
+            runtime: RuntimeConfig {
+                workers: Some(1),
+                pin: false,
+                drain_timeout: Duration::from_millis(200),
+                ..Default::default()
+            },
+            h2: H2Settings::default(),
+            stats: None,
+        };
+        let shutdown = Shutdown::new();
+        let source: Arc<dyn CertSource> = ca.clone();
+        let handle = service::start(
+            settings,
+            source,
+            runtime::Publisher::new(l7),
+            shutdown.clone(),
+        )
+        .unwrap();
+        Mesh {
+            waypoint: handle.addr,
+            client_cert,
+            seen,
+            ended,
+            go,
+            shutdown,
+            handle: Some(handle),
+        }
+    }
+
+    fn counters(&self) -> &service::Counters {
+        &self.handle.as_ref().unwrap().counters
+    }
+
+    /// A tunnel to the `echo` Service through the waypoint, for client `from`.
+    async fn tunnel(&self, from: Ipv4Addr) -> (hbone::client::Client, H2Stream) {
+        let c = connect(self.waypoint, &self.client_cert, id("app", "waypoint"))
+            .await
+            .unwrap();
+        let mut req = ConnectRequest::new("10.96.0.1:80".parse().unwrap());
+        req.forwarded_for = Some(IpAddr::V4(from));
+        let s = c.open(&req).await.unwrap();
+        (c, s)
+    }
+
+    /// Wait until `n` more backend connections ended (their END_STREAM queued by the
+    /// ztunnel).
+    fn wait_ended(&self, n: usize) {
+        for _ in 0..n {
+            self.ended
+                .recv_timeout(Duration::from_secs(30))
+                .expect("a backend connection's end reached the ztunnel");
+        }
+    }
+
+    /// A request from another client over the same HBONE connection of the waypoint to
+    /// the ztunnel: when its response is back, the waypoint has handled every END_STREAM
+    /// the ztunnel sent before (and the probe's own backend connection ends too).
+    async fn probe(&self) {
+        let (_c, mut s) = self.tunnel(PROBE).await;
+        let r = ask(&mut s, &mut Vec::new(), get("/probe", ECHO)).await;
+        assert_eq!((r.status, r.text()), (200, "/probe 0".to_string()));
+    }
+
+    /// The requests the backend answered, probes left out.
+    fn answered(&self) -> Vec<String> {
+        self.seen.try_iter().filter(|p| p != "/probe").collect()
+    }
+}
+
+const ECHO: &str = "echo.app.svc.cluster.local";
+
+async fn ask(s: &mut H2Stream, buf: &mut Vec<u8>, req: String) -> common::Response {
+    s.write_all(Bytes::from(req), false).await.unwrap();
+    read_response(s, buf).await
+}
+
+/// A streamed upload: longer than the waypoint's replay buffer, so it cannot be retried.
+fn upload(len: usize) -> String {
+    format!(
+        "POST /upload HTTP/1.1\r\nhost: {ECHO}\r\ncontent-length: {len}\r\n\r\n{}",
+        "u".repeat(len)
+    )
+}
+
+#[test]
+fn r17_kept_streams_the_backend_closed_are_skipped_for_a_get_and_a_streamed_upload() {
+    let m = Mesh::start(AfterFirst::Close);
+    block_on(async {
+        // Two requests at once from one client: two upstream streams, both kept, both
+        // then closed by the backend.
+        let (_c1, mut s1) = m.tunnel(CLIENT).await;
+        let (_c2, mut s2) = m.tunnel(CLIENT).await;
+        let (mut b1, mut b2) = (Vec::new(), Vec::new());
+        s1.write_all(Bytes::from(get("/pair1", ECHO)), false)
+            .await
+            .unwrap();
+        s2.write_all(Bytes::from(get("/pair2", ECHO)), false)
+            .await
+            .unwrap();
+        let r1 = read_response(&mut s1, &mut b1).await;
+        let r2 = read_response(&mut s2, &mut b2).await;
+        assert_eq!((r1.status, r2.status), (200, 200));
+        m.wait_ended(2);
+        m.probe().await;
+        m.wait_ended(1);
+
+        // A GET finds only closed kept streams: it goes on a new one.
+        let r = ask(&mut s1, &mut b1, get("/after", ECHO)).await;
+        assert_eq!((r.status, r.text()), (200, "/after 0".to_string()));
+        m.wait_ended(1);
+        m.probe().await;
+        m.wait_ended(1);
+
+        // A streamed upload (never retried) too.
+        let len = waypoint::http1::REPLAY_BUFFER + 4096;
+        let r = ask(&mut s1, &mut b1, upload(len)).await;
+        assert_eq!((r.status, r.text()), (200, format!("/upload {len}")));
+    });
+    let seen = m.answered();
+    let mut pair: Vec<String> = seen[..2].to_vec();
+    pair.sort();
+    assert_eq!(pair, ["/pair1", "/pair2"]);
+    assert_eq!(seen[2..], ["/after", "/upload"]);
+    let c = m.counters();
+    assert_eq!(c.upstream_errors.load(Ordering::Relaxed), 0);
+    assert_eq!(c.streamed_bodies.load(Ordering::Relaxed), 1);
+}
+
+#[test]
+fn r17_a_408_the_backend_wrote_before_closing_is_not_the_next_response() {
+    let m = Mesh::start(AfterFirst::Unsolicited408);
+    block_on(async {
+        let (_c, mut s) = m.tunnel(CLIENT).await;
+        let mut buf = Vec::new();
+        let r = ask(&mut s, &mut buf, get("/first", ECHO)).await;
+        assert_eq!((r.status, r.text()), (200, "/first 0".to_string()));
+        // The response came whole: its stream is back in the pool, idle, when the 408
+        // comes.
+        m.go.send(()).unwrap();
+        m.wait_ended(1);
+        m.probe().await;
+        m.wait_ended(1);
+        let r = ask(&mut s, &mut buf, get("/second", ECHO)).await;
+        assert_eq!((r.status, r.text()), (200, "/second 0".to_string()));
+        assert!(buf.is_empty(), "nothing after the response");
+    });
+    assert_eq!(m.answered(), ["/first", "/second"]);
+    assert_eq!(m.counters().upstream_errors.load(Ordering::Relaxed), 0);
+}
