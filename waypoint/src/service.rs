@@ -1925,3 +1925,47 @@ fn spawn_renewer(source: Arc<dyn CertSource>, id: Identity, certs: Publisher<Cer
             }
         });
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A response whose body timed out or was cut is a gateway error for outlier
+    /// detection, not the success its status said; an abandoned kept stream is neutral.
+    #[test]
+    fn outlier_verdict_counts_body_failures_as_gateway_errors() {
+        assert_eq!(outlier_verdict(200, Some(io::ErrorKind::TimedOut)), 504);
+        assert_eq!(
+            outlier_verdict(200, Some(io::ErrorKind::UnexpectedEof)),
+            502
+        );
+        assert_eq!(outlier_verdict(503, Some(io::ErrorKind::TimedOut)), 503);
+        assert_eq!(outlier_verdict(0, None), 200);
+        assert_eq!(
+            outlier_verdict(0, Some(io::ErrorKind::ConnectionRefused)),
+            0
+        );
+        assert_eq!(outlier_verdict(404, None), 404);
+    }
+
+    /// Which requests may take a kept stream idle for longer than
+    /// [`crate::upstream::UNSAFE_REUSE_MAX_IDLE`].
+    #[test]
+    fn only_replayable_requests_take_long_idle_kept_streams() {
+        let head = |raw: &str| match http1::parse_head(raw.as_bytes()) {
+            http1::Parsed::Head(h, _) => h,
+            other => panic!("{other:?}"),
+        };
+        assert!(replayable_on_new_stream(&head("GET / HTTP/1.1\r\n\r\n")));
+        assert!(replayable_on_new_stream(&head(
+            "PUT / HTTP/1.1\r\ncontent-length: 10\r\n\r\n"
+        )));
+        assert!(!replayable_on_new_stream(&head(
+            "PUT / HTTP/1.1\r\ncontent-length: 100000\r\n\r\n"
+        )));
+        assert!(!replayable_on_new_stream(&head(
+            "GET / HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n"
+        )));
+        assert!(!replayable_on_new_stream(&head("POST / HTTP/1.1\r\n\r\n")));
+    }
+}

@@ -15,7 +15,7 @@ use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::rc::Rc;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{mpsc, Arc, Barrier, Mutex};
+use std::sync::{mpsc, Arc, Barrier};
 use std::time::{Duration, SystemTime};
 
 use bytes::{Bytes, BytesMut};
@@ -25,7 +25,7 @@ use hbone::server::{serve_connection, Inbound, ServerCounters};
 use hbone::stream::H2Stream;
 use hbone::wire::ConnectRequest;
 use hbone::H2Settings;
-use monoio::io::{AsyncReadRent, AsyncWriteRentExt, Splitable};
+use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt, Splitable};
 use runtime::config::RuntimeConfig;
 use runtime::Shutdown;
 use waypoint::route::ObjectRef;
@@ -35,6 +35,8 @@ use waypoint::target::Me;
 /// What a backend does once it answered a connection's first request.
 #[derive(Clone, Copy)]
 enum AfterFirst {
+    /// Keep serving the connection (keep-alive), and report its close as `<closed>`.
+    Stay,
     /// Close the connection (an idle keep-alive timeout that already ran out).
     Close,
     /// Write a `408 Request Timeout` nobody asked for, then close (as nginx, Apache httpd
@@ -49,13 +51,12 @@ enum AfterFirst {
 fn backend(
     ip: Ipv4Addr,
     after: AfterFirst,
-    go: mpsc::Receiver<()>,
+    go: Arc<Barrier>,
 ) -> (SocketAddr, mpsc::Receiver<String>) {
     let l = TcpListener::bind((ip, 0)).unwrap();
     let addr = l.local_addr().unwrap();
     let (tx, seen) = mpsc::channel();
     let pair = Arc::new(Barrier::new(2));
-    let go = Arc::new(Mutex::new(go));
     std::thread::spawn(move || {
         for c in l.incoming() {
             let Ok(c) = c else { return };
@@ -71,12 +72,22 @@ fn serve(
     after: AfterFirst,
     seen: &mpsc::Sender<String>,
     pair: &Barrier,
-    go: &Mutex<mpsc::Receiver<()>>,
+    go: &Barrier,
 ) {
     let mut buf = Vec::new();
     let Some(req) = next_request(&mut c, &mut buf) else {
         return;
     };
+    if let AfterFirst::Stay = after {
+        let _ = seen.send(req.path.clone());
+        let _ = c.write_all(ok_response(&format!("{} 0", req.path)).as_bytes());
+        while let Some(req) = next_request(&mut c, &mut buf) {
+            let _ = seen.send(req.path.clone());
+            let _ = c.write_all(ok_response(&format!("{} 0", req.path)).as_bytes());
+        }
+        let _ = seen.send("<closed>".into());
+        return;
+    }
     let len = req.content_length();
     let mut chunk = vec![0u8; 64 * 1024];
     while buf.len() < len {
@@ -92,8 +103,7 @@ fn serve(
     let _ = c.write_all(ok_response(&format!("{} {len}", req.path)).as_bytes());
     if let AfterFirst::Unsolicited408 = after {
         if req.path == "/first" {
-            let told = go.lock().unwrap().recv_timeout(Duration::from_secs(30));
-            told.expect("told to write the 408");
+            go.wait();
         }
         let _ = c.write_all(
             b"HTTP/1.1 408 Request Timeout\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
@@ -153,6 +163,8 @@ async fn bridge(inb: Inbound, ended: mpsc::Sender<SocketAddr>) {
             }
             let _ = recv.flow_control().release_capacity(n);
         }
+        // The stream ended or was reset: the target sees its connection close.
+        let _ = tw.shutdown().await;
     });
     loop {
         let (r, buf) = tr.read(BytesMut::with_capacity(16 * 1024)).await;
@@ -178,8 +190,8 @@ struct Mesh {
     seen: mpsc::Receiver<String>,
     /// Backend connections whose close went out as END_STREAM.
     ended: mpsc::Receiver<SocketAddr>,
-    /// Tells the backend to write its unsolicited `408` after `/first`.
-    go: mpsc::Sender<()>,
+    /// Lets the backend write its unsolicited `408` after `/first`.
+    go: Arc<Barrier>,
     shutdown: Shutdown,
     handle: Option<service::Handle>,
 }
@@ -219,8 +231,8 @@ impl Mesh {
         let (ended_tx, ended) = mpsc::channel();
         ztunnel(zl, &ca.issue(&id("app", "echo"), now).unwrap(), ended_tx);
         let client_cert = ca.issue(&id("app", "client"), now).unwrap();
-        let (go, go_rx) = mpsc::channel();
-        let (echo, seen) = backend(ip(net, 2), after, go_rx);
+        let go = Arc::new(Barrier::new(2));
+        let (echo, seen) = backend(ip(net, 2), after, go.clone());
         let text = format!(
             r#"namespaces:
   - name: app
@@ -387,7 +399,7 @@ fn r17_a_408_the_backend_wrote_before_closing_is_not_the_next_response() {
         assert_eq!((r.status, r.text()), (200, "/first 0".to_string()));
         // The response came whole: its stream is back in the pool, idle, when the 408
         // comes.
-        m.go.send(()).unwrap();
+        m.go.wait();
         m.wait_ended(1);
         m.probe().await;
         m.wait_ended(1);
@@ -397,4 +409,22 @@ fn r17_a_408_the_backend_wrote_before_closing_is_not_the_next_response() {
     });
     assert_eq!(m.answered(), ["/first", "/second"]);
     assert_eq!(m.counters().upstream_errors.load(Ordering::Relaxed), 0);
+}
+
+/// Once the traffic stops, a kept stream is not left open: the worker's timer resets it
+/// after the idle expiry (the backend then sees its connection close). Before, streams
+/// were swept only when another was put back.
+#[test]
+fn idle_kept_streams_are_reset_by_the_workers_timer_once_traffic_stops() {
+    let m = Mesh::start(AfterFirst::Stay);
+    block_on(async {
+        let (_c, mut s) = m.tunnel(CLIENT).await;
+        let mut buf = Vec::new();
+        let r = ask(&mut s, &mut buf, get("/once", ECHO)).await;
+        assert_eq!((r.status, r.text()), (200, "/once 0".to_string()));
+    });
+    assert_eq!(m.seen.recv().unwrap(), "/once");
+    // No request comes any more; the bound is generous (the expiry is a few seconds).
+    let next = m.seen.recv_timeout(Duration::from_secs(60));
+    assert_eq!(next.as_deref(), Ok("<closed>"));
 }
