@@ -211,15 +211,10 @@ pub const UNSAFE_REUSE_MAX_IDLE: std::time::Duration = std::time::Duration::from
 /// Whether a kept stream can still carry a request: its receive side has not ended, and
 /// no byte arrived on it while idle (an upstream that writes while nothing was asked, a
 /// `408` before a close, would have those bytes read as the next response). Looked at
-/// without waiting.
+/// without waiting: one poll of the receive side, which is ready with data, its end, or
+/// the error of a reset stream or a closed connection.
 pub fn idle_stream_usable(s: &mut hbone::stream::H2Stream) -> bool {
-    if s.recv.is_end_stream() {
-        return false;
-    }
     let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
-    if s.send.poll_reset(&mut cx).is_ready() {
-        return false;
-    }
     s.recv.poll_data(&mut cx).is_pending()
 }
 
