@@ -60,7 +60,7 @@ fn loopback_topology_runs_every_path_without_loss() {
         "--topology",
         "loopback",
         "--scenario",
-        "tcp-throughput,tcp-rr,conn-churn,http1-rps,http2-rps,mixed,slow-reader",
+        "tcp-throughput,tcp-rr,conn-churn,http1-rps,http2-rps,large-body,mixed,slow-reader",
         "--streams",
         "2",
         "--slow-conns",
@@ -96,11 +96,13 @@ fn loopback_topology_runs_every_path_without_loss() {
         "conn-churn/size=100B conc=8",
         "http1-rps/body=100B conns=64",
         "http2-rps/body=100B conns=8 streams=8",
+        "large-body/body=1MiB conns=8",
         "mixed/size=100B http-conns=8",
     ] {
         for path in ["direct", "l4", "hbone", "waypoint"] {
             let e = results.iter().find(|e| e["id"] == id && e["path"] == path);
-            if path == "waypoint" && !id.starts_with("http") {
+            let http = id.starts_with("http") || id.starts_with("large-body");
+            if path == "waypoint" && !http {
                 assert!(e.is_none(), "{id} ran over the waypoint");
                 continue;
             }
@@ -166,6 +168,43 @@ fn loopback_topology_runs_every_path_without_loss() {
         assert_eq!(r["errors"], 0, "run {r}");
         assert!(r["failed"].is_null(), "run {r}");
     }
+    // large-body: the figure is the body bytes moved inside the window (partial exchanges
+    // included), over the planned window; the request rate is that in 2 MiB exchanges.
+    let planned = report["settings"]["duration_s"]
+        .as_f64()
+        .expect("duration_s");
+    let mut large = 0;
+    for r in report["runs"].as_array().expect("runs") {
+        if r["scenario"] != "large-body" {
+            continue;
+        }
+        large += 1;
+        let bytes = r["window_bytes"].as_u64().expect("window_bytes");
+        let moved = r["bytes_sent"].as_u64().unwrap() + r["bytes_received"].as_u64().unwrap();
+        assert!(
+            bytes > 0 && bytes <= moved,
+            "window bytes within all moved: {r}"
+        );
+        let near = |got: &Value, want: f64| {
+            let got = got.as_f64().unwrap_or(f64::NAN);
+            (got - want).abs() <= want * 0.002 + 1e-6
+        };
+        assert!(
+            near(&r["gbit_per_s"], bytes as f64 * 8.0 / planned / 1e9),
+            "Gbit/s from window_bytes over {planned} s: {r}"
+        );
+        assert!(
+            near(
+                &r["requests_per_s"],
+                bytes as f64 / (2.0 * 1048576.0) / planned
+            ),
+            "exchanges/s from window_bytes: {r}"
+        );
+    }
+    assert!(
+        large >= 4,
+        "large-body ran on direct, l4, hbone and waypoint"
+    );
     let _ = std::fs::remove_dir_all(&out);
 }
 
