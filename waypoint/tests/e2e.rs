@@ -15,19 +15,17 @@ use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use common::{
-    block_on, blocks_fnv, connect, fnv, get, id, next_request, ok_response, payload, read_response,
-    read_until, spec_echo_route_in, stand_in_ztunnel, write_blocks, Response, Ztunnel, BLOCK,
+    bind_node_ztunnel, block_on, blocks_fnv, connect, fnv, get, id, ip, next_request, ok_response,
+    payload, read_response, read_until, service_settings, spec_echo_route_in, stand_in_ztunnel,
+    write_blocks, Response, Ztunnel, BLOCK,
 };
 use hbone::ca::{CertSource, SigningCa, WorkloadCert};
 use hbone::client::Client;
 use hbone::stream::H2Stream;
 use hbone::wire::ConnectRequest;
-use hbone::{H2Settings, HboneError};
-use runtime::config::RuntimeConfig;
+use hbone::HboneError;
 use runtime::Shutdown;
-use waypoint::route::ObjectRef;
-use waypoint::service::{self, Settings};
-use waypoint::target::Me;
+use waypoint::service;
 
 /// A keep-alive HTTP/1.1 backend answering `200 <name> <path> xff=<x-forwarded-for>`.
 struct Backend {
@@ -308,12 +306,6 @@ impl Drop for Mesh {
     }
 }
 
-static NEXT: AtomicU32 = AtomicU32::new(0);
-
-fn ip(net: u8, host: u8) -> Ipv4Addr {
-    Ipv4Addr::new(127, net, 0, host)
-}
-
 /// An HTTP/2 (prior knowledge) backend answering `h2echo <path> <version> xff=<…>`; counts
 /// the TCP connections it accepted.
 fn h2_backend(ip: Ipv4Addr) -> (SocketAddr, Arc<AtomicU32>) {
@@ -402,14 +394,7 @@ impl Mesh {
     /// The mesh with `policies` (YAML documents) instead of the default DENY policy.
     fn start_with(policies: &str) -> Mesh {
         // A free 127.X.0.1:15008 for the stand-in ztunnel.
-        let (net, zl) = loop {
-            let n = NEXT.fetch_add(1, Ordering::SeqCst);
-            let net = (10 + (std::process::id() * 7 + n * 13) % 240) as u8;
-            if let Ok(l) = TcpListener::bind((ip(net, 1), 15008)) {
-                break (net, l);
-            }
-            assert!(n < 200, "no free loopback address for port 15008");
-        };
+        let (net, zl) = bind_node_ztunnel(7);
         let ca = Arc::new(SigningCa::generate_root("cluster.local").unwrap().0);
         let now = SystemTime::now();
         let zt = stand_in_ztunnel(zl, &ca.issue(&id("app", "echo"), now).unwrap());
@@ -463,23 +448,7 @@ services:
         let file = dir.join("e2e.yaml");
         std::fs::write(&file, &text).unwrap();
         let l7 = waypoint::config::load_str(&file, &text, 1).unwrap_or_else(|e| panic!("{e}"));
-        let settings = Settings {
-            listen: "127.0.0.1:0".parse().unwrap(),
-            identity: id("app", "waypoint"),
-            me: Me {
-                gateway: ObjectRef::new("app", "wp"),
-                address: "10.1.0.100:15008".parse().unwrap(),
-            },
-            root_namespace: "istio-system".into(),
-            runtime: RuntimeConfig {
-                workers: Some(1),
-                pin: false,
-                drain_timeout: Duration::from_millis(200),
-                ..Default::default()
-            },
-            h2: H2Settings::default(),
-            stats: None,
-        };
+        let settings = service_settings();
         let shutdown = Shutdown::new();
         let source: Arc<dyn CertSource> = ca.clone();
         let publisher = runtime::Publisher::new(l7);

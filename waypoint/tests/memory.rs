@@ -12,9 +12,9 @@ use std::time::SystemTime;
 
 use bytes::Bytes;
 use common::{
-    block_on, blocks_fnv, connect, fnv_add, get, id, next_request, ok_response, payload,
-    read_until, response_head, settings, stand_in_ztunnel, take_response, test_dir, write_blocks,
-    ReadChunk, BLOCK, FNV0,
+    block_on, blocks_fnv, connect, echo_model, fnv_add, get, id, next_request, ok_response,
+    payload, read_until, response_head, settings, stand_in_ztunnel, take_response, test_dir,
+    write_blocks, ReadChunk, BLOCK, FNV0,
 };
 use hbone::ca::{CertSource, SigningCa};
 use hbone::stream::H2Stream;
@@ -123,23 +123,9 @@ fn a_256_mib_body_each_way_does_not_need_memory_of_its_size() {
     let now = SystemTime::now();
     let _zt = stand_in_ztunnel(zl, &ca.issue(&id("app", "echo"), now).unwrap());
     let cfg = format!(
-        r#"namespaces:
-  - name: app
-    labels: {{istio.io/dataplane-mode: ambient}}
-waypoints:
-  - {{name: wp, namespace: app, address: 10.1.0.100}}
-nodes:
-  - {{name: node-b, ztunnel: {zt_ip}}}
-workloads:
-  - {{uid: wp, name: wp, namespace: app, serviceAccount: waypoint, workloadIps: ["10.1.0.100"]}}
-  - {{uid: e1, name: e1, namespace: app, serviceAccount: echo, node: node-b, workloadIps: ["{ip}"], services: {{"app/echo.app.svc.cluster.local": {{80: {port}}}}}}}
-services:
-  - {{name: echo, namespace: app, hostname: echo.app.svc.cluster.local, vips: ["10.96.0.1"], ports: {{80: 8080}}}}
----
-{settings}"#,
-        ip = pod.ip(),
-        port = pod.port(),
-        settings = settings(&d.join("ca"), false),
+        "{}---\n{}",
+        echo_model(zt_ip, pod),
+        settings(&d.join("ca"), false)
     );
     std::fs::write(d.join("waypoint.yaml"), cfg).unwrap();
     let child = common::Proc::start(&d.join("waypoint.yaml"), &[], Stdio::inherit());

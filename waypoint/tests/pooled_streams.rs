@@ -13,24 +13,22 @@ mod common;
 
 use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream};
-use std::rc::Rc;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{mpsc, Arc, Barrier};
 use std::time::{Duration, SystemTime};
 
 use bytes::{Bytes, BytesMut};
-use common::{block_on, connect, get, id, next_request, ok_response, read_response};
+use common::{
+    bind_node_ztunnel, block_on, connect, connect_target, echo_model, get, id, ip, next_request,
+    ok_response, read_response, serve_hbone, service_settings,
+};
 use hbone::ca::{CertSource, SigningCa, WorkloadCert};
-use hbone::server::{serve_connection, Inbound, ServerCounters};
+use hbone::server::Inbound;
 use hbone::stream::H2Stream;
 use hbone::wire::ConnectRequest;
-use hbone::H2Settings;
 use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt, Splitable};
-use runtime::config::RuntimeConfig;
 use runtime::Shutdown;
-use waypoint::route::ObjectRef;
-use waypoint::service::{self, Settings};
-use waypoint::target::Me;
+use waypoint::service;
 
 /// What a backend does once it answered a connection's first request.
 #[derive(Clone, Copy)]
@@ -115,41 +113,16 @@ fn serve(
 /// The destination node's ztunnel: bridges each CONNECT stream to its target and sends
 /// the target's close as END_STREAM, then reports the target on `ended`.
 fn ztunnel(listener: TcpListener, cert: &WorkloadCert, ended: mpsc::Sender<SocketAddr>) {
-    let tls = hbone::tls::server_config(cert).unwrap();
-    listener.set_nonblocking(true).unwrap();
-    std::thread::spawn(move || {
-        block_on(async move {
-            let l = monoio::net::TcpListener::from_std(listener).unwrap();
-            loop {
-                let Ok((tcp, peer)) = l.accept().await else {
-                    continue;
-                };
-                let (tls, ended) = (tls.clone(), ended.clone());
-                monoio::spawn(async move {
-                    let h = Rc::new(move |inb: Inbound| bridge(inb, ended.clone()));
-                    let _ = serve_connection(
-                        tcp,
-                        peer,
-                        tls,
-                        &H2Settings::default(),
-                        Arc::new(ServerCounters::default()),
-                        std::future::pending(),
-                        h,
-                    )
-                    .await;
-                });
-            }
-        })
+    serve_hbone(listener, cert, move |inb: Inbound| {
+        bridge(inb, ended.clone())
     });
 }
 
 async fn bridge(inb: Inbound, ended: mpsc::Sender<SocketAddr>) {
     let target = inb.request.target;
-    let Ok(tcp) = monoio::net::TcpStream::connect_addr(target).await else {
-        inb.reject(hbone::wire::status::UPSTREAM_FAILED);
+    let Some((tcp, s)) = connect_target(inb).await else {
         return;
     };
-    let Ok(s) = inb.accept() else { return };
     let H2Stream {
         mut send, mut recv, ..
     } = s;
@@ -205,12 +178,6 @@ impl Drop for Mesh {
     }
 }
 
-static NEXT: AtomicU32 = AtomicU32::new(0);
-
-fn ip(net: u8, host: u8) -> Ipv4Addr {
-    Ipv4Addr::new(127, net, 0, host)
-}
-
 /// The requests' client.
 const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 1, 0, 7);
 /// The probe's client (its own kept streams).
@@ -218,14 +185,7 @@ const PROBE: Ipv4Addr = Ipv4Addr::new(10, 1, 0, 8);
 
 impl Mesh {
     fn start(after: AfterFirst) -> Mesh {
-        let (net, zl) = loop {
-            let n = NEXT.fetch_add(1, Ordering::SeqCst);
-            let net = (11 + (std::process::id() * 5 + n * 17) % 240) as u8;
-            if let Ok(l) = TcpListener::bind((ip(net, 1), 15008)) {
-                break (net, l);
-            }
-            assert!(n < 200, "no free loopback address for port 15008");
-        };
+        let (net, zl) = bind_node_ztunnel(5);
         let ca = Arc::new(SigningCa::generate_root("cluster.local").unwrap().0);
         let now = SystemTime::now();
         let (ended_tx, ended) = mpsc::channel();
@@ -233,47 +193,13 @@ impl Mesh {
         let client_cert = ca.issue(&id("app", "client"), now).unwrap();
         let go = Arc::new(Barrier::new(2));
         let (echo, seen) = backend(ip(net, 2), after, go.clone());
-        let text = format!(
-            r#"namespaces:
-  - name: app
-    labels: {{istio.io/dataplane-mode: ambient}}
-waypoints:
-  - {{name: wp, namespace: app, address: 10.1.0.100}}
-nodes:
-  - {{name: node-b, ztunnel: {zt}}}
-workloads:
-  - {{uid: wp, name: wp, namespace: app, serviceAccount: waypoint, workloadIps: ["10.1.0.100"]}}
-  - {{uid: echo-1, name: echo-1, namespace: app, serviceAccount: echo, node: node-b, workloadIps: ["{e}"], services: {{"app/echo.app.svc.cluster.local": {{80: {ep}}}}}}}
-services:
-  - {{name: echo, namespace: app, hostname: echo.app.svc.cluster.local, vips: ["10.96.0.1"], ports: {{80: 8080}}}}
-"#,
-            zt = ip(net, 1),
-            e = echo.ip(),
-            ep = echo.port(),
-        );
+        let text = echo_model(ip(net, 1), echo);
         let file = std::env::temp_dir().join(format!("waypoint-pooled-{net}.yaml"));
         let l7 = waypoint::config::load_str(&file, &text, 1).unwrap_or_else(|e| panic!("{e}"));
-        let settings = Settings {
-            listen: "127.0.0.1:0".parse().unwrap(),
-            identity: id("app", "waypoint"),
-            me: Me {
-                gateway: ObjectRef::new("app", "wp"),
-                address: "10.1.0.100:15008".parse().unwrap(),
-            },
-            root_namespace: "istio-system".into(),
-            runtime: RuntimeConfig {
-                workers: Some(1),
-                pin: false,
-                drain_timeout: Duration::from_millis(200),
-                ..Default::default()
-            },
-            h2: H2Settings::default(),
-            stats: None,
-        };
         let shutdown = Shutdown::new();
         let source: Arc<dyn CertSource> = ca.clone();
         let handle = service::start(
-            settings,
+            service_settings(),
             source,
             runtime::Publisher::new(l7),
             shutdown.clone(),

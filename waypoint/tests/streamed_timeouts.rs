@@ -13,40 +13,27 @@
 //! No timing thresholds: the backends trickle until their connection closes (so only the
 //! timeout can end an exchange), and the tests wait for events with generous bounds.
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
-use std::process::{Child, Command, Stdio};
-use std::rc::Rc;
-use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{mpsc, Arc};
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::process::Stdio;
+use std::sync::mpsc;
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
+use common::{
+    bind_node_ztunnel, block_on, connect, echo_model, id, ip, next_request, response_head,
+    settings, stand_in_ztunnel, test_dir, Proc,
+};
 use hbone::ca::{CertSource, SigningCa, WorkloadCert};
 use hbone::client::Client;
-use hbone::server::{serve_connection, Inbound, ServerCounters};
 use hbone::stream::H2Stream;
-use hbone::tls::TlsCounters;
 use hbone::wire::ConnectRequest;
-use hbone::{H2Settings, Identity};
-use runtime::driver::{build_runtime, DriverDecision, DriverKind};
 
 /// How long any awaited event may take before the test fails (generous: the timeouts
 /// under test are 1 s).
 const EVENT_BOUND: Duration = Duration::from_secs(60);
-
-fn id(sa: &str) -> Identity {
-    Identity::new("cluster.local", "app", sa)
-}
-
-fn block_on<F: std::future::Future>(f: F) -> F::Output {
-    let d = DriverDecision {
-        kind: DriverKind::Epoll,
-        reason: "test".into(),
-    };
-    let (mut rt, _) = build_runtime(&d, 256).unwrap();
-    rt.block_on(f)
-}
 
 /// What the backend saw end.
 #[derive(Debug, PartialEq, Eq)]
@@ -55,15 +42,6 @@ enum Seen {
     ResponseCut(&'static str),
     /// The request body stopped (end of stream) before its declared length.
     UploadCut { got: usize },
-}
-
-fn content_length(req: &httparse::Request<'_, '_>) -> usize {
-    req.headers
-        .iter()
-        .find(|h| h.name.eq_ignore_ascii_case("content-length"))
-        .map_or(0, |h| {
-            std::str::from_utf8(h.value).unwrap().parse().unwrap()
-        })
 }
 
 /// Trickle `unit` every few milliseconds until a write fails.
@@ -80,8 +58,8 @@ fn trickle(c: &mut TcpStream, unit: &[u8]) {
 /// one byte at a time; `…/slow-chunked` the same with one-byte chunks; `…/upload` reads
 /// the whole declared body before answering `200 got=N`; anything else `200 ok`.
 /// Reports what it saw end on `tx`.
-fn backend(ip: Ipv4Addr, tx: mpsc::Sender<Seen>) -> SocketAddr {
-    let l = TcpListener::bind((ip, 0)).unwrap();
+fn backend(ip: std::net::Ipv4Addr, tx: mpsc::Sender<Seen>) -> SocketAddr {
+    let l = std::net::TcpListener::bind((ip, 0)).unwrap();
     let addr = l.local_addr().unwrap();
     std::thread::spawn(move || {
         for c in l.incoming() {
@@ -90,23 +68,9 @@ fn backend(ip: Ipv4Addr, tx: mpsc::Sender<Seen>) -> SocketAddr {
             std::thread::spawn(move || {
                 let mut buf = Vec::new();
                 let mut chunk = vec![0u8; 64 * 1024];
-                loop {
-                    let mut hs = [httparse::EMPTY_HEADER; 32];
-                    let mut req = httparse::Request::new(&mut hs);
-                    let n = match req.parse(&buf) {
-                        Ok(httparse::Status::Complete(n)) => n,
-                        Ok(httparse::Status::Partial) => match c.read(&mut chunk) {
-                            Ok(0) | Err(_) => return,
-                            Ok(k) => {
-                                buf.extend_from_slice(&chunk[..k]);
-                                continue;
-                            }
-                        },
-                        Err(_) => return,
-                    };
-                    let path = req.path.unwrap().to_string();
-                    let len = content_length(&req);
-                    buf.drain(..n);
+                while let Some(req) = next_request(&mut c, &mut buf) {
+                    let len = req.content_length();
+                    let path = req.path;
                     let mut got = len.min(buf.len());
                     buf.drain(..got);
                     while got < len {
@@ -153,60 +117,6 @@ fn backend(ip: Ipv4Addr, tx: mpsc::Sender<Seen>) -> SocketAddr {
     addr
 }
 
-/// The backend's node ztunnel: accepts CONNECT and bridges to the target.
-fn ztunnel(l: TcpListener, tls: Arc<rustls::ServerConfig>) {
-    l.set_nonblocking(true).unwrap();
-    std::thread::spawn(move || {
-        block_on(async move {
-            let l = monoio::net::TcpListener::from_std(l).unwrap();
-            loop {
-                let Ok((tcp, peer)) = l.accept().await else {
-                    continue;
-                };
-                let tls = tls.clone();
-                monoio::spawn(async move {
-                    let h = Rc::new(|inb: Inbound| async move {
-                        let target = inb.request.target;
-                        let Ok(tcp) = monoio::net::TcpStream::connect_addr(target).await else {
-                            inb.reject(hbone::wire::status::UPSTREAM_FAILED);
-                            return;
-                        };
-                        let Ok(s) = inb.accept() else { return };
-                        hbone::stream::bridge(
-                            tcp,
-                            s,
-                            64 * 1024,
-                            Duration::from_secs(120),
-                            std::future::pending(),
-                        )
-                        .await;
-                    });
-                    let _ = serve_connection(
-                        tcp,
-                        peer,
-                        tls,
-                        &H2Settings::default(),
-                        Arc::new(ServerCounters::default()),
-                        std::future::pending(),
-                        h,
-                    )
-                    .await;
-                });
-            }
-        })
-    });
-}
-
-/// The waypoint process, killed and reaped when dropped.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 const HOST: &str = "echo.app.svc.cluster.local";
 
 /// `/rq/…`: `request: 1s`; `/br/…`: `backendRequest: 1s` within `request: 10m`.
@@ -230,7 +140,7 @@ struct Setup {
     _dir: TempDir,
     addr: SocketAddr,
     stats: SocketAddr,
-    tls: Arc<rustls::ClientConfig>,
+    me: WorkloadCert,
     seen: mpsc::Receiver<Seen>,
 }
 
@@ -242,84 +152,28 @@ impl Drop for TempDir {
     }
 }
 
-static NEXT: AtomicU32 = AtomicU32::new(0);
-
 fn setup() -> Setup {
-    let k = NEXT.fetch_add(1, Ordering::Relaxed);
-    let net = (100 + (std::process::id() * 7 + k) % 150) as u8;
-    let zt_ip = Ipv4Addr::new(127, net, 7, 1);
-    let Ok(zl) = TcpListener::bind((zt_ip, 15008)) else {
-        panic!("{zt_ip}:15008 is taken");
-    };
+    let (net, zl) = bind_node_ztunnel(11);
     let (tx, seen) = mpsc::channel();
-    let pod = backend(Ipv4Addr::new(127, net, 7, 2), tx);
-    let d = TempDir(std::env::temp_dir().join(format!(
-        "waypoint-streamed-timeouts-{}-{k}",
-        std::process::id()
-    )));
-    let _ = std::fs::remove_dir_all(&d.0);
-    std::fs::create_dir_all(&d.0).unwrap();
+    let pod = backend(ip(net, 2), tx);
+    let d = TempDir(test_dir(&format!("streamed-timeouts-{net}")));
     let ca = SigningCa::builtin(&d.0.join("ca"), "cluster.local").unwrap();
     let now = SystemTime::now();
-    let zt_cert: WorkloadCert = ca.issue(&id("echo"), now).unwrap();
-    ztunnel(zl, hbone::tls::server_config(&zt_cert).unwrap());
+    let _zt = stand_in_ztunnel(zl, &ca.issue(&id("app", "echo"), now).unwrap());
     let cfg = format!(
-        r#"namespaces:
-  - name: app
-    labels: {{istio.io/dataplane-mode: ambient}}
-waypoints:
-  - {{name: wp, namespace: app, address: 10.1.0.100}}
-nodes:
-  - {{name: node-b, ztunnel: {zt_ip}}}
-workloads:
-  - {{uid: wp, name: wp, namespace: app, serviceAccount: waypoint, workloadIps: ["10.1.0.100"]}}
-  - {{uid: e1, name: e1, namespace: app, serviceAccount: echo, node: node-b, workloadIps: ["{ip}"], services: {{"app/echo.app.svc.cluster.local": {{80: {port}}}}}}}
-services:
-  - {{name: echo, namespace: app, hostname: echo.app.svc.cluster.local, vips: ["10.96.0.1"], ports: {{80: 8080}}}}
----
-waypoint:
-  listen: 127.0.0.1:0
-  stats: 127.0.0.1:0
-  identity: spiffe://cluster.local/ns/app/sa/waypoint
-  gateway: app/wp
-  address: 10.1.0.100:15008
-  ca: {{builtin: {ca}}}
-runtime: {{workers: 1, pin: false, drain_timeout: 1s}}
----
-{ROUTE}"#,
-        ip = pod.ip(),
-        port = pod.port(),
-        ca = d.0.join("ca").display(),
+        "{}---\n{}---\n{ROUTE}",
+        echo_model(ip(net, 1), pod),
+        settings(&d.0.join("ca"), true)
     );
     std::fs::write(d.0.join("waypoint.yaml"), cfg).unwrap();
-    let mut child = Proc(
-        Command::new(env!("CARGO_BIN_EXE_waypoint"))
-            .args(["--config", d.0.join("waypoint.yaml").to_str().unwrap()])
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap(),
-    );
-    let mut line = String::new();
-    BufReader::new(child.0.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    assert!(line.starts_with("READY "), "{line}");
-    let addr_of = |key: &str| -> SocketAddr {
-        line.split_whitespace()
-            .find_map(|w| w.strip_prefix(key))
-            .unwrap_or_else(|| panic!("{key} in {line}"))
-            .parse()
-            .unwrap()
-    };
-    let (addr, stats) = (addr_of("hbone="), addr_of("stats="));
-    let me = ca.issue(&id("client"), now).unwrap();
-    let tls = hbone::tls::client_config(&me, &[id("waypoint")]).unwrap();
+    let wp = Proc::start(&d.0.join("waypoint.yaml"), &[], Stdio::inherit());
+    let (addr, stats) = (wp.addr("hbone"), wp.addr("stats"));
     Setup {
-        _wp: child,
+        _wp: wp,
         _dir: d,
         addr,
         stats,
-        tls,
+        me: ca.issue(&id("app", "client"), now).unwrap(),
         seen,
     }
 }
@@ -328,14 +182,9 @@ impl Setup {
     /// A tunnel to the echo service (on its own connection, which lives as long as the
     /// client does).
     async fn tunnel(&self) -> (Client, H2Stream) {
-        let c = Client::connect(
-            self.addr,
-            self.tls.clone(),
-            &H2Settings::default(),
-            &TlsCounters::default(),
-        )
-        .await
-        .unwrap();
+        let c = connect(self.addr, &self.me, id("app", "waypoint"))
+            .await
+            .unwrap();
         let s = c
             .open(&ConnectRequest::new("10.96.0.1:80".parse().unwrap()))
             .await
@@ -386,16 +235,9 @@ async fn read_all(s: &mut H2Stream) -> (u16, Vec<u8>, Ended) {
             None => break Ended::Closed,
         }
     };
-    let mut hs = [httparse::EMPTY_HEADER; 16];
-    let mut r = httparse::Response::new(&mut hs);
-    let n = match r.parse(&buf) {
-        Ok(httparse::Status::Complete(n)) => n,
-        other => panic!(
-            "no response head ({other:?}) in {:?}",
-            String::from_utf8_lossy(&buf)
-        ),
-    };
-    (r.code.unwrap(), buf[n..].to_vec(), ended)
+    let h = response_head(&buf)
+        .unwrap_or_else(|| panic!("no response head in {:?}", String::from_utf8_lossy(&buf)));
+    (h.status, buf[h.size..].to_vec(), ended)
 }
 
 /// `f`, which must finish within [`EVENT_BOUND`] (a response the timeout does not end

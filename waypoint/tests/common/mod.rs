@@ -5,10 +5,11 @@
 #![allow(dead_code)]
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpListener};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::rc::Rc;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::Duration;
 
@@ -19,7 +20,11 @@ use hbone::server::{serve_connection, Inbound, ServerCounters};
 use hbone::stream::{H2Reader, H2Stream};
 use hbone::tls::TlsCounters;
 use hbone::{H2Settings, HboneError, Identity};
+use runtime::config::RuntimeConfig;
 use runtime::driver::{build_runtime, DriverDecision, DriverKind};
+use waypoint::route::ObjectRef;
+use waypoint::service::Settings;
+use waypoint::target::Me;
 
 /// The spec's R17 example (`ambient-routing.md`), verbatim: every request for Service
 /// `echo` goes to Service `echo-v1` port 80.
@@ -92,13 +97,22 @@ impl Ztunnel {
     }
 }
 
-async fn forward(inb: Inbound) {
+/// Accept `inb` once its CONNECT target takes a TCP connection (the connection and the
+/// accepted stream); reject it with `UPSTREAM_FAILED` when the target refuses.
+pub async fn connect_target(inb: Inbound) -> Option<(monoio::net::TcpStream, H2Stream)> {
     let target = inb.request.target;
     let Ok(tcp) = monoio::net::TcpStream::connect_addr(target).await else {
         inb.reject(hbone::wire::status::UPSTREAM_FAILED);
+        return None;
+    };
+    let s = inb.accept().ok()?;
+    Some((tcp, s))
+}
+
+async fn forward(inb: Inbound) {
+    let Some((tcp, s)) = connect_target(inb).await else {
         return;
     };
-    let Ok(s) = inb.accept() else { return };
     hbone::stream::bridge(
         tcp,
         s,
@@ -109,25 +123,25 @@ async fn forward(inb: Inbound) {
     .await;
 }
 
-/// Serve HBONE on `listener` (on its own thread) as `cert`.
-pub fn stand_in_ztunnel(listener: TcpListener, cert: &WorkloadCert) -> Ztunnel {
+/// Serve HBONE on `listener` (on its own thread) as `cert`, each accepted CONNECT stream
+/// handed to `handler`.
+pub fn serve_hbone<H, Fut>(listener: TcpListener, cert: &WorkloadCert, handler: H)
+where
+    H: Fn(Inbound) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + 'static,
+{
     let tls = hbone::tls::server_config(cert).unwrap();
     listener.set_nonblocking(true).unwrap();
-    let (tx, seen) = mpsc::channel();
     std::thread::spawn(move || {
         block_on(async move {
             let l = monoio::net::TcpListener::from_std(listener).unwrap();
-            let tx = Rc::new(tx);
+            let handler = Rc::new(handler);
             loop {
                 let Ok((tcp, peer)) = l.accept().await else {
                     continue;
                 };
-                let (tls, tx) = (tls.clone(), tx.clone());
+                let (tls, h) = (tls.clone(), handler.clone());
                 monoio::spawn(async move {
-                    let h = Rc::new(move |inb: Inbound| {
-                        let _ = tx.send((inb.peer_identity.clone(), inb.request.target));
-                        forward(inb)
-                    });
                     let _ = serve_connection(
                         tcp,
                         peer,
@@ -142,7 +156,79 @@ pub fn stand_in_ztunnel(listener: TcpListener, cert: &WorkloadCert) -> Ztunnel {
             }
         })
     });
+}
+
+/// Serve HBONE on `listener` (on its own thread) as `cert`.
+pub fn stand_in_ztunnel(listener: TcpListener, cert: &WorkloadCert) -> Ztunnel {
+    let (tx, seen) = mpsc::channel();
+    serve_hbone(listener, cert, move |inb: Inbound| {
+        let _ = tx.send((inb.peer_identity.clone(), inb.request.target));
+        forward(inb)
+    });
     Ztunnel { seen }
+}
+
+static NEXT_NET: AtomicU32 = AtomicU32::new(0);
+
+/// `127.net.0.host`.
+pub fn ip(net: u8, host: u8) -> Ipv4Addr {
+    Ipv4Addr::new(127, net, 0, host)
+}
+
+/// A listener on a free `127.N.0.1:15008` for the stand-in ztunnel, and its N (`salt`
+/// spreads the first tries of different test files).
+pub fn bind_node_ztunnel(salt: u32) -> (u8, TcpListener) {
+    loop {
+        let n = NEXT_NET.fetch_add(1, Ordering::SeqCst);
+        let net = (10 + (std::process::id() * salt + n * 13) % 240) as u8;
+        if let Ok(l) = TcpListener::bind((ip(net, 1), 15008)) {
+            return (net, l);
+        }
+        assert!(n < 200, "no free loopback address for port 15008");
+    }
+}
+
+/// The mesh model with Service `echo` (`10.96.0.1:80`) in ambient namespace `app`, its one
+/// endpoint `pod` behind the node ztunnel at `zt`, and the `app/wp` waypoint.
+pub fn echo_model(zt: Ipv4Addr, pod: SocketAddr) -> String {
+    format!(
+        r#"namespaces:
+  - name: app
+    labels: {{istio.io/dataplane-mode: ambient}}
+waypoints:
+  - {{name: wp, namespace: app, address: 10.1.0.100}}
+nodes:
+  - {{name: node-b, ztunnel: {zt}}}
+workloads:
+  - {{uid: wp, name: wp, namespace: app, serviceAccount: waypoint, workloadIps: ["10.1.0.100"]}}
+  - {{uid: e1, name: e1, namespace: app, serviceAccount: echo, node: node-b, workloadIps: ["{ip}"], services: {{"app/echo.app.svc.cluster.local": {{80: {port}}}}}}}
+services:
+  - {{name: echo, namespace: app, hostname: echo.app.svc.cluster.local, vips: ["10.96.0.1"], ports: {{80: 8080}}}}
+"#,
+        ip = pod.ip(),
+        port = pod.port(),
+    )
+}
+
+/// In-process service settings: the `app/wp` waypoint on `127.0.0.1:0`, one worker.
+pub fn service_settings() -> Settings {
+    Settings {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        identity: id("app", "waypoint"),
+        me: Me {
+            gateway: ObjectRef::new("app", "wp"),
+            address: "10.1.0.100:15008".parse().unwrap(),
+        },
+        root_namespace: "istio-system".into(),
+        runtime: RuntimeConfig {
+            workers: Some(1),
+            pin: false,
+            drain_timeout: Duration::from_millis(200),
+            ..Default::default()
+        },
+        h2: H2Settings::default(),
+        stats: None,
+    }
 }
 
 pub fn get(path: &str, host: &str) -> String {
