@@ -12,22 +12,11 @@ use crate::proxy::{Proxy, WAYPOINT_ARG};
 
 pub const WAYPOINT_ID: &str = "spiffe://cluster.local/ns/bench/sa/waypoint";
 
-/// The HTTPRoute of the default mesh: every request to `echo` goes to `echo-v1`.
-pub const ROUTE: &str = r#"apiVersion: gateway.networking.k8s.io/v1
-kind: HTTPRoute
-metadata:
-  name: echo
-  namespace: bench
-spec:
-  parentRefs:
-  - group: ""
-    kind: Service
-    name: echo
-  rules:
-  - backendRefs:
-    - name: echo-v1
-      port: 80
-"#;
+/// The HTTPRoute of the default mesh: the spec's R17 example (every request to `echo` goes
+/// to `echo-v1`) in namespace `bench`.
+pub fn route() -> String {
+    waypoint::spec_example::echo_route_in("bench")
+}
 
 /// `echo-h2` is spoken to in the client's protocol (HTTP/2 for `http2-rps`).
 pub const H2_RULE: &str = "apiVersion: networking.istio.io/v1
@@ -49,9 +38,10 @@ pub fn config_yaml(layout: mesh::Layout, ca_dir: &Path, tuning: &str) -> String 
         "0.0.0.0:15008".into()
     };
     format!(
-        "# written by bench\nwaypoint:\n  listen: {listen}\n  address: {addr}\n  gateway: bench/waypoint\n  identity: {WAYPOINT_ID}\n  ca: {{builtin: {}}}\n{tuning}---\n{}---\n{ROUTE}---\n{H2_RULE}",
+        "# written by bench\nwaypoint:\n  listen: {listen}\n  address: {addr}\n  gateway: bench/waypoint\n  identity: {WAYPOINT_ID}\n  ca: {{builtin: {}}}\n{tuning}---\n{}---\n{}---\n{H2_RULE}",
         ca_dir.display(),
-        mesh::mesh_yaml_nodes(layout, false)
+        mesh::mesh_yaml_nodes(layout, false),
+        route()
     )
 }
 

@@ -25,6 +25,8 @@
 //!   the original client from the tunnel), one access-log line per request (tracing target
 //!   `access`), `traceparent` kept when valid, else generated, and sent upstream.
 //! * [`admin`] — `/stats/prometheus` and `/healthz/ready` on `waypoint.stats`.
+//! * [`spec_example`] — the spec's R17 `echo` → `echo-v1` HTTPRoute, verbatim, which the
+//!   bench mesh deploys and the tests route by.
 //!
 //! * [`inner`] — per-tunnel protocol detection (HTTP/2 prior knowledge, HTTP/1.1, opaque
 //!   TCP), the CONNECT stream as a byte stream for `h2`, the opaque TCP splice (L4 policy
@@ -55,6 +57,7 @@ pub mod lb;
 pub mod reload;
 pub mod route;
 pub mod service;
+pub mod spec_example;
 pub mod target;
 pub mod telemetry;
 pub mod upstream;

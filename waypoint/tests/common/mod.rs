@@ -26,29 +26,10 @@ use waypoint::route::ObjectRef;
 use waypoint::service::Settings;
 use waypoint::target::Me;
 
-/// The spec's R17 example (`ambient-routing.md`), verbatim: every request for Service
-/// `echo` goes to Service `echo-v1` port 80.
-pub const SPEC_ECHO_ROUTE: &str = r#"apiVersion: gateway.networking.k8s.io/v1beta1
-kind: HTTPRoute
-metadata:
-  name: echo
-spec:
-  parentRefs:
-  - group: ""
-    kind: Service
-    name: echo
-  rules:
-  - backendRefs:
-    - name: echo-v1
-      port: 80
-"#;
-
-/// [`SPEC_ECHO_ROUTE`] placed in namespace `ns` (the example names none).
-pub fn spec_echo_route_in(ns: &str) -> String {
-    let named = "\n  name: echo\n";
-    assert!(SPEC_ECHO_ROUTE.contains(named));
-    SPEC_ECHO_ROUTE.replacen(named, &format!("{named}  namespace: {ns}\n"), 1)
-}
+#[allow(unused_imports)] // each test file uses some of the helpers
+pub use waypoint::spec_example::{
+    echo_route_in as spec_echo_route_in, ECHO_ROUTE as SPEC_ECHO_ROUTE,
+};
 
 /// The example's route on Service `echo` with `rules` (items of `spec.rules`, indented two
 /// spaces) instead of its single rule.
