@@ -28,6 +28,20 @@ fn key(src: &str, dst: &str, addr: SocketAddr) -> PoolKey {
     }
 }
 
+/// A CONNECT to an address nobody listens on is answered 503 (the server's upstream connect
+/// failed), over the pool's existing connection.
+async fn assert_dead_upstream_is_503(pool: &Pool, k: &PoolKey, cert: &WorkloadCert) {
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    match pool.open(k, cert, &ConnectRequest::new(dead)).await {
+        Err(HboneError::Status(s)) => assert_eq!(s, http::StatusCode::SERVICE_UNAVAILABLE),
+        Err(e) => panic!("expected 503, got {e}"),
+        Ok(_) => panic!("expected 503, got a stream"),
+    }
+}
+
 fn req() -> ConnectRequest {
     let mut r = ConnectRequest::new(TARGET.parse().unwrap());
     r.baggage.namespace = Some("default".into());
@@ -369,18 +383,7 @@ fn forward_handler_bridges_to_tcp_and_503_when_upstream_is_down() {
             "half-close reached the backend and its reply came back"
         );
         // A dead upstream: 503.
-        let dead = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap();
-        match pool
-            .open(&k, &client_cert, &ConnectRequest::new(dead))
-            .await
-        {
-            Err(HboneError::Status(s)) => assert_eq!(s, http::StatusCode::SERVICE_UNAVAILABLE),
-            Err(e) => panic!("expected 503, got {e}"),
-            Ok(_) => panic!("expected 503, got a stream"),
-        }
+        assert_dead_upstream_is_503(&pool, &k, &client_cert).await;
     });
     bt.join().unwrap();
 }
@@ -516,18 +519,7 @@ fn cancelled_opener_resets_its_first_stream_and_upstream_closes() {
             "the cancelled opener's CONNECT stayed open on the server (its upstream too)"
         );
         // The reset took only the stream: the connection serves the next one.
-        let dead = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap();
-        match pool
-            .open(&k, &client_cert, &ConnectRequest::new(dead))
-            .await
-        {
-            Err(HboneError::Status(s)) => assert_eq!(s, http::StatusCode::SERVICE_UNAVAILABLE),
-            Err(e) => panic!("expected 503, got {e}"),
-            Ok(_) => panic!("expected 503, got a stream"),
-        }
+        assert_dead_upstream_is_503(&pool, &k, &client_cert).await;
         assert_eq!(
             pool.connects(),
             1,

@@ -670,6 +670,20 @@ pub fn check_cores(cores: &[usize], host: &HostCpus) -> Result<(), String> {
     Ok(())
 }
 
+/// Tests that pin to two CPUs: the first two online ones, or `None` after saying why the test
+/// is skipped (a failure instead when `CI` is set: no test passes silently there).
+#[cfg(test)]
+pub(crate) fn two_online_cpus() -> Option<(usize, usize)> {
+    let online = HostCpus::read().online.unwrap_or_default();
+    if online.len() < 2 {
+        let ci = std::env::var_os("CI").is_some_and(|v| !v.is_empty() && v != "0" && v != "false");
+        assert!(!ci, "needs 2 online CPUs (have {online:?}) and CI is set");
+        eprintln!("SKIP: needs 2 online CPUs (have {online:?})");
+        return None;
+    }
+    Some((online[0], online[1]))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -950,15 +964,9 @@ mod tests {
     /// explicit cores); a CPU beyond the host's is still refused, naming it.
     #[test]
     fn explicit_cores_outside_the_inherited_affinity_are_accepted() {
-        let online = HostCpus::read().online.unwrap_or_default();
-        if online.len() < 2 {
-            let ci =
-                std::env::var_os("CI").is_some_and(|v| !v.is_empty() && v != "0" && v != "false");
-            assert!(!ci, "needs 2 online CPUs (have {online:?}) and CI is set");
-            eprintln!("SKIP: needs 2 online CPUs (have {online:?})");
+        let Some((first, other)) = two_online_cpus() else {
             return;
-        }
-        let (first, other) = (online[0], online[1]);
+        };
         std::thread::spawn(move || {
             // This thread's affinity: `first` only, like a process started under taskset.
             assert!(core_affinity::set_for_current(core_affinity::CoreId {

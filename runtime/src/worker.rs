@@ -532,15 +532,9 @@ mod tests {
     /// A worker pinned to a core outside the affinity its process inherited runs there.
     #[test]
     fn a_worker_runs_on_its_explicit_core_outside_the_inherited_affinity() {
-        let online = crate::config::HostCpus::read().online.unwrap_or_default();
-        if online.len() < 2 {
-            let ci =
-                std::env::var_os("CI").is_some_and(|v| !v.is_empty() && v != "0" && v != "false");
-            assert!(!ci, "needs 2 online CPUs (have {online:?}) and CI is set");
-            eprintln!("SKIP: needs 2 online CPUs (have {online:?})");
+        let Some((first, other)) = crate::config::two_online_cpus() else {
             return;
-        }
-        let (first, other) = (online[0], online[1]);
+        };
         std::thread::spawn(move || {
             assert!(core_affinity::set_for_current(core_affinity::CoreId {
                 id: first
