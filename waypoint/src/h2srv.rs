@@ -338,11 +338,7 @@ async fn forward_streamed<U: Upstream>(
         .and_then(|v| v.trim().parse().ok());
     let mut buf = BytesMut::new();
     let Some(buffered) = http1::within(deadline, buffer_body(body, &mut buf)).await else {
-        let resp = http1::simple_response(504, &[], "upstream request timeout", false);
-        let n = resp.len() as u64;
-        up.note(http1::Note::RequestBodyTimeout);
-        send(respond, resp, head_request).await;
-        return (504, "UT", buf.len() as u64, n);
+        return request_body_timeout(up, respond, head_request, buf.len() as u64).await;
     };
     let Ok(ended) = buffered else {
         send(respond, status_only(400), head_request).await;
@@ -474,11 +470,7 @@ async fn forward_h2<U: Upstream>(
     };
     let mut buf = BytesMut::new();
     let Some(buffered) = http1::within(deadline, buffer_body(body, &mut buf)).await else {
-        let resp = http1::simple_response(504, &[], "upstream request timeout", false);
-        let n = resp.len() as u64;
-        up.note(http1::Note::RequestBodyTimeout);
-        send(respond, resp, head_request).await;
-        return (504, "UT", buf.len() as u64, n);
+        return request_body_timeout(up, respond, head_request, buf.len() as u64).await;
     };
     let complete = match buffered {
         Ok(c) => c,
@@ -872,6 +864,21 @@ fn status_only(status: u16) -> Vec<u8> {
 }
 
 /// Send a complete HTTP/1.1 response (head and body) as an HTTP/2 response.
+/// The route's time ran out while the request body was being read: 504 (`UT`), counted.
+/// Returns the access-log figures (status, flags, request body bytes, response bytes).
+async fn request_body_timeout<U: Upstream>(
+    up: &mut U,
+    respond: &mut SendResponse<Bytes>,
+    head_request: bool,
+    body_bytes: u64,
+) -> (u16, &'static str, u64, u64) {
+    let resp = http1::simple_response(504, &[], "upstream request timeout", false);
+    let n = resp.len() as u64;
+    up.note(http1::Note::RequestBodyTimeout);
+    send(respond, resp, head_request).await;
+    (504, "UT", body_bytes, n)
+}
+
 async fn send(respond: &mut SendResponse<Bytes>, h1: Vec<u8>, head_request: bool) {
     let Some((resp, body)) = to_h2(&h1, head_request) else {
         respond.send_reset(h2::Reason::INTERNAL_ERROR);

@@ -1823,7 +1823,12 @@ async fn forward_request<T: Tunnel, U: Upstream>(
                 .transpose()?
                 .is_none()
             {
-                return Ok(response_cut(h.status, sent, 0));
+                return Ok(response_cut(
+                    h.status,
+                    sent,
+                    0,
+                    "upstream request timeout while the response was written",
+                ));
             }
             return Ok(Forwarded {
                 status: h.status,
@@ -1860,7 +1865,12 @@ async fn forward_request<T: Tunnel, U: Upstream>(
         }
         None => {
             up.done(None, h.status, false, Some(io::ErrorKind::TimedOut));
-            return Ok(response_cut(h.status, sent, 0));
+            return Ok(response_cut(
+                h.status,
+                sent,
+                0,
+                "upstream request timeout while the response was written",
+            ));
         }
     }
     if upgrade {
@@ -1887,16 +1897,12 @@ async fn forward_request<T: Tunnel, U: Upstream>(
         // The route's time ran out after the response head went out: the tunnel is reset
         // (the client sees a cut body, never a complete-looking one).
         up.done(None, h.status, false, Some(io::ErrorKind::TimedOut));
-        return Ok(Forwarded {
-            status: h.status,
-            flags: "UT",
-            request_body: sent,
+        return Ok(response_cut(
+            h.status,
+            sent,
             response_bytes,
-            next: Next::Abort(io::Error::new(
-                io::ErrorKind::TimedOut,
-                "upstream request timeout in the response body",
-            )),
-        });
+            "upstream request timeout in the response body",
+        ));
     };
     match copied {
         Ok(n) => response_bytes += n,
@@ -1937,16 +1943,13 @@ async fn forward_request<T: Tunnel, U: Upstream>(
 
 /// The route's time ran out while the response went downstream (a client not reading it):
 /// the tunnel is reset, so the client sees a cut response, never a complete-looking one.
-fn response_cut(status: u16, sent: u64, response_bytes: u64) -> Forwarded {
+fn response_cut(status: u16, sent: u64, response_bytes: u64, why: &'static str) -> Forwarded {
     Forwarded {
         status,
         flags: "UT",
         request_body: sent,
         response_bytes,
-        next: Next::Abort(io::Error::new(
-            io::ErrorKind::TimedOut,
-            "upstream request timeout while the response was written",
-        )),
+        next: Next::Abort(io::Error::new(io::ErrorKind::TimedOut, why)),
     }
 }
 

@@ -133,6 +133,17 @@ mod tests {
         panic!("no reload");
     }
 
+    /// Writes `text` and sets the file's modification time to `mtime`.
+    fn write_with_mtime(file: &Path, text: &str, mtime: SystemTime) {
+        std::fs::write(file, text).unwrap();
+        std::fs::File::options()
+            .write(true)
+            .open(file)
+            .unwrap()
+            .set_modified(mtime)
+            .unwrap();
+    }
+
     fn start(file: &Path, loaded: &str) -> (Watcher, Arc<Counters>, Publisher<WaypointConfig>) {
         let cfg = config::load_str(file, loaded, 1).unwrap();
         let publisher = Publisher::new(cfg);
@@ -169,24 +180,12 @@ mod tests {
         let file = dir.join("c.yaml");
         // A modification time the next edit will keep (as an edit within one time tick).
         let mtime = SystemTime::now() + Duration::from_secs(3600);
-        std::fs::write(&file, A).unwrap();
-        std::fs::File::options()
-            .write(true)
-            .open(&file)
-            .unwrap()
-            .set_modified(mtime)
-            .unwrap();
+        write_with_mtime(&file, A, mtime);
         let (_w, counters, _p) = start(&file, A);
         // Same length, same modification time, other text.
         let b = A.replace("name: a,", "name: b,");
         assert_eq!(b.len(), A.len());
-        std::fs::write(&file, &b).unwrap();
-        std::fs::File::options()
-            .write(true)
-            .open(&file)
-            .unwrap()
-            .set_modified(mtime)
-            .unwrap();
+        write_with_mtime(&file, &b, mtime);
         wait(&counters, 1);
         let _ = std::fs::remove_dir_all(&dir);
     }
