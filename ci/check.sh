@@ -3,6 +3,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ci/install-deps.sh
+# Disk left for the build (a clean test build takes about 2 GB); printed for the CI log.
+df -h . || true
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy"
