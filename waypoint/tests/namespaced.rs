@@ -22,7 +22,7 @@ use std::sync::mpsc;
 use std::time::{Duration, SystemTime};
 
 use common::{block_on, connect, exchange, get, id, next_request, ok_response, SPEC_ECHO_ROUTE};
-use netlab::{in_ns, Addressing, Lab, Pod, TwoNodes};
+use netlab::{in_ns, metric, Addressing, Lab, Pod, TwoNodes};
 
 /// The env var that turns this test binary into a ztunnel (see [`ztunnel_child`]).
 const ZT_ARGS: &str = "WP_NS_ZTUNNEL_ARGS";
@@ -192,25 +192,6 @@ fn serve_http(
             return;
         }
     }
-}
-
-/// The value of `name{labels…}` summed over the series that carry all `labels`.
-fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> u64 {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter_map(|l| {
-            let (series, value) = l.rsplit_once(' ')?;
-            let (n, rest) = series.split_once('{').unwrap_or((series, ""));
-            if n != name {
-                return None;
-            }
-            labels
-                .iter()
-                .all(|(k, v)| rest.contains(&format!("{k}=\"{v}\"")))
-                .then(|| value.parse::<f64>().ok().map(|v| v as u64))
-                .flatten()
-        })
-        .sum()
 }
 
 struct World {

@@ -290,18 +290,7 @@ pub fn http_get(addr: SocketAddr, path: &str) -> (String, String) {
 }
 
 /// Sum of the samples of `name` whose labels include every `(k, v)`.
-pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> u64 {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter(|l| l.starts_with(&format!("{name}{{")) || l.starts_with(&format!("{name} ")))
-        .filter(|l| {
-            labels
-                .iter()
-                .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
-        })
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
-        .sum()
-}
+pub use netlab::metric;
 
 /// Poll `f` until true or 5 s.
 pub fn eventually(what: &str, f: impl FnMut() -> bool) {
