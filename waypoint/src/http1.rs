@@ -1204,7 +1204,17 @@ pub(crate) fn request_deadline(fwd: &Forward, started: Instant) -> Option<Instan
         .map(|d| started + d)
 }
 
-/// `f`'s output, or `None` when `deadline` passes first (`f` is then dropped).
+/// A timer kept out of line. A monoio `Sleep` is cache-line padded (128-byte aligned on
+/// x86-64): held inline, it makes every future around it 128-byte aligned, and boxing such
+/// a future costs an aligned allocation (`posix_memalign`) even when no timer runs. Boxed
+/// here, a timer costs an allocation only when one is set.
+pub(crate) fn timer(d: Duration) -> std::pin::Pin<Box<monoio::time::Sleep>> {
+    Box::pin(monoio::time::sleep(d))
+}
+
+/// `f`'s output, or `None` when `deadline` passes first (`f` is then dropped). The timer
+/// is boxed ([`timer`]): a future awaiting this without a deadline stays small and
+/// ordinarily aligned.
 pub(crate) async fn within<F: std::future::Future>(
     deadline: Option<Instant>,
     f: F,
@@ -1213,7 +1223,7 @@ pub(crate) async fn within<F: std::future::Future>(
         None => Some(f.await),
         Some(d) => {
             let left = d.saturating_duration_since(Instant::now());
-            match race(f, monoio::time::sleep(left)).await {
+            match race(f, timer(left)).await {
                 Either::Left(r) => Some(r),
                 Either::Right(()) => None,
             }
@@ -1652,7 +1662,7 @@ pub(crate) async fn attempt<T: Tunnel, U: Upstream>(
         );
         let r = match per_try {
             // Dropped on expiry: the upstream stream is reset.
-            Some(t) => match race(attempt, monoio::time::sleep(t)).await {
+            Some(t) => match race(attempt, timer(t)).await {
                 Either::Left(r) => Some(r),
                 Either::Right(()) => None,
             },
@@ -1718,7 +1728,7 @@ pub(crate) async fn attempt<T: Tunnel, U: Upstream>(
         if let Some(l) = remaining() {
             wait = wait.min(l);
         }
-        monoio::time::sleep(wait).await;
+        timer(wait).await;
     }
 }
 
@@ -2423,6 +2433,41 @@ mod tests {
             assert_eq!(r.err().map(|e| e.kind()), Some(io::ErrorKind::BrokenPipe));
             assert_eq!(up.lb.active(0), 0);
         }
+    }
+
+    /// The per-request future `serve_from` boxes holds no timer inline (a monoio timer is
+    /// 128-byte aligned, and an over-aligned box is a `posix_memalign` per request): the
+    /// route's timers are boxed when set ([`timer`]).
+    #[test]
+    fn forward_request_future_is_not_over_aligned() {
+        let mut up = LeastRequest {
+            lb: crate::lb::Balancer::new(1, crate::lb::LbPolicy::LeastRequest, None),
+            response: b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n",
+        };
+        let head = head_of(b"GET / HTTP/1.1\r\nhost: echo\r\n\r\n");
+        let (mut buf, mut rng, fwd) = (
+            BytesMut::new(),
+            crate::lb::SplitMix64(2),
+            Forward::default(),
+        );
+        let mut gone = Gone;
+        let f = forward_request(
+            &mut gone,
+            &mut buf,
+            &mut up,
+            &fwd,
+            &head,
+            Bytes::new(),
+            ReqBody::Buffered(Bytes::new()),
+            false,
+            &mut rng,
+            None,
+        );
+        let (size, align) = (std::mem::size_of_val(&f), std::mem::align_of_val(&f));
+        assert!(
+            align <= 16,
+            "forward_request future: {size} bytes, aligned to {align}"
+        );
     }
 
     #[test]

@@ -1305,7 +1305,7 @@ impl HboneUpstream {
         };
         let r = match timeout {
             // Dropped on expiry: the upstream stream is reset.
-            Some(t) => match race(send, monoio::time::sleep(t)).await {
+            Some(t) => match race(send, http1::timer(t)).await {
                 Either::Left(r) => r,
                 Either::Right(()) => Err(io::Error::new(
                     io::ErrorKind::TimedOut,
