@@ -766,6 +766,19 @@ pub trait Upstream {
         head: &RequestHead,
     ) -> io::Result<(Self::Conn, bool)>;
 
+    /// [`Upstream::connect`], told whether the request can go again on a new connection
+    /// if a kept one turns out closed before any response byte ([`replayable_on_new_stream`]):
+    /// an implementation keeping idle connections gives a long-idle one only to such a
+    /// request. The tries of [`attempt`] connect through this.
+    async fn connect_try(
+        &mut self,
+        service: Option<&(ObjectRef, u16)>,
+        head: &RequestHead,
+        _replayable: bool,
+    ) -> io::Result<(Self::Conn, bool)> {
+        self.connect(service, head).await
+    }
+
     /// The try ended: `status` (0: no response), `conn` back when it is there, kept for the
     /// next request when `reusable`; `error` when the try failed.
     fn done(
@@ -899,6 +912,15 @@ pub(crate) fn idempotent(method: &str) -> bool {
         method,
         "GET" | "HEAD" | "OPTIONS" | "TRACE" | "PUT" | "DELETE"
     )
+}
+
+/// Whether a request can go again on a new connection when the kept one it was sent on
+/// turns out closed before any response byte ([`attempt`] replays only a buffered body):
+/// an idempotent method with its body read whole (possibly empty). A streamed body (longer
+/// than [`REPLAY_BUFFER`], or of unknown length: an HTTP/2 body with no `content-length`
+/// that END_STREAM ends) is gone once sent, whatever the head says.
+pub(crate) fn replayable_on_new_stream(head: &RequestHead, body: &ReqBody) -> bool {
+    idempotent(&head.method) && matches!(body, ReqBody::Buffered(_))
 }
 
 /// The mirrored copy of a request: `Host` gets `-shadow` appended (before any port).
@@ -1492,7 +1514,7 @@ async fn one_try<T: Tunnel, U: Upstream>(
     sent: &mut u64,
 ) -> Result<(U::Conn, bool, RespHead, BytesMut), TryError> {
     let (mut conn, reused) = up
-        .connect(service, head)
+        .connect_try(service, head, replayable_on_new_stream(head, body))
         .await
         .map_err(|e| TryError::Upstream { e, fresh: false })?;
     let fail = |e: io::Error| TryError::Upstream { e, fresh: reused };
@@ -2468,6 +2490,115 @@ mod tests {
             align <= 16,
             "forward_request future: {size} bytes, aligned to {align}"
         );
+    }
+
+    /// Records what each try's connect was told about replaying.
+    struct Replays(Vec<bool>);
+
+    impl Upstream for Replays {
+        type Conn = OneResponse;
+
+        async fn connect(
+            &mut self,
+            _service: Option<&(ObjectRef, u16)>,
+            _head: &RequestHead,
+        ) -> io::Result<(OneResponse, bool)> {
+            unreachable!("tries connect through connect_try")
+        }
+
+        async fn connect_try(
+            &mut self,
+            _service: Option<&(ObjectRef, u16)>,
+            _head: &RequestHead,
+            replayable: bool,
+        ) -> io::Result<(OneResponse, bool)> {
+            self.0.push(replayable);
+            let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n";
+            Ok((OneResponse(Some(Bytes::from_static(ok))), false))
+        }
+
+        fn done(&mut self, _: Option<OneResponse>, _: u16, _: bool, _: Option<io::ErrorKind>) {}
+
+        async fn exchange(
+            &mut self,
+            _service: Option<&(ObjectRef, u16)>,
+            _request: Bytes,
+            _timeout: Option<Duration>,
+        ) -> io::Result<Vec<u8>> {
+            Err(io::Error::other("not used here"))
+        }
+
+        fn mirror(&mut self, _service: &(ObjectRef, u16), _request: Bytes) {}
+    }
+
+    /// Only a request that can be sent again on a new stream (idempotent, its body read
+    /// whole) may take a long-idle kept one. An HTTP/2 body of unknown length (no
+    /// `content-length`, ended by END_STREAM) is streamed: its HTTP/1.1 head upstream has
+    /// neither `content-length` nor `transfer-encoding` (h2srv adds the framing to the
+    /// bytes, not the head), yet it cannot be replayed.
+    #[test]
+    fn only_buffered_idempotent_requests_are_replayable_on_a_new_stream() {
+        let (mut rt, _) = runtime::driver::build_runtime(
+            &runtime::driver::DriverDecision {
+                kind: runtime::DriverKind::Epoll,
+                reason: "test".into(),
+            },
+            64,
+        )
+        .unwrap();
+        let small = Bytes::from_static(b"0123456789");
+        let cases = [
+            (
+                "GET / HTTP/1.1\r\nhost: a\r\n\r\n",
+                ReqBody::Buffered(Bytes::new()),
+                true,
+            ),
+            (
+                "PUT / HTTP/1.1\r\nhost: a\r\ncontent-length: 10\r\n\r\n",
+                ReqBody::Buffered(small.clone()),
+                true,
+            ),
+            (
+                "PUT / HTTP/1.1\r\nhost: a\r\n\r\n",
+                ReqBody::Streamed(Framing::Eof),
+                false,
+            ),
+            (
+                "PUT / HTTP/1.1\r\nhost: a\r\ncontent-length: 100000\r\n\r\n",
+                ReqBody::Streamed(Framing::Length(100_000)),
+                false,
+            ),
+            (
+                "GET / HTTP/1.1\r\nhost: a\r\ntransfer-encoding: chunked\r\n\r\n",
+                ReqBody::Streamed(Framing::Chunked),
+                false,
+            ),
+            (
+                "POST / HTTP/1.1\r\nhost: a\r\ncontent-length: 10\r\n\r\n",
+                ReqBody::Buffered(small),
+                false,
+            ),
+        ];
+        for (raw, body, want) in cases {
+            let head = head_of(raw.as_bytes());
+            assert_eq!(replayable_on_new_stream(&head, &body), want, "{raw:?}");
+            let mut up = Replays(Vec::new());
+            let has_body = !matches!(&body, ReqBody::Buffered(b) if b.is_empty());
+            // (A streamed body then fails: the test's source is empty.)
+            let _ = rt.block_on(attempt(
+                &mut Gone,
+                &mut BytesMut::new(),
+                &mut up,
+                &Forward::default(),
+                &head,
+                Bytes::from_static(raw.as_bytes()),
+                &body,
+                has_body,
+                &mut crate::lb::SplitMix64(2),
+                None,
+            ));
+            assert_eq!(up.0, [want], "{raw:?}");
+        }
     }
 
     #[test]

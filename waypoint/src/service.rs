@@ -912,10 +912,20 @@ impl http1::Tunnel for UpConn {
 impl Upstream for HboneUpstream {
     type Conn = UpConn;
 
+    /// Without word about the body: only a recently used kept stream.
     async fn connect(
         &mut self,
         service: Option<&(ObjectRef, u16)>,
         head: &http1::RequestHead,
+    ) -> io::Result<(UpConn, bool)> {
+        self.connect_try(service, head, false).await
+    }
+
+    async fn connect_try(
+        &mut self,
+        service: Option<&(ObjectRef, u16)>,
+        head: &http1::RequestHead,
+        replayable: bool,
     ) -> io::Result<(UpConn, bool)> {
         let key = match service {
             Some((svc, port)) => {
@@ -964,7 +974,7 @@ impl Upstream for HboneUpstream {
         // a recently used one; after a kept stream that was closed, a new one.
         let max_idle = if std::mem::take(&mut self.fresh_next) {
             Duration::ZERO
-        } else if replayable_on_new_stream(head) {
+        } else if replayable {
             crate::upstream::IDLE_STREAM_EXPIRY
         } else {
             crate::upstream::UNSAFE_REUSE_MAX_IDLE
@@ -1713,22 +1723,6 @@ impl HboneUpstream {
     }
 }
 
-/// Whether a request can go again on a new stream when the kept one it was sent on turns
-/// out closed before any response byte ([`http1::attempt`] replays only a request whose
-/// body was buffered): an idempotent method, with no body or one short enough to be kept
-/// ([`http1::REPLAY_BUFFER`]). Others get only a recently used kept stream
-/// ([`crate::upstream::UNSAFE_REUSE_MAX_IDLE`]).
-fn replayable_on_new_stream(head: &http1::RequestHead) -> bool {
-    if !http1::idempotent(&head.method) || head.header("transfer-encoding").is_some() {
-        return false;
-    }
-    head.header("content-length").is_none_or(|n| {
-        n.trim()
-            .parse::<usize>()
-            .is_ok_and(|n| n <= http1::REPLAY_BUFFER)
-    })
-}
-
 /// The outcome of a try as outlier detection counts it: a try abandoned without a verdict
 /// (a kept stream found closed) is neutral (200); a response whose body timed out or was
 /// cut counts as the gateway error the client effectively got (504, 502), whatever its
@@ -1946,26 +1940,5 @@ mod tests {
             0
         );
         assert_eq!(outlier_verdict(404, None), 404);
-    }
-
-    /// Which requests may take a kept stream idle for longer than
-    /// [`crate::upstream::UNSAFE_REUSE_MAX_IDLE`].
-    #[test]
-    fn only_replayable_requests_take_long_idle_kept_streams() {
-        let head = |raw: &str| match http1::parse_head(raw.as_bytes()) {
-            http1::Parsed::Head(h, _) => h,
-            other => panic!("{other:?}"),
-        };
-        assert!(replayable_on_new_stream(&head("GET / HTTP/1.1\r\n\r\n")));
-        assert!(replayable_on_new_stream(&head(
-            "PUT / HTTP/1.1\r\ncontent-length: 10\r\n\r\n"
-        )));
-        assert!(!replayable_on_new_stream(&head(
-            "PUT / HTTP/1.1\r\ncontent-length: 100000\r\n\r\n"
-        )));
-        assert!(!replayable_on_new_stream(&head(
-            "GET / HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n"
-        )));
-        assert!(!replayable_on_new_stream(&head("POST / HTTP/1.1\r\n\r\n")));
     }
 }
