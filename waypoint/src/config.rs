@@ -6,7 +6,7 @@
 //! |----------|--------------|-------------|
 //! | `HTTPRoute` | `gateway.networking.k8s.io/v1`, `/v1beta1` | [`crate::route::HttpRoute`] |
 //! | `AuthorizationPolicy` | `security.istio.io/v1`, `/v1beta1` | [`crate::authz::Policy`] |
-//! | `DestinationRule` | `networking.istio.io/v1`, `/v1beta1`, `/v1alpha3` | [`ServiceLb`]: `trafficPolicy.loadBalancer`, `.outlierDetection`, `.connectionPool.http.useClientProtocol` |
+//! | `DestinationRule` | `networking.istio.io/v1`, `/v1beta1`, `/v1alpha3` | [`ServiceLb`]: `trafficPolicy.loadBalancer`, `.outlierDetection`, `.connectionPool.http.useClientProtocol`, `.connectionPool.http.idleTimeout` |
 //! | no `apiVersion`/`kind`, a `waypoint:` key | — | [`SettingsDoc`], exactly one for the binary |
 //! | no `apiVersion`/`kind`, no `waypoint:` key | — | mesh-model's local config (`namespaces`, `workloads`, `services`, `policies`, `waypoints`, `nodes`; see the `mesh_model` crate docs), at most one |
 //!
@@ -110,6 +110,10 @@ pub struct WaypointConfig {
     pub policies: Vec<authz::Policy>,
     /// By service.
     pub load_balancing: BTreeMap<ObjectRef, ServiceLb>,
+    /// DestinationRule `trafficPolicy.connectionPool.http.idleTimeout`, by service: how
+    /// long an idle upstream HTTP/1.1 stream to its endpoints is kept for reuse (see
+    /// [`WaypointConfig::idle_expiry`]).
+    pub idle_timeouts: BTreeMap<ObjectRef, Duration>,
     /// The waypoint's own settings document, when the file has one.
     pub settings: Option<SettingsDoc>,
 }
@@ -121,6 +125,18 @@ impl WaypointConfig {
             m.services()
                 .any(|x| x.namespace == s.namespace && x.name == s.name)
         })
+    }
+
+    /// How long an idle upstream stream kept after a request to `service` (`None`: a
+    /// pod-addressed request) may wait for the next: its DestinationRule's `idleTimeout`,
+    /// else [`crate::upstream::IDLE_STREAM_EXPIRY`]. `0s` is Istio's "no idle timeout":
+    /// [`Duration::MAX`], the stream is kept until the pool's bounds or its upstream end it.
+    pub fn idle_expiry(&self, service: Option<&ObjectRef>) -> Duration {
+        match service.and_then(|s| self.idle_timeouts.get(s)) {
+            None => crate::upstream::IDLE_STREAM_EXPIRY,
+            Some(d) if d.is_zero() => Duration::MAX,
+            Some(d) => *d,
+        }
     }
 
     /// The service's balancing (least request by default).
@@ -262,7 +278,10 @@ pub fn load_str(file: &Path, text: &str, version: u64) -> Result<WaypointConfig,
                 "DestinationRule",
             ) => {
                 let d: Doc<DrSpec> = parse(file, &doc).map_err(at)?;
-                let (svc, lb) = compile_dr(&d).map_err(invalid)?;
+                let (svc, lb, idle) = compile_dr(&d).map_err(invalid)?;
+                if let Some(idle) = idle {
+                    cfg.idle_timeouts.insert(svc.clone(), idle);
+                }
                 if cfg.load_balancing.insert(svc.clone(), lb).is_some() {
                     return Err(invalid(Invalid::new(
                         "spec.host",
@@ -1528,6 +1547,8 @@ struct ConnPoolRaw {
 struct HttpPoolRaw {
     #[serde(default)]
     use_client_protocol: Option<bool>,
+    #[serde(default)]
+    idle_timeout: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize)]
@@ -1598,9 +1619,11 @@ fn dr_host(host: &str, ns: &str) -> Result<ObjectRef, Invalid> {
     }
 }
 
-fn compile_dr(d: &Doc<DrSpec>) -> Result<(ObjectRef, ServiceLb), Invalid> {
+/// The service, its balancing, and its upstream idle timeout when set.
+fn compile_dr(d: &Doc<DrSpec>) -> Result<(ObjectRef, ServiceLb, Option<Duration>), Invalid> {
     let svc = dr_host(&d.spec.host, d.metadata.namespace())?;
     let mut lb = ServiceLb::default();
+    let mut idle = None;
     if let Some(tp) = &d.spec.traffic_policy {
         if let Some(l) = &tp.load_balancer {
             lb.policy = match (&l.simple, &l.consistent_hash) {
@@ -1655,7 +1678,11 @@ fn compile_dr(d: &Doc<DrSpec>) -> Result<(ObjectRef, ServiceLb), Invalid> {
         }
         if let Some(http) = tp.connection_pool.as_ref().and_then(|c| c.http.as_ref()) {
             lb.use_client_protocol = http.use_client_protocol.unwrap_or(false);
+            if let Some(t) = &http.idle_timeout {
+                let f = "spec.trafficPolicy.connectionPool.http.idleTimeout";
+                idle = Some(runtime::config::duration::parse(t).map_err(|e| Invalid::new(f, e))?);
+            }
         }
     }
-    Ok((svc, lb))
+    Ok((svc, lb, idle))
 }

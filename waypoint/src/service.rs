@@ -507,23 +507,24 @@ struct Worker {
     shared: Arc<Shared>,
 }
 
-/// The worker's one timer for its idle upstream streams: every half
-/// [`crate::upstream::IDLE_STREAM_EXPIRY`], the expired ones are reset, so that none stays
-/// open once the traffic stopped (`take`/`put` sweep only while requests come).
+/// The worker's one timer for its idle upstream streams: every half of the shortest
+/// expiry kept ([`crate::upstream::IdleStreams::sweep_period`]), the expired ones are
+/// reset, so that none stays open once the traffic stopped (`take`/`put` sweep only while
+/// requests come).
 fn spawn_idle_sweeper(w: std::rc::Weak<Worker>) {
     monoio::spawn(async move {
+        let mut period = crate::upstream::IDLE_STREAM_EXPIRY / 2;
         loop {
-            monoio::time::sleep(crate::upstream::IDLE_STREAM_EXPIRY / 2).await;
+            monoio::time::sleep(period).await;
             let Some(w) = w.upgrade() else { return };
             if w.ctx.shutdown().is_draining() {
-                w.idle
-                    .borrow_mut()
-                    .sweep(Instant::now() + crate::upstream::IDLE_STREAM_EXPIRY);
+                w.idle.borrow_mut().clear();
                 return;
             }
             if !w.idle.borrow().is_empty() {
                 w.idle.borrow_mut().sweep(Instant::now());
             }
+            period = w.idle.borrow().sweep_period();
         }
     });
 }
@@ -975,7 +976,7 @@ impl Upstream for HboneUpstream {
         let max_idle = if std::mem::take(&mut self.fresh_next) {
             Duration::ZERO
         } else if replayable {
-            crate::upstream::IDLE_STREAM_EXPIRY
+            Duration::MAX
         } else {
             crate::upstream::UNSAFE_REUSE_MAX_IDLE
         };
@@ -1669,7 +1670,7 @@ impl HboneUpstream {
         let kept = self.worker.idle.borrow_mut().take(
             &(idle_key.0, idle_key.1, self.source_ip),
             Instant::now(),
-            crate::upstream::IDLE_STREAM_EXPIRY,
+            Duration::MAX,
         );
         if let Some(mut s) = kept {
             let mut got = false;
@@ -1713,10 +1714,15 @@ impl HboneUpstream {
     /// too many kept) end it.
     fn keep(&mut self, key: (SocketAddr, SocketAddr), mut s: H2Stream, reusable: bool) {
         if reusable {
-            self.worker
-                .idle
-                .borrow_mut()
-                .put((key.0, key.1, self.source_ip), s, Instant::now());
+            // The expiry of the service this request went to (its DestinationRule).
+            let service = self.last.as_ref().and_then(|(svc, _)| svc.as_ref());
+            let expiry = self.l7.idle_expiry(service);
+            self.worker.idle.borrow_mut().put(
+                (key.0, key.1, self.source_ip),
+                s,
+                Instant::now(),
+                expiry,
+            );
         } else {
             s.reset(h2::Reason::CANCEL);
         }

@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use mesh_model::model::HBONE_PORT;
 use mesh_model::snapshot::Snapshot;
@@ -225,14 +225,34 @@ pub const MAX_IDLE_STREAMS: usize = 4096;
 /// A worker's upstream HBONE streams whose last HTTP/1.1 response was complete (HTTP/1.1
 /// keep-alive), shared by all the worker's tunnels: an idle downstream tunnel holds no
 /// upstream stream, and the next request to the same endpoint from the same client, on
-/// any tunnel of the worker, reuses the most recently used one. Streams idle for
-/// [`IDLE_STREAM_EXPIRY`] are reset (an upstream that closed one meanwhile is found on
-/// reuse, and the request goes on a new stream); a worker's timer sweeps them every
-/// half expiry when the traffic stops.
+/// any tunnel of the worker, reuses the most recently used one. A stream idle for its
+/// expiry (the service's DestinationRule `connectionPool.http.idleTimeout`, by default
+/// [`IDLE_STREAM_EXPIRY`]; given with each [`IdleStreams::put`]) is reset (an upstream that
+/// closed one meanwhile is found on reuse, and the request goes on a new stream); a
+/// worker's timer sweeps them every half of the shortest expiry kept
+/// ([`IdleStreams::sweep_period`]) when the traffic stops. One per worker: no lock.
 pub struct IdleStreams {
-    by_key: FnvMap<IdleKey, std::collections::VecDeque<(hbone::stream::H2Stream, Instant)>>,
+    by_key: FnvMap<IdleKey, std::collections::VecDeque<Kept>>,
     total: usize,
     swept: Instant,
+    /// The shortest expiry of the streams kept at the last sweep or put since.
+    shortest: Duration,
+}
+
+/// A kept stream, when it was put back, and how long it may stay idle.
+struct Kept {
+    stream: hbone::stream::H2Stream,
+    at: Instant,
+    expiry: Duration,
+}
+
+impl Kept {
+    fn expired(&self, now: Instant) -> bool {
+        now.saturating_duration_since(self.at) >= self.expiry
+    }
+    fn reset(mut self) {
+        self.stream.reset(h2::Reason::CANCEL);
+    }
 }
 
 impl Default for IdleStreams {
@@ -241,65 +261,73 @@ impl Default for IdleStreams {
             by_key: FnvMap::default(),
             total: 0,
             swept: Instant::now(),
+            shortest: IDLE_STREAM_EXPIRY,
         }
     }
 }
 
 impl IdleStreams {
     /// The most recently kept usable stream for `key` that has been idle for less than
-    /// `max_idle` (at most [`IDLE_STREAM_EXPIRY`]). Expired streams, and those found
-    /// closed or holding unsolicited bytes ([`idle_stream_usable`]), are reset.
+    /// `max_idle` and its own expiry. Expired streams, and those found closed or holding
+    /// unsolicited bytes ([`idle_stream_usable`]), are reset.
     pub fn take(
         &mut self,
         key: &IdleKey,
         now: Instant,
-        max_idle: std::time::Duration,
+        max_idle: Duration,
     ) -> Option<hbone::stream::H2Stream> {
-        if now.saturating_duration_since(self.swept) >= IDLE_STREAM_EXPIRY / 4 {
+        if now.saturating_duration_since(self.swept) >= self.shortest / 4 {
             self.sweep(now);
         }
         let q = self.by_key.get_mut(key)?;
         let mut found = None;
-        while let Some((mut s, at)) = q.pop_back() {
-            let idle = now.saturating_duration_since(at);
-            if idle >= IDLE_STREAM_EXPIRY {
-                // The rest are older still.
-                self.total -= 1;
-                s.reset(h2::Reason::CANCEL);
-                for (mut s, _) in q.drain(..) {
+        let mut i = q.len();
+        // Newest first; an expired one (expiries may differ: one endpoint can serve
+        // several services) is reset wherever it is.
+        while i > 0 {
+            i -= 1;
+            if q[i].expired(now) {
+                if let Some(k) = q.remove(i) {
                     self.total -= 1;
-                    s.reset(h2::Reason::CANCEL);
+                    k.reset();
                 }
-                break;
+                continue;
             }
-            if idle >= max_idle {
+            if now.saturating_duration_since(q[i].at) >= max_idle {
                 // Too old for this request (the rest are older still), not for others.
-                q.push_back((s, at));
                 break;
             }
+            let Some(mut k) = q.remove(i) else { break };
             self.total -= 1;
-            if idle_stream_usable(&mut s) {
-                found = Some(s);
+            if idle_stream_usable(&mut k.stream) {
+                found = Some(k.stream);
                 break;
             }
-            s.reset(h2::Reason::CANCEL);
+            k.reset();
         }
         // An emptied key stays (with its queue's storage) for the stream this request
         // puts back; the sweep removes it if it stays empty.
         found
     }
 
-    /// Keep `s` for the next request to `key`; reset it when the limits are reached.
-    pub fn put(&mut self, key: IdleKey, mut s: hbone::stream::H2Stream, now: Instant) {
-        // Sweep every quarter expiry, and when the keys left empty reach the streams'
-        // bound (each sweep then removes at least that many: keys never outgrow twice
-        // [`MAX_IDLE_STREAMS`] for long).
-        if now.saturating_duration_since(self.swept) >= IDLE_STREAM_EXPIRY / 4
+    /// Keep `s` for the next request to `key`, for at most `expiry` idle; reset it when
+    /// the limits are reached.
+    pub fn put(
+        &mut self,
+        key: IdleKey,
+        mut s: hbone::stream::H2Stream,
+        now: Instant,
+        expiry: Duration,
+    ) {
+        // Sweep every quarter of the shortest expiry, and when the keys left empty reach
+        // the streams' bound (each sweep then removes at least that many: keys never
+        // outgrow twice [`MAX_IDLE_STREAMS`] for long).
+        if now.saturating_duration_since(self.swept) >= self.shortest / 4
             || self.by_key.len() >= 2 * MAX_IDLE_STREAMS
         {
             self.sweep(now);
         }
-        if self.total >= MAX_IDLE_STREAMS {
+        if self.total >= MAX_IDLE_STREAMS || expiry.is_zero() {
             s.reset(h2::Reason::CANCEL);
             return;
         }
@@ -308,8 +336,13 @@ impl IdleStreams {
             s.reset(h2::Reason::CANCEL);
             return;
         }
-        q.push_back((s, now));
+        q.push_back(Kept {
+            stream: s,
+            at: now,
+            expiry,
+        });
         self.total += 1;
+        self.shortest = self.shortest.min(expiry);
     }
 
     /// Streams kept now.
@@ -326,23 +359,45 @@ impl IdleStreams {
         self.by_key.len()
     }
 
+    /// How often the worker's timer sweeps: half the shortest expiry of the streams kept
+    /// at the last sweep (at most half [`IDLE_STREAM_EXPIRY`], at least 10 ms). A stream
+    /// is reset at most one period (≤ 2 s) past its expiry.
+    pub fn sweep_period(&self) -> Duration {
+        (self.shortest.min(IDLE_STREAM_EXPIRY) / 2).max(Duration::from_millis(10))
+    }
+
     /// Reset the expired streams of every key; remove the keys left empty. Also run on
     /// `take`, `put` and by each worker's timer, so that streams do not stay open after
     /// the traffic stopped.
     pub fn sweep(&mut self, now: Instant) {
         self.swept = now;
         let total = &mut self.total;
+        let mut shortest = IDLE_STREAM_EXPIRY;
         self.by_key.retain(|_, q| {
-            while q
-                .front()
-                .is_some_and(|(_, at)| now.saturating_duration_since(*at) >= IDLE_STREAM_EXPIRY)
-            {
-                if let Some((mut s, _)) = q.pop_front() {
-                    *total -= 1;
-                    s.reset(h2::Reason::CANCEL);
+            let mut i = 0;
+            while i < q.len() {
+                if q[i].expired(now) {
+                    if let Some(k) = q.remove(i) {
+                        *total -= 1;
+                        k.reset();
+                    }
+                } else {
+                    shortest = shortest.min(q[i].expiry);
+                    i += 1;
                 }
             }
             !q.is_empty()
         });
+        self.shortest = shortest;
+    }
+
+    /// Reset every kept stream (the worker drains).
+    pub fn clear(&mut self) {
+        for (_, q) in self.by_key.drain() {
+            for k in q {
+                k.reset();
+            }
+        }
+        self.total = 0;
     }
 }
