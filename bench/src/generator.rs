@@ -277,6 +277,12 @@ async fn run_plan(plan: Plan) -> GenResult {
     let opening = matches!(plan.work, Work::Idle { .. } | Work::IdleHttp { .. });
     // Connections still opening (idle scenarios): at most OPEN_WINDOW at once.
     let inflight = std::rc::Rc::new(std::cell::Cell::new(0usize));
+    // Idle connections wait on this until the plan ends (one task watches the flag).
+    let hold = std::rc::Rc::new(Hold::default());
+    let watcher = opening.then(|| {
+        let (h, p) = (hold.clone(), plan.clone());
+        monoio::spawn(async move { h.watch(&p).await })
+    });
     let mut handles = Vec::with_capacity(plan.conns);
     for i in 0..plan.conns {
         if opening {
@@ -290,6 +296,7 @@ async fn run_plan(plan: Plan) -> GenResult {
         }
         let opened = Opened(opening.then(|| inflight.clone()));
         let p = plan.clone();
+        let hold = hold.clone();
         handles.push(monoio::spawn(async move {
             match p.work {
                 Work::Throughput { write_size } => throughput_conn(&p, write_size).await,
@@ -300,8 +307,8 @@ async fn run_plan(plan: Plan) -> GenResult {
                     req_body,
                     resp_body,
                 } => http1_conn(&p, req_body, resp_body).await,
-                Work::Idle { size } => idle_conn(&p, size, i, opened).await,
-                Work::IdleHttp { resp_body } => idle_http_conn(&p, resp_body, opened).await,
+                Work::Idle { size } => idle_conn(&p, size, i, opened, &hold).await,
+                Work::IdleHttp { resp_body } => idle_http_conn(&p, resp_body, opened, &hold).await,
                 Work::Http2 { streams, resp_body } => http2_conn(&p, streams, resp_body).await,
                 Work::SlowReader { write_size } => slow_writer_conn(&p, write_size).await,
                 Work::Http1Open { .. } => unreachable!("handled above"),
@@ -312,7 +319,47 @@ async fn run_plan(plan: Plan) -> GenResult {
     for h in handles {
         total.merge(&h.await);
     }
+    if let Some(w) = watcher {
+        w.await;
+    }
     total
+}
+
+/// Where a generator thread's idle connections wait for the plan's end: one task polls the
+/// stop flag and the end time and wakes them all, where a timer per connection would wake
+/// each of thousands every few ms (CPU taken from the backends sharing the core).
+#[derive(Default)]
+struct Hold {
+    over: std::cell::Cell<bool>,
+    waiting: std::cell::RefCell<Vec<std::task::Waker>>,
+}
+
+impl Hold {
+    /// How often the watcher looks at the stop flag (the hold ends at most this late).
+    const POLL: Duration = Duration::from_millis(10);
+
+    async fn watch(&self, p: &Plan) {
+        while running(p) {
+            monoio::time::sleep(Self::POLL).await;
+        }
+        self.over.set(true);
+        for w in self.waiting.take() {
+            w.wake();
+        }
+    }
+
+    /// Ready once the plan has ended.
+    async fn wait(&self) {
+        std::future::poll_fn(|cx| {
+            if self.over.get() {
+                std::task::Poll::Ready(())
+            } else {
+                self.waiting.borrow_mut().push(cx.waker().clone());
+                std::task::Poll::Pending
+            }
+        })
+        .await
+    }
 }
 
 /// An idle connection's place in the opening window: released (once) when its first
@@ -886,17 +933,15 @@ async fn http1_conn(p: &Plan, req_body: usize, resp_body: usize) -> GenResult {
     r
 }
 
-/// Wait (in slices, so Ctrl-C is seen) until the window ends.
-async fn hold(p: &Plan) {
-    while running(p) {
-        // Coarse: thousands of idle connections each wake up this often.
-        monoio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 /// One idle connection: connect (retrying while the path's accept queue is full), one
 /// exchange to prove it is through, idle until the end, one more exchange, close.
-async fn idle_conn(p: &Plan, size: usize, conn: usize, mut opened: Opened) -> GenResult {
+async fn idle_conn(
+    p: &Plan,
+    size: usize,
+    conn: usize,
+    mut opened: Opened,
+    hold: &Hold,
+) -> GenResult {
     let mut r = GenResult::new();
     let mut s = match connect(p, false).await {
         Ok(s) => s,
@@ -915,7 +960,7 @@ async fn idle_conn(p: &Plan, size: usize, conn: usize, mut opened: Opened) -> Ge
     r.hist.saturating_record(start.elapsed().as_nanos() as u64);
     p.live.ops.fetch_add(1, Ordering::Relaxed);
     opened.done();
-    hold(p).await;
+    hold.wait().await;
     if echo_once(&mut s, req, resp, conn as u64 + 1, &mut r)
         .await
         .is_none()
@@ -975,7 +1020,7 @@ async fn http2_conn(p: &Plan, streams: usize, resp_body: usize) -> GenResult {
 
 /// One idle HTTP/1.1 keep-alive connection: connect, one request to prove it is through,
 /// idle until the end, one more request, close.
-async fn idle_http_conn(p: &Plan, resp_body: usize, mut opened: Opened) -> GenResult {
+async fn idle_http_conn(p: &Plan, resp_body: usize, mut opened: Opened, hold: &Hold) -> GenResult {
     let mut r = GenResult::new();
     let s = match connect(p, true).await {
         Ok(s) => s,
@@ -999,7 +1044,7 @@ async fn idle_http_conn(p: &Plan, resp_body: usize, mut opened: Opened) -> GenRe
             r.hist.saturating_record(start.elapsed().as_nanos() as u64);
             p.live.ops.fetch_add(1, Ordering::Relaxed);
             opened.done();
-            hold(p).await;
+            hold.wait().await;
         }
     }
     // Best effort: an HTTP proxy need not close on a client's half-close at once.

@@ -107,6 +107,7 @@ mod http2;
 mod idle_client;
 mod mesh;
 mod peer;
+mod phases;
 mod proxy;
 mod report;
 mod suite;
@@ -741,6 +742,8 @@ fn run(args: Args, suite: Suite) -> Result<ExitCode> {
     let mut loop_be = None;
     let mut mesh_up = None;
     let mut peers: Vec<peer::Peer> = Vec::new();
+    let mut phases = phases::Phases::default();
+    let mut lap = phases.lap("start", started);
     if let Some(layout) = suite.layout {
         eprintln!(
             "bench: bringing up the mesh ({}, two ztunnels{}, profile {})",
@@ -775,6 +778,7 @@ fn run(args: Args, suite: Suite) -> Result<ExitCode> {
             socks5: args.socks5,
         };
         let m = mesh::Mesh::up(&spec, &tmp.0).context("bringing up the mesh")?;
+        lap = phases.lap("mesh up", lap);
         // The proxies may hold a PM QoS request (the latency profile): record what is in
         // force while they run, not before they started.
         host_facts.idle = host::IdleMode::read();
@@ -796,9 +800,13 @@ fn run(args: Args, suite: Suite) -> Result<ExitCode> {
             echo: in_pod("echo")?,
             echo_v1: in_pod("echo-v1")?,
         };
+        lap = phases.lap("backends", lap);
         for spec in &suite.peers {
             eprintln!("bench: starting peer {}: {}", spec.name, spec.cmd);
             peers.push(peer::Peer::start(spec, &m, &tmp.0)?);
+        }
+        if !suite.peers.is_empty() {
+            lap = phases.lap("peers start", lap);
         }
         mesh_up = Some((m, be));
     } else {
@@ -911,6 +919,7 @@ fn run(args: Args, suite: Suite) -> Result<ExitCode> {
         interrupted: interrupted.clone(),
         sizing: Vec::new(),
         fd_baseline: 0,
+        phases,
         tty: std::io::stderr().is_terminal(),
         quiet_waited: Duration::ZERO,
         retries_left: suite.knobs.max_retries,
@@ -926,6 +935,8 @@ fn run(args: Args, suite: Suite) -> Result<ExitCode> {
         eprintln!("bench: {id} × {path}: {}", z.reason);
     }
     let mut runs: Vec<Run> = Vec::new();
+    let suite_t0 = ctx.phases.lap("planning", lap);
+    let before = ctx.phases.total();
     let was_interrupted = suite::run_suite(&mut ctx, &suite.scenarios, &suite.paths, &mut runs)
         .is_err()
         || interrupted.load(std::sync::atomic::Ordering::Relaxed);
@@ -941,7 +952,12 @@ fn run(args: Args, suite: Suite) -> Result<ExitCode> {
             v
         })
         .collect();
+    let mut phases = std::mem::take(&mut ctx.phases);
     drop(ctx);
+    // The suite's time outside the phases its runs timed (progress lines, figures).
+    let inner = phases.total().saturating_sub(before);
+    phases.add("between runs", suite_t0.elapsed().saturating_sub(inner));
+    lap = Instant::now();
     if was_interrupted {
         eprintln!("\nbench: interrupted; writing a partial report");
     }
@@ -965,8 +981,19 @@ fn run(args: Args, suite: Suite) -> Result<ExitCode> {
         v
     });
     // Tear the mesh down now (peers, children, namespaces, their rules), before the report.
+    let peer_logs: Vec<(String, PathBuf)> = peers
+        .iter()
+        .map(|p| (format!("peer-{}.log", p.spec.name), p.log.clone()))
+        .collect();
     drop(peers);
     drop(mesh_up);
+    // Each peer's output (nginx's and HAProxy's error logs go there) beside the report.
+    for (name, log) in &peer_logs {
+        if let Err(e) = std::fs::copy(log, out_dir.join(name)) {
+            eprintln!("bench: keeping {}: {e}", log.display());
+        }
+    }
+    lap = phases.lap("teardown", lap);
 
     // Aggregate per scenario × path.
     let mut entries: Vec<Entry> = Vec::new();
@@ -1123,6 +1150,7 @@ fn run(args: Args, suite: Suite) -> Result<ExitCode> {
         "started_utc": started_utc,
         "finished_utc": finished_utc,
         "wall_s": report::r(started.elapsed().as_secs_f64()),
+        "phases_s": phases.json(),
         "command_line": std::env::args().collect::<Vec<_>>(),
         "suite": suite.name,
         "settings": {
@@ -1245,10 +1273,12 @@ fn run(args: Args, suite: Suite) -> Result<ExitCode> {
     for f in &failures {
         eprintln!("bench: FAILURE: {f}");
     }
+    phases.lap("report", lap);
     eprintln!(
-        "bench: {} in {:.0}s; report: {}",
+        "bench: {} in {:.0}s ({}); report: {}",
         if ok { "ok" } else { "FAILED" },
         started.elapsed().as_secs_f64(),
+        phases.summary(started.elapsed()),
         json_path.display()
     );
     Ok(if was_interrupted {

@@ -162,7 +162,10 @@
 //!   "proxy_exit": string|null,
 //!   "generator_cpu_pct", "backend_cpu_pct": f64,
 //!   "tcp_retransmits": u64|null,
-//!   "pre_busy_pct": f64|null,       // /proc/stat busy outside this process before the run
+//!   "pre_busy_pct": f64|null,       // outside load before the window: other processes' CPU
+//!                                   // over the warm-up (memory runs, and a run started again
+//!                                   // after a busy warm-up: /proc/stat busy outside this
+//!                                   // process over the quiet sample before it)
 //!   "pre_steal_pct": f64|null,
 //!   "quiet": bool,                  // pre_busy_pct <= threshold
 //!   "other_procs_cpu_pct": f64,     // other user processes' CPU during the window
@@ -385,12 +388,18 @@ pub struct Run {
     pub generator_cpu_pct: f64,
     pub backend_cpu_pct: f64,
     pub tcp_retransmits: Option<u64>,
+    /// Outside load before the window: other processes' CPU over the warm-up, or (memory
+    /// runs, and a run started again after a busy warm-up) `/proc/stat` busy CPU outside the
+    /// harness over the quiet sample before the run.
     pub pre_busy_pct: Option<f64>,
     pub pre_steal_pct: Option<f64>,
     pub quiet: bool,
     pub other_procs_cpu_pct: f64,
     pub other_procs_top: Option<String>,
     pub disturbed: bool,
+    /// This attempt's warm-up was not quiet: it is dropped and started again (not reported).
+    #[serde(skip)]
+    pub busy_warmup: bool,
     /// Memory runs whose connections did not fit the descriptor limits.
     pub sizing: Option<crate::fds::Sizing>,
     pub notes: Vec<String>,

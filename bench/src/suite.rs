@@ -440,6 +440,8 @@ pub struct Ctx<'a> {
     pub sizing: Vec<(String, &'static str, crate::fds::Sizing)>,
     /// Descriptors the harness held when the suite started.
     pub fd_baseline: u64,
+    /// Where the suite's time went.
+    pub phases: crate::phases::Phases,
 }
 
 /// The run was interrupted (Ctrl-C): stop the suite.
@@ -486,8 +488,11 @@ pub fn run_suite(
     }
     plan.extend(peers_memory.iter().map(|(sc, p)| (*sc, 1, *p)));
     for (sc, rep, path) in plan {
+        let t_fit = Instant::now();
         let sizing = if sc.kind.is_memory() {
-            refit(ctx, sc, path)?
+            let z = refit(ctx, sc, path)?;
+            ctx.phases.lap("descriptor settle", t_fit);
+            z
         } else {
             None
         };
@@ -522,7 +527,15 @@ pub fn run_suite(
         };
         let mut attempt = 1;
         loop {
-            let mut run = run_one(ctx, this, path, rep, attempt)?;
+            let mut run = run_one(ctx, this, path, rep, attempt, QuietCheck::WarmUp)?;
+            if run.busy_warmup {
+                // Not a run: the same one again, once the machine is quiet.
+                ctx.seq -= 1;
+                if attempt == 1 {
+                    ctx.planned_done -= 1;
+                }
+                run = run_one(ctx, this, path, rep, attempt, QuietCheck::First)?;
+            }
             if let Some(z) = &sizing {
                 run.id = sc.id();
                 run.variant = sc.variant();
@@ -613,9 +626,10 @@ fn fit_one(ctx: &Ctx<'_>, sc: &Scenario, path: PathKind) -> Option<crate::fds::S
     fds::fit(sc.conns, &holders, maxconn.as_ref())
 }
 
-/// Before a memory run: wait (at most [`FD_SETTLE`]) until the harness holds no more than
-/// [`crate::fds::MARGIN`] descriptors over what it held when the suite started (a peer that
-/// pools its upstream connections, HAProxy's `http-reuse`, keeps backend sockets here open
+/// Before a memory run: unless what is held now leaves the run's fit as announced, wait (at
+/// most [`FD_SETTLE`]) until the harness holds no more than [`crate::fds::MARGIN`]
+/// descriptors over what it held when the suite started (a peer that pools its upstream
+/// connections, HAProxy's `http-reuse`, nginx's `keepalive`, keeps backend sockets here open
 /// for a while after its run), then fit the run again with what is held now. Returns the
 /// sizing to use, said when it differs from the one announced at the start.
 fn refit(
@@ -625,19 +639,23 @@ fn refit(
 ) -> Result<Option<crate::fds::Sizing>, Interrupted> {
     let deadline = Instant::now() + FD_SETTLE;
     let held = || crate::fds::open_fds("self").unwrap_or(0);
-    while held() > ctx.fd_baseline + crate::fds::MARGIN && Instant::now() < deadline {
-        if ctx.interrupted.load(Ordering::Relaxed) {
-            return Err(Interrupted);
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    let fresh = fit_one(ctx, sc, path);
     let id = sc.id();
     let slot = ctx
         .sizing
         .iter()
         .position(|(i, p, _)| *i == id && *p == path.name());
     let before = slot.map(|i| ctx.sizing[i].2.clone());
+    // What is held now does not change the run: no need to wait for it to go.
+    let settled = |ctx: &Ctx<'_>| {
+        held() <= ctx.fd_baseline + crate::fds::MARGIN || fit_one(ctx, sc, path) == before
+    };
+    while !settled(ctx) && Instant::now() < deadline {
+        if ctx.interrupted.load(Ordering::Relaxed) {
+            return Err(Interrupted);
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let fresh = fit_one(ctx, sc, path);
     if fresh != before {
         eprintln!(
             "bench: {id} × {path}: fitted again (the harness holds {} descriptors, {} at the \
@@ -709,6 +727,7 @@ pub fn blank_run(seq: usize, sc: &Scenario, path: PathKind, rep: usize, attempt:
         other_procs_cpu_pct: 0.0,
         other_procs_top: None,
         disturbed: false,
+        busy_warmup: false,
         sizing: None,
         notes: vec![],
         failed: None,
@@ -813,12 +832,19 @@ fn proc_name(started_as: &str) -> String {
 
 /// `pids`: every proxy process of the path (none on `direct`, two on `hbone`); their CPU
 /// is summed. Every other proxy of the mesh is excluded from "other processes".
-fn snap(ctx: &Ctx<'_>, pids: &[u32]) -> Snap {
+/// Our own processes, not counted as outside load: the harness, the path's proxies
+/// (`pids`: a peer's or a run's own) and every proxy of the mesh.
+fn exclude(ctx: &Ctx<'_>, pids: &[u32]) -> Vec<u32> {
     let mut exclude = vec![std::process::id()];
     exclude.extend(pids.iter().copied());
     if let Topo::Mesh { mesh, .. } = &ctx.topo {
         exclude.extend(mesh.pids("waypoint"));
     }
+    exclude
+}
+
+fn snap(ctx: &Ctx<'_>, pids: &[u32]) -> Snap {
+    let exclude = exclude(ctx, pids);
     // The cheap, time-critical readings first.
     let at = Instant::now();
     let proc_ticks: Vec<Option<u64>> = pids.iter().map(|p| host::proc_cpu_ticks(*p)).collect();
@@ -842,12 +868,26 @@ fn snap(ctx: &Ctx<'_>, pids: &[u32]) -> Snap {
     }
 }
 
+/// How a run checks that the machine is quiet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum QuietCheck {
+    /// Over the warm-up: the other processes' CPU (as [`Run::disturbed`] over the window;
+    /// the harness, the proxies and any peer excluded). A busy warm-up ends the attempt
+    /// (returned with [`Run::busy_warmup`]) so that it starts again after [`QuietCheck::First`].
+    WarmUp,
+    /// Before anything starts: `/proc/stat` busy CPU outside the harness over
+    /// [`Knobs::quiet_sample`], waiting (within the suite's budget) while it is not quiet.
+    /// Memory runs (no warm-up) and the second start of a run whose warm-up was busy.
+    First,
+}
+
 fn run_one(
     ctx: &mut Ctx<'_>,
     sc: &Scenario,
     path: PathKind,
     rep: usize,
     attempt: usize,
+    check: QuietCheck,
 ) -> Result<Run, Interrupted> {
     ctx.seq += 1;
     if attempt == 1 {
@@ -869,31 +909,40 @@ fn run_one(
         }
     );
     let mut run = blank_run(ctx.seq, sc, path, rep, attempt);
+    let t_quiet = Instant::now();
 
-    // 1. Is the machine quiet? Wait (within the suite's budget) while it is not.
-    loop {
-        if ctx.interrupted.load(Ordering::Relaxed) {
-            return Err(Interrupted);
+    // 1. Is the machine quiet? Wait (within the suite's budget) while it is not. (Runs with a
+    //    warm-up check over it instead, see below.)
+    let check = if sc.kind.is_memory() {
+        QuietCheck::First
+    } else {
+        check
+    };
+    if check == QuietCheck::First {
+        loop {
+            if ctx.interrupted.load(Ordering::Relaxed) {
+                return Err(Interrupted);
+            }
+            let b = host::sample_busy(k.quiet_sample, ctx.cores, ctx.clk_tck);
+            run.pre_busy_pct = b.as_ref().map(|b| crate::report::r(b.outside_pct));
+            run.pre_steal_pct = b.as_ref().map(|b| crate::report::r(b.steal_pct));
+            run.quiet = b
+                .as_ref()
+                .is_none_or(|b| b.outside_pct <= k.quiet_threshold_pct);
+            if run.quiet || ctx.quiet_waited >= k.quiet_wait_budget {
+                break;
+            }
+            eprintln!(
+                "         machine busy ({:.0}% of a CPU outside the harness; busiest process: {}): waiting",
+                b.as_ref().map(|b| b.outside_pct).unwrap_or(0.0),
+                b.as_ref()
+                    .and_then(|b| b.top.clone())
+                    .unwrap_or_else(|| "none (kernel work)".into())
+            );
+            let w = Duration::from_millis(700);
+            std::thread::sleep(w);
+            ctx.quiet_waited += w + k.quiet_sample;
         }
-        let b = host::sample_busy(k.quiet_sample, ctx.cores, ctx.clk_tck);
-        run.pre_busy_pct = b.as_ref().map(|b| crate::report::r(b.outside_pct));
-        run.pre_steal_pct = b.as_ref().map(|b| crate::report::r(b.steal_pct));
-        run.quiet = b
-            .as_ref()
-            .is_none_or(|b| b.outside_pct <= k.quiet_threshold_pct);
-        if run.quiet || ctx.quiet_waited >= k.quiet_wait_budget {
-            break;
-        }
-        eprintln!(
-            "         machine busy ({:.0}% of a CPU outside the harness; busiest process: {}): waiting",
-            b.as_ref().map(|b| b.outside_pct).unwrap_or(0.0),
-            b.as_ref()
-                .and_then(|b| b.top.clone())
-                .unwrap_or_else(|| "none (kernel work)".into())
-        );
-        let w = Duration::from_millis(700);
-        std::thread::sleep(w);
-        ctx.quiet_waited += w + k.quiet_sample;
     }
     if !run.quiet {
         run.notes.push(format!(
@@ -902,6 +951,8 @@ fn run_one(
             ctx.quiet_waited.as_secs_f64()
         ));
     }
+
+    let t_start = ctx.phases.lap("quiet checks", t_quiet);
 
     // 2. Where to connect from and to, and the proxy, if this path has one.
     let pick = |be: &Backends| -> SocketAddr {
@@ -1135,8 +1186,11 @@ fn run_one(
             }
         }
     };
-    // Let the proxy's threads settle after start-up.
-    std::thread::sleep(Duration::from_millis(30));
+    // Let a proxy started for this run settle its threads (the mesh's run throughout).
+    if !proxies.is_empty() {
+        std::thread::sleep(Duration::from_millis(30));
+    }
+    let t_gen = ctx.phases.lap("proxy start", t_start);
     if sc.kind.is_memory() {
         let conn = Conn {
             target,
@@ -1147,7 +1201,14 @@ fn run_one(
         return idle_run(ctx, sc, run, &label, &pids, proxies, conn);
     }
 
-    // 3. Generators.
+    // 3. Generators. The other processes' CPU from here to the window is the quiet check.
+    let others0 = (check == QuietCheck::WarmUp).then(|| {
+        (
+            Instant::now(),
+            host::other_process_ticks(&exclude(ctx, &pids)),
+            host::CpuTimes::read(),
+        )
+    });
     let retrans0 = host::tcp_retrans_segs();
     let be_err0 = ctx.counters.errors.load(Ordering::Relaxed);
     let t0 = Instant::now();
@@ -1279,11 +1340,67 @@ fn run_one(
         stop.store(true, Ordering::Relaxed);
         return Err(e);
     }
+    let t_window = ctx.phases.lap("generator start + warm-ups", t_gen);
     let a = snap(ctx, &pids);
+    if let Some((t, others, cpu)) = others0 {
+        let (ticks, top) = host::other_process_delta(&others, &a.others);
+        let secs = a.at.duration_since(t).as_secs_f64().max(1e-3);
+        let tck = ctx.clk_tck.max(1) as f64;
+        let pct = ticks as f64 / tck / secs * 100.0;
+        run.pre_busy_pct = Some(crate::report::r(pct));
+        run.pre_steal_pct = cpu.zip(host::CpuTimes::read()).map(|(x, y)| {
+            let total = y.total().saturating_sub(x.total()).max(1) as f64;
+            crate::report::r(
+                y.steal.saturating_sub(x.steal) as f64 / total * 100.0 * ctx.cores as f64,
+            )
+        });
+        run.quiet = pct <= k.quiet_threshold_pct;
+        if !run.quiet {
+            let busiest = top.map_or("?".to_string(), |(pid, t)| {
+                format!(
+                    "{} (pid {pid}, {:.0}%)",
+                    host::proc_comm(pid).unwrap_or_else(|| "?".into()),
+                    t as f64 / tck / secs * 100.0
+                )
+            });
+            if ctx.quiet_waited < k.quiet_wait_budget {
+                // Start again once the machine is quiet: stop the generators (they end
+                // within their op timeouts) and this run's proxies, drop what they did.
+                stop.store(true, Ordering::Relaxed);
+                let deadline = Instant::now() + Duration::from_secs(30);
+                for _ in 0..spawned {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    if rx.recv_timeout(left).is_err() {
+                        break;
+                    }
+                }
+                for (_, srx) in &side {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    let _ = srx.recv_timeout(left);
+                }
+                drop(proxies);
+                ctx.quiet_waited += k.warmup;
+                eprintln!(
+                    "         machine busy during the warm-up ({pct:.0}% of a CPU in other \
+                     processes; busiest: {busiest}): waiting, then starting the run again"
+                );
+                ctx.phases.lap("busy warm-ups", t_window);
+                run.busy_warmup = true;
+                return Ok(run);
+            }
+            run.notes.push(format!(
+                "machine not quiet during the warm-up: other processes used {pct:.0}% of a \
+                 CPU (busiest: {busiest}; waited {:.1}s of the suite's budget)",
+                ctx.quiet_waited.as_secs_f64()
+            ));
+        }
+    }
     let r = wait_until(ctx, t_end, || {
         progress("measure", a.at, window_len, Some(a.sink))
     });
+    let t_snap = ctx.phases.lap("windows", t_window);
     let b = snap(ctx, &pids);
+    let t_finish = ctx.phases.lap("end snapshots", t_snap);
     if let Err(e) = r {
         // Generators see the flag and end within their op timeouts; the proxy stops on drop.
         stop.store(true, Ordering::Relaxed);
@@ -1371,6 +1488,7 @@ fn run_one(
             run.failed.get_or_insert(format!("a mesh proxy died: {d}"));
         }
     }
+    ctx.phases.lap("finishing", t_finish);
     if ctx.interrupted.load(Ordering::Relaxed) {
         return Err(Interrupted);
     }
@@ -1738,6 +1856,7 @@ fn idle_run(
     }
     let up = live.ops.load(Ordering::Relaxed);
     let opened_s = t0.elapsed().as_secs_f64();
+    let t_settle = ctx.phases.lap("memory: open", t0);
     // Let the proxies finish whatever the last connections started.
     std::thread::sleep(Duration::from_millis(300));
     let mut buffered = None;
@@ -1767,6 +1886,7 @@ fn idle_run(
     }
     let after: Vec<Option<u64>> = pids.iter().map(|p| host::proc_rss_kb(*p)).collect();
     let tcp_mem1 = host::tcp_mem_kb();
+    let t_close = ctx.phases.lap("memory: settle", t_settle);
     stop.store(true, Ordering::Relaxed);
     release.now();
     if let Some(c) = child.as_mut() {
@@ -1803,6 +1923,7 @@ fn idle_run(
             run.notes.push(n);
         }
     }
+    ctx.phases.lap("memory: close", t_close);
     run.bytes_sent = total.sent;
     run.bytes_received = total.received;
     run.errors = total.errors;
