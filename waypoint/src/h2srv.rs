@@ -44,6 +44,13 @@ use runtime::worker::{race, Either};
 /// whole up to [`http1::REPLAY_BUFFER`], streamed beyond).
 pub const MAX_BODY: usize = 64 * 1024 * 1024;
 
+/// The retry policy of a route that sets none (built once, not per request).
+static DEFAULT_RETRY: std::sync::LazyLock<crate::route::Retry> =
+    std::sync::LazyLock::new(http1::default_retry);
+
+const TRACEPARENT: http::HeaderName = http::HeaderName::from_static("traceparent");
+const X_FORWARDED_FOR: http::HeaderName = http::HeaderName::from_static("x-forwarded-for");
+
 /// Hop-by-hop headers that HTTP/2 forbids (RFC 9113 §8.2.2).
 pub(crate) const HOP_BY_HOP: &[&str] = &[
     "connection",
@@ -261,8 +268,11 @@ async fn request<U: Upstream>(
                     .get(svc)
                     .is_some_and(|lb| lb.use_client_protocol)
             });
+            // Each forwarding path is boxed: its future (the upstream connect included)
+            // runs to kilobytes, and unboxed it would size the spawned stream task, which
+            // is moved whole on every spawn.
             if h2_upstream {
-                forward_h2(
+                Box::pin(forward_h2(
                     &mut up,
                     &mut body,
                     &parts,
@@ -273,11 +283,11 @@ async fn request<U: Upstream>(
                     head_request,
                     &mut rng,
                     deadline,
-                )
+                ))
                 .await
             } else {
                 let request = http1::upstream_head(&head, &forward, ctx.source_ip);
-                let r = forward_streamed(
+                let r = Box::pin(forward_streamed(
                     &mut up,
                     &mut body,
                     &parts,
@@ -288,7 +298,7 @@ async fn request<U: Upstream>(
                     head_request,
                     &mut rng,
                     deadline,
-                )
+                ))
                 .await;
                 if r.0 == 400 && r.1 == "DPE" {
                     on_bad();
@@ -493,7 +503,14 @@ async fn forward_h2<U: Upstream>(
         .or_else(|| head.header("host").map(str::to_string))
         .unwrap_or_default();
     let target = http1::routed_target(head, fwd);
-    let uri = format!("http://{authority}{target}");
+    // Built once (cloned per try: its parts are shared bytes); `None` when the authority
+    // or target is not a valid URI part, which fails each try like a refused connect.
+    let uri = http::Uri::builder()
+        .scheme(http::uri::Scheme::HTTP)
+        .authority(authority)
+        .path_and_query(target)
+        .build()
+        .ok();
     let headers = if fwd.request_headers.is_empty() && fwd.host.is_none() {
         None
     } else {
@@ -504,17 +521,24 @@ async fn forward_h2<U: Upstream>(
             .headers
             .get("x-forwarded-for")
             .and_then(|v| v.to_str().ok());
-        match prior {
+        let v = match prior {
             Some(p) => format!("{p}, {client}"),
             None => client.to_string(),
-        }
+        };
+        http::HeaderValue::try_from(v).map_err(io::Error::other)
     };
+    // The request is assembled field by field (no `http::request::Builder`, which
+    // re-validates every header it is given): the client's fields are already valid.
     let build = || -> io::Result<http::Request<()>> {
-        let mut b = http::Request::builder()
-            .method(parts.method.clone())
-            .uri(uri.as_str());
+        let mut req = http::Request::new(());
+        *req.method_mut() = parts.method.clone();
+        *req.uri_mut() = uri
+            .clone()
+            .ok_or_else(|| io::Error::other("invalid upstream URI"))?;
+        let hs = req.headers_mut();
         match &headers {
             None => {
+                hs.reserve(parts.headers.len() + 2);
                 for (n, v) in &parts.headers {
                     if matches!(
                         n.as_str(),
@@ -522,30 +546,41 @@ async fn forward_h2<U: Upstream>(
                     ) {
                         continue;
                     }
-                    b = b.header(n, v);
+                    hs.append(n.clone(), v.clone());
                 }
-                b = b.header("traceparent", head.header("traceparent").unwrap_or(""));
-                b = b.header("x-forwarded-for", xff.as_str());
+                let trace = head.header("traceparent").unwrap_or("");
+                hs.append(
+                    TRACEPARENT,
+                    http::HeaderValue::from_str(trace).map_err(io::Error::other)?,
+                );
+                let xff = xff.as_ref().map_err(|e| io::Error::other(e.to_string()))?;
+                hs.append(X_FORWARDED_FOR, xff.clone());
             }
-            Some(hs) => {
-                for (n, v) in hs {
+            Some(routed) => {
+                hs.reserve(routed.len());
+                for (n, v) in routed {
                     if n.eq_ignore_ascii_case("host") || HOP_BY_HOP.contains(&n.as_str()) {
                         continue;
                     }
-                    b = b.header(n.as_str(), v.as_str());
+                    hs.append(
+                        http::HeaderName::from_bytes(n.as_bytes()).map_err(io::Error::other)?,
+                        http::HeaderValue::from_str(v).map_err(io::Error::other)?,
+                    );
                 }
             }
         }
         match &buffered {
-            Some(d) if !d.is_empty() => b = b.header("content-length", d.len()),
+            Some(d) if !d.is_empty() => {
+                hs.append(http::header::CONTENT_LENGTH, d.len().into());
+            }
             Some(_) => {}
             None => {
                 if let Some(cl) = parts.headers.get(http::header::CONTENT_LENGTH) {
-                    b = b.header(http::header::CONTENT_LENGTH, cl);
+                    hs.append(http::header::CONTENT_LENGTH, cl.clone());
                 }
             }
         }
-        b.body(()).map_err(io::Error::other)
+        Ok(req)
     };
     for m in &fwd.mirrors {
         if m.percent >= 100 || rng.below(100) < u64::from(m.percent) {
@@ -564,14 +599,7 @@ async fn forward_h2<U: Upstream>(
             }
         }
     }
-    let default;
-    let policy = match &fwd.retry {
-        Some(r) => r,
-        None => {
-            default = http1::default_retry();
-            &default
-        }
-    };
+    let policy = fwd.retry.as_ref().unwrap_or(&DEFAULT_RETRY);
     let replayable = buffered.is_some() && (!has_body || http1::idempotent(&head.method));
     let nonzero = |d: &std::time::Duration| !d.is_zero();
     let remaining = || deadline.map(|d| d.saturating_duration_since(std::time::Instant::now()));
@@ -627,7 +655,7 @@ async fn forward_h2<U: Upstream>(
             resp.await.map_err(io::Error::other)
         };
         let r = match per_try {
-            Some(t) => match race(attempt, monoio::time::sleep(t)).await {
+            Some(t) => match race(attempt, http1::timer(t)).await {
                 Either::Left(r) => r,
                 Either::Right(()) => Err(timed_out()),
             },
@@ -653,7 +681,7 @@ async fn forward_h2<U: Upstream>(
         if let Some(l) = remaining() {
             wait = wait.min(l);
         }
-        monoio::time::sleep(wait).await;
+        http1::timer(wait).await;
     };
     let resp = match answer {
         Ok(r) => r,
@@ -712,9 +740,20 @@ async fn forward_h2<U: Upstream>(
             };
             let _ = rx.flow_control().release_capacity(chunk.len());
             n += chunk.len() as u64;
-            if send_all(&mut tx, chunk, false).await.is_err() {
+            // The last piece (END_STREAM received, no trailers queued) carries our
+            // END_STREAM too: one DATA frame fewer per response.
+            let last = rx.is_end_stream();
+            let r = if last && chunk.is_empty() {
+                tx.send_data(Bytes::new(), true)
+            } else {
+                send_all(&mut tx, chunk, last).await
+            };
+            if r.is_err() {
                 ok = false;
                 break;
+            }
+            if last {
+                return;
             }
         }
         if ok {

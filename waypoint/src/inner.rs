@@ -84,7 +84,15 @@ pub struct StreamIo {
     recv: RecvStream,
     pending: Bytes,
     eof: bool,
+    /// Where written bytes are copied before they go out as DATA: each write is split
+    /// off it, and once the CONNECT stream has sent (dropped) them the allocation is
+    /// reused, so steady traffic writes without a fresh allocation per write.
+    wbuf: BytesMut,
 }
+
+/// The smallest allocation [`StreamIo`] copies writes into (h2 writes whole batches of
+/// frames, a few hundred bytes to 16 KiB).
+const WRITE_BUFFER: usize = 4096;
 
 impl StreamIo {
     pub fn new(s: H2Stream, pending: Bytes) -> Self {
@@ -94,6 +102,7 @@ impl StreamIo {
             recv,
             pending,
             eof: false,
+            wbuf: BytesMut::new(),
         }
     }
 
@@ -112,8 +121,8 @@ impl tokio::io::AsyncRead for StreamIo {
         loop {
             if !self.pending.is_empty() {
                 let n = self.pending.len().min(buf.remaining());
-                let chunk = self.pending.split_to(n);
-                buf.put_slice(&chunk);
+                buf.put_slice(&self.pending[..n]);
+                bytes::Buf::advance(&mut self.pending, n);
                 return Poll::Ready(Ok(()));
             }
             if self.eof {
@@ -155,9 +164,17 @@ impl tokio::io::AsyncWrite for StreamIo {
                 Poll::Ready(Some(Ok(0))) => continue,
                 Poll::Ready(Some(Ok(cap))) => {
                     let n = cap.min(buf.len());
+                    let me = &mut *self;
+                    // Reuses the allocation when every earlier piece is gone (else a
+                    // new one; the old is freed with its last piece).
+                    if me.wbuf.capacity() < n {
+                        me.wbuf.reserve(n.max(WRITE_BUFFER));
+                    }
+                    me.wbuf.extend_from_slice(&buf[..n]);
+                    let data = me.wbuf.split().freeze();
                     return Poll::Ready(
-                        self.send
-                            .send_data(Bytes::copy_from_slice(&buf[..n]), false)
+                        me.send
+                            .send_data(data, false)
                             .map(|()| n)
                             .map_err(io::Error::other),
                     );
