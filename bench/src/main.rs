@@ -163,7 +163,7 @@ struct Args {
     /// An external proxy to compare with, run in the mesh's `peer` pod:
     /// NAME=ADDR[,maxconn=N],cmd=COMMAND (repeatable; see bench/peers/ and
     /// `bench/src/peer.rs` for the port layout it must forward). maxconn: the most client
-    /// connections its config admits (HAProxy's maxconn; nginx's worker_connections / 2):
+    /// connections its config admits (HAProxy's maxconn; nginx's: see bench/peers/nginx.conf):
     /// the memory scenarios are sized to it and to its descriptor limit.
     #[arg(long = "peer")]
     peers: Vec<String>,

@@ -3,9 +3,11 @@
 //! ratios to `direct` like the built-in paths.
 //!
 //! `NAME=ADDR[,maxconn=N],cmd=COMMAND`: `maxconn` is the most client connections the peer's
-//! config admits at once (HAProxy's `maxconn`; nginx's `worker_connections` / 2, each client
-//! connection having an upstream one), used with its descriptor limit to size the memory
-//! scenarios for it ([`crate::fds`]).
+//! config admits at once (HAProxy's `maxconn`; nginx's usable `worker_connections` / 2, each
+//! client connection having an upstream one, where usable is 15/16 of them — nginx closes
+//! idle keep-alive clients once fewer than 1/16 are free — less its upstream keep-alive pool
+//! and listeners: see `bench/peers/nginx.conf`), used with its descriptor limit to size the
+//! memory scenarios for it ([`crate::fds`]).
 //!
 //! A peer runs in the mesh's `peer` pod (10.181.0.5, node A, not captured): the harness runs
 //! `sh -c COMMAND` there (`ip netns exec`), in its own process group, waits (≤ 15 s) until

@@ -12,6 +12,8 @@
 //!   "ok": bool,                    // false: bytes lost, an exchange failed, a proxy failed
 //!   "interrupted": bool,           // Ctrl-C: partial report
 //!   "started_utc", "finished_utc": "2025-01-31T12:34:56Z", "wall_s": f64,
+//!   "phases_s": { "mesh up": f64, "generator start + warm-ups": f64, … }, // wall time per
+//!                                   // phase until the report (`crate::phases`; as printed)
 //!   "command_line": [string],
 //!   "suite": "default" | "quick" | "custom",
 //!   "settings": { "scenarios": [string], "paths": [string], "duration_s", "warmup_s",
