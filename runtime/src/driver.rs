@@ -129,12 +129,40 @@ fn probe_uring(entries: u32) -> io::Result<()> {
         .unwrap_or_else(|_| Err(io::Error::other("io_uring probe thread panicked")))
 }
 
-fn io_uring_ring(entries: u32) -> io::Result<MeshRuntime> {
+/// The ring's setup flags: `IORING_SETUP_COOP_TASKRUN` (+ `TASKRUN_FLAG`) when `coop`.
+///
+/// Without it, every completion that needs task work in our thread (a socket poll firing,
+/// a recv armed on one) is signalled with `TWA_SIGNAL`: the kernel interrupts the worker
+/// as if a signal were pending (`get_signal` → `task_work_run` on the way back to user
+/// space), also while it runs our code. With it the work waits for the worker's next
+/// syscall — the worker enters the ring whenever it runs out of ready tasks, so nothing
+/// waits longer than the current batch of tasks. Measured on the bench's waypoint path
+/// (http1-rps, 64 connections, medians of 3 alternated runs): 21.6 → 17.9 CPU-µs per
+/// request in ztunnel A, 21.3 → 17.3 in ztunnel B.
+fn uring_builder(coop: bool) -> io_uring::Builder {
+    let mut b = io_uring::IoUring::builder();
+    if coop {
+        b.setup_coop_taskrun().setup_taskrun_flag();
+    }
+    b
+}
+
+fn io_uring_ring_with(entries: u32, coop: bool) -> io::Result<MeshRuntime> {
     RuntimeBuilder::<IoUringDriver>::new()
+        .uring_builder(uring_builder(coop))
         .with_entries(entries)
         .enable_timer()
         .build()
         .map(Into::into)
+}
+
+/// A ring with cooperative task running, or (kernels before 5.19 refuse the flag with
+/// `EINVAL`) a plain one.
+fn io_uring_ring(entries: u32) -> io::Result<MeshRuntime> {
+    match io_uring_ring_with(entries, true) {
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => io_uring_ring_with(entries, false),
+        r => r,
+    }
 }
 
 /// Build this thread's runtime on the decided driver. If io_uring fails here although the
@@ -155,4 +183,52 @@ pub fn build_runtime(
         .enable_timer()
         .build()?;
     Ok((rt.into(), DriverKind::Epoll))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The workers' rings take the cooperative task-running flags on this kernel (a kernel
+    /// refusing them would make `io_uring_ring` fall back to a plain ring, silently slower),
+    /// and a runtime on such a ring completes socket I/O whose data arrives from another
+    /// thread while the read is armed: the poll's task work is queued without an IPI and
+    /// must still run when the idle worker waits in the ring.
+    #[test]
+    fn worker_rings_run_task_work_cooperatively() {
+        if let Err(e) = uring_builder(false).build(8) {
+            let ci = std::env::var_os("CI").is_some();
+            assert!(!ci, "no io_uring here and CI is set: {e}");
+            eprintln!("SKIP: no io_uring here: {e}");
+            return;
+        }
+        uring_builder(true)
+            .build(8)
+            .expect("a ring with COOP_TASKRUN | TASKRUN_FLAG (Linux 5.19+)");
+
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = l.local_addr().expect("addr");
+        let writer = std::thread::spawn(move || {
+            use std::io::{Read, Write};
+            let (mut s, _) = l.accept().expect("accept");
+            // The worker writes just before it arms its read; the answer mostly comes after.
+            let mut go = [0u8; 1];
+            s.read_exact(&mut go).expect("go");
+            s.write_all(b"ping").expect("write");
+        });
+        let mut rt = io_uring_ring(256).expect("runtime on a cooperative ring");
+        let got = rt.block_on(async move {
+            use monoio::io::{AsyncReadRent, AsyncWriteRentExt};
+            let mut c = monoio::net::TcpStream::connect(addr)
+                .await
+                .expect("connect");
+            let (r, _) = c.write_all(b"g".to_vec()).await;
+            r.expect("write");
+            let (r, buf) = c.read(Vec::with_capacity(16)).await;
+            r.expect("read");
+            buf
+        });
+        writer.join().expect("writer");
+        assert_eq!(got, b"ping");
+    }
 }
