@@ -226,6 +226,14 @@ pub fn process(name: &str, pid: u32, per_conn: u64) -> Option<Holder> {
 mod tests {
     use super::*;
 
+    fn assert_reason(s: &Sizing, prefix: &str) {
+        assert!(
+            s.reason.starts_with(prefix),
+            "{:?} (want {prefix:?}…)",
+            s.reason
+        );
+    }
+
     fn holder(name: &str, limit: u64, open: u64, per_conn: u64) -> Holder {
         Holder {
             name: name.into(),
@@ -276,11 +284,9 @@ mod tests {
         assert_eq!(s.limited_by, "nginx pid 42");
         assert_eq!(s.needs_fds, 20_074);
         assert_eq!(s.limit_fds, 20_000);
-        assert!(
-            s.reason
-                .starts_with("sized: measured with 9,900 of 10,000 connections: needs 20,074 descriptors, limit 20,000"),
-            "{}",
-            s.reason
+        assert_reason(
+            &s,
+            "sized: measured with 9,900 of 10,000 connections: needs 20,074 descriptors, limit 20,000",
         );
     }
 
@@ -309,12 +315,7 @@ mod tests {
         assert_eq!(s.connections, 0);
         assert_eq!(s.needs_fds, 2076);
         assert_eq!(s.limit_fds, 200);
-        assert!(
-            s.reason
-                .starts_with("skipped: needs 2,076 descriptors, limit 200"),
-            "{}",
-            s.reason
-        );
+        assert_reason(&s, "skipped: needs 2,076 descriptors, limit 200");
         // A small scenario is skipped only under its own count.
         let peer = holder("tiny pid 9", 200, 12, 2);
         assert_eq!(fit(60, std::slice::from_ref(&peer), None), None);

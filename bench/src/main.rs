@@ -862,14 +862,7 @@ fn run(args: Args, suite: Suite) -> Result<ExitCode> {
         suite.paths.len(),
         suite.knobs.reps,
         suite.knobs.duration.as_secs_f64(),
-        if suite.knobs.latency_duration != suite.knobs.duration {
-            format!(
-                " (open loop and mixed {:.1}s)",
-                suite.knobs.latency_duration.as_secs_f64()
-            )
-        } else {
-            String::new()
-        },
+        latency_window(&suite.knobs, "open loop and mixed "),
         estimate,
         if placement.pin {
             format!(
@@ -1229,14 +1222,7 @@ fn run(args: Args, suite: Suite) -> Result<ExitCode> {
         },
         suite.knobs.reps,
         suite.knobs.duration.as_secs_f64(),
-        if suite.knobs.latency_duration != suite.knobs.duration {
-            format!(
-                " (tcp-rr-open, http1-open, mixed: {:.1} s)",
-                suite.knobs.latency_duration.as_secs_f64()
-            )
-        } else {
-            String::new()
-        },
+        latency_window(&suite.knobs, "tcp-rr-open, http1-open, mixed: "),
         placement.gen_threads,
         placement.gen_threads,
         decision.kind,
@@ -1288,6 +1274,14 @@ fn run(args: Args, suite: Suite) -> Result<ExitCode> {
     } else {
         ExitCode::from(1)
     })
+}
+
+/// ` (WHAT1.0s)` when the latency scenarios' window differs from the others', else nothing.
+fn latency_window(k: &Knobs, what: &str) -> String {
+    if k.latency_duration == k.duration {
+        return String::new();
+    }
+    format!(" ({what}{:.1}s)", k.latency_duration.as_secs_f64())
 }
 
 fn host_json(

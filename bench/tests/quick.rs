@@ -511,6 +511,15 @@ fn proxy_cpu_splits_per_process(report: &Value, waypoint_rows: usize) {
 /// A `--peer` command: the runtime's forwarder (`bench __l4fwd`, bench/peers/l4fwd.yaml with
 /// its ports moved from 92xx to `base`xx) under `ulimit -n limit`, without the capability to
 /// raise it again (the forwarder raises its limit when it may).
+/// `v[key]` is a string that starts with `prefix`.
+fn assert_starts(v: &Value, key: &str, prefix: &str) {
+    let got = v[key].as_str().unwrap_or("");
+    assert!(
+        got.starts_with(prefix),
+        "{key}: {got:?} (want {prefix:?}…): {v}"
+    );
+}
+
 fn forwarder_peer(name: &str, base: u16, limit: u64) -> String {
     let exe = env!("CARGO_BIN_EXE_bench");
     let cfg = concat!(env!("CARGO_MANIFEST_DIR"), "/peers/l4fwd.yaml");
@@ -577,25 +586,17 @@ fn peer_memory_rows_are_sized_or_skipped_to_the_peers_descriptor_limit() {
         assert_eq!(z["skipped"], false, "{z}");
         assert_eq!(z["asked"], 1000, "{z}");
         assert_eq!(z["limit_fds"], 1200, "{z}");
-        assert!(
-            z["limited_by"]
-                .as_str()
-                .unwrap_or("")
-                .starts_with("small pid "),
-            "{z}"
-        );
+        assert_starts(z, "limited_by", "small pid ");
         let n = z["connections"].as_u64().unwrap_or(0);
         assert!((100..=568).contains(&n), "{id} × small: sized to {n}: {z}");
         assert_eq!(e["memory"]["connections"], n, "{e}");
         assert_eq!(e["memory"]["established"], n, "{e}");
         assert!(e["figure"]["median"].as_f64().unwrap_or(0.0) > 0.0, "{e}");
         assert_eq!(e["bytes"]["lost"], 0, "{e}");
-        assert!(
-            z["reason"]
-                .as_str()
-                .unwrap_or("")
-                .starts_with(&format!("sized: measured with {n} of 1,000 connections")),
-            "{z}"
+        assert_starts(
+            z,
+            "reason",
+            &format!("sized: measured with {n} of 1,000 connections"),
         );
         // tiny: skipped, said so, nothing measured, nothing failed.
         let e = row(id, "tiny");
@@ -604,13 +605,7 @@ fn peer_memory_rows_are_sized_or_skipped_to_the_peers_descriptor_limit() {
         assert_eq!(z["skipped"], true, "{z}");
         assert_eq!(z["connections"], 0, "{z}");
         assert_eq!(z["limit_fds"], 200, "{z}");
-        assert!(
-            z["reason"]
-                .as_str()
-                .unwrap_or("")
-                .starts_with("skipped: needs 2,"),
-            "{z}"
-        );
+        assert_starts(z, "reason", "skipped: needs 2,");
         assert!(e["figure"].is_null(), "{e}");
         assert!(e["memory"].is_null(), "{e}");
         assert_eq!(e["bytes"]["sent"], 0, "{e}");
