@@ -1672,23 +1672,19 @@ pub(crate) async fn attempt<T: Tunnel, U: Upstream>(
             (b, l) => b.or(l),
         };
         let try_deadline = per_try.map(|t| Instant::now() + t);
-        let attempt = one_try(
-            up,
-            source,
-            buf,
-            fwd.service.as_ref(),
-            head,
-            &request,
-            body,
-            &mut sent,
-        );
+        let service = fwd.service.as_ref();
         let r = match per_try {
-            // Dropped on expiry: the upstream stream is reset.
-            Some(t) => match race(attempt, timer(t)).await {
-                Either::Left(r) => Some(r),
-                Either::Right(()) => None,
-            },
-            None => Some(attempt.await),
+            // Dropped on expiry: the upstream stream is reset. Boxed with its timer: the
+            // try's future is made in each arm, so the request's future holds it once
+            // (not also a raced copy) when no timeout is set.
+            Some(t) => {
+                let attempt = one_try(up, source, buf, service, head, &request, body, &mut sent);
+                match Box::pin(race(attempt, timer(t))).await {
+                    Either::Left(r) => Some(r),
+                    Either::Right(()) => None,
+                }
+            }
+            None => Some(one_try(up, source, buf, service, head, &request, body, &mut sent).await),
         };
         let again = retries < policy.attempts && replayable;
         match r {

@@ -928,6 +928,8 @@ impl Upstream for HboneUpstream {
         head: &http1::RequestHead,
         replayable: bool,
     ) -> io::Result<(UpConn, bool)> {
+        // One clock read for the balancer and the pool.
+        let now = Instant::now();
         let key = match service {
             Some((svc, port)) => {
                 let hdrs: Vec<(&str, &str)> = if Balancers::hashed(&self.l7, svc) {
@@ -944,7 +946,7 @@ impl Upstream for HboneUpstream {
                 };
                 let mut b = self.worker.balancers.borrow_mut();
                 let (i, ep) = b
-                    .pick_ref(&self.l7, svc, *port, &input, Instant::now(), &mut self.rng)
+                    .pick_ref(&self.l7, svc, *port, &input, now, &mut self.rng)
                     .ok_or_else(|| {
                         io::Error::other(format!("{}/{} has no endpoints", svc.namespace, svc.name))
                     })?;
@@ -980,11 +982,11 @@ impl Upstream for HboneUpstream {
         } else {
             crate::upstream::UNSAFE_REUSE_MAX_IDLE
         };
-        let kept = self.worker.idle.borrow_mut().take(
-            &(key.0, key.1, self.source_ip),
-            Instant::now(),
-            max_idle,
-        );
+        let kept =
+            self.worker
+                .idle
+                .borrow_mut()
+                .take(&(key.0, key.1, self.source_ip), now, max_idle);
         if let Some(s) = kept {
             return Ok((UpConn { s, key }, true));
         }
@@ -1002,7 +1004,9 @@ impl Upstream for HboneUpstream {
             authority: key.1,
             hbone: key.0,
         };
-        let s = self.open(&ep, expected).await?;
+        // Boxed: a new stream (a connection's TLS handshake, perhaps) is the rare case; its
+        // future would otherwise size every request's.
+        let s = Box::pin(self.open(&ep, expected)).await?;
         Ok((UpConn { s, key }, false))
     }
 
@@ -1017,12 +1021,14 @@ impl Upstream for HboneUpstream {
             // A kept stream found closed: the try again goes on a new stream.
             self.fresh_next = true;
         }
+        // One clock read for the balancer and the pool.
+        let now = Instant::now();
         if let (Some((port, i)), Some((Some(svc), _))) = (self.current.take(), &self.last) {
             let verdict = outlier_verdict(status, error);
             self.worker
                 .balancers
                 .borrow_mut()
-                .finish(svc, port, i, verdict, Instant::now());
+                .finish(svc, port, i, verdict, now);
         }
         if let Some(kind) = error {
             let c = &self.worker.shared.counters;
@@ -1036,7 +1042,7 @@ impl Upstream for HboneUpstream {
             if status == 101 {
                 self.upgrade = Some(c.s);
             } else {
-                self.keep(c.key, c.s, reusable);
+                self.keep(c.key, c.s, reusable, now);
             }
         }
     }
@@ -1680,7 +1686,7 @@ impl HboneUpstream {
             };
             match r {
                 Ok((resp, reusable)) => {
-                    self.keep(idle_key, s, reusable && !close);
+                    self.keep(idle_key, s, reusable && !close, Instant::now());
                     return Ok(resp);
                 }
                 Err(e) if got || e.kind() == io::ErrorKind::TimedOut => {
@@ -1699,7 +1705,7 @@ impl HboneUpstream {
             .map_err(io::Error::other)?;
         match read_response(&mut s, head_request, discard, &mut false).await {
             Ok((resp, reusable)) => {
-                self.keep(idle_key, s, reusable && !close);
+                self.keep(idle_key, s, reusable && !close, Instant::now());
                 Ok(resp)
             }
             Err(e) => {
@@ -1712,17 +1718,21 @@ impl HboneUpstream {
     /// Keep a stream whose response was fully read for the next request to the same
     /// endpoint from the same client (on any of the worker's tunnels); otherwise (or with
     /// too many kept) end it.
-    fn keep(&mut self, key: (SocketAddr, SocketAddr), mut s: H2Stream, reusable: bool) {
+    fn keep(
+        &mut self,
+        key: (SocketAddr, SocketAddr),
+        mut s: H2Stream,
+        reusable: bool,
+        now: Instant,
+    ) {
         if reusable {
             // The expiry of the service this request went to (its DestinationRule).
             let service = self.last.as_ref().and_then(|(svc, _)| svc.as_ref());
             let expiry = self.l7.idle_expiry(service);
-            self.worker.idle.borrow_mut().put(
-                (key.0, key.1, self.source_ip),
-                s,
-                Instant::now(),
-                expiry,
-            );
+            self.worker
+                .idle
+                .borrow_mut()
+                .put((key.0, key.1, self.source_ip), s, now, expiry);
         } else {
             s.reset(h2::Reason::CANCEL);
         }
