@@ -836,7 +836,7 @@ fn run(args: Args, suite: Suite) -> Result<ExitCode> {
                 }
         })
         .sum();
-    // Rough: each run's warm-up, window and quiet check; a memory run ≈ 5 s.
+    // Rough: each run's warm-up (its quiet check) and window; a memory run ≈ 5 s.
     let estimate: f64 = suite
         .scenarios
         .iter()
@@ -850,8 +850,8 @@ fn run(args: Args, suite: Suite) -> Result<ExitCode> {
             } else {
                 suite.knobs.duration
             };
-            let per_run = window + suite.knobs.warmup + suite.knobs.quiet_sample;
-            paths * suite.knobs.reps as f64 * (per_run.as_secs_f64() + 0.1)
+            let per_run = window + suite.knobs.warmup;
+            paths * suite.knobs.reps as f64 * (per_run.as_secs_f64() + 0.05)
         })
         .sum();
     eprintln!(
