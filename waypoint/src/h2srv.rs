@@ -175,12 +175,15 @@ fn head_of(parts: &http::request::Parts) -> Option<RequestHead> {
         Some((p, q)) => (Text::slice_of(&src, p), Some(Text::slice_of(&src, q))),
         None => (Text::slice_of(&src, target_text), None),
     };
+    // Room for the `traceparent` that [`http1::trace`] adds when the client sent none.
+    let mut headers = Vec::with_capacity(spans.len() + 1);
+    headers.extend(spans.into_iter().map(|(n, v)| (at(n), at(v))));
     Some(RequestHead {
         method: at(method),
         path,
         query,
         version: 1,
-        headers: spans.into_iter().map(|(n, v)| (at(n), at(v))).collect(),
+        headers,
     })
 }
 
@@ -549,10 +552,11 @@ async fn forward_h2<U: Upstream>(
                     hs.append(n.clone(), v.clone());
                 }
                 let trace = head.header("traceparent").unwrap_or("");
-                hs.append(
-                    TRACEPARENT,
-                    http::HeaderValue::from_str(trace).map_err(io::Error::other)?,
-                );
+                let mut trace = http::HeaderValue::from_str(trace).map_err(io::Error::other)?;
+                // New for every request: HPACK "never indexed", so it does not churn the
+                // connection's dynamic table (evicting the fields that do repeat).
+                trace.set_sensitive(true);
+                hs.append(TRACEPARENT, trace);
                 let xff = xff.as_ref().map_err(|e| io::Error::other(e.to_string()))?;
                 hs.append(X_FORWARDED_FOR, xff.clone());
             }
@@ -562,9 +566,11 @@ async fn forward_h2<U: Upstream>(
                     if n.eq_ignore_ascii_case("host") || HOP_BY_HOP.contains(&n.as_str()) {
                         continue;
                     }
+                    let mut value = http::HeaderValue::from_str(v).map_err(io::Error::other)?;
+                    value.set_sensitive(n.eq_ignore_ascii_case("traceparent"));
                     hs.append(
                         http::HeaderName::from_bytes(n.as_bytes()).map_err(io::Error::other)?,
-                        http::HeaderValue::from_str(v).map_err(io::Error::other)?,
+                        value,
                     );
                 }
             }
@@ -1000,6 +1006,71 @@ pub fn dechunk(mut b: &[u8]) -> Option<Vec<u8>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An upstream that is never called: only the types of the stream futures matter.
+    struct NoUpstream;
+
+    impl Upstream for NoUpstream {
+        type Conn = H2Body;
+
+        async fn connect(
+            &mut self,
+            _service: Option<&(crate::route::ObjectRef, u16)>,
+            _head: &RequestHead,
+        ) -> io::Result<(H2Body, bool)> {
+            Err(io::Error::other("no upstream"))
+        }
+
+        fn done(&mut self, _: Option<H2Body>, _: u16, _: bool, _: Option<io::ErrorKind>) {}
+
+        async fn exchange(
+            &mut self,
+            _service: Option<&(crate::route::ObjectRef, u16)>,
+            _request: Bytes,
+            _timeout: Option<std::time::Duration>,
+        ) -> io::Result<Vec<u8>> {
+            Err(io::Error::other("no upstream"))
+        }
+
+        fn mirror(&mut self, _service: &(crate::route::ObjectRef, u16), _request: Bytes) {}
+    }
+
+    fn layout_of_output<F: FnOnce() -> T, T>(_: &F) -> (usize, usize) {
+        (std::mem::size_of::<T>(), std::mem::align_of::<T>())
+    }
+
+    /// The per-stream task and the boxed HTTP/2 forwarding future hold no timer inline: a
+    /// monoio timer is 128-byte aligned, and an over-aligned task or box is a
+    /// `posix_memalign` per request ([`http1::timer`] boxes them when set). The closures
+    /// are never called; they only name the futures' types.
+    #[test]
+    #[allow(unreachable_code, clippy::diverging_sub_expression)]
+    fn stream_futures_are_not_over_aligned() {
+        let stream = || {
+            let (cfg, ctx): (&'static WaypointConfig, &'static TunnelCtx) = todo!();
+            let (req, respond, on_bad): (_, SendResponse<Bytes>, &'static dyn Fn()) = todo!();
+            request(cfg, ctx, NoUpstream, SplitMix64(1), req, respond, on_bad)
+        };
+        let forward = || {
+            let (up, body, parts, head, fwd, respond): (
+                &'static mut NoUpstream,
+                &'static mut H2Body,
+                &'static http::request::Parts,
+                &'static RequestHead,
+                &'static Forward,
+                &'static mut SendResponse<Bytes>,
+            ) = todo!();
+            let rng: &'static mut SplitMix64 = todo!();
+            let client = std::net::IpAddr::from([10, 0, 0, 1]);
+            forward_h2(up, body, parts, head, fwd, client, respond, false, rng, None)
+        };
+        for (what, (size, align)) in [
+            ("stream task", layout_of_output(&stream)),
+            ("HTTP/2 forwarding", layout_of_output(&forward)),
+        ] {
+            assert!(align <= 16, "{what} future: {size} bytes, aligned to {align}");
+        }
+    }
 
     #[test]
     fn h2_response_heads_drop_hop_by_hop_and_overridden_lengths() {
