@@ -767,9 +767,9 @@ pub trait Upstream {
     ) -> io::Result<(Self::Conn, bool)>;
 
     /// [`Upstream::connect`], told whether the request can go again on a new connection
-    /// if a kept one turns out closed before any response byte ([`replayable_on_new_stream`]):
-    /// an implementation keeping idle connections gives a long-idle one only to such a
-    /// request. The tries of [`attempt`] connect through this.
+    /// if a kept one turns out closed before any response byte (an idempotent method, its
+    /// body read whole): an implementation keeping idle connections gives a long-idle one
+    /// only to such a request. Each try of a forwarded request connects through this.
     async fn connect_try(
         &mut self,
         service: Option<&(ObjectRef, u16)>,

@@ -191,7 +191,10 @@ impl Balancers {
 /// CONNECT names it (`forwarded`), so a stream only ever carries one client's requests.
 pub type IdleKey = (SocketAddr, SocketAddr, std::net::IpAddr);
 
-/// How long an idle upstream stream is kept for reuse. A kept stream is not read while it
+/// How long an idle upstream stream is kept for reuse unless the service's DestinationRule
+/// sets `trafficPolicy.connectionPool.http.idleTimeout` (then that, per service: see
+/// [`crate::config::WaypointConfig::idle_expiry`]; a backend known to keep connections
+/// longer can be given more, one closing sooner less). A kept stream is not read while it
 /// waits (watching each would cost a task per stream), so an upstream that closes idle
 /// keep-alive connections is only noticed when the stream is taken ([`IdleStreams::take`]
 /// skips streams whose receive side ended or holds unsolicited bytes) or on the first
