@@ -192,6 +192,9 @@ pub fn locate_field(text: &str, field: &str) -> Option<usize> {
 pub mod duration {
     use super::*;
 
+    /// The longest duration any setting takes: ten years.
+    const MAX_SECS: f64 = 3650.0 * 86400.0;
+
     pub fn parse(s: &str) -> Result<Duration, String> {
         let s = s.trim();
         let split = s
@@ -215,6 +218,11 @@ pub mod duration {
         };
         if !secs.is_finite() || secs < 0.0 {
             return Err(format!("invalid duration {s:?}"));
+        }
+        // Deadlines are `Instant::now() + d`, which panics on overflow: a setting past ten
+        // years is an error here, not a worker panic later.
+        if secs > MAX_SECS {
+            return Err(format!("duration {s:?} is too large (at most 3650 days)"));
         }
         Ok(Duration::from_secs_f64(secs))
     }
@@ -699,6 +707,13 @@ mod tests {
         assert_eq!(duration::parse("3").unwrap(), Duration::from_secs(3));
         assert!(duration::parse("10 parsecs").is_err());
         assert!(duration::parse("x").is_err());
+        // Too large for `Duration` (or for a deadline): an error, not a panic.
+        assert!(duration::parse("99999999999999999999s").is_err());
+        assert!(duration::parse("87601h").is_err());
+        assert_eq!(
+            duration::parse("87600h").unwrap(),
+            Duration::from_secs(3650 * 86400)
+        );
     }
 
     #[test]
