@@ -96,10 +96,17 @@ where
             Some(Err(e)) => return H2End::Error(e),
             Some(Ok((req, respond))) => {
                 let (up, rng) = new_upstream();
-                let (cfg, ctx, on_bad) = (cfg.clone(), ctx.clone(), on_bad.clone());
-                runtime::busy::spawn_tracked(async move {
-                    request(&cfg, &ctx, up, rng, req, respond, &*on_bad).await;
-                });
+                // Boxed once here: the task then holds a pointer, and the future (its
+                // forwarding paths boxed apart) is not copied again by the spawn.
+                runtime::busy::spawn_tracked(Box::pin(request(
+                    cfg.clone(),
+                    ctx.clone(),
+                    up,
+                    rng,
+                    req,
+                    respond,
+                    on_bad.clone(),
+                )));
             }
         }
     }
@@ -229,14 +236,15 @@ fn add_header(mut head: Vec<u8>, line: &str) -> Vec<u8> {
 }
 
 async fn request<U: Upstream>(
-    cfg: &WaypointConfig,
-    ctx: &TunnelCtx,
+    cfg: Arc<WaypointConfig>,
+    ctx: Rc<TunnelCtx>,
     mut up: U,
     mut rng: SplitMix64,
     req: http::Request<RecvStream>,
     mut respond: SendResponse<Bytes>,
-    on_bad: &dyn Fn(),
+    on_bad: Rc<dyn Fn()>,
 ) {
+    let (cfg, ctx): (&WaypointConfig, &TunnelCtx) = (&cfg, &ctx);
     let (parts, recv) = req.into_parts();
     let head_request = parts.method == http::Method::HEAD;
     let started = std::time::Instant::now();
@@ -1051,8 +1059,7 @@ mod tests {
     #[test]
     fn stream_futures_are_not_over_aligned() {
         let stream = || {
-            let (cfg, ctx): (&'static WaypointConfig, &'static TunnelCtx) = never();
-            let (req, respond, on_bad): (_, SendResponse<Bytes>, &'static dyn Fn()) = never();
+            let (cfg, ctx, req, respond, on_bad) = never();
             request(cfg, ctx, NoUpstream, SplitMix64(1), req, respond, on_bad)
         };
         let forward = || {
