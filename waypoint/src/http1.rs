@@ -1343,7 +1343,13 @@ impl RespHead {
 
 /// Parse a response head at the start of `buf`: `None` when incomplete.
 fn parse_response_head(buf: &[u8], head_request: bool) -> io::Result<Option<RespHead>> {
-    let mut hs = [httparse::EMPTY_HEADER; 64];
+    if buf.is_empty() {
+        // Nothing read yet (the usual first look): no header array to set up.
+        return Ok(None);
+    }
+    // As for requests ([`parse_head`]): a small array first, cheap to set up per response,
+    // the full one only when it is too small.
+    let mut hs = [httparse::EMPTY_HEADER; 32];
     let mut r = httparse::Response::new(&mut hs);
     let parsed = match r.parse(buf) {
         Ok(s) => s,
@@ -2486,6 +2492,29 @@ mod tests {
             align <= 16,
             "forward_request future: {size} bytes, aligned to {align}"
         );
+    }
+
+    /// A response head with more fields than the first, small header array still parses
+    /// (the full array then), its framing read from a field past the small one's end.
+    #[test]
+    fn response_heads_with_many_fields_parse() {
+        for n in [0, 31, 32, 40, 200] {
+            let mut raw = String::from("HTTP/1.1 200 OK\r\n");
+            for i in 0..n {
+                raw.push_str(&format!("x-f{i}: {i}\r\n"));
+            }
+            raw.push_str("content-length: 3\r\n\r\nabc");
+            let h = parse_response_head(raw.as_bytes(), false)
+                .unwrap()
+                .unwrap_or_else(|| panic!("{n} fields: incomplete"));
+            assert_eq!(h.status, 200);
+            assert_eq!(h.framing, Framing::Length(3), "{n} fields");
+            assert_eq!(h.len, raw.len() - 3, "{n} fields");
+        }
+        assert!(parse_response_head(b"", false).unwrap().is_none());
+        assert!(parse_response_head(b"HTTP/1.1 200 OK\r\n", false)
+            .unwrap()
+            .is_none());
     }
 
     /// Records what each try's connect was told about replaying.
