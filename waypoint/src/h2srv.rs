@@ -507,21 +507,38 @@ async fn forward_h2<U: Upstream>(
         None
     };
     let has_body = buffered.as_ref().is_none_or(|b| !b.is_empty());
-    // The routed request, as an HTTP/2 head.
-    let authority = fwd
-        .host
-        .clone()
-        .or_else(|| head.header("host").map(str::to_string))
-        .unwrap_or_default();
-    let target = http1::routed_target(head, fwd);
-    // Built once (cloned per try: its parts are shared bytes); `None` when the authority
-    // or target is not a valid URI part, which fails each try like a refused connect.
-    let uri = http::Uri::builder()
-        .scheme(http::uri::Scheme::HTTP)
-        .authority(authority)
-        .path_and_query(target)
-        .build()
-        .ok();
+    // The routed request, as an HTTP/2 head. Built once (cloned per try: its parts are
+    // shared bytes); `None` when the authority or target is not a valid URI part, which
+    // fails each try like a refused connect. Unrewritten (no host or path from the
+    // route), the client's own parsed authority and target are reused as they are.
+    let uri = match (&fwd.host, &fwd.path, parts.uri.authority()) {
+        (None, None, Some(authority)) => {
+            let mut u = http::uri::Parts::default();
+            u.scheme = Some(http::uri::Scheme::HTTP);
+            u.authority = Some(authority.clone());
+            u.path_and_query = Some(
+                parts
+                    .uri
+                    .path_and_query()
+                    .cloned()
+                    .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")),
+            );
+            http::Uri::from_parts(u).ok()
+        }
+        _ => {
+            let authority = fwd
+                .host
+                .clone()
+                .or_else(|| head.header("host").map(str::to_string))
+                .unwrap_or_default();
+            http::Uri::builder()
+                .scheme(http::uri::Scheme::HTTP)
+                .authority(authority)
+                .path_and_query(http1::routed_target(head, fwd))
+                .build()
+                .ok()
+        }
+    };
     let headers = if fwd.request_headers.is_empty() && fwd.host.is_none() {
         None
     } else {
