@@ -241,15 +241,20 @@ fn r17_destination_rule_idle_timeout_closes_kept_streams_per_service() {
         let (_ca, mut sa) = m.tunnel(SHORT, A).await;
         let (_cb, mut sb) = m.tunnel(LONG, B).await;
         let (mut ba, mut bb) = (Vec::new(), Vec::new());
-        let r = ask(&mut sa, &mut ba, get("/a", "short")).await;
-        assert_eq!((r.status, r.text()), (200, "/a 0".to_string()));
-        let Seen::Request(short_conn, ..) = m.next() else {
-            panic!("the request first")
-        };
+        // The long one first: the short one's stream may run out (and be swept by any
+        // request) as soon as its response is back, so nothing may be asked after it
+        // before its close is seen.
         let r = ask(&mut sb, &mut bb, get("/b", "long")).await;
         assert_eq!((r.status, r.text()), (200, "/b 0".to_string()));
-        let Seen::Request(long_conn, ..) = m.next() else {
-            panic!("the request first")
+        let long_conn = match m.next() {
+            Seen::Request(c, p, 0) if p == "/b" => c,
+            other => panic!("{other:?}"),
+        };
+        let r = ask(&mut sa, &mut ba, get("/a", "short")).await;
+        assert_eq!((r.status, r.text()), (200, "/a 0".to_string()));
+        let short_conn = match m.next() {
+            Seen::Request(c, p, 0) if p == "/a" => c,
+            other => panic!("{other:?}"),
         };
         assert_ne!(short_conn, long_conn, "one upstream stream per client");
         // The short one's stream is closed by the worker's sweep, nothing else happens.
