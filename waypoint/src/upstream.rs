@@ -221,6 +221,10 @@ pub fn idle_stream_usable(s: &mut hbone::stream::H2Stream) -> bool {
     s.recv.poll_data(&mut cx).is_pending()
 }
 
+/// The least time between two sweeps of a worker's [`IdleStreams`], whatever the
+/// expiries (an expired stream found by `take` is reset anyway).
+pub const MIN_SWEEP_PERIOD: Duration = Duration::from_millis(10);
+
 /// Idle upstream streams kept per key, and per worker in all.
 pub const MAX_IDLE_PER_KEY: usize = 256;
 pub const MAX_IDLE_STREAMS: usize = 4096;
@@ -279,7 +283,7 @@ impl IdleStreams {
         now: Instant,
         max_idle: Duration,
     ) -> Option<hbone::stream::H2Stream> {
-        if now.saturating_duration_since(self.swept) >= self.shortest / 4 {
+        if self.sweep_due(now) {
             self.sweep(now);
         }
         let q = self.by_key.get_mut(key)?;
@@ -322,12 +326,11 @@ impl IdleStreams {
         now: Instant,
         expiry: Duration,
     ) {
-        // Sweep every quarter of the shortest expiry, and when the keys left empty reach
-        // the streams' bound (each sweep then removes at least that many: keys never
-        // outgrow twice [`MAX_IDLE_STREAMS`] for long).
-        if now.saturating_duration_since(self.swept) >= self.shortest / 4
-            || self.by_key.len() >= 2 * MAX_IDLE_STREAMS
-        {
+        // Sweep every quarter of the shortest expiry (at least
+        // [`MIN_SWEEP_PERIOD`] apart), and when the keys left empty reach the streams' bound
+        // (each sweep then removes at least that many: keys never outgrow twice
+        // [`MAX_IDLE_STREAMS`] for long).
+        if self.sweep_due(now) || self.by_key.len() >= 2 * MAX_IDLE_STREAMS {
             self.sweep(now);
         }
         if self.total >= MAX_IDLE_STREAMS || expiry.is_zero() {
@@ -363,10 +366,17 @@ impl IdleStreams {
     }
 
     /// How often the worker's timer sweeps: half the shortest expiry of the streams kept
-    /// at the last sweep (at most half [`IDLE_STREAM_EXPIRY`], at least 10 ms). A stream
-    /// is reset at most one period (≤ 2 s) past its expiry.
+    /// at the last sweep (at most half [`IDLE_STREAM_EXPIRY`], at least
+    /// [`MIN_SWEEP_PERIOD`]). A stream is reset at most one period (≤ 2 s) past its expiry.
     pub fn sweep_period(&self) -> Duration {
-        (self.shortest.min(IDLE_STREAM_EXPIRY) / 2).max(Duration::from_millis(10))
+        (self.shortest.min(IDLE_STREAM_EXPIRY) / 2).max(MIN_SWEEP_PERIOD)
+    }
+
+    /// Whether `take`/`put` sweep first: a quarter of the shortest expiry, but at least
+    /// [`MIN_SWEEP_PERIOD`], since the last sweep (an `idleTimeout` of a few milliseconds
+    /// would otherwise have nearly every request walk the whole pool).
+    fn sweep_due(&self, now: Instant) -> bool {
+        now.saturating_duration_since(self.swept) >= (self.shortest / 4).max(MIN_SWEEP_PERIOD)
     }
 
     /// Reset the expired streams of every key; remove the keys left empty. Also run on
@@ -402,5 +412,35 @@ impl IdleStreams {
             }
         }
         self.total = 0;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `take`/`put` sweep every quarter of the shortest expiry kept, but never more often
+    /// than [`MIN_SWEEP_PERIOD`]: an `idleTimeout` of 1 ms does not make every request
+    /// walk the whole pool.
+    #[test]
+    fn sweeps_on_take_and_put_are_at_least_the_floor_apart() {
+        let mut p = IdleStreams::default();
+        let t0 = p.swept;
+        // The default expiry: a quarter of it.
+        assert!(!p.sweep_due(t0 + IDLE_STREAM_EXPIRY / 4 - Duration::from_millis(1)));
+        assert!(p.sweep_due(t0 + IDLE_STREAM_EXPIRY / 4));
+        // A 1 ms expiry kept: the floor, not a quarter of a millisecond.
+        p.shortest = Duration::from_millis(1);
+        assert!(!p.sweep_due(t0 + Duration::from_millis(1)));
+        assert!(!p.sweep_due(t0 + MIN_SWEEP_PERIOD - Duration::from_micros(1)));
+        assert!(p.sweep_due(t0 + MIN_SWEEP_PERIOD));
+        assert_eq!(p.sweep_period(), MIN_SWEEP_PERIOD);
+        // `0s` ("no idle timeout") is kept as Duration::MAX: it never lowers the period.
+        p.shortest = Duration::MAX;
+        assert_eq!(p.sweep_period(), IDLE_STREAM_EXPIRY / 2);
+        // A sweep of the empty pool restarts the count.
+        p.sweep(t0 + Duration::from_secs(1));
+        assert!(!p.sweep_due(t0 + Duration::from_secs(1)));
+        assert_eq!(p.shortest, IDLE_STREAM_EXPIRY);
     }
 }
