@@ -37,7 +37,6 @@
 use std::cell::Cell;
 use std::future::{poll_fn, Future};
 use std::io::Write;
-use std::pin::pin;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::task::{Poll, Waker};
@@ -90,13 +89,8 @@ pub fn note_activity() {
 }
 
 /// `f`, with every poll of it counted as activity for busy polling.
-pub async fn tracked<F: Future>(f: F) -> F::Output {
-    let mut f = pin!(f);
-    poll_fn(|cx| {
-        note_activity();
-        f.as_mut().poll(cx)
-    })
-    .await
+pub fn tracked<F: Future>(f: F) -> crate::pinned::Tracked<F> {
+    crate::pinned::Tracked::new(f)
 }
 
 /// Whether this thread's spinner is spinning now (false without one).

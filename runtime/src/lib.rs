@@ -27,6 +27,7 @@ pub mod event;
 pub mod forward;
 pub mod forwarder;
 pub mod listener;
+pub mod pinned;
 pub mod pmqos;
 pub mod shutdown;
 pub mod snapshot;

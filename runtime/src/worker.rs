@@ -5,7 +5,6 @@ use std::cell::Cell;
 use std::future::{poll_fn, Future};
 use std::io;
 use std::net::SocketAddr;
-use std::pin::pin;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::task::Poll;
@@ -218,18 +217,8 @@ impl<A, B> Either<A, B> {
 }
 
 /// Poll both; return the first to finish (the left one wins a tie). The other is dropped.
-pub async fn race<A: Future, B: Future>(a: A, b: B) -> Either<A::Output, B::Output> {
-    let (mut a, mut b) = (pin!(a), pin!(b));
-    poll_fn(|cx| {
-        if let Poll::Ready(x) = a.as_mut().poll(cx) {
-            return Poll::Ready(Either::Left(x));
-        }
-        if let Poll::Ready(x) = b.as_mut().poll(cx) {
-            return Poll::Ready(Either::Right(x));
-        }
-        Poll::Pending
-    })
-    .await
+pub fn race<A: Future, B: Future>(a: A, b: B) -> crate::pinned::Race<A, B> {
+    crate::pinned::Race::new(a, b)
 }
 
 /// Let the worker run its other ready tasks before this one continues: for loops that would
