@@ -111,8 +111,9 @@ pub struct WaypointConfig {
     /// By service.
     pub load_balancing: BTreeMap<ObjectRef, ServiceLb>,
     /// DestinationRule `trafficPolicy.connectionPool.http.idleTimeout`, by service: how
-    /// long an idle upstream HTTP/1.1 stream to its endpoints is kept for reuse (see
-    /// [`WaypointConfig::idle_expiry`]).
+    /// long an idle upstream HTTP/1.1 stream to its endpoints is kept for reuse, and a
+    /// worker's HTTP/2 connection to one (`useClientProtocol`) with no request in flight
+    /// (see [`WaypointConfig::idle_expiry`]).
     pub idle_timeouts: BTreeMap<ObjectRef, Duration>,
     /// The waypoint's own settings document, when the file has one.
     pub settings: Option<SettingsDoc>,
@@ -128,8 +129,9 @@ impl WaypointConfig {
     }
 
     /// How long an idle upstream stream kept after a request to `service` (`None`: a
-    /// pod-addressed request) may wait for the next: its DestinationRule's `idleTimeout`,
-    /// else [`crate::upstream::IDLE_STREAM_EXPIRY`]. `0s` is Istio's "no idle timeout":
+    /// pod-addressed request), or an HTTP/2 upstream connection after its last request to
+    /// it, may wait for the next: its DestinationRule's `idleTimeout`, else
+    /// [`crate::upstream::IDLE_STREAM_EXPIRY`]. `0s` is Istio's "no idle timeout":
     /// [`Duration::MAX`], the stream is kept until the pool's bounds or its upstream end it.
     pub fn idle_expiry(&self, service: Option<&ObjectRef>) -> Duration {
         match service.and_then(|s| self.idle_timeouts.get(s)) {

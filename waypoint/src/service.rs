@@ -14,7 +14,7 @@
 //! chosen endpoint). Upstream HBONE streams whose response completed are kept per tunnel
 //! and reused by its next requests.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
@@ -140,6 +140,9 @@ pub struct Counters {
     pub upstream_streams: AtomicU64,
     /// Upstream HTTP/2 connections made (each on one HBONE stream).
     pub upstream_h2_connections: AtomicU64,
+    /// Upstream HTTP/2 connections closed for being idle past their service's DestinationRule
+    /// `connectionPool.http.idleTimeout`.
+    pub upstream_h2_idle_closed: AtomicU64,
     /// Upstream exchanges that failed (no endpoint, open, I/O).
     pub upstream_errors: AtomicU64,
     /// Upstream tries that timed out (route timeouts).
@@ -400,6 +403,12 @@ pub fn prometheus(c: &Counters) -> String {
     );
     counter(
         &mut out,
+        "waypoint_upstream_h2_idle_closed",
+        "Upstream HTTP/2 connections closed idle past their idleTimeout.",
+        c.upstream_h2_idle_closed.load(Relaxed),
+    );
+    counter(
+        &mut out,
         "waypoint_upstream_timeouts",
         "Upstream tries that timed out (route timeouts).",
         c.upstream_timeouts.load(Relaxed),
@@ -496,7 +505,8 @@ struct Worker {
     l7: RefCell<runtime::snapshot::Subscriber<WaypointConfig>>,
     metrics: LocalMetrics,
     /// HTTP/2 upstream connections, by (HBONE address, authority), shared by the worker's
-    /// tunnels.
+    /// tunnels; each dropped by its timer once idle past its `idleTimeout`
+    /// ([`spawn_h2_idle_timer`]).
     h2_clients: RefCell<HashMap<(SocketAddr, SocketAddr), H2Slot>>,
     /// Idle upstream HTTP/1.1 streams, shared by the worker's tunnels (none is bound to a
     /// tunnel between its requests).
@@ -627,6 +637,7 @@ async fn tunnel(w: Rc<Worker>, cert: Arc<WorkloadCert>, inb: Inbound) {
         upgrade: None,
         upgrade_first: Bytes::new(),
         fresh_next: false,
+        h2_use: None,
     };
     // Boxed: only live until the first bytes, it would otherwise size the whole tunnel.
     let detect = Box::pin(race(inner::detect(&mut stream), w.ctx.aborted()));
@@ -779,8 +790,104 @@ fn pod_endpoint(snap: &Snapshot, target: SocketAddr) -> Option<Endpoint> {
 /// A worker's HTTP/2 upstream connection to one endpoint, or one being made.
 #[derive(Clone)]
 enum H2Slot {
-    Ready(h2::client::SendRequest<Bytes>),
+    Ready(h2::client::SendRequest<Bytes>, Rc<H2Idle>),
     Connecting(runtime::event::LocalEvent),
+}
+
+/// The requests on a worker's HTTP/2 upstream connection: how many are in flight, when the
+/// last one ended, and how long the connection may then stay idle (the DestinationRule
+/// `connectionPool.http.idleTimeout` of the last request's service, as for the HTTP/1.1
+/// streams kept). The connection's timer ([`spawn_h2_idle_timer`]) drops it from the
+/// worker's slots once idle that long.
+struct H2Idle {
+    active: Cell<usize>,
+    last: Cell<Instant>,
+    expiry: Cell<Duration>,
+}
+
+impl H2Idle {
+    fn new(now: Instant) -> Rc<H2Idle> {
+        Rc::new(H2Idle {
+            active: Cell::new(0),
+            last: Cell::new(now),
+            expiry: Cell::new(crate::upstream::IDLE_STREAM_EXPIRY),
+        })
+    }
+
+    /// `None` when the connection has had no request in flight for its expiry; else how
+    /// long to wait before looking again (at most [`crate::upstream::IDLE_STREAM_EXPIRY`],
+    /// so that a shorter expiry set meanwhile is seen in time; at least
+    /// [`crate::upstream::MIN_SWEEP_PERIOD`]).
+    fn left(&self, now: Instant) -> Option<Duration> {
+        let expiry = self.expiry.get();
+        let wait = if self.active.get() > 0 {
+            // Its idle time starts when the last request ends: at least an expiry away.
+            expiry
+        } else {
+            let idle = now.saturating_duration_since(self.last.get());
+            if idle >= expiry {
+                return None;
+            }
+            expiry - idle
+        };
+        Some(wait.clamp(
+            crate::upstream::MIN_SWEEP_PERIOD,
+            crate::upstream::IDLE_STREAM_EXPIRY,
+        ))
+    }
+}
+
+/// One request on a worker's HTTP/2 upstream connection, in flight until dropped.
+struct H2Use(Rc<H2Idle>);
+
+impl H2Use {
+    fn new(idle: &Rc<H2Idle>, expiry: Duration) -> H2Use {
+        idle.active.set(idle.active.get() + 1);
+        idle.expiry.set(expiry);
+        H2Use(idle.clone())
+    }
+}
+
+impl Drop for H2Use {
+    fn drop(&mut self) {
+        self.0.active.set(self.0.active.get() - 1);
+        self.0.last.set(Instant::now());
+    }
+}
+
+/// The timer of a worker's HTTP/2 upstream connection `idle` (the slot `key`): once it has
+/// had no request in flight for its expiry, its slot is removed and its handle dropped
+/// (the `h2` client then ends the connection with a GOAWAY, and with it the upstream
+/// HBONE stream; a later request opens a new one). Ends with the slot (replaced after a
+/// failure) and when the worker drains.
+fn spawn_h2_idle_timer(w: std::rc::Weak<Worker>, key: (SocketAddr, SocketAddr), idle: Rc<H2Idle>) {
+    monoio::spawn(async move {
+        let mut wait = idle.left(Instant::now());
+        while let Some(period) = wait {
+            monoio::time::sleep(period).await;
+            let Some(w) = w.upgrade() else { return };
+            if w.ctx.shutdown().is_draining() {
+                return;
+            }
+            let ours = matches!(
+                w.h2_clients.borrow().get(&key),
+                Some(H2Slot::Ready(_, i)) if Rc::ptr_eq(i, &idle)
+            );
+            if !ours {
+                return;
+            }
+            wait = idle.left(Instant::now());
+        }
+        let Some(w) = w.upgrade() else { return };
+        // Dropped after the borrow: its handle's drop wakes the connection's task.
+        let slot = w.h2_clients.borrow_mut().remove(&key);
+        drop(slot);
+        w.shared
+            .counters
+            .upstream_h2_idle_closed
+            .fetch_add(1, Relaxed);
+        tracing::debug!(upstream = %key.1, "upstream HTTP/2 connection idle past its idleTimeout; closing it");
+    });
 }
 
 /// The connecting slot of one key: waiters wake when it is done, also when the connecting
@@ -851,6 +958,9 @@ struct HboneUpstream {
     /// A kept stream just turned out closed: the next connect opens a new stream (the
     /// other kept ones of that endpoint are likely closed too).
     fresh_next: bool,
+    /// The current try's request on a worker's HTTP/2 upstream connection
+    /// ([`Upstream::h2_request`]), until its [`Upstream::done`].
+    h2_use: Option<H2Use>,
 }
 
 type MetricKey = (u16, &'static str, Option<(Option<ObjectRef>, String)>);
@@ -1017,6 +1127,8 @@ impl Upstream for HboneUpstream {
         reusable: bool,
         error: Option<io::ErrorKind>,
     ) {
+        // The try's HTTP/2 request (if any) is no longer in flight.
+        self.h2_use = None;
         if status == 0 && error.is_none() && conn.is_none() {
             // A kept stream found closed: the try again goes on a new stream.
             self.fresh_next = true;
@@ -1074,8 +1186,10 @@ impl Upstream for HboneUpstream {
         self.current = picked.map(|(_, port, i)| (port, i));
         self.last = Some((Some(service.0.clone()), ep.workload_uid.clone()));
         self.routed = true;
-        let mut sender = self.h2_sender(&ep, expected).await?;
-        sender.send_request(req, end).map_err(io::Error::other)
+        let (mut sender, u) = self.h2_sender(&ep, expected).await?;
+        let r = sender.send_request(req, end).map_err(io::Error::other)?;
+        self.h2_use = Some(u);
+        Ok(r)
     }
 
     fn upgraded(&mut self, to_upstream: Bytes) {
@@ -1140,6 +1254,7 @@ impl Upstream for HboneUpstream {
             upgrade: None,
             upgrade_first: Bytes::new(),
             fresh_next: false,
+            h2_use: None,
         };
         let service = service.clone();
         self.worker.shared.counters.mirrored.fetch_add(1, Relaxed);
@@ -1392,7 +1507,8 @@ impl HboneUpstream {
             b = b.header("content-length", body.len());
         }
         let req = b.body(()).map_err(io::Error::other)?;
-        let mut sender = self.h2_sender(ep, expected).await?;
+        // In flight until this exchange ends.
+        let (mut sender, _in_flight) = self.h2_sender(ep, expected).await?;
         let (resp, mut tx) = sender
             .send_request(req, body.is_empty())
             .map_err(io::Error::other)?;
@@ -1454,30 +1570,43 @@ impl HboneUpstream {
     }
 
     /// The worker's HTTP/2 connection to `ep`, ready for a request (made on first use,
-    /// replaced when it failed; concurrent first uses wait for one connect).
+    /// replaced when it failed or was idle past its service's `idleTimeout`; concurrent
+    /// first uses wait for one connect), and the request's hold on it (in flight until
+    /// dropped).
     async fn h2_sender(
         &self,
         ep: &Endpoint,
         expected: Identity,
-    ) -> io::Result<h2::client::SendRequest<Bytes>> {
+    ) -> io::Result<(h2::client::SendRequest<Bytes>, H2Use)> {
         let key = (ep.hbone, ep.authority);
+        // The expiry of the service this request goes to (its DestinationRule).
+        let service = self.last.as_ref().and_then(|(svc, _)| svc.as_ref());
+        let expiry = self.l7.idle_expiry(service);
         loop {
             let slot = self.worker.h2_clients.borrow().get(&key).cloned();
             match slot {
-                Some(H2Slot::Ready(c)) => match c.ready().await {
-                    Ok(s) => return Ok(s),
-                    Err(e) => {
-                        tracing::debug!(error = %e, "upstream HTTP/2 connection unusable; replacing it");
-                        self.worker.h2_clients.borrow_mut().remove(&key);
+                Some(H2Slot::Ready(c, idle)) => {
+                    // In flight from here: the connection's timer does not close it while
+                    // this request waits for a stream.
+                    let u = H2Use::new(&idle, expiry);
+                    match c.ready().await {
+                        Ok(s) => return Ok((s, u)),
+                        Err(e) => {
+                            tracing::debug!(error = %e, "upstream HTTP/2 connection unusable; replacing it");
+                            self.worker.h2_clients.borrow_mut().remove(&key);
+                        }
                     }
-                },
+                }
                 // Another request of this worker is connecting: use its connection.
                 Some(H2Slot::Connecting(ev)) => ev.wait().await,
                 None => {
                     let guard = Connecting::start(&self.worker, key);
                     let c = self.h2_connect(ep, expected.clone()).await?;
-                    guard.done(H2Slot::Ready(c.clone()));
-                    return c.ready().await.map_err(io::Error::other);
+                    let idle = H2Idle::new(Instant::now());
+                    let u = H2Use::new(&idle, expiry);
+                    guard.done(H2Slot::Ready(c.clone(), idle.clone()));
+                    spawn_h2_idle_timer(Rc::downgrade(&self.worker), key, idle);
+                    return Ok((c.ready().await.map_err(io::Error::other)?, u));
                 }
             }
         }

@@ -118,13 +118,70 @@ fn read_chunked(c: &mut TcpStream, buf: &mut Vec<u8>) -> Option<usize> {
     }
 }
 
+/// An HTTP/2 (prior knowledge) backend on `ip` answering `200 <path> <body length>`, after
+/// two seconds for `/slow`; it numbers its connections from `next` and reports to `seen`.
+fn h2_backend(ip: Ipv4Addr, next: Arc<AtomicUsize>, seen: mpsc::Sender<Seen>) -> SocketAddr {
+    let l = TcpListener::bind((ip, 0)).unwrap();
+    let addr = l.local_addr().unwrap();
+    l.set_nonblocking(true).unwrap();
+    std::thread::spawn(move || {
+        block_on(async move {
+            let l = monoio::net::TcpListener::from_std(l).unwrap();
+            while let Ok((tcp, _)) = l.accept().await {
+                let (seen, n) = (seen.clone(), next.fetch_add(1, Ordering::SeqCst));
+                monoio::spawn(async move {
+                    let io = monoio::io::IntoPollIo::into_poll_io(tcp).unwrap();
+                    if let Ok(mut conn) = h2::server::handshake(io).await {
+                        while let Some(Ok((req, respond))) = conn.accept().await {
+                            monoio::spawn(h2_answer(req, respond, n, seen.clone()));
+                        }
+                    }
+                    let _ = seen.send(Seen::Closed(n));
+                });
+            }
+        })
+    });
+    addr
+}
+
+async fn h2_answer(
+    req: http::Request<h2::RecvStream>,
+    mut respond: h2::server::SendResponse<Bytes>,
+    n: usize,
+    seen: mpsc::Sender<Seen>,
+) {
+    let path = req.uri().path().to_string();
+    let mut body = req.into_body();
+    let mut len = 0;
+    while let Some(Ok(c)) = body.data().await {
+        let _ = body.flow_control().release_capacity(c.len());
+        len += c.len();
+    }
+    let _ = seen.send(Seen::Request(n, path.clone(), len));
+    if path == "/slow" {
+        monoio::time::sleep(Duration::from_secs(2)).await;
+    }
+    let resp = http::Response::builder().status(200).body(()).unwrap();
+    if let Ok(mut tx) = respond.send_response(resp, false) {
+        let _ = tx.send_data(Bytes::from(format!("{path} {len}")), true);
+    }
+}
+
 /// Services `short` (10.96.0.1) and `long` (10.96.0.2) in namespace `app`, both on the one
-/// pod `pod` behind the node ztunnel at `zt`, with DestinationRules setting `idleTimeout`
-/// to `short` and `long`.
-fn model(zt: Ipv4Addr, pod: SocketAddr, short: &str, long: &str) -> String {
+/// pod at `pod` behind the node ztunnel at `zt` (`short` to port `pod.port()`, `long` to
+/// `long_port`), with DestinationRules setting `idleTimeout` to `short` and `long`, and
+/// `useClientProtocol` when `h2`.
+fn model(
+    zt: Ipv4Addr,
+    pod: SocketAddr,
+    long_port: u16,
+    short: &str,
+    long: &str,
+    h2: bool,
+) -> String {
     let dr = |name: &str, t: &str| {
         format!(
-            "---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: {name}, namespace: app}}\nspec:\n  host: {name}\n  trafficPolicy:\n    connectionPool:\n      http: {{idleTimeout: {t}}}\n"
+            "---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: {name}, namespace: app}}\nspec:\n  host: {name}\n  trafficPolicy:\n    connectionPool:\n      http: {{idleTimeout: {t}, useClientProtocol: {h2}}}\n"
         )
     };
     format!(
@@ -137,7 +194,7 @@ nodes:
   - {{name: node-b, ztunnel: {zt}}}
 workloads:
   - {{uid: wp, name: wp, namespace: app, serviceAccount: waypoint, workloadIps: ["10.1.0.100"]}}
-  - {{uid: e1, name: e1, namespace: app, serviceAccount: echo, node: node-b, workloadIps: ["{ip}"], services: {{"app/short.app.svc.cluster.local": {{80: {port}}}, "app/long.app.svc.cluster.local": {{80: {port}}}}}}}
+  - {{uid: e1, name: e1, namespace: app, serviceAccount: echo, node: node-b, workloadIps: ["{ip}"], services: {{"app/short.app.svc.cluster.local": {{80: {port}}}, "app/long.app.svc.cluster.local": {{80: {long_port}}}}}}}
 services:
   - {{name: short, namespace: app, hostname: short.app.svc.cluster.local, vips: ["10.96.0.1"], ports: {{80: 8080}}}}
   - {{name: long, namespace: app, hostname: long.app.svc.cluster.local, vips: ["10.96.0.2"], ports: {{80: 8080}}}}
@@ -170,15 +227,31 @@ impl Drop for Mesh {
 }
 
 impl Mesh {
+    /// HTTP/1.1 upstream: one backend behind both services.
     fn start(short: &str, long: &str) -> Mesh {
+        Mesh::start_with(short, long, false)
+    }
+
+    /// With `h2`: `useClientProtocol` for both services, each with its own HTTP/2 backend
+    /// (a port of its own: a worker's HTTP/2 connections are per endpoint).
+    fn start_with(short: &str, long: &str, h2: bool) -> Mesh {
         let (net, zl) = bind_node_ztunnel(7);
         let ca = Arc::new(SigningCa::generate_root("cluster.local").unwrap().0);
         let now = SystemTime::now();
         // Its thread serves for the rest of the test process.
         let _ztunnel = stand_in_ztunnel(zl, &ca.issue(&id("app", "echo"), now).unwrap());
         let client_cert = ca.issue(&id("app", "client"), now).unwrap();
-        let (pod, seen) = backend(ip(net, 2));
-        let text = model(ip(net, 1), pod, short, long);
+        let (pod, long_port, seen) = if h2 {
+            let (tx, seen) = mpsc::channel();
+            let next = Arc::new(AtomicUsize::new(1));
+            let short = h2_backend(ip(net, 2), next.clone(), tx.clone());
+            let long = h2_backend(ip(net, 2), next, tx);
+            (short, long.port(), seen)
+        } else {
+            let (pod, seen) = backend(ip(net, 2));
+            (pod, pod.port(), seen)
+        };
+        let text = model(ip(net, 1), pod, long_port, short, long, h2);
         let file = std::env::temp_dir().join(format!("waypoint-idle-timeout-{net}.yaml"));
         let l7 = waypoint::config::load_str(&file, &text, 1).unwrap_or_else(|e| panic!("{e}"));
         let shutdown = Shutdown::new();
@@ -275,6 +348,85 @@ fn r17_destination_rule_idle_timeout_closes_kept_streams_per_service() {
     });
     assert_eq!(m.counters().upstream_errors.load(Ordering::Relaxed), 0);
     assert_eq!(m.counters().upstream_streams.load(Ordering::Relaxed), 3);
+}
+
+/// An HTTP/2 client inside a tunnel to Service `target` through the waypoint, for client
+/// `from`.
+async fn h2_client(
+    m: &Mesh,
+    target: &str,
+    from: Ipv4Addr,
+) -> (hbone::client::Client, h2::client::SendRequest<Bytes>) {
+    let (c, s) = m.tunnel(target, from).await;
+    let io = waypoint::inner::StreamIo::new(s, Bytes::new());
+    let (send, conn) = h2::client::handshake(io).await.unwrap();
+    monoio::spawn(async move {
+        let _ = conn.await;
+    });
+    (c, send)
+}
+
+/// A GET of `path` on `host` over `client`: the status and body.
+async fn h2_get(client: &h2::client::SendRequest<Bytes>, host: &str, path: &str) -> (u16, String) {
+    let req = http::Request::builder()
+        .uri(format!("http://{host}{path}"))
+        .body(())
+        .unwrap();
+    let (resp, _) = client.clone().send_request(req, true).unwrap();
+    let resp = resp.await.unwrap();
+    let status = resp.status().as_u16();
+    let mut body = resp.into_body();
+    let mut all = Vec::new();
+    while let Some(b) = body.data().await {
+        let b = b.unwrap();
+        let _ = body.flow_control().release_capacity(b.len());
+        all.extend_from_slice(&b);
+    }
+    (status, String::from_utf8(all).unwrap())
+}
+
+/// `idleTimeout` on the HTTP/2 upstream path (`useClientProtocol`), as Istio applies it to
+/// both: the worker's HTTP/2 connection to the short one's endpoint is closed once it has
+/// had no request in flight for its `idleTimeout` (1 s), not while a request takes twice as
+/// long (its idle time starts when the request ends: the next request still goes on it);
+/// the long one's (an hour) stays and carries its client's next request, and the short
+/// one's next request opens a new connection. Without the limit no close would come.
+#[test]
+fn r17_destination_rule_idle_timeout_closes_idle_upstream_h2_connections() {
+    let m = Mesh::start_with("1s", "1h", true);
+    block_on(async {
+        let (_ca, sa) = h2_client(&m, SHORT, A).await;
+        let (_cb, sb) = h2_client(&m, LONG, B).await;
+        assert_eq!(h2_get(&sb, "long", "/b").await, (200, "/b 0".into()));
+        let long_conn = match m.next() {
+            Seen::Request(c, p, 0) if p == "/b" => c,
+            other => panic!("{other:?}"),
+        };
+        // In flight for 2 s: the connection is not idle meanwhile.
+        assert_eq!(h2_get(&sa, "short", "/slow").await, (200, "/slow 0".into()));
+        let short_conn = match m.next() {
+            Seen::Request(c, p, 0) if p == "/slow" => c,
+            other => panic!("{other:?}"),
+        };
+        assert_ne!(short_conn, long_conn, "one connection per endpoint");
+        assert_eq!(h2_get(&sa, "short", "/a").await, (200, "/a 0".into()));
+        assert_eq!(m.next(), Seen::Request(short_conn, "/a".into(), 0));
+        // Idle for its second: closed, nothing else happens.
+        assert_eq!(m.next(), Seen::Closed(short_conn));
+        assert_eq!(h2_get(&sb, "long", "/b2").await, (200, "/b2 0".into()));
+        assert_eq!(m.next(), Seen::Request(long_conn, "/b2".into(), 0));
+        assert_eq!(h2_get(&sa, "short", "/a2").await, (200, "/a2 0".into()));
+        match m.next() {
+            Seen::Request(c, p, 0) if p == "/a2" => {
+                assert!(c != short_conn && c != long_conn, "a new connection: {c}")
+            }
+            other => panic!("{other:?}"),
+        }
+    });
+    let c = m.counters();
+    assert_eq!(c.upstream_errors.load(Ordering::Relaxed), 0);
+    assert_eq!(c.upstream_h2_connections.load(Ordering::Relaxed), 3);
+    assert_eq!(c.upstream_h2_idle_closed.load(Ordering::Relaxed), 1);
 }
 
 /// HTTP/2 inside the tunnel (converted to HTTP/1.1 upstream): a request body of unknown
