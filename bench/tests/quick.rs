@@ -508,9 +508,6 @@ fn proxy_cpu_splits_per_process(report: &Value, waypoint_rows: usize) {
     );
 }
 
-/// A `--peer` command: the runtime's forwarder (`bench __l4fwd`, bench/peers/l4fwd.yaml with
-/// its ports moved from 92xx to `base`xx) under `ulimit -n limit`, without the capability to
-/// raise it again (the forwarder raises its limit when it may).
 /// `v[key]` is a string that starts with `prefix`.
 fn assert_starts(v: &Value, key: &str, prefix: &str) {
     let got = v[key].as_str().unwrap_or("");
@@ -520,6 +517,9 @@ fn assert_starts(v: &Value, key: &str, prefix: &str) {
     );
 }
 
+/// A `--peer` command: the runtime's forwarder (`bench __l4fwd`, bench/peers/l4fwd.yaml with
+/// its ports moved from 92xx to `base`xx) under `ulimit -n limit`, without the capability to
+/// raise it again (the forwarder raises its limit when it may).
 fn forwarder_peer(name: &str, base: u16, limit: u64) -> String {
     let exe = env!("CARGO_BIN_EXE_bench");
     let cfg = concat!(env!("CARGO_MANIFEST_DIR"), "/peers/l4fwd.yaml");

@@ -14,14 +14,20 @@ pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> u64 {
             if n != name {
                 return None;
             }
+            // A label matches at a boundary (`{k=` or `,k=`): `workload` is not the tail
+            // of `source_workload`.
             labels
                 .iter()
-                .all(|(k, v)| rest.contains(&format!("{k}=\"{v}\"")))
+                .all(|(k, v)| {
+                    let pair = format!("{k}=\"{v}\"");
+                    rest.starts_with(&pair) || rest.contains(&format!(",{pair}"))
+                })
                 .then(|| value.parse::<f64>().ok())
                 .flatten()
                 .map(|v| v as u64)
         })
-        .sum()
+        // `+Inf` reads as u64::MAX: the sum saturates rather than overflows.
+        .fold(0, u64::saturating_add)
 }
 
 #[cfg(test)]
@@ -34,6 +40,7 @@ mod tests {
 conns_total{direction=\"inbound\",reason=\"ok\"} 3
 conns_total{direction=\"outbound\",reason=\"ok\"} 4
 conns_total{direction=\"inbound\",reason=\"denied\"} 1
+conns_total{source_direction=\"inbound\",direction=\"none\"} 50
 conns_total_bytes{direction=\"inbound\"} 99
 config_version 7
 rss_bytes 1.5e3
@@ -41,7 +48,7 @@ rss_bytes 1.5e3
 
     #[test]
     fn sums_the_series_that_carry_every_label() {
-        assert_eq!(metric(TEXT, "conns_total", &[]), 8);
+        assert_eq!(metric(TEXT, "conns_total", &[]), 58);
         assert_eq!(metric(TEXT, "conns_total", &[("direction", "inbound")]), 4);
         assert_eq!(
             metric(
@@ -52,6 +59,8 @@ rss_bytes 1.5e3
             1
         );
         assert_eq!(metric(TEXT, "conns_total", &[("direction", "sideways")]), 0);
+        // `source_direction="inbound"` is not `direction="inbound"`.
+        assert_eq!(metric(TEXT, "conns_total", &[("direction", "none")]), 50);
     }
 
     #[test]
