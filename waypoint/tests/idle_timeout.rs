@@ -119,7 +119,7 @@ fn read_chunked(c: &mut TcpStream, buf: &mut Vec<u8>) -> Option<usize> {
 }
 
 /// An HTTP/2 (prior knowledge) backend on `ip` answering `200 <path> <body length>`, after
-/// two seconds for `/slow`; it numbers its connections from `next` and reports to `seen`.
+/// three seconds for `/slow`; it numbers its connections from `next` and reports to `seen`.
 fn h2_backend(ip: Ipv4Addr, next: Arc<AtomicUsize>, seen: mpsc::Sender<Seen>) -> SocketAddr {
     let l = TcpListener::bind((ip, 0)).unwrap();
     let addr = l.local_addr().unwrap();
@@ -159,7 +159,7 @@ async fn h2_answer(
     }
     let _ = seen.send(Seen::Request(n, path.clone(), len));
     if path == "/slow" {
-        monoio::time::sleep(Duration::from_secs(2)).await;
+        monoio::time::sleep(Duration::from_secs(3)).await;
     }
     let resp = http::Response::builder().status(200).body(()).unwrap();
     if let Ok(mut tx) = respond.send_response(resp, false) {
@@ -387,13 +387,14 @@ async fn h2_get(client: &h2::client::SendRequest<Bytes>, host: &str, path: &str)
 
 /// `idleTimeout` on the HTTP/2 upstream path (`useClientProtocol`), as Istio applies it to
 /// both: the worker's HTTP/2 connection to the short one's endpoint is closed once it has
-/// had no request in flight for its `idleTimeout` (1 s), not while a request takes twice as
-/// long (its idle time starts when the request ends: the next request still goes on it);
+/// had no request in flight for its `idleTimeout` (2 s), not while a request takes longer
+/// (3 s; its idle time starts when the request ends: the next request, sent at once, still
+/// goes on it: the 2 s are the bound for that);
 /// the long one's (an hour) stays and carries its client's next request, and the short
 /// one's next request opens a new connection. Without the limit no close would come.
 #[test]
 fn r17_destination_rule_idle_timeout_closes_idle_upstream_h2_connections() {
-    let m = Mesh::start_with("1s", "1h", true);
+    let m = Mesh::start_with("2s", "1h", true);
     block_on(async {
         let (_ca, sa) = h2_client(&m, SHORT, A).await;
         let (_cb, sb) = h2_client(&m, LONG, B).await;
@@ -402,7 +403,7 @@ fn r17_destination_rule_idle_timeout_closes_idle_upstream_h2_connections() {
             Seen::Request(c, p, 0) if p == "/b" => c,
             other => panic!("{other:?}"),
         };
-        // In flight for 2 s: the connection is not idle meanwhile.
+        // In flight for 3 s: the connection is not idle meanwhile.
         assert_eq!(h2_get(&sa, "short", "/slow").await, (200, "/slow 0".into()));
         let short_conn = match m.next() {
             Seen::Request(c, p, 0) if p == "/slow" => c,
@@ -411,7 +412,7 @@ fn r17_destination_rule_idle_timeout_closes_idle_upstream_h2_connections() {
         assert_ne!(short_conn, long_conn, "one connection per endpoint");
         assert_eq!(h2_get(&sa, "short", "/a").await, (200, "/a 0".into()));
         assert_eq!(m.next(), Seen::Request(short_conn, "/a".into(), 0));
-        // Idle for its second: closed, nothing else happens.
+        // Idle for its 2 s: closed, nothing else happens.
         assert_eq!(m.next(), Seen::Closed(short_conn));
         assert_eq!(h2_get(&sb, "long", "/b2").await, (200, "/b2 0".into()));
         assert_eq!(m.next(), Seen::Request(long_conn, "/b2".into(), 0));
