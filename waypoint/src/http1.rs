@@ -2420,19 +2420,25 @@ mod tests {
         fn mirror(&mut self, _service: &(ObjectRef, u16), _request: Bytes) {}
     }
 
-    /// A client that disconnects while the response goes out (the whole one-chunk
-    /// response, or the head of a streamed one) leaves no request counted as active on
-    /// the endpoint (least-request balancing would avoid it for ever).
-    #[test]
-    fn least_request_count_returns_to_zero_when_the_client_is_gone() {
-        let (mut rt, _) = runtime::driver::build_runtime(
+    /// A runtime for a test's futures (epoll: no ring needed).
+    fn test_runtime() -> runtime::driver::MeshRuntime {
+        runtime::driver::build_runtime(
             &runtime::driver::DriverDecision {
                 kind: runtime::DriverKind::Epoll,
                 reason: "test".into(),
             },
             64,
         )
-        .unwrap();
+        .unwrap()
+        .0
+    }
+
+    /// A client that disconnects while the response goes out (the whole one-chunk
+    /// response, or the head of a streamed one) leaves no request counted as active on
+    /// the endpoint (least-request balancing would avoid it for ever).
+    #[test]
+    fn least_request_count_returns_to_zero_when_the_client_is_gone() {
+        let mut rt = test_runtime();
         for response in [
             &b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"[..],
             b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n",
@@ -2563,14 +2569,7 @@ mod tests {
     /// bytes, not the head), yet it cannot be replayed.
     #[test]
     fn only_buffered_idempotent_requests_are_replayable_on_a_new_stream() {
-        let (mut rt, _) = runtime::driver::build_runtime(
-            &runtime::driver::DriverDecision {
-                kind: runtime::DriverKind::Epoll,
-                reason: "test".into(),
-            },
-            64,
-        )
-        .unwrap();
+        let mut rt = test_runtime();
         let small = Bytes::from_static(b"0123456789");
         let cases = [
             (

@@ -18,8 +18,8 @@ use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use common::{
-    bind_node_ztunnel, block_on, connect, get, id, ip, next_request, ok_response, read_response,
-    service_settings, stand_in_ztunnel,
+    bind_node_ztunnel, block_on, connect, get, h2_response, id, ip, next_request, ok_response,
+    read_response, stand_in_ztunnel, start_service,
 };
 use hbone::ca::{CertSource, SigningCa, WorkloadCert};
 use hbone::stream::H2Stream;
@@ -252,17 +252,8 @@ impl Mesh {
             (pod, pod.port(), seen)
         };
         let text = model(ip(net, 1), pod, long_port, short, long, h2);
-        let file = std::env::temp_dir().join(format!("waypoint-idle-timeout-{net}.yaml"));
-        let l7 = waypoint::config::load_str(&file, &text, 1).unwrap_or_else(|e| panic!("{e}"));
-        let shutdown = Shutdown::new();
-        let source: Arc<dyn CertSource> = ca.clone();
-        let handle = service::start(
-            service_settings(),
-            source,
-            runtime::Publisher::new(l7),
-            shutdown.clone(),
-        )
-        .unwrap();
+        let (handle, shutdown) =
+            start_service(&ca, &text, &format!("waypoint-idle-timeout-{net}.yaml"));
         Mesh {
             waypoint: handle.addr,
             client_cert,
@@ -373,16 +364,7 @@ async fn h2_get(client: &h2::client::SendRequest<Bytes>, host: &str, path: &str)
         .body(())
         .unwrap();
     let (resp, _) = client.clone().send_request(req, true).unwrap();
-    let resp = resp.await.unwrap();
-    let status = resp.status().as_u16();
-    let mut body = resp.into_body();
-    let mut all = Vec::new();
-    while let Some(b) = body.data().await {
-        let b = b.unwrap();
-        let _ = body.flow_control().release_capacity(b.len());
-        all.extend_from_slice(&b);
-    }
-    (status, String::from_utf8(all).unwrap())
+    h2_response(resp).await
 }
 
 /// `idleTimeout` on the HTTP/2 upstream path (`useClientProtocol`), as Istio applies it to
@@ -450,21 +432,9 @@ fn r17_an_h2_body_of_unknown_length_does_not_take_a_long_idle_kept_stream() {
             let _ = conn.await;
         });
         let uri = |path: &str| format!("http://long{path}");
-        let read = |resp: h2::client::ResponseFuture| async move {
-            let resp = resp.await.unwrap();
-            let status = resp.status().as_u16();
-            let mut body = resp.into_body();
-            let mut all = Vec::new();
-            while let Some(b) = body.data().await {
-                let b = b.unwrap();
-                let _ = body.flow_control().release_capacity(b.len());
-                all.extend_from_slice(&b);
-            }
-            (status, String::from_utf8(all).unwrap())
-        };
         let get = |path: &str| http::Request::builder().uri(uri(path)).body(()).unwrap();
         let (resp, _) = client.send_request(get("/first"), true).unwrap();
-        assert_eq!(read(resp).await, (200, "/first 0".to_string()));
+        assert_eq!(h2_response(resp).await, (200, "/first 0".to_string()));
         let Seen::Request(first, ..) = m.next() else {
             panic!("the request first")
         };
@@ -488,7 +458,7 @@ fn r17_an_h2_body_of_unknown_length_does_not_take_a_long_idle_kept_stream() {
             let chunk = body.split_to(cap.min(body.len()));
             tx.send_data(chunk, body.is_empty()).unwrap();
         }
-        assert_eq!(read(resp).await, (200, format!("/upload {len}")));
+        assert_eq!(h2_response(resp).await, (200, format!("/upload {len}")));
         let upload = match m.next() {
             Seen::Request(c, p, n) if p == "/upload" && n == len => c,
             other => panic!("{other:?}"),
@@ -498,7 +468,7 @@ fn r17_an_h2_body_of_unknown_length_does_not_take_a_long_idle_kept_stream() {
         // A GET may take a kept stream idle as long: the most recent one.
         std::thread::sleep(idle);
         let (resp, _) = client.send_request(get("/again"), true).unwrap();
-        assert_eq!(read(resp).await, (200, "/again 0".to_string()));
+        assert_eq!(h2_response(resp).await, (200, "/again 0".to_string()));
         assert_eq!(m.next(), Seen::Request(upload, "/again".into(), 0));
     });
     assert_eq!(m.counters().upstream_errors.load(Ordering::Relaxed), 0);

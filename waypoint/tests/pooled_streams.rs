@@ -20,7 +20,7 @@ use std::time::{Duration, SystemTime};
 use bytes::{Bytes, BytesMut};
 use common::{
     bind_node_ztunnel, block_on, connect, connect_target, echo_model, get, id, ip, next_request,
-    ok_response, read_response, serve_hbone, service_settings,
+    ok_response, read_response, serve_hbone, start_service,
 };
 use hbone::ca::{CertSource, SigningCa, WorkloadCert};
 use hbone::server::Inbound;
@@ -194,17 +194,7 @@ impl Mesh {
         let go = Arc::new(Barrier::new(2));
         let (echo, seen) = backend(ip(net, 2), after, go.clone());
         let text = echo_model(ip(net, 1), echo);
-        let file = std::env::temp_dir().join(format!("waypoint-pooled-{net}.yaml"));
-        let l7 = waypoint::config::load_str(&file, &text, 1).unwrap_or_else(|e| panic!("{e}"));
-        let shutdown = Shutdown::new();
-        let source: Arc<dyn CertSource> = ca.clone();
-        let handle = service::start(
-            service_settings(),
-            source,
-            runtime::Publisher::new(l7),
-            shutdown.clone(),
-        )
-        .unwrap();
+        let (handle, shutdown) = start_service(&ca, &text, &format!("waypoint-pooled-{net}.yaml"));
         Mesh {
             waypoint: handle.addr,
             client_cert,

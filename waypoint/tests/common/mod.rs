@@ -212,6 +212,41 @@ pub fn service_settings() -> Settings {
     }
 }
 
+/// The waypoint service on the mesh model `text` (errors name `file`), with the test
+/// [`service_settings`] and certificates from `ca`; stopped by the returned [`Shutdown`].
+pub fn start_service(
+    ca: &Arc<hbone::ca::SigningCa>,
+    text: &str,
+    file: &str,
+) -> (waypoint::service::Handle, runtime::Shutdown) {
+    let file = std::env::temp_dir().join(file);
+    let l7 = waypoint::config::load_str(&file, text, 1).unwrap_or_else(|e| panic!("{e}"));
+    let shutdown = runtime::Shutdown::new();
+    let source: Arc<dyn hbone::ca::CertSource> = ca.clone();
+    let handle = waypoint::service::start(
+        service_settings(),
+        source,
+        runtime::Publisher::new(l7),
+        shutdown.clone(),
+    )
+    .unwrap();
+    (handle, shutdown)
+}
+
+/// An HTTP/2 response's status and whole body (flow control released as it arrives).
+pub async fn h2_response(resp: h2::client::ResponseFuture) -> (u16, String) {
+    let resp = resp.await.unwrap();
+    let status = resp.status().as_u16();
+    let mut body = resp.into_body();
+    let mut all = Vec::new();
+    while let Some(b) = body.data().await {
+        let b = b.unwrap();
+        let _ = body.flow_control().release_capacity(b.len());
+        all.extend_from_slice(&b);
+    }
+    (status, String::from_utf8(all).unwrap())
+}
+
 pub fn get(path: &str, host: &str) -> String {
     format!("GET {path} HTTP/1.1\r\nhost: {host}\r\n\r\n")
 }
