@@ -236,7 +236,7 @@ async fn serve_all((sink, echo, rc, http, h2, stall): Listeners, counters: Arc<B
     e.await;
 }
 
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, Debug)]
 enum Proto {
     Sink,
     Echo,
@@ -276,6 +276,8 @@ async fn accept_loop(l: TcpListener, counters: Arc<BackendCounters>, proto: Prot
             };
             if !ok {
                 counters.errors.fetch_add(1, Ordering::Relaxed);
+                // Counted against the run in progress: the kind says where to look.
+                eprintln!("bench: backend: a {proto:?} connection failed");
             }
         });
     }
@@ -326,9 +328,10 @@ async fn echo(mut s: TcpStream) -> bool {
         };
         buf = b;
         match r {
-            Ok(0) => return true,
+            // Closed (FIN, or a reset passed on by a proxy) between messages: nothing of
+            // the client's is lost (the client checks every echo), as for HTTP.
+            Ok(0) | Err(_) => return true,
             Ok(_) => {}
-            Err(_) => return false,
         }
         let Ok((r, b)) = timeout(OP_TIMEOUT, s.write_all(buf)).await else {
             return false;
