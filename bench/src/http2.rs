@@ -33,33 +33,50 @@ pub async fn serve(s: TcpStream) -> bool {
     let Ok(Ok(mut conn)) = timeout(OP_TIMEOUT, h2::server::handshake(io)).await else {
         return false;
     };
+    // Streams still being answered: a connection that ends with none (a proxy closing an
+    // idle upstream connection, with a reset passed on by a tunnel) is a close, not an
+    // error, as between HTTP/1.1 requests; the clients check every response they get.
+    let open = std::rc::Rc::new(std::cell::Cell::new(0usize));
     while let Some(req) = conn.accept().await {
-        let Ok((req, mut respond)) = req else {
-            return false;
+        let (req, mut respond) = match req {
+            Ok(x) => x,
+            Err(e) if e.is_io() && open.get() == 0 => return true,
+            Err(e) => {
+                eprintln!("bench: backend h2 connection: {e}");
+                return false;
+            }
         };
+        open.set(open.get() + 1);
+        let open = open.clone();
         monoio::spawn(async move {
-            let n = body_len(req.uri().path());
-            let mut body = req.into_body();
-            // Drain any request body, giving its window back.
-            while let Some(chunk) = body.data().await {
-                let Ok(c) = chunk else { return };
-                let _ = body.flow_control().release_capacity(c.len());
-            }
-            let resp = http::Response::builder()
-                .status(200)
-                .header("content-length", n)
-                .body(())
-                .expect("static response");
-            let Ok(mut send) = respond.send_response(resp, n == 0) else {
-                return;
-            };
-            if n > 0 {
-                let data: Bytes = (0..n).map(pattern).collect::<Vec<u8>>().into();
-                let _ = send.send_data(data, true);
-            }
+            answer(req, &mut respond).await;
+            open.set(open.get() - 1);
         });
     }
     true
+}
+
+/// One request's answer: its body drained (window given back), then `n` pattern bytes
+/// (from the path) with their length.
+async fn answer(req: http::Request<h2::RecvStream>, respond: &mut h2::server::SendResponse<Bytes>) {
+    let n = body_len(req.uri().path());
+    let mut body = req.into_body();
+    while let Some(chunk) = body.data().await {
+        let Ok(c) = chunk else { return };
+        let _ = body.flow_control().release_capacity(c.len());
+    }
+    let resp = http::Response::builder()
+        .status(200)
+        .header("content-length", n)
+        .body(())
+        .expect("static response");
+    let Ok(mut send) = respond.send_response(resp, n == 0) else {
+        return;
+    };
+    if n > 0 {
+        let data: Bytes = (0..n).map(pattern).collect::<Vec<u8>>().into();
+        let _ = send.send_data(data, true);
+    }
 }
 
 /// A client connection: `SendRequest` handle (clone per stream loop); the connection is
