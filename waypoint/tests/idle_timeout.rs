@@ -18,8 +18,8 @@ use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use common::{
-    bind_node_ztunnel, block_on, connect, get, h2_response, id, ip, next_request, ok_response,
-    read_response, stand_in_ztunnel, start_service,
+    app_model, bind_node_ztunnel, block_on, connect, get, h2_response, id, ip, next_request,
+    ok_response, read_response, stand_in_ztunnel, start_service,
 };
 use hbone::ca::{CertSource, SigningCa, WorkloadCert};
 use hbone::stream::H2Stream;
@@ -184,26 +184,13 @@ fn model(
             "---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: {name}, namespace: app}}\nspec:\n  host: {name}\n  trafficPolicy:\n    connectionPool:\n      http: {{idleTimeout: {t}, useClientProtocol: {h2}}}\n"
         )
     };
-    format!(
-        r#"namespaces:
-  - name: app
-    labels: {{istio.io/dataplane-mode: ambient}}
-waypoints:
-  - {{name: wp, namespace: app, address: 10.1.0.100}}
-nodes:
-  - {{name: node-b, ztunnel: {zt}}}
-workloads:
-  - {{uid: wp, name: wp, namespace: app, serviceAccount: waypoint, workloadIps: ["10.1.0.100"]}}
-  - {{uid: e1, name: e1, namespace: app, serviceAccount: echo, node: node-b, workloadIps: ["{ip}"], services: {{"app/short.app.svc.cluster.local": {{80: {port}}}, "app/long.app.svc.cluster.local": {{80: {long_port}}}}}}}
-services:
-  - {{name: short, namespace: app, hostname: short.app.svc.cluster.local, vips: ["10.96.0.1"], ports: {{80: 8080}}}}
-  - {{name: long, namespace: app, hostname: long.app.svc.cluster.local, vips: ["10.96.0.2"], ports: {{80: 8080}}}}
-{}{}"#,
-        dr("short", short),
-        dr("long", long),
+    let workload = format!(
+        "  - {{uid: e1, name: e1, namespace: app, serviceAccount: echo, node: node-b, workloadIps: [\"{ip}\"], services: {{\"app/short.app.svc.cluster.local\": {{80: {port}}}, \"app/long.app.svc.cluster.local\": {{80: {long_port}}}}}}}\n",
         ip = pod.ip(),
         port = pod.port(),
-    )
+    );
+    let services = "  - {name: short, namespace: app, hostname: short.app.svc.cluster.local, vips: [\"10.96.0.1\"], ports: {80: 8080}}\n  - {name: long, namespace: app, hostname: long.app.svc.cluster.local, vips: [\"10.96.0.2\"], ports: {80: 8080}}\n";
+    app_model(zt, &workload, services) + &dr("short", short) + &dr("long", long)
 }
 
 const SHORT: &str = "10.96.0.1:80";

@@ -169,9 +169,10 @@ pub fn bind_node_ztunnel(salt: u32) -> (u8, TcpListener) {
     }
 }
 
-/// The mesh model with Service `echo` (`10.96.0.1:80`) in ambient namespace `app`, its one
-/// endpoint `pod` behind the node ztunnel at `zt`, and the `app/wp` waypoint.
-pub fn echo_model(zt: Ipv4Addr, pod: SocketAddr) -> String {
+/// A mesh model of ambient namespace `app` with the `app/wp` waypoint and node `node-b`
+/// whose ztunnel is at `zt`: `workloads` (YAML list items, one per line, each ending in a
+/// newline) beside the waypoint's own, and `services` (likewise).
+pub fn app_model(zt: Ipv4Addr, workloads: &str, services: &str) -> String {
     format!(
         r#"namespaces:
   - name: app
@@ -182,12 +183,22 @@ nodes:
   - {{name: node-b, ztunnel: {zt}}}
 workloads:
   - {{uid: wp, name: wp, namespace: app, serviceAccount: waypoint, workloadIps: ["10.1.0.100"]}}
-  - {{uid: e1, name: e1, namespace: app, serviceAccount: echo, node: node-b, workloadIps: ["{ip}"], services: {{"app/echo.app.svc.cluster.local": {{80: {port}}}}}}}
-services:
-  - {{name: echo, namespace: app, hostname: echo.app.svc.cluster.local, vips: ["10.96.0.1"], ports: {{80: 8080}}}}
-"#,
-        ip = pod.ip(),
-        port = pod.port(),
+{workloads}services:
+{services}"#
+    )
+}
+
+/// The mesh model with Service `echo` (`10.96.0.1:80`) in ambient namespace `app`, its one
+/// endpoint `pod` behind the node ztunnel at `zt`, and the `app/wp` waypoint.
+pub fn echo_model(zt: Ipv4Addr, pod: SocketAddr) -> String {
+    app_model(
+        zt,
+        &format!(
+            "  - {{uid: e1, name: e1, namespace: app, serviceAccount: echo, node: node-b, workloadIps: [\"{ip}\"], services: {{\"app/echo.app.svc.cluster.local\": {{80: {port}}}}}}}\n",
+            ip = pod.ip(),
+            port = pod.port()
+        ),
+        "  - {name: echo, namespace: app, hostname: echo.app.svc.cluster.local, vips: [\"10.96.0.1\"], ports: {80: 8080}}\n",
     )
 }
 
