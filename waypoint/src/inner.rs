@@ -79,16 +79,29 @@ pub async fn detect(s: &mut H2Stream) -> Result<(Protocol, BytesMut), h2::Error>
 
 /// A CONNECT stream as a tokio byte stream, for the `h2` crate's server and client (which
 /// monoio's `poll-io` would otherwise provide for a socket). `pending` is replayed first.
+///
+/// Its shutdown (the `h2` connection's end, after its GOAWAY) closes the stream as a TCP
+/// connection is closed: END_STREAM (the far ztunnel passes a FIN on), then the receive
+/// side is read until the peer ends it too, for at most [`CLOSE_WAIT`] (then it is reset).
+/// Dropping a stream with its receive side still open would reset it (RST_STREAM
+/// CANCEL), which the far ztunnel passes on as a TCP reset.
 pub struct StreamIo {
-    send: SendStream<Bytes>,
-    recv: RecvStream,
+    /// Whole: its pool accounting lasts as long as the stream is used.
+    s: H2Stream,
     pending: Bytes,
     eof: bool,
     /// Where written bytes are copied before they go out as DATA: each write is split
     /// off it, and once the CONNECT stream has sent (dropped) them the allocation is
     /// reused, so steady traffic writes without a fresh allocation per write.
     wbuf: BytesMut,
+    /// The bound on the wait for the peer's END_STREAM, from the first shutdown poll.
+    closing: Option<Pin<Box<monoio::time::Sleep>>>,
 }
+
+/// How long a closed stream waits for its peer to end its side too (the far ztunnel
+/// passes our END_STREAM on as a FIN; the pod's close comes back as END_STREAM) before
+/// it is reset.
+pub const CLOSE_WAIT: Duration = Duration::from_secs(5);
 
 /// The smallest allocation [`StreamIo`] copies writes into (h2 writes whole batches of
 /// frames, a few hundred bytes to 16 KiB).
@@ -96,19 +109,18 @@ const WRITE_BUFFER: usize = 4096;
 
 impl StreamIo {
     pub fn new(s: H2Stream, pending: Bytes) -> Self {
-        let H2Stream { send, recv, .. } = s;
         StreamIo {
-            send,
-            recv,
+            s,
             pending,
             eof: false,
             wbuf: BytesMut::new(),
+            closing: None,
         }
     }
 
     /// Abort the underlying CONNECT stream.
     pub fn reset(&mut self, reason: Reason) {
-        self.send.send_reset(reason);
+        self.s.send.send_reset(reason);
     }
 }
 
@@ -128,12 +140,12 @@ impl tokio::io::AsyncRead for StreamIo {
             if self.eof {
                 return Poll::Ready(Ok(()));
             }
-            match self.recv.poll_data(cx) {
+            match self.s.recv.poll_data(cx) {
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(None) => self.eof = true,
                 Poll::Ready(Some(Err(e))) => return Poll::Ready(Err(io::Error::other(e))),
                 Poll::Ready(Some(Ok(b))) => {
-                    let _ = self.recv.flow_control().release_capacity(b.len());
+                    let _ = self.s.recv.flow_control().release_capacity(b.len());
                     self.pending = b;
                 }
             }
@@ -150,9 +162,9 @@ impl tokio::io::AsyncWrite for StreamIo {
         if buf.is_empty() {
             return Poll::Ready(Ok(0));
         }
-        self.send.reserve_capacity(buf.len());
+        self.s.send.reserve_capacity(buf.len());
         loop {
-            match self.send.poll_capacity(cx) {
+            match self.s.send.poll_capacity(cx) {
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(None) => {
                     return Poll::Ready(Err(io::Error::new(
@@ -173,7 +185,7 @@ impl tokio::io::AsyncWrite for StreamIo {
                     me.wbuf.extend_from_slice(&buf[..n]);
                     let data = me.wbuf.split().freeze();
                     return Poll::Ready(
-                        me.send
+                        me.s.send
                             .send_data(data, false)
                             .map(|()| n)
                             .map_err(io::Error::other),
@@ -187,9 +199,34 @@ impl tokio::io::AsyncWrite for StreamIo {
         Poll::Ready(Ok(()))
     }
 
-    fn poll_shutdown(mut self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        // END_STREAM; a stream already closed or reset has nothing left to end.
-        let _ = self.send.send_data(Bytes::new(), true);
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let me = &mut *self;
+        if me.closing.is_none() {
+            // END_STREAM; a stream already ended or reset has nothing left to end.
+            let _ = me.s.send.send_data(Bytes::new(), true);
+            me.closing = Some(Box::pin(monoio::time::sleep(CLOSE_WAIT)));
+        }
+        // Then the peer's end: whatever it still sends is dropped.
+        while !me.eof {
+            match me.s.recv.poll_data(cx) {
+                Poll::Ready(Some(Ok(b))) => {
+                    let _ = me.s.recv.flow_control().release_capacity(b.len());
+                }
+                // Ended, or reset (by the peer, or with the connection).
+                Poll::Ready(_) => me.eof = true,
+                Poll::Pending => {
+                    if let Some(t) = me.closing.as_mut() {
+                        if t.as_mut().poll(cx).is_ready() {
+                            me.s.send.send_reset(Reason::CANCEL);
+                            me.eof = true;
+                            break;
+                        }
+                    }
+                    return Poll::Pending;
+                }
+            }
+        }
+        me.pending = Bytes::new();
         Poll::Ready(Ok(()))
     }
 }

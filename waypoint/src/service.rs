@@ -857,8 +857,9 @@ impl Drop for H2Use {
 
 /// The timer of a worker's HTTP/2 upstream connection `idle` (the slot `key`): once it has
 /// had no request in flight for its expiry, its slot is removed and its handle dropped
-/// (the `h2` client then ends the connection with a GOAWAY, and with it the upstream
-/// HBONE stream; a later request opens a new one). Ends with the slot (replaced after a
+/// (the `h2` client then ends the connection with a GOAWAY, and its HBONE stream closes as
+/// [`inner::StreamIo`] shuts down: END_STREAM, a FIN at the pod, and the pod's close waited
+/// for; a later request opens a new one). Ends with the slot (replaced after a
 /// failure) and when the worker drains.
 fn spawn_h2_idle_timer(w: std::rc::Weak<Worker>, key: (SocketAddr, SocketAddr), idle: Rc<H2Idle>) {
     monoio::spawn(async move {
@@ -1846,14 +1847,9 @@ impl HboneUpstream {
 
     /// Keep a stream whose response was fully read for the next request to the same
     /// endpoint from the same client (on any of the worker's tunnels); otherwise (or with
-    /// too many kept) end it.
-    fn keep(
-        &mut self,
-        key: (SocketAddr, SocketAddr),
-        mut s: H2Stream,
-        reusable: bool,
-        now: Instant,
-    ) {
+    /// too many kept) end it as a closed connection ([`crate::upstream::close_stream`]:
+    /// a FIN at the pod; only a failed exchange resets its stream).
+    fn keep(&mut self, key: (SocketAddr, SocketAddr), s: H2Stream, reusable: bool, now: Instant) {
         if reusable {
             // The expiry of the service this request went to (its DestinationRule).
             let service = self.last.as_ref().and_then(|(svc, _)| svc.as_ref());
@@ -1863,7 +1859,7 @@ impl HboneUpstream {
                 .borrow_mut()
                 .put((key.0, key.1, self.source_ip), s, now, expiry);
         } else {
-            s.reset(h2::Reason::CANCEL);
+            crate::upstream::close_stream(s);
         }
     }
 }

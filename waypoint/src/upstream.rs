@@ -221,8 +221,29 @@ pub fn idle_stream_usable(s: &mut hbone::stream::H2Stream) -> bool {
     s.recv.poll_data(&mut cx).is_pending()
 }
 
+/// End `s`, whose exchanges completed, as a TCP connection is closed: END_STREAM now (the
+/// destination ztunnel passes it on to the pod as a FIN), then its receive side read (and
+/// dropped) until the peer ends it too (the pod's close), for at most
+/// [`crate::inner::CLOSE_WAIT`], then a reset. Dropping the stream with a side still open
+/// would reset it (RST_STREAM CANCEL), which the ztunnel passes on as a TCP reset: that is
+/// for failed exchanges only. The wait runs in a task of its own (on the worker).
+pub fn close_stream(mut s: hbone::stream::H2Stream) {
+    // A side already ended (or a reset stream) has nothing left to end.
+    let _ = s.send.send_data(bytes::Bytes::new(), true);
+    if s.recv.is_end_stream() {
+        return;
+    }
+    runtime::busy::spawn_tracked(async move {
+        let drain = async { while let Some(Ok(_)) = s.read().await {} };
+        let limit = monoio::time::sleep(crate::inner::CLOSE_WAIT);
+        if let runtime::worker::Either::Right(()) = runtime::worker::race(drain, limit).await {
+            s.reset(h2::Reason::CANCEL);
+        }
+    });
+}
+
 /// The least time between two sweeps of a worker's [`IdleStreams`], whatever the
-/// expiries (an expired stream found by `take` is reset anyway).
+/// expiries (an expired stream found by `take` is closed anyway).
 pub const MIN_SWEEP_PERIOD: Duration = Duration::from_millis(10);
 
 /// Idle upstream streams kept per key, and per worker in all.
@@ -234,7 +255,7 @@ pub const MAX_IDLE_STREAMS: usize = 4096;
 /// upstream stream, and the next request to the same endpoint from the same client, on
 /// any tunnel of the worker, reuses the most recently used one. A stream idle for its
 /// expiry (the service's DestinationRule `connectionPool.http.idleTimeout`, by default
-/// [`IDLE_STREAM_EXPIRY`]; given with each [`IdleStreams::put`]) is reset (an upstream that
+/// [`IDLE_STREAM_EXPIRY`]; given with each [`IdleStreams::put`]) is closed ([`close_stream`]; an upstream that
 /// closed one meanwhile is found on reuse, and the request goes on a new stream); a
 /// worker's timer sweeps them every half of the shortest expiry kept
 /// ([`IdleStreams::sweep_period`]) when the traffic stops. One per worker: no lock.
@@ -257,6 +278,11 @@ impl Kept {
     fn expired(&self, now: Instant) -> bool {
         now.saturating_duration_since(self.at) >= self.expiry
     }
+    /// End the kept stream: its exchanges completed ([`close_stream`]).
+    fn close(self) {
+        close_stream(self.stream);
+    }
+    /// Abort it (the worker drains).
     fn reset(mut self) {
         self.stream.reset(h2::Reason::CANCEL);
     }
@@ -276,7 +302,7 @@ impl Default for IdleStreams {
 impl IdleStreams {
     /// The most recently kept usable stream for `key` that has been idle for less than
     /// `max_idle` and its own expiry. Expired streams, and those found closed or holding
-    /// unsolicited bytes ([`idle_stream_usable`]), are reset.
+    /// unsolicited bytes ([`idle_stream_usable`]), are closed ([`close_stream`]).
     pub fn take(
         &mut self,
         key: &IdleKey,
@@ -290,13 +316,13 @@ impl IdleStreams {
         let mut found = None;
         let mut i = q.len();
         // Newest first; an expired one (expiries may differ: one endpoint can serve
-        // several services) is reset wherever it is.
+        // several services) is closed wherever it is.
         while i > 0 {
             i -= 1;
             if q[i].expired(now) {
                 if let Some(k) = q.remove(i) {
                     self.total -= 1;
-                    k.reset();
+                    k.close();
                 }
                 continue;
             }
@@ -310,19 +336,19 @@ impl IdleStreams {
                 found = Some(k.stream);
                 break;
             }
-            k.reset();
+            k.close();
         }
         // An emptied key stays (with its queue's storage) for the stream this request
         // puts back; the sweep removes it if it stays empty.
         found
     }
 
-    /// Keep `s` for the next request to `key`, for at most `expiry` idle; reset it when
+    /// Keep `s` for the next request to `key`, for at most `expiry` idle; close it when
     /// the limits are reached.
     pub fn put(
         &mut self,
         key: IdleKey,
-        mut s: hbone::stream::H2Stream,
+        s: hbone::stream::H2Stream,
         now: Instant,
         expiry: Duration,
     ) {
@@ -334,12 +360,12 @@ impl IdleStreams {
             self.sweep(now);
         }
         if self.total >= MAX_IDLE_STREAMS || expiry.is_zero() {
-            s.reset(h2::Reason::CANCEL);
+            close_stream(s);
             return;
         }
         let q = self.by_key.entry(key).or_default();
         if q.len() >= MAX_IDLE_PER_KEY {
-            s.reset(h2::Reason::CANCEL);
+            close_stream(s);
             return;
         }
         q.push_back(Kept {
@@ -367,7 +393,7 @@ impl IdleStreams {
 
     /// How often the worker's timer sweeps: half the shortest expiry of the streams kept
     /// at the last sweep (at most half [`IDLE_STREAM_EXPIRY`], at least
-    /// [`MIN_SWEEP_PERIOD`]). A stream is reset at most one period (≤ 2 s) past its expiry.
+    /// [`MIN_SWEEP_PERIOD`]). A stream is closed at most one period (≤ 2 s) past its expiry.
     pub fn sweep_period(&self) -> Duration {
         (self.shortest.min(IDLE_STREAM_EXPIRY) / 2).max(MIN_SWEEP_PERIOD)
     }
@@ -379,7 +405,7 @@ impl IdleStreams {
         now.saturating_duration_since(self.swept) >= (self.shortest / 4).max(MIN_SWEEP_PERIOD)
     }
 
-    /// Reset the expired streams of every key; remove the keys left empty. Also run on
+    /// Close the expired streams of every key; remove the keys left empty. Also run on
     /// `take`, `put` and by each worker's timer, so that streams do not stay open after
     /// the traffic stopped.
     pub fn sweep(&mut self, now: Instant) {
@@ -392,7 +418,7 @@ impl IdleStreams {
                 if q[i].expired(now) {
                     if let Some(k) = q.remove(i) {
                         *total -= 1;
-                        k.reset();
+                        k.close();
                     }
                 } else {
                     shortest = shortest.min(q[i].expiry);

@@ -1,0 +1,376 @@
+//! An upstream connection the waypoint ends after complete exchanges reaches the pod as a
+//! FIN, as Envoy closes it, never as a TCP reset: an idle HTTP/2 connection closed after
+//! its DestinationRule `idleTimeout` (GOAWAY, then the tunnel stream's END_STREAM), an idle
+//! kept HTTP/1.1 stream swept after it, and a stream whose response said
+//! `Connection: close`. The waypoint half-closes the CONNECT stream and waits for the
+//! pod's end to come back; dropping the stream instead resets it (RST_STREAM), which the
+//! destination ztunnel passes on as a TCP reset.
+//!
+//! The destination ztunnel is the stand-in of `common` with the ztunnel's bridge
+//! (`hbone::stream::bridge`, as the real one's inbound path), reporting how each bridged
+//! stream ended; the backends report how their connection's reading side ended: EOF
+//! (read returned 0) or an error (ECONNRESET).
+
+mod common;
+
+use std::cell::Cell;
+use std::io::{ErrorKind, Read, Write};
+use std::net::{IpAddr, Ipv4Addr, Shutdown as NetShutdown, SocketAddr, TcpListener};
+use std::pin::Pin;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc};
+use std::task::{Context, Poll};
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use common::{
+    app_model, bind_node_ztunnel, block_on, connect, connect_target, get, h2_response, id, ip,
+    next_request, read_response, serve_hbone, start_service,
+};
+use hbone::ca::{CertSource, SigningCa, WorkloadCert};
+use hbone::server::Inbound;
+use hbone::stream::H2Stream;
+use hbone::wire::ConnectRequest;
+use runtime::forward::End;
+use runtime::Shutdown;
+use waypoint::service;
+
+/// How a backend connection's reading side ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ended {
+    /// A read returned 0: the peer's FIN.
+    Eof,
+    /// A read failed (ECONNRESET for a TCP reset).
+    Failed(ErrorKind),
+}
+
+fn ended(r: &std::io::Result<usize>) -> Option<Ended> {
+    match r {
+        Ok(0) => Some(Ended::Eof),
+        Ok(_) => None,
+        Err(e) if e.kind() == ErrorKind::Interrupted => None,
+        Err(e) => Some(Ended::Failed(e.kind())),
+    }
+}
+
+/// What the backends saw: (backend, connection number, how its reading side ended).
+type Report = (&'static str, usize, Ended);
+
+/// An HTTP/1.1 backend answering `200 <path>`: keep-alive, except for `/close`, answered
+/// with `Connection: close`, after which it shuts its sending side and reads until the
+/// end (a lingering close, as nginx and Apache httpd do).
+fn h1_backend(ip: Ipv4Addr, report: mpsc::Sender<Report>) -> SocketAddr {
+    let l = TcpListener::bind((ip, 0)).unwrap();
+    let addr = l.local_addr().unwrap();
+    let next = AtomicUsize::new(1);
+    std::thread::spawn(move || {
+        for c in l.incoming() {
+            let Ok(mut c) = c else { return };
+            let (report, n) = (report.clone(), next.fetch_add(1, Ordering::SeqCst));
+            std::thread::spawn(move || {
+                let mut buf = Vec::new();
+                let mut end = None;
+                // `next_request` reads only until a whole head: at the end of the
+                // connection, one more read tells how it ended.
+                while let Some(req) = next_request(&mut c, &mut buf) {
+                    let close = req.path == "/close";
+                    let body = req.path.clone();
+                    let head = if close { "connection: close\r\n" } else { "" };
+                    let resp = format!(
+                        "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n{head}\r\n{body}",
+                        body.len()
+                    );
+                    if c.write_all(resp.as_bytes()).is_err() {
+                        break;
+                    }
+                    if close {
+                        let _ = c.shutdown(NetShutdown::Write);
+                        break;
+                    }
+                }
+                let mut chunk = [0u8; 4096];
+                while end.is_none() {
+                    end = ended(&c.read(&mut chunk));
+                }
+                let _ = report.send(("h1", n, end.unwrap()));
+            });
+        }
+    });
+    addr
+}
+
+/// A byte stream that notes how its first read to end ended.
+struct Watched<'a, T> {
+    io: &'a mut T,
+    end: Rc<Cell<Option<Ended>>>,
+}
+
+impl<T: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Watched<'_, T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut *self.io).poll_read(cx, buf);
+        if let Poll::Ready(r) = &r {
+            let n = buf.filled().len() - before;
+            let e = match r {
+                Ok(()) => ended(&Ok(n)),
+                Err(e) => ended(&Err(std::io::Error::from(e.kind()))),
+            };
+            if self.end.get().is_none() {
+                self.end.set(e);
+            }
+        }
+        r
+    }
+}
+
+impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Watched<'_, T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut *self.io).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut *self.io).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut *self.io).poll_shutdown(cx)
+    }
+}
+
+/// An HTTP/2 (prior knowledge) backend answering `200 <path>`. Once its `h2` connection
+/// ended (after the waypoint's GOAWAY it answers with its own and shuts its sending
+/// side), it reads until the end of the connection.
+fn h2_backend(ip: Ipv4Addr, report: mpsc::Sender<Report>) -> SocketAddr {
+    let l = TcpListener::bind((ip, 0)).unwrap();
+    let addr = l.local_addr().unwrap();
+    l.set_nonblocking(true).unwrap();
+    std::thread::spawn(move || {
+        block_on(async move {
+            let l = monoio::net::TcpListener::from_std(l).unwrap();
+            let mut next = 1;
+            while let Ok((tcp, _)) = l.accept().await {
+                let (report, n) = (report.clone(), next);
+                next += 1;
+                monoio::spawn(async move {
+                    let mut io = monoio::io::IntoPollIo::into_poll_io(tcp).unwrap();
+                    let end = Rc::new(Cell::new(None));
+                    let watched = Watched {
+                        io: &mut io,
+                        end: end.clone(),
+                    };
+                    if let Ok(mut conn) = h2::server::handshake(watched).await {
+                        while let Some(Ok((req, mut respond))) = conn.accept().await {
+                            let path = req.uri().path().to_string();
+                            let resp = http::Response::builder().status(200).body(()).unwrap();
+                            if let Ok(mut tx) = respond.send_response(resp, false) {
+                                let _ = tx.send_data(Bytes::from(path), true);
+                            }
+                        }
+                    }
+                    let mut watched = Watched { io: &mut io, end };
+                    let mut chunk = [0u8; 4096];
+                    while watched.end.get().is_none() {
+                        let _ = tokio::io::AsyncReadExt::read(&mut watched, &mut chunk).await;
+                    }
+                    let _ = report.send(("h2", n, watched.end.get().unwrap()));
+                });
+            }
+        })
+    });
+    addr
+}
+
+/// The destination node's ztunnel: the ztunnel's bridge between each CONNECT stream and
+/// its target, reporting whether the stream ended in order (END_STREAM both ways).
+fn ztunnel(listener: TcpListener, cert: &WorkloadCert, bridged: mpsc::Sender<(u16, String)>) {
+    serve_hbone(listener, cert, move |inb: Inbound| {
+        let bridged = bridged.clone();
+        async move {
+            let port = inb.request.target.port();
+            let Some((tcp, s)) = connect_target(inb).await else {
+                return;
+            };
+            let out = hbone::stream::bridge(
+                tcp,
+                s,
+                64 * 1024,
+                Duration::from_secs(120),
+                std::future::pending(),
+            )
+            .await;
+            let end = match out.end {
+                End::Closed => "closed".to_string(),
+                other => format!("{other:?}"),
+            };
+            let _ = bridged.send((port, end));
+        }
+    });
+}
+
+const H1: &str = "10.96.0.1:80";
+const H2: &str = "10.96.0.2:80";
+const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 1, 0, 7);
+
+struct Mesh {
+    waypoint: SocketAddr,
+    client_cert: WorkloadCert,
+    h1_port: u16,
+    h2_port: u16,
+    reports: mpsc::Receiver<Report>,
+    bridged: mpsc::Receiver<(u16, String)>,
+    shutdown: Shutdown,
+    handle: Option<service::Handle>,
+}
+
+impl Drop for Mesh {
+    fn drop(&mut self) {
+        self.shutdown.drain(Duration::from_millis(200));
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+impl Mesh {
+    /// Services `h1` (10.96.0.1, HTTP/1.1 upstream) and `h2` (10.96.0.2,
+    /// `useClientProtocol`), both with `idleTimeout: 300ms`, on one pod with a backend of
+    /// each kind.
+    fn start() -> Mesh {
+        let (net, zl) = bind_node_ztunnel(17);
+        let ca = Arc::new(SigningCa::generate_root("cluster.local").unwrap().0);
+        let now = SystemTime::now();
+        let (btx, bridged) = mpsc::channel();
+        ztunnel(zl, &ca.issue(&id("app", "echo"), now).unwrap(), btx);
+        let client_cert = ca.issue(&id("app", "client"), now).unwrap();
+        let (rtx, reports) = mpsc::channel();
+        let h1 = h1_backend(ip(net, 2), rtx.clone());
+        let h2 = h2_backend(ip(net, 2), rtx);
+        let workload = format!(
+            "  - {{uid: e1, name: e1, namespace: app, serviceAccount: echo, node: node-b, workloadIps: [\"{ip}\"], services: {{\"app/h1.app.svc.cluster.local\": {{80: {p1}}}, \"app/h2.app.svc.cluster.local\": {{80: {p2}}}}}}}\n",
+            ip = h1.ip(),
+            p1 = h1.port(),
+            p2 = h2.port(),
+        );
+        let services = "  - {name: h1, namespace: app, hostname: h1.app.svc.cluster.local, vips: [\"10.96.0.1\"], ports: {80: 8080}}\n  - {name: h2, namespace: app, hostname: h2.app.svc.cluster.local, vips: [\"10.96.0.2\"], ports: {80: 8080}}\n";
+        let dr = |name: &str, h2: bool| {
+            format!(
+                "---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: {name}, namespace: app}}\nspec:\n  host: {name}\n  trafficPolicy:\n    connectionPool:\n      http: {{idleTimeout: 300ms, useClientProtocol: {h2}}}\n"
+            )
+        };
+        let text = app_model(ip(net, 1), &workload, services) + &dr("h1", false) + &dr("h2", true);
+        let (handle, shutdown) =
+            start_service(&ca, &text, &format!("waypoint-graceful-close-{net}.yaml"));
+        Mesh {
+            waypoint: handle.addr,
+            client_cert,
+            h1_port: h1.port(),
+            h2_port: h2.port(),
+            reports,
+            bridged,
+            shutdown,
+            handle: Some(handle),
+        }
+    }
+
+    async fn tunnel(&self, target: &str) -> (hbone::client::Client, H2Stream) {
+        let c = connect(self.waypoint, &self.client_cert, id("app", "waypoint"))
+            .await
+            .unwrap();
+        let mut req = ConnectRequest::new(target.parse().unwrap());
+        req.forwarded_for = Some(IpAddr::V4(CLIENT));
+        let s = c.open(&req).await.unwrap();
+        (c, s)
+    }
+
+    /// The next backend connection's end (generous bound: only a hang fails here).
+    fn report(&self) -> Report {
+        self.reports
+            .recv_timeout(Duration::from_secs(60))
+            .expect("a backend connection ended")
+    }
+
+    /// How the ztunnel's next bridged stream ended.
+    fn bridged(&self) -> (u16, String) {
+        self.bridged
+            .recv_timeout(Duration::from_secs(60))
+            .expect("a bridged stream ended")
+    }
+
+    fn counters(&self) -> &service::Counters {
+        &self.handle.as_ref().unwrap().counters
+    }
+}
+
+/// R17, DestinationRule `idleTimeout` on the HTTP/2 upstream (`useClientProtocol`): the
+/// idle connection's close after its GOAWAY is a FIN at the pod (its read returns 0) and
+/// the destination ztunnel's bridge ends in order; the tunnel stream was reset before
+/// (the pod read ECONNRESET).
+#[test]
+fn r17_an_idle_upstream_h2_connection_closes_with_a_fin_not_a_reset() {
+    let m = Mesh::start();
+    block_on(async {
+        let (_c, s) = m.tunnel(H2).await;
+        let io = waypoint::inner::StreamIo::new(s, Bytes::new());
+        let (client, conn) = h2::client::handshake(io).await.unwrap();
+        monoio::spawn(async move {
+            let _ = conn.await;
+        });
+        let req = http::Request::builder()
+            .uri("http://h2/one")
+            .body(())
+            .unwrap();
+        let (resp, _) = client.clone().send_request(req, true).unwrap();
+        assert_eq!(h2_response(resp).await, (200, "/one".to_string()));
+        // Idle for its 300 ms: closed by the waypoint.
+        assert_eq!(m.report(), ("h2", 1, Ended::Eof));
+    });
+    assert_eq!(m.bridged(), (m.h2_port, "closed".to_string()));
+    let c = m.counters();
+    assert_eq!(c.upstream_h2_idle_closed.load(Ordering::Relaxed), 1);
+    assert_eq!(c.upstream_errors.load(Ordering::Relaxed), 0);
+}
+
+/// R17, DestinationRule `idleTimeout` on a kept HTTP/1.1 stream: the sweep ends it with a
+/// FIN at the pod, as the close of an idle keep-alive connection.
+#[test]
+fn r17_a_swept_idle_http1_stream_closes_with_a_fin_not_a_reset() {
+    let m = Mesh::start();
+    block_on(async {
+        let (_c, mut s) = m.tunnel(H1).await;
+        let mut buf = Vec::new();
+        s.write_all(Bytes::from(get("/keep", "h1")), false)
+            .await
+            .unwrap();
+        let r = read_response(&mut s, &mut buf).await;
+        assert_eq!((r.status, r.text()), (200, "/keep".to_string()));
+        assert_eq!(m.report(), ("h1", 1, Ended::Eof));
+    });
+    assert_eq!(m.bridged(), (m.h1_port, "closed".to_string()));
+    assert_eq!(m.counters().upstream_errors.load(Ordering::Relaxed), 0);
+}
+
+/// A response with `Connection: close`: the pod shuts its side and reads on (a lingering
+/// close); the waypoint ends the stream with END_STREAM, a FIN at the pod.
+#[test]
+fn a_connection_close_response_ends_the_upstream_stream_with_a_fin() {
+    let m = Mesh::start();
+    block_on(async {
+        let (_c, mut s) = m.tunnel(H1).await;
+        let mut buf = Vec::new();
+        s.write_all(Bytes::from(get("/close", "h1")), false)
+            .await
+            .unwrap();
+        let r = read_response(&mut s, &mut buf).await;
+        assert_eq!((r.status, r.text()), (200, "/close".to_string()));
+        assert_eq!(m.report(), ("h1", 1, Ended::Eof));
+    });
+    assert_eq!(m.bridged(), (m.h1_port, "closed".to_string()));
+    assert_eq!(m.counters().upstream_errors.load(Ordering::Relaxed), 0);
+}
