@@ -20,9 +20,15 @@ pub mod status {
     pub const NOT_CONNECT: StatusCode = StatusCode::METHOD_NOT_ALLOWED;
 }
 
-/// Workload metadata carried in `baggage` (W3C baggage, Istio's keys).
+/// Workload metadata carried in `baggage` (W3C baggage, Istio's keys). Istio's ztunnel
+/// sends `k8s.cluster.name=<cluster>,k8s.namespace.name=<ns>,k8s.<kind>.name=<workload>,
+/// service.name=<canonical name>,service.version=<canonical revision>` (newer versions add
+/// `cloud.region` and `cloud.availability_zone`, ignored here). Client-supplied: telemetry
+/// only, never identity or policy.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Baggage {
+    /// `k8s.cluster.name`.
+    pub cluster: Option<String>,
     pub namespace: Option<String>,
     pub workload_name: Option<String>,
     /// `deployment`, `pod`, … — sent as `k8s.<kind>.name=<workload_name>`.
@@ -34,6 +40,9 @@ pub struct Baggage {
 impl Baggage {
     pub fn to_header(&self) -> Option<String> {
         let mut parts = Vec::new();
+        if let Some(c) = &self.cluster {
+            parts.push(format!("k8s.cluster.name={c}"));
+        }
         if let Some(ns) = &self.namespace {
             parts.push(format!("k8s.namespace.name={ns}"));
         }
@@ -57,13 +66,19 @@ impl Baggage {
                 continue;
             };
             let v = v.trim().to_string();
+            // The fixed `k8s.cluster.name` / `k8s.namespace.name` keys before the
+            // generic `k8s.<kind>.name` (a workload of kind `deployment`, `pod`, …).
             match k.trim() {
+                "k8s.cluster.name" => b.cluster = Some(v),
                 "k8s.namespace.name" => b.namespace = Some(v),
                 "service.name" => b.service_name = Some(v),
                 "service.version" => b.service_version = Some(v),
-                k if k.starts_with("k8s.") && k.ends_with(".name") => {
-                    b.workload_kind = Some(k[4..k.len() - 5].to_string());
-                    b.workload_name = Some(v);
+                k if k.starts_with("k8s.") && k.ends_with(".name") && k.len() > 9 => {
+                    let kind = &k[4..k.len() - 5];
+                    if !kind.contains('.') {
+                        b.workload_kind = Some(kind.to_string());
+                        b.workload_name = Some(v);
+                    }
                 }
                 _ => {}
             }
@@ -235,6 +250,7 @@ mod tests {
         r.forwarded_for = Some("10.0.0.1".parse().unwrap());
         r.host = Some("echo.default.svc.cluster.local".into());
         r.baggage = Baggage {
+            cluster: Some("Kubernetes".into()),
             namespace: Some("default".into()),
             workload_name: Some("sleep".into()),
             workload_kind: Some("deployment".into()),
@@ -316,5 +332,46 @@ mod tests {
         let p = parse_connect(&Method::CONNECT, Some("10.0.0.1:80"), &h).unwrap();
         assert_eq!(p.forwarded_for, Some("fd00::7".parse().unwrap()));
         assert_eq!(p.host.as_deref(), Some("a.b"));
+    }
+
+    /// Istio's ztunnel's baggage, as it writes it (`k8s.cluster.name` first): the cluster
+    /// and namespace are not read as a workload of kind `cluster` / `namespace`.
+    #[test]
+    fn baggage_parses_istios_ztunnel_header() {
+        let h = "k8s.cluster.name=Kubernetes,k8s.namespace.name=default,\
+                 k8s.deployment.name=sleep,service.name=sleep,service.version=v1";
+        let b = Baggage::parse(h);
+        assert_eq!(
+            b,
+            Baggage {
+                cluster: Some("Kubernetes".into()),
+                namespace: Some("default".into()),
+                workload_name: Some("sleep".into()),
+                workload_kind: Some("deployment".into()),
+                service_name: Some("sleep".into()),
+                service_version: Some("v1".into()),
+            }
+        );
+        assert_eq!(b.to_header().as_deref(), Some(h));
+        // Newer Istio adds the locality; a bare pod is `k8s.pod.name`; the workload arm
+        // is order-independent (cluster and namespace after it).
+        let b = Baggage::parse(
+            "k8s.pod.name=web-0,k8s.namespace.name=shop,k8s.cluster.name=east,\
+             service.name=web,service.version=latest,cloud.region=eu-west1,\
+             cloud.availability_zone=eu-west1-b",
+        );
+        assert_eq!(b.cluster.as_deref(), Some("east"));
+        assert_eq!(b.namespace.as_deref(), Some("shop"));
+        assert_eq!(b.workload_kind.as_deref(), Some("pod"));
+        assert_eq!(b.workload_name.as_deref(), Some("web-0"));
+        assert_eq!(b.service_version.as_deref(), Some("latest"));
+        // Keys that only look like a workload (`k8s.name`, which used to slice out of
+        // bounds, `k8s..name`, `k8s.a.b.name`) are ignored.
+        let b = Baggage::parse(
+            "k8s.name=w,k8s..name=x,k8s.cluster.uid.name=y,k8s.cronjob.name=nightly",
+        );
+        assert_eq!(b.workload_kind.as_deref(), Some("cronjob"));
+        assert_eq!(b.workload_name.as_deref(), Some("nightly"));
+        assert_eq!(b.cluster, None);
     }
 }
