@@ -241,7 +241,7 @@ impl Pool {
         });
         list.push(slot.clone());
         self.0.connects.set(self.0.connects.get() + 1);
-        let tls = tls::client_config_to(cert, &key.dst, key.addr);
+        let tls = tls::client_config_to(cert, &key.dst, key.addr, self.0.settings.tls_resumption);
         let (addr, settings, counters, s, req, opts) = (
             key.addr,
             self.0.settings.clone(),

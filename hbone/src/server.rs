@@ -114,6 +114,9 @@ where
         Ok(s) => s,
         Err(e) => return Err(HboneError::from_tls_io(e, &counters.tls)),
     };
+    if let Err(e) = crate::tls::note_server_handshake(tls_stream.get_ref().1, &counters.tls) {
+        return Err(HboneError::Tls(e));
+    }
     counters.connections.fetch_add(1, Relaxed);
     let limit = Some(settings.tls_send_buffer);
     tls_stream.get_mut().1.set_buffer_limit(limit);

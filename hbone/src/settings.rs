@@ -35,6 +35,12 @@ pub struct H2Settings {
     /// Bytes of encrypted TLS records buffered before a socket write: one `writev` carries
     /// up to this much (rustls's default, 64 KiB, splits a large DATA frame into several).
     pub tls_send_buffer: usize,
+    /// TLS 1.3 session resumption between HBONE peers: servers send one stateless ticket
+    /// per handshake (key per server config, lifetime ≤ 1 h and ≤ the certificate's),
+    /// clients keep tickets per worker and per (source identity, expected destination
+    /// identities) and resume with them, skipping both sides' certificate signatures and
+    /// checks (an ECDHE key exchange is still made). Off: full handshakes only, no tickets.
+    pub tls_resumption: bool,
 }
 
 impl Default for H2Settings {
@@ -51,6 +57,7 @@ impl Default for H2Settings {
             pool_idle_timeout: Duration::from_secs(300),
             chunk_size: 64 * 1024,
             tls_send_buffer: 256 * 1024,
+            tls_resumption: crate::tls::DEFAULT_RESUMPTION,
         }
     }
 }

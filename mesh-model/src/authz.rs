@@ -820,6 +820,7 @@ mod tests {
             workload_name: String::new(),
             services: Default::default(),
             authorization_policies: vec![],
+            labels: Default::default(),
             healthy: true,
             capacity: 1,
         };

@@ -14,7 +14,7 @@ use crate::authz::Cidr;
 use crate::binding::{self, FOR_SERVICE_ACCOUNT_ANNOTATION};
 use crate::model::{
     ip_to_bytes, Identity, Labels, Namespace, Node, Protocol, Waypoint, DEFAULT_SERVICE_ACCOUNT,
-    DEFAULT_TRUST_DOMAIN, HBONE_PORT,
+    DEFAULT_TRUST_DOMAIN, HBONE_PORT, ROOT_NAMESPACE,
 };
 use crate::snapshot::{Extras, Snapshot, WireState, ROUND_ROBIN_EXTENSION};
 use crate::wire::security as ws;
@@ -272,13 +272,36 @@ pub struct LocalMatch {
     pub not_destination_ports: Vec<u16>,
 }
 
+/// Kubernetes' `selector: {matchLabels: {…}}`.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct LocalSelector {
+    #[serde(default)]
+    pub match_labels: Labels,
+}
+
+impl LocalSelector {
+    /// Every `matchLabels` entry is among `labels` (an empty selector selects all).
+    pub fn selects(&self, labels: &Labels) -> bool {
+        self.match_labels
+            .iter()
+            .all(|(k, v)| labels.get(k) == Some(v))
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct LocalPolicy {
     pub name: String,
     pub namespace: String,
+    /// Absent: `Global` (`WorkloadSelector` with a `selector`).
     #[serde(default)]
-    pub scope: LocalScope,
+    pub scope: Option<LocalScope>,
+    /// Istio's workload selector, resolved here as istiod does: the policy is added to the
+    /// `authorizationPolicies` of every workload whose labels match, in the policy's
+    /// namespace (in every namespace from the root namespace, [`ROOT_NAMESPACE`]).
+    #[serde(default)]
+    pub selector: Option<LocalSelector>,
     #[serde(default)]
     pub action: LocalAction,
     /// `rules[rule][clause][match]`.
@@ -418,11 +441,28 @@ fn sas(v: &[LocalServiceAccountMatch]) -> Vec<ws::ServiceAccountMatch> {
 }
 
 impl LocalPolicy {
+    /// The scope written, else `WorkloadSelector` with a selector, else `Global`.
+    pub fn scope(&self) -> LocalScope {
+        match (self.scope, &self.selector) {
+            (Some(s), _) => s,
+            (None, Some(_)) => LocalScope::WorkloadSelector,
+            (None, None) => LocalScope::Global,
+        }
+    }
+
+    /// Whether its selector picks `w` (Istio: same namespace, or any from the root one).
+    pub fn selects(&self, w: &LocalWorkload) -> bool {
+        self.selector.as_ref().is_some_and(|sel| {
+            (self.namespace == ROOT_NAMESPACE || self.namespace == w.namespace)
+                && sel.selects(&w.labels)
+        })
+    }
+
     pub fn to_wire(&self) -> ws::Authorization {
         ws::Authorization {
             name: self.name.clone(),
             namespace: self.namespace.clone(),
-            scope: match self.scope {
+            scope: match self.scope() {
                 LocalScope::Global => ws::Scope::Global,
                 LocalScope::Namespace => ws::Scope::Namespace,
                 LocalScope::WorkloadSelector => ws::Scope::WorkloadSelector,
@@ -544,6 +584,15 @@ impl LocalConfig {
                 return Err(Invalid::new(
                     format!("policies[{i}].name"),
                     format!("policy {}/{} is defined twice", p.namespace, p.name),
+                ));
+            }
+            if p.selector.is_some() && p.scope() != LocalScope::WorkloadSelector {
+                return Err(Invalid::new(
+                    format!("policies[{i}].selector"),
+                    format!(
+                        "a selector needs scope WorkloadSelector, not {:?}",
+                        p.scope()
+                    ),
                 ));
             }
         }
@@ -688,7 +737,17 @@ impl LocalConfig {
                         .iter()
                         .map(|(k, m)| (k.clone(), port_list(m)))
                         .collect(),
-                    authorization_policies: w.authorization_policies.clone(),
+                    authorization_policies: {
+                        // Listed ones, then those whose selector picks it (istiod's part).
+                        let mut keys = w.authorization_policies.clone();
+                        for p in self.policies.iter().filter(|p| p.selects(w)) {
+                            let key = format!("{}/{}", p.namespace, p.name);
+                            if !keys.contains(&key) {
+                                keys.push(key);
+                            }
+                        }
+                        keys
+                    },
                     status: match w.status {
                         LocalStatus::Healthy => ww::WorkloadStatus::Healthy,
                         LocalStatus::Unhealthy => ww::WorkloadStatus::Unhealthy,
@@ -753,6 +812,12 @@ impl LocalConfig {
                         name: n.name.clone(),
                         ztunnel: n.ztunnel,
                     })
+                    .collect(),
+                labels: self
+                    .workloads
+                    .iter()
+                    .filter(|w| !w.labels.is_empty())
+                    .map(|w| (w.uid(), w.labels.clone()))
                     .collect(),
             },
         })

@@ -43,7 +43,7 @@
 //! | `capacity` | `capacity` | weight for weighted random, default 1 |
 //! | `nativeTunnel` | `native_tunnel` | kept |
 //! | `waypoint` | `waypoint` | explicit, ztunnel's form `{destination: {Address: "net/ip"}, hboneMtlsPort: 15008}`; absent: R3 |
-//! | `labels` | — | extension: `istio.io/dataplane-mode` (`ambient`/`none`), `istio.io/use-waypoint`(`-namespace`) |
+//! | `labels` | — | extension: the pod's labels, as in Kubernetes (`app: echo`, `version: v1`): kept in the model ([`model::Workload::labels`]) for `selector` policies and telemetry; `istio.io/dataplane-mode` (`ambient`/`none`) and `istio.io/use-waypoint`(`-namespace`) also drive R2/R3 |
 //!
 //! ### `services[]` → `istio.workload.Service`
 //! | key | wire field | notes |
@@ -59,7 +59,11 @@
 //!
 //! ### `policies[]` → `istio.security.Authorization`
 //! `name`, `namespace`, `scope` (`Global` default, `Namespace`, `WorkloadSelector`; the
-//! upper-case proto names too), `action` (`Allow` default, `Deny`), `dryRun` → `dry_run`,
+//! upper-case proto names too), `selector: {matchLabels: {…}}` (extension, Istio's workload
+//! selector: scope `WorkloadSelector` implied; resolved as istiod does into the
+//! `authorization_policies` of every workload whose `labels` match, in the policy's
+//! namespace, or in every namespace when the policy is in the root namespace
+//! `istio-system`), `action` (`Allow` default, `Deny`), `dryRun` → `dry_run`,
 //! `rules: [[[match]]]` → `rules[].clauses[].matches[]`. A match has `namespaces`,
 //! `principals` (string matches: ztunnel's `{Exact|Prefix|Suffix: s}` / `{Presence: {}}`,
 //! or Istio's `"*"`, `"abc*"`, `"*abc"`, `"abc"`), `serviceAccounts`

@@ -10,6 +10,9 @@ pub const HBONE_PORT: u16 = 15008;
 pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
 /// The service account a workload runs as when it names none.
 pub const DEFAULT_SERVICE_ACCOUNT: &str = "default";
+/// Istio's default root namespace: a `selector` policy there applies to matching workloads
+/// of every namespace.
+pub const ROOT_NAMESPACE: &str = "istio-system";
 
 /// Labels or annotations of a Kubernetes object.
 pub type Labels = BTreeMap<String, String>;
@@ -58,6 +61,8 @@ pub struct Workload {
     pub services: BTreeMap<String, BTreeMap<u16, u16>>,
     /// Keys (`namespace/name`) of the selector-scoped policies that apply to it.
     pub authorization_policies: Vec<String>,
+    /// The pod's labels (`app`, `version`, …), as Kubernetes users write them.
+    pub labels: Labels,
     pub healthy: bool,
     /// Relative weight for weighted-random balancing (at least 1).
     pub capacity: u32,

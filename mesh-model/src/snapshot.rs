@@ -7,8 +7,8 @@ use std::net::{IpAddr, SocketAddr};
 
 use crate::authz::{self, Connection, Policy, Verdict};
 use crate::model::{
-    ip_from_bytes, Endpoint, Identity, LoadBalancing, Namespace, Node, Protocol, Service, Waypoint,
-    WaypointRef, Workload, DEFAULT_SERVICE_ACCOUNT, DEFAULT_TRUST_DOMAIN, HBONE_PORT,
+    ip_from_bytes, Endpoint, Identity, Labels, LoadBalancing, Namespace, Node, Protocol, Service,
+    Waypoint, WaypointRef, Workload, DEFAULT_SERVICE_ACCOUNT, DEFAULT_TRUST_DOMAIN, HBONE_PORT,
 };
 use crate::wire::workload as ww;
 
@@ -21,6 +21,9 @@ pub struct Extras {
     pub namespaces: Vec<Namespace>,
     pub waypoints: Vec<Waypoint>,
     pub nodes: Vec<Node>,
+    /// Pod labels by workload uid (Istio's workload API carries none: istiod resolves
+    /// selectors itself; the local config keeps them for telemetry and selection).
+    pub labels: BTreeMap<String, Labels>,
 }
 
 /// The wire types that make up one configuration version.
@@ -143,6 +146,7 @@ impl Snapshot {
                         workload_name: w.workload_name.clone(),
                         services,
                         authorization_policies: w.authorization_policies.clone(),
+                        labels: state.extras.labels.get(&w.uid).cloned().unwrap_or_default(),
                         healthy: w.status != ww::WorkloadStatus::Unhealthy as i32,
                         capacity: w.capacity.unwrap_or(1).max(1),
                     };
