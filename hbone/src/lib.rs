@@ -25,6 +25,7 @@ pub mod error;
 pub mod identity;
 pub mod pool;
 pub mod proxy;
+pub mod resumption;
 pub mod server;
 pub mod settings;
 pub mod stream;

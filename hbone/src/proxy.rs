@@ -222,6 +222,7 @@ fn issue_all(
     source: &dyn CertSource,
     ids: &[Identity],
     inbound: Option<&Identity>,
+    resumption: bool,
 ) -> Result<CertSet, ProxyError> {
     let now = SystemTime::now();
     let mut certs = HashMap::new();
@@ -229,7 +230,7 @@ fn issue_all(
         certs.insert(id.clone(), Arc::new(source.issue(id, now)?));
     }
     let server_tls = match inbound {
-        Some(id) => Some(crate::tls::server_config(&certs[id])?),
+        Some(id) => Some(crate::tls::server_config_with(&certs[id], resumption)?),
         None => None,
     };
     Ok(CertSet { certs, server_tls })
@@ -260,8 +261,19 @@ pub fn start(cfg: ProxyConfig, shutdown: Shutdown) -> Result<Handle, ProxyError>
         .collect();
     all_ids.sort();
     all_ids.dedup();
-    let certs = Publisher::new(issue_all(source.as_ref(), &all_ids, in_id.as_ref())?);
-    spawn_renewer(source, all_ids, in_id.clone(), certs.clone());
+    let certs = Publisher::new(issue_all(
+        source.as_ref(),
+        &all_ids,
+        in_id.as_ref(),
+        cfg.h2.tls_resumption,
+    )?);
+    spawn_renewer(
+        source,
+        all_ids,
+        in_id.clone(),
+        certs.clone(),
+        cfg.h2.tls_resumption,
+    );
 
     let n = runtime::worker::worker_count(&cfg.runtime);
     let opts = listener::ListenOptions::from_config(&cfg.runtime);
@@ -397,7 +409,7 @@ async fn outbound_conn(
         pool.open(&key, &cert, &req).await
     } else {
         // Cold path: a fresh connection per stream (handshake benchmark).
-        match crate::tls::client_config_to(&cert, &key.dst, o.hbone) {
+        match crate::tls::client_config_to(&cert, &key.dst, o.hbone, cfg.h2.tls_resumption) {
             Ok(tls) => crate::client::Client::connect_and_open(
                 o.hbone,
                 tls,
@@ -518,6 +530,7 @@ fn spawn_renewer(
     ids: Vec<Identity>,
     inbound: Option<Identity>,
     certs: Publisher<CertSet>,
+    resumption: bool,
 ) {
     let _ = std::thread::Builder::new()
         .name("cert-renew".into())
@@ -533,7 +546,7 @@ fn spawn_renewer(
                 .duration_since(SystemTime::now())
                 .unwrap_or(Duration::ZERO);
             std::thread::sleep(wait.max(Duration::from_secs(1)));
-            match issue_all(source.as_ref(), &ids, inbound.as_ref()) {
+            match issue_all(source.as_ref(), &ids, inbound.as_ref(), resumption) {
                 Ok(set) => {
                     let v = certs.publish(set);
                     tracing::info!(version = v, "workload certificates renewed");

@@ -33,6 +33,11 @@ pub struct TlsCounters {
     pub other: AtomicU64,
     /// Client handshakes the server answered with a HelloRetryRequest (not a refusal).
     pub hello_retries: AtomicU64,
+    /// Completed handshakes with certificates (no session resumed).
+    pub full_handshakes: AtomicU64,
+    /// Completed handshakes that resumed a session (a ticket; no certificates or
+    /// signatures exchanged).
+    pub resumed_handshakes: AtomicU64,
 }
 
 impl TlsCounters {
@@ -59,6 +64,16 @@ impl TlsCounters {
             }
             rustls::Error::NoCertificatesPresented => &self.no_client_cert,
             _ => &self.other,
+        };
+        c.fetch_add(1, Relaxed);
+    }
+
+    /// Count a completed handshake as full or resumed.
+    pub fn count_completed(&self, kind: Option<rustls::HandshakeKind>) {
+        let c = if kind == Some(rustls::HandshakeKind::Resumed) {
+            &self.resumed_handshakes
+        } else {
+            &self.full_handshakes
         };
         c.fetch_add(1, Relaxed);
     }
@@ -142,13 +157,15 @@ pub fn key_share_for(dst: std::net::SocketAddr) -> KeyShare {
         .unwrap_or(KeyShare::P256)
 }
 
-/// Note how a handshake with `dst` went: after a HelloRetryRequest, remember the group the
-/// server asked for (and count it). Returns whether there was a HelloRetryRequest.
+/// Note how a handshake with `dst` went: count it as full or resumed; after a
+/// HelloRetryRequest, remember the group the server asked for (and count it). Returns
+/// whether there was a HelloRetryRequest.
 pub fn note_handshake(
     dst: std::net::SocketAddr,
     conn: &rustls::ClientConnection,
     counters: &TlsCounters,
 ) -> bool {
+    counters.count_completed(conn.handshake_kind());
     if conn.handshake_kind() != Some(rustls::HandshakeKind::FullWithHelloRetryRequest) {
         return false;
     }
@@ -435,8 +452,13 @@ impl ServerCertVerifier for SpiffeServerVerifier {
     signature_checks!();
 }
 
-/// A client config built before on this thread, for the same certificate chain, key, roots
-/// and expected identities.
+/// Whether HBONE peers resume TLS sessions unless configured otherwise (`h2.tls_resumption`).
+pub const DEFAULT_RESUMPTION: bool = true;
+
+/// A client config built before on this thread, for the same certificate chain, key, roots,
+/// expected identities, key share and resumption setting. Its session store (when
+/// resuming) is this thread's tickets for this config alone, so a session is resumed only
+/// for the same source identity and the same expected destination identities.
 struct CachedClientConfig {
     /// Our whole chain, not only the leaf: a plug-in CA's `cert-chain.pem` can rotate an
     /// intermediate under an unchanged leaf, and the config presents the chain.
@@ -445,10 +467,12 @@ struct CachedClientConfig {
     roots: Vec<CertificateDer<'static>>,
     expected: Vec<Identity>,
     share: KeyShare,
+    resumption: bool,
     config: Arc<rustls::ClientConfig>,
 }
 
-/// Client config acting as `me`, accepting a server that proves one of `expected`.
+/// Client config acting as `me`, accepting a server that proves one of `expected`
+/// (resuming sessions as [`DEFAULT_RESUMPTION`] says).
 ///
 /// Memoised per thread: building one parses the private key (an ECDSA public-key
 /// computation) and the roots, which a connection per stream (no pool, or a pool miss) would
@@ -457,28 +481,32 @@ pub fn client_config(
     me: &WorkloadCert,
     expected: &[Identity],
 ) -> Result<Arc<rustls::ClientConfig>, rustls::Error> {
-    client_config_with(me, expected, KeyShare::P256)
+    client_config_with(me, expected, KeyShare::P256, DEFAULT_RESUMPTION)
 }
 
 /// [`client_config`] for a connection to `dst`: its first key share is the one `dst` asked
-/// for in an earlier HelloRetryRequest, if any ([`key_share_for`]).
+/// for in an earlier HelloRetryRequest, if any ([`key_share_for`]); `resumption`: offer
+/// tickets this thread holds for (this config, `dst`) and keep the ones it gets.
 pub fn client_config_to(
     me: &WorkloadCert,
     expected: &[Identity],
     dst: std::net::SocketAddr,
+    resumption: bool,
 ) -> Result<Arc<rustls::ClientConfig>, rustls::Error> {
-    client_config_with(me, expected, key_share_for(dst))
+    client_config_with(me, expected, key_share_for(dst), resumption)
 }
 
-/// [`client_config`] sending its key share for `share` first.
+/// [`client_config`] sending its key share for `share` first, resuming sessions or not.
 pub fn client_config_with(
     me: &WorkloadCert,
     expected: &[Identity],
     share: KeyShare,
+    resumption: bool,
 ) -> Result<Arc<rustls::ClientConfig>, rustls::Error> {
     let hit = CLIENT_CONFIGS.with_borrow(|m| {
         m.find(|c| {
             c.share == share
+                && c.resumption == resumption
                 && c.expected == expected
                 && c.chain == me.chain
                 && c.key.same_as(&me.key)
@@ -489,7 +517,7 @@ pub fn client_config_with(
     if let Some(config) = hit {
         return Ok(config);
     }
-    let config = build_client_config(me, expected, share)?;
+    let config = build_client_config(me, expected, share, resumption)?;
     CLIENT_CONFIGS.with_borrow_mut(|m| {
         m.push(CachedClientConfig {
             chain: me.chain.clone(),
@@ -497,6 +525,7 @@ pub fn client_config_with(
             roots: me.roots.clone(),
             expected: expected.to_vec(),
             share,
+            resumption,
             config: config.clone(),
         })
     });
@@ -507,6 +536,7 @@ fn build_client_config(
     me: &WorkloadCert,
     expected: &[Identity],
     share: KeyShare,
+    resumption: bool,
 ) -> Result<Arc<rustls::ClientConfig>, rustls::Error> {
     let provider = provider_for(share);
     let verifier = SpiffeServerVerifier::new(&me.roots, expected)?;
@@ -516,12 +546,28 @@ fn build_client_config(
         .with_custom_certificate_verifier(Arc::new(verifier))
         .with_client_auth_cert(me.chain.clone(), me.key.to_rustls())?;
     cfg.alpn_protocols = vec![b"h2".to_vec()];
-    cfg.resumption = rustls::client::Resumption::disabled();
+    cfg.resumption = if resumption {
+        rustls::client::Resumption::store(Arc::new(crate::resumption::ThreadSessions::new()))
+            .tls12_resumption(rustls::client::Tls12Resumption::Disabled)
+    } else {
+        rustls::client::Resumption::disabled()
+    };
     Ok(Arc::new(cfg))
 }
 
-/// Server config acting as `me`, requiring a client certificate chained to our roots.
+/// Server config acting as `me`, requiring a client certificate chained to our roots
+/// (issuing session tickets as [`DEFAULT_RESUMPTION`] says).
 pub fn server_config(me: &WorkloadCert) -> Result<Arc<rustls::ServerConfig>, rustls::Error> {
+    server_config_with(me, DEFAULT_RESUMPTION)
+}
+
+/// [`server_config`]; `resumption`: one stateless ticket after each handshake, from a
+/// ticket key of this config's own ([`crate::resumption::Ticketer`]), valid for at most
+/// [`crate::resumption::TICKET_LIFETIME`] and never past our chain's expiry.
+pub fn server_config_with(
+    me: &WorkloadCert,
+    resumption: bool,
+) -> Result<Arc<rustls::ServerConfig>, rustls::Error> {
     let provider = provider();
     let client_verifier = Arc::new(CachingClientVerifier::new(&me.roots)?);
     let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
@@ -529,13 +575,50 @@ pub fn server_config(me: &WorkloadCert) -> Result<Arc<rustls::ServerConfig>, rus
         .with_client_cert_verifier(client_verifier)
         .with_single_cert(me.chain.clone(), me.key.to_rustls())?;
     cfg.alpn_protocols = vec![b"h2".to_vec()];
-    // No session tickets: our clients never resume (full handshakes only), so the two
-    // tickets rustls sends by default after every handshake were pure cost — six
-    // `getrandom` calls, an encoded session (client chain included) stored in a
-    // mutex-guarded cache, and one more record for the client to decrypt and drop.
-    cfg.send_tls13_tickets = 0;
+    // No server-side session state: tickets carry it (stateless), or there are none.
     cfg.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    if resumption {
+        let not_after = chain_not_after(&me.chain).unwrap_or(me.not_after);
+        cfg.ticketer = Arc::new(crate::resumption::Ticketer::new(
+            not_after,
+            crate::resumption::TICKET_LIFETIME,
+        )?);
+        cfg.send_tls13_tickets = 1;
+    } else {
+        // rustls sends two tickets by default after every handshake: with no resumption
+        // they were pure cost (random bytes, an encoded session with the client chain,
+        // one more record for the client to decrypt and drop).
+        cfg.send_tls13_tickets = 0;
+    }
     Ok(Arc::new(cfg))
+}
+
+/// The earliest expiry in `chain` (leaf and intermediates).
+fn chain_not_after(chain: &[CertificateDer<'static>]) -> Option<SystemTime> {
+    chain
+        .iter()
+        .map(|c| leaf_info(c).ok().map(|i| i.not_after))
+        .collect::<Option<Vec<_>>>()?
+        .into_iter()
+        .min()
+}
+
+/// After a server handshake: count it as full or resumed; a resumed one must still have a
+/// client leaf within its validity (see [`crate::resumption::check_resumed_peer`]),
+/// counted as a refusal otherwise.
+pub fn note_server_handshake(
+    conn: &rustls::ServerConnection,
+    counters: &TlsCounters,
+) -> Result<(), rustls::Error> {
+    let kind = conn.handshake_kind();
+    if kind == Some(rustls::HandshakeKind::Resumed) {
+        if let Err(e) = crate::resumption::check_resumed_peer(conn.peer_certificates()) {
+            counters.count(&e);
+            return Err(e);
+        }
+    }
+    counters.count_completed(kind);
+    Ok(())
 }
 
 /// The server's client-certificate verifier: WebPKI's, skipping the chain check for a chain

@@ -108,3 +108,88 @@ fn our_client_through_stock_server() {
     });
     t.join().unwrap();
 }
+
+/// Session resumption with stock rustls peers: their client (rustls's own in-memory session
+/// cache) resumes with our server, which still sees its identity; our client resumes with
+/// a server on rustls's defaults (stateful session IDs, two tickets per handshake).
+#[test]
+fn sessions_resume_with_stock_rustls_peers_both_ways() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let ca = ca();
+    let (client_cert, server_cert) = (cert(&ca, "client"), cert(&ca, "server"));
+    let ours = echo_server(&server_cert);
+    let mut theirs = (*hbone::tls::client_config(&client_cert, &[id("server")]).unwrap()).clone();
+    theirs.resumption = rustls::client::Resumption::default();
+    let theirs = Arc::new(theirs);
+    tokio_rt().block_on(async {
+        for _ in 0..2 {
+            let (status, mut send, mut recv) = their_request(
+                ours.addr,
+                theirs.clone(),
+                http::Method::CONNECT,
+                "10.9.9.9:80",
+                None,
+            )
+            .await
+            .unwrap();
+            assert_eq!(status, 200);
+            send.send_data(Bytes::from_static(b"again"), true).unwrap();
+            let mut got = Vec::new();
+            while let Some(d) = recv.data().await {
+                got.extend_from_slice(&d.unwrap());
+            }
+            assert_eq!(got, b"again");
+        }
+    });
+    for _ in 0..2 {
+        let seen = ours.seen.recv_timeout(Duration::from_secs(30)).unwrap();
+        assert_eq!(seen.peer, Some(id("client")));
+    }
+    let t = &ours.counters.tls;
+    assert_eq!(
+        (
+            t.full_handshakes.load(Relaxed),
+            t.resumed_handshakes.load(Relaxed)
+        ),
+        (1, 1)
+    );
+
+    let stock = server_tls_with_groups(&server_cert, hbone::tls::provider().kx_groups.clone());
+    let srv = server_with_tls(
+        stock,
+        H2Settings::default(),
+        Handler::Echo,
+        DriverKind::Uring,
+    );
+    let counters = TlsCounters::default();
+    block_on(DriverKind::Uring, async {
+        for _ in 0..2 {
+            let tls = hbone::tls::client_config_to(&client_cert, &[id("server")], srv.addr, true)
+                .unwrap();
+            let c =
+                hbone::client::Client::connect(srv.addr, tls, &H2Settings::default(), &counters)
+                    .await
+                    .unwrap();
+            let (mut w, mut r) = c
+                .open(&ConnectRequest::new("10.9.9.9:80".parse().unwrap()))
+                .await
+                .unwrap()
+                .split();
+            w.write_all(Bytes::from_static(b"resumed"), true)
+                .await
+                .unwrap();
+            let mut got = Vec::new();
+            while let Some(c) = r.read().await {
+                got.extend_from_slice(&c.unwrap());
+            }
+            assert_eq!(got, b"resumed");
+        }
+    });
+    assert_eq!(
+        (
+            counters.full_handshakes.load(Relaxed),
+            counters.resumed_handshakes.load(Relaxed)
+        ),
+        (1, 1)
+    );
+}

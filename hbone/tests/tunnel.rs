@@ -419,7 +419,8 @@ fn hello_retry_request_is_answered_and_taught_once_per_destination() {
         let pool = Pool::new(H2Settings::default(), counters.clone());
         let settings = H2Settings::default();
         let connect = |addr| {
-            let tls = hbone::tls::client_config_to(&client_cert, &[id("server")], addr).unwrap();
+            let tls =
+                hbone::tls::client_config_to(&client_cert, &[id("server")], addr, true).unwrap();
             hbone::client::Client::connect(addr, tls, &settings, &counters)
         };
         for a in addrs {

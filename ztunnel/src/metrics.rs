@@ -234,8 +234,9 @@ impl Metrics {
 }
 
 /// The HBONE layer's counters: TLS refusals per side and reason (issue 3: each rejection
-/// has a counter), HelloRetryRequests our client was answered with, and the inbound
-/// server's connections, streams and malformed CONNECTs.
+/// has a counter), HelloRetryRequests our client was answered with, completed handshakes
+/// per side as full or resumed (`h2.tls_resumption`), and the inbound server's
+/// connections, streams and malformed CONNECTs.
 fn render_hbone(out: &mut String, client: &TlsCounters, server: &ServerCounters) {
     let _ = writeln!(
         out,
@@ -261,6 +262,22 @@ fn render_hbone(out: &mut String, client: &TlsCounters, server: &ServerCounters)
         "# HELP ztunnel_hbone_hello_retries_total Outbound HBONE handshakes answered with a HelloRetryRequest (the peer wanted another key share).\n# TYPE ztunnel_hbone_hello_retries_total counter\nztunnel_hbone_hello_retries_total {}",
         client.hello_retries.load(Relaxed)
     );
+    let _ = writeln!(
+        out,
+        "# HELP ztunnel_hbone_handshakes_total Completed HBONE TLS handshakes, by side and kind (full: certificates and signatures; resumed: a session ticket).\n# TYPE ztunnel_hbone_handshakes_total counter"
+    );
+    for (side, t) in [("client", client), ("server", &server.tls)] {
+        for (kind, v) in [
+            ("full", &t.full_handshakes),
+            ("resumed", &t.resumed_handshakes),
+        ] {
+            let _ = writeln!(
+                out,
+                "ztunnel_hbone_handshakes_total{{side=\"{side}\",kind=\"{kind}\"}} {}",
+                v.load(Relaxed)
+            );
+        }
+    }
     let _ = writeln!(
         out,
         "# HELP ztunnel_hbone_inbound_total Inbound HBONE connections and CONNECT streams, and streams refused as malformed.\n# TYPE ztunnel_hbone_inbound_total counter"
@@ -341,4 +358,27 @@ pub fn close(c: &ConnCounters, sent: u64, received: u64) {
     c.sent.fetch_add(sent, Relaxed);
     c.received.fetch_add(received, Relaxed);
     c.closed.fetch_add(1, Relaxed);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Full and resumed HBONE handshakes are exposed per side.
+    #[test]
+    fn handshake_kinds_are_rendered_per_side() {
+        let m = Metrics::default();
+        m.hbone_client_tls.full_handshakes.fetch_add(2, Relaxed);
+        m.hbone_client_tls.resumed_handshakes.fetch_add(5, Relaxed);
+        m.hbone_server.tls.resumed_handshakes.fetch_add(7, Relaxed);
+        let out = m.render(1);
+        for line in [
+            "ztunnel_hbone_handshakes_total{side=\"client\",kind=\"full\"} 2",
+            "ztunnel_hbone_handshakes_total{side=\"client\",kind=\"resumed\"} 5",
+            "ztunnel_hbone_handshakes_total{side=\"server\",kind=\"full\"} 0",
+            "ztunnel_hbone_handshakes_total{side=\"server\",kind=\"resumed\"} 7",
+        ] {
+            assert!(out.lines().any(|l| l == line), "{line} missing in:\n{out}");
+        }
+    }
 }

@@ -99,7 +99,7 @@ pub fn build(
         {
             p.server_tls.clone()
         }
-        _ => hbone::tls::server_config(own)?,
+        _ => hbone::tls::server_config_with(own, s.h2.tls_resumption)?,
     };
     // One server config per workload identity, reused from `previous` while its
     // certificate is the same (a config holds the parsed key: not rebuilt per snapshot).
@@ -114,7 +114,7 @@ pub fn build(
         });
         let tls = match reuse {
             Some(t) => t,
-            None => hbone::tls::server_config(cert)?,
+            None => hbone::tls::server_config_with(cert, s.h2.tls_resumption)?,
         };
         workload_tls.insert(id.clone(), tls);
     }

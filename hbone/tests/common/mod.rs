@@ -14,6 +14,7 @@ use hbone::server::{serve_connection, Inbound, ServerCounters};
 use hbone::{H2Settings, Identity};
 use runtime::driver::{build_runtime, DriverDecision, DriverKind};
 use runtime::event::LocalEvent;
+use runtime::snapshot::Publisher;
 
 pub fn id(sa: &str) -> Identity {
     Identity::new("cluster.local", "default", sa)
@@ -193,6 +194,17 @@ pub fn server_with_tls(
     handler: Handler,
     kind: DriverKind,
 ) -> Server {
+    server_with_tls_from(Publisher::new(tls), settings, handler, kind)
+}
+
+/// [`server_with_tls`] taking each connection's config from `tls` when it is accepted, so
+/// a test can swap it (a rotated certificate: a new config).
+pub fn server_with_tls_from(
+    tls: Publisher<Arc<rustls::ServerConfig>>,
+    settings: H2Settings,
+    handler: Handler,
+    kind: DriverKind,
+) -> Server {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     listener.set_nonblocking(true).unwrap();
     let addr = listener.local_addr().unwrap();
@@ -221,7 +233,7 @@ pub fn server_with_tls(
                 if s2.load(Ordering::SeqCst) {
                     return;
                 }
-                let tls = tls.clone();
+                let tls = (*tls.load()).clone();
                 let settings = settings.clone();
                 let counters = c2.clone();
                 let tx = tx.clone();
