@@ -180,6 +180,49 @@ pub fn fit(asked: usize, holders: &[Holder], maxconn: Option<&MaxConn>) -> Optio
     })
 }
 
+/// How long the harness's descriptor count must stop falling before a memory run starts
+/// with more held than at the suite's start ([`Settle`]).
+pub const STILL: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Before a memory run: have the harness's descriptors settled since the last run?
+///
+/// Settled when it holds no more than [`MARGIN`] over the suite's start, or when the count
+/// has not fallen for [`STILL`] and what it holds leaves the run's fit as announced. The
+/// second case is a peer's keep-alive pool of upstream connections (nginx's `keepalive 128`
+/// for its `keepalive_timeout`, 60 s; HAProxy's `pool-max-conn`): a bounded number of the
+/// harness's backend sockets that stays open whatever it waits, and that the run's fit
+/// counts. A count still falling is a run's connections still closing: waited for.
+#[derive(Debug, Clone)]
+pub struct Settle {
+    baseline: u64,
+    /// The lowest count seen, and since when.
+    low: u64,
+    since: std::time::Instant,
+}
+
+impl Settle {
+    pub fn new(baseline: u64, held: u64, now: std::time::Instant) -> Settle {
+        Settle {
+            baseline,
+            low: held,
+            since: now,
+        }
+    }
+
+    /// One look at the count `held` at `now`; `fit_unchanged`: the run's fit with what is
+    /// held now is the one announced. True when settled.
+    pub fn settled(&mut self, held: u64, now: std::time::Instant, fit_unchanged: bool) -> bool {
+        if held <= self.baseline + MARGIN {
+            return true;
+        }
+        if held < self.low {
+            self.low = held;
+            self.since = now;
+        }
+        fit_unchanged && now.saturating_duration_since(self.since) >= STILL
+    }
+}
+
 /// The soft `RLIMIT_NOFILE` of `pid` ("self" for this process), from `/proc/<pid>/limits`.
 pub fn nofile_limit(pid: &str) -> Option<u64> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/limits")).ok()?;
@@ -346,6 +389,31 @@ mod tests {
         };
         assert_eq!(small.room(), 484);
         assert_eq!(fit(1000, &[], Some(&small)).unwrap().connections, 480);
+    }
+
+    #[test]
+    fn settled_at_the_baseline_or_once_a_pool_holds_still() {
+        use std::time::{Duration, Instant};
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        // Back to the start's count (within the margin): settled at once.
+        let mut s = Settle::new(100, 9_000, t0);
+        assert!(s.settled(164, t0, false));
+        // A run's connections closing: not settled while the count falls.
+        let mut s = Settle::new(100, 9_000, t0);
+        assert!(!s.settled(6_000, at(200), true));
+        assert!(!s.settled(2_000, at(1_100), true));
+        assert!(!s.settled(228, at(2_000), true));
+        // A pool of 128 held: settled once the count has not fallen for STILL…
+        assert!(!s.settled(228, at(2_000) + STILL - Duration::from_millis(1), true));
+        assert!(s.settled(228, at(2_000) + STILL, true));
+        // …a count that rises again is no fall: the time since the low still counts.
+        assert!(s.settled(240, at(2_000) + STILL * 2, true));
+        // …but not while what is held changes the run's fit.
+        assert!(!s.settled(228, at(2_000) + STILL * 5, false));
+        // A fall late in the hold starts the wait for stillness again.
+        assert!(!s.settled(200, at(9_000), true));
+        assert!(s.settled(200, at(9_000) + STILL, true));
     }
 
     #[test]

@@ -801,6 +801,9 @@ fn run(args: Args, suite: Suite) -> Result<ExitCode> {
             echo_v1: in_pod("echo-v1")?,
         };
         lap = phases.lap("backends", lap);
+        if !suite.peers.is_empty() {
+            peer::tune_pod(&m)?;
+        }
         for spec in &suite.peers {
             eprintln!("bench: starting peer {}: {}", spec.name, spec.cmd);
             peers.push(peer::Peer::start(spec, &m, &tmp.0)?);

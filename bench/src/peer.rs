@@ -15,6 +15,10 @@
 //! after 4 s) at the end. The generator connects from `plain-client` — the `direct` path's
 //! client — so a peer adds exactly one proxy hop on node A, as the `l4` path does.
 //!
+//! Before the peers start, the harness lets the peer pod reuse TIME_WAIT ports for its
+//! outgoing connections ([`tune_pod`]): a proxy that closes its upstream connections leaves
+//! them there, thousands after a memory scenario, all to the same backend address.
+//!
 //! A peer forwards to the `plain` pod's backends (10.182.0.4) by port, `ADDR`'s port `P`
 //! being the base: `P` → `:8080` (echo: tcp-rr, tcp-rr-open, idle), `P+1` → `:8081` (sink:
 //! tcp-throughput), `P+2` → `:8082` (reply-close: conn-churn), `P+10` → `:8090` (HTTP/1.1:
@@ -124,6 +128,28 @@ impl PeerSpec {
         };
         SocketAddr::new(self.addr.ip(), self.addr.port() + off)
     }
+}
+
+/// What [`tune_pod`] sets in the peer pod (its network namespace's own sysctls).
+pub const POD_SYSCTLS: &[(&str, &str)] = &[("net.ipv4.tcp_tw_reuse", "1")];
+
+/// Let the peer pod's outgoing connections reuse a port whose earlier connection to the same
+/// address is in TIME_WAIT (`net.ipv4.tcp_tw_reuse=1`, timestamps telling the two apart; a
+/// new namespace has 2, loopback only). A proxy that closes its upstream connections first
+/// keeps each port for 60 s in TIME_WAIT, per destination: nginx's `idle-http`, for one,
+/// closes 9,300 connections to the HTTP backend beyond its keep-alive pool, and HAProxy's
+/// `idle-http` after it then opens 8,900 to the same address at once. Every `connect()` then
+/// walked the ephemeral range past those ports (perf: 77 % of HAProxy's cycles in
+/// `__inet_hash_connect` and `__inet_check_established`), ~450 connections a second: its
+/// close took 22–36 s and its last requests timed out (8,480 of 8,900, "no answer within
+/// 30 s").
+pub fn tune_pod(mesh: &Mesh) -> Result<()> {
+    let ns = mesh.ns("peer");
+    for (key, value) in POD_SYSCTLS {
+        netlab::run_in(&ns, &["sysctl", "-qw", &format!("{key}={value}")])
+            .with_context(|| format!("setting {key}={value} in the peer pod ({ns})"))?;
+    }
+    Ok(())
 }
 
 /// A running peer (its process group). Drop stops it.

@@ -626,12 +626,13 @@ fn fit_one(ctx: &Ctx<'_>, sc: &Scenario, path: PathKind) -> Option<crate::fds::S
     fds::fit(sc.conns, &holders, maxconn.as_ref())
 }
 
-/// Before a memory run: wait (at most [`FD_SETTLE`]) until the harness holds no more than
-/// [`crate::fds::MARGIN`] descriptors over what it held when the suite started (a peer that
-/// pools its upstream connections, HAProxy's `http-reuse`, nginx's `keepalive`, keeps
-/// backend sockets here open for a while after its run), then fit the run again with what is
-/// held now. Returns the sizing to use, said when it differs from the one announced at the
-/// start.
+/// Before a memory run: wait (at most [`FD_SETTLE`]) until the harness's descriptors have
+/// settled ([`crate::fds::Settle`]: back to what it held when the suite started, within
+/// [`crate::fds::MARGIN`], or no longer falling with the run's fit unchanged — a peer that
+/// pools its upstream connections, HAProxy's `http-reuse`, nginx's `keepalive`, keeps up to
+/// its pool's size of backend sockets here open for as long as its idle timeout, 60 s for
+/// nginx), then fit the run again with what is held now. Returns the sizing to use, said
+/// when it differs from the one announced at the start.
 fn refit(
     ctx: &mut Ctx<'_>,
     sc: &Scenario,
@@ -645,9 +646,17 @@ fn refit(
         .iter()
         .position(|(i, p, _)| *i == id && *p == path.name());
     let before = slot.map(|i| ctx.sizing[i].2.clone());
-    // Wait even when what is held leaves the fit unchanged: HAProxy's idle-http right after
-    // nginx's, without the wait, lost 8,683 of 8,900 last requests ("no answer within 30 s").
-    while held() > ctx.fd_baseline + crate::fds::MARGIN && Instant::now() < deadline {
+    // (A peer's run right after another's used to time out its upstream connects: that was
+    // the other peer's TIME_WAIT sockets in the peer pod, see `crate::peer::tune_pod`.)
+    // What a fit decides (the counts in its reason may move with what is held).
+    let decides = |z: &Option<crate::fds::Sizing>| z.as_ref().map(|z| (z.connections, z.skipped));
+    let mut settle = crate::fds::Settle::new(ctx.fd_baseline, held(), Instant::now());
+    while !settle.settled(
+        held(),
+        Instant::now(),
+        decides(&fit_one(ctx, sc, path)) == decides(&before),
+    ) && Instant::now() < deadline
+    {
         if ctx.interrupted.load(Ordering::Relaxed) {
             return Err(Interrupted);
         }
