@@ -373,6 +373,23 @@ pub fn utc_format(secs: u64) -> (String, String) {
     )
 }
 
+/// This binary, to re-execute (idle clients, proxies, ztunnels): its path while that still
+/// names this very file, else `/proc/<our pid>/exe`, which stays this file while the
+/// harness runs (a `cargo build` during a run replaced it on disk, and `current_exe()` named
+/// the deleted file: "starting the idle client process: No such file or directory"), and
+/// which `ip netns exec` resolves the same (`/proc/self/exe` would be `ip`). The path is
+/// preferred because a process's name is its executable's file name (`bench`, not `exe`).
+pub fn own_exe() -> std::io::Result<std::path::PathBuf> {
+    use std::os::unix::fs::MetadataExt;
+    let named = std::env::current_exe()?;
+    let running = std::path::PathBuf::from(format!("/proc/{}/exe", std::process::id()));
+    match (std::fs::metadata(&named), std::fs::metadata(&running)) {
+        (Ok(a), Ok(b)) if a.dev() == b.dev() && a.ino() == b.ino() => Ok(named),
+        (_, Ok(_)) => Ok(running),
+        _ => Ok(named),
+    }
+}
+
 /// VmRSS of a process, in kB (`/proc/<pid>/status`).
 pub fn proc_rss_kb(pid: u32) -> Option<u64> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
@@ -445,6 +462,63 @@ mod tests {
         assert_eq!(s.utime, 111);
         assert_eq!(s.stime, 222);
         assert_eq!(s.flags, 4_194_560);
+    }
+
+    /// The file [`own_exe`] gives runs this binary even once a build replaced it on disk:
+    /// a copy of this test binary replaces its own file and re-executes itself through it
+    /// ([`own_exe_after_the_file_is_replaced`] in the copy).
+    #[test]
+    fn own_exe_runs_this_binary_after_a_rebuild() {
+        let exe = own_exe().expect("own_exe");
+        assert_eq!(
+            exe,
+            std::env::current_exe().unwrap(),
+            "named by its path while that is this file"
+        );
+        let dir = std::env::temp_dir().join(format!("bench-own-exe-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let copy = dir.join("bench-copy");
+        std::fs::copy(&exe, &copy).unwrap();
+        let out = std::process::Command::new(&copy)
+            .args([
+                "--exact",
+                "host::tests::own_exe_after_the_file_is_replaced",
+                "--ignored",
+                "--nocapture",
+            ])
+            .env("BENCH_OWN_EXE_CHILD", "1")
+            .output()
+            .unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+        let text = String::from_utf8_lossy(&out.stdout).into_owned()
+            + &String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{text}");
+        assert!(text.contains("1 passed"), "the child test ran: {text}");
+    }
+
+    #[test]
+    #[ignore = "run by own_exe_runs_this_binary_after_a_rebuild, in a copy of this binary"]
+    fn own_exe_after_the_file_is_replaced() {
+        assert!(
+            std::env::var_os("BENCH_OWN_EXE_CHILD").is_some(),
+            "only in the copy own_exe_runs_this_binary_after_a_rebuild makes"
+        );
+        let named = std::env::current_exe().unwrap();
+        // A build writes a new file where this one was.
+        std::fs::remove_file(&named).unwrap();
+        std::fs::write(&named, b"#!/bin/sh\nexit 3\n").unwrap();
+        let exe = own_exe().expect("own_exe");
+        assert_ne!(exe, named, "the path names another file now");
+        let out = std::process::Command::new(&exe)
+            .arg("--list")
+            .output()
+            .expect("re-executing this binary");
+        let list = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{list}");
+        assert!(
+            list.contains("own_exe_after_the_file_is_replaced"),
+            "this test binary ran: {list}"
+        );
     }
 
     #[test]

@@ -161,7 +161,7 @@ impl IdleClient {
         live: Arc<Live>,
         tx: mpsc::Sender<Result<GenResult, String>>,
     ) -> std::io::Result<IdleClient> {
-        let exe = std::env::current_exe()?;
+        let exe = crate::host::own_exe()?;
         let json = serde_json::to_string(spec).map_err(std::io::Error::other)?;
         let mut child = Command::new(exe)
             .arg(ARG)

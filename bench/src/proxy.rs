@@ -257,7 +257,7 @@ impl Proxy {
     }
 
     fn spawn_hbone_in_ns(ns: &str, cfg: &Path, name: &str, expect: Expect) -> Result<Proxy> {
-        let exe = std::env::current_exe().context("locating the bench binary")?;
+        let exe = crate::host::own_exe().context("locating the bench binary")?;
         let mut cmd = Command::new("ip");
         cmd.args(["netns", "exec", ns])
             .arg(exe)
@@ -268,7 +268,7 @@ impl Proxy {
     }
 
     fn spawn(arg: &str, cfg_path: &Path, name: &str, expect: Expect) -> Result<Proxy> {
-        let exe = std::env::current_exe().context("locating the bench binary")?;
+        let exe = crate::host::own_exe().context("locating the bench binary")?;
         let mut cmd = Command::new(exe);
         cmd.arg(arg).arg("--config").arg(cfg_path);
         Proxy::spawn_cmd(cmd, name, expect)
@@ -295,7 +295,7 @@ impl Proxy {
         profile: &str,
         name: &str,
     ) -> Result<Proxy> {
-        let exe = std::env::current_exe().context("locating the bench binary")?;
+        let exe = crate::host::own_exe().context("locating the bench binary")?;
         // `ns` empty: this namespace (the loopback mesh).
         let mut cmd = if ns.is_empty() {
             Command::new(exe)
