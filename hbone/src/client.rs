@@ -109,7 +109,28 @@ impl Client {
         Ok((client, stream))
     }
 
+    /// TCP connect, TLS, HTTP/2 handshake (and the first request's send, when asked for)
+    /// within `settings.handshake_timeout`: a peer that accepts and never answers (or
+    /// stalls mid-handshake) fails with [`HboneError::HandshakeTimeout`], the socket closed.
     pub(crate) async fn establish(
+        addr: SocketAddr,
+        tls: Arc<rustls::ClientConfig>,
+        settings: &H2Settings,
+        counters: &TlsCounters,
+        opts: &ListenOptions,
+        first: Option<&ConnectRequest>,
+    ) -> Result<(Client, Option<FirstRequest>), HboneError> {
+        let setup = Self::establish_now(addr, tls, settings, counters, opts, first);
+        match settings.within_handshake_deadline(setup).await {
+            Some(r) => r,
+            None => Err(HboneError::HandshakeTimeout {
+                peer: addr,
+                after: settings.handshake_timeout,
+            }),
+        }
+    }
+
+    async fn establish_now(
         addr: SocketAddr,
         tls: Arc<rustls::ClientConfig>,
         settings: &H2Settings,

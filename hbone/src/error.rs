@@ -22,6 +22,12 @@ pub enum HboneError {
     Cert(#[from] crate::ca::CaError),
     #[error("TLS config: {0}")]
     Config(rustls::Error),
+    /// TCP connect, TLS and HTTP/2 handshake not done within `h2.handshake_timeout`.
+    #[error("HBONE handshake with {peer} not completed within {after:?} (h2.handshake_timeout)")]
+    HandshakeTimeout {
+        peer: SocketAddr,
+        after: std::time::Duration,
+    },
 }
 
 impl HboneError {
@@ -37,7 +43,9 @@ impl HboneError {
     /// Whether trying again (on a new connection) may succeed.
     pub fn is_retryable(&self) -> bool {
         match self {
-            HboneError::Connect(..) | HboneError::TlsIo(_) => true,
+            HboneError::Connect(..)
+            | HboneError::TlsIo(_)
+            | HboneError::HandshakeTimeout { .. } => true,
             HboneError::H2(e) => e.is_go_away() || e.is_io(),
             _ => false,
         }

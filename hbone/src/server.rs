@@ -32,6 +32,9 @@ pub struct ServerCounters {
     pub bad_method: AtomicU64,
     pub bad_authority: AtomicU64,
     pub h2_errors: AtomicU64,
+    /// Accepted sockets closed because TLS and the HTTP/2 preface were not done within
+    /// `h2.handshake_timeout`.
+    pub handshake_timeouts: AtomicU64,
 }
 
 /// A CONNECT stream waiting for the caller's decision.
@@ -110,25 +113,41 @@ where
 {
     let _ = tcp.set_nodelay(true);
     let io = crate::stream::TcpIo::new(tcp);
-    let mut tls_stream = match tokio_rustls::TlsAcceptor::from(tls).accept(io).await {
-        Ok(s) => s,
-        Err(e) => return Err(HboneError::from_tls_io(e, &counters.tls)),
+    // TLS and the client's HTTP/2 preface within the handshake deadline: a peer that
+    // connects and stays silent (or stalls mid-handshake) is closed, its descriptor freed.
+    let setup = async {
+        let mut tls_stream = match tokio_rustls::TlsAcceptor::from(tls).accept(io).await {
+            Ok(s) => s,
+            Err(e) => return Err(HboneError::from_tls_io(e, &counters.tls)),
+        };
+        if let Err(e) = crate::tls::note_server_handshake(tls_stream.get_ref().1, &counters.tls) {
+            return Err(HboneError::Tls(e));
+        }
+        counters.connections.fetch_add(1, Relaxed);
+        let limit = Some(settings.tls_send_buffer);
+        tls_stream.get_mut().1.set_buffer_limit(limit);
+        let peer_certs = tls_stream.get_ref().1.peer_certificates();
+        let peer_identity = peer_identity(peer_certs);
+        let peer_certificate = peer_certs
+            .and_then(|c| c.first())
+            .map(|c| Arc::new(c.clone()));
+        let conn = settings
+            .server_builder()
+            .handshake::<_, Bytes>(tls_stream)
+            .await?;
+        Ok((conn, peer_identity, peer_certificate))
     };
-    if let Err(e) = crate::tls::note_server_handshake(tls_stream.get_ref().1, &counters.tls) {
-        return Err(HboneError::Tls(e));
-    }
-    counters.connections.fetch_add(1, Relaxed);
-    let limit = Some(settings.tls_send_buffer);
-    tls_stream.get_mut().1.set_buffer_limit(limit);
-    let peer_certs = tls_stream.get_ref().1.peer_certificates();
-    let peer_identity = peer_identity(peer_certs);
-    let peer_certificate = peer_certs
-        .and_then(|c| c.first())
-        .map(|c| Arc::new(c.clone()));
-    let mut conn = settings
-        .server_builder()
-        .handshake::<_, Bytes>(tls_stream)
-        .await?;
+    let (mut conn, peer_identity, peer_certificate) =
+        match settings.within_handshake_deadline(setup).await {
+            Some(r) => r?,
+            None => {
+                counters.handshake_timeouts.fetch_add(1, Relaxed);
+                return Err(HboneError::HandshakeTimeout {
+                    peer: peer_addr,
+                    after: settings.handshake_timeout,
+                });
+            }
+        };
     let ping = conn.ping_pong();
     let keep = keepalive(ping, settings.ping_interval, settings.ping_timeout);
     let mut drain = std::pin::pin!(drain);

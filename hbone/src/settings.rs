@@ -23,6 +23,12 @@ pub struct H2Settings {
     /// A connection whose PING is not answered within this is closed.
     #[serde(with = "runtime::config::duration")]
     pub ping_timeout: Duration,
+    /// Deadline for setting up an HBONE connection (Envoy's `connect_timeout`, 10 s):
+    /// client: TCP connect + TLS + HTTP/2 handshake (every opener waiting on that pooled
+    /// connection gets the error); server: TLS + HTTP/2 preface after accept (the socket
+    /// is closed). Counted either way. 0: no deadline.
+    #[serde(with = "runtime::config::duration")]
+    pub handshake_timeout: Duration,
     /// Client pool: streams per pooled connection before another connection is opened.
     pub max_streams_per_connection: usize,
     /// Client pool: an unused connection is closed after this.
@@ -43,6 +49,9 @@ pub struct H2Settings {
     pub tls_resumption: bool,
 }
 
+/// [`H2Settings::handshake_timeout`]'s default: Envoy's default cluster `connect_timeout`.
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
 impl Default for H2Settings {
     fn default() -> Self {
         H2Settings {
@@ -53,6 +62,7 @@ impl Default for H2Settings {
             max_header_list_size: 64 * 1024,
             ping_interval: Duration::from_secs(10),
             ping_timeout: Duration::from_secs(20),
+            handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
             max_streams_per_connection: 100,
             pool_idle_timeout: Duration::from_secs(300),
             chunk_size: 64 * 1024,
@@ -63,6 +73,20 @@ impl Default for H2Settings {
 }
 
 impl H2Settings {
+    /// `fut` bounded by [`H2Settings::handshake_timeout`] (unbounded when 0); `None` when
+    /// the deadline passed first (`fut` is dropped, closing what it owns).
+    pub async fn within_handshake_deadline<T>(
+        &self,
+        fut: impl std::future::Future<Output = T>,
+    ) -> Option<T> {
+        if self.handshake_timeout.is_zero() {
+            return Some(fut.await);
+        }
+        monoio::time::timeout(self.handshake_timeout, fut)
+            .await
+            .ok()
+    }
+
     pub fn client_builder(&self) -> h2::client::Builder {
         let mut b = h2::client::Builder::new();
         b.initial_window_size(self.stream_window)

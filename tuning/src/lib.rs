@@ -33,6 +33,7 @@
 //! | `h2.max_concurrent_streams` | streams | 200 | streams a server accepts per connection |
 //! | `h2.max_header_list_size` | bytes | 64 KiB | largest header block accepted |
 //! | `h2.ping_interval` / `h2.ping_timeout` | duration | 10s / 20s | keepalive PINGs |
+//! | `h2.handshake_timeout` | duration | 10s (Envoy's `connect_timeout`) | HBONE connection setup deadline. Client: TCP connect + TLS + HTTP/2 handshake; on expiry the socket is closed and every opener waiting on that pooled connection gets `HandshakeTimeout` (the next open makes a new connection). Server: TLS + the client's HTTP/2 preface after accept; on expiry the socket is closed and `handshake_timeouts` counted, so silent peers cannot hold descriptors and `max_connections_per_worker` slots. 0 = no deadline |
 //! | `h2.max_streams_per_connection` | streams | 100 | client pool: streams before another connection |
 //! | `h2.pool_idle_timeout` | duration | 5m | client pool: close an unused connection |
 //! | `h2.chunk_size` | bytes | 64 KiB | largest read from TCP, i.e. largest DATA frame sent (reads start at 16 KiB and double while they fill); 256 KiB measured worse (more kernel work per GB) |
