@@ -10,6 +10,16 @@
 //! | no `apiVersion`/`kind`, a `waypoint:` key | — | [`SettingsDoc`], exactly one for the binary |
 //! | no `apiVersion`/`kind`, no `waypoint:` key | — | mesh-model's local config (`namespaces`, `workloads`, `services`, `policies`, `waypoints`, `nodes`; see the `mesh_model` crate docs), at most one |
 //!
+//! An `AuthorizationPolicy` with a workload `selector` (no `targetRefs`) is loaded and
+//! checked but not enforced, as in Istio, whose waypoints enforce only `targetRefs`
+//! policies (the destination's ztunnel enforces `selector` ones at L4, with the
+//! waypoint's identity as the source): each is logged as a warning naming the file, line
+//! and document, and shown as `waypoint_policies_ignored` on the stats page.
+//!
+//! An `HTTPRoute` whose `parentRefs` name a Service in its own namespace is a GAMMA
+//! *producer* route (for every client); one naming a Service of another namespace is a
+//! *consumer* route, for clients of the route's namespace only (see [`crate::route`]).
+//!
 //! `metadata` takes `name` (required), `namespace` (default `default`), `creationTimestamp`,
 //! `labels` and `annotations`. Every other key anywhere is an error; so are features the
 //! waypoint does not implement (AuthorizationPolicy `CUSTOM`, `requestPrincipals`,
@@ -101,6 +111,36 @@ pub struct ServiceLb {
     pub use_client_protocol: bool,
 }
 
+/// An AuthorizationPolicy the waypoint does not enforce, as Istio's waypoints do not: one
+/// with a workload `selector` (enforced by the destination's ztunnel at L4).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IgnoredPolicy {
+    pub id: ObjectRef,
+    /// Counted from 1, as in errors.
+    pub document: usize,
+    /// Line of `spec.selector` in the whole file.
+    pub line: usize,
+    /// `selector`.
+    pub reason: &'static str,
+}
+
+impl WaypointConfig {
+    /// `waypoint_policies_ignored{policy,document,reason} 1` per ignored policy, Prometheus
+    /// text (a gauge: the current configuration's).
+    pub fn ignored_policies_prometheus(&self) -> String {
+        let mut out = String::from(
+            "# HELP waypoint_policies_ignored AuthorizationPolicies of the current configuration not enforced by the waypoint (selector policies: the destination ztunnel enforces them).\n# TYPE waypoint_policies_ignored gauge\n",
+        );
+        for p in &self.ignored_policies {
+            out.push_str(&format!(
+                "waypoint_policies_ignored{{policy=\"{}/{}\",document=\"{}\",line=\"{}\",reason=\"{}\"}} 1\n",
+                p.id.namespace, p.id.name, p.document, p.line, p.reason
+            ));
+        }
+        out
+    }
+}
+
 /// Everything the waypoint's L7 core reads.
 #[derive(Debug, Clone, Default)]
 pub struct WaypointConfig {
@@ -108,6 +148,9 @@ pub struct WaypointConfig {
     pub mesh: Option<Snapshot>,
     pub routes: RouteTable,
     pub policies: Vec<authz::Policy>,
+    /// AuthorizationPolicies loaded but not enforced here (warned about at load, shown as
+    /// `waypoint_policies_ignored` on the stats page).
+    pub ignored_policies: Vec<IgnoredPolicy>,
     /// By service.
     pub load_balancing: BTreeMap<ObjectRef, ServiceLb>,
     /// DestinationRule `trafficPolicy.connectionPool.http.idleTimeout`, by service: how
@@ -271,7 +314,31 @@ pub fn load_str(file: &Path, text: &str, version: u64) -> Result<WaypointConfig,
                         "duplicate AuthorizationPolicy",
                     )));
                 }
-                cfg.policies.push(compile_policy(&d).map_err(invalid)?);
+                let policy = compile_policy(&d).map_err(invalid)?;
+                if let Attachment::Selector(_) = policy.attachment {
+                    // Istio: a waypoint never uses `selector` policies (only `targetRefs`
+                    // ones); the destination's ztunnel enforces them at L4. Said out loud,
+                    // never taken as enforced here.
+                    let line = locate(&doc, "spec.selector").unwrap_or(1) + start - 1;
+                    tracing::warn!(
+                        file = %file.display(),
+                        line,
+                        document = index,
+                        policy = %format!("{}/{}", policy.id.namespace, policy.id.name),
+                        "AuthorizationPolicy with `selector` ignored by the waypoint (Istio: \
+                         waypoints enforce only `targetRefs` policies; selector policies are \
+                         enforced by the destination's ztunnel at L4: give them to the ztunnel \
+                         as `policies[].selector`, or attach this one with targetRefs)"
+                    );
+                    cfg.ignored_policies.push(IgnoredPolicy {
+                        id: policy.id,
+                        document: index,
+                        line,
+                        reason: "selector",
+                    });
+                } else {
+                    cfg.policies.push(policy);
+                }
             }
             (
                 "networking.istio.io/v1"

@@ -277,6 +277,7 @@ pub fn start(
         Some(a) => {
             let c = counters.clone();
             let (m, srv) = (metrics.clone(), shared.counters.server.clone());
+            let cfg = l7.clone();
             Some(crate::admin::serve(
                 "waypoint-stats",
                 a,
@@ -285,7 +286,13 @@ pub fn start(
                     "/stats/prometheus" => (
                         "200 OK",
                         "text/plain; version=0.0.4; charset=utf-8",
-                        format!("{}{}{}", m.render(), prometheus(&c), refusals(&srv)),
+                        format!(
+                            "{}{}{}{}",
+                            m.render(),
+                            prometheus(&c),
+                            refusals(&srv),
+                            cfg.load().ignored_policies_prometheus()
+                        ),
                     ),
                     _ => crate::admin::not_found(),
                 },

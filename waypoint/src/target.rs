@@ -1,7 +1,6 @@
 //! The target check (R14): a CONNECT target must be a pod this waypoint manages, or a
 //! service (VIP:port) that contains such a pod; anything else is refused.
 
-use std::collections::BTreeMap;
 use std::net::SocketAddr;
 
 use mesh_model::model::WaypointRef;
@@ -64,7 +63,6 @@ pub fn resolve(snap: &Snapshot, me: &Me, target: SocketAddr) -> Result<Destinati
     }
     Ok(Destination::Workload {
         namespace: w.namespace.clone(),
-        // The model carries no pod labels yet, so `selector` policies match no pod.
-        labels: BTreeMap::new(),
+        labels: w.labels.clone(),
     })
 }

@@ -435,10 +435,12 @@ fn attachment_target_refs_selector_and_namespace() {
         (deny("  targetRef: {kind: Gateway, group: gateway.networking.k8s.io, name: waypoint}\n", "default"), Some("other"), None, true),
         (deny("  targetRefs: [{kind: Gateway, group: gateway.networking.k8s.io, name: waypoint}]\n", "elsewhere"), Some("echo"), None, false),
         (deny("  targetRefs: [{kind: Gateway, group: gateway.networking.k8s.io, name: other-wp}]\n", "default"), Some("echo"), None, false),
-        (deny("  selector: {matchLabels: {app: echo}}\n", "default"), None, Some(("default", &labels)), true),
+        // Istio's waypoints never use `selector` policies (the destination ztunnel
+        // enforces them: tests/selector_policy.rs): loaded, reported, not applied here.
+        (deny("  selector: {matchLabels: {app: echo}}\n", "default"), None, Some(("default", &labels)), false),
         (deny("  selector: {matchLabels: {app: echo}}\n", "default"), None, Some(("default", &other)), false),
         (deny("  selector: {matchLabels: {app: echo}}\n", "elsewhere"), None, Some(("default", &labels)), false),
-        (deny("  selector: {matchLabels: {app: echo}}\n", "istio-system"), None, Some(("default", &labels)), true),
+        (deny("  selector: {matchLabels: {app: echo}}\n", "istio-system"), None, Some(("default", &labels)), false),
         (deny("", "default"), Some("echo"), None, true),
         (deny("", "elsewhere"), Some("echo"), None, false),
         (deny("", "istio-system"), Some("echo"), None, true),
