@@ -54,13 +54,33 @@ pub enum LbPolicy {
     ConsistentHash(HashKey),
 }
 
-/// `outlierDetection`: consecutive 5xx → ejected for `base_ejection_time` × times ejected,
-/// never more than `max_ejection_percent` of the endpoints (at least one may always be).
+/// `outlierDetection`: consecutive 5xx → ejected for `base_ejection_time` × the endpoint's
+/// ejection multiplier, at most [`MAX_EJECTION_TIME`] (or `base_ejection_time` when that is
+/// longer), never more than `max_ejection_percent` of the endpoints (at least one may
+/// always be). The multiplier grows by one per ejection while the time is below that cap,
+/// and shrinks by one per [`EJECTION_DECAY_INTERVAL`] the endpoint spends not ejected
+/// (Envoy's ejection backoff).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct OutlierDetection {
     pub consecutive_5xx: u32,
     pub base_ejection_time: Duration,
     pub max_ejection_percent: u32,
+}
+
+/// Envoy's `max_ejection_time` default (Istio does not expose it): the longest ejection,
+/// unless `base_ejection_time` is longer.
+pub const MAX_EJECTION_TIME: Duration = Duration::from_secs(300);
+
+/// How often an endpoint that is not ejected loses one step of its ejection multiplier:
+/// Envoy does it at each outlier-detection `interval`, Istio's default 10 s (the
+/// DestinationRule's `interval` is not among the fields the waypoint reads).
+pub const EJECTION_DECAY_INTERVAL: Duration = Duration::from_secs(10);
+
+impl OutlierDetection {
+    /// The longest ejection: [`MAX_EJECTION_TIME`], or the base time when longer.
+    pub fn ejection_cap(&self) -> Duration {
+        MAX_EJECTION_TIME.max(self.base_ejection_time)
+    }
 }
 
 impl Default for OutlierDetection {
@@ -292,9 +312,39 @@ impl Balancer {
             return;
         }
         let e = &mut self.eps[i];
-        e.times_ejected += 1;
+        // The multiplier decays by one per interval spent back in service since the last
+        // ejection ended, then grows by one while the ejection time is below the cap.
+        if let Some(back) = e.ejected_until {
+            let healthy = now.saturating_duration_since(back);
+            let steps = healthy.as_nanos() / EJECTION_DECAY_INTERVAL.as_nanos();
+            e.times_ejected = e
+                .times_ejected
+                .saturating_sub(u32::try_from(steps).unwrap_or(u32::MAX));
+        }
+        let cap = od.ejection_cap();
+        if od
+            .base_ejection_time
+            .checked_mul(e.times_ejected)
+            .is_some_and(|t| t < cap)
+        {
+            e.times_ejected = e.times_ejected.saturating_add(1);
+        }
         e.consecutive_5xx = 0;
-        e.ejected_until = Some(now + od.base_ejection_time * e.times_ejected);
+        let time = od
+            .base_ejection_time
+            .checked_mul(e.times_ejected)
+            .map_or(cap, |t| t.min(cap));
+        // An absurd configured time (beyond what `Instant` holds) ejects for a day at a time.
+        e.ejected_until = Some(
+            now.checked_add(time)
+                .unwrap_or_else(|| now + Duration::from_secs(86_400)),
+        );
+    }
+
+    /// Endpoint `i`'s current ejection multiplier (the decay is applied at its next
+    /// ejection).
+    pub fn ejection_multiplier(&self, i: usize) -> u32 {
+        self.eps.get(i).map_or(0, |e| e.times_ejected)
     }
 }
 
@@ -460,6 +510,78 @@ mod tests {
         }
         assert!(b.is_ejected(1, t1 + Duration::from_secs(59)));
         assert!(!b.is_ejected(1, t1 + Duration::from_secs(60)));
+    }
+
+    /// Eject endpoint 0 of `b` at `now` (`n` consecutive 5xx) and return how long for.
+    fn eject(b: &mut Balancer, n: u32, now: Instant) -> Duration {
+        for _ in 0..n {
+            b.start(0);
+            b.finish(0, 503, now);
+        }
+        assert!(b.is_ejected(0, now));
+        b.eps[0].ejected_until.unwrap() - now
+    }
+
+    #[test]
+    fn ejection_time_is_capped_at_envoys_max_ejection_time() {
+        let od = OutlierDetection {
+            consecutive_5xx: 1,
+            base_ejection_time: Duration::from_secs(30),
+            max_ejection_percent: 100,
+        };
+        let mut b = Balancer::new(2, LbPolicy::RoundRobin, Some(od));
+        let mut now = Instant::now();
+        let mut times = Vec::new();
+        // Failing again the moment it is back, fifteen times: 30, 60, … then 300 s.
+        for _ in 0..15 {
+            let d = eject(&mut b, 1, now);
+            times.push(d.as_secs());
+            now += d;
+        }
+        assert_eq!(
+            times,
+            [30, 60, 90, 120, 150, 180, 210, 240, 270, 300, 300, 300, 300, 300, 300]
+        );
+        // A base time above the cap is the cap.
+        let od = OutlierDetection {
+            base_ejection_time: Duration::from_secs(600),
+            ..od
+        };
+        let mut b = Balancer::new(2, LbPolicy::RoundRobin, Some(od));
+        let t0 = Instant::now();
+        assert_eq!(eject(&mut b, 1, t0), Duration::from_secs(600));
+        let t1 = t0 + Duration::from_secs(600);
+        assert_eq!(eject(&mut b, 1, t1), Duration::from_secs(600));
+    }
+
+    #[test]
+    fn ejection_multiplier_decays_while_the_endpoint_stays_healthy() {
+        let od = OutlierDetection {
+            consecutive_5xx: 2,
+            base_ejection_time: Duration::from_secs(30),
+            max_ejection_percent: 100,
+        };
+        let mut b = Balancer::new(2, LbPolicy::RoundRobin, Some(od));
+        let t0 = Instant::now();
+        assert_eq!(eject(&mut b, 2, t0).as_secs(), 30);
+        let t1 = t0 + Duration::from_secs(30);
+        assert_eq!(eject(&mut b, 2, t1).as_secs(), 60);
+        let t2 = t1 + Duration::from_secs(60);
+        assert_eq!(eject(&mut b, 2, t2).as_secs(), 90);
+        assert_eq!(b.ejection_multiplier(0), 3);
+        // Back at t3, healthy for two decay intervals (successes on the way), then failing:
+        // the multiplier went 3 → 1, so this ejection is 2 × 30 s, not 4 × 30 s.
+        let t3 = t2 + Duration::from_secs(90);
+        b.start(0);
+        b.finish(0, 200, t3);
+        let t4 = t3 + EJECTION_DECAY_INTERVAL * 2;
+        assert_eq!(eject(&mut b, 2, t4).as_secs(), 60);
+        // A long healthy spell brings it back to the base time.
+        let t5 = t4 + Duration::from_secs(60) + EJECTION_DECAY_INTERVAL * 100;
+        assert_eq!(eject(&mut b, 2, t5).as_secs(), 30);
+        // Healthy for less than one interval: no decay, the time grows.
+        let t6 = t5 + Duration::from_secs(30) + EJECTION_DECAY_INTERVAL / 2;
+        assert_eq!(eject(&mut b, 2, t6).as_secs(), 60);
     }
 
     #[test]
