@@ -43,6 +43,11 @@
 //!   trust_domain: cluster.local  # default; used by the builtin CA
 //!   root_namespace: istio-system # default; AuthorizationPolicies here apply mesh-wide
 //!   stats: 127.0.0.1:15020       # optional: GET /stats/prometheus and /healthz/ready
+//!   num_trusted_proxies: 0       # default; Istio's numTrustedProxies: with N > 0,
+//!                                # remoteIpBlocks read the Nth X-Forwarded-For entry
+//!                                # from the right
+//!   ztunnel_identity: spiffe://cluster.local/ns/istio-system/sa/ztunnel   # default (with
+//!                                # trust_domain): its `forwarded: for=` is believed
 //! runtime: { workers: 2 }        # optional: replaces the --profile's runtime knobs
 //! h2: { max_streams_per_connection: 100 }   # optional: replaces the --profile's h2 knobs
 //! ```
@@ -442,6 +447,17 @@ pub struct WaypointSection {
     /// `/stats/prometheus` and `/healthz/ready` (off when unset).
     #[serde(default)]
     pub stats: Option<SocketAddr>,
+    /// HTTP proxies in front of the mesh that append to `X-Forwarded-For` (Istio's
+    /// `numTrustedProxies`, default 0): with N > 0, `remote.ip` / `remoteIpBlocks` read the
+    /// Nth address from the right of `X-Forwarded-For` (the peer when there are fewer);
+    /// with 0 the header is never read for policy.
+    #[serde(default)]
+    pub num_trusted_proxies: u32,
+    /// The ztunnel identity whose CONNECT `forwarded: for=` is believed for any client (a
+    /// hairpin, R12; default `spiffe://<trust_domain>/ns/istio-system/sa/ztunnel`). See
+    /// `crate::source`.
+    #[serde(default)]
+    pub ztunnel_identity: Option<String>,
 }
 
 fn default_listen() -> SocketAddr {
@@ -458,6 +474,7 @@ impl SettingsDoc {
     fn validate(&self) -> Result<(), Invalid> {
         self.identity()?;
         self.gateway()?;
+        self.ztunnel_identity()?;
         if let Some(r) = &self.runtime {
             r.validate("runtime")?;
         }
@@ -471,6 +488,20 @@ impl SettingsDoc {
             .map_err(|e: mesh_model::identity::IdentityError| {
                 Invalid::new("waypoint.identity", e.to_string())
             })
+    }
+
+    /// `waypoint.ztunnel_identity`, when set.
+    pub fn ztunnel_identity(&self) -> Result<Option<hbone::Identity>, Invalid> {
+        self.waypoint
+            .ztunnel_identity
+            .as_deref()
+            .map(|s| {
+                s.parse()
+                    .map_err(|e: mesh_model::identity::IdentityError| {
+                        Invalid::new("waypoint.ztunnel_identity", e.to_string())
+                    })
+            })
+            .transpose()
     }
 
     pub fn gateway(&self) -> Result<ObjectRef, Invalid> {

@@ -113,8 +113,9 @@ where
 }
 
 /// The request head as HTTP/1.1 sees it (`:authority` as `host`; no body framing
-/// headers, those are added once the body's length is known), or `None` when a header
-/// value is not text.
+/// headers, those are added once the body's length is known; the path normalized), or
+/// `None` (`400`) when a header value is not text, the path cannot be normalized, or there
+/// is neither `:authority` nor `host`.
 fn head_of(parts: &http::request::Parts) -> Option<RequestHead> {
     let target = parts
         .uri
@@ -179,8 +180,14 @@ fn head_of(parts: &http::request::Parts) -> Option<RequestHead> {
     let at = |(a, b): (usize, usize)| Text::slice_of(&src, &src[a..b]);
     let target_text = &src[target.0..target.1];
     let (path, query) = match target_text.split_once('?') {
-        Some((p, q)) => (Text::slice_of(&src, p), Some(Text::slice_of(&src, q))),
-        None => (Text::slice_of(&src, target_text), None),
+        Some((p, q)) => (p, Some(Text::slice_of(&src, q))),
+        None => (target_text, None),
+    };
+    // Normalized as HTTP/1.1's (Istio's `BASE`, [`crate::path`]); `None` (400) when it
+    // cannot be.
+    let path = match crate::path::normalize(path).ok()? {
+        std::borrow::Cow::Borrowed(p) => Text::slice_of(&src, p),
+        std::borrow::Cow::Owned(p) => Text::from(p),
     };
     // Room for the `traceparent` that [`http1::trace`] adds when the client sent none.
     let mut headers = Vec::with_capacity(spans.len() + 1);
@@ -510,9 +517,11 @@ async fn forward_h2<U: Upstream>(
     // The routed request, as an HTTP/2 head. Built once (cloned per try: its parts are
     // shared bytes); `None` when the authority or target is not a valid URI part, which
     // fails each try like a refused connect. Unrewritten (no host or path from the
-    // route), the client's own parsed authority and target are reused as they are.
+    // route), the client's own parsed authority and target are reused as they are
+    // (unless normalization changed the path).
+    let normal = parts.uri.path() == head.path.as_str();
     let uri = match (&fwd.host, &fwd.path, parts.uri.authority()) {
-        (None, None, Some(authority)) => {
+        (None, None, Some(authority)) if normal => {
             let mut u = http::uri::Parts::default();
             u.scheme = Some(http::uri::Scheme::HTTP);
             u.authority = Some(authority.clone());

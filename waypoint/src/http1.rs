@@ -255,8 +255,15 @@ fn parse_head_with<'b>(buf: &'b [u8], headers: &mut [httparse::Header<'b>]) -> P
             }
             let target = at(target.as_bytes());
             let (path, query) = match target.split_once('?') {
-                Some((p, q)) => (Text::slice_of(&src, p), Some(Text::slice_of(&src, q))),
-                None => (Text::slice_of(&src, target), None),
+                Some((p, q)) => (p, Some(Text::slice_of(&src, q))),
+                None => (target, None),
+            };
+            // Normalized once here (Istio's `BASE`): policy, routing and the upstream
+            // request all see the same path.
+            let path = match crate::path::normalize(path) {
+                Ok(Cow::Borrowed(p)) => Text::slice_of(&src, p),
+                Ok(Cow::Owned(p)) => Text::from(p),
+                Err(_) => return Parsed::Bad(400),
             };
             Parsed::Head(
                 RequestHead {
@@ -388,12 +395,11 @@ pub fn decide<'c>(
         &heap
     };
     let host = head.header("host").unwrap_or("");
-    // The original client, for remoteIpBlocks: the first x-forwarded-for entry.
-    let remote_ip = head
-        .header("x-forwarded-for")
-        .and_then(|v| v.split(',').next())
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(ctx.source_ip);
+    let trusted = cfg
+        .settings
+        .as_ref()
+        .map_or(0, |s| s.waypoint.num_trusted_proxies);
+    let remote_ip = remote_ip(head, ctx.source_ip, trusted);
     let (service, workload) = match &ctx.destination {
         Destination::Service { service, .. } => (Some(service), None),
         Destination::Workload { namespace, labels } => (None, Some((namespace.as_str(), labels))),
@@ -456,6 +462,27 @@ pub fn decide<'c>(
             forward: Cow::Owned(*fwd),
         },
     }
+}
+
+/// `remote.ip` (`remoteIpBlocks`) as Envoy derives it for Istio's `numTrustedProxies`
+/// (`trusted`): the downstream peer (`source`) when 0; else the `trusted`-th address from
+/// the right of `X-Forwarded-For` (all its lines, in order), the peer when the header has
+/// fewer entries or that one is not an address. The client writes the left of the header,
+/// so it is never read from there.
+pub fn remote_ip(head: &RequestHead, source: IpAddr, trusted: u32) -> IpAddr {
+    if trusted == 0 {
+        return source;
+    }
+    let mut entries = head
+        .headers
+        .iter()
+        .rev()
+        .filter(|(n, _)| n.eq_ignore_ascii_case("x-forwarded-for"))
+        .flat_map(|(_, v)| v.rsplit(','));
+    entries
+        .nth(trusted as usize - 1)
+        .and_then(|v| v.trim().parse::<IpAddr>().ok())
+        .unwrap_or(source)
 }
 
 /// The request headers sent upstream: `Host` rewrite, header modifiers,
@@ -2144,8 +2171,9 @@ fn content_length(v: &str) -> Option<u64> {
 /// `Content-Length`, for more than one `Transfer-Encoding` line or one other than exactly
 /// `chunked` (the only coding the waypoint forwards), for `Transfer-Encoding` in an
 /// HTTP/1.0 request, for `Content-Length` values that differ or are not all digits, and
-/// for more than one `Host`. Several equal `Content-Length` values are one length (the
-/// upstream gets a single `Content-Length`, [`normalize_request`]).
+/// for more than one `Host`, or none in an HTTP/1.1 request (RFC 9112 §3.2). Several
+/// equal `Content-Length` values are one length (the upstream gets a single
+/// `Content-Length`, [`normalize_request`]).
 pub fn body_framing(head: &RequestHead) -> Result<BodyFraming, u16> {
     let (mut te, mut tes, mut cl, mut hosts) = (None, 0, None::<u64>, 0);
     for (n, v) in &head.headers {
@@ -2162,7 +2190,7 @@ pub fn body_framing(head: &RequestHead) -> Result<BodyFraming, u16> {
             hosts += 1;
         }
     }
-    if hosts > 1 || tes > 1 {
+    if hosts > 1 || (hosts == 0 && head.version == 1) || tes > 1 {
         return Err(400);
     }
     match (te, cl) {

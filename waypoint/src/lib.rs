@@ -13,6 +13,10 @@
 //!   hop-by-hop removal, policy first, routing, streamed exchanges with the upstream
 //!   behind a trait, allow-listed upgrades, keep-alive.
 //! * [`target`] — the R14 target check over the mesh model.
+//! * [`path`] — request path normalization (Istio's default `BASE`) before policy, routing
+//!   and the upstream request.
+//! * [`source`] — the tunnel's client: whose `forwarded: for=` is believed, the client's
+//!   workload and namespace from the verified identity and the model.
 //! * [`upstream`] — a service's endpoints from the mesh model and per-worker balancers.
 //!
 //! * [`service`] — the HBONE listener (R13) on the runtime's workers: the target check
@@ -54,9 +58,11 @@ pub mod h2srv;
 pub mod http1;
 pub mod inner;
 pub mod lb;
+pub mod path;
 pub mod reload;
 pub mod route;
 pub mod service;
+pub mod source;
 pub mod spec_example;
 pub mod target;
 pub mod telemetry;

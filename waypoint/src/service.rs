@@ -610,10 +610,15 @@ async fn tunnel(w: Rc<Worker>, cert: Arc<WorkloadCert>, inb: Inbound) {
             return;
         }
     };
-    let source_ip = inb
-        .request
-        .forwarded_for
-        .unwrap_or_else(|| inb.peer_addr.ip());
+    // `forwarded: for=` only from a hop that captured that client (crate::source).
+    let ztunnel = crate::source::ztunnel_identity(&l7, &settings.identity.trust_domain);
+    let source_ip = crate::source::client_ip(
+        l7.mesh.as_ref(),
+        inb.peer_identity.as_ref(),
+        inb.peer_addr.ip(),
+        inb.request.forwarded_for,
+        &ztunnel,
+    );
     let ctx = TunnelCtx {
         waypoint: settings.me.gateway.clone(),
         root_namespace: settings.root_namespace.clone(),
@@ -624,7 +629,7 @@ async fn tunnel(w: Rc<Worker>, cert: Arc<WorkloadCert>, inb: Inbound) {
         principal: inb.peer_identity.as_ref().map(principal),
         traceparent: inb.request.traceparent.clone(),
     };
-    let peer = Rc::new(peer_of(&inb, &l7, source_ip, &ctx.destination));
+    let peer = Rc::new(peer_of(&inb, &l7, source_ip, &ctx.destination, &ztunnel));
     let Ok(mut stream) = inb.accept() else { return };
     counters.tunnels.fetch_add(1, Relaxed);
     let metric_cache: MetricCache = Rc::default();
@@ -752,31 +757,30 @@ fn workload_name(w: &mesh_model::model::Workload) -> String {
     }
 }
 
-/// The tunnel's original client: the peer certificate's identity, and the workload from
-/// the CONNECT's `baggage` (else the model's workload at the client address).
+/// The tunnel's original client: the peer certificate's identity, and its workload and
+/// namespace from that identity and the model ([`crate::source::workload_of`]; the
+/// CONNECT's `baggage` never overrides them).
 fn peer_of(
     inb: &Inbound,
     l7: &WaypointConfig,
     addr: IpAddr,
     destination: &http1::Destination,
+    ztunnel: &Identity,
 ) -> Peer {
-    let b = &inb.request.baggage;
-    let w = l7.mesh.as_ref().and_then(|s| s.workload_by_ip(addr));
+    let (workload, namespace) = crate::source::workload_of(
+        l7.mesh.as_ref(),
+        inb.peer_identity.as_ref(),
+        addr,
+        ztunnel,
+        &inb.request.baggage,
+    );
     Peer {
         principal: inb
             .peer_identity
             .as_ref()
             .map_or_else(|| "unknown".into(), |i| i.to_string()),
-        workload: b
-            .workload_name
-            .clone()
-            .or_else(|| w.map(workload_name))
-            .unwrap_or_else(|| "unknown".into()),
-        namespace: b
-            .namespace
-            .clone()
-            .or_else(|| w.map(|w| w.namespace.clone()))
-            .unwrap_or_else(|| "unknown".into()),
+        workload,
+        namespace,
         addr,
         destination: destination.clone(),
     }

@@ -415,7 +415,7 @@ nodes:
   - {{name: node-b, ztunnel: {zt}}}
 workloads:
   - {{uid: wp, name: wp, namespace: app, serviceAccount: waypoint, workloadIps: ["10.1.0.100"]}}
-  - {{uid: echo-1, name: echo-1, namespace: app, serviceAccount: echo, node: node-b, workloadIps: ["{e}"], services: {{"app/echo.app.svc.cluster.local": {{80: {ep}}}}}}}
+{clients}  - {{uid: echo-1, name: echo-1, namespace: app, serviceAccount: echo, node: node-b, workloadIps: ["{e}"], services: {{"app/echo.app.svc.cluster.local": {{80: {ep}}}}}}}
   - {{uid: v1-1, name: v1-1, namespace: app, serviceAccount: echo, node: node-b, workloadIps: ["{v}"], services: {{"app/echo-v1.app.svc.cluster.local": {{80: {vp}}}}}}}
   - {{uid: o1, name: o1, namespace: other, workloadIps: ["{o}"], services: {{"other/lone.other.svc.cluster.local": {{80: 8080}}}}}}
   - {{uid: h2-1, name: h2-1, namespace: app, serviceAccount: echo, node: node-b, workloadIps: ["{h}"], services: {{"app/grpcish.app.svc.cluster.local": {{80: {hp}}}}}}}
@@ -430,6 +430,7 @@ services:
   - {{name: dead, namespace: app, hostname: dead.app.svc.cluster.local, vips: ["10.96.0.6"], ports: {{80: 8080}}}}
 "#,
             zt = ip(net, 1),
+            clients = common::CLIENT_WORKLOADS,
             e = echo.addr.ip(),
             ep = echo.addr.port(),
             v = echo_v1.addr.ip(),
@@ -1174,8 +1175,10 @@ fn telemetry_istio_request_metrics_keep_the_original_client_and_traceparent() {
     let metrics = &m.handle.as_ref().unwrap().metrics;
     let labels =
         |code: u16, svc: &str, wl: &str, principal: &str| waypoint::telemetry::RequestLabels {
-            source_workload: "unknown".into(),
-            source_workload_namespace: "unknown".into(),
+            // The model's workload at the client's address, which runs as the verified
+            // identity, and that identity's namespace.
+            source_workload: "client-7".into(),
+            source_workload_namespace: "app".into(),
             source_principal: "spiffe://cluster.local/ns/app/sa/client".into(),
             destination_service: format!("{svc}.app.svc.cluster.local"),
             destination_service_name: svc.into(),

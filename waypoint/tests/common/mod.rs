@@ -171,7 +171,8 @@ pub fn bind_node_ztunnel(salt: u32) -> (u8, TcpListener) {
 
 /// A mesh model of ambient namespace `app` with the `app/wp` waypoint and node `node-b`
 /// whose ztunnel is at `zt`: `workloads` (YAML list items, one per line, each ending in a
-/// newline) beside the waypoint's own, and `services` (likewise).
+/// newline) beside the waypoint's own and the test clients' ([`CLIENT_WORKLOADS`]), and
+/// `services` (likewise).
 pub fn app_model(zt: Ipv4Addr, workloads: &str, services: &str) -> String {
     format!(
         r#"namespaces:
@@ -183,10 +184,17 @@ nodes:
   - {{name: node-b, ztunnel: {zt}}}
 workloads:
   - {{uid: wp, name: wp, namespace: app, serviceAccount: waypoint, workloadIps: ["10.1.0.100"]}}
-{workloads}services:
+{CLIENT_WORKLOADS}{workloads}services:
 {services}"#
     )
 }
+
+/// The test clients `10.1.0.7` and `10.1.0.8`: captured workloads running as `app/client`
+/// (the tests' client certificate), so that the waypoint believes a tunnel's
+/// `forwarded: for=` naming them (`waypoint::source`).
+pub const CLIENT_WORKLOADS: &str = r#"  - {uid: client-7, name: client-7, namespace: app, serviceAccount: client, workloadIps: ["10.1.0.7"]}
+  - {uid: client-8, name: client-8, namespace: app, serviceAccount: client, workloadIps: ["10.1.0.8"]}
+"#;
 
 /// The mesh model with Service `echo` (`10.96.0.1:80`) in ambient namespace `app`, its one
 /// endpoint `pod` behind the node ztunnel at `zt`, and the `app/wp` waypoint.
