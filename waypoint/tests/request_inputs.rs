@@ -234,6 +234,79 @@ fn r15_remote_ip_is_the_peer_unless_trusted_proxies_say_otherwise() {
     }
 }
 
+/// `waypoint.num_trusted_proxies` in the settings document reaches the policy decision.
+#[test]
+fn r15_num_trusted_proxies_setting_moves_remote_ip_along_x_forwarded_for() {
+    use waypoint::http1::{decide, Action, Destination, TunnelCtx};
+    use waypoint::route::ObjectRef;
+    let cfg = |n: &str| {
+        let text = format!(
+            r#"services:
+  - {{name: echo, namespace: app, hostname: echo.app.svc.cluster.local, vips: ["10.96.0.1"], ports: {{80: 8080}}}}
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {{name: deny-lb-net, namespace: app}}
+spec:
+  targetRefs: [{{kind: Gateway, group: gateway.networking.k8s.io, name: wp}}]
+  action: DENY
+  rules:
+  - from: [{{source: {{remoteIpBlocks: ["198.51.100.0/24"]}}}}]
+---
+waypoint:
+  gateway: app/wp
+  identity: spiffe://cluster.local/ns/app/sa/waypoint
+  ca: {{static: /nonexistent}}
+{n}"#
+        );
+        let path = std::env::temp_dir().join("request-inputs-trusted.yaml");
+        waypoint::config::load_str(&path, &text, 1)
+    };
+    let ctx = TunnelCtx {
+        waypoint: ObjectRef::new("app", "wp"),
+        root_namespace: "istio-system".into(),
+        destination: Destination::Service {
+            service: ObjectRef::new("app", "echo"),
+            port: 80,
+        },
+        destination_ip: "10.96.0.1".parse().unwrap(),
+        destination_port: 80,
+        source_ip: "10.1.0.7".parse().unwrap(),
+        principal: Some("cluster.local/ns/app/sa/client".into()),
+        traceparent: None,
+    };
+    let head = |xff: &str| {
+        let raw = format!("GET / HTTP/1.1\r\nHost: echo\r\nX-Forwarded-For: {xff}\r\n\r\n");
+        match parse_head(raw.as_bytes()) {
+            Parsed::Head(h, _) => h,
+            other => panic!("{other:?}"),
+        }
+    };
+    let denied = |cfg: &waypoint::config::WaypointConfig, xff: &str| {
+        let mut rng = waypoint::lb::SplitMix64(1);
+        match decide(cfg, &ctx, &head(xff), &mut rng) {
+            Action::Respond(r) => r.starts_with(b"HTTP/1.1 403"),
+            Action::Forward { .. } => false,
+        }
+    };
+    // Default 0: the header is the client's own, and 10.1.0.7 is not in the DENY range.
+    let zero = cfg("").unwrap();
+    assert!(!denied(&zero, "198.51.100.7"));
+    // One trusted proxy: the rightmost entry is the client it saw.
+    let one = cfg("  num_trusted_proxies: 1\n").unwrap();
+    assert!(denied(&one, "192.0.2.1, 198.51.100.7"));
+    assert!(!denied(&one, "198.51.100.7, 192.0.2.1"));
+    // Two: the second from the right; the proxies' own entries do not count as the client.
+    let two = cfg("  num_trusted_proxies: 2\n").unwrap();
+    assert!(denied(&two, "198.51.100.7, 192.0.2.1"));
+    assert!(!denied(&two, "192.0.2.1, 198.51.100.7"));
+    // A ztunnel_identity that is not a SPIFFE identity is refused at load, by field.
+    let e = cfg("  ztunnel_identity: ztunnel\n")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("waypoint.ztunnel_identity"), "{e}");
+}
+
 // ------------------------------------------------------------------ forwarded: for=
 
 /// A model: captured `app/client` workloads at 10.1.0.7 (no node) and 10.1.0.9 (node-b,
@@ -399,6 +472,8 @@ struct Mesh {
     ca: Arc<SigningCa>,
     /// Request targets the backend saw.
     seen: mpsc::Receiver<String>,
+    /// Request targets the HTTP/2 backend (Service `grpcish`) saw.
+    h2seen: mpsc::Receiver<String>,
     _zt: Ztunnel,
     handle: Option<waypoint::service::Handle>,
     shutdown: runtime::Shutdown,
@@ -438,6 +513,39 @@ fn backend(ip: Ipv4Addr) -> (SocketAddr, mpsc::Receiver<String>) {
     (addr, rx)
 }
 
+/// `useClientProtocol` for `grpcish`: HTTP/2 clients get HTTP/2 upstream.
+const USE_CLIENT_PROTOCOL: &str = "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: grpcish, namespace: app}\nspec:\n  host: grpcish\n  trafficPolicy:\n    connectionPool:\n      http: {useClientProtocol: true}\n";
+
+/// An HTTP/2 (prior knowledge) backend answering `h2 <path and query>`.
+fn h2_backend(ip: Ipv4Addr) -> (SocketAddr, mpsc::Receiver<String>) {
+    let l = TcpListener::bind((ip, 0)).unwrap();
+    let addr = l.local_addr().unwrap();
+    l.set_nonblocking(true).unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        block_on(async move {
+            let l = monoio::net::TcpListener::from_std(l).unwrap();
+            while let Ok((tcp, _)) = l.accept().await {
+                let tx = tx.clone();
+                monoio::spawn(async move {
+                    let io = monoio::io::IntoPollIo::into_poll_io(tcp).unwrap();
+                    let Ok(mut conn) = h2::server::handshake(io).await else {
+                        return;
+                    };
+                    while let Some(Ok((req, mut respond))) = conn.accept().await {
+                        let target = req.uri().path_and_query().unwrap().to_string();
+                        let _ = tx.send(target.clone());
+                        let resp = http::Response::builder().status(200).body(()).unwrap();
+                        let mut body = respond.send_response(resp, false).unwrap();
+                        let _ = body.send_data(Bytes::from(format!("h2 {target}")), true);
+                    }
+                });
+            }
+        })
+    });
+    (addr, rx)
+}
+
 impl Mesh {
     fn start() -> Mesh {
         let (net, zl) = bind_node_ztunnel(11);
@@ -456,13 +564,23 @@ impl Mesh {
             ),
             "  - {name: echo, namespace: app, hostname: echo.app.svc.cluster.local, vips: [\"10.96.0.1\"], ports: {80: 8080}}\n",
         );
-        let text = format!("{model}---\n{POLICIES}");
+        let (h2pod, h2seen) = h2_backend(ip(net, 3));
+        let model = model.replace(
+            "services:\n",
+            &format!(
+                "  - {{uid: g1, name: g1, namespace: app, serviceAccount: echo, node: node-b, workloadIps: [\"{}\"], services: {{\"app/grpcish.app.svc.cluster.local\": {{80: {}}}}}}}\nservices:\n  - {{name: grpcish, namespace: app, hostname: grpcish.app.svc.cluster.local, vips: [\"10.96.0.7\"], ports: {{80: 8080}}}}\n",
+                h2pod.ip(),
+                h2pod.port()
+            ),
+        );
+        let text = format!("{model}---\n{POLICIES}---\n{USE_CLIENT_PROTOCOL}");
         let (handle, shutdown) =
             start_service(&ca, &text, &format!("waypoint-request-inputs-{net}.yaml"));
         Mesh {
             waypoint: handle.addr,
             ca,
             seen,
+            h2seen,
             _zt: zt,
             handle: Some(handle),
             shutdown,
@@ -483,10 +601,20 @@ impl Mesh {
         cert: &WorkloadCert,
         from: Option<Ipv4Addr>,
     ) -> (hbone::client::Client, H2Stream) {
+        self.tunnel_to(cert, from, "10.96.0.1:80").await
+    }
+
+    /// [`Mesh::tunnel`] to Service address `target`.
+    async fn tunnel_to(
+        &self,
+        cert: &WorkloadCert,
+        from: Option<Ipv4Addr>,
+        target: &str,
+    ) -> (hbone::client::Client, H2Stream) {
         let c = connect(self.waypoint, cert, id("app", "waypoint"))
             .await
             .unwrap();
-        let mut req = ConnectRequest::new("10.96.0.1:80".parse().unwrap());
+        let mut req = ConnectRequest::new(target.parse().unwrap());
         req.forwarded_for = from.map(IpAddr::V4);
         let s = c.open(&req).await.unwrap();
         (c, s)
@@ -574,7 +702,16 @@ async fn h2_client(
     m: &Mesh,
     cert: &WorkloadCert,
 ) -> (hbone::client::Client, h2::client::SendRequest<Bytes>) {
-    let (c, s) = m.tunnel(cert, Some(CLIENT)).await;
+    h2_client_to(m, cert, "10.96.0.1:80").await
+}
+
+/// An HTTP/2 client inside a tunnel to Service address `target`.
+async fn h2_client_to(
+    m: &Mesh,
+    cert: &WorkloadCert,
+    target: &str,
+) -> (hbone::client::Client, h2::client::SendRequest<Bytes>) {
+    let (c, s) = m.tunnel_to(cert, Some(CLIENT), target).await;
     let io = waypoint::inner::StreamIo::new(s, Bytes::new());
     let (send, conn) = h2::client::handshake(io).await.unwrap();
     monoio::spawn(async move {
@@ -584,8 +721,16 @@ async fn h2_client(
 }
 
 async fn h2_get(client: &h2::client::SendRequest<Bytes>, path: &str) -> (u16, String) {
+    h2_get_from(client, "echo.app.svc.cluster.local", path).await
+}
+
+async fn h2_get_from(
+    client: &h2::client::SendRequest<Bytes>,
+    host: &str,
+    path: &str,
+) -> (u16, String) {
     let req = http::Request::builder()
-        .uri(format!("http://echo.app.svc.cluster.local{path}"))
+        .uri(format!("http://{host}{path}"))
         .body(())
         .unwrap();
     let (resp, _) = client.clone().send_request(req, true).unwrap();
@@ -618,6 +763,29 @@ fn r15_deny_by_path_is_not_dodged_by_dot_segments_or_escapes_over_http2() {
     });
     assert_eq!(m.seen(), ["/x/fine?q=/../z"].map(String::from));
     assert_eq!(m.counters().bad_requests.load(Ordering::Relaxed), 1);
+}
+
+/// The HTTP/2 upstream (`useClientProtocol`) gets the normalized path too, the query as
+/// sent; the denial comes first.
+#[test]
+fn r15_http2_upstream_gets_the_normalized_path() {
+    let m = Mesh::start();
+    let client = m.cert("app", "client");
+    let host = "grpcish.app.svc.cluster.local";
+    block_on(async {
+        let (_c, send) = h2_client_to(&m, &client, "10.96.0.7:80").await;
+        assert_eq!(h2_get_from(&send, host, "/x/%2e%2e/admin").await.0, 403);
+        assert_eq!(
+            h2_get_from(&send, host, "/a/./b/../%63?q=/../z").await,
+            (200, "h2 /a/c?q=/../z".into())
+        );
+        assert_eq!(
+            h2_get_from(&send, host, "/plain?x=1").await,
+            (200, "h2 /plain?x=1".into())
+        );
+    });
+    let seen: Vec<String> = m.h2seen.try_iter().collect();
+    assert_eq!(seen, ["/a/c?q=/../z", "/plain?x=1"]);
 }
 
 #[test]
