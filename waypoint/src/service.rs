@@ -1112,23 +1112,11 @@ impl Upstream for HboneUpstream {
         if let Some(s) = kept {
             return Ok((UpConn { s, key }, true));
         }
-        // A new stream: the endpoint's identity is needed only now.
-        let uid = self.last.as_ref().map(|l| l.1.clone()).unwrap_or_default();
-        let expected = self
-            .l7
-            .mesh
-            .as_ref()
-            .and_then(|snap| snap.workload(&uid))
-            .map(|w| w.identity())
-            .ok_or_else(|| io::Error::other("endpoint left the model"))?;
-        let ep = Endpoint {
-            workload_uid: uid,
-            authority: key.1,
-            hbone: key.0,
-        };
+        // A new stream (the endpoint's identity is needed only now).
+        let uid = self.last.as_ref().map_or("", |l| l.1.as_str());
         // Boxed: a new stream (a connection's TLS handshake, perhaps) is the rare case; its
         // future would otherwise size every request's.
-        let s = Box::pin(self.open(&ep, expected)).await?;
+        let s = Box::pin(self.open(key.0, key.1, uid)).await?;
         Ok((UpConn { s, key }, false))
     }
 
@@ -1177,16 +1165,8 @@ impl Upstream for HboneUpstream {
         req: http::Request<()>,
         end: bool,
     ) -> io::Result<(h2::client::ResponseFuture, h2::SendStream<Bytes>)> {
-        let l7 = self.l7.clone();
-        let snap = l7
-            .mesh
-            .as_ref()
-            .ok_or_else(|| io::Error::other("no mesh model"))?;
-        let hashed = matches!(
-            l7.lb(&service.0).policy,
-            crate::lb::LbPolicy::ConsistentHash(_)
-        );
-        let hdrs: Vec<(&str, &str)> = if hashed {
+        let (svc, port) = (&service.0, service.1);
+        let hdrs: Vec<(&str, &str)> = if Balancers::hashed(&self.l7, svc) {
             req.headers()
                 .iter()
                 .filter_map(|(n, v)| Some((n.as_str(), v.to_str().ok()?)))
@@ -1194,11 +1174,29 @@ impl Upstream for HboneUpstream {
         } else {
             Vec::new()
         };
-        let (ep, expected, picked) = self.choose(snap, Some(service), &hdrs)?;
-        self.current = picked.map(|(_, port, i)| (port, i));
-        self.last = Some((Some(service.0.clone()), ep.workload_uid.clone()));
+        let key = {
+            let input = HashInput {
+                headers: &hdrs,
+                source_ip: Some(self.source_ip),
+            };
+            let mut b = self.worker.balancers.borrow_mut();
+            let (i, ep) = b
+                .pick_ref(&self.l7, svc, port, &input, Instant::now(), &mut self.rng)
+                .ok_or_else(|| {
+                    io::Error::other(format!("{}/{} has no endpoints", svc.namespace, svc.name))
+                })?;
+            // The telemetry destination; copied only when it changed (the endpoint's
+            // identity is looked up only for a new connection).
+            let same =
+                matches!(&self.last, Some((Some(s), uid)) if s == svc && *uid == ep.workload_uid);
+            if !same {
+                self.last = Some((Some(svc.clone()), ep.workload_uid.clone()));
+            }
+            self.current = Some((port, i));
+            (ep.hbone, ep.authority)
+        };
         self.routed = true;
-        let (mut sender, u) = self.h2_sender(&ep, expected).await?;
+        let (mut sender, u) = self.h2_sender(key).await?;
         let r = sender.send_request(req, end).map_err(io::Error::other)?;
         self.h2_use = Some(u);
         Ok(r)
@@ -1423,7 +1421,7 @@ impl HboneUpstream {
             .iter()
             .map(|(n, v)| (n.as_str(), v.as_str()))
             .collect();
-        let (ep, expected, picked) = self.choose(snap, service, &hdrs)?;
+        let (ep, picked) = self.choose(snap, service, &hdrs)?;
         self.last = Some((service.map(|s| s.0.clone()), ep.workload_uid.clone()));
         self.routed = true;
         let close = head
@@ -1433,18 +1431,11 @@ impl HboneUpstream {
         let h2 = self.client_h2 && service.is_some_and(|(svc, _)| l7.lb(svc).use_client_protocol);
         let send = async {
             if h2 {
-                self.send_h2(&ep, expected, &head, request.slice(head_len..), discard)
+                self.send_h2(&ep, &head, request.slice(head_len..), discard)
                     .await
             } else {
-                self.send(
-                    &ep,
-                    expected,
-                    request,
-                    head.method == "HEAD",
-                    close,
-                    discard,
-                )
-                .await
+                self.send(&ep, request, head.method == "HEAD", close, discard)
+                    .await
             }
         };
         let r = match timeout {
@@ -1475,7 +1466,6 @@ impl HboneUpstream {
     async fn send_h2(
         &mut self,
         ep: &Endpoint,
-        expected: Identity,
         head: &http1::RequestHead,
         raw_body: Bytes,
         discard: bool,
@@ -1520,7 +1510,7 @@ impl HboneUpstream {
         }
         let req = b.body(()).map_err(io::Error::other)?;
         // In flight until this exchange ends.
-        let (mut sender, _in_flight) = self.h2_sender(ep, expected).await?;
+        let (mut sender, _in_flight) = self.h2_sender((ep.hbone, ep.authority)).await?;
         let (resp, mut tx) = sender
             .send_request(req, body.is_empty())
             .map_err(io::Error::other)?;
@@ -1585,12 +1575,11 @@ impl HboneUpstream {
     /// replaced when it failed or was idle past its service's `idleTimeout`; concurrent
     /// first uses wait for one connect), and the request's hold on it (in flight until
     /// dropped).
+    /// `key` is (HBONE address, authority) of the endpoint of the current try (`last`).
     async fn h2_sender(
         &self,
-        ep: &Endpoint,
-        expected: Identity,
+        key: (SocketAddr, SocketAddr),
     ) -> io::Result<(h2::client::SendRequest<Bytes>, H2Use)> {
-        let key = (ep.hbone, ep.authority);
         // The expiry of the service this request goes to (its DestinationRule).
         let service = self.last.as_ref().and_then(|(svc, _)| svc.as_ref());
         let expiry = self.l7.idle_expiry(service);
@@ -1613,7 +1602,9 @@ impl HboneUpstream {
                 Some(H2Slot::Connecting(ev)) => ev.wait().await,
                 None => {
                     let guard = Connecting::start(&self.worker, key);
-                    let c = self.h2_connect(ep, expected.clone()).await?;
+                    // Boxed: a new connection is the rare case; its future would otherwise
+                    // size every request's.
+                    let c = Box::pin(self.h2_connect(key)).await?;
                     let idle = H2Idle::new(Instant::now());
                     let u = H2Use::new(&idle, expiry);
                     guard.done(H2Slot::Ready(c.clone(), idle.clone()));
@@ -1627,10 +1618,10 @@ impl HboneUpstream {
     /// A new HTTP/2 connection to `ep` over one HBONE stream.
     async fn h2_connect(
         &self,
-        ep: &Endpoint,
-        expected: Identity,
+        key: (SocketAddr, SocketAddr),
     ) -> io::Result<h2::client::SendRequest<Bytes>> {
-        let s = self.open(ep, expected).await?;
+        let uid = self.last.as_ref().map_or("", |l| l.1.as_str());
+        let s = self.open(key.0, key.1, uid).await?;
         let io = inner::StreamIo::new(s, Bytes::new());
         let (send, conn) = self
             .worker
@@ -1654,15 +1645,16 @@ impl HboneUpstream {
         Ok(send)
     }
 
-    /// The endpoint for `service` (balanced; `None`: the tunnel's pod, R16), the identity
-    /// it must present, and the balancer slot to [`Balancers::finish`].
+    /// The endpoint for `service` (balanced; `None`: the tunnel's pod, R16) and the
+    /// balancer slot to [`Balancers::finish`]. (The identity the endpoint must present is
+    /// looked up by [`HboneUpstream::open`], only for a new stream.)
     #[allow(clippy::type_complexity)]
     fn choose<'s>(
         &mut self,
         snap: &Snapshot,
         service: Option<&'s (ObjectRef, u16)>,
         hdrs: &[(&str, &str)],
-    ) -> io::Result<(Endpoint, Identity, Option<(&'s ObjectRef, u16, usize)>)> {
+    ) -> io::Result<(Endpoint, Option<(&'s ObjectRef, u16, usize)>)> {
         let (ep, picked) = match service {
             Some((svc, port)) => {
                 let input = HashInput {
@@ -1688,22 +1680,31 @@ impl HboneUpstream {
                 None,
             ),
         };
-        let expected = snap
-            .workload(&ep.workload_uid)
-            .map(|w| w.identity())
-            .ok_or_else(|| io::Error::other("endpoint left the model"))?;
-        Ok((ep, expected, picked))
+        Ok((ep, picked))
     }
 
-    /// A new upstream CONNECT stream to `ep` through the worker's pool.
-    async fn open(&self, ep: &Endpoint, expected: Identity) -> io::Result<H2Stream> {
+    /// A new upstream CONNECT stream to `authority` through `hbone` (the worker's pool),
+    /// the endpoint (workload `uid`) proving its identity.
+    async fn open(
+        &self,
+        hbone: SocketAddr,
+        authority: SocketAddr,
+        uid: &str,
+    ) -> io::Result<H2Stream> {
+        let expected = self
+            .l7
+            .mesh
+            .as_ref()
+            .and_then(|snap| snap.workload(uid))
+            .map(|w| w.identity())
+            .ok_or_else(|| io::Error::other("endpoint left the model"))?;
         let w = &self.worker;
-        let mut req = ConnectRequest::new(ep.authority);
+        let mut req = ConnectRequest::new(authority);
         req.forwarded_for = Some(self.source_ip);
         let key = PoolKey {
             src: w.shared.settings.identity.clone(),
             dst: vec![expected],
-            addr: ep.hbone,
+            addr: hbone,
         };
         let s = w
             .pool
@@ -1757,8 +1758,8 @@ impl HboneUpstream {
             http1::Destination::Workload { .. } => None,
         };
         let opened = match self.choose(snap, svc.as_ref(), &[]) {
-            Ok((ep, expected, picked)) => {
-                let r = self.open(&ep, expected).await;
+            Ok((ep, picked)) => {
+                let r = self.open(ep.hbone, ep.authority, &ep.workload_uid).await;
                 if let (Some((svc, port, i)), Err(_)) = (picked, &r) {
                     self.worker
                         .balancers
@@ -1807,7 +1808,6 @@ impl HboneUpstream {
     async fn send(
         &mut self,
         ep: &Endpoint,
-        expected: Identity,
         request: Bytes,
         head_request: bool,
         close: bool,
@@ -1840,7 +1840,7 @@ impl HboneUpstream {
                 }
             }
         }
-        let mut s = self.open(ep, expected).await?;
+        let mut s = self.open(ep.hbone, ep.authority, &ep.workload_uid).await?;
         s.write_all(request, false)
             .await
             .map_err(io::Error::other)?;
