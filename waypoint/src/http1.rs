@@ -439,10 +439,13 @@ pub fn decide<'c>(
         headers: hdrs,
         scheme: "http",
     };
-    match cfg
-        .routes
-        .route_shared(target, &rreq, &|s| cfg.service_exists(s), rng)
-    {
+    match cfg.routes.route_shared_from(
+        areq.source_namespace(),
+        target,
+        &rreq,
+        &|s| cfg.service_exists(s),
+        rng,
+    ) {
         Ok(forward) => Action::Forward { forward },
         Err(Decision::Respond { status, reason }) => {
             Action::Respond(simple_response(status, &[], reason, close))

@@ -2,6 +2,11 @@
 //! (group `""`, kind `Service`), with the spec's matching, precedence and filters.
 //!
 //! Pure: [`RouteTable::route`] takes a request and returns a [`Decision`]; it never does I/O.
+//!
+//! GAMMA producer and consumer routes: a route whose parent Service is in the route's own
+//! namespace applies to every client; one naming a Service of another namespace applies only
+//! to clients of the route's namespace (from their verified identity), and for those clients
+//! replaces the producer routes ([`RouteTable::route_from`]).
 //! The compiled types here are built by [`crate::config`] from the YAML users write.
 
 use std::borrow::Cow;
@@ -391,8 +396,8 @@ impl RouteTable {
         &self.routes
     }
 
-    /// Route one request. `service_exists` says whether a backend service is known;
-    /// `rng` splits traffic across weighted backends.
+    /// Route one request from a client of unknown namespace (producer routes only; see
+    /// [`RouteTable::route_from`]).
     pub fn route(
         &self,
         target: Target<'_>,
@@ -400,17 +405,65 @@ impl RouteTable {
         service_exists: &dyn Fn(&ObjectRef) -> bool,
         rng: &mut dyn Rng,
     ) -> Decision {
-        match self.route_shared(target, req, service_exists, rng) {
+        self.route_from(None, target, req, service_exists, rng)
+    }
+
+    /// Route one request of a client in `client_namespace` (from its verified identity).
+    /// `service_exists` says whether a backend service is known; `rng` splits traffic
+    /// across weighted backends.
+    pub fn route_from(
+        &self,
+        client_namespace: Option<&str>,
+        target: Target<'_>,
+        req: &Request<'_>,
+        service_exists: &dyn Fn(&ObjectRef) -> bool,
+        rng: &mut dyn Rng,
+    ) -> Decision {
+        match self.route_shared_from(client_namespace, target, req, service_exists, rng) {
             Ok(fwd) => Decision::Forward(Box::new(fwd.into_owned())),
             Err(d) => d,
         }
     }
 
-    /// [`RouteTable::route`] without copying a rule's prebuilt [`Forward`]: `Ok` with the
-    /// forward (borrowed from the table when the rule and backend allow it), `Err` with any
-    /// other decision (never [`Decision::Forward`]).
+    /// [`RouteTable::route_shared_from`] for a client of unknown namespace.
     pub fn route_shared(
         &self,
+        target: Target<'_>,
+        req: &Request<'_>,
+        service_exists: &dyn Fn(&ObjectRef) -> bool,
+        rng: &mut dyn Rng,
+    ) -> Result<Cow<'_, Forward>, Decision> {
+        self.route_shared_from(None, target, req, service_exists, rng)
+    }
+
+    /// The namespace whose routes of `service:port` apply to a client in
+    /// `client_namespace`, by GAMMA's namespace rule (Gateway API GEP-1294, "Namespace
+    /// boundaries"): a route in the service's namespace is a *producer* route, for every
+    /// client; a route in another namespace is a *consumer* route, for clients of that
+    /// namespace only, and for them the consumer routes (merged) replace the producer
+    /// routes. `None` (no verified client namespace) gets the producer routes.
+    fn group<'a>(
+        &self,
+        client_namespace: Option<&'a str>,
+        service: &'a ObjectRef,
+        port: u16,
+    ) -> &'a str {
+        client_namespace
+            .filter(|ns| *ns != service.namespace)
+            .filter(|ns| {
+                self.routes
+                    .iter()
+                    .any(|r| r.id.namespace == *ns && attached(r, service, port))
+            })
+            .unwrap_or(&service.namespace)
+    }
+
+    /// [`RouteTable::route_from`] without copying a rule's prebuilt [`Forward`]: `Ok` with
+    /// the forward (borrowed from the table when the rule and backend allow it), `Err` with
+    /// any other decision (never [`Decision::Forward`]).
+    pub fn route_shared_from(
+        &self,
+        client_namespace: Option<&str>,
         target: Target<'_>,
         req: &Request<'_>,
         service_exists: &dyn Fn(&ObjectRef) -> bool,
@@ -422,12 +475,9 @@ impl RouteTable {
         };
         let mut any = false;
         let mut best: Option<(_, usize, usize, &RouteMatch)> = None;
+        let group = self.group(client_namespace, service, port);
         for (i, route) in self.routes.iter().enumerate() {
-            if !route
-                .parents
-                .iter()
-                .any(|(p, pp)| p == service && pp.is_none_or(|pp| pp == port))
-            {
+            if route.id.namespace != group || !attached(route, service, port) {
                 continue;
             }
             any = true;
@@ -482,6 +532,14 @@ impl RouteTable {
             rng,
         )
     }
+}
+
+/// Whether `route` names `service` (on `port`, or on every port) as a parent.
+fn attached(route: &HttpRoute, service: &ObjectRef, port: u16) -> bool {
+    route
+        .parents
+        .iter()
+        .any(|(p, pp)| p == service && pp.is_none_or(|pp| pp == port))
 }
 
 /// The prebuilt [`Forward`]s of rule `ri` of `route`, by backend: `None` for a backend

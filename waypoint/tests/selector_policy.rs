@@ -75,11 +75,12 @@ fn r15_waypoint_ignores_selector_policies_and_says_so() {
     let ca = Arc::new(SigningCa::builtin(&dir.join("ca"), "cluster.local").unwrap());
     let mut settings = service_settings();
     settings.stats = Some("127.0.0.1:0".parse().unwrap());
+    let shutdown = runtime::Shutdown::new();
     let handle = waypoint::service::start(
         settings,
         ca.clone(),
         runtime::Publisher::new(cfg),
-        runtime::Shutdown::new(),
+        shutdown.clone(),
     )
     .unwrap();
     let stats = handle.stats_addr().expect("stats listener");
@@ -93,6 +94,8 @@ fn r15_waypoint_ignores_selector_policies_and_says_so() {
         "waypoint_policies_ignored{{policy=\"app/deny-echo\",document=\"2\",line=\"{line}\",reason=\"selector\"}} 1"
     );
     assert!(body.contains(&want), "{body}");
+    shutdown.drain(Duration::from_millis(200));
+    let _ = handle.join();
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -1,0 +1,300 @@
+//! GAMMA producer and consumer routes (R17, review #5), from the Gateway API's mesh docs
+//! and GEP-1294 ("Namespace boundaries", "Multiple routes for a Service"): a route in the
+//! Service's namespace (producer) applies to every client; a route in another namespace
+//! (consumer) applies only to clients of that namespace, and for them the consumer routes
+//! replace the producer routes. The client's namespace is its verified identity's.
+
+mod common;
+
+use std::io::Write;
+use std::net::{Ipv4Addr, SocketAddr, TcpListener};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use common::{
+    bind_node_ztunnel, block_on, connect, get, id, ip, next_request, ok_response, read_response,
+    service_settings, stand_in_ztunnel,
+};
+use hbone::ca::{CertSource, SigningCa};
+use hbone::wire::ConnectRequest;
+use waypoint::config::{load_str, WaypointConfig};
+use waypoint::lb::SplitMix64;
+use waypoint::route::{Decision, ObjectRef, Request, Target};
+
+const MESH: &str = r#"
+services:
+  - {name: echo, namespace: app, hostname: echo.app.svc.cluster.local, vips: ["10.96.0.10"], ports: {80: 8080, 81: 8081}}
+  - {name: echo-v1, namespace: app, hostname: echo-v1.app.svc.cluster.local, vips: ["10.96.0.11"], ports: {80: 8080}}
+  - {name: echo-v2, namespace: app, hostname: echo-v2.app.svc.cluster.local, vips: ["10.96.0.12"], ports: {80: 8080}}
+  - {name: echo-v3, namespace: app, hostname: echo-v3.app.svc.cluster.local, vips: ["10.96.0.13"], ports: {80: 8080}}
+"#;
+
+/// An HTTPRoute `name` in `ns` on Service `app/echo` (optionally one `port`), sending
+/// `path` (PathPrefix) to service `to`.
+fn route(ns: &str, name: &str, port: Option<u16>, path: &str, to: &str) -> String {
+    let port = port.map_or(String::new(), |p| format!(", port: {p}"));
+    format!(
+        r#"apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {{name: {name}, namespace: {ns}}}
+spec:
+  parentRefs: [{{group: "", kind: Service, name: echo, namespace: app{port}}}]
+  rules:
+  - matches: [{{path: {{type: PathPrefix, value: "{path}"}}}}]
+    backendRefs: [{{name: {to}, namespace: app, port: 80}}]
+"#
+    )
+}
+
+fn load(routes: &[String]) -> WaypointConfig {
+    let text = format!("{MESH}---\n{}", routes.join("---\n"));
+    load_str(Path::new("gamma.yaml"), &text, 1).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Where a GET of `path` to `app/echo:port` from a client in `ns` goes: the backend
+/// service's name, or the status answered.
+fn decide(cfg: &WaypointConfig, ns: Option<&str>, port: u16, path: &str) -> String {
+    let service = ObjectRef::new("app", "echo");
+    let req = Request {
+        method: "GET",
+        path,
+        query: None,
+        headers: &[("host", "echo.app.svc.cluster.local")],
+        scheme: "http",
+    };
+    match cfg.routes.route_from(
+        ns,
+        Target::Service {
+            service: &service,
+            port,
+        },
+        &req,
+        &|s| cfg.service_exists(s),
+        &mut SplitMix64(1),
+    ) {
+        Decision::Forward(f) => f.service.expect("a service").0.name,
+        Decision::Respond { status, .. } | Decision::Redirect { status, .. } => status.to_string(),
+    }
+}
+
+#[test]
+fn r17_gamma_producer_and_consumer_routes_table() {
+    let producer = route("app", "prod", None, "/", "echo-v1");
+    let consumer = route("ns-a", "fast", None, "/", "echo-v2");
+    let consumer_api = route("ns-a", "fast-api", None, "/api", "echo-v3");
+    let consumer_narrow = route("ns-a", "narrow", None, "/only", "echo-v2");
+    let consumer_81 = route("ns-a", "on-81", Some(81), "/", "echo-v2");
+    let b_consumer = route("ns-b", "b", None, "/", "echo-v3");
+    // (routes, client namespace, port, path, expected backend or status)
+    type Row<'a> = (Vec<String>, Option<&'a str>, u16, &'a str, &'a str);
+    let table: Vec<Row<'_>> = vec![
+        // Producer route only: every client, whatever its namespace.
+        (vec![producer.clone()], None, 80, "/", "echo-v1"),
+        (vec![producer.clone()], Some("app"), 80, "/", "echo-v1"),
+        (vec![producer.clone()], Some("ns-a"), 80, "/", "echo-v1"),
+        // Consumer route only: its namespace's clients; others route to the service itself
+        // (no route applies to them).
+        (vec![consumer.clone()], Some("ns-a"), 80, "/", "echo-v2"),
+        (vec![consumer.clone()], Some("ns-b"), 80, "/", "echo"),
+        (vec![consumer.clone()], Some("app"), 80, "/", "echo"),
+        (vec![consumer.clone()], None, 80, "/", "echo"),
+        // Both: the consumer's clients get the consumer route, everyone else the producer's.
+        (
+            vec![producer.clone(), consumer.clone()],
+            Some("ns-a"),
+            80,
+            "/",
+            "echo-v2",
+        ),
+        (
+            vec![producer.clone(), consumer.clone()],
+            Some("ns-b"),
+            80,
+            "/",
+            "echo-v1",
+        ),
+        (
+            vec![producer.clone(), consumer.clone()],
+            Some("app"),
+            80,
+            "/",
+            "echo-v1",
+        ),
+        (
+            vec![producer.clone(), consumer.clone()],
+            None,
+            80,
+            "/",
+            "echo-v1",
+        ),
+        // Each consumer namespace has its own.
+        (
+            vec![producer.clone(), consumer.clone(), b_consumer.clone()],
+            Some("ns-b"),
+            80,
+            "/",
+            "echo-v3",
+        ),
+        (
+            vec![producer.clone(), consumer.clone(), b_consumer.clone()],
+            Some("ns-a"),
+            80,
+            "/",
+            "echo-v2",
+        ),
+        // Consumer routes of one namespace merge (longest prefix wins among them).
+        (
+            vec![producer.clone(), consumer.clone(), consumer_api.clone()],
+            Some("ns-a"),
+            80,
+            "/api/x",
+            "echo-v3",
+        ),
+        (
+            vec![producer.clone(), consumer.clone(), consumer_api.clone()],
+            Some("ns-a"),
+            80,
+            "/x",
+            "echo-v2",
+        ),
+        // The consumer set replaces the producer set: none of it matches → 404, no fallback.
+        (
+            vec![producer.clone(), consumer_narrow.clone()],
+            Some("ns-a"),
+            80,
+            "/x",
+            "404",
+        ),
+        (
+            vec![producer.clone(), consumer_narrow.clone()],
+            Some("ns-a"),
+            80,
+            "/only",
+            "echo-v2",
+        ),
+        (
+            vec![producer.clone(), consumer_narrow.clone()],
+            Some("ns-b"),
+            80,
+            "/x",
+            "echo-v1",
+        ),
+        // Attachment is per port: a consumer route on port 81 leaves port 80 to the producer.
+        (
+            vec![producer.clone(), consumer_81.clone()],
+            Some("ns-a"),
+            80,
+            "/",
+            "echo-v1",
+        ),
+        (
+            vec![producer.clone(), consumer_81.clone()],
+            Some("ns-a"),
+            81,
+            "/",
+            "echo-v2",
+        ),
+        (
+            vec![producer.clone(), consumer_81.clone()],
+            Some("ns-b"),
+            81,
+            "/",
+            "echo-v1",
+        ),
+    ];
+    for (i, (routes, ns, port, path, want)) in table.into_iter().enumerate() {
+        let cfg = load(&routes);
+        assert_eq!(
+            decide(&cfg, ns, port, path),
+            want,
+            "row {i}: client {ns:?} port {port} path {path}"
+        );
+    }
+}
+
+/// A keep-alive HTTP/1.1 backend on `ip` answering its `name`.
+fn backend(ip: Ipv4Addr, name: &'static str) -> SocketAddr {
+    let l = TcpListener::bind((ip, 0)).unwrap();
+    let addr = l.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for c in l.incoming() {
+            let Ok(mut c) = c else { return };
+            std::thread::spawn(move || {
+                let mut buf = Vec::new();
+                while next_request(&mut c, &mut buf).is_some() {
+                    if c.write_all(ok_response(name).as_bytes()).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[test]
+fn r17_gamma_consumer_route_applies_to_its_namespace_clients_end_to_end() {
+    let (net, zl) = bind_node_ztunnel(11);
+    let ca = Arc::new(SigningCa::generate_root("cluster.local").unwrap().0);
+    let now = SystemTime::now();
+    let _zt = stand_in_ztunnel(zl, &ca.issue(&id("app", "echo"), now).unwrap());
+    let (e, v1, v2) = (
+        backend(ip(net, 2), "echo"),
+        backend(ip(net, 3), "echo-v1"),
+        backend(ip(net, 4), "echo-v2"),
+    );
+    let w = |name: &str, a: SocketAddr| {
+        format!(
+            "  - {{uid: {name}, name: {name}, namespace: app, serviceAccount: echo, node: node-b, workloadIps: [\"{}\"], services: {{\"app/{name}.app.svc.cluster.local\": {{80: {}}}}}}}\n",
+            a.ip(),
+            a.port()
+        )
+    };
+    let model = common::app_model(
+        ip(net, 1),
+        &format!("{}{}{}", w("echo", e), w("echo-v1", v1), w("echo-v2", v2)),
+        "  - {name: echo, namespace: app, hostname: echo.app.svc.cluster.local, vips: [\"10.96.0.1\"], ports: {80: 8080}}\n  - {name: echo-v1, namespace: app, hostname: echo-v1.app.svc.cluster.local, vips: [\"10.96.0.2\"], ports: {80: 8080}}\n  - {name: echo-v2, namespace: app, hostname: echo-v2.app.svc.cluster.local, vips: [\"10.96.0.3\"], ports: {80: 8080}}\n",
+    );
+    let text = format!(
+        "{model}---\n{}---\n{}",
+        route("app", "prod", None, "/", "echo-v1"),
+        route("ns-a", "fast", None, "/", "echo-v2")
+    );
+    let cfg = load_str(Path::new("gamma-e2e.yaml"), &text, 1).unwrap_or_else(|e| panic!("{e}"));
+    let shutdown = runtime::Shutdown::new();
+    let handle = waypoint::service::start(
+        service_settings(),
+        ca.clone(),
+        runtime::Publisher::new(cfg),
+        shutdown.clone(),
+    )
+    .unwrap();
+    let waypoint = handle.addr;
+    // The same request to Service echo from clients of three namespaces.
+    let ask = |client_ns: &'static str| {
+        let cert = ca.issue(&id(client_ns, "client"), now).unwrap();
+        block_on(async move {
+            let c = connect(waypoint, &cert, id("app", "waypoint"))
+                .await
+                .unwrap();
+            let mut s = c
+                .open(&ConnectRequest::new("10.96.0.1:80".parse().unwrap()))
+                .await
+                .unwrap();
+            s.write_all(
+                bytes::Bytes::from(get("/", "echo.app.svc.cluster.local")),
+                false,
+            )
+            .await
+            .unwrap();
+            let r = read_response(&mut s, &mut Vec::new()).await;
+            (r.status, r.text())
+        })
+    };
+    assert_eq!(ask("ns-a"), (200, "echo-v2".to_string()));
+    assert_eq!(ask("ns-b"), (200, "echo-v1".to_string()));
+    assert_eq!(ask("app"), (200, "echo-v1".to_string()));
+    shutdown.drain(std::time::Duration::from_millis(200));
+    let _ = handle.join();
+}
