@@ -21,6 +21,7 @@
 //!   trust_domain: cluster.local
 //!   identity: spiffe://cluster.local/ns/istio-system/sa/ztunnel   # this ztunnel's own
 //!   peer_identity: spiffe://cluster.local/ns/istio-system/sa/ztunnel  # other nodes' ztunnels
+//!   cluster_id: Kubernetes            # `k8s.cluster.name` in outbound `baggage` (default)
 //!   ca: { builtin: /var/lib/mesh/ca }  # or { plugin: DIR } or { static: DIR }
 //!   capture: { table: ztunnel_capture } # optional: this process owns the node's nftables
 //!                                     # capture rules and keeps them in step with reloads
@@ -79,6 +80,9 @@ pub const ADMIN_PORT: u16 = 15000;
 pub const STATS_PORT: u16 = 15020;
 pub const READINESS_PORT: u16 = 15021;
 
+/// Istio's default `CLUSTER_ID`.
+pub const DEFAULT_CLUSTER_ID: &str = "Kubernetes";
+
 pub const DEFAULT_ZTUNNEL_IDENTITY: &str = "spiffe://cluster.local/ns/istio-system/sa/ztunnel";
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -133,6 +137,10 @@ pub struct ZtunnelSection {
     pub identity: Option<String>,
     #[serde(default)]
     pub peer_identity: Option<String>,
+    /// The cluster this node belongs to: `k8s.cluster.name` in the `baggage` of outbound
+    /// CONNECTs (Istio's `CLUSTER_ID`, default `Kubernetes`).
+    #[serde(default)]
+    pub cluster_id: Option<String>,
     #[serde(with = "serde_norway::with::singleton_map")]
     pub ca: CaConfig,
     #[serde(default)]
@@ -179,6 +187,8 @@ pub struct Settings {
     pub trust_domain: String,
     pub identity: hbone::Identity,
     pub peer_identity: hbone::Identity,
+    /// `ztunnel.cluster_id`, default [`DEFAULT_CLUSTER_ID`].
+    pub cluster_id: String,
     pub ca: CaConfig,
     /// Set: this process owns the node's capture rules (see [`crate::capture`]).
     pub capture: Option<CaptureSettings>,
@@ -266,6 +276,10 @@ impl ZtunnelFile {
                 .unwrap_or_else(|| "cluster.local".into()),
             identity,
             peer_identity,
+            cluster_id: z
+                .cluster_id
+                .clone()
+                .unwrap_or_else(|| DEFAULT_CLUSTER_ID.into()),
             ca: z.ca.clone(),
             capture: z.capture.clone(),
             runtime,

@@ -8,10 +8,13 @@
 //!   `runtime::forward`), HBONE to the destination node's ztunnel (`:authority` =
 //!   `podIP:targetPort`) or HBONE to a waypoint (`:authority` = `VIP:port` for a service,
 //!   R7). HBONE goes through the worker's [`hbone::pool::Pool`] acting as the client's
-//!   identity. The SOCKS reply is sent once the upstream answered, so a refusal at the far
+//!   identity; the CONNECT carries `forwarded: for=<client IP>` (and `host=` for a service)
+//!   and Istio's `baggage` for the client workload (`source_baggage`). The SOCKS reply is sent once the upstream answered, so a refusal at the far
 //!   end (401 → `02`, 503 → `05`) reaches the client.
 //! - **inbound HBONE**: peer identity from mTLS, our certificate chosen by the address the
-//!   connection was made to (below); [`mesh_model::route::inbound`] decides:
+//!   connection was made to (below); the source address for policy is the socket's peer,
+//!   or the CONNECT's `forwarded: for=` when the peer is the destination's own waypoint
+//!   (`policy_source_ip`); [`mesh_model::route::inbound`] decides:
 //!   not a captured workload of this node → 400; deny → 401 (counted and logged with the
 //!   policy); hairpin → HBONE to the destination's waypoint (R12) as the ztunnel identity;
 //!   allow → connect to the pod (503 on failure) and bridge.
@@ -556,6 +559,29 @@ fn workload_name(w: &Workload) -> String {
     }
 }
 
+/// The `baggage` of an outbound CONNECT for `w`, as Istio's ztunnel writes it:
+/// `k8s.cluster.name`, `k8s.namespace.name`, `k8s.<kind>.name`, `service.name` (canonical
+/// name), `service.version` (canonical revision). The model carries no workload type, so
+/// a workload with a `workload_name` is sent as Istio's default type, `deployment`, and
+/// one without as the bare `pod` by its own name; an empty canonical name or revision gets
+/// istiod's fallbacks (the workload's name, `latest`). Receivers use it for telemetry only.
+fn source_baggage(w: &Workload, cluster: &str) -> hbone::wire::Baggage {
+    let (kind, name) = if w.workload_name.is_empty() {
+        ("pod", w.name.clone())
+    } else {
+        ("deployment", w.workload_name.clone())
+    };
+    let non_empty = |s: &str, or: String| if s.is_empty() { or } else { s.to_string() };
+    hbone::wire::Baggage {
+        cluster: Some(cluster.to_string()),
+        namespace: Some(w.namespace.clone()),
+        service_name: Some(non_empty(&w.canonical_name, name.clone())),
+        service_version: Some(non_empty(&w.canonical_revision, "latest".into())),
+        workload_kind: Some(kind.into()),
+        workload_name: Some(name),
+    }
+}
+
 /// `namespace/hostname` → `hostname`.
 fn service_host(key: &str) -> String {
     key.split_once('/')
@@ -957,6 +983,7 @@ async fn outbound_hbone(
     let mut req = ConnectRequest::new(authority);
     req.forwarded_for = Some(peer.ip());
     req.host = host;
+    req.baggage = source_baggage(src, &w.settings().cluster_id);
     let key = PoolKey {
         src: src_id,
         dst: expected,
@@ -1089,6 +1116,37 @@ fn deny_policy(v: &mesh_model::authz::Verdict) -> String {
     }
 }
 
+/// The source address an inbound HBONE stream is authorized with (`ipBlocks`), re-checked
+/// with on reloads and forwarded on an R12 hairpin. The CONNECT's `forwarded: for=` is the
+/// original client only when the peer proved the identity of the destination's own
+/// waypoint: that hop took the client's connection itself (as Istio's ztunnel, which trusts
+/// `Forwarded` from its waypoint alone). From any other peer the socket's peer address
+/// counts, so holding a mesh certificate does not let a caller choose the address a DENY
+/// `ipBlocks` is matched against.
+fn policy_source_ip(
+    snap: &Snapshot,
+    peer: Option<&Identity>,
+    forwarded_for: Option<IpAddr>,
+    peer_addr: SocketAddr,
+    target: SocketAddr,
+) -> IpAddr {
+    let socket = peer_addr.ip().to_canonical();
+    let Some(claimed) = forwarded_for else {
+        return socket;
+    };
+    let from_waypoint = snap
+        .workload_by_ip(target.ip())
+        .and_then(|w| w.waypoint.as_ref())
+        .and_then(|wp| wp.identity.as_ref())
+        .zip(peer)
+        .is_some_and(|(waypoint, peer)| waypoint == peer);
+    if from_waypoint {
+        claimed
+    } else {
+        socket
+    }
+}
+
 /// One CONNECT stream of an inbound HBONE connection; `conn` = (the identity the
 /// connection presented, the uid of the pod it was addressed to, if any).
 async fn hbone_stream(w: Rc<Worker>, inb: HboneInbound, conn: Rc<(String, Option<String>)>) {
@@ -1097,7 +1155,13 @@ async fn hbone_stream(w: Rc<Worker>, inb: HboneInbound, conn: Rc<(String, Option
     let target = inb.request.target;
     let peer_id = inb.peer_identity.clone();
     let (presented, for_pod) = (&conn.0, &conn.1);
-    let src_ip = inb.request.forwarded_for.unwrap_or(inb.peer_addr.ip());
+    let src_ip = policy_source_ip(
+        &st.model,
+        peer_id.as_ref(),
+        inb.request.forwarded_for,
+        inb.peer_addr,
+        target,
+    );
     let src = SocketAddr::new(src_ip, 0);
     let decision = route::inbound(
         &st.model,
@@ -1131,7 +1195,10 @@ async fn hbone_stream(w: Rc<Worker>, inb: HboneInbound, conn: Rc<(String, Option
         }
     }
     let mut labels = base_labels("destination", "mutual_tls");
-    inbound_source_labels(&mut labels, &st.model, peer_id.as_ref(), src_ip);
+    // Telemetry may name the workload at the claimed address: only one whose identity is
+    // the peer's proven one (`inbound_source_labels` checks), never for policy.
+    let claimed = inb.request.forwarded_for.unwrap_or(src_ip);
+    inbound_source_labels(&mut labels, &st.model, peer_id.as_ref(), claimed);
     match decision {
         Inbound::NotServed => {
             w.metrics.path(&path("hbone_not_served", String::new()));

@@ -1,0 +1,278 @@
+//! The HBONE request headers ztunnel trusts and sends, on loopback with real sockets:
+//!
+//! - Review #2 (R9, R11): inbound, `forwarded: for=` is the source address for policy
+//!   (`sourceIps` / Istio's `ipBlocks`) only when the peer proved the destination's own
+//!   waypoint identity; any other mesh peer is matched on its socket address, so a spoofed
+//!   `for=` cannot dodge a DENY on its real address, and is not forwarded on the R12 hairpin.
+//! - Review #7 (R5, R6): outbound CONNECTs carry Istio's `baggage` for the source workload.
+
+mod common;
+
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, SystemTime};
+
+use common::*;
+use hbone::ca::{CertSource, SigningCa};
+use hbone::server::{serve_connection, Inbound, ServerCounters};
+use hbone::wire::{ConnectRequest, ParsedConnect};
+use hbone::{H2Settings, Identity};
+
+/// A DENY on `addr` for the server pod (`ns-b`) and the waypoint-enabled pod (`ns-w`).
+fn deny_source(addr: IpAddr) -> String {
+    format!(
+        r#"
+  - name: deny-addr
+    namespace: ns-b
+    scope: Namespace
+    action: Deny
+    rules: [[[{{sourceIps: ["{addr}/32"]}}]]]
+  - name: deny-addr-w
+    namespace: ns-w
+    scope: Namespace
+    action: Deny
+    rules: [[[{{sourceIps: ["{addr}/32"]}}]]]
+"#
+    )
+}
+
+/// Copy both ways between `a` and `b` until each side ends.
+fn relay(a: TcpStream, b: TcpStream) {
+    for (mut from, mut to) in [(a.try_clone().unwrap(), b.try_clone().unwrap()), (b, a)] {
+        std::thread::spawn(move || {
+            let _ = std::io::copy(&mut from, &mut to);
+            let _ = to.shutdown(std::net::Shutdown::Write);
+        });
+    }
+}
+
+/// One HBONE stream to `zt` for `authority`, as `identity`, from a socket bound to `src`
+/// (through a loopback relay: the HBONE client cannot bind), with `forwarded: for=` set
+/// to `claimed` when given. Returns the status and, on 200, the first line received.
+fn hbone_from(
+    ca: &SigningCa,
+    identity: &str,
+    src: IpAddr,
+    zt: SocketAddr,
+    authority: SocketAddr,
+    claimed: Option<IpAddr>,
+) -> (u16, String) {
+    let local = TcpListener::bind("127.0.0.1:0").unwrap();
+    let relay_addr = local.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let Ok((down, _)) = local.accept() else {
+            return;
+        };
+        let up = connect_from(src, zt);
+        up.set_read_timeout(None).unwrap();
+        relay(down, up);
+    });
+    let id: Identity = identity.parse().unwrap();
+    let cert = ca.issue(&id, SystemTime::now()).unwrap();
+    let server_id: Identity = ZTUNNEL_ID.parse().unwrap();
+    std::thread::spawn(move || {
+        let decision = runtime::driver::DriverDecision {
+            kind: runtime::driver::DriverKind::Epoll,
+            reason: "test".into(),
+        };
+        let (mut rt, _) = runtime::driver::build_runtime(&decision, 64).unwrap();
+        rt.block_on(async move {
+            let tls = hbone::tls::client_config(&cert, &[server_id]).unwrap();
+            let c = hbone::client::Client::connect(
+                relay_addr,
+                tls,
+                &H2Settings::default(),
+                &hbone::tls::TlsCounters::default(),
+            )
+            .await
+            .unwrap_or_else(|e| panic!("HBONE connection to {zt}: {e}"));
+            let mut req = ConnectRequest::new(authority);
+            req.forwarded_for = claimed;
+            match c.open(&req).await {
+                Err(hbone::HboneError::Status(s)) => (s.as_u16(), String::new()),
+                Err(e) => panic!("HBONE stream to {authority}: {e}"),
+                Ok(mut s) => {
+                    let mut got = Vec::new();
+                    while !got.contains(&b'\n') {
+                        match s.read().await {
+                            Some(Ok(b)) => got.extend_from_slice(&b),
+                            _ => break,
+                        }
+                    }
+                    let line = String::from_utf8_lossy(&got);
+                    (200, line.lines().next().unwrap_or_default().to_string())
+                }
+            }
+        })
+    })
+    .join()
+    .unwrap()
+}
+
+/// An HBONE server with the waypoint identity that records every CONNECT request (all
+/// headers as parsed) and its peer, answers `waypoint\n`, then holds the stream open.
+struct RecordingWaypoint {
+    seen: mpsc::Receiver<(Option<Identity>, ParsedConnect)>,
+    stop: Arc<AtomicBool>,
+    addr: SocketAddr,
+}
+
+impl Drop for RecordingWaypoint {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        let _ = TcpStream::connect_timeout(&self.addr, Duration::from_millis(200));
+    }
+}
+
+fn recording_waypoint(ca: &SigningCa, addr: SocketAddr) -> RecordingWaypoint {
+    let cert = ca
+        .issue(&WAYPOINT_ID.parse().unwrap(), SystemTime::now())
+        .unwrap();
+    let tls = hbone::tls::server_config(&cert).unwrap();
+    let listener = TcpListener::bind(addr).unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let (tx, seen) = mpsc::channel();
+    let stop = Arc::new(AtomicBool::new(false));
+    let s2 = stop.clone();
+    std::thread::spawn(move || {
+        let decision = runtime::driver::DriverDecision {
+            kind: runtime::driver::DriverKind::Epoll,
+            reason: "test".into(),
+        };
+        let (mut rt, _) = runtime::driver::build_runtime(&decision, 64).unwrap();
+        rt.block_on(async move {
+            let l = monoio::net::TcpListener::from_std(listener).unwrap();
+            let tx = Rc::new(tx);
+            loop {
+                let Ok((tcp, peer)) = l.accept().await else {
+                    continue;
+                };
+                if s2.load(Ordering::SeqCst) {
+                    return;
+                }
+                let (tls, tx) = (tls.clone(), tx.clone());
+                monoio::spawn(async move {
+                    let h = Rc::new(move |inb: Inbound| {
+                        let _ = tx.send((inb.peer_identity.clone(), inb.request.clone()));
+                        async move {
+                            let Ok(mut s) = inb.accept() else { return };
+                            let hello = bytes::Bytes::from_static(b"waypoint\n");
+                            if s.write_all(hello, false).await.is_err() {
+                                return;
+                            }
+                            while let Some(Ok(_)) = s.read().await {}
+                            let _ = s.write_all(bytes::Bytes::new(), true).await;
+                        }
+                    });
+                    let _ = serve_connection(
+                        tcp,
+                        peer,
+                        tls,
+                        &H2Settings::default(),
+                        Arc::new(ServerCounters::default()),
+                        std::future::pending(),
+                        h,
+                    )
+                    .await;
+                });
+            }
+        })
+    });
+    RecordingWaypoint { seen, stop, addr }
+}
+
+#[test]
+fn r9_a_mesh_peer_spoofing_forwarded_for_cannot_dodge_a_deny_on_its_address() {
+    let t = Topo::new(141, &deny_source(Net { n: 141 }.client()));
+    let _server = Pod::start(t.net.server(), "server");
+    let zt_b = SocketAddr::new(t.net.zt_b(), 15008);
+    let (denied, other) = (t.net.client(), t.net.legacy_client());
+    // From the denied address, with and without a spoofed `for=`: refused either way.
+    for claimed in [None, Some(other)] {
+        let (status, _) = hbone_from(&t.ca(), CLIENT_ID, denied, zt_b, t.net.server(), claimed);
+        assert_eq!(status, 401, "for={claimed:?} from {denied}");
+    }
+    // From another address, claiming the denied one: its own address counts, allowed.
+    let (status, line) = hbone_from(
+        &t.ca(),
+        CLIENT_ID,
+        other,
+        zt_b,
+        t.net.server(),
+        Some(denied),
+    );
+    assert_eq!((status, line.as_str()), (200, "server"));
+    let b = t.stats_b();
+    assert_eq!(
+        metric(
+            &b,
+            "ztunnel_connection_paths_total",
+            &[("route", "hbone_deny"), ("peer", CLIENT_ID)]
+        ),
+        2
+    );
+}
+
+#[test]
+fn r11_the_destinations_waypoint_is_trusted_for_the_original_client_address() {
+    let t = Topo::new(142, &deny_source(Net { n: 142 }.client()));
+    let _wpod = Pod::start(t.net.wpod(), "wpod");
+    let wp = recording_waypoint(&t.ca(), t.net.waypoint());
+    let zt_b = SocketAddr::new(t.net.zt_b(), 15008);
+    let wp_ip = t.net.waypoint().ip();
+    let (denied, other) = (t.net.client(), t.net.legacy_client());
+    // The pod's own waypoint carried the denied client's connection: the DENY applies.
+    let (status, _) = hbone_from(
+        &t.ca(),
+        WAYPOINT_ID,
+        wp_ip,
+        zt_b,
+        t.net.wpod(),
+        Some(denied),
+    );
+    assert_eq!(status, 401);
+    // ... and another client through it is allowed.
+    let (status, line) = hbone_from(&t.ca(), WAYPOINT_ID, wp_ip, zt_b, t.net.wpod(), Some(other));
+    assert_eq!((status, line.as_str()), (200, "wpod"));
+    // A plain mesh peer calling the pod is hairpinned (R12) to the waypoint, which is told
+    // the peer's real address, not the one it claimed.
+    let (status, line) = hbone_from(&t.ca(), CLIENT_ID, other, zt_b, t.net.wpod(), Some(denied));
+    assert_eq!((status, line.as_str()), (200, "waypoint"));
+    let (peer, req) = wp.seen.recv_timeout(Duration::from_secs(10)).unwrap();
+    assert_eq!(peer.unwrap().to_string(), ZTUNNEL_ID);
+    assert_eq!(req.target, t.net.wpod());
+    assert_eq!(req.forwarded_for, Some(other));
+}
+
+#[test]
+fn r6_outbound_connect_carries_istios_baggage_for_the_source_workload() {
+    let t = Topo::new(143, "[]");
+    let wp = recording_waypoint(&t.ca(), t.net.waypoint());
+    let socks = t.a().addrs.socks5;
+    // client (ns-a) → wpod: ztunnel A tunnels to wpod's waypoint (R6).
+    let (code, mut s) = socks_connect(t.net.client(), socks, Dest::Addr(t.net.wpod()));
+    assert_eq!(code, 0);
+    assert_eq!(hello(&mut s), "waypoint");
+    let (peer, req) = wp.seen.recv_timeout(Duration::from_secs(10)).unwrap();
+    assert_eq!(peer.unwrap().to_string(), CLIENT_ID);
+    assert_eq!(req.target, t.net.wpod());
+    assert_eq!(req.forwarded_for, Some(t.net.client()));
+    // The test mesh's client has no workloadName, canonical name or revision: a bare pod,
+    // with istiod's fallbacks; the cluster is Istio's default CLUSTER_ID.
+    let b = req.baggage;
+    assert_eq!(b.cluster.as_deref(), Some("Kubernetes"));
+    assert_eq!(b.namespace.as_deref(), Some("ns-a"));
+    assert_eq!(b.workload_kind.as_deref(), Some("pod"));
+    assert_eq!(b.workload_name.as_deref(), Some("client"));
+    assert_eq!(b.service_name.as_deref(), Some("client"));
+    assert_eq!(b.service_version.as_deref(), Some("latest"));
+    assert_eq!(
+        b.to_header().as_deref(),
+        Some(
+            "k8s.cluster.name=Kubernetes,k8s.namespace.name=ns-a,k8s.pod.name=client,\
+             service.name=client,service.version=latest"
+        )
+    );
+}
