@@ -280,7 +280,7 @@ fn render_hbone(out: &mut String, client: &TlsCounters, server: &ServerCounters)
     }
     let _ = writeln!(
         out,
-        "# HELP ztunnel_hbone_inbound_total Inbound HBONE connections and CONNECT streams, and streams refused as malformed.\n# TYPE ztunnel_hbone_inbound_total counter"
+        "# HELP ztunnel_hbone_inbound_total Inbound HBONE connections and CONNECT streams, streams refused as malformed, and accepted sockets closed for not finishing TLS and the HTTP/2 preface within h2.handshake_timeout.\n# TYPE ztunnel_hbone_inbound_total counter"
     );
     for (what, v) in [
         ("connections", &server.connections),
@@ -288,6 +288,7 @@ fn render_hbone(out: &mut String, client: &TlsCounters, server: &ServerCounters)
         ("bad_method", &server.bad_method),
         ("bad_authority", &server.bad_authority),
         ("h2_errors", &server.h2_errors),
+        ("handshake_timeouts", &server.handshake_timeouts),
     ] {
         let _ = writeln!(
             out,
