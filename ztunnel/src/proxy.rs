@@ -1598,3 +1598,49 @@ async fn plaintext_conn(w: Rc<Worker>, idx: usize, tcp: TcpStream, peer: SocketA
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The `baggage` string Istio's ztunnel writes, from the model's workload fields:
+    /// a Deployment's pod with its canonical name and revision, and a bare pod with none.
+    #[test]
+    fn source_baggage_is_istios_format() {
+        let yaml = r#"
+ztunnel:
+  node: node-a
+  cluster_id: east
+  ca: {builtin: /nonexistent}
+namespaces:
+  - {name: shop, labels: {istio.io/dataplane-mode: ambient}}
+workloads:
+  - {name: web-5d8f-x2x, namespace: shop, workloadName: web, canonicalName: web-frontend, canonicalRevision: v2, workloadIps: [10.0.0.1], node: node-a}
+  - {name: debug, namespace: shop, workloadIps: [10.0.0.2], node: node-a}
+"#;
+        let loaded = crate::config::load_str(
+            std::path::Path::new("t.yaml"),
+            yaml,
+            &tuning::Profile::default(),
+            1,
+        )
+        .unwrap();
+        let cluster = &loaded.settings.cluster_id;
+        assert_eq!(cluster, "east");
+        let snap = &loaded.snapshot;
+        let header = |ip: &str| {
+            let w = snap.workload_by_ip(ip.parse().unwrap()).unwrap();
+            source_baggage(w, cluster).to_header().unwrap()
+        };
+        assert_eq!(
+            header("10.0.0.1"),
+            "k8s.cluster.name=east,k8s.namespace.name=shop,k8s.deployment.name=web,\
+             service.name=web-frontend,service.version=v2"
+        );
+        assert_eq!(
+            header("10.0.0.2"),
+            "k8s.cluster.name=east,k8s.namespace.name=shop,k8s.pod.name=debug,\
+             service.name=debug,service.version=latest"
+        );
+    }
+}
