@@ -813,6 +813,7 @@ mod tests {
             ips: vec![],
             node: String::new(),
             network: String::new(),
+            cluster_id: String::new(),
             protocol: crate::model::Protocol::Hbone,
             waypoint: None,
             canonical_name: String::new(),

@@ -52,6 +52,8 @@ pub struct Workload {
     pub ips: Vec<IpAddr>,
     pub node: String,
     pub network: String,
+    /// The cluster it runs in (Istio's `clusterName`), empty when not given.
+    pub cluster_id: String,
     pub protocol: Protocol,
     pub waypoint: Option<WaypointRef>,
     pub canonical_name: String,

@@ -135,6 +135,7 @@ impl Snapshot {
                         ips,
                         node: w.node.clone(),
                         network: w.network.clone(),
+                        cluster_id: w.cluster_id.clone(),
                         protocol: if w.tunnel_protocol == ww::TunnelProtocol::Hbone as i32 {
                             Protocol::Hbone
                         } else {

@@ -1329,10 +1329,18 @@ impl Upstream for HboneUpstream {
             })
             .unwrap_or_else(|| format!("{}.{}.svc.cluster.local", svc.name, svc.namespace))
         });
+        // The model's workload of the client, when it is the one telemetry names (see
+        // `crate::source::workload_of`).
+        let source = snap.and_then(|s| s.workload_by_ip(p.addr)).filter(|w| {
+            w.namespace == p.namespace && workload_name(w) == p.workload
+        });
         let labels = crate::telemetry::RequestLabels {
             source_workload: p.workload.clone(),
             source_workload_namespace: p.namespace.clone(),
             source_principal: p.principal.clone(),
+            source: crate::telemetry::WorkloadLabels::of(source),
+            destination: crate::telemetry::WorkloadLabels::of(workload),
+            grpc_response_status: String::new(),
             destination_service: host,
             destination_service_name: service.as_ref().map_or_else(unknown, |s| s.name.clone()),
             destination_service_namespace: service

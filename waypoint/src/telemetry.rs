@@ -13,11 +13,21 @@
 //! | `istio_request_bytes` | histogram | bytes (head + body): 1 … 10^9 by 10× |
 //! | `istio_response_bytes` | histogram | bytes (head + body): 1 … 10^9 by 10× |
 //!
-//! Labels: `reporter`, `source_workload`, `source_workload_namespace`, `source_principal`,
-//! `destination_service`, `destination_service_name`, `destination_service_namespace`,
+//! Labels (Istio's standard set): `reporter`, `source_workload`,
+//! `source_canonical_service`, `source_canonical_revision`, `source_workload_namespace`,
+//! `source_principal`, `source_app`, `source_version`, `source_cluster`,
 //! `destination_workload`, `destination_workload_namespace`, `destination_principal`,
-//! `request_protocol`, `response_code`, `response_flags`, `connection_security_policy`
-//! (always `mutual_tls`: the waypoint is HBONE only). The source is the original client:
+//! `destination_app`, `destination_version`, `destination_service`,
+//! `destination_canonical_service`, `destination_canonical_revision`,
+//! `destination_service_name`, `destination_service_namespace`, `destination_cluster`,
+//! `request_protocol`, `response_code`, `grpc_response_status` (empty: gRPC status
+//! reporting is not implemented), `response_flags`, `connection_security_policy` (always
+//! `mutual_tls`: the waypoint is HBONE only); `unknown` where the value is not known, as
+//! Istio. App, version, canonical service and revision come from the model's workload
+//! (`canonicalName`/`canonicalRevision`, else its labels as istiod derives them: see
+//! [`canonical_service`]), the cluster from its `clusterId`. A label set's text is
+//! rendered once, when it is first recorded; a tunnel keeps its recent label sets' counters
+//! (no label strings are built for a request whose set its tunnel has seen). The source is the original client:
 //! the inbound tunnel's peer certificate (`source_principal`) and the `baggage` /
 //! `forwarded` headers its ztunnel sent (workload name and namespace, else the model's
 //! workload at the `forwarded: for=` address). Response flags follow Envoy: `UF`
@@ -41,6 +51,9 @@ pub struct RequestLabels {
     pub source_workload: String,
     pub source_workload_namespace: String,
     pub source_principal: String,
+    /// The source workload's [`app`], [`version`], [`canonical_service`],
+    /// [`canonical_revision`] and [`cluster`] (`unknown` when the source is not known).
+    pub source: WorkloadLabels,
     /// The service's hostname (`echo.app.svc.cluster.local`), or `unknown`.
     pub destination_service: String,
     pub destination_service_name: String,
@@ -48,27 +61,153 @@ pub struct RequestLabels {
     pub destination_workload: String,
     pub destination_workload_namespace: String,
     pub destination_principal: String,
+    /// As [`RequestLabels::source`], of the endpoint that answered.
+    pub destination: WorkloadLabels,
     /// `http` (HTTP/1.1), `http2`… Istio says `http` or `grpc`; HTTP/2 is `http` too.
     pub request_protocol: &'static str,
     pub response_code: u16,
+    /// The gRPC status of a gRPC response; empty otherwise (as Istio's label on HTTP).
+    pub grpc_response_status: String,
     pub response_flags: &'static str,
 }
 
+/// A workload's app, version, canonical service and revision, and cluster, as Istio's
+/// standard labels give them.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct WorkloadLabels {
+    pub app: String,
+    pub version: String,
+    pub canonical_service: String,
+    pub canonical_revision: String,
+    pub cluster: String,
+}
+
+impl WorkloadLabels {
+    /// All `unknown` (Istio's value when the workload is not known).
+    pub fn unknown() -> Self {
+        let u = || "unknown".to_string();
+        WorkloadLabels {
+            app: u(),
+            version: u(),
+            canonical_service: u(),
+            canonical_revision: u(),
+            cluster: u(),
+        }
+    }
+
+    /// Of a model workload: see [`canonical_service`], [`canonical_revision`], [`app`],
+    /// [`version`], [`cluster`].
+    pub fn of(w: Option<&mesh_model::model::Workload>) -> Self {
+        match w {
+            None => WorkloadLabels::unknown(),
+            Some(w) => WorkloadLabels {
+                app: app(w).to_string(),
+                version: version(w).to_string(),
+                canonical_service: canonical_service(w).to_string(),
+                canonical_revision: canonical_revision(w).to_string(),
+                cluster: cluster(w).to_string(),
+            },
+        }
+    }
+}
+
+fn label<'a>(w: &'a mesh_model::model::Workload, keys: &[&str]) -> Option<&'a str> {
+    keys.iter()
+        .find_map(|k| w.labels.get(*k))
+        .map(String::as_str)
+        .filter(|v| !v.is_empty())
+}
+
+/// Istio's canonical service: the workload's `canonicalName`, else (as istiod derives it)
+/// its `service.istio.io/canonical-name`, `app.kubernetes.io/name` or `app` label, else its
+/// workload name.
+pub fn canonical_service(w: &mesh_model::model::Workload) -> &str {
+    if !w.canonical_name.is_empty() {
+        return &w.canonical_name;
+    }
+    label(
+        w,
+        &[
+            "service.istio.io/canonical-name",
+            "app.kubernetes.io/name",
+            "app",
+        ],
+    )
+    .unwrap_or(if w.workload_name.is_empty() {
+        &w.name
+    } else {
+        &w.workload_name
+    })
+}
+
+/// Istio's canonical revision: `canonicalRevision`, else the
+/// `service.istio.io/canonical-revision`, `app.kubernetes.io/version` or `version` label,
+/// else `latest`.
+pub fn canonical_revision(w: &mesh_model::model::Workload) -> &str {
+    if !w.canonical_revision.is_empty() {
+        return &w.canonical_revision;
+    }
+    label(
+        w,
+        &[
+            "service.istio.io/canonical-revision",
+            "app.kubernetes.io/version",
+            "version",
+        ],
+    )
+    .unwrap_or("latest")
+}
+
+/// `source_app` / `destination_app`: the `app` label (Istio's docs), else the canonical
+/// service (what Istio's ztunnel reports).
+pub fn app(w: &mesh_model::model::Workload) -> &str {
+    label(w, &["app"]).unwrap_or_else(|| canonical_service(w))
+}
+
+/// `source_version` / `destination_version`: the `version` label, else the canonical
+/// revision.
+pub fn version(w: &mesh_model::model::Workload) -> &str {
+    label(w, &["version"]).unwrap_or_else(|| canonical_revision(w))
+}
+
+/// `source_cluster` / `destination_cluster`: the workload's `clusterId`, `unknown` when
+/// it has none.
+pub fn cluster(w: &mesh_model::model::Workload) -> &str {
+    if w.cluster_id.is_empty() {
+        "unknown"
+    } else {
+        &w.cluster_id
+    }
+}
+
 impl RequestLabels {
-    fn render(&self) -> String {
+    /// The label text, Istio's names (rendered once per label set, when first recorded).
+    pub fn render(&self) -> String {
+        let (s, d) = (&self.source, &self.destination);
         format!(
-            "reporter=\"waypoint\",source_workload=\"{}\",source_workload_namespace=\"{}\",source_principal=\"{}\",destination_service=\"{}\",destination_service_name=\"{}\",destination_service_namespace=\"{}\",destination_workload=\"{}\",destination_workload_namespace=\"{}\",destination_principal=\"{}\",request_protocol=\"{}\",response_code=\"{}\",response_flags=\"{}\",connection_security_policy=\"mutual_tls\"",
+            "reporter=\"waypoint\",source_workload=\"{}\",source_canonical_service=\"{}\",source_canonical_revision=\"{}\",source_workload_namespace=\"{}\",source_principal=\"{}\",source_app=\"{}\",source_version=\"{}\",source_cluster=\"{}\",destination_workload=\"{}\",destination_workload_namespace=\"{}\",destination_principal=\"{}\",destination_app=\"{}\",destination_version=\"{}\",destination_service=\"{}\",destination_canonical_service=\"{}\",destination_canonical_revision=\"{}\",destination_service_name=\"{}\",destination_service_namespace=\"{}\",destination_cluster=\"{}\",request_protocol=\"{}\",response_code=\"{}\",grpc_response_status=\"{}\",response_flags=\"{}\",connection_security_policy=\"mutual_tls\"",
             esc(&self.source_workload),
+            esc(&s.canonical_service),
+            esc(&s.canonical_revision),
             esc(&self.source_workload_namespace),
             esc(&self.source_principal),
-            esc(&self.destination_service),
-            esc(&self.destination_service_name),
-            esc(&self.destination_service_namespace),
+            esc(&s.app),
+            esc(&s.version),
+            esc(&s.cluster),
             esc(&self.destination_workload),
             esc(&self.destination_workload_namespace),
             esc(&self.destination_principal),
+            esc(&d.app),
+            esc(&d.version),
+            esc(&self.destination_service),
+            esc(&d.canonical_service),
+            esc(&d.canonical_revision),
+            esc(&self.destination_service_name),
+            esc(&self.destination_service_namespace),
+            esc(&d.cluster),
             self.request_protocol,
             self.response_code,
+            esc(&self.grpc_response_status),
             self.response_flags,
         )
     }
@@ -144,6 +283,8 @@ impl Histogram {
 /// Counters of one label set.
 #[derive(Debug)]
 pub struct RequestCounters {
+    /// The label set's text, rendered once when the set was first recorded.
+    labels: OnceLabels,
     pub requests: AtomicU64,
     pub duration_ms: Histogram,
     pub request_bytes: Histogram,
@@ -153,6 +294,7 @@ pub struct RequestCounters {
 impl Default for RequestCounters {
     fn default() -> Self {
         RequestCounters {
+            labels: OnceLabels::default(),
             requests: AtomicU64::new(0),
             duration_ms: Histogram::new(&DURATION_BUCKETS_MS),
             request_bytes: Histogram::new(&BYTES_BUCKETS),
@@ -160,6 +302,10 @@ impl Default for RequestCounters {
         }
     }
 }
+
+/// A label set's rendered text, set once by the registry.
+#[derive(Debug, Default)]
+struct OnceLabels(std::sync::OnceLock<String>);
 
 /// The process-wide registry.
 pub struct Metrics {
@@ -180,6 +326,7 @@ impl Metrics {
             return v.clone();
         }
         let fresh = Arc::new(RequestCounters::default());
+        let _ = fresh.labels.0.set(k.render());
         self.requests.rcu(|m| {
             let mut m = HashMap::clone(m);
             m.entry(k.clone()).or_insert_with(|| fresh.clone());
@@ -203,8 +350,12 @@ impl Metrics {
     /// Prometheus text exposition.
     pub fn render(&self) -> String {
         let m = self.requests.load();
-        let mut sets: Vec<_> = m.iter().map(|(k, v)| (k.render(), v.clone())).collect();
-        sets.sort_by(|a, b| a.0.cmp(&b.0));
+        // The label text rendered when each set was first recorded (no formatting here).
+        let mut sets: Vec<(&str, &Arc<RequestCounters>)> = m
+            .values()
+            .map(|v| (v.labels.0.get().map_or("", String::as_str), v))
+            .collect();
+        sets.sort_by(|a, b| a.0.cmp(b.0));
         let mut out = String::new();
         let _ = writeln!(
             out,

@@ -1186,8 +1186,29 @@ fn telemetry_istio_request_metrics_keep_the_original_client_and_traceparent() {
             destination_workload: wl.into(),
             destination_workload_namespace: if wl == "unknown" { "unknown" } else { "app" }.into(),
             destination_principal: principal.into(),
+            // No labels, canonical names or cluster in this model: the workload name,
+            // `latest`, `unknown` (istiod's defaults).
+            source: waypoint::telemetry::WorkloadLabels {
+                app: "client-7".into(),
+                version: "latest".into(),
+                canonical_service: "client-7".into(),
+                canonical_revision: "latest".into(),
+                cluster: "unknown".into(),
+            },
+            destination: if wl == "unknown" {
+                waypoint::telemetry::WorkloadLabels::unknown()
+            } else {
+                waypoint::telemetry::WorkloadLabels {
+                    app: wl.into(),
+                    version: "latest".into(),
+                    canonical_service: wl.into(),
+                    canonical_revision: "latest".into(),
+                    cluster: "unknown".into(),
+                }
+            },
             request_protocol: "http",
             response_code: code,
+            grpc_response_status: String::new(),
             response_flags: "-",
         };
     // Routed echo → echo-v1: the destination is the service and pod that answered.

@@ -1,0 +1,203 @@
+//! Istio's standard labels on the waypoint's request metrics (review #8): source_/
+//! destination_ app, version, canonical_service, canonical_revision, cluster and
+//! `grpc_response_status`, beside the rest, read from the stats page of a running waypoint
+//! after requests through it (client → waypoint → stand-in ztunnel → backend).
+
+mod common;
+
+use std::io::Write;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use common::{
+    bind_node_ztunnel, block_on, connect, exchange, get, id, ip, next_request, ok_response,
+    read_response, service_settings, stand_in_ztunnel,
+};
+use hbone::ca::{CertSource, SigningCa};
+use hbone::wire::ConnectRequest;
+
+/// A keep-alive HTTP/1.1 backend answering `ok`.
+fn backend(ip: Ipv4Addr) -> SocketAddr {
+    let l = TcpListener::bind((ip, 0)).unwrap();
+    let addr = l.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for c in l.incoming() {
+            let Ok(mut c) = c else { return };
+            std::thread::spawn(move || {
+                let mut buf = Vec::new();
+                while next_request(&mut c, &mut buf).is_some() {
+                    if c.write_all(ok_response("ok").as_bytes()).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// The labels of the `istio_requests_total` line whose labels contain all of `with`.
+fn requests_line<'a>(page: &'a str, with: &[&str]) -> &'a str {
+    page.lines()
+        .find(|l| l.starts_with("istio_requests_total{") && with.iter().all(|w| l.contains(w)))
+        .unwrap_or_else(|| panic!("no istio_requests_total with {with:?} in\n{page}"))
+}
+
+#[test]
+fn telemetry_standard_labels_name_app_version_canonical_service_and_cluster() {
+    let (net, zl) = bind_node_ztunnel(17);
+    let ca = Arc::new(SigningCa::generate_root("cluster.local").unwrap().0);
+    let now = SystemTime::now();
+    let _zt = stand_in_ztunnel(zl, &ca.issue(&id("app", "echo"), now).unwrap());
+    let (b1, b2) = (backend(ip(net, 2)), backend(ip(net, 3)));
+    let model = format!(
+        r#"namespaces:
+  - name: app
+    labels: {{istio.io/dataplane-mode: ambient}}
+waypoints:
+  - {{name: wp, namespace: app, address: 10.1.0.100}}
+nodes:
+  - {{name: node-b, ztunnel: {zt}}}
+workloads:
+  - {{uid: wp, name: wp, namespace: app, serviceAccount: waypoint, workloadIps: ["10.1.0.100"]}}
+  - name: curl-5d8f
+    namespace: app
+    serviceAccount: client
+    workloadIps: ["10.1.0.9"]
+    workloadName: curl
+    clusterId: east
+    labels: {{app: curl, version: v7}}
+  - name: echo-1
+    namespace: app
+    serviceAccount: echo
+    node: node-b
+    workloadIps: ["{e1}"]
+    clusterId: west
+    canonicalName: echo-svc
+    canonicalRevision: "2024.1"
+    labels: {{app: echo, version: v1}}
+    services: {{"app/echo.app.svc.cluster.local": {{80: {p1}}}}}
+  - name: echo-2
+    namespace: app
+    serviceAccount: echo
+    node: node-b
+    workloadIps: ["{e2}"]
+    labels: {{app.kubernetes.io/name: echo-k8s, app.kubernetes.io/version: "3.1"}}
+    services: {{"app/echo2.app.svc.cluster.local": {{80: {p2}}}}}
+services:
+  - {{name: echo, namespace: app, hostname: echo.app.svc.cluster.local, vips: ["10.96.0.1"], ports: {{80: 8080}}}}
+  - {{name: echo2, namespace: app, hostname: echo2.app.svc.cluster.local, vips: ["10.96.0.2"], ports: {{80: 8080}}}}
+"#,
+        zt = ip(net, 1),
+        e1 = b1.ip(),
+        p1 = b1.port(),
+        e2 = b2.ip(),
+        p2 = b2.port(),
+    );
+    let deny = r#"apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: deny-admin, namespace: app}
+spec:
+  targetRefs: [{kind: Service, group: "", name: echo}]
+  action: DENY
+  rules:
+  - to: [{operation: {paths: ["/admin"]}}]
+"#;
+    let text = format!("{model}---\n{deny}");
+    let cfg = waypoint::config::load_str(std::path::Path::new("labels.yaml"), &text, 1)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let mut settings = service_settings();
+    settings.stats = Some("127.0.0.1:0".parse().unwrap());
+    let shutdown = runtime::Shutdown::new();
+    let handle = waypoint::service::start(
+        settings,
+        ca.clone(),
+        runtime::Publisher::new(cfg),
+        shutdown.clone(),
+    )
+    .unwrap();
+    let waypoint = handle.addr;
+    let cert = ca.issue(&id("app", "client"), now).unwrap();
+    let results = block_on(async move {
+        let c = connect(waypoint, &cert, id("app", "waypoint"))
+            .await
+            .unwrap();
+        let mut out = Vec::new();
+        for (vip, host, path) in [
+            ("10.96.0.1:80", "echo.app.svc.cluster.local", "/"),
+            ("10.96.0.1:80", "echo.app.svc.cluster.local", "/admin"),
+            ("10.96.0.2:80", "echo2.app.svc.cluster.local", "/"),
+        ] {
+            let mut req = ConnectRequest::new(vip.parse().unwrap());
+            req.forwarded_for = Some(IpAddr::V4(Ipv4Addr::new(10, 1, 0, 9)));
+            let mut s = c.open(&req).await.unwrap();
+            s.write_all(bytes::Bytes::from(get(path, host)), false)
+                .await
+                .unwrap();
+            out.push(read_response(&mut s, &mut Vec::new()).await.status);
+        }
+        out
+    });
+    assert_eq!(results, [200, 403, 200]);
+    let stats = handle.stats_addr().unwrap();
+    let page = {
+        let mut s = TcpStream::connect(stats).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let (status, body) = exchange(
+            &mut s,
+            "GET /stats/prometheus HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        );
+        assert_eq!(status, 200);
+        body
+    };
+    // The client: its `app`/`version` labels, canonical service/revision derived from them
+    // as istiod does (no canonicalName given), its cluster.
+    let source = "source_workload=\"curl\",source_canonical_service=\"curl\",source_canonical_revision=\"v7\",source_workload_namespace=\"app\",source_principal=\"spiffe://cluster.local/ns/app/sa/client\",source_app=\"curl\",source_version=\"v7\",source_cluster=\"east\"";
+    // echo-1: explicit canonical names, app/version from its labels, cluster `west`.
+    let line = requests_line(
+        &page,
+        &["response_code=\"200\"", "destination_service_name=\"echo\""],
+    );
+    assert!(line.contains(source), "{line}");
+    assert!(
+        line.contains("destination_workload=\"echo-1\",destination_workload_namespace=\"app\",destination_principal=\"spiffe://cluster.local/ns/app/sa/echo\",destination_app=\"echo\",destination_version=\"v1\",destination_service=\"echo.app.svc.cluster.local\",destination_canonical_service=\"echo-svc\",destination_canonical_revision=\"2024.1\",destination_service_name=\"echo\",destination_service_namespace=\"app\",destination_cluster=\"west\""),
+        "{line}"
+    );
+    assert!(
+        line.contains("request_protocol=\"http\",response_code=\"200\",grpc_response_status=\"\",response_flags=\"-\",connection_security_policy=\"mutual_tls\""),
+        "{line}"
+    );
+    assert!(line.ends_with("} 1"), "{line}");
+    // echo-2: app.kubernetes.io labels give canonical service and revision; no `app` or
+    // `version` label: those follow the canonical ones (as Istio's ztunnel); no cluster.
+    let line = requests_line(&page, &["destination_service_name=\"echo2\""]);
+    assert!(line.contains(source), "{line}");
+    assert!(
+        line.contains("destination_app=\"echo-k8s\",destination_version=\"3.1\",destination_service=\"echo2.app.svc.cluster.local\",destination_canonical_service=\"echo-k8s\",destination_canonical_revision=\"3.1\""),
+        "{line}"
+    );
+    assert!(line.contains("destination_cluster=\"unknown\""), "{line}");
+    // Denied before routing: no destination workload, every one of its labels `unknown`.
+    let line = requests_line(&page, &["response_code=\"403\""]);
+    assert!(line.contains(source), "{line}");
+    assert!(
+        line.contains("destination_workload=\"unknown\",destination_workload_namespace=\"unknown\",destination_principal=\"unknown\",destination_app=\"unknown\",destination_version=\"unknown\",destination_service=\"echo.app.svc.cluster.local\",destination_canonical_service=\"unknown\",destination_canonical_revision=\"unknown\",destination_service_name=\"echo\",destination_service_namespace=\"app\",destination_cluster=\"unknown\""),
+        "{line}"
+    );
+    // The same labels on the histograms.
+    for metric in [
+        "istio_request_duration_milliseconds_count{",
+        "istio_request_bytes_count{",
+        "istio_response_bytes_count{",
+    ] {
+        assert!(
+            page.lines().any(|l| l.starts_with(metric)
+                && l.contains(source)
+                && l.contains("destination_cluster=\"west\"")),
+            "{metric} in\n{page}"
+        );
+    }
+    shutdown.drain(Duration::from_millis(200));
+    let _ = handle.join();
+}
