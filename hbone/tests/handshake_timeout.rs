@@ -102,6 +102,27 @@ fn echo_once(addr: SocketAddr, cert: &hbone::ca::WorkloadCert, server: &str, msg
     assert_eq!(got.as_ref(), msg);
 }
 
+/// A blocking rustls client that completes the TLS handshake with `addr` (ALPN h2) and
+/// sends nothing more.
+fn tls_then_silent(
+    addr: SocketAddr,
+    cert: &hbone::ca::WorkloadCert,
+    server: &str,
+) -> (rustls::ClientConnection, TcpStream) {
+    let cfg = hbone::tls::client_config(cert, &[id(server)]).unwrap();
+    let name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
+    let mut conn = rustls::ClientConnection::new(cfg, name).unwrap();
+    let mut tcp = TcpStream::connect(addr).unwrap();
+    tcp.set_read_timeout(Some(BOUND)).unwrap();
+    while conn.is_handshaking() {
+        conn.complete_io(&mut tcp).expect("TLS handshake");
+    }
+    while conn.wants_write() {
+        conn.write_tls(&mut tcp).unwrap();
+    }
+    (conn, tcp)
+}
+
 #[test]
 fn server_closes_silent_and_stalled_handshakes_and_frees_their_descriptors() {
     let ca = ca();
@@ -127,22 +148,41 @@ fn server_closes_silent_and_stalled_handshakes_and_frees_their_descriptors() {
         .write_all(&[0x16, 0x03, 0x01, 0x02, 0x00, 0x01])
         .unwrap();
     silent.push(partial);
-    eventually("six handshake timeouts counted", || {
-        srv.counters.handshake_timeouts.load(SeqCst) == 6
+    // One that completes TLS (a real client certificate) and never sends the HTTP/2
+    // preface.
+    let mut tls_only = tls_then_silent(srv.addr, &client_cert, "server");
+    eventually("seven handshake timeouts counted", || {
+        srv.counters.handshake_timeouts.load(SeqCst) == 7
     });
     for s in &mut silent {
         let got = read_until_closed(s);
         // A stalled ClientHello may get nothing or a TLS alert; never a ServerHello.
         assert!(got.len() < 8, "unexpected answer: {got:?}");
     }
+    // The TLS-only client reads the server's close (close_notify, EOF or reset).
+    let (conn, tcp) = &mut tls_only;
+    tcp.set_read_timeout(Some(BOUND)).unwrap();
+    loop {
+        match conn.read_tls(tcp) {
+            Ok(0) => break,
+            Ok(_) => {
+                if conn.process_new_packets().is_err() {
+                    break;
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break,
+            Err(e) => panic!("the server did not close a connection without HTTP/2: {e}"),
+        }
+    }
     drop(silent);
-    // Every accepted socket of the six was closed by the server: back to the baseline.
+    drop(tls_only);
+    // Every accepted socket of the seven was closed by the server: back to the baseline.
     settle(before);
-    assert_eq!(srv.counters.handshake_timeouts.load(SeqCst), 6);
+    assert_eq!(srv.counters.handshake_timeouts.load(SeqCst), 7);
 
     // It keeps serving, and a handshake that completes in time is not counted.
     echo_once(srv.addr, &client_cert, "server", b"still serving");
-    assert_eq!(srv.counters.handshake_timeouts.load(SeqCst), 6);
+    assert_eq!(srv.counters.handshake_timeouts.load(SeqCst), 7);
 }
 
 /// A TCP peer at one address: the first `silent` connections are accepted and never get a
