@@ -441,14 +441,16 @@ async fn connect_from(src: std::net::IpAddr, dst: SocketAddr) -> std::io::Result
     }
 }
 
-/// Close without leaving a TIME_WAIT on this side: half-close, wait (bounded) for the
-/// other side's close, then close with a zero linger. Once both FINs are exchanged the
-/// socket is in TIME_WAIT; closing it then with linger 0 frees the port at once without a
-/// reset (a reset goes out only from the open states). The loopback mesh binds every client
-/// socket to the client pod's address, where a `bind` to port 0 needs a port free of every
-/// socket on that address, TIME_WAIT ones included: three idle scenarios in a row (9,000 +
-/// 9,000 + 10,000 connections) would otherwise exhaust the 28,232 ephemeral ports.
-/// `Err` when the other side did not close cleanly.
+/// Close cleanly: half-close, wait (bounded) for the other side's close, then close (with a
+/// zero linger, which drops a socket still in CLOSING instead of leaving it to time out; no
+/// reset goes out from there). This side closed first, so each connection stays in TIME_WAIT
+/// here for 60 s: the kernel moves it there itself when the other side's FIN arrives, before
+/// the close (`ss` after an idle run shows one per connection). Through the loopback mesh,
+/// whose client sockets are bound to the client pod's address, every later `bind` to port 0
+/// searches past those ports: idle-connections over hbone right after l4's took 38–49 s to
+/// open its 9,000 connections (7 s for l4's) on a loaded machine, the generator thread
+/// spending ~18 CPU-seconds in `inet_csk_get_port`'s search (perf). `Err` when the other
+/// side did not close cleanly.
 async fn close_quietly(mut s: TcpStream) -> Result<(), String> {
     use std::os::fd::AsRawFd;
     s.shutdown()
