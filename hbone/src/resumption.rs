@@ -40,7 +40,7 @@ pub const SESSION_SERVERS: usize = 128;
 
 /// Tickets kept per (client config, server): concurrent new connections to one server
 /// each take one (a ticket is used once), and each connection brings one back.
-pub const TICKETS_PER_SERVER: usize = 4;
+pub const TICKETS_PER_SERVER: usize = 8;
 
 const KEY_ID_LEN: usize = 8;
 const HEADER_LEN: usize = KEY_ID_LEN + 8;

@@ -386,3 +386,36 @@ fn tls_resumption_knob_parses() {
         hbone::tls::DEFAULT_RESUMPTION
     );
 }
+
+/// The cold path (`Client::connect_and_open`: the first CONNECT rides with the client's
+/// Finished, the client dropped once the stream is done) resumes too.
+#[test]
+fn connect_and_open_resumes() {
+    let ca = ca();
+    let client = cert(&ca, "client");
+    let srv = echo_server(&cert(&ca, "server"));
+    let addr = srv.addr;
+    let counters = TlsCounters::default();
+    block_on(DriverKind::Uring, async {
+        for _ in 0..3 {
+            let tls = client_config_to(&client, &[id("server")], addr, true).unwrap();
+            let opts = hbone::client::default_socket_options();
+            let req = ConnectRequest::new("10.1.2.3:80".parse().unwrap());
+            let (_client, s) =
+                Client::connect_and_open(addr, tls, &H2Settings::default(), &counters, &opts, &req)
+                    .await
+                    .unwrap();
+            let (mut w, mut r) = s.split();
+            w.write_all(Bytes::from_static(b"cold"), true)
+                .await
+                .unwrap();
+            let mut got = Vec::new();
+            while let Some(chunk) = r.read().await {
+                got.extend_from_slice(&chunk.unwrap());
+            }
+            assert_eq!(got, b"cold");
+        }
+    });
+    assert_eq!(counts(&counters), (1, 2));
+    server_counts(&srv, (1, 2));
+}

@@ -38,6 +38,7 @@
 //! | `h2.pool_idle_timeout` | duration | 5m | client pool: close an unused connection |
 //! | `h2.chunk_size` | bytes | 64 KiB | largest read from TCP, i.e. largest DATA frame sent (reads start at 16 KiB and double while they fill); 256 KiB measured worse (more kernel work per GB) |
 //! | `h2.tls_send_buffer` | bytes | 256 KiB | encrypted TLS records buffered per socket write (one `writev` per DATA frame) |
+//! | `h2.tls_resumption` | bool | true | TLS 1.3 session resumption between HBONE peers: a server sends one stateless ticket per handshake (its own AES-256-GCM key per server config, replaced with the certificate; valid ≤ 1 h and never past the certificate), a client keeps ≤ 8 tickets per destination IP per (source identity, expected destination identities) on each worker (≤ 128 such entries) and resumes with one: both sides skip the certificate signatures and checks (ECDHE stays); the server still gets the client's certificate and identity (from the ticket, re-checked for expiry). false: full handshakes only, a server sends no ticket |
 //!
 //! Unknown keys are errors naming the file, line and field.
 //!
