@@ -646,9 +646,9 @@ fn refit(
         .iter()
         .position(|(i, p, _)| *i == id && *p == path.name());
     let before = slot.map(|i| ctx.sizing[i].2.clone());
-    // (A peer's run right after another's used to time out its upstream connects: that was
-    // the other peer's TIME_WAIT sockets in the peer pod, see `crate::peer::tune_pod`.)
-    // What a fit decides (the counts in its reason may move with what is held).
+    // What a fit decides (the counts in its reason may move with what is held). (A peer's
+    // run right after another's timed out its upstream connects even after this wait: the
+    // other peer's TIME_WAIT sockets in the peer pod did, see `crate::peer::tune_pod`.)
     let decides = |z: &Option<crate::fds::Sizing>| z.as_ref().map(|z| (z.connections, z.skipped));
     let mut settle = crate::fds::Settle::new(ctx.fd_baseline, held(), Instant::now());
     while !settle.settled(
@@ -686,7 +686,7 @@ fn refit(
     Ok(fresh)
 }
 
-/// How long a memory run waits for the harness's descriptors to come back to the start's.
+/// How long a memory run waits at most for the harness's descriptors to settle.
 pub const FD_SETTLE: Duration = Duration::from_secs(20);
 
 /// A run before anything was measured.
