@@ -188,6 +188,10 @@ pub struct Rule {
 }
 
 /// What a policy is attached to.
+///
+/// The running waypoint enforces only [`Attachment::Targets`], as Istio's waypoints do:
+/// [`crate::config`] sets the others aside (`ignored_policies`, warned about at load) for
+/// the destination's ztunnel; their evaluation here serves tools and tests.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Attachment {
     /// `targetRefs`: Gateways (this waypoint) and Services, in the policy's namespace.

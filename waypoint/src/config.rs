@@ -10,11 +10,12 @@
 //! | no `apiVersion`/`kind`, a `waypoint:` key | — | [`SettingsDoc`], exactly one for the binary |
 //! | no `apiVersion`/`kind`, no `waypoint:` key | — | mesh-model's local config (`namespaces`, `workloads`, `services`, `policies`, `waypoints`, `nodes`; see the `mesh_model` crate docs), at most one |
 //!
-//! An `AuthorizationPolicy` with a workload `selector` (no `targetRefs`) is loaded and
-//! checked but not enforced, as in Istio, whose waypoints enforce only `targetRefs`
-//! policies (the destination's ztunnel enforces `selector` ones at L4, with the
-//! waypoint's identity as the source): each is logged as a warning naming the file, line
-//! and document, and shown as `waypoint_policies_ignored` on the stats page.
+//! An `AuthorizationPolicy` without `targetRefs` (a workload `selector`, or none: the
+//! whole namespace, or the mesh from the root namespace) is loaded and checked but not
+//! enforced, as in Istio, whose waypoints enforce only `targetRefs` policies (the
+//! destination's ztunnel enforces the others at L4, with the waypoint's identity as the
+//! source): each is logged as a warning naming the file, line and document, and shown as
+//! `waypoint_policies_ignored` on the stats page.
 //!
 //! An `HTTPRoute` whose `parentRefs` name a Service in its own namespace is a GAMMA
 //! *producer* route (for every client); one naming a Service of another namespace is a
@@ -117,15 +118,16 @@ pub struct ServiceLb {
 }
 
 /// An AuthorizationPolicy the waypoint does not enforce, as Istio's waypoints do not: one
-/// with a workload `selector` (enforced by the destination's ztunnel at L4).
+/// with a workload `selector`, or a namespace-wide one (neither `selector` nor
+/// `targetRefs`); the destination's ztunnel enforces those at L4.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct IgnoredPolicy {
     pub id: ObjectRef,
     /// Counted from 1, as in errors.
     pub document: usize,
-    /// Line of `spec.selector` in the whole file.
+    /// Line of `spec.selector` (else of `spec`) in the whole file.
     pub line: usize,
-    /// `selector`.
+    /// `selector` or `no_target_refs`.
     pub reason: &'static str,
 }
 
@@ -134,7 +136,7 @@ impl WaypointConfig {
     /// text (a gauge: the current configuration's).
     pub fn ignored_policies_prometheus(&self) -> String {
         let mut out = String::from(
-            "# HELP waypoint_policies_ignored AuthorizationPolicies of the current configuration not enforced by the waypoint (selector policies: the destination ztunnel enforces them).\n# TYPE waypoint_policies_ignored gauge\n",
+            "# HELP waypoint_policies_ignored AuthorizationPolicies of the current configuration not enforced by the waypoint (selector and namespace-wide policies: the destination ztunnel enforces them).\n# TYPE waypoint_policies_ignored gauge\n",
         );
         for p in &self.ignored_policies {
             out.push_str(&format!(
@@ -320,26 +322,34 @@ pub fn load_str(file: &Path, text: &str, version: u64) -> Result<WaypointConfig,
                     )));
                 }
                 let policy = compile_policy(&d).map_err(invalid)?;
-                if let Attachment::Selector(_) = policy.attachment {
-                    // Istio: a waypoint never uses `selector` policies (only `targetRefs`
-                    // ones); the destination's ztunnel enforces them at L4. Said out loud,
-                    // never taken as enforced here.
-                    let line = locate(&doc, "spec.selector").unwrap_or(1) + start - 1;
+                let ignored = match policy.attachment {
+                    Attachment::Targets { .. } => None,
+                    Attachment::Selector(_) => Some(("selector", "spec.selector")),
+                    Attachment::Namespace => Some(("no_target_refs", "spec")),
+                };
+                if let Some((reason, field)) = ignored {
+                    // Istio: a waypoint applies only `targetRefs` policies (its Gateway, its
+                    // Services); `selector` and namespace-wide ones are enforced by the
+                    // destination's ztunnel at L4, where traffic through a waypoint arrives
+                    // with the waypoint's identity. Said out loud, never taken as enforced.
+                    let line = locate(&doc, field).unwrap_or(1) + start - 1;
                     tracing::warn!(
                         file = %file.display(),
                         line,
                         document = index,
                         policy = %format!("{}/{}", policy.id.namespace, policy.id.name),
-                        "AuthorizationPolicy with `selector` ignored by the waypoint (Istio: \
-                         waypoints enforce only `targetRefs` policies; selector policies are \
-                         enforced by the destination's ztunnel at L4: give them to the ztunnel \
-                         as `policies[].selector`, or attach this one with targetRefs)"
+                        reason,
+                        "AuthorizationPolicy without targetRefs ignored by the waypoint (Istio: \
+                         waypoints enforce only `targetRefs` policies; selector and \
+                         namespace-wide policies are enforced by the destination's ztunnel at \
+                         L4: give them to the ztunnel as `policies[]` (with `selector`), or \
+                         attach this one to the waypoint or a Service with targetRefs)"
                     );
                     cfg.ignored_policies.push(IgnoredPolicy {
                         id: policy.id,
                         document: index,
                         line,
-                        reason: "selector",
+                        reason,
                     });
                 } else {
                     cfg.policies.push(policy);

@@ -379,8 +379,8 @@ fn evaluation_order() {
     let r = req();
     // No policy: allowed.
     assert!(allowed(&[], &r));
-    // ALLOW with no rules allows nothing.
-    let ps = policies("apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: deny-all}\nspec: {}\n");
+    // ALLOW with no rules allows nothing (attached: a waypoint ignores namespace-wide ones).
+    let ps = policies(&on_waypoint("ALLOW", "    []\n"));
     assert!(!allowed(&ps, &r));
     // DENY with no rules denies nothing.
     let ps = policies(&on_waypoint("DENY", "    []\n"));
@@ -441,9 +441,10 @@ fn attachment_target_refs_selector_and_namespace() {
         (deny("  selector: {matchLabels: {app: echo}}\n", "default"), None, Some(("default", &other)), false),
         (deny("  selector: {matchLabels: {app: echo}}\n", "elsewhere"), None, Some(("default", &labels)), false),
         (deny("  selector: {matchLabels: {app: echo}}\n", "istio-system"), None, Some(("default", &labels)), false),
-        (deny("", "default"), Some("echo"), None, true),
+        // Nor namespace-wide ones (no selector, no targetRefs): the destination ztunnel's.
+        (deny("", "default"), Some("echo"), None, false),
         (deny("", "elsewhere"), Some("echo"), None, false),
-        (deny("", "istio-system"), Some("echo"), None, true),
+        (deny("", "istio-system"), Some("echo"), None, false),
     ];
     for (yaml, svc, wl, denied) in table {
         let ps = policies(&yaml);

@@ -4,8 +4,9 @@
 //! waypoint's identity ("Selector | waypoint | destination ztunnel" in Istio's L4 policy
 //! docs).
 //!
-//! * The waypoint loads such a policy, warns and shows it as `waypoint_policies_ignored`
-//!   (document and line) on its stats page; it is not in its enforced set.
+//! * The waypoint loads such a policy (and a namespace-wide one: no `targetRefs` either),
+//!   warns and shows it as `waypoint_policies_ignored` (document and line) on its stats
+//!   page; it is not in its enforced set.
 //! * The real ztunnel (in process, on loopback), given the same selector as a mesh-model
 //!   policy, denies a CONNECT from the waypoint's identity to a pod whose labels match and
 //!   lets one to a pod whose labels do not through, bytes echoed.
@@ -33,14 +34,26 @@ spec:
   - from: [{source: {principals: [cluster.local/ns/app/sa/wp]}}]
 "#;
 
-/// The waypoint's file: the mesh model, then the selector policy (document 2).
+/// Istio's "only through my waypoint" policy for ztunnel: namespace-wide (no selector, no
+/// targetRefs). Enforced at the waypoint it would deny every client.
+const NAMESPACE_ALLOW: &str = r#"apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: only-from-waypoint, namespace: app}
+spec:
+  action: ALLOW
+  rules:
+  - from: [{source: {principals: [cluster.local/ns/app/sa/waypoint]}}]
+"#;
+
+/// The waypoint's file: the mesh model, then the selector policy (document 2), then the
+/// namespace-wide one (document 3).
 fn waypoint_file() -> String {
     let model = common::app_model(
         Ipv4Addr::new(127, 0, 0, 1),
         "  - {name: echo, namespace: app, workloadIps: [\"10.1.0.20\"], labels: {app: echo}}\n",
         "  []\n",
     );
-    format!("{model}---\n{SELECTOR_DENY}")
+    format!("{model}---\n{SELECTOR_DENY}---\n{NAMESPACE_ALLOW}")
 }
 
 #[test]
@@ -48,7 +61,12 @@ fn r15_waypoint_ignores_selector_policies_and_says_so() {
     let text = waypoint_file();
     let cfg = waypoint::config::load_str(std::path::Path::new("w.yaml"), &text, 1).unwrap();
     assert!(cfg.policies.is_empty(), "{:?}", cfg.policies);
-    assert_eq!(cfg.ignored_policies.len(), 1);
+    assert_eq!(cfg.ignored_policies.len(), 2);
+    let ns = &cfg.ignored_policies[1];
+    assert_eq!(
+        (ns.id.name.as_str(), ns.document, ns.reason),
+        ("only-from-waypoint", 3, "no_target_refs")
+    );
     let p = &cfg.ignored_policies[0];
     assert_eq!(
         (
@@ -65,6 +83,14 @@ fn r15_waypoint_ignores_selector_policies_and_says_so() {
         .unwrap()
         + 1;
     assert_eq!(p.line, line);
+    let ns_line = text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| *l == "spec:")
+        .map(|(i, _)| i + 1)
+        .last()
+        .unwrap();
+    assert_eq!(ns.line, ns_line);
     // The pod's labels reach the model the waypoint checks targets with.
     let snap = cfg.mesh.as_ref().unwrap();
     let w = snap.workload("app/echo").unwrap();
@@ -94,6 +120,13 @@ fn r15_waypoint_ignores_selector_policies_and_says_so() {
         "waypoint_policies_ignored{{policy=\"app/deny-echo\",document=\"2\",line=\"{line}\",reason=\"selector\"}} 1"
     );
     assert!(body.contains(&want), "{body}");
+    assert!(
+        body.contains(&format!(
+            "waypoint_policies_ignored{{policy=\"app/only-from-waypoint\",document=\"3\",line=\"{}\",reason=\"no_target_refs\"}} 1",
+            ns_line
+        )),
+        "{body}"
+    );
     shutdown.drain(Duration::from_millis(200));
     let _ = handle.join();
     let _ = std::fs::remove_dir_all(&dir);
