@@ -90,6 +90,9 @@ where
         Ok(c) => c,
         Err(e) => return H2End::Error(e),
     };
+    // The `x-forwarded-for` of the tunnel's requests that bring none, made once: each
+    // request then shares its bytes.
+    let xff = http::HeaderValue::try_from(ctx.source_ip.to_string()).ok();
     loop {
         match conn.accept().await {
             None => return H2End::Closed,
@@ -101,6 +104,7 @@ where
                 runtime::busy::spawn_tracked(Box::pin(request(
                     cfg.clone(),
                     ctx.clone(),
+                    xff.clone(),
                     up,
                     rng,
                     req,
@@ -242,9 +246,11 @@ fn add_header(mut head: Vec<u8>, line: &str) -> Vec<u8> {
     head
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn request<U: Upstream>(
     cfg: Arc<WaypointConfig>,
     ctx: Rc<TunnelCtx>,
+    client_xff: Option<http::HeaderValue>,
     mut up: U,
     mut rng: SplitMix64,
     req: http::Request<RecvStream>,
@@ -297,6 +303,7 @@ async fn request<U: Upstream>(
                     &head,
                     &forward,
                     ctx.source_ip,
+                    client_xff.as_ref(),
                     &mut respond,
                     head_request,
                     &mut rng,
@@ -487,6 +494,7 @@ async fn forward_h2<U: Upstream>(
     head: &RequestHead,
     fwd: &Forward,
     client: std::net::IpAddr,
+    client_xff: Option<&http::HeaderValue>,
     respond: &mut SendResponse<Bytes>,
     head_request: bool,
     rng: &mut SplitMix64,
@@ -558,11 +566,12 @@ async fn forward_h2<U: Upstream>(
             .headers
             .get("x-forwarded-for")
             .and_then(|v| v.to_str().ok());
-        let v = match prior {
-            Some(p) => format!("{p}, {client}"),
-            None => client.to_string(),
-        };
-        http::HeaderValue::try_from(v).map_err(io::Error::other)
+        match (prior, client_xff) {
+            (None, Some(own)) => Ok(own.clone()),
+            (Some(p), _) => http::HeaderValue::try_from(format!("{p}, {client}")),
+            (None, None) => http::HeaderValue::try_from(client.to_string()),
+        }
+        .map_err(io::Error::other)
     };
     // The request is assembled field by field (no `http::request::Builder`, which
     // re-validates every header it is given): the client's fields are already valid.
@@ -1086,7 +1095,16 @@ mod tests {
     fn stream_futures_are_not_over_aligned() {
         let stream = || {
             let (cfg, ctx, req, respond, on_bad) = never();
-            request(cfg, ctx, NoUpstream, SplitMix64(1), req, respond, on_bad)
+            request(
+                cfg,
+                ctx,
+                None,
+                NoUpstream,
+                SplitMix64(1),
+                req,
+                respond,
+                on_bad,
+            )
         };
         let forward = || {
             let (up, body, parts, head, fwd, respond): (
@@ -1100,7 +1118,7 @@ mod tests {
             let rng: &'static mut SplitMix64 = never();
             let client = std::net::IpAddr::from([10, 0, 0, 1]);
             forward_h2(
-                up, body, parts, head, fwd, client, respond, false, rng, None,
+                up, body, parts, head, fwd, client, None, respond, false, rng, None,
             )
         };
         for (what, (size, align)) in [

@@ -956,7 +956,7 @@ struct HboneUpstream {
     /// Who called (for telemetry), and what the tunnel was addressed to.
     peer: Rc<Peer>,
     /// The service and endpoint workload of the current request's last try.
-    last: Option<(Option<ObjectRef>, String)>,
+    last: Option<Rc<Dest>>,
     /// This tunnel's recent metric label sets: (status, flags, `last`) → counters, so a
     /// keep-alive tunnel builds its labels once.
     metric_cache: MetricCache,
@@ -975,7 +975,27 @@ struct HboneUpstream {
     h2_use: Option<H2Use>,
 }
 
-type MetricKey = (u16, &'static str, Option<(Option<ObjectRef>, String)>);
+/// A request's destination for telemetry: the routed service (none: the tunnel's pod) and
+/// the endpoint workload that answered. Shared: a tunnel's requests to one endpoint reuse
+/// one copy ([`set_last`]).
+type Dest = (Option<ObjectRef>, String);
+
+type MetricKey = (u16, &'static str, Option<Rc<Dest>>);
+
+/// Make `last` (service `svc`, endpoint workload `uid`), reusing the copy already there or
+/// in the tunnel's metric `cache` (an HTTP/2 tunnel's upstream is made per request): no
+/// allocation once the tunnel has sent one request there.
+fn set_last(last: &mut Option<Rc<Dest>>, cache: &MetricCache, svc: &ObjectRef, uid: &str) {
+    let is = |d: &Dest| matches!(d, (Some(s), u) if s == svc && u == uid);
+    if last.as_deref().is_some_and(is) {
+        return;
+    }
+    let shared = cache
+        .borrow()
+        .iter()
+        .find_map(|(k, _)| k.2.as_ref().filter(|d| is(d)).cloned());
+    *last = Some(shared.unwrap_or_else(|| Rc::new((Some(svc.clone()), uid.to_string()))));
+}
 
 /// A tunnel's recent label sets, shared by its requests (HTTP/2 streams included).
 type MetricCache = Rc<RefCell<Vec<(MetricKey, Arc<crate::telemetry::RequestCounters>)>>>;
@@ -1073,10 +1093,7 @@ impl Upstream for HboneUpstream {
                         io::Error::other(format!("{}/{} has no endpoints", svc.namespace, svc.name))
                     })?;
                 // The telemetry destination; copied only when it changed.
-                let same = matches!(&self.last, Some((Some(s), uid)) if s == svc && *uid == ep.workload_uid);
-                if !same {
-                    self.last = Some((Some(svc.clone()), ep.workload_uid.clone()));
-                }
+                set_last(&mut self.last, &self.metric_cache, svc, &ep.workload_uid);
                 self.current = Some((*port, i));
                 (ep.hbone, ep.authority)
             }
@@ -1090,7 +1107,7 @@ impl Upstream for HboneUpstream {
                     .ok_or_else(|| io::Error::other("target pod left the model"))?;
                 self.current = None;
                 let key = (ep.hbone, ep.authority);
-                self.last = Some((None, ep.workload_uid));
+                self.last = Some(Rc::new((None, ep.workload_uid)));
                 key
             }
         };
@@ -1113,7 +1130,7 @@ impl Upstream for HboneUpstream {
             return Ok((UpConn { s, key }, true));
         }
         // A new stream (the endpoint's identity is needed only now).
-        let uid = self.last.as_ref().map_or("", |l| l.1.as_str());
+        let uid = self.last.as_deref().map_or("", |l| l.1.as_str());
         // Boxed: a new stream (a connection's TLS handshake, perhaps) is the rare case; its
         // future would otherwise size every request's.
         let s = Box::pin(self.open(key.0, key.1, uid)).await?;
@@ -1135,7 +1152,8 @@ impl Upstream for HboneUpstream {
         }
         // One clock read for the balancer and the pool.
         let now = Instant::now();
-        if let (Some((port, i)), Some((Some(svc), _))) = (self.current.take(), &self.last) {
+        if let (Some((port, i)), Some((Some(svc), _))) = (self.current.take(), self.last.as_deref())
+        {
             let verdict = outlier_verdict(status, error);
             self.worker
                 .balancers
@@ -1185,13 +1203,9 @@ impl Upstream for HboneUpstream {
                 .ok_or_else(|| {
                     io::Error::other(format!("{}/{} has no endpoints", svc.namespace, svc.name))
                 })?;
-            // The telemetry destination; copied only when it changed (the endpoint's
-            // identity is looked up only for a new connection).
-            let same =
-                matches!(&self.last, Some((Some(s), uid)) if s == svc && *uid == ep.workload_uid);
-            if !same {
-                self.last = Some((Some(svc.clone()), ep.workload_uid.clone()));
-            }
+            // The telemetry destination, shared when known (the endpoint's identity is
+            // looked up only for a new connection).
+            set_last(&mut self.last, &self.metric_cache, svc, &ep.workload_uid);
             self.current = Some((port, i));
             (ep.hbone, ep.authority)
         };
@@ -1314,7 +1328,7 @@ impl Upstream for HboneUpstream {
         // The destination: the routed service and the endpoint that answered; else what
         // the tunnel was addressed to.
         let (service, workload) = match (&last, &p.destination) {
-            (Some((svc, uid)), _) => (svc.clone(), snap.and_then(|s| s.workload(uid))),
+            (Some(d), _) => (d.0.clone(), snap.and_then(|s| s.workload(&d.1))),
             (None, http1::Destination::Service { service, .. }) => (Some(service.clone()), None),
             (None, http1::Destination::Workload { .. }) => {
                 (None, snap.and_then(|s| s.workload_by_ip(self.target.ip())))
@@ -1430,7 +1444,10 @@ impl HboneUpstream {
             .map(|(n, v)| (n.as_str(), v.as_str()))
             .collect();
         let (ep, picked) = self.choose(snap, service, &hdrs)?;
-        self.last = Some((service.map(|s| s.0.clone()), ep.workload_uid.clone()));
+        self.last = Some(Rc::new((
+            service.map(|s| s.0.clone()),
+            ep.workload_uid.clone(),
+        )));
         self.routed = true;
         let close = head
             .header("connection")
@@ -1589,7 +1606,7 @@ impl HboneUpstream {
         key: (SocketAddr, SocketAddr),
     ) -> io::Result<(h2::client::SendRequest<Bytes>, H2Use)> {
         // The expiry of the service this request goes to (its DestinationRule).
-        let service = self.last.as_ref().and_then(|(svc, _)| svc.as_ref());
+        let service = self.last.as_deref().and_then(|(svc, _)| svc.as_ref());
         let expiry = self.l7.idle_expiry(service);
         loop {
             let slot = self.worker.h2_clients.borrow().get(&key).cloned();
@@ -1628,7 +1645,7 @@ impl HboneUpstream {
         &self,
         key: (SocketAddr, SocketAddr),
     ) -> io::Result<h2::client::SendRequest<Bytes>> {
-        let uid = self.last.as_ref().map_or("", |l| l.1.as_str());
+        let uid = self.last.as_deref().map_or("", |l| l.1.as_str());
         let s = self.open(key.0, key.1, uid).await?;
         let io = inner::StreamIo::new(s, Bytes::new());
         let (send, conn) = self
@@ -1871,7 +1888,7 @@ impl HboneUpstream {
     fn keep(&mut self, key: (SocketAddr, SocketAddr), s: H2Stream, reusable: bool, now: Instant) {
         if reusable {
             // The expiry of the service this request went to (its DestinationRule).
-            let service = self.last.as_ref().and_then(|(svc, _)| svc.as_ref());
+            let service = self.last.as_deref().and_then(|(svc, _)| svc.as_ref());
             let expiry = self.l7.idle_expiry(service);
             self.worker
                 .idle
