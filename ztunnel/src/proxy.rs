@@ -13,8 +13,9 @@
 //!   end (401 → `02`, 503 → `05`) reaches the client.
 //! - **inbound HBONE**: peer identity from mTLS, our certificate chosen by the address the
 //!   connection was made to (below); the source address for policy is the socket's peer,
-//!   or the CONNECT's `forwarded: for=` when the peer is the destination's own waypoint
-//!   (`policy_source_ip`); [`mesh_model::route::inbound`] decides:
+//!   or the CONNECT's `forwarded: for=` when the peer is the destination's own waypoint or
+//!   the client's node ztunnel speaking for it (from its `nodes[].ztunnel` address, with
+//!   the client's identity) (`policy_source_ip`); [`mesh_model::route::inbound`] decides:
 //!   not a captured workload of this node → 400; deny → 401 (counted and logged with the
 //!   policy); hairpin → HBONE to the destination's waypoint (R12) as the ztunnel identity;
 //!   allow → connect to the pod (503 on failure) and bridge.
@@ -1118,11 +1119,17 @@ fn deny_policy(v: &mesh_model::authz::Verdict) -> String {
 
 /// The source address an inbound HBONE stream is authorized with (`ipBlocks`), re-checked
 /// with on reloads and forwarded on an R12 hairpin. The CONNECT's `forwarded: for=` is the
-/// original client only when the peer proved the identity of the destination's own
-/// waypoint: that hop took the client's connection itself (as Istio's ztunnel, which trusts
-/// `Forwarded` from its waypoint alone). From any other peer the socket's peer address
-/// counts, so holding a mesh certificate does not let a caller choose the address a DENY
-/// `ipBlocks` is matched against.
+/// original client only from a hop that took the client's connection itself:
+///
+/// - the destination's own **waypoint** (peer identity = its waypoint's), as Istio's
+///   ztunnel, which trusts `Forwarded` from its waypoint;
+/// - the client's **node ztunnel speaking for it** (`node_ztunnel_for`): this ztunnel opens
+///   tunnels from its node's address, not the pod's (Istio's in-pod mode uses the pod's),
+///   so a captured pod-to-pod connection arrives from the client node's ztunnel address
+///   with the client's certificate and the client's address in `for=`.
+///
+/// From any other peer the socket's peer address counts, so holding a mesh certificate
+/// does not let a caller choose the address a DENY `ipBlocks` is matched against.
 fn policy_source_ip(
     snap: &Snapshot,
     peer: Option<&Identity>,
@@ -1131,20 +1138,42 @@ fn policy_source_ip(
     target: SocketAddr,
 ) -> IpAddr {
     let socket = peer_addr.ip().to_canonical();
-    let Some(claimed) = forwarded_for else {
+    let (Some(claimed), Some(peer)) = (forwarded_for.map(|f| f.to_canonical()), peer) else {
         return socket;
     };
+    if claimed == socket {
+        return socket;
+    }
     let from_waypoint = snap
         .workload_by_ip(target.ip())
         .and_then(|w| w.waypoint.as_ref())
         .and_then(|wp| wp.identity.as_ref())
-        .zip(peer)
-        .is_some_and(|(waypoint, peer)| waypoint == peer);
-    if from_waypoint {
+        .is_some_and(|waypoint| waypoint == peer);
+    if from_waypoint || node_ztunnel_for(snap, peer, claimed, socket) {
         claimed
     } else {
         socket
     }
+}
+
+/// `socket` is the ztunnel address (`nodes[].ztunnel`) of the node the model runs the
+/// captured workload at `claimed` on, and that workload's identity is `peer`, the one the
+/// connection proved: only that node's ztunnel holds the workload's certificate and sends
+/// from that address. An unknown or uncaptured workload, another identity, a node the
+/// model has no ztunnel address for, or any other address: false. Lookups only, no
+/// allocation.
+fn node_ztunnel_for(snap: &Snapshot, peer: &Identity, claimed: IpAddr, socket: IpAddr) -> bool {
+    let Some(w) = snap.workload_by_ip(claimed) else {
+        return false;
+    };
+    let same_identity = w.trust_domain == peer.trust_domain
+        && w.namespace == peer.namespace
+        && w.service_account == peer.service_account;
+    w.captured()
+        && same_identity
+        && snap
+            .node(&w.node)
+            .is_some_and(|n| n.ztunnel.to_canonical() == socket)
 }
 
 /// One CONNECT stream of an inbound HBONE connection; `conn` = (the identity the

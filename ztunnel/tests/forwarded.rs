@@ -276,3 +276,103 @@ fn r6_outbound_connect_carries_istios_baggage_for_the_source_workload() {
         )
     );
 }
+
+/// A DENY on each of `addrs` for the server pod's namespace (`ns-b`).
+fn deny_sources(addrs: &[IpAddr]) -> String {
+    let blocks: Vec<String> = addrs.iter().map(|a| format!("\"{a}/32\"")).collect();
+    format!(
+        r#"
+  - name: deny-addrs
+    namespace: ns-b
+    scope: Namespace
+    action: Deny
+    rules: [[[{{sourceIps: [{}]}}]]]
+"#,
+        blocks.join(", ")
+    )
+}
+
+#[test]
+fn r9_the_clients_node_ztunnel_is_believed_for_the_pod_address_it_speaks_for() {
+    let net = Net { n: 146 };
+    let t = Topo::new(146, &deny_sources(&[net.client()]));
+    let _server = Pod::start(t.net.server(), "server");
+    let zt_b = SocketAddr::new(t.net.zt_b(), 15008);
+    // Node A's ztunnel (its `nodes[]` address) with the client's certificate, for the
+    // client pod that the model runs on node A: the pod's address counts, denied.
+    let (status, _) = hbone_from(
+        &t.ca(),
+        CLIENT_ID,
+        t.net.zt_a(),
+        zt_b,
+        t.net.server(),
+        Some(t.net.client()),
+    );
+    assert_eq!(status, 401);
+    // The same hop with no `for=`: its own address, allowed.
+    let (status, line) = hbone_from(&t.ca(), CLIENT_ID, t.net.zt_a(), zt_b, t.net.server(), None);
+    assert_eq!((status, line.as_str()), (200, "server"));
+    let b = t.stats_b();
+    assert_eq!(
+        metric(
+            &b,
+            "ztunnel_authorization_denied_total",
+            &[("transport", "hbone"), ("policy", "ns-b/deny-addrs")]
+        ),
+        1
+    );
+}
+
+#[test]
+fn r9_forwarded_for_is_not_believed_from_the_wrong_node_address_or_identity() {
+    let net = Net { n: 147 };
+    let unknown = net.ip(1, 99);
+    let t = Topo::new(
+        147,
+        &deny_sources(&[net.client(), net.legacy_client(), unknown]),
+    );
+    let _server = Pod::start(t.net.server(), "server");
+    let zt_b = SocketAddr::new(t.net.zt_b(), 15008);
+    let other_sa = "spiffe://cluster.local/ns/ns-a/sa/other";
+    let legacy_id = "spiffe://cluster.local/ns/legacy/sa/default";
+    let (client, zt_a) = (net.client(), net.zt_a());
+    let cases: [(&str, &str, IpAddr, IpAddr); 6] = [
+        // The client's identity from an address near node A's that is not its ztunnel's.
+        ("client id, other address", CLIENT_ID, net.ip(1, 50), client),
+        // … from node B's ztunnel address (the model runs the client on node A).
+        ("client id, node B's address", CLIENT_ID, net.zt_b(), client),
+        // Node A's ztunnel address with another identity of the client's namespace …
+        ("other identity, node A", other_sa, zt_a, client),
+        // … or the ztunnel's own identity (trusted from the destination's waypoint only).
+        ("ztunnel identity, node A", ZTUNNEL_ID, zt_a, client),
+        // A `for=` naming no workload of the model.
+        ("unknown workload", CLIENT_ID, zt_a, unknown),
+        // An uncaptured workload of node A: its node ztunnel never speaks for it.
+        ("uncaptured workload", legacy_id, zt_a, net.legacy_client()),
+    ];
+    for (what, id, from, claimed) in cases {
+        let (status, line) = hbone_from(&t.ca(), id, from, zt_b, t.net.server(), Some(claimed));
+        assert_eq!(
+            (status, line.as_str()),
+            (200, "server"),
+            "{what}: {id} from {from} claiming {claimed}"
+        );
+    }
+    let b = t.stats_b();
+    assert_eq!(
+        metric(
+            &b,
+            "ztunnel_authorization_denied_total",
+            &[("transport", "hbone")]
+        ),
+        0
+    );
+    assert_eq!(
+        metric(
+            &b,
+            "ztunnel_connection_paths_total",
+            &[("direction", "inbound"), ("route", "hbone_allow")]
+        ),
+        6
+    );
+}

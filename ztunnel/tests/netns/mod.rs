@@ -2,8 +2,8 @@
 //!
 //! ```text
 //!  pod ns "client" 10.1.0.2 ──veth── node ns A (ztunnel) ──veth── node ns B (ztunnel) ──veth── pod ns "server" 10.2.0.2
-//!  pod ns "legacy-client" 10.1.0.3 ─┘   192.168.100.1     192.168.100.2   ├─ server2 10.2.0.3, legacy 10.2.0.4
-//!                                                                          └─ wpod 10.2.0.5, waypoint 10.2.0.10
+//!  pod ns "legacy-client" 10.1.0.3 ─┤   192.168.100.1     192.168.100.2   ├─ server2 10.2.0.3, legacy 10.2.0.4
+//!  pod ns "client2" 10.1.0.4 ────────┘                                    └─ wpod 10.2.0.5, waypoint 10.2.0.10
 //! ```
 //!
 //! Built with `netlab::TwoNodes` (routed pods: every pod packet crosses its node's
@@ -141,6 +141,8 @@ impl Server {
 pub const PODS: &[Pod] = &[
     Pod::new("client", 0, [10, 1, 0, 2], true),
     Pod::new("legacy-client", 0, [10, 1, 0, 3], false),
+    // A second captured pod of node A, same namespace and service account as "client".
+    Pod::new("client2", 0, [10, 1, 0, 4], true),
     Pod::new("server", 1, [10, 2, 0, 2], true),
     Pod::new("server2", 1, [10, 2, 0, 3], true),
     Pod::new("legacy", 1, [10, 2, 0, 4], false),
@@ -246,6 +248,7 @@ waypoints:
 workloads:
   - {{name: client, namespace: ns-a, serviceAccount: client, workloadIps: [{}], node: node-a}}
   - {{name: legacy-client, namespace: legacy, workloadIps: [{}], node: node-a}}
+  - {{name: client2, namespace: ns-a, serviceAccount: client, workloadIps: [{}], node: node-a}}
   - {{name: server, namespace: ns-b, serviceAccount: server, workloadIps: [{}], node: node-b}}
   - {{name: server2, namespace: ns-b, serviceAccount: server, workloadIps: [{}], node: node-b}}
   - {{name: legacy, namespace: legacy, workloadIps: [{}], node: node-b}}
@@ -274,6 +277,7 @@ policies: {policies}
 "#,
         ip("client"),
         ip("legacy-client"),
+        ip("client2"),
         ip("server"),
         ip("server2"),
         ip("legacy"),
@@ -294,6 +298,12 @@ impl World {
     /// Build the namespaces, install capture rules, start both ztunnels (node B with
     /// `policies_b`, a YAML list) and wait for their READY lines.
     pub fn new(tag: &str, policies_b: &str) -> World {
+        World::with_mesh(tag, policies_b, "")
+    }
+
+    /// As [`World::new`], with `extra` (top-level YAML, e.g. `nodes:`) appended to both
+    /// nodes' mesh.
+    pub fn with_mesh(tag: &str, policies_b: &str, extra: &str) -> World {
         let mut lab = Lab::for_test("zt", tag).unwrap();
         let dir = lab.dir().expect("the test's folder").to_path_buf();
         let ca_dir = dir.join("ca");
@@ -305,7 +315,7 @@ impl World {
             nodes,
             lab,
         };
-        w.start_ztunnels(policies_b);
+        w.start_ztunnels(policies_b, extra);
         w
     }
 
@@ -318,7 +328,7 @@ impl World {
     }
 
     /// Capture rules (from the config: R2) and ztunnels.
-    fn start_ztunnels(&mut self, policies_b: &str) {
+    fn start_ztunnels(&mut self, policies_b: &str, extra: &str) {
         for i in 0..2 {
             let name = ["node-a", "node-b"][i];
             let policies = if i == 1 { policies_b } else { "[]" };
@@ -336,7 +346,7 @@ impl World {
                 format!(
                     "ztunnel:\n  node: {name}\n  address: 0.0.0.0\n  outbound: 0.0.0.0:15001\n  plaintext:\n    - listen: 0.0.0.0:15006\n{owned}  ca: {{builtin: {}}}\nruntime: {{workers: 1, pin: false, drain_timeout: 1s}}\n{}",
                     self.ca_dir.display(),
-                    mesh(policies)
+                    mesh(policies) + extra
                 ),
             )
             .unwrap();
