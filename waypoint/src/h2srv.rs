@@ -277,6 +277,12 @@ async fn request<U: Upstream>(
         + 12;
     let mut body = H2Body(recv);
     let mut denied = false;
+    if head
+        .header("content-type")
+        .is_some_and(|v| v.starts_with("application/grpc"))
+    {
+        up.note(http1::Note::Grpc);
+    }
     let (status, flags, body_len, response_bytes) = match http1::decide(cfg, ctx, &head, &mut rng) {
         Action::Respond(bytes) => {
             let status = resp_status(&bytes);
@@ -743,6 +749,11 @@ async fn forward_h2<U: Upstream>(
     };
     let (mut rparts, mut rx) = resp.into_parts();
     let status = rparts.status.as_u16();
+    // A trailers-only gRPC response carries its status in the head.
+    if let Some(g) = grpc_status(&rparts.headers) {
+        up.note(http1::Note::GrpcStatus(g));
+    }
+    let mut trailer_status = None;
     if !fwd.response_headers.is_empty() {
         let mut hs: Vec<(String, String)> = rparts
             .headers
@@ -807,7 +818,10 @@ async fn forward_h2<U: Upstream>(
         }
         if ok {
             match rx.trailers().await {
-                Ok(Some(t)) => ok = tx.send_trailers(t).is_ok(),
+                Ok(Some(t)) => {
+                    trailer_status = grpc_status(&t);
+                    ok = tx.send_trailers(t).is_ok();
+                }
                 Ok(None) => ok = tx.send_data(Bytes::new(), true).is_ok(),
                 Err(_) => ok = false,
             }
@@ -816,6 +830,9 @@ async fn forward_h2<U: Upstream>(
     if http1::within(try_deadline, relay).await.is_none() {
         ok = false;
         timed_out = true;
+    }
+    if let Some(g) = trailer_status {
+        up.note(http1::Note::GrpcStatus(g));
     }
     if !ok && !end {
         tx.send_reset(if timed_out {
@@ -1025,6 +1042,11 @@ pub fn to_h2(h1: &[u8], head_request: bool) -> Option<(http::Response<()>, Bytes
         Bytes::copy_from_slice(raw)
     };
     Some((b.body(()).ok()?, body))
+}
+
+/// The `grpc-status` of a gRPC response head or trailers.
+fn grpc_status(h: &http::HeaderMap) -> Option<u32> {
+    h.get("grpc-status")?.to_str().ok()?.trim().parse().ok()
 }
 
 /// Decode a complete chunked body (trailers dropped).

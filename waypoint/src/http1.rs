@@ -1034,6 +1034,10 @@ pub enum Note {
     /// The route's time ran out while the request body was read (answered `504`, flags
     /// `UT`): counted with the upstream timeouts.
     RequestBodyTimeout,
+    /// The request is gRPC (`content-type: application/grpc…`): its metrics say `grpc`.
+    Grpc,
+    /// The `grpc-status` of the response (its head, or its trailers).
+    GrpcStatus(u32),
 }
 
 /// A request body: read whole (replayable, possibly empty), or still in the tunnel

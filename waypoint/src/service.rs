@@ -650,6 +650,7 @@ async fn tunnel(w: Rc<Worker>, cert: Arc<WorkloadCert>, inb: Inbound) {
         upgrade_first: Bytes::new(),
         fresh_next: false,
         h2_use: None,
+        grpc: None,
     };
     // Boxed: only live until the first bytes, it would otherwise size the whole tunnel.
     let detect = Box::pin(race(inner::detect(&mut stream), w.ctx.aborted()));
@@ -973,6 +974,8 @@ struct HboneUpstream {
     /// The current try's request on a worker's HTTP/2 upstream connection
     /// ([`Upstream::h2_request`]), until its [`Upstream::done`].
     h2_use: Option<H2Use>,
+    /// The current request is gRPC (`Some`), with its response's `grpc-status` when seen.
+    grpc: Option<Option<u32>>,
 }
 
 /// A request's destination for telemetry: the routed service (none: the tunnel's pod) and
@@ -980,7 +983,9 @@ struct HboneUpstream {
 /// one copy ([`set_last`]).
 type Dest = (Option<ObjectRef>, String);
 
-type MetricKey = (u16, &'static str, Option<Rc<Dest>>);
+/// Status, flags, the routed service and endpoint, and gRPC (`Some` for a gRPC request,
+/// with its status when known).
+type MetricKey = (u16, &'static str, Option<Rc<Dest>>, Option<Option<u32>>);
 
 /// Make `last` (service `svc`, endpoint workload `uid`), reusing the copy already there or
 /// in the tunnel's metric `cache` (an HTTP/2 tunnel's upstream is made per request): no
@@ -1223,6 +1228,16 @@ impl Upstream for HboneUpstream {
     fn note(&mut self, n: http1::Note) {
         let c = &self.worker.shared.counters;
         let ctr = match n {
+            http1::Note::Grpc => {
+                self.grpc = Some(None);
+                return;
+            }
+            http1::Note::GrpcStatus(g) => {
+                if self.grpc.is_some() {
+                    self.grpc = Some(Some(g));
+                }
+                return;
+            }
             http1::Note::StreamedBody => &c.streamed_bodies,
             http1::Note::MirrorSkipped => &c.mirrors_skipped,
             http1::Note::Continue => &c.continues,
@@ -1279,6 +1294,7 @@ impl Upstream for HboneUpstream {
             upgrade_first: Bytes::new(),
             fresh_next: false,
             h2_use: None,
+            grpc: None,
         };
         let service = service.clone();
         self.worker.shared.counters.mirrored.fetch_add(1, Relaxed);
@@ -1304,11 +1320,18 @@ impl Upstream for HboneUpstream {
         let ms = r.started.elapsed().as_secs_f64() * 1000.0;
         let was_routed = std::mem::take(&mut self.routed);
         let last_ref = if was_routed { self.last.as_ref() } else { None };
+        // gRPC: the response's grpc-status, else (as Envoy) its HTTP status mapped.
+        let grpc = self
+            .grpc
+            .take()
+            .map(|g| g.or_else(|| crate::telemetry::grpc_status_of_http(r.status)));
         let cached = self
             .metric_cache
             .borrow()
             .iter()
-            .find(|(k, _)| k.0 == r.status && k.1 == r.flags && k.2.as_ref() == last_ref)
+            .find(|(k, _)| {
+                k.0 == r.status && k.1 == r.flags && k.2.as_ref() == last_ref && k.3 == grpc
+            })
             .map(|(_, c)| c.clone());
         let access = tracing::enabled!(target: "access", tracing::Level::INFO);
         if let (Some(c), false) = (&cached, access) {
@@ -1321,7 +1344,7 @@ impl Upstream for HboneUpstream {
         }
         // Slow path: a new label set, or the access log.
         let last = if was_routed { self.last.clone() } else { None };
-        let key: MetricKey = (r.status, r.flags, last.clone());
+        let key: MetricKey = (r.status, r.flags, last.clone(), grpc);
         let l7 = self.l7.clone();
         let snap = l7.mesh.as_ref();
         let p = &self.peer;
@@ -1345,16 +1368,16 @@ impl Upstream for HboneUpstream {
         });
         // The model's workload of the client, when it is the one telemetry names (see
         // `crate::source::workload_of`).
-        let source = snap.and_then(|s| s.workload_by_ip(p.addr)).filter(|w| {
-            w.namespace == p.namespace && workload_name(w) == p.workload
-        });
+        let source = snap
+            .and_then(|s| s.workload_by_ip(p.addr))
+            .filter(|w| w.namespace == p.namespace && workload_name(w) == p.workload);
         let labels = crate::telemetry::RequestLabels {
             source_workload: p.workload.clone(),
             source_workload_namespace: p.namespace.clone(),
             source_principal: p.principal.clone(),
             source: crate::telemetry::WorkloadLabels::of(source),
             destination: crate::telemetry::WorkloadLabels::of(workload),
-            grpc_response_status: String::new(),
+            grpc_response_status: grpc.flatten().map_or_else(String::new, |g| g.to_string()),
             destination_service: host,
             destination_service_name: service.as_ref().map_or_else(unknown, |s| s.name.clone()),
             destination_service_namespace: service
@@ -1363,7 +1386,7 @@ impl Upstream for HboneUpstream {
             destination_workload: workload.map_or_else(unknown, workload_name),
             destination_workload_namespace: workload.map_or_else(unknown, |w| w.namespace.clone()),
             destination_principal: workload.map_or_else(unknown, |w| w.identity().to_string()),
-            request_protocol: "http",
+            request_protocol: if grpc.is_some() { "grpc" } else { "http" },
             response_code: r.status,
             response_flags: r.flags,
         };

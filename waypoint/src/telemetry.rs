@@ -20,8 +20,10 @@
 //! `destination_app`, `destination_version`, `destination_service`,
 //! `destination_canonical_service`, `destination_canonical_revision`,
 //! `destination_service_name`, `destination_service_namespace`, `destination_cluster`,
-//! `request_protocol`, `response_code`, `grpc_response_status` (empty: gRPC status
-//! reporting is not implemented), `response_flags`, `connection_security_policy` (always
+//! `request_protocol` (`http`, or `grpc` for a gRPC request), `response_code`,
+//! `grpc_response_status` (a gRPC response's `grpc-status` from its head or trailers, else
+//! its HTTP status mapped as Envoy does; empty for HTTP), `response_flags`,
+//! `connection_security_policy` (always
 //! `mutual_tls`: the waypoint is HBONE only); `unknown` where the value is not known, as
 //! Istio. App, version, canonical service and revision come from the model's workload
 //! (`canonicalName`/`canonicalRevision`, else its labels as istiod derives them: see
@@ -63,10 +65,12 @@ pub struct RequestLabels {
     pub destination_principal: String,
     /// As [`RequestLabels::source`], of the endpoint that answered.
     pub destination: WorkloadLabels,
-    /// `http` (HTTP/1.1), `http2`… Istio says `http` or `grpc`; HTTP/2 is `http` too.
+    /// `http` (HTTP/1.1 and HTTP/2), or `grpc` for a gRPC request (`content-type:
+    /// application/grpc…`), as Istio.
     pub request_protocol: &'static str,
     pub response_code: u16,
-    /// The gRPC status of a gRPC response; empty otherwise (as Istio's label on HTTP).
+    /// The gRPC status of a gRPC response (its `grpc-status`, else its HTTP status mapped
+    /// as Envoy does); empty otherwise (as Istio's label on HTTP).
     pub grpc_response_status: String,
     pub response_flags: &'static str,
 }
@@ -178,6 +182,20 @@ pub fn cluster(w: &mesh_model::model::Workload) -> &str {
     } else {
         &w.cluster_id
     }
+}
+
+/// The gRPC status Envoy gives a gRPC response without `grpc-status`, from its HTTP status
+/// (gRPC's HTTP-to-gRPC mapping); `None` for a `200` (no status known).
+pub fn grpc_status_of_http(status: u16) -> Option<u32> {
+    Some(match status {
+        200 => return None,
+        400 => 13,             // INTERNAL
+        401 => 16,             // UNAUTHENTICATED
+        403 => 7,              // PERMISSION_DENIED
+        404 => 12,             // UNIMPLEMENTED
+        429 | 502..=504 => 14, // UNAVAILABLE
+        _ => 2,                // UNKNOWN
+    })
 }
 
 impl RequestLabels {

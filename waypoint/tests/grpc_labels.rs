@@ -1,0 +1,191 @@
+//! gRPC requests on the waypoint's metrics (review #8): `request_protocol="grpc"` and
+//! `grpc_response_status` from the response's `grpc-status` trailer, from a trailers-only
+//! head, or (no status, as Envoy) from the HTTP status of a local answer (403 → 7).
+//! Client (HTTP/2 in the tunnel) → waypoint → stand-in ztunnel → HTTP/2 backend
+//! (`useClientProtocol`).
+
+mod common;
+
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use common::{
+    bind_node_ztunnel, block_on, connect, exchange, id, ip, service_settings, stand_in_ztunnel,
+};
+use hbone::ca::{CertSource, SigningCa};
+use hbone::wire::ConnectRequest;
+
+/// An HTTP/2 backend answering a gRPC-looking response: `/data` a message then trailers
+/// with `grpc-status: 5`; `/only` a trailers-only head with `grpc-status: 14`.
+fn grpc_backend(ip: Ipv4Addr) -> SocketAddr {
+    let l = TcpListener::bind((ip, 0)).unwrap();
+    let addr = l.local_addr().unwrap();
+    l.set_nonblocking(true).unwrap();
+    std::thread::spawn(move || {
+        block_on(async move {
+            let l = monoio::net::TcpListener::from_std(l).unwrap();
+            loop {
+                let Ok((tcp, _)) = l.accept().await else {
+                    continue;
+                };
+                monoio::spawn(async move {
+                    let io = monoio::io::IntoPollIo::into_poll_io(tcp).unwrap();
+                    let Ok(mut conn) = h2::server::handshake(io).await else {
+                        return;
+                    };
+                    while let Some(Ok((req, mut respond))) = conn.accept().await {
+                        let only = req.uri().path() == "/only";
+                        let mut resp = http::Response::builder()
+                            .status(200)
+                            .header("content-type", "application/grpc");
+                        if only {
+                            resp = resp.header("grpc-status", "14");
+                        }
+                        let resp = resp.body(()).unwrap();
+                        let Ok(mut tx) = respond.send_response(resp, only) else {
+                            continue;
+                        };
+                        if !only {
+                            let _ = tx.send_data(Bytes::from_static(b"\0\0\0\0\0"), false);
+                            let mut t = http::HeaderMap::new();
+                            t.insert("grpc-status", "5".parse().unwrap());
+                            let _ = tx.send_trailers(t);
+                        }
+                    }
+                });
+            }
+        })
+    });
+    addr
+}
+
+#[test]
+fn telemetry_grpc_requests_report_grpc_and_their_status() {
+    let (net, zl) = bind_node_ztunnel(23);
+    let ca = Arc::new(SigningCa::generate_root("cluster.local").unwrap().0);
+    let now = SystemTime::now();
+    let _zt = stand_in_ztunnel(zl, &ca.issue(&id("app", "echo"), now).unwrap());
+    let b = grpc_backend(ip(net, 2));
+    let model = common::app_model(
+        ip(net, 1),
+        &format!(
+            "  - {{uid: g1, name: g1, namespace: app, serviceAccount: echo, node: node-b, workloadIps: [\"{}\"], services: {{\"app/grpc.app.svc.cluster.local\": {{80: {}}}}}}}\n",
+            b.ip(),
+            b.port()
+        ),
+        "  - {name: grpc, namespace: app, hostname: grpc.app.svc.cluster.local, vips: [\"10.96.0.9\"], ports: {80: 8080}}\n",
+    );
+    let text = format!(
+        "{model}---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: grpc, namespace: app}}\nspec:\n  host: grpc\n  trafficPolicy:\n    connectionPool:\n      http: {{useClientProtocol: true}}\n---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: deny, namespace: app}}\nspec:\n  targetRefs: [{{kind: Service, group: \"\", name: grpc}}]\n  action: DENY\n  rules:\n  - to: [{{operation: {{paths: [/denied]}}}}]\n"
+    );
+    let cfg = waypoint::config::load_str(std::path::Path::new("grpc.yaml"), &text, 1)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let mut settings = service_settings();
+    settings.stats = Some("127.0.0.1:0".parse().unwrap());
+    let shutdown = runtime::Shutdown::new();
+    let handle = waypoint::service::start(
+        settings,
+        ca.clone(),
+        runtime::Publisher::new(cfg),
+        shutdown.clone(),
+    )
+    .unwrap();
+    let waypoint = handle.addr;
+    let cert = ca.issue(&id("app", "client"), now).unwrap();
+    let got = block_on(async move {
+        let c = connect(waypoint, &cert, id("app", "waypoint"))
+            .await
+            .unwrap();
+        let s = c
+            .open(&ConnectRequest::new("10.96.0.9:80".parse().unwrap()))
+            .await
+            .unwrap();
+        let io = waypoint::inner::StreamIo::new(s, Bytes::new());
+        let (send, conn) = h2::client::handshake(io).await.unwrap();
+        monoio::spawn(async move {
+            let _ = conn.await;
+        });
+        let mut out = Vec::new();
+        for (path, grpc) in [
+            ("/data", true),
+            ("/only", true),
+            ("/denied", true),
+            ("/plain", false),
+        ] {
+            let mut req = http::Request::builder()
+                .method("POST")
+                .uri(format!("http://grpc.app.svc.cluster.local{path}"));
+            if grpc {
+                req = req.header("content-type", "application/grpc");
+            }
+            let mut send = send.clone().ready().await.unwrap();
+            let (resp, _) = send.send_request(req.body(()).unwrap(), true).unwrap();
+            let resp = resp.await.unwrap();
+            let status = resp.status().as_u16();
+            let head_status = resp
+                .headers()
+                .get("grpc-status")
+                .map(|v| v.to_str().unwrap().to_string());
+            let mut rx = resp.into_body();
+            while let Some(chunk) = rx.data().await {
+                let chunk = chunk.unwrap();
+                let _ = rx.flow_control().release_capacity(chunk.len());
+            }
+            let trailer = rx.trailers().await.unwrap().and_then(|t| {
+                t.get("grpc-status")
+                    .map(|v| v.to_str().unwrap().to_string())
+            });
+            out.push((status, head_status.or(trailer)));
+        }
+        out
+    });
+    // The trailers and the trailers-only head reach the client as sent.
+    assert_eq!(
+        got,
+        [
+            (200, Some("5".to_string())),
+            (200, Some("14".to_string())),
+            (403, None),
+            (200, Some("5".to_string())),
+        ]
+    );
+    let page = {
+        let mut s = TcpStream::connect(handle.stats_addr().unwrap()).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        exchange(
+            &mut s,
+            "GET /stats/prometheus HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        )
+        .1
+    };
+    let count = |with: &[&str]| -> u64 {
+        page.lines()
+            .filter(|l| {
+                l.starts_with("istio_requests_total{") && with.iter().all(|w| l.contains(w))
+            })
+            .map(|l| l.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
+            .sum()
+    };
+    let grpc = |code: &str, status: &str| {
+        count(&[
+            "request_protocol=\"grpc\"",
+            &format!("response_code=\"{code}\",grpc_response_status=\"{status}\","),
+        ])
+    };
+    assert_eq!(grpc("200", "5"), 1, "{page}");
+    assert_eq!(grpc("200", "14"), 1, "{page}");
+    // Denied here, no grpc-status: the 403 mapped as Envoy does (PERMISSION_DENIED).
+    assert_eq!(grpc("403", "7"), 1, "{page}");
+    // Not gRPC (no application/grpc content type): `http`, empty status, whatever the
+    // response carries.
+    assert_eq!(
+        count(&["request_protocol=\"http\"", "grpc_response_status=\"\","]),
+        1,
+        "{page}"
+    );
+    assert_eq!(count(&["istio_requests_total{"]), 4, "{page}");
+    shutdown.drain(Duration::from_millis(200));
+    let _ = handle.join();
+}
