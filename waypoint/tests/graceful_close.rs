@@ -15,25 +15,23 @@ mod common;
 
 use std::cell::Cell;
 use std::io::{ErrorKind, Read, Write};
-use std::net::{IpAddr, Ipv4Addr, Shutdown as NetShutdown, SocketAddr, TcpListener};
+use std::net::{Ipv4Addr, Shutdown as NetShutdown, SocketAddr, TcpListener};
 use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{mpsc, Arc};
+use std::sync::mpsc;
 use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use common::{
-    app_model, bind_node_ztunnel, block_on, connect, connect_target, get, h2_response, id, ip,
-    next_request, read_response, serve_hbone, start_service,
+    app_model, bind_node_ztunnel, block_on, connect_target, get, h2_response, id, ip, next_request,
+    read_response, serve_hbone, test_ca, Waypoint,
 };
-use hbone::ca::{CertSource, SigningCa, WorkloadCert};
+use hbone::ca::{CertSource, WorkloadCert};
 use hbone::server::Inbound;
 use hbone::stream::H2Stream;
-use hbone::wire::ConnectRequest;
 use runtime::forward::End;
-use runtime::Shutdown;
 use waypoint::service;
 
 /// How a backend connection's reading side ended.
@@ -219,23 +217,11 @@ const H2: &str = "10.96.0.2:80";
 const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 1, 0, 7);
 
 struct Mesh {
-    waypoint: SocketAddr,
-    client_cert: WorkloadCert,
+    wp: Waypoint,
     h1_port: u16,
     h2_port: u16,
     reports: mpsc::Receiver<Report>,
     bridged: mpsc::Receiver<(u16, String)>,
-    shutdown: Shutdown,
-    handle: Option<service::Handle>,
-}
-
-impl Drop for Mesh {
-    fn drop(&mut self) {
-        self.shutdown.drain(Duration::from_millis(200));
-        if let Some(h) = self.handle.take() {
-            let _ = h.join();
-        }
-    }
 }
 
 impl Mesh {
@@ -244,11 +230,13 @@ impl Mesh {
     /// each kind.
     fn start() -> Mesh {
         let (net, zl) = bind_node_ztunnel(17);
-        let ca = Arc::new(SigningCa::generate_root("cluster.local").unwrap().0);
-        let now = SystemTime::now();
+        let ca = test_ca();
         let (btx, bridged) = mpsc::channel();
-        ztunnel(zl, &ca.issue(&id("app", "echo"), now).unwrap(), btx);
-        let client_cert = ca.issue(&id("app", "client"), now).unwrap();
+        ztunnel(
+            zl,
+            &ca.issue(&id("app", "echo"), SystemTime::now()).unwrap(),
+            btx,
+        );
         let (rtx, reports) = mpsc::channel();
         let h1 = h1_backend(ip(net, 2), rtx.clone());
         let h2 = h2_backend(ip(net, 2), rtx);
@@ -265,28 +253,18 @@ impl Mesh {
             )
         };
         let text = app_model(ip(net, 1), &workload, services) + &dr("h1", false) + &dr("h2", true);
-        let (handle, shutdown) =
-            start_service(&ca, &text, &format!("waypoint-graceful-close-{net}.yaml"));
+        let wp = Waypoint::start(&ca, &text, &format!("waypoint-graceful-close-{net}.yaml"));
         Mesh {
-            waypoint: handle.addr,
-            client_cert,
+            wp,
             h1_port: h1.port(),
             h2_port: h2.port(),
             reports,
             bridged,
-            shutdown,
-            handle: Some(handle),
         }
     }
 
     async fn tunnel(&self, target: &str) -> (hbone::client::Client, H2Stream) {
-        let c = connect(self.waypoint, &self.client_cert, id("app", "waypoint"))
-            .await
-            .unwrap();
-        let mut req = ConnectRequest::new(target.parse().unwrap());
-        req.forwarded_for = Some(IpAddr::V4(CLIENT));
-        let s = c.open(&req).await.unwrap();
-        (c, s)
+        self.wp.tunnel(target, CLIENT).await
     }
 
     /// The next backend connection's end (generous bound: only a hang fails here).
@@ -304,7 +282,7 @@ impl Mesh {
     }
 
     fn counters(&self) -> &service::Counters {
-        &self.handle.as_ref().unwrap().counters
+        self.wp.counters()
     }
 }
 

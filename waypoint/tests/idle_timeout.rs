@@ -10,7 +10,7 @@
 mod common;
 
 use std::io::{Read, Write};
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc};
@@ -18,13 +18,11 @@ use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use common::{
-    app_model, bind_node_ztunnel, block_on, connect, get, h2_response, id, ip, next_request,
-    ok_response, read_response, stand_in_ztunnel, start_service,
+    app_model, bind_node_ztunnel, block_on, get, h2_response, id, ip, next_request, ok_response,
+    read_response, stand_in_ztunnel, test_ca, Waypoint,
 };
-use hbone::ca::{CertSource, SigningCa, WorkloadCert};
+use hbone::ca::CertSource;
 use hbone::stream::H2Stream;
-use hbone::wire::ConnectRequest;
-use runtime::Shutdown;
 use waypoint::service;
 
 /// What the backend saw, by connection number.
@@ -197,20 +195,8 @@ const SHORT: &str = "10.96.0.1:80";
 const LONG: &str = "10.96.0.2:80";
 
 struct Mesh {
-    waypoint: SocketAddr,
-    client_cert: WorkloadCert,
+    wp: Waypoint,
     seen: mpsc::Receiver<Seen>,
-    shutdown: Shutdown,
-    handle: Option<service::Handle>,
-}
-
-impl Drop for Mesh {
-    fn drop(&mut self) {
-        self.shutdown.drain(Duration::from_millis(200));
-        if let Some(h) = self.handle.take() {
-            let _ = h.join();
-        }
-    }
 }
 
 impl Mesh {
@@ -223,11 +209,12 @@ impl Mesh {
     /// (a port of its own: a worker's HTTP/2 connections are per endpoint).
     fn start_with(short: &str, long: &str, h2: bool) -> Mesh {
         let (net, zl) = bind_node_ztunnel(7);
-        let ca = Arc::new(SigningCa::generate_root("cluster.local").unwrap().0);
-        let now = SystemTime::now();
+        let ca = test_ca();
         // Its thread serves for the rest of the test process.
-        let _ztunnel = stand_in_ztunnel(zl, &ca.issue(&id("app", "echo"), now).unwrap());
-        let client_cert = ca.issue(&id("app", "client"), now).unwrap();
+        let _ztunnel = stand_in_ztunnel(
+            zl,
+            &ca.issue(&id("app", "echo"), SystemTime::now()).unwrap(),
+        );
         let (pod, long_port, seen) = if h2 {
             let (tx, seen) = mpsc::channel();
             let next = Arc::new(AtomicUsize::new(1));
@@ -239,26 +226,13 @@ impl Mesh {
             (pod, pod.port(), seen)
         };
         let text = model(ip(net, 1), pod, long_port, short, long, h2);
-        let (handle, shutdown) =
-            start_service(&ca, &text, &format!("waypoint-idle-timeout-{net}.yaml"));
-        Mesh {
-            waypoint: handle.addr,
-            client_cert,
-            seen,
-            shutdown,
-            handle: Some(handle),
-        }
+        let wp = Waypoint::start(&ca, &text, &format!("waypoint-idle-timeout-{net}.yaml"));
+        Mesh { wp, seen }
     }
 
     /// A tunnel to Service `target` through the waypoint, for client `from`.
     async fn tunnel(&self, target: &str, from: Ipv4Addr) -> (hbone::client::Client, H2Stream) {
-        let c = connect(self.waypoint, &self.client_cert, id("app", "waypoint"))
-            .await
-            .unwrap();
-        let mut req = ConnectRequest::new(target.parse().unwrap());
-        req.forwarded_for = Some(IpAddr::V4(from));
-        let s = c.open(&req).await.unwrap();
-        (c, s)
+        self.wp.tunnel(target, from).await
     }
 
     /// The backend's next event (generous bound: only a hang fails here).
@@ -269,7 +243,7 @@ impl Mesh {
     }
 
     fn counters(&self) -> &service::Counters {
-        &self.handle.as_ref().unwrap().counters
+        self.wp.counters()
     }
 }
 

@@ -12,22 +12,20 @@
 mod common;
 
 use std::io::{Read, Write};
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::Ordering;
 use std::sync::{mpsc, Arc, Barrier};
 use std::time::{Duration, SystemTime};
 
 use bytes::{Bytes, BytesMut};
 use common::{
-    bind_node_ztunnel, block_on, connect, connect_target, echo_model, get, id, ip, next_request,
-    ok_response, read_response, serve_hbone, start_service,
+    bind_node_ztunnel, block_on, connect_target, echo_model, get, id, ip, next_request,
+    ok_response, read_response, serve_hbone, test_ca, Waypoint,
 };
-use hbone::ca::{CertSource, SigningCa, WorkloadCert};
+use hbone::ca::{CertSource, WorkloadCert};
 use hbone::server::Inbound;
 use hbone::stream::H2Stream;
-use hbone::wire::ConnectRequest;
 use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt, Splitable};
-use runtime::Shutdown;
 use waypoint::service;
 
 /// What a backend does once it answered a connection's first request.
@@ -157,25 +155,13 @@ async fn bridge(inb: Inbound, ended: mpsc::Sender<SocketAddr>) {
 }
 
 struct Mesh {
-    waypoint: SocketAddr,
-    client_cert: WorkloadCert,
+    wp: Waypoint,
     /// Requests the `echo` backend answered, by path.
     seen: mpsc::Receiver<String>,
     /// Backend connections whose close went out as END_STREAM.
     ended: mpsc::Receiver<SocketAddr>,
     /// Lets the backend write its unsolicited `408` after `/first`.
     go: Arc<Barrier>,
-    shutdown: Shutdown,
-    handle: Option<service::Handle>,
-}
-
-impl Drop for Mesh {
-    fn drop(&mut self) {
-        self.shutdown.drain(Duration::from_millis(200));
-        if let Some(h) = self.handle.take() {
-            let _ = h.join();
-        }
-    }
 }
 
 /// The requests' client.
@@ -186,39 +172,32 @@ const PROBE: Ipv4Addr = Ipv4Addr::new(10, 1, 0, 8);
 impl Mesh {
     fn start(after: AfterFirst) -> Mesh {
         let (net, zl) = bind_node_ztunnel(5);
-        let ca = Arc::new(SigningCa::generate_root("cluster.local").unwrap().0);
-        let now = SystemTime::now();
+        let ca = test_ca();
         let (ended_tx, ended) = mpsc::channel();
-        ztunnel(zl, &ca.issue(&id("app", "echo"), now).unwrap(), ended_tx);
-        let client_cert = ca.issue(&id("app", "client"), now).unwrap();
+        ztunnel(
+            zl,
+            &ca.issue(&id("app", "echo"), SystemTime::now()).unwrap(),
+            ended_tx,
+        );
         let go = Arc::new(Barrier::new(2));
         let (echo, seen) = backend(ip(net, 2), after, go.clone());
         let text = echo_model(ip(net, 1), echo);
-        let (handle, shutdown) = start_service(&ca, &text, &format!("waypoint-pooled-{net}.yaml"));
+        let wp = Waypoint::start(&ca, &text, &format!("waypoint-pooled-{net}.yaml"));
         Mesh {
-            waypoint: handle.addr,
-            client_cert,
+            wp,
             seen,
             ended,
             go,
-            shutdown,
-            handle: Some(handle),
         }
     }
 
     fn counters(&self) -> &service::Counters {
-        &self.handle.as_ref().unwrap().counters
+        self.wp.counters()
     }
 
     /// A tunnel to the `echo` Service through the waypoint, for client `from`.
     async fn tunnel(&self, from: Ipv4Addr) -> (hbone::client::Client, H2Stream) {
-        let c = connect(self.waypoint, &self.client_cert, id("app", "waypoint"))
-            .await
-            .unwrap();
-        let mut req = ConnectRequest::new("10.96.0.1:80".parse().unwrap());
-        req.forwarded_for = Some(IpAddr::V4(from));
-        let s = c.open(&req).await.unwrap();
-        (c, s)
+        self.wp.tunnel("10.96.0.1:80", from).await
     }
 
     /// Wait until `n` more backend connections ended (their END_STREAM queued by the

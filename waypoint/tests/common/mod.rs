@@ -252,6 +252,66 @@ pub fn start_service(
     (handle, shutdown)
 }
 
+/// A fresh mesh CA (trust domain `cluster.local`).
+pub fn test_ca() -> Arc<hbone::ca::SigningCa> {
+    Arc::new(
+        hbone::ca::SigningCa::generate_root("cluster.local")
+            .unwrap()
+            .0,
+    )
+}
+
+/// The in-process waypoint of [`start_service`] and a client certificate (`app/client`)
+/// from the same CA; drained and joined when dropped.
+pub struct Waypoint {
+    pub addr: SocketAddr,
+    pub client_cert: WorkloadCert,
+    shutdown: runtime::Shutdown,
+    handle: Option<waypoint::service::Handle>,
+}
+
+impl Waypoint {
+    /// [`start_service`] on the mesh model `text` (errors name `file`).
+    pub fn start(ca: &Arc<hbone::ca::SigningCa>, text: &str, file: &str) -> Waypoint {
+        use hbone::ca::CertSource;
+        let client_cert = ca
+            .issue(&id("app", "client"), std::time::SystemTime::now())
+            .unwrap();
+        let (handle, shutdown) = start_service(ca, text, file);
+        Waypoint {
+            addr: handle.addr,
+            client_cert,
+            shutdown,
+            handle: Some(handle),
+        }
+    }
+
+    /// A tunnel through the waypoint to `target` (a Service VIP or pod address), for
+    /// client `from` (the CONNECT's `forwarded: for=`).
+    pub async fn tunnel(&self, target: &str, from: Ipv4Addr) -> (Client, H2Stream) {
+        let c = connect(self.addr, &self.client_cert, id("app", "waypoint"))
+            .await
+            .unwrap();
+        let mut req = hbone::wire::ConnectRequest::new(target.parse().unwrap());
+        req.forwarded_for = Some(std::net::IpAddr::V4(from));
+        let s = c.open(&req).await.unwrap();
+        (c, s)
+    }
+
+    pub fn counters(&self) -> &waypoint::service::Counters {
+        &self.handle.as_ref().unwrap().counters
+    }
+}
+
+impl Drop for Waypoint {
+    fn drop(&mut self) {
+        self.shutdown.drain(Duration::from_millis(200));
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}
+
 /// An HTTP/2 response's status and whole body (flow control released as it arrives).
 pub async fn h2_response(resp: h2::client::ResponseFuture) -> (u16, String) {
     let resp = resp.await.unwrap();
