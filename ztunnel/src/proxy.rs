@@ -14,8 +14,8 @@
 //! - **inbound HBONE**: peer identity from mTLS, our certificate chosen by the address the
 //!   connection was made to (below); the source address for policy is the socket's peer,
 //!   or the CONNECT's `forwarded: for=` when the peer is the destination's own waypoint or
-//!   the client's node ztunnel speaking for it (from its `nodes[].ztunnel` address, with
-//!   the client's identity) (`policy_source_ip`); [`mesh_model::route::inbound`] decides:
+//!   the client's node ztunnel speaking for it (the client's identity, from its node's
+//!   `nodes[].ztunnel` address when the model names one) (`policy_source_ip`); [`mesh_model::route::inbound`] decides:
 //!   not a captured workload of this node → 400; deny → 401 (counted and logged with the
 //!   policy); hairpin → HBONE to the destination's waypoint (R12) as the ztunnel identity;
 //!   allow → connect to the pod (503 on failure) and bridge.
@@ -1125,8 +1125,8 @@ fn deny_policy(v: &mesh_model::authz::Verdict) -> String {
 ///   ztunnel, which trusts `Forwarded` from its waypoint;
 /// - the client's **node ztunnel speaking for it** (`node_ztunnel_for`): this ztunnel opens
 ///   tunnels from its node's address, not the pod's (Istio's in-pod mode uses the pod's),
-///   so a captured pod-to-pod connection arrives from the client node's ztunnel address
-///   with the client's certificate and the client's address in `for=`.
+///   so a captured pod-to-pod connection arrives from the client node's address with the
+///   client's certificate and the client's address in `for=`.
 ///
 /// From any other peer the socket's peer address counts, so holding a mesh certificate
 /// does not let a caller choose the address a DENY `ipBlocks` is matched against.
@@ -1156,12 +1156,14 @@ fn policy_source_ip(
     }
 }
 
-/// `socket` is the ztunnel address (`nodes[].ztunnel`) of the node the model runs the
-/// captured workload at `claimed` on, and that workload's identity is `peer`, the one the
-/// connection proved: only that node's ztunnel holds the workload's certificate and sends
-/// from that address. An unknown or uncaptured workload, another identity, a node the
-/// model has no ztunnel address for, or any other address: false. Lookups only, no
-/// allocation.
+/// The peer speaks for the captured workload at `claimed` as its node's ztunnel (the rule
+/// the waypoint applies too, `waypoint::source`): that workload's identity is `peer`, the
+/// one the connection proved (only the ztunnel of a node running a workload of that
+/// identity holds its certificate), and, when the model names the ztunnel address of the
+/// workload's node (`nodes[].ztunnel`), `socket` is that address. An unknown or uncaptured
+/// workload, another identity or another address than the named one: false. Without
+/// `nodes[]` for that node (Istio's `podIP:15008` addressing) the identity is all there is
+/// to check. Lookups only, no allocation.
 fn node_ztunnel_for(snap: &Snapshot, peer: &Identity, claimed: IpAddr, socket: IpAddr) -> bool {
     let Some(w) = snap.workload_by_ip(claimed) else {
         return false;
@@ -1173,7 +1175,7 @@ fn node_ztunnel_for(snap: &Snapshot, peer: &Identity, claimed: IpAddr, socket: I
         && same_identity
         && snap
             .node(&w.node)
-            .is_some_and(|n| n.ztunnel.to_canonical() == socket)
+            .is_none_or(|n| n.ztunnel.to_canonical() == socket)
 }
 
 /// One CONNECT stream of an inbound HBONE connection; `conn` = (the identity the

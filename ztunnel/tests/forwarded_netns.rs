@@ -2,11 +2,13 @@
 //! transparent capture (needs root; topology in `netns/mod.rs`).
 //!
 //! This ztunnel opens its outbound tunnels from the node's address, not the pod's, so the
-//! destination ztunnel sees node A's address on the socket of every captured pod-to-pod
+//! destination ztunnel sees a node address on the socket of every captured pod-to-pod
 //! tunnel. R9: an `ipBlocks` (`sourceIps`) DENY on one client pod's address must still be
 //! enforced there, and another client pod of the same node, with the same identity, still
-//! allowed: the destination believes `for=` from node A's ztunnel address (`nodes[]`) for
-//! a workload the model runs on node A with the identity the tunnel proved.
+//! allowed: the destination believes `for=` for a captured workload whose identity the
+//! tunnel proved, from the ztunnel address the model names for that workload's node
+//! (`nodes[]`), or from anywhere when the model names none (Istio's `podIP:15008`
+//! addressing). Across nodes and within node B.
 
 mod common;
 #[allow(unused_imports)] // `netns` re-exports helpers other test files use
@@ -15,47 +17,74 @@ mod netns;
 use std::net::IpAddr;
 use std::time::Duration;
 
-use common::{metric, CLIENT_ID};
+use common::{metric, CLIENT_ID, SERVER_ID};
 use netns::*;
 
 const PATHS: &str = "ztunnel_connection_paths_total";
 
 #[test]
-fn r9_ip_block_deny_on_one_client_pod_is_enforced_at_the_destination_node_v4() {
-    if netlab::require_root("r9_ip_block_deny_on_one_client_pod_v4") {
-        r9_ip_block_deny_on_one_client_pod(Family::V4);
+fn r9_ip_block_deny_on_one_client_pod_with_node_addresses_v4() {
+    if netlab::require_root("r9_ip_block_deny_on_one_client_pod_with_node_addresses_v4") {
+        r9_ip_block_deny_on_one_client_pod(Family::V4, true);
     }
 }
 
 #[test]
-fn r9_ip_block_deny_on_one_client_pod_is_enforced_at_the_destination_node_v6() {
-    if netlab::require_ipv6("r9_ip_block_deny_on_one_client_pod_v6") {
-        r9_ip_block_deny_on_one_client_pod(Family::V6);
+fn r9_ip_block_deny_on_one_client_pod_with_node_addresses_v6() {
+    if netlab::require_ipv6("r9_ip_block_deny_on_one_client_pod_with_node_addresses_v6") {
+        r9_ip_block_deny_on_one_client_pod(Family::V6, true);
     }
 }
 
-/// Node B's DENY on `addr` (the client pod's address) for `ns-b`.
-fn deny_ip(addr: IpAddr) -> String {
-    let len = if addr.is_ipv4() { 32 } else { 128 };
+#[test]
+fn r9_ip_block_deny_on_one_client_pod_with_pod_addressing_v4() {
+    if netlab::require_root("r9_ip_block_deny_on_one_client_pod_with_pod_addressing_v4") {
+        r9_ip_block_deny_on_one_client_pod(Family::V4, false);
+    }
+}
+
+#[test]
+fn r9_ip_block_deny_on_one_client_pod_with_pod_addressing_v6() {
+    if netlab::require_ipv6("r9_ip_block_deny_on_one_client_pod_with_pod_addressing_v6") {
+        r9_ip_block_deny_on_one_client_pod(Family::V6, false);
+    }
+}
+
+/// Node B's DENY on `addrs` (pod addresses) for `ns-b`.
+fn deny_ips(addrs: &[IpAddr]) -> String {
+    let blocks: Vec<String> = addrs
+        .iter()
+        .map(|a| format!("\"{a}/{}\"", if a.is_ipv4() { 32 } else { 128 }))
+        .collect();
     format!(
         r#"
-  - name: deny-client-ip
+  - name: deny-pod-ips
     namespace: ns-b
     scope: Namespace
     action: Deny
-    rules: [[[{{sourceIps: ["{addr}/{len}"]}}]]]
-"#
+    rules: [[[{{sourceIps: [{}]}}]]]
+"#,
+        blocks.join(", ")
     )
 }
 
-fn r9_ip_block_deny_on_one_client_pod(fam: Family) {
-    let denied = fam.pod_ip("client");
-    // The model names node A's ztunnel address: where its tunnels come from.
-    let nodes = format!(
-        "nodes:\n  - {{name: node-a, ztunnel: \"{}\"}}\n",
-        fam.node_ip(0)
-    );
-    let w = World::with_mesh(&fam.tag("fwd"), &deny_ip(denied), &nodes);
+/// DENY `client` (node A) and `server2` (node B) by address; `client2` (node A) and
+/// `server` (node B), with the same identities, are allowed. `node_addresses`: the model
+/// names both nodes' ztunnel addresses (tunnels go to and come from them), else tunnels go
+/// to `podIP:15008` and the model names no node.
+fn r9_ip_block_deny_on_one_client_pod(fam: Family, node_addresses: bool) {
+    let denied = [fam.pod_ip("client"), fam.pod_ip("server2")];
+    let nodes = if node_addresses {
+        format!(
+            "nodes:\n  - {{name: node-a, ztunnel: \"{}\"}}\n  - {{name: node-b, ztunnel: \"{}\"}}\n",
+            fam.node_ip(0),
+            fam.node_ip(1)
+        )
+    } else {
+        String::new()
+    };
+    let tag = if node_addresses { "fwdn" } else { "fwdp" };
+    let w = World::with_mesh(&fam.tag(tag), &deny_ips(&denied), &nodes);
     let dump = || {
         format!(
             "--- node-a stats\n{}\n--- node-b stats\n{}\n--- node-a log\n{}\n--- node-b log\n{}",
@@ -66,60 +95,78 @@ fn r9_ip_block_deny_on_one_client_pod(fam: Family) {
         )
     };
     let server = w.server_on(fam, "server");
+    let server2 = w.server_on(fam, "server2");
 
-    // client2: same node, same namespace and service account, another address: allowed.
-    let (who, s) = w.call("client2", server.addr, b"allowed");
-    assert_eq!(who, "server");
-    drop(s);
-    let from = server.peers.recv_timeout(Duration::from_secs(5)).unwrap();
-    assert_eq!(from.ip(), fam.gateway(1), "delivered by node B");
+    // Allowed: client2 → server across nodes, server → server2 within node B (both
+    // captured, tunnelled by their node's ztunnel from its address).
+    for (from, to, name) in [
+        ("client2", &server, "server"),
+        ("server", &server2, "server2"),
+    ] {
+        let (who, s) = w.call(from, to.addr, b"allowed");
+        assert_eq!(who, name, "{from} to {name}");
+        drop(s);
+        let peer = to.peers.recv_timeout(Duration::from_secs(5)).unwrap();
+        assert_eq!(
+            peer.ip(),
+            fam.gateway(1),
+            "{from} to {name}: delivered by node B"
+        );
+    }
 
-    // client: captured on node A, tunnelled from node A's address; node B refuses it on
-    // the pod's address, the pod never sees it.
-    if let Ok(mut s) = w.connect("client", server.addr) {
-        if let Err(got) = refused(&mut s) {
-            panic!("denied connection delivered {got:?}\n{}", dump());
+    // Denied on the pod's address: client → server across nodes, server2 → server
+    // within node B; the pod never sees them.
+    for from in ["client", "server2"] {
+        if let Ok(mut s) = w.connect(from, server.addr) {
+            if let Err(got) = refused(&mut s) {
+                panic!("{from}'s denied connection delivered {got:?}\n{}", dump());
+            }
         }
     }
     eventually_or(
-        "denied on B by the ipBlocks policy",
+        "both denied on B by the ipBlocks policy",
         || {
             metric(
                 &w.stats(1),
                 "ztunnel_authorization_denied_total",
-                &[("transport", "hbone"), ("policy", "ns-b/deny-client-ip")],
-            ) == 1
+                &[("transport", "hbone"), ("policy", "ns-b/deny-pod-ips")],
+            ) == 2
         },
         dump,
     );
     let (a, b) = (w.stats(0), w.stats(1));
-    // Both went through node A's tunnels to node B, each from node A's address.
+    // Node A tunnelled both of its pods' connections to node B.
     assert_eq!(
         metric(&a, PATHS, &[("direction", "outbound"), ("route", "hbone")]),
         2,
         "{a}"
     );
-    assert_eq!(
-        metric(&b, PATHS, &[("route", "hbone_deny"), ("peer", CLIENT_ID)]),
-        1,
-        "{b}"
-    );
+    for peer in [CLIENT_ID, SERVER_ID] {
+        assert_eq!(
+            metric(&b, PATHS, &[("route", "hbone_deny"), ("peer", peer)]),
+            1,
+            "{peer}\n{b}"
+        );
+    }
+    let opened = |source: &str| {
+        metric(
+            &b,
+            "istio_tcp_connections_opened_total",
+            &[("reporter", "destination"), ("source_workload", source)],
+        )
+    };
+    assert_eq!((opened("client2"), opened("server")), (1, 1), "{b}");
     assert_eq!(
         metric(
             &b,
             "istio_tcp_connections_opened_total",
-            &[("reporter", "destination"), ("source_workload", "client2")]
+            &[("reporter", "destination")]
         ),
-        1,
-        "{b}"
-    );
-    assert_eq!(
-        metric(&b, "istio_tcp_connections_opened_total", &[]),
-        1,
+        2,
         "{b}"
     );
     assert!(
         server.peers.try_recv().is_err(),
-        "the denied pod's connection never reached the server"
+        "the denied pods' connections never reached the server"
     );
 }
