@@ -16,8 +16,9 @@
 //! client — so a peer adds exactly one proxy hop on node A, as the `l4` path does.
 //!
 //! Before the peers start, the harness lets the peer pod reuse TIME_WAIT ports for its
-//! outgoing connections ([`tune_pod`]): a proxy that closes its upstream connections leaves
-//! them there, thousands after a memory scenario, all to the same backend address.
+//! outgoing connections and gives them the whole port range ([`tune_pod`]): a proxy that
+//! closes its upstream connections leaves them there, thousands after a memory scenario, all
+//! to the same backend address.
 //!
 //! A peer forwards to the `plain` pod's backends (10.182.0.4) by port, `ADDR`'s port `P`
 //! being the base: `P` → `:8080` (echo: tcp-rr, tcp-rr-open, idle), `P+1` → `:8081` (sink:
@@ -131,18 +132,25 @@ impl PeerSpec {
 }
 
 /// What [`tune_pod`] sets in the peer pod (its network namespace's own sysctls).
-pub const POD_SYSCTLS: &[(&str, &str)] = &[("net.ipv4.tcp_tw_reuse", "1")];
+pub const POD_SYSCTLS: &[(&str, &str)] = &[
+    ("net.ipv4.tcp_tw_reuse", "1"),
+    ("net.ipv4.ip_local_port_range", "1024 65535"),
+];
 
 /// Let the peer pod's outgoing connections reuse a port whose earlier connection to the same
-/// address is in TIME_WAIT (`net.ipv4.tcp_tw_reuse=1`, timestamps telling the two apart; a
-/// new namespace has 2, loopback only). A proxy that closes its upstream connections first
-/// keeps each port for 60 s in TIME_WAIT, per destination: nginx's `idle-http`, for one,
-/// closes 9,300 connections to the HTTP backend beyond its keep-alive pool, and HAProxy's
-/// `idle-http` after it then opens 8,900 to the same address at once. Every `connect()` then
-/// walked the ephemeral range past those ports (perf: 77 % of HAProxy's cycles in
-/// `__inet_hash_connect` and `__inet_check_established`), ~450 connections a second: its
-/// close took 22–36 s and its last requests timed out (8,480 of 8,900, "no answer within
-/// 30 s").
+/// address is in TIME_WAIT (`net.ipv4.tcp_tw_reuse=1`, timestamps telling the two apart,
+/// once the TIME_WAIT is a second old; a new namespace has 2, loopback only), and give them
+/// the whole unprivileged port range, as `tuning check` recommends for a proxy's host (a run
+/// starting within that second after another's still finds free ports: `connect()` tries
+/// ports of one parity first, half the range).
+///
+/// A proxy that closes its upstream connections first keeps each port for 60 s in
+/// TIME_WAIT, per destination: nginx's `idle-http`, for one, closes 9,300 connections to the
+/// HTTP backend beyond its keep-alive pool, and HAProxy's `idle-http` after it then opens
+/// 8,900 to the same address at once. Every `connect()` then walked the ephemeral range past
+/// those ports (perf: 77 % of HAProxy's cycles in `__inet_hash_connect` and
+/// `__inet_check_established`), ~450 connections a second: its close took 22–36 s and its
+/// last requests timed out (8,480 of 8,900, "no answer within 30 s").
 pub fn tune_pod(mesh: &Mesh) -> Result<()> {
     let ns = mesh.ns("peer");
     for (key, value) in POD_SYSCTLS {

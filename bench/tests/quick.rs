@@ -520,15 +520,16 @@ fn assert_starts(v: &Value, key: &str, prefix: &str) {
 /// A `--peer` command: the runtime's forwarder (`bench __l4fwd`, bench/peers/l4fwd.yaml with
 /// its ports moved from 92xx to `base`xx) under `ulimit -n limit`, without the capability to
 /// raise it again (the forwarder raises its limit when it may). It first prints the peer
-/// pod's `tcp_tw_reuse` to its log.
+/// pod's `tcp_tw_reuse` and port range to its log.
 fn forwarder_peer(name: &str, base: u16, limit: u64) -> String {
     let exe = env!("CARGO_BIN_EXE_bench");
     let cfg = concat!(env!("CARGO_MANIFEST_DIR"), "/peers/l4fwd.yaml");
     let hi = base / 100;
     format!(
         "{name}=10.181.0.5:{base},cmd=echo \"tcp_tw_reuse=$(cat \
-         /proc/sys/net/ipv4/tcp_tw_reuse)\" && sed 's/10.181.0.5:92/10.181.0.5:{hi}/' {cfg} > \
-         \"$BENCH_PEER_DIR/l4fwd.yaml\" && ulimit -n {limit} && exec setpriv \
+         /proc/sys/net/ipv4/tcp_tw_reuse) ports=$(cat \
+         /proc/sys/net/ipv4/ip_local_port_range)\" && \
+         sed 's/10.181.0.5:92/10.181.0.5:{hi}/' {cfg} > \"$BENCH_PEER_DIR/l4fwd.yaml\" && ulimit -n {limit} && exec setpriv \
          --bounding-set=-sys_resource {exe} __l4fwd --config \"$BENCH_PEER_DIR/l4fwd.yaml\""
     )
 }
@@ -635,12 +636,18 @@ fn peer_memory_rows_are_sized_or_skipped_to_the_peers_descriptor_limit() {
     let md = std::fs::read_to_string(out.join("summary.md")).expect("summary.md");
     assert!(md.contains("skipped: needs"), "{md}");
     assert!(md.contains("sized: measured with"), "{md}");
-    // The peers ran in a pod that reuses TIME_WAIT ports for its upstream connections (a
-    // peer's memory run after another's waited ~30 s on connect() without it).
+    // The peers ran in a pod that reuses TIME_WAIT ports for its upstream connections, with
+    // the whole port range (a peer's memory run after another's waited ~30 s on connect()).
     for peer in ["small", "tiny"] {
         let log = std::fs::read_to_string(out.join(format!("peer-{peer}.log")))
             .unwrap_or_else(|e| panic!("peer-{peer}.log in the report folder: {e}"));
-        assert!(log.contains("tcp_tw_reuse=1"), "peer-{peer}.log: {log}");
+        let line = log.lines().find(|l| l.starts_with("tcp_tw_reuse="));
+        let words: Vec<&str> = line.unwrap_or_default().split_whitespace().collect();
+        assert_eq!(
+            words,
+            ["tcp_tw_reuse=1", "ports=1024", "65535"],
+            "peer-{peer}.log: {log}"
+        );
     }
     let _ = std::fs::remove_dir_all(&out);
 }
