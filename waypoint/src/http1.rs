@@ -2408,14 +2408,27 @@ mod tests {
         }
     }
 
-    /// One endpoint balanced by least request, as the service's upstream does: `connect`
-    /// starts a request on it, `done` finishes it.
-    struct LeastRequest {
+    /// A scripted upstream: each try (always through `connect_try`) gets `response` on a
+    /// new stream and is recorded with what it was told about replaying (`replays`); one
+    /// endpoint balanced by least request, as the service's upstream does (a try starts a
+    /// request on it, `done` finishes it).
+    struct Scripted {
         lb: crate::lb::Balancer,
         response: &'static [u8],
+        replays: Vec<bool>,
     }
 
-    impl Upstream for LeastRequest {
+    impl Scripted {
+        fn new(response: &'static [u8]) -> Scripted {
+            Scripted {
+                lb: crate::lb::Balancer::new(1, crate::lb::LbPolicy::LeastRequest, None),
+                response,
+                replays: Vec::new(),
+            }
+        }
+    }
+
+    impl Upstream for Scripted {
         type Conn = OneResponse;
 
         async fn connect(
@@ -2423,6 +2436,16 @@ mod tests {
             _service: Option<&(ObjectRef, u16)>,
             _head: &RequestHead,
         ) -> io::Result<(OneResponse, bool)> {
+            unreachable!("tries connect through connect_try")
+        }
+
+        async fn connect_try(
+            &mut self,
+            _service: Option<&(ObjectRef, u16)>,
+            _head: &RequestHead,
+            replayable: bool,
+        ) -> io::Result<(OneResponse, bool)> {
+            self.replays.push(replayable);
             let input = crate::lb::HashInput {
                 headers: &[],
                 source_ip: None,
@@ -2478,10 +2501,7 @@ mod tests {
             &b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"[..],
             b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n",
         ] {
-            let mut up = LeastRequest {
-                lb: crate::lb::Balancer::new(1, crate::lb::LbPolicy::LeastRequest, None),
-                response,
-            };
+            let mut up = Scripted::new(response);
             let head = head_of(b"GET / HTTP/1.1\r\nhost: echo\r\n\r\n");
             let r = rt.block_on(forward_request(
                 &mut Gone,
@@ -2505,10 +2525,7 @@ mod tests {
     /// route's timers are boxed when set ([`timer`]).
     #[test]
     fn forward_request_future_is_not_over_aligned() {
-        let mut up = LeastRequest {
-            lb: crate::lb::Balancer::new(1, crate::lb::LbPolicy::LeastRequest, None),
-            response: b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n",
-        };
+        let mut up = Scripted::new(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n");
         let head = head_of(b"GET / HTTP/1.1\r\nhost: echo\r\n\r\n");
         let (mut buf, mut rng, fwd) = (
             BytesMut::new(),
@@ -2558,45 +2575,6 @@ mod tests {
             .is_none());
     }
 
-    /// Records what each try's connect was told about replaying.
-    struct Replays(Vec<bool>);
-
-    impl Upstream for Replays {
-        type Conn = OneResponse;
-
-        async fn connect(
-            &mut self,
-            _service: Option<&(ObjectRef, u16)>,
-            _head: &RequestHead,
-        ) -> io::Result<(OneResponse, bool)> {
-            unreachable!("tries connect through connect_try")
-        }
-
-        async fn connect_try(
-            &mut self,
-            _service: Option<&(ObjectRef, u16)>,
-            _head: &RequestHead,
-            replayable: bool,
-        ) -> io::Result<(OneResponse, bool)> {
-            self.0.push(replayable);
-            let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n";
-            Ok((OneResponse(Some(Bytes::from_static(ok))), false))
-        }
-
-        fn done(&mut self, _: Option<OneResponse>, _: u16, _: bool, _: Option<io::ErrorKind>) {}
-
-        async fn exchange(
-            &mut self,
-            _service: Option<&(ObjectRef, u16)>,
-            _request: Bytes,
-            _timeout: Option<Duration>,
-        ) -> io::Result<Vec<u8>> {
-            Err(io::Error::other("not used here"))
-        }
-
-        fn mirror(&mut self, _service: &(ObjectRef, u16), _request: Bytes) {}
-    }
-
     /// Only a request that can be sent again on a new stream (idempotent, its body read
     /// whole) may take a long-idle kept one. An HTTP/2 body of unknown length (no
     /// `content-length`, ended by END_STREAM) is streamed: its HTTP/1.1 head upstream has
@@ -2641,7 +2619,7 @@ mod tests {
         for (raw, body, want) in cases {
             let head = head_of(raw.as_bytes());
             assert_eq!(replayable_on_new_stream(&head, &body), want, "{raw:?}");
-            let mut up = Replays(Vec::new());
+            let mut up = Scripted::new(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n");
             let has_body = !matches!(&body, ReqBody::Buffered(b) if b.is_empty());
             // (A streamed body then fails: the test's source is empty.)
             let _ = rt.block_on(attempt(
@@ -2656,7 +2634,7 @@ mod tests {
                 &mut crate::lb::SplitMix64(2),
                 None,
             ));
-            assert_eq!(up.0, [want], "{raw:?}");
+            assert_eq!(up.replays, [want], "{raw:?}");
         }
     }
 
