@@ -11,6 +11,8 @@
 //! cargo run --profile bench -p hbone --example hbone_cost -- rr --count 20000
 //! ```
 //! `--core N` pins the worker (default 1); clients and the backend stay unpinned.
+//! `--no-resumption` sets `h2.tls_resumption: false` (full TLS handshakes only; compare
+//! `churn --cold` with and without it).
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -94,6 +96,7 @@ fn main() {
     let mode = args.get(1).cloned().unwrap_or_else(|| "churn".into());
     let core: usize = arg(&args, "--core", 1);
     let cold = args.iter().any(|a| a == "--cold");
+    let resumption = !args.iter().any(|a| a == "--no-resumption");
     let backend = if mode == "bulk" {
         sink_backend()
     } else {
@@ -102,7 +105,7 @@ fn main() {
     let dir = std::env::temp_dir().join(format!("hbone-cost-{}", std::process::id()));
     let yaml = format!(
         "runtime:\n  workers: 1\n  cores: [{core}]\n  pin: true\n  drain_timeout: 1s\n\
-         trust_domain: cluster.local\nca: {{builtin: {}}}\n\
+         trust_domain: cluster.local\nca: {{builtin: {}}}\nh2:\n  tls_resumption: {resumption}\n\
          outbound:\n  - listen: 127.0.0.1:0\n    identity: spiffe://cluster.local/ns/b/sa/client\n    hbone: 127.0.0.1:{port}\n    peer_identity: spiffe://cluster.local/ns/b/sa/server\n    target: {backend}\n    pool: {pool}\n\
          inbound:\n  listen: 127.0.0.1:{port}\n  identity: spiffe://cluster.local/ns/b/sa/server\n  targets: [{backend}]\n",
         dir.display(),
