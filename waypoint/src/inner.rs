@@ -96,12 +96,18 @@ pub struct StreamIo {
     wbuf: BytesMut,
     /// The bound on the wait for the peer's END_STREAM, from the first shutdown poll.
     closing: Option<Pin<Box<monoio::time::Sleep>>>,
+    /// Bytes dropped while closing (at most [`CLOSE_DRAIN_MAX`]).
+    drained: usize,
 }
 
 /// How long a closed stream waits for its peer to end its side too (the far ztunnel
 /// passes our END_STREAM on as a FIN; the pod's close comes back as END_STREAM) before
 /// it is reset.
 pub const CLOSE_WAIT: Duration = Duration::from_secs(5);
+
+/// The most a closed stream reads (and drops) from its peer while it waits for its end;
+/// a peer that sends more is reset, as a TCP socket closed with data still arriving is.
+pub const CLOSE_DRAIN_MAX: usize = 64 * 1024;
 
 /// The smallest allocation [`StreamIo`] copies writes into (h2 writes whole batches of
 /// frames, a few hundred bytes to 16 KiB).
@@ -115,6 +121,7 @@ impl StreamIo {
             eof: false,
             wbuf: BytesMut::new(),
             closing: None,
+            drained: 0,
         }
     }
 
@@ -211,6 +218,11 @@ impl tokio::io::AsyncWrite for StreamIo {
             match me.s.recv.poll_data(cx) {
                 Poll::Ready(Some(Ok(b))) => {
                     let _ = me.s.recv.flow_control().release_capacity(b.len());
+                    me.drained += b.len();
+                    if me.drained > CLOSE_DRAIN_MAX {
+                        me.s.send.send_reset(Reason::CANCEL);
+                        me.eof = true;
+                    }
                 }
                 // Ended, or reset (by the peer, or with the connection).
                 Poll::Ready(_) => me.eof = true,

@@ -224,7 +224,8 @@ pub fn idle_stream_usable(s: &mut hbone::stream::H2Stream) -> bool {
 /// End `s`, whose exchanges completed, as a TCP connection is closed: END_STREAM now (the
 /// destination ztunnel passes it on to the pod as a FIN), then its receive side read (and
 /// dropped) until the peer ends it too (the pod's close), for at most
-/// [`crate::inner::CLOSE_WAIT`], then a reset. Dropping the stream with a side still open
+/// [`crate::inner::CLOSE_WAIT`] and [`crate::inner::CLOSE_DRAIN_MAX`] bytes (a response
+/// body left unread, say), then a reset. Dropping the stream with a side still open
 /// would reset it (RST_STREAM CANCEL), which the ztunnel passes on as a TCP reset: that is
 /// for failed exchanges only. The wait runs in a task of its own (on the worker).
 pub fn close_stream(mut s: hbone::stream::H2Stream) {
@@ -234,9 +235,22 @@ pub fn close_stream(mut s: hbone::stream::H2Stream) {
         return;
     }
     runtime::busy::spawn_tracked(async move {
-        let drain = async { while let Some(Ok(_)) = s.read().await {} };
+        // Whether the peer ended its side within the bounds.
+        let drain = async {
+            let mut n = 0;
+            while let Some(Ok(b)) = s.read().await {
+                n += b.len();
+                if n > crate::inner::CLOSE_DRAIN_MAX {
+                    return false;
+                }
+            }
+            true
+        };
         let limit = monoio::time::sleep(crate::inner::CLOSE_WAIT);
-        if let runtime::worker::Either::Right(()) = runtime::worker::race(drain, limit).await {
+        if !matches!(
+            runtime::worker::race(drain, limit).await,
+            runtime::worker::Either::Left(true)
+        ) {
             s.reset(h2::Reason::CANCEL);
         }
     });

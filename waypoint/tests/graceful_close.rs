@@ -39,8 +39,10 @@ use waypoint::service;
 enum Ended {
     /// A read returned 0: the peer's FIN.
     Eof,
-    /// A read failed (ECONNRESET for a TCP reset).
+    /// A read (or a write) failed (ECONNRESET for a TCP reset).
     Failed(ErrorKind),
+    /// Every byte of a flood was written.
+    WroteAll,
 }
 
 fn ended(r: &std::io::Result<usize>) -> Option<Ended> {
@@ -57,7 +59,9 @@ type Report = (&'static str, usize, Ended);
 
 /// An HTTP/1.1 backend answering `200 <path>`: keep-alive, except for `/close`, answered
 /// with `Connection: close`, after which it shuts its sending side and reads until the
-/// end (a lingering close, as nginx and Apache httpd do).
+/// end (a lingering close, as nginx and Apache httpd do), and `/flood`, answered with
+/// `Connection: close` and then [`FLOOD`] bytes nobody asked for (reporting whether they
+/// all went out).
 fn h1_backend(ip: Ipv4Addr, report: mpsc::Sender<Report>) -> SocketAddr {
     let l = TcpListener::bind((ip, 0)).unwrap();
     let addr = l.local_addr().unwrap();
@@ -72,7 +76,7 @@ fn h1_backend(ip: Ipv4Addr, report: mpsc::Sender<Report>) -> SocketAddr {
                 // `next_request` reads only until a whole head: at the end of the
                 // connection, one more read tells how it ended.
                 while let Some(req) = next_request(&mut c, &mut buf) {
-                    let close = req.path == "/close";
+                    let close = req.path == "/close" || req.path == "/flood";
                     let body = req.path.clone();
                     let head = if close { "connection: close\r\n" } else { "" };
                     let resp = format!(
@@ -81,6 +85,18 @@ fn h1_backend(ip: Ipv4Addr, report: mpsc::Sender<Report>) -> SocketAddr {
                     );
                     if c.write_all(resp.as_bytes()).is_err() {
                         break;
+                    }
+                    if req.path == "/flood" {
+                        let chunk = vec![b'x'; 64 * 1024];
+                        let mut left = FLOOD;
+                        while left > 0 && end.is_none() {
+                            if let Err(e) = c.write_all(&chunk) {
+                                end = Some(Ended::Failed(e.kind()));
+                            }
+                            left -= chunk.len();
+                        }
+                        let _ = report.send(("h1", n, end.unwrap_or(Ended::WroteAll)));
+                        return;
                     }
                     if close {
                         let _ = c.shutdown(NetShutdown::Write);
@@ -211,6 +227,11 @@ fn ztunnel(listener: TcpListener, cert: &WorkloadCert, bridged: mpsc::Sender<(u1
         }
     });
 }
+
+/// What the backend writes after its `/flood` response: far more than a closed stream
+/// reads before it resets ([`waypoint::inner::CLOSE_DRAIN_MAX`]) and than the buffers on
+/// the way hold.
+const FLOOD: usize = 256 << 20;
 
 const H1: &str = "10.96.0.1:80";
 const H2: &str = "10.96.0.2:80";
@@ -350,5 +371,33 @@ fn a_connection_close_response_ends_the_upstream_stream_with_a_fin() {
         assert_eq!(m.report(), ("h1", 1, Ended::Eof));
     });
     assert_eq!(m.bridged(), (m.h1_port, "closed".to_string()));
+    assert_eq!(m.counters().upstream_errors.load(Ordering::Relaxed), 0);
+}
+
+/// After a `Connection: close` response the waypoint half-closes the stream and reads on
+/// for the pod's end, but only so much: a pod that keeps sending is reset (as a TCP
+/// socket closed with data still arriving), not read for the whole wait.
+#[test]
+fn a_closed_upstream_stream_whose_pod_keeps_sending_is_reset() {
+    let m = Mesh::start();
+    block_on(async {
+        let (_c, mut s) = m.tunnel(H1).await;
+        let mut buf = Vec::new();
+        s.write_all(Bytes::from(get("/flood", "h1")), false)
+            .await
+            .unwrap();
+        let r = read_response(&mut s, &mut buf).await;
+        assert_eq!((r.status, r.text()), (200, "/flood".to_string()));
+        match m.report() {
+            ("h1", 1, Ended::Failed(k)) => assert!(
+                matches!(k, ErrorKind::ConnectionReset | ErrorKind::BrokenPipe),
+                "{k:?}"
+            ),
+            other => panic!("{other:?}"),
+        }
+    });
+    let (port, end) = m.bridged();
+    assert_eq!(port, m.h1_port);
+    assert_ne!(end, "closed");
     assert_eq!(m.counters().upstream_errors.load(Ordering::Relaxed), 0);
 }
