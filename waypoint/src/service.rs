@@ -700,7 +700,11 @@ async fn tunnel(w: Rc<Worker>, cert: Arc<WorkloadCert>, inb: Inbound) {
                     if let http1::End::Closed(400 | 413 | 431) = end {
                         counters.bad_requests.fetch_add(1, Relaxed);
                     }
-                    tracing::trace!(%target, ?end, "tunnel ended")
+                    tracing::trace!(%target, ?end, "tunnel ended");
+                    // Ended in order: END_STREAM (if not sent yet), then the client's end
+                    // waited for, so its ztunnel passes a FIN on (dropping the stream
+                    // would reset it).
+                    crate::upstream::close_stream(stream);
                 }
                 Either::Left(Err(e)) => {
                     // A response cut after its head (or a failed tunnel): the stream is

@@ -401,3 +401,56 @@ fn a_closed_upstream_stream_whose_pod_keeps_sending_is_reset() {
     assert_ne!(end, "closed");
     assert_eq!(m.counters().upstream_errors.load(Ordering::Relaxed), 0);
 }
+
+/// The client's side too: a request with `Connection: close` is answered and the waypoint
+/// ends the client's tunnel with END_STREAM, then waits for the client's end: through the
+/// client's ztunnel bridge the app reads EOF after the response, and the bridge ends in
+/// order (it was reset as the waypoint dropped the stream).
+#[test]
+fn a_connection_close_request_ends_the_client_tunnel_with_a_fin() {
+    let m = Mesh::start();
+    let (app, end) = block_on(async {
+        let (_c, s) = m.tunnel(H1).await;
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        l.set_nonblocking(true).unwrap();
+        let l = monoio::net::TcpListener::from_std(l).unwrap();
+        // The client app: one request, then reads to the end of the connection.
+        let app = std::thread::spawn(move || {
+            let mut c = std::net::TcpStream::connect(addr).unwrap();
+            c.write_all(b"GET /bye HTTP/1.1\r\nhost: h1\r\nconnection: close\r\n\r\n")
+                .unwrap();
+            let (mut got, mut chunk) = (Vec::new(), [0u8; 4096]);
+            loop {
+                match c.read(&mut chunk) {
+                    Ok(0) => return (String::from_utf8_lossy(&got).into_owned(), Ended::Eof),
+                    Ok(n) => got.extend_from_slice(&chunk[..n]),
+                    Err(e) => {
+                        return (
+                            String::from_utf8_lossy(&got).into_owned(),
+                            Ended::Failed(e.kind()),
+                        )
+                    }
+                }
+            }
+        });
+        let (tcp, _) = l.accept().await.unwrap();
+        let out = hbone::stream::bridge(
+            tcp,
+            s,
+            64 * 1024,
+            Duration::from_secs(120),
+            std::future::pending(),
+        )
+        .await;
+        (app, format!("{:?}", out.end))
+    });
+    let (text, ended) = app.join().unwrap();
+    assert!(text.starts_with("HTTP/1.1 200 OK\r\n"), "{text}");
+    assert!(text.ends_with("\r\n\r\n/bye"), "{text}");
+    assert_eq!(ended, Ended::Eof, "{text}");
+    assert_eq!(end, "Closed");
+    // Upstream, the stream of a request that asked for a close is not kept: a FIN too.
+    assert_eq!(m.report(), ("h1", 1, Ended::Eof));
+    assert_eq!(m.bridged(), (m.h1_port, "closed".to_string()));
+}
