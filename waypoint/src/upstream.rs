@@ -222,8 +222,9 @@ pub fn idle_stream_usable(s: &mut hbone::stream::H2Stream) -> bool {
 }
 
 /// End `s`, whose exchanges completed, as a TCP connection is closed: END_STREAM now (the
-/// destination ztunnel passes it on to the pod as a FIN), then its receive side read (and
-/// dropped) until the peer ends it too (the pod's close), for at most
+/// ztunnel at the other end passes it on as a FIN: to the pod upstream, to the client on
+/// a downstream tunnel), then its receive side read (and dropped) until the peer ends it
+/// too (their close), for at most
 /// [`crate::inner::CLOSE_WAIT`] and [`crate::inner::CLOSE_DRAIN_MAX`] bytes (a response
 /// body left unread, say), then a reset. Dropping the stream with a side still open
 /// would reset it (RST_STREAM CANCEL), which the ztunnel passes on as a TCP reset: that is
