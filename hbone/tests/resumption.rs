@@ -419,3 +419,43 @@ fn connect_and_open_resumes() {
     assert_eq!(counts(&counters), (1, 2));
     server_counts(&srv, (1, 2));
 }
+
+/// A ticket outlives nothing: once the client's certificate has expired, a session resumed
+/// with it is refused by the server (counted as expired) although the ticket itself is
+/// still valid — the full handshake's certificate check is not skipped by resuming.
+#[test]
+fn resumed_session_with_an_expired_client_certificate_is_refused() {
+    use hbone::ca::CertSource;
+    let ca = ca();
+    let now = std::time::SystemTime::now();
+    let short = ca.mint(&id("client"), now, Duration::from_secs(5)).unwrap();
+    let srv = echo_server(&cert(&ca, "server"));
+    let addr = srv.addr;
+    let counters = TlsCounters::default();
+    block_on(DriverKind::Uring, async {
+        let tls = || client_config_to(&short, &[id("server")], addr, true).unwrap();
+        one_connection(addr, tls(), &counters)
+            .await
+            .expect("valid while fresh");
+        assert_eq!(counts(&counters), (1, 0));
+        // Wait until the certificate has expired (validity is in whole seconds).
+        while std::time::SystemTime::now() <= short.not_after + Duration::from_secs(1) {
+            monoio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let r = one_connection(addr, tls(), &counters).await;
+        assert!(r.is_err(), "the server must not serve an expired client");
+        // The client did resume (it has no view of its own expiry); the server refused.
+        assert_eq!(counts(&counters), (1, 1));
+    });
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while srv.counters.tls.expired.load(Relaxed) != 1 {
+        assert!(std::time::Instant::now() < deadline, "refusal not counted");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(counts(&srv.counters.tls), (1, 0));
+    assert_eq!(seen(&srv, 1)[0].0, Some(id("client")));
+    assert!(
+        srv.seen.try_recv().is_err(),
+        "no stream of the refused session reached the handler"
+    );
+}
