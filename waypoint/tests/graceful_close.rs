@@ -288,6 +288,21 @@ impl Mesh {
         self.wp.tunnel(target, CLIENT).await
     }
 
+    /// A GET of `path` from Service `h1`, answered `200 <path>`; then how the backend
+    /// connection that carried it ended.
+    fn h1_get(&self, path: &str) -> Report {
+        block_on(async {
+            let (_c, mut s) = self.tunnel(H1).await;
+            let mut buf = Vec::new();
+            s.write_all(Bytes::from(get(path, "h1")), false)
+                .await
+                .unwrap();
+            let r = read_response(&mut s, &mut buf).await;
+            assert_eq!((r.status, r.text()), (200, path.to_string()));
+            self.report()
+        })
+    }
+
     /// The next backend connection's end (generous bound: only a hang fails here).
     fn report(&self) -> Report {
         self.reports
@@ -341,16 +356,7 @@ fn r17_an_idle_upstream_h2_connection_closes_with_a_fin_not_a_reset() {
 #[test]
 fn r17_a_swept_idle_http1_stream_closes_with_a_fin_not_a_reset() {
     let m = Mesh::start();
-    block_on(async {
-        let (_c, mut s) = m.tunnel(H1).await;
-        let mut buf = Vec::new();
-        s.write_all(Bytes::from(get("/keep", "h1")), false)
-            .await
-            .unwrap();
-        let r = read_response(&mut s, &mut buf).await;
-        assert_eq!((r.status, r.text()), (200, "/keep".to_string()));
-        assert_eq!(m.report(), ("h1", 1, Ended::Eof));
-    });
+    assert_eq!(m.h1_get("/keep"), ("h1", 1, Ended::Eof));
     assert_eq!(m.bridged(), (m.h1_port, "closed".to_string()));
     assert_eq!(m.counters().upstream_errors.load(Ordering::Relaxed), 0);
 }
@@ -360,16 +366,7 @@ fn r17_a_swept_idle_http1_stream_closes_with_a_fin_not_a_reset() {
 #[test]
 fn a_connection_close_response_ends_the_upstream_stream_with_a_fin() {
     let m = Mesh::start();
-    block_on(async {
-        let (_c, mut s) = m.tunnel(H1).await;
-        let mut buf = Vec::new();
-        s.write_all(Bytes::from(get("/close", "h1")), false)
-            .await
-            .unwrap();
-        let r = read_response(&mut s, &mut buf).await;
-        assert_eq!((r.status, r.text()), (200, "/close".to_string()));
-        assert_eq!(m.report(), ("h1", 1, Ended::Eof));
-    });
+    assert_eq!(m.h1_get("/close"), ("h1", 1, Ended::Eof));
     assert_eq!(m.bridged(), (m.h1_port, "closed".to_string()));
     assert_eq!(m.counters().upstream_errors.load(Ordering::Relaxed), 0);
 }
@@ -380,22 +377,13 @@ fn a_connection_close_response_ends_the_upstream_stream_with_a_fin() {
 #[test]
 fn a_closed_upstream_stream_whose_pod_keeps_sending_is_reset() {
     let m = Mesh::start();
-    block_on(async {
-        let (_c, mut s) = m.tunnel(H1).await;
-        let mut buf = Vec::new();
-        s.write_all(Bytes::from(get("/flood", "h1")), false)
-            .await
-            .unwrap();
-        let r = read_response(&mut s, &mut buf).await;
-        assert_eq!((r.status, r.text()), (200, "/flood".to_string()));
-        match m.report() {
-            ("h1", 1, Ended::Failed(k)) => assert!(
-                matches!(k, ErrorKind::ConnectionReset | ErrorKind::BrokenPipe),
-                "{k:?}"
-            ),
-            other => panic!("{other:?}"),
-        }
-    });
+    match m.h1_get("/flood") {
+        ("h1", 1, Ended::Failed(k)) => assert!(
+            matches!(k, ErrorKind::ConnectionReset | ErrorKind::BrokenPipe),
+            "{k:?}"
+        ),
+        other => panic!("{other:?}"),
+    }
     let (port, end) = m.bridged();
     assert_eq!(port, m.h1_port);
     assert_ne!(end, "closed");
