@@ -425,7 +425,6 @@ fn connect_and_open_resumes() {
 /// still valid — the full handshake's certificate check is not skipped by resuming.
 #[test]
 fn resumed_session_with_an_expired_client_certificate_is_refused() {
-    use hbone::ca::CertSource;
     let ca = ca();
     let now = std::time::SystemTime::now();
     let short = ca.mint(&id("client"), now, Duration::from_secs(5)).unwrap();
