@@ -425,6 +425,10 @@ async fn connect_from(src: std::net::IpAddr, dst: SocketAddr) -> std::io::Result
     use std::os::fd::AsRawFd;
     let s = Socket::new(Domain::for_address(dst), Type::STREAM, None)?;
     s.set_nonblocking(true)?;
+    // The port is chosen by `connect` for the 4-tuple, not by `bind` for every destination:
+    // with the pod's address bound, `bind` to port 0 searched past every TIME_WAIT port of
+    // that address (see `close_quietly`).
+    runtime::sys::set_bind_address_no_port(s.as_raw_fd())?;
     s.bind(&SocketAddr::new(src, 0).into())?;
     match s.connect(&dst.into()) {
         Ok(()) => {}
@@ -447,10 +451,11 @@ async fn connect_from(src: std::net::IpAddr, dst: SocketAddr) -> std::io::Result
 /// here for 60 s: the kernel moves it there itself when the other side's FIN arrives, before
 /// the close (`ss` after an idle run shows one per connection). Through the loopback mesh,
 /// whose client sockets are bound to the client pod's address, every later `bind` to port 0
-/// searches past those ports: idle-connections over hbone right after l4's took 38–49 s to
+/// searched past those ports: idle-connections over hbone right after l4's took 38–49 s to
 /// open its 9,000 connections (7 s for l4's) on a loaded machine, the generator thread
-/// spending ~18 CPU-seconds in `inet_csk_get_port`'s search (perf). `Err` when the other
-/// side did not close cleanly.
+/// spending ~18 CPU-seconds in `inet_csk_get_port`'s search (perf). `connect_from` now
+/// leaves the port to `connect` (`IP_BIND_ADDRESS_NO_PORT`). `Err` when the other side did
+/// not close cleanly.
 async fn close_quietly(mut s: TcpStream) -> Result<(), String> {
     use std::os::fd::AsRawFd;
     s.shutdown()

@@ -101,6 +101,25 @@ pub fn set_linger_zero(fd: RawFd) -> io::Result<()> {
     Ok(())
 }
 
+/// `IP_BIND_ADDRESS_NO_PORT`: a `bind` to port 0 on this socket keeps the address only and
+/// leaves the port to `connect`, which picks one unique for the whole 4-tuple (and may reuse
+/// a loopback TIME_WAIT one). Without it, `bind` must find a port free for every
+/// destination, searching past each TIME_WAIT socket of the address. IPv4 and IPv6 sockets.
+pub fn set_bind_address_no_port(fd: RawFd) -> io::Result<()> {
+    let on: libc::c_int = 1;
+    // SAFETY: `on` is a valid c_int and its exact size is passed.
+    cvt(unsafe {
+        libc::setsockopt(
+            fd,
+            libc::IPPROTO_IP,
+            libc::IP_BIND_ADDRESS_NO_PORT,
+            (&on as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    })?;
+    Ok(())
+}
+
 /// `shutdown(fd, SHUT_WR)`: send FIN, keep reading.
 pub fn shutdown_write(fd: RawFd) -> io::Result<()> {
     // SAFETY: plain syscall on a descriptor the caller owns.

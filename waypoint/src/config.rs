@@ -506,10 +506,9 @@ impl SettingsDoc {
             .ztunnel_identity
             .as_deref()
             .map(|s| {
-                s.parse()
-                    .map_err(|e: mesh_model::identity::IdentityError| {
-                        Invalid::new("waypoint.ztunnel_identity", e.to_string())
-                    })
+                s.parse().map_err(|e: mesh_model::identity::IdentityError| {
+                    Invalid::new("waypoint.ztunnel_identity", e.to_string())
+                })
             })
             .transpose()
     }
