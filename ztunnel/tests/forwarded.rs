@@ -9,16 +9,11 @@
 mod common;
 
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
-use std::rc::Rc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc, Arc};
 use std::time::{Duration, SystemTime};
 
 use common::*;
 use hbone::ca::{CertSource, SigningCa};
-use hbone::server::{serve_connection, Inbound, ServerCounters};
-use hbone::wire::{ConnectRequest, ParsedConnect};
-use hbone::{H2Settings, Identity};
+use hbone::wire::ConnectRequest;
 
 /// A DENY on `addr` for the server pod (`ns-b`) and the waypoint-enabled pod (`ns-w`).
 fn deny_source(addr: IpAddr) -> String {
@@ -69,118 +64,13 @@ fn hbone_from(
         up.set_read_timeout(None).unwrap();
         relay(down, up);
     });
-    let id: Identity = identity.parse().unwrap();
-    let cert = ca.issue(&id, SystemTime::now()).unwrap();
-    let server_id: Identity = ZTUNNEL_ID.parse().unwrap();
-    std::thread::spawn(move || {
-        let decision = runtime::driver::DriverDecision {
-            kind: runtime::driver::DriverKind::Epoll,
-            reason: "test".into(),
-        };
-        let (mut rt, _) = runtime::driver::build_runtime(&decision, 64).unwrap();
-        rt.block_on(async move {
-            let tls = hbone::tls::client_config(&cert, &[server_id]).unwrap();
-            let c = hbone::client::Client::connect(
-                relay_addr,
-                tls,
-                &H2Settings::default(),
-                &hbone::tls::TlsCounters::default(),
-            )
-            .await
-            .unwrap_or_else(|e| panic!("HBONE connection to {zt}: {e}"));
-            let mut req = ConnectRequest::new(authority);
-            req.forwarded_for = claimed;
-            match c.open(&req).await {
-                Err(hbone::HboneError::Status(s)) => (s.as_u16(), String::new()),
-                Err(e) => panic!("HBONE stream to {authority}: {e}"),
-                Ok(mut s) => {
-                    let mut got = Vec::new();
-                    while !got.contains(&b'\n') {
-                        match s.read().await {
-                            Some(Ok(b)) => got.extend_from_slice(&b),
-                            _ => break,
-                        }
-                    }
-                    let line = String::from_utf8_lossy(&got);
-                    (200, line.lines().next().unwrap_or_default().to_string())
-                }
-            }
-        })
-    })
-    .join()
-    .unwrap()
-}
-
-/// An HBONE server with the waypoint identity that records every CONNECT request (all
-/// headers as parsed) and its peer, answers `waypoint\n`, then holds the stream open.
-struct RecordingWaypoint {
-    seen: mpsc::Receiver<(Option<Identity>, ParsedConnect)>,
-    stop: Arc<AtomicBool>,
-    addr: SocketAddr,
-}
-
-impl Drop for RecordingWaypoint {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        let _ = TcpStream::connect_timeout(&self.addr, Duration::from_millis(200));
-    }
-}
-
-fn recording_waypoint(ca: &SigningCa, addr: SocketAddr) -> RecordingWaypoint {
     let cert = ca
-        .issue(&WAYPOINT_ID.parse().unwrap(), SystemTime::now())
+        .issue(&identity.parse().unwrap(), SystemTime::now())
         .unwrap();
-    let tls = hbone::tls::server_config(&cert).unwrap();
-    let listener = TcpListener::bind(addr).unwrap();
-    listener.set_nonblocking(true).unwrap();
-    let (tx, seen) = mpsc::channel();
-    let stop = Arc::new(AtomicBool::new(false));
-    let s2 = stop.clone();
-    std::thread::spawn(move || {
-        let decision = runtime::driver::DriverDecision {
-            kind: runtime::driver::DriverKind::Epoll,
-            reason: "test".into(),
-        };
-        let (mut rt, _) = runtime::driver::build_runtime(&decision, 64).unwrap();
-        rt.block_on(async move {
-            let l = monoio::net::TcpListener::from_std(listener).unwrap();
-            let tx = Rc::new(tx);
-            loop {
-                let Ok((tcp, peer)) = l.accept().await else {
-                    continue;
-                };
-                if s2.load(Ordering::SeqCst) {
-                    return;
-                }
-                let (tls, tx) = (tls.clone(), tx.clone());
-                monoio::spawn(async move {
-                    let h = Rc::new(move |inb: Inbound| {
-                        let _ = tx.send((inb.peer_identity.clone(), inb.request.clone()));
-                        async move {
-                            let Ok(mut s) = inb.accept() else { return };
-                            let hello = bytes::Bytes::from_static(b"waypoint\n");
-                            if s.write_all(hello, false).await.is_err() {
-                                return;
-                            }
-                            while let Some(Ok(_)) = s.read().await {}
-                            let _ = s.write_all(bytes::Bytes::new(), true).await;
-                        }
-                    });
-                    let _ = serve_connection(
-                        tcp,
-                        peer,
-                        tls,
-                        &H2Settings::default(),
-                        Arc::new(ServerCounters::default()),
-                        std::future::pending(),
-                        h,
-                    )
-                    .await;
-                });
-            }
-        })
-    });
-    RecordingWaypoint { seen, stop, addr }
+    let mut req = ConnectRequest::new(authority);
+    req.forwarded_for = claimed;
+    try_hbone_request(cert, ZTUNNEL_ID.parse().unwrap(), relay_addr, req)
+        .unwrap_or_else(|e| panic!("HBONE stream to {authority} through {zt}: {e}"))
 }
 
 #[test]
@@ -219,7 +109,7 @@ fn r9_a_mesh_peer_spoofing_forwarded_for_cannot_dodge_a_deny_on_its_address() {
 fn r11_the_destinations_waypoint_is_trusted_for_the_original_client_address() {
     let t = Topo::new(142, &deny_source(Net { n: 142 }.client()));
     let _wpod = Pod::start(t.net.wpod(), "wpod");
-    let wp = recording_waypoint(&t.ca(), t.net.waypoint());
+    let wp = waypoint(&t.ca(), t.net.waypoint());
     let zt_b = SocketAddr::new(t.net.zt_b(), 15008);
     let wp_ip = t.net.waypoint().ip();
     let (denied, other) = (t.net.client(), t.net.legacy_client());
@@ -240,28 +130,28 @@ fn r11_the_destinations_waypoint_is_trusted_for_the_original_client_address() {
     // the peer's real address, not the one it claimed.
     let (status, line) = hbone_from(&t.ca(), CLIENT_ID, other, zt_b, t.net.wpod(), Some(denied));
     assert_eq!((status, line.as_str()), (200, "waypoint"));
-    let (peer, req) = wp.seen.recv_timeout(Duration::from_secs(10)).unwrap();
+    let Seen { peer, request, .. } = wp.seen.recv_timeout(Duration::from_secs(10)).unwrap();
     assert_eq!(peer.unwrap().to_string(), ZTUNNEL_ID);
-    assert_eq!(req.target, t.net.wpod());
-    assert_eq!(req.forwarded_for, Some(other));
+    assert_eq!(request.target, t.net.wpod());
+    assert_eq!(request.forwarded_for, Some(other));
 }
 
 #[test]
 fn r6_outbound_connect_carries_istios_baggage_for_the_source_workload() {
     let t = Topo::new(143, "[]");
-    let wp = recording_waypoint(&t.ca(), t.net.waypoint());
+    let wp = waypoint(&t.ca(), t.net.waypoint());
     let socks = t.a().addrs.socks5;
     // client (ns-a) → wpod: ztunnel A tunnels to wpod's waypoint (R6).
     let (code, mut s) = socks_connect(t.net.client(), socks, Dest::Addr(t.net.wpod()));
     assert_eq!(code, 0);
     assert_eq!(hello(&mut s), "waypoint");
-    let (peer, req) = wp.seen.recv_timeout(Duration::from_secs(10)).unwrap();
+    let Seen { peer, request, .. } = wp.seen.recv_timeout(Duration::from_secs(10)).unwrap();
     assert_eq!(peer.unwrap().to_string(), CLIENT_ID);
-    assert_eq!(req.target, t.net.wpod());
-    assert_eq!(req.forwarded_for, Some(t.net.client()));
+    assert_eq!(request.target, t.net.wpod());
+    assert_eq!(request.forwarded_for, Some(t.net.client()));
     // The test mesh's client has no workloadName, canonical name or revision: a bare pod,
     // with istiod's fallbacks; the cluster is Istio's default CLUSTER_ID.
-    let b = req.baggage;
+    let b = request.baggage;
     assert_eq!(b.cluster.as_deref(), Some("Kubernetes"));
     assert_eq!(b.namespace.as_deref(), Some("ns-a"));
     assert_eq!(b.workload_kind.as_deref(), Some("pod"));
@@ -277,25 +167,10 @@ fn r6_outbound_connect_carries_istios_baggage_for_the_source_workload() {
     );
 }
 
-/// A DENY on each of `addrs` for the server pod's namespace (`ns-b`).
-fn deny_sources(addrs: &[IpAddr]) -> String {
-    let blocks: Vec<String> = addrs.iter().map(|a| format!("\"{a}/32\"")).collect();
-    format!(
-        r#"
-  - name: deny-addrs
-    namespace: ns-b
-    scope: Namespace
-    action: Deny
-    rules: [[[{{sourceIps: [{}]}}]]]
-"#,
-        blocks.join(", ")
-    )
-}
-
 #[test]
 fn r9_the_clients_node_ztunnel_is_believed_for_the_pod_address_it_speaks_for() {
     let net = Net { n: 146 };
-    let t = Topo::new(146, &deny_sources(&[net.client()]));
+    let t = Topo::new(146, &deny_ips("deny-addrs", &[net.client()]));
     let _server = Pod::start(t.net.server(), "server");
     let zt_b = SocketAddr::new(t.net.zt_b(), 15008);
     // Node A's ztunnel (its `nodes[]` address) with the client's certificate, for the
@@ -329,7 +204,7 @@ fn r9_forwarded_for_is_not_believed_from_the_wrong_node_address_or_identity() {
     let unknown = net.ip(1, 99);
     let t = Topo::new(
         147,
-        &deny_sources(&[net.client(), net.legacy_client(), unknown]),
+        &deny_ips("deny-addrs", &[net.client(), net.legacy_client(), unknown]),
     );
     let _server = Pod::start(t.net.server(), "server");
     let zt_b = SocketAddr::new(t.net.zt_b(), 15008);

@@ -14,10 +14,9 @@ mod common;
 #[allow(unused_imports)] // `netns` re-exports helpers other test files use
 mod netns;
 
-use std::net::IpAddr;
 use std::time::Duration;
 
-use common::{metric, CLIENT_ID, SERVER_ID};
+use common::{deny_ips, metric, CLIENT_ID, SERVER_ID};
 use netns::*;
 
 const PATHS: &str = "ztunnel_connection_paths_total";
@@ -50,24 +49,6 @@ fn r9_ip_block_deny_on_one_client_pod_with_pod_addressing_v6() {
     }
 }
 
-/// Node B's DENY on `addrs` (pod addresses) for `ns-b`.
-fn deny_ips(addrs: &[IpAddr]) -> String {
-    let blocks: Vec<String> = addrs
-        .iter()
-        .map(|a| format!("\"{a}/{}\"", if a.is_ipv4() { 32 } else { 128 }))
-        .collect();
-    format!(
-        r#"
-  - name: deny-pod-ips
-    namespace: ns-b
-    scope: Namespace
-    action: Deny
-    rules: [[[{{sourceIps: [{}]}}]]]
-"#,
-        blocks.join(", ")
-    )
-}
-
 /// DENY `client` (node A) and `server2` (node B) by address; `client2` (node A) and
 /// `server` (node B), with the same identities, are allowed. `node_addresses`: the model
 /// names both nodes' ztunnel addresses (tunnels go to and come from them), else tunnels go
@@ -84,7 +65,7 @@ fn r9_ip_block_deny_on_one_client_pod(fam: Family, node_addresses: bool) {
         String::new()
     };
     let tag = if node_addresses { "fwdn" } else { "fwdp" };
-    let w = World::with_mesh(&fam.tag(tag), &deny_ips(&denied), &nodes);
+    let w = World::with_mesh(&fam.tag(tag), &deny_ips("deny-pod-ips", &denied), &nodes);
     let dump = || {
         format!(
             "--- node-a stats\n{}\n--- node-b stats\n{}\n--- node-a log\n{}\n--- node-b log\n{}",

@@ -11,8 +11,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, SystemTime};
 
-use hbone::ca::{CertSource, SigningCa};
+use hbone::ca::{CertSource, SigningCa, WorkloadCert};
 use hbone::server::{serve_connection, Inbound, ServerCounters};
+use hbone::wire::{ConnectRequest, ParsedConnect};
 use hbone::{H2Settings, Identity};
 use socket2::{Domain, SockAddr, Socket, Type};
 
@@ -39,6 +40,25 @@ pub const REQUIRE_MTLS: &str = r#"
     action: Allow
     rules: [[[{principals: ["*"]}]]]
 "#;
+
+/// Node B policy (a YAML list): a DENY named `name` in `ns-b` on each of `addrs` (as a
+/// single-address `sourceIps` block).
+pub fn deny_ips(name: &str, addrs: &[IpAddr]) -> String {
+    let blocks: Vec<String> = addrs
+        .iter()
+        .map(|a| format!("\"{a}/{}\"", if a.is_ipv4() { 32 } else { 128 }))
+        .collect();
+    format!(
+        r#"
+  - name: {name}
+    namespace: ns-b
+    scope: Namespace
+    action: Deny
+    rules: [[[{{sourceIps: [{}]}}]]]
+"#,
+        blocks.join(", ")
+    )
+}
 
 /// The addresses of one test's topology; `n` keeps parallel tests apart (127.n.*.*).
 #[derive(Clone, Copy)]
@@ -452,6 +472,8 @@ pub fn roundtrip(s: &mut TcpStream, data: &[u8]) -> Vec<u8> {
 pub struct Seen {
     pub peer: Option<Identity>,
     pub authority: SocketAddr,
+    /// The whole CONNECT request as parsed (`forwarded`, `baggage`, ...).
+    pub request: ParsedConnect,
 }
 
 /// An HBONE server presenting the waypoint identity: records each CONNECT, answers
@@ -506,6 +528,7 @@ pub fn waypoint_as(ca: &SigningCa, addr: SocketAddr, identity: &str) -> Waypoint
                         let _ = tx.send(Seen {
                             peer: inb.peer_identity.clone(),
                             authority: inb.request.target,
+                            request: inb.request.clone(),
                         });
                         async move {
                             let Ok(mut s) = inb.accept() else { return };
@@ -578,6 +601,18 @@ pub fn try_hbone_call(
     let id: Identity = identity.parse().unwrap();
     let mut cert = ca.issue(&id, SystemTime::now()).unwrap();
     cert.roots = trust.issue(&id, SystemTime::now()).unwrap().roots;
+    try_hbone_request(cert, server_id, zt, ConnectRequest::new(authority))
+}
+
+/// One HBONE stream `req` over a new connection to `to` with `cert`, requiring the server
+/// to prove `server_id`: the status and, on 200, the first line the far end sent. Err: the
+/// TLS/HTTP/2 connection failed, or the stream failed other than with a status.
+pub fn try_hbone_request(
+    cert: WorkloadCert,
+    server_id: Identity,
+    to: SocketAddr,
+    req: ConnectRequest,
+) -> Result<(u16, String), String> {
     std::thread::spawn(move || {
         let decision = runtime::driver::DriverDecision {
             kind: runtime::driver::DriverKind::Epoll,
@@ -587,31 +622,29 @@ pub fn try_hbone_call(
         rt.block_on(async move {
             let tls = hbone::tls::client_config(&cert, &[server_id]).unwrap();
             let c = hbone::client::Client::connect(
-                zt,
+                to,
                 tls,
                 &H2Settings::default(),
                 &hbone::tls::TlsCounters::default(),
             )
             .await
             .map_err(|e| e.to_string())?;
-            Ok(
-                match c.open(&hbone::wire::ConnectRequest::new(authority)).await {
-                    Err(hbone::HboneError::Status(s)) => (s.as_u16(), String::new()),
-                    // TLS 1.3: a refused client certificate surfaces here.
-                    Err(e) => return Err(e.to_string()),
-                    Ok(mut s) => {
-                        let mut got = Vec::new();
-                        while !got.contains(&b'\n') {
-                            match s.read().await {
-                                Some(Ok(b)) => got.extend_from_slice(&b),
-                                _ => break,
-                            }
+            Ok(match c.open(&req).await {
+                Err(hbone::HboneError::Status(s)) => (s.as_u16(), String::new()),
+                // TLS 1.3: a refused client certificate surfaces here.
+                Err(e) => return Err(e.to_string()),
+                Ok(mut s) => {
+                    let mut got = Vec::new();
+                    while !got.contains(&b'\n') {
+                        match s.read().await {
+                            Some(Ok(b)) => got.extend_from_slice(&b),
+                            _ => break,
                         }
-                        let line = String::from_utf8_lossy(&got);
-                        (200, line.lines().next().unwrap_or_default().to_string())
                     }
-                },
-            )
+                    let line = String::from_utf8_lossy(&got);
+                    (200, line.lines().next().unwrap_or_default().to_string())
+                }
+            })
         })
     })
     .join()
