@@ -122,6 +122,9 @@ pub struct HboneSpec {
     /// pod and the client pod), with the address the outbound reaches the inbound at;
     /// `None`: both on 127.0.0.1 here.
     pub netns: Option<(String, String, std::net::IpAddr)>,
+    /// The profile's `h2` section (one JSON line) for both, as the mesh's proxies get it
+    /// (`h2.tls_resumption`, `h2.handshake_timeout`, windows…); `None`: the proxy's defaults.
+    pub h2: Option<String>,
 }
 
 pub const HBONE_SERVER_ID: &str = "spiffe://cluster.local/ns/bench/sa/server";
@@ -133,9 +136,13 @@ impl HboneSpec {
     fn head(&self) -> String {
         let cores: Vec<usize> = self.core.into_iter().collect();
         format!(
-            "# written by bench\n{}trust_domain: cluster.local\nca: {{builtin: {}}}\n",
+            "# written by bench\n{}trust_domain: cluster.local\nca: {{builtin: {}}}\n{}",
             runtime_yaml(&cores, 1, &self.io_driver),
-            self.ca_dir.display()
+            self.ca_dir.display(),
+            self.h2
+                .as_ref()
+                .map(|h| format!("h2: {h}\n"))
+                .unwrap_or_default()
         )
     }
     pub fn inbound_yaml(&self) -> String {
@@ -576,6 +583,7 @@ mod tests {
             ca_dir: PathBuf::from("/tmp/x/ca"),
             pool: false,
             netns: None,
+            h2: None,
         };
         let parse = |text: &str| -> hbone::proxy::ProxyConfig {
             let cfg: hbone::proxy::ProxyConfig =
@@ -598,6 +606,21 @@ mod tests {
         assert_eq!(out.outbound[0].identity, HBONE_CLIENT_ID);
         assert_eq!(out.outbound[0].target, spec.backend);
         assert!(!out.outbound[0].pool, "cold: a TLS connection per stream");
+        assert!(out.h2.tls_resumption, "the proxy's default");
+        // The profile's h2 section reaches both (as the mesh's proxies get it).
+        let mut h2 = tuning::load_profile("default").unwrap().h2;
+        h2.tls_resumption = false;
+        h2.handshake_timeout = std::time::Duration::from_secs(3);
+        let spec = HboneSpec {
+            h2: Some(serde_json::to_string(&h2).unwrap()),
+            ..spec
+        };
+        for cfg in [
+            parse(&spec.inbound_yaml()),
+            parse(&spec.outbound_yaml("127.0.0.1:15008".parse().unwrap())),
+        ] {
+            assert_eq!(cfg.h2, h2);
+        }
     }
 
     #[test]

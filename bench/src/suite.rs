@@ -996,6 +996,7 @@ fn run_one(
                 ca_dir: mesh.dir.join("ca"),
                 pool: false,
                 netns: (!lo).then(|| (mesh.ns("plain"), mesh.ns("plain-client"), plain.into())),
+                h2: Some(mesh.h2.clone()),
             };
             if !lo {
                 netns = Some(mesh.ns("plain-client"));
@@ -1132,6 +1133,7 @@ fn run_one(
                         ca_dir: ctx.tmp.join("ca"),
                         pool: path == PathKind::HboneProxy,
                         netns: None,
+                        h2: None,
                     };
                     Proxy::start_hbone(&spec, ctx.tmp, &format!("{}", ctx.seq))
                         .map(Some)
