@@ -6,14 +6,13 @@
 
 mod common;
 
-use std::io::Write;
-use std::net::{Ipv4Addr, SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::SystemTime;
 
 use common::{
-    bind_node_ztunnel, block_on, connect, get, id, ip, next_request, ok_response, read_response,
+    bind_node_ztunnel, block_on, connect, get, id, ip, named_backend, read_response,
     service_settings, stand_in_ztunnel,
 };
 use hbone::ca::{CertSource, SigningCa};
@@ -213,26 +212,6 @@ fn r17_gamma_producer_and_consumer_routes_table() {
     }
 }
 
-/// A keep-alive HTTP/1.1 backend on `ip` answering its `name`.
-fn backend(ip: Ipv4Addr, name: &'static str) -> SocketAddr {
-    let l = TcpListener::bind((ip, 0)).unwrap();
-    let addr = l.local_addr().unwrap();
-    std::thread::spawn(move || {
-        for c in l.incoming() {
-            let Ok(mut c) = c else { return };
-            std::thread::spawn(move || {
-                let mut buf = Vec::new();
-                while next_request(&mut c, &mut buf).is_some() {
-                    if c.write_all(ok_response(name).as_bytes()).is_err() {
-                        return;
-                    }
-                }
-            });
-        }
-    });
-    addr
-}
-
 #[test]
 fn r17_gamma_consumer_route_applies_to_its_namespace_clients_end_to_end() {
     let (net, zl) = bind_node_ztunnel(11);
@@ -240,9 +219,9 @@ fn r17_gamma_consumer_route_applies_to_its_namespace_clients_end_to_end() {
     let now = SystemTime::now();
     let _zt = stand_in_ztunnel(zl, &ca.issue(&id("app", "echo"), now).unwrap());
     let (e, v1, v2) = (
-        backend(ip(net, 2), "echo"),
-        backend(ip(net, 3), "echo-v1"),
-        backend(ip(net, 4), "echo-v2"),
+        named_backend(ip(net, 2), "echo"),
+        named_backend(ip(net, 3), "echo-v1"),
+        named_backend(ip(net, 4), "echo-v2"),
     );
     let w = |name: &str, a: SocketAddr| {
         format!(

@@ -6,13 +6,13 @@
 
 mod common;
 
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use common::{
-    bind_node_ztunnel, block_on, connect, exchange, id, ip, service_settings, stand_in_ztunnel,
+    bind_node_ztunnel, block_on, connect, id, ip, stand_in_ztunnel, start_with_stats, stats_page,
 };
 use hbone::ca::{CertSource, SigningCa};
 use hbone::wire::ConnectRequest;
@@ -82,16 +82,7 @@ fn telemetry_grpc_requests_report_grpc_and_their_status() {
     );
     let cfg = waypoint::config::load_str(std::path::Path::new("grpc.yaml"), &text, 1)
         .unwrap_or_else(|e| panic!("{e}"));
-    let mut settings = service_settings();
-    settings.stats = Some("127.0.0.1:0".parse().unwrap());
-    let shutdown = runtime::Shutdown::new();
-    let handle = waypoint::service::start(
-        settings,
-        ca.clone(),
-        runtime::Publisher::new(cfg),
-        shutdown.clone(),
-    )
-    .unwrap();
+    let (handle, shutdown) = start_with_stats(&ca, cfg);
     let waypoint = handle.addr;
     let cert = ca.issue(&id("app", "client"), now).unwrap();
     let got = block_on(async move {
@@ -151,15 +142,7 @@ fn telemetry_grpc_requests_report_grpc_and_their_status() {
             (200, Some("5".to_string())),
         ]
     );
-    let page = {
-        let mut s = TcpStream::connect(handle.stats_addr().unwrap()).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-        exchange(
-            &mut s,
-            "GET /stats/prometheus HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
-        )
-        .1
-    };
+    let page = stats_page(&handle);
     let count = |with: &[&str]| -> u64 {
         page.lines()
             .filter(|l| {

@@ -18,8 +18,8 @@ use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use common::{
-    app_model, bind_node_ztunnel, block_on, get, h2_response, id, ip, next_request, ok_response,
-    read_response, stand_in_ztunnel, test_ca, Waypoint,
+    app_model, bind_node_ztunnel, block_on, get, h2_get_from, h2_response, id, ip, next_request,
+    ok_response, read_response, stand_in_ztunnel, test_ca, Waypoint,
 };
 use hbone::ca::CertSource;
 use hbone::stream::H2Stream;
@@ -318,16 +318,6 @@ async fn h2_client(
     (c, send)
 }
 
-/// A GET of `path` on `host` over `client`: the status and body.
-async fn h2_get(client: &h2::client::SendRequest<Bytes>, host: &str, path: &str) -> (u16, String) {
-    let req = http::Request::builder()
-        .uri(format!("http://{host}{path}"))
-        .body(())
-        .unwrap();
-    let (resp, _) = client.clone().send_request(req, true).unwrap();
-    h2_response(resp).await
-}
-
 /// `idleTimeout` on the HTTP/2 upstream path (`useClientProtocol`), as Istio applies it to
 /// both: the worker's HTTP/2 connection to the short one's endpoint is closed once it has
 /// had no request in flight for its `idleTimeout` (2 s), not while a request takes longer
@@ -341,25 +331,31 @@ fn r17_destination_rule_idle_timeout_closes_idle_upstream_h2_connections() {
     block_on(async {
         let (_ca, sa) = h2_client(&m, SHORT, A).await;
         let (_cb, sb) = h2_client(&m, LONG, B).await;
-        assert_eq!(h2_get(&sb, "long", "/b").await, (200, "/b 0".into()));
+        assert_eq!(h2_get_from(&sb, "long", "/b").await, (200, "/b 0".into()));
         let long_conn = match m.next() {
             Seen::Request(c, p, 0) if p == "/b" => c,
             other => panic!("{other:?}"),
         };
         // In flight for 3 s: the connection is not idle meanwhile.
-        assert_eq!(h2_get(&sa, "short", "/slow").await, (200, "/slow 0".into()));
+        assert_eq!(
+            h2_get_from(&sa, "short", "/slow").await,
+            (200, "/slow 0".into())
+        );
         let short_conn = match m.next() {
             Seen::Request(c, p, 0) if p == "/slow" => c,
             other => panic!("{other:?}"),
         };
         assert_ne!(short_conn, long_conn, "one connection per endpoint");
-        assert_eq!(h2_get(&sa, "short", "/a").await, (200, "/a 0".into()));
+        assert_eq!(h2_get_from(&sa, "short", "/a").await, (200, "/a 0".into()));
         assert_eq!(m.next(), Seen::Request(short_conn, "/a".into(), 0));
         // Idle for its 2 s: closed, nothing else happens.
         assert_eq!(m.next(), Seen::Closed(short_conn));
-        assert_eq!(h2_get(&sb, "long", "/b2").await, (200, "/b2 0".into()));
+        assert_eq!(h2_get_from(&sb, "long", "/b2").await, (200, "/b2 0".into()));
         assert_eq!(m.next(), Seen::Request(long_conn, "/b2".into(), 0));
-        assert_eq!(h2_get(&sa, "short", "/a2").await, (200, "/a2 0".into()));
+        assert_eq!(
+            h2_get_from(&sa, "short", "/a2").await,
+            (200, "/a2 0".into())
+        );
         match m.next() {
             Seen::Request(c, p, 0) if p == "/a2" => {
                 assert!(c != short_conn && c != long_conn, "a new connection: {c}")

@@ -17,7 +17,7 @@ use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use common::{
-    app_model, bind_node_ztunnel, block_on, connect, h2_response, id, ip, next_request,
+    app_model, bind_node_ztunnel, block_on, connect, h2_get_from, id, ip, next_request,
     ok_response, read_response, stand_in_ztunnel, start_service, Ztunnel,
 };
 use hbone::ca::{CertSource, SigningCa, WorkloadCert};
@@ -722,19 +722,6 @@ async fn h2_client_to(
 
 async fn h2_get(client: &h2::client::SendRequest<Bytes>, path: &str) -> (u16, String) {
     h2_get_from(client, "echo.app.svc.cluster.local", path).await
-}
-
-async fn h2_get_from(
-    client: &h2::client::SendRequest<Bytes>,
-    host: &str,
-    path: &str,
-) -> (u16, String) {
-    let req = http::Request::builder()
-        .uri(format!("http://{host}{path}"))
-        .body(())
-        .unwrap();
-    let (resp, _) = client.clone().send_request(req, true).unwrap();
-    h2_response(resp).await
 }
 
 #[test]

@@ -14,11 +14,11 @@
 mod common;
 
 use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use common::{block_on, connect, exchange, id, service_settings, test_dir};
+use common::{block_on, connect, id, prometheus_page, start_with_stats, stats_page, test_dir};
 use hbone::ca::{CertSource, SigningCa};
 use hbone::wire::ConnectRequest;
 use hbone::HboneError;
@@ -99,23 +99,8 @@ fn r15_waypoint_ignores_selector_policies_and_says_so() {
     // On the stats page of a running waypoint.
     let dir = test_dir("selector-stats");
     let ca = Arc::new(SigningCa::builtin(&dir.join("ca"), "cluster.local").unwrap());
-    let mut settings = service_settings();
-    settings.stats = Some("127.0.0.1:0".parse().unwrap());
-    let shutdown = runtime::Shutdown::new();
-    let handle = waypoint::service::start(
-        settings,
-        ca.clone(),
-        runtime::Publisher::new(cfg),
-        shutdown.clone(),
-    )
-    .unwrap();
-    let stats = handle.stats_addr().expect("stats listener");
-    let mut s = TcpStream::connect(stats).unwrap();
-    let (status, body) = exchange(
-        &mut s,
-        "GET /stats/prometheus HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
-    );
-    assert_eq!(status, 200);
+    let (handle, shutdown) = start_with_stats(&ca, cfg);
+    let body = stats_page(&handle);
     let want = format!(
         "waypoint_policies_ignored{{policy=\"app/deny-echo\",document=\"2\",line=\"{line}\",reason=\"selector\"}} 1"
     );
@@ -229,14 +214,7 @@ policies:
     });
     assert_eq!(to_echo, Err(401), "the selector DENY was not enforced");
     assert_eq!(to_db, b"ping");
-    let stats = {
-        let mut s = TcpStream::connect(h.addrs.stats).unwrap();
-        exchange(
-            &mut s,
-            "GET /stats/prometheus HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
-        )
-        .1
-    };
+    let stats = prometheus_page(h.addrs.stats);
     assert!(
         stats.contains(
             "ztunnel_authorization_denied_total{transport=\"hbone\",policy=\"app/deny-echo\"} 1"

@@ -5,37 +5,16 @@
 
 mod common;
 
-use std::io::Write;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use common::{
-    bind_node_ztunnel, block_on, connect, exchange, get, id, ip, next_request, ok_response,
-    read_response, service_settings, stand_in_ztunnel,
+    bind_node_ztunnel, block_on, connect, get, id, ip, named_backend, read_response,
+    stand_in_ztunnel, start_with_stats, stats_page,
 };
 use hbone::ca::{CertSource, SigningCa};
 use hbone::wire::ConnectRequest;
-
-/// A keep-alive HTTP/1.1 backend answering `ok`.
-fn backend(ip: Ipv4Addr) -> SocketAddr {
-    let l = TcpListener::bind((ip, 0)).unwrap();
-    let addr = l.local_addr().unwrap();
-    std::thread::spawn(move || {
-        for c in l.incoming() {
-            let Ok(mut c) = c else { return };
-            std::thread::spawn(move || {
-                let mut buf = Vec::new();
-                while next_request(&mut c, &mut buf).is_some() {
-                    if c.write_all(ok_response("ok").as_bytes()).is_err() {
-                        return;
-                    }
-                }
-            });
-        }
-    });
-    addr
-}
 
 /// The labels of the `istio_requests_total` line whose labels contain all of `with`.
 fn requests_line<'a>(page: &'a str, with: &[&str]) -> &'a str {
@@ -50,18 +29,12 @@ fn telemetry_standard_labels_name_app_version_canonical_service_and_cluster() {
     let ca = Arc::new(SigningCa::generate_root("cluster.local").unwrap().0);
     let now = SystemTime::now();
     let _zt = stand_in_ztunnel(zl, &ca.issue(&id("app", "echo"), now).unwrap());
-    let (b1, b2) = (backend(ip(net, 2)), backend(ip(net, 3)));
-    let model = format!(
-        r#"namespaces:
-  - name: app
-    labels: {{istio.io/dataplane-mode: ambient}}
-waypoints:
-  - {{name: wp, namespace: app, address: 10.1.0.100}}
-nodes:
-  - {{name: node-b, ztunnel: {zt}}}
-workloads:
-  - {{uid: wp, name: wp, namespace: app, serviceAccount: waypoint, workloadIps: ["10.1.0.100"]}}
-  - name: curl-5d8f
+    let (b1, b2) = (
+        named_backend(ip(net, 2), "ok"),
+        named_backend(ip(net, 3), "ok"),
+    );
+    let workloads = format!(
+        r#"  - name: curl-5d8f
     namespace: app
     serviceAccount: client
     workloadIps: ["10.1.0.9"]
@@ -85,15 +58,18 @@ workloads:
     workloadIps: ["{e2}"]
     labels: {{app.kubernetes.io/name: echo-k8s, app.kubernetes.io/version: "3.1"}}
     services: {{"app/echo2.app.svc.cluster.local": {{80: {p2}}}}}
-services:
-  - {{name: echo, namespace: app, hostname: echo.app.svc.cluster.local, vips: ["10.96.0.1"], ports: {{80: 8080}}}}
-  - {{name: echo2, namespace: app, hostname: echo2.app.svc.cluster.local, vips: ["10.96.0.2"], ports: {{80: 8080}}}}
 "#,
-        zt = ip(net, 1),
         e1 = b1.ip(),
         p1 = b1.port(),
         e2 = b2.ip(),
         p2 = b2.port(),
+    );
+    let model = common::app_model(
+        ip(net, 1),
+        &workloads,
+        r#"  - {name: echo, namespace: app, hostname: echo.app.svc.cluster.local, vips: ["10.96.0.1"], ports: {80: 8080}}
+  - {name: echo2, namespace: app, hostname: echo2.app.svc.cluster.local, vips: ["10.96.0.2"], ports: {80: 8080}}
+"#,
     );
     let deny = r#"apiVersion: security.istio.io/v1
 kind: AuthorizationPolicy
@@ -107,16 +83,7 @@ spec:
     let text = format!("{model}---\n{deny}");
     let cfg = waypoint::config::load_str(std::path::Path::new("labels.yaml"), &text, 1)
         .unwrap_or_else(|e| panic!("{e}"));
-    let mut settings = service_settings();
-    settings.stats = Some("127.0.0.1:0".parse().unwrap());
-    let shutdown = runtime::Shutdown::new();
-    let handle = waypoint::service::start(
-        settings,
-        ca.clone(),
-        runtime::Publisher::new(cfg),
-        shutdown.clone(),
-    )
-    .unwrap();
+    let (handle, shutdown) = start_with_stats(&ca, cfg);
     let waypoint = handle.addr;
     let cert = ca.issue(&id("app", "client"), now).unwrap();
     let results = block_on(async move {
@@ -140,17 +107,7 @@ spec:
         out
     });
     assert_eq!(results, [200, 403, 200]);
-    let stats = handle.stats_addr().unwrap();
-    let page = {
-        let mut s = TcpStream::connect(stats).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-        let (status, body) = exchange(
-            &mut s,
-            "GET /stats/prometheus HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
-        );
-        assert_eq!(status, 200);
-        body
-    };
+    let page = stats_page(&handle);
     // The client: its `app`/`version` labels, canonical service/revision derived from them
     // as istiod does (no canonicalName given), its cluster.
     let source = "source_workload=\"curl\",source_canonical_service=\"curl\",source_canonical_revision=\"v7\",source_workload_namespace=\"app\",source_principal=\"spiffe://cluster.local/ns/app/sa/client\",source_app=\"curl\",source_version=\"v7\",source_cluster=\"east\"";

@@ -252,6 +252,78 @@ pub fn start_service(
     (handle, shutdown)
 }
 
+/// The waypoint service on the already loaded `cfg` with the test [`service_settings`] plus
+/// a stats listener on `127.0.0.1:0`; stopped by the returned [`Shutdown`].
+pub fn start_with_stats(
+    ca: &Arc<hbone::ca::SigningCa>,
+    cfg: waypoint::config::WaypointConfig,
+) -> (waypoint::service::Handle, runtime::Shutdown) {
+    let mut settings = service_settings();
+    settings.stats = Some("127.0.0.1:0".parse().unwrap());
+    let shutdown = runtime::Shutdown::new();
+    let source: Arc<dyn hbone::ca::CertSource> = ca.clone();
+    let handle = waypoint::service::start(
+        settings,
+        source,
+        runtime::Publisher::new(cfg),
+        shutdown.clone(),
+    )
+    .unwrap();
+    (handle, shutdown)
+}
+
+/// The waypoint's `/stats/prometheus` page (which must answer 200).
+pub fn stats_page(handle: &waypoint::service::Handle) -> String {
+    prometheus_page(handle.stats_addr().expect("stats listener"))
+}
+
+/// `/stats/prometheus` from the stats listener at `stats` (which must answer 200).
+pub fn prometheus_page(stats: SocketAddr) -> String {
+    let mut s = std::net::TcpStream::connect(stats).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let (status, body) = exchange(
+        &mut s,
+        "GET /stats/prometheus HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    );
+    assert_eq!(status, 200, "{body}");
+    body
+}
+
+/// A keep-alive HTTP/1.1 backend on `ip` (any port) answering `200 <name>` to every
+/// request, one thread per connection.
+pub fn named_backend(ip: Ipv4Addr, name: &'static str) -> SocketAddr {
+    let l = TcpListener::bind((ip, 0)).unwrap();
+    let addr = l.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for c in l.incoming() {
+            let Ok(mut c) = c else { return };
+            std::thread::spawn(move || {
+                let mut buf = Vec::new();
+                while next_request(&mut c, &mut buf).is_some() {
+                    if c.write_all(ok_response(name).as_bytes()).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// A GET of `path` on `host` over `client`: the status and body.
+pub async fn h2_get_from(
+    client: &h2::client::SendRequest<Bytes>,
+    host: &str,
+    path: &str,
+) -> (u16, String) {
+    let req = http::Request::builder()
+        .uri(format!("http://{host}{path}"))
+        .body(())
+        .unwrap();
+    let (resp, _) = client.clone().send_request(req, true).unwrap();
+    h2_response(resp).await
+}
+
 /// A fresh mesh CA (trust domain `cluster.local`).
 pub fn test_ca() -> Arc<hbone::ca::SigningCa> {
     Arc::new(
