@@ -355,18 +355,21 @@ fn r17_an_idle_upstream_h2_connection_closes_with_a_fin_not_a_reset() {
 /// FIN at the pod, as the close of an idle keep-alive connection.
 #[test]
 fn r17_a_swept_idle_http1_stream_closes_with_a_fin_not_a_reset() {
-    let m = Mesh::start();
-    assert_eq!(m.h1_get("/keep"), ("h1", 1, Ended::Eof));
-    assert_eq!(m.bridged(), (m.h1_port, "closed".to_string()));
-    assert_eq!(m.counters().upstream_errors.load(Ordering::Relaxed), 0);
+    h1_stream_ends_with_a_fin("/keep");
 }
 
 /// A response with `Connection: close`: the pod shuts its side and reads on (a lingering
 /// close); the waypoint ends the stream with END_STREAM, a FIN at the pod.
 #[test]
 fn a_connection_close_response_ends_the_upstream_stream_with_a_fin() {
+    h1_stream_ends_with_a_fin("/close");
+}
+
+/// An HTTP/1.1 GET of `path`: the pod's connection ends with a FIN (no reset), the stand-in
+/// ztunnel sees the bridged stream closed, no upstream error counted.
+fn h1_stream_ends_with_a_fin(path: &str) {
     let m = Mesh::start();
-    assert_eq!(m.h1_get("/close"), ("h1", 1, Ended::Eof));
+    assert_eq!(m.h1_get(path), ("h1", 1, Ended::Eof));
     assert_eq!(m.bridged(), (m.h1_port, "closed".to_string()));
     assert_eq!(m.counters().upstream_errors.load(Ordering::Relaxed), 0);
 }

@@ -18,7 +18,7 @@ use std::time::{Duration, SystemTime};
 use bytes::Bytes;
 use common::{
     app_model, bind_node_ztunnel, block_on, connect, h2_get_from, id, ip, next_request,
-    ok_response, read_response, stand_in_ztunnel, start_service, Ztunnel,
+    ok_response, read_response, serve_threads, stand_in_ztunnel, start_service, Ztunnel,
 };
 use hbone::ca::{CertSource, SigningCa, WorkloadCert};
 use hbone::stream::H2Stream;
@@ -490,24 +490,16 @@ impl Drop for Mesh {
 
 /// A keep-alive HTTP/1.1 backend answering `<target> xff=<x-forwarded-for>`.
 fn backend(ip: Ipv4Addr) -> (SocketAddr, mpsc::Receiver<String>) {
-    let l = TcpListener::bind((ip, 0)).unwrap();
-    let addr = l.local_addr().unwrap();
     let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for c in l.incoming() {
-            let Ok(mut c) = c else { return };
-            let tx = tx.clone();
-            std::thread::spawn(move || {
-                let mut buf = Vec::new();
-                while let Some(req) = next_request(&mut c, &mut buf) {
-                    let _ = tx.send(req.path.clone());
-                    let xff = req.header("x-forwarded-for").unwrap_or_default();
-                    let body = format!("{} xff={xff}", req.path);
-                    if c.write_all(ok_response(&body).as_bytes()).is_err() {
-                        return;
-                    }
-                }
-            });
+    let addr = serve_threads(ip, move |mut c| {
+        let mut buf = Vec::new();
+        while let Some(req) = next_request(&mut c, &mut buf) {
+            let _ = tx.send(req.path.clone());
+            let xff = req.header("x-forwarded-for").unwrap_or_default();
+            let body = format!("{} xff={xff}", req.path);
+            if c.write_all(ok_response(&body).as_bytes()).is_err() {
+                return;
+            }
         }
     });
     (addr, rx)

@@ -14,11 +14,13 @@
 mod common;
 
 use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpListener};
+use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use common::{block_on, connect, id, prometheus_page, start_with_stats, stats_page, test_dir};
+use common::{
+    block_on, connect, id, prometheus_page, serve_threads, start_with_stats, stats_page, test_dir,
+};
 use hbone::ca::{CertSource, SigningCa};
 use hbone::wire::ConnectRequest;
 use hbone::HboneError;
@@ -119,22 +121,14 @@ fn r15_waypoint_ignores_selector_policies_and_says_so() {
 
 /// A TCP echo server on `ip` (any port), one thread per connection.
 fn echo_pod(ip: Ipv4Addr) -> SocketAddr {
-    let l = TcpListener::bind((ip, 0)).unwrap();
-    let addr = l.local_addr().unwrap();
-    std::thread::spawn(move || {
-        for c in l.incoming() {
-            let Ok(mut c) = c else { return };
-            std::thread::spawn(move || {
-                let mut buf = [0u8; 4096];
-                while let Ok(n) = c.read(&mut buf) {
-                    if n == 0 || c.write_all(&buf[..n]).is_err() {
-                        return;
-                    }
-                }
-            });
+    serve_threads(ip, move |mut c| {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = c.read(&mut buf) {
+            if n == 0 || c.write_all(&buf[..n]).is_err() {
+                return;
+            }
         }
-    });
-    addr
+    })
 }
 
 #[test]

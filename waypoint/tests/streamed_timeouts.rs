@@ -24,7 +24,7 @@ use std::time::{Duration, SystemTime};
 use bytes::Bytes;
 use common::{
     bind_node_ztunnel, block_on, connect, echo_model, id, ip, next_request, response_head,
-    settings, stand_in_ztunnel, test_dir, Proc,
+    serve_threads, settings, stand_in_ztunnel, test_dir, Proc,
 };
 use hbone::ca::{CertSource, SigningCa, WorkloadCert};
 use hbone::client::Client;
@@ -59,62 +59,53 @@ fn trickle(c: &mut TcpStream, unit: &[u8]) {
 /// the whole declared body before answering `200 got=N`; anything else `200 ok`.
 /// Reports what it saw end on `tx`.
 fn backend(ip: std::net::Ipv4Addr, tx: mpsc::Sender<Seen>) -> SocketAddr {
-    let l = std::net::TcpListener::bind((ip, 0)).unwrap();
-    let addr = l.local_addr().unwrap();
-    std::thread::spawn(move || {
-        for c in l.incoming() {
-            let Ok(mut c) = c else { return };
-            let tx = tx.clone();
-            std::thread::spawn(move || {
-                let mut buf = Vec::new();
-                let mut chunk = vec![0u8; 64 * 1024];
-                while let Some(req) = next_request(&mut c, &mut buf) {
-                    let len = req.content_length();
-                    let path = req.path;
-                    let mut got = len.min(buf.len());
-                    buf.drain(..got);
-                    while got < len {
-                        match c.read(&mut chunk[..(len - got).min(64 * 1024)]) {
-                            Ok(0) | Err(_) => {
-                                let _ = tx.send(Seen::UploadCut { got });
-                                return;
-                            }
-                            Ok(k) => got += k,
-                        }
-                    }
-                    if path.ends_with("/slow-body") {
-                        let head = "HTTP/1.1 200 OK\r\ncontent-length: 1000000\r\n\r\n";
-                        if c.write_all(head.as_bytes()).is_ok() {
-                            trickle(&mut c, b"x");
-                        }
-                        let _ = tx.send(Seen::ResponseCut("length"));
+    serve_threads(ip, move |mut c| {
+        let mut buf = Vec::new();
+        let mut chunk = vec![0u8; 64 * 1024];
+        while let Some(req) = next_request(&mut c, &mut buf) {
+            let len = req.content_length();
+            let path = req.path;
+            let mut got = len.min(buf.len());
+            buf.drain(..got);
+            while got < len {
+                match c.read(&mut chunk[..(len - got).min(64 * 1024)]) {
+                    Ok(0) | Err(_) => {
+                        let _ = tx.send(Seen::UploadCut { got });
                         return;
                     }
-                    if path.ends_with("/slow-chunked") {
-                        let head = "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n";
-                        if c.write_all(head.as_bytes()).is_ok() {
-                            trickle(&mut c, b"1\r\nx\r\n");
-                        }
-                        let _ = tx.send(Seen::ResponseCut("chunked"));
-                        return;
-                    }
-                    let body = if path.ends_with("/upload") {
-                        format!("got={got}")
-                    } else {
-                        "ok".to_string()
-                    };
-                    let resp = format!(
-                        "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}",
-                        body.len()
-                    );
-                    if c.write_all(resp.as_bytes()).is_err() {
-                        return;
-                    }
+                    Ok(k) => got += k,
                 }
-            });
+            }
+            if path.ends_with("/slow-body") {
+                let head = "HTTP/1.1 200 OK\r\ncontent-length: 1000000\r\n\r\n";
+                if c.write_all(head.as_bytes()).is_ok() {
+                    trickle(&mut c, b"x");
+                }
+                let _ = tx.send(Seen::ResponseCut("length"));
+                return;
+            }
+            if path.ends_with("/slow-chunked") {
+                let head = "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n";
+                if c.write_all(head.as_bytes()).is_ok() {
+                    trickle(&mut c, b"1\r\nx\r\n");
+                }
+                let _ = tx.send(Seen::ResponseCut("chunked"));
+                return;
+            }
+            let body = if path.ends_with("/upload") {
+                format!("got={got}")
+            } else {
+                "ok".to_string()
+            };
+            let resp = format!(
+                "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}",
+                body.len()
+            );
+            if c.write_all(resp.as_bytes()).is_err() {
+                return;
+            }
         }
-    });
-    addr
+    })
 }
 
 const HOST: &str = "echo.app.svc.cluster.local";

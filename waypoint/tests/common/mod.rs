@@ -289,25 +289,36 @@ pub fn prometheus_page(stats: SocketAddr) -> String {
     body
 }
 
-/// A keep-alive HTTP/1.1 backend on `ip` (any port) answering `200 <name>` to every
-/// request, one thread per connection.
-pub fn named_backend(ip: Ipv4Addr, name: &'static str) -> SocketAddr {
+/// A TCP server on `ip` (any port): each accepted connection handed to `handler` on a
+/// thread of its own. Returns the bound address.
+pub fn serve_threads<F>(ip: Ipv4Addr, handler: F) -> SocketAddr
+where
+    F: Fn(std::net::TcpStream) + Send + Sync + 'static,
+{
     let l = TcpListener::bind((ip, 0)).unwrap();
     let addr = l.local_addr().unwrap();
+    let handler = Arc::new(handler);
     std::thread::spawn(move || {
         for c in l.incoming() {
-            let Ok(mut c) = c else { return };
-            std::thread::spawn(move || {
-                let mut buf = Vec::new();
-                while next_request(&mut c, &mut buf).is_some() {
-                    if c.write_all(ok_response(name).as_bytes()).is_err() {
-                        return;
-                    }
-                }
-            });
+            let Ok(c) = c else { return };
+            let handler = handler.clone();
+            std::thread::spawn(move || handler(c));
         }
     });
     addr
+}
+
+/// A keep-alive HTTP/1.1 backend on `ip` (any port) answering `200 <name>` to every
+/// request, one thread per connection.
+pub fn named_backend(ip: Ipv4Addr, name: &'static str) -> SocketAddr {
+    serve_threads(ip, move |mut c| {
+        let mut buf = Vec::new();
+        while next_request(&mut c, &mut buf).is_some() {
+            if c.write_all(ok_response(name).as_bytes()).is_err() {
+                return;
+            }
+        }
+    })
 }
 
 /// A GET of `path` on `host` over `client`: the status and body.
