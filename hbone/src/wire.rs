@@ -244,19 +244,25 @@ pub fn parse_authority(a: &str) -> Result<SocketAddr, StatusCode> {
 mod tests {
     use super::*;
 
-    #[test]
-    fn request_roundtrip() {
-        let mut r = ConnectRequest::new("10.0.0.5:8080".parse().unwrap());
-        r.forwarded_for = Some("10.0.0.1".parse().unwrap());
-        r.host = Some("echo.default.svc.cluster.local".into());
-        r.baggage = Baggage {
+    /// The baggage of Deployment `sleep` (service `sleep`, version `v1`) in `default` of
+    /// cluster `Kubernetes`.
+    fn sleep_baggage() -> Baggage {
+        Baggage {
             cluster: Some("Kubernetes".into()),
             namespace: Some("default".into()),
             workload_name: Some("sleep".into()),
             workload_kind: Some("deployment".into()),
             service_name: Some("sleep".into()),
             service_version: Some("v1".into()),
-        };
+        }
+    }
+
+    #[test]
+    fn request_roundtrip() {
+        let mut r = ConnectRequest::new("10.0.0.5:8080".parse().unwrap());
+        r.forwarded_for = Some("10.0.0.1".parse().unwrap());
+        r.host = Some("echo.default.svc.cluster.local".into());
+        r.baggage = sleep_baggage();
         let req = r.to_http(|b| b.fill(7));
         assert_eq!(req.method(), Method::CONNECT);
         assert_eq!(req.uri().to_string(), "10.0.0.5:8080");
@@ -341,17 +347,7 @@ mod tests {
         let h = "k8s.cluster.name=Kubernetes,k8s.namespace.name=default,\
                  k8s.deployment.name=sleep,service.name=sleep,service.version=v1";
         let b = Baggage::parse(h);
-        assert_eq!(
-            b,
-            Baggage {
-                cluster: Some("Kubernetes".into()),
-                namespace: Some("default".into()),
-                workload_name: Some("sleep".into()),
-                workload_kind: Some("deployment".into()),
-                service_name: Some("sleep".into()),
-                service_version: Some("v1".into()),
-            }
-        );
+        assert_eq!(b, sleep_baggage());
         assert_eq!(b.to_header().as_deref(), Some(h));
         // Newer Istio adds the locality; a bare pod is `k8s.pod.name`; the workload arm
         // is order-independent (cluster and namespace after it).

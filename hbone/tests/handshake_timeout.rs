@@ -37,34 +37,12 @@ fn short_deadline() -> H2Settings {
     }
 }
 
-fn fd_count() -> usize {
-    runtime::sys::open_fd_count().unwrap()
-}
-
 /// Wait (bounded) until `f` holds.
 fn eventually(what: &str, f: impl Fn() -> bool) {
     let deadline = Instant::now() + BOUND;
     while !f() {
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
         std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-/// Wait (bounded) until the process's descriptor count is at most `limit` and stable.
-fn settle(limit: usize) {
-    let deadline = Instant::now() + BOUND;
-    let mut last = fd_count();
-    loop {
-        std::thread::sleep(Duration::from_millis(100));
-        let now = fd_count();
-        if now <= limit && now == last {
-            return;
-        }
-        last = now;
-        assert!(
-            Instant::now() < deadline,
-            "descriptor leak: {now} open, expected at most {limit}"
-        );
     }
 }
 

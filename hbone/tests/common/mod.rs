@@ -358,3 +358,30 @@ pub async fn their_request(
     let resp = resp.await?;
     Ok((resp.status(), stream, resp.into_body()))
 }
+
+/// How many descriptors this process has open.
+pub fn fd_count() -> usize {
+    runtime::sys::open_fd_count().unwrap()
+}
+
+/// Wait (30 s at most) until the process's descriptor count is at most `limit` and stable
+/// over 100 ms; else list the open descriptors and fail as a leak.
+pub fn settle(limit: usize) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let mut last = fd_count();
+    loop {
+        std::thread::sleep(Duration::from_millis(100));
+        let now = fd_count();
+        if now <= limit && now == last {
+            return;
+        }
+        last = now;
+        if std::time::Instant::now() >= deadline {
+            for e in std::fs::read_dir("/proc/self/fd").unwrap() {
+                let p = e.unwrap().path();
+                eprintln!("{} -> {:?}", p.display(), std::fs::read_link(&p));
+            }
+            panic!("descriptor leak: {} > {limit}", fd_count());
+        }
+    }
+}
