@@ -98,10 +98,8 @@ fn r9_ip_block_deny_on_one_client_pod(fam: Family, node_addresses: bool) {
     // Denied on the pod's address: client → server across nodes, server2 → server
     // within node B; the pod never sees them.
     for from in ["client", "server2"] {
-        if let Ok(mut s) = w.connect(from, server.addr) {
-            if let Err(got) = refused(&mut s) {
-                panic!("{from}'s denied connection delivered {got:?}\n{}", dump());
-            }
+        if let Err(got) = w.connect_refused(from, server.addr) {
+            panic!("{from}'s denied connection delivered {got:?}\n{}", dump());
         }
     }
     eventually_or(

@@ -383,10 +383,8 @@ fn r9_deny_policy_refuses_captured_connection(fam: Family) {
     let server = w.server_on(fam, "server");
     // The captured client's connect succeeds (node A answers it) but it is reset once node
     // B refuses the HBONE stream; the pod never sees it.
-    if let Ok(mut s) = w.connect("client", server.addr) {
-        if let Err(got) = refused(&mut s) {
-            panic!("denied connection delivered {got:?}");
-        }
+    if let Err(got) = w.connect_refused("client", server.addr) {
+        panic!("denied connection delivered {got:?}");
     }
     eventually_or(
         "denied on B with the policy's name",
@@ -464,10 +462,8 @@ fn r10_plaintext_into_captured_pod_rejected_by_identity_policy(fam: Family) {
     let w = World::new(&fam.tag("r10"), REQUIRE_MTLS);
     let server = w.server_on(fam, "server");
     // Plaintext from an uncaptured pod: captured on B, no identity, reset.
-    if let Ok(mut s) = w.connect("legacy-client", server.addr) {
-        if let Err(got) = refused(&mut s) {
-            panic!("plaintext must be refused, got {got:?}");
-        }
+    if let Err(got) = w.connect_refused("legacy-client", server.addr) {
+        panic!("plaintext must be refused, got {got:?}");
     }
     eventually_or(
         "plaintext denied on B",

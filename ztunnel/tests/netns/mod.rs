@@ -421,6 +421,15 @@ impl World {
         connect_in(&self.pod_ns(from), dst)
     }
 
+    /// Connect from pod `from` to `dst` and expect no byte back: Ok when the connection is
+    /// refused, reset or ended without data (see [`refused`]), Err with what came back.
+    pub fn connect_refused(&self, from: &str, dst: SocketAddr) -> Result<(), Vec<u8>> {
+        match self.connect(from, dst) {
+            Ok(mut s) => refused(&mut s),
+            Err(_) => Ok(()),
+        }
+    }
+
     /// Connect from pod `from` to `dst`, read the greeting of whoever answered and check
     /// `data` comes back: (the greeting, the stream).
     pub fn call(&self, from: &str, dst: SocketAddr, data: &[u8]) -> (String, TcpStream) {
