@@ -16,7 +16,7 @@ mod netns;
 
 use std::time::Duration;
 
-use common::{deny_ips, metric, CLIENT_ID, SERVER_ID};
+use common::{denied_total, deny_ips, metric, CLIENT_ID, SERVER_ID};
 use netns::*;
 
 const PATHS: &str = "ztunnel_connection_paths_total";
@@ -104,13 +104,7 @@ fn r9_ip_block_deny_on_one_client_pod(fam: Family, node_addresses: bool) {
     }
     eventually_or(
         "both denied on B by the ipBlocks policy",
-        || {
-            metric(
-                &w.stats(1),
-                "ztunnel_authorization_denied_total",
-                &[("transport", "hbone"), ("policy", "ns-b/deny-pod-ips")],
-            ) == 2
-        },
+        || denied_total(&w.stats(1), "hbone", "ns-b/deny-pod-ips") == 2,
         dump,
     );
     let (a, b) = (w.stats(0), w.stats(1));

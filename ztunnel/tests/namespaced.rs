@@ -11,8 +11,8 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use common::{
-    hello, metric, roundtrip, CLIENT_ID, DENY_CLIENT, REQUIRE_MTLS, SERVER_ID, WAYPOINT_ID,
-    ZTUNNEL_ID,
+    denied_total, hello, metric, roundtrip, CLIENT_ID, DENY_CLIENT, REQUIRE_MTLS, SERVER_ID,
+    WAYPOINT_ID, ZTUNNEL_ID,
 };
 use netns::*;
 
@@ -389,11 +389,7 @@ fn r9_deny_policy_refuses_captured_connection(fam: Family) {
     eventually_or(
         "denied on B with the policy's name",
         || {
-            metric(
-                &w.stats(1),
-                "ztunnel_authorization_denied_total",
-                &[("transport", "hbone"), ("policy", "ns-b/deny-client")],
-            ) == 1
+            denied_total(&w.stats(1), "hbone", "ns-b/deny-client") == 1
                 && metric(
                     &w.stats(0),
                     PATHS,
@@ -469,11 +465,7 @@ fn r10_plaintext_into_captured_pod_rejected_by_identity_policy(fam: Family) {
         "plaintext denied on B",
         || {
             let b = w.stats(1);
-            metric(
-                &b,
-                "ztunnel_authorization_denied_total",
-                &[("transport", "plaintext"), ("policy", "ns-b/require-mtls")],
-            ) == 1
+            denied_total(&b, "plaintext", "ns-b/require-mtls") == 1
                 && metric(&b, PATHS, &[("route", "plaintext_deny")]) == 1
         },
         dump(&w),

@@ -90,11 +90,7 @@ fn hot_reload_keeps_connections_rechecks_policy_and_a_broken_file_keeps_the_old_
         assert!(closed, "revoked connection still open: {r:?}");
     }
     eventually("revocations counted", || {
-        metric(
-            &t.stats_b(),
-            "ztunnel_authorization_denied_total",
-            &[("transport", "hbone_live"), ("policy", "ns-b/deny-client")],
-        ) == LONG_CONNS as u64
+        denied_total(&t.stats_b(), "hbone_live", "ns-b/deny-client") == LONG_CONNS as u64
     });
     // A broken file: rejected, counted, the deny policy keeps applying.
     let v = version(&t.stats_b());

@@ -217,11 +217,7 @@ fn r9_deny_policy_refuses_and_counts_with_policy_name() {
     let (code, _s) = socks_connect(t.net.client(), t.a().addrs.socks5, Dest::Addr(server.addr));
     assert_eq!(code, 2, "connection not allowed by ruleset");
     eventually("denied on B, refused on A", || {
-        metric(
-            &t.stats_b(),
-            "ztunnel_authorization_denied_total",
-            &[("transport", "hbone"), ("policy", "ns-b/deny-client")],
-        ) == 1
+        denied_total(&t.stats_b(), "hbone", "ns-b/deny-client") == 1
             && metric(
                 &t.stats_a(),
                 "ztunnel_socks5_errors_total",
@@ -253,11 +249,7 @@ fn r10_identity_policy_rejects_plaintext_but_allows_hbone() {
         assert!(closed, "plaintext must be refused: {r:?}");
     }
     eventually("plaintext denied", || {
-        metric(
-            &t.stats_b(),
-            "ztunnel_authorization_denied_total",
-            &[("transport", "plaintext"), ("policy", "ns-b/require-mtls")],
-        ) == 1
+        denied_total(&t.stats_b(), "plaintext", "ns-b/require-mtls") == 1
     });
     // The same pod over HBONE with the client's identity: allowed.
     let (who, _s) = socks_call(

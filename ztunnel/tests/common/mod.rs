@@ -312,6 +312,16 @@ pub fn http_get(addr: SocketAddr, path: &str) -> (String, String) {
 /// Sum of the samples of `name` whose labels include every `(k, v)`.
 pub use netlab::metric;
 
+/// `ztunnel_authorization_denied_total` on the stats page `stats` for `transport` and
+/// `policy` (`namespace/name`).
+pub fn denied_total(stats: &str, transport: &str, policy: &str) -> u64 {
+    metric(
+        stats,
+        "ztunnel_authorization_denied_total",
+        &[("transport", transport), ("policy", policy)],
+    )
+}
+
 /// Poll `f` until true or 5 s.
 pub fn eventually(what: &str, f: impl FnMut() -> bool) {
     eventually_within(what, Duration::from_secs(5), f)
