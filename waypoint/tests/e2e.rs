@@ -16,8 +16,8 @@ use std::time::{Duration, SystemTime};
 use bytes::Bytes;
 use common::{
     bind_node_ztunnel, block_on, blocks_fnv, connect, fnv, get, id, ip, next_request, ok_response,
-    payload, read_response, read_until, service_settings, spec_echo_route_in, stand_in_ztunnel,
-    write_blocks, Response, Ztunnel, BLOCK,
+    payload, read_response, read_until, serve_async, service_settings, spec_echo_route_in,
+    stand_in_ztunnel, write_blocks, Response, Ztunnel, BLOCK,
 };
 use hbone::ca::{CertSource, SigningCa, WorkloadCert};
 use hbone::client::Client;
@@ -309,65 +309,50 @@ impl Drop for Mesh {
 /// An HTTP/2 (prior knowledge) backend answering `h2echo <path> <version> xff=<…>`; counts
 /// the TCP connections it accepted.
 fn h2_backend(ip: Ipv4Addr) -> (SocketAddr, Arc<AtomicU32>) {
-    let l = TcpListener::bind((ip, 0)).unwrap();
-    let addr = l.local_addr().unwrap();
-    l.set_nonblocking(true).unwrap();
     let conns = Arc::new(AtomicU32::new(0));
     let c2 = conns.clone();
-    std::thread::spawn(move || {
-        block_on(async move {
-            let l = monoio::net::TcpListener::from_std(l).unwrap();
-            loop {
-                let Ok((tcp, _)) = l.accept().await else {
-                    continue;
-                };
-                c2.fetch_add(1, Ordering::SeqCst);
-                monoio::spawn(async move {
-                    let io = monoio::io::IntoPollIo::into_poll_io(tcp).unwrap();
-                    let Ok(mut conn) = h2::server::handshake(io).await else {
-                        return;
-                    };
-                    while let Some(Ok((req, mut respond))) = conn.accept().await {
-                        if req.uri().path() == "/h2/sum" {
-                            // The body's length and checksum, read as it comes; the same
-                            // in a trailer.
-                            monoio::spawn(async move {
-                                let mut body = req.into_body();
-                                let (mut n, mut h) = (0usize, common::FNV0);
-                                while let Some(Ok(c)) = body.data().await {
-                                    let _ = body.flow_control().release_capacity(c.len());
-                                    n += c.len();
-                                    h = common::fnv_add(h, &c);
-                                }
-                                let text = format!("len={n} fnv={h:x}");
-                                let resp = http::Response::builder().status(200).body(()).unwrap();
-                                let mut tx = respond.send_response(resp, false).unwrap();
-                                let _ = tx.send_data(Bytes::from(text.clone()), false);
-                                let mut t = http::HeaderMap::new();
-                                t.insert("x-sum", text.parse().unwrap());
-                                let _ = tx.send_trailers(t);
-                            });
-                            continue;
+    let addr = serve_async(ip, move |tcp| {
+        c2.fetch_add(1, Ordering::SeqCst);
+        async move {
+            let io = monoio::io::IntoPollIo::into_poll_io(tcp).unwrap();
+            let Ok(mut conn) = h2::server::handshake(io).await else {
+                return;
+            };
+            while let Some(Ok((req, mut respond))) = conn.accept().await {
+                if req.uri().path() == "/h2/sum" {
+                    // The body's length and checksum, read as it comes; the same
+                    // in a trailer.
+                    monoio::spawn(async move {
+                        let mut body = req.into_body();
+                        let (mut n, mut h) = (0usize, common::FNV0);
+                        while let Some(Ok(c)) = body.data().await {
+                            let _ = body.flow_control().release_capacity(c.len());
+                            n += c.len();
+                            h = common::fnv_add(h, &c);
                         }
-                        monoio::spawn(async move {
-                            let xff = req
-                                .headers()
-                                .get("x-forwarded-for")
-                                .map(|v| v.to_str().unwrap().to_string())
-                                .unwrap_or_default();
-                            let body = format!(
-                                "h2echo {} {:?} xff={xff}",
-                                req.uri().path(),
-                                req.version()
-                            );
-                            let resp = http::Response::builder().status(200).body(()).unwrap();
-                            let mut tx = respond.send_response(resp, false).unwrap();
-                            let _ = tx.send_data(Bytes::from(body), true);
-                        });
-                    }
+                        let text = format!("len={n} fnv={h:x}");
+                        let resp = http::Response::builder().status(200).body(()).unwrap();
+                        let mut tx = respond.send_response(resp, false).unwrap();
+                        let _ = tx.send_data(Bytes::from(text.clone()), false);
+                        let mut t = http::HeaderMap::new();
+                        t.insert("x-sum", text.parse().unwrap());
+                        let _ = tx.send_trailers(t);
+                    });
+                    continue;
+                }
+                monoio::spawn(async move {
+                    let xff = req
+                        .headers()
+                        .get("x-forwarded-for")
+                        .map(|v| v.to_str().unwrap().to_string())
+                        .unwrap_or_default();
+                    let body = format!("h2echo {} {:?} xff={xff}", req.uri().path(), req.version());
+                    let resp = http::Response::builder().status(200).body(()).unwrap();
+                    let mut tx = respond.send_response(resp, false).unwrap();
+                    let _ = tx.send_data(Bytes::from(body), true);
                 });
             }
-        })
+        }
     });
     (addr, conns)
 }

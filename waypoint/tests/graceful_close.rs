@@ -26,7 +26,7 @@ use std::time::{Duration, SystemTime};
 use bytes::Bytes;
 use common::{
     app_model, bind_node_ztunnel, block_on, connect_target, get, h2_response, id, ip, next_request,
-    read_response, serve_hbone, test_ca, Waypoint,
+    read_response, serve_async, serve_hbone, test_ca, Waypoint,
 };
 use hbone::ca::{CertSource, WorkloadCert};
 use hbone::server::Inbound;
@@ -162,43 +162,33 @@ impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Watched<'_, T> 
 /// ended (after the waypoint's GOAWAY it answers with its own and shuts its sending
 /// side), it reads until the end of the connection.
 fn h2_backend(ip: Ipv4Addr, report: mpsc::Sender<Report>) -> SocketAddr {
-    let l = TcpListener::bind((ip, 0)).unwrap();
-    let addr = l.local_addr().unwrap();
-    l.set_nonblocking(true).unwrap();
-    std::thread::spawn(move || {
-        block_on(async move {
-            let l = monoio::net::TcpListener::from_std(l).unwrap();
-            let mut next = 1;
-            while let Ok((tcp, _)) = l.accept().await {
-                let (report, n) = (report.clone(), next);
-                next += 1;
-                monoio::spawn(async move {
-                    let mut io = monoio::io::IntoPollIo::into_poll_io(tcp).unwrap();
-                    let end = Rc::new(Cell::new(None));
-                    let watched = Watched {
-                        io: &mut io,
-                        end: end.clone(),
-                    };
-                    if let Ok(mut conn) = h2::server::handshake(watched).await {
-                        while let Some(Ok((req, mut respond))) = conn.accept().await {
-                            let path = req.uri().path().to_string();
-                            let resp = http::Response::builder().status(200).body(()).unwrap();
-                            if let Ok(mut tx) = respond.send_response(resp, false) {
-                                let _ = tx.send_data(Bytes::from(path), true);
-                            }
-                        }
+    let next = Cell::new(1);
+    serve_async(ip, move |tcp| {
+        let (report, n) = (report.clone(), next.replace(next.get() + 1));
+        async move {
+            let mut io = monoio::io::IntoPollIo::into_poll_io(tcp).unwrap();
+            let end = Rc::new(Cell::new(None));
+            let watched = Watched {
+                io: &mut io,
+                end: end.clone(),
+            };
+            if let Ok(mut conn) = h2::server::handshake(watched).await {
+                while let Some(Ok((req, mut respond))) = conn.accept().await {
+                    let path = req.uri().path().to_string();
+                    let resp = http::Response::builder().status(200).body(()).unwrap();
+                    if let Ok(mut tx) = respond.send_response(resp, false) {
+                        let _ = tx.send_data(Bytes::from(path), true);
                     }
-                    let mut watched = Watched { io: &mut io, end };
-                    let mut chunk = [0u8; 4096];
-                    while watched.end.get().is_none() {
-                        let _ = tokio::io::AsyncReadExt::read(&mut watched, &mut chunk).await;
-                    }
-                    let _ = report.send(("h2", n, watched.end.get().unwrap()));
-                });
+                }
             }
-        })
-    });
-    addr
+            let mut watched = Watched { io: &mut io, end };
+            let mut chunk = [0u8; 4096];
+            while watched.end.get().is_none() {
+                let _ = tokio::io::AsyncReadExt::read(&mut watched, &mut chunk).await;
+            }
+            let _ = report.send(("h2", n, watched.end.get().unwrap()));
+        }
+    })
 }
 
 /// The destination node's ztunnel: the ztunnel's bridge between each CONNECT stream and

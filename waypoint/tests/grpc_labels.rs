@@ -6,13 +6,14 @@
 
 mod common;
 
-use std::net::{Ipv4Addr, SocketAddr, TcpListener};
+use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use common::{
-    bind_node_ztunnel, block_on, connect, id, ip, stand_in_ztunnel, start_with_stats, stats_page,
+    bind_node_ztunnel, block_on, connect, id, ip, serve_async, stand_in_ztunnel, start_with_stats,
+    stats_page,
 };
 use hbone::ca::{CertSource, SigningCa};
 use hbone::wire::ConnectRequest;
@@ -20,45 +21,31 @@ use hbone::wire::ConnectRequest;
 /// An HTTP/2 backend answering a gRPC-looking response: `/data` a message then trailers
 /// with `grpc-status: 5`; `/only` a trailers-only head with `grpc-status: 14`.
 fn grpc_backend(ip: Ipv4Addr) -> SocketAddr {
-    let l = TcpListener::bind((ip, 0)).unwrap();
-    let addr = l.local_addr().unwrap();
-    l.set_nonblocking(true).unwrap();
-    std::thread::spawn(move || {
-        block_on(async move {
-            let l = monoio::net::TcpListener::from_std(l).unwrap();
-            loop {
-                let Ok((tcp, _)) = l.accept().await else {
-                    continue;
-                };
-                monoio::spawn(async move {
-                    let io = monoio::io::IntoPollIo::into_poll_io(tcp).unwrap();
-                    let Ok(mut conn) = h2::server::handshake(io).await else {
-                        return;
-                    };
-                    while let Some(Ok((req, mut respond))) = conn.accept().await {
-                        let only = req.uri().path() == "/only";
-                        let mut resp = http::Response::builder()
-                            .status(200)
-                            .header("content-type", "application/grpc");
-                        if only {
-                            resp = resp.header("grpc-status", "14");
-                        }
-                        let resp = resp.body(()).unwrap();
-                        let Ok(mut tx) = respond.send_response(resp, only) else {
-                            continue;
-                        };
-                        if !only {
-                            let _ = tx.send_data(Bytes::from_static(b"\0\0\0\0\0"), false);
-                            let mut t = http::HeaderMap::new();
-                            t.insert("grpc-status", "5".parse().unwrap());
-                            let _ = tx.send_trailers(t);
-                        }
-                    }
-                });
+    serve_async(ip, move |tcp| async move {
+        let io = monoio::io::IntoPollIo::into_poll_io(tcp).unwrap();
+        let Ok(mut conn) = h2::server::handshake(io).await else {
+            return;
+        };
+        while let Some(Ok((req, mut respond))) = conn.accept().await {
+            let only = req.uri().path() == "/only";
+            let mut resp = http::Response::builder()
+                .status(200)
+                .header("content-type", "application/grpc");
+            if only {
+                resp = resp.header("grpc-status", "14");
             }
-        })
-    });
-    addr
+            let resp = resp.body(()).unwrap();
+            let Ok(mut tx) = respond.send_response(resp, only) else {
+                continue;
+            };
+            if !only {
+                let _ = tx.send_data(Bytes::from_static(b"\0\0\0\0\0"), false);
+                let mut t = http::HeaderMap::new();
+                t.insert("grpc-status", "5".parse().unwrap());
+                let _ = tx.send_trailers(t);
+            }
+        }
+    })
 }
 
 #[test]

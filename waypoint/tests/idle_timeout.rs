@@ -19,7 +19,7 @@ use std::time::{Duration, SystemTime};
 use bytes::Bytes;
 use common::{
     app_model, bind_node_ztunnel, block_on, get, h2_get_from, h2_response, id, ip, next_request,
-    ok_response, read_response, stand_in_ztunnel, test_ca, Waypoint,
+    ok_response, read_response, serve_async, stand_in_ztunnel, test_ca, Waypoint,
 };
 use hbone::ca::CertSource;
 use hbone::stream::H2Stream;
@@ -119,27 +119,18 @@ fn read_chunked(c: &mut TcpStream, buf: &mut Vec<u8>) -> Option<usize> {
 /// An HTTP/2 (prior knowledge) backend on `ip` answering `200 <path> <body length>`, after
 /// three seconds for `/slow`; it numbers its connections from `next` and reports to `seen`.
 fn h2_backend(ip: Ipv4Addr, next: Arc<AtomicUsize>, seen: mpsc::Sender<Seen>) -> SocketAddr {
-    let l = TcpListener::bind((ip, 0)).unwrap();
-    let addr = l.local_addr().unwrap();
-    l.set_nonblocking(true).unwrap();
-    std::thread::spawn(move || {
-        block_on(async move {
-            let l = monoio::net::TcpListener::from_std(l).unwrap();
-            while let Ok((tcp, _)) = l.accept().await {
-                let (seen, n) = (seen.clone(), next.fetch_add(1, Ordering::SeqCst));
-                monoio::spawn(async move {
-                    let io = monoio::io::IntoPollIo::into_poll_io(tcp).unwrap();
-                    if let Ok(mut conn) = h2::server::handshake(io).await {
-                        while let Some(Ok((req, respond))) = conn.accept().await {
-                            monoio::spawn(h2_answer(req, respond, n, seen.clone()));
-                        }
-                    }
-                    let _ = seen.send(Seen::Closed(n));
-                });
+    serve_async(ip, move |tcp| {
+        let (seen, n) = (seen.clone(), next.fetch_add(1, Ordering::SeqCst));
+        async move {
+            let io = monoio::io::IntoPollIo::into_poll_io(tcp).unwrap();
+            if let Ok(mut conn) = h2::server::handshake(io).await {
+                while let Some(Ok((req, respond))) = conn.accept().await {
+                    monoio::spawn(h2_answer(req, respond, n, seen.clone()));
+                }
             }
-        })
-    });
-    addr
+            let _ = seen.send(Seen::Closed(n));
+        }
+    })
 }
 
 async fn h2_answer(

@@ -289,6 +289,30 @@ pub fn prometheus_page(stats: SocketAddr) -> String {
     body
 }
 
+/// A TCP server on `ip` (any port) on a monoio runtime of its own thread: each accepted
+/// connection handed to `handler`, its future spawned there. Returns the bound address.
+pub fn serve_async<H, Fut>(ip: Ipv4Addr, handler: H) -> SocketAddr
+where
+    H: Fn(monoio::net::TcpStream) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + 'static,
+{
+    let l = TcpListener::bind((ip, 0)).unwrap();
+    let addr = l.local_addr().unwrap();
+    l.set_nonblocking(true).unwrap();
+    std::thread::spawn(move || {
+        block_on(async move {
+            let l = monoio::net::TcpListener::from_std(l).unwrap();
+            loop {
+                let Ok((tcp, _)) = l.accept().await else {
+                    continue;
+                };
+                monoio::spawn(handler(tcp));
+            }
+        })
+    });
+    addr
+}
+
 /// A TCP server on `ip` (any port): each accepted connection handed to `handler` on a
 /// thread of its own. Returns the bound address.
 pub fn serve_threads<F>(ip: Ipv4Addr, handler: F) -> SocketAddr
