@@ -201,14 +201,7 @@ fn ztunnel(listener: TcpListener, cert: &WorkloadCert, bridged: mpsc::Sender<(u1
             let Some((tcp, s)) = connect_target(inb).await else {
                 return;
             };
-            let out = hbone::stream::bridge(
-                tcp,
-                s,
-                64 * 1024,
-                Duration::from_secs(120),
-                std::future::pending(),
-            )
-            .await;
+            let out = common::bridge(tcp, s).await;
             let end = match out.end {
                 End::Closed => "closed".to_string(),
                 other => format!("{other:?}"),
@@ -416,14 +409,7 @@ fn a_connection_close_request_ends_the_client_tunnel_with_a_fin() {
             }
         });
         let (tcp, _) = l.accept().await.unwrap();
-        let out = hbone::stream::bridge(
-            tcp,
-            s,
-            64 * 1024,
-            Duration::from_secs(120),
-            std::future::pending(),
-        )
-        .await;
+        let out = common::bridge(tcp, s).await;
         (app, format!("{:?}", out.end))
     });
     let (text, ended) = app.join().unwrap();

@@ -94,6 +94,12 @@ async fn forward(inb: Inbound) {
     let Some((tcp, s)) = connect_target(inb).await else {
         return;
     };
+    bridge(tcp, s).await;
+}
+
+/// The node ztunnel's bridge between `tcp` and the HBONE stream `s` (64 KiB chunks, 120 s
+/// idle, never aborted), as the stand-in ztunnel runs it.
+pub async fn bridge(tcp: monoio::net::TcpStream, s: H2Stream) -> runtime::forward::Outcome {
     hbone::stream::bridge(
         tcp,
         s,
@@ -101,7 +107,7 @@ async fn forward(inb: Inbound) {
         Duration::from_secs(120),
         std::future::pending(),
     )
-    .await;
+    .await
 }
 
 /// Serve HBONE on `listener` (on its own thread) as `cert`, each accepted CONNECT stream
