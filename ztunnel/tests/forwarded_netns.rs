@@ -66,15 +66,7 @@ fn r9_ip_block_deny_on_one_client_pod(fam: Family, node_addresses: bool) {
     };
     let tag = if node_addresses { "fwdn" } else { "fwdp" };
     let w = World::with_mesh(&fam.tag(tag), &deny_ips("deny-pod-ips", &denied), &nodes);
-    let dump = || {
-        format!(
-            "--- node-a stats\n{}\n--- node-b stats\n{}\n--- node-a log\n{}\n--- node-b log\n{}",
-            w.stats(0),
-            w.stats(1),
-            w.log("node-a"),
-            w.log("node-b")
-        )
-    };
+    let dump = w.dump();
     let server = w.server_on(fam, "server");
     let server2 = w.server_on(fam, "server2");
 

@@ -58,18 +58,6 @@ per_family!(
     r10_plaintext_into_captured_pod_rejected_by_identity_policy,
 );
 
-fn dump(w: &World) -> impl Fn() -> String + '_ {
-    move || {
-        format!(
-            "--- node-a stats\n{}\n--- node-b stats\n{}\n--- node-a log\n{}\n--- node-b log\n{}",
-            w.stats(0),
-            w.stats(1),
-            w.log("node-a"),
-            w.log("node-b")
-        )
-    }
-}
-
 /// R1: an uncaptured pod's traffic crosses both nodes untouched; the captured client's
 /// call to the same pod is captured on node A and passed through.
 fn r1_uncaptured_pod_traffic_is_not_touched(fam: Family) {
@@ -107,7 +95,7 @@ fn r1_uncaptured_pod_traffic_is_not_touched(fam: Family) {
                 ],
             ) == 1
         },
-        dump(&w),
+        w.dump(),
     );
     assert_eq!(metric(&w.stats(1), PATHS, &[]), 0);
 }
@@ -195,7 +183,7 @@ fn r2_captured_pod_traffic_is_intercepted_and_uncaptured_is_not(fam: Family) {
                 && metric(&a, "istio_tcp_connections_opened_total", &conn) == 1
                 && metric(&a, "istio_tcp_connections_closed_total", &conn) == 1
         },
-        dump(&w),
+        w.dump(),
     );
     let a = w.stats(0);
     assert_eq!(
@@ -273,7 +261,7 @@ fn r4_service_vip_goes_to_one_endpoint(fam: Family) {
                     ],
                 ) == N
         },
-        dump(&w),
+        w.dump(),
     );
 }
 
@@ -354,7 +342,7 @@ fn r5_captured_to_captured_uses_hbone_across_nodes(fam: Family) {
                     ],
                 ) == 1
         },
-        dump(&w),
+        w.dump(),
     );
     let b = w.stats(1);
     assert_eq!(
@@ -396,7 +384,7 @@ fn r9_deny_policy_refuses_captured_connection(fam: Family) {
                     &[("direction", "outbound"), ("route", "hbone")],
                 ) == 1
         },
-        dump(&w),
+        w.dump(),
     );
     let b = w.stats(1);
     assert_eq!(
@@ -447,7 +435,7 @@ fn r9_captured_plaintext_inbound_goes_to_original_destination(fam: Family) {
                     ],
                 ) == 1
         },
-        dump(&w),
+        w.dump(),
     );
     assert_eq!(metric(&w.stats(0), PATHS, &[]), 0, "node A did not capture");
 }
@@ -468,7 +456,7 @@ fn r10_plaintext_into_captured_pod_rejected_by_identity_policy(fam: Family) {
             denied_total(&b, "plaintext", "ns-b/require-mtls") == 1
                 && metric(&b, PATHS, &[("route", "plaintext_deny")]) == 1
         },
-        dump(&w),
+        w.dump(),
     );
     assert!(
         server.peers.try_recv().is_err(),
@@ -488,7 +476,7 @@ fn r10_plaintext_into_captured_pod_rejected_by_identity_policy(fam: Family) {
                 &[("route", "hbone_allow"), ("peer", CLIENT_ID)],
             ) == 1
         },
-        dump(&w),
+        w.dump(),
     );
 }
 
@@ -531,7 +519,7 @@ fn r6_captured_call_to_waypoint_pod_goes_to_waypoint() {
                 ],
             ) == 1
         },
-        dump(&w),
+        w.dump(),
     );
     assert_eq!(metric(&w.stats(1), PATHS, &[]), 0, "node B not involved");
 }
@@ -559,7 +547,7 @@ fn r7_captured_call_to_service_behind_waypoint_has_vip_authority() {
                 ],
             ) == 1
         },
-        dump(&w),
+        w.dump(),
     );
 }
 
@@ -589,7 +577,7 @@ fn r12_plaintext_to_waypoint_pod_is_hairpinned() {
                 ],
             ) == 1
         },
-        dump(&w),
+        w.dump(),
     );
     assert_eq!(metric(&w.stats(0), PATHS, &[]), 0, "node A did not capture");
 }
@@ -632,7 +620,7 @@ fn r3_service_account_waypoint_beats_namespace_waypoint() {
                     ) == 1
                 })
         },
-        dump(&w),
+        w.dump(),
     );
 }
 
@@ -680,7 +668,7 @@ fn r8_mixed_service_sends_some_via_waypoint_and_some_direct() {
                 ) == direct
                 && metric(&w.stats(1), PATHS, &[("route", "hbone_allow")]) == direct
         },
-        dump(&w),
+        w.dump(),
     );
 }
 
@@ -728,7 +716,7 @@ fn r11_only_the_waypoint_reaches_a_waypoint_enabled_pod() {
                     ],
                 ) == 1
         },
-        dump(&w),
+        w.dump(),
     );
 }
 
@@ -811,7 +799,7 @@ fn r5_inbound_hbone_presents_the_destination_pods_identity() {
                     ],
                 ) == 1
         },
-        dump(&w),
+        w.dump(),
     );
 }
 
@@ -851,7 +839,7 @@ fn r2_capture_rules_follow_reloads() {
     eventually_or(
         "captured as plaintext inbound",
         || inbound(&w) == 1,
-        dump(&w),
+        w.dump(),
     );
     let with_b = vec![
         "p-server".to_string(),
@@ -866,7 +854,7 @@ fn r2_capture_rules_follow_reloads() {
             assert!(t.contains(from), "{from}");
             t.replace(from, to)
         });
-        eventually_or(what, || installs(&w) == n, dump(&w));
+        eventually_or(what, || installs(&w) == n, w.dump());
     };
 
     // R2: ns-b loses istio.io/dataplane-mode=ambient → its pods are no longer captured.
@@ -904,7 +892,7 @@ fn r2_capture_rules_follow_reloads() {
         plain_call(&w, &server, "server"),
         ("server".into(), IpAddr::from([10, 2, 0, 1]))
     );
-    eventually_or("captured again", || inbound(&w) == 2, dump(&w));
+    eventually_or("captured again", || inbound(&w) == 2, w.dump());
     // A reload that changes nothing about capture leaves the rules alone.
     w.rewrite("node-b", |t| {
         t.replace("policies: []", "policies: []\n# touched")
@@ -912,7 +900,7 @@ fn r2_capture_rules_follow_reloads() {
     eventually_or(
         "reloaded",
         || metric(&w.stats(1), "ztunnel_config_reloads_total", &[]) >= 3,
-        dump(&w),
+        w.dump(),
     );
     assert_eq!(installs(&w), 3);
     assert_eq!(metric(&w.stats(1), "ztunnel_capture_errors_total", &[]), 0);

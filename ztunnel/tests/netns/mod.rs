@@ -416,6 +416,19 @@ impl World {
             .unwrap_or_else(|e| panic!("stats of node {i}: {e}"))
     }
 
+    /// Both nodes' stats pages and logs, for a failing test's message.
+    pub fn dump(&self) -> impl Fn() -> String + '_ {
+        move || {
+            format!(
+                "--- node-a stats\n{}\n--- node-b stats\n{}\n--- node-a log\n{}\n--- node-b log\n{}",
+                self.stats(0),
+                self.stats(1),
+                self.log("node-a"),
+                self.log("node-b")
+            )
+        }
+    }
+
     /// Connect from pod `from` to `dst`.
     pub fn connect(&self, from: &str, dst: SocketAddr) -> std::io::Result<TcpStream> {
         connect_in(&self.pod_ns(from), dst)
