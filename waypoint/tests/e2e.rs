@@ -15,11 +15,11 @@ use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use common::{
-    bind_node_ztunnel, block_on, blocks_fnv, connect, fnv, get, id, ip, next_request, ok_response,
-    payload, read_response, read_until, serve_async, service_settings, spec_echo_route_in,
-    stand_in_ztunnel, write_blocks, Response, Ztunnel, BLOCK,
+    block_on, blocks_fnv, connect, echo_node, fnv, get, id, ip, next_request, ok_response, payload,
+    read_response, read_until, serve_async, service_settings, spec_echo_route_in, write_blocks,
+    Response, Ztunnel, BLOCK,
 };
-use hbone::ca::{CertSource, SigningCa, WorkloadCert};
+use hbone::ca::{CertSource, WorkloadCert};
 use hbone::client::Client;
 use hbone::stream::H2Stream;
 use hbone::wire::ConnectRequest;
@@ -379,10 +379,8 @@ impl Mesh {
     /// The mesh with `policies` (YAML documents) instead of the default DENY policy.
     fn start_with(policies: &str) -> Mesh {
         // A free 127.X.0.1:15008 for the stand-in ztunnel.
-        let (net, zl) = bind_node_ztunnel(7);
-        let ca = Arc::new(SigningCa::generate_root("cluster.local").unwrap().0);
+        let (net, ca, zt) = echo_node(7);
         let now = SystemTime::now();
-        let zt = stand_in_ztunnel(zl, &ca.issue(&id("app", "echo"), now).unwrap());
         let client_cert = ca.issue(&id("app", "client"), now).unwrap();
         let echo = backend(ip(net, 2), "echo");
         let echo_v1 = backend(ip(net, 3), "echo-v1");

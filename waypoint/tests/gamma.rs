@@ -8,14 +8,12 @@ mod common;
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::Arc;
 use std::time::SystemTime;
 
 use common::{
-    bind_node_ztunnel, block_on, connect, get, id, ip, named_backend, read_response,
-    service_settings, stand_in_ztunnel,
+    block_on, connect, echo_node, get, id, ip, named_backend, read_response, service_settings,
 };
-use hbone::ca::{CertSource, SigningCa};
+use hbone::ca::CertSource;
 use hbone::wire::ConnectRequest;
 use waypoint::config::{load_str, WaypointConfig};
 use waypoint::lb::SplitMix64;
@@ -214,10 +212,8 @@ fn r17_gamma_producer_and_consumer_routes_table() {
 
 #[test]
 fn r17_gamma_consumer_route_applies_to_its_namespace_clients_end_to_end() {
-    let (net, zl) = bind_node_ztunnel(11);
-    let ca = Arc::new(SigningCa::generate_root("cluster.local").unwrap().0);
+    let (net, ca, _zt) = echo_node(11);
     let now = SystemTime::now();
-    let _zt = stand_in_ztunnel(zl, &ca.issue(&id("app", "echo"), now).unwrap());
     let (e, v1, v2) = (
         named_backend(ip(net, 2), "echo"),
         named_backend(ip(net, 3), "echo-v1"),

@@ -7,15 +7,11 @@
 mod common;
 
 use std::net::{Ipv4Addr, SocketAddr};
-use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
-use common::{
-    bind_node_ztunnel, block_on, connect, id, ip, serve_async, stand_in_ztunnel, start_with_stats,
-    stats_page,
-};
-use hbone::ca::{CertSource, SigningCa};
+use common::{block_on, connect, echo_node, id, ip, serve_async, start_with_stats, stats_page};
+use hbone::ca::CertSource;
 use hbone::wire::ConnectRequest;
 
 /// An HTTP/2 backend answering a gRPC-looking response: `/data` a message then trailers
@@ -50,10 +46,8 @@ fn grpc_backend(ip: Ipv4Addr) -> SocketAddr {
 
 #[test]
 fn telemetry_grpc_requests_report_grpc_and_their_status() {
-    let (net, zl) = bind_node_ztunnel(23);
-    let ca = Arc::new(SigningCa::generate_root("cluster.local").unwrap().0);
+    let (net, ca, _zt) = echo_node(23);
     let now = SystemTime::now();
-    let _zt = stand_in_ztunnel(zl, &ca.issue(&id("app", "echo"), now).unwrap());
     let b = grpc_backend(ip(net, 2));
     let model = common::app_model(
         ip(net, 1),

@@ -6,14 +6,13 @@
 mod common;
 
 use std::net::{IpAddr, Ipv4Addr};
-use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use common::{
-    bind_node_ztunnel, block_on, connect, get, id, ip, named_backend, read_response,
-    stand_in_ztunnel, start_with_stats, stats_page,
+    block_on, connect, echo_node, get, id, ip, named_backend, read_response, start_with_stats,
+    stats_page,
 };
-use hbone::ca::{CertSource, SigningCa};
+use hbone::ca::CertSource;
 use hbone::wire::ConnectRequest;
 
 /// The labels of the `istio_requests_total` line whose labels contain all of `with`.
@@ -25,10 +24,8 @@ fn requests_line<'a>(page: &'a str, with: &[&str]) -> &'a str {
 
 #[test]
 fn telemetry_standard_labels_name_app_version_canonical_service_and_cluster() {
-    let (net, zl) = bind_node_ztunnel(17);
-    let ca = Arc::new(SigningCa::generate_root("cluster.local").unwrap().0);
+    let (net, ca, _zt) = echo_node(17);
     let now = SystemTime::now();
-    let _zt = stand_in_ztunnel(zl, &ca.issue(&id("app", "echo"), now).unwrap());
     let (b1, b2) = (
         named_backend(ip(net, 2), "ok"),
         named_backend(ip(net, 3), "ok"),

@@ -365,6 +365,17 @@ pub async fn h2_get_from(
     h2_response(resp).await
 }
 
+/// A fresh mesh CA ([`test_ca`]) and the stand-in node ztunnel, as `app/echo`, on a free
+/// `127.N.0.1:15008` ([`bind_node_ztunnel`] with `salt`): (N, the CA, the ztunnel).
+pub fn echo_node(salt: u32) -> (u8, Arc<hbone::ca::SigningCa>, Ztunnel) {
+    let (net, zl) = bind_node_ztunnel(salt);
+    let ca = test_ca();
+    let cert = hbone::ca::CertSource::issue(&*ca, &id("app", "echo"), std::time::SystemTime::now())
+        .unwrap();
+    let zt = stand_in_ztunnel(zl, &cert);
+    (net, ca, zt)
+}
+
 /// A fresh mesh CA (trust domain `cluster.local`).
 pub fn test_ca() -> Arc<hbone::ca::SigningCa> {
     Arc::new(
