@@ -278,6 +278,9 @@ impl Pool {
                     if matches!(e, HboneError::HandshakeTimeout { .. }) {
                         let n = &inner.handshake_timeouts;
                         n.set(n.get() + 1);
+                        counters
+                            .handshake_timeouts
+                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     }
                     // Every opener waiting on this slot gets the error; the slot is dead
                     // (`failed`), so the next open makes a new connection.

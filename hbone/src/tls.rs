@@ -38,6 +38,9 @@ pub struct TlsCounters {
     /// Completed handshakes that resumed a session (a ticket; no certificates or
     /// signatures exchanged).
     pub resumed_handshakes: AtomicU64,
+    /// Client side: new connections that did not finish TCP connect, TLS and the HTTP/2
+    /// handshake within `h2.handshake_timeout` (every worker's pool adds here).
+    pub handshake_timeouts: AtomicU64,
 }
 
 impl TlsCounters {

@@ -264,6 +264,11 @@ fn render_hbone(out: &mut String, client: &TlsCounters, server: &ServerCounters)
     );
     let _ = writeln!(
         out,
+        "# HELP ztunnel_hbone_outbound_handshake_timeouts_total Outbound HBONE connections that did not finish TCP connect, TLS and the HTTP/2 handshake within h2.handshake_timeout (each failed the requests waiting on it).\n# TYPE ztunnel_hbone_outbound_handshake_timeouts_total counter\nztunnel_hbone_outbound_handshake_timeouts_total {}",
+        client.handshake_timeouts.load(Relaxed)
+    );
+    let _ = writeln!(
+        out,
         "# HELP ztunnel_hbone_handshakes_total Completed HBONE TLS handshakes, by side and kind (full: certificates and signatures; resumed: a session ticket).\n# TYPE ztunnel_hbone_handshakes_total counter"
     );
     for (side, t) in [("client", client), ("server", &server.tls)] {

@@ -101,6 +101,16 @@ fn r5_outbound_tunnel_to_a_peer_that_never_speaks_tls_fails_the_socks_request() 
         eventually("ztunnel closed the stalled connection", || {
             closed.load(SeqCst) == round
         });
+        let text = http_get(a.addrs.stats, "/stats/prometheus").1;
+        assert_eq!(
+            metric(
+                &text,
+                "ztunnel_hbone_outbound_handshake_timeouts_total",
+                &[]
+            ),
+            round as u64,
+            "round {round}"
+        );
     }
     let _ = a.stop(Duration::from_millis(200));
     let _ = std::fs::remove_dir_all(&dir);
