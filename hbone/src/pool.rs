@@ -94,8 +94,6 @@ struct Inner {
     /// For the sockets of new connections.
     socket: ListenOptions,
     connects: Cell<u64>,
-    /// New connections that failed `h2.handshake_timeout` (each failed its slot's openers).
-    handshake_timeouts: Cell<u64>,
     sweeper: Cell<bool>,
 }
 
@@ -123,7 +121,6 @@ impl Pool {
             counters,
             socket,
             connects: Cell::new(0),
-            handshake_timeouts: Cell::new(0),
             sweeper: Cell::new(false),
         }))
     }
@@ -131,12 +128,6 @@ impl Pool {
     /// Connections opened so far.
     pub fn connects(&self) -> u64 {
         self.0.connects.get()
-    }
-
-    /// New connections that did not finish TCP connect, TLS and the HTTP/2 handshake
-    /// within `h2.handshake_timeout` (their slots failed; every waiting opener got the error).
-    pub fn handshake_timeouts(&self) -> u64 {
-        self.0.handshake_timeouts.get()
     }
 
     /// Live (not ended) connections for `key`.
@@ -251,7 +242,6 @@ impl Pool {
         list.push(slot.clone());
         self.0.connects.set(self.0.connects.get() + 1);
         let tls = tls::client_config_to(cert, &key.dst, key.addr, self.0.settings.tls_resumption);
-        let inner = self.0.clone();
         let (addr, settings, counters, s, req, opts) = (
             key.addr,
             self.0.settings.clone(),
@@ -276,8 +266,6 @@ impl Pool {
                 }
                 Err(e) => {
                     if matches!(e, HboneError::HandshakeTimeout { .. }) {
-                        let n = &inner.handshake_timeouts;
-                        n.set(n.get() + 1);
                         counters
                             .handshake_timeouts
                             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);

@@ -264,7 +264,8 @@ fn every_waiter_on_a_stalled_pool_slot_gets_the_error_and_the_next_open_succeeds
         addr: p.addr,
     };
     let (errors, first_round_connects, timeouts, after) = block_on(DriverKind::Uring, async move {
-        let pool = Pool::new(short_deadline(), Arc::new(TlsCounters::default()));
+        let counters = Arc::new(TlsCounters::default());
+        let pool = Pool::new(short_deadline(), counters.clone());
         // 20 concurrent openers: one connection (≤ 100 streams each), one slot shared.
         let mut opens = Vec::new();
         for _ in 0..WAITERS {
@@ -281,7 +282,7 @@ fn every_waiter_on_a_stalled_pool_slot_gets_the_error_and_the_next_open_succeeds
             errors.push(r.expect_err("no stream on a peer that never speaks TLS"));
         }
         let first_round_connects = pool.connects();
-        let timeouts = pool.handshake_timeouts();
+        let timeouts = counters.handshake_timeouts.load(Relaxed);
         // The peer relays new connections to the healthy server now: the failed slot is
         // not reused, a new connection is made and the stream works.
         let s = monoio::time::timeout(BOUND, pool.open(&k, &client_cert, &req()))
