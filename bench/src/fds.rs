@@ -209,9 +209,15 @@ impl Settle {
         }
     }
 
-    /// One look at the count `held` at `now`; `fit_unchanged`: the run's fit with what is
-    /// held now is the one announced. True when settled.
-    pub fn settled(&mut self, held: u64, now: std::time::Instant, fit_unchanged: bool) -> bool {
+    /// One look at the count `held` at `now`; `fit_unchanged`: whether the run's fit with
+    /// what is held now is the one announced (asked only once the count has held still, as
+    /// a fit reads `/proc`). True when settled.
+    pub fn settled(
+        &mut self,
+        held: u64,
+        now: std::time::Instant,
+        fit_unchanged: impl FnOnce() -> bool,
+    ) -> bool {
         if held <= self.baseline + MARGIN {
             return true;
         }
@@ -219,7 +225,7 @@ impl Settle {
             self.low = held;
             self.since = now;
         }
-        fit_unchanged && now.saturating_duration_since(self.since) >= STILL
+        now.saturating_duration_since(self.since) >= STILL && fit_unchanged()
     }
 }
 
@@ -398,22 +404,22 @@ mod tests {
         let at = |ms: u64| t0 + Duration::from_millis(ms);
         // Back to the start's count (within the margin): settled at once.
         let mut s = Settle::new(100, 9_000, t0);
-        assert!(s.settled(164, t0, false));
+        assert!(s.settled(164, t0, || false));
         // A run's connections closing: not settled while the count falls.
         let mut s = Settle::new(100, 9_000, t0);
-        assert!(!s.settled(6_000, at(200), true));
-        assert!(!s.settled(2_000, at(1_100), true));
-        assert!(!s.settled(228, at(2_000), true));
+        assert!(!s.settled(6_000, at(200), || true));
+        assert!(!s.settled(2_000, at(1_100), || true));
+        assert!(!s.settled(228, at(2_000), || true));
         // A pool of 128 held: settled once the count has not fallen for STILL…
-        assert!(!s.settled(228, at(2_000) + STILL - Duration::from_millis(1), true));
-        assert!(s.settled(228, at(2_000) + STILL, true));
+        assert!(!s.settled(228, at(2_000) + STILL - Duration::from_millis(1), || true));
+        assert!(s.settled(228, at(2_000) + STILL, || true));
         // …a count that rises again is no fall: the time since the low still counts.
-        assert!(s.settled(240, at(2_000) + STILL * 2, true));
+        assert!(s.settled(240, at(2_000) + STILL * 2, || true));
         // …but not while what is held changes the run's fit.
-        assert!(!s.settled(228, at(2_000) + STILL * 5, false));
+        assert!(!s.settled(228, at(2_000) + STILL * 5, || false));
         // A fall late in the hold starts the wait for stillness again.
-        assert!(!s.settled(200, at(9_000), true));
-        assert!(s.settled(200, at(9_000) + STILL, true));
+        assert!(!s.settled(200, at(9_000), || true));
+        assert!(s.settled(200, at(9_000) + STILL, || true));
     }
 
     #[test]

@@ -651,11 +651,9 @@ fn refit(
     // other peer's TIME_WAIT sockets in the peer pod did, see `crate::peer::tune_pod`.)
     let decides = |z: &Option<crate::fds::Sizing>| z.as_ref().map(|z| (z.connections, z.skipped));
     let mut settle = crate::fds::Settle::new(ctx.fd_baseline, held(), Instant::now());
-    while !settle.settled(
-        held(),
-        Instant::now(),
-        decides(&fit_one(ctx, sc, path)) == decides(&before),
-    ) && Instant::now() < deadline
+    while !settle.settled(held(), Instant::now(), || {
+        decides(&fit_one(ctx, sc, path)) == decides(&before)
+    }) && Instant::now() < deadline
     {
         if ctx.interrupted.load(Ordering::Relaxed) {
             return Err(Interrupted);
