@@ -287,8 +287,8 @@ pub struct Mesh {
     pub layout: Layout,
     /// Loopback layout: where clients ask ztunnel A for their connections.
     pub socks5: Option<SocketAddr>,
-    /// The profile's `h2` section (one JSON line), also given to `hbone-cold`'s proxy pair.
-    pub h2: String,
+    /// The profile's `h2` section, also given to `hbone-cold`'s proxy pair.
+    pub h2: hbone::H2Settings,
 }
 
 impl Mesh {
@@ -321,7 +321,7 @@ impl Mesh {
             waypoint_error: None,
             layout: spec.layout,
             socks5: None,
-            h2: serde_json::to_string(&spec.profile.h2)?,
+            h2: spec.profile.h2.clone(),
         };
         if spec.layout.is_loopback() {
             m.build_loopback(spec)?;

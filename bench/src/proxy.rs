@@ -122,9 +122,9 @@ pub struct HboneSpec {
     /// pod and the client pod), with the address the outbound reaches the inbound at;
     /// `None`: both on 127.0.0.1 here.
     pub netns: Option<(String, String, std::net::IpAddr)>,
-    /// The profile's `h2` section (one JSON line) for both, as the mesh's proxies get it
+    /// The profile's `h2` section for both, as the mesh's proxies get it
     /// (`h2.tls_resumption`, `h2.handshake_timeout`, windows…); `None`: the proxy's defaults.
-    pub h2: Option<String>,
+    pub h2: Option<hbone::H2Settings>,
 }
 
 pub const HBONE_SERVER_ID: &str = "spiffe://cluster.local/ns/bench/sa/server";
@@ -141,7 +141,10 @@ impl HboneSpec {
             self.ca_dir.display(),
             self.h2
                 .as_ref()
-                .map(|h| format!("h2: {h}\n"))
+                .map(|h| format!(
+                    "h2: {}\n",
+                    serde_json::to_string(h).expect("settings serialize")
+                ))
                 .unwrap_or_default()
         )
     }
@@ -612,7 +615,7 @@ mod tests {
         h2.tls_resumption = false;
         h2.handshake_timeout = std::time::Duration::from_secs(3);
         let spec = HboneSpec {
-            h2: Some(serde_json::to_string(&h2).unwrap()),
+            h2: Some(h2.clone()),
             ..spec
         };
         for cfg in [
