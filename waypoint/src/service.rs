@@ -754,7 +754,8 @@ async fn tunnel(w: Rc<Worker>, cert: Arc<WorkloadCert>, inb: Inbound) {
     }
 }
 
-fn workload_name(w: &mesh_model::model::Workload) -> String {
+/// A workload's name as telemetry shows it: its controller's (`workloadName`), else the pod's.
+pub(crate) fn workload_name(w: &mesh_model::model::Workload) -> String {
     if w.workload_name.is_empty() {
         w.name.clone()
     } else {

@@ -80,23 +80,16 @@ pub fn workload_of(
 ) -> (String, String) {
     let unknown = || "unknown".to_string();
     let w = model.and_then(|m| m.workload_by_ip(addr));
-    let name_of = |w: &mesh_model::model::Workload| {
-        if w.workload_name.is_empty() {
-            w.name.clone()
-        } else {
-            w.workload_name.clone()
-        }
-    };
     match peer {
         // A hairpin: the ztunnel's identity says nothing of the client; the model does.
         Some(id) if id == ztunnel => match w {
-            Some(w) => (name_of(w), w.namespace.clone()),
+            Some(w) => (crate::service::workload_name(w), w.namespace.clone()),
             None => (unknown(), unknown()),
         },
         Some(id) => {
             let ns = id.namespace.clone();
             let name = match w {
-                Some(w) if w.identity() == *id => name_of(w),
+                Some(w) if w.identity() == *id => crate::service::workload_name(w),
                 Some(_) => unknown(),
                 None => baggage
                     .workload_name
@@ -107,7 +100,7 @@ pub fn workload_of(
             (name, ns)
         }
         None => match w {
-            Some(w) => (name_of(w), w.namespace.clone()),
+            Some(w) => (crate::service::workload_name(w), w.namespace.clone()),
             None => (unknown(), unknown()),
         },
     }
