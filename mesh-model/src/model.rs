@@ -75,6 +75,13 @@ impl Workload {
         Identity::new(&self.trust_domain, &self.namespace, &self.service_account)
     }
 
+    /// Whether it runs as `id` (as `identity() == *id`, without building one).
+    pub fn has_identity(&self, id: &Identity) -> bool {
+        self.trust_domain == id.trust_domain
+            && self.namespace == id.namespace
+            && self.service_account == id.service_account
+    }
+
     /// Captured by its node's ztunnel (R2).
     pub fn captured(&self) -> bool {
         self.protocol == Protocol::Hbone

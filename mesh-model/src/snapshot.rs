@@ -330,6 +330,30 @@ impl Snapshot {
         self.nodes.get(name)
     }
 
+    /// Whether a connection proven as `peer` from address `socket` is the node ztunnel of
+    /// the captured workload at `claimed`, speaking for it (so its `forwarded: for=claimed`
+    /// can be believed; the ztunnel's inbound and the waypoint both apply this): that
+    /// workload runs as `peer` (only the ztunnel of a node running a workload of that
+    /// identity holds its certificate) and, when the model names the ztunnel address of the
+    /// workload's node (`nodes[].ztunnel`), `socket` is that address. Without `nodes[]` for
+    /// that node (Istio's `podIP:15008` addressing) the identity is all there is to check.
+    /// Lookups only, no allocation.
+    pub fn node_ztunnel_speaks_for(
+        &self,
+        peer: &Identity,
+        claimed: IpAddr,
+        socket: IpAddr,
+    ) -> bool {
+        let Some(w) = self.workload_by_ip(claimed) else {
+            return false;
+        };
+        w.captured()
+            && w.has_identity(peer)
+            && self
+                .node(&w.node)
+                .is_none_or(|n| n.ztunnel.to_canonical() == socket.to_canonical())
+    }
+
     /// L4 authorization of a connection to `dst` (R9, R10).
     pub fn authorize(&self, dst: &Workload, conn: &Connection<'_>) -> Verdict {
         authz::evaluate(self.policies.iter().filter(|p| p.applies_to(dst)), conn)

@@ -54,16 +54,10 @@ pub fn client_ip(
     if id == ztunnel {
         return f;
     }
-    let Some(w) = model.and_then(|m| m.workload_by_ip(f)) else {
-        return peer_addr;
-    };
-    if !w.captured() || w.identity() != *id {
-        return peer_addr;
-    }
-    let node_ztunnel = model.and_then(|m| m.node(&w.node)).map(|n| n.ztunnel);
-    match node_ztunnel {
-        Some(z) if z.to_canonical() != peer_addr && f != peer_addr => peer_addr,
-        _ => f,
+    if f == peer_addr || model.is_some_and(|m| m.node_ztunnel_speaks_for(id, f, peer_addr)) {
+        f
+    } else {
+        peer_addr
     }
 }
 
@@ -89,7 +83,7 @@ pub fn workload_of(
         Some(id) => {
             let ns = id.namespace.clone();
             let name = match w {
-                Some(w) if w.identity() == *id => crate::service::workload_name(w),
+                Some(w) if w.has_identity(id) => crate::service::workload_name(w),
                 Some(_) => unknown(),
                 None => baggage
                     .workload_name

@@ -1101,7 +1101,7 @@ fn inbound_source_labels(
     }
     let by_ip = snap
         .workload_by_ip(src_ip)
-        .filter(|w| peer.is_none_or(|p| w.identity() == *p));
+        .filter(|w| peer.is_none_or(|p| w.has_identity(p)));
     let by_id = || peer.and_then(|p| snap.workloads_by_identity(p).next());
     if let Some(w) = by_ip.or_else(by_id) {
         labels.source_workload = workload_name(w);
@@ -1123,7 +1123,8 @@ fn deny_policy(v: &mesh_model::authz::Verdict) -> String {
 ///
 /// - the destination's own **waypoint** (peer identity = its waypoint's), as Istio's
 ///   ztunnel, which trusts `Forwarded` from its waypoint;
-/// - the client's **node ztunnel speaking for it** (`node_ztunnel_for`): this ztunnel opens
+/// - the client's **node ztunnel speaking for it** (`Snapshot::node_ztunnel_speaks_for`,
+///   the rule the waypoint applies too): this ztunnel opens
 ///   tunnels from its node's address, not the pod's (Istio's in-pod mode uses the pod's),
 ///   so a captured pod-to-pod connection arrives from the client node's address with the
 ///   client's certificate and the client's address in `for=`.
@@ -1149,33 +1150,11 @@ fn policy_source_ip(
         .and_then(|w| w.waypoint.as_ref())
         .and_then(|wp| wp.identity.as_ref())
         .is_some_and(|waypoint| waypoint == peer);
-    if from_waypoint || node_ztunnel_for(snap, peer, claimed, socket) {
+    if from_waypoint || snap.node_ztunnel_speaks_for(peer, claimed, socket) {
         claimed
     } else {
         socket
     }
-}
-
-/// The peer speaks for the captured workload at `claimed` as its node's ztunnel (the rule
-/// the waypoint applies too, `waypoint::source`): that workload's identity is `peer`, the
-/// one the connection proved (only the ztunnel of a node running a workload of that
-/// identity holds its certificate), and, when the model names the ztunnel address of the
-/// workload's node (`nodes[].ztunnel`), `socket` is that address. An unknown or uncaptured
-/// workload, another identity or another address than the named one: false. Without
-/// `nodes[]` for that node (Istio's `podIP:15008` addressing) the identity is all there is
-/// to check. Lookups only, no allocation.
-fn node_ztunnel_for(snap: &Snapshot, peer: &Identity, claimed: IpAddr, socket: IpAddr) -> bool {
-    let Some(w) = snap.workload_by_ip(claimed) else {
-        return false;
-    };
-    let same_identity = w.trust_domain == peer.trust_domain
-        && w.namespace == peer.namespace
-        && w.service_account == peer.service_account;
-    w.captured()
-        && same_identity
-        && snap
-            .node(&w.node)
-            .is_none_or(|n| n.ztunnel.to_canonical() == socket)
 }
 
 /// One CONNECT stream of an inbound HBONE connection; `conn` = (the identity the
