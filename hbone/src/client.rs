@@ -121,13 +121,7 @@ impl Client {
         first: Option<&ConnectRequest>,
     ) -> Result<(Client, Option<FirstRequest>), HboneError> {
         let setup = Self::establish_now(addr, tls, settings, counters, opts, first);
-        match settings.within_handshake_deadline(setup).await {
-            Some(r) => r,
-            None => Err(HboneError::HandshakeTimeout {
-                peer: addr,
-                after: settings.handshake_timeout,
-            }),
-        }
+        settings.within_handshake_deadline(addr, setup).await
     }
 
     async fn establish_now(

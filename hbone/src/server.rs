@@ -138,15 +138,12 @@ where
         Ok((conn, peer_identity, peer_certificate))
     };
     let (mut conn, peer_identity, peer_certificate) =
-        match settings.within_handshake_deadline(setup).await {
-            Some(r) => r?,
-            None => {
+        match settings.within_handshake_deadline(peer_addr, setup).await {
+            Err(e @ HboneError::HandshakeTimeout { .. }) => {
                 counters.handshake_timeouts.fetch_add(1, Relaxed);
-                return Err(HboneError::HandshakeTimeout {
-                    peer: peer_addr,
-                    after: settings.handshake_timeout,
-                });
+                return Err(e);
             }
+            r => r?,
         };
     let ping = conn.ping_pong();
     let keep = keepalive(ping, settings.ping_interval, settings.ping_timeout);

@@ -73,18 +73,23 @@ impl Default for H2Settings {
 }
 
 impl H2Settings {
-    /// `fut` bounded by [`H2Settings::handshake_timeout`] (unbounded when 0); `None` when
-    /// the deadline passed first (`fut` is dropped, closing what it owns).
+    /// `fut`, connection setup with `peer`, bounded by [`H2Settings::handshake_timeout`]
+    /// (unbounded when 0); [`HboneError::HandshakeTimeout`] when the deadline passed first
+    /// (`fut` is dropped, closing what it owns).
     pub async fn within_handshake_deadline<T>(
         &self,
-        fut: impl std::future::Future<Output = T>,
-    ) -> Option<T> {
+        peer: std::net::SocketAddr,
+        fut: impl std::future::Future<Output = Result<T, crate::HboneError>>,
+    ) -> Result<T, crate::HboneError> {
         if self.handshake_timeout.is_zero() {
-            return Some(fut.await);
+            return fut.await;
         }
         monoio::time::timeout(self.handshake_timeout, fut)
             .await
-            .ok()
+            .unwrap_or(Err(crate::HboneError::HandshakeTimeout {
+                peer,
+                after: self.handshake_timeout,
+            }))
     }
 
     pub fn client_builder(&self) -> h2::client::Builder {
