@@ -1092,20 +1092,7 @@ impl Upstream for HboneUpstream {
                 } else {
                     Vec::new()
                 };
-                let input = HashInput {
-                    headers: &hdrs,
-                    source_ip: Some(self.source_ip),
-                };
-                let mut b = self.worker.balancers.borrow_mut();
-                let (i, ep) = b
-                    .pick_ref(&self.l7, svc, *port, &input, now, &mut self.rng)
-                    .ok_or_else(|| {
-                        io::Error::other(format!("{}/{} has no endpoints", svc.namespace, svc.name))
-                    })?;
-                // The telemetry destination; copied only when it changed.
-                set_last(&mut self.last, &self.metric_cache, svc, &ep.workload_uid);
-                self.current = Some((*port, i));
-                (ep.hbone, ep.authority)
+                self.pick(svc, *port, &hdrs, now)?
             }
             None => {
                 let snap = self
@@ -1202,23 +1189,7 @@ impl Upstream for HboneUpstream {
         } else {
             Vec::new()
         };
-        let key = {
-            let input = HashInput {
-                headers: &hdrs,
-                source_ip: Some(self.source_ip),
-            };
-            let mut b = self.worker.balancers.borrow_mut();
-            let (i, ep) = b
-                .pick_ref(&self.l7, svc, port, &input, Instant::now(), &mut self.rng)
-                .ok_or_else(|| {
-                    io::Error::other(format!("{}/{} has no endpoints", svc.namespace, svc.name))
-                })?;
-            // The telemetry destination, shared when known (the endpoint's identity is
-            // looked up only for a new connection).
-            set_last(&mut self.last, &self.metric_cache, svc, &ep.workload_uid);
-            self.current = Some((port, i));
-            (ep.hbone, ep.authority)
-        };
+        let key = self.pick(svc, port, &hdrs, Instant::now())?;
         self.routed = true;
         let (mut sender, u) = self.h2_sender(key).await?;
         let r = sender.send_request(req, end).map_err(io::Error::other)?;
@@ -1450,6 +1421,32 @@ const MIRROR_TIMEOUT: Duration = Duration::from_secs(30);
 pub const MAX_MIRRORS_IN_FLIGHT: usize = 256;
 
 impl HboneUpstream {
+    /// The balancer's endpoint of `svc:port` for this request (`hdrs`: its headers when the
+    /// service hashes on them): its node's HBONE address and the CONNECT `:authority`. It
+    /// becomes the telemetry destination (copied only when it changed; the endpoint's
+    /// identity is looked up only for a new connection) and `current`.
+    fn pick(
+        &mut self,
+        svc: &ObjectRef,
+        port: u16,
+        hdrs: &[(&str, &str)],
+        now: Instant,
+    ) -> io::Result<(SocketAddr, SocketAddr)> {
+        let input = HashInput {
+            headers: hdrs,
+            source_ip: Some(self.source_ip),
+        };
+        let mut b = self.worker.balancers.borrow_mut();
+        let (i, ep) = b
+            .pick_ref(&self.l7, svc, port, &input, now, &mut self.rng)
+            .ok_or_else(|| {
+                io::Error::other(format!("{}/{} has no endpoints", svc.namespace, svc.name))
+            })?;
+        set_last(&mut self.last, &self.metric_cache, svc, &ep.workload_uid);
+        self.current = Some((port, i));
+        Ok((ep.hbone, ep.authority))
+    }
+
     async fn exchange_inner(
         &mut self,
         service: Option<&(ObjectRef, u16)>,
