@@ -302,17 +302,17 @@ impl Histogram {
 #[derive(Debug)]
 pub struct RequestCounters {
     /// The label set's text, rendered once when the set was first recorded.
-    labels: OnceLabels,
+    labels: String,
     pub requests: AtomicU64,
     pub duration_ms: Histogram,
     pub request_bytes: Histogram,
     pub response_bytes: Histogram,
 }
 
-impl Default for RequestCounters {
-    fn default() -> Self {
+impl RequestCounters {
+    fn new(labels: String) -> Self {
         RequestCounters {
-            labels: OnceLabels::default(),
+            labels,
             requests: AtomicU64::new(0),
             duration_ms: Histogram::new(&DURATION_BUCKETS_MS),
             request_bytes: Histogram::new(&BYTES_BUCKETS),
@@ -320,10 +320,6 @@ impl Default for RequestCounters {
         }
     }
 }
-
-/// A label set's rendered text, set once by the registry.
-#[derive(Debug, Default)]
-struct OnceLabels(std::sync::OnceLock<String>);
 
 /// The process-wide registry.
 pub struct Metrics {
@@ -343,8 +339,7 @@ impl Metrics {
         if let Some(v) = self.requests.load().get(k) {
             return v.clone();
         }
-        let fresh = Arc::new(RequestCounters::default());
-        let _ = fresh.labels.0.set(k.render());
+        let fresh = Arc::new(RequestCounters::new(k.render()));
         self.requests.rcu(|m| {
             let mut m = HashMap::clone(m);
             m.entry(k.clone()).or_insert_with(|| fresh.clone());
@@ -369,10 +364,8 @@ impl Metrics {
     pub fn render(&self) -> String {
         let m = self.requests.load();
         // The label text rendered when each set was first recorded (no formatting here).
-        let mut sets: Vec<(&str, &Arc<RequestCounters>)> = m
-            .values()
-            .map(|v| (v.labels.0.get().map_or("", String::as_str), v))
-            .collect();
+        let mut sets: Vec<(&str, &Arc<RequestCounters>)> =
+            m.values().map(|v| (v.labels.as_str(), v)).collect();
         sets.sort_by(|a, b| a.0.cmp(b.0));
         let mut out = String::new();
         let _ = writeln!(
