@@ -1,0 +1,189 @@
+//! gRPC requests that the waypoint retries: `grpc_response_status` describes the final
+//! response only — its `grpc-status` (trailers, or a trailers-only head), else its HTTP
+//! status mapped as Envoy does — never a status an earlier, retried try carried.
+//! Client (HTTP/2 in the tunnel) → waypoint → stand-in ztunnel → HTTP/2 backend
+//! (`useClientProtocol`), whose first try of each path answers `503` with
+//! `grpc-status: 14` (trailers-only) and whose second answers per path.
+
+mod common;
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::Bytes;
+use common::{block_on, connect, echo_node, id, ip, serve_async, start_with_stats, stats_page};
+use hbone::ca::CertSource;
+use hbone::wire::ConnectRequest;
+
+/// The paths the backend knows, and how each answers its second (final) try.
+const PATHS: [&str; 4] = ["/trailers", "/none", "/only", "/fail"];
+
+/// An HTTP/2 backend: each path's first request gets `503` + `grpc-status: 14`
+/// (trailers-only); later ones get, by path, `/trailers` 200 + a message + trailers
+/// `grpc-status: 0`; `/none` 200 + a message and no trailers (no status anywhere);
+/// `/only` 200 trailers-only with `grpc-status: 5`; `/fail` a bare `500` (no status).
+/// `tries` counts the requests per path (index in [`PATHS`]).
+fn flaky_grpc_backend(ip: Ipv4Addr, tries: Arc<[AtomicU32; 4]>) -> SocketAddr {
+    serve_async(ip, move |tcp| {
+        let tries = tries.clone();
+        async move {
+            let io = monoio::io::IntoPollIo::into_poll_io(tcp).unwrap();
+            let Ok(mut conn) = h2::server::handshake(io).await else {
+                return;
+            };
+            while let Some(Ok((req, mut respond))) = conn.accept().await {
+                let Some(i) = PATHS.iter().position(|p| *p == req.uri().path()) else {
+                    let _ = respond.send_response(
+                        http::Response::builder().status(404).body(()).unwrap(),
+                        true,
+                    );
+                    continue;
+                };
+                let first = tries[i].fetch_add(1, Ordering::SeqCst) == 0;
+                let grpc = |status: u16| {
+                    http::Response::builder()
+                        .status(status)
+                        .header("content-type", "application/grpc")
+                };
+                let (resp, end) = match (first, PATHS[i]) {
+                    (true, _) => (grpc(503).header("grpc-status", "14"), true),
+                    (false, "/only") => (grpc(200).header("grpc-status", "5"), true),
+                    (false, "/fail") => (http::Response::builder().status(500), true),
+                    (false, _) => (grpc(200), false),
+                };
+                let Ok(mut tx) = respond.send_response(resp.body(()).unwrap(), end) else {
+                    continue;
+                };
+                if !end {
+                    let last = PATHS[i] == "/none";
+                    let _ = tx.send_data(Bytes::from_static(b"\0\0\0\0\0"), last);
+                    if !last {
+                        let mut t = http::HeaderMap::new();
+                        t.insert("grpc-status", "0".parse().unwrap());
+                        let _ = tx.send_trailers(t);
+                    }
+                }
+            }
+        }
+    })
+}
+
+#[test]
+fn telemetry_grpc_status_of_a_retried_request_is_the_final_responses() {
+    let (net, ca, _zt) = echo_node(29);
+    let now = SystemTime::now();
+    let tries = Arc::new([0, 0, 0, 0].map(AtomicU32::new));
+    let b = flaky_grpc_backend(ip(net, 2), tries.clone());
+    let model = common::app_model(
+        ip(net, 1),
+        &format!(
+            "  - {{uid: g1, name: g1, namespace: app, serviceAccount: echo, node: node-b, workloadIps: [\"{}\"], services: {{\"app/grpc.app.svc.cluster.local\": {{80: {}}}}}}}\n",
+            b.ip(),
+            b.port()
+        ),
+        "  - {name: grpc, namespace: app, hostname: grpc.app.svc.cluster.local, vips: [\"10.96.0.9\"], ports: {80: 8080}}\n",
+    );
+    let text = format!(
+        "{model}---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: grpc, namespace: app}}\nspec:\n  host: grpc\n  trafficPolicy:\n    connectionPool:\n      http: {{useClientProtocol: true}}\n---\napiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: grpc, namespace: app}}\nspec:\n  parentRefs: [{{group: \"\", kind: Service, name: grpc}}]\n  rules:\n  - backendRefs: [{{name: grpc, port: 80}}]\n    retry: {{codes: [503], attempts: 1, backoff: 1ms}}\n"
+    );
+    let cfg = waypoint::config::load_str(std::path::Path::new("grpc-retry.yaml"), &text, 1)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let (handle, shutdown) = start_with_stats(&ca, cfg);
+    let waypoint = handle.addr;
+    let cert = ca.issue(&id("app", "client"), now).unwrap();
+    let got = block_on(async move {
+        let c = connect(waypoint, &cert, id("app", "waypoint"))
+            .await
+            .unwrap();
+        let s = c
+            .open(&ConnectRequest::new("10.96.0.9:80".parse().unwrap()))
+            .await
+            .unwrap();
+        let io = waypoint::inner::StreamIo::new(s, Bytes::new());
+        let (send, conn) = h2::client::handshake(io).await.unwrap();
+        monoio::spawn(async move {
+            let _ = conn.await;
+        });
+        let mut out = Vec::new();
+        for path in PATHS {
+            let req = http::Request::builder()
+                .method("POST")
+                .uri(format!("http://grpc.app.svc.cluster.local{path}"))
+                .header("content-type", "application/grpc")
+                .body(())
+                .unwrap();
+            let mut send = send.clone().ready().await.unwrap();
+            let (resp, _) = send.send_request(req, true).unwrap();
+            let resp = resp.await.unwrap();
+            let status = resp.status().as_u16();
+            let head_status = resp
+                .headers()
+                .get("grpc-status")
+                .map(|v| v.to_str().unwrap().to_string());
+            let mut rx = resp.into_body();
+            while let Some(chunk) = rx.data().await {
+                let chunk = chunk.unwrap();
+                let _ = rx.flow_control().release_capacity(chunk.len());
+            }
+            let trailer = rx.trailers().await.unwrap().and_then(|t| {
+                t.get("grpc-status")
+                    .map(|v| v.to_str().unwrap().to_string())
+            });
+            out.push((status, head_status.or(trailer)));
+        }
+        out
+    });
+    // Every path was tried twice, and the client saw the second try's answer.
+    for (p, n) in PATHS.iter().zip(tries.iter()) {
+        assert_eq!(n.load(Ordering::SeqCst), 2, "{p}");
+    }
+    let s = |v: &str| Some(v.to_string());
+    assert_eq!(
+        got,
+        [(200, s("0")), (200, None), (200, s("5")), (500, None)]
+    );
+    let count = |page: &str, with: &[&str]| -> u64 {
+        page.lines()
+            .filter(|l| {
+                l.starts_with("istio_requests_total{") && with.iter().all(|w| l.contains(w))
+            })
+            .map(|l| l.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
+            .sum()
+    };
+    // Each request is recorded once (not once per try); wait for the last record.
+    let give_up = Instant::now() + Duration::from_secs(30);
+    let page = loop {
+        let page = stats_page(&handle);
+        if count(&page, &["istio_requests_total{"]) >= 4 || Instant::now() > give_up {
+            break page;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(count(&page, &["istio_requests_total{"]), 4, "{page}");
+    let grpc = |code: &str, status: &str| {
+        count(
+            &page,
+            &[
+                "request_protocol=\"grpc\"",
+                &format!("response_code=\"{code}\",grpc_response_status=\"{status}\","),
+            ],
+        )
+    };
+    // The final trailers' status.
+    assert_eq!(grpc("200", "0"), 1, "{page}");
+    // No status in the final response: a 200 has none known (not the first try's 14).
+    assert_eq!(grpc("200", ""), 1, "{page}");
+    // The final trailers-only head's status.
+    assert_eq!(grpc("200", "5"), 1, "{page}");
+    // A final 500 without status: mapped as Envoy does (UNKNOWN), not the first try's 14.
+    assert_eq!(grpc("500", "2"), 1, "{page}");
+    assert_eq!(
+        count(&page, &["grpc_response_status=\"14\""]),
+        0,
+        "retried tries are not recorded: {page}"
+    );
+    shutdown.drain(Duration::from_millis(200));
+    let _ = handle.join();
+}
