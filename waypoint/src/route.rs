@@ -121,7 +121,7 @@ impl RouteMatch {
     /// Precedence key, higher wins: path class (Exact 3, RegularExpression 2, PathPrefix 1 —
     /// regex precedence is implementation-specific; this is Istio's order), path length,
     /// method, header count, query count.
-    fn rank(&self) -> (u8, usize, bool, usize, usize) {
+    fn rank(&self) -> MatchRank {
         let (class, len) = match &self.path {
             PathMatch::Exact(p) => (3, p.len()),
             PathMatch::Regex(r) => (2, r.as_str().len()),
@@ -346,6 +346,9 @@ pub struct RouteTable {
     /// the [`Forward`] of a service without routes (R17, the service routes to itself),
     /// borrowed by its requests instead of built for each.
     self_routed: crate::upstream::FnvMap<ObjectRef, Vec<(u16, Forward)>>,
+    /// By parent service: the indices (ascending, so in tie-break order) of the routes
+    /// naming it on some port, so that a request looks only at its service's routes.
+    by_service: crate::upstream::FnvMap<ObjectRef, Vec<usize>>,
 }
 
 impl RouteTable {
@@ -363,10 +366,21 @@ impl RouteTable {
                     .collect()
             })
             .collect();
+        let mut by_service = crate::upstream::FnvMap::<ObjectRef, Vec<usize>>::default();
+        for (i, route) in routes.iter().enumerate() {
+            for (parent, _) in &route.parents {
+                let list = by_service.entry(parent.clone()).or_default();
+                // A route naming the service on several ports is listed once.
+                if list.last() != Some(&i) {
+                    list.push(i);
+                }
+            }
+        }
         RouteTable {
             routes,
             prebuilt,
             self_routed: Default::default(),
+            by_service,
         }
     }
 
@@ -436,28 +450,6 @@ impl RouteTable {
         self.route_shared_from(None, target, req, service_exists, rng)
     }
 
-    /// The namespace whose routes of `service:port` apply to a client in
-    /// `client_namespace`, by GAMMA's namespace rule (Gateway API GEP-1294, "Namespace
-    /// boundaries"): a route in the service's namespace is a *producer* route, for every
-    /// client; a route in another namespace is a *consumer* route, for clients of that
-    /// namespace only, and for them the consumer routes (merged) replace the producer
-    /// routes. `None` (no verified client namespace) gets the producer routes.
-    fn group<'a>(
-        &self,
-        client_namespace: Option<&'a str>,
-        service: &'a ObjectRef,
-        port: u16,
-    ) -> &'a str {
-        client_namespace
-            .filter(|ns| *ns != service.namespace)
-            .filter(|ns| {
-                self.routes
-                    .iter()
-                    .any(|r| r.id.namespace == *ns && attached(r, service, port))
-            })
-            .unwrap_or(&service.namespace)
-    }
-
     /// [`RouteTable::route_from`] without copying a rule's prebuilt [`Forward`]: `Ok` with
     /// the forward (borrowed from the table when the rule and backend allow it), `Err` with
     /// any other decision (never [`Decision::Forward`]).
@@ -473,14 +465,29 @@ impl RouteTable {
             Target::Workload => return Ok(Cow::Owned(Forward::default())),
             Target::Service { service, port } => (service, port),
         };
-        let mut any = false;
-        let mut best: Option<(_, usize, usize, &RouteMatch)> = None;
-        let group = self.group(client_namespace, service, port);
-        for (i, route) in self.routes.iter().enumerate() {
-            if route.id.namespace != group || !attached(route, service, port) {
+        // GAMMA's namespace rule (Gateway API GEP-1294, "Namespace boundaries"): a route in
+        // the service's namespace is a *producer* route, for every client; a route in
+        // another namespace is a *consumer* route, for clients of that namespace only, and
+        // for them the consumer routes (merged) replace the producer routes. `None` (no
+        // verified client namespace) gets the producer routes. One pass over the service's
+        // routes ranks both groups; the consumer group wins when it has a route attached.
+        let consumer = client_namespace.filter(|ns| *ns != service.namespace);
+        let mut producer = Group::default();
+        let mut consumers = Group::default();
+        let attached_here = self.by_service.get(service).map_or(&[][..], |v| &v[..]);
+        for &i in attached_here {
+            let route = &self.routes[i];
+            let group = if route.id.namespace == service.namespace {
+                &mut producer
+            } else if consumer == Some(route.id.namespace.as_str()) {
+                &mut consumers
+            } else {
+                continue;
+            };
+            if !attached(route, service, port) {
                 continue;
             }
-            any = true;
+            group.any = true;
             for (ri, rule) in route.rules.iter().enumerate() {
                 for m in &rule.matches {
                     if !m.matches(req) {
@@ -488,12 +495,13 @@ impl RouteTable {
                     }
                     let rank = m.rank();
                     // Strictly greater: ties go to the older route, then the earlier rule.
-                    if best.as_ref().is_none_or(|b| rank > b.0) {
-                        best = Some((rank, i, ri, m));
+                    if group.best.as_ref().is_none_or(|b| rank > b.0) {
+                        group.best = Some((rank, i, ri, m));
                     }
                 }
             }
         }
+        let Group { any, best } = if consumers.any { consumers } else { producer };
         if !any {
             // R17: no route attached, the service routes to itself.
             if !service_exists(service) {
@@ -533,6 +541,17 @@ impl RouteTable {
         )
     }
 }
+
+/// The routes of one namespace attached to a request's service: whether there is one, and
+/// the best match so far (rank, route index, rule index, the match).
+#[derive(Default)]
+struct Group<'r> {
+    any: bool,
+    best: Option<(MatchRank, usize, usize, &'r RouteMatch)>,
+}
+
+/// A match's precedence ([`RouteMatch::rank`]): greater wins.
+type MatchRank = (u8, usize, bool, usize, usize);
 
 /// Whether `route` names `service` (on `port`, or on every port) as a parent.
 fn attached(route: &HttpRoute, service: &ObjectRef, port: u16) -> bool {
