@@ -47,8 +47,9 @@
 //!   num_trusted_proxies: 0       # default; Istio's numTrustedProxies: with N > 0,
 //!                                # remoteIpBlocks read the Nth X-Forwarded-For entry
 //!                                # from the right
-//!   ztunnel_identity: spiffe://cluster.local/ns/istio-system/sa/ztunnel   # default (with
-//!                                # trust_domain): its `forwarded: for=` is believed
+//!   ztunnel_identity: spiffe://cluster.local/ns/istio-system/sa/ztunnel   # default (in
+//!                                # the trust domain of `identity`): its `forwarded: for=`
+//!                                # is believed
 //! runtime: { workers: 2 }        # optional: replaces the --profile's runtime knobs
 //! h2: { max_streams_per_connection: 100 }   # optional: replaces the --profile's h2 knobs
 //! ```
@@ -167,6 +168,41 @@ pub struct WaypointConfig {
     pub idle_timeouts: BTreeMap<ObjectRef, Duration>,
     /// The waypoint's own settings document, when the file has one.
     pub settings: Option<SettingsDoc>,
+    /// The ztunnel identity whose CONNECT `forwarded: for=` is believed for any client
+    /// (`waypoint.ztunnel_identity` of the settings document, parsed when the snapshot is
+    /// loaded; see [`crate::source`]).
+    pub ztunnel_identity: ZtunnelIdentity,
+}
+
+/// The identity a ztunnel hairpinning a connection to the waypoint (R12) presents:
+/// `waypoint.ztunnel_identity`, else `spiffe://<trust domain of waypoint.identity>/ns/
+/// istio-system/sa/ztunnel` (Istio's ztunnel service account), else (a file without a
+/// settings document) that account in Istio's default trust domain `cluster.local`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ZtunnelIdentity(pub hbone::Identity);
+
+impl ZtunnelIdentity {
+    /// Istio's ztunnel service account in `trust_domain`.
+    pub fn istio_default(trust_domain: &str) -> Self {
+        ZtunnelIdentity(hbone::Identity::new(
+            trust_domain,
+            "istio-system",
+            "ztunnel",
+        ))
+    }
+}
+
+impl Default for ZtunnelIdentity {
+    fn default() -> Self {
+        ZtunnelIdentity::istio_default(&default_trust_domain())
+    }
+}
+
+impl std::ops::Deref for ZtunnelIdentity {
+    type Target = hbone::Identity;
+    fn deref(&self) -> &hbone::Identity {
+        &self.0
+    }
 }
 
 impl WaypointConfig {
@@ -278,7 +314,7 @@ pub fn load_str(file: &Path, text: &str, version: u64) -> Result<WaypointConfig,
                 )));
             }
             let d: SettingsDoc = parse(file, &doc).map_err(at)?;
-            d.validate().map_err(invalid)?;
+            cfg.ztunnel_identity = d.validate().map_err(invalid)?;
             cfg.settings = Some(d);
             continue;
         }
@@ -464,7 +500,8 @@ pub struct WaypointSection {
     #[serde(default)]
     pub num_trusted_proxies: u32,
     /// The ztunnel identity whose CONNECT `forwarded: for=` is believed for any client (a
-    /// hairpin, R12; default `spiffe://<trust_domain>/ns/istio-system/sa/ztunnel`). See
+    /// hairpin, R12; default `spiffe://<trust domain of identity>/ns/istio-system/sa/
+    /// ztunnel`). Parsed once, into [`WaypointConfig::ztunnel_identity`]. See
     /// `crate::source`.
     #[serde(default)]
     pub ztunnel_identity: Option<String>,
@@ -481,14 +518,15 @@ fn default_root_namespace() -> String {
 }
 
 impl SettingsDoc {
-    fn validate(&self) -> Result<(), Invalid> {
+    /// Check the document; the ztunnel identity it trusts, parsed once here.
+    fn validate(&self) -> Result<ZtunnelIdentity, Invalid> {
         self.identity()?;
         self.gateway()?;
-        self.ztunnel_identity()?;
+        let ztunnel = self.ztunnel()?;
         if let Some(r) = &self.runtime {
             r.validate("runtime")?;
         }
-        Ok(())
+        Ok(ztunnel)
     }
 
     pub fn identity(&self) -> Result<hbone::Identity, Invalid> {
@@ -511,6 +549,15 @@ impl SettingsDoc {
                 })
             })
             .transpose()
+    }
+
+    /// The ztunnel identity this document trusts ([`ZtunnelIdentity`]): its
+    /// `ztunnel_identity`, else Istio's ztunnel in the trust domain of its `identity`.
+    pub fn ztunnel(&self) -> Result<ZtunnelIdentity, Invalid> {
+        Ok(match self.ztunnel_identity()? {
+            Some(z) => ZtunnelIdentity(z),
+            None => ZtunnelIdentity::istio_default(&self.identity()?.trust_domain),
+        })
     }
 
     pub fn gateway(&self) -> Result<ObjectRef, Invalid> {

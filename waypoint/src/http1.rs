@@ -439,8 +439,11 @@ pub fn decide<'c>(
         headers: hdrs,
         scheme: "http",
     };
+    // Consumer routes by the verified client's namespace; a ztunnel's hairpin has none.
+    let client_namespace =
+        crate::source::consumer_namespace(ctx.principal.as_deref(), &cfg.ztunnel_identity);
     match cfg.routes.route_shared_from(
-        areq.source_namespace(),
+        client_namespace,
         target,
         &rreq,
         &|s| cfg.service_exists(s),

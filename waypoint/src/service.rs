@@ -611,13 +611,13 @@ async fn tunnel(w: Rc<Worker>, cert: Arc<WorkloadCert>, inb: Inbound) {
         }
     };
     // `forwarded: for=` only from a hop that captured that client (crate::source).
-    let ztunnel = crate::source::ztunnel_identity(&l7, &settings.identity.trust_domain);
+    let ztunnel = crate::source::ztunnel_identity(&l7);
     let source_ip = crate::source::client_ip(
         l7.mesh.as_ref(),
         inb.peer_identity.as_ref(),
         inb.peer_addr.ip(),
         inb.request.forwarded_for,
-        &ztunnel,
+        ztunnel,
     );
     let ctx = TunnelCtx {
         waypoint: settings.me.gateway.clone(),
@@ -629,7 +629,7 @@ async fn tunnel(w: Rc<Worker>, cert: Arc<WorkloadCert>, inb: Inbound) {
         principal: inb.peer_identity.as_ref().map(principal),
         traceparent: inb.request.traceparent.clone(),
     };
-    let peer = Rc::new(peer_of(&inb, &l7, source_ip, &ctx.destination, &ztunnel));
+    let peer = Rc::new(peer_of(&inb, &l7, source_ip, &ctx.destination, ztunnel));
     let Ok(mut stream) = inb.accept() else { return };
     counters.tunnels.fetch_add(1, Relaxed);
     let metric_cache: MetricCache = Rc::default();

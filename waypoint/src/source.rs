@@ -30,12 +30,28 @@ use crate::config::WaypointConfig;
 
 /// The ztunnel identity a waypoint trusts `forwarded: for=` from: the settings'
 /// `ztunnel_identity`, else `spiffe://<trust domain>/ns/istio-system/sa/ztunnel` (Istio's
-/// ztunnel service account, and ztunnel's own default).
-pub fn ztunnel_identity(cfg: &WaypointConfig, trust_domain: &str) -> Identity {
-    cfg.settings
-        .as_ref()
-        .and_then(|s| s.ztunnel_identity().ok().flatten())
-        .unwrap_or_else(|| Identity::new(trust_domain, "istio-system", "ztunnel"))
+/// ztunnel service account, and ztunnel's own default). Parsed when the snapshot was
+/// loaded ([`crate::config::ZtunnelIdentity`]): a tunnel only borrows it.
+pub fn ztunnel_identity(cfg: &WaypointConfig) -> &Identity {
+    &cfg.ztunnel_identity
+}
+
+/// The namespace whose GAMMA consumer routes ([`crate::route`]) apply to a request of a
+/// tunnel whose verified peer is `principal` (`td/ns/N/sa/S`): that identity's namespace,
+/// except for the trusted `ztunnel`'s. A ztunnel's hairpin (R12) carries a client that
+/// called the pod directly, outside the mesh: nothing authenticates it, and the ztunnel's
+/// own identity says nothing of its namespace, so it gets the producer routes only (`None`).
+/// The address a hairpin's `forwarded: for=` names is believed for policy and telemetry,
+/// but an address is not an identity: it never selects consumer routes. (Istio's waypoint
+/// does not route by client namespace at all: it builds one route table per Service from
+/// the routes of the Service's namespace or its own.)
+pub fn consumer_namespace<'a>(principal: Option<&'a str>, ztunnel: &Identity) -> Option<&'a str> {
+    let p = principal?;
+    let (td, rest) = p.split_once("/ns/")?;
+    let (ns, sa) = rest.split_once("/sa/")?;
+    let is_ztunnel =
+        ns == ztunnel.namespace && sa == ztunnel.service_account && td == ztunnel.trust_domain;
+    (!is_ztunnel).then_some(ns)
 }
 
 /// The tunnel's client address: `forwarded` when the hop that sent it captured that client
