@@ -13,6 +13,30 @@ fn cvt(ret: libc::c_int) -> io::Result<libc::c_int> {
     }
 }
 
+/// `setsockopt(fd, level, name, value)` with the option value passed as `*value` and its
+/// exact size: the kernel copies `size_of::<T>()` bytes from it (and anything it points to
+/// must outlive the call, which a borrow held by the caller guarantees).
+fn setsockopt<T: Copy>(
+    fd: RawFd,
+    level: libc::c_int,
+    name: libc::c_int,
+    value: &T,
+) -> io::Result<()> {
+    // SAFETY: `value` is a live reference to a `T`, so the pointer is valid for reads of
+    // exactly the length passed; the kernel only reads it (copies it in) during the call and
+    // fails with an error (it does not write) if the option does not fit that size.
+    cvt(unsafe {
+        libc::setsockopt(
+            fd,
+            level,
+            name,
+            (value as *const T).cast(),
+            std::mem::size_of::<T>() as libc::socklen_t,
+        )
+    })?;
+    Ok(())
+}
+
 /// The most `RLIMIT_NOFILE` is raised to when the process may raise its hard limit.
 const NOFILE_TARGET: u64 = 1 << 20;
 
@@ -88,17 +112,7 @@ pub fn set_linger_zero(fd: RawFd) -> io::Result<()> {
         l_onoff: 1,
         l_linger: 0,
     };
-    // SAFETY: `l` is a valid linger struct and its exact size is passed.
-    cvt(unsafe {
-        libc::setsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_LINGER,
-            (&l as *const libc::linger).cast(),
-            std::mem::size_of::<libc::linger>() as libc::socklen_t,
-        )
-    })?;
-    Ok(())
+    setsockopt(fd, libc::SOL_SOCKET, libc::SO_LINGER, &l)
 }
 
 /// `IP_BIND_ADDRESS_NO_PORT`: a `bind` to port 0 on this socket keeps the address only and
@@ -107,17 +121,7 @@ pub fn set_linger_zero(fd: RawFd) -> io::Result<()> {
 /// destination, searching past each TIME_WAIT socket of the address. IPv4 and IPv6 sockets.
 pub fn set_bind_address_no_port(fd: RawFd) -> io::Result<()> {
     let on: libc::c_int = 1;
-    // SAFETY: `on` is a valid c_int and its exact size is passed.
-    cvt(unsafe {
-        libc::setsockopt(
-            fd,
-            libc::IPPROTO_IP,
-            libc::IP_BIND_ADDRESS_NO_PORT,
-            (&on as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    })?;
-    Ok(())
+    setsockopt(fd, libc::IPPROTO_IP, libc::IP_BIND_ADDRESS_NO_PORT, &on)
 }
 
 /// `shutdown(fd, SHUT_WR)`: send FIN, keep reading.
@@ -191,17 +195,8 @@ pub fn attach_reuseport_cpu_cbpf(fd: RawFd, group_size: u32) -> io::Result<()> {
         len: code.len() as u16,
         filter: code.as_ptr() as *mut _,
     };
-    // SAFETY: `prog` points at `code`, which outlives the call; the kernel copies the program.
-    cvt(unsafe {
-        libc::setsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_ATTACH_REUSEPORT_CBPF,
-            (&prog as *const libc::sock_fprog).cast(),
-            std::mem::size_of::<libc::sock_fprog>() as libc::socklen_t,
-        )
-    })?;
-    Ok(())
+    // `prog` points at `code`, which outlives the call; the kernel copies the program.
+    setsockopt(fd, libc::SOL_SOCKET, libc::SO_ATTACH_REUSEPORT_CBPF, &prog)
 }
 
 /// A non-blocking pipe used as the in-kernel buffer of a splice forwarder.
