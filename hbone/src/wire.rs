@@ -59,6 +59,13 @@ impl Baggage {
         (!parts.is_empty()).then(|| parts.join(","))
     }
 
+    /// [`Baggage::to_header`] as a header value whose bytes are shared: render it once per
+    /// source workload and configuration and give every request a clone (a reference count,
+    /// no copy). `None` when empty or not a valid header value (a control character).
+    pub fn to_header_value(&self) -> Option<HeaderValue> {
+        HeaderValue::from_maybe_shared(bytes::Bytes::from(self.to_header()?)).ok()
+    }
+
     pub fn parse(h: &str) -> Baggage {
         let mut b = Baggage::default();
         for kv in h.split(',') {
@@ -96,6 +103,10 @@ pub struct ConnectRequest {
     /// Service hostname when the target is a service (`forwarded: host=`).
     pub host: Option<String>,
     pub baggage: Baggage,
+    /// The `baggage` header already rendered ([`Baggage::to_header_value`]); sent instead
+    /// of `baggage` when set, so a caller that sends the same baggage on every request
+    /// renders it once.
+    pub baggage_header: Option<HeaderValue>,
     /// Kept if the caller has one; generated otherwise.
     pub traceparent: Option<String>,
 }
@@ -107,54 +118,76 @@ impl ConnectRequest {
             forwarded_for: None,
             host: None,
             baggage: Baggage::default(),
+            baggage_header: None,
             traceparent: None,
         }
     }
 
     /// The HTTP/2 request. `random` fills a fresh trace id when none is given.
     pub fn to_http(&self, random: impl FnOnce(&mut [u8])) -> Request<()> {
-        let mut b = Request::builder()
-            .method(Method::CONNECT)
-            .uri(self.target.to_string());
-        let mut fwd = Vec::new();
+        use std::fmt::Write as _;
+        let mut req = Request::new(());
+        *req.method_mut() = Method::CONNECT;
+        // An `ip:port` always parses as an authority-form URI.
+        let mut text = String::with_capacity(64);
+        let _ = write!(text, "{}", self.target);
+        *req.uri_mut() = http::Uri::from_maybe_shared(bytes::Bytes::from(text))
+            .expect("ip:port is a valid authority");
+        let headers = req.headers_mut();
+        let mut fwd = String::new();
         if let Some(ip) = self.forwarded_for {
-            fwd.push(match ip {
-                IpAddr::V4(v4) => format!("for={v4}"),
-                IpAddr::V6(v6) => format!("for=\"[{v6}]\""),
-            });
+            let _ = match ip {
+                IpAddr::V4(v4) => write!(fwd, "for={v4}"),
+                IpAddr::V6(v6) => write!(fwd, "for=\"[{v6}]\""),
+            };
         }
         if let Some(h) = &self.host {
-            fwd.push(format!("host={h}"));
+            if !fwd.is_empty() {
+                fwd.push(';');
+            }
+            fwd.push_str("host=");
+            fwd.push_str(h);
         }
         if !fwd.is_empty() {
-            b = b.header("forwarded", fwd.join(";"));
+            if let Ok(v) = HeaderValue::from_maybe_shared(bytes::Bytes::from(fwd)) {
+                headers.insert(http::header::FORWARDED, v);
+            }
         }
-        if let Some(bg) = self.baggage.to_header() {
-            b = b.header("baggage", bg);
+        let baggage = match &self.baggage_header {
+            Some(v) => Some(v.clone()),
+            None => self.baggage.to_header_value(),
+        };
+        if let Some(v) = baggage {
+            headers.insert(BAGGAGE, v);
         }
         let tp = match &self.traceparent {
-            Some(t) if valid_traceparent(t) => t.clone(),
+            Some(t) if valid_traceparent(t) => HeaderValue::from_str(t).ok(),
             _ => {
                 let mut id = [0u8; 24];
                 random(&mut id);
                 const HEX: &[u8; 16] = b"0123456789abcdef";
-                let mut t = String::with_capacity(55);
-                t.push_str("00-");
+                let mut t = Vec::with_capacity(55);
+                t.extend_from_slice(b"00-");
                 for (i, x) in id.iter().enumerate() {
                     if i == 16 {
-                        t.push('-');
+                        t.push(b'-');
                     }
-                    t.push(HEX[usize::from(x >> 4)] as char);
-                    t.push(HEX[usize::from(x & 15)] as char);
+                    t.push(HEX[usize::from(x >> 4)]);
+                    t.push(HEX[usize::from(x & 15)]);
                 }
-                t.push_str("-01");
-                t
+                t.extend_from_slice(b"-01");
+                HeaderValue::from_maybe_shared(bytes::Bytes::from(t)).ok()
             }
         };
-        b = b.header("traceparent", tp);
-        b.body(()).expect("valid CONNECT request")
+        if let Some(tp) = tp {
+            headers.insert(TRACEPARENT, tp);
+        }
+        req
     }
 }
+
+const BAGGAGE: http::HeaderName = http::HeaderName::from_static("baggage");
+const TRACEPARENT: http::HeaderName = http::HeaderName::from_static("traceparent");
 
 /// `00-<32 hex>-<16 hex>-<2 hex>`, ids not all zero.
 pub fn valid_traceparent(t: &str) -> bool {
@@ -277,6 +310,39 @@ mod tests {
         assert_eq!(p.host, r.host);
         assert_eq!(p.baggage, r.baggage);
         assert!(valid_traceparent(p.traceparent.as_deref().unwrap()));
+    }
+
+    /// A pre-rendered `baggage` is sent as given (the same shared bytes on every request)
+    /// and in place of the `baggage` fields; without one the fields are rendered.
+    #[test]
+    fn prerendered_baggage_is_sent_instead_of_the_fields() {
+        let mut r = ConnectRequest::new("[fd00::5]:8080".parse().unwrap());
+        r.baggage = sleep_baggage();
+        let fields = r.to_http(|b| b.fill(1));
+        assert_eq!(
+            fields.headers()["baggage"],
+            "k8s.cluster.name=Kubernetes,k8s.namespace.name=default,\
+             k8s.deployment.name=sleep,service.name=sleep,service.version=v1"
+        );
+        let other = Baggage {
+            namespace: Some("shop".into()),
+            ..Baggage::default()
+        };
+        let v = other.to_header_value().unwrap();
+        r.baggage_header = Some(v.clone());
+        for _ in 0..2 {
+            let req = r.to_http(|b| b.fill(1));
+            let sent = &req.headers()["baggage"];
+            assert_eq!(sent, "k8s.namespace.name=shop");
+            assert_eq!(
+                sent.as_bytes().as_ptr(),
+                v.as_bytes().as_ptr(),
+                "shared, not copied"
+            );
+            assert_eq!(req.headers().get_all("baggage").iter().count(), 1);
+            assert_eq!(req.uri().to_string(), "[fd00::5]:8080");
+        }
+        assert_eq!(Baggage::default().to_header_value(), None);
     }
 
     #[test]
