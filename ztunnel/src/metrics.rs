@@ -9,6 +9,7 @@ use std::cell::RefCell;
 use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::hash::Hash;
+use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
@@ -17,18 +18,20 @@ use arc_swap::ArcSwap;
 use hbone::server::ServerCounters;
 use hbone::tls::TlsCounters;
 
-/// Istio's standard labels of `istio_tcp_*`.
+/// Istio's standard labels of `istio_tcp_*`. The values are shared text (the snapshot's
+/// per-workload label values, [`crate::state::WorkloadText`]): a connection's labels take
+/// references, not copies.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ConnLabels {
     /// `source` (outbound) or `destination` (inbound).
     pub reporter: &'static str,
-    pub source_workload: String,
-    pub source_workload_namespace: String,
-    pub source_principal: String,
-    pub destination_service: String,
-    pub destination_workload: String,
-    pub destination_workload_namespace: String,
-    pub destination_principal: String,
+    pub source_workload: Arc<str>,
+    pub source_workload_namespace: Arc<str>,
+    pub source_principal: Arc<str>,
+    pub destination_service: Arc<str>,
+    pub destination_workload: Arc<str>,
+    pub destination_workload_namespace: Arc<str>,
+    pub destination_principal: Arc<str>,
     /// `mutual_tls` or `none`.
     pub connection_security_policy: &'static str,
 }
@@ -57,19 +60,19 @@ pub struct PathLabels {
     pub direction: &'static str,
     /// Outbound: `passthrough`, `hbone`, `waypoint`, `no_endpoint`, `refused`, `failed`.
     /// Inbound: `<hbone|plaintext>_<allow|deny|hairpin|not_served|failed>`.
-    pub route: String,
-    /// Where this ztunnel sent it (`ip:port`), empty when nowhere.
-    pub target: String,
-    /// The HBONE `:authority` sent (outbound) or received (inbound), else empty.
-    pub authority: String,
+    pub route: &'static str,
+    /// Where this ztunnel sent it (`ip:port`), none when nowhere (rendered empty).
+    pub target: Option<SocketAddr>,
+    /// The HBONE `:authority` sent (outbound) or received (inbound), else none.
+    pub authority: Option<SocketAddr>,
     /// Inbound HBONE: the peer's verified (client certificate) identity. Outbound HBONE: the
     /// identities the server certificate was required to carry (comma separated; one when
     /// the tunnel goes to a pod or a waypoint of known identity). Else empty.
-    pub peer: String,
+    pub peer: Arc<str>,
     /// The identity this ztunnel acted as on the tunnel: outbound, the client certificate
     /// (the source workload's); inbound HBONE, the certificate presented (the destination
     /// pod's, or the ztunnel's for a connection addressed to the node). Else empty.
-    pub identity: String,
+    pub identity: Arc<str>,
 }
 
 /// Denials by policy.
@@ -79,6 +82,18 @@ pub struct DenyLabels {
     pub transport: &'static str,
     /// The DENY policy that matched, or the ALLOW policies none of which matched.
     pub policy: String,
+}
+
+/// An address label: `ip:port`, or empty.
+pub(crate) struct Opt(pub(crate) Option<SocketAddr>);
+
+impl std::fmt::Display for Opt {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            Some(a) => a.fmt(f),
+            None => Ok(()),
+        }
+    }
 }
 
 fn esc(s: &str) -> String {
@@ -192,9 +207,9 @@ impl Metrics {
                 out,
                 "ztunnel_connection_paths_total{{direction=\"{}\",route=\"{}\",target=\"{}\",authority=\"{}\",peer=\"{}\",identity=\"{}\"}} {}",
                 k.direction,
-                esc(&k.route),
-                esc(&k.target),
-                esc(&k.authority),
+                k.route,
+                Opt(k.target),
+                Opt(k.authority),
                 esc(&k.peer),
                 esc(&k.identity),
                 v.load(Relaxed)

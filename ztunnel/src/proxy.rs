@@ -9,7 +9,7 @@
 //!   `podIP:targetPort`) or HBONE to a waypoint (`:authority` = `VIP:port` for a service,
 //!   R7). HBONE goes through the worker's [`hbone::pool::Pool`] acting as the client's
 //!   identity; the CONNECT carries `forwarded: for=<client IP>` (and `host=` for a service)
-//!   and Istio's `baggage` for the client workload (`source_baggage`). The SOCKS reply is sent once the upstream answered, so a refusal at the far
+//!   and Istio's `baggage` for the client workload (`state::source_baggage`, rendered once per snapshot). The SOCKS reply is sent once the upstream answered, so a refusal at the far
 //!   end (401 → `02`, 503 → `05`) reaches the client.
 //! - **inbound HBONE**: peer identity from mTLS, our certificate chosen by the address the
 //!   connection was made to (below); the source address for policy is the socket's peer,
@@ -60,8 +60,6 @@ use crate::config::{self, Loaded, Settings};
 use crate::metrics::{self, ConnLabels, DenyLabels, LocalMetrics, Metrics, PathLabels};
 use crate::socks::{self, reply, Failure, Target};
 use crate::state::{self, State};
-
-const UNKNOWN: &str = "unknown";
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -552,114 +550,103 @@ fn spawn_watcher(
 // ---------------------------------------------------------------------------------------
 // Labels and logs
 
-fn workload_name(w: &Workload) -> String {
-    if w.workload_name.is_empty() {
-        w.name.clone()
-    } else {
-        w.workload_name.clone()
-    }
+/// The label value `unknown`, shared.
+fn unknown() -> Arc<str> {
+    static UNKNOWN: std::sync::LazyLock<Arc<str>> = std::sync::LazyLock::new(|| "unknown".into());
+    UNKNOWN.clone()
 }
 
-/// The `baggage` of an outbound CONNECT for `w`, as Istio's ztunnel writes it:
-/// `k8s.cluster.name`, `k8s.namespace.name`, `k8s.<kind>.name`, `service.name` (canonical
-/// name), `service.version` (canonical revision). The model carries no workload type, so
-/// a workload with a `workload_name` is sent as Istio's default type, `deployment`, and
-/// one without as the bare `pod` by its own name; an empty canonical name or revision gets
-/// istiod's fallbacks (the workload's name, `latest`). Receivers use it for telemetry only.
-fn source_baggage(w: &Workload, cluster: &str) -> hbone::wire::Baggage {
-    let (kind, name) = if w.workload_name.is_empty() {
-        ("pod", w.name.clone())
-    } else {
-        ("deployment", w.workload_name.clone())
-    };
-    let non_empty = |s: &str, or: String| if s.is_empty() { or } else { s.to_string() };
-    hbone::wire::Baggage {
-        cluster: Some(cluster.to_string()),
-        namespace: Some(w.namespace.clone()),
-        service_name: Some(non_empty(&w.canonical_name, name.clone())),
-        service_version: Some(non_empty(&w.canonical_revision, "latest".into())),
-        workload_kind: Some(kind.into()),
-        workload_name: Some(name),
-    }
-}
-
-/// `namespace/hostname` → `hostname`.
-fn service_host(key: &str) -> String {
-    key.split_once('/')
-        .map(|(_, h)| h)
-        .unwrap_or(key)
-        .to_string()
+/// An empty label value, shared.
+fn empty() -> Arc<str> {
+    static EMPTY: std::sync::LazyLock<Arc<str>> = std::sync::LazyLock::new(|| "".into());
+    EMPTY.clone()
 }
 
 fn dest_labels(
     labels: &mut ConnLabels,
-    snap: &Snapshot,
+    st: &State,
     service: Option<&String>,
     workload: Option<&String>,
 ) {
     if let Some(s) = service {
-        labels.destination_service = service_host(s);
+        labels.destination_service = st.service_label(s);
     }
-    if let Some(w) = workload.and_then(|u| snap.workload(u)) {
-        labels.destination_workload = workload_name(w);
-        labels.destination_workload_namespace = w.namespace.clone();
-        labels.destination_principal = w.identity().to_string();
-        if labels.destination_service == UNKNOWN {
-            if let Some(s) = w.services.keys().next() {
-                labels.destination_service = service_host(s);
+    if let Some(t) = workload.and_then(|u| st.texts.get(u)) {
+        labels.destination_workload = t.name.clone();
+        labels.destination_workload_namespace = t.namespace.clone();
+        labels.destination_principal = t.principal.clone();
+        if service.is_none() {
+            if let Some(s) = &t.service {
+                labels.destination_service = s.clone();
             }
         }
     }
 }
 
 fn base_labels(reporter: &'static str, security: &'static str) -> ConnLabels {
+    let u = unknown();
     ConnLabels {
         reporter,
-        source_workload: UNKNOWN.into(),
-        source_workload_namespace: UNKNOWN.into(),
-        source_principal: UNKNOWN.into(),
-        destination_service: UNKNOWN.into(),
-        destination_workload: UNKNOWN.into(),
-        destination_workload_namespace: UNKNOWN.into(),
-        destination_principal: UNKNOWN.into(),
+        source_workload: u.clone(),
+        source_workload_namespace: u.clone(),
+        source_principal: u.clone(),
+        destination_service: u.clone(),
+        destination_workload: u.clone(),
+        destination_workload_namespace: u.clone(),
+        destination_principal: u,
         connection_security_policy: security,
     }
 }
 
-fn source_labels(labels: &mut ConnLabels, w: &Workload) {
-    labels.source_workload = workload_name(w);
-    labels.source_workload_namespace = w.namespace.clone();
-    labels.source_principal = w.identity().to_string();
-}
-
-fn end_reason(end: &End) -> String {
-    match end {
-        End::Closed => "closed".into(),
-        End::Reset { by, error } => format!("reset by {by:?}: {error}"),
-        End::Idle => "idle timeout".into(),
-        End::Aborted => "aborted (drain deadline)".into(),
+fn source_labels(labels: &mut ConnLabels, st: &State, w: &Workload) {
+    if let Some(t) = st.texts.get(&w.uid) {
+        labels.source_workload = t.name.clone();
+        labels.source_workload_namespace = t.namespace.clone();
+        labels.source_principal = t.principal.clone();
     }
 }
 
-/// One access-log line.
+/// Why a connection ended, as its access-log line says (formatted only when logged).
+enum Ended<'a> {
+    End(&'a End),
+    /// Closed because a newer snapshot denies it; the deciding policy.
+    Revoked(String),
+}
+
+impl std::fmt::Display for Ended<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Ended::End(End::Closed) => f.write_str("closed"),
+            Ended::End(End::Reset { by, error }) => write!(f, "reset by {by:?}: {error}"),
+            Ended::End(End::Idle) => f.write_str("idle timeout"),
+            Ended::End(End::Aborted) => f.write_str("aborted (drain deadline)"),
+            Ended::Revoked(policy) => {
+                write!(f, "authorization revoked by a config change ({policy})")
+            }
+        }
+    }
+}
+
+/// One access-log line. Its values are formatted by `tracing` only when the line is
+/// enabled (`ztunnel::access` at info): a connection whose log is off builds no text.
 #[allow(clippy::too_many_arguments)]
 fn access_log(
     direction: &str,
-    route: &str,
+    route: &dyn std::fmt::Display,
     src: SocketAddr,
     dst: SocketAddr,
     labels: &ConnLabels,
-    target: &str,
-    authority: &str,
+    target: Option<SocketAddr>,
+    authority: Option<SocketAddr>,
     sent: u64,
     received: u64,
     started: Instant,
-    reason: &str,
+    reason: &Ended<'_>,
 ) {
     tracing::info!(
         target: "ztunnel::access",
         direction,
-        route,
+        route = %route,
         src = %src,
         dst = %dst,
         src_workload = %labels.source_workload,
@@ -667,12 +654,12 @@ fn access_log(
         dst_service = %labels.destination_service,
         dst_workload = %labels.destination_workload,
         dst_identity = %labels.destination_principal,
-        hbone_target = target,
-        authority,
+        hbone_target = %metrics::Opt(target),
+        authority = %metrics::Opt(authority),
         bytes_sent = sent,
         bytes_received = received,
         duration_ms = started.elapsed().as_millis() as u64,
-        reason,
+        reason = %reason,
         "connection complete"
     );
 }
@@ -818,30 +805,40 @@ async fn outbound_conn(
         return mode.fail(w, &mut tcp, peer, reply::NOT_ALLOWED, &why).await;
     };
     let decision = route::outbound(&st.model, Some(src), dst, &mut *w.chooser.borrow_mut());
-    let path = |route: &str, target: String, authority: String| PathLabels {
+    let path = |route: &'static str, target: Option<SocketAddr>| PathLabels {
         direction: "outbound",
-        route: route.into(),
+        route,
         target,
-        authority,
-        peer: String::new(),
-        identity: String::new(),
+        authority: None,
+        peer: empty(),
+        identity: empty(),
     };
-    let hbone_path = |route: &str,
+    let src_principal = || st.texts.get(&src.uid).map(|t| t.principal.clone());
+    let hbone_path = |route: &'static str,
                       target: SocketAddr,
                       authority: SocketAddr,
-                      expected: &[hbone::Identity]| PathLabels {
-        peer: expected
-            .iter()
-            .map(|i| i.to_string())
-            .collect::<Vec<_>>()
-            .join(","),
-        identity: src.identity().to_string(),
-        ..path(route, target.to_string(), authority.to_string())
+                      expected: &[hbone::Identity],
+                      dest: Option<&String>| {
+        // One expected identity, the destination workload's: its shared text.
+        let peer = match (expected, dest.and_then(|u| st.texts.get(u))) {
+            ([one], Some(t)) if *one == t.identity => t.principal.clone(),
+            _ => expected
+                .iter()
+                .map(|i| i.to_string())
+                .collect::<Vec<_>>()
+                .join(",")
+                .into(),
+        };
+        PathLabels {
+            authority: Some(authority),
+            peer,
+            identity: src_principal().unwrap_or_else(|| src.identity().to_string().into()),
+            ..path(route, Some(target))
+        }
     };
     match decision {
         Outbound::NoEndpoint { service, port } => {
-            w.metrics
-                .path(&path("no_endpoint", String::new(), String::new()));
+            w.metrics.path(&path("no_endpoint", None));
             let why = format!("service {service} has no healthy endpoint for port {port}");
             mode.fail(w, &mut tcp, peer, reply::HOST_UNREACHABLE, &why)
                 .await
@@ -852,11 +849,10 @@ async fn outbound_conn(
             service,
             workload,
         } => {
-            w.metrics
-                .path(&path("passthrough", target.to_string(), String::new()));
+            w.metrics.path(&path("passthrough", Some(target)));
             let mut labels = base_labels("source", "none");
-            source_labels(&mut labels, src);
-            dest_labels(&mut labels, &st.model, service.as_ref(), workload.as_ref());
+            source_labels(&mut labels, st, src);
+            dest_labels(&mut labels, st, service.as_ref(), workload.as_ref());
             let up = match listener::connect(target, w.ctx.listen_options()).await {
                 Ok(u) => u,
                 Err(e) => {
@@ -885,16 +881,16 @@ async fn outbound_conn(
             );
             access_log(
                 "outbound",
-                &format!("passthrough ({reason:?})"),
+                &format_args!("passthrough ({reason:?})"),
                 peer,
                 dst,
                 &labels,
-                &target.to_string(),
-                "",
+                Some(target),
+                None,
                 out.downstream_to_upstream,
                 out.upstream_to_downstream,
                 started,
-                &end_reason(&out.end),
+                &Ended::End(&out.end),
             );
         }
         Outbound::Hbone {
@@ -912,17 +908,24 @@ async fn outbound_conn(
                 .workload(&workload)
                 .and_then(|d| st.model.node(&d.node))
                 .is_some_and(|n| n.ztunnel == target.ip());
-            let mut expected = vec![identity.clone()];
+            let mut expected = vec![identity];
             if to_node {
                 expected.push(w.settings().peer_identity.clone());
             }
             let mut labels = base_labels("source", "mutual_tls");
-            source_labels(&mut labels, src);
-            dest_labels(&mut labels, &st.model, service.as_ref(), Some(&workload));
+            source_labels(&mut labels, st, src);
+            dest_labels(&mut labels, st, service.as_ref(), Some(&workload));
             let route = "hbone";
-            w.metrics
-                .path(&hbone_path(route, target, authority, &expected));
-            let host = service.as_deref().map(service_host);
+            w.metrics.path(&hbone_path(
+                route,
+                target,
+                authority,
+                &expected,
+                Some(&workload),
+            ));
+            let host = service
+                .as_deref()
+                .map(|s| state::service_host(s).to_string());
             outbound_hbone(
                 w, st, mode, tcp, peer, dst, src, target, authority, expected, host, labels, route,
                 started,
@@ -942,12 +945,19 @@ async fn outbound_conn(
                 .cloned()
                 .unwrap_or_else(|| w.settings().peer_identity.clone())];
             let mut labels = base_labels("source", "mutual_tls");
-            source_labels(&mut labels, src);
-            dest_labels(&mut labels, &st.model, service.as_ref(), workload.as_ref());
-            w.metrics
-                .path(&hbone_path("waypoint", target, authority, &expected));
+            source_labels(&mut labels, st, src);
+            dest_labels(&mut labels, st, service.as_ref(), workload.as_ref());
+            w.metrics.path(&hbone_path(
+                "waypoint",
+                target,
+                authority,
+                &expected,
+                workload.as_ref(),
+            ));
             tracing::debug!(?waypoint, %authority, "outbound via waypoint");
-            let host = service.as_deref().map(service_host);
+            let host = service
+                .as_deref()
+                .map(|s| state::service_host(s).to_string());
             outbound_hbone(
                 w, st, mode, tcp, peer, dst, src, target, authority, expected, host, labels,
                 "waypoint", started,
@@ -974,9 +984,9 @@ async fn outbound_hbone(
     route: &str,
     started: Instant,
 ) {
-    let src_id = src.identity();
-    let Some(cert) = st.certs.get(&src_id).cloned() else {
-        let why = format!("no certificate for {src_id}");
+    // The source's identity, certificate and rendered `baggage`, from the snapshot.
+    let Some(source) = st.sources.get(&peer.ip()) else {
+        let why = format!("no certificate for {}", src.identity());
         return mode
             .fail(w, &mut tcp, peer, reply::GENERAL_FAILURE, &why)
             .await;
@@ -984,13 +994,13 @@ async fn outbound_hbone(
     let mut req = ConnectRequest::new(authority);
     req.forwarded_for = Some(peer.ip());
     req.host = host;
-    req.baggage = source_baggage(src, &w.settings().cluster_id);
+    req.baggage_header = source.baggage.clone();
     let key = PoolKey {
-        src: src_id,
+        src: source.identity.clone(),
         dst: expected,
         addr: target,
     };
-    let stream = match Box::pin(w.pool.open(&key, &cert, &req)).await {
+    let stream = match Box::pin(w.pool.open(&key, &source.cert, &req)).await {
         Ok(s) => s,
         Err(e) => {
             let why = format!("HBONE to {target} (authority {authority}): {e}");
@@ -1017,16 +1027,16 @@ async fn outbound_hbone(
     );
     access_log(
         "outbound",
-        route,
+        &route,
         peer,
         dst,
         &labels,
-        &target.to_string(),
-        &authority.to_string(),
+        Some(target),
+        Some(authority),
         out.downstream_to_upstream,
         out.upstream_to_downstream,
         started,
-        &end_reason(&out.end),
+        &Ended::End(&out.end),
     );
 }
 
@@ -1070,7 +1080,11 @@ async fn hbone_conn(w: Rc<Worker>, tcp: TcpStream, peer: SocketAddr) {
     let (tls, presented, for_pod) = hbone_addressed(&w, &st, &tcp);
     drop(st);
     let w2 = w.clone();
-    let conn = Rc::new((presented, for_pod));
+    let conn = Rc::new(InConn {
+        presented: presented.into(),
+        for_pod,
+        peer: std::cell::OnceCell::new(),
+    });
     let handler = Rc::new(move |inb: HboneInbound| {
         let (w, conn) = (w2.clone(), conn.clone());
         async move { hbone_stream(w, inb, conn).await }
@@ -1090,22 +1104,46 @@ async fn hbone_conn(w: Rc<Worker>, tcp: TcpStream, peer: SocketAddr) {
     }
 }
 
+/// What the streams of one inbound HBONE connection share.
+struct InConn {
+    /// The identity the connection presented (the path label `identity`).
+    presented: Arc<str>,
+    /// The uid of the pod the connection was addressed to, if any.
+    for_pod: Option<String>,
+    /// The peer's identity as text, made for the connection's first stream (one TLS
+    /// session: the same for every stream).
+    peer: std::cell::OnceCell<Arc<str>>,
+}
+
+impl InConn {
+    fn peer_text(&self, peer: Option<&Identity>) -> Arc<str> {
+        self.peer
+            .get_or_init(|| match peer {
+                Some(p) => p.to_string().into(),
+                None => empty(),
+            })
+            .clone()
+    }
+}
+
+/// `peer`: the verified identity and its text.
 fn inbound_source_labels(
     labels: &mut ConnLabels,
-    snap: &Snapshot,
-    peer: Option<&Identity>,
+    st: &State,
+    peer: Option<(&Identity, &Arc<str>)>,
     src_ip: IpAddr,
 ) {
-    if let Some(p) = peer {
-        labels.source_principal = p.to_string();
+    if let Some((_, text)) = peer {
+        labels.source_principal = text.clone();
     }
+    let snap = &st.model;
     let by_ip = snap
         .workload_by_ip(src_ip)
-        .filter(|w| peer.is_none_or(|p| w.has_identity(p)));
-    let by_id = || peer.and_then(|p| snap.workloads_by_identity(p).next());
-    if let Some(w) = by_ip.or_else(by_id) {
-        labels.source_workload = workload_name(w);
-        labels.source_workload_namespace = w.namespace.clone();
+        .filter(|w| peer.is_none_or(|(p, _)| w.has_identity(p)));
+    let by_id = || peer.and_then(|(p, _)| snap.workloads_by_identity(p).next());
+    if let Some(t) = by_ip.or_else(by_id).and_then(|w| st.texts.get(&w.uid)) {
+        labels.source_workload = t.name.clone();
+        labels.source_workload_namespace = t.namespace.clone();
     }
 }
 
@@ -1157,14 +1195,13 @@ fn policy_source_ip(
     }
 }
 
-/// One CONNECT stream of an inbound HBONE connection; `conn` = (the identity the
-/// connection presented, the uid of the pod it was addressed to, if any).
-async fn hbone_stream(w: Rc<Worker>, inb: HboneInbound, conn: Rc<(String, Option<String>)>) {
+/// One CONNECT stream of an inbound HBONE connection `conn`.
+async fn hbone_stream(w: Rc<Worker>, mut inb: HboneInbound, conn: Rc<InConn>) {
     let started = Instant::now();
     let st = w.state();
     let target = inb.request.target;
-    let peer_id = inb.peer_identity.clone();
-    let (presented, for_pod) = (&conn.0, &conn.1);
+    let peer_id = inb.peer_identity.take();
+    let for_pod = &conn.for_pod;
     let src_ip = policy_source_ip(
         &st.model,
         peer_id.as_ref(),
@@ -1182,14 +1219,14 @@ async fn hbone_stream(w: Rc<Worker>, inb: HboneInbound, conn: Rc<(String, Option
         },
         &w.settings().node,
     );
-    let peer_s = peer_id.as_ref().map(|p| p.to_string()).unwrap_or_default();
-    let path = |route: &str, to: String| PathLabels {
+    let peer_s = conn.peer_text(peer_id.as_ref());
+    let path = |route: &'static str, to: Option<SocketAddr>| PathLabels {
         direction: "inbound",
-        route: route.into(),
+        route,
         target: to,
-        authority: target.to_string(),
+        authority: Some(target),
         peer: peer_s.clone(),
-        identity: presented.clone(),
+        identity: conn.presented.clone(),
     };
     // A tunnel made to one pod (and authenticated as it) carries streams for that pod only.
     if let Some(uid) = for_pod {
@@ -1198,7 +1235,7 @@ async fn hbone_stream(w: Rc<Worker>, inb: HboneInbound, conn: Rc<(String, Option
             .workload(uid)
             .is_some_and(|p| p.ips.contains(&target.ip()));
         if !ok {
-            w.metrics.path(&path("hbone_wrong_pod", String::new()));
+            w.metrics.path(&path("hbone_wrong_pod", None));
             tracing::info!(target: "ztunnel::access", direction = "inbound", src = %inb.peer_addr, peer = %peer_s, authority = %target, addressed = %uid, "CONNECT target is not the pod this tunnel was made to: 400");
             inb.reject(status::BAD_AUTHORITY);
             return;
@@ -1208,16 +1245,21 @@ async fn hbone_stream(w: Rc<Worker>, inb: HboneInbound, conn: Rc<(String, Option
     // Telemetry may name the workload at the claimed address: only one whose identity is
     // the peer's proven one (`inbound_source_labels` checks), never for policy.
     let claimed = inb.request.forwarded_for.unwrap_or(src_ip);
-    inbound_source_labels(&mut labels, &st.model, peer_id.as_ref(), claimed);
+    inbound_source_labels(
+        &mut labels,
+        &st,
+        peer_id.as_ref().map(|p| (p, &peer_s)),
+        claimed,
+    );
     match decision {
         Inbound::NotServed => {
-            w.metrics.path(&path("hbone_not_served", String::new()));
+            w.metrics.path(&path("hbone_not_served", None));
             tracing::info!(target: "ztunnel::access", direction = "inbound", src = %inb.peer_addr, peer = %peer_s, authority = %target, "not a workload on this node: 400");
             inb.reject(status::BAD_AUTHORITY);
         }
         Inbound::Deny { workload, verdict } => {
             let policy = deny_policy(&verdict);
-            w.metrics.path(&path("hbone_deny", String::new()));
+            w.metrics.path(&path("hbone_deny", None));
             w.metrics.denied(&DenyLabels {
                 transport: "hbone",
                 policy: policy.clone(),
@@ -1230,9 +1272,9 @@ async fn hbone_stream(w: Rc<Worker>, inb: HboneInbound, conn: Rc<(String, Option
             authority,
             workload,
         } => {
-            dest_labels(&mut labels, &st.model, None, Some(&workload));
+            dest_labels(&mut labels, &st, None, Some(&workload));
             w.metrics
-                .path(&path("hbone_hairpin", waypoint.address.to_string()));
+                .path(&path("hbone_hairpin", Some(waypoint.address)));
             let up = match Box::pin(hairpin_open(&w, &st, &waypoint, authority, src_ip)).await {
                 Ok(s) => s,
                 Err(e) => {
@@ -1253,21 +1295,21 @@ async fn hbone_stream(w: Rc<Worker>, inb: HboneInbound, conn: Rc<(String, Option
             metrics::close(&counters, sent, received);
             access_log(
                 "inbound",
-                "hbone_hairpin",
+                &"hbone_hairpin",
                 src,
                 target,
                 &labels,
-                &waypoint.address.to_string(),
-                &authority.to_string(),
+                Some(waypoint.address),
+                Some(authority),
                 sent,
                 received,
                 started,
-                &end_reason(&end),
+                &Ended::End(&end),
             );
         }
         Inbound::Allow { workload, verdict } => {
-            dest_labels(&mut labels, &st.model, None, Some(&workload));
-            w.metrics.path(&path("hbone_allow", target.to_string()));
+            dest_labels(&mut labels, &st, None, Some(&workload));
+            w.metrics.path(&path("hbone_allow", Some(target)));
             let tcp = match listener::connect(target, w.ctx.listen_options()).await {
                 Ok(t) => t,
                 Err(e) => {
@@ -1279,7 +1321,7 @@ async fn hbone_stream(w: Rc<Worker>, inb: HboneInbound, conn: Rc<(String, Option
             let Ok(stream) = inb.accept() else { return };
             let counters = w.metrics.open(&labels);
             let why = Rc::new(RefCell::new(None));
-            let abort = abort_or_revoked(&w, peer_id.clone(), src_ip, target, &why);
+            let abort = abort_or_revoked(&w, peer_id, src_ip, target, &why);
             let out = Box::pin(hbone::stream::bridge(
                 tcp,
                 stream,
@@ -1294,12 +1336,12 @@ async fn hbone_stream(w: Rc<Worker>, inb: HboneInbound, conn: Rc<(String, Option
             let reason = close_reason(&w, "hbone_live", &out.end, &why);
             access_log(
                 "inbound",
-                &format!("hbone_allow ({:?})", verdict.reason),
+                &format_args!("hbone_allow ({:?})", verdict.reason),
                 src,
                 target,
                 &labels,
-                "",
-                &target.to_string(),
+                None,
+                Some(target),
                 sent,
                 received,
                 started,
@@ -1358,21 +1400,21 @@ fn abort_or_revoked(
 }
 
 /// After a connection: the close reason, counting a revocation.
-fn close_reason(
+fn close_reason<'a>(
     w: &Worker,
     transport: &'static str,
-    end: &End,
+    end: &'a End,
     why: &Rc<RefCell<Option<String>>>,
-) -> String {
-    match why.borrow().as_ref() {
+) -> Ended<'a> {
+    match why.borrow_mut().take() {
         Some(policy) if matches!(end, End::Aborted) => {
             w.metrics.denied(&DenyLabels {
                 transport,
                 policy: policy.clone(),
             });
-            format!("authorization revoked by a config change ({policy})")
+            Ended::Revoked(policy)
         }
-        _ => end_reason(end),
+        _ => Ended::End(end),
     }
 }
 
@@ -1488,27 +1530,25 @@ async fn plaintext_conn(w: Rc<Worker>, idx: usize, tcp: TcpStream, peer: SocketA
         },
         &w.settings().node,
     );
-    let path = |route: &str, to: String, authority: String| PathLabels {
+    let path = |route: &'static str, to: Option<SocketAddr>, authority| PathLabels {
         direction: "inbound",
-        route: route.into(),
+        route,
         target: to,
         authority,
-        peer: String::new(),
-        identity: String::new(),
+        peer: empty(),
+        identity: empty(),
     };
     let mut labels = base_labels("destination", "none");
-    inbound_source_labels(&mut labels, &st.model, None, peer.ip());
+    inbound_source_labels(&mut labels, &st, None, peer.ip());
     match decision {
         Inbound::NotServed => {
-            w.metrics
-                .path(&path("plaintext_not_served", String::new(), String::new()));
+            w.metrics.path(&path("plaintext_not_served", None, None));
             tracing::info!(target: "ztunnel::access", direction = "inbound", src = %peer, dst = %target, "plaintext: not a workload on this node: reset");
             reset(&tcp);
         }
         Inbound::Deny { workload, verdict } => {
             let policy = deny_policy(&verdict);
-            w.metrics
-                .path(&path("plaintext_deny", String::new(), String::new()));
+            w.metrics.path(&path("plaintext_deny", None, None));
             w.metrics.denied(&DenyLabels {
                 transport: "plaintext",
                 policy: policy.clone(),
@@ -1521,11 +1561,11 @@ async fn plaintext_conn(w: Rc<Worker>, idx: usize, tcp: TcpStream, peer: SocketA
             authority,
             workload,
         } => {
-            dest_labels(&mut labels, &st.model, None, Some(&workload));
+            dest_labels(&mut labels, &st, None, Some(&workload));
             w.metrics.path(&path(
                 "plaintext_hairpin",
-                waypoint.address.to_string(),
-                authority.to_string(),
+                Some(waypoint.address),
+                Some(authority),
             ));
             let up = match Box::pin(hairpin_open(&w, &st, &waypoint, authority, peer.ip())).await {
                 Ok(s) => s,
@@ -1551,22 +1591,21 @@ async fn plaintext_conn(w: Rc<Worker>, idx: usize, tcp: TcpStream, peer: SocketA
             );
             access_log(
                 "inbound",
-                "plaintext_hairpin",
+                &"plaintext_hairpin",
                 peer,
                 target,
                 &labels,
-                &waypoint.address.to_string(),
-                &authority.to_string(),
+                Some(waypoint.address),
+                Some(authority),
                 out.downstream_to_upstream,
                 out.upstream_to_downstream,
                 started,
-                &end_reason(&out.end),
+                &Ended::End(&out.end),
             );
         }
         Inbound::Allow { workload, verdict } => {
-            dest_labels(&mut labels, &st.model, None, Some(&workload));
-            w.metrics
-                .path(&path("plaintext_allow", target.to_string(), String::new()));
+            dest_labels(&mut labels, &st, None, Some(&workload));
+            w.metrics.path(&path("plaintext_allow", Some(target), None));
             let up = match listener::connect(target, w.ctx.listen_options()).await {
                 Ok(u) => u,
                 Err(e) => {
@@ -1594,63 +1633,17 @@ async fn plaintext_conn(w: Rc<Worker>, idx: usize, tcp: TcpStream, peer: SocketA
             let reason = close_reason(&w, "plaintext_live", &out.end, &why);
             access_log(
                 "inbound",
-                &format!("plaintext_allow ({:?})", verdict.reason),
+                &format_args!("plaintext_allow ({:?})", verdict.reason),
                 peer,
                 target,
                 &labels,
-                "",
-                "",
+                None,
+                None,
                 out.downstream_to_upstream,
                 out.upstream_to_downstream,
                 started,
                 &reason,
             );
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// The `baggage` string Istio's ztunnel writes, from the model's workload fields:
-    /// a Deployment's pod with its canonical name and revision, and a bare pod with none.
-    #[test]
-    fn source_baggage_is_istios_format() {
-        let yaml = r#"
-ztunnel:
-  node: node-a
-  cluster_id: east
-  ca: {builtin: /nonexistent}
-namespaces:
-  - {name: shop, labels: {istio.io/dataplane-mode: ambient}}
-workloads:
-  - {name: web-5d8f-x2x, namespace: shop, workloadName: web, canonicalName: web-frontend, canonicalRevision: v2, workloadIps: [10.0.0.1], node: node-a}
-  - {name: debug, namespace: shop, workloadIps: [10.0.0.2], node: node-a}
-"#;
-        let loaded = crate::config::load_str(
-            std::path::Path::new("t.yaml"),
-            yaml,
-            &tuning::Profile::default(),
-            1,
-        )
-        .unwrap();
-        let cluster = &loaded.settings.cluster_id;
-        assert_eq!(cluster, "east");
-        let snap = &loaded.snapshot;
-        let header = |ip: &str| {
-            let w = snap.workload_by_ip(ip.parse().unwrap()).unwrap();
-            source_baggage(w, cluster).to_header().unwrap()
-        };
-        assert_eq!(
-            header("10.0.0.1"),
-            "k8s.cluster.name=east,k8s.namespace.name=shop,k8s.deployment.name=web,\
-             service.name=web-frontend,service.version=v2"
-        );
-        assert_eq!(
-            header("10.0.0.2"),
-            "k8s.cluster.name=east,k8s.namespace.name=shop,k8s.pod.name=debug,\
-             service.name=debug,service.version=latest"
-        );
     }
 }

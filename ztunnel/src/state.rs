@@ -2,11 +2,13 @@
 //! workloads (and the ztunnel itself) use.
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::SystemTime;
 
 use hbone::ca::{CaError, CertSource, SigningCa, StaticCerts, WorkloadCert};
 use hbone::proxy::CaConfig;
+use mesh_model::model::Workload;
 use mesh_model::snapshot::Snapshot;
 
 use crate::config::Settings;
@@ -22,9 +24,93 @@ pub struct State {
     /// The HBONE inbound's TLS per captured workload identity of this node: a connection
     /// addressed to a pod (`podIP:15008`, redirected or not) presents that pod's identity.
     pub workload_tls: HashMap<hbone::Identity, Arc<rustls::ServerConfig>>,
+    /// Per IP of each captured workload of this node: what an outbound connection from it
+    /// needs of its source, worked out with the snapshot instead of per connection.
+    pub sources: HashMap<IpAddr, Arc<Source>>,
+    /// Per workload uid: its telemetry label values (every workload of the snapshot).
+    pub texts: HashMap<String, WorkloadText>,
+    /// Per service key (`namespace/hostname`, `Service::key`): the hostname, as a label value.
+    pub service_hosts: HashMap<String, Arc<str>>,
+}
+
+/// A captured workload of this node as the source of outbound HBONE: the identity it acts
+/// as, its certificate and the `baggage` it sends, rendered once per snapshot.
+pub struct Source {
+    pub identity: hbone::Identity,
+    pub cert: Arc<WorkloadCert>,
+    /// Istio's `baggage` for the workload ([`source_baggage`]); every CONNECT from it sends
+    /// these same bytes.
+    pub baggage: Option<http::HeaderValue>,
+}
+
+/// A workload's Istio telemetry label values, shared by every connection's labels.
+#[derive(Debug, Clone)]
+pub struct WorkloadText {
+    /// `workload_name`, else the pod name.
+    pub name: Arc<str>,
+    pub namespace: Arc<str>,
+    pub identity: hbone::Identity,
+    /// The SPIFFE identity, as text.
+    pub principal: Arc<str>,
+    /// The hostname of the first service it backs (a destination with no service named).
+    pub service: Option<Arc<str>>,
+}
+
+impl WorkloadText {
+    fn of(w: &Workload) -> Self {
+        let name = if w.workload_name.is_empty() {
+            &w.name
+        } else {
+            &w.workload_name
+        };
+        let identity = w.identity();
+        WorkloadText {
+            name: name.as_str().into(),
+            namespace: w.namespace.as_str().into(),
+            principal: identity.to_string().into(),
+            identity,
+            service: w.services.keys().next().map(|s| service_host(s).into()),
+        }
+    }
+}
+
+/// `namespace/hostname` → `hostname`.
+pub fn service_host(key: &str) -> &str {
+    key.split_once('/').map(|(_, h)| h).unwrap_or(key)
+}
+
+/// The `baggage` of an outbound CONNECT for `w`, as Istio's ztunnel writes it:
+/// `k8s.cluster.name`, `k8s.namespace.name`, `k8s.<kind>.name`, `service.name` (canonical
+/// name), `service.version` (canonical revision). The model carries no workload type, so
+/// a workload with a `workload_name` is sent as Istio's default type, `deployment`, and
+/// one without as the bare `pod` by its own name; an empty canonical name or revision gets
+/// istiod's fallbacks (the workload's name, `latest`). Receivers use it for telemetry only.
+pub fn source_baggage(w: &Workload, cluster: &str) -> hbone::wire::Baggage {
+    let (kind, name) = if w.workload_name.is_empty() {
+        ("pod", w.name.clone())
+    } else {
+        ("deployment", w.workload_name.clone())
+    };
+    let non_empty = |s: &str, or: String| if s.is_empty() { or } else { s.to_string() };
+    hbone::wire::Baggage {
+        cluster: Some(cluster.to_string()),
+        namespace: Some(w.namespace.clone()),
+        service_name: Some(non_empty(&w.canonical_name, name.clone())),
+        service_version: Some(non_empty(&w.canonical_revision, "latest".into())),
+        workload_kind: Some(kind.into()),
+        workload_name: Some(name),
+    }
 }
 
 impl State {
+    /// The `destination_service` label value of service `key`.
+    pub fn service_label(&self, key: &str) -> Arc<str> {
+        match self.service_hosts.get(key) {
+            Some(h) => h.clone(),
+            None => service_host(key).into(),
+        }
+    }
+
     /// The server TLS for an HBONE connection addressed to `addr` (its original destination,
     /// or its local address when not redirected): the identity of the captured workload of
     /// `node` at that address, else the ztunnel's own. Returns the identity too.
@@ -118,11 +204,40 @@ pub fn build(
         };
         workload_tls.insert(id.clone(), tls);
     }
+    let mut sources = HashMap::new();
+    for w in model
+        .workloads()
+        .filter(|w| w.node == s.node && w.captured())
+    {
+        let identity = w.identity();
+        let Some(cert) = certs.get(&identity).cloned() else {
+            continue;
+        };
+        let src = Arc::new(Source {
+            baggage: source_baggage(w, &s.cluster_id).to_header_value(),
+            identity,
+            cert,
+        });
+        for ip in &w.ips {
+            sources.insert(*ip, src.clone());
+        }
+    }
+    let texts = model
+        .workloads()
+        .map(|w| (w.uid.clone(), WorkloadText::of(w)))
+        .collect();
+    let service_hosts = model
+        .services()
+        .map(|svc| (svc.key(), svc.hostname.as_str().into()))
+        .collect();
     Ok(State {
         model,
         certs,
         server_tls,
         workload_tls,
+        sources,
+        texts,
+        service_hosts,
     })
 }
 
@@ -130,4 +245,58 @@ pub fn build(
 pub fn needs_renewal(state: &State) -> bool {
     let now = SystemTime::now();
     state.certs.values().any(|c| c.needs_refresh(now))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The `baggage` string Istio's ztunnel writes, from the model's workload fields:
+    /// a Deployment's pod with its canonical name and revision, and a bare pod with none.
+    #[test]
+    fn source_baggage_is_istios_format() {
+        let yaml = r#"
+ztunnel:
+  node: node-a
+  cluster_id: east
+  ca: {builtin: /nonexistent}
+namespaces:
+  - {name: shop, labels: {istio.io/dataplane-mode: ambient}}
+workloads:
+  - {name: web-5d8f-x2x, namespace: shop, workloadName: web, canonicalName: web-frontend, canonicalRevision: v2, workloadIps: [10.0.0.1], node: node-a}
+  - {name: debug, namespace: shop, workloadIps: [10.0.0.2], node: node-a}
+"#;
+        let loaded = crate::config::load_str(
+            std::path::Path::new("t.yaml"),
+            yaml,
+            &tuning::Profile::default(),
+            1,
+        )
+        .unwrap();
+        let cluster = &loaded.settings.cluster_id;
+        assert_eq!(cluster, "east");
+        // The header each source sends is rendered once, with the snapshot's state.
+        let dir = std::env::temp_dir().join(format!("ztunnel-state-{}", std::process::id()));
+        let ca = SigningCa::builtin(&dir, &loaded.settings.trust_domain).unwrap();
+        let st = build(&ca, &loaded.settings, loaded.snapshot.clone(), None).unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+        let header = |ip: &str| {
+            let ip: IpAddr = ip.parse().unwrap();
+            let w = st.model.workload_by_ip(ip).unwrap();
+            let text = source_baggage(w, cluster).to_header().unwrap();
+            let sent = st.sources[&ip].baggage.as_ref().unwrap();
+            assert_eq!(sent.as_bytes(), text.as_bytes());
+            text
+        };
+        assert_eq!(
+            header("10.0.0.1"),
+            "k8s.cluster.name=east,k8s.namespace.name=shop,k8s.deployment.name=web,\
+             service.name=web-frontend,service.version=v2"
+        );
+        assert_eq!(
+            header("10.0.0.2"),
+            "k8s.cluster.name=east,k8s.namespace.name=shop,k8s.pod.name=debug,\
+             service.name=debug,service.version=latest"
+        );
+    }
 }

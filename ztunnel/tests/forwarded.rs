@@ -167,6 +167,57 @@ fn r6_outbound_connect_carries_istios_baggage_for_the_source_workload() {
     );
 }
 
+/// The `baggage` is rendered once per snapshot (per source workload): a reload that changes
+/// the client workload changes what the next CONNECT carries, and exactly to Istio's format.
+#[test]
+fn r6_baggage_follows_a_reload_that_changes_the_source_workload() {
+    let t = Topo::new(148, "[]");
+    let wp = waypoint(&t.ca(), t.net.waypoint());
+    let socks = t.a().addrs.socks5;
+    let baggage_of_next_connect = || {
+        let (code, mut s) = socks_connect(t.net.client(), socks, Dest::Addr(t.net.wpod()));
+        assert_eq!(code, 0);
+        assert_eq!(hello(&mut s), "waypoint");
+        let seen = wp.seen.recv_timeout(Duration::from_secs(10)).unwrap();
+        seen.request.baggage.to_header().unwrap()
+    };
+    let before = "k8s.cluster.name=Kubernetes,k8s.namespace.name=ns-a,k8s.pod.name=client,\
+                  service.name=client,service.version=latest";
+    assert_eq!(baggage_of_next_connect(), before);
+    assert_eq!(
+        baggage_of_next_connect(),
+        before,
+        "the same on every connect"
+    );
+    // The client becomes a Deployment's pod with a canonical name and revision.
+    let n = t.net.n;
+    let file = t.net.node_config("node-a", &t.ca_dir, "[]")
+        .replace(
+            &format!("{{name: client, namespace: ns-a, serviceAccount: client, workloadIps: [127.{n}.1.1], node: node-a}}"),
+            &format!("{{name: client-7d9f-x1, namespace: ns-a, serviceAccount: client, workloadName: client, canonicalName: client-app, canonicalRevision: v3, workloadIps: [127.{n}.1.1], node: node-a}}"),
+        );
+    assert!(file.contains("canonicalRevision: v3"));
+    let reloads = t
+        .a()
+        .reloads
+        .reloads
+        .load(std::sync::atomic::Ordering::Relaxed);
+    std::thread::sleep(Duration::from_millis(20));
+    std::fs::write(&t.file_a, file).unwrap();
+    eventually("ztunnel A reloads its config", || {
+        t.a()
+            .reloads
+            .reloads
+            .load(std::sync::atomic::Ordering::Relaxed)
+            > reloads
+    });
+    assert_eq!(
+        baggage_of_next_connect(),
+        "k8s.cluster.name=Kubernetes,k8s.namespace.name=ns-a,k8s.deployment.name=client,\
+         service.name=client-app,service.version=v3"
+    );
+}
+
 #[test]
 fn r9_the_clients_node_ztunnel_is_believed_for_the_pod_address_it_speaks_for() {
     let net = Net { n: 146 };
