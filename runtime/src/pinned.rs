@@ -1,4 +1,4 @@
-//! Two small future adapters written as structs rather than `async fn`s: an `async fn`
+//! Small future adapters written as structs rather than `async fn`s: an `async fn`
 //! keeps its argument in the state machine's prefix *and* the pinned local it is moved
 //! into, so `tracked(f)` and `race(a, b)` were each twice the size of what they wrap, and
 //! every connection's handler (wrapped in both) was copied through all of it on spawn.
@@ -67,6 +67,70 @@ impl<A: Future, B: Future> Future for Race<A, B> {
             return Poll::Ready(Either::Right(x));
         }
         Poll::Pending
+    }
+}
+
+/// `f`, with a panic during one of its polls caught: then `f` is not polled again, the
+/// payload goes to `on_panic`, and this future completes with `None`. The task running it
+/// ends as if `f` had returned, instead of the panic unwinding through the worker's runtime
+/// and ending the worker (every other connection it holds and its accept loops).
+///
+/// Nothing on the path that does not panic: `catch_unwind` is free until something unwinds.
+#[must_use = "futures do nothing unless polled"]
+pub struct CatchPanic<F, P> {
+    f: F,
+    on_panic: Option<P>,
+}
+
+impl<F, P> CatchPanic<F, P> {
+    pub(crate) fn new(f: F, on_panic: P) -> Self {
+        CatchPanic {
+            f,
+            on_panic: Some(on_panic),
+        }
+    }
+}
+
+impl<F: Future, P: FnOnce(Box<dyn std::any::Any + Send>)> Future for CatchPanic<F, P> {
+    type Output = Option<F::Output>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        // SAFETY: `f` is structurally pinned, as in `Tracked` (never moved out of a pinned
+        // `self`, no `Drop` impl, `Unpin` only when `F` and `P` are); `on_panic` is not
+        // pinned (only taken by value through `&mut`, never pinned), and the two borrow
+        // disjoint fields of the one `&mut Self`.
+        let (f, on_panic) = unsafe {
+            let me = self.get_unchecked_mut();
+            (Pin::new_unchecked(&mut me.f), &mut me.on_panic)
+        };
+        if on_panic.is_none() {
+            // Panicked before: `f` is left as the unwinding left it, never polled again.
+            return Poll::Ready(None);
+        }
+        // Unwind safety: after a panic `f` is never polled again; state it shares with other
+        // tasks (`RefCell`s, counters) is released by the unwinding's drops as for any
+        // early return.
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f.poll(cx))) {
+            Ok(Poll::Ready(x)) => Poll::Ready(Some(x)),
+            Ok(Poll::Pending) => Poll::Pending,
+            Err(payload) => {
+                if let Some(report) = on_panic.take() {
+                    report(payload);
+                }
+                Poll::Ready(None)
+            }
+        }
+    }
+}
+
+/// A panic's message (the `&str` or `String` it was raised with).
+pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> &str {
+    if let Some(s) = payload.downcast_ref::<&'static str>() {
+        s
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        s
+    } else {
+        "(not a string)"
     }
 }
 

@@ -24,6 +24,8 @@ pub struct WorkerStats {
     pub busy_poll_us: AtomicU64,
     /// Busy polling: times it paused because other threads took a share of its CPU.
     pub busy_poll_backoffs: AtomicU64,
+    /// Connection tasks ended by a panic in their handler (caught: the worker serves on).
+    pub worker_task_panics: AtomicU64,
 }
 
 impl WorkerStats {
@@ -37,7 +39,7 @@ impl WorkerStats {
     }
 
     /// (name, value) pairs, for text exposition.
-    pub fn snapshot(&self) -> [(&'static str, u64); 14] {
+    pub fn snapshot(&self) -> [(&'static str, u64); 15] {
         [
             ("accepted", self.accepted.load(Relaxed)),
             ("active", self.active.load(Relaxed)),
@@ -62,6 +64,7 @@ impl WorkerStats {
             ("busy_poll_spins", self.busy_poll_spins.load(Relaxed)),
             ("busy_poll_us", self.busy_poll_us.load(Relaxed)),
             ("busy_poll_backoffs", self.busy_poll_backoffs.load(Relaxed)),
+            ("worker_task_panics", self.worker_task_panics.load(Relaxed)),
         ]
     }
 }

@@ -5,6 +5,7 @@ use std::cell::Cell;
 use std::future::{poll_fn, Future};
 use std::io;
 use std::net::SocketAddr;
+use std::panic::AssertUnwindSafe;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::task::Poll;
@@ -109,7 +110,6 @@ impl WorkerCtx {
         // hold connections cloned before: then tune each accepted socket as well.
         let tune_each = inherit_to_accepted(&listener, &self.0.listen_opts)?;
         let listener = monoio::net::TcpListener::from_std(listener)?;
-        let handler = Rc::new(handler);
         let inner = &self.0;
         loop {
             // Back-pressure: wait for a free slot.
@@ -153,13 +153,22 @@ impl WorkerCtx {
             WorkerStats::inc(&inner.stats.accepted);
             WorkerStats::inc(&inner.stats.active);
             let guard = ConnGuard(self.clone());
-            let h = handler.clone();
-            let abort = inner.abort.wait();
-            monoio::spawn(async move {
-                let _guard = guard;
-                // Every poll of a connection counts as activity for busy polling.
-                let _ = race(crate::busy::tracked(h(stream, peer)), abort).await;
-            });
+            // A panic in the handler (its call here or a poll of its future in the task) ends
+            // that connection only, counted in `worker_task_panics`; the worker serves on.
+            let conn = match std::panic::catch_unwind(AssertUnwindSafe(|| handler(stream, peer))) {
+                Ok(conn) => conn,
+                Err(payload) => {
+                    guard.panicked(&*payload);
+                    continue;
+                }
+            };
+            // Every poll of a connection counts as activity for busy polling. The guard is
+            // dropped with the task however it ends.
+            let task = race(crate::busy::tracked(conn), inner.abort.wait());
+            monoio::spawn(crate::pinned::CatchPanic::new(
+                task,
+                move |payload: Box<dyn std::any::Any + Send>| guard.panicked(&*payload),
+            ));
         }
     }
 
@@ -190,6 +199,19 @@ impl WorkerCtx {
 
 /// Counts a connection; on drop (however the task ends) frees its slot.
 struct ConnGuard(WorkerCtx);
+
+impl ConnGuard {
+    /// The connection's handler panicked: count and log it (once, with its message).
+    fn panicked(&self, payload: &(dyn std::any::Any + Send)) {
+        let inner = &self.0 .0;
+        WorkerStats::inc(&inner.stats.worker_task_panics);
+        tracing::error!(
+            worker = inner.id,
+            panic = crate::pinned::panic_message(payload),
+            "connection handler panicked: that connection is closed, the worker serves on"
+        );
+    }
+}
 
 impl Drop for ConnGuard {
     fn drop(&mut self) {
@@ -459,6 +481,71 @@ mod tests {
         assert_eq!(yields_before_the_other_task_runs(yield_to_front), 1000);
         // Ours goes to the back: the other task runs after the first yield.
         assert_eq!(yields_before_the_other_task_runs(yield_now), 1);
+    }
+
+    /// A connection handler that panics ends its own connection only: the panic is caught
+    /// (in the handler's future and in its call), counted in `worker_task_panics`, and the
+    /// same worker serves the next connection.
+    #[test]
+    fn a_panicking_handler_ends_its_connection_only() {
+        use monoio::io::AsyncWriteRentExt;
+        let cfg = RuntimeConfig {
+            workers: Some(1),
+            pin: false,
+            ..RuntimeConfig::default()
+        };
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let shutdown = Shutdown::new();
+        let mut listener = Some(listener);
+        let workers = spawn_workers(&cfg, &shutdown, |_| {
+            let l = listener.take().unwrap();
+            move |ctx: WorkerCtx| async move {
+                let c2 = ctx.clone();
+                let n = Rc::new(Cell::new(0u32));
+                ctx.serve(l, move |mut s, _| {
+                    n.set(n.get() + 1);
+                    let nth = n.get();
+                    if nth == 2 {
+                        panic!("handler call panicked on connection 2");
+                    }
+                    async move {
+                        if nth == 1 {
+                            panic!("handler future panicked on connection 1");
+                        }
+                        let (r, _) = s.write_all(format!("served {nth}").into_bytes()).await;
+                        r.unwrap();
+                    }
+                })
+                .await
+                .unwrap();
+                c2.finish_drain().await;
+            }
+        })
+        .unwrap();
+        let read_all = |nth: u32| {
+            let mut c = std::net::TcpStream::connect(addr).unwrap();
+            c.set_read_timeout(Some(std::time::Duration::from_secs(30)))
+                .unwrap();
+            let mut got = String::new();
+            c.read_to_string(&mut got)
+                .unwrap_or_else(|e| panic!("connection {nth}: {e}"));
+            got
+        };
+        // The panicking ones are closed unanswered; the next is served by the same worker.
+        assert_eq!(read_all(1), "");
+        assert_eq!(read_all(2), "");
+        assert_eq!(read_all(3), "served 3");
+        let st = &workers.stats()[0];
+        assert_eq!(
+            st.worker_task_panics
+                .load(std::sync::atomic::Ordering::Relaxed),
+            2
+        );
+        assert_eq!(st.accepted.load(std::sync::atomic::Ordering::Relaxed), 3);
+        shutdown.drain(std::time::Duration::ZERO);
+        workers.join().unwrap();
     }
 
     /// `serve` on a listener made elsewhere (kernel defaults): the accepted sockets carry
