@@ -2,16 +2,19 @@
 //!
 //! Each label set owns a block of relaxed atomics shared by every worker. A worker finds the
 //! block through its own cache (no lock, no shared write); only the first connection of a
-//! label set on a worker goes to the registry, a copy-on-write map (`arc-swap`, no lock).
-//! Scrapes read the atomics.
+//! label set on a worker goes to the registry: copy-on-write maps (`arc-swap`, no lock),
+//! [`SHARDS`] per family by key hash, so a new series copies one shard, not every series.
+//! A family holds at most [`MAX_SERIES`] label sets; later new ones are counted in one
+//! overflow series (text labels `overflow`) and are not cached per worker. Scrapes read the
+//! atomics.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::fmt::Write as _;
-use std::hash::Hash;
+use std::hash::{BuildHasher, Hash};
 use std::net::SocketAddr;
 use std::rc::Rc;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
@@ -61,10 +64,13 @@ pub struct PathLabels {
     /// Outbound: `passthrough`, `hbone`, `waypoint`, `no_endpoint`, `refused`, `failed`.
     /// Inbound: `<hbone|plaintext>_<allow|deny|hairpin|not_served|failed>`.
     pub route: &'static str,
-    /// Where this ztunnel sent it (`ip:port`), none when nowhere (rendered empty).
-    pub target: Option<SocketAddr>,
-    /// The HBONE `:authority` sent (outbound) or received (inbound), else none.
-    pub authority: Option<SocketAddr>,
+    /// Where this ztunnel sent it (`ip:port`), none when nowhere (rendered empty);
+    /// `unknown` for an address the mesh model does not know (a passthrough destination
+    /// outside the mesh).
+    pub target: AddrLabel,
+    /// The HBONE `:authority` sent (outbound) or received (inbound), else none; `unknown`
+    /// when a peer asked for an address the mesh model does not know.
+    pub authority: AddrLabel,
     /// Inbound HBONE: the peer's verified (client certificate) identity. Outbound HBONE: the
     /// identities the server certificate was required to carry (comma separated; one when
     /// the tunnel goes to a pod or a waypoint of known identity). Else empty.
@@ -84,7 +90,33 @@ pub struct DenyLabels {
     pub policy: String,
 }
 
-/// An address label: `ip:port`, or empty.
+/// An address label: `ip:port` of an address the mesh model knows (a workload, service
+/// VIP or waypoint), empty, or `unknown`: label values never carry an address taken from
+/// the wire that the model does not bound.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum AddrLabel {
+    None,
+    Known(SocketAddr),
+    Unknown,
+}
+
+impl From<Option<SocketAddr>> for AddrLabel {
+    fn from(a: Option<SocketAddr>) -> Self {
+        a.map_or(AddrLabel::None, AddrLabel::Known)
+    }
+}
+
+impl std::fmt::Display for AddrLabel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            AddrLabel::None => Ok(()),
+            AddrLabel::Known(a) => a.fmt(f),
+            AddrLabel::Unknown => f.write_str("unknown"),
+        }
+    }
+}
+
+/// An address for the access log: `ip:port`, or empty.
 pub(crate) struct Opt(pub(crate) Option<SocketAddr>);
 
 impl std::fmt::Display for Opt {
@@ -111,31 +143,89 @@ pub struct ConnCounters {
     pub received: AtomicU64,
 }
 
-struct Family<K, V>(ArcSwap<HashMap<K, Arc<V>>>);
+/// Label sets per family at most; further new ones share the overflow series.
+pub const MAX_SERIES: usize = 10_000;
+/// Copy-on-write shards per family.
+pub const SHARDS: usize = 32;
+
+type Shard<K, V> = ArcSwap<HashMap<K, Arc<V>>>;
+
+struct Family<K, V> {
+    shards: Box<[Shard<K, V>]>,
+    hasher: std::hash::RandomState,
+    len: AtomicUsize,
+    cap: usize,
+    overflow_key: K,
+    overflow: Arc<V>,
+    overflowed: AtomicBool,
+}
 
 impl<K: Hash + Eq + Clone + Ord, V: Default> Family<K, V> {
-    fn new() -> Self {
-        Family(ArcSwap::from_pointee(HashMap::new()))
+    fn new(overflow_key: K) -> Self {
+        Self::with_cap(MAX_SERIES, overflow_key)
     }
+    fn with_cap(cap: usize, overflow_key: K) -> Self {
+        Family {
+            shards: (0..SHARDS)
+                .map(|_| ArcSwap::from_pointee(HashMap::new()))
+                .collect(),
+            hasher: std::hash::RandomState::new(),
+            len: AtomicUsize::new(0),
+            cap,
+            overflow_key,
+            overflow: Arc::default(),
+            overflowed: AtomicBool::new(false),
+        }
+    }
+    /// The counters of `k`, or the overflow series' once the family is full (the cap can
+    /// be passed by the workers racing on it, at most once each).
     fn get(&self, k: &K) -> Arc<V> {
-        if let Some(v) = self.0.load().get(k) {
+        let shard = &self.shards[self.hasher.hash_one(k) as usize % SHARDS];
+        if let Some(v) = shard.load().get(k) {
             return v.clone();
         }
-        // Copy-on-write insert; a racing insert of the same key keeps the first block.
+        if self.len.load(Relaxed) >= self.cap {
+            self.overflowed.store(true, Relaxed);
+            return self.overflow.clone();
+        }
+        // Copy-on-write insert into one shard; a racing insert of the same key keeps the
+        // first block.
         let fresh = Arc::new(V::default());
-        self.0.rcu(|m| {
+        shard.rcu(|m| {
             let mut m = HashMap::clone(m);
             m.entry(k.clone()).or_insert_with(|| fresh.clone());
             m
         });
-        self.0.load().get(k).cloned().unwrap_or(fresh)
-    }
-    fn sorted(&self) -> Vec<(K, Arc<V>)> {
-        let m = self.0.load();
-        let mut v: Vec<_> = m.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
-        v.sort_by(|a, b| a.0.cmp(&b.0));
+        let v = shard
+            .load()
+            .get(k)
+            .cloned()
+            .unwrap_or_else(|| fresh.clone());
+        if Arc::ptr_eq(&v, &fresh) {
+            self.len.fetch_add(1, Relaxed);
+        }
         v
     }
+    /// `v` is the overflow series (not to be cached per key).
+    fn is_overflow(&self, v: &Arc<V>) -> bool {
+        Arc::ptr_eq(v, &self.overflow)
+    }
+    fn sorted(&self) -> Vec<(K, Arc<V>)> {
+        let mut v: Vec<_> = Vec::new();
+        for shard in self.shards.iter() {
+            v.extend(shard.load().iter().map(|(k, v)| (k.clone(), v.clone())));
+        }
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        if self.overflowed.load(Relaxed) {
+            v.push((self.overflow_key.clone(), self.overflow.clone()));
+        }
+        v
+    }
+}
+
+/// The text label value of an overflow series.
+fn overflow() -> Arc<str> {
+    Arc::from("overflow")
 }
 
 /// The process-wide registry.
@@ -154,10 +244,31 @@ pub struct Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         Metrics {
-            conns: Family::new(),
-            paths: Family::new(),
-            denied: Family::new(),
-            socks_errors: Family::new(),
+            conns: Family::new(ConnLabels {
+                reporter: "overflow",
+                source_workload: overflow(),
+                source_workload_namespace: overflow(),
+                source_principal: overflow(),
+                destination_service: overflow(),
+                destination_workload: overflow(),
+                destination_workload_namespace: overflow(),
+                destination_principal: overflow(),
+                connection_security_policy: "overflow",
+            }),
+            paths: Family::new(PathLabels {
+                direction: "overflow",
+                route: "overflow",
+                target: AddrLabel::None,
+                authority: AddrLabel::None,
+                peer: overflow(),
+                identity: overflow(),
+            }),
+            denied: Family::new(DenyLabels {
+                transport: "overflow",
+                policy: "overflow".into(),
+            }),
+            // Reply codes: at most 256 series.
+            socks_errors: Family::new(u8::MAX),
             hbone_client_tls: Arc::default(),
             hbone_server: Arc::default(),
         }
@@ -208,8 +319,8 @@ impl Metrics {
                 "ztunnel_connection_paths_total{{direction=\"{}\",route=\"{}\",target=\"{}\",authority=\"{}\",peer=\"{}\",identity=\"{}\"}} {}",
                 k.direction,
                 k.route,
-                Opt(k.target),
-                Opt(k.authority),
+                k.target,
+                k.authority,
                 esc(&k.peer),
                 esc(&k.identity),
                 v.load(Relaxed)
@@ -339,7 +450,9 @@ fn cached<K: Hash + Eq + Clone + Ord, V: Default>(
         return v.clone();
     }
     let v = family.get(k);
-    cache.borrow_mut().insert(k.clone(), v.clone());
+    if !family.is_overflow(&v) {
+        cache.borrow_mut().insert(k.clone(), v.clone());
+    }
     v
 }
 
@@ -401,5 +514,47 @@ mod tests {
         ] {
             assert!(out.lines().any(|l| l == line), "{line} missing in:\n{out}");
         }
+    }
+
+    /// A family stops at MAX_SERIES label sets: the rest are counted in one overflow
+    /// series, and nothing is lost from the sum.
+    #[test]
+    fn paths_beyond_the_cap_go_to_the_overflow_series() {
+        let m = Arc::new(Metrics::default());
+        let local = LocalMetrics::new(m.clone());
+        let extra = 2_000;
+        for i in 0..(MAX_SERIES + extra) as u32 {
+            let labels = PathLabels {
+                direction: "inbound",
+                route: "hbone_allow",
+                target: AddrLabel::None,
+                authority: AddrLabel::Known(SocketAddr::from(([10, 0, 0, 1], i as u16))),
+                peer: Arc::from(""),
+                identity: Arc::from(""),
+            };
+            local.path(&labels);
+            if i == 0 {
+                local.path(&labels);
+            }
+        }
+        let out = m.render(1);
+        let lines: Vec<&str> = out
+            .lines()
+            .filter(|l| l.starts_with("ztunnel_connection_paths_total{"))
+            .collect();
+        assert_eq!(lines.len(), MAX_SERIES + 1);
+        let overflow = "ztunnel_connection_paths_total{direction=\"overflow\",route=\"overflow\",target=\"\",authority=\"\",peer=\"overflow\",identity=\"overflow\"}";
+        assert!(
+            lines.contains(&format!("{overflow} {extra}").as_str()),
+            "{:?}",
+            lines.last()
+        );
+        let sum: u64 = lines
+            .iter()
+            .map(|l| l.rsplit_once(' ').unwrap().1.parse::<u64>().unwrap())
+            .sum();
+        assert_eq!(sum, (MAX_SERIES + extra + 1) as u64);
+        // Overflowing keys are not cached per worker.
+        assert_eq!(local.0.paths.borrow().len(), MAX_SERIES);
     }
 }

@@ -57,7 +57,7 @@ use runtime::{Publisher, Shutdown, Subscriber, WorkerCtx, Workers};
 
 use crate::admin::{self, Endpoint};
 use crate::config::{self, Loaded, Settings};
-use crate::metrics::{self, ConnLabels, DenyLabels, LocalMetrics, Metrics, PathLabels};
+use crate::metrics::{self, AddrLabel, ConnLabels, DenyLabels, LocalMetrics, Metrics, PathLabels};
 use crate::socks::{self, reply, Failure, Target};
 use crate::state::{self, State};
 
@@ -550,6 +550,16 @@ fn spawn_watcher(
 // ---------------------------------------------------------------------------------------
 // Labels and logs
 
+/// `addr` as a label: itself when the model knows its IP (a service VIP or a workload),
+/// else `unknown`.
+fn model_addr(model: &Snapshot, addr: SocketAddr) -> AddrLabel {
+    if model.lookup(addr.ip()).is_some() {
+        AddrLabel::Known(addr)
+    } else {
+        AddrLabel::Unknown
+    }
+}
+
 /// The label value `unknown`, shared.
 fn unknown() -> Arc<str> {
     static UNKNOWN: std::sync::LazyLock<Arc<str>> = std::sync::LazyLock::new(|| "unknown".into());
@@ -805,11 +815,11 @@ async fn outbound_conn(
         return mode.fail(w, &mut tcp, peer, reply::NOT_ALLOWED, &why).await;
     };
     let decision = route::outbound(&st.model, Some(src), dst, &mut *w.chooser.borrow_mut());
-    let path = |route: &'static str, target: Option<SocketAddr>| PathLabels {
+    let path = |route: &'static str, target: AddrLabel| PathLabels {
         direction: "outbound",
         route,
         target,
-        authority: None,
+        authority: AddrLabel::None,
         peer: empty(),
         identity: empty(),
     };
@@ -830,15 +840,15 @@ async fn outbound_conn(
                 .into(),
         };
         PathLabels {
-            authority: Some(authority),
+            authority: AddrLabel::Known(authority),
             peer,
             identity: src_principal().unwrap_or_else(|| src.identity().to_string().into()),
-            ..path(route, Some(target))
+            ..path(route, AddrLabel::Known(target))
         }
     };
     match decision {
         Outbound::NoEndpoint { service, port } => {
-            w.metrics.path(&path("no_endpoint", None));
+            w.metrics.path(&path("no_endpoint", AddrLabel::None));
             let why = format!("service {service} has no healthy endpoint for port {port}");
             mode.fail(w, &mut tcp, peer, reply::HOST_UNREACHABLE, &why)
                 .await
@@ -849,7 +859,9 @@ async fn outbound_conn(
             service,
             workload,
         } => {
-            w.metrics.path(&path("passthrough", Some(target)));
+            // An address outside the mesh is the pod's choice: not a label value.
+            w.metrics
+                .path(&path("passthrough", model_addr(&st.model, target)));
             let mut labels = base_labels("source", "none");
             source_labels(&mut labels, st, src);
             dest_labels(&mut labels, st, service.as_ref(), workload.as_ref());
@@ -1220,11 +1232,13 @@ async fn hbone_stream(w: Rc<Worker>, mut inb: HboneInbound, conn: Rc<InConn>) {
         &w.settings().node,
     );
     let peer_s = conn.peer_text(peer_id.as_ref());
+    // The `:authority` is the peer's choice: a label value only when the model knows it.
+    let authority = model_addr(&st.model, target);
     let path = |route: &'static str, to: Option<SocketAddr>| PathLabels {
         direction: "inbound",
         route,
-        target: to,
-        authority: Some(target),
+        target: to.into(),
+        authority,
         peer: peer_s.clone(),
         identity: conn.presented.clone(),
     };
@@ -1530,14 +1544,15 @@ async fn plaintext_conn(w: Rc<Worker>, idx: usize, tcp: TcpStream, peer: SocketA
         },
         &w.settings().node,
     );
-    let path = |route: &'static str, to: Option<SocketAddr>, authority| PathLabels {
-        direction: "inbound",
-        route,
-        target: to,
-        authority,
-        peer: empty(),
-        identity: empty(),
-    };
+    let path =
+        |route: &'static str, to: Option<SocketAddr>, authority: Option<SocketAddr>| PathLabels {
+            direction: "inbound",
+            route,
+            target: to.into(),
+            authority: authority.into(),
+            peer: empty(),
+            identity: empty(),
+        };
     let mut labels = base_labels("destination", "none");
     inbound_source_labels(&mut labels, &st, None, peer.ip());
     match decision {
