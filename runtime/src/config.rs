@@ -357,6 +357,12 @@ pub struct RuntimeConfig {
     /// cannot be held a warning names the file and the error. See [`crate::pmqos`].
     #[serde(with = "opt_duration")]
     pub cpu_latency_limit: Option<Duration>,
+    /// Real-time scheduling of the worker threads: `SCHED_FIFO` at this priority (1-99), so a
+    /// woken worker preempts normal threads sharing its core at once instead of waiting for
+    /// their time slice. Absent = normal scheduling. Refused together with `busy_poll` (a
+    /// spinning real-time thread starves its core). Needs `CAP_SYS_NICE` or `RLIMIT_RTPRIO`;
+    /// when refused the worker warns and runs as a normal thread. See [`crate::rtsched`].
+    pub sched_fifo_priority: Option<u8>,
     /// Bytes: `SO_RCVBUF` on listeners (inherited by accepted sockets) and on connected
     /// sockets; absent = kernel autotuning (`net.ipv4.tcp_rmem`). The kernel doubles the
     /// value for its bookkeeping; setting it turns receive autotuning off for the socket.
@@ -425,6 +431,7 @@ impl Default for RuntimeConfig {
             reuseport_cpu_steering: false,
             busy_poll: Duration::ZERO,
             cpu_latency_limit: None,
+            sched_fifo_priority: None,
             socket_recv_buffer: None,
             socket_send_buffer: None,
             forward: ForwardConfig::default(),
@@ -513,6 +520,23 @@ impl RuntimeConfig {
                         "at most {} (µs granularity; 0 keeps idle CPUs polling; omit it for no PM QoS request)",
                         duration::format(MAX_CPU_LATENCY_LIMIT)
                     ),
+                ));
+            }
+        }
+        if let Some(p) = self.sched_fifo_priority {
+            if !(1..=crate::rtsched::MAX_PRIORITY).contains(&p) {
+                return Err(Invalid::new(
+                    f("sched_fifo_priority"),
+                    format!(
+                        "must be between 1 and {} (omit it for normal scheduling)",
+                        crate::rtsched::MAX_PRIORITY
+                    ),
+                ));
+            }
+            if !self.busy_poll.is_zero() {
+                return Err(Invalid::new(
+                    f("sched_fifo_priority"),
+                    "cannot be combined with busy_poll: a spinning SCHED_FIFO worker starves every other thread of its core (set busy_poll: 0 or omit sched_fifo_priority)",
                 ));
             }
         }
@@ -830,6 +854,66 @@ mod tests {
         let cfg: RuntimeConfig =
             from_yaml_str(Path::new("rt.yaml"), "cpu_latency_limit: 20us\n").unwrap();
         assert_eq!(cfg.cpu_latency_limit, Some(Duration::from_micros(20)));
+    }
+
+    #[test]
+    fn sched_fifo_priority_parses_validates_and_refuses_busy_poll() {
+        assert_eq!(RuntimeConfig::default().sched_fifo_priority, None);
+        let cfg: RuntimeConfig =
+            from_yaml_str(Path::new("rt.yaml"), "sched_fifo_priority: 10\n").unwrap();
+        assert_eq!(cfg.sched_fifo_priority, Some(10));
+        cfg.validate("runtime").unwrap();
+        let json = serde_json::to_string(&cfg).unwrap();
+        assert!(json.contains("\"sched_fifo_priority\":10"), "{json}");
+        let back: RuntimeConfig = from_yaml_str(Path::new("j.yaml"), &json).unwrap();
+        assert_eq!(back, cfg);
+        let cfg: RuntimeConfig =
+            from_yaml_str(Path::new("rt.yaml"), "sched_fifo_priority: null\n").unwrap();
+        assert_eq!(cfg.sched_fifo_priority, None);
+
+        // Out of range: 0 and 100 fail validation naming the field and its line; values
+        // that are no u8 (or no number) fail parsing naming the field.
+        for (text, line) in [
+            ("pin: true\nsched_fifo_priority: 0\n", 2),
+            ("sched_fifo_priority: 100\n", 1),
+        ] {
+            let cfg: RuntimeConfig = from_yaml_str(Path::new("p.yaml"), text).unwrap();
+            let e = cfg
+                .validate("")
+                .unwrap_err()
+                .in_file(Path::new("p.yaml"), Some(text));
+            assert_eq!(e.field.as_deref(), Some("sched_fifo_priority"), "{e}");
+            assert_eq!(e.line, Some(line), "{e}");
+            assert!(e.message.contains("between 1 and 99"), "{e}");
+        }
+        for text in ["sched_fifo_priority: 300\n", "sched_fifo_priority: high\n"] {
+            let e = from_yaml_str::<RuntimeConfig>(Path::new("p.yaml"), text).unwrap_err();
+            assert_eq!(
+                e.field.as_deref(),
+                Some("sched_fifo_priority"),
+                "{text}: {e}"
+            );
+        }
+        let e = from_yaml_str::<RuntimeConfig>(Path::new("p.yaml"), "sched_fifo_prio: 10\n")
+            .unwrap_err();
+        assert!(e.message.contains("sched_fifo_prio"), "{e}");
+
+        // Never together with busy polling, whichever comes first in the file.
+        for text in [
+            "sched_fifo_priority: 10\nbusy_poll: 50us\n",
+            "busy_poll: 50us\nsched_fifo_priority: 10\n",
+        ] {
+            let cfg: RuntimeConfig = from_yaml_str(Path::new("p.yaml"), text).unwrap();
+            let e = cfg.validate("runtime").unwrap_err();
+            assert_eq!(e.field, "runtime.sched_fifo_priority", "{text}");
+            assert!(e.message.contains("busy_poll"), "{}", e.message);
+        }
+        let cfg: RuntimeConfig = from_yaml_str(
+            Path::new("p.yaml"),
+            "sched_fifo_priority: 10\nbusy_poll: 0\n",
+        )
+        .unwrap();
+        cfg.validate("runtime").unwrap();
     }
 
     #[test]

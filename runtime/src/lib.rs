@@ -12,11 +12,12 @@
 //! - [`busy`]: busy polling before a worker parks (`runtime.busy_poll`).
 //! - [`pmqos`]: the host-wide PM QoS CPU latency request (`runtime.cpu_latency_limit`), held
 //!   from the first [`spawn_workers`] until the process exits.
+//! - [`rtsched`]: `SCHED_FIFO` worker threads (`runtime.sched_fifo_priority`).
 //! - [`admin`]: the blocking control-side HTTP endpoint (readiness, stats) services share.
 //! - [`forwarder`]: the first service, a sharded L4 forwarder (binary `l4fwd`).
 //!
-//! This is the only crate of the workspace allowed `unsafe` (in [`sys`] and one readiness
-//! helper in [`forward`]), each block with a `SAFETY:` comment.
+//! This is the only crate of the workspace allowed `unsafe` (in [`sys`], [`rtsched`] and one
+//! readiness helper in [`forward`]), each block with a `SAFETY:` comment.
 
 pub mod admin;
 pub mod bufpool;
@@ -29,6 +30,7 @@ pub mod forwarder;
 pub mod listener;
 pub mod pinned;
 pub mod pmqos;
+pub mod rtsched;
 pub mod shutdown;
 pub mod snapshot;
 pub mod stats;

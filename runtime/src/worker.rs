@@ -357,6 +357,18 @@ where
                         tracing::warn!(worker = id, core = c, "could not pin worker to its core");
                     }
                 }
+                if let Some(prio) = cfg.sched_fifo_priority {
+                    // Not an error: the worker serves as a normal thread, only without
+                    // preempting its core's other threads.
+                    if let Err(e) = crate::rtsched::set_current_fifo(prio) {
+                        tracing::warn!(
+                            worker = id,
+                            priority = prio,
+                            error = %e,
+                            "runtime.sched_fifo_priority: could not switch the worker to SCHED_FIFO (needs CAP_SYS_NICE or RLIMIT_RTPRIO); it runs with normal scheduling"
+                        );
+                    }
+                }
                 let (mut rt, kind) = match driver::build_runtime(&decision, cfg.ring_entries) {
                     Ok(x) => x,
                     Err(e) => {
@@ -601,6 +613,57 @@ mod tests {
             // The handler closed it.
             let _ = c.read(&mut [0u8; 1]);
         }
+        shutdown.drain(std::time::Duration::ZERO);
+        workers.join().unwrap();
+    }
+
+    /// `runtime.sched_fifo_priority` takes effect on the real worker threads: each reads its
+    /// own policy back as `SCHED_FIFO` at the configured priority, while the thread that
+    /// started them stays normal. Needs `CAP_SYS_NICE` (root); under CI its absence fails.
+    #[test]
+    fn sched_fifo_priority_makes_the_workers_sched_fifo() {
+        // Probe the privilege on a throwaway thread (the policy must not leak to this one).
+        let probe = std::thread::spawn(|| crate::rtsched::set_current_fifo(1))
+            .join()
+            .unwrap();
+        if let Err(e) = probe {
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "CI is set but SCHED_FIFO cannot be set here (needs root/CAP_SYS_NICE): {e}"
+            );
+            eprintln!("SKIP: SCHED_FIFO not permitted here: {e}");
+            return;
+        }
+        let cfg = RuntimeConfig {
+            workers: Some(2),
+            pin: false,
+            sched_fifo_priority: Some(7),
+            ..RuntimeConfig::default()
+        };
+        cfg.validate("runtime").unwrap();
+        let shutdown = Shutdown::new();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let workers = spawn_workers(&cfg, &shutdown, |_| {
+            let tx = tx.clone();
+            move |ctx: WorkerCtx| async move {
+                tx.send((ctx.id(), crate::rtsched::current().unwrap()))
+                    .unwrap();
+            }
+        })
+        .unwrap();
+        let mut got: Vec<_> = (0..2)
+            .map(|_| {
+                rx.recv_timeout(std::time::Duration::from_secs(30))
+                    .expect("a worker never ran")
+            })
+            .collect();
+        got.sort_by_key(|(id, _)| *id);
+        let fifo7 = (crate::rtsched::Policy::Fifo, 7);
+        assert_eq!(got, vec![(0, fifo7), (1, fifo7)]);
+        assert_eq!(
+            crate::rtsched::current().unwrap(),
+            (crate::rtsched::Policy::Other, 0)
+        );
         shutdown.drain(std::time::Duration::ZERO);
         workers.join().unwrap();
     }

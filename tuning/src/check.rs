@@ -388,6 +388,8 @@ mod tests {
     #[test]
     fn busy_poll_findings_follow_the_profile() {
         let mut lat = crate::load_profile("latency").unwrap();
+        // Busy polling excludes SCHED_FIFO workers (the latency profile's).
+        lat.runtime.sched_fifo_priority = None;
         lat.runtime.busy_poll = std::time::Duration::from_micros(50);
         let f = super::run_for(&lat);
         let rt = f.iter().find(|x| x.name == "runtime.busy_poll").unwrap();
