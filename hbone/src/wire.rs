@@ -191,20 +191,24 @@ const TRACEPARENT: http::HeaderName = http::HeaderName::from_static("traceparent
 
 /// `00-<32 hex>-<16 hex>-<2 hex>`, ids not all zero.
 pub fn valid_traceparent(t: &str) -> bool {
-    let p: Vec<&str> = t.split('-').collect();
     let hex = |s: &str, n: usize| {
         s.len() == n
             && s.bytes()
                 .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase())
     };
-    p.len() == 4
-        && hex(p[0], 2)
-        && p[0] != "ff"
-        && hex(p[1], 32)
-        && p[1].bytes().any(|c| c != b'0')
-        && hex(p[2], 16)
-        && p[2].bytes().any(|c| c != b'0')
-        && hex(p[3], 2)
+    let mut p = t.split('-');
+    let (Some(version), Some(trace), Some(span), Some(flags), None) =
+        (p.next(), p.next(), p.next(), p.next(), p.next())
+    else {
+        return false;
+    };
+    hex(version, 2)
+        && version != "ff"
+        && hex(trace, 32)
+        && trace.bytes().any(|c| c != b'0')
+        && hex(span, 16)
+        && span.bytes().any(|c| c != b'0')
+        && hex(flags, 2)
 }
 
 /// What the server reads from a request before deciding anything.
@@ -227,29 +231,28 @@ pub fn parse_connect(
         return Err(status::NOT_CONNECT);
     }
     let target = parse_authority(authority.ok_or(status::BAD_AUTHORITY)?)?;
-    let text = |name: &str| {
+    let text = |name: &http::HeaderName| {
         headers
             .get(name)
             .and_then(|v: &HeaderValue| v.to_str().ok())
     };
     let (mut forwarded_for, mut host) = (None, None);
-    if let Some(f) = text("forwarded") {
+    if let Some(f) = text(&http::header::FORWARDED) {
         // Only the first element (closest to the original client) matters here.
         for pair in f.split(',').next().unwrap_or("").split(';') {
             let Some((k, v)) = pair.trim().split_once('=') else {
                 continue;
             };
             let v = v.trim().trim_matches('"');
-            match k.trim().to_ascii_lowercase().as_str() {
-                "for" => {
-                    forwarded_for = v
-                        .trim_start_matches('[')
-                        .split(']')
-                        .next()
-                        .and_then(|s| s.parse().ok())
-                }
-                "host" => host = Some(v.to_string()),
-                _ => {}
+            let k = k.trim();
+            if k.eq_ignore_ascii_case("for") {
+                forwarded_for = v
+                    .trim_start_matches('[')
+                    .split(']')
+                    .next()
+                    .and_then(|s| s.parse().ok())
+            } else if k.eq_ignore_ascii_case("host") {
+                host = Some(v.to_string())
             }
         }
     }
@@ -257,8 +260,8 @@ pub fn parse_connect(
         target,
         forwarded_for,
         host,
-        baggage: text("baggage").map(Baggage::parse).unwrap_or_default(),
-        traceparent: text("traceparent")
+        baggage: text(&BAGGAGE).map(Baggage::parse).unwrap_or_default(),
+        traceparent: text(&TRACEPARENT)
             .filter(|t| valid_traceparent(t))
             .map(str::to_string),
     })
@@ -357,6 +360,16 @@ mod tests {
             .unwrap()
             .to_string();
         assert!(valid_traceparent(&gen), "{gen}");
+        for bad in [
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-00",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7",
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
+            "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+        ] {
+            assert!(!valid_traceparent(bad), "{bad}");
+        }
     }
 
     #[test]
@@ -404,6 +417,14 @@ mod tests {
         let p = parse_connect(&Method::CONNECT, Some("10.0.0.1:80"), &h).unwrap();
         assert_eq!(p.forwarded_for, Some("fd00::7".parse().unwrap()));
         assert_eq!(p.host.as_deref(), Some("a.b"));
+        // Parameter names are case-insensitive (RFC 7239).
+        h.insert(
+            "forwarded",
+            HeaderValue::from_static("For=10.0.0.9; HOST=c.d"),
+        );
+        let p = parse_connect(&Method::CONNECT, Some("10.0.0.1:80"), &h).unwrap();
+        assert_eq!(p.forwarded_for, Some("10.0.0.9".parse().unwrap()));
+        assert_eq!(p.host.as_deref(), Some("c.d"));
     }
 
     /// Istio's ztunnel's baggage, as it writes it (`k8s.cluster.name` first): the cluster

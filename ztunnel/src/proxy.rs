@@ -829,9 +829,12 @@ async fn outbound_conn(
                       authority: SocketAddr,
                       expected: &[hbone::Identity],
                       dest: Option<&String>| {
-        // One expected identity, the destination workload's: its shared text.
+        // The destination workload's identity (and its node ztunnel's): the shared text.
         let peer = match (expected, dest.and_then(|u| st.texts.get(u))) {
             ([one], Some(t)) if *one == t.identity => t.principal.clone(),
+            ([one, node], Some(t)) if *one == t.identity && *node == w.settings().peer_identity => {
+                t.principal_or_node.clone()
+            }
             _ => expected
                 .iter()
                 .map(|i| i.to_string())

@@ -52,12 +52,15 @@ pub struct WorkloadText {
     pub identity: hbone::Identity,
     /// The SPIFFE identity, as text.
     pub principal: Arc<str>,
+    /// `<principal>,<ztunnel.peer_identity>`: the identities an outbound tunnel to its
+    /// node's ztunnel accepts (the `peer` path label).
+    pub principal_or_node: Arc<str>,
     /// The hostname of the first service it backs (a destination with no service named).
     pub service: Option<Arc<str>>,
 }
 
 impl WorkloadText {
-    fn of(w: &Workload) -> Self {
+    fn of(w: &Workload, node_identity: &hbone::Identity) -> Self {
         let name = if w.workload_name.is_empty() {
             &w.name
         } else {
@@ -68,6 +71,7 @@ impl WorkloadText {
             name: name.as_str().into(),
             namespace: w.namespace.as_str().into(),
             principal: identity.to_string().into(),
+            principal_or_node: format!("{identity},{node_identity}").into(),
             identity,
             service: w.services.keys().next().map(|s| service_host(s).into()),
         }
@@ -224,7 +228,7 @@ pub fn build(
     }
     let texts = model
         .workloads()
-        .map(|w| (w.uid.clone(), WorkloadText::of(w)))
+        .map(|w| (w.uid.clone(), WorkloadText::of(w, &s.peer_identity)))
         .collect();
     let service_hosts = model
         .services()
