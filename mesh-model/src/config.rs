@@ -16,6 +16,7 @@ use crate::model::{
     ip_to_bytes, Identity, Labels, Namespace, Node, Protocol, Waypoint, DEFAULT_SERVICE_ACCOUNT,
     DEFAULT_TRUST_DOMAIN, HBONE_PORT, ROOT_NAMESPACE,
 };
+use crate::names;
 use crate::snapshot::{Extras, Snapshot, WireState, ROUND_ROBIN_EXTENSION};
 use crate::wire::security as ws;
 use crate::wire::workload as ww;
@@ -541,9 +542,108 @@ impl LocalConfig {
             .collect()
     }
 
+    /// Every name and text that reaches a header, baggage, a certificate or telemetry
+    /// follows its Kubernetes (or SPIFFE) syntax ([`crate::names`]): a control character, a
+    /// `,` or a space there is an error naming the field, not a bad header on every
+    /// connection later.
+    pub fn check_names(&self) -> Result<(), Invalid> {
+        type Check = fn(&str) -> Result<(), String>;
+        let check = |field: String, value: &str, rule: Check| {
+            rule(value).map_err(|why| Invalid::new(field, why))
+        };
+        // Optional texts: empty means unset.
+        let opt = |field: String, value: &str, rule: Check| {
+            if value.is_empty() {
+                Ok(())
+            } else {
+                check(field, value, rule)
+            }
+        };
+        let labels = |field: String, l: &Labels| {
+            for (k, v) in l {
+                names::label_key(k)
+                    .and_then(|()| names::label_value(v).map_err(|why| format!("{k}: {why}")))
+                    .map_err(|why| Invalid::new(field.clone(), why))?;
+            }
+            Ok::<(), Invalid>(())
+        };
+        for (i, w) in self.workloads.iter().enumerate() {
+            let f = |name: &str| format!("workloads[{i}].{name}");
+            opt(f("uid"), &w.uid, names::token)?;
+            check(f("name"), &w.name, names::dns_subdomain)?;
+            check(f("namespace"), &w.namespace, names::dns_label)?;
+            if let Some(sa) = &w.service_account {
+                check(f("serviceAccount"), sa, names::dns_subdomain)?;
+            }
+            if let Some(td) = &w.trust_domain {
+                check(f("trustDomain"), td, names::trust_domain)?;
+            }
+            opt(f("hostname"), &w.hostname, names::hostname)?;
+            opt(f("node"), &w.node, names::dns_subdomain)?;
+            check(f("network"), &w.network, names::label_value)?;
+            check(f("clusterId"), &w.cluster_id, names::label_value)?;
+            check(f("canonicalName"), &w.canonical_name, names::label_value)?;
+            check(
+                f("canonicalRevision"),
+                &w.canonical_revision,
+                names::label_value,
+            )?;
+            opt(f("workloadName"), &w.workload_name, names::dns_subdomain)?;
+            labels(f("labels"), &w.labels)?;
+        }
+        for (i, s) in self.services.iter().enumerate() {
+            let f = |name: &str| format!("services[{i}].{name}");
+            check(f("name"), &s.name, names::dns_subdomain)?;
+            check(f("namespace"), &s.namespace, names::dns_label)?;
+            check(f("hostname"), &s.hostname, names::hostname)?;
+            for v in &s.vips {
+                check(f("vips"), &v.network, names::label_value)?;
+            }
+            for san in &s.subject_alt_names {
+                check(f("subjectAltNames"), san, names::token)?;
+            }
+            labels(f("labels"), &s.labels)?;
+        }
+        for (i, p) in self.policies.iter().enumerate() {
+            let f = |name: &str| format!("policies[{i}].{name}");
+            check(f("name"), &p.name, names::dns_subdomain)?;
+            check(f("namespace"), &p.namespace, names::dns_label)?;
+            if let Some(sel) = &p.selector {
+                labels(f("selector"), &sel.match_labels)?;
+            }
+        }
+        for (i, n) in self.namespaces.iter().enumerate() {
+            check(format!("namespaces[{i}].name"), &n.name, names::dns_label)?;
+            labels(format!("namespaces[{i}].labels"), &n.labels)?;
+        }
+        for (i, w) in self.waypoints.iter().enumerate() {
+            let f = |name: &str| format!("waypoints[{i}].{name}");
+            check(f("name"), &w.name, names::dns_subdomain)?;
+            check(f("namespace"), &w.namespace, names::dns_label)?;
+            if let Some(sa) = &w.service_account {
+                check(f("serviceAccount"), sa, names::dns_subdomain)?;
+            }
+            if let Some(td) = &w.trust_domain {
+                check(f("trustDomain"), td, names::trust_domain)?;
+            }
+            check(f("network"), &w.network, names::label_value)?;
+            for k in w.annotations.keys() {
+                check(f("annotations"), k, names::label_key)?;
+            }
+            if let Some(sa) = w.annotations.get(FOR_SERVICE_ACCOUNT_ANNOTATION) {
+                check(f("annotations"), sa, names::dns_subdomain)?;
+            }
+        }
+        for (i, n) in self.nodes.iter().enumerate() {
+            check(format!("nodes[{i}].name"), &n.name, names::dns_subdomain)?;
+        }
+        Ok(())
+    }
+
     /// Check references and uniqueness, then build the wire types, applying R2 and R3 to
     /// workloads and services that do not state their protocol or waypoint explicitly.
     pub fn compile(&self) -> Result<WireState, Invalid> {
+        self.check_names()?;
         let waypoints = self.waypoints();
         // Namespaces, waypoints, nodes, policies: unique names.
         let mut seen = BTreeSet::new();

@@ -15,6 +15,8 @@
 //! * [`route`] — [`route::outbound`] (R1, R4–R8) and [`route::inbound`] (R9–R12), with an
 //!   injected [`route::Chooser`] for random and round-robin choices.
 //! * [`config`] — the local YAML file → wire types → snapshot.
+//! * [`names`] — Kubernetes' name, label and hostname syntax the local file is checked
+//!   against (a workload name with a control character would make a bad header).
 //!
 //! ## Local configuration file
 //!
@@ -88,6 +90,7 @@ pub mod binding;
 pub mod config;
 pub mod identity;
 pub mod model;
+pub mod names;
 pub mod route;
 pub mod snapshot;
 

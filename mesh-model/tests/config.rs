@@ -298,3 +298,143 @@ fn round_trip_yaml_to_wire_to_model() {
     assert_eq!(a.policies(), b.policies());
     assert_eq!(a.workloads().count(), b.workloads().count());
 }
+
+/// Every field the checks cover set to a valid value; line numbers below are 1-based.
+const NAMED: &str = r#"namespaces:
+  - name: ns
+    labels: {istio.io/dataplane-mode: ambient}
+waypoints:
+  - name: wp
+    namespace: ns
+    address: 10.0.9.1
+    serviceAccount: wp
+    trustDomain: cluster.local
+    network: net1
+nodes:
+  - name: node-a
+    ztunnel: 10.0.8.1
+policies:
+  - name: p
+    namespace: ns
+    selector: {matchLabels: {app: web}}
+services:
+  - name: svc
+    namespace: ns
+    hostname: svc.ns.svc.cluster.local
+    subjectAltNames: [spiffe://cluster.local/ns/ns/sa/web]
+    labels: {app: svc}
+workloads:
+  - name: web-7d9f-x1
+    namespace: ns
+    uid: cluster1//Pod/ns/web-7d9f-x1
+    serviceAccount: web
+    trustDomain: cluster.local
+    workloadIps: ["10.0.0.1"]
+    hostname: web.ns
+    node: node-a
+    network: net1
+    clusterId: Kubernetes
+    canonicalName: web
+    canonicalRevision: v1
+    workloadName: web
+    labels: {app: web, app.kubernetes.io/version: v1.2_3}
+"#;
+
+/// `NAMED` with line `line` replaced.
+fn named_with(line: usize, new: &str) -> String {
+    let mut lines: Vec<&str> = NAMED.lines().collect();
+    lines[line - 1] = new;
+    lines.join("\n") + "\n"
+}
+
+/// A name or text that would reach a header, baggage, a certificate or telemetry with a
+/// byte its Kubernetes syntax forbids (a control character, `,`, a space, upper case…) is a
+/// load error naming file, line and field — before, `web\x07` loaded and every outbound
+/// HBONE connection of that workload panicked building its CONNECT headers.
+#[test]
+fn config_bad_names_are_load_errors_naming_file_line_and_field() {
+    load(NAMED).expect("the valid names load");
+    let cases: &[(usize, &str, &str)] = &[
+        (2, r#"  - name: "ns\x07""#, "namespaces[0].name"),
+        (
+            3,
+            r#"    labels: {istio.io/dataplane-mode: "ambient,x"}"#,
+            "namespaces[0].labels",
+        ),
+        (5, "  - name: Wp", "waypoints[0].name"),
+        (6, "    namespace: n.s", "waypoints[0].namespace"),
+        (
+            8,
+            r#"    serviceAccount: "wp\r\nx: y""#,
+            "waypoints[0].serviceAccount",
+        ),
+        (
+            9,
+            "    trustDomain: Cluster.Local",
+            "waypoints[0].trustDomain",
+        ),
+        (10, "    network: net 1", "waypoints[0].network"),
+        (12, "  - name: node_a", "nodes[0].name"),
+        (15, r#"  - name: "p\x00""#, "policies[0].name"),
+        (16, "    namespace: -ns", "policies[0].namespace"),
+        (
+            17,
+            r#"    selector: {matchLabels: {"a b": web}}"#,
+            "policies[0].selector",
+        ),
+        (19, "  - name: svc;x", "services[0].name"),
+        (20, r#"    namespace: "ns\t""#, "services[0].namespace"),
+        (21, "    hostname: svc..ns", "services[0].hostname"),
+        (
+            22,
+            r#"    subjectAltNames: ["a,b"]"#,
+            "services[0].subjectAltNames",
+        ),
+        (23, r#"    labels: {app: "svc\x07"}"#, "services[0].labels"),
+        (25, r#"  - name: "web\x07""#, "workloads[0].name"),
+        (26, "    namespace: NS", "workloads[0].namespace"),
+        (27, r#"    uid: "a b""#, "workloads[0].uid"),
+        (
+            28,
+            r#"    serviceAccount: "web\x07""#,
+            "workloads[0].serviceAccount",
+        ),
+        (
+            29,
+            "    trustDomain: cluster local",
+            "workloads[0].trustDomain",
+        ),
+        (31, "    hostname: web,ns", "workloads[0].hostname"),
+        (32, "    node: node=a", "workloads[0].node"),
+        (33, r#"    network: "net1\n""#, "workloads[0].network"),
+        (
+            34,
+            r#"    clusterId: "Kubernetes,k8s.namespace.name=x""#,
+            "workloads[0].clusterId",
+        ),
+        (
+            35,
+            r#"    canonicalName: "web\x07""#,
+            "workloads[0].canonicalName",
+        ),
+        (
+            36,
+            "    canonicalRevision: v1=2",
+            "workloads[0].canonicalRevision",
+        ),
+        (
+            37,
+            r#"    workloadName: "web\x07""#,
+            "workloads[0].workloadName",
+        ),
+        (38, r#"    labels: {app: "web\x7f"}"#, "workloads[0].labels"),
+    ];
+    for &(line, text, field) in cases {
+        let e = load(&named_with(line, text)).expect_err(text);
+        assert_eq!(e.field.as_deref(), Some(field), "{text}: {e}");
+        assert_eq!(e.line, Some(line), "{text}: {e}");
+        let shown = e.to_string();
+        assert!(shown.starts_with(&format!("mesh.yaml:{line}")), "{shown}");
+        assert!(shown.contains(field), "{shown}");
+    }
+}

@@ -1,0 +1,186 @@
+//! The syntax of the names and texts the model carries into headers, baggage, certificates
+//! and telemetry: Kubernetes' rules for object names (DNS-1123 label and subdomain) and label
+//! keys and values, and SPIFFE's for a trust domain. The local configuration is checked
+//! against them at load, so that a control character or a `,` in a workload's name is an
+//! error naming the field, not a bad header on every connection of that workload.
+//!
+//! Each check returns why a text does not conform.
+
+/// A DNS-1123 label (namespace and service names): 1–63 of `a-z`, `0-9`, `-`, starting and
+/// ending alphanumeric.
+pub fn dns_label(s: &str) -> Result<(), String> {
+    if s.is_empty() {
+        return Err("must not be empty".into());
+    }
+    if s.len() > 63 {
+        return Err(format!("{s:?} is longer than 63 characters"));
+    }
+    label_chars(s, |c| {
+        c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'-'
+    })
+    .map_err(|why| format!("{s:?} is not a DNS-1123 label (a-z, 0-9, '-'): {why}"))
+}
+
+/// A DNS-1123 subdomain (pod, workload, service account, node names; hostnames): at most
+/// 253 characters, DNS-1123 labels joined by `.`.
+pub fn dns_subdomain(s: &str) -> Result<(), String> {
+    if s.is_empty() {
+        return Err("must not be empty".into());
+    }
+    if s.len() > 253 {
+        return Err(format!("{s:?} is longer than 253 characters"));
+    }
+    for part in s.split('.') {
+        label_chars(part, |c| {
+            c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'-'
+        })
+        .map_err(|why| format!("{s:?} is not a DNS-1123 subdomain (a-z, 0-9, '-', '.'): {why}"))?;
+    }
+    Ok(())
+}
+
+/// A service hostname: a DNS-1123 subdomain, optionally behind a `*.` wildcard.
+pub fn hostname(s: &str) -> Result<(), String> {
+    dns_subdomain(s.strip_prefix("*.").unwrap_or(s))
+}
+
+/// A Kubernetes label value: empty, or at most 63 of `A-Z a-z 0-9 - _ .`, starting and
+/// ending alphanumeric.
+pub fn label_value(s: &str) -> Result<(), String> {
+    if s.is_empty() {
+        return Ok(());
+    }
+    if s.len() > 63 {
+        return Err(format!("{s:?} is longer than 63 characters"));
+    }
+    label_chars(s, label_value_char).map_err(|why| {
+        format!("{s:?} is not a valid label value (A-Z, a-z, 0-9, '-', '_', '.'): {why}")
+    })
+}
+
+/// A Kubernetes label (or annotation) key: `[prefix/]name`, the prefix a DNS-1123 subdomain,
+/// the name as a non-empty label value.
+pub fn label_key(s: &str) -> Result<(), String> {
+    let (prefix, name) = match s.split_once('/') {
+        Some((p, n)) => (Some(p), n),
+        None => (None, s),
+    };
+    if let Some(p) = prefix {
+        dns_subdomain(p).map_err(|why| format!("key {s:?}: prefix: {why}"))?;
+    }
+    if name.is_empty() {
+        return Err(format!("key {s:?}: the name must not be empty"));
+    }
+    label_value(name).map_err(|why| format!("key {s:?}: {why}"))
+}
+
+/// A SPIFFE trust domain: 1–255 of `a-z 0-9 . - _`.
+pub fn trust_domain(s: &str) -> Result<(), String> {
+    if s.is_empty() || s.len() > 255 {
+        return Err(format!("{s:?} must be 1-255 characters"));
+    }
+    match s.bytes().find(|c| {
+        !(c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, b'.' | b'-' | b'_'))
+    }) {
+        Some(c) => Err(format!(
+            "{s:?} is not a SPIFFE trust domain (a-z, 0-9, '.', '-', '_'): {}",
+            shown(c)
+        )),
+        None => Ok(()),
+    }
+}
+
+/// Free text that ends up in a header or a metric label (a uid, a subject alt name): visible
+/// ASCII, no spaces, none of `,;="\`.
+pub fn token(s: &str) -> Result<(), String> {
+    match s
+        .bytes()
+        .find(|c| !c.is_ascii_graphic() || matches!(c, b',' | b';' | b'=' | b'"' | b'\\'))
+    {
+        Some(c) => Err(format!(
+            "{s:?} may hold only visible ASCII other than , ; = \" \\: {}",
+            shown(c)
+        )),
+        None => Ok(()),
+    }
+}
+
+fn label_value_char(c: u8) -> bool {
+    c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.')
+}
+
+/// Non-empty, every byte `ok`, first and last alphanumeric.
+fn label_chars(s: &str, ok: impl Fn(u8) -> bool) -> Result<(), String> {
+    let b = s.as_bytes();
+    let (Some(&first), Some(&last)) = (b.first(), b.last()) else {
+        return Err("an empty part".into());
+    };
+    if let Some(&c) = b.iter().find(|&&c| !ok(c)) {
+        return Err(shown(c));
+    }
+    if !first.is_ascii_alphanumeric() || !last.is_ascii_alphanumeric() {
+        return Err("must start and end with a letter or digit".into());
+    }
+    Ok(())
+}
+
+fn shown(c: u8) -> String {
+    if c.is_ascii_graphic() {
+        format!("{:?} is not allowed", char::from(c))
+    } else {
+        format!("byte 0x{c:02x} is not allowed")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kubernetes_name_rules() {
+        for ok in ["a", "web-1", "x9", &"a".repeat(63)] {
+            assert_eq!(dns_label(ok), Ok(()), "{ok}");
+        }
+        for bad in [
+            "",
+            "Web",
+            "web\x07",
+            "-a",
+            "a-",
+            "a.b",
+            "a_b",
+            &"a".repeat(64),
+        ] {
+            assert!(dns_label(bad).is_err(), "{bad:?}");
+        }
+        for ok in ["a", "echo.ns.svc.cluster.local", "web-1.x"] {
+            assert_eq!(dns_subdomain(ok), Ok(()), "{ok}");
+        }
+        for bad in ["", "a..b", ".a", "a.", "a b", "a,b", "é"] {
+            assert!(dns_subdomain(bad).is_err(), "{bad:?}");
+        }
+        assert_eq!(hostname("*.example.com"), Ok(()));
+        assert!(hostname("*").is_err());
+        for ok in ["", "v1", "Kubernetes", "a_b.c-d", &"A".repeat(63)] {
+            assert_eq!(label_value(ok), Ok(()), "{ok}");
+        }
+        for bad in ["_a", "a ", "a,b", "a=b", "a\r\nx: y", &"A".repeat(64)] {
+            assert!(label_value(bad).is_err(), "{bad:?}");
+        }
+        for ok in ["app", "istio.io/use-waypoint", "app.kubernetes.io/name"] {
+            assert_eq!(label_key(ok), Ok(()), "{ok}");
+        }
+        for bad in ["", "istio.io/", "/a", "Istio.io/a", "a b"] {
+            assert!(label_key(bad).is_err(), "{bad:?}");
+        }
+        assert_eq!(trust_domain("cluster.local"), Ok(()));
+        assert!(trust_domain("Cluster.local").is_err());
+        assert_eq!(token("cluster1//Pod/ns/web"), Ok(()));
+        assert!(token("a b").is_err());
+        assert!(token("a,b").is_err());
+        assert_eq!(
+            dns_label("web\x07").unwrap_err(),
+            "\"web\\u{7}\" is not a DNS-1123 label (a-z, 0-9, '-'): byte 0x07 is not allowed"
+        );
+    }
+}
