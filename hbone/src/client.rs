@@ -23,6 +23,8 @@ pub struct Client {
     send: SendRequest<Bytes>,
     closed: Rc<Cell<bool>>,
     peer: SocketAddr,
+    /// `h2.handshake_timeout`: how long a CONNECT waits for its reply (0: no limit).
+    reply_timeout: std::time::Duration,
 }
 
 /// Random bytes for trace ids (`traceparent`): unique, not secret, so a per-thread
@@ -162,7 +164,15 @@ impl Client {
         let first = match first {
             Some(req) => {
                 let mut ready = send.clone().ready().await?;
-                Some(ready.send_request(req.to_http(random_fill), false)?)
+                let (resp, stream) = ready.send_request(req.to_http(random_fill), false)?;
+                Some((
+                    Reply {
+                        resp,
+                        peer: addr,
+                        timeout: settings.handshake_timeout,
+                    },
+                    stream,
+                ))
             }
             None => None,
         };
@@ -185,6 +195,7 @@ impl Client {
                 send,
                 closed,
                 peer: addr,
+                reply_timeout: settings.handshake_timeout,
             },
             first,
         ))
@@ -203,19 +214,50 @@ impl Client {
     pub async fn open(&self, req: &ConnectRequest) -> Result<H2Stream, HboneError> {
         let mut send = self.send.clone().ready().await?;
         let (resp, stream) = send.send_request(req.to_http(random_fill), false)?;
+        let resp = Reply {
+            resp,
+            peer: self.peer,
+            timeout: self.reply_timeout,
+        };
         answered(resp, stream).await
     }
 }
 
 /// A first request sent with the connection's setup, its answer not awaited yet.
-pub(crate) type FirstRequest = (h2::client::ResponseFuture, SendStream<Bytes>);
+pub(crate) type FirstRequest = (Reply, SendStream<Bytes>);
 
-/// The stream once the server answered 200; `HboneError::Status` otherwise.
-pub(crate) async fn answered(
+/// A CONNECT's pending reply and how long it may take.
+pub(crate) struct Reply {
     resp: h2::client::ResponseFuture,
+    peer: SocketAddr,
+    timeout: std::time::Duration,
+}
+
+/// The stream once the server answered 200; `HboneError::Status` otherwise, and
+/// [`HboneError::ReplyTimeout`] when no reply came within `h2.handshake_timeout` (the
+/// stream is reset: a server stuck connecting to its destination does not hold the opener).
+pub(crate) async fn answered(
+    reply: Reply,
     stream: SendStream<Bytes>,
 ) -> Result<H2Stream, HboneError> {
-    let resp = resp.await?;
+    let Reply {
+        resp,
+        peer,
+        timeout,
+    } = reply;
+    let resp = if timeout.is_zero() {
+        resp.await?
+    } else {
+        match monoio::time::timeout(timeout, resp).await {
+            Ok(r) => r?,
+            Err(_) => {
+                return Err(HboneError::ReplyTimeout {
+                    peer,
+                    after: timeout,
+                })
+            }
+        }
+    };
     if resp.status() != http::StatusCode::OK {
         return Err(HboneError::Status(resp.status()));
     }

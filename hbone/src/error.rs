@@ -28,6 +28,13 @@ pub enum HboneError {
         peer: SocketAddr,
         after: std::time::Duration,
     },
+    /// A CONNECT sent and not answered within `h2.handshake_timeout` (the server could not
+    /// reach its destination in time). Not retried: the connection itself is fine.
+    #[error("HBONE CONNECT to {peer} not answered within {after:?} (h2.handshake_timeout)")]
+    ReplyTimeout {
+        peer: SocketAddr,
+        after: std::time::Duration,
+    },
 }
 
 impl HboneError {

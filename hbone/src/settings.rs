@@ -26,7 +26,9 @@ pub struct H2Settings {
     /// Deadline for setting up an HBONE connection (Envoy's `connect_timeout`, 10 s):
     /// client: TCP connect + TLS + HTTP/2 handshake (every opener waiting on that pooled
     /// connection gets the error); server: TLS + HTTP/2 preface after accept (the socket
-    /// is closed). Counted either way. 0: no deadline.
+    /// is closed). Counted either way. Also how long a client's CONNECT waits for its reply
+    /// (`HboneError::ReplyTimeout`, the stream reset), and ztunnel's deadline for its plain
+    /// TCP connects (to a pod, passthrough). 0: no deadline.
     #[serde(with = "runtime::config::duration")]
     pub handshake_timeout: Duration,
     /// Client pool: streams per pooled connection before another connection is opened.

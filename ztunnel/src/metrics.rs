@@ -239,6 +239,39 @@ pub struct Metrics {
     pub hbone_client_tls: Arc<TlsCounters>,
     /// The inbound HBONE server's counters (`:15008`), shared by every worker.
     pub hbone_server: Arc<ServerCounters>,
+    /// Connects given up after `h2.handshake_timeout`, by [`ConnectTimeout`].
+    connect_timeouts: [AtomicU64; ConnectTimeout::ALL.len()],
+}
+
+/// What did not connect within `h2.handshake_timeout` (Envoy's `connect_timeout`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConnectTimeout {
+    /// Inbound HBONE: the TCP connect to the pod (the CONNECT answered 503).
+    HbonePod,
+    /// Inbound plaintext: the TCP connect to the pod (the client reset).
+    PlaintextPod,
+    /// Outbound passthrough: the TCP connect to the destination (SOCKS5 host unreachable,
+    /// or a reset for a captured connection).
+    Passthrough,
+    /// Outbound HBONE: the CONNECT's reply (SOCKS5 host unreachable, or a reset).
+    HboneReply,
+}
+
+impl ConnectTimeout {
+    const ALL: [ConnectTimeout; 4] = [
+        ConnectTimeout::HbonePod,
+        ConnectTimeout::PlaintextPod,
+        ConnectTimeout::Passthrough,
+        ConnectTimeout::HboneReply,
+    ];
+    fn label(self) -> &'static str {
+        match self {
+            ConnectTimeout::HbonePod => "hbone_pod",
+            ConnectTimeout::PlaintextPod => "plaintext_pod",
+            ConnectTimeout::Passthrough => "passthrough",
+            ConnectTimeout::HboneReply => "hbone_reply",
+        }
+    }
 }
 
 impl Default for Metrics {
@@ -271,6 +304,7 @@ impl Default for Metrics {
             socks_errors: Family::new(u8::MAX),
             hbone_client_tls: Arc::default(),
             hbone_server: Arc::default(),
+            connect_timeouts: Default::default(),
         }
     }
 }
@@ -347,6 +381,18 @@ impl Metrics {
             let _ = writeln!(
                 out,
                 "ztunnel_socks5_errors_total{{reply=\"{k}\"}} {}",
+                v.load(Relaxed)
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP ztunnel_connect_timeouts_total Connections given up for not connecting (or an HBONE CONNECT not answered) within h2.handshake_timeout, by what was waited for.\n# TYPE ztunnel_connect_timeouts_total counter"
+        );
+        for (kind, v) in ConnectTimeout::ALL.iter().zip(&self.connect_timeouts) {
+            let _ = writeln!(
+                out,
+                "ztunnel_connect_timeouts_total{{what=\"{}\"}} {}",
+                kind.label(),
                 v.load(Relaxed)
             );
         }
@@ -480,6 +526,10 @@ impl LocalMetrics {
 
     pub fn denied(&self, labels: &DenyLabels) {
         cached(&self.0.denied, &self.0.shared.denied, labels).fetch_add(1, Relaxed);
+    }
+
+    pub fn connect_timeout(&self, what: ConnectTimeout) {
+        self.0.shared.connect_timeouts[what as usize].fetch_add(1, Relaxed);
     }
 
     pub fn socks_error(&self, reply: u8) {

@@ -57,7 +57,9 @@ use runtime::{Publisher, Shutdown, Subscriber, WorkerCtx, Workers};
 
 use crate::admin::{self, Endpoint};
 use crate::config::{self, Loaded, Settings};
-use crate::metrics::{self, AddrLabel, ConnLabels, DenyLabels, LocalMetrics, Metrics, PathLabels};
+use crate::metrics::{
+    self, AddrLabel, ConnLabels, ConnectTimeout, DenyLabels, LocalMetrics, Metrics, PathLabels,
+};
 use crate::socks::{self, reply, Failure, Target};
 use crate::state::{self, State};
 
@@ -696,12 +698,38 @@ pub fn resolve(snap: &Snapshot, name: &str, port: u16) -> Option<SocketAddr> {
     Some(SocketAddr::new(ip, port))
 }
 
+/// A TCP connect to `target` within `h2.handshake_timeout` (Envoy's `connect_timeout`; 0:
+/// the kernel's SYN retries only): a destination that drops SYNs fails with `TimedOut`
+/// after it, counted as `what`, instead of holding the connection for minutes.
+async fn connect_within(
+    w: &Worker,
+    target: SocketAddr,
+    what: ConnectTimeout,
+) -> std::io::Result<TcpStream> {
+    let limit = w.settings().h2.handshake_timeout;
+    let connect = listener::connect(target, w.ctx.listen_options());
+    if limit.is_zero() {
+        return connect.await;
+    }
+    match monoio::time::timeout(limit, connect).await {
+        Ok(r) => r,
+        Err(_) => {
+            w.metrics.connect_timeout(what);
+            Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("not connected within {limit:?} (h2.handshake_timeout)"),
+            ))
+        }
+    }
+}
+
 fn status_reply(e: &HboneError) -> u8 {
     match e {
         HboneError::Status(s) if *s == status::DENIED => reply::NOT_ALLOWED,
         HboneError::Status(s) if *s == status::UPSTREAM_FAILED => reply::CONNECTION_REFUSED,
         HboneError::Status(s) if *s == status::BAD_AUTHORITY => reply::HOST_UNREACHABLE,
         HboneError::Connect(..) => reply::CONNECTION_REFUSED,
+        HboneError::ReplyTimeout { .. } => reply::HOST_UNREACHABLE,
         _ => reply::GENERAL_FAILURE,
     }
 }
@@ -868,13 +896,16 @@ async fn outbound_conn(
             let mut labels = base_labels("source", "none");
             source_labels(&mut labels, st, src);
             dest_labels(&mut labels, st, service.as_ref(), workload.as_ref());
-            let up = match listener::connect(target, w.ctx.listen_options()).await {
+            let up = match connect_within(w, target, ConnectTimeout::Passthrough).await {
                 Ok(u) => u,
                 Err(e) => {
                     let why = format!("connect {target}: {e}");
-                    return mode
-                        .fail(w, &mut tcp, peer, reply::CONNECTION_REFUSED, &why)
-                        .await;
+                    let code = if e.kind() == std::io::ErrorKind::TimedOut {
+                        reply::HOST_UNREACHABLE
+                    } else {
+                        reply::CONNECTION_REFUSED
+                    };
+                    return mode.fail(w, &mut tcp, peer, code, &why).await;
                 }
             };
             if !mode.ready(&mut tcp).await {
@@ -1018,6 +1049,9 @@ async fn outbound_hbone(
     let stream = match Box::pin(w.pool.open(&key, &source.cert, &req)).await {
         Ok(s) => s,
         Err(e) => {
+            if matches!(e, HboneError::ReplyTimeout { .. }) {
+                w.metrics.connect_timeout(ConnectTimeout::HboneReply);
+            }
             let why = format!("HBONE to {target} (authority {authority}): {e}");
             return mode.fail(w, &mut tcp, peer, status_reply(&e), &why).await;
         }
@@ -1327,7 +1361,7 @@ async fn hbone_stream(w: Rc<Worker>, mut inb: HboneInbound, conn: Rc<InConn>) {
         Inbound::Allow { workload, verdict } => {
             dest_labels(&mut labels, &st, None, Some(&workload));
             w.metrics.path(&path("hbone_allow", Some(target)));
-            let tcp = match listener::connect(target, w.ctx.listen_options()).await {
+            let tcp = match connect_within(&w, target, ConnectTimeout::HbonePod).await {
                 Ok(t) => t,
                 Err(e) => {
                     tracing::info!(target: "ztunnel::access", direction = "inbound", authority = %target, error = %e, "connect to pod failed: 503");
@@ -1624,7 +1658,7 @@ async fn plaintext_conn(w: Rc<Worker>, idx: usize, tcp: TcpStream, peer: SocketA
         Inbound::Allow { workload, verdict } => {
             dest_labels(&mut labels, &st, None, Some(&workload));
             w.metrics.path(&path("plaintext_allow", Some(target), None));
-            let up = match listener::connect(target, w.ctx.listen_options()).await {
+            let up = match connect_within(&w, target, ConnectTimeout::PlaintextPod).await {
                 Ok(u) => u,
                 Err(e) => {
                     tracing::info!(target: "ztunnel::access", direction = "inbound", src = %peer, dst = %target, error = %e, "plaintext: connect to pod failed: reset");
