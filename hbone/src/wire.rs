@@ -123,8 +123,28 @@ impl ConnectRequest {
         }
     }
 
-    /// The HTTP/2 request. `random` fills a fresh trace id when none is given.
+    /// The HTTP/2 request. `random` fills a fresh trace id when none is given. A `forwarded`
+    /// host or a baggage field that is not valid in a header value (a control character) is
+    /// an error naming the header, for the caller to refuse the connection with; it never
+    /// panics.
+    pub fn try_to_http(&self, random: impl FnOnce(&mut [u8])) -> Result<Request<()>, BadHeader> {
+        self.build(random, Err)
+    }
+
+    /// [`ConnectRequest::try_to_http`], leaving out a header whose value is not valid.
     pub fn to_http(&self, random: impl FnOnce(&mut [u8])) -> Request<()> {
+        // Never an error: every bad header is let through `Ok` (left out).
+        self.build(random, |_| Ok(()))
+            .unwrap_or_else(|_| Request::new(()))
+    }
+
+    /// `on_bad` decides what a header whose value is not valid does: `Err` fails the request,
+    /// `Ok` leaves the header out.
+    fn build(
+        &self,
+        random: impl FnOnce(&mut [u8]),
+        mut on_bad: impl FnMut(BadHeader) -> Result<(), BadHeader>,
+    ) -> Result<Request<()>, BadHeader> {
         use std::fmt::Write as _;
         let mut req = Request::new(());
         *req.method_mut() = Method::CONNECT;
@@ -149,13 +169,20 @@ impl ConnectRequest {
             fwd.push_str(h);
         }
         if !fwd.is_empty() {
-            if let Ok(v) = HeaderValue::from_maybe_shared(bytes::Bytes::from(fwd)) {
-                headers.insert(http::header::FORWARDED, v);
+            match HeaderValue::from_maybe_shared(bytes::Bytes::from(fwd)) {
+                Ok(v) => drop(headers.insert(http::header::FORWARDED, v)),
+                Err(_) => on_bad(BadHeader("forwarded"))?,
             }
         }
         let baggage = match &self.baggage_header {
             Some(v) => Some(v.clone()),
-            None => self.baggage.to_header_value(),
+            None => {
+                let v = self.baggage.to_header_value();
+                if v.is_none() && self.baggage.to_header().is_some() {
+                    on_bad(BadHeader("baggage"))?;
+                }
+                v
+            }
         };
         if let Some(v) = baggage {
             headers.insert(BAGGAGE, v);
@@ -182,9 +209,15 @@ impl ConnectRequest {
         if let Some(tp) = tp {
             headers.insert(TRACEPARENT, tp);
         }
-        req
+        Ok(req)
     }
 }
+
+/// A CONNECT request header whose value would not be a valid header value (a control
+/// character in a host name or a baggage field).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("the {0} header of the CONNECT request would hold a byte not allowed in a header value")]
+pub struct BadHeader(pub &'static str);
 
 const BAGGAGE: http::HeaderName = http::HeaderName::from_static("baggage");
 const TRACEPARENT: http::HeaderName = http::HeaderName::from_static("traceparent");
@@ -313,6 +346,43 @@ mod tests {
         assert_eq!(p.host, r.host);
         assert_eq!(p.baggage, r.baggage);
         assert!(valid_traceparent(p.traceparent.as_deref().unwrap()));
+    }
+
+    /// A host or baggage field with a byte not allowed in a header value (a workload named
+    /// `web\x07`) makes `try_to_http` an error naming the header, never a panic; `to_http`
+    /// leaves that header out and sends the rest.
+    #[test]
+    fn a_bad_header_value_is_an_error_not_a_panic() {
+        let mut r = ConnectRequest::new("10.0.0.5:8080".parse().unwrap());
+        r.forwarded_for = Some("10.0.0.1".parse().unwrap());
+        r.host = Some("echo\x07.default".into());
+        r.baggage = sleep_baggage();
+        assert_eq!(
+            r.try_to_http(|b| b.fill(7)).unwrap_err(),
+            BadHeader("forwarded")
+        );
+        let lenient = r.to_http(|b| b.fill(7));
+        assert!(lenient.headers().get("forwarded").is_none());
+        assert!(lenient.headers().get("baggage").is_some());
+        r.host = Some("echo.default".into());
+        r.baggage.workload_name = Some("web\x07".into());
+        assert_eq!(
+            r.try_to_http(|b| b.fill(7)).unwrap_err(),
+            BadHeader("baggage")
+        );
+        r.baggage.workload_name = Some("web\r\nx-injected: 1".into());
+        assert_eq!(
+            r.try_to_http(|b| b.fill(7)).unwrap_err(),
+            BadHeader("baggage")
+        );
+        let lenient = r.to_http(|b| b.fill(7));
+        assert!(lenient.headers().get("baggage").is_none());
+        assert!(lenient.headers().get("x-injected").is_none());
+        // Valid values: the same request as `to_http`.
+        r.baggage = sleep_baggage();
+        let strict = r.try_to_http(|b| b.fill(7)).unwrap();
+        assert_eq!(strict.headers(), r.to_http(|b| b.fill(7)).headers());
+        assert_eq!(strict.headers().len(), 3);
     }
 
     /// A pre-rendered `baggage` is sent as given (the same shared bytes on every request)
