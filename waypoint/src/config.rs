@@ -50,6 +50,18 @@
 //!   ztunnel_identity: spiffe://cluster.local/ns/istio-system/sa/ztunnel   # default (in
 //!                                # the trust domain of `identity`): its `forwarded: for=`
 //!                                # is believed
+//!   stream_idle_timeout: 5m      # default (Envoy's stream_idle_timeout); 0s = none. A
+//!                                # request with no byte moving either way this long ends:
+//!                                # `408` while its body is still read, `504` while the
+//!                                # upstream has not answered, reset once the response began
+//!   request_headers_timeout: 10s # default; 0s = none. A request head not complete this
+//!                                # long after its first byte: `408` and the tunnel closes
+//!   idle_timeout: 1h             # default (Envoy's HCM idle_timeout); 0s = none. A tunnel
+//!                                # with no request in flight this long is closed
+//!   protocol_detection_timeout: 0s   # default (Istio's protocolDetectionTimeout): 0s =
+//!                                # wait for the client's first bytes (up to idle_timeout,
+//!                                # then close); > 0: silence this long means opaque TCP
+//!                                # (a server-first protocol)
 //! runtime: { workers: 2 }        # optional: replaces the --profile's runtime knobs
 //! h2: { max_streams_per_connection: 100 }   # optional: replaces the --profile's h2 knobs
 //! ```
@@ -224,6 +236,21 @@ impl WaypointConfig {
             None => crate::upstream::IDLE_STREAM_EXPIRY,
             Some(d) if d.is_zero() => Duration::MAX,
             Some(d) => *d,
+        }
+    }
+
+    /// The settings document's bounds on a tunnel's waits (the defaults without one).
+    pub fn tunnel_timeouts(&self) -> TunnelTimeouts {
+        let Some(s) = &self.settings else {
+            return TunnelTimeouts::default();
+        };
+        let on = |d: Duration| Some(d).filter(|d| !d.is_zero());
+        let w = &s.waypoint;
+        TunnelTimeouts {
+            stream_idle: on(w.stream_idle_timeout),
+            request_headers: on(w.request_headers_timeout),
+            idle: on(w.idle_timeout),
+            protocol_detection: on(w.protocol_detection_timeout),
         }
     }
 
@@ -505,6 +532,61 @@ pub struct WaypointSection {
     /// `crate::source`.
     #[serde(default)]
     pub ztunnel_identity: Option<String>,
+    /// A request with no byte moving either way for this long ends (Envoy's
+    /// `stream_idle_timeout`, default 5 min; `0s`: none). See [`TunnelTimeouts`].
+    #[serde(default = "default_stream_idle", with = "runtime::config::duration")]
+    pub stream_idle_timeout: Duration,
+    /// A request head must be complete this long after its first byte (default 10 s,
+    /// `0s`: none): else `408` and the tunnel is closed.
+    #[serde(
+        default = "default_request_headers",
+        with = "runtime::config::duration"
+    )]
+    pub request_headers_timeout: Duration,
+    /// A tunnel with no request in flight is closed after this long (Envoy's HCM
+    /// `idle_timeout`, default 1 h; `0s`: none).
+    #[serde(default = "default_idle", with = "runtime::config::duration")]
+    pub idle_timeout: Duration,
+    /// How long a silent client is waited for before its tunnel is taken for opaque TCP
+    /// (a server-first protocol). Default `0s`, as Istio's `protocolDetectionTimeout`:
+    /// the first bytes decide, however late (a tunnel silent for `idle_timeout` is
+    /// closed).
+    #[serde(default, with = "runtime::config::duration")]
+    pub protocol_detection_timeout: Duration,
+}
+
+/// The waypoint's own bounds on a tunnel's waits (the settings document's
+/// `stream_idle_timeout`, `request_headers_timeout`, `idle_timeout` and
+/// `protocol_detection_timeout`; `None` where `0s` turned one off). Route `timeouts`
+/// bound a request further.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TunnelTimeouts {
+    pub stream_idle: Option<Duration>,
+    pub request_headers: Option<Duration>,
+    pub idle: Option<Duration>,
+    pub protocol_detection: Option<Duration>,
+}
+
+impl Default for TunnelTimeouts {
+    fn default() -> Self {
+        let on = |d: Duration| Some(d).filter(|d| !d.is_zero());
+        TunnelTimeouts {
+            stream_idle: on(default_stream_idle()),
+            request_headers: on(default_request_headers()),
+            idle: on(default_idle()),
+            protocol_detection: None,
+        }
+    }
+}
+
+fn default_stream_idle() -> Duration {
+    Duration::from_secs(300)
+}
+fn default_request_headers() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_idle() -> Duration {
+    Duration::from_secs(3600)
 }
 
 fn default_listen() -> SocketAddr {

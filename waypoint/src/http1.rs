@@ -45,7 +45,7 @@ use bytes::{Buf, Bytes, BytesMut};
 
 use crate::authz::{self, DENIED_BODY};
 use crate::body::{CopyError, Framing};
-use crate::config::WaypointConfig;
+use crate::config::{TunnelTimeouts, WaypointConfig};
 use crate::lb::Rng;
 use crate::route::{self, Decision, Forward, HeaderModifier, ObjectRef, Retry, Target};
 use runtime::worker::{race, Either};
@@ -202,6 +202,8 @@ pub enum Parsed {
 
 /// Parse a request head from the start of `buf`.
 pub fn parse_head(buf: &[u8]) -> Parsed {
+    #[cfg(test)]
+    tests::PARSES.with(|n| n.set(n.get() + 1));
     // Most requests have few headers: a small array first (cheap to set up per request),
     // the full one only when it is too small.
     let mut few = [httparse::EMPTY_HEADER; 32];
@@ -862,6 +864,13 @@ pub trait Upstream {
     /// Something worth counting happened.
     fn note(&mut self, _n: Note) {}
 
+    /// The settings document's `stream_idle_timeout` and the tunnel's (or stream's) timer
+    /// to keep it with: it bounds the waits of a request no route timeout bounds (the
+    /// upstream's answer, the response's writes). `None` (the default): no bound.
+    fn stream_idle(&mut self) -> Option<(&mut Clock, Duration)> {
+        None
+    }
+
     /// One request is done (answered here or upstream): metrics and the access log.
     fn record(&mut self, _r: &Record<'_>) {}
 }
@@ -1059,21 +1068,19 @@ pub async fn serve_from<T: Tunnel, U: Upstream>(
     upstream: &mut U,
     rng: &mut dyn Rng,
 ) -> io::Result<End> {
+    let times = cfg.tunnel_timeouts();
+    let mut clock = Clock::default();
     loop {
-        let (head, used) = loop {
-            match parse_head(&buf) {
-                Parsed::Head(h, n) => break (h, n),
-                Parsed::Bad(status) => {
-                    return close_with(tunnel, simple_response(status, &[], "", true), status)
-                        .await;
-                }
-                Parsed::Partial => match tunnel.read().await {
-                    Some(chunk) => buf.extend_from_slice(&chunk?),
-                    None if buf.is_empty() => return Ok(End::Eof),
-                    None => {
-                        return close_with(tunnel, simple_response(400, &[], "", true), 400).await;
-                    }
-                },
+        let (head, used) = match read_head(tunnel, &mut buf, &times, &mut clock).await? {
+            HeadWait::Head(h, n) => (h, n),
+            HeadWait::Bad(status) => {
+                return close_with(tunnel, simple_response(status, &[], "", true), status).await;
+            }
+            // No request in flight for `idle_timeout`: closed (in order, as at its end).
+            HeadWait::Eof | HeadWait::Idle => return Ok(End::Eof),
+            HeadWait::Slow => {
+                let resp = simple_response(408, &[], "request headers timeout", true);
+                return close_with(tunnel, resp, 408).await;
             }
         };
         buf.advance(used);
@@ -1153,10 +1160,13 @@ pub async fn serve_from<T: Tunnel, U: Upstream>(
                 // Read the body whole when it fits the replay buffer; else stream it.
                 let body = match framing {
                     Framing::Length(n) if n as usize <= REPLAY_BUFFER => {
-                        let f = fill(tunnel, &mut buf, |b| {
+                        let f = fill(tunnel, &mut buf, &mut clock, times.stream_idle, |b| {
                             (b.len() as u64 >= n).then_some(n as usize)
                         });
                         match within_boxed(deadline, f).await {
+                            Some(Err(e)) if e.kind() == io::ErrorKind::TimedOut => {
+                                return stream_timeout(tunnel).await;
+                            }
                             Some(r) => match r? {
                                 Some(n) => ReqBody::Buffered(buf.split_to(n).freeze()),
                                 None => return bad_body(tunnel).await,
@@ -1178,7 +1188,7 @@ pub async fn serve_from<T: Tunnel, U: Upstream>(
                     Framing::Chunked => {
                         let mut scan = crate::body::ChunkScan::default();
                         let mut seen = 0;
-                        let f = fill(tunnel, &mut buf, |b| {
+                        let f = fill(tunnel, &mut buf, &mut clock, times.stream_idle, |b| {
                             let got = scan.feed(&b[seen..]);
                             let r = match got {
                                 Ok(Some(k)) => Some(Ok(Some(seen + k))),
@@ -1195,6 +1205,11 @@ pub async fn serve_from<T: Tunnel, U: Upstream>(
                             return body_timeout(tunnel, upstream, &head, n, started, &traceparent)
                                 .await;
                         };
+                        if r.as_ref()
+                            .is_err_and(|e| e.kind() == io::ErrorKind::TimedOut)
+                        {
+                            return stream_timeout(tunnel).await;
+                        }
                         let r = r?;
                         match r {
                             Some(Ok(Some(n))) => ReqBody::Buffered(buf.split_to(n).freeze()),
@@ -1250,6 +1265,84 @@ pub async fn serve_from<T: Tunnel, U: Upstream>(
     }
 }
 
+/// How the wait for a request head ended ([`read_head`]).
+enum HeadWait {
+    Head(RequestHead, usize),
+    /// Answer this status and close (see [`Parsed::Bad`]).
+    Bad(u16),
+    /// The tunnel ended before a byte of it.
+    Eof,
+    /// No byte of it came within `idle_timeout`.
+    Idle,
+    /// It was not complete `request_headers_timeout` after its first byte (`408`).
+    Slow,
+}
+
+/// Read the next request head into `buf` (which may hold some of it already). The wait
+/// for its first byte is bounded by `idle_timeout` (no request in flight), the rest by
+/// `request_headers_timeout` from then on. `buf` is parsed on the first look, then only
+/// once a blank line ([`head_ended`]) came: a head arriving in many small reads is
+/// parsed about twice, not once per read.
+async fn read_head<T: Tunnel>(
+    tunnel: &mut T,
+    buf: &mut BytesMut,
+    times: &TunnelTimeouts,
+    clock: &mut Clock,
+) -> io::Result<HeadWait> {
+    let mut seen = 0;
+    let mut first_byte: Option<Instant> = None;
+    loop {
+        if !buf.is_empty() && (seen == 0 || head_ended(buf, seen)) {
+            match parse_head(buf) {
+                Parsed::Head(h, n) => return Ok(HeadWait::Head(h, n)),
+                Parsed::Bad(status) => return Ok(HeadWait::Bad(status)),
+                Parsed::Partial => {}
+            }
+        }
+        seen = buf.len();
+        let read = if buf.is_empty() {
+            match clock.within(times.idle, tunnel.read()).await {
+                Some(r) => r,
+                None => return Ok(HeadWait::Idle),
+            }
+        } else {
+            // From when the head was first seen incomplete (no clock read for a head that
+            // comes whole).
+            let left = times.request_headers.map(|d| {
+                let since = *first_byte.get_or_insert_with(Instant::now);
+                d.saturating_sub(since.elapsed())
+            });
+            match clock.within(left, tunnel.read()).await {
+                Some(r) => r,
+                None => return Ok(HeadWait::Slow),
+            }
+        };
+        match read {
+            Some(chunk) => buf.extend_from_slice(&chunk?),
+            None if buf.is_empty() => return Ok(HeadWait::Eof),
+            None => return Ok(HeadWait::Bad(400)),
+        }
+    }
+}
+
+/// Whether a head in `buf` may be complete: a blank line (`\n\n` or `\n\r\n`) ends
+/// it, looked for only in what came after the first `from` bytes (less the two that
+/// may start one), or it is past [`MAX_HEAD`] (to be refused).
+pub(crate) fn head_ended(buf: &[u8], from: usize) -> bool {
+    if buf.len() > MAX_HEAD {
+        return true;
+    }
+    let b = &buf[from.saturating_sub(2).min(buf.len())..];
+    b.iter().enumerate().any(|(i, &c)| {
+        c == b'\n'
+            && match b.get(i + 1) {
+                Some(b'\n') => true,
+                Some(b'\r') => b.get(i + 2) == Some(&b'\n'),
+                _ => false,
+            }
+    })
+}
+
 /// When a routed request's time is up: the route's `timeouts.request` (Gateway API; `0s`
 /// or unset: no limit) counted from `started`, when its head was read. It bounds the
 /// whole exchange: the request body's arrival (buffered or streamed), every try and the
@@ -1271,6 +1364,47 @@ pub(crate) fn timer(d: Duration) -> std::pin::Pin<Box<monoio::time::Sleep>> {
     Box::pin(monoio::time::sleep(d))
 }
 
+/// One timer for a tunnel's (or an HTTP/2 stream's) idle waits, made at the first wait
+/// that is not over at once and re-armed after that, so that the waiting costs no timer
+/// (nor a clock read) unless `f` has to wait.
+#[derive(Default)]
+pub struct Clock(Option<std::pin::Pin<Box<monoio::time::Sleep>>>);
+
+impl Clock {
+    /// `f`'s output, or `None` when it waited `idle` (counted from its first pending
+    /// poll) without finishing (`f` is then dropped). `idle: None` is no bound.
+    pub(crate) async fn within<F: std::future::Future>(
+        &mut self,
+        idle: Option<Duration>,
+        f: F,
+    ) -> Option<F::Output> {
+        let Some(idle) = idle else {
+            return Some(f.await);
+        };
+        use std::future::Future as _;
+        let mut f = std::pin::pin!(f);
+        let mut armed = false;
+        std::future::poll_fn(|cx| {
+            if let std::task::Poll::Ready(r) = f.as_mut().poll(cx) {
+                return std::task::Poll::Ready(Some(r));
+            }
+            if !armed {
+                armed = true;
+                let at = monoio::time::Instant::now() + idle;
+                match &mut self.0 {
+                    Some(t) => t.as_mut().reset(at),
+                    None => self.0 = Some(Box::pin(monoio::time::sleep_until(at))),
+                }
+            }
+            match self.0.as_mut().map(|t| t.as_mut().poll(cx)) {
+                Some(std::task::Poll::Ready(())) => std::task::Poll::Ready(None),
+                _ => std::task::Poll::Pending,
+            }
+        })
+        .await
+    }
+}
+
 /// `f`'s output, or `None` when `deadline` passes first (`f` is then dropped). The timer
 /// is boxed ([`timer`]): a future awaiting this without a deadline stays small and
 /// ordinarily aligned.
@@ -1287,6 +1421,22 @@ pub(crate) async fn within<F: std::future::Future>(
                 Either::Right(()) => None,
             }
         }
+    }
+}
+
+/// [`within`] `deadline`, or without one under the upstream's `stream_idle_timeout`
+/// ([`Upstream::stream_idle`]).
+async fn bounded<U: Upstream, F: std::future::Future>(
+    up: &mut U,
+    deadline: Option<Instant>,
+    f: F,
+) -> Option<F::Output> {
+    if deadline.is_some() {
+        return within(deadline, f).await;
+    }
+    match up.stream_idle() {
+        Some((clock, idle)) => clock.within(Some(idle), f).await,
+        None => Some(f.await),
     }
 }
 
@@ -1308,21 +1458,35 @@ async fn bad_body<T: Tunnel>(tunnel: &mut T) -> io::Result<End> {
 }
 
 /// Read from the tunnel into `buf` until `done` says how many bytes are wanted
-/// (`Some`), or the tunnel ends (`None`).
+/// (`Some`), or the tunnel ends (`None`). A read that waits `idle` fails `TimedOut`.
 async fn fill<T: Tunnel, R>(
     tunnel: &mut T,
     buf: &mut BytesMut,
+    clock: &mut Clock,
+    idle: Option<Duration>,
     mut done: impl FnMut(&[u8]) -> Option<R>,
 ) -> io::Result<Option<R>> {
     loop {
         if let Some(r) = done(buf) {
             return Ok(Some(r));
         }
-        match tunnel.read().await {
-            Some(chunk) => buf.extend_from_slice(&chunk?),
-            None => return Ok(None),
+        match clock.within(idle, tunnel.read()).await {
+            Some(Some(chunk)) => buf.extend_from_slice(&chunk?),
+            Some(None) => return Ok(None),
+            None => return Err(io::ErrorKind::TimedOut.into()),
         }
     }
+}
+
+/// `408` for a request whose body stopped coming for `stream_idle_timeout` (Envoy's
+/// "stream timeout" before the request was read whole); the tunnel is closed.
+async fn stream_timeout<T: Tunnel>(tunnel: &mut T) -> io::Result<End> {
+    close_with(
+        tunnel,
+        simple_response(408, &[], "stream timeout", true),
+        408,
+    )
+    .await
 }
 
 /// What to do with the tunnel after a forwarded request.
@@ -1380,6 +1544,8 @@ impl RespHead {
 
 /// Parse a response head at the start of `buf`: `None` when incomplete.
 fn parse_response_head(buf: &[u8], head_request: bool) -> io::Result<Option<RespHead>> {
+    #[cfg(test)]
+    tests::PARSES.with(|n| n.set(n.get() + 1));
     if buf.is_empty() {
         // Nothing read yet (the usual first look): no header array to set up.
         return Ok(None);
@@ -1474,8 +1640,13 @@ fn response_facts(
         }
     } else if no_body {
         Framing::Length(0)
-    } else if let Some(n) = cl {
-        Framing::Length(n)
+    } else if let Some(len) = cl {
+        // Head and body lengths are added up where the response is read and passed on: a
+        // length they cannot be added to (`u64::MAX`) is a bad response, not an overflow.
+        if len.checked_add(n as u64).is_none() || usize::try_from(len).is_err() {
+            return Err(bad("upstream content-length too large"));
+        }
+        Framing::Length(len)
     } else {
         Framing::Eof
     };
@@ -1503,14 +1674,21 @@ pub(crate) async fn read_response_head<C: Tunnel>(
     head_request: bool,
     got: &mut bool,
 ) -> io::Result<RespHead> {
+    // As for requests ([`read_head`]): parsed on the first look, then once a blank line
+    // came, not at every read.
+    let mut seen = 0;
     loop {
-        if let Some(h) = parse_response_head(ubuf, head_request)? {
-            if (100..200).contains(&h.status) && h.status != 101 {
-                ubuf.advance(h.len);
-                continue;
+        if seen == 0 || head_ended(ubuf, seen) {
+            if let Some(h) = parse_response_head(ubuf, head_request)? {
+                if (100..200).contains(&h.status) && h.status != 101 {
+                    ubuf.advance(h.len);
+                    seen = 0;
+                    continue;
+                }
+                return Ok(h);
             }
-            return Ok(h);
         }
+        seen = ubuf.len();
         match conn.read().await {
             Some(Ok(b)) => {
                 *got = true;
@@ -1618,7 +1796,18 @@ async fn one_try<T: Tunnel, U: Upstream>(
         }
     }
     let mut got = !ubuf.is_empty();
-    match read_response_head(&mut conn, &mut ubuf, head_request, &mut got).await {
+    let read = read_response_head(&mut conn, &mut ubuf, head_request, &mut got);
+    // No byte moves while the upstream thinks: bounded by `stream_idle_timeout` (a 504).
+    let read = async {
+        match up.stream_idle() {
+            None => read.await,
+            Some((clock, idle)) => clock
+                .within(Some(idle), read)
+                .await
+                .unwrap_or_else(|| Err(io::Error::new(io::ErrorKind::TimedOut, "stream timeout"))),
+        }
+    };
+    match read.await {
         Ok(mut h) => {
             h.early = !complete;
             Ok((conn, reused, h, ubuf))
@@ -1888,8 +2077,9 @@ async fn forward_request<T: Tunnel, U: Upstream>(
             // here, so the balancer's count of active requests always comes back.
             let reusable = !h.close && head.keep_alive() && !h.early;
             up.done(Some(conn), h.status, reusable, None);
-            // Under the try's deadline: a client that does not read cannot hold it.
-            if within(deadline, tunnel.write(out))
+            // Under the try's deadline (else `stream_idle_timeout`): a client that does
+            // not read cannot hold it.
+            if bounded(up, deadline, tunnel.write(out))
                 .await
                 .transpose()?
                 .is_none()
@@ -1928,7 +2118,7 @@ async fn forward_request<T: Tunnel, U: Upstream>(
     let mut response_bytes = out_head.len() as u64;
     // Under the try's deadline, as the body; a failed write ends the try too (the
     // balancer's count of active requests comes back).
-    match within(deadline, tunnel.write(out_head)).await {
+    match bounded(up, deadline, tunnel.write(out_head)).await {
         Some(Ok(())) => {}
         Some(Err(e)) => {
             up.done(None, h.status, false, None);
@@ -2553,6 +2743,130 @@ mod tests {
             align <= 16,
             "forward_request future: {size} bytes, aligned to {align}"
         );
+    }
+
+    thread_local! {
+        /// Calls of [`parse_head`] and [`parse_response_head`] on this thread.
+        pub(super) static PARSES: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+    }
+
+    /// A peer that sends `data` one byte per read, then its end.
+    struct ByteByByte(Vec<u8>, usize);
+
+    impl Tunnel for ByteByByte {
+        async fn read(&mut self) -> Option<io::Result<Bytes>> {
+            let b = *self.0.get(self.1)?;
+            self.1 += 1;
+            Some(Ok(Bytes::copy_from_slice(&[b])))
+        }
+        async fn write(&mut self, _data: Bytes) -> io::Result<()> {
+            Ok(())
+        }
+        async fn finish(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// A head of `fields` lines after `first`, ending in a blank line.
+    fn big_head(first: &str, fields: usize) -> Vec<u8> {
+        let mut h = format!("{first}\r\nhost: echo\r\n");
+        for i in 0..fields {
+            h.push_str(&format!("x-field-{i}: {}\r\n", "v".repeat(40)));
+        }
+        h.push_str("\r\n");
+        h.into_bytes()
+    }
+
+    /// A request head (and a response head) that comes one byte per read is parsed a
+    /// bounded number of times, not once per read (which made a 60 KB head cost 60,000
+    /// parses): the blank line that ends it is looked for in the new bytes only.
+    #[test]
+    fn a_head_read_one_byte_at_a_time_is_parsed_a_few_times_not_per_byte() {
+        let mut rt = test_runtime();
+        let req = big_head("GET /a HTTP/1.1", 90);
+        assert!(req.len() > 4000);
+        PARSES.with(|n| n.set(0));
+        let mut tunnel = ByteByByte(req.clone(), 0);
+        let (mut buf, mut clock) = (BytesMut::new(), Clock::default());
+        let times = TunnelTimeouts::default();
+        let got = rt.block_on(read_head(&mut tunnel, &mut buf, &times, &mut clock));
+        match got.unwrap() {
+            HeadWait::Head(h, n) => {
+                assert_eq!(n, req.len());
+                assert_eq!(h.headers.len(), 91);
+                assert_eq!(&*h.path, "/a");
+            }
+            _ => panic!("no head"),
+        }
+        let parses = PARSES.with(|n| n.get());
+        assert!(parses <= 2, "{parses} parses for a {} byte head", req.len());
+
+        let resp = big_head("HTTP/1.1 200 OK", 90);
+        PARSES.with(|n| n.set(0));
+        let mut conn = ByteByByte(resp.clone(), 0);
+        let (mut ubuf, mut got) = (BytesMut::new(), false);
+        let h = rt
+            .block_on(read_response_head(&mut conn, &mut ubuf, false, &mut got))
+            .unwrap();
+        assert_eq!((h.status, h.len), (200, resp.len()));
+        let parses = PARSES.with(|n| n.get());
+        assert!(
+            parses <= 4,
+            "{parses} parses for a {} byte head",
+            resp.len()
+        );
+
+        // Past the largest head without an end: refused once, not parsed per byte.
+        let mut endless = big_head("GET /a HTTP/1.1", 2000);
+        endless.truncate(MAX_HEAD + 100);
+        PARSES.with(|n| n.set(0));
+        let mut tunnel = ByteByByte(endless, 0);
+        let mut buf = BytesMut::new();
+        let got = rt.block_on(read_head(&mut tunnel, &mut buf, &times, &mut clock));
+        assert!(matches!(got.unwrap(), HeadWait::Bad(431)));
+        assert!(PARSES.with(|n| n.get()) <= 2);
+    }
+
+    /// Where a head may end: a blank line (CRLF or bare LF) in the new bytes, or one that
+    /// straddles the old and new bytes.
+    #[test]
+    fn head_end_is_found_in_new_bytes_and_across_reads() {
+        let t: &[(&[u8], usize, bool)] = &[
+            (b"GET / HTTP/1.1\r\n\r\n", 0, true),
+            (b"GET / HTTP/1.1\r\n\r\n", 17, true),
+            (b"GET / HTTP/1.1\r\n\r\n", 16, true),
+            (b"GET / HTTP/1.1\n\n", 15, true),
+            (b"GET / HTTP/1.1\r\nhost: a\r\n", 0, false),
+            (b"GET / HTTP/1.1\r\nhost: a\r\n\r", 27, false),
+            (b"", 0, false),
+        ];
+        for (buf, from, want) in t {
+            assert_eq!(
+                head_ended(buf, *from),
+                *want,
+                "{:?} from {from}",
+                String::from_utf8_lossy(buf)
+            );
+        }
+    }
+
+    /// An upstream `Content-Length` that the head's length cannot be added to is a bad
+    /// response (an error, so the client gets the waypoint's answer), not an overflow
+    /// (a panic in a debug build), also when the whole response comes in one chunk.
+    #[test]
+    fn an_upstream_content_length_of_u64_max_is_a_bad_response() {
+        let mut rt = test_runtime();
+        let raw: &'static [u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 18446744073709551615\r\n\r\n";
+        let e = parse_response_head(raw, false).err().expect("accepted");
+        assert_eq!(e.kind(), io::ErrorKind::InvalidData);
+        let mut conn = OneResponse(Some(Bytes::from_static(raw)));
+        let (mut ubuf, mut got) = (BytesMut::new(), false);
+        let r = rt.block_on(read_response_head(&mut conn, &mut ubuf, false, &mut got));
+        assert_eq!(r.err().map(|e| e.kind()), Some(io::ErrorKind::InvalidData));
+        // The largest that fits still passes as a length.
+        let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 1000000000000\r\n\r\n";
+        let h = parse_response_head(ok, false).unwrap().unwrap();
+        assert_eq!(h.framing, Framing::Length(1_000_000_000_000));
     }
 
     /// A response head with more fields than the first, small header array still parses

@@ -5,8 +5,11 @@
 //! **Detection** ([`detect`]) looks at the first bytes the client sends: the HTTP/2 client
 //! preface (`PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n`, prior knowledge) → [`Protocol::Http2`]; an
 //! HTTP/1 request line (an upper-case method token and a space) → [`Protocol::Http1`];
-//! anything else → [`Protocol::Tcp`]. A client that sends nothing for
-//! [`DETECT_TIMEOUT`] (a server-first protocol) is treated as opaque TCP, as Istio does.
+//! anything else → [`Protocol::Tcp`]. The first bytes are waited for as long as it takes
+//! (Istio's `protocolDetectionTimeout` is `0s`, off, since 1.10): a client that is late
+//! with its first request is still served as HTTP. Only with the settings document's
+//! `protocol_detection_timeout` set is a client silent that long (a server-first protocol)
+//! taken for opaque TCP; a tunnel with no byte for `idle_timeout` is closed.
 
 use std::cell::Cell;
 use std::future::{poll_fn, Future};
@@ -21,11 +24,10 @@ use hbone::stream::H2Stream;
 use runtime::forward::{drive, DirEnd, End, Outcome, Side};
 use runtime::worker::{race, Either};
 
+use crate::config::TunnelTimeouts;
+
 /// The HTTP/2 client connection preface (RFC 9113 §3.4).
 pub const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
-
-/// How long to wait for the client's first bytes before treating the tunnel as opaque TCP.
-pub const DETECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The longest HTTP method token accepted as an HTTP/1 request line.
 const MAX_METHOD: usize = 20;
@@ -35,8 +37,8 @@ pub enum Protocol {
     Http1,
     Http2,
     Tcp,
-    /// The client ended its half without sending a byte: nothing to forward (no upstream
-    /// stream is opened for it).
+    /// The client ended its half without sending a byte, or sent none for the tunnel's
+    /// `idle_timeout`: nothing to forward (no upstream stream is opened for it).
     Empty,
 }
 
@@ -60,19 +62,41 @@ pub fn classify(buf: &[u8]) -> Option<Protocol> {
 }
 
 /// Read from the tunnel until [`classify`] decides; returns the protocol and every byte
-/// read (to be replayed). Silence (or end of stream after some bytes) decides
-/// [`Protocol::Tcp`]; end of stream before any byte is [`Protocol::Empty`].
-pub async fn detect(s: &mut H2Stream) -> Result<(Protocol, BytesMut), h2::Error> {
+/// read (to be replayed). End of stream after some bytes decides [`Protocol::Tcp`], and
+/// so does silence for `protocol_detection` (when set); end of stream before any byte,
+/// or no byte for `idle`, is [`Protocol::Empty`].
+pub async fn detect(
+    s: &mut H2Stream,
+    times: &TunnelTimeouts,
+) -> Result<(Protocol, BytesMut), h2::Error> {
     let mut buf = BytesMut::new();
+    let wait = match (times.protocol_detection, times.idle) {
+        (Some(d), Some(i)) => Some(d.min(i)),
+        (d, i) => d.or(i),
+    };
+    // One timer for the whole wait: silence counts from the tunnel's start.
+    let mut timer = wait.map(|d| Box::pin(monoio::time::sleep(d)));
     loop {
         if let Some(p) = classify(&buf) {
             return Ok((p, buf));
         }
-        match race(s.read(), monoio::time::sleep(DETECT_TIMEOUT)).await {
-            Either::Left(Some(Ok(b))) => buf.extend_from_slice(&b),
-            Either::Left(Some(Err(e))) => return Err(e),
-            Either::Left(None) if buf.is_empty() => return Ok((Protocol::Empty, buf)),
-            Either::Left(None) | Either::Right(()) => return Ok((Protocol::Tcp, buf)),
+        let read = match timer.as_mut() {
+            Some(t) => match race(s.read(), t).await {
+                Either::Left(r) => r,
+                Either::Right(()) if times.protocol_detection == wait => {
+                    return Ok((Protocol::Tcp, buf));
+                }
+                // Idle: closed, or (after some bytes) passed on as they are.
+                Either::Right(()) if buf.is_empty() => return Ok((Protocol::Empty, buf)),
+                Either::Right(()) => return Ok((Protocol::Tcp, buf)),
+            },
+            None => s.read().await,
+        };
+        match read {
+            Some(Ok(b)) => buf.extend_from_slice(&b),
+            Some(Err(e)) => return Err(e),
+            None if buf.is_empty() => return Ok((Protocol::Empty, buf)),
+            None => return Ok((Protocol::Tcp, buf)),
         }
     }
 }

@@ -633,6 +633,7 @@ async fn tunnel(w: Rc<Worker>, cert: Arc<WorkloadCert>, inb: Inbound) {
     let Ok(mut stream) = inb.accept() else { return };
     counters.tunnels.fetch_add(1, Relaxed);
     let metric_cache: MetricCache = Rc::default();
+    let times = l7.tunnel_timeouts();
     let upstream = |w: &Rc<Worker>, client_h2: bool| HboneUpstream {
         worker: w.clone(),
         client_h2,
@@ -651,9 +652,11 @@ async fn tunnel(w: Rc<Worker>, cert: Arc<WorkloadCert>, inb: Inbound) {
         fresh_next: false,
         h2_use: None,
         grpc: None,
+        idle_clock: http1::Clock::default(),
+        stream_idle: times.stream_idle,
     };
     // Boxed: only live until the first bytes, it would otherwise size the whole tunnel.
-    let detect = Box::pin(race(inner::detect(&mut stream), w.ctx.aborted()));
+    let detect = Box::pin(race(inner::detect(&mut stream, &times), w.ctx.aborted()));
     let (proto, first) = match detect.await {
         Either::Left(Ok(x)) => x,
         Either::Left(Err(e)) => {
@@ -981,6 +984,10 @@ struct HboneUpstream {
     h2_use: Option<H2Use>,
     /// The current request is gRPC (`Some`), with its response's `grpc-status` when seen.
     grpc: Option<Option<u32>>,
+    /// The settings document's `stream_idle_timeout` ([`Upstream::stream_idle`]), and the
+    /// timer that keeps it for this tunnel (or HTTP/2 stream).
+    idle_clock: http1::Clock,
+    stream_idle: Option<Duration>,
 }
 
 /// A request's destination for telemetry: the routed service (none: the tunnel's pod) and
@@ -1201,6 +1208,10 @@ impl Upstream for HboneUpstream {
         self.upgrade_first = to_upstream;
     }
 
+    fn stream_idle(&mut self) -> Option<(&mut http1::Clock, Duration)> {
+        Some((&mut self.idle_clock, self.stream_idle?))
+    }
+
     fn note(&mut self, n: http1::Note) {
         let c = &self.worker.shared.counters;
         let ctr = match n {
@@ -1271,6 +1282,8 @@ impl Upstream for HboneUpstream {
             fresh_next: false,
             h2_use: None,
             grpc: None,
+            idle_clock: http1::Clock::default(),
+            stream_idle: self.stream_idle,
         };
         let service = service.clone();
         self.worker.shared.counters.mirrored.fetch_add(1, Relaxed);
@@ -2032,10 +2045,14 @@ async fn read_response_inner(
                 } else if header("transfer-encoding").is_some_and(|v| v.contains("chunked")) {
                     Framing::Chunked
                 } else if let Some(cl) = header("content-length") {
+                    // More than can be buffered is refused here (and cannot overflow
+                    // `head_len + n` below).
                     Framing::Length(
                         cl.trim()
                             .parse()
-                            .map_err(|_| io::Error::other("bad upstream content-length"))?,
+                            .ok()
+                            .filter(|&n: &usize| n <= MAX_RESPONSE)
+                            .ok_or_else(|| io::Error::other("bad upstream content-length"))?,
                     )
                 } else {
                     Framing::Eof
