@@ -93,15 +93,17 @@ where
     // The `x-forwarded-for` of the tunnel's requests that bring none, made once: each
     // request then shares its bytes.
     let xff = http::HeaderValue::try_from(ctx.source_ip.to_string()).ok();
+    let slots = Rc::new(StreamSlots::default());
     loop {
         match conn.accept().await {
             None => return H2End::Closed,
             Some(Err(e)) => return H2End::Error(e),
             Some(Ok((req, respond))) => {
                 let (up, rng) = new_upstream();
-                // Boxed once here: the task then holds a pointer, and the future (its
-                // forwarding paths boxed apart) is not copied again by the spawn.
-                runtime::busy::spawn_tracked(Box::pin(request(
+                // In a box of the tunnel's (one a finished stream gave back, else a new
+                // one): the task holds a pointer, the future is not copied again by the
+                // spawn, and a stream costs no allocation of its (large) future.
+                let mut slot = slots.fill(request(
                     cfg.clone(),
                     ctx.clone(),
                     xff.clone(),
@@ -110,8 +112,57 @@ where
                     req,
                     respond,
                     on_bad.clone(),
-                )));
+                ));
+                let slots = slots.clone();
+                runtime::busy::spawn_tracked(async move {
+                    if let Some(stream) = slot.as_mut().as_pin_mut() {
+                        stream.await;
+                    }
+                    slots.give_back(slot);
+                });
             }
+        }
+    }
+}
+
+/// Boxes for an HTTP/2 tunnel's stream futures, given back when a stream ends (emptied,
+/// the stream's state dropped there) and refilled in place for the next one: a stream's
+/// future is a few KiB, past glibc's per-thread cache, so a new box per request took
+/// malloc's slow path twice. At most [`STREAM_SLOTS_KEPT`] are kept.
+struct StreamSlots<F> {
+    free: std::cell::RefCell<Vec<std::pin::Pin<Box<Option<F>>>>>,
+}
+
+/// Emptied stream boxes a tunnel keeps (its usual concurrent streams; more are freed).
+const STREAM_SLOTS_KEPT: usize = 16;
+
+impl<F> Default for StreamSlots<F> {
+    fn default() -> Self {
+        StreamSlots {
+            free: std::cell::RefCell::new(Vec::new()),
+        }
+    }
+}
+
+impl<F> StreamSlots<F> {
+    /// A box holding `stream`: a kept one when there is one, else a new one.
+    fn fill(&self, stream: F) -> std::pin::Pin<Box<Option<F>>> {
+        let kept = self.free.borrow_mut().pop();
+        match kept {
+            Some(mut slot) => {
+                slot.as_mut().set(Some(stream));
+                slot
+            }
+            None => Box::pin(Some(stream)),
+        }
+    }
+
+    /// Empty `slot` (its stream dropped) and keep it, unless enough are kept.
+    fn give_back(&self, mut slot: std::pin::Pin<Box<Option<F>>>) {
+        slot.as_mut().set(None);
+        let mut free = self.free.borrow_mut();
+        if free.len() < STREAM_SLOTS_KEPT {
+            free.push(slot);
         }
     }
 }
@@ -133,25 +184,48 @@ fn head_of(parts: &http::request::Parts) -> Option<RequestHead> {
         Some(a) => a.as_str(),
         None => parts.headers.get("host")?.to_str().ok()?,
     };
-    // All the head's text is copied into one string, and every field is a slice of it.
+    // All the head's text is copied into one shared string, and every field is a slice
+    // of it. The text and the field spans are gathered on the stack for a usual head (one
+    // allocation, the shared string, instead of three).
     let size = parts.method.as_str().len()
         + target.len()
+        + "host".len()
         + host.len()
         + parts
             .headers
             .iter()
             .map(|(n, v)| n.as_str().len() + v.len() + 2)
             .sum::<usize>();
-    let mut text = String::with_capacity(size);
+    let mut stack_text = [0u8; STACK_TEXT];
+    let mut heap_text = Vec::new();
+    let buf: &mut [u8] = if size <= STACK_TEXT {
+        &mut stack_text[..size]
+    } else {
+        heap_text.resize(size, 0);
+        &mut heap_text
+    };
+    let mut len = 0;
+    // `size` counts every piece put (a cookie's `"; "` within its field's 2).
     let mut put = |s: &str| {
-        let start = text.len();
-        text.push_str(s);
-        (start, text.len())
+        let start = len;
+        len += s.len();
+        buf[start..len].copy_from_slice(s.as_bytes());
+        (start, len)
     };
     let method = put(parts.method.as_str());
     let target = put(target);
-    let mut spans = Vec::with_capacity(parts.headers.len() + 2);
-    spans.push((put("host"), put(host)));
+    let fields = parts.headers.len() + 1;
+    let mut stack_spans = [((0, 0), (0, 0)); STACK_SPANS];
+    let mut heap_spans = Vec::new();
+    let spans: &mut [Field] = if fields <= STACK_SPANS {
+        &mut stack_spans[..fields]
+    } else {
+        heap_spans.resize(fields, ((0, 0), (0, 0)));
+        &mut heap_spans
+    };
+    let mut n_spans = 0;
+    spans[0] = (put("host"), put(host));
+    n_spans += 1;
     // Several `cookie` fields (HTTP/2 sends one per cookie) are one in HTTP/1.1, joined
     // with "; " (RFC 9113 §8.2.3), where the first one was.
     let mut cookie: Option<usize> = None;
@@ -163,23 +237,27 @@ fn head_of(parts: &http::request::Parts) -> Option<RequestHead> {
         let v = v.to_str().ok()?;
         if n == "cookie" {
             if cookie.is_none() {
-                cookie = Some(spans.len());
-                spans.push((put(n), (0, 0)));
+                cookie = Some(n_spans);
+                spans[n_spans] = (put(n), (0, 0));
+                n_spans += 1;
             }
             continue;
         }
-        spans.push((put(n), put(v)));
+        spans[n_spans] = (put(n), put(v));
+        n_spans += 1;
     }
     if let Some(i) = cookie {
-        let start = text.len();
+        let mut joined = (0, 0);
         for (k, v) in parts.headers.get_all("cookie").iter().enumerate() {
             if k > 0 {
-                text.push_str("; ");
+                put("; ");
             }
-            text.push_str(v.to_str().ok()?);
+            let (start, end) = put(v.to_str().ok()?);
+            joined = (if k == 0 { start } else { joined.0 }, end);
         }
-        spans[i].1 = (start, text.len());
+        spans[i].1 = joined;
     }
+    let text = std::str::from_utf8(&buf[..len]).ok()?;
     let src: Rc<str> = Rc::from(text);
     let at = |(a, b): (usize, usize)| Text::slice_of(&src, &src[a..b]);
     let target_text = &src[target.0..target.1];
@@ -194,8 +272,8 @@ fn head_of(parts: &http::request::Parts) -> Option<RequestHead> {
         std::borrow::Cow::Owned(p) => Text::from(p),
     };
     // Room for the `traceparent` that [`http1::trace`] adds when the client sent none.
-    let mut headers = Vec::with_capacity(spans.len() + 1);
-    headers.extend(spans.into_iter().map(|(n, v)| (at(n), at(v))));
+    let mut headers = Vec::with_capacity(n_spans + 1);
+    headers.extend(spans[..n_spans].iter().map(|&(n, v)| (at(n), at(v))));
     Some(RequestHead {
         method: at(method),
         path,
@@ -204,6 +282,15 @@ fn head_of(parts: &http::request::Parts) -> Option<RequestHead> {
         headers,
     })
 }
+
+/// Bytes of head text [`head_of`] gathers on the stack (a larger head: on the heap).
+const STACK_TEXT: usize = 1024;
+
+/// Fields of a head [`head_of`] gathers on the stack (more: on the heap).
+const STACK_SPANS: usize = 32;
+
+/// A field as (name, value) byte ranges of the head text.
+type Field = ((usize, usize), (usize, usize));
 
 /// Whether an HTTP/1.1 request of `method` with an empty body still says
 /// `content-length: 0`.
@@ -277,10 +364,10 @@ async fn request<U: Upstream>(
         + 12;
     let mut body = H2Body(recv);
     let mut denied = false;
-    if head
+    let grpc = head
         .header("content-type")
-        .is_some_and(|v| v.starts_with("application/grpc"))
-    {
+        .is_some_and(|v| v.starts_with("application/grpc"));
+    if grpc {
         up.note(http1::Note::Grpc);
     }
     let (status, flags, body_len, response_bytes) = match http1::decide(cfg, ctx, &head, &mut rng) {
@@ -312,6 +399,7 @@ async fn request<U: Upstream>(
                     client_xff.as_ref(),
                     &mut respond,
                     head_request,
+                    grpc,
                     &mut rng,
                     deadline,
                 )
@@ -503,6 +591,7 @@ async fn forward_h2<U: Upstream>(
     client_xff: Option<&http::HeaderValue>,
     respond: &mut SendResponse<Bytes>,
     head_request: bool,
+    grpc: bool,
     rng: &mut SplitMix64,
     deadline: Option<std::time::Instant>,
 ) -> (u16, &'static str, u64, u64) {
@@ -749,8 +838,9 @@ async fn forward_h2<U: Upstream>(
     };
     let (mut rparts, mut rx) = resp.into_parts();
     let status = rparts.status.as_u16();
-    // A trailers-only gRPC response carries its status in the head.
-    if let Some(g) = grpc_status(&rparts.headers) {
+    // A trailers-only gRPC response carries its status in the head (looked for only in
+    // the responses to gRPC requests: telemetry ignores it for the others).
+    if let Some(g) = grpc.then(|| grpc_status(&rparts.headers)).flatten() {
         up.note(http1::Note::GrpcStatus(g));
     }
     let mut trailer_status = None;
@@ -819,7 +909,7 @@ async fn forward_h2<U: Upstream>(
         if ok {
             match rx.trailers().await {
                 Ok(Some(t)) => {
-                    trailer_status = grpc_status(&t);
+                    trailer_status = grpc.then(|| grpc_status(&t)).flatten();
                     ok = tx.send_trailers(t).is_ok();
                 }
                 Ok(None) => ok = tx.send_data(Bytes::new(), true).is_ok(),
@@ -1140,7 +1230,7 @@ mod tests {
             let rng: &'static mut SplitMix64 = never();
             let client = std::net::IpAddr::from([10, 0, 0, 1]);
             forward_h2(
-                up, body, parts, head, fwd, client, None, respond, false, rng, None,
+                up, body, parts, head, fwd, client, None, respond, false, false, rng, None,
             )
         };
         for (what, (size, align)) in [
@@ -1169,6 +1259,37 @@ mod tests {
         )
         .unwrap();
         assert_eq!(r.headers().get_all("content-length").iter().count(), 1);
+    }
+
+    /// Heads past the stack buffers of [`head_of`] (text and field count) come out the
+    /// same as small ones, cookies joined included.
+    #[test]
+    fn large_heads_convert_whole() {
+        for (fields, value_len) in [(3, 2 * STACK_TEXT), (2 * STACK_SPANS, 4), (STACK_SPANS, 40)] {
+            let mut b = http::Request::builder()
+                .uri("http://echo/a?q=1")
+                .header("cookie", "a=1");
+            for i in 0..fields {
+                b = b.header(format!("x-f{i}"), "v".repeat(value_len));
+            }
+            let (parts, ()) = b.header("cookie", "b=2").body(()).unwrap().into_parts();
+            let head = head_of(&parts).unwrap();
+            assert_eq!(
+                head.headers.len(),
+                fields + 2,
+                "host, cookie and the x-f fields"
+            );
+            assert_eq!(head.header("host"), Some("echo"));
+            assert_eq!(head.header("cookie"), Some("a=1; b=2"));
+            for i in 0..fields {
+                assert_eq!(
+                    head.header(&format!("x-f{i}")).map(str::len),
+                    Some(value_len)
+                );
+            }
+            assert_eq!((head.method.as_str(), head.path.as_str()), ("GET", "/a"));
+            assert_eq!(head.query.as_deref(), Some("q=1"));
+        }
     }
 
     #[test]

@@ -15,7 +15,6 @@
 //! and reused by its next requests.
 
 use std::cell::{Cell, RefCell};
-use std::collections::HashMap;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::rc::Rc;
@@ -257,7 +256,7 @@ pub fn start(
                 balancers: RefCell::new(Balancers::default()),
                 l7: RefCell::new(l7),
                 metrics: LocalMetrics::new(shared.metrics.clone()),
-                h2_clients: RefCell::new(HashMap::new()),
+                h2_clients: RefCell::new(Default::default()),
                 idle: RefCell::new(crate::upstream::IdleStreams::default()),
                 seed: std::cell::Cell::new(seed(ctx.id())),
                 mirrors: std::cell::Cell::new(0),
@@ -514,7 +513,7 @@ struct Worker {
     /// HTTP/2 upstream connections, by (HBONE address, authority), shared by the worker's
     /// tunnels; each dropped by its timer once idle past its `idleTimeout`
     /// ([`spawn_h2_idle_timer`]).
-    h2_clients: RefCell<HashMap<(SocketAddr, SocketAddr), H2Slot>>,
+    h2_clients: RefCell<crate::upstream::FnvMap<(SocketAddr, SocketAddr), H2Slot>>,
     /// Idle upstream HTTP/1.1 streams, shared by the worker's tunnels (none is bound to a
     /// tunnel between its requests).
     idle: RefCell<crate::upstream::IdleStreams>,
@@ -857,21 +856,41 @@ impl H2Idle {
     }
 }
 
-/// One request on a worker's HTTP/2 upstream connection, in flight until dropped.
-struct H2Use(Rc<H2Idle>);
+/// One request on a worker's HTTP/2 upstream connection, in flight until ended
+/// ([`H2Use::end`]) or dropped.
+struct H2Use {
+    idle: Rc<H2Idle>,
+    ended: bool,
+}
 
 impl H2Use {
     fn new(idle: &Rc<H2Idle>, expiry: Duration) -> H2Use {
         idle.active.set(idle.active.get() + 1);
         idle.expiry.set(expiry);
-        H2Use(idle.clone())
+        H2Use {
+            idle: idle.clone(),
+            ended: false,
+        }
+    }
+
+    /// The request ended at `now` (the caller's clock read, not one more).
+    fn end(mut self, now: Instant) {
+        self.release(now);
+    }
+
+    fn release(&mut self, now: Instant) {
+        if !std::mem::replace(&mut self.ended, true) {
+            self.idle.active.set(self.idle.active.get() - 1);
+            self.idle.last.set(now);
+        }
     }
 }
 
 impl Drop for H2Use {
     fn drop(&mut self) {
-        self.0.active.set(self.0.active.get() - 1);
-        self.0.last.set(Instant::now());
+        if !self.ended {
+            self.release(Instant::now());
+        }
     }
 }
 
@@ -1148,14 +1167,16 @@ impl Upstream for HboneUpstream {
         reusable: bool,
         error: Option<io::ErrorKind>,
     ) {
+        // One clock read for the HTTP/2 connection's idle time, the balancer and the pool.
+        let now = Instant::now();
         // The try's HTTP/2 request (if any) is no longer in flight.
-        self.h2_use = None;
+        if let Some(u) = self.h2_use.take() {
+            u.end(now);
+        }
         if status == 0 && error.is_none() && conn.is_none() {
             // A kept stream found closed: the try again goes on a new stream.
             self.fresh_next = true;
         }
-        // One clock read for the balancer and the pool.
-        let now = Instant::now();
         if let (Some((port, i)), Some((Some(svc), _))) = (self.current.take(), self.last.as_deref())
         {
             let verdict = outlier_verdict(status, error);
