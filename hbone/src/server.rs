@@ -35,6 +35,19 @@ pub struct ServerCounters {
     /// Accepted sockets closed because TLS and the HTTP/2 preface were not done within
     /// `h2.handshake_timeout`.
     pub handshake_timeouts: AtomicU64,
+    /// Stream tasks still running when their connection ended (the peer left, the
+    /// connection failed): dropped then, with what they held.
+    pub streams_cut: AtomicU64,
+}
+
+/// Sets its event when dropped: a connection's end, however [`serve_connection`] ends
+/// (returned, or its future dropped).
+struct SetOnDrop(runtime::event::LocalEvent);
+
+impl Drop for SetOnDrop {
+    fn drop(&mut self) {
+        self.0.set();
+    }
 }
 
 /// A CONNECT stream waiting for the caller's decision.
@@ -147,6 +160,10 @@ where
         };
     let ping = conn.ping_pong();
     let keep = keepalive(ping, settings.ping_interval, settings.ping_timeout);
+    // The streams' tasks live no longer than their connection: once it has ended, none of
+    // its streams can carry a byte, and a task still waiting (on an upstream that does
+    // not answer, say) is dropped, its own upstream streams reset with it.
+    let ended = SetOnDrop(runtime::event::LocalEvent::new());
     let mut drain = std::pin::pin!(drain);
     let mut draining = false;
     let accept_loop = async {
@@ -190,7 +207,12 @@ where
                         recv,
                     };
                     let h = handler.clone();
-                    runtime::busy::spawn_tracked(async move { h(inbound).await });
+                    let (gone, counters) = (ended.0.wait(), counters.clone());
+                    runtime::busy::spawn_tracked(async move {
+                        if let Either::Right(()) = race(h(inbound), gone).await {
+                            counters.streams_cut.fetch_add(1, Relaxed);
+                        }
+                    });
                 }
                 Err(status) => {
                     let c = if status == wire::status::NOT_CONNECT {

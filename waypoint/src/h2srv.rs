@@ -506,8 +506,20 @@ async fn forward_streamed<U: Upstream>(
         has_body,
         rng,
         deadline,
-    )
-    .await;
+    );
+    // Raced against the client's reset (or its connection's end): then the tries are
+    // dropped (their upstream stream reset) and the request ends here.
+    let a = match race(a, client_gone(respond)).await {
+        Either::Left(a) => a,
+        Either::Right(flags) => {
+            up.cancelled();
+            let sent = match &reqbody {
+                ReqBody::Buffered(b) => b.len() as u64,
+                ReqBody::Streamed(_) => 0,
+            };
+            return (0, flags, sent, 0);
+        }
+    };
     match a {
         Attempt::Answer {
             mut conn,
@@ -558,6 +570,17 @@ async fn forward_streamed<U: Upstream>(
             respond.send_reset(h2::Reason::CANCEL);
             (400, "DPE", sent, 0)
         }
+        Attempt::Cancelled { sent } => (0, "DC", sent, 0),
+    }
+}
+
+/// Completes when the client abandoned the request stream `respond` answers (before its
+/// response head): its RST_STREAM (Envoy's flag `DR`), or the end of the tunnel's HTTP/2
+/// connection (`DC`: the tunnel failed or was closed; `h2` then fails every stream).
+async fn client_gone(respond: &mut SendResponse<Bytes>) -> &'static str {
+    match std::future::poll_fn(|cx| respond.poll_reset(cx)).await {
+        Ok(_) => "DR",
+        Err(_) => "DC",
     }
 }
 
@@ -758,6 +781,8 @@ async fn forward_h2<U: Upstream>(
         };
         (http1::upstream_failure(e), flags)
     };
+    // Set when the client left while the tries went on.
+    let mut gone = None;
     let answer = loop {
         let left = remaining();
         let timed_out = || io::Error::new(io::ErrorKind::TimedOut, "upstream request timeout");
@@ -798,12 +823,23 @@ async fn forward_h2<U: Upstream>(
             }
             resp.await.map_err(io::Error::other)
         };
-        let r = match per_try {
-            Some(t) => match race(attempt, http1::timer(t)).await {
-                Either::Left(r) => r,
-                Either::Right(()) => Err(timed_out()),
-            },
-            None => attempt.await,
+        let tried = async {
+            match per_try {
+                Some(t) => match race(attempt, http1::timer(t)).await {
+                    Either::Left(r) => r,
+                    Either::Right(()) => Err(timed_out()),
+                },
+                None => attempt.await,
+            }
+        };
+        // As for an HTTP/1.1 upstream: the client's leaving drops the try (its upstream
+        // request stream is reset).
+        let r = match race(tried, client_gone(respond)).await {
+            Either::Left(r) => r,
+            Either::Right(flags) => {
+                gone = Some(flags);
+                break Err((Vec::new(), flags));
+            }
         };
         let again = retries < policy.attempts && replayable;
         match r {
@@ -825,8 +861,15 @@ async fn forward_h2<U: Upstream>(
         if let Some(l) = remaining() {
             wait = wait.min(l);
         }
-        http1::timer(wait).await;
+        if let Either::Right(flags) = race(http1::timer(wait), client_gone(respond)).await {
+            gone = Some(flags);
+            break Err((Vec::new(), flags));
+        }
     };
+    if let Some(flags) = gone {
+        up.cancelled();
+        return (0, flags, sent, 0);
+    }
     let resp = match answer {
         Ok(r) => r,
         Err((resp, flags)) => {

@@ -686,6 +686,14 @@ pub trait Tunnel {
     ) -> Result<Option<io::Result<Bytes>>, Watched> {
         Ok(source.read().await)
     }
+
+    /// Completes when the peer has abandoned the stream: reset it, or its connection is
+    /// gone. Awaited beside the waits for the upstream, so that a request whose client
+    /// left is not kept going (its upstream stream is reset). Never completes by default
+    /// (a stream that cannot tell). Reads nothing: bytes the peer sent stay unread.
+    async fn cancelled(&mut self) {
+        std::future::pending().await
+    }
 }
 
 /// What the peer did while [`Tunnel::write_watching`] wrote.
@@ -784,6 +792,12 @@ impl Tunnel for hbone::stream::H2Stream {
     ) -> Result<Option<io::Result<Bytes>>, Watched> {
         h2_read_or_source(self, source).await
     }
+
+    /// The peer's RST_STREAM, or the connection's end (the `h2` connection failed or was
+    /// dropped): seen on the send side, without reading what the peer sent.
+    async fn cancelled(&mut self) {
+        let _ = std::future::poll_fn(|cx| self.send.poll_reset(cx)).await;
+    }
 }
 
 /// The routed service's side: load balancing and upstream connections live behind this.
@@ -860,6 +874,13 @@ pub trait Upstream {
 
     /// A request is about to be re-sent (for counters).
     fn retried(&mut self) {}
+
+    /// The request was abandoned by its client (its stream reset, its connection gone)
+    /// before its response was complete: a try in flight (connected, not yet
+    /// [`Upstream::done`]) ends without a verdict on its endpoint (the client's leaving
+    /// says nothing of the endpoint's health); counted. Its connection, dropped with the
+    /// try, is reset. Called once per abandoned request, instead of `done`.
+    fn cancelled(&mut self) {}
 
     /// Something worth counting happened.
     fn note(&mut self, _n: Note) {}
@@ -1114,15 +1135,27 @@ pub async fn serve_from<T: Tunnel, U: Upstream>(
             Action::Respond(resp) => {
                 let status = status_of(&resp);
                 let mut request_bytes = used as u64;
-                // A client waiting for `100 Continue` may or may not send its body: answer
-                // without reading it and close. Otherwise discard the body (streamed).
-                let close = close || (expect && has_body);
+                // The answer goes at once, whatever the body: a body already here whole is
+                // skipped (the tunnel stays open), any other is not waited for (a denied
+                // upload does not stream through the waypoint first): the answer says
+                // `Connection: close` and the tunnel is closed after it, the client's
+                // late bytes read and dropped for a bounded time and amount
+                // ([`crate::upstream::close_stream`]), then it is reset. A client waiting
+                // for `100 Continue` may or may not send its body: closed likewise.
+                let mut close = close || (expect && has_body);
                 if has_body && !expect {
-                    match crate::body::copy::<T, T>(tunnel, &mut buf, framing, None, false).await {
-                        Ok(n) => request_bytes += n,
-                        Err(_) => return close_with(tunnel, resp, status).await,
+                    match body_here(&buf, framing) {
+                        Some(n) => {
+                            buf.advance(n);
+                            request_bytes += n as u64;
+                        }
+                        None => {
+                            request_bytes += buf.len() as u64;
+                            close = true;
+                        }
                     }
                 }
+                let resp = if close { with_close(resp) } else { resp };
                 let rec = Record {
                     protocol: "HTTP/1.1",
                     method: &head.method,
@@ -1720,6 +1753,8 @@ enum TryError {
     Upstream { e: io::Error, fresh: bool },
     /// The downstream request body failed while being streamed.
     Body(CopyError),
+    /// The client abandoned the request ([`Tunnel::cancelled`]).
+    Cancelled,
 }
 
 /// One try: connect (or reuse), send the head and body, read the response head.
@@ -1734,10 +1769,14 @@ async fn one_try<T: Tunnel, U: Upstream>(
     body: &ReqBody,
     sent: &mut u64,
 ) -> Result<(U::Conn, bool, RespHead, BytesMut), TryError> {
-    let (mut conn, reused) = up
-        .connect_try(service, head, replayable_on_new_stream(head, body))
-        .await
-        .map_err(|e| TryError::Upstream { e, fresh: false })?;
+    // Every wait on the upstream is raced against the client's leaving
+    // ([`Tunnel::cancelled`]): a request abandoned downstream does not hold its
+    // upstream stream (dropped with the try: reset) while the endpoint takes its time.
+    let connect = up.connect_try(service, head, replayable_on_new_stream(head, body));
+    let (mut conn, reused) = match race(connect, tunnel.cancelled()).await {
+        Either::Left(r) => r.map_err(|e| TryError::Upstream { e, fresh: false })?,
+        Either::Right(()) => return Err(TryError::Cancelled),
+    };
     let fail = |e: io::Error| TryError::Upstream { e, fresh: reused };
     // The response head is watched for while the body goes out: an upstream may answer
     // early (413, 401, …) and stop reading; then the rest of the body is not sent, and
@@ -1764,7 +1803,11 @@ async fn one_try<T: Tunnel, U: Upstream>(
                 all.freeze()
             };
             while !all.is_empty() {
-                match conn.write_watching(&mut all).await.map_err(fail)? {
+                let written = match race(conn.write_watching(&mut all), tunnel.cancelled()).await {
+                    Either::Left(w) => w.map_err(fail)?,
+                    Either::Right(()) => return Err(TryError::Cancelled),
+                };
+                match written {
                     Watched::Written => {}
                     Watched::Data(d) => {
                         ubuf.extend_from_slice(&d);
@@ -1807,7 +1850,11 @@ async fn one_try<T: Tunnel, U: Upstream>(
                 .unwrap_or_else(|| Err(io::Error::new(io::ErrorKind::TimedOut, "stream timeout"))),
         }
     };
-    match read.await {
+    let r = match race(read, tunnel.cancelled()).await {
+        Either::Left(r) => r,
+        Either::Right(()) => return Err(TryError::Cancelled),
+    };
+    match r {
         Ok(mut h) => {
             h.early = !complete;
             Ok((conn, reused, h, ubuf))
@@ -1842,6 +1889,9 @@ pub(crate) enum Attempt<C> {
     },
     /// The downstream request body failed while streamed (`Some`: a read error).
     BodyFailed { sent: u64, read: Option<io::Error> },
+    /// The client abandoned the request ([`Tunnel::cancelled`]); [`Upstream::cancelled`]
+    /// was called.
+    Cancelled { sent: u64 },
 }
 
 /// Mirrors, then the tries of a routed request with its body streamed or buffered:
@@ -1924,15 +1974,24 @@ pub(crate) async fn attempt<T: Tunnel, U: Upstream>(
                 up.done(None, 0, false, Some(io::ErrorKind::TimedOut));
                 return local(504, "UT", "upstream request timeout", sent);
             }
+            Some(Err(TryError::Cancelled)) => {
+                up.cancelled();
+                return Attempt::Cancelled { sent };
+            }
             Some(Err(TryError::Body(e))) => {
-                up.done(None, 0, false, Some(io::ErrorKind::BrokenPipe));
-                return Attempt::BodyFailed {
-                    sent,
-                    read: match e {
-                        CopyError::Read(e) => Some(e),
-                        _ => None,
-                    },
+                let read = match e {
+                    // The client's stream failed under its upload (reset, connection
+                    // gone): it left; not the endpoint's failure.
+                    CopyError::Read(e) => {
+                        up.cancelled();
+                        Some(e)
+                    }
+                    _ => {
+                        up.done(None, 0, false, Some(io::ErrorKind::BrokenPipe));
+                        None
+                    }
                 };
+                return Attempt::BodyFailed { sent, read };
             }
             Some(Err(TryError::Upstream { e, fresh })) => {
                 if fresh && !replaced && !streamed {
@@ -1978,7 +2037,10 @@ pub(crate) async fn attempt<T: Tunnel, U: Upstream>(
         if let Some(l) = remaining() {
             wait = wait.min(l);
         }
-        timer(wait).await;
+        if let Either::Right(()) = race(timer(wait), source.cancelled()).await {
+            up.cancelled();
+            return Attempt::Cancelled { sent };
+        }
     }
 }
 
@@ -2037,6 +2099,19 @@ async fn forward_request<T: Tunnel, U: Upstream>(
                     Some(e) => Next::Abort(e),
                     None => Next::Bad(400),
                 },
+            });
+        }
+        // Recorded as Envoy does a request whose client went away: no status, `DC`.
+        Attempt::Cancelled { sent } => {
+            return Ok(Forwarded {
+                status: 0,
+                flags: "DC",
+                request_body: sent,
+                response_bytes: 0,
+                next: Next::Abort(io::Error::new(
+                    io::ErrorKind::ConnectionReset,
+                    "the client abandoned the request",
+                )),
             });
         }
     };
@@ -2552,6 +2627,29 @@ async fn body_timeout<T: Tunnel, U: Upstream>(
         denied: false,
     });
     close_with(tunnel, resp, 504).await
+}
+
+/// How long the request body of `framing` is when all of it is already in `buf`.
+fn body_here(buf: &[u8], framing: Framing) -> Option<usize> {
+    match framing {
+        Framing::Length(n) => (buf.len() as u64 >= n).then_some(n as usize),
+        Framing::Chunked => crate::body::ChunkScan::default().feed(buf).ok().flatten(),
+        Framing::Eof => None,
+    }
+}
+
+/// `resp` (a response the waypoint wrote) saying `Connection: close`.
+fn with_close(mut resp: Vec<u8>) -> Vec<u8> {
+    let Some(end) = resp.windows(4).position(|w| w == b"\r\n\r\n") else {
+        return resp;
+    };
+    let says = resp[..end]
+        .split(|&b| b == b'\n')
+        .any(|l| l.trim_ascii().eq_ignore_ascii_case(b"connection: close"));
+    if !says {
+        resp.splice(end + 2..end + 2, b"connection: close\r\n".iter().copied());
+    }
+    resp
 }
 
 async fn close_with<T: Tunnel>(tunnel: &mut T, resp: Vec<u8>, status: u16) -> io::Result<End> {

@@ -284,6 +284,13 @@ impl Balancer {
         self.eps.get(i).map_or(0, |e| e.active)
     }
 
+    /// The request to endpoint `i` was abandoned by its client: no longer active, and no
+    /// verdict on the endpoint (its outlier state is left as it was).
+    pub fn release(&mut self, i: usize) {
+        let e = &mut self.eps[i];
+        e.active = e.active.saturating_sub(1);
+    }
+
     /// The request to endpoint `i` ended with `status` (0 for a connection failure, counted
     /// as a 5xx, as Envoy's gateway errors are).
     pub fn finish(&mut self, i: usize, status: u16, now: Instant) {

@@ -148,6 +148,9 @@ pub struct Counters {
     pub upstream_timeouts: AtomicU64,
     /// Requests re-sent by the retry policy.
     pub retries: AtomicU64,
+    /// Requests abandoned by their client (stream reset, connection gone) before their
+    /// response was complete, their upstream work dropped (its stream reset).
+    pub cancelled_requests: AtomicU64,
     /// Mirrored copies sent (RequestMirror).
     pub mirrored: AtomicU64,
     /// HTTP/1.1 request bodies over the replay buffer, streamed (never retried).
@@ -424,6 +427,12 @@ pub fn prometheus(c: &Counters) -> String {
         "waypoint_retries",
         "Requests re-sent by the retry policy.",
         c.retries.load(Relaxed),
+    );
+    counter(
+        &mut out,
+        "waypoint_cancelled_requests",
+        "Requests abandoned by their client (stream reset, connection gone); their upstream stream was reset.",
+        c.cancelled_requests.load(Relaxed),
     );
     counter(
         &mut out,
@@ -1009,6 +1018,17 @@ struct HboneUpstream {
     stream_idle: Option<Duration>,
 }
 
+/// A try still in flight when its request's future is dropped (its tunnel's HBONE
+/// connection ended, the worker aborted) was abandoned: it ends as
+/// [`Upstream::cancelled`] says, so the endpoint's count of active requests comes back.
+impl Drop for HboneUpstream {
+    fn drop(&mut self) {
+        if self.current.is_some() || self.h2_use.is_some() {
+            self.cancelled();
+        }
+    }
+}
+
 /// A request's destination for telemetry: the routed service (none: the tunnel's pod) and
 /// the endpoint workload that answered. Shared: a tunnel's requests to one endpoint reuse
 /// one copy ([`set_last`]).
@@ -1227,6 +1247,22 @@ impl Upstream for HboneUpstream {
 
     fn upgraded(&mut self, to_upstream: Bytes) {
         self.upgrade_first = to_upstream;
+    }
+
+    fn cancelled(&mut self) {
+        self.worker
+            .shared
+            .counters
+            .cancelled_requests
+            .fetch_add(1, Relaxed);
+        // Its HTTP/2 request (if any) is no longer in flight.
+        drop(self.h2_use.take());
+        if let (Some((port, i)), Some((Some(svc), _))) = (self.current.take(), self.last.as_deref())
+        {
+            if let Ok(mut b) = self.worker.balancers.try_borrow_mut() {
+                b.release(svc, port, i);
+            }
+        }
     }
 
     fn stream_idle(&mut self) -> Option<(&mut http1::Clock, Duration)> {

@@ -164,6 +164,20 @@ impl Balancers {
         Some((i, &entry.endpoints[i]))
     }
 
+    /// The request to endpoint `i` of `service:port` was abandoned by its client
+    /// ([`Balancer::release`]: no verdict on the endpoint).
+    pub fn release(&mut self, service: &ObjectRef, port: u16, i: usize) {
+        let e = self
+            .by_service
+            .get_mut(service)
+            .and_then(|ps| ps.iter_mut().find(|(p, _)| *p == port));
+        if let Some((_, e)) = e {
+            if i < e.balancer.len() {
+                e.balancer.release(i);
+            }
+        }
+    }
+
     /// Whether `service`'s DestinationRule balances by a hash of the request (the caller
     /// then passes its headers in [`HashInput`]).
     pub fn hashed(cfg: &WaypointConfig, service: &ObjectRef) -> bool {
