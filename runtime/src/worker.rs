@@ -89,13 +89,28 @@ impl WorkerCtx {
     /// Spawn a task on this worker that counts as busy-poll activity: see
     /// [`crate::busy::spawn_tracked`]. Handlers should spawn their helper tasks (connection
     /// drivers, per-request tasks) this way rather than with `monoio::spawn`, or a worker
-    /// whose traffic runs in them parks while it flows.
-    pub fn spawn<F>(&self, f: F) -> monoio::task::JoinHandle<F::Output>
+    /// whose traffic runs in them parks while it flows. A panic in `f` ends that task only:
+    /// caught, logged, counted in `worker_task_panics`, and the handle yields `None`.
+    pub fn spawn<F>(&self, f: F) -> monoio::task::JoinHandle<Option<F::Output>>
     where
         F: Future + 'static,
         F::Output: 'static,
     {
-        crate::busy::spawn_tracked(f)
+        let ctx = self.clone();
+        monoio::spawn(crate::pinned::CatchPanic::new(
+            crate::busy::tracked(f),
+            move |payload: Box<dyn std::any::Any + Send>| ctx.task_panicked("task", &*payload),
+        ))
+    }
+
+    /// A task of this worker panicked (caught): count and log it, once, with its message.
+    fn task_panicked(&self, what: &str, payload: &(dyn std::any::Any + Send)) {
+        WorkerStats::inc(&self.0.stats.worker_task_panics);
+        tracing::error!(
+            worker = self.0.id,
+            panic = crate::pinned::panic_message(payload),
+            "{what} panicked: it ended, the worker serves on"
+        );
     }
 
     /// Accept on `listener` until the drain begins, running `handler` for each connection in
@@ -203,13 +218,8 @@ struct ConnGuard(WorkerCtx);
 impl ConnGuard {
     /// The connection's handler panicked: count and log it (once, with its message).
     fn panicked(&self, payload: &(dyn std::any::Any + Send)) {
-        let inner = &self.0 .0;
-        WorkerStats::inc(&inner.stats.worker_task_panics);
-        tracing::error!(
-            worker = inner.id,
-            panic = crate::pinned::panic_message(payload),
-            "connection handler panicked: that connection is closed, the worker serves on"
-        );
+        self.0
+            .task_panicked("connection handler (its connection is closed)", payload);
     }
 }
 
@@ -497,7 +507,8 @@ mod tests {
 
     /// A connection handler that panics ends its own connection only: the panic is caught
     /// (in the handler's future and in its call), counted in `worker_task_panics`, and the
-    /// same worker serves the next connection.
+    /// same worker serves the next connection; so does a task spawned with
+    /// [`WorkerCtx::spawn`] (its handle yields `None`).
     #[test]
     fn a_panicking_handler_ends_its_connection_only() {
         use monoio::io::AsyncWriteRentExt;
@@ -510,11 +521,13 @@ mod tests {
         listener.set_nonblocking(true).unwrap();
         let addr = listener.local_addr().unwrap();
         let shutdown = Shutdown::new();
+        let (tx, spawned) = std::sync::mpsc::channel();
         let mut listener = Some(listener);
         let workers = spawn_workers(&cfg, &shutdown, |_| {
             let l = listener.take().unwrap();
+            let tx = tx.clone();
             move |ctx: WorkerCtx| async move {
-                let c2 = ctx.clone();
+                let (c2, c3) = (ctx.clone(), ctx.clone());
                 let n = Rc::new(Cell::new(0u32));
                 ctx.serve(l, move |mut s, _| {
                     n.set(n.get() + 1);
@@ -522,12 +535,20 @@ mod tests {
                     if nth == 2 {
                         panic!("handler call panicked on connection 2");
                     }
+                    let (ctx, tx) = (c3.clone(), tx.clone());
                     async move {
                         if nth == 1 {
                             panic!("handler future panicked on connection 1");
                         }
                         let (r, _) = s.write_all(format!("served {nth}").into_bytes()).await;
                         r.unwrap();
+                        let task = ctx.spawn(async move {
+                            if nth == 3 {
+                                panic!("a spawned task panicked");
+                            }
+                            nth
+                        });
+                        tx.send(task.await).unwrap();
                     }
                 })
                 .await
@@ -549,11 +570,16 @@ mod tests {
         assert_eq!(read_all(1), "");
         assert_eq!(read_all(2), "");
         assert_eq!(read_all(3), "served 3");
+        // A task spawned with `WorkerCtx::spawn` that panics: `None`, counted.
+        assert_eq!(
+            spawned.recv_timeout(std::time::Duration::from_secs(30)),
+            Ok(None)
+        );
         let st = &workers.stats()[0];
         assert_eq!(
             st.worker_task_panics
                 .load(std::sync::atomic::Ordering::Relaxed),
-            2
+            3
         );
         assert_eq!(st.accepted.load(std::sync::atomic::Ordering::Relaxed), 3);
         shutdown.drain(std::time::Duration::ZERO);
