@@ -354,6 +354,16 @@ async fn request<U: Upstream>(
         return;
     };
     let traceparent = http1::trace(&mut head, ctx.traceparent.as_deref(), &mut rng);
+    // The snapshot current now serves this stream to its end (a reload since the tunnel
+    // began applies from here on); the tunnel's `x-forwarded-for` is its client's under it.
+    let fresh = up.begin();
+    let (cfg, ctx, client_xff) = match &fresh {
+        http1::Begin::New(c, x) => {
+            let xff = client_xff.filter(|_| x.source_ip == ctx.source_ip);
+            (&**c, &**x, xff)
+        }
+        _ => (cfg, ctx, client_xff),
+    };
     let head_len: usize = head
         .headers
         .iter()
@@ -370,7 +380,18 @@ async fn request<U: Upstream>(
     if grpc {
         up.note(http1::Note::Grpc);
     }
-    let (status, flags, body_len, response_bytes) = match http1::decide(cfg, ctx, &head, &mut rng) {
+    // A tunnel whose target is no longer served (R14) gets `503` for each request.
+    let action = if matches!(fresh, http1::Begin::Refused) {
+        Action::Respond(http1::simple_response(
+            503,
+            &[],
+            http1::NOT_SERVED_BODY,
+            false,
+        ))
+    } else {
+        http1::decide(cfg, ctx, &head, &mut rng)
+    };
+    let (status, flags, body_len, response_bytes) = match action {
         Action::Respond(bytes) => {
             let status = resp_status(&bytes);
             denied = status == 403;

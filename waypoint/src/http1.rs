@@ -39,6 +39,7 @@ use std::collections::BTreeMap;
 use std::io;
 use std::net::IpAddr;
 use std::rc::Rc;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes, BytesMut};
@@ -894,7 +895,29 @@ pub trait Upstream {
 
     /// One request is done (answered here or upstream): metrics and the access log.
     fn record(&mut self, _r: &Record<'_>) {}
+
+    /// A request's head was read: the configuration it is served under, taken now and
+    /// kept for its whole life (policy, route, retries, mirrors, response). The default
+    /// keeps the one the tunnel was served with.
+    fn begin(&mut self) -> Begin {
+        Begin::Same
+    }
 }
+
+/// The configuration a request is served under ([`Upstream::begin`]).
+pub enum Begin {
+    /// The one the tunnel was served with.
+    Same,
+    /// A newer snapshot, and the tunnel's facts under it (its R14 target resolved again,
+    /// its client address).
+    New(Arc<WaypointConfig>, Rc<TunnelCtx>),
+    /// Under the current snapshot the tunnel's target is no longer served (R14): the
+    /// request is answered `503` ([`NOT_SERVED_BODY`]) and no other goes on the tunnel.
+    Refused,
+}
+
+/// The body of the `503` a request gets when its tunnel's target is no longer served.
+pub const NOT_SERVED_BODY: &str = "waypoint: destination no longer served";
 
 /// What [`Upstream::record`] gets about one finished request.
 #[derive(Debug)]
@@ -1108,6 +1131,34 @@ pub async fn serve_from<T: Tunnel, U: Upstream>(
         let started = Instant::now();
         let mut head = head;
         let traceparent = trace(&mut head, ctx.traceparent.as_deref(), rng);
+        // The snapshot current now serves this request to its end (a reload since the
+        // tunnel's last request applies from here on).
+        let fresh = match upstream.begin() {
+            Begin::Same => None,
+            Begin::New(c, x) => Some((c, x)),
+            Begin::Refused => {
+                let resp = simple_response(503, &[], NOT_SERVED_BODY, true);
+                upstream.record(&Record {
+                    protocol: "HTTP/1.1",
+                    method: &head.method,
+                    host: head.header("host").unwrap_or(""),
+                    path: &head.path,
+                    query: head.query.as_deref(),
+                    status: 503,
+                    flags: local_flags(503),
+                    request_bytes: used as u64,
+                    response_bytes: resp.len() as u64,
+                    started,
+                    traceparent: &traceparent,
+                    denied: false,
+                });
+                return close_with(tunnel, resp, 503).await;
+            }
+        };
+        let (cfg, ctx): (&WaypointConfig, &TunnelCtx) = match &fresh {
+            Some((c, x)) => (c, x),
+            None => (cfg, ctx),
+        };
         let framing = match body_framing(&head) {
             Ok(BodyFraming::Length(n)) => Framing::Length(n as u64),
             Ok(BodyFraming::Chunked) => Framing::Chunked,

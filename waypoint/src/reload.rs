@@ -7,10 +7,21 @@
 //! is logged with file:line, document and field, counted, and the old snapshot keeps
 //! serving.
 //!
-//! **Which snapshot a request sees**: each HBONE CONNECT stream (one tunnel) takes the
-//! snapshot current when it is accepted and keeps it for every request it carries — its
-//! R14 target check, policies, routes and endpoints stay consistent for its lifetime. A new
-//! tunnel (the ztunnel opens one per downstream connection) sees the new snapshot.
+//! **Which snapshot a request sees**: the CONNECT (R14 target check) is checked under the
+//! snapshot current when it arrives; then each request on the tunnel (HTTP/1.1 or an
+//! HTTP/2 stream) takes the snapshot current when its head has been read and keeps it to
+//! its end: policy, route, endpoints, retries, mirrors and its response. A reload thus
+//! applies to the next request of every live keep-alive tunnel, as Envoy applies a new
+//! route table to new requests: a DENY added is enforced there at once. When a request
+//! finds a newer version, the tunnel derives its facts again (once per version, shared by
+//! its HTTP/2 streams): the R14 target check — a target no longer served gets `503` and the
+//! HTTP/1.1 tunnel is closed (`waypoint_stale_target_requests_total`) —, the trusted client
+//! address, the source workload and the telemetry label cache. A request finding nothing
+//! reloaded costs one version compare. An opaque TCP tunnel (L4 policy only) is authorized
+//! again at each reload (the worker looks for a new version every 50 ms while it has such
+//! tunnels, as ztunnel re-checks live connections): one the new snapshot denies, or whose
+//! target it no longer serves, is reset (`waypoint_tcp_revoked_total`). A connection
+//! upgraded after a `101` keeps the decision of its upgrade request.
 //!
 //! The settings document (`waypoint:`, `runtime`, `h2`) is read at start only: a change to
 //! it is logged ("restart to apply") and the rest of the file is still reloaded.

@@ -170,6 +170,15 @@ pub struct Counters {
     pub config_reloads: AtomicU64,
     /// Edited configurations rejected (the old snapshot kept serving).
     pub config_reload_errors: AtomicU64,
+    /// Live tunnels that took a newer snapshot at a request (or, opaque, at the reload)
+    /// and derived their facts again (R14 target, client address, telemetry).
+    pub tunnel_refreshes: AtomicU64,
+    /// Requests answered `503` because, since a reload, their tunnel's target is no
+    /// longer served by this waypoint (R14).
+    pub stale_target_requests: AtomicU64,
+    /// Live opaque TCP tunnels closed because a reload's policy denies them (R15) or no
+    /// longer serves their target (R14).
+    pub tcp_revoked: AtomicU64,
 }
 
 /// The waypoint's certificate and the server TLS made from it.
@@ -263,6 +272,9 @@ pub fn start(
                 idle: RefCell::new(crate::upstream::IdleStreams::default()),
                 seed: std::cell::Cell::new(seed(ctx.id())),
                 mirrors: std::cell::Cell::new(0),
+                reloaded: runtime::event::LocalEvent::new(),
+                reload_watchers: Cell::new(0),
+                reload_watcher: Cell::new(false),
                 shared,
             });
             spawn_idle_sweeper(Rc::downgrade(&worker));
@@ -500,6 +512,24 @@ pub fn prometheus(c: &Counters) -> String {
         "Edited configurations rejected; the old snapshot kept serving.",
         c.config_reload_errors.load(Relaxed),
     );
+    counter(
+        &mut out,
+        "waypoint_tunnel_refreshes",
+        "Live tunnels that took a newer configuration snapshot.",
+        c.tunnel_refreshes.load(Relaxed),
+    );
+    counter(
+        &mut out,
+        "waypoint_stale_target_requests",
+        "Requests answered 503: since a reload their tunnel's target is no longer served (R14).",
+        c.stale_target_requests.load(Relaxed),
+    );
+    counter(
+        &mut out,
+        "waypoint_tcp_revoked",
+        "Live opaque TCP tunnels closed by a reload (policy denies them or target no longer served).",
+        c.tcp_revoked.load(Relaxed),
+    );
     out
 }
 
@@ -516,7 +546,8 @@ struct Worker {
     ctx: runtime::WorkerCtx,
     pool: Pool,
     balancers: RefCell<Balancers>,
-    /// The L7 snapshot (routes, policies, model); each tunnel keeps the one it started with.
+    /// The L7 snapshot (routes, policies, model). Each request takes the current one (one
+    /// version compare when it did not change) and keeps it to its end ([`TunnelFacts`]).
     l7: RefCell<runtime::snapshot::Subscriber<WaypointConfig>>,
     metrics: LocalMetrics,
     /// HTTP/2 upstream connections, by (HBONE address, authority), shared by the worker's
@@ -529,7 +560,65 @@ struct Worker {
     seed: std::cell::Cell<u64>,
     /// Mirrored requests in flight on this worker (at most [`MAX_MIRRORS_IN_FLIGHT`]).
     mirrors: std::cell::Cell<usize>,
+    /// Notified when the worker sees a new snapshot version, while live opaque TCP tunnels
+    /// watch for one ([`ReloadWatch`]; they are then authorized again, as ztunnel does).
+    reloaded: runtime::event::LocalEvent,
+    /// Opaque TCP tunnels watching for a reload; the version watcher runs while any does.
+    reload_watchers: Cell<usize>,
+    /// Whether the version watcher task runs.
+    reload_watcher: Cell<bool>,
     shared: Arc<Shared>,
+}
+
+/// How often a worker with live opaque TCP tunnels looks for a new snapshot version
+/// (ztunnel's live re-check period).
+const RELOAD_WATCH_PERIOD: Duration = Duration::from_millis(50);
+
+impl Worker {
+    /// The version of the current snapshot (one atomic load when it did not change).
+    fn l7_version(&self) -> u64 {
+        let mut s = self.l7.borrow_mut();
+        s.current();
+        s.version()
+    }
+}
+
+/// A live opaque TCP tunnel watching for reloads: while any is, the worker's version
+/// watcher runs and notifies [`Worker::reloaded`] on each new snapshot version.
+struct ReloadWatch(Rc<Worker>);
+
+impl ReloadWatch {
+    fn start(w: &Rc<Worker>) -> ReloadWatch {
+        w.reload_watchers.set(w.reload_watchers.get() + 1);
+        if !w.reload_watcher.replace(true) {
+            let weak = Rc::downgrade(w);
+            let mut seen = w.l7_version();
+            monoio::spawn(async move {
+                loop {
+                    monoio::time::sleep(RELOAD_WATCH_PERIOD).await;
+                    let Some(w) = weak.upgrade() else { return };
+                    if w.reload_watchers.get() == 0 || w.ctx.shutdown().is_draining() {
+                        w.reload_watcher.set(false);
+                        return;
+                    }
+                    let now = w.l7_version();
+                    if now != seen {
+                        seen = now;
+                        w.reloaded.notify();
+                    }
+                }
+            });
+        }
+        ReloadWatch(w.clone())
+    }
+}
+
+impl Drop for ReloadWatch {
+    fn drop(&mut self) {
+        let w = &self.0;
+        w.reload_watchers
+            .set(w.reload_watchers.get().saturating_sub(1));
+    }
 }
 
 /// The worker's one timer for its idle upstream streams: every half of the shortest
@@ -599,11 +688,16 @@ fn principal(id: &Identity) -> String {
     )
 }
 
-async fn tunnel(w: Rc<Worker>, cert: Arc<WorkloadCert>, inb: Inbound) {
+async fn tunnel(w: Rc<Worker>, cert: Arc<WorkloadCert>, mut inb: Inbound) {
     let shared = w.shared.clone();
     let (settings, counters) = (&shared.settings, &shared.counters);
-    // This CONNECT stream keeps the snapshot current at its start for all its requests.
-    let l7 = w.l7.borrow_mut().current().clone();
+    // The CONNECT is checked under the snapshot current now; each request then takes the
+    // one current at its start ([`HboneUpstream::begin`]).
+    let (l7, version) = {
+        let mut s = w.l7.borrow_mut();
+        let l7 = s.current().clone();
+        (l7, s.version())
+    };
     let target = inb.request.target;
     let resolved = match l7.mesh.as_ref() {
         Some(snap) => target::resolve(snap, &settings.me, target),
@@ -627,7 +721,7 @@ async fn tunnel(w: Rc<Worker>, cert: Arc<WorkloadCert>, inb: Inbound) {
         inb.request.forwarded_for,
         ztunnel,
     );
-    let ctx = TunnelCtx {
+    let ctx = Rc::new(TunnelCtx {
         waypoint: settings.me.gateway.clone(),
         root_namespace: settings.root_namespace.clone(),
         destination,
@@ -636,13 +730,39 @@ async fn tunnel(w: Rc<Worker>, cert: Arc<WorkloadCert>, inb: Inbound) {
         source_ip,
         principal: inb.peer_identity.as_ref().map(principal),
         traceparent: inb.request.traceparent.clone(),
-    };
-    let peer = Rc::new(peer_of(&inb, &l7, source_ip, &ctx.destination, ztunnel));
+    });
+    let peer = Rc::new(peer_of(
+        inb.peer_identity.as_ref(),
+        &inb.request.baggage,
+        &l7,
+        source_ip,
+        &ctx.destination,
+        ztunnel,
+    ));
+    let metric_cache: MetricCache = Rc::default();
+    let view = Rc::new(View {
+        version,
+        l7: l7.clone(),
+        ctx: Some(ctx.clone()),
+        peer: peer.clone(),
+        metric_cache: metric_cache.clone(),
+    });
+    let facts = Rc::new(TunnelFacts {
+        peer_identity: inb.peer_identity.take(),
+        peer_addr: inb.peer_addr.ip(),
+        forwarded_for: inb.request.forwarded_for,
+        baggage: std::mem::take(&mut inb.request.baggage),
+        target,
+        start: version,
+        start_ctx: ctx.clone(),
+        view: RefCell::new(view.clone()),
+    });
     let Ok(mut stream) = inb.accept() else { return };
     counters.tunnels.fetch_add(1, Relaxed);
-    let metric_cache: MetricCache = Rc::default();
     let times = l7.tunnel_timeouts();
     let upstream = |w: &Rc<Worker>, client_h2: bool| HboneUpstream {
+        tunnel: facts.clone(),
+        view: view.clone(),
         worker: w.clone(),
         client_h2,
         l7: l7.clone(),
@@ -735,7 +855,7 @@ async fn tunnel(w: Rc<Worker>, cert: Arc<WorkloadCert>, inb: Inbound) {
                 io,
                 &settings.h2,
                 l7.clone(),
-                Rc::new(ctx),
+                ctx.clone(),
                 || (upstream(&w2, true), w2.rng()),
                 Rc::new(move || {
                     c2.bad_requests.fetch_add(1, Relaxed);
@@ -778,24 +898,17 @@ pub(crate) fn workload_name(w: &mesh_model::model::Workload) -> String {
 /// namespace from that identity and the model ([`crate::source::workload_of`]; the
 /// CONNECT's `baggage` never overrides them).
 fn peer_of(
-    inb: &Inbound,
+    identity: Option<&Identity>,
+    baggage: &hbone::wire::Baggage,
     l7: &WaypointConfig,
     addr: IpAddr,
     destination: &http1::Destination,
     ztunnel: &Identity,
 ) -> Peer {
-    let (workload, namespace) = crate::source::workload_of(
-        l7.mesh.as_ref(),
-        inb.peer_identity.as_ref(),
-        addr,
-        ztunnel,
-        &inb.request.baggage,
-    );
+    let (workload, namespace) =
+        crate::source::workload_of(l7.mesh.as_ref(), identity, addr, ztunnel, baggage);
     Peer {
-        principal: inb
-            .peer_identity
-            .as_ref()
-            .map_or_else(|| "unknown".into(), |i| i.to_string()),
+        principal: identity.map_or_else(|| "unknown".into(), |i| i.to_string()),
         workload,
         namespace,
         addr,
@@ -981,6 +1094,11 @@ impl Drop for Connecting {
 
 /// Upstream exchanges over HBONE for one tunnel.
 struct HboneUpstream {
+    /// The tunnel's facts, and its view of the newest snapshot a request took.
+    tunnel: Rc<TunnelFacts>,
+    /// What the current request is served under (`l7`, `peer`, `source_ip` and
+    /// `metric_cache` are its parts), set by [`Upstream::begin`].
+    view: Rc<View>,
     worker: Rc<Worker>,
     /// The client spoke HTTP/2: a service whose DestinationRule sets `useClientProtocol`
     /// gets HTTP/2 upstream.
@@ -1068,6 +1186,153 @@ struct Peer {
     /// The client address (`forwarded: for=`, else the peer's).
     addr: IpAddr,
     destination: http1::Destination,
+}
+
+/// A tunnel's CONNECT facts, fixed for its life, and its view of the newest snapshot one of
+/// its requests took: derived again only when a request (or, for an opaque tunnel, a
+/// reload) finds a newer version, and shared by its HTTP/2 streams.
+struct TunnelFacts {
+    peer_identity: Option<Identity>,
+    peer_addr: IpAddr,
+    forwarded_for: Option<IpAddr>,
+    baggage: hbone::wire::Baggage,
+    target: SocketAddr,
+    /// The version the tunnel was accepted under, and its facts then: what its serve loop
+    /// was given ([`http1::Begin::Same`] means this one).
+    start: u64,
+    start_ctx: Rc<TunnelCtx>,
+    view: RefCell<Rc<View>>,
+}
+
+/// What a tunnel derived from one snapshot: its R14 target check, client address, peer
+/// (workload lookups) and metric label cache.
+struct View {
+    version: u64,
+    l7: Arc<WaypointConfig>,
+    /// `None`: the target is not served under `l7` (R14).
+    ctx: Option<Rc<TunnelCtx>>,
+    peer: Rc<Peer>,
+    metric_cache: MetricCache,
+}
+
+impl TunnelFacts {
+    /// The tunnel's view of the worker's current snapshot, derived again if that is newer
+    /// than the tunnel's.
+    fn refresh(&self, w: &Worker) -> Rc<View> {
+        let (l7, version) = {
+            let mut s = w.l7.borrow_mut();
+            s.current();
+            let v = s.version();
+            if self.view.borrow().version == v {
+                return self.view.borrow().clone();
+            }
+            let l7 = s.current().clone();
+            (l7, s.version())
+        };
+        let old = self.view.borrow().clone();
+        let settings = &w.shared.settings;
+        let resolved = match l7.mesh.as_ref() {
+            Some(snap) => target::resolve(snap, &settings.me, self.target),
+            None => Err(Refused::Unknown),
+        };
+        let ztunnel = crate::source::ztunnel_identity(&l7);
+        let view = match resolved {
+            Ok(destination) => {
+                let source_ip = crate::source::client_ip(
+                    l7.mesh.as_ref(),
+                    self.peer_identity.as_ref(),
+                    self.peer_addr,
+                    self.forwarded_for,
+                    ztunnel,
+                );
+                let peer = peer_of(
+                    self.peer_identity.as_ref(),
+                    &self.baggage,
+                    &l7,
+                    source_ip,
+                    &destination,
+                    ztunnel,
+                );
+                let ctx = TunnelCtx {
+                    destination,
+                    source_ip,
+                    ..TunnelCtx::clone(&self.start_ctx)
+                };
+                View {
+                    version,
+                    ctx: Some(Rc::new(ctx)),
+                    peer: Rc::new(peer),
+                    metric_cache: Rc::default(),
+                    l7,
+                }
+            }
+            Err(why) => {
+                tracing::debug!(target = %self.target, ?why, version, "a reload no longer serves this tunnel's target (R14)");
+                View {
+                    version,
+                    ctx: None,
+                    peer: old.peer.clone(),
+                    metric_cache: Rc::default(),
+                    l7,
+                }
+            }
+        };
+        w.shared.counters.tunnel_refreshes.fetch_add(1, Relaxed);
+        let view = Rc::new(view);
+        *self.view.borrow_mut() = view.clone();
+        view
+    }
+}
+
+/// The L4 policy verdict (R15) of an opaque TCP tunnel with facts `ctx` under `l7`.
+fn tcp_verdict(l7: &WaypointConfig, ctx: &TunnelCtx) -> crate::authz::Verdict {
+    let (service, workload) = match &ctx.destination {
+        http1::Destination::Service { service, .. } => (Some(service), None),
+        http1::Destination::Workload { namespace, labels } => {
+            (None, Some((namespace.as_str(), labels)))
+        }
+    };
+    let subject = crate::authz::Subject {
+        waypoint: &ctx.waypoint,
+        root_namespace: &ctx.root_namespace,
+        service,
+        workload,
+    };
+    let areq = crate::authz::Request {
+        source_ip: ctx.source_ip,
+        remote_ip: ctx.source_ip,
+        principal: ctx.principal.as_deref(),
+        destination_ip: ctx.destination_ip,
+        destination_port: ctx.destination_port,
+        host: "",
+        method: "",
+        path: "",
+        headers: &[],
+    };
+    crate::authz::evaluate_tcp(&l7.policies, &subject, &areq)
+}
+
+/// Completes when a snapshot newer than `version` no longer allows a live opaque TCP
+/// tunnel: its target is no longer served (R14) or its L4 policy denies it (R15). Checked
+/// at each new version the worker sees (as ztunnel re-checks its live connections).
+async fn tcp_revoked(w: Rc<Worker>, t: Rc<TunnelFacts>, mut version: u64) {
+    let _watch = ReloadWatch::start(&w);
+    loop {
+        let reloaded = w.reloaded.wait();
+        if w.l7_version() != version {
+            let view = t.refresh(&w);
+            version = view.version;
+            let Some(ctx) = view.ctx.as_deref() else {
+                return;
+            };
+            let verdict = tcp_verdict(&view.l7, ctx);
+            if !verdict.allowed {
+                tracing::debug!(target = %t.target, policy = ?verdict.policy, "a reload denies this live opaque TCP tunnel (R15)");
+                return;
+            }
+        }
+        reloaded.await;
+    }
 }
 
 /// An upstream HBONE stream carrying HTTP/1.1 exchanges, and where it goes (to keep it
@@ -1322,6 +1587,8 @@ impl Upstream for HboneUpstream {
         }
         self.worker.mirrors.set(in_flight + 1);
         let mut copy = HboneUpstream {
+            tunnel: self.tunnel.clone(),
+            view: self.view.clone(),
             worker: self.worker.clone(),
             client_h2: self.client_h2,
             l7: self.l7.clone(),
@@ -1481,6 +1748,33 @@ impl Upstream for HboneUpstream {
 
     fn retried(&mut self) {
         self.worker.shared.counters.retries.fetch_add(1, Relaxed);
+    }
+
+    /// One version compare when nothing was reloaded; else the tunnel's view of the new
+    /// snapshot (derived once per tunnel and version) becomes this request's.
+    fn begin(&mut self) -> http1::Begin {
+        if self.worker.l7_version() != self.view.version {
+            let view = self.tunnel.refresh(&self.worker);
+            self.l7 = view.l7.clone();
+            self.peer = view.peer.clone();
+            self.source_ip = view.peer.addr;
+            self.metric_cache = view.metric_cache.clone();
+            self.view = view;
+        }
+        if self.view.version == self.tunnel.start {
+            return http1::Begin::Same;
+        }
+        match &self.view.ctx {
+            Some(ctx) => http1::Begin::New(self.l7.clone(), ctx.clone()),
+            None => {
+                self.worker
+                    .shared
+                    .counters
+                    .stale_target_requests
+                    .fetch_add(1, Relaxed);
+                http1::Begin::Refused
+            }
+        }
     }
 }
 
@@ -1838,30 +2132,17 @@ impl HboneUpstream {
     /// An opaque TCP tunnel (R15 at L4, then bytes to the chosen endpoint).
     async fn opaque(&mut self, mut down: H2Stream, ctx: &TunnelCtx, first: Bytes) {
         let counters = self.worker.shared.counters.clone();
-        let (service, workload) = match &ctx.destination {
-            http1::Destination::Service { service, .. } => (Some(service), None),
-            http1::Destination::Workload { namespace, labels } => {
-                (None, Some((namespace.as_str(), labels)))
+        // Under the snapshot current at the first bytes; re-checked at each reload after.
+        let fresh = self.begin();
+        let ctx = match &fresh {
+            http1::Begin::Same => ctx,
+            http1::Begin::New(_, c) => c,
+            http1::Begin::Refused => {
+                down.reset(h2::Reason::REFUSED_STREAM);
+                return;
             }
         };
-        let subject = crate::authz::Subject {
-            waypoint: &ctx.waypoint,
-            root_namespace: &ctx.root_namespace,
-            service,
-            workload,
-        };
-        let areq = crate::authz::Request {
-            source_ip: ctx.source_ip,
-            remote_ip: ctx.source_ip,
-            principal: ctx.principal.as_deref(),
-            destination_ip: ctx.destination_ip,
-            destination_port: ctx.destination_port,
-            host: "",
-            method: "",
-            path: "",
-            headers: &[],
-        };
-        let verdict = crate::authz::evaluate_tcp(&self.l7.policies, &subject, &areq);
+        let verdict = tcp_verdict(&self.l7, ctx);
         if !verdict.allowed {
             counters.tcp_denied.fetch_add(1, Relaxed);
             tracing::debug!(target = %self.target, policy = ?verdict.policy, "opaque TCP tunnel denied (R15)");
@@ -1905,14 +2186,18 @@ impl HboneUpstream {
             }
         };
         let rt = &self.worker.shared.settings.runtime;
-        let out = inner::splice(
-            down,
-            up,
-            first,
-            rt.forward.idle_timeout,
-            self.worker.ctx.aborted(),
-        )
-        .await;
+        let revoked = Cell::new(false);
+        let aborted = self.worker.ctx.aborted();
+        let recheck = tcp_revoked(self.worker.clone(), self.tunnel.clone(), self.view.version);
+        let abort = async {
+            if let Either::Right(()) = race(aborted, recheck).await {
+                revoked.set(true);
+            }
+        };
+        let out = inner::splice(down, up, first, rt.forward.idle_timeout, abort).await;
+        if revoked.get() {
+            counters.tcp_revoked.fetch_add(1, Relaxed);
+        }
         counters
             .tcp_bytes_sent
             .fetch_add(out.downstream_to_upstream, Relaxed);

@@ -1,0 +1,562 @@
+//! A reload reaches live tunnels: each request on a keep-alive tunnel (HTTP/1.1, or an
+//! HTTP/2 stream) takes the snapshot current when it starts and keeps it to its end; a
+//! live opaque TCP tunnel is authorized again at each reload. Real waypoint, file watcher,
+//! stand-in ztunnel and backends on loopback; every wait is on a counter or an event.
+
+mod common;
+
+use std::io::Write;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{mpsc, Arc, Barrier};
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use common::{
+    block_on, connect, echo_node, get, id, ip, next_request, ok_response, read_response,
+    serve_threads, service_settings, Ztunnel,
+};
+use hbone::ca::{CertSource, WorkloadCert};
+use hbone::client::Client;
+use hbone::stream::H2Stream;
+use hbone::wire::ConnectRequest;
+use runtime::Shutdown;
+use waypoint::service::{self, Counters};
+
+/// A keep-alive HTTP/1.1 backend answering `<name> <path> xff=<x-forwarded-for>`. The first
+/// `/hold` it gets is announced on `arrived` and answered `503` once `release` says so;
+/// later ones are answered at once.
+struct Backend {
+    addr: SocketAddr,
+    seen: mpsc::Receiver<String>,
+}
+
+impl Backend {
+    fn seen(&self) -> Vec<String> {
+        self.seen.try_iter().collect()
+    }
+}
+
+struct Hold {
+    arrived: mpsc::Sender<()>,
+    /// Both the backend and the test wait on it: the test's wait releases the backend.
+    release: Barrier,
+    hits: AtomicU32,
+}
+
+fn backend(ip: Ipv4Addr, name: &'static str, hold: Option<Arc<Hold>>) -> Backend {
+    let (tx, seen) = mpsc::channel();
+    let addr = serve_threads(ip, move |mut c| {
+        let tx = tx.clone();
+        let mut buf = Vec::new();
+        while let Some(req) = next_request(&mut c, &mut buf) {
+            let _ = tx.send(req.path.clone());
+            let xff = req.header("x-forwarded-for").unwrap_or_default();
+            let body = format!("{name} {} xff={xff}", req.path);
+            let resp = match (&hold, req.path.as_str()) {
+                (Some(h), "/hold") if h.hits.fetch_add(1, Ordering::SeqCst) == 0 => {
+                    let _ = h.arrived.send(());
+                    h.release.wait();
+                    "HTTP/1.1 503 Service Unavailable\r\ncontent-length: 4\r\n\r\nheld".to_string()
+                }
+                _ => ok_response(&body),
+            };
+            if c.write_all(resp.as_bytes()).is_err() {
+                return;
+            }
+        }
+    });
+    Backend { addr, seen }
+}
+
+/// A TCP backend sending back every byte it reads.
+fn tcp_echo(ip: Ipv4Addr) -> SocketAddr {
+    serve_threads(ip, |mut c| {
+        let mut r = c.try_clone().unwrap();
+        let _ = std::io::copy(&mut r, &mut c);
+    })
+}
+
+const DENY: &str = r#"apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: deny, namespace: app}
+spec:
+  targetRefs:
+  - {kind: Gateway, group: gateway.networking.k8s.io, name: wp}
+  action: DENY
+  rules:
+  - to: [{operation: {paths: ["/blocked", "/hold"]}}]
+"#;
+
+/// Denies every connection of the test client (an L4 rule: it applies to opaque TCP).
+const DENY_CLIENT: &str = r#"apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: deny-client, namespace: app}
+spec:
+  targetRefs:
+  - {kind: Gateway, group: gateway.networking.k8s.io, name: wp}
+  action: DENY
+  rules:
+  - from: [{source: {principals: ["cluster.local/ns/app/sa/client"]}}]
+"#;
+
+/// HTTPRoute on Service `echo`: everything to `backend`.
+fn route_to(backend: &str) -> String {
+    format!(
+        r#"apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {{name: echo, namespace: app}}
+spec:
+  parentRefs: [{{group: "", kind: Service, name: echo}}]
+  rules:
+  - backendRefs: [{{name: {backend}, port: 80}}]
+"#
+    )
+}
+
+const ECHO: &str = "echo.app.svc.cluster.local";
+const V1: &str = "echo-v1.app.svc.cluster.local";
+
+/// What the model holds, for the reloads to change.
+#[derive(Clone, Copy)]
+struct Model {
+    /// Service `echo-v1` (`10.96.0.2`) exists.
+    v1_service: bool,
+    /// The client workload `10.1.0.7` (so a tunnel's `forwarded: for=` naming it is believed).
+    client: bool,
+}
+
+const FULL: Model = Model {
+    v1_service: true,
+    client: true,
+};
+
+struct Mesh {
+    waypoint: SocketAddr,
+    client_cert: WorkloadCert,
+    _zt: Ztunnel,
+    echo_v1: Backend,
+    echo_v2: Backend,
+    hold: Arc<Hold>,
+    arrived: mpsc::Receiver<()>,
+    file: PathBuf,
+    zt_ip: Ipv4Addr,
+    addrs: [SocketAddr; 4],
+    shutdown: Shutdown,
+    watcher: Option<waypoint::reload::Watcher>,
+    handle: Option<service::Handle>,
+}
+
+impl Drop for Mesh {
+    fn drop(&mut self) {
+        self.watcher.take();
+        self.shutdown.drain(Duration::from_millis(200));
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+        if let Some(d) = self.file.parent() {
+            let _ = std::fs::remove_dir_all(d);
+        }
+    }
+}
+
+impl Mesh {
+    fn start(salt: u32) -> Mesh {
+        let (net, ca, zt) = echo_node(salt);
+        let client_cert = ca.issue(&id("app", "client"), SystemTime::now()).unwrap();
+        let (arrived_tx, arrived) = mpsc::channel();
+        let hold = Arc::new(Hold {
+            arrived: arrived_tx,
+            release: Barrier::new(2),
+            hits: AtomicU32::new(0),
+        });
+        let echo = backend(ip(net, 2), "echo", None);
+        let echo_v1 = backend(ip(net, 3), "echo-v1", Some(hold.clone()));
+        let echo_v2 = backend(ip(net, 4), "echo-v2", None);
+        let raw = tcp_echo(ip(net, 5));
+        let dir =
+            std::env::temp_dir().join(format!("waypoint-reload-live-{}-{net}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("wp.yaml");
+        let addrs = [echo.addr, echo_v1.addr, echo_v2.addr, raw];
+        let mut m = Mesh {
+            waypoint: "127.0.0.1:0".parse().unwrap(),
+            client_cert,
+            _zt: zt,
+            echo_v1,
+            echo_v2,
+            hold,
+            arrived,
+            file,
+            zt_ip: ip(net, 1),
+            addrs,
+            shutdown: Shutdown::new(),
+            watcher: None,
+            handle: None,
+        };
+        let text = m.config(FULL, &route_to("echo-v1"), "");
+        std::fs::write(&m.file, &text).unwrap();
+        let l7 = waypoint::config::load_str(&m.file, &text, 1).unwrap_or_else(|e| panic!("{e}"));
+        let source: Arc<dyn CertSource> = ca.clone();
+        let publisher = runtime::Publisher::new(l7);
+        let handle = service::start(
+            service_settings(),
+            source,
+            publisher.clone(),
+            m.shutdown.clone(),
+        )
+        .unwrap();
+        m.waypoint = handle.addr;
+        m.watcher = Some(
+            waypoint::reload::watch(
+                m.file.clone(),
+                text,
+                None,
+                publisher,
+                handle.counters.clone(),
+            )
+            .unwrap(),
+        );
+        m.handle = Some(handle);
+        m
+    }
+
+    fn counters(&self) -> &Counters {
+        &self.handle.as_ref().unwrap().counters
+    }
+
+    /// The whole configuration file: the model, then `route` and `policies` (documents).
+    fn config(&self, model: Model, route: &str, policies: &str) -> String {
+        let [e, v1, v2, raw] = self.addrs;
+        let client = if model.client {
+            "  - {uid: client-7, name: client-7, namespace: app, serviceAccount: client, workloadIps: [\"10.1.0.7\"]}\n"
+        } else {
+            ""
+        };
+        let v1_service = if model.v1_service {
+            "  - {name: echo-v1, namespace: app, hostname: echo-v1.app.svc.cluster.local, vips: [\"10.96.0.2\"], ports: {80: 8080}}\n"
+        } else {
+            ""
+        };
+        let svc = |uid: &str, a: SocketAddr, s: &str| {
+            format!("  - {{uid: {uid}, name: {uid}, namespace: app, serviceAccount: echo, node: node-b, workloadIps: [\"{}\"], services: {{\"app/{s}.app.svc.cluster.local\": {{80: {}}}}}}}\n", a.ip(), a.port())
+        };
+        // Without the service, its pod stays (serving no service).
+        let v1_pod = if model.v1_service {
+            svc("v1-1", v1, "echo-v1")
+        } else {
+            format!("  - {{uid: v1-1, name: v1-1, namespace: app, serviceAccount: echo, node: node-b, workloadIps: [\"{}\"]}}\n", v1.ip())
+        };
+        let model = format!(
+            "namespaces:\n  - name: app\n    labels: {{istio.io/dataplane-mode: ambient}}\nwaypoints:\n  - {{name: wp, namespace: app, address: 10.1.0.100}}\nnodes:\n  - {{name: node-b, ztunnel: {zt}}}\nworkloads:\n  - {{uid: wp, name: wp, namespace: app, serviceAccount: waypoint, workloadIps: [\"10.1.0.100\"]}}\n{client}{}{}{}{}services:\n  - {{name: echo, namespace: app, hostname: echo.app.svc.cluster.local, vips: [\"10.96.0.1\"], ports: {{80: 8080}}}}\n{v1_service}  - {{name: echo-v2, namespace: app, hostname: echo-v2.app.svc.cluster.local, vips: [\"10.96.0.3\"], ports: {{80: 8080}}}}\n  - {{name: raw, namespace: app, hostname: raw.app.svc.cluster.local, vips: [\"10.96.0.4\"], ports: {{80: 8080}}}}\n",
+            svc("echo-1", e, "echo"),
+            v1_pod,
+            svc("v2-1", v2, "echo-v2"),
+            svc("raw-1", raw, "raw"),
+            zt = self.zt_ip,
+        );
+        let mut text = format!("{model}---\n{route}");
+        if !policies.is_empty() {
+            text.push_str(&format!("---\n{policies}"));
+        }
+        text
+    }
+
+    /// Write a new configuration and wait (generously) until the waypoint published it as
+    /// its `n`th reload.
+    async fn reload(&self, text: &str, n: u64) {
+        std::fs::write(&self.file, text).unwrap();
+        let c = self.counters();
+        wait_until(&format!("reload #{n}"), || {
+            c.config_reloads.load(Ordering::Relaxed) >= n
+                || c.config_reload_errors.load(Ordering::Relaxed) > 0
+        })
+        .await;
+        assert_eq!(c.config_reload_errors.load(Ordering::Relaxed), 0, "{text}");
+    }
+
+    /// A tunnel to `target` for client `10.1.0.7` (the CONNECT's `forwarded: for=`).
+    async fn tunnel(&self, target: &str) -> (Client, H2Stream) {
+        let c = connect(self.waypoint, &self.client_cert, id("app", "waypoint"))
+            .await
+            .unwrap();
+        let mut req = ConnectRequest::new(target.parse().unwrap());
+        req.forwarded_for = Some(IpAddr::V4(Ipv4Addr::new(10, 1, 0, 7)));
+        let s = c.open(&req).await.unwrap();
+        (c, s)
+    }
+
+    /// An HTTP/2 (prior knowledge) connection inside a tunnel to `target`.
+    async fn h2_tunnel(&self, target: &str) -> (Client, h2::client::SendRequest<Bytes>) {
+        let (c, s) = self.tunnel(target).await;
+        let io = waypoint::inner::StreamIo::new(s, Bytes::new());
+        let (send, conn) = h2::client::handshake(io).await.unwrap();
+        monoio::spawn(async move {
+            let _ = conn.await;
+        });
+        (c, send)
+    }
+}
+
+/// Wait (generously) until `f` holds, letting this runtime's other tasks run meanwhile.
+async fn wait_until(what: &str, f: impl Fn() -> bool) {
+    for _ in 0..3000 {
+        if f() {
+            return;
+        }
+        monoio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("timed out waiting for: {what}");
+}
+
+/// One HTTP/1.1 exchange on a tunnel.
+async fn ask(s: &mut H2Stream, buf: &mut Vec<u8>, path: &str, host: &str) -> (u16, String) {
+    s.write_all(Bytes::from(get(path, host)), false)
+        .await
+        .unwrap();
+    let r = read_response(s, buf).await;
+    (r.status, r.text())
+}
+
+const ME: &str = "xff=10.1.0.7";
+
+#[test]
+fn r15_a_deny_reload_applies_to_the_next_request_of_live_http1_and_http2_tunnels() {
+    let m = Mesh::start(31);
+    block_on(async {
+        let (_c1, mut t1) = m.tunnel("10.96.0.1:80").await;
+        let mut buf = Vec::new();
+        let (_c2, h2) = m.h2_tunnel("10.96.0.1:80").await;
+        assert_eq!(
+            ask(&mut t1, &mut buf, "/blocked", ECHO).await,
+            (200, format!("echo-v1 /blocked {ME}"))
+        );
+        let r = common::h2_get_from(&h2, ECHO, "/blocked").await;
+        assert_eq!(r, (200, format!("echo-v1 /blocked {ME}")));
+        m.reload(&m.config(FULL, &route_to("echo-v1"), DENY), 1)
+            .await;
+        // The same tunnels: the next request is denied, others still pass.
+        assert_eq!(
+            ask(&mut t1, &mut buf, "/blocked", ECHO).await,
+            (403, "RBAC: access denied".into())
+        );
+        assert_eq!(
+            common::h2_get_from(&h2, ECHO, "/blocked").await,
+            (403, "RBAC: access denied".into())
+        );
+        assert_eq!(
+            ask(&mut t1, &mut buf, "/ok", ECHO).await,
+            (200, format!("echo-v1 /ok {ME}"))
+        );
+        assert_eq!(
+            common::h2_get_from(&h2, ECHO, "/ok").await,
+            (200, format!("echo-v1 /ok {ME}"))
+        );
+    });
+    let c = m.counters();
+    assert_eq!(c.denied.load(Ordering::Relaxed), 2);
+    // Each tunnel derived its facts again once for the new version.
+    assert_eq!(c.tunnel_refreshes.load(Ordering::Relaxed), 2);
+    assert_eq!(m.echo_v1.seen(), vec!["/blocked", "/blocked", "/ok", "/ok"]);
+}
+
+#[test]
+fn a_request_in_flight_during_a_reload_completes_under_its_snapshot_and_the_next_takes_the_new_route(
+) {
+    let m = Mesh::start(37);
+    block_on(async {
+        let (_c, mut t) = m.tunnel("10.96.0.1:80").await;
+        let mut buf = Vec::new();
+        // `/hold` goes to echo-v1, which holds it.
+        t.write_all(Bytes::from(get("/hold", ECHO)), false)
+            .await
+            .unwrap();
+        wait_until("the held request at echo-v1", || {
+            m.arrived.try_recv().is_ok()
+        })
+        .await;
+        // Meanwhile: echo routes to echo-v2, and /hold is denied.
+        m.reload(&m.config(FULL, &route_to("echo-v2"), DENY), 1)
+            .await;
+        // echo-v1 answers 503: the retry (Istio's default policy) still goes by the old
+        // route, to echo-v1, and is allowed.
+        m.hold.release.wait();
+        let r = read_response(&mut t, &mut buf).await;
+        assert_eq!((r.status, r.text()), (200, format!("echo-v1 /hold {ME}")));
+        assert_eq!(m.echo_v1.seen(), vec!["/hold", "/hold"]);
+        // The next request on the same tunnel: the new route and the new policy.
+        assert_eq!(
+            ask(&mut t, &mut buf, "/next", ECHO).await,
+            (200, format!("echo-v2 /next {ME}"))
+        );
+        assert_eq!(
+            ask(&mut t, &mut buf, "/hold", ECHO).await,
+            (403, "RBAC: access denied".into())
+        );
+    });
+    assert_eq!(m.hold.hits.load(Ordering::SeqCst), 2);
+    assert_eq!(m.echo_v2.seen(), vec!["/next"]);
+    assert!(m.echo_v1.seen().is_empty());
+    assert_eq!(m.counters().retries.load(Ordering::Relaxed), 1);
+}
+
+#[test]
+fn an_httproute_change_applies_to_the_next_http2_stream_of_a_live_tunnel() {
+    let m = Mesh::start(41);
+    block_on(async {
+        let (_c, h2) = m.h2_tunnel("10.96.0.1:80").await;
+        assert_eq!(
+            common::h2_get_from(&h2, ECHO, "/a").await,
+            (200, format!("echo-v1 /a {ME}"))
+        );
+        m.reload(&m.config(FULL, &route_to("echo-v2"), ""), 1).await;
+        assert_eq!(
+            common::h2_get_from(&h2, ECHO, "/b").await,
+            (200, format!("echo-v2 /b {ME}"))
+        );
+        // And back: every version change is seen.
+        m.reload(&m.config(FULL, &route_to("echo-v1"), ""), 2).await;
+        assert_eq!(
+            common::h2_get_from(&h2, ECHO, "/c").await,
+            (200, format!("echo-v1 /c {ME}"))
+        );
+    });
+    assert_eq!(m.echo_v1.seen(), vec!["/a", "/c"]);
+    assert_eq!(m.echo_v2.seen(), vec!["/b"]);
+}
+
+#[test]
+fn a_reload_changing_who_the_client_is_changes_the_next_requests_x_forwarded_for() {
+    let m = Mesh::start(43);
+    block_on(async {
+        let (_c1, mut t) = m.tunnel("10.96.0.2:80").await;
+        let mut buf = Vec::new();
+        let (_c2, h2) = m.h2_tunnel("10.96.0.2:80").await;
+        assert_eq!(
+            ask(&mut t, &mut buf, "/a", V1).await,
+            (200, format!("echo-v1 /a {ME}"))
+        );
+        assert_eq!(
+            common::h2_get_from(&h2, V1, "/a").await,
+            (200, format!("echo-v1 /a {ME}"))
+        );
+        // The model no longer has the client at 10.1.0.7: its `forwarded: for=` is not
+        // believed any more, the peer's own address is the client's.
+        let model = Model {
+            client: false,
+            ..FULL
+        };
+        m.reload(&m.config(model, &route_to("echo-v1"), ""), 1)
+            .await;
+        assert_eq!(
+            ask(&mut t, &mut buf, "/b", V1).await,
+            (200, "echo-v1 /b xff=127.0.0.1".into())
+        );
+        assert_eq!(
+            common::h2_get_from(&h2, V1, "/b").await,
+            (200, "echo-v1 /b xff=127.0.0.1".into())
+        );
+    });
+}
+
+#[test]
+fn r14_a_reload_removing_the_tunnels_target_refuses_its_next_request() {
+    let m = Mesh::start(47);
+    block_on(async {
+        let (_c1, mut t) = m.tunnel("10.96.0.2:80").await;
+        let mut buf = Vec::new();
+        let (_c2, h2) = m.h2_tunnel("10.96.0.2:80").await;
+        assert_eq!(ask(&mut t, &mut buf, "/a", V1).await.0, 200);
+        assert_eq!(common::h2_get_from(&h2, V1, "/a").await.0, 200);
+        let model = Model {
+            v1_service: false,
+            ..FULL
+        };
+        m.reload(&m.config(model, &route_to("echo-v2"), ""), 1)
+            .await;
+        // HTTP/1.1: 503, and the tunnel ends.
+        let not_served = waypoint::http1::NOT_SERVED_BODY.to_string();
+        assert_eq!(
+            ask(&mut t, &mut buf, "/b", V1).await,
+            (503, not_served.clone())
+        );
+        assert!(buf.is_empty());
+        match t.read().await {
+            None => {}
+            Some(Ok(b)) => panic!("bytes after the refusal: {b:?}"),
+            Some(Err(e)) => panic!("tunnel reset instead of ended: {e}"),
+        }
+        // HTTP/2: each stream gets 503.
+        assert_eq!(
+            common::h2_get_from(&h2, V1, "/b").await,
+            (503, not_served.clone())
+        );
+        assert_eq!(common::h2_get_from(&h2, V1, "/c").await, (503, not_served));
+        // A new tunnel to it is refused at its CONNECT.
+        let c = connect(m.waypoint, &m.client_cert, id("app", "waypoint"))
+            .await
+            .unwrap();
+        let r = c
+            .open(&ConnectRequest::new("10.96.0.2:80".parse().unwrap()))
+            .await;
+        assert!(
+            matches!(r, Err(hbone::HboneError::Status(s)) if s.as_u16() == 400),
+            "{:?}",
+            r.err()
+        );
+    });
+    let c = m.counters();
+    assert_eq!(c.stale_target_requests.load(Ordering::Relaxed), 3);
+    assert_eq!(c.refused_targets.load(Ordering::Relaxed), 1);
+    assert_eq!(m.echo_v1.seen(), vec!["/a", "/a"]);
+}
+
+/// Send `data` on an opaque tunnel and read its echo.
+async fn echo(s: &mut H2Stream, data: &[u8]) {
+    s.write_all(Bytes::copy_from_slice(data), false)
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    while got.len() < data.len() {
+        match s.read().await {
+            Some(Ok(b)) => got.extend_from_slice(&b),
+            other => panic!("echo cut: {other:?}"),
+        }
+    }
+    assert_eq!(got, data);
+}
+
+#[test]
+fn r15_a_live_opaque_tcp_tunnel_is_authorized_again_at_each_reload() {
+    let m = Mesh::start(53);
+    block_on(async {
+        let (_c, mut t) = m.tunnel("10.96.0.4:80").await;
+        // Not HTTP: spliced as opaque TCP.
+        echo(&mut t, b"\x00\x01opaque").await;
+        assert_eq!(m.counters().tcp_tunnels.load(Ordering::Relaxed), 1);
+        // A reload that still allows it: the tunnel is checked again and stays.
+        m.reload(&m.config(FULL, &route_to("echo-v2"), ""), 1).await;
+        let c = m.counters();
+        wait_until("the tunnel checked again", || {
+            c.tunnel_refreshes.load(Ordering::Relaxed) >= 1
+        })
+        .await;
+        echo(&mut t, b"\x00\x02still").await;
+        assert_eq!(c.tcp_revoked.load(Ordering::Relaxed), 0);
+        // A reload whose policy denies the client: the live tunnel is reset.
+        m.reload(&m.config(FULL, &route_to("echo-v2"), DENY_CLIENT), 2)
+            .await;
+        wait_until("the tunnel revoked", || {
+            c.tcp_revoked.load(Ordering::Relaxed) >= 1
+        })
+        .await;
+        match t.read().await {
+            Some(Ok(b)) => panic!("bytes after the revocation: {b:?}"),
+            Some(Err(_)) => {}
+            None => panic!("ended in order instead of reset"),
+        }
+    });
+    assert_eq!(m.counters().tcp_revoked.load(Ordering::Relaxed), 1);
+}
