@@ -1542,8 +1542,9 @@ impl Upstream for HboneUpstream {
                 return;
             }
             http1::Note::GrpcStatus(g) => {
+                // A label value: one of the 17 gRPC codes, whatever the upstream sent.
                 if self.grpc.is_some() {
-                    self.grpc = Some(Some(g));
+                    self.grpc = Some(Some(crate::telemetry::grpc_code(g)));
                 }
                 return;
             }

@@ -21,7 +21,8 @@
 //! `destination_canonical_service`, `destination_canonical_revision`,
 //! `destination_service_name`, `destination_service_namespace`, `destination_cluster`,
 //! `request_protocol` (`http`, or `grpc` for a gRPC request), `response_code`,
-//! `grpc_response_status` (a gRPC response's `grpc-status` from its head or trailers, else
+//! `grpc_response_status` (a gRPC response's `grpc-status` from its head or trailers, one
+//! of the codes 0–16, any other number `2` (see [`grpc_code`]), else
 //! its HTTP status mapped as Envoy does; empty for HTTP), `response_flags`,
 //! `connection_security_policy` (always
 //! `mutual_tls`: the waypoint is HBONE only); `unknown` where the value is not known, as
@@ -181,6 +182,22 @@ pub fn cluster(w: &mesh_model::model::Workload) -> &str {
         "unknown"
     } else {
         &w.cluster_id
+    }
+}
+
+/// The highest gRPC status code (`UNAUTHENTICATED`).
+pub const GRPC_MAX_CODE: u32 = 16;
+
+/// A response's `grpc-status` as the `grpc_response_status` label gives it: the gRPC codes
+/// 0–16 as they are; any other number (the upstream writes it) is `2` (`UNKNOWN`), as gRPC
+/// clients read a code they do not know (grpc-java's `Status.fromCodeValue`, grpc-go's
+/// status conversion). The label's values thus stay a fixed set of 17 whatever an
+/// upstream sends.
+pub fn grpc_code(status: u32) -> u32 {
+    if status <= GRPC_MAX_CODE {
+        status
+    } else {
+        2
     }
 }
 
@@ -516,6 +533,28 @@ pub fn traceparent(request: Option<&str>, tunnel: Option<&str>, rng: &mut dyn Rn
 mod tests {
     use super::*;
     use crate::lb::SplitMix64;
+
+    #[test]
+    fn grpc_status_label_is_one_of_the_17_codes() {
+        for c in 0..=16 {
+            assert_eq!(grpc_code(c), c);
+        }
+        for c in [17, 99, 1000, 65_536, u32::MAX] {
+            assert_eq!(grpc_code(c), 2, "{c}");
+        }
+        // Every status an upstream can send maps into the fixed label set.
+        let mut seen = std::collections::BTreeSet::new();
+        for c in (0..100_000).chain([u32::MAX - 1, u32::MAX]) {
+            seen.insert(grpc_code(c));
+        }
+        assert_eq!(seen.len(), 17);
+        // The HTTP-status mapping stays within it too.
+        for s in 100..600 {
+            if let Some(c) = grpc_status_of_http(s) {
+                assert_eq!(grpc_code(c), c);
+            }
+        }
+    }
 
     #[test]
     fn traceparent_is_kept_when_valid_and_generated_otherwise() {
