@@ -25,6 +25,7 @@ pub mod busy;
 pub mod config;
 pub mod driver;
 pub mod event;
+pub mod filewatch;
 pub mod forward;
 pub mod forwarder;
 pub mod listener;

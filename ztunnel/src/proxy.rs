@@ -32,7 +32,6 @@
 
 use std::cell::{Cell, RefCell};
 use std::net::{IpAddr, SocketAddr};
-use std::path::Path;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -469,7 +468,8 @@ pub fn start(
     })
 }
 
-/// Poll the file's mtime (and certificate lifetimes); publish a new state on change. A
+/// Poll the file (`runtime::filewatch`: a new text once two reads agree, also a save that
+/// kept the modification time) and certificate lifetimes; publish a new state on change. A
 /// broken file is logged with file:line and field, and the old state keeps serving.
 fn spawn_watcher(
     watch: Option<config::Source>,
@@ -480,8 +480,11 @@ fn spawn_watcher(
     stop: Arc<AtomicBool>,
     mut capture: Option<crate::capture::Rules>,
 ) {
-    let mtime = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
-    let mut last = watch.as_ref().and_then(|w| mtime(&w.file));
+    // The text in force: read now (the snapshot was loaded from the file just before).
+    let mut file = watch.as_ref().map(|w| {
+        let text = std::fs::read_to_string(&w.file).unwrap_or_default();
+        runtime::filewatch::FileWatch::new(&w.file, text)
+    });
     let _ = std::thread::Builder::new()
         .name("config-watch".into())
         .spawn(move || {
@@ -492,11 +495,9 @@ fn spawn_watcher(
                 }
                 let current = publisher.load();
                 let mut next_model: Option<Snapshot> = None;
-                if let Some(w) = &watch {
-                    let now = mtime(&w.file);
-                    if now != last {
-                        last = now;
-                        match config::load_file(&w.file, &w.profile, publisher.version() + 1) {
+                if let (Some(w), Some(file)) = (&watch, file.as_mut()) {
+                    if let Some(text) = file.poll() {
+                        match config::load_str(&w.file, &text, &w.profile, publisher.version() + 1) {
                             Ok(l) => {
                                 if l.settings != settings {
                                     tracing::warn!(file = %w.file.display(), "the ztunnel/runtime/h2 sections changed: restart to apply them; reloading the mesh only");

@@ -1,10 +1,10 @@
-//! Robustness against peers and pods: metric label values stay bounded whatever a mesh
-//! peer asks for.
+//! Robustness against peers, pods and editors: metric label values stay bounded whatever a
+//! mesh peer asks for; a config save that keeps the file's modification time is applied.
 
 mod common;
 
 use std::net::SocketAddr;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use common::*;
 use hbone::ca::CertSource;
@@ -100,5 +100,43 @@ fn r9_ten_thousand_unknown_authorities_leave_path_series_bounded() {
     assert!(
         after <= before + 1,
         "path series grew from {before} to {after}"
+    );
+}
+
+/// Hot reload (R9 policy): a save that keeps the file's modification time (an edit within
+/// the same time tick; here set explicitly and renamed into place) is still applied: a
+/// DENY added that way is enforced.
+#[test]
+fn r9_reload_applies_a_save_that_keeps_the_modification_time() {
+    let t = Topo::new(163, "[]");
+    let _server = Pod::start(t.net.server(), "server");
+    let zt_b = SocketAddr::new(t.net.zt_b(), 15008);
+    assert_eq!(hbone_call(&t.ca(), CLIENT_ID, zt_b, t.net.server()).0, 200);
+    let mtime = SystemTime::now() + Duration::from_secs(3600);
+    let save = |text: &str| {
+        let tmp = t.dir.join("b.yaml.tmp");
+        std::fs::write(&tmp, text).unwrap();
+        std::fs::File::options()
+            .write(true)
+            .open(&tmp)
+            .unwrap()
+            .set_modified(mtime)
+            .unwrap();
+        std::fs::rename(&tmp, &t.file_b).unwrap();
+    };
+    // The same text, stamped with the time the next save keeps.
+    save(&t.net.node_config("node-b", &t.ca_dir, "[]"));
+    save(&t.net.node_config("node-b", &t.ca_dir, DENY_CLIENT));
+    eventually_within(
+        "the DENY saved in the same tick is enforced",
+        Duration::from_secs(30),
+        || hbone_call(&t.ca(), CLIENT_ID, zt_b, t.net.server()).0 == 401,
+    );
+    assert_eq!(
+        t.b()
+            .reloads
+            .errors
+            .load(std::sync::atomic::Ordering::Relaxed),
+        0
     );
 }
