@@ -2833,6 +2833,133 @@ mod tests {
         .0
     }
 
+    /// An upstream stream that never answers.
+    struct Silent;
+
+    impl Tunnel for Silent {
+        async fn read(&mut self) -> Option<io::Result<Bytes>> {
+            std::future::pending().await
+        }
+        async fn write(&mut self, _data: Bytes) -> io::Result<()> {
+            Ok(())
+        }
+        async fn finish(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// A client that has left: its stream is reset ([`Tunnel::cancelled`] at once).
+    struct Left;
+
+    impl Tunnel for Left {
+        async fn read(&mut self) -> Option<io::Result<Bytes>> {
+            Some(Err(io::ErrorKind::ConnectionReset.into()))
+        }
+        async fn write(&mut self, _data: Bytes) -> io::Result<()> {
+            Err(io::ErrorKind::ConnectionReset.into())
+        }
+        async fn finish(&mut self) -> io::Result<()> {
+            Err(io::ErrorKind::ConnectionReset.into())
+        }
+        async fn cancelled(&mut self) {}
+    }
+
+    /// One least-request endpoint whose streams never answer; counts `done` and
+    /// `cancelled`, and releases the endpoint on `cancelled` as the service's upstream
+    /// does.
+    struct Holding {
+        lb: crate::lb::Balancer,
+        dones: usize,
+        cancels: usize,
+    }
+
+    impl Upstream for Holding {
+        type Conn = Silent;
+
+        async fn connect(
+            &mut self,
+            _service: Option<&(ObjectRef, u16)>,
+            _head: &RequestHead,
+        ) -> io::Result<(Silent, bool)> {
+            let input = crate::lb::HashInput {
+                headers: &[],
+                source_ip: None,
+            };
+            let mut rng = crate::lb::SplitMix64(1);
+            let i = self.lb.pick(&input, Instant::now(), &mut rng).unwrap();
+            self.lb.start(i);
+            Ok((Silent, false))
+        }
+
+        fn done(&mut self, _c: Option<Silent>, status: u16, _r: bool, _e: Option<io::ErrorKind>) {
+            self.dones += 1;
+            self.lb.finish(0, status, Instant::now());
+        }
+
+        fn cancelled(&mut self) {
+            self.cancels += 1;
+            self.lb.release(0);
+        }
+
+        async fn exchange(
+            &mut self,
+            _service: Option<&(ObjectRef, u16)>,
+            _request: Bytes,
+            _timeout: Option<Duration>,
+        ) -> io::Result<Vec<u8>> {
+            Err(io::Error::other("not used here"))
+        }
+
+        fn mirror(&mut self, _service: &(ObjectRef, u16), _request: Bytes) {}
+    }
+
+    /// A request whose client left while it waited for an upstream that does not answer
+    /// ends as cancelled (the try dropped), not as done: the endpoint's count of active
+    /// requests comes back to 0 and no verdict is given on it. A forwarded HTTP/1.1
+    /// request is then recorded with status 0 and `DC`, and the tunnel aborted.
+    #[test]
+    fn a_client_leaving_cancels_the_try_without_a_verdict() {
+        let mut rt = test_runtime();
+        let req = b"GET / HTTP/1.1\r\nhost: echo\r\n\r\n";
+        let head = head_of(req);
+        let mut up = Holding {
+            lb: crate::lb::Balancer::new(1, crate::lb::LbPolicy::LeastRequest, None),
+            dones: 0,
+            cancels: 0,
+        };
+        let a = rt.block_on(attempt(
+            &mut Left,
+            &mut BytesMut::new(),
+            &mut up,
+            &Forward::default(),
+            &head,
+            Bytes::from_static(req),
+            &ReqBody::Buffered(Bytes::new()),
+            false,
+            &mut crate::lb::SplitMix64(2),
+            None,
+        ));
+        assert!(matches!(a, Attempt::Cancelled { sent: 0 }));
+        assert_eq!((up.lb.active(0), up.dones, up.cancels), (0, 0, 1));
+        let out = rt
+            .block_on(forward_request(
+                &mut Left,
+                &mut BytesMut::new(),
+                &mut up,
+                &Forward::default(),
+                &head,
+                Bytes::from_static(req),
+                ReqBody::Buffered(Bytes::new()),
+                false,
+                &mut crate::lb::SplitMix64(2),
+                None,
+            ))
+            .unwrap();
+        assert_eq!((out.status, out.flags), (0, "DC"));
+        assert!(matches!(out.next, Next::Abort(_)));
+        assert_eq!((up.lb.active(0), up.dones, up.cancels), (0, 0, 2));
+    }
+
     /// A client that disconnects while the response goes out (the whole one-chunk
     /// response, or the head of a streamed one) leaves no request counted as active on
     /// the endpoint (least-request balancing would avoid it for ever).
