@@ -1,7 +1,7 @@
 //! Hot reload of the configuration file, as ztunnel does it: a control thread polls the
-//! file (every 100 ms: modification time and size, then the text; the text is read on the
-//! first poll, and on every poll while the modification time is within two seconds of
-//! now, since an edit in the same time tick with the same size keeps the same stamp), loads an edited file
+//! file every 100 ms ([`runtime::filewatch`]: modification time and size, then the text
+//! while the stamp is too recent to trust; a new text counts once two consecutive reads
+//! agree, so a save read midway is not loaded), loads an edited file
 //! completely and, only if every document is valid, publishes it as a new
 //! [`WaypointConfig`] snapshot (routes, policies, load balancing, mesh model). A broken edit
 //! is logged with file:line, document and field, counted, and the old snapshot keeps
@@ -26,11 +26,12 @@
 //! The settings document (`waypoint:`, `runtime`, `h2`) is read at start only: a change to
 //! it is logged ("restart to apply") and the rest of the file is still reloaded.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
+use runtime::filewatch::FileWatch;
 use runtime::Publisher;
 
 use crate::config::{self, SettingsDoc, WaypointConfig};
@@ -54,23 +55,6 @@ impl Drop for Watcher {
     }
 }
 
-/// How coarse a file's modification time may be (file systems keep it in ticks of up to
-/// a second or two, and a write in place is a truncate and then a write).
-const MTIME_SLACK: Duration = Duration::from_secs(2);
-
-/// Whether a stamp cannot be trusted to change on the next edit: modified so recently (or
-/// in the future) that a further edit of the same length may keep the same modification
-/// time. Such a file is read again on every poll until its time is safely in the past
-/// (Git's "racily clean" problem).
-fn racy(stamp: Option<(SystemTime, u64)>, now: SystemTime) -> bool {
-    stamp.is_some_and(|(mtime, _)| mtime + MTIME_SLACK >= now)
-}
-
-fn stamp(p: &Path) -> Option<(SystemTime, u64)> {
-    let m = std::fs::metadata(p).ok()?;
-    Some((m.modified().ok()?, m.len()))
-}
-
 /// Watch `file`; `text` is what the running snapshot was loaded from and `settings` the
 /// settings document in force.
 pub fn watch(
@@ -85,25 +69,12 @@ pub fn watch(
     let thread = std::thread::Builder::new()
         .name("config-watch".into())
         .spawn(move || {
-            // No stamp yet: the first look reads the file and compares it with the text the
-            // snapshot was loaded from (an edit made before this thread ran is not missed).
-            let mut last_stamp = None;
-            let mut last_text = text;
+            // The first look reads the file and compares it with the text the snapshot was
+            // loaded from (an edit made before this thread ran is not missed).
+            let mut watch = FileWatch::new(&file, text);
             while !s2.load(Ordering::SeqCst) {
                 std::thread::sleep(POLL);
-                let now = stamp(&file);
-                if now.is_some() && now == last_stamp && !racy(now, SystemTime::now()) {
-                    continue;
-                }
-                last_stamp = now;
-                let Ok(text) = std::fs::read_to_string(&file) else {
-                    // Mid-replace (rename) or removed: look again on the next tick.
-                    last_stamp = None;
-                    continue;
-                };
-                if text == last_text {
-                    continue;
-                }
+                let Some(text) = watch.poll() else { continue };
                 match config::load_str(&file, &text, publisher.version() + 1) {
                     Ok(next) => {
                         if next.settings != settings {
@@ -118,7 +89,6 @@ pub fn watch(
                         tracing::error!("config reload rejected, the old config keeps serving: {e}");
                     }
                 }
-                last_text = text;
             }
         })?;
     Ok(Watcher {
@@ -130,6 +100,8 @@ pub fn watch(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::Path;
+    use std::time::SystemTime;
 
     const A: &str = "services:\n  - {name: a, namespace: default, hostname: a.default.svc.cluster.local, vips: [\"10.96.0.10\"], ports: {80: 8080}}\n";
 
