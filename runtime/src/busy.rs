@@ -65,6 +65,9 @@ struct State {
 }
 
 thread_local! {
+    /// This thread's worker (id, counters), set once when a worker thread starts: where a
+    /// [`spawn_tracked`] task that panics is counted.
+    static WORKER: std::cell::OnceCell<(usize, Arc<WorkerStats>)> = const { std::cell::OnceCell::new() };
     static STATE: State = const {
         State {
             enabled: Cell::new(false),
@@ -197,14 +200,44 @@ impl TimerPass {
 /// at the drain deadline (race it with [`WorkerCtx::aborted`] for that). Outside a worker
 /// with busy polling it is plain `monoio::spawn`. Also available as [`WorkerCtx::spawn`].
 ///
+///
+/// A panic in `f` ends that task only (as for [`WorkerCtx::spawn`]): caught, logged once
+/// with its message, counted in this worker's `worker_task_panics`, and the handle yields
+/// `None`; the worker serves on. Nothing on the path that does not panic (the report is a
+/// plain `fn`, no capture).
+///
 /// [`WorkerCtx::aborted`]: crate::worker::WorkerCtx::aborted
 /// [`WorkerCtx::spawn`]: crate::worker::WorkerCtx::spawn
-pub fn spawn_tracked<F>(f: F) -> monoio::task::JoinHandle<F::Output>
+pub fn spawn_tracked<F>(f: F) -> monoio::task::JoinHandle<Option<F::Output>>
 where
     F: Future + 'static,
     F::Output: 'static,
 {
-    monoio::spawn(tracked(f))
+    monoio::spawn(crate::pinned::CatchPanic::new(tracked(f), task_panicked))
+}
+
+/// Register this thread as worker `id` with counters `stats` (done once by each worker
+/// thread as it starts; a second call is ignored).
+pub(crate) fn set_worker(id: usize, stats: Arc<WorkerStats>) {
+    WORKER.with(|w| {
+        let _ = w.set((id, stats));
+    })
+}
+
+/// A [`spawn_tracked`] task panicked (caught): count it on this thread's worker (if it is
+/// one) and log it, once, with its message.
+fn task_panicked(payload: Box<dyn std::any::Any + Send>) {
+    let id = WORKER.with(|w| {
+        w.get().map(|(id, st)| {
+            WorkerStats::inc(&st.worker_task_panics);
+            *id
+        })
+    });
+    tracing::error!(
+        worker = ?id,
+        panic = crate::pinned::panic_message(&*payload),
+        "spawned task panicked: it ended, the worker serves on"
+    );
 }
 
 /// Where the spinner reads its thread's CPU time: [`ThreadCpuClock`] in production, a fake
@@ -451,6 +484,7 @@ mod tests {
             (rounds, spun_during)
         })
         .await
+        .expect("the ping-pong task panicked")
     }
 
     #[test]
@@ -637,9 +671,78 @@ mod tests {
             let before = activity();
             monoio::spawn(io()).await;
             assert_eq!(activity(), before, "an untracked task is not activity");
-            spawn_tracked(io()).await;
+            assert_eq!(spawn_tracked(io()).await, Some(()));
             assert!(activity() > before, "a tracked task's polls are activity");
         });
+    }
+
+    /// A task a connection handler spawned with [`spawn_tracked`] that panics ends that task
+    /// only: its handle yields `None`, the panic is counted in the worker's
+    /// `worker_task_panics`, and the same worker serves the next connection.
+    #[test]
+    fn a_panicking_spawn_tracked_task_ends_that_task_only() {
+        use crate::config::RuntimeConfig;
+        use crate::shutdown::Shutdown;
+        use crate::worker::{spawn_workers, WorkerCtx};
+        use std::io::Read;
+        let cfg = RuntimeConfig {
+            workers: Some(1),
+            pin: false,
+            ..RuntimeConfig::default()
+        };
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let shutdown = Shutdown::new();
+        let (tx, spawned) = std::sync::mpsc::channel();
+        let mut listener = Some(listener);
+        let workers = spawn_workers(&cfg, &shutdown, |_| {
+            let l = listener.take().unwrap();
+            let tx = tx.clone();
+            move |ctx: WorkerCtx| async move {
+                let c2 = ctx.clone();
+                let n = Rc::new(Cell::new(0u32));
+                ctx.serve(l, move |mut s, _| {
+                    n.set(n.get() + 1);
+                    let (nth, tx) = (n.get(), tx.clone());
+                    async move {
+                        // The task runs (and panics on connection 1) before the answer.
+                        let task = spawn_tracked(async move {
+                            if nth == 1 {
+                                panic!("a spawn_tracked task panicked on connection 1");
+                            }
+                            nth
+                        });
+                        let out = task.await;
+                        tx.send(out).unwrap();
+                        let (r, _) = s.write_all(format!("served {nth}").into_bytes()).await;
+                        r.unwrap();
+                    }
+                })
+                .await
+                .unwrap();
+                c2.finish_drain().await;
+            }
+        })
+        .unwrap();
+        let read_all = |nth: u32| {
+            let mut c = std::net::TcpStream::connect(addr).unwrap();
+            c.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+            let mut got = String::new();
+            c.read_to_string(&mut got)
+                .unwrap_or_else(|e| panic!("connection {nth}: {e}"));
+            got
+        };
+        let bound = Duration::from_secs(30);
+        assert_eq!(read_all(1), "served 1");
+        assert_eq!(spawned.recv_timeout(bound), Ok(None));
+        assert_eq!(read_all(2), "served 2");
+        assert_eq!(spawned.recv_timeout(bound), Ok(Some(2)));
+        let st = &workers.stats()[0];
+        assert_eq!(st.worker_task_panics.load(Relaxed), 1);
+        assert_eq!(st.accepted.load(Relaxed), 2);
+        shutdown.drain(Duration::ZERO);
+        workers.join().unwrap();
     }
 
     #[test]

@@ -407,6 +407,7 @@ where
                     conn_closed: LocalEvent::new(),
                     live: Cell::new(0),
                 }));
+                crate::busy::set_worker(id, ctx.0.stats.clone());
                 rt.block_on(async move {
                     if !ctx.0.cfg.busy_poll.is_zero() {
                         if ctx.0.driver == DriverKind::Uring {
