@@ -94,8 +94,27 @@ where
     // request then shares its bytes.
     let xff = http::HeaderValue::try_from(ctx.source_ip.to_string()).ok();
     let slots = Rc::new(StreamSlots::default());
+    // `idle_timeout`: a connection with no stream in flight that long is closed (GOAWAY).
+    let idle = cfg.tunnel_timeouts().idle;
+    let active = Rc::new(Active::default());
+    let mut clock: Option<std::pin::Pin<Box<monoio::time::Sleep>>> = None;
     loop {
-        match conn.accept().await {
+        let next = match idle {
+            None => Some(conn.accept().await),
+            Some(idle) => next_or_idle(&mut conn, &active, &mut clock, idle).await,
+        };
+        let Some(next) = next else {
+            // Idle: GOAWAY, then the connection is driven until it is closed (a stream
+            // the client opened meanwhile is refused).
+            conn.graceful_shutdown();
+            while let Some(r) = conn.accept().await {
+                if let Ok((_, mut respond)) = r {
+                    respond.send_reset(h2::Reason::REFUSED_STREAM);
+                }
+            }
+            return H2End::Closed;
+        };
+        match next {
             None => return H2End::Closed,
             Some(Err(e)) => return H2End::Error(e),
             Some(Ok((req, respond))) => {
@@ -114,15 +133,75 @@ where
                     on_bad.clone(),
                 ));
                 let slots = slots.clone();
+                let active = active.clone();
+                active.count.set(active.count.get() + 1);
                 runtime::busy::spawn_tracked(async move {
                     if let Some(stream) = slot.as_mut().as_pin_mut() {
                         stream.await;
                     }
                     slots.give_back(slot);
+                    active.ended();
                 });
             }
         }
     }
+}
+
+/// An HTTP/2 tunnel's streams in flight, and its connection's task to wake when the last
+/// one ends (its idle time starts then).
+#[derive(Default)]
+struct Active {
+    count: std::cell::Cell<usize>,
+    waker: std::cell::Cell<Option<std::task::Waker>>,
+}
+
+impl Active {
+    fn ended(&self) {
+        self.count.set(self.count.get() - 1);
+        if self.count.get() == 0 {
+            if let Some(w) = self.waker.take() {
+                w.wake();
+            }
+        }
+    }
+}
+
+type Accepted = Option<Result<(http::Request<RecvStream>, SendResponse<Bytes>), h2::Error>>;
+
+/// The connection's next stream (`Some`), or `None` once it had no stream in flight for
+/// `idle`. The timer (made once per tunnel) is armed when the connection becomes idle.
+async fn next_or_idle(
+    conn: &mut h2::server::Connection<StreamIo, Bytes>,
+    active: &Active,
+    clock: &mut Option<std::pin::Pin<Box<monoio::time::Sleep>>>,
+    idle: std::time::Duration,
+) -> Option<Accepted> {
+    use std::future::Future as _;
+    use std::task::Poll;
+    let mut armed = false;
+    std::future::poll_fn(|cx| {
+        if let Poll::Ready(r) = conn.poll_accept(cx) {
+            return Poll::Ready(Some(r));
+        }
+        if active.count.get() > 0 {
+            armed = false;
+            active.waker.set(Some(cx.waker().clone()));
+            return Poll::Pending;
+        }
+        if !armed {
+            armed = true;
+            let at = monoio::time::Instant::now() + idle;
+            match clock {
+                Some(t) => t.as_mut().reset(at),
+                None => *clock = Some(Box::pin(monoio::time::sleep_until(at))),
+            }
+        }
+        match clock.as_mut().map(|t| t.as_mut().poll(cx)) {
+            Some(Poll::Ready(())) => Poll::Ready(None),
+            _ => Poll::Pending,
+        }
+    })
+    .await
 }
 
 /// Boxes for an HTTP/2 tunnel's stream futures, given back when a stream ends (emptied,

@@ -128,6 +128,9 @@ pub struct Counters {
     pub h2_protocol_errors: AtomicU64,
     /// Requests answered 400/413/431 by the waypoint itself (malformed, too large).
     pub bad_requests: AtomicU64,
+    /// Requests answered 408 by the waypoint: the head not complete within
+    /// `request_headers_timeout`, or the body stalled for `stream_idle_timeout`.
+    pub request_timeouts: AtomicU64,
     /// HTTP requests denied by AuthorizationPolicy (R15, answered 403).
     pub denied: AtomicU64,
     /// Opaque TCP tunnels refused by L4 policy (R15).
@@ -379,6 +382,12 @@ pub fn prometheus(c: &Counters) -> String {
         "waypoint_bad_requests",
         "Requests answered 400/413/431 by the waypoint (malformed, too large).",
         c.bad_requests.load(Relaxed),
+    );
+    counter(
+        &mut out,
+        "waypoint_request_timeouts",
+        "Requests answered 408 by the waypoint (head or body too slow; the tunnel closed).",
+        c.request_timeouts.load(Relaxed),
     );
     counter(
         &mut out,
@@ -830,6 +839,9 @@ async fn tunnel(w: Rc<Worker>, cert: Arc<WorkloadCert>, mut inb: Inbound) {
                 Either::Left(Ok(end)) => {
                     if let http1::End::Closed(400 | 413 | 431) = end {
                         counters.bad_requests.fetch_add(1, Relaxed);
+                    }
+                    if let http1::End::Closed(408) = end {
+                        counters.request_timeouts.fetch_add(1, Relaxed);
                     }
                     tracing::trace!(%target, ?end, "tunnel ended");
                     // Ended in order: END_STREAM (if not sent yet), then the client's end

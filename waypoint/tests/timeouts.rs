@@ -184,6 +184,7 @@ fn a_partial_request_head_or_a_stalled_body_gets_408_and_the_tunnel_closes() {
         assert!(String::from_utf8_lossy(&buf).ends_with("stream timeout"));
         assert_eq!(ended, Ended::Closed);
     });
+    assert_eq!(st.metric("waypoint_request_timeouts_total"), 2);
 }
 
 /// A backend that accepts a request and never answers: once `stream_idle_timeout`
@@ -203,6 +204,7 @@ fn a_hung_backend_gets_the_client_a_504_after_the_stream_idle_timeout() {
     st.hang_closed
         .recv_timeout(EVENT_BOUND)
         .expect("the hung backend connection was not closed");
+    assert_eq!(st.metric("waypoint_upstream_timeouts_total"), 1);
 }
 
 /// A keep-alive tunnel with no request in flight is closed after `idle_timeout` (its
@@ -279,4 +281,27 @@ fn r15_a_late_first_request_is_still_http_unless_a_detection_timeout_is_set() {
         assert_eq!(status(&buf), 200);
     });
     assert_eq!(st.metric(&by("http1")), 0);
+}
+
+/// HTTP/2 in the tunnel: a request to a backend that never answers gets `504` after the
+/// stream idle timeout, and the connection, once it has no stream in flight for
+/// `idle_timeout`, is closed by the waypoint (GOAWAY; the client's connection ends).
+#[test]
+fn h2_a_hung_request_gets_504_and_an_idle_connection_is_closed() {
+    let st = setup("h2", SHORT);
+    block_on(async {
+        let (_c, s) = st.tunnel().await;
+        let io = waypoint::inner::StreamIo::new(s, Bytes::new());
+        let (send, conn) = h2::client::handshake(io).await.unwrap();
+        let conn = monoio::spawn(conn);
+        let (status, _) = bounded(common::h2_get_from(&send, HOST, "/hang")).await;
+        assert_eq!(status, 504);
+        let (status, body) = bounded(common::h2_get_from(&send, HOST, "/")).await;
+        assert_eq!((status, body.as_str()), (200, "ok"));
+        // Nothing more in flight: the waypoint ends the connection.
+        let _ = bounded(conn).await;
+    });
+    st.hang_closed
+        .recv_timeout(EVENT_BOUND)
+        .expect("the hung backend connection was not closed");
 }
