@@ -104,6 +104,7 @@ impl Client {
         opts: &ListenOptions,
         req: &ConnectRequest,
     ) -> Result<(Client, H2Stream), HboneError> {
+        let req = connect_request(req)?;
         let (client, first) =
             Self::establish(addr, tls, settings, counters, opts, Some(req)).await?;
         let (resp, stream) = first.expect("a first request was asked for");
@@ -120,7 +121,7 @@ impl Client {
         settings: &H2Settings,
         counters: &TlsCounters,
         opts: &ListenOptions,
-        first: Option<&ConnectRequest>,
+        first: Option<http::Request<()>>,
     ) -> Result<(Client, Option<FirstRequest>), HboneError> {
         let setup = Self::establish_now(addr, tls, settings, counters, opts, first);
         settings.within_handshake_deadline(addr, setup).await
@@ -132,7 +133,7 @@ impl Client {
         settings: &H2Settings,
         counters: &TlsCounters,
         opts: &ListenOptions,
-        first: Option<&ConnectRequest>,
+        first: Option<http::Request<()>>,
     ) -> Result<(Client, Option<FirstRequest>), HboneError> {
         let tcp = runtime::listener::connect(addr, opts)
             .await
@@ -164,7 +165,7 @@ impl Client {
         let first = match first {
             Some(req) => {
                 let mut ready = send.clone().ready().await?;
-                let (resp, stream) = ready.send_request(req.to_http(random_fill), false)?;
+                let (resp, stream) = ready.send_request(req, false)?;
                 Some((
                     Reply {
                         resp,
@@ -212,8 +213,9 @@ impl Client {
 
     /// Open a CONNECT stream; fails with `HboneError::Status` unless the server answers 200.
     pub async fn open(&self, req: &ConnectRequest) -> Result<H2Stream, HboneError> {
+        let req = connect_request(req)?;
         let mut send = self.send.clone().ready().await?;
-        let (resp, stream) = send.send_request(req.to_http(random_fill), false)?;
+        let (resp, stream) = send.send_request(req, false)?;
         let resp = Reply {
             resp,
             peer: self.peer,
@@ -221,6 +223,14 @@ impl Client {
         };
         answered(resp, stream).await
     }
+}
+
+/// `req` as the HTTP/2 CONNECT to send; a header value it cannot carry (a control character
+/// in the `forwarded` host or a baggage field) refuses the stream with a protocol error
+/// naming the header, rather than sending the request without it.
+pub(crate) fn connect_request(req: &ConnectRequest) -> Result<http::Request<()>, HboneError> {
+    req.try_to_http(random_fill)
+        .map_err(|e| HboneError::Protocol(e.to_string()))
 }
 
 /// A first request sent with the connection's setup, its answer not awaited yet.

@@ -39,10 +39,18 @@ pub struct PoolKey {
     pub addr: SocketAddr,
 }
 
-struct Slot {
-    /// The leaf certificate the connection authenticates with: after a rotation, new
-    /// streams go to a connection made with the new certificate.
+/// One key's connections and the leaf certificate they authenticate with.
+#[derive(Default)]
+struct Entry {
+    /// The leaf certificate (DER) of the last stream opened for this key: every slot not
+    /// retired was made with it. A stream with another one (a rotation) retires them all,
+    /// so new streams go to a connection made with the new certificate. One compare per
+    /// stream, not one per slot.
     leaf: Vec<u8>,
+    slots: Vec<Rc<Slot>>,
+}
+
+struct Slot {
     client: RefCell<Option<Client>>,
     /// The stream of the request that made the connection, sent with its setup (one
     /// packet carries TLS Finished, h2 preface, SETTINGS and the CONNECT), for the opener
@@ -88,7 +96,7 @@ impl Drop for Owner {
 }
 
 struct Inner {
-    conns: RefCell<HashMap<PoolKey, Vec<Rc<Slot>>>>,
+    conns: RefCell<HashMap<PoolKey, Entry>>,
     settings: H2Settings,
     counters: Arc<TlsCounters>,
     /// For the sockets of new connections.
@@ -136,7 +144,7 @@ impl Pool {
             .conns
             .borrow()
             .get(key)
-            .map(|v| v.iter().filter(|s| !s.dead()).count())
+            .map(|e| e.slots.iter().filter(|s| !s.dead()).count())
             .unwrap_or(0)
     }
 
@@ -150,7 +158,7 @@ impl Pool {
         req: &ConnectRequest,
     ) -> Result<H2Stream, HboneError> {
         loop {
-            let (slot, owner) = self.reserve(key, cert, req);
+            let (slot, owner) = self.reserve(key, cert, req)?;
             // Runs however this iteration ends, cancellation included: the first stream
             // must not outlive the opener that asked for it.
             let _owner = owner.then(|| Owner(slot.clone()));
@@ -206,29 +214,37 @@ impl Pool {
     }
 
     /// A slot with room for one more stream; `true` when it is a new connection whose
-    /// setup carries `req` (see [`Slot::first`]).
+    /// setup carries `req` (see [`Slot::first`]). A `req` whose header values cannot be
+    /// sent is refused before any connection is made or shared (a protocol error).
     fn reserve(
         &self,
         key: &PoolKey,
         cert: &WorkloadCert,
         req: &ConnectRequest,
-    ) -> (Rc<Slot>, bool) {
+    ) -> Result<(Rc<Slot>, bool), HboneError> {
         self.start_sweeper();
         let max = self.0.settings.max_streams_per_connection.max(1);
-        let mut conns = self.0.conns.borrow_mut();
-        let list = conns.entry(key.clone()).or_default();
-        list.retain(|s| !(s.dead() && s.active.get() == 0));
         let leaf = cert.chain[0].as_ref();
-        for s in list.iter().filter(|s| s.leaf != leaf) {
-            s.retired.set(true);
+        let mut conns = self.0.conns.borrow_mut();
+        // Looked up by reference: the key is cloned only for a new entry.
+        if let Some(e) = conns.get_mut(key) {
+            if e.leaf != leaf {
+                for s in &e.slots {
+                    s.retired.set(true);
+                }
+                e.leaf.clear();
+                e.leaf.extend_from_slice(leaf);
+            }
+            e.slots.retain(|s| !(s.dead() && s.active.get() == 0));
+            if let Some(s) = e.slots.iter().find(|s| !s.dead() && s.active.get() < max) {
+                s.active.set(s.active.get() + 1);
+                return Ok((s.clone(), false));
+            }
         }
-        list.retain(|s| !(s.dead() && s.active.get() == 0));
-        if let Some(s) = list.iter().find(|s| !s.dead() && s.active.get() < max) {
-            s.active.set(s.active.get() + 1);
-            return (s.clone(), false);
-        }
+        // A new connection, its first request sent with its setup: built (and refused if
+        // bad) before the slot exists, so no other opener shares a connection it fails.
+        let first = crate::client::connect_request(req)?;
         let slot = Rc::new(Slot {
-            leaf: leaf.to_vec(),
             client: RefCell::new(None),
             first: RefCell::new(None),
             owner_gone: Cell::new(false),
@@ -239,21 +255,32 @@ impl Pool {
             proven: Cell::new(false),
             last_used: Cell::new(Instant::now()),
         });
-        list.push(slot.clone());
+        match conns.get_mut(key) {
+            Some(e) => e.slots.push(slot.clone()),
+            None => {
+                conns.insert(
+                    key.clone(),
+                    Entry {
+                        leaf: leaf.to_vec(),
+                        slots: vec![slot.clone()],
+                    },
+                );
+            }
+        }
+        drop(conns);
         self.0.connects.set(self.0.connects.get() + 1);
         let tls = tls::client_config_to(cert, &key.dst, key.addr, self.0.settings.tls_resumption);
-        let (addr, settings, counters, s, req, opts) = (
+        let (addr, settings, counters, s, opts) = (
             key.addr,
             self.0.settings.clone(),
             self.0.counters.clone(),
             slot.clone(),
-            req.clone(),
             self.0.socket.clone(),
         );
         runtime::busy::spawn_tracked(async move {
             let r = match tls {
                 Ok(tls) => {
-                    Client::establish(addr, tls, &settings, &counters, &opts, Some(&req)).await
+                    Client::establish(addr, tls, &settings, &counters, &opts, Some(first)).await
                 }
                 Err(e) => Err(HboneError::Config(e)),
             };
@@ -277,7 +304,7 @@ impl Pool {
             }
             s.ready.set();
         });
-        (slot, true)
+        Ok((slot, true))
     }
 
     /// Close connections unused for the idle timeout (dropping the last handle of an h2
@@ -285,12 +312,12 @@ impl Pool {
     pub fn sweep(&self) {
         let idle = self.0.settings.pool_idle_timeout;
         let mut conns = self.0.conns.borrow_mut();
-        for list in conns.values_mut() {
-            list.retain(|s| {
+        for e in conns.values_mut() {
+            e.slots.retain(|s| {
                 s.active.get() > 0 || (!s.dead() && s.last_used.get().elapsed() < idle)
             });
         }
-        conns.retain(|_, l| !l.is_empty());
+        conns.retain(|_, e| !e.slots.is_empty());
     }
 
     fn start_sweeper(&self) {

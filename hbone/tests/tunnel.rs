@@ -340,11 +340,81 @@ fn rotation_keeps_running_stream_and_new_streams_use_new_cert() {
         assert_eq!(r.read().await.unwrap().unwrap().as_ref(), b"two");
         assert!(r.read().await.is_none());
         assert_eq!(pool.connects(), 2);
+        // Later streams with the new certificate share its connection.
+        let s3 = pool.open(&k, &new2, &req()).await.unwrap();
+        let (a, b) = echo_through(s3, 4096, 10).await;
+        assert_eq!(a, b);
+        assert_eq!(pool.connects(), 2);
     });
     let first = srv.seen.recv_timeout(Duration::from_secs(30)).unwrap();
     let second = srv.seen.recv_timeout(Duration::from_secs(30)).unwrap();
     assert_eq!(first.leaf.as_deref(), Some(old.chain[0].as_ref()));
     assert_eq!(second.leaf.as_deref(), Some(new.chain[0].as_ref()));
+}
+
+/// A CONNECT whose `forwarded` host or a baggage field holds a byte not allowed in a header
+/// value (a workload named `web\x07`) is refused with a protocol error naming the header, not
+/// sent without it: on a new pooled connection (none is made), on a pooled one (it keeps
+/// serving) and on a plain client connection.
+#[test]
+fn a_connect_with_a_bad_header_value_is_refused_with_a_protocol_error() {
+    let ca = ca();
+    let (client_cert, server_cert) = (cert(&ca, "client"), cert(&ca, "server"));
+    let srv = echo_server(&server_cert);
+    let k = key("client", "server", srv.addr);
+    let bad_host = || {
+        let mut r = req();
+        r.host = Some("echo\x07.default".into());
+        r
+    };
+    let bad_baggage = || {
+        let mut r = req();
+        r.baggage.workload_name = Some("web\r\nx-injected: 1".into());
+        r
+    };
+    let refused = |r: Result<H2Stream, HboneError>, header: &str| match r {
+        Err(HboneError::Protocol(m)) => assert!(
+            m.contains(&format!("the {header} header")),
+            "the error names the header: {m}"
+        ),
+        Err(e) => panic!("expected a protocol error naming {header}, got {e}"),
+        Ok(_) => panic!("a CONNECT with a bad {header} value was sent"),
+    };
+    block_on(DriverKind::Uring, async move {
+        let counters = Arc::new(TlsCounters::default());
+        let pool = Pool::new(H2Settings::default(), counters.clone());
+        // No connection yet: refused before one is made.
+        refused(pool.open(&k, &client_cert, &bad_host()).await, "forwarded");
+        assert_eq!(pool.connects(), 0);
+        let (a, b) =
+            echo_through(pool.open(&k, &client_cert, &req()).await.unwrap(), 4096, 1).await;
+        assert_eq!(a, b);
+        // On the pooled connection: refused, and the connection serves the next stream.
+        refused(pool.open(&k, &client_cert, &bad_baggage()).await, "baggage");
+        refused(pool.open(&k, &client_cert, &bad_host()).await, "forwarded");
+        let (a, b) =
+            echo_through(pool.open(&k, &client_cert, &req()).await.unwrap(), 4096, 2).await;
+        assert_eq!(a, b);
+        assert_eq!(pool.connects(), 1);
+        // A plain client connection.
+        let tls =
+            hbone::tls::client_config_to(&client_cert, &[id("server")], srv.addr, true).unwrap();
+        let settings = H2Settings::default();
+        let c = hbone::client::Client::connect(srv.addr, tls, &settings, &counters)
+            .await
+            .unwrap();
+        refused(c.open(&bad_baggage()).await, "baggage");
+        let (a, b) = echo_through(c.open(&req()).await.unwrap(), 4096, 3).await;
+        assert_eq!(a, b);
+    });
+    // The server saw the three good streams only.
+    for _ in 0..3 {
+        srv.seen.recv_timeout(Duration::from_secs(30)).unwrap();
+    }
+    assert!(
+        srv.seen.try_recv().is_err(),
+        "a refused CONNECT reached the server"
+    );
 }
 
 #[test]
