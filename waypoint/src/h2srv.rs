@@ -566,9 +566,16 @@ async fn forward_streamed<U: Upstream>(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.trim().parse().ok());
     let mut buf = BytesMut::new();
-    let Some(buffered) = http1::within(deadline, buffer_body(body, &mut buf)).await else {
+    let read = buffer_body(body, &mut buf, up.stream_idle());
+    let Some(buffered) = http1::within(deadline, read).await else {
         return request_body_timeout(up, respond, head_request, buf.len() as u64).await;
     };
+    if let Err(e) = &buffered {
+        if e.kind() == io::ErrorKind::TimedOut {
+            send(respond, status_only(408), head_request).await;
+            return (408, "SI", buf.len() as u64, 0);
+        }
+    }
     let Ok(ended) = buffered else {
         send(respond, status_only(400), head_request).await;
         return (400, "DPE", buf.len() as u64, 0);
@@ -685,14 +692,28 @@ async fn client_gone(respond: &mut SendResponse<Bytes>) -> &'static str {
 }
 
 /// The request body of an HTTP/2 request: read whole up to [`http1::REPLAY_BUFFER`]
-/// (`true`: complete), else the part read so far.
-async fn buffer_body(body: &mut H2Body, buf: &mut BytesMut) -> io::Result<bool> {
+/// (`true`: complete), else the part read so far. A read that waits `stream_idle_timeout`
+/// ([`Upstream::stream_idle`]) fails `TimedOut` (answered `408`).
+async fn buffer_body(
+    body: &mut H2Body,
+    buf: &mut BytesMut,
+    idle: Option<(&mut http1::Clock, std::time::Duration)>,
+) -> io::Result<bool> {
     let mut ended = body.0.is_end_stream();
+    let (mut clock, idle) = match idle {
+        Some((c, d)) => (Some(c), Some(d)),
+        None => (None, None),
+    };
     while !ended && buf.len() <= http1::REPLAY_BUFFER {
-        match body.read().await {
-            Some(Ok(b)) => buf.extend_from_slice(&b),
-            Some(Err(e)) => return Err(e),
-            None => ended = true,
+        let read = match clock.as_deref_mut() {
+            Some(c) => c.within(idle, body.read()).await,
+            None => Some(body.read().await),
+        };
+        match read {
+            Some(Some(Ok(b))) => buf.extend_from_slice(&b),
+            Some(Some(Err(e))) => return Err(e),
+            Some(None) => ended = true,
+            None => return Err(io::ErrorKind::TimedOut.into()),
         }
     }
     Ok(ended)
@@ -723,11 +744,16 @@ async fn forward_h2<U: Upstream>(
         return (500, "-", 0, 0);
     };
     let mut buf = BytesMut::new();
-    let Some(buffered) = http1::within(deadline, buffer_body(body, &mut buf)).await else {
+    let read = buffer_body(body, &mut buf, up.stream_idle());
+    let Some(buffered) = http1::within(deadline, read).await else {
         return request_body_timeout(up, respond, head_request, buf.len() as u64).await;
     };
     let complete = match buffered {
         Ok(c) => c,
+        Err(e) if e.kind() == io::ErrorKind::TimedOut => {
+            send(respond, status_only(408), head_request).await;
+            return (408, "SI", buf.len() as u64, 0);
+        }
         Err(_) => {
             respond.send_reset(h2::Reason::CANCEL);
             return (400, "DPE", buf.len() as u64, 0);

@@ -284,7 +284,7 @@ fn r15_a_late_first_request_is_still_http_unless_a_detection_timeout_is_set() {
 }
 
 /// HTTP/2 in the tunnel: a request to a backend that never answers gets `504` after the
-/// stream idle timeout, and the connection, once it has no stream in flight for
+/// stream idle timeout, one whose body stops coming `408`, and the connection, once it has no stream in flight for
 /// `idle_timeout`, is closed by the waypoint (GOAWAY; the client's connection ends).
 #[test]
 fn h2_a_hung_request_gets_504_and_an_idle_connection_is_closed() {
@@ -298,6 +298,17 @@ fn h2_a_hung_request_gets_504_and_an_idle_connection_is_closed() {
         assert_eq!(status, 504);
         let (status, body) = bounded(common::h2_get_from(&send, HOST, "/")).await;
         assert_eq!((status, body.as_str()), (200, "ok"));
+        // A request body that stops coming: 408.
+        let req = http::Request::builder()
+            .method("POST")
+            .uri(format!("http://{HOST}/"))
+            .header("content-length", "10")
+            .body(())
+            .unwrap();
+        let (resp, mut body) = send.clone().send_request(req, false).unwrap();
+        body.send_data(Bytes::from_static(b"abc"), false).unwrap();
+        let (status, _) = bounded(common::h2_response(resp)).await;
+        assert_eq!(status, 408);
         // Nothing more in flight: the waypoint ends the connection.
         let _ = bounded(conn).await;
     });
