@@ -581,7 +581,7 @@ impl LocalConfig {
             opt(f("hostname"), &w.hostname, names::hostname)?;
             opt(f("node"), &w.node, names::dns_subdomain)?;
             check(f("network"), &w.network, names::label_value)?;
-            check(f("clusterId"), &w.cluster_id, names::label_value)?;
+            check(f("clusterId"), &w.cluster_id, names::token)?;
             check(f("canonicalName"), &w.canonical_name, names::label_value)?;
             check(
                 f("canonicalRevision"),

@@ -39,9 +39,51 @@ pub fn dns_subdomain(s: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// A service hostname: a DNS-1123 subdomain, optionally behind a `*.` wildcard.
+/// A service hostname, by Istio's rule for hosts (`ValidateWildcardDomain`): at most 255
+/// characters; the first label `*`, or a DNS label of `A-Z a-z 0-9 -` (starting and ending
+/// alphanumeric) optionally behind `*` or `*-`; every further label such a DNS label, the
+/// last one not all digits, and a trailing `.` allowed (`istio.io.`). Labels are at most 63
+/// characters. Case is kept: hostnames are matched as written, as Istio does.
 pub fn hostname(s: &str) -> Result<(), String> {
-    dns_subdomain(s.strip_prefix("*.").unwrap_or(s))
+    if s.is_empty() {
+        return Err("must not be empty".into());
+    }
+    if s.len() > 255 {
+        return Err(format!("{s:?} is longer than 255 characters"));
+    }
+    let bad = |why: String| format!("{s:?} is not a valid hostname: {why}");
+    let (first, rest) = match s.split_once('.') {
+        Some((f, r)) => (f, Some(r)),
+        None => (s, None),
+    };
+    if first != "*" {
+        let name = first
+            .strip_prefix("*-")
+            .or_else(|| first.strip_prefix('*'))
+            .unwrap_or(first);
+        host_label(first.len(), name).map_err(|why| bad(format!("label {first:?}: {why}")))?;
+    }
+    let Some(rest) = rest else { return Ok(()) };
+    let rest = rest.strip_suffix('.').unwrap_or(rest);
+    if rest.is_empty() {
+        return Ok(());
+    }
+    let mut labels = rest.split('.').peekable();
+    while let Some(label) = labels.next() {
+        host_label(label.len(), label).map_err(|why| bad(format!("label {label:?}: {why}")))?;
+        if labels.peek().is_none() && label.bytes().all(|c| c.is_ascii_digit()) {
+            return Err(bad(format!("the top-level label {label:?} is all digits")));
+        }
+    }
+    Ok(())
+}
+
+/// One DNS label of a hostname (`len` counts a wildcard prefix too).
+fn host_label(len: usize, name: &str) -> Result<(), String> {
+    if len > 63 {
+        return Err("longer than 63 characters".into());
+    }
+    label_chars(name, |c| c.is_ascii_alphanumeric() || c == b'-')
 }
 
 /// A Kubernetes label value: empty, or at most 63 of `A-Z a-z 0-9 - _ .`, starting and
@@ -159,8 +201,44 @@ mod tests {
         for bad in ["", "a..b", ".a", "a.", "a b", "a,b", "é"] {
             assert!(dns_subdomain(bad).is_err(), "{bad:?}");
         }
-        assert_eq!(hostname("*.example.com"), Ok(()));
-        assert!(hostname("*").is_err());
+        // Hosts Istio's ValidateWildcardDomain accepts, and ones it refuses.
+        for ok in [
+            "*",
+            "*.example.com",
+            "*foo.example.com",
+            "*-foo.example.com",
+            "bar.com",
+            "Bar.COM",
+            "istio.io.",
+            "*.",
+            "123",
+            "x-y.svc.cluster.local",
+            &format!("{}.com", "a".repeat(63)),
+            &vec!["a".repeat(63); 4].join("."),
+        ] {
+            assert_eq!(hostname(ok), Ok(()), "{ok}");
+        }
+        for bad in [
+            "",
+            "a..b",
+            ".a",
+            "a.*.com",
+            "*foo*.com",
+            "**.com",
+            "-a.com",
+            "a-.com",
+            "*-.com",
+            "a_b.com",
+            "a b.com",
+            "a,b",
+            "istio.io..",
+            "a.123",
+            &format!("{}.com", "a".repeat(64)),
+            &format!("*{}.com", "a".repeat(63)),
+            &"a.".repeat(128),
+        ] {
+            assert!(hostname(bad).is_err(), "{bad:?}");
+        }
         for ok in ["", "v1", "Kubernetes", "a_b.c-d", &"A".repeat(63)] {
             assert_eq!(label_value(ok), Ok(()), "{ok}");
         }

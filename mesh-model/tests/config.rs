@@ -438,3 +438,28 @@ fn config_bad_names_are_load_errors_naming_file_line_and_field() {
         assert!(shown.contains(field), "{shown}");
     }
 }
+
+/// Values upstream accepts load: a GKE cluster id longer than a label value's 63 characters
+/// (`cn-<project>-<zone>-<cluster>`), and service/workload hostnames Istio's host rule takes
+/// (upper case, a trailing dot, a `*`/`*-` prefixed first label). Before, each was refused.
+#[test]
+fn config_names_upstream_accepts_load() {
+    let gke = format!("cn-{}-us-central1-c-{}", "p".repeat(30), "c".repeat(40));
+    assert!(gke.len() > 63);
+    let cases = [
+        (34, format!("    clusterId: {gke}")),
+        (21, "    hostname: Svc.NS.svc.cluster.local".to_string()),
+        (21, "    hostname: istio.io.".to_string()),
+        (21, r#"    hostname: "*-foo.example.com""#.to_string()),
+        (21, r#"    hostname: "*""#.to_string()),
+        (31, "    hostname: Web.ns.".to_string()),
+    ];
+    for (line, text) in &cases {
+        load(&named_with(*line, text)).unwrap_or_else(|e| panic!("{text}: {e}"));
+    }
+    // Still refused: a clusterId that would split a header or baggage.
+    for bad in [r#"    clusterId: "a b""#, r#"    clusterId: "a;b""#] {
+        let e = load(&named_with(34, bad)).expect_err(bad);
+        assert_eq!(e.field.as_deref(), Some("workloads[0].clusterId"), "{e}");
+    }
+}
