@@ -1910,9 +1910,11 @@ async fn one_try<T: Tunnel, U: Upstream>(
             h.early = !complete;
             Ok((conn, reused, h, ubuf))
         }
+        // A try cut by the idle bound is never "found closed": the upstream may have the
+        // request (resending it could run it twice); a 504 counted as a timeout.
         Err(e) => Err(TryError::Upstream {
+            fresh: reused && !got && e.kind() != io::ErrorKind::TimedOut,
             e,
-            fresh: reused && !got,
         }),
     }
 }

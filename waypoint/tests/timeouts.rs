@@ -13,7 +13,8 @@ mod common;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::process::Stdio;
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc};
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
@@ -36,12 +37,18 @@ const SHORT: &str =
     "  stream_idle_timeout: 1s\n  request_headers_timeout: 1s\n  idle_timeout: 2s\n";
 
 /// A backend: `/hang` is read and never answered (the connection is held until the
-/// waypoint closes it, reported on the channel); anything else `200 ok`, keep-alive.
-fn backend(ip: std::net::Ipv4Addr, closed: mpsc::Sender<()>) -> SocketAddr {
+/// waypoint closes it, reported on the channel; each one counted in `hangs`); anything
+/// else `200 ok`, keep-alive.
+fn backend(
+    ip: std::net::Ipv4Addr,
+    closed: mpsc::Sender<()>,
+    hangs: Arc<AtomicUsize>,
+) -> SocketAddr {
     serve_threads(ip, move |mut c| {
         let mut buf = Vec::new();
         while let Some(req) = next_request(&mut c, &mut buf) {
             if req.path == "/hang" {
+                hangs.fetch_add(1, Ordering::SeqCst);
                 let mut b = [0u8; 1024];
                 while matches!(c.read(&mut b), Ok(n) if n > 0) {}
                 let _ = closed.send(());
@@ -71,13 +78,16 @@ struct Setup {
     stats: SocketAddr,
     me: WorkloadCert,
     hang_closed: mpsc::Receiver<()>,
+    /// `/hang` requests the backend has seen.
+    hangs: Arc<AtomicUsize>,
 }
 
 /// A waypoint whose `waypoint:` section has `extra` lines too.
 fn setup(name: &str, extra: &str) -> Setup {
     let (net, zl) = bind_node_ztunnel(17);
     let (tx, hang_closed) = mpsc::channel();
-    let pod = backend(ip(net, 2), tx);
+    let hangs = Arc::new(AtomicUsize::new(0));
+    let pod = backend(ip(net, 2), tx, hangs.clone());
     let d = TempDir(test_dir(&format!("timeouts-{name}-{net}")));
     let ca = SigningCa::builtin(&d.0.join("ca"), "cluster.local").unwrap();
     let now = SystemTime::now();
@@ -94,6 +104,7 @@ fn setup(name: &str, extra: &str) -> Setup {
         stats,
         me: ca.issue(&id("app", "client"), now).unwrap(),
         hang_closed,
+        hangs,
     }
 }
 
@@ -204,6 +215,45 @@ fn a_hung_backend_gets_the_client_a_504_after_the_stream_idle_timeout() {
     st.hang_closed
         .recv_timeout(EVENT_BOUND)
         .expect("the hung backend connection was not closed");
+    assert_eq!(st.metric("waypoint_upstream_timeouts_total"), 1);
+}
+
+/// A POST on a kept upstream stream to a backend that never answers: the try cut by
+/// `stream_idle_timeout` is answered `504` and counted as a timeout, and the request is
+/// not sent again on a new stream (the backend may have run it; a kept stream "found
+/// closed" is one that closed, not one that stayed silent).
+#[test]
+fn a_post_cut_by_the_stream_idle_timeout_on_a_kept_stream_is_sent_once() {
+    let st = setup("once", SHORT);
+    block_on(async {
+        let (_c, mut s) = st.tunnel().await;
+        let req = format!("GET / HTTP/1.1\r\nhost: {HOST}\r\n\r\n");
+        s.write_all(Bytes::from(req), false).await.unwrap();
+        let mut buf = Vec::new();
+        while !buf.ends_with(b"\r\n\r\nok") {
+            match bounded(s.read()).await {
+                Some(Ok(b)) => buf.extend_from_slice(&b),
+                other => panic!("{other:?} after {:?}", String::from_utf8_lossy(&buf)),
+            }
+        }
+        assert_eq!(status(&buf), 200);
+        // At once (well within the kept stream's reuse bound for unsafe methods).
+        let req = format!(
+            "POST /hang HTTP/1.1\r\nhost: {HOST}\r\ncontent-length: 3\r\nconnection: close\r\n\r\nabc"
+        );
+        s.write_all(Bytes::from(req), false).await.unwrap();
+        let (buf, ended) = read_all(&mut s).await;
+        assert_eq!(status(&buf), 504, "{}", String::from_utf8_lossy(&buf));
+        assert_eq!(ended, Ended::Closed);
+    });
+    st.hang_closed
+        .recv_timeout(EVENT_BOUND)
+        .expect("the hung backend connection was not closed");
+    assert_eq!(
+        st.hangs.load(Ordering::SeqCst),
+        1,
+        "the POST was sent again"
+    );
     assert_eq!(st.metric("waypoint_upstream_timeouts_total"), 1);
 }
 
