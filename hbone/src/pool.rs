@@ -79,10 +79,39 @@ impl Slot {
         drop(first);
     }
 
+    /// Waits until the connection's setup has ended; its error, if it failed.
+    async fn settled(&self, addr: SocketAddr) -> Result<(), HboneError> {
+        if self.client.borrow().is_none() && self.failed.borrow().is_none() {
+            self.ready.wait().await;
+        }
+        match self.failed.borrow().as_ref() {
+            Some(msg) => Err(HboneError::Protocol(format!(
+                "connection to {addr} failed: {msg}"
+            ))),
+            None => Ok(()),
+        }
+    }
+
     fn dead(&self) -> bool {
         self.retired.get()
             || self.failed.borrow().is_some()
             || self.client.borrow().as_ref().is_some_and(|c| c.is_closed())
+    }
+}
+
+/// Held by a connection's setup task for its whole life: however the task ends (a panic
+/// caught by `spawn_tracked`, the task dropped) the slot is settled. A setup that ended
+/// with neither a client nor an error marks it failed, so its waiters get an error and the
+/// next open makes a new connection instead of joining a slot that never becomes ready.
+struct Setup(Rc<Slot>);
+
+impl Drop for Setup {
+    fn drop(&mut self) {
+        let s = &self.0;
+        if s.client.borrow().is_none() && s.failed.borrow().is_none() {
+            *s.failed.borrow_mut() = Some("connection setup ended unexpectedly".into());
+        }
+        s.ready.set();
     }
 }
 
@@ -167,15 +196,7 @@ impl Pool {
                 s2.active.set(s2.active.get() - 1);
                 s2.last_used.set(Instant::now());
             });
-            if slot.client.borrow().is_none() && slot.failed.borrow().is_none() {
-                slot.ready.wait().await;
-            }
-            if let Some(msg) = slot.failed.borrow().clone() {
-                return Err(HboneError::Protocol(format!(
-                    "connection to {} failed: {msg}",
-                    key.addr
-                )));
-            }
+            slot.settled(key.addr).await?;
             let first = if owner {
                 slot.first.borrow_mut().take()
             } else {
@@ -223,27 +244,57 @@ impl Pool {
         req: &ConnectRequest,
     ) -> Result<(Rc<Slot>, bool), HboneError> {
         self.start_sweeper();
-        let max = self.0.settings.max_streams_per_connection.max(1);
         let leaf = cert.chain[0].as_ref();
-        let mut conns = self.0.conns.borrow_mut();
-        // Looked up by reference: the key is cloned only for a new entry.
-        if let Some(e) = conns.get_mut(key) {
-            if e.leaf != leaf {
-                for s in &e.slots {
-                    s.retired.set(true);
-                }
-                e.leaf.clear();
-                e.leaf.extend_from_slice(leaf);
-            }
-            e.slots.retain(|s| !(s.dead() && s.active.get() == 0));
-            if let Some(s) = e.slots.iter().find(|s| !s.dead() && s.active.get() < max) {
-                s.active.set(s.active.get() + 1);
-                return Ok((s.clone(), false));
-            }
+        if let Some(s) = self.shared_slot(key, leaf) {
+            return Ok((s, false));
         }
         // A new connection, its first request sent with its setup: built (and refused if
         // bad) before the slot exists, so no other opener shares a connection it fails.
         let first = crate::client::connect_request(req)?;
+        let slot = self.new_slot(key, leaf);
+        self.0.connects.set(self.0.connects.get() + 1);
+        let tls = tls::client_config_to(cert, &key.dst, key.addr, self.0.settings.tls_resumption);
+        let (addr, settings, counters, opts) = (
+            key.addr,
+            self.0.settings.clone(),
+            self.0.counters.clone(),
+            self.0.socket.clone(),
+        );
+        let setup = async move {
+            match tls {
+                Ok(tls) => {
+                    Client::establish(addr, tls, &settings, &counters, &opts, Some(first)).await
+                }
+                Err(e) => Err(HboneError::Config(e)),
+            }
+        };
+        spawn_setup(slot.clone(), self.0.counters.clone(), setup);
+        Ok((slot, true))
+    }
+
+    /// A live connection for `key` with room for one more stream (counted in it); a stream
+    /// with a new leaf certificate `leaf` (a rotation) first retires the key's connections.
+    fn shared_slot(&self, key: &PoolKey, leaf: &[u8]) -> Option<Rc<Slot>> {
+        let max = self.0.settings.max_streams_per_connection.max(1);
+        let mut conns = self.0.conns.borrow_mut();
+        // Looked up by reference: the key is cloned only for a new entry.
+        let e = conns.get_mut(key)?;
+        if e.leaf != leaf {
+            for s in &e.slots {
+                s.retired.set(true);
+            }
+            e.leaf.clear();
+            e.leaf.extend_from_slice(leaf);
+        }
+        e.slots.retain(|s| !(s.dead() && s.active.get() == 0));
+        let s = e.slots.iter().find(|s| !s.dead() && s.active.get() < max)?;
+        s.active.set(s.active.get() + 1);
+        Some(s.clone())
+    }
+
+    /// A slot for a new connection to `key` (its stream counted), shared by later streams
+    /// from now on; its setup is to be spawned with [`spawn_setup`].
+    fn new_slot(&self, key: &PoolKey, leaf: &[u8]) -> Rc<Slot> {
         let slot = Rc::new(Slot {
             client: RefCell::new(None),
             first: RefCell::new(None),
@@ -255,6 +306,7 @@ impl Pool {
             proven: Cell::new(false),
             last_used: Cell::new(Instant::now()),
         });
+        let mut conns = self.0.conns.borrow_mut();
         match conns.get_mut(key) {
             Some(e) => e.slots.push(slot.clone()),
             None => {
@@ -267,44 +319,7 @@ impl Pool {
                 );
             }
         }
-        drop(conns);
-        self.0.connects.set(self.0.connects.get() + 1);
-        let tls = tls::client_config_to(cert, &key.dst, key.addr, self.0.settings.tls_resumption);
-        let (addr, settings, counters, s, opts) = (
-            key.addr,
-            self.0.settings.clone(),
-            self.0.counters.clone(),
-            slot.clone(),
-            self.0.socket.clone(),
-        );
-        runtime::busy::spawn_tracked(async move {
-            let r = match tls {
-                Ok(tls) => {
-                    Client::establish(addr, tls, &settings, &counters, &opts, Some(first)).await
-                }
-                Err(e) => Err(HboneError::Config(e)),
-            };
-            match r {
-                Ok((c, first)) => {
-                    *s.client.borrow_mut() = Some(c);
-                    if !s.owner_gone.get() {
-                        *s.first.borrow_mut() = first;
-                    }
-                }
-                Err(e) => {
-                    if matches!(e, HboneError::HandshakeTimeout { .. }) {
-                        counters
-                            .handshake_timeouts
-                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    }
-                    // Every opener waiting on this slot gets the error; the slot is dead
-                    // (`failed`), so the next open makes a new connection.
-                    *s.failed.borrow_mut() = Some(e.to_string());
-                }
-            }
-            s.ready.set();
-        });
-        Ok((slot, true))
+        slot
     }
 
     /// Close connections unused for the idle timeout (dropping the last handle of an h2
@@ -335,6 +350,96 @@ impl Pool {
                     None => return,
                 }
             }
+        });
+    }
+}
+
+/// Runs a new connection's `setup` and settles its slot with the outcome: the client (and
+/// the first stream, for an opener still there) or the error, which every opener waiting on
+/// the slot gets. A [`Setup`] guard settles it however the task ends.
+fn spawn_setup(
+    slot: Rc<Slot>,
+    counters: Arc<TlsCounters>,
+    setup: impl std::future::Future<Output = Result<(Client, Option<FirstRequest>), HboneError>>
+        + 'static,
+) {
+    runtime::busy::spawn_tracked(async move {
+        let guard = Setup(slot);
+        let s = &guard.0;
+        match setup.await {
+            Ok((c, first)) => {
+                *s.client.borrow_mut() = Some(c);
+                if !s.owner_gone.get() {
+                    *s.first.borrow_mut() = first;
+                }
+            }
+            Err(e) => {
+                if matches!(e, HboneError::HandshakeTimeout { .. }) {
+                    counters
+                        .handshake_timeouts
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+                // Every opener waiting on this slot gets the error; the slot is dead
+                // (`failed`), so the next open makes a new connection.
+                *s.failed.borrow_mut() = Some(e.to_string());
+            }
+        }
+        // `guard` drops here: `ready` is set.
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    /// A connection setup that panics (caught by `spawn_tracked`) settles its slot as
+    /// failed: every opener waiting on it gets an error instead of waiting forever, and the
+    /// slot is no longer shared, so the next open makes a new connection.
+    #[test]
+    fn panicking_setup_fails_its_waiters_and_is_not_shared() {
+        let mut rt = monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
+            .enable_timer()
+            .build()
+            .expect("runtime");
+        rt.block_on(async {
+            let counters = Arc::new(TlsCounters::default());
+            let pool = Pool::new(H2Settings::default(), counters.clone());
+            let key = PoolKey {
+                src: Identity::new("cluster.local", "default", "client"),
+                dst: vec![Identity::new("cluster.local", "default", "server")],
+                addr: "127.0.0.1:15008".parse().expect("addr"),
+            };
+            let leaf = b"leaf".as_slice();
+            let slot = pool.new_slot(&key, leaf);
+            // A second opener joins the connection being set up.
+            let joined = pool.shared_slot(&key, leaf).expect("joins the slot");
+            assert!(Rc::ptr_eq(&slot, &joined));
+            let addr = key.addr;
+            let waiters: Vec<_> = [slot.clone(), joined]
+                .into_iter()
+                .map(|s| monoio::spawn(async move { s.settled(addr).await }))
+                .collect();
+            spawn_setup(slot.clone(), counters, async {
+                panic!("connection setup panics (test)")
+            });
+            for w in waiters {
+                let r = monoio::time::timeout(Duration::from_secs(30), w)
+                    .await
+                    .expect("a waiter is woken when the setup panics");
+                let e = r.expect_err("the waiter gets an error");
+                assert!(
+                    e.to_string()
+                        .contains("connection setup ended unexpectedly"),
+                    "{e}"
+                );
+            }
+            assert!(slot.dead());
+            assert_eq!(pool.connections(&key), 0);
+            assert!(
+                pool.shared_slot(&key, leaf).is_none(),
+                "the next open makes a new connection"
+            );
         });
     }
 }
