@@ -201,6 +201,9 @@ pub struct Settings {
 pub struct Loaded {
     pub settings: Settings,
     pub snapshot: Snapshot,
+    /// The text these were parsed from: the watcher's text in force, so an edit saved after
+    /// this load is applied (and a failed read later is no reason to reload).
+    pub text: String,
 }
 
 fn read(file: &Path) -> Result<String, ConfigError> {
@@ -310,7 +313,11 @@ pub fn load_str(
         field: None,
         message: e.to_string(),
     })?;
-    Ok(Loaded { settings, snapshot })
+    Ok(Loaded {
+        settings,
+        snapshot,
+        text: text.to_owned(),
+    })
 }
 
 /// Read a file and [`load_str`] it.

@@ -194,7 +194,11 @@ pub fn start(
     shutdown: Shutdown,
 ) -> Result<Handle, StartError> {
     let _ = runtime::sys::raise_nofile_limit();
-    let Loaded { settings, snapshot } = loaded;
+    let Loaded {
+        settings,
+        snapshot,
+        text,
+    } = loaded;
     let source = state::cert_source(&settings)?;
     let first = state::build(source.as_ref(), &settings, snapshot, None)?;
     let publisher = Publisher::new(first);
@@ -447,7 +451,7 @@ pub fn start(
     })?;
     let stop_watch = Arc::new(AtomicBool::new(false));
     spawn_watcher(
-        watch,
+        watch.map(|w| (w, text)),
         settings,
         source,
         publisher.clone(),
@@ -472,7 +476,7 @@ pub fn start(
 /// kept the modification time) and certificate lifetimes; publish a new state on change. A
 /// broken file is logged with file:line and field, and the old state keeps serving.
 fn spawn_watcher(
-    watch: Option<config::Source>,
+    watch: Option<(config::Source, String)>,
     settings: Settings,
     source: Arc<dyn CertSource>,
     publisher: Publisher<State>,
@@ -480,11 +484,14 @@ fn spawn_watcher(
     stop: Arc<AtomicBool>,
     mut capture: Option<crate::capture::Rules>,
 ) {
-    // The text in force: read now (the snapshot was loaded from the file just before).
-    let mut file = watch.as_ref().map(|w| {
-        let text = std::fs::read_to_string(&w.file).unwrap_or_default();
-        runtime::filewatch::FileWatch::new(&w.file, text)
-    });
+    // The text in force: the one the running snapshot was loaded from.
+    let (watch, mut file) = match watch {
+        Some((w, text)) => {
+            let f = runtime::filewatch::FileWatch::new(&w.file, text);
+            (Some(w), Some(f))
+        }
+        None => (None, None),
+    };
     let _ = std::thread::Builder::new()
         .name("config-watch".into())
         .spawn(move || {

@@ -297,3 +297,35 @@ fn binary_serves_readiness_and_config_dump_then_drains_on_sigterm() {
     assert!(err.contains("bin.yaml:3"), "{err}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// An edit saved between the config load and the start of the watcher is applied: the
+/// watcher starts from the text the running snapshot was loaded from, not from a fresh
+/// read of the file (which would take the edit as already in force and never load it).
+#[test]
+fn an_edit_saved_between_load_and_start_is_applied() {
+    let net = Net { n: 126 };
+    let dir = tmpdir("edit-before-start");
+    let file = dir.join("z.yaml");
+    let text = net.node_config("node-b", &dir.join("ca"), "[]");
+    std::fs::write(&file, &text).unwrap();
+    let profile = tuning::Profile::default();
+    let loaded = ztunnel::config::load_file(&file, &profile, 1).unwrap();
+    assert_eq!(loaded.text, text);
+    // The edit lands before the watcher exists.
+    std::fs::write(&file, format!("{text}# edited\n")).unwrap();
+    let h = ztunnel::start(
+        loaded,
+        Some(ztunnel::config::Source {
+            file: file.clone(),
+            profile,
+        }),
+        runtime::Shutdown::new(),
+    )
+    .unwrap();
+    assert_eq!(h.state.version(), 1);
+    eventually_within("the edited file loaded", Duration::from_secs(30), || {
+        h.state.version() > 1
+    });
+    h.stop(Duration::from_secs(5)).unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+}
