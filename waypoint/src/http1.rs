@@ -1124,7 +1124,10 @@ pub async fn serve_from<T: Tunnel, U: Upstream>(
             HeadWait::Eof | HeadWait::Idle => return Ok(End::Eof),
             HeadWait::Slow => {
                 let resp = simple_response(408, &[], "request headers timeout", true);
-                return close_with(tunnel, resp, 408).await;
+                let (n, at) = (buf.len() as u64, Instant::now());
+                let started = times.request_headers.and_then(|d| at.checked_sub(d));
+                let said = Said::new(None, n, started.unwrap_or(at), "");
+                return answer_and_close(tunnel, upstream, &said, resp, 408, "-").await;
             }
         };
         buf.advance(used);
@@ -1138,21 +1141,9 @@ pub async fn serve_from<T: Tunnel, U: Upstream>(
             Begin::New(c, x) => Some((c, x)),
             Begin::Refused => {
                 let resp = simple_response(503, &[], NOT_SERVED_BODY, true);
-                upstream.record(&Record {
-                    protocol: "HTTP/1.1",
-                    method: &head.method,
-                    host: head.header("host").unwrap_or(""),
-                    path: &head.path,
-                    query: head.query.as_deref(),
-                    status: 503,
-                    flags: local_flags(503),
-                    request_bytes: used as u64,
-                    response_bytes: resp.len() as u64,
-                    started,
-                    traceparent: &traceparent,
-                    denied: false,
-                });
-                return close_with(tunnel, resp, 503).await;
+                let said = Said::new(Some(&head), used as u64, started, &traceparent);
+                return answer_and_close(tunnel, upstream, &said, resp, 503, local_flags(503))
+                    .await;
             }
         };
         let (cfg, ctx): (&WaypointConfig, &TunnelCtx) = match &fresh {
@@ -1249,7 +1240,9 @@ pub async fn serve_from<T: Tunnel, U: Upstream>(
                         });
                         match within_boxed(deadline, f).await {
                             Some(Err(e)) if e.kind() == io::ErrorKind::TimedOut => {
-                                return stream_timeout(tunnel).await;
+                                let n = used as u64 + buf.len() as u64;
+                                let said = Said::new(Some(&head), n, started, &traceparent);
+                                return stream_timeout(tunnel, upstream, &said).await;
                             }
                             Some(r) => match r? {
                                 Some(n) => ReqBody::Buffered(buf.split_to(n).freeze()),
@@ -1292,7 +1285,9 @@ pub async fn serve_from<T: Tunnel, U: Upstream>(
                         if r.as_ref()
                             .is_err_and(|e| e.kind() == io::ErrorKind::TimedOut)
                         {
-                            return stream_timeout(tunnel).await;
+                            let n = used as u64 + buf.len() as u64;
+                            let said = Said::new(Some(&head), n, started, &traceparent);
+                            return stream_timeout(tunnel, upstream, &said).await;
                         }
                         let r = r?;
                         match r {
@@ -1562,15 +1557,69 @@ async fn fill<T: Tunnel, R>(
     }
 }
 
-/// `408` for a request whose body stopped coming for `stream_idle_timeout` (Envoy's
-/// "stream timeout" before the request was read whole); the tunnel is closed.
-async fn stream_timeout<T: Tunnel>(tunnel: &mut T) -> io::Result<End> {
-    close_with(
-        tunnel,
-        simple_response(408, &[], "stream timeout", true),
-        408,
-    )
-    .await
+/// `408` (`SI`) for a request whose body stopped coming for `stream_idle_timeout`
+/// (Envoy's "stream timeout" before the request was read whole); recorded, and the
+/// tunnel is closed.
+async fn stream_timeout<T: Tunnel, U: Upstream>(
+    tunnel: &mut T,
+    upstream: &mut U,
+    said: &Said<'_>,
+) -> io::Result<End> {
+    let resp = simple_response(408, &[], "stream timeout", true);
+    answer_and_close(tunnel, upstream, said, resp, 408, "SI").await
+}
+
+/// What a request the waypoint answers itself said: its head (`None`: it never came
+/// whole), the bytes read of it, when it began, its `traceparent`.
+struct Said<'a> {
+    head: Option<&'a RequestHead>,
+    request_bytes: u64,
+    started: Instant,
+    traceparent: &'a str,
+}
+
+impl<'a> Said<'a> {
+    fn new(
+        head: Option<&'a RequestHead>,
+        request_bytes: u64,
+        started: Instant,
+        traceparent: &'a str,
+    ) -> Self {
+        Said {
+            head,
+            request_bytes,
+            started,
+            traceparent,
+        }
+    }
+}
+
+/// Answer a request locally with `resp` (`status`, `flags`), record it (metrics, access
+/// log) and close the tunnel.
+async fn answer_and_close<T: Tunnel, U: Upstream>(
+    tunnel: &mut T,
+    upstream: &mut U,
+    said: &Said<'_>,
+    resp: Vec<u8>,
+    status: u16,
+    flags: &'static str,
+) -> io::Result<End> {
+    let head = said.head;
+    upstream.record(&Record {
+        protocol: "HTTP/1.1",
+        method: head.map_or("", |h| &h.method),
+        host: head.and_then(|h| h.header("host")).unwrap_or(""),
+        path: head.map_or("", |h| &h.path),
+        query: head.and_then(|h| h.query.as_deref()),
+        status,
+        flags,
+        request_bytes: said.request_bytes,
+        response_bytes: resp.len() as u64,
+        started: said.started,
+        traceparent: said.traceparent,
+        denied: false,
+    });
+    close_with(tunnel, resp, status).await
 }
 
 /// What to do with the tunnel after a forwarded request.
@@ -2665,21 +2714,8 @@ async fn body_timeout<T: Tunnel, U: Upstream>(
 ) -> io::Result<End> {
     let resp = simple_response(504, &[], "upstream request timeout", true);
     upstream.note(Note::RequestBodyTimeout);
-    upstream.record(&Record {
-        protocol: "HTTP/1.1",
-        method: &head.method,
-        host: head.header("host").unwrap_or(""),
-        path: &head.path,
-        query: head.query.as_deref(),
-        status: 504,
-        flags: "UT",
-        request_bytes,
-        response_bytes: resp.len() as u64,
-        started,
-        traceparent,
-        denied: false,
-    });
-    close_with(tunnel, resp, 504).await
+    let said = Said::new(Some(head), request_bytes, started, traceparent);
+    answer_and_close(tunnel, upstream, &said, resp, 504, "UT").await
 }
 
 /// How long the request body of `framing` is when all of it is already in `buf`.

@@ -136,6 +136,20 @@ impl Setup {
             })
             .unwrap_or_else(|| panic!("{name} not in the stats:\n{s}"))
     }
+
+    /// The sum of the `istio_requests_total` series whose labels have all of `labels`.
+    fn requests(&self, labels: &[&str]) -> u64 {
+        let mut c = TcpStream::connect(self.stats).unwrap();
+        c.write_all(b"GET /stats/prometheus HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+            .unwrap();
+        let mut s = String::new();
+        c.read_to_string(&mut s).unwrap();
+        s.lines()
+            .filter(|l| l.starts_with("istio_requests_total{"))
+            .filter(|l| labels.iter().all(|x| l.contains(x)))
+            .map(|l| l.rsplit_once(' ').unwrap().1.trim().parse::<u64>().unwrap())
+            .sum()
+    }
 }
 
 /// `f`, which must finish within [`EVENT_BOUND`].
@@ -196,6 +210,13 @@ fn a_partial_request_head_or_a_stalled_body_gets_408_and_the_tunnel_closes() {
         assert_eq!(ended, Ended::Closed);
     });
     assert_eq!(st.metric("waypoint_request_timeouts_total"), 2);
+    // Both are requests the waypoint answered: in the request metrics (the stalled body
+    // one flagged `SI`, Envoy's stream idle timeout).
+    assert_eq!(st.requests(&["response_code=\"408\""]), 2);
+    assert_eq!(
+        st.requests(&["response_code=\"408\"", "response_flags=\"SI\""]),
+        1
+    );
 }
 
 /// A backend that accepts a request and never answers: once `stream_idle_timeout`
