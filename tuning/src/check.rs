@@ -177,8 +177,12 @@ pub fn run_for(profile: &crate::Profile) -> Vec<Finding> {
 /// What the host allows for `runtime.sched_fifo_priority`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RtHost {
-    /// Effective uid of this process (root may always use SCHED_FIFO); `None`: unknown.
+    /// Effective uid of this process (shown; root without CAP_SYS_NICE, as in a typical
+    /// pod, is refused like anyone else); `None`: unknown.
     pub euid: Option<u32>,
+    /// CAP_SYS_NICE in the effective set (any FIFO priority); `None`: unknown, then root
+    /// counts as holding it.
+    pub cap_sys_nice: Option<bool>,
     /// Soft `RLIMIT_RTPRIO` (highest FIFO priority without CAP_SYS_NICE).
     pub rtprio_limit: Option<u64>,
     /// `kernel.sched_rt_runtime_us` / `kernel.sched_rt_period_us` (RT throttling; -1 = off).
@@ -193,6 +197,7 @@ impl RtHost {
             .lines()
             .find(|l| l.starts_with("Uid:"))
             .and_then(|l| l.split_whitespace().nth(2)?.parse().ok());
+        let cap_sys_nice = cap_sys_nice(&status);
         let limits = std::fs::read_to_string("/proc/self/limits").unwrap_or_default();
         let rtprio_limit = limits
             .lines()
@@ -208,11 +213,24 @@ impl RtHost {
         let int = |n: &str| sysctl(n).and_then(|v| v.parse().ok());
         RtHost {
             euid,
+            cap_sys_nice,
             rtprio_limit,
             rt_runtime_us: int("kernel.sched_rt_runtime_us"),
             rt_period_us: int("kernel.sched_rt_period_us"),
         }
     }
+}
+
+/// CAP_SYS_NICE (bit 23) in the `CapEff:` line of a `/proc/<pid>/status` text; `None` when
+/// the line is missing or not hex.
+pub fn cap_sys_nice(status: &str) -> Option<bool> {
+    const CAP_SYS_NICE: u32 = 23;
+    let hex = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))?
+        .trim();
+    let caps = u64::from_str_radix(hex, 16).ok()?;
+    Some((caps >> CAP_SYS_NICE) & 1 == 1)
 }
 
 /// `runtime.sched_fifo_priority` of `profile` against what this host allows.
@@ -225,9 +243,14 @@ pub fn realtime(profile: &crate::Profile, host: &RtHost) -> Finding {
         ),
         _ => "RT throttling unknown".to_string(),
     };
-    let allowed =
-        |prio: u8| host.euid == Some(0) || host.rtprio_limit.is_some_and(|l| l >= u64::from(prio));
+    let nice = host.cap_sys_nice.unwrap_or(host.euid == Some(0));
+    let allowed = |prio: u8| nice || host.rtprio_limit.is_some_and(|l| l >= u64::from(prio));
     let uid = host.euid.map_or("unknown".to_string(), |u| u.to_string());
+    let cap = match host.cap_sys_nice {
+        Some(true) => "with CAP_SYS_NICE",
+        Some(false) => "without CAP_SYS_NICE",
+        None => "CAP_SYS_NICE unknown",
+    };
     let rlimit = match host.rtprio_limit {
         Some(u64::MAX) => "unlimited".to_string(),
         Some(n) => n.to_string(),
@@ -242,7 +265,7 @@ pub fn realtime(profile: &crate::Profile, host: &RtHost) -> Finding {
             true,
         ),
         Some(p) if allowed(p) => (
-            format!("SCHED_FIFO {p}: allowed here (uid {uid}, RLIMIT_RTPRIO {rlimit}); {throttle}"),
+            format!("SCHED_FIFO {p}: allowed here (uid {uid} {cap}, RLIMIT_RTPRIO {rlimit}); {throttle}"),
             "keep the proxy's workers on their own cores where possible; never with \
              runtime.busy_poll"
                 .to_string(),
@@ -250,10 +273,10 @@ pub fn realtime(profile: &crate::Profile, host: &RtHost) -> Finding {
         ),
         Some(p) => (
             format!(
-                "SCHED_FIFO {p}: NOT allowed here (uid {uid}, RLIMIT_RTPRIO {rlimit}): the workers \
+                "SCHED_FIFO {p}: NOT allowed here (uid {uid} {cap}, RLIMIT_RTPRIO {rlimit}): the workers \
                  will warn and run with normal scheduling; {throttle}"
             ),
-            format!("run the proxy as root, with CAP_SYS_NICE, or with RLIMIT_RTPRIO >= {p} (ulimit -r {p})"),
+            format!("run the proxy with CAP_SYS_NICE (root in a pod needs it added: securityContext.capabilities.add [SYS_NICE]), or with RLIMIT_RTPRIO >= {p} (ulimit -r {p})"),
             false,
         ),
     };
@@ -506,6 +529,7 @@ mod tests {
         let def = crate::Profile::default();
         let host = |euid, rtprio| super::RtHost {
             euid: Some(euid),
+            cap_sys_nice: Some(euid == 0),
             rtprio_limit: Some(rtprio),
             rt_runtime_us: Some(950_000),
             rt_period_us: Some(1_000_000),
@@ -525,10 +549,51 @@ mod tests {
         assert!(f.value.contains("NOT allowed"), "{}", f.value);
         assert!(f.recommended.contains("ulimit -r 10"), "{}", f.recommended);
 
+        // Root without CAP_SYS_NICE (a typical pod) gets EPERM: not allowed.
+        let mut pod_root = host(0, 0);
+        pod_root.cap_sys_nice = Some(false);
+        let f = super::realtime(&lat, &pod_root);
+        assert!(!f.ok, "{}", f.value);
+        assert!(f.value.contains("without CAP_SYS_NICE"), "{}", f.value);
+        pod_root.rtprio_limit = Some(10);
+        assert!(super::realtime(&lat, &pod_root).ok);
+        // Capabilities unknown: root counts as holding it.
+        let mut unknown = host(0, 0);
+        unknown.cap_sys_nice = None;
+        assert!(super::realtime(&lat, &unknown).ok);
+
         let mut off = host(0, 0);
         off.rt_runtime_us = Some(-1);
         let f = super::realtime(&lat, &off);
         assert!(f.value.contains("RT throttling off"), "{}", f.value);
+    }
+
+    /// CAP_SYS_NICE is bit 23 of `CapEff:` (hex) in /proc/<pid>/status.
+    #[test]
+    fn cap_sys_nice_from_status_text() {
+        let status = |eff: &str| {
+            format!(
+                "Name:\tztunnel\nUid:\t0\t0\t0\t0\nCapInh:\t0000000000000000\n\
+                 CapPrm:\t000001ffffffffff\nCapEff:\t{eff}\nCapBnd:\t000001ffffffffff\n"
+            )
+        };
+        // Full root set; only CAP_SYS_NICE; Docker's default set (no SYS_NICE); all but it.
+        assert_eq!(super::cap_sys_nice(&status("000001ffffffffff")), Some(true));
+        assert_eq!(super::cap_sys_nice(&status("0000000000800000")), Some(true));
+        assert_eq!(
+            super::cap_sys_nice(&status("00000000a80425fb")),
+            Some(false)
+        );
+        assert_eq!(
+            super::cap_sys_nice(&status("0000000000000000")),
+            Some(false)
+        );
+        assert_eq!(
+            super::cap_sys_nice(&status("00000000ff7fffff")),
+            Some(false)
+        );
+        assert_eq!(super::cap_sys_nice("Name:\tx\n"), None);
+        assert_eq!(super::cap_sys_nice(&status("zz")), None);
     }
 
     fn idle_state(limit: Result<i32, &str>) -> super::IdleState {
