@@ -255,19 +255,13 @@ pub(crate) async fn answered(
         peer,
         timeout,
     } = reply;
-    let resp = if timeout.is_zero() {
-        resp.await?
-    } else {
-        match monoio::time::timeout(timeout, resp).await {
-            Ok(r) => r?,
-            Err(_) => {
-                return Err(HboneError::ReplyTimeout {
-                    peer,
-                    after: timeout,
-                })
-            }
-        }
-    };
+    let resp =
+        crate::settings::within(timeout, resp)
+            .await
+            .map_err(|_| HboneError::ReplyTimeout {
+                peer,
+                after: timeout,
+            })??;
     if resp.status() != http::StatusCode::OK {
         return Err(HboneError::Status(resp.status()));
     }

@@ -74,6 +74,19 @@ impl Default for H2Settings {
     }
 }
 
+/// `fut` bounded by `limit`, where a zero `limit` (a setting's "no timeout") means no bound:
+/// `Err(Elapsed)` when the limit passed first (`fut` is dropped, closing what it owns).
+/// Callers map the error to their own.
+pub async fn within<T>(
+    limit: Duration,
+    fut: impl std::future::Future<Output = T>,
+) -> Result<T, monoio::time::error::Elapsed> {
+    if limit.is_zero() {
+        return Ok(fut.await);
+    }
+    monoio::time::timeout(limit, fut).await
+}
+
 impl H2Settings {
     /// `fut`, connection setup with `peer`, bounded by [`H2Settings::handshake_timeout`]
     /// (unbounded when 0); [`HboneError::HandshakeTimeout`] when the deadline passed first
@@ -83,15 +96,12 @@ impl H2Settings {
         peer: std::net::SocketAddr,
         fut: impl std::future::Future<Output = Result<T, crate::HboneError>>,
     ) -> Result<T, crate::HboneError> {
-        if self.handshake_timeout.is_zero() {
-            return fut.await;
-        }
-        monoio::time::timeout(self.handshake_timeout, fut)
-            .await
-            .unwrap_or(Err(crate::HboneError::HandshakeTimeout {
+        within(self.handshake_timeout, fut).await.unwrap_or(Err(
+            crate::HboneError::HandshakeTimeout {
                 peer,
                 after: self.handshake_timeout,
-            }))
+            },
+        ))
     }
 
     pub fn client_builder(&self) -> h2::client::Builder {

@@ -716,19 +716,15 @@ async fn connect_within(
 ) -> std::io::Result<TcpStream> {
     let limit = w.settings().h2.handshake_timeout;
     let connect = listener::connect(target, w.ctx.listen_options());
-    if limit.is_zero() {
-        return connect.await;
-    }
-    match monoio::time::timeout(limit, connect).await {
-        Ok(r) => r,
-        Err(_) => {
+    hbone::settings::within(limit, connect)
+        .await
+        .unwrap_or_else(|_| {
             w.metrics.connect_timeout(what);
             Err(std::io::Error::new(
                 std::io::ErrorKind::TimedOut,
                 format!("not connected within {limit:?} (h2.handshake_timeout)"),
             ))
-        }
-    }
+        })
 }
 
 fn status_reply(e: &HboneError) -> u8 {
