@@ -579,6 +579,17 @@ struct Worker {
     shared: Arc<Shared>,
 }
 
+/// A mirrored request in flight on its worker: dropped (its task ended, or unwound by a
+/// panic), it gives back its place in [`Worker::mirrors`].
+struct MirrorInFlight(Rc<Worker>);
+
+impl Drop for MirrorInFlight {
+    fn drop(&mut self) {
+        let m = &self.0.mirrors;
+        m.set(m.get().saturating_sub(1));
+    }
+}
+
 /// How often a worker with live opaque TCP tunnels looks for a new snapshot version
 /// (ztunnel's live re-check period).
 const RELOAD_WATCH_PERIOD: Duration = Duration::from_millis(50);
@@ -1625,13 +1636,14 @@ impl Upstream for HboneUpstream {
         let service = service.clone();
         self.worker.shared.counters.mirrored.fetch_add(1, Relaxed);
         runtime::busy::spawn_tracked(async move {
+            // Gives the mirror's place back however the task ends (a panic included), so
+            // a panicked mirror does not hold one of MAX_MIRRORS_IN_FLIGHT for good.
+            let _in_flight = MirrorInFlight(copy.worker.clone());
             // The response is read and discarded as it comes (never buffered).
             let r = copy
                 .exchange_inner(Some(&service), request, Some(MIRROR_TIMEOUT), true)
                 .await;
-            let w = &copy.worker;
-            w.mirrors.set(w.mirrors.get().saturating_sub(1));
-            let c = &w.shared.counters;
+            let c = &copy.worker.shared.counters;
             match &r {
                 Ok(_) => c.mirrors_completed.fetch_add(1, Relaxed),
                 Err(_) => c.mirror_errors.fetch_add(1, Relaxed),
