@@ -224,9 +224,15 @@ pub(crate) fn set_worker(id: usize, stats: Arc<WorkerStats>) {
     })
 }
 
-/// A [`spawn_tracked`] task panicked (caught): count it on this thread's worker (if it is
-/// one) and log it, once, with its message.
+/// A [`spawn_tracked`] task panicked (caught): [`report_panic`].
 fn task_panicked(payload: Box<dyn std::any::Any + Send>) {
+    report_panic("spawned task", &*payload)
+}
+
+/// A task of this thread's worker panicked (caught; `what` names it): count it on the worker
+/// (if this thread is one) and log it, once, with its message. The one report of spawned
+/// tasks and connection handlers.
+pub(crate) fn report_panic(what: &str, payload: &(dyn std::any::Any + Send)) {
     let id = WORKER.with(|w| {
         w.get().map(|(id, st)| {
             WorkerStats::inc(&st.worker_task_panics);
@@ -235,8 +241,8 @@ fn task_panicked(payload: Box<dyn std::any::Any + Send>) {
     });
     tracing::error!(
         worker = ?id,
-        panic = crate::pinned::panic_message(&*payload),
-        "spawned task panicked: it ended, the worker serves on"
+        panic = crate::pinned::panic_message(payload),
+        "{what} panicked: it ended, the worker serves on"
     );
 }
 

@@ -16,8 +16,9 @@
 //! - [`admin`]: the blocking control-side HTTP endpoint (readiness, stats) services share.
 //! - [`forwarder`]: the first service, a sharded L4 forwarder (binary `l4fwd`).
 //!
-//! This is the only crate of the workspace allowed `unsafe` (in [`sys`], [`rtsched`] and one
-//! readiness helper in [`forward`]), each block with a `SAFETY:` comment.
+//! This is the only crate of the workspace allowed `unsafe` (in [`sys`], [`rtsched`],
+//! [`pinned`]'s pin projections and one readiness helper in [`forward`]), each block with a
+//! `SAFETY:` comment.
 
 pub mod admin;
 pub mod bufpool;

@@ -96,21 +96,9 @@ impl WorkerCtx {
         F: Future + 'static,
         F::Output: 'static,
     {
-        let ctx = self.clone();
-        monoio::spawn(crate::pinned::CatchPanic::new(
-            crate::busy::tracked(f),
-            move |payload: Box<dyn std::any::Any + Send>| ctx.task_panicked("task", &*payload),
-        ))
-    }
-
-    /// A task of this worker panicked (caught): count and log it, once, with its message.
-    fn task_panicked(&self, what: &str, payload: &(dyn std::any::Any + Send)) {
-        WorkerStats::inc(&self.0.stats.worker_task_panics);
-        tracing::error!(
-            worker = self.0.id,
-            panic = crate::pinned::panic_message(payload),
-            "{what} panicked: it ended, the worker serves on"
-        );
+        // This worker's thread (a WorkerCtx never leaves it) is registered as the worker
+        // whose counters a caught panic goes to.
+        crate::busy::spawn_tracked(f)
     }
 
     /// Accept on `listener` until the drain begins, running `handler` for each connection in
@@ -218,8 +206,7 @@ struct ConnGuard(WorkerCtx);
 impl ConnGuard {
     /// The connection's handler panicked: count and log it (once, with its message).
     fn panicked(&self, payload: &(dyn std::any::Any + Send)) {
-        self.0
-            .task_panicked("connection handler (its connection is closed)", payload);
+        crate::busy::report_panic("connection handler (its connection is closed)", payload);
     }
 }
 
