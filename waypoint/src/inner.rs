@@ -74,23 +74,37 @@ pub async fn detect(
         (Some(d), Some(i)) => Some(d.min(i)),
         (d, i) => d.or(i),
     };
-    // One timer for the whole wait: silence counts from the tunnel's start.
-    let mut timer = wait.map(|d| Box::pin(monoio::time::sleep(d)));
+    // One timer for the whole wait: silence counts from the tunnel's start. It is made
+    // (in place, not boxed) only once a read would wait: a tunnel whose first bytes are
+    // already here decides without one.
+    let until = wait.map(|d| std::time::Instant::now() + d);
+    let mut timer = std::pin::pin!(None::<monoio::time::Sleep>);
     loop {
         if let Some(p) = classify(&buf) {
             return Ok((p, buf));
         }
-        let read = match timer.as_mut() {
-            Some(t) => match race(s.read(), t).await {
-                Either::Left(r) => r,
-                Either::Right(()) if times.protocol_detection == wait => {
-                    return Ok((Protocol::Tcp, buf));
+        let mut next = std::pin::pin!(s.read());
+        let first = poll_fn(|cx| Poll::Ready(next.as_mut().poll(cx))).await;
+        let read = match (first, until) {
+            (Poll::Ready(r), _) => r,
+            (Poll::Pending, None) => next.await,
+            (Poll::Pending, Some(at)) => {
+                if timer.is_none() {
+                    timer.set(Some(monoio::time::sleep_until(at.into())));
                 }
-                // Idle: closed, or (after some bytes) passed on as they are.
-                Either::Right(()) if buf.is_empty() => return Ok((Protocol::Empty, buf)),
-                Either::Right(()) => return Ok((Protocol::Tcp, buf)),
-            },
-            None => s.read().await,
+                let Some(t) = timer.as_mut().as_pin_mut() else {
+                    unreachable!("armed above")
+                };
+                match race(next, t).await {
+                    Either::Left(r) => r,
+                    Either::Right(()) if times.protocol_detection == wait => {
+                        return Ok((Protocol::Tcp, buf));
+                    }
+                    // Idle: closed, or (after some bytes) passed on as they are.
+                    Either::Right(()) if buf.is_empty() => return Ok((Protocol::Empty, buf)),
+                    Either::Right(()) => return Ok((Protocol::Tcp, buf)),
+                }
+            }
         };
         match read {
             Some(Ok(b)) => buf.extend_from_slice(&b),
