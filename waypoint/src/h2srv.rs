@@ -101,7 +101,7 @@ where
     loop {
         let next = match idle {
             None => Some(conn.accept().await),
-            Some(idle) => next_or_idle(&mut conn, &active, &mut clock, idle).await,
+            Some(idle) => next_or_idle(&mut conn, &active, &mut clock, idle, || slots.trim()).await,
         };
         let Some(next) = next else {
             // Idle: GOAWAY, then the connection is driven until it is closed (a stream
@@ -136,11 +136,13 @@ where
                 let active = active.clone();
                 active.count.set(active.count.get() + 1);
                 runtime::busy::spawn_tracked(async move {
+                    // Ends the stream's count however the task ends (a panic included),
+                    // so the tunnel's idle time still starts.
+                    let _in_flight = InFlight(active);
                     if let Some(stream) = slot.as_mut().as_pin_mut() {
                         stream.await;
                     }
                     slots.give_back(slot);
-                    active.ended();
                 });
             }
         }
@@ -166,6 +168,16 @@ impl Active {
     }
 }
 
+/// A stream in flight: dropped (its task ended, or unwound by a panic), it is ended in
+/// the tunnel's [`Active`].
+struct InFlight(Rc<Active>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.ended();
+    }
+}
+
 type Accepted = Option<Result<(http::Request<RecvStream>, SendResponse<Bytes>), h2::Error>>;
 
 /// The connection's next stream (`Some`), or `None` once it had no stream in flight for
@@ -175,6 +187,7 @@ async fn next_or_idle(
     active: &Active,
     clock: &mut Option<std::pin::Pin<Box<monoio::time::Sleep>>>,
     idle: std::time::Duration,
+    mut on_idle: impl FnMut(),
 ) -> Option<Accepted> {
     use std::future::Future as _;
     use std::task::Poll;
@@ -190,6 +203,7 @@ async fn next_or_idle(
         }
         if !armed {
             armed = true;
+            on_idle();
             let at = monoio::time::Instant::now() + idle;
             match clock {
                 Some(t) => t.as_mut().reset(at),
@@ -215,6 +229,9 @@ struct StreamSlots<F> {
 /// Emptied stream boxes a tunnel keeps (its usual concurrent streams; more are freed).
 const STREAM_SLOTS_KEPT: usize = 16;
 
+/// Emptied stream boxes an idle tunnel (no stream in flight) keeps.
+const STREAM_SLOTS_IDLE: usize = 2;
+
 impl<F> Default for StreamSlots<F> {
     fn default() -> Self {
         StreamSlots {
@@ -234,6 +251,11 @@ impl<F> StreamSlots<F> {
             }
             None => Box::pin(Some(stream)),
         }
+    }
+
+    /// Free the kept boxes past [`STREAM_SLOTS_IDLE`] (the tunnel has no stream in flight).
+    fn trim(&self) {
+        self.free.borrow_mut().truncate(STREAM_SLOTS_IDLE);
     }
 
     /// Empty `slot` (its stream dropped) and keep it, unless enough are kept.
@@ -572,8 +594,7 @@ async fn forward_streamed<U: Upstream>(
     };
     if let Err(e) = &buffered {
         if e.kind() == io::ErrorKind::TimedOut {
-            send(respond, status_only(408), head_request).await;
-            return (408, "SI", buf.len() as u64, 0);
+            return request_body_idle(up, respond, head_request, buf.len() as u64).await;
         }
     }
     let Ok(ended) = buffered else {
@@ -751,8 +772,7 @@ async fn forward_h2<U: Upstream>(
     let complete = match buffered {
         Ok(c) => c,
         Err(e) if e.kind() == io::ErrorKind::TimedOut => {
-            send(respond, status_only(408), head_request).await;
-            return (408, "SI", buf.len() as u64, 0);
+            return request_body_idle(up, respond, head_request, buf.len() as u64).await;
         }
         Err(_) => {
             respond.send_reset(h2::Reason::CANCEL);
@@ -909,6 +929,10 @@ async fn forward_h2<U: Upstream>(
     };
     // Set when the client left while the tries went on.
     let mut gone = None;
+    // `stream_idle_timeout` (Envoy's): without a route timeout, the bound on the wait for
+    // the response head and on each wait in its relay. The stream's own timer, taken out
+    // of `up` while the tries borrow it (put back at the end).
+    let mut idle = up.stream_idle().map(|(c, d)| (std::mem::take(c), d));
     let answer = loop {
         let left = remaining();
         let timed_out = || io::Error::new(io::ErrorKind::TimedOut, "upstream request timeout");
@@ -920,6 +944,10 @@ async fn forward_h2<U: Upstream>(
             (b, l) => b.or(l),
         };
         try_deadline = per_try.map(|t| std::time::Instant::now() + t);
+        // Set when the client's body failed under the upload (its reset, its
+        // connection's end): the client left, not the endpoint's failure.
+        let mut body_failed = false;
+        let head_idle = idle.as_mut().filter(|_| per_try.is_none());
         let attempt = async {
             let req = build()?;
             let (resp, mut tx) = up.h2_request(service, req, !has_body).await?;
@@ -938,7 +966,7 @@ async fn forward_h2<U: Upstream>(
                         .await
                         .map_err(io::Error::other)?;
                     while let Some(chunk) = body.read().await {
-                        let chunk = chunk?;
+                        let chunk = chunk.inspect_err(|_| body_failed = true)?;
                         sent += chunk.len() as u64;
                         send_all(&mut tx, chunk, false)
                             .await
@@ -947,7 +975,13 @@ async fn forward_h2<U: Upstream>(
                     tx.send_data(Bytes::new(), true).map_err(io::Error::other)?;
                 }
             }
-            resp.await.map_err(io::Error::other)
+            match head_idle {
+                Some((clock, d)) => match clock.within(Some(*d), resp).await {
+                    Some(r) => r.map_err(io::Error::other),
+                    None => Err(timed_out()),
+                },
+                None => resp.await.map_err(io::Error::other),
+            }
         };
         let tried = async {
             match per_try {
@@ -961,6 +995,10 @@ async fn forward_h2<U: Upstream>(
         // As for an HTTP/1.1 upstream: the client's leaving drops the try (its upstream
         // request stream is reset).
         let r = match race(tried, client_gone(respond)).await {
+            Either::Left(_) if body_failed => {
+                gone = Some("DR");
+                break Err((Vec::new(), "DR"));
+            }
             Either::Left(r) => r,
             Either::Right(flags) => {
                 gone = Some(flags);
@@ -992,6 +1030,9 @@ async fn forward_h2<U: Upstream>(
             break Err((Vec::new(), flags));
         }
     };
+    if let (Some((clock, _)), Some((c, _))) = (idle, up.stream_idle()) {
+        *c = clock;
+    }
     if let Some(flags) = gone {
         up.cancelled();
         return (0, flags, sent, 0);
@@ -1048,11 +1089,24 @@ async fn forward_h2<U: Upstream>(
     let mut timed_out = false;
     // The body and trailers within the try's time (the route's `backendRequest` and
     // `request` timeouts cover the whole response); past it the stream is reset.
+    // Each wait for the upstream's next piece is bounded by `stream_idle_timeout` too.
+    let mut idle_out = false;
     let relay = async {
         if end {
             return;
         }
-        while let Some(chunk) = rx.data().await {
+        let mut idle = up.stream_idle();
+        loop {
+            let next = match idle.as_mut() {
+                Some((c, d)) => c.within(Some(*d), rx.data()).await,
+                None => Some(rx.data().await),
+            };
+            let Some(next) = next else {
+                idle_out = true;
+                ok = false;
+                break;
+            };
+            let Some(chunk) = next else { break };
             let Ok(chunk) = chunk else {
                 ok = false;
                 break;
@@ -1076,7 +1130,16 @@ async fn forward_h2<U: Upstream>(
             }
         }
         if ok {
-            match rx.trailers().await {
+            let trailers = match idle.as_mut() {
+                Some((c, d)) => c.within(Some(*d), rx.trailers()).await,
+                None => Some(rx.trailers().await),
+            };
+            let Some(trailers) = trailers else {
+                idle_out = true;
+                ok = false;
+                return;
+            };
+            match trailers {
                 Ok(Some(t)) => {
                     trailer_status = grpc.then(|| grpc_status(&t)).flatten();
                     ok = tx.send_trailers(t).is_ok();
@@ -1086,7 +1149,7 @@ async fn forward_h2<U: Upstream>(
             }
         }
     };
-    if http1::within(try_deadline, relay).await.is_none() {
+    if http1::within(try_deadline, relay).await.is_none() || idle_out {
         ok = false;
         timed_out = true;
     }
@@ -1241,6 +1304,19 @@ async fn request_body_timeout<U: Upstream>(
     up.note(http1::Note::RequestBodyTimeout);
     send(respond, resp, head_request).await;
     (504, "UT", body_bytes, n)
+}
+
+/// The request body stopped coming for `stream_idle_timeout`: `408` (`SI`), counted
+/// ([`http1::Note::RequestTimeout`]). Returns the access-log figures.
+async fn request_body_idle<U: Upstream>(
+    up: &mut U,
+    respond: &mut SendResponse<Bytes>,
+    head_request: bool,
+    body_bytes: u64,
+) -> (u16, &'static str, u64, u64) {
+    up.note(http1::Note::RequestTimeout);
+    send(respond, status_only(408), head_request).await;
+    (408, "SI", body_bytes, 0)
 }
 
 async fn send(respond: &mut SendResponse<Bytes>, h1: Vec<u8>, head_request: bool) {

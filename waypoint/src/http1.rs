@@ -1090,6 +1090,8 @@ pub enum Note {
     /// The route's time ran out while the request body was read (answered `504`, flags
     /// `UT`): counted with the upstream timeouts.
     RequestBodyTimeout,
+    /// A request answered `408` by the waypoint (its body stopped coming).
+    RequestTimeout,
     /// The request is gRPC (`content-type: application/grpc…`): its metrics say `grpc`.
     Grpc,
     /// The `grpc-status` of the response (its head, or its trailers).

@@ -780,28 +780,33 @@ async fn tunnel(w: Rc<Worker>, cert: Arc<WorkloadCert>, mut inb: Inbound) {
     let Ok(mut stream) = inb.accept() else { return };
     counters.tunnels.fetch_add(1, Relaxed);
     let times = l7.tunnel_timeouts();
-    let upstream = |w: &Rc<Worker>, client_h2: bool| HboneUpstream {
-        tunnel: facts.clone(),
-        view: view.clone(),
-        worker: w.clone(),
-        client_h2,
-        l7: l7.clone(),
-        cert: cert.clone(),
-        target,
-        source_ip,
-        rng: w.rng(),
-        peer: peer.clone(),
-        last: None,
-        metric_cache: metric_cache.clone(),
-        current: None,
-        routed: false,
-        upgrade: None,
-        upgrade_first: Bytes::new(),
-        fresh_next: false,
-        h2_use: None,
-        grpc: None,
-        idle_clock: http1::Clock::default(),
-        stream_idle: times.stream_idle,
+    // From the tunnel's current view (a later stream of a tunnel that saw a reload starts
+    // under it, not under the tunnel's first one, which would derive it again).
+    let upstream = |w: &Rc<Worker>, client_h2: bool| {
+        let view = facts.view.borrow().clone();
+        HboneUpstream {
+            tunnel: facts.clone(),
+            worker: w.clone(),
+            client_h2,
+            l7: view.l7.clone(),
+            cert: cert.clone(),
+            target,
+            source_ip: view.peer.addr,
+            rng: w.rng(),
+            peer: view.peer.clone(),
+            last: None,
+            metric_cache: view.metric_cache.clone(),
+            view,
+            current: None,
+            routed: false,
+            upgrade: None,
+            upgrade_first: Bytes::new(),
+            fresh_next: false,
+            h2_use: None,
+            grpc: None,
+            idle_clock: http1::Clock::default(),
+            stream_idle: times.stream_idle,
+        }
     };
     // Boxed: only live until the first bytes, it would otherwise size the whole tunnel.
     let detect = Box::pin(race(inner::detect(&mut stream, &times), w.ctx.aborted()));
@@ -1576,6 +1581,7 @@ impl Upstream for HboneUpstream {
             http1::Note::Continue => &c.continues,
             http1::Note::Upgraded => &c.upgrades,
             http1::Note::RequestBodyTimeout => &c.upstream_timeouts,
+            http1::Note::RequestTimeout => &c.request_timeouts,
         };
         ctr.fetch_add(1, Relaxed);
     }

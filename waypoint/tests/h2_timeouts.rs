@@ -1,0 +1,275 @@
+//! `stream_idle_timeout` and the waypoint's own answers for HTTP/2 requests to an HTTP/2
+//! upstream (DestinationRule `useClientProtocol`): a hung upstream gets the client a `504`
+//! (no route timeout set: the idle bound is what ends it), a response that stops midway is
+//! reset, a request body that stops coming is answered `408` and counted, and a client
+//! that resets its stream during a streamed upload is a cancellation, not an upstream
+//! error. The `waypoint` binary, a stand-in destination ztunnel and an HTTP/2 backend.
+//!
+//! No timing thresholds: the idle timeout is short (1 s) and the tests wait for the events
+//! it causes with generous bounds; without it those events never come.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::process::Stdio;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use common::{
+    bind_node_ztunnel, block_on, connect, echo_model, id, ip, serve_async, settings,
+    stand_in_ztunnel, test_dir, Proc,
+};
+use hbone::ca::{CertSource, SigningCa, WorkloadCert};
+use hbone::client::Client;
+use hbone::wire::ConnectRequest;
+
+/// How long any awaited event may take before the test fails.
+const EVENT_BOUND: Duration = Duration::from_secs(60);
+
+const HOST: &str = "echo.app.svc.cluster.local";
+
+/// `echo` is reached over HTTP/2 by HTTP/2 clients.
+const USE_CLIENT_PROTOCOL: &str = "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: echo, namespace: app}\nspec:\n  host: echo\n  trafficPolicy:\n    connectionPool:\n      http: {useClientProtocol: true}\n";
+
+/// An HTTP/2 backend: `/hang` is never answered; `/stall` gets its head and 2 bytes, then
+/// nothing; `/upload` reads its body (bytes counted in `uploaded`) and never answers;
+/// anything else `200 ok`.
+fn h2_backend(ip: std::net::Ipv4Addr, uploaded: Arc<AtomicU64>) -> SocketAddr {
+    serve_async(ip, move |tcp| {
+        let uploaded = uploaded.clone();
+        async move {
+            let io = monoio::io::IntoPollIo::into_poll_io(tcp).unwrap();
+            let Ok(mut conn) = h2::server::handshake(io).await else {
+                return;
+            };
+            let mut held = Vec::new();
+            while let Some(Ok((req, mut respond))) = conn.accept().await {
+                match req.uri().path() {
+                    "/hang" => held.push((respond, None)),
+                    "/stall" => {
+                        let ok = http::Response::builder().status(200).body(()).unwrap();
+                        if let Ok(mut tx) = respond.send_response(ok, false) {
+                            let _ = tx.send_data(Bytes::from_static(b"ok"), false);
+                            held.push((respond, Some(tx)));
+                        }
+                    }
+                    "/upload" => {
+                        let uploaded = uploaded.clone();
+                        let mut body = req.into_body();
+                        monoio::spawn(async move {
+                            let _held = respond;
+                            while let Some(Ok(b)) = body.data().await {
+                                let _ = body.flow_control().release_capacity(b.len());
+                                uploaded.fetch_add(b.len() as u64, Ordering::SeqCst);
+                            }
+                        });
+                    }
+                    _ => {
+                        let ok = http::Response::builder().status(200).body(()).unwrap();
+                        if let Ok(mut tx) = respond.send_response(ok, false) {
+                            let _ = tx.send_data(Bytes::from_static(b"ok"), true);
+                        }
+                    }
+                }
+            }
+        }
+    })
+}
+
+struct TempDir(std::path::PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+struct Setup {
+    _wp: Proc,
+    _dir: TempDir,
+    addr: SocketAddr,
+    stats: SocketAddr,
+    me: WorkloadCert,
+    uploaded: Arc<AtomicU64>,
+}
+
+fn setup(name: &str) -> Setup {
+    let (net, zl) = bind_node_ztunnel(19);
+    let uploaded = Arc::new(AtomicU64::new(0));
+    let pod = h2_backend(ip(net, 2), uploaded.clone());
+    let d = TempDir(test_dir(&format!("h2-timeouts-{name}-{net}")));
+    let ca = SigningCa::builtin(&d.0.join("ca"), "cluster.local").unwrap();
+    let now = SystemTime::now();
+    let _zt = stand_in_ztunnel(zl, &ca.issue(&id("app", "echo"), now).unwrap());
+    let s = settings(&d.0.join("ca"), true).replace(
+        "runtime:",
+        "  stream_idle_timeout: 1s\n  idle_timeout: 60s\nruntime:",
+    );
+    let cfg = format!(
+        "{}---\n{USE_CLIENT_PROTOCOL}---\n{s}",
+        echo_model(ip(net, 1), pod)
+    );
+    std::fs::write(d.0.join("waypoint.yaml"), cfg).unwrap();
+    let wp = Proc::start(&d.0.join("waypoint.yaml"), &[], Stdio::inherit());
+    let (addr, stats) = (wp.addr("hbone"), wp.addr("stats"));
+    Setup {
+        _wp: wp,
+        _dir: d,
+        addr,
+        stats,
+        me: ca.issue(&id("app", "client"), now).unwrap(),
+        uploaded,
+    }
+}
+
+impl Setup {
+    /// An HTTP/2 connection to the echo service in a tunnel of its own.
+    async fn h2(&self) -> (Client, h2::client::SendRequest<Bytes>) {
+        let c = connect(self.addr, &self.me, id("app", "waypoint"))
+            .await
+            .unwrap();
+        let s = c
+            .open(&ConnectRequest::new("10.96.0.1:80".parse().unwrap()))
+            .await
+            .unwrap();
+        let io = waypoint::inner::StreamIo::new(s, Bytes::new());
+        let (send, conn) = h2::client::handshake(io).await.unwrap();
+        monoio::spawn(conn);
+        (c, send)
+    }
+
+    /// A counter of the waypoint's `/stats/prometheus`.
+    fn metric(&self, name: &str) -> u64 {
+        let mut c = TcpStream::connect(self.stats).unwrap();
+        c.write_all(b"GET /stats/prometheus HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+            .unwrap();
+        let mut s = String::new();
+        c.read_to_string(&mut s).unwrap();
+        s.lines()
+            .find_map(|l| {
+                let (n, v) = l.rsplit_once(' ')?;
+                (n == name).then(|| v.trim().parse().ok())?
+            })
+            .unwrap_or_else(|| panic!("{name} not in the stats:\n{s}"))
+    }
+
+    /// Wait until counter `name` is `want` (it only grows).
+    async fn metric_reaches(&self, name: &str, want: u64) {
+        bounded(async {
+            while self.metric(name) < want {
+                monoio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await;
+        assert_eq!(self.metric(name), want, "{name}");
+    }
+}
+
+/// `f`, which must finish within [`EVENT_BOUND`].
+async fn bounded<F: std::future::Future>(f: F) -> F::Output {
+    match runtime::worker::race(f, monoio::time::sleep(EVENT_BOUND)).await {
+        runtime::worker::Either::Left(x) => x,
+        runtime::worker::Either::Right(()) => panic!("nothing happened within {EVENT_BOUND:?}"),
+    }
+}
+
+/// No route timeout: a hung HTTP/2 upstream gets the client `504` after
+/// `stream_idle_timeout` (counted as an upstream timeout), a response whose body stops
+/// is reset after it, and the connection still serves.
+#[test]
+fn h2_upstream_hung_gets_504_and_a_stalled_response_is_reset_after_the_stream_idle_timeout() {
+    let st = setup("hung");
+    block_on(async {
+        let (_c, send) = st.h2().await;
+        let (status, _) = bounded(common::h2_get_from(&send, HOST, "/")).await;
+        assert_eq!(status, 200);
+        let (status, _) = bounded(common::h2_get_from(&send, HOST, "/hang")).await;
+        assert_eq!(status, 504);
+        assert_eq!(st.metric("waypoint_upstream_timeouts_total"), 1);
+        // The head and 2 bytes, then nothing: reset, never ended as if complete.
+        let req = http::Request::builder()
+            .uri(format!("http://{HOST}/stall"))
+            .body(())
+            .unwrap();
+        let (resp, _) = send.clone().send_request(req, true).unwrap();
+        let resp = bounded(resp).await.unwrap();
+        assert_eq!(resp.status(), 200);
+        let mut body = resp.into_body();
+        let first = bounded(body.data()).await.unwrap().unwrap();
+        assert_eq!(&first[..], b"ok");
+        let end = bounded(body.data()).await;
+        assert!(matches!(end, Some(Err(_))), "not reset: {end:?}");
+        let (status, body) = bounded(common::h2_get_from(&send, HOST, "/")).await;
+        assert_eq!((status, body.as_str()), (200, "ok"));
+    });
+}
+
+/// A request body that stops coming (to an HTTP/2 upstream) is answered `408` and counted
+/// in `waypoint_request_timeouts`.
+#[test]
+fn h2_a_stalled_body_gets_408_counted_as_a_request_timeout() {
+    let st = setup("408");
+    block_on(async {
+        let (_c, send) = st.h2().await;
+        assert_eq!(st.metric("waypoint_request_timeouts_total"), 0);
+        let req = http::Request::builder()
+            .method("POST")
+            .uri(format!("http://{HOST}/"))
+            .header("content-length", "10")
+            .body(())
+            .unwrap();
+        let (resp, mut body) = send.clone().send_request(req, false).unwrap();
+        body.send_data(Bytes::from_static(b"abc"), false).unwrap();
+        let (status, _) = bounded(common::h2_response(resp)).await;
+        assert_eq!(status, 408);
+        assert_eq!(st.metric("waypoint_request_timeouts_total"), 1);
+    });
+}
+
+/// A client that resets its stream during a streamed upload (past the replay buffer)
+/// left: counted as a cancellation, never as the endpoint's failure.
+#[test]
+fn h2_a_client_reset_during_an_upload_is_a_cancellation_not_an_upstream_error() {
+    let st = setup("upload");
+    block_on(async {
+        let (_c, send) = st.h2().await;
+        let req = http::Request::builder()
+            .method("POST")
+            .uri(format!("http://{HOST}/upload"))
+            .body(())
+            .unwrap();
+        let (_resp, mut body) = send.clone().send_request(req, false).unwrap();
+        // Past the replay buffer (64 KiB): the body is streamed upstream as it comes.
+        let chunk = Bytes::from(vec![b'x'; 16 * 1024]);
+        let mut queued = 0u64;
+        while queued < 128 * 1024 {
+            body.reserve_capacity(chunk.len());
+            match bounded(std::future::poll_fn(|cx| body.poll_capacity(cx))).await {
+                Some(Ok(n)) if n > 0 => {
+                    let n = n.min(chunk.len());
+                    body.send_data(chunk.slice(..n), false).unwrap();
+                    queued += n as u64;
+                }
+                Some(Ok(_)) => {}
+                other => panic!("upload failed: {other:?}"),
+            }
+        }
+        // All of it upstream: the waypoint waits on the client's next piece when the
+        // reset comes.
+        bounded(async {
+            while st.uploaded.load(Ordering::SeqCst) < queued {
+                monoio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await;
+        body.send_reset(h2::Reason::CANCEL);
+        st.metric_reaches("waypoint_cancelled_requests_total", 1)
+            .await;
+        assert_eq!(st.metric("waypoint_upstream_errors_total"), 0);
+        let (status, _) = bounded(common::h2_get_from(&send, HOST, "/")).await;
+        assert_eq!(status, 200);
+    });
+}
