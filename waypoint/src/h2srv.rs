@@ -698,6 +698,8 @@ async fn forward_streamed<U: Upstream>(
             respond.send_reset(h2::Reason::CANCEL);
             (400, "DPE", sent, 0)
         }
+        // Not reached: `H2Body` keeps `Tunnel::cancelled`'s default (never ready), as the
+        // client's leaving is watched by the `client_gone` race above; the match needs it.
         Attempt::Cancelled { sent } => (0, "DC", sent, 0),
     }
 }
