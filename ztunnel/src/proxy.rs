@@ -867,6 +867,11 @@ async fn outbound_conn(
             ([one, node], Some(t)) if *one == t.identity && *node == w.settings().peer_identity => {
                 t.principal_or_node.clone()
             }
+            // A waypoint's (or the node ztunnel's) identity: the snapshot's text of it.
+            ([one], _) => match st.principals.get(one) {
+                Some(p) => p.clone(),
+                None => one.to_string().into(),
+            },
             _ => expected
                 .iter()
                 .map(|i| i.to_string())

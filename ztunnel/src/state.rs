@@ -31,6 +31,9 @@ pub struct State {
     pub texts: HashMap<String, WorkloadText>,
     /// Per service key (`namespace/hostname`, `Service::key`): the hostname, as a label value.
     pub service_hosts: HashMap<String, Arc<str>>,
+    /// Per identity of the snapshot (workloads, waypoints, this node's `peer_identity`): its
+    /// SPIFFE text, as a label value (the `peer` path label), rendered once per snapshot.
+    pub principals: HashMap<hbone::Identity, Arc<str>>,
 }
 
 /// A captured workload of this node as the source of outbound HBONE: the identity it acts
@@ -226,10 +229,24 @@ pub fn build(
             sources.insert(*ip, src.clone());
         }
     }
-    let texts = model
+    let texts: HashMap<String, WorkloadText> = model
         .workloads()
         .map(|w| (w.uid.clone(), WorkloadText::of(w, &s.peer_identity)))
         .collect();
+    let mut principals: HashMap<hbone::Identity, Arc<str>> = texts
+        .values()
+        .map(|t| (t.identity.clone(), t.principal.clone()))
+        .collect();
+    for id in model
+        .waypoints()
+        .iter()
+        .map(|wp| &wp.identity)
+        .chain([&s.peer_identity])
+    {
+        principals
+            .entry(id.clone())
+            .or_insert_with(|| id.to_string().into());
+    }
     let service_hosts = model
         .services()
         .map(|svc| (svc.key(), svc.hostname.as_str().into()))
@@ -242,6 +259,7 @@ pub fn build(
         sources,
         texts,
         service_hosts,
+        principals,
     })
 }
 
@@ -302,5 +320,44 @@ workloads:
             "k8s.cluster.name=east,k8s.namespace.name=shop,k8s.pod.name=debug,\
              service.name=debug,service.version=latest"
         );
+    }
+
+    /// The `peer` label texts are rendered once per snapshot for every identity a tunnel may
+    /// expect: workloads', waypoints' and the node ztunnel's (a waypoint route's label is a
+    /// lookup, not a format per connection).
+    #[test]
+    fn principals_cover_workloads_waypoints_and_node() {
+        let yaml = r#"
+ztunnel:
+  node: node-a
+  ca: {builtin: /nonexistent}
+namespaces:
+  - {name: shop, labels: {istio.io/dataplane-mode: ambient}}
+waypoints:
+  - {name: wp, namespace: shop, address: 10.0.9.1}
+workloads:
+  - {name: web, namespace: shop, serviceAccount: web-sa, workloadIps: [10.0.0.1], node: node-a}
+"#;
+        let loaded = crate::config::load_str(
+            std::path::Path::new("t.yaml"),
+            yaml,
+            &tuning::Profile::default(),
+            1,
+        )
+        .unwrap();
+        let dir = std::env::temp_dir().join(format!("ztunnel-principals-{}", std::process::id()));
+        let ca = SigningCa::builtin(&dir, &loaded.settings.trust_domain).unwrap();
+        let st = build(&ca, &loaded.settings, loaded.snapshot.clone(), None).unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+        let wp = &st.model.waypoints()[0].identity;
+        let web = st.model.workloads().next().unwrap().identity();
+        for id in [wp, &web, &loaded.settings.peer_identity] {
+            assert_eq!(*st.principals[id], id.to_string(), "{id}");
+        }
+        assert_eq!(st.principals.len(), 3);
+        assert_eq!(&*st.principals[wp], "spiffe://cluster.local/ns/shop/sa/wp");
+        // The same shared text as the workload's telemetry text.
+        let t = st.texts.values().next().unwrap();
+        assert!(Arc::ptr_eq(&st.principals[&web], &t.principal));
     }
 }
