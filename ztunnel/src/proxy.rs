@@ -696,7 +696,7 @@ pub fn resolve(snap: &Snapshot, name: &str, port: u16) -> Option<SocketAddr> {
     let name = name.trim_end_matches('.');
     let svc = snap
         .services()
-        .find(|s| s.hostname.eq_ignore_ascii_case(name))?;
+        .find(|s| s.hostname.trim_end_matches('.').eq_ignore_ascii_case(name))?;
     let ip = svc
         .vips
         .iter()

@@ -322,6 +322,38 @@ workloads:
         );
     }
 
+    /// A SOCKS5 name finds its service whatever the case and trailing dot on either side
+    /// (Istio accepts `Echo.Shop.` as a service hostname).
+    #[test]
+    fn resolve_ignores_case_and_trailing_dot() {
+        let yaml = r#"
+ztunnel:
+  node: node-a
+  ca: {builtin: /nonexistent}
+services:
+  - {name: echo, namespace: shop, hostname: Echo.Shop., vips: ["10.1.0.1"]}
+"#;
+        let loaded = crate::config::load_str(
+            std::path::Path::new("t.yaml"),
+            yaml,
+            &tuning::Profile::default(),
+            1,
+        )
+        .unwrap();
+        let want = Some("10.1.0.1:80".parse().unwrap());
+        for name in ["echo.shop", "Echo.Shop.", "ECHO.SHOP."] {
+            assert_eq!(
+                crate::proxy::resolve(&loaded.snapshot, name, 80),
+                want,
+                "{name}"
+            );
+        }
+        assert_eq!(
+            crate::proxy::resolve(&loaded.snapshot, "echo.sho", 80),
+            None
+        );
+    }
+
     /// The `peer` label texts are rendered once per snapshot for every identity a tunnel may
     /// expect: workloads', waypoints' and the node ztunnel's (a waypoint route's label is a
     /// lookup, not a format per connection).
