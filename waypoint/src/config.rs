@@ -53,7 +53,9 @@
 //!   stream_idle_timeout: 5m      # default (Envoy's stream_idle_timeout); 0s = none. A
 //!                                # request with no byte moving either way this long ends:
 //!                                # `408` while its body is still read, `504` while the
-//!                                # upstream has not answered, reset once the response began
+//!                                # upstream has not answered; an HTTP/2 upstream's response
+//!                                # that stalls this long is reset (an HTTP/1.1 upstream's
+//!                                # streamed response body is bounded by route timeouts only)
 //!   request_headers_timeout: 10s # default; 0s = none. A request head not complete this
 //!                                # long after its first byte: `408` and the tunnel closes
 //!   idle_timeout: 1h             # default (Envoy's HCM idle_timeout); 0s = none. A tunnel
