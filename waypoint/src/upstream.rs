@@ -167,15 +167,19 @@ impl Balancers {
     /// The request to endpoint `i` of `service:port` was abandoned by its client
     /// ([`Balancer::release`]: no verdict on the endpoint).
     pub fn release(&mut self, service: &ObjectRef, port: u16, i: usize) {
-        let e = self
-            .by_service
-            .get_mut(service)
-            .and_then(|ps| ps.iter_mut().find(|(p, _)| *p == port));
-        if let Some((_, e)) = e {
-            if i < e.balancer.len() {
-                e.balancer.release(i);
-            }
+        if let Some(b) = self.endpoint(service, port, i) {
+            b.release(i);
         }
+    }
+
+    /// The balancer of `service:port` when it has an endpoint `i`.
+    fn endpoint(&mut self, service: &ObjectRef, port: u16, i: usize) -> Option<&mut Balancer> {
+        let (_, e) = self
+            .by_service
+            .get_mut(service)?
+            .iter_mut()
+            .find(|(p, _)| *p == port)?;
+        (i < e.balancer.len()).then_some(&mut e.balancer)
     }
 
     /// Whether `service`'s DestinationRule balances by a hash of the request (the caller
@@ -188,14 +192,8 @@ impl Balancers {
 
     /// The request to endpoint `i` of `service:port` ended with `status` (0: no response).
     pub fn finish(&mut self, service: &ObjectRef, port: u16, i: usize, status: u16, now: Instant) {
-        let e = self
-            .by_service
-            .get_mut(service)
-            .and_then(|ps| ps.iter_mut().find(|(p, _)| *p == port));
-        if let Some((_, e)) = e {
-            if i < e.balancer.len() {
-                e.balancer.finish(i, status, now);
-            }
+        if let Some(b) = self.endpoint(service, port, i) {
+            b.finish(i, status, now);
         }
     }
 }
