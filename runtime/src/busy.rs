@@ -402,21 +402,9 @@ async fn spin<C: CpuClock>(
 mod tests {
     use super::*;
     use crate::driver::{self, DriverChoice, DriverKind};
+    use crate::testgate::{cannot_run, in_ci};
     use monoio::io::{AsyncReadRent, AsyncWriteRentExt};
     use std::sync::atomic::Ordering::Relaxed;
-
-    /// `CI` set (and not `0`/`false`): a test that cannot run must fail, not skip.
-    fn in_ci() -> bool {
-        std::env::var_os("CI").is_some_and(|v| !v.is_empty() && v != "false" && v != "0")
-    }
-
-    /// A test that cannot run here: panics under `ci`, else prints SKIP.
-    fn cannot_run(why: &str, ci: bool) {
-        if ci {
-            panic!("{why}, and CI is set: failing, not skipping");
-        }
-        eprintln!("SKIP: {why}");
-    }
 
     /// A real io_uring worker runtime; `None` (SKIP) where io_uring is unavailable, and a
     /// failure there under `CI`.
@@ -432,17 +420,6 @@ mod tests {
             return None;
         }
         Some(rt)
-    }
-
-    #[test]
-    #[should_panic(expected = "CI is set")]
-    fn a_missing_ring_fails_under_ci() {
-        cannot_run("no io_uring here (test)", true);
-    }
-
-    #[test]
-    fn a_missing_ring_skips_outside_ci() {
-        cannot_run("no io_uring here (test)", false);
     }
 
     /// Wait (on the ring: timers) until `cond` holds; fail after a generous bound.
