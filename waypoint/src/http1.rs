@@ -1180,10 +1180,10 @@ pub async fn serve_from<T: Tunnel, U: Upstream>(
                 let status = status_of(&resp);
                 let mut request_bytes = used as u64;
                 // The answer goes at once, whatever the body: a body already here whole is
-                // skipped (the tunnel stays open), any other is not waited for (a denied
-                // upload does not stream through the waypoint first): the answer says
-                // `Connection: close` and the tunnel is closed after it, the client's
-                // late bytes read and dropped for a bounded time and amount
+                // dropped from the buffer (the tunnel stays open), any other is not waited
+                // for (a denied upload does not stream through the waypoint first): the
+                // answer says `Connection: close` and the tunnel is closed after it, the
+                // client's late bytes read and dropped for a bounded time and amount
                 // ([`crate::upstream::close_stream`]), then it is reset. A client waiting
                 // for `100 Continue` may or may not send its body: closed likewise.
                 let mut close = close || (expect && has_body);

@@ -310,7 +310,7 @@ spec:
         }
         assert_eq!(wp.counters().denied.load(SeqCst), 1);
 
-        // A small body that came whole: skipped, the tunnel stays open.
+        // A small body that came whole: dropped from the buffer, the tunnel stays open.
         let (_c, mut s) = wp.tunnel("10.96.0.1:80", ME).await;
         let mut buf = Vec::new();
         for body in [
