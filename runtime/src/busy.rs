@@ -665,57 +665,29 @@ mod tests {
     #[test]
     fn a_panicking_spawn_tracked_task_ends_that_task_only() {
         use crate::config::RuntimeConfig;
-        use crate::shutdown::Shutdown;
-        use crate::worker::{spawn_workers, WorkerCtx};
-        use std::io::Read;
-        let cfg = RuntimeConfig {
-            workers: Some(1),
-            pin: false,
-            ..RuntimeConfig::default()
-        };
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        listener.set_nonblocking(true).unwrap();
-        let addr = listener.local_addr().unwrap();
-        let shutdown = Shutdown::new();
+        use crate::worker::tests::{one_worker_serving, read_all};
         let (tx, spawned) = std::sync::mpsc::channel();
-        let mut listener = Some(listener);
-        let workers = spawn_workers(&cfg, &shutdown, |_| {
-            let l = listener.take().unwrap();
-            let tx = tx.clone();
-            move |ctx: WorkerCtx| async move {
-                let c2 = ctx.clone();
-                let n = Rc::new(Cell::new(0u32));
-                ctx.serve(l, move |mut s, _| {
-                    n.set(n.get() + 1);
-                    let (nth, tx) = (n.get(), tx.clone());
-                    async move {
-                        // The task runs (and panics on connection 1) before the answer.
-                        let task = spawn_tracked(async move {
-                            if nth == 1 {
-                                panic!("a spawn_tracked task panicked on connection 1");
-                            }
-                            nth
-                        });
-                        let out = task.await;
-                        tx.send(out).unwrap();
-                        let (r, _) = s.write_all(format!("served {nth}").into_bytes()).await;
-                        r.unwrap();
-                    }
-                })
-                .await
-                .unwrap();
-                c2.finish_drain().await;
+        let (addr, shutdown, workers) = one_worker_serving(RuntimeConfig::default(), move |_| {
+            let n = Rc::new(Cell::new(0u32));
+            move |mut s: monoio::net::TcpStream, _| {
+                n.set(n.get() + 1);
+                let (nth, tx) = (n.get(), tx.clone());
+                async move {
+                    // The task runs (and panics on connection 1) before the answer.
+                    let task = spawn_tracked(async move {
+                        if nth == 1 {
+                            panic!("a spawn_tracked task panicked on connection 1");
+                        }
+                        nth
+                    });
+                    let out = task.await;
+                    tx.send(out).unwrap();
+                    let (r, _) = s.write_all(format!("served {nth}").into_bytes()).await;
+                    r.unwrap();
+                }
             }
-        })
-        .unwrap();
-        let read_all = |nth: u32| {
-            let mut c = std::net::TcpStream::connect(addr).unwrap();
-            c.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-            let mut got = String::new();
-            c.read_to_string(&mut got)
-                .unwrap_or_else(|e| panic!("connection {nth}: {e}"));
-            got
-        };
+        });
+        let read_all = |nth| read_all(addr, nth);
         let bound = Duration::from_secs(30);
         assert_eq!(read_all(1), "served 1");
         assert_eq!(spawned.recv_timeout(bound), Ok(None));

@@ -444,10 +444,57 @@ where
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use std::io::Read;
     use std::os::fd::AsRawFd;
+
+    /// One worker (unpinned, `cfg` otherwise) serving a fresh loopback listener with the
+    /// handler `make` builds on that worker from its context, then draining: the test
+    /// fixture of the handler tests here and in `busy`. Drain with `shutdown.drain` and
+    /// `workers.join()`.
+    pub(crate) fn one_worker_serving<M, H, Fut>(
+        cfg: RuntimeConfig,
+        make: M,
+    ) -> (SocketAddr, Shutdown, Workers)
+    where
+        M: FnOnce(WorkerCtx) -> H + Send + 'static,
+        H: Fn(TcpStream, SocketAddr) -> Fut + 'static,
+        Fut: Future<Output = ()> + 'static,
+    {
+        let cfg = RuntimeConfig {
+            workers: Some(1),
+            pin: false,
+            ..cfg
+        };
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let shutdown = Shutdown::new();
+        let mut parts = Some((listener, make));
+        let workers = spawn_workers(&cfg, &shutdown, |_| {
+            let (l, make) = parts.take().unwrap();
+            move |ctx: WorkerCtx| async move {
+                let handler = make(ctx.clone());
+                ctx.serve(l, handler).await.unwrap();
+                ctx.finish_drain().await;
+            }
+        })
+        .unwrap();
+        (addr, shutdown, workers)
+    }
+
+    /// Connect to `addr` and read until the server closes (`nth` names the connection in
+    /// a failure): what a handler test's connection was answered.
+    pub(crate) fn read_all(addr: SocketAddr, nth: u32) -> String {
+        let mut c = std::net::TcpStream::connect(addr).unwrap();
+        c.set_read_timeout(Some(std::time::Duration::from_secs(30)))
+            .unwrap();
+        let mut got = String::new();
+        c.read_to_string(&mut got)
+            .unwrap_or_else(|e| panic!("connection {nth}: {e}"));
+        got
+    }
 
     /// The self-waking yield monoio offers (wake during the poll, return `Pending`).
     async fn yield_to_front() {
@@ -500,30 +547,17 @@ mod tests {
     #[test]
     fn a_panicking_handler_ends_its_connection_only() {
         use monoio::io::AsyncWriteRentExt;
-        let cfg = RuntimeConfig {
-            workers: Some(1),
-            pin: false,
-            ..RuntimeConfig::default()
-        };
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        listener.set_nonblocking(true).unwrap();
-        let addr = listener.local_addr().unwrap();
-        let shutdown = Shutdown::new();
         let (tx, spawned) = std::sync::mpsc::channel();
-        let mut listener = Some(listener);
-        let workers = spawn_workers(&cfg, &shutdown, |_| {
-            let l = listener.take().unwrap();
-            let tx = tx.clone();
-            move |ctx: WorkerCtx| async move {
-                let (c2, c3) = (ctx.clone(), ctx.clone());
+        let (addr, shutdown, workers) =
+            one_worker_serving(RuntimeConfig::default(), move |ctx: WorkerCtx| {
                 let n = Rc::new(Cell::new(0u32));
-                ctx.serve(l, move |mut s, _| {
+                move |mut s, _| {
                     n.set(n.get() + 1);
                     let nth = n.get();
                     if nth == 2 {
                         panic!("handler call panicked on connection 2");
                     }
-                    let (ctx, tx) = (c3.clone(), tx.clone());
+                    let (ctx, tx) = (ctx.clone(), tx.clone());
                     async move {
                         if nth == 1 {
                             panic!("handler future panicked on connection 1");
@@ -538,22 +572,9 @@ mod tests {
                         });
                         tx.send(task.await).unwrap();
                     }
-                })
-                .await
-                .unwrap();
-                c2.finish_drain().await;
-            }
-        })
-        .unwrap();
-        let read_all = |nth: u32| {
-            let mut c = std::net::TcpStream::connect(addr).unwrap();
-            c.set_read_timeout(Some(std::time::Duration::from_secs(30)))
-                .unwrap();
-            let mut got = String::new();
-            c.read_to_string(&mut got)
-                .unwrap_or_else(|e| panic!("connection {nth}: {e}"));
-            got
-        };
+                }
+            });
+        let read_all = |nth| read_all(addr, nth);
         // The panicking ones are closed unanswered; the next is served by the same worker.
         assert_eq!(read_all(1), "");
         assert_eq!(read_all(2), "");
@@ -579,42 +600,26 @@ mod tests {
     #[test]
     fn serve_hands_out_sockets_with_the_configured_options() {
         let cfg = RuntimeConfig {
-            workers: Some(1),
-            pin: false,
             nodelay: true,
             tcp_keepalive: Some(std::time::Duration::from_secs(91)),
             socket_recv_buffer: Some(65536),
             ..RuntimeConfig::default()
         };
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        listener.set_nonblocking(true).unwrap();
-        let addr = listener.local_addr().unwrap();
-        let shutdown = Shutdown::new();
         let (tx, rx) = std::sync::mpsc::channel();
-        let mut listener = Some(listener);
-        let workers = spawn_workers(&cfg, &shutdown, |_| {
-            let l = listener.take().unwrap();
-            let tx = tx.clone();
-            move |ctx: WorkerCtx| async move {
-                let c2 = ctx.clone();
-                ctx.serve(l, move |s, _| {
-                    let got = crate::sys::with_sockref(s.as_raw_fd(), |r| {
-                        Ok((
-                            r.nodelay()?,
-                            r.keepalive()?,
-                            r.keepalive_time()?,
-                            r.recv_buffer_size()?,
-                        ))
-                    });
-                    tx.send(got.unwrap()).unwrap();
-                    async move { drop(s) }
-                })
-                .await
-                .unwrap();
-                c2.finish_drain().await;
+        let (addr, shutdown, workers) = one_worker_serving(cfg, move |_| {
+            move |s: TcpStream, _| {
+                let got = crate::sys::with_sockref(s.as_raw_fd(), |r| {
+                    Ok((
+                        r.nodelay()?,
+                        r.keepalive()?,
+                        r.keepalive_time()?,
+                        r.recv_buffer_size()?,
+                    ))
+                });
+                tx.send(got.unwrap()).unwrap();
+                async move { drop(s) }
             }
-        })
-        .unwrap();
+        });
         for _ in 0..3 {
             let mut c = std::net::TcpStream::connect(addr).unwrap();
             let got = rx
