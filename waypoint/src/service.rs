@@ -784,29 +784,17 @@ async fn tunnel(w: Rc<Worker>, cert: Arc<WorkloadCert>, mut inb: Inbound) {
     // under it, not under the tunnel's first one, which would derive it again).
     let upstream = |w: &Rc<Worker>, client_h2: bool| {
         let view = facts.view.borrow().clone();
-        HboneUpstream {
-            tunnel: facts.clone(),
-            worker: w.clone(),
-            client_h2,
-            l7: view.l7.clone(),
-            cert: cert.clone(),
-            target,
-            source_ip: view.peer.addr,
-            rng: w.rng(),
-            peer: view.peer.clone(),
-            last: None,
-            metric_cache: view.metric_cache.clone(),
+        let metric_cache = view.metric_cache.clone();
+        HboneUpstream::new(
+            &facts,
             view,
-            current: None,
-            routed: false,
-            upgrade: None,
-            upgrade_first: Bytes::new(),
-            fresh_next: false,
-            h2_use: None,
-            grpc: None,
-            idle_clock: http1::Clock::default(),
-            stream_idle: times.stream_idle,
-        }
+            w,
+            client_h2,
+            &cert,
+            target,
+            metric_cache,
+            times.stream_idle,
+        )
     };
     // Boxed: only live until the first bytes, it would otherwise size the whole tunnel.
     let detect = Box::pin(race(inner::detect(&mut stream, &times), w.ctx.aborted()));
@@ -1124,24 +1112,20 @@ impl Drop for Connecting {
 struct HboneUpstream {
     /// The tunnel's facts, and its view of the newest snapshot a request took.
     tunnel: Rc<TunnelFacts>,
-    /// What the current request is served under (`l7`, `peer`, `source_ip` and
-    /// `metric_cache` are its parts), set by [`Upstream::begin`].
+    /// What the current request is served under (its config, caller and metric cache),
+    /// set by [`Upstream::begin`].
     view: Rc<View>,
     worker: Rc<Worker>,
     /// The client spoke HTTP/2: a service whose DestinationRule sets `useClientProtocol`
     /// gets HTTP/2 upstream.
     client_h2: bool,
-    l7: Arc<WaypointConfig>,
     cert: Arc<WorkloadCert>,
     target: SocketAddr,
-    source_ip: IpAddr,
     rng: SplitMix64,
-    /// Who called (for telemetry), and what the tunnel was addressed to.
-    peer: Rc<Peer>,
     /// The service and endpoint workload of the current request's last try.
     last: Option<Rc<Dest>>,
     /// This tunnel's recent metric label sets: (status, flags, `last`) → counters, so a
-    /// keep-alive tunnel builds its labels once.
+    /// keep-alive tunnel builds its labels once (the view's; a mirror keeps its own).
     metric_cache: MetricCache,
     /// The balancer slot (port, index) of the current try; its service is `last`'s.
     current: Option<(u16, usize)>,
@@ -1423,7 +1407,7 @@ impl Upstream for HboneUpstream {
         let now = Instant::now();
         let key = match service {
             Some((svc, port)) => {
-                let hdrs: Vec<(&str, &str)> = if Balancers::hashed(&self.l7, svc) {
+                let hdrs: Vec<(&str, &str)> = if Balancers::hashed(&self.view.l7, svc) {
                     head.headers
                         .iter()
                         .map(|(n, v)| (n.as_str(), v.as_str()))
@@ -1435,6 +1419,7 @@ impl Upstream for HboneUpstream {
             }
             None => {
                 let snap = self
+                    .view
                     .l7
                     .mesh
                     .as_ref()
@@ -1461,7 +1446,7 @@ impl Upstream for HboneUpstream {
             self.worker
                 .idle
                 .borrow_mut()
-                .take(&(key.0, key.1, self.source_ip), now, max_idle);
+                .take(&(key.0, key.1, self.source_ip()), now, max_idle);
         if let Some(s) = kept {
             return Ok((UpConn { s, key }, true));
         }
@@ -1522,7 +1507,7 @@ impl Upstream for HboneUpstream {
         end: bool,
     ) -> io::Result<(h2::client::ResponseFuture, h2::SendStream<Bytes>)> {
         let (svc, port) = (&service.0, service.1);
-        let hdrs: Vec<(&str, &str)> = if Balancers::hashed(&self.l7, svc) {
+        let hdrs: Vec<(&str, &str)> = if Balancers::hashed(&self.view.l7, svc) {
             req.headers()
                 .iter()
                 .filter_map(|(n, v)| Some((n.as_str(), v.to_str().ok()?)))
@@ -1616,29 +1601,16 @@ impl Upstream for HboneUpstream {
             return;
         }
         self.worker.mirrors.set(in_flight + 1);
-        let mut copy = HboneUpstream {
-            tunnel: self.tunnel.clone(),
-            view: self.view.clone(),
-            worker: self.worker.clone(),
-            client_h2: self.client_h2,
-            l7: self.l7.clone(),
-            cert: self.cert.clone(),
-            target: self.target,
-            source_ip: self.source_ip,
-            rng: self.worker.rng(),
-            peer: self.peer.clone(),
-            last: None,
-            metric_cache: Rc::default(),
-            current: None,
-            routed: false,
-            upgrade: None,
-            upgrade_first: Bytes::new(),
-            fresh_next: false,
-            h2_use: None,
-            grpc: None,
-            idle_clock: http1::Clock::default(),
-            stream_idle: self.stream_idle,
-        };
+        let mut copy = HboneUpstream::new(
+            &self.tunnel,
+            self.view.clone(),
+            &self.worker,
+            self.client_h2,
+            &self.cert,
+            self.target,
+            Rc::default(),
+            self.stream_idle,
+        );
         let service = service.clone();
         self.worker.shared.counters.mirrored.fetch_add(1, Relaxed);
         runtime::busy::spawn_tracked(async move {
@@ -1689,9 +1661,9 @@ impl Upstream for HboneUpstream {
         // Slow path: a new label set, or the access log.
         let last = if was_routed { self.last.clone() } else { None };
         let key: MetricKey = (r.status, r.flags, last.clone(), grpc);
-        let l7 = self.l7.clone();
+        let l7 = self.view.l7.clone();
         let snap = l7.mesh.as_ref();
-        let p = &self.peer;
+        let p = &self.view.peer;
         // The destination: the routed service and the endpoint that answered; else what
         // the tunnel was addressed to.
         let (service, workload) = match (&last, &p.destination) {
@@ -1786,9 +1758,6 @@ impl Upstream for HboneUpstream {
     fn begin(&mut self) -> http1::Begin {
         if self.worker.l7_version() != self.view.version {
             let view = self.tunnel.refresh(&self.worker);
-            self.l7 = view.l7.clone();
-            self.peer = view.peer.clone();
-            self.source_ip = view.peer.addr;
             self.metric_cache = view.metric_cache.clone();
             self.view = view;
         }
@@ -1796,7 +1765,7 @@ impl Upstream for HboneUpstream {
             return http1::Begin::Same;
         }
         match &self.view.ctx {
-            Some(ctx) => http1::Begin::New(self.l7.clone(), ctx.clone()),
+            Some(ctx) => http1::Begin::New(self.view.l7.clone(), ctx.clone()),
             None => {
                 self.worker
                     .shared
@@ -1816,6 +1785,46 @@ const MIRROR_TIMEOUT: Duration = Duration::from_secs(30);
 pub const MAX_MIRRORS_IN_FLIGHT: usize = 256;
 
 impl HboneUpstream {
+    /// A tunnel's upstream for one request (or HTTP/2 stream, or mirror) under `view`,
+    /// with nothing picked yet.
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        tunnel: &Rc<TunnelFacts>,
+        view: Rc<View>,
+        worker: &Rc<Worker>,
+        client_h2: bool,
+        cert: &Arc<WorkloadCert>,
+        target: SocketAddr,
+        metric_cache: MetricCache,
+        stream_idle: Option<Duration>,
+    ) -> Self {
+        HboneUpstream {
+            tunnel: tunnel.clone(),
+            view,
+            worker: worker.clone(),
+            client_h2,
+            cert: cert.clone(),
+            target,
+            rng: worker.rng(),
+            last: None,
+            metric_cache,
+            current: None,
+            routed: false,
+            upgrade: None,
+            upgrade_first: Bytes::new(),
+            fresh_next: false,
+            h2_use: None,
+            grpc: None,
+            idle_clock: http1::Clock::default(),
+            stream_idle,
+        }
+    }
+
+    /// The caller's address (the tunnel's client, as its view says).
+    fn source_ip(&self) -> IpAddr {
+        self.view.peer.addr
+    }
+
     /// The balancer's endpoint of `svc:port` for this request (`hdrs`: its headers when the
     /// service hashes on them): its node's HBONE address and the CONNECT `:authority`. It
     /// becomes the telemetry destination (copied only when it changed; the endpoint's
@@ -1829,11 +1838,11 @@ impl HboneUpstream {
     ) -> io::Result<(SocketAddr, SocketAddr)> {
         let input = HashInput {
             headers: hdrs,
-            source_ip: Some(self.source_ip),
+            source_ip: Some(self.source_ip()),
         };
         let mut b = self.worker.balancers.borrow_mut();
         let (i, ep) = b
-            .pick_ref(&self.l7, svc, port, &input, now, &mut self.rng)
+            .pick_ref(&self.view.l7, svc, port, &input, now, &mut self.rng)
             .ok_or_else(|| {
                 io::Error::other(format!("{}/{} has no endpoints", svc.namespace, svc.name))
             })?;
@@ -1849,7 +1858,7 @@ impl HboneUpstream {
         timeout: Option<Duration>,
         discard: bool,
     ) -> io::Result<Vec<u8>> {
-        let l7 = self.l7.clone();
+        let l7 = self.view.l7.clone();
         let snap = l7
             .mesh
             .as_ref()
@@ -2027,7 +2036,7 @@ impl HboneUpstream {
     ) -> io::Result<(h2::client::SendRequest<Bytes>, H2Use)> {
         // The expiry of the service this request goes to (its DestinationRule).
         let service = self.last.as_deref().and_then(|(svc, _)| svc.as_ref());
-        let expiry = self.l7.idle_expiry(service);
+        let expiry = self.view.l7.idle_expiry(service);
         loop {
             let slot = self.worker.h2_clients.borrow().get(&key).cloned();
             match slot {
@@ -2104,10 +2113,10 @@ impl HboneUpstream {
             Some((svc, port)) => {
                 let input = HashInput {
                     headers: hdrs,
-                    source_ip: Some(self.source_ip),
+                    source_ip: Some(self.source_ip()),
                 };
                 let picked = self.worker.balancers.borrow_mut().pick(
-                    &self.l7,
+                    &self.view.l7,
                     svc,
                     *port,
                     &input,
@@ -2137,6 +2146,7 @@ impl HboneUpstream {
         uid: &str,
     ) -> io::Result<H2Stream> {
         let expected = self
+            .view
             .l7
             .mesh
             .as_ref()
@@ -2145,7 +2155,7 @@ impl HboneUpstream {
             .ok_or_else(|| io::Error::other("endpoint left the model"))?;
         let w = &self.worker;
         let mut req = ConnectRequest::new(authority);
-        req.forwarded_for = Some(self.source_ip);
+        req.forwarded_for = Some(self.source_ip());
         let key = PoolKey {
             src: w.shared.settings.identity.clone(),
             dst: vec![expected],
@@ -2173,14 +2183,14 @@ impl HboneUpstream {
                 return;
             }
         };
-        let verdict = tcp_verdict(&self.l7, ctx);
+        let verdict = tcp_verdict(&self.view.l7, ctx);
         if !verdict.allowed {
             counters.tcp_denied.fetch_add(1, Relaxed);
             tracing::debug!(target = %self.target, policy = ?verdict.policy, "opaque TCP tunnel denied (R15)");
             down.reset(h2::Reason::REFUSED_STREAM);
             return;
         }
-        let l7 = self.l7.clone();
+        let l7 = self.view.l7.clone();
         let Some(snap) = l7.mesh.as_ref() else {
             down.reset(h2::Reason::REFUSED_STREAM);
             return;
@@ -2251,7 +2261,7 @@ impl HboneUpstream {
     ) -> io::Result<Vec<u8>> {
         let idle_key = (ep.hbone, ep.authority);
         let kept = self.worker.idle.borrow_mut().take(
-            &(idle_key.0, idle_key.1, self.source_ip),
+            &(idle_key.0, idle_key.1, self.source_ip()),
             Instant::now(),
             Duration::MAX,
         );
@@ -2300,11 +2310,11 @@ impl HboneUpstream {
         if reusable {
             // The expiry of the service this request went to (its DestinationRule).
             let service = self.last.as_deref().and_then(|(svc, _)| svc.as_ref());
-            let expiry = self.l7.idle_expiry(service);
+            let expiry = self.view.l7.idle_expiry(service);
             self.worker
                 .idle
                 .borrow_mut()
-                .put((key.0, key.1, self.source_ip), s, now, expiry);
+                .put((key.0, key.1, self.source_ip()), s, now, expiry);
         } else {
             crate::upstream::close_stream(s);
         }
