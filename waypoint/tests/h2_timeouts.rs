@@ -10,24 +10,14 @@
 
 mod common;
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
-use std::process::Stdio;
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use bytes::Bytes;
-use common::{
-    bind_node_ztunnel, block_on, connect, echo_model, id, ip, serve_async, settings,
-    stand_in_ztunnel, test_dir, Proc,
-};
-use hbone::ca::{CertSource, SigningCa, WorkloadCert};
+use common::{block_on, bounded, h2_in_tunnel, serve_async, EchoBinary};
 use hbone::client::Client;
-use hbone::wire::ConnectRequest;
-
-/// How long any awaited event may take before the test fails.
-const EVENT_BOUND: Duration = Duration::from_secs(60);
 
 const HOST: &str = "echo.app.svc.cluster.local";
 
@@ -79,81 +69,43 @@ fn h2_backend(ip: std::net::Ipv4Addr, uploaded: Arc<AtomicU64>) -> SocketAddr {
     })
 }
 
-struct TempDir(std::path::PathBuf);
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 struct Setup {
-    _wp: Proc,
-    _dir: TempDir,
-    addr: SocketAddr,
-    stats: SocketAddr,
-    me: WorkloadCert,
+    wp: EchoBinary,
     uploaded: Arc<AtomicU64>,
 }
 
 fn setup(name: &str) -> Setup {
-    let (net, zl) = bind_node_ztunnel(19);
     let uploaded = Arc::new(AtomicU64::new(0));
-    let pod = h2_backend(ip(net, 2), uploaded.clone());
-    let d = TempDir(test_dir(&format!("h2-timeouts-{name}-{net}")));
-    let ca = SigningCa::builtin(&d.0.join("ca"), "cluster.local").unwrap();
-    let now = SystemTime::now();
-    let _zt = stand_in_ztunnel(zl, &ca.issue(&id("app", "echo"), now).unwrap());
-    let s = settings(&d.0.join("ca"), true).replace(
-        "runtime:",
-        "  stream_idle_timeout: 1s\n  idle_timeout: 60s\nruntime:",
+    let u = uploaded.clone();
+    let wp = EchoBinary::start(
+        19,
+        &format!("h2-timeouts-{name}"),
+        |ip| h2_backend(ip, u),
+        |model, settings| {
+            let s = settings.replace(
+                "runtime:",
+                "  stream_idle_timeout: 1s\n  idle_timeout: 60s\nruntime:",
+            );
+            format!("{model}---\n{USE_CLIENT_PROTOCOL}---\n{s}")
+        },
     );
-    let cfg = format!(
-        "{}---\n{USE_CLIENT_PROTOCOL}---\n{s}",
-        echo_model(ip(net, 1), pod)
-    );
-    std::fs::write(d.0.join("waypoint.yaml"), cfg).unwrap();
-    let wp = Proc::start(&d.0.join("waypoint.yaml"), &[], Stdio::inherit());
-    let (addr, stats) = (wp.addr("hbone"), wp.addr("stats"));
-    Setup {
-        _wp: wp,
-        _dir: d,
-        addr,
-        stats,
-        me: ca.issue(&id("app", "client"), now).unwrap(),
-        uploaded,
+    Setup { wp, uploaded }
+}
+
+impl std::ops::Deref for Setup {
+    type Target = EchoBinary;
+
+    fn deref(&self) -> &EchoBinary {
+        &self.wp
     }
 }
 
 impl Setup {
     /// An HTTP/2 connection to the echo service in a tunnel of its own.
     async fn h2(&self) -> (Client, h2::client::SendRequest<Bytes>) {
-        let c = connect(self.addr, &self.me, id("app", "waypoint"))
-            .await
-            .unwrap();
-        let s = c
-            .open(&ConnectRequest::new("10.96.0.1:80".parse().unwrap()))
-            .await
-            .unwrap();
-        let io = waypoint::inner::StreamIo::new(s, Bytes::new());
-        let (send, conn) = h2::client::handshake(io).await.unwrap();
-        monoio::spawn(conn);
+        let (c, s) = self.tunnel().await;
+        let (send, _conn) = h2_in_tunnel(s).await;
         (c, send)
-    }
-
-    /// A counter of the waypoint's `/stats/prometheus`.
-    fn metric(&self, name: &str) -> u64 {
-        let mut c = TcpStream::connect(self.stats).unwrap();
-        c.write_all(b"GET /stats/prometheus HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
-            .unwrap();
-        let mut s = String::new();
-        c.read_to_string(&mut s).unwrap();
-        s.lines()
-            .find_map(|l| {
-                let (n, v) = l.rsplit_once(' ')?;
-                (n == name).then(|| v.trim().parse().ok())?
-            })
-            .unwrap_or_else(|| panic!("{name} not in the stats:\n{s}"))
     }
 
     /// Wait until counter `name` is `want` (it only grows).
@@ -165,14 +117,6 @@ impl Setup {
         })
         .await;
         assert_eq!(self.metric(name), want, "{name}");
-    }
-}
-
-/// `f`, which must finish within [`EVENT_BOUND`].
-async fn bounded<F: std::future::Future>(f: F) -> F::Output {
-    match runtime::worker::race(f, monoio::time::sleep(EVENT_BOUND)).await {
-        runtime::worker::Either::Left(x) => x,
-        runtime::worker::Either::Right(()) => panic!("nothing happened within {EVENT_BOUND:?}"),
     }
 }
 

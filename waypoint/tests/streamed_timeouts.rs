@@ -17,23 +17,15 @@ mod common;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::process::Stdio;
 use std::sync::mpsc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use bytes::Bytes;
 use common::{
-    bind_node_ztunnel, block_on, connect, echo_model, id, ip, next_request, response_head,
-    serve_threads, settings, stand_in_ztunnel, test_dir, Proc,
+    block_on, bounded, h2_in_tunnel, next_request, response_head, serve_threads, EchoBinary,
+    EVENT_BOUND,
 };
-use hbone::ca::{CertSource, SigningCa, WorkloadCert};
-use hbone::client::Client;
 use hbone::stream::H2Stream;
-use hbone::wire::ConnectRequest;
-
-/// How long any awaited event may take before the test fails (generous: the timeouts
-/// under test are 1 s).
-const EVENT_BOUND: Duration = Duration::from_secs(60);
 
 /// What the backend saw end.
 #[derive(Debug, PartialEq, Eq)]
@@ -127,82 +119,35 @@ spec:
 "#;
 
 struct Setup {
-    _wp: Proc,
-    _dir: TempDir,
-    addr: SocketAddr,
-    stats: SocketAddr,
-    me: WorkloadCert,
+    wp: EchoBinary,
     seen: mpsc::Receiver<Seen>,
 }
 
-struct TempDir(std::path::PathBuf);
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
+fn setup() -> Setup {
+    let (tx, seen) = mpsc::channel();
+    let wp = EchoBinary::start(
+        11,
+        "streamed-timeouts",
+        |ip| backend(ip, tx),
+        |model, settings| format!("{model}---\n{settings}---\n{ROUTE}"),
+    );
+    Setup { wp, seen }
 }
 
-fn setup() -> Setup {
-    let (net, zl) = bind_node_ztunnel(11);
-    let (tx, seen) = mpsc::channel();
-    let pod = backend(ip(net, 2), tx);
-    let d = TempDir(test_dir(&format!("streamed-timeouts-{net}")));
-    let ca = SigningCa::builtin(&d.0.join("ca"), "cluster.local").unwrap();
-    let now = SystemTime::now();
-    let _zt = stand_in_ztunnel(zl, &ca.issue(&id("app", "echo"), now).unwrap());
-    let cfg = format!(
-        "{}---\n{}---\n{ROUTE}",
-        echo_model(ip(net, 1), pod),
-        settings(&d.0.join("ca"), true)
-    );
-    std::fs::write(d.0.join("waypoint.yaml"), cfg).unwrap();
-    let wp = Proc::start(&d.0.join("waypoint.yaml"), &[], Stdio::inherit());
-    let (addr, stats) = (wp.addr("hbone"), wp.addr("stats"));
-    Setup {
-        _wp: wp,
-        _dir: d,
-        addr,
-        stats,
-        me: ca.issue(&id("app", "client"), now).unwrap(),
-        seen,
+impl std::ops::Deref for Setup {
+    type Target = EchoBinary;
+
+    fn deref(&self) -> &EchoBinary {
+        &self.wp
     }
 }
 
 impl Setup {
-    /// A tunnel to the echo service (on its own connection, which lives as long as the
-    /// client does).
-    async fn tunnel(&self) -> (Client, H2Stream) {
-        let c = connect(self.addr, &self.me, id("app", "waypoint"))
-            .await
-            .unwrap();
-        let s = c
-            .open(&ConnectRequest::new("10.96.0.1:80".parse().unwrap()))
-            .await
-            .unwrap();
-        (c, s)
-    }
-
     /// What the backend saw end next.
     fn next_seen(&self) -> Seen {
         self.seen
             .recv_timeout(EVENT_BOUND)
             .expect("the backend saw nothing end")
-    }
-
-    /// A counter of the waypoint's `/stats/prometheus`.
-    fn metric(&self, name: &str) -> u64 {
-        let mut c = TcpStream::connect(self.stats).unwrap();
-        c.write_all(b"GET /stats/prometheus HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
-            .unwrap();
-        let mut s = String::new();
-        c.read_to_string(&mut s).unwrap();
-        s.lines()
-            .find_map(|l| {
-                let (n, v) = l.split_once(' ')?;
-                (n == name || n.starts_with(&format!("{name}{{"))).then(|| v.trim().parse().ok())?
-            })
-            .unwrap_or_else(|| panic!("{name} not in the stats"))
     }
 }
 
@@ -229,15 +174,6 @@ async fn read_all(s: &mut H2Stream) -> (u16, Vec<u8>, Ended) {
     let h = response_head(&buf)
         .unwrap_or_else(|| panic!("no response head in {:?}", String::from_utf8_lossy(&buf)));
     (h.status, buf[h.size..].to_vec(), ended)
-}
-
-/// `f`, which must finish within [`EVENT_BOUND`] (a response the timeout does not end
-/// would trickle for hours).
-async fn bounded<F: std::future::Future>(f: F) -> F::Output {
-    match runtime::worker::race(f, monoio::time::sleep(EVENT_BOUND)).await {
-        runtime::worker::Either::Left(x) => x,
-        runtime::worker::Either::Right(()) => panic!("nothing ended within {EVENT_BOUND:?}"),
-    }
 }
 
 /// A complete exchange on a fresh tunnel: (status, body).
@@ -373,11 +309,7 @@ fn r17_request_timeout_resets_an_h2_stream_whose_body_is_streaming() {
     let st = setup();
     block_on(async {
         let (_c, s) = st.tunnel().await;
-        let io = waypoint::inner::StreamIo::new(s, Bytes::new());
-        let (mut client, conn) = h2::client::handshake(io).await.unwrap();
-        monoio::spawn(async move {
-            let _ = conn.await;
-        });
+        let (mut client, _conn) = h2_in_tunnel(s).await;
         let get = |path: &str| {
             http::Request::builder()
                 .uri(format!("http://{HOST}{path}"))

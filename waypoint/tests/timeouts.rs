@@ -11,24 +11,17 @@
 mod common;
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
-use std::process::Stdio;
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use bytes::Bytes;
 use common::{
-    bind_node_ztunnel, block_on, connect, echo_model, id, ip, next_request, response_head,
-    serve_threads, settings, stand_in_ztunnel, test_dir, Proc,
+    block_on, bounded, h2_in_tunnel, next_request, response_head, serve_threads, EchoBinary,
+    EVENT_BOUND,
 };
-use hbone::ca::{CertSource, SigningCa, WorkloadCert};
-use hbone::client::Client;
 use hbone::stream::H2Stream;
-use hbone::wire::ConnectRequest;
-
-/// How long any awaited event may take before the test fails.
-const EVENT_BOUND: Duration = Duration::from_secs(60);
 
 const HOST: &str = "echo.app.svc.cluster.local";
 
@@ -63,20 +56,8 @@ fn backend(
     })
 }
 
-struct TempDir(std::path::PathBuf);
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 struct Setup {
-    _wp: Proc,
-    _dir: TempDir,
-    addr: SocketAddr,
-    stats: SocketAddr,
-    me: WorkloadCert,
+    wp: EchoBinary,
     hang_closed: mpsc::Receiver<()>,
     /// `/hang` requests the backend has seen.
     hangs: Arc<AtomicUsize>,
@@ -84,79 +65,30 @@ struct Setup {
 
 /// A waypoint whose `waypoint:` section has `extra` lines too.
 fn setup(name: &str, extra: &str) -> Setup {
-    let (net, zl) = bind_node_ztunnel(17);
     let (tx, hang_closed) = mpsc::channel();
     let hangs = Arc::new(AtomicUsize::new(0));
-    let pod = backend(ip(net, 2), tx, hangs.clone());
-    let d = TempDir(test_dir(&format!("timeouts-{name}-{net}")));
-    let ca = SigningCa::builtin(&d.0.join("ca"), "cluster.local").unwrap();
-    let now = SystemTime::now();
-    let _zt = stand_in_ztunnel(zl, &ca.issue(&id("app", "echo"), now).unwrap());
-    let s = settings(&d.0.join("ca"), true).replace("runtime:", &format!("{extra}runtime:"));
-    let cfg = format!("{}---\n{s}", echo_model(ip(net, 1), pod));
-    std::fs::write(d.0.join("waypoint.yaml"), cfg).unwrap();
-    let wp = Proc::start(&d.0.join("waypoint.yaml"), &[], Stdio::inherit());
-    let (addr, stats) = (wp.addr("hbone"), wp.addr("stats"));
+    let h = hangs.clone();
+    let wp = EchoBinary::start(
+        17,
+        &format!("timeouts-{name}"),
+        |ip| backend(ip, tx, h),
+        |model, settings| {
+            let s = settings.replace("runtime:", &format!("{extra}runtime:"));
+            format!("{model}---\n{s}")
+        },
+    );
     Setup {
-        _wp: wp,
-        _dir: d,
-        addr,
-        stats,
-        me: ca.issue(&id("app", "client"), now).unwrap(),
+        wp,
         hang_closed,
         hangs,
     }
 }
 
-impl Setup {
-    /// A tunnel to the echo service (on its own connection).
-    async fn tunnel(&self) -> (Client, H2Stream) {
-        let c = connect(self.addr, &self.me, id("app", "waypoint"))
-            .await
-            .unwrap();
-        let s = c
-            .open(&ConnectRequest::new("10.96.0.1:80".parse().unwrap()))
-            .await
-            .unwrap();
-        (c, s)
-    }
+impl std::ops::Deref for Setup {
+    type Target = EchoBinary;
 
-    /// A counter of the waypoint's `/stats/prometheus` (the first line that starts with
-    /// `name`).
-    fn metric(&self, name: &str) -> u64 {
-        let mut c = TcpStream::connect(self.stats).unwrap();
-        c.write_all(b"GET /stats/prometheus HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
-            .unwrap();
-        let mut s = String::new();
-        c.read_to_string(&mut s).unwrap();
-        s.lines()
-            .find_map(|l| {
-                let (n, v) = l.rsplit_once(' ')?;
-                (n == name).then(|| v.trim().parse().ok())?
-            })
-            .unwrap_or_else(|| panic!("{name} not in the stats:\n{s}"))
-    }
-
-    /// The sum of the `istio_requests_total` series whose labels have all of `labels`.
-    fn requests(&self, labels: &[&str]) -> u64 {
-        let mut c = TcpStream::connect(self.stats).unwrap();
-        c.write_all(b"GET /stats/prometheus HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
-            .unwrap();
-        let mut s = String::new();
-        c.read_to_string(&mut s).unwrap();
-        s.lines()
-            .filter(|l| l.starts_with("istio_requests_total{"))
-            .filter(|l| labels.iter().all(|x| l.contains(x)))
-            .map(|l| l.rsplit_once(' ').unwrap().1.trim().parse::<u64>().unwrap())
-            .sum()
-    }
-}
-
-/// `f`, which must finish within [`EVENT_BOUND`].
-async fn bounded<F: std::future::Future>(f: F) -> F::Output {
-    match runtime::worker::race(f, monoio::time::sleep(EVENT_BOUND)).await {
-        runtime::worker::Either::Left(x) => x,
-        runtime::worker::Either::Right(()) => panic!("nothing happened within {EVENT_BOUND:?}"),
+    fn deref(&self) -> &EchoBinary {
+        &self.wp
     }
 }
 
@@ -362,9 +294,7 @@ fn h2_a_hung_request_gets_504_and_an_idle_connection_is_closed() {
     let st = setup("h2", SHORT);
     block_on(async {
         let (_c, s) = st.tunnel().await;
-        let io = waypoint::inner::StreamIo::new(s, Bytes::new());
-        let (send, conn) = h2::client::handshake(io).await.unwrap();
-        let conn = monoio::spawn(conn);
+        let (send, conn) = h2_in_tunnel(s).await;
         let (status, _) = bounded(common::h2_get_from(&send, HOST, "/hang")).await;
         assert_eq!(status, 504);
         let (status, body) = bounded(common::h2_get_from(&send, HOST, "/")).await;

@@ -795,3 +795,129 @@ impl Drop for Proc {
         let _ = self.child.wait();
     }
 }
+
+/// How long any awaited event may take before a test fails.
+pub const EVENT_BOUND: Duration = Duration::from_secs(60);
+
+/// `f`, which must finish within [`EVENT_BOUND`].
+pub async fn bounded<F: std::future::Future>(f: F) -> F::Output {
+    match runtime::worker::race(f, monoio::time::sleep(EVENT_BOUND)).await {
+        runtime::worker::Either::Left(x) => x,
+        runtime::worker::Either::Right(()) => panic!("nothing happened within {EVENT_BOUND:?}"),
+    }
+}
+
+/// A folder removed when dropped.
+pub struct TempDir(pub PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A tunnel through the waypoint at `addr` to `target` (no `forwarded: for=`), as `cert`,
+/// on a connection of its own (which lives as long as the client does).
+pub async fn open_tunnel(
+    addr: SocketAddr,
+    cert: &WorkloadCert,
+    target: &str,
+) -> (Client, H2Stream) {
+    let c = connect(addr, cert, id("app", "waypoint")).await.unwrap();
+    let s = c
+        .open(&hbone::wire::ConnectRequest::new(target.parse().unwrap()))
+        .await
+        .unwrap();
+    (c, s)
+}
+
+/// An HTTP/2 client connection inside the tunnel `s`: its sender, and its connection
+/// task (which ends when the connection does).
+pub async fn h2_in_tunnel(
+    s: H2Stream,
+) -> (
+    h2::client::SendRequest<Bytes>,
+    monoio::task::JoinHandle<Result<(), h2::Error>>,
+) {
+    let io = waypoint::inner::StreamIo::new(s, Bytes::new());
+    let (send, conn) = h2::client::handshake(io).await.unwrap();
+    (send, monoio::spawn(conn))
+}
+
+/// The counter `name` (no labels) of a `/stats/prometheus` page.
+pub fn counter_in(page: &str, name: &str) -> u64 {
+    page.lines()
+        .find_map(|l| {
+            let (n, v) = l.rsplit_once(' ')?;
+            (n == name).then(|| v.trim().parse().ok())?
+        })
+        .unwrap_or_else(|| panic!("{name} not in the stats:\n{page}"))
+}
+
+/// The sum of a `/stats/prometheus` page's `istio_requests_total` series whose lines have
+/// all of `with`.
+pub fn requests_in(page: &str, with: &[&str]) -> u64 {
+    page.lines()
+        .filter(|l| l.starts_with("istio_requests_total{") && with.iter().all(|w| l.contains(w)))
+        .map(|l| l.rsplit_once(' ').unwrap().1.trim().parse::<u64>().unwrap())
+        .sum()
+}
+
+/// The `waypoint` binary (stats on) on the echo model ([`echo_model`]: Service `echo`,
+/// `10.96.0.1:80`, one endpoint behind the stand-in node ztunnel), its built-in CA in a
+/// fresh test folder, and a client certificate (`app/client`) from that CA. The binary is
+/// killed, then the folder removed, when dropped.
+pub struct EchoBinary {
+    _wp: Proc,
+    _dir: TempDir,
+    pub addr: SocketAddr,
+    pub stats: SocketAddr,
+    pub me: WorkloadCert,
+}
+
+impl EchoBinary {
+    /// The node ztunnel on a free `127.N.0.1` ([`bind_node_ztunnel`] with `salt`), the
+    /// endpoint that `backend` starts on `127.N.0.2`, the folder `<name>-N`, and the
+    /// configuration file that `config` writes from the echo model and the settings
+    /// document ([`settings`] with stats).
+    pub fn start(
+        salt: u32,
+        name: &str,
+        backend: impl FnOnce(Ipv4Addr) -> SocketAddr,
+        config: impl FnOnce(String, String) -> String,
+    ) -> EchoBinary {
+        use hbone::ca::CertSource;
+        let (net, zl) = bind_node_ztunnel(salt);
+        let pod = backend(ip(net, 2));
+        let d = TempDir(test_dir(&format!("{name}-{net}")));
+        let ca = hbone::ca::SigningCa::builtin(&d.0.join("ca"), "cluster.local").unwrap();
+        let now = std::time::SystemTime::now();
+        let _zt = stand_in_ztunnel(zl, &ca.issue(&id("app", "echo"), now).unwrap());
+        let cfg = config(echo_model(ip(net, 1), pod), settings(&d.0.join("ca"), true));
+        std::fs::write(d.0.join("waypoint.yaml"), cfg).unwrap();
+        let wp = Proc::start(&d.0.join("waypoint.yaml"), &[], Stdio::inherit());
+        let (addr, stats) = (wp.addr("hbone"), wp.addr("stats"));
+        EchoBinary {
+            _wp: wp,
+            _dir: d,
+            addr,
+            stats,
+            me: ca.issue(&id("app", "client"), now).unwrap(),
+        }
+    }
+
+    /// A tunnel to the echo service (on its own connection).
+    pub async fn tunnel(&self) -> (Client, H2Stream) {
+        open_tunnel(self.addr, &self.me, "10.96.0.1:80").await
+    }
+
+    /// A counter (no labels) of the waypoint's `/stats/prometheus`.
+    pub fn metric(&self, name: &str) -> u64 {
+        counter_in(&prometheus_page(self.stats), name)
+    }
+
+    /// The sum of the `istio_requests_total` series whose labels have all of `labels`.
+    pub fn requests(&self, labels: &[&str]) -> u64 {
+        requests_in(&prometheus_page(self.stats), labels)
+    }
+}
