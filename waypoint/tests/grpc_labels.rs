@@ -10,9 +10,11 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
-use common::{block_on, connect, echo_node, id, ip, serve_async, start_with_stats, stats_page};
+use common::{
+    block_on, echo_node, grpc_model, grpc_status, h2_in_tunnel, id, ip, open_tunnel, requests_in,
+    serve_async, start_with_stats, stats_page,
+};
 use hbone::ca::CertSource;
-use hbone::wire::ConnectRequest;
 
 /// An HTTP/2 backend answering a gRPC-looking response: `/data` a message then trailers
 /// with `grpc-status: 5`; `/only` a trailers-only head with `grpc-status: 14`.
@@ -49,15 +51,7 @@ fn telemetry_grpc_requests_report_grpc_and_their_status() {
     let (net, ca, _zt) = echo_node(23);
     let now = SystemTime::now();
     let b = grpc_backend(ip(net, 2));
-    let model = common::app_model(
-        ip(net, 1),
-        &format!(
-            "  - {{uid: g1, name: g1, namespace: app, serviceAccount: echo, node: node-b, workloadIps: [\"{}\"], services: {{\"app/grpc.app.svc.cluster.local\": {{80: {}}}}}}}\n",
-            b.ip(),
-            b.port()
-        ),
-        "  - {name: grpc, namespace: app, hostname: grpc.app.svc.cluster.local, vips: [\"10.96.0.9\"], ports: {80: 8080}}\n",
-    );
+    let model = grpc_model(ip(net, 1), b);
     let text = format!(
         "{model}---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: grpc, namespace: app}}\nspec:\n  host: grpc\n  trafficPolicy:\n    connectionPool:\n      http: {{useClientProtocol: true}}\n---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: deny, namespace: app}}\nspec:\n  targetRefs: [{{kind: Service, group: \"\", name: grpc}}]\n  action: DENY\n  rules:\n  - to: [{{operation: {{paths: [/denied]}}}}]\n"
     );
@@ -67,18 +61,8 @@ fn telemetry_grpc_requests_report_grpc_and_their_status() {
     let waypoint = handle.addr;
     let cert = ca.issue(&id("app", "client"), now).unwrap();
     let got = block_on(async move {
-        let c = connect(waypoint, &cert, id("app", "waypoint"))
-            .await
-            .unwrap();
-        let s = c
-            .open(&ConnectRequest::new("10.96.0.9:80".parse().unwrap()))
-            .await
-            .unwrap();
-        let io = waypoint::inner::StreamIo::new(s, Bytes::new());
-        let (send, conn) = h2::client::handshake(io).await.unwrap();
-        monoio::spawn(async move {
-            let _ = conn.await;
-        });
+        let (_c, s) = open_tunnel(waypoint, &cert, "10.96.0.9:80").await;
+        let (send, _conn) = h2_in_tunnel(s).await;
         let mut out = Vec::new();
         for (path, grpc) in [
             ("/data", true),
@@ -94,22 +78,7 @@ fn telemetry_grpc_requests_report_grpc_and_their_status() {
             }
             let mut send = send.clone().ready().await.unwrap();
             let (resp, _) = send.send_request(req.body(()).unwrap(), true).unwrap();
-            let resp = resp.await.unwrap();
-            let status = resp.status().as_u16();
-            let head_status = resp
-                .headers()
-                .get("grpc-status")
-                .map(|v| v.to_str().unwrap().to_string());
-            let mut rx = resp.into_body();
-            while let Some(chunk) = rx.data().await {
-                let chunk = chunk.unwrap();
-                let _ = rx.flow_control().release_capacity(chunk.len());
-            }
-            let trailer = rx.trailers().await.unwrap().and_then(|t| {
-                t.get("grpc-status")
-                    .map(|v| v.to_str().unwrap().to_string())
-            });
-            out.push((status, head_status.or(trailer)));
+            out.push(grpc_status(resp).await);
         }
         out
     });
@@ -124,14 +93,7 @@ fn telemetry_grpc_requests_report_grpc_and_their_status() {
         ]
     );
     let page = stats_page(&handle);
-    let count = |with: &[&str]| -> u64 {
-        page.lines()
-            .filter(|l| {
-                l.starts_with("istio_requests_total{") && with.iter().all(|w| l.contains(w))
-            })
-            .map(|l| l.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
-            .sum()
-    };
+    let count = |with: &[&str]| requests_in(&page, with);
     let grpc = |code: &str, status: &str| {
         count(&[
             "request_protocol=\"grpc\"",

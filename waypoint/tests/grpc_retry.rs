@@ -13,9 +13,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
-use common::{block_on, connect, echo_node, id, ip, serve_async, start_with_stats, stats_page};
+use common::{
+    block_on, echo_node, grpc_model, grpc_status, h2_in_tunnel, id, ip, open_tunnel, requests_in,
+    serve_async, start_with_stats, stats_page,
+};
 use hbone::ca::CertSource;
-use hbone::wire::ConnectRequest;
 
 /// The paths the backend knows, and how each answers its second (final) try.
 const PATHS: [&str; 4] = ["/trailers", "/none", "/only", "/fail"];
@@ -76,15 +78,7 @@ fn telemetry_grpc_status_of_a_retried_request_is_the_final_responses() {
     let now = SystemTime::now();
     let tries = Arc::new([0, 0, 0, 0].map(AtomicU32::new));
     let b = flaky_grpc_backend(ip(net, 2), tries.clone());
-    let model = common::app_model(
-        ip(net, 1),
-        &format!(
-            "  - {{uid: g1, name: g1, namespace: app, serviceAccount: echo, node: node-b, workloadIps: [\"{}\"], services: {{\"app/grpc.app.svc.cluster.local\": {{80: {}}}}}}}\n",
-            b.ip(),
-            b.port()
-        ),
-        "  - {name: grpc, namespace: app, hostname: grpc.app.svc.cluster.local, vips: [\"10.96.0.9\"], ports: {80: 8080}}\n",
-    );
+    let model = grpc_model(ip(net, 1), b);
     let text = format!(
         "{model}---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: grpc, namespace: app}}\nspec:\n  host: grpc\n  trafficPolicy:\n    connectionPool:\n      http: {{useClientProtocol: true}}\n---\napiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: grpc, namespace: app}}\nspec:\n  parentRefs: [{{group: \"\", kind: Service, name: grpc}}]\n  rules:\n  - backendRefs: [{{name: grpc, port: 80}}]\n    retry: {{codes: [503], attempts: 1, backoff: 1ms}}\n"
     );
@@ -94,18 +88,8 @@ fn telemetry_grpc_status_of_a_retried_request_is_the_final_responses() {
     let waypoint = handle.addr;
     let cert = ca.issue(&id("app", "client"), now).unwrap();
     let got = block_on(async move {
-        let c = connect(waypoint, &cert, id("app", "waypoint"))
-            .await
-            .unwrap();
-        let s = c
-            .open(&ConnectRequest::new("10.96.0.9:80".parse().unwrap()))
-            .await
-            .unwrap();
-        let io = waypoint::inner::StreamIo::new(s, Bytes::new());
-        let (send, conn) = h2::client::handshake(io).await.unwrap();
-        monoio::spawn(async move {
-            let _ = conn.await;
-        });
+        let (_c, s) = open_tunnel(waypoint, &cert, "10.96.0.9:80").await;
+        let (send, _conn) = h2_in_tunnel(s).await;
         let mut out = Vec::new();
         for path in PATHS {
             let req = http::Request::builder()
@@ -116,22 +100,7 @@ fn telemetry_grpc_status_of_a_retried_request_is_the_final_responses() {
                 .unwrap();
             let mut send = send.clone().ready().await.unwrap();
             let (resp, _) = send.send_request(req, true).unwrap();
-            let resp = resp.await.unwrap();
-            let status = resp.status().as_u16();
-            let head_status = resp
-                .headers()
-                .get("grpc-status")
-                .map(|v| v.to_str().unwrap().to_string());
-            let mut rx = resp.into_body();
-            while let Some(chunk) = rx.data().await {
-                let chunk = chunk.unwrap();
-                let _ = rx.flow_control().release_capacity(chunk.len());
-            }
-            let trailer = rx.trailers().await.unwrap().and_then(|t| {
-                t.get("grpc-status")
-                    .map(|v| v.to_str().unwrap().to_string())
-            });
-            out.push((status, head_status.or(trailer)));
+            out.push(grpc_status(resp).await);
         }
         out
     });
@@ -144,26 +113,18 @@ fn telemetry_grpc_status_of_a_retried_request_is_the_final_responses() {
         got,
         [(200, s("0")), (200, None), (200, s("5")), (500, None)]
     );
-    let count = |page: &str, with: &[&str]| -> u64 {
-        page.lines()
-            .filter(|l| {
-                l.starts_with("istio_requests_total{") && with.iter().all(|w| l.contains(w))
-            })
-            .map(|l| l.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
-            .sum()
-    };
     // Each request is recorded once (not once per try); wait for the last record.
     let give_up = Instant::now() + Duration::from_secs(30);
     let page = loop {
         let page = stats_page(&handle);
-        if count(&page, &["istio_requests_total{"]) >= 4 || Instant::now() > give_up {
+        if requests_in(&page, &["istio_requests_total{"]) >= 4 || Instant::now() > give_up {
             break page;
         }
         std::thread::sleep(Duration::from_millis(20));
     };
-    assert_eq!(count(&page, &["istio_requests_total{"]), 4, "{page}");
+    assert_eq!(requests_in(&page, &["istio_requests_total{"]), 4, "{page}");
     let grpc = |code: &str, status: &str| {
-        count(
+        requests_in(
             &page,
             &[
                 "request_protocol=\"grpc\"",
@@ -180,7 +141,7 @@ fn telemetry_grpc_status_of_a_retried_request_is_the_final_responses() {
     // A final 500 without status: mapped as Envoy does (UNKNOWN), not the first try's 14.
     assert_eq!(grpc("500", "2"), 1, "{page}");
     assert_eq!(
-        count(&page, &["grpc_response_status=\"14\""]),
+        requests_in(&page, &["grpc_response_status=\"14\""]),
         0,
         "retried tries are not recorded: {page}"
     );

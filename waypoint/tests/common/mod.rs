@@ -921,3 +921,38 @@ impl EchoBinary {
         requests_in(&prometheus_page(self.stats), labels)
     }
 }
+
+/// The mesh model ([`app_model`], node ztunnel at `zt`) with Service `grpc`
+/// (`10.96.0.9:80`) in namespace `app`, its one endpoint `g1` at `pod`.
+pub fn grpc_model(zt: Ipv4Addr, pod: SocketAddr) -> String {
+    app_model(
+        zt,
+        &format!(
+            "  - {{uid: g1, name: g1, namespace: app, serviceAccount: echo, node: node-b, workloadIps: [\"{}\"], services: {{\"app/grpc.app.svc.cluster.local\": {{80: {}}}}}}}\n",
+            pod.ip(),
+            pod.port()
+        ),
+        "  - {name: grpc, namespace: app, hostname: grpc.app.svc.cluster.local, vips: [\"10.96.0.9\"], ports: {80: 8080}}\n",
+    )
+}
+
+/// An HTTP/2 response's status and its `grpc-status`: the head's (trailers-only), else
+/// the trailers' (the body is read and dropped, flow control released as it arrives).
+pub async fn grpc_status(resp: h2::client::ResponseFuture) -> (u16, Option<String>) {
+    let resp = resp.await.unwrap();
+    let status = resp.status().as_u16();
+    let head_status = resp
+        .headers()
+        .get("grpc-status")
+        .map(|v| v.to_str().unwrap().to_string());
+    let mut rx = resp.into_body();
+    while let Some(chunk) = rx.data().await {
+        let chunk = chunk.unwrap();
+        let _ = rx.flow_control().release_capacity(chunk.len());
+    }
+    let trailer = rx.trailers().await.unwrap().and_then(|t| {
+        t.get("grpc-status")
+            .map(|v| v.to_str().unwrap().to_string())
+    });
+    (status, head_status.or(trailer))
+}
