@@ -863,15 +863,11 @@ async fn outbound_conn(
                       dest: Option<&String>| {
         // The destination workload's identity (and its node ztunnel's): the shared text.
         let peer = match (expected, dest.and_then(|u| st.texts.get(u))) {
-            ([one], Some(t)) if *one == t.identity => t.principal.clone(),
             ([one, node], Some(t)) if *one == t.identity && *node == w.settings().peer_identity => {
                 t.principal_or_node.clone()
             }
-            // A waypoint's (or the node ztunnel's) identity: the snapshot's text of it.
-            ([one], _) => match st.principals.get(one) {
-                Some(p) => p.clone(),
-                None => one.to_string().into(),
-            },
+            // A workload's, a waypoint's or the node ztunnel's identity: the snapshot's text.
+            ([one], _) => st.principal(one),
             _ => expected
                 .iter()
                 .map(|i| i.to_string())
@@ -1113,7 +1109,7 @@ fn hbone_addressed(
     w: &Worker,
     st: &State,
     tcp: &TcpStream,
-) -> (Arc<rustls::ServerConfig>, String, Option<String>) {
+) -> (Arc<rustls::ServerConfig>, Arc<str>, Option<String>) {
     let fd = std::os::fd::AsRawFd::as_raw_fd(tcp);
     let addressed = match runtime::sys::original_dst(fd) {
         Ok(Some(a)) => Some(a),
@@ -1123,12 +1119,12 @@ fn hbone_addressed(
     if let Some(a) = addressed {
         if let Some((id, tls)) = st.server_tls_for(a.ip(), node) {
             let uid = st.model.workload_by_ip(a.ip()).map(|w| w.uid.clone());
-            return (tls.clone(), id.to_string(), uid);
+            return (tls.clone(), st.principal(id), uid);
         }
     }
     (
         st.server_tls.clone(),
-        w.settings().identity.to_string(),
+        st.principal(&w.settings().identity),
         None,
     )
 }
@@ -1139,7 +1135,7 @@ async fn hbone_conn(w: Rc<Worker>, tcp: TcpStream, peer: SocketAddr) {
     drop(st);
     let w2 = w.clone();
     let conn = Rc::new(InConn {
-        presented: presented.into(),
+        presented,
         for_pod,
         peer: std::cell::OnceCell::new(),
     });
@@ -1174,10 +1170,10 @@ struct InConn {
 }
 
 impl InConn {
-    fn peer_text(&self, peer: Option<&Identity>) -> Arc<str> {
+    fn peer_text(&self, st: &State, peer: Option<&Identity>) -> Arc<str> {
         self.peer
             .get_or_init(|| match peer {
-                Some(p) => p.to_string().into(),
+                Some(p) => st.principal(p),
                 None => empty(),
             })
             .clone()
@@ -1277,7 +1273,7 @@ async fn hbone_stream(w: Rc<Worker>, mut inb: HboneInbound, conn: Rc<InConn>) {
         },
         &w.settings().node,
     );
-    let peer_s = conn.peer_text(peer_id.as_ref());
+    let peer_s = conn.peer_text(&st, peer_id.as_ref());
     // The `:authority` is the peer's choice: a label value only when the model knows it.
     let authority = model_addr(&st.model, target);
     let path = |route: &'static str, to: Option<SocketAddr>| PathLabels {

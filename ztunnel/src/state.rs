@@ -31,8 +31,9 @@ pub struct State {
     pub texts: HashMap<String, WorkloadText>,
     /// Per service key (`namespace/hostname`, `Service::key`): the hostname, as a label value.
     pub service_hosts: HashMap<String, Arc<str>>,
-    /// Per identity of the snapshot (workloads, waypoints, this node's `peer_identity`): its
-    /// SPIFFE text, as a label value (the `peer` path label), rendered once per snapshot.
+    /// Per identity of the snapshot (workloads, waypoints, this node's `peer_identity` and its
+    /// own `identity`): its SPIFFE text, as a label value (the `peer` and `identity` path
+    /// labels), rendered once per snapshot.
     pub principals: HashMap<hbone::Identity, Arc<str>>,
 }
 
@@ -110,6 +111,15 @@ pub fn source_baggage(w: &Workload, cluster: &str) -> hbone::wire::Baggage {
 }
 
 impl State {
+    /// The SPIFFE text of `id`, as a label value: the snapshot's shared text, rendered only
+    /// for an identity the snapshot doesn't know.
+    pub fn principal(&self, id: &hbone::Identity) -> Arc<str> {
+        match self.principals.get(id) {
+            Some(p) => p.clone(),
+            None => id.to_string().into(),
+        }
+    }
+
     /// The `destination_service` label value of service `key`.
     pub fn service_label(&self, key: &str) -> Arc<str> {
         match self.service_hosts.get(key) {
@@ -241,7 +251,7 @@ pub fn build(
         .waypoints()
         .iter()
         .map(|wp| &wp.identity)
-        .chain([&s.peer_identity])
+        .chain([&s.peer_identity, &s.identity])
     {
         principals
             .entry(id.clone())
@@ -355,8 +365,8 @@ services:
     }
 
     /// The `peer` label texts are rendered once per snapshot for every identity a tunnel may
-    /// expect: workloads', waypoints' and the node ztunnel's (a waypoint route's label is a
-    /// lookup, not a format per connection).
+    /// expect: workloads', waypoints' and the node ztunnel's, and the ztunnel's own (the
+    /// inbound `identity` label): a lookup, not a format per connection.
     #[test]
     fn principals_cover_workloads_waypoints_and_node() {
         let yaml = r#"
@@ -383,7 +393,12 @@ workloads:
         let _ = std::fs::remove_dir_all(&dir);
         let wp = &st.model.waypoints()[0].identity;
         let web = st.model.workloads().next().unwrap().identity();
-        for id in [wp, &web, &loaded.settings.peer_identity] {
+        for id in [
+            wp,
+            &web,
+            &loaded.settings.peer_identity,
+            &loaded.settings.identity,
+        ] {
             assert_eq!(*st.principals[id], id.to_string(), "{id}");
         }
         assert_eq!(st.principals.len(), 3);
