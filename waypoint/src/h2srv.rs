@@ -588,7 +588,7 @@ async fn forward_streamed<U: Upstream>(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.trim().parse().ok());
     let mut buf = BytesMut::new();
-    let read = buffer_body(body, &mut buf, up.stream_idle());
+    let read = buffer_body(body, &mut buf, up);
     let Some(buffered) = http1::within(deadline, read).await else {
         return request_body_timeout(up, respond, head_request, buf.len() as u64).await;
     };
@@ -717,21 +717,14 @@ async fn client_gone(respond: &mut SendResponse<Bytes>) -> &'static str {
 /// The request body of an HTTP/2 request: read whole up to [`http1::REPLAY_BUFFER`]
 /// (`true`: complete), else the part read so far. A read that waits `stream_idle_timeout`
 /// ([`Upstream::stream_idle`]) fails `TimedOut` (answered `408`).
-async fn buffer_body(
+async fn buffer_body<U: Upstream>(
     body: &mut H2Body,
     buf: &mut BytesMut,
-    idle: Option<(&mut http1::Clock, std::time::Duration)>,
+    up: &mut U,
 ) -> io::Result<bool> {
     let mut ended = body.0.is_end_stream();
-    let (mut clock, idle) = match idle {
-        Some((c, d)) => (Some(c), Some(d)),
-        None => (None, None),
-    };
     while !ended && buf.len() <= http1::REPLAY_BUFFER {
-        let read = match clock.as_deref_mut() {
-            Some(c) => c.within(idle, body.read()).await,
-            None => Some(body.read().await),
-        };
+        let read = http1::bounded(up, None, body.read()).await;
         match read {
             Some(Some(Ok(b))) => buf.extend_from_slice(&b),
             Some(Some(Err(e))) => return Err(e),
@@ -767,7 +760,7 @@ async fn forward_h2<U: Upstream>(
         return (500, "-", 0, 0);
     };
     let mut buf = BytesMut::new();
-    let read = buffer_body(body, &mut buf, up.stream_idle());
+    let read = buffer_body(body, &mut buf, up);
     let Some(buffered) = http1::within(deadline, read).await else {
         return request_body_timeout(up, respond, head_request, buf.len() as u64).await;
     };
@@ -1097,12 +1090,8 @@ async fn forward_h2<U: Upstream>(
         if end {
             return;
         }
-        let mut idle = up.stream_idle();
         loop {
-            let next = match idle.as_mut() {
-                Some((c, d)) => c.within(Some(*d), rx.data()).await,
-                None => Some(rx.data().await),
-            };
+            let next = http1::bounded(up, None, rx.data()).await;
             let Some(next) = next else {
                 idle_out = true;
                 ok = false;
@@ -1132,10 +1121,7 @@ async fn forward_h2<U: Upstream>(
             }
         }
         if ok {
-            let trailers = match idle.as_mut() {
-                Some((c, d)) => c.within(Some(*d), rx.trailers()).await,
-                None => Some(rx.trailers().await),
-            };
+            let trailers = http1::bounded(up, None, rx.trailers()).await;
             let Some(trailers) = trailers else {
                 idle_out = true;
                 ok = false;

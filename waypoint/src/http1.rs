@@ -1507,7 +1507,7 @@ pub(crate) async fn within<F: std::future::Future>(
 
 /// [`within`] `deadline`, or without one under the upstream's `stream_idle_timeout`
 /// ([`Upstream::stream_idle`]).
-async fn bounded<U: Upstream, F: std::future::Future>(
+pub(crate) async fn bounded<U: Upstream, F: std::future::Future>(
     up: &mut U,
     deadline: Option<Instant>,
     f: F,
@@ -1944,13 +1944,9 @@ async fn one_try<T: Tunnel, U: Upstream>(
     let read = read_response_head(&mut conn, &mut ubuf, head_request, &mut got);
     // No byte moves while the upstream thinks: bounded by `stream_idle_timeout` (a 504).
     let read = async {
-        match up.stream_idle() {
-            None => read.await,
-            Some((clock, idle)) => clock
-                .within(Some(idle), read)
-                .await
-                .unwrap_or_else(|| Err(io::Error::new(io::ErrorKind::TimedOut, "stream timeout"))),
-        }
+        bounded(up, None, read)
+            .await
+            .unwrap_or_else(|| Err(io::Error::new(io::ErrorKind::TimedOut, "stream timeout")))
     };
     let r = match race(read, tunnel.cancelled()).await {
         Either::Left(r) => r,
