@@ -128,23 +128,6 @@ impl ConnectRequest {
     /// an error naming the header, for the caller to refuse the connection with; it never
     /// panics.
     pub fn try_to_http(&self, random: impl FnOnce(&mut [u8])) -> Result<Request<()>, BadHeader> {
-        self.build(random, Err)
-    }
-
-    /// [`ConnectRequest::try_to_http`], leaving out a header whose value is not valid.
-    pub fn to_http(&self, random: impl FnOnce(&mut [u8])) -> Request<()> {
-        // Never an error: every bad header is let through `Ok` (left out).
-        self.build(random, |_| Ok(()))
-            .unwrap_or_else(|_| Request::new(()))
-    }
-
-    /// `on_bad` decides what a header whose value is not valid does: `Err` fails the request,
-    /// `Ok` leaves the header out.
-    fn build(
-        &self,
-        random: impl FnOnce(&mut [u8]),
-        mut on_bad: impl FnMut(BadHeader) -> Result<(), BadHeader>,
-    ) -> Result<Request<()>, BadHeader> {
         use std::fmt::Write as _;
         let mut req = Request::new(());
         *req.method_mut() = Method::CONNECT;
@@ -171,7 +154,7 @@ impl ConnectRequest {
         if !fwd.is_empty() {
             match HeaderValue::from_maybe_shared(bytes::Bytes::from(fwd)) {
                 Ok(v) => drop(headers.insert(http::header::FORWARDED, v)),
-                Err(_) => on_bad(BadHeader("forwarded"))?,
+                Err(_) => return Err(BadHeader("forwarded")),
             }
         }
         let baggage = match &self.baggage_header {
@@ -179,7 +162,7 @@ impl ConnectRequest {
             None => {
                 let v = self.baggage.to_header_value();
                 if v.is_none() && self.baggage.to_header().is_some() {
-                    on_bad(BadHeader("baggage"))?;
+                    return Err(BadHeader("baggage"));
                 }
                 v
             }
@@ -332,7 +315,7 @@ mod tests {
         r.forwarded_for = Some("10.0.0.1".parse().unwrap());
         r.host = Some("echo.default.svc.cluster.local".into());
         r.baggage = sleep_baggage();
-        let req = r.to_http(|b| b.fill(7));
+        let req = r.try_to_http(|b| b.fill(7)).unwrap();
         assert_eq!(req.method(), Method::CONNECT);
         assert_eq!(req.uri().to_string(), "10.0.0.5:8080");
         let p = parse_connect(
@@ -349,8 +332,7 @@ mod tests {
     }
 
     /// A host or baggage field with a byte not allowed in a header value (a workload named
-    /// `web\x07`) makes `try_to_http` an error naming the header, never a panic; `to_http`
-    /// leaves that header out and sends the rest.
+    /// `web\x07`) makes `try_to_http` an error naming the header, never a panic.
     #[test]
     fn a_bad_header_value_is_an_error_not_a_panic() {
         let mut r = ConnectRequest::new("10.0.0.5:8080".parse().unwrap());
@@ -361,9 +343,6 @@ mod tests {
             r.try_to_http(|b| b.fill(7)).unwrap_err(),
             BadHeader("forwarded")
         );
-        let lenient = r.to_http(|b| b.fill(7));
-        assert!(lenient.headers().get("forwarded").is_none());
-        assert!(lenient.headers().get("baggage").is_some());
         r.host = Some("echo.default".into());
         r.baggage.workload_name = Some("web\x07".into());
         assert_eq!(
@@ -375,13 +354,9 @@ mod tests {
             r.try_to_http(|b| b.fill(7)).unwrap_err(),
             BadHeader("baggage")
         );
-        let lenient = r.to_http(|b| b.fill(7));
-        assert!(lenient.headers().get("baggage").is_none());
-        assert!(lenient.headers().get("x-injected").is_none());
-        // Valid values: the same request as `to_http`.
+        // Valid values: a request with all three headers.
         r.baggage = sleep_baggage();
         let strict = r.try_to_http(|b| b.fill(7)).unwrap();
-        assert_eq!(strict.headers(), r.to_http(|b| b.fill(7)).headers());
         assert_eq!(strict.headers().len(), 3);
     }
 
@@ -391,7 +366,7 @@ mod tests {
     fn prerendered_baggage_is_sent_instead_of_the_fields() {
         let mut r = ConnectRequest::new("[fd00::5]:8080".parse().unwrap());
         r.baggage = sleep_baggage();
-        let fields = r.to_http(|b| b.fill(1));
+        let fields = r.try_to_http(|b| b.fill(1)).unwrap();
         assert_eq!(
             fields.headers()["baggage"],
             "k8s.cluster.name=Kubernetes,k8s.namespace.name=default,\
@@ -404,7 +379,7 @@ mod tests {
         let v = other.to_header_value().unwrap();
         r.baggage_header = Some(v.clone());
         for _ in 0..2 {
-            let req = r.to_http(|b| b.fill(1));
+            let req = r.try_to_http(|b| b.fill(1)).unwrap();
             let sent = &req.headers()["baggage"];
             assert_eq!(sent, "k8s.namespace.name=shop");
             assert_eq!(
@@ -423,9 +398,9 @@ mod tests {
         let mut r = ConnectRequest::new("10.0.0.5:80".parse().unwrap());
         let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
         r.traceparent = Some(tp.into());
-        assert_eq!(r.to_http(|_| {}).headers()["traceparent"], tp);
+        assert_eq!(r.try_to_http(|_| {}).unwrap().headers()["traceparent"], tp);
         r.traceparent = Some("garbage".into());
-        let gen = r.to_http(|b| b.fill(0xab)).headers()["traceparent"]
+        let gen = r.try_to_http(|b| b.fill(0xab)).unwrap().headers()["traceparent"]
             .to_str()
             .unwrap()
             .to_string();

@@ -31,7 +31,7 @@ fuzz_target!(|data: &[u8]| {
         r.forwarded_for = p.forwarded_for;
         r.baggage = p.baggage.clone();
         r.traceparent = p.traceparent.clone();
-        let req = r.to_http(|b| b.fill(1));
+        let req = r.try_to_http(|b| b.fill(1)).expect("a parsed request builds");
         let again = hbone::wire::parse_connect(req.method(), req.uri().authority().map(|a| a.as_str()), req.headers())
             .expect("our own request parses");
         assert_eq!(again.target, p.target);
