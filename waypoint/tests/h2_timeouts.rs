@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use common::{block_on, bounded, h2_in_tunnel, serve_async, EchoBinary};
+use common::{block_on, bounded, h2_in_tunnel, h2_stalled_post, serve_async, EchoBinary};
 use hbone::client::Client;
 
 const HOST: &str = "echo.app.svc.cluster.local";
@@ -159,15 +159,7 @@ fn h2_a_stalled_body_gets_408_counted_as_a_request_timeout() {
     block_on(async {
         let (_c, send) = st.h2().await;
         assert_eq!(st.metric("waypoint_request_timeouts_total"), 0);
-        let req = http::Request::builder()
-            .method("POST")
-            .uri(format!("http://{HOST}/"))
-            .header("content-length", "10")
-            .body(())
-            .unwrap();
-        let (resp, mut body) = send.clone().send_request(req, false).unwrap();
-        body.send_data(Bytes::from_static(b"abc"), false).unwrap();
-        let (status, _) = bounded(common::h2_response(resp)).await;
+        let (status, _body) = h2_stalled_post(&send, HOST).await;
         assert_eq!(status, 408);
         assert_eq!(st.metric("waypoint_request_timeouts_total"), 1);
     });

@@ -22,8 +22,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use common::{
-    block_on, bounded, h2_in_tunnel, next_request, response_head, serve_threads, EchoBinary,
-    EVENT_BOUND,
+    block_on, bounded, h2_in_tunnel, next_request, read_through, response_head, serve_threads,
+    EchoBinary, EVENT_BOUND,
 };
 use hbone::stream::H2Stream;
 
@@ -361,13 +361,7 @@ fn idle_tunnels_share_the_workers_kept_upstream_stream() {
             let (c, mut s) = st.tunnel().await;
             let req = format!("GET /fast/{i} HTTP/1.1\r\nhost: {HOST}\r\n\r\n");
             s.write_all(Bytes::from(req), false).await.unwrap();
-            let mut buf = Vec::new();
-            while !buf.ends_with(b"\r\n\r\nok") {
-                match bounded(s.read()).await {
-                    Some(Ok(b)) => buf.extend_from_slice(&b),
-                    other => panic!("tunnel {i}: {other:?} after {buf:?}"),
-                }
-            }
+            let buf = read_through(&mut s, b"\r\n\r\nok").await;
             assert!(buf.starts_with(b"HTTP/1.1 200 "), "{buf:?}");
             open.push((c, s));
         }

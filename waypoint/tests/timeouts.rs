@@ -18,8 +18,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use common::{
-    block_on, bounded, h2_in_tunnel, next_request, response_head, serve_threads, EchoBinary,
-    EVENT_BOUND,
+    block_on, bounded, h2_in_tunnel, h2_stalled_post, next_request, read_through, response_head,
+    serve_threads, EchoBinary, EVENT_BOUND,
 };
 use hbone::stream::H2Stream;
 
@@ -182,13 +182,7 @@ fn a_post_cut_by_the_stream_idle_timeout_on_a_kept_stream_is_sent_once() {
         let (_c, mut s) = st.tunnel().await;
         let req = format!("GET / HTTP/1.1\r\nhost: {HOST}\r\n\r\n");
         s.write_all(Bytes::from(req), false).await.unwrap();
-        let mut buf = Vec::new();
-        while !buf.ends_with(b"\r\n\r\nok") {
-            match bounded(s.read()).await {
-                Some(Ok(b)) => buf.extend_from_slice(&b),
-                other => panic!("{other:?} after {:?}", String::from_utf8_lossy(&buf)),
-            }
-        }
+        let buf = read_through(&mut s, b"\r\n\r\nok").await;
         assert_eq!(status(&buf), 200);
         // At once (well within the kept stream's reuse bound for unsafe methods).
         let req = format!(
@@ -274,13 +268,7 @@ fn r15_a_late_first_request_is_still_http_unless_a_detection_timeout_is_set() {
         s.write_all(Bytes::from(req), false).await.unwrap();
         // Passed on as bytes: the backend's own answer (it keeps the connection open, so
         // only the response is awaited).
-        let mut buf = Vec::new();
-        while !buf.ends_with(b"\r\n\r\nok") {
-            match bounded(s.read()).await {
-                Some(Ok(b)) => buf.extend_from_slice(&b),
-                other => panic!("{other:?} after {:?}", String::from_utf8_lossy(&buf)),
-            }
-        }
+        let buf = read_through(&mut s, b"\r\n\r\nok").await;
         assert_eq!(status(&buf), 200);
     });
     assert_eq!(st.metric(&by("http1")), 0);
@@ -300,15 +288,7 @@ fn h2_a_hung_request_gets_504_and_an_idle_connection_is_closed() {
         let (status, body) = bounded(common::h2_get_from(&send, HOST, "/")).await;
         assert_eq!((status, body.as_str()), (200, "ok"));
         // A request body that stops coming: 408.
-        let req = http::Request::builder()
-            .method("POST")
-            .uri(format!("http://{HOST}/"))
-            .header("content-length", "10")
-            .body(())
-            .unwrap();
-        let (resp, mut body) = send.clone().send_request(req, false).unwrap();
-        body.send_data(Bytes::from_static(b"abc"), false).unwrap();
-        let (status, _) = bounded(common::h2_response(resp)).await;
+        let (status, _body) = h2_stalled_post(&send, HOST).await;
         assert_eq!(status, 408);
         // Nothing more in flight: the waypoint ends the connection.
         let _ = bounded(conn).await;

@@ -956,3 +956,35 @@ pub async fn grpc_status(resp: h2::client::ResponseFuture) -> (u16, Option<Strin
     });
     (status, head_status.or(trailer))
 }
+
+/// Read from `s` until what came ends with `tail` (each read bounded by [`EVENT_BOUND`]);
+/// the stream ending or failing first fails the test.
+pub async fn read_through(s: &mut H2Stream, tail: &[u8]) -> Vec<u8> {
+    let mut buf = Vec::new();
+    while !buf.ends_with(tail) {
+        match bounded(s.read()).await {
+            Some(Ok(b)) => buf.extend_from_slice(&b),
+            other => panic!("{other:?} after {:?}", String::from_utf8_lossy(&buf)),
+        }
+    }
+    buf
+}
+
+/// A POST of `/` on `host` over `client` whose body stops after 3 of its declared 10
+/// bytes: the response's status (awaited within [`bounded`]), and the request body's
+/// stream, still open.
+pub async fn h2_stalled_post(
+    client: &h2::client::SendRequest<Bytes>,
+    host: &str,
+) -> (u16, h2::SendStream<Bytes>) {
+    let req = http::Request::builder()
+        .method("POST")
+        .uri(format!("http://{host}/"))
+        .header("content-length", "10")
+        .body(())
+        .unwrap();
+    let (resp, mut body) = client.clone().send_request(req, false).unwrap();
+    body.send_data(Bytes::from_static(b"abc"), false).unwrap();
+    let (status, _) = bounded(h2_response(resp)).await;
+    (status, body)
+}
