@@ -732,41 +732,28 @@ async fn tunnel(w: Rc<Worker>, cert: Arc<WorkloadCert>, mut inb: Inbound) {
             return;
         }
     };
-    // `forwarded: for=` only from a hop that captured that client (crate::source).
-    let ztunnel = crate::source::ztunnel_identity(&l7);
-    let source_ip = crate::source::client_ip(
-        l7.mesh.as_ref(),
-        inb.peer_identity.as_ref(),
-        inb.peer_addr.ip(),
-        inb.request.forwarded_for,
-        ztunnel,
-    );
-    let ctx = Rc::new(TunnelCtx {
-        waypoint: settings.me.gateway.clone(),
-        root_namespace: settings.root_namespace.clone(),
-        destination,
-        destination_ip: target.ip(),
-        destination_port: target.port(),
-        source_ip,
-        principal: inb.peer_identity.as_ref().map(principal),
-        traceparent: inb.request.traceparent.clone(),
-    });
-    let peer = Rc::new(peer_of(
-        inb.peer_identity.as_ref(),
-        &inb.request.baggage,
-        &l7,
-        source_ip,
-        &ctx.destination,
-        ztunnel,
-    ));
-    let metric_cache: MetricCache = Rc::default();
-    let view = Rc::new(View {
+    let view = Rc::new(derive(
+        l7.clone(),
         version,
-        l7: l7.clone(),
-        ctx: Some(ctx.clone()),
-        peer: peer.clone(),
-        metric_cache: metric_cache.clone(),
-    });
+        destination,
+        &Arrival {
+            identity: inb.peer_identity.as_ref(),
+            peer_addr: inb.peer_addr.ip(),
+            forwarded_for: inb.request.forwarded_for,
+            baggage: &inb.request.baggage,
+        },
+        |destination, source_ip| TunnelCtx {
+            waypoint: settings.me.gateway.clone(),
+            root_namespace: settings.root_namespace.clone(),
+            destination,
+            destination_ip: target.ip(),
+            destination_port: target.port(),
+            source_ip,
+            principal: inb.peer_identity.as_ref().map(principal),
+            traceparent: inb.request.traceparent.clone(),
+        },
+    ));
+    let ctx = view.ctx.clone().expect("derived from a resolved target");
     let facts = Rc::new(TunnelFacts {
         peer_identity: inb.peer_identity.take(),
         peer_addr: inb.peer_addr.ip(),
@@ -1247,37 +1234,23 @@ impl TunnelFacts {
             Some(snap) => target::resolve(snap, &settings.me, self.target),
             None => Err(Refused::Unknown),
         };
-        let ztunnel = crate::source::ztunnel_identity(&l7);
         let view = match resolved {
-            Ok(destination) => {
-                let source_ip = crate::source::client_ip(
-                    l7.mesh.as_ref(),
-                    self.peer_identity.as_ref(),
-                    self.peer_addr,
-                    self.forwarded_for,
-                    ztunnel,
-                );
-                let peer = peer_of(
-                    self.peer_identity.as_ref(),
-                    &self.baggage,
-                    &l7,
-                    source_ip,
-                    &destination,
-                    ztunnel,
-                );
-                let ctx = TunnelCtx {
+            Ok(destination) => derive(
+                l7,
+                version,
+                destination,
+                &Arrival {
+                    identity: self.peer_identity.as_ref(),
+                    peer_addr: self.peer_addr,
+                    forwarded_for: self.forwarded_for,
+                    baggage: &self.baggage,
+                },
+                |destination, source_ip| TunnelCtx {
                     destination,
                     source_ip,
                     ..TunnelCtx::clone(&self.start_ctx)
-                };
-                View {
-                    version,
-                    ctx: Some(Rc::new(ctx)),
-                    peer: Rc::new(peer),
-                    metric_cache: Rc::default(),
-                    l7,
-                }
-            }
+                },
+            ),
             Err(why) => {
                 tracing::debug!(target = %self.target, ?why, version, "a reload no longer serves this tunnel's target (R14)");
                 View {
@@ -1293,6 +1266,42 @@ impl TunnelFacts {
         let view = Rc::new(view);
         *self.view.borrow_mut() = view.clone();
         view
+    }
+}
+
+/// A tunnel's CONNECT facts that its views are derived from.
+struct Arrival<'a> {
+    identity: Option<&'a Identity>,
+    peer_addr: IpAddr,
+    forwarded_for: Option<IpAddr>,
+    baggage: &'a hbone::wire::Baggage,
+}
+
+/// The view of a tunnel whose target `l7` (at `version`) serves as `destination`: its client
+/// address (`forwarded: for=` only from a hop that captured that client, crate::source),
+/// peer and facts, the latter made by `ctx` from the destination and client address.
+fn derive(
+    l7: Arc<WaypointConfig>,
+    version: u64,
+    destination: http1::Destination,
+    a: &Arrival<'_>,
+    ctx: impl FnOnce(http1::Destination, IpAddr) -> TunnelCtx,
+) -> View {
+    let ztunnel = crate::source::ztunnel_identity(&l7);
+    let source_ip = crate::source::client_ip(
+        l7.mesh.as_ref(),
+        a.identity,
+        a.peer_addr,
+        a.forwarded_for,
+        ztunnel,
+    );
+    let peer = peer_of(a.identity, a.baggage, &l7, source_ip, &destination, ztunnel);
+    View {
+        version,
+        ctx: Some(Rc::new(ctx(destination, source_ip))),
+        peer: Rc::new(peer),
+        metric_cache: Rc::default(),
+        l7,
     }
 }
 
