@@ -201,9 +201,11 @@ pub struct Settings {
 pub struct Loaded {
     pub settings: Settings,
     pub snapshot: Snapshot,
-    /// The text these were parsed from: the watcher's text in force, so an edit saved after
-    /// this load is applied (and a failed read later is no reason to reload).
-    pub text: String,
+    /// The text these were read from ([`load_file`]): the watcher's text in force, so an
+    /// edit saved after this load is applied (and a failed read later is no reason to
+    /// reload). `None` from [`load_str`], whose caller holds the text: a watcher started
+    /// with it takes the file's text as new.
+    pub text: Option<String>,
 }
 
 fn read(file: &Path) -> Result<String, ConfigError> {
@@ -316,7 +318,7 @@ pub fn load_str(
     Ok(Loaded {
         settings,
         snapshot,
-        text: text.to_owned(),
+        text: None,
     })
 }
 
@@ -326,7 +328,12 @@ pub fn load_file(
     profile: &tuning::Profile,
     version: u64,
 ) -> Result<Loaded, ConfigError> {
-    load_str(file, &read(file)?, profile, version)
+    let text = read(file)?;
+    let loaded = load_str(file, &text, profile, version)?;
+    Ok(Loaded {
+        text: Some(text),
+        ..loaded
+    })
 }
 
 /// Where the config came from, for reloads.

@@ -450,8 +450,13 @@ pub fn start(
             .unwrap_or_else(|p| std::panic::resume_unwind(p))
     })?;
     let stop_watch = Arc::new(AtomicBool::new(false));
+    // The text in force: the one the running snapshot was loaded from.
+    let file = watch.map(|w| {
+        let f = runtime::filewatch::FileWatch::new(w.file, text.unwrap_or_default());
+        (f, w.profile)
+    });
     spawn_watcher(
-        watch.map(|w| (w, text)),
+        file,
         settings,
         source,
         publisher.clone(),
@@ -476,7 +481,7 @@ pub fn start(
 /// kept the modification time) and certificate lifetimes; publish a new state on change. A
 /// broken file is logged with file:line and field, and the old state keeps serving.
 fn spawn_watcher(
-    watch: Option<(config::Source, String)>,
+    mut watch: Option<(runtime::filewatch::FileWatch, tuning::Profile)>,
     settings: Settings,
     source: Arc<dyn CertSource>,
     publisher: Publisher<State>,
@@ -484,14 +489,6 @@ fn spawn_watcher(
     stop: Arc<AtomicBool>,
     mut capture: Option<crate::capture::Rules>,
 ) {
-    // The text in force: the one the running snapshot was loaded from.
-    let (watch, mut file) = match watch {
-        Some((w, text)) => {
-            let f = runtime::filewatch::FileWatch::new(&w.file, text);
-            (Some(w), Some(f))
-        }
-        None => (None, None),
-    };
     let _ = std::thread::Builder::new()
         .name("config-watch".into())
         .spawn(move || {
@@ -502,12 +499,12 @@ fn spawn_watcher(
                 }
                 let current = publisher.load();
                 let mut next_model: Option<Snapshot> = None;
-                if let (Some(w), Some(file)) = (&watch, file.as_mut()) {
+                if let Some((file, profile)) = watch.as_mut() {
                     if let Some(text) = file.poll() {
-                        match config::load_str(&w.file, &text, &w.profile, publisher.version() + 1) {
+                        match config::load_str(file.path(), &text, profile, publisher.version() + 1) {
                             Ok(l) => {
                                 if l.settings != settings {
-                                    tracing::warn!(file = %w.file.display(), "the ztunnel/runtime/h2 sections changed: restart to apply them; reloading the mesh only");
+                                    tracing::warn!(file = %file.path().display(), "the ztunnel/runtime/h2 sections changed: restart to apply them; reloading the mesh only");
                                 }
                                 next_model = Some(l.snapshot);
                             }

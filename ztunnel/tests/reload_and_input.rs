@@ -310,7 +310,7 @@ fn an_edit_saved_between_load_and_start_is_applied() {
     std::fs::write(&file, &text).unwrap();
     let profile = tuning::Profile::default();
     let loaded = ztunnel::config::load_file(&file, &profile, 1).unwrap();
-    assert_eq!(loaded.text, text);
+    assert_eq!(loaded.text.as_deref(), Some(text.as_str()));
     // The edit lands before the watcher exists.
     std::fs::write(&file, format!("{text}# edited\n")).unwrap();
     let h = ztunnel::start(
