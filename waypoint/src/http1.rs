@@ -1090,7 +1090,8 @@ pub enum Note {
     /// The route's time ran out while the request body was read (answered `504`, flags
     /// `UT`): counted with the upstream timeouts.
     RequestBodyTimeout,
-    /// A request answered `408` by the waypoint (its body stopped coming).
+    /// A request answered `408` by the waypoint (its head or body stopped coming); an
+    /// upstream's `408` passed on is not one.
     RequestTimeout,
     /// The request is gRPC (`content-type: application/grpc…`): its metrics say `grpc`.
     Grpc,
@@ -1129,6 +1130,7 @@ pub async fn serve_from<T: Tunnel, U: Upstream>(
                 let (n, at) = (buf.len() as u64, Instant::now());
                 let started = times.request_headers.and_then(|d| at.checked_sub(d));
                 let said = Said::new(None, n, started.unwrap_or(at), "");
+                upstream.note(Note::RequestTimeout);
                 return answer_and_close(tunnel, upstream, &said, resp, 408, "-").await;
             }
         };
@@ -1560,14 +1562,15 @@ async fn fill<T: Tunnel, R>(
 }
 
 /// `408` (`SI`) for a request whose body stopped coming for `stream_idle_timeout`
-/// (Envoy's "stream timeout" before the request was read whole); recorded, and the
-/// tunnel is closed.
+/// (Envoy's "stream timeout" before the request was read whole); recorded, counted
+/// ([`Note::RequestTimeout`]), and the tunnel is closed.
 async fn stream_timeout<T: Tunnel, U: Upstream>(
     tunnel: &mut T,
     upstream: &mut U,
     said: &Said<'_>,
 ) -> io::Result<End> {
     let resp = simple_response(408, &[], "stream timeout", true);
+    upstream.note(Note::RequestTimeout);
     answer_and_close(tunnel, upstream, said, resp, 408, "SI").await
 }
 

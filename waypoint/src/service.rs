@@ -831,9 +831,6 @@ async fn tunnel(w: Rc<Worker>, cert: Arc<WorkloadCert>, mut inb: Inbound) {
                     if let http1::End::Closed(400 | 413 | 431) = end {
                         counters.bad_requests.fetch_add(1, Relaxed);
                     }
-                    if let http1::End::Closed(408) = end {
-                        counters.request_timeouts.fetch_add(1, Relaxed);
-                    }
                     tracing::trace!(%target, ?end, "tunnel ended");
                     // Ended in order: END_STREAM (if not sent yet), then the client's end
                     // waited for, so its ztunnel passes a FIN on (dropping the stream

@@ -297,3 +297,52 @@ fn h2_a_hung_request_gets_504_and_an_idle_connection_is_closed() {
         .recv_timeout(EVENT_BOUND)
         .expect("the hung backend connection was not closed");
 }
+
+/// `waypoint_request_timeouts` counts the waypoint's own `408`s only: a backend's `408`
+/// passed on, on a tunnel that then closes (the client asked to), is a response like any
+/// other (in the request metrics, not in the counter), while a head that stops coming
+/// still counts.
+#[test]
+fn an_upstream_408_is_passed_on_and_not_counted_as_the_waypoints_request_timeout() {
+    let wp = EchoBinary::start(
+        17,
+        "timeouts-upstream-408",
+        |ip| {
+            serve_threads(ip, |mut c| {
+                let mut buf = Vec::new();
+                while next_request(&mut c, &mut buf).is_some() {
+                    let resp = "HTTP/1.1 408 Request Timeout\r\ncontent-length: 4\r\n\r\nslow";
+                    if c.write_all(resp.as_bytes()).is_err() {
+                        return;
+                    }
+                }
+            })
+        },
+        |model, settings| {
+            let s = settings.replace("runtime:", &format!("{SHORT}runtime:"));
+            format!("{model}---\n{s}")
+        },
+    );
+    block_on(async {
+        let (_c, mut s) = wp.tunnel().await;
+        let req = format!("GET / HTTP/1.1\r\nhost: {HOST}\r\nconnection: close\r\n\r\n");
+        s.write_all(Bytes::from(req), false).await.unwrap();
+        let (buf, ended) = read_all(&mut s).await;
+        assert_eq!(status(&buf), 408, "{}", String::from_utf8_lossy(&buf));
+        assert!(String::from_utf8_lossy(&buf).ends_with("slow"));
+        assert_eq!(ended, Ended::Closed);
+    });
+    assert_eq!(wp.metric("waypoint_request_timeouts_total"), 0);
+    assert_eq!(wp.requests(&["response_code=\"408\""]), 1);
+    block_on(async {
+        let (_c, mut s) = wp.tunnel().await;
+        s.write_all(Bytes::from_static(b"GET / HTTP/1.1\r\n"), false)
+            .await
+            .unwrap();
+        let (buf, ended) = read_all(&mut s).await;
+        assert_eq!(status(&buf), 408, "{}", String::from_utf8_lossy(&buf));
+        assert_eq!(ended, Ended::Closed);
+    });
+    assert_eq!(wp.metric("waypoint_request_timeouts_total"), 1);
+    assert_eq!(wp.requests(&["response_code=\"408\""]), 2);
+}
