@@ -21,11 +21,12 @@ use std::path::{Path, PathBuf};
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
 use crate::config::{self, ConfigError, Invalid, RuntimeConfig};
+use crate::filewatch::FileWatch;
 use crate::forward::{self, End};
 use crate::listener::{self, BindError};
 use crate::shutdown::Shutdown;
@@ -96,9 +97,11 @@ impl ForwarderConfig {
         Ok(cfg)
     }
 
-    pub fn load(file: &Path) -> Result<Self, ConfigError> {
+    /// Read and [`ForwarderConfig::from_str`] `file`; also returns the text read (the text in
+    /// force for a [`FileWatch`] of the file).
+    pub fn load(file: &Path) -> Result<(Self, String), ConfigError> {
         let text = config::read_file(file)?;
-        Self::from_str(file, &text)
+        Ok((Self::from_str(file, &text)?, text))
     }
 }
 
@@ -166,12 +169,13 @@ impl Handle {
     }
 }
 
-/// Bind every listener on all workers and start serving. `config_file`, when given, is
-/// watched and reloaded into a new routing snapshot.
+/// Bind every listener on all workers and start serving. `config_file`, when given (the
+/// file `cfg` was read from, with the text read), is watched and reloaded into a new
+/// routing snapshot.
 pub fn start(
     cfg: ForwarderConfig,
     shutdown: Shutdown,
-    config_file: Option<PathBuf>,
+    config_file: Option<FileWatch>,
 ) -> Result<Handle, StartError> {
     if let Ok((old, new)) = crate::sys::raise_nofile_limit() {
         if old != new {
@@ -287,25 +291,23 @@ async fn handle_conn(
     tracing::trace!(%peer, %upstream, sent = out.downstream_to_upstream, received = out.upstream_to_downstream, end = ?out.end, "connection closed");
 }
 
-/// Poll the config file's modification time; on change, parse, validate and publish new
-/// upstreams. A broken file is logged (file:line: field) and the old snapshot keeps serving.
+/// Poll the config file ([`FileWatch`]: a new text once two reads agree, also a save that
+/// kept the modification time); on change, parse, validate and publish new upstreams. A
+/// broken file is logged (file:line: field) and the old snapshot keeps serving.
 fn spawn_reload_watcher(
-    file: PathBuf,
+    mut watch: FileWatch,
     initial: ForwarderConfig,
     routes: Publisher<Routes>,
     stop: Arc<AtomicBool>,
 ) {
-    let mtime = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
-    let mut last: Option<SystemTime> = mtime(&file);
     let _ = std::thread::Builder::new().name("config-watch".into()).spawn(move || {
         while !stop.load(Ordering::Relaxed) {
             std::thread::sleep(Duration::from_millis(500));
-            let now = mtime(&file);
-            if now == last {
+            let Some(text) = watch.poll() else {
                 continue;
-            }
-            last = now;
-            match ForwarderConfig::load(&file) {
+            };
+            let file = watch.path();
+            match ForwarderConfig::from_str(file, &text) {
                 Ok(next) => {
                     let same_listeners = next.listeners.len() == initial.listeners.len()
                         && next.listeners.iter().zip(&initial.listeners).all(|(a, b)| a.listen == b.listen);
@@ -385,7 +387,7 @@ pub fn main_with_args(args: impl IntoIterator<Item = String>) -> std::process::E
             return std::process::ExitCode::from(2);
         }
     };
-    let mut cfg = match ForwarderConfig::load(&args.config) {
+    let (mut cfg, text) = match ForwarderConfig::load(&args.config) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("error: {e}");
@@ -403,7 +405,8 @@ pub fn main_with_args(args: impl IntoIterator<Item = String>) -> std::process::E
         eprintln!("error: cannot install signal handlers: {e}");
         return std::process::ExitCode::from(1);
     }
-    let handle = match start(cfg.clone(), shutdown, Some(args.config.clone())) {
+    let watch = FileWatch::new(args.config.clone(), text);
+    let handle = match start(cfg.clone(), shutdown, Some(watch)) {
         Ok(h) => h,
         Err(e) => {
             eprintln!("error: {e}");
