@@ -15,16 +15,15 @@ use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use common::{
-    block_on, blocks_fnv, connect, echo_node, fnv, get, id, ip, next_request, ok_response, payload,
-    read_response, read_until, serve_async, service_settings, spec_echo_route_in, write_blocks,
-    Response, Ztunnel, BLOCK,
+    block_on, blocks_fnv, connect, echo_node, fnv, get, h2_in_tunnel, id, ip, next_request,
+    ok_response, open_tunnel, payload, read_response, read_until, serve_async, spec_echo_route_in,
+    wait_until, write_blocks, Response, Watched, Ztunnel, BLOCK,
 };
 use hbone::ca::{CertSource, WorkloadCert};
 use hbone::client::Client;
 use hbone::stream::H2Stream;
 use hbone::wire::ConnectRequest;
 use hbone::HboneError;
-use runtime::Shutdown;
 use waypoint::service;
 
 /// A keep-alive HTTP/1.1 backend answering `200 <name> <path> xff=<x-forwarded-for>`.
@@ -283,27 +282,12 @@ struct Mesh {
     zt: Ztunnel,
     echo: Backend,
     echo_v1: Backend,
-    shutdown: Shutdown,
     /// TCP connections the HTTP/2 backend accepted.
     h2_conns: Arc<AtomicU32>,
-    /// The configuration file the watcher reloads, and its mesh-model document.
-    file: std::path::PathBuf,
+    /// The waypoint, on the configuration file the watcher reloads; its mesh-model
+    /// document.
+    live: Watched,
     model: String,
-    watcher: Option<waypoint::reload::Watcher>,
-    handle: Option<service::Handle>,
-}
-
-impl Drop for Mesh {
-    fn drop(&mut self) {
-        self.watcher.take();
-        self.shutdown.drain(Duration::from_millis(200));
-        if let Some(h) = self.handle.take() {
-            let _ = h.join();
-        }
-        if let Some(d) = self.file.parent() {
-            let _ = std::fs::remove_dir_all(d);
-        }
-    }
 }
 
 /// An HTTP/2 (prior knowledge) backend answering `h2echo <path> <version> xff=<…>`; counts
@@ -426,38 +410,23 @@ services:
             rp = raw.port(),
         );
         let text = format!("{model}---\n{}---\n{policies}", route());
-        let dir = std::env::temp_dir().join(format!("waypoint-e2e-{}-{net}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let file = dir.join("e2e.yaml");
-        std::fs::write(&file, &text).unwrap();
-        let l7 = waypoint::config::load_str(&file, &text, 1).unwrap_or_else(|e| panic!("{e}"));
-        let settings = service_settings();
-        let shutdown = Shutdown::new();
-        let source: Arc<dyn CertSource> = ca.clone();
-        let publisher = runtime::Publisher::new(l7);
-        let handle = service::start(settings, source, publisher.clone(), shutdown.clone()).unwrap();
-        let watcher =
-            waypoint::reload::watch(file.clone(), text, None, publisher, handle.counters.clone())
-                .unwrap();
+        let dir = format!("waypoint-e2e-{}-{net}", std::process::id());
+        let live = Watched::start(&ca, &dir, "e2e.yaml", text);
         Mesh {
             h2_conns,
-            file,
             model,
-            watcher: Some(watcher),
             net,
-            waypoint: handle.addr,
+            waypoint: live.handle().addr,
+            live,
             client_cert,
             zt,
             echo,
             echo_v1,
-            shutdown,
-            handle: Some(handle),
         }
     }
 
     fn counters(&self) -> &service::Counters {
-        &self.handle.as_ref().unwrap().counters
+        &self.live.handle().counters
     }
 
     /// [`Mesh::requests`] of a GET for each of `paths` on `host`, which must not be refused.
@@ -497,16 +466,6 @@ fn settle(what: &str, f: impl FnMut() -> bool) {
     netlab::eventually(what, Duration::from_secs(30), f, String::new);
 }
 
-/// Wait (generously) until `f` holds, letting this runtime's other tasks run meanwhile.
-async fn wait_until(what: &str, f: impl Fn() -> bool) {
-    for _ in 0..3000 {
-        if f() {
-            return;
-        }
-        monoio::time::sleep(Duration::from_millis(10)).await;
-    }
-    panic!("timed out waiting for: {what}");
-}
 #[test]
 fn r13_plaintext_http_to_the_waypoint_gets_nothing() {
     let m = Mesh::start();
@@ -704,8 +663,8 @@ impl Tun {
 #[test]
 fn hot_reload_publishes_valid_edits_keeps_old_snapshot_on_broken_ones_and_live_tunnels_take_them() {
     let m = Mesh::start();
-    let counters = m.handle.as_ref().unwrap().counters.clone();
-    let (file, model, route) = (m.file.clone(), m.model.clone(), route());
+    let counters = m.live.handle().counters.clone();
+    let (file, model, route) = (m.live.file.clone(), m.model.clone(), route());
     block_on(async {
         let c = connect(m.waypoint, &m.client_cert, id("app", "waypoint"))
             .await
@@ -763,24 +722,13 @@ fn hot_reload_publishes_valid_edits_keeps_old_snapshot_on_broken_ones_and_live_t
 
 /// Open a CONNECT stream through the waypoint to `target`.
 async fn tunnel_to(m: &Mesh, target: &str) -> (Client, H2Stream) {
-    let c = connect(m.waypoint, &m.client_cert, id("app", "waypoint"))
-        .await
-        .unwrap();
-    let s = c
-        .open(&ConnectRequest::new(target.parse().unwrap()))
-        .await
-        .unwrap();
-    (c, s)
+    open_tunnel(m.waypoint, &m.client_cert, target).await
 }
 
 /// An HTTP/2 (prior knowledge) client connection inside a tunnel to `target`.
 async fn h2_over_tunnel(m: &Mesh, target: &str) -> (Client, h2::client::SendRequest<Bytes>) {
     let (c, s) = tunnel_to(m, target).await;
-    let io = waypoint::inner::StreamIo::new(s, Bytes::new());
-    let (send, conn) = h2::client::handshake(io).await.unwrap();
-    monoio::spawn(async move {
-        let _ = conn.await;
-    });
+    let (send, _) = h2_in_tunnel(s).await;
     (c, send)
 }
 
@@ -1156,7 +1104,7 @@ fn telemetry_istio_request_metrics_keep_the_original_client_and_traceparent() {
     let new_tp = r[3].1.rsplit("tp=").next().unwrap();
     assert!(waypoint::telemetry::valid_traceparent(new_tp), "{new_tp}");
     assert_eq!(r[4].0, 403);
-    let metrics = &m.handle.as_ref().unwrap().metrics;
+    let metrics = &m.live.handle().metrics;
     let labels =
         |code: u16, svc: &str, wl: &str, principal: &str| waypoint::telemetry::RequestLabels {
             // The model's workload at the client's address, which runs as the verified

@@ -7,22 +7,20 @@ mod common;
 
 use std::io::Write;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{mpsc, Arc, Barrier};
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
 use bytes::Bytes;
 use common::{
-    block_on, connect, echo_node, get, id, ip, next_request, ok_response, read_response,
-    serve_threads, service_settings, Ztunnel,
+    block_on, connect, echo_node, get, h2_in_tunnel, id, ip, next_request, ok_response,
+    read_response, serve_threads, wait_until, Watched, Ztunnel,
 };
 use hbone::ca::{CertSource, WorkloadCert};
 use hbone::client::Client;
 use hbone::stream::H2Stream;
 use hbone::wire::ConnectRequest;
-use runtime::Shutdown;
-use waypoint::service::{self, Counters};
+use waypoint::service::Counters;
 
 /// A keep-alive HTTP/1.1 backend answering `<name> <path> xff=<x-forwarded-for>`. The first
 /// `/hold` it gets is announced on `arrived` and answered `503` once `release` says so;
@@ -140,25 +138,53 @@ struct Mesh {
     echo_v2: Backend,
     hold: Arc<Hold>,
     arrived: mpsc::Receiver<()>,
-    file: PathBuf,
     zt_ip: Ipv4Addr,
     addrs: [SocketAddr; 4],
-    shutdown: Shutdown,
-    watcher: Option<waypoint::reload::Watcher>,
-    handle: Option<service::Handle>,
+    /// The waypoint, on the configuration file the watcher reloads.
+    live: Watched,
 }
 
-impl Drop for Mesh {
-    fn drop(&mut self) {
-        self.watcher.take();
-        self.shutdown.drain(Duration::from_millis(200));
-        if let Some(h) = self.handle.take() {
-            let _ = h.join();
-        }
-        if let Some(d) = self.file.parent() {
-            let _ = std::fs::remove_dir_all(d);
-        }
+/// The whole configuration file for the node ztunnel at `zt` and the endpoints `addrs`
+/// (echo, echo-v1, echo-v2, raw): the model, then `route` and `policies` (documents).
+fn config(
+    zt: Ipv4Addr,
+    addrs: [SocketAddr; 4],
+    model: Model,
+    route: &str,
+    policies: &str,
+) -> String {
+    let [e, v1, v2, raw] = addrs;
+    let client = if model.client {
+        "  - {uid: client-7, name: client-7, namespace: app, serviceAccount: client, workloadIps: [\"10.1.0.7\"]}\n"
+    } else {
+        ""
+    };
+    let v1_service = if model.v1_service {
+        "  - {name: echo-v1, namespace: app, hostname: echo-v1.app.svc.cluster.local, vips: [\"10.96.0.2\"], ports: {80: 8080}}\n"
+    } else {
+        ""
+    };
+    let svc = |uid: &str, a: SocketAddr, s: &str| {
+        format!("  - {{uid: {uid}, name: {uid}, namespace: app, serviceAccount: echo, node: node-b, workloadIps: [\"{}\"], services: {{\"app/{s}.app.svc.cluster.local\": {{80: {}}}}}}}\n", a.ip(), a.port())
+    };
+    // Without the service, its pod stays (serving no service).
+    let v1_pod = if model.v1_service {
+        svc("v1-1", v1, "echo-v1")
+    } else {
+        format!("  - {{uid: v1-1, name: v1-1, namespace: app, serviceAccount: echo, node: node-b, workloadIps: [\"{}\"]}}\n", v1.ip())
+    };
+    let model = format!(
+        "namespaces:\n  - name: app\n    labels: {{istio.io/dataplane-mode: ambient}}\nwaypoints:\n  - {{name: wp, namespace: app, address: 10.1.0.100}}\nnodes:\n  - {{name: node-b, ztunnel: {zt}}}\nworkloads:\n  - {{uid: wp, name: wp, namespace: app, serviceAccount: waypoint, workloadIps: [\"10.1.0.100\"]}}\n{client}{}{}{}{}services:\n  - {{name: echo, namespace: app, hostname: echo.app.svc.cluster.local, vips: [\"10.96.0.1\"], ports: {{80: 8080}}}}\n{v1_service}  - {{name: echo-v2, namespace: app, hostname: echo-v2.app.svc.cluster.local, vips: [\"10.96.0.3\"], ports: {{80: 8080}}}}\n  - {{name: raw, namespace: app, hostname: raw.app.svc.cluster.local, vips: [\"10.96.0.4\"], ports: {{80: 8080}}}}\n",
+        svc("echo-1", e, "echo"),
+        v1_pod,
+        svc("v2-1", v2, "echo-v2"),
+        svc("raw-1", raw, "raw"),
+    );
+    let mut text = format!("{model}---\n{route}");
+    if !policies.is_empty() {
+        text.push_str(&format!("---\n{policies}"));
     }
+    text
 }
 
 impl Mesh {
@@ -175,99 +201,37 @@ impl Mesh {
         let echo_v1 = backend(ip(net, 3), "echo-v1", Some(hold.clone()));
         let echo_v2 = backend(ip(net, 4), "echo-v2", None);
         let raw = tcp_echo(ip(net, 5));
-        let dir =
-            std::env::temp_dir().join(format!("waypoint-reload-live-{}-{net}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let file = dir.join("wp.yaml");
         let addrs = [echo.addr, echo_v1.addr, echo_v2.addr, raw];
-        let mut m = Mesh {
-            waypoint: "127.0.0.1:0".parse().unwrap(),
+        let text = config(ip(net, 1), addrs, FULL, &route_to("echo-v1"), "");
+        let dir = format!("waypoint-reload-live-{}-{net}", std::process::id());
+        let live = Watched::start(&ca, &dir, "wp.yaml", text);
+        Mesh {
+            waypoint: live.handle().addr,
             client_cert,
             _zt: zt,
             echo_v1,
             echo_v2,
             hold,
             arrived,
-            file,
             zt_ip: ip(net, 1),
             addrs,
-            shutdown: Shutdown::new(),
-            watcher: None,
-            handle: None,
-        };
-        let text = m.config(FULL, &route_to("echo-v1"), "");
-        std::fs::write(&m.file, &text).unwrap();
-        let l7 = waypoint::config::load_str(&m.file, &text, 1).unwrap_or_else(|e| panic!("{e}"));
-        let source: Arc<dyn CertSource> = ca.clone();
-        let publisher = runtime::Publisher::new(l7);
-        let handle = service::start(
-            service_settings(),
-            source,
-            publisher.clone(),
-            m.shutdown.clone(),
-        )
-        .unwrap();
-        m.waypoint = handle.addr;
-        m.watcher = Some(
-            waypoint::reload::watch(
-                m.file.clone(),
-                text,
-                None,
-                publisher,
-                handle.counters.clone(),
-            )
-            .unwrap(),
-        );
-        m.handle = Some(handle);
-        m
+            live,
+        }
     }
 
     fn counters(&self) -> &Counters {
-        &self.handle.as_ref().unwrap().counters
+        &self.live.handle().counters
     }
 
     /// The whole configuration file: the model, then `route` and `policies` (documents).
     fn config(&self, model: Model, route: &str, policies: &str) -> String {
-        let [e, v1, v2, raw] = self.addrs;
-        let client = if model.client {
-            "  - {uid: client-7, name: client-7, namespace: app, serviceAccount: client, workloadIps: [\"10.1.0.7\"]}\n"
-        } else {
-            ""
-        };
-        let v1_service = if model.v1_service {
-            "  - {name: echo-v1, namespace: app, hostname: echo-v1.app.svc.cluster.local, vips: [\"10.96.0.2\"], ports: {80: 8080}}\n"
-        } else {
-            ""
-        };
-        let svc = |uid: &str, a: SocketAddr, s: &str| {
-            format!("  - {{uid: {uid}, name: {uid}, namespace: app, serviceAccount: echo, node: node-b, workloadIps: [\"{}\"], services: {{\"app/{s}.app.svc.cluster.local\": {{80: {}}}}}}}\n", a.ip(), a.port())
-        };
-        // Without the service, its pod stays (serving no service).
-        let v1_pod = if model.v1_service {
-            svc("v1-1", v1, "echo-v1")
-        } else {
-            format!("  - {{uid: v1-1, name: v1-1, namespace: app, serviceAccount: echo, node: node-b, workloadIps: [\"{}\"]}}\n", v1.ip())
-        };
-        let model = format!(
-            "namespaces:\n  - name: app\n    labels: {{istio.io/dataplane-mode: ambient}}\nwaypoints:\n  - {{name: wp, namespace: app, address: 10.1.0.100}}\nnodes:\n  - {{name: node-b, ztunnel: {zt}}}\nworkloads:\n  - {{uid: wp, name: wp, namespace: app, serviceAccount: waypoint, workloadIps: [\"10.1.0.100\"]}}\n{client}{}{}{}{}services:\n  - {{name: echo, namespace: app, hostname: echo.app.svc.cluster.local, vips: [\"10.96.0.1\"], ports: {{80: 8080}}}}\n{v1_service}  - {{name: echo-v2, namespace: app, hostname: echo-v2.app.svc.cluster.local, vips: [\"10.96.0.3\"], ports: {{80: 8080}}}}\n  - {{name: raw, namespace: app, hostname: raw.app.svc.cluster.local, vips: [\"10.96.0.4\"], ports: {{80: 8080}}}}\n",
-            svc("echo-1", e, "echo"),
-            v1_pod,
-            svc("v2-1", v2, "echo-v2"),
-            svc("raw-1", raw, "raw"),
-            zt = self.zt_ip,
-        );
-        let mut text = format!("{model}---\n{route}");
-        if !policies.is_empty() {
-            text.push_str(&format!("---\n{policies}"));
-        }
-        text
+        config(self.zt_ip, self.addrs, model, route, policies)
     }
 
     /// Write a new configuration and wait (generously) until the waypoint published it as
     /// its `n`th reload.
     async fn reload(&self, text: &str, n: u64) {
-        std::fs::write(&self.file, text).unwrap();
+        std::fs::write(&self.live.file, text).unwrap();
         let c = self.counters();
         wait_until(&format!("reload #{n}"), || {
             c.config_reloads.load(Ordering::Relaxed) >= n
@@ -291,24 +255,9 @@ impl Mesh {
     /// An HTTP/2 (prior knowledge) connection inside a tunnel to `target`.
     async fn h2_tunnel(&self, target: &str) -> (Client, h2::client::SendRequest<Bytes>) {
         let (c, s) = self.tunnel(target).await;
-        let io = waypoint::inner::StreamIo::new(s, Bytes::new());
-        let (send, conn) = h2::client::handshake(io).await.unwrap();
-        monoio::spawn(async move {
-            let _ = conn.await;
-        });
+        let (send, _) = h2_in_tunnel(s).await;
         (c, send)
     }
-}
-
-/// Wait (generously) until `f` holds, letting this runtime's other tasks run meanwhile.
-async fn wait_until(what: &str, f: impl Fn() -> bool) {
-    for _ in 0..3000 {
-        if f() {
-            return;
-        }
-        monoio::time::sleep(Duration::from_millis(10)).await;
-    }
-    panic!("timed out waiting for: {what}");
 }
 
 /// One HTTP/1.1 exchange on a tunnel.

@@ -988,3 +988,72 @@ pub async fn h2_stalled_post(
     let (status, _) = bounded(h2_response(resp)).await;
     (status, body)
 }
+
+/// The waypoint service ([`service_settings`], certificates from `ca`) on the configuration
+/// file `name` of a fresh folder `dir` (under the temporary folder), which holds `text`
+/// and which the file watcher reloads. Drained, joined and its folder removed when
+/// dropped.
+pub struct Watched {
+    pub file: PathBuf,
+    shutdown: runtime::Shutdown,
+    watcher: Option<waypoint::reload::Watcher>,
+    handle: Option<waypoint::service::Handle>,
+}
+
+impl Watched {
+    pub fn start(ca: &Arc<hbone::ca::SigningCa>, dir: &str, name: &str, text: String) -> Watched {
+        let dir = std::env::temp_dir().join(dir);
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join(name);
+        std::fs::write(&file, &text).unwrap();
+        let l7 = waypoint::config::load_str(&file, &text, 1).unwrap_or_else(|e| panic!("{e}"));
+        let shutdown = runtime::Shutdown::new();
+        let source: Arc<dyn hbone::ca::CertSource> = ca.clone();
+        let publisher = runtime::Publisher::new(l7);
+        let handle = waypoint::service::start(
+            service_settings(),
+            source,
+            publisher.clone(),
+            shutdown.clone(),
+        )
+        .unwrap();
+        let watcher =
+            waypoint::reload::watch(file.clone(), text, None, publisher, handle.counters.clone())
+                .unwrap();
+        Watched {
+            file,
+            shutdown,
+            watcher: Some(watcher),
+            handle: Some(handle),
+        }
+    }
+
+    pub fn handle(&self) -> &waypoint::service::Handle {
+        self.handle.as_ref().unwrap()
+    }
+}
+
+impl Drop for Watched {
+    fn drop(&mut self) {
+        self.watcher.take();
+        self.shutdown.drain(Duration::from_millis(200));
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+        if let Some(d) = self.file.parent() {
+            let _ = std::fs::remove_dir_all(d);
+        }
+    }
+}
+
+/// Wait (generously) until `f` holds, letting this runtime's other tasks run meanwhile.
+pub async fn wait_until(what: &str, f: impl Fn() -> bool) {
+    for _ in 0..3000 {
+        if f() {
+            return;
+        }
+        monoio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("timed out waiting for: {what}");
+}
