@@ -97,7 +97,7 @@ where
     // `idle_timeout`: a connection with no stream in flight that long is closed (GOAWAY).
     let idle = cfg.tunnel_timeouts().idle;
     let active = Rc::new(Active::default());
-    let mut clock: Option<std::pin::Pin<Box<monoio::time::Sleep>>> = None;
+    let mut clock = http1::Clock::default();
     loop {
         let next = match idle {
             None => Some(conn.accept().await),
@@ -185,11 +185,10 @@ type Accepted = Option<Result<(http::Request<RecvStream>, SendResponse<Bytes>), 
 async fn next_or_idle(
     conn: &mut h2::server::Connection<StreamIo, Bytes>,
     active: &Active,
-    clock: &mut Option<std::pin::Pin<Box<monoio::time::Sleep>>>,
+    clock: &mut http1::Clock,
     idle: std::time::Duration,
     mut on_idle: impl FnMut(),
 ) -> Option<Accepted> {
-    use std::future::Future as _;
     use std::task::Poll;
     let mut armed = false;
     std::future::poll_fn(|cx| {
@@ -204,16 +203,9 @@ async fn next_or_idle(
         if !armed {
             armed = true;
             on_idle();
-            let at = monoio::time::Instant::now() + idle;
-            match clock {
-                Some(t) => t.as_mut().reset(at),
-                None => *clock = Some(Box::pin(monoio::time::sleep_until(at))),
-            }
+            clock.arm(idle);
         }
-        match clock.as_mut().map(|t| t.as_mut().poll(cx)) {
-            Some(Poll::Ready(())) => Poll::Ready(None),
-            _ => Poll::Pending,
-        }
+        clock.poll_expired(cx).map(|()| None)
     })
     .await
 }

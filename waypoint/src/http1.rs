@@ -1464,7 +1464,6 @@ impl Clock {
         let Some(idle) = idle else {
             return Some(f.await);
         };
-        use std::future::Future as _;
         let mut f = std::pin::pin!(f);
         let mut armed = false;
         std::future::poll_fn(|cx| {
@@ -1473,18 +1472,31 @@ impl Clock {
             }
             if !armed {
                 armed = true;
-                let at = monoio::time::Instant::now() + idle;
-                match &mut self.0 {
-                    Some(t) => t.as_mut().reset(at),
-                    None => self.0 = Some(Box::pin(monoio::time::sleep_until(at))),
-                }
+                self.arm(idle);
             }
-            match self.0.as_mut().map(|t| t.as_mut().poll(cx)) {
-                Some(std::task::Poll::Ready(())) => std::task::Poll::Ready(None),
-                _ => std::task::Poll::Pending,
-            }
+            self.poll_expired(cx).map(|()| None)
         })
         .await
+    }
+
+    /// Set the timer to fire `idle` from now: the one timer reset, or made at the first
+    /// call.
+    pub(crate) fn arm(&mut self, idle: Duration) {
+        let at = monoio::time::Instant::now() + idle;
+        match &mut self.0 {
+            Some(t) => t.as_mut().reset(at),
+            None => self.0 = Some(Box::pin(monoio::time::sleep_until(at))),
+        }
+    }
+
+    /// Ready once the timer set by [`Clock::arm`] fired (else `cx` is woken when it does);
+    /// never ready before the first `arm`.
+    pub(crate) fn poll_expired(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
+        use std::future::Future as _;
+        match &mut self.0 {
+            Some(t) => t.as_mut().poll(cx),
+            None => std::task::Poll::Pending,
+        }
     }
 }
 

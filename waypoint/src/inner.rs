@@ -22,7 +22,7 @@ use bytes::{Bytes, BytesMut};
 use h2::{Reason, RecvStream, SendStream};
 use hbone::stream::H2Stream;
 use runtime::forward::{drive, DirEnd, End, Outcome, Side};
-use runtime::worker::{race, Either};
+use runtime::worker::Either;
 
 use crate::config::TunnelTimeouts;
 
@@ -84,27 +84,30 @@ pub async fn detect(
             return Ok((p, buf));
         }
         let mut next = std::pin::pin!(s.read());
-        let first = poll_fn(|cx| Poll::Ready(next.as_mut().poll(cx))).await;
-        let read = match (first, until) {
-            (Poll::Ready(r), _) => r,
-            (Poll::Pending, None) => next.await,
-            (Poll::Pending, Some(at)) => {
-                if timer.is_none() {
-                    timer.set(Some(monoio::time::sleep_until(at.into())));
-                }
-                let Some(t) = timer.as_mut().as_pin_mut() else {
-                    unreachable!("armed above")
-                };
-                match race(next, t).await {
-                    Either::Left(r) => r,
-                    Either::Right(()) if times.protocol_detection == wait => {
-                        return Ok((Protocol::Tcp, buf));
-                    }
-                    // Idle: closed, or (after some bytes) passed on as they are.
-                    Either::Right(()) if buf.is_empty() => return Ok((Protocol::Empty, buf)),
-                    Either::Right(()) => return Ok((Protocol::Tcp, buf)),
-                }
+        let waited = poll_fn(|cx| {
+            if let Poll::Ready(r) = next.as_mut().poll(cx) {
+                return Poll::Ready(Either::Left(r));
             }
+            let Some(at) = until else {
+                return Poll::Pending;
+            };
+            if timer.is_none() {
+                timer.set(Some(monoio::time::sleep_until(at.into())));
+            }
+            match timer.as_mut().as_pin_mut().map(|t| t.poll(cx)) {
+                Some(Poll::Ready(())) => Poll::Ready(Either::Right(())),
+                _ => Poll::Pending,
+            }
+        })
+        .await;
+        let read = match waited {
+            Either::Left(r) => r,
+            Either::Right(()) if times.protocol_detection == wait => {
+                return Ok((Protocol::Tcp, buf));
+            }
+            // Idle: closed, or (after some bytes) passed on as they are.
+            Either::Right(()) if buf.is_empty() => return Ok((Protocol::Empty, buf)),
+            Either::Right(()) => return Ok((Protocol::Tcp, buf)),
         };
         match read {
             Some(Ok(b)) => buf.extend_from_slice(&b),
