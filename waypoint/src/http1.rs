@@ -1202,21 +1202,9 @@ pub async fn serve_from<T: Tunnel, U: Upstream>(
                     }
                 }
                 let resp = if close { with_close(resp) } else { resp };
-                let rec = Record {
-                    protocol: "HTTP/1.1",
-                    method: &head.method,
-                    host: head.header("host").unwrap_or(""),
-                    path: &head.path,
-                    query: head.query.as_deref(),
-                    status,
-                    flags: local_flags(status),
-                    request_bytes,
-                    response_bytes: resp.len() as u64,
-                    started,
-                    traceparent: &traceparent,
-                    denied: status == 403,
-                };
-                upstream.record(&rec);
+                let said = Said::new(Some(&head), request_bytes, started, &traceparent);
+                let flags = local_flags(status);
+                upstream.record(&said.record(status, flags, &resp, status == 403));
                 if close {
                     return close_with(tunnel, resp, status).await;
                 }
@@ -1609,6 +1597,26 @@ impl<'a> Said<'a> {
             traceparent,
         }
     }
+
+    /// The record of this request answered `resp` (`status`, `flags`) by the waypoint;
+    /// `denied` by AuthorizationPolicy (R15).
+    fn record(&self, status: u16, flags: &'static str, resp: &[u8], denied: bool) -> Record<'a> {
+        let head = self.head;
+        Record {
+            protocol: "HTTP/1.1",
+            method: head.map_or("", |h| &h.method),
+            host: head.and_then(|h| h.header("host")).unwrap_or(""),
+            path: head.map_or("", |h| &h.path),
+            query: head.and_then(|h| h.query.as_deref()),
+            status,
+            flags,
+            request_bytes: self.request_bytes,
+            response_bytes: resp.len() as u64,
+            started: self.started,
+            traceparent: self.traceparent,
+            denied,
+        }
+    }
 }
 
 /// Answer a request locally with `resp` (`status`, `flags`), record it (metrics, access
@@ -1621,21 +1629,7 @@ async fn answer_and_close<T: Tunnel, U: Upstream>(
     status: u16,
     flags: &'static str,
 ) -> io::Result<End> {
-    let head = said.head;
-    upstream.record(&Record {
-        protocol: "HTTP/1.1",
-        method: head.map_or("", |h| &h.method),
-        host: head.and_then(|h| h.header("host")).unwrap_or(""),
-        path: head.map_or("", |h| &h.path),
-        query: head.and_then(|h| h.query.as_deref()),
-        status,
-        flags,
-        request_bytes: said.request_bytes,
-        response_bytes: resp.len() as u64,
-        started: said.started,
-        traceparent: said.traceparent,
-        denied: false,
-    });
+    upstream.record(&said.record(status, flags, &resp, false));
     close_with(tunnel, resp, status).await
 }
 
@@ -2735,7 +2729,7 @@ async fn body_timeout<T: Tunnel, U: Upstream>(
 fn body_here(buf: &[u8], framing: Framing) -> Option<usize> {
     match framing {
         Framing::Length(n) => (buf.len() as u64 >= n).then_some(n as usize),
-        Framing::Chunked => crate::body::ChunkScan::default().feed(buf).ok().flatten(),
+        Framing::Chunked => crate::service::chunked_end(buf),
         Framing::Eof => None,
     }
 }
