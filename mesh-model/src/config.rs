@@ -711,14 +711,29 @@ impl LocalConfig {
         // Services: unique keys and VIPs.
         let mut ips: HashMap<IpAddr, String> = HashMap::new();
         let mut service_keys = BTreeMap::new();
+        // Per namespace and hostname as services are found by it (`names::host_key`): a
+        // hostname differing only in case or a trailing dot is the same service.
+        let mut host_keys: HashMap<(&str, String), &str> = HashMap::new();
         for (i, s) in self.services.iter().enumerate() {
             let key = format!("{}/{}", s.namespace, s.hostname);
-            if service_keys.insert(key.clone(), i).is_some() {
+            if let Some(first) = host_keys.insert(
+                (s.namespace.as_str(), names::host_key(&s.hostname)),
+                s.hostname.as_str(),
+            ) {
+                let also = if first == s.hostname {
+                    String::new()
+                } else {
+                    format!(
+                        " (as {}/{first}: hostnames match whatever their case and trailing dot)",
+                        s.namespace
+                    )
+                };
                 return Err(Invalid::new(
                     format!("services[{i}].hostname"),
-                    format!("service {key} is defined twice"),
+                    format!("service {key} is defined twice{also}"),
                 ));
             }
+            service_keys.insert(key.clone(), i);
             for v in &s.vips {
                 if let Some(first) = ips.insert(v.ip, format!("service {key}")) {
                     return Err(Invalid::new(

@@ -43,7 +43,8 @@ pub fn dns_subdomain(s: &str) -> Result<(), String> {
 /// characters; the first label `*`, or a DNS label of `A-Z a-z 0-9 -` (starting and ending
 /// alphanumeric) optionally behind `*` or `*-`; every further label such a DNS label, the
 /// last one not all digits, and a trailing `.` allowed (`istio.io.`). Labels are at most 63
-/// characters. Case is kept: hostnames are matched as written, as Istio does.
+/// characters. Case is kept as written (labels, headers); services are told apart and found
+/// by [`host_key`], whatever the case and trailing dot.
 pub fn hostname(s: &str) -> Result<(), String> {
     if s.is_empty() {
         return Err("must not be empty".into());
@@ -76,6 +77,12 @@ pub fn hostname(s: &str) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// A hostname as services are found by it (a SOCKS5 name) and told apart: ASCII lower case,
+/// without trailing `.`s, so `Echo.Shop.` and `echo.shop` name the same host.
+pub fn host_key(s: &str) -> String {
+    s.trim_end_matches('.').to_ascii_lowercase()
 }
 
 /// One DNS label of a hostname (`len` counts a wildcard prefix too).

@@ -10,6 +10,7 @@ use crate::model::{
     ip_from_bytes, Endpoint, Identity, Labels, LoadBalancing, Namespace, Node, Protocol, Service,
     Waypoint, WaypointRef, Workload, DEFAULT_SERVICE_ACCOUNT, DEFAULT_TRUST_DOMAIN, HBONE_PORT,
 };
+use crate::names;
 use crate::wire::workload as ww;
 
 /// Name of the service extension that selects round-robin balancing (no config).
@@ -65,6 +66,9 @@ pub struct Snapshot {
     nodes: HashMap<String, Node>,
     by_ip: HashMap<IpAddr, String>,
     by_vip: HashMap<IpAddr, String>,
+    /// Per hostname ([`names::host_key`]: lower case, no trailing dot): the key of the first
+    /// service (in key order) with that hostname.
+    by_host: HashMap<String, String>,
     by_identity: HashMap<Identity, Vec<String>>,
 }
 
@@ -233,6 +237,11 @@ impl Snapshot {
                 });
             }
         }
+        for (key, svc) in &snap.services {
+            snap.by_host
+                .entry(names::host_key(&svc.hostname))
+                .or_insert_with(|| key.clone());
+        }
         // Endpoints come from the workloads' `services` (BTreeMap order: sorted by uid).
         for w in snap.workloads.values() {
             for (key, ports) in &w.services {
@@ -301,6 +310,20 @@ impl Snapshot {
 
     pub fn services(&self) -> impl Iterator<Item = &Service> {
         self.services.values()
+    }
+
+    /// The service a host name (a SOCKS5 domain) names, whatever its case and trailing dots
+    /// (the first in key order when namespaces share a hostname). No allocation: the name
+    /// is lower-cased on the stack.
+    pub fn service_by_host(&self, name: &str) -> Option<&Service> {
+        let name = name.trim_end_matches('.');
+        // No indexed hostname is longer than 255 bytes.
+        let mut buf = [0u8; 255];
+        let b = buf.get_mut(..name.len())?;
+        b.copy_from_slice(name.as_bytes());
+        b.make_ascii_lowercase();
+        let key = std::str::from_utf8(b).ok()?;
+        self.by_host.get(key).and_then(|k| self.services.get(k))
     }
 
     pub fn service_by_vip(&self, ip: IpAddr) -> Option<&Service> {

@@ -73,6 +73,45 @@ workloads:
     assert!(e.message.contains("service ns/s.ns"), "{e}");
 }
 
+/// A service whose hostname differs from another's of its namespace only in case or a
+/// trailing dot is the same service (a SOCKS5 name finds both): refused at load, naming the
+/// second's line and field. The same hostname in another namespace is another service.
+#[test]
+fn config_service_defined_twice_ignoring_case_and_trailing_dot_is_rejected() {
+    let text = "\
+services:
+  - name: echo
+    namespace: shop
+    hostname: Echo.Shop.
+  - name: echo2
+    namespace: shop
+    hostname: echo.shop
+";
+    let e = load(text).unwrap_err();
+    assert_eq!(e.field.as_deref(), Some("services[1].hostname"), "{e}");
+    assert_eq!(e.line, Some(7), "{e}");
+    assert!(
+        e.message
+            .contains("service shop/echo.shop is defined twice (as shop/Echo.Shop.:"),
+        "{e}"
+    );
+    assert!(e.to_string().starts_with("mesh.yaml:7:"), "{e}");
+    // Written the same way: the plain message.
+    let e = load(&text.replace("hostname: echo.shop", "hostname: Echo.Shop.")).unwrap_err();
+    assert_eq!(e.field.as_deref(), Some("services[1].hostname"), "{e}");
+    assert!(
+        e.message
+            .ends_with("service shop/Echo.Shop. is defined twice"),
+        "{e}"
+    );
+    // Another namespace: another service.
+    load(&text.replace(
+        "namespace: shop\n    hostname: echo.shop",
+        "namespace: other\n    hostname: echo.shop",
+    ))
+    .expect("the same hostname in two namespaces loads");
+}
+
 #[test]
 fn config_dangling_endpoint_workload_is_rejected() {
     let text = "\

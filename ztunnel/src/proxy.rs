@@ -690,10 +690,7 @@ fn reset(tcp: &TcpStream) {
 
 /// A service hostname (or a workload-free name) → an address, from the snapshot.
 pub fn resolve(snap: &Snapshot, name: &str, port: u16) -> Option<SocketAddr> {
-    let name = name.trim_end_matches('.');
-    let svc = snap
-        .services()
-        .find(|s| s.hostname.trim_end_matches('.').eq_ignore_ascii_case(name))?;
+    let svc = snap.service_by_host(name)?;
     let ip = svc
         .vips
         .iter()
