@@ -22,8 +22,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use common::{
-    block_on, bounded, h2_in_tunnel, next_request, read_through, response_head, serve_threads,
-    EchoBinary, EVENT_BOUND,
+    block_on, bounded, h2_in_tunnel, next_request, read_through, read_to_end, response_head,
+    serve_threads, EchoBinary, Ended, EVENT_BOUND,
 };
 use hbone::stream::H2Stream;
 
@@ -151,26 +151,10 @@ impl Setup {
     }
 }
 
-/// How a tunnel's HTTP/1.1 response ended.
-#[derive(Debug, PartialEq, Eq)]
-enum Ended {
-    /// The stream was reset.
-    Reset,
-    /// The stream ended cleanly (END_STREAM).
-    Closed,
-}
-
 /// Read the response head (status, head length) and then everything until the stream
 /// ends: (status, bytes after the head, how it ended).
 async fn read_all(s: &mut H2Stream) -> (u16, Vec<u8>, Ended) {
-    let mut buf = Vec::new();
-    let ended = loop {
-        match bounded(s.read()).await {
-            Some(Ok(b)) => buf.extend_from_slice(&b),
-            Some(Err(_)) => break Ended::Reset,
-            None => break Ended::Closed,
-        }
-    };
+    let (buf, ended) = read_to_end(s).await;
     let h = response_head(&buf)
         .unwrap_or_else(|| panic!("no response head in {:?}", String::from_utf8_lossy(&buf)));
     (h.status, buf[h.size..].to_vec(), ended)

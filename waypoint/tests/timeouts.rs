@@ -18,8 +18,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use common::{
-    block_on, bounded, h2_in_tunnel, h2_stalled_post, next_request, read_through, response_head,
-    serve_threads, EchoBinary, EVENT_BOUND,
+    block_on, bounded, h2_in_tunnel, h2_stalled_post, next_request, read_through, read_to_end,
+    response_head, serve_threads, EchoBinary, Ended, EVENT_BOUND,
 };
 use hbone::stream::H2Stream;
 
@@ -92,30 +92,29 @@ impl std::ops::Deref for Setup {
     }
 }
 
-/// How a tunnel's stream ended.
-#[derive(Debug, PartialEq, Eq)]
-enum Ended {
-    Reset,
-    Closed,
-}
-
-/// Everything until the stream ends, and how it ended.
-async fn read_all(s: &mut H2Stream) -> (Vec<u8>, Ended) {
-    let mut buf = Vec::new();
-    let ended = loop {
-        match bounded(s.read()).await {
-            Some(Ok(b)) => buf.extend_from_slice(&b),
-            Some(Err(_)) => break Ended::Reset,
-            None => break Ended::Closed,
-        }
-    };
-    (buf, ended)
-}
-
 fn status(buf: &[u8]) -> u16 {
     response_head(buf)
         .unwrap_or_else(|| panic!("no response head in {:?}", String::from_utf8_lossy(buf)))
         .status
+}
+
+/// Send `req` on `s` and read until the stream ends: the response must be `want` and the
+/// stream must end in order. Everything read.
+async fn answered_and_closed(s: &mut H2Stream, req: Bytes, want: u16) -> Vec<u8> {
+    s.write_all(req, false).await.unwrap();
+    let (buf, ended) = read_to_end(s).await;
+    assert_eq!(status(&buf), want, "{}", String::from_utf8_lossy(&buf));
+    assert_eq!(ended, Ended::Closed);
+    buf
+}
+
+impl Setup {
+    /// Wait until the waypoint closed the hung backend's connection.
+    fn hung_connection_closed(&self) {
+        self.hang_closed
+            .recv_timeout(EVENT_BOUND)
+            .expect("the hung backend connection was not closed");
+    }
 }
 
 /// A client that sends part of a request head and then nothing (slowloris) gets `408`
@@ -126,20 +125,12 @@ fn a_partial_request_head_or_a_stalled_body_gets_408_and_the_tunnel_closes() {
     let st = setup("partial", SHORT);
     block_on(async {
         let (_c, mut s) = st.tunnel().await;
-        s.write_all(Bytes::from_static(b"GET / HTTP/1.1\r\n"), false)
-            .await
-            .unwrap();
-        let (buf, ended) = read_all(&mut s).await;
-        assert_eq!(status(&buf), 408, "{}", String::from_utf8_lossy(&buf));
-        assert_eq!(ended, Ended::Closed);
+        answered_and_closed(&mut s, Bytes::from_static(b"GET / HTTP/1.1\r\n"), 408).await;
 
         let (_c, mut s) = st.tunnel().await;
         let req = format!("POST / HTTP/1.1\r\nhost: {HOST}\r\ncontent-length: 10\r\n\r\nabc");
-        s.write_all(Bytes::from(req), false).await.unwrap();
-        let (buf, ended) = read_all(&mut s).await;
-        assert_eq!(status(&buf), 408, "{}", String::from_utf8_lossy(&buf));
+        let buf = answered_and_closed(&mut s, Bytes::from(req), 408).await;
         assert!(String::from_utf8_lossy(&buf).ends_with("stream timeout"));
-        assert_eq!(ended, Ended::Closed);
     });
     assert_eq!(st.metric("waypoint_request_timeouts_total"), 2);
     // Both are requests the waypoint answered: in the request metrics (the stalled body
@@ -160,14 +151,9 @@ fn a_hung_backend_gets_the_client_a_504_after_the_stream_idle_timeout() {
     block_on(async {
         let (_c, mut s) = st.tunnel().await;
         let req = format!("GET /hang HTTP/1.1\r\nhost: {HOST}\r\nconnection: close\r\n\r\n");
-        s.write_all(Bytes::from(req), false).await.unwrap();
-        let (buf, ended) = read_all(&mut s).await;
-        assert_eq!(status(&buf), 504, "{}", String::from_utf8_lossy(&buf));
-        assert_eq!(ended, Ended::Closed);
+        answered_and_closed(&mut s, Bytes::from(req), 504).await;
     });
-    st.hang_closed
-        .recv_timeout(EVENT_BOUND)
-        .expect("the hung backend connection was not closed");
+    st.hung_connection_closed();
     assert_eq!(st.metric("waypoint_upstream_timeouts_total"), 1);
 }
 
@@ -188,14 +174,9 @@ fn a_post_cut_by_the_stream_idle_timeout_on_a_kept_stream_is_sent_once() {
         let req = format!(
             "POST /hang HTTP/1.1\r\nhost: {HOST}\r\ncontent-length: 3\r\nconnection: close\r\n\r\nabc"
         );
-        s.write_all(Bytes::from(req), false).await.unwrap();
-        let (buf, ended) = read_all(&mut s).await;
-        assert_eq!(status(&buf), 504, "{}", String::from_utf8_lossy(&buf));
-        assert_eq!(ended, Ended::Closed);
+        answered_and_closed(&mut s, Bytes::from(req), 504).await;
     });
-    st.hang_closed
-        .recv_timeout(EVENT_BOUND)
-        .expect("the hung backend connection was not closed");
+    st.hung_connection_closed();
     assert_eq!(
         st.hangs.load(Ordering::SeqCst),
         1,
@@ -212,19 +193,16 @@ fn an_idle_keep_alive_tunnel_is_closed_after_the_idle_timeout() {
     block_on(async {
         let (_c, mut s) = st.tunnel().await;
         let req = format!("GET / HTTP/1.1\r\nhost: {HOST}\r\n\r\n");
-        s.write_all(Bytes::from(req), false).await.unwrap();
-        let (buf, ended) = read_all(&mut s).await;
+        let buf = answered_and_closed(&mut s, Bytes::from(req), 200).await;
         let text = String::from_utf8_lossy(&buf);
-        assert_eq!(status(&buf), 200, "{text}");
         assert!(
             text.ends_with("\r\n\r\nok"),
             "one whole response only: {text}"
         );
-        assert_eq!(ended, Ended::Closed);
 
         // Never a byte: closed too (detection waits no longer than `idle_timeout`).
         let (_c, mut s) = st.tunnel().await;
-        let (buf, ended) = read_all(&mut s).await;
+        let (buf, ended) = read_to_end(&mut s).await;
         assert!(buf.is_empty());
         assert_eq!(ended, Ended::Closed);
     });
@@ -243,7 +221,7 @@ fn r15_a_late_first_request_is_still_http_unless_a_detection_timeout_is_set() {
         monoio::time::sleep(Duration::from_secs(6)).await;
         let req = format!("GET / HTTP/1.1\r\nhost: {HOST}\r\nconnection: close\r\n\r\n");
         s.write_all(Bytes::from(req), false).await.unwrap();
-        let (buf, _) = read_all(&mut s).await;
+        let (buf, _) = read_to_end(&mut s).await;
         assert_eq!(status(&buf), 200, "{}", String::from_utf8_lossy(&buf));
     });
     let by = |p: &str| format!("waypoint_tunnels_by_protocol_total{{protocol=\"{p}\"}}");
@@ -293,9 +271,7 @@ fn h2_a_hung_request_gets_504_and_an_idle_connection_is_closed() {
         // Nothing more in flight: the waypoint ends the connection.
         let _ = bounded(conn).await;
     });
-    st.hang_closed
-        .recv_timeout(EVENT_BOUND)
-        .expect("the hung backend connection was not closed");
+    st.hung_connection_closed();
 }
 
 /// `waypoint_request_timeouts` counts the waypoint's own `408`s only: a backend's `408`
@@ -326,22 +302,14 @@ fn an_upstream_408_is_passed_on_and_not_counted_as_the_waypoints_request_timeout
     block_on(async {
         let (_c, mut s) = wp.tunnel().await;
         let req = format!("GET / HTTP/1.1\r\nhost: {HOST}\r\nconnection: close\r\n\r\n");
-        s.write_all(Bytes::from(req), false).await.unwrap();
-        let (buf, ended) = read_all(&mut s).await;
-        assert_eq!(status(&buf), 408, "{}", String::from_utf8_lossy(&buf));
+        let buf = answered_and_closed(&mut s, Bytes::from(req), 408).await;
         assert!(String::from_utf8_lossy(&buf).ends_with("slow"));
-        assert_eq!(ended, Ended::Closed);
     });
     assert_eq!(wp.metric("waypoint_request_timeouts_total"), 0);
     assert_eq!(wp.requests(&["response_code=\"408\""]), 1);
     block_on(async {
         let (_c, mut s) = wp.tunnel().await;
-        s.write_all(Bytes::from_static(b"GET / HTTP/1.1\r\n"), false)
-            .await
-            .unwrap();
-        let (buf, ended) = read_all(&mut s).await;
-        assert_eq!(status(&buf), 408, "{}", String::from_utf8_lossy(&buf));
-        assert_eq!(ended, Ended::Closed);
+        answered_and_closed(&mut s, Bytes::from_static(b"GET / HTTP/1.1\r\n"), 408).await;
     });
     assert_eq!(wp.metric("waypoint_request_timeouts_total"), 1);
     assert_eq!(wp.requests(&["response_code=\"408\""]), 2);

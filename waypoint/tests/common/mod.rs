@@ -1057,3 +1057,26 @@ pub async fn wait_until(what: &str, f: impl Fn() -> bool) {
     }
     panic!("timed out waiting for: {what}");
 }
+
+/// How a tunnel's stream ended.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Ended {
+    /// The stream was reset.
+    Reset,
+    /// The stream ended cleanly (END_STREAM).
+    Closed,
+}
+
+/// Everything read from `s` until it ends (each read bounded by [`EVENT_BOUND`]), and how
+/// it ended.
+pub async fn read_to_end(s: &mut H2Stream) -> (Vec<u8>, Ended) {
+    let mut buf = Vec::new();
+    let ended = loop {
+        match bounded(s.read()).await {
+            Some(Ok(b)) => buf.extend_from_slice(&b),
+            Some(Err(_)) => break Ended::Reset,
+            None => break Ended::Closed,
+        }
+    };
+    (buf, ended)
+}
