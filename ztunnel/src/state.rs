@@ -407,4 +407,35 @@ workloads:
         let t = st.texts.values().next().unwrap();
         assert!(Arc::ptr_eq(&st.principals[&web], &t.principal));
     }
+
+    /// The ztunnel's own identity (the inbound `identity` label of a connection addressed to
+    /// the node) has its text too when it is not the `peer_identity`.
+    #[test]
+    fn principals_hold_the_ztunnels_own_identity() {
+        let yaml = r#"
+ztunnel:
+  node: node-a
+  ca: {builtin: /nonexistent}
+  identity: spiffe://cluster.local/ns/istio-system/sa/ztunnel-a
+  peer_identity: spiffe://cluster.local/ns/istio-system/sa/ztunnel
+"#;
+        let loaded = crate::config::load_str(
+            std::path::Path::new("t.yaml"),
+            yaml,
+            &tuning::Profile::default(),
+            1,
+        )
+        .unwrap();
+        let dir = std::env::temp_dir().join(format!("ztunnel-own-id-{}", std::process::id()));
+        let ca = SigningCa::builtin(&dir, &loaded.settings.trust_domain).unwrap();
+        let st = build(&ca, &loaded.settings, loaded.snapshot.clone(), None).unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+        let own = &loaded.settings.identity;
+        assert_ne!(own, &loaded.settings.peer_identity);
+        assert_eq!(
+            &*st.principals[own],
+            "spiffe://cluster.local/ns/istio-system/sa/ztunnel-a"
+        );
+        assert_eq!(st.principals.len(), 2);
+    }
 }
