@@ -353,6 +353,10 @@ pub struct TunnelCtx {
     pub source_ip: IpAddr,
     /// `td/ns/N/sa/S` from the peer's certificate.
     pub principal: Option<String>,
+    /// The namespace whose consumer routes apply ([`crate::source::consumer_namespace`]
+    /// of the peer's identity under the snapshot this was derived from; `None` for a
+    /// ztunnel's hairpin or an unverified peer).
+    pub client_namespace: Option<Arc<str>>,
     /// The CONNECT's `traceparent`, if any (requests without a valid one continue it).
     pub traceparent: Option<String>,
 }
@@ -443,10 +447,8 @@ pub fn decide<'c>(
         scheme: "http",
     };
     // Consumer routes by the verified client's namespace; a ztunnel's hairpin has none.
-    let client_namespace =
-        crate::source::consumer_namespace(ctx.principal.as_deref(), &cfg.ztunnel_identity);
     match cfg.routes.route_shared_from(
-        client_namespace,
+        ctx.client_namespace.as_deref(),
         target,
         &rreq,
         &|s| cfg.service_exists(s),

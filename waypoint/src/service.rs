@@ -742,7 +742,7 @@ async fn tunnel(w: Rc<Worker>, cert: Arc<WorkloadCert>, mut inb: Inbound) {
             forwarded_for: inb.request.forwarded_for,
             baggage: &inb.request.baggage,
         },
-        |destination, source_ip| TunnelCtx {
+        |destination, source_ip, client_namespace| TunnelCtx {
             waypoint: settings.me.gateway.clone(),
             root_namespace: settings.root_namespace.clone(),
             destination,
@@ -750,6 +750,7 @@ async fn tunnel(w: Rc<Worker>, cert: Arc<WorkloadCert>, mut inb: Inbound) {
             destination_port: target.port(),
             source_ip,
             principal: inb.peer_identity.as_ref().map(principal),
+            client_namespace,
             traceparent: inb.request.traceparent.clone(),
         },
     ));
@@ -1242,9 +1243,10 @@ impl TunnelFacts {
                     forwarded_for: self.forwarded_for,
                     baggage: &self.baggage,
                 },
-                |destination, source_ip| TunnelCtx {
+                |destination, source_ip, client_namespace| TunnelCtx {
                     destination,
                     source_ip,
+                    client_namespace,
                     ..TunnelCtx::clone(&self.start_ctx)
                 },
             ),
@@ -1276,13 +1278,14 @@ struct Arrival<'a> {
 
 /// The view of a tunnel whose target `l7` (at `version`) serves as `destination`: its client
 /// address (`forwarded: for=` only from a hop that captured that client, crate::source),
-/// peer and facts, the latter made by `ctx` from the destination and client address.
+/// peer and facts, the latter made by `ctx` from the destination, client address and the
+/// namespace whose consumer routes apply (crate::source::consumer_namespace).
 fn derive(
     l7: Arc<WaypointConfig>,
     version: u64,
     destination: http1::Destination,
     a: &Arrival<'_>,
-    ctx: impl FnOnce(http1::Destination, IpAddr) -> TunnelCtx,
+    ctx: impl FnOnce(http1::Destination, IpAddr, Option<Arc<str>>) -> TunnelCtx,
 ) -> View {
     let ztunnel = crate::source::ztunnel_identity(&l7);
     let source_ip = crate::source::client_ip(
@@ -1293,9 +1296,10 @@ fn derive(
         ztunnel,
     );
     let peer = peer_of(a.identity, a.baggage, &l7, source_ip, &destination, ztunnel);
+    let client_namespace = crate::source::consumer_namespace(a.identity, ztunnel).map(Arc::from);
     View {
         version,
-        ctx: Some(Rc::new(ctx(destination, source_ip))),
+        ctx: Some(Rc::new(ctx(destination, source_ip, client_namespace))),
         peer: Rc::new(peer),
         metric_cache: Rc::default(),
         l7,

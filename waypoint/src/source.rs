@@ -36,8 +36,9 @@ pub fn ztunnel_identity(cfg: &WaypointConfig) -> &Identity {
     &cfg.ztunnel_identity
 }
 
-/// The namespace whose GAMMA consumer routes ([`crate::route`]) apply to a request of a
-/// tunnel whose verified peer is `principal` (`td/ns/N/sa/S`): that identity's namespace,
+/// The namespace whose GAMMA consumer routes ([`crate::route`]) apply to the requests of a
+/// tunnel whose verified peer is `peer` (derived once per tunnel and snapshot, kept in
+/// [`crate::http1::TunnelCtx::client_namespace`]): that identity's namespace,
 /// except for the trusted `ztunnel`'s. A ztunnel's hairpin (R12) carries a client that
 /// called the pod directly, outside the mesh: nothing authenticates it, and the ztunnel's
 /// own identity says nothing of its namespace, so it gets the producer routes only (`None`).
@@ -45,13 +46,9 @@ pub fn ztunnel_identity(cfg: &WaypointConfig) -> &Identity {
 /// but an address is not an identity: it never selects consumer routes. (Istio's waypoint
 /// does not route by client namespace at all: it builds one route table per Service from
 /// the routes of the Service's namespace or its own.)
-pub fn consumer_namespace<'a>(principal: Option<&'a str>, ztunnel: &Identity) -> Option<&'a str> {
-    let p = principal?;
-    let (td, rest) = p.split_once("/ns/")?;
-    let (ns, sa) = rest.split_once("/sa/")?;
-    let is_ztunnel =
-        ns == ztunnel.namespace && sa == ztunnel.service_account && td == ztunnel.trust_domain;
-    (!is_ztunnel).then_some(ns)
+pub fn consumer_namespace<'a>(peer: Option<&'a Identity>, ztunnel: &Identity) -> Option<&'a str> {
+    peer.filter(|id| *id != ztunnel)
+        .map(|id| id.namespace.as_str())
 }
 
 /// The tunnel's client address: `forwarded` when the hop that sent it captured that client

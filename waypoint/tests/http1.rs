@@ -203,6 +203,7 @@ fn service_ctx() -> TunnelCtx {
         destination_port: 80,
         source_ip: "10.1.0.1".parse().unwrap(),
         principal: Some("cluster.local/ns/default/sa/client".into()),
+        client_namespace: Some("default".into()),
         traceparent: None,
     }
 }

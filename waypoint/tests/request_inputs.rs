@@ -273,6 +273,7 @@ waypoint:
         destination_port: 80,
         source_ip: "10.1.0.7".parse().unwrap(),
         principal: Some("cluster.local/ns/app/sa/client".into()),
+        client_namespace: Some("app".into()),
         traceparent: None,
     };
     let head = |xff: &str| {

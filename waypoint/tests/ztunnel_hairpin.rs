@@ -137,6 +137,12 @@ fn routed(cfg: &WaypointConfig, principal: Option<&str>) -> String {
         destination_port: 80,
         source_ip: "192.0.2.9".parse().unwrap(),
         principal: principal.map(str::to_string),
+        // As the service derives it from the certificate's identity.
+        client_namespace: principal
+            .map(|p| Identity::parse(&format!("spiffe://{p}")).expect("an identity"))
+            .as_ref()
+            .and_then(|id| waypoint::source::consumer_namespace(Some(id), &cfg.ztunnel_identity))
+            .map(Into::into),
         traceparent: None,
     };
     let raw = get("/", "echo.app.svc.cluster.local");
