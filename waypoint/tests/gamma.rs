@@ -16,8 +16,6 @@ use common::{
 use hbone::ca::CertSource;
 use hbone::wire::ConnectRequest;
 use waypoint::config::{load_str, WaypointConfig};
-use waypoint::lb::SplitMix64;
-use waypoint::route::{Decision, ObjectRef, Request, Target};
 
 const MESH: &str = r#"
 services:
@@ -52,27 +50,7 @@ fn load(routes: &[String]) -> WaypointConfig {
 /// Where a GET of `path` to `app/echo:port` from a client in `ns` goes: the backend
 /// service's name, or the status answered.
 fn decide(cfg: &WaypointConfig, ns: Option<&str>, port: u16, path: &str) -> String {
-    let service = ObjectRef::new("app", "echo");
-    let req = Request {
-        method: "GET",
-        path,
-        query: None,
-        headers: &[("host", "echo.app.svc.cluster.local")],
-        scheme: "http",
-    };
-    match cfg.routes.route_from(
-        ns,
-        Target::Service {
-            service: &service,
-            port,
-        },
-        &req,
-        &|s| cfg.service_exists(s),
-        &mut SplitMix64(1),
-    ) {
-        Decision::Forward(f) => f.service.expect("a service").0.name,
-        Decision::Respond { status, .. } | Decision::Redirect { status, .. } => status.to_string(),
-    }
+    common::echo_route_decision(cfg, ns, port, path)
 }
 
 #[test]

@@ -7,11 +7,12 @@
 //! ports), so the per-service index the table keeps must give the same answers as a
 //! scan of every route.
 
+mod common;
+
 use std::path::Path;
 
 use waypoint::config::load_str;
 use waypoint::lb::{Rng, SplitMix64};
-use waypoint::route::{Decision, ObjectRef, Request, Target};
 
 const NAMESPACES: [&str; 3] = ["app", "ns-a", "ns-b"];
 const PREFIXES: [&str; 4] = ["/", "/a", "/a/b", "/c"];
@@ -150,32 +151,10 @@ fn r17_gamma_route_choice_matches_the_rule_over_generated_tables() {
         let text = format!("{services}---\n{}", docs.join("---\n"));
         let cfg = load_str(Path::new("gamma-gen.yaml"), &text, 1)
             .unwrap_or_else(|e| panic!("table {table}: {e}\n{text}"));
-        let echo = ObjectRef::new("app", "echo");
         for client in [None, Some("app"), Some("ns-a"), Some("ns-b"), Some("ns-c")] {
             for port in [80, 81] {
                 for path in PATHS {
-                    let req = Request {
-                        method: "GET",
-                        path,
-                        query: None,
-                        headers: &[("host", "echo.app.svc.cluster.local")],
-                        scheme: "http",
-                    };
-                    let got = match cfg.routes.route_from(
-                        client,
-                        Target::Service {
-                            service: &echo,
-                            port,
-                        },
-                        &req,
-                        &|s| cfg.service_exists(s),
-                        &mut SplitMix64(1),
-                    ) {
-                        Decision::Forward(f) => f.service.expect("a service").0.name,
-                        Decision::Respond { status, .. } | Decision::Redirect { status, .. } => {
-                            status.to_string()
-                        }
-                    };
+                    let got = common::echo_route_decision(&cfg, client, port, path);
                     let kind = match got.as_str() {
                         "echo" => 0,
                         "404" => 1,

@@ -1080,3 +1080,36 @@ pub async fn read_to_end(s: &mut H2Stream) -> (Vec<u8>, Ended) {
     };
     (buf, ended)
 }
+
+/// Where `cfg` routes a GET of `path` to Service `app/echo` port `port` (host
+/// `echo.app.svc.cluster.local`) from a client in namespace `ns`: the backend service's
+/// name, or the status answered.
+pub fn echo_route_decision(
+    cfg: &waypoint::config::WaypointConfig,
+    ns: Option<&str>,
+    port: u16,
+    path: &str,
+) -> String {
+    use waypoint::route::{Decision, Request, Target};
+    let service = ObjectRef::new("app", "echo");
+    let req = Request {
+        method: "GET",
+        path,
+        query: None,
+        headers: &[("host", "echo.app.svc.cluster.local")],
+        scheme: "http",
+    };
+    match cfg.routes.route_from(
+        ns,
+        Target::Service {
+            service: &service,
+            port,
+        },
+        &req,
+        &|s| cfg.service_exists(s),
+        &mut waypoint::lb::SplitMix64(1),
+    ) {
+        Decision::Forward(f) => f.service.expect("a service").0.name,
+        Decision::Respond { status, .. } | Decision::Redirect { status, .. } => status.to_string(),
+    }
+}
