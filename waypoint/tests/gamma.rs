@@ -6,15 +6,11 @@
 
 mod common;
 
-use std::net::SocketAddr;
 use std::path::Path;
 use std::time::SystemTime;
 
-use common::{
-    block_on, connect, echo_node, get, id, ip, named_backend, read_response, service_settings,
-};
+use common::{block_on, echo_node, id, ip, named_backend};
 use hbone::ca::CertSource;
-use hbone::wire::ConnectRequest;
 use waypoint::config::{load_str, WaypointConfig};
 
 const MESH: &str = r#"
@@ -197,13 +193,7 @@ fn r17_gamma_consumer_route_applies_to_its_namespace_clients_end_to_end() {
         named_backend(ip(net, 3), "echo-v1"),
         named_backend(ip(net, 4), "echo-v2"),
     );
-    let w = |name: &str, a: SocketAddr| {
-        format!(
-            "  - {{uid: {name}, name: {name}, namespace: app, serviceAccount: echo, node: node-b, workloadIps: [\"{}\"], services: {{\"app/{name}.app.svc.cluster.local\": {{80: {}}}}}}}\n",
-            a.ip(),
-            a.port()
-        )
-    };
+    let w = common::app_workload;
     let model = common::app_model(
         ip(net, 1),
         &format!("{}{}{}", w("echo", e), w("echo-v1", v1), w("echo-v2", v2)),
@@ -214,36 +204,18 @@ fn r17_gamma_consumer_route_applies_to_its_namespace_clients_end_to_end() {
         route("app", "prod", None, "/", "echo-v1"),
         route("ns-a", "fast", None, "/", "echo-v2")
     );
-    let cfg = load_str(Path::new("gamma-e2e.yaml"), &text, 1).unwrap_or_else(|e| panic!("{e}"));
-    let shutdown = runtime::Shutdown::new();
-    let handle = waypoint::service::start(
-        service_settings(),
-        ca.clone(),
-        runtime::Publisher::new(cfg),
-        shutdown.clone(),
-    )
-    .unwrap();
+    let (handle, shutdown) = common::start_service(&ca, &text, "gamma-e2e.yaml");
     let waypoint = handle.addr;
     // The same request to Service echo from clients of three namespaces.
     let ask = |client_ns: &'static str| {
         let cert = ca.issue(&id(client_ns, "client"), now).unwrap();
-        block_on(async move {
-            let c = connect(waypoint, &cert, id("app", "waypoint"))
-                .await
-                .unwrap();
-            let mut s = c
-                .open(&ConnectRequest::new("10.96.0.1:80".parse().unwrap()))
-                .await
-                .unwrap();
-            s.write_all(
-                bytes::Bytes::from(get("/", "echo.app.svc.cluster.local")),
-                false,
-            )
-            .await
-            .unwrap();
-            let r = read_response(&mut s, &mut Vec::new()).await;
-            (r.status, r.text())
-        })
+        block_on(common::tunnel_get(
+            waypoint,
+            &cert,
+            None,
+            "10.96.0.1:80",
+            "echo.app.svc.cluster.local",
+        ))
     };
     assert_eq!(ask("ns-a"), (200, "echo-v2".to_string()));
     assert_eq!(ask("ns-b"), (200, "echo-v1".to_string()));

@@ -11,15 +11,12 @@
 
 mod common;
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::Ipv4Addr;
 use std::path::Path;
 use std::time::SystemTime;
 
-use common::{
-    block_on, connect, echo_node, get, id, ip, named_backend, read_response, service_settings,
-};
+use common::{block_on, echo_node, get, id, ip, named_backend};
 use hbone::ca::CertSource;
-use hbone::wire::ConnectRequest;
 use hbone::Identity;
 use waypoint::config::{load_str, WaypointConfig};
 use waypoint::http1::{decide, parse_head, Action, Destination, Parsed, TunnelCtx};
@@ -205,46 +202,23 @@ fn r12_hairpin_through_the_waypoint_gets_producer_routes_end_to_end() {
         ("echo-v2", named_backend(ip(net, 4), "echo-v2")),
         ("echo-v3", named_backend(ip(net, 5), "echo-v3")),
     ];
-    let w = |name: &str, a: SocketAddr| {
-        format!(
-            "  - {{uid: {name}, name: {name}, namespace: app, serviceAccount: echo, node: node-b, workloadIps: [\"{}\"], services: {{\"app/{name}.app.svc.cluster.local\": {{80: {}}}}}}}\n",
-            a.ip(),
-            a.port()
-        )
-    };
+    let w = common::app_workload;
     let workloads: String = backends.iter().map(|(n, a)| w(n, *a)).collect();
     let services = SERVICES.strip_prefix("services:\n").unwrap();
     let model = common::app_model(ip(net, 1), &workloads, services);
     let text = format!("{model}---\n{}", routes());
-    let cfg = load_str(Path::new("hairpin-e2e.yaml"), &text, 1).unwrap_or_else(|e| panic!("{e}"));
-    let shutdown = runtime::Shutdown::new();
-    let handle = waypoint::service::start(
-        service_settings(),
-        ca.clone(),
-        runtime::Publisher::new(cfg),
-        shutdown.clone(),
-    )
-    .unwrap();
+    let (handle, shutdown) = common::start_service(&ca, &text, "hairpin-e2e.yaml");
     let waypoint = handle.addr;
     // A GET to Service echo on a tunnel as `who`, with the CONNECT's `forwarded: for=`.
     let ask = |who: Identity, forwarded: Option<Ipv4Addr>| {
         let cert = ca.issue(&who, now).unwrap();
-        block_on(async move {
-            let c = connect(waypoint, &cert, id("app", "waypoint"))
-                .await
-                .unwrap();
-            let mut req = ConnectRequest::new("10.96.0.1:80".parse().unwrap());
-            req.forwarded_for = forwarded.map(IpAddr::V4);
-            let mut s = c.open(&req).await.unwrap();
-            s.write_all(
-                bytes::Bytes::from(get("/", "echo.app.svc.cluster.local")),
-                false,
-            )
-            .await
-            .unwrap();
-            let r = read_response(&mut s, &mut Vec::new()).await;
-            (r.status, r.text())
-        })
+        block_on(common::tunnel_get(
+            waypoint,
+            &cert,
+            forwarded,
+            "10.96.0.1:80",
+            "echo.app.svc.cluster.local",
+        ))
     };
     // The node ztunnel hairpinning a direct call from outside the mesh (R12): producer.
     let outside = Some(Ipv4Addr::new(192, 0, 2, 9));

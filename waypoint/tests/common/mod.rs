@@ -823,12 +823,48 @@ pub async fn open_tunnel(
     cert: &WorkloadCert,
     target: &str,
 ) -> (Client, H2Stream) {
+    open_tunnel_for(addr, cert, target, None).await
+}
+
+/// [`open_tunnel`] with the CONNECT's `forwarded: for=` naming `forwarded`.
+pub async fn open_tunnel_for(
+    addr: SocketAddr,
+    cert: &WorkloadCert,
+    target: &str,
+    forwarded: Option<Ipv4Addr>,
+) -> (Client, H2Stream) {
     let c = connect(addr, cert, id("app", "waypoint")).await.unwrap();
-    let s = c
-        .open(&hbone::wire::ConnectRequest::new(target.parse().unwrap()))
+    let mut req = hbone::wire::ConnectRequest::new(target.parse().unwrap());
+    req.forwarded_for = forwarded.map(std::net::IpAddr::V4);
+    let s = c.open(&req).await.unwrap();
+    (c, s)
+}
+
+/// A GET of `/` on `host` in a fresh tunnel ([`open_tunnel_for`]) to `target`: the
+/// response's status and body.
+pub async fn tunnel_get(
+    addr: SocketAddr,
+    cert: &WorkloadCert,
+    forwarded: Option<Ipv4Addr>,
+    target: &str,
+    host: &str,
+) -> (u16, String) {
+    let (_c, mut s) = open_tunnel_for(addr, cert, target, forwarded).await;
+    s.write_all(Bytes::from(get("/", host)), false)
         .await
         .unwrap();
-    (c, s)
+    let r = read_response(&mut s, &mut Vec::new()).await;
+    (r.status, r.text())
+}
+
+/// A workload line of the mesh model: `name` (also its uid), running as `app/echo` on
+/// node `node-b` at `addr`, the endpoint of Service `app/<name>` port 80.
+pub fn app_workload(name: &str, addr: SocketAddr) -> String {
+    format!(
+        "  - {{uid: {name}, name: {name}, namespace: app, serviceAccount: echo, node: node-b, workloadIps: [\"{}\"], services: {{\"app/{name}.app.svc.cluster.local\": {{80: {}}}}}}}\n",
+        addr.ip(),
+        addr.port()
+    )
 }
 
 /// An HTTP/2 client connection inside the tunnel `s`: its sender, and its connection
