@@ -1095,6 +1095,9 @@ pub enum Note {
     /// A request answered `408` by the waypoint (its head or body stopped coming); an
     /// upstream's `408` passed on is not one.
     RequestTimeout,
+    /// A request the waypoint refused as malformed (`400`, `413`, `431`); an upstream's
+    /// answer passed on is not one.
+    BadRequest,
     /// The request is gRPC (`content-type: application/grpc…`): its metrics say `grpc`.
     Grpc,
     /// The `grpc-status` of the response (its head, or its trailers).
@@ -1122,9 +1125,7 @@ pub async fn serve_from<T: Tunnel, U: Upstream>(
     loop {
         let (head, used) = match read_head(tunnel, &mut buf, &times, &mut clock).await? {
             HeadWait::Head(h, n) => (h, n),
-            HeadWait::Bad(status) => {
-                return close_with(tunnel, simple_response(status, &[], "", true), status).await;
-            }
+            HeadWait::Bad(status) => return reject(tunnel, upstream, status).await,
             // No request in flight for `idle_timeout`: closed (in order, as at its end).
             HeadWait::Eof | HeadWait::Idle => return Ok(End::Eof),
             HeadWait::Slow => {
@@ -1159,9 +1160,7 @@ pub async fn serve_from<T: Tunnel, U: Upstream>(
         let framing = match body_framing(&head) {
             Ok(BodyFraming::Length(n)) => Framing::Length(n as u64),
             Ok(BodyFraming::Chunked) => Framing::Chunked,
-            Err(status) => {
-                return close_with(tunnel, simple_response(status, &[], "", true), status).await;
-            }
+            Err(status) => return reject(tunnel, upstream, status).await,
         };
         let has_body = framing != Framing::Length(0);
         // `Expect`: only `100-continue` is understood (and ignored from HTTP/1.0 clients,
@@ -1240,7 +1239,7 @@ pub async fn serve_from<T: Tunnel, U: Upstream>(
                             }
                             Some(r) => match r? {
                                 Some(n) => ReqBody::Buffered(buf.split_to(n).freeze()),
-                                None => return bad_body(tunnel).await,
+                                None => return reject(tunnel, upstream, 400).await,
                             },
                             None => {
                                 let n = used as u64 + buf.len() as u64;
@@ -1287,7 +1286,7 @@ pub async fn serve_from<T: Tunnel, U: Upstream>(
                         match r {
                             Some(Ok(Some(n))) => ReqBody::Buffered(buf.split_to(n).freeze()),
                             Some(Ok(None)) => ReqBody::Streamed(Framing::Chunked),
-                            Some(Err(())) | None => return bad_body(tunnel).await,
+                            Some(Err(())) | None => return reject(tunnel, upstream, 400).await,
                         }
                     }
                     f => ReqBody::Streamed(f),
@@ -1323,10 +1322,7 @@ pub async fn serve_from<T: Tunnel, U: Upstream>(
                         tunnel.finish().await?;
                         return Ok(End::Closed(out.status));
                     }
-                    Next::Bad(status) => {
-                        return close_with(tunnel, simple_response(status, &[], "", true), status)
-                            .await;
-                    }
+                    Next::Bad(status) => return reject(tunnel, upstream, status).await,
                     Next::Abort(e) => return Err(e),
                     Next::Upgraded => {
                         upstream.upgraded(buf.split().freeze());
@@ -1538,8 +1534,18 @@ async fn within_boxed<F: std::future::Future>(
     }
 }
 
-async fn bad_body<T: Tunnel>(tunnel: &mut T) -> io::Result<End> {
-    close_with(tunnel, simple_response(400, &[], "", true), 400).await
+/// The waypoint's answer to a request it cannot take (bad head, framing or body):
+/// `status`, and the tunnel closed; `400`, `413` and `431` are counted as bad requests
+/// ([`Note::BadRequest`]), an upstream's passed on never is.
+async fn reject<T: Tunnel, U: Upstream>(
+    tunnel: &mut T,
+    upstream: &mut U,
+    status: u16,
+) -> io::Result<End> {
+    if matches!(status, 400 | 413 | 431) {
+        upstream.note(Note::BadRequest);
+    }
+    close_with(tunnel, simple_response(status, &[], "", true), status).await
 }
 
 /// Read from the tunnel into `buf` until `done` says how many bytes are wanted

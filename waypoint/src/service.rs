@@ -829,9 +829,6 @@ async fn tunnel(w: Rc<Worker>, cert: Arc<WorkloadCert>, mut inb: Inbound) {
                     }
                 }
                 Either::Left(Ok(end)) => {
-                    if let http1::End::Closed(400 | 413 | 431) = end {
-                        counters.bad_requests.fetch_add(1, Relaxed);
-                    }
                     tracing::trace!(%target, ?end, "tunnel ended");
                     // Ended in order: END_STREAM (if not sent yet), then the client's end
                     // waited for, so its ztunnel passes a FIN on (dropping the stream
@@ -1577,6 +1574,7 @@ impl Upstream for HboneUpstream {
             http1::Note::Upgraded => &c.upgrades,
             http1::Note::RequestBodyTimeout => &c.upstream_timeouts,
             http1::Note::RequestTimeout => &c.request_timeouts,
+            http1::Note::BadRequest => &c.bad_requests,
         };
         ctr.fetch_add(1, Relaxed);
     }

@@ -314,3 +314,40 @@ fn an_upstream_408_is_passed_on_and_not_counted_as_the_waypoints_request_timeout
     assert_eq!(wp.metric("waypoint_request_timeouts_total"), 1);
     assert_eq!(wp.requests(&["response_code=\"408\""]), 2);
 }
+
+/// `waypoint_bad_requests` counts the requests the waypoint itself refuses as malformed:
+/// a backend's `400` passed on, on a tunnel that then closes (the client asked to), is a
+/// response like any other, while a request with two `Host` fields still counts.
+#[test]
+fn an_upstream_400_is_passed_on_and_not_counted_as_a_bad_request() {
+    let wp = EchoBinary::start(
+        18,
+        "upstream-400",
+        |ip| {
+            serve_threads(ip, |mut c| {
+                let mut buf = Vec::new();
+                while next_request(&mut c, &mut buf).is_some() {
+                    let resp = "HTTP/1.1 400 Bad Request\r\ncontent-length: 3\r\n\r\nbad";
+                    if c.write_all(resp.as_bytes()).is_err() {
+                        return;
+                    }
+                }
+            })
+        },
+        |model, settings| format!("{model}---\n{settings}"),
+    );
+    block_on(async {
+        let (_c, mut s) = wp.tunnel().await;
+        let req = format!("GET / HTTP/1.1\r\nhost: {HOST}\r\nconnection: close\r\n\r\n");
+        let buf = answered_and_closed(&mut s, Bytes::from(req), 400).await;
+        assert!(String::from_utf8_lossy(&buf).ends_with("bad"));
+    });
+    assert_eq!(wp.metric("waypoint_bad_requests_total"), 0);
+    assert_eq!(wp.requests(&["response_code=\"400\""]), 1);
+    block_on(async {
+        let (_c, mut s) = wp.tunnel().await;
+        let req = format!("GET / HTTP/1.1\r\nhost: {HOST}\r\nhost: {HOST}\r\n\r\n");
+        answered_and_closed(&mut s, Bytes::from(req), 400).await;
+    });
+    assert_eq!(wp.metric("waypoint_bad_requests_total"), 1);
+}
