@@ -9,10 +9,9 @@ mod common;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::time::{Duration, SystemTime};
 
-use bytes::Bytes;
 use common::{
-    block_on, echo_node, grpc_model, grpc_status, h2_in_tunnel, id, ip, open_tunnel, requests_in,
-    serve_async, start_with_stats, stats_page,
+    block_on, echo_node, grpc_model, grpc_status, h2_in_tunnel, h2_server, id, ip, open_tunnel,
+    requests_in, send_grpc_message, serve_async, start_with_stats, stats_page,
 };
 use hbone::ca::CertSource;
 
@@ -20,8 +19,7 @@ use hbone::ca::CertSource;
 /// with `grpc-status: 5`; `/only` a trailers-only head with `grpc-status: 14`.
 fn grpc_backend(ip: Ipv4Addr) -> SocketAddr {
     serve_async(ip, move |tcp| async move {
-        let io = monoio::io::IntoPollIo::into_poll_io(tcp).unwrap();
-        let Ok(mut conn) = h2::server::handshake(io).await else {
+        let Some(mut conn) = h2_server(tcp).await else {
             return;
         };
         while let Some(Ok((req, mut respond))) = conn.accept().await {
@@ -37,10 +35,7 @@ fn grpc_backend(ip: Ipv4Addr) -> SocketAddr {
                 continue;
             };
             if !only {
-                let _ = tx.send_data(Bytes::from_static(b"\0\0\0\0\0"), false);
-                let mut t = http::HeaderMap::new();
-                t.insert("grpc-status", "5".parse().unwrap());
-                let _ = tx.send_trailers(t);
+                send_grpc_message(&mut tx, Some("5"));
             }
         }
     })

@@ -12,10 +12,9 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use bytes::Bytes;
 use common::{
-    block_on, echo_node, grpc_model, grpc_status, h2_in_tunnel, id, ip, open_tunnel, requests_in,
-    serve_async, start_with_stats, stats_page,
+    block_on, echo_node, grpc_model, grpc_status, h2_in_tunnel, h2_server, id, ip, open_tunnel,
+    requests_in, send_grpc_message, serve_async, start_with_stats, stats_page,
 };
 use hbone::ca::CertSource;
 
@@ -31,8 +30,7 @@ fn flaky_grpc_backend(ip: Ipv4Addr, tries: Arc<[AtomicU32; 4]>) -> SocketAddr {
     serve_async(ip, move |tcp| {
         let tries = tries.clone();
         async move {
-            let io = monoio::io::IntoPollIo::into_poll_io(tcp).unwrap();
-            let Ok(mut conn) = h2::server::handshake(io).await else {
+            let Some(mut conn) = h2_server(tcp).await else {
                 return;
             };
             while let Some(Ok((req, mut respond))) = conn.accept().await {
@@ -59,13 +57,8 @@ fn flaky_grpc_backend(ip: Ipv4Addr, tries: Arc<[AtomicU32; 4]>) -> SocketAddr {
                     continue;
                 };
                 if !end {
-                    let last = PATHS[i] == "/none";
-                    let _ = tx.send_data(Bytes::from_static(b"\0\0\0\0\0"), last);
-                    if !last {
-                        let mut t = http::HeaderMap::new();
-                        t.insert("grpc-status", "0".parse().unwrap());
-                        let _ = tx.send_trailers(t);
-                    }
+                    let status = (PATHS[i] != "/none").then_some("0");
+                    send_grpc_message(&mut tx, status);
                 }
             }
         }

@@ -16,7 +16,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use common::{block_on, bounded, h2_in_tunnel, h2_stalled_post, serve_async, EchoBinary};
+use common::{
+    block_on, bounded, h2_in_tunnel, h2_server, h2_stalled_post, serve_async, EchoBinary,
+};
 use hbone::client::Client;
 
 const HOST: &str = "echo.app.svc.cluster.local";
@@ -31,8 +33,7 @@ fn h2_backend(ip: std::net::Ipv4Addr, uploaded: Arc<AtomicU64>) -> SocketAddr {
     serve_async(ip, move |tcp| {
         let uploaded = uploaded.clone();
         async move {
-            let io = monoio::io::IntoPollIo::into_poll_io(tcp).unwrap();
-            let Ok(mut conn) = h2::server::handshake(io).await else {
+            let Some(mut conn) = h2_server(tcp).await else {
                 return;
             };
             let mut held = Vec::new();

@@ -1149,3 +1149,23 @@ pub fn echo_route_decision(
         Decision::Respond { status, .. } | Decision::Redirect { status, .. } => status.to_string(),
     }
 }
+
+/// An HTTP/2 (prior knowledge) backend's side of its accepted connection `tcp` (None: the
+/// handshake failed).
+pub async fn h2_server(
+    tcp: monoio::net::TcpStream,
+) -> Option<h2::server::Connection<monoio::net::tcp::stream_poll::TcpStreamPoll, Bytes>> {
+    let io = monoio::io::IntoPollIo::into_poll_io(tcp).unwrap();
+    h2::server::handshake(io).await.ok()
+}
+
+/// A gRPC backend's body after its response head: one empty message, then trailers with
+/// `grpc-status: <status>` (None: the message ends the stream, no trailers).
+pub fn send_grpc_message(tx: &mut h2::SendStream<Bytes>, status: Option<&str>) {
+    let _ = tx.send_data(Bytes::from_static(b"\0\0\0\0\0"), status.is_none());
+    if let Some(status) = status {
+        let mut t = http::HeaderMap::new();
+        t.insert("grpc-status", status.parse().unwrap());
+        let _ = tx.send_trailers(t);
+    }
+}
