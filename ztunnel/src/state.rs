@@ -283,6 +283,20 @@ pub fn needs_renewal(state: &State) -> bool {
 mod tests {
     use super::*;
 
+    fn loaded(yaml: &str) -> crate::config::Loaded {
+        let file = std::path::Path::new("t.yaml");
+        crate::config::load_str(file, yaml, &tuning::Profile::default(), 1).unwrap()
+    }
+
+    /// The state built from `loaded`, with a built-in CA in a scratch folder named `tag`.
+    fn built(loaded: &crate::config::Loaded, tag: &str) -> State {
+        let dir = std::env::temp_dir().join(format!("{tag}-{}", std::process::id()));
+        let ca = SigningCa::builtin(&dir, &loaded.settings.trust_domain).unwrap();
+        let st = build(&ca, &loaded.settings, loaded.snapshot.clone(), None).unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+        st
+    }
+
     /// The `baggage` string Istio's ztunnel writes, from the model's workload fields:
     /// a Deployment's pod with its canonical name and revision, and a bare pod with none.
     #[test]
@@ -298,20 +312,11 @@ workloads:
   - {name: web-5d8f-x2x, namespace: shop, workloadName: web, canonicalName: web-frontend, canonicalRevision: v2, workloadIps: [10.0.0.1], node: node-a}
   - {name: debug, namespace: shop, workloadIps: [10.0.0.2], node: node-a}
 "#;
-        let loaded = crate::config::load_str(
-            std::path::Path::new("t.yaml"),
-            yaml,
-            &tuning::Profile::default(),
-            1,
-        )
-        .unwrap();
+        let loaded = loaded(yaml);
         let cluster = &loaded.settings.cluster_id;
         assert_eq!(cluster, "east");
         // The header each source sends is rendered once, with the snapshot's state.
-        let dir = std::env::temp_dir().join(format!("ztunnel-state-{}", std::process::id()));
-        let ca = SigningCa::builtin(&dir, &loaded.settings.trust_domain).unwrap();
-        let st = build(&ca, &loaded.settings, loaded.snapshot.clone(), None).unwrap();
-        let _ = std::fs::remove_dir_all(&dir);
+        let st = built(&loaded, "ztunnel-state");
         let header = |ip: &str| {
             let ip: IpAddr = ip.parse().unwrap();
             let w = st.model.workload_by_ip(ip).unwrap();
@@ -343,13 +348,7 @@ ztunnel:
 services:
   - {name: echo, namespace: shop, hostname: Echo.Shop., vips: ["10.1.0.1"]}
 "#;
-        let loaded = crate::config::load_str(
-            std::path::Path::new("t.yaml"),
-            yaml,
-            &tuning::Profile::default(),
-            1,
-        )
-        .unwrap();
+        let loaded = loaded(yaml);
         let want = Some("10.1.0.1:80".parse().unwrap());
         for name in ["echo.shop", "Echo.Shop.", "ECHO.SHOP."] {
             assert_eq!(
@@ -380,17 +379,8 @@ waypoints:
 workloads:
   - {name: web, namespace: shop, serviceAccount: web-sa, workloadIps: [10.0.0.1], node: node-a}
 "#;
-        let loaded = crate::config::load_str(
-            std::path::Path::new("t.yaml"),
-            yaml,
-            &tuning::Profile::default(),
-            1,
-        )
-        .unwrap();
-        let dir = std::env::temp_dir().join(format!("ztunnel-principals-{}", std::process::id()));
-        let ca = SigningCa::builtin(&dir, &loaded.settings.trust_domain).unwrap();
-        let st = build(&ca, &loaded.settings, loaded.snapshot.clone(), None).unwrap();
-        let _ = std::fs::remove_dir_all(&dir);
+        let loaded = loaded(yaml);
+        let st = built(&loaded, "ztunnel-principals");
         let wp = &st.model.waypoints()[0].identity;
         let web = st.model.workloads().next().unwrap().identity();
         for id in [
@@ -419,17 +409,8 @@ ztunnel:
   identity: spiffe://cluster.local/ns/istio-system/sa/ztunnel-a
   peer_identity: spiffe://cluster.local/ns/istio-system/sa/ztunnel
 "#;
-        let loaded = crate::config::load_str(
-            std::path::Path::new("t.yaml"),
-            yaml,
-            &tuning::Profile::default(),
-            1,
-        )
-        .unwrap();
-        let dir = std::env::temp_dir().join(format!("ztunnel-own-id-{}", std::process::id()));
-        let ca = SigningCa::builtin(&dir, &loaded.settings.trust_domain).unwrap();
-        let st = build(&ca, &loaded.settings, loaded.snapshot.clone(), None).unwrap();
-        let _ = std::fs::remove_dir_all(&dir);
+        let loaded = loaded(yaml);
+        let st = built(&loaded, "ztunnel-own-id");
         let own = &loaded.settings.identity;
         assert_ne!(own, &loaded.settings.peer_identity);
         assert_eq!(
