@@ -24,12 +24,7 @@ fn connect_many(
         .issue(&identity.parse().unwrap(), SystemTime::now())
         .unwrap();
     std::thread::spawn(move || {
-        let decision = runtime::driver::DriverDecision {
-            kind: runtime::driver::DriverKind::Epoll,
-            reason: "test".into(),
-        };
-        let (mut rt, _) = runtime::driver::build_runtime(&decision, 64).unwrap();
-        rt.block_on(async move {
+        common::block_on(64, async move {
             let tls = hbone::tls::client_config(&cert, &[ZTUNNEL_ID.parse().unwrap()]).unwrap();
             let c = hbone::client::Client::connect(
                 zt,

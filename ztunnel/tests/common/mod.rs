@@ -505,6 +505,16 @@ pub fn waypoint(ca: &SigningCa, addr: SocketAddr) -> Waypoint {
     waypoint_as(ca, addr, WAYPOINT_ID)
 }
 
+/// Run `f` to completion on a fresh epoll runtime with `entries` ring entries, on this thread.
+pub fn block_on<F: std::future::Future>(entries: u32, f: F) -> F::Output {
+    let decision = runtime::driver::DriverDecision {
+        kind: runtime::driver::DriverKind::Epoll,
+        reason: "test".into(),
+    };
+    let (mut rt, _) = runtime::driver::build_runtime(&decision, entries).unwrap();
+    rt.block_on(f)
+}
+
 /// A test waypoint presenting `identity`.
 pub fn waypoint_as(ca: &SigningCa, addr: SocketAddr, identity: &str) -> Waypoint {
     let cert = ca
@@ -517,12 +527,7 @@ pub fn waypoint_as(ca: &SigningCa, addr: SocketAddr, identity: &str) -> Waypoint
     let stop = Arc::new(AtomicBool::new(false));
     let s2 = stop.clone();
     std::thread::spawn(move || {
-        let decision = runtime::driver::DriverDecision {
-            kind: runtime::driver::DriverKind::Epoll,
-            reason: "test".into(),
-        };
-        let (mut rt, _) = runtime::driver::build_runtime(&decision, 256).unwrap();
-        rt.block_on(async move {
+        block_on(256, async move {
             let l = monoio::net::TcpListener::from_std(listener).unwrap();
             let tx = Rc::new(tx);
             loop {
@@ -624,12 +629,7 @@ pub fn try_hbone_request(
     req: ConnectRequest,
 ) -> Result<(u16, String), String> {
     std::thread::spawn(move || {
-        let decision = runtime::driver::DriverDecision {
-            kind: runtime::driver::DriverKind::Epoll,
-            reason: "test".into(),
-        };
-        let (mut rt, _) = runtime::driver::build_runtime(&decision, 64).unwrap();
-        rt.block_on(async move {
+        block_on(64, async move {
             let tls = hbone::tls::client_config(&cert, &[server_id]).unwrap();
             let c = hbone::client::Client::connect(
                 to,
