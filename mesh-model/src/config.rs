@@ -559,6 +559,11 @@ impl LocalConfig {
                 check(field, value, rule)
             }
         };
+        // Optional fields: absent is fine.
+        let some = |field: String, value: &Option<String>, rule: Check| match value {
+            Some(v) => check(field, v, rule),
+            None => Ok(()),
+        };
         let labels = |field: String, l: &Labels| {
             for (k, v) in l {
                 names::label_key(k)
@@ -572,12 +577,12 @@ impl LocalConfig {
             opt(f("uid"), &w.uid, names::token)?;
             check(f("name"), &w.name, names::dns_subdomain)?;
             check(f("namespace"), &w.namespace, names::dns_label)?;
-            if let Some(sa) = &w.service_account {
-                check(f("serviceAccount"), sa, names::dns_subdomain)?;
-            }
-            if let Some(td) = &w.trust_domain {
-                check(f("trustDomain"), td, names::trust_domain)?;
-            }
+            some(
+                f("serviceAccount"),
+                &w.service_account,
+                names::dns_subdomain,
+            )?;
+            some(f("trustDomain"), &w.trust_domain, names::trust_domain)?;
             opt(f("hostname"), &w.hostname, names::hostname)?;
             opt(f("node"), &w.node, names::dns_subdomain)?;
             check(f("network"), &w.network, names::label_value)?;
@@ -620,12 +625,12 @@ impl LocalConfig {
             let f = |name: &str| format!("waypoints[{i}].{name}");
             check(f("name"), &w.name, names::dns_subdomain)?;
             check(f("namespace"), &w.namespace, names::dns_label)?;
-            if let Some(sa) = &w.service_account {
-                check(f("serviceAccount"), sa, names::dns_subdomain)?;
-            }
-            if let Some(td) = &w.trust_domain {
-                check(f("trustDomain"), td, names::trust_domain)?;
-            }
+            some(
+                f("serviceAccount"),
+                &w.service_account,
+                names::dns_subdomain,
+            )?;
+            some(f("trustDomain"), &w.trust_domain, names::trust_domain)?;
             check(f("network"), &w.network, names::label_value)?;
             for k in w.annotations.keys() {
                 check(f("annotations"), k, names::label_key)?;
