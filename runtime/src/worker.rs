@@ -656,32 +656,42 @@ pub(crate) mod tests {
             sched_fifo_priority: Some(7),
             ..RuntimeConfig::default()
         };
-        cfg.validate("runtime").unwrap();
-        let shutdown = Shutdown::new();
-        let (tx, rx) = std::sync::mpsc::channel();
-        let workers = spawn_workers(&cfg, &shutdown, |_| {
-            let tx = tx.clone();
-            move |ctx: WorkerCtx| async move {
-                tx.send((ctx.id(), crate::rtsched::current().unwrap()))
-                    .unwrap();
-            }
-        })
-        .unwrap();
-        let mut got: Vec<_> = (0..2)
-            .map(|_| {
-                rx.recv_timeout(std::time::Duration::from_secs(30))
-                    .expect("a worker never ran")
-            })
-            .collect();
-        got.sort_by_key(|(id, _)| *id);
+        let got = seen_by_workers(cfg, 2, |ctx| (ctx.id(), crate::rtsched::current().unwrap()));
         let fifo7 = (crate::rtsched::Policy::Fifo, 7);
         assert_eq!(got, vec![(0, fifo7), (1, fifo7)]);
         assert_eq!(
             crate::rtsched::current().unwrap(),
             (crate::rtsched::Policy::Other, 0)
         );
+    }
+
+    /// What `look` returns on each of the `n` workers `cfg` starts (in worker order), once
+    /// they all ran; the workers are drained and joined before it returns.
+    fn seen_by_workers<T: Send + 'static>(
+        cfg: RuntimeConfig,
+        n: usize,
+        look: fn(&WorkerCtx) -> T,
+    ) -> Vec<T> {
+        cfg.validate("runtime").unwrap();
+        let shutdown = Shutdown::new();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let workers = spawn_workers(&cfg, &shutdown, |_| {
+            let tx = tx.clone();
+            move |ctx: WorkerCtx| async move {
+                tx.send((ctx.id(), look(&ctx))).unwrap();
+            }
+        })
+        .unwrap();
+        let mut got: Vec<_> = (0..n)
+            .map(|_| {
+                rx.recv_timeout(std::time::Duration::from_secs(30))
+                    .expect("a worker never ran")
+            })
+            .collect();
+        got.sort_by_key(|(id, _)| *id);
         shutdown.drain(std::time::Duration::ZERO);
         workers.join().unwrap();
+        got.into_iter().map(|(_, t)| t).collect()
     }
 
     /// A worker pinned to a core outside the affinity its process inherited runs there.
@@ -698,28 +708,15 @@ pub(crate) mod tests {
                 cores: Some(vec![other]),
                 ..RuntimeConfig::default()
             };
-            cfg.validate("runtime").unwrap();
-            let shutdown = Shutdown::new();
-            let (tx, rx) = std::sync::mpsc::channel();
-            let workers = spawn_workers(&cfg, &shutdown, |_| {
-                let tx = tx.clone();
-                move |ctx: WorkerCtx| async move {
-                    let allowed: Vec<usize> = core_affinity::get_core_ids()
-                        .unwrap_or_default()
-                        .into_iter()
-                        .map(|c| c.id)
-                        .collect();
-                    tx.send((ctx.core(), allowed, crate::sys::current_cpu()))
-                        .unwrap();
-                }
-            })
-            .unwrap();
-            let got = rx
-                .recv_timeout(std::time::Duration::from_secs(30))
-                .expect("the worker never ran");
-            assert_eq!(got, (Some(other), vec![other], Some(other)));
-            shutdown.drain(std::time::Duration::ZERO);
-            workers.join().unwrap();
+            let got = seen_by_workers(cfg, 1, |ctx| {
+                let allowed: Vec<usize> = core_affinity::get_core_ids()
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(|c| c.id)
+                    .collect();
+                (ctx.core(), allowed, crate::sys::current_cpu())
+            });
+            assert_eq!(got, vec![(Some(other), vec![other], Some(other))]);
         })
         .join()
         .unwrap();
