@@ -10,9 +10,11 @@
 //! chunk sizes of at most 16 hex digits with nothing but `;` extensions after them. A
 //! lenient backend could otherwise read a "trailer" as a new request (smuggling).
 
+use std::time::Duration;
+
 use bytes::{BufMut, Bytes, BytesMut};
 
-use crate::http1::{Tunnel, Watched};
+use crate::http1::{Clock, Tunnel, Watched};
 
 /// How a message body is delimited.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -213,6 +215,9 @@ pub enum CopyError {
     Read(std::io::Error),
     /// Writing the destination failed.
     Write(std::io::Error),
+    /// A read or a write waited the idle bound ([`copy_within`]: `stream_idle_timeout`)
+    /// without a byte moving.
+    Idle,
 }
 
 /// How much of `chunk` belongs to the body being copied, and whether the body ends there;
@@ -255,8 +260,34 @@ pub async fn copy<S: Tunnel, D: Tunnel>(
     src: &mut S,
     buf: &mut BytesMut,
     framing: Framing,
+    dst: Option<&mut D>,
+    encode_chunks: bool,
+) -> Result<u64, CopyError> {
+    copy_within(src, buf, framing, dst, encode_chunks, None).await
+}
+
+/// `f`'s output, or [`CopyError::Idle`] when it waited `idle` (the clock's bound) without
+/// finishing. `None`: no bound.
+pub(crate) async fn idle_bound<F: std::future::Future>(
+    idle: &mut Option<(&mut Clock, Duration)>,
+    f: F,
+) -> Result<F::Output, CopyError> {
+    match idle {
+        Some((clock, d)) => clock.within(Some(*d), f).await.ok_or(CopyError::Idle),
+        None => Ok(f.await),
+    }
+}
+
+/// [`copy`] with each read of `src` and each write to `dst` bounded by `idle` (Envoy's
+/// `stream_idle_timeout`, kept on the stream's [`Clock`]: no byte either way that long
+/// fails [`CopyError::Idle`]); `None`: no bound.
+pub async fn copy_within<S: Tunnel, D: Tunnel>(
+    src: &mut S,
+    buf: &mut BytesMut,
+    framing: Framing,
     mut dst: Option<&mut D>,
     encode_chunks: bool,
+    mut idle: Option<(&mut Clock, Duration)>,
 ) -> Result<u64, CopyError> {
     let mut scan = ChunkScan::default();
     let mut left = match framing {
@@ -269,14 +300,15 @@ pub async fn copy<S: Tunnel, D: Tunnel>(
         let mut chunk = if !buf.is_empty() {
             buf.split().freeze()
         } else {
-            match src.read().await {
+            match idle_bound(&mut idle, src.read()).await? {
                 Some(Ok(b)) => b,
                 Some(Err(e)) => return Err(CopyError::Read(e)),
                 None if framing == Framing::Eof => {
                     if encode_chunks {
                         if let Some(d) = dst.as_mut() {
-                            d.write(Bytes::from_static(b"0\r\n\r\n"))
-                                .await
+                            let end = d.write(Bytes::from_static(b"0\r\n\r\n"));
+                            idle_bound(&mut idle, end)
+                                .await?
                                 .map_err(CopyError::Write)?;
                         }
                     }
@@ -298,7 +330,9 @@ pub async fn copy<S: Tunnel, D: Tunnel>(
                 } else {
                     chunk
                 };
-                d.write(out).await.map_err(CopyError::Write)?;
+                idle_bound(&mut idle, d.write(out))
+                    .await?
+                    .map_err(CopyError::Write)?;
             }
         }
         if end {

@@ -655,6 +655,7 @@ async fn forward_streamed<U: Upstream>(
                 &mut ubuf,
                 &forward.response_headers,
                 head_request,
+                up.stream_idle(),
             );
             let Some(r) = http1::within(deadline, w).await else {
                 // The route's time ran out after the response head went out: the stream
@@ -669,6 +670,13 @@ async fn forward_streamed<U: Upstream>(
                         !h.close && !h.early && h.framing != Framing::Eof && ubuf.is_empty();
                     up.done(Some(conn), h.status, reusable, None);
                     (h.status, "-", sent, n)
+                }
+                // No byte either way for `stream_idle_timeout` mid-body (Envoy's `SI`):
+                // the stream is reset, counted with the upstream timeouts.
+                Err(e) if e.kind() == io::ErrorKind::TimedOut => {
+                    respond.send_reset(h2::Reason::CANCEL);
+                    up.done(None, h.status, false, Some(io::ErrorKind::TimedOut));
+                    (h.status, "SI", sent, 0)
                 }
                 Err(e) => {
                     tracing::debug!(error = %e, "HTTP/2 response cut");
@@ -1170,8 +1178,26 @@ fn h2_head(raw: &[u8], mods: &[HeaderModifier]) -> io::Result<http::Response<()>
     b.body(()).map_err(io::Error::other)
 }
 
+/// `f` (an I/O step of a response's relay) under the stream's `stream_idle_timeout`
+/// (`idle`, [`Upstream::stream_idle`]; `None`: no bound): an error of kind `TimedOut` when
+/// it waited that long without finishing.
+async fn idle_io<T, E: Into<Box<dyn std::error::Error + Send + Sync>>>(
+    idle: &mut Option<(&mut http1::Clock, std::time::Duration)>,
+    f: impl std::future::Future<Output = Result<T, E>>,
+) -> io::Result<T> {
+    match crate::body::idle_bound(idle, f).await {
+        Ok(r) => r.map_err(io::Error::other),
+        Err(_) => Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            "stream idle timeout",
+        )),
+    }
+}
+
 /// Send the upstream response (head at the start of `ubuf`, then the body from `conn`) as
-/// an HTTP/2 response; the response bytes sent.
+/// an HTTP/2 response; the response bytes sent. Each wait of the body's relay (a read
+/// upstream, a write downstream) is bounded by `idle` (`stream_idle_timeout`): past it
+/// the relay fails `TimedOut`.
 async fn write_response<C: Tunnel>(
     respond: &mut SendResponse<Bytes>,
     conn: &mut C,
@@ -1179,6 +1205,7 @@ async fn write_response<C: Tunnel>(
     ubuf: &mut BytesMut,
     mods: &[HeaderModifier],
     head_request: bool,
+    mut idle: Option<(&mut http1::Clock, std::time::Duration)>,
 ) -> io::Result<u64> {
     if let Some(w) = &h.whole {
         // Kept as one chunk ([`http1::RespHead::whole`]): read from `ubuf` here.
@@ -1204,7 +1231,7 @@ async fn write_response<C: Tunnel>(
         let mut chunk = if !ubuf.is_empty() {
             ubuf.split().freeze()
         } else {
-            match conn.read().await {
+            match idle_io(&mut idle, async { Ok::<_, io::Error>(conn.read().await) }).await? {
                 Some(Ok(b)) => b,
                 Some(Err(e)) => return Err(e),
                 None if h.framing == Framing::Eof => break,
@@ -1219,9 +1246,7 @@ async fn write_response<C: Tunnel>(
                 if (n as usize) < chunk.len() {
                     ubuf.extend_from_slice(&chunk.split_off(n as usize));
                 }
-                send_all(&mut tx, chunk, false)
-                    .await
-                    .map_err(io::Error::other)?;
+                idle_io(&mut idle, send_all(&mut tx, chunk, false)).await?;
                 left == 0
             }
             Framing::Chunked => {
@@ -1231,9 +1256,7 @@ async fn write_response<C: Tunnel>(
                     .map_err(|_| io::Error::other("upstream chunked body malformed"))?;
                 for &(a, b) in &spans {
                     if b > a {
-                        send_all(&mut tx, chunk.slice(a..b), false)
-                            .await
-                            .map_err(io::Error::other)?;
+                        idle_io(&mut idle, send_all(&mut tx, chunk.slice(a..b), false)).await?;
                     }
                 }
                 if let Some(n) = done {
@@ -1244,9 +1267,7 @@ async fn write_response<C: Tunnel>(
                 done.is_some()
             }
             Framing::Eof => {
-                send_all(&mut tx, chunk, false)
-                    .await
-                    .map_err(io::Error::other)?;
+                idle_io(&mut idle, send_all(&mut tx, chunk, false)).await?;
                 false
             }
         };

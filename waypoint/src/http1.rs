@@ -2345,7 +2345,17 @@ async fn forward_request<T: Tunnel, U: Upstream>(
     } else {
         h.framing
     };
-    let copy = crate::body::copy(&mut conn, &mut ubuf, framing, Some(tunnel), eof_to_chunked);
+    // Each wait of the body's relay (a read upstream, a write downstream) is bounded by
+    // `stream_idle_timeout` too, the route's time or not.
+    let idle = up.stream_idle();
+    let copy = crate::body::copy_within(
+        &mut conn,
+        &mut ubuf,
+        framing,
+        Some(tunnel),
+        eof_to_chunked,
+        idle,
+    );
     let Some(copied) = within(deadline, copy).await else {
         // The route's time ran out after the response head went out: the tunnel is reset
         // (the client sees a cut body, never a complete-looking one).
@@ -2359,12 +2369,21 @@ async fn forward_request<T: Tunnel, U: Upstream>(
     };
     match copied {
         Ok(n) => response_bytes += n,
+        // No byte either way for `stream_idle_timeout` mid-body (Envoy's `SI`): cut as a
+        // route timeout is, counted with the upstream timeouts.
+        Err(CopyError::Idle) => {
+            up.done(None, h.status, false, Some(io::ErrorKind::TimedOut));
+            let why = "stream idle timeout in the response body";
+            let cut = response_cut(h.status, sent, response_bytes, why);
+            return Ok(Forwarded { flags: "SI", ..cut });
+        }
         Err(e) => {
             up.done(None, h.status, false, Some(io::ErrorKind::UnexpectedEof));
             let e = match e {
                 CopyError::Read(e) | CopyError::Write(e) => e,
                 CopyError::Truncated => io::Error::other("upstream body truncated"),
                 CopyError::Malformed => io::Error::other("upstream chunked body malformed"),
+                CopyError::Idle => io::ErrorKind::TimedOut.into(),
             };
             return Ok(Forwarded {
                 status: h.status,
