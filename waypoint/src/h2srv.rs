@@ -98,21 +98,35 @@ where
     let idle = cfg.tunnel_timeouts().idle;
     let active = Rc::new(Active::default());
     let mut clock = http1::Clock::default();
+    let mut retiring = false;
     loop {
-        let next = match idle {
-            None => Some(conn.accept().await),
-            Some(idle) => next_or_idle(&mut conn, &active, &mut clock, idle, || slots.trim()).await,
-        };
-        let Some(next) = next else {
+        let next = next_stream(&mut conn, &active, &mut clock, idle, retiring, || {
+            slots.trim()
+        })
+        .await;
+        let next = match next {
+            Next::Stream(s) => s,
             // Idle: GOAWAY, then the connection is driven until it is closed (a stream
             // the client opened meanwhile is refused).
-            conn.graceful_shutdown();
-            while let Some(r) = conn.accept().await {
-                if let Ok((_, mut respond)) = r {
-                    respond.send_reset(h2::Reason::REFUSED_STREAM);
+            Next::Idle => {
+                conn.graceful_shutdown();
+                while let Some(r) = conn.accept().await {
+                    if let Ok((_, mut respond)) = r {
+                        respond.send_reset(h2::Reason::REFUSED_STREAM);
+                    }
                 }
+                return H2End::Closed;
             }
-            return H2End::Closed;
+            // A reload stopped serving the tunnel's target (R14): graceful GOAWAY, as
+            // Envoy drains a connection whose listener or route went away. The streams
+            // in flight finish; the connection is served until the client closes it
+            // (streams it opened before the GOAWAY reached it get their `503`), and the
+            // client opens a new connection for its next requests.
+            Next::Retire => {
+                conn.graceful_shutdown();
+                retiring = true;
+                continue;
+            }
         };
         match next {
             None => return H2End::Closed,
@@ -131,6 +145,7 @@ where
                     req,
                     respond,
                     on_bad.clone(),
+                    active.clone(),
                 ));
                 let slots = slots.clone();
                 let active = active.clone();
@@ -150,14 +165,24 @@ where
 }
 
 /// An HTTP/2 tunnel's streams in flight, and its connection's task to wake when the last
-/// one ends (its idle time starts then).
+/// one ends (its idle time starts then) or a stream asks for the connection's retirement.
 #[derive(Default)]
 struct Active {
     count: std::cell::Cell<usize>,
     waker: std::cell::Cell<Option<std::task::Waker>>,
+    /// A stream found the tunnel's target no longer served (R14): GOAWAY.
+    retire: std::cell::Cell<bool>,
 }
 
 impl Active {
+    /// Ask the connection to send GOAWAY (graceful) and take no new streams.
+    fn retire(&self) {
+        self.retire.set(true);
+        if let Some(w) = self.waker.take() {
+            w.wake();
+        }
+    }
+
     fn ended(&self) {
         self.count.set(self.count.get() - 1);
         if self.count.get() == 0 {
@@ -180,32 +205,51 @@ impl Drop for InFlight {
 
 type Accepted = Option<Result<(http::Request<RecvStream>, SendResponse<Bytes>), h2::Error>>;
 
-/// The connection's next stream (`Some`), or `None` once it had no stream in flight for
-/// `idle`. The timer (made once per tunnel) is armed when the connection becomes idle.
-async fn next_or_idle(
+/// What the connection's wait for its next stream came to ([`next_stream`]). Moved out
+/// at once (never kept), so the size of its stream variant costs nothing.
+#[allow(clippy::large_enum_variant)]
+enum Next {
+    Stream(Accepted),
+    /// No stream in flight for `idle_timeout`.
+    Idle,
+    /// A stream asked for GOAWAY ([`Active::retire`]).
+    Retire,
+}
+
+/// The connection's next stream, [`Next::Idle`] once it had no stream in flight for `idle`
+/// (`None`: never), or [`Next::Retire`] when a stream asked for it (unless `retiring`
+/// already). The timer (made once per tunnel) is armed when the connection becomes idle.
+async fn next_stream(
     conn: &mut h2::server::Connection<StreamIo, Bytes>,
     active: &Active,
     clock: &mut http1::Clock,
-    idle: std::time::Duration,
+    idle: Option<std::time::Duration>,
+    retiring: bool,
     mut on_idle: impl FnMut(),
-) -> Option<Accepted> {
+) -> Next {
     use std::task::Poll;
     let mut armed = false;
     std::future::poll_fn(|cx| {
+        if !retiring && active.retire.get() {
+            return Poll::Ready(Next::Retire);
+        }
         if let Poll::Ready(r) = conn.poll_accept(cx) {
-            return Poll::Ready(Some(r));
+            return Poll::Ready(Next::Stream(r));
         }
         if active.count.get() > 0 {
             armed = false;
             active.waker.set(Some(cx.waker().clone()));
             return Poll::Pending;
         }
+        let Some(idle) = idle else {
+            return Poll::Pending;
+        };
         if !armed {
             armed = true;
             on_idle();
             clock.arm(idle);
         }
-        clock.poll_expired(cx).map(|()| None)
+        clock.poll_expired(cx).map(|()| Next::Idle)
     })
     .await
 }
@@ -436,6 +480,7 @@ async fn request<U: Upstream>(
     req: http::Request<RecvStream>,
     mut respond: SendResponse<Bytes>,
     on_bad: Rc<dyn Fn()>,
+    active: Rc<Active>,
 ) {
     let (cfg, ctx): (&WaypointConfig, &TunnelCtx) = (&cfg, &ctx);
     let (parts, recv) = req.into_parts();
@@ -473,8 +518,10 @@ async fn request<U: Upstream>(
     if grpc {
         up.note(http1::Note::Grpc);
     }
-    // A tunnel whose target is no longer served (R14) gets `503` for each request.
+    // A tunnel whose target is no longer served (R14) gets `503` for each request, and
+    // its connection a GOAWAY.
     let action = if matches!(fresh, http1::Begin::Refused) {
+        active.retire();
         Action::Respond(http1::simple_response(
             503,
             &[],
@@ -1452,7 +1499,7 @@ mod tests {
     #[test]
     fn stream_futures_are_not_over_aligned() {
         let stream = || {
-            let (cfg, ctx, req, respond, on_bad) = never();
+            let (cfg, ctx, req, respond, on_bad, active) = never();
             request(
                 cfg,
                 ctx,
@@ -1462,6 +1509,7 @@ mod tests {
                 req,
                 respond,
                 on_bad,
+                active,
             )
         };
         let forward = || {

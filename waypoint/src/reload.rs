@@ -14,8 +14,9 @@
 //! applies to the next request of every live keep-alive tunnel, as Envoy applies a new
 //! route table to new requests: a DENY added is enforced there at once. When a request
 //! finds a newer version, the tunnel derives its facts again (once per version, shared by
-//! its HTTP/2 streams): the R14 target check — a target no longer served gets `503` and the
-//! HTTP/1.1 tunnel is closed (`waypoint_stale_target_requests_total`) —, the trusted client
+//! its HTTP/2 streams): the R14 target check — a target no longer served gets `503`
+//! (`waypoint_stale_target_requests_total`), and the HTTP/1.1 tunnel is closed, the HTTP/2
+//! one sent a graceful GOAWAY (its streams in flight finish) —, the trusted client
 //! address, the source workload and the telemetry label cache. A request finding nothing
 //! reloaded costs one version compare. An opaque TCP tunnel (L4 policy only) is authorized
 //! again at each reload (the worker looks for a new version every 50 ms while it has such

@@ -13,7 +13,7 @@ use std::time::SystemTime;
 
 use bytes::Bytes;
 use common::{
-    block_on, connect, echo_node, get, h2_in_tunnel, id, ip, next_request, ok_response,
+    block_on, bounded, connect, echo_node, get, h2_in_tunnel, id, ip, next_request, ok_response,
     read_response, serve_threads, wait_until, Watched, Ztunnel,
 };
 use hbone::ca::{CertSource, WorkloadCert};
@@ -437,12 +437,8 @@ fn r14_a_reload_removing_the_tunnels_target_refuses_its_next_request() {
             Some(Ok(b)) => panic!("bytes after the refusal: {b:?}"),
             Some(Err(e)) => panic!("tunnel reset instead of ended: {e}"),
         }
-        // HTTP/2: each stream gets 503.
-        assert_eq!(
-            common::h2_get_from(&h2, V1, "/b").await,
-            (503, not_served.clone())
-        );
-        assert_eq!(common::h2_get_from(&h2, V1, "/c").await, (503, not_served));
+        // HTTP/2: the stream gets 503 (and the connection a GOAWAY: see the next test).
+        assert_eq!(common::h2_get_from(&h2, V1, "/b").await, (503, not_served));
         // A new tunnel to it is refused at its CONNECT.
         let c = connect(m.waypoint, &m.client_cert, id("app", "waypoint"))
             .await
@@ -457,9 +453,61 @@ fn r14_a_reload_removing_the_tunnels_target_refuses_its_next_request() {
         );
     });
     let c = m.counters();
-    assert_eq!(c.stale_target_requests.load(Ordering::Relaxed), 3);
+    assert_eq!(c.stale_target_requests.load(Ordering::Relaxed), 2);
     assert_eq!(c.refused_targets.load(Ordering::Relaxed), 1);
     assert_eq!(m.echo_v1.seen(), vec!["/a", "/a"]);
+}
+
+/// R14 over HTTP/2: once a reload no longer serves the tunnel's target, the stream that
+/// finds it gets `503` and the connection a graceful GOAWAY (as Envoy drains a connection
+/// whose listener or route went away): a stream in flight still completes, then the
+/// connection ends in order, so the client reconnects instead of getting `503` for ever.
+#[test]
+fn r14_a_reload_removing_the_tunnels_target_sends_goaway_and_streams_in_flight_finish() {
+    let m = Mesh::start(59);
+    block_on(async {
+        let (_c, s) = m.tunnel("10.96.0.2:80").await;
+        let (h2, conn) = h2_in_tunnel(s).await;
+        // `/hold` to echo-v1, held by it meanwhile.
+        let req = http::Request::builder()
+            .uri(format!("http://{V1}/hold"))
+            .body(())
+            .unwrap();
+        let (held, _) = h2.clone().send_request(req, true).unwrap();
+        wait_until("the held request at echo-v1", || {
+            m.arrived.try_recv().is_ok()
+        })
+        .await;
+        let model = Model {
+            v1_service: false,
+            ..FULL
+        };
+        m.reload(&m.config(model, &route_to("echo-v2"), ""), 1)
+            .await;
+        let not_served = waypoint::http1::NOT_SERVED_BODY.to_string();
+        assert_eq!(common::h2_get_from(&h2, V1, "/b").await, (503, not_served));
+        // The GOAWAY reaches the client: it opens no new stream on this connection.
+        bounded(async {
+            loop {
+                match h2.clone().ready().await {
+                    Err(e) if e.is_go_away() && e.is_remote() => break,
+                    Err(e) => panic!("not a GOAWAY: {e}"),
+                    Ok(_) => monoio::time::sleep(std::time::Duration::from_millis(10)).await,
+                }
+            }
+        })
+        .await;
+        // The stream in flight completes under its snapshot (echo-v1's `503`, retried).
+        m.hold.release.wait();
+        let r = common::h2_response(held).await;
+        assert_eq!(r, (200, format!("echo-v1 /hold {ME}")));
+        // Then the connection ends in order.
+        let end = bounded(conn).await;
+        assert!(end.is_ok(), "{end:?}");
+    });
+    let c = m.counters();
+    assert_eq!(c.stale_target_requests.load(Ordering::Relaxed), 1);
+    assert_eq!(m.echo_v1.seen(), vec!["/hold", "/hold"]);
 }
 
 /// Send `data` on an opaque tunnel and read its echo.
