@@ -401,35 +401,8 @@ pub fn decide<'c>(
             .collect();
         &heap
     };
-    let host = head.header("host").unwrap_or("");
-    let trusted = cfg
-        .settings
-        .as_ref()
-        .map_or(0, |s| s.waypoint.num_trusted_proxies);
-    let remote_ip = remote_ip(head, ctx.source_ip, trusted);
-    let (service, workload) = match &ctx.destination {
-        Destination::Service { service, .. } => (Some(service), None),
-        Destination::Workload { namespace, labels } => (None, Some((namespace.as_str(), labels))),
-    };
-    let subject = authz::Subject {
-        waypoint: &ctx.waypoint,
-        root_namespace: &ctx.root_namespace,
-        service,
-        workload,
-    };
-    let areq = authz::Request {
-        source_ip: ctx.source_ip,
-        remote_ip,
-        principal: ctx.principal.as_deref(),
-        destination_ip: ctx.destination_ip,
-        destination_port: ctx.destination_port,
-        host,
-        method: &head.method,
-        path: &head.path,
-        headers: hdrs,
-    };
     let close = !head.keep_alive();
-    if !authz::evaluate(&cfg.policies, &subject, &areq).allowed {
+    if !allows(cfg, ctx, head, hdrs) {
         return Action::Respond(simple_response(403, &[], DENIED_BODY, close));
     }
     let target = match &ctx.destination {
@@ -473,6 +446,43 @@ pub fn decide<'c>(
             forward: Cow::Owned(*fwd),
         },
     }
+}
+
+/// Whether AuthorizationPolicy allows the request `head` (its fields as `hdrs`) on the
+/// tunnel `ctx` under `cfg` (R15): [`decide`]'s first step, and the check a reload makes
+/// again for a live upgraded connection.
+pub(crate) fn allows(
+    cfg: &WaypointConfig,
+    ctx: &TunnelCtx,
+    head: &RequestHead,
+    hdrs: &[(&str, &str)],
+) -> bool {
+    let trusted = cfg
+        .settings
+        .as_ref()
+        .map_or(0, |s| s.waypoint.num_trusted_proxies);
+    let (service, workload) = match &ctx.destination {
+        Destination::Service { service, .. } => (Some(service), None),
+        Destination::Workload { namespace, labels } => (None, Some((namespace.as_str(), labels))),
+    };
+    let subject = authz::Subject {
+        waypoint: &ctx.waypoint,
+        root_namespace: &ctx.root_namespace,
+        service,
+        workload,
+    };
+    let areq = authz::Request {
+        source_ip: ctx.source_ip,
+        remote_ip: remote_ip(head, ctx.source_ip, trusted),
+        principal: ctx.principal.as_deref(),
+        destination_ip: ctx.destination_ip,
+        destination_port: ctx.destination_port,
+        host: head.header("host").unwrap_or(""),
+        method: &head.method,
+        path: &head.path,
+        headers: hdrs,
+    };
+    authz::evaluate(&cfg.policies, &subject, &areq).allowed
 }
 
 /// `remote.ip` (`remoteIpBlocks`) as Envoy derives it for Istio's `numTrustedProxies`
@@ -858,8 +868,8 @@ pub trait Upstream {
 
     /// After [`Upstream::done`] with status 101: the connection is handed over to be
     /// spliced with the tunnel; `to_upstream` are tunnel bytes already read past the
-    /// request.
-    fn upgraded(&mut self, _to_upstream: Bytes) {}
+    /// request, `head` the upgrade request (what a reload authorizes again, [`allows`]).
+    fn upgraded(&mut self, _to_upstream: Bytes, _head: &RequestHead) {}
 
     /// One complete buffered exchange (not on the request paths, which stream; an
     /// implementation may build its mirrors on it): the complete response bytes; an error of kind `TimedOut` when no complete response came within
@@ -1325,7 +1335,7 @@ pub async fn serve_from<T: Tunnel, U: Upstream>(
                     Next::Bad(status) => return reject(tunnel, upstream, status).await,
                     Next::Abort(e) => return Err(e),
                     Next::Upgraded => {
-                        upstream.upgraded(buf.split().freeze());
+                        upstream.upgraded(buf.split().freeze(), &head);
                         return Ok(End::Upgraded);
                     }
                 }

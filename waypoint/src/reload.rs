@@ -21,8 +21,9 @@
 //! reloaded costs one version compare. An opaque TCP tunnel (L4 policy only) is authorized
 //! again at each reload (the worker looks for a new version every 50 ms while it has such
 //! tunnels, as ztunnel re-checks live connections): one the new snapshot denies, or whose
-//! target it no longer serves, is reset (`waypoint_tcp_revoked_total`). A connection
-//! upgraded after a `101` keeps the decision of its upgrade request.
+//! target it no longer serves, is reset (`waypoint_tcp_revoked_total`). So is a connection
+//! upgraded after a `101`, authorized again by its upgrade request (its HTTP fields)
+//! under each new snapshot (`waypoint_upgrades_revoked_total`).
 //!
 //! The settings document (`waypoint:`, `runtime`, `h2`) is read at start only: a change to
 //! it is logged ("restart to apply") and the rest of the file is still reloaded.

@@ -182,6 +182,9 @@ pub struct Counters {
     /// Live opaque TCP tunnels closed because a reload's policy denies them (R15) or no
     /// longer serves their target (R14).
     pub tcp_revoked: AtomicU64,
+    /// Live upgraded connections (after a `101`) closed because a reload's policy denies
+    /// their upgrade request (R15) or no longer serves their target (R14).
+    pub upgrades_revoked: AtomicU64,
 }
 
 /// The waypoint's certificate and the server TLS made from it.
@@ -539,6 +542,12 @@ pub fn prometheus(c: &Counters) -> String {
         "Live opaque TCP tunnels closed by a reload (policy denies them or target no longer served).",
         c.tcp_revoked.load(Relaxed),
     );
+    counter(
+        &mut out,
+        "waypoint_upgrades_revoked",
+        "Live upgraded connections closed by a reload (policy denies their upgrade request or target no longer served).",
+        c.upgrades_revoked.load(Relaxed),
+    );
     out
 }
 
@@ -817,14 +826,38 @@ async fn tunnel(w: Rc<Worker>, cert: Arc<WorkloadCert>, mut inb: Inbound) {
                     if let Some(upstream) = up.upgrade.take() {
                         let first = std::mem::take(&mut up.upgrade_first);
                         let rt = &settings.runtime;
+                        // Authorized again at each reload, as opaque TCP is: by the
+                        // upgrade request's policy (R15) and target (R14).
+                        let revoked = Cell::new(false);
+                        let head = up.upgrade_head.take();
+                        let allowed = |l7: &WaypointConfig, ctx: &TunnelCtx| {
+                            head.as_ref().is_some_and(|h| {
+                                let hdrs: Vec<(&str, &str)> = h
+                                    .headers
+                                    .iter()
+                                    .map(|(n, v)| (n.as_str(), v.as_str()))
+                                    .collect();
+                                http1::allows(l7, ctx, h, &hdrs)
+                            })
+                        };
+                        let recheck =
+                            revoked_by_reload(w.clone(), facts.clone(), up.view.version, allowed);
+                        let abort = async {
+                            if let Either::Right(()) = race(w.ctx.aborted(), recheck).await {
+                                revoked.set(true);
+                            }
+                        };
                         let out = Box::pin(inner::splice(
                             stream,
                             upstream,
                             first,
                             rt.forward.idle_timeout,
-                            w.ctx.aborted(),
+                            abort,
                         ))
                         .await;
+                        if revoked.get() {
+                            counters.upgrades_revoked.fetch_add(1, Relaxed);
+                        }
                         tracing::debug!(%target, sent = out.downstream_to_upstream, received = out.upstream_to_downstream, end = ?out.end, "upgraded connection ended");
                     }
                 }
@@ -1116,6 +1149,8 @@ struct HboneUpstream {
     /// An upgraded (`101`) upstream stream, and tunnel bytes to send it first.
     upgrade: Option<H2Stream>,
     upgrade_first: Bytes,
+    /// The upgrade request, authorized again at each reload while the connection lives.
+    upgrade_head: Option<http1::RequestHead>,
     /// A kept stream just turned out closed: the next connect opens a new stream (the
     /// other kept ones of that endpoint are likely closed too).
     fresh_next: bool,
@@ -1331,10 +1366,16 @@ fn tcp_verdict(l7: &WaypointConfig, ctx: &TunnelCtx) -> crate::authz::Verdict {
     crate::authz::evaluate_tcp(&l7.policies, &subject, &areq)
 }
 
-/// Completes when a snapshot newer than `version` no longer allows a live opaque TCP
-/// tunnel: its target is no longer served (R14) or its L4 policy denies it (R15). Checked
-/// at each new version the worker sees (as ztunnel re-checks its live connections).
-async fn tcp_revoked(w: Rc<Worker>, t: Rc<TunnelFacts>, mut version: u64) {
+/// Completes when a snapshot newer than `version` no longer allows a live connection (an
+/// opaque TCP tunnel, an upgraded one): its target is no longer served (R14) or
+/// `allowed` says its policy denies it (R15). Checked at each new version the worker sees
+/// (as ztunnel re-checks its live connections).
+async fn revoked_by_reload(
+    w: Rc<Worker>,
+    t: Rc<TunnelFacts>,
+    mut version: u64,
+    allowed: impl Fn(&WaypointConfig, &TunnelCtx) -> bool,
+) {
     let _watch = ReloadWatch::start(&w);
     loop {
         let reloaded = w.reloaded.wait();
@@ -1342,11 +1383,11 @@ async fn tcp_revoked(w: Rc<Worker>, t: Rc<TunnelFacts>, mut version: u64) {
             let view = t.refresh(&w);
             version = view.version;
             let Some(ctx) = view.ctx.as_deref() else {
+                tracing::debug!(target = %t.target, "a reload no longer serves this live connection's target (R14)");
                 return;
             };
-            let verdict = tcp_verdict(&view.l7, ctx);
-            if !verdict.allowed {
-                tracing::debug!(target = %t.target, policy = ?verdict.policy, "a reload denies this live opaque TCP tunnel (R15)");
+            if !allowed(&view.l7, ctx) {
+                tracing::debug!(target = %t.target, "a reload's policy denies this live connection (R15)");
                 return;
             }
         }
@@ -1530,8 +1571,9 @@ impl Upstream for HboneUpstream {
         Ok(r)
     }
 
-    fn upgraded(&mut self, to_upstream: Bytes) {
+    fn upgraded(&mut self, to_upstream: Bytes, head: &http1::RequestHead) {
         self.upgrade_first = to_upstream;
+        self.upgrade_head = Some(head.clone());
     }
 
     fn cancelled(&mut self) {
@@ -1820,6 +1862,7 @@ impl HboneUpstream {
             routed: false,
             upgrade: None,
             upgrade_first: Bytes::new(),
+            upgrade_head: None,
             fresh_next: false,
             h2_use: None,
             grpc: None,
@@ -2237,7 +2280,12 @@ impl HboneUpstream {
         let rt = &self.worker.shared.settings.runtime;
         let revoked = Cell::new(false);
         let aborted = self.worker.ctx.aborted();
-        let recheck = tcp_revoked(self.worker.clone(), self.tunnel.clone(), self.view.version);
+        let recheck = revoked_by_reload(
+            self.worker.clone(),
+            self.tunnel.clone(),
+            self.view.version,
+            |l7, ctx| tcp_verdict(l7, ctx).allowed,
+        );
         let abort = async {
             if let Either::Right(()) = race(aborted, recheck).await {
                 revoked.set(true);

@@ -24,7 +24,8 @@ use waypoint::service::Counters;
 
 /// A keep-alive HTTP/1.1 backend answering `<name> <path> xff=<x-forwarded-for>`. The first
 /// `/hold` it gets is announced on `arrived` and answered `503` once `release` says so;
-/// later ones are answered at once.
+/// later ones are answered at once. A request asking to upgrade gets `101`, then every byte
+/// is sent back until the connection ends (then `closed <path>` is seen).
 struct Backend {
     addr: SocketAddr,
     seen: mpsc::Receiver<String>,
@@ -50,6 +51,15 @@ fn backend(ip: Ipv4Addr, name: &'static str, hold: Option<Arc<Hold>>) -> Backend
         let mut buf = Vec::new();
         while let Some(req) = next_request(&mut c, &mut buf) {
             let _ = tx.send(req.path.clone());
+            if let Some(proto) = req.header("upgrade") {
+                let head = format!("HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: {proto}\r\n\r\n");
+                if c.write_all(head.as_bytes()).is_ok() && c.write_all(&buf).is_ok() {
+                    let mut r = c.try_clone().unwrap();
+                    let _ = std::io::copy(&mut r, &mut c);
+                }
+                let _ = tx.send(format!("closed {}", req.path));
+                return;
+            }
             let xff = req.header("x-forwarded-for").unwrap_or_default();
             let body = format!("{name} {} xff={xff}", req.path);
             let resp = match (&hold, req.path.as_str()) {
@@ -97,6 +107,18 @@ spec:
   action: DENY
   rules:
   - from: [{source: {principals: ["cluster.local/ns/app/sa/client"]}}]
+"#;
+
+/// Denies `/ws` (an HTTP rule: only an HTTP request's path can match it).
+const DENY_WS: &str = r#"apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: deny-ws, namespace: app}
+spec:
+  targetRefs:
+  - {kind: Gateway, group: gateway.networking.k8s.io, name: wp}
+  action: DENY
+  rules:
+  - to: [{operation: {paths: ["/ws"]}}]
 "#;
 
 /// HTTPRoute on Service `echo`: everything to `backend`.
@@ -556,4 +578,60 @@ fn r15_a_live_opaque_tcp_tunnel_is_authorized_again_at_each_reload() {
         }
     });
     assert_eq!(m.counters().tcp_revoked.load(Ordering::Relaxed), 1);
+}
+
+/// R15 for a connection upgraded after a `101` (a websocket): authorized again at each
+/// reload by its upgrade request (its HTTP fields: path, headers), as opaque TCP is by its
+/// L4 fields. A reload whose DENY matches other paths leaves it; one denying its path
+/// resets it (`waypoint_upgrades_revoked_total`) and closes the upstream connection.
+#[test]
+fn r15_a_live_upgraded_connection_is_authorized_again_at_each_reload() {
+    let m = Mesh::start(61);
+    block_on(async {
+        let (_c, mut t) = m.tunnel("10.96.0.1:80").await;
+        let req = format!(
+            "GET /ws HTTP/1.1\r\nhost: {ECHO}\r\nconnection: upgrade\r\nupgrade: websocket\r\n\r\n"
+        );
+        t.write_all(Bytes::from(req), false).await.unwrap();
+        let mut head = Vec::new();
+        while !head.ends_with(b"\r\n\r\n") {
+            match bounded(t.read()).await {
+                Some(Ok(b)) => head.extend_from_slice(&b),
+                other => panic!("no upgrade: {other:?}"),
+            }
+        }
+        let text = String::from_utf8_lossy(&head);
+        assert!(text.starts_with("HTTP/1.1 101 "), "{text}");
+        echo(&mut t, b"frame-1").await;
+        let c = m.counters();
+        assert_eq!(c.upgrades.load(Ordering::Relaxed), 1);
+        // A DENY of other paths: checked again, still allowed.
+        m.reload(&m.config(FULL, &route_to("echo-v1"), DENY), 1)
+            .await;
+        wait_until("the connection checked again", || {
+            c.tunnel_refreshes.load(Ordering::Relaxed) >= 1
+        })
+        .await;
+        echo(&mut t, b"frame-2").await;
+        assert_eq!(c.upgrades_revoked.load(Ordering::Relaxed), 0);
+        // A DENY of its path: the live connection is reset.
+        m.reload(&m.config(FULL, &route_to("echo-v1"), DENY_WS), 2)
+            .await;
+        wait_until("the upgraded connection revoked", || {
+            c.upgrades_revoked.load(Ordering::Relaxed) >= 1
+        })
+        .await;
+        match bounded(t.read()).await {
+            Some(Ok(b)) => panic!("bytes after the revocation: {b:?}"),
+            Some(Err(_)) => {}
+            None => panic!("ended in order instead of reset"),
+        }
+        wait_until("the upstream connection closed", || {
+            m.echo_v1.seen.try_iter().any(|p| p == "closed /ws")
+        })
+        .await;
+    });
+    let c = m.counters();
+    assert_eq!(c.upgrades_revoked.load(Ordering::Relaxed), 1);
+    assert_eq!(c.tcp_revoked.load(Ordering::Relaxed), 0);
 }
