@@ -900,7 +900,8 @@ pub trait Upstream {
 
     /// The settings document's `stream_idle_timeout` and the tunnel's (or stream's) timer
     /// to keep it with: it bounds the waits of a request no route timeout bounds (the
-    /// upstream's answer, the response's writes). `None` (the default): no bound.
+    /// upstream's answer, the response head's write) and each wait of a streamed response
+    /// body's relay (route timeout or not). `None` (the default): no bound.
     fn stream_idle(&mut self) -> Option<(&mut Clock, Duration)> {
         None
     }

@@ -147,7 +147,8 @@ pub struct Counters {
     pub upstream_h2_idle_closed: AtomicU64,
     /// Upstream exchanges that failed (no endpoint, open, I/O).
     pub upstream_errors: AtomicU64,
-    /// Upstream tries that timed out (route timeouts).
+    /// Upstream tries that timed out (route timeouts, or `stream_idle_timeout` waiting for
+    /// a response or within its body).
     pub upstream_timeouts: AtomicU64,
     /// Requests re-sent by the retry policy.
     pub retries: AtomicU64,
@@ -443,7 +444,7 @@ pub fn prometheus(c: &Counters) -> String {
     counter(
         &mut out,
         "waypoint_upstream_timeouts",
-        "Upstream tries that timed out (route timeouts).",
+        "Upstream tries that timed out (route timeouts, stream idle timeout).",
         c.upstream_timeouts.load(Relaxed),
     );
     counter(
