@@ -1,10 +1,11 @@
 //! Moving bytes both ways between two TCP streams until both halves close.
 //!
 //! Two modes, chosen by config and both benchmarked:
-//! - **copy**: the ring reads into an owned buffer from the per-core pool and writes it out.
-//!   A connection holds a buffer only while data moves: after a short read the buffer goes
-//!   back to the pool and the direction waits for readiness first, so idle connections cost
-//!   no buffer memory. Reads that keep filling the buffer switch it to the large class.
+//! - **copy**: readiness from the ring, then non-blocking `recv` into a buffer from the
+//!   per-core pool and `send` of it to the other side. A connection holds a buffer only while
+//!   data moves: after a short read the buffer goes back to the pool and the direction waits
+//!   for readiness first, so idle connections cost no buffer memory. Reads that keep filling
+//!   the buffer switch it to the large class.
 //! - **splice**: readiness from the ring, then non-blocking `splice(2)` socket → pipe →
 //!   socket. `IORING_OP_SPLICE` is deliberately not used: the kernel punts every one to an
 //!   io-wq thread (measured here: two kernel threads per idle connection, 2.4× the CPU).
@@ -23,9 +24,6 @@ use std::pin::pin;
 use std::task::Poll;
 use std::time::Duration;
 
-use monoio::io::{
-    AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt, OwnedReadHalf, OwnedWriteHalf, Splitable,
-};
 use monoio::net::TcpStream;
 
 use crate::bufpool::BufPool;
@@ -200,19 +198,14 @@ async fn forward_copy(
     abort: impl Future<Output = ()>,
 ) -> Outcome {
     let counts = [Cell::new(0u64), Cell::new(0u64)];
-    let (mut down_r, mut down_w) = down.into_split();
-    let (mut up_r, mut up_w) = up.into_split();
     let end = drive(
-        copy_dir(&mut down_r, &mut up_w, pool, &counts[0]),
-        copy_dir(&mut up_r, &mut down_w, pool, &counts[1]),
+        copy_dir(&down, &up, pool, &counts[0]),
+        copy_dir(&up, &down, pool, &counts[1]),
         &counts,
         cfg.idle_timeout,
         abort,
     )
     .await;
-    // Reunite so the halves' drop does not send a FIN behind our back; then reset if needed.
-    let down = down_r.reunite(down_w).expect("halves of one stream");
-    let up = up_r.reunite(up_w).expect("halves of one stream");
     finish(
         Outcome {
             downstream_to_upstream: counts[0].get(),
@@ -224,59 +217,100 @@ async fn forward_copy(
     )
 }
 
-/// Wait until the stream under a read half is readable.
-async fn readable(r: &OwnedReadHalf<TcpStream>) -> io::Result<()> {
-    // SAFETY: `readable` takes `&self` and only clones the stream's shared descriptor into a
-    // poll operation; the write half may hold `&mut` for a send at the same time, which only
-    // clones the same descriptor too. This is the same sharing monoio's own split relies on
-    // (`unsafe impl Split for TcpStream`): reads and writes of a TCP stream are independent.
-    let stream: &TcpStream = unsafe { &*r.0.get() };
-    stream.readable(false).await
+/// `recv(fd, MSG_DONTWAIT)` into the spare capacity of `buf` (empty on entry): the bytes
+/// queued now (0 at end of stream), or `WouldBlock`.
+fn recv_into(fd: RawFd, buf: &mut Vec<u8>) -> io::Result<usize> {
+    debug_assert!(buf.is_empty());
+    let spare = buf.spare_capacity_mut();
+    // SAFETY: `spare` is valid for writes of `spare.len()` bytes for the duration of the
+    // call and the kernel writes at most that many; uninitialised memory may be written to.
+    let n = unsafe {
+        libc::recv(
+            fd,
+            spare.as_mut_ptr().cast(),
+            spare.len(),
+            libc::MSG_DONTWAIT,
+        )
+    };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let n = n as usize;
+    // SAFETY: the kernel initialised the first `n` bytes of the spare capacity (n ≤ its
+    // length).
+    unsafe { buf.set_len(n) };
+    Ok(n)
 }
 
-async fn copy_dir(
-    r: &mut OwnedReadHalf<TcpStream>,
-    w: &mut OwnedWriteHalf<TcpStream>,
-    pool: &BufPool,
-    count: &Cell<u64>,
-) -> DirEnd {
+/// Send all of `data` to `dst`: non-blocking sends while the socket takes bytes, the ring's
+/// writability poll when its buffer is full.
+async fn send_all(dst: &TcpStream, mut data: &[u8]) -> io::Result<()> {
+    let fd = dst.as_raw_fd();
+    while !data.is_empty() {
+        match sys::send_vectored_nonblocking(fd, &[io::IoSlice::new(data)]) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => data = &data[n..],
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => dst.writable(false).await?,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// One direction of copy mode. Readiness comes from the ring (a poll), the bytes move with
+/// non-blocking `recv`/`send` on the sockets: a small message costs the ring one poll and
+/// two plain syscalls instead of a poll, a recv and a send through the ring, each of which
+/// took its own `io_uring_enter` before the task could go on. After a short read the source
+/// was drained, so the next read waits for readiness first (no `recv` that only says
+/// `EAGAIN`); after a full read it reads again at once.
+async fn copy_dir(src: &TcpStream, dst: &TcpStream, pool: &BufPool, count: &Cell<u64>) -> DirEnd {
+    let sfd = src.as_raw_fd();
     let mut held: Option<Vec<u8>> = None;
     let mut large = false;
     let mut full_reads = 0u32;
+    // Whether bytes may be queued without a readiness wait (after a full read).
+    let mut drained = true;
     loop {
-        let buf = match held.take() {
-            Some(b) => b,
-            None => {
-                // Idle: hold no buffer until there is something to read.
-                if let Err(e) = readable(r).await {
-                    return DirEnd::ReadFailed(e);
-                }
-                pool.get(large)
+        if drained {
+            // Idle: hold no buffer until there is something to read.
+            if let Err(e) = src.readable(false).await {
+                return DirEnd::ReadFailed(e);
             }
-        };
-        let (res, buf) = r.read(buf).await;
-        let n = match res {
+        }
+        let mut buf = held.take().unwrap_or_else(|| pool.get(large));
+        let n = match recv_into(sfd, &mut buf) {
             Ok(0) => {
                 pool.put(buf);
-                return match w.shutdown().await {
+                return match sys::shutdown_write(dst.as_raw_fd()) {
                     Ok(()) => DirEnd::Eof,
                     Err(e) if e.kind() == io::ErrorKind::NotConnected => DirEnd::Eof,
                     Err(e) => DirEnd::WriteFailed(e),
                 };
             }
             Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                pool.put(buf);
+                drained = true;
+                continue;
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {
+                held = Some(buf);
+                drained = false;
+                continue;
+            }
             Err(e) => {
                 pool.put(buf);
                 return DirEnd::ReadFailed(e);
             }
         };
         let filled = n == buf.capacity();
-        let (res, mut buf) = w.write_all(buf).await;
-        if let Err(e) = res {
+        if let Err(e) = send_all(dst, &buf).await {
             pool.put(buf);
             return DirEnd::WriteFailed(e);
         }
         count.set(count.get() + n as u64);
+        drained = !filled;
         if filled {
             full_reads += 1;
             if !large && full_reads >= 4 && pool.large_size() > pool.small_size() {
