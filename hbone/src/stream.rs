@@ -162,6 +162,9 @@ fn h2_err(e: h2::Error) -> std::io::Error {
 /// The first read from a TCP socket; reads grow to the configured chunk size.
 const MIN_READ: usize = 16 * 1024;
 
+/// Reads at most this big are copied out of the read buffer, which is then reused.
+const COPY_MAX: usize = 1024;
+
 async fn tcp_to_h2(
     r: &mut OwnedReadHalf<TcpStream>,
     send: &mut SendStream<Bytes>,
@@ -173,10 +176,17 @@ async fn tcp_to_h2(
     let max = chunk.max(1);
     let min = MIN_READ.min(max);
     let mut size = min;
+    // One read buffer, kept while reads are small: a small message is copied out (a small
+    // allocation, from the allocator's per-thread cache) and the buffer read into again;
+    // a large one is handed to h2 as it is and the next read gets a new buffer.
+    let mut buf = BytesMut::new();
     loop {
-        let (res, buf) = r.read(BytesMut::with_capacity(size)).await;
+        buf.reserve(size);
+        let (res, b) = r.read(buf).await;
+        buf = b;
         if let Ok(n) = res {
-            size = if n == size {
+            // (The buffer may hold more than `size`: kept from an earlier read.)
+            size = if n >= size {
                 (size * 2).min(max)
             } else if n < size / 4 {
                 (size / 2).max(min)
@@ -192,7 +202,14 @@ async fn tcp_to_h2(
                 }
             }
             Ok(n) => {
-                if let Err(e) = send_all(send, buf.freeze(), false).await {
+                let data = if n <= COPY_MAX {
+                    let d = Bytes::copy_from_slice(&buf);
+                    buf.clear();
+                    d
+                } else {
+                    buf.split().freeze()
+                };
+                if let Err(e) = send_all(send, data, false).await {
                     return DirEnd::WriteFailed(h2_err(e));
                 }
                 count.set(count.get() + n as u64);
@@ -202,8 +219,33 @@ async fn tcp_to_h2(
     }
 }
 
+/// Write `data` to the socket `fd` (the write half `w`): a non-blocking `send` first —
+/// when the socket buffer has room, the usual case, that is the whole write, with no ring
+/// operation and no wake-up for its completion — and the ring for whatever did not fit.
+async fn send_to_tcp(
+    fd: std::os::fd::RawFd,
+    w: &mut OwnedWriteHalf<TcpStream>,
+    mut data: Bytes,
+) -> io::Result<()> {
+    loop {
+        match runtime::sys::send_vectored_nonblocking(fd, &[io::IoSlice::new(&data)]) {
+            Ok(n) if n == data.len() => return Ok(()),
+            Ok(n) => {
+                let _ = data.split_to(n);
+                break;
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+            Err(e) => return Err(e),
+        }
+    }
+    let (res, _) = w.write_all(data).await;
+    res.map(|_| ())
+}
+
 async fn h2_to_tcp(
     recv: &mut RecvStream,
+    fd: std::os::fd::RawFd,
     w: &mut OwnedWriteHalf<TcpStream>,
     count: &Cell<u64>,
 ) -> DirEnd {
@@ -212,8 +254,7 @@ async fn h2_to_tcp(
             Some(Ok(data)) if data.is_empty() => {}
             Some(Ok(data)) => {
                 let n = data.len();
-                let (res, _) = w.write_all(data).await;
-                if let Err(e) = res {
+                if let Err(e) = send_to_tcp(fd, w, data).await {
                     return DirEnd::WriteFailed(e);
                 }
                 let _ = recv.flow_control().release_capacity(n);
@@ -242,12 +283,13 @@ pub async fn bridge(
     abort: impl Future<Output = ()>,
 ) -> Outcome {
     let counts = [Cell::new(0u64), Cell::new(0u64)];
+    let fd = tcp.as_raw_fd();
     let (mut r, mut w) = tcp.into_split();
     let end = {
         let H2Stream { send, recv, .. } = &mut stream;
         drive(
             tcp_to_h2(&mut r, send, chunk, &counts[0]),
-            h2_to_tcp(recv, &mut w, &counts[1]),
+            h2_to_tcp(recv, fd, &mut w, &counts[1]),
             &counts,
             idle,
             abort,
