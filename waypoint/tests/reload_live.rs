@@ -532,6 +532,44 @@ fn r14_a_reload_removing_the_tunnels_target_sends_goaway_and_streams_in_flight_f
     assert_eq!(m.echo_v1.seen(), vec!["/hold", "/hold"]);
 }
 
+/// Ask for a websocket to `path` on `host` on the tunnel `t`, and read the waypoint's
+/// `101` (the connection is upgraded from then on).
+async fn upgrade(t: &mut H2Stream, path: &str, host: &str) {
+    let req = format!(
+        "GET {path} HTTP/1.1\r\nhost: {host}\r\nconnection: upgrade\r\nupgrade: websocket\r\n\r\n"
+    );
+    t.write_all(Bytes::from(req), false).await.unwrap();
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        match bounded(t.read()).await {
+            Some(Ok(b)) => head.extend_from_slice(&b),
+            other => panic!("no upgrade: {other:?}"),
+        }
+    }
+    let text = String::from_utf8_lossy(&head);
+    assert!(text.starts_with("HTTP/1.1 101 "), "{text}");
+}
+
+/// The upgraded connection `t` (to `path` at echo-v1) is counted revoked, reset (not ended
+/// in order, no bytes after), and its upstream connection closed.
+async fn revoked_and_closed(m: &Mesh, t: &mut H2Stream, path: &str) {
+    let c = m.counters();
+    wait_until("the upgraded connection revoked", || {
+        c.upgrades_revoked.load(Ordering::Relaxed) >= 1
+    })
+    .await;
+    match bounded(t.read()).await {
+        Some(Ok(b)) => panic!("bytes after the revocation: {b:?}"),
+        Some(Err(_)) => {}
+        None => panic!("ended in order instead of reset"),
+    }
+    let closed = format!("closed {path}");
+    wait_until("the upstream connection closed", || {
+        m.echo_v1.seen.try_iter().any(|p| p == closed)
+    })
+    .await;
+}
+
 /// Send `data` on an opaque tunnel and read its echo.
 async fn echo(s: &mut H2Stream, data: &[u8]) {
     s.write_all(Bytes::copy_from_slice(data), false)
@@ -589,19 +627,7 @@ fn r15_a_live_upgraded_connection_is_authorized_again_at_each_reload() {
     let m = Mesh::start(61);
     block_on(async {
         let (_c, mut t) = m.tunnel("10.96.0.1:80").await;
-        let req = format!(
-            "GET /ws HTTP/1.1\r\nhost: {ECHO}\r\nconnection: upgrade\r\nupgrade: websocket\r\n\r\n"
-        );
-        t.write_all(Bytes::from(req), false).await.unwrap();
-        let mut head = Vec::new();
-        while !head.ends_with(b"\r\n\r\n") {
-            match bounded(t.read()).await {
-                Some(Ok(b)) => head.extend_from_slice(&b),
-                other => panic!("no upgrade: {other:?}"),
-            }
-        }
-        let text = String::from_utf8_lossy(&head);
-        assert!(text.starts_with("HTTP/1.1 101 "), "{text}");
+        upgrade(&mut t, "/ws", ECHO).await;
         echo(&mut t, b"frame-1").await;
         let c = m.counters();
         assert_eq!(c.upgrades.load(Ordering::Relaxed), 1);
@@ -617,21 +643,46 @@ fn r15_a_live_upgraded_connection_is_authorized_again_at_each_reload() {
         // A DENY of its path: the live connection is reset.
         m.reload(&m.config(FULL, &route_to("echo-v1"), DENY_WS), 2)
             .await;
-        wait_until("the upgraded connection revoked", || {
-            c.upgrades_revoked.load(Ordering::Relaxed) >= 1
-        })
-        .await;
-        match bounded(t.read()).await {
-            Some(Ok(b)) => panic!("bytes after the revocation: {b:?}"),
-            Some(Err(_)) => {}
-            None => panic!("ended in order instead of reset"),
-        }
-        wait_until("the upstream connection closed", || {
-            m.echo_v1.seen.try_iter().any(|p| p == "closed /ws")
-        })
-        .await;
+        revoked_and_closed(&m, &mut t, "/ws").await;
     });
     let c = m.counters();
     assert_eq!(c.upgrades_revoked.load(Ordering::Relaxed), 1);
     assert_eq!(c.tcp_revoked.load(Ordering::Relaxed), 0);
+}
+
+/// R14 for a connection upgraded after a `101` (a websocket to Service `echo-v1`): a
+/// reload that still serves its target leaves it; one after which this waypoint no longer
+/// serves it (the Service gone from the model, its pod kept) resets it, counts it
+/// (`waypoint_upgrades_revoked_total`) and closes the upstream connection, as for an
+/// opaque TCP tunnel, though no policy denies it.
+#[test]
+fn r14_a_live_upgraded_connection_whose_target_a_reload_removes_is_reset() {
+    let m = Mesh::start(67);
+    block_on(async {
+        let (_c, mut t) = m.tunnel("10.96.0.2:80").await;
+        upgrade(&mut t, "/ws", V1).await;
+        echo(&mut t, b"frame-1").await;
+        let c = m.counters();
+        assert_eq!(c.upgrades.load(Ordering::Relaxed), 1);
+        // Another route for Service echo: the target is still served, the connection stays.
+        m.reload(&m.config(FULL, &route_to("echo-v2"), ""), 1).await;
+        wait_until("the connection checked again", || {
+            c.tunnel_refreshes.load(Ordering::Relaxed) >= 1
+        })
+        .await;
+        echo(&mut t, b"frame-2").await;
+        assert_eq!(c.upgrades_revoked.load(Ordering::Relaxed), 0);
+        // Service echo-v1 removed: the live connection's target is no longer served.
+        let model = Model {
+            v1_service: false,
+            ..FULL
+        };
+        m.reload(&m.config(model, &route_to("echo-v2"), ""), 2)
+            .await;
+        revoked_and_closed(&m, &mut t, "/ws").await;
+    });
+    let c = m.counters();
+    assert_eq!(c.upgrades_revoked.load(Ordering::Relaxed), 1);
+    assert_eq!(c.tcp_revoked.load(Ordering::Relaxed), 0);
+    assert_eq!(c.denied.load(Ordering::Relaxed), 0);
 }
