@@ -182,10 +182,10 @@ impl RequestHead {
     }
 
     fn keep_alive(&self) -> bool {
-        let conn = self.header("connection").map(|v| v.to_ascii_lowercase());
+        let conn = self.header("connection").map(str::as_bytes);
         match self.version {
-            0 => conn.is_some_and(|c| c.contains("keep-alive")),
-            _ => !conn.is_some_and(|c| c.contains("close")),
+            0 => conn.is_some_and(|c| contains_ignore_case(c, b"keep-alive")),
+            _ => !conn.is_some_and(|c| contains_ignore_case(c, b"close")),
         }
     }
 }
@@ -1002,6 +1002,9 @@ pub fn default_retry() -> Retry {
     }
 }
 
+/// [`default_retry`], built once (not per request).
+static DEFAULT_RETRY: std::sync::LazyLock<Retry> = std::sync::LazyLock::new(default_retry);
+
 /// Envoy's default base interval between retries (doubling, at most 10×).
 pub(crate) const RETRY_BACKOFF: Duration = Duration::from_millis(25);
 
@@ -1447,8 +1450,18 @@ pub(crate) fn timer(d: Duration) -> std::pin::Pin<Box<monoio::time::Sleep>> {
 /// One timer for a tunnel's (or an HTTP/2 stream's) idle waits, made at the first wait
 /// that is not over at once and re-armed after that, so that the waiting costs no timer
 /// (nor a clock read) unless `f` has to wait.
+///
+/// Re-arming is lazy: [`Clock::arm`] only notes when the wait is up (`due`). The timer in
+/// the wheel keeps the deadline it has as long as that is not later than `due` (a tunnel
+/// re-arming the same bound for each request only moves `due` on); when it fires before
+/// `due`, [`Clock::poll_expired`] sets it to `due` then. So a keep-alive tunnel's timer is
+/// touched about once per idle bound, not once per request; expiry is exactly as before.
 #[derive(Default)]
-pub struct Clock(Option<std::pin::Pin<Box<monoio::time::Sleep>>>);
+pub struct Clock {
+    timer: Option<std::pin::Pin<Box<monoio::time::Sleep>>>,
+    /// When the current wait is up (meaningful once `timer` is set).
+    due: Option<monoio::time::Instant>,
+}
 
 impl Clock {
     /// `f`'s output, or `None` when it waited `idle` (counted from its first pending
@@ -1476,23 +1489,33 @@ impl Clock {
         .await
     }
 
-    /// Set the timer to fire `idle` from now: the one timer reset, or made at the first
-    /// call.
+    /// Set the timer to fire `idle` from now: the one timer made at the first call; later
+    /// only `due` moves, unless it comes before the timer's deadline (then the timer is
+    /// reset to it).
     pub(crate) fn arm(&mut self, idle: Duration) {
         let at = monoio::time::Instant::now() + idle;
-        match &mut self.0 {
-            Some(t) => t.as_mut().reset(at),
-            None => self.0 = Some(Box::pin(monoio::time::sleep_until(at))),
+        self.due = Some(at);
+        match &mut self.timer {
+            Some(t) if t.deadline() > at => t.as_mut().reset(at),
+            Some(_) => {}
+            None => self.timer = Some(Box::pin(monoio::time::sleep_until(at))),
         }
     }
 
-    /// Ready once the timer set by [`Clock::arm`] fired (else `cx` is woken when it does);
-    /// never ready before the first `arm`.
+    /// Ready once the wait set by [`Clock::arm`] is up (else `cx` is woken when the timer
+    /// fires); never ready before the first `arm`.
     pub(crate) fn poll_expired(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
         use std::future::Future as _;
-        match &mut self.0 {
-            Some(t) => t.as_mut().poll(cx),
-            None => std::task::Poll::Pending,
+        let (Some(t), Some(due)) = (&mut self.timer, self.due) else {
+            return std::task::Poll::Pending;
+        };
+        loop {
+            std::task::ready!(t.as_mut().poll(cx));
+            if t.deadline() >= due {
+                return std::task::Poll::Ready(());
+            }
+            // Fired for an earlier wait: on to this one's end.
+            t.as_mut().reset(due);
         }
     }
 }
@@ -1824,6 +1847,12 @@ fn response_facts(
     })
 }
 
+/// Whether `needle` (lower case) occurs in `hay`, ASCII case ignored (no lower-cased copy).
+fn contains_ignore_case(hay: &[u8], needle: &[u8]) -> bool {
+    hay.windows(needle.len())
+        .any(|w| w.eq_ignore_ascii_case(needle))
+}
+
 fn contains_token(v: &[u8], token: &[u8]) -> bool {
     v.split(|&b| b == b',')
         .any(|t| t.trim_ascii().eq_ignore_ascii_case(token))
@@ -2052,14 +2081,7 @@ pub(crate) async fn attempt<T: Tunnel, U: Upstream>(
             }
         }
     }
-    let default;
-    let policy = match &fwd.retry {
-        Some(r) => r,
-        None => {
-            default = default_retry();
-            &default
-        }
-    };
+    let policy = fwd.retry.as_ref().unwrap_or(&DEFAULT_RETRY);
     let replayable = !streamed && (!has_body || idempotent(&head.method));
     let nonzero = |d: &Duration| !d.is_zero();
     let remaining = || deadline.map(|d| d.saturating_duration_since(Instant::now()));

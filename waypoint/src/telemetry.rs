@@ -478,10 +478,23 @@ pub fn observe(c: &RequestCounters, duration_ms: f64, req_bytes: u64, resp_bytes
 /// Whether `v` is a valid W3C `traceparent` (version 00, non-zero ids).
 pub fn valid_traceparent(v: &str) -> bool {
     // `00-<32 hex>-<16 hex>-<2 hex>`, lower-case hex, trace and span ids not all zero.
-    let b = v.trim().as_bytes();
-    let hex = |s: &[u8]| {
-        s.iter()
-            .all(|&c| c.is_ascii_digit() || (b'a'..=b'f').contains(&c))
+    // One table look-up per byte (no per-byte branches on character ranges).
+    const LOWER_HEX: [bool; 256] = {
+        let mut t = [false; 256];
+        let mut c = 0;
+        while c < 256 {
+            t[c] = matches!(c as u8, b'0'..=b'9' | b'a'..=b'f');
+            c += 1;
+        }
+        t
+    };
+    let hex = |s: &[u8]| s.iter().fold(true, |ok, &c| ok & LOWER_HEX[c as usize]);
+    let b = v.as_bytes();
+    // Whitespace around it is allowed (trimmed); the usual value has none.
+    let b = if b.len() == 55 {
+        b
+    } else {
+        v.trim().as_bytes()
     };
     b.len() == 55
         && &b[..3] == b"00-"
@@ -490,8 +503,8 @@ pub fn valid_traceparent(v: &str) -> bool {
         && hex(&b[3..35])
         && hex(&b[36..52])
         && hex(&b[53..55])
-        && b[3..35].iter().any(|&c| c != b'0')
-        && b[36..52].iter().any(|&c| c != b'0')
+        && b[3..35] != [b'0'; 32]
+        && b[36..52] != [b'0'; 16]
 }
 
 /// `n` as 16 lower-case hex digits.
