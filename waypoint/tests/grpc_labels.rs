@@ -7,13 +7,12 @@
 mod common;
 
 use std::net::{Ipv4Addr, SocketAddr};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use common::{
-    block_on, echo_node, grpc_model, grpc_status, h2_in_tunnel, h2_server, id, ip, open_tunnel,
-    requests_in, send_grpc_message, serve_async, start_with_stats, stats_page,
+    block_on, echo_node, grpc_connection, grpc_status, h2_server, ip, requests_in,
+    send_grpc_message, serve_async, start_grpc, stats_page,
 };
-use hbone::ca::CertSource;
 
 /// An HTTP/2 backend answering a gRPC-looking response: `/data` a message then trailers
 /// with `grpc-status: 5`; `/only` a trailers-only head with `grpc-status: 14`.
@@ -44,20 +43,12 @@ fn grpc_backend(ip: Ipv4Addr) -> SocketAddr {
 #[test]
 fn telemetry_grpc_requests_report_grpc_and_their_status() {
     let (net, ca, _zt) = echo_node(23);
-    let now = SystemTime::now();
     let b = grpc_backend(ip(net, 2));
-    let model = grpc_model(ip(net, 1), b);
-    let text = format!(
-        "{model}---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: grpc, namespace: app}}\nspec:\n  host: grpc\n  trafficPolicy:\n    connectionPool:\n      http: {{useClientProtocol: true}}\n---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: deny, namespace: app}}\nspec:\n  targetRefs: [{{kind: Service, group: \"\", name: grpc}}]\n  action: DENY\n  rules:\n  - to: [{{operation: {{paths: [/denied]}}}}]\n"
-    );
-    let cfg = waypoint::config::load_str(std::path::Path::new("grpc.yaml"), &text, 1)
-        .unwrap_or_else(|e| panic!("{e}"));
-    let (handle, shutdown) = start_with_stats(&ca, cfg);
+    let deny = "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: deny, namespace: app}\nspec:\n  targetRefs: [{kind: Service, group: \"\", name: grpc}]\n  action: DENY\n  rules:\n  - to: [{operation: {paths: [/denied]}}]\n";
+    let (handle, shutdown, cert) = start_grpc(&ca, ip(net, 1), b, deny, "grpc.yaml");
     let waypoint = handle.addr;
-    let cert = ca.issue(&id("app", "client"), now).unwrap();
     let got = block_on(async move {
-        let (_c, s) = open_tunnel(waypoint, &cert, "10.96.0.9:80").await;
-        let (send, _conn) = h2_in_tunnel(s).await;
+        let (_c, send, _conn) = grpc_connection(waypoint, &cert).await;
         let mut out = Vec::new();
         for (path, grpc) in [
             ("/data", true),

@@ -10,13 +10,12 @@ mod common;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use common::{
-    block_on, echo_node, grpc_model, grpc_status, h2_in_tunnel, h2_server, id, ip, open_tunnel,
-    requests_in, send_grpc_message, serve_async, start_with_stats, stats_page,
+    block_on, echo_node, grpc_connection, grpc_status, h2_server, ip, requests_in,
+    send_grpc_message, serve_async, start_grpc, stats_page,
 };
-use hbone::ca::CertSource;
 
 /// The paths the backend knows, and how each answers its second (final) try.
 const PATHS: [&str; 4] = ["/trailers", "/none", "/only", "/fail"];
@@ -68,21 +67,13 @@ fn flaky_grpc_backend(ip: Ipv4Addr, tries: Arc<[AtomicU32; 4]>) -> SocketAddr {
 #[test]
 fn telemetry_grpc_status_of_a_retried_request_is_the_final_responses() {
     let (net, ca, _zt) = echo_node(29);
-    let now = SystemTime::now();
     let tries = Arc::new([0, 0, 0, 0].map(AtomicU32::new));
     let b = flaky_grpc_backend(ip(net, 2), tries.clone());
-    let model = grpc_model(ip(net, 1), b);
-    let text = format!(
-        "{model}---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: grpc, namespace: app}}\nspec:\n  host: grpc\n  trafficPolicy:\n    connectionPool:\n      http: {{useClientProtocol: true}}\n---\napiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: grpc, namespace: app}}\nspec:\n  parentRefs: [{{group: \"\", kind: Service, name: grpc}}]\n  rules:\n  - backendRefs: [{{name: grpc, port: 80}}]\n    retry: {{codes: [503], attempts: 1, backoff: 1ms}}\n"
-    );
-    let cfg = waypoint::config::load_str(std::path::Path::new("grpc-retry.yaml"), &text, 1)
-        .unwrap_or_else(|e| panic!("{e}"));
-    let (handle, shutdown) = start_with_stats(&ca, cfg);
+    let route = "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: grpc, namespace: app}\nspec:\n  parentRefs: [{group: \"\", kind: Service, name: grpc}]\n  rules:\n  - backendRefs: [{name: grpc, port: 80}]\n    retry: {codes: [503], attempts: 1, backoff: 1ms}\n";
+    let (handle, shutdown, cert) = start_grpc(&ca, ip(net, 1), b, route, "grpc-retry.yaml");
     let waypoint = handle.addr;
-    let cert = ca.issue(&id("app", "client"), now).unwrap();
     let got = block_on(async move {
-        let (_c, s) = open_tunnel(waypoint, &cert, "10.96.0.9:80").await;
-        let (send, _conn) = h2_in_tunnel(s).await;
+        let (_c, send, _conn) = grpc_connection(waypoint, &cert).await;
         let mut out = Vec::new();
         for path in PATHS {
             let req = http::Request::builder()

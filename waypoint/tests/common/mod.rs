@@ -972,6 +972,48 @@ pub fn grpc_model(zt: Ipv4Addr, pod: SocketAddr) -> String {
     )
 }
 
+/// The waypoint service with stats ([`start_with_stats`], certificates from `ca`) on the
+/// [`grpc_model`] (node ztunnel at `zt`, Service `grpc`'s endpoint at `pod`), a
+/// DestinationRule `useClientProtocol` for `grpc` (an HTTP/2 client gets HTTP/2 upstream)
+/// and the documents `extra` (errors name `file`); and a client certificate (`app/client`)
+/// from `ca`.
+pub fn start_grpc(
+    ca: &Arc<hbone::ca::SigningCa>,
+    zt: Ipv4Addr,
+    pod: SocketAddr,
+    extra: &str,
+    file: &str,
+) -> (waypoint::service::Handle, runtime::Shutdown, WorkloadCert) {
+    use hbone::ca::CertSource;
+    let model = grpc_model(zt, pod);
+    let text = format!(
+        "{model}---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: grpc, namespace: app}}\nspec:\n  host: grpc\n  trafficPolicy:\n    connectionPool:\n      http: {{useClientProtocol: true}}\n---\n{extra}"
+    );
+    let cfg =
+        waypoint::config::load_str(Path::new(file), &text, 1).unwrap_or_else(|e| panic!("{e}"));
+    let (handle, shutdown) = start_with_stats(ca, cfg);
+    let cert = ca
+        .issue(&id("app", "client"), std::time::SystemTime::now())
+        .unwrap();
+    (handle, shutdown, cert)
+}
+
+/// An HTTP/2 client connection ([`h2_in_tunnel`]) in a fresh tunnel through the waypoint
+/// at `addr` to Service `grpc` (`10.96.0.9:80`), as `cert`: the tunnel's client
+/// connection, the sender and the connection task.
+pub async fn grpc_connection(
+    addr: SocketAddr,
+    cert: &WorkloadCert,
+) -> (
+    Client,
+    h2::client::SendRequest<Bytes>,
+    monoio::task::JoinHandle<Result<(), h2::Error>>,
+) {
+    let (c, s) = open_tunnel(addr, cert, "10.96.0.9:80").await;
+    let (send, conn) = h2_in_tunnel(s).await;
+    (c, send, conn)
+}
+
 /// An HTTP/2 response's status and its `grpc-status`: the head's (trailers-only), else
 /// the trailers' (the body is read and dropped, flow control released as it arrives).
 pub async fn grpc_status(resp: h2::client::ResponseFuture) -> (u16, Option<String>) {
