@@ -242,12 +242,31 @@ fn recv_into(fd: RawFd, buf: &mut Vec<u8>) -> io::Result<usize> {
     Ok(n)
 }
 
+/// `send(fd, data, MSG_DONTWAIT | MSG_NOSIGNAL)`: what fits in the socket buffer now, or
+/// `WouldBlock`. (Not `sendmsg`: one buffer needs no message header or iovec copied in.)
+fn send_nonblocking(fd: RawFd, data: &[u8]) -> io::Result<usize> {
+    // SAFETY: `data` is valid for reads of `data.len()` bytes for the duration of the call.
+    let n = unsafe {
+        libc::send(
+            fd,
+            data.as_ptr().cast(),
+            data.len(),
+            libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+        )
+    };
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
+}
+
 /// Send all of `data` to `dst`: non-blocking sends while the socket takes bytes, the ring's
 /// writability poll when its buffer is full.
 async fn send_all(dst: &TcpStream, mut data: &[u8]) -> io::Result<()> {
     let fd = dst.as_raw_fd();
     while !data.is_empty() {
-        match sys::send_vectored_nonblocking(fd, &[io::IoSlice::new(data)]) {
+        match send_nonblocking(fd, data) {
             Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
             Ok(n) => data = &data[n..],
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => dst.writable(false).await?,
