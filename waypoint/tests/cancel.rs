@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use common::{
     block_on, connect, echo_node, get, id, ip, next_request, ok_response, read_response,
-    serve_threads, Waypoint,
+    serve_threads, wp_deny, Waypoint,
 };
 use hbone::stream::H2Stream;
 
@@ -276,17 +276,11 @@ fn r17_a_dropped_client_connection_resets_its_upstream_requests() {
 /// came whole with its head keeps the tunnel open for the next request.
 #[test]
 fn r15_a_denied_upload_is_answered_before_its_body() {
-    const DENY_UPLOAD: &str = r#"apiVersion: security.istio.io/v1
-kind: AuthorizationPolicy
-metadata: {name: deny-upload, namespace: app}
-spec:
-  targetRefs:
-  - {kind: Gateway, group: gateway.networking.k8s.io, name: wp}
-  action: DENY
-  rules:
-  - to: [{operation: {paths: ["/upload"]}}]
-"#;
-    let (wp, held) = setup(53, DENY_UPLOAD);
+    let deny_upload = wp_deny(
+        "deny-upload",
+        "  - to: [{operation: {paths: [\"/upload\"]}}]\n",
+    );
+    let (wp, held) = setup(53, &deny_upload);
     block_on(async {
         let (_c, mut s) = wp.tunnel("10.96.0.1:80", ME).await;
         let head =

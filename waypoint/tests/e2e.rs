@@ -17,7 +17,7 @@ use bytes::Bytes;
 use common::{
     block_on, blocks_fnv, connect, echo_node, fnv, get, h2_in_tunnel, id, ip, next_request,
     ok_response, open_tunnel, payload, read_response, read_until, serve_async, spec_echo_route_in,
-    wait_until, write_blocks, Response, Watched, Ztunnel, BLOCK,
+    wait_until, wp_deny, write_blocks, Response, Watched, Ztunnel, BLOCK,
 };
 use hbone::ca::{CertSource, WorkloadCert};
 use hbone::client::Client;
@@ -229,15 +229,8 @@ fn serve_backend(mut c: TcpStream, name: &str, paths: &mpsc::Sender<String>, hit
     }
 }
 
-const DENY_ADMIN: &str = r#"apiVersion: security.istio.io/v1
-kind: AuthorizationPolicy
-metadata: {name: deny-admin, namespace: app}
-spec:
-  targetRefs:
-  - {kind: Gateway, group: gateway.networking.k8s.io, name: wp}
-  action: DENY
-  rules:
-  - to: [{operation: {paths: ["/admin*"]}}]
+/// The rules of the default DENY policy ([`deny_admin`]).
+const DENY_ADMIN_RULES: &str = r#"  - to: [{operation: {paths: ["/admin*"]}}]
   # The client's certificate identity reaches the policy as its principal…
   - from: [{source: {principals: ["cluster.local/ns/app/sa/client"]}}]
     to: [{operation: {paths: ["/secret"]}}]
@@ -245,6 +238,11 @@ spec:
   - from: [{source: {ipBlocks: ["10.1.0.7/32"]}}]
     to: [{operation: {paths: ["/from-7"]}}]
 "#;
+
+/// The default DENY policy of the tests' waypoint.
+fn deny_admin() -> String {
+    wp_deny("deny-admin", DENY_ADMIN_RULES)
+}
 
 const ECHO: &str = "echo.app.svc.cluster.local";
 const V1: &str = "echo-v1.app.svc.cluster.local";
@@ -357,7 +355,7 @@ fn tcp_echo(ip: Ipv4Addr) -> SocketAddr {
 
 impl Mesh {
     fn start() -> Mesh {
-        Mesh::start_with(DENY_ADMIN)
+        Mesh::start_with(&deny_admin())
     }
 
     /// The mesh with `policies` (YAML documents) instead of the default DENY policy.
@@ -680,7 +678,7 @@ fn hot_reload_publishes_valid_edits_keeps_old_snapshot_on_broken_ones_and_live_t
         let mut old = open().await;
         assert_eq!(old.ask("/a").await.1, format!("echo-v1 /a xff={ME}"));
         // A valid edit: the route removed and /blocked denied.
-        let deny = DENY_ADMIN.replace("\"/admin*\"", "\"/admin*\", \"/blocked\"");
+        let deny = deny_admin().replace("\"/admin*\"", "\"/admin*\", \"/blocked\"");
         std::fs::write(&file, format!("{model}---\n{deny}")).unwrap();
         wait_for(&counters.config_reloads, 1).await;
         // The tunnel opened before takes it at its next request: no route (echo routes to
@@ -713,7 +711,7 @@ fn hot_reload_publishes_valid_edits_keeps_old_snapshot_on_broken_ones_and_live_t
         assert_eq!(after.ask("/blocked").await.0, 403);
         assert_eq!(counters.config_reloads.load(Ordering::Relaxed), 1);
         // Fixed again: the route is back for new tunnels.
-        std::fs::write(&file, format!("{model}---\n{route}---\n{DENY_ADMIN}")).unwrap();
+        std::fs::write(&file, format!("{model}---\n{route}---\n{}", deny_admin())).unwrap();
         wait_for(&counters.config_reloads, 2).await;
         let mut last = open().await;
         assert_eq!(last.ask("/e").await.1, format!("echo-v1 /e xff={ME}"));
@@ -1170,7 +1168,7 @@ fn telemetry_istio_request_metrics_keep_the_original_client_and_traceparent() {
 
 #[test]
 fn h2_client_to_a_use_client_protocol_service_gets_h2_upstream_multiplexed_on_one_connection() {
-    let m = Mesh::start_with(&format!("{DENY_ADMIN}---\n{USE_CLIENT_PROTOCOL}"));
+    let m = Mesh::start_with(&format!("{}---\n{USE_CLIENT_PROTOCOL}", deny_admin()));
     let host = "grpcish.app.svc.cluster.local";
     block_on(async {
         for _tunnel in 0..2 {
@@ -1494,7 +1492,7 @@ fn h2c_upgrade_is_not_passed_on_and_later_requests_stay_under_policy() {
     // A lenient backend would switch to any protocol asked for and take what follows as raw
     // bytes: an h2c upgrade must not reach it, so the next request on the tunnel is still
     // parsed, checked by policy (DENY /admin*) and answered 403 by the waypoint.
-    let m = Mesh::start_with(DENY_ADMIN);
+    let m = Mesh::start_with(&deny_admin());
     let (first, second) = block_on(async {
         let (_c, mut s) = tunnel_to(&m, "10.96.0.2:80").await;
         let head = format!(

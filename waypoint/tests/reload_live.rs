@@ -14,7 +14,7 @@ use std::time::SystemTime;
 use bytes::Bytes;
 use common::{
     block_on, bounded, connect, echo_node, get, h2_in_tunnel, id, ip, next_request, ok_response,
-    read_response, serve_threads, wait_until, Watched, Ztunnel,
+    read_response, serve_threads, wait_until, wp_deny, Watched, Ztunnel,
 };
 use hbone::ca::{CertSource, WorkloadCert};
 use hbone::client::Client;
@@ -86,40 +86,26 @@ fn tcp_echo(ip: Ipv4Addr) -> SocketAddr {
     })
 }
 
-const DENY: &str = r#"apiVersion: security.istio.io/v1
-kind: AuthorizationPolicy
-metadata: {name: deny, namespace: app}
-spec:
-  targetRefs:
-  - {kind: Gateway, group: gateway.networking.k8s.io, name: wp}
-  action: DENY
-  rules:
-  - to: [{operation: {paths: ["/blocked", "/hold"]}}]
-"#;
+/// Denies `/blocked` and `/hold`.
+fn deny() -> String {
+    wp_deny(
+        "deny",
+        "  - to: [{operation: {paths: [\"/blocked\", \"/hold\"]}}]\n",
+    )
+}
 
 /// Denies every connection of the test client (an L4 rule: it applies to opaque TCP).
-const DENY_CLIENT: &str = r#"apiVersion: security.istio.io/v1
-kind: AuthorizationPolicy
-metadata: {name: deny-client, namespace: app}
-spec:
-  targetRefs:
-  - {kind: Gateway, group: gateway.networking.k8s.io, name: wp}
-  action: DENY
-  rules:
-  - from: [{source: {principals: ["cluster.local/ns/app/sa/client"]}}]
-"#;
+fn deny_client() -> String {
+    wp_deny(
+        "deny-client",
+        "  - from: [{source: {principals: [\"cluster.local/ns/app/sa/client\"]}}]\n",
+    )
+}
 
 /// Denies `/ws` (an HTTP rule: only an HTTP request's path can match it).
-const DENY_WS: &str = r#"apiVersion: security.istio.io/v1
-kind: AuthorizationPolicy
-metadata: {name: deny-ws, namespace: app}
-spec:
-  targetRefs:
-  - {kind: Gateway, group: gateway.networking.k8s.io, name: wp}
-  action: DENY
-  rules:
-  - to: [{operation: {paths: ["/ws"]}}]
-"#;
+fn deny_ws() -> String {
+    wp_deny("deny-ws", "  - to: [{operation: {paths: [\"/ws\"]}}]\n")
+}
 
 /// HTTPRoute on Service `echo`: everything to `backend`.
 fn route_to(backend: &str) -> String {
@@ -306,7 +292,7 @@ fn r15_a_deny_reload_applies_to_the_next_request_of_live_http1_and_http2_tunnels
         );
         let r = common::h2_get_from(&h2, ECHO, "/blocked").await;
         assert_eq!(r, (200, format!("echo-v1 /blocked {ME}")));
-        m.reload(&m.config(FULL, &route_to("echo-v1"), DENY), 1)
+        m.reload(&m.config(FULL, &route_to("echo-v1"), &deny()), 1)
             .await;
         // The same tunnels: the next request is denied, others still pass.
         assert_eq!(
@@ -349,7 +335,7 @@ fn a_request_in_flight_during_a_reload_completes_under_its_snapshot_and_the_next
         })
         .await;
         // Meanwhile: echo routes to echo-v2, and /hold is denied.
-        m.reload(&m.config(FULL, &route_to("echo-v2"), DENY), 1)
+        m.reload(&m.config(FULL, &route_to("echo-v2"), &deny()), 1)
             .await;
         // echo-v1 answers 503: the retry (Istio's default policy) still goes by the old
         // route, to echo-v1, and is allowed.
@@ -603,7 +589,7 @@ fn r15_a_live_opaque_tcp_tunnel_is_authorized_again_at_each_reload() {
         echo(&mut t, b"\x00\x02still").await;
         assert_eq!(c.tcp_revoked.load(Ordering::Relaxed), 0);
         // A reload whose policy denies the client: the live tunnel is reset.
-        m.reload(&m.config(FULL, &route_to("echo-v2"), DENY_CLIENT), 2)
+        m.reload(&m.config(FULL, &route_to("echo-v2"), &deny_client()), 2)
             .await;
         wait_until("the tunnel revoked", || {
             c.tcp_revoked.load(Ordering::Relaxed) >= 1
@@ -632,7 +618,7 @@ fn r15_a_live_upgraded_connection_is_authorized_again_at_each_reload() {
         let c = m.counters();
         assert_eq!(c.upgrades.load(Ordering::Relaxed), 1);
         // A DENY of other paths: checked again, still allowed.
-        m.reload(&m.config(FULL, &route_to("echo-v1"), DENY), 1)
+        m.reload(&m.config(FULL, &route_to("echo-v1"), &deny()), 1)
             .await;
         wait_until("the connection checked again", || {
             c.tunnel_refreshes.load(Ordering::Relaxed) >= 1
@@ -641,7 +627,7 @@ fn r15_a_live_upgraded_connection_is_authorized_again_at_each_reload() {
         echo(&mut t, b"frame-2").await;
         assert_eq!(c.upgrades_revoked.load(Ordering::Relaxed), 0);
         // A DENY of its path: the live connection is reset.
-        m.reload(&m.config(FULL, &route_to("echo-v1"), DENY_WS), 2)
+        m.reload(&m.config(FULL, &route_to("echo-v1"), &deny_ws()), 2)
             .await;
         revoked_and_closed(&m, &mut t, "/ws").await;
     });

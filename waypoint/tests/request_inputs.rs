@@ -18,7 +18,7 @@ use std::time::{Duration, SystemTime};
 use bytes::Bytes;
 use common::{
     app_model, bind_node_ztunnel, block_on, connect, h2_get_from, id, ip, next_request,
-    ok_response, read_response, serve_threads, stand_in_ztunnel, start_service, Ztunnel,
+    ok_response, read_response, serve_threads, stand_in_ztunnel, start_service, wp_deny, Ztunnel,
 };
 use hbone::ca::{CertSource, SigningCa, WorkloadCert};
 use hbone::stream::H2Stream;
@@ -447,15 +447,8 @@ fn telemetry_workload_and_namespace_come_from_the_identity_and_model_not_baggage
 
 // ------------------------------------------------------------------ through the waypoint
 
-const POLICIES: &str = r#"apiVersion: security.istio.io/v1
-kind: AuthorizationPolicy
-metadata: {name: deny, namespace: app}
-spec:
-  targetRefs:
-  - {kind: Gateway, group: gateway.networking.k8s.io, name: wp}
-  action: DENY
-  rules:
-  - to: [{operation: {paths: ["/admin*"]}}]
+/// The rules of the waypoint's DENY policy ([`wp_deny`]).
+const DENY_RULES: &str = r#"  - to: [{operation: {paths: ["/admin*"]}}]
   # The client 10.1.0.7 (believed from its ztunnel) may not reach /remote, whatever
   # X-Forwarded-For says.
   - from: [{source: {remoteIpBlocks: ["10.1.0.7/32"]}}]
@@ -566,7 +559,8 @@ impl Mesh {
                 h2pod.port()
             ),
         );
-        let text = format!("{model}---\n{POLICIES}---\n{USE_CLIENT_PROTOCOL}");
+        let policies = wp_deny("deny", DENY_RULES);
+        let text = format!("{model}---\n{policies}---\n{USE_CLIENT_PROTOCOL}");
         let (handle, shutdown) =
             start_service(&ca, &text, &format!("waypoint-request-inputs-{net}.yaml"));
         Mesh {

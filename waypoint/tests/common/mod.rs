@@ -202,6 +202,15 @@ pub const CLIENT_WORKLOADS: &str = r#"  - {uid: client-7, name: client-7, namesp
   - {uid: client-8, name: client-8, namespace: app, serviceAccount: client, workloadIps: ["10.1.0.8"]}
 "#;
 
+/// An AuthorizationPolicy `name` of namespace `app` on the `app/wp` waypoint (its Gateway)
+/// denying what `rules` match (items of `spec.rules`, indented two spaces, each line
+/// ending in a newline).
+pub fn wp_deny(name: &str, rules: &str) -> String {
+    format!(
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: {name}, namespace: app}}\nspec:\n  targetRefs:\n  - {{kind: Gateway, group: gateway.networking.k8s.io, name: wp}}\n  action: DENY\n  rules:\n{rules}"
+    )
+}
+
 /// The mesh model with Service `echo` (`10.96.0.1:80`) in ambient namespace `app`, its one
 /// endpoint `pod` behind the node ztunnel at `zt`, and the `app/wp` waypoint.
 pub fn echo_model(zt: Ipv4Addr, pod: SocketAddr) -> String {
