@@ -237,8 +237,7 @@ fn r15_remote_ip_is_the_peer_unless_trusted_proxies_say_otherwise() {
 /// `waypoint.num_trusted_proxies` in the settings document reaches the policy decision.
 #[test]
 fn r15_num_trusted_proxies_setting_moves_remote_ip_along_x_forwarded_for() {
-    use waypoint::http1::{decide, Action, Destination, TunnelCtx};
-    use waypoint::route::ObjectRef;
+    use waypoint::http1::{decide, Action};
     let cfg = |n: &str| {
         let text = format!(
             r#"services:
@@ -262,20 +261,11 @@ waypoint:
         let path = std::env::temp_dir().join("request-inputs-trusted.yaml");
         waypoint::config::load_str(&path, &text, 1)
     };
-    let ctx = TunnelCtx {
-        waypoint: ObjectRef::new("app", "wp"),
-        root_namespace: "istio-system".into(),
-        destination: Destination::Service {
-            service: ObjectRef::new("app", "echo"),
-            port: 80,
-        },
-        destination_ip: "10.96.0.1".parse().unwrap(),
-        destination_port: 80,
-        source_ip: "10.1.0.7".parse().unwrap(),
-        principal: Some("cluster.local/ns/app/sa/client".into()),
-        client_namespace: Some("app".into()),
-        traceparent: None,
-    };
+    let ctx = common::echo_tunnel_ctx(
+        "10.1.0.7",
+        Some("cluster.local/ns/app/sa/client".into()),
+        Some("app".into()),
+    );
     let head = |xff: &str| {
         let raw = format!("GET / HTTP/1.1\r\nHost: echo\r\nX-Forwarded-For: {xff}\r\n\r\n");
         match parse_head(raw.as_bytes()) {

@@ -15,12 +15,11 @@ use std::net::Ipv4Addr;
 use std::path::Path;
 use std::time::SystemTime;
 
-use common::{block_on, echo_node, get, id, ip, named_backend};
+use common::{block_on, echo_node, echo_tunnel_ctx, get, id, ip, named_backend};
 use hbone::ca::CertSource;
 use hbone::Identity;
 use waypoint::config::{load_str, WaypointConfig};
-use waypoint::http1::{decide, parse_head, Action, Destination, Parsed, TunnelCtx};
-use waypoint::route::ObjectRef;
+use waypoint::http1::{decide, parse_head, Action, Parsed};
 
 /// A settings document (the `waypoint:` section), with `extra` lines in it.
 fn settings(identity: &str, extra: &str) -> String {
@@ -123,25 +122,13 @@ fn r12_bad_ztunnel_identity_is_a_load_error_naming_file_line_and_field() {
 /// Where [`decide`] sends a GET to Service `app/echo` on a tunnel whose peer principal is
 /// `principal` (`td/ns/N/sa/S`, as the service writes it from the certificate).
 fn routed(cfg: &WaypointConfig, principal: Option<&str>) -> String {
-    let ctx = TunnelCtx {
-        waypoint: ObjectRef::new("app", "wp"),
-        root_namespace: "istio-system".into(),
-        destination: Destination::Service {
-            service: ObjectRef::new("app", "echo"),
-            port: 80,
-        },
-        destination_ip: "10.96.0.1".parse().unwrap(),
-        destination_port: 80,
-        source_ip: "192.0.2.9".parse().unwrap(),
-        principal: principal.map(str::to_string),
-        // As the service derives it from the certificate's identity.
-        client_namespace: principal
-            .map(|p| Identity::parse(&format!("spiffe://{p}")).expect("an identity"))
-            .as_ref()
-            .and_then(|id| waypoint::source::consumer_namespace(Some(id), &cfg.ztunnel_identity))
-            .map(Into::into),
-        traceparent: None,
-    };
+    // The consumer namespace as the service derives it from the certificate's identity.
+    let client_namespace = principal
+        .map(|p| Identity::parse(&format!("spiffe://{p}")).expect("an identity"))
+        .as_ref()
+        .and_then(|id| waypoint::source::consumer_namespace(Some(id), &cfg.ztunnel_identity))
+        .map(Into::into);
+    let ctx = echo_tunnel_ctx("192.0.2.9", principal.map(str::to_string), client_namespace);
     let raw = get("/", "echo.app.svc.cluster.local");
     let head = match parse_head(raw.as_bytes()) {
         Parsed::Head(h, _) => h,

@@ -202,6 +202,31 @@ pub const CLIENT_WORKLOADS: &str = r#"  - {uid: client-7, name: client-7, namesp
   - {uid: client-8, name: client-8, namespace: app, serviceAccount: client, workloadIps: ["10.1.0.8"]}
 "#;
 
+/// A tunnel's facts as the `app/wp` waypoint (root namespace `istio-system`) derives them
+/// for a tunnel to Service `app/echo` (`10.96.0.1:80`) from `source_ip` whose peer
+/// principal is `principal` and whose consumer routes are `client_namespace`'s; no
+/// `traceparent`.
+pub fn echo_tunnel_ctx(
+    source_ip: &str,
+    principal: Option<String>,
+    client_namespace: Option<Arc<str>>,
+) -> waypoint::http1::TunnelCtx {
+    waypoint::http1::TunnelCtx {
+        waypoint: ObjectRef::new("app", "wp"),
+        root_namespace: "istio-system".into(),
+        destination: waypoint::http1::Destination::Service {
+            service: ObjectRef::new("app", "echo"),
+            port: 80,
+        },
+        destination_ip: "10.96.0.1".parse().unwrap(),
+        destination_port: 80,
+        source_ip: source_ip.parse().unwrap(),
+        principal,
+        client_namespace,
+        traceparent: None,
+    }
+}
+
 /// An AuthorizationPolicy `name` of namespace `app` on the `app/wp` waypoint (its Gateway)
 /// denying what `rules` match (items of `spec.rules`, indented two spaces, each line
 /// ending in a newline).
