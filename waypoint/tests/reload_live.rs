@@ -536,10 +536,29 @@ async fn upgrade(t: &mut H2Stream, path: &str, host: &str) {
     assert!(text.starts_with("HTTP/1.1 101 "), "{text}");
 }
 
-/// The upgraded connection `t` (to `path` at echo-v1) is counted revoked, reset (not ended
-/// in order, no bytes after), and its upstream connection closed.
-async fn revoked_and_closed(m: &Mesh, t: &mut H2Stream, path: &str) {
+/// A websocket (`/ws` on `host`) in a tunnel to `target` (served by echo-v1), upgraded;
+/// the reload to `kept` checks it again and leaves it; the reload to `revoking` resets it
+/// (not ended in order, no bytes after), counted, and its upstream connection is closed.
+async fn upgraded_kept_then_revoked(
+    m: &Mesh,
+    target: &str,
+    host: &str,
+    kept: &str,
+    revoking: &str,
+) {
+    let (_c, mut t) = m.tunnel(target).await;
+    upgrade(&mut t, "/ws", host).await;
+    echo(&mut t, b"frame-1").await;
     let c = m.counters();
+    assert_eq!(c.upgrades.load(Ordering::Relaxed), 1);
+    m.reload(kept, 1).await;
+    wait_until("the connection checked again", || {
+        c.tunnel_refreshes.load(Ordering::Relaxed) >= 1
+    })
+    .await;
+    echo(&mut t, b"frame-2").await;
+    assert_eq!(c.upgrades_revoked.load(Ordering::Relaxed), 0);
+    m.reload(revoking, 2).await;
     wait_until("the upgraded connection revoked", || {
         c.upgrades_revoked.load(Ordering::Relaxed) >= 1
     })
@@ -549,9 +568,8 @@ async fn revoked_and_closed(m: &Mesh, t: &mut H2Stream, path: &str) {
         Some(Err(_)) => {}
         None => panic!("ended in order instead of reset"),
     }
-    let closed = format!("closed {path}");
     wait_until("the upstream connection closed", || {
-        m.echo_v1.seen.try_iter().any(|p| p == closed)
+        m.echo_v1.seen.try_iter().any(|p| p == "closed /ws")
     })
     .await;
 }
@@ -611,26 +629,16 @@ fn r15_a_live_opaque_tcp_tunnel_is_authorized_again_at_each_reload() {
 #[test]
 fn r15_a_live_upgraded_connection_is_authorized_again_at_each_reload() {
     let m = Mesh::start(61);
-    block_on(async {
-        let (_c, mut t) = m.tunnel("10.96.0.1:80").await;
-        upgrade(&mut t, "/ws", ECHO).await;
-        echo(&mut t, b"frame-1").await;
-        let c = m.counters();
-        assert_eq!(c.upgrades.load(Ordering::Relaxed), 1);
-        // A DENY of other paths: checked again, still allowed.
-        m.reload(&m.config(FULL, &route_to("echo-v1"), &deny()), 1)
-            .await;
-        wait_until("the connection checked again", || {
-            c.tunnel_refreshes.load(Ordering::Relaxed) >= 1
-        })
-        .await;
-        echo(&mut t, b"frame-2").await;
-        assert_eq!(c.upgrades_revoked.load(Ordering::Relaxed), 0);
-        // A DENY of its path: the live connection is reset.
-        m.reload(&m.config(FULL, &route_to("echo-v1"), &deny_ws()), 2)
-            .await;
-        revoked_and_closed(&m, &mut t, "/ws").await;
-    });
+    // A DENY of other paths: checked again, still allowed; a DENY of its path: reset.
+    let kept = m.config(FULL, &route_to("echo-v1"), &deny());
+    let revoking = m.config(FULL, &route_to("echo-v1"), &deny_ws());
+    block_on(upgraded_kept_then_revoked(
+        &m,
+        "10.96.0.1:80",
+        ECHO,
+        &kept,
+        &revoking,
+    ));
     let c = m.counters();
     assert_eq!(c.upgrades_revoked.load(Ordering::Relaxed), 1);
     assert_eq!(c.tcp_revoked.load(Ordering::Relaxed), 0);
@@ -644,29 +652,21 @@ fn r15_a_live_upgraded_connection_is_authorized_again_at_each_reload() {
 #[test]
 fn r14_a_live_upgraded_connection_whose_target_a_reload_removes_is_reset() {
     let m = Mesh::start(67);
-    block_on(async {
-        let (_c, mut t) = m.tunnel("10.96.0.2:80").await;
-        upgrade(&mut t, "/ws", V1).await;
-        echo(&mut t, b"frame-1").await;
-        let c = m.counters();
-        assert_eq!(c.upgrades.load(Ordering::Relaxed), 1);
-        // Another route for Service echo: the target is still served, the connection stays.
-        m.reload(&m.config(FULL, &route_to("echo-v2"), ""), 1).await;
-        wait_until("the connection checked again", || {
-            c.tunnel_refreshes.load(Ordering::Relaxed) >= 1
-        })
-        .await;
-        echo(&mut t, b"frame-2").await;
-        assert_eq!(c.upgrades_revoked.load(Ordering::Relaxed), 0);
-        // Service echo-v1 removed: the live connection's target is no longer served.
-        let model = Model {
-            v1_service: false,
-            ..FULL
-        };
-        m.reload(&m.config(model, &route_to("echo-v2"), ""), 2)
-            .await;
-        revoked_and_closed(&m, &mut t, "/ws").await;
-    });
+    // Another route for Service echo: the target is still served, the connection stays.
+    let kept = m.config(FULL, &route_to("echo-v2"), "");
+    // Service echo-v1 removed: the live connection's target is no longer served.
+    let model = Model {
+        v1_service: false,
+        ..FULL
+    };
+    let revoking = m.config(model, &route_to("echo-v2"), "");
+    block_on(upgraded_kept_then_revoked(
+        &m,
+        "10.96.0.2:80",
+        V1,
+        &kept,
+        &revoking,
+    ));
     let c = m.counters();
     assert_eq!(c.upgrades_revoked.load(Ordering::Relaxed), 1);
     assert_eq!(c.tcp_revoked.load(Ordering::Relaxed), 0);
