@@ -88,6 +88,18 @@ impl FileWatch {
     }
 }
 
+/// Test support: write `text` to `file` and stamp it `mtime`, as an edit within one time
+/// tick keeps the stamp (what a [`FileWatch`] must still see), for the tests of this module
+/// and of the reloads built on it.
+#[doc(hidden)]
+pub fn write_with_mtime(file: &Path, text: &str, mtime: SystemTime) -> std::io::Result<()> {
+    std::fs::write(file, text)?;
+    std::fs::File::options()
+        .write(true)
+        .open(file)?
+        .set_modified(mtime)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -98,16 +110,6 @@ mod tests {
         d
     }
 
-    fn write_with_mtime(file: &Path, text: &str, mtime: SystemTime) {
-        std::fs::write(file, text).unwrap();
-        std::fs::File::options()
-            .write(true)
-            .open(file)
-            .unwrap()
-            .set_modified(mtime)
-            .unwrap();
-    }
-
     /// A save of the same size within the stamp's time tick (same modification time) is
     /// still seen; nothing is handed out before two reads agree.
     #[test]
@@ -115,11 +117,11 @@ mod tests {
         let d = dir("tick");
         let file = d.join("c.yaml");
         let mtime = SystemTime::now() + Duration::from_secs(3600);
-        write_with_mtime(&file, "a: 1\n", mtime);
+        write_with_mtime(&file, "a: 1\n", mtime).unwrap();
         let mut w = FileWatch::new(&file, "a: 1\n".into());
         assert_eq!(w.poll(), None);
         assert_eq!(w.poll(), None);
-        write_with_mtime(&file, "a: 2\n", mtime);
+        write_with_mtime(&file, "a: 2\n", mtime).unwrap();
         assert_eq!(w.poll(), None, "one read is not enough");
         assert_eq!(w.poll().as_deref(), Some("a: 2\n"));
         assert_eq!(w.poll(), None, "handed out once");

@@ -102,6 +102,7 @@ pub fn watch(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use runtime::filewatch::write_with_mtime;
     use std::path::Path;
     use std::time::SystemTime;
 
@@ -116,17 +117,6 @@ mod tests {
             std::thread::sleep(Duration::from_millis(50));
         }
         panic!("no reload");
-    }
-
-    /// Writes `text` and sets the file's modification time to `mtime`.
-    fn write_with_mtime(file: &Path, text: &str, mtime: SystemTime) {
-        std::fs::write(file, text).unwrap();
-        std::fs::File::options()
-            .write(true)
-            .open(file)
-            .unwrap()
-            .set_modified(mtime)
-            .unwrap();
     }
 
     fn start(file: &Path, loaded: &str) -> (Watcher, Arc<Counters>, Publisher<WaypointConfig>) {
@@ -165,12 +155,12 @@ mod tests {
         let file = dir.join("c.yaml");
         // A modification time the next edit will keep (as an edit within one time tick).
         let mtime = SystemTime::now() + Duration::from_secs(3600);
-        write_with_mtime(&file, A, mtime);
+        write_with_mtime(&file, A, mtime).unwrap();
         let (_w, counters, _p) = start(&file, A);
         // Same length, same modification time, other text.
         let b = A.replace("name: a,", "name: b,");
         assert_eq!(b.len(), A.len());
-        write_with_mtime(&file, &b, mtime);
+        write_with_mtime(&file, &b, mtime).unwrap();
         wait(&counters, 1);
         let _ = std::fs::remove_dir_all(&dir);
     }
