@@ -10,8 +10,8 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
 use common::{
-    block_on, echo_node, grpc_connection, grpc_status, h2_server, ip, requests_in,
-    send_grpc_message, serve_async, start_grpc, stats_page,
+    echo_node, grpc_posts, h2_server, ip, requests_in, send_grpc_message, serve_async, start_grpc,
+    stats_page,
 };
 
 /// An HTTP/2 backend answering a gRPC-looking response: `/data` a message then trailers
@@ -46,28 +46,13 @@ fn telemetry_grpc_requests_report_grpc_and_their_status() {
     let b = grpc_backend(ip(net, 2));
     let deny = "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: deny, namespace: app}\nspec:\n  targetRefs: [{kind: Service, group: \"\", name: grpc}]\n  action: DENY\n  rules:\n  - to: [{operation: {paths: [/denied]}}]\n";
     let (handle, shutdown, cert) = start_grpc(&ca, ip(net, 1), b, deny, "grpc.yaml");
-    let waypoint = handle.addr;
-    let got = block_on(async move {
-        let (_c, send, _conn) = grpc_connection(waypoint, &cert).await;
-        let mut out = Vec::new();
-        for (path, grpc) in [
-            ("/data", true),
-            ("/only", true),
-            ("/denied", true),
-            ("/plain", false),
-        ] {
-            let mut req = http::Request::builder()
-                .method("POST")
-                .uri(format!("http://grpc.app.svc.cluster.local{path}"));
-            if grpc {
-                req = req.header("content-type", "application/grpc");
-            }
-            let mut send = send.clone().ready().await.unwrap();
-            let (resp, _) = send.send_request(req.body(()).unwrap(), true).unwrap();
-            out.push(grpc_status(resp).await);
-        }
-        out
-    });
+    let posts = [
+        ("/data", true),
+        ("/only", true),
+        ("/denied", true),
+        ("/plain", false),
+    ];
+    let got = grpc_posts(handle.addr, &cert, &posts);
     // The trailers and the trailers-only head reach the client as sent.
     assert_eq!(
         got,

@@ -13,8 +13,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::{
-    block_on, echo_node, grpc_connection, grpc_status, h2_server, ip, requests_in,
-    send_grpc_message, serve_async, start_grpc, stats_page,
+    echo_node, grpc_posts, h2_server, ip, requests_in, send_grpc_message, serve_async, start_grpc,
+    stats_page,
 };
 
 /// The paths the backend knows, and how each answers its second (final) try.
@@ -71,23 +71,7 @@ fn telemetry_grpc_status_of_a_retried_request_is_the_final_responses() {
     let b = flaky_grpc_backend(ip(net, 2), tries.clone());
     let route = "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: grpc, namespace: app}\nspec:\n  parentRefs: [{group: \"\", kind: Service, name: grpc}]\n  rules:\n  - backendRefs: [{name: grpc, port: 80}]\n    retry: {codes: [503], attempts: 1, backoff: 1ms}\n";
     let (handle, shutdown, cert) = start_grpc(&ca, ip(net, 1), b, route, "grpc-retry.yaml");
-    let waypoint = handle.addr;
-    let got = block_on(async move {
-        let (_c, send, _conn) = grpc_connection(waypoint, &cert).await;
-        let mut out = Vec::new();
-        for path in PATHS {
-            let req = http::Request::builder()
-                .method("POST")
-                .uri(format!("http://grpc.app.svc.cluster.local{path}"))
-                .header("content-type", "application/grpc")
-                .body(())
-                .unwrap();
-            let mut send = send.clone().ready().await.unwrap();
-            let (resp, _) = send.send_request(req, true).unwrap();
-            out.push(grpc_status(resp).await);
-        }
-        out
-    });
+    let got = grpc_posts(handle.addr, &cert, &PATHS.map(|p| (p, true)));
     // Every path was tried twice, and the client saw the second try's answer.
     for (p, n) in PATHS.iter().zip(tries.iter()) {
         assert_eq!(n.load(Ordering::SeqCst), 2, "{p}");

@@ -1032,20 +1032,32 @@ pub fn start_grpc(
     (handle, shutdown, cert)
 }
 
-/// An HTTP/2 client connection ([`h2_in_tunnel`]) in a fresh tunnel through the waypoint
-/// at `addr` to Service `grpc` (`10.96.0.9:80`), as `cert`: the tunnel's client
-/// connection, the sender and the connection task.
-pub async fn grpc_connection(
+/// POSTs (no body) of each path of `posts` to Service `grpc`, with `content-type:
+/// application/grpc` when its flag says so, one after another on one HTTP/2 connection
+/// ([`h2_in_tunnel`]) in a tunnel through the waypoint at `addr` to `10.96.0.9:80`, as
+/// `cert`: each response's status and `grpc-status` ([`grpc_status`]).
+pub fn grpc_posts(
     addr: SocketAddr,
     cert: &WorkloadCert,
-) -> (
-    Client,
-    h2::client::SendRequest<Bytes>,
-    monoio::task::JoinHandle<Result<(), h2::Error>>,
-) {
-    let (c, s) = open_tunnel(addr, cert, "10.96.0.9:80").await;
-    let (send, conn) = h2_in_tunnel(s).await;
-    (c, send, conn)
+    posts: &[(&str, bool)],
+) -> Vec<(u16, Option<String>)> {
+    block_on(async {
+        let (_c, s) = open_tunnel(addr, cert, "10.96.0.9:80").await;
+        let (send, _conn) = h2_in_tunnel(s).await;
+        let mut out = Vec::new();
+        for (path, grpc) in posts {
+            let mut req = http::Request::builder()
+                .method("POST")
+                .uri(format!("http://grpc.app.svc.cluster.local{path}"));
+            if *grpc {
+                req = req.header("content-type", "application/grpc");
+            }
+            let mut send = send.clone().ready().await.unwrap();
+            let (resp, _) = send.send_request(req.body(()).unwrap(), true).unwrap();
+            out.push(grpc_status(resp).await);
+        }
+        out
+    })
 }
 
 /// An HTTP/2 response's status and its `grpc-status`: the head's (trailers-only), else
