@@ -187,6 +187,28 @@ pub async fn drive(
     .await
 }
 
+/// Bytes a direction (copy or splice) moves without waiting, after which it yields to the
+/// worker's other tasks: a direction whose source never runs dry and whose destination never
+/// fills would otherwise keep the worker to itself.
+const BUDGET: usize = 4 << 20;
+
+/// Times a splice direction used up [`BUDGET`] and yielded (all workers).
+static SPLICE_YIELDS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+/// Times a copy direction used up [`BUDGET`] and yielded (all workers).
+static COPY_YIELDS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// How often splice directions of this process moved their budget without waiting and
+/// yielded to the worker's other tasks.
+pub fn splice_yields() -> u64 {
+    SPLICE_YIELDS.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// How often copy directions of this process moved their budget without waiting and
+/// yielded to the worker's other tasks.
+pub fn copy_yields() -> u64 {
+    COPY_YIELDS.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 // ---------------------------------------------------------------------------------------
 // copy mode
 
@@ -290,12 +312,20 @@ async fn copy_dir(src: &TcpStream, dst: &TcpStream, pool: &BufPool, count: &Cell
     let mut full_reads = 0u32;
     // Whether bytes may be queued without a readiness wait (after a full read).
     let mut drained = true;
+    let mut budget = BUDGET;
     loop {
         if drained {
+            budget = BUDGET;
             // Idle: hold no buffer until there is something to read.
             if let Err(e) = src.readable(false).await {
                 return DirEnd::ReadFailed(e);
             }
+        } else if budget == 0 {
+            // Reads keep filling the buffer and sends never block: the other tasks first
+            // (the ring ops of the former copy loop yielded on every read and write).
+            budget = BUDGET;
+            COPY_YIELDS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            crate::worker::yield_now().await;
         }
         let mut buf = held.take().unwrap_or_else(|| pool.get(large));
         let n = match recv_into(sfd, &mut buf) {
@@ -329,6 +359,7 @@ async fn copy_dir(src: &TcpStream, dst: &TcpStream, pool: &BufPool, count: &Cell
             return DirEnd::WriteFailed(e);
         }
         count.set(count.get() + n as u64);
+        budget = budget.saturating_sub(n);
         drained = !filled;
         if filled {
             full_reads += 1;
@@ -385,18 +416,6 @@ async fn forward_splice(
     }
 }
 
-/// Bytes moved without waiting after which a direction yields to the worker's other tasks.
-const SPLICE_BUDGET: usize = 4 << 20;
-
-/// Times a splice direction used up [`SPLICE_BUDGET`] and yielded (all workers).
-static SPLICE_YIELDS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-
-/// How often splice directions of this process moved their budget without waiting and
-/// yielded to the worker's other tasks.
-pub fn splice_yields() -> u64 {
-    SPLICE_YIELDS.load(std::sync::atomic::Ordering::Relaxed)
-}
-
 async fn splice_dir(
     src: &TcpStream,
     dst: &TcpStream,
@@ -407,7 +426,7 @@ async fn splice_dir(
     let (pr, pw) = (pipe.read.as_raw_fd(), pipe.write.as_raw_fd());
     let mut pending = 0usize;
     let mut eof = false;
-    let mut budget = SPLICE_BUDGET;
+    let mut budget = BUDGET;
     loop {
         let mut fill_blocked = eof;
         if !eof && pending < pipe.capacity {
@@ -446,12 +465,12 @@ async fn splice_dir(
                 return DirEnd::WriteFailed(e);
             }
         } else if pending == 0 && fill_blocked {
-            budget = SPLICE_BUDGET;
+            budget = BUDGET;
             if let Err(e) = src.readable(false).await {
                 return DirEnd::ReadFailed(e);
             }
         } else if budget == 0 {
-            budget = SPLICE_BUDGET;
+            budget = BUDGET;
             SPLICE_YIELDS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             // Behind the worker's other ready tasks (a self-waking yield would run first
             // again: see `worker::yield_now`).

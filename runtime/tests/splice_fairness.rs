@@ -1,5 +1,5 @@
-//! Splice mode under load: a connection whose direction keeps moving its budget without
-//! waiting (and so yields in a loop) must not hold the worker back from its other
+//! Splice and copy mode under load: a connection whose direction keeps moving its budget
+//! without waiting (and so yields in a loop) must not hold the worker back from its other
 //! connections.
 
 mod common;
@@ -14,6 +14,20 @@ use runtime::{DriverChoice, ForwardMode};
 
 #[test]
 fn small_connections_progress_while_a_bulk_splice_connection_yields() {
+    small_connections_progress_while_bulk_yields(
+        ForwardMode::Splice,
+        runtime::forward::splice_yields,
+    );
+}
+
+/// Copy mode moves bytes with non-blocking recv/send and waits on the ring only when a socket
+/// runs dry or fills: without its budget the bulk direction never gave the worker back.
+#[test]
+fn small_connections_progress_while_a_bulk_copy_connection_yields() {
+    small_connections_progress_while_bulk_yields(ForwardMode::Copy, runtime::forward::copy_yields);
+}
+
+fn small_connections_progress_while_bulk_yields(mode: ForwardMode, yields: fn() -> u64) {
     if !runtime::driver::decide(DriverChoice::Uring, 64)
         .is_ok_and(|d| d.kind == runtime::DriverKind::Uring)
     {
@@ -47,7 +61,7 @@ fn small_connections_progress_while_a_bulk_splice_connection_yields() {
             }
         }
     });
-    let mut cfg = config(DriverChoice::Uring, ForwardMode::Splice, 1, &[backend.addr]);
+    let mut cfg = config(DriverChoice::Uring, mode, 1, &[backend.addr]);
     // Deep socket buffers: the bulk direction rarely finds its source empty or its
     // destination full, so it keeps using up its budget.
     cfg.runtime.socket_recv_buffer = Some(8 << 20);
@@ -76,17 +90,14 @@ fn small_connections_progress_while_a_bulk_splice_connection_yields() {
         })
     };
     // Wait until the bulk direction is in its yield loop.
-    let y0 = runtime::forward::splice_yields();
+    let y0 = yields();
     wait_until(
-        "the bulk connection to use up its splice budget",
+        "the bulk connection to use up its budget",
         Duration::from_secs(60),
-        runtime::forward::splice_yields,
+        yields,
         |&y| y > y0 + 4,
     );
-    let (bytes_before, yields_before) = (
-        received.load(Ordering::Relaxed),
-        runtime::forward::splice_yields(),
-    );
+    let (bytes_before, yields_before) = (received.load(Ordering::Relaxed), yields());
     // Many small connections, each many verified round trips, all while the bulk flows.
     let small: Vec<_> = (0..32u32)
         .map(|i| {
@@ -114,10 +125,7 @@ fn small_connections_progress_while_a_bulk_splice_connection_yields() {
             Duration::from_secs(120),
         );
     }
-    let (bytes_after, yields_after) = (
-        received.load(Ordering::Relaxed),
-        runtime::forward::splice_yields(),
-    );
+    let (bytes_after, yields_after) = (received.load(Ordering::Relaxed), yields());
     eprintln!(
         "during the small connections: bulk moved {} MiB, yielded {} times",
         (bytes_after - bytes_before) >> 20,
