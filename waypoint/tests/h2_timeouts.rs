@@ -135,18 +135,7 @@ fn h2_upstream_hung_gets_504_and_a_stalled_response_is_reset_after_the_stream_id
         assert_eq!(status, 504);
         assert_eq!(st.metric("waypoint_upstream_timeouts_total"), 1);
         // The head and 2 bytes, then nothing: reset, never ended as if complete.
-        let req = http::Request::builder()
-            .uri(format!("http://{HOST}/stall"))
-            .body(())
-            .unwrap();
-        let (resp, _) = send.clone().send_request(req, true).unwrap();
-        let resp = bounded(resp).await.unwrap();
-        assert_eq!(resp.status(), 200);
-        let mut body = resp.into_body();
-        let first = bounded(body.data()).await.unwrap().unwrap();
-        assert_eq!(&first[..], b"ok");
-        let end = bounded(body.data()).await;
-        assert!(matches!(end, Some(Err(_))), "not reset: {end:?}");
+        common::h2_get_reset_after(&send, HOST, "/stall", b"ok").await;
         let (status, body) = bounded(common::h2_get_from(&send, HOST, "/")).await;
         assert_eq!((status, body.as_str()), (200, "ok"));
     });

@@ -133,18 +133,7 @@ fn h2_a_response_body_from_an_http1_upstream_that_stalls_is_reset_after_the_stre
     block_on(async {
         let (_c, s) = st.wp.tunnel().await;
         let (send, _conn) = h2_in_tunnel(s).await;
-        let req = http::Request::builder()
-            .uri(format!("http://{HOST}/stall-chunked"))
-            .body(())
-            .unwrap();
-        let (resp, _) = send.clone().send_request(req, true).unwrap();
-        let resp = bounded(resp).await.unwrap();
-        assert_eq!(resp.status(), 200);
-        let mut body = resp.into_body();
-        let first = bounded(body.data()).await.unwrap().unwrap();
-        assert_eq!(&first[..], b"ab");
-        let end = bounded(body.data()).await;
-        assert!(matches!(end, Some(Err(_))), "not reset: {end:?}");
+        common::h2_get_reset_after(&send, HOST, "/stall-chunked", b"ab").await;
         let (status, text) = bounded(common::h2_get_from(&send, HOST, "/")).await;
         assert_eq!((status, text.as_str()), (200, "ok"));
     });

@@ -1094,6 +1094,29 @@ pub async fn read_through(s: &mut H2Stream, tail: &[u8]) -> Vec<u8> {
     buf
 }
 
+/// A GET of `path` on `host` over `client` whose response is a `200` that sends `first`
+/// and is then reset (RST_STREAM), never ended as if complete (each wait within
+/// [`bounded`]).
+pub async fn h2_get_reset_after(
+    client: &h2::client::SendRequest<Bytes>,
+    host: &str,
+    path: &str,
+    first: &[u8],
+) {
+    let req = http::Request::builder()
+        .uri(format!("http://{host}{path}"))
+        .body(())
+        .unwrap();
+    let (resp, _) = client.clone().send_request(req, true).unwrap();
+    let resp = bounded(resp).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut body = resp.into_body();
+    let got = bounded(body.data()).await.unwrap().unwrap();
+    assert_eq!(&got[..], first);
+    let end = bounded(body.data()).await;
+    assert!(matches!(end, Some(Err(_))), "not reset: {end:?}");
+}
+
 /// A POST of `/` on `host` over `client` whose body stops after 3 of its declared 10
 /// bytes: the response's status (awaited within [`bounded`]), and the request body's
 /// stream, still open.
