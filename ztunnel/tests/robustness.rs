@@ -110,13 +110,7 @@ fn r9_reload_applies_a_save_that_keeps_the_modification_time() {
     let mtime = SystemTime::now() + Duration::from_secs(3600);
     let save = |text: &str| {
         let tmp = t.dir.join("b.yaml.tmp");
-        std::fs::write(&tmp, text).unwrap();
-        std::fs::File::options()
-            .write(true)
-            .open(&tmp)
-            .unwrap()
-            .set_modified(mtime)
-            .unwrap();
+        runtime::filewatch::write_with_mtime(&tmp, text, mtime).unwrap();
         std::fs::rename(&tmp, &t.file_b).unwrap();
     };
     // The same text, stamped with the time the next save keeps.
