@@ -363,16 +363,33 @@ pub struct TunnelCtx {
 
 /// What to do with one request.
 #[derive(Debug, Clone, PartialEq, Eq)]
-// Not boxed: a forward is usually borrowed (small); an owned one is moved once or twice,
-// which costs less than an allocation per request.
-#[allow(clippy::large_enum_variant)]
 pub enum Action<'c> {
     /// Answer directly (denial, redirect, 404, 500).
     Respond(Vec<u8>),
     /// Send the request to the route's upstream ([`upstream_head`] for HTTP/1.1); borrowed
     /// from the configuration when the route's forward is prebuilt
     /// ([`crate::route::RouteTable::route_shared`]).
-    Forward { forward: Cow<'c, Forward> },
+    Forward { forward: Fwd<'c> },
+}
+
+/// A request's [`Forward`]: the configuration's prebuilt one, or one made for it (boxed:
+/// a decision is held in a tunnel's future while its request is in flight, and an inline
+/// `Forward` would size every tunnel's future by it). Reads as a `Forward`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Fwd<'c> {
+    Shared(&'c Forward),
+    Owned(Box<Forward>),
+}
+
+impl std::ops::Deref for Fwd<'_> {
+    type Target = Forward;
+
+    fn deref(&self) -> &Forward {
+        match self {
+            Fwd::Shared(f) => f,
+            Fwd::Owned(f) => f,
+        }
+    }
 }
 
 /// Header lists up to this long are viewed from the stack by [`decide`].
@@ -427,7 +444,12 @@ pub fn decide<'c>(
         &|s| cfg.service_exists(s),
         rng,
     ) {
-        Ok(forward) => Action::Forward { forward },
+        Ok(Cow::Borrowed(f)) => Action::Forward {
+            forward: Fwd::Shared(f),
+        },
+        Ok(Cow::Owned(f)) => Action::Forward {
+            forward: Fwd::Owned(Box::new(f)),
+        },
         Err(Decision::Respond { status, reason }) => {
             Action::Respond(simple_response(status, &[], reason, close))
         }
@@ -443,7 +465,7 @@ pub fn decide<'c>(
             Action::Respond(simple_response(status, &h, "", close))
         }
         Err(Decision::Forward(fwd)) => Action::Forward {
-            forward: Cow::Owned(*fwd),
+            forward: Fwd::Owned(fwd),
         },
     }
 }
@@ -906,6 +928,15 @@ pub trait Upstream {
         None
     }
 
+    /// The tunnel's one idle timer, if the upstream keeps it: [`serve`]'s waits on the
+    /// tunnel (the next request, its head, its body) then use the timer that
+    /// [`Upstream::stream_idle`] gives for the waits on the upstream. They never wait at
+    /// once, so a tunnel holds one timer instead of two. `None` (the default): `serve`
+    /// keeps its own.
+    fn clock(&mut self) -> Option<&mut Clock> {
+        None
+    }
+
     /// One request is done (answered here or upstream): metrics and the access log.
     fn record(&mut self, _r: &Record<'_>) {}
 
@@ -1135,9 +1166,11 @@ pub async fn serve_from<T: Tunnel, U: Upstream>(
     rng: &mut dyn Rng,
 ) -> io::Result<End> {
     let times = cfg.tunnel_timeouts();
-    let mut clock = Clock::default();
+    // Used only when the upstream has no clock to share ([`Upstream::clock`]).
+    let mut own_clock = Clock::default();
     loop {
-        let (head, used) = match read_head(tunnel, &mut buf, &times, &mut clock).await? {
+        let clock = upstream.clock().unwrap_or(&mut own_clock);
+        let (head, used) = match read_head(tunnel, &mut buf, &times, clock).await? {
             HeadWait::Head(h, n) => (h, n),
             HeadWait::Bad(status) => return reject(tunnel, upstream, status).await,
             // No request in flight for `idle_timeout`: closed (in order, as at its end).
@@ -1192,7 +1225,10 @@ pub async fn serve_from<T: Tunnel, U: Upstream>(
         let close = !head.keep_alive();
         let upgrade = allowed_upgrade(&head);
         // Policy and routing before the body is read or anything is sent upstream.
-        match decide(cfg, ctx, &head, rng) {
+        // The forward is bound by reference: a moved-out binding would hold a second copy
+        // of it in the tunnel's future beside the (still reserved) decision.
+        let action = decide(cfg, ctx, &head, rng);
+        match action {
             Action::Respond(resp) => {
                 let status = status_of(&resp);
                 let mut request_bytes = used as u64;
@@ -1225,12 +1261,12 @@ pub async fn serve_from<T: Tunnel, U: Upstream>(
                 }
                 tunnel.write(Bytes::from(resp)).await?;
             }
-            Action::Forward { forward } => {
+            Action::Forward { ref forward } => {
                 // Hop-by-hop fields and `Expect` are not passed on; only an allowed
                 // upgrade is.
                 normalize_request(&mut head, upgrade.as_deref());
-                let request = Bytes::from(upstream_head(&head, &forward, ctx.source_ip));
-                let deadline = request_deadline(&forward, started);
+                let request = Bytes::from(upstream_head(&head, forward, ctx.source_ip));
+                let deadline = request_deadline(forward, started);
                 if expect {
                     // Envoy's default: the proxy answers the expectation itself once the
                     // request is allowed and routed, and does not pass it on.
@@ -1239,68 +1275,30 @@ pub async fn serve_from<T: Tunnel, U: Upstream>(
                         .write(Bytes::from_static(b"HTTP/1.1 100 Continue\r\n\r\n"))
                         .await?;
                 }
-                // Read the body whole when it fits the replay buffer; else stream it.
+                // Read the body whole when it fits the replay buffer; else stream it. A
+                // body already here whole (or none) is taken at once; waiting for one is
+                // boxed, so its state does not size every tunnel's future.
                 let body = match framing {
-                    Framing::Length(n) if n as usize <= REPLAY_BUFFER => {
-                        let f = fill(tunnel, &mut buf, &mut clock, times.stream_idle, |b| {
-                            (b.len() as u64 >= n).then_some(n as usize)
-                        });
-                        match within_boxed(deadline, f).await {
-                            Some(Err(e)) if e.kind() == io::ErrorKind::TimedOut => {
-                                let n = used as u64 + buf.len() as u64;
-                                let said = Said::new(Some(&head), n, started, &traceparent);
-                                return stream_timeout(tunnel, upstream, &said).await;
-                            }
-                            Some(r) => match r? {
-                                Some(n) => ReqBody::Buffered(buf.split_to(n).freeze()),
-                                None => return reject(tunnel, upstream, 400).await,
-                            },
-                            None => {
-                                let n = used as u64 + buf.len() as u64;
-                                return body_timeout(
-                                    tunnel,
-                                    upstream,
-                                    &head,
-                                    n,
-                                    started,
-                                    &traceparent,
-                                )
-                                .await;
-                            }
-                        }
+                    Framing::Length(n) if n as usize <= REPLAY_BUFFER && buf.len() as u64 >= n => {
+                        ReqBody::Buffered(buf.split_to(n as usize).freeze())
                     }
-                    Framing::Chunked => {
-                        let mut scan = crate::body::ChunkScan::default();
-                        let mut seen = 0;
-                        let f = fill(tunnel, &mut buf, &mut clock, times.stream_idle, |b| {
-                            let got = scan.feed(&b[seen..]);
-                            let r = match got {
-                                Ok(Some(k)) => Some(Ok(Some(seen + k))),
-                                Ok(None) if b.len() > REPLAY_BUFFER => Some(Ok(None)),
-                                Ok(None) => None,
-                                // Malformed: 400 here, before any upstream stream opens.
-                                Err(_) => Some(Err(())),
-                            };
-                            seen = b.len();
-                            r
-                        });
-                        let Some(r) = within_boxed(deadline, f).await else {
-                            let n = used as u64 + buf.len() as u64;
-                            return body_timeout(tunnel, upstream, &head, n, started, &traceparent)
-                                .await;
-                        };
-                        if r.as_ref()
-                            .is_err_and(|e| e.kind() == io::ErrorKind::TimedOut)
-                        {
-                            let n = used as u64 + buf.len() as u64;
-                            let said = Said::new(Some(&head), n, started, &traceparent);
-                            return stream_timeout(tunnel, upstream, &said).await;
-                        }
-                        let r = r?;
-                        match r {
-                            Some(Ok(Some(n))) => ReqBody::Buffered(buf.split_to(n).freeze()),
-                            Some(Ok(None)) => ReqBody::Streamed(Framing::Chunked),
-                            Some(Err(())) | None => return reject(tunnel, upstream, 400).await,
+                    Framing::Length(n) if n as usize > REPLAY_BUFFER => ReqBody::Streamed(framing),
+                    Framing::Length(_) | Framing::Chunked => {
+                        let said = Said::new(Some(&head), used as u64, started, &traceparent);
+                        let read = Box::pin(read_body(
+                            tunnel,
+                            &mut buf,
+                            upstream,
+                            &mut own_clock,
+                            times.stream_idle,
+                            deadline,
+                            framing,
+                            &said,
+                        ))
+                        .await;
+                        match read {
+                            BodyRead::Body(b) => b,
+                            BodyRead::Answered(r) => return r,
                         }
                     }
                     f => ReqBody::Streamed(f),
@@ -1311,7 +1309,7 @@ pub async fn serve_from<T: Tunnel, U: Upstream>(
                 // Boxed: the state of a request in flight is allocated for its duration
                 // only, so a tunnel idle between requests holds a small future.
                 let out = Box::pin(forward_request(
-                    tunnel, &mut buf, upstream, &forward, &head, request, body, has_body, rng,
+                    tunnel, &mut buf, upstream, forward, &head, request, body, has_body, rng,
                     deadline,
                 ))
                 .await?;
@@ -1346,6 +1344,83 @@ pub async fn serve_from<T: Tunnel, U: Upstream>(
             }
         }
     }
+}
+
+/// What waiting for a request body came to ([`read_body`]).
+enum BodyRead {
+    Body(ReqBody),
+    /// The waypoint answered (`408`, `504`, `400`) and the tunnel is done: [`serve`]'s end.
+    Answered(io::Result<End>),
+}
+
+/// Wait for a request body that fits the replay buffer (`Framing::Length` up to
+/// [`REPLAY_BUFFER`], or chunked) to be read whole into `buf`, under the route's
+/// `deadline` and, per read, `stream_idle`: the body, or the answer that ended the tunnel
+/// (a chunked body that grows past the buffer is streamed instead). `said`: the request
+/// (its head's bytes) for the record of such an answer.
+#[allow(clippy::too_many_arguments)]
+async fn read_body<T: Tunnel, U: Upstream>(
+    tunnel: &mut T,
+    buf: &mut BytesMut,
+    upstream: &mut U,
+    own_clock: &mut Clock,
+    stream_idle: Option<Duration>,
+    deadline: Option<Instant>,
+    framing: Framing,
+    said: &Said<'_>,
+) -> BodyRead {
+    let head = said.head.expect("a body follows a head");
+    let used = said.request_bytes;
+    let (started, traceparent) = (said.started, said.traceparent);
+    // The request's bytes so far, for the record of an answer here.
+    let read_so_far =
+        |buf: &BytesMut| Said::new(Some(head), used + buf.len() as u64, started, traceparent);
+    let r = match framing {
+        Framing::Length(n) => {
+            let clock = upstream.clock().unwrap_or(own_clock);
+            let f = fill(tunnel, buf, clock, stream_idle, |b| {
+                (b.len() as u64 >= n).then_some(n as usize)
+            });
+            match within(deadline, f).await {
+                Some(Ok(Some(n))) => Some(Ok(Some(Ok(Some(n))))),
+                Some(Ok(None)) => Some(Ok(None)),
+                Some(Err(e)) => Some(Err(e)),
+                None => None,
+            }
+        }
+        _ => {
+            let mut scan = crate::body::ChunkScan::default();
+            let mut seen = 0;
+            let clock = upstream.clock().unwrap_or(own_clock);
+            let f = fill(tunnel, buf, clock, stream_idle, |b| {
+                let got = scan.feed(&b[seen..]);
+                let r = match got {
+                    Ok(Some(k)) => Some(Ok(Some(seen + k))),
+                    Ok(None) if b.len() > REPLAY_BUFFER => Some(Ok(None)),
+                    Ok(None) => None,
+                    // Malformed: 400 here, before any upstream stream opens.
+                    Err(_) => Some(Err(())),
+                };
+                seen = b.len();
+                r
+            });
+            within(deadline, f).await
+        }
+    };
+    let answered = match r {
+        // The route's time ran out while the body came.
+        None => body_timeout(tunnel, upstream, &read_so_far(buf)).await,
+        Some(Err(e)) if e.kind() == io::ErrorKind::TimedOut => {
+            stream_timeout(tunnel, upstream, &read_so_far(buf)).await
+        }
+        Some(Err(e)) => Err(e),
+        Some(Ok(Some(Ok(Some(n))))) => {
+            return BodyRead::Body(ReqBody::Buffered(buf.split_to(n).freeze()))
+        }
+        Some(Ok(Some(Ok(None)))) => return BodyRead::Body(ReqBody::Streamed(Framing::Chunked)),
+        Some(Ok(Some(Err(())) | None)) => reject(tunnel, upstream, 400).await,
+    };
+    BodyRead::Answered(answered)
 }
 
 /// How the wait for a request head ended ([`read_head`]).
@@ -1555,17 +1630,17 @@ pub(crate) async fn bounded<U: Upstream, F: std::future::Future>(
     }
 }
 
-/// [`within`] for a future awaited in a tunnel's long-lived state: the timer and the race
-/// (whose state is larger than the future's) are boxed, allocated only when there is a
-/// deadline, so an idle tunnel's future does not grow by them.
-async fn within_boxed<F: std::future::Future>(
-    deadline: Option<Instant>,
-    f: F,
-) -> Option<F::Output> {
-    match deadline {
-        None => Some(f.await),
-        Some(_) => Box::pin(within(deadline, f)).await,
-    }
+/// `504` for a request whose body did not come within the route's time: recorded (flags
+/// `UT`) and counted ([`Note::RequestBodyTimeout`]) as the route's other timeouts, then
+/// the tunnel is closed (the rest of the body is not read).
+async fn body_timeout<T: Tunnel, U: Upstream>(
+    tunnel: &mut T,
+    upstream: &mut U,
+    said: &Said<'_>,
+) -> io::Result<End> {
+    let resp = simple_response(504, &[], "upstream request timeout", true);
+    upstream.note(Note::RequestBodyTimeout);
+    answer_and_close(tunnel, upstream, said, resp, 504, "UT").await
 }
 
 /// The waypoint's answer to a request it cannot take (bad head, framing or body):
@@ -2766,23 +2841,6 @@ fn status_of(resp: &[u8]) -> u16 {
         .and_then(|s| std::str::from_utf8(s).ok())
         .and_then(|s| s.parse().ok())
         .unwrap_or(0)
-}
-
-/// `504` for a request whose body did not come within the route's time: recorded (flags
-/// `UT`) and counted ([`Note::RequestBodyTimeout`]) as the route's other timeouts, then
-/// the tunnel is closed (the rest of the body is not read).
-async fn body_timeout<T: Tunnel, U: Upstream>(
-    tunnel: &mut T,
-    upstream: &mut U,
-    head: &RequestHead,
-    request_bytes: u64,
-    started: Instant,
-    traceparent: &str,
-) -> io::Result<End> {
-    let resp = simple_response(504, &[], "upstream request timeout", true);
-    upstream.note(Note::RequestBodyTimeout);
-    let said = Said::new(Some(head), request_bytes, started, traceparent);
-    answer_and_close(tunnel, upstream, &said, resp, 504, "UT").await
 }
 
 /// How long the request body of `framing` is when all of it is already in `buf`.

@@ -298,6 +298,10 @@ pub enum Target<'a> {
     Service { service: &'a ObjectRef, port: u16 },
 }
 
+/// The forward of a pod-addressed request (R16): no routing, nothing changed on the way;
+/// one for all (not built per request).
+static NO_ROUTING: std::sync::LazyLock<Forward> = std::sync::LazyLock::new(Forward::default);
+
 /// The upstream chosen for a forwarded request, and what to do on the way.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Forward {
@@ -462,7 +466,7 @@ impl RouteTable {
         rng: &mut dyn Rng,
     ) -> Result<Cow<'_, Forward>, Decision> {
         let (service, port) = match target {
-            Target::Workload => return Ok(Cow::Owned(Forward::default())),
+            Target::Workload => return Ok(Cow::Borrowed(&NO_ROUTING)),
             Target::Service { service, port } => (service, port),
         };
         // GAMMA's namespace rule (Gateway API GEP-1294, "Namespace boundaries"): a route in
