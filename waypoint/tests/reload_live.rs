@@ -78,12 +78,16 @@ fn backend(ip: Ipv4Addr, name: &'static str, hold: Option<Arc<Hold>>) -> Backend
     Backend { addr, seen }
 }
 
-/// A TCP backend sending back every byte it reads.
-fn tcp_echo(ip: Ipv4Addr) -> SocketAddr {
-    serve_threads(ip, |mut c| {
+/// A TCP backend sending back every byte it reads; each connection's end is announced on
+/// the receiver.
+fn tcp_echo(ip: Ipv4Addr) -> (SocketAddr, mpsc::Receiver<()>) {
+    let (tx, closed) = mpsc::channel();
+    let addr = serve_threads(ip, move |mut c| {
         let mut r = c.try_clone().unwrap();
         let _ = std::io::copy(&mut r, &mut c);
-    })
+        let _ = tx.send(());
+    });
+    (addr, closed)
 }
 
 /// Denies `/blocked` and `/hold`.
@@ -131,11 +135,14 @@ struct Model {
     v1_service: bool,
     /// The client workload `10.1.0.7` (so a tunnel's `forwarded: for=` naming it is believed).
     client: bool,
+    /// Service `raw` (`10.96.0.4`, an opaque TCP echo) exists.
+    raw_service: bool,
 }
 
 const FULL: Model = Model {
     v1_service: true,
     client: true,
+    raw_service: true,
 };
 
 struct Mesh {
@@ -146,6 +153,8 @@ struct Mesh {
     echo_v2: Backend,
     hold: Arc<Hold>,
     arrived: mpsc::Receiver<()>,
+    /// One message per connection of the opaque TCP echo (Service `raw`) that ended.
+    raw_closed: mpsc::Receiver<()>,
     zt_ip: Ipv4Addr,
     addrs: [SocketAddr; 4],
     /// The waypoint, on the configuration file the watcher reloads.
@@ -172,21 +181,28 @@ fn config(
     } else {
         ""
     };
+    let raw_service = if model.raw_service {
+        "  - {name: raw, namespace: app, hostname: raw.app.svc.cluster.local, vips: [\"10.96.0.4\"], ports: {80: 8080}}\n"
+    } else {
+        ""
+    };
     let svc = |uid: &str, a: SocketAddr, s: &str| {
         format!("  - {{uid: {uid}, name: {uid}, namespace: app, serviceAccount: echo, node: node-b, workloadIps: [\"{}\"], services: {{\"app/{s}.app.svc.cluster.local\": {{80: {}}}}}}}\n", a.ip(), a.port())
     };
-    // Without the service, its pod stays (serving no service).
-    let v1_pod = if model.v1_service {
-        svc("v1-1", v1, "echo-v1")
-    } else {
-        format!("  - {{uid: v1-1, name: v1-1, namespace: app, serviceAccount: echo, node: node-b, workloadIps: [\"{}\"]}}\n", v1.ip())
+    // Without its service, a pod stays (serving no service).
+    let pod = |uid: &str, a: SocketAddr, s: &str, served: bool| {
+        if served {
+            svc(uid, a, s)
+        } else {
+            format!("  - {{uid: {uid}, name: {uid}, namespace: app, serviceAccount: echo, node: node-b, workloadIps: [\"{}\"]}}\n", a.ip())
+        }
     };
     let model = format!(
-        "namespaces:\n  - name: app\n    labels: {{istio.io/dataplane-mode: ambient}}\nwaypoints:\n  - {{name: wp, namespace: app, address: 10.1.0.100}}\nnodes:\n  - {{name: node-b, ztunnel: {zt}}}\nworkloads:\n  - {{uid: wp, name: wp, namespace: app, serviceAccount: waypoint, workloadIps: [\"10.1.0.100\"]}}\n{client}{}{}{}{}services:\n  - {{name: echo, namespace: app, hostname: echo.app.svc.cluster.local, vips: [\"10.96.0.1\"], ports: {{80: 8080}}}}\n{v1_service}  - {{name: echo-v2, namespace: app, hostname: echo-v2.app.svc.cluster.local, vips: [\"10.96.0.3\"], ports: {{80: 8080}}}}\n  - {{name: raw, namespace: app, hostname: raw.app.svc.cluster.local, vips: [\"10.96.0.4\"], ports: {{80: 8080}}}}\n",
+        "namespaces:\n  - name: app\n    labels: {{istio.io/dataplane-mode: ambient}}\nwaypoints:\n  - {{name: wp, namespace: app, address: 10.1.0.100}}\nnodes:\n  - {{name: node-b, ztunnel: {zt}}}\nworkloads:\n  - {{uid: wp, name: wp, namespace: app, serviceAccount: waypoint, workloadIps: [\"10.1.0.100\"]}}\n{client}{}{}{}{}services:\n  - {{name: echo, namespace: app, hostname: echo.app.svc.cluster.local, vips: [\"10.96.0.1\"], ports: {{80: 8080}}}}\n{v1_service}  - {{name: echo-v2, namespace: app, hostname: echo-v2.app.svc.cluster.local, vips: [\"10.96.0.3\"], ports: {{80: 8080}}}}\n{raw_service}",
         svc("echo-1", e, "echo"),
-        v1_pod,
+        pod("v1-1", v1, "echo-v1", model.v1_service),
         svc("v2-1", v2, "echo-v2"),
-        svc("raw-1", raw, "raw"),
+        pod("raw-1", raw, "raw", model.raw_service),
     );
     let mut text = format!("{model}---\n{route}");
     if !policies.is_empty() {
@@ -208,7 +224,7 @@ impl Mesh {
         let echo = backend(ip(net, 2), "echo", None);
         let echo_v1 = backend(ip(net, 3), "echo-v1", Some(hold.clone()));
         let echo_v2 = backend(ip(net, 4), "echo-v2", None);
-        let raw = tcp_echo(ip(net, 5));
+        let (raw, raw_closed) = tcp_echo(ip(net, 5));
         let addrs = [echo.addr, echo_v1.addr, echo_v2.addr, raw];
         let text = config(ip(net, 1), addrs, FULL, &route_to("echo-v1"), "");
         let dir = format!("waypoint-reload-live-{}-{net}", std::process::id());
@@ -221,6 +237,7 @@ impl Mesh {
             echo_v2,
             hold,
             arrived,
+            raw_closed,
             zt_ip: ip(net, 1),
             addrs,
             live,
@@ -589,37 +606,79 @@ async fn echo(s: &mut H2Stream, data: &[u8]) {
     assert_eq!(got, data);
 }
 
+/// An opaque TCP tunnel (not HTTP: spliced) to Service `raw`, echoed; the reload to `kept`
+/// checks it again and leaves it; the reload to `revoking` resets it (not ended in order,
+/// no bytes after), counted once, and its upstream connection is closed.
+async fn opaque_kept_then_revoked(m: &Mesh, kept: &str, revoking: &str) {
+    let (_c, mut t) = m.tunnel("10.96.0.4:80").await;
+    echo(&mut t, b"\x00\x01opaque").await;
+    let c = m.counters();
+    assert_eq!(c.tcp_tunnels.load(Ordering::Relaxed), 1);
+    m.reload(kept, 1).await;
+    wait_until("the tunnel checked again", || {
+        c.tunnel_refreshes.load(Ordering::Relaxed) >= 1
+    })
+    .await;
+    echo(&mut t, b"\x00\x02still").await;
+    assert_eq!(c.tcp_revoked.load(Ordering::Relaxed), 0);
+    assert!(
+        m.raw_closed.try_recv().is_err(),
+        "the upstream closed early"
+    );
+    m.reload(revoking, 2).await;
+    wait_until("the tunnel revoked", || {
+        c.tcp_revoked.load(Ordering::Relaxed) >= 1
+    })
+    .await;
+    match bounded(t.read()).await {
+        Some(Ok(b)) => panic!("bytes after the revocation: {b:?}"),
+        Some(Err(_)) => {}
+        None => panic!("ended in order instead of reset"),
+    }
+    wait_until("the upstream connection closed", || {
+        m.raw_closed.try_recv().is_ok()
+    })
+    .await;
+}
+
 #[test]
 fn r15_a_live_opaque_tcp_tunnel_is_authorized_again_at_each_reload() {
     let m = Mesh::start(53);
-    block_on(async {
-        let (_c, mut t) = m.tunnel("10.96.0.4:80").await;
-        // Not HTTP: spliced as opaque TCP.
-        echo(&mut t, b"\x00\x01opaque").await;
-        assert_eq!(m.counters().tcp_tunnels.load(Ordering::Relaxed), 1);
-        // A reload that still allows it: the tunnel is checked again and stays.
-        m.reload(&m.config(FULL, &route_to("echo-v2"), ""), 1).await;
-        let c = m.counters();
-        wait_until("the tunnel checked again", || {
-            c.tunnel_refreshes.load(Ordering::Relaxed) >= 1
-        })
-        .await;
-        echo(&mut t, b"\x00\x02still").await;
-        assert_eq!(c.tcp_revoked.load(Ordering::Relaxed), 0);
-        // A reload whose policy denies the client: the live tunnel is reset.
-        m.reload(&m.config(FULL, &route_to("echo-v2"), &deny_client()), 2)
-            .await;
-        wait_until("the tunnel revoked", || {
-            c.tcp_revoked.load(Ordering::Relaxed) >= 1
-        })
-        .await;
-        match t.read().await {
-            Some(Ok(b)) => panic!("bytes after the revocation: {b:?}"),
-            Some(Err(_)) => {}
-            None => panic!("ended in order instead of reset"),
-        }
-    });
-    assert_eq!(m.counters().tcp_revoked.load(Ordering::Relaxed), 1);
+    // Another route for Service echo: checked again, still allowed; a DENY of the client
+    // (an L4 rule): reset.
+    let kept = m.config(FULL, &route_to("echo-v2"), "");
+    let revoking = m.config(FULL, &route_to("echo-v2"), &deny_client());
+    block_on(opaque_kept_then_revoked(&m, &kept, &revoking));
+    let c = m.counters();
+    assert_eq!(c.tcp_revoked.load(Ordering::Relaxed), 1);
+    assert_eq!(c.upgrades_revoked.load(Ordering::Relaxed), 0);
+}
+
+/// R14 for a live opaque TCP tunnel (to Service `raw`): a reload that still serves its
+/// target (another Service, `echo-v1`, removed) leaves it; one after which this waypoint
+/// no longer serves it (Service `raw` gone from the model, its pod kept) resets it, counts
+/// it (`waypoint_tcp_revoked_total`, once) and closes the upstream connection, though no
+/// policy denies it.
+#[test]
+fn r14_a_live_opaque_tcp_tunnel_whose_target_a_reload_removes_is_reset() {
+    let m = Mesh::start(71);
+    let other_removed = Model {
+        v1_service: false,
+        ..FULL
+    };
+    let kept = m.config(other_removed, &route_to("echo-v2"), "");
+    let raw_removed = Model {
+        raw_service: false,
+        ..other_removed
+    };
+    let revoking = m.config(raw_removed, &route_to("echo-v2"), "");
+    block_on(opaque_kept_then_revoked(&m, &kept, &revoking));
+    let c = m.counters();
+    assert_eq!(c.tcp_revoked.load(Ordering::Relaxed), 1);
+    assert_eq!(c.upgrades_revoked.load(Ordering::Relaxed), 0);
+    assert_eq!(c.denied.load(Ordering::Relaxed), 0);
+    assert_eq!(c.tcp_denied.load(Ordering::Relaxed), 0);
+    assert_eq!(c.tcp_tunnels.load(Ordering::Relaxed), 1);
 }
 
 /// R15 for a connection upgraded after a `101` (a websocket): authorized again at each
