@@ -219,33 +219,8 @@ async fn tcp_to_h2(
     }
 }
 
-/// Write `data` to the socket `fd` (the write half `w`): a non-blocking `send` first —
-/// when the socket buffer has room, the usual case, that is the whole write, with no ring
-/// operation and no wake-up for its completion — and the ring for whatever did not fit.
-async fn send_to_tcp(
-    fd: std::os::fd::RawFd,
-    w: &mut OwnedWriteHalf<TcpStream>,
-    mut data: Bytes,
-) -> io::Result<()> {
-    loop {
-        match runtime::sys::send_vectored_nonblocking(fd, &[io::IoSlice::new(&data)]) {
-            Ok(n) if n == data.len() => return Ok(()),
-            Ok(n) => {
-                let _ = data.split_to(n);
-                break;
-            }
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-            Err(e) => return Err(e),
-        }
-    }
-    let (res, _) = w.write_all(data).await;
-    res.map(|_| ())
-}
-
 async fn h2_to_tcp(
     recv: &mut RecvStream,
-    fd: std::os::fd::RawFd,
     w: &mut OwnedWriteHalf<TcpStream>,
     count: &Cell<u64>,
 ) -> DirEnd {
@@ -254,7 +229,8 @@ async fn h2_to_tcp(
             Some(Ok(data)) if data.is_empty() => {}
             Some(Ok(data)) => {
                 let n = data.len();
-                if let Err(e) = send_to_tcp(fd, w, data).await {
+                let (res, _) = w.write_all(data).await;
+                if let Err(e) = res {
                     return DirEnd::WriteFailed(e);
                 }
                 let _ = recv.flow_control().release_capacity(n);
@@ -283,13 +259,12 @@ pub async fn bridge(
     abort: impl Future<Output = ()>,
 ) -> Outcome {
     let counts = [Cell::new(0u64), Cell::new(0u64)];
-    let fd = tcp.as_raw_fd();
     let (mut r, mut w) = tcp.into_split();
     let end = {
         let H2Stream { send, recv, .. } = &mut stream;
         drive(
             tcp_to_h2(&mut r, send, chunk, &counts[0]),
-            h2_to_tcp(recv, fd, &mut w, &counts[1]),
+            h2_to_tcp(recv, &mut w, &counts[1]),
             &counts,
             idle,
             abort,
