@@ -564,6 +564,17 @@ impl LocalConfig {
             Some(v) => check(field, v, rule),
             None => Ok(()),
         };
+        // What a workload's or waypoint's identity is made of.
+        let identity = |f: &dyn Fn(&str) -> String,
+                        name: &str,
+                        namespace: &str,
+                        service_account: &Option<String>,
+                        trust_domain: &Option<String>| {
+            check(f("name"), name, names::dns_subdomain)?;
+            check(f("namespace"), namespace, names::dns_label)?;
+            some(f("serviceAccount"), service_account, names::dns_subdomain)?;
+            some(f("trustDomain"), trust_domain, names::trust_domain)
+        };
         let labels = |field: String, l: &Labels| {
             for (k, v) in l {
                 names::label_key(k)
@@ -575,14 +586,13 @@ impl LocalConfig {
         for (i, w) in self.workloads.iter().enumerate() {
             let f = |name: &str| format!("workloads[{i}].{name}");
             opt(f("uid"), &w.uid, names::token)?;
-            check(f("name"), &w.name, names::dns_subdomain)?;
-            check(f("namespace"), &w.namespace, names::dns_label)?;
-            some(
-                f("serviceAccount"),
+            identity(
+                &f,
+                &w.name,
+                &w.namespace,
                 &w.service_account,
-                names::dns_subdomain,
+                &w.trust_domain,
             )?;
-            some(f("trustDomain"), &w.trust_domain, names::trust_domain)?;
             opt(f("hostname"), &w.hostname, names::hostname)?;
             opt(f("node"), &w.node, names::dns_subdomain)?;
             check(f("network"), &w.network, names::label_value)?;
@@ -623,14 +633,13 @@ impl LocalConfig {
         }
         for (i, w) in self.waypoints.iter().enumerate() {
             let f = |name: &str| format!("waypoints[{i}].{name}");
-            check(f("name"), &w.name, names::dns_subdomain)?;
-            check(f("namespace"), &w.namespace, names::dns_label)?;
-            some(
-                f("serviceAccount"),
+            identity(
+                &f,
+                &w.name,
+                &w.namespace,
                 &w.service_account,
-                names::dns_subdomain,
+                &w.trust_domain,
             )?;
-            some(f("trustDomain"), &w.trust_domain, names::trust_domain)?;
             check(f("network"), &w.network, names::label_value)?;
             for k in w.annotations.keys() {
                 check(f("annotations"), k, names::label_key)?;
