@@ -48,14 +48,32 @@ pub fn require_ipv6(test: &str) -> bool {
 
 /// `ok`, or a failure under `CI` (`why`), or a printed SKIP (`skip`) and false.
 fn gate(test: &str, ok: bool, why: &str, skip: &str) -> bool {
-    if ok {
-        return true;
+    if !ok {
+        fail_or_skip(
+            &format!("{test}: {why}"),
+            &format!("{test}: {skip}"),
+            in_ci(),
+        );
     }
-    if std::env::var_os(CI).is_some() {
-        panic!("{test}: {why} and CI is set: failing, not skipping");
+    ok
+}
+
+/// Is `CI` set (to anything)? There a test that cannot run fails.
+pub fn in_ci() -> bool {
+    std::env::var_os(CI).is_some()
+}
+
+/// A test that cannot run on this host (`why`: no io_uring, one CPU, no privilege…): it
+/// panics when `CI` is set, and prints SKIP elsewhere (the caller then returns).
+pub fn cannot_run(why: &str) {
+    fail_or_skip(why, why, in_ci());
+}
+
+fn fail_or_skip(why: &str, skip: &str, ci: bool) {
+    if ci {
+        panic!("{why}, and CI is set: failing, not skipping");
     }
-    eprintln!("SKIP {test}: {skip}");
-    false
+    eprintln!("SKIP {skip}");
 }
 
 /// Poll `f` every 25 ms until it holds; after `within`, panic naming `what` with `dump()`
@@ -74,4 +92,20 @@ pub fn eventually(
         std::thread::sleep(Duration::from_millis(25));
     }
     panic!("timed out waiting for: {what}\n{}", dump());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fail_or_skip;
+
+    #[test]
+    #[should_panic(expected = "CI is set")]
+    fn a_test_that_cannot_run_fails_under_ci() {
+        fail_or_skip("no io_uring here (test)", "no io_uring here", true);
+    }
+
+    #[test]
+    fn a_test_that_cannot_run_skips_outside_ci() {
+        fail_or_skip("no io_uring here (test)", "no io_uring here", false);
+    }
 }

@@ -31,7 +31,9 @@ mod stats;
 mod topo;
 
 pub use cmd::{nft, nft_list_table, run, run_in};
-pub use gate::{eventually, ipv6_available, is_root, require_ipv6, require_root};
+pub use gate::{
+    cannot_run, eventually, in_ci, ipv6_available, is_root, require_ipv6, require_root,
+};
 pub use lab::{netns_command, process_prefix, sweep_stale, Lab};
 pub use ns::{connect_in, enter, http_get_in, in_ns, serve_in, try_in_ns, Served};
 pub use stats::metric;

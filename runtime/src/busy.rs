@@ -402,8 +402,8 @@ async fn spin<C: CpuClock>(
 mod tests {
     use super::*;
     use crate::driver::{self, DriverChoice, DriverKind};
-    use crate::testgate::{cannot_run, in_ci};
     use monoio::io::{AsyncReadRent, AsyncWriteRentExt};
+    use netlab::cannot_run;
     use std::sync::atomic::Ordering::Relaxed;
 
     /// A real io_uring worker runtime; `None` (SKIP) where io_uring is unavailable, and a
@@ -411,12 +411,12 @@ mod tests {
     fn uring_runtime() -> Option<driver::MeshRuntime> {
         let d = driver::decide(DriverChoice::Auto, 64).unwrap();
         if d.kind != DriverKind::Uring {
-            cannot_run(&format!("no io_uring here ({})", d.reason), in_ci());
+            cannot_run(&format!("no io_uring here ({})", d.reason));
             return None;
         }
         let (rt, kind) = driver::build_runtime(&d, 64).unwrap();
         if kind != DriverKind::Uring {
-            cannot_run("the io_uring runtime fell back to epoll", in_ci());
+            cannot_run("the io_uring runtime fell back to epoll");
             return None;
         }
         Some(rt)

@@ -709,7 +709,7 @@ pub(crate) fn two_online_cpus() -> Option<(usize, usize)> {
     let online = HostCpus::read().online.unwrap_or_default();
     if online.len() < 2 {
         let why = format!("needs 2 online CPUs (have {online:?})");
-        crate::testgate::cannot_run(&why, crate::testgate::in_ci());
+        netlab::cannot_run(&why);
         return None;
     }
     Some((online[0], online[1]))

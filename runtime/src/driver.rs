@@ -189,7 +189,7 @@ pub fn build_runtime(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testgate::{cannot_run, in_ci};
+    use netlab::cannot_run;
 
     /// The workers' rings take the cooperative task-running flags on this kernel (a kernel
     /// refusing them would make `io_uring_ring` fall back to a plain ring, silently slower),
@@ -199,14 +199,13 @@ mod tests {
     #[test]
     fn worker_rings_run_task_work_cooperatively() {
         if let Err(e) = uring_builder(false).build(8) {
-            cannot_run(&format!("no io_uring here: {e}"), in_ci());
+            cannot_run(&format!("no io_uring here: {e}"));
             return;
         }
         if let Err(e) = uring_builder(true).build(8) {
-            cannot_run(
-                &format!("this kernel refuses COOP_TASKRUN (Linux 5.19+): {e}"),
-                in_ci(),
-            );
+            cannot_run(&format!(
+                "this kernel refuses COOP_TASKRUN (Linux 5.19+): {e}"
+            ));
             return;
         }
 

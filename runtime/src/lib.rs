@@ -37,8 +37,6 @@ pub mod shutdown;
 pub mod snapshot;
 pub mod stats;
 pub mod sys;
-#[cfg(test)]
-mod testgate;
 pub mod worker;
 
 pub use config::{ForwardConfig, ForwardMode, RuntimeConfig};

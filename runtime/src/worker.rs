@@ -647,7 +647,7 @@ pub(crate) mod tests {
             .unwrap();
         if let Err(e) = probe {
             let why = format!("SCHED_FIFO cannot be set here (needs root/CAP_SYS_NICE): {e}");
-            crate::testgate::cannot_run(&why, crate::testgate::in_ci());
+            netlab::cannot_run(&why);
             return;
         }
         let cfg = RuntimeConfig {

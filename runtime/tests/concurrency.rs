@@ -228,7 +228,7 @@ fn ten_thousand_concurrent_connections_leak_no_descriptors() {
                 // fits and say so loudly.
                 if euid() != Some(0) {
                     assert!(
-                        !in_ci(),
+                        !netlab::in_ci(),
                         "needs root to raise RLIMIT_NOFILE for {WANT} connections (CI=true)"
                     );
                 }

@@ -40,11 +40,7 @@ fn gate(test: &str) -> Option<(i32, i32)> {
         })
     });
     if let Some(why) = why {
-        assert!(
-            !in_ci(),
-            "{test}: {why} and CI is set: failing, not skipping"
-        );
-        eprintln!("SKIP {test}: {why}");
+        netlab::cannot_run(&format!("{test}: {why}"));
         return None;
     }
     let before = before.unwrap();
