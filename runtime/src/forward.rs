@@ -299,6 +299,16 @@ async fn send_all(dst: &TcpStream, mut data: &[u8]) -> io::Result<()> {
     Ok(())
 }
 
+/// The source's EOF, passed on: `shutdown(SHUT_WR)` of the destination (already gone:
+/// nothing left to tell it).
+fn pass_eof(dfd: std::os::fd::RawFd) -> DirEnd {
+    match sys::shutdown_write(dfd) {
+        Ok(()) => DirEnd::Eof,
+        Err(e) if e.kind() == io::ErrorKind::NotConnected => DirEnd::Eof,
+        Err(e) => DirEnd::WriteFailed(e),
+    }
+}
+
 /// One direction of copy mode. Readiness comes from the ring (a poll), the bytes move with
 /// non-blocking `recv`/`send` on the sockets: a small message costs the ring one poll and
 /// two plain syscalls instead of a poll, a recv and a send through the ring, each of which
@@ -331,11 +341,7 @@ async fn copy_dir(src: &TcpStream, dst: &TcpStream, pool: &BufPool, count: &Cell
         let n = match recv_into(sfd, &mut buf) {
             Ok(0) => {
                 pool.put(buf);
-                return match sys::shutdown_write(dst.as_raw_fd()) {
-                    Ok(()) => DirEnd::Eof,
-                    Err(e) if e.kind() == io::ErrorKind::NotConnected => DirEnd::Eof,
-                    Err(e) => DirEnd::WriteFailed(e),
-                };
+                return pass_eof(dst.as_raw_fd());
             }
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
@@ -454,11 +460,7 @@ async fn splice_dir(
             }
         }
         if eof && pending == 0 {
-            return match sys::shutdown_write(dfd) {
-                Ok(()) => DirEnd::Eof,
-                Err(e) if e.kind() == io::ErrorKind::NotConnected => DirEnd::Eof,
-                Err(e) => DirEnd::WriteFailed(e),
-            };
+            return pass_eof(dfd);
         }
         if pending > 0 && drain_blocked {
             if let Err(e) = dst.writable(false).await {
