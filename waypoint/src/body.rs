@@ -272,10 +272,10 @@ pub(crate) async fn idle_bound<F: std::future::Future>(
     idle: &mut Option<(&mut Clock, Duration)>,
     f: F,
 ) -> Result<F::Output, CopyError> {
-    match idle {
-        Some((clock, d)) => clock.within(Some(*d), f).await.ok_or(CopyError::Idle),
-        None => Ok(f.await),
-    }
+    let idle = idle.as_mut().map(|(clock, d)| (&mut **clock, *d));
+    crate::http1::idle_bounded(idle, f)
+        .await
+        .ok_or(CopyError::Idle)
 }
 
 /// [`copy`] with each read of `src` and each write to `dst` bounded by `idle` (Envoy's

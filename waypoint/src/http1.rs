@@ -1624,7 +1624,16 @@ pub(crate) async fn bounded<U: Upstream, F: std::future::Future>(
     if deadline.is_some() {
         return within(deadline, f).await;
     }
-    match up.stream_idle() {
+    idle_bounded(up.stream_idle(), f).await
+}
+
+/// `f`'s output, or `None` when it waited `idle`'s bound (a stream's [`Clock`] and its
+/// `stream_idle_timeout`) without finishing; no `idle`: no bound.
+pub(crate) async fn idle_bounded<F: std::future::Future>(
+    idle: Option<(&mut Clock, Duration)>,
+    f: F,
+) -> Option<F::Output> {
+    match idle {
         Some((clock, idle)) => clock.within(Some(idle), f).await,
         None => Some(f.await),
     }
