@@ -72,19 +72,26 @@ pub enum H2End {
 }
 
 /// Serve HTTP/2 on one tunnel until the client closes it or a protocol error.
-/// `new_upstream` makes the upstream of one request stream; `bad_requests` counts
-/// requests answered `400` here.
-pub async fn serve<U, F>(
+/// `new_upstream` makes the upstream of one request stream; `on_bad` counts requests
+/// answered `400` here. `revoked` completes when a reload no longer serves the tunnel's
+/// target (R14): the connection is then sent a graceful GOAWAY at once, idle or not (as
+/// when one of its streams finds the target gone first), and `on_retire` is called (once
+/// per connection, whichever way it was retired).
+#[allow(clippy::too_many_arguments)]
+pub async fn serve<U, F, R>(
     io: StreamIo,
     settings: &H2Settings,
     cfg: Arc<WaypointConfig>,
     ctx: Rc<TunnelCtx>,
     mut new_upstream: F,
     on_bad: Rc<dyn Fn()>,
+    revoked: R,
+    on_retire: impl FnOnce(),
 ) -> H2End
 where
     U: Upstream + 'static,
     F: FnMut() -> (U, SplitMix64),
+    R: std::future::Future<Output = ()>,
 {
     let mut conn = match settings.server_builder().handshake::<_, Bytes>(io).await {
         Ok(c) => c,
@@ -98,11 +105,19 @@ where
     let idle = cfg.tunnel_timeouts().idle;
     let active = Rc::new(Active::default());
     let mut clock = http1::Clock::default();
-    let mut retiring = false;
+    // The reload watch, until the connection is retired (then dropped: it no longer
+    // keeps the worker's version watcher running).
+    let mut revoked = std::pin::pin!(Some(revoked));
+    let mut on_retire = Some(on_retire);
     loop {
-        let next = next_stream(&mut conn, &active, &mut clock, idle, retiring, || {
-            slots.trim()
-        })
+        let next = next_stream(
+            &mut conn,
+            &active,
+            &mut clock,
+            idle,
+            revoked.as_mut(),
+            || slots.trim(),
+        )
         .await;
         let next = match next {
             Next::Stream(s) => s,
@@ -117,14 +132,18 @@ where
                 }
                 return H2End::Closed;
             }
-            // A reload stopped serving the tunnel's target (R14): graceful GOAWAY, as
-            // Envoy drains a connection whose listener or route went away. The streams
+            // A reload stopped serving the tunnel's target (R14), seen by the tunnel's
+            // reload watch (an idle connection is told at once) or by a stream: graceful
+            // GOAWAY, as Envoy drains a connection whose listener or route went away. The streams
             // in flight finish; the connection is served until the client closes it
             // (streams it opened before the GOAWAY reached it get their `503`), and the
             // client opens a new connection for its next requests.
             Next::Retire => {
                 conn.graceful_shutdown();
-                retiring = true;
+                revoked.set(None);
+                if let Some(f) = on_retire.take() {
+                    f();
+                }
                 continue;
             }
         };
@@ -212,26 +231,30 @@ enum Next {
     Stream(Accepted),
     /// No stream in flight for `idle_timeout`.
     Idle,
-    /// A stream asked for GOAWAY ([`Active::retire`]).
+    /// A reload no longer serves the tunnel's target (R14): its reload watch completed,
+    /// or a stream found it ([`Active::retire`]).
     Retire,
 }
 
 /// The connection's next stream, [`Next::Idle`] once it had no stream in flight for `idle`
-/// (`None`: never), or [`Next::Retire`] when a stream asked for it (unless `retiring`
-/// already). The timer (made once per tunnel) is armed when the connection becomes idle.
-async fn next_stream(
+/// (`None`: never), or [`Next::Retire`] when its reload watch `revoked` completes or a
+/// stream asked for it (unless retiring already: `revoked` is `None` then). The timer
+/// (made once per tunnel) is armed when the connection becomes idle.
+async fn next_stream<R: std::future::Future<Output = ()>>(
     conn: &mut h2::server::Connection<StreamIo, Bytes>,
     active: &Active,
     clock: &mut http1::Clock,
     idle: Option<std::time::Duration>,
-    retiring: bool,
+    mut revoked: std::pin::Pin<&mut Option<R>>,
     mut on_idle: impl FnMut(),
 ) -> Next {
     use std::task::Poll;
     let mut armed = false;
     std::future::poll_fn(|cx| {
-        if !retiring && active.retire.get() {
-            return Poll::Ready(Next::Retire);
+        if let Some(watch) = revoked.as_mut().as_pin_mut() {
+            if active.retire.get() || watch.poll(cx).is_ready() {
+                return Poll::Ready(Next::Retire);
+            }
         }
         if let Poll::Ready(r) = conn.poll_accept(cx) {
             return Poll::Ready(Next::Stream(r));

@@ -23,7 +23,10 @@
 //! tunnels, as ztunnel re-checks live connections): one the new snapshot denies, or whose
 //! target it no longer serves, is reset (`waypoint_tcp_revoked_total`). So is a connection
 //! upgraded after a `101`, authorized again by its upgrade request (its HTTP fields)
-//! under each new snapshot (`waypoint_upgrades_revoked_total`).
+//! under each new snapshot (`waypoint_upgrades_revoked_total`). An HTTP/2 tunnel watches
+//! reloads too (R14 only: policy applies per stream): one whose target a reload no longer
+//! serves is sent a graceful GOAWAY at once, idle or not, its streams in flight finishing
+//! (`waypoint_h2_revoked_total`, also counting those a stream found first).
 //!
 //! The settings document (`waypoint:`, `runtime`, `h2`) is read at start only: a change to
 //! it is logged ("restart to apply") and the rest of the file is still reloaded.

@@ -186,6 +186,9 @@ pub struct Counters {
     /// Live upgraded connections (after a `101`) closed because a reload's policy denies
     /// their upgrade request (R15) or no longer serves their target (R14).
     pub upgrades_revoked: AtomicU64,
+    /// Live HTTP/2 tunnels sent a graceful GOAWAY because a reload no longer serves their
+    /// target (R14): at the reload, or at a stream that found it first.
+    pub h2_revoked: AtomicU64,
 }
 
 /// The waypoint's certificate and the server TLS made from it.
@@ -549,6 +552,12 @@ pub fn prometheus(c: &Counters) -> String {
         "Live upgraded connections closed by a reload (policy denies their upgrade request or target no longer served).",
         c.upgrades_revoked.load(Relaxed),
     );
+    counter(
+        &mut out,
+        "waypoint_h2_revoked",
+        "Live HTTP/2 tunnels sent a graceful GOAWAY: a reload no longer serves their target.",
+        c.h2_revoked.load(Relaxed),
+    );
     out
 }
 
@@ -883,6 +892,9 @@ async fn tunnel(w: Rc<Worker>, cert: Arc<WorkloadCert>, mut inb: Inbound) {
             let io = inner::StreamIo::new(stream, first.freeze());
             let w2 = w.clone();
             let c2 = counters.clone();
+            // R14 only: policy (R15) applies to each stream as it comes.
+            let version = facts.view.borrow().version;
+            let revoked = revoked_by_reload(w.clone(), facts.clone(), version, |_, _| true);
             let serve = Box::pin(h2srv::serve(
                 io,
                 &settings.h2,
@@ -892,6 +904,10 @@ async fn tunnel(w: Rc<Worker>, cert: Arc<WorkloadCert>, mut inb: Inbound) {
                 Rc::new(move || {
                     c2.bad_requests.fetch_add(1, Relaxed);
                 }),
+                revoked,
+                || {
+                    counters.h2_revoked.fetch_add(1, Relaxed);
+                },
             ));
             match race(serve, w.ctx.aborted()).await {
                 Either::Left(H2End::Closed) => tracing::trace!(%target, "h2 tunnel ended"),

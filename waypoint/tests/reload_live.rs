@@ -441,9 +441,7 @@ fn r14_a_reload_removing_the_tunnels_target_refuses_its_next_request() {
     block_on(async {
         let (_c1, mut t) = m.tunnel("10.96.0.2:80").await;
         let mut buf = Vec::new();
-        let (_c2, h2) = m.h2_tunnel("10.96.0.2:80").await;
         assert_eq!(ask(&mut t, &mut buf, "/a", V1).await.0, 200);
-        assert_eq!(common::h2_get_from(&h2, V1, "/a").await.0, 200);
         let model = Model {
             v1_service: false,
             ..FULL
@@ -452,18 +450,14 @@ fn r14_a_reload_removing_the_tunnels_target_refuses_its_next_request() {
             .await;
         // HTTP/1.1: 503, and the tunnel ends.
         let not_served = waypoint::http1::NOT_SERVED_BODY.to_string();
-        assert_eq!(
-            ask(&mut t, &mut buf, "/b", V1).await,
-            (503, not_served.clone())
-        );
+        assert_eq!(ask(&mut t, &mut buf, "/b", V1).await, (503, not_served));
         assert!(buf.is_empty());
         match t.read().await {
             None => {}
             Some(Ok(b)) => panic!("bytes after the refusal: {b:?}"),
             Some(Err(e)) => panic!("tunnel reset instead of ended: {e}"),
         }
-        // HTTP/2: the stream gets 503 (and the connection a GOAWAY: see the next test).
-        assert_eq!(common::h2_get_from(&h2, V1, "/b").await, (503, not_served));
+        // (A live HTTP/2 tunnel is sent GOAWAY at the reload: see the next tests.)
         // A new tunnel to it is refused at its CONNECT.
         let c = connect(m.waypoint, &m.client_cert, id("app", "waypoint"))
             .await
@@ -478,15 +472,15 @@ fn r14_a_reload_removing_the_tunnels_target_refuses_its_next_request() {
         );
     });
     let c = m.counters();
-    assert_eq!(c.stale_target_requests.load(Ordering::Relaxed), 2);
+    assert_eq!(c.stale_target_requests.load(Ordering::Relaxed), 1);
     assert_eq!(c.refused_targets.load(Ordering::Relaxed), 1);
-    assert_eq!(m.echo_v1.seen(), vec!["/a", "/a"]);
+    assert_eq!(m.echo_v1.seen(), vec!["/a"]);
 }
 
-/// R14 over HTTP/2: once a reload no longer serves the tunnel's target, the stream that
-/// finds it gets `503` and the connection a graceful GOAWAY (as Envoy drains a connection
-/// whose listener or route went away): a stream in flight still completes, then the
-/// connection ends in order, so the client reconnects instead of getting `503` for ever.
+/// R14 over HTTP/2: once a reload no longer serves the tunnel's target, the connection is
+/// sent a graceful GOAWAY at once (as Envoy drains a connection whose listener or route
+/// went away): a stream in flight still completes, then the connection ends in order, so
+/// the client reconnects instead of getting `503` for ever.
 #[test]
 fn r14_a_reload_removing_the_tunnels_target_sends_goaway_and_streams_in_flight_finish() {
     let m = Mesh::start(59);
@@ -509,19 +503,9 @@ fn r14_a_reload_removing_the_tunnels_target_sends_goaway_and_streams_in_flight_f
         };
         m.reload(&m.config(model, &route_to("echo-v2"), ""), 1)
             .await;
-        let not_served = waypoint::http1::NOT_SERVED_BODY.to_string();
-        assert_eq!(common::h2_get_from(&h2, V1, "/b").await, (503, not_served));
-        // The GOAWAY reaches the client: it opens no new stream on this connection.
-        bounded(async {
-            loop {
-                match h2.clone().ready().await {
-                    Err(e) if e.is_go_away() && e.is_remote() => break,
-                    Err(e) => panic!("not a GOAWAY: {e}"),
-                    Ok(_) => monoio::time::sleep(std::time::Duration::from_millis(10)).await,
-                }
-            }
-        })
-        .await;
+        // The GOAWAY reaches the client with no further request: it opens no new stream
+        // on this connection.
+        goaway(&h2).await;
         // The stream in flight completes under its snapshot (echo-v1's `503`, retried).
         m.hold.release.wait();
         let r = common::h2_response(held).await;
@@ -531,8 +515,72 @@ fn r14_a_reload_removing_the_tunnels_target_sends_goaway_and_streams_in_flight_f
         assert!(end.is_ok(), "{end:?}");
     });
     let c = m.counters();
-    assert_eq!(c.stale_target_requests.load(Ordering::Relaxed), 1);
+    assert_eq!(c.stale_target_requests.load(Ordering::Relaxed), 0);
+    assert_eq!(c.h2_revoked.load(Ordering::Relaxed), 1);
     assert_eq!(m.echo_v1.seen(), vec!["/hold", "/hold"]);
+}
+
+/// Wait (bounded) until the HTTP/2 connection of `h2` got a GOAWAY from the waypoint.
+async fn goaway(h2: &h2::client::SendRequest<Bytes>) {
+    bounded(async {
+        loop {
+            match h2.clone().ready().await {
+                Err(e) if e.is_go_away() && e.is_remote() => break,
+                Err(e) => panic!("not a GOAWAY: {e}"),
+                Ok(_) => monoio::time::sleep(std::time::Duration::from_millis(10)).await,
+            }
+        }
+    })
+    .await;
+}
+
+/// R14 over HTTP/2, idle: a reload removing an HTTP/2 tunnel's target sends it a graceful
+/// GOAWAY though it sends no request (it was never told before its next request or its
+/// idle timeout), and its connection ends in order; a tunnel on the same HBONE connection
+/// (so the same worker, which sees the reload for both at once) whose target the reload
+/// keeps is not told and keeps serving.
+#[test]
+fn r14_an_idle_http2_tunnel_gets_goaway_when_a_reload_removes_its_target_and_a_kept_one_does_not() {
+    let m = Mesh::start(73);
+    block_on(async {
+        let (c, s) = m.tunnel("10.96.0.2:80").await;
+        let (gone, gone_conn) = h2_in_tunnel(s).await;
+        let mut req = ConnectRequest::new("10.96.0.1:80".parse().unwrap());
+        req.forwarded_for = Some(IpAddr::V4(Ipv4Addr::new(10, 1, 0, 7)));
+        let (kept, _kept_conn) = h2_in_tunnel(c.open(&req).await.unwrap()).await;
+        let counters = m.counters();
+        wait_until("both HTTP/2 tunnels served", || {
+            counters.http2_tunnels.load(Ordering::Relaxed) >= 2
+        })
+        .await;
+        assert_eq!(
+            common::h2_get_from(&kept, ECHO, "/a").await,
+            (200, format!("echo-v1 /a {ME}"))
+        );
+        let model = Model {
+            v1_service: false,
+            ..FULL
+        };
+        m.reload(&m.config(model, &route_to("echo-v2"), ""), 1)
+            .await;
+        goaway(&gone).await;
+        // No stream in flight: the connection then ends in order.
+        let end = bounded(gone_conn).await;
+        assert!(end.is_ok(), "{end:?}");
+        // The kept tunnel's watch saw the same reload (same worker, same wake-up) before
+        // that GOAWAY reached the client: it still takes new streams, under the new route.
+        assert_eq!(
+            common::h2_get_from(&kept, ECHO, "/b").await,
+            (200, format!("echo-v2 /b {ME}"))
+        );
+        assert!(kept.clone().ready().await.is_ok());
+    });
+    let c = m.counters();
+    assert_eq!(c.h2_revoked.load(Ordering::Relaxed), 1);
+    assert_eq!(c.stale_target_requests.load(Ordering::Relaxed), 0);
+    assert_eq!(c.http2_tunnels.load(Ordering::Relaxed), 2);
+    assert_eq!(m.echo_v1.seen(), vec!["/a"]);
+    assert_eq!(m.echo_v2.seen(), vec!["/b"]);
 }
 
 /// Ask for a websocket to `path` on `host` on the tunnel `t`, and read the waypoint's
