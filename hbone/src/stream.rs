@@ -159,11 +159,107 @@ fn h2_err(e: h2::Error) -> std::io::Error {
     }
 }
 
-/// The first read from a TCP socket; reads grow to the configured chunk size.
+/// The first full-size read from a TCP socket; reads grow to the configured chunk size.
 const MIN_READ: usize = 16 * 1024;
 
 /// Reads at most this big are copied out of the read buffer, which is then reused.
 const COPY_MAX: usize = 1024;
+
+/// The buffer of a read after the socket was drained (a short read), when the next bytes
+/// may be long in coming: an idle stream holds this much, not a full-size buffer. A message
+/// up to this size still takes one read; a longer one fills it, and the reads after it are
+/// full-size again.
+const IDLE_READ: usize = COPY_MAX;
+
+/// The read buffers of one TCP → stream direction. Reads start small and double while they
+/// fill the buffer (bulk transfers make few, large DATA frames); a read that comes back
+/// short drained the socket, so the full-size buffer is let go and the next read — the one
+/// an idle stream waits in — gets the small one (nginx and HAProxy likewise hold a buffer
+/// only while data moves).
+struct ReadBufs {
+    min: usize,
+    max: usize,
+    /// The size of the next full-size read.
+    size: usize,
+    /// The last read came back short: the next one uses `small`.
+    drained: bool,
+    /// The buffer of reads after a short one; kept (it is small) and reused.
+    small: BytesMut,
+    /// Full-size buffer, kept only from a read that filled it to the next read.
+    big: BytesMut,
+}
+
+impl ReadBufs {
+    fn new(chunk: usize) -> Self {
+        let max = chunk.max(1);
+        let min = MIN_READ.min(max);
+        ReadBufs {
+            min,
+            max,
+            size: min,
+            // Nothing read yet: the first read may wait as long as any.
+            drained: true,
+            small: BytesMut::new(),
+            big: BytesMut::new(),
+        }
+    }
+
+    /// The (empty) buffer for the next read; back with [`ReadBufs::filled`].
+    fn take(&mut self) -> BytesMut {
+        let (mut buf, want) = if self.drained {
+            (std::mem::take(&mut self.small), IDLE_READ.min(self.max))
+        } else {
+            (std::mem::take(&mut self.big), self.size)
+        };
+        buf.reserve(want);
+        buf
+    }
+
+    /// `buf` (from [`ReadBufs::take`]) now holds a read of `n` > 0 bytes: the bytes to send.
+    fn filled(&mut self, mut buf: BytesMut, n: usize) -> Bytes {
+        // The buffer was empty before the read: all of its capacity was offered.
+        let full = n == buf.capacity();
+        if self.drained {
+            let data = Bytes::copy_from_slice(&buf);
+            buf.clear();
+            self.small = buf;
+            // A full small read: more is probably queued, read it full-size.
+            self.drained = !full;
+            return data;
+        }
+        // (The buffer may hold more than `size`: kept from an earlier read.)
+        self.size = if n >= self.size {
+            (self.size * 2).min(self.max)
+        } else if n < self.size / 4 {
+            (self.size / 2).max(self.min)
+        } else {
+            self.size
+        };
+        // A small message is copied out (a small allocation, from the allocator's
+        // per-thread cache); a large one is handed to h2 as it is.
+        let data = if n <= COPY_MAX {
+            let d = Bytes::copy_from_slice(&buf);
+            buf.clear();
+            d
+        } else {
+            buf.split().freeze()
+        };
+        if full {
+            // The socket may hold more: read again at once, into what is left of this one.
+            self.big = buf;
+        } else {
+            // Drained: hold no full-size buffer while waiting for the next bytes.
+            self.drained = true;
+        }
+        data
+    }
+
+    /// Bytes of buffer this direction holds between reads.
+    #[cfg(test)]
+    fn held(&self) -> usize {
+        self.small.capacity() + self.big.capacity()
+    }
+}
 
 async fn tcp_to_h2(
     r: &mut OwnedReadHalf<TcpStream>,
@@ -171,29 +267,9 @@ async fn tcp_to_h2(
     chunk: usize,
     count: &Cell<u64>,
 ) -> DirEnd {
-    // Start small (request/response and idle streams keep small buffers) and double while
-    // reads fill the buffer (bulk transfers make few, large DATA frames).
-    let max = chunk.max(1);
-    let min = MIN_READ.min(max);
-    let mut size = min;
-    // One read buffer, kept while reads are small: a small message is copied out (a small
-    // allocation, from the allocator's per-thread cache) and the buffer read into again;
-    // a large one is handed to h2 as it is and the next read gets a new buffer.
-    let mut buf = BytesMut::new();
+    let mut bufs = ReadBufs::new(chunk);
     loop {
-        buf.reserve(size);
-        let (res, b) = r.read(buf).await;
-        buf = b;
-        if let Ok(n) = res {
-            // (The buffer may hold more than `size`: kept from an earlier read.)
-            size = if n >= size {
-                (size * 2).min(max)
-            } else if n < size / 4 {
-                (size / 2).max(min)
-            } else {
-                size
-            };
-        }
+        let (res, buf) = r.read(bufs.take()).await;
         match res {
             Ok(0) => {
                 return match send.send_data(Bytes::new(), true) {
@@ -202,13 +278,7 @@ async fn tcp_to_h2(
                 }
             }
             Ok(n) => {
-                let data = if n <= COPY_MAX {
-                    let d = Bytes::copy_from_slice(&buf);
-                    buf.clear();
-                    d
-                } else {
-                    buf.split().freeze()
-                };
+                let data = bufs.filled(buf, n);
                 if let Err(e) = send_all(send, data, false).await {
                     return DirEnd::WriteFailed(h2_err(e));
                 }
@@ -561,5 +631,80 @@ impl tokio::io::AsyncWrite for TcpIo {
         }
         ready!(this.poll_drain(cx))?;
         Poll::Ready(runtime::sys::shutdown_write(this.tcp.as_raw_fd()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A read of `n` bytes of `fill` into the buffer the next read would get.
+    fn read(bufs: &mut ReadBufs, n: usize, fill: u8) -> (usize, Bytes) {
+        let mut buf = bufs.take();
+        let offered = buf.capacity();
+        assert!(n <= offered, "a read of {n} into {offered}");
+        buf.resize(n, fill);
+        (offered, bufs.filled(buf, n))
+    }
+
+    #[test]
+    fn a_stream_that_never_read_offers_only_the_small_buffer() {
+        let mut bufs = ReadBufs::new(64 * 1024);
+        assert_eq!(bufs.held(), 0);
+        assert_eq!(bufs.take().capacity(), IDLE_READ);
+    }
+
+    #[test]
+    fn after_a_bulk_transfer_drains_the_idle_read_holds_only_the_small_buffer() {
+        let mut bufs = ReadBufs::new(64 * 1024);
+        // A small read that fills the small buffer: the next ones are full-size and grow.
+        let (offered, d) = read(&mut bufs, IDLE_READ, 1);
+        assert_eq!((offered, d.len()), (IDLE_READ, IDLE_READ));
+        let mut sizes = Vec::new();
+        for i in 0..4 {
+            let mut buf = bufs.take();
+            let want = buf.capacity();
+            buf.resize(want, i as u8);
+            let d = bufs.filled(buf, want);
+            assert_eq!(d.len(), want);
+            assert!(d.iter().all(|b| *b == i as u8));
+            sizes.push(want);
+        }
+        assert!(sizes[0] >= MIN_READ, "{sizes:?}");
+        assert!(
+            sizes[3] >= 64 * 1024,
+            "reads grow to the chunk size: {sizes:?}"
+        );
+        // A short read: the socket was drained. No full-size buffer is kept for the wait.
+        let (offered, d) = read(&mut bufs, 5000, 9);
+        assert!(offered >= 64 * 1024);
+        assert_eq!(d.len(), 5000);
+        assert!(bufs.held() <= IDLE_READ, "held {} while idle", bufs.held());
+        assert_eq!(bufs.take().capacity(), IDLE_READ);
+    }
+
+    #[test]
+    fn small_messages_reuse_one_small_buffer_and_arrive_intact() {
+        let mut bufs = ReadBufs::new(64 * 1024);
+        for i in 0..100u8 {
+            let n = 1 + (i as usize * 7) % (IDLE_READ - 1);
+            let (offered, d) = read(&mut bufs, n, i);
+            assert_eq!(offered, IDLE_READ, "message {i}");
+            assert_eq!(d.len(), n);
+            assert!(d.iter().all(|b| *b == i));
+            assert_eq!(bufs.held(), IDLE_READ);
+        }
+    }
+
+    #[test]
+    fn a_message_longer_than_the_small_buffer_continues_full_size() {
+        let mut bufs = ReadBufs::new(64 * 1024);
+        let (_, first) = read(&mut bufs, IDLE_READ, 3);
+        assert_eq!(first.len(), IDLE_READ);
+        // The rest of the message: a full-size read, short (the message ended).
+        let (offered, rest) = read(&mut bufs, 3000, 4);
+        assert_eq!(offered, MIN_READ);
+        assert_eq!(rest.len(), 3000);
+        assert!(bufs.held() <= IDLE_READ);
     }
 }
