@@ -549,12 +549,20 @@ fn build_client_config(
         .with_custom_certificate_verifier(Arc::new(verifier))
         .with_client_auth_cert(me.chain.clone(), me.key.to_rustls())?;
     cfg.alpn_protocols = vec![b"h2".to_vec()];
-    cfg.resumption = if resumption {
-        rustls::client::Resumption::store(Arc::new(crate::resumption::ThreadSessions::new()))
-            .tls12_resumption(rustls::client::Tls12Resumption::Disabled)
+    if resumption {
+        cfg.resumption =
+            rustls::client::Resumption::store(Arc::new(crate::resumption::ThreadSessions::new()))
+                .tls12_resumption(rustls::client::Tls12Resumption::Disabled);
     } else {
-        rustls::client::Resumption::disabled()
-    };
+        cfg.resumption = rustls::client::Resumption::disabled();
+        // rustls offers PSK modes all the same, so a server would still mint, encrypt and
+        // send tickets that this client only decrypts and drops: ask for none (RFC 9149
+        // ticket_request; our servers honour it, others ignore the extension).
+        cfg.send_ticket_request = Some(rustls::client::TicketRequest {
+            new_session_count: 0,
+            resumption_count: 0,
+        });
+    }
     Ok(Arc::new(cfg))
 }
 
@@ -587,6 +595,9 @@ pub fn server_config_with(
             crate::resumption::TICKET_LIFETIME,
         )?);
         cfg.send_tls13_tickets = 1;
+        // Honour a client's RFC 9149 ticket_request up to that one ticket: our clients with
+        // resumption off ask for none (a client without the extension still gets one).
+        cfg.max_tls13_tickets = 1;
     } else {
         // rustls sends two tickets by default after every handshake: with no resumption
         // they were pure cost (random bytes, an encoded session with the client chain,

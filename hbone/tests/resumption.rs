@@ -331,9 +331,9 @@ fn server_certificate_rotation_keeps_new_connections_working() {
     }
 }
 
-/// `h2.tls_resumption: false`: a server sends no ticket, a client offers none (and drops
-/// those a server sends it); every handshake is full. On both sides: exactly one ticket
-/// per handshake.
+/// `h2.tls_resumption: false`: a server sends no ticket, a client offers none and asks for
+/// none (RFC 9149 ticket_request: a server with resumption on mints none for it); every
+/// handshake is full. On both sides: exactly one ticket per handshake.
 #[test]
 fn with_resumption_off_no_tickets_are_sent() {
     let ca = ca();
@@ -345,14 +345,27 @@ fn with_resumption_off_no_tickets_are_sent() {
     );
     let counters = TlsCounters::default();
     block_on(DriverKind::Uring, async {
-        // Our client off, the server on: the client drops the tickets it is sent (rustls
-        // offers PSK modes all the same) and never offers one.
+        // Our client off, the server on: rustls offers PSK modes all the same, but the client
+        // asks for no tickets, so none is minted for it; it never offers one.
         for _ in 0..2 {
             let tls = client_config_to(&client, &[id("server")], srv_on.addr, false).unwrap();
             one_connection(srv_on.addr, tls, &counters).await.unwrap();
         }
         assert_eq!(ticketer.offered.load(Relaxed), 0);
+        assert_eq!(ticketer.issued.load(Relaxed), 0, "no ticket minted for it");
         assert_eq!(counts(&counters), (2, 0));
+        // The same request from a client whose store would count what it gets: nothing is
+        // sent to it.
+        let (tls, received) = ticket_counting_client(&client, &[id("server")], srv_on.addr);
+        let mut off = (*tls).clone();
+        off.send_ticket_request = client_config_to(&client, &[id("server")], srv_on.addr, false)
+            .unwrap()
+            .send_ticket_request;
+        one_connection(srv_on.addr, Arc::new(off), &counters)
+            .await
+            .unwrap();
+        assert_eq!(received.0.load(Relaxed), 0, "no ticket sent to it");
+        assert_eq!(counts(&counters), (3, 0));
         // The server off: a client that would keep tickets receives none.
         let (tls, received) = ticket_counting_client(&client, &[id("server")], srv_off.addr);
         for _ in 0..2 {
@@ -366,14 +379,15 @@ fn with_resumption_off_no_tickets_are_sent() {
             let tls = client_config_to(&client, &[id("server")], srv_off.addr, true).unwrap();
             one_connection(srv_off.addr, tls, &counters).await.unwrap();
         }
-        assert_eq!(counts(&counters), (6, 0));
+        assert_eq!(counts(&counters), (7, 0));
         // Both on: one ticket per handshake.
         let (tls, received) = ticket_counting_client(&client, &[id("server")], srv_on.addr);
         one_connection(srv_on.addr, tls, &counters).await.unwrap();
         assert_eq!(received.0.load(Relaxed), 1);
-        assert_eq!(ticketer.issued.load(Relaxed), 3);
+        assert_eq!(ticketer.issued.load(Relaxed), 1);
     });
     server_counts(&srv_off, (4, 0));
+    server_counts(&srv_on, (4, 0));
 }
 
 /// The knob is read from a profile's `h2` section.
