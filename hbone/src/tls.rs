@@ -372,6 +372,19 @@ fn roots_store(roots: &[CertificateDer<'static>]) -> Result<RootCertStore, rustl
     Ok(store)
 }
 
+/// Full WebPKI chain verifications the verifiers ran in this process (a chain not in the
+/// checking thread's memo of verified chains, see [`VerifiedChain`]).
+static CHAIN_CHECKS: AtomicU64 = AtomicU64::new(0);
+/// Handshake signature (CertificateVerify) checks the verifiers ran in this process.
+static SIGNATURE_CHECKS: AtomicU64 = AtomicU64::new(0);
+
+/// (chain verifications, handshake signature checks) run so far in this process, each one
+/// or more ECDSA verifications: a full handshake checks one CertificateVerify per side and
+/// the peer's chain only the first time a worker sees it; a resumed one checks neither.
+pub fn verification_counts() -> (u64, u64) {
+    (CHAIN_CHECKS.load(Relaxed), SIGNATURE_CHECKS.load(Relaxed))
+}
+
 /// The handshake-signature checks (CertificateVerify) of both verifiers, against ring's
 /// algorithms in `self.algs` — what WebPKI's own verifiers built with [`provider`] do.
 macro_rules! signature_checks {
@@ -382,6 +395,7 @@ macro_rules! signature_checks {
             c: &CertificateDer<'_>,
             d: &DigitallySignedStruct,
         ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            SIGNATURE_CHECKS.fetch_add(1, Relaxed);
             verify_tls12_signature(m, c, d, &self.algs)
         }
 
@@ -391,6 +405,7 @@ macro_rules! signature_checks {
             c: &CertificateDer<'_>,
             d: &DigitallySignedStruct,
         ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            SIGNATURE_CHECKS.fetch_add(1, Relaxed);
             verify_tls13_signature(m, c, d, &self.algs)
         }
 
@@ -433,6 +448,7 @@ impl ServerCertVerifier for SpiffeServerVerifier {
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
         if !verified_before(&self.anchors, end_entity, intermediates, now) {
+            CHAIN_CHECKS.fetch_add(1, Relaxed);
             let parsed = ParsedCertificate::try_from(end_entity)?;
             verify_server_cert_signed_by_trust_anchor(
                 &parsed,
@@ -684,6 +700,7 @@ impl ClientCertVerifier for CachingClientVerifier {
         if verified_before(&self.anchors, end_entity, intermediates, now) {
             return Ok(ClientCertVerified::assertion());
         }
+        CHAIN_CHECKS.fetch_add(1, Relaxed);
         let ok = self
             .inner
             .verify_client_cert(end_entity, intermediates, now)?;
