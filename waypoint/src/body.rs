@@ -14,7 +14,10 @@ use std::time::Duration;
 
 use bytes::{BufMut, Bytes, BytesMut};
 
-use crate::http1::{Clock, Tunnel, Watched};
+use runtime::pinned::Race;
+use runtime::worker::{race, Either};
+
+use crate::http1::{in_time, Bound, Clock, Tunnel, Watched};
 
 /// How a message body is delimited.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -272,10 +275,20 @@ pub(crate) async fn idle_bound<F: std::future::Future>(
     idle: &mut Option<(&mut Clock, Duration)>,
     f: F,
 ) -> Result<F::Output, CopyError> {
-    let idle = idle.as_mut().map(|(clock, d)| (&mut **clock, *d));
-    crate::http1::idle_bounded(idle, f)
-        .await
-        .ok_or(CopyError::Idle)
+    idle_out(idle_race(idle, f).await)
+}
+
+/// `f` raced with `idle`'s bound ([`Bound`]), held in place by the future awaiting it.
+fn idle_race<'a, F: std::future::Future>(
+    idle: &'a mut Option<(&mut Clock, Duration)>,
+    f: F,
+) -> Race<F, Bound<'a>> {
+    race(f, Bound::idle(idle.as_mut().map(|(c, d)| (&mut **c, *d))))
+}
+
+/// What [`idle_race`] came to: `f`'s output, or [`CopyError::Idle`].
+fn idle_out<A>(r: Either<A, ()>) -> Result<A, CopyError> {
+    in_time(r).ok_or(CopyError::Idle)
 }
 
 /// [`copy`] with each read of `src` and each write to `dst` bounded by `idle` (Envoy's
@@ -300,16 +313,14 @@ pub async fn copy_within<S: Tunnel, D: Tunnel>(
         let mut chunk = if !buf.is_empty() {
             buf.split().freeze()
         } else {
-            match idle_bound(&mut idle, src.read()).await? {
+            match idle_out(idle_race(&mut idle, src.read()).await)? {
                 Some(Ok(b)) => b,
                 Some(Err(e)) => return Err(CopyError::Read(e)),
                 None if framing == Framing::Eof => {
                     if encode_chunks {
                         if let Some(d) = dst.as_mut() {
                             let end = d.write(Bytes::from_static(b"0\r\n\r\n"));
-                            idle_bound(&mut idle, end)
-                                .await?
-                                .map_err(CopyError::Write)?;
+                            idle_out(idle_race(&mut idle, end).await)?.map_err(CopyError::Write)?;
                         }
                     }
                     return Ok(total);
@@ -330,9 +341,7 @@ pub async fn copy_within<S: Tunnel, D: Tunnel>(
                 } else {
                     chunk
                 };
-                idle_bound(&mut idle, d.write(out))
-                    .await?
-                    .map_err(CopyError::Write)?;
+                idle_out(idle_race(&mut idle, d.write(out)).await)?.map_err(CopyError::Write)?;
             }
         }
         if end {

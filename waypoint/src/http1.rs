@@ -181,12 +181,18 @@ impl RequestHead {
             .map(|(_, v)| v.as_str())
     }
 
+    /// Whether the connection persists after this request (RFC 9112 §9.3): not when a
+    /// `Connection` field has the `close` option; else for HTTP/1.1, and for HTTP/1.0 only
+    /// with `keep-alive`. `Connection` is a comma-separated list of case-insensitive
+    /// tokens (RFC 9110 §7.6.1), possibly over several field lines: an option is a whole
+    /// token, never part of one.
     fn keep_alive(&self) -> bool {
-        let conn = self.header("connection").map(str::as_bytes);
-        match self.version {
-            0 => conn.is_some_and(|c| contains_ignore_case(c, b"keep-alive")),
-            _ => !conn.is_some_and(|c| contains_ignore_case(c, b"close")),
-        }
+        let has = |option: &[u8]| {
+            self.headers.iter().any(|(n, v)| {
+                n.eq_ignore_ascii_case("connection") && contains_token(v.as_bytes(), option)
+            })
+        };
+        !has(b"close") && (self.version == 1 || has(b"keep-alive"))
     }
 }
 
@@ -571,30 +577,91 @@ pub fn routed_target(head: &RequestHead, fwd: &Forward) -> String {
 /// `x-forwarded-for`. Without modifiers (the common case) the headers are written
 /// straight from the parsed head, with no copy of the header list.
 pub fn upstream_head(head: &RequestHead, fwd: &Forward, client: IpAddr) -> Vec<u8> {
+    let mut out = Vec::new();
+    upstream_head_into(&mut out, head, fwd, client);
+    out
+}
+
+/// [`upstream_head`] as `Bytes` cut from this thread's buffer of request heads: no
+/// allocation per request (one per [`HEAD_BUFFER`] bytes of heads while earlier ones
+/// are still in flight; the buffer is reused whole once they are all gone), and a clone
+/// (kept for a retry) only counts a reference.
+pub(crate) fn upstream_head_bytes(head: &RequestHead, fwd: &Forward, client: IpAddr) -> Bytes {
+    HEADS.with_borrow_mut(|heads| {
+        if heads.capacity() == 0 {
+            *heads = BytesMut::with_capacity(HEAD_BUFFER);
+        }
+        upstream_head_into(heads, head, fwd, client);
+        heads.split().freeze()
+    })
+}
+
+/// The size of a thread's buffer of request heads ([`upstream_head_bytes`]).
+const HEAD_BUFFER: usize = 8 * 1024;
+
+thread_local! {
+    static HEADS: std::cell::RefCell<BytesMut> = std::cell::RefCell::new(BytesMut::new());
+}
+
+/// [`upstream_head`], appended to `out` (room reserved for it first).
+fn upstream_head_into<B: HeadBuf>(out: &mut B, head: &RequestHead, fwd: &Forward, client: IpAddr) {
     let mut ip = IpText {
         buf: [0; 48],
         len: 0,
     };
     if fwd.host.is_none() && fwd.request_headers.is_empty() {
         let fields = head.headers.iter().map(|(n, v)| (n.as_str(), v.as_str()));
-        head_bytes(head, fwd, fields, Some(ip.format(client)))
+        head_bytes(out, head, fwd, fields, Some(ip.format(client)))
     } else {
         // The routed list already has the client in `x-forwarded-for`.
         let routed = routed_headers(head, fwd, client);
         let fields = routed.iter().map(|(n, v)| (n.as_str(), v.as_str()));
-        head_bytes(head, fwd, fields, None)
+        head_bytes(out, head, fwd, fields, None)
     }
 }
 
-/// [`upstream_head`]'s bytes: request line, `fields`, `client` appended to the first
-/// `x-forwarded-for` (or added) when given. Sized exactly, so that the buffer becomes
-/// `Bytes` without another allocation.
-fn head_bytes<'a>(
+/// Where [`head_bytes`] writes: a `Vec` or a `BytesMut`.
+trait HeadBuf {
+    fn reserve(&mut self, n: usize);
+    fn put(&mut self, b: &[u8]);
+    fn len(&self) -> usize;
+}
+
+impl HeadBuf for Vec<u8> {
+    fn reserve(&mut self, n: usize) {
+        self.reserve_exact(n);
+    }
+    fn put(&mut self, b: &[u8]) {
+        self.extend_from_slice(b);
+    }
+    fn len(&self) -> usize {
+        self.len()
+    }
+}
+
+impl HeadBuf for BytesMut {
+    fn reserve(&mut self, n: usize) {
+        self.reserve(n);
+    }
+    fn put(&mut self, b: &[u8]) {
+        self.extend_from_slice(b);
+    }
+    fn len(&self) -> usize {
+        self.len()
+    }
+}
+
+/// [`upstream_head`]'s bytes, appended to `out`: request line, `fields`, `client`
+/// appended to the first `x-forwarded-for` (or added) when given. Sized first, so that
+/// the room is reserved once (exactly, for a `Vec`, which then becomes `Bytes` without
+/// another allocation).
+fn head_bytes<'a, B: HeadBuf>(
+    out: &mut B,
     head: &RequestHead,
     fwd: &Forward,
     fields: impl Iterator<Item = (&'a str, &'a str)> + Clone,
     client: Option<&str>,
-) -> Vec<u8> {
+) {
     let is_xff = |n: &str| n.eq_ignore_ascii_case("x-forwarded-for");
     let target_len = match (&fwd.path, &head.query) {
         (Some(p), _) => p.len(),
@@ -613,45 +680,45 @@ fn head_bytes<'a>(
             "x-forwarded-for: \r\n".len() + c.len()
         };
     }
-    let mut out = Vec::with_capacity(size);
-    out.extend_from_slice(head.method.as_bytes());
-    out.push(b' ');
+    out.reserve(size);
+    let start = out.len();
+    out.put(head.method.as_bytes());
+    out.put(b" ");
     match (&fwd.path, &head.query) {
-        (Some(p), _) => out.extend_from_slice(p.as_bytes()),
+        (Some(p), _) => out.put(p.as_bytes()),
         (None, q) => {
-            out.extend_from_slice(head.path.as_bytes());
+            out.put(head.path.as_bytes());
             if let Some(q) = q {
-                out.push(b'?');
-                out.extend_from_slice(q.as_bytes());
+                out.put(b"?");
+                out.put(q.as_bytes());
             }
         }
     }
-    out.extend_from_slice(if head.version == 0 {
+    out.put(if head.version == 0 {
         b" HTTP/1.0\r\n"
     } else {
         b" HTTP/1.1\r\n"
     });
     let mut client = client;
     for (n, v) in fields {
-        out.extend_from_slice(n.as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(v.as_bytes());
+        out.put(n.as_bytes());
+        out.put(b": ");
+        out.put(v.as_bytes());
         if is_xff(n) {
             if let Some(c) = client.take() {
-                out.extend_from_slice(b", ");
-                out.extend_from_slice(c.as_bytes());
+                out.put(b", ");
+                out.put(c.as_bytes());
             }
         }
-        out.extend_from_slice(b"\r\n");
+        out.put(b"\r\n");
     }
     if let Some(c) = client {
-        out.extend_from_slice(b"x-forwarded-for: ");
-        out.extend_from_slice(c.as_bytes());
-        out.extend_from_slice(b"\r\n");
+        out.put(b"x-forwarded-for: ");
+        out.put(c.as_bytes());
+        out.put(b"\r\n");
     }
-    out.extend_from_slice(b"\r\n");
-    debug_assert_eq!(out.len(), size);
-    out
+    out.put(b"\r\n");
+    debug_assert_eq!(out.len() - start, size);
 }
 
 /// An IP address as text, formatted on the stack (IPv4 without `fmt`).
@@ -1265,7 +1332,7 @@ pub async fn serve_from<T: Tunnel, U: Upstream>(
                 // Hop-by-hop fields and `Expect` are not passed on; only an allowed
                 // upgrade is.
                 normalize_request(&mut head, upgrade.as_deref());
-                let request = Bytes::from(upstream_head(&head, forward, ctx.source_ip));
+                let request = upstream_head_bytes(&head, forward, ctx.source_ip);
                 let deadline = request_deadline(forward, started);
                 if expect {
                     // Envoy's default: the proxy answers the expectation itself once the
@@ -1381,7 +1448,7 @@ async fn read_body<T: Tunnel, U: Upstream>(
             let f = fill(tunnel, buf, clock, stream_idle, |b| {
                 (b.len() as u64 >= n).then_some(n as usize)
             });
-            match within(deadline, f).await {
+            match in_time(race(f, Bound::deadline(deadline)).await) {
                 Some(Ok(Some(n))) => Some(Ok(Some(Ok(Some(n))))),
                 Some(Ok(None)) => Some(Ok(None)),
                 Some(Err(e)) => Some(Err(e)),
@@ -1404,7 +1471,7 @@ async fn read_body<T: Tunnel, U: Upstream>(
                 seen = b.len();
                 r
             });
-            within(deadline, f).await
+            in_time(race(f, Bound::deadline(deadline)).await)
         }
     };
     let answered = match r {
@@ -1459,7 +1526,8 @@ async fn read_head<T: Tunnel>(
         }
         seen = buf.len();
         let read = if buf.is_empty() {
-            match clock.within(times.idle, tunnel.read()).await {
+            let idle = Bound::idle(times.idle.map(|d| (&mut *clock, d)));
+            match in_time(race(tunnel.read(), idle).await) {
                 Some(r) => r,
                 None => return Ok(HeadWait::Idle),
             }
@@ -1470,7 +1538,8 @@ async fn read_head<T: Tunnel>(
                 let since = *first_byte.get_or_insert_with(Instant::now);
                 d.saturating_sub(since.elapsed())
             });
-            match clock.within(left, tunnel.read()).await {
+            let bound = Bound::idle(left.map(|d| (&mut *clock, d)));
+            match in_time(race(tunnel.read(), bound).await) {
                 Some(r) => r,
                 None => return Ok(HeadWait::Slow),
             }
@@ -1546,22 +1615,7 @@ impl Clock {
         idle: Option<Duration>,
         f: F,
     ) -> Option<F::Output> {
-        let Some(idle) = idle else {
-            return Some(f.await);
-        };
-        let mut f = std::pin::pin!(f);
-        let mut armed = false;
-        std::future::poll_fn(|cx| {
-            if let std::task::Poll::Ready(r) = f.as_mut().poll(cx) {
-                return std::task::Poll::Ready(Some(r));
-            }
-            if !armed {
-                armed = true;
-                self.arm(idle);
-            }
-            self.poll_expired(cx).map(|()| None)
-        })
-        .await
+        in_time(race(f, Bound::idle(idle.map(|d| (self, d)))).await)
     }
 
     /// Set the timer to fire `idle` from now: the one timer made at the first call; later
@@ -1595,23 +1649,99 @@ impl Clock {
     }
 }
 
+/// What a wait is bounded by, as a future that is ready once the bound is up: nothing
+/// (never ready), a deadline (its timer made at the first poll, [`timer`]), or an idle
+/// bound on a stream's [`Clock`] (armed at the first poll). Raced after what it bounds
+/// (`race(f, bound)`, [`in_time`]): polled only once `f` is pending, so a wait that is over
+/// at once costs no timer, and `f` is held once, in place (an `async fn` taking `f` by
+/// value keeps it twice: its argument and the pinned local it is moved into, and each
+/// nested one doubles it again).
+pub(crate) struct Bound<'c>(BoundKind<'c>);
+
+enum BoundKind<'c> {
+    Never,
+    Deadline(Instant, Option<std::pin::Pin<Box<monoio::time::Sleep>>>),
+    Idle {
+        clock: &'c mut Clock,
+        idle: Duration,
+        armed: bool,
+    },
+}
+
+impl<'c> Bound<'c> {
+    /// Up at `deadline`; `None`: never.
+    pub(crate) fn deadline(deadline: Option<Instant>) -> Bound<'static> {
+        Bound(match deadline {
+            Some(at) => BoundKind::Deadline(at, None),
+            None => BoundKind::Never,
+        })
+    }
+
+    /// Up once the clock's `idle` bound passed with no progress (counted from the first
+    /// poll); `None`: never.
+    pub(crate) fn idle(idle: Option<(&'c mut Clock, Duration)>) -> Bound<'c> {
+        Bound(match idle {
+            Some((clock, idle)) => BoundKind::Idle {
+                clock,
+                idle,
+                armed: false,
+            },
+            None => BoundKind::Never,
+        })
+    }
+
+    /// `deadline`, or without one the upstream's `stream_idle_timeout`
+    /// ([`Upstream::stream_idle`]).
+    pub(crate) fn of<U: Upstream>(up: &'c mut U, deadline: Option<Instant>) -> Bound<'c> {
+        match deadline {
+            Some(_) => Bound::deadline(deadline),
+            None => Bound::idle(up.stream_idle()),
+        }
+    }
+}
+
+impl std::future::Future for Bound<'_> {
+    type Output = ();
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<()> {
+        match &mut self.0 {
+            BoundKind::Never => std::task::Poll::Pending,
+            BoundKind::Deadline(at, t) => t
+                .get_or_insert_with(|| timer(at.saturating_duration_since(Instant::now())))
+                .as_mut()
+                .poll(cx),
+            BoundKind::Idle { clock, idle, armed } => {
+                if !*armed {
+                    *armed = true;
+                    clock.arm(*idle);
+                }
+                clock.poll_expired(cx)
+            }
+        }
+    }
+}
+
+/// A bounded wait's outcome ([`Bound`]): what it waited for, or `None` when the bound
+/// came first.
+pub(crate) fn in_time<A>(e: Either<A, ()>) -> Option<A> {
+    match e {
+        Either::Left(a) => Some(a),
+        Either::Right(()) => None,
+    }
+}
+
 /// `f`'s output, or `None` when `deadline` passes first (`f` is then dropped). The timer
 /// is boxed ([`timer`]): a future awaiting this without a deadline stays small and
-/// ordinarily aligned.
+/// ordinarily aligned. (On a hot path, race `f` with a [`Bound`] in place instead: this
+/// holds `f` twice.)
 pub(crate) async fn within<F: std::future::Future>(
     deadline: Option<Instant>,
     f: F,
 ) -> Option<F::Output> {
-    match deadline {
-        None => Some(f.await),
-        Some(d) => {
-            let left = d.saturating_duration_since(Instant::now());
-            match race(f, timer(left)).await {
-                Either::Left(r) => Some(r),
-                Either::Right(()) => None,
-            }
-        }
-    }
+    in_time(race(f, Bound::deadline(deadline)).await)
 }
 
 /// [`within`] `deadline`, or without one under the upstream's `stream_idle_timeout`
@@ -1621,22 +1751,7 @@ pub(crate) async fn bounded<U: Upstream, F: std::future::Future>(
     deadline: Option<Instant>,
     f: F,
 ) -> Option<F::Output> {
-    if deadline.is_some() {
-        return within(deadline, f).await;
-    }
-    idle_bounded(up.stream_idle(), f).await
-}
-
-/// `f`'s output, or `None` when it waited `idle`'s bound (a stream's [`Clock`] and its
-/// `stream_idle_timeout`) without finishing; no `idle`: no bound.
-pub(crate) async fn idle_bounded<F: std::future::Future>(
-    idle: Option<(&mut Clock, Duration)>,
-    f: F,
-) -> Option<F::Output> {
-    match idle {
-        Some((clock, idle)) => clock.within(Some(idle), f).await,
-        None => Some(f.await),
-    }
+    in_time(race(f, Bound::of(up, deadline)).await)
 }
 
 /// `504` for a request whose body did not come within the route's time: recorded (flags
@@ -1679,7 +1794,8 @@ async fn fill<T: Tunnel, R>(
         if let Some(r) = done(buf) {
             return Ok(Some(r));
         }
-        match clock.within(idle, tunnel.read()).await {
+        let bound = Bound::idle(idle.map(|d| (&mut *clock, d)));
+        match in_time(race(tunnel.read(), bound).await) {
             Some(Some(chunk)) => buf.extend_from_slice(&chunk?),
             Some(None) => return Ok(None),
             None => return Err(io::ErrorKind::TimedOut.into()),
@@ -1774,7 +1890,7 @@ enum Next {
     Upgraded,
 }
 
-struct Forwarded {
+pub(crate) struct Forwarded {
     status: u16,
     flags: &'static str,
     request_body: u64,
@@ -1931,12 +2047,8 @@ fn response_facts(
     })
 }
 
-/// Whether `needle` (lower case) occurs in `hay`, ASCII case ignored (no lower-cased copy).
-fn contains_ignore_case(hay: &[u8], needle: &[u8]) -> bool {
-    hay.windows(needle.len())
-        .any(|w| w.eq_ignore_ascii_case(needle))
-}
-
+/// Whether the comma-separated list `v` has `token` (ASCII case ignored, whitespace
+/// around list items ignored).
 fn contains_token(v: &[u8], token: &[u8]) -> bool {
     v.split(|&b| b == b',')
         .any(|t| t.trim_ascii().eq_ignore_ascii_case(token))
@@ -2002,108 +2114,128 @@ enum TryError {
 
 /// One try: connect (or reuse), send the head and body, read the response head.
 #[allow(clippy::too_many_arguments)]
-async fn one_try<T: Tunnel, U: Upstream>(
-    up: &mut U,
-    tunnel: &mut T,
-    buf: &mut BytesMut,
-    service: Option<&(ObjectRef, u16)>,
-    head: &RequestHead,
-    request: &Bytes,
-    body: &ReqBody,
-    sent: &mut u64,
-) -> Result<(U::Conn, bool, RespHead, BytesMut), TryError> {
-    // Every wait on the upstream is raced against the client's leaving
-    // ([`Tunnel::cancelled`]): a request abandoned downstream does not hold its
-    // upstream stream (dropped with the try: reset) while the endpoint takes its time.
-    let connect = up.connect_try(service, head, replayable_on_new_stream(head, body));
-    let (mut conn, reused) = match race(connect, tunnel.cancelled()).await {
-        Either::Left(r) => r.map_err(|e| TryError::Upstream { e, fresh: false })?,
-        Either::Right(()) => return Err(TryError::Cancelled),
-    };
-    let fail = |e: io::Error| TryError::Upstream { e, fresh: reused };
-    // The response head is watched for while the body goes out: an upstream may answer
-    // early (413, 401, …) and stop reading; then the rest of the body is not sent, and
-    // neither the upstream connection nor the tunnel is used again (RFC 9112 §9.6).
-    let head_request = head.method == "HEAD";
-    let answered = |u: &mut BytesMut| loop {
-        match parse_response_head(u, head_request) {
-            Ok(Some(h)) if (100..200).contains(&h.status) && h.status != 101 => u.advance(h.len),
-            Ok(Some(_)) | Err(_) => return true,
-            Ok(None) => return !u.is_empty(),
-        }
-    };
-    let mut ubuf = BytesMut::new();
-    let mut complete = true;
-    match body {
-        ReqBody::Buffered(b) => {
-            // One write: head and body together.
-            let mut all = if b.is_empty() {
-                request.clone()
-            } else {
-                let mut all = BytesMut::with_capacity(request.len() + b.len());
-                all.extend_from_slice(request);
-                all.extend_from_slice(b);
-                all.freeze()
-            };
-            while !all.is_empty() {
-                let written = match race(conn.write_watching(&mut all), tunnel.cancelled()).await {
-                    Either::Left(w) => w.map_err(fail)?,
-                    Either::Right(()) => return Err(TryError::Cancelled),
+#[allow(clippy::manual_async_fn)] // on purpose: see the `async` block
+fn one_try<'a, T: Tunnel, U: Upstream>(
+    up: &'a mut U,
+    tunnel: &'a mut T,
+    buf: &'a mut BytesMut,
+    service: Option<&'a (ObjectRef, u16)>,
+    head: &'a RequestHead,
+    request: &'a Bytes,
+    body: &'a ReqBody,
+    sent: &'a mut u64,
+) -> impl std::future::Future<Output = Result<(U::Conn, bool, RespHead, BytesMut), TryError>> + 'a {
+    // An `async` block, not an `async fn`: the arguments are held once (an `async fn`
+    // keeps them again in the locals it moves them into).
+    async move {
+        // Every wait on the upstream is raced against the client's leaving
+        // ([`Tunnel::cancelled`]): a request abandoned downstream does not hold its
+        // upstream stream (dropped with the try: reset) while the endpoint takes its time.
+        // (Each future below is made in the `race` it is awaited in: one bound to a local
+        // first would be held twice in this try's future.)
+        let replayable = replayable_on_new_stream(head, body);
+        let connect = race(
+            up.connect_try(service, head, replayable),
+            tunnel.cancelled(),
+        );
+        let (mut conn, reused) = match connect.await {
+            Either::Left(r) => r.map_err(|e| TryError::Upstream { e, fresh: false })?,
+            Either::Right(()) => return Err(TryError::Cancelled),
+        };
+        let fail = |e: io::Error| TryError::Upstream { e, fresh: reused };
+        // The response head is watched for while the body goes out: an upstream may answer
+        // early (413, 401, …) and stop reading; then the rest of the body is not sent, and
+        // neither the upstream connection nor the tunnel is used again (RFC 9112 §9.6).
+        let head_request = head.method == "HEAD";
+        let answered = |u: &mut BytesMut| loop {
+            match parse_response_head(u, head_request) {
+                Ok(Some(h)) if (100..200).contains(&h.status) && h.status != 101 => {
+                    u.advance(h.len)
+                }
+                Ok(Some(_)) | Err(_) => return true,
+                Ok(None) => return !u.is_empty(),
+            }
+        };
+        let mut ubuf = BytesMut::new();
+        let mut complete = true;
+        match body {
+            ReqBody::Buffered(b) => {
+                // One write: head and body together.
+                let mut all = if b.is_empty() {
+                    request.clone()
+                } else {
+                    let mut all = BytesMut::with_capacity(request.len() + b.len());
+                    all.extend_from_slice(request);
+                    all.extend_from_slice(b);
+                    all.freeze()
                 };
-                match written {
-                    Watched::Written => {}
-                    Watched::Data(d) => {
-                        ubuf.extend_from_slice(&d);
-                        if answered(&mut ubuf) {
+                while !all.is_empty() {
+                    let written =
+                        match race(conn.write_watching(&mut all), tunnel.cancelled()).await {
+                            Either::Left(w) => w.map_err(fail)?,
+                            Either::Right(()) => return Err(TryError::Cancelled),
+                        };
+                    match written {
+                        Watched::Written => {}
+                        Watched::Data(d) => {
+                            ubuf.extend_from_slice(&d);
+                            if answered(&mut ubuf) {
+                                complete = false;
+                                break;
+                            }
+                        }
+                        Watched::End => {
                             complete = false;
                             break;
                         }
                     }
-                    Watched::End => {
-                        complete = false;
-                        break;
-                    }
                 }
+                *sent = b.len() as u64;
             }
-            *sent = b.len() as u64;
+            ReqBody::Streamed(framing) => {
+                conn.write(request.clone()).await.map_err(fail)?;
+                let encode = *framing == Framing::Eof;
+                // Boxed: a streamed request body is the rare case; its copy's state would
+                // otherwise size every request's future.
+                let r = Box::pin(crate::body::copy_watching(
+                    tunnel, buf, *framing, &mut conn, encode, &mut ubuf, answered,
+                ))
+                .await;
+                (*sent, complete) = match r {
+                    Ok(r) => r,
+                    Err(CopyError::Write(e)) => return Err(TryError::Upstream { e, fresh: false }),
+                    Err(e) => return Err(TryError::Body(e)),
+                };
+            }
         }
-        ReqBody::Streamed(framing) => {
-            conn.write(request.clone()).await.map_err(fail)?;
-            let encode = *framing == Framing::Eof;
-            let r = crate::body::copy_watching(
-                tunnel, buf, *framing, &mut conn, encode, &mut ubuf, answered,
-            )
-            .await;
-            (*sent, complete) = match r {
-                Ok(r) => r,
-                Err(CopyError::Write(e)) => return Err(TryError::Upstream { e, fresh: false }),
-                Err(e) => return Err(TryError::Body(e)),
-            };
+        let mut got = !ubuf.is_empty();
+        // No byte moves while the upstream thinks: bounded by `stream_idle_timeout` (a 504).
+        let read = race(
+            race(
+                read_response_head(&mut conn, &mut ubuf, head_request, &mut got),
+                Bound::of(up, None),
+            ),
+            tunnel.cancelled(),
+        );
+        let r = match read.await {
+            Either::Left(Either::Left(r)) => r,
+            Either::Left(Either::Right(())) => {
+                Err(io::Error::new(io::ErrorKind::TimedOut, "stream timeout"))
+            }
+            Either::Right(()) => return Err(TryError::Cancelled),
+        };
+        match r {
+            Ok(mut h) => {
+                h.early = !complete;
+                Ok((conn, reused, h, ubuf))
+            }
+            // A try cut by the idle bound is never "found closed": the upstream may have the
+            // request (resending it could run it twice); a 504 counted as a timeout.
+            Err(e) => Err(TryError::Upstream {
+                fresh: reused && !got && e.kind() != io::ErrorKind::TimedOut,
+                e,
+            }),
         }
-    }
-    let mut got = !ubuf.is_empty();
-    let read = read_response_head(&mut conn, &mut ubuf, head_request, &mut got);
-    // No byte moves while the upstream thinks: bounded by `stream_idle_timeout` (a 504).
-    let read = async {
-        bounded(up, None, read)
-            .await
-            .unwrap_or_else(|| Err(io::Error::new(io::ErrorKind::TimedOut, "stream timeout")))
-    };
-    let r = match race(read, tunnel.cancelled()).await {
-        Either::Left(r) => r,
-        Either::Right(()) => return Err(TryError::Cancelled),
-    };
-    match r {
-        Ok(mut h) => {
-            h.early = !complete;
-            Ok((conn, reused, h, ubuf))
-        }
-        // A try cut by the idle bound is never "found closed": the upstream may have the
-        // request (resending it could run it twice); a 504 counted as a timeout.
-        Err(e) => Err(TryError::Upstream {
-            fresh: reused && !got && e.kind() != io::ErrorKind::TimedOut,
-            e,
-        }),
     }
 }
 
@@ -2139,141 +2271,139 @@ pub(crate) enum Attempt<C> {
 /// timeouts, retries (see [`REPLAY_BUFFER`] for which requests can be retried). `source`
 /// is where a streamed body comes from (the tunnel, or an HTTP/2 request stream).
 #[allow(clippy::too_many_arguments)]
-pub(crate) async fn attempt<T: Tunnel, U: Upstream>(
-    source: &mut T,
-    buf: &mut BytesMut,
-    up: &mut U,
-    fwd: &Forward,
-    head: &RequestHead,
+#[allow(clippy::manual_async_fn)] // on purpose: see the `async` block
+pub(crate) fn attempt<'a, T: Tunnel, U: Upstream>(
+    source: &'a mut T,
+    buf: &'a mut BytesMut,
+    up: &'a mut U,
+    fwd: &'a Forward,
+    head: &'a RequestHead,
     request: Bytes,
-    body: &ReqBody,
+    body: &'a ReqBody,
     has_body: bool,
-    rng: &mut dyn Rng,
+    rng: &'a mut dyn Rng,
     deadline: Option<Instant>,
-) -> Attempt<U::Conn> {
-    let streamed = matches!(body, ReqBody::Streamed(_));
-    for m in &fwd.mirrors {
-        if m.percent >= 100 || rng.below(100) < u64::from(m.percent) {
-            match body {
-                ReqBody::Buffered(b) => {
-                    let mut all = BytesMut::with_capacity(request.len() + b.len());
-                    all.extend_from_slice(&request);
-                    all.extend_from_slice(b);
-                    up.mirror(&(m.service.clone(), m.port), shadow(&all));
-                }
-                ReqBody::Streamed(_) => up.note(Note::MirrorSkipped),
-            }
-        }
-    }
-    let policy = fwd.retry.as_ref().unwrap_or(&DEFAULT_RETRY);
-    let replayable = !streamed && (!has_body || idempotent(&head.method));
-    let nonzero = |d: &Duration| !d.is_zero();
-    let remaining = || deadline.map(|d| d.saturating_duration_since(Instant::now()));
-    let mut retries = 0u32;
-    let mut replaced = false;
-    let mut sent = 0u64;
-    let local = |status: u16, flags: &'static str, body: &str, sent: u64| Attempt::Local {
-        resp: simple_response(status, &[], body, streamed),
-        flags,
-        sent,
-        close: streamed,
-    };
-    loop {
-        let left = remaining();
-        if left.is_some_and(|d| d.is_zero()) {
-            return local(504, "UT", "upstream request timeout", sent);
-        }
-        let per_try = match (fwd.timeouts.backend_request.filter(nonzero), left) {
-            (Some(b), Some(l)) => Some(b.min(l)),
-            (b, l) => b.or(l),
-        };
-        let try_deadline = per_try.map(|t| Instant::now() + t);
-        let service = fwd.service.as_ref();
-        let r = match per_try {
-            // Dropped on expiry: the upstream stream is reset. Boxed with its timer: the
-            // try's future is made in each arm, so the request's future holds it once
-            // (not also a raced copy) when no timeout is set.
-            Some(t) => {
-                let attempt = one_try(up, source, buf, service, head, &request, body, &mut sent);
-                match Box::pin(race(attempt, timer(t))).await {
-                    Either::Left(r) => Some(r),
-                    Either::Right(()) => None,
+) -> impl std::future::Future<Output = Attempt<U::Conn>> + 'a {
+    // An `async` block, not an `async fn`: the arguments are held once (an `async fn`
+    // keeps them again in the locals it moves them into).
+    async move {
+        let streamed = matches!(body, ReqBody::Streamed(_));
+        for m in &fwd.mirrors {
+            if m.percent >= 100 || rng.below(100) < u64::from(m.percent) {
+                match body {
+                    ReqBody::Buffered(b) => {
+                        let mut all = BytesMut::with_capacity(request.len() + b.len());
+                        all.extend_from_slice(&request);
+                        all.extend_from_slice(b);
+                        up.mirror(&(m.service.clone(), m.port), shadow(&all));
+                    }
+                    ReqBody::Streamed(_) => up.note(Note::MirrorSkipped),
                 }
             }
-            None => Some(one_try(up, source, buf, service, head, &request, body, &mut sent).await),
+        }
+        let policy = fwd.retry.as_ref().unwrap_or(&DEFAULT_RETRY);
+        let replayable = !streamed && (!has_body || idempotent(&head.method));
+        let nonzero = |d: &Duration| !d.is_zero();
+        let remaining = || deadline.map(|d| d.saturating_duration_since(Instant::now()));
+        let mut retries = 0u32;
+        let mut replaced = false;
+        let mut sent = 0u64;
+        let local = |status: u16, flags: &'static str, body: &str, sent: u64| Attempt::Local {
+            resp: simple_response(status, &[], body, streamed),
+            flags,
+            sent,
+            close: streamed,
         };
-        let again = retries < policy.attempts && replayable;
-        match r {
-            None => {
-                up.done(None, 0, false, Some(io::ErrorKind::TimedOut));
+        loop {
+            let left = remaining();
+            if left.is_some_and(|d| d.is_zero()) {
                 return local(504, "UT", "upstream request timeout", sent);
             }
-            Some(Err(TryError::Cancelled)) => {
+            let per_try = match (fwd.timeouts.backend_request.filter(nonzero), left) {
+                (Some(b), Some(l)) => Some(b.min(l)),
+                (b, l) => b.or(l),
+            };
+            let try_deadline = per_try.map(|t| Instant::now() + t);
+            let service = fwd.service.as_ref();
+            // Dropped on expiry: the upstream stream is reset.
+            let attempt = race(
+                one_try(up, source, buf, service, head, &request, body, &mut sent),
+                Bound::deadline(try_deadline),
+            );
+            let r = in_time(attempt.await);
+            let again = retries < policy.attempts && replayable;
+            match r {
+                None => {
+                    up.done(None, 0, false, Some(io::ErrorKind::TimedOut));
+                    return local(504, "UT", "upstream request timeout", sent);
+                }
+                Some(Err(TryError::Cancelled)) => {
+                    up.cancelled();
+                    return Attempt::Cancelled { sent };
+                }
+                Some(Err(TryError::Body(e))) => {
+                    let read = match e {
+                        // The client's stream failed under its upload (reset, connection
+                        // gone): it left; not the endpoint's failure.
+                        CopyError::Read(e) => {
+                            up.cancelled();
+                            Some(e)
+                        }
+                        _ => {
+                            up.done(None, 0, false, Some(io::ErrorKind::BrokenPipe));
+                            None
+                        }
+                    };
+                    return Attempt::BodyFailed { sent, read };
+                }
+                Some(Err(TryError::Upstream { e, fresh })) => {
+                    if fresh && !replaced && !streamed {
+                        // A kept connection the upstream had closed: once more on a new one
+                        // (neither an error nor a retry).
+                        up.done(None, 0, false, None);
+                        replaced = true;
+                        continue;
+                    }
+                    up.done(None, 0, false, Some(e.kind()));
+                    if !again || e.kind() == io::ErrorKind::TimedOut {
+                        let flags = if e.kind() == io::ErrorKind::TimedOut {
+                            "UT"
+                        } else {
+                            "UF"
+                        };
+                        return Attempt::Local {
+                            resp: upstream_failure(&e),
+                            flags,
+                            sent,
+                            close: streamed,
+                        };
+                    }
+                }
+                Some(Ok((conn, _, h, ubuf))) => {
+                    if again && policy.codes.contains(&h.status) {
+                        up.done(Some(conn), h.status, false, None);
+                    } else {
+                        return Attempt::Answer {
+                            conn,
+                            head: h,
+                            ubuf,
+                            sent,
+                            deadline: try_deadline,
+                        };
+                    }
+                }
+            }
+            retries += 1;
+            up.retried();
+            let base = policy.backoff.unwrap_or(RETRY_BACKOFF);
+            let mut wait = (base * (1 << (retries - 1).min(8))).min(base * 10);
+            if let Some(l) = remaining() {
+                wait = wait.min(l);
+            }
+            if let Either::Right(()) = race(timer(wait), source.cancelled()).await {
                 up.cancelled();
                 return Attempt::Cancelled { sent };
             }
-            Some(Err(TryError::Body(e))) => {
-                let read = match e {
-                    // The client's stream failed under its upload (reset, connection
-                    // gone): it left; not the endpoint's failure.
-                    CopyError::Read(e) => {
-                        up.cancelled();
-                        Some(e)
-                    }
-                    _ => {
-                        up.done(None, 0, false, Some(io::ErrorKind::BrokenPipe));
-                        None
-                    }
-                };
-                return Attempt::BodyFailed { sent, read };
-            }
-            Some(Err(TryError::Upstream { e, fresh })) => {
-                if fresh && !replaced && !streamed {
-                    // A kept connection the upstream had closed: once more on a new one
-                    // (neither an error nor a retry).
-                    up.done(None, 0, false, None);
-                    replaced = true;
-                    continue;
-                }
-                up.done(None, 0, false, Some(e.kind()));
-                if !again || e.kind() == io::ErrorKind::TimedOut {
-                    let flags = if e.kind() == io::ErrorKind::TimedOut {
-                        "UT"
-                    } else {
-                        "UF"
-                    };
-                    return Attempt::Local {
-                        resp: upstream_failure(&e),
-                        flags,
-                        sent,
-                        close: streamed,
-                    };
-                }
-            }
-            Some(Ok((conn, _, h, ubuf))) => {
-                if again && policy.codes.contains(&h.status) {
-                    up.done(Some(conn), h.status, false, None);
-                } else {
-                    return Attempt::Answer {
-                        conn,
-                        head: h,
-                        ubuf,
-                        sent,
-                        deadline: try_deadline,
-                    };
-                }
-            }
-        }
-        retries += 1;
-        up.retried();
-        let base = policy.backoff.unwrap_or(RETRY_BACKOFF);
-        let mut wait = (base * (1 << (retries - 1).min(8))).min(base * 10);
-        if let Some(l) = remaining() {
-            wait = wait.min(l);
-        }
-        if let Either::Right(()) = race(timer(wait), source.cancelled()).await {
-            up.cancelled();
-            return Attempt::Cancelled { sent };
         }
     }
 }
@@ -2281,50 +2411,117 @@ pub(crate) async fn attempt<T: Tunnel, U: Upstream>(
 /// Carry out a routed HTTP/1.1 request ([`attempt`]), then stream the response to the
 /// tunnel.
 #[allow(clippy::too_many_arguments)]
-async fn forward_request<T: Tunnel, U: Upstream>(
-    tunnel: &mut T,
-    buf: &mut BytesMut,
-    up: &mut U,
-    fwd: &Forward,
-    head: &RequestHead,
+#[allow(clippy::manual_async_fn)] // on purpose: see the `async` block
+pub(crate) fn forward_request<'a, T: Tunnel, U: Upstream>(
+    tunnel: &'a mut T,
+    buf: &'a mut BytesMut,
+    up: &'a mut U,
+    fwd: &'a Forward,
+    head: &'a RequestHead,
     request: Bytes,
     body: ReqBody,
     has_body: bool,
-    rng: &mut dyn Rng,
+    rng: &'a mut dyn Rng,
     deadline: Option<Instant>,
-) -> io::Result<Forwarded> {
-    let streamed = matches!(body, ReqBody::Streamed(_));
-    let a = attempt(
-        tunnel, buf, up, fwd, head, request, &body, has_body, rng, deadline,
-    )
-    .await;
-    let (mut conn, mut h, mut ubuf, sent, deadline) = match a {
-        Attempt::Answer {
-            conn,
-            head,
-            ubuf,
-            sent,
-            deadline,
-        } => (conn, head, ubuf, sent, deadline),
+) -> impl std::future::Future<Output = io::Result<Forwarded>> + 'a {
+    // An `async` block, not an `async fn`: the arguments are held once (an `async fn`
+    // keeps them again in the locals it moves them into).
+    async move {
+        let streamed = matches!(body, ReqBody::Streamed(_));
+        // The attempt's outcome is taken apart at once (not kept, partly moved, across the
+        // waits below: it would take its own place beside the attempt's future).
+        let (conn, mut h, mut ubuf, sent, deadline) = match attempt(
+            tunnel, buf, up, fwd, head, request, &body, has_body, rng, deadline,
+        )
+        .await
+        {
+            Attempt::Answer {
+                conn,
+                head,
+                ubuf,
+                sent,
+                deadline,
+            } => (conn, head, ubuf, sent, deadline),
+            other => {
+                let (resp, done) = unanswered(other);
+                if let Some(resp) = resp {
+                    tunnel.write(resp).await?;
+                }
+                return Ok(done);
+            }
+        };
+        // The common small response: head and whole body already read, passed on unchanged in
+        // one write.
+        if let Framing::Length(n) = h.framing {
+            let whole = h.len + n as usize;
+            let kept = h.whole.as_ref().is_some_and(|w| w.len() == whole);
+            if fwd.response_headers.is_empty()
+                && !h.rewrite
+                && (kept || ubuf.len() == whole)
+                && h.status != 101
+            {
+                let out = match h.whole.take() {
+                    Some(w) => w,
+                    None => ubuf.split().freeze(),
+                };
+                // The upstream's part is over (whatever becomes of the write): its try ends
+                // here, so the balancer's count of active requests always comes back.
+                let reusable = !h.close && head.keep_alive() && !h.early;
+                up.done(Some(conn), h.status, reusable, None);
+                // Under the try's deadline (else `stream_idle_timeout`): a client that does
+                // not read cannot hold it.
+                if in_time(race(tunnel.write(out), Bound::of(up, deadline)).await)
+                    .transpose()?
+                    .is_none()
+                {
+                    return Ok(response_cut(
+                        h.status,
+                        sent,
+                        0,
+                        "upstream request timeout while the response was written",
+                    ));
+                }
+                return Ok(Forwarded {
+                    status: h.status,
+                    flags: "-",
+                    request_body: sent,
+                    response_bytes: whole as u64,
+                    next: if h.early && streamed {
+                        Next::Close
+                    } else {
+                        Next::Continue
+                    },
+                });
+            }
+        }
+        // Any other: boxed, so that its state (the body's relay) does not size every
+        // request's future.
+        let answer = (conn, h, ubuf, sent, deadline);
+        Box::pin(respond(tunnel, up, fwd, head, streamed, answer)).await
+    }
+}
+
+/// What to write (if anything) and record for an [`Attempt`] that is no upstream answer.
+fn unanswered<C>(a: Attempt<C>) -> (Option<Bytes>, Forwarded) {
+    match a {
+        Attempt::Answer { .. } => unreachable!("an answer is responded to"),
         Attempt::Local {
             resp,
             flags,
             sent,
             close,
         } => {
-            let status = status_of(&resp);
-            let n = resp.len() as u64;
-            tunnel.write(Bytes::from(resp)).await?;
-            return Ok(Forwarded {
-                status,
+            let done = Forwarded {
+                status: status_of(&resp),
                 flags,
                 request_body: sent,
-                response_bytes: n,
+                response_bytes: resp.len() as u64,
                 next: if close { Next::Close } else { Next::Continue },
-            });
+            };
+            (Some(Bytes::from(resp)), done)
         }
         Attempt::BodyFailed { sent, read } => {
-            return Ok(Forwarded {
+            let done = Forwarded {
                 status: 400,
                 flags: "DPE",
                 request_body: sent,
@@ -2333,11 +2530,12 @@ async fn forward_request<T: Tunnel, U: Upstream>(
                     Some(e) => Next::Abort(e),
                     None => Next::Bad(400),
                 },
-            });
+            };
+            (None, done)
         }
         // Recorded as Envoy does a request whose client went away: no status, `DC`.
         Attempt::Cancelled { sent } => {
-            return Ok(Forwarded {
+            let done = Forwarded {
                 status: 0,
                 flags: "DC",
                 request_body: sent,
@@ -2346,9 +2544,25 @@ async fn forward_request<T: Tunnel, U: Upstream>(
                     io::ErrorKind::ConnectionReset,
                     "the client abandoned the request",
                 )),
-            });
+            };
+            (None, done)
         }
-    };
+    }
+}
+
+/// The response to a forwarded HTTP/1.1 request ([`forward_request`]) that is not the
+/// common small one passed on in one write: the upstream's `answer` (connection, response
+/// head, what was read of it, request body bytes sent, the try's deadline) streamed to
+/// the tunnel, its head rewritten if need be, or an upgrade.
+async fn respond<T: Tunnel, U: Upstream>(
+    tunnel: &mut T,
+    up: &mut U,
+    fwd: &Forward,
+    head: &RequestHead,
+    streamed: bool,
+    answer: (U::Conn, RespHead, BytesMut, u64, Option<Instant>),
+) -> io::Result<Forwarded> {
+    let (mut conn, mut h, mut ubuf, sent, deadline) = answer;
     // The response: its head (modified when the route says so, or re-framed), then the
     // body streamed.
     // Only an upgrade the waypoint passed on (an allowed one, [`allowed_upgrade`]) can be
@@ -2368,51 +2582,6 @@ async fn forward_request<T: Tunnel, U: Upstream>(
         });
     }
     let eof_to_chunked = h.framing == Framing::Eof && head.version == 1 && !upgrade;
-    // The common small response: head and whole body already read, passed on unchanged in
-    // one write.
-    if let Framing::Length(n) = h.framing {
-        let whole = h.len + n as usize;
-        let kept = h.whole.as_ref().is_some_and(|w| w.len() == whole);
-        if fwd.response_headers.is_empty()
-            && !h.rewrite
-            && (kept || ubuf.len() == whole)
-            && h.status != 101
-        {
-            let out = match h.whole.take() {
-                Some(w) => w,
-                None => ubuf.split().freeze(),
-            };
-            // The upstream's part is over (whatever becomes of the write): its try ends
-            // here, so the balancer's count of active requests always comes back.
-            let reusable = !h.close && head.keep_alive() && !h.early;
-            up.done(Some(conn), h.status, reusable, None);
-            // Under the try's deadline (else `stream_idle_timeout`): a client that does
-            // not read cannot hold it.
-            if bounded(up, deadline, tunnel.write(out))
-                .await
-                .transpose()?
-                .is_none()
-            {
-                return Ok(response_cut(
-                    h.status,
-                    sent,
-                    0,
-                    "upstream request timeout while the response was written",
-                ));
-            }
-            return Ok(Forwarded {
-                status: h.status,
-                flags: "-",
-                request_body: sent,
-                response_bytes: whole as u64,
-                next: if h.early && streamed {
-                    Next::Close
-                } else {
-                    Next::Continue
-                },
-            });
-        }
-    }
     h.spill(&mut ubuf);
     let raw_head = ubuf.split_to(h.len).freeze();
     let out_head = if fwd.response_headers.is_empty() && !eof_to_chunked && !h.rewrite {
@@ -2427,7 +2596,7 @@ async fn forward_request<T: Tunnel, U: Upstream>(
     let mut response_bytes = out_head.len() as u64;
     // Under the try's deadline, as the body; a failed write ends the try too (the
     // balancer's count of active requests comes back).
-    match bounded(up, deadline, tunnel.write(out_head)).await {
+    match in_time(race(tunnel.write(out_head), Bound::of(up, deadline)).await) {
         Some(Ok(())) => {}
         Some(Err(e)) => {
             up.done(None, h.status, false, None);
@@ -2465,15 +2634,18 @@ async fn forward_request<T: Tunnel, U: Upstream>(
     // Each wait of the body's relay (a read upstream, a write downstream) is bounded by
     // `stream_idle_timeout` too, the route's time or not.
     let idle = up.stream_idle();
-    let copy = crate::body::copy_within(
-        &mut conn,
-        &mut ubuf,
-        framing,
-        Some(tunnel),
-        eof_to_chunked,
-        idle,
+    let copy = race(
+        crate::body::copy_within(
+            &mut conn,
+            &mut ubuf,
+            framing,
+            Some(tunnel),
+            eof_to_chunked,
+            idle,
+        ),
+        Bound::deadline(deadline),
     );
-    let Some(copied) = within(deadline, copy).await else {
+    let Some(copied) = in_time(copy.await) else {
         // The route's time ran out after the response head went out: the tunnel is reset
         // (the client sees a cut body, never a complete-looking one).
         up.done(None, h.status, false, Some(io::ErrorKind::TimedOut));
@@ -2890,6 +3062,88 @@ mod tests {
             Parsed::Head(h, _) => h,
             other => panic!("{other:?}"),
         }
+    }
+
+    /// `Connection` is a list of case-insensitive tokens over any number of field lines
+    /// (RFC 9110 §7.6.1); `close` ends the connection, HTTP/1.0 persists only with
+    /// `keep-alive` (RFC 9112 §9.3). An option is a whole token: `x-close` or
+    /// `keep-alive-ish` are other options (a substring match took them for these).
+    #[test]
+    fn keep_alive_reads_connection_as_a_token_list() {
+        let cases: &[(&str, &str, bool)] = &[
+            ("1.1", "", true),
+            ("1.1", "connection: close\r\n", false),
+            ("1.1", "connection: CLOSE\r\n", false),
+            ("1.1", "connection: te, Close \r\n", false),
+            ("1.1", "connection: te,close\r\n", false),
+            ("1.1", "connection: te\r\nconnection: close\r\n", false),
+            ("1.1", "connection: x-close\r\n", true),
+            ("1.1", "connection: closed\r\n", true),
+            ("1.1", "connection: upgrade, enclose\r\n", true),
+            ("1.1", "x-note: close\r\n", true),
+            ("1.0", "", false),
+            ("1.0", "connection: keep-alive\r\n", true),
+            ("1.0", "connection: Keep-Alive\r\n", true),
+            ("1.0", "connection: te , keep-alive\r\n", true),
+            ("1.0", "connection: te\r\nconnection: keep-alive\r\n", true),
+            ("1.0", "connection: keep-alive-ish\r\n", false),
+            ("1.0", "connection: no-keep-alive\r\n", false),
+            ("1.0", "connection: keep-alive, close\r\n", false),
+        ];
+        for (version, fields, want) in cases {
+            let raw = format!("GET / HTTP/{version}\r\nhost: echo\r\n{fields}\r\n");
+            let head = head_of(raw.as_bytes());
+            assert_eq!(head.keep_alive(), *want, "HTTP/{version} with {fields:?}");
+        }
+    }
+
+    /// The request heads going upstream are cut from one buffer per thread: the same
+    /// bytes as [`upstream_head`], cut one after the other (a head still held keeps its
+    /// bytes); once the buffer is used up and none is held, it is reused from its start
+    /// (no allocation per request).
+    #[test]
+    fn upstream_heads_share_a_reused_buffer() {
+        // A thread of its own: its buffer is new.
+        std::thread::spawn(|| {
+            let fwd = Forward::default();
+            let client: IpAddr = "10.0.0.9".parse().unwrap();
+            let a = head_of(b"GET /a HTTP/1.1\r\nhost: echo\r\n\r\n");
+            let b =
+                head_of(b"POST /b?x=1 HTTP/1.1\r\nhost: echo\r\nx-forwarded-for: 1.2.3.4\r\n\r\n");
+            let first = upstream_head_bytes(&a, &fwd, client);
+            assert_eq!(&first[..], &upstream_head(&a, &fwd, client)[..]);
+            let kept = first.clone();
+            let second = upstream_head_bytes(&b, &fwd, client);
+            assert_eq!(&second[..], &upstream_head(&b, &fwd, client)[..]);
+            assert_eq!(
+                second.as_ptr(),
+                first[first.len()..].as_ptr(),
+                "cut after the first"
+            );
+            assert_eq!(
+                &kept[..],
+                &upstream_head(&a, &fwd, client)[..],
+                "the first kept"
+            );
+            // Dropped as they go, heads are cut one after the other until the buffer is
+            // used up, then from its start again.
+            let (start, mut end) = (first.as_ptr(), second[second.len()..].as_ptr());
+            drop((first, kept, second));
+            let mut wrapped = false;
+            for _ in 0..HEAD_BUFFER {
+                let h = upstream_head_bytes(&b, &fwd, client);
+                assert_eq!(&h[..], &upstream_head(&b, &fwd, client)[..]);
+                if h.as_ptr() == start {
+                    wrapped = true;
+                    break;
+                }
+                assert_eq!(h.as_ptr(), end, "cut after the previous one");
+                end = h[h.len()..].as_ptr();
+            }
+            assert!(wrapped, "the buffer is reused from its start");
+        })
+        .join()
+        .unwrap();
     }
 
     /// An upstream stream that yields one response, then its end.
