@@ -138,6 +138,9 @@ impl Client {
         let tcp = runtime::listener::connect(addr, opts)
             .await
             .map_err(|e| HboneError::Connect(addr, e))?;
+        settings
+            .tune_socket(&tcp)
+            .map_err(|e| HboneError::Connect(addr, e))?;
         // Our writes after the server's flight (TLS Finished, h2 preface, SETTINGS, the
         // first HEADERS) wait for one flush, below.
         let (io, hold) = crate::stream::TcpIo::held_after_first_read(tcp);

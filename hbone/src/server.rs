@@ -125,6 +125,7 @@ where
     Fut: Future<Output = ()> + 'static,
 {
     let _ = tcp.set_nodelay(true);
+    settings.tune_socket(&tcp).map_err(HboneError::TlsIo)?;
     let io = crate::stream::TcpIo::new(tcp);
     // TLS and the client's HTTP/2 preface within the handshake deadline: a peer that
     // connects and stays silent (or stalls mid-handshake) is closed, its descriptor freed.

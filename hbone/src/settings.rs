@@ -49,6 +49,17 @@ pub struct H2Settings {
     /// identities) and resume with them, skipping both sides' certificate signatures and
     /// checks (an ECDHE key exchange is still made). Off: full handshakes only, no tickets.
     pub tls_resumption: bool,
+    /// Bytes: `TCP_NOTSENT_LOWAT` on HBONE sockets (client and server): a connection's
+    /// socket takes more only while fewer than this many bytes are queued in the kernel
+    /// unsent, so a bulk stream's bytes wait in h2 (which interleaves streams' DATA frames)
+    /// instead of in one FIFO in front of every other stream's. Absent: the system's
+    /// `net.ipv4.tcp_notsent_lowat` (no limit by default).
+    pub socket_notsent_lowat: Option<u32>,
+    /// Bytes: `SO_RCVBUF` on HBONE sockets (client and server), overriding
+    /// `runtime.socket_recv_buffer` for them: bounds the encrypted bytes that queue unread in
+    /// front of a small stream's (receive autotuning off; the kernel reserves twice this).
+    /// Absent: as the runtime's sockets.
+    pub socket_recv_buffer: Option<usize>,
 }
 
 /// [`H2Settings::handshake_timeout`]'s default: Envoy's default cluster `connect_timeout`.
@@ -70,9 +81,15 @@ impl Default for H2Settings {
             chunk_size: 64 * 1024,
             tls_send_buffer: 256 * 1024,
             tls_resumption: crate::tls::DEFAULT_RESUMPTION,
+            socket_notsent_lowat: None,
+            socket_recv_buffer: None,
         }
     }
 }
+
+/// Smallest `h2.socket_notsent_lowat` / `h2.socket_recv_buffer` accepted (bytes): below one
+/// full-size TLS record (16 KiB + overhead) every record would take several wake-ups.
+pub const MIN_SOCKET_BYTES: usize = 4096;
 
 /// `fut` bounded by `limit`, where a zero `limit` (a setting's "no timeout") means no bound:
 /// `Err(Elapsed)` when the limit passed first (`fut` is dropped, closing what it owns).
@@ -102,6 +119,48 @@ impl H2Settings {
                 after: self.handshake_timeout,
             },
         ))
+    }
+
+    /// The HBONE socket options' values make sense: an error names the field.
+    pub fn validate(&self) -> Result<(), runtime::config::Invalid> {
+        use runtime::config::Invalid;
+        if let Some(n) = self.socket_notsent_lowat {
+            if !(MIN_SOCKET_BYTES as u32..=i32::MAX as u32).contains(&n) {
+                return Err(Invalid::new(
+                    "h2.socket_notsent_lowat",
+                    format!(
+                        "must be between {MIN_SOCKET_BYTES} and {} bytes (absent: no limit)",
+                        i32::MAX
+                    ),
+                ));
+            }
+        }
+        if let Some(n) = self.socket_recv_buffer {
+            if !(MIN_SOCKET_BYTES..=i32::MAX as usize / 2).contains(&n) {
+                return Err(Invalid::new(
+                    "h2.socket_recv_buffer",
+                    format!(
+                        "must be between {MIN_SOCKET_BYTES} and {} bytes (absent: autotuning)",
+                        i32::MAX / 2
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Apply the HBONE-only socket options ([`H2Settings::socket_notsent_lowat`],
+    /// [`H2Settings::socket_recv_buffer`]) to a client's connected or a server's accepted
+    /// socket; nothing (no system call) when both are absent.
+    pub fn tune_socket(&self, fd: &impl std::os::fd::AsRawFd) -> std::io::Result<()> {
+        let fd = fd.as_raw_fd();
+        if let Some(n) = self.socket_notsent_lowat {
+            runtime::sys::set_tcp_notsent_lowat(fd, n)?;
+        }
+        if let Some(n) = self.socket_recv_buffer {
+            runtime::sys::with_sockref(fd, |s| s.set_recv_buffer_size(n))?;
+        }
+        Ok(())
     }
 
     pub fn client_builder(&self) -> h2::client::Builder {

@@ -124,6 +124,34 @@ pub fn set_bind_address_no_port(fd: RawFd) -> io::Result<()> {
     setsockopt(fd, libc::IPPROTO_IP, libc::IP_BIND_ADDRESS_NO_PORT, &on)
 }
 
+/// `TCP_NOTSENT_LOWAT`: the socket is writable (and `send` accepts more) only while fewer
+/// than `bytes` of its send queue are still unsent, i.e. not yet handed to the network;
+/// bytes sent but not yet acknowledged do not count. Keeps a sender's queue in its own
+/// hands (where it can still reorder) rather than the kernel's.
+pub fn set_tcp_notsent_lowat(fd: RawFd, bytes: u32) -> io::Result<()> {
+    let v: libc::c_int = bytes.min(i32::MAX as u32) as libc::c_int;
+    setsockopt(fd, libc::IPPROTO_TCP, libc::TCP_NOTSENT_LOWAT, &v)
+}
+
+/// The socket's own `TCP_NOTSENT_LOWAT`: 0 when never set, in which case the system's
+/// `net.ipv4.tcp_notsent_lowat` applies (`u32::MAX`, no limit, by default).
+pub fn tcp_notsent_lowat(fd: RawFd) -> io::Result<u32> {
+    let mut v: libc::c_uint = 0;
+    let mut len = std::mem::size_of::<libc::c_uint>() as libc::socklen_t;
+    // SAFETY: `v` and `len` are live, writable locals; the kernel writes at most `len` bytes
+    // (4) into `v` and the actual length into `len` during the call.
+    cvt(unsafe {
+        libc::getsockopt(
+            fd,
+            libc::IPPROTO_TCP,
+            libc::TCP_NOTSENT_LOWAT,
+            (&mut v as *mut libc::c_uint).cast(),
+            &mut len,
+        )
+    })?;
+    Ok(v)
+}
+
 /// `shutdown(fd, SHUT_WR)`: send FIN, keep reading.
 pub fn shutdown_write(fd: RawFd) -> io::Result<()> {
     // SAFETY: plain syscall on a descriptor the caller owns.

@@ -39,6 +39,8 @@
 //! | `h2.pool_idle_timeout` | duration | 5m | client pool: close an unused connection |
 //! | `h2.chunk_size` | bytes | 64 KiB | largest read from TCP, i.e. largest DATA frame sent (reads start at 16 KiB and double while they fill); 256 KiB measured worse (more kernel work per GB) |
 //! | `h2.tls_send_buffer` | bytes | 256 KiB | encrypted TLS records buffered per socket write (one `writev` per DATA frame) |
+//! | `h2.socket_notsent_lowat` | bytes | absent (the system's `net.ipv4.tcp_notsent_lowat`, no limit) | `TCP_NOTSENT_LOWAT` on HBONE sockets (client and server; not on plain TCP ones): the socket takes more only while fewer than this many bytes wait unsent in the kernel, so a bulk stream's backlog stays in h2/TLS (where other streams' frames can pass it) instead of one kernel FIFO; 4096 to 2³¹−1. Not in a profile: see the measurements in `tuning/profiles/latency.yaml` |
+//! | `h2.socket_recv_buffer` | bytes | absent (as `runtime.socket_recv_buffer`) | `SO_RCVBUF` on HBONE sockets only (client and server), overriding the runtime's: bounds the encrypted bytes queued unread in front of a small stream's (receive autotuning off; the kernel reserves twice the value; capped by `net.core.rmem_max`); 4096 to 2³⁰−1. Not in a profile (see `latency.yaml`) |
 //! | `h2.tls_resumption` | bool | true | TLS 1.3 session resumption between HBONE peers: a server sends one stateless ticket per handshake (its own AES-256-GCM key per server config, replaced with the certificate; valid ≤ 1 h and never past the certificate), a client keeps ≤ 8 tickets per destination IP per (source identity, expected destination identities) on each worker (≤ 128 such entries) and resumes with one: both sides skip the certificate signatures and checks (ECDHE stays); the server still gets the client's certificate and identity (from the ticket, re-checked for expiry). false: full handshakes only, a server sends no ticket |
 //!
 //! Unknown keys are errors naming the file, line and field.
@@ -104,6 +106,10 @@ pub fn load_profile(name_or_path: &str) -> Result<Profile, ConfigError> {
     profile
         .runtime
         .validate("runtime")
+        .map_err(|e| e.in_file(&file, Some(&text)))?;
+    profile
+        .h2
+        .validate()
         .map_err(|e| e.in_file(&file, Some(&text)))?;
     Ok(profile)
 }
@@ -208,6 +214,15 @@ mod tests {
             Some("runtime.sched_fifo_priority"),
             "{e}"
         );
+        // HBONE socket knobs: refused by the h2 section's own check, located in the file.
+        std::fs::write(&f, "h2:\n  chunk_size: 65536\n  socket_notsent_lowat: 0\n").unwrap();
+        let e = load_profile(f.to_str().unwrap()).unwrap_err();
+        assert_eq!(e.line, Some(3), "{e}");
+        assert_eq!(e.field.as_deref(), Some("h2.socket_notsent_lowat"), "{e}");
+        std::fs::write(&f, "h2:\n  socket_recv_buffer: 1000\n").unwrap();
+        let e = load_profile(f.to_str().unwrap()).unwrap_err();
+        assert_eq!(e.line, Some(2), "{e}");
+        assert_eq!(e.field.as_deref(), Some("h2.socket_recv_buffer"), "{e}");
         std::fs::write(&f, "runtime:\n  busy_polling: 50us\n").unwrap();
         let e = load_profile(f.to_str().unwrap()).unwrap_err();
         assert_eq!(e.line, Some(2), "{e}");

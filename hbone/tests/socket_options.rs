@@ -1,0 +1,158 @@
+//! HBONE-only socket options (`h2.socket_notsent_lowat`, `h2.socket_recv_buffer`): read back
+//! with getsockopt from the real client and server sockets of an HBONE connection, and
+//! refused with a message naming the field when out of range.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::os::fd::RawFd;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use hbone::tls::TlsCounters;
+use hbone::wire::ConnectRequest;
+use hbone::H2Settings;
+use runtime::driver::DriverKind;
+
+/// The TCP sockets of this process whose (local, peer) address pair satisfies `pick`, each
+/// with its `TCP_NOTSENT_LOWAT` and `SO_RCVBUF` read back with getsockopt.
+fn sockets_where(pick: impl Fn(SocketAddr, SocketAddr) -> bool) -> Vec<Opts> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc/self/fd").unwrap().flatten() {
+        let Ok(fd) = e.file_name().to_string_lossy().parse::<RawFd>() else {
+            continue;
+        };
+        // Not a socket (or closed meanwhile, like the directory's own descriptor): skipped.
+        let found = runtime::sys::with_sockref(fd, |s| {
+            let (l, p) = (s.local_addr()?, s.peer_addr()?);
+            let (Some(l), Some(p)) = (l.as_socket(), p.as_socket()) else {
+                return Ok(None);
+            };
+            if !pick(l, p) {
+                return Ok(None);
+            }
+            // A TCP option: fails for any other kind of socket.
+            let lowat = runtime::sys::tcp_notsent_lowat(fd)?;
+            Ok(Some((lowat, s.recv_buffer_size()?)))
+        });
+        if let Ok(Some(o)) = found {
+            out.push(o);
+        }
+    }
+    out
+}
+
+/// A socket's (`TCP_NOTSENT_LOWAT`, `SO_RCVBUF`).
+type Opts = (u32, usize);
+
+/// (client side, server side) options of the HBONE connection to `srv`, once both exist.
+fn hbone_sockets(srv: SocketAddr) -> (Vec<Opts>, Vec<Opts>) {
+    let until = Instant::now() + Duration::from_secs(30);
+    loop {
+        let client = sockets_where(|_, p| p == srv);
+        let server = sockets_where(|l, _| l == srv);
+        if (!client.is_empty() && !server.is_empty()) || Instant::now() > until {
+            return (client, server);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn notsent_lowat_and_recv_buffer_are_set_on_both_hbone_sockets() {
+    let ca = ca();
+    let settings = H2Settings {
+        socket_notsent_lowat: Some(16384),
+        socket_recv_buffer: Some(131072),
+        ..H2Settings::default()
+    };
+    let srv = server(
+        &cert(&ca, "server"),
+        settings.clone(),
+        Handler::Echo,
+        DriverKind::Uring,
+    );
+    let client_cert = cert(&ca, "client");
+    let addr = srv.addr;
+    let (client, server_side) = block_on(DriverKind::Uring, async move {
+        let tls = hbone::tls::client_config_to(&client_cert, &[id("server")], addr, true).unwrap();
+        let counters = Arc::new(TlsCounters::default());
+        let c = hbone::client::Client::connect(addr, tls, &settings, &counters)
+            .await
+            .unwrap();
+        let req = ConnectRequest::new("10.1.2.3:8080".parse().unwrap());
+        let _stream = c.open(&req).await.unwrap();
+        // The server's socket exists once it answered the CONNECT.
+        hbone_sockets(addr)
+    });
+    assert_eq!(client.len(), 1, "client sockets to {addr}: {client:?}");
+    assert_eq!(
+        server_side.len(),
+        1,
+        "server sockets at {addr}: {server_side:?}"
+    );
+    // The kernel reports twice the SO_RCVBUF asked for.
+    assert_eq!(client[0], (16384, 2 * 131072), "client side");
+    assert_eq!(server_side[0], (16384, 2 * 131072), "server side");
+}
+
+#[test]
+fn without_the_knobs_hbone_sockets_keep_the_system_defaults() {
+    let ca = ca();
+    let srv = echo_server(&cert(&ca, "server"));
+    let client_cert = cert(&ca, "client");
+    let addr = srv.addr;
+    let (client, server_side) = block_on(DriverKind::Uring, async move {
+        let tls = hbone::tls::client_config_to(&client_cert, &[id("server")], addr, true).unwrap();
+        let counters = Arc::new(TlsCounters::default());
+        let c = hbone::client::Client::connect(addr, tls, &H2Settings::default(), &counters)
+            .await
+            .unwrap();
+        let req = ConnectRequest::new("10.1.2.3:8080".parse().unwrap());
+        let _stream = c.open(&req).await.unwrap();
+        hbone_sockets(addr)
+    });
+    assert_eq!(client.len(), 1, "{client:?}");
+    assert_eq!(server_side.len(), 1, "{server_side:?}");
+    // 0: never set on the socket (the system's net.ipv4.tcp_notsent_lowat applies).
+    assert_eq!(client[0].0, 0);
+    assert_eq!(server_side[0].0, 0);
+}
+
+#[test]
+fn out_of_range_socket_knobs_are_refused_naming_the_field() {
+    for (s, field) in [
+        (
+            H2Settings {
+                socket_notsent_lowat: Some(0),
+                ..H2Settings::default()
+            },
+            "h2.socket_notsent_lowat",
+        ),
+        (
+            H2Settings {
+                socket_notsent_lowat: Some(u32::MAX),
+                ..H2Settings::default()
+            },
+            "h2.socket_notsent_lowat",
+        ),
+        (
+            H2Settings {
+                socket_recv_buffer: Some(100),
+                ..H2Settings::default()
+            },
+            "h2.socket_recv_buffer",
+        ),
+    ] {
+        let e = s.validate().expect_err(field);
+        assert_eq!(e.field, field);
+        assert!(e.message.contains("between"), "{}", e.message);
+    }
+    let ok = H2Settings {
+        socket_notsent_lowat: Some(16384),
+        socket_recv_buffer: Some(262144),
+        ..H2Settings::default()
+    };
+    ok.validate().unwrap();
+}
