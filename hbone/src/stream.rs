@@ -332,14 +332,13 @@ pub async fn bridge(
     let (mut r, mut w) = tcp.into_split();
     let end = {
         let H2Stream { send, recv, .. } = &mut stream;
-        drive(
-            tcp_to_h2(&mut r, send, chunk, &counts[0]),
-            h2_to_tcp(recv, &mut w, &counts[1]),
-            &counts,
-            idle,
-            abort,
-        )
-        .await
+        // Boxed, each direction and `drive` around them: inline, `drive` keeps each
+        // direction twice (as given and pinned) and its idle timer (a 128-byte aligned
+        // timer entry) pads every future around it to that alignment — 2.8 KB per stream
+        // in the task of the connection, against 1.7 KB in three allocations.
+        let d2u = Box::pin(tcp_to_h2(&mut r, send, chunk, &counts[0]));
+        let u2d = Box::pin(h2_to_tcp(recv, &mut w, &counts[1]));
+        Box::pin(drive(d2u, u2d, &counts, idle, abort)).await
     };
     let tcp = r.reunite(w).expect("halves of one stream");
     match &end {
