@@ -710,7 +710,9 @@ async fn connect_within(
 ) -> std::io::Result<TcpStream> {
     let limit = w.settings().h2.handshake_timeout;
     let connect = listener::connect(target, w.ctx.listen_options());
-    hbone::settings::within(limit, connect)
+    // Boxed: the connect and its timer (a 512-byte timer entry) are freed once connected,
+    // not kept in the connection's task for its whole life.
+    Box::pin(hbone::settings::within(limit, connect))
         .await
         .unwrap_or_else(|_| {
             w.metrics.connect_timeout(what);
@@ -752,7 +754,8 @@ impl Downstream {
     /// Refuse the connection; `code` is the SOCKS5 reply (only logged when captured).
     async fn fail(self, w: &Worker, tcp: &mut TcpStream, peer: SocketAddr, code: u8, why: &str) {
         match self {
-            Downstream::Socks => socks_fail(w, tcp, peer, code, why).await,
+            // Boxed (as below): a failure's reply is no part of a connection's lasting state.
+            Downstream::Socks => Box::pin(socks_fail(w, tcp, peer, code, why)).await,
             Downstream::Captured => {
                 tracing::info!(target: "ztunnel::access", direction = "outbound", src = %peer, reply = code, reason = why, "captured connection refused: reset");
                 reset(tcp);
@@ -762,7 +765,7 @@ impl Downstream {
     /// The upstream is ready: tell the client (SOCKS5 `succeeded`). False if it went away.
     async fn ready(self, tcp: &mut TcpStream) -> bool {
         match self {
-            Downstream::Socks => socks::send_reply(tcp, reply::SUCCEEDED).await,
+            Downstream::Socks => Box::pin(socks::send_reply(tcp, reply::SUCCEEDED)).await,
             Downstream::Captured => true,
         }
     }
@@ -796,7 +799,7 @@ async fn captured_conn(w: Rc<Worker>, mut tcp: TcpStream, peer: SocketAddr) {
 async fn socks_conn(w: Rc<Worker>, mut tcp: TcpStream, peer: SocketAddr) {
     let started = Instant::now();
     let st = w.state();
-    let target = match socks::handshake(&mut tcp, Duration::from_secs(10)).await {
+    let target = match Box::pin(socks::handshake(&mut tcp, Duration::from_secs(10))).await {
         Ok(t) => t,
         Err(Failure::Silent) => return,
         Err(Failure::Greeting) => {
@@ -1036,16 +1039,21 @@ async fn outbound_hbone(
             .fail(w, &mut tcp, peer, reply::GENERAL_FAILURE, &why)
             .await;
     };
-    let mut req = ConnectRequest::new(authority);
-    req.forwarded_for = Some(peer.ip());
-    req.host = host;
-    req.baggage_header = source.baggage.clone();
-    let key = PoolKey {
-        src: source.identity.clone(),
-        dst: expected,
-        addr: target,
+    // The request and the pool key in their own scope: not kept across the bridge's await,
+    // in the task of a connection for as long as it lives.
+    let opened = {
+        let mut req = ConnectRequest::new(authority);
+        req.forwarded_for = Some(peer.ip());
+        req.host = host;
+        req.baggage_header = source.baggage.clone();
+        let key = PoolKey {
+            src: source.identity.clone(),
+            dst: expected,
+            addr: target,
+        };
+        Box::pin(w.pool.open(&key, &source.cert, &req)).await
     };
-    let stream = match Box::pin(w.pool.open(&key, &source.cert, &req)).await {
+    let stream = match opened {
         Ok(s) => s,
         Err(e) => {
             if matches!(e, HboneError::ReplyTimeout { .. }) {
@@ -1133,9 +1141,12 @@ async fn hbone_conn(w: Rc<Worker>, tcp: TcpStream, peer: SocketAddr) {
         for_pod,
         peer: std::cell::OnceCell::new(),
     });
+    // The stream's future itself (no async block around it, which would keep `inb` once
+    // more), with the inbound request boxed: an async fn keeps its arguments for its whole
+    // life, so a stream holds a pointer to it, not its 400 bytes twice.
     let handler = Rc::new(move |inb: HboneInbound| {
         let (w, conn) = (w2.clone(), conn.clone());
-        async move { hbone_stream(w, inb, conn).await }
+        hbone_stream(w, Box::new(inb), conn)
     });
     let r = serve_connection(
         tcp,
@@ -1243,8 +1254,13 @@ fn policy_source_ip(
     }
 }
 
+/// The inbound request out of its box: the box is freed here, not when the stream ends.
+fn unbox(inb: Box<HboneInbound>) -> HboneInbound {
+    *inb
+}
+
 /// One CONNECT stream of an inbound HBONE connection `conn`.
-async fn hbone_stream(w: Rc<Worker>, mut inb: HboneInbound, conn: Rc<InConn>) {
+async fn hbone_stream(w: Rc<Worker>, mut inb: Box<HboneInbound>, conn: Rc<InConn>) {
     let started = Instant::now();
     let st = w.state();
     let target = inb.request.target;
@@ -1333,7 +1349,9 @@ async fn hbone_stream(w: Rc<Worker>, mut inb: HboneInbound, conn: Rc<InConn>) {
                     return;
                 }
             };
-            let Ok(down) = inb.accept() else { return };
+            let Ok(down) = unbox(inb).accept() else {
+                return;
+            };
             let counters = w.metrics.open(&labels);
             let (sent, received, end) = Box::pin(splice_h2(
                 down,
@@ -1368,17 +1386,20 @@ async fn hbone_stream(w: Rc<Worker>, mut inb: HboneInbound, conn: Rc<InConn>) {
                     return;
                 }
             };
-            let Ok(stream) = inb.accept() else { return };
+            let Ok(stream) = unbox(inb).accept() else {
+                return;
+            };
             let counters = w.metrics.open(&labels);
             let why = Rc::new(RefCell::new(None));
-            let abort = abort_or_revoked(&w, peer_id, src_ip, target, &why);
-            let out = Box::pin(hbone::stream::bridge(
+            // Boxed: the bridge's `drive` keeps its `abort` twice (as given and pinned).
+            let abort = Box::pin(abort_or_revoked(&w, peer_id, src_ip, target, &why));
+            let out = hbone::stream::bridge(
                 tcp,
                 stream,
                 w.settings().h2.chunk_size,
                 w.settings().runtime.forward.idle_timeout,
                 abort,
-            ))
+            )
             .await;
             // The pod is the bridge's downstream: sent = towards the pod.
             let (sent, received) = (out.upstream_to_downstream, out.downstream_to_upstream);
