@@ -80,6 +80,22 @@ impl Fnv {
     }
 }
 
+/// `rest` (1 to 7 bytes) as a little-endian word padded with zeros, read with at most
+/// three loads (two overlapping ones from 4 bytes on) rather than a copy of a variable
+/// length, which was a `memcpy` call per hashed string.
+fn tail_word(rest: &[u8]) -> u64 {
+    let n = rest.len();
+    let le32 = |b: &[u8]| u64::from(u32::from_le_bytes([b[0], b[1], b[2], b[3]]));
+    if n >= 4 {
+        // The bytes both loads cover are the same bytes at the same places.
+        le32(rest) | le32(&rest[n - 4..]) << ((n - 4) * 8)
+    } else {
+        u64::from(rest[0])
+            | u64::from(rest[n / 2]) << (n / 2 * 8)
+            | u64::from(rest[n - 1]) << ((n - 1) * 8)
+    }
+}
+
 impl std::hash::Hasher for Fnv {
     fn finish(&self) -> u64 {
         // splitmix64's finalizer: every bit of the state reaches the low bits.
@@ -95,10 +111,8 @@ impl std::hash::Hasher for Fnv {
         }
         let rest = chunks.remainder();
         if !rest.is_empty() {
-            let mut last = [0u8; 8];
-            last[..rest.len()].copy_from_slice(rest);
             // The length tells `ab` from `ab\0`.
-            self.word(u64::from_le_bytes(last) ^ ((rest.len() as u64) << 59));
+            self.word(tail_word(rest) ^ ((rest.len() as u64) << 59));
         }
     }
     fn write_u8(&mut self, i: u8) {
@@ -520,6 +534,27 @@ mod tests {
             })
             .collect();
         assert!(low.len() >= 128, "{} distinct low bytes of 256", low.len());
+    }
+
+    /// The last 1 to 7 bytes of a hashed string are read as one zero-padded
+    /// little-endian word, whatever their length and values.
+    #[test]
+    fn fnv_tail_word_is_the_padded_bytes() {
+        let bytes: Vec<u8> = (0..7u8).map(|i| 0x81 + i * 0x13).collect();
+        for n in 1..=7 {
+            let mut padded = [0u8; 8];
+            padded[..n].copy_from_slice(&bytes[..n]);
+            assert_eq!(
+                tail_word(&bytes[..n]),
+                u64::from_le_bytes(padded),
+                "{n} bytes"
+            );
+            assert_eq!(
+                tail_word(&[0xff; 8][..n]),
+                u64::MAX >> ((8 - n) * 8),
+                "{n} × 0xff"
+            );
+        }
     }
 
     /// `take`/`put` sweep every quarter of the shortest expiry kept, but never more often
