@@ -793,7 +793,18 @@ async fn captured_conn(w: Rc<Worker>, mut tcp: TcpStream, peer: SocketAddr) {
         }
     };
     let st = w.state();
-    outbound_conn(&w, &st, Downstream::Captured, tcp, peer, dst, started).await
+    let tunnel = Box::pin(outbound_conn(
+        &w,
+        &st,
+        Downstream::Captured,
+        tcp,
+        peer,
+        dst,
+        started,
+    ));
+    if let Some(t) = tunnel.await {
+        t.run(&w).await
+    }
 }
 
 async fn socks_conn(w: Rc<Worker>, mut tcp: TcpStream, peer: SocketAddr) {
@@ -820,11 +831,81 @@ async fn socks_conn(w: Rc<Worker>, mut tcp: TcpStream, peer: SocketAddr) {
             }
         },
     };
-    outbound_conn(&w, &st, Downstream::Socks, tcp, peer, dst, started).await
+    let tunnel = Box::pin(outbound_conn(
+        &w,
+        &st,
+        Downstream::Socks,
+        tcp,
+        peer,
+        dst,
+        started,
+    ));
+    if let Some(t) = tunnel.await {
+        t.run(&w).await
+    }
+}
+
+/// An outbound HBONE tunnel, set up: what it needs while it lasts. The setup (routing, the
+/// pool, the CONNECT) runs in its own boxed future, freed before the tunnel's bytes flow, so
+/// an idle tunnel's task holds this and the bridge, not the setup's largest state.
+struct Tunnel {
+    tcp: TcpStream,
+    stream: H2Stream,
+    labels: ConnLabels,
+    peer: SocketAddr,
+    dst: SocketAddr,
+    target: SocketAddr,
+    authority: SocketAddr,
+    route: &'static str,
+    started: Instant,
+}
+
+impl Tunnel {
+    async fn run(self, w: &Worker) {
+        let Tunnel {
+            tcp,
+            stream,
+            labels,
+            peer,
+            dst,
+            target,
+            authority,
+            route,
+            started,
+        } = self;
+        let counters = w.metrics.open(&labels);
+        let out = hbone::stream::bridge(
+            tcp,
+            stream,
+            w.settings().h2.chunk_size,
+            w.settings().runtime.forward.idle_timeout,
+            w.ctx.aborted(),
+        )
+        .await;
+        metrics::close(
+            &counters,
+            out.downstream_to_upstream,
+            out.upstream_to_downstream,
+        );
+        access_log(
+            "outbound",
+            &route,
+            peer,
+            dst,
+            &labels,
+            Some(target),
+            Some(authority),
+            out.downstream_to_upstream,
+            out.upstream_to_downstream,
+            started,
+            &Ended::End(&out.end),
+        );
+    }
 }
 
 /// The outbound decision (R1, R4–R8) for a client `peer` (a workload of this node, by IP)
-/// going to `dst`, shared by SOCKS5 and transparent capture.
+/// going to `dst`, shared by SOCKS5 and transparent capture. Passthrough runs here; an HBONE
+/// tunnel (direct or through a waypoint) is returned set up, to run after this is freed.
 async fn outbound_conn(
     w: &Worker,
     st: &State,
@@ -833,7 +914,7 @@ async fn outbound_conn(
     peer: SocketAddr,
     dst: SocketAddr,
     started: Instant,
-) {
+) -> Option<Tunnel> {
     let node = &w.settings().node;
     let Some(src) = st
         .model
@@ -841,7 +922,8 @@ async fn outbound_conn(
         .filter(|s| &s.node == node)
     else {
         let why = format!("{} is not a workload on node {node}", peer.ip());
-        return mode.fail(w, &mut tcp, peer, reply::NOT_ALLOWED, &why).await;
+        mode.fail(w, &mut tcp, peer, reply::NOT_ALLOWED, &why).await;
+        return None;
     };
     let decision = route::outbound(&st.model, Some(src), dst, &mut *w.chooser.borrow_mut());
     let path = |route: &'static str, target: AddrLabel| PathLabels {
@@ -884,7 +966,8 @@ async fn outbound_conn(
             w.metrics.path(&path("no_endpoint", AddrLabel::None));
             let why = format!("service {service} has no healthy endpoint for port {port}");
             mode.fail(w, &mut tcp, peer, reply::HOST_UNREACHABLE, &why)
-                .await
+                .await;
+            None
         }
         Outbound::Passthrough {
             target,
@@ -907,11 +990,12 @@ async fn outbound_conn(
                     } else {
                         reply::CONNECTION_REFUSED
                     };
-                    return mode.fail(w, &mut tcp, peer, code, &why).await;
+                    mode.fail(w, &mut tcp, peer, code, &why).await;
+                    return None;
                 }
             };
             if !mode.ready(&mut tcp).await {
-                return;
+                return None;
             }
             let counters = w.metrics.open(&labels);
             let out = Box::pin(runtime::forward::forward(
@@ -940,6 +1024,7 @@ async fn outbound_conn(
                 started,
                 &Ended::End(&out.end),
             );
+            None
         }
         Outbound::Hbone {
             target,
@@ -1029,15 +1114,15 @@ async fn outbound_hbone(
     expected: Vec<hbone::Identity>,
     host: Option<String>,
     labels: ConnLabels,
-    route: &str,
+    route: &'static str,
     started: Instant,
-) {
+) -> Option<Tunnel> {
     // The source's identity, certificate and rendered `baggage`, from the snapshot.
     let Some(source) = st.sources.get(&peer.ip()) else {
         let why = format!("no certificate for {}", src.identity());
-        return mode
-            .fail(w, &mut tcp, peer, reply::GENERAL_FAILURE, &why)
+        mode.fail(w, &mut tcp, peer, reply::GENERAL_FAILURE, &why)
             .await;
+        return None;
     };
     // The request and the pool key in their own scope: not kept across the bridge's await,
     // in the task of a connection for as long as it lives.
@@ -1060,40 +1145,24 @@ async fn outbound_hbone(
                 w.metrics.connect_timeout(ConnectTimeout::HboneReply);
             }
             let why = format!("HBONE to {target} (authority {authority}): {e}");
-            return mode.fail(w, &mut tcp, peer, status_reply(&e), &why).await;
+            mode.fail(w, &mut tcp, peer, status_reply(&e), &why).await;
+            return None;
         }
     };
     if !mode.ready(&mut tcp).await {
-        return;
+        return None;
     }
-    let counters = w.metrics.open(&labels);
-    let h2 = &w.settings().h2;
-    let out = hbone::stream::bridge(
+    Some(Tunnel {
         tcp,
         stream,
-        h2.chunk_size,
-        w.settings().runtime.forward.idle_timeout,
-        w.ctx.aborted(),
-    )
-    .await;
-    metrics::close(
-        &counters,
-        out.downstream_to_upstream,
-        out.upstream_to_downstream,
-    );
-    access_log(
-        "outbound",
-        &route,
+        labels,
         peer,
         dst,
-        &labels,
-        Some(target),
-        Some(authority),
-        out.downstream_to_upstream,
-        out.upstream_to_downstream,
+        target,
+        authority,
+        route,
         started,
-        &Ended::End(&out.end),
-    );
+    })
 }
 
 // ---------------------------------------------------------------------------------------
