@@ -236,10 +236,17 @@ enum Next {
     Retire,
 }
 
+/// How long an HTTP/2 tunnel stays without a stream in flight before it frees its spare
+/// stream boxes ([`StreamSlots::trim`]). Trimmed at each idle moment instead, a busy
+/// tunnel (its streams all ending before the client's next ones arrive, as a burst of
+/// requests does) made its stream boxes again, a few KiB each, past glibc's caches.
+const TRIM_AFTER: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// The connection's next stream, [`Next::Idle`] once it had no stream in flight for `idle`
 /// (`None`: never), or [`Next::Retire`] when its reload watch `revoked` completes or a
 /// stream asked for it (unless retiring already: `revoked` is `None` then). The timer
-/// (made once per tunnel) is armed when the connection becomes idle.
+/// (made once per tunnel) is armed when the connection becomes idle: `on_idle` is called
+/// once it has been for [`TRIM_AFTER`] (or `idle`, if shorter).
 async fn next_stream<R: std::future::Future<Output = ()>>(
     conn: &mut h2::server::Connection<StreamIo, Bytes>,
     active: &Active,
@@ -249,7 +256,15 @@ async fn next_stream<R: std::future::Future<Output = ()>>(
     mut on_idle: impl FnMut(),
 ) -> Next {
     use std::task::Poll;
-    let mut armed = false;
+    /// Where the connection's idle time is: the clock is armed for the trim, or (after
+    /// it) for the rest of `idle`; `Trimmed` with no `idle`: nothing more to wait for.
+    #[derive(PartialEq)]
+    enum Idle {
+        Busy,
+        ToTrim,
+        Trimmed,
+    }
+    let mut state = Idle::Busy;
     std::future::poll_fn(|cx| {
         if let Some(watch) = revoked.as_mut().as_pin_mut() {
             if active.retire.get() || watch.poll(cx).is_ready() {
@@ -260,19 +275,30 @@ async fn next_stream<R: std::future::Future<Output = ()>>(
             return Poll::Ready(Next::Stream(r));
         }
         if active.count.get() > 0 {
-            armed = false;
+            state = Idle::Busy;
             active.waker.set(Some(cx.waker().clone()));
             return Poll::Pending;
         }
-        let Some(idle) = idle else {
-            return Poll::Pending;
-        };
-        if !armed {
-            armed = true;
-            on_idle();
-            clock.arm(idle);
+        if state == Idle::Busy {
+            state = Idle::ToTrim;
+            clock.arm(idle.map_or(TRIM_AFTER, |i| i.min(TRIM_AFTER)));
         }
-        clock.poll_expired(cx).map(|()| Next::Idle)
+        loop {
+            if state == Idle::Trimmed && idle.is_none() {
+                return Poll::Pending;
+            }
+            std::task::ready!(clock.poll_expired(cx));
+            if state == Idle::Trimmed {
+                return Poll::Ready(Next::Idle);
+            }
+            on_idle();
+            state = Idle::Trimmed;
+            match idle {
+                Some(i) if i > TRIM_AFTER => clock.arm(i - TRIM_AFTER),
+                Some(_) => return Poll::Ready(Next::Idle),
+                None => {}
+            }
+        }
     })
     .await
 }
