@@ -845,10 +845,12 @@ async fn socks_conn(w: Rc<Worker>, mut tcp: TcpStream, peer: SocketAddr) {
     }
 }
 
-/// An outbound HBONE tunnel, set up: what it needs while it lasts. The setup (routing, the
-/// pool, the CONNECT) runs in its own boxed future, freed before the tunnel's bytes flow, so
-/// an idle tunnel's task holds this and the bridge, not the setup's largest state.
+/// An HBONE tunnel, set up: what it needs while it lasts. The setup (routing, the pool, the
+/// CONNECT) runs in its own boxed future, freed before the tunnel's bytes flow, so an idle
+/// tunnel's task holds this and the bridge, not the setup's largest state. Outbound tunnels
+/// and the inbound plaintext hairpin to a waypoint (`direction` in the access log).
 struct Tunnel {
+    direction: &'static str,
     tcp: TcpStream,
     stream: H2Stream,
     labels: ConnLabels,
@@ -863,6 +865,7 @@ struct Tunnel {
 impl Tunnel {
     async fn run(self, w: &Worker) {
         let Tunnel {
+            direction,
             tcp,
             stream,
             labels,
@@ -888,7 +891,7 @@ impl Tunnel {
             out.upstream_to_downstream,
         );
         access_log(
-            "outbound",
+            direction,
             &route,
             peer,
             dst,
@@ -1153,6 +1156,7 @@ async fn outbound_hbone(
         return None;
     }
     Some(Tunnel {
+        direction: "outbound",
         tcp,
         stream,
         labels,
@@ -1716,33 +1720,22 @@ async fn plaintext_conn(w: Rc<Worker>, idx: usize, tcp: TcpStream, peer: SocketA
                     return;
                 }
             };
-            let counters = w.metrics.open(&labels);
-            let out = Box::pin(hbone::stream::bridge(
-                tcp,
-                up,
-                w.settings().h2.chunk_size,
-                w.settings().runtime.forward.idle_timeout,
-                w.ctx.aborted(),
-            ))
+            Box::pin(
+                Tunnel {
+                    direction: "inbound",
+                    tcp,
+                    stream: up,
+                    labels,
+                    peer,
+                    dst: target,
+                    target: waypoint.address,
+                    authority,
+                    route: "plaintext_hairpin",
+                    started,
+                }
+                .run(&w),
+            )
             .await;
-            metrics::close(
-                &counters,
-                out.downstream_to_upstream,
-                out.upstream_to_downstream,
-            );
-            access_log(
-                "inbound",
-                &"plaintext_hairpin",
-                peer,
-                target,
-                &labels,
-                Some(waypoint.address),
-                Some(authority),
-                out.downstream_to_upstream,
-                out.upstream_to_downstream,
-                started,
-                &Ended::End(&out.end),
-            );
         }
         Inbound::Allow { workload, verdict } => {
             dest_labels(&mut labels, &st, None, Some(&workload));
