@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use common::*;
+use hbone::ca::WorkloadCert;
 use hbone::client::Client;
 use hbone::tls::{client_config_to, server_config_with, verification_counts, TlsCounters};
 use hbone::wire::ConnectRequest;
@@ -56,7 +57,30 @@ fn wait_server(srv: &Server, full: u64, resumed: u64) {
     }
 }
 
-fn delta(before: (u64, u64)) -> (u64, u64) {
+/// Four connections to a new server (a server thread with an empty memo) with `resumption`
+/// on both sides; waits until the server counted `server_handshakes` (full, resumed) and
+/// returns the verifications they cost: (chain verifications, CertificateVerify checks).
+fn four_connections(
+    client: &WorkloadCert,
+    server: &WorkloadCert,
+    resumption: bool,
+    server_handshakes: (u64, u64),
+) -> (u64, u64) {
+    let srv = server_with_tls(
+        server_config_with(server, resumption).unwrap(),
+        H2Settings::default(),
+        Handler::Echo,
+        DriverKind::Uring,
+    );
+    let counters = TlsCounters::default();
+    let before = verification_counts();
+    block_on(DriverKind::Uring, async {
+        for _ in 0..4 {
+            let tls = client_config_to(client, &[id("server")], srv.addr, resumption).unwrap();
+            echo_once(srv.addr, tls, &counters).await;
+        }
+    });
+    wait_server(&srv, server_handshakes.0, server_handshakes.1);
     let now = verification_counts();
     (now.0 - before.0, now.1 - before.1)
 }
@@ -65,46 +89,16 @@ fn delta(before: (u64, u64)) -> (u64, u64) {
 fn full_handshakes_verify_one_signature_per_side_and_each_chain_once_resumed_none() {
     let ca = ca();
     let (client, server) = (cert(&ca, "client"), cert(&ca, "server"));
-    let counters = TlsCounters::default();
-    let full = server_with_tls(
-        server_config_with(&server, false).unwrap(),
-        H2Settings::default(),
-        Handler::Echo,
-        DriverKind::Uring,
-    );
-    let start = verification_counts();
-    block_on(DriverKind::Uring, async {
-        for _ in 0..4 {
-            let tls = client_config_to(&client, &[id("server")], full.addr, false).unwrap();
-            echo_once(full.addr, tls, &counters).await;
-        }
-    });
-    wait_server(&full, 4, 0);
     assert_eq!(
-        delta(start),
+        four_connections(&client, &server, false, (4, 0)),
         (2, 8),
         "4 full handshakes: each side's chain verified once, one CertificateVerify per side each"
     );
-
     // Resumption on, a server on a new thread (an empty memo there): the first handshake is
     // full (the server verifies the client's chain again; the client's thread remembers the
     // server's), the next three resume without any certificate check.
-    let resuming = server_with_tls(
-        server_config_with(&server, true).unwrap(),
-        H2Settings::default(),
-        Handler::Echo,
-        DriverKind::Uring,
-    );
-    let start = verification_counts();
-    block_on(DriverKind::Uring, async {
-        for _ in 0..4 {
-            let tls = client_config_to(&client, &[id("server")], resuming.addr, true).unwrap();
-            echo_once(resuming.addr, tls, &counters).await;
-        }
-    });
-    wait_server(&resuming, 1, 3);
     assert_eq!(
-        delta(start),
+        four_connections(&client, &server, true, (1, 3)),
         (1, 2),
         "1 full handshake (the client chain new to the server thread) and 3 resumed ones"
     );
