@@ -239,6 +239,7 @@ impl ZtunnelFile {
         let runtime = self.runtime.clone().unwrap_or(profile.runtime.clone());
         runtime.validate("runtime")?;
         let h2 = self.h2.clone().unwrap_or(profile.h2.clone());
+        h2.validate()?;
         if h2.max_streams_per_connection == 0 {
             return Err(Invalid::new(
                 "h2.max_streams_per_connection",
