@@ -577,9 +577,10 @@ pub fn routed_target(head: &RequestHead, fwd: &Forward) -> String {
 /// `x-forwarded-for`. Without modifiers (the common case) the headers are written
 /// straight from the parsed head, with no copy of the header list.
 pub fn upstream_head(head: &RequestHead, fwd: &Forward, client: IpAddr) -> Vec<u8> {
-    let mut out = Vec::new();
+    let mut out = BytesMut::new();
     upstream_head_into(&mut out, head, fwd, client);
-    out
+    // Written from the start of its own allocation: the Vec takes it over, no copy.
+    Vec::from(out)
 }
 
 /// [`upstream_head`] as `Bytes` cut from this thread's buffer of request heads: no
@@ -604,7 +605,7 @@ thread_local! {
 }
 
 /// [`upstream_head`], appended to `out` (room reserved for it first).
-fn upstream_head_into<B: HeadBuf>(out: &mut B, head: &RequestHead, fwd: &Forward, client: IpAddr) {
+fn upstream_head_into(out: &mut BytesMut, head: &RequestHead, fwd: &Forward, client: IpAddr) {
     let mut ip = IpText {
         buf: [0; 48],
         len: 0,
@@ -620,43 +621,12 @@ fn upstream_head_into<B: HeadBuf>(out: &mut B, head: &RequestHead, fwd: &Forward
     }
 }
 
-/// Where [`head_bytes`] writes: a `Vec` or a `BytesMut`.
-trait HeadBuf {
-    fn reserve(&mut self, n: usize);
-    fn put(&mut self, b: &[u8]);
-    fn len(&self) -> usize;
-}
-
-impl HeadBuf for Vec<u8> {
-    fn reserve(&mut self, n: usize) {
-        self.reserve_exact(n);
-    }
-    fn put(&mut self, b: &[u8]) {
-        self.extend_from_slice(b);
-    }
-    fn len(&self) -> usize {
-        self.len()
-    }
-}
-
-impl HeadBuf for BytesMut {
-    fn reserve(&mut self, n: usize) {
-        self.reserve(n);
-    }
-    fn put(&mut self, b: &[u8]) {
-        self.extend_from_slice(b);
-    }
-    fn len(&self) -> usize {
-        self.len()
-    }
-}
-
 /// [`upstream_head`]'s bytes, appended to `out`: request line, `fields`, `client`
 /// appended to the first `x-forwarded-for` (or added) when given. Sized first, so that
-/// the room is reserved once (exactly, for a `Vec`, which then becomes `Bytes` without
-/// another allocation).
-fn head_bytes<'a, B: HeadBuf>(
-    out: &mut B,
+/// the room is reserved once (for an empty buffer exactly what the head takes, so that
+/// [`upstream_head`]'s `Vec` becomes `Bytes` without another allocation).
+fn head_bytes<'a>(
+    out: &mut BytesMut,
     head: &RequestHead,
     fwd: &Forward,
     fields: impl Iterator<Item = (&'a str, &'a str)> + Clone,
@@ -682,42 +652,42 @@ fn head_bytes<'a, B: HeadBuf>(
     }
     out.reserve(size);
     let start = out.len();
-    out.put(head.method.as_bytes());
-    out.put(b" ");
+    out.extend_from_slice(head.method.as_bytes());
+    out.extend_from_slice(b" ");
     match (&fwd.path, &head.query) {
-        (Some(p), _) => out.put(p.as_bytes()),
+        (Some(p), _) => out.extend_from_slice(p.as_bytes()),
         (None, q) => {
-            out.put(head.path.as_bytes());
+            out.extend_from_slice(head.path.as_bytes());
             if let Some(q) = q {
-                out.put(b"?");
-                out.put(q.as_bytes());
+                out.extend_from_slice(b"?");
+                out.extend_from_slice(q.as_bytes());
             }
         }
     }
-    out.put(if head.version == 0 {
+    out.extend_from_slice(if head.version == 0 {
         b" HTTP/1.0\r\n"
     } else {
         b" HTTP/1.1\r\n"
     });
     let mut client = client;
     for (n, v) in fields {
-        out.put(n.as_bytes());
-        out.put(b": ");
-        out.put(v.as_bytes());
+        out.extend_from_slice(n.as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(v.as_bytes());
         if is_xff(n) {
             if let Some(c) = client.take() {
-                out.put(b", ");
-                out.put(c.as_bytes());
+                out.extend_from_slice(b", ");
+                out.extend_from_slice(c.as_bytes());
             }
         }
-        out.put(b"\r\n");
+        out.extend_from_slice(b"\r\n");
     }
     if let Some(c) = client {
-        out.put(b"x-forwarded-for: ");
-        out.put(c.as_bytes());
-        out.put(b"\r\n");
+        out.extend_from_slice(b"x-forwarded-for: ");
+        out.extend_from_slice(c.as_bytes());
+        out.extend_from_slice(b"\r\n");
     }
-    out.put(b"\r\n");
+    out.extend_from_slice(b"\r\n");
     debug_assert_eq!(out.len() - start, size);
 }
 
