@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
+use hbone::ca::WorkloadCert;
 use hbone::tls::TlsCounters;
 use hbone::wire::ConnectRequest;
 use hbone::H2Settings;
@@ -23,7 +24,8 @@ fn sockets_where(pick: impl Fn(SocketAddr, SocketAddr) -> bool) -> Vec<Opts> {
         let Ok(fd) = e.file_name().to_string_lossy().parse::<RawFd>() else {
             continue;
         };
-        // Not a socket (or closed meanwhile, like the directory's own descriptor): skipped.
+        // Not a socket (or closed meanwhile, like the directory's own descriptor): not one
+        // of the connection's, left out.
         let found = runtime::sys::with_sockref(fd, |s| {
             let (l, p) = (s.local_addr()?, s.peer_addr()?);
             let (Some(l), Some(p)) = (l.as_socket(), p.as_socket()) else {
@@ -59,6 +61,26 @@ fn hbone_sockets(srv: SocketAddr) -> (Vec<Opts>, Vec<Opts>) {
     }
 }
 
+/// Open one HBONE connection (and a stream on it) from `client_cert` to `addr` with
+/// `settings`, and read back its (client side, server side) socket options.
+fn options_of_a_connection(
+    addr: SocketAddr,
+    client_cert: WorkloadCert,
+    settings: H2Settings,
+) -> (Vec<Opts>, Vec<Opts>) {
+    block_on(DriverKind::Uring, async move {
+        let tls = hbone::tls::client_config_to(&client_cert, &[id("server")], addr, true).unwrap();
+        let counters = Arc::new(TlsCounters::default());
+        let c = hbone::client::Client::connect(addr, tls, &settings, &counters)
+            .await
+            .unwrap();
+        let req = ConnectRequest::new("10.1.2.3:8080".parse().unwrap());
+        let _stream = c.open(&req).await.unwrap();
+        // The server's socket exists once it answered the CONNECT.
+        hbone_sockets(addr)
+    })
+}
+
 #[test]
 fn notsent_lowat_and_recv_buffer_are_set_on_both_hbone_sockets() {
     let ca = ca();
@@ -73,19 +95,8 @@ fn notsent_lowat_and_recv_buffer_are_set_on_both_hbone_sockets() {
         Handler::Echo,
         DriverKind::Uring,
     );
-    let client_cert = cert(&ca, "client");
     let addr = srv.addr;
-    let (client, server_side) = block_on(DriverKind::Uring, async move {
-        let tls = hbone::tls::client_config_to(&client_cert, &[id("server")], addr, true).unwrap();
-        let counters = Arc::new(TlsCounters::default());
-        let c = hbone::client::Client::connect(addr, tls, &settings, &counters)
-            .await
-            .unwrap();
-        let req = ConnectRequest::new("10.1.2.3:8080".parse().unwrap());
-        let _stream = c.open(&req).await.unwrap();
-        // The server's socket exists once it answered the CONNECT.
-        hbone_sockets(addr)
-    });
+    let (client, server_side) = options_of_a_connection(addr, cert(&ca, "client"), settings);
     assert_eq!(client.len(), 1, "client sockets to {addr}: {client:?}");
     assert_eq!(
         server_side.len(),
@@ -101,18 +112,8 @@ fn notsent_lowat_and_recv_buffer_are_set_on_both_hbone_sockets() {
 fn without_the_knobs_hbone_sockets_keep_the_system_defaults() {
     let ca = ca();
     let srv = echo_server(&cert(&ca, "server"));
-    let client_cert = cert(&ca, "client");
-    let addr = srv.addr;
-    let (client, server_side) = block_on(DriverKind::Uring, async move {
-        let tls = hbone::tls::client_config_to(&client_cert, &[id("server")], addr, true).unwrap();
-        let counters = Arc::new(TlsCounters::default());
-        let c = hbone::client::Client::connect(addr, tls, &H2Settings::default(), &counters)
-            .await
-            .unwrap();
-        let req = ConnectRequest::new("10.1.2.3:8080".parse().unwrap());
-        let _stream = c.open(&req).await.unwrap();
-        hbone_sockets(addr)
-    });
+    let (client, server_side) =
+        options_of_a_connection(srv.addr, cert(&ca, "client"), H2Settings::default());
     assert_eq!(client.len(), 1, "{client:?}");
     assert_eq!(server_side.len(), 1, "{server_side:?}");
     // 0: never set on the socket (the system's net.ipv4.tcp_notsent_lowat applies).
