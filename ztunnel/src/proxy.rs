@@ -864,19 +864,9 @@ struct Tunnel {
 
 impl Tunnel {
     async fn run(self, w: &Worker) {
-        let Tunnel {
-            direction,
-            tcp,
-            stream,
-            labels,
-            peer,
-            dst,
-            target,
-            authority,
-            route,
-            started,
-        } = self;
-        let counters = w.metrics.open(&labels);
+        // The bridge takes the sockets; the rest is read where it is needed.
+        let Tunnel { tcp, stream, .. } = self;
+        let counters = w.metrics.open(&self.labels);
         let out = hbone::stream::bridge(
             tcp,
             stream,
@@ -891,16 +881,16 @@ impl Tunnel {
             out.upstream_to_downstream,
         );
         access_log(
-            direction,
-            &route,
-            peer,
-            dst,
-            &labels,
-            Some(target),
-            Some(authority),
+            self.direction,
+            &self.route,
+            self.peer,
+            self.dst,
+            &self.labels,
+            Some(self.target),
+            Some(self.authority),
             out.downstream_to_upstream,
             out.upstream_to_downstream,
-            started,
+            self.started,
             &Ended::End(&out.end),
         );
     }
