@@ -654,6 +654,14 @@ async fn echo(s: &mut H2Stream, data: &[u8]) {
     assert_eq!(got, data);
 }
 
+/// Live connections reset by reloads: (opaque TCP tunnels, upgraded connections).
+fn revocations(c: &Counters) -> (u64, u64) {
+    (
+        c.tcp_revoked.load(Ordering::Relaxed),
+        c.upgrades_revoked.load(Ordering::Relaxed),
+    )
+}
+
 /// An opaque TCP tunnel (not HTTP: spliced) to Service `raw`, echoed; the reload to `kept`
 /// checks it again and leaves it; the reload to `revoking` resets it (not ended in order,
 /// no bytes after), counted once, and its upstream connection is closed.
@@ -698,8 +706,7 @@ fn r15_a_live_opaque_tcp_tunnel_is_authorized_again_at_each_reload() {
     let revoking = m.config(FULL, &route_to("echo-v2"), &deny_client());
     block_on(opaque_kept_then_revoked(&m, &kept, &revoking));
     let c = m.counters();
-    assert_eq!(c.tcp_revoked.load(Ordering::Relaxed), 1);
-    assert_eq!(c.upgrades_revoked.load(Ordering::Relaxed), 0);
+    assert_eq!(revocations(c), (1, 0), "(opaque TCP, upgraded) revoked");
 }
 
 /// R14 for a live opaque TCP tunnel (to Service `raw`): a reload that still serves its
@@ -722,8 +729,7 @@ fn r14_a_live_opaque_tcp_tunnel_whose_target_a_reload_removes_is_reset() {
     let revoking = m.config(raw_removed, &route_to("echo-v2"), "");
     block_on(opaque_kept_then_revoked(&m, &kept, &revoking));
     let c = m.counters();
-    assert_eq!(c.tcp_revoked.load(Ordering::Relaxed), 1);
-    assert_eq!(c.upgrades_revoked.load(Ordering::Relaxed), 0);
+    assert_eq!(revocations(c), (1, 0), "(opaque TCP, upgraded) revoked");
     assert_eq!(c.denied.load(Ordering::Relaxed), 0);
     assert_eq!(c.tcp_denied.load(Ordering::Relaxed), 0);
     assert_eq!(c.tcp_tunnels.load(Ordering::Relaxed), 1);
@@ -747,8 +753,7 @@ fn r15_a_live_upgraded_connection_is_authorized_again_at_each_reload() {
         &revoking,
     ));
     let c = m.counters();
-    assert_eq!(c.upgrades_revoked.load(Ordering::Relaxed), 1);
-    assert_eq!(c.tcp_revoked.load(Ordering::Relaxed), 0);
+    assert_eq!(revocations(c), (0, 1), "(opaque TCP, upgraded) revoked");
 }
 
 /// R14 for a connection upgraded after a `101` (a websocket to Service `echo-v1`): a
@@ -775,7 +780,6 @@ fn r14_a_live_upgraded_connection_whose_target_a_reload_removes_is_reset() {
         &revoking,
     ));
     let c = m.counters();
-    assert_eq!(c.upgrades_revoked.load(Ordering::Relaxed), 1);
-    assert_eq!(c.tcp_revoked.load(Ordering::Relaxed), 0);
+    assert_eq!(revocations(c), (0, 1), "(opaque TCP, upgraded) revoked");
     assert_eq!(c.denied.load(Ordering::Relaxed), 0);
 }
