@@ -219,9 +219,17 @@ impl ReadBufs {
     fn filled(&mut self, mut buf: BytesMut, n: usize) -> Bytes {
         // The buffer was empty before the read: all of its capacity was offered.
         let full = n == buf.capacity();
-        if self.drained {
-            let data = Bytes::copy_from_slice(&buf);
+        // A small message is copied out (a small allocation, from the allocator's
+        // per-thread cache) and the buffer kept; a large one is handed to h2 as it is.
+        // (A read into the small buffer is always small.)
+        let data = if n <= COPY_MAX {
+            let d = Bytes::copy_from_slice(&buf);
             buf.clear();
+            d
+        } else {
+            buf.split().freeze()
+        };
+        if self.drained {
             self.small = buf;
             // A full small read: more is probably queued, read it full-size.
             self.drained = !full;
@@ -234,15 +242,6 @@ impl ReadBufs {
             (self.size / 2).max(self.min)
         } else {
             self.size
-        };
-        // A small message is copied out (a small allocation, from the allocator's
-        // per-thread cache); a large one is handed to h2 as it is.
-        let data = if n <= COPY_MAX {
-            let d = Bytes::copy_from_slice(&buf);
-            buf.clear();
-            d
-        } else {
-            buf.split().freeze()
         };
         if full {
             // The socket may hold more: read again at once, into what is left of this one.
