@@ -12,8 +12,9 @@
 //!
 //! Semantics: EOF on one side → `shutdown(SHUT_WR)` on the other, the other direction keeps
 //! flowing; a reset (or a fatal error) on one side → the other side is closed with a TCP RST
-//! (`SO_LINGER` 0); nothing moving either way for `idle_timeout` → both closed; the `abort`
-//! future completing (drain deadline) → both closed. Byte counts per direction are returned.
+//! (`SO_LINGER` 0); nothing moving either way for `idle_timeout` → both closed (the worker's
+//! idle sweeper, [`crate::idle`], closes them 1 to 1.25 × `idle_timeout` after the last
+//! byte); the `abort` future completing (drain deadline) → both closed. Byte counts per direction are returned.
 #![allow(unsafe_code)]
 
 use std::cell::Cell;
@@ -110,9 +111,13 @@ fn finish(o: Outcome, down: &TcpStream, up: &TcpStream) -> Outcome {
     o
 }
 
-/// Run both directions, the idle watchdog and `abort` together; decide the end. `d2u` moves
+/// Run both directions, the idle timeout and `abort` together; decide the end. `d2u` moves
 /// bytes from the downstream side to the upstream side, `u2d` the other way; `counts` are
-/// their byte counters (read by the idle watchdog). Reusable by any pair of byte streams.
+/// their byte counters (read for the idle timeout). Reusable by any pair of byte streams.
+///
+/// The idle timeout is an [`IdleWatch`](crate::idle::IdleWatch) (a slot in the worker's
+/// sweeper, not a timer per connection): it fires between `idle` and `idle + idle/4` after
+/// the last byte moved either way.
 pub async fn drive(
     d2u: impl Future<Output = DirEnd>,
     u2d: impl Future<Output = DirEnd>,
@@ -120,19 +125,8 @@ pub async fn drive(
     idle: Duration,
     abort: impl Future<Output = ()>,
 ) -> End {
-    let watchdog = async {
-        let mut last = u64::MAX;
-        loop {
-            monoio::time::sleep(idle).await;
-            let now = counts[0].get().wrapping_add(counts[1].get());
-            if now == last {
-                return;
-            }
-            last = now;
-        }
-    };
-    let (mut d2u, mut u2d, mut watchdog, mut abort) =
-        (pin!(d2u), pin!(u2d), pin!(watchdog), pin!(abort));
+    let mut watch = crate::idle::IdleWatch::new(idle);
+    let (mut d2u, mut u2d, mut abort) = (pin!(d2u), pin!(u2d), pin!(abort));
     let (mut d2u_done, mut u2d_done) = (false, false);
     poll_fn(|cx| {
         if !d2u_done {
@@ -179,7 +173,8 @@ pub async fn drive(
         if abort.as_mut().poll(cx).is_ready() {
             return Poll::Ready(End::Aborted);
         }
-        if watchdog.as_mut().poll(cx).is_ready() {
+        let total = counts[0].get().wrapping_add(counts[1].get());
+        if watch.poll(cx, total).is_ready() {
             return Poll::Ready(End::Idle);
         }
         Poll::Pending

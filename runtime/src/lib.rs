@@ -7,6 +7,8 @@
 //!   another process already serves.
 //! - [`forward`]: both-ways byte forwarding (pooled-buffer copy or readiness + `splice(2)`),
 //!   with half-close, reset propagation, idle timeout and byte counts.
+//! - [`idle`]: idle timeouts of forwarded connections, one sweeper task per worker instead of
+//!   a timer per connection.
 //! - [`snapshot`]: lock-free publishing of immutable routing snapshots.
 //! - [`shutdown`]: SIGTERM/SIGINT drain.
 //! - [`busy`]: busy polling before a worker parks (`runtime.busy_poll`).
@@ -29,6 +31,7 @@ pub mod event;
 pub mod filewatch;
 pub mod forward;
 pub mod forwarder;
+pub mod idle;
 pub mod listener;
 pub mod pinned;
 pub mod pmqos;
