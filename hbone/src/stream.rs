@@ -5,7 +5,7 @@
 //! flow-control window (no unbounded buffering in h2), and received data releases window
 //! only once written to the socket.
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::future::{poll_fn, Future};
 use std::io;
 use std::os::fd::AsRawFd;
@@ -15,9 +15,6 @@ use std::task::{ready, Context, Poll};
 
 use bytes::{Bytes, BytesMut};
 use h2::{Reason, RecvStream, SendStream};
-use monoio::io::{
-    AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt, OwnedReadHalf, OwnedWriteHalf, Splitable,
-};
 use monoio::net::TcpStream;
 use runtime::forward::{drive, DirEnd, End, Outcome, Side};
 
@@ -162,29 +159,37 @@ fn h2_err(e: h2::Error) -> std::io::Error {
 /// The first full-size read from a TCP socket; reads grow to the configured chunk size.
 const MIN_READ: usize = 16 * 1024;
 
-/// Reads at most this big are copied out of the read buffer, which is then reused.
-const COPY_MAX: usize = 1024;
+/// The read after a readiness wait (the socket was drained before) goes into the worker's
+/// scratch buffer of this size and its bytes are copied out: a direction holds no buffer
+/// while it waits, and a message up to this size takes one `recv`. A read that fills it
+/// continues with full-size reads into buffers of the direction's own, handed to h2
+/// without a copy.
+const FIRST_READ: usize = MIN_READ;
 
-/// The buffer of a read after the socket was drained (a short read), when the next bytes
-/// may be long in coming: an idle stream holds this much, not a full-size buffer. A message
-/// up to this size still takes one read; a longer one fills it, and the reads after it are
-/// full-size again.
-const IDLE_READ: usize = COPY_MAX;
+/// Bytes a direction moves without waiting (for readiness, h2 data or h2 capacity) before
+/// it yields to the worker's other tasks, as `runtime::forward`'s copy directions do.
+const BUDGET: usize = 4 << 20;
 
-/// The read buffers of one TCP → stream direction. Reads start small and double while they
-/// fill the buffer (bulk transfers make few, large DATA frames); a read that comes back
-/// short drained the socket, so the full-size buffer is let go and the next read — the one
-/// an idle stream waits in — gets the small one (nginx and HAProxy likewise hold a buffer
-/// only while data moves).
+thread_local! {
+    /// The worker's buffer for first reads (see [`FIRST_READ`]); filled and emptied within
+    /// one synchronous `recv`, so one per thread serves all of its streams.
+    static SCRATCH: RefCell<BytesMut> = RefCell::new(BytesMut::new());
+}
+
+/// The read buffers of one TCP → stream direction. After a readiness wait, a read goes
+/// into the worker's scratch buffer ([`FIRST_READ`]); reads that fill their buffer go on
+/// into full-size buffers that double while they fill (bulk transfers make few, large
+/// DATA frames); a read that comes back short drained the socket: the full-size buffer is
+/// let go and the direction waits for readiness, holding no buffer (nginx and HAProxy
+/// likewise hold a buffer only while data moves).
 struct ReadBufs {
     min: usize,
     max: usize,
     /// The size of the next full-size read.
     size: usize,
-    /// The last read came back short: the next one uses `small`.
+    /// The socket was drained (or nothing was read yet): wait for readiness, then read
+    /// into the scratch buffer.
     drained: bool,
-    /// The buffer of reads after a short one; kept (it is small) and reused.
-    small: BytesMut,
     /// Full-size buffer, kept only from a read that filled it to the next read.
     big: BytesMut,
 }
@@ -197,45 +202,57 @@ impl ReadBufs {
             min,
             max,
             size: min,
-            // Nothing read yet: the first read may wait as long as any.
             drained: true,
-            small: BytesMut::new(),
             big: BytesMut::new(),
         }
     }
 
-    /// The (empty) buffer for the next read; back with [`ReadBufs::filled`].
-    fn take(&mut self) -> BytesMut {
-        let (mut buf, want) = if self.drained {
-            (std::mem::take(&mut self.small), IDLE_READ.min(self.max))
-        } else {
-            (std::mem::take(&mut self.big), self.size)
-        };
-        buf.reserve(want);
-        buf
+    /// Whether the next read should wait for readiness first.
+    fn drained(&self) -> bool {
+        self.drained
     }
 
-    /// `buf` (from [`ReadBufs::take`]) now holds a read of `n` > 0 bytes: the bytes to send.
-    fn filled(&mut self, mut buf: BytesMut, n: usize) -> Bytes {
-        // The buffer was empty before the read: all of its capacity was offered.
-        let full = n == buf.capacity();
-        // A small message is copied out (a small allocation, from the allocator's
-        // per-thread cache) and the buffer kept; a large one is handed to h2 as it is.
-        // (A read into the small buffer is always small.)
-        let data = if n <= COPY_MAX {
-            let d = Bytes::copy_from_slice(&buf);
-            buf.clear();
-            d
-        } else {
-            buf.split().freeze()
-        };
+    /// One read: `recv(buf, max)` appends at most `max` bytes to `buf` (empty on entry) and
+    /// returns how many. The bytes read, empty at end of stream. `WouldBlock` marks the
+    /// socket drained.
+    fn read(
+        &mut self,
+        recv: impl FnOnce(&mut BytesMut, usize) -> io::Result<usize>,
+    ) -> io::Result<Bytes> {
         if self.drained {
-            self.small = buf;
-            // A full small read: more is probably queued, read it full-size.
-            self.drained = !full;
-            return data;
+            let want = FIRST_READ.min(self.max);
+            let (n, data) = SCRATCH.with(|s| {
+                let mut s = s.borrow_mut();
+                s.clear();
+                s.reserve(want);
+                let r = recv(&mut s, want);
+                let data = match r {
+                    Ok(n) => Bytes::copy_from_slice(&s[..n]),
+                    Err(_) => Bytes::new(),
+                };
+                s.clear();
+                r.map(|n| (n, data))
+            })?;
+            // A full read: more is probably queued, read it at once, full-size.
+            self.drained = n < want;
+            return Ok(data);
         }
-        // (The buffer may hold more than `size`: kept from an earlier read.)
+        let mut buf = std::mem::take(&mut self.big);
+        buf.reserve(self.size);
+        // The buffer is empty: all of its capacity is offered (it may be more than
+        // `size`: what is left of an earlier one).
+        let want = buf.capacity();
+        let n = match recv(&mut buf, want) {
+            Ok(n) => n,
+            Err(e) => {
+                if e.kind() == io::ErrorKind::WouldBlock {
+                    self.drained = true;
+                } else {
+                    self.big = buf;
+                }
+                return Err(e);
+            }
+        };
         self.size = if n >= self.size {
             (self.size * 2).min(self.max)
         } else if n < self.size / 4 {
@@ -243,73 +260,126 @@ impl ReadBufs {
         } else {
             self.size
         };
-        if full {
+        let data = buf.split().freeze();
+        if n == want && n > 0 {
             // The socket may hold more: read again at once, into what is left of this one.
             self.big = buf;
         } else {
-            // Drained: hold no full-size buffer while waiting for the next bytes.
+            // Drained: hold no buffer while waiting for the next bytes.
             self.drained = true;
         }
-        data
+        Ok(data)
     }
 
     /// Bytes of buffer this direction holds between reads.
     #[cfg(test)]
     fn held(&self) -> usize {
-        self.small.capacity() + self.big.capacity()
+        self.big.capacity()
     }
 }
 
+/// Yield to the worker's other tasks once `*budget` bytes moved without a wait.
+async fn spend(budget: &mut usize, n: usize) {
+    *budget = budget.saturating_sub(n);
+    if *budget == 0 {
+        *budget = BUDGET;
+        runtime::worker::yield_now().await;
+    }
+}
+
+/// TCP → stream. Readiness comes from the ring (a poll), the bytes with non-blocking
+/// `recv`: a message costs one poll and a plain syscall, not a `recv` through the ring
+/// and the `io_uring_enter` it takes before the task goes on. After a short read the
+/// socket was drained and the next read waits for readiness (no `recv` that only says
+/// `EAGAIN`); after a full read it reads again at once.
 async fn tcp_to_h2(
-    r: &mut OwnedReadHalf<TcpStream>,
+    tcp: &TcpStream,
     send: &mut SendStream<Bytes>,
     chunk: usize,
     count: &Cell<u64>,
 ) -> DirEnd {
+    let fd = tcp.as_raw_fd();
     let mut bufs = ReadBufs::new(chunk);
+    let mut budget = BUDGET;
     loop {
-        let (res, buf) = r.read(bufs.take()).await;
-        match res {
-            Ok(0) => {
+        if bufs.drained() {
+            budget = BUDGET;
+            if let Err(e) = tcp.readable(false).await {
+                return DirEnd::ReadFailed(e);
+            }
+        }
+        match bufs.read(|buf, max| runtime::sys::recv_spare(fd, buf, max)) {
+            Ok(data) if data.is_empty() => {
                 return match send.send_data(Bytes::new(), true) {
                     Ok(()) => DirEnd::Eof,
                     Err(e) => DirEnd::WriteFailed(h2_err(e)),
                 }
             }
-            Ok(n) => {
-                let data = bufs.filled(buf, n);
+            Ok(data) => {
+                let n = data.len();
                 if let Err(e) = send_all(send, data, false).await {
                     return DirEnd::WriteFailed(h2_err(e));
                 }
                 count.set(count.get() + n as u64);
+                spend(&mut budget, n).await;
             }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+                ) => {}
             Err(e) => return DirEnd::ReadFailed(e),
         }
     }
 }
 
-async fn h2_to_tcp(
-    recv: &mut RecvStream,
-    w: &mut OwnedWriteHalf<TcpStream>,
-    count: &Cell<u64>,
-) -> DirEnd {
+/// Send all of `data` to `tcp`: non-blocking sends while the socket takes bytes, the
+/// ring's writability poll when its buffer is full.
+async fn send_tcp(tcp: &TcpStream, mut data: &[u8]) -> io::Result<()> {
+    let fd = tcp.as_raw_fd();
+    while !data.is_empty() {
+        match runtime::sys::send_nonblocking(fd, data) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => data = &data[n..],
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => tcp.writable(false).await?,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Stream → TCP, with non-blocking `send`s (see [`tcp_to_h2`]); a DATA frame's window is
+/// released once all of it is in the socket.
+async fn h2_to_tcp(recv: &mut RecvStream, tcp: &TcpStream, count: &Cell<u64>) -> DirEnd {
+    let mut budget = BUDGET;
     loop {
-        match recv.data().await {
+        let mut waited = false;
+        let next = poll_fn(|cx| {
+            let p = recv.poll_data(cx);
+            waited |= p.is_pending();
+            p
+        })
+        .await;
+        if waited {
+            budget = BUDGET;
+        }
+        match next {
             Some(Ok(data)) if data.is_empty() => {}
             Some(Ok(data)) => {
                 let n = data.len();
-                let (res, _) = w.write_all(data).await;
-                if let Err(e) = res {
+                if let Err(e) = send_tcp(tcp, &data).await {
                     return DirEnd::WriteFailed(e);
                 }
                 let _ = recv.flow_control().release_capacity(n);
                 count.set(count.get() + n as u64);
+                spend(&mut budget, n).await;
             }
             Some(Err(e)) => return DirEnd::ReadFailed(h2_err(e)),
             None => {
-                return match w.shutdown().await {
+                return match runtime::sys::shutdown_write(tcp.as_raw_fd()) {
                     Ok(()) => DirEnd::Eof,
-                    Err(e) if e.kind() == std::io::ErrorKind::NotConnected => DirEnd::Eof,
+                    Err(e) if e.kind() == io::ErrorKind::NotConnected => DirEnd::Eof,
                     Err(e) => DirEnd::WriteFailed(e),
                 }
             }
@@ -328,18 +398,16 @@ pub async fn bridge(
     abort: impl Future<Output = ()>,
 ) -> Outcome {
     let counts = [Cell::new(0u64), Cell::new(0u64)];
-    let (mut r, mut w) = tcp.into_split();
     let end = {
         let H2Stream { send, recv, .. } = &mut stream;
         // Boxed, each direction and `drive` around them: inline, `drive` keeps each
         // direction twice (as given and pinned) and its idle timer (a 128-byte aligned
         // timer entry) pads every future around it to that alignment — 2.8 KB per stream
         // in the task of the connection, against 1.7 KB in three allocations.
-        let d2u = Box::pin(tcp_to_h2(&mut r, send, chunk, &counts[0]));
-        let u2d = Box::pin(h2_to_tcp(recv, &mut w, &counts[1]));
+        let d2u = Box::pin(tcp_to_h2(&tcp, send, chunk, &counts[0]));
+        let u2d = Box::pin(h2_to_tcp(recv, &tcp, &counts[1]));
         Box::pin(drive(d2u, u2d, &counts, idle, abort)).await
     };
-    let tcp = r.reunite(w).expect("halves of one stream");
     match &end {
         // The TCP side failed: tell the peer with RST_STREAM(CONNECT_ERROR).
         End::Reset {
@@ -636,36 +704,55 @@ impl tokio::io::AsyncWrite for TcpIo {
 mod tests {
     use super::*;
 
-    /// A read of `n` bytes of `fill` into the buffer the next read would get.
+    /// A read of `n` bytes of `fill` through `bufs`: (bytes offered, bytes returned).
     fn read(bufs: &mut ReadBufs, n: usize, fill: u8) -> (usize, Bytes) {
-        let mut buf = bufs.take();
-        let offered = buf.capacity();
-        assert!(n <= offered, "a read of {n} into {offered}");
-        buf.resize(n, fill);
-        (offered, bufs.filled(buf, n))
+        let mut offered = 0;
+        let d = bufs
+            .read(|buf, max| {
+                assert!(buf.is_empty());
+                assert!(max <= buf.capacity(), "offered {max} of {}", buf.capacity());
+                assert!(n <= max, "a read of {n} into {max}");
+                offered = max;
+                buf.resize(n, fill);
+                Ok(n)
+            })
+            .unwrap();
+        (offered, d)
     }
 
     #[test]
-    fn a_stream_that_never_read_offers_only_the_small_buffer() {
+    fn a_stream_that_never_read_holds_no_buffer_and_waits_first() {
         let mut bufs = ReadBufs::new(64 * 1024);
         assert_eq!(bufs.held(), 0);
-        assert_eq!(bufs.take().capacity(), IDLE_READ);
+        assert!(bufs.drained());
+        let (offered, d) = read(&mut bufs, 10, 7);
+        assert_eq!(offered, FIRST_READ);
+        assert_eq!(&d[..], &[7; 10]);
+        assert_eq!(bufs.held(), 0);
+        assert!(bufs.drained());
     }
 
     #[test]
-    fn after_a_bulk_transfer_drains_the_idle_read_holds_only_the_small_buffer() {
+    fn after_a_bulk_transfer_drains_the_idle_direction_holds_no_buffer() {
         let mut bufs = ReadBufs::new(64 * 1024);
-        // A small read that fills the small buffer: the next ones are full-size and grow.
-        let (offered, d) = read(&mut bufs, IDLE_READ, 1);
-        assert_eq!((offered, d.len()), (IDLE_READ, IDLE_READ));
+        // A first read that fills the scratch buffer: the next ones are full-size, at once,
+        // and grow.
+        let (offered, d) = read(&mut bufs, FIRST_READ, 1);
+        assert_eq!((offered, d.len()), (FIRST_READ, FIRST_READ));
+        assert!(!bufs.drained());
         let mut sizes = Vec::new();
-        for i in 0..4 {
-            let mut buf = bufs.take();
-            let want = buf.capacity();
-            buf.resize(want, i as u8);
-            let d = bufs.filled(buf, want);
+        for i in 0..4u8 {
+            let mut want = 0;
+            let d = bufs
+                .read(|buf, max| {
+                    want = max;
+                    buf.resize(max, i);
+                    Ok(max)
+                })
+                .unwrap();
             assert_eq!(d.len(), want);
-            assert!(d.iter().all(|b| *b == i as u8));
+            assert!(d.iter().all(|b| *b == i));
+            assert!(!bufs.drained());
             sizes.push(want);
         }
         assert!(sizes[0] >= MIN_READ, "{sizes:?}");
@@ -673,36 +760,68 @@ mod tests {
             sizes[3] >= 64 * 1024,
             "reads grow to the chunk size: {sizes:?}"
         );
-        // A short read: the socket was drained. No full-size buffer is kept for the wait.
+        // A short read: the socket was drained. No buffer is kept for the wait.
         let (offered, d) = read(&mut bufs, 5000, 9);
         assert!(offered >= 64 * 1024);
-        assert_eq!(d.len(), 5000);
-        assert!(bufs.held() <= IDLE_READ, "held {} while idle", bufs.held());
-        assert_eq!(bufs.take().capacity(), IDLE_READ);
+        assert_eq!(&d[..], &[9; 5000][..]);
+        assert_eq!(bufs.held(), 0, "a buffer held while idle");
+        assert!(bufs.drained());
+        assert_eq!(read(&mut bufs, 1, 0).0, FIRST_READ);
     }
 
     #[test]
-    fn small_messages_reuse_one_small_buffer_and_arrive_intact() {
+    fn small_messages_arrive_intact_and_leave_no_buffer_held() {
         let mut bufs = ReadBufs::new(64 * 1024);
         for i in 0..100u8 {
-            let n = 1 + (i as usize * 7) % (IDLE_READ - 1);
+            let n = 1 + (i as usize * 7919) % (FIRST_READ - 1);
             let (offered, d) = read(&mut bufs, n, i);
-            assert_eq!(offered, IDLE_READ, "message {i}");
+            assert_eq!(offered, FIRST_READ, "message {i}");
             assert_eq!(d.len(), n);
             assert!(d.iter().all(|b| *b == i));
-            assert_eq!(bufs.held(), IDLE_READ);
+            assert_eq!(bufs.held(), 0);
+            assert!(bufs.drained());
         }
     }
 
     #[test]
-    fn a_message_longer_than_the_small_buffer_continues_full_size() {
+    fn a_message_longer_than_the_first_read_continues_full_size() {
         let mut bufs = ReadBufs::new(64 * 1024);
-        let (_, first) = read(&mut bufs, IDLE_READ, 3);
-        assert_eq!(first.len(), IDLE_READ);
+        let (_, first) = read(&mut bufs, FIRST_READ, 3);
+        assert_eq!(first.len(), FIRST_READ);
         // The rest of the message: a full-size read, short (the message ended).
         let (offered, rest) = read(&mut bufs, 3000, 4);
         assert_eq!(offered, MIN_READ);
-        assert_eq!(rest.len(), 3000);
-        assert!(bufs.held() <= IDLE_READ);
+        assert_eq!(&rest[..], &[4; 3000][..]);
+        assert_eq!(bufs.held(), 0);
+        assert!(bufs.drained());
+    }
+
+    #[test]
+    fn a_would_block_after_a_full_read_lets_the_buffer_go_and_waits() {
+        let mut bufs = ReadBufs::new(64 * 1024);
+        read(&mut bufs, FIRST_READ, 1);
+        // Interrupted: try again, still full-size and without a wait.
+        let e = bufs
+            .read(|_, _| Err(io::ErrorKind::Interrupted.into()))
+            .unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::Interrupted);
+        assert!(!bufs.drained());
+        // Nothing queued after all: no buffer held, wait for readiness.
+        let e = bufs
+            .read(|_, _| Err(io::ErrorKind::WouldBlock.into()))
+            .unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::WouldBlock);
+        assert!(bufs.drained());
+        assert_eq!(bufs.held(), 0);
+        // End of stream: no bytes.
+        assert!(read(&mut bufs, 0, 0).1.is_empty());
+    }
+
+    #[test]
+    fn a_first_read_is_no_larger_than_a_small_chunk() {
+        let mut bufs = ReadBufs::new(4096);
+        let (offered, d) = read(&mut bufs, 4096, 1);
+        assert_eq!((offered, d.len()), (4096, 4096));
+        assert!(!bufs.drained());
     }
 }

@@ -172,6 +172,54 @@ pub fn recv_nonblocking(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
     }
 }
 
+/// `recv(fd, MSG_DONTWAIT)` of at most `max` bytes into the spare capacity of `buf`, after
+/// the bytes it holds (no zeroing of the spare capacity first): the bytes queued now (0 at
+/// end of stream), appended to `buf`, or `WouldBlock`.
+pub fn recv_spare<B: monoio::buf::IoBufMut + monoio::buf::IoBuf>(
+    fd: RawFd,
+    buf: &mut B,
+    max: usize,
+) -> io::Result<usize> {
+    let init = buf.bytes_init();
+    let len = buf.bytes_total().saturating_sub(init).min(max);
+    // SAFETY: `IoBufMut` promises `write_ptr()` is valid for writes of `bytes_total()`
+    // bytes, so `init + len` ≤ that bound; the kernel writes at most `len` bytes there
+    // during the call, and the buffer is borrowed mutably throughout.
+    let n = unsafe {
+        libc::recv(
+            fd,
+            buf.write_ptr().add(init).cast(),
+            len,
+            libc::MSG_DONTWAIT,
+        )
+    };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the kernel initialised `n` (≤ `len`) bytes right after the first `init`.
+    unsafe { buf.set_init(init + n as usize) };
+    Ok(n as usize)
+}
+
+/// `send(fd, data, MSG_DONTWAIT | MSG_NOSIGNAL)`: what fits in the socket buffer now, or
+/// `WouldBlock`. (Not `sendmsg`: one buffer needs no message header or iovec copied in.)
+pub fn send_nonblocking(fd: RawFd, data: &[u8]) -> io::Result<usize> {
+    // SAFETY: `data` is valid for reads of `data.len()` bytes for the duration of the call.
+    let n = unsafe {
+        libc::send(
+            fd,
+            data.as_ptr().cast(),
+            data.len(),
+            libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+        )
+    };
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
+}
+
 /// `sendmsg(fd, bufs, MSG_DONTWAIT | MSG_NOSIGNAL)`: one gathered write of what fits in
 /// the socket buffer now, or `WouldBlock`.
 pub fn send_vectored_nonblocking(fd: RawFd, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
