@@ -97,6 +97,30 @@ impl Text {
     }
 }
 
+impl Text {
+    /// This text without whitespace around it: the same text when it has none, else a
+    /// narrower slice of the same source (a copy only for a value made here).
+    fn trimmed(&self) -> Text {
+        let s = self.as_str();
+        let t = s.trim();
+        if t.len() == s.len() {
+            return self.clone();
+        }
+        match &self.0 {
+            TextRepr::Static(s) => Text(TextRepr::Static(s.trim())),
+            TextRepr::Slice { src, start, .. } => {
+                let at = *start + (t.as_ptr() as usize - s.as_ptr() as usize) as u32;
+                Text(TextRepr::Slice {
+                    src: src.clone(),
+                    start: at,
+                    end: at + t.len() as u32,
+                })
+            }
+            TextRepr::Owned(_) => Text::from(t.to_owned()),
+        }
+    }
+}
+
 impl std::ops::Deref for Text {
     type Target = str;
     fn deref(&self) -> &str {
@@ -209,85 +233,213 @@ pub enum Parsed {
 
 /// Parse a request head from the start of `buf`.
 pub fn parse_head(buf: &[u8]) -> Parsed {
+    parse_head_traced(buf, None).0
+}
+
+/// What gives a request its `traceparent` as its head is parsed ([`parse_head_traced`]):
+/// the tunnel's (a [`crate::telemetry::valid_tunnel_traceparent`]) and the random numbers
+/// of a new one.
+pub(crate) struct TraceFrom<'a> {
+    pub tunnel: Option<&'a str>,
+    pub rng: &'a mut dyn Rng,
+}
+
+/// [`parse_head`]; with `trace`, the head also gets its `traceparent` as [`trace`] sets
+/// it (returned too), without an allocation of its own: a request's valid one is kept (a
+/// slice of the head), a new one is written after the head in the same copy.
+pub(crate) fn parse_head_traced(
+    buf: &[u8],
+    mut trace: Option<TraceFrom<'_>>,
+) -> (Parsed, Option<Text>) {
     #[cfg(test)]
     tests::PARSES.with(|n| n.set(n.get() + 1));
     // Most requests have few headers: a small array first (cheap to set up per request),
     // the full one only when it is too small.
     let mut few = [httparse::EMPTY_HEADER; 32];
-    match parse_head_with(buf, &mut few) {
-        Parsed::Bad(431) if buf.len() <= MAX_HEAD => {
+    match parse_head_with(buf, &mut few, trace.as_mut()) {
+        (Parsed::Bad(431), _) if buf.len() <= MAX_HEAD => {
             let mut all = [httparse::EMPTY_HEADER; MAX_HEADERS];
-            parse_head_with(buf, &mut all)
+            parse_head_with(buf, &mut all, trace.as_mut())
         }
         p => p,
     }
 }
 
-fn parse_head_with<'b>(buf: &'b [u8], headers: &mut [httparse::Header<'b>]) -> Parsed {
+/// Header lists kept for the next requests' heads on this thread ([`recycle_headers`]).
+const SPARE_HEADER_LISTS: usize = 256;
+/// The longest header list kept ([`recycle_headers`]): the room of a usual head.
+const SPARE_HEADER_ROOM: usize = 32;
+
+thread_local! {
+    static SPARE_HEADERS: std::cell::RefCell<Vec<Vec<(Text, Text)>>> =
+        const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// An empty header list with room for `n` fields: one a finished request left on this
+/// thread ([`recycle_headers`]) when there is one, else a new one.
+fn header_list(n: usize) -> Vec<(Text, Text)> {
+    let mut v = SPARE_HEADERS
+        .with_borrow_mut(|s| s.pop())
+        .unwrap_or_default();
+    v.reserve(n);
+    v
+}
+
+/// Keep a finished request's header list (emptied) for the next head parsed on this
+/// thread: a keep-alive tunnel's requests do not allocate one each. At most
+/// [`SPARE_HEADER_LISTS`] lists of up to [`SPARE_HEADER_ROOM`] fields are kept per thread.
+pub(crate) fn recycle_headers(mut headers: Vec<(Text, Text)>) {
+    if headers.capacity() == 0 || headers.capacity() > SPARE_HEADER_ROOM {
+        return;
+    }
+    headers.clear();
+    SPARE_HEADERS.with_borrow_mut(|s| {
+        if s.len() < SPARE_HEADER_LISTS {
+            s.push(headers);
+        }
+    });
+}
+
+fn parse_head_with<'b>(
+    buf: &'b [u8],
+    headers: &mut [httparse::Header<'b>],
+    trace: Option<&mut TraceFrom<'_>>,
+) -> (Parsed, Option<Text>) {
     let mut req = httparse::Request::new(headers);
+    let bad = |status| (Parsed::Bad(status), None);
     match req.parse(buf) {
         Ok(httparse::Status::Partial) => {
             if buf.len() > MAX_HEAD {
-                Parsed::Bad(431)
+                bad(431)
             } else {
-                Parsed::Partial
+                (Parsed::Partial, None)
             }
         }
         Ok(httparse::Status::Complete(n)) => {
             if n > MAX_HEAD {
-                return Parsed::Bad(431);
+                return bad(431);
             }
             let (Some(method), Some(target), Some(version)) = (req.method, req.path, req.version)
             else {
-                return Parsed::Bad(400);
+                return bad(400);
             };
             if !target.starts_with('/') {
-                return Parsed::Bad(400);
+                return bad(400);
             }
             // Method, target and names are text (httparse checks their bytes); the values
             // must be too. The head is copied once and every field is a slice of it.
             let Ok(text) = std::str::from_utf8(&buf[..n]) else {
-                return Parsed::Bad(400);
+                return bad(400);
             };
-            let src: Rc<str> = Rc::from(text);
-            // The parsed fields point into `buf`; the same offsets into the copy.
-            let at = |sub: &[u8]| {
-                let start = sub.as_ptr() as usize - buf.as_ptr() as usize;
-                &src[start..start + sub.len()]
-            };
-            let mut hs = Vec::with_capacity(req.headers.len() + 2);
-            for h in req.headers.iter() {
-                hs.push((
-                    Text::slice_of(&src, at(h.name.as_bytes())),
-                    Text::slice_of(&src, at(h.value)),
-                ));
-            }
-            let target = at(target.as_bytes());
+            // The parsed fields point into `buf`, which `text` is: their offsets.
+            let offset = |sub: &[u8]| sub.as_ptr() as usize - buf.as_ptr() as usize;
+            let in_text = |sub: &[u8]| &text[offset(sub)..offset(sub) + sub.len()];
+            let target = in_text(target.as_bytes());
             let (path, query) = match target.split_once('?') {
-                Some((p, q)) => (p, Some(Text::slice_of(&src, q))),
+                Some((p, q)) => (p, Some(q)),
                 None => (target, None),
             };
             // Normalized once here (Istio's `BASE`): policy, routing and the upstream
             // request all see the same path.
-            let path = match crate::path::normalize(path) {
-                Ok(Cow::Borrowed(p)) => Text::slice_of(&src, p),
-                Ok(Cow::Owned(p)) => Text::from(p),
-                Err(_) => return Parsed::Bad(400),
+            let Ok(path) = crate::path::normalize(path) else {
+                return bad(400);
             };
-            Parsed::Head(
-                RequestHead {
-                    method: Text::slice_of(&src, at(method.as_bytes())),
-                    path,
-                    query,
-                    version,
-                    headers: hs,
+            // The `traceparent` ([`trace`]): the first field's when valid (a range of the
+            // head), else a new one, written after the head in its copy. `Some(i)`: field
+            // `i` is the only one and takes the value; else any are dropped and it is
+            // added last.
+            let mut traced: Option<(Option<usize>, TraceValue)> = None;
+            if let Some(tr) = trace {
+                let (mut first, mut count) = (None, 0);
+                for (i, h) in req.headers.iter().enumerate() {
+                    if h.name.eq_ignore_ascii_case("traceparent") {
+                        count += 1;
+                        first = first.or(Some(i));
+                    }
+                }
+                let kept = first
+                    .map(|i| in_text(req.headers[i].value))
+                    .filter(|v| crate::telemetry::valid_traceparent(v))
+                    .map(|v| {
+                        let v = v.trim();
+                        (offset(v.as_bytes()), offset(v.as_bytes()) + v.len())
+                    });
+                let value = match kept {
+                    Some((start, end)) => TraceValue::Kept(start, end),
+                    None => TraceValue::New(crate::telemetry::new_traceparent(tr.tunnel, tr.rng)),
+                };
+                traced = Some((first.filter(|_| count == 1), value));
+            }
+            let src: Rc<str> = match &traced {
+                Some((_, TraceValue::New(new))) => HEAD_TEXT.with_borrow_mut(|s| {
+                    s.clear();
+                    s.push_str(text);
+                    s.push_str(std::str::from_utf8(new).unwrap_or(""));
+                    Rc::from(s.as_str())
+                }),
+                _ => Rc::from(text),
+            };
+            let range = |start: usize, end: usize| {
+                Text(TextRepr::Slice {
+                    src: src.clone(),
+                    start: start as u32,
+                    end: end as u32,
+                })
+            };
+            let at = |sub: &[u8]| range(offset(sub), offset(sub) + sub.len());
+            let traceparent = traced.as_ref().map(|(_, v)| match *v {
+                TraceValue::Kept(start, end) => range(start, end),
+                TraceValue::New(_) => range(n, src.len()),
+            });
+            let mut hs = header_list(req.headers.len() + 2);
+            for (i, h) in req.headers.iter().enumerate() {
+                let value = match (&traced, &traceparent) {
+                    (Some((only, _)), Some(t)) if h.name.eq_ignore_ascii_case("traceparent") => {
+                        if *only != Some(i) {
+                            continue;
+                        }
+                        t.clone()
+                    }
+                    _ => at(h.value),
+                };
+                hs.push((at(h.name.as_bytes()), value));
+            }
+            if let (Some((None, _)), Some(t)) = (&traced, &traceparent) {
+                hs.push(("traceparent".into(), t.clone()));
+            }
+            let path = match path {
+                // A slice of the head (a range of its copy), else a copy.
+                Cow::Borrowed(p) => match (p.as_ptr() as usize).checked_sub(text.as_ptr() as usize)
+                {
+                    Some(start) if start + p.len() <= n => range(start, start + p.len()),
+                    _ => Text::from(p.to_owned()),
                 },
-                n,
-            )
+                Cow::Owned(p) => Text::from(p),
+            };
+            let head = RequestHead {
+                method: at(method.as_bytes()),
+                path,
+                query: query.map(|q| at(q.as_bytes())),
+                version,
+                headers: hs,
+            };
+            (Parsed::Head(head, n), traceparent)
         }
-        Err(httparse::Error::TooManyHeaders) => Parsed::Bad(431),
-        Err(_) => Parsed::Bad(400),
+        Err(httparse::Error::TooManyHeaders) => bad(431),
+        Err(_) => bad(400),
     }
+}
+
+/// A request's `traceparent` as its head is parsed ([`parse_head_traced`]): its own
+/// (valid), as a range of the head; or a new one, to be written after the head.
+enum TraceValue {
+    Kept(usize, usize),
+    New([u8; crate::telemetry::TRACEPARENT_LEN]),
+}
+
+thread_local! {
+    /// Where a head and its new `traceparent` are put together before their one copy.
+    static HEAD_TEXT: std::cell::RefCell<String> = const { std::cell::RefCell::new(String::new()) };
 }
 
 /// A response the waypoint writes itself.
@@ -1035,8 +1187,20 @@ pub fn trace(head: &mut RequestHead, tunnel: Option<&str>, rng: &mut dyn Rng) ->
             }
         }
     }
-    let current = found.map(|i| head.headers[i].1.as_str());
-    let t = Text::from(crate::telemetry::traceparent(current, tunnel, rng));
+    // The request's when valid (a slice of its head, no copy), else a new one.
+    let t = match found
+        .map(|i| &head.headers[i].1)
+        .filter(|v| crate::telemetry::valid_traceparent(v))
+    {
+        Some(v) => v.trimmed(),
+        None => {
+            let tunnel = crate::telemetry::valid_tunnel_traceparent(tunnel);
+            let new = crate::telemetry::new_traceparent(tunnel, rng);
+            Text::from(Rc::<str>::from(
+                std::str::from_utf8(&new).expect("traceparent is ASCII"),
+            ))
+        }
+    };
     if extra {
         head.headers
             .retain(|(n, _)| !n.eq_ignore_ascii_case("traceparent"));
@@ -1205,26 +1369,36 @@ pub async fn serve_from<T: Tunnel, U: Upstream>(
     let times = cfg.tunnel_timeouts();
     // Used only when the upstream has no clock to share ([`Upstream::clock`]).
     let mut own_clock = Clock::default();
+    // Each request's `traceparent` is set as its head is parsed ([`trace`]), from the
+    // tunnel's checked once for all its requests. The random numbers of the whole loop
+    // are taken from here (the future holds them once).
+    let mut tr = TraceFrom {
+        tunnel: crate::telemetry::valid_tunnel_traceparent(ctx.traceparent.as_deref()),
+        rng,
+    };
     loop {
         let clock = upstream.clock().unwrap_or(&mut own_clock);
-        let (head, used) = match read_head(tunnel, &mut buf, &times, clock).await? {
-            HeadWait::Head(h, n) => (h, n),
-            HeadWait::Bad(status) => return reject(tunnel, upstream, status).await,
-            // No request in flight for `idle_timeout`: closed (in order, as at its end).
-            HeadWait::Eof | HeadWait::Idle => return Ok(End::Eof),
-            HeadWait::Slow => {
-                let resp = simple_response(408, &[], "request headers timeout", true);
-                let (n, at) = (buf.len() as u64, Instant::now());
-                let started = times.request_headers.and_then(|d| at.checked_sub(d));
-                let said = Said::new(None, n, started.unwrap_or(at), "");
-                upstream.note(Note::RequestTimeout);
-                return answer_and_close(tunnel, upstream, &said, resp, 408, "-").await;
-            }
-        };
+        let (mut head, used, traceparent) =
+            match read_head(tunnel, &mut buf, &times, clock, Some(&mut tr)).await? {
+                HeadWait::Head(h, n, t) => (h, n, t),
+                HeadWait::Bad(status) => return reject(tunnel, upstream, status).await,
+                // No request in flight for `idle_timeout`: closed (in order, as at its end).
+                HeadWait::Eof | HeadWait::Idle => return Ok(End::Eof),
+                HeadWait::Slow => {
+                    let resp = simple_response(408, &[], "request headers timeout", true);
+                    let (n, at) = (buf.len() as u64, Instant::now());
+                    let started = times.request_headers.and_then(|d| at.checked_sub(d));
+                    let said = Said::new(None, n, started.unwrap_or(at), "");
+                    upstream.note(Note::RequestTimeout);
+                    return answer_and_close(tunnel, upstream, &said, resp, 408, "-").await;
+                }
+            };
         buf.advance(used);
         let started = Instant::now();
-        let mut head = head;
-        let traceparent = trace(&mut head, ctx.traceparent.as_deref(), rng);
+        let traceparent = match traceparent {
+            Some(t) => t,
+            None => trace(&mut head, ctx.traceparent.as_deref(), tr.rng),
+        };
         // The snapshot current now serves this request to its end (a reload since the
         // tunnel's last request applies from here on).
         let fresh = match upstream.begin() {
@@ -1264,7 +1438,7 @@ pub async fn serve_from<T: Tunnel, U: Upstream>(
         // Policy and routing before the body is read or anything is sent upstream.
         // The forward is bound by reference: a moved-out binding would hold a second copy
         // of it in the tunnel's future beside the (still reserved) decision.
-        let action = decide(cfg, ctx, &head, rng);
+        let action = decide(cfg, ctx, &head, tr.rng);
         match action {
             Action::Respond(resp) => {
                 let status = status_of(&resp);
@@ -1346,7 +1520,7 @@ pub async fn serve_from<T: Tunnel, U: Upstream>(
                 // Boxed: the state of a request in flight is allocated for its duration
                 // only, so a tunnel idle between requests holds a small future.
                 let out = Box::pin(forward_request(
-                    tunnel, &mut buf, upstream, forward, &head, request, body, has_body, rng,
+                    tunnel, &mut buf, upstream, forward, &head, request, body, has_body, tr.rng,
                     deadline,
                 ))
                 .await?;
@@ -1380,6 +1554,8 @@ pub async fn serve_from<T: Tunnel, U: Upstream>(
                 }
             }
         }
+        // The next request's head may take this one's header list.
+        recycle_headers(std::mem::take(&mut head.headers));
     }
 }
 
@@ -1462,7 +1638,8 @@ async fn read_body<T: Tunnel, U: Upstream>(
 
 /// How the wait for a request head ended ([`read_head`]).
 enum HeadWait {
-    Head(RequestHead, usize),
+    /// The head, its length, its `traceparent` when [`read_head`] was to set one.
+    Head(RequestHead, usize, Option<Text>),
     /// Answer this status and close (see [`Parsed::Bad`]).
     Bad(u16),
     /// The tunnel ended before a byte of it.
@@ -1483,15 +1660,20 @@ async fn read_head<T: Tunnel>(
     buf: &mut BytesMut,
     times: &TunnelTimeouts,
     clock: &mut Clock,
+    mut trace: Option<&mut TraceFrom<'_>>,
 ) -> io::Result<HeadWait> {
     let mut seen = 0;
     let mut first_byte: Option<Instant> = None;
     loop {
         if !buf.is_empty() && (seen == 0 || head_ended(buf, seen)) {
-            match parse_head(buf) {
-                Parsed::Head(h, n) => return Ok(HeadWait::Head(h, n)),
-                Parsed::Bad(status) => return Ok(HeadWait::Bad(status)),
-                Parsed::Partial => {}
+            let tr = trace.as_mut().map(|t| TraceFrom {
+                tunnel: t.tunnel,
+                rng: &mut *t.rng,
+            });
+            match parse_head_traced(buf, tr) {
+                (Parsed::Head(h, n), t) => return Ok(HeadWait::Head(h, n, t)),
+                (Parsed::Bad(status), _) => return Ok(HeadWait::Bad(status)),
+                (Parsed::Partial, _) => {}
             }
         }
         seen = buf.len();
@@ -1943,9 +2125,14 @@ fn response_facts(
     let bad = |what: &str| io::Error::new(io::ErrorKind::InvalidData, what.to_string());
     let mut te: Option<&[u8]> = None;
     let mut cl = None;
+    let mut cls = 0;
     let mut close = r.version == Some(0);
-    let mut connection: Vec<&str> = Vec::new();
+    // Whether a field is hop-by-hop (RFC 9110 §7.6.1): one of [`HOP_BY_HOP`], or one a
+    // `Connection` names, which can only be there when a `Connection` (itself one of
+    // them) is: so any [`HOP_BY_HOP`] field is the whole test.
+    let mut hop = false;
     for h in r.headers.iter() {
+        hop = hop || listed_hop_by_hop(h.name);
         if h.name.eq_ignore_ascii_case("transfer-encoding") {
             if te.is_some() {
                 return Err(bad("several upstream transfer-encoding lines"));
@@ -1960,8 +2147,8 @@ fn response_facts(
                 return Err(bad("conflicting upstream content-lengths"));
             }
             cl = Some(v);
+            cls += 1;
         } else if h.name.eq_ignore_ascii_case("connection") {
-            connection.push(std::str::from_utf8(h.value).unwrap_or(""));
             if contains_token(h.value, b"close") {
                 close = true;
             } else if contains_token(h.value, b"keep-alive") {
@@ -1972,14 +2159,7 @@ fn response_facts(
     // Hop-by-hop fields (RFC 9110 §7.6.1) are removed before the head goes downstream
     // (kept for a `101`, whose `Connection`/`Upgrade` the client needs); several
     // `Content-Length`s and one next to `Transfer-Encoding` are rewritten too.
-    let cls = r
-        .headers
-        .iter()
-        .filter(|h| h.name.eq_ignore_ascii_case("content-length"))
-        .count();
-    let rewrite = (status != 101 && r.headers.iter().any(|h| hop_by_hop(h.name, &connection)))
-        || cls > 1
-        || (te.is_some() && cls > 0);
+    let rewrite = (status != 101 && hop) || cls > 1 || (te.is_some() && cls > 0);
     let no_body = head_request || status == 204 || status == 304 || (100..200).contains(&status);
     let framing = if let Some(te) = te {
         // RFC 9112 §6.3: Transfer-Encoding overrides Content-Length (which is dropped on the
@@ -2821,6 +3001,11 @@ pub enum BodyFraming {
 /// A `Content-Length` value: one or more comma-separated copies of the same decimal
 /// number (RFC 9110 §8.6); digits only (no sign, no blanks inside), overflow-checked.
 fn content_length(v: &str) -> Option<u64> {
+    // The usual value, one plain number of up to 19 digits (which cannot overflow), read
+    // at once; anything else as the list it may be.
+    if (1..=19).contains(&v.len()) && v.bytes().all(|b| b.is_ascii_digit()) {
+        return Some(v.bytes().fold(0, |n, b| n * 10 + u64::from(b - b'0')));
+    }
     let mut out = None;
     for part in v.split(',') {
         let part = part.trim_matches([' ', '\t']);
@@ -2919,6 +3104,13 @@ pub const HOP_BY_HOP: &[&str] = &[
     "http2-settings",
 ];
 
+/// Whether `name` is one of [`HOP_BY_HOP`] (looked for only at their lengths: most
+/// fields are not one).
+fn listed_hop_by_hop(name: &str) -> bool {
+    matches!(name.len(), 2 | 7 | 10 | 14 | 16)
+        && HOP_BY_HOP.iter().any(|h| name.eq_ignore_ascii_case(h))
+}
+
 /// Fields a `Connection` header cannot make hop-by-hop: the message framing and the
 /// target, which the waypoint relies on (dropping them would desynchronise the upstream).
 const NOT_DROPPABLE: &[&str] = &["content-length", "transfer-encoding", "host"];
@@ -2926,8 +3118,9 @@ const NOT_DROPPABLE: &[&str] = &["content-length", "transfer-encoding", "host"];
 /// Whether field `name` is hop-by-hop for a message whose `Connection` fields are
 /// `connection`.
 pub(crate) fn hop_by_hop(name: &str, connection: &[&str]) -> bool {
-    HOP_BY_HOP.iter().any(|h| name.eq_ignore_ascii_case(h))
-        || (!NOT_DROPPABLE.iter().any(|h| name.eq_ignore_ascii_case(h))
+    listed_hop_by_hop(name)
+        || (!connection.is_empty()
+            && !NOT_DROPPABLE.iter().any(|h| name.eq_ignore_ascii_case(h))
             && connection.iter().any(|c| {
                 c.split(',')
                     .any(|t| t.trim_matches([' ', '\t']).eq_ignore_ascii_case(name))
@@ -3461,9 +3654,9 @@ mod tests {
         let mut tunnel = ByteByByte(req.clone(), 0);
         let (mut buf, mut clock) = (BytesMut::new(), Clock::default());
         let times = TunnelTimeouts::default();
-        let got = rt.block_on(read_head(&mut tunnel, &mut buf, &times, &mut clock));
+        let got = rt.block_on(read_head(&mut tunnel, &mut buf, &times, &mut clock, None));
         match got.unwrap() {
-            HeadWait::Head(h, n) => {
+            HeadWait::Head(h, n, _) => {
                 assert_eq!(n, req.len());
                 assert_eq!(h.headers.len(), 91);
                 assert_eq!(&*h.path, "/a");
@@ -3494,7 +3687,7 @@ mod tests {
         PARSES.with(|n| n.set(0));
         let mut tunnel = ByteByByte(endless, 0);
         let mut buf = BytesMut::new();
-        let got = rt.block_on(read_head(&mut tunnel, &mut buf, &times, &mut clock));
+        let got = rt.block_on(read_head(&mut tunnel, &mut buf, &times, &mut clock, None));
         assert!(matches!(got.unwrap(), HeadWait::Bad(431)));
         assert!(PARSES.with(|n| n.get()) <= 2);
     }
@@ -3708,6 +3901,81 @@ mod tests {
             "GET /new?q HTTP/1.1\r\nhost: h2\r\nx-a: 1\r\nx-forwarded-for: 10.0.0.7\r\n\r\n"
         );
         assert_eq!(out.len(), out.capacity());
+    }
+
+    /// A head parsed with its `traceparent` set ([`parse_head_traced`], as [`serve`] reads
+    /// heads) is the head [`parse_head`] gives with [`trace`] applied, the same
+    /// `traceparent` from the same random numbers, for a request with none, a valid one
+    /// (with blanks around it too), an invalid one and several, with and without a valid
+    /// tunnel `traceparent`; a kept or new one is a slice of the head's one copy.
+    #[test]
+    fn a_head_traced_as_parsed_is_the_head_traced_after() {
+        let good = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let heads = [
+            "GET /a?b HTTP/1.1\r\nhost: echo\r\n\r\n".to_string(),
+            format!("GET / HTTP/1.1\r\ntraceparent: {good}\r\nhost: echo\r\n\r\n"),
+            format!("GET / HTTP/1.1\r\nTraceparent:  {good} \r\nx: y\r\n\r\n"),
+            "GET / HTTP/1.1\r\nhost: e\r\ntraceparent: bad\r\nx: y\r\n\r\n".to_string(),
+            format!("GET / HTTP/1.1\r\ntraceparent: {good}\r\nx: y\r\ntraceparent: {good}\r\n\r\n"),
+            "GET /x/../y HTTP/1.0\r\ntraceparent: 00-00\r\ntraceparent: z\r\n\r\n".to_string(),
+        ];
+        for tunnel in [None, Some(good), Some("junk")] {
+            for raw in &heads {
+                let (mut r1, mut r2) = (crate::lb::SplitMix64(5), crate::lb::SplitMix64(5));
+                let mut want = head_of(raw.as_bytes());
+                let want_t = trace(&mut want, tunnel, &mut r1);
+                let from = TraceFrom {
+                    tunnel: crate::telemetry::valid_tunnel_traceparent(tunnel),
+                    rng: &mut r2,
+                };
+                let (Parsed::Head(got, n), Some(got_t)) =
+                    parse_head_traced(raw.as_bytes(), Some(from))
+                else {
+                    panic!("{raw}");
+                };
+                assert_eq!(n, raw.len());
+                assert_eq!(got, want, "{raw} {tunnel:?}");
+                assert_eq!(got_t, want_t, "{raw} {tunnel:?}");
+                assert!(crate::telemetry::valid_traceparent(&got_t));
+                assert!(matches!(got_t.0, TextRepr::Slice { .. }));
+                // The same random numbers were taken.
+                assert_eq!(r1.next_u64(), r2.next_u64());
+            }
+        }
+    }
+
+    /// A finished request's header list is taken by the next head parsed on the thread.
+    #[test]
+    fn header_lists_are_reused_by_later_heads() {
+        let raw = b"GET / HTTP/1.1\r\nhost: echo\r\n\r\n";
+        let first = head_of(raw);
+        let at = first.headers.as_ptr();
+        recycle_headers(first.headers);
+        let second = head_of(raw);
+        assert_eq!(second.headers.as_ptr(), at);
+        assert_eq!(second.header("host"), Some("echo"));
+        assert_eq!(second.headers.len(), 1);
+        // A list much longer than a usual head's is not kept.
+        let mut big = head_of(raw).headers;
+        big.reserve(SPARE_HEADER_ROOM * 2);
+        recycle_headers(big);
+        assert!(head_of(raw).headers.capacity() <= SPARE_HEADER_ROOM);
+    }
+
+    /// [`listed_hop_by_hop`] looks only at some lengths: every name of [`HOP_BY_HOP`] has
+    /// one of them, in any case.
+    #[test]
+    fn every_listed_hop_by_hop_name_is_found() {
+        for h in HOP_BY_HOP {
+            assert!(listed_hop_by_hop(h), "{h}");
+            assert!(listed_hop_by_hop(&h.to_ascii_uppercase()), "{h}");
+            assert!(hop_by_hop(h, &[]), "{h}");
+        }
+        for h in ["host", "content-length", "x-te", "upgrades", "traceparent"] {
+            assert!(!listed_hop_by_hop(h), "{h}");
+        }
+        assert!(hop_by_hop("x-a", &["close, X-A"]));
+        assert!(!hop_by_hop("content-length", &["content-length"]));
     }
 
     #[test]

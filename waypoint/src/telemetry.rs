@@ -507,12 +507,22 @@ pub fn valid_traceparent(v: &str) -> bool {
         && b[36..52] != [b'0'; 16]
 }
 
-/// `n` as 16 lower-case hex digits.
+/// `n` as 16 lower-case hex digits: eight at a time, each nibble spread to a byte of a
+/// word and made a digit there (no loop per digit).
 fn hex16(out: &mut [u8], n: u64) {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    for (i, o) in out[..16].iter_mut().enumerate() {
-        *o = HEX[((n >> ((15 - i) * 4)) & 0xf) as usize];
+    fn eight(x: u32) -> [u8; 8] {
+        // 0xABCDEFGH -> 0x0A0B0C0D0E0F0G0H (the most significant nibble first).
+        let x = u64::from(x);
+        let x = (x | (x << 16)) & 0x0000_FFFF_0000_FFFF;
+        let x = (x | (x << 8)) & 0x00FF_00FF_00FF_00FF;
+        let x = (x | (x << 4)) & 0x0F0F_0F0F_0F0F_0F0F;
+        // 1 in each byte whose nibble is 10 or more; those go to `a`…`f` (`'a' - '0' - 10`
+        // = 39 past the digits).
+        let letters = ((x + 0x0606_0606_0606_0606) >> 4) & 0x0101_0101_0101_0101;
+        (x + 0x3030_3030_3030_3030 + letters * 39).to_be_bytes()
     }
+    out[..8].copy_from_slice(&eight((n >> 32) as u32));
+    out[8..16].copy_from_slice(&eight(n as u32));
 }
 
 /// The `traceparent` to send upstream: the request's when valid; else a new span of the
@@ -522,11 +532,30 @@ pub fn traceparent(request: Option<&str>, tunnel: Option<&str>, rng: &mut dyn Rn
     if let Some(v) = request.filter(|v| valid_traceparent(v)) {
         return Rc::from(v.trim());
     }
-    // `00-<trace id>-<span id>-<flags>`, built in place.
+    let t = new_traceparent(valid_tunnel_traceparent(tunnel), rng);
+    Rc::from(std::str::from_utf8(&t).expect("traceparent is ASCII"))
+}
+
+/// The tunnel's `traceparent` (the CONNECT's) as [`new_traceparent`] takes it: trimmed,
+/// `None` unless valid. A tunnel's requests can check it once, not once each.
+pub fn valid_tunnel_traceparent(tunnel: Option<&str>) -> Option<&str> {
+    tunnel.filter(|v| valid_traceparent(v)).map(str::trim)
+}
+
+/// The length of a `traceparent` value.
+pub const TRACEPARENT_LEN: usize = 55;
+
+/// A new `traceparent` (built in place, no allocation): a new span of `tunnel`'s trace (a
+/// [`valid_tunnel_traceparent`]), else a new trace. [`traceparent`] when the request has
+/// none that is valid.
+pub fn new_traceparent(tunnel: Option<&str>, rng: &mut dyn Rng) -> [u8; TRACEPARENT_LEN] {
+    // `00-<trace id>-<span id>-<flags>`.
     let mut out = *b"00-00000000000000000000000000000000-0000000000000000-01";
-    match tunnel.filter(|v| valid_traceparent(v)) {
+    match tunnel
+        .map(str::as_bytes)
+        .filter(|t| t.len() == TRACEPARENT_LEN)
+    {
         Some(t) => {
-            let t = t.trim().as_bytes();
             let span = rng.next_u64() | 1;
             out[3..35].copy_from_slice(&t[3..35]);
             hex16(&mut out[36..52], span);
@@ -539,7 +568,7 @@ pub fn traceparent(request: Option<&str>, tunnel: Option<&str>, rng: &mut dyn Rn
             hex16(&mut out[36..52], span);
         }
     }
-    Rc::from(std::str::from_utf8(&out).expect("traceparent is ASCII"))
+    out
 }
 
 #[cfg(test)]
@@ -593,6 +622,27 @@ mod tests {
         assert!(valid_traceparent(&t));
         assert!(t.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"));
         assert!(!t.contains("00f067aa0ba902b7"));
+    }
+
+    #[test]
+    fn hex16_is_the_lower_case_hex_of_the_number() {
+        let mut rng = SplitMix64(11);
+        let edge = [
+            0,
+            1,
+            9,
+            10,
+            15,
+            16,
+            u64::MAX,
+            0x0123_4567_89ab_cdef,
+            0xa0a0_9f9f_0f0f_f0f0,
+        ];
+        for n in edge.into_iter().chain((0..1000).map(|_| rng.next_u64())) {
+            let mut out = [0u8; 16];
+            hex16(&mut out, n);
+            assert_eq!(std::str::from_utf8(&out).unwrap(), format!("{n:016x}"));
+        }
     }
 
     #[test]
