@@ -100,10 +100,19 @@ where
     // The `x-forwarded-for` of the tunnel's requests that bring none, made once: each
     // request then shares its bytes.
     let xff = http::HeaderValue::try_from(ctx.source_ip.to_string()).ok();
-    let slots = Rc::new(StreamSlots::default());
+    let runners = Rc::new(Runners::default());
+    // Idle runners end with the tunnel, however `serve` ends (its future dropped included).
+    let _close = CloseRunners(&runners);
+    let shared = Rc::new(StreamShared {
+        cfg,
+        ctx,
+        xff,
+        on_bad,
+        active: Active::default(),
+    });
     // `idle_timeout`: a connection with no stream in flight that long is closed (GOAWAY).
-    let idle = cfg.tunnel_timeouts().idle;
-    let active = Rc::new(Active::default());
+    let idle = shared.cfg.tunnel_timeouts().idle;
+    let active = &shared.active;
     let mut clock = http1::Clock::default();
     // The reload watch, until the connection is retired (then dropped: it no longer
     // keeps the worker's version watcher running).
@@ -112,11 +121,11 @@ where
     loop {
         let next = next_stream(
             &mut conn,
-            &active,
+            active,
             &mut clock,
             idle,
             revoked.as_mut(),
-            || slots.trim(),
+            || runners.trim(),
         )
         .await;
         let next = match next {
@@ -152,32 +161,17 @@ where
             Some(Err(e)) => return H2End::Error(e),
             Some(Ok((req, respond))) => {
                 let (up, rng) = new_upstream();
-                // In a box of the tunnel's (one a finished stream gave back, else a new
-                // one): the task holds a pointer, the future is not copied again by the
-                // spawn, and a stream costs no allocation of its (large) future.
-                let mut slot = slots.fill(request(
-                    cfg.clone(),
-                    ctx.clone(),
-                    xff.clone(),
+                active.count.set(active.count.get() + 1);
+                let job = Job {
                     up,
                     rng,
                     req,
                     respond,
-                    on_bad.clone(),
-                    active.clone(),
-                ));
-                let slots = slots.clone();
-                let active = active.clone();
-                active.count.set(active.count.get() + 1);
-                runtime::busy::spawn_tracked(async move {
-                    // Ends the stream's count however the task ends (a panic included),
-                    // so the tunnel's idle time still starts.
-                    let _in_flight = InFlight(active);
-                    if let Some(stream) = slot.as_mut().as_pin_mut() {
-                        stream.await;
-                    }
-                    slots.give_back(slot);
-                });
+                };
+                // An idle runner of the tunnel takes the stream, else a new one.
+                if let Some(job) = runners.hand(job) {
+                    runtime::busy::spawn_tracked(run(runners.clone(), shared.clone(), job));
+                }
             }
         }
     }
@@ -214,9 +208,9 @@ impl Active {
 
 /// A stream in flight: dropped (its task ended, or unwound by a panic), it is ended in
 /// the tunnel's [`Active`].
-struct InFlight(Rc<Active>);
+struct InFlight<'a>(&'a Active);
 
-impl Drop for InFlight {
+impl Drop for InFlight<'_> {
     fn drop(&mut self) {
         self.0.ended();
     }
@@ -236,10 +230,10 @@ enum Next {
     Retire,
 }
 
-/// How long an HTTP/2 tunnel stays without a stream in flight before it frees its spare
-/// stream boxes ([`StreamSlots::trim`]). Trimmed at each idle moment instead, a busy
-/// tunnel (its streams all ending before the client's next ones arrive, as a burst of
-/// requests does) made its stream boxes again, a few KiB each, past glibc's caches.
+/// How long an HTTP/2 tunnel stays without a stream in flight before it ends its spare
+/// runners ([`Runners::trim`]). Trimmed at each idle moment instead, a busy tunnel (its
+/// streams all ending before the client's next ones arrive, as a burst of requests does)
+/// made its runners again, a few KiB each, past glibc's caches.
 const TRIM_AFTER: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// The connection's next stream, [`Next::Idle`] once it had no stream in flight for `idle`
@@ -303,53 +297,185 @@ async fn next_stream<R: std::future::Future<Output = ()>>(
     .await
 }
 
-/// Boxes for an HTTP/2 tunnel's stream futures, given back when a stream ends (emptied,
-/// the stream's state dropped there) and refilled in place for the next one: a stream's
-/// future is a few KiB, past glibc's per-thread cache, so a new box per request took
-/// malloc's slow path twice. At most [`STREAM_SLOTS_KEPT`] are kept.
-struct StreamSlots<F> {
-    free: std::cell::RefCell<Vec<std::pin::Pin<Box<Option<F>>>>>,
+/// What a tunnel's streams share, held by each of its runners for its whole life (the
+/// streams borrow it: no reference count moves per stream).
+struct StreamShared {
+    cfg: Arc<WaypointConfig>,
+    ctx: Rc<TunnelCtx>,
+    /// The `x-forwarded-for` of the tunnel's requests that bring none.
+    xff: Option<http::HeaderValue>,
+    on_bad: Rc<dyn Fn()>,
+    active: Active,
 }
 
-/// Emptied stream boxes a tunnel keeps (its usual concurrent streams; more are freed).
-const STREAM_SLOTS_KEPT: usize = 16;
+/// A request stream handed to a runner.
+struct Job<U> {
+    up: U,
+    rng: SplitMix64,
+    req: http::Request<RecvStream>,
+    respond: SendResponse<Bytes>,
+}
 
-/// Emptied stream boxes an idle tunnel (no stream in flight) keeps.
-const STREAM_SLOTS_IDLE: usize = 2;
+/// An HTTP/2 tunnel's runners: tasks that each serve one request stream at a time, and
+/// wait for the tunnel's next stream when done (kept: at most [`RUNNERS_KEPT`] idle, and
+/// [`RUNNERS_IDLE`] once the tunnel had no stream for [`TRIM_AFTER`]).
+///
+/// A stream's future is a few KiB: a new task (or box) for each took malloc's slow path.
+/// A runner holds it inline: a task is made per runner, not per stream.
+/// A runner also keeps its stream's idle timer ([`http1::Clock`], `stream_idle_timeout`)
+/// for the next stream: a new one per stream was an aligned allocation (a monoio timer
+/// entry is 512 bytes, 128-byte aligned) and a timer-wheel insertion and removal per
+/// request; a kept one, re-armed, only moves its due time. The timer stays with its task:
+/// a monoio timer wakes the task that first polled it until it fires, so it could not be
+/// handed to another task's stream.
+struct Runners<J> {
+    idle: std::cell::RefCell<Vec<Rc<Mailbox<J>>>>,
+    /// The tunnel ended: runners end once their stream is done.
+    closed: std::cell::Cell<bool>,
+}
 
-impl<F> Default for StreamSlots<F> {
+/// Idle runners a tunnel keeps (its usual concurrent streams; more end when done).
+const RUNNERS_KEPT: usize = 16;
+
+/// Idle runners a tunnel with no stream in flight for [`TRIM_AFTER`] keeps.
+const RUNNERS_IDLE: usize = 2;
+
+impl<J> Default for Runners<J> {
     fn default() -> Self {
-        StreamSlots {
-            free: std::cell::RefCell::new(Vec::new()),
+        Runners {
+            idle: std::cell::RefCell::new(Vec::new()),
+            closed: std::cell::Cell::new(false),
         }
     }
 }
 
-impl<F> StreamSlots<F> {
-    /// A box holding `stream`: a kept one when there is one, else a new one.
-    fn fill(&self, stream: F) -> std::pin::Pin<Box<Option<F>>> {
-        let kept = self.free.borrow_mut().pop();
-        match kept {
-            Some(mut slot) => {
-                slot.as_mut().set(Some(stream));
-                slot
-            }
-            None => Box::pin(Some(stream)),
-        }
+impl<J> Runners<J> {
+    /// Hand `job` to an idle runner; `Some(job)` back when there is none.
+    fn hand(&self, job: J) -> Option<J> {
+        let Some(runner) = self.idle.borrow_mut().pop() else {
+            return Some(job);
+        };
+        runner.job.set(Some(job));
+        runner.wake();
+        None
     }
 
-    /// Free the kept boxes past [`STREAM_SLOTS_IDLE`] (the tunnel has no stream in flight).
+    /// A runner is done with its stream: kept idle (`true`) unless the tunnel ended or
+    /// enough are.
+    fn rest(&self, runner: &Rc<Mailbox<J>>) -> bool {
+        let mut idle = self.idle.borrow_mut();
+        if self.closed.get() || idle.len() >= RUNNERS_KEPT {
+            return false;
+        }
+        idle.push(runner.clone());
+        true
+    }
+
+    /// End the idle runners past [`RUNNERS_IDLE`] (the tunnel has no stream in flight).
     fn trim(&self) {
-        self.free.borrow_mut().truncate(STREAM_SLOTS_IDLE);
+        let ending = {
+            let mut idle = self.idle.borrow_mut();
+            let keep = idle.len().min(RUNNERS_IDLE);
+            idle.split_off(keep)
+        };
+        for runner in ending {
+            runner.close();
+        }
     }
 
-    /// Empty `slot` (its stream dropped) and keep it, unless enough are kept.
-    fn give_back(&self, mut slot: std::pin::Pin<Box<Option<F>>>) {
-        slot.as_mut().set(None);
-        let mut free = self.free.borrow_mut();
-        if free.len() < STREAM_SLOTS_KEPT {
-            free.push(slot);
+    /// The tunnel ended: its idle runners end now, the others once their stream is done.
+    fn close(&self) {
+        self.closed.set(true);
+        let ending = std::mem::take(&mut *self.idle.borrow_mut());
+        for runner in ending {
+            runner.close();
         }
+    }
+}
+
+/// Ends a tunnel's runners when dropped ([`Runners::close`]).
+struct CloseRunners<'a, J>(&'a Runners<J>);
+
+impl<J> Drop for CloseRunners<'_, J> {
+    fn drop(&mut self) {
+        self.0.close();
+    }
+}
+
+/// An idle runner's next stream, as the tunnel hands it over.
+struct Mailbox<J> {
+    job: std::cell::Cell<Option<J>>,
+    waker: std::cell::Cell<Option<std::task::Waker>>,
+    closed: std::cell::Cell<bool>,
+}
+
+impl<J> Default for Mailbox<J> {
+    fn default() -> Self {
+        Mailbox {
+            job: std::cell::Cell::new(None),
+            waker: std::cell::Cell::new(None),
+            closed: std::cell::Cell::new(false),
+        }
+    }
+}
+
+impl<J> Mailbox<J> {
+    fn wake(&self) {
+        if let Some(w) = self.waker.take() {
+            w.wake();
+        }
+    }
+
+    fn close(&self) {
+        self.closed.set(true);
+        self.wake();
+    }
+
+    /// The next stream, or `None` once the runner is to end.
+    async fn next(&self) -> Option<J> {
+        std::future::poll_fn(|cx| {
+            if let Some(job) = self.job.take() {
+                return std::task::Poll::Ready(Some(job));
+            }
+            if self.closed.get() {
+                return std::task::Poll::Ready(None);
+            }
+            self.waker.set(Some(cx.waker().clone()));
+            std::task::Poll::Pending
+        })
+        .await
+    }
+}
+
+/// A runner of a tunnel: serves `job`, then each stream the tunnel hands it, until it is
+/// ended ([`Runners`]).
+async fn run<U: Upstream>(runners: Rc<Runners<Job<U>>>, shared: Rc<StreamShared>, job: Job<U>) {
+    let mailbox = Rc::new(Mailbox::default());
+    let mut clock = http1::Clock::default();
+    let mut next = Some(job);
+    while let Some(Job {
+        mut up,
+        rng,
+        req,
+        respond,
+    }) = next.take()
+    {
+        {
+            // Ends the stream's count however it ends (a panic included), so the tunnel's
+            // idle time still starts.
+            let _in_flight = InFlight(&shared.active);
+            if let Some(c) = up.clock() {
+                std::mem::swap(c, &mut clock);
+            }
+            let mut up = request(&shared, up, rng, req, respond).await;
+            if let Some(c) = up.clock() {
+                std::mem::swap(c, &mut clock);
+            }
+        }
+        if !runners.rest(&mailbox) {
+            return;
+        }
+        next = mailbox.next().await;
     }
 }
 
@@ -519,26 +645,24 @@ fn add_header(mut head: Vec<u8>, line: &str) -> Vec<u8> {
     head
 }
 
-#[allow(clippy::too_many_arguments)]
+/// One request stream, answered here or forwarded; the upstream is handed back at the end
+/// (the tunnel keeps its idle timer for the next stream).
 async fn request<U: Upstream>(
-    cfg: Arc<WaypointConfig>,
-    ctx: Rc<TunnelCtx>,
-    client_xff: Option<http::HeaderValue>,
+    shared: &StreamShared,
     mut up: U,
     mut rng: SplitMix64,
     req: http::Request<RecvStream>,
     mut respond: SendResponse<Bytes>,
-    on_bad: Rc<dyn Fn()>,
-    active: Rc<Active>,
-) {
-    let (cfg, ctx): (&WaypointConfig, &TunnelCtx) = (&cfg, &ctx);
+) -> U {
+    let (cfg, ctx): (&WaypointConfig, &TunnelCtx) = (&shared.cfg, &shared.ctx);
+    let (client_xff, on_bad, active) = (shared.xff.as_ref(), &shared.on_bad, &shared.active);
     let (parts, recv) = req.into_parts();
     let head_request = parts.method == http::Method::HEAD;
     let started = std::time::Instant::now();
     let Some(mut head) = head_of(&parts) else {
         on_bad();
         send(&mut respond, status_only(400), head_request).await;
-        return;
+        return up;
     };
     let traceparent = http1::trace(&mut head, ctx.traceparent.as_deref(), &mut rng);
     // The snapshot current now serves this stream to its end (a reload since the tunnel
@@ -606,7 +730,7 @@ async fn request<U: Upstream>(
                     &head,
                     &forward,
                     ctx.source_ip,
-                    client_xff.as_ref(),
+                    client_xff,
                     &mut respond,
                     head_request,
                     grpc,
@@ -650,6 +774,7 @@ async fn request<U: Upstream>(
         traceparent: &traceparent,
         denied,
     });
+    up
 }
 
 /// An HTTP/2 request to an HTTP/1.1 upstream, natively: the body (read whole up to
@@ -1541,25 +1666,15 @@ mod tests {
         panic!("the closures naming the futures are never called")
     }
 
-    /// The per-stream task and the boxed HTTP/2 forwarding future hold no timer inline: a
+    /// The runner task and the boxed HTTP/2 forwarding future hold no timer inline: a
     /// monoio timer is 128-byte aligned, and an over-aligned task or box is a
-    /// `posix_memalign` per request ([`http1::timer`] boxes them when set). The closures
+    /// `posix_memalign` per runner or request ([`http1::timer`] boxes them when set). The closures
     /// are never called; they only name the futures' types.
     #[test]
     fn stream_futures_are_not_over_aligned() {
         let stream = || {
-            let (cfg, ctx, req, respond, on_bad, active) = never();
-            request(
-                cfg,
-                ctx,
-                None,
-                NoUpstream,
-                SplitMix64(1),
-                req,
-                respond,
-                on_bad,
-                active,
-            )
+            let (runners, shared, job) = never();
+            run::<NoUpstream>(runners, shared, job)
         };
         let forward = || {
             let (up, body, parts, head, fwd, respond): (
@@ -1577,7 +1692,7 @@ mod tests {
             )
         };
         for (what, (size, align)) in [
-            ("stream task", layout_of_output(&stream)),
+            ("runner task", layout_of_output(&stream)),
             ("HTTP/2 forwarding", layout_of_output(&forward)),
         ] {
             assert!(
@@ -1585,6 +1700,40 @@ mod tests {
                 "{what} future: {size} bytes, aligned to {align}"
             );
         }
+    }
+
+    /// A tunnel hands a stream to its last idle runner (none: a new one is made), keeps
+    /// at most [`RUNNERS_KEPT`] idle ones, ends those past [`RUNNERS_IDLE`] when trimmed
+    /// and all idle ones when it ends (and keeps none after).
+    #[test]
+    fn runners_are_kept_within_bounds_and_end_with_the_tunnel() {
+        use std::future::Future as _;
+        let runners = Runners::<u32>::default();
+        assert_eq!(runners.hand(1), Some(1), "no idle runner");
+        let idle: Vec<Rc<Mailbox<u32>>> = (0..=RUNNERS_KEPT)
+            .map(|_| Rc::new(Mailbox::default()))
+            .collect();
+        for (i, m) in idle.iter().enumerate() {
+            assert_eq!(runners.rest(m), i < RUNNERS_KEPT, "runner {i}");
+        }
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        let last = &idle[RUNNERS_KEPT - 1];
+        let mut next = Box::pin(last.next());
+        assert!(next.as_mut().poll(&mut cx).is_pending());
+        assert_eq!(runners.hand(7), None);
+        assert_eq!(next.as_mut().poll(&mut cx), std::task::Poll::Ready(Some(7)));
+        runners.trim();
+        assert_eq!(runners.idle.borrow().len(), RUNNERS_IDLE);
+        assert!(!idle[RUNNERS_IDLE - 1].closed.get());
+        assert!(idle[RUNNERS_IDLE..RUNNERS_KEPT - 1]
+            .iter()
+            .all(|m| m.closed.get()));
+        let mut ended = Box::pin(idle[RUNNERS_IDLE].next());
+        assert_eq!(ended.as_mut().poll(&mut cx), std::task::Poll::Ready(None));
+        runners.close();
+        assert!(idle[..RUNNERS_IDLE].iter().all(|m| m.closed.get()));
+        assert!(!runners.rest(last), "an ended tunnel keeps no runner");
+        assert_eq!(runners.hand(8), Some(8));
     }
 
     #[test]
