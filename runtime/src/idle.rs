@@ -254,6 +254,11 @@ impl IdleWatch {
         }
     }
 
+    /// Give up the slot now (a later `poll` takes a new one).
+    pub fn release(&mut self) {
+        self.reg = None;
+    }
+
     /// `total`: the bytes moved so far (any monotonic count; only changes matter). `Ready`
     /// once the timeout fired; the owner's task is woken for it.
     pub fn poll(&mut self, cx: &mut Context<'_>, total: u64) -> Poll<()> {

@@ -19,8 +19,8 @@
 //! - [`forwarder`]: the first service, a sharded L4 forwarder (binary `l4fwd`).
 //!
 //! This is the only crate of the workspace allowed `unsafe` (in [`sys`], [`rtsched`],
-//! [`pinned`]'s pin projections and one readiness helper in [`forward`]), each block with a
-//! `SAFETY:` comment.
+//! [`pinned`]'s pin projections, and [`forward`]'s non-blocking socket calls and `Drive` pin
+//! projection), each block with a `SAFETY:` comment.
 
 pub mod admin;
 pub mod bufpool;
