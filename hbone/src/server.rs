@@ -126,7 +126,11 @@ where
 {
     let _ = tcp.set_nodelay(true);
     settings.tune_socket(&tcp).map_err(HboneError::TlsIo)?;
-    let io = crate::stream::TcpIo::new(tcp);
+    // Writes held from the client's second flight (its TLS Finished, h2 preface and first
+    // request) until the connection's task next waits for the peer: the session tickets,
+    // SETTINGS, WINDOW_UPDATE and SETTINGS ACK in one packet instead of three. Never
+    // longer: a read that has to wait sends what is held once the task yields.
+    let (io, _hold) = crate::stream::TcpIo::held_after_reads_until_parked(tcp, 2);
     // TLS and the client's HTTP/2 preface within the handshake deadline: a peer that
     // connects and stays silent (or stalls mid-handshake) is closed, its descriptor freed.
     let setup = async {

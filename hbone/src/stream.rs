@@ -452,6 +452,10 @@ pub struct TcpIo {
     write_ready: Option<Readiness>,
     gathered: Vec<u8>,
     hold: Option<Rc<Cell<HoldState>>>,
+    /// A held read that has to wait releases the hold once the task yields, not at once.
+    release_when_parked: bool,
+    /// That release is on its way: send what was gathered once it happened.
+    release_scheduled: bool,
     /// The last `recv` returned less than asked: the socket was empty then, so the next
     /// read waits for readiness first instead of a `recv` that would say `EAGAIN` (one
     /// syscall less per message; data that came in meanwhile completes the poll at once).
@@ -462,8 +466,8 @@ pub struct TcpIo {
 enum HoldState {
     /// Not holding (released, or never armed).
     Off,
-    /// Hold from the first byte read on.
-    Armed,
+    /// Hold once this many more reads brought bytes.
+    Armed(u8),
     Holding,
 }
 
@@ -492,6 +496,8 @@ impl TcpIo {
             gathered: Vec::new(),
             hold: None,
             drained: false,
+            release_when_parked: false,
+            release_scheduled: false,
         }
     }
 
@@ -499,10 +505,29 @@ impl TcpIo {
     /// i.e. after the first flight went out and the peer answered — until the [`Hold`] is
     /// released or dropped.
     pub fn held_after_first_read(tcp: TcpStream) -> (Self, Hold) {
-        let flag = Rc::new(Cell::new(HoldState::Armed));
+        Self::held_after_reads(tcp, 1)
+    }
+
+    /// As [`TcpIo::held_after_first_read`], holding from the `reads`-th read that brings
+    /// bytes on. A server holds from its second (the client's TLS Finished, with its h2
+    /// preface and first request after it): its session tickets, SETTINGS, WINDOW_UPDATE
+    /// and SETTINGS ACK go out together, at the latest when it next waits for the peer.
+    pub fn held_after_reads(tcp: TcpStream, reads: u8) -> (Self, Hold) {
+        let flag = Rc::new(Cell::new(HoldState::Armed(reads.max(1))));
         let mut io = TcpIo::new(tcp);
         io.hold = Some(flag.clone());
         (io, Hold(flag))
+    }
+
+    /// As [`TcpIo::held_after_reads`], but a read that has to wait while bytes are held
+    /// ends the hold only once the task yields to the worker (a spawned task releases it
+    /// and wakes this one, which then sends): what the task writes after that read within
+    /// the same poll joins the held bytes. The peer still never waits on the hold for
+    /// longer than this task's one poll.
+    pub fn held_after_reads_until_parked(tcp: TcpStream, reads: u8) -> (Self, Hold) {
+        let (mut io, hold) = Self::held_after_reads(tcp, reads);
+        io.release_when_parked = true;
+        (io, hold)
     }
 
     fn holding(&self) -> bool {
@@ -600,9 +625,30 @@ impl tokio::io::AsyncRead for TcpIo {
                 // Never wait for the peer with held bytes it may be waiting for (a
                 // HelloRetryRequest's second ClientHello): stop holding and send.
                 if this.holding() && !this.gathered.is_empty() {
-                    if let Some(h) = &this.hold {
-                        h.set(HoldState::Off);
+                    if this.release_when_parked {
+                        // A read that waits here is often followed by more work in the
+                        // same poll of the task (the TLS layer's buffered plaintext: h2's
+                        // SETTINGS ACK and WINDOW_UPDATE): stop holding once the task
+                        // yields, and send then (below, when the task polls again).
+                        if !this.release_scheduled {
+                            this.release_scheduled = true;
+                            if let Some(h) = &this.hold {
+                                let (h, w) = (h.clone(), cx.waker().clone());
+                                drop(monoio::spawn(async move {
+                                    h.set(HoldState::Off);
+                                    w.wake();
+                                }));
+                            }
+                        }
+                    } else {
+                        if let Some(h) = &this.hold {
+                            h.set(HoldState::Off);
+                        }
+                        ready!(this.poll_drain(cx))?;
                     }
+                }
+                if this.release_scheduled && !this.holding() {
+                    this.release_scheduled = false;
                     ready!(this.poll_drain(cx))?;
                 }
                 ready!(this.poll_ready(cx, true))?;
@@ -614,10 +660,16 @@ impl tokio::io::AsyncRead for TcpIo {
                     buf.advance(n);
                     this.drained = n > 0 && n < want;
                     if let Some(h) = &this.hold {
-                        // `held_after_first_read`: hold from the peer's first answer on
+                        // `held_after_reads`: hold from the peer's `reads`-th answer on
                         // (unless the `Hold` is already gone).
-                        if n > 0 && h.get() == HoldState::Armed && Rc::strong_count(h) > 1 {
-                            h.set(HoldState::Holding);
+                        if let HoldState::Armed(k) = h.get() {
+                            if n > 0 && Rc::strong_count(h) > 1 {
+                                h.set(if k <= 1 {
+                                    HoldState::Holding
+                                } else {
+                                    HoldState::Armed(k - 1)
+                                });
+                            }
                         }
                     }
                     return Poll::Ready(Ok(()));
@@ -823,5 +875,58 @@ mod tests {
         let (offered, d) = read(&mut bufs, 4096, 1);
         assert_eq!((offered, d.len()), (4096, 4096));
         assert!(!bufs.drained());
+    }
+
+    /// A server's hold (`held_after_reads_until_parked`) keeps what its task writes after a
+    /// read that has to wait, within the same poll, and sends it all once the task yields:
+    /// nothing reaches the peer during that poll, then both writes in one piece.
+    #[test]
+    fn a_hold_until_parked_sends_the_writes_of_the_whole_poll_together() {
+        use std::io::{Read, Write};
+        use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
+        let mut rt = monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
+            .enable_timer()
+            .build()
+            .expect("runtime");
+        rt.block_on(async {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+            let mut peer = std::net::TcpStream::connect(l.local_addr().expect("addr")).unwrap();
+            let (s, _) = l.accept().expect("accept");
+            s.set_nonblocking(true).expect("nonblocking");
+            let (mut io, hold) =
+                TcpIo::held_after_reads_until_parked(TcpStream::from_std(s).expect("tcp"), 1);
+            peer.write_all(b"hi").unwrap();
+            let mut b = [0u8; 16];
+            let n = io.read(&mut b).await.expect("read");
+            assert_eq!(&b[..n], b"hi");
+            peer.set_nonblocking(true).unwrap();
+            let mut first_poll = true;
+            poll_fn(|cx| {
+                let mut rb = [0u8; 8];
+                let mut rb = tokio::io::ReadBuf::new(&mut rb);
+                if std::mem::take(&mut first_poll) {
+                    assert!(Pin::new(&mut io).poll_write(cx, b"a").is_ready());
+                    assert!(Pin::new(&mut io).poll_flush(cx).is_ready());
+                    assert!(Pin::new(&mut io).poll_read(cx, &mut rb).is_pending());
+                    assert!(Pin::new(&mut io).poll_write(cx, b"b").is_ready());
+                    assert!(Pin::new(&mut io).poll_flush(cx).is_ready());
+                    let mut got = [0u8; 8];
+                    let e = peer
+                        .read(&mut got)
+                        .expect_err("nothing sent during the poll");
+                    assert_eq!(e.kind(), io::ErrorKind::WouldBlock);
+                    // Woken by the release.
+                    return Poll::Pending;
+                }
+                assert!(Pin::new(&mut io).poll_read(cx, &mut rb).is_pending());
+                Poll::Ready(())
+            })
+            .await;
+            peer.set_nonblocking(false).unwrap();
+            let mut got = [0u8; 8];
+            let n = peer.read(&mut got).expect("read");
+            assert_eq!(&got[..n], b"ab");
+            drop(hold);
+        });
     }
 }
