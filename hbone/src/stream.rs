@@ -333,22 +333,6 @@ async fn tcp_to_h2(
     }
 }
 
-/// Send all of `data` to `tcp`: non-blocking sends while the socket takes bytes, the
-/// ring's writability poll when its buffer is full.
-async fn send_tcp(tcp: &TcpStream, mut data: &[u8]) -> io::Result<()> {
-    let fd = tcp.as_raw_fd();
-    while !data.is_empty() {
-        match runtime::sys::send_nonblocking(fd, data) {
-            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-            Ok(n) => data = &data[n..],
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => tcp.writable(false).await?,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
-}
-
 /// Stream → TCP, with non-blocking `send`s (see [`tcp_to_h2`]); a DATA frame's window is
 /// released once all of it is in the socket.
 async fn h2_to_tcp(recv: &mut RecvStream, tcp: &TcpStream, count: &Cell<u64>) -> DirEnd {
@@ -368,7 +352,7 @@ async fn h2_to_tcp(recv: &mut RecvStream, tcp: &TcpStream, count: &Cell<u64>) ->
             Some(Ok(data)) if data.is_empty() => {}
             Some(Ok(data)) => {
                 let n = data.len();
-                if let Err(e) = send_tcp(tcp, &data).await {
+                if let Err(e) = runtime::forward::send_all(tcp, &data).await {
                     return DirEnd::WriteFailed(e);
                 }
                 let _ = recv.flow_control().release_capacity(n);

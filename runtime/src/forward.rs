@@ -294,56 +294,12 @@ async fn forward_copy(
     )
 }
 
-/// `recv(fd, MSG_DONTWAIT)` into the spare capacity of `buf` (empty on entry): the bytes
-/// queued now (0 at end of stream), or `WouldBlock`.
-fn recv_into(fd: RawFd, buf: &mut Vec<u8>) -> io::Result<usize> {
-    debug_assert!(buf.is_empty());
-    let spare = buf.spare_capacity_mut();
-    // SAFETY: `spare` is valid for writes of `spare.len()` bytes for the duration of the
-    // call and the kernel writes at most that many; uninitialised memory may be written to.
-    let n = unsafe {
-        libc::recv(
-            fd,
-            spare.as_mut_ptr().cast(),
-            spare.len(),
-            libc::MSG_DONTWAIT,
-        )
-    };
-    if n < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    let n = n as usize;
-    // SAFETY: the kernel initialised the first `n` bytes of the spare capacity (n ≤ its
-    // length).
-    unsafe { buf.set_len(n) };
-    Ok(n)
-}
-
-/// `send(fd, data, MSG_DONTWAIT | MSG_NOSIGNAL)`: what fits in the socket buffer now, or
-/// `WouldBlock`. (Not `sendmsg`: one buffer needs no message header or iovec copied in.)
-fn send_nonblocking(fd: RawFd, data: &[u8]) -> io::Result<usize> {
-    // SAFETY: `data` is valid for reads of `data.len()` bytes for the duration of the call.
-    let n = unsafe {
-        libc::send(
-            fd,
-            data.as_ptr().cast(),
-            data.len(),
-            libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
-        )
-    };
-    if n < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(n as usize)
-    }
-}
-
 /// Send all of `data` to `dst`: non-blocking sends while the socket takes bytes, the ring's
 /// writability poll when its buffer is full.
-async fn send_all(dst: &TcpStream, mut data: &[u8]) -> io::Result<()> {
+pub async fn send_all(dst: &TcpStream, mut data: &[u8]) -> io::Result<()> {
     let fd = dst.as_raw_fd();
     while !data.is_empty() {
-        match send_nonblocking(fd, data) {
+        match sys::send_nonblocking(fd, data) {
             Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
             Ok(n) => data = &data[n..],
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => dst.writable(false).await?,
@@ -393,7 +349,7 @@ async fn copy_dir(src: &TcpStream, dst: &TcpStream, pool: &BufPool, count: &Cell
             crate::worker::yield_now().await;
         }
         let mut buf = held.take().unwrap_or_else(|| pool.get(large));
-        let n = match recv_into(sfd, &mut buf) {
+        let n = match sys::recv_spare(sfd, &mut buf, usize::MAX) {
             Ok(0) => {
                 pool.put(buf);
                 return pass_eof(dst.as_raw_fd());
