@@ -1218,7 +1218,14 @@ fn set_last(last: &mut Option<Rc<Dest>>, cache: &MetricCache, svc: &ObjectRef, u
 }
 
 /// A tunnel's recent label sets, shared by its requests (HTTP/2 streams included).
-type MetricCache = Rc<RefCell<Vec<(MetricKey, Arc<crate::telemetry::RequestCounters>)>>>;
+type MetricCache = Rc<RefCell<Vec<(MetricKey, Rc<LabelSet>)>>>;
+
+/// A label set's counters and its destination's access-log text, made when a tunnel
+/// first records the set.
+struct LabelSet {
+    counters: Arc<crate::telemetry::RequestCounters>,
+    dst: crate::telemetry::AccessDst,
+}
 
 /// Label sets a tunnel remembers.
 const METRIC_CACHE: usize = 8;
@@ -1722,103 +1729,35 @@ impl Upstream for HboneUpstream {
             })
             .map(|(_, c)| c.clone());
         let access = tracing::enabled!(target: "access", tracing::Level::INFO);
-        if let (Some(c), false) = (&cached, access) {
-            // The common case: labels known, no access log.
-            crate::telemetry::observe(c, ms, r.request_bytes, r.response_bytes);
-            if r.denied {
-                self.worker.shared.counters.denied.fetch_add(1, Relaxed);
-            }
-            return;
-        }
-        // Slow path: a new label set, or the access log.
-        let last = if was_routed { self.last.clone() } else { None };
-        let key: MetricKey = (r.status, r.flags, last.clone(), grpc);
-        let l7 = self.view.l7.clone();
-        let snap = l7.mesh.as_ref();
-        let p = &self.view.peer;
-        // The destination: the routed service and the endpoint that answered; else what
-        // the tunnel was addressed to.
-        let (service, workload) = match (&last, &p.destination) {
-            (Some(d), _) => (d.0.clone(), snap.and_then(|s| s.workload(&d.1))),
-            (None, http1::Destination::Service { service, .. }) => (Some(service.clone()), None),
-            (None, http1::Destination::Workload { .. }) => {
-                (None, snap.and_then(|s| s.workload_by_ip(self.target.ip())))
-            }
-        };
-        let unknown = || "unknown".to_string();
-        let host = service.as_ref().map_or_else(unknown, |svc| {
-            snap.and_then(|s| {
-                s.services()
-                    .find(|x| x.namespace == svc.namespace && x.name == svc.name)
-                    .map(|x| x.hostname.clone())
-            })
-            .unwrap_or_else(|| format!("{}.{}.svc.cluster.local", svc.name, svc.namespace))
-        });
-        // The model's workload of the client, when it is the one telemetry names (see
-        // `crate::source::workload_of`).
-        let source = snap
-            .and_then(|s| s.workload_by_ip(p.addr))
-            .filter(|w| w.namespace == p.namespace && workload_name(w) == p.workload);
-        let labels = crate::telemetry::RequestLabels {
-            source_workload: p.workload.clone(),
-            source_workload_namespace: p.namespace.clone(),
-            source_principal: p.principal.clone(),
-            source: crate::telemetry::WorkloadLabels::of(source),
-            destination: crate::telemetry::WorkloadLabels::of(workload),
-            grpc_response_status: grpc.flatten().map_or_else(String::new, |g| g.to_string()),
-            destination_service: host,
-            destination_service_name: service.as_ref().map_or_else(unknown, |s| s.name.clone()),
-            destination_service_namespace: service
-                .as_ref()
-                .map_or_else(unknown, |s| s.namespace.clone()),
-            destination_workload: workload.map_or_else(unknown, workload_name),
-            destination_workload_namespace: workload.map_or_else(unknown, |w| w.namespace.clone()),
-            destination_principal: workload.map_or_else(unknown, |w| w.identity().to_string()),
-            request_protocol: if grpc.is_some() { "grpc" } else { "http" },
-            response_code: r.status,
-            response_flags: r.flags,
-        };
-        let c = match cached {
-            Some(c) => c,
+        // The common case: a label set this tunnel has seen (its counters and access-log
+        // text kept), no labels built.
+        let set = match cached {
+            Some(set) => set,
             None => {
-                let c = self.worker.metrics.counters(&labels);
+                let set = self.new_label_set(r.status, r.flags, was_routed, grpc);
                 let mut cache = self.metric_cache.borrow_mut();
                 if cache.len() >= METRIC_CACHE {
                     cache.remove(0);
                 }
-                cache.push((key, c.clone()));
-                c
+                let last = if was_routed { self.last.clone() } else { None };
+                cache.push(((r.status, r.flags, last, grpc), set.clone()));
+                set
             }
         };
-        crate::telemetry::observe(&c, ms, r.request_bytes, r.response_bytes);
+        crate::telemetry::observe(&set.counters, ms, r.request_bytes, r.response_bytes);
         if r.denied {
             self.worker.shared.counters.denied.fetch_add(1, Relaxed);
         }
-        let target = match r.query {
-            Some(q) => format!("{}?{q}", r.path),
-            None => r.path.to_string(),
-        };
-        tracing::info!(
-            target: "access",
-            src_addr = %p.addr,
-            src_workload = %p.workload,
-            src_namespace = %p.namespace,
-            src_identity = %p.principal,
-            dst_service = %labels.destination_service,
-            dst_workload = %labels.destination_workload,
-            dst_identity = %labels.destination_principal,
-            protocol = r.protocol,
-            method = r.method,
-            authority = r.host,
-            path = target.as_str(),
-            status = r.status,
-            flags = r.flags,
-            request_bytes = r.request_bytes,
-            response_bytes = r.response_bytes,
-            duration_ms = format!("{ms:.3}"),
-            traceparent = r.traceparent,
-            "request"
-        );
+        if access {
+            let p = &self.view.peer;
+            let src = crate::telemetry::AccessSrc {
+                addr: p.addr,
+                workload: &p.workload,
+                namespace: &p.namespace,
+                identity: &p.principal,
+            };
+            crate::telemetry::access_log(&src, &set.dst, r, ms);
+        }
     }
 
     fn retried(&mut self) {
@@ -1894,6 +1833,70 @@ impl HboneUpstream {
     }
 
     /// The caller's address (the tunnel's client, as its view says).
+    /// The counters and access-log text of a label set this tunnel has not seen (status,
+    /// flags, `last` when routed, gRPC): its labels built from the view's snapshot.
+    fn new_label_set(
+        &self,
+        status: u16,
+        flags: &'static str,
+        was_routed: bool,
+        grpc: Option<Option<u32>>,
+    ) -> Rc<LabelSet> {
+        let last = if was_routed {
+            self.last.as_deref()
+        } else {
+            None
+        };
+        let snap = self.view.l7.mesh.as_ref();
+        let p = &self.view.peer;
+        // The destination: the routed service and the endpoint that answered; else what
+        // the tunnel was addressed to.
+        let (service, workload) = match (last, &p.destination) {
+            (Some(d), _) => (d.0.clone(), snap.and_then(|s| s.workload(&d.1))),
+            (None, http1::Destination::Service { service, .. }) => (Some(service.clone()), None),
+            (None, http1::Destination::Workload { .. }) => {
+                (None, snap.and_then(|s| s.workload_by_ip(self.target.ip())))
+            }
+        };
+        let unknown = || "unknown".to_string();
+        let host = service.as_ref().map_or_else(unknown, |svc| {
+            snap.and_then(|s| {
+                s.services()
+                    .find(|x| x.namespace == svc.namespace && x.name == svc.name)
+                    .map(|x| x.hostname.clone())
+            })
+            .unwrap_or_else(|| format!("{}.{}.svc.cluster.local", svc.name, svc.namespace))
+        });
+        // The model's workload of the client, when it is the one telemetry names (see
+        // `crate::source::workload_of`).
+        let source = snap
+            .and_then(|s| s.workload_by_ip(p.addr))
+            .filter(|w| w.namespace == p.namespace && workload_name(w) == p.workload);
+        let labels = crate::telemetry::RequestLabels {
+            source_workload: p.workload.clone(),
+            source_workload_namespace: p.namespace.clone(),
+            source_principal: p.principal.clone(),
+            source: crate::telemetry::WorkloadLabels::of(source),
+            destination: crate::telemetry::WorkloadLabels::of(workload),
+            grpc_response_status: grpc.flatten().map_or_else(String::new, |g| g.to_string()),
+            destination_service: host,
+            destination_service_name: service.as_ref().map_or_else(unknown, |s| s.name.clone()),
+            destination_service_namespace: service
+                .as_ref()
+                .map_or_else(unknown, |s| s.namespace.clone()),
+            destination_workload: workload.map_or_else(unknown, workload_name),
+            destination_workload_namespace: workload.map_or_else(unknown, |w| w.namespace.clone()),
+            destination_principal: workload.map_or_else(unknown, |w| w.identity().to_string()),
+            request_protocol: if grpc.is_some() { "grpc" } else { "http" },
+            response_code: status,
+            response_flags: flags,
+        };
+        Rc::new(LabelSet {
+            counters: self.worker.metrics.counters(&labels),
+            dst: crate::telemetry::AccessDst::of(&labels),
+        })
+    }
+
     fn source_ip(&self) -> IpAddr {
         self.view.peer.addr
     }
