@@ -594,7 +594,14 @@ fn peer_memory_rows_are_sized_or_skipped_to_the_peers_descriptor_limit() {
         assert!((100..=568).contains(&n), "{id} × small: sized to {n}: {z}");
         assert_eq!(e["memory"]["connections"], n, "{e}");
         assert_eq!(e["memory"]["established"], n, "{e}");
-        assert!(e["figure"]["median"].as_f64().unwrap_or(0.0) > 0.0, "{e}");
+        // The first memory run grows the forwarder; the second runs in the heap the first
+        // freed (the proxies keep freed memory) and may measure no growth at all.
+        let median = e["figure"]["median"].as_f64().expect("a memory figure");
+        if id.starts_with("idle-connections") {
+            assert!(median > 0.0, "{e}");
+        } else {
+            assert!(median >= 0.0, "{e}");
+        }
         assert_eq!(e["bytes"]["lost"], 0, "{e}");
         assert_starts(
             z,
