@@ -33,6 +33,7 @@ pub mod forward;
 pub mod forwarder;
 pub mod idle;
 pub mod listener;
+pub mod logbuf;
 pub mod pinned;
 pub mod pmqos;
 pub mod rtsched;
@@ -57,7 +58,7 @@ pub fn init_logging() {
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(logbuf::LogWriter)
         .with_ansi(ansi)
         .try_init();
 }

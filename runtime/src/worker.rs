@@ -395,7 +395,10 @@ where
                     live: Cell::new(0),
                 }));
                 crate::busy::set_worker(id, ctx.0.stats.clone());
+                // This worker's access lines go out in batches (written when it ends).
+                let _logs = crate::logbuf::buffer_this_thread();
                 rt.block_on(async move {
+                    monoio::spawn(crate::logbuf::flusher());
                     if !ctx.0.cfg.busy_poll.is_zero() {
                         if ctx.0.driver == DriverKind::Uring {
                             let budget = ctx.0.cfg.busy_poll;

@@ -606,12 +606,19 @@ fn r17_service_routes_to_itself_across_endpoints_and_the_httproute_wins() {
         n as u64,
         "{st}"
     );
-    // One access-log line per request, naming the original client and the endpoint.
+    // One access-log line per request, naming the original client and the endpoint (a
+    // worker writes its access lines in batches, at least every second).
+    let access_lines = |log: &str| -> Vec<String> {
+        log.lines()
+            .filter(|l| l.contains(" access: request") && l.contains("dst_workload=echo-v1"))
+            .map(str::to_owned)
+            .collect()
+    };
+    w.eventually("the waypoint's access log has a line per request", || {
+        access_lines(&strip_ansi(&w.log("waypoint"))).len() >= 10
+    });
     let log = strip_ansi(&w.log("waypoint"));
-    let lines: Vec<&str> = log
-        .lines()
-        .filter(|l| l.contains(" access: request") && l.contains("dst_workload=echo-v1"))
-        .collect();
+    let lines = access_lines(&log);
     assert_eq!(lines.len(), 10, "{log}");
     for (i, l) in lines.iter().enumerate() {
         assert!(l.contains(&format!("path=\"/e{i}\" ")), "{l}");
