@@ -28,13 +28,10 @@ struct LineBuf {
 }
 
 impl LineBuf {
-    /// Buffer `line`; write everything held when it reaches [`FLUSH_BYTES`].
-    fn push(&mut self, line: &[u8], sink: &mut dyn Write) -> io::Result<()> {
+    /// Buffer `line`; `true` when the buffer reached [`FLUSH_BYTES`] and is to be flushed.
+    fn push(&mut self, line: &[u8]) -> bool {
         self.buf.extend_from_slice(line);
-        if self.buf.len() >= FLUSH_BYTES {
-            self.flush(sink)?;
-        }
-        Ok(())
+        self.buf.len() >= FLUSH_BYTES
     }
 
     /// Write what is held (then hold nothing; a buffer grown past the threshold is let go).
@@ -110,25 +107,27 @@ impl Write for EventWriter {
     }
 
     fn write_all(&mut self, line: &[u8]) -> io::Result<()> {
-        let mut err = io::stderr().lock();
-        let held = BUF.try_with(|b| {
+        // stderr is locked only to write: a buffered line below the threshold takes no lock.
+        let done = BUF.try_with(|b| {
             let Ok(mut b) = b.try_borrow_mut() else {
-                return Err(());
+                return None;
             };
-            match b.as_mut() {
-                Some(b) if self.buffered => Ok(b.push(line, &mut err)),
-                // Any other line: what is held first, so the thread's lines keep their
-                // order.
-                Some(b) => {
-                    let _ = b.flush(&mut err);
-                    Err(())
-                }
-                None => Err(()),
+            let b = b.as_mut()?;
+            if self.buffered {
+                return Some(if b.push(line) {
+                    b.flush(&mut io::stderr().lock())
+                } else {
+                    Ok(())
+                });
             }
+            // Any other line: what is held first, so the thread's lines keep their order.
+            let mut err = io::stderr().lock();
+            let _ = b.flush(&mut err);
+            Some(err.write_all(line))
         });
-        match held {
-            Ok(Ok(r)) => r,
-            _ => err.write_all(line),
+        match done {
+            Ok(Some(r)) => r,
+            _ => io::stderr().write_all(line),
         }
     }
 
@@ -162,13 +161,12 @@ mod tests {
         let line = [b'x'; 1000];
         let mut pushed = 0;
         while pushed + line.len() < FLUSH_BYTES {
-            b.push(&line, &mut sink).unwrap();
+            assert!(!b.push(&line), "threshold reached after {pushed} bytes");
             pushed += line.len();
-            assert!(sink.is_empty(), "written before the threshold");
         }
-        b.push(b"last\n", &mut sink).unwrap();
-        assert!(sink.is_empty());
-        b.push(&line, &mut sink).unwrap();
+        assert!(!b.push(b"last\n"));
+        assert!(b.push(&line), "the threshold");
+        b.flush(&mut sink).unwrap();
         assert_eq!(
             sink.len(),
             pushed + 5 + line.len(),
@@ -176,7 +174,7 @@ mod tests {
         );
         assert_eq!(&sink[pushed..pushed + 5], b"last\n");
         assert!(b.buf.is_empty());
-        b.push(b"a\n", &mut sink).unwrap();
+        assert!(!b.push(b"a\n"));
         b.flush(&mut sink).unwrap();
         assert!(sink.ends_with(b"a\n"));
         let n = sink.len();
