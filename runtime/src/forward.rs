@@ -143,19 +143,22 @@ where
     }
 }
 
-/// The future of [`drive`]. A struct rather than an `async fn`: that one kept its arguments
-/// and the pinned copies it polled both, so each connection held its directions twice (the
-/// copy path: 1.5 kB where 0.7 kB do).
-pub struct Drive<'a, A, B, C> {
-    // Pinned with the `Drive` (see `poll`).
-    d2u: A,
-    u2d: B,
-    abort: C,
-    // Not pinned.
-    counts: &'a [Cell<u64>; 2],
-    watch: IdleWatch,
-    d2u_done: bool,
-    u2d_done: bool,
+pin_project_lite::pin_project! {
+    /// The future of [`drive`]. A struct rather than an `async fn`: that one kept its
+    /// arguments and the pinned copies it polled both, so each connection held its
+    /// directions twice (the copy path: 1.5 kB where 0.7 kB do).
+    pub struct Drive<'a, A, B, C> {
+        #[pin]
+        d2u: A,
+        #[pin]
+        u2d: B,
+        #[pin]
+        abort: C,
+        counts: &'a [Cell<u64>; 2],
+        watch: IdleWatch,
+        d2u_done: bool,
+        u2d_done: bool,
+    }
 }
 
 /// What a direction's end means for the pair: `None` for EOF (the other may go on), else the
@@ -177,68 +180,42 @@ where
     type Output = End;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<End> {
-        // SAFETY: `d2u`, `u2d` and `abort` are pinned structurally: they are reached only
-        // through the `Pin`s made in `poll_end`, never moved out or swapped, `Drive` has no
-        // `Drop` impl, and it is `Unpin` only when they all are (auto trait). The other
-        // fields are plain data, used unpinned.
-        let this = unsafe { self.get_unchecked_mut() };
-        // SAFETY: `this` is the pinned `Drive`.
-        let end = unsafe { this.poll_end(cx) };
+        let this = self.project();
+        let end = (|| {
+            if !*this.d2u_done {
+                if let Poll::Ready(e) = this.d2u.poll(cx) {
+                    match dir_end(e, Side::Downstream, Side::Upstream) {
+                        None => *this.d2u_done = true,
+                        Some(end) => return Poll::Ready(end),
+                    }
+                }
+            }
+            if !*this.u2d_done {
+                if let Poll::Ready(e) = this.u2d.poll(cx) {
+                    match dir_end(e, Side::Upstream, Side::Downstream) {
+                        None => *this.u2d_done = true,
+                        Some(end) => return Poll::Ready(end),
+                    }
+                }
+            }
+            if *this.d2u_done && *this.u2d_done {
+                return Poll::Ready(End::Closed);
+            }
+            if this.abort.poll(cx).is_ready() {
+                return Poll::Ready(End::Aborted);
+            }
+            let total = this.counts[0].get().wrapping_add(this.counts[1].get());
+            if this.watch.poll(cx, total).is_ready() {
+                return Poll::Ready(End::Idle);
+            }
+            Poll::Pending
+        })();
         if end.is_ready() {
             // The slot goes at the end, as the `async fn` freed it, not when the caller
             // gets round to dropping the future.
             this.watch.release();
         }
         end
-    }
-}
-
-impl<A, B, C> Drive<'_, A, B, C>
-where
-    A: Future<Output = DirEnd>,
-    B: Future<Output = DirEnd>,
-    C: Future<Output = ()>,
-{
-    /// `poll` of the pair.
-    ///
-    /// # Safety
-    /// `self` is pinned: `d2u`, `u2d` and `abort` are polled in place (see `poll`).
-    unsafe fn poll_end(&mut self, cx: &mut Context<'_>) -> Poll<End> {
-        if !self.d2u_done {
-            // SAFETY: structural pinning of `d2u`, see `poll`.
-            let d2u = unsafe { Pin::new_unchecked(&mut self.d2u) };
-            if let Poll::Ready(e) = d2u.poll(cx) {
-                match dir_end(e, Side::Downstream, Side::Upstream) {
-                    None => self.d2u_done = true,
-                    Some(end) => return Poll::Ready(end),
-                }
-            }
-        }
-        if !self.u2d_done {
-            // SAFETY: structural pinning of `u2d`, see `poll`.
-            let u2d = unsafe { Pin::new_unchecked(&mut self.u2d) };
-            if let Poll::Ready(e) = u2d.poll(cx) {
-                match dir_end(e, Side::Upstream, Side::Downstream) {
-                    None => self.u2d_done = true,
-                    Some(end) => return Poll::Ready(end),
-                }
-            }
-        }
-        if self.d2u_done && self.u2d_done {
-            return Poll::Ready(End::Closed);
-        }
-        // SAFETY: structural pinning of `abort`, see `poll`.
-        if unsafe { Pin::new_unchecked(&mut self.abort) }
-            .poll(cx)
-            .is_ready()
-        {
-            return Poll::Ready(End::Aborted);
-        }
-        let total = self.counts[0].get().wrapping_add(self.counts[1].get());
-        if self.watch.poll(cx, total).is_ready() {
-            return Poll::Ready(End::Idle);
-        }
-        Poll::Pending
     }
 }
 
