@@ -164,7 +164,8 @@ struct Args {
     /// NAME=ADDR[,maxconn=N],cmd=COMMAND (repeatable; see bench/peers/ and
     /// `bench/src/peer.rs` for the port layout it must forward). maxconn: the most client
     /// connections its config admits (HAProxy's maxconn; nginx's: see bench/peers/nginx.conf):
-    /// the memory scenarios are sized to it and to its descriptor limit.
+    /// the memory scenarios are sized to it and to its descriptor limit. Pinned runs start it
+    /// under `taskset -c` on the proxy cores, as our proxies.
     #[arg(long = "peer")]
     peers: Vec<String>,
     /// Tuning profile (built-in name or YAML file) passed to the ztunnels and the waypoint.
@@ -806,7 +807,8 @@ fn run(args: Args, suite: Suite) -> Result<ExitCode> {
         }
         for spec in &suite.peers {
             eprintln!("bench: starting peer {}: {}", spec.name, spec.cmd);
-            peers.push(peer::Peer::start(spec, &m, &tmp.0)?);
+            let cpus = placement.pin.then_some(placement.proxy_cores.as_slice());
+            peers.push(peer::Peer::start(spec, &m, &tmp.0, cpus)?);
         }
         if !suite.peers.is_empty() {
             lap = phases.lap("peers start", lap);
