@@ -244,6 +244,12 @@ pub struct HostFacts {
     pub ulimit_nofile: Option<String>,
     pub ulimit_memlock: Option<String>,
     pub idle: IdleMode,
+    /// `net.ipv4.tcp_congestion_control` (new network namespaces start with it): under `bbr`
+    /// every sender on a veth or loopback paces itself with hrtimers, which halved direct
+    /// bulk throughput on the dev VM (16 against 36 Gbit/s with `cubic`).
+    pub tcp_congestion: Option<String>,
+    /// `net.core.default_qdisc`.
+    pub default_qdisc: Option<String>,
 }
 
 /// How idle CPUs wait, which moves loopback latency by ~3× (see BENCHMARKING.md).
@@ -298,6 +304,8 @@ impl HostFacts {
             kernel,
             clk_tck: clk_tck(),
             loopback_mtu: read("/sys/class/net/lo/mtu").and_then(|s| s.parse().ok()),
+            tcp_congestion: read("/proc/sys/net/ipv4/tcp_congestion_control"),
+            default_qdisc: read("/proc/sys/net/core/default_qdisc"),
             ulimit_nofile: limit("Max open files"),
             ulimit_memlock: limit("Max locked memory"),
             idle: IdleMode::read(),

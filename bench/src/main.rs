@@ -1198,8 +1198,9 @@ fn run(args: Args, suite: Suite) -> Result<ExitCode> {
 
     let table = report::summary_table(&entries);
     let mut md = format!(
-        "# bench {} — {started_utc}\n\n{} CPUs ({}), {}; idle: {} (cpuidle driver {}); pinning: {}; \
-         proxy io driver: {}; profile: {}; build: {}\n\n\
+        "# bench {} — {started_utc}\n\n{} CPUs ({}), {}; idle: {} (cpuidle driver {}); TCP \
+         congestion control: {} (qdisc {}); pinning: {}; proxy io driver: {}; profile: {}; \
+         build: {}\n\n\
          Each figure: median [min–max] of {} run(s) of {:.1} s{}; paths interleaved. \
          Client: {} generator + {} backend thread(s), monoio ({}).\n\n{table}",
         suite.name,
@@ -1208,6 +1209,8 @@ fn run(args: Args, suite: Suite) -> Result<ExitCode> {
         host_facts.kernel,
         host_facts.idle.mode,
         host_facts.idle.cpuidle_driver.as_deref().unwrap_or("?"),
+        host_facts.tcp_congestion.as_deref().unwrap_or("?"),
+        host_facts.default_qdisc.as_deref().unwrap_or("?"),
         if placement.pin {
             format!(
                 "generator+backend {:?}, proxy {:?}",

@@ -31,6 +31,8 @@
 //!                    "ztunnel_pids", "backends" },
 //!   "host": { "cores", "cpus_online", "cpu_model", "kernel", "clk_tck", "loopback_mtu",
 //!             "ulimit_nofile", "ulimit_memlock",
+//!             "tcp_congestion", "default_qdisc": string|null (the host's sysctls; the
+//!                 proxies' own sockets follow the profile's runtime.tcp_congestion),
 //!             "idle": { "cpuidle_driver", "cpuidle_governor", "cpu_dma_latency_us",
 //!                       "mode": "halting" | "polling" | "unknown" | "halting (limit 0 held, but no cpuidle driver obeys it)" },
 //!             "profile": "default",              // the runtime tuning profile in use

@@ -268,6 +268,14 @@ fn quick_suite_reports_every_scenario_and_path() {
     }
     assert!(report["host"]["cores"].as_u64().unwrap_or(0) >= 1);
     assert!(report["host"]["kernel"].as_str().is_some());
+    // Recorded because it moves every bulk figure (bbr paces senders on veths).
+    assert_eq!(
+        report["host"]["tcp_congestion"].as_str(),
+        std::fs::read_to_string("/proc/sys/net/ipv4/tcp_congestion_control")
+            .ok()
+            .as_deref()
+            .map(str::trim)
+    );
     assert!(out.join("summary.md").exists(), "summary.md written");
 
     let results = report["results"].as_array().expect("results array");

@@ -63,6 +63,7 @@ pub fn default_socket_options() -> ListenOptions {
         cpu_steering: false,
         recv_buffer: None,
         send_buffer: None,
+        congestion: None,
     }
 }
 

@@ -60,6 +60,11 @@ pub struct H2Settings {
     /// front of a small stream's (receive autotuning off; the kernel reserves twice this).
     /// Absent: as the runtime's sockets.
     pub socket_recv_buffer: Option<usize>,
+    /// TCP congestion control on HBONE sockets (client and server), overriding
+    /// `runtime.tcp_congestion` for them, e.g. `bbr` between nodes while pod-side sockets
+    /// (on the node's veths) use `cubic`. Absent: as the runtime's sockets. Checked when the
+    /// config loads (a name this host lacks or does not allow this process is refused).
+    pub tcp_congestion: Option<String>,
 }
 
 /// [`H2Settings::handshake_timeout`]'s default: Envoy's default cluster `connect_timeout`.
@@ -83,6 +88,7 @@ impl Default for H2Settings {
             tls_resumption: crate::tls::DEFAULT_RESUMPTION,
             socket_notsent_lowat: None,
             socket_recv_buffer: None,
+            tcp_congestion: None,
         }
     }
 }
@@ -124,6 +130,10 @@ impl H2Settings {
     /// The HBONE socket options' values make sense: an error names the field.
     pub fn validate(&self) -> Result<(), runtime::config::Invalid> {
         use runtime::config::Invalid;
+        if let Some(name) = &self.tcp_congestion {
+            runtime::config::check_congestion(name)
+                .map_err(|why| Invalid::new("h2.tcp_congestion", why))?;
+        }
         if let Some(n) = self.socket_notsent_lowat {
             if !(MIN_SOCKET_BYTES as u32..=i32::MAX as u32).contains(&n) {
                 return Err(Invalid::new(
@@ -150,10 +160,13 @@ impl H2Settings {
     }
 
     /// Apply the HBONE-only socket options ([`H2Settings::socket_notsent_lowat`],
-    /// [`H2Settings::socket_recv_buffer`]) to a client's connected or a server's accepted
-    /// socket; nothing (no system call) when both are absent.
+    /// [`H2Settings::socket_recv_buffer`], [`H2Settings::tcp_congestion`]) to a client's
+    /// connected or a server's accepted socket; nothing (no system call) when all are absent.
     pub fn tune_socket(&self, fd: &impl std::os::fd::AsRawFd) -> std::io::Result<()> {
         let fd = fd.as_raw_fd();
+        if let Some(name) = &self.tcp_congestion {
+            runtime::sys::with_sockref(fd, |s| s.set_tcp_congestion(name.as_bytes()))?;
+        }
         if let Some(n) = self.socket_notsent_lowat {
             runtime::sys::set_tcp_notsent_lowat(fd, n)?;
         }

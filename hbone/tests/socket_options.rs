@@ -1,4 +1,5 @@
-//! HBONE-only socket options (`h2.socket_notsent_lowat`, `h2.socket_recv_buffer`): read back
+//! HBONE-only socket options (`h2.socket_notsent_lowat`, `h2.socket_recv_buffer`,
+//! `h2.tcp_congestion`): read back
 //! with getsockopt from the real client and server sockets of an HBONE connection, and
 //! refused with a message naming the field when out of range.
 
@@ -17,7 +18,7 @@ use hbone::H2Settings;
 use runtime::driver::DriverKind;
 
 /// The TCP sockets of this process whose (local, peer) address pair satisfies `pick`, each
-/// with its `TCP_NOTSENT_LOWAT` and `SO_RCVBUF` read back with getsockopt.
+/// with its `TCP_NOTSENT_LOWAT`, `SO_RCVBUF` and `TCP_CONGESTION` read back with getsockopt.
 fn sockets_where(pick: impl Fn(SocketAddr, SocketAddr) -> bool) -> Vec<Opts> {
     let mut out = Vec::new();
     for e in std::fs::read_dir("/proc/self/fd").unwrap().flatten() {
@@ -36,7 +37,12 @@ fn sockets_where(pick: impl Fn(SocketAddr, SocketAddr) -> bool) -> Vec<Opts> {
             }
             // A TCP option: fails for any other kind of socket.
             let lowat = runtime::sys::tcp_notsent_lowat(fd)?;
-            Ok(Some((lowat, s.recv_buffer_size()?)))
+            let ca = runtime::listener::TcpCa::of_socket(&fd)?;
+            Ok(Some((
+                lowat,
+                s.recv_buffer_size()?,
+                String::from_utf8_lossy(&ca).into_owned(),
+            )))
         });
         if let Ok(Some(o)) = found {
             out.push(o);
@@ -45,8 +51,24 @@ fn sockets_where(pick: impl Fn(SocketAddr, SocketAddr) -> bool) -> Vec<Opts> {
     out
 }
 
-/// A socket's (`TCP_NOTSENT_LOWAT`, `SO_RCVBUF`).
-type Opts = (u32, usize);
+/// A socket's (`TCP_NOTSENT_LOWAT`, `SO_RCVBUF`, congestion control).
+type Opts = (u32, usize, String);
+
+/// The host's default congestion control (what a fresh socket gets).
+fn host_default_ca() -> String {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    String::from_utf8(runtime::listener::TcpCa::of_socket(&l).unwrap()).unwrap()
+}
+
+/// One other than the host default (reno and cubic are built into every kernel).
+fn other_ca() -> String {
+    if host_default_ca() == "reno" {
+        "cubic"
+    } else {
+        "reno"
+    }
+    .to_string()
+}
 
 /// (client side, server side) options of the HBONE connection to `srv`, once both exist.
 fn hbone_sockets(srv: SocketAddr) -> (Vec<Opts>, Vec<Opts>) {
@@ -82,13 +104,16 @@ fn options_of_a_connection(
 }
 
 #[test]
-fn notsent_lowat_and_recv_buffer_are_set_on_both_hbone_sockets() {
+fn notsent_lowat_recv_buffer_and_congestion_are_set_on_both_hbone_sockets() {
     let ca = ca();
+    let algo = other_ca();
     let settings = H2Settings {
         socket_notsent_lowat: Some(16384),
         socket_recv_buffer: Some(131072),
+        tcp_congestion: Some(algo.clone()),
         ..H2Settings::default()
     };
+    settings.validate().unwrap();
     let srv = server(
         &cert(&ca, "server"),
         settings.clone(),
@@ -104,8 +129,8 @@ fn notsent_lowat_and_recv_buffer_are_set_on_both_hbone_sockets() {
         "server sockets at {addr}: {server_side:?}"
     );
     // The kernel reports twice the SO_RCVBUF asked for.
-    assert_eq!(client[0], (16384, 2 * 131072), "client side");
-    assert_eq!(server_side[0], (16384, 2 * 131072), "server side");
+    assert_eq!(client[0], (16384, 2 * 131072, algo.clone()), "client side");
+    assert_eq!(server_side[0], (16384, 2 * 131072, algo), "server side");
 }
 
 #[test]
@@ -119,6 +144,8 @@ fn without_the_knobs_hbone_sockets_keep_the_system_defaults() {
     // 0: never set on the socket (the system's net.ipv4.tcp_notsent_lowat applies).
     assert_eq!(client[0].0, 0);
     assert_eq!(server_side[0].0, 0);
+    assert_eq!(client[0].2, host_default_ca());
+    assert_eq!(server_side[0].2, host_default_ca());
 }
 
 #[test]
@@ -150,7 +177,20 @@ fn out_of_range_socket_knobs_are_refused_naming_the_field() {
         assert_eq!(e.field, field);
         assert!(e.message.contains("between"), "{}", e.message);
     }
+    let e = H2Settings {
+        tcp_congestion: Some("nosuchcc".into()),
+        ..H2Settings::default()
+    }
+    .validate()
+    .expect_err("unknown congestion control");
+    assert_eq!(e.field, "h2.tcp_congestion");
+    assert!(
+        e.message.contains("cannot be set on this host"),
+        "{}",
+        e.message
+    );
     let ok = H2Settings {
+        tcp_congestion: Some(other_ca()),
         socket_notsent_lowat: Some(16384),
         socket_recv_buffer: Some(262144),
         ..H2Settings::default()

@@ -369,6 +369,11 @@ pub struct RuntimeConfig {
     pub socket_recv_buffer: Option<usize>,
     /// Bytes: `SO_SNDBUF` likewise; absent = autotuning (`net.ipv4.tcp_wmem`).
     pub socket_send_buffer: Option<usize>,
+    /// TCP congestion control (`TCP_CONGESTION`: `cubic`, `bbr`, ...) on listeners (inherited
+    /// by accepted sockets) and connected sockets; absent = the host's
+    /// `net.ipv4.tcp_congestion_control`. Checked when the config loads: a name this host
+    /// lacks or does not allow this process is refused.
+    pub tcp_congestion: Option<String>,
     pub forward: ForwardConfig,
     /// glibc malloc thresholds, applied once per process before the first worker starts.
     /// See [`AllocatorConfig`].
@@ -434,10 +439,29 @@ impl Default for RuntimeConfig {
             sched_fifo_priority: None,
             socket_recv_buffer: None,
             socket_send_buffer: None,
+            tcp_congestion: None,
             forward: ForwardConfig::default(),
             allocator: AllocatorConfig::default(),
         }
     }
+}
+
+/// Whether `name` is a congestion control this process can set on its sockets (see
+/// [`TcpCa::probe`](crate::listener::TcpCa::probe)); the error names what this host offers.
+pub fn check_congestion(name: &str) -> Result<(), String> {
+    let ca = crate::listener::TcpCa::new(name)?;
+    ca.probe().map_err(|e| {
+        let avail = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_available_congestion_control")
+            .map(|s| s.trim().to_string())
+            .unwrap_or_else(|_| "unknown".into());
+        let allowed = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_allowed_congestion_control")
+            .map(|s| s.trim().to_string())
+            .unwrap_or_else(|_| "unknown".into());
+        format!(
+            "{name:?} cannot be set on this host ({e}); available: {avail}; allowed without \
+             CAP_NET_ADMIN: {allowed} (a module may need `modprobe tcp_{name}`)"
+        )
+    })
 }
 
 /// Largest `busy_poll` budget accepted.
@@ -554,6 +578,9 @@ impl RuntimeConfig {
                     ));
                 }
             }
+        }
+        if let Some(name) = &self.tcp_congestion {
+            check_congestion(name).map_err(|why| Invalid::new(f("tcp_congestion"), why))?;
         }
         let al = &self.allocator;
         for (name, v, max) in [
@@ -832,6 +859,35 @@ mod tests {
         let e = from_yaml_str::<RuntimeConfig>(Path::new("p.yaml"), "socket_recv_buffer: -1\n")
             .unwrap_err();
         assert_eq!(e.line, Some(1), "{e}");
+    }
+
+    #[test]
+    fn tcp_congestion_is_checked_against_the_host_when_loading() {
+        assert_eq!(RuntimeConfig::default().tcp_congestion, None);
+        // reno is built into every kernel (the fallback of all others).
+        let text = "pin: true\ntcp_congestion: reno\n";
+        let cfg: RuntimeConfig = from_yaml_str(Path::new("rt.yaml"), text).unwrap();
+        cfg.validate("runtime").unwrap();
+        assert_eq!(
+            crate::listener::ListenOptions::from_config(&cfg)
+                .congestion
+                .map(|c| c.as_str().to_string()),
+            Some("reno".to_string())
+        );
+        for (bad, why) in [
+            ("nosuchcc", "cannot be set on this host"),
+            ("bb-r", "letters"),
+        ] {
+            let text = format!("pin: true\ntcp_congestion: {bad}\n");
+            let cfg: RuntimeConfig = from_yaml_str(Path::new("p.yaml"), &text).unwrap();
+            let e = cfg
+                .validate("")
+                .unwrap_err()
+                .in_file(Path::new("p.yaml"), Some(&text));
+            assert_eq!(e.field.as_deref(), Some("tcp_congestion"), "{e}");
+            assert_eq!(e.line, Some(2), "{e}");
+            assert!(e.to_string().contains(why), "{e}");
+        }
     }
 
     #[test]

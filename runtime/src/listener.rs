@@ -22,6 +22,76 @@ pub struct ListenOptions {
     pub recv_buffer: Option<usize>,
     /// `SO_SNDBUF` bytes, likewise.
     pub send_buffer: Option<usize>,
+    /// `TCP_CONGESTION` for listeners (inherited by accepted sockets) and connected sockets;
+    /// absent = the host's `net.ipv4.tcp_congestion_control`.
+    pub congestion: Option<TcpCa>,
+}
+
+/// A TCP congestion control algorithm's name (`cubic`, `bbr`, `reno`): at most 15 bytes
+/// (the kernel's `TCP_CA_NAME_MAX` with its NUL), letters, digits and `_`. Kept inline so
+/// that [`ListenOptions`] stays cheap to copy.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct TcpCa {
+    name: [u8; 15],
+    len: u8,
+}
+
+impl TcpCa {
+    /// Parse and check the spelling (not whether this host has it: see [`TcpCa::probe`]).
+    pub fn new(name: &str) -> Result<TcpCa, String> {
+        let b = name.as_bytes();
+        if b.is_empty() || b.len() > 15 {
+            return Err(format!(
+                "{name:?}: a congestion control name has 1 to 15 characters"
+            ));
+        }
+        if !b.iter().all(|c| c.is_ascii_alphanumeric() || *c == b'_') {
+            return Err(format!(
+                "{name:?}: a congestion control name has only letters, digits and '_'"
+            ));
+        }
+        let mut out = [0u8; 15];
+        out[..b.len()].copy_from_slice(b);
+        Ok(TcpCa {
+            name: out,
+            len: b.len() as u8,
+        })
+    }
+
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.name[..self.len as usize]
+    }
+
+    pub fn as_str(&self) -> &str {
+        // Only ASCII was accepted.
+        std::str::from_utf8(self.as_bytes()).unwrap_or("?")
+    }
+
+    /// Whether this process may set it: one `TCP_CONGESTION` on a throwaway socket, so a
+    /// name the kernel lacks (`ENOENT`: not built in, module not loadable) or does not allow
+    /// this process (`EPERM`: not in `net.ipv4.tcp_allowed_congestion_control` without
+    /// `CAP_NET_ADMIN`) is refused when the config loads rather than on every connection.
+    pub fn probe(&self) -> io::Result<()> {
+        let s = Socket::new(Domain::IPV4, Type::STREAM.cloexec(), Some(Protocol::TCP))?;
+        s.set_tcp_congestion(self.as_bytes())
+    }
+
+    /// The algorithm `fd` uses (the kernel pads the name with NULs).
+    pub fn of_socket(fd: &impl AsRawFd) -> io::Result<Vec<u8>> {
+        crate::sys::with_sockref(fd.as_raw_fd(), |s| {
+            let mut v = s.tcp_congestion()?;
+            while v.last() == Some(&0) {
+                v.pop();
+            }
+            Ok(v)
+        })
+    }
+}
+
+impl std::fmt::Debug for TcpCa {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 impl ListenOptions {
@@ -33,6 +103,11 @@ impl ListenOptions {
             cpu_steering: cfg.reuseport_cpu_steering,
             recv_buffer: cfg.socket_recv_buffer,
             send_buffer: cfg.socket_send_buffer,
+            // validate() refused a bad name; a config built in code without it gets none.
+            congestion: cfg
+                .tcp_congestion
+                .as_deref()
+                .and_then(|n| TcpCa::new(n).ok()),
         }
     }
 }
@@ -128,11 +203,14 @@ fn set_buffers(s: &Socket, opts: &ListenOptions) -> io::Result<()> {
     Ok(())
 }
 
-/// Every per-connection option: `TCP_NODELAY`, `SO_RCVBUF`/`SO_SNDBUF`, and keepalive
-/// (`SO_KEEPALIVE`, `TCP_KEEPIDLE`, `TCP_KEEPINTVL`).
+/// Every per-connection option: `TCP_NODELAY`, `SO_RCVBUF`/`SO_SNDBUF`, keepalive
+/// (`SO_KEEPALIVE`, `TCP_KEEPIDLE`, `TCP_KEEPINTVL`) and `TCP_CONGESTION`.
 fn set_stream_options(s: &Socket, opts: &ListenOptions) -> io::Result<()> {
     s.set_nodelay(opts.nodelay)?;
     set_buffers(s, opts)?;
+    if let Some(ca) = &opts.congestion {
+        s.set_tcp_congestion(ca.as_bytes())?;
+    }
     match opts.keepalive {
         Some(idle) => s.set_tcp_keepalive(
             &TcpKeepalive::new()
@@ -148,14 +226,15 @@ fn set_stream_options(s: &Socket, opts: &ListenOptions) -> io::Result<()> {
 pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
 
 /// Apply per-connection options to a connected socket (or an accepted one whose listener was
-/// not prepared with [`inherit_to_accepted`]): up to 6 `setsockopt` calls.
+/// not prepared with [`inherit_to_accepted`]): up to 7 `setsockopt` calls.
 pub fn tune_stream(fd: &impl AsRawFd, opts: &ListenOptions) -> io::Result<()> {
     crate::sys::with_sockref(fd.as_raw_fd(), |s| set_stream_options(&s, opts))
 }
 
 /// Make `listener` carry the per-connection options, so that the sockets it accepts get
 /// them without a system call of their own: Linux copies `TCP_NODELAY`, `SO_KEEPALIVE`,
-/// `TCP_KEEPIDLE`, `TCP_KEEPINTVL`, `SO_RCVBUF` and `SO_SNDBUF` from the listening socket
+/// `TCP_KEEPIDLE`, `TCP_KEEPINTVL`, `SO_RCVBUF`, `SO_SNDBUF` and a `TCP_CONGESTION` set on it
+/// from the listening socket
 /// to each accepted one (checked per option by the test
 /// `accepted_sockets_inherit_every_option_from_the_listener`). Reads the listener's options
 /// and sets only those that differ: nothing for a listener from [`bind_sharded`], which
@@ -208,6 +287,14 @@ pub fn inherit_to_accepted(listener: &impl AsRawFd, opts: &ListenOptions) -> io:
                 }
             }
         }
+        if let Some(ca) = &opts.congestion {
+            // Accepted sockets inherit the algorithm only when it was set on the listener
+            // with `TCP_CONGESTION` (else they take the host default of the moment), so it
+            // is set even when equal; queued connections differ only when it was not.
+            let before = TcpCa::of_socket(listener)?;
+            s.set_tcp_congestion(ca.as_bytes())?;
+            changed |= before != ca.as_bytes();
+        }
         Ok(changed)
     })
 }
@@ -231,6 +318,7 @@ mod tests {
             cpu_steering: false,
             recv_buffer: None,
             send_buffer: None,
+            congestion: None,
         }
     }
 
@@ -400,5 +488,53 @@ mod tests {
         let (a, _c) = accept_one(&plain);
         let o = read_opts(&a);
         assert!(!o.keepalive && !o.nodelay, "{o:?}");
+    }
+
+    /// An algorithm other than the host default (reno and cubic are built into every kernel
+    /// this runs on; `probe` proves it).
+    fn non_default_ca() -> TcpCa {
+        let fresh = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let default = TcpCa::of_socket(&fresh).unwrap();
+        let ca = TcpCa::new(if default == b"reno" { "cubic" } else { "reno" }).unwrap();
+        ca.probe().unwrap();
+        ca
+    }
+
+    #[test]
+    fn tcp_congestion_reaches_accepted_and_connected_sockets() {
+        let ca = non_default_ca();
+        let mut o = tuned();
+        o.congestion = Some(ca);
+        // bind_sharded sets it before listen: accepted sockets inherit it.
+        let ls = bind_sharded("127.0.0.1:0".parse().unwrap(), 1, &o).unwrap();
+        assert_eq!(TcpCa::of_socket(&ls[0]).unwrap(), ca.as_bytes());
+        let (a, c) = accept_one(&ls[0]);
+        assert_eq!(TcpCa::of_socket(&a).unwrap(), ca.as_bytes(), "accepted");
+        assert_ne!(
+            TcpCa::of_socket(&c).unwrap(),
+            ca.as_bytes(),
+            "the untuned client"
+        );
+        assert!(!inherit_to_accepted(&ls[0], &o).unwrap());
+        // A connected socket gets it from tune_stream.
+        tune_stream(&c, &o).unwrap();
+        assert_eq!(TcpCa::of_socket(&c).unwrap(), ca.as_bytes(), "connected");
+        // A listener made elsewhere: inherit_to_accepted sets it, once.
+        let plain = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        assert!(inherit_to_accepted(&plain, &o).unwrap());
+        assert!(!inherit_to_accepted(&plain, &o).unwrap());
+        let (a, _c) = accept_one(&plain);
+        assert_eq!(TcpCa::of_socket(&a).unwrap(), ca.as_bytes());
+    }
+
+    #[test]
+    fn tcp_ca_names_are_checked() {
+        assert_eq!(TcpCa::new("cubic").unwrap().as_str(), "cubic");
+        assert_eq!(TcpCa::new("a_15_chars_name").unwrap().as_bytes().len(), 15);
+        assert!(TcpCa::new("").is_err());
+        assert!(TcpCa::new("sixteen_chars_xx").is_err());
+        assert!(TcpCa::new("bb r").is_err());
+        // Well spelled but unknown to the kernel: refused by the probe (ENOENT).
+        assert!(TcpCa::new("nosuchcc").unwrap().probe().is_err());
     }
 }

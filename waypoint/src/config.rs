@@ -610,6 +610,9 @@ impl SettingsDoc {
         if let Some(r) = &self.runtime {
             r.validate("runtime")?;
         }
+        if let Some(h) = &self.h2 {
+            h.validate()?;
+        }
         Ok(ztunnel)
     }
 

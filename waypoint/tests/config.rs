@@ -284,6 +284,17 @@ fn settings_document_loads_with_defaults_and_names_bad_fields() {
         e.field.as_deref().unwrap_or("").starts_with("runtime"),
         "{e}"
     );
+    // The h2 knobs are checked too (a congestion control this host lacks; a bad watermark).
+    let e = err(&format!(
+        "{MESH}---\n{settings}h2:\n  tcp_congestion: nosuchcc\n"
+    ));
+    assert_eq!(e.document, 2, "{e}");
+    assert_eq!(e.field.as_deref(), Some("h2.tcp_congestion"), "{e}");
+    assert_eq!(e.line, Some(9), "{e}");
+    let e = err(&format!(
+        "{MESH}---\n{settings}h2:\n  socket_notsent_lowat: 1\n"
+    ));
+    assert_eq!(e.field.as_deref(), Some("h2.socket_notsent_lowat"), "{e}");
     let e = err(&format!("apiVersion: v1\nkind: ConfigMap\n{settings}"));
     assert_eq!(e.field.as_deref(), Some("waypoint"), "{e}");
 }
