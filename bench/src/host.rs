@@ -179,9 +179,10 @@ pub fn proc_comm(pid: u32) -> Option<String> {
         .map(|s| s.trim().to_string())
 }
 
-/// `Tcp: RetransSegs` from `/proc/net/snmp` (this network namespace).
+/// `Tcp: RetransSegs` from `/proc/thread-self/net/snmp` (the calling thread's network
+/// namespace; `/proc/net` would follow the process's main thread instead).
 pub fn tcp_retrans_segs() -> Option<u64> {
-    let text = std::fs::read_to_string("/proc/net/snmp").ok()?;
+    let text = std::fs::read_to_string("/proc/thread-self/net/snmp").ok()?;
     let mut tcp = text.lines().filter(|l| l.starts_with("Tcp:"));
     let names: Vec<&str> = tcp.next()?.split_whitespace().collect();
     let values: Vec<&str> = tcp.next()?.split_whitespace().collect();

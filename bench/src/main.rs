@@ -80,7 +80,8 @@
 //! outside this process ≤ threshold, waiting within a budget); during the window the CPU of
 //! other processes is measured and a disturbed run is re-run (within a budget). Each run has
 //! a warm-up, then a measured window over which the proxy's CPU (`/proc/<pid>/stat`) and TCP
-//! retransmits (`/proc/net/snmp`) are taken. Results: median [min–max] over repetitions,
+//! retransmits (`RetransSegs` of `/proc/net/snmp`, summed over every namespace of the mesh)
+//! are taken. Results: median [min–max] over repetitions,
 //! ratio of medians to direct, added latency (path − direct per percentile), and a flag when
 //! a scenario's first and last direct runs differ by more than 10 %.
 //!

@@ -304,6 +304,20 @@ impl Mesh {
         self.ns(["na", "nb"][i])
     }
 
+    /// `Tcp: RetransSegs` summed over every namespace of the mesh (pods and nodes; the
+    /// harness's own namespace on the loopback layout). Traffic here never touches the
+    /// harness's namespace, so its counter alone read 0 whatever happened.
+    pub fn tcp_retrans_segs(&self) -> Option<u64> {
+        if self.layout.is_loopback() {
+            return crate::host::tcp_retrans_segs();
+        }
+        let mut total = 0;
+        for name in PODS.iter().map(|p| p.name).chain(["na", "nb"]) {
+            total += in_ns(&self.ns(name), || Ok(crate::host::tcp_retrans_segs())).ok()??;
+        }
+        Some(total)
+    }
+
     /// Build the namespaces, install capture, start both ztunnels (and the waypoint).
     pub fn up(spec: &MeshSpec, dir: &Path) -> Result<Mesh> {
         if !spec.layout.is_loopback() {

@@ -112,7 +112,7 @@
 //!                  // "hbone-in", "hbone-out" (loopback, hbone-cold); a peer's name (its
 //!                  // whole process group); {} when there is no CPU figure (memory rows)
 //!   "client_cpu": { "generator_pct": Agg, "backend_pct": Agg },      // % of one CPU
-//!   "tcp_retransmits": Agg + { "total": u64 },   // /proc/net/snmp RetransSegs per run
+//!   "tcp_retransmits": Agg + { "total": u64 },   // /proc/net/snmp RetransSegs per run, every mesh namespace
 //!   "bytes": { "sent": u64, "received": u64, "lost": u64 },  // summed over used runs
 //!   "errors": u64,
 //!   "runs_used": int, "runs_superseded": int,

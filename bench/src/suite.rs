@@ -320,6 +320,14 @@ impl PathKind {
     }
 }
 
+/// TCP retransmits where the run's traffic flows: every mesh namespace, or this one.
+fn retrans_segs(topo: &Topo<'_>) -> Option<u64> {
+    match topo {
+        Topo::Mesh { mesh, .. } => mesh.tcp_retrans_segs(),
+        Topo::Loopback(_) => host::tcp_retrans_segs(),
+    }
+}
+
 /// Where everything runs.
 #[derive(Debug, Clone)]
 pub struct Placement {
@@ -1218,7 +1226,7 @@ fn run_one(
             host::CpuTimes::read(),
         )
     });
-    let retrans0 = host::tcp_retrans_segs();
+    let retrans0 = retrans_segs(&ctx.topo);
     let be_err0 = ctx.counters.errors.load(Ordering::Relaxed);
     let t0 = Instant::now();
     let t_warm = t0 + k.warmup;
@@ -1474,7 +1482,7 @@ fn run_one(
             }
         }
     }
-    let retrans1 = host::tcp_retrans_segs();
+    let retrans1 = retrans_segs(&ctx.topo);
     // Stop them in reverse start order (the hbone outbound before its inbound).
     let mut exits = Vec::new();
     for mut p in proxies.drain(..).rev() {

@@ -167,6 +167,10 @@ fn loopback_topology_runs_every_path_without_loss() {
         assert_eq!(r["bytes_sent"], r["bytes_received"], "run {r}");
         assert_eq!(r["errors"], 0, "run {r}");
         assert!(r["failed"].is_null(), "run {r}");
+        // Read from every namespace of the mesh (a namespace it could not read gives null).
+        if r["scenario"] == "tcp-throughput" {
+            assert!(r["tcp_retransmits"].is_u64(), "run {r}");
+        }
     }
     // large-body: the figure is the body bytes moved inside the window (partial exchanges
     // included), over the planned window; the request rate is that in 2 MiB exchanges.
