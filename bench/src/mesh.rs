@@ -154,6 +154,9 @@ fn install_rules(rules: &ztunnel::capture::Rules, ns: &str) -> Result<()> {
         .ruleset()
         .map_err(|e| anyhow::anyhow!("capture rules: {e}"))?
         .replace("priority dstnat;", "priority -100;");
+    rules
+        .install_routing(Some(ns))
+        .map_err(|e| anyhow::anyhow!("capture routing in {ns}: {e}"))?;
     netlab::nft(ns, &script).with_context(|| format!("installing capture rules in {ns}"))
 }
 

@@ -64,6 +64,7 @@ pub fn default_socket_options() -> ListenOptions {
         recv_buffer: None,
         send_buffer: None,
         congestion: None,
+        transparent: false,
     }
 }
 

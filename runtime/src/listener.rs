@@ -25,6 +25,9 @@ pub struct ListenOptions {
     /// `TCP_CONGESTION` for listeners (inherited by accepted sockets) and connected sockets;
     /// absent = the host's `net.ipv4.tcp_congestion_control`.
     pub congestion: Option<TcpCa>,
+    /// Listeners only: `IP_TRANSPARENT` / `IPV6_TRANSPARENT`, so an nftables `tproxy` rule
+    /// can hand them connections addressed elsewhere (needs `CAP_NET_ADMIN`).
+    pub transparent: bool,
 }
 
 /// A TCP congestion control algorithm's name (`cubic`, `bbr`, `reno`): at most 15 bytes
@@ -108,6 +111,7 @@ impl ListenOptions {
                 .tcp_congestion
                 .as_deref()
                 .and_then(|n| TcpCa::new(n).ok()),
+            transparent: false,
         }
     }
 }
@@ -170,6 +174,10 @@ pub fn bind_sharded(
         // `inherit_to_accepted`), and the window scale they advertise in the handshake
         // follows the receive buffer.
         set_stream_options(&s, opts).map_err(|source| BindError::Io { addr, source })?;
+        if opts.transparent {
+            crate::sys::set_transparent(s.as_raw_fd(), bound.is_ipv6())
+                .map_err(|source| BindError::Io { addr, source })?;
+        }
         s.bind(&SockAddr::from(bound))
             .map_err(|source| match source.kind() {
                 io::ErrorKind::AddrInUse => BindError::InUse { addr },
@@ -319,6 +327,7 @@ mod tests {
             recv_buffer: None,
             send_buffer: None,
             congestion: None,
+            transparent: false,
         }
     }
 

@@ -115,6 +115,19 @@ pub fn set_linger_zero(fd: RawFd) -> io::Result<()> {
     setsockopt(fd, libc::SOL_SOCKET, libc::SO_LINGER, &l)
 }
 
+/// `IP_TRANSPARENT` (IPv4 socket) or `IPV6_TRANSPARENT` (IPv6 socket): a listener may then
+/// accept connections addressed to any address, as an nftables `tproxy` rule delivers them
+/// (the accepted socket's local address is the connection's original destination). Needs
+/// `CAP_NET_ADMIN` (or `CAP_NET_RAW`).
+pub fn set_transparent(fd: RawFd, ipv6: bool) -> io::Result<()> {
+    let on: libc::c_int = 1;
+    if ipv6 {
+        setsockopt(fd, libc::SOL_IPV6, libc::IPV6_TRANSPARENT, &on)
+    } else {
+        setsockopt(fd, libc::SOL_IP, libc::IP_TRANSPARENT, &on)
+    }
+}
+
 /// `IP_BIND_ADDRESS_NO_PORT`: a `bind` to port 0 on this socket keeps the address only and
 /// leaves the port to `connect`, which picks one unique for the whole 4-tuple (and may reuse
 /// a loopback TIME_WAIT one). Without it, `bind` must find a port free for every

@@ -9,10 +9,23 @@
 //! node's IP stack and its `PREROUTING` hook. One nftables table on the node, in the `nat`
 //! `prerouting` hook, does all the capturing:
 //!
-//! - TCP **arriving from the veth of a captured pod** → `redirect to :15001` (outbound
-//!   capture). `REDIRECT` keeps the source address, so ztunnel identifies the client
-//!   workload by its peer IP; the destination (pod IP or service VIP) is read back with
-//!   `SO_ORIGINAL_DST`.
+//! - TCP **arriving from the veth of a captured pod** → `tproxy to :15001` (outbound
+//!   capture), in a `filter` chain at `prerouting` priority `mangle`, which also marks the
+//!   packet ([`TPROXY_MARK`]); a policy route (`ip rule fwmark … lookup` [`TPROXY_TABLE`],
+//!   `local default dev lo` in that table) then delivers it locally whatever its
+//!   destination. The accepted socket keeps both addresses: ztunnel identifies the client
+//!   workload by its peer IP and reads the destination (pod IP or service VIP) as the
+//!   socket's local address. Why not `REDIRECT` (which this capture used first): it maps
+//!   every destination onto one local `node:15001`, so a client port reused for another
+//!   destination while ztunnel still holds the earlier connection in TIME_WAIT (it closes
+//!   first whenever the upstream does) meets that TIME_WAIT, whose timestamps came from the
+//!   other destination (Linux offsets TCP timestamps per address pair): PAWS refuses the SYN
+//!   and the client retries it after a second (measured in the bench's conn-churn: 329 of
+//!   ~40,000 connections, `TcpExtPAWSTimewait` on the node, `TCPSynRetrans` in the pod;
+//!   Istio's sidecar capture has the same issue, istio/istio#38982, #43301). With `tproxy`
+//!   each destination has its own 4-tuple. A packet the `tproxy` statement finds no socket
+//!   for (ztunnel not running) is still marked and delivered locally, where nothing listens:
+//!   the client gets a reset, as it got from `REDIRECT` to an unserved port (fail closed).
 //! - TCP **addressed to a captured pod's `:15008`** (HBONE, Istio's way: peers tunnel to
 //!   `podIP:15008`) → `redirect to :15008`, the node's HBONE listener, which reads the
 //!   original destination to present *that pod's* certificate (every tunnel uses the
@@ -64,7 +77,8 @@
 //! (the table is deleted and recreated atomically: no instant without rules, no half
 //! state); a failure is logged and counted (`ztunnel_capture_errors_total`) and the old
 //! rules stay. The rules are *not* removed when ztunnel exits: captured pods then fail
-//! closed (redirected to a port nobody serves) instead of silently bypassing the mesh;
+//! closed (their connections delivered locally where nothing listens, or redirected to a
+//! port nobody serves: reset) instead of silently bypassing the mesh;
 //! `ztunnel capture remove` removes them.
 //! Or, without that section, **whoever runs `ztunnel capture install|remove`** (a CNI
 //! plug-in, a script): ztunnel then never touches nftables.
@@ -77,6 +91,12 @@ use crate::config::{HBONE_PORT, OUTBOUND_CAPTURE_PORT, PLAINTEXT_PORT};
 
 /// The nftables table this module owns (and deletes as a whole).
 pub const DEFAULT_TABLE: &str = "ztunnel_capture";
+
+/// Packet mark of outbound-captured packets (set by the `tproxy` rule; Istio's in-pod
+/// capture uses the same value).
+pub const TPROXY_MARK: u32 = 0x111;
+/// Routing table that delivers marked packets locally (`local default dev lo`).
+pub const TPROXY_TABLE: u32 = 133;
 
 /// What to capture on one node.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -192,20 +212,27 @@ impl Rules {
     pub fn ruleset(&self) -> Result<String, CaptureError> {
         self.validate()?;
         let t = &self.table;
-        let mut s = format!(
-            "table inet {t}\ndelete table inet {t}\ntable inet {t} {{\n  chain prerouting {{\n    type nat hook prerouting priority dstnat; policy accept;\n"
+        let mut s = format!("table inet {t}\ndelete table inet {t}\ntable inet {t} {{\n");
+        let ifs: Vec<String> = self
+            .pod_interfaces
+            .iter()
+            .map(|i| format!("\"{i}\""))
+            .collect();
+        let ifs = ifs.join(", ");
+        if !self.pod_interfaces.is_empty() {
+            // Outbound: tproxy (its established-socket lookup also claims every later packet
+            // of a captured connection); no listener: marked anyway, reset locally.
+            let (p, m) = (self.outbound_port, TPROXY_MARK);
+            s.push_str(&format!(
+                "  chain outbound {{\n    type filter hook prerouting priority mangle; policy accept;\n    iifname {{ {ifs} }} meta l4proto tcp tproxy to :{p} meta mark set {m:#x} accept\n    iifname {{ {ifs} }} meta l4proto tcp meta mark set {m:#x} accept\n  }}\n"
+            ));
+        }
+        s.push_str(
+            "  chain prerouting {\n    type nat hook prerouting priority dstnat; policy accept;\n",
         );
         if !self.pod_interfaces.is_empty() {
-            let ifs: Vec<String> = self
-                .pod_interfaces
-                .iter()
-                .map(|i| format!("\"{i}\""))
-                .collect();
-            s.push_str(&format!(
-                "    iifname {{ {} }} meta l4proto tcp redirect to :{}\n",
-                ifs.join(", "),
-                self.outbound_port
-            ));
+            // Captured pods' own traffic is outbound (above), whatever its destination.
+            s.push_str(&format!("    iifname {{ {ifs} }} return\n"));
         }
         let (v4, v6): (Vec<&String>, Vec<&String>) = self
             .pod_cidrs
@@ -244,16 +271,116 @@ impl Rules {
     }
 
     /// Install (or replace) the rules, in network namespace `netns` (via `ip netns exec`)
-    /// or in the current one.
+    /// or in the current one: the policy routing of outbound capture, then the table.
     pub fn install(&self, netns: Option<&str>) -> Result<(), CaptureError> {
+        self.install_routing(netns)?;
         nft(netns, &self.ruleset()?)
     }
 
-    /// Remove the table (no error if it is not there).
+    /// Remove the table and the policy routing (no error if they are not there).
     pub fn remove(&self, netns: Option<&str>) -> Result<(), CaptureError> {
         self.validate()?;
         let t = &self.table;
-        nft(netns, &format!("table inet {t}\ndelete table inet {t}\n"))
+        nft(netns, &format!("table inet {t}\ndelete table inet {t}\n"))?;
+        remove_routing(netns);
+        Ok(())
+    }
+
+    /// The policy routing that delivers outbound-captured (marked) packets locally, for IPv4
+    /// and IPv6: `ip rule … fwmark` [`TPROXY_MARK`] `lookup` [`TPROXY_TABLE`] (exactly once)
+    /// and `local default dev lo` in that table. IPv6 failing is an error only when pods
+    /// have IPv6 addresses (a namespace with IPv6 off has no IPv6 to capture).
+    pub fn install_routing(&self, netns: Option<&str>) -> Result<(), CaptureError> {
+        let v6_pods = self.pod_cidrs.iter().any(|c| c.contains(':'));
+        for fam in ["-4", "-6"] {
+            let r = (|| {
+                delete_rules(netns, fam);
+                ip(
+                    netns,
+                    &[fam, "rule", "add", "fwmark", &mark(), "lookup", &table()],
+                )?;
+                ip(
+                    netns,
+                    &[
+                        fam,
+                        "route",
+                        "replace",
+                        "local",
+                        "default",
+                        "dev",
+                        "lo",
+                        "table",
+                        &table(),
+                    ],
+                )
+            })();
+            match r {
+                Err(e) if fam == "-4" || v6_pods => return Err(e),
+                Err(e) => {
+                    tracing::debug!(error = %e, "IPv6 capture routing not installed (no IPv6 pods)")
+                }
+                Ok(()) => {}
+            }
+        }
+        Ok(())
+    }
+}
+
+fn mark() -> String {
+    format!("{TPROXY_MARK:#x}")
+}
+
+fn table() -> String {
+    TPROXY_TABLE.to_string()
+}
+
+/// Every `fwmark TPROXY_MARK lookup TPROXY_TABLE` rule of family `fam` (a rule added twice
+/// is listed twice; deleting stops when none is left).
+fn delete_rules(netns: Option<&str>, fam: &str) {
+    for _ in 0..64 {
+        if ip(
+            netns,
+            &[fam, "rule", "del", "fwmark", &mark(), "lookup", &table()],
+        )
+        .is_err()
+        {
+            break;
+        }
+    }
+}
+
+fn remove_routing(netns: Option<&str>) {
+    for fam in ["-4", "-6"] {
+        delete_rules(netns, fam);
+        let _ = ip(netns, &[fam, "route", "flush", "table", &table()]);
+    }
+}
+
+/// Run `ip ARGS` (in `netns` when given).
+fn ip(netns: Option<&str>, args: &[&str]) -> Result<(), CaptureError> {
+    let mut cmd = Command::new("ip");
+    if let Some(ns) = netns {
+        cmd.args(["netns", "exec", ns, "ip"]);
+    }
+    cmd.args(args);
+    let what = format!("{cmd:?}");
+    let out = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .output()
+        .map_err(|source| CaptureError::Spawn {
+            cmd: what.clone(),
+            source,
+        })?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(CaptureError::Failed {
+            cmd: what,
+            status: out.status.to_string(),
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        })
     }
 }
 
@@ -351,9 +478,30 @@ mod tests {
             s.contains("type nat hook prerouting priority dstnat"),
             "{s}"
         );
+        // Outbound: tproxy with the mark, then the same mark for what it found no socket for.
+        let out = &s[s.find("chain outbound").unwrap()..s.find("chain prerouting").unwrap()];
         assert!(
-            s.contains("iifname { \"p-client\", \"p-two\" } meta l4proto tcp redirect to :15001"),
-            "{s}"
+            out.contains("type filter hook prerouting priority mangle"),
+            "{out}"
+        );
+        assert!(
+            out.contains("iifname { \"p-client\", \"p-two\" } meta l4proto tcp tproxy to :15001 meta mark set 0x111 accept"),
+            "{out}"
+        );
+        assert!(
+            out.contains(
+                "iifname { \"p-client\", \"p-two\" } meta l4proto tcp meta mark set 0x111 accept"
+            ),
+            "{out}"
+        );
+        assert!(!s.contains("redirect to :15001"), "{s}");
+        // The nat chain leaves captured pods' own traffic alone, before any inbound rule.
+        let nat = &s[s.find("chain prerouting").unwrap()..];
+        assert!(
+            nat.find("iifname { \"p-client\", \"p-two\" } return")
+                .unwrap()
+                < nat.find("redirect").unwrap(),
+            "{nat}"
         );
         assert!(
             s.contains("ip daddr { 10.1.0.2, 10.1.0.0/24 } meta l4proto tcp redirect to :15006"),

@@ -163,6 +163,9 @@ enum Listener {
 /// What every worker shares (read-only).
 struct Shared {
     settings: Settings,
+    /// The outbound capture listeners' port (IPv4 and IPv6 twins share it): a connection
+    /// whose local address has another port was handed over by a `tproxy` rule.
+    outbound_port: Option<u16>,
 }
 
 /// One worker's state; never leaves its thread.
@@ -241,9 +244,25 @@ pub fn start(
         plain_socks.push(s);
     }
     let socks_addr = bound(settings.socks5, &socks_socks)?;
+    // The outbound listener is transparent (capture hands it connections with `tproxy`,
+    // their original destination as the local address); without CAP_NET_ADMIN it is not,
+    // and only `REDIRECT` capture reaches it.
+    let out_opts = listener::ListenOptions {
+        transparent: true,
+        ..opts.clone()
+    };
+    let bind_outbound = |a: SocketAddr| match listener::bind_sharded(a, n, &out_opts) {
+        Err(BindError::Io { source, .. })
+            if source.kind() == std::io::ErrorKind::PermissionDenied =>
+        {
+            tracing::warn!(addr = %a, "outbound listener: IP_TRANSPARENT refused (needs CAP_NET_ADMIN); tproxy capture cannot reach it (its connections are reset), REDIRECT capture can");
+            listener::bind_sharded(a, n, &opts)
+        }
+        r => r,
+    };
     let (out_socks, out_addr) = match settings.outbound {
         Some(a) => {
-            let s = listener::bind_sharded(a, n, &opts)?;
+            let s = bind_outbound(a)?;
             let bound_at = bound(a, &s)?;
             (Some(s), Some(bound_at))
         }
@@ -263,7 +282,10 @@ pub fn start(
         }
         for (kind, port) in twins {
             let a = SocketAddr::new(IpAddr::V6(ip6), port);
-            let s = listener::bind_sharded(a, n, &opts)?;
+            let s = match kind {
+                Listener::Outbound => bind_outbound(a)?,
+                _ => listener::bind_sharded(a, n, &opts)?,
+            };
             v6_addrs.push(bound(a, &s)?);
             v6_groups.push((kind, s));
         }
@@ -342,6 +364,7 @@ pub fn start(
     }
     let shared = Arc::new(Shared {
         settings: settings.clone(),
+        outbound_port: out_addr.map(|a| a.port()),
     });
     let mut per_worker = per_worker.into_iter();
     // Started from a short-lived thread, never the caller's. `spawn_workers` probes io_uring
@@ -772,20 +795,29 @@ impl Downstream {
 }
 
 /// Transparent outbound capture (`:15001`): the destination is the connection's original
-/// destination (`SO_ORIGINAL_DST`), the source workload its peer address (a pod of this
-/// node: node-level `REDIRECT` keeps the source address).
+/// destination, the source workload its peer address (a pod of this node: neither `tproxy`
+/// nor `REDIRECT` changes the source). Under `tproxy` (the capture rules' way, see
+/// [`crate::capture`]) the original destination is the socket's own local address; under
+/// `REDIRECT` it is read back from conntrack (`SO_ORIGINAL_DST`).
 async fn captured_conn(w: Rc<Worker>, mut tcp: TcpStream, peer: SocketAddr) {
     let started = Instant::now();
     let fd = std::os::fd::AsRawFd::as_raw_fd(&tcp);
-    let dst = match runtime::sys::original_dst(fd) {
-        Ok(Some(d)) => d,
-        Ok(None) => {
+    // Under tproxy the local address is the destination; a connection made to the listener
+    // itself (its own port) was not captured.
+    let local = tcp
+        .local_addr()
+        .ok()
+        .filter(|l| Some(l.port()) != w.shared.outbound_port);
+    let dst = match (runtime::sys::original_dst(fd), local) {
+        (Ok(Some(d)), _) => d,
+        (Ok(None), Some(l)) => l,
+        (Ok(None), None) => {
             let why = "no original destination (connection was not redirected)";
             return Downstream::Captured
                 .fail(&w, &mut tcp, peer, reply::GENERAL_FAILURE, why)
                 .await;
         }
-        Err(e) => {
+        (Err(e), _) => {
             let why = format!("SO_ORIGINAL_DST: {e}");
             return Downstream::Captured
                 .fail(&w, &mut tcp, peer, reply::GENERAL_FAILURE, &why)

@@ -56,6 +56,7 @@ per_family!(
     r9_captured_plaintext_inbound_goes_to_original_destination,
     r9_deny_policy_refuses_captured_connection,
     r10_plaintext_into_captured_pod_rejected_by_identity_policy,
+    r2_client_port_reused_for_another_destination_is_captured_at_once,
 );
 
 /// R1: an uncaptured pod's traffic crosses both nodes untouched; the captured client's
@@ -904,4 +905,124 @@ fn r2_capture_rules_follow_reloads() {
     );
     assert_eq!(installs(&w), 3);
     assert_eq!(metric(&w.stats(1), "ztunnel_capture_errors_total", &[]), 0);
+}
+
+/// `Tcp: RetransSegs` of network namespace `ns` (SYN retransmits included).
+fn retrans_segs_in(ns: &str) -> u64 {
+    netlab::try_in_ns(ns, || {
+        let text = std::fs::read_to_string("/proc/thread-self/net/snmp").unwrap();
+        let mut tcp = text.lines().filter(|l| l.starts_with("Tcp:"));
+        let names: Vec<&str> = tcp.next().unwrap().split_whitespace().collect();
+        let values: Vec<&str> = tcp.next().unwrap().split_whitespace().collect();
+        let i = names.iter().position(|n| *n == "RetransSegs").unwrap();
+        values[i].parse::<u64>().unwrap()
+    })
+    .unwrap()
+}
+
+/// From pod namespace `ns`, bound to source port `port`: connect to `dst`, read to EOF (the
+/// server closes first), close. Returns what was read.
+fn call_from_port(ns: &str, fam: Family, port: u16, dst: SocketAddr) -> Vec<u8> {
+    netlab::try_in_ns(ns, move || {
+        use socket2::{Domain, SockAddr, Socket, Type};
+        let s = Socket::new(Domain::for_address(dst), Type::STREAM, None).unwrap();
+        s.set_reuse_address(true).unwrap();
+        let any: IpAddr = match fam {
+            Family::V4 => std::net::Ipv4Addr::UNSPECIFIED.into(),
+            Family::V6 => std::net::Ipv6Addr::UNSPECIFIED.into(),
+        };
+        s.bind(&SockAddr::from(SocketAddr::new(any, port))).unwrap();
+        s.connect_timeout(&SockAddr::from(dst), Duration::from_secs(10))
+            .unwrap_or_else(|e| panic!("connect from :{port} to {dst}: {e}"));
+        let mut c: std::net::TcpStream = s.into();
+        c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut got = Vec::new();
+        c.read_to_end(&mut got).unwrap();
+        got
+    })
+    .unwrap()
+}
+
+/// R2 (capture): a client port reused for another destination while node A's ztunnel still
+/// holds the earlier connection in TIME_WAIT is captured at once. ztunnel closes first when
+/// the upstream does, so it keeps the TIME_WAIT; with `REDIRECT` capture every destination
+/// mapped onto `node:15001`, the new SYN met that TIME_WAIT, whose timestamps came from the
+/// other destination (Linux offsets them per address pair), PAWS refused it and the client
+/// retried a second later. Capture by `tproxy` keeps the original destination as the local
+/// address: the TIME_WAIT is keyed by it and the next destination's SYN never meets it.
+fn r2_client_port_reused_for_another_destination_is_captured_at_once(fam: Family) {
+    let w = World::new(&fam.tag("r2tw"), "[]");
+    // Two uncaptured destinations on node B (passthrough), each answering and closing first.
+    let dsts: Vec<SocketAddr> = ["legacy", "waypoint"]
+        .iter()
+        .map(|p| fam.pod_addr(p))
+        .collect();
+    let _servers: Vec<netlab::Served> = ["legacy", "waypoint"]
+        .iter()
+        .zip(&dsts)
+        .map(|(p, a)| {
+            netlab::serve_in(&w.pod_ns(p), *a, |mut c, _| {
+                let _ = c.set_nonblocking(false);
+                let _ = c.write_all(b"bye\n");
+            })
+            .unwrap()
+        })
+        .collect();
+    let client_ns = w.pod_ns("client");
+    let before = retrans_segs_in(&client_ns);
+    // Ports outside the ephemeral range; each is used for both destinations in turn.
+    for round in 0..8u16 {
+        let port = 20_000 + round;
+        for dst in &dsts {
+            assert_eq!(
+                call_from_port(&client_ns, fam, port, *dst),
+                b"bye\n",
+                "to {dst}"
+            );
+        }
+    }
+    // Node A holds the TIME_WAITs under the original destinations, not under its listener.
+    let out = std::process::Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &w.node(0),
+            "ss",
+            "-Htan",
+            "state",
+            "time-wait",
+        ])
+        .output()
+        .expect("running ss in node A");
+    assert!(out.status.success(), "ss: {out:?}");
+    let tw = String::from_utf8_lossy(&out.stdout).into_owned();
+    let port_of = |a: &str| a.rsplit(':').next().unwrap_or("").to_string();
+    let ours: Vec<&str> = tw
+        .lines()
+        .filter(|l| {
+            let cols: Vec<&str> = l.split_whitespace().collect();
+            cols.len() >= 4
+                && port_of(cols[3])
+                    .parse::<u16>()
+                    .is_ok_and(|p| (20_000..20_008).contains(&p))
+        })
+        .collect();
+    assert!(
+        !ours.is_empty(),
+        "node A holds the client-side TIME_WAITs:\n{tw}"
+    );
+    for l in &ours {
+        let local = l.split_whitespace().nth(2).unwrap();
+        assert!(
+            dsts.iter()
+                .any(|d| port_of(local) == d.port().to_string()
+                    && local.contains(&d.ip().to_string())),
+            "TIME_WAIT keyed by an original destination, not the capture listener: {l}\n{tw}"
+        );
+    }
+    assert_eq!(
+        retrans_segs_in(&client_ns) - before,
+        0,
+        "no SYN of the client was refused and retried"
+    );
 }

@@ -375,14 +375,14 @@ impl World {
         }
     }
 
-    /// The node-side interfaces node `i`'s capture table redirects outbound (sorted), read
+    /// The node-side interfaces node `i`'s capture table captures outbound (sorted), read
     /// back from the kernel with `nft list table`.
     pub fn capture_rules(&self, i: usize) -> Vec<String> {
         let text = netlab::nft_list_table(&self.node(i), "inet", "ztunnel_capture")
             .unwrap_or_else(|e| panic!("{e}"));
         let mut ifaces: Vec<String> = text
             .lines()
-            .filter(|l| l.contains("iifname") && l.contains("redirect to :15001"))
+            .filter(|l| l.contains("iifname") && l.contains("tproxy to :15001"))
             .flat_map(|l| {
                 l.split('"')
                     .skip(1)
