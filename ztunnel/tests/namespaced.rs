@@ -1025,4 +1025,32 @@ fn r2_client_port_reused_for_another_destination_is_captured_at_once(fam: Family
         0,
         "no SYN of the client was refused and retried"
     );
+    // Fail closed: with node A's ztunnel gone (the rules stay), a captured connection is
+    // reset on the node and never reaches its destination.
+    let pids = std::process::Command::new("ip")
+        .args(["netns", "pids", &w.node(0)])
+        .output()
+        .expect("ip netns pids");
+    let pids = String::from_utf8_lossy(&pids.stdout).into_owned();
+    assert!(!pids.trim().is_empty(), "node A's ztunnel runs");
+    for pid in pids.split_whitespace() {
+        let _ = std::process::Command::new("kill")
+            .args(["-9", pid])
+            .status();
+    }
+    let gone = || {
+        std::process::Command::new("ip")
+            .args(["netns", "pids", &w.node(0)])
+            .output()
+            .map(|o| o.stdout.is_empty())
+            .unwrap_or(false)
+    };
+    eventually_or("node A's ztunnel exited", gone, || pids.clone());
+    for dst in &dsts {
+        assert_eq!(
+            w.connect_refused("client", *dst),
+            Ok(()),
+            "{dst} reached without ztunnel"
+        );
+    }
 }
