@@ -363,16 +363,30 @@ fn ip(netns: Option<&str>, args: &[&str]) -> Result<(), CaptureError> {
         cmd.args(["netns", "exec", ns, "ip"]);
     }
     cmd.args(args);
+    run(cmd, None)
+}
+
+/// Run `cmd` with `input` on its stdin (or none); its stderr becomes the error's text.
+fn run(mut cmd: Command, input: Option<&[u8]>) -> Result<(), CaptureError> {
     let what = format!("{cmd:?}");
-    let out = cmd
-        .stdin(Stdio::null())
+    let spawn_err = |source| CaptureError::Spawn {
+        cmd: what.clone(),
+        source,
+    };
+    let mut child = cmd
+        .stdin(if input.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
-        .output()
-        .map_err(|source| CaptureError::Spawn {
-            cmd: what.clone(),
-            source,
-        })?;
+        .spawn()
+        .map_err(spawn_err)?;
+    if let (Some(mut stdin), Some(input)) = (child.stdin.take(), input) {
+        let _ = stdin.write_all(input);
+    }
+    let out = child.wait_with_output().map_err(spawn_err)?;
     if out.status.success() {
         Ok(())
     } else {
@@ -417,7 +431,7 @@ pub fn owned_rules(snapshot: &mesh_model::snapshot::Snapshot, node: &str, table:
 
 /// Run `nft -f -` with `script` on stdin.
 fn nft(netns: Option<&str>, script: &str) -> Result<(), CaptureError> {
-    let mut cmd = match netns {
+    let cmd = match netns {
         Some(ns) => {
             let mut c = Command::new("ip");
             c.args(["netns", "exec", ns, "nft", "-f", "-"]);
@@ -429,34 +443,7 @@ fn nft(netns: Option<&str>, script: &str) -> Result<(), CaptureError> {
             c
         }
     };
-    let what = format!("{cmd:?}");
-    let mut child = cmd
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|source| CaptureError::Spawn {
-            cmd: what.clone(),
-            source,
-        })?;
-    if let Some(mut stdin) = child.stdin.take() {
-        let _ = stdin.write_all(script.as_bytes());
-    }
-    let out = child
-        .wait_with_output()
-        .map_err(|source| CaptureError::Spawn {
-            cmd: what.clone(),
-            source,
-        })?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(CaptureError::Failed {
-            cmd: what,
-            status: out.status.to_string(),
-            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
-        })
-    }
+    run(cmd, Some(script.as_bytes()))
 }
 
 #[cfg(test)]
