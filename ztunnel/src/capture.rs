@@ -27,14 +27,17 @@
 //!   for (ztunnel not running) is still marked and delivered locally, where nothing listens:
 //!   the client gets a reset, as it got from `REDIRECT` to an unserved port (fail closed).
 //! - TCP **addressed to a captured pod's `:15008`** (HBONE, Istio's way: peers tunnel to
-//!   `podIP:15008`) → `redirect to :15008`, the node's HBONE listener, which reads the
+//!   `podIP:15008`) → `redirect to :15008` (`nat` chain), the node's HBONE listener, which reads the
 //!   original destination to present *that pod's* certificate (every tunnel uses the
 //!   identity of the workload it acts for). The same rule in the `output` hook catches this
 //!   node's own ztunnel tunnelling to a pod of the same node (locally generated, so it never
 //!   crosses `prerouting`; `REDIRECT` there goes to the loopback address, so the HBONE
 //!   listener must be bound on the wildcard address for that case).
 //! - Any other TCP **addressed to a captured pod** (from anywhere else: another node, an
-//!   uncaptured pod) → `redirect to :15006` (plaintext inbound, no identity, R10). HBONE
+//!   uncaptured pod) → `tproxy ip|ip6 to :15006` (plaintext inbound, no identity, R10), marked and
+//!   routed locally like outbound, for the same reason (a client port reused for two pods
+//!   of the node must not meet one TIME_WAIT). HBONE to a pod stays a `REDIRECT` (below: its
+//!   `output`-hook twin cannot be a `tproxy`, which works in `prerouting` only). HBONE
 //!   addressed to the node's ztunnel (`nodes[].ztunnel`, `:15008`) is not redirected and is
 //!   answered with the ztunnel's own identity.
 //!
@@ -212,19 +215,48 @@ impl Rules {
     pub fn ruleset(&self) -> Result<String, CaptureError> {
         self.validate()?;
         let t = &self.table;
-        let mut s = format!("table inet {t}\ndelete table inet {t}\ntable inet {t} {{\n");
+        let m = TPROXY_MARK;
+        let h = self.hbone_port;
         let ifs: Vec<String> = self
             .pod_interfaces
             .iter()
             .map(|i| format!("\"{i}\""))
             .collect();
         let ifs = ifs.join(", ");
+        let (v4, v6): (Vec<&String>, Vec<&String>) = self
+            .pod_cidrs
+            .iter()
+            .partition(|c| c.split('/').next().is_some_and(|ip| !ip.contains(':')));
+        let sets: Vec<(&str, String)> = [("ip", v4), ("ip6", v6)]
+            .into_iter()
+            .filter(|(_, set)| !set.is_empty())
+            .map(|(fam, set)| {
+                let list: Vec<&str> = set.iter().map(|c| c.as_str()).collect();
+                (fam, list.join(", "))
+            })
+            .collect();
+        // tproxy (its established-socket lookup also claims every later packet of a
+        // captured connection), each followed by the same mark alone: a packet it found no
+        // listener for is delivered locally and reset (fail closed).
+        let mut tp = String::new();
         if !self.pod_interfaces.is_empty() {
-            // Outbound: tproxy (its established-socket lookup also claims every later packet
-            // of a captured connection); no listener: marked anyway, reset locally.
-            let (p, m) = (self.outbound_port, TPROXY_MARK);
+            // Outbound: everything a captured pod sends.
+            let p = self.outbound_port;
+            tp.push_str(&format!(
+                "    iifname {{ {ifs} }} meta l4proto tcp tproxy to :{p} meta mark set {m:#x} accept\n    iifname {{ {ifs} }} meta l4proto tcp meta mark set {m:#x} accept\n"
+            ));
+        }
+        for (fam, list) in &sets {
+            // Plaintext inbound: TCP to a captured pod, except HBONE (redirected below).
+            let p = self.inbound_port;
+            tp.push_str(&format!(
+                "    {fam} daddr {{ {list} }} tcp dport != {h} tproxy {fam} to :{p} meta mark set {m:#x} accept\n    {fam} daddr {{ {list} }} tcp dport != {h} meta mark set {m:#x} accept\n"
+            ));
+        }
+        let mut s = format!("table inet {t}\ndelete table inet {t}\ntable inet {t} {{\n");
+        if !tp.is_empty() {
             s.push_str(&format!(
-                "  chain outbound {{\n    type filter hook prerouting priority mangle; policy accept;\n    iifname {{ {ifs} }} meta l4proto tcp tproxy to :{p} meta mark set {m:#x} accept\n    iifname {{ {ifs} }} meta l4proto tcp meta mark set {m:#x} accept\n  }}\n"
+                "  chain capture {{\n    type filter hook prerouting priority mangle; policy accept;\n{tp}  }}\n"
             ));
         }
         s.push_str(
@@ -234,32 +266,13 @@ impl Rules {
             // Captured pods' own traffic is outbound (above), whatever its destination.
             s.push_str(&format!("    iifname {{ {ifs} }} return\n"));
         }
-        let (v4, v6): (Vec<&String>, Vec<&String>) = self
-            .pod_cidrs
-            .iter()
-            .partition(|c| c.split('/').next().is_some_and(|ip| !ip.contains(':')));
         let mut hbone = String::new();
-        for (fam, set) in [("ip", v4), ("ip6", v6)] {
-            if set.is_empty() {
-                continue;
-            }
-            let list = set
-                .iter()
-                .map(|c| c.as_str())
-                .collect::<Vec<&str>>()
-                .join(", ");
-            let h = self.hbone_port;
+        for (fam, list) in &sets {
             hbone.push_str(&format!(
                 "    {fam} daddr {{ {list} }} tcp dport {h} redirect to :{h}\n"
             ));
-            s.push_str(&format!(
-                "    {fam} daddr {{ {list} }} tcp dport {h} redirect to :{h}\n"
-            ));
-            s.push_str(&format!(
-                "    {fam} daddr {{ {list} }} meta l4proto tcp redirect to :{}\n",
-                self.inbound_port
-            ));
         }
+        s.push_str(&hbone);
         s.push_str("  }\n");
         if !hbone.is_empty() {
             s.push_str(&format!(
@@ -466,7 +479,7 @@ mod tests {
             "{s}"
         );
         // Outbound: tproxy with the mark, then the same mark for what it found no socket for.
-        let out = &s[s.find("chain outbound").unwrap()..s.find("chain prerouting").unwrap()];
+        let out = &s[s.find("chain capture").unwrap()..s.find("chain prerouting").unwrap()];
         assert!(
             out.contains("type filter hook prerouting priority mangle"),
             "{out}"
@@ -490,20 +503,26 @@ mod tests {
                 < nat.find("redirect").unwrap(),
             "{nat}"
         );
+        // Plaintext inbound: tproxy to :15006 for everything but HBONE, then the mark alone.
         assert!(
-            s.contains("ip daddr { 10.1.0.2, 10.1.0.0/24 } meta l4proto tcp redirect to :15006"),
-            "{s}"
+            out.contains("ip daddr { 10.1.0.2, 10.1.0.0/24 } tcp dport != 15008 tproxy ip to :15006 meta mark set 0x111 accept"),
+            "{out}"
         );
         assert!(
-            s.contains("ip6 daddr { fd00::2/128 } meta l4proto tcp redirect to :15006"),
-            "{s}"
+            out.contains("ip6 daddr { fd00::2/128 } tcp dport != 15008 tproxy ip6 to :15006 meta mark set 0x111 accept"),
+            "{out}"
         );
+        assert!(
+            out.contains("ip6 daddr { fd00::2/128 } tcp dport != 15008 meta mark set 0x111 accept"),
+            "{out}"
+        );
+        // Outbound (a captured pod's own traffic) comes before inbound.
+        assert!(out.find("tproxy to :15001").unwrap() < out.find("to :15006").unwrap());
+        assert!(!s.contains("redirect to :15006"), "{s}");
         assert!(
             s.contains("ip daddr { 10.1.0.2, 10.1.0.0/24 } tcp dport 15008 redirect to :15008"),
             "{s}"
         );
-        // HBONE to a pod is matched before the plaintext catch-all.
-        assert!(s.find("dport 15008").unwrap() < s.find("redirect to :15006").unwrap());
         // The output hook (ztunnel's own, locally generated connections) only redirects HBONE
         // to a pod of this node; nothing else ztunnel sends is captured again.
         let output = &s[s.find("chain output").unwrap()..];

@@ -166,6 +166,8 @@ struct Shared {
     /// The outbound capture listeners' port (IPv4 and IPv6 twins share it): a connection
     /// whose local address has another port was handed over by a `tproxy` rule.
     outbound_port: Option<u16>,
+    /// Each plaintext listener's port, likewise.
+    plaintext_ports: Vec<u16>,
 }
 
 /// One worker's state; never leaves its thread.
@@ -236,33 +238,37 @@ pub fn start(
     };
     let socks_socks = listener::bind_sharded(settings.socks5, n, &opts)?;
     let hbone_socks = listener::bind_sharded(settings.hbone, n, &opts)?;
-    let mut plain_socks = Vec::new();
-    let mut plain_addrs = Vec::new();
-    for p in &settings.plaintext {
-        let s = listener::bind_sharded(p.listen, n, &opts)?;
-        plain_addrs.push(bound(p.listen, &s)?);
-        plain_socks.push(s);
-    }
-    let socks_addr = bound(settings.socks5, &socks_socks)?;
-    // The outbound listener is transparent (capture hands it connections with `tproxy`,
-    // their original destination as the local address); without CAP_NET_ADMIN it is not,
-    // and only `REDIRECT` capture reaches it.
-    let out_opts = listener::ListenOptions {
+    // The capture listeners (outbound, and plaintext ones without a fixed `target`) are
+    // transparent: capture hands them connections with `tproxy`, the original destination
+    // as the local address. Without CAP_NET_ADMIN they are not, and only `REDIRECT` capture
+    // reaches them.
+    let capture_opts = listener::ListenOptions {
         transparent: true,
         ..opts.clone()
     };
-    let bind_outbound = |a: SocketAddr| match listener::bind_sharded(a, n, &out_opts) {
+    let bind_capture = |a: SocketAddr| match listener::bind_sharded(a, n, &capture_opts) {
         Err(BindError::Io { source, .. })
             if source.kind() == std::io::ErrorKind::PermissionDenied =>
         {
-            tracing::warn!(addr = %a, "outbound listener: IP_TRANSPARENT refused (needs CAP_NET_ADMIN); tproxy capture cannot reach it (its connections are reset), REDIRECT capture can");
+            tracing::warn!(addr = %a, "capture listener: IP_TRANSPARENT refused (needs CAP_NET_ADMIN); tproxy capture cannot reach it (its connections are reset), REDIRECT capture can");
             listener::bind_sharded(a, n, &opts)
         }
         r => r,
     };
+    let mut plain_socks = Vec::new();
+    let mut plain_addrs = Vec::new();
+    for p in &settings.plaintext {
+        let s = match p.target {
+            None => bind_capture(p.listen)?,
+            Some(_) => listener::bind_sharded(p.listen, n, &opts)?,
+        };
+        plain_addrs.push(bound(p.listen, &s)?);
+        plain_socks.push(s);
+    }
+    let socks_addr = bound(settings.socks5, &socks_socks)?;
     let (out_socks, out_addr) = match settings.outbound {
         Some(a) => {
-            let s = bind_outbound(a)?;
+            let s = bind_capture(a)?;
             let bound_at = bound(a, &s)?;
             (Some(s), Some(bound_at))
         }
@@ -283,7 +289,10 @@ pub fn start(
         for (kind, port) in twins {
             let a = SocketAddr::new(IpAddr::V6(ip6), port);
             let s = match kind {
-                Listener::Outbound => bind_outbound(a)?,
+                Listener::Outbound => bind_capture(a)?,
+                Listener::Plaintext(i) if settings.plaintext[i].target.is_none() => {
+                    bind_capture(a)?
+                }
                 _ => listener::bind_sharded(a, n, &opts)?,
             };
             v6_addrs.push(bound(a, &s)?);
@@ -365,6 +374,7 @@ pub fn start(
     let shared = Arc::new(Shared {
         settings: settings.clone(),
         outbound_port: out_addr.map(|a| a.port()),
+        plaintext_ports: addrs.plaintext.iter().map(|a| a.port()).collect(),
     });
     let mut per_worker = per_worker.into_iter();
     // Started from a short-lived thread, never the caller's. `spawn_workers` probes io_uring
@@ -1671,9 +1681,14 @@ async fn plaintext_conn(w: Rc<Worker>, idx: usize, tcp: TcpStream, peer: SocketA
     let started = Instant::now();
     let st = w.state();
     let fallback = w.settings().plaintext.get(idx).and_then(|p| p.target);
+    // Under tproxy capture the local address is the destination (see `captured_conn`).
+    let local = tcp
+        .local_addr()
+        .ok()
+        .filter(|l| w.shared.plaintext_ports.get(idx) != Some(&l.port()));
     let target = match runtime::sys::original_dst(std::os::fd::AsRawFd::as_raw_fd(&tcp)) {
         Ok(Some(orig)) => orig,
-        Ok(None) => match fallback {
+        Ok(None) => match local.or(fallback) {
             Some(t) => t,
             None => {
                 tracing::info!(target: "ztunnel::access", direction = "inbound", src = %peer, "plaintext: no original destination and no target: reset");

@@ -57,6 +57,7 @@ per_family!(
     r9_deny_policy_refuses_captured_connection,
     r10_plaintext_into_captured_pod_rejected_by_identity_policy,
     r2_client_port_reused_for_another_destination_is_captured_at_once,
+    r9_plaintext_client_port_reused_for_another_pod_is_captured_at_once,
 );
 
 /// R1: an uncaptured pod's traffic crosses both nodes untouched; the captured client's
@@ -943,21 +944,16 @@ fn call_from_port(ns: &str, fam: Family, port: u16, dst: SocketAddr) -> Vec<u8> 
     .unwrap()
 }
 
-/// R2 (capture): a client port reused for another destination while node A's ztunnel still
-/// holds the earlier connection in TIME_WAIT is captured at once. ztunnel closes first when
-/// the upstream does, so it keeps the TIME_WAIT; with `REDIRECT` capture every destination
-/// mapped onto `node:15001`, the new SYN met that TIME_WAIT, whose timestamps came from the
-/// other destination (Linux offsets them per address pair), PAWS refused it and the client
-/// retried a second later. Capture by `tproxy` keeps the original destination as the local
-/// address: the TIME_WAIT is keyed by it and the next destination's SYN never meets it.
-fn r2_client_port_reused_for_another_destination_is_captured_at_once(fam: Family) {
-    let w = World::new(&fam.tag("r2tw"), "[]");
-    // Two uncaptured destinations on node B (passthrough), each answering and closing first.
-    let dsts: Vec<SocketAddr> = ["legacy", "waypoint"]
-        .iter()
-        .map(|p| fam.pod_addr(p))
-        .collect();
-    let _servers: Vec<netlab::Served> = ["legacy", "waypoint"]
+/// One client port of pod `from` reused for each of the pods `to` (servers that answer and
+/// close first, so the capturing ztunnel of node `node` closes first and keeps the
+/// TIME_WAIT), 8 ports in turn: every call succeeds, that node's TIME_WAITs are keyed by the
+/// original destinations (not by its capture listener) and the client retransmitted
+/// nothing (no SYN refused by PAWS and retried a second later). Then, with that node's
+/// ztunnel killed (the rules stay), a captured connection is reset on the node and never
+/// reaches its destination (fail closed).
+fn port_reuse_across_destinations(w: &World, fam: Family, from: &str, to: [&str; 2], node: usize) {
+    let dsts: Vec<SocketAddr> = to.iter().map(|p| fam.pod_addr(p)).collect();
+    let _servers: Vec<netlab::Served> = to
         .iter()
         .zip(&dsts)
         .map(|(p, a)| {
@@ -968,7 +964,16 @@ fn r2_client_port_reused_for_another_destination_is_captured_at_once(fam: Family
             .unwrap()
         })
         .collect();
-    let client_ns = w.pod_ns("client");
+    let client_ns = w.pod_ns(from);
+    // One call to each first, from an ephemeral port: a fresh namespace's first packets may
+    // wait for neighbour discovery (IPv6), which is not what is measured here.
+    for dst in &dsts {
+        assert_eq!(
+            call_from_port(&client_ns, fam, 0, *dst),
+            b"bye\n",
+            "to {dst}"
+        );
+    }
     let before = retrans_segs_in(&client_ns);
     // Ports outside the ephemeral range; each is used for both destinations in turn.
     for round in 0..8u16 {
@@ -981,19 +986,18 @@ fn r2_client_port_reused_for_another_destination_is_captured_at_once(fam: Family
             );
         }
     }
-    // Node A holds the TIME_WAITs under the original destinations, not under its listener.
     let out = std::process::Command::new("ip")
         .args([
             "netns",
             "exec",
-            &w.node(0),
+            &w.node(node),
             "ss",
             "-Htan",
             "state",
             "time-wait",
         ])
         .output()
-        .expect("running ss in node A");
+        .expect("running ss on the node");
     assert!(out.status.success(), "ss: {out:?}");
     let tw = String::from_utf8_lossy(&out.stdout).into_owned();
     let port_of = |a: &str| a.rsplit(':').next().unwrap_or("").to_string();
@@ -1009,7 +1013,7 @@ fn r2_client_port_reused_for_another_destination_is_captured_at_once(fam: Family
         .collect();
     assert!(
         !ours.is_empty(),
-        "node A holds the client-side TIME_WAITs:\n{tw}"
+        "node {node} holds the client-side TIME_WAITs:\n{tw}"
     );
     for l in &ours {
         let local = l.split_whitespace().nth(2).unwrap();
@@ -1025,14 +1029,12 @@ fn r2_client_port_reused_for_another_destination_is_captured_at_once(fam: Family
         0,
         "no SYN of the client was refused and retried"
     );
-    // Fail closed: with node A's ztunnel gone (the rules stay), a captured connection is
-    // reset on the node and never reaches its destination.
     let pids = std::process::Command::new("ip")
-        .args(["netns", "pids", &w.node(0)])
+        .args(["netns", "pids", &w.node(node)])
         .output()
         .expect("ip netns pids");
     let pids = String::from_utf8_lossy(&pids.stdout).into_owned();
-    assert!(!pids.trim().is_empty(), "node A's ztunnel runs");
+    assert!(!pids.trim().is_empty(), "node {node}'s ztunnel runs");
     for pid in pids.split_whitespace() {
         let _ = std::process::Command::new("kill")
             .args(["-9", pid])
@@ -1040,17 +1042,36 @@ fn r2_client_port_reused_for_another_destination_is_captured_at_once(fam: Family
     }
     let gone = || {
         std::process::Command::new("ip")
-            .args(["netns", "pids", &w.node(0)])
+            .args(["netns", "pids", &w.node(node)])
             .output()
             .map(|o| o.stdout.is_empty())
             .unwrap_or(false)
     };
-    eventually_or("node A's ztunnel exited", gone, || pids.clone());
+    eventually_or("the node's ztunnel exited", gone, || pids.clone());
     for dst in &dsts {
         assert_eq!(
-            w.connect_refused("client", *dst),
+            w.connect_refused(from, *dst),
             Ok(()),
             "{dst} reached without ztunnel"
         );
     }
+}
+
+/// R2 (capture): a captured pod's client port reused for another destination while node A's
+/// ztunnel still holds the earlier connection in TIME_WAIT is captured at once. With
+/// `REDIRECT` capture every destination mapped onto `node:15001`, the new SYN met that
+/// TIME_WAIT, whose timestamps came from the other destination (Linux offsets them per
+/// address pair), PAWS refused it and the client retried a second later. Capture by
+/// `tproxy` keeps the original destination as the local address.
+fn r2_client_port_reused_for_another_destination_is_captured_at_once(fam: Family) {
+    let w = World::new(&fam.tag("r2tw"), "[]");
+    // Two uncaptured destinations on node B (passthrough).
+    port_reuse_across_destinations(&w, fam, "client", ["legacy", "waypoint"], 0);
+}
+
+/// R9 (capture): the same on the inbound side: an uncaptured client reusing a port for two
+/// captured pods of node B is captured by node B's plaintext listener at once each time.
+fn r9_plaintext_client_port_reused_for_another_pod_is_captured_at_once(fam: Family) {
+    let w = World::new(&fam.tag("r9tw"), "[]");
+    port_reuse_across_destinations(&w, fam, "legacy-client", ["server", "server2"], 1);
 }
