@@ -146,18 +146,12 @@ pub fn in_ns<R: Send + 'static>(
     netlab::try_in_ns(ns, f)?
 }
 
-/// Install ztunnel's capture ruleset in `ns` with `nft -f -`. `dstnat` is written as its
-/// value (-100): nft 1.0.6 (Debian 12) accepts the keyword for `prerouting` only, not for
-/// an `output` nat chain, which the ruleset may contain.
+/// Install ztunnel's capture rules (table and policy routing) in `ns`, as `ztunnel capture
+/// install` does.
 fn install_rules(rules: &ztunnel::capture::Rules, ns: &str) -> Result<()> {
-    let script = rules
-        .ruleset()
-        .map_err(|e| anyhow::anyhow!("capture rules: {e}"))?
-        .replace("priority dstnat;", "priority -100;");
     rules
-        .install_routing(Some(ns))
-        .map_err(|e| anyhow::anyhow!("capture routing in {ns}: {e}"))?;
-    netlab::nft(ns, &script).with_context(|| format!("installing capture rules in {ns}"))
+        .install(Some(ns))
+        .map_err(|e| anyhow::anyhow!("installing capture rules in {ns}: {e}"))
 }
 
 /// The mesh-model part of the config, shared by both ztunnels and the waypoint.

@@ -284,9 +284,15 @@ impl Rules {
     }
 
     /// Install (or replace) the rules, in network namespace `netns` (via `ip netns exec`)
-    /// or in the current one: the policy routing of outbound capture, then the table.
+    /// or in the current one: the policy routing of `tproxy` capture, then the table.
     pub fn install(&self, netns: Option<&str>) -> Result<(), CaptureError> {
         self.install_routing(netns)?;
+        self.replace_table(netns)
+    }
+
+    /// Replace the table only (one `nft -f` transaction), for a change of who is captured:
+    /// the policy routing [`Rules::install`] put in place does not depend on it.
+    pub fn replace_table(&self, netns: Option<&str>) -> Result<(), CaptureError> {
         nft(netns, &self.ruleset()?)
     }
 
@@ -299,19 +305,16 @@ impl Rules {
         Ok(())
     }
 
-    /// The policy routing that delivers outbound-captured (marked) packets locally, for IPv4
-    /// and IPv6: `ip rule … fwmark` [`TPROXY_MARK`] `lookup` [`TPROXY_TABLE`] (exactly once)
-    /// and `local default dev lo` in that table. IPv6 failing is an error only when pods
-    /// have IPv6 addresses (a namespace with IPv6 off has no IPv6 to capture).
+    /// The policy routing that delivers captured (marked) packets locally, for IPv4 and
+    /// IPv6: exactly one `ip rule … fwmark` [`TPROXY_MARK`] `lookup` [`TPROXY_TABLE`] and
+    /// `local default dev lo` in that table. Added only where missing (extra copies are
+    /// deleted), never deleted and re-added: in between, a marked packet would be routed to
+    /// its real destination, past ztunnel. IPv6 failing is an error only when pods have
+    /// IPv6 addresses (a namespace with IPv6 off has no IPv6 to capture).
     pub fn install_routing(&self, netns: Option<&str>) -> Result<(), CaptureError> {
         let v6_pods = self.pod_cidrs.iter().any(|c| c.contains(':'));
         for fam in ["-4", "-6"] {
-            let r = (|| {
-                delete_rules(netns, fam);
-                ip(
-                    netns,
-                    &[fam, "rule", "add", "fwmark", &mark(), "lookup", &table()],
-                )?;
+            let r = ensure_rule(netns, fam).and_then(|()| {
                 ip(
                     netns,
                     &[
@@ -326,7 +329,8 @@ impl Rules {
                         &table(),
                     ],
                 )
-            })();
+                .map(drop)
+            });
             match r {
                 Err(e) if fam == "-4" || v6_pods => return Err(e),
                 Err(e) => {
@@ -347,18 +351,44 @@ fn table() -> String {
     TPROXY_TABLE.to_string()
 }
 
-/// Every `fwmark TPROXY_MARK lookup TPROXY_TABLE` rule of family `fam` (a rule added twice
-/// is listed twice; deleting stops when none is left).
+/// How many `fwmark TPROXY_MARK lookup TPROXY_TABLE` rules family `fam` has (a rule added
+/// twice is listed twice).
+fn count_rules(netns: Option<&str>, fam: &str) -> Result<usize, CaptureError> {
+    let (m, t) = (mark(), table());
+    let want = ["fwmark", m.as_str(), "lookup", t.as_str()];
+    Ok(ip(netns, &[fam, "rule", "show"])?
+        .lines()
+        .filter(|l| {
+            let words: Vec<&str> = l.split_whitespace().collect();
+            words.windows(4).any(|w| w == want)
+        })
+        .count())
+}
+
+/// Exactly one such rule: added when there is none, extra copies deleted.
+fn ensure_rule(netns: Option<&str>, fam: &str) -> Result<(), CaptureError> {
+    let rule = [fam, "rule", "add", "fwmark", &mark(), "lookup", &table()];
+    match count_rules(netns, fam)? {
+        0 => ip(netns, &rule).map(drop),
+        n => {
+            for _ in 1..n {
+                ip(
+                    netns,
+                    &[fam, "rule", "del", "fwmark", &mark(), "lookup", &table()],
+                )?;
+            }
+            Ok(())
+        }
+    }
+}
+
+/// Delete every such rule of family `fam`.
 fn delete_rules(netns: Option<&str>, fam: &str) {
-    for _ in 0..64 {
-        if ip(
+    for _ in 0..count_rules(netns, fam).unwrap_or(0) {
+        let _ = ip(
             netns,
             &[fam, "rule", "del", "fwmark", &mark(), "lookup", &table()],
-        )
-        .is_err()
-        {
-            break;
-        }
+        );
     }
 }
 
@@ -369,8 +399,8 @@ fn remove_routing(netns: Option<&str>) {
     }
 }
 
-/// Run `ip ARGS` (in `netns` when given).
-fn ip(netns: Option<&str>, args: &[&str]) -> Result<(), CaptureError> {
+/// Run `ip ARGS` (in `netns` when given): its standard output.
+fn ip(netns: Option<&str>, args: &[&str]) -> Result<String, CaptureError> {
     let mut cmd = Command::new("ip");
     if let Some(ns) = netns {
         cmd.args(["netns", "exec", ns, "ip"]);
@@ -379,8 +409,9 @@ fn ip(netns: Option<&str>, args: &[&str]) -> Result<(), CaptureError> {
     run(cmd, None)
 }
 
-/// Run `cmd` with `input` on its stdin (or none); its stderr becomes the error's text.
-fn run(mut cmd: Command, input: Option<&[u8]>) -> Result<(), CaptureError> {
+/// Run `cmd` with `input` on its stdin (or none): its standard output; its stderr becomes
+/// the error's text.
+fn run(mut cmd: Command, input: Option<&[u8]>) -> Result<String, CaptureError> {
     let what = format!("{cmd:?}");
     let spawn_err = |source| CaptureError::Spawn {
         cmd: what.clone(),
@@ -392,7 +423,7 @@ fn run(mut cmd: Command, input: Option<&[u8]>) -> Result<(), CaptureError> {
         } else {
             Stdio::null()
         })
-        .stdout(Stdio::null())
+        .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .map_err(spawn_err)?;
@@ -401,7 +432,7 @@ fn run(mut cmd: Command, input: Option<&[u8]>) -> Result<(), CaptureError> {
     }
     let out = child.wait_with_output().map_err(spawn_err)?;
     if out.status.success() {
-        Ok(())
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     } else {
         Err(CaptureError::Failed {
             cmd: what,
@@ -456,7 +487,7 @@ fn nft(netns: Option<&str>, script: &str) -> Result<(), CaptureError> {
             c
         }
     };
-    run(cmd, Some(script.as_bytes()))
+    run(cmd, Some(script.as_bytes())).map(drop)
 }
 
 #[cfg(test)]

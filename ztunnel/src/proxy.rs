@@ -561,7 +561,7 @@ fn spawn_watcher(
                         if let Some(old) = capture.as_mut() {
                             let next = crate::capture::owned_rules(&st.model, &settings.node, &old.table);
                             if next != *old {
-                                match next.install(None) {
+                                match next.replace_table(None) {
                                     Ok(()) => {
                                         counters.capture_installs.fetch_add(1, Ordering::Relaxed);
                                         tracing::info!(interfaces = ?next.pod_interfaces, pods = ?next.pod_cidrs, "capture rules updated");
