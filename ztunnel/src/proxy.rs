@@ -804,31 +804,33 @@ impl Downstream {
     }
 }
 
+/// Where a connection accepted by a capture listener bound at `port` was going: under
+/// `tproxy` (the capture rules' way, see [`crate::capture`]) its local address, any port but
+/// the listener's own (no further call); under `REDIRECT` the conntrack original
+/// (`SO_ORIGINAL_DST`); `None` when it was made to the listener itself.
+fn captured_destination(tcp: &TcpStream, port: Option<u16>) -> std::io::Result<Option<SocketAddr>> {
+    let local = tcp.local_addr()?;
+    if Some(local.port()) != port {
+        return Ok(Some(local));
+    }
+    runtime::sys::original_dst(std::os::fd::AsRawFd::as_raw_fd(tcp))
+}
+
 /// Transparent outbound capture (`:15001`): the destination is the connection's original
 /// destination, the source workload its peer address (a pod of this node: neither `tproxy`
-/// nor `REDIRECT` changes the source). Under `tproxy` (the capture rules' way, see
-/// [`crate::capture`]) the original destination is the socket's own local address; under
-/// `REDIRECT` it is read back from conntrack (`SO_ORIGINAL_DST`).
+/// nor `REDIRECT` changes the source); see [`captured_destination`].
 async fn captured_conn(w: Rc<Worker>, mut tcp: TcpStream, peer: SocketAddr) {
     let started = Instant::now();
-    let fd = std::os::fd::AsRawFd::as_raw_fd(&tcp);
-    // Under tproxy the local address is the destination; a connection made to the listener
-    // itself (its own port) was not captured.
-    let local = tcp
-        .local_addr()
-        .ok()
-        .filter(|l| Some(l.port()) != w.shared.outbound_port);
-    let dst = match (runtime::sys::original_dst(fd), local) {
-        (Ok(Some(d)), _) => d,
-        (Ok(None), Some(l)) => l,
-        (Ok(None), None) => {
+    let dst = match captured_destination(&tcp, w.shared.outbound_port) {
+        Ok(Some(d)) => d,
+        Ok(None) => {
             let why = "no original destination (connection was not redirected)";
             return Downstream::Captured
                 .fail(&w, &mut tcp, peer, reply::GENERAL_FAILURE, why)
                 .await;
         }
-        (Err(e), _) => {
-            let why = format!("SO_ORIGINAL_DST: {e}");
+        Err(e) => {
+            let why = format!("original destination: {e}");
             return Downstream::Captured
                 .fail(&w, &mut tcp, peer, reply::GENERAL_FAILURE, &why)
                 .await;
@@ -1681,14 +1683,10 @@ async fn plaintext_conn(w: Rc<Worker>, idx: usize, tcp: TcpStream, peer: SocketA
     let started = Instant::now();
     let st = w.state();
     let fallback = w.settings().plaintext.get(idx).and_then(|p| p.target);
-    // Under tproxy capture the local address is the destination (see `captured_conn`).
-    let local = tcp
-        .local_addr()
-        .ok()
-        .filter(|l| w.shared.plaintext_ports.get(idx) != Some(&l.port()));
-    let target = match runtime::sys::original_dst(std::os::fd::AsRawFd::as_raw_fd(&tcp)) {
-        Ok(Some(orig)) => orig,
-        Ok(None) => match local.or(fallback) {
+    let port = w.shared.plaintext_ports.get(idx).copied();
+    let target = match captured_destination(&tcp, port) {
+        Ok(Some(d)) => d,
+        Ok(None) => match fallback {
             Some(t) => t,
             None => {
                 tracing::info!(target: "ztunnel::access", direction = "inbound", src = %peer, "plaintext: no original destination and no target: reset");
@@ -1697,7 +1695,7 @@ async fn plaintext_conn(w: Rc<Worker>, idx: usize, tcp: TcpStream, peer: SocketA
             }
         },
         Err(e) => {
-            tracing::info!(target: "ztunnel::access", direction = "inbound", src = %peer, error = %e, "plaintext: SO_ORIGINAL_DST failed: reset");
+            tracing::info!(target: "ztunnel::access", direction = "inbound", src = %peer, error = %e, "plaintext: original destination unknown: reset");
             reset(&tcp);
             return;
         }
