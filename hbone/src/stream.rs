@@ -166,9 +166,9 @@ const MIN_READ: usize = 16 * 1024;
 /// without a copy.
 const FIRST_READ: usize = MIN_READ;
 
-/// Bytes a direction moves without waiting (for readiness, h2 data or h2 capacity) before
-/// it yields to the worker's other tasks, as `runtime::forward`'s copy directions do.
-const BUDGET: usize = 4 << 20;
+// Bytes a direction moves without waiting (for readiness, h2 data or h2 capacity) before it
+// yields to the worker's other tasks: the budget of `runtime::forward`'s directions.
+use runtime::forward::BUDGET;
 
 thread_local! {
     /// The worker's buffer for first reads (see [`FIRST_READ`]); filled and emptied within

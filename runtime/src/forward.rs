@@ -221,8 +221,8 @@ where
 
 /// Bytes a direction (copy or splice) moves without waiting, after which it yields to the
 /// worker's other tasks: a direction whose source never runs dry and whose destination never
-/// fills would otherwise keep the worker to itself.
-const BUDGET: usize = 4 << 20;
+/// fills would otherwise keep the worker to itself. The HBONE bridge's directions use it too.
+pub const BUDGET: usize = 4 << 20;
 
 /// Times a splice direction used up [`BUDGET`] and yielded (all workers).
 static SPLICE_YIELDS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
