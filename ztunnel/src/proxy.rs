@@ -678,7 +678,7 @@ impl std::fmt::Display for Ended<'_> {
 }
 
 /// One access-log line. Its values are formatted by `tracing` only when the line is
-/// enabled (`ztunnel::access` at info): a connection whose log is off builds no text.
+/// enabled (target `access` at info, as Istio's ztunnel and our waypoint; a worker writes these lines in batches, `runtime::logbuf`): a connection whose log is off builds no text.
 #[allow(clippy::too_many_arguments)]
 fn access_log(
     direction: &str,
@@ -694,7 +694,7 @@ fn access_log(
     reason: &Ended<'_>,
 ) {
     tracing::info!(
-        target: "ztunnel::access",
+        target: "access",
         direction,
         route = %route,
         src = %src,
@@ -769,7 +769,7 @@ fn status_reply(e: &HboneError) -> u8 {
 
 async fn socks_fail(w: &Worker, tcp: &mut TcpStream, peer: SocketAddr, code: u8, why: &str) {
     w.metrics.socks_error(code);
-    tracing::info!(target: "ztunnel::access", direction = "outbound", src = %peer, reply = code, reason = why, "socks5 request refused");
+    tracing::info!(target: "access", direction = "outbound", src = %peer, reply = code, reason = why, "socks5 request refused");
     let _ = socks::send_reply(tcp, code).await;
 }
 
@@ -790,7 +790,7 @@ impl Downstream {
             // Boxed (as below): a failure's reply is no part of a connection's lasting state.
             Downstream::Socks => Box::pin(socks_fail(w, tcp, peer, code, why)).await,
             Downstream::Captured => {
-                tracing::info!(target: "ztunnel::access", direction = "outbound", src = %peer, reply = code, reason = why, "captured connection refused: reset");
+                tracing::info!(target: "access", direction = "outbound", src = %peer, reply = code, reason = why, "captured connection refused: reset");
                 reset(tcp);
             }
         }
@@ -1409,7 +1409,7 @@ async fn hbone_stream(w: Rc<Worker>, mut inb: Box<HboneInbound>, conn: Rc<InConn
             .is_some_and(|p| p.ips.contains(&target.ip()));
         if !ok {
             w.metrics.path(&path("hbone_wrong_pod", None));
-            tracing::info!(target: "ztunnel::access", direction = "inbound", src = %inb.peer_addr, peer = %peer_s, authority = %target, addressed = %uid, "CONNECT target is not the pod this tunnel was made to: 400");
+            tracing::info!(target: "access", direction = "inbound", src = %inb.peer_addr, peer = %peer_s, authority = %target, addressed = %uid, "CONNECT target is not the pod this tunnel was made to: 400");
             inb.reject(status::BAD_AUTHORITY);
             return;
         }
@@ -1427,7 +1427,7 @@ async fn hbone_stream(w: Rc<Worker>, mut inb: Box<HboneInbound>, conn: Rc<InConn
     match decision {
         Inbound::NotServed => {
             w.metrics.path(&path("hbone_not_served", None));
-            tracing::info!(target: "ztunnel::access", direction = "inbound", src = %inb.peer_addr, peer = %peer_s, authority = %target, "not a workload on this node: 400");
+            tracing::info!(target: "access", direction = "inbound", src = %inb.peer_addr, peer = %peer_s, authority = %target, "not a workload on this node: 400");
             inb.reject(status::BAD_AUTHORITY);
         }
         Inbound::Deny { workload, verdict } => {
@@ -1437,7 +1437,7 @@ async fn hbone_stream(w: Rc<Worker>, mut inb: Box<HboneInbound>, conn: Rc<InConn
                 transport: "hbone",
                 policy: policy.clone(),
             });
-            tracing::info!(target: "ztunnel::access", direction = "inbound", src = %inb.peer_addr, peer = %peer_s, authority = %target, workload, policy, "denied by authorization: 401");
+            tracing::info!(target: "access", direction = "inbound", src = %inb.peer_addr, peer = %peer_s, authority = %target, workload, policy, "denied by authorization: 401");
             inb.reject(status::DENIED);
         }
         Inbound::Hairpin {
@@ -1451,7 +1451,7 @@ async fn hbone_stream(w: Rc<Worker>, mut inb: Box<HboneInbound>, conn: Rc<InConn
             let up = match Box::pin(hairpin_open(&w, &st, &waypoint, authority, src_ip)).await {
                 Ok(s) => s,
                 Err(e) => {
-                    tracing::info!(target: "ztunnel::access", direction = "inbound", authority = %target, waypoint = %waypoint.address, error = %e, "hairpin to waypoint failed: 503");
+                    tracing::info!(target: "access", direction = "inbound", authority = %target, waypoint = %waypoint.address, error = %e, "hairpin to waypoint failed: 503");
                     inb.reject(status::UPSTREAM_FAILED);
                     return;
                 }
@@ -1488,7 +1488,7 @@ async fn hbone_stream(w: Rc<Worker>, mut inb: Box<HboneInbound>, conn: Rc<InConn
             let tcp = match connect_within(&w, target, ConnectTimeout::HbonePod).await {
                 Ok(t) => t,
                 Err(e) => {
-                    tracing::info!(target: "ztunnel::access", direction = "inbound", authority = %target, error = %e, "connect to pod failed: 503");
+                    tracing::info!(target: "access", direction = "inbound", authority = %target, error = %e, "connect to pod failed: 503");
                     inb.reject(status::UPSTREAM_FAILED);
                     return;
                 }
@@ -1689,13 +1689,13 @@ async fn plaintext_conn(w: Rc<Worker>, idx: usize, tcp: TcpStream, peer: SocketA
         Ok(None) => match fallback {
             Some(t) => t,
             None => {
-                tracing::info!(target: "ztunnel::access", direction = "inbound", src = %peer, "plaintext: no original destination and no target: reset");
+                tracing::info!(target: "access", direction = "inbound", src = %peer, "plaintext: no original destination and no target: reset");
                 reset(&tcp);
                 return;
             }
         },
         Err(e) => {
-            tracing::info!(target: "ztunnel::access", direction = "inbound", src = %peer, error = %e, "plaintext: original destination unknown: reset");
+            tracing::info!(target: "access", direction = "inbound", src = %peer, error = %e, "plaintext: original destination unknown: reset");
             reset(&tcp);
             return;
         }
@@ -1723,7 +1723,7 @@ async fn plaintext_conn(w: Rc<Worker>, idx: usize, tcp: TcpStream, peer: SocketA
     match decision {
         Inbound::NotServed => {
             w.metrics.path(&path("plaintext_not_served", None, None));
-            tracing::info!(target: "ztunnel::access", direction = "inbound", src = %peer, dst = %target, "plaintext: not a workload on this node: reset");
+            tracing::info!(target: "access", direction = "inbound", src = %peer, dst = %target, "plaintext: not a workload on this node: reset");
             reset(&tcp);
         }
         Inbound::Deny { workload, verdict } => {
@@ -1733,7 +1733,7 @@ async fn plaintext_conn(w: Rc<Worker>, idx: usize, tcp: TcpStream, peer: SocketA
                 transport: "plaintext",
                 policy: policy.clone(),
             });
-            tracing::info!(target: "ztunnel::access", direction = "inbound", src = %peer, dst = %target, workload, policy, "plaintext denied by authorization: reset");
+            tracing::info!(target: "access", direction = "inbound", src = %peer, dst = %target, workload, policy, "plaintext denied by authorization: reset");
             reset(&tcp);
         }
         Inbound::Hairpin {
@@ -1750,7 +1750,7 @@ async fn plaintext_conn(w: Rc<Worker>, idx: usize, tcp: TcpStream, peer: SocketA
             let up = match Box::pin(hairpin_open(&w, &st, &waypoint, authority, peer.ip())).await {
                 Ok(s) => s,
                 Err(e) => {
-                    tracing::info!(target: "ztunnel::access", direction = "inbound", src = %peer, dst = %target, waypoint = %waypoint.address, error = %e, "plaintext hairpin failed: reset");
+                    tracing::info!(target: "access", direction = "inbound", src = %peer, dst = %target, waypoint = %waypoint.address, error = %e, "plaintext hairpin failed: reset");
                     reset(&tcp);
                     return;
                 }
@@ -1778,7 +1778,7 @@ async fn plaintext_conn(w: Rc<Worker>, idx: usize, tcp: TcpStream, peer: SocketA
             let up = match connect_within(&w, target, ConnectTimeout::PlaintextPod).await {
                 Ok(u) => u,
                 Err(e) => {
-                    tracing::info!(target: "ztunnel::access", direction = "inbound", src = %peer, dst = %target, error = %e, "plaintext: connect to pod failed: reset");
+                    tracing::info!(target: "access", direction = "inbound", src = %peer, dst = %target, error = %e, "plaintext: connect to pod failed: reset");
                     reset(&tcp);
                     return;
                 }

@@ -365,6 +365,41 @@ fn r5_captured_to_captured_uses_hbone_across_nodes(fam: Family) {
     );
     // Captured at the source only: B's plaintext capture never saw it.
     assert_eq!(metric(&b, PATHS, &[("route", "plaintext_allow")]), 0);
+    // One access-log line per side (target `access`, as Istio's ztunnel; a worker writes its
+    // access lines in batches, at least every second), with both byte counts.
+    let dst = format!("dst={}", server.addr);
+    let lines = |node: &str, direction: &str| -> Vec<String> {
+        w.log(node)
+            .lines()
+            .filter(|l| {
+                l.contains(" access: connection complete")
+                    && l.contains(&format!("direction=\"{direction}\""))
+                    && l.contains(&dst)
+            })
+            .map(str::to_string)
+            .collect()
+    };
+    eventually_or(
+        "an access-log line on each node",
+        || !lines("node-a", "outbound").is_empty() && !lines("node-b", "inbound").is_empty(),
+        w.dump(),
+    );
+    let sent_back = (big.len() + "server\n".len()).to_string();
+    for (node, direction, identity) in [
+        ("node-a", "outbound", SERVER_ID),
+        ("node-b", "inbound", CLIENT_ID),
+    ] {
+        let l = lines(node, direction);
+        assert_eq!(l.len(), 1, "{node}: {l:?}");
+        let l = &l[0];
+        for want in [
+            format!("bytes_sent={}", big.len()),
+            format!("bytes_received={sent_back}"),
+            identity.to_string(),
+        ] {
+            assert!(l.contains(&want), "{node}: no {want:?} in {l}");
+        }
+    }
 }
 
 /// R9: a deny policy refuses the captured connection on the destination node.
