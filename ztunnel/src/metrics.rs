@@ -128,6 +128,20 @@ impl std::fmt::Display for Opt {
     }
 }
 
+/// A source address for the access log: `ip:port`, or the IP alone when the port is not
+/// known (0): an inbound HBONE stream learns the client's address from `forwarded: for=`,
+/// which carries no port.
+pub(crate) struct Src(pub(crate) SocketAddr);
+
+impl std::fmt::Display for Src {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0.port() {
+            0 => self.0.ip().fmt(f),
+            _ => self.0.fmt(f),
+        }
+    }
+}
+
 fn esc(s: &str) -> String {
     s.replace('\\', "\\\\")
         .replace('"', "\\\"")

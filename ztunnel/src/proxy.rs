@@ -697,7 +697,7 @@ fn access_log(
         target: "access",
         direction,
         route = %route,
-        src = %src,
+        src = %metrics::Src(src),
         dst = %dst,
         src_workload = %labels.source_workload,
         src_identity = %labels.source_principal,

@@ -385,9 +385,18 @@ fn r5_captured_to_captured_uses_hbone_across_nodes(fam: Family) {
         w.dump(),
     );
     let sent_back = (big.len() + "server\n".len()).to_string();
-    for (node, direction, identity) in [
-        ("node-a", "outbound", SERVER_ID),
-        ("node-b", "inbound", CLIENT_ID),
+    let client = fam.pod_ip("client");
+    // Node B knows the client's address from `forwarded: for=`, without its port.
+    for (node, direction, identity, src) in [
+        (
+            "node-a",
+            "outbound",
+            SERVER_ID,
+            format!("src={}", SocketAddr::new(client, 1))
+                .trim_end_matches('1')
+                .to_string(),
+        ),
+        ("node-b", "inbound", CLIENT_ID, format!("src={client} ")),
     ] {
         let l = lines(node, direction);
         assert_eq!(l.len(), 1, "{node}: {l:?}");
@@ -396,6 +405,7 @@ fn r5_captured_to_captured_uses_hbone_across_nodes(fam: Family) {
             format!("bytes_sent={}", big.len()),
             format!("bytes_received={sent_back}"),
             identity.to_string(),
+            src,
         ] {
             assert!(l.contains(&want), "{node}: no {want:?} in {l}");
         }
