@@ -6,8 +6,9 @@
 //! ztunnel runs in the **node's** network namespace. Each pod is its own network namespace
 //! joined to the node by a veth pair and routed (a /32 route per pod on the node side, the
 //! pod's default route via the node), so every packet a pod sends or receives crosses the
-//! node's IP stack and its `PREROUTING` hook. One nftables table on the node, in the `nat`
-//! `prerouting` hook, does all the capturing:
+//! node's IP stack and its `PREROUTING` hook. One nftables table on the node, a `filter`
+//! chain in the `prerouting` hook (and a `nat` one in `output`, below), does all the
+//! capturing:
 //!
 //! - TCP **arriving from the veth of a captured pod** → `tproxy to :15001` (outbound
 //!   capture), in a `filter` chain at `prerouting` priority `mangle`, which also marks the
@@ -27,17 +28,21 @@
 //!   for (ztunnel not running) is still marked and delivered locally, where nothing listens:
 //!   the client gets a reset, as it got from `REDIRECT` to an unserved port (fail closed).
 //! - TCP **addressed to a captured pod's `:15008`** (HBONE, Istio's way: peers tunnel to
-//!   `podIP:15008`) → `redirect to :15008` (`nat` chain), the node's HBONE listener, which reads the
-//!   original destination to present *that pod's* certificate (every tunnel uses the
-//!   identity of the workload it acts for). The same rule in the `output` hook catches this
-//!   node's own ztunnel tunnelling to a pod of the same node (locally generated, so it never
-//!   crosses `prerouting`; `REDIRECT` there goes to the loopback address, so the HBONE
-//!   listener must be bound on the wildcard address for that case).
+//!   `podIP:15008`) → `tproxy to :15008`, marked and routed locally like outbound, to the
+//!   node's (transparent) HBONE listener, which reads the address the connection was made to
+//!   (its local address) to present *that pod's* certificate (every tunnel uses the
+//!   identity of the workload it acts for). This node's own ztunnel tunnelling to a pod of
+//!   the same node is locally generated, so it never crosses `prerouting`, and `tproxy`
+//!   works nowhere else: a `redirect to :15008` in a `nat` chain of the `output` hook
+//!   catches it (`REDIRECT` there goes to the loopback address, so the HBONE listener must
+//!   be bound on the wildcard address for that case; it reads `SO_ORIGINAL_DST`). `REDIRECT`
+//!   captured HBONE from other nodes too until the port-reuse test below showed the same
+//!   TIME_WAIT aliasing as outbound: two pods' `:15008` mapped onto one `node:15008`
+//!   (`r5_hbone_client_port_reused_for_another_pod_is_captured_at_once`).
 //! - Any other TCP **addressed to a captured pod** (from anywhere else: another node, an
 //!   uncaptured pod) → `tproxy ip|ip6 to :15006` (plaintext inbound, no identity, R10), marked and
 //!   routed locally like outbound, for the same reason (a client port reused for two pods
-//!   of the node must not meet one TIME_WAIT). HBONE to a pod stays a `REDIRECT` (below: its
-//!   `output`-hook twin cannot be a `tproxy`, which works in `prerouting` only). HBONE
+//!   of the node must not meet one TIME_WAIT). HBONE
 //!   addressed to the node's ztunnel (`nodes[].ztunnel`, `:15008`) is not redirected and is
 //!   answered with the ztunnel's own identity.
 //!
@@ -56,8 +61,9 @@
 //! Other packets that ztunnel itself sends (to a pod, a
 //! waypoint, another node's `:15008`, or a passthrough destination) are locally generated:
 //! they traverse `output`/`postrouting`, never `prerouting`, on this node. So no `SO_MARK`
-//! is needed. (On the *peer* node, ztunnel's HBONE arrives addressed to that node's ztunnel,
-//! not to a captured pod, so the inbound rule does not match it either; a plaintext
+//! is needed. (On the *peer* node, ztunnel's HBONE arrives addressed to that node's ztunnel
+//! or to a pod's `:15008`, which the HBONE rule hands to that node's HBONE listener, its
+//! destination either way; a plaintext
 //! passthrough to a captured pod is captured there as plaintext inbound, as it should be.)
 //! An `output`-hook design would have to mark ztunnel's sockets with `SO_MARK` and exclude
 //! the mark; this one has no such rule to get wrong.
@@ -247,10 +253,11 @@ impl Rules {
             ));
         }
         for (fam, list) in &sets {
-            // Plaintext inbound: TCP to a captured pod, except HBONE (redirected below).
+            // Inbound: HBONE to a captured pod to this node's HBONE listener, any other TCP
+            // to a captured pod to the plaintext listener.
             let p = self.inbound_port;
             tp.push_str(&format!(
-                "    {fam} daddr {{ {list} }} tcp dport != {h} tproxy {fam} to :{p} meta mark set {m:#x} accept\n    {fam} daddr {{ {list} }} tcp dport != {h} meta mark set {m:#x} accept\n"
+                "    {fam} daddr {{ {list} }} tcp dport {h} tproxy {fam} to :{h} meta mark set {m:#x} accept\n    {fam} daddr {{ {list} }} tcp dport != {h} tproxy {fam} to :{p} meta mark set {m:#x} accept\n    {fam} daddr {{ {list} }} meta l4proto tcp meta mark set {m:#x} accept\n"
             ));
         }
         let mut s = format!("table inet {t}\ndelete table inet {t}\ntable inet {t} {{\n");
@@ -259,21 +266,14 @@ impl Rules {
                 "  chain capture {{\n    type filter hook prerouting priority mangle; policy accept;\n{tp}  }}\n"
             ));
         }
-        s.push_str(
-            "  chain prerouting {\n    type nat hook prerouting priority dstnat; policy accept;\n",
-        );
-        if !self.pod_interfaces.is_empty() {
-            // Captured pods' own traffic is outbound (above), whatever its destination.
-            s.push_str(&format!("    iifname {{ {ifs} }} return\n"));
-        }
+        // This node's own HBONE to a pod of the node is locally generated: it never crosses
+        // `prerouting`, and `tproxy` works nowhere else, so the `output` hook redirects it.
         let mut hbone = String::new();
         for (fam, list) in &sets {
             hbone.push_str(&format!(
                 "    {fam} daddr {{ {list} }} tcp dport {h} redirect to :{h}\n"
             ));
         }
-        s.push_str(&hbone);
-        s.push_str("  }\n");
         if !hbone.is_empty() {
             s.push_str(&format!(
                 "  chain output {{\n    type nat hook output priority -100; policy accept;\n{hbone}  }}\n"
@@ -505,12 +505,10 @@ mod tests {
             ],
         );
         let s = r.ruleset().unwrap();
-        assert!(
-            s.contains("type nat hook prerouting priority dstnat"),
-            "{s}"
-        );
+        // Everything arriving is captured in `prerouting` by tproxy: no nat chain there.
+        assert!(!s.contains("type nat hook prerouting"), "{s}");
         // Outbound: tproxy with the mark, then the same mark for what it found no socket for.
-        let out = &s[s.find("chain capture").unwrap()..s.find("chain prerouting").unwrap()];
+        let out = &s[s.find("chain capture").unwrap()..s.find("chain output").unwrap()];
         assert!(
             out.contains("type filter hook prerouting priority mangle"),
             "{out}"
@@ -526,43 +524,43 @@ mod tests {
             "{out}"
         );
         assert!(!s.contains("redirect to :15001"), "{s}");
-        // The nat chain leaves captured pods' own traffic alone, before any inbound rule.
-        let nat = &s[s.find("chain prerouting").unwrap()..];
-        assert!(
-            nat.find("iifname { \"p-client\", \"p-two\" } return")
-                .unwrap()
-                < nat.find("redirect").unwrap(),
-            "{nat}"
-        );
-        // Plaintext inbound: tproxy to :15006 for everything but HBONE, then the mark alone.
-        assert!(
-            out.contains("ip daddr { 10.1.0.2, 10.1.0.0/24 } tcp dport != 15008 tproxy ip to :15006 meta mark set 0x111 accept"),
-            "{out}"
-        );
-        assert!(
-            out.contains("ip6 daddr { fd00::2/128 } tcp dport != 15008 tproxy ip6 to :15006 meta mark set 0x111 accept"),
-            "{out}"
-        );
-        assert!(
-            out.contains("ip6 daddr { fd00::2/128 } tcp dport != 15008 meta mark set 0x111 accept"),
-            "{out}"
-        );
-        // Outbound (a captured pod's own traffic) comes before inbound.
-        assert!(out.find("tproxy to :15001").unwrap() < out.find("to :15006").unwrap());
+        // Inbound: HBONE to :15008, any other TCP to :15006, then the mark alone.
+        for fam_list in [
+            "ip daddr { 10.1.0.2, 10.1.0.0/24 }",
+            "ip6 daddr { fd00::2/128 }",
+        ] {
+            let fam = fam_list.split(' ').next().unwrap();
+            for rule in [
+                format!("{fam_list} tcp dport 15008 tproxy {fam} to :15008 meta mark set 0x111 accept"),
+                format!("{fam_list} tcp dport != 15008 tproxy {fam} to :15006 meta mark set 0x111 accept"),
+                format!("{fam_list} meta l4proto tcp meta mark set 0x111 accept"),
+            ] {
+                assert!(out.contains(&rule), "no {rule:?} in {out}");
+            }
+            // The mark alone comes after both tproxy rules of the family.
+            assert!(
+                out.find(&format!("{fam_list} meta l4proto")).unwrap()
+                    > out.find(&format!("{fam_list} tcp dport != 15008")).unwrap()
+            );
+        }
+        // Outbound (a captured pod's own traffic, whatever its destination) comes first.
+        assert!(out.find("tproxy to :15001").unwrap() < out.find("daddr").unwrap());
         assert!(!s.contains("redirect to :15006"), "{s}");
-        assert!(
-            s.contains("ip daddr { 10.1.0.2, 10.1.0.0/24 } tcp dport 15008 redirect to :15008"),
-            "{s}"
-        );
         // The output hook (ztunnel's own, locally generated connections) only redirects HBONE
         // to a pod of this node; nothing else ztunnel sends is captured again.
         let output = &s[s.find("chain output").unwrap()..];
-        assert_eq!(output.matches("redirect").count(), 2, "{output}");
+        assert!(
+            output.contains("type nat hook output priority -100"),
+            "{output}"
+        );
+        assert_eq!(s.matches("redirect").count(), 2, "{s}");
         assert!(
             output
-                .lines()
-                .filter(|l| l.contains("redirect"))
-                .all(|l| l.contains("tcp dport 15008 redirect to :15008")),
+                .contains("ip daddr { 10.1.0.2, 10.1.0.0/24 } tcp dport 15008 redirect to :15008"),
+            "{output}"
+        );
+        assert!(
+            output.contains("ip6 daddr { fd00::2/128 } tcp dport 15008 redirect to :15008"),
             "{output}"
         );
     }

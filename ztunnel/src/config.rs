@@ -32,14 +32,16 @@
 //! services: []
 //! ```
 //!
-//! **Transparent capture** (see [`crate::capture`]): node-level `REDIRECT` rules send a
-//! captured pod's outbound TCP to `outbound` (Istio's `:15001`) and TCP addressed to a
-//! captured pod to a `plaintext` listener (Istio's `:15006`); both read the original
-//! destination with `SO_ORIGINAL_DST`. `REDIRECT` rewrites the destination to the primary
-//! address of the interface the packet came in on, so these listeners are bound on `0.0.0.0`.
+//! **Transparent capture** (see [`crate::capture`]): node-level `tproxy` rules hand a
+//! captured pod's outbound TCP to `outbound` (Istio's `:15001`), HBONE addressed to a
+//! captured pod to `hbone` and any other TCP addressed to a captured pod to a `plaintext`
+//! listener (Istio's `:15006`); the socket's local address is the original destination.
+//! These listeners are transparent (`IP_TRANSPARENT`, needs `CAP_NET_ADMIN`) and bound on
+//! `0.0.0.0`; `REDIRECT` (this node's own HBONE to a pod of the node, or rules of an older
+//! install) is read back with `SO_ORIGINAL_DST`.
 //!
-//! **Plaintext inbound**: the destination is the connection's original destination
-//! (`SO_ORIGINAL_DST`). A connection that was not redirected (made to the listener itself,
+//! **Plaintext inbound**: the destination is the connection's original destination (its
+//! local address, or `SO_ORIGINAL_DST` after a `REDIRECT`). A connection that was not redirected (made to the listener itself,
 //! as on loopback without root) has none; it is then treated as captured plaintext to the
 //! listener's `target` (the one local pod address it stands for), and refused (reset) when
 //! no `target` is set. Either way R9–R12 apply as for any captured plaintext.
@@ -47,8 +49,8 @@
 //! **Identities on HBONE**: every tunnel uses the identity of the workload it acts for.
 //! Outbound, the client certificate is the source workload's. Inbound, the `hbone` listener
 //! picks its certificate per connection from the address the connection was made to (its
-//! original destination when capture redirected `podIP:15008` to it, else its local
-//! address): a captured workload of this node there → that workload's certificate (and the
+//! local address when that is a pod's, as after capture's `tproxy` of `podIP:15008`, else
+//! its `SO_ORIGINAL_DST`, else its local address): a captured workload of this node there → that workload's certificate (and the
 //! connection's CONNECT streams may only target it, else 400); anything else, i.e. the
 //! node's own address → this ztunnel's certificate (`identity`). So an outbound tunnel to a
 //! pod (no `nodes[].ztunnel` for its node: Istio's `podIP:15008`) requires exactly the

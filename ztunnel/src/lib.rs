@@ -1,14 +1,14 @@
 //! ztunnel: the per-node L4 proxy of ambient mode (issue 4), on the runtime's workers.
 //!
-//! Outbound traffic enters through transparent capture (`:15001`, original destination from
-//! `SO_ORIGINAL_DST`, node-level nftables redirection: see [`capture`]) or, without root,
+//! Outbound traffic enters through transparent capture (`:15001`, node-level nftables
+//! `tproxy`, the original destination as the socket's local address: see [`capture`]) or, without root,
 //! SOCKS5 (`:15080`); inbound through HBONE (`:15008`) and plaintext listeners (`:15006`,
 //! original destination or a fixed `target`).
 //!
 //! - [`config`] — the file: mesh-model's local YAML plus the `ztunnel:` section.
 //! - [`state`] — the published snapshot: mesh model + this node's certificates.
 //! - [`socks`] — SOCKS5 parsing and handshake.
-//! - [`capture`] — transparent capture: the design (node-level `REDIRECT`) and the helper
+//! - [`capture`] — transparent capture: the design (node-level `tproxy`) and the helper
 //!   that installs/removes a node's nftables rules.
 //! - [`proxy`] — listeners, outbound (R1, R4–R8) and inbound (R9–R12) paths, reload watcher.
 //! - [`metrics`] — `istio_tcp_*` with Istio's labels and ztunnel's path counters.

@@ -237,7 +237,6 @@ pub fn start(
             .map_err(|source| BindError::Io { addr: a, source })
     };
     let socks_socks = listener::bind_sharded(settings.socks5, n, &opts)?;
-    let hbone_socks = listener::bind_sharded(settings.hbone, n, &opts)?;
     // The capture listeners (outbound, and plaintext ones without a fixed `target`) are
     // transparent: capture hands them connections with `tproxy`, the original destination
     // as the local address. Without CAP_NET_ADMIN they are not, and only `REDIRECT` capture
@@ -255,6 +254,17 @@ pub fn start(
         }
         r => r,
     };
+    // HBONE to a captured pod (`podIP:15008`) arrives by `tproxy` too, so a node that
+    // captures (an outbound or a plaintext capture listener, or rules of its own) has a
+    // transparent HBONE listener; its own HBONE to a pod of the node is `REDIRECT`ed to it.
+    let captures = settings.outbound.is_some()
+        || settings.capture.is_some()
+        || settings.plaintext.iter().any(|p| p.target.is_none());
+    let bind_hbone = |a: SocketAddr| match captures {
+        true => bind_capture(a),
+        false => listener::bind_sharded(a, n, &opts),
+    };
+    let hbone_socks = bind_hbone(settings.hbone)?;
     let mut plain_socks = Vec::new();
     let mut plain_addrs = Vec::new();
     for p in &settings.plaintext {
@@ -290,6 +300,7 @@ pub fn start(
             let a = SocketAddr::new(IpAddr::V6(ip6), port);
             let s = match kind {
                 Listener::Outbound => bind_capture(a)?,
+                Listener::Hbone => bind_hbone(a)?,
                 Listener::Plaintext(i) if settings.plaintext[i].target.is_none() => {
                     bind_capture(a)?
                 }
@@ -1208,10 +1219,11 @@ async fn outbound_hbone(
 
 /// Which TLS identity an accepted HBONE connection presents, and which pod it is for.
 ///
-/// The connection's original destination (`SO_ORIGINAL_DST`: a peer dialled
-/// `podIP:15008` and node-level capture redirected it here) or, when it was not
-/// redirected, its local address (the listener is bound on the pod's address) names the
-/// address it was made to. A captured workload of this node there → its certificate, and
+/// The address it was made to is its local address when that is a workload's (a peer
+/// dialled `podIP:15008` and node-level capture handed it here by `tproxy`, or the listener
+/// is bound on the pod's address), else its original destination (`SO_ORIGINAL_DST`: this
+/// node's own HBONE to a pod of the node, `REDIRECT`ed in the `output` hook), else the
+/// local address. A captured workload of this node there → its certificate, and
 /// the connection's CONNECT streams may only target that workload. Anything else (the
 /// node's ztunnel address) → the ztunnel's own identity, any local workload.
 fn hbone_addressed(
@@ -1219,10 +1231,13 @@ fn hbone_addressed(
     st: &State,
     tcp: &TcpStream,
 ) -> (Arc<rustls::ServerConfig>, Arc<str>, Option<String>) {
-    let fd = std::os::fd::AsRawFd::as_raw_fd(tcp);
-    let addressed = match runtime::sys::original_dst(fd) {
-        Ok(Some(a)) => Some(a),
-        _ => tcp.local_addr().ok(),
+    let local = tcp.local_addr().ok();
+    let addressed = match local {
+        Some(l) if st.model.workload_by_ip(l.ip()).is_some() => local,
+        _ => match runtime::sys::original_dst(std::os::fd::AsRawFd::as_raw_fd(tcp)) {
+            Ok(Some(a)) => Some(a),
+            _ => local,
+        },
     };
     let node = &w.settings().node;
     if let Some(a) = addressed {

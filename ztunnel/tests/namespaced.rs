@@ -58,6 +58,7 @@ per_family!(
     r10_plaintext_into_captured_pod_rejected_by_identity_policy,
     r2_client_port_reused_for_another_destination_is_captured_at_once,
     r9_plaintext_client_port_reused_for_another_pod_is_captured_at_once,
+    r5_hbone_client_port_reused_for_another_pod_is_captured_at_once,
 );
 
 /// R1: an uncaptured pod's traffic crosses both nodes untouched; the captured client's
@@ -966,9 +967,15 @@ fn retrans_segs_in(ns: &str) -> u64 {
     .unwrap()
 }
 
-/// From pod namespace `ns`, bound to source port `port`: connect to `dst`, read to EOF (the
-/// server closes first), close. Returns what was read.
-fn call_from_port(ns: &str, fam: Family, port: u16, dst: SocketAddr) -> Vec<u8> {
+/// From pod namespace `ns`, bound to source port `port`: connect to `dst`, write `hello`,
+/// read to EOF (the server closes first), close. Returns what was read.
+fn call_from_port(
+    ns: &str,
+    fam: Family,
+    port: u16,
+    dst: SocketAddr,
+    hello: &'static [u8],
+) -> Vec<u8> {
     netlab::try_in_ns(ns, move || {
         use socket2::{Domain, SockAddr, Socket, Type};
         let s = Socket::new(Domain::for_address(dst), Type::STREAM, None).unwrap();
@@ -982,6 +989,7 @@ fn call_from_port(ns: &str, fam: Family, port: u16, dst: SocketAddr) -> Vec<u8> 
             .unwrap_or_else(|e| panic!("connect from :{port} to {dst}: {e}"));
         let mut c: std::net::TcpStream = s.into();
         c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        c.write_all(hello).unwrap();
         let mut got = Vec::new();
         c.read_to_end(&mut got).unwrap();
         got
@@ -991,11 +999,7 @@ fn call_from_port(ns: &str, fam: Family, port: u16, dst: SocketAddr) -> Vec<u8> 
 
 /// One client port of pod `from` reused for each of the pods `to` (servers that answer and
 /// close first, so the capturing ztunnel of node `node` closes first and keeps the
-/// TIME_WAIT), 8 ports in turn: every call succeeds, that node's TIME_WAITs are keyed by the
-/// original destinations (not by its capture listener) and the client retransmitted
-/// nothing (no SYN refused by PAWS and retried a second later). Then, with that node's
-/// ztunnel killed (the rules stay), a captured connection is reset on the node and never
-/// reaches its destination (fail closed).
+/// TIME_WAIT), 8 ports in turn: see [`port_reuse_to`].
 fn port_reuse_across_destinations(w: &World, fam: Family, from: &str, to: [&str; 2], node: usize) {
     let dsts: Vec<SocketAddr> = to.iter().map(|p| fam.pod_addr(p)).collect();
     let _servers: Vec<netlab::Served> = to
@@ -1009,26 +1013,43 @@ fn port_reuse_across_destinations(w: &World, fam: Family, from: &str, to: [&str;
             .unwrap()
         })
         .collect();
+    port_reuse_to(w, fam, from, &dsts, node, b"", Some(b"bye\n"));
+}
+
+/// One client port of pod `from` reused for each of `dsts` (whoever answers there closes
+/// first, after `hello`, so the capturing ztunnel of node `node` keeps the TIME_WAIT), 8
+/// ports in turn: every call gets `answer` (when given) and its end, that node's TIME_WAITs
+/// are keyed by the original destinations (not by its capture listener) and the client
+/// retransmitted nothing (no SYN refused by PAWS and retried a second later). Then, with
+/// that node's ztunnel killed (the rules stay), a captured connection is reset on the node
+/// and never reaches its destination (fail closed).
+fn port_reuse_to(
+    w: &World,
+    fam: Family,
+    from: &str,
+    dsts: &[SocketAddr],
+    node: usize,
+    hello: &'static [u8],
+    answer: Option<&[u8]>,
+) {
     let client_ns = w.pod_ns(from);
+    let call = |port: u16, dst: SocketAddr| {
+        let got = call_from_port(&client_ns, fam, port, dst, hello);
+        if let Some(a) = answer {
+            assert_eq!(got, a, "from :{port} to {dst}");
+        }
+    };
     // One call to each first, from an ephemeral port: a fresh namespace's first packets may
     // wait for neighbour discovery (IPv6), which is not what is measured here.
-    for dst in &dsts {
-        assert_eq!(
-            call_from_port(&client_ns, fam, 0, *dst),
-            b"bye\n",
-            "to {dst}"
-        );
+    for dst in dsts {
+        call(0, *dst);
     }
     let before = retrans_segs_in(&client_ns);
     // Ports outside the ephemeral range; each is used for both destinations in turn.
     for round in 0..8u16 {
         let port = 20_000 + round;
-        for dst in &dsts {
-            assert_eq!(
-                call_from_port(&client_ns, fam, port, *dst),
-                b"bye\n",
-                "to {dst}"
-            );
+        for dst in dsts {
+            call(port, *dst);
         }
     }
     let out = std::process::Command::new("ip")
@@ -1093,7 +1114,7 @@ fn port_reuse_across_destinations(w: &World, fam: Family, from: &str, to: [&str;
             .unwrap_or(false)
     };
     eventually_or("the node's ztunnel exited", gone, || pids.clone());
-    for dst in &dsts {
+    for dst in dsts {
         assert_eq!(
             w.connect_refused(from, *dst),
             Ok(()),
@@ -1119,4 +1140,15 @@ fn r2_client_port_reused_for_another_destination_is_captured_at_once(fam: Family
 fn r9_plaintext_client_port_reused_for_another_pod_is_captured_at_once(fam: Family) {
     let w = World::new(&fam.tag("r9tw"), "[]");
     port_reuse_across_destinations(&w, fam, "legacy-client", ["server", "server2"], 1);
+}
+
+/// R5 (capture): HBONE to two captured pods of node B (`podIP:15008`) from one client port
+/// in turn, node B's HBONE listener closing first (the client speaks no TLS): node B's
+/// TIME_WAITs are keyed by the pods' addresses and no SYN is retried, as with plaintext.
+/// With the `REDIRECT` that used to capture it, both pods mapped onto node B's own
+/// `:15008`, so a port reused for another pod met that TIME_WAIT.
+fn r5_hbone_client_port_reused_for_another_pod_is_captured_at_once(fam: Family) {
+    let w = World::new(&fam.tag("r5tw"), "[]");
+    let dsts = [fam.pod_hbone("server"), fam.pod_hbone("server2")];
+    port_reuse_to(&w, fam, "legacy-client", &dsts, 1, b"not TLS\r\n\r\n", None);
 }
