@@ -6,7 +6,7 @@
 //! |----------|--------------|-------------|
 //! | `HTTPRoute` | `gateway.networking.k8s.io/v1`, `/v1beta1` | [`crate::route::HttpRoute`] |
 //! | `AuthorizationPolicy` | `security.istio.io/v1`, `/v1beta1` | [`crate::authz::Policy`] |
-//! | `DestinationRule` | `networking.istio.io/v1`, `/v1beta1`, `/v1alpha3` | [`ServiceLb`]: `trafficPolicy.loadBalancer`, `.outlierDetection`, `.connectionPool.http.useClientProtocol`, `.connectionPool.http.idleTimeout` |
+//! | `DestinationRule` | `networking.istio.io/v1`, `/v1beta1`, `/v1alpha3` | [`ServiceLb`]: `trafficPolicy.loadBalancer`, `.outlierDetection` (`consecutive5xxErrors`, `interval`, `baseEjectionTime`, `maxEjectionPercent`), `.connectionPool.http.useClientProtocol`, `.connectionPool.http.idleTimeout`; [`crate::breaker`]: `.connectionPool.tcp.maxConnections`, `.tcp.connectTimeout`, `.http.http1MaxPendingRequests`, `.http.http2MaxRequests`, `.http.maxRequestsPerConnection`, `.http.maxRetries` |
 //! | no `apiVersion`/`kind`, a `waypoint:` key | — | [`SettingsDoc`], exactly one for the binary |
 //! | no `apiVersion`/`kind`, no `waypoint:` key | — | mesh-model's local config (`namespaces`, `workloads`, `services`, `policies`, `waypoints`, `nodes`; see the `mesh_model` crate docs), at most one |
 //!
@@ -76,6 +76,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use mesh_model::authz::Cidr;
@@ -147,6 +148,35 @@ pub struct IgnoredPolicy {
 }
 
 impl WaypointConfig {
+    /// What is in use against each service's circuit breakers and their limits, Prometheus
+    /// text (gauges: `waypoint_circuit_breaker_in_use{service,resource}` and
+    /// `waypoint_circuit_breaker_limit{service,resource}`, Envoy's `circuit_breakers.*`
+    /// stats; resources `connections`, `pending_requests`, `requests`, `retries`).
+    pub fn breakers_prometheus(&self) -> String {
+        let mut out = String::from(
+            "# HELP waypoint_circuit_breaker_in_use What is in use against a service's circuit breakers (DestinationRule connectionPool), by resource.\n# TYPE waypoint_circuit_breaker_in_use gauge\n# HELP waypoint_circuit_breaker_limit A service's circuit breaker limits (DestinationRule connectionPool; 4294967295: none).\n# TYPE waypoint_circuit_breaker_limit gauge\n",
+        );
+        for (svc, b) in &self.breakers {
+            let (c, p, r, t) = b.in_use();
+            let l = b.limits;
+            for (res, used, max) in [
+                ("connections", c, l.max_connections),
+                ("pending_requests", p, l.max_pending),
+                ("requests", r, l.max_requests),
+                ("retries", t, l.max_retries),
+            ] {
+                let labels = format!(
+                    "service=\"{}/{}\",resource=\"{res}\"",
+                    svc.namespace, svc.name
+                );
+                out.push_str(&format!(
+                    "waypoint_circuit_breaker_in_use{{{labels}}} {used}\nwaypoint_circuit_breaker_limit{{{labels}}} {max}\n"
+                ));
+            }
+        }
+        out
+    }
+
     /// `waypoint_policies_ignored{policy,document,reason} 1` per ignored policy, Prometheus
     /// text (a gauge: the current configuration's).
     pub fn ignored_policies_prometheus(&self) -> String {
@@ -180,6 +210,9 @@ pub struct WaypointConfig {
     /// worker's HTTP/2 connection to one (`useClientProtocol`) with no request in flight
     /// (see [`WaypointConfig::idle_expiry`]).
     pub idle_timeouts: BTreeMap<ObjectRef, Duration>,
+    /// DestinationRule `trafficPolicy.connectionPool` limits, by service (only services
+    /// with a limit set): see [`crate::breaker`].
+    pub breakers: BTreeMap<ObjectRef, Arc<crate::breaker::Breaker>>,
     /// The waypoint's own settings document, when the file has one.
     pub settings: Option<SettingsDoc>,
     /// The ztunnel identity whose CONNECT `forwarded: for=` is believed for any client
@@ -257,6 +290,23 @@ impl WaypointConfig {
     }
 
     /// The service's balancing (least request by default).
+    /// Keep `prev`'s breaker (what is in use against its limits) for every service whose
+    /// limits did not change: a reload does not reset what is in flight.
+    pub fn adopt_breakers(&mut self, prev: &WaypointConfig) {
+        for (svc, b) in self.breakers.iter_mut() {
+            if let Some(old) = prev.breakers.get(svc) {
+                if old.limits == b.limits {
+                    *b = old.clone();
+                }
+            }
+        }
+    }
+
+    /// The circuit breakers of service `s`, when its DestinationRule sets limits.
+    pub fn breaker(&self, s: &ObjectRef) -> Option<&Arc<crate::breaker::Breaker>> {
+        self.breakers.get(s)
+    }
+
     pub fn lb(&self, s: &ObjectRef) -> ServiceLb {
         self.load_balancing.get(s).cloned().unwrap_or_default()
     }
@@ -427,9 +477,13 @@ pub fn load_str(file: &Path, text: &str, version: u64) -> Result<WaypointConfig,
                 "DestinationRule",
             ) => {
                 let d: Doc<DrSpec> = parse(file, &doc).map_err(at)?;
-                let (svc, lb, idle) = compile_dr(&d).map_err(invalid)?;
+                let (svc, lb, idle, limits) = compile_dr(&d).map_err(invalid)?;
                 if let Some(idle) = idle {
                     cfg.idle_timeouts.insert(svc.clone(), idle);
+                }
+                if let Some(l) = limits {
+                    let b = Arc::new(crate::breaker::Breaker::new(l));
+                    cfg.breakers.insert(svc.clone(), b);
                 }
                 if cfg.load_balancing.insert(svc.clone(), lb).is_some() {
                     return Err(invalid(Invalid::new(
@@ -1782,7 +1836,18 @@ struct TrafficPolicyRaw {
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 struct ConnPoolRaw {
     #[serde(default)]
+    tcp: Option<TcpPoolRaw>,
+    #[serde(default)]
     http: Option<HttpPoolRaw>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct TcpPoolRaw {
+    #[serde(default)]
+    max_connections: Option<u32>,
+    #[serde(default)]
+    connect_timeout: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -1792,6 +1857,14 @@ struct HttpPoolRaw {
     use_client_protocol: Option<bool>,
     #[serde(default)]
     idle_timeout: Option<String>,
+    #[serde(default, rename = "http1MaxPendingRequests")]
+    http1_max_pending_requests: Option<u32>,
+    #[serde(default, rename = "http2MaxRequests")]
+    http2_max_requests: Option<u32>,
+    #[serde(default)]
+    max_requests_per_connection: Option<u32>,
+    #[serde(default)]
+    max_retries: Option<u32>,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize)]
@@ -1840,6 +1913,8 @@ struct OutlierRaw {
     base_ejection_time: Option<String>,
     #[serde(default)]
     max_ejection_percent: Option<u32>,
+    #[serde(default)]
+    interval: Option<String>,
 }
 
 /// `name`, `name.ns`, `name.ns.svc`, `name.ns.svc.cluster.local` → the service.
@@ -1862,11 +1937,24 @@ fn dr_host(host: &str, ns: &str) -> Result<ObjectRef, Invalid> {
     }
 }
 
-/// The service, its balancing, and its upstream idle timeout when set.
-fn compile_dr(d: &Doc<DrSpec>) -> Result<(ObjectRef, ServiceLb, Option<Duration>), Invalid> {
+/// The service, its balancing, its upstream idle timeout when set, and its circuit
+/// breakers' limits when any is set (`connectionPool`, see [`crate::breaker`]).
+#[allow(clippy::type_complexity)]
+fn compile_dr(
+    d: &Doc<DrSpec>,
+) -> Result<
+    (
+        ObjectRef,
+        ServiceLb,
+        Option<Duration>,
+        Option<crate::breaker::Limits>,
+    ),
+    Invalid,
+> {
     let svc = dr_host(&d.spec.host, d.metadata.namespace())?;
     let mut lb = ServiceLb::default();
     let mut idle = None;
+    let mut breaker = None;
     if let Some(tp) = &d.spec.traffic_policy {
         if let Some(l) = &tp.load_balancer {
             lb.policy = match (&l.simple, &l.consistent_hash) {
@@ -1908,6 +1996,14 @@ fn compile_dr(d: &Doc<DrSpec>) -> Result<(ObjectRef, ServiceLb, Option<Duration>
                     Invalid::new("spec.trafficPolicy.outlierDetection.baseEjectionTime", e)
                 })?;
             }
+            if let Some(t) = &o.interval {
+                let f = "spec.trafficPolicy.outlierDetection.interval";
+                od.interval =
+                    runtime::config::duration::parse(t).map_err(|e| Invalid::new(f, e))?;
+                if od.interval.is_zero() {
+                    return Err(Invalid::new(f, "must be more than 0"));
+                }
+            }
             if let Some(p) = o.max_ejection_percent {
                 if p > 100 {
                     return Err(Invalid::new(
@@ -1919,13 +2015,31 @@ fn compile_dr(d: &Doc<DrSpec>) -> Result<(ObjectRef, ServiceLb, Option<Duration>
             }
             lb.outlier = Some(od);
         }
+        // Istio's int32 fields: 0 (unset in its protobuf) is its default, no limit.
+        let limit = |v: Option<u32>| v.filter(|n| *n > 0).unwrap_or(u32::MAX);
+        let mut limits = crate::breaker::Limits::default();
+        if let Some(tcp) = tp.connection_pool.as_ref().and_then(|c| c.tcp.as_ref()) {
+            limits.max_connections = limit(tcp.max_connections);
+            if let Some(t) = &tcp.connect_timeout {
+                let f = "spec.trafficPolicy.connectionPool.tcp.connectTimeout";
+                let d = runtime::config::duration::parse(t).map_err(|e| Invalid::new(f, e))?;
+                limits.connect_timeout = Some(d).filter(|d| !d.is_zero());
+            }
+        }
         if let Some(http) = tp.connection_pool.as_ref().and_then(|c| c.http.as_ref()) {
             lb.use_client_protocol = http.use_client_protocol.unwrap_or(false);
             if let Some(t) = &http.idle_timeout {
                 let f = "spec.trafficPolicy.connectionPool.http.idleTimeout";
                 idle = Some(runtime::config::duration::parse(t).map_err(|e| Invalid::new(f, e))?);
             }
+            limits.max_pending = limit(http.http1_max_pending_requests);
+            limits.max_requests = limit(http.http2_max_requests);
+            limits.max_retries = limit(http.max_retries);
+            limits.max_requests_per_connection = http.max_requests_per_connection.unwrap_or(0);
+        }
+        if limits != crate::breaker::Limits::default() {
+            breaker = Some(limits);
         }
     }
-    Ok((svc, lb, idle))
+    Ok((svc, lb, idle, breaker))
 }

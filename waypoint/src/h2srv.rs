@@ -1137,14 +1137,7 @@ async fn forward_h2<U: Upstream>(
     let mut retries = 0u32;
     let mut sent = 0u64;
     let mut try_deadline = None;
-    let local = |e: &io::Error| {
-        let flags = if e.kind() == io::ErrorKind::TimedOut {
-            "UT"
-        } else {
-            "UF"
-        };
-        (http1::upstream_failure(e), flags)
-    };
+    let local = |e: &io::Error| (http1::upstream_failure(e), http1::failure_flags(e));
     // Set when the client left while the tries went on.
     let mut gone = None;
     // `stream_idle_timeout` (Envoy's): without a route timeout, the bound on the wait for
@@ -1225,13 +1218,19 @@ async fn forward_h2<U: Upstream>(
         };
         let again = retries < policy.attempts && replayable;
         match r {
-            Ok(resp) if again && policy.codes.contains(&resp.status().as_u16()) => {
+            Ok(resp)
+                if again
+                    && policy.codes.contains(&resp.status().as_u16())
+                    && up.retry_allowed() =>
+            {
                 up.done(None, resp.status().as_u16(), false, None);
             }
             Ok(resp) => break Ok(resp),
+            // Refused by a circuit breaker before any endpoint was picked: not retried.
+            Err(e) if crate::breaker::overflow_of(&e).is_some() => break Err(local(&e)),
             Err(e) => {
                 up.done(None, 0, false, Some(e.kind()));
-                if !again || e.kind() == io::ErrorKind::TimedOut {
+                if !again || e.kind() == io::ErrorKind::TimedOut || !up.retry_allowed() {
                     break Err(local(&e));
                 }
             }

@@ -1099,6 +1099,13 @@ pub trait Upstream {
     /// A request is about to be re-sent (for counters).
     fn retried(&mut self) {}
 
+    /// Whether the request's service admits one more retry in flight (its circuit
+    /// breakers' `maxRetries`, [`crate::breaker`]); asked only when a retry would be made.
+    /// Refused, the try's own answer (or failure) is the request's.
+    fn retry_allowed(&mut self) -> bool {
+        true
+    }
+
     /// The request was abandoned by its client (its stream reset, its connection gone)
     /// before its response was complete: a try in flight (connected, not yet
     /// [`Upstream::done`]) ends without a verdict on its endpoint (the client's leaving
@@ -2506,6 +2513,17 @@ pub(crate) fn attempt<'a, T: Tunnel, U: Upstream>(
                     };
                     return Attempt::BodyFailed { sent, read };
                 }
+                Some(Err(TryError::Upstream { e, .. }))
+                    if crate::breaker::overflow_of(&e).is_some() =>
+                {
+                    // Refused before any endpoint was picked: not retried, nothing to end.
+                    return Attempt::Local {
+                        resp: upstream_failure(&e),
+                        flags: failure_flags(&e),
+                        sent,
+                        close: streamed,
+                    };
+                }
                 Some(Err(TryError::Upstream { e, fresh })) => {
                     if fresh && !replaced && !streamed {
                         // A kept connection the upstream had closed: once more on a new one
@@ -2515,22 +2533,17 @@ pub(crate) fn attempt<'a, T: Tunnel, U: Upstream>(
                         continue;
                     }
                     up.done(None, 0, false, Some(e.kind()));
-                    if !again || e.kind() == io::ErrorKind::TimedOut {
-                        let flags = if e.kind() == io::ErrorKind::TimedOut {
-                            "UT"
-                        } else {
-                            "UF"
-                        };
+                    if !again || e.kind() == io::ErrorKind::TimedOut || !up.retry_allowed() {
                         return Attempt::Local {
                             resp: upstream_failure(&e),
-                            flags,
+                            flags: failure_flags(&e),
                             sent,
                             close: streamed,
                         };
                     }
                 }
                 Some(Ok((conn, _, h, ubuf))) => {
-                    if again && policy.codes.contains(&h.status) {
+                    if again && policy.codes.contains(&h.status) && up.retry_allowed() {
                         up.done(Some(conn), h.status, false, None);
                     } else {
                         return Attempt::Answer {
@@ -3167,8 +3180,28 @@ pub fn normalize_request(head: &mut RequestHead, upgrade: Option<&str>) {
 /// The answer to a failed upstream exchange, as Envoy/Istio give it: `504` when the
 /// response did not come in time, `503` otherwise (connect failure, refused, reset before
 /// a response, no healthy endpoint).
+/// Envoy's response flag for a try that failed with `e`: `UO` (a circuit breaker's
+/// overflow), `UT` (timeout) or `UF` (connect or stream failure).
+pub fn failure_flags(e: &io::Error) -> &'static str {
+    if crate::breaker::overflow_of(e).is_some() {
+        "UO"
+    } else if e.kind() == io::ErrorKind::TimedOut {
+        "UT"
+    } else {
+        "UF"
+    }
+}
+
 pub fn upstream_failure(e: &io::Error) -> Vec<u8> {
-    if e.kind() == io::ErrorKind::TimedOut {
+    if crate::breaker::overflow_of(e).is_some() {
+        // Envoy's answer to a circuit breaker's overflow.
+        simple_response(
+            503,
+            &[("x-envoy-overloaded".into(), "true".into())],
+            crate::breaker::OVERFLOW_BODY,
+            false,
+        )
+    } else if e.kind() == io::ErrorKind::TimedOut {
         simple_response(504, &[], "upstream request timeout", false)
     } else {
         simple_response(

@@ -58,22 +58,25 @@ pub enum LbPolicy {
 /// ejection multiplier, at most [`MAX_EJECTION_TIME`] (or `base_ejection_time` when that is
 /// longer), never more than `max_ejection_percent` of the endpoints (at least one may
 /// always be). The multiplier grows by one per ejection while the time is below that cap,
-/// and shrinks by one per [`EJECTION_DECAY_INTERVAL`] the endpoint spends not ejected
-/// (Envoy's ejection backoff).
+/// and shrinks by one per `interval` the endpoint spends not ejected (Envoy's ejection
+/// backoff). Unlike Envoy, whose sweeps every `interval` also return ejected endpoints, an
+/// ejection here ends at its exact time (Envoy's ends up to one `interval` later).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct OutlierDetection {
     pub consecutive_5xx: u32,
     pub base_ejection_time: Duration,
     pub max_ejection_percent: u32,
+    /// `interval`: the time an endpoint back in service takes to lose one step of its
+    /// ejection multiplier.
+    pub interval: Duration,
 }
 
 /// Envoy's `max_ejection_time` default (Istio does not expose it): the longest ejection,
 /// unless `base_ejection_time` is longer.
 pub const MAX_EJECTION_TIME: Duration = Duration::from_secs(300);
 
-/// How often an endpoint that is not ejected loses one step of its ejection multiplier:
-/// Envoy does it at each outlier-detection `interval`, Istio's default 10 s (the
-/// DestinationRule's `interval` is not among the fields the waypoint reads).
+/// Istio's default outlier-detection `interval`: how often an endpoint that is not ejected
+/// loses one step of its ejection multiplier (Envoy does it at each sweep).
 pub const EJECTION_DECAY_INTERVAL: Duration = Duration::from_secs(10);
 
 impl OutlierDetection {
@@ -90,6 +93,7 @@ impl Default for OutlierDetection {
             consecutive_5xx: 5,
             base_ejection_time: Duration::from_secs(30),
             max_ejection_percent: 10,
+            interval: EJECTION_DECAY_INTERVAL,
         }
     }
 }
@@ -323,7 +327,7 @@ impl Balancer {
         // ejection ended, then grows by one while the ejection time is below the cap.
         if let Some(back) = e.ejected_until {
             let healthy = now.saturating_duration_since(back);
-            let steps = healthy.as_nanos() / EJECTION_DECAY_INTERVAL.as_nanos();
+            let steps = healthy.as_nanos() / od.interval.as_nanos().max(1);
             e.times_ejected = e
                 .times_ejected
                 .saturating_sub(u32::try_from(steps).unwrap_or(u32::MAX));
@@ -451,6 +455,7 @@ mod tests {
             consecutive_5xx: 1,
             base_ejection_time: Duration::from_secs(10),
             max_ejection_percent: 100,
+            interval: EJECTION_DECAY_INTERVAL,
         };
         let policy = LbPolicy::ConsistentHash(HashKey::SourceIp);
         let mut before = Balancer::new(4, policy.clone(), Some(od));
@@ -495,6 +500,7 @@ mod tests {
             consecutive_5xx: 3,
             base_ejection_time: Duration::from_secs(30),
             max_ejection_percent: 50,
+            interval: EJECTION_DECAY_INTERVAL,
         };
         let mut b = Balancer::new(4, LbPolicy::RoundRobin, Some(od));
         // Two 5xx, then a success: the streak resets.
@@ -535,6 +541,7 @@ mod tests {
             consecutive_5xx: 1,
             base_ejection_time: Duration::from_secs(30),
             max_ejection_percent: 100,
+            interval: EJECTION_DECAY_INTERVAL,
         };
         let mut b = Balancer::new(2, LbPolicy::RoundRobin, Some(od));
         let mut now = Instant::now();
@@ -563,10 +570,18 @@ mod tests {
 
     #[test]
     fn ejection_multiplier_decays_while_the_endpoint_stays_healthy() {
+        // Istio's default `interval` and a DestinationRule's shorter one.
+        for interval in [EJECTION_DECAY_INTERVAL, Duration::from_secs(1)] {
+            decays_per_interval(interval);
+        }
+    }
+
+    fn decays_per_interval(interval: Duration) {
         let od = OutlierDetection {
             consecutive_5xx: 2,
             base_ejection_time: Duration::from_secs(30),
             max_ejection_percent: 100,
+            interval,
         };
         let mut b = Balancer::new(2, LbPolicy::RoundRobin, Some(od));
         let t0 = Instant::now();
@@ -581,13 +596,13 @@ mod tests {
         let t3 = t2 + Duration::from_secs(90);
         b.start(0);
         b.finish(0, 200, t3);
-        let t4 = t3 + EJECTION_DECAY_INTERVAL * 2;
+        let t4 = t3 + interval * 2;
         assert_eq!(eject(&mut b, 2, t4).as_secs(), 60);
         // A long healthy spell brings it back to the base time.
-        let t5 = t4 + Duration::from_secs(60) + EJECTION_DECAY_INTERVAL * 100;
+        let t5 = t4 + Duration::from_secs(60) + interval * 100;
         assert_eq!(eject(&mut b, 2, t5).as_secs(), 30);
         // Healthy for less than one interval: no decay, the time grows.
-        let t6 = t5 + Duration::from_secs(30) + EJECTION_DECAY_INTERVAL / 2;
+        let t6 = t5 + Duration::from_secs(30) + interval / 2;
         assert_eq!(eject(&mut b, 2, t6).as_secs(), 60);
     }
 
@@ -598,6 +613,7 @@ mod tests {
             consecutive_5xx: 1,
             base_ejection_time: Duration::from_secs(30),
             max_ejection_percent: 50,
+            interval: EJECTION_DECAY_INTERVAL,
         };
         let mut b = Balancer::new(4, LbPolicy::RoundRobin, Some(od));
         for i in 0..4 {
@@ -626,6 +642,7 @@ mod tests {
             consecutive_5xx: 1,
             base_ejection_time: Duration::from_secs(30),
             max_ejection_percent: 100,
+            interval: EJECTION_DECAY_INTERVAL,
         };
         let mut b = Balancer::new(2, LbPolicy::RoundRobin, Some(od));
         for i in 0..2 {

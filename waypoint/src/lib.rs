@@ -52,6 +52,7 @@
 pub mod admin;
 pub mod authz;
 pub mod body;
+pub mod breaker;
 pub mod cli;
 pub mod config;
 pub mod h2srv;

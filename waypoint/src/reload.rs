@@ -81,7 +81,8 @@ pub fn watch(
                 std::thread::sleep(POLL);
                 let Some(text) = watch.poll() else { continue };
                 match config::load_str(&file, &text, publisher.version() + 1) {
-                    Ok(next) => {
+                    Ok(mut next) => {
+                        next.adopt_breakers(&publisher.load());
                         if next.settings != settings {
                             tracing::warn!(file = %file.display(), "the settings document (waypoint/runtime/h2) changed: restart to apply it; reloading routes, policies and the model only");
                         }

@@ -152,6 +152,12 @@ pub struct Counters {
     pub upstream_timeouts: AtomicU64,
     /// Requests re-sent by the retry policy.
     pub retries: AtomicU64,
+    /// Requests refused by a service's circuit breakers (`503`, flag `UO`): connections
+    /// and pending requests at their limits, requests at theirs; and retries not made,
+    /// retries at theirs ([`crate::breaker`]).
+    pub overflow_pending: AtomicU64,
+    pub overflow_requests: AtomicU64,
+    pub overflow_retries: AtomicU64,
     /// Requests abandoned by their client (stream reset, connection gone) before their
     /// response was complete, their upstream work dropped (its stream reset).
     pub cancelled_requests: AtomicU64,
@@ -280,6 +286,7 @@ pub fn start(
                 metrics: LocalMetrics::new(shared.metrics.clone()),
                 h2_clients: RefCell::new(Default::default()),
                 idle: RefCell::new(crate::upstream::IdleStreams::default()),
+                breakers: crate::breaker::Locals::default(),
                 seed: std::cell::Cell::new(seed(ctx.id())),
                 mirrors: std::cell::Cell::new(0),
                 reloaded: runtime::event::LocalEvent::new(),
@@ -307,17 +314,19 @@ pub fn start(
                 a,
                 move |path| match path {
                     "/healthz/ready" => ("200 OK", "text/plain", "ready\n".into()),
-                    "/stats/prometheus" => (
-                        "200 OK",
-                        "text/plain; version=0.0.4; charset=utf-8",
-                        format!(
-                            "{}{}{}{}",
-                            m.render(),
-                            prometheus(&c),
-                            refusals(&srv),
-                            cfg.load().ignored_policies_prometheus()
-                        ),
-                    ),
+                    "/stats/prometheus" => {
+                        ("200 OK", "text/plain; version=0.0.4; charset=utf-8", {
+                            let l7 = cfg.load();
+                            format!(
+                                "{}{}{}{}{}",
+                                m.render(),
+                                prometheus(&c),
+                                refusals(&srv),
+                                l7.ignored_policies_prometheus(),
+                                l7.breakers_prometheus()
+                            )
+                        })
+                    }
                     _ => crate::admin::not_found(),
                 },
             )?)
@@ -456,6 +465,18 @@ pub fn prometheus(c: &Counters) -> String {
         "Requests re-sent by the retry policy.",
         c.retries.load(Relaxed),
     );
+    out.push_str("# HELP waypoint_upstream_overflows_total Requests refused (503, flag UO) and retries not made by a service's circuit breakers (DestinationRule connectionPool), by the limit reached.\n# TYPE waypoint_upstream_overflows_total counter\n");
+    for (limit, n) in [
+        (crate::breaker::Limit::Pending, &c.overflow_pending),
+        (crate::breaker::Limit::Requests, &c.overflow_requests),
+        (crate::breaker::Limit::Retries, &c.overflow_retries),
+    ] {
+        out.push_str(&format!(
+            "waypoint_upstream_overflows_total{{limit=\"{}\"}} {}\n",
+            limit.label(),
+            n.load(Relaxed)
+        ));
+    }
     counter(
         &mut out,
         "waypoint_cancelled_requests",
@@ -585,6 +606,8 @@ struct Worker {
     /// Idle upstream HTTP/1.1 streams, shared by the worker's tunnels (none is bound to a
     /// tunnel between its requests).
     idle: RefCell<crate::upstream::IdleStreams>,
+    /// This worker's side of the services' circuit breakers (its pending requests).
+    breakers: crate::breaker::Locals,
     seed: std::cell::Cell<u64>,
     /// Mirrored requests in flight on this worker (at most [`MAX_MIRRORS_IN_FLIGHT`]).
     mirrors: std::cell::Cell<usize>,
@@ -1180,6 +1203,11 @@ struct HboneUpstream {
     /// timer that keeps it for this tunnel (or HTTP/2 stream).
     idle_clock: http1::Clock,
     stream_idle: Option<Duration>,
+    /// The current try's place under its service's circuit breakers: an upstream
+    /// HTTP/1.1 connection, a request in flight; and the request's retry in flight.
+    slot: Option<crate::breaker::Slot>,
+    in_flight: Option<crate::breaker::Token>,
+    retrying: Option<crate::breaker::Token>,
 }
 
 /// A try still in flight when its request's future is dropped (its tunnel's HBONE
@@ -1424,6 +1452,8 @@ async fn revoked_by_reload(
 pub struct UpConn {
     s: H2Stream,
     key: (SocketAddr, SocketAddr),
+    /// Requests the stream carried before this one (`maxRequestsPerConnection`).
+    uses: u32,
 }
 
 impl http1::Tunnel for UpConn {
@@ -1475,6 +1505,9 @@ impl Upstream for HboneUpstream {
         head: &http1::RequestHead,
         replayable: bool,
     ) -> io::Result<(UpConn, bool)> {
+        if let Some((svc, _)) = service {
+            self.admit(svc, true).await?;
+        }
         // One clock read for the balancer and the pool.
         let now = Instant::now();
         let key = match service {
@@ -1519,15 +1552,15 @@ impl Upstream for HboneUpstream {
                 .idle
                 .borrow_mut()
                 .take(&(key.0, key.1, self.source_ip()), now, max_idle);
-        if let Some(s) = kept {
-            return Ok((UpConn { s, key }, true));
+        if let Some((s, uses)) = kept {
+            return Ok((UpConn { s, key, uses }, true));
         }
         // A new stream (the endpoint's identity is needed only now).
         let uid = self.last.as_deref().map_or("", |l| l.1.as_str());
         // Boxed: a new stream (a connection's TLS handshake, perhaps) is the rare case; its
         // future would otherwise size every request's.
         let s = Box::pin(self.open(key.0, key.1, uid)).await?;
-        Ok((UpConn { s, key }, false))
+        Ok((UpConn { s, key, uses: 0 }, false))
     }
 
     fn done(
@@ -1567,9 +1600,12 @@ impl Upstream for HboneUpstream {
             if status == 101 {
                 self.upgrade = Some(c.s);
             } else {
-                self.keep(c.key, c.s, reusable, now);
+                self.keep(c.key, c.s, c.uses + 1, reusable, now);
             }
         }
+        // After the stream was kept: a request waiting for the connection slot finds it.
+        self.slot = None;
+        self.in_flight = None;
     }
 
     async fn h2_request(
@@ -1579,6 +1615,7 @@ impl Upstream for HboneUpstream {
         end: bool,
     ) -> io::Result<(h2::client::ResponseFuture, h2::SendStream<Bytes>)> {
         let (svc, port) = (&service.0, service.1);
+        self.admit(svc, false).await?;
         let hdrs: Vec<(&str, &str)> = if Balancers::hashed(&self.view.l7, svc) {
             req.headers()
                 .iter()
@@ -1614,6 +1651,9 @@ impl Upstream for HboneUpstream {
                 b.release(svc, port, i);
             }
         }
+        self.slot = None;
+        self.in_flight = None;
+        self.retrying = None;
     }
 
     fn stream_idle(&mut self) -> Option<(&mut http1::Clock, Duration)> {
@@ -1712,6 +1752,8 @@ impl Upstream for HboneUpstream {
     }
 
     fn record(&mut self, r: &http1::Record<'_>) {
+        // The request is over: its retry (if any) is no longer in flight.
+        self.retrying = None;
         let ms = r.started.elapsed().as_secs_f64() * 1000.0;
         let was_routed = std::mem::take(&mut self.routed);
         let last_ref = if was_routed { self.last.as_ref() } else { None };
@@ -1762,6 +1804,30 @@ impl Upstream for HboneUpstream {
 
     fn retried(&mut self) {
         self.worker.shared.counters.retries.fetch_add(1, Relaxed);
+    }
+
+    /// `maxRetries` of the request's service: a retry in flight until the request ends.
+    fn retry_allowed(&mut self) -> bool {
+        let svc = match self.last.as_deref() {
+            Some((Some(svc), _)) => svc,
+            _ => return true,
+        };
+        let Some(b) = self.view.l7.breaker(svc) else {
+            return true;
+        };
+        // The request's previous retry (if any) has ended: it is not in flight any more.
+        self.retrying = None;
+        match b.retry() {
+            Ok(t) => {
+                self.retrying = Some(t);
+                true
+            }
+            Err(_) => {
+                let c = &self.worker.shared.counters;
+                c.overflow_retries.fetch_add(1, Relaxed);
+                false
+            }
+        }
     }
 
     /// One version compare when nothing was reloaded; else the tunnel's view of the new
@@ -1829,6 +1895,9 @@ impl HboneUpstream {
             grpc: None,
             idle_clock: http1::Clock::default(),
             stream_idle,
+            slot: None,
+            in_flight: None,
+            retrying: None,
         }
     }
 
@@ -1943,6 +2012,11 @@ impl HboneUpstream {
             http1::Parsed::Head(h, n) => (h, n),
             _ => return Err(io::Error::other("unparsable upstream request")),
         };
+        let h2 = self.client_h2 && service.is_some_and(|(svc, _)| l7.lb(svc).use_client_protocol);
+        // A mirror is not held to the service's circuit breakers.
+        if let (Some((svc, _)), false) = (service, discard) {
+            self.admit(svc, !h2).await?;
+        }
         let hdrs: Vec<(&str, &str)> = head
             .headers
             .iter()
@@ -1958,7 +2032,6 @@ impl HboneUpstream {
             .header("connection")
             .is_some_and(|v| v.to_ascii_lowercase().contains("close"))
             || head.version == 0;
-        let h2 = self.client_h2 && service.is_some_and(|(svc, _)| l7.lb(svc).use_client_protocol);
         let send = async {
             if h2 {
                 self.send_h2(&ep, &head, request.slice(head_len..), discard)
@@ -1985,6 +2058,10 @@ impl HboneUpstream {
                 .balancers
                 .borrow_mut()
                 .finish(svc, port, i, status, Instant::now());
+        }
+        if !discard {
+            self.slot = None;
+            self.in_flight = None;
         }
         r
     }
@@ -2175,6 +2252,39 @@ impl HboneUpstream {
         Ok(send)
     }
 
+    /// The current try's place under `svc`'s circuit breakers, when its DestinationRule sets
+    /// limits ([`crate::breaker`]): for an HTTP/1.1 upstream (`connection`) an upstream
+    /// connection, waiting as a pending request for one of this worker's when all are in
+    /// use, then a request in flight. Refused: an [`crate::breaker::Overflow`] error
+    /// (counted), nothing held, no endpoint picked.
+    async fn admit(&mut self, svc: &ObjectRef, connection: bool) -> io::Result<()> {
+        let Some(b) = self.view.l7.breaker(svc).cloned() else {
+            return Ok(());
+        };
+        let w = self.worker.clone();
+        let c = &w.shared.counters;
+        if connection {
+            let local = w.breakers.of(&b);
+            // Boxed: the rare wait would otherwise size every request's future.
+            match Box::pin(b.connection(&local)).await {
+                Ok(slot) => self.slot = Some(slot),
+                Err(o) => {
+                    c.overflow_pending.fetch_add(1, Relaxed);
+                    return Err(o.into());
+                }
+            }
+        }
+        match b.request() {
+            Ok(t) => self.in_flight = Some(t),
+            Err(o) => {
+                self.slot = None;
+                c.overflow_requests.fetch_add(1, Relaxed);
+                return Err(o.into());
+            }
+        }
+        Ok(())
+    }
+
     /// The endpoint for `service` (balanced; `None`: the tunnel's pod, R16) and the
     /// balancer slot to [`Balancers::finish`]. (The identity the endpoint must present is
     /// looked up by [`HboneUpstream::open`], only for a new stream.)
@@ -2237,11 +2347,29 @@ impl HboneUpstream {
             dst: vec![expected],
             addr: hbone,
         };
-        let s = w
-            .pool
-            .open(&key, &self.cert, &req)
-            .await
-            .map_err(io::Error::other)?;
+        let open = w.pool.open(&key, &self.cert, &req);
+        // The service's DestinationRule `tcp.connectTimeout`, when set.
+        let limit = match self.last.as_deref() {
+            Some((Some(svc), _)) => self
+                .view
+                .l7
+                .breaker(svc)
+                .and_then(|b| b.limits.connect_timeout),
+            _ => None,
+        };
+        let s = match limit {
+            None => open.await.map_err(io::Error::other)?,
+            Some(t) => match race(open, http1::timer(t)).await {
+                Either::Left(r) => r.map_err(io::Error::other)?,
+                // Not a timeout of the request (504): a connect failure (503, `UF`).
+                Either::Right(()) => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::ConnectionRefused,
+                        format!("upstream connect timeout ({t:?}, connectTimeout)"),
+                    ))
+                }
+            },
+        };
         w.shared.counters.upstream_streams.fetch_add(1, Relaxed);
         Ok(s)
     }
@@ -2346,7 +2474,7 @@ impl HboneUpstream {
             Instant::now(),
             Duration::MAX,
         );
-        if let Some(mut s) = kept {
+        if let Some((mut s, uses)) = kept {
             let mut got = false;
             let r = match s.write_all(request.clone(), false).await {
                 Ok(()) => read_response(&mut s, head_request, discard, &mut got).await,
@@ -2354,7 +2482,7 @@ impl HboneUpstream {
             };
             match r {
                 Ok((resp, reusable)) => {
-                    self.keep(idle_key, s, reusable && !close, Instant::now());
+                    self.keep(idle_key, s, uses + 1, reusable && !close, Instant::now());
                     return Ok(resp);
                 }
                 Err(e) if got || e.kind() == io::ErrorKind::TimedOut => {
@@ -2373,7 +2501,7 @@ impl HboneUpstream {
             .map_err(io::Error::other)?;
         match read_response(&mut s, head_request, discard, &mut false).await {
             Ok((resp, reusable)) => {
-                self.keep(idle_key, s, reusable && !close, Instant::now());
+                self.keep(idle_key, s, 1, reusable && !close, Instant::now());
                 Ok(resp)
             }
             Err(e) => {
@@ -2387,15 +2515,32 @@ impl HboneUpstream {
     /// endpoint from the same client (on any of the worker's tunnels); otherwise (or with
     /// too many kept) end it as a closed connection ([`crate::upstream::close_stream`]:
     /// a FIN at the pod; only a failed exchange resets its stream).
-    fn keep(&mut self, key: (SocketAddr, SocketAddr), s: H2Stream, reusable: bool, now: Instant) {
-        if reusable {
-            // The expiry of the service this request went to (its DestinationRule).
-            let service = self.last.as_deref().and_then(|(svc, _)| svc.as_ref());
+    fn keep(
+        &mut self,
+        key: (SocketAddr, SocketAddr),
+        s: H2Stream,
+        uses: u32,
+        reusable: bool,
+        now: Instant,
+    ) {
+        // The service this request went to (its DestinationRule): its expiry, and the
+        // requests a connection may carry (`maxRequestsPerConnection`).
+        let service = self.last.as_deref().and_then(|(svc, _)| svc.as_ref());
+        let spent = service
+            .and_then(|svc| self.view.l7.breaker(svc))
+            .is_some_and(|b| {
+                let max = b.limits.max_requests_per_connection;
+                max > 0 && uses >= max
+            });
+        if reusable && !spent {
             let expiry = self.view.l7.idle_expiry(service);
-            self.worker
-                .idle
-                .borrow_mut()
-                .put((key.0, key.1, self.source_ip()), s, now, expiry);
+            self.worker.idle.borrow_mut().put(
+                (key.0, key.1, self.source_ip()),
+                s,
+                uses,
+                now,
+                expiry,
+            );
         } else {
             crate::upstream::close_stream(s);
         }

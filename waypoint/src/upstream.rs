@@ -342,11 +342,13 @@ pub struct IdleStreams {
     shortest: Duration,
 }
 
-/// A kept stream, when it was put back, and how long it may stay idle.
+/// A kept stream, when it was put back, how long it may stay idle, and how many requests
+/// it carried (for `maxRequestsPerConnection`).
 struct Kept {
     stream: hbone::stream::H2Stream,
     at: Instant,
     expiry: Duration,
+    uses: u32,
 }
 
 impl Kept {
@@ -375,7 +377,7 @@ impl Default for IdleStreams {
 }
 
 impl IdleStreams {
-    /// The most recently kept usable stream for `key` that has been idle for less than
+    /// The most recently kept usable stream for `key` (and the requests it carried) that has been idle for less than
     /// `max_idle` and its own expiry. Expired streams, and those found closed or holding
     /// unsolicited bytes ([`idle_stream_usable`]), are closed ([`close_stream`]).
     pub fn take(
@@ -383,7 +385,7 @@ impl IdleStreams {
         key: &IdleKey,
         now: Instant,
         max_idle: Duration,
-    ) -> Option<hbone::stream::H2Stream> {
+    ) -> Option<(hbone::stream::H2Stream, u32)> {
         if self.sweep_due(now) {
             self.sweep(now);
         }
@@ -408,7 +410,7 @@ impl IdleStreams {
             let Some(mut k) = q.remove(i) else { break };
             self.total -= 1;
             if idle_stream_usable(&mut k.stream) {
-                found = Some(k.stream);
+                found = Some((k.stream, k.uses));
                 break;
             }
             k.close();
@@ -424,6 +426,7 @@ impl IdleStreams {
         &mut self,
         key: IdleKey,
         s: hbone::stream::H2Stream,
+        uses: u32,
         now: Instant,
         expiry: Duration,
     ) {
@@ -447,6 +450,7 @@ impl IdleStreams {
             stream: s,
             at: now,
             expiry,
+            uses,
         });
         self.total += 1;
         self.shortest = self.shortest.min(expiry);

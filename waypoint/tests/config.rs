@@ -3,6 +3,7 @@
 use std::path::Path;
 use std::time::Duration;
 
+use waypoint::breaker::Limits;
 use waypoint::config::{gateway_duration, load_str, LoadError, ServiceLb};
 use waypoint::lb::{HashKey, LbPolicy, OutlierDetection};
 use waypoint::route::ObjectRef;
@@ -40,11 +41,15 @@ fn loads_every_kind_and_version() {
         "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: a}\nspec: {action: DENY}\n".to_string(),
         "apiVersion: security.istio.io/v1beta1\nkind: AuthorizationPolicy\nmetadata: {name: b}\nspec: {action: AUDIT, rules: [{}]}\n".to_string(),
         dr("v1", "d1", "echo", "    loadBalancer: {simple: ROUND_ROBIN}\n"),
-        dr("v1beta1", "d2", "a.other", "    loadBalancer: {consistentHash: {httpHeaderName: X-User}}\n    outlierDetection: {consecutive5xxErrors: 3, baseEjectionTime: 10s, maxEjectionPercent: 50}\n"),
+        dr("v1beta1", "d2", "a.other", "    loadBalancer: {consistentHash: {httpHeaderName: X-User}}\n    outlierDetection: {consecutive5xxErrors: 3, interval: 2s, baseEjectionTime: 10s, maxEjectionPercent: 50}\n"),
         dr("v1alpha3", "d3", "b.other.svc.cluster.local", "    loadBalancer: {consistentHash: {httpCookie: {name: session}}}\n"),
         dr("v1", "d4", "c.other.svc", "    loadBalancer: {consistentHash: {useSourceIp: true}}\n"),
         dr("v1", "d5", "d.other", "    loadBalancer: {simple: RANDOM}\n    outlierDetection: {}\n"),
         dr("v1", "d6", "e.other", "    loadBalancer: {simple: LEAST_REQUEST}\n"),
+        dr("v1", "d7", "f.other", "    connectionPool:\n      tcp: {maxConnections: 100, connectTimeout: 250ms}\n      http: {http1MaxPendingRequests: 10, http2MaxRequests: 1000, maxRequestsPerConnection: 5, maxRetries: 3}\n"),
+        // 0 is Istio's unset: no limit; a DestinationRule setting none has no breaker.
+        dr("v1", "d8", "g.other", "    connectionPool:\n      tcp: {maxConnections: 0}\n      http: {http2MaxRequests: 7}\n"),
+        dr("v1", "d9", "h.other", "    connectionPool:\n      http: {idleTimeout: 10s}\n"),
     ]
     .join("---\n");
     let cfg = load_str(Path::new("w.yaml"), &text, 1).unwrap_or_else(|e| panic!("{e}"));
@@ -63,7 +68,8 @@ fn loads_every_kind_and_version() {
             outlier: Some(OutlierDetection {
                 consecutive_5xx: 3,
                 base_ejection_time: Duration::from_secs(10),
-                max_ejection_percent: 50
+                max_ejection_percent: 50,
+                interval: Duration::from_secs(2),
             }),
             use_client_protocol: false,
         }
@@ -81,6 +87,52 @@ fn loads_every_kind_and_version() {
     assert_eq!(lb("other", "e").policy, LbPolicy::LeastRequest);
     // No DestinationRule: least request, no outlier detection.
     assert_eq!(lb("default", "nope"), ServiceLb::default());
+    // connectionPool limits: the circuit breakers (Istio's defaults where unset).
+    let limits = |n: &str| cfg.breaker(&ObjectRef::new("other", n)).map(|b| b.limits);
+    assert_eq!(
+        limits("f"),
+        Some(Limits {
+            max_connections: 100,
+            max_pending: 10,
+            max_requests: 1000,
+            max_retries: 3,
+            max_requests_per_connection: 5,
+            connect_timeout: Some(Duration::from_millis(250)),
+        })
+    );
+    assert_eq!(
+        limits("g"),
+        Some(Limits {
+            max_requests: 7,
+            ..Limits::default()
+        })
+    );
+    assert_eq!(limits("h"), None);
+    assert_eq!(limits("a"), None);
+}
+
+/// A reload keeps a service's breaker (what is in flight against its limits) while its
+/// limits stay the same; changed limits start afresh.
+#[test]
+fn reload_keeps_a_breaker_whose_limits_did_not_change() {
+    let text = |a: u32, b: u32| {
+        format!("{MESH}---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: a, namespace: default}}\nspec:\n  host: a\n  trafficPolicy:\n    connectionPool: {{http: {{http2MaxRequests: {a}}}}}\n---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: b, namespace: default}}\nspec:\n  host: b\n  trafficPolicy:\n    connectionPool: {{http: {{http2MaxRequests: {b}}}}}\n")
+    };
+    let old = load_str(Path::new("w.yaml"), &text(1, 1), 1).unwrap();
+    let (a, b) = (
+        ObjectRef::new("default", "a"),
+        ObjectRef::new("default", "b"),
+    );
+    let held = old.breaker(&a).unwrap().request().unwrap();
+    let _held_b = old.breaker(&b).unwrap().request().unwrap();
+    let mut new = load_str(Path::new("w.yaml"), &text(1, 2), 2).unwrap();
+    new.adopt_breakers(&old);
+    // a: the same breaker, its request still counted (its limit reached).
+    assert!(new.breaker(&a).unwrap().request().is_err());
+    drop(held);
+    assert!(new.breaker(&a).unwrap().request().is_ok());
+    // b: new limits, nothing in use.
+    assert_eq!(new.breaker(&b).unwrap().in_use(), (0, 0, 0, 0));
 }
 
 /// (text, document, line, field substring, message substring)
@@ -188,11 +240,40 @@ fn errors_name_document_line_and_field() {
         (ROUTE_V1.replace("gateway.networking.k8s.io/v1", "example.com/v1"), 1, Some(1), "apiVersion", "unsupported apiVersion"),
         (ROUTE_V1.replace("kind: HTTPRoute\n", ""), 1, None, "kind", "required"),
         (
-            "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: d}\nspec:\n  host: echo\n  trafficPolicy:\n    outlierDetection: {interval: 10s}\n".into(),
+            "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: d}\nspec:\n  host: echo\n  trafficPolicy:\n    outlierDetection: {splitExternalLocalOriginErrors: true}\n".into(),
             1,
             Some(7),
             "outlierDetection",
-            "unknown field `interval`",
+            "unknown field `splitExternalLocalOriginErrors`",
+        ),
+        (
+            "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: d}\nspec:\n  host: echo\n  trafficPolicy:\n    outlierDetection: {interval: 0s}\n".into(),
+            1,
+            None,
+            "outlierDetection.interval",
+            "more than 0",
+        ),
+        // connectionPool: what the waypoint does not enforce is refused, by name.
+        (
+            "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: d}\nspec:\n  host: echo\n  trafficPolicy:\n    connectionPool:\n      tcp: {maxConnections: 10, tcpKeepalive: {time: 7200s}}\n".into(),
+            1,
+            Some(8),
+            "connectionPool.tcp",
+            "unknown field `tcpKeepalive`",
+        ),
+        (
+            "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: d}\nspec:\n  host: echo\n  trafficPolicy:\n    connectionPool:\n      http: {maxRetries: -1}\n".into(),
+            1,
+            Some(8),
+            "connectionPool.http.maxRetries",
+            "integer `-1`, expected u32",
+        ),
+        (
+            "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: d}\nspec:\n  host: echo\n  trafficPolicy:\n    connectionPool:\n      tcp: {connectTimeout: soon}\n".into(),
+            1,
+            None,
+            "connectionPool.tcp.connectTimeout",
+            "soon",
         ),
         (
             "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: d}\nspec:\n  host: \"*.local\"\n".into(),

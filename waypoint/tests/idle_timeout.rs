@@ -454,12 +454,11 @@ fn destination_rule_idle_timeout_errors_name_document_line_and_field() {
     // Unknown fields next to it are still errors.
     let text = dr("1s").replace(
         "idleTimeout: 1s",
-        "idleTimeout: 1s\n        maxRequestsPerConnection: 1",
+        "idleTimeout: 1s\n        h2UpgradePolicy: UPGRADE",
     );
     let e = waypoint::config::load_str(Path::new("w.yaml"), &text, 1).unwrap_err();
     assert!(
-        e.to_string()
-            .contains("unknown field `maxRequestsPerConnection`"),
+        e.to_string().contains("unknown field `h2UpgradePolicy`"),
         "{e}"
     );
     // And a good one loads, per service; `0s` is Istio's "no idle timeout".
