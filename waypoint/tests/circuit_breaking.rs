@@ -398,3 +398,43 @@ spec:
     );
     assert_eq!(t.overflows("requests"), 1);
 }
+
+/// `tcp.connectTimeout`: an endpoint whose node never completes the HBONE handshake (its
+/// listener takes TCP connections and never answers) is answered `503` (a connect failure,
+/// flag `UF`) once the service's connect timeout passes, although the waypoint's own
+/// HBONE handshake bound (`h2.handshake_timeout`) is an hour here.
+#[test]
+fn connect_timeout_bounds_a_new_upstream_connection() {
+    let (net, black_hole) = common::bind_node_ztunnel(45);
+    let dr = "apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: echo, namespace: app}
+spec:
+  host: echo
+  trafficPolicy:
+    connectionPool:
+      tcp: {connectTimeout: 200ms}
+";
+    let pod = SocketAddr::from((common::ip(net, 2), 8080));
+    let wp = EchoBinary::start(
+        46,
+        "breaker-connect",
+        |ip| SocketAddr::from((ip, 8080)),
+        |_, settings| {
+            let model = common::echo_model(common::ip(net, 1), pod);
+            format!("{model}---\n{settings}h2: {{handshake_timeout: 1h}}\n---\n{dr}")
+        },
+    );
+    block_on(async {
+        let (_c, mut s) = wp.tunnel().await;
+        send(&mut s, "/ok").await;
+        let (status, overloaded, body) = answer(&mut s).await;
+        assert_eq!((status, overloaded), (503, false), "{body}");
+        assert!(body.starts_with("upstream connect error"), "{body}");
+    });
+    assert_eq!(
+        wp.requests(&["response_code=\"503\"", "response_flags=\"UF\""]),
+        1
+    );
+    drop(black_hole);
+}
