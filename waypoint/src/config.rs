@@ -6,7 +6,7 @@
 //! |----------|--------------|-------------|
 //! | `HTTPRoute` | `gateway.networking.k8s.io/v1`, `/v1beta1` | [`crate::route::HttpRoute`] |
 //! | `AuthorizationPolicy` | `security.istio.io/v1`, `/v1beta1` | [`crate::authz::Policy`] |
-//! | `DestinationRule` | `networking.istio.io/v1`, `/v1beta1`, `/v1alpha3` | [`ServiceLb`]: `trafficPolicy.loadBalancer`, `.outlierDetection` (`consecutive5xxErrors`, `interval`, `baseEjectionTime`, `maxEjectionPercent`), `.connectionPool.http.useClientProtocol`, `.connectionPool.http.idleTimeout`; [`crate::breaker`]: `.connectionPool.tcp.maxConnections`, `.tcp.connectTimeout`, `.http.http1MaxPendingRequests`, `.http.http2MaxRequests`, `.http.maxRequestsPerConnection`, `.http.maxRetries` |
+//! | `DestinationRule` | `networking.istio.io/v1`, `/v1beta1`, `/v1alpha3` | [`ServiceLb`]: `trafficPolicy.loadBalancer`, `.outlierDetection` (`consecutive5xxErrors`, `interval`, `baseEjectionTime`, `maxEjectionPercent`), `.connectionPool.http.useClientProtocol`, `.connectionPool.http.idleTimeout`, `.tls.mode: ISTIO_MUTUAL` (what HBONE is; other modes refused); [`crate::breaker`]: `.connectionPool.tcp.maxConnections`, `.tcp.connectTimeout`, `.http.http1MaxPendingRequests`, `.http.http2MaxRequests`, `.http.maxRequestsPerConnection`, `.http.maxRetries` |
 //! | no `apiVersion`/`kind`, a `waypoint:` key | — | [`SettingsDoc`], exactly one for the binary |
 //! | no `apiVersion`/`kind`, no `waypoint:` key | — | mesh-model's local config (`namespaces`, `workloads`, `services`, `policies`, `waypoints`, `nodes`; see the `mesh_model` crate docs), at most one |
 //!
@@ -1830,6 +1830,30 @@ struct TrafficPolicyRaw {
     outlier_detection: Option<OutlierRaw>,
     #[serde(default)]
     connection_pool: Option<ConnPoolRaw>,
+    #[serde(default)]
+    tls: Option<ClientTlsRaw>,
+}
+
+/// `trafficPolicy.tls` (Istio's ClientTLSSettings). Between the waypoint and an endpoint
+/// the connection is always HBONE, mutual TLS with Istio identities: `ISTIO_MUTUAL` says
+/// just that and is accepted (with its `sni`, which HBONE has no use for); the other modes
+/// ask for what ambient mode does not do and are refused.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct ClientTlsRaw {
+    mode: TlsModeRaw,
+    /// Accepted, unused (HBONE has no use for it).
+    #[serde(default, rename = "sni")]
+    _sni: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+enum TlsModeRaw {
+    Disable,
+    Simple,
+    Mutual,
+    IstioMutual,
 }
 
 #[derive(Debug, Deserialize)]
@@ -1985,6 +2009,24 @@ fn compile_dr(
                     LbPolicy::ConsistentHash(key)
                 }
             };
+        }
+        if let Some(t) = &tp.tls {
+            let f = "spec.trafficPolicy.tls.mode";
+            match t.mode {
+                TlsModeRaw::IstioMutual => {}
+                TlsModeRaw::Disable => {
+                    return Err(Invalid::new(
+                        f,
+                        "DISABLE: the waypoint reaches endpoints over HBONE (mutual TLS) only",
+                    ))
+                }
+                TlsModeRaw::Simple | TlsModeRaw::Mutual => {
+                    return Err(Invalid::new(
+                        f,
+                        "SIMPLE/MUTUAL TLS origination to the application is not supported (HBONE already encrypts and authenticates the hop; ISTIO_MUTUAL is accepted)",
+                    ))
+                }
+            }
         }
         if let Some(o) = &tp.outlier_detection {
             let mut od = OutlierDetection::default();

@@ -49,7 +49,7 @@ fn loads_every_kind_and_version() {
         dr("v1", "d7", "f.other", "    connectionPool:\n      tcp: {maxConnections: 100, connectTimeout: 250ms}\n      http: {http1MaxPendingRequests: 10, http2MaxRequests: 1000, maxRequestsPerConnection: 5, maxRetries: 3}\n"),
         // 0 is Istio's unset: no limit; a DestinationRule setting none has no breaker.
         dr("v1", "d8", "g.other", "    connectionPool:\n      tcp: {maxConnections: 0}\n      http: {http2MaxRequests: 7}\n"),
-        dr("v1", "d9", "h.other", "    connectionPool:\n      http: {idleTimeout: 10s}\n"),
+        dr("v1", "d9", "h.other", "    connectionPool:\n      http: {idleTimeout: 10s}\n    tls: {mode: ISTIO_MUTUAL, sni: h.other.svc.cluster.local}\n"),
     ]
     .join("---\n");
     let cfg = load_str(Path::new("w.yaml"), &text, 1).unwrap_or_else(|e| panic!("{e}"));
@@ -252,6 +252,28 @@ fn errors_name_document_line_and_field() {
             None,
             "outlierDetection.interval",
             "more than 0",
+        ),
+        // tls: only what HBONE is (ISTIO_MUTUAL).
+        (
+            "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: d}\nspec:\n  host: echo\n  trafficPolicy:\n    tls: {mode: SIMPLE}\n".into(),
+            1,
+            None,
+            "tls.mode",
+            "TLS origination",
+        ),
+        (
+            "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: d}\nspec:\n  host: echo\n  trafficPolicy:\n    tls: {mode: DISABLE}\n".into(),
+            1,
+            None,
+            "tls.mode",
+            "HBONE",
+        ),
+        (
+            "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: d}\nspec:\n  host: echo\n  trafficPolicy:\n    tls: {mode: ISTIO_MUTUAL, credentialName: c}\n".into(),
+            1,
+            Some(7),
+            "tls",
+            "unknown field `credentialName`",
         ),
         // connectionPool: what the waypoint does not enforce is refused, by name.
         (
