@@ -5,6 +5,7 @@
 //! | document | `apiVersion` | compiled to |
 //! |----------|--------------|-------------|
 //! | `HTTPRoute` | `gateway.networking.k8s.io/v1`, `/v1beta1` | [`crate::route::HttpRoute`] |
+//! | `GRPCRoute` | `gateway.networking.k8s.io/v1`, `/v1alpha2` | [`crate::route::HttpRoute`] (method matches as path matches, see `grpc_as_http`) |
 //! | `AuthorizationPolicy` | `security.istio.io/v1`, `/v1beta1` | [`crate::authz::Policy`] |
 //! | `DestinationRule` | `networking.istio.io/v1`, `/v1beta1`, `/v1alpha3` | [`ServiceLb`]: `trafficPolicy.loadBalancer`, `.outlierDetection` (`consecutive5xxErrors`, `interval`, `baseEjectionTime`, `maxEjectionPercent`), `.connectionPool.http.useClientProtocol`, `.connectionPool.http.idleTimeout`, `.tls.mode: ISTIO_MUTUAL` (what HBONE is; other modes refused); [`crate::breaker`]: `.connectionPool.tcp.maxConnections`, `.tcp.connectTimeout`, `.http.http1MaxPendingRequests`, `.http.http2MaxRequests`, `.http.maxRequestsPerConnection`, `.http.maxRetries` |
 //! | no `apiVersion`/`kind`, a `waypoint:` key | — | [`SettingsDoc`], exactly one for the binary |
@@ -428,6 +429,20 @@ pub fn load_str(file: &Path, text: &str, version: u64) -> Result<WaypointConfig,
                 }
                 routes.push(compile_route(&d).map_err(invalid)?);
             }
+            (
+                "gateway.networking.k8s.io/v1" | "gateway.networking.k8s.io/v1alpha2",
+                "GRPCRoute",
+            ) => {
+                let d: Doc<GrpcRouteSpec> = parse(file, &doc).map_err(at)?;
+                if !seen.insert(key(&d.metadata)) {
+                    return Err(invalid(Invalid::new(
+                        "metadata.name",
+                        "duplicate GRPCRoute",
+                    )));
+                }
+                let d = grpc_as_http(d).map_err(invalid)?;
+                routes.push(compile_route(&d).map_err(invalid)?);
+            }
             ("security.istio.io/v1" | "security.istio.io/v1beta1", "AuthorizationPolicy") => {
                 let d: Doc<PolicySpec> = parse(file, &doc).map_err(at)?;
                 if !seen.insert(key(&d.metadata)) {
@@ -501,7 +516,7 @@ pub fn load_str(file: &Path, text: &str, version: u64) -> Result<WaypointConfig,
             | ("networking.istio.io/v1alpha3", _) => {
                 return Err(invalid(Invalid::new(
                     "kind",
-                    format!("unsupported kind {kind:?} (HTTPRoute, AuthorizationPolicy, DestinationRule)"),
+                    format!("unsupported kind {kind:?} (HTTPRoute, GRPCRoute, AuthorizationPolicy, DestinationRule)"),
                 )));
             }
             _ => {
@@ -762,6 +777,177 @@ impl Metadata {
     fn id(&self) -> ObjectRef {
         ObjectRef::new(self.namespace(), &self.name)
     }
+}
+
+// GRPCRoute ---------------------------------------------------------------
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct GrpcRouteSpec {
+    #[serde(default)]
+    parent_refs: Vec<ParentRef>,
+    #[serde(default)]
+    hostnames: Vec<String>,
+    #[serde(default)]
+    rules: Vec<GrpcRuleRaw>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct GrpcRuleRaw {
+    #[serde(default)]
+    name: Option<String>,
+    #[serde(default)]
+    matches: Vec<GrpcMatchRaw>,
+    #[serde(default)]
+    filters: Vec<FilterRaw>,
+    #[serde(default)]
+    backend_refs: Vec<BackendRefRaw>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct GrpcMatchRaw {
+    #[serde(default)]
+    method: Option<GrpcMethodRaw>,
+    #[serde(default)]
+    headers: Vec<ValueMatchRaw>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct GrpcMethodRaw {
+    #[serde(default, rename = "type")]
+    kind: ValueType,
+    #[serde(default)]
+    service: Option<String>,
+    #[serde(default)]
+    method: Option<String>,
+}
+
+/// A GRPCRoute as the HTTPRoute it means (Gateway API `grpcroute_types.go`): a gRPC call
+/// is `POST /<service>/<method>`, so a method match is a path match: service and method
+/// `Exact` → that path; service alone → the path prefix `/<service>`; method alone →
+/// `/<any service>/<method>`; `RegularExpression` → `/<service re>/<method re>` (either
+/// defaulting to one segment); no method match → every path. Header matches, backendRefs
+/// and the filters a GRPCRoute allows (RequestHeaderModifier, ResponseHeaderModifier,
+/// RequestMirror) carry over as they are, and the precedence is HTTPRoute's (an exact
+/// method beats a service alone, then the most header matches).
+fn grpc_as_http(d: Doc<GrpcRouteSpec>) -> Result<Doc<RouteSpec>, Invalid> {
+    let service_ok = |s: &str| {
+        let s = s.strip_prefix('.').unwrap_or(s);
+        !s.is_empty()
+            && s.split('.').all(|part| {
+                part.bytes()
+                    .next()
+                    .is_some_and(|b| b.is_ascii_alphabetic() || b == b'_')
+                    && part.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+            })
+    };
+    let method_ok = |m: &str| {
+        m.bytes()
+            .next()
+            .is_some_and(|b| b.is_ascii_alphabetic() || b == b'_')
+            && m.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+    };
+    let mut rules = Vec::with_capacity(d.spec.rules.len());
+    for (ri, r) in d.spec.rules.into_iter().enumerate() {
+        for (fi, f) in r.filters.iter().enumerate() {
+            if matches!(f.kind, FilterType::RequestRedirect | FilterType::UrlRewrite) {
+                return Err(Invalid::new(
+                    format!("spec.rules[{ri}].filters[{fi}].type"),
+                    "not a GRPCRoute filter (RequestHeaderModifier, ResponseHeaderModifier, RequestMirror)",
+                ));
+            }
+        }
+        let mut matches = Vec::with_capacity(r.matches.len());
+        for (mi, m) in r.matches.into_iter().enumerate() {
+            let mf = format!("spec.rules[{ri}].matches[{mi}].method");
+            let path = match m.method {
+                None => None,
+                Some(GrpcMethodRaw {
+                    service: None,
+                    method: None,
+                    ..
+                }) => return Err(Invalid::new(mf, "one of service and method is required")),
+                Some(x) => {
+                    Some(match x.kind {
+                        ValueType::Exact => {
+                            if let Some(s) = x.service.as_deref().filter(|s| !service_ok(s)) {
+                                return Err(Invalid::new(
+                                format!("{mf}.service"),
+                                format!("{s:?} is not a gRPC service name (e.g. helloworld.Greeter)"),
+                            ));
+                            }
+                            if let Some(m) = x.method.as_deref().filter(|m| !method_ok(m)) {
+                                return Err(Invalid::new(
+                                    format!("{mf}.method"),
+                                    format!("{m:?} is not a gRPC method name (e.g. SayHello)"),
+                                ));
+                            }
+                            match (x.service, x.method) {
+                                (Some(s), Some(m)) => PathRaw {
+                                    kind: PathType::Exact,
+                                    value: Some(format!("/{s}/{m}")),
+                                },
+                                (Some(s), None) => PathRaw {
+                                    kind: PathType::PathPrefix,
+                                    value: Some(format!("/{s}")),
+                                },
+                                (None, m) => PathRaw {
+                                    kind: PathType::RegularExpression,
+                                    value: Some(format!(
+                                        "/[^/]+/{}",
+                                        regex::escape(m.as_deref().unwrap_or_default())
+                                    )),
+                                },
+                            }
+                        }
+                        ValueType::RegularExpression => {
+                            // Each checked on its own, so that an error names its field.
+                            for (f, re) in [("service", &x.service), ("method", &x.method)] {
+                                if let Some(re) = re {
+                                    anchored(&format!("{mf}.{f}"), re)?;
+                                }
+                            }
+                            PathRaw {
+                                kind: PathType::RegularExpression,
+                                value: Some(format!(
+                                    "/(?:{})/(?:{})",
+                                    x.service.as_deref().unwrap_or("[^/]+"),
+                                    x.method.as_deref().unwrap_or("[^/]+")
+                                )),
+                            }
+                        }
+                    })
+                }
+            };
+            matches.push(MatchRaw {
+                path,
+                headers: m.headers,
+                query_params: vec![],
+                method: None,
+            });
+        }
+        rules.push(RuleRaw {
+            name: r.name,
+            matches,
+            filters: r.filters,
+            backend_refs: r.backend_refs,
+            timeouts: None,
+            retry: None,
+        });
+    }
+    Ok(Doc {
+        api_version: d.api_version,
+        kind: d.kind,
+        metadata: d.metadata,
+        spec: RouteSpec {
+            parent_refs: d.spec.parent_refs,
+            hostnames: d.spec.hostnames,
+            rules,
+        },
+    })
 }
 
 // HTTPRoute ---------------------------------------------------------------

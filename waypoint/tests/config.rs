@@ -236,7 +236,7 @@ fn errors_name_document_line_and_field() {
         (ROUTE_V1.replace("[{name: echo, port: 80}]", "[{name: echo, kind: ServiceImport, port: 80}]"), 1, None, "backendRefs[0]", "only Services"),
         (format!("{ROUTE_V1}---\n{ROUTE_V1}"), 2, Some(15), "metadata.name", "duplicate"),
         // Documents and kinds.
-        (ROUTE_V1.replace("kind: HTTPRoute", "kind: GRPCRoute"), 1, Some(2), "kind", "unsupported kind"),
+        (ROUTE_V1.replace("kind: HTTPRoute", "kind: TLSRoute"), 1, Some(2), "kind", "unsupported kind"),
         (ROUTE_V1.replace("gateway.networking.k8s.io/v1", "example.com/v1"), 1, Some(1), "apiVersion", "unsupported apiVersion"),
         (ROUTE_V1.replace("kind: HTTPRoute\n", ""), 1, None, "kind", "required"),
         (

@@ -657,3 +657,108 @@ fn timeouts_and_retries_are_carried() {
     assert_eq!(retry.attempts, 3);
     assert_eq!(retry.backoff, Some(Duration::from_millis(100)));
 }
+
+/// A GRPCRoute document on service `echo` with `rules` (list items of `spec.rules`).
+fn grpc_route(name: &str, rules: &str) -> String {
+    format!(
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: GRPCRoute\nmetadata: {{name: {name}}}\nspec:\n  parentRefs: [{ECHO}]\n  rules:\n{rules}"
+    )
+}
+
+/// A gRPC call: `POST /<service>/<method>`.
+fn call(path: &str) -> Req<'_> {
+    get(path)
+        .method("POST")
+        .header("content-type", "application/grpc")
+}
+
+/// R17 with GRPCRoute (Gateway API `grpcroute_types.go`): method matches by service and
+/// method, exact or regular expression, with header matches; an exact method beats its
+/// service alone; no match is 404 as for HTTPRoute.
+#[test]
+fn r17_grpc_route_matches_service_and_method() {
+    let cfg = load(&grpc_route(
+        "g",
+        r#"  - matches: [{method: {service: helloworld.Greeter, method: SayHello}}]
+    backendRefs: [{name: echo-v1, port: 80}]
+  - matches: [{method: {service: helloworld.Greeter}}]
+    backendRefs: [{name: echo-v2, port: 80}]
+  - matches: [{method: {method: Check}, headers: [{name: x-debug, value: "1"}]}]
+    backendRefs: [{name: mirror, port: 80}]
+  - matches: [{method: {type: RegularExpression, service: 'grpc\.health\.v1\..+', method: 'Check|Watch'}}]
+    backendRefs: [{name: other, namespace: other, port: 8080}]
+"#,
+    ));
+    let to = |r: Req<'_>| backend(&decide(&cfg, &r)).map(|(s, _)| s);
+    assert_eq!(
+        to(call("/helloworld.Greeter/SayHello")).as_deref(),
+        Some("echo-v1")
+    );
+    assert_eq!(
+        to(call("/helloworld.Greeter/SayGoodbye")).as_deref(),
+        Some("echo-v2")
+    );
+    assert_eq!(to(call("/helloworld.Greeter")).as_deref(), Some("echo-v2"));
+    assert_eq!(
+        to(call("/any.Service/Check").header("x-debug", "1")).as_deref(),
+        Some("mirror")
+    );
+    assert_eq!(
+        to(call("/grpc.health.v1.Health/Watch")).as_deref(),
+        Some("other")
+    );
+    // Not the service (segment-wise), the method without its header, the regex anchored.
+    assert_responds(
+        &cfg,
+        &[
+            "/helloworld.GreeterX/SayHello",
+            "/any.Service/Check",
+            "/grpc.health.v1.Health/CheckAll",
+        ],
+        404,
+    );
+}
+
+/// GRPCRoute fields are checked where they are written: names, regular expressions, the
+/// filters a GRPCRoute may not have, and a method match that names nothing.
+#[test]
+fn grpc_route_errors_name_their_field() {
+    for (rules, field, msg) in [
+        (
+            "  - matches: [{method: {service: 'hello world'}}]\n",
+            "spec.rules[0].matches[0].method.service",
+            "not a gRPC service name",
+        ),
+        (
+            "  - matches: [{method: {method: Say.Hello}}]\n",
+            "spec.rules[0].matches[0].method.method",
+            "not a gRPC method name",
+        ),
+        (
+            "  - matches: [{method: {type: RegularExpression, method: '(unclosed'}}]\n",
+            "spec.rules[0].matches[0].method.method",
+            "regular expression",
+        ),
+        (
+            "  - matches: [{method: {type: Exact}}]\n",
+            "spec.rules[0].matches[0].method",
+            "one of service and method",
+        ),
+        (
+            "  - filters: [{type: URLRewrite, urlRewrite: {hostname: x}}]\n    backendRefs: [{name: echo-v1, port: 80}]\n",
+            "spec.rules[0].filters[0].type",
+            "not a GRPCRoute filter",
+        ),
+        (
+            "  - matches: [{path: {value: /x}}]\n",
+            "spec.rules[0].matches[0]",
+            "unknown field `path`",
+        ),
+    ] {
+        let text = format!("{MESH}---\n{}", grpc_route("bad", rules));
+        let e = load_str(Path::new("test.yaml"), &text, 1).unwrap_err();
+        assert_eq!(e.field.as_deref(), Some(field), "{e}");
+        assert!(e.message.contains(msg), "{e}");
+        assert_eq!(e.document, 2, "{e}");
+    }
+}
