@@ -159,6 +159,12 @@ async fn answer(s: &mut H2Stream) -> (u16, bool, String) {
     (r.status, overloaded, r.text())
 }
 
+/// A DestinationRule (`networking.istio.io/<api>`) for service `host` with
+/// `connectionPool: {<pool>}`.
+fn pool_dr(api: &str, host: &str, pool: &str) -> String {
+    format!("apiVersion: networking.istio.io/{api}\nkind: DestinationRule\nmetadata: {{name: echo, namespace: app}}\nspec:\n  host: {host}\n  trafficPolicy:\n    connectionPool: {{{pool}}}\n")
+}
+
 /// Istio's circuit-breaking task's DestinationRule, verbatim but for the host and
 /// namespace (`maxConnections: 1`, `http1MaxPendingRequests: 1`,
 /// `maxRequestsPerConnection: 1`, and its outlier detection with `interval`).
@@ -257,16 +263,12 @@ fn pending_request_waits_for_the_connection_and_the_next_overflows() {
 /// (no waiting, whatever the connections); after the first, requests go through again.
 #[test]
 fn requests_in_flight_are_bounded() {
-    let dr = "apiVersion: networking.istio.io/v1beta1
-kind: DestinationRule
-metadata: {name: echo, namespace: app}
-spec:
-  host: echo.app.svc.cluster.local
-  trafficPolicy:
-    connectionPool:
-      http: {http2MaxRequests: 1}
-";
-    let t = setup(42, "requests", dr);
+    let dr = pool_dr(
+        "v1beta1",
+        "echo.app.svc.cluster.local",
+        "http: {http2MaxRequests: 1}",
+    );
+    let t = setup(42, "requests", &dr);
     block_on(async {
         let (_c1, mut s1) = t.wp.tunnel().await;
         let (_c2, mut s2) = t.wp.tunnel().await;
@@ -294,15 +296,8 @@ spec:
 /// first request ended, retries are made again.
 #[test]
 fn retries_in_flight_are_bounded() {
-    let docs = "apiVersion: networking.istio.io/v1
-kind: DestinationRule
-metadata: {name: echo, namespace: app}
-spec:
-  host: echo
-  trafficPolicy:
-    connectionPool:
-      http: {maxRetries: 1}
----
+    let docs = pool_dr("v1", "echo", "http: {maxRetries: 1}")
+        + "---
 apiVersion: gateway.networking.k8s.io/v1
 kind: HTTPRoute
 metadata: {name: echo, namespace: app}
@@ -312,7 +307,7 @@ spec:
   - backendRefs: [{name: echo, port: 80}]
     retry: {codes: [503], attempts: 2, backoff: 1ms}
 ";
-    let t = setup(43, "retries", docs);
+    let t = setup(43, "retries", &docs);
     block_on(async {
         let (_c1, mut s1) = t.wp.tunnel().await;
         let (_c2, mut s2) = t.wp.tunnel().await;
@@ -345,16 +340,8 @@ spec:
 /// refused with the overflow answer as an HTTP/2 response.
 #[test]
 fn http2_streams_are_bounded_too() {
-    let dr = "apiVersion: networking.istio.io/v1
-kind: DestinationRule
-metadata: {name: echo, namespace: app}
-spec:
-  host: echo
-  trafficPolicy:
-    connectionPool:
-      http: {http2MaxRequests: 1}
-";
-    let t = setup(44, "h2", dr);
+    let dr = pool_dr("v1", "echo", "http: {http2MaxRequests: 1}");
+    let t = setup(44, "h2", &dr);
     block_on(async {
         let (_c, s) = t.wp.tunnel().await;
         let (mut send, _conn) = common::h2_in_tunnel(s).await;
@@ -406,15 +393,7 @@ spec:
 #[test]
 fn connect_timeout_bounds_a_new_upstream_connection() {
     let (net, black_hole) = common::bind_node_ztunnel(45);
-    let dr = "apiVersion: networking.istio.io/v1
-kind: DestinationRule
-metadata: {name: echo, namespace: app}
-spec:
-  host: echo
-  trafficPolicy:
-    connectionPool:
-      tcp: {connectTimeout: 200ms}
-";
+    let dr = pool_dr("v1", "echo", "tcp: {connectTimeout: 200ms}");
     let pod = SocketAddr::from((common::ip(net, 2), 8080));
     let wp = EchoBinary::start(
         46,
