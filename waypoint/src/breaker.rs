@@ -3,7 +3,7 @@
 //!
 //! | field | here |
 //! |---|---|
-//! | `tcp.maxConnections` | upstream HTTP/1.1 connections carrying a request to the service, all endpoints and workers ([`Limits::max_connections`]) |
+//! | `tcp.maxConnections` | upstream HTTP/1.1 connections carrying a request, and opaque TCP tunnels, to the service, all endpoints and workers ([`Limits::max_connections`]); a tunnel past it is reset at once |
 //! | `http.http1MaxPendingRequests` | requests waiting for one of those ([`Limits::max_pending`]); past it `503` |
 //! | `http.http2MaxRequests` | requests in flight to the service, any protocol ([`Limits::max_requests`]); past it `503` |
 //! | `http.maxRetries` | retries in flight to the service ([`Limits::max_retries`]); past it the try's own answer is returned |
@@ -25,8 +25,8 @@
 //! workers, up to `n` connections. The counters of a service live as long as its limits
 //! stay the same across reloads ([`crate::config::WaypointConfig::adopt_breakers`]).
 //! HTTP/2 upstreams (`useClientProtocol`) multiplex a worker's requests to an endpoint on
-//! one connection: only `http2MaxRequests` and `maxRetries` bound them. Mirrored requests,
-//! opaque TCP tunnels and connections after an upgrade (`101`) are not counted.
+//! one connection: only `http2MaxRequests` and `maxRetries` bound them. Mirrored requests
+//! and connections after an upgrade (`101`) are not counted.
 
 use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, VecDeque};
@@ -73,6 +73,8 @@ impl Default for Limits {
 pub enum Limit {
     /// Connections and pending requests both at their limits.
     Pending,
+    /// `maxConnections`, for an opaque TCP tunnel (which does not wait).
+    Connections,
     /// `http2MaxRequests`.
     Requests,
     /// `maxRetries` (the retry is not made).
@@ -84,6 +86,7 @@ impl Limit {
     pub fn label(self) -> &'static str {
         match self {
             Limit::Pending => "pending_requests",
+            Limit::Connections => "connections",
             Limit::Requests => "requests",
             Limit::Retries => "retries",
         }
@@ -208,6 +211,23 @@ impl Breaker {
         wait.done = true;
         self.pending.fetch_sub(1, Relaxed);
         Ok(slot())
+    }
+
+    /// An upstream connection for an opaque TCP tunnel (`maxConnections`), at once or not
+    /// at all (Envoy's TCP proxy closes the connection on overflow).
+    pub fn connection_now(self: &Arc<Self>, local: &Rc<Local>) -> Result<Slot, Overflow> {
+        if !take(&self.connections, self.limits.max_connections) {
+            if local.in_use.get() > 0 {
+                return Err(Overflow(Limit::Connections));
+            }
+            // The worker's first, even at the limit: as [`Breaker::connection`].
+            self.connections.fetch_add(1, Relaxed);
+        }
+        local.in_use.set(local.in_use.get() + 1);
+        Ok(Slot {
+            breaker: self.clone(),
+            local: local.clone(),
+        })
     }
 
     /// A slot given back: to the first request still waiting on this worker, else freed.
@@ -410,6 +430,26 @@ mod tests {
             panic!("passed on")
         };
         assert_eq!(b.in_use(), (1, 0, 0, 0));
+        drop(s);
+        assert_eq!(b.in_use(), (0, 0, 0, 0));
+    }
+
+    #[test]
+    fn an_opaque_tunnel_takes_a_connection_now_or_overflows() {
+        let b = breaker(1, 10);
+        let local = Rc::new(Local::default());
+        let s = b.connection_now(&local).unwrap();
+        assert!(matches!(
+            b.connection_now(&local),
+            Err(Overflow(Limit::Connections))
+        ));
+        // A request waits for it meanwhile, and gets it when the tunnel ends.
+        let mut waiting = Box::pin(b.connection(&local));
+        assert!(poll(&mut waiting).is_pending());
+        drop(s);
+        let Poll::Ready(Ok(s)) = poll(&mut waiting) else {
+            panic!("handed over")
+        };
         drop(s);
         assert_eq!(b.in_use(), (0, 0, 0, 0));
     }

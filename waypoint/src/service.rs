@@ -153,9 +153,11 @@ pub struct Counters {
     /// Requests re-sent by the retry policy.
     pub retries: AtomicU64,
     /// Requests refused by a service's circuit breakers (`503`, flag `UO`): connections
-    /// and pending requests at their limits, requests at theirs; and retries not made,
-    /// retries at theirs ([`crate::breaker`]).
+    /// and pending requests at their limits, requests at theirs; opaque TCP tunnels reset,
+    /// connections at their limit; and retries not made, retries at theirs
+    /// ([`crate::breaker`]).
     pub overflow_pending: AtomicU64,
+    pub overflow_connections: AtomicU64,
     pub overflow_requests: AtomicU64,
     pub overflow_retries: AtomicU64,
     /// Requests abandoned by their client (stream reset, connection gone) before their
@@ -468,6 +470,7 @@ pub fn prometheus(c: &Counters) -> String {
     out.push_str("# HELP waypoint_upstream_overflows_total Requests refused (503, flag UO) and retries not made by a service's circuit breakers (DestinationRule connectionPool), by the limit reached.\n# TYPE waypoint_upstream_overflows_total counter\n");
     for (limit, n) in [
         (crate::breaker::Limit::Pending, &c.overflow_pending),
+        (crate::breaker::Limit::Connections, &c.overflow_connections),
         (crate::breaker::Limit::Requests, &c.overflow_requests),
         (crate::breaker::Limit::Retries, &c.overflow_retries),
     ] {
@@ -2403,8 +2406,25 @@ impl HboneUpstream {
             http1::Destination::Service { service, port } => Some((service.clone(), *port)),
             http1::Destination::Workload { .. } => None,
         };
+        // The service's `maxConnections` (circuit breaking): held while the tunnel lives.
+        let breaker = svc.as_ref().and_then(|(s, _)| l7.breaker(s));
+        let _slot = match breaker.map(|b| b.connection_now(&self.worker.breakers.of(b))) {
+            Some(Err(o)) => {
+                counters.overflow_connections.fetch_add(1, Relaxed);
+                tracing::debug!(target = %self.target, error = %o, "opaque TCP tunnel refused");
+                down.reset(h2::Reason::REFUSED_STREAM);
+                return;
+            }
+            Some(Ok(slot)) => Some(slot),
+            None => None,
+        };
         let opened = match self.choose(snap, svc.as_ref(), &[]) {
             Ok((ep, picked)) => {
+                // The service's `connectTimeout` applies to the new stream ([`Self::open`]).
+                self.last = Some(Rc::new((
+                    svc.as_ref().map(|s| s.0.clone()),
+                    ep.workload_uid.clone(),
+                )));
                 let r = self.open(ep.hbone, ep.authority, &ep.workload_uid).await;
                 if let (Some((svc, port, i)), Err(_)) = (picked, &r) {
                     self.worker

@@ -38,9 +38,16 @@ struct Seen {
 
 /// `/hold`: held until the test lets it go ([`Setup::release`]), then `200 released`;
 /// `/flaky`: `503` the first time, then as `/hold`; `/fail`: always `503`; else `200 ok`.
+/// A connection starting `TCP\n` (an opaque tunnel) is echoed until its end.
 fn backend(ip: Ipv4Addr, seen: Arc<Seen>) -> SocketAddr {
     serve_threads(ip, move |mut c| {
         seen.connections.fetch_add(1, Ordering::SeqCst);
+        let mut first = [0u8; 4];
+        if matches!(c.peek(&mut first), Ok(4)) && &first == b"TCP\n" {
+            let mut r = c.try_clone().unwrap();
+            let _ = std::io::copy(&mut r, &mut c);
+            return;
+        }
         let mut buf = Vec::new();
         while let Some(req) = next_request(&mut c, &mut buf) {
             let hold = match req.path.as_str() {
@@ -416,4 +423,51 @@ fn connect_timeout_bounds_a_new_upstream_connection() {
         1
     );
     drop(black_hole);
+}
+
+/// `tcp.maxConnections: 1` for opaque TCP tunnels (Envoy's TCP proxy): a second tunnel
+/// while one is open is reset at once (it never reaches the backend); once the first has
+/// ended, a new one goes through.
+#[test]
+fn opaque_tcp_tunnels_are_bounded_by_max_connections() {
+    let dr = pool_dr("v1", "echo", "tcp: {maxConnections: 1}");
+    let t = setup(48, "tcp", &dr);
+    block_on(async {
+        let (_c1, mut s1) = t.wp.tunnel().await;
+        s1.write_all(Bytes::from_static(b"TCP\n"), false)
+            .await
+            .unwrap();
+        let mut buf = Vec::new();
+        bounded(common::read_until(&mut s1, &mut buf, |b: &mut Vec<u8>| {
+            (b.as_slice() == b"TCP\n").then_some(())
+        }))
+        .await;
+        assert_eq!(t.in_use("connections"), 1);
+        let (_c2, mut s2) = t.wp.tunnel().await;
+        s2.write_all(Bytes::from_static(b"TCP\n"), false)
+            .await
+            .unwrap();
+        let (got, ended) = common::read_to_end(&mut s2).await;
+        assert_eq!((got.as_slice(), ended), (&b""[..], common::Ended::Reset));
+        assert_eq!(t.overflows("connections"), 1);
+        assert_eq!(t.seen.connections.load(Ordering::SeqCst), 1);
+        // The first ends (both ways): its slot is given back.
+        s1.write_all(Bytes::new(), true).await.unwrap();
+        let (rest, ended) = common::read_to_end(&mut s1).await;
+        assert_eq!((rest.as_slice(), ended), (&b""[..], common::Ended::Closed));
+        wait_until("the first tunnel's connection given back", || {
+            t.in_use("connections") == 0
+        })
+        .await;
+        let (_c3, mut s3) = t.wp.tunnel().await;
+        s3.write_all(Bytes::from_static(b"TCP\n"), true)
+            .await
+            .unwrap();
+        let (back, ended) = common::read_to_end(&mut s3).await;
+        assert_eq!(
+            (back.as_slice(), ended),
+            (&b"TCP\n"[..], common::Ended::Closed)
+        );
+    });
+    assert_eq!(t.seen.connections.load(Ordering::SeqCst), 2);
 }
