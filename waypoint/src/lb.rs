@@ -54,7 +54,8 @@ pub enum LbPolicy {
     ConsistentHash(HashKey),
 }
 
-/// `outlierDetection`: consecutive 5xx → ejected for `base_ejection_time` × the endpoint's
+/// `outlierDetection`: consecutive 5xx (or, when set, consecutive gateway errors: 502, 503,
+/// 504 and connection failures) → ejected for `base_ejection_time` × the endpoint's
 /// ejection multiplier, at most [`MAX_EJECTION_TIME`] (or `base_ejection_time` when that is
 /// longer), never more than `max_ejection_percent` of the endpoints (at least one may
 /// always be). The multiplier grows by one per ejection while the time is below that cap,
@@ -69,6 +70,9 @@ pub struct OutlierDetection {
     /// `interval`: the time an endpoint back in service takes to lose one step of its
     /// ejection multiplier.
     pub interval: Duration,
+    /// `consecutiveGatewayErrors` (0: off, Istio's default): 502, 503, 504 or a connection
+    /// failure this many times in a row ejects too; any other answer resets the count.
+    pub consecutive_gateway: u32,
 }
 
 /// Envoy's `max_ejection_time` default (Istio does not expose it): the longest ejection,
@@ -94,6 +98,7 @@ impl Default for OutlierDetection {
             base_ejection_time: Duration::from_secs(30),
             max_ejection_percent: 10,
             interval: EJECTION_DECAY_INTERVAL,
+            consecutive_gateway: 0,
         }
     }
 }
@@ -168,6 +173,7 @@ impl Cands<'_> {
 struct EndpointState {
     active: u32,
     consecutive_5xx: u32,
+    consecutive_gateway: u32,
     ejected_until: Option<Instant>,
     times_ejected: u32,
 }
@@ -301,13 +307,24 @@ impl Balancer {
         let e = &mut self.eps[i];
         e.active = e.active.saturating_sub(1);
         let failed = status == 0 || (500..600).contains(&status);
+        let gateway = matches!(status, 0 | 502 | 503 | 504);
         if !failed {
             e.consecutive_5xx = 0;
+            e.consecutive_gateway = 0;
             return;
         }
         e.consecutive_5xx += 1;
+        e.consecutive_gateway = if gateway {
+            e.consecutive_gateway + 1
+        } else {
+            0
+        };
         let Some(od) = self.outlier else { return };
-        if od.consecutive_5xx == 0 || self.eps[i].consecutive_5xx < od.consecutive_5xx {
+        let reached = |n: u32, limit: u32| limit > 0 && n >= limit;
+        let e = &self.eps[i];
+        if !reached(e.consecutive_5xx, od.consecutive_5xx)
+            && !reached(e.consecutive_gateway, od.consecutive_gateway)
+        {
             return;
         }
         if self.is_ejected(i, now) {
@@ -341,6 +358,7 @@ impl Balancer {
             e.times_ejected = e.times_ejected.saturating_add(1);
         }
         e.consecutive_5xx = 0;
+        e.consecutive_gateway = 0;
         let time = od
             .base_ejection_time
             .checked_mul(e.times_ejected)
@@ -456,6 +474,7 @@ mod tests {
             base_ejection_time: Duration::from_secs(10),
             max_ejection_percent: 100,
             interval: EJECTION_DECAY_INTERVAL,
+            consecutive_gateway: 0,
         };
         let policy = LbPolicy::ConsistentHash(HashKey::SourceIp);
         let mut before = Balancer::new(4, policy.clone(), Some(od));
@@ -501,6 +520,7 @@ mod tests {
             base_ejection_time: Duration::from_secs(30),
             max_ejection_percent: 50,
             interval: EJECTION_DECAY_INTERVAL,
+            consecutive_gateway: 0,
         };
         let mut b = Balancer::new(4, LbPolicy::RoundRobin, Some(od));
         // Two 5xx, then a success: the streak resets.
@@ -542,6 +562,7 @@ mod tests {
             base_ejection_time: Duration::from_secs(30),
             max_ejection_percent: 100,
             interval: EJECTION_DECAY_INTERVAL,
+            consecutive_gateway: 0,
         };
         let mut b = Balancer::new(2, LbPolicy::RoundRobin, Some(od));
         let mut now = Instant::now();
@@ -582,6 +603,7 @@ mod tests {
             base_ejection_time: Duration::from_secs(30),
             max_ejection_percent: 100,
             interval,
+            consecutive_gateway: 0,
         };
         let mut b = Balancer::new(2, LbPolicy::RoundRobin, Some(od));
         let t0 = Instant::now();
@@ -607,6 +629,33 @@ mod tests {
     }
 
     #[test]
+    fn consecutive_gateway_errors_eject_and_other_5xx_reset_them() {
+        let od = OutlierDetection {
+            consecutive_5xx: 0,
+            consecutive_gateway: 3,
+            max_ejection_percent: 100,
+            ..OutlierDetection::default()
+        };
+        let mut b = Balancer::new(2, LbPolicy::RoundRobin, Some(od));
+        let t = Instant::now();
+        // 502, 503, then a 500 (a 5xx, not a gateway error): the count starts again.
+        for status in [502, 503, 500, 504, 0] {
+            b.start(0);
+            b.finish(0, status, t);
+        }
+        assert!(!b.is_ejected(0, t), "two in a row since the 500");
+        b.start(0);
+        b.finish(0, 503, t);
+        assert!(b.is_ejected(0, t), "three gateway errors in a row");
+        // consecutive5xxErrors 0: any number of 500s ejects nothing.
+        for _ in 0..20 {
+            b.start(1);
+            b.finish(1, 500, t);
+        }
+        assert!(!b.is_ejected(1, t));
+    }
+
+    #[test]
     fn outlier_detection_respects_max_ejection_percent() {
         let now = Instant::now();
         let od = OutlierDetection {
@@ -614,6 +663,7 @@ mod tests {
             base_ejection_time: Duration::from_secs(30),
             max_ejection_percent: 50,
             interval: EJECTION_DECAY_INTERVAL,
+            consecutive_gateway: 0,
         };
         let mut b = Balancer::new(4, LbPolicy::RoundRobin, Some(od));
         for i in 0..4 {
@@ -643,6 +693,7 @@ mod tests {
             base_ejection_time: Duration::from_secs(30),
             max_ejection_percent: 100,
             interval: EJECTION_DECAY_INTERVAL,
+            consecutive_gateway: 0,
         };
         let mut b = Balancer::new(2, LbPolicy::RoundRobin, Some(od));
         for i in 0..2 {

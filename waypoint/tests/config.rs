@@ -41,7 +41,7 @@ fn loads_every_kind_and_version() {
         "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: a}\nspec: {action: DENY}\n".to_string(),
         "apiVersion: security.istio.io/v1beta1\nkind: AuthorizationPolicy\nmetadata: {name: b}\nspec: {action: AUDIT, rules: [{}]}\n".to_string(),
         dr("v1", "d1", "echo", "    loadBalancer: {simple: ROUND_ROBIN}\n"),
-        dr("v1beta1", "d2", "a.other", "    loadBalancer: {consistentHash: {httpHeaderName: X-User}}\n    outlierDetection: {consecutive5xxErrors: 3, interval: 2s, baseEjectionTime: 10s, maxEjectionPercent: 50}\n"),
+        dr("v1beta1", "d2", "a.other", "    loadBalancer: {consistentHash: {httpHeaderName: X-User}}\n    outlierDetection: {consecutive5xxErrors: 3, consecutiveGatewayErrors: 4, interval: 2s, baseEjectionTime: 10s, maxEjectionPercent: 50}\n"),
         dr("v1alpha3", "d3", "b.other.svc.cluster.local", "    loadBalancer: {consistentHash: {httpCookie: {name: session}}}\n"),
         dr("v1", "d4", "c.other.svc", "    loadBalancer: {consistentHash: {useSourceIp: true}}\n"),
         dr("v1", "d5", "d.other", "    loadBalancer: {simple: RANDOM}\n    outlierDetection: {}\n"),
@@ -70,6 +70,7 @@ fn loads_every_kind_and_version() {
                 base_ejection_time: Duration::from_secs(10),
                 max_ejection_percent: 50,
                 interval: Duration::from_secs(2),
+                consecutive_gateway: 4,
             }),
             use_client_protocol: false,
         }
