@@ -25,8 +25,8 @@
 //! workers, up to `n` connections. The counters of a service live as long as its limits
 //! stay the same across reloads ([`crate::config::WaypointConfig::adopt_breakers`]).
 //! HTTP/2 upstreams (`useClientProtocol`) multiplex a worker's requests to an endpoint on
-//! one connection: only `http2MaxRequests` and `maxRetries` bound them. Mirrored requests
-//! and connections after an upgrade (`101`) are not counted.
+//! one connection: only `http2MaxRequests` and `maxRetries` bound them. An upgraded (`101`)
+//! connection keeps its connection slot while it lives; mirrored requests are not counted.
 
 use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, VecDeque};

@@ -860,6 +860,7 @@ async fn tunnel(w: Rc<Worker>, cert: Arc<WorkloadCert>, mut inb: Inbound) {
             match race(serve, w.ctx.aborted()).await {
                 Either::Left(Ok(http1::End::Upgraded)) => {
                     if let Some(upstream) = up.upgrade.take() {
+                        let _slot = up.upgrade_slot.take();
                         let first = std::mem::take(&mut up.upgrade_first);
                         let rt = &settings.runtime;
                         // Authorized again at each reload, as opaque TCP is: by the
@@ -1211,6 +1212,8 @@ struct HboneUpstream {
     slot: Option<crate::breaker::Slot>,
     in_flight: Option<crate::breaker::Token>,
     retrying: Option<crate::breaker::Token>,
+    /// The connection slot of an upgraded (`101`) connection, held while it is spliced.
+    upgrade_slot: Option<crate::breaker::Slot>,
 }
 
 /// A try still in flight when its request's future is dropped (its tunnel's HBONE
@@ -1602,6 +1605,8 @@ impl Upstream for HboneUpstream {
         if let Some(c) = conn {
             if status == 101 {
                 self.upgrade = Some(c.s);
+                // Still an upstream connection (`maxConnections`) while it is spliced.
+                self.upgrade_slot = self.slot.take();
             } else {
                 self.keep(c.key, c.s, c.uses + 1, reusable, now);
             }
@@ -1901,6 +1906,7 @@ impl HboneUpstream {
             slot: None,
             in_flight: None,
             retrying: None,
+            upgrade_slot: None,
         }
     }
 

@@ -38,7 +38,8 @@ struct Seen {
 
 /// `/hold`: held until the test lets it go ([`Setup::release`]), then `200 released`;
 /// `/flaky`: `503` the first time, then as `/hold`; `/fail`: always `503`; else `200 ok`.
-/// A connection starting `TCP\n` (an opaque tunnel) is echoed until its end.
+/// `/upgrade`: `101`, then the connection is echoed until its end, as is a connection
+/// starting `TCP\n` (an opaque tunnel).
 fn backend(ip: Ipv4Addr, seen: Arc<Seen>) -> SocketAddr {
     serve_threads(ip, move |mut c| {
         seen.connections.fetch_add(1, Ordering::SeqCst);
@@ -50,6 +51,15 @@ fn backend(ip: Ipv4Addr, seen: Arc<Seen>) -> SocketAddr {
         }
         let mut buf = Vec::new();
         while let Some(req) = next_request(&mut c, &mut buf) {
+            if req.path == "/upgrade" {
+                let r = b"HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: websocket\r\n\r\n";
+                if c.write_all(r).is_err() {
+                    return;
+                }
+                let mut r = c.try_clone().unwrap();
+                let _ = std::io::copy(&mut r, &mut c);
+                return;
+            }
             let hold = match req.path.as_str() {
                 "/hold" => true,
                 "/flaky" => seen.flaky.fetch_add(1, Ordering::SeqCst) > 0,
@@ -470,4 +480,46 @@ fn opaque_tcp_tunnels_are_bounded_by_max_connections() {
         );
     });
     assert_eq!(t.seen.connections.load(Ordering::SeqCst), 2);
+}
+
+/// An upgraded (`101`, websocket) connection is an upstream connection while it lives:
+/// with `maxConnections: 1` the next request waits (pending) until it ends.
+#[test]
+fn an_upgraded_connection_keeps_its_connection_slot() {
+    let dr = pool_dr(
+        "v1",
+        "echo",
+        "tcp: {maxConnections: 1}, http: {http1MaxPendingRequests: 1}",
+    );
+    let t = setup(49, "upgrade", &dr);
+    block_on(async {
+        let (_c1, mut s1) = t.wp.tunnel().await;
+        let upgrade = format!(
+            "GET /upgrade HTTP/1.1\r\nhost: {HOST}\r\nconnection: upgrade\r\nupgrade: websocket\r\n\r\n"
+        );
+        s1.write_all(Bytes::from(upgrade), false).await.unwrap();
+        let mut buf = Vec::new();
+        let r = bounded(read_response(&mut s1, &mut buf)).await;
+        assert_eq!(r.status, 101);
+        s1.write_all(Bytes::from_static(b"ping"), false)
+            .await
+            .unwrap();
+        bounded(common::read_until(&mut s1, &mut buf, |b: &mut Vec<u8>| {
+            (b.as_slice() == b"ping").then_some(())
+        }))
+        .await;
+        assert_eq!(t.in_use("connections"), 1, "the upgraded connection");
+        let (_c2, mut s2) = t.wp.tunnel().await;
+        send(&mut s2, "/ok").await;
+        wait_until("the request pending behind the upgraded connection", || {
+            t.in_use("pending_requests") == 1
+        })
+        .await;
+        // The upgraded connection ends: the request gets its slot.
+        s1.write_all(Bytes::new(), true).await.unwrap();
+        let _ = common::read_to_end(&mut s1).await;
+        assert_eq!(answer(&mut s2).await, (200, false, "ok".into()));
+    });
+    assert_eq!(t.in_use("connections"), 0);
+    assert_eq!(t.overflows("pending_requests"), 0);
 }
