@@ -26,7 +26,9 @@
 //! stay the same across reloads ([`crate::config::WaypointConfig::adopt_breakers`]).
 //! HTTP/2 upstreams (`useClientProtocol`) multiplex a worker's requests to an endpoint on
 //! one connection: only `http2MaxRequests` and `maxRetries` bound them. An upgraded (`101`)
-//! connection keeps its connection slot while it lives; mirrored requests are not counted.
+//! connection keeps its connection slot while it lives. A mirrored request counts against
+//! its service's `http2MaxRequests` (skipped past it, as Envoy drops such a shadow), not
+//! against its connections.
 
 use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, VecDeque};

@@ -1727,6 +1727,18 @@ impl Upstream for HboneUpstream {
                 .fetch_add(1, Relaxed);
             return;
         }
+        // The mirror service's `http2MaxRequests` (circuit breaking): a mirror past it is
+        // skipped, as Envoy drops a shadow its cluster's breaker refuses.
+        let token = match self.view.l7.breaker(&service.0).map(|b| b.request()) {
+            Some(Err(_)) => {
+                let c = &self.worker.shared.counters;
+                c.overflow_requests.fetch_add(1, Relaxed);
+                c.mirrors_skipped.fetch_add(1, Relaxed);
+                return;
+            }
+            Some(Ok(t)) => Some(t),
+            None => None,
+        };
         self.worker.mirrors.set(in_flight + 1);
         let mut copy = HboneUpstream::new(
             &self.tunnel,
@@ -1744,6 +1756,7 @@ impl Upstream for HboneUpstream {
             // Gives the mirror's place back however the task ends (a panic included), so
             // a panicked mirror does not hold one of MAX_MIRRORS_IN_FLIGHT for good.
             let _in_flight = MirrorInFlight(copy.worker.clone());
+            let _token = token;
             // The response is read and discarded as it comes (never buffered).
             let r = copy
                 .exchange_inner(Some(&service), request, Some(MIRROR_TIMEOUT), true)

@@ -523,3 +523,64 @@ fn an_upgraded_connection_keeps_its_connection_slot() {
     assert_eq!(t.in_use("connections"), 0);
     assert_eq!(t.overflows("pending_requests"), 0);
 }
+
+/// A mirrored request counts against its service's `http2MaxRequests`: with the mirror
+/// service's one request in flight (a mirror held at the backend), the next request's
+/// mirror is skipped (counted) while the request itself goes through.
+#[test]
+fn a_mirror_past_its_services_limit_is_skipped() {
+    let seen = Arc::new(Seen::default());
+    let s2 = seen.clone();
+    let docs = pool_dr("v1", "shadow", "http: {http2MaxRequests: 1}")
+        + "---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: echo, namespace: app}
+spec:
+  parentRefs: [{group: \"\", kind: Service, name: echo}]
+  rules:
+  - filters: [{type: RequestMirror, requestMirror: {backendRef: {name: shadow, port: 80}}}]
+    backendRefs: [{name: echo, port: 80}]
+";
+    let wp = EchoBinary::start(
+        50,
+        "breaker-mirror",
+        |ip| backend(ip, s2),
+        |model, settings| {
+            // Service `shadow` beside `echo`, served by the same pod.
+            let echo = "\"app/echo.app.svc.cluster.local\": ";
+            let (head, tail) = model.split_once(echo).expect("the echo endpoint");
+            let ports = &tail[..tail.find('}').expect("its ports") + 1];
+            let model = format!(
+                "{head}{echo}{ports}, \"app/shadow.app.svc.cluster.local\": {tail}"
+            ) + "  - {name: shadow, namespace: app, hostname: shadow.app.svc.cluster.local, vips: [\"10.96.0.8\"], ports: {80: 8080}}\n";
+            format!("{model}---\n{settings}---\n{docs}")
+        },
+    );
+    let t = Setup { wp, seen };
+    block_on(async {
+        let (_c1, mut s1) = t.wp.tunnel().await;
+        send(&mut s1, "/hold").await;
+        wait_until("the request and its mirror at the backend", || {
+            t.seen.held.load(Ordering::SeqCst) == 2
+        })
+        .await;
+        let (_c2, mut s2) = t.wp.tunnel().await;
+        send(&mut s2, "/ok").await;
+        assert_eq!(answer(&mut s2).await, (200, false, "ok".into()));
+        assert_eq!(t.seen.held.load(Ordering::SeqCst), 2, "no second mirror");
+        t.release();
+        t.release();
+        assert_eq!(answer(&mut s1).await, (200, false, "released".into()));
+    });
+    let page = t.stats();
+    assert_eq!(t.overflows("requests"), 1);
+    assert_eq!(
+        common::counter_in(&page, "waypoint_mirrors_skipped_total"),
+        1
+    );
+    assert_eq!(
+        common::counter_in(&page, "waypoint_mirrored_requests_total"),
+        1
+    );
+}
