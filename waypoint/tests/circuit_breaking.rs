@@ -125,6 +125,11 @@ fn setup(salt: u32, name: &str, docs: &str) -> Setup {
 }
 
 impl Setup {
+    /// Wait until the backend holds `n` requests (`what` says which).
+    async fn wait_held(&self, n: usize, what: &str) {
+        wait_until(what, || self.seen.held.load(Ordering::SeqCst) == n).await;
+    }
+
     /// Let the longest-held `/hold` request go.
     fn release(&self) {
         self.seen.released.fetch_add(1, Ordering::SeqCst);
@@ -218,10 +223,7 @@ fn pending_request_waits_for_the_connection_and_the_next_overflows() {
         let (_c2, mut s2) = t.wp.tunnel().await;
         let (_c3, mut s3) = t.wp.tunnel().await;
         send(&mut s1, "/hold").await;
-        wait_until("the first request at the backend", || {
-            t.seen.held.load(Ordering::SeqCst) == 1
-        })
-        .await;
+        t.wait_held(1, "the first request at the backend").await;
         assert_eq!(t.in_use("connections"), 1);
         send(&mut s2, "/hold").await;
         wait_until("the second request pending in the waypoint", || {
@@ -244,10 +246,7 @@ fn pending_request_waits_for_the_connection_and_the_next_overflows() {
         // The first ends: the second gets its connection slot.
         t.release();
         assert_eq!(answer(&mut s1).await, (200, false, "released".into()));
-        wait_until("the second request at the backend", || {
-            t.seen.held.load(Ordering::SeqCst) == 1
-        })
-        .await;
+        t.wait_held(1, "the second request at the backend").await;
         assert_eq!(t.in_use("pending_requests"), 0);
         assert_eq!(t.in_use("connections"), 1);
         t.release();
@@ -290,10 +289,7 @@ fn requests_in_flight_are_bounded() {
         let (_c1, mut s1) = t.wp.tunnel().await;
         let (_c2, mut s2) = t.wp.tunnel().await;
         send(&mut s1, "/hold").await;
-        wait_until("the first request at the backend", || {
-            t.seen.held.load(Ordering::SeqCst) == 1
-        })
-        .await;
+        t.wait_held(1, "the first request at the backend").await;
         assert_eq!(t.in_use("requests"), 1);
         send(&mut s2, "/ok").await;
         let (status, overloaded, _) = answer(&mut s2).await;
@@ -330,10 +326,8 @@ spec:
         let (_c2, mut s2) = t.wp.tunnel().await;
         // `/flaky` fails once, then its retry is held at the backend.
         send(&mut s1, "/flaky").await;
-        wait_until("the first request's retry at the backend", || {
-            t.seen.held.load(Ordering::SeqCst) == 1
-        })
-        .await;
+        t.wait_held(1, "the first request's retry at the backend")
+            .await;
         assert_eq!(t.in_use("retries"), 1);
         send(&mut s2, "/fail").await;
         assert_eq!(answer(&mut s2).await, (503, false, "fail".into()));
@@ -368,10 +362,7 @@ fn http2_streams_are_bounded_too() {
                 .unwrap()
         };
         let (held, _) = send.send_request(req("/hold"), true).unwrap();
-        wait_until("the first request at the backend", || {
-            t.seen.held.load(Ordering::SeqCst) == 1
-        })
-        .await;
+        t.wait_held(1, "the first request at the backend").await;
         let (refused, _) = send.send_request(req("/ok"), true).unwrap();
         let resp = bounded(refused).await.unwrap();
         assert_eq!(resp.status(), 503);
@@ -561,10 +552,8 @@ spec:
     block_on(async {
         let (_c1, mut s1) = t.wp.tunnel().await;
         send(&mut s1, "/hold").await;
-        wait_until("the request and its mirror at the backend", || {
-            t.seen.held.load(Ordering::SeqCst) == 2
-        })
-        .await;
+        t.wait_held(2, "the request and its mirror at the backend")
+            .await;
         let (_c2, mut s2) = t.wp.tunnel().await;
         send(&mut s2, "/ok").await;
         assert_eq!(answer(&mut s2).await, (200, false, "ok".into()));
