@@ -1161,6 +1161,17 @@ struct MirrorRaw {
     backend_ref: BackendObjRaw,
     #[serde(default)]
     percent: Option<u32>,
+    #[serde(default)]
+    fraction: Option<FractionRaw>,
+}
+
+/// Gateway API `Fraction` (`denominator` defaults to 100).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FractionRaw {
+    numerator: u32,
+    #[serde(default)]
+    denominator: Option<u32>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -1389,17 +1400,41 @@ fn compile_filters(
                     b.port,
                     ns,
                 )?;
-                let percent = m.percent.unwrap_or(100);
-                if percent > 100 {
-                    return Err(Invalid::new(
-                        format!("{fld}.requestMirror.percent"),
-                        "must be 0–100",
-                    ));
-                }
+                let mf = format!("{fld}.requestMirror");
+                let (numerator, denominator) = match (m.percent, &m.fraction) {
+                    (Some(_), Some(_)) => {
+                        return Err(Invalid::new(
+                            mf,
+                            "percent and fraction are exclusive (give one)",
+                        ))
+                    }
+                    (Some(p), None) if p > 100 => {
+                        return Err(Invalid::new(format!("{mf}.percent"), "must be 0–100"))
+                    }
+                    (Some(p), None) => (p, 100),
+                    (None, Some(f)) => {
+                        let d = f.denominator.unwrap_or(100);
+                        if d == 0 {
+                            return Err(Invalid::new(
+                                format!("{mf}.fraction.denominator"),
+                                "must be more than 0",
+                            ));
+                        }
+                        if f.numerator > d {
+                            return Err(Invalid::new(
+                                format!("{mf}.fraction.numerator"),
+                                "must not exceed the denominator",
+                            ));
+                        }
+                        (f.numerator, d)
+                    }
+                    (None, None) => (1, 1),
+                };
                 Filter::Mirror(Mirror {
                     service,
                     port,
-                    percent,
+                    numerator,
+                    denominator,
                 })
             }
         };

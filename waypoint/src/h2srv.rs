@@ -35,7 +35,7 @@ use crate::http1::{
     self, Action, Attempt, ReqBody, RequestHead, Text, Tunnel, TunnelCtx, Upstream,
 };
 use crate::inner::{send_all, StreamIo};
-use crate::lb::{Rng, SplitMix64};
+use crate::lb::SplitMix64;
 use crate::route::{Forward, HeaderModifier};
 use runtime::worker::{race, Either};
 
@@ -1114,7 +1114,7 @@ async fn forward_h2<U: Upstream>(
         Ok(req)
     };
     for m in &fwd.mirrors {
-        if m.percent >= 100 || rng.below(100) < u64::from(m.percent) {
+        if m.sampled(rng) {
             match &buffered {
                 Some(d) => {
                     let mut h1 = BytesMut::from(&http1::upstream_head(head, fwd, client)[..]);

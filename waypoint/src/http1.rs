@@ -2446,7 +2446,7 @@ pub(crate) fn attempt<'a, T: Tunnel, U: Upstream>(
     async move {
         let streamed = matches!(body, ReqBody::Streamed(_));
         for m in &fwd.mirrors {
-            if m.percent >= 100 || rng.below(100) < u64::from(m.percent) {
+            if m.sampled(rng) {
                 match body {
                     ReqBody::Buffered(b) => {
                         let mut all = BytesMut::with_capacity(request.len() + b.len());

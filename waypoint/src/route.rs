@@ -191,8 +191,18 @@ pub struct Rewrite {
 pub struct Mirror {
     pub service: ObjectRef,
     pub port: u16,
-    /// 0–100; 100 when not given.
-    pub percent: u32,
+    /// The share of requests mirrored, `numerator / denominator`: `percent: p` is p/100,
+    /// `fraction` as given; every request when neither is.
+    pub numerator: u32,
+    pub denominator: u32,
+}
+
+impl Mirror {
+    /// Whether this request is one of the mirrored share.
+    pub fn sampled(&self, rng: &mut dyn Rng) -> bool {
+        self.numerator >= self.denominator
+            || rng.below(u64::from(self.denominator)) < u64::from(self.numerator)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -832,6 +842,22 @@ pub fn percent_decode(s: &str) -> std::borrow::Cow<'_, str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_mirror_samples_its_fraction_of_requests() {
+        let mirror = |numerator, denominator| Mirror {
+            service: ObjectRef::new("default", "m"),
+            port: 80,
+            numerator,
+            denominator,
+        };
+        let mut rng = crate::lb::SplitMix64(7);
+        let quarter = mirror(1, 4);
+        let n = (0..40_000).filter(|_| quarter.sampled(&mut rng)).count();
+        assert!((9_500..=10_500).contains(&n), "{n} of 40,000 for 1/4");
+        assert!((0..1000).all(|_| mirror(1, 1).sampled(&mut rng)));
+        assert!((0..1000).all(|_| !mirror(0, 100).sampled(&mut rng)));
+    }
     use crate::lb::SplitMix64;
 
     fn backend(name: &str, weight: u32, filters: Vec<Filter>) -> Backend {
@@ -858,7 +884,8 @@ mod tests {
         let mirror = Filter::Mirror(Mirror {
             service: ObjectRef::new("default", "ghost"),
             port: 80,
-            percent: 100,
+            numerator: 1,
+            denominator: 1,
         });
         let route = HttpRoute {
             id: ObjectRef::new("default", "echo"),

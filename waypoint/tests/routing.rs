@@ -620,6 +620,8 @@ fn request_mirrors_route_and_backend_level() {
       filters:
       - type: RequestMirror
         requestMirror: {backendRef: {name: other, namespace: other, port: 8080}, percent: 10}
+      - type: RequestMirror
+        requestMirror: {backendRef: {name: echo-v2, port: 80}, fraction: {numerator: 1, denominator: 1000}}
 "#,
     ));
     let f = forward(decide(&cfg, &get("/")));
@@ -629,12 +631,20 @@ fn request_mirrors_route_and_backend_level() {
             Mirror {
                 service: ObjectRef::new("default", "mirror"),
                 port: 80,
-                percent: 100
+                numerator: 1,
+                denominator: 1,
             },
             Mirror {
                 service: ObjectRef::new("other", "other"),
                 port: 8080,
-                percent: 10
+                numerator: 10,
+                denominator: 100,
+            },
+            Mirror {
+                service: ObjectRef::new("default", "echo-v2"),
+                port: 80,
+                numerator: 1,
+                denominator: 1000,
             },
         ],
         "a mirror to a missing service is dropped"
@@ -760,5 +770,35 @@ fn grpc_route_errors_name_their_field() {
         assert_eq!(e.field.as_deref(), Some(field), "{e}");
         assert!(e.message.contains(msg), "{e}");
         assert_eq!(e.document, 2, "{e}");
+    }
+}
+
+/// RequestMirror's share: `percent` or `fraction` (not both), checked where written.
+#[test]
+fn request_mirror_fraction_errors_name_their_field() {
+    for (mirror, field, msg) in [
+        (
+            "{backendRef: {name: mirror, port: 80}, percent: 10, fraction: {numerator: 1}}",
+            "spec.rules[0].filters[0].requestMirror",
+            "exclusive",
+        ),
+        (
+            "{backendRef: {name: mirror, port: 80}, fraction: {numerator: 1, denominator: 0}}",
+            "spec.rules[0].filters[0].requestMirror.fraction.denominator",
+            "more than 0",
+        ),
+        (
+            "{backendRef: {name: mirror, port: 80}, fraction: {numerator: 101}}",
+            "spec.rules[0].filters[0].requestMirror.fraction.numerator",
+            "not exceed",
+        ),
+    ] {
+        let rules = format!(
+            "  - filters:\n    - type: RequestMirror\n      requestMirror: {mirror}\n    backendRefs: [{{name: echo-v1, port: 80}}]\n"
+        );
+        let text = format!("{MESH}---\n{}", route(&rules));
+        let e = load_str(Path::new("test.yaml"), &text, 1).unwrap_err();
+        assert_eq!(e.field.as_deref(), Some(field), "{e}");
+        assert!(e.message.contains(msg), "{e}");
     }
 }
