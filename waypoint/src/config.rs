@@ -7,7 +7,7 @@
 //! | `HTTPRoute` | `gateway.networking.k8s.io/v1`, `/v1beta1` | [`crate::route::HttpRoute`] |
 //! | `GRPCRoute` | `gateway.networking.k8s.io/v1`, `/v1alpha2` | [`crate::route::HttpRoute`] (method matches as path matches, see `grpc_as_http`) |
 //! | `AuthorizationPolicy` | `security.istio.io/v1`, `/v1beta1` | [`crate::authz::Policy`] |
-//! | `DestinationRule` | `networking.istio.io/v1`, `/v1beta1`, `/v1alpha3` | [`ServiceLb`]: `trafficPolicy.loadBalancer`, `.outlierDetection` (`consecutive5xxErrors`, `consecutiveGatewayErrors`, `interval`, `baseEjectionTime`, `maxEjectionPercent`), `.connectionPool.http.useClientProtocol`, `.connectionPool.http.idleTimeout`, `.tls.mode: ISTIO_MUTUAL` (what HBONE is; other modes refused); [`crate::breaker`]: `.connectionPool.tcp.maxConnections`, `.tcp.connectTimeout`, `.http.http1MaxPendingRequests`, `.http.http2MaxRequests`, `.http.maxRequestsPerConnection`, `.http.maxRetries` |
+//! | `DestinationRule` | `networking.istio.io/v1`, `/v1beta1`, `/v1alpha3` | [`ServiceLb`]: `trafficPolicy.loadBalancer`, `.outlierDetection` (`consecutive5xxErrors`, `consecutiveGatewayErrors`, `interval`, `baseEjectionTime`, `maxEjectionPercent`), `.connectionPool.http.useClientProtocol`, `.connectionPool.http.idleTimeout`, `.tls.mode: ISTIO_MUTUAL` (what HBONE is; other modes refused), `.portLevelSettings` (all of these per service port, each entry replacing the service's for its port); [`crate::breaker`]: `.connectionPool.tcp.maxConnections`, `.tcp.connectTimeout`, `.http.http1MaxPendingRequests`, `.http.http2MaxRequests`, `.http.maxRequestsPerConnection`, `.http.maxRetries` |
 //! | no `apiVersion`/`kind`, a `waypoint:` key | — | [`SettingsDoc`], exactly one for the binary |
 //! | no `apiVersion`/`kind`, no `waypoint:` key | — | mesh-model's local config (`namespaces`, `workloads`, `services`, `policies`, `waypoints`, `nodes`; see the `mesh_model` crate docs), at most one |
 //!
@@ -124,6 +124,14 @@ impl fmt::Display for LoadError {
     }
 }
 
+/// One service port's traffic policy (a DestinationRule's `portLevelSettings` entry).
+#[derive(Debug, Clone)]
+pub struct PortPolicy {
+    pub lb: ServiceLb,
+    pub idle: Option<Duration>,
+    pub breaker: Option<Arc<crate::breaker::Breaker>>,
+}
+
 /// Load balancing of one service (from a DestinationRule).
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct ServiceLb {
@@ -157,7 +165,17 @@ impl WaypointConfig {
         let mut out = String::from(
             "# HELP waypoint_circuit_breaker_in_use What is in use against a service's circuit breakers (DestinationRule connectionPool), by resource.\n# TYPE waypoint_circuit_breaker_in_use gauge\n# HELP waypoint_circuit_breaker_limit A service's circuit breaker limits (DestinationRule connectionPool; 4294967295: none).\n# TYPE waypoint_circuit_breaker_limit gauge\n",
         );
-        for (svc, b) in &self.breakers {
+        let ports = self.port_policies.iter().filter_map(|((svc, port), p)| {
+            Some((
+                format!("{}/{}:{port}", svc.namespace, svc.name),
+                p.breaker.as_ref()?,
+            ))
+        });
+        let whole = self
+            .breakers
+            .iter()
+            .map(|(svc, b)| (format!("{}/{}", svc.namespace, svc.name), b));
+        for (svc, b) in whole.chain(ports) {
             let (c, p, r, t) = b.in_use();
             let l = b.limits;
             for (res, used, max) in [
@@ -166,10 +184,7 @@ impl WaypointConfig {
                 ("requests", r, l.max_requests),
                 ("retries", t, l.max_retries),
             ] {
-                let labels = format!(
-                    "service=\"{}/{}\",resource=\"{res}\"",
-                    svc.namespace, svc.name
-                );
+                let labels = format!("service=\"{svc}\",resource=\"{res}\"");
                 out.push_str(&format!(
                     "waypoint_circuit_breaker_in_use{{{labels}}} {used}\nwaypoint_circuit_breaker_limit{{{labels}}} {max}\n"
                 ));
@@ -214,6 +229,9 @@ pub struct WaypointConfig {
     /// DestinationRule `trafficPolicy.connectionPool` limits, by service (only services
     /// with a limit set): see [`crate::breaker`].
     pub breakers: BTreeMap<ObjectRef, Arc<crate::breaker::Breaker>>,
+    /// DestinationRule `trafficPolicy.portLevelSettings`, by service and port: for that
+    /// port, in place of the service's `load_balancing`, `idle_timeouts` and `breakers`.
+    pub port_policies: BTreeMap<(ObjectRef, u16), PortPolicy>,
     /// The waypoint's own settings document, when the file has one.
     pub settings: Option<SettingsDoc>,
     /// The ztunnel identity whose CONNECT `forwarded: for=` is believed for any client
@@ -267,8 +285,12 @@ impl WaypointConfig {
     /// it, may wait for the next: its DestinationRule's `idleTimeout`, else
     /// [`crate::upstream::IDLE_STREAM_EXPIRY`]. `0s` is Istio's "no idle timeout":
     /// [`Duration::MAX`], the stream is kept until the pool's bounds or its upstream end it.
-    pub fn idle_expiry(&self, service: Option<&ObjectRef>) -> Duration {
-        match service.and_then(|s| self.idle_timeouts.get(s)) {
+    pub fn idle_expiry(&self, service: Option<&ObjectRef>, port: Option<u16>) -> Duration {
+        let set = service.and_then(|s| match self.port_policy(s, port) {
+            Some(p) => p.idle.as_ref(),
+            None => self.idle_timeouts.get(s),
+        });
+        match set {
             None => crate::upstream::IDLE_STREAM_EXPIRY,
             Some(d) if d.is_zero() => Duration::MAX,
             Some(d) => *d,
@@ -301,15 +323,49 @@ impl WaypointConfig {
                 }
             }
         }
+        for (key, p) in self.port_policies.iter_mut() {
+            let old = prev.port_policies.get(key).and_then(|o| o.breaker.as_ref());
+            if let (Some(b), Some(old)) = (p.breaker.as_mut(), old) {
+                if old.limits == b.limits {
+                    *b = old.clone();
+                }
+            }
+        }
     }
 
-    /// The circuit breakers of service `s`, when its DestinationRule sets limits.
-    pub fn breaker(&self, s: &ObjectRef) -> Option<&Arc<crate::breaker::Breaker>> {
-        self.breakers.get(s)
+    /// The circuit breakers of service `s` (at `port`, when known), when its DestinationRule
+    /// sets limits there.
+    pub fn breaker(
+        &self,
+        s: &ObjectRef,
+        port: Option<u16>,
+    ) -> Option<&Arc<crate::breaker::Breaker>> {
+        match self.port_policy(s, port) {
+            Some(p) => p.breaker.as_ref(),
+            None => self.breakers.get(s),
+        }
     }
 
-    pub fn lb(&self, s: &ObjectRef) -> ServiceLb {
-        self.load_balancing.get(s).cloned().unwrap_or_default()
+    /// Service `s`'s balancing (at `port`, when known).
+    pub fn lb(&self, s: &ObjectRef, port: Option<u16>) -> ServiceLb {
+        self.lb_ref(s, port).cloned().unwrap_or_default()
+    }
+
+    /// Service `s`'s DestinationRule balancing (at `port`, when known), if it has one.
+    pub fn lb_ref(&self, s: &ObjectRef, port: Option<u16>) -> Option<&ServiceLb> {
+        match self.port_policy(s, port) {
+            Some(p) => Some(&p.lb),
+            None => self.load_balancing.get(s),
+        }
+    }
+
+    /// The `portLevelSettings` entry of `s` for `port`, if any (none without a port, and
+    /// when no DestinationRule has port-level settings: one map look-up then).
+    fn port_policy(&self, s: &ObjectRef, port: Option<u16>) -> Option<&PortPolicy> {
+        if self.port_policies.is_empty() {
+            return None;
+        }
+        self.port_policies.get(&(s.clone(), port?))
     }
 }
 
@@ -492,13 +548,18 @@ pub fn load_str(file: &Path, text: &str, version: u64) -> Result<WaypointConfig,
                 "DestinationRule",
             ) => {
                 let d: Doc<DrSpec> = parse(file, &doc).map_err(at)?;
-                let (svc, lb, idle, limits) = compile_dr(&d).map_err(invalid)?;
+                let (svc, (lb, idle, limits), ports) = compile_dr(&d).map_err(invalid)?;
                 if let Some(idle) = idle {
                     cfg.idle_timeouts.insert(svc.clone(), idle);
                 }
                 if let Some(l) = limits {
                     let b = Arc::new(crate::breaker::Breaker::new(l));
                     cfg.breakers.insert(svc.clone(), b);
+                }
+                for (port, (lb, idle, limits)) in ports {
+                    let breaker = limits.map(|l| Arc::new(crate::breaker::Breaker::new(l)));
+                    let at = PortPolicy { lb, idle, breaker };
+                    cfg.port_policies.insert((svc.clone(), port), at);
                 }
                 if cfg.load_balancing.insert(svc.clone(), lb).is_some() {
                     return Err(invalid(Invalid::new(
@@ -2045,6 +2106,11 @@ struct DrSpec {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 struct TrafficPolicyRaw {
+    /// In a `portLevelSettings` entry only: the service port it is for.
+    #[serde(default)]
+    port: Option<PortSelectorRaw>,
+    #[serde(default)]
+    port_level_settings: Vec<TrafficPolicyRaw>,
     #[serde(default)]
     load_balancer: Option<LbRaw>,
     #[serde(default)]
@@ -2053,6 +2119,12 @@ struct TrafficPolicyRaw {
     connection_pool: Option<ConnPoolRaw>,
     #[serde(default)]
     tls: Option<ClientTlsRaw>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PortSelectorRaw {
+    number: u16,
 }
 
 /// `trafficPolicy.tls` (Istio's ClientTLSSettings). Between the waypoint and an endpoint
@@ -2184,130 +2256,157 @@ fn dr_host(host: &str, ns: &str) -> Result<ObjectRef, Invalid> {
     }
 }
 
-/// The service, its balancing, its upstream idle timeout when set, and its circuit
+/// A compiled traffic policy: balancing, upstream idle timeout when set, and circuit
 /// breakers' limits when any is set (`connectionPool`, see [`crate::breaker`]).
+type TrafficPolicy = (ServiceLb, Option<Duration>, Option<crate::breaker::Limits>);
+
+/// The service, and its traffic policies: the whole service's, and per service port
+/// (`portLevelSettings`, each replacing the whole service's for its port, unset fields at
+/// their defaults, as Istio applies them).
 #[allow(clippy::type_complexity)]
 fn compile_dr(
     d: &Doc<DrSpec>,
-) -> Result<
-    (
-        ObjectRef,
-        ServiceLb,
-        Option<Duration>,
-        Option<crate::breaker::Limits>,
-    ),
-    Invalid,
-> {
+) -> Result<(ObjectRef, TrafficPolicy, Vec<(u16, TrafficPolicy)>), Invalid> {
     let svc = dr_host(&d.spec.host, d.metadata.namespace())?;
+    let Some(tp) = &d.spec.traffic_policy else {
+        return Ok((svc, (ServiceLb::default(), None, None), vec![]));
+    };
+    let f = "spec.trafficPolicy";
+    if tp.port.is_some() {
+        return Err(Invalid::new(
+            format!("{f}.port"),
+            "only in portLevelSettings entries",
+        ));
+    }
+    let whole = compile_tp(tp, f)?;
+    let mut ports: Vec<(u16, TrafficPolicy)> = vec![];
+    for (i, p) in tp.port_level_settings.iter().enumerate() {
+        let pf = format!("{f}.portLevelSettings[{i}]");
+        let Some(port) = p.port.as_ref().map(|x| x.number) else {
+            return Err(Invalid::new(format!("{pf}.port"), "required"));
+        };
+        if !p.port_level_settings.is_empty() {
+            return Err(Invalid::new(
+                format!("{pf}.portLevelSettings"),
+                "not inside portLevelSettings",
+            ));
+        }
+        if ports.iter().any(|(q, _)| *q == port) {
+            return Err(Invalid::new(
+                format!("{pf}.port.number"),
+                format!("a second entry for port {port}"),
+            ));
+        }
+        ports.push((port, compile_tp(p, &pf)?));
+    }
+    Ok((svc, whole, ports))
+}
+
+/// One `trafficPolicy` (or `portLevelSettings` entry) at field `f`.
+fn compile_tp(tp: &TrafficPolicyRaw, f: &str) -> Result<TrafficPolicy, Invalid> {
     let mut lb = ServiceLb::default();
     let mut idle = None;
     let mut breaker = None;
-    if let Some(tp) = &d.spec.traffic_policy {
-        if let Some(l) = &tp.load_balancer {
-            lb.policy = match (&l.simple, &l.consistent_hash) {
-                (Some(_), Some(_)) => {
-                    return Err(Invalid::new(
-                        "spec.trafficPolicy.loadBalancer",
-                        "simple and consistentHash are exclusive",
-                    ))
-                }
-                (Some(SimpleLb::RoundRobin), None) => LbPolicy::RoundRobin,
-                (Some(SimpleLb::Random), None) => LbPolicy::Random,
-                (Some(_), None) | (None, None) => LbPolicy::LeastRequest,
-                (None, Some(ch)) => {
-                    let f = "spec.trafficPolicy.loadBalancer.consistentHash";
-                    let key = match (&ch.http_header_name, &ch.http_cookie, ch.use_source_ip) {
-                        (Some(h), None, None | Some(false)) => {
-                            HashKey::Header(h.to_ascii_lowercase())
-                        }
-                        (None, Some(c), None | Some(false)) => HashKey::Cookie(c.name.clone()),
-                        (None, None, Some(true)) => HashKey::SourceIp,
-                        _ => {
-                            return Err(Invalid::new(
-                                f,
-                                "exactly one of httpHeaderName, httpCookie, useSourceIp",
-                            ))
-                        }
-                    };
-                    LbPolicy::ConsistentHash(key)
-                }
-            };
-        }
-        if let Some(t) = &tp.tls {
-            let f = "spec.trafficPolicy.tls.mode";
-            match t.mode {
-                TlsModeRaw::IstioMutual => {}
-                TlsModeRaw::Disable => {
-                    return Err(Invalid::new(
-                        f,
-                        "DISABLE: the waypoint reaches endpoints over HBONE (mutual TLS) only",
-                    ))
-                }
-                TlsModeRaw::Simple | TlsModeRaw::Mutual => {
-                    return Err(Invalid::new(
-                        f,
-                        "SIMPLE/MUTUAL TLS origination to the application is not supported (HBONE already encrypts and authenticates the hop; ISTIO_MUTUAL is accepted)",
-                    ))
-                }
+    if let Some(l) = &tp.load_balancer {
+        lb.policy = match (&l.simple, &l.consistent_hash) {
+            (Some(_), Some(_)) => {
+                return Err(Invalid::new(
+                    format!("{f}.loadBalancer"),
+                    "simple and consistentHash are exclusive",
+                ))
             }
-        }
-        if let Some(o) = &tp.outlier_detection {
-            let mut od = OutlierDetection::default();
-            if let Some(n) = o.consecutive_5xx_errors {
-                od.consecutive_5xx = n;
+            (Some(SimpleLb::RoundRobin), None) => LbPolicy::RoundRobin,
+            (Some(SimpleLb::Random), None) => LbPolicy::Random,
+            (Some(_), None) | (None, None) => LbPolicy::LeastRequest,
+            (None, Some(ch)) => {
+                let f = &format!("{f}.loadBalancer.consistentHash");
+                let key = match (&ch.http_header_name, &ch.http_cookie, ch.use_source_ip) {
+                    (Some(h), None, None | Some(false)) => HashKey::Header(h.to_ascii_lowercase()),
+                    (None, Some(c), None | Some(false)) => HashKey::Cookie(c.name.clone()),
+                    (None, None, Some(true)) => HashKey::SourceIp,
+                    _ => {
+                        return Err(Invalid::new(
+                            f,
+                            "exactly one of httpHeaderName, httpCookie, useSourceIp",
+                        ))
+                    }
+                };
+                LbPolicy::ConsistentHash(key)
             }
-            if let Some(n) = o.consecutive_gateway_errors {
-                od.consecutive_gateway = n;
+        };
+    }
+    if let Some(t) = &tp.tls {
+        let f = &format!("{f}.tls.mode");
+        match t.mode {
+            TlsModeRaw::IstioMutual => {}
+            TlsModeRaw::Disable => {
+                return Err(Invalid::new(
+                    f,
+                    "DISABLE: the waypoint reaches endpoints over HBONE (mutual TLS) only",
+                ))
             }
-            if let Some(t) = &o.base_ejection_time {
-                od.base_ejection_time = runtime::config::duration::parse(t).map_err(|e| {
-                    Invalid::new("spec.trafficPolicy.outlierDetection.baseEjectionTime", e)
-                })?;
+            TlsModeRaw::Simple | TlsModeRaw::Mutual => {
+                return Err(Invalid::new(
+                    f,
+                    "SIMPLE/MUTUAL TLS origination to the application is not supported (HBONE already encrypts and authenticates the hop; ISTIO_MUTUAL is accepted)",
+                ))
             }
-            if let Some(t) = &o.interval {
-                let f = "spec.trafficPolicy.outlierDetection.interval";
-                od.interval =
-                    runtime::config::duration::parse(t).map_err(|e| Invalid::new(f, e))?;
-                if od.interval.is_zero() {
-                    return Err(Invalid::new(f, "must be more than 0"));
-                }
-            }
-            if let Some(p) = o.max_ejection_percent {
-                if p > 100 {
-                    return Err(Invalid::new(
-                        "spec.trafficPolicy.outlierDetection.maxEjectionPercent",
-                        "must be 0–100",
-                    ));
-                }
-                od.max_ejection_percent = p;
-            }
-            lb.outlier = Some(od);
-        }
-        // Istio's int32 fields: 0 (unset in its protobuf) is its default, no limit.
-        let limit = |v: Option<u32>| v.filter(|n| *n > 0).unwrap_or(u32::MAX);
-        let mut limits = crate::breaker::Limits::default();
-        if let Some(tcp) = tp.connection_pool.as_ref().and_then(|c| c.tcp.as_ref()) {
-            limits.max_connections = limit(tcp.max_connections);
-            if let Some(t) = &tcp.connect_timeout {
-                let f = "spec.trafficPolicy.connectionPool.tcp.connectTimeout";
-                let d = runtime::config::duration::parse(t).map_err(|e| Invalid::new(f, e))?;
-                limits.connect_timeout = Some(d).filter(|d| !d.is_zero());
-            }
-        }
-        if let Some(http) = tp.connection_pool.as_ref().and_then(|c| c.http.as_ref()) {
-            lb.use_client_protocol = http.use_client_protocol.unwrap_or(false);
-            if let Some(t) = &http.idle_timeout {
-                let f = "spec.trafficPolicy.connectionPool.http.idleTimeout";
-                idle = Some(runtime::config::duration::parse(t).map_err(|e| Invalid::new(f, e))?);
-            }
-            limits.max_pending = limit(http.http1_max_pending_requests);
-            limits.max_requests = limit(http.http2_max_requests);
-            limits.max_retries = limit(http.max_retries);
-            limits.max_requests_per_connection = http.max_requests_per_connection.unwrap_or(0);
-        }
-        if limits != crate::breaker::Limits::default() {
-            breaker = Some(limits);
         }
     }
-    Ok((svc, lb, idle, breaker))
+    if let Some(o) = &tp.outlier_detection {
+        let mut od = OutlierDetection::default();
+        if let Some(n) = o.consecutive_5xx_errors {
+            od.consecutive_5xx = n;
+        }
+        if let Some(n) = o.consecutive_gateway_errors {
+            od.consecutive_gateway = n;
+        }
+        if let Some(t) = &o.base_ejection_time {
+            od.base_ejection_time = runtime::config::duration::parse(t)
+                .map_err(|e| Invalid::new(format!("{f}.outlierDetection.baseEjectionTime"), e))?;
+        }
+        if let Some(t) = &o.interval {
+            let f = &format!("{f}.outlierDetection.interval");
+            od.interval = runtime::config::duration::parse(t).map_err(|e| Invalid::new(f, e))?;
+            if od.interval.is_zero() {
+                return Err(Invalid::new(f, "must be more than 0"));
+            }
+        }
+        if let Some(p) = o.max_ejection_percent {
+            if p > 100 {
+                return Err(Invalid::new(
+                    format!("{f}.outlierDetection.maxEjectionPercent"),
+                    "must be 0–100",
+                ));
+            }
+            od.max_ejection_percent = p;
+        }
+        lb.outlier = Some(od);
+    }
+    // Istio's int32 fields: 0 (unset in its protobuf) is its default, no limit.
+    let limit = |v: Option<u32>| v.filter(|n| *n > 0).unwrap_or(u32::MAX);
+    let mut limits = crate::breaker::Limits::default();
+    if let Some(tcp) = tp.connection_pool.as_ref().and_then(|c| c.tcp.as_ref()) {
+        limits.max_connections = limit(tcp.max_connections);
+        if let Some(t) = &tcp.connect_timeout {
+            let f = &format!("{f}.connectionPool.tcp.connectTimeout");
+            let d = runtime::config::duration::parse(t).map_err(|e| Invalid::new(f, e))?;
+            limits.connect_timeout = Some(d).filter(|d| !d.is_zero());
+        }
+    }
+    if let Some(http) = tp.connection_pool.as_ref().and_then(|c| c.http.as_ref()) {
+        lb.use_client_protocol = http.use_client_protocol.unwrap_or(false);
+        if let Some(t) = &http.idle_timeout {
+            let f = &format!("{f}.connectionPool.http.idleTimeout");
+            idle = Some(runtime::config::duration::parse(t).map_err(|e| Invalid::new(f, e))?);
+        }
+        limits.max_pending = limit(http.http1_max_pending_requests);
+        limits.max_requests = limit(http.http2_max_requests);
+        limits.max_retries = limit(http.max_retries);
+        limits.max_requests_per_connection = http.max_requests_per_connection.unwrap_or(0);
+    }
+    if limits != crate::breaker::Limits::default() {
+        breaker = Some(limits);
+    }
+    Ok((lb, idle, breaker))
 }

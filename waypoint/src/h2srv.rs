@@ -716,9 +716,8 @@ async fn request<U: Upstream>(
         }
         Action::Forward { forward } => {
             let deadline = http1::request_deadline(&forward, started);
-            let h2_upstream = forward.service.as_ref().is_some_and(|(svc, _)| {
-                cfg.load_balancing
-                    .get(svc)
+            let h2_upstream = forward.service.as_ref().is_some_and(|(svc, port)| {
+                cfg.lb_ref(svc, Some(*port))
                     .is_some_and(|lb| lb.use_client_protocol)
             });
             // The stream task is boxed whole at spawn, the HTTP/2 forwarding inside it

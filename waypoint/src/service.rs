@@ -1214,6 +1214,9 @@ struct HboneUpstream {
     retrying: Option<crate::breaker::Token>,
     /// The connection slot of an upgraded (`101`) connection, held while it is spliced.
     upgrade_slot: Option<crate::breaker::Slot>,
+    /// The service port of the current request's last try (with `last`'s service: its
+    /// DestinationRule's `portLevelSettings`).
+    port: Option<u16>,
 }
 
 /// A try still in flight when its request's future is dropped (its tunnel's HBONE
@@ -1511,14 +1514,14 @@ impl Upstream for HboneUpstream {
         head: &http1::RequestHead,
         replayable: bool,
     ) -> io::Result<(UpConn, bool)> {
-        if let Some((svc, _)) = service {
-            self.admit(svc, true).await?;
+        if let Some((svc, port)) = service {
+            self.admit(svc, *port, true).await?;
         }
         // One clock read for the balancer and the pool.
         let now = Instant::now();
         let key = match service {
             Some((svc, port)) => {
-                let hdrs: Vec<(&str, &str)> = if Balancers::hashed(&self.view.l7, svc) {
+                let hdrs: Vec<(&str, &str)> = if Balancers::hashed(&self.view.l7, svc, *port) {
                     head.headers
                         .iter()
                         .map(|(n, v)| (n.as_str(), v.as_str()))
@@ -1623,8 +1626,8 @@ impl Upstream for HboneUpstream {
         end: bool,
     ) -> io::Result<(h2::client::ResponseFuture, h2::SendStream<Bytes>)> {
         let (svc, port) = (&service.0, service.1);
-        self.admit(svc, false).await?;
-        let hdrs: Vec<(&str, &str)> = if Balancers::hashed(&self.view.l7, svc) {
+        self.admit(svc, port, false).await?;
+        let hdrs: Vec<(&str, &str)> = if Balancers::hashed(&self.view.l7, svc, port) {
             req.headers()
                 .iter()
                 .filter_map(|(n, v)| Some((n.as_str(), v.to_str().ok()?)))
@@ -1729,7 +1732,12 @@ impl Upstream for HboneUpstream {
         }
         // The mirror service's `http2MaxRequests` (circuit breaking): a mirror past it is
         // skipped, as Envoy drops a shadow its cluster's breaker refuses.
-        let token = match self.view.l7.breaker(&service.0).map(|b| b.request()) {
+        let token = match self
+            .view
+            .l7
+            .breaker(&service.0, Some(service.1))
+            .map(|b| b.request())
+        {
             Some(Err(_)) => {
                 let c = &self.worker.shared.counters;
                 c.overflow_requests.fetch_add(1, Relaxed);
@@ -1833,7 +1841,7 @@ impl Upstream for HboneUpstream {
             Some((Some(svc), _)) => svc,
             _ => return true,
         };
-        let Some(b) = self.view.l7.breaker(svc) else {
+        let Some(b) = self.view.l7.breaker(svc, self.port) else {
             return true;
         };
         // The request's previous retry (if any) has ended: it is not in flight any more.
@@ -1920,6 +1928,7 @@ impl HboneUpstream {
             in_flight: None,
             retrying: None,
             upgrade_slot: None,
+            port: None,
         }
     }
 
@@ -2034,10 +2043,14 @@ impl HboneUpstream {
             http1::Parsed::Head(h, n) => (h, n),
             _ => return Err(io::Error::other("unparsable upstream request")),
         };
-        let h2 = self.client_h2 && service.is_some_and(|(svc, _)| l7.lb(svc).use_client_protocol);
+        let h2 = self.client_h2
+            && service.is_some_and(|(svc, port)| {
+                l7.lb_ref(svc, Some(*port))
+                    .is_some_and(|lb| lb.use_client_protocol)
+            });
         // A mirror is not held to the service's circuit breakers.
-        if let (Some((svc, _)), false) = (service, discard) {
-            self.admit(svc, !h2).await?;
+        if let (Some((svc, port)), false) = (service, discard) {
+            self.admit(svc, *port, !h2).await?;
         }
         let hdrs: Vec<(&str, &str)> = head
             .headers
@@ -2211,7 +2224,7 @@ impl HboneUpstream {
     ) -> io::Result<(h2::client::SendRequest<Bytes>, H2Use)> {
         // The expiry of the service this request goes to (its DestinationRule).
         let service = self.last.as_deref().and_then(|(svc, _)| svc.as_ref());
-        let expiry = self.view.l7.idle_expiry(service);
+        let expiry = self.view.l7.idle_expiry(service, self.port);
         loop {
             let slot = self.worker.h2_clients.borrow().get(&key).cloned();
             match slot {
@@ -2279,8 +2292,9 @@ impl HboneUpstream {
     /// connection, waiting as a pending request for one of this worker's when all are in
     /// use, then a request in flight. Refused: an [`crate::breaker::Overflow`] error
     /// (counted), nothing held, no endpoint picked.
-    async fn admit(&mut self, svc: &ObjectRef, connection: bool) -> io::Result<()> {
-        let Some(b) = self.view.l7.breaker(svc).cloned() else {
+    async fn admit(&mut self, svc: &ObjectRef, port: u16, connection: bool) -> io::Result<()> {
+        self.port = Some(port);
+        let Some(b) = self.view.l7.breaker(svc, Some(port)).cloned() else {
             return Ok(());
         };
         let w = self.worker.clone();
@@ -2375,7 +2389,7 @@ impl HboneUpstream {
             Some((Some(svc), _)) => self
                 .view
                 .l7
-                .breaker(svc)
+                .breaker(svc, self.port)
                 .and_then(|b| b.limits.connect_timeout),
             _ => None,
         };
@@ -2426,7 +2440,8 @@ impl HboneUpstream {
             http1::Destination::Workload { .. } => None,
         };
         // The service's `maxConnections` (circuit breaking): held while the tunnel lives.
-        let breaker = svc.as_ref().and_then(|(s, _)| l7.breaker(s));
+        self.port = svc.as_ref().map(|(_, p)| *p);
+        let breaker = svc.as_ref().and_then(|(s, p)| l7.breaker(s, Some(*p)));
         let _slot = match breaker.map(|b| b.connection_now(&self.worker.breakers.of(b))) {
             Some(Err(o)) => {
                 counters.overflow_connections.fetch_add(1, Relaxed);
@@ -2566,13 +2581,13 @@ impl HboneUpstream {
         // requests a connection may carry (`maxRequestsPerConnection`).
         let service = self.last.as_deref().and_then(|(svc, _)| svc.as_ref());
         let spent = service
-            .and_then(|svc| self.view.l7.breaker(svc))
+            .and_then(|svc| self.view.l7.breaker(svc, self.port))
             .is_some_and(|b| {
                 let max = b.limits.max_requests_per_connection;
                 max > 0 && uses >= max
             });
         if reusable && !spent {
-            let expiry = self.view.l7.idle_expiry(service);
+            let expiry = self.view.l7.idle_expiry(service, self.port);
             self.worker.idle.borrow_mut().put(
                 (key.0, key.1, self.source_ip()),
                 s,

@@ -178,7 +178,7 @@ impl Balancers {
                 // A new snapshot (or a first use): keep the balancer's state unless this
                 // service's endpoints or its DestinationRule changed.
                 let eps = endpoints(snap, service, port);
-                let lb = cfg.lb(service);
+                let lb = cfg.lb(service, Some(port));
                 match found {
                     Some(at) if ports[at].1.endpoints == eps && ports[at].1.lb == lb => {
                         ports[at].1.version = snap.version;
@@ -230,11 +230,10 @@ impl Balancers {
         (i < e.balancer.len()).then_some(&mut e.balancer)
     }
 
-    /// Whether `service`'s DestinationRule balances by a hash of the request (the caller
+    /// Whether `service:port`'s DestinationRule balances by a hash of the request (the caller
     /// then passes its headers in [`HashInput`]).
-    pub fn hashed(cfg: &WaypointConfig, service: &ObjectRef) -> bool {
-        cfg.load_balancing
-            .get(service)
+    pub fn hashed(cfg: &WaypointConfig, service: &ObjectRef, port: u16) -> bool {
+        cfg.lb_ref(service, Some(port))
             .is_some_and(|lb| matches!(lb.policy, crate::lb::LbPolicy::ConsistentHash(_)))
     }
 

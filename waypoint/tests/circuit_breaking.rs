@@ -573,3 +573,37 @@ spec:
         1
     );
 }
+
+/// `portLevelSettings`: the limits of the service port the request goes to (80 here, the
+/// echo service's), shown per port in the gauges.
+#[test]
+fn port_level_limits_apply_at_their_port() {
+    let dr = "apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: echo, namespace: app}
+spec:
+  host: echo
+  trafficPolicy:
+    portLevelSettings:
+    - port: {number: 80}
+      connectionPool: {http: {http2MaxRequests: 1}}
+";
+    let t = setup(51, "port", dr);
+    block_on(async {
+        let (_c1, mut s1) = t.wp.tunnel().await;
+        let (_c2, mut s2) = t.wp.tunnel().await;
+        send(&mut s1, "/hold").await;
+        t.wait_held(1, "the first request at the backend").await;
+        let in_use = gauge(
+            &t.stats(),
+            "waypoint_circuit_breaker_in_use{service=\"app/echo:80\",resource=\"requests\"}",
+        );
+        assert_eq!(in_use, 1);
+        send(&mut s2, "/ok").await;
+        let (status, overloaded, _) = answer(&mut s2).await;
+        assert_eq!((status, overloaded), (503, true));
+        t.release();
+        assert_eq!(answer(&mut s1).await, (200, false, "released".into()));
+    });
+    assert_eq!(t.overflows("requests"), 1);
+}

@@ -59,7 +59,7 @@ fn loads_every_kind_and_version() {
     // Both namespace-wide (no targetRefs): loaded, and not enforced by a waypoint (Istio).
     assert_eq!(cfg.policies.len(), 0);
     assert_eq!(cfg.ignored_policies.len(), 2);
-    let lb = |ns: &str, n: &str| cfg.lb(&ObjectRef::new(ns, n));
+    let lb = |ns: &str, n: &str| cfg.lb(&ObjectRef::new(ns, n), None);
     assert_eq!(lb("default", "echo").policy, LbPolicy::RoundRobin);
     assert_eq!(
         lb("other", "a"),
@@ -89,7 +89,10 @@ fn loads_every_kind_and_version() {
     // No DestinationRule: least request, no outlier detection.
     assert_eq!(lb("default", "nope"), ServiceLb::default());
     // connectionPool limits: the circuit breakers (Istio's defaults where unset).
-    let limits = |n: &str| cfg.breaker(&ObjectRef::new("other", n)).map(|b| b.limits);
+    let limits = |n: &str| {
+        cfg.breaker(&ObjectRef::new("other", n), None)
+            .map(|b| b.limits)
+    };
     assert_eq!(
         limits("f"),
         Some(Limits {
@@ -124,16 +127,16 @@ fn reload_keeps_a_breaker_whose_limits_did_not_change() {
         ObjectRef::new("default", "a"),
         ObjectRef::new("default", "b"),
     );
-    let held = old.breaker(&a).unwrap().request().unwrap();
-    let _held_b = old.breaker(&b).unwrap().request().unwrap();
+    let held = old.breaker(&a, None).unwrap().request().unwrap();
+    let _held_b = old.breaker(&b, None).unwrap().request().unwrap();
     let mut new = load_str(Path::new("w.yaml"), &text(1, 2), 2).unwrap();
     new.adopt_breakers(&old);
     // a: the same breaker, its request still counted (its limit reached).
-    assert!(new.breaker(&a).unwrap().request().is_err());
+    assert!(new.breaker(&a, None).unwrap().request().is_err());
     drop(held);
-    assert!(new.breaker(&a).unwrap().request().is_ok());
+    assert!(new.breaker(&a, None).unwrap().request().is_ok());
     // b: new limits, nothing in use.
-    assert_eq!(new.breaker(&b).unwrap().in_use(), (0, 0, 0, 0));
+    assert_eq!(new.breaker(&b, None).unwrap().in_use(), (0, 0, 0, 0));
 }
 
 /// (text, document, line, field substring, message substring)
@@ -401,4 +404,73 @@ fn settings_document_loads_with_defaults_and_names_bad_fields() {
     assert_eq!(e.field.as_deref(), Some("h2.socket_notsent_lowat"), "{e}");
     let e = err(&format!("apiVersion: v1\nkind: ConfigMap\n{settings}"));
     assert_eq!(e.field.as_deref(), Some("waypoint"), "{e}");
+}
+
+/// `portLevelSettings`: per service port, each entry in place of the whole service's
+/// policy for its port (Istio: unset fields at their defaults, not inherited).
+#[test]
+fn port_level_settings_replace_the_services_policy_at_their_port() {
+    let text = format!(
+        "{MESH}---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: d, namespace: default}}\nspec:\n  host: echo\n  trafficPolicy:\n    loadBalancer: {{simple: ROUND_ROBIN}}\n    connectionPool: {{http: {{maxRetries: 3}}}}\n    portLevelSettings:\n    - port: {{number: 80}}\n      loadBalancer: {{simple: RANDOM}}\n      connectionPool: {{http: {{http2MaxRequests: 5, idleTimeout: 0s}}}}\n    - port: {{number: 9090}}\n      loadBalancer: {{consistentHash: {{httpHeaderName: x-user}}}}\n"
+    );
+    let cfg = load_str(Path::new("w.yaml"), &text, 1).unwrap_or_else(|e| panic!("{e}"));
+    let echo = ObjectRef::new("default", "echo");
+    assert_eq!(cfg.lb(&echo, Some(80)).policy, LbPolicy::Random);
+    assert_eq!(
+        cfg.lb(&echo, Some(9090)).policy,
+        LbPolicy::ConsistentHash(HashKey::Header("x-user".into()))
+    );
+    assert_eq!(cfg.lb(&echo, Some(8080)).policy, LbPolicy::RoundRobin);
+    assert_eq!(cfg.lb(&echo, None).policy, LbPolicy::RoundRobin);
+    // Port 80's limits replace the service's: maxRetries is back at Istio's default.
+    let at = |port| cfg.breaker(&echo, port).map(|b| b.limits);
+    assert_eq!(
+        at(Some(80)),
+        Some(Limits {
+            max_requests: 5,
+            ..Limits::default()
+        })
+    );
+    assert_eq!(
+        at(Some(8080)),
+        Some(Limits {
+            max_retries: 3,
+            ..Limits::default()
+        })
+    );
+    assert_eq!(at(Some(9090)), None, "port 9090 sets no limit");
+    assert_eq!(cfg.idle_expiry(Some(&echo), Some(80)), Duration::MAX);
+    assert_eq!(
+        cfg.idle_expiry(Some(&echo), Some(9090)),
+        waypoint::upstream::IDLE_STREAM_EXPIRY
+    );
+    for (tp, field, msg) in [
+        (
+            "    portLevelSettings:\n    - loadBalancer: {simple: RANDOM}\n",
+            "spec.trafficPolicy.portLevelSettings[0].port",
+            "required",
+        ),
+        (
+            "    portLevelSettings:\n    - port: {number: 80}\n    - port: {number: 80}\n",
+            "spec.trafficPolicy.portLevelSettings[1].port.number",
+            "a second entry for port 80",
+        ),
+        (
+            "    port: {number: 80}\n",
+            "spec.trafficPolicy.port",
+            "only in portLevelSettings",
+        ),
+        (
+            "    portLevelSettings:\n    - port: {number: 80}\n      connectionPool: {http: {idleTimeout: soon}}\n",
+            "spec.trafficPolicy.portLevelSettings[0].connectionPool.http.idleTimeout",
+            "soon",
+        ),
+    ] {
+        let text = format!(
+            "{MESH}---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: d}}\nspec:\n  host: echo\n  trafficPolicy:\n{tp}"
+        );
+        let e = err(&text);
+        assert_eq!(e.field.as_deref(), Some(field), "{e}");
+        assert!(e.message.contains(msg), "{e}");
+    }
 }

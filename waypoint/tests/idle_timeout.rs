@@ -472,16 +472,16 @@ fn destination_rule_idle_timeout_errors_name_document_line_and_field() {
     let cfg = waypoint::config::load_str(Path::new("w.yaml"), &text, 1).unwrap();
     let svc = |n: &str| waypoint::route::ObjectRef::new("default", n);
     assert_eq!(
-        cfg.idle_expiry(Some(&svc("echo"))),
+        cfg.idle_expiry(Some(&svc("echo")), None),
         Duration::from_millis(250)
     );
-    assert_eq!(cfg.idle_expiry(Some(&svc("other"))), Duration::MAX);
+    assert_eq!(cfg.idle_expiry(Some(&svc("other")), None), Duration::MAX);
     assert_eq!(
-        cfg.idle_expiry(Some(&svc("third"))),
+        cfg.idle_expiry(Some(&svc("third")), None),
         waypoint::upstream::IDLE_STREAM_EXPIRY
     );
     assert_eq!(
-        cfg.idle_expiry(None),
+        cfg.idle_expiry(None, None),
         waypoint::upstream::IDLE_STREAM_EXPIRY
     );
 }
