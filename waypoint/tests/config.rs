@@ -120,7 +120,7 @@ fn loads_every_kind_and_version() {
 #[test]
 fn reload_keeps_a_breaker_whose_limits_did_not_change() {
     let text = |a: u32, b: u32| {
-        format!("{MESH}---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: a, namespace: default}}\nspec:\n  host: a\n  trafficPolicy:\n    connectionPool: {{http: {{http2MaxRequests: {a}}}}}\n---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: b, namespace: default}}\nspec:\n  host: b\n  trafficPolicy:\n    connectionPool: {{http: {{http2MaxRequests: {b}}}}}\n")
+        format!("{MESH}---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: a, namespace: default}}\nspec:\n  host: a\n  trafficPolicy:\n    connectionPool: {{http: {{http2MaxRequests: {a}}}}}\n    portLevelSettings: [{{port: {{number: 80}}, connectionPool: {{http: {{http2MaxRequests: 1}}}}}}]\n---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: b, namespace: default}}\nspec:\n  host: b\n  trafficPolicy:\n    connectionPool: {{http: {{http2MaxRequests: {b}}}}}\n")
     };
     let old = load_str(Path::new("w.yaml"), &text(1, 1), 1).unwrap();
     let (a, b) = (
@@ -128,6 +128,7 @@ fn reload_keeps_a_breaker_whose_limits_did_not_change() {
         ObjectRef::new("default", "b"),
     );
     let held = old.breaker(&a, None).unwrap().request().unwrap();
+    let held_80 = old.breaker(&a, Some(80)).unwrap().request().unwrap();
     let _held_b = old.breaker(&b, None).unwrap().request().unwrap();
     let mut new = load_str(Path::new("w.yaml"), &text(1, 2), 2).unwrap();
     new.adopt_breakers(&old);
@@ -135,6 +136,10 @@ fn reload_keeps_a_breaker_whose_limits_did_not_change() {
     assert!(new.breaker(&a, None).unwrap().request().is_err());
     drop(held);
     assert!(new.breaker(&a, None).unwrap().request().is_ok());
+    // a's port 80 (`portLevelSettings`): the same breaker too.
+    assert!(new.breaker(&a, Some(80)).unwrap().request().is_err());
+    drop(held_80);
+    assert!(new.breaker(&a, Some(80)).unwrap().request().is_ok());
     // b: new limits, nothing in use.
     assert_eq!(new.breaker(&b, None).unwrap().in_use(), (0, 0, 0, 0));
 }
