@@ -2213,6 +2213,8 @@ struct ConsistentHashRaw {
     http_cookie: Option<CookieRaw>,
     #[serde(default)]
     use_source_ip: Option<bool>,
+    #[serde(default)]
+    http_query_parameter_name: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -2320,14 +2322,17 @@ fn compile_tp(tp: &TrafficPolicyRaw, f: &str) -> Result<TrafficPolicy, Invalid> 
             (Some(_), None) | (None, None) => LbPolicy::LeastRequest,
             (None, Some(ch)) => {
                 let f = &format!("{f}.loadBalancer.consistentHash");
-                let key = match (&ch.http_header_name, &ch.http_cookie, ch.use_source_ip) {
-                    (Some(h), None, None | Some(false)) => HashKey::Header(h.to_ascii_lowercase()),
-                    (None, Some(c), None | Some(false)) => HashKey::Cookie(c.name.clone()),
-                    (None, None, Some(true)) => HashKey::SourceIp,
+                let ip = ch.use_source_ip == Some(true);
+                let q = &ch.http_query_parameter_name;
+                let key = match (&ch.http_header_name, &ch.http_cookie, ip, q) {
+                    (Some(h), None, false, None) => HashKey::Header(h.to_ascii_lowercase()),
+                    (None, Some(c), false, None) => HashKey::Cookie(c.name.clone()),
+                    (None, None, true, None) => HashKey::SourceIp,
+                    (None, None, false, Some(q)) if !q.is_empty() => HashKey::Query(q.clone()),
                     _ => {
                         return Err(Invalid::new(
                             f,
-                            "exactly one of httpHeaderName, httpCookie, useSourceIp",
+                            "exactly one of httpHeaderName, httpCookie, useSourceIp, httpQueryParameterName",
                         ))
                     }
                 };

@@ -3413,6 +3413,7 @@ mod tests {
             let input = crate::lb::HashInput {
                 headers: &[],
                 source_ip: None,
+                query: None,
             };
             let mut rng = crate::lb::SplitMix64(1);
             let i = self.lb.pick(&input, Instant::now(), &mut rng).unwrap();
@@ -3506,6 +3507,7 @@ mod tests {
             let input = crate::lb::HashInput {
                 headers: &[],
                 source_ip: None,
+                query: None,
             };
             let mut rng = crate::lb::SplitMix64(1);
             let i = self.lb.pick(&input, Instant::now(), &mut rng).unwrap();

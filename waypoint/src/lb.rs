@@ -41,6 +41,8 @@ pub enum HashKey {
     Cookie(String),
     /// `useSourceIp: true`.
     SourceIp,
+    /// `httpQueryParameterName`: the value of this query parameter (its first, as sent).
+    Query(String),
 }
 
 /// `loadBalancer.simple` or `loadBalancer.consistentHash`.
@@ -108,6 +110,8 @@ impl Default for OutlierDetection {
 pub struct HashInput<'a> {
     pub headers: &'a [(&'a str, &'a str)],
     pub source_ip: Option<IpAddr>,
+    /// The request's query string (without `?`).
+    pub query: Option<&'a str>,
 }
 
 impl HashInput<'_> {
@@ -127,6 +131,12 @@ impl HashInput<'_> {
                 .find(|(n, _)| n == name)
                 .map(|(_, v)| fnv(v.as_bytes())),
             HashKey::SourceIp => self.source_ip.map(|ip| fnv(ip.to_string().as_bytes())),
+            HashKey::Query(name) => self
+                .query?
+                .split('&')
+                .map(|kv| kv.split_once('=').unwrap_or((kv, "")))
+                .find(|(n, _)| n == name)
+                .map(|(_, v)| fnv(v.as_bytes())),
         }
     }
 }
@@ -454,6 +464,7 @@ mod tests {
                 let input = HashInput {
                     headers: &h,
                     source_ip: Some(ip),
+                    query: None,
                 };
                 let first = b.pick(&input, now, &mut rng).unwrap();
                 for _ in 0..5 {
@@ -487,6 +498,7 @@ mod tests {
             let input = HashInput {
                 headers: &[],
                 source_ip: Some(IpAddr::from(user.to_be_bytes())),
+                query: None,
             };
             let b = before.pick(&input, now, &mut rng).unwrap();
             let a = after.pick(&input, now, &mut rng).unwrap();
@@ -626,6 +638,40 @@ mod tests {
         // Healthy for less than one interval: no decay, the time grows.
         let t6 = t5 + Duration::from_secs(30) + interval / 2;
         assert_eq!(eject(&mut b, 2, t6).as_secs(), 60);
+    }
+
+    #[test]
+    fn query_parameter_hash_keeps_a_value_on_one_endpoint() {
+        let now = Instant::now();
+        let mut rng = SplitMix64(5);
+        let policy = LbPolicy::ConsistentHash(HashKey::Query("user".into()));
+        let mut b = Balancer::new(8, policy, None);
+        let pick = |b: &mut Balancer, q: Option<&str>, rng: &mut SplitMix64| {
+            let input = HashInput {
+                headers: &[],
+                source_ip: None,
+                query: q,
+            };
+            b.pick(&input, now, rng).unwrap()
+        };
+        let mut seen = std::collections::BTreeSet::new();
+        for user in 0..64 {
+            let q = format!("a=1&user={user}&b");
+            let first = pick(&mut b, Some(&q), &mut rng);
+            for _ in 0..5 {
+                assert_eq!(pick(&mut b, Some(&q), &mut rng), first, "{q}");
+            }
+            // The first `user` is the key; other parameters do not move it.
+            let q2 = format!("user={user}&user=other&z=9");
+            assert_eq!(pick(&mut b, Some(&q2), &mut rng), first, "{q2}");
+            seen.insert(first);
+        }
+        assert!(seen.len() > 4, "64 users over 8 endpoints: {seen:?}");
+        // Without the parameter: any endpoint (a random one each time).
+        let spread: std::collections::BTreeSet<usize> = (0..64)
+            .map(|_| pick(&mut b, Some("x=1"), &mut rng))
+            .collect();
+        assert!(spread.len() > 1);
     }
 
     #[test]

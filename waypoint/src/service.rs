@@ -1529,7 +1529,7 @@ impl Upstream for HboneUpstream {
                 } else {
                     Vec::new()
                 };
-                self.pick(svc, *port, &hdrs, now)?
+                self.pick(svc, *port, &hdrs, head.query.as_deref(), now)?
             }
             None => {
                 let snap = self
@@ -1635,7 +1635,7 @@ impl Upstream for HboneUpstream {
         } else {
             Vec::new()
         };
-        let key = self.pick(svc, port, &hdrs, Instant::now())?;
+        let key = self.pick(svc, port, &hdrs, req.uri().query(), Instant::now())?;
         self.routed = true;
         let (mut sender, u) = self.h2_sender(key).await?;
         let r = sender.send_request(req, end).map_err(io::Error::other)?;
@@ -2010,11 +2010,13 @@ impl HboneUpstream {
         svc: &ObjectRef,
         port: u16,
         hdrs: &[(&str, &str)],
+        query: Option<&str>,
         now: Instant,
     ) -> io::Result<(SocketAddr, SocketAddr)> {
         let input = HashInput {
             headers: hdrs,
             source_ip: Some(self.source_ip()),
+            query,
         };
         let mut b = self.worker.balancers.borrow_mut();
         let (i, ep) = b
@@ -2057,7 +2059,7 @@ impl HboneUpstream {
             .iter()
             .map(|(n, v)| (n.as_str(), v.as_str()))
             .collect();
-        let (ep, picked) = self.choose(snap, service, &hdrs)?;
+        let (ep, picked) = self.choose(snap, service, &hdrs, head.query.as_deref())?;
         self.last = Some(Rc::new((
             service.map(|s| s.0.clone()),
             ep.workload_uid.clone(),
@@ -2330,12 +2332,14 @@ impl HboneUpstream {
         snap: &Snapshot,
         service: Option<&'s (ObjectRef, u16)>,
         hdrs: &[(&str, &str)],
+        query: Option<&str>,
     ) -> io::Result<(Endpoint, Option<(&'s ObjectRef, u16, usize)>)> {
         let (ep, picked) = match service {
             Some((svc, port)) => {
                 let input = HashInput {
                     headers: hdrs,
                     source_ip: Some(self.source_ip()),
+                    query,
                 };
                 let picked = self.worker.balancers.borrow_mut().pick(
                     &self.view.l7,
@@ -2452,7 +2456,7 @@ impl HboneUpstream {
             Some(Ok(slot)) => Some(slot),
             None => None,
         };
-        let opened = match self.choose(snap, svc.as_ref(), &[]) {
+        let opened = match self.choose(snap, svc.as_ref(), &[], None) {
             Ok((ep, picked)) => {
                 // The service's `connectTimeout` applies to the new stream ([`Self::open`]).
                 self.last = Some(Rc::new((

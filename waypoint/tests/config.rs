@@ -46,6 +46,7 @@ fn loads_every_kind_and_version() {
         dr("v1", "d4", "c.other.svc", "    loadBalancer: {consistentHash: {useSourceIp: true}}\n"),
         dr("v1", "d5", "d.other", "    loadBalancer: {simple: RANDOM}\n    outlierDetection: {}\n"),
         dr("v1", "d6", "e.other", "    loadBalancer: {simple: LEAST_REQUEST}\n"),
+        dr("v1", "d10", "i.other", "    loadBalancer: {consistentHash: {httpQueryParameterName: user}}\n"),
         dr("v1", "d7", "f.other", "    connectionPool:\n      tcp: {maxConnections: 100, connectTimeout: 250ms}\n      http: {http1MaxPendingRequests: 10, http2MaxRequests: 1000, maxRequestsPerConnection: 5, maxRetries: 3}\n"),
         // 0 is Istio's unset: no limit; a DestinationRule setting none has no breaker.
         dr("v1", "d8", "g.other", "    connectionPool:\n      tcp: {maxConnections: 0}\n      http: {http2MaxRequests: 7}\n"),
@@ -86,6 +87,10 @@ fn loads_every_kind_and_version() {
     assert_eq!(lb("other", "d").policy, LbPolicy::Random);
     assert_eq!(lb("other", "d").outlier, Some(OutlierDetection::default()));
     assert_eq!(lb("other", "e").policy, LbPolicy::LeastRequest);
+    assert_eq!(
+        lb("other", "i").policy,
+        LbPolicy::ConsistentHash(HashKey::Query("user".into()))
+    );
     // No DestinationRule: least request, no outlier detection.
     assert_eq!(lb("default", "nope"), ServiceLb::default());
     // connectionPool limits: the circuit breakers (Istio's defaults where unset).
@@ -321,7 +326,7 @@ fn errors_name_document_line_and_field() {
             "unknown variant",
         ),
         (
-            "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: d}\nspec:\n  host: echo\n  trafficPolicy:\n    loadBalancer:\n      consistentHash: {httpHeaderName: a, useSourceIp: true}\n".into(),
+            "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: d}\nspec:\n  host: echo\n  trafficPolicy:\n    loadBalancer:\n      consistentHash: {httpHeaderName: a, httpQueryParameterName: q}\n".into(),
             1,
             None,
             "consistentHash",

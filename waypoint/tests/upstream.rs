@@ -131,3 +131,38 @@ fn outlier_state_survives_an_unrelated_reload() {
         .collect();
     assert!(seen.contains(&"e1".to_string()), "{seen:?}");
 }
+
+/// A DestinationRule hashing on a query parameter (`httpQueryParameterName`), at the
+/// service port its `portLevelSettings` name: one user, one endpoint; the service's other
+/// ports keep its round robin.
+#[test]
+fn query_parameter_hash_from_port_level_settings() {
+    let dr = "---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: echo}\nspec:\n  host: echo\n  trafficPolicy:\n    loadBalancer: {simple: ROUND_ROBIN}\n    portLevelSettings:\n    - port: {number: 80}\n      loadBalancer: {consistentHash: {httpQueryParameterName: user}}\n";
+    let cfg = load(dr, 1);
+    let echo = ObjectRef::new("default", "echo");
+    let mut b = Balancers::default();
+    let mut rng = SplitMix64(3);
+    let now = Instant::now();
+    assert!(Balancers::hashed(&cfg, &echo, 80));
+    assert!(!Balancers::hashed(&cfg, &echo, 81));
+    let mut users_per_endpoint = BTreeMap::<String, usize>::new();
+    for user in 0..30 {
+        let q = format!("user={user}");
+        let input = HashInput {
+            query: Some(&q),
+            ..HashInput::default()
+        };
+        let mut first = None;
+        for _ in 0..4 {
+            let (i, ep) = b.pick(&cfg, &echo, 80, &input, now, &mut rng).unwrap();
+            b.finish(&echo, 80, i, 200, now);
+            assert_eq!(
+                *first.get_or_insert(ep.workload_uid.clone()),
+                ep.workload_uid,
+                "{q}"
+            );
+        }
+        *users_per_endpoint.entry(first.unwrap()).or_default() += 1;
+    }
+    assert_eq!(users_per_endpoint.len(), 3, "{users_per_endpoint:?}");
+}
