@@ -27,7 +27,7 @@
 //! HTTP/2 upstreams (`useClientProtocol`) multiplex a worker's requests to an endpoint on
 //! one connection: only `http2MaxRequests` and `maxRetries` bound them. An upgraded (`101`)
 //! connection keeps its connection slot while it lives. A mirrored request counts against
-//! its service's `http2MaxRequests` (skipped past it, as Envoy drops such a shadow), not
+//! its service's `http2MaxRequests` (not sent past it, as Envoy drops such a shadow), not
 //! against its connections.
 
 use std::cell::{Cell, RefCell};
@@ -176,19 +176,8 @@ impl Breaker {
     /// are in use. Cancel-safe: a wait dropped leaves the queue, and a slot handed to it
     /// meanwhile goes on to the next.
     pub async fn connection(self: &Arc<Self>, local: &Rc<Local>) -> Result<Slot, Overflow> {
-        let slot = || Slot {
-            breaker: self.clone(),
-            local: local.clone(),
-        };
-        if take(&self.connections, self.limits.max_connections) {
-            local.in_use.set(local.in_use.get() + 1);
-            return Ok(slot());
-        }
-        if local.in_use.get() == 0 {
-            // Nothing of this worker's would ever free a slot for a waiter here.
-            self.connections.fetch_add(1, Relaxed);
-            local.in_use.set(1);
-            return Ok(slot());
+        if let Ok(slot) = self.connection_now(local) {
+            return Ok(slot);
         }
         if !take(&self.pending, self.limits.max_pending) {
             return Err(Overflow(Limit::Pending));
@@ -212,17 +201,21 @@ impl Breaker {
         .await;
         wait.done = true;
         self.pending.fetch_sub(1, Relaxed);
-        Ok(slot())
+        Ok(Slot {
+            breaker: self.clone(),
+            local: local.clone(),
+        })
     }
 
-    /// An upstream connection for an opaque TCP tunnel (`maxConnections`), at once or not
-    /// at all (Envoy's TCP proxy closes the connection on overflow).
+    /// An upstream connection (`maxConnections`) at once or not at all: what an opaque TCP
+    /// tunnel takes (Envoy's TCP proxy closes the connection on overflow), and a request
+    /// first ([`Breaker::connection`]). A worker with none of the service's in use takes
+    /// one even at the limit: nothing of its own would ever free a slot for a waiter there.
     pub fn connection_now(self: &Arc<Self>, local: &Rc<Local>) -> Result<Slot, Overflow> {
         if !take(&self.connections, self.limits.max_connections) {
             if local.in_use.get() > 0 {
                 return Err(Overflow(Limit::Connections));
             }
-            // The worker's first, even at the limit: as [`Breaker::connection`].
             self.connections.fetch_add(1, Relaxed);
         }
         local.in_use.set(local.in_use.get() + 1);
@@ -325,17 +318,19 @@ pub struct Locals(RefCell<HashMap<usize, LocalOf>>);
 impl Locals {
     /// This worker's side of `b`.
     pub fn of(&self, b: &Arc<Breaker>) -> Rc<Local> {
+        let key = Arc::as_ptr(b) as usize;
         let mut m = self.0.borrow_mut();
+        if let Some((_, l)) = m.get(&key) {
+            return l.clone();
+        }
         if m.len() >= 64 {
-            // Breakers of configurations gone (a reload changed the limits), idle here.
+            // Before a new entry: those of breakers of configurations gone (a reload changed
+            // the limits), idle here. (Never on a look-up: a request pays no sweep.)
             m.retain(|_, (b, l)| {
                 Arc::strong_count(b) > 1 || l.in_use.get() > 0 || !l.queue.borrow().is_empty()
             });
         }
-        m.entry(Arc::as_ptr(b) as usize)
-            .or_insert_with(|| (b.clone(), Rc::default()))
-            .1
-            .clone()
+        m.entry(key).or_insert((b.clone(), Rc::default())).1.clone()
     }
 }
 
@@ -422,7 +417,7 @@ mod tests {
         let mut last = Box::pin(b.connection(&local));
         assert!(poll(&mut last).is_pending());
         assert_eq!(b.in_use(), (1, 3, 0, 0));
-        // Cancelled while queued: skipped.
+        // Cancelled while queued: passed over.
         drop(gone);
         assert_eq!(b.in_use(), (1, 2, 0, 0));
         drop(s1);
