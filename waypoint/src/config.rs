@@ -124,12 +124,45 @@ impl fmt::Display for LoadError {
     }
 }
 
-/// One service port's traffic policy (a DestinationRule's `portLevelSettings` entry).
-#[derive(Debug, Clone)]
-pub struct PortPolicy {
+/// A DestinationRule's traffic policy: the whole service's, or one port's.
+#[derive(Debug, Clone, Default)]
+pub struct TrafficPolicy {
     pub lb: ServiceLb,
+    /// `connectionPool.http.idleTimeout`: how long an idle upstream HTTP/1.1 stream to an
+    /// endpoint is kept for reuse, and a worker's HTTP/2 connection to one
+    /// (`useClientProtocol`) with no request in flight ([`WaypointConfig::idle_expiry`]).
     pub idle: Option<Duration>,
+    /// `connectionPool` limits, when any is set: see [`crate::breaker`].
     pub breaker: Option<Arc<crate::breaker::Breaker>>,
+}
+
+impl TrafficPolicy {
+    /// Keep `old`'s breaker (what is in use against its limits) if the limits are the same.
+    fn adopt_breaker(&mut self, old: &TrafficPolicy) {
+        if let (Some(b), Some(o)) = (self.breaker.as_mut(), old.breaker.as_ref()) {
+            if o.limits == b.limits {
+                *b = o.clone();
+            }
+        }
+    }
+}
+
+/// A service's DestinationRule.
+#[derive(Debug, Clone, Default)]
+pub struct DestinationPolicy {
+    /// `trafficPolicy`.
+    pub whole: TrafficPolicy,
+    /// `portLevelSettings`: by service port, each in place of `whole` for its port (unset
+    /// fields at their defaults, as Istio applies them).
+    pub ports: Vec<(u16, TrafficPolicy)>,
+}
+
+impl DestinationPolicy {
+    /// The policy at `port` (when known).
+    fn at(&self, port: Option<u16>) -> &TrafficPolicy {
+        port.and_then(|p| self.ports.iter().find(|(q, _)| *q == p))
+            .map_or(&self.whole, |(_, t)| t)
+    }
 }
 
 /// Load balancing of one service (from a DestinationRule).
@@ -165,17 +198,17 @@ impl WaypointConfig {
         let mut out = String::from(
             "# HELP waypoint_circuit_breaker_in_use What is in use against a service's circuit breakers (DestinationRule connectionPool), by resource.\n# TYPE waypoint_circuit_breaker_in_use gauge\n# HELP waypoint_circuit_breaker_limit A service's circuit breaker limits (DestinationRule connectionPool; 4294967295: none).\n# TYPE waypoint_circuit_breaker_limit gauge\n",
         );
-        let ports = self.port_policies.iter().filter_map(|((svc, port), p)| {
-            Some((
-                format!("{}/{}:{port}", svc.namespace, svc.name),
-                p.breaker.as_ref()?,
-            ))
+        let all = self.destination_rules.iter().flat_map(|(svc, d)| {
+            let name = format!("{}/{}", svc.namespace, svc.name);
+            let ports = d.ports.iter().map(move |(port, t)| (Some(*port), t));
+            std::iter::once((None, &d.whole))
+                .chain(ports)
+                .filter_map(move |(port, t)| {
+                    let b = t.breaker.as_ref()?;
+                    Some((port.map_or(name.clone(), |p| format!("{name}:{p}")), b))
+                })
         });
-        let whole = self
-            .breakers
-            .iter()
-            .map(|(svc, b)| (format!("{}/{}", svc.namespace, svc.name), b));
-        for (svc, b) in whole.chain(ports) {
+        for (svc, b) in all {
             let (c, p, r, t) = b.in_use();
             let l = b.limits;
             for (res, used, max) in [
@@ -219,19 +252,8 @@ pub struct WaypointConfig {
     /// AuthorizationPolicies loaded but not enforced here (warned about at load, shown as
     /// `waypoint_policies_ignored` on the stats page).
     pub ignored_policies: Vec<IgnoredPolicy>,
-    /// By service.
-    pub load_balancing: BTreeMap<ObjectRef, ServiceLb>,
-    /// DestinationRule `trafficPolicy.connectionPool.http.idleTimeout`, by service: how
-    /// long an idle upstream HTTP/1.1 stream to its endpoints is kept for reuse, and a
-    /// worker's HTTP/2 connection to one (`useClientProtocol`) with no request in flight
-    /// (see [`WaypointConfig::idle_expiry`]).
-    pub idle_timeouts: BTreeMap<ObjectRef, Duration>,
-    /// DestinationRule `trafficPolicy.connectionPool` limits, by service (only services
-    /// with a limit set): see [`crate::breaker`].
-    pub breakers: BTreeMap<ObjectRef, Arc<crate::breaker::Breaker>>,
-    /// DestinationRule `trafficPolicy.portLevelSettings`, by service and port: for that
-    /// port, in place of the service's `load_balancing`, `idle_timeouts` and `breakers`.
-    pub port_policies: BTreeMap<(ObjectRef, u16), PortPolicy>,
+    /// DestinationRules, by service.
+    pub destination_rules: BTreeMap<ObjectRef, DestinationPolicy>,
     /// The waypoint's own settings document, when the file has one.
     pub settings: Option<SettingsDoc>,
     /// The ztunnel identity whose CONNECT `forwarded: for=` is believed for any client
@@ -286,11 +308,7 @@ impl WaypointConfig {
     /// [`crate::upstream::IDLE_STREAM_EXPIRY`]. `0s` is Istio's "no idle timeout":
     /// [`Duration::MAX`], the stream is kept until the pool's bounds or its upstream end it.
     pub fn idle_expiry(&self, service: Option<&ObjectRef>, port: Option<u16>) -> Duration {
-        let set = service.and_then(|s| match self.port_policy(s, port) {
-            Some(p) => p.idle.as_ref(),
-            None => self.idle_timeouts.get(s),
-        });
-        match set {
+        match service.and_then(|s| self.traffic(s, port)?.idle.as_ref()) {
             None => crate::upstream::IDLE_STREAM_EXPIRY,
             Some(d) if d.is_zero() => Duration::MAX,
             Some(d) => *d,
@@ -316,18 +334,14 @@ impl WaypointConfig {
     /// Keep `prev`'s breaker (what is in use against its limits) for every service whose
     /// limits did not change: a reload does not reset what is in flight.
     pub fn adopt_breakers(&mut self, prev: &WaypointConfig) {
-        for (svc, b) in self.breakers.iter_mut() {
-            if let Some(old) = prev.breakers.get(svc) {
-                if old.limits == b.limits {
-                    *b = old.clone();
-                }
-            }
-        }
-        for (key, p) in self.port_policies.iter_mut() {
-            let old = prev.port_policies.get(key).and_then(|o| o.breaker.as_ref());
-            if let (Some(b), Some(old)) = (p.breaker.as_mut(), old) {
-                if old.limits == b.limits {
-                    *b = old.clone();
+        for (svc, d) in self.destination_rules.iter_mut() {
+            let Some(old) = prev.destination_rules.get(svc) else {
+                continue;
+            };
+            d.whole.adopt_breaker(&old.whole);
+            for (port, t) in d.ports.iter_mut() {
+                if let Some((_, o)) = old.ports.iter().find(|(q, _)| q == port) {
+                    t.adopt_breaker(o);
                 }
             }
         }
@@ -340,10 +354,7 @@ impl WaypointConfig {
         s: &ObjectRef,
         port: Option<u16>,
     ) -> Option<&Arc<crate::breaker::Breaker>> {
-        match self.port_policy(s, port) {
-            Some(p) => p.breaker.as_ref(),
-            None => self.breakers.get(s),
-        }
+        self.traffic(s, port)?.breaker.as_ref()
     }
 
     /// Service `s`'s balancing (at `port`, when known).
@@ -353,19 +364,12 @@ impl WaypointConfig {
 
     /// Service `s`'s DestinationRule balancing (at `port`, when known), if it has one.
     pub fn lb_ref(&self, s: &ObjectRef, port: Option<u16>) -> Option<&ServiceLb> {
-        match self.port_policy(s, port) {
-            Some(p) => Some(&p.lb),
-            None => self.load_balancing.get(s),
-        }
+        Some(&self.traffic(s, port)?.lb)
     }
 
-    /// The `portLevelSettings` entry of `s` for `port`, if any (none without a port, and
-    /// when no DestinationRule has port-level settings: one map look-up then).
-    fn port_policy(&self, s: &ObjectRef, port: Option<u16>) -> Option<&PortPolicy> {
-        if self.port_policies.is_empty() {
-            return None;
-        }
-        self.port_policies.get(&(s.clone(), port?))
+    /// Service `s`'s DestinationRule traffic policy at `port` (when known), if it has one.
+    fn traffic(&self, s: &ObjectRef, port: Option<u16>) -> Option<&TrafficPolicy> {
+        Some(self.destination_rules.get(s)?.at(port))
     }
 }
 
@@ -548,20 +552,8 @@ pub fn load_str(file: &Path, text: &str, version: u64) -> Result<WaypointConfig,
                 "DestinationRule",
             ) => {
                 let d: Doc<DrSpec> = parse(file, &doc).map_err(at)?;
-                let (svc, (lb, idle, limits), ports) = compile_dr(&d).map_err(invalid)?;
-                if let Some(idle) = idle {
-                    cfg.idle_timeouts.insert(svc.clone(), idle);
-                }
-                if let Some(l) = limits {
-                    let b = Arc::new(crate::breaker::Breaker::new(l));
-                    cfg.breakers.insert(svc.clone(), b);
-                }
-                for (port, (lb, idle, limits)) in ports {
-                    let breaker = limits.map(|l| Arc::new(crate::breaker::Breaker::new(l)));
-                    let at = PortPolicy { lb, idle, breaker };
-                    cfg.port_policies.insert((svc.clone(), port), at);
-                }
-                if cfg.load_balancing.insert(svc.clone(), lb).is_some() {
+                let (svc, policy) = compile_dr(&d).map_err(invalid)?;
+                if cfg.destination_rules.insert(svc.clone(), policy).is_some() {
                     return Err(invalid(Invalid::new(
                         "spec.host",
                         format!(
@@ -2258,20 +2250,12 @@ fn dr_host(host: &str, ns: &str) -> Result<ObjectRef, Invalid> {
     }
 }
 
-/// A compiled traffic policy: balancing, upstream idle timeout when set, and circuit
-/// breakers' limits when any is set (`connectionPool`, see [`crate::breaker`]).
-type TrafficPolicy = (ServiceLb, Option<Duration>, Option<crate::breaker::Limits>);
-
 /// The service, and its traffic policies: the whole service's, and per service port
-/// (`portLevelSettings`, each replacing the whole service's for its port, unset fields at
-/// their defaults, as Istio applies them).
-#[allow(clippy::type_complexity)]
-fn compile_dr(
-    d: &Doc<DrSpec>,
-) -> Result<(ObjectRef, TrafficPolicy, Vec<(u16, TrafficPolicy)>), Invalid> {
+/// (`portLevelSettings`).
+fn compile_dr(d: &Doc<DrSpec>) -> Result<(ObjectRef, DestinationPolicy), Invalid> {
     let svc = dr_host(&d.spec.host, d.metadata.namespace())?;
     let Some(tp) = &d.spec.traffic_policy else {
-        return Ok((svc, (ServiceLb::default(), None, None), vec![]));
+        return Ok((svc, DestinationPolicy::default()));
     };
     let f = "spec.trafficPolicy";
     if tp.port.is_some() {
@@ -2301,7 +2285,7 @@ fn compile_dr(
         }
         ports.push((port, compile_tp(p, &pf)?));
     }
-    Ok((svc, whole, ports))
+    Ok((svc, DestinationPolicy { whole, ports }))
 }
 
 /// One `trafficPolicy` (or `portLevelSettings` entry) at field `f`.
@@ -2411,7 +2395,7 @@ fn compile_tp(tp: &TrafficPolicyRaw, f: &str) -> Result<TrafficPolicy, Invalid> 
         limits.max_requests_per_connection = http.max_requests_per_connection.unwrap_or(0);
     }
     if limits != crate::breaker::Limits::default() {
-        breaker = Some(limits);
+        breaker = Some(Arc::new(crate::breaker::Breaker::new(limits)));
     }
-    Ok((lb, idle, breaker))
+    Ok(TrafficPolicy { lb, idle, breaker })
 }
