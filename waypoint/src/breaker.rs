@@ -84,6 +84,19 @@ pub enum Limit {
 }
 
 impl Limit {
+    /// Every limit, in the order of [`Limit::index`].
+    pub const ALL: [Limit; 4] = [
+        Limit::Pending,
+        Limit::Connections,
+        Limit::Requests,
+        Limit::Retries,
+    ];
+
+    /// Its place in [`Limit::ALL`] (and in a counter per limit).
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
     /// The `limit` label of `waypoint_upstream_overflows_total`.
     pub fn label(self) -> &'static str {
         match self {

@@ -156,10 +156,8 @@ pub struct Counters {
     /// and pending requests at their limits, requests at theirs; opaque TCP tunnels reset,
     /// connections at their limit; and retries not made, retries at theirs
     /// ([`crate::breaker`]).
-    pub overflow_pending: AtomicU64,
-    pub overflow_connections: AtomicU64,
-    pub overflow_requests: AtomicU64,
-    pub overflow_retries: AtomicU64,
+    /// By [`crate::breaker::Limit::index`].
+    pub overflows: [AtomicU64; 4],
     /// Requests abandoned by their client (stream reset, connection gone) before their
     /// response was complete, their upstream work dropped (its stream reset).
     pub cancelled_requests: AtomicU64,
@@ -197,6 +195,13 @@ pub struct Counters {
     /// Live HTTP/2 tunnels sent a graceful GOAWAY because a reload no longer serves their
     /// target (R14): at the reload, or at a stream that found it first.
     pub h2_revoked: AtomicU64,
+}
+
+impl Counters {
+    /// Count a circuit breaker's refusal, by the limit that refused.
+    fn overflowed(&self, o: &crate::breaker::Overflow) {
+        self.overflows[o.0.index()].fetch_add(1, Relaxed);
+    }
 }
 
 /// The waypoint's certificate and the server TLS made from it.
@@ -468,16 +473,11 @@ pub fn prometheus(c: &Counters) -> String {
         c.retries.load(Relaxed),
     );
     out.push_str("# HELP waypoint_upstream_overflows_total Requests refused (503, flag UO) and retries not made by a service's circuit breakers (DestinationRule connectionPool), by the limit reached.\n# TYPE waypoint_upstream_overflows_total counter\n");
-    for (limit, n) in [
-        (crate::breaker::Limit::Pending, &c.overflow_pending),
-        (crate::breaker::Limit::Connections, &c.overflow_connections),
-        (crate::breaker::Limit::Requests, &c.overflow_requests),
-        (crate::breaker::Limit::Retries, &c.overflow_retries),
-    ] {
+    for limit in crate::breaker::Limit::ALL {
         out.push_str(&format!(
             "waypoint_upstream_overflows_total{{limit=\"{}\"}} {}\n",
             limit.label(),
-            n.load(Relaxed)
+            c.overflows[limit.index()].load(Relaxed)
         ));
     }
     counter(
@@ -1615,8 +1615,7 @@ impl Upstream for HboneUpstream {
             }
         }
         // After the stream was kept: a request waiting for the connection slot finds it.
-        self.slot = None;
-        self.in_flight = None;
+        self.leave_breakers();
     }
 
     async fn h2_request(
@@ -1662,8 +1661,7 @@ impl Upstream for HboneUpstream {
                 b.release(svc, port, i);
             }
         }
-        self.slot = None;
-        self.in_flight = None;
+        self.leave_breakers();
         self.retrying = None;
     }
 
@@ -1731,21 +1729,16 @@ impl Upstream for HboneUpstream {
             return;
         }
         // The mirror service's `http2MaxRequests` (circuit breaking): a mirror past it is
-        // skipped, as Envoy drops a shadow its cluster's breaker refuses.
-        let token = match self
-            .view
-            .l7
-            .breaker(&service.0, Some(service.1))
-            .map(|b| b.request())
-        {
-            Some(Err(_)) => {
+        // not sent, as Envoy drops a shadow its cluster's breaker refuses.
+        let breaker = self.view.l7.breaker(&service.0, Some(service.1));
+        let token = match breaker.map(|b| b.request()).transpose() {
+            Ok(t) => t,
+            Err(o) => {
                 let c = &self.worker.shared.counters;
-                c.overflow_requests.fetch_add(1, Relaxed);
+                c.overflowed(&o);
                 c.mirrors_skipped.fetch_add(1, Relaxed);
                 return;
             }
-            Some(Ok(t)) => Some(t),
-            None => None,
         };
         self.worker.mirrors.set(in_flight + 1);
         let mut copy = HboneUpstream::new(
@@ -1837,11 +1830,7 @@ impl Upstream for HboneUpstream {
 
     /// `maxRetries` of the request's service: a retry in flight until the request ends.
     fn retry_allowed(&mut self) -> bool {
-        let svc = match self.last.as_deref() {
-            Some((Some(svc), _)) => svc,
-            _ => return true,
-        };
-        let Some(b) = self.view.l7.breaker(svc, self.port) else {
+        let Some(b) = self.current_breaker().cloned() else {
             return true;
         };
         // The request's previous retry (if any) has ended: it is not in flight any more.
@@ -1851,9 +1840,8 @@ impl Upstream for HboneUpstream {
                 self.retrying = Some(t);
                 true
             }
-            Err(_) => {
-                let c = &self.worker.shared.counters;
-                c.overflow_retries.fetch_add(1, Relaxed);
+            Err(o) => {
+                self.worker.shared.counters.overflowed(&o);
                 false
             }
         }
@@ -2097,8 +2085,7 @@ impl HboneUpstream {
                 .finish(svc, port, i, status, Instant::now());
         }
         if !discard {
-            self.slot = None;
-            self.in_flight = None;
+            self.leave_breakers();
         }
         r
     }
@@ -2289,6 +2276,18 @@ impl HboneUpstream {
         Ok(send)
     }
 
+    /// The circuit breakers of the current request's service (`last`) at its port, if any.
+    fn current_breaker(&self) -> Option<&Arc<crate::breaker::Breaker>> {
+        let svc = self.last.as_deref()?.0.as_ref()?;
+        self.view.l7.breaker(svc, self.port)
+    }
+
+    /// The current try is over: its connection slot and its request in flight go back.
+    fn leave_breakers(&mut self) {
+        self.slot = None;
+        self.in_flight = None;
+    }
+
     /// The current try's place under `svc`'s circuit breakers, when its DestinationRule sets
     /// limits ([`crate::breaker`]): for an HTTP/1.1 upstream (`connection`) an upstream
     /// connection, waiting as a pending request for one of this worker's when all are in
@@ -2300,24 +2299,20 @@ impl HboneUpstream {
             return Ok(());
         };
         let w = self.worker.clone();
-        let c = &w.shared.counters;
+        let refused = |o: crate::breaker::Overflow| {
+            w.shared.counters.overflowed(&o);
+            io::Error::from(o)
+        };
         if connection {
             let local = w.breakers.of(&b);
             // Boxed: the rare wait would otherwise size every request's future.
-            match Box::pin(b.connection(&local)).await {
-                Ok(slot) => self.slot = Some(slot),
-                Err(o) => {
-                    c.overflow_pending.fetch_add(1, Relaxed);
-                    return Err(o.into());
-                }
-            }
+            self.slot = Some(Box::pin(b.connection(&local)).await.map_err(refused)?);
         }
         match b.request() {
             Ok(t) => self.in_flight = Some(t),
             Err(o) => {
                 self.slot = None;
-                c.overflow_requests.fetch_add(1, Relaxed);
-                return Err(o.into());
+                return Err(refused(o));
             }
         }
         Ok(())
@@ -2389,14 +2384,9 @@ impl HboneUpstream {
         };
         let open = w.pool.open(&key, &self.cert, &req);
         // The service's DestinationRule `tcp.connectTimeout`, when set.
-        let limit = match self.last.as_deref() {
-            Some((Some(svc), _)) => self
-                .view
-                .l7
-                .breaker(svc, self.port)
-                .and_then(|b| b.limits.connect_timeout),
-            _ => None,
-        };
+        let limit = self
+            .current_breaker()
+            .and_then(|b| b.limits.connect_timeout);
         let s = match limit {
             None => open.await.map_err(io::Error::other)?,
             Some(t) => match race(open, http1::timer(t)).await {
@@ -2446,15 +2436,15 @@ impl HboneUpstream {
         // The service's `maxConnections` (circuit breaking): held while the tunnel lives.
         self.port = svc.as_ref().map(|(_, p)| *p);
         let breaker = svc.as_ref().and_then(|(s, p)| l7.breaker(s, Some(*p)));
-        let _slot = match breaker.map(|b| b.connection_now(&self.worker.breakers.of(b))) {
-            Some(Err(o)) => {
-                counters.overflow_connections.fetch_add(1, Relaxed);
+        let taken = breaker.map(|b| b.connection_now(&self.worker.breakers.of(b)));
+        let _slot = match taken.transpose() {
+            Ok(slot) => slot,
+            Err(o) => {
+                counters.overflowed(&o);
                 tracing::debug!(target = %self.target, error = %o, "opaque TCP tunnel refused");
                 down.reset(h2::Reason::REFUSED_STREAM);
                 return;
             }
-            Some(Ok(slot)) => Some(slot),
-            None => None,
         };
         let opened = match self.choose(snap, svc.as_ref(), &[], None) {
             Ok((ep, picked)) => {
@@ -2584,12 +2574,10 @@ impl HboneUpstream {
         // The service this request went to (its DestinationRule): its expiry, and the
         // requests a connection may carry (`maxRequestsPerConnection`).
         let service = self.last.as_deref().and_then(|(svc, _)| svc.as_ref());
-        let spent = service
-            .and_then(|svc| self.view.l7.breaker(svc, self.port))
-            .is_some_and(|b| {
-                let max = b.limits.max_requests_per_connection;
-                max > 0 && uses >= max
-            });
+        let spent = self.current_breaker().is_some_and(|b| {
+            let max = b.limits.max_requests_per_connection;
+            max > 0 && uses >= max
+        });
         if reusable && !spent {
             let expiry = self.view.l7.idle_expiry(service, self.port);
             self.worker.idle.borrow_mut().put(

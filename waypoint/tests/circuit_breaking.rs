@@ -517,9 +517,10 @@ fn an_upgraded_connection_keeps_its_connection_slot() {
 
 /// A mirrored request counts against its service's `http2MaxRequests`: with the mirror
 /// service's one request in flight (a mirror held at the backend), the next request's
-/// mirror is skipped (counted) while the request itself goes through.
+/// mirror is not sent (counted in `waypoint_mirrors_skipped`) while the request itself goes
+/// through.
 #[test]
-fn a_mirror_past_its_services_limit_is_skipped() {
+fn a_mirror_past_its_services_limit_is_not_sent() {
     let seen = Arc::new(Seen::default());
     let s2 = seen.clone();
     let docs = pool_dr("v1", "shadow", "http: {http2MaxRequests: 1}")
