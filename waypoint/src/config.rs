@@ -887,22 +887,14 @@ struct GrpcMethodRaw {
 /// RequestMirror) carry over as they are, and the precedence is HTTPRoute's (an exact
 /// method beats a service alone, then the most header matches).
 fn grpc_as_http(d: Doc<GrpcRouteSpec>) -> Result<Doc<RouteSpec>, Invalid> {
-    let service_ok = |s: &str| {
-        let s = s.strip_prefix('.').unwrap_or(s);
-        !s.is_empty()
-            && s.split('.').all(|part| {
-                part.bytes()
-                    .next()
-                    .is_some_and(|b| b.is_ascii_alphabetic() || b == b'_')
-                    && part.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
-            })
-    };
+    // A protobuf identifier; a service is a dotted run of them (an optional leading dot).
     let method_ok = |m: &str| {
         m.bytes()
             .next()
             .is_some_and(|b| b.is_ascii_alphabetic() || b == b'_')
             && m.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
     };
+    let service_ok = |s: &str| s.strip_prefix('.').unwrap_or(s).split('.').all(method_ok);
     let mut rules = Vec::with_capacity(d.spec.rules.len());
     for (ri, r) in d.spec.rules.into_iter().enumerate() {
         for (fi, f) in r.filters.iter().enumerate() {
