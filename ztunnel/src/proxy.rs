@@ -260,25 +260,31 @@ pub fn start(
     let captures = settings.outbound.is_some()
         || settings.capture.is_some()
         || settings.plaintext.iter().any(|p| p.target.is_none());
-    let bind_hbone = |a: SocketAddr| match captures {
-        true => bind_capture(a),
-        false => listener::bind_sharded(a, n, &opts),
+    // Which listeners are transparent, for the IPv4 ones and their IPv6 twins alike.
+    let bind = |kind: Listener, a: SocketAddr| {
+        let transparent = match kind {
+            Listener::Outbound => true,
+            Listener::Hbone => captures,
+            Listener::Plaintext(i) => settings.plaintext[i].target.is_none(),
+            Listener::Socks => false,
+        };
+        match transparent {
+            true => bind_capture(a),
+            false => listener::bind_sharded(a, n, &opts),
+        }
     };
-    let hbone_socks = bind_hbone(settings.hbone)?;
+    let hbone_socks = bind(Listener::Hbone, settings.hbone)?;
     let mut plain_socks = Vec::new();
     let mut plain_addrs = Vec::new();
-    for p in &settings.plaintext {
-        let s = match p.target {
-            None => bind_capture(p.listen)?,
-            Some(_) => listener::bind_sharded(p.listen, n, &opts)?,
-        };
+    for (i, p) in settings.plaintext.iter().enumerate() {
+        let s = bind(Listener::Plaintext(i), p.listen)?;
         plain_addrs.push(bound(p.listen, &s)?);
         plain_socks.push(s);
     }
     let socks_addr = bound(settings.socks5, &socks_socks)?;
     let (out_socks, out_addr) = match settings.outbound {
         Some(a) => {
-            let s = bind_capture(a)?;
+            let s = bind(Listener::Outbound, a)?;
             let bound_at = bound(a, &s)?;
             (Some(s), Some(bound_at))
         }
@@ -298,14 +304,7 @@ pub fn start(
         }
         for (kind, port) in twins {
             let a = SocketAddr::new(IpAddr::V6(ip6), port);
-            let s = match kind {
-                Listener::Outbound => bind_capture(a)?,
-                Listener::Hbone => bind_hbone(a)?,
-                Listener::Plaintext(i) if settings.plaintext[i].target.is_none() => {
-                    bind_capture(a)?
-                }
-                _ => listener::bind_sharded(a, n, &opts)?,
-            };
+            let s = bind(kind, a)?;
             v6_addrs.push(bound(a, &s)?);
             v6_groups.push((kind, s));
         }
