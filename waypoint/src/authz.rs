@@ -2,9 +2,11 @@
 //! Istio's order — any matching DENY denies; with no ALLOW policy the request is allowed;
 //! otherwise some ALLOW policy must match. AUDIT policies never change the outcome.
 //!
-//! Compiled from YAML by [`crate::config`] (CUSTOM and `requestPrincipals` are refused
-//! there). A denial is answered `403` with body [`DENIED_BODY`], before any upstream
-//! connection is made.
+//! Compiled from YAML by [`crate::config`] (CUSTOM is refused there). A denial is answered
+//! `403` with body [`DENIED_BODY`], before any upstream connection is made.
+//! `requestPrincipals` and the `request.auth.*` conditions read the request's verified JWT
+//! ([`crate::jwt`], from `RequestAuthentication`); a request without one has no request
+//! principal.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -12,6 +14,7 @@ use std::net::IpAddr;
 use mesh_model::authz::Cidr;
 use regex::Regex;
 
+use crate::jwt::Authenticated;
 use crate::route::ObjectRef;
 
 /// The body of a `403` denial, as Envoy's RBAC filter writes it.
@@ -142,6 +145,8 @@ impl<T> OneOf<T> {
 #[derive(Debug, Clone, Default)]
 pub struct Source {
     pub principals: OneOf<StrMatch>,
+    /// `requestPrincipals`: `<iss>/<sub>` of the request's verified JWT.
+    pub request_principals: OneOf<StrMatch>,
     pub namespaces: OneOf<StrMatch>,
     pub ip_blocks: OneOf<Cidr>,
     pub remote_ip_blocks: OneOf<Cidr>,
@@ -167,6 +172,28 @@ pub enum Key {
     SourcePrincipal,
     DestinationIp,
     DestinationPort,
+    /// `request.auth.principal`: `<iss>/<sub>` of the verified JWT.
+    RequestPrincipal,
+    /// `request.auth.audiences`: any of its `aud`.
+    RequestAudiences,
+    /// `request.auth.presenter`: its `azp`.
+    RequestPresenter,
+    /// `request.auth.claims[a][b]…`: a string claim, or any string of a list claim.
+    RequestClaim(Vec<String>),
+}
+
+impl Key {
+    /// Whether it reads the HTTP request (headers, the JWT).
+    fn http_only(&self) -> bool {
+        matches!(
+            self,
+            Key::Header(_)
+                | Key::RequestPrincipal
+                | Key::RequestAudiences
+                | Key::RequestPresenter
+                | Key::RequestClaim(_)
+        )
+    }
 }
 
 /// One `when` condition.
@@ -244,6 +271,8 @@ pub struct Request<'a> {
     pub remote_ip: IpAddr,
     /// `td/ns/N/sa/S` of the authenticated client; `None` without one.
     pub principal: Option<&'a str>,
+    /// The request's verified JWT ([`crate::jwt`]); `None` without one.
+    pub auth: Option<&'a Authenticated>,
     pub destination_ip: IpAddr,
     pub destination_port: u16,
     /// `Host`/`:authority`.
@@ -280,6 +309,18 @@ impl Source {
         // Fields that need an identity do not match a request without one, even in `not*`
         // form (Istio: the principal "is" absent, so `notPrincipals` holds only if no
         // `principals` list is required).
+        self.request_principal_ok(r) && self.peer_matches(r)
+    }
+
+    fn request_principal_ok(&self, r: &Request<'_>) -> bool {
+        match r.auth {
+            Some(a) => self.request_principals.check(|m| m.matches(&a.principal)),
+            None => self.request_principals.values.is_none(),
+        }
+    }
+
+    /// The fields an opaque TCP tunnel has too (all but `requestPrincipals`).
+    fn peer_matches(&self, r: &Request<'_>) -> bool {
         let principal_ok = match r.principal {
             Some(p) => self.principals.check(|m| m.matches(p)),
             None => self.principals.values.is_none(),
@@ -292,6 +333,12 @@ impl Source {
             && ns_ok
             && self.ip_blocks.check(|c| c.contains(r.source_ip))
             && self.remote_ip_blocks.check(|c| c.contains(r.remote_ip))
+    }
+
+    /// On opaque TCP, `requestPrincipals` is an HTTP-only field (Istio): a source naming it
+    /// never matches in an ALLOW rule, and matches as if it were absent in a DENY rule.
+    fn matches_tcp(&self, r: &Request<'_>, deny: bool) -> bool {
+        (deny || !self.request_principals.given()) && self.peer_matches(r)
     }
 }
 
@@ -340,28 +387,49 @@ impl Operation {
 
 impl Condition {
     fn http_only(&self) -> bool {
-        matches!(
-            self,
-            Condition::Str {
-                key: Key::Header(_),
-                ..
-            }
-        )
+        matches!(self, Condition::Str { key, .. } if key.http_only())
     }
 
     fn matches(&self, r: &Request<'_>) -> bool {
         match self {
             Condition::Str { key, values } => {
-                let v = match key {
-                    Key::Header(h) => r.header(h),
-                    Key::SourceNamespace => r.source_namespace(),
-                    Key::SourcePrincipal => r.principal,
-                    _ => None,
-                };
-                match v {
-                    Some(v) => values.check(|m| m.matches(v)),
-                    None => values.values.is_none(),
+                // The key's values (a list claim or `aud` has several): `values` needs one of
+                // them to match, `notValues` none; a key without any value matches only
+                // without `values` (as Istio's metadata matchers, absent metadata).
+                let mut found = Vec::<&str>::new();
+                match key {
+                    Key::Header(h) => found.extend(r.header(h)),
+                    Key::SourceNamespace => found.extend(r.source_namespace()),
+                    Key::SourcePrincipal => found.extend(r.principal),
+                    Key::RequestPrincipal => found.extend(r.auth.map(|a| a.principal.as_str())),
+                    Key::RequestAudiences => found.extend(
+                        r.auth
+                            .iter()
+                            .flat_map(|a| a.audiences.iter().map(String::as_str)),
+                    ),
+                    Key::RequestPresenter => {
+                        found.extend(r.auth.and_then(|a| a.presenter.as_deref()))
+                    }
+                    Key::RequestClaim(path) => match r.auth.and_then(|a| a.claim(path)) {
+                        Some(serde_json::Value::String(s)) => found.push(s),
+                        Some(serde_json::Value::Array(list)) => {
+                            found.extend(list.iter().filter_map(serde_json::Value::as_str))
+                        }
+                        _ => {}
+                    },
+                    _ => {}
                 }
+                if found.is_empty() {
+                    return values.values.is_none();
+                }
+                values
+                    .values
+                    .as_ref()
+                    .is_none_or(|v| v.iter().any(|m| found.iter().any(|f| m.matches(f))))
+                    && !values
+                        .not
+                        .iter()
+                        .any(|m| found.iter().any(|f| m.matches(f)))
             }
             Condition::Ip { key, values } => {
                 let ip = match key {
@@ -386,7 +454,7 @@ impl Rule {
 
 impl Rule {
     fn matches_tcp(&self, r: &Request<'_>, deny: bool) -> bool {
-        (self.from.is_empty() || self.from.iter().any(|s| s.matches(r)))
+        (self.from.is_empty() || self.from.iter().any(|s| s.matches_tcp(r, deny)))
             && (self.to.is_empty() || self.to.iter().any(|o| o.matches_tcp(r, deny)))
             && self
                 .when
@@ -398,9 +466,20 @@ impl Rule {
 impl Policy {
     /// Whether this policy is enforced for `s`.
     pub fn applies(&self, s: &Subject<'_>) -> bool {
-        let ns = self.id.namespace.as_str();
+        self.attachment.applies(&self.id.namespace, s)
+    }
+
+    /// Whether some rule matches (a policy with no rules matches nothing).
+    pub fn matches(&self, r: &Request<'_>) -> bool {
+        self.rules.iter().any(|rule| rule.matches(r))
+    }
+}
+
+impl Attachment {
+    /// Whether an object of namespace `ns` attached so applies to `s`.
+    pub fn applies(&self, ns: &str, s: &Subject<'_>) -> bool {
         let root = ns == s.root_namespace;
-        match &self.attachment {
+        match self {
             Attachment::Targets { gateways, services } => {
                 (ns == s.waypoint.namespace && gateways.contains(&s.waypoint.name))
                     || s.service
@@ -411,11 +490,6 @@ impl Policy {
             }),
             Attachment::Namespace => root || s.namespace() == Some(ns),
         }
-    }
-
-    /// Whether some rule matches (a policy with no rules matches nothing).
-    pub fn matches(&self, r: &Request<'_>) -> bool {
-        self.rules.iter().any(|rule| rule.matches(r))
     }
 }
 

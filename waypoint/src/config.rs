@@ -7,16 +7,17 @@
 //! | `HTTPRoute` | `gateway.networking.k8s.io/v1`, `/v1beta1` | [`crate::route::HttpRoute`] |
 //! | `GRPCRoute` | `gateway.networking.k8s.io/v1`, `/v1alpha2` | [`crate::route::HttpRoute`] (method matches as path matches, see `grpc_as_http`) |
 //! | `AuthorizationPolicy` | `security.istio.io/v1`, `/v1beta1` | [`crate::authz::Policy`] |
+//! | `RequestAuthentication` | `security.istio.io/v1`, `/v1beta1` | [`crate::jwt::RequestAuthn`]: `jwtRules[]` with `issuer`, `audiences`, `jwks` (inline JSON; `jwksUri` and `timeout` refused: the waypoint fetches no key set), `fromHeaders` (`name`, `prefix`), `fromParams`, `fromCookies`, `forwardOriginalToken`, `outputPayloadToHeader`, `outputClaimToHeaders` (`header`, `claim`) |
 //! | `DestinationRule` | `networking.istio.io/v1`, `/v1beta1`, `/v1alpha3` | [`ServiceLb`]: `trafficPolicy.loadBalancer`, `.outlierDetection` (`consecutive5xxErrors`, `consecutiveGatewayErrors`, `interval`, `baseEjectionTime`, `maxEjectionPercent`), `.connectionPool.http.useClientProtocol`, `.connectionPool.http.idleTimeout`, `.tls.mode: ISTIO_MUTUAL` (what HBONE is; other modes refused), `.portLevelSettings` (all of these per service port, each entry replacing the service's for its port); [`crate::breaker`]: `.connectionPool.tcp.maxConnections`, `.tcp.connectTimeout`, `.http.http1MaxPendingRequests`, `.http.http2MaxRequests`, `.http.maxRequestsPerConnection`, `.http.maxRetries` |
 //! | no `apiVersion`/`kind`, a `waypoint:` key | — | [`SettingsDoc`], exactly one for the binary |
 //! | no `apiVersion`/`kind`, no `waypoint:` key | — | mesh-model's local config (`namespaces`, `workloads`, `services`, `policies`, `waypoints`, `nodes`; see the `mesh_model` crate docs), at most one |
 //!
-//! An `AuthorizationPolicy` without `targetRefs` (a workload `selector`, or none: the
-//! whole namespace, or the mesh from the root namespace) is loaded and checked but not
-//! enforced, as in Istio, whose waypoints enforce only `targetRefs` policies (the
-//! destination's ztunnel enforces the others at L4, with the waypoint's identity as the
-//! source): each is logged as a warning naming the file, line and document, and shown as
-//! `waypoint_policies_ignored` on the stats page.
+//! An `AuthorizationPolicy` or `RequestAuthentication` without `targetRefs` (a workload
+//! `selector`, or none: the whole namespace, or the mesh from the root namespace) is loaded
+//! and checked but not enforced, as in Istio, whose waypoints enforce only `targetRefs`
+//! policies (the destination's ztunnel enforces such AuthorizationPolicies at L4, with the
+//! waypoint's identity as the source): each is logged as a warning naming the file, line
+//! and document, and shown as `waypoint_policies_ignored` on the stats page.
 //!
 //! An `HTTPRoute` whose `parentRefs` name a Service in its own namespace is a GAMMA
 //! *producer* route (for every client); one naming a Service of another namespace is a
@@ -24,8 +25,8 @@
 //!
 //! `metadata` takes `name` (required), `namespace` (default `default`), `creationTimestamp`,
 //! `labels` and `annotations`. Every other key anywhere is an error; so are features the
-//! waypoint does not implement (AuthorizationPolicy `CUSTOM`, `requestPrincipals`,
-//! `request.auth.*` conditions, HTTPRoute `hostnames`, non-Service parents, …). Errors name
+//! waypoint does not implement (AuthorizationPolicy `CUSTOM`, RequestAuthentication
+//! `jwksUri`, HTTPRoute `hostnames`, non-Service parents, …). Errors name
 //! the file, the line in the file, the document (counted from 1, blank documents not
 //! counted) and the field: `w.yaml:7:3: document 2: field `waypoint`: unknown field `listn``.
 //!
@@ -88,6 +89,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Deserializer};
 
 use crate::authz::{self, Attachment, Condition, Key, OneOf, PathPattern, StrMatch};
+use crate::jwt;
 use crate::lb::{HashKey, LbPolicy, OutlierDetection};
 use crate::route::{
     Backend, Filter, HeaderModifier, HttpRoute, Mirror, ObjectRef, PathMatch, PathModifier,
@@ -180,6 +182,8 @@ pub struct ServiceLb {
 /// `targetRefs`); the destination's ztunnel enforces those at L4.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct IgnoredPolicy {
+    /// `AuthorizationPolicy` or `RequestAuthentication`.
+    pub kind: &'static str,
     pub id: ObjectRef,
     /// Counted from 1, as in errors.
     pub document: usize,
@@ -187,6 +191,55 @@ pub struct IgnoredPolicy {
     pub line: usize,
     /// `selector` or `no_target_refs`.
     pub reason: &'static str,
+}
+
+impl IgnoredPolicy {
+    /// Istio: a waypoint applies only `targetRefs` policies (its Gateway, its Services);
+    /// `selector` and namespace-wide AuthorizationPolicies are enforced by the
+    /// destination's ztunnel at L4 (such RequestAuthentications are sidecars'). Logged as a
+    /// warning naming the file, line and document, never taken as enforced.
+    fn warn(
+        file: &Path,
+        kind: &'static str,
+        id: ObjectRef,
+        document: usize,
+        line: usize,
+        reason: &'static str,
+    ) -> Self {
+        let advice = if kind == "AuthorizationPolicy" {
+            "selector and namespace-wide AuthorizationPolicies are enforced by the \
+             destination's ztunnel at L4: give them to the ztunnel as `policies[]` (with \
+             `selector`), or attach this one to the waypoint or a Service with targetRefs"
+        } else {
+            "attach it to the waypoint (Gateway) or a Service with targetRefs"
+        };
+        tracing::warn!(
+            file = %file.display(),
+            line,
+            document,
+            kind,
+            policy = %format!("{}/{}", id.namespace, id.name),
+            reason,
+            "{kind} without targetRefs ignored by the waypoint (Istio: waypoints enforce only \
+             `targetRefs` policies; {advice})"
+        );
+        IgnoredPolicy {
+            kind,
+            id,
+            document,
+            line,
+            reason,
+        }
+    }
+}
+
+/// Why an attachment is not enforced by the waypoint, and the field to point at.
+fn ignored(a: &Attachment) -> Option<(&'static str, &'static str)> {
+    match a {
+        Attachment::Targets { .. } => None,
+        Attachment::Selector(_) => Some(("selector", "spec.selector")),
+        Attachment::Namespace => Some(("no_target_refs", "spec")),
+    }
 }
 
 impl WaypointConfig {
@@ -226,16 +279,16 @@ impl WaypointConfig {
         out
     }
 
-    /// `waypoint_policies_ignored{policy,document,reason} 1` per ignored policy, Prometheus
+    /// `waypoint_policies_ignored{kind,policy,document,line,reason} 1` per ignored policy, Prometheus
     /// text (a gauge: the current configuration's).
     pub fn ignored_policies_prometheus(&self) -> String {
         let mut out = String::from(
-            "# HELP waypoint_policies_ignored AuthorizationPolicies of the current configuration not enforced by the waypoint (selector and namespace-wide policies: the destination ztunnel enforces them).\n# TYPE waypoint_policies_ignored gauge\n",
+            "# HELP waypoint_policies_ignored AuthorizationPolicies and RequestAuthentications of the current configuration not enforced by the waypoint (selector and namespace-wide policies).\n# TYPE waypoint_policies_ignored gauge\n",
         );
         for p in &self.ignored_policies {
             out.push_str(&format!(
-                "waypoint_policies_ignored{{policy=\"{}/{}\",document=\"{}\",line=\"{}\",reason=\"{}\"}} 1\n",
-                p.id.namespace, p.id.name, p.document, p.line, p.reason
+                "waypoint_policies_ignored{{kind=\"{}\",policy=\"{}/{}\",document=\"{}\",line=\"{}\",reason=\"{}\"}} 1\n",
+                p.kind, p.id.namespace, p.id.name, p.document, p.line, p.reason
             ));
         }
         out
@@ -249,7 +302,9 @@ pub struct WaypointConfig {
     pub mesh: Option<Snapshot>,
     pub routes: RouteTable,
     pub policies: Vec<authz::Policy>,
-    /// AuthorizationPolicies loaded but not enforced here (warned about at load, shown as
+    /// RequestAuthentications (JWT), in file order.
+    pub request_authns: Vec<jwt::RequestAuthn>,
+    /// AuthorizationPolicies and RequestAuthentications loaded but not enforced here (warned about at load, shown as
     /// `waypoint_policies_ignored` on the stats page).
     pub ignored_policies: Vec<IgnoredPolicy>,
     /// DestinationRules, by service.
@@ -512,37 +567,43 @@ pub fn load_str(file: &Path, text: &str, version: u64) -> Result<WaypointConfig,
                     )));
                 }
                 let policy = compile_policy(&d).map_err(invalid)?;
-                let ignored = match policy.attachment {
-                    Attachment::Targets { .. } => None,
-                    Attachment::Selector(_) => Some(("selector", "spec.selector")),
-                    Attachment::Namespace => Some(("no_target_refs", "spec")),
-                };
-                if let Some((reason, field)) = ignored {
-                    // Istio: a waypoint applies only `targetRefs` policies (its Gateway, its
-                    // Services); `selector` and namespace-wide ones are enforced by the
-                    // destination's ztunnel at L4, where traffic through a waypoint arrives
-                    // with the waypoint's identity. Said out loud, never taken as enforced.
-                    let line = locate(&doc, field).unwrap_or(1) + start - 1;
-                    tracing::warn!(
-                        file = %file.display(),
-                        line,
-                        document = index,
-                        policy = %format!("{}/{}", policy.id.namespace, policy.id.name),
-                        reason,
-                        "AuthorizationPolicy without targetRefs ignored by the waypoint (Istio: \
-                         waypoints enforce only `targetRefs` policies; selector and \
-                         namespace-wide policies are enforced by the destination's ztunnel at \
-                         L4: give them to the ztunnel as `policies[]` (with `selector`), or \
-                         attach this one to the waypoint or a Service with targetRefs)"
-                    );
-                    cfg.ignored_policies.push(IgnoredPolicy {
-                        id: policy.id,
-                        document: index,
-                        line,
-                        reason,
-                    });
-                } else {
-                    cfg.policies.push(policy);
+                match ignored(&policy.attachment) {
+                    Some((reason, field)) => {
+                        let line = locate(&doc, field).unwrap_or(1) + start - 1;
+                        cfg.ignored_policies.push(IgnoredPolicy::warn(
+                            file,
+                            "AuthorizationPolicy",
+                            policy.id,
+                            index,
+                            line,
+                            reason,
+                        ));
+                    }
+                    None => cfg.policies.push(policy),
+                }
+            }
+            ("security.istio.io/v1" | "security.istio.io/v1beta1", "RequestAuthentication") => {
+                let d: Doc<RequestAuthnSpec> = parse(file, &doc).map_err(at)?;
+                if !seen.insert(key(&d.metadata)) {
+                    return Err(invalid(Invalid::new(
+                        "metadata.name",
+                        "duplicate RequestAuthentication",
+                    )));
+                }
+                let authn = compile_request_authn(&d).map_err(invalid)?;
+                match ignored(&authn.attachment) {
+                    Some((reason, field)) => {
+                        let line = locate(&doc, field).unwrap_or(1) + start - 1;
+                        cfg.ignored_policies.push(IgnoredPolicy::warn(
+                            file,
+                            "RequestAuthentication",
+                            authn.id,
+                            index,
+                            line,
+                            reason,
+                        ));
+                    }
+                    None => cfg.request_authns.push(authn),
                 }
             }
             (
@@ -569,7 +630,7 @@ pub fn load_str(file: &Path, text: &str, version: u64) -> Result<WaypointConfig,
             | ("networking.istio.io/v1alpha3", _) => {
                 return Err(invalid(Invalid::new(
                     "kind",
-                    format!("unsupported kind {kind:?} (HTTPRoute, GRPCRoute, AuthorizationPolicy, DestinationRule)"),
+                    format!("unsupported kind {kind:?} (HTTPRoute, GRPCRoute, AuthorizationPolicy, RequestAuthentication, DestinationRule)"),
                 )));
             }
             _ => {
@@ -1851,27 +1912,21 @@ fn strs(
     one_of(v, n, |s| Ok(StrMatch::parse(s)), f, nf)
 }
 
-fn compile_policy(d: &Doc<PolicySpec>) -> Result<authz::Policy, Invalid> {
-    let ns = d.metadata.namespace();
-    let s = &d.spec;
-    let action = match s.action {
-        ActionRaw::Allow => authz::Action::Allow,
-        ActionRaw::Deny => authz::Action::Deny,
-        ActionRaw::Audit => authz::Action::Audit,
-        ActionRaw::Custom => {
-            return Err(Invalid::new(
-                "spec.action",
-                "CUSTOM is not supported (the waypoint has no external authorizer); use ALLOW, DENY or AUDIT",
-            ))
-        }
-    };
-    let mut targets: Vec<&TargetRefRaw> = s.target_refs.iter().collect();
-    let target_field = if s.target_ref.is_some() {
+/// What a policy's `targetRef`/`targetRefs`/`selector` attach it to (AuthorizationPolicy
+/// and RequestAuthentication alike).
+fn attachment(
+    ns: &str,
+    selector: &Option<SelectorRaw>,
+    target_ref: &Option<TargetRefRaw>,
+    target_refs: &[TargetRefRaw],
+) -> Result<Attachment, Invalid> {
+    let mut targets: Vec<&TargetRefRaw> = target_refs.iter().collect();
+    let target_field = if target_ref.is_some() {
         "spec.targetRef"
     } else {
         "spec.targetRefs"
     };
-    if let Some(t) = &s.target_ref {
+    if let Some(t) = target_ref {
         if !targets.is_empty() {
             return Err(Invalid::new(
                 "spec.targetRef",
@@ -1880,8 +1935,8 @@ fn compile_policy(d: &Doc<PolicySpec>) -> Result<authz::Policy, Invalid> {
         }
         targets.push(t);
     }
-    let attachment = if !targets.is_empty() {
-        if s.selector.is_some() {
+    Ok(if !targets.is_empty() {
+        if selector.is_some() {
             return Err(Invalid::new(
                 "spec.selector",
                 "cannot be combined with targetRefs",
@@ -1890,7 +1945,7 @@ fn compile_policy(d: &Doc<PolicySpec>) -> Result<authz::Policy, Invalid> {
         let mut gateways = vec![];
         let mut services = vec![];
         for (i, t) in targets.iter().enumerate() {
-            let f = if s.target_ref.is_some() {
+            let f = if target_ref.is_some() {
                 target_field.to_string()
             } else {
                 format!("{target_field}[{i}]")
@@ -1913,11 +1968,45 @@ fn compile_policy(d: &Doc<PolicySpec>) -> Result<authz::Policy, Invalid> {
             }
         }
         Attachment::Targets { gateways, services }
-    } else if let Some(sel) = &s.selector {
+    } else if let Some(sel) = &selector {
         Attachment::Selector(sel.match_labels.clone())
     } else {
         Attachment::Namespace
+    })
+}
+
+/// `request.auth.claims[a][b]` → `["a", "b"]`; `None` when not written so (or a name is
+/// empty).
+fn claim_path(key: &str) -> Option<Vec<String>> {
+    let mut rest = key.strip_prefix("request.auth.claims")?;
+    let mut path = vec![];
+    while !rest.is_empty() {
+        let inner = rest.strip_prefix('[')?;
+        let end = inner.find(']')?;
+        if end == 0 {
+            return None;
+        }
+        path.push(inner[..end].to_string());
+        rest = &inner[end + 1..];
+    }
+    (!path.is_empty()).then_some(path)
+}
+
+fn compile_policy(d: &Doc<PolicySpec>) -> Result<authz::Policy, Invalid> {
+    let ns = d.metadata.namespace();
+    let s = &d.spec;
+    let action = match s.action {
+        ActionRaw::Allow => authz::Action::Allow,
+        ActionRaw::Deny => authz::Action::Deny,
+        ActionRaw::Audit => authz::Action::Audit,
+        ActionRaw::Custom => {
+            return Err(Invalid::new(
+                "spec.action",
+                "CUSTOM is not supported (the waypoint has no external authorizer); use ALLOW, DENY or AUDIT",
+            ))
+        }
     };
+    let attachment = attachment(ns, &s.selector, &s.target_ref, &s.target_refs)?;
     let mut rules = vec![];
     for (ri, r) in s.rules.iter().enumerate() {
         let rf = format!("spec.rules[{ri}]");
@@ -1925,17 +2014,6 @@ fn compile_policy(d: &Doc<PolicySpec>) -> Result<authz::Policy, Invalid> {
         for (i, fr) in r.from.iter().enumerate() {
             let f = format!("{rf}.from[{i}].source");
             let src = &fr.source;
-            if src.request_principals.is_some() || src.not_request_principals.is_some() {
-                let k = if src.request_principals.is_some() {
-                    "requestPrincipals"
-                } else {
-                    "notRequestPrincipals"
-                };
-                return Err(Invalid::new(
-                    format!("{f}.{k}"),
-                    "request principals need JWT authentication (RequestAuthentication), which the waypoint does not support yet",
-                ));
-            }
             let cidrs = |v: &Option<Vec<Cidr>>, n: &Option<Vec<Cidr>>, a: &str, b: &str| {
                 one_of(v, n, |c| Ok(*c), &format!("{f}.{a}"), &format!("{f}.{b}"))
             };
@@ -1945,6 +2023,12 @@ fn compile_policy(d: &Doc<PolicySpec>) -> Result<authz::Policy, Invalid> {
                     &src.not_principals,
                     &format!("{f}.principals"),
                     &format!("{f}.notPrincipals"),
+                )?,
+                request_principals: strs(
+                    &src.request_principals,
+                    &src.not_request_principals,
+                    &format!("{f}.requestPrincipals"),
+                    &format!("{f}.notRequestPrincipals"),
                 )?,
                 namespaces: strs(
                     &src.namespaces,
@@ -2051,16 +2135,27 @@ fn compile_policy(d: &Doc<PolicySpec>) -> Result<authz::Policy, Invalid> {
                         &vf,
                         &nf,
                     )?),
-                    k if k.starts_with("request.auth.") => {
-                        return Err(Invalid::new(
-                            format!("{f}.key"),
-                            format!("{k:?} needs JWT authentication, which the waypoint does not support yet"),
-                        ))
-                    }
+                    "request.auth.principal" | "request.auth.audiences" | "request.auth.presenter" => Condition::Str {
+                        key: match key {
+                            "request.auth.principal" => Key::RequestPrincipal,
+                            "request.auth.audiences" => Key::RequestAudiences,
+                            _ => Key::RequestPresenter,
+                        },
+                        values: strs(&c.values, &c.not_values, &vf, &nf)?,
+                    },
+                    k if k.starts_with("request.auth.claims") => Condition::Str {
+                        key: Key::RequestClaim(claim_path(k).ok_or_else(|| {
+                            Invalid::new(
+                                format!("{f}.key"),
+                                format!("{k:?}: a claim is written request.auth.claims[name], a nested one request.auth.claims[name][member]"),
+                            )
+                        })?),
+                        values: strs(&c.values, &c.not_values, &vf, &nf)?,
+                    },
                     k => {
                         return Err(Invalid::new(
                             format!("{f}.key"),
-                            format!("unsupported condition key {k:?} (request.headers[...], source.ip, remote.ip, source.namespace, source.principal, destination.ip, destination.port)"),
+                            format!("unsupported condition key {k:?} (request.headers[...], source.ip, remote.ip, source.namespace, source.principal, destination.ip, destination.port, request.auth.principal, request.auth.audiences, request.auth.presenter, request.auth.claims[...])"),
                         ))
                     }
                 }
@@ -2072,6 +2167,180 @@ fn compile_policy(d: &Doc<PolicySpec>) -> Result<authz::Policy, Invalid> {
     Ok(authz::Policy {
         id: d.metadata.id(),
         action,
+        attachment,
+        rules,
+    })
+}
+
+// RequestAuthentication ---------------------------------------------------
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RequestAuthnSpec {
+    #[serde(default)]
+    selector: Option<SelectorRaw>,
+    #[serde(default)]
+    target_ref: Option<TargetRefRaw>,
+    #[serde(default)]
+    target_refs: Vec<TargetRefRaw>,
+    #[serde(default)]
+    jwt_rules: Vec<JwtRuleRaw>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct JwtRuleRaw {
+    issuer: String,
+    #[serde(default)]
+    audiences: Vec<String>,
+    #[serde(default)]
+    jwks_uri: Option<String>,
+    #[serde(default)]
+    jwks: Option<String>,
+    #[serde(default)]
+    from_headers: Vec<JwtHeaderRaw>,
+    #[serde(default)]
+    from_params: Vec<String>,
+    #[serde(default)]
+    from_cookies: Vec<String>,
+    #[serde(default)]
+    output_payload_to_header: Option<String>,
+    #[serde(default)]
+    forward_original_token: bool,
+    #[serde(default)]
+    output_claim_to_headers: Vec<ClaimToHeaderRaw>,
+    #[serde(default)]
+    timeout: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct JwtHeaderRaw {
+    name: String,
+    #[serde(default)]
+    prefix: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ClaimToHeaderRaw {
+    header: String,
+    claim: String,
+}
+
+/// An HTTP field name the waypoint may write (a token, lower-cased), or why not.
+fn header_name(name: &str) -> Result<String, String> {
+    let ok = !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
+    if !ok {
+        return Err(format!("{name:?} is not a valid header name"));
+    }
+    let lower = name.to_ascii_lowercase();
+    if matches!(
+        lower.as_str(),
+        "host"
+            | "connection"
+            | "content-length"
+            | "transfer-encoding"
+            | "te"
+            | "upgrade"
+            | "keep-alive"
+            | "proxy-connection"
+            | "x-forwarded-for"
+            | "traceparent"
+    ) {
+        return Err(format!("{name:?} is a header the waypoint sets itself"));
+    }
+    Ok(lower)
+}
+
+fn compile_request_authn(d: &Doc<RequestAuthnSpec>) -> Result<jwt::RequestAuthn, Invalid> {
+    let ns = d.metadata.namespace();
+    let s = &d.spec;
+    let attachment = attachment(ns, &s.selector, &s.target_ref, &s.target_refs)?;
+    let mut rules = vec![];
+    for (i, r) in s.jwt_rules.iter().enumerate() {
+        let f = format!("spec.jwtRules[{i}]");
+        if r.issuer.is_empty() {
+            return Err(Invalid::new(format!("{f}.issuer"), "must not be empty"));
+        }
+        if r.jwks_uri.is_some() || r.timeout.is_some() {
+            let field = if r.jwks_uri.is_some() {
+                "jwksUri"
+            } else {
+                "timeout"
+            };
+            return Err(Invalid::new(
+                format!("{f}.{field}"),
+                "the waypoint does not fetch key sets: give the JWKS inline as `jwks` (as istiod hands it to Envoy)",
+            ));
+        }
+        let text = r.jwks.as_deref().ok_or_else(|| {
+            Invalid::new(
+                format!("{f}.jwks"),
+                "required: the issuer's JWKS (JSON), inline (OpenID discovery of the issuer's keys is not done)",
+            )
+        })?;
+        let keys = jwt::parse_jwks(text).map_err(|e| Invalid::new(format!("{f}.jwks"), e))?;
+        let mut from = vec![];
+        for (j, h) in r.from_headers.iter().enumerate() {
+            let name = header_name(&h.name)
+                .map_err(|e| Invalid::new(format!("{f}.fromHeaders[{j}].name"), e))?;
+            from.push(jwt::Location::Header {
+                name,
+                prefix: h.prefix.clone().unwrap_or_default(),
+            });
+        }
+        for (j, p) in r.from_params.iter().enumerate() {
+            if p.is_empty() {
+                return Err(Invalid::new(
+                    format!("{f}.fromParams[{j}]"),
+                    "must not be empty",
+                ));
+            }
+            from.push(jwt::Location::Param(p.clone()));
+        }
+        for (j, c) in r.from_cookies.iter().enumerate() {
+            if c.is_empty() || c.contains([';', '=', ' ']) {
+                return Err(Invalid::new(
+                    format!("{f}.fromCookies[{j}]"),
+                    format!("{c:?} is not a cookie name"),
+                ));
+            }
+            from.push(jwt::Location::Cookie(c.clone()));
+        }
+        let mut rule = jwt::JwtRule::new(r.issuer.clone(), keys, from);
+        rule.audiences = r.audiences.clone();
+        rule.forward_original_token = r.forward_original_token;
+        rule.output_payload_to_header = match &r.output_payload_to_header {
+            None => None,
+            Some(h) => Some(
+                header_name(h)
+                    .map_err(|e| Invalid::new(format!("{f}.outputPayloadToHeader"), e))?,
+            ),
+        };
+        for (j, c) in r.output_claim_to_headers.iter().enumerate() {
+            let cf = format!("{f}.outputClaimToHeaders[{j}]");
+            let header =
+                header_name(&c.header).map_err(|e| Invalid::new(format!("{cf}.header"), e))?;
+            let path: Vec<String> = c.claim.split('.').map(str::to_string).collect();
+            if path.iter().any(String::is_empty) {
+                return Err(Invalid::new(
+                    format!("{cf}.claim"),
+                    format!(
+                        "{:?} is not a claim name (`a.b` names member b of claim a)",
+                        c.claim
+                    ),
+                ));
+            }
+            rule.output_claim_to_headers.push((header, path));
+        }
+        rules.push(Arc::new(rule));
+    }
+    Ok(jwt::RequestAuthn {
+        id: d.metadata.id(),
         attachment,
         rules,
     })

@@ -704,7 +704,7 @@ async fn request<U: Upstream>(
             false,
         ))
     } else {
-        http1::decide(cfg, ctx, &head, &mut rng)
+        http1::decide(cfg, ctx, &mut head, &mut rng)
     };
     let (status, flags, body_len, response_bytes) = match action {
         Action::Respond(bytes) => {
@@ -714,7 +714,7 @@ async fn request<U: Upstream>(
             send(&mut respond, bytes, head_request).await;
             (status, http1::local_flags(status), 0, n)
         }
-        Action::Forward { forward } => {
+        Action::Forward { forward, auth } => {
             let deadline = http1::request_deadline(&forward, started);
             let h2_upstream = forward.service.as_ref().is_some_and(|(svc, port)| {
                 cfg.lb_ref(svc, Some(*port))
@@ -729,6 +729,7 @@ async fn request<U: Upstream>(
                     &mut body,
                     &parts,
                     &head,
+                    auth.is_some(),
                     &forward,
                     ctx.source_ip,
                     client_xff,
@@ -968,6 +969,7 @@ async fn forward_h2<U: Upstream>(
     body: &mut H2Body,
     parts: &http::request::Parts,
     head: &RequestHead,
+    rewritten: bool,
     fwd: &Forward,
     client: std::net::IpAddr,
     client_xff: Option<&http::HeaderValue>,
@@ -1037,7 +1039,9 @@ async fn forward_h2<U: Upstream>(
                 .ok()
         }
     };
-    let headers = if fwd.request_headers.is_empty() && fwd.host.is_none() {
+    // The client's fields as h2 parsed them go up as they are, unless the route modifies
+    // them or authentication rewrote the head (a JWT header removed, claims added).
+    let headers = if fwd.request_headers.is_empty() && fwd.host.is_none() && !rewritten {
         None
     } else {
         Some(http1::routed_headers(head, fwd, client))
@@ -1688,7 +1692,7 @@ mod tests {
             let rng: &'static mut SplitMix64 = never();
             let client = std::net::IpAddr::from([10, 0, 0, 1]);
             forward_h2(
-                up, body, parts, head, fwd, client, None, respond, false, false, rng, None,
+                up, body, parts, head, false, fwd, client, None, respond, false, false, rng, None,
             )
         };
         for (what, (size, align)) in [

@@ -47,6 +47,7 @@ use bytes::{Buf, Bytes, BytesMut};
 use crate::authz::{self, DENIED_BODY};
 use crate::body::{CopyError, Framing};
 use crate::config::{TunnelTimeouts, WaypointConfig};
+use crate::jwt::Authenticated;
 use crate::lb::Rng;
 use crate::route::{self, Decision, Forward, HeaderModifier, ObjectRef, Retry, Target};
 use runtime::worker::{race, Either};
@@ -526,8 +527,12 @@ pub enum Action<'c> {
     Respond(Vec<u8>),
     /// Send the request to the route's upstream ([`upstream_head`] for HTTP/1.1); borrowed
     /// from the configuration when the route's forward is prebuilt
-    /// ([`crate::route::RouteTable::route_shared`]).
-    Forward { forward: Fwd<'c> },
+    /// ([`crate::route::RouteTable::route_shared`]). `auth`: the request's verified JWT,
+    /// when it carried one (its head may have been rewritten for it, [`crate::jwt`]).
+    Forward {
+        forward: Fwd<'c>,
+        auth: Option<Arc<Authenticated>>,
+    },
 }
 
 /// A request's [`Forward`]: the configuration's prebuilt one, or one made for it (boxed:
@@ -553,13 +558,26 @@ impl std::ops::Deref for Fwd<'_> {
 /// Header lists up to this long are viewed from the stack by [`decide`].
 const STACK_HEADERS: usize = 24;
 
-/// Authorization first (R15), then routing: pure, no I/O.
+/// Authentication (a JWT, if RequestAuthentication applies), authorization (R15), then
+/// routing: pure but for the clock a token is checked against, no I/O.
 pub fn decide<'c>(
     cfg: &'c WaypointConfig,
     ctx: &TunnelCtx,
-    head: &RequestHead,
+    head: &mut RequestHead,
     rng: &mut dyn Rng,
 ) -> Action<'c> {
+    let close = !head.keep_alive();
+    // RequestAuthentication before policy, as Envoy's `jwt_authn` runs before RBAC: a bad
+    // token is `401`; a good one may rewrite the head (its header removed, claims added).
+    let auth = match authenticate(cfg, ctx, head) {
+        Ok(a) => a,
+        Err(f) => {
+            let challenge = crate::jwt::challenge(head.header("host").unwrap_or(""), &head.path);
+            let h = [("www-authenticate".to_string(), challenge)];
+            return Action::Respond(simple_response(401, &h, f.message(), close));
+        }
+    };
+    let head: &RequestHead = head;
     // The header list as `(&str, &str)` pairs: on the stack for the usual few headers.
     let mut stack = [("", ""); STACK_HEADERS];
     let heap: Vec<(&str, &str)>;
@@ -576,8 +594,7 @@ pub fn decide<'c>(
             .collect();
         &heap
     };
-    let close = !head.keep_alive();
-    if !allows(cfg, ctx, head, hdrs) {
+    if !allows(cfg, ctx, head, hdrs, auth.as_deref()) {
         return Action::Respond(simple_response(403, &[], DENIED_BODY, close));
     }
     let target = match &ctx.destination {
@@ -604,9 +621,11 @@ pub fn decide<'c>(
     ) {
         Ok(Cow::Borrowed(f)) => Action::Forward {
             forward: Fwd::Shared(f),
+            auth,
         },
         Ok(Cow::Owned(f)) => Action::Forward {
             forward: Fwd::Owned(Box::new(f)),
+            auth,
         },
         Err(Decision::Respond { status, reason }) => {
             Action::Respond(simple_response(status, &[], reason, close))
@@ -624,37 +643,65 @@ pub fn decide<'c>(
         }
         Err(Decision::Forward(fwd)) => Action::Forward {
             forward: Fwd::Owned(fwd),
+            auth,
         },
     }
 }
 
-/// Whether AuthorizationPolicy allows the request `head` (its fields as `hdrs`) on the
-/// tunnel `ctx` under `cfg` (R15): [`decide`]'s first step, and the check a reload makes
-/// again for a live upgraded connection.
+/// The request's verified JWT under the RequestAuthentications that apply to its target
+/// ([`crate::jwt`]); `Ok(None)` without a token or without such rules.
+fn authenticate(
+    cfg: &WaypointConfig,
+    ctx: &TunnelCtx,
+    head: &mut RequestHead,
+) -> Result<Option<Arc<Authenticated>>, crate::jwt::Failure> {
+    if cfg.request_authns.is_empty() {
+        return Ok(None);
+    }
+    let subject = subject(ctx);
+    let rules: Vec<&crate::jwt::JwtRule> = crate::jwt::applicable(&cfg.request_authns, &subject)
+        .map(|r| &**r)
+        .collect();
+    if rules.is_empty() {
+        return Ok(None);
+    }
+    crate::jwt::authenticate(&rules, head, crate::jwt::unix_now())
+}
+
+/// Who the waypoint is and what the tunnel `ctx` is addressed to, for policies.
+pub(crate) fn subject(ctx: &TunnelCtx) -> authz::Subject<'_> {
+    let (service, workload) = match &ctx.destination {
+        Destination::Service { service, .. } => (Some(service), None),
+        Destination::Workload { namespace, labels } => (None, Some((namespace.as_str(), labels))),
+    };
+    authz::Subject {
+        waypoint: &ctx.waypoint,
+        root_namespace: &ctx.root_namespace,
+        service,
+        workload,
+    }
+}
+
+/// Whether AuthorizationPolicy allows the request `head` (its fields as `hdrs`, its
+/// verified JWT `auth`) on the tunnel `ctx` under `cfg` (R15): [`decide`]'s check after
+/// authentication, and the one a reload makes again for a live upgraded connection.
 pub(crate) fn allows(
     cfg: &WaypointConfig,
     ctx: &TunnelCtx,
     head: &RequestHead,
     hdrs: &[(&str, &str)],
+    auth: Option<&Authenticated>,
 ) -> bool {
     let trusted = cfg
         .settings
         .as_ref()
         .map_or(0, |s| s.waypoint.num_trusted_proxies);
-    let (service, workload) = match &ctx.destination {
-        Destination::Service { service, .. } => (Some(service), None),
-        Destination::Workload { namespace, labels } => (None, Some((namespace.as_str(), labels))),
-    };
-    let subject = authz::Subject {
-        waypoint: &ctx.waypoint,
-        root_namespace: &ctx.root_namespace,
-        service,
-        workload,
-    };
+    let subject = subject(ctx);
     let areq = authz::Request {
         source_ip: ctx.source_ip,
         remote_ip: remote_ip(head, ctx.source_ip, trusted),
         principal: ctx.principal.as_deref(),
+        auth,
         destination_ip: ctx.destination_ip,
         destination_port: ctx.destination_port,
         host: head.header("host").unwrap_or(""),
@@ -1079,8 +1126,15 @@ pub trait Upstream {
 
     /// After [`Upstream::done`] with status 101: the connection is handed over to be
     /// spliced with the tunnel; `to_upstream` are tunnel bytes already read past the
-    /// request, `head` the upgrade request (what a reload authorizes again, [`allows`]).
-    fn upgraded(&mut self, _to_upstream: Bytes, _head: &RequestHead) {}
+    /// request, `head` the upgrade request and `auth` its verified JWT (what a reload
+    /// authorizes again, [`allows`]).
+    fn upgraded(
+        &mut self,
+        _to_upstream: Bytes,
+        _head: &RequestHead,
+        _auth: Option<Arc<Authenticated>>,
+    ) {
+    }
 
     /// One complete buffered exchange (not on the request paths, which stream; an
     /// implementation may build its mirrors on it): the complete response bytes; an error of kind `TimedOut` when no complete response came within
@@ -1445,7 +1499,7 @@ pub async fn serve_from<T: Tunnel, U: Upstream>(
         // Policy and routing before the body is read or anything is sent upstream.
         // The forward is bound by reference: a moved-out binding would hold a second copy
         // of it in the tunnel's future beside the (still reserved) decision.
-        let action = decide(cfg, ctx, &head, tr.rng);
+        let action = decide(cfg, ctx, &mut head, tr.rng);
         match action {
             Action::Respond(resp) => {
                 let status = status_of(&resp);
@@ -1479,7 +1533,10 @@ pub async fn serve_from<T: Tunnel, U: Upstream>(
                 }
                 tunnel.write(Bytes::from(resp)).await?;
             }
-            Action::Forward { ref forward } => {
+            Action::Forward {
+                ref forward,
+                ref auth,
+            } => {
                 // Hop-by-hop fields and `Expect` are not passed on; only an allowed
                 // upgrade is.
                 normalize_request(&mut head, upgrade.as_deref());
@@ -1555,7 +1612,7 @@ pub async fn serve_from<T: Tunnel, U: Upstream>(
                     Next::Bad(status) => return reject(tunnel, upstream, status).await,
                     Next::Abort(e) => return Err(e),
                     Next::Upgraded => {
-                        upstream.upgraded(buf.split().freeze(), &head);
+                        upstream.upgraded(buf.split().freeze(), &head, auth.clone());
                         return Ok(End::Upgraded);
                     }
                 }

@@ -3,11 +3,13 @@
 //!
 //! The modules (the pure ones table-tested, the I/O ones end to end):
 //! * [`config`] — the one configuration file: multi-document Kubernetes YAML (`HTTPRoute`,
-//!   `AuthorizationPolicy`, `DestinationRule`), mesh-model's workload/service document and
+//!   `GRPCRoute`, `AuthorizationPolicy`, `RequestAuthentication`, `DestinationRule`), mesh-model's workload/service document and
 //!   the `waypoint:` settings document (every field documented there); located errors.
 //! * [`route`] — Gateway API routing for service-addressed requests (R17), none for
 //!   pod-addressed ones (R16).
 //! * [`authz`] — Istio AuthorizationPolicy evaluation (R15).
+//! * [`jwt`] — Istio RequestAuthentication: JWTs found, verified (ring) and taken off the
+//!   request before policy, `401` for a bad one, a per-worker cache of verified tokens.
 //! * [`lb`] — least request, round robin, random, consistent hash, outlier detection.
 //! * [`http1`] — HTTP/1.1 inside a tunnel: request head (400/431), strict framing and
 //!   hop-by-hop removal, policy first, routing, streamed exchanges with the upstream
@@ -58,6 +60,7 @@ pub mod config;
 pub mod h2srv;
 pub mod http1;
 pub mod inner;
+pub mod jwt;
 pub mod lb;
 pub mod path;
 pub mod reload;

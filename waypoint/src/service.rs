@@ -868,13 +868,13 @@ async fn tunnel(w: Rc<Worker>, cert: Arc<WorkloadCert>, mut inb: Inbound) {
                         let revoked = Cell::new(false);
                         let head = up.upgrade_head.take();
                         let allowed = |l7: &WaypointConfig, ctx: &TunnelCtx| {
-                            head.as_ref().is_some_and(|h| {
+                            head.as_ref().is_some_and(|(h, auth)| {
                                 let hdrs: Vec<(&str, &str)> = h
                                     .headers
                                     .iter()
                                     .map(|(n, v)| (n.as_str(), v.as_str()))
                                     .collect();
-                                http1::allows(l7, ctx, h, &hdrs)
+                                http1::allows(l7, ctx, h, &hdrs, auth.as_deref())
                             })
                         };
                         let recheck =
@@ -1194,7 +1194,7 @@ struct HboneUpstream {
     upgrade: Option<H2Stream>,
     upgrade_first: Bytes,
     /// The upgrade request, authorized again at each reload while the connection lives.
-    upgrade_head: Option<http1::RequestHead>,
+    upgrade_head: Option<(http1::RequestHead, Option<Arc<crate::jwt::Authenticated>>)>,
     /// A kept stream just turned out closed: the next connect opens a new stream (the
     /// other kept ones of that endpoint are likely closed too).
     fresh_next: bool,
@@ -1401,22 +1401,12 @@ fn derive(
 
 /// The L4 policy verdict (R15) of an opaque TCP tunnel with facts `ctx` under `l7`.
 fn tcp_verdict(l7: &WaypointConfig, ctx: &TunnelCtx) -> crate::authz::Verdict {
-    let (service, workload) = match &ctx.destination {
-        http1::Destination::Service { service, .. } => (Some(service), None),
-        http1::Destination::Workload { namespace, labels } => {
-            (None, Some((namespace.as_str(), labels)))
-        }
-    };
-    let subject = crate::authz::Subject {
-        waypoint: &ctx.waypoint,
-        root_namespace: &ctx.root_namespace,
-        service,
-        workload,
-    };
+    let subject = http1::subject(ctx);
     let areq = crate::authz::Request {
         source_ip: ctx.source_ip,
         remote_ip: ctx.source_ip,
         principal: ctx.principal.as_deref(),
+        auth: None,
         destination_ip: ctx.destination_ip,
         destination_port: ctx.destination_port,
         host: "",
@@ -1642,9 +1632,14 @@ impl Upstream for HboneUpstream {
         Ok(r)
     }
 
-    fn upgraded(&mut self, to_upstream: Bytes, head: &http1::RequestHead) {
+    fn upgraded(
+        &mut self,
+        to_upstream: Bytes,
+        head: &http1::RequestHead,
+        auth: Option<Arc<crate::jwt::Authenticated>>,
+    ) {
         self.upgrade_first = to_upstream;
-        self.upgrade_head = Some(head.clone());
+        self.upgrade_head = Some((head.clone(), auth));
     }
 
     fn cancelled(&mut self) {

@@ -5,8 +5,9 @@ use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::path::Path;
 
-use waypoint::authz::{evaluate, PathPattern, Policy, Request, Subject, Verdict};
+use waypoint::authz::{evaluate, evaluate_tcp, PathPattern, Policy, Request, Subject, Verdict};
 use waypoint::config::load_str;
+use waypoint::jwt::Authenticated;
 use waypoint::route::ObjectRef;
 
 type Labels = BTreeMap<String, String>;
@@ -34,6 +35,8 @@ struct R {
     method: &'static str,
     path: &'static str,
     headers: Vec<(&'static str, &'static str)>,
+    /// The request's verified JWT.
+    auth: Option<Authenticated>,
 }
 
 fn req() -> R {
@@ -46,6 +49,28 @@ fn req() -> R {
         method: "GET",
         path: "/api/v1/items",
         headers: vec![],
+        auth: None,
+    }
+}
+
+/// A verified JWT of `iss/sub` with `claims` (its `aud` and `azp` taken from them).
+fn jwt(principal: &str, claims: serde_json::Value) -> Authenticated {
+    let claims = claims.as_object().unwrap().clone();
+    let audiences = match claims.get("aud") {
+        Some(serde_json::Value::String(a)) => vec![a.clone()],
+        Some(serde_json::Value::Array(l)) => {
+            l.iter().map(|a| a.as_str().unwrap().to_string()).collect()
+        }
+        _ => vec![],
+    };
+    Authenticated {
+        principal: principal.into(),
+        audiences,
+        presenter: claims
+            .get("azp")
+            .and_then(|p| p.as_str())
+            .map(str::to_string),
+        claims,
     }
 }
 
@@ -68,6 +93,7 @@ fn verdict_for(
         source_ip,
         remote_ip: r.remote_ip.map(|x| x.parse().unwrap()).unwrap_or(source_ip),
         principal: r.principal,
+        auth: r.auth.as_ref(),
         destination_ip: "10.96.0.10".parse().unwrap(),
         destination_port: r.port,
         host: r.host,
@@ -75,7 +101,11 @@ fn verdict_for(
         path: r.path,
         headers: &r.headers,
     };
-    evaluate(ps, &subject, &request)
+    if r.method.is_empty() {
+        evaluate_tcp(ps, &subject, &request)
+    } else {
+        evaluate(ps, &subject, &request)
+    }
 }
 
 fn allowed(ps: &[Policy], r: &R) -> bool {
@@ -91,7 +121,8 @@ fn allow_rule_fields_table() {
         f(&mut r);
         r
     };
-    let table: Vec<(&str, R, bool)> = vec![
+    let table: Vec<(&str, R, bool)> =
+        vec![
         // principals: exact, prefix*, *suffix, *
         (
             "- from: [{source: {principals: [cluster.local/ns/client/sa/sleep]}}]",
@@ -365,6 +396,94 @@ fn allow_rule_fields_table() {
             base.clone(),
             false,
         ),
+        // requestPrincipals: `<iss>/<sub>` of the verified JWT; none without one.
+        (
+            "- from: [{source: {requestPrincipals: [\"https://idp.example/alice\"]}}]",
+            with(&|r| r.auth = Some(jwt("https://idp.example/alice", serde_json::json!({})))),
+            true,
+        ),
+        (
+            "- from: [{source: {requestPrincipals: [\"https://idp.example/*\"]}}]",
+            with(&|r| r.auth = Some(jwt("https://other.example/alice", serde_json::json!({})))),
+            false,
+        ),
+        ("- from: [{source: {requestPrincipals: [\"*\"]}}]", base.clone(), false),
+        (
+            "- from: [{source: {requestPrincipals: [\"*\"]}}]",
+            with(&|r| r.auth = Some(jwt("i/s", serde_json::json!({})))),
+            true,
+        ),
+        ("- from: [{source: {notRequestPrincipals: [\"*\"]}}]", base.clone(), true),
+        (
+            "- from: [{source: {notRequestPrincipals: [\"*\"]}}]",
+            with(&|r| r.auth = Some(jwt("i/s", serde_json::json!({})))),
+            false,
+        ),
+        // The peer's principal and the request's are separate fields of one source.
+        (
+            "- from: [{source: {principals: [\"*/sa/sleep\"], requestPrincipals: [\"i/s\"]}}]",
+            with(&|r| r.auth = Some(jwt("i/s", serde_json::json!({})))),
+            true,
+        ),
+        (
+            "- from: [{source: {principals: [\"*/sa/other\"], requestPrincipals: [\"i/s\"]}}]",
+            with(&|r| r.auth = Some(jwt("i/s", serde_json::json!({})))),
+            false,
+        ),
+        // request.auth.*: principal, audiences (any), presenter, claims (string, list, nested).
+        (
+            "- when: [{key: request.auth.principal, values: [\"i/*\"]}]",
+            with(&|r| r.auth = Some(jwt("i/s", serde_json::json!({})))),
+            true,
+        ),
+        ("- when: [{key: request.auth.principal, values: [\"*\"]}]", base.clone(), false),
+        ("- when: [{key: request.auth.principal, notValues: [\"i/s\"]}]", base.clone(), true),
+        (
+            "- when: [{key: request.auth.audiences, values: [api]}]",
+            with(&|r| r.auth = Some(jwt("i/s", serde_json::json!({"aud": ["web", "api"]})))),
+            true,
+        ),
+        (
+            "- when: [{key: request.auth.audiences, notValues: [api]}]",
+            with(&|r| r.auth = Some(jwt("i/s", serde_json::json!({"aud": ["web", "api"]})))),
+            false,
+        ),
+        (
+            "- when: [{key: request.auth.presenter, values: [frontend]}]",
+            with(&|r| r.auth = Some(jwt("i/s", serde_json::json!({"azp": "frontend"})))),
+            true,
+        ),
+        (
+            "- when: [{key: \"request.auth.claims[groups]\", values: [admin]}]",
+            with(&|r| r.auth = Some(jwt("i/s", serde_json::json!({"groups": ["dev", "admin"]})))),
+            true,
+        ),
+        (
+            "- when: [{key: \"request.auth.claims[groups]\", values: [admin]}]",
+            with(&|r| r.auth = Some(jwt("i/s", serde_json::json!({"groups": ["dev"]})))),
+            false,
+        ),
+        (
+            "- when: [{key: \"request.auth.claims[groups]\", notValues: [dev]}]",
+            with(&|r| r.auth = Some(jwt("i/s", serde_json::json!({"groups": ["dev", "admin"]})))),
+            false,
+        ),
+        (
+            "- when: [{key: \"request.auth.claims[org][team]\", values: [\"blue*\"]}]",
+            with(&|r| r.auth = Some(jwt("i/s", serde_json::json!({"org": {"team": "blue-2"}})))),
+            true,
+        ),
+        // Only strings (and lists of them) are compared, as in Istio.
+        (
+            "- when: [{key: \"request.auth.claims[level]\", values: [\"3\"]}]",
+            with(&|r| r.auth = Some(jwt("i/s", serde_json::json!({"level": 3})))),
+            false,
+        ),
+        (
+            "- when: [{key: \"request.auth.claims[groups]\", values: [admin]}]",
+            base.clone(),
+            false,
+        ),
         // An empty rule matches everything.
         ("- {}", base.clone(), true),
     ];
@@ -414,6 +533,50 @@ fn evaluation_order() {
     let v = verdict_for(&ps, Some("echo"), None, &r);
     assert!(v.allowed);
     assert_eq!(v.audited, [ObjectRef::new("default", "p-AUDIT")]);
+}
+
+/// On opaque TCP (no HTTP request, no JWT) `requestPrincipals` and `request.auth.*` are
+/// HTTP-only, as headers are (Istio): never matched in an ALLOW rule, ignored in a DENY
+/// rule (which then denies on its other fields).
+#[test]
+fn request_principals_on_opaque_tcp_follow_istios_http_only_rule() {
+    let mut tcp = req();
+    tcp.method = "";
+    tcp.path = "";
+    tcp.host = "";
+    let allow = policies(&on_waypoint(
+        "ALLOW",
+        "  - from: [{source: {requestPrincipals: [\"*\"]}}]\n",
+    ));
+    assert!(!allowed(&allow, &tcp));
+    let allow = policies(&on_waypoint(
+        "ALLOW",
+        "  - from: [{source: {notRequestPrincipals: [\"*\"]}}]\n",
+    ));
+    assert!(!allowed(&allow, &tcp));
+    let deny = policies(&on_waypoint(
+        "DENY",
+        "  - from: [{source: {requestPrincipals: [\"*\"]}}]\n",
+    ));
+    assert!(!allowed(&deny, &tcp));
+    let deny = policies(&on_waypoint(
+        "DENY",
+        "  - from: [{source: {requestPrincipals: [\"*\"], namespaces: [elsewhere]}}]\n",
+    ));
+    assert!(
+        allowed(&deny, &tcp),
+        "the DENY's other field does not match"
+    );
+    let deny = policies(&on_waypoint(
+        "DENY",
+        "  - when: [{key: \"request.auth.claims[groups]\", values: [x]}]\n",
+    ));
+    assert!(!allowed(&deny, &tcp));
+    let allow = policies(&on_waypoint(
+        "ALLOW",
+        "  - when: [{key: request.auth.principal, notValues: [x]}]\n",
+    ));
+    assert!(!allowed(&allow, &tcp));
 }
 
 #[test]

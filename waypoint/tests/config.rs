@@ -17,6 +17,9 @@ fn err(text: &str) -> LoadError {
 
 const MESH: &str = "services:\n  - {name: echo, namespace: default, hostname: echo.default.svc.cluster.local, vips: [\"10.96.0.10\"], ports: {80: 8080}}\n";
 
+/// A key set of one P-256 key (its point is not checked until a token is).
+const JWKS: &str = r#"{"keys": [{"kty": "EC", "crv": "P-256", "x": "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA", "y": "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA"}]}"#;
+
 const ROUTE_V1: &str = "apiVersion: gateway.networking.k8s.io/v1
 kind: HTTPRoute
 metadata:
@@ -156,6 +159,9 @@ fn errors_name_document_line_and_field() {
     let ap = |spec: &str| {
         format!("apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: a}}\nspec:\n{spec}")
     };
+    let ra = |rules: &str| {
+        format!("apiVersion: security.istio.io/v1\nkind: RequestAuthentication\nmetadata: {{name: a}}\nspec:\n  jwtRules:\n{rules}")
+    };
     let table: Vec<(String, usize, Option<usize>, &str, &str)> = vec![
         // An unknown field in the second document, on the file's line 14.
         (
@@ -181,28 +187,32 @@ fn errors_name_document_line_and_field() {
             "spec.action",
             "CUSTOM is not supported",
         ),
-        // requestPrincipals (and the not form) are refused.
+        // A claim condition written other than request.auth.claims[name][member]….
         (
-            ap("  rules:\n  - from:\n    - source:\n        requestPrincipals: [\"*\"]\n"),
-            1,
-            Some(8),
-            "spec.rules[0].from[0].source.requestPrincipals",
-            "JWT",
-        ),
-        (
-            ap("  rules:\n  - from:\n    - source:\n        notRequestPrincipals: [\"*\"]\n"),
-            1,
-            Some(8),
-            "notRequestPrincipals",
-            "JWT",
-        ),
-        (
-            ap("  rules:\n  - when:\n    - key: request.auth.claims[iss]\n      values: [x]\n"),
+            ap("  rules:\n  - when:\n    - key: request.auth.claims[]\n      values: [x]\n"),
             1,
             None,
             "spec.rules[0].when[0].key",
-            "JWT",
+            "request.auth.claims[name]",
         ),
+        (
+            ap("  rules:\n  - when:\n    - key: request.auth.claims.iss\n      values: [x]\n"),
+            1,
+            None,
+            "spec.rules[0].when[0].key",
+            "request.auth.claims[name]",
+        ),
+        // RequestAuthentication: key sets inline only, valid ones, usable header names.
+        (ra("  - issuer: i\n    jwksUri: https://example.com/jwks\n"), 1, Some(7), "spec.jwtRules[0].jwksUri", "give the JWKS inline"),
+        (ra("  - issuer: i\n"), 1, Some(6), "spec.jwtRules[0].jwks", "required"),
+        (ra("  - issuer: \"\"\n    jwks: x\n"), 1, Some(6), "spec.jwtRules[0].issuer", "must not be empty"),
+        (ra("  - issuer: i\n    jwks: '{\"keys\": [{\"kty\": \"EC\", \"crv\": \"P-256\", \"x\": \"AA\", \"y\": \"AA\"}]}'\n"), 1, Some(7), "spec.jwtRules[0].jwks", "x and y must be 32 bytes"),
+        (ra("  - issuer: i\n    jwks: 'not json'\n"), 1, Some(7), "spec.jwtRules[0].jwks", "not a JWKS"),
+        (ra(&format!("  - issuer: i\n    jwks: '{JWKS}'\n    fromHeaders: [{{name: \"bad name\"}}]\n")), 1, None, "spec.jwtRules[0].fromHeaders[0].name", "not a valid header name"),
+        (ra(&format!("  - issuer: i\n    jwks: '{JWKS}'\n    outputClaimToHeaders: [{{header: host, claim: sub}}]\n")), 1, None, "outputClaimToHeaders[0].header", "sets itself"),
+        (ra(&format!("  - issuer: i\n    jwks: '{JWKS}'\n    outputClaimToHeaders: [{{header: x-a, claim: a..b}}]\n")), 1, None, "outputClaimToHeaders[0].claim", "not a claim name"),
+        (ra(&format!("  - issuer: i\n    jwks: '{JWKS}'\n    fromCookies: [\"a=b\"]\n")), 1, None, "fromCookies[0]", "not a cookie name"),
+        (ra("  - issuer: i\n    jwks: x\n    audience: [a]\n"), 1, Some(8), "spec.jwtRules[0]", "unknown field `audience`"),
         (
             ap("  rules:\n  - when:\n    - key: connection.sni\n      values: [x]\n"),
             1,

@@ -275,7 +275,7 @@ waypoint:
     };
     let denied = |cfg: &waypoint::config::WaypointConfig, xff: &str| {
         let mut rng = waypoint::lb::SplitMix64(1);
-        match decide(cfg, &ctx, &head(xff), &mut rng) {
+        match decide(cfg, &ctx, &mut head(xff), &mut rng) {
             Action::Respond(r) => r.starts_with(b"HTTP/1.1 403"),
             Action::Forward { .. } => false,
         }

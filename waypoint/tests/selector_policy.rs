@@ -47,15 +47,27 @@ spec:
   - from: [{source: {principals: [cluster.local/ns/app/sa/waypoint]}}]
 "#;
 
-/// The waypoint's file: the mesh model, then the selector policy (document 2), then the
-/// namespace-wide one (document 3).
+/// A workload-selector RequestAuthentication: a sidecar's, not a waypoint's.
+const SELECTOR_JWT: &str = r#"apiVersion: security.istio.io/v1
+kind: RequestAuthentication
+metadata: {name: jwt-echo, namespace: app}
+spec:
+  selector:
+    matchLabels: {app: echo}
+  jwtRules:
+  - issuer: https://idp.example
+    jwks: '{"keys": [{"kty": "oct", "k": "c2VjcmV0"}]}'
+"#;
+
+/// The waypoint's file: the mesh model, then the selector policy (document 2), the
+/// namespace-wide one (document 3) and the selector RequestAuthentication (document 4).
 fn waypoint_file() -> String {
     let model = common::app_model(
         Ipv4Addr::new(127, 0, 0, 1),
         "  - {name: echo, namespace: app, workloadIps: [\"10.1.0.20\"], labels: {app: echo}}\n",
         "  []\n",
     );
-    format!("{model}---\n{SELECTOR_DENY}---\n{NAMESPACE_ALLOW}")
+    format!("{model}---\n{SELECTOR_DENY}---\n{NAMESPACE_ALLOW}---\n{SELECTOR_JWT}")
 }
 
 #[test]
@@ -63,7 +75,13 @@ fn r15_waypoint_ignores_selector_policies_and_says_so() {
     let text = waypoint_file();
     let cfg = waypoint::config::load_str(std::path::Path::new("w.yaml"), &text, 1).unwrap();
     assert!(cfg.policies.is_empty(), "{:?}", cfg.policies);
-    assert_eq!(cfg.ignored_policies.len(), 2);
+    assert!(cfg.request_authns.is_empty(), "{:?}", cfg.request_authns);
+    assert_eq!(cfg.ignored_policies.len(), 3);
+    let jwt = &cfg.ignored_policies[2];
+    assert_eq!(
+        (jwt.kind, jwt.id.name.as_str(), jwt.document, jwt.reason),
+        ("RequestAuthentication", "jwt-echo", 4, "selector")
+    );
     let ns = &cfg.ignored_policies[1];
     assert_eq!(
         (ns.id.name.as_str(), ns.document, ns.reason),
@@ -90,7 +108,7 @@ fn r15_waypoint_ignores_selector_policies_and_says_so() {
         .enumerate()
         .filter(|(_, l)| *l == "spec:")
         .map(|(i, _)| i + 1)
-        .last()
+        .nth(1)
         .unwrap();
     assert_eq!(ns.line, ns_line);
     // The pod's labels reach the model the waypoint checks targets with.
@@ -104,14 +122,18 @@ fn r15_waypoint_ignores_selector_policies_and_says_so() {
     let (handle, shutdown) = start_with_stats(&ca, cfg);
     let body = stats_page(&handle);
     let want = format!(
-        "waypoint_policies_ignored{{policy=\"app/deny-echo\",document=\"2\",line=\"{line}\",reason=\"selector\"}} 1"
+        "waypoint_policies_ignored{{kind=\"AuthorizationPolicy\",policy=\"app/deny-echo\",document=\"2\",line=\"{line}\",reason=\"selector\"}} 1"
     );
     assert!(body.contains(&want), "{body}");
     assert!(
         body.contains(&format!(
-            "waypoint_policies_ignored{{policy=\"app/only-from-waypoint\",document=\"3\",line=\"{}\",reason=\"no_target_refs\"}} 1",
+            "waypoint_policies_ignored{{kind=\"AuthorizationPolicy\",policy=\"app/only-from-waypoint\",document=\"3\",line=\"{}\",reason=\"no_target_refs\"}} 1",
             ns_line
         )),
+        "{body}"
+    );
+    assert!(
+        body.contains("waypoint_policies_ignored{kind=\"RequestAuthentication\",policy=\"app/jwt-echo\",document=\"4\","),
         "{body}"
     );
     shutdown.drain(Duration::from_millis(200));

@@ -130,12 +130,12 @@ fn routed(cfg: &WaypointConfig, principal: Option<&str>) -> String {
         .map(Into::into);
     let ctx = echo_tunnel_ctx("192.0.2.9", principal.map(str::to_string), client_namespace);
     let raw = get("/", "echo.app.svc.cluster.local");
-    let head = match parse_head(raw.as_bytes()) {
+    let mut head = match parse_head(raw.as_bytes()) {
         Parsed::Head(h, _) => h,
         other => panic!("{other:?}"),
     };
-    match decide(cfg, &ctx, &head, &mut waypoint::lb::SplitMix64(1)) {
-        Action::Forward { forward } => forward.service.clone().expect("a service").0.name,
+    match decide(cfg, &ctx, &mut head, &mut waypoint::lb::SplitMix64(1)) {
+        Action::Forward { forward, .. } => forward.service.clone().expect("a service").0.name,
         Action::Respond(r) => String::from_utf8_lossy(&r).into_owned(),
     }
 }
