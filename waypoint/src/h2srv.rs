@@ -686,7 +686,7 @@ async fn request<U: Upstream>(
         + head.path.len()
         + 12;
     let mut body = H2Body(recv);
-    let mut denied = false;
+    let mut denied = None;
     let grpc = head
         .header("content-type")
         .is_some_and(|v| v.starts_with("application/grpc"));
@@ -709,7 +709,7 @@ async fn request<U: Upstream>(
     let (status, flags, body_len, response_bytes) = match action {
         Action::Respond(bytes) => {
             let status = resp_status(&bytes);
-            denied = status == 403;
+            denied = http1::Refusal::of_local(status);
             let n = bytes.len() as u64;
             send(&mut respond, bytes, head_request).await;
             (status, http1::local_flags(status), 0, n)

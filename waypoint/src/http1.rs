@@ -1230,8 +1230,30 @@ pub struct Record<'a> {
     pub response_bytes: u64,
     pub started: Instant,
     pub traceparent: &'a str,
-    /// Whether AuthorizationPolicy denied it (R15).
-    pub denied: bool,
+    /// Whether the waypoint refused it itself: AuthorizationPolicy (R15, `403`) or
+    /// RequestAuthentication (a bad JWT, `401`).
+    pub denied: Option<Refusal>,
+}
+
+/// Why the waypoint refused a request itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// AuthorizationPolicy (R15): `403`.
+    Policy,
+    /// RequestAuthentication: a JWT that did not verify, `401`.
+    Token,
+}
+
+impl Refusal {
+    /// The refusal a locally answered request of `status` was ([`decide`] answers `403`
+    /// for policy and `401` for a token, and no other local answer has those codes).
+    pub fn of_local(status: u16) -> Option<Refusal> {
+        match status {
+            403 => Some(Refusal::Policy),
+            401 => Some(Refusal::Token),
+            _ => None,
+        }
+    }
 }
 
 /// Set a valid `traceparent` on the request (kept when valid, else continued from the
@@ -1527,7 +1549,7 @@ pub async fn serve_from<T: Tunnel, U: Upstream>(
                 let resp = if close { with_close(resp) } else { resp };
                 let said = Said::new(Some(&head), request_bytes, started, &traceparent);
                 let flags = local_flags(status);
-                upstream.record(&said.record(status, flags, &resp, status == 403));
+                upstream.record(&said.record(status, flags, &resp, Refusal::of_local(status)));
                 if close {
                     return close_with(tunnel, resp, status).await;
                 }
@@ -1600,7 +1622,7 @@ pub async fn serve_from<T: Tunnel, U: Upstream>(
                     response_bytes: out.response_bytes,
                     started,
                     traceparent: &traceparent,
-                    denied: false,
+                    denied: None,
                 };
                 upstream.record(&rec);
                 match out.next {
@@ -2057,8 +2079,14 @@ impl<'a> Said<'a> {
     }
 
     /// The record of this request answered `resp` (`status`, `flags`) by the waypoint;
-    /// `denied` by AuthorizationPolicy (R15).
-    fn record(&self, status: u16, flags: &'static str, resp: &[u8], denied: bool) -> Record<'a> {
+    /// `denied` by policy or authentication.
+    fn record(
+        &self,
+        status: u16,
+        flags: &'static str,
+        resp: &[u8],
+        denied: Option<Refusal>,
+    ) -> Record<'a> {
         let head = self.head;
         Record {
             protocol: "HTTP/1.1",
@@ -2087,7 +2115,7 @@ async fn answer_and_close<T: Tunnel, U: Upstream>(
     status: u16,
     flags: &'static str,
 ) -> io::Result<End> {
-    upstream.record(&said.record(status, flags, &resp, false));
+    upstream.record(&said.record(status, flags, &resp, None));
     close_with(tunnel, resp, status).await
 }
 

@@ -133,6 +133,8 @@ pub struct Counters {
     pub request_timeouts: AtomicU64,
     /// HTTP requests denied by AuthorizationPolicy (R15, answered 403).
     pub denied: AtomicU64,
+    /// HTTP requests refused for a JWT that did not verify (RequestAuthentication, 401).
+    pub jwt_rejected: AtomicU64,
     /// Opaque TCP tunnels refused by L4 policy (R15).
     pub tcp_denied: AtomicU64,
     /// Opaque TCP bytes client → endpoint and endpoint → client.
@@ -417,6 +419,12 @@ pub fn prometheus(c: &Counters) -> String {
         "waypoint_http_denied",
         "HTTP requests denied by AuthorizationPolicy (R15).",
         c.denied.load(Relaxed),
+    );
+    counter(
+        &mut out,
+        "waypoint_jwt_rejected",
+        "HTTP requests answered 401 for a JWT that did not verify (RequestAuthentication).",
+        c.jwt_rejected.load(Relaxed),
     );
     counter(
         &mut out,
@@ -1804,8 +1812,18 @@ impl Upstream for HboneUpstream {
             }
         };
         crate::telemetry::observe(&set.counters, ms, r.request_bytes, r.response_bytes);
-        if r.denied {
-            self.worker.shared.counters.denied.fetch_add(1, Relaxed);
+        match r.denied {
+            Some(http1::Refusal::Policy) => {
+                self.worker.shared.counters.denied.fetch_add(1, Relaxed);
+            }
+            Some(http1::Refusal::Token) => {
+                self.worker
+                    .shared
+                    .counters
+                    .jwt_rejected
+                    .fetch_add(1, Relaxed);
+            }
+            None => {}
         }
         if access {
             let p = &self.view.peer;

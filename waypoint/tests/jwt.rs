@@ -397,6 +397,10 @@ fn r15_request_authentication_over_http1_tokens_checked_taken_off_and_used_by_po
     // Only the allowed requests reached the backend; the tunnel served all in turn.
     let seen: Vec<String> = m.seen.try_iter().collect();
     assert_eq!(seen.len(), 6, "{seen:?}");
+    // Counted apart: refused tokens, and policy denials.
+    let c = &m.handle.as_ref().unwrap().counters;
+    assert_eq!(c.jwt_rejected.load(std::sync::atomic::Ordering::Relaxed), 5);
+    assert_eq!(c.denied.load(std::sync::atomic::Ordering::Relaxed), 3);
 }
 
 #[test]
