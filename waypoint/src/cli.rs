@@ -58,7 +58,7 @@ pub fn main_with_args(args: Vec<std::ffi::OsString>) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let l7 = match crate::config::load_str(&config, &text, 1) {
+    let mut l7 = match crate::config::load_str(&config, &text, 1) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("error: {e}");
@@ -96,6 +96,9 @@ pub fn main_with_args(args: Vec<std::ffi::OsString>) -> ExitCode {
         eprintln!("error: signals: {e}");
         return ExitCode::from(1);
     }
+    // Key sets named by URI are fetched before the first snapshot is served.
+    let mut fetcher = crate::jwks::Fetcher::for_config(&l7);
+    fetcher.resolve(&mut l7, std::time::Instant::now());
     let publisher = Publisher::new(l7);
     let h = match service::start(settings, source, publisher.clone(), shutdown) {
         Ok(h) => h,
@@ -115,14 +118,20 @@ pub fn main_with_args(args: Vec<std::ffi::OsString>) -> ExitCode {
         h.addr
     );
     let _ = std::io::stdout().flush();
-    let _watcher =
-        match crate::reload::watch(config, text, Some(doc), publisher, h.counters.clone()) {
-            Ok(w) => w,
-            Err(e) => {
-                eprintln!("error: config watcher: {e}");
-                return ExitCode::from(1);
-            }
-        };
+    let _watcher = match crate::reload::watch(
+        config,
+        text,
+        Some(doc),
+        publisher,
+        h.counters.clone(),
+        fetcher,
+    ) {
+        Ok(w) => w,
+        Err(e) => {
+            eprintln!("error: config watcher: {e}");
+            return ExitCode::from(1);
+        }
+    };
     match h.join() {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -7,7 +7,7 @@
 //! | `HTTPRoute` | `gateway.networking.k8s.io/v1`, `/v1beta1` | [`crate::route::HttpRoute`] |
 //! | `GRPCRoute` | `gateway.networking.k8s.io/v1`, `/v1alpha2` | [`crate::route::HttpRoute`] (method matches as path matches, see `grpc_as_http`) |
 //! | `AuthorizationPolicy` | `security.istio.io/v1`, `/v1beta1` | [`crate::authz::Policy`] |
-//! | `RequestAuthentication` | `security.istio.io/v1`, `/v1beta1` | [`crate::jwt::RequestAuthn`]: `jwtRules[]` with `issuer`, `audiences`, `jwks` (inline JSON; `jwksUri` and `timeout` refused: the waypoint fetches no key set), `fromHeaders` (`name`, `prefix`), `fromParams`, `fromCookies`, `forwardOriginalToken`, `outputPayloadToHeader`, `outputClaimToHeaders` (`header`, `claim`) |
+//! | `RequestAuthentication` | `security.istio.io/v1`, `/v1beta1` | [`crate::jwt::RequestAuthn`]: `jwtRules[]` with `issuer`, `audiences`, `jwks` (inline JSON), or `jwksUri` (fetched, with `timeout`; neither: OpenID discovery from the issuer; see [`crate::jwks`]), `fromHeaders` (`name`, `prefix`), `fromParams`, `fromCookies`, `forwardOriginalToken`, `outputPayloadToHeader`, `outputClaimToHeaders` (`header`, `claim`) |
 //! | `DestinationRule` | `networking.istio.io/v1`, `/v1beta1`, `/v1alpha3` | [`ServiceLb`]: `trafficPolicy.loadBalancer`, `.outlierDetection` (`consecutive5xxErrors`, `consecutiveGatewayErrors`, `interval`, `baseEjectionTime`, `maxEjectionPercent`), `.connectionPool.http.useClientProtocol`, `.connectionPool.http.idleTimeout`, `.tls.mode: ISTIO_MUTUAL` (what HBONE is; other modes refused), `.portLevelSettings` (all of these per service port, each entry replacing the service's for its port); [`crate::breaker`]: `.connectionPool.tcp.maxConnections`, `.tcp.connectTimeout`, `.http.http1MaxPendingRequests`, `.http.http2MaxRequests`, `.http.maxRequestsPerConnection`, `.http.maxRetries` |
 //! | no `apiVersion`/`kind`, a `waypoint:` key | — | [`SettingsDoc`], exactly one for the binary |
 //! | no `apiVersion`/`kind`, no `waypoint:` key | — | mesh-model's local config (`namespaces`, `workloads`, `services`, `policies`, `waypoints`, `nodes`; see the `mesh_model` crate docs), at most one |
@@ -25,8 +25,8 @@
 //!
 //! `metadata` takes `name` (required), `namespace` (default `default`), `creationTimestamp`,
 //! `labels` and `annotations`. Every other key anywhere is an error; so are features the
-//! waypoint does not implement (AuthorizationPolicy `CUSTOM`, RequestAuthentication
-//! `jwksUri`, HTTPRoute `hostnames`, non-Service parents, …). Errors name
+//! waypoint does not implement (AuthorizationPolicy `CUSTOM`, HTTPRoute `hostnames`,
+//! non-Service parents, …). Errors name
 //! the file, the line in the file, the document (counted from 1, blank documents not
 //! counted) and the field: `w.yaml:7:3: document 2: field `waypoint`: unknown field `listn``.
 //!
@@ -66,6 +66,11 @@
 //!                                # wait for the client's first bytes (up to idle_timeout,
 //!                                # then close); > 0: silence this long means opaque TCP
 //!                                # (a server-first protocol)
+//!   jwks_refresh: 20m            # default (istiod's): how often key sets named by URI
+//!                                # (RequestAuthentication jwksUri, OpenID discovery) are
+//!                                # fetched again; see `crate::jwks`
+//!   jwks_ca: /etc/idp/ca.pem     # optional: PEM roots for https key sets instead of the
+//!                                # system's (SSL_CERT_FILE, else the usual bundle files)
 //! runtime: { workers: 2 }        # optional: replaces the --profile's runtime knobs
 //! h2: { max_streams_per_connection: 100 }   # optional: replaces the --profile's h2 knobs
 //! ```
@@ -89,12 +94,12 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Deserializer};
 
 use crate::authz::{self, Attachment, Condition, Key, OneOf, PathPattern, StrMatch};
-use crate::jwt;
 use crate::lb::{HashKey, LbPolicy, OutlierDetection};
 use crate::route::{
     Backend, Filter, HeaderModifier, HttpRoute, Mirror, ObjectRef, PathMatch, PathModifier,
     Redirect, Retry, Rewrite, RouteMatch, RouteTable, Rule, Timeouts, ValueMatch,
 };
+use crate::{jwks, jwt};
 
 /// A configuration error: file, document, line, field, message.
 #[derive(Debug, thiserror::Error)]
@@ -738,6 +743,19 @@ pub struct WaypointSection {
     /// closed).
     #[serde(default, with = "runtime::config::duration")]
     pub protocol_detection_timeout: Duration,
+    /// How often key sets fetched for RequestAuthentication (`jwksUri`, OpenID
+    /// discovery) are fetched again (default 20 min, istiod's
+    /// `PILOT_JWT_PUB_KEY_REFRESH_INTERVAL`). See [`crate::jwks`].
+    #[serde(default = "default_jwks_refresh", with = "runtime::config::duration")]
+    pub jwks_refresh: Duration,
+    /// PEM roots trusted for `https://` key sets instead of the system's (a private
+    /// identity provider).
+    #[serde(default)]
+    pub jwks_ca: Option<PathBuf>,
+}
+
+fn default_jwks_refresh() -> Duration {
+    jwks::REFRESH
 }
 
 /// The waypoint's own bounds on a tunnel's waits (the settings document's
@@ -2266,24 +2284,37 @@ fn compile_request_authn(d: &Doc<RequestAuthnSpec>) -> Result<jwt::RequestAuthn,
         if r.issuer.is_empty() {
             return Err(Invalid::new(format!("{f}.issuer"), "must not be empty"));
         }
-        if r.jwks_uri.is_some() || r.timeout.is_some() {
-            let field = if r.jwks_uri.is_some() {
-                "jwksUri"
-            } else {
-                "timeout"
-            };
-            return Err(Invalid::new(
-                format!("{f}.{field}"),
-                "the waypoint does not fetch key sets: give the JWKS inline as `jwks` (as istiod hands it to Envoy)",
-            ));
-        }
-        let text = r.jwks.as_deref().ok_or_else(|| {
-            Invalid::new(
-                format!("{f}.jwks"),
-                "required: the issuer's JWKS (JSON), inline (OpenID discovery of the issuer's keys is not done)",
-            )
-        })?;
-        let keys = jwt::parse_jwks(text).map_err(|e| Invalid::new(format!("{f}.jwks"), e))?;
+        let timeout = match &r.timeout {
+            None => jwks::TIMEOUT,
+            Some(t) => runtime::config::duration::parse(t)
+                .map_err(|e| Invalid::new(format!("{f}.timeout"), e))?,
+        };
+        let (keys, remote) = match (&r.jwks, &r.jwks_uri) {
+            (Some(_), Some(_)) => {
+                return Err(Invalid::new(
+                    format!("{f}.jwksUri"),
+                    "only one of jwks and jwksUri may be set",
+                ))
+            }
+            (Some(text), None) => (
+                jwt::parse_jwks(text).map_err(|e| Invalid::new(format!("{f}.jwks"), e))?,
+                None,
+            ),
+            (None, Some(uri)) => {
+                jwks::check_uri(uri).map_err(|e| Invalid::new(format!("{f}.jwksUri"), e))?;
+                (vec![], Some(jwks::Source::Uri(uri.clone())))
+            }
+            // Neither: OpenID discovery from the issuer, as istiod does.
+            (None, None) => {
+                jwks::check_uri(&r.issuer).map_err(|e| {
+                    Invalid::new(
+                        format!("{f}.jwks"),
+                        format!("jwks or jwksUri is required when the issuer is not a URL to discover keys from ({e})"),
+                    )
+                })?;
+                (vec![], Some(jwks::Source::Discovery))
+            }
+        };
         let mut from = vec![];
         for (j, h) in r.from_headers.iter().enumerate() {
             let name = header_name(&h.name)
@@ -2312,6 +2343,11 @@ fn compile_request_authn(d: &Doc<RequestAuthnSpec>) -> Result<jwt::RequestAuthn,
             from.push(jwt::Location::Cookie(c.clone()));
         }
         let mut rule = jwt::JwtRule::new(r.issuer.clone(), keys, from);
+        rule.remote = remote.map(|source| jwks::Remote {
+            source,
+            timeout,
+            generation: 0,
+        });
         rule.audiences = r.audiences.clone();
         rule.forward_original_token = r.forward_original_token;
         rule.output_payload_to_header = match &r.output_payload_to_header {

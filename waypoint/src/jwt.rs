@@ -107,6 +107,8 @@ pub struct JwtRule {
     pub output_payload_to_header: Option<String>,
     /// (header name lower-cased, claim path split at `.`).
     pub output_claim_to_headers: Vec<(String, Vec<String>)>,
+    /// Where `keys` are fetched from, when they are not inline ([`crate::jwks`]).
+    pub remote: Option<crate::jwks::Remote>,
 }
 
 static SERIAL: AtomicU64 = AtomicU64::new(1);
@@ -127,6 +129,7 @@ impl JwtRule {
             forward_original_token: false,
             output_payload_to_header: None,
             output_claim_to_headers: vec![],
+            remote: None,
         }
     }
 }
@@ -190,6 +193,7 @@ impl Alg {
 }
 
 /// A key of a JWKS.
+#[derive(Clone)]
 pub struct Jwk {
     pub kid: Option<String>,
     /// The key's own `alg`, when it names one: only tokens of that algorithm use it.
@@ -197,6 +201,7 @@ pub struct Jwk {
     material: Material,
 }
 
+#[derive(Clone)]
 enum Material {
     Rsa {
         n: Vec<u8>,

@@ -10,6 +10,8 @@
 //! * [`authz`] — Istio AuthorizationPolicy evaluation (R15).
 //! * [`jwt`] — Istio RequestAuthentication: JWTs found, verified (ring) and taken off the
 //!   request before policy, `401` for a bad one, a per-worker cache of verified tokens.
+//! * [`jwks`] — key sets of `jwksUri` or OpenID discovery, fetched by the control thread
+//!   (at start, on reload, every `jwks_refresh`).
 //! * [`lb`] — least request, round robin, random, consistent hash, outlier detection.
 //! * [`http1`] — HTTP/1.1 inside a tunnel: request head (400/431), strict framing and
 //!   hop-by-hop removal, policy first, routing, streamed exchanges with the upstream
@@ -60,6 +62,7 @@ pub mod config;
 pub mod h2srv;
 pub mod http1;
 pub mod inner;
+pub mod jwks;
 pub mod jwt;
 pub mod lb;
 pub mod path;

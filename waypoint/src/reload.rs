@@ -30,16 +30,21 @@
 //!
 //! The settings document (`waypoint:`, `runtime`, `h2`) is read at start only: a change to
 //! it is logged ("restart to apply") and the rest of the file is still reloaded.
+//!
+//! The same thread fetches the key sets RequestAuthentication rules name by URI
+//! ([`crate::jwks`]): those of a reloaded file before it is published, and each set again
+//! when its refresh is due (a changed set is published as a new snapshot).
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use runtime::filewatch::FileWatch;
 use runtime::Publisher;
 
 use crate::config::{self, SettingsDoc, WaypointConfig};
+use crate::jwks::Fetcher;
 use crate::service::Counters;
 
 /// How often the file is looked at.
@@ -61,14 +66,17 @@ impl Drop for Watcher {
 }
 
 /// Watch `file`; `text` is what the running snapshot was loaded from and `settings` the
-/// settings document in force.
+/// settings document in force; `fetcher` has the key sets the running snapshot was given
+/// (and counts in `counters` from now on).
 pub fn watch(
     file: PathBuf,
     text: String,
     settings: Option<SettingsDoc>,
     publisher: Publisher<WaypointConfig>,
     counters: Arc<Counters>,
+    mut fetcher: Fetcher,
 ) -> std::io::Result<Watcher> {
+    fetcher.count_in(counters.clone());
     let stop = Arc::new(AtomicBool::new(false));
     let s2 = stop.clone();
     let thread = std::thread::Builder::new()
@@ -79,10 +87,19 @@ pub fn watch(
             let mut watch = FileWatch::new(&file, text);
             while !s2.load(Ordering::SeqCst) {
                 std::thread::sleep(POLL);
+                let now = Instant::now();
+                if fetcher.due(now) {
+                    let mut next = (*publisher.load()).clone();
+                    if fetcher.resolve(&mut next, now) {
+                        let v = publisher.publish(next);
+                        tracing::info!(version = v, "key sets refreshed: config snapshot published");
+                    }
+                }
                 let Some(text) = watch.poll() else { continue };
                 match config::load_str(&file, &text, publisher.version() + 1) {
                     Ok(mut next) => {
                         next.adopt_breakers(&publisher.load());
+                        fetcher.resolve(&mut next, Instant::now());
                         if next.settings != settings {
                             tracing::warn!(file = %file.display(), "the settings document (waypoint/runtime/h2) changed: restart to apply it; reloading routes, policies and the model only");
                         }
@@ -133,6 +150,7 @@ mod tests {
             None,
             publisher.clone(),
             counters.clone(),
+            Fetcher::new(crate::jwks::REFRESH, None),
         )
         .unwrap();
         (w, counters, publisher)

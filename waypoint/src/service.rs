@@ -135,6 +135,10 @@ pub struct Counters {
     pub denied: AtomicU64,
     /// HTTP requests refused for a JWT that did not verify (RequestAuthentication, 401).
     pub jwt_rejected: AtomicU64,
+    /// Key sets fetched for RequestAuthentication (`jwksUri`, discovery), and how many
+    /// of those fetches failed ([`crate::jwks`]).
+    pub jwks_fetches: AtomicU64,
+    pub jwks_fetch_errors: AtomicU64,
     /// Opaque TCP tunnels refused by L4 policy (R15).
     pub tcp_denied: AtomicU64,
     /// Opaque TCP bytes client → endpoint and endpoint → client.
@@ -425,6 +429,18 @@ pub fn prometheus(c: &Counters) -> String {
         "waypoint_jwt_rejected",
         "HTTP requests answered 401 for a JWT that did not verify (RequestAuthentication).",
         c.jwt_rejected.load(Relaxed),
+    );
+    counter(
+        &mut out,
+        "waypoint_jwks_fetches",
+        "Key set fetches for RequestAuthentication (jwksUri, OpenID discovery).",
+        c.jwks_fetches.load(Relaxed),
+    );
+    counter(
+        &mut out,
+        "waypoint_jwks_fetch_errors",
+        "Key set fetches that failed (the last good set, if any, is kept).",
+        c.jwks_fetch_errors.load(Relaxed),
     );
     counter(
         &mut out,

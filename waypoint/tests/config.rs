@@ -203,8 +203,10 @@ fn errors_name_document_line_and_field() {
             "request.auth.claims[name]",
         ),
         // RequestAuthentication: key sets inline only, valid ones, usable header names.
-        (ra("  - issuer: i\n    jwksUri: https://example.com/jwks\n"), 1, Some(7), "spec.jwtRules[0].jwksUri", "give the JWKS inline"),
-        (ra("  - issuer: i\n"), 1, Some(6), "spec.jwtRules[0].jwks", "required"),
+        (ra(&format!("  - issuer: i\n    jwks: '{JWKS}'\n    jwksUri: https://example.com/jwks\n")), 1, Some(8), "spec.jwtRules[0].jwksUri", "only one of jwks and jwksUri"),
+        (ra("  - issuer: i\n    jwksUri: ftp://example.com/jwks\n"), 1, Some(7), "spec.jwtRules[0].jwksUri", "http:// or https://"),
+        (ra("  - issuer: i\n    jwksUri: https://x/k\n    timeout: 5 seconds\n"), 1, Some(8), "spec.jwtRules[0].timeout", ""),
+        (ra("  - issuer: i\n"), 1, Some(6), "spec.jwtRules[0].jwks", "jwks or jwksUri is required"),
         (ra("  - issuer: \"\"\n    jwks: x\n"), 1, Some(6), "spec.jwtRules[0].issuer", "must not be empty"),
         (ra("  - issuer: i\n    jwks: '{\"keys\": [{\"kty\": \"EC\", \"crv\": \"P-256\", \"x\": \"AA\", \"y\": \"AA\"}]}'\n"), 1, Some(7), "spec.jwtRules[0].jwks", "x and y must be 32 bytes"),
         (ra("  - issuer: i\n    jwks: 'not json'\n"), 1, Some(7), "spec.jwtRules[0].jwks", "not a JWKS"),

@@ -448,3 +448,214 @@ fn r15_request_authentication_over_http2_to_http1_and_http2_upstreams() {
     assert_eq!(m.seen.try_iter().count(), 2);
     assert_eq!(m.h2seen.try_iter().count(), 2);
 }
+
+/// A test identity provider over HTTPS on `127.0.0.1` (its certificate from its own root,
+/// whose PEM it writes to `ca_file`): `/.well-known/openid-configuration` names its
+/// `/jwks`, which serves `keys` (JSON), or `500` while `up` is false. Counts key set
+/// fetches.
+#[derive(Default)]
+struct Idp {
+    keys: arc_swap::ArcSwap<String>,
+    up: std::sync::atomic::AtomicBool,
+    fetches: std::sync::atomic::AtomicUsize,
+}
+
+fn start_idp(ca_file: &std::path::Path) -> (SocketAddr, Arc<Idp>) {
+    use std::io::Read;
+    use std::sync::atomic::Ordering::SeqCst;
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca = rcgen::CertifiedIssuer::self_signed(ca_params, rcgen::KeyPair::generate().unwrap())
+        .unwrap();
+    std::fs::write(ca_file, ca.pem()).unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()])
+        .unwrap()
+        .signed_by(&key, &ca)
+        .unwrap();
+    let config = rustls::ServerConfig::builder_with_provider(hbone::tls::provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![cert.der().clone()],
+            rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+        )
+        .unwrap();
+    let config = Arc::new(config);
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    let idp = Arc::new(Idp::default());
+    idp.up.store(true, SeqCst);
+    let state = idp.clone();
+    std::thread::spawn(move || {
+        for tcp in l.incoming() {
+            let Ok(tcp) = tcp else { continue };
+            let conn = rustls::ServerConnection::new(config.clone()).unwrap();
+            let mut s = rustls::StreamOwned::new(conn, tcp);
+            let mut head = Vec::new();
+            let mut b = [0u8; 1024];
+            while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                match s.read(&mut b) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => head.extend_from_slice(&b[..n]),
+                }
+            }
+            let head = String::from_utf8_lossy(&head).into_owned();
+            let path = head.split(' ').nth(1).unwrap_or("").to_string();
+            let (status, body) = if path == "/.well-known/openid-configuration" {
+                (200, json!({"issuer": format!("https://{addr}"), "jwks_uri": format!("https://{addr}/jwks")}).to_string())
+            } else if path == "/jwks" {
+                state.fetches.fetch_add(1, SeqCst);
+                if state.up.load(SeqCst) {
+                    (200, state.keys.load().to_string())
+                } else {
+                    (500, "down".into())
+                }
+            } else {
+                (404, String::new())
+            };
+            // The key set goes chunked, the rest with a length.
+            let resp = if path == "/jwks" && status == 200 {
+                format!(
+                    "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ncontent-type: application/json\r\n\r\n{:x}\r\n{body}\r\n0\r\n\r\n",
+                    body.len()
+                )
+            } else {
+                format!(
+                    "HTTP/1.1 {status} X\r\ncontent-length: {}\r\n\r\n{body}",
+                    body.len()
+                )
+            };
+            let _ = s.write_all(resp.as_bytes());
+            let _ = s.flush();
+            s.conn.send_close_notify();
+            let _ = s.flush();
+        }
+    });
+    (addr, idp)
+}
+
+/// Wait (up to `common::EVENT_BOUND`) until `f` holds.
+fn eventually(what: &str, f: impl Fn() -> bool) {
+    let until = std::time::Instant::now() + common::EVENT_BOUND;
+    while !f() {
+        assert!(
+            std::time::Instant::now() < until,
+            "timed out waiting for: {what}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// One request on its own tunnel through the waypoint binary with `token` (if any):
+/// (status, body).
+fn ask(wp: &common::EchoBinary, token: Option<&str>) -> (u16, String) {
+    block_on(async {
+        let (_c, mut s) = wp.tunnel().await;
+        let auth = token.map(|t| format!("Bearer {t}"));
+        s.write_all(Bytes::from(get("/open", auth.as_deref())), false)
+            .await
+            .unwrap();
+        let r = read_response(&mut s, &mut Vec::new()).await;
+        (r.status, r.text())
+    })
+}
+
+/// Keys by URI, in the `waypoint` binary: fetched over HTTPS (the provider's own root as
+/// `jwks_ca`) by OpenID discovery before READY, so the first request verifies; a key
+/// rotation at the provider is picked up by the refresh, and the old key's tokens are
+/// refused from then on (the verified-token cache does not outlive its key set); a
+/// provider that fails keeps the last good set; a key set never fetched refuses its
+/// issuer's tokens (401), while requests without a token pass.
+#[test]
+fn r15_jwks_fetched_by_discovery_refreshed_and_failing_closed() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let (a, b) = (Key::new("a"), Key::new("b"));
+    let dir = common::test_dir("jwks-idp");
+    let ca_file = dir.join("idp-ca.pem");
+    let (idp_addr, idp) = start_idp(&ca_file);
+    idp.keys.store(Arc::new(json!({"keys": [a.jwk()]}).to_string()));
+    let issuer = format!("https://{idp_addr}");
+    let dead = Key::new("d");
+    let wp = common::EchoBinary::start(
+        59,
+        "jwks-binary",
+        |ip| backend(ip).0,
+        |model, settings| {
+            let settings = settings.replace(
+                "waypoint:\n",
+                &format!(
+                    "waypoint:\n  jwks_refresh: 1s\n  jwks_ca: {}\n",
+                    ca_file.display()
+                ),
+            );
+            format!(
+                r#"{model}---
+{settings}---
+apiVersion: security.istio.io/v1
+kind: RequestAuthentication
+metadata: {{name: discovered, namespace: app}}
+spec:
+  targetRefs: [{{kind: Gateway, group: gateway.networking.k8s.io, name: wp}}]
+  jwtRules:
+  - issuer: {issuer}
+    outputClaimToHeaders: [{{header: x-jwt-sub, claim: sub}}]
+---
+apiVersion: security.istio.io/v1
+kind: RequestAuthentication
+metadata: {{name: unreachable, namespace: app}}
+spec:
+  targetRefs: [{{kind: Service, name: echo}}]
+  jwtRules:
+  - issuer: https://dead.example
+    jwksUri: http://127.0.0.1:1/jwks
+    timeout: 2s
+"#
+            )
+        },
+    );
+    let sign = |k: &Key, iss: &str, sub: &str| {
+        k.sign(json!({"iss": iss, "sub": sub, "exp": now() + 3600}))
+    };
+    let (ta, tb) = (sign(&a, &issuer, "alice"), sign(&b, &issuer, "bob"));
+    // Fetched before READY: the first request verifies.
+    assert_eq!(
+        ask(&wp, Some(&ta)),
+        (200, "/open auth=- sub=alice groups=-".into())
+    );
+    assert_eq!(ask(&wp, Some(&tb)).0, 401);
+    assert_eq!(ask(&wp, None).0, 200);
+    // The unreachable provider's issuer: tokens refused, for want of keys.
+    assert_eq!(
+        ask(&wp, Some(&sign(&dead, "https://dead.example", "x"))),
+        (
+            401,
+            "Jwks doesn't have key to match kid or alg from Jwt".into()
+        )
+    );
+    // Rotation: the provider now serves b only.
+    idp.keys.store(Arc::new(json!({"keys": [b.jwk()]}).to_string()));
+    eventually("the new key set is in force", || {
+        ask(&wp, Some(&tb)).0 == 200
+    });
+    assert_eq!(
+        ask(&wp, Some(&ta)),
+        (
+            401,
+            "Jwks doesn't have key to match kid or alg from Jwt".into()
+        )
+    );
+    // The provider fails: fetches fail, counted, and the last good set keeps serving.
+    idp.up.store(false, SeqCst);
+    let failing = idp.fetches.load(SeqCst);
+    eventually("a failed fetch", || {
+        wp.metric("waypoint_jwks_fetch_errors_total") > 0 && idp.fetches.load(SeqCst) > failing
+    });
+    assert_eq!(
+        ask(&wp, Some(&tb)),
+        (200, "/open auth=- sub=bob groups=-".into())
+    );
+    assert!(wp.metric("waypoint_jwks_fetches_total") >= 4);
+    let _ = std::fs::remove_dir_all(&dir);
+}

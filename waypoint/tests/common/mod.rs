@@ -1154,7 +1154,9 @@ impl Watched {
         std::fs::create_dir_all(&dir).unwrap();
         let file = dir.join(name);
         std::fs::write(&file, &text).unwrap();
-        let l7 = waypoint::config::load_str(&file, &text, 1).unwrap_or_else(|e| panic!("{e}"));
+        let mut l7 = waypoint::config::load_str(&file, &text, 1).unwrap_or_else(|e| panic!("{e}"));
+        let mut fetcher = waypoint::jwks::Fetcher::for_config(&l7);
+        fetcher.resolve(&mut l7, std::time::Instant::now());
         let shutdown = runtime::Shutdown::new();
         let source: Arc<dyn hbone::ca::CertSource> = ca.clone();
         let publisher = runtime::Publisher::new(l7);
@@ -1165,9 +1167,15 @@ impl Watched {
             shutdown.clone(),
         )
         .unwrap();
-        let watcher =
-            waypoint::reload::watch(file.clone(), text, None, publisher, handle.counters.clone())
-                .unwrap();
+        let watcher = waypoint::reload::watch(
+            file.clone(),
+            text,
+            None,
+            publisher,
+            handle.counters.clone(),
+            fetcher,
+        )
+        .unwrap();
         Watched {
             file,
             shutdown,
