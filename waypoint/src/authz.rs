@@ -2,7 +2,8 @@
 //! Istio's order — any matching DENY denies; with no ALLOW policy the request is allowed;
 //! otherwise some ALLOW policy must match. AUDIT policies never change the outcome.
 //!
-//! Compiled from YAML by [`crate::config`] (CUSTOM is refused there). A denial is answered
+//! Compiled from YAML by [`crate::config`]. CUSTOM policies name an external authorizer
+//! ([`crate::ext_authz`]) asked before DENY and ALLOW ([`custom`]). A denial is answered
 //! `403` with body [`DENIED_BODY`], before any upstream connection is made.
 //! `requestPrincipals` and the `request.auth.*` conditions read the request's verified JWT
 //! ([`crate::jwt`], from `RequestAuthentication`); a request without one has no request
@@ -25,6 +26,8 @@ pub enum Action {
     Allow,
     Deny,
     Audit,
+    /// Ask the policy's extension provider ([`crate::ext_authz`]); evaluated first.
+    Custom,
 }
 
 /// Istio's string forms: `"*"`, `"prefix*"`, `"*suffix"`, exact.
@@ -237,6 +240,8 @@ pub enum Attachment {
 pub struct Policy {
     pub id: ObjectRef,
     pub action: Action,
+    /// The extension provider of a CUSTOM policy.
+    pub provider: Option<String>,
     pub attachment: Attachment,
     pub rules: Vec<Rule>,
 }
@@ -500,6 +505,29 @@ pub struct Verdict {
     /// The DENY policy that denied, or the ALLOW policy that allowed.
     pub policy: Option<ObjectRef>,
     pub audited: Vec<ObjectRef>,
+}
+
+/// The extension provider of the first applicable CUSTOM policy whose rules match `r`
+/// (Istio evaluates CUSTOM before DENY and ALLOW; [`evaluate`] leaves CUSTOM policies
+/// out).
+pub fn custom<'p>(policies: &'p [Policy], s: &Subject<'_>, r: &Request<'_>) -> Option<&'p str> {
+    policies
+        .iter()
+        .find(|p| p.action == Action::Custom && p.applies(s) && p.matches(r))
+        .and_then(|p| p.provider.as_deref())
+}
+
+/// [`custom`] for an opaque TCP tunnel: HTTP-only fields read as in a DENY rule (ignored),
+/// so a CUSTOM policy matches as widely as it could.
+pub fn custom_tcp<'p>(policies: &'p [Policy], s: &Subject<'_>, r: &Request<'_>) -> Option<&'p str> {
+    policies
+        .iter()
+        .find(|p| {
+            p.action == Action::Custom
+                && p.applies(s)
+                && p.rules.iter().any(|rule| rule.matches_tcp(r, true))
+        })
+        .and_then(|p| p.provider.as_deref())
 }
 
 /// Evaluate every applicable policy in Istio's order.

@@ -6,10 +6,11 @@
 //! |----------|--------------|-------------|
 //! | `HTTPRoute` | `gateway.networking.k8s.io/v1`, `/v1beta1` | [`crate::route::HttpRoute`] |
 //! | `GRPCRoute` | `gateway.networking.k8s.io/v1`, `/v1alpha2` | [`crate::route::HttpRoute`] (method matches as path matches, see `grpc_as_http`) |
-//! | `AuthorizationPolicy` | `security.istio.io/v1`, `/v1beta1` | [`crate::authz::Policy`] |
+//! | `AuthorizationPolicy` | `security.istio.io/v1`, `/v1beta1` | [`crate::authz::Policy`] (`CUSTOM` with `provider.name`: an extension provider of the MeshConfig document) |
 //! | `RequestAuthentication` | `security.istio.io/v1`, `/v1beta1` | [`crate::jwt::RequestAuthn`]: `jwtRules[]` with `issuer`, `audiences`, `jwks` (inline JSON), or `jwksUri` (fetched, with `timeout`; neither: OpenID discovery from the issuer; see [`crate::jwks`]), `fromHeaders` (`name`, `prefix`), `fromParams`, `fromCookies`, `forwardOriginalToken`, `outputPayloadToHeader`, `outputClaimToHeaders` (`header`, `claim`) |
 //! | `DestinationRule` | `networking.istio.io/v1`, `/v1beta1`, `/v1alpha3` | [`ServiceLb`]: `trafficPolicy.loadBalancer`, `.outlierDetection` (`consecutive5xxErrors`, `consecutiveGatewayErrors`, `interval`, `baseEjectionTime`, `maxEjectionPercent`), `.connectionPool.http.useClientProtocol`, `.connectionPool.http.idleTimeout`, `.tls.mode: ISTIO_MUTUAL` (what HBONE is; other modes refused), `.portLevelSettings` (all of these per service port, each entry replacing the service's for its port); [`crate::breaker`]: `.connectionPool.tcp.maxConnections`, `.tcp.connectTimeout`, `.http.http1MaxPendingRequests`, `.http.http2MaxRequests`, `.http.maxRequestsPerConnection`, `.http.maxRetries` |
 //! | no `apiVersion`/`kind`, a `waypoint:` key | — | [`SettingsDoc`], exactly one for the binary |
+//! | no `apiVersion`/`kind`, a `meshConfig:` key | — | Istio MeshConfig's `extensionProviders` of kind `envoyExtAuthzHttp` (`service`: a model service's hostname, or `namespace/hostname`; `port`, `pathPrefix`, `timeout`, `failOpen`, `statusOnError`, `includeRequestHeadersInCheck`, `includeAdditionalHeadersInCheck`, `headersToUpstreamOnAllow`, `headersToDownstreamOnDeny`), at most one, reloaded with the file; see [`crate::ext_authz`] |
 //! | no `apiVersion`/`kind`, no `waypoint:` key | — | mesh-model's local config (`namespaces`, `workloads`, `services`, `policies`, `waypoints`, `nodes`; see the `mesh_model` crate docs), at most one |
 //!
 //! An `AuthorizationPolicy` or `RequestAuthentication` without `targetRefs` (a workload
@@ -25,8 +26,8 @@
 //!
 //! `metadata` takes `name` (required), `namespace` (default `default`), `creationTimestamp`,
 //! `labels` and `annotations`. Every other key anywhere is an error; so are features the
-//! waypoint does not implement (AuthorizationPolicy `CUSTOM`, HTTPRoute `hostnames`,
-//! non-Service parents, …). Errors name
+//! waypoint does not implement (HTTPRoute `hostnames`, non-Service parents, extension
+//! providers other than `envoyExtAuthzHttp`, …). Errors name
 //! the file, the line in the file, the document (counted from 1, blank documents not
 //! counted) and the field: `w.yaml:7:3: document 2: field `waypoint`: unknown field `listn``.
 //!
@@ -99,7 +100,7 @@ use crate::route::{
     Backend, Filter, HeaderModifier, HttpRoute, Mirror, ObjectRef, PathMatch, PathModifier,
     Redirect, Retry, Rewrite, RouteMatch, RouteTable, Rule, Timeouts, ValueMatch,
 };
-use crate::{jwks, jwt};
+use crate::{ext_authz, jwks, jwt};
 
 /// A configuration error: file, document, line, field, message.
 #[derive(Debug, thiserror::Error)]
@@ -309,6 +310,9 @@ pub struct WaypointConfig {
     pub policies: Vec<authz::Policy>,
     /// RequestAuthentications (JWT), in file order.
     pub request_authns: Vec<jwt::RequestAuthn>,
+    /// MeshConfig `extensionProviders` of kind `envoyExtAuthzHttp`, by name (the
+    /// authorizers of CUSTOM policies).
+    pub ext_authz: BTreeMap<String, Arc<ext_authz::Provider>>,
     /// AuthorizationPolicies and RequestAuthentications loaded but not enforced here (warned about at load, shown as
     /// `waypoint_policies_ignored` on the stats page).
     pub ignored_policies: Vec<IgnoredPolicy>,
@@ -469,6 +473,10 @@ fn documents(text: &str) -> Vec<(usize, String)> {
 pub fn load_str(file: &Path, text: &str, version: u64) -> Result<WaypointConfig, LoadError> {
     let mut cfg = WaypointConfig::default();
     let mut routes = vec![];
+    // The MeshConfig document (index, first line, text), compiled once the model is read.
+    let mut mesh_config: Option<(usize, usize, String, MeshConfigDoc)> = None;
+    // CUSTOM policies' providers (name, document, line), checked against it.
+    let mut customs: Vec<(String, usize, usize)> = vec![];
     let mut seen = BTreeSet::new();
     let mut index = 0;
     for (start, doc) in documents(text) {
@@ -516,6 +524,23 @@ pub fn load_str(file: &Path, text: &str, version: u64) -> Result<WaypointConfig,
             let d: SettingsDoc = parse(file, &doc).map_err(at)?;
             cfg.ztunnel_identity = d.validate().map_err(invalid)?;
             cfg.settings = Some(d);
+            continue;
+        }
+        if head.mesh_config.is_some() {
+            if head.api_version.is_some() || head.kind.is_some() {
+                return Err(invalid(Invalid::new(
+                    "meshConfig",
+                    "the MeshConfig document has no apiVersion/kind",
+                )));
+            }
+            if mesh_config.is_some() {
+                return Err(invalid(Invalid::new(
+                    "meshConfig",
+                    "a second MeshConfig document (only one is allowed)",
+                )));
+            }
+            let d: MeshConfigDoc = parse(file, &doc).map_err(at)?;
+            mesh_config = Some((index, start, doc.clone(), d));
             continue;
         }
         let (Some(api), Some(kind)) = (&head.api_version, &head.kind) else {
@@ -572,6 +597,10 @@ pub fn load_str(file: &Path, text: &str, version: u64) -> Result<WaypointConfig,
                     )));
                 }
                 let policy = compile_policy(&d).map_err(invalid)?;
+                if let Some(name) = &policy.provider {
+                    let line = locate(&doc, "spec.provider.name").unwrap_or(1) + start - 1;
+                    customs.push((name.clone(), index, line));
+                }
                 match ignored(&policy.attachment) {
                     Some((reason, field)) => {
                         let line = locate(&doc, field).unwrap_or(1) + start - 1;
@@ -644,6 +673,30 @@ pub fn load_str(file: &Path, text: &str, version: u64) -> Result<WaypointConfig,
                     format!("unsupported apiVersion {api:?} for kind {kind:?}"),
                 )));
             }
+        }
+    }
+    if let Some((index, start, doc, d)) = mesh_config {
+        cfg.ext_authz = compile_mesh_config(&d, cfg.mesh.as_ref()).map_err(|e| LoadError {
+            file: file.to_owned(),
+            document: index,
+            line: Some(locate(&doc, &e.field).unwrap_or(1) + start - 1),
+            column: None,
+            field: Some(e.field),
+            message: e.message,
+        })?;
+    }
+    for (name, document, line) in customs {
+        if !cfg.ext_authz.contains_key(&name) {
+            return Err(LoadError {
+                file: file.to_owned(),
+                document,
+                line: Some(line),
+                column: None,
+                field: Some("spec.provider.name".into()),
+                message: format!(
+                    "no extension provider {name:?} (MeshConfig extensionProviders of kind envoyExtAuthzHttp)"
+                ),
+            });
         }
     }
     cfg.routes = RouteTable::new(routes);
@@ -872,6 +925,9 @@ struct Head {
     /// Present only in the settings document.
     #[serde(default)]
     waypoint: Option<serde::de::IgnoredAny>,
+    /// Present only in the MeshConfig document.
+    #[serde(default)]
+    mesh_config: Option<serde::de::IgnoredAny>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -1782,7 +1838,15 @@ struct PolicySpec {
     #[serde(default)]
     action: ActionRaw,
     #[serde(default)]
+    provider: Option<ProviderRefRaw>,
+    #[serde(default)]
     rules: Vec<PolicyRuleRaw>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ProviderRefRaw {
+    name: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -2017,12 +2081,20 @@ fn compile_policy(d: &Doc<PolicySpec>) -> Result<authz::Policy, Invalid> {
         ActionRaw::Allow => authz::Action::Allow,
         ActionRaw::Deny => authz::Action::Deny,
         ActionRaw::Audit => authz::Action::Audit,
-        ActionRaw::Custom => {
+        ActionRaw::Custom => authz::Action::Custom,
+    };
+    let provider = match (action, &s.provider) {
+        (authz::Action::Custom, Some(p)) if !p.name.is_empty() => Some(p.name.clone()),
+        (authz::Action::Custom, _) => {
             return Err(Invalid::new(
-                "spec.action",
-                "CUSTOM is not supported (the waypoint has no external authorizer); use ALLOW, DENY or AUDIT",
+                "spec.provider.name",
+                "required for CUSTOM (an extension provider of the MeshConfig document)",
             ))
         }
+        (_, Some(_)) => {
+            return Err(Invalid::new("spec.provider", "only for action CUSTOM"));
+        }
+        (_, None) => None,
     };
     let attachment = attachment(ns, &s.selector, &s.target_ref, &s.target_refs)?;
     let mut rules = vec![];
@@ -2185,9 +2257,167 @@ fn compile_policy(d: &Doc<PolicySpec>) -> Result<authz::Policy, Invalid> {
     Ok(authz::Policy {
         id: d.metadata.id(),
         action,
+        provider,
         attachment,
         rules,
     })
+}
+
+// MeshConfig --------------------------------------------------------------
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct MeshConfigDoc {
+    mesh_config: MeshConfigRaw,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct MeshConfigRaw {
+    #[serde(default)]
+    extension_providers: Vec<ExtProviderRaw>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct ExtProviderRaw {
+    name: String,
+    #[serde(default)]
+    envoy_ext_authz_http: Option<ExtAuthzHttpRaw>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct ExtAuthzHttpRaw {
+    service: String,
+    port: PortRaw,
+    #[serde(default)]
+    path_prefix: Option<String>,
+    #[serde(default)]
+    timeout: Option<String>,
+    #[serde(default)]
+    fail_open: bool,
+    #[serde(default)]
+    status_on_error: Option<PortRaw>,
+    #[serde(default)]
+    include_request_headers_in_check: Vec<String>,
+    #[serde(default)]
+    include_additional_headers_in_check: BTreeMap<String, String>,
+    #[serde(default)]
+    headers_to_upstream_on_allow: Vec<String>,
+    #[serde(default)]
+    headers_to_downstream_on_deny: Vec<String>,
+}
+
+/// The service a provider's `service` names: `hostname` or `namespace/hostname` of a
+/// service of the mesh model.
+fn provider_service(mesh: Option<&Snapshot>, name: &str) -> Result<ObjectRef, String> {
+    let (ns, host) = match name.split_once('/') {
+        Some((ns, h)) => (Some(ns), h),
+        None => (None, name),
+    };
+    let mesh = mesh.ok_or("no mesh model in the file to find the service in")?;
+    mesh.services()
+        .find(|s| s.hostname == host && ns.is_none_or(|n| n == s.namespace))
+        .map(|s| ObjectRef::new(&s.namespace, &s.name))
+        .ok_or_else(|| format!("{name:?} is not a service of the mesh model (by hostname)"))
+}
+
+fn compile_mesh_config(
+    d: &MeshConfigDoc,
+    mesh: Option<&Snapshot>,
+) -> Result<BTreeMap<String, Arc<ext_authz::Provider>>, Invalid> {
+    let mut out = BTreeMap::new();
+    for (i, p) in d.mesh_config.extension_providers.iter().enumerate() {
+        let f = format!("meshConfig.extensionProviders[{i}]");
+        let Some(h) = &p.envoy_ext_authz_http else {
+            return Err(Invalid::new(
+                f,
+                "a provider kind is required (envoyExtAuthzHttp is the one the waypoint has)",
+            ));
+        };
+        let hf = format!("{f}.envoyExtAuthzHttp");
+        let service = provider_service(mesh, &h.service)
+            .map_err(|e| Invalid::new(format!("{hf}.service"), e))?;
+        let timeout = match &h.timeout {
+            None => ext_authz::TIMEOUT,
+            Some(t) => runtime::config::duration::parse(t)
+                .map_err(|e| Invalid::new(format!("{hf}.timeout"), e))?,
+        };
+        let status_on_error = match h.status_on_error {
+            None => 403,
+            Some(PortRaw(s)) if (200..600).contains(&s) => s,
+            Some(PortRaw(s)) => {
+                return Err(Invalid::new(
+                    format!("{hf}.statusOnError"),
+                    format!("{s} is not an HTTP status"),
+                ))
+            }
+        };
+        let names = |v: &[String], field: &str| -> Result<Vec<StrMatch>, Invalid> {
+            v.iter()
+                .enumerate()
+                .map(|(j, n)| {
+                    let bare = n.trim_matches('*');
+                    if bare.is_empty() && n != "*" {
+                        return Err(Invalid::new(
+                            format!("{hf}.{field}[{j}]"),
+                            "empty header name",
+                        ));
+                    }
+                    Ok(StrMatch::parse(&n.to_ascii_lowercase()))
+                })
+                .collect()
+        };
+        let mut additional = vec![];
+        for (n, v) in &h.include_additional_headers_in_check {
+            let n = header_name(n)
+                .map_err(|e| Invalid::new(format!("{hf}.includeAdditionalHeadersInCheck"), e))?;
+            if v.contains(['\r', '\n']) {
+                return Err(Invalid::new(
+                    format!("{hf}.includeAdditionalHeadersInCheck.{n}"),
+                    "a header value cannot hold a line break",
+                ));
+            }
+            additional.push((n, v.clone()));
+        }
+        let path_prefix = h.path_prefix.clone().unwrap_or_default();
+        if !path_prefix.is_empty() && !path_prefix.starts_with('/') {
+            return Err(Invalid::new(
+                format!("{hf}.pathPrefix"),
+                "must start with /",
+            ));
+        }
+        let provider = ext_authz::Provider {
+            name: p.name.clone(),
+            service,
+            port: h.port.0,
+            path_prefix,
+            timeout,
+            fail_open: h.fail_open,
+            status_on_error,
+            include_headers: names(
+                &h.include_request_headers_in_check,
+                "includeRequestHeadersInCheck",
+            )?,
+            additional_headers: additional,
+            to_upstream_on_allow: names(
+                &h.headers_to_upstream_on_allow,
+                "headersToUpstreamOnAllow",
+            )?,
+            to_downstream_on_deny: names(
+                &h.headers_to_downstream_on_deny,
+                "headersToDownstreamOnDeny",
+            )?,
+        };
+        if out.insert(p.name.clone(), Arc::new(provider)).is_some() {
+            return Err(Invalid::new(
+                format!("{f}.name"),
+                format!("a second provider {:?}", p.name),
+            ));
+        }
+    }
+    Ok(out)
 }
 
 // RequestAuthentication ---------------------------------------------------

@@ -32,7 +32,7 @@ use hbone::H2Settings;
 use crate::body::{ChunkScan, Framing};
 use crate::config::WaypointConfig;
 use crate::http1::{
-    self, Action, Attempt, ReqBody, RequestHead, Text, Tunnel, TunnelCtx, Upstream,
+    self, Attempt, Decided, ReqBody, RequestHead, Text, Tunnel, TunnelCtx, Upstream,
 };
 use crate::inner::{send_all, StreamIo};
 use crate::lb::SplitMix64;
@@ -697,24 +697,20 @@ async fn request<U: Upstream>(
     // its connection a GOAWAY.
     let action = if matches!(fresh, http1::Begin::Refused) {
         active.retire();
-        Action::Respond(http1::simple_response(
-            503,
-            &[],
-            http1::NOT_SERVED_BODY,
-            false,
-        ))
+        let resp = http1::simple_response(503, &[], http1::NOT_SERVED_BODY, false);
+        Decided::Respond(resp, None)
     } else {
-        http1::decide(cfg, ctx, &mut head, &mut rng)
+        http1::decide_with(cfg, ctx, &mut head, &mut rng, &mut up).await
     };
     let (status, flags, body_len, response_bytes) = match action {
-        Action::Respond(bytes) => {
+        Decided::Respond(bytes, refusal) => {
             let status = resp_status(&bytes);
-            denied = http1::Refusal::of_local(status);
+            denied = refusal;
             let n = bytes.len() as u64;
             send(&mut respond, bytes, head_request).await;
-            (status, http1::local_flags(status), 0, n)
+            (status, http1::Refusal::flags(refusal, status), 0, n)
         }
-        Action::Forward { forward, auth } => {
+        Decided::Forward { forward, auth } => {
             let deadline = http1::request_deadline(&forward, started);
             let h2_upstream = forward.service.as_ref().is_some_and(|(svc, port)| {
                 cfg.lb_ref(svc, Some(*port))

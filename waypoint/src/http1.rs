@@ -533,6 +533,12 @@ pub enum Action<'c> {
         forward: Fwd<'c>,
         auth: Option<Arc<Authenticated>>,
     },
+    /// Ask a CUSTOM policy's external authorizer first ([`crate::ext_authz`]), then go on
+    /// with [`decide_checked`] ([`decide_with`] does both).
+    Check {
+        provider: &'c Arc<crate::ext_authz::Provider>,
+        auth: Option<Arc<Authenticated>>,
+    },
 }
 
 /// A request's [`Forward`]: the configuration's prebuilt one, or one made for it (boxed:
@@ -577,26 +583,67 @@ pub fn decide<'c>(
             return Action::Respond(simple_response(401, &h, f.message(), close));
         }
     };
-    let head: &RequestHead = head;
-    // The header list as `(&str, &str)` pairs: on the stack for the usual few headers.
+    // CUSTOM first (Istio's order: CUSTOM, DENY, ALLOW).
+    if !cfg.ext_authz.is_empty() {
+        let provider = with_fields(head, |hdrs| {
+            let subject = subject(ctx);
+            let areq = policy_request(cfg, ctx, head, hdrs, auth.as_deref());
+            authz::custom(&cfg.policies, &subject, &areq)
+        });
+        if let Some(provider) = provider.and_then(|p| cfg.ext_authz.get(p)) {
+            return Action::Check { provider, auth };
+        }
+    }
+    decide_checked(cfg, ctx, head, rng, auth)
+}
+
+/// `head`'s header list as `(&str, &str)` pairs, for `f`: on the stack for the usual few
+/// headers.
+fn with_fields<R>(head: &RequestHead, f: impl FnOnce(&[(&str, &str)]) -> R) -> R {
     let mut stack = [("", ""); STACK_HEADERS];
-    let heap: Vec<(&str, &str)>;
-    let hdrs: &[(&str, &str)] = if head.headers.len() <= STACK_HEADERS {
+    if head.headers.len() <= STACK_HEADERS {
         for (slot, (n, v)) in stack.iter_mut().zip(&head.headers) {
             *slot = (n.as_str(), v.as_str());
         }
-        &stack[..head.headers.len()]
+        f(&stack[..head.headers.len()])
     } else {
-        heap = head
+        let heap: Vec<(&str, &str)> = head
             .headers
             .iter()
             .map(|(n, v)| (n.as_str(), v.as_str()))
             .collect();
-        &heap
-    };
-    if !allows(cfg, ctx, head, hdrs, auth.as_deref()) {
-        return Action::Respond(simple_response(403, &[], DENIED_BODY, close));
+        f(&heap)
     }
+}
+
+/// [`decide`] past authentication and any CUSTOM check: DENY/ALLOW policy (R15), then
+/// routing. `auth`: the request's verified JWT.
+pub fn decide_checked<'c>(
+    cfg: &'c WaypointConfig,
+    ctx: &TunnelCtx,
+    head: &RequestHead,
+    rng: &mut dyn Rng,
+    auth: Option<Arc<Authenticated>>,
+) -> Action<'c> {
+    let close = !head.keep_alive();
+    with_fields(head, |hdrs| {
+        if !allows(cfg, ctx, head, hdrs, auth.as_deref()) {
+            return Action::Respond(simple_response(403, &[], DENIED_BODY, close));
+        }
+        route_request(cfg, ctx, head, hdrs, rng, auth, close)
+    })
+}
+
+/// Routing (R16/R17) of an allowed request.
+fn route_request<'c>(
+    cfg: &'c WaypointConfig,
+    ctx: &TunnelCtx,
+    head: &RequestHead,
+    hdrs: &[(&str, &str)],
+    rng: &mut dyn Rng,
+    auth: Option<Arc<Authenticated>>,
+    close: bool,
+) -> Action<'c> {
     let target = match &ctx.destination {
         Destination::Service { service, port } => Target::Service {
             service,
@@ -692,12 +739,25 @@ pub(crate) fn allows(
     hdrs: &[(&str, &str)],
     auth: Option<&Authenticated>,
 ) -> bool {
+    let subject = subject(ctx);
+    let areq = policy_request(cfg, ctx, head, hdrs, auth);
+    authz::evaluate(&cfg.policies, &subject, &areq).allowed
+}
+
+/// The attributes policies read of the request `head` (its fields as `hdrs`, its JWT
+/// `auth`) on the tunnel `ctx`.
+fn policy_request<'a>(
+    cfg: &WaypointConfig,
+    ctx: &'a TunnelCtx,
+    head: &'a RequestHead,
+    hdrs: &'a [(&'a str, &'a str)],
+    auth: Option<&'a Authenticated>,
+) -> authz::Request<'a> {
     let trusted = cfg
         .settings
         .as_ref()
         .map_or(0, |s| s.waypoint.num_trusted_proxies);
-    let subject = subject(ctx);
-    let areq = authz::Request {
+    authz::Request {
         source_ip: ctx.source_ip,
         remote_ip: remote_ip(head, ctx.source_ip, trusted),
         principal: ctx.principal.as_deref(),
@@ -708,8 +768,81 @@ pub(crate) fn allows(
         method: &head.method,
         path: &head.path,
         headers: hdrs,
-    };
-    authz::evaluate(&cfg.policies, &subject, &areq).allowed
+    }
+}
+
+/// [`decide`], with a CUSTOM policy's check made through `upstream` and its verdict
+/// applied ([`crate::ext_authz`]).
+pub(crate) async fn decide_with<'c, U: Upstream>(
+    cfg: &'c WaypointConfig,
+    ctx: &TunnelCtx,
+    head: &mut RequestHead,
+    rng: &mut dyn Rng,
+    upstream: &mut U,
+) -> Decided<'c> {
+    match decide(cfg, ctx, head, rng) {
+        // Boxed: a tunnel's future is not sized by a check it may never make.
+        Action::Check { provider, auth } => {
+            Box::pin(check_then_decide(
+                cfg, ctx, head, rng, upstream, provider, auth,
+            ))
+            .await
+        }
+        other => Decided::settle(other),
+    }
+}
+
+/// The CUSTOM check of [`decide_with`], then the rest of the decision.
+async fn check_then_decide<'c, U: Upstream>(
+    cfg: &'c WaypointConfig,
+    ctx: &TunnelCtx,
+    head: &mut RequestHead,
+    rng: &mut dyn Rng,
+    upstream: &mut U,
+    provider: &crate::ext_authz::Provider,
+    auth: Option<Arc<Authenticated>>,
+) -> Decided<'c> {
+    let request = crate::ext_authz::check_request(provider, head);
+    let service = (provider.service.clone(), provider.port);
+    let answer = upstream
+        .side_exchange(&service, request, provider.timeout)
+        .await;
+    let verdict = crate::ext_authz::verdict(provider, &answer, !head.keep_alive());
+    upstream.note(Note::ExtAuthz(crate::ext_authz::outcome(&answer, &verdict)));
+    match verdict {
+        crate::ext_authz::Verdict::Deny(resp, _) => Decided::Respond(resp, Some(Refusal::External)),
+        crate::ext_authz::Verdict::Allow(fields) => {
+            crate::ext_authz::apply(head, fields);
+            Decided::settle(decide_checked(cfg, ctx, head, rng, auth))
+        }
+    }
+}
+
+/// What [`decide_with`] decided: answer here (and, for an answer on the waypoint's own
+/// authority, which refusal it is), or forward.
+#[derive(Debug)]
+pub(crate) enum Decided<'c> {
+    Respond(Vec<u8>, Option<Refusal>),
+    Forward {
+        forward: Fwd<'c>,
+        auth: Option<Arc<Authenticated>>,
+    },
+}
+
+impl<'c> Decided<'c> {
+    /// An action with its check made (a local answer with the refusal it is).
+    fn settle(a: Action<'c>) -> Decided<'c> {
+        match a {
+            Action::Respond(resp) => {
+                let r = Refusal::of_local(status_of(&resp));
+                Decided::Respond(resp, r)
+            }
+            Action::Forward { forward, auth } => Decided::Forward { forward, auth },
+            // Only `decide` asks for a check, and `decide_with` makes it before settling;
+            // answered as an internal error rather than trusted blindly.
+            Action::Check { .. } => Decided::Respond(simple_response(500, &[], "", false), None),
+        }
+    }
 }
 
 /// `remote.ip` (`remoteIpBlocks`) as Envoy derives it for Istio's `numTrustedProxies`
@@ -1146,6 +1279,18 @@ pub trait Upstream {
         timeout: Option<Duration>,
     ) -> io::Result<Vec<u8>>;
 
+    /// A request to `service` made on the side of the one being served (an external
+    /// authorizer's check, [`crate::ext_authz`]): its whole answer within `timeout`. Not
+    /// the request's own upstream: its telemetry still names the request's destination.
+    async fn side_exchange(
+        &mut self,
+        service: &(ObjectRef, u16),
+        request: Bytes,
+        timeout: Duration,
+    ) -> io::Result<Vec<u8>> {
+        self.exchange(Some(service), request, Some(timeout)).await
+    }
+
     /// Send a copy of `request` to `service` in the background; its response is discarded
     /// and nothing waits for it.
     fn mirror(&mut self, service: &(ObjectRef, u16), request: Bytes);
@@ -1242,6 +1387,9 @@ pub enum Refusal {
     Policy,
     /// RequestAuthentication: a JWT that did not verify, `401`.
     Token,
+    /// A CUSTOM policy's external authorizer ([`crate::ext_authz`]): its status, response
+    /// flag `UAEX`.
+    External,
 }
 
 impl Refusal {
@@ -1252,6 +1400,14 @@ impl Refusal {
             403 => Some(Refusal::Policy),
             401 => Some(Refusal::Token),
             _ => None,
+        }
+    }
+
+    /// Envoy's response flags for a request so refused with `status`.
+    pub fn flags(refusal: Option<Refusal>, status: u16) -> &'static str {
+        match refusal {
+            Some(Refusal::External) => "UAEX",
+            _ => local_flags(status),
         }
     }
 }
@@ -1431,6 +1587,8 @@ pub enum Note {
     Grpc,
     /// The `grpc-status` of the response (its head, or its trailers).
     GrpcStatus(u32),
+    /// A CUSTOM policy's check was made: `allowed`, `denied` or `error`.
+    ExtAuthz(&'static str),
 }
 
 /// A request body: read whole (replayable, possibly empty), or still in the tunnel
@@ -1521,9 +1679,19 @@ pub async fn serve_from<T: Tunnel, U: Upstream>(
         // Policy and routing before the body is read or anything is sent upstream.
         // The forward is bound by reference: a moved-out binding would hold a second copy
         // of it in the tunnel's future beside the (still reserved) decision.
-        let action = decide(cfg, ctx, &mut head, tr.rng);
+        // A CUSTOM check is boxed (as in `decide_with`, written out here so that the
+        // tunnel's future holds no decision future at this point, only the box).
+        let action = match decide(cfg, ctx, &mut head, tr.rng) {
+            Action::Check { provider, auth } => {
+                Box::pin(check_then_decide(
+                    cfg, ctx, &mut head, tr.rng, upstream, provider, auth,
+                ))
+                .await
+            }
+            other => Decided::settle(other),
+        };
         match action {
-            Action::Respond(resp) => {
+            Decided::Respond(resp, refusal) => {
                 let status = status_of(&resp);
                 let mut request_bytes = used as u64;
                 // The answer goes at once, whatever the body: a body already here whole is
@@ -1548,14 +1716,14 @@ pub async fn serve_from<T: Tunnel, U: Upstream>(
                 }
                 let resp = if close { with_close(resp) } else { resp };
                 let said = Said::new(Some(&head), request_bytes, started, &traceparent);
-                let flags = local_flags(status);
-                upstream.record(&said.record(status, flags, &resp, Refusal::of_local(status)));
+                let flags = Refusal::flags(refusal, status);
+                upstream.record(&said.record(status, flags, &resp, refusal));
                 if close {
                     return close_with(tunnel, resp, status).await;
                 }
                 tunnel.write(Bytes::from(resp)).await?;
             }
-            Action::Forward {
+            Decided::Forward {
                 ref forward,
                 ref auth,
             } => {

@@ -10,6 +10,8 @@
 //! * [`authz`] — Istio AuthorizationPolicy evaluation (R15).
 //! * [`jwt`] — Istio RequestAuthentication: JWTs found, verified (ring) and taken off the
 //!   request before policy, `401` for a bad one, a per-worker cache of verified tokens.
+//! * [`ext_authz`] — AuthorizationPolicy CUSTOM: the `envoyExtAuthzHttp` authorizer asked
+//!   over HBONE before DENY/ALLOW, its verdict applied.
 //! * [`jwks`] — key sets of `jwksUri` or OpenID discovery, fetched by the control thread
 //!   (at start, on reload, every `jwks_refresh`).
 //! * [`lb`] — least request, round robin, random, consistent hash, outlier detection.
@@ -59,6 +61,7 @@ pub mod body;
 pub mod breaker;
 pub mod cli;
 pub mod config;
+pub mod ext_authz;
 pub mod h2srv;
 pub mod http1;
 pub mod inner;

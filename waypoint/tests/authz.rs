@@ -5,7 +5,9 @@ use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::path::Path;
 
-use waypoint::authz::{evaluate, evaluate_tcp, PathPattern, Policy, Request, Subject, Verdict};
+use waypoint::authz::{
+    custom, custom_tcp, evaluate, evaluate_tcp, PathPattern, Policy, Request, Subject, Verdict,
+};
 use waypoint::config::load_str;
 use waypoint::jwt::Authenticated;
 use waypoint::route::ObjectRef;
@@ -577,6 +579,57 @@ fn request_principals_on_opaque_tcp_follow_istios_http_only_rule() {
         "  - when: [{key: request.auth.principal, notValues: [x]}]\n",
     ));
     assert!(!allowed(&allow, &tcp));
+}
+
+/// CUSTOM policies name their extension provider for the requests their rules match, and
+/// take no part in DENY/ALLOW evaluation; on opaque TCP their HTTP-only fields are
+/// ignored, so they match (and the tunnel is refused, having no request to check).
+#[test]
+fn custom_policies_name_their_provider_and_stay_out_of_allow_and_deny() {
+    let text = format!(
+        "services:\n  - {{name: echo, namespace: default, hostname: echo.default.svc.cluster.local, vips: [\"10.96.0.10\"], ports: {{80: 8080}}}}\n---\nmeshConfig:\n  extensionProviders:\n  - name: authz\n    envoyExtAuthzHttp: {{service: echo.default.svc.cluster.local, port: 80}}\n---\n{}",
+        on_waypoint("CUSTOM", "  - to: [{operation: {paths: [\"/admin*\"]}}]\n")
+            .replace("  action: CUSTOM\n", "  action: CUSTOM\n  provider: {name: authz}\n")
+    );
+    let ps = policies(&text);
+    let wp = ObjectRef::new("default", "waypoint");
+    let svc = ObjectRef::new("default", "echo");
+    let subject = Subject {
+        waypoint: &wp,
+        root_namespace: "istio-system",
+        service: Some(&svc),
+        workload: None,
+    };
+    let ask = |path: &'static str, method: &'static str| {
+        let r = R {
+            path,
+            method,
+            ..req()
+        };
+        let source_ip: IpAddr = r.source_ip.parse().unwrap();
+        let request = Request {
+            source_ip,
+            remote_ip: source_ip,
+            principal: r.principal,
+            auth: None,
+            destination_ip: "10.96.0.10".parse().unwrap(),
+            destination_port: r.port,
+            host: r.host,
+            method: r.method,
+            path: r.path,
+            headers: &[],
+        };
+        (
+            custom(&ps, &subject, &request).map(str::to_string),
+            custom_tcp(&ps, &subject, &request).map(str::to_string),
+            evaluate(&ps, &subject, &request).allowed,
+        )
+    };
+    assert_eq!(
+        ask("/admin/users", "GET"),
+        (Some("authz".into()), Some("authz".into()), true)
+    );
+    assert_eq!(ask("/public", "GET"), (None, Some("authz".into()), true));
 }
 
 #[test]

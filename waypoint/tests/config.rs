@@ -179,13 +179,42 @@ fn errors_name_document_line_and_field() {
             "metadata",
             "unknown field `uid`",
         ),
-        // CUSTOM is refused at load time.
+        // CUSTOM names a provider of the MeshConfig document, which names a model service.
         (
             format!("{ROUTE_V1}---\n{}", ap("  action: CUSTOM\n  rules: [{}]\n")),
             2,
-            Some(16),
-            "spec.action",
-            "CUSTOM is not supported",
+            Some(15),
+            "spec.provider.name",
+            "required for CUSTOM",
+        ),
+        (
+            format!("{ROUTE_V1}---\n{}", ap("  action: CUSTOM\n  provider: {name: nope}\n  rules: [{}]\n")),
+            2,
+            Some(17),
+            "spec.provider.name",
+            "no extension provider \"nope\"",
+        ),
+        (ap("  action: DENY\n  provider: {name: x}\n"), 1, Some(6), "spec.provider", "only for action CUSTOM"),
+        (
+            format!("{MESH}---\nmeshConfig:\n  extensionProviders:\n  - name: z\n    zipkin: {{service: z, port: 9411}}\n"),
+            2,
+            Some(7),
+            "meshConfig.extensionProviders[0]",
+            "unknown field `zipkin`",
+        ),
+        (
+            format!("{MESH}---\nmeshConfig:\n  extensionProviders:\n  - name: a\n    envoyExtAuthzHttp: {{service: authz.default.svc.cluster.local, port: 80}}\n"),
+            2,
+            Some(7),
+            "meshConfig.extensionProviders[0].envoyExtAuthzHttp.service",
+            "not a service of the mesh model",
+        ),
+        (
+            format!("{MESH}---\nmeshConfig:\n  extensionProviders:\n  - name: a\n    envoyExtAuthzHttp:\n      service: echo.default.svc.cluster.local\n      port: 80\n      statusOnError: \"99\"\n"),
+            2,
+            Some(10),
+            "statusOnError",
+            "not an HTTP status",
         ),
         // A claim condition written other than request.auth.claims[name][member]….
         (

@@ -575,7 +575,8 @@ fn r15_jwks_fetched_by_discovery_refreshed_and_failing_closed() {
     let dir = common::test_dir("jwks-idp");
     let ca_file = dir.join("idp-ca.pem");
     let (idp_addr, idp) = start_idp(&ca_file);
-    idp.keys.store(Arc::new(json!({"keys": [a.jwk()]}).to_string()));
+    idp.keys
+        .store(Arc::new(json!({"keys": [a.jwk()]}).to_string()));
     let issuer = format!("https://{idp_addr}");
     let dead = Key::new("d");
     let wp = common::EchoBinary::start(
@@ -635,7 +636,8 @@ spec:
         )
     );
     // Rotation: the provider now serves b only.
-    idp.keys.store(Arc::new(json!({"keys": [b.jwk()]}).to_string()));
+    idp.keys
+        .store(Arc::new(json!({"keys": [b.jwk()]}).to_string()));
     eventually("the new key set is in force", || {
         ask(&wp, Some(&tb)).0 == 200
     });

@@ -278,6 +278,7 @@ waypoint:
         match decide(cfg, &ctx, &mut head(xff), &mut rng) {
             Action::Respond(r) => r.starts_with(b"HTTP/1.1 403"),
             Action::Forward { .. } => false,
+            Action::Check { .. } => panic!("no CUSTOM policy here"),
         }
     };
     // Default 0: the header is the client's own, and 10.1.0.7 is not in the DENY range.

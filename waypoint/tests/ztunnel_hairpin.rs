@@ -137,6 +137,7 @@ fn routed(cfg: &WaypointConfig, principal: Option<&str>) -> String {
     match decide(cfg, &ctx, &mut head, &mut waypoint::lb::SplitMix64(1)) {
         Action::Forward { forward, .. } => forward.service.clone().expect("a service").0.name,
         Action::Respond(r) => String::from_utf8_lossy(&r).into_owned(),
+        Action::Check { .. } => panic!("no CUSTOM policy here"),
     }
 }
 

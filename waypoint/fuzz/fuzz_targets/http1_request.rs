@@ -87,7 +87,7 @@ fuzz_target!(|data: &[u8]| {
         traceparent: None,
     };
     let mut rng = SplitMix64(n as u64);
-    if let Action::Forward { forward } = http1::decide(config(), &ctx, &normalized, &mut rng) {
+    if let Action::Forward { forward, .. } = http1::decide(config(), &ctx, &mut normalized, &mut rng) {
         let up = http1::upstream_head(&normalized, &forward, source);
         // What goes upstream is itself one well-formed head.
         // (Or one past the head size limit: the added fields can take it there.)
