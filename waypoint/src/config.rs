@@ -10,7 +10,7 @@
 //! | `RequestAuthentication` | `security.istio.io/v1`, `/v1beta1` | [`crate::jwt::RequestAuthn`]: `jwtRules[]` with `issuer`, `audiences`, `jwks` (inline JSON), or `jwksUri` (fetched, with `timeout`; neither: OpenID discovery from the issuer; see [`crate::jwks`]), `fromHeaders` (`name`, `prefix`), `fromParams`, `fromCookies`, `forwardOriginalToken`, `outputPayloadToHeader`, `outputClaimToHeaders` (`header`, `claim`) |
 //! | `DestinationRule` | `networking.istio.io/v1`, `/v1beta1`, `/v1alpha3` | [`ServiceLb`]: `trafficPolicy.loadBalancer`, `.outlierDetection` (`consecutive5xxErrors`, `consecutiveGatewayErrors`, `interval`, `baseEjectionTime`, `maxEjectionPercent`), `.connectionPool.http.useClientProtocol`, `.connectionPool.http.idleTimeout`, `.tls.mode: ISTIO_MUTUAL` (what HBONE is; other modes refused), `.portLevelSettings` (all of these per service port, each entry replacing the service's for its port); [`crate::breaker`]: `.connectionPool.tcp.maxConnections`, `.tcp.connectTimeout`, `.http.http1MaxPendingRequests`, `.http.http2MaxRequests`, `.http.maxRequestsPerConnection`, `.http.maxRetries` |
 //! | no `apiVersion`/`kind`, a `waypoint:` key | — | [`SettingsDoc`], exactly one for the binary |
-//! | no `apiVersion`/`kind`, a `meshConfig:` key | — | Istio MeshConfig's `extensionProviders` of kind `envoyExtAuthzHttp` (`service`: a model service's hostname, or `namespace/hostname`; `port`, `pathPrefix`, `timeout`, `failOpen`, `statusOnError`, `includeRequestHeadersInCheck`, `includeAdditionalHeadersInCheck`, `headersToUpstreamOnAllow`, `headersToDownstreamOnDeny`), at most one, reloaded with the file; see [`crate::ext_authz`] |
+//! | no `apiVersion`/`kind`, a `meshConfig:` key | — | Istio MeshConfig's `extensionProviders` of kinds `envoyExtAuthzHttp` (`service`: a model service's hostname, or `namespace/hostname`; `port`, `pathPrefix`, `timeout`, `failOpen`, `statusOnError`, `includeRequestHeadersInCheck`, `includeAdditionalHeadersInCheck`, `headersToUpstreamOnAllow`, `headersToDownstreamOnDeny`) and `envoyExtAuthzGrpc` (`service`, `port`, `timeout`, `failOpen`, `statusOnError`), at most one, reloaded with the file; see [`crate::ext_authz`] |
 //! | no `apiVersion`/`kind`, no `waypoint:` key | — | mesh-model's local config (`namespaces`, `workloads`, `services`, `policies`, `waypoints`, `nodes`; see the `mesh_model` crate docs), at most one |
 //!
 //! An `AuthorizationPolicy` or `RequestAuthentication` without `targetRefs` (a workload
@@ -27,7 +27,7 @@
 //! `metadata` takes `name` (required), `namespace` (default `default`), `creationTimestamp`,
 //! `labels` and `annotations`. Every other key anywhere is an error; so are features the
 //! waypoint does not implement (HTTPRoute `hostnames`, non-Service parents, extension
-//! providers other than `envoyExtAuthzHttp`, …). Errors name
+//! providers other than `envoyExtAuthzHttp` and `envoyExtAuthzGrpc`, …). Errors name
 //! the file, the line in the file, the document (counted from 1, blank documents not
 //! counted) and the field: `w.yaml:7:3: document 2: field `waypoint`: unknown field `listn``.
 //!
@@ -310,8 +310,8 @@ pub struct WaypointConfig {
     pub policies: Vec<authz::Policy>,
     /// RequestAuthentications (JWT), in file order.
     pub request_authns: Vec<jwt::RequestAuthn>,
-    /// MeshConfig `extensionProviders` of kind `envoyExtAuthzHttp`, by name (the
-    /// authorizers of CUSTOM policies).
+    /// MeshConfig `extensionProviders` of kinds `envoyExtAuthzHttp` and
+    /// `envoyExtAuthzGrpc`, by name (the authorizers of CUSTOM policies).
     pub ext_authz: BTreeMap<String, Arc<ext_authz::Provider>>,
     /// AuthorizationPolicies and RequestAuthentications loaded but not enforced here (warned about at load, shown as
     /// `waypoint_policies_ignored` on the stats page).
@@ -694,7 +694,7 @@ pub fn load_str(file: &Path, text: &str, version: u64) -> Result<WaypointConfig,
                 column: None,
                 field: Some("spec.provider.name".into()),
                 message: format!(
-                    "no extension provider {name:?} (MeshConfig extensionProviders of kind envoyExtAuthzHttp)"
+                    "no extension provider {name:?} (MeshConfig extensionProviders of kind envoyExtAuthzHttp or envoyExtAuthzGrpc)"
                 ),
             });
         }
@@ -2284,6 +2284,21 @@ struct ExtProviderRaw {
     name: String,
     #[serde(default)]
     envoy_ext_authz_http: Option<ExtAuthzHttpRaw>,
+    #[serde(default)]
+    envoy_ext_authz_grpc: Option<ExtAuthzGrpcRaw>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct ExtAuthzGrpcRaw {
+    service: String,
+    port: PortRaw,
+    #[serde(default)]
+    timeout: Option<String>,
+    #[serde(default)]
+    fail_open: bool,
+    #[serde(default)]
+    status_on_error: Option<PortRaw>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -2330,21 +2345,44 @@ fn compile_mesh_config(
     let mut out = BTreeMap::new();
     for (i, p) in d.mesh_config.extension_providers.iter().enumerate() {
         let f = format!("meshConfig.extensionProviders[{i}]");
-        let Some(h) = &p.envoy_ext_authz_http else {
-            return Err(Invalid::new(
-                f,
-                "a provider kind is required (envoyExtAuthzHttp is the one the waypoint has)",
-            ));
-        };
-        let hf = format!("{f}.envoyExtAuthzHttp");
-        let service = provider_service(mesh, &h.service)
+        // What both kinds have: (field prefix, service, port, timeout, failOpen,
+        // statusOnError).
+        let (hf, service, port, timeout, fail_open, status_on_error) =
+            match (&p.envoy_ext_authz_http, &p.envoy_ext_authz_grpc) {
+                (Some(h), None) => (
+                    format!("{f}.envoyExtAuthzHttp"),
+                    &h.service,
+                    h.port,
+                    &h.timeout,
+                    h.fail_open,
+                    h.status_on_error,
+                ),
+                (None, Some(g)) => (
+                    format!("{f}.envoyExtAuthzGrpc"),
+                    &g.service,
+                    g.port,
+                    &g.timeout,
+                    g.fail_open,
+                    g.status_on_error,
+                ),
+                (Some(_), Some(_)) => {
+                    return Err(Invalid::new(f, "one provider kind per provider"));
+                }
+                (None, None) => {
+                    return Err(Invalid::new(
+                        f,
+                        "a provider kind is required (envoyExtAuthzHttp or envoyExtAuthzGrpc)",
+                    ));
+                }
+            };
+        let service = provider_service(mesh, service)
             .map_err(|e| Invalid::new(format!("{hf}.service"), e))?;
-        let timeout = match &h.timeout {
+        let timeout = match timeout {
             None => ext_authz::TIMEOUT,
             Some(t) => runtime::config::duration::parse(t)
                 .map_err(|e| Invalid::new(format!("{hf}.timeout"), e))?,
         };
-        let status_on_error = match h.status_on_error {
+        let status_on_error = match status_on_error {
             None => 403,
             Some(PortRaw(s)) if (200..600).contains(&s) => s,
             Some(PortRaw(s)) => {
@@ -2354,62 +2392,65 @@ fn compile_mesh_config(
                 ))
             }
         };
-        let names = |v: &[String], field: &str| -> Result<Vec<StrMatch>, Invalid> {
-            v.iter()
-                .enumerate()
-                .map(|(j, n)| {
-                    let bare = n.trim_matches('*');
-                    if bare.is_empty() && n != "*" {
-                        return Err(Invalid::new(
-                            format!("{hf}.{field}[{j}]"),
-                            "empty header name",
-                        ));
-                    }
-                    Ok(StrMatch::parse(&n.to_ascii_lowercase()))
-                })
-                .collect()
+        let mut provider = ext_authz::Provider {
+            name: p.name.clone(),
+            grpc: p.envoy_ext_authz_grpc.is_some(),
+            service,
+            port: port.0,
+            path_prefix: String::new(),
+            timeout,
+            fail_open,
+            status_on_error,
+            include_headers: vec![],
+            additional_headers: vec![],
+            to_upstream_on_allow: vec![],
+            to_downstream_on_deny: vec![],
         };
-        let mut additional = vec![];
-        for (n, v) in &h.include_additional_headers_in_check {
-            let n = header_name(n)
-                .map_err(|e| Invalid::new(format!("{hf}.includeAdditionalHeadersInCheck"), e))?;
-            if v.contains(['\r', '\n']) {
+        if let Some(h) = &p.envoy_ext_authz_http {
+            let names = |v: &[String], field: &str| -> Result<Vec<StrMatch>, Invalid> {
+                v.iter()
+                    .enumerate()
+                    .map(|(j, n)| {
+                        if n.trim_matches('*').is_empty() && n != "*" {
+                            return Err(Invalid::new(
+                                format!("{hf}.{field}[{j}]"),
+                                "empty header name",
+                            ));
+                        }
+                        Ok(StrMatch::parse(&n.to_ascii_lowercase()))
+                    })
+                    .collect()
+            };
+            for (n, v) in &h.include_additional_headers_in_check {
+                let n = header_name(n).map_err(|e| {
+                    Invalid::new(format!("{hf}.includeAdditionalHeadersInCheck"), e)
+                })?;
+                if v.contains(['\r', '\n']) {
+                    return Err(Invalid::new(
+                        format!("{hf}.includeAdditionalHeadersInCheck.{n}"),
+                        "a header value cannot hold a line break",
+                    ));
+                }
+                provider.additional_headers.push((n, v.clone()));
+            }
+            provider.path_prefix = h.path_prefix.clone().unwrap_or_default();
+            if !provider.path_prefix.is_empty() && !provider.path_prefix.starts_with('/') {
                 return Err(Invalid::new(
-                    format!("{hf}.includeAdditionalHeadersInCheck.{n}"),
-                    "a header value cannot hold a line break",
+                    format!("{hf}.pathPrefix"),
+                    "must start with /",
                 ));
             }
-            additional.push((n, v.clone()));
-        }
-        let path_prefix = h.path_prefix.clone().unwrap_or_default();
-        if !path_prefix.is_empty() && !path_prefix.starts_with('/') {
-            return Err(Invalid::new(
-                format!("{hf}.pathPrefix"),
-                "must start with /",
-            ));
-        }
-        let provider = ext_authz::Provider {
-            name: p.name.clone(),
-            service,
-            port: h.port.0,
-            path_prefix,
-            timeout,
-            fail_open: h.fail_open,
-            status_on_error,
-            include_headers: names(
+            provider.include_headers = names(
                 &h.include_request_headers_in_check,
                 "includeRequestHeadersInCheck",
-            )?,
-            additional_headers: additional,
-            to_upstream_on_allow: names(
-                &h.headers_to_upstream_on_allow,
-                "headersToUpstreamOnAllow",
-            )?,
-            to_downstream_on_deny: names(
+            )?;
+            provider.to_upstream_on_allow =
+                names(&h.headers_to_upstream_on_allow, "headersToUpstreamOnAllow")?;
+            provider.to_downstream_on_deny = names(
                 &h.headers_to_downstream_on_deny,
                 "headersToDownstreamOnDeny",
-            )?,
-        };
+            )?;
+        }
         if out.insert(p.name.clone(), Arc::new(provider)).is_some() {
             return Err(Invalid::new(
                 format!("{f}.name"),

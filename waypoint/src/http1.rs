@@ -802,10 +802,10 @@ async fn check_then_decide<'c, U: Upstream>(
     provider: &crate::ext_authz::Provider,
     auth: Option<Arc<Authenticated>>,
 ) -> Decided<'c> {
-    let request = crate::ext_authz::check_request(provider, head);
+    let request = crate::ext_authz::check_request(provider, head, ctx);
     let service = (provider.service.clone(), provider.port);
     let answer = upstream
-        .side_exchange(&service, request, provider.timeout)
+        .side_exchange(&service, request, provider.timeout, provider.grpc)
         .await;
     let verdict = crate::ext_authz::verdict(provider, &answer, !head.keep_alive());
     upstream.note(Note::ExtAuthz(crate::ext_authz::outcome(&answer, &verdict)));
@@ -1280,13 +1280,15 @@ pub trait Upstream {
     ) -> io::Result<Vec<u8>>;
 
     /// A request to `service` made on the side of the one being served (an external
-    /// authorizer's check, [`crate::ext_authz`]): its whole answer within `timeout`. Not
-    /// the request's own upstream: its telemetry still names the request's destination.
+    /// authorizer's check, [`crate::ext_authz`]): its whole answer within `timeout` (an
+    /// HTTP/2 answer's trailers among its head's fields), over HTTP/2 when `h2`. Not the
+    /// request's own upstream: its telemetry still names the request's destination.
     async fn side_exchange(
         &mut self,
         service: &(ObjectRef, u16),
         request: Bytes,
         timeout: Duration,
+        _h2: bool,
     ) -> io::Result<Vec<u8>> {
         self.exchange(Some(service), request, Some(timeout)).await
     }

@@ -1750,11 +1750,22 @@ impl Upstream for HboneUpstream {
         service: &(ObjectRef, u16),
         request: Bytes,
         timeout: Duration,
+        h2: bool,
     ) -> io::Result<Vec<u8>> {
         // The request's own destination (for its telemetry) stays what it was.
         let (last, routed) = (self.last.clone(), self.routed);
-        let r = self.exchange(Some(service), request, Some(timeout)).await;
+        let r = self
+            .exchange_inner(Some(service), request, Some(timeout), false, h2)
+            .await;
         (self.last, self.routed) = (last, routed);
+        if let Err(e) = &r {
+            let c = &self.worker.shared.counters;
+            if e.kind() == io::ErrorKind::TimedOut {
+                c.upstream_timeouts.fetch_add(1, Relaxed);
+            } else {
+                c.upstream_errors.fetch_add(1, Relaxed);
+            }
+        }
         r
     }
 
@@ -1764,7 +1775,9 @@ impl Upstream for HboneUpstream {
         request: Bytes,
         timeout: Option<Duration>,
     ) -> io::Result<Vec<u8>> {
-        let r = self.exchange_inner(service, request, timeout, false).await;
+        let r = self
+            .exchange_inner(service, request, timeout, false, false)
+            .await;
         if let Err(e) = &r {
             let c = &self.worker.shared.counters;
             if e.kind() == io::ErrorKind::TimedOut {
@@ -1819,7 +1832,7 @@ impl Upstream for HboneUpstream {
             let _token = token;
             // The response is read and discarded as it comes (never buffered).
             let r = copy
-                .exchange_inner(Some(&service), request, Some(MIRROR_TIMEOUT), true)
+                .exchange_inner(Some(&service), request, Some(MIRROR_TIMEOUT), true, false)
                 .await;
             let c = &copy.worker.shared.counters;
             match &r {
@@ -2093,6 +2106,7 @@ impl HboneUpstream {
         request: Bytes,
         timeout: Option<Duration>,
         discard: bool,
+        force_h2: bool,
     ) -> io::Result<Vec<u8>> {
         let l7 = self.view.l7.clone();
         let snap = l7
@@ -2103,11 +2117,12 @@ impl HboneUpstream {
             http1::Parsed::Head(h, n) => (h, n),
             _ => return Err(io::Error::other("unparsable upstream request")),
         };
-        let h2 = self.client_h2
-            && service.is_some_and(|(svc, port)| {
-                l7.lb_ref(svc, Some(*port))
-                    .is_some_and(|lb| lb.use_client_protocol)
-            });
+        let h2 = force_h2
+            || self.client_h2
+                && service.is_some_and(|(svc, port)| {
+                    l7.lb_ref(svc, Some(*port))
+                        .is_some_and(|lb| lb.use_client_protocol)
+                });
         // A mirror is not held to the service's circuit breakers.
         if let (Some((svc, port)), false) = (service, discard) {
             self.admit(svc, *port, !h2).await?;
@@ -2199,9 +2214,9 @@ impl HboneUpstream {
                     | "proxy-connection"
                     | "transfer-encoding"
                     | "upgrade"
-                    | "te"
                     | "content-length"
-            ) {
+            ) || (l == "te" && !v.eq_ignore_ascii_case("trailers"))
+            {
                 continue;
             }
             b = b.header(l, v.as_str());
@@ -2248,12 +2263,18 @@ impl HboneUpstream {
         if head.method == "HEAD" {
             data.clear();
         }
+        // Trailers (a gRPC status) are read too, and given as fields of the head.
+        let trailers = if discard {
+            None
+        } else {
+            rx.trailers().await.map_err(io::Error::other)?
+        };
         let mut out = format!(
             "HTTP/1.1 {} {}\r\n",
             parts.status.as_u16(),
             parts.status.canonical_reason().unwrap_or("")
         );
-        for (n, v) in &parts.headers {
+        for (n, v) in parts.headers.iter().chain(trailers.iter().flatten()) {
             if matches!(
                 n.as_str(),
                 "content-length" | "transfer-encoding" | "connection"

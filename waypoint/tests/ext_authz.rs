@@ -81,11 +81,126 @@ fn authorizer(ip: Ipv4Addr) -> (SocketAddr, mpsc::Receiver<String>) {
     (addr, rx)
 }
 
+/// The gRPC authorizer (`envoy.service.auth.v3.Authorization/Check` over HTTP/2, with
+/// the waypoint's own message types): OK, setting `x-ext-authz-check-result: allowed` and
+/// removing `authorization`, for a request whose headers have `x-ext-authz: allow`; else
+/// PERMISSION_DENIED with a `403`, a header and a body. Reports each check as
+/// `<method> <path> principal=<source principal> auth=<authorization>`.
+fn grpc_authorizer(ip: Ipv4Addr) -> (SocketAddr, mpsc::Receiver<String>) {
+    let l = std::net::TcpListener::bind((ip, 0)).unwrap();
+    let addr = l.local_addr().unwrap();
+    l.set_nonblocking(true).unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        block_on(async move {
+            let l = monoio::net::TcpListener::from_std(l).unwrap();
+            while let Ok((tcp, _)) = l.accept().await {
+                let tx = tx.clone();
+                monoio::spawn(async move {
+                    let io = monoio::io::IntoPollIo::into_poll_io(tcp).unwrap();
+                    let Ok(mut conn) = h2::server::handshake(io).await else {
+                        return;
+                    };
+                    // Each call on its own task: the connection is driven by `accept`
+                    // while a body is read.
+                    while let Some(Ok((req, respond))) = conn.accept().await {
+                        monoio::spawn(grpc_check(req, respond, tx.clone()));
+                    }
+                });
+            }
+        })
+    });
+    (addr, rx)
+}
+
+/// One call of [`grpc_authorizer`].
+async fn grpc_check(
+    req: http::Request<h2::RecvStream>,
+    mut respond: h2::server::SendResponse<Bytes>,
+    tx: mpsc::Sender<String>,
+) {
+    use prost::Message;
+    use waypoint::ext_authz::pb;
+    assert_eq!(
+        req.uri().path(),
+        "/envoy.service.auth.v3.Authorization/Check"
+    );
+    assert_eq!(req.headers()["content-type"], "application/grpc");
+    let mut body = req.into_body();
+    let mut data = Vec::new();
+    while let Some(Ok(b)) = body.data().await {
+        let _ = body.flow_control().release_capacity(b.len());
+        data.extend_from_slice(&b);
+    }
+    let check = pb::CheckRequest::decode(&data[5..]).unwrap();
+    let a = check.attributes.unwrap();
+    let http = a.request.unwrap().http.unwrap();
+    let h = |n: &str| http.headers.get(n).cloned().unwrap_or("-".into());
+    let _ = tx.send(format!(
+        "{} {} principal={} auth={}",
+        http.method,
+        http.path,
+        a.source.unwrap().principal,
+        h("authorization")
+    ));
+    let option = |k: &str, v: &str| pb::HeaderValueOption {
+        header: Some(pb::HeaderValue {
+            key: k.into(),
+            value: v.into(),
+            raw_value: vec![],
+        }),
+        append: None,
+    };
+    let answer = if h("x-ext-authz") == "allow" {
+        pb::CheckResponse {
+            status: Some(pb::RpcStatus {
+                code: 0,
+                message: String::new(),
+            }),
+            http_response: Some(pb::check_response::HttpResponse::OkResponse(
+                pb::OkHttpResponse {
+                    headers: vec![option("x-ext-authz-check-result", "allowed")],
+                    headers_to_remove: vec!["authorization".into()],
+                },
+            )),
+        }
+    } else {
+        pb::CheckResponse {
+            status: Some(pb::RpcStatus {
+                code: 7,
+                message: "denied".into(),
+            }),
+            http_response: Some(pb::check_response::HttpResponse::DeniedResponse(
+                pb::DeniedHttpResponse {
+                    status: Some(pb::HttpStatus { code: 403 }),
+                    headers: vec![option("x-ext-authz-check-result", "denied")],
+                    body: "denied by the gRPC authorizer".into(),
+                },
+            )),
+        }
+    };
+    let m = answer.encode_to_vec();
+    let mut frame = vec![0u8];
+    frame.extend_from_slice(&(m.len() as u32).to_be_bytes());
+    frame.extend_from_slice(&m);
+    let resp = http::Response::builder()
+        .status(200)
+        .header("content-type", "application/grpc")
+        .body(())
+        .unwrap();
+    let mut out = respond.send_response(resp, false).unwrap();
+    let _ = out.send_data(Bytes::from(frame), false);
+    let mut trailers = http::HeaderMap::new();
+    trailers.insert("grpc-status", "0".parse().unwrap());
+    let _ = out.send_trailers(trailers);
+}
+
 struct Mesh {
     waypoint: SocketAddr,
     ca: Arc<SigningCa>,
     seen: mpsc::Receiver<String>,
     checks: mpsc::Receiver<String>,
+    grpc_checks: mpsc::Receiver<String>,
     _zt: Ztunnel,
     handle: Option<waypoint::service::Handle>,
     shutdown: runtime::Shutdown,
@@ -139,6 +254,11 @@ spec:
 
 impl Mesh {
     fn start() -> Mesh {
+        Mesh::with(POLICIES)
+    }
+
+    /// The mesh with `policies` (a MeshConfig document, policies) beside the model.
+    fn with(policies: &str) -> Mesh {
         let (net, zl) = bind_node_ztunnel(61);
         let ca = Arc::new(SigningCa::generate_root("cluster.local").unwrap().0);
         let zt = stand_in_ztunnel(
@@ -147,16 +267,19 @@ impl Mesh {
         );
         let (pod, seen) = backend(ip(net, 2));
         let (authz, checks) = authorizer(ip(net, 3));
+        let (grpc_authz, grpc_checks) = grpc_authorizer(ip(net, 4));
         let workloads = format!(
-            "  - {{uid: e1, name: e1, namespace: app, serviceAccount: echo, node: node-b, workloadIps: [\"{}\"], services: {{\"app/echo.app.svc.cluster.local\": {{80: {}}}}}}}\n  - {{uid: a1, name: a1, namespace: app, serviceAccount: echo, node: node-b, workloadIps: [\"{}\"], services: {{\"app/ext-authz.app.svc.cluster.local\": {{8000: {}}}}}}}\n",
+            "  - {{uid: e1, name: e1, namespace: app, serviceAccount: echo, node: node-b, workloadIps: [\"{}\"], services: {{\"app/echo.app.svc.cluster.local\": {{80: {}}}}}}}\n  - {{uid: a1, name: a1, namespace: app, serviceAccount: echo, node: node-b, workloadIps: [\"{}\"], services: {{\"app/ext-authz.app.svc.cluster.local\": {{8000: {}}}}}}}\n  - {{uid: g1, name: g1, namespace: app, serviceAccount: echo, node: node-b, workloadIps: [\"{}\"], services: {{\"app/ext-authz-grpc.app.svc.cluster.local\": {{9000: {}}}}}}}\n",
             pod.ip(),
             pod.port(),
             authz.ip(),
-            authz.port()
+            authz.port(),
+            grpc_authz.ip(),
+            grpc_authz.port()
         );
-        let services = "  - {name: echo, namespace: app, hostname: echo.app.svc.cluster.local, vips: [\"10.96.0.1\"], ports: {80: 8080}}\n  - {name: ext-authz, namespace: app, hostname: ext-authz.app.svc.cluster.local, vips: [\"10.96.0.9\"], ports: {8000: 8000}}\n";
+        let services = "  - {name: echo, namespace: app, hostname: echo.app.svc.cluster.local, vips: [\"10.96.0.1\"], ports: {80: 8080}}\n  - {name: ext-authz, namespace: app, hostname: ext-authz.app.svc.cluster.local, vips: [\"10.96.0.9\"], ports: {8000: 8000}}\n  - {name: ext-authz-grpc, namespace: app, hostname: ext-authz-grpc.app.svc.cluster.local, vips: [\"10.96.0.10\"], ports: {9000: 9000}}\n";
         let model = app_model(ip(net, 1), &workloads, services);
-        let text = format!("{model}---\n{POLICIES}");
+        let text = format!("{model}---\n{policies}");
         let file = std::env::temp_dir().join(format!("waypoint-ext-authz-{net}.yaml"));
         let cfg = waypoint::config::load_str(&file, &text, 1).unwrap_or_else(|e| panic!("{e}"));
         let (handle, shutdown) = start_with_stats(&ca, cfg);
@@ -165,6 +288,7 @@ impl Mesh {
             ca,
             seen,
             checks,
+            grpc_checks,
             _zt: zt,
             handle: Some(handle),
             shutdown,
@@ -335,4 +459,69 @@ fn r15_custom_policy_asks_the_external_authorizer_over_http2() {
     assert_eq!(got[2], (200, "/headers result=allowed".into()));
     assert_eq!(m.checks.try_iter().count(), 2);
     assert_eq!(m.seen.try_iter().count(), 2);
+}
+
+/// The gRPC provider (`envoyExtAuthzGrpc`, as OPA's Envoy plugin is deployed) on the
+/// `echo` Service: its `CheckRequest` carries the request and the client's SPIFFE
+/// identity; OK's header changes apply to what goes upstream; a denial's `403`, header
+/// and body are the client's answer.
+#[test]
+fn r15_custom_policy_asks_a_grpc_authorizer() {
+    let policies = r#"meshConfig:
+  extensionProviders:
+  - name: opa
+    envoyExtAuthzGrpc: {service: ext-authz-grpc.app.svc.cluster.local, port: 9000, timeout: 10s}
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: ext-authz, namespace: app}
+spec:
+  targetRefs:
+  - {kind: Service, name: echo}
+  action: CUSTOM
+  provider: {name: opa}
+  rules:
+  - to: [{operation: {notPaths: ["/open"]}}]
+"#;
+    let m = Mesh::with(policies);
+    let got = m.http1(&[
+        get("/open", ""),
+        get("/x?y=1", "authorization: Bearer t\r\n"),
+        get("/x", "x-ext-authz: allow\r\nauthorization: Bearer t\r\n"),
+    ]);
+    assert_eq!((got[0].0, got[0].2.as_str()), (200, "/open result=-"));
+    assert_eq!(
+        (got[1].0, got[1].2.as_str()),
+        (403, "denied by the gRPC authorizer")
+    );
+    assert!(
+        got[1].1.contains("x-ext-authz-check-result: denied\r\n"),
+        "{}",
+        got[1].1
+    );
+    assert_eq!((got[2].0, got[2].2.as_str()), (200, "/x result=allowed"));
+    let checks: Vec<String> = m.grpc_checks.try_iter().collect();
+    assert_eq!(
+        checks,
+        [
+            "GET /x?y=1 principal=spiffe://cluster.local/ns/app/sa/client auth=Bearer t",
+            "GET /x principal=spiffe://cluster.local/ns/app/sa/client auth=Bearer t",
+        ]
+    );
+    assert_eq!(
+        m.checks.try_iter().count(),
+        0,
+        "the HTTP authorizer was not asked"
+    );
+    // Over HTTP/2 too.
+    let got = m.http2(&[("/x", Some("allow")), ("/x", None)]);
+    assert_eq!(got[0], (200, "/x result=allowed".into()));
+    assert_eq!(got[1].0, 403);
+    let counts: Vec<u64> = m
+        .counters()
+        .ext_authz
+        .iter()
+        .map(|x| x.load(Relaxed))
+        .collect();
+    assert_eq!(counts, [2, 2, 0], "allowed, denied, error");
 }
