@@ -10,7 +10,7 @@
 //! | `RequestAuthentication` | `security.istio.io/v1`, `/v1beta1` | [`crate::jwt::RequestAuthn`]: `jwtRules[]` with `issuer`, `audiences`, `jwks` (inline JSON), or `jwksUri` (fetched, with `timeout`; neither: OpenID discovery from the issuer; see [`crate::jwks`]), `fromHeaders` (`name`, `prefix`), `fromParams`, `fromCookies`, `forwardOriginalToken`, `outputPayloadToHeader`, `outputClaimToHeaders` (`header`, `claim`) |
 //! | `DestinationRule` | `networking.istio.io/v1`, `/v1beta1`, `/v1alpha3` | [`ServiceLb`]: `trafficPolicy.loadBalancer`, `.outlierDetection` (`consecutive5xxErrors`, `consecutiveGatewayErrors`, `interval`, `baseEjectionTime`, `maxEjectionPercent`), `.connectionPool.http.useClientProtocol`, `.connectionPool.http.idleTimeout`, `.tls.mode: ISTIO_MUTUAL` (what HBONE is; other modes refused), `.portLevelSettings` (all of these per service port, each entry replacing the service's for its port); [`crate::breaker`]: `.connectionPool.tcp.maxConnections`, `.tcp.connectTimeout`, `.http.http1MaxPendingRequests`, `.http.http2MaxRequests`, `.http.maxRequestsPerConnection`, `.http.maxRetries` |
 //! | no `apiVersion`/`kind`, a `waypoint:` key | — | [`SettingsDoc`], exactly one for the binary |
-//! | no `apiVersion`/`kind`, a `meshConfig:` key | — | Istio MeshConfig's `extensionProviders` of kinds `envoyExtAuthzHttp` (`service`: a model service's hostname, or `namespace/hostname`; `port`, `pathPrefix`, `timeout`, `failOpen`, `statusOnError`, `includeRequestHeadersInCheck`, `includeAdditionalHeadersInCheck`, `headersToUpstreamOnAllow`, `headersToDownstreamOnDeny`) and `envoyExtAuthzGrpc` (`service`, `port`, `timeout`, `failOpen`, `statusOnError`), at most one, reloaded with the file; see [`crate::ext_authz`] |
+//! | no `apiVersion`/`kind`, a `meshConfig:` key | — | Istio MeshConfig's `extensionProviders` of kinds `envoyExtAuthzHttp` (`service`: a model service's hostname, or `namespace/hostname`; `port`, `pathPrefix`, `timeout`, `failOpen`, `statusOnError`, `includeRequestHeadersInCheck`, `includeAdditionalHeadersInCheck`, `headersToUpstreamOnAllow`, `headersToDownstreamOnDeny`, `headersToDownstreamOnAllow`) and `envoyExtAuthzGrpc` (`service`, `port`, `timeout`, `failOpen`, `statusOnError`), at most one, reloaded with the file; see [`crate::ext_authz`] |
 //! | no `apiVersion`/`kind`, no `waypoint:` key | — | mesh-model's local config (`namespaces`, `workloads`, `services`, `policies`, `waypoints`, `nodes`; see the `mesh_model` crate docs), at most one |
 //!
 //! An `AuthorizationPolicy` or `RequestAuthentication` without `targetRefs` (a workload
@@ -2322,6 +2322,8 @@ struct ExtAuthzHttpRaw {
     headers_to_upstream_on_allow: Vec<String>,
     #[serde(default)]
     headers_to_downstream_on_deny: Vec<String>,
+    #[serde(default)]
+    headers_to_downstream_on_allow: Vec<String>,
 }
 
 /// The service a provider's `service` names: `hostname` or `namespace/hostname` of a
@@ -2405,6 +2407,7 @@ fn compile_mesh_config(
             additional_headers: vec![],
             to_upstream_on_allow: vec![],
             to_downstream_on_deny: vec![],
+            to_downstream_on_allow: vec![],
         };
         if let Some(h) = &p.envoy_ext_authz_http {
             let names = |v: &[String], field: &str| -> Result<Vec<StrMatch>, Invalid> {
@@ -2449,6 +2452,10 @@ fn compile_mesh_config(
             provider.to_downstream_on_deny = names(
                 &h.headers_to_downstream_on_deny,
                 "headersToDownstreamOnDeny",
+            )?;
+            provider.to_downstream_on_allow = names(
+                &h.headers_to_downstream_on_allow,
+                "headersToDownstreamOnAllow",
             )?;
         }
         if out.insert(p.name.clone(), Arc::new(provider)).is_some() {

@@ -13,7 +13,8 @@
 //! * **The answer**: `200` allows — the answer's headers named by
 //!   `headersToUpstreamOnAllow` are set on the request sent upstream (replacing the
 //!   client's), those its `x-envoy-auth-headers-to-remove` lists are removed, and
-//!   DENY/ALLOW policies then see the result. Any other status denies with the
+//!   DENY/ALLOW policies then see the result; those `headersToDownstreamOnAllow` names
+//!   are set on the response to the client. Any other status denies with the
 //!   authorizer's status, body and the headers `headersToDownstreamOnDeny` names (all but
 //!   framing and hop-by-hop ones when it names none), response flag `UAEX`. No answer
 //!   within `timeout` (default 600 s, Istio's), or none at all: allowed with `failOpen`,
@@ -23,7 +24,8 @@
 //!   destination addresses, the source's SPIFFE principal, the request's method, target,
 //!   host, scheme, protocol, size and every header, `:authority`, `:method` and `:path`
 //!   among them). `status.code` 0 allows: `ok_response.headers` are set on the request
-//!   (appended with `append: true`), `headers_to_remove` removed. Any other code denies
+//!   (appended with `append: true`), `headers_to_remove` removed,
+//!   `response_headers_to_add` set on the response. Any other code denies
 //!   with `denied_response` (its status, else `403`; its headers; its body). A gRPC error
 //!   (`grpc-status` not 0) or no answer: `failOpen` or `statusOnError`, as over HTTP.
 //! * Counted: `waypoint_ext_authz_checks_total{result="allowed|denied|error"}`.
@@ -60,6 +62,7 @@ pub struct Provider {
     pub additional_headers: Vec<(String, String)>,
     pub to_upstream_on_allow: Vec<StrMatch>,
     pub to_downstream_on_deny: Vec<StrMatch>,
+    pub to_downstream_on_allow: Vec<StrMatch>,
 }
 
 /// What the authorizer decided.
@@ -96,6 +99,9 @@ pub enum Change {
     Append(String, String),
     /// Remove the fields of the name.
     Remove(String),
+    /// Set the field on the response to the client (`headersToDownstreamOnAllow`, gRPC
+    /// `response_headers_to_add`).
+    Downstream(String, String),
 }
 
 /// The check request for the client's `head` on the tunnel `ctx`.
@@ -204,6 +210,8 @@ pub fn verdict(p: &Provider, answer: &io::Result<Vec<u8>>, close: bool) -> Verdi
                 );
             } else if matches_any(&p.to_upstream_on_allow, &n) {
                 changes.push(Change::Set(n, v));
+            } else if matches_any(&p.to_downstream_on_allow, &n) {
+                changes.push(Change::Downstream(n, v));
             }
         }
         return Verdict::Allow(changes);
@@ -265,7 +273,8 @@ fn drop_default_type(resp: Vec<u8>) -> Vec<u8> {
     }
 }
 
-/// Make an allowing authorizer's `changes` to the request.
+/// Make an allowing authorizer's `changes` to the request (those for the response,
+/// [`Change::Downstream`], are the caller's).
 pub fn apply(head: &mut RequestHead, changes: Vec<Change>) {
     for c in changes {
         match c {
@@ -275,6 +284,7 @@ pub fn apply(head: &mut RequestHead, changes: Vec<Change>) {
             }
             Change::Append(n, v) => head.headers.push((Text::from(n), Text::from(v))),
             Change::Remove(n) => head.headers.retain(|(m, _)| !m.eq_ignore_ascii_case(&n)),
+            Change::Downstream(..) => {}
         }
     }
 }
@@ -406,6 +416,19 @@ fn grpc_verdict(p: &Provider, answer: &io::Result<Vec<u8>>, close: bool) -> Verd
                 } else {
                     Change::Set(n, v)
                 });
+            }
+            for o in &ok.response_headers_to_add {
+                let Some(h) = &o.header else { continue };
+                let n = h.key.to_ascii_lowercase();
+                if !n.is_empty()
+                    && !n.starts_with(':')
+                    && !matches!(
+                        n.as_str(),
+                        "content-length" | "transfer-encoding" | "connection"
+                    )
+                {
+                    changes.push(Change::Downstream(n, value(h)));
+                }
             }
             for n in &ok.headers_to_remove {
                 let n = n.to_ascii_lowercase();
@@ -602,6 +625,8 @@ pub mod pb {
         pub headers: Vec<HeaderValueOption>,
         #[prost(string, repeated, tag = "5")]
         pub headers_to_remove: Vec<String>,
+        #[prost(message, repeated, tag = "6")]
+        pub response_headers_to_add: Vec<HeaderValueOption>,
     }
 
     /// `envoy.type.v3.HttpStatus`.
@@ -655,6 +680,7 @@ mod tests {
             additional_headers: vec![("x-from".into(), "waypoint".into())],
             to_upstream_on_allow: vec![StrMatch::parse("x-ext-authz-check-result")],
             to_downstream_on_deny: vec![],
+            to_downstream_on_allow: vec![StrMatch::parse("x-ratelimit-*")],
         }
     }
 
@@ -698,11 +724,11 @@ mod tests {
         let p = provider();
         let ok = |s: &str| Ok(s.as_bytes().to_vec());
         assert_eq!(
-            verdict(&p, &ok("HTTP/1.1 200 OK\r\nx-ext-authz-check-result: allowed\r\nx-other: 1\r\ncontent-length: 0\r\n\r\n"), false),
-            Verdict::Allow(vec![Change::Set(
-                "x-ext-authz-check-result".into(),
-                "allowed".into()
-            )])
+            verdict(&p, &ok("HTTP/1.1 200 OK\r\nx-ext-authz-check-result: allowed\r\nx-other: 1\r\nx-ratelimit-left: 9\r\ncontent-length: 0\r\n\r\n"), false),
+            Verdict::Allow(vec![
+                Change::Set("x-ext-authz-check-result".into(), "allowed".into()),
+                Change::Downstream("x-ratelimit-left".into(), "9".into()),
+            ])
         );
         let Verdict::Deny(resp, 403) = verdict(
             &p,
@@ -871,6 +897,7 @@ mod tests {
                         option(":path", "/evil", None),
                     ],
                     headers_to_remove: vec!["authorization".into(), "host".into()],
+                    response_headers_to_add: vec![option("x-served-by", "opa", None)],
                 },
             )),
         };
@@ -879,6 +906,7 @@ mod tests {
             Verdict::Allow(vec![
                 Change::Set("x-user".into(), "alice".into()),
                 Change::Append("x-tag".into(), "t".into()),
+                Change::Downstream("x-served-by".into(), "opa".into()),
                 Change::Remove("authorization".into()),
             ])
         );

@@ -811,9 +811,30 @@ async fn check_then_decide<'c, U: Upstream>(
     upstream.note(Note::ExtAuthz(crate::ext_authz::outcome(&answer, &verdict)));
     match verdict {
         crate::ext_authz::Verdict::Deny(resp, _) => Decided::Respond(resp, Some(Refusal::External)),
-        crate::ext_authz::Verdict::Allow(fields) => {
-            crate::ext_authz::apply(head, fields);
-            Decided::settle(decide_checked(cfg, ctx, head, rng, auth))
+        crate::ext_authz::Verdict::Allow(changes) => {
+            let down: Vec<(String, String)> = changes
+                .iter()
+                .filter_map(|c| match c {
+                    crate::ext_authz::Change::Downstream(n, v) => Some((n.clone(), v.clone())),
+                    _ => None,
+                })
+                .collect();
+            crate::ext_authz::apply(head, changes);
+            match decide_checked(cfg, ctx, head, rng, auth) {
+                // The authorizer's fields for the client go on the route's response.
+                Action::Forward { forward, auth } if !down.is_empty() => {
+                    let mut f: Forward = (*forward).clone();
+                    f.response_headers.push(HeaderModifier {
+                        set: down,
+                        ..Default::default()
+                    });
+                    Decided::Forward {
+                        forward: Fwd::Owned(Box::new(f)),
+                        auth,
+                    }
+                }
+                other => Decided::settle(other),
+            }
         }
     }
 }

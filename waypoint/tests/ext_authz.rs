@@ -161,6 +161,7 @@ async fn grpc_check(
                 pb::OkHttpResponse {
                     headers: vec![option("x-ext-authz-check-result", "allowed")],
                     headers_to_remove: vec!["authorization".into()],
+                    response_headers_to_add: vec![option("x-authz-served-by", "grpc")],
                 },
             )),
         }
@@ -228,6 +229,7 @@ const POLICIES: &str = r#"meshConfig:
       includeAdditionalHeadersInCheck: {x-extra: from-waypoint}
       headersToUpstreamOnAllow: [x-ext-authz-check-result]
       headersToDownstreamOnDeny: [x-ext-authz-check-result]
+      headersToDownstreamOnAllow: [x-internal]
 ---
 apiVersion: security.istio.io/v1
 kind: AuthorizationPolicy
@@ -397,6 +399,8 @@ fn r15_custom_policy_asks_the_external_authorizer_over_http1() {
         (got[2].0, got[2].2.as_str()),
         (200, "/headers?x=1 result=allowed")
     );
+    assert!(got[2].1.contains("x-internal: no\r\n"), "{}", got[2].1);
+    assert!(!got[0].1.contains("x-internal"), "{}", got[0].1);
     assert_eq!((got[3].0, got[3].2.as_str()), (403, "RBAC: access denied"));
     assert_eq!(got[4].0, 503);
     // What the authorizer was asked: the method, the prefixed target, the named header
@@ -500,6 +504,11 @@ spec:
         got[1].1
     );
     assert_eq!((got[2].0, got[2].2.as_str()), (200, "/x result=allowed"));
+    assert!(
+        got[2].1.contains("x-authz-served-by: grpc\r\n"),
+        "{}",
+        got[2].1
+    );
     let checks: Vec<String> = m.grpc_checks.try_iter().collect();
     assert_eq!(
         checks,
