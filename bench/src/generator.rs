@@ -97,6 +97,8 @@ pub struct Plan {
     pub netns: Option<String>,
     /// `host` header of HTTP requests.
     pub host: String,
+    /// More fields on every HTTP request (`--header`).
+    pub headers: Arc<[(String, String)]>,
     /// Reach `target` through a SOCKS5 proxy (the loopback mesh: ztunnel A's SOCKS5).
     pub socks: Option<Socks>,
 }
@@ -912,7 +914,7 @@ async fn http1_conn(p: &Plan, req_body: usize, resp_body: usize) -> GenResult {
             return r;
         }
     };
-    let mut c = crate::http1::Client::new(s, &p.host, req_body, resp_body);
+    let mut c = crate::http1::Client::new(s, &p.host, &p.headers, req_body, resp_body);
     let want = if req_body > 0 { req_body } else { resp_body } as u64;
     let mut meter = WindowBytes::new(p.t_warm, p.t_end);
     while running(p) {
@@ -1001,7 +1003,7 @@ async fn http2_conn(p: &Plan, streams: usize, resp_body: usize) -> GenResult {
             while running(&p) {
                 let start = Instant::now();
                 r.sent += resp_body as u64;
-                match crate::http2::request(&mut send, &p.host, resp_body).await {
+                match crate::http2::request(&mut send, &p.host, &p.headers, resp_body).await {
                     Ok(n) => r.received += n as u64,
                     Err(e) => {
                         r.error(e);
@@ -1036,7 +1038,7 @@ async fn idle_http_conn(p: &Plan, resp_body: usize, mut opened: Opened, hold: &H
             return r;
         }
     };
-    let mut c = crate::http1::Client::new(s, &p.host, 0, resp_body);
+    let mut c = crate::http1::Client::new(s, &p.host, &p.headers, 0, resp_body);
     let start = Instant::now();
     for round in 0..2 {
         r.sent += resp_body as u64;
@@ -1146,7 +1148,7 @@ async fn http1_open(p: Plan, resp_body: usize, interval: Duration) -> GenResult 
     let mut clients = Vec::with_capacity(p.conns);
     for _ in 0..p.conns {
         match connect(&p, true).await {
-            Ok(s) => clients.push(crate::http1::Client::new(s, &p.host, 0, resp_body)),
+            Ok(s) => clients.push(crate::http1::Client::new(s, &p.host, &p.headers, 0, resp_body)),
             Err(e) => {
                 r.error(e);
                 return r;

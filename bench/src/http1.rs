@@ -218,13 +218,23 @@ pub struct Client {
 }
 
 impl Client {
-    /// `GET /resp` when `req_body` is 0, else `POST /` with `req_body` pattern bytes (echoed).
-    pub fn new(s: TcpStream, host: &str, req_body: usize, resp_body: usize) -> Client {
+    /// `GET /resp` when `req_body` is 0, else `POST /` with `req_body` pattern bytes (echoed);
+    /// `headers` after `host`.
+    pub fn new(
+        s: TcpStream,
+        host: &str,
+        headers: &[(String, String)],
+        req_body: usize,
+        resp_body: usize,
+    ) -> Client {
+        let extra: String = headers.iter().map(|(n, v)| format!("{n}: {v}\r\n")).collect();
         let mut req = if req_body > 0 {
-            format!("POST / HTTP/1.1\r\nhost: {host}\r\ncontent-length: {req_body}\r\n\r\n")
-                .into_bytes()
+            format!(
+                "POST / HTTP/1.1\r\nhost: {host}\r\n{extra}content-length: {req_body}\r\n\r\n"
+            )
+            .into_bytes()
         } else {
-            format!("GET /{resp_body} HTTP/1.1\r\nhost: {host}\r\n\r\n").into_bytes()
+            format!("GET /{resp_body} HTTP/1.1\r\nhost: {host}\r\n{extra}\r\n").into_bytes()
         };
         req.extend((0..req_body).map(pattern));
         Client {
@@ -390,7 +400,7 @@ mod tests {
                     serve(s).await
                 });
                 let s = TcpStream::connect(addr).await.expect("connect");
-                let mut c = Client::new(s, "test", req_body, resp_body);
+                let mut c = Client::new(s, "test", &[], req_body, resp_body);
                 for _ in 0..3 {
                     let (mut total, mut pieces) = (0usize, 0usize);
                     let x = c

@@ -105,6 +105,7 @@ pub async fn connect(
 pub async fn request(
     send: &mut h2::client::SendRequest<Bytes>,
     authority: &str,
+    headers: &[(String, String)],
     n: usize,
 ) -> Result<usize, String> {
     let fut = async {
@@ -113,11 +114,13 @@ pub async fn request(
             .ready()
             .await
             .map_err(|e| format!("h2 ready: {e}"))?;
-        let req = http::Request::builder()
+        let mut req = http::Request::builder()
             .method("GET")
-            .uri(format!("http://{authority}/{n}"))
-            .body(())
-            .map_err(|e| e.to_string())?;
+            .uri(format!("http://{authority}/{n}"));
+        for (k, v) in headers {
+            req = req.header(k.as_str(), v.as_str());
+        }
+        let req = req.body(()).map_err(|e| e.to_string())?;
         let (resp, _) = s
             .send_request(req, true)
             .map_err(|e| format!("h2 send: {e}"))?;

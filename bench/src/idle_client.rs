@@ -84,6 +84,7 @@ pub fn child_main(args: Vec<String>) -> ExitCode {
         live: live.clone(),
         netns: spec.netns.clone(),
         host: spec.host.clone(),
+        headers: Arc::from(Vec::new()),
         socks: spec
             .socks
             .map(|(src, proxy)| generator::Socks { src, proxy }),

@@ -169,6 +169,15 @@ struct Args {
     /// under `taskset -c` on the proxy cores, as our proxies.
     #[arg(long = "peer")]
     peers: Vec<String>,
+    /// A field added to every HTTP request of the HTTP scenarios, `NAME: VALUE`
+    /// (repeatable), e.g. a bearer token for a RequestAuthentication of --waypoint-docs.
+    #[arg(long = "header", value_parser = parse_header)]
+    headers: Vec<(String, String)>,
+    /// Kubernetes documents (YAML, `---` separated) added to the waypoint's configuration:
+    /// policies, RequestAuthentications, DestinationRules, a meshConfig document… (their
+    /// cost, measured beside the default mesh's). Checked by the waypoint at start.
+    #[arg(long)]
+    waypoint_docs: Option<PathBuf>,
     /// Tuning profile (built-in name or YAML file) passed to the ztunnels and the waypoint.
     #[arg(long, default_value = "default")]
     profile: String,
@@ -259,6 +268,28 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
         return Err("duration must be positive".into());
     }
     Ok(d)
+}
+
+/// `NAME: VALUE`, a valid HTTP field.
+fn parse_header(s: &str) -> Result<(String, String), String> {
+    let (n, v) = s
+        .split_once(':')
+        .ok_or_else(|| format!("{s:?}: expected NAME: VALUE"))?;
+    let (n, v) = (n.trim(), v.trim());
+    let token = !n.is_empty()
+        && n
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
+    if !token || v.bytes().any(|b| b < b' ' && b != b'\t') {
+        return Err(format!("{s:?}: not a valid HTTP field"));
+    }
+    if matches!(
+        n.to_ascii_lowercase().as_str(),
+        "host" | "content-length" | "transfer-encoding" | "connection"
+    ) {
+        return Err(format!("{n}: set by the harness itself"));
+    }
+    Ok((n.to_ascii_lowercase(), v.to_string()))
 }
 
 fn parse_size(s: &str) -> Result<usize, String> {
@@ -670,6 +701,7 @@ fn plan(args: &Args) -> Result<Suite> {
             runtime::DriverChoice::Epoll => "epoll",
         }
         .to_string(),
+        headers: Arc::from(args.headers.clone()),
     };
     Ok(Suite {
         name,
@@ -778,6 +810,13 @@ fn run(args: Args, suite: Suite) -> Result<ExitCode> {
             waypoint: suite.paths.contains(&PathKind::Waypoint),
             layout,
             socks5: args.socks5,
+            waypoint_docs: match &args.waypoint_docs {
+                None => None,
+                Some(f) => Some(
+                    std::fs::read_to_string(f)
+                        .with_context(|| format!("--waypoint-docs {}", f.display()))?,
+                ),
+            },
         };
         let m = mesh::Mesh::up(&spec, &tmp.0).context("bringing up the mesh")?;
         lap = phases.lap("mesh up", lap);
@@ -1177,6 +1216,8 @@ fn run(args: Args, suite: Suite) -> Result<ExitCode> {
                 None => "legacy",
             },
             "http_connections": args.conns,
+            "request_headers": args.headers.iter().map(|(n, _)| n).collect::<Vec<_>>(),
+            "waypoint_docs": args.waypoint_docs.as_ref().map(|f| f.display().to_string()),
             "large_body": args.body,
             "idle_connections": suite.scenarios.iter().find(|s| s.kind == Kind::Idle).map(|s| s.conns),
             "idle_http_connections": suite.scenarios.iter().find(|s| s.kind == Kind::IdleHttp).map(|s| s.conns),

@@ -268,6 +268,8 @@ pub struct MeshSpec {
     pub layout: Layout,
     /// Loopback layout: ztunnel A's SOCKS5 address (default node A's address, port 15080).
     pub socks5: Option<SocketAddr>,
+    /// More documents for the waypoint's configuration (`--waypoint-docs`).
+    pub waypoint_docs: Option<String>,
 }
 
 /// The running mesh. Drop tears it down.

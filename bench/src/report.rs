@@ -23,6 +23,8 @@
 //!                 "io_driver_requested", "quiet_threshold_pct", "quiet_sample_s",
 //!                 "max_retries", "topology": "netns"|"loopback"|"legacy",
 //!                 "http_connections", "large_body", "profile",
+//!                 "request_headers": [string] (names of --header fields; values not kept),
+//!                 "waypoint_docs": string|null (the --waypoint-docs file),
 //!                 "idle_connections", "idle_http_connections", "slow_reader_connections":
 //!                     int|null (null: the scenario did not run),
 //!                 "latency_duration_s",  // the window of tcp-rr-open, http1-open, mixed

@@ -397,6 +397,8 @@ pub struct Knobs {
     /// Re-runs of runs disturbed by outside load, suite-wide.
     pub max_retries: usize,
     pub io_driver: String,
+    /// More fields on every HTTP request (`--header`).
+    pub headers: Arc<[(String, String)]>,
 }
 
 /// The mesh's backends: one set per server pod.
@@ -1299,6 +1301,7 @@ fn run_one(
                 live: Arc::new(Live::default()),
                 netns: netns.clone(),
                 host: host_header.clone(),
+                headers: ctx.knobs.headers.clone(),
                 socks,
             };
             match generator::spawn(100 + i, ctx.placement.gen_core(i), ctx.decision, plan, stx) {
@@ -1323,6 +1326,7 @@ fn run_one(
             live: live.clone(),
             netns: netns.clone(),
             host: host_header.clone(),
+            headers: ctx.knobs.headers.clone(),
             socks,
         };
         match generator::spawn(i, ctx.placement.gen_core(i), ctx.decision, plan, tx.clone()) {
@@ -1839,6 +1843,7 @@ fn idle_run(
             live: live.clone(),
             netns: netns.clone(),
             host: host.clone(),
+            headers: ctx.knobs.headers.clone(),
             socks,
         };
         match generator::spawn(i, ctx.placement.gen_core(i), ctx.decision, plan, tx.clone()) {

@@ -29,8 +29,13 @@ spec:
       http: {useClientProtocol: true}
 ";
 
-/// The whole config file.
-pub fn config_yaml(layout: mesh::Layout, ca_dir: &Path, tuning: &str) -> String {
+/// The whole config file (`extra`: more documents, appended).
+pub fn config_yaml(
+    layout: mesh::Layout,
+    ca_dir: &Path,
+    tuning: &str,
+    extra: Option<&str>,
+) -> String {
     let addr = layout.waypoint_addr();
     let listen = if layout.is_loopback() {
         addr.to_string()
@@ -42,13 +47,16 @@ pub fn config_yaml(layout: mesh::Layout, ca_dir: &Path, tuning: &str) -> String 
         ca_dir.display(),
         mesh::mesh_yaml_nodes(layout, false),
         route()
-    )
+    ) + &extra.map_or(String::new(), |e| format!("---\n{e}"))
 }
 
 /// Write the config and start the waypoint in its pod; wait for READY.
 pub fn start(m: &Mesh, spec: &MeshSpec, ca_dir: &Path, tuning: &str) -> Result<Proxy> {
     let file = m.dir.join("waypoint.yaml");
-    std::fs::write(&file, config_yaml(m.layout, ca_dir, tuning))
+    std::fs::write(
+        &file,
+        config_yaml(m.layout, ca_dir, tuning, spec.waypoint_docs.as_deref()),
+    )
         .with_context(|| format!("writing {}", file.display()))?;
     Proxy::spawn_in_ns(
         &m.ns("waypoint"),
@@ -69,10 +77,27 @@ mod tests {
             mesh::Layout::Netns,
             Path::new("/tmp/ca"),
             &mesh::tuning_yaml(&tuning::Profile::default(), &[1], 1, "auto").unwrap(),
+            None,
         );
         let cfg = waypoint::config::load_str(Path::new("w.yaml"), &text, 1)
             .unwrap_or_else(|e| panic!("{e}\n{text}"));
         assert!(cfg.settings.is_some());
         assert!(cfg.mesh.is_some());
+    }
+
+    /// `--waypoint-docs` documents go in after the mesh's own, checked by the waypoint.
+    #[test]
+    fn extra_documents_load_in_the_waypoint() {
+        let extra = "apiVersion: security.istio.io/v1\nkind: RequestAuthentication\nmetadata: {name: jwt, namespace: bench}\nspec:\n  targetRefs: [{kind: Gateway, group: gateway.networking.k8s.io, name: waypoint}]\n  jwtRules:\n  - issuer: bench\n    jwks: '{\"keys\": [{\"kty\": \"oct\", \"k\": \"c2VjcmV0\"}]}'\n";
+        let text = config_yaml(
+            mesh::Layout::Netns,
+            Path::new("/tmp/ca"),
+            &mesh::tuning_yaml(&tuning::Profile::default(), &[1], 1, "auto").unwrap(),
+            Some(extra),
+        );
+        let cfg = waypoint::config::load_str(Path::new("w.yaml"), &text, 1)
+            .unwrap_or_else(|e| panic!("{e}\n{text}"));
+        assert_eq!(cfg.request_authns.len(), 1);
+        assert_eq!(cfg.routes.routes().len(), 1, "the mesh's own route is kept");
     }
 }
