@@ -165,7 +165,7 @@ impl Client {
             .set_buffer_limit(Some(settings.tls_send_buffer));
         let (send, mut conn) = settings
             .client_builder()
-            .handshake::<_, Bytes>(tls_stream)
+            .handshake::<_, Bytes>(crate::stream::H2Io(tls_stream))
             .await?;
         let first = match first {
             Some(req) => {

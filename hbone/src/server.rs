@@ -151,7 +151,7 @@ where
             .map(|c| Arc::new(c.clone()));
         let conn = settings
             .server_builder()
-            .handshake::<_, Bytes>(tls_stream)
+            .handshake::<_, Bytes>(crate::stream::H2Io(tls_stream))
             .await?;
         Ok((conn, peer_identity, peer_certificate))
     };

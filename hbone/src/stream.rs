@@ -454,6 +454,54 @@ enum HoldState {
     Holding,
 }
 
+/// The TLS stream as `h2` sees it: the same, but reporting no vectored writes. `h2`
+/// copies a DATA frame's payload into its write buffer below a threshold and chains a
+/// larger one, which it must then flush (a TLS record flush and a `sendmsg`) before it can
+/// take the next frame; the threshold is 256 bytes over a vectored writer and 1 KiB over
+/// any other. So with this a frame of 256 to 1,023 bytes (a typical HTTP request head, with
+/// its `cookie` or `authorization`) is batched with its neighbours instead of costing a
+/// send of its own. Measured through the waypoint path (http1-rps, 64 connections, old and
+/// new builds alternated): with a 120-byte field added to each request the waypoint made
+/// 25.6k `sendmsg`/s (one per request) instead of 2.4k, at 9.6 CPU-µs/req instead of 4.2,
+/// and the path served 36.3k instead of 47.3k req/s; with a bearer token (a 280-byte
+/// request) 28.5k instead of 46.8k req/s (ztunnel A 14.6 → 8.7, waypoint 10.7 → 4.6
+/// CPU-µs/req); http2-rps rose from 79.4k to 86.9k req/s. Frames of 1 KiB and more are
+/// chained (sent from where they are) as before: one-stream HBONE throughput did not
+/// move (5.7 Gbit/s either way).
+pub struct H2Io<T>(pub T);
+
+impl<T: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for H2Io<T> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().0).poll_read(cx, buf)
+    }
+}
+
+impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for H2Io<T> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().0).poll_write(cx, buf)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        false
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().0).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().0).poll_shutdown(cx)
+    }
+}
+
 /// Defers a [`TcpIo`]'s flushes until released (or dropped).
 pub struct Hold(Rc<Cell<HoldState>>);
 
