@@ -421,6 +421,10 @@ type Readiness = Pin<Box<dyn Future<Output = io::Result<()>>>>;
 /// before them in front, in the same `sendmsg`), so bulk data is never copied.
 const GATHER_MAX: usize = 4096;
 
+/// A flush with at least this much gathered waits until the task yields
+/// ([`TcpIo::poll_flush`]): `h2`'s threshold for flushing a DATA frame on its own.
+const DEFER_MIN: usize = 1024;
+
 /// The socket under TLS + h2: non-blocking `recv`/`sendmsg` straight from and into the
 /// callers' buffers (no copy), waiting for readiness with a poll on the ring itself. Saves
 /// the `epoll_wait` (and the epoll registration) that monoio's `poll-io` adds per wake-up.
@@ -443,6 +447,8 @@ pub struct TcpIo {
     /// read waits for readiness first instead of a `recv` that would say `EAGAIN` (one
     /// syscall less per message; data that came in meanwhile completes the poll at once).
     drained: bool,
+    /// A flush put off until the task yields ([`TcpIo::poll_flush`]): set once it has.
+    deferred: Option<Rc<Cell<bool>>>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -529,6 +535,7 @@ impl TcpIo {
             drained: false,
             release_when_parked: false,
             release_scheduled: false,
+            deferred: None,
         }
     }
 
@@ -682,6 +689,11 @@ impl tokio::io::AsyncRead for TcpIo {
                     this.release_scheduled = false;
                     ready!(this.poll_drain(cx))?;
                 }
+                // A flush put off till the task yields: not while waiting on the peer.
+                if this.deferred.is_some() && !this.holding() {
+                    ready!(this.poll_drain(cx))?;
+                    this.deferred = None;
+                }
                 ready!(this.poll_ready(cx, true))?;
             }
             let fd = this.tcp.as_raw_fd();
@@ -765,12 +777,46 @@ impl tokio::io::AsyncWrite for TcpIo {
         true
     }
 
+    /// With a frame's worth gathered ([`DEFER_MIN`]), what was gathered is sent once the
+    /// task yields, not at once: the first such flush spawns a task that runs after this
+    /// one yields and wakes it, and until then flushes return at once. `h2` flushes after
+    /// each DATA frame of 1 KiB or more it sends (and a TLS flush reaches here each time);
+    /// the frames one poll of the connection writes thus go out in one `sendmsg` instead of
+    /// one each. A read that has to wait sends first (the peer may be waiting for these
+    /// bytes), and so does shutdown. Measured (http1-rps, 2 KiB responses, old and new
+    /// builds alternated, 3 runs each): through the waypoint 25.2k → 28.8k req/s (39.3 →
+    /// 34.9 CPU-µs/req), hbone 38.2k → 40.7k; 100-byte and 8 KiB responses unchanged
+    /// (writes over [`GATHER_MAX`] go straight out).
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         if this.holding() {
             return Poll::Ready(Ok(()));
         }
-        this.poll_drain(cx)
+        if this.gathered.is_empty() {
+            this.deferred = None;
+            return Poll::Ready(Ok(()));
+        }
+        // Due: the task has yielded since, or a send already waits for room. Only a flush
+        // with a frame's worth gathered is put off (small control frames and responses
+        // flush at once: putting them off cost a poll of the connection more each).
+        let due = this.write_ready.is_some()
+            || this.deferred.as_ref().is_some_and(|d| d.get())
+            || (this.deferred.is_none() && this.gathered.len() < DEFER_MIN);
+        if !due {
+            if this.deferred.is_none() {
+                let flag = Rc::new(Cell::new(false));
+                let (d, w) = (flag.clone(), cx.waker().clone());
+                drop(monoio::spawn(async move {
+                    d.set(true);
+                    w.wake();
+                }));
+                this.deferred = Some(flag);
+            }
+            return Poll::Ready(Ok(()));
+        }
+        ready!(this.poll_drain(cx))?;
+        this.deferred = None;
+        Poll::Ready(Ok(()))
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
