@@ -239,13 +239,32 @@ impl IgnoredPolicy {
     }
 }
 
-/// Why an attachment is not enforced by the waypoint, and the field to point at.
-fn ignored(a: &Attachment) -> Option<(&'static str, &'static str)> {
-    match a {
-        Attachment::Targets { .. } => None,
-        Attachment::Selector(_) => Some(("selector", "spec.selector")),
-        Attachment::Namespace => Some(("no_target_refs", "spec")),
-    }
+/// The record of a policy (`kind` `id` of document `index`, text `doc` from file line
+/// `start`) the waypoint does not enforce, warned about; `None` for one it does (a
+/// `targetRefs` attachment).
+fn set_aside(
+    file: &Path,
+    doc: &str,
+    start: usize,
+    index: usize,
+    kind: &'static str,
+    id: &ObjectRef,
+    a: &Attachment,
+) -> Option<IgnoredPolicy> {
+    let (reason, field) = match a {
+        Attachment::Targets { .. } => return None,
+        Attachment::Selector(_) => ("selector", "spec.selector"),
+        Attachment::Namespace => ("no_target_refs", "spec"),
+    };
+    let line = locate(doc, field).unwrap_or(1) + start - 1;
+    Some(IgnoredPolicy::warn(
+        file,
+        kind,
+        id.clone(),
+        index,
+        line,
+        reason,
+    ))
 }
 
 impl WaypointConfig {
@@ -601,18 +620,17 @@ pub fn load_str(file: &Path, text: &str, version: u64) -> Result<WaypointConfig,
                     let line = locate(&doc, "spec.provider.name").unwrap_or(1) + start - 1;
                     customs.push((name.clone(), index, line));
                 }
-                match ignored(&policy.attachment) {
-                    Some((reason, field)) => {
-                        let line = locate(&doc, field).unwrap_or(1) + start - 1;
-                        cfg.ignored_policies.push(IgnoredPolicy::warn(
-                            file,
-                            "AuthorizationPolicy",
-                            policy.id,
-                            index,
-                            line,
-                            reason,
-                        ));
-                    }
+                let kind = "AuthorizationPolicy";
+                match set_aside(
+                    file,
+                    &doc,
+                    start,
+                    index,
+                    kind,
+                    &policy.id,
+                    &policy.attachment,
+                ) {
+                    Some(i) => cfg.ignored_policies.push(i),
                     None => cfg.policies.push(policy),
                 }
             }
@@ -625,18 +643,9 @@ pub fn load_str(file: &Path, text: &str, version: u64) -> Result<WaypointConfig,
                     )));
                 }
                 let authn = compile_request_authn(&d).map_err(invalid)?;
-                match ignored(&authn.attachment) {
-                    Some((reason, field)) => {
-                        let line = locate(&doc, field).unwrap_or(1) + start - 1;
-                        cfg.ignored_policies.push(IgnoredPolicy::warn(
-                            file,
-                            "RequestAuthentication",
-                            authn.id,
-                            index,
-                            line,
-                            reason,
-                        ));
-                    }
+                let kind = "RequestAuthentication";
+                match set_aside(file, &doc, start, index, kind, &authn.id, &authn.attachment) {
+                    Some(i) => cfg.ignored_policies.push(i),
                     None => cfg.request_authns.push(authn),
                 }
             }

@@ -154,6 +154,16 @@ fn push_field(out: &mut String, n: &str, v: &str) {
     out.push_str("\r\n");
 }
 
+/// The verdict without a usable answer: allowed with `failOpen`, else `statusOnError`.
+fn unanswered(p: &Provider, close: bool) -> Verdict {
+    if p.fail_open {
+        Verdict::Allow(vec![])
+    } else {
+        let s = p.status_on_error;
+        Verdict::Deny(crate::http1::simple_response(s, &[], "", close), s)
+    }
+}
+
 /// The status of an HTTP/1.1 answer, when it is one.
 fn status(answer: &[u8]) -> Option<u16> {
     let mut hs = [httparse::EMPTY_HEADER; 64];
@@ -170,14 +180,7 @@ pub fn verdict(p: &Provider, answer: &io::Result<Vec<u8>>, close: bool) -> Verdi
     if p.grpc {
         return grpc_verdict(p, answer, close);
     }
-    let error = || {
-        if p.fail_open {
-            Verdict::Allow(vec![])
-        } else {
-            let s = p.status_on_error;
-            Verdict::Deny(crate::http1::simple_response(s, &[], "", close), s)
-        }
-    };
+    let error = || unanswered(p, close);
     let Ok(answer) = answer else { return error() };
     let mut hs = [httparse::EMPTY_HEADER; 64];
     let mut r = httparse::Response::new(&mut hs);
@@ -380,14 +383,7 @@ fn grpc_check_request(p: &Provider, head: &RequestHead, ctx: &TunnelCtx) -> Byte
 /// trailers).
 fn grpc_verdict(p: &Provider, answer: &io::Result<Vec<u8>>, close: bool) -> Verdict {
     use prost::Message;
-    let error = || {
-        if p.fail_open {
-            Verdict::Allow(vec![])
-        } else {
-            let s = p.status_on_error;
-            Verdict::Deny(crate::http1::simple_response(s, &[], "", close), s)
-        }
-    };
+    let error = || unanswered(p, close);
     let Some(resp) = answer.as_ref().ok().and_then(|a| grpc_message(a)) else {
         return error();
     };

@@ -1758,14 +1758,7 @@ impl Upstream for HboneUpstream {
             .exchange_inner(Some(service), request, Some(timeout), false, h2)
             .await;
         (self.last, self.routed) = (last, routed);
-        if let Err(e) = &r {
-            let c = &self.worker.shared.counters;
-            if e.kind() == io::ErrorKind::TimedOut {
-                c.upstream_timeouts.fetch_add(1, Relaxed);
-            } else {
-                c.upstream_errors.fetch_add(1, Relaxed);
-            }
-        }
+        self.count_failed(&r);
         r
     }
 
@@ -1778,14 +1771,7 @@ impl Upstream for HboneUpstream {
         let r = self
             .exchange_inner(service, request, timeout, false, false)
             .await;
-        if let Err(e) = &r {
-            let c = &self.worker.shared.counters;
-            if e.kind() == io::ErrorKind::TimedOut {
-                c.upstream_timeouts.fetch_add(1, Relaxed);
-            } else {
-                c.upstream_errors.fetch_add(1, Relaxed);
-            }
-        }
+        self.count_failed(&r);
         r
     }
 
@@ -2098,6 +2084,18 @@ impl HboneUpstream {
         set_last(&mut self.last, &self.metric_cache, svc, &ep.workload_uid);
         self.current = Some((port, i));
         Ok((ep.hbone, ep.authority))
+    }
+
+    /// A failed exchange counted: an upstream timeout, or an upstream error.
+    fn count_failed<T>(&self, r: &io::Result<T>) {
+        if let Err(e) = r {
+            let c = &self.worker.shared.counters;
+            if e.kind() == io::ErrorKind::TimedOut {
+                c.upstream_timeouts.fetch_add(1, Relaxed);
+            } else {
+                c.upstream_errors.fetch_add(1, Relaxed);
+            }
+        }
     }
 
     async fn exchange_inner(

@@ -12,18 +12,17 @@
 mod common;
 
 use std::io::Write;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{mpsc, Arc};
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
 use bytes::Bytes;
 use common::{
-    app_model, bind_node_ztunnel, block_on, connect, id, ip, next_request, ok_response,
-    read_response, serve_threads, stand_in_ztunnel, start_with_stats, Ztunnel,
+    app_model, bind_node_ztunnel, id, ip, next_request, ok_response, serve_threads,
+    stand_in_ztunnel, Ztunnel,
 };
 use hbone::ca::{CertSource, SigningCa};
-use hbone::wire::ConnectRequest;
 
 const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 1, 0, 7);
 
@@ -87,29 +86,8 @@ fn authorizer(ip: Ipv4Addr) -> (SocketAddr, mpsc::Receiver<String>) {
 /// PERMISSION_DENIED with a `403`, a header and a body. Reports each check as
 /// `<method> <path> principal=<source principal> auth=<authorization>`.
 fn grpc_authorizer(ip: Ipv4Addr) -> (SocketAddr, mpsc::Receiver<String>) {
-    let l = std::net::TcpListener::bind((ip, 0)).unwrap();
-    let addr = l.local_addr().unwrap();
-    l.set_nonblocking(true).unwrap();
     let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        block_on(async move {
-            let l = monoio::net::TcpListener::from_std(l).unwrap();
-            while let Ok((tcp, _)) = l.accept().await {
-                let tx = tx.clone();
-                monoio::spawn(async move {
-                    let io = monoio::io::IntoPollIo::into_poll_io(tcp).unwrap();
-                    let Ok(mut conn) = h2::server::handshake(io).await else {
-                        return;
-                    };
-                    // Each call on its own task: the connection is driven by `accept`
-                    // while a body is read.
-                    while let Some(Ok((req, respond))) = conn.accept().await {
-                        monoio::spawn(grpc_check(req, respond, tx.clone()));
-                    }
-                });
-            }
-        })
-    });
+    let addr = common::serve_h2(ip, move |req, respond| grpc_check(req, respond, tx.clone()));
     (addr, rx)
 }
 
@@ -197,23 +175,11 @@ async fn grpc_check(
 }
 
 struct Mesh {
-    waypoint: SocketAddr,
-    ca: Arc<SigningCa>,
+    wp: common::Waypoint,
     seen: mpsc::Receiver<String>,
     checks: mpsc::Receiver<String>,
     grpc_checks: mpsc::Receiver<String>,
     _zt: Ztunnel,
-    handle: Option<waypoint::service::Handle>,
-    shutdown: runtime::Shutdown,
-}
-
-impl Drop for Mesh {
-    fn drop(&mut self) {
-        self.shutdown.drain(Duration::from_millis(200));
-        if let Some(h) = self.handle.take() {
-            let _ = h.join();
-        }
-    }
 }
 
 const POLICIES: &str = r#"meshConfig:
@@ -282,83 +248,50 @@ impl Mesh {
         let services = "  - {name: echo, namespace: app, hostname: echo.app.svc.cluster.local, vips: [\"10.96.0.1\"], ports: {80: 8080}}\n  - {name: ext-authz, namespace: app, hostname: ext-authz.app.svc.cluster.local, vips: [\"10.96.0.9\"], ports: {8000: 8000}}\n  - {name: ext-authz-grpc, namespace: app, hostname: ext-authz-grpc.app.svc.cluster.local, vips: [\"10.96.0.10\"], ports: {9000: 9000}}\n";
         let model = app_model(ip(net, 1), &workloads, services);
         let text = format!("{model}---\n{policies}");
-        let file = std::env::temp_dir().join(format!("waypoint-ext-authz-{net}.yaml"));
-        let cfg = waypoint::config::load_str(&file, &text, 1).unwrap_or_else(|e| panic!("{e}"));
-        let (handle, shutdown) = start_with_stats(&ca, cfg);
+        let wp =
+            common::Waypoint::with_stats(&ca, &text, &format!("waypoint-ext-authz-{net}.yaml"));
         Mesh {
-            waypoint: handle.addr,
-            ca,
+            wp,
             seen,
             checks,
             grpc_checks,
             _zt: zt,
-            handle: Some(handle),
-            shutdown,
         }
     }
 
     fn counters(&self) -> &waypoint::service::Counters {
-        &self.handle.as_ref().unwrap().counters
+        &self.wp.handle().counters
     }
 
     /// Each raw HTTP/1.1 request on one tunnel to `echo`: (status, head, body).
     fn http1(&self, reqs: &[String]) -> Vec<(u16, String, String)> {
-        let cert = self
-            .ca
-            .issue(&id("app", "client"), SystemTime::now())
-            .unwrap();
-        block_on(async {
-            let c = connect(self.waypoint, &cert, id("app", "waypoint"))
-                .await
-                .unwrap();
-            let mut req = ConnectRequest::new("10.96.0.1:80".parse().unwrap());
-            req.forwarded_for = Some(IpAddr::V4(CLIENT));
-            let mut s = c.open(&req).await.unwrap();
-            let mut buf = Vec::new();
-            let mut out = Vec::new();
-            for r in reqs {
-                s.write_all(Bytes::from(r.clone()), false).await.unwrap();
-                let resp = read_response(&mut s, &mut buf).await;
-                out.push((resp.status, resp.head.to_ascii_lowercase(), resp.text()));
-            }
-            out
-        })
+        common::http1_on_tunnel(
+            self.wp.addr,
+            &self.wp.client_cert,
+            "10.96.0.1:80",
+            CLIENT,
+            reqs,
+        )
+        .into_iter()
+        .map(|r| (r.status, r.head.to_ascii_lowercase(), r.text()))
+        .collect()
     }
 
     /// HTTP/2 GETs of `(path, x-ext-authz)` on one tunnel to `echo`: (status, body).
     fn http2(&self, reqs: &[(&str, Option<&str>)]) -> Vec<(u16, String)> {
-        let cert = self
-            .ca
-            .issue(&id("app", "client"), SystemTime::now())
-            .unwrap();
-        block_on(async {
-            let c = connect(self.waypoint, &cert, id("app", "waypoint"))
-                .await
-                .unwrap();
-            let mut req = ConnectRequest::new("10.96.0.1:80".parse().unwrap());
-            req.forwarded_for = Some(IpAddr::V4(CLIENT));
-            let s = c.open(&req).await.unwrap();
-            let io = waypoint::inner::StreamIo::new(s, Bytes::new());
-            let (send, conn) = h2::client::handshake(io).await.unwrap();
-            monoio::spawn(async move {
-                let _ = conn.await;
-            });
-            let mut out = vec![];
-            for (path, v) in reqs {
-                let mut b = http::Request::builder()
-                    .uri(format!("http://echo.app.svc.cluster.local{path}"));
-                if let Some(v) = v {
-                    b = b.header("x-ext-authz", *v);
-                }
-                let (resp, _) = send
-                    .clone()
-                    .send_request(b.body(()).unwrap(), true)
-                    .unwrap();
-                out.push(common::h2_response(resp).await);
-            }
-            drop(c);
-            out
-        })
+        let reqs: Vec<(&str, Vec<(&str, &str)>)> = reqs
+            .iter()
+            .map(|(p, v)| (*p, v.map(|v| ("x-ext-authz", v)).into_iter().collect()))
+            .collect();
+        let host = "echo.app.svc.cluster.local";
+        common::h2_on_tunnel(
+            self.wp.addr,
+            &self.wp.client_cert,
+            "10.96.0.1:80",
+            CLIENT,
+            host,
+            &reqs,
+        )
     }
 }
 
@@ -432,7 +365,7 @@ fn r15_custom_policy_asks_the_external_authorizer_over_http1() {
         "the DENY after the check"
     );
     // The authorizer's refusals carry Envoy's flag UAEX in the request metrics.
-    let page = common::prometheus_page(m.handle.as_ref().unwrap().stats_addr().unwrap());
+    let page = common::prometheus_page(m.wp.handle().stats_addr().unwrap());
     assert_eq!(
         common::requests_in(&page, &["response_flags=\"UAEX\""]),
         2,

@@ -11,7 +11,7 @@
 mod common;
 
 use std::io::Write;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, SystemTime};
 
@@ -19,11 +19,10 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use bytes::Bytes;
 use common::{
-    app_model, bind_node_ztunnel, block_on, connect, id, ip, next_request, read_response,
-    serve_threads, stand_in_ztunnel, start_service, Ztunnel,
+    app_model, bind_node_ztunnel, block_on, id, ip, next_request, read_response, serve_threads,
+    stand_in_ztunnel, Ztunnel,
 };
-use hbone::ca::{CertSource, SigningCa, WorkloadCert};
-use hbone::wire::ConnectRequest;
+use hbone::ca::{CertSource, SigningCa};
 use ring::rand::SystemRandom;
 use ring::signature::{EcdsaKeyPair, KeyPair, ECDSA_P256_SHA256_FIXED_SIGNING};
 use serde_json::{json, Value};
@@ -116,55 +115,29 @@ fn backend(ip: Ipv4Addr) -> (SocketAddr, mpsc::Receiver<String>) {
 
 /// An HTTP/2 (prior knowledge) backend answering `h2 ` + [`report`].
 fn h2_backend(ip: Ipv4Addr) -> (SocketAddr, mpsc::Receiver<String>) {
-    let l = TcpListener::bind((ip, 0)).unwrap();
-    let addr = l.local_addr().unwrap();
-    l.set_nonblocking(true).unwrap();
     let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        block_on(async move {
-            let l = monoio::net::TcpListener::from_std(l).unwrap();
-            while let Ok((tcp, _)) = l.accept().await {
-                let tx = tx.clone();
-                monoio::spawn(async move {
-                    let io = monoio::io::IntoPollIo::into_poll_io(tcp).unwrap();
-                    let Ok(mut conn) = h2::server::handshake(io).await else {
-                        return;
-                    };
-                    while let Some(Ok((req, mut respond))) = conn.accept().await {
-                        let target = req.uri().path_and_query().unwrap().to_string();
-                        let h = req.headers();
-                        let body = report(&target, &|n| {
-                            h.get(n).map(|v| v.to_str().unwrap().to_string())
-                        });
-                        let _ = tx.send(body.clone());
-                        let resp = http::Response::builder().status(200).body(()).unwrap();
-                        let mut out = respond.send_response(resp, false).unwrap();
-                        let _ = out.send_data(Bytes::from(format!("h2 {body}")), true);
-                    }
-                });
-            }
-        })
+    let addr = common::serve_h2(ip, move |req, mut respond| {
+        let tx = tx.clone();
+        async move {
+            let target = req.uri().path_and_query().unwrap().to_string();
+            let h = req.headers();
+            let body = report(&target, &|n| {
+                h.get(n).map(|v| v.to_str().unwrap().to_string())
+            });
+            let _ = tx.send(body.clone());
+            let resp = http::Response::builder().status(200).body(()).unwrap();
+            let mut out = respond.send_response(resp, false).unwrap();
+            let _ = out.send_data(Bytes::from(format!("h2 {body}")), true);
+        }
     });
     (addr, rx)
 }
 
 struct Mesh {
-    waypoint: SocketAddr,
-    ca: Arc<SigningCa>,
+    wp: common::Waypoint,
     seen: mpsc::Receiver<String>,
     h2seen: mpsc::Receiver<String>,
     _zt: Ztunnel,
-    handle: Option<waypoint::service::Handle>,
-    shutdown: runtime::Shutdown,
-}
-
-impl Drop for Mesh {
-    fn drop(&mut self) {
-        self.shutdown.drain(Duration::from_millis(200));
-        if let Some(h) = self.handle.take() {
-            let _ = h.join();
-        }
-    }
 }
 
 /// The policies of these tests, on the `app/wp` waypoint: the JWT rule (the key set of
@@ -241,77 +214,45 @@ impl Mesh {
         let services = "  - {name: echo, namespace: app, hostname: echo.app.svc.cluster.local, vips: [\"10.96.0.1\"], ports: {80: 8080}}\n  - {name: grpcish, namespace: app, hostname: grpcish.app.svc.cluster.local, vips: [\"10.96.0.7\"], ports: {80: 8080}}\n";
         let model = app_model(ip(net, 1), &workloads, services);
         let text = format!("{model}---\n{}", policies(keys));
-        let (handle, shutdown) = start_service(&ca, &text, &format!("waypoint-jwt-{net}.yaml"));
+        let wp = common::Waypoint::start(&ca, &text, &format!("waypoint-jwt-{net}.yaml"));
         Mesh {
-            waypoint: handle.addr,
-            ca,
+            wp,
             seen,
             h2seen,
             _zt: zt,
-            handle: Some(handle),
-            shutdown,
         }
-    }
-
-    fn cert(&self) -> WorkloadCert {
-        self.ca
-            .issue(&id("app", "client"), SystemTime::now())
-            .unwrap()
     }
 
     /// Each raw HTTP/1.1 request on one tunnel to the `echo` Service: (status, the
     /// response head, body).
     fn http1(&self, reqs: &[String]) -> Vec<(u16, String, String)> {
-        let cert = self.cert();
-        block_on(async {
-            let c = connect(self.waypoint, &cert, id("app", "waypoint"))
-                .await
-                .unwrap();
-            let mut req = ConnectRequest::new("10.96.0.1:80".parse().unwrap());
-            req.forwarded_for = Some(IpAddr::V4(CLIENT));
-            let mut s = c.open(&req).await.unwrap();
-            let mut buf = Vec::new();
-            let mut out = Vec::new();
-            for r in reqs {
-                s.write_all(Bytes::from(r.clone()), false).await.unwrap();
-                let resp = read_response(&mut s, &mut buf).await;
-                out.push((resp.status, resp.head.clone(), resp.text()));
-            }
-            out
-        })
+        common::http1_on_tunnel(
+            self.wp.addr,
+            &self.wp.client_cert,
+            "10.96.0.1:80",
+            CLIENT,
+            reqs,
+        )
+        .into_iter()
+        .map(|r| (r.status, r.head.clone(), r.text()))
+        .collect()
     }
 
-    /// Each (target address, path, `authorization` value) as an HTTP/2 request on one
-    /// tunnel per target: (status, body).
+    /// Each (path, `authorization` value) as an HTTP/2 request on one tunnel to `target`:
+    /// (status, body).
     fn http2(&self, target: &str, host: &str, reqs: &[(&str, Option<&str>)]) -> Vec<(u16, String)> {
-        let cert = self.cert();
-        block_on(async {
-            let c = connect(self.waypoint, &cert, id("app", "waypoint"))
-                .await
-                .unwrap();
-            let mut req = ConnectRequest::new(target.parse().unwrap());
-            req.forwarded_for = Some(IpAddr::V4(CLIENT));
-            let s = c.open(&req).await.unwrap();
-            let io = waypoint::inner::StreamIo::new(s, Bytes::new());
-            let (send, conn) = h2::client::handshake(io).await.unwrap();
-            monoio::spawn(async move {
-                let _ = conn.await;
-            });
-            let mut out = vec![];
-            for (path, auth) in reqs {
-                let mut b = http::Request::builder().uri(format!("http://{host}{path}"));
-                if let Some(a) = auth {
-                    b = b.header("authorization", *a);
-                }
-                let (resp, _) = send
-                    .clone()
-                    .send_request(b.body(()).unwrap(), true)
-                    .unwrap();
-                out.push(common::h2_response(resp).await);
-            }
-            drop(c);
-            out
-        })
+        let reqs: Vec<(&str, Vec<(&str, &str)>)> = reqs
+            .iter()
+            .map(|(p, a)| (*p, a.map(|a| ("authorization", a)).into_iter().collect()))
+            .collect();
+        common::h2_on_tunnel(
+            self.wp.addr,
+            &self.wp.client_cert,
+            target,
+            CLIENT,
+            host,
+            &reqs,
+        )
     }
 }
 
@@ -398,7 +339,7 @@ fn r15_request_authentication_over_http1_tokens_checked_taken_off_and_used_by_po
     let seen: Vec<String> = m.seen.try_iter().collect();
     assert_eq!(seen.len(), 6, "{seen:?}");
     // Counted apart: refused tokens, and policy denials.
-    let c = &m.handle.as_ref().unwrap().counters;
+    let c = &m.wp.handle().counters;
     assert_eq!(c.jwt_rejected.load(std::sync::atomic::Ordering::Relaxed), 5);
     assert_eq!(c.denied.load(std::sync::atomic::Ordering::Relaxed), 3);
 }

@@ -431,17 +431,35 @@ pub struct Waypoint {
 impl Waypoint {
     /// [`start_service`] on the mesh model `text` (errors name `file`).
     pub fn start(ca: &Arc<hbone::ca::SigningCa>, text: &str, file: &str) -> Waypoint {
+        Waypoint::of(ca, start_service(ca, text, file))
+    }
+
+    /// [`start_with_stats`] on the configuration `text` (errors name `file`).
+    pub fn with_stats(ca: &Arc<hbone::ca::SigningCa>, text: &str, file: &str) -> Waypoint {
+        let file = std::env::temp_dir().join(file);
+        let cfg = waypoint::config::load_str(&file, text, 1).unwrap_or_else(|e| panic!("{e}"));
+        Waypoint::of(ca, start_with_stats(ca, cfg))
+    }
+
+    fn of(
+        ca: &Arc<hbone::ca::SigningCa>,
+        (handle, shutdown): (waypoint::service::Handle, runtime::Shutdown),
+    ) -> Waypoint {
         use hbone::ca::CertSource;
         let client_cert = ca
             .issue(&id("app", "client"), std::time::SystemTime::now())
             .unwrap();
-        let (handle, shutdown) = start_service(ca, text, file);
         Waypoint {
             addr: handle.addr,
             client_cert,
             shutdown,
             handle: Some(handle),
         }
+    }
+
+    /// The running service.
+    pub fn handle(&self) -> &waypoint::service::Handle {
+        self.handle.as_ref().unwrap()
     }
 
     /// A tunnel through the waypoint to `target` (a Service VIP or pod address), for
@@ -1287,4 +1305,85 @@ pub fn send_grpc_message(tx: &mut h2::SendStream<Bytes>, status: Option<&str>) {
         t.insert("grpc-status", status.parse().unwrap());
         let _ = tx.send_trailers(t);
     }
+}
+
+/// An HTTP/2 (prior knowledge) server on `ip` ([`serve_async`]): each request goes to
+/// `handler` on its own task, so the connection keeps being driven while a handler reads
+/// a body.
+pub fn serve_h2<F, Fut>(ip: Ipv4Addr, handler: F) -> SocketAddr
+where
+    F: Fn(http::Request<h2::RecvStream>, h2::server::SendResponse<Bytes>) -> Fut
+        + Clone
+        + Send
+        + 'static,
+    Fut: std::future::Future<Output = ()> + 'static,
+{
+    serve_async(ip, move |tcp| {
+        let handler = handler.clone();
+        async move {
+            let io = monoio::io::IntoPollIo::into_poll_io(tcp).unwrap();
+            let Ok(mut conn) = h2::server::handshake(io).await else {
+                return;
+            };
+            while let Some(Ok((req, respond))) = conn.accept().await {
+                monoio::spawn(handler(req, respond));
+            }
+        }
+    })
+}
+
+/// Raw HTTP/1.1 requests, one after the other on one tunnel to `target` through the
+/// waypoint at `addr` as `cert` (for client `from`): each whole response.
+pub fn http1_on_tunnel(
+    addr: SocketAddr,
+    cert: &WorkloadCert,
+    target: &str,
+    from: Ipv4Addr,
+    reqs: &[String],
+) -> Vec<Response> {
+    block_on(async {
+        let (_c, mut s) = open_tunnel_for(addr, cert, target, Some(from)).await;
+        let mut buf = Vec::new();
+        let mut out = Vec::new();
+        for r in reqs {
+            s.write_all(Bytes::from(r.clone()), false).await.unwrap();
+            out.push(read_response(&mut s, &mut buf).await);
+        }
+        out
+    })
+}
+
+/// HTTP/2 GETs of `(path, fields)` on `host`, one after the other on one HTTP/2 connection
+/// in one tunnel to `target` through the waypoint at `addr` as `cert` (for client
+/// `from`): each status and body.
+pub fn h2_on_tunnel(
+    addr: SocketAddr,
+    cert: &WorkloadCert,
+    target: &str,
+    from: Ipv4Addr,
+    host: &str,
+    reqs: &[(&str, Vec<(&str, &str)>)],
+) -> Vec<(u16, String)> {
+    block_on(async {
+        let (c, s) = open_tunnel_for(addr, cert, target, Some(from)).await;
+        let io = waypoint::inner::StreamIo::new(s, Bytes::new());
+        let (send, conn) = h2::client::handshake(io).await.unwrap();
+        monoio::spawn(async move {
+            let _ = conn.await;
+        });
+        let mut out = vec![];
+        for (path, fields) in reqs {
+            let mut b = http::Request::builder().uri(format!("http://{host}{path}"));
+            for (n, v) in fields {
+                b = b.header(*n, *v);
+            }
+            let (resp, _) = send
+                .clone()
+                .send_request(b.body(()).unwrap(), true)
+                .unwrap();
+            out.push(h2_response(resp).await);
+        }
+        drop(c);
+        out
+    })
 }
