@@ -1148,7 +1148,9 @@ async fn http1_open(p: Plan, resp_body: usize, interval: Duration) -> GenResult 
     let mut clients = Vec::with_capacity(p.conns);
     for _ in 0..p.conns {
         match connect(&p, true).await {
-            Ok(s) => clients.push(crate::http1::Client::new(s, &p.host, &p.headers, 0, resp_body)),
+            Ok(s) => clients.push(crate::http1::Client::new(
+                s, &p.host, &p.headers, 0, resp_body,
+            )),
             Err(e) => {
                 r.error(e);
                 return r;

@@ -227,12 +227,13 @@ impl Client {
         req_body: usize,
         resp_body: usize,
     ) -> Client {
-        let extra: String = headers.iter().map(|(n, v)| format!("{n}: {v}\r\n")).collect();
+        let extra: String = headers
+            .iter()
+            .map(|(n, v)| format!("{n}: {v}\r\n"))
+            .collect();
         let mut req = if req_body > 0 {
-            format!(
-                "POST / HTTP/1.1\r\nhost: {host}\r\n{extra}content-length: {req_body}\r\n\r\n"
-            )
-            .into_bytes()
+            format!("POST / HTTP/1.1\r\nhost: {host}\r\n{extra}content-length: {req_body}\r\n\r\n")
+                .into_bytes()
         } else {
             format!("GET /{resp_body} HTTP/1.1\r\nhost: {host}\r\n{extra}\r\n").into_bytes()
         };

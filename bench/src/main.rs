@@ -277,8 +277,7 @@ fn parse_header(s: &str) -> Result<(String, String), String> {
         .ok_or_else(|| format!("{s:?}: expected NAME: VALUE"))?;
     let (n, v) = (n.trim(), v.trim());
     let token = !n.is_empty()
-        && n
-            .bytes()
+        && n.bytes()
             .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
     if !token || v.bytes().any(|b| b < b' ' && b != b'\t') {
         return Err(format!("{s:?}: not a valid HTTP field"));

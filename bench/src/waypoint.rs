@@ -57,7 +57,7 @@ pub fn start(m: &Mesh, spec: &MeshSpec, ca_dir: &Path, tuning: &str) -> Result<P
         &file,
         config_yaml(m.layout, ca_dir, tuning, spec.waypoint_docs.as_deref()),
     )
-        .with_context(|| format!("writing {}", file.display()))?;
+    .with_context(|| format!("writing {}", file.display()))?;
     Proxy::spawn_in_ns(
         &m.ns("waypoint"),
         WAYPOINT_ARG,
