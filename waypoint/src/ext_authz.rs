@@ -254,26 +254,9 @@ pub fn verdict(p: &Provider, answer: &io::Result<Vec<u8>>, close: bool) -> Verdi
         down.push(ct.clone());
     }
     let body = String::from_utf8_lossy(&body);
-    let mut resp = crate::http1::simple_response(code, &down, &body, close);
-    // `simple_response` labels a body `text/plain`; the authorizer's own type wins.
-    if down.iter().any(|(n, _)| n == "content-type") {
-        resp = drop_default_type(resp);
-    }
+    // The authorizer's own `content-type`, if any, replaces the default `text/plain`.
+    let resp = crate::http1::simple_response(code, &down, &body, close);
     Verdict::Deny(resp, code)
-}
-
-/// Remove the `content-type: text/plain` line `simple_response` adds (the authorizer gave
-/// its own).
-fn drop_default_type(resp: Vec<u8>) -> Vec<u8> {
-    let text = String::from_utf8_lossy(&resp).into_owned();
-    match text.find("content-type: text/plain\r\n") {
-        Some(i) => {
-            let mut t = text;
-            t.replace_range(i..i + "content-type: text/plain\r\n".len(), "");
-            t.into_bytes()
-        }
-        None => resp,
-    }
 }
 
 /// Make an allowing authorizer's `changes` to the request (those for the response,
@@ -461,10 +444,7 @@ fn grpc_verdict(p: &Provider, answer: &io::Result<Vec<u8>>, close: bool) -> Verd
         }
         body = d.body.clone();
     }
-    let mut resp = crate::http1::simple_response(status, &fields, &body, close);
-    if fields.iter().any(|(n, _)| n == "content-type") {
-        resp = drop_default_type(resp);
-    }
+    let resp = crate::http1::simple_response(status, &fields, &body, close);
     Verdict::Deny(resp, status)
 }
 

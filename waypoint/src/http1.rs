@@ -443,7 +443,8 @@ thread_local! {
     static HEAD_TEXT: std::cell::RefCell<String> = const { std::cell::RefCell::new(String::new()) };
 }
 
-/// A response the waypoint writes itself.
+/// A response the waypoint writes itself: `headers`, then its framing; a body is labelled
+/// `text/plain` unless `headers` give a `content-type`.
 pub fn simple_response(
     status: u16,
     headers: &[(String, String)],
@@ -455,7 +456,11 @@ pub fn simple_response(
         out.push_str(&format!("{n}: {v}\r\n"));
     }
     out.push_str(&format!("content-length: {}\r\n", body.len()));
-    if !body.is_empty() {
+    if !body.is_empty()
+        && !headers
+            .iter()
+            .any(|(n, _)| n.eq_ignore_ascii_case("content-type"))
+    {
         out.push_str("content-type: text/plain\r\n");
     }
     if close {
