@@ -74,17 +74,6 @@ pub enum Verdict {
     Deny(Vec<u8>, u16),
 }
 
-/// The outcome label of a verdict reached from `answer`.
-pub fn outcome(answer: &io::Result<Vec<u8>>, v: &Verdict) -> &'static str {
-    if answer.as_ref().ok().and_then(|a| status(a)).is_none() {
-        return "error";
-    }
-    match v {
-        Verdict::Allow(_) => "allowed",
-        Verdict::Deny(..) => "denied",
-    }
-}
-
 fn matches_any(list: &[StrMatch], name: &str) -> bool {
     let name = name.to_ascii_lowercase();
     list.iter().any(|m| m.matches(&name))
@@ -164,32 +153,31 @@ fn unanswered(p: &Provider, close: bool) -> Verdict {
     }
 }
 
-/// The status of an HTTP/1.1 answer, when it is one.
-fn status(answer: &[u8]) -> Option<u16> {
-    let mut hs = [httparse::EMPTY_HEADER; 64];
-    let mut r = httparse::Response::new(&mut hs);
-    match r.parse(answer) {
-        Ok(httparse::Status::Complete(_)) => r.code,
-        _ => None,
+/// The verdict of `answer` (the authorizer's whole response, or why there is none) and
+/// its outcome label (`allowed`, `denied`, or `error` for no usable answer); a denial's
+/// answer to the client says `connection: close` when `close`.
+pub fn verdict(p: &Provider, answer: &io::Result<Vec<u8>>, close: bool) -> (Verdict, &'static str) {
+    let usable = answer.as_ref().ok().and_then(|a| {
+        if p.grpc {
+            grpc_verdict(a, close)
+        } else {
+            http_verdict(p, a, close)
+        }
+    });
+    match usable {
+        Some(v @ Verdict::Allow(_)) => (v, "allowed"),
+        Some(v) => (v, "denied"),
+        None => (unanswered(p, close), "error"),
     }
 }
 
-/// The verdict of `answer` (the authorizer's whole response, or why there is none); a
-/// denial's answer to the client says `connection: close` when `close`.
-pub fn verdict(p: &Provider, answer: &io::Result<Vec<u8>>, close: bool) -> Verdict {
-    if p.grpc {
-        return grpc_verdict(p, answer, close);
-    }
-    let error = || unanswered(p, close);
-    let Ok(answer) = answer else { return error() };
+/// The verdict of an HTTP authorizer's `answer`; `None` when it is not a usable one.
+fn http_verdict(p: &Provider, answer: &[u8], close: bool) -> Option<Verdict> {
     let mut hs = [httparse::EMPTY_HEADER; 64];
     let mut r = httparse::Response::new(&mut hs);
     let (size, code) = match r.parse(answer) {
-        Ok(httparse::Status::Complete(n)) => match r.code {
-            Some(c) => (n, c),
-            None => return error(),
-        },
-        _ => return error(),
+        Ok(httparse::Status::Complete(n)) => (n, r.code?),
+        _ => return None,
     };
     let fields: Vec<(String, String)> = r
         .headers
@@ -217,7 +205,7 @@ pub fn verdict(p: &Provider, answer: &io::Result<Vec<u8>>, close: bool) -> Verdi
                 changes.push(Change::Downstream(n, v));
             }
         }
-        return Verdict::Allow(changes);
+        return Some(Verdict::Allow(changes));
     }
     let chunked = fields
         .iter()
@@ -256,7 +244,7 @@ pub fn verdict(p: &Provider, answer: &io::Result<Vec<u8>>, close: bool) -> Verdi
     let body = String::from_utf8_lossy(&body);
     // The authorizer's own `content-type`, if any, replaces the default `text/plain`.
     let resp = crate::http1::simple_response(code, &down, &body, close);
-    Verdict::Deny(resp, code)
+    Some(Verdict::Deny(resp, code))
 }
 
 /// Make an allowing authorizer's `changes` to the request (those for the response,
@@ -363,16 +351,11 @@ fn grpc_check_request(p: &Provider, head: &RequestHead, ctx: &TunnelCtx) -> Byte
 }
 
 /// The verdict of a gRPC `answer` (an HTTP/1.1-shaped response whose fields include the
-/// trailers).
-fn grpc_verdict(p: &Provider, answer: &io::Result<Vec<u8>>, close: bool) -> Verdict {
+/// trailers); `None` when it is not a usable one (a gRPC error among them).
+fn grpc_verdict(answer: &[u8], close: bool) -> Option<Verdict> {
     use prost::Message;
-    let error = || unanswered(p, close);
-    let Some(resp) = answer.as_ref().ok().and_then(|a| grpc_message(a)) else {
-        return error();
-    };
-    let Ok(check) = pb::CheckResponse::decode(resp.as_slice()) else {
-        return error();
-    };
+    let resp = grpc_message(answer)?;
+    let check = pb::CheckResponse::decode(resp.as_slice()).ok()?;
     let value = |h: &pb::HeaderValue| {
         if h.value.is_empty() {
             String::from_utf8_lossy(&h.raw_value).into_owned()
@@ -416,7 +399,7 @@ fn grpc_verdict(p: &Provider, answer: &io::Result<Vec<u8>>, close: bool) -> Verd
                 }
             }
         }
-        return Verdict::Allow(changes);
+        return Some(Verdict::Allow(changes));
     }
     let (mut status, mut fields, mut body) = (403, vec![], String::new());
     if let Some(pb::check_response::HttpResponse::DeniedResponse(d)) = &check.http_response {
@@ -445,7 +428,7 @@ fn grpc_verdict(p: &Provider, answer: &io::Result<Vec<u8>>, close: bool) -> Verd
         body = d.body.clone();
     }
     let resp = crate::http1::simple_response(status, &fields, &body, close);
-    Verdict::Deny(resp, status)
+    Some(Verdict::Deny(resp, status))
 }
 
 /// The one message of a gRPC answer whose `grpc-status` is 0.
@@ -700,7 +683,7 @@ mod tests {
         let p = provider();
         let ok = |s: &str| Ok(s.as_bytes().to_vec());
         assert_eq!(
-            verdict(&p, &ok("HTTP/1.1 200 OK\r\nx-ext-authz-check-result: allowed\r\nx-other: 1\r\nx-ratelimit-left: 9\r\ncontent-length: 0\r\n\r\n"), false),
+            verdict(&p, &ok("HTTP/1.1 200 OK\r\nx-ext-authz-check-result: allowed\r\nx-other: 1\r\nx-ratelimit-left: 9\r\ncontent-length: 0\r\n\r\n"), false).0,
             Verdict::Allow(vec![
                 Change::Set("x-ext-authz-check-result".into(), "allowed".into()),
                 Change::Downstream("x-ratelimit-left".into(), "9".into()),
@@ -710,7 +693,7 @@ mod tests {
             &p,
             &ok("HTTP/1.1 403 Forbidden\r\nx-ext-authz-check-result: denied\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n"),
             true,
-        ) else {
+        ).0 else {
             panic!()
         };
         let text = String::from_utf8(resp).unwrap();
@@ -733,29 +716,31 @@ mod tests {
         );
         // No answer: statusOnError, or allowed with failOpen.
         let gone: io::Result<Vec<u8>> = Err(io::ErrorKind::TimedOut.into());
-        assert!(matches!(verdict(&p, &gone, false), Verdict::Deny(_, 403)));
+        assert!(matches!(verdict(&p, &gone, false).0, Verdict::Deny(_, 403)));
         let bad = ok("garbage");
-        assert!(matches!(verdict(&p, &bad, false), Verdict::Deny(_, 403)));
-        assert_eq!(outcome(&bad, &verdict(&p, &bad, false)), "error");
+        assert!(matches!(verdict(&p, &bad, false).0, Verdict::Deny(_, 403)));
+        assert_eq!(verdict(&p, &bad, false).1, "error");
         let open = Provider {
             fail_open: true,
             ..provider()
         };
-        assert_eq!(verdict(&open, &gone, false), Verdict::Allow(vec![]));
+        assert_eq!(verdict(&open, &gone, false).0, Verdict::Allow(vec![]));
         let down = Provider {
             status_on_error: 503,
             to_downstream_on_deny: vec![StrMatch::parse("x-keep")],
             ..provider()
         };
         assert!(matches!(
-            verdict(&down, &gone, false),
+            verdict(&down, &gone, false).0,
             Verdict::Deny(_, 503)
         ));
         let Verdict::Deny(resp, 401) = verdict(
             &down,
             &ok("HTTP/1.1 401 Unauthorized\r\nx-keep: 1\r\nx-drop: 2\r\ncontent-length: 0\r\n\r\n"),
             false,
-        ) else {
+        )
+        .0
+        else {
             panic!()
         };
         let text = String::from_utf8(resp).unwrap();
@@ -878,7 +863,7 @@ mod tests {
             )),
         };
         assert_eq!(
-            verdict(&p, &grpc_answer(&ok, "0"), false),
+            verdict(&p, &grpc_answer(&ok, "0"), false).0,
             Verdict::Allow(vec![
                 Change::Set("x-user".into(), "alice".into()),
                 Change::Append("x-tag".into(), "t".into()),
@@ -900,7 +885,7 @@ mod tests {
                 },
             )),
         };
-        let Verdict::Deny(resp, 401) = verdict(&p, &grpc_answer(&denied, "0"), false) else {
+        let Verdict::Deny(resp, 401) = verdict(&p, &grpc_answer(&denied, "0"), false).0 else {
             panic!()
         };
         let text = String::from_utf8(resp).unwrap();
@@ -916,20 +901,22 @@ mod tests {
             http_response: None,
         };
         assert!(matches!(
-            verdict(&p, &grpc_answer(&bare, "0"), false),
+            verdict(&p, &grpc_answer(&bare, "0"), false).0,
             Verdict::Deny(_, 403)
         ));
         // A gRPC error, or no answer: statusOnError (or failOpen).
         assert!(matches!(
-            verdict(&p, &grpc_answer(&ok, "14"), false),
+            verdict(&p, &grpc_answer(&ok, "14"), false).0,
             Verdict::Deny(_, 403)
         ));
+        // Counted as an error, not a denial.
+        assert_eq!(verdict(&p, &grpc_answer(&ok, "14"), false).1, "error");
         let gone: io::Result<Vec<u8>> = Err(io::ErrorKind::ConnectionRefused.into());
         let open = Provider {
             fail_open: true,
             ..p.clone()
         };
-        assert_eq!(verdict(&open, &gone, false), Verdict::Allow(vec![]));
+        assert_eq!(verdict(&open, &gone, false).0, Verdict::Allow(vec![]));
     }
 
     #[test]
@@ -937,14 +924,14 @@ mod tests {
         let p = provider();
         let a: io::Result<Vec<u8>> = Ok(b"HTTP/1.1 200 OK\r\nx-envoy-auth-headers-to-remove: Authorization, x-secret, host\r\ncontent-length: 0\r\n\r\n".to_vec());
         assert_eq!(
-            verdict(&p, &a, false),
+            verdict(&p, &a, false).0,
             Verdict::Allow(vec![
                 Change::Remove("authorization".into()),
                 Change::Remove("x-secret".into())
             ])
         );
         let mut h = head("GET / HTTP/1.1\r\nhost: e\r\nAuthorization: x\r\nx-keep: 1\r\n\r\n");
-        let Verdict::Allow(changes) = verdict(&p, &a, false) else {
+        let Verdict::Allow(changes) = verdict(&p, &a, false).0 else {
             panic!()
         };
         apply(&mut h, changes);

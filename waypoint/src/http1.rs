@@ -812,8 +812,8 @@ async fn check_then_decide<'c, U: Upstream>(
     let answer = upstream
         .side_exchange(&service, request, provider.timeout, provider.grpc)
         .await;
-    let verdict = crate::ext_authz::verdict(provider, &answer, !head.keep_alive());
-    upstream.note(Note::ExtAuthz(crate::ext_authz::outcome(&answer, &verdict)));
+    let (verdict, outcome) = crate::ext_authz::verdict(provider, &answer, !head.keep_alive());
+    upstream.note(Note::ExtAuthz(outcome));
     match verdict {
         crate::ext_authz::Verdict::Deny(resp, _) => Decided::Respond(resp, Some(Refusal::External)),
         crate::ext_authz::Verdict::Allow(changes) => {
