@@ -1707,17 +1707,7 @@ pub async fn serve_from<T: Tunnel, U: Upstream>(
         // Policy and routing before the body is read or anything is sent upstream.
         // The forward is bound by reference: a moved-out binding would hold a second copy
         // of it in the tunnel's future beside the (still reserved) decision.
-        // A CUSTOM check is boxed (as in `decide_with`, written out here so that the
-        // tunnel's future holds no decision future at this point, only the box).
-        let action = match decide(cfg, ctx, &mut head, tr.rng) {
-            Action::Check { provider, auth } => {
-                Box::pin(check_then_decide(
-                    cfg, ctx, &mut head, tr.rng, upstream, provider, auth,
-                ))
-                .await
-            }
-            other => Decided::settle(other),
-        };
+        let action = decide_with(cfg, ctx, &mut head, tr.rng, upstream).await;
         match action {
             Decided::Respond(resp, refusal) => {
                 let status = status_of(&resp);
