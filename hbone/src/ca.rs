@@ -110,7 +110,8 @@ impl fmt::Debug for SigningCa {
     }
 }
 
-fn pem_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, CaError> {
+/// The certificates of a PEM file (at least one; an error names the file).
+pub fn pem_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, CaError> {
     use rustls_pki_types::pem::PemObject;
     let certs: Result<Vec<_>, _> = CertificateDer::pem_file_iter(path)
         .map_err(|e| file_err(path, e))?

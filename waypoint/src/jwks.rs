@@ -258,8 +258,6 @@ fn parse_uri(uri: &str) -> Result<Target, String> {
 
 /// The roots for `https://`: `ca`, else `SSL_CERT_FILE`, else the first usual bundle file.
 fn roots(ca: Option<&Path>) -> Result<rustls::RootCertStore, String> {
-    use rustls::pki_types::pem::PemObject;
-    use rustls::pki_types::CertificateDer;
     let env = std::env::var_os("SSL_CERT_FILE").map(PathBuf::from);
     let file = match (ca, env) {
         (Some(c), _) => c.to_path_buf(),
@@ -276,10 +274,7 @@ fn roots(ca: Option<&Path>) -> Result<rustls::RootCertStore, String> {
         .ok_or("no trusted roots: set waypoint.jwks_ca or SSL_CERT_FILE")?,
     };
     let mut store = rustls::RootCertStore::empty();
-    let certs =
-        CertificateDer::pem_file_iter(&file).map_err(|e| format!("{}: {e}", file.display()))?;
-    for c in certs {
-        let c = c.map_err(|e| format!("{}: {e}", file.display()))?;
+    for c in hbone::ca::pem_certs(&file).map_err(|e| e.to_string())? {
         // A bundle may hold a certificate webpki cannot use as a root: not fatal.
         let _ = store.add(c);
     }
