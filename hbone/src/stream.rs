@@ -508,6 +508,17 @@ impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for H2Io<T> {
     }
 }
 
+/// Run `f` and wake the task of `cx` once that task has yielded to the worker (a spawned
+/// task, run after it): how a [`TcpIo`] lets the rest of a task's poll join bytes it put
+/// off sending.
+fn after_yield(cx: &Context<'_>, f: impl FnOnce() + 'static) {
+    let w = cx.waker().clone();
+    drop(monoio::spawn(async move {
+        f();
+        w.wake();
+    }));
+}
+
 /// Defers a [`TcpIo`]'s flushes until released (or dropped).
 pub struct Hold(Rc<Cell<HoldState>>);
 
@@ -671,11 +682,8 @@ impl tokio::io::AsyncRead for TcpIo {
                         if !this.release_scheduled {
                             this.release_scheduled = true;
                             if let Some(h) = &this.hold {
-                                let (h, w) = (h.clone(), cx.waker().clone());
-                                drop(monoio::spawn(async move {
-                                    h.set(HoldState::Off);
-                                    w.wake();
-                                }));
+                                let h = h.clone();
+                                after_yield(cx, move || h.set(HoldState::Off));
                             }
                         }
                     } else {
@@ -805,11 +813,8 @@ impl tokio::io::AsyncWrite for TcpIo {
         if !due {
             if this.deferred.is_none() {
                 let flag = Rc::new(Cell::new(false));
-                let (d, w) = (flag.clone(), cx.waker().clone());
-                drop(monoio::spawn(async move {
-                    d.set(true);
-                    w.wake();
-                }));
+                let d = flag.clone();
+                after_yield(cx, move || d.set(true));
                 this.deferred = Some(flag);
             }
             return Poll::Ready(Ok(()));
