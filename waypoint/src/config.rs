@@ -8,7 +8,8 @@
 //! | `GRPCRoute` | `gateway.networking.k8s.io/v1`, `/v1alpha2` | [`crate::route::HttpRoute`] (method matches as path matches, see `grpc_as_http`) |
 //! | `AuthorizationPolicy` | `security.istio.io/v1`, `/v1beta1` | [`crate::authz::Policy`] (`CUSTOM` with `provider.name`: an extension provider of the MeshConfig document) |
 //! | `RequestAuthentication` | `security.istio.io/v1`, `/v1beta1` | [`crate::jwt::RequestAuthn`]: `jwtRules[]` with `issuer`, `audiences`, `jwks` (inline JSON), or `jwksUri` (fetched, with `timeout`; neither: OpenID discovery from the issuer; see [`crate::jwks`]), `fromHeaders` (`name`, `prefix`), `fromParams`, `fromCookies`, `forwardOriginalToken`, `outputPayloadToHeader`, `outputClaimToHeaders` (`header`, `claim`) |
-//! | `DestinationRule` | `networking.istio.io/v1`, `/v1beta1`, `/v1alpha3` | [`ServiceLb`]: `trafficPolicy.loadBalancer`, `.outlierDetection` (`consecutive5xxErrors`, `consecutiveGatewayErrors`, `interval`, `baseEjectionTime`, `maxEjectionPercent`), `.connectionPool.http.useClientProtocol`, `.connectionPool.http.idleTimeout`, `.tls.mode: ISTIO_MUTUAL` (what HBONE is; other modes refused), `.portLevelSettings` (all of these per service port, each entry replacing the service's for its port); [`crate::breaker`]: `.connectionPool.tcp.maxConnections`, `.tcp.connectTimeout`, `.http.http1MaxPendingRequests`, `.http.http2MaxRequests`, `.http.maxRequestsPerConnection`, `.http.maxRetries` |
+//! | `VirtualService` | `networking.istio.io/v1`, `/v1beta1`, `/v1alpha3` | [`crate::route::HttpRoute`] with its rules in order (see `config/virtual_service.rs` for the fields) |
+//! | `DestinationRule` | `networking.istio.io/v1`, `/v1beta1`, `/v1alpha3` | [`Subset`]s (`subsets[]`: `name`, `labels`, `trafficPolicy` whose fields replace the rule's); [`ServiceLb`]: `trafficPolicy.loadBalancer`, `.outlierDetection` (`consecutive5xxErrors`, `consecutiveGatewayErrors`, `interval`, `baseEjectionTime`, `maxEjectionPercent`), `.connectionPool.http.useClientProtocol`, `.connectionPool.http.idleTimeout`, `.tls.mode: ISTIO_MUTUAL` (what HBONE is; other modes refused), `.portLevelSettings` (all of these per service port, each entry replacing the service's for its port); [`crate::breaker`]: `.connectionPool.tcp.maxConnections`, `.tcp.connectTimeout`, `.http.http1MaxPendingRequests`, `.http.http2MaxRequests`, `.http.maxRequestsPerConnection`, `.http.maxRetries` |
 //! | no `apiVersion`/`kind`, a `waypoint:` key | — | [`SettingsDoc`], exactly one for the binary |
 //! | no `apiVersion`/`kind`, a `meshConfig:` key | — | Istio MeshConfig's `extensionProviders` of kinds `envoyExtAuthzHttp` (`service`: a model service's hostname, or `namespace/hostname`; `port`, `pathPrefix`, `timeout`, `failOpen`, `statusOnError`, `includeRequestHeadersInCheck`, `includeAdditionalHeadersInCheck`, `headersToUpstreamOnAllow`, `headersToDownstreamOnDeny`, `headersToDownstreamOnAllow`) and `envoyExtAuthzGrpc` (`service`, `port`, `timeout`, `failOpen`, `statusOnError`), at most one, reloaded with the file; see [`crate::ext_authz`] |
 //! | no `apiVersion`/`kind`, no `waypoint:` key | — | mesh-model's local config (`namespaces`, `workloads`, `services`, `policies`, `waypoints`, `nodes`; see the `mesh_model` crate docs), at most one |
@@ -102,6 +103,8 @@ use crate::route::{
 };
 use crate::{ext_authz, jwks, jwt};
 
+mod virtual_service;
+
 /// A configuration error: file, document, line, field, message.
 #[derive(Debug, thiserror::Error)]
 pub struct LoadError {
@@ -171,6 +174,14 @@ impl DestinationPolicy {
         port.and_then(|p| self.ports.iter().find(|(q, _)| *q == p))
             .map_or(&self.whole, |(_, t)| t)
     }
+}
+
+/// A DestinationRule subset: the endpoints with all of `labels`, balanced and limited by
+/// `policy` (the rule's, with the subset's own `trafficPolicy` fields in place of its).
+#[derive(Debug, Clone, Default)]
+pub struct Subset {
+    pub labels: BTreeMap<String, String>,
+    pub policy: DestinationPolicy,
 }
 
 /// Load balancing of one service (from a DestinationRule).
@@ -276,17 +287,28 @@ impl WaypointConfig {
         let mut out = String::from(
             "# HELP waypoint_circuit_breaker_in_use What is in use against a service's circuit breakers (DestinationRule connectionPool), by resource.\n# TYPE waypoint_circuit_breaker_in_use gauge\n# HELP waypoint_circuit_breaker_limit A service's circuit breaker limits (DestinationRule connectionPool; 4294967295: none).\n# TYPE waypoint_circuit_breaker_limit gauge\n",
         );
-        let all = self.destination_rules.iter().flat_map(|(svc, d)| {
-            let name = format!("{}/{}", svc.namespace, svc.name);
-            let ports = d.ports.iter().map(move |(port, t)| (Some(*port), t));
-            std::iter::once((None, &d.whole))
-                .chain(ports)
-                .filter_map(move |(port, t)| {
-                    let b = t.breaker.as_ref()?;
-                    Some((port.map_or(name.clone(), |p| format!("{name}:{p}")), b))
-                })
-        });
-        for (svc, b) in all {
+        let subsets = self.subsets.iter().map(|(k, v)| (k, &v.policy));
+        let all = self
+            .destination_rules
+            .iter()
+            .chain(subsets)
+            .flat_map(|(svc, d)| {
+                let name = format!("{}/{}", svc.namespace, svc.name);
+                // A subset's breakers (a cluster of its own in Envoy) carry its name.
+                let subset = svc
+                    .subset
+                    .as_ref()
+                    .map_or(String::new(), |s| format!(",subset=\"{s}\""));
+                let ports = d.ports.iter().map(move |(port, t)| (Some(*port), t));
+                std::iter::once((None, &d.whole))
+                    .chain(ports)
+                    .filter_map(move |(port, t)| {
+                        let b = t.breaker.as_ref()?;
+                        let svc = port.map_or(name.clone(), |p| format!("{name}:{p}"));
+                        Some((svc, subset.clone(), b))
+                    })
+            });
+        for (svc, subset, b) in all {
             let (c, p, r, t) = b.in_use();
             let l = b.limits;
             for (res, used, max) in [
@@ -295,7 +317,7 @@ impl WaypointConfig {
                 ("requests", r, l.max_requests),
                 ("retries", t, l.max_retries),
             ] {
-                let labels = format!("service=\"{svc}\",resource=\"{res}\"");
+                let labels = format!("service=\"{svc}\"{subset},resource=\"{res}\"");
                 out.push_str(&format!(
                     "waypoint_circuit_breaker_in_use{{{labels}}} {used}\nwaypoint_circuit_breaker_limit{{{labels}}} {max}\n"
                 ));
@@ -337,6 +359,8 @@ pub struct WaypointConfig {
     pub ignored_policies: Vec<IgnoredPolicy>,
     /// DestinationRules, by service.
     pub destination_rules: BTreeMap<ObjectRef, DestinationPolicy>,
+    /// DestinationRule `subsets`, by service with the subset's name.
+    pub subsets: BTreeMap<ObjectRef, Subset>,
     /// The waypoint's own settings document, when the file has one.
     pub settings: Option<SettingsDoc>,
     /// The ztunnel identity whose CONNECT `forwarded: for=` is believed for any client
@@ -417,8 +441,13 @@ impl WaypointConfig {
     /// Keep `prev`'s breaker (what is in use against its limits) for every service whose
     /// limits did not change: a reload does not reset what is in flight.
     pub fn adopt_breakers(&mut self, prev: &WaypointConfig) {
-        for (svc, d) in self.destination_rules.iter_mut() {
-            let Some(old) = prev.destination_rules.get(svc) else {
+        let subsets = self.subsets.iter_mut().map(|(k, v)| (k, &mut v.policy));
+        for (svc, d) in self.destination_rules.iter_mut().chain(subsets) {
+            let old = match svc.subset {
+                None => prev.destination_rules.get(svc),
+                Some(_) => prev.subsets.get(svc).map(|x| &x.policy),
+            };
+            let Some(old) = old else {
                 continue;
             };
             d.whole.adopt_breaker(&old.whole);
@@ -450,9 +479,19 @@ impl WaypointConfig {
         Some(&self.traffic(s, port)?.lb)
     }
 
-    /// Service `s`'s DestinationRule traffic policy at `port` (when known), if it has one.
+    /// Service `s`'s DestinationRule traffic policy at `port` (when known), if it has one
+    /// (its subset's, for a subset).
     fn traffic(&self, s: &ObjectRef, port: Option<u16>) -> Option<&TrafficPolicy> {
-        Some(self.destination_rules.get(s)?.at(port))
+        match s.subset {
+            None => Some(self.destination_rules.get(s)?.at(port)),
+            Some(_) => Some(self.subsets.get(s)?.policy.at(port)),
+        }
+    }
+
+    /// The labels an endpoint of `s` needs: its subset's (`None` for a whole service).
+    pub fn subset_labels(&self, s: &ObjectRef) -> Option<&BTreeMap<String, String>> {
+        s.subset.as_ref()?;
+        self.subsets.get(s).map(|x| &x.labels)
     }
 }
 
@@ -497,6 +536,8 @@ pub fn load_str(file: &Path, text: &str, version: u64) -> Result<WaypointConfig,
     // CUSTOM policies' providers (name, document, line), checked against it.
     let mut customs: Vec<(String, usize, usize)> = vec![];
     let mut seen = BTreeSet::new();
+    // VirtualServices, checked against the HTTPRoutes and DestinationRules once all are read.
+    let mut virtuals: Vec<VsDoc> = vec![];
     let mut index = 0;
     for (start, doc) in documents(text) {
         let blank = doc
@@ -653,10 +694,38 @@ pub fn load_str(file: &Path, text: &str, version: u64) -> Result<WaypointConfig,
                 "networking.istio.io/v1"
                 | "networking.istio.io/v1beta1"
                 | "networking.istio.io/v1alpha3",
+                "VirtualService",
+            ) => {
+                let d: Doc<virtual_service::VsSpec> = parse(file, &doc).map_err(at)?;
+                if !seen.insert(key(&d.metadata)) {
+                    return Err(invalid(Invalid::new(
+                        "metadata.name",
+                        "duplicate VirtualService",
+                    )));
+                }
+                let c = virtual_service::compile(&d).map_err(invalid)?;
+                virtuals.push(VsDoc {
+                    route: routes.len(),
+                    document: index,
+                    start,
+                    text: doc.clone(),
+                    subsets: c.subsets,
+                });
+                routes.push(c.route);
+            }
+            (
+                "networking.istio.io/v1"
+                | "networking.istio.io/v1beta1"
+                | "networking.istio.io/v1alpha3",
                 "DestinationRule",
             ) => {
                 let d: Doc<DrSpec> = parse(file, &doc).map_err(at)?;
-                let (svc, policy) = compile_dr(&d).map_err(invalid)?;
+                let CompiledDr {
+                    service: svc,
+                    whole: policy,
+                    subsets,
+                } = compile_dr(&d).map_err(invalid)?;
+                cfg.subsets.extend(subsets);
                 if cfg.destination_rules.insert(svc.clone(), policy).is_some() {
                     return Err(invalid(Invalid::new(
                         "spec.host",
@@ -673,7 +742,7 @@ pub fn load_str(file: &Path, text: &str, version: u64) -> Result<WaypointConfig,
             | ("networking.istio.io/v1alpha3", _) => {
                 return Err(invalid(Invalid::new(
                     "kind",
-                    format!("unsupported kind {kind:?} (HTTPRoute, GRPCRoute, AuthorizationPolicy, RequestAuthentication, DestinationRule)"),
+                    format!("unsupported kind {kind:?} (HTTPRoute, GRPCRoute, AuthorizationPolicy, RequestAuthentication, VirtualService, DestinationRule)"),
                 )));
             }
             _ => {
@@ -708,11 +777,81 @@ pub fn load_str(file: &Path, text: &str, version: u64) -> Result<WaypointConfig,
             });
         }
     }
+    check_virtual_services(file, &routes, &virtuals, &cfg.subsets)?;
     cfg.routes = RouteTable::new(routes);
     if let Some(snap) = &cfg.mesh {
         cfg.routes.prebuild_self_routes(snap);
     }
     Ok(cfg)
+}
+
+/// A VirtualService of the file being loaded, for [`check_virtual_services`].
+struct VsDoc {
+    /// Its index among the routes.
+    route: usize,
+    /// Its document (counted from 1) and first line in the file.
+    document: usize,
+    start: usize,
+    text: String,
+    /// The subsets it names: (field, service with the subset).
+    subsets: Vec<(String, ObjectRef)>,
+}
+
+/// A VirtualService is alone on each of its services (no HTTPRoute, no second
+/// VirtualService: Istio does not define their mix), and the subsets it names exist.
+fn check_virtual_services(
+    file: &Path,
+    routes: &[HttpRoute],
+    virtuals: &[VsDoc],
+    subsets: &BTreeMap<ObjectRef, Subset>,
+) -> Result<(), LoadError> {
+    for v in virtuals {
+        let (ri, document, start, doc, named) =
+            (&v.route, &v.document, &v.start, &v.text, &v.subsets);
+        let fail = |field: String, message: String| LoadError {
+            file: file.to_owned(),
+            document: *document,
+            line: Some(locate(doc, &field).unwrap_or(1) + start - 1),
+            column: None,
+            field: Some(field),
+            message,
+        };
+        let vs = &routes[*ri];
+        for (hi, (svc, _)) in vs.parents.iter().enumerate() {
+            let other = routes
+                .iter()
+                .enumerate()
+                .find(|(i, r)| i != ri && r.parents.iter().any(|(p, _)| p == svc));
+            if let Some((_, r)) = other {
+                let what = if r.in_order {
+                    "VirtualService"
+                } else {
+                    "HTTPRoute or GRPCRoute"
+                };
+                return Err(fail(
+                    format!("spec.hosts[{hi}]"),
+                    format!(
+                        "service {}/{} also has {what} {}/{} (a service takes one VirtualService, or HTTPRoutes, not both)",
+                        svc.namespace, svc.name, r.id.namespace, r.id.name
+                    ),
+                ));
+            }
+        }
+        for (field, svc) in named {
+            if !subsets.contains_key(svc) {
+                return Err(fail(
+                    field.clone(),
+                    format!(
+                        "no subset {:?} in a DestinationRule for {}/{}",
+                        svc.subset.as_deref().unwrap_or(""),
+                        svc.namespace,
+                        svc.name
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The line of `field`, or of its nearest enclosing field that is written out (a missing
@@ -1722,6 +1861,7 @@ fn compile_route(d: &Doc<RouteSpec>) -> Result<HttpRoute, Invalid> {
                 headers: values(&m.headers, "headers", true)?,
                 query: values(&m.query_params, "queryParams", false)?,
                 method: m.method.map(|x| format!("{x:?}").to_ascii_uppercase()),
+                more: None,
             });
         }
         if matches.is_empty() {
@@ -1828,6 +1968,7 @@ fn compile_route(d: &Doc<RouteSpec>) -> Result<HttpRoute, Invalid> {
     Ok(HttpRoute {
         id: d.metadata.id(),
         created: d.metadata.creation_timestamp.clone(),
+        in_order: false,
         parents,
         rules,
     })
@@ -2677,9 +2818,24 @@ struct DrSpec {
     host: String,
     #[serde(default)]
     traffic_policy: Option<TrafficPolicyRaw>,
+    #[serde(default)]
+    subsets: Vec<SubsetRaw>,
+    /// Accepted: the waypoint serves every client of the services it fronts.
+    #[serde(default, rename = "exportTo")]
+    _export_to: Vec<String>,
 }
 
 #[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct SubsetRaw {
+    name: String,
+    #[serde(default)]
+    labels: BTreeMap<String, String>,
+    #[serde(default)]
+    traffic_policy: Option<TrafficPolicyRaw>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 struct TrafficPolicyRaw {
     /// In a `portLevelSettings` entry only: the service port it is for.
@@ -2697,7 +2853,7 @@ struct TrafficPolicyRaw {
     tls: Option<ClientTlsRaw>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct PortSelectorRaw {
     number: u16,
@@ -2707,7 +2863,7 @@ struct PortSelectorRaw {
 /// the connection is always HBONE, mutual TLS with Istio identities: `ISTIO_MUTUAL` says
 /// just that and is accepted (with its `sni`, which HBONE has no use for); the other modes
 /// ask for what ambient mode does not do and are refused.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 struct ClientTlsRaw {
     mode: TlsModeRaw,
@@ -2725,7 +2881,7 @@ enum TlsModeRaw {
     IstioMutual,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 struct ConnPoolRaw {
     #[serde(default)]
@@ -2734,7 +2890,7 @@ struct ConnPoolRaw {
     http: Option<HttpPoolRaw>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 struct TcpPoolRaw {
     #[serde(default)]
@@ -2743,7 +2899,7 @@ struct TcpPoolRaw {
     connect_timeout: Option<String>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 struct HttpPoolRaw {
     #[serde(default)]
@@ -2771,7 +2927,7 @@ enum SimpleLb {
     Random,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 struct LbRaw {
     #[serde(default)]
@@ -2780,7 +2936,7 @@ struct LbRaw {
     consistent_hash: Option<ConsistentHashRaw>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 struct ConsistentHashRaw {
     #[serde(default)]
@@ -2793,13 +2949,13 @@ struct ConsistentHashRaw {
     http_query_parameter_name: Option<String>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct CookieRaw {
     name: String,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 struct OutlierRaw {
     #[serde(default, rename = "consecutive5xxErrors")]
@@ -2815,11 +2971,13 @@ struct OutlierRaw {
 }
 
 /// `name`, `name.ns`, `name.ns.svc`, `name.ns.svc.cluster.local` → the service.
-fn dr_host(host: &str, ns: &str) -> Result<ObjectRef, Invalid> {
+/// The Service a host names (`name`, `name.ns`, `name.ns.svc…`; `name` in namespace `ns`),
+/// at field `field`.
+fn dr_host(field: &str, host: &str, ns: &str) -> Result<ObjectRef, Invalid> {
     let parts: Vec<&str> = host.split('.').collect();
     let bad = || {
         Invalid::new(
-            "spec.host",
+            field,
             format!("{host:?}: expected a service name (name, name.ns, name.ns.svc.cluster.local)"),
         )
     };
@@ -2836,12 +2994,78 @@ fn dr_host(host: &str, ns: &str) -> Result<ObjectRef, Invalid> {
 
 /// The service, and its traffic policies: the whole service's, and per service port
 /// (`portLevelSettings`).
-fn compile_dr(d: &Doc<DrSpec>) -> Result<(ObjectRef, DestinationPolicy), Invalid> {
-    let svc = dr_host(&d.spec.host, d.metadata.namespace())?;
-    let Some(tp) = &d.spec.traffic_policy else {
-        return Ok((svc, DestinationPolicy::default()));
-    };
-    let f = "spec.trafficPolicy";
+/// A DestinationRule: its service, the service's traffic policy, and its subsets (the
+/// service narrowed to each, with its labels and policy).
+fn compile_dr(d: &Doc<DrSpec>) -> Result<CompiledDr, Invalid> {
+    let svc = dr_host("spec.host", &d.spec.host, d.metadata.namespace())?;
+    let empty = TrafficPolicyRaw::default();
+    let whole_raw = d.spec.traffic_policy.as_ref().unwrap_or(&empty);
+    let whole = compile_policy_at(whole_raw, "spec.trafficPolicy")?;
+    let mut subsets = vec![];
+    for (i, sub) in d.spec.subsets.iter().enumerate() {
+        let f = format!("spec.subsets[{i}]");
+        if sub.name.is_empty()
+            || subsets
+                .iter()
+                .any(|(s, _): &(ObjectRef, Subset)| s.subset.as_deref() == Some(&*sub.name))
+        {
+            return Err(Invalid::new(
+                format!("{f}.name"),
+                "a subset needs a name of its own",
+            ));
+        }
+        // Istio: the subset's policy fields replace the rule's, field by field.
+        let policy = match &sub.traffic_policy {
+            None => compile_policy_at(whole_raw, "spec.trafficPolicy")?,
+            Some(own) => {
+                let merged = TrafficPolicyRaw {
+                    port: own.port.clone(),
+                    port_level_settings: if own.port_level_settings.is_empty() {
+                        whole_raw.port_level_settings.clone()
+                    } else {
+                        own.port_level_settings.clone()
+                    },
+                    load_balancer: own
+                        .load_balancer
+                        .clone()
+                        .or(whole_raw.load_balancer.clone()),
+                    outlier_detection: own
+                        .outlier_detection
+                        .clone()
+                        .or(whole_raw.outlier_detection.clone()),
+                    connection_pool: own
+                        .connection_pool
+                        .clone()
+                        .or(whole_raw.connection_pool.clone()),
+                    tls: own.tls.clone().or(whole_raw.tls.clone()),
+                };
+                compile_policy_at(&merged, &format!("{f}.trafficPolicy"))?
+            }
+        };
+        let key = svc.clone().with_subset(Some(sub.name.clone()));
+        subsets.push((
+            key,
+            Subset {
+                labels: sub.labels.clone(),
+                policy,
+            },
+        ));
+    }
+    Ok(CompiledDr {
+        service: svc,
+        whole,
+        subsets,
+    })
+}
+
+struct CompiledDr {
+    service: ObjectRef,
+    whole: DestinationPolicy,
+    subsets: Vec<(ObjectRef, Subset)>,
+}
+
+/// A `trafficPolicy` at field `f`, with its `portLevelSettings`.
+fn compile_policy_at(tp: &TrafficPolicyRaw, f: &str) -> Result<DestinationPolicy, Invalid> {
     if tp.port.is_some() {
         return Err(Invalid::new(
             format!("{f}.port"),
@@ -2869,7 +3093,7 @@ fn compile_dr(d: &Doc<DrSpec>) -> Result<(ObjectRef, DestinationPolicy), Invalid
         }
         ports.push((port, compile_tp(p, &pf)?));
     }
-    Ok((svc, DestinationPolicy { whole, ports }))
+    Ok(DestinationPolicy { whole, ports })
 }
 
 /// One `trafficPolicy` (or `portLevelSettings` entry) at field `f`.

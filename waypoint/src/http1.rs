@@ -682,6 +682,17 @@ fn route_request<'c>(
         Err(Decision::Respond { status, reason }) => {
             Action::Respond(simple_response(status, &[], reason, close))
         }
+        Err(Decision::Direct {
+            status,
+            body,
+            response_headers,
+        }) => {
+            let mut h = vec![];
+            for m in &response_headers {
+                m.apply(&mut h);
+            }
+            Action::Respond(simple_response(status, &h, &body, close))
+        }
         Err(Decision::Redirect {
             status,
             location,
@@ -785,7 +796,7 @@ pub(crate) async fn decide_with<'c, U: Upstream>(
     rng: &mut dyn Rng,
     upstream: &mut U,
 ) -> Decided<'c> {
-    match decide(cfg, ctx, head, rng) {
+    let decided = match decide(cfg, ctx, head, rng) {
         // Boxed: a tunnel's future is not sized by a check it may never make.
         Action::Check { provider, auth } => {
             Box::pin(check_then_decide(
@@ -794,7 +805,55 @@ pub(crate) async fn decide_with<'c, U: Upstream>(
             .await
         }
         other => Decided::settle(other),
+    };
+    let fault = match &decided {
+        Decided::Forward { forward, .. } => forward.fault.clone(),
+        Decided::Respond(..) => None,
+    };
+    match fault {
+        // Boxed likewise: a delay's timer is in no other tunnel's future.
+        Some(f) => Box::pin(inject_fault(f, decided, !head.keep_alive(), rng, upstream)).await,
+        None => decided,
     }
+}
+
+/// A VirtualService's `fault` on a request about to be forwarded, as Envoy's fault filter
+/// injects it: the delay (on its share of requests), then the abort (on its share), which
+/// answers `fault filter abort` with the configured status (flag `FI`), or HTTP 200 with
+/// `grpc-status` for a gRPC abort. The upstream never sees an aborted request.
+async fn inject_fault<'c, U: Upstream>(
+    fault: crate::route::Fault,
+    decided: Decided<'c>,
+    close: bool,
+    rng: &mut dyn Rng,
+    upstream: &mut U,
+) -> Decided<'c> {
+    if let Some((delay, share)) = fault.delay {
+        if share.sampled(rng) {
+            upstream.note(Note::Fault("delay"));
+            monoio::time::sleep(delay).await;
+        }
+    }
+    if let Some((abort, share)) = fault.abort {
+        if share.sampled(rng) {
+            upstream.note(Note::Fault("abort"));
+            let resp = match abort {
+                crate::route::Abort::Http(status) => {
+                    simple_response(status, &[], "fault filter abort", close)
+                }
+                crate::route::Abort::Grpc(code) => {
+                    let h = [
+                        ("content-type".to_string(), "application/grpc".to_string()),
+                        ("grpc-status".to_string(), code.to_string()),
+                        ("grpc-message".to_string(), "fault filter abort".to_string()),
+                    ];
+                    simple_response(200, &h, "", close)
+                }
+            };
+            return Decided::Respond(resp, Some(Refusal::Fault));
+        }
+    }
+    decided
 }
 
 /// The CUSTOM check of [`decide_with`], then the rest of the decision.
@@ -1418,6 +1477,8 @@ pub enum Refusal {
     /// A CUSTOM policy's external authorizer ([`crate::ext_authz`]): its status, response
     /// flag `UAEX`.
     External,
+    /// A VirtualService's injected abort: its status, response flag `FI`.
+    Fault,
 }
 
 impl Refusal {
@@ -1435,6 +1496,7 @@ impl Refusal {
     pub fn flags(refusal: Option<Refusal>, status: u16) -> &'static str {
         match refusal {
             Some(Refusal::External) => "UAEX",
+            Some(Refusal::Fault) => "FI",
             _ => local_flags(status),
         }
     }
@@ -1617,6 +1679,8 @@ pub enum Note {
     GrpcStatus(u32),
     /// A CUSTOM policy's check was made: `allowed`, `denied` or `error`.
     ExtAuthz(&'static str),
+    /// A VirtualService fault was injected: `delay` or `abort`.
+    Fault(&'static str),
 }
 
 /// A request body: read whole (replayable, possibly empty), or still in the tunnel

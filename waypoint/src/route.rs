@@ -16,11 +16,14 @@ use regex::Regex;
 
 use crate::lb::Rng;
 
-/// `namespace/name` of a Kubernetes object.
+/// `namespace/name` of a Kubernetes object. As a routing destination, a Service may be
+/// narrowed to one of its DestinationRule `subsets` (a VirtualService's
+/// `destination.subset`): its own balancer, endpoints and traffic policy.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct ObjectRef {
     pub namespace: String,
     pub name: String,
+    pub subset: Option<String>,
 }
 
 impl ObjectRef {
@@ -28,6 +31,21 @@ impl ObjectRef {
         ObjectRef {
             namespace: namespace.into(),
             name: name.into(),
+            subset: None,
+        }
+    }
+
+    /// This service narrowed to its subset `subset`.
+    pub fn with_subset(mut self, subset: Option<String>) -> Self {
+        self.subset = subset;
+        self
+    }
+
+    /// The whole service (without a subset): a borrow when there is none.
+    pub fn whole(&self) -> Cow<'_, ObjectRef> {
+        match self.subset {
+            None => Cow::Borrowed(self),
+            Some(_) => Cow::Owned(ObjectRef::new(&*self.namespace, &*self.name)),
         }
     }
 }
@@ -40,6 +58,9 @@ pub enum PathMatch {
     Prefix(String),
     /// Anchored (the whole path must match).
     Regex(Regex),
+    /// By character (a VirtualService's `uri.prefix`): `/foo` matches `/foobar` too;
+    /// ASCII case ignored when the flag is set (`ignoreUriCase`).
+    StartsWith(String, bool),
 }
 
 impl PathMatch {
@@ -48,6 +69,11 @@ impl PathMatch {
             PathMatch::Exact(p) => path == p,
             PathMatch::Prefix(p) => prefix_matches(p, path),
             PathMatch::Regex(r) => r.is_match(path),
+            PathMatch::StartsWith(p, false) => path.starts_with(p.as_str()),
+            PathMatch::StartsWith(p, true) => path
+                .as_bytes()
+                .get(..p.len())
+                .is_some_and(|h| h.eq_ignore_ascii_case(p.as_bytes())),
         }
     }
 }
@@ -70,6 +96,10 @@ pub enum ValueMatch {
     Exact(String),
     /// Anchored.
     Regex(Regex),
+    /// A VirtualService's `prefix`.
+    Prefix(String),
+    /// Any value: the field is present (a VirtualService header match with no value).
+    Present,
 }
 
 impl ValueMatch {
@@ -77,7 +107,42 @@ impl ValueMatch {
         match self {
             ValueMatch::Exact(e) => v == e,
             ValueMatch::Regex(r) => r.is_match(v),
+            ValueMatch::Prefix(p) => v.starts_with(p.as_str()),
+            ValueMatch::Present => true,
         }
+    }
+}
+
+/// The conditions of a VirtualService `match` entry that an HTTPRoute match has not.
+#[derive(Debug, Clone, Default)]
+pub struct MoreConditions {
+    /// `method` other than an exact one (an exact one is [`RouteMatch::method`]).
+    pub method: Option<ValueMatch>,
+    /// `authority`: the `Host`/`:authority`, as written (port included).
+    pub authority: Option<ValueMatch>,
+    pub scheme: Option<ValueMatch>,
+    /// `port`: the service port the request was addressed to.
+    pub port: Option<u16>,
+    /// `sourceNamespace`: the verified client's namespace.
+    pub source_namespace: Option<String>,
+    /// `withoutHeaders`: each must be absent or not match (names lower-cased).
+    pub without_headers: Vec<(String, ValueMatch)>,
+}
+
+impl MoreConditions {
+    fn hold(&self, r: &Request<'_>, port: u16, client_namespace: Option<&str>) -> bool {
+        self.method.as_ref().is_none_or(|m| m.matches(r.method))
+            && self.authority.as_ref().is_none_or(|m| m.matches(r.host()))
+            && self.scheme.as_ref().is_none_or(|m| m.matches(r.scheme))
+            && self.port.is_none_or(|p| p == port)
+            && self
+                .source_namespace
+                .as_deref()
+                .is_none_or(|ns| client_namespace == Some(ns))
+            && self
+                .without_headers
+                .iter()
+                .all(|(n, m)| r.header(n).is_none_or(|v| !m.matches(v)))
     }
 }
 
@@ -90,6 +155,8 @@ pub struct RouteMatch {
     /// Query parameter names are case-sensitive.
     pub query: Vec<(String, ValueMatch)>,
     pub method: Option<String>,
+    /// A VirtualService's other conditions (boxed: most matches have none).
+    pub more: Option<Box<MoreConditions>>,
 }
 
 impl Default for RouteMatch {
@@ -100,11 +167,22 @@ impl Default for RouteMatch {
             headers: vec![],
             query: vec![],
             method: None,
+            more: None,
         }
     }
 }
 
 impl RouteMatch {
+    /// Whether `r`, addressed to service port `port` by a client of `client_namespace`,
+    /// matches.
+    fn matches_at(&self, r: &Request<'_>, port: u16, client_namespace: Option<&str>) -> bool {
+        self.matches(r)
+            && self
+                .more
+                .as_ref()
+                .is_none_or(|c| c.hold(r, port, client_namespace))
+    }
+
     fn matches(&self, r: &Request<'_>) -> bool {
         self.path.matches(r.path)
             && self.method.as_deref().is_none_or(|m| m == r.method)
@@ -126,6 +204,7 @@ impl RouteMatch {
             PathMatch::Exact(p) => (3, p.len()),
             PathMatch::Regex(r) => (2, r.as_str().len()),
             PathMatch::Prefix(p) => (1, p.trim_end_matches('/').len()),
+            PathMatch::StartsWith(p, _) => (1, p.len()),
         };
         (
             class,
@@ -168,6 +247,66 @@ pub enum PathModifier {
     ReplaceFullPath(String),
     /// Only with a `PathPrefix` match (checked at load).
     ReplacePrefixMatch(String),
+    /// A VirtualService's `rewrite.uri` (Envoy's `prefix_rewrite`): the matched prefix, or
+    /// the whole path for an exact match, is replaced (never with a regex match: checked
+    /// at load).
+    ReplaceMatched(String),
+    /// A VirtualService's `rewrite.uriRegexRewrite`: every match of the pattern in the
+    /// path replaced (`$1`… for groups).
+    RegexRewrite(Pattern, String),
+}
+
+/// A regular expression compared by its text.
+#[derive(Debug, Clone)]
+pub struct Pattern(pub Regex);
+
+impl PartialEq for Pattern {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.as_str() == other.0.as_str()
+    }
+}
+
+impl Eq for Pattern {}
+
+/// A share of requests, `numerator / denominator` (all when `numerator >= denominator`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Share {
+    pub numerator: u32,
+    pub denominator: u32,
+}
+
+impl Share {
+    /// Istio's `Percent` (a percentage with decimals), in millionths as Istio gives it to
+    /// Envoy.
+    pub fn percent(p: f64) -> Share {
+        Share {
+            numerator: (p.clamp(0.0, 100.0) * 10_000.0) as u32,
+            denominator: 1_000_000,
+        }
+    }
+
+    /// Whether this request is one of the share.
+    pub fn sampled(&self, rng: &mut dyn Rng) -> bool {
+        self.numerator >= self.denominator
+            || rng.below(u64::from(self.denominator)) < u64::from(self.numerator)
+    }
+}
+
+/// A VirtualService's `fault`: Envoy's fault filter on the route, each fault drawn on its
+/// own share of requests (a delay first, then an abort).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fault {
+    pub delay: Option<(Duration, Share)>,
+    pub abort: Option<(Abort, Share)>,
+}
+
+/// What an injected abort answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Abort {
+    /// `httpStatus`.
+    Http(u16),
+    /// `grpcStatus`, as its code: HTTP 200 with `grpc-status`.
+    Grpc(u32),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -212,12 +351,21 @@ pub enum Filter {
     Redirect(Redirect),
     Rewrite(Rewrite),
     Mirror(Mirror),
+    /// A VirtualService's `fault`.
+    Fault(Fault),
+    /// A VirtualService's `directResponse`: answered by the waypoint.
+    Direct {
+        status: u16,
+        body: String,
+    },
 }
 
 /// A weighted `backendRefs[]` entry (a Service and port), with its own filters.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Backend {
     pub service: ObjectRef,
+    /// 0: the port the request was addressed to (a VirtualService destination without a
+    /// port).
     pub port: u16,
     pub weight: u32,
     pub filters: Vec<Filter>,
@@ -257,6 +405,9 @@ pub struct HttpRoute {
     pub id: ObjectRef,
     /// `metadata.creationTimestamp` (RFC 3339, compared as UTC text); absent sorts last.
     pub created: Option<String>,
+    /// A VirtualService: its rules are tried in order and the first that matches decides
+    /// (no Gateway API precedence), for clients of every namespace.
+    pub in_order: bool,
     /// Service parents: namespace/name and an optional port.
     pub parents: Vec<(ObjectRef, Option<u16>)>,
     pub rules: Vec<Rule>,
@@ -327,6 +478,8 @@ pub struct Forward {
     pub mirrors: Vec<Mirror>,
     pub timeouts: Timeouts,
     pub retry: Option<Retry>,
+    /// A VirtualService's fault injection.
+    pub fault: Option<Fault>,
     /// `namespace/name` and rule index of the route that decided, if any.
     pub route: Option<(ObjectRef, usize)>,
 }
@@ -344,6 +497,12 @@ pub enum Decision {
     Respond {
         status: u16,
         reason: &'static str,
+    },
+    /// A VirtualService's `directResponse`.
+    Direct {
+        status: u16,
+        body: String,
+        response_headers: Vec<HeaderModifier>,
     },
 }
 
@@ -491,6 +650,13 @@ impl RouteTable {
         let attached_here = self.by_service.get(service).map_or(&[][..], |v| &v[..]);
         for &i in attached_here {
             let route = &self.routes[i];
+            if route.in_order {
+                // A VirtualService is alone on its service (checked at load).
+                if attached(route, service, port) {
+                    return self.first_match(i, client_namespace, req, port, service_exists, rng);
+                }
+                continue;
+            }
             let group = if route.id.namespace == service.namespace {
                 &mut producer
             } else if consumer == Some(route.id.namespace.as_str()) {
@@ -556,6 +722,36 @@ impl RouteTable {
     }
 }
 
+impl RouteTable {
+    /// A VirtualService's routing: its first rule with a matching entry decides; 404 when
+    /// none matches (Envoy's `NR`).
+    fn first_match(
+        &self,
+        i: usize,
+        client_namespace: Option<&str>,
+        req: &Request<'_>,
+        port: u16,
+        service_exists: &dyn Fn(&ObjectRef) -> bool,
+        rng: &mut dyn Rng,
+    ) -> Result<Cow<'_, Forward>, Decision> {
+        let route = &self.routes[i];
+        for (ri, rule) in route.rules.iter().enumerate() {
+            if let Some(m) = rule
+                .matches
+                .iter()
+                .find(|m| m.matches_at(req, port, client_namespace))
+            {
+                let prebuilt = &self.prebuilt[i][ri];
+                return apply_rule(route, ri, prebuilt, m, req, port, service_exists, rng);
+            }
+        }
+        Err(Decision::Respond {
+            status: 404,
+            reason: "no matching route",
+        })
+    }
+}
+
 /// The routes of one namespace attached to a request's service: whether there is one, and
 /// the best match so far (rank, route index, rule index, the match).
 #[derive(Default)]
@@ -580,11 +776,12 @@ fn attached(route: &HttpRoute, service: &ObjectRef, port: u16) -> bool {
 fn prebuild(route: &HttpRoute, ri: usize) -> Vec<Option<Forward>> {
     let rule = &route.rules[ri];
     let per_request = |fs: &[Filter]| {
-        fs.iter().any(|f| {
-            matches!(
-                f,
-                Filter::Redirect(_) | Filter::Rewrite(Rewrite { path: Some(_), .. })
-            )
+        fs.iter().any(|f| match f {
+            Filter::Redirect(_) | Filter::Direct { .. } => true,
+            Filter::Rewrite(Rewrite { path, .. }) => path.is_some(),
+            // Its port is the request's.
+            Filter::Mirror(m) => m.port == 0,
+            _ => false,
         })
     };
     if per_request(&rule.filters) {
@@ -602,7 +799,7 @@ fn prebuild(route: &HttpRoute, ri: usize) -> Vec<Option<Forward>> {
     rule.backends
         .iter()
         .map(|backend| {
-            if per_request(&backend.filters) {
+            if per_request(&backend.filters) || backend.port == 0 {
                 return None;
             }
             let mut fwd = Forward {
@@ -611,9 +808,9 @@ fn prebuild(route: &HttpRoute, ri: usize) -> Vec<Option<Forward>> {
                 route: Some((route.id.clone(), ri)),
                 ..Forward::default()
             };
-            let mut redirect = None;
-            collect_filters(&rule.filters, &m, &req, &mut fwd, &mut redirect);
-            collect_filters(&backend.filters, &m, &req, &mut fwd, &mut redirect);
+            let mut answer = None;
+            collect_filters(&rule.filters, &m, &req, 0, &mut fwd, &mut answer);
+            collect_filters(&backend.filters, &m, &req, 0, &mut fwd, &mut answer);
             fwd.service = Some((backend.service.clone(), backend.port));
             Some(fwd)
         })
@@ -632,30 +829,40 @@ fn apply_rule<'t>(
     rng: &mut dyn Rng,
 ) -> Result<Cow<'t, Forward>, Decision> {
     let rule = &route.rules[ri];
-    let build = |redirect: &mut Option<Redirect>| {
+    let build = |answer: &mut Option<Answer>| {
         let mut fwd = Forward {
             timeouts: rule.timeouts,
             retry: rule.retry.clone(),
             route: Some((route.id.clone(), ri)),
             ..Forward::default()
         };
-        collect_filters(&rule.filters, m, req, &mut fwd, redirect);
+        collect_filters(&rule.filters, m, req, port, &mut fwd, answer);
         fwd
     };
     // A rule with a prebuilt forward has no redirect (see `prebuild`); else the rule's
-    // filters are applied first, a redirect answering before any backend is chosen.
+    // filters are applied first, a redirect (or a direct response) answering before any
+    // backend is chosen.
     let mut built = None;
     if prebuilt.iter().all(Option::is_none) {
-        let mut redirect = None;
-        let fwd = build(&mut redirect);
-        if let Some(r) = redirect {
-            return Err(Decision::Redirect {
-                status: r.status_code,
-                location: redirect_location(&r, m, req, port),
-                response_headers: fwd.response_headers,
-            });
+        let mut answer = None;
+        let fwd = build(&mut answer);
+        match answer {
+            Some(Answer::Redirect(r)) => {
+                return Err(Decision::Redirect {
+                    status: r.status_code,
+                    location: redirect_location(&r, m, req, port),
+                    response_headers: fwd.response_headers,
+                })
+            }
+            Some(Answer::Direct(status, body)) => {
+                return Err(Decision::Direct {
+                    status,
+                    body,
+                    response_headers: fwd.response_headers,
+                })
+            }
+            None => built = Some(fwd),
         }
-        built = Some(fwd);
     }
     let total: u64 = rule.backends.iter().map(|b| b.weight as u64).sum();
     if total == 0 {
@@ -692,26 +899,45 @@ fn apply_rule<'t>(
         fwd.mirrors.retain(|mi| service_exists(&mi.service));
         return Ok(Cow::Owned(fwd));
     }
-    let mut redirect = None;
-    let mut fwd = built.unwrap_or_else(|| build(&mut redirect));
-    collect_filters(&backend.filters, m, req, &mut fwd, &mut redirect);
-    fwd.service = Some((backend.service.clone(), backend.port));
+    let mut answer = None;
+    let mut fwd = built.unwrap_or_else(|| build(&mut answer));
+    collect_filters(&backend.filters, m, req, port, &mut fwd, &mut answer);
+    let backend_port = if backend.port == 0 {
+        port
+    } else {
+        backend.port
+    };
+    fwd.service = Some((backend.service.clone(), backend_port));
     fwd.mirrors.retain(|mi| service_exists(&mi.service));
     Ok(Cow::Owned(fwd))
 }
 
+/// What a rule answers itself instead of forwarding.
+enum Answer {
+    Redirect(Redirect),
+    /// Status and body.
+    Direct(u16, String),
+}
+
+/// Apply `filters` to `fwd` for a request matched by `m` on service port `port` (0 when
+/// prebuilding: no filter then needs it); a redirect or direct response goes to `answer`.
 fn collect_filters(
     filters: &[Filter],
     m: &RouteMatch,
     req: &Request<'_>,
+    port: u16,
     fwd: &mut Forward,
-    redirect: &mut Option<Redirect>,
+    answer: &mut Option<Answer>,
 ) {
     for f in filters {
         match f {
             Filter::RequestHeader(h) => fwd.request_headers.push(h.clone()),
             Filter::ResponseHeader(h) => fwd.response_headers.push(h.clone()),
-            Filter::Redirect(r) => *redirect = Some(r.clone()),
+            Filter::Redirect(r) => *answer = Some(Answer::Redirect(r.clone())),
+            Filter::Direct { status, body } => {
+                *answer = Some(Answer::Direct(*status, body.clone()))
+            }
+            Filter::Fault(x) => fwd.fault = Some(x.clone()),
             Filter::Rewrite(rw) => {
                 if let Some(h) = &rw.hostname {
                     fwd.host = Some(h.clone());
@@ -725,7 +951,13 @@ fn collect_filters(
                     fwd.path = Some(path);
                 }
             }
-            Filter::Mirror(mi) => fwd.mirrors.push(mi.clone()),
+            Filter::Mirror(mi) => {
+                let mut mi = mi.clone();
+                if mi.port == 0 {
+                    mi.port = port;
+                }
+                fwd.mirrors.push(mi)
+            }
         }
     }
 }
@@ -735,6 +967,19 @@ fn collect_filters(
 pub fn modify_path(p: &PathModifier, m: &RouteMatch, path: &str) -> String {
     match p {
         PathModifier::ReplaceFullPath(f) => f.clone(),
+        PathModifier::ReplaceMatched(repl) => {
+            let matched = match &m.path {
+                PathMatch::StartsWith(pre, _) => pre.len(),
+                PathMatch::Prefix(pre) => pre.trim_end_matches('/').len(),
+                PathMatch::Exact(_) | PathMatch::Regex(_) => path.len(),
+            };
+            let mut out = repl.clone();
+            out.push_str(path.get(matched..).unwrap_or(""));
+            out
+        }
+        PathModifier::RegexRewrite(pattern, with) => {
+            pattern.0.replace_all(path, with.as_str()).into_owned()
+        }
         PathModifier::ReplacePrefixMatch(repl) => {
             let prefix = match &m.path {
                 PathMatch::Prefix(pre) => pre.trim_end_matches('/'),
@@ -890,6 +1135,7 @@ mod tests {
         let route = HttpRoute {
             id: ObjectRef::new("default", "echo"),
             created: None,
+            in_order: false,
             parents: vec![(ObjectRef::new("default", "echo"), None)],
             rules: vec![Rule {
                 matches: vec![RouteMatch::default()],

@@ -141,6 +141,8 @@ pub struct Counters {
     pub jwks_fetch_errors: AtomicU64,
     /// CUSTOM policies' checks ([`crate::ext_authz`]) by outcome: allowed, denied, error.
     pub ext_authz: [AtomicU64; 3],
+    /// Faults injected by VirtualServices: delays, aborts.
+    pub faults: [AtomicU64; 2],
     /// Opaque TCP tunnels refused by L4 policy (R15).
     pub tcp_denied: AtomicU64,
     /// Opaque TCP bytes client → endpoint and endpoint → client.
@@ -437,6 +439,13 @@ pub fn prometheus(c: &Counters) -> String {
         out.push_str(&format!(
             "waypoint_ext_authz_checks_total{{result=\"{result}\"}} {}\n",
             c.ext_authz[i].load(Relaxed)
+        ));
+    }
+    out.push_str("# HELP waypoint_faults_injected_total Faults injected by VirtualServices (fault.delay, fault.abort), by kind.\n# TYPE waypoint_faults_injected_total counter\n");
+    for (i, kind) in ["delay", "abort"].iter().enumerate() {
+        out.push_str(&format!(
+            "waypoint_faults_injected_total{{fault=\"{kind}\"}} {}\n",
+            c.faults[i].load(Relaxed)
         ));
     }
     counter(
@@ -1741,6 +1750,7 @@ impl Upstream for HboneUpstream {
                 "denied" => &c.ext_authz[1],
                 _ => &c.ext_authz[2],
             },
+            http1::Note::Fault(kind) => &c.faults[usize::from(kind == "abort")],
         };
         ctr.fetch_add(1, Relaxed);
     }
@@ -1878,8 +1888,9 @@ impl Upstream for HboneUpstream {
                     .jwt_rejected
                     .fetch_add(1, Relaxed);
             }
-            // Counted by outcome when the check was made (`Note::ExtAuthz`).
-            Some(http1::Refusal::External) | None => {}
+            // Counted when the check was made (`Note::ExtAuthz`) or the fault injected
+            // (`Note::Fault`).
+            Some(http1::Refusal::External) | Some(http1::Refusal::Fault) | None => {}
         }
         if access {
             let p = &self.view.peer;

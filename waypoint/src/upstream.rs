@@ -26,8 +26,14 @@ pub struct Endpoint {
     pub hbone: SocketAddr,
 }
 
-/// The healthy endpoints of `service` that serve `port`, in the model's (uid) order.
-pub fn endpoints(snap: &Snapshot, service: &ObjectRef, port: u16) -> Vec<Endpoint> {
+/// The healthy endpoints of `service` that serve `port`, in the model's (uid) order; of a
+/// subset, those whose workload has all of `labels`.
+pub fn endpoints(
+    snap: &Snapshot,
+    service: &ObjectRef,
+    port: u16,
+    labels: Option<&std::collections::BTreeMap<String, String>>,
+) -> Vec<Endpoint> {
     let Some(svc) = snap
         .services()
         .find(|s| s.namespace == service.namespace && s.name == service.name)
@@ -40,6 +46,11 @@ pub fn endpoints(snap: &Snapshot, service: &ObjectRef, port: u16) -> Vec<Endpoin
             let w = snap.workload(&ep.workload_uid)?;
             if !w.healthy {
                 return None;
+            }
+            if let Some(labels) = labels {
+                if !labels.iter().all(|(k, v)| w.labels.get(k) == Some(v)) {
+                    return None;
+                }
             }
             let target = svc.target_port(ep, port)?;
             let ip = *w.ips.first()?;
@@ -177,7 +188,7 @@ impl Balancers {
             found => {
                 // A new snapshot (or a first use): keep the balancer's state unless this
                 // service's endpoints or its DestinationRule changed.
-                let eps = endpoints(snap, service, port);
+                let eps = endpoints(snap, service, port, cfg.subset_labels(service));
                 let lb = cfg.lb(service, Some(port));
                 match found {
                     Some(at) if ports[at].1.endpoints == eps && ports[at].1.lb == lb => {

@@ -33,6 +33,7 @@ fn endpoints_are_healthy_workloads_with_target_ports() {
         cfg.mesh.as_ref().unwrap(),
         &ObjectRef::new("default", "echo"),
         80,
+        None,
     );
     let got: Vec<(String, String, String)> = eps
         .iter()
@@ -57,13 +58,15 @@ fn endpoints_are_healthy_workloads_with_target_ports() {
     assert!(endpoints(
         cfg.mesh.as_ref().unwrap(),
         &ObjectRef::new("default", "echo"),
-        81
+        81,
+        None
     )
     .is_empty());
     assert!(endpoints(
         cfg.mesh.as_ref().unwrap(),
         &ObjectRef::new("default", "nope"),
-        80
+        80,
+        None
     )
     .is_empty());
 }

@@ -1283,7 +1283,9 @@ pub fn echo_route_decision(
         &mut waypoint::lb::SplitMix64(1),
     ) {
         Decision::Forward(f) => f.service.expect("a service").0.name,
-        Decision::Respond { status, .. } | Decision::Redirect { status, .. } => status.to_string(),
+        Decision::Respond { status, .. }
+        | Decision::Redirect { status, .. }
+        | Decision::Direct { status, .. } => status.to_string(),
     }
 }
 
