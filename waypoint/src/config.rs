@@ -780,7 +780,7 @@ pub fn load_str(file: &Path, text: &str, version: u64) -> Result<WaypointConfig,
     check_virtual_services(file, &routes, &virtuals, &cfg.subsets)?;
     cfg.routes = RouteTable::new(routes);
     if let Some(snap) = &cfg.mesh {
-        cfg.routes.prebuild_self_routes(snap);
+        cfg.routes.prebuild_with_model(snap);
     }
     Ok(cfg)
 }

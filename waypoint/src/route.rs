@@ -515,7 +515,7 @@ pub struct RouteTable {
     /// request borrows it instead of building its own. Its mirrors are all the configured
     /// ones (a request checks they exist).
     prebuilt: Vec<Vec<Vec<Option<Forward>>>>,
-    /// By service and port of the mesh snapshot ([`RouteTable::prebuild_self_routes`]):
+    /// By service and port of the mesh snapshot ([`RouteTable::prebuild_with_model`]):
     /// the [`Forward`] of a service without routes (R17, the service routes to itself),
     /// borrowed by its requests instead of built for each.
     self_routed: crate::upstream::FnvMap<ObjectRef, Vec<(u16, Forward)>>,
@@ -557,10 +557,54 @@ impl RouteTable {
         }
     }
 
-    /// Prebuild the self-routing (R17) [`Forward`] of every port of every service of `snap`
-    /// (the snapshot this table is used with). A request still checks that its service
-    /// exists and has no route attached; a port the snapshot does not list gets its own.
-    pub fn prebuild_self_routes(&mut self, snap: &mesh_model::snapshot::Snapshot) {
+    /// What needs the mesh model `snap` (the snapshot this table is used with):
+    ///
+    /// - A VirtualService destination or mirror without a port takes its service's port
+    ///   when the service has only one, as istiod resolves it (else the port the request
+    ///   was addressed to, per request); the rules so resolved are prebuilt again.
+    /// - The self-routing (R17) [`Forward`] of every port of every service is prebuilt. A
+    ///   request still checks that its service exists and has no route attached; a port
+    ///   the snapshot does not list gets its own.
+    pub fn prebuild_with_model(&mut self, snap: &mesh_model::snapshot::Snapshot) {
+        let single_port = |s: &ObjectRef| {
+            let svc = snap
+                .services()
+                .find(|x| x.namespace == s.namespace && x.name == s.name)?;
+            let mut ports = svc.ports.keys();
+            match (ports.next(), ports.next()) {
+                (Some(&p), None) => Some(p),
+                _ => None,
+            }
+        };
+        // Only a VirtualService has destinations without a port.
+        for (i, route) in self.routes.iter_mut().enumerate() {
+            if !route.in_order {
+                continue;
+            }
+            for ri in 0..route.rules.len() {
+                let mut changed = false;
+                let mut resolve = |svc: &ObjectRef, port: &mut u16| {
+                    if *port == 0 {
+                        if let Some(p) = single_port(svc) {
+                            *port = p;
+                            changed = true;
+                        }
+                    }
+                };
+                let rule = &mut route.rules[ri];
+                for f in rule.filters.iter_mut() {
+                    if let Filter::Mirror(m) = f {
+                        resolve(&m.service, &mut m.port);
+                    }
+                }
+                for b in rule.backends.iter_mut() {
+                    resolve(&b.service, &mut b.port);
+                }
+                if changed {
+                    self.prebuilt[i][ri] = prebuild(route, ri);
+                }
+            }
+        }
         self.self_routed.clear();
         for svc in snap.services() {
             let service = ObjectRef::new(svc.namespace.clone(), svc.name.clone());

@@ -12,8 +12,8 @@ use waypoint::config::{load_str, WaypointConfig};
 use waypoint::lb::SplitMix64;
 use waypoint::route::{Abort, Decision, Forward, ObjectRef, Request, Share, Target};
 
-/// Services `reviews` (port 9080), `ratings` (9080) and `mirror` (80) of namespace
-/// `default`; `reviews` has pods `r1` (version v1), `r2` (v2) and `r3` (v3).
+/// Services `reviews` (port 9080), `ratings` (9080), `mirror` (80) and `details` (9080 and
+/// 9081) of namespace `default`; `reviews` has pods `r1` (version v1), `r2` (v2) and `r3` (v3).
 const MESH: &str = r#"
 workloads:
   - {uid: r1, name: r1, namespace: default, serviceAccount: reviews, workloadIps: ["10.1.0.1"], labels: {app: reviews, version: v1}, services: {"default/reviews.default.svc.cluster.local": {9080: 9080}}}
@@ -23,6 +23,7 @@ services:
   - {name: reviews, namespace: default, hostname: reviews.default.svc.cluster.local, vips: ["10.96.0.10"], ports: {9080: 9080}}
   - {name: ratings, namespace: default, hostname: ratings.default.svc.cluster.local, vips: ["10.96.0.11"], ports: {9080: 9080}}
   - {name: mirror, namespace: default, hostname: mirror.default.svc.cluster.local, vips: ["10.96.0.12"], ports: {80: 8080}}
+  - {name: details, namespace: default, hostname: details.default.svc.cluster.local, vips: ["10.96.0.13"], ports: {9080: 9080, 9081: 9081}}
 "#;
 
 /// Bookinfo's DestinationRule for `reviews`: subsets v1, v2 and v3 by label.
@@ -279,7 +280,44 @@ fn without_headers_port_and_source_namespace_matches() {
     assert_eq!(dest(&cfg, &get("/").client_ns("other")), "reviews/v3:9080");
     // No verified namespace: sourceNamespace cannot match.
     assert_eq!(dest(&cfg, &get("/")), "reviews/v3:9080");
-    assert_eq!(dest(&cfg, &shop().port(9081)), "reviews/v3:9081");
+    // A destination without a port takes its service's only port.
+    assert_eq!(dest(&cfg, &shop().port(9081)), "reviews/v3:9080");
+}
+
+#[test]
+fn a_destination_without_a_port_takes_its_only_port_else_the_requests() {
+    let cfg = load(&vs(r#"  - match: [{uri: {prefix: /details}}]
+    route: [{destination: {host: details}}]
+    mirror: {host: details}
+  - route: [{destination: {host: ratings}}]
+"#));
+    // `details` has two ports: the request's.
+    assert_eq!(dest(&cfg, &get("/details").port(9081)), "details:9081");
+    assert_eq!(dest(&cfg, &get("/details")), "details:9080");
+    let f = forward(decide(&cfg, &get("/details").port(9081)));
+    assert_eq!(f.mirrors[0].port, 9081);
+    // `ratings` has one: that one, whatever the request's.
+    assert_eq!(dest(&cfg, &get("/").port(9081)), "ratings:9080");
+    // Resolved once with the model, that forward is prebuilt: requests borrow it.
+    let service = ObjectRef::new("default", "reviews");
+    let req = Request {
+        method: "GET",
+        path: "/",
+        query: None,
+        headers: &[("host", "reviews")],
+        scheme: "http",
+    };
+    let target = Target::Service {
+        service: &service,
+        port: 9080,
+    };
+    let shared =
+        cfg.routes
+            .route_shared(target, &req, &|s| cfg.service_exists(s), &mut SplitMix64(1));
+    assert!(
+        matches!(shared, Ok(std::borrow::Cow::Borrowed(_))),
+        "{shared:?}"
+    );
 }
 
 #[test]
@@ -452,8 +490,8 @@ fn faults_mirrors_headers_timeouts_and_retries_are_carried() {
     let f = forward(decide(&cfg, &get("/mirrored")));
     assert_eq!(f.mirrors.len(), 1);
     let m = &f.mirrors[0];
-    // Without a port, the mirror goes to the request's port.
-    assert_eq!((m.service.name.as_str(), m.port), ("mirror", 9080));
+    // Without a port, the mirror goes to its service's only port.
+    assert_eq!((m.service.name.as_str(), m.port), ("mirror", 80));
     assert_eq!((m.numerator, m.denominator), (500_000, 1_000_000));
     let f = forward(decide(&cfg, &get("/many")));
     let got: Vec<_> = f
