@@ -98,8 +98,9 @@ use serde::{Deserialize, Deserializer};
 use crate::authz::{self, Attachment, Condition, Key, OneOf, PathPattern, StrMatch};
 use crate::lb::{HashKey, LbPolicy, OutlierDetection};
 use crate::route::{
-    Backend, Filter, HeaderModifier, HttpRoute, Mirror, ObjectRef, PathMatch, PathModifier,
-    Redirect, Retry, Rewrite, RouteMatch, RouteTable, Rule, Timeouts, ValueMatch,
+    Backend, Cors, Filter, HeaderModifier, HttpRoute, Mirror, ObjectRef, OriginMatch, PathMatch,
+    PathModifier, Pattern, Redirect, Retry, Rewrite, RouteMatch, RouteTable, Rule, Timeouts,
+    ValueMatch,
 };
 use crate::{ext_authz, jwks, jwt};
 
@@ -1181,7 +1182,10 @@ fn grpc_as_http(d: Doc<GrpcRouteSpec>) -> Result<Doc<RouteSpec>, Invalid> {
     let mut rules = Vec::with_capacity(d.spec.rules.len());
     for (ri, r) in d.spec.rules.into_iter().enumerate() {
         for (fi, f) in r.filters.iter().enumerate() {
-            if matches!(f.kind, FilterType::RequestRedirect | FilterType::UrlRewrite) {
+            if matches!(
+                f.kind,
+                FilterType::RequestRedirect | FilterType::UrlRewrite | FilterType::Cors
+            ) {
                 return Err(Invalid::new(
                     format!("spec.rules[{ri}].filters[{fi}].type"),
                     "not a GRPCRoute filter (RequestHeaderModifier, ResponseHeaderModifier, RequestMirror)",
@@ -1391,6 +1395,8 @@ enum FilterType {
     #[serde(rename = "URLRewrite")]
     UrlRewrite,
     RequestMirror,
+    #[serde(rename = "CORS")]
+    Cors,
 }
 
 #[derive(Debug, Deserialize)]
@@ -1408,6 +1414,27 @@ struct FilterRaw {
     url_rewrite: Option<RewriteRaw>,
     #[serde(default)]
     request_mirror: Option<MirrorRaw>,
+    #[serde(default)]
+    cors: Option<CorsFilterRaw>,
+}
+
+/// Gateway API `HTTPCORSFilter`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct CorsFilterRaw {
+    #[serde(default)]
+    allow_origins: Vec<String>,
+    #[serde(default)]
+    allow_credentials: Option<bool>,
+    #[serde(default)]
+    allow_methods: Vec<String>,
+    #[serde(default)]
+    allow_headers: Vec<String>,
+    #[serde(default)]
+    expose_headers: Vec<String>,
+    /// Seconds; the spec's default is 5.
+    #[serde(default)]
+    max_age: Option<u32>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -1600,6 +1627,31 @@ fn service_ref(
     Ok((ObjectRef::new(ns, name), port))
 }
 
+/// An HTTPRoute `CORS` filter at field `f`: origins as `scheme://host[:port]`, a `*` in the
+/// host standing for any run of characters other than `/`, a lone `*` for any origin.
+fn gateway_cors(f: &str, c: &CorsFilterRaw) -> Result<Filter, Invalid> {
+    let mut origins = vec![];
+    for (i, o) in c.allow_origins.iter().enumerate() {
+        origins.push(if o == "*" || !o.contains('*') {
+            OriginMatch::Exact(o.clone())
+        } else {
+            let parts: Vec<String> = o.split('*').map(regex::escape).collect();
+            let re = Regex::new(&format!("^(?:{})$", parts.join("[^/]+")))
+                .map_err(|e| Invalid::new(format!("{f}.allowOrigins[{i}]"), e.to_string()))?;
+            OriginMatch::Regex(Pattern(re))
+        });
+    }
+    Ok(Filter::Cors(Arc::new(Cors {
+        origins,
+        methods: c.allow_methods.join(","),
+        headers: c.allow_headers.join(","),
+        expose: c.expose_headers.join(","),
+        max_age: c.max_age.unwrap_or(5).to_string(),
+        credentials: c.allow_credentials == Some(true),
+        forward_unmatched: true,
+    })))
+}
+
 fn header_mod(h: &HeaderModRaw) -> HeaderModifier {
     let pairs = |v: &[NameValue]| {
         v.iter()
@@ -1653,6 +1705,7 @@ fn compile_filters(
             (FilterType::RequestRedirect, f.request_redirect.is_some()),
             (FilterType::UrlRewrite, f.url_rewrite.is_some()),
             (FilterType::RequestMirror, f.request_mirror.is_some()),
+            (FilterType::Cors, f.cors.is_some()),
         ];
         if present.iter().any(|(t, p)| *p != (*t == f.kind)) {
             return Err(Invalid::new(
@@ -1715,6 +1768,15 @@ fn compile_filters(
                         .map(|p| path_mod(&format!("{fld}.urlRewrite.path"), p))
                         .transpose()?,
                 })
+            }
+            FilterType::Cors => {
+                if backend_level {
+                    return Err(Invalid::new(
+                        format!("{fld}.type"),
+                        "CORS is a rule filter, not a backend one",
+                    ));
+                }
+                gateway_cors(&format!("{fld}.cors"), f.cors.as_ref().expect("checked"))?
             }
             FilterType::RequestMirror => {
                 let m = f.request_mirror.as_ref().expect("checked");

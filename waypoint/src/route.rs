@@ -358,6 +358,121 @@ pub enum Filter {
         status: u16,
         body: String,
     },
+    /// A VirtualService's `corsPolicy`, or an HTTPRoute's `CORS` filter.
+    Cors(std::sync::Arc<Cors>),
+}
+
+/// An allowed CORS origin.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OriginMatch {
+    Exact(String),
+    Prefix(String),
+    /// Anchored.
+    Regex(Pattern),
+}
+
+impl OriginMatch {
+    fn matches(&self, v: &str) -> bool {
+        match self {
+            OriginMatch::Exact(e) => v == e,
+            OriginMatch::Prefix(p) => v.starts_with(p.as_str()),
+            OriginMatch::Regex(r) => r.0.is_match(v),
+        }
+    }
+}
+
+/// A CORS policy, applied as Envoy's CORS filter applies the one istiod writes: a request
+/// with an `Origin` is a CORS request; a preflight (`OPTIONS` with
+/// `Access-Control-Request-Method`) is answered `200` by the waypoint (its origin echoed
+/// when allowed; one not allowed is forwarded instead unless `forward_unmatched` is off);
+/// an allowed origin gets `Access-Control-Allow-Origin` (and `-Credentials`,
+/// `-Expose-Headers`) on its response.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cors {
+    pub origins: Vec<OriginMatch>,
+    /// Comma-separated, as sent; `*`: the requested method or headers echoed.
+    pub methods: String,
+    pub headers: String,
+    pub expose: String,
+    /// Seconds, as sent; empty: none.
+    pub max_age: String,
+    pub credentials: bool,
+    pub forward_unmatched: bool,
+}
+
+/// What a CORS policy does with one request.
+enum CorsStep {
+    /// Not a CORS request, or one whose origin is not allowed: as usual.
+    Pass,
+    /// Answer this preflight with these fields.
+    Answer(HeaderModifier),
+    /// Forward, these fields going onto the response.
+    Respond(HeaderModifier),
+}
+
+impl Cors {
+    fn allows(&self, origin: &str) -> bool {
+        self.origins
+            .iter()
+            .any(|o| o.matches("*") || o.matches(origin))
+    }
+
+    fn step(&self, req: &Request<'_>) -> CorsStep {
+        let Some(origin) = req.header("origin").filter(|o| !o.is_empty()) else {
+            return CorsStep::Pass;
+        };
+        let allowed = self.allows(origin);
+        let requested = req
+            .header("access-control-request-method")
+            .filter(|m| !m.is_empty());
+        let mut set = vec![];
+        let mut field = |n: &str, v: &str| set.push((n.to_string(), v.to_string()));
+        if req.method == "OPTIONS" && requested.is_some() {
+            if !allowed && self.forward_unmatched {
+                return CorsStep::Pass;
+            }
+            if allowed {
+                field("access-control-allow-origin", origin);
+            }
+            if self.credentials {
+                field("access-control-allow-credentials", "true");
+            }
+            match self.methods.as_str() {
+                "" => {}
+                "*" => field("access-control-allow-methods", requested.unwrap_or("")),
+                m => field("access-control-allow-methods", m),
+            }
+            match self.headers.as_str() {
+                "" => {}
+                "*" => field(
+                    "access-control-allow-headers",
+                    req.header("access-control-request-headers").unwrap_or(""),
+                ),
+                h => field("access-control-allow-headers", h),
+            }
+            if !self.max_age.is_empty() {
+                field("access-control-max-age", &self.max_age);
+            }
+            return CorsStep::Answer(HeaderModifier {
+                set,
+                ..HeaderModifier::default()
+            });
+        }
+        if !allowed {
+            return CorsStep::Pass;
+        }
+        field("access-control-allow-origin", origin);
+        if self.credentials {
+            field("access-control-allow-credentials", "true");
+        }
+        if !self.expose.is_empty() {
+            field("access-control-expose-headers", &self.expose);
+        }
+        CorsStep::Respond(HeaderModifier {
+            set,
+            ..HeaderModifier::default()
+        })
+    }
 }
 
 /// A weighted `backendRefs[]` entry (a Service and port), with its own filters.
@@ -861,8 +976,61 @@ fn prebuild(route: &HttpRoute, ri: usize) -> Vec<Option<Forward>> {
         .collect()
 }
 
+/// Rule `ri` of `route` for a request it matched (`m`): a CORS preflight answered, else
+/// [`forward_by_rule`] with any CORS fields added to the response.
 #[allow(clippy::too_many_arguments)]
 fn apply_rule<'t>(
+    route: &HttpRoute,
+    ri: usize,
+    prebuilt: &'t [Option<Forward>],
+    m: &RouteMatch,
+    req: &Request<'_>,
+    port: u16,
+    service_exists: &dyn Fn(&ObjectRef) -> bool,
+    rng: &mut dyn Rng,
+) -> Result<Cow<'t, Forward>, Decision> {
+    let cors = route.rules[ri].filters.iter().find_map(|f| match f {
+        Filter::Cors(c) => Some(c.step(req)),
+        _ => None,
+    });
+    let fields = match cors {
+        None | Some(CorsStep::Pass) => {
+            return forward_by_rule(route, ri, prebuilt, m, req, port, service_exists, rng)
+        }
+        Some(CorsStep::Answer(fields)) => {
+            return Err(Decision::Direct {
+                status: 200,
+                body: String::new(),
+                response_headers: vec![fields],
+            })
+        }
+        Some(CorsStep::Respond(fields)) => fields,
+    };
+    match forward_by_rule(route, ri, prebuilt, m, req, port, service_exists, rng) {
+        Ok(fwd) => {
+            let mut fwd = fwd.into_owned();
+            fwd.response_headers.push(fields);
+            Ok(Cow::Owned(fwd))
+        }
+        Err(mut d) => {
+            if let Decision::Redirect {
+                response_headers, ..
+            }
+            | Decision::Direct {
+                response_headers, ..
+            } = &mut d
+            {
+                response_headers.push(fields);
+            }
+            Err(d)
+        }
+    }
+}
+
+/// The forward (or redirect, or direct response) of rule `ri` of `route` for a request it
+/// matched (`m`).
+#[allow(clippy::too_many_arguments)]
+fn forward_by_rule<'t>(
     route: &HttpRoute,
     ri: usize,
     prebuilt: &'t [Option<Forward>],
@@ -982,6 +1150,8 @@ fn collect_filters(
                 *answer = Some(Answer::Direct(*status, body.clone()))
             }
             Filter::Fault(x) => fwd.fault = Some(x.clone()),
+            // Applied by `apply_rule`, which sees the request.
+            Filter::Cors(_) => {}
             Filter::Rewrite(rw) => {
                 if let Some(h) = &rw.hostname {
                     fwd.host = Some(h.clone());

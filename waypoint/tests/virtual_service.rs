@@ -611,9 +611,9 @@ fn virtual_service_errors_name_their_field() {
             "gRPC status",
         ),
         (
-            vs("  - corsPolicy: {allowOrigins: [{exact: x}]}\n    route: [{destination: {host: reviews}}]\n"),
-            "spec.http[0].corsPolicy",
-            "not supported",
+            vs("  - corsPolicy: {allowOrigins: [{}]}\n    route: [{destination: {host: reviews}}]\n"),
+            "spec.http[0].corsPolicy.allowOrigins[0]",
+            "one of exact, prefix and regex",
         ),
         (
             vs("  - route: [{destination: {host: reviews}}]\n    redirect: {uri: /x}\n"),
@@ -736,6 +736,12 @@ spec:
     route: [{destination: {host: echo, subset: v1}}]
   - match: [{uri: {exact: /health}}]
     directResponse: {status: 200, body: {string: healthy}}
+  - match: [{uri: {prefix: /api}}]
+    corsPolicy:
+      allowOrigins: [{exact: "https://shop.example"}]
+      allowMethods: [GET, PUT]
+      exposeHeaders: [x-request-id]
+    route: [{destination: {host: echo, subset: v1}}]
   - route: [{destination: {host: echo, subset: v1}}]
 "#;
     let text = format!("{model}---\n{istio}");
@@ -745,6 +751,7 @@ spec:
     };
     let started = Instant::now();
     let mut delayed = Duration::ZERO;
+    let mut heads = vec![];
     let answers: Vec<(u16, String)> = common::block_on(async {
         let (_c, mut s) =
             common::open_tunnel_for(wp.addr, &wp.client_cert, "10.96.0.1:80", Some(CLIENT)).await;
@@ -756,15 +763,23 @@ spec:
             ("/abort/x", ""),
             ("/health", ""),
             ("/delay", ""),
+            (
+                "OPTIONS /api",
+                "origin: https://shop.example\r\naccess-control-request-method: PUT\r\n",
+            ),
+            ("/api/x", "origin: https://shop.example\r\n"),
         ] {
             let t = Instant::now();
-            s.write_all(bytes::Bytes::from(head(path, extra)), false)
-                .await
-                .unwrap();
+            let req = match path.strip_prefix("OPTIONS ") {
+                Some(p) => head(p, extra).replacen("GET", "OPTIONS", 1),
+                None => head(path, extra),
+            };
+            s.write_all(bytes::Bytes::from(req), false).await.unwrap();
             let r = common::read_response(&mut s, &mut buf).await;
             if path == "/delay" {
                 delayed = t.elapsed();
             }
+            heads.push(r.head.to_ascii_lowercase());
             out.push((r.status, r.text()));
         }
         out
@@ -775,9 +790,24 @@ spec:
         (418, "fault filter abort"),
         (200, "healthy"),
         (200, "v1"),
+        (200, ""),
+        (200, "v1"),
     ];
     let want: Vec<(u16, String)> = want.iter().map(|(s, b)| (*s, b.to_string())).collect();
     assert_eq!(answers, want);
+    // The preflight answered by the waypoint; the actual request's response marked.
+    for field in [
+        "access-control-allow-origin: https://shop.example\r\n",
+        "access-control-allow-methods: get,put\r\n",
+    ] {
+        assert!(heads[5].contains(field), "{field:?} not in {}", heads[5]);
+    }
+    for field in [
+        "access-control-allow-origin: https://shop.example\r\n",
+        "access-control-expose-headers: x-request-id\r\n",
+    ] {
+        assert!(heads[6].contains(field), "{field:?} not in {}", heads[6]);
+    }
     // The delay held the request back at least its 300 ms (a lower bound, not a timing
     // threshold: nothing makes it shorter).
     assert!(delayed >= Duration::from_millis(300), "{delayed:?}");
@@ -825,4 +855,196 @@ spec:
             && l.contains("response_flags=\"FI\"")),
         "no 418 with flag FI in:\n{page}"
     );
+}
+
+/// The fields of a locally answered request, or of the response modifiers of a forward.
+fn answer_fields(d: &Decision) -> (u16, Vec<(String, String)>) {
+    let (status, mods) = match d {
+        Decision::Direct {
+            status,
+            response_headers,
+            ..
+        } => (*status, response_headers.clone()),
+        Decision::Forward(f) => (0, f.response_headers.clone()),
+        other => panic!("{other:?}"),
+    };
+    let mut h = vec![];
+    for m in &mods {
+        m.apply(&mut h);
+    }
+    (status, h)
+}
+
+fn pairs(p: &[(&str, &str)]) -> Vec<(String, String)> {
+    p.iter()
+        .map(|(n, v)| (n.to_string(), v.to_string()))
+        .collect()
+}
+
+#[test]
+fn cors_policy_answers_preflights_and_marks_allowed_responses_as_envoy_does() {
+    let cfg = load(&vs(r#"  - match: [{uri: {prefix: /strict}}]
+    corsPolicy:
+      allowOrigins: [{exact: "https://shop.example"}, {regex: "https://.*\\.partner\\.example"}]
+      allowMethods: [GET, POST]
+      allowHeaders: [x-token, content-type]
+      exposeHeaders: [x-request-id]
+      maxAge: 24h
+      allowCredentials: true
+      unmatchedPreflights: IGNORE
+    route: [{destination: {host: reviews, subset: v1}}]
+  - corsPolicy:
+      allowOrigins: [{prefix: "https://"}]
+      allowMethods: ["*"]
+      allowHeaders: ["*"]
+    route: [{destination: {host: reviews, subset: v2}}]
+"#));
+    let preflight = |path, origin| {
+        get(path)
+            .method("OPTIONS")
+            .header("origin", origin)
+            .header("access-control-request-method", "PUT")
+            .header("access-control-request-headers", "x-a, x-b")
+    };
+    // An allowed preflight is answered here, never forwarded.
+    let d = decide(&cfg, &preflight("/strict", "https://shop.example"));
+    assert_eq!(
+        answer_fields(&d),
+        (
+            200,
+            pairs(&[
+                ("access-control-allow-origin", "https://shop.example"),
+                ("access-control-allow-credentials", "true"),
+                ("access-control-allow-methods", "GET,POST"),
+                ("access-control-allow-headers", "x-token,content-type"),
+                ("access-control-max-age", "86400"),
+            ])
+        )
+    );
+    let d = decide(&cfg, &preflight("/strict", "https://a.partner.example"));
+    assert_eq!(answer_fields(&d).1[0].1, "https://a.partner.example");
+    // Not allowed, unmatchedPreflights IGNORE: answered, without the origin.
+    let d = decide(&cfg, &preflight("/strict", "https://evil.example"));
+    let (status, fields) = answer_fields(&d);
+    assert_eq!(status, 200);
+    assert!(fields
+        .iter()
+        .all(|(n, _)| n != "access-control-allow-origin"));
+    // `*` echoes what the preflight asks for; a not allowed origin is forwarded (FORWARD
+    // is the default).
+    let d = decide(&cfg, &preflight("/other", "https://any.example"));
+    assert_eq!(
+        answer_fields(&d),
+        (
+            200,
+            pairs(&[
+                ("access-control-allow-origin", "https://any.example"),
+                ("access-control-allow-methods", "PUT"),
+                ("access-control-allow-headers", "x-a, x-b"),
+            ])
+        )
+    );
+    assert_eq!(
+        dest(&cfg, &preflight("/other", "http://plain.example")),
+        "reviews/v2:9080"
+    );
+    // An actual request from an allowed origin is forwarded, its response marked.
+    let d = decide(
+        &cfg,
+        &get("/strict").header("origin", "https://shop.example"),
+    );
+    assert_eq!(
+        answer_fields(&d),
+        (
+            0,
+            pairs(&[
+                ("access-control-allow-origin", "https://shop.example"),
+                ("access-control-allow-credentials", "true"),
+                ("access-control-expose-headers", "x-request-id"),
+            ])
+        )
+    );
+    // Other origins and requests without one: nothing added.
+    let d = decide(
+        &cfg,
+        &get("/strict").header("origin", "https://evil.example"),
+    );
+    assert_eq!(answer_fields(&d), (0, vec![]));
+    let d = decide(&cfg, &get("/strict"));
+    assert_eq!(answer_fields(&d), (0, vec![]));
+    // An OPTIONS without Access-Control-Request-Method is no preflight.
+    let d = decide(
+        &cfg,
+        &get("/strict")
+            .method("OPTIONS")
+            .header("origin", "https://shop.example"),
+    );
+    assert!(matches!(d, Decision::Forward(_)), "{d:?}");
+}
+
+#[test]
+fn httproute_cors_filter_with_wildcard_origins() {
+    let route = r#"apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: ratings}
+spec:
+  parentRefs: [{group: "", kind: Service, name: ratings}]
+  rules:
+  - filters:
+    - type: CORS
+      cors:
+        allowOrigins: ["https://*.example.com", "http://localhost:8080"]
+        allowMethods: [GET]
+        allowCredentials: true
+    backendRefs: [{name: ratings, port: 9080}]
+"#;
+    let cfg = load(route);
+    let ask = |origin: &str| {
+        let r = Req {
+            headers: vec![
+                ("host", "ratings"),
+                ("origin", origin),
+                ("access-control-request-method", "GET"),
+            ],
+            ..get("/").method("OPTIONS")
+        };
+        let req = Request {
+            method: r.method,
+            path: r.uri,
+            query: None,
+            headers: &r.headers,
+            scheme: "http",
+        };
+        let service = ObjectRef::new("default", "ratings");
+        let d = cfg.routes.route(
+            Target::Service {
+                service: &service,
+                port: 9080,
+            },
+            &req,
+            &|s| cfg.service_exists(s),
+            &mut SplitMix64(1),
+        );
+        match d {
+            Decision::Direct { .. } => answer_fields(&d).1,
+            Decision::Forward(_) => vec![("forwarded".to_string(), String::new())],
+            other => panic!("{other:?}"),
+        }
+    };
+    let allowed = ask("https://app.example.com");
+    assert_eq!(
+        allowed,
+        pairs(&[
+            ("access-control-allow-origin", "https://app.example.com"),
+            ("access-control-allow-credentials", "true"),
+            ("access-control-allow-methods", "GET"),
+            // The Gateway API's default maxAge.
+            ("access-control-max-age", "5"),
+        ])
+    );
+    assert_eq!(ask("http://localhost:8080")[0].1, "http://localhost:8080");
+    // The wildcard stays inside the host.
+    assert_eq!(ask("https://example.com")[0].0, "forwarded");
+    assert_eq!(ask("https://a.example.com/x")[0].0, "forwarded");
+    assert_eq!(ask("http://app.example.com")[0].0, "forwarded");
 }

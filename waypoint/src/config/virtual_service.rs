@@ -16,7 +16,10 @@
 //! `retryOn` by HTTP status and connection failure); `fault` (`delay.fixedDelay`,
 //! `abort.httpStatus`/`grpcStatus`, each with `percentage`); `mirror`,
 //! `mirrorPercentage`, `mirrors`; `headers` (`request`/`response` `set`/`add`/`remove`).
-//! Refused with the field named: `tcp`, `tls`, `delegate`, `corsPolicy`, `sourceLabels`,
+//! `corsPolicy` (`allowOrigins` as `StringMatch`es, `allowMethods`, `allowHeaders`,
+//! `exposeHeaders`, `maxAge`, `allowCredentials`, `unmatchedPreflights`; see
+//! [`crate::route::Cors`]).
+//! Refused with the field named: `tcp`, `tls`, `delegate`, `sourceLabels`,
 //! `exponentialDelay`, `http2Error`, gRPC `retryOn` conditions, a `rewrite.uri` beside a
 //! regex `uri` match.
 
@@ -28,9 +31,9 @@ use serde::Deserialize;
 
 use super::{anchored, dr_host, Doc, Invalid, PortSelectorRaw};
 use crate::route::{
-    Abort, Backend, Fault, Filter, HeaderModifier, HttpRoute, Mirror, MoreConditions, ObjectRef,
-    PathMatch, PathModifier, Pattern, Redirect, Retry, Rewrite, RouteMatch, Rule, Share, Timeouts,
-    ValueMatch,
+    Abort, Backend, Cors, Fault, Filter, HeaderModifier, HttpRoute, Mirror, MoreConditions,
+    ObjectRef, OriginMatch, PathMatch, PathModifier, Pattern, Redirect, Retry, Rewrite, RouteMatch,
+    Rule, Share, Timeouts, ValueMatch,
 };
 
 #[derive(Debug, Deserialize)]
@@ -84,7 +87,7 @@ struct HttpRaw {
     #[serde(default)]
     mirrors: Vec<MirrorRaw>,
     #[serde(default)]
-    cors_policy: Option<IgnoredAny>,
+    cors_policy: Option<CorsRaw>,
     #[serde(default)]
     headers: Option<HeadersRaw>,
 }
@@ -132,6 +135,36 @@ struct StringMatchRaw {
     prefix: Option<String>,
     #[serde(default)]
     regex: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct CorsRaw {
+    #[serde(default)]
+    allow_origins: Vec<StringMatchRaw>,
+    /// Istio's deprecated exact-match list.
+    #[serde(default)]
+    allow_origin: Vec<String>,
+    #[serde(default)]
+    allow_methods: Vec<String>,
+    #[serde(default)]
+    allow_headers: Vec<String>,
+    #[serde(default)]
+    expose_headers: Vec<String>,
+    #[serde(default)]
+    max_age: Option<String>,
+    #[serde(default)]
+    allow_credentials: Option<bool>,
+    #[serde(default)]
+    unmatched_preflights: Option<UnmatchedPreflights>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+enum UnmatchedPreflights {
+    Unspecified,
+    Forward,
+    Ignore,
 }
 
 #[derive(Debug, Deserialize)]
@@ -366,9 +399,6 @@ fn compile_http(
     if h.delegate.is_some() {
         return Err(Invalid::new(format!("{rf}.delegate"), "not supported"));
     }
-    if h.cors_policy.is_some() {
-        return Err(Invalid::new(format!("{rf}.corsPolicy"), "not supported"));
-    }
     let mut matches = vec![];
     for (mi, m) in h.matches.iter().enumerate() {
         matches.push(compile_match(&format!("{rf}.match[{mi}]"), m)?);
@@ -426,6 +456,9 @@ fn compile_http(
             ));
         }
         filters.push(rewrite(&f, rw)?);
+    }
+    if let Some(c) = &h.cors_policy {
+        filters.push(cors(&format!("{rf}.corsPolicy"), c)?);
     }
     if let Some(fault) = &h.fault {
         filters.push(Filter::Fault(compile_fault(&format!("{rf}.fault"), fault)?));
@@ -608,6 +641,39 @@ fn header_filters(f: &str, h: &HeadersRaw, out: &mut Vec<Filter>) -> Result<(), 
         });
     }
     Ok(())
+}
+
+/// `corsPolicy`, as istiod gives it to Envoy (lists joined with `,`, `maxAge` in seconds).
+fn cors(f: &str, c: &CorsRaw) -> Result<Filter, Invalid> {
+    let mut origins = vec![];
+    for (i, o) in c.allow_origins.iter().enumerate() {
+        let of = format!("{f}.allowOrigins[{i}]");
+        origins.push(match string_match(&of, o)? {
+            ValueMatch::Exact(e) => OriginMatch::Exact(e),
+            ValueMatch::Prefix(p) => OriginMatch::Prefix(p),
+            ValueMatch::Regex(r) => OriginMatch::Regex(Pattern(r)),
+            ValueMatch::Present => {
+                return Err(Invalid::new(
+                    of,
+                    "one of exact, prefix and regex is required",
+                ))
+            }
+        });
+    }
+    origins.extend(c.allow_origin.iter().cloned().map(OriginMatch::Exact));
+    let max_age = match &c.max_age {
+        None => String::new(),
+        Some(m) => duration(&format!("{f}.maxAge"), m)?.as_secs().to_string(),
+    };
+    Ok(Filter::Cors(std::sync::Arc::new(Cors {
+        origins,
+        methods: c.allow_methods.join(","),
+        headers: c.allow_headers.join(","),
+        expose: c.expose_headers.join(","),
+        max_age,
+        credentials: c.allow_credentials == Some(true),
+        forward_unmatched: c.unmatched_preflights != Some(UnmatchedPreflights::Ignore),
+    })))
 }
 
 fn redirect(f: &str, r: &RedirectRaw) -> Result<Filter, Invalid> {
