@@ -98,9 +98,8 @@ use serde::{Deserialize, Deserializer};
 use crate::authz::{self, Attachment, Condition, Key, OneOf, PathPattern, StrMatch};
 use crate::lb::{HashKey, LbPolicy, OutlierDetection};
 use crate::route::{
-    Backend, Cors, Filter, HeaderModifier, HttpRoute, Mirror, ObjectRef, OriginMatch, PathMatch,
-    PathModifier, Pattern, Redirect, Retry, Rewrite, RouteMatch, RouteTable, Rule, Timeouts,
-    ValueMatch,
+    Backend, Cors, Filter, HeaderModifier, HttpRoute, Mirror, ObjectRef, PathMatch, PathModifier,
+    Redirect, Retry, Rewrite, RouteMatch, RouteTable, Rule, Timeouts, ValueMatch,
 };
 use crate::{ext_authz, jwks, jwt};
 
@@ -1633,12 +1632,12 @@ fn gateway_cors(f: &str, c: &CorsFilterRaw) -> Result<Filter, Invalid> {
     let mut origins = vec![];
     for (i, o) in c.allow_origins.iter().enumerate() {
         origins.push(if o == "*" || !o.contains('*') {
-            OriginMatch::Exact(o.clone())
+            ValueMatch::Exact(o.clone())
         } else {
             let parts: Vec<String> = o.split('*').map(regex::escape).collect();
             let re = Regex::new(&format!("^(?:{})$", parts.join("[^/]+")))
                 .map_err(|e| Invalid::new(format!("{f}.allowOrigins[{i}]"), e.to_string()))?;
-            OriginMatch::Regex(Pattern(re))
+            ValueMatch::Regex(re)
         });
     }
     Ok(Filter::Cors(Arc::new(Cors {

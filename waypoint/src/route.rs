@@ -102,6 +102,21 @@ pub enum ValueMatch {
     Present,
 }
 
+/// Matches are equal when they match alike (a regex by its text).
+impl PartialEq for ValueMatch {
+    fn eq(&self, other: &Self) -> bool {
+        match (self, other) {
+            (ValueMatch::Exact(a), ValueMatch::Exact(b))
+            | (ValueMatch::Prefix(a), ValueMatch::Prefix(b)) => a == b,
+            (ValueMatch::Regex(a), ValueMatch::Regex(b)) => a.as_str() == b.as_str(),
+            (ValueMatch::Present, ValueMatch::Present) => true,
+            _ => false,
+        }
+    }
+}
+
+impl Eq for ValueMatch {}
+
 impl ValueMatch {
     pub fn matches(&self, v: &str) -> bool {
         match self {
@@ -339,8 +354,11 @@ pub struct Mirror {
 impl Mirror {
     /// Whether this request is one of the mirrored share.
     pub fn sampled(&self, rng: &mut dyn Rng) -> bool {
-        self.numerator >= self.denominator
-            || rng.below(u64::from(self.denominator)) < u64::from(self.numerator)
+        let share = Share {
+            numerator: self.numerator,
+            denominator: self.denominator,
+        };
+        share.sampled(rng)
     }
 }
 
@@ -362,25 +380,6 @@ pub enum Filter {
     Cors(std::sync::Arc<Cors>),
 }
 
-/// An allowed CORS origin.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum OriginMatch {
-    Exact(String),
-    Prefix(String),
-    /// Anchored.
-    Regex(Pattern),
-}
-
-impl OriginMatch {
-    fn matches(&self, v: &str) -> bool {
-        match self {
-            OriginMatch::Exact(e) => v == e,
-            OriginMatch::Prefix(p) => v.starts_with(p.as_str()),
-            OriginMatch::Regex(r) => r.0.is_match(v),
-        }
-    }
-}
-
 /// A CORS policy, applied as Envoy's CORS filter applies the one istiod writes: a request
 /// with an `Origin` is a CORS request; a preflight (`OPTIONS` with
 /// `Access-Control-Request-Method`) is answered `200` by the waypoint (its origin echoed
@@ -389,7 +388,8 @@ impl OriginMatch {
 /// `-Expose-Headers`) on its response.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Cors {
-    pub origins: Vec<OriginMatch>,
+    /// Allowed origins (any when one of them matches `*`).
+    pub origins: Vec<ValueMatch>,
     /// Comma-separated, as sent; `*`: the requested method or headers echoed.
     pub methods: String,
     pub headers: String,
@@ -479,8 +479,9 @@ impl Cors {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Backend {
     pub service: ObjectRef,
-    /// 0: the port the request was addressed to (a VirtualService destination without a
-    /// port).
+    /// 0 for a VirtualService destination without a port whose service has several (or
+    /// is unknown): the port the request was addressed to (see
+    /// [`RouteTable::prebuild_with_model`]).
     pub port: u16,
     pub weight: u32,
     pub filters: Vec<Filter>,
@@ -613,7 +614,8 @@ pub enum Decision {
         status: u16,
         reason: &'static str,
     },
-    /// A VirtualService's `directResponse`.
+    /// Answer directly with this status, body and fields: a VirtualService's
+    /// `directResponse`, or a CORS preflight.
     Direct {
         status: u16,
         body: String,

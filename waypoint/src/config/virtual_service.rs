@@ -32,8 +32,8 @@ use serde::Deserialize;
 use super::{anchored, dr_host, Doc, Invalid, PortSelectorRaw};
 use crate::route::{
     Abort, Backend, Cors, Fault, Filter, HeaderModifier, HttpRoute, Mirror, MoreConditions,
-    ObjectRef, OriginMatch, PathMatch, PathModifier, Pattern, Redirect, Retry, Rewrite, RouteMatch,
-    Rule, Share, Timeouts, ValueMatch,
+    ObjectRef, PathMatch, PathModifier, Pattern, Redirect, Retry, Rewrite, RouteMatch, Rule, Share,
+    Timeouts, ValueMatch,
 };
 
 #[derive(Debug, Deserialize)]
@@ -648,19 +648,17 @@ fn cors(f: &str, c: &CorsRaw) -> Result<Filter, Invalid> {
     let mut origins = vec![];
     for (i, o) in c.allow_origins.iter().enumerate() {
         let of = format!("{f}.allowOrigins[{i}]");
-        origins.push(match string_match(&of, o)? {
-            ValueMatch::Exact(e) => OriginMatch::Exact(e),
-            ValueMatch::Prefix(p) => OriginMatch::Prefix(p),
-            ValueMatch::Regex(r) => OriginMatch::Regex(Pattern(r)),
+        match string_match(&of, o)? {
             ValueMatch::Present => {
                 return Err(Invalid::new(
                     of,
                     "one of exact, prefix and regex is required",
                 ))
             }
-        });
+            m => origins.push(m),
+        }
     }
-    origins.extend(c.allow_origin.iter().cloned().map(OriginMatch::Exact));
+    origins.extend(c.allow_origin.iter().cloned().map(ValueMatch::Exact));
     let max_age = match &c.max_age {
         None => String::new(),
         Some(m) => duration(&format!("{f}.maxAge"), m)?.as_secs().to_string(),
