@@ -96,6 +96,11 @@ impl<'a> Req<'a> {
 }
 
 fn decide_seed(cfg: &WaypointConfig, r: &Req<'_>, seed: u64) -> Decision {
+    decide_for(cfg, "reviews", r, seed)
+}
+
+/// How `r` to Service `default/<svc>` is routed (`seed` for the weighted choice).
+fn decide_for(cfg: &WaypointConfig, svc: &str, r: &Req<'_>, seed: u64) -> Decision {
     let (path, query) = match r.uri.split_once('?') {
         Some((p, q)) => (p, Some(q)),
         None => (r.uri, None),
@@ -107,7 +112,7 @@ fn decide_seed(cfg: &WaypointConfig, r: &Req<'_>, seed: u64) -> Decision {
         headers: &r.headers,
         scheme: "http",
     };
-    let service = ObjectRef::new("default", "reviews");
+    let service = ObjectRef::new("default", svc);
     cfg.routes.route_from(
         r.client_ns,
         Target::Service {
@@ -1008,23 +1013,7 @@ spec:
             ],
             ..get("/").method("OPTIONS")
         };
-        let req = Request {
-            method: r.method,
-            path: r.uri,
-            query: None,
-            headers: &r.headers,
-            scheme: "http",
-        };
-        let service = ObjectRef::new("default", "ratings");
-        let d = cfg.routes.route(
-            Target::Service {
-                service: &service,
-                port: 9080,
-            },
-            &req,
-            &|s| cfg.service_exists(s),
-            &mut SplitMix64(1),
-        );
+        let d = decide_for(&cfg, "ratings", &r, 1);
         match d {
             Decision::Direct { .. } => answer_fields(&d).1,
             Decision::Forward(_) => vec![("forwarded".to_string(), String::new())],
