@@ -2008,6 +2008,7 @@ fn compile_route(d: &Doc<RouteSpec>) -> Result<HttpRoute, Invalid> {
                 }
                 Ok(Retry {
                     codes: x.codes.clone(),
+                    grpc: vec![],
                     attempts: x.attempts.unwrap_or(1),
                     backoff: x
                         .backoff

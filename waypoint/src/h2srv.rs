@@ -1219,7 +1219,9 @@ async fn forward_h2<U: Upstream>(
         match r {
             Ok(resp)
                 if again
-                    && policy.codes.contains(&resp.status().as_u16())
+                    && http1::retried_answer(policy, resp.status().as_u16(), || {
+                        grpc_status(resp.headers())
+                    })
                     && up.retry_allowed() =>
             {
                 up.done(None, resp.status().as_u16(), false, None);

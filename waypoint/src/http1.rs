@@ -1554,13 +1554,39 @@ pub fn local_flags(status: u16) -> &'static str {
 }
 
 /// Istio's default retry policy when the route gives none: 2 retries on connect failure,
-/// refused stream, reset before a response and `503`.
+/// refused stream, reset before a response, `503`, and the gRPC statuses `CANCELLED` (1)
+/// and `UNAVAILABLE` (14) (`retry_on: connect-failure,refused-stream,unavailable,cancelled,
+/// retriable-status-codes`).
 pub fn default_retry() -> Retry {
     Retry {
         codes: vec![503],
+        grpc: vec![1, 14],
         attempts: 2,
         backoff: None,
     }
+}
+
+/// Whether a response of `status` whose head has `grpc-status` `grpc` is one `policy`
+/// retries.
+pub(crate) fn retried_answer(
+    policy: &Retry,
+    status: u16,
+    grpc: impl FnOnce() -> Option<u32>,
+) -> bool {
+    policy.codes.contains(&status)
+        || (!policy.grpc.is_empty() && grpc().is_some_and(|g| policy.grpc.contains(&g)))
+}
+
+/// The `grpc-status` of the HTTP/1.1 response head `raw`, if it has one.
+fn head_grpc_status(raw: &[u8]) -> Option<u32> {
+    let mut hs = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut r = httparse::Response::new(&mut hs);
+    r.parse(raw).ok()?;
+    let h = r
+        .headers
+        .iter()
+        .find(|h| h.name.eq_ignore_ascii_case("grpc-status"))?;
+    std::str::from_utf8(h.value).ok()?.trim().parse().ok()
 }
 
 /// [`default_retry`], built once (not per request).
@@ -2878,7 +2904,11 @@ pub(crate) fn attempt<'a, T: Tunnel, U: Upstream>(
                     }
                 }
                 Some(Ok((conn, _, h, ubuf))) => {
-                    if again && policy.codes.contains(&h.status) && up.retry_allowed() {
+                    let head = || {
+                        let raw = h.whole.as_deref().unwrap_or(&ubuf[..]);
+                        head_grpc_status(raw.get(..h.len)?)
+                    };
+                    if again && retried_answer(policy, h.status, head) && up.retry_allowed() {
                         up.done(Some(conn), h.status, false, None);
                     } else {
                         return Attempt::Answer {

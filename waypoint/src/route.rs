@@ -501,6 +501,9 @@ pub struct Timeouts {
 pub struct Retry {
     /// Status codes that are retried (empty: connection failures only).
     pub codes: Vec<u16>,
+    /// gRPC statuses that are retried, found as Envoy looks for them: a `grpc-status` in
+    /// the response head (a trailers-only response).
+    pub grpc: Vec<u32>,
     pub attempts: u32,
     pub backoff: Option<Duration>,
 }

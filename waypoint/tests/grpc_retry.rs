@@ -116,3 +116,59 @@ fn telemetry_grpc_status_of_a_retried_request_is_the_final_responses() {
     shutdown.drain(Duration::from_millis(200));
     let _ = handle.join();
 }
+
+/// An HTTP/2 gRPC backend whose first answer to each path is `200` with `grpc-status: 14`
+/// (UNAVAILABLE, trailers-only) and whose later ones are `200` + a message + trailers
+/// `grpc-status: 0`; `tries` counts the requests per path (`/a`, `/b`, `/c`).
+fn unavailable_once_backend(ip: Ipv4Addr, tries: Arc<[AtomicU32; 3]>) -> SocketAddr {
+    serve_async(ip, move |tcp| {
+        let tries = tries.clone();
+        async move {
+            let Some(mut conn) = h2_server(tcp).await else {
+                return;
+            };
+            while let Some(Ok((req, mut respond))) = conn.accept().await {
+                let i = ["/a", "/b", "/c"]
+                    .iter()
+                    .position(|p| *p == req.uri().path())
+                    .unwrap_or(0);
+                let first = tries[i].fetch_add(1, Ordering::SeqCst) == 0;
+                let resp = http::Response::builder()
+                    .status(200)
+                    .header("content-type", "application/grpc");
+                let (resp, end) = if first {
+                    (resp.header("grpc-status", "14"), true)
+                } else {
+                    (resp, false)
+                };
+                let Ok(mut tx) = respond.send_response(resp.body(()).unwrap(), end) else {
+                    continue;
+                };
+                if !end {
+                    send_grpc_message(&mut tx, Some("0"));
+                }
+            }
+        }
+    })
+}
+
+/// Retries by gRPC status, as Envoy makes them: a trailers-only `grpc-status` in a `200`
+/// head. Istio's default policy retries UNAVAILABLE and CANCELLED; a VirtualService's
+/// `retryOn` says which statuses it retries.
+#[test]
+fn grpc_statuses_are_retried_by_istios_default_and_by_virtual_service_retry_on() {
+    let (net, ca, _zt) = echo_node(31);
+    let tries = Arc::new([0, 0, 0].map(AtomicU32::new));
+    let b = unavailable_once_backend(ip(net, 2), tries.clone());
+    let vs = "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: grpc, namespace: app}\nspec:\n  hosts: [grpc]\n  http:\n  - match: [{uri: {prefix: /a}}]\n    route: [{destination: {host: grpc}}]\n  - match: [{uri: {prefix: /b}}]\n    retries: {attempts: 2, retryOn: \"5xx\"}\n    route: [{destination: {host: grpc}}]\n  - retries: {attempts: 2, retryOn: \"unavailable\"}\n    route: [{destination: {host: grpc}}]\n";
+    let (handle, shutdown, cert) = start_grpc(&ca, ip(net, 1), b, vs, "grpc-retry-on.yaml");
+    let got = grpc_posts(handle.addr, &cert, &[("/a", true), ("/b", true), ("/c", true)]);
+    let s = |v: &str| Some(v.to_string());
+    // /a: no retries field, Istio's default retries UNAVAILABLE; /b: 5xx does not cover a
+    // 200 with grpc-status 14; /c: retryOn unavailable.
+    assert_eq!(got, [(200, s("0")), (200, s("14")), (200, s("0"))]);
+    let n: Vec<u32> = tries.iter().map(|t| t.load(Ordering::SeqCst)).collect();
+    assert_eq!(n, [2, 1, 2]);
+    shutdown.drain(Duration::from_millis(200));
+    let _ = handle.join();
+}

@@ -459,6 +459,12 @@ fn faults_mirrors_headers_timeouts_and_retries_are_carried() {
     - destination: {host: reviews, subset: v3}
       percentage: {value: 1}
     route: [{destination: {host: reviews, subset: v1}}]
+  - match: [{uri: {prefix: /retry-grpc}}]
+    retries: {attempts: 1, retryOn: "unavailable,deadline-exceeded,503"}
+    route: [{destination: {host: reviews, subset: v1}}]
+  - match: [{uri: {prefix: /default-retry}}]
+    retries: {attempts: 4}
+    route: [{destination: {host: reviews, subset: v1}}]
   - timeout: 2s
     retries: {attempts: 3, perTryTimeout: 500ms, retryOn: "gateway-error,connect-failure,409"}
     headers:
@@ -519,12 +525,19 @@ fn faults_mirrors_headers_timeouts_and_retries_are_carried() {
         ]
     );
 
+    // gRPC conditions by status code; without retryOn, Istio's default conditions.
+    let r = forward(decide(&cfg, &get("/retry-grpc"))).retry.unwrap();
+    assert_eq!((r.attempts, r.codes, r.grpc), (1, vec![503], vec![4, 14]));
+    let r = forward(decide(&cfg, &get("/default-retry"))).retry.unwrap();
+    assert_eq!((r.attempts, r.codes, r.grpc), (4, vec![503], vec![1, 14]));
+
     let f = forward(decide(&cfg, &get("/other")));
     assert_eq!(f.timeouts.request, Some(Duration::from_secs(2)));
     assert_eq!(f.timeouts.backend_request, Some(Duration::from_millis(500)));
     let retry = f.retry.expect("retries");
     assert_eq!(retry.attempts, 3);
     assert_eq!(retry.codes, vec![409, 502, 503, 504]);
+    assert!(retry.grpc.is_empty());
     assert_eq!(f.request_headers.len(), 1);
     assert_eq!(f.request_headers[0].set, vec![("x-a".into(), "1".into())]);
     assert_eq!(f.request_headers[0].add, vec![("x-b".into(), "2".into())]);
@@ -601,9 +614,9 @@ fn virtual_service_errors_name_their_field() {
             "uriRegexRewrite",
         ),
         (
-            vs("  - retries: {attempts: 2, retryOn: unavailable}\n    route: [{destination: {host: reviews}}]\n"),
+            vs("  - retries: {attempts: 2, retryOn: sometimes}\n    route: [{destination: {host: reviews}}]\n"),
             "spec.http[0].retries.retryOn",
-            "gRPC",
+            "unknown retry condition",
         ),
         (
             vs("  - fault: {delay: {fixedDelay: 1s, percentage: {value: 101}}}\n    route: [{destination: {host: reviews}}]\n"),

@@ -13,15 +13,14 @@
 //! `host`/`subset`/`port`, `weight`, `headers`); `redirect` (`uri`, `authority`, `port`,
 //! `scheme`, `redirectCode`, default 301); `directResponse`; `rewrite` (`uri`,
 //! `uriRegexRewrite`, `authority`); `timeout`; `retries` (`attempts`, `perTryTimeout`,
-//! `retryOn` by HTTP status and connection failure); `fault` (`delay.fixedDelay`,
+//! `retryOn` by HTTP status, gRPC status and connection failure); `fault` (`delay.fixedDelay`,
 //! `abort.httpStatus`/`grpcStatus`, each with `percentage`); `mirror`,
 //! `mirrorPercentage`, `mirrors`; `headers` (`request`/`response` `set`/`add`/`remove`).
 //! `corsPolicy` (`allowOrigins` as `StringMatch`es, `allowMethods`, `allowHeaders`,
 //! `exposeHeaders`, `maxAge`, `allowCredentials`, `unmatchedPreflights`; see
 //! [`crate::route::Cors`]).
 //! Refused with the field named: `tcp`, `tls`, `delegate`, `sourceLabels`,
-//! `exponentialDelay`, `http2Error`, gRPC `retryOn` conditions, a `rewrite.uri` beside a
-//! regex `uri` match.
+//! `exponentialDelay`, `http2Error`, a `rewrite.uri` beside a regex `uri` match.
 
 use std::collections::BTreeMap;
 
@@ -807,29 +806,29 @@ fn retries(f: &str, r: &RetriesRaw, timeouts: &mut Timeouts) -> Result<Retry, In
         timeouts.backend_request =
             Some(duration(&format!("{f}.perTryTimeout"), t)?).filter(|d| !d.is_zero());
     }
-    // Istio's default conditions: connection failure, refused stream and `503`.
-    let on = r
-        .retry_on
-        .as_deref()
-        .unwrap_or("connect-failure,refused-stream,retriable-status-codes,503");
+    // Istio's default conditions.
+    let on = r.retry_on.as_deref().unwrap_or(
+        "connect-failure,refused-stream,unavailable,cancelled,retriable-status-codes,503",
+    );
     let mut codes = vec![];
+    let mut grpc = vec![];
     for token in on.split(',').map(str::trim).filter(|t| !t.is_empty()) {
         match token {
+            // gRPC statuses, by the trailers-only `grpc-status` of the response head.
+            "cancelled" => grpc.push(1),
+            "deadline-exceeded" => grpc.push(4),
+            "resource-exhausted" => grpc.push(8),
+            "internal" => grpc.push(13),
+            "unavailable" => grpc.push(14),
             "5xx" => codes.extend(500..600),
             "gateway-error" => codes.extend([502, 503, 504]),
             "retriable-4xx" => codes.push(409),
             // Connection failures and resets before a response are always retried.
-            "connect-failure" | "refused-stream" | "reset" | "reset-before-request"
+            "connect-failure"
+            | "refused-stream"
+            | "reset"
+            | "reset-before-request"
             | "retriable-status-codes" => {}
-            "cancelled" | "deadline-exceeded" | "internal" | "resource-exhausted"
-            | "unavailable" => {
-                return Err(Invalid::new(
-                    format!("{f}.retryOn"),
-                    format!(
-                        "the gRPC condition {token:?} is not supported (retries go by HTTP status and connection failure: 5xx, gateway-error, retriable-4xx, connect-failure, refused-stream, reset, or status codes)"
-                    ),
-                ))
-            }
             t => match t.parse::<u16>() {
                 Ok(c) if (400..600).contains(&c) => codes.push(c),
                 _ => {
@@ -843,8 +842,11 @@ fn retries(f: &str, r: &RetriesRaw, timeouts: &mut Timeouts) -> Result<Retry, In
     }
     codes.sort_unstable();
     codes.dedup();
+    grpc.sort_unstable();
+    grpc.dedup();
     Ok(Retry {
         codes,
+        grpc,
         // Istio: attempts 0 turns retries off; unset with retries given is Istio's 2.
         attempts: r.attempts.unwrap_or(2),
         backoff: None,
