@@ -806,6 +806,13 @@ pub(crate) async fn decide_with<'c, U: Upstream>(
         }
         other => Decided::settle(other),
     };
+    let decided = match decided {
+        Decided::Forward { forward, auth } => Decided::Forward {
+            forward: hash_cookie(cfg, head, forward, rng),
+            auth,
+        },
+        other => other,
+    };
     let fault = match &decided {
         Decided::Forward { forward, .. } => forward.fault.clone(),
         Decided::Respond(..) => None,
@@ -815,6 +822,51 @@ pub(crate) async fn decide_with<'c, U: Upstream>(
         Some(f) => Box::pin(inject_fault(f, decided, !head.keep_alive(), rng, upstream)).await,
         None => decided,
     }
+}
+
+/// Envoy's generated hash cookie: when the service balances by a consistent hash of a
+/// cookie with a `ttl` (DestinationRule `consistentHash.httpCookie`) and the request has no
+/// such cookie, one is made up for it (a random 64-bit hex value), the request is balanced
+/// by it, and the response gives it to the client (`Set-Cookie`), whose next requests then
+/// go to the same endpoint. The new cookie is added to the request's `Cookie` field, where
+/// the balancer reads it (so the upstream sees it too, as it will on the client's next
+/// requests).
+fn hash_cookie<'c>(
+    cfg: &WaypointConfig,
+    head: &mut RequestHead,
+    forward: Fwd<'c>,
+    rng: &mut dyn Rng,
+) -> Fwd<'c> {
+    let Some((svc, port)) = &forward.service else {
+        return forward;
+    };
+    let Some(crate::lb::LbPolicy::ConsistentHash(crate::lb::HashKey::Cookie(c))) =
+        cfg.lb_ref(svc, Some(*port)).map(|l| &l.policy)
+    else {
+        return forward;
+    };
+    let fields = head.headers.iter().map(|(n, v)| (n.as_str(), v.as_str()));
+    if c.ttl.is_none() || c.value_in(fields).is_some() {
+        return forward;
+    }
+    let value = format!("{:016x}", rng.next_u64());
+    let crumb = format!("{}={value}", c.name);
+    match head
+        .headers
+        .iter_mut()
+        .find(|(n, _)| n.eq_ignore_ascii_case("cookie"))
+    {
+        Some((_, v)) => *v = Text::from(format!("{v}; {crumb}")),
+        None => head
+            .headers
+            .push((Text::from("cookie".to_string()), Text::from(crumb))),
+    }
+    let mut f: Forward = (*forward).clone();
+    f.response_headers.push(HeaderModifier {
+        add: vec![("set-cookie".to_string(), c.set_cookie(&value))],
+        ..Default::default()
+    });
+    Fwd::Owned(Box::new(f))
 }
 
 /// A VirtualService's `fault` on a request about to be forwarded, as Envoy's fault filter

@@ -37,12 +37,65 @@ impl Rng for SplitMix64 {
 pub enum HashKey {
     /// `httpHeaderName`: the value of this request header (name lower-cased).
     Header(String),
-    /// `httpCookie.name`: the value of this cookie.
-    Cookie(String),
+    /// `httpCookie`: the value of this cookie.
+    Cookie(CookieKey),
     /// `useSourceIp: true`.
     SourceIp,
     /// `httpQueryParameterName`: the value of this query parameter (its first, as sent).
     Query(String),
+}
+
+/// `consistentHash.httpCookie`: the cookie hashed on and, with a `ttl`, the one the
+/// waypoint gives a client that sent none (Envoy's generated cookie: `Set-Cookie:
+/// name="value"; Max-Age=ttl; Path=path; HttpOnly`, no `Max-Age` for a `ttl` of 0, a
+/// session cookie).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CookieKey {
+    pub name: String,
+    pub ttl: Option<Duration>,
+    pub path: Option<String>,
+    /// `attributes`: `name` or `name=value`, appended as given.
+    pub attributes: Vec<(String, Option<String>)>,
+}
+
+impl CookieKey {
+    /// The `Set-Cookie` value that gives the client cookie `value`.
+    pub fn set_cookie(&self, value: &str) -> String {
+        let mut out = format!("{}=\"{value}\"", self.name);
+        if let Some(ttl) = self.ttl.filter(|t| !t.is_zero()) {
+            out.push_str(&format!("; Max-Age={}", ttl.as_secs()));
+        }
+        if let Some(p) = self.path.as_deref().filter(|p| !p.is_empty()) {
+            out.push_str(&format!("; Path={p}"));
+        }
+        out.push_str("; HttpOnly");
+        for (n, v) in &self.attributes {
+            match v {
+                Some(v) => out.push_str(&format!("; {n}={v}")),
+                None => out.push_str(&format!("; {n}")),
+            }
+        }
+        out
+    }
+
+    /// The value of this cookie in the request fields `headers`, surrounding double
+    /// quotes removed (as Envoy reads it).
+    pub fn value_in<'a>(
+        &self,
+        headers: impl IntoIterator<Item = (&'a str, &'a str)>,
+    ) -> Option<&'a str> {
+        headers
+            .into_iter()
+            .filter(|(n, _)| n.eq_ignore_ascii_case("cookie"))
+            .flat_map(|(_, v)| v.split(';'))
+            .filter_map(|c| c.trim().split_once('='))
+            .find(|(n, _)| *n == self.name)
+            .map(|(_, v)| {
+                v.strip_prefix('"')
+                    .and_then(|v| v.strip_suffix('"'))
+                    .unwrap_or(v)
+            })
+    }
 }
 
 /// `loadBalancer.simple` or `loadBalancer.consistentHash`.
@@ -122,14 +175,9 @@ impl HashInput<'_> {
                 .iter()
                 .find(|(n, _)| n.eq_ignore_ascii_case(name))
                 .map(|(_, v)| fnv(v.as_bytes())),
-            HashKey::Cookie(name) => self
-                .headers
-                .iter()
-                .filter(|(n, _)| n.eq_ignore_ascii_case("cookie"))
-                .flat_map(|(_, v)| v.split(';'))
-                .filter_map(|c| c.trim().split_once('='))
-                .find(|(n, _)| n == name)
-                .map(|(_, v)| fnv(v.as_bytes())),
+            HashKey::Cookie(c) => c
+                .value_in(self.headers.iter().copied())
+                .map(|v| fnv(v.as_bytes())),
             HashKey::SourceIp => self.source_ip.map(|ip| fnv(ip.to_string().as_bytes())),
             HashKey::Query(name) => self
                 .query?
@@ -451,7 +499,12 @@ mod tests {
         let mut rng = SplitMix64(3);
         for key in [
             HashKey::Header("x-user".into()),
-            HashKey::Cookie("session".into()),
+            HashKey::Cookie(CookieKey {
+                name: "session".into(),
+                ttl: None,
+                path: None,
+                attributes: vec![],
+            }),
             HashKey::SourceIp,
         ] {
             let mut b = Balancer::new(5, LbPolicy::ConsistentHash(key), None);

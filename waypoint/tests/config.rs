@@ -81,7 +81,12 @@ fn loads_every_kind_and_version() {
     );
     assert_eq!(
         lb("other", "b").policy,
-        LbPolicy::ConsistentHash(HashKey::Cookie("session".into()))
+        LbPolicy::ConsistentHash(HashKey::Cookie(waypoint::lb::CookieKey {
+            name: "session".into(),
+            ttl: None,
+            path: None,
+            attributes: vec![],
+        }))
     );
     assert_eq!(
         lb("other", "c").policy,

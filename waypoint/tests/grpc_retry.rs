@@ -162,7 +162,11 @@ fn grpc_statuses_are_retried_by_istios_default_and_by_virtual_service_retry_on()
     let b = unavailable_once_backend(ip(net, 2), tries.clone());
     let vs = "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: grpc, namespace: app}\nspec:\n  hosts: [grpc]\n  http:\n  - match: [{uri: {prefix: /a}}]\n    route: [{destination: {host: grpc}}]\n  - match: [{uri: {prefix: /b}}]\n    retries: {attempts: 2, retryOn: \"5xx\"}\n    route: [{destination: {host: grpc}}]\n  - retries: {attempts: 2, retryOn: \"unavailable\"}\n    route: [{destination: {host: grpc}}]\n";
     let (handle, shutdown, cert) = start_grpc(&ca, ip(net, 1), b, vs, "grpc-retry-on.yaml");
-    let got = grpc_posts(handle.addr, &cert, &[("/a", true), ("/b", true), ("/c", true)]);
+    let got = grpc_posts(
+        handle.addr,
+        &cert,
+        &[("/a", true), ("/b", true), ("/c", true)],
+    );
     let s = |v: &str| Some(v.to_string());
     // /a: no retries field, Istio's default retries UNAVAILABLE; /b: 5xx does not cover a
     // 200 with grpc-status 14; /c: retryOn unavailable.
