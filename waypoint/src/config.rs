@@ -367,6 +367,9 @@ pub struct WaypointConfig {
     /// (`waypoint.ztunnel_identity` of the settings document, parsed when the snapshot is
     /// loaded; see [`crate::source`]).
     pub ztunnel_identity: ZtunnelIdentity,
+    /// Some DestinationRule balances by a cookie it gives clients (`httpCookie.ttl`): only
+    /// then does a request look for its service's cookie ([`crate::http1`]).
+    pub generates_cookies: bool,
 }
 
 /// The identity a ztunnel hairpinning a connection to the waypoint (R12) presents:
@@ -778,6 +781,16 @@ pub fn load_str(file: &Path, text: &str, version: u64) -> Result<WaypointConfig,
         }
     }
     check_virtual_services(file, &routes, &virtuals, &cfg.subsets)?;
+    cfg.generates_cookies = {
+        let subsets = cfg.subsets.values().map(|s| &s.policy);
+        cfg.destination_rules
+            .values()
+            .chain(subsets)
+            .flat_map(|d| std::iter::once(&d.whole).chain(d.ports.iter().map(|(_, t)| t)))
+            .any(|t| {
+                matches!(&t.lb.policy, LbPolicy::ConsistentHash(HashKey::Cookie(c)) if c.ttl.is_some())
+            })
+    };
     cfg.routes = RouteTable::new(routes);
     if let Some(snap) = &cfg.mesh {
         cfg.routes.prebuild_with_model(snap);

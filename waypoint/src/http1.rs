@@ -807,7 +807,7 @@ pub(crate) async fn decide_with<'c, U: Upstream>(
         other => Decided::settle(other),
     };
     let decided = match decided {
-        Decided::Forward { forward, auth } => Decided::Forward {
+        Decided::Forward { forward, auth } if cfg.generates_cookies => Decided::Forward {
             forward: hash_cookie(cfg, head, forward, rng),
             auth,
         },
