@@ -9,6 +9,7 @@
 //! | `AuthorizationPolicy` | `security.istio.io/v1`, `/v1beta1` | [`crate::authz::Policy`] (`CUSTOM` with `provider.name`: an extension provider of the MeshConfig document) |
 //! | `RequestAuthentication` | `security.istio.io/v1`, `/v1beta1` | [`crate::jwt::RequestAuthn`]: `jwtRules[]` with `issuer`, `audiences`, `jwks` (inline JSON), or `jwksUri` (fetched, with `timeout`; neither: OpenID discovery from the issuer; see [`crate::jwks`]), `fromHeaders` (`name`, `prefix`), `fromParams`, `fromCookies`, `forwardOriginalToken`, `outputPayloadToHeader`, `outputClaimToHeaders` (`header`, `claim`) |
 //! | `VirtualService` | `networking.istio.io/v1`, `/v1beta1`, `/v1alpha3` | [`crate::route::HttpRoute`] with its rules in order (see `config/virtual_service.rs` for the fields) |
+//! | `Telemetry` | `telemetry.istio.io/v1`, `/v1alpha1` | [`TelemetryRule`]: `accessLogging` (`disabled`, `providers` `envoy`, `match.mode` `CLIENT_AND_SERVER`/`SERVER`) by `targetRefs` (the waypoint's Gateway, Services), namespace or root namespace; `metrics`, `tracing`, `filter` refused; a `selector` one set aside as AuthorizationPolicies' are |
 //! | `DestinationRule` | `networking.istio.io/v1`, `/v1beta1`, `/v1alpha3` | [`Subset`]s (`subsets[]`: `name`, `labels`, `trafficPolicy` whose fields replace the rule's); [`ServiceLb`]: `trafficPolicy.loadBalancer` (`simple`, or `consistentHash` with `httpHeaderName`, `httpQueryParameterName`, `useSourceIp` or `httpCookie` `name`/`path`/`ttl`/`attributes`), `.outlierDetection` (`consecutive5xxErrors`, `consecutiveGatewayErrors`, `interval`, `baseEjectionTime`, `maxEjectionPercent`), `.connectionPool.http.useClientProtocol`, `.connectionPool.http.idleTimeout`, `.tls.mode: ISTIO_MUTUAL` (what HBONE is; other modes refused), `.portLevelSettings` (all of these per service port, each entry replacing the service's for its port); [`crate::breaker`]: `.connectionPool.tcp.maxConnections`, `.tcp.connectTimeout`, `.http.http1MaxPendingRequests`, `.http.http2MaxRequests`, `.http.maxRequestsPerConnection`, `.http.maxRetries` |
 //! | no `apiVersion`/`kind`, a `waypoint:` key | — | [`SettingsDoc`], exactly one for the binary |
 //! | no `apiVersion`/`kind`, a `meshConfig:` key | — | Istio MeshConfig's `extensionProviders` of kinds `envoyExtAuthzHttp` (`service`: a model service's hostname, or `namespace/hostname`; `port`, `pathPrefix`, `timeout`, `failOpen`, `statusOnError`, `includeRequestHeadersInCheck`, `includeAdditionalHeadersInCheck`, `headersToUpstreamOnAllow`, `headersToDownstreamOnDeny`, `headersToDownstreamOnAllow`) and `envoyExtAuthzGrpc` (`service`, `port`, `timeout`, `failOpen`, `statusOnError`), at most one, reloaded with the file; see [`crate::ext_authz`] |
@@ -73,6 +74,9 @@
 //!                                # fetched again; see `crate::jwks`
 //!   jwks_ca: /etc/idp/ca.pem     # optional: PEM roots for https key sets instead of the
 //!                                # system's (SSL_CERT_FILE, else the usual bundle files)
+//!   access_log: true             # default; the access log of requests no Telemetry
+//!                                # `accessLogging` applies to (false: Istio's default, logs
+//!                                # only where a Telemetry turns them on)
 //! runtime: { workers: 2 }        # optional: replaces the --profile's runtime knobs
 //! h2: { max_streams_per_connection: 100 }   # optional: replaces the --profile's h2 knobs
 //! ```
@@ -330,7 +334,7 @@ impl WaypointConfig {
     /// text (a gauge: the current configuration's).
     pub fn ignored_policies_prometheus(&self) -> String {
         let mut out = String::from(
-            "# HELP waypoint_policies_ignored AuthorizationPolicies and RequestAuthentications of the current configuration not enforced by the waypoint (selector and namespace-wide policies).\n# TYPE waypoint_policies_ignored gauge\n",
+            "# HELP waypoint_policies_ignored AuthorizationPolicies, RequestAuthentications and Telemetries of the current configuration not applied by the waypoint (selector ones; namespace-wide policies).\n# TYPE waypoint_policies_ignored gauge\n",
         );
         for p in &self.ignored_policies {
             out.push_str(&format!(
@@ -370,6 +374,46 @@ pub struct WaypointConfig {
     /// Some DestinationRule balances by a cookie it gives clients (`httpCookie.ttl`): only
     /// then does a request look for its service's cookie ([`crate::http1`]).
     pub generates_cookies: bool,
+    /// Istio `Telemetry` objects with `accessLogging`, in file order.
+    pub telemetry: Vec<TelemetryRule>,
+}
+
+/// An Istio `Telemetry`'s `accessLogging`: whether the requests it applies to are logged.
+#[derive(Debug, Clone)]
+pub struct TelemetryRule {
+    pub id: ObjectRef,
+    /// `targetRefs` (this waypoint's Gateway, Services), or the namespace (the mesh from the
+    /// root namespace); a `selector` one is set aside at load.
+    pub attachment: Attachment,
+    /// On, or off (`disabled: true` in every entry).
+    pub access_log: bool,
+}
+
+impl WaypointConfig {
+    /// Whether the request to `s` is written to the access log: the most specific
+    /// Telemetry with `accessLogging` that applies (its `targetRefs`, then its namespace's,
+    /// then the root namespace's; the first in the file among equals), else the settings'
+    /// `access_log` (default on).
+    pub fn access_log(&self, s: &authz::Subject<'_>) -> bool {
+        let mut best: Option<(u8, bool)> = None;
+        for t in &self.telemetry {
+            if !t.attachment.applies(&t.id.namespace, s) {
+                continue;
+            }
+            let rank = match t.attachment {
+                Attachment::Targets { .. } => 2,
+                _ if t.id.namespace == s.root_namespace => 0,
+                _ => 1,
+            };
+            if best.is_none_or(|(r, _)| rank > r) {
+                best = Some((rank, t.access_log));
+            }
+        }
+        best.map_or_else(
+            || self.settings.as_ref().is_none_or(|d| d.waypoint.access_log),
+            |(_, on)| on,
+        )
+    }
 }
 
 /// The identity a ztunnel hairpinning a connection to the waypoint (R12) presents:
@@ -693,6 +737,28 @@ pub fn load_str(file: &Path, text: &str, version: u64) -> Result<WaypointConfig,
                     None => cfg.request_authns.push(authn),
                 }
             }
+            ("telemetry.istio.io/v1" | "telemetry.istio.io/v1alpha1", "Telemetry") => {
+                let d: Doc<TelemetrySpec> = parse(file, &doc).map_err(at)?;
+                if !seen.insert(key(&d.metadata)) {
+                    return Err(invalid(Invalid::new(
+                        "metadata.name",
+                        "duplicate Telemetry",
+                    )));
+                }
+                if let Some(rule) = compile_telemetry(&d).map_err(invalid)? {
+                    let kind = "Telemetry";
+                    let set_aside_now = matches!(rule.attachment, Attachment::Selector(_));
+                    match set_aside_now
+                        .then(|| {
+                            set_aside(file, &doc, start, index, kind, &rule.id, &rule.attachment)
+                        })
+                        .flatten()
+                    {
+                        Some(i) => cfg.ignored_policies.push(i),
+                        None => cfg.telemetry.push(rule),
+                    }
+                }
+            }
             (
                 "networking.istio.io/v1"
                 | "networking.istio.io/v1beta1"
@@ -740,12 +806,13 @@ pub fn load_str(file: &Path, text: &str, version: u64) -> Result<WaypointConfig,
                 }
             }
             ("gateway.networking.k8s.io/v1" | "gateway.networking.k8s.io/v1beta1", _)
+            | ("telemetry.istio.io/v1" | "telemetry.istio.io/v1alpha1", _)
             | ("security.istio.io/v1" | "security.istio.io/v1beta1", _)
             | ("networking.istio.io/v1" | "networking.istio.io/v1beta1", _)
             | ("networking.istio.io/v1alpha3", _) => {
                 return Err(invalid(Invalid::new(
                     "kind",
-                    format!("unsupported kind {kind:?} (HTTPRoute, GRPCRoute, AuthorizationPolicy, RequestAuthentication, VirtualService, DestinationRule)"),
+                    format!("unsupported kind {kind:?} (HTTPRoute, GRPCRoute, AuthorizationPolicy, RequestAuthentication, VirtualService, DestinationRule, Telemetry)"),
                 )));
             }
             _ => {
@@ -966,6 +1033,13 @@ pub struct WaypointSection {
     /// identity provider).
     #[serde(default)]
     pub jwks_ca: Option<PathBuf>,
+    /// Whether requests no Telemetry `accessLogging` applies to are logged.
+    #[serde(default = "yes")]
+    pub access_log: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 fn default_jwks_refresh() -> Duration {
@@ -2883,6 +2957,114 @@ fn compile_request_authn(d: &Doc<RequestAuthnSpec>) -> Result<jwt::RequestAuthn,
         attachment,
         rules,
     })
+}
+
+// Telemetry ---------------------------------------------------------------
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct TelemetrySpec {
+    #[serde(default)]
+    selector: Option<SelectorRaw>,
+    #[serde(default)]
+    target_ref: Option<TargetRefRaw>,
+    #[serde(default)]
+    target_refs: Vec<TargetRefRaw>,
+    #[serde(default)]
+    access_logging: Vec<AccessLoggingRaw>,
+    #[serde(default)]
+    metrics: Vec<serde::de::IgnoredAny>,
+    #[serde(default)]
+    tracing: Vec<serde::de::IgnoredAny>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AccessLoggingRaw {
+    #[serde(default)]
+    providers: Vec<ProviderRefRaw>,
+    #[serde(default)]
+    disabled: Option<bool>,
+    #[serde(default, rename = "match")]
+    matching: Option<LogMatchRaw>,
+    #[serde(default)]
+    filter: Option<serde::de::IgnoredAny>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LogMatchRaw {
+    mode: String,
+}
+
+/// A Telemetry's `accessLogging` (`None`: it has none). Its `metrics` and `tracing` are
+/// refused: the waypoint's metrics are Istio's standard ones, always on, and it exports no
+/// spans.
+fn compile_telemetry(d: &Doc<TelemetrySpec>) -> Result<Option<TelemetryRule>, Invalid> {
+    let s = &d.spec;
+    if !s.metrics.is_empty() {
+        return Err(Invalid::new(
+            "spec.metrics",
+            "not supported: the waypoint reports Istio's standard metrics, always",
+        ));
+    }
+    if !s.tracing.is_empty() {
+        return Err(Invalid::new(
+            "spec.tracing",
+            "not supported: the waypoint propagates traceparent and exports no spans",
+        ));
+    }
+    let mut on = None;
+    for (i, a) in s.access_logging.iter().enumerate() {
+        let f = format!("spec.accessLogging[{i}]");
+        if a.filter.is_some() {
+            return Err(Invalid::new(
+                format!("{f}.filter"),
+                "not supported (CEL filters): the access log takes every request or none",
+            ));
+        }
+        if let Some(m) = &a.matching {
+            match m.mode.as_str() {
+                "CLIENT_AND_SERVER" | "SERVER" => {}
+                "CLIENT" => return Err(Invalid::new(
+                    format!("{f}.match.mode"),
+                    "CLIENT: the waypoint's log is its server side (CLIENT_AND_SERVER or SERVER)",
+                )),
+                m => {
+                    return Err(Invalid::new(
+                        format!("{f}.match.mode"),
+                        format!("unknown mode {m:?} (CLIENT_AND_SERVER, SERVER, CLIENT)"),
+                    ))
+                }
+            }
+        }
+        if let Some((j, p)) = a
+            .providers
+            .iter()
+            .enumerate()
+            .find(|(_, p)| p.name != "envoy")
+        {
+            return Err(Invalid::new(
+                format!("{f}.providers[{j}].name"),
+                format!(
+                    "{:?}: the waypoint writes its own access log, provider \"envoy\" (Istio's built-in one)",
+                    p.name
+                ),
+            ));
+        }
+        // Entries add up: any one not disabled turns the log on.
+        let this = a.disabled != Some(true);
+        on = Some(on.unwrap_or(false) || this);
+    }
+    let Some(access_log) = on else {
+        return Ok(None);
+    };
+    let ns = d.metadata.namespace();
+    Ok(Some(TelemetryRule {
+        id: d.metadata.id(),
+        attachment: attachment(ns, &s.selector, &s.target_ref, &s.target_refs)?,
+        access_log,
+    }))
 }
 
 // DestinationRule ---------------------------------------------------------

@@ -1304,6 +1304,8 @@ type MetricCache = Rc<RefCell<Vec<(MetricKey, Rc<LabelSet>)>>>;
 struct LabelSet {
     counters: Arc<crate::telemetry::RequestCounters>,
     dst: crate::telemetry::AccessDst,
+    /// Its requests go to the access log (Telemetry `accessLogging`).
+    log: bool,
 }
 
 /// Label sets a tunnel remembers.
@@ -1892,7 +1894,7 @@ impl Upstream for HboneUpstream {
             // (`Note::Fault`).
             Some(http1::Refusal::External) | Some(http1::Refusal::Fault) | None => {}
         }
-        if access {
+        if access && set.log {
             let p = &self.view.peer;
             let src = crate::telemetry::AccessSrc {
                 addr: p.addr,
@@ -2059,9 +2061,21 @@ impl HboneUpstream {
             response_code: status,
             response_flags: flags,
         };
+        // Telemetry `accessLogging`, for what the tunnel was addressed to (a tunnel with no
+        // served target is logged as the settings say).
+        let log = match self.view.ctx.as_deref() {
+            Some(ctx) => self.view.l7.access_log(&http1::subject(ctx)),
+            None => self.view.l7.access_log(&crate::authz::Subject {
+                waypoint: &self.worker.shared.settings.me.gateway,
+                root_namespace: &self.worker.shared.settings.root_namespace,
+                service: None,
+                workload: None,
+            }),
+        };
         Rc::new(LabelSet {
             counters: self.worker.metrics.counters(&labels),
             dst: crate::telemetry::AccessDst::of(&labels),
+            log,
         })
     }
 

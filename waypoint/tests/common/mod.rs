@@ -1389,3 +1389,47 @@ pub fn h2_on_tunnel(
         out
     })
 }
+
+/// An access line: `name=value` of each field, as `{:?}` gives the value.
+pub type Line = Vec<(String, String)>;
+
+/// Sends the fields of `access` events (a subscriber for the whole process: the
+/// waypoint's workers are threads of its own).
+pub struct Capture(pub mpsc::Sender<Line>);
+
+struct Fields(Vec<(String, String)>);
+
+impl tracing::field::Visit for Fields {
+    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+        self.0
+            .push((field.name().to_string(), format!("{value:?}")));
+    }
+}
+
+impl tracing::Subscriber for Capture {
+    fn enabled(&self, m: &tracing::Metadata<'_>) -> bool {
+        m.target() == "access"
+    }
+    fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
+        tracing::span::Id::from_u64(1)
+    }
+    fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
+    fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
+    fn event(&self, e: &tracing::Event<'_>) {
+        let mut f = Fields(Vec::new());
+        e.record(&mut f);
+        let _ = self.0.send(f.0);
+    }
+    fn enter(&self, _: &tracing::span::Id) {}
+    fn exit(&self, _: &tracing::span::Id) {}
+}
+
+/// The first `n` access lines, waiting for them (generous bound).
+pub fn access_lines(rx: &mpsc::Receiver<Line>, n: usize) -> Vec<Line> {
+    (0..n)
+        .map(|i| {
+            rx.recv_timeout(Duration::from_secs(30))
+                .unwrap_or_else(|e| panic!("access line {i} of {n}: {e}"))
+        })
+        .collect()
+}

@@ -1,0 +1,176 @@
+//! Istio's Telemetry API `accessLogging` on the waypoint: which requests go to the access
+//! log — the most specific Telemetry that applies (`targetRefs`, then its namespace's,
+//! then the root namespace's), else the settings' `access_log`.
+
+mod common;
+
+use std::path::Path;
+use std::sync::mpsc;
+
+use common::{access_lines, echo_node, ip, named_backend, Capture};
+use waypoint::authz::Subject;
+use waypoint::config::{load_str, WaypointConfig};
+use waypoint::route::ObjectRef;
+
+const MESH: &str = r#"
+services:
+  - {name: loud, namespace: app, hostname: loud.app.svc.cluster.local, vips: ["10.96.0.1"], ports: {80: 8080}}
+  - {name: quiet, namespace: app, hostname: quiet.app.svc.cluster.local, vips: ["10.96.0.2"], ports: {80: 8080}}
+  - {name: other, namespace: shop, hostname: other.shop.svc.cluster.local, vips: ["10.96.0.3"], ports: {80: 8080}}
+"#;
+
+fn telemetry(ns: &str, name: &str, target: &str, logging: &str) -> String {
+    format!(
+        "apiVersion: telemetry.istio.io/v1\nkind: Telemetry\nmetadata: {{name: {name}, namespace: {ns}}}\nspec:\n{target}  accessLogging:\n{logging}"
+    )
+}
+
+fn try_load(docs: &[String]) -> Result<WaypointConfig, String> {
+    let text = format!("{MESH}---\n{}", docs.join("---\n"));
+    load_str(Path::new("t.yaml"), &text, 1).map_err(|e| e.to_string())
+}
+
+/// Whether a request to service `ns/name` through the `app/wp` waypoint is logged.
+fn logged(cfg: &WaypointConfig, ns: &str, name: &str) -> bool {
+    let wp = ObjectRef::new("app", "wp");
+    let svc = ObjectRef::new(ns, name);
+    cfg.access_log(&Subject {
+        waypoint: &wp,
+        root_namespace: "istio-system",
+        service: Some(&svc),
+        workload: None,
+    })
+}
+
+#[test]
+fn the_most_specific_telemetry_decides_the_access_log() {
+    let off = "  - disabled: true\n";
+    let on = "  - providers: [{name: envoy}]\n";
+    let svc = |n: &str| format!("  targetRefs: [{{kind: Service, group: \"\", name: {n}}}]\n");
+    let gw = "  targetRefs: [{kind: Gateway, group: gateway.networking.k8s.io, name: wp}]\n";
+    let mesh_off = telemetry("istio-system", "mesh", "", off);
+    let app_off = telemetry("app", "ns", "", off);
+    let quiet_off = telemetry("app", "quiet", &svc("quiet"), off);
+    let loud_on = telemetry("app", "loud", &svc("loud"), on);
+    let wp_on = telemetry("app", "wp", gw, on);
+    // (documents, loud, quiet, shop/other)
+    let table: Vec<(Vec<String>, [bool; 3])> = vec![
+        // No Telemetry: the settings' default, on.
+        (vec![], [true, true, true]),
+        (vec![quiet_off.clone()], [true, false, true]),
+        // The root namespace's applies to the mesh; a namespace's to its services.
+        (vec![mesh_off.clone()], [false, false, false]),
+        (vec![app_off.clone()], [false, false, true]),
+        // More specific wins: a Service's over its namespace's over the root's.
+        (
+            vec![mesh_off.clone(), loud_on.clone()],
+            [true, false, false],
+        ),
+        (
+            vec![app_off.clone(), loud_on.clone(), mesh_off.clone()],
+            [true, false, false],
+        ),
+        // The waypoint's own Gateway: everything it serves.
+        (vec![mesh_off.clone(), wp_on.clone()], [true, true, true]),
+    ];
+    for (i, (docs, want)) in table.into_iter().enumerate() {
+        let cfg = try_load(&docs).unwrap_or_else(|e| panic!("row {i}: {e}"));
+        let got = [
+            logged(&cfg, "app", "loud"),
+            logged(&cfg, "app", "quiet"),
+            logged(&cfg, "shop", "other"),
+        ];
+        assert_eq!(got, want, "row {i}");
+    }
+    // `access_log: false` in the settings: Istio's default, logs only where turned on.
+    let settings = "waypoint:\n  gateway: app/wp\n  identity: spiffe://cluster.local/ns/app/sa/waypoint\n  ca: {builtin: /tmp/unused-ca}\n  access_log: false\n".to_string();
+    let cfg = try_load(&[settings, loud_on]).unwrap();
+    assert!(logged(&cfg, "app", "loud"));
+    assert!(!logged(&cfg, "app", "quiet"));
+}
+
+#[test]
+fn telemetry_errors_name_their_field() {
+    let table = [
+        (
+            telemetry("app", "t", "", "  - filter: {expression: \"response.code >= 400\"}\n"),
+            "spec.accessLogging[0].filter",
+        ),
+        (
+            telemetry("app", "t", "", "  - providers: [{name: otel}]\n"),
+            "spec.accessLogging[0].providers[0].name",
+        ),
+        (
+            telemetry("app", "t", "", "  - match: {mode: CLIENT}\n"),
+            "spec.accessLogging[0].match.mode",
+        ),
+        (
+            "apiVersion: telemetry.istio.io/v1\nkind: Telemetry\nmetadata: {name: m, namespace: app}\nspec:\n  metrics:\n  - providers: [{name: prometheus}]\n".to_string(),
+            "spec.metrics",
+        ),
+    ];
+    for (doc, field) in table {
+        let err = try_load(std::slice::from_ref(&doc)).expect_err(&doc);
+        assert!(err.contains(field), "want {field} in {err}");
+    }
+    // A workload selector is the sidecars' way: set aside, listed as ignored.
+    let sel = telemetry(
+        "app",
+        "sel",
+        "  selector: {matchLabels: {app: x}}\n",
+        "  - disabled: true\n",
+    );
+    let cfg = try_load(&[sel]).unwrap();
+    assert!(cfg
+        .ignored_policies_prometheus()
+        .contains("kind=\"Telemetry\""));
+    assert!(logged(&cfg, "app", "loud"));
+}
+
+/// Through the waypoint on real sockets: requests to a service whose Telemetry turns the
+/// access log off leave no line; the others do.
+#[test]
+fn telemetry_turns_the_access_log_off_for_one_service_end_to_end() {
+    let (tx, rx) = mpsc::channel();
+    tracing::subscriber::set_global_default(Capture(tx)).unwrap();
+    let (net, ca, _zt) = echo_node(41);
+    let loud = named_backend(ip(net, 2), "loud");
+    let quiet = named_backend(ip(net, 3), "quiet");
+    let w = common::app_workload;
+    let model = common::app_model(
+        ip(net, 1),
+        &format!("{}{}", w("loud", loud), w("quiet", quiet)),
+        "  - {name: loud, namespace: app, hostname: loud.app.svc.cluster.local, vips: [\"10.96.0.1\"], ports: {80: 8080}}\n  - {name: quiet, namespace: app, hostname: quiet.app.svc.cluster.local, vips: [\"10.96.0.2\"], ports: {80: 8080}}\n",
+    );
+    let off = telemetry(
+        "app",
+        "quiet",
+        "  targetRefs: [{kind: Service, group: \"\", name: quiet}]\n",
+        "  - disabled: true\n",
+    );
+    let text = format!("{model}---\n{off}");
+    let wp = common::Waypoint::with_stats(&ca, &text, &format!("waypoint-telemetry-{net}.yaml"));
+    let get = |host: &str| format!("GET / HTTP/1.1\r\nhost: {host}\r\n\r\n");
+    for (vip, host, body) in [
+        ("10.96.0.2:80", "quiet.app.svc.cluster.local", "quiet"),
+        ("10.96.0.1:80", "loud.app.svc.cluster.local", "loud"),
+        ("10.96.0.2:80", "quiet.app.svc.cluster.local", "quiet"),
+        ("10.96.0.1:80", "loud.app.svc.cluster.local", "loud"),
+    ] {
+        let r = common::http1_on_tunnel(
+            wp.addr,
+            &wp.client_cert,
+            vip,
+            std::net::Ipv4Addr::new(10, 1, 0, 7),
+            &[get(host)],
+        );
+        assert_eq!((r[0].status, r[0].text()), (200, body.to_string()));
+    }
+    // One worker writes the lines in request order: a line of the first (quiet) request
+    // would come first.
+    let got = access_lines(&rx, 2);
+    for l in &got {
+        let dst = &l.iter().find(|(k, _)| k == "dst_service").unwrap().1;
+        assert!(dst.contains("loud"), "{l:?}");
+    }
+}
