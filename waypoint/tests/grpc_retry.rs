@@ -121,29 +121,23 @@ fn telemetry_grpc_status_of_a_retried_request_is_the_final_responses() {
 /// (UNAVAILABLE, trailers-only) and whose later ones are `200` + a message + trailers
 /// `grpc-status: 0`; `tries` counts the requests per path (`/a`, `/b`, `/c`).
 fn unavailable_once_backend(ip: Ipv4Addr, tries: Arc<[AtomicU32; 3]>) -> SocketAddr {
-    serve_async(ip, move |tcp| {
+    common::serve_h2(ip, move |req, mut respond| {
         let tries = tries.clone();
         async move {
-            let Some(mut conn) = h2_server(tcp).await else {
-                return;
+            let i = ["/a", "/b", "/c"]
+                .iter()
+                .position(|p| *p == req.uri().path())
+                .unwrap_or(0);
+            let first = tries[i].fetch_add(1, Ordering::SeqCst) == 0;
+            let resp = http::Response::builder()
+                .status(200)
+                .header("content-type", "application/grpc");
+            let (resp, end) = if first {
+                (resp.header("grpc-status", "14"), true)
+            } else {
+                (resp, false)
             };
-            while let Some(Ok((req, mut respond))) = conn.accept().await {
-                let i = ["/a", "/b", "/c"]
-                    .iter()
-                    .position(|p| *p == req.uri().path())
-                    .unwrap_or(0);
-                let first = tries[i].fetch_add(1, Ordering::SeqCst) == 0;
-                let resp = http::Response::builder()
-                    .status(200)
-                    .header("content-type", "application/grpc");
-                let (resp, end) = if first {
-                    (resp.header("grpc-status", "14"), true)
-                } else {
-                    (resp, false)
-                };
-                let Ok(mut tx) = respond.send_response(resp.body(()).unwrap(), end) else {
-                    continue;
-                };
+            if let Ok(mut tx) = respond.send_response(resp.body(()).unwrap(), end) {
                 if !end {
                     send_grpc_message(&mut tx, Some("0"));
                 }
