@@ -94,9 +94,9 @@ pub enum Change {
 }
 
 /// The check request for the client's `head` on the tunnel `ctx`.
-pub fn check_request(p: &Provider, head: &RequestHead, ctx: &TunnelCtx) -> Bytes {
+pub fn check_request(p: &Provider, head: &RequestHead, ctx: &TunnelCtx, h2: bool) -> Bytes {
     if p.grpc {
-        return grpc_check_request(p, head, ctx);
+        return grpc_check_request(p, head, ctx, h2);
     }
     let mut out = String::with_capacity(256);
     out.push_str(&head.method);
@@ -268,7 +268,7 @@ pub const CHECK_PATH: &str = "/envoy.service.auth.v3.Authorization/Check";
 
 /// A `CheckRequest` for the client's `head` on the tunnel `ctx`, as an HTTP/1.1-shaped
 /// request carrying one gRPC message (sent over HTTP/2, [`crate::http1::Upstream::side_exchange`]).
-fn grpc_check_request(p: &Provider, head: &RequestHead, ctx: &TunnelCtx) -> Bytes {
+fn grpc_check_request(p: &Provider, head: &RequestHead, ctx: &TunnelCtx, h2: bool) -> Bytes {
     use prost::Message;
     let host = head.header("host").unwrap_or("");
     let mut headers = std::collections::HashMap::new();
@@ -323,7 +323,9 @@ fn grpc_check_request(p: &Provider, head: &RequestHead, ctx: &TunnelCtx) -> Byte
                     host: host.to_string(),
                     scheme: "http".into(),
                     size,
-                    protocol: if head.version == 0 {
+                    protocol: if h2 {
+                        "HTTP/2"
+                    } else if head.version == 0 {
                         "HTTP/1.0"
                     } else {
                         "HTTP/1.1"
@@ -671,7 +673,7 @@ mod tests {
     fn the_check_carries_method_prefixed_target_host_and_named_headers_only() {
         let h = head("POST /a/b?q=1 HTTP/1.1\r\nHost: echo\r\nX-Ext-Authz: allow\r\nx-user-id: 7\r\nauthorization: secret\r\ncontent-length: 5\r\n\r\n");
         let ctx = ctx();
-        let r = check_request(&provider(), &h, &ctx);
+        let r = check_request(&provider(), &h, &ctx, false);
         assert_eq!(
             std::str::from_utf8(&r).unwrap(),
             "POST /check/a/b?q=1 HTTP/1.1\r\nhost: echo\r\ncontent-length: 0\r\nX-Ext-Authz: allow\r\nx-user-id: 7\r\nx-from: waypoint\r\n\r\n"
@@ -784,7 +786,7 @@ mod tests {
             ..provider()
         };
         let h = head("POST /a?b=1 HTTP/1.1\r\nHost: echo\r\nAuthorization: Bearer t\r\nx-a: 1\r\nx-a: 2\r\ncontent-length: 3\r\n\r\n");
-        let r = check_request(&p, &h, &ctx());
+        let r = check_request(&p, &h, &ctx(), false);
         let text = String::from_utf8_lossy(&r);
         assert!(
             text.starts_with("POST /envoy.service.auth.v3.Authorization/Check HTTP/1.1\r\n"),

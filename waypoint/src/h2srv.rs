@@ -700,7 +700,7 @@ async fn request<U: Upstream>(
         let resp = http1::simple_response(503, &[], http1::NOT_SERVED_BODY, false);
         Decided::Respond(resp, None)
     } else {
-        http1::decide_with(cfg, ctx, &mut head, &mut rng, &mut up).await
+        http1::decide_with(cfg, ctx, &mut head, &mut rng, &mut up, true).await
     };
     let (status, flags, body_len, response_bytes) = match action {
         Decided::Respond(bytes, refusal) => {

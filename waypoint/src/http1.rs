@@ -788,19 +788,20 @@ fn policy_request<'a>(
 }
 
 /// [`decide`], with a CUSTOM policy's check made through `upstream` and its verdict
-/// applied ([`crate::ext_authz`]).
+/// applied ([`crate::ext_authz`]); `h2`: the request came over HTTP/2 (the check says so).
 pub(crate) async fn decide_with<'c, U: Upstream>(
     cfg: &'c WaypointConfig,
     ctx: &TunnelCtx,
     head: &mut RequestHead,
     rng: &mut dyn Rng,
     upstream: &mut U,
+    h2: bool,
 ) -> Decided<'c> {
     let decided = match decide(cfg, ctx, head, rng) {
         // Boxed: a tunnel's future is not sized by a check it may never make.
         Action::Check { provider, auth } => {
             Box::pin(check_then_decide(
-                cfg, ctx, head, rng, upstream, provider, auth,
+                cfg, ctx, head, rng, upstream, provider, auth, h2,
             ))
             .await
         }
@@ -909,6 +910,7 @@ async fn inject_fault<'c, U: Upstream>(
 }
 
 /// The CUSTOM check of [`decide_with`], then the rest of the decision.
+#[allow(clippy::too_many_arguments)]
 async fn check_then_decide<'c, U: Upstream>(
     cfg: &'c WaypointConfig,
     ctx: &TunnelCtx,
@@ -917,8 +919,9 @@ async fn check_then_decide<'c, U: Upstream>(
     upstream: &mut U,
     provider: &crate::ext_authz::Provider,
     auth: Option<Arc<Authenticated>>,
+    h2: bool,
 ) -> Decided<'c> {
-    let request = crate::ext_authz::check_request(provider, head, ctx);
+    let request = crate::ext_authz::check_request(provider, head, ctx, h2);
     let service = (provider.service.clone(), provider.port);
     let answer = upstream
         .side_exchange(&service, request, provider.timeout, provider.grpc)
@@ -1849,7 +1852,7 @@ pub async fn serve_from<T: Tunnel, U: Upstream>(
         // Policy and routing before the body is read or anything is sent upstream.
         // The forward is bound by reference: a moved-out binding would hold a second copy
         // of it in the tunnel's future beside the (still reserved) decision.
-        let action = decide_with(cfg, ctx, &mut head, tr.rng, upstream).await;
+        let action = decide_with(cfg, ctx, &mut head, tr.rng, upstream, false).await;
         match action {
             Decided::Respond(resp, refusal) => {
                 let status = status_of(&resp);

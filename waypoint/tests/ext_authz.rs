@@ -115,9 +115,10 @@ async fn grpc_check(
     let http = a.request.unwrap().http.unwrap();
     let h = |n: &str| http.headers.get(n).cloned().unwrap_or("-".into());
     let _ = tx.send(format!(
-        "{} {} principal={} auth={}",
+        "{} {} {} principal={} auth={}",
         http.method,
         http.path,
+        http.protocol,
         a.source.unwrap().principal,
         h("authorization")
     ));
@@ -446,8 +447,8 @@ spec:
     assert_eq!(
         checks,
         [
-            "GET /x?y=1 principal=spiffe://cluster.local/ns/app/sa/client auth=Bearer t",
-            "GET /x principal=spiffe://cluster.local/ns/app/sa/client auth=Bearer t",
+            "GET /x?y=1 HTTP/1.1 principal=spiffe://cluster.local/ns/app/sa/client auth=Bearer t",
+            "GET /x HTTP/1.1 principal=spiffe://cluster.local/ns/app/sa/client auth=Bearer t",
         ]
     );
     assert_eq!(
@@ -459,6 +460,13 @@ spec:
     let got = m.http2(&[("/x", Some("allow")), ("/x", None)]);
     assert_eq!(got[0], (200, "/x result=allowed".into()));
     assert_eq!(got[1].0, 403);
+    // The check says the client spoke HTTP/2, as Envoy's does.
+    let checks: Vec<String> = m.grpc_checks.try_iter().collect();
+    assert_eq!(checks.len(), 2, "{checks:?}");
+    assert!(
+        checks.iter().all(|c| c.starts_with("GET /x HTTP/2 ")),
+        "{checks:?}"
+    );
     let counts: Vec<u64> = m
         .counters()
         .ext_authz
