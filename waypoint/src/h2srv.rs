@@ -711,7 +711,7 @@ async fn request<U: Upstream>(
             (status, http1::Refusal::flags(refusal, status), 0, n)
         }
         Decided::Forward { forward, auth } => {
-            let deadline = http1::request_deadline(&forward, started);
+            let deadline = http1::request_deadline(&forward);
             let h2_upstream = forward.service.as_ref().is_some_and(|(svc, port)| {
                 cfg.lb_ref(svc, Some(*port))
                     .is_some_and(|lb| lb.use_client_protocol)

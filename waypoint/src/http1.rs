@@ -1894,7 +1894,7 @@ pub async fn serve_from<T: Tunnel, U: Upstream>(
                 // upgrade is.
                 normalize_request(&mut head, upgrade.as_deref());
                 let request = upstream_head_bytes(&head, forward, ctx.source_ip);
-                let deadline = request_deadline(forward, started);
+                let deadline = request_deadline(forward);
                 if expect {
                     // Envoy's default: the proxy answers the expectation itself once the
                     // request is allowed and routed, and does not pass it on.
@@ -2139,17 +2139,20 @@ pub(crate) fn head_ended(buf: &[u8], from: usize) -> bool {
     })
 }
 
-/// When a routed request's time is up: the route's `timeouts.request` (Gateway API; `0s`
-/// or unset: no limit) counted from `started`, when its head was read. It bounds the
+/// When a routed request's time is up: the route's `timeouts.request` (Gateway API;
+/// VirtualService `timeout`; `0s` or unset: no limit) counted from now, when the request
+/// has been allowed and routed: as Envoy's router timer, it starts after the steps before
+/// routing, so neither a CUSTOM policy's check nor a VirtualService's injected delay eats
+/// into it. It bounds the
 /// whole exchange: the request body's arrival (buffered or streamed), every try and the
 /// streamed response body until its last byte; `timeouts.backendRequest` bounds each try
 /// within it, from the try's first byte upstream to the response's last byte. Before the
 /// response head is sent the answer is `504`; after, the response is cut (tunnel reset).
-pub(crate) fn request_deadline(fwd: &Forward, started: Instant) -> Option<Instant> {
+pub(crate) fn request_deadline(fwd: &Forward) -> Option<Instant> {
     fwd.timeouts
         .request
         .filter(|d| !d.is_zero())
-        .map(|d| started + d)
+        .map(|d| Instant::now() + d)
 }
 
 /// A timer kept out of line. A monoio `Sleep` is cache-line padded (128-byte aligned on
