@@ -9,7 +9,7 @@
 //! | `AuthorizationPolicy` | `security.istio.io/v1`, `/v1beta1` | [`crate::authz::Policy`] (`CUSTOM` with `provider.name`: an extension provider of the MeshConfig document) |
 //! | `RequestAuthentication` | `security.istio.io/v1`, `/v1beta1` | [`crate::jwt::RequestAuthn`]: `jwtRules[]` with `issuer`, `audiences`, `jwks` (inline JSON), or `jwksUri` (fetched, with `timeout`; neither: OpenID discovery from the issuer; see [`crate::jwks`]), `fromHeaders` (`name`, `prefix`), `fromParams`, `fromCookies`, `forwardOriginalToken`, `outputPayloadToHeader`, `outputClaimToHeaders` (`header`, `claim`) |
 //! | `VirtualService` | `networking.istio.io/v1`, `/v1beta1`, `/v1alpha3` | [`crate::route::HttpRoute`] with its rules in order (see `config/virtual_service.rs` for the fields) |
-//! | `Telemetry` | `telemetry.istio.io/v1`, `/v1alpha1` | [`TelemetryRule`]: `accessLogging` (`disabled`, `providers` `envoy`, `match.mode` `CLIENT_AND_SERVER`/`SERVER`) by `targetRefs` (the waypoint's Gateway, Services), namespace or root namespace; `metrics`, `tracing`, `filter` refused; a `selector` one set aside as AuthorizationPolicies' are |
+//! | `Telemetry` | `telemetry.istio.io/v1`, `/v1alpha1` | [`TelemetryRule`]: `accessLogging` (`disabled`, `providers` `envoy`, `match.mode` `CLIENT_AND_SERVER`/`SERVER`) and `metrics` (`providers` `prometheus`, `overrides` with `match.metric` (`ALL_METRICS`, `REQUEST_COUNT`, `REQUEST_DURATION`, `REQUEST_SIZE`, `RESPONSE_SIZE`; TCP and gRPC message metrics: nothing to change) and `disabled`) by `targetRefs` (the waypoint's Gateway, Services), namespace or root namespace; `tracing`, `filter`, `tagOverrides`, `reportingInterval`, `customMetric` refused; a `selector` one set aside as AuthorizationPolicies' are |
 //! | `DestinationRule` | `networking.istio.io/v1`, `/v1beta1`, `/v1alpha3` | [`Subset`]s (`subsets[]`: `name`, `labels`, `trafficPolicy` whose fields replace the rule's); [`ServiceLb`]: `trafficPolicy.loadBalancer` (`simple`, or `consistentHash` with `httpHeaderName`, `httpQueryParameterName`, `useSourceIp` or `httpCookie` `name`/`path`/`ttl`/`attributes`), `.outlierDetection` (`consecutive5xxErrors`, `consecutiveGatewayErrors`, `interval`, `baseEjectionTime`, `maxEjectionPercent`), `.connectionPool.http.useClientProtocol`, `.connectionPool.http.idleTimeout`, `.tls.mode: ISTIO_MUTUAL` (what HBONE is; other modes refused), `.portLevelSettings` (all of these per service port, each entry replacing the service's for its port); [`crate::breaker`]: `.connectionPool.tcp.maxConnections`, `.tcp.connectTimeout`, `.http.http1MaxPendingRequests`, `.http.http2MaxRequests`, `.http.maxRequestsPerConnection`, `.http.maxRetries` |
 //! | no `apiVersion`/`kind`, a `waypoint:` key | — | [`SettingsDoc`], exactly one for the binary |
 //! | no `apiVersion`/`kind`, a `meshConfig:` key | — | Istio MeshConfig's `extensionProviders` of kinds `envoyExtAuthzHttp` (`service`: a model service's hostname, or `namespace/hostname`; `port`, `pathPrefix`, `timeout`, `failOpen`, `statusOnError`, `includeRequestHeadersInCheck`, `includeAdditionalHeadersInCheck`, `headersToUpstreamOnAllow`, `headersToDownstreamOnDeny`, `headersToDownstreamOnAllow`) and `envoyExtAuthzGrpc` (`service`, `port`, `timeout`, `failOpen`, `statusOnError`), at most one, reloaded with the file; see [`crate::ext_authz`] |
@@ -374,28 +374,46 @@ pub struct WaypointConfig {
     /// Some DestinationRule balances by a cookie it gives clients (`httpCookie.ttl`): only
     /// then does a request look for its service's cookie ([`crate::http1`]).
     pub generates_cookies: bool,
-    /// Istio `Telemetry` objects with `accessLogging`, in file order.
+    /// Istio `Telemetry` objects with `accessLogging` or `metrics`, in file order.
     pub telemetry: Vec<TelemetryRule>,
 }
 
-/// An Istio `Telemetry`'s `accessLogging`: whether the requests it applies to are logged.
+/// An Istio `Telemetry`: whether the requests it applies to are logged (`accessLogging`)
+/// and which of Istio's request metrics report them (`metrics` overrides).
 #[derive(Debug, Clone)]
 pub struct TelemetryRule {
     pub id: ObjectRef,
     /// `targetRefs` (this waypoint's Gateway, Services), or the namespace (the mesh from the
     /// root namespace); a `selector` one is set aside at load.
     pub attachment: Attachment,
-    /// On, or off (`disabled: true` in every entry).
+    /// On, or off (`disabled: true` in every entry); `None`: no `accessLogging`.
+    pub access_log: Option<bool>,
+    /// By [`crate::telemetry::METRICS`]: reported or not, as its overrides say; `None`:
+    /// not overridden here.
+    pub metrics: [Option<bool>; 4],
+}
+
+/// What Telemetry says of one request's destination: logged, and the metrics reported.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TelemetryChoice {
     pub access_log: bool,
+    pub metrics: crate::telemetry::Shown,
 }
 
 impl WaypointConfig {
-    /// Whether the request to `s` is written to the access log: the most specific
-    /// Telemetry with `accessLogging` that applies (its `targetRefs`, then its namespace's,
-    /// then the root namespace's; the first in the file among equals), else the settings'
-    /// `access_log` (default on).
+    /// Whether the request to `s` is written to the access log ([`WaypointConfig::telemetry_for`]).
     pub fn access_log(&self, s: &authz::Subject<'_>) -> bool {
-        let mut best: Option<(u8, bool)> = None;
+        self.telemetry_for(s).access_log
+    }
+
+    /// Telemetry for the request to `s`, each field from the most specific Telemetry that
+    /// sets it and applies (its `targetRefs`, then its namespace's, then the root
+    /// namespace's; the first in the file among equals). Without one: the access log as
+    /// the settings' `access_log` (default on), every metric reported.
+    pub fn telemetry_for(&self, s: &authz::Subject<'_>) -> TelemetryChoice {
+        let mut log: Option<(u8, bool)> = None;
+        let mut metrics: [Option<(u8, bool)>; 4] = [None; 4];
+        let better = |best: &Option<(u8, bool)>, rank: u8| best.is_none_or(|(r, _)| rank > r);
         for t in &self.telemetry {
             if !t.attachment.applies(&t.id.namespace, s) {
                 continue;
@@ -405,14 +423,27 @@ impl WaypointConfig {
                 _ if t.id.namespace == s.root_namespace => 0,
                 _ => 1,
             };
-            if best.is_none_or(|(r, _)| rank > r) {
-                best = Some((rank, t.access_log));
+            if let Some(on) = t.access_log.filter(|_| better(&log, rank)) {
+                log = Some((rank, on));
+            }
+            for (m, set) in metrics.iter_mut().zip(t.metrics) {
+                if let Some(on) = set.filter(|_| better(m, rank)) {
+                    *m = Some((rank, on));
+                }
             }
         }
-        best.map_or_else(
-            || self.settings.as_ref().is_none_or(|d| d.waypoint.access_log),
-            |(_, on)| on,
-        )
+        let shown = metrics
+            .iter()
+            .enumerate()
+            .filter(|(_, m)| m.is_none_or(|(_, on)| on))
+            .fold(0, |acc, (i, _)| acc | 1 << i);
+        TelemetryChoice {
+            access_log: log.map_or_else(
+                || self.settings.as_ref().is_none_or(|d| d.waypoint.access_log),
+                |(_, on)| on,
+            ),
+            metrics: shown,
+        }
     }
 }
 
@@ -2973,9 +3004,42 @@ struct TelemetrySpec {
     #[serde(default)]
     access_logging: Vec<AccessLoggingRaw>,
     #[serde(default)]
-    metrics: Vec<serde::de::IgnoredAny>,
+    metrics: Vec<MetricsRaw>,
     #[serde(default)]
     tracing: Vec<serde::de::IgnoredAny>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct MetricsRaw {
+    #[serde(default)]
+    providers: Vec<ProviderRefRaw>,
+    #[serde(default)]
+    overrides: Vec<MetricOverrideRaw>,
+    #[serde(default)]
+    reporting_interval: Option<serde::de::IgnoredAny>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct MetricOverrideRaw {
+    #[serde(default, rename = "match")]
+    matching: Option<MetricMatchRaw>,
+    #[serde(default)]
+    disabled: Option<bool>,
+    #[serde(default)]
+    tag_overrides: Option<serde::de::IgnoredAny>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct MetricMatchRaw {
+    #[serde(default)]
+    metric: Option<String>,
+    #[serde(default)]
+    mode: Option<String>,
+    #[serde(default)]
+    custom_metric: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -2997,17 +3061,100 @@ struct LogMatchRaw {
     mode: String,
 }
 
-/// A Telemetry's `accessLogging` (`None`: it has none). Its `metrics` and `tracing` are
-/// refused: the waypoint's metrics are Istio's standard ones, always on, and it exports no
-/// spans.
+/// The `match.mode` of a Telemetry entry at field `f`: the waypoint's telemetry is its
+/// server side, so `CLIENT` is refused.
+fn server_mode(f: &str, mode: Option<&str>) -> Result<(), Invalid> {
+    match mode {
+        None | Some("CLIENT_AND_SERVER" | "SERVER") => Ok(()),
+        Some("CLIENT") => Err(Invalid::new(
+            f,
+            "CLIENT: the waypoint's telemetry is its server side (CLIENT_AND_SERVER or SERVER)",
+        )),
+        Some(m) => Err(Invalid::new(
+            f,
+            format!("unknown mode {m:?} (CLIENT_AND_SERVER, SERVER, CLIENT)"),
+        )),
+    }
+}
+
+/// A Telemetry's `metrics` overrides: by [`crate::telemetry::METRICS`], reported or not.
+/// Only `disabled` is taken (its tags are Istio's standard ones); TCP metrics are accepted
+/// and have nothing to change (the waypoint reports request metrics only).
+fn compile_metrics(list: &[MetricsRaw]) -> Result<[Option<bool>; 4], Invalid> {
+    let mut out = [None; 4];
+    for (i, m) in list.iter().enumerate() {
+        let f = format!("spec.metrics[{i}]");
+        if let Some((j, p)) = m
+            .providers
+            .iter()
+            .enumerate()
+            .find(|(_, p)| p.name != "prometheus")
+        {
+            return Err(Invalid::new(
+                format!("{f}.providers[{j}].name"),
+                format!(
+                    "{:?}: the waypoint's metrics are Prometheus ones (provider \"prometheus\")",
+                    p.name
+                ),
+            ));
+        }
+        if m.reporting_interval.is_some() {
+            return Err(Invalid::new(
+                format!("{f}.reportingInterval"),
+                "not supported (request metrics are counted as each request ends)",
+            ));
+        }
+        for (k, o) in m.overrides.iter().enumerate() {
+            let of = format!("{f}.overrides[{k}]");
+            if o.tag_overrides.is_some() {
+                return Err(Invalid::new(
+                    format!("{of}.tagOverrides"),
+                    "not supported: the waypoint's labels are Istio's standard ones",
+                ));
+            }
+            let mm = o.matching.as_ref();
+            server_mode(
+                &format!("{of}.match.mode"),
+                mm.and_then(|x| x.mode.as_deref()),
+            )?;
+            if mm.is_some_and(|x| x.custom_metric.is_some()) {
+                return Err(Invalid::new(
+                    format!("{of}.match.customMetric"),
+                    "not supported (Istio's standard metrics only)",
+                ));
+            }
+            let on = o.disabled != Some(true);
+            match mm
+                .and_then(|x| x.metric.as_deref())
+                .unwrap_or("ALL_METRICS")
+            {
+                "ALL_METRICS" => out = [Some(on); 4],
+                "TCP_OPENED_CONNECTIONS"
+                | "TCP_CLOSED_CONNECTIONS"
+                | "TCP_SENT_BYTES"
+                | "TCP_RECEIVED_BYTES"
+                | "GRPC_REQUEST_MESSAGES"
+                | "GRPC_RESPONSE_MESSAGES" => {}
+                name => match crate::telemetry::METRICS.iter().position(|n| *n == name) {
+                    Some(x) => out[x] = Some(on),
+                    None => {
+                        return Err(Invalid::new(
+                            format!("{of}.match.metric"),
+                            format!("unknown metric {name:?}"),
+                        ))
+                    }
+                },
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// A Telemetry's `accessLogging` and `metrics` (`None`: it has neither). Its `tracing` is
+/// refused: the waypoint exports no spans.
 fn compile_telemetry(d: &Doc<TelemetrySpec>) -> Result<Option<TelemetryRule>, Invalid> {
     let s = &d.spec;
-    if !s.metrics.is_empty() {
-        return Err(Invalid::new(
-            "spec.metrics",
-            "not supported: the waypoint reports Istio's standard metrics, always",
-        ));
-    }
+    let metrics = compile_metrics(&s.metrics)?;
     if !s.tracing.is_empty() {
         return Err(Invalid::new(
             "spec.tracing",
@@ -3023,21 +3170,10 @@ fn compile_telemetry(d: &Doc<TelemetrySpec>) -> Result<Option<TelemetryRule>, In
                 "not supported (CEL filters): the access log takes every request or none",
             ));
         }
-        if let Some(m) = &a.matching {
-            match m.mode.as_str() {
-                "CLIENT_AND_SERVER" | "SERVER" => {}
-                "CLIENT" => return Err(Invalid::new(
-                    format!("{f}.match.mode"),
-                    "CLIENT: the waypoint's log is its server side (CLIENT_AND_SERVER or SERVER)",
-                )),
-                m => {
-                    return Err(Invalid::new(
-                        format!("{f}.match.mode"),
-                        format!("unknown mode {m:?} (CLIENT_AND_SERVER, SERVER, CLIENT)"),
-                    ))
-                }
-            }
-        }
+        server_mode(
+            &format!("{f}.match.mode"),
+            a.matching.as_ref().map(|m| m.mode.as_str()),
+        )?;
         if let Some((j, p)) = a
             .providers
             .iter()
@@ -3056,14 +3192,15 @@ fn compile_telemetry(d: &Doc<TelemetrySpec>) -> Result<Option<TelemetryRule>, In
         let this = a.disabled != Some(true);
         on = Some(on.unwrap_or(false) || this);
     }
-    let Some(access_log) = on else {
+    if on.is_none() && metrics.iter().all(Option::is_none) {
         return Ok(None);
-    };
+    }
     let ns = d.metadata.namespace();
     Ok(Some(TelemetryRule {
         id: d.metadata.id(),
         attachment: attachment(ns, &s.selector, &s.target_ref, &s.target_refs)?,
-        access_log,
+        access_log: on,
+        metrics,
     }))
 }
 

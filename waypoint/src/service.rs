@@ -1306,6 +1306,8 @@ struct LabelSet {
     dst: crate::telemetry::AccessDst,
     /// Its requests go to the access log (Telemetry `accessLogging`).
     log: bool,
+    /// The metrics that count its requests (Telemetry `metrics`).
+    shown: crate::telemetry::Shown,
 }
 
 /// Label sets a tunnel remembers.
@@ -1878,7 +1880,13 @@ impl Upstream for HboneUpstream {
                 set
             }
         };
-        crate::telemetry::observe(&set.counters, ms, r.request_bytes, r.response_bytes);
+        crate::telemetry::observe_shown(
+            &set.counters,
+            set.shown,
+            ms,
+            r.request_bytes,
+            r.response_bytes,
+        );
         match r.denied {
             Some(http1::Refusal::Policy) => {
                 self.worker.shared.counters.denied.fetch_add(1, Relaxed);
@@ -2061,21 +2069,24 @@ impl HboneUpstream {
             response_code: status,
             response_flags: flags,
         };
-        // Telemetry `accessLogging`, for what the tunnel was addressed to (a tunnel with no
-        // served target is logged as the settings say).
-        let log = match self.view.ctx.as_deref() {
-            Some(ctx) => self.view.l7.access_log(&http1::subject(ctx)),
-            None => self.view.l7.access_log(&crate::authz::Subject {
+        // Telemetry, for what the tunnel was addressed to (a tunnel with no served target
+        // as the settings and the mesh-wide Telemetry say).
+        let choice = match self.view.ctx.as_deref() {
+            Some(ctx) => self.view.l7.telemetry_for(&http1::subject(ctx)),
+            None => self.view.l7.telemetry_for(&crate::authz::Subject {
                 waypoint: &self.worker.shared.settings.me.gateway,
                 root_namespace: &self.worker.shared.settings.root_namespace,
                 service: None,
                 workload: None,
             }),
         };
+        let counters = self.worker.metrics.counters(&labels);
+        counters.shown.store(choice.metrics, Relaxed);
         Rc::new(LabelSet {
-            counters: self.worker.metrics.counters(&labels),
+            counters,
             dst: crate::telemetry::AccessDst::of(&labels),
-            log,
+            log: choice.access_log,
+            shown: choice.metrics,
         })
     }
 

@@ -443,11 +443,31 @@ impl Histogram {
     }
 }
 
+/// Istio's standard request metrics, as Telemetry `metrics` overrides name them, in the
+/// order of a [`Shown`] mask: `REQUEST_COUNT`, `REQUEST_DURATION`, `REQUEST_SIZE`,
+/// `RESPONSE_SIZE`.
+pub const METRICS: [&str; 4] = [
+    "REQUEST_COUNT",
+    "REQUEST_DURATION",
+    "REQUEST_SIZE",
+    "RESPONSE_SIZE",
+];
+
+/// Which of [`METRICS`] a label set reports (Telemetry `metrics` overrides): bit `i` for
+/// `METRICS[i]`.
+pub type Shown = u8;
+
+/// Every metric reported.
+pub const ALL_SHOWN: Shown = 0b1111;
+
 /// Counters of one label set.
 #[derive(Debug)]
 pub struct RequestCounters {
     /// The label set's text, rendered once when the set was first recorded.
     labels: String,
+    /// The metrics reported for it: the [`Shown`] mask its requests were last recorded
+    /// under (a disabled one is neither counted nor shown).
+    pub shown: std::sync::atomic::AtomicU8,
     pub requests: AtomicU64,
     pub duration_ms: Histogram,
     pub request_bytes: Histogram,
@@ -458,6 +478,7 @@ impl RequestCounters {
     fn new(labels: String) -> Self {
         RequestCounters {
             labels,
+            shown: std::sync::atomic::AtomicU8::new(ALL_SHOWN),
             requests: AtomicU64::new(0),
             duration_ms: Histogram::new(&DURATION_BUCKETS_MS),
             request_bytes: Histogram::new(&BYTES_BUCKETS),
@@ -517,7 +538,8 @@ impl Metrics {
             out,
             "# HELP istio_requests_total Requests handled by this waypoint.\n# TYPE istio_requests_total counter"
         );
-        for (l, c) in &sets {
+        let shown = |c: &RequestCounters, i: usize| c.shown.load(Relaxed) & (1 << i) != 0;
+        for (l, c) in sets.iter().filter(|(_, c)| shown(c, 0)) {
             let _ = writeln!(
                 out,
                 "istio_requests_total{{{l}}} {}",
@@ -542,9 +564,9 @@ impl Metrics {
                 |c| &c.response_bytes,
             ),
         ];
-        for (name, help, get) in hists {
+        for (i, (name, help, get)) in hists.into_iter().enumerate() {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
-            for (l, c) in &sets {
+            for (l, c) in sets.iter().filter(|(_, c)| shown(c, i + 1)) {
                 get(c).render(&mut out, name, l);
             }
         }
@@ -597,10 +619,36 @@ impl LocalMetrics {
 
 /// Count one request in a label set's counters.
 pub fn observe(c: &RequestCounters, duration_ms: f64, req_bytes: u64, resp_bytes: u64) {
-    c.requests.fetch_add(1, Relaxed);
-    c.duration_ms.observe(duration_ms);
-    c.request_bytes.observe(req_bytes as f64);
-    c.response_bytes.observe(resp_bytes as f64);
+    observe_shown(c, ALL_SHOWN, duration_ms, req_bytes, resp_bytes);
+}
+
+/// [`observe`] in the metrics of `shown` only.
+pub fn observe_shown(
+    c: &RequestCounters,
+    shown: Shown,
+    duration_ms: f64,
+    req_bytes: u64,
+    resp_bytes: u64,
+) {
+    if shown == ALL_SHOWN {
+        c.requests.fetch_add(1, Relaxed);
+        c.duration_ms.observe(duration_ms);
+        c.request_bytes.observe(req_bytes as f64);
+        c.response_bytes.observe(resp_bytes as f64);
+        return;
+    }
+    if shown & 1 != 0 {
+        c.requests.fetch_add(1, Relaxed);
+    }
+    if shown & 2 != 0 {
+        c.duration_ms.observe(duration_ms);
+    }
+    if shown & 4 != 0 {
+        c.request_bytes.observe(req_bytes as f64);
+    }
+    if shown & 8 != 0 {
+        c.response_bytes.observe(resp_bytes as f64);
+    }
 }
 
 /// Whether `v` is a valid W3C `traceparent` (version 00, non-zero ids).

@@ -1,6 +1,7 @@
-//! Istio's Telemetry API `accessLogging` on the waypoint: which requests go to the access
-//! log — the most specific Telemetry that applies (`targetRefs`, then its namespace's,
-//! then the root namespace's), else the settings' `access_log`.
+//! Istio's Telemetry API on the waypoint: which requests go to the access log and which
+//! request metrics count them — for each, the most specific Telemetry that applies
+//! (`targetRefs`, then its namespace's, then the root namespace's), else the settings'
+//! `access_log` and every metric.
 
 mod common;
 
@@ -22,6 +23,13 @@ services:
 fn telemetry(ns: &str, name: &str, target: &str, logging: &str) -> String {
     format!(
         "apiVersion: telemetry.istio.io/v1\nkind: Telemetry\nmetadata: {{name: {name}, namespace: {ns}}}\nspec:\n{target}  accessLogging:\n{logging}"
+    )
+}
+
+/// A Telemetry `name` of namespace `app` with `target` and `metrics` (its list items).
+fn metrics(name: &str, target: &str, metrics: &str) -> String {
+    format!(
+        "apiVersion: telemetry.istio.io/v1\nkind: Telemetry\nmetadata: {{name: {name}, namespace: app}}\nspec:\n{target}  metrics:\n{metrics}"
     )
 }
 
@@ -89,6 +97,57 @@ fn the_most_specific_telemetry_decides_the_access_log() {
     assert!(!logged(&cfg, "app", "quiet"));
 }
 
+/// The metrics reported for a request to `ns/name`: bits of REQUEST_COUNT,
+/// REQUEST_DURATION, REQUEST_SIZE, RESPONSE_SIZE.
+fn shown(cfg: &WaypointConfig, ns: &str, name: &str) -> u8 {
+    let wp = ObjectRef::new("app", "wp");
+    let svc = ObjectRef::new(ns, name);
+    cfg.telemetry_for(&Subject {
+        waypoint: &wp,
+        root_namespace: "istio-system",
+        service: Some(&svc),
+        workload: None,
+    })
+    .metrics
+}
+
+#[test]
+fn metrics_overrides_disable_metrics_per_target() {
+    let svc = |n: &str| format!("  targetRefs: [{{kind: Service, group: \"\", name: {n}}}]\n");
+    let count_off = "  - overrides: [{match: {metric: REQUEST_COUNT}, disabled: true}]\n";
+    let all_off = "  - providers: [{name: prometheus}]\n    overrides: [{disabled: true}]\n";
+    let sizes_on = "  - overrides:\n    - {match: {metric: REQUEST_SIZE, mode: SERVER}, disabled: false}\n    - {match: {metric: TCP_SENT_BYTES}, disabled: true}\n";
+    let mesh_all_off = format!(
+        "apiVersion: telemetry.istio.io/v1\nkind: Telemetry\nmetadata: {{name: mesh, namespace: istio-system}}\nspec:\n  metrics:\n{all_off}"
+    );
+    // (documents, loud, quiet, shop/other)
+    let table: Vec<(Vec<String>, [u8; 3])> = vec![
+        (vec![], [0b1111, 0b1111, 0b1111]),
+        (
+            vec![metrics("q", &svc("quiet"), count_off)],
+            [0b1111, 0b1110, 0b1111],
+        ),
+        // Namespace-wide: app's services only.
+        (vec![metrics("ns", "", all_off)], [0, 0, 0b1111]),
+        // Mesh-wide off, a Service turning one back on (the others stay off).
+        (
+            vec![mesh_all_off.clone(), metrics("l", &svc("loud"), sizes_on)],
+            [0b0100, 0, 0],
+        ),
+    ];
+    for (i, (docs, want)) in table.into_iter().enumerate() {
+        let cfg = try_load(&docs).unwrap_or_else(|e| panic!("row {i}: {e}"));
+        let got = [
+            shown(&cfg, "app", "loud"),
+            shown(&cfg, "app", "quiet"),
+            shown(&cfg, "shop", "other"),
+        ];
+        assert_eq!(got, want, "row {i}");
+        // Metrics overrides leave the access log alone.
+        assert!(logged(&cfg, "app", "loud"), "row {i}");
+    }
+}
+
 #[test]
 fn telemetry_errors_name_their_field() {
     let table = [
@@ -105,8 +164,28 @@ fn telemetry_errors_name_their_field() {
             "spec.accessLogging[0].match.mode",
         ),
         (
-            "apiVersion: telemetry.istio.io/v1\nkind: Telemetry\nmetadata: {name: m, namespace: app}\nspec:\n  metrics:\n  - providers: [{name: prometheus}]\n".to_string(),
-            "spec.metrics",
+            metrics("m", "", "  - overrides: [{tagOverrides: {request_host: {operation: REMOVE}}}]\n"),
+            "spec.metrics[0].overrides[0].tagOverrides",
+        ),
+        (
+            metrics("m", "", "  - overrides: [{match: {metric: REQUEST_COUNTS}, disabled: true}]\n"),
+            "spec.metrics[0].overrides[0].match.metric",
+        ),
+        (
+            metrics("m", "", "  - providers: [{name: stackdriver}]\n"),
+            "spec.metrics[0].providers[0].name",
+        ),
+        (
+            metrics("m", "", "  - reportingInterval: 5s\n"),
+            "spec.metrics[0].reportingInterval",
+        ),
+        (
+            metrics("m", "", "  - overrides: [{match: {mode: CLIENT}, disabled: true}]\n"),
+            "spec.metrics[0].overrides[0].match.mode",
+        ),
+        (
+            "apiVersion: telemetry.istio.io/v1\nkind: Telemetry\nmetadata: {name: t, namespace: app}\nspec:\n  tracing:\n  - randomSamplingPercentage: 10\n".to_string(),
+            "spec.tracing",
         ),
     ];
     for (doc, field) in table {
@@ -142,11 +221,14 @@ fn telemetry_turns_the_access_log_off_for_one_service_end_to_end() {
         &format!("{}{}", w("loud", loud), w("quiet", quiet)),
         "  - {name: loud, namespace: app, hostname: loud.app.svc.cluster.local, vips: [\"10.96.0.1\"], ports: {80: 8080}}\n  - {name: quiet, namespace: app, hostname: quiet.app.svc.cluster.local, vips: [\"10.96.0.2\"], ports: {80: 8080}}\n",
     );
-    let off = telemetry(
-        "app",
-        "quiet",
-        "  targetRefs: [{kind: Service, group: \"\", name: quiet}]\n",
-        "  - disabled: true\n",
+    let off = format!(
+        "{}  metrics:\n  - overrides: [{{match: {{metric: REQUEST_COUNT}}, disabled: true}}]\n",
+        telemetry(
+            "app",
+            "quiet",
+            "  targetRefs: [{kind: Service, group: \"\", name: quiet}]\n",
+            "  - disabled: true\n",
+        )
     );
     let text = format!("{model}---\n{off}");
     let wp = common::Waypoint::with_stats(&ca, &text, &format!("waypoint-telemetry-{net}.yaml"));
@@ -173,4 +255,20 @@ fn telemetry_turns_the_access_log_off_for_one_service_end_to_end() {
         let dst = &l.iter().find(|(k, _)| k == "dst_service").unwrap().1;
         assert!(dst.contains("loud"), "{l:?}");
     }
+    // The quiet service's requests are not counted in istio_requests_total, and are in
+    // the duration histogram.
+    let page = common::stats_page(wp.handle());
+    let series = |metric: &str, svc: &str| {
+        page.lines()
+            .filter(|l| {
+                l.starts_with(metric) && l.contains(&format!("destination_service_name=\"{svc}\""))
+            })
+            .count()
+    };
+    assert!(series("istio_requests_total{", "loud") > 0, "{page}");
+    assert_eq!(series("istio_requests_total{", "quiet"), 0, "{page}");
+    assert!(
+        series("istio_request_duration_milliseconds_count{", "quiet") > 0,
+        "{page}"
+    );
 }
