@@ -401,11 +401,6 @@ pub struct TelemetryChoice {
 }
 
 impl WaypointConfig {
-    /// Whether the request to `s` is written to the access log ([`WaypointConfig::telemetry_for`]).
-    pub fn access_log(&self, s: &authz::Subject<'_>) -> bool {
-        self.telemetry_for(s).access_log
-    }
-
     /// Telemetry for the request to `s`, each field from the most specific Telemetry that
     /// sets it and applies (its `targetRefs`, then its namespace's, then the root
     /// namespace's; the first in the file among equals). Without one: the access log as
@@ -3077,6 +3072,22 @@ fn server_mode(f: &str, mode: Option<&str>) -> Result<(), Invalid> {
     }
 }
 
+/// The `providers` of the Telemetry entry at field `f` name only `name` (`what`: why).
+fn only_provider(
+    f: &str,
+    providers: &[ProviderRefRaw],
+    name: &str,
+    what: &str,
+) -> Result<(), Invalid> {
+    match providers.iter().position(|p| p.name != name) {
+        Some(j) => Err(Invalid::new(
+            format!("{f}.providers[{j}].name"),
+            format!("{:?}: {what}, provider {name:?}", providers[j].name),
+        )),
+        None => Ok(()),
+    }
+}
+
 /// A Telemetry's `metrics` overrides: by [`crate::telemetry::METRICS`], reported or not.
 /// Only `disabled` is taken (its tags are Istio's standard ones); TCP metrics are accepted
 /// and have nothing to change (the waypoint reports request metrics only).
@@ -3084,20 +3095,12 @@ fn compile_metrics(list: &[MetricsRaw]) -> Result<[Option<bool>; 4], Invalid> {
     let mut out = [None; 4];
     for (i, m) in list.iter().enumerate() {
         let f = format!("spec.metrics[{i}]");
-        if let Some((j, p)) = m
-            .providers
-            .iter()
-            .enumerate()
-            .find(|(_, p)| p.name != "prometheus")
-        {
-            return Err(Invalid::new(
-                format!("{f}.providers[{j}].name"),
-                format!(
-                    "{:?}: the waypoint's metrics are Prometheus ones (provider \"prometheus\")",
-                    p.name
-                ),
-            ));
-        }
+        only_provider(
+            &f,
+            &m.providers,
+            "prometheus",
+            "the waypoint's metrics are Prometheus ones",
+        )?;
         if m.reporting_interval.is_some() {
             return Err(Invalid::new(
                 format!("{f}.reportingInterval"),
@@ -3174,20 +3177,12 @@ fn compile_telemetry(d: &Doc<TelemetrySpec>) -> Result<Option<TelemetryRule>, In
             &format!("{f}.match.mode"),
             a.matching.as_ref().map(|m| m.mode.as_str()),
         )?;
-        if let Some((j, p)) = a
-            .providers
-            .iter()
-            .enumerate()
-            .find(|(_, p)| p.name != "envoy")
-        {
-            return Err(Invalid::new(
-                format!("{f}.providers[{j}].name"),
-                format!(
-                    "{:?}: the waypoint writes its own access log, provider \"envoy\" (Istio's built-in one)",
-                    p.name
-                ),
-            ));
-        }
+        only_provider(
+            &f,
+            &a.providers,
+            "envoy",
+            "the waypoint writes its own access log (Istio's built-in provider)",
+        )?;
         // Entries add up: any one not disabled turns the log on.
         let this = a.disabled != Some(true);
         on = Some(on.unwrap_or(false) || this);

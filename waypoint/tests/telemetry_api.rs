@@ -38,16 +38,21 @@ fn try_load(docs: &[String]) -> Result<WaypointConfig, String> {
     load_str(Path::new("t.yaml"), &text, 1).map_err(|e| e.to_string())
 }
 
-/// Whether a request to service `ns/name` through the `app/wp` waypoint is logged.
-fn logged(cfg: &WaypointConfig, ns: &str, name: &str) -> bool {
+/// What Telemetry says of a request to service `ns/name` through the `app/wp` waypoint.
+fn choice(cfg: &WaypointConfig, ns: &str, name: &str) -> waypoint::config::TelemetryChoice {
     let wp = ObjectRef::new("app", "wp");
     let svc = ObjectRef::new(ns, name);
-    cfg.access_log(&Subject {
+    cfg.telemetry_for(&Subject {
         waypoint: &wp,
         root_namespace: "istio-system",
         service: Some(&svc),
         workload: None,
     })
+}
+
+/// Whether a request to service `ns/name` is logged.
+fn logged(cfg: &WaypointConfig, ns: &str, name: &str) -> bool {
+    choice(cfg, ns, name).access_log
 }
 
 #[test]
@@ -100,15 +105,7 @@ fn the_most_specific_telemetry_decides_the_access_log() {
 /// The metrics reported for a request to `ns/name`: bits of REQUEST_COUNT,
 /// REQUEST_DURATION, REQUEST_SIZE, RESPONSE_SIZE.
 fn shown(cfg: &WaypointConfig, ns: &str, name: &str) -> u8 {
-    let wp = ObjectRef::new("app", "wp");
-    let svc = ObjectRef::new(ns, name);
-    cfg.telemetry_for(&Subject {
-        waypoint: &wp,
-        root_namespace: "istio-system",
-        service: Some(&svc),
-        workload: None,
-    })
-    .metrics
+    choice(cfg, ns, name).metrics
 }
 
 #[test]
