@@ -1053,3 +1053,32 @@ spec:
     assert_eq!(ask("https://a.example.com/x")[0].0, "forwarded");
     assert_eq!(ask("http://app.example.com")[0].0, "forwarded");
 }
+
+/// The README's bookinfo example loads as written and routes as it says.
+#[test]
+fn r17_the_readme_bookinfo_example_loads_and_routes() {
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md"))
+        .expect("README.md");
+    let from = readme
+        .find("For example, bookinfo's request-routing")
+        .expect("the example");
+    let block = &readme[from..];
+    let start = block.find("```yaml\n").expect("its YAML") + "```yaml\n".len();
+    let yaml = &block[start..start + block[start..].find("```").expect("its end")];
+    // `MESH` has reviews (pods of versions v1, v2, v3) and ratings; the README's objects
+    // replace the DestinationRule these tests load.
+    let text = format!("{MESH}---\n{yaml}");
+    let cfg = load_str(Path::new("README.md"), &text, 1).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        dest(&cfg, &get("/").header("end-user", "jason")),
+        "reviews/v2:9080"
+    );
+    assert_eq!(dest(&cfg, &get("/")), "reviews/v1:9080");
+    let ratings = |r: &Req<'_>| forward(decide_for(&cfg, "ratings", r, 1));
+    let jason = ratings(&get("/ratings/0").header("end-user", "jason"));
+    assert_eq!(
+        jason.fault.and_then(|f| f.delay),
+        Some((Duration::from_secs(7), Share::percent(100.0)))
+    );
+    assert_eq!(ratings(&get("/ratings/0")).fault, None);
+}
