@@ -1632,18 +1632,6 @@ pub(crate) fn retried_answer(
         || (!policy.grpc.is_empty() && grpc().is_some_and(|g| policy.grpc.contains(&g)))
 }
 
-/// The `grpc-status` of the HTTP/1.1 response head `raw`, if it has one.
-fn head_grpc_status(raw: &[u8]) -> Option<u32> {
-    let mut hs = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut r = httparse::Response::new(&mut hs);
-    r.parse(raw).ok()?;
-    let h = r
-        .headers
-        .iter()
-        .find(|h| h.name.eq_ignore_ascii_case("grpc-status"))?;
-    std::str::from_utf8(h.value).ok()?.trim().parse().ok()
-}
-
 /// [`default_retry`], built once (not per request).
 static DEFAULT_RETRY: std::sync::LazyLock<Retry> = std::sync::LazyLock::new(default_retry);
 
@@ -2494,6 +2482,8 @@ pub(crate) struct RespHead {
     /// then `ubuf` was left empty (a small response is passed on without a copy; whoever
     /// needs the bytes in `ubuf` puts them there, [`RespHead::spill`]).
     pub whole: Option<Bytes>,
+    /// Its `grpc-status` (a trailers-only gRPC response), when it has one.
+    pub grpc_status: Option<u32>,
 }
 
 impl RespHead {
@@ -2553,6 +2543,7 @@ fn response_facts(
     let mut cl = None;
     let mut cls = 0;
     let mut close = r.version == Some(0);
+    let mut grpc_status = None;
     // Whether a field is hop-by-hop (RFC 9110 §7.6.1): one of [`HOP_BY_HOP`], or one a
     // `Connection` names, which can only be there when a `Connection` (itself one of
     // them) is: so any [`HOP_BY_HOP`] field is the whole test.
@@ -2574,6 +2565,10 @@ fn response_facts(
             }
             cl = Some(v);
             cls += 1;
+        } else if h.name.eq_ignore_ascii_case("grpc-status") {
+            grpc_status = std::str::from_utf8(h.value)
+                .ok()
+                .and_then(|v| v.trim().parse().ok());
         } else if h.name.eq_ignore_ascii_case("connection") {
             if contains_token(h.value, b"close") {
                 close = true;
@@ -2620,6 +2615,7 @@ fn response_facts(
         rewrite,
         early: false,
         whole: None,
+        grpc_status,
     })
 }
 
@@ -2962,11 +2958,10 @@ pub(crate) fn attempt<'a, T: Tunnel, U: Upstream>(
                     }
                 }
                 Some(Ok((conn, _, h, ubuf))) => {
-                    let head = || {
-                        let raw = h.whole.as_deref().unwrap_or(&ubuf[..]);
-                        head_grpc_status(raw.get(..h.len)?)
-                    };
-                    if again && retried_answer(policy, h.status, head) && up.retry_allowed() {
+                    if again
+                        && retried_answer(policy, h.status, || h.grpc_status)
+                        && up.retry_allowed()
+                    {
                         up.done(Some(conn), h.status, false, None);
                     } else {
                         return Attempt::Answer {
@@ -4213,6 +4208,30 @@ mod tests {
         assert!(parse_response_head(b"HTTP/1.1 200 OK\r\n", false)
             .unwrap()
             .is_none());
+    }
+
+    /// A trailers-only gRPC head's `grpc-status` is read with the head's other fields, and
+    /// Istio's default policy retries UNAVAILABLE by it (an HTTP 200), not OK.
+    #[test]
+    fn response_head_grpc_status_decides_a_grpc_retry() {
+        let head = |g: &str| {
+            let raw = format!("HTTP/1.1 200 OK\r\ncontent-type: application/grpc\r\nGrpc-Status: {g}\r\ncontent-length: 0\r\n\r\n");
+            parse_response_head(raw.as_bytes(), false).unwrap().unwrap()
+        };
+        let policy = default_retry();
+        let (unavailable, ok) = (head("14"), head("0"));
+        assert_eq!(
+            (unavailable.grpc_status, ok.grpc_status),
+            (Some(14), Some(0))
+        );
+        assert!(retried_answer(&policy, 200, || unavailable.grpc_status));
+        assert!(!retried_answer(&policy, 200, || ok.grpc_status));
+        let plain = parse_response_head(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n", false)
+            .unwrap()
+            .unwrap();
+        assert_eq!(plain.grpc_status, None);
+        assert!(!retried_answer(&policy, 200, || plain.grpc_status));
+        assert!(retried_answer(&policy, 503, || plain.grpc_status));
     }
 
     /// Only a request that can be sent again on a new stream (idempotent, its body read
