@@ -184,7 +184,7 @@ impl DestinationPolicy {
 /// `policy` (the rule's, with the subset's own `trafficPolicy` fields in place of its).
 #[derive(Debug, Clone, Default)]
 pub struct Subset {
-    pub labels: BTreeMap<String, String>,
+    pub labels: mesh_model::config::LocalSelector,
     pub policy: DestinationPolicy,
 }
 
@@ -562,7 +562,7 @@ impl WaypointConfig {
     }
 
     /// The labels an endpoint of `s` needs: its subset's (`None` for a whole service).
-    pub fn subset_labels(&self, s: &ObjectRef) -> Option<&BTreeMap<String, String>> {
+    pub fn subset_labels(&self, s: &ObjectRef) -> Option<&mesh_model::config::LocalSelector> {
         s.subset.as_ref()?;
         self.subsets.get(s).map(|x| &x.labels)
     }
@@ -3449,7 +3449,9 @@ fn compile_dr(d: &Doc<DrSpec>) -> Result<CompiledDr, Invalid> {
         subsets.push((
             key,
             Subset {
-                labels: sub.labels.clone(),
+                labels: mesh_model::config::LocalSelector {
+                    match_labels: sub.labels.clone(),
+                },
                 policy,
             },
         ));

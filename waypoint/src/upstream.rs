@@ -32,7 +32,7 @@ pub fn endpoints(
     snap: &Snapshot,
     service: &ObjectRef,
     port: u16,
-    labels: Option<&std::collections::BTreeMap<String, String>>,
+    labels: Option<&mesh_model::config::LocalSelector>,
 ) -> Vec<Endpoint> {
     let Some(svc) = snap
         .services()
@@ -47,10 +47,8 @@ pub fn endpoints(
             if !w.healthy {
                 return None;
             }
-            if let Some(labels) = labels {
-                if !labels.iter().all(|(k, v)| w.labels.get(k) == Some(v)) {
-                    return None;
-                }
+            if labels.is_some_and(|l| !l.selects(&w.labels)) {
+                return None;
             }
             let target = svc.target_port(ep, port)?;
             let ip = *w.ips.first()?;
