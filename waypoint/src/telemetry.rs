@@ -630,13 +630,6 @@ pub fn observe_shown(
     req_bytes: u64,
     resp_bytes: u64,
 ) {
-    if shown == ALL_SHOWN {
-        c.requests.fetch_add(1, Relaxed);
-        c.duration_ms.observe(duration_ms);
-        c.request_bytes.observe(req_bytes as f64);
-        c.response_bytes.observe(resp_bytes as f64);
-        return;
-    }
     if shown & 1 != 0 {
         c.requests.fetch_add(1, Relaxed);
     }
