@@ -186,6 +186,15 @@ impl Match {
     }
 }
 
+/// istiod's name for the policy it sends for workloads whose PeerAuthentication mode is
+/// `STRICT` on every port (in the root namespace): a `DENY` of connections without a peer
+/// identity. No Kubernetes object can take it (`_`).
+pub const STATIC_STRICT_POLICY: &str = "istio_converted_static_strict";
+
+/// istiod's prefix for a PeerAuthentication with port-level modes, converted to a policy in
+/// its namespace.
+pub const CONVERTED_PEER_AUTHENTICATION_PREFIX: &str = "converted_peer_authentication_";
+
 /// One policy: rules → clauses → matches.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Policy {
@@ -202,6 +211,12 @@ impl Policy {
     /// `namespace/name`, as workloads reference it.
     pub fn key(&self) -> String {
         format!("{}/{}", self.namespace, self.name)
+    }
+
+    /// Whether it stands for a PeerAuthentication (by istiod's names for them).
+    pub fn from_peer_authentication(&self) -> bool {
+        self.name == STATIC_STRICT_POLICY
+            || self.name.starts_with(CONVERTED_PEER_AUTHENTICATION_PREFIX)
     }
 
     /// Does some rule match? (No rules: matches nothing.)

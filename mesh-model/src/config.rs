@@ -21,6 +21,9 @@ use crate::snapshot::{Extras, Snapshot, WireState, ROUND_ROBIN_EXTENSION};
 use crate::wire::security as ws;
 use crate::wire::workload as ww;
 
+mod peer_authentication;
+pub use peer_authentication::{LocalPeerAuthentication, Mtls, MtlsMode};
+
 /// The whole file.
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(default, deny_unknown_fields, rename_all = "camelCase")]
@@ -31,6 +34,8 @@ pub struct LocalConfig {
     pub namespaces: Vec<LocalNamespace>,
     pub waypoints: Vec<LocalWaypoint>,
     pub nodes: Vec<LocalNode>,
+    /// Istio's `PeerAuthentication`s, converted to L4 policies as istiod does.
+    pub peer_authentications: Vec<LocalPeerAuthentication>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -627,6 +632,14 @@ impl LocalConfig {
                 labels(f("selector"), &sel.match_labels)?;
             }
         }
+        for (i, p) in self.peer_authentications.iter().enumerate() {
+            let f = |name: &str| format!("peerAuthentications[{i}].{name}");
+            check(f("name"), &p.name, names::dns_subdomain)?;
+            check(f("namespace"), &p.namespace, names::dns_label)?;
+            if let Some(sel) = &p.selector {
+                labels(f("selector"), &sel.match_labels)?;
+            }
+        }
         for (i, n) in self.namespaces.iter().enumerate() {
             check(format!("namespaces[{i}].name"), &n.name, names::dns_label)?;
             labels(format!("namespaces[{i}].labels"), &n.labels)?;
@@ -814,8 +827,15 @@ impl LocalConfig {
                 services_of[wi].insert(key.clone(), e.ports.clone());
             }
         }
+        let peer_authn = peer_authentication::convert(&self.peer_authentications, &self.workloads)?;
         let mut addresses = Vec::new();
-        for (i, (w, services)) in self.workloads.iter().zip(services_of).enumerate() {
+        for (i, ((w, services), peer_authn)) in self
+            .workloads
+            .iter()
+            .zip(services_of)
+            .zip(peer_authn.per_workload)
+            .enumerate()
+        {
             let nsl = ns_labels.get(w.namespace.as_str()).copied();
             let explicit = w.protocol.map(|p| match p {
                 LocalProtocol::Hbone => Protocol::Hbone,
@@ -867,7 +887,8 @@ impl LocalConfig {
                         .map(|(k, m)| (k.clone(), port_list(m)))
                         .collect(),
                     authorization_policies: {
-                        // Listed ones, then those whose selector picks it (istiod's part).
+                        // Listed ones, then those whose selector picks it, then its
+                        // PeerAuthentication's (istiod's part).
                         let mut keys = w.authorization_policies.clone();
                         for p in self.policies.iter().filter(|p| p.selects(w)) {
                             let key = format!("{}/{}", p.namespace, p.name);
@@ -875,6 +896,7 @@ impl LocalConfig {
                                 keys.push(key);
                             }
                         }
+                        keys.extend(peer_authn);
                         keys
                     },
                     status: match w.status {
@@ -923,7 +945,12 @@ impl LocalConfig {
         }
         Ok(WireState {
             addresses,
-            authorizations: self.policies.iter().map(LocalPolicy::to_wire).collect(),
+            authorizations: self
+                .policies
+                .iter()
+                .chain(&peer_authn.policies)
+                .map(LocalPolicy::to_wire)
+                .collect(),
             extras: Extras {
                 namespaces: self
                     .namespaces

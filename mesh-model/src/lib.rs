@@ -73,6 +73,22 @@
 //! `destinationPorts`, each also as `notNamespaces`, `notPrincipals`, … Principals are
 //! written without `spiffe://` (`cluster.local/ns/a/sa/b`).
 //!
+//! ### `peerAuthentications[]` → `istio.security.Authorization` (as istiod converts them)
+//! Istio's `PeerAuthentication`: `name`, `namespace`, `selector: {matchLabels: {…}}`,
+//! `mtls: {mode}` and `portLevelMtls: {targetPort: {mode}}`, modes `UNSET` (inherit, the
+//! default), `PERMISSIVE`, `STRICT`, `DISABLE` (plaintext accepted, as `PERMISSIVE`: ambient
+//! inbound always takes HBONE). A workload's mode is its own policy's, else its namespace's
+//! (no selector), else the mesh's (no selector, in `istio-system`). As istiod does for
+//! ztunnel, strict workloads get the `DENY` of unauthenticated connections
+//! `istio-system/istio_converted_static_strict`, and a workload policy with port modes
+//! that differ becomes `<namespace>/converted_peer_authentication_<name>` (unauthenticated
+//! denied except on its plaintext ports, or only on its strict ones). ztunnel enforces
+//! them before an R12 hairpin too: a STRICT pod's plaintext never reaches its waypoint.
+//! Load errors: `portLevelMtls` without a selector; a selector in the root namespace (it
+//! would select nothing); two mesh-wide policies, two in one namespace, or two selecting
+//! one workload (istiod keeps the oldest; a file cannot tell); port 0.
+//! See [`config::LocalPeerAuthentication`].
+//!
 //! ### Extensions
 //! * `namespaces[]`: `{name, labels}` — `istio.io/dataplane-mode: ambient` captures the
 //!   namespace's pods (R2); `istio.io/use-waypoint: <name>` binds its pods (R3).

@@ -304,12 +304,27 @@ pub fn inbound(snap: &Snapshot, req: &InboundRequest<'_>, node: &str) -> Inbound
     else {
         return Inbound::NotServed;
     };
+    let conn = Connection {
+        peer: req.peer,
+        src: req.src,
+        dst: req.dst,
+    };
     if let Some(wp) = &w.waypoint {
         let from_waypoint = match (&wp.identity, req.peer) {
             (Some(id), Some(peer)) => id == peer,
             _ => false,
         };
         if !from_waypoint {
+            // The waypoint applies the pod's policies, but not its PeerAuthentication: a
+            // STRICT pod's plaintext is refused here, never hairpinned (Istio's ambient
+            // PeerAuthentication design).
+            let verdict = snap.authorize_peer_authentication(w, &conn);
+            if !verdict.allowed {
+                return Inbound::Deny {
+                    workload: w.uid.clone(),
+                    verdict,
+                };
+            }
             return Inbound::Hairpin {
                 waypoint: wp.clone(),
                 authority: req.dst,
@@ -317,14 +332,7 @@ pub fn inbound(snap: &Snapshot, req: &InboundRequest<'_>, node: &str) -> Inbound
             };
         }
     }
-    let verdict = snap.authorize(
-        w,
-        &Connection {
-            peer: req.peer,
-            src: req.src,
-            dst: req.dst,
-        },
-    );
+    let verdict = snap.authorize(w, &conn);
     if verdict.allowed {
         Inbound::Allow {
             workload: w.uid.clone(),

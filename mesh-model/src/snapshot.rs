@@ -381,6 +381,17 @@ impl Snapshot {
     pub fn authorize(&self, dst: &Workload, conn: &Connection<'_>) -> Verdict {
         authz::evaluate(self.policies.iter().filter(|p| p.applies_to(dst)), conn)
     }
+
+    /// Only `dst`'s PeerAuthentication policies: what the transport must be, which its
+    /// ztunnel enforces even where its waypoint applies the rest (R12).
+    pub fn authorize_peer_authentication(&self, dst: &Workload, conn: &Connection<'_>) -> Verdict {
+        authz::evaluate(
+            self.policies
+                .iter()
+                .filter(|p| p.from_peer_authentication() && p.applies_to(dst)),
+            conn,
+        )
+    }
 }
 
 fn non_empty(s: &str, default: &str) -> String {

@@ -67,7 +67,8 @@ use std::path::{Path, PathBuf};
 use hbone::proxy::CaConfig;
 use hbone::H2Settings;
 use mesh_model::config::{
-    LocalConfig, LocalNamespace, LocalNode, LocalPolicy, LocalService, LocalWaypoint, LocalWorkload,
+    LocalConfig, LocalNamespace, LocalNode, LocalPeerAuthentication, LocalPolicy, LocalService,
+    LocalWaypoint, LocalWorkload,
 };
 use mesh_model::snapshot::Snapshot;
 use runtime::config::{ConfigError, Invalid, RuntimeConfig};
@@ -170,6 +171,8 @@ pub struct ZtunnelFile {
     pub waypoints: Vec<LocalWaypoint>,
     #[serde(default)]
     pub nodes: Vec<LocalNode>,
+    #[serde(default, rename = "peerAuthentications")]
+    pub peer_authentications: Vec<LocalPeerAuthentication>,
 }
 
 /// Resolved listener addresses and identities.
@@ -228,6 +231,7 @@ impl ZtunnelFile {
             namespaces: self.namespaces.clone(),
             waypoints: self.waypoints.clone(),
             nodes: self.nodes.clone(),
+            peer_authentications: self.peer_authentications.clone(),
         }
     }
 

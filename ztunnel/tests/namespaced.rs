@@ -56,6 +56,7 @@ per_family!(
     r9_captured_plaintext_inbound_goes_to_original_destination,
     r9_deny_policy_refuses_captured_connection,
     r10_plaintext_into_captured_pod_rejected_by_identity_policy,
+    r10_peer_authentication_strict_refuses_plaintext,
     r2_client_port_reused_for_another_destination_is_captured_at_once,
     r9_plaintext_client_port_reused_for_another_pod_is_captured_at_once,
     r5_hbone_client_port_reused_for_another_pod_is_captured_at_once,
@@ -528,6 +529,72 @@ fn r10_plaintext_into_captured_pod_rejected_by_identity_policy(fam: Family) {
     );
 }
 
+/// PeerAuthentications (both nodes' config): the mesh STRICT, `server2` PERMISSIVE on
+/// `:8080` only.
+const STRICT_BUT_SERVER2: &str = r#"peerAuthentications:
+  - name: default
+    namespace: istio-system
+    mtls: {mode: STRICT}
+  - name: server2-open
+    namespace: ns-b
+    selector: {matchLabels: {app: server2}}
+    portLevelMtls:
+      8080: {mode: PERMISSIVE}
+"#;
+
+/// R10 with Istio's PeerAuthentication: a STRICT pod refuses plaintext (reset, counted
+/// under istiod's static STRICT policy) and takes HBONE; a port made PERMISSIVE takes
+/// plaintext.
+fn r10_peer_authentication_strict_refuses_plaintext(fam: Family) {
+    let w = World::with_mesh(&fam.tag("r10pa"), "[]", STRICT_BUT_SERVER2);
+    let server = w.server_on(fam, "server");
+    let server2 = w.server_on(fam, "server2");
+    if let Err(got) = w.connect_refused("legacy-client", server.addr) {
+        panic!("plaintext to a STRICT pod must be refused, got {got:?}");
+    }
+    eventually_or(
+        "plaintext denied on B by the static STRICT policy",
+        || {
+            let b = w.stats(1);
+            denied_total(
+                &b,
+                "plaintext",
+                "istio-system/istio_converted_static_strict",
+            ) == 1
+                && metric(&b, PATHS, &[("route", "plaintext_deny")]) == 1
+        },
+        w.dump(),
+    );
+    assert!(
+        server.peers.try_recv().is_err(),
+        "the pod was never reached"
+    );
+    // The captured client over HBONE has an identity: allowed.
+    let (who, s) = w.call("client", server.addr, b"mtls");
+    assert_eq!(who, "server");
+    drop(s);
+    // server2's :8080 is PERMISSIVE: plaintext reaches it.
+    let (who, s) = w.call("legacy-client", server2.addr, b"plain");
+    assert_eq!(who, "server2");
+    drop(s);
+    eventually_or(
+        "hbone and plaintext allowed on B",
+        || {
+            let b = w.stats(1);
+            metric(&b, PATHS, &[("route", "hbone_allow"), ("peer", CLIENT_ID)]) == 1
+                && metric(
+                    &b,
+                    PATHS,
+                    &[
+                        ("route", "plaintext_allow"),
+                        ("target", &server2.addr.to_string()),
+                    ],
+                ) == 1
+        },
+        w.dump(),
+    );
+}
+
 /// A test waypoint (HBONE server) in pod `pod`'s namespace on `addr`, as `identity`.
 fn start_waypoint_in(w: &World, pod: &str, addr: SocketAddr, identity: &str) -> common::Waypoint {
     let (ca_dir, identity) = (w.ca_dir.clone(), identity.to_string());
@@ -628,6 +695,41 @@ fn r12_plaintext_to_waypoint_pod_is_hairpinned() {
         w.dump(),
     );
     assert_eq!(metric(&w.stats(0), PATHS, &[]), 0, "node A did not capture");
+}
+
+#[test]
+fn r12_strict_plaintext_to_waypoint_pod_is_refused_not_hairpinned() {
+    need_root!("r12_strict_plaintext_to_waypoint_pod_is_refused_not_hairpinned");
+    let w = World::with_mesh("r12pa", "[]", STRICT_BUT_SERVER2);
+    let wp = start_waypoint(&w);
+    let wpod = pod_addr("wpod");
+    // PeerAuthentication is the destination ztunnel's to enforce (the waypoint applies the
+    // pod's other policies): plaintext to a STRICT waypoint-bound pod is reset there.
+    if let Err(got) = w.connect_refused("legacy-client", wpod) {
+        panic!("plaintext to a STRICT pod must be refused, got {got:?}");
+    }
+    eventually_or(
+        "plaintext denied on B before the hairpin",
+        || {
+            denied_total(
+                &w.stats(1),
+                "plaintext",
+                "istio-system/istio_converted_static_strict",
+            ) == 1
+        },
+        w.dump(),
+    );
+    assert!(
+        wp.seen.try_recv().is_err(),
+        "the waypoint was never reached"
+    );
+    assert_eq!(
+        metric(&w.stats(1), PATHS, &[("route", "plaintext_hairpin")]),
+        0
+    );
+    // A mesh client still goes through the waypoint.
+    let (who, _s) = w.call("client", wpod, b"via waypoint");
+    assert_eq!(who, "waypoint");
 }
 
 #[test]

@@ -250,7 +250,7 @@ workloads:
   - {{name: legacy-client, namespace: legacy, workloadIps: [{}], node: node-a}}
   - {{name: client2, namespace: ns-a, serviceAccount: client, workloadIps: [{}], node: node-a}}
   - {{name: server, namespace: ns-b, serviceAccount: server, workloadIps: [{}], node: node-b}}
-  - {{name: server2, namespace: ns-b, serviceAccount: server, workloadIps: [{}], node: node-b}}
+  - {{name: server2, namespace: ns-b, serviceAccount: server, workloadIps: [{}], node: node-b, labels: {{app: server2}}}}
   - {{name: legacy, namespace: legacy, workloadIps: [{}], node: node-b}}
   - {{name: wpod, namespace: ns-w, serviceAccount: wpod, workloadIps: [{}], node: node-b}}
   - {{name: wpod2, namespace: ns-w, serviceAccount: wpod2, workloadIps: [{}], node: node-b}}
