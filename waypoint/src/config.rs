@@ -6,6 +6,7 @@
 //! |----------|--------------|-------------|
 //! | `HTTPRoute` | `gateway.networking.k8s.io/v1`, `/v1beta1` | [`crate::route::HttpRoute`] |
 //! | `GRPCRoute` | `gateway.networking.k8s.io/v1`, `/v1alpha2` | [`crate::route::HttpRoute`] (method matches as path matches, see `grpc_as_http`) |
+//! | `TCPRoute` | `gateway.networking.k8s.io/v1alpha2` | [`crate::route::TcpRoute`]: `parentRefs` (Services), one rule of weighted `backendRefs`; its ports are opaque TCP (no protocol detection) and no HTTPRoute, GRPCRoute or VirtualService may take them for the same clients |
 //! | `AuthorizationPolicy` | `security.istio.io/v1`, `/v1beta1` | [`crate::authz::Policy`] (`CUSTOM` with `provider.name`: an extension provider of the MeshConfig document) |
 //! | `RequestAuthentication` | `security.istio.io/v1`, `/v1beta1` | [`crate::jwt::RequestAuthn`]: `jwtRules[]` with `issuer`, `audiences`, `jwks` (inline JSON), or `jwksUri` (fetched, with `timeout`; neither: OpenID discovery from the issuer; see [`crate::jwks`]), `fromHeaders` (`name`, `prefix`), `fromParams`, `fromCookies`, `forwardOriginalToken`, `outputPayloadToHeader`, `outputClaimToHeaders` (`header`, `claim`) |
 //! | `VirtualService` | `networking.istio.io/v1`, `/v1beta1`, `/v1alpha3` | [`crate::route::HttpRoute`] with its rules in order (see `config/virtual_service.rs` for the fields) |
@@ -103,7 +104,7 @@ use crate::authz::{self, Attachment, Condition, Key, OneOf, PathPattern, StrMatc
 use crate::lb::{HashKey, LbPolicy, OutlierDetection};
 use crate::route::{
     Backend, Cors, Filter, HeaderModifier, HttpRoute, Mirror, ObjectRef, PathMatch, PathModifier,
-    Redirect, Retry, Rewrite, RouteMatch, RouteTable, Rule, Timeouts, ValueMatch,
+    Redirect, Retry, Rewrite, RouteMatch, RouteTable, Rule, TcpRoute, Timeouts, ValueMatch,
 };
 use crate::{ext_authz, jwks, jwt};
 
@@ -611,6 +612,9 @@ pub fn load_str(file: &Path, text: &str, version: u64) -> Result<WaypointConfig,
     let mut seen = BTreeSet::new();
     // VirtualServices, checked against the HTTPRoutes and DestinationRules once all are read.
     let mut virtuals: Vec<VsDoc> = vec![];
+    // TCPRoutes with their document (index, first line, text), checked against the
+    // HTTP routes once all are read.
+    let mut tcp_routes: Vec<(TcpRoute, usize, usize, String)> = vec![];
     let mut index = 0;
     for (start, doc) in documents(text) {
         let blank = doc
@@ -706,6 +710,18 @@ pub fn load_str(file: &Path, text: &str, version: u64) -> Result<WaypointConfig,
                     )));
                 }
                 routes.push(compile_route(&d).map_err(invalid)?);
+            }
+            ("gateway.networking.k8s.io/v1alpha2", "TCPRoute") => {
+                let d: Doc<TcpRouteSpec> = parse(file, &doc).map_err(at)?;
+                if !seen.insert(key(&d.metadata)) {
+                    return Err(invalid(Invalid::new("metadata.name", "duplicate TCPRoute")));
+                }
+                tcp_routes.push((
+                    compile_tcp_route(&d).map_err(invalid)?,
+                    index,
+                    start,
+                    doc.clone(),
+                ));
             }
             (
                 "gateway.networking.k8s.io/v1" | "gateway.networking.k8s.io/v1alpha2",
@@ -838,7 +854,7 @@ pub fn load_str(file: &Path, text: &str, version: u64) -> Result<WaypointConfig,
             | ("networking.istio.io/v1alpha3", _) => {
                 return Err(invalid(Invalid::new(
                     "kind",
-                    format!("unsupported kind {kind:?} (HTTPRoute, GRPCRoute, AuthorizationPolicy, RequestAuthentication, VirtualService, DestinationRule, Telemetry)"),
+                    format!("unsupported kind {kind:?} (HTTPRoute, GRPCRoute, TCPRoute, AuthorizationPolicy, RequestAuthentication, VirtualService, DestinationRule, Telemetry)"),
                 )));
             }
             _ => {
@@ -874,6 +890,7 @@ pub fn load_str(file: &Path, text: &str, version: u64) -> Result<WaypointConfig,
         }
     }
     check_virtual_services(file, &routes, &virtuals, &cfg.subsets)?;
+    check_tcp_routes(file, &routes, &tcp_routes)?;
     cfg.generates_cookies = {
         let subsets = cfg.subsets.values().map(|s| &s.policy);
         cfg.destination_rules
@@ -884,7 +901,7 @@ pub fn load_str(file: &Path, text: &str, version: u64) -> Result<WaypointConfig,
                 matches!(&t.lb.policy, LbPolicy::ConsistentHash(HashKey::Cookie(c)) if c.ttl.is_some())
             })
     };
-    cfg.routes = RouteTable::new(routes);
+    cfg.routes = RouteTable::new(routes).with_tcp(tcp_routes.into_iter().map(|t| t.0).collect());
     if let Some(snap) = &cfg.mesh {
         cfg.routes.prebuild_with_model(snap);
     }
@@ -954,6 +971,48 @@ fn check_virtual_services(
                         svc.name
                     ),
                 ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A TCPRoute's port is opaque TCP: no HTTP route may take it for the same clients (one
+/// of the same namespace, or a VirtualService, naming the service on that port or on
+/// every port).
+fn check_tcp_routes(
+    file: &Path,
+    routes: &[HttpRoute],
+    tcp: &[(TcpRoute, usize, usize, String)],
+) -> Result<(), LoadError> {
+    let overlap = |a: Option<u16>, b: Option<u16>| a.is_none() || b.is_none() || a == b;
+    for (t, document, start, doc) in tcp {
+        for (pi, (svc, port)) in t.parents.iter().enumerate() {
+            let other = routes.iter().find(|r| {
+                (r.in_order || r.id.namespace == t.id.namespace)
+                    && r.parents
+                        .iter()
+                        .any(|(p, pp)| p == svc && overlap(*port, *pp))
+            });
+            if let Some(r) = other {
+                let what = if r.in_order {
+                    "VirtualService"
+                } else {
+                    "HTTPRoute or GRPCRoute"
+                };
+                let field = format!("spec.parentRefs[{pi}]");
+                let on = port.map_or("every port".to_string(), |p| format!("port {p}"));
+                return Err(LoadError {
+                    file: file.to_owned(),
+                    document: *document,
+                    line: Some(locate(doc, &field).unwrap_or(1) + start - 1),
+                    column: None,
+                    field: Some(field),
+                    message: format!(
+                        "service {}/{} on {on} also has {what} {}/{}: a port is TCP (TCPRoute) or HTTP, not both; name the ports in the parentRefs",
+                        svc.namespace, svc.name, r.id.namespace, r.id.name
+                    ),
+                });
             }
         }
     }
@@ -1395,6 +1454,43 @@ fn grpc_as_http(d: Doc<GrpcRouteSpec>) -> Result<Doc<RouteSpec>, Invalid> {
 }
 
 // HTTPRoute ---------------------------------------------------------------
+
+/// `TCPRoute.spec`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct TcpRouteSpec {
+    #[serde(default)]
+    parent_refs: Vec<ParentRef>,
+    #[serde(default)]
+    rules: Vec<TcpRuleRaw>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct TcpRuleRaw {
+    #[serde(default)]
+    #[allow(dead_code)]
+    name: Option<String>,
+    #[serde(default)]
+    backend_refs: Vec<TcpBackendRefRaw>,
+}
+
+/// The Gateway API's `BackendRef` (an `HTTPBackendRef` without `filters`).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct TcpBackendRefRaw {
+    #[serde(default)]
+    group: Option<String>,
+    #[serde(default)]
+    kind: Option<String>,
+    name: String,
+    #[serde(default)]
+    namespace: Option<String>,
+    #[serde(default)]
+    port: Option<u16>,
+    #[serde(default)]
+    weight: Option<u32>,
+}
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
@@ -1945,15 +2041,9 @@ fn compile_filters(
     Ok(out)
 }
 
-fn compile_route(d: &Doc<RouteSpec>) -> Result<HttpRoute, Invalid> {
-    let ns = d.metadata.namespace();
-    if !d.spec.hostnames.is_empty() {
-        return Err(Invalid::new(
-            "spec.hostnames",
-            "not supported for Service parents (GAMMA routes match every host)",
-        ));
-    }
-    if let Some(ts) = &d.metadata.creation_timestamp {
+/// `metadata.creationTimestamp`, checked (RFC 3339 UTC, compared as text).
+fn creation_timestamp(m: &Metadata) -> Result<Option<String>, Invalid> {
+    if let Some(ts) = &m.creation_timestamp {
         let ok = ts.len() == 20
             && ts.ends_with('Z')
             && ts.as_bytes()[10] == b'T'
@@ -1965,8 +2055,14 @@ fn compile_route(d: &Doc<RouteSpec>) -> Result<HttpRoute, Invalid> {
             ));
         }
     }
+    Ok(m.creation_timestamp.clone())
+}
+
+/// A route's `parentRefs`, which must all be Services (GAMMA), in the route's namespace
+/// `ns` unless they name another.
+fn service_parents(refs: &[ParentRef], ns: &str) -> Result<Vec<(ObjectRef, Option<u16>)>, Invalid> {
     let mut parents = vec![];
-    for (i, p) in d.spec.parent_refs.iter().enumerate() {
+    for (i, p) in refs.iter().enumerate() {
         let group = p.group.as_deref().unwrap_or("gateway.networking.k8s.io");
         let kind = p.kind.as_deref().unwrap_or("Gateway");
         if !group.is_empty() || kind != "Service" {
@@ -1980,6 +2076,55 @@ fn compile_route(d: &Doc<RouteSpec>) -> Result<HttpRoute, Invalid> {
         let pns = p.namespace.as_deref().unwrap_or(ns);
         parents.push((ObjectRef::new(pns, &p.name), p.port));
     }
+    Ok(parents)
+}
+
+/// A `TCPRoute` (Gateway API `tcproute_types.go`): one rule of weighted Service backends.
+fn compile_tcp_route(d: &Doc<TcpRouteSpec>) -> Result<TcpRoute, Invalid> {
+    let ns = d.metadata.namespace();
+    let created = creation_timestamp(&d.metadata)?;
+    let parents = service_parents(&d.spec.parent_refs, ns)?;
+    let rule = match &d.spec.rules[..] {
+        [rule] => rule,
+        [] => return Err(Invalid::new("spec.rules", "one rule is required")),
+        [_, ..] => {
+            return Err(Invalid::new(
+                "spec.rules[1]",
+                "a TCPRoute with more than one rule is not supported (a TCP connection has \
+                 nothing to match a rule by): put every backend in one rule",
+            ))
+        }
+    };
+    let mut backends = vec![];
+    for (bi, b) in rule.backend_refs.iter().enumerate() {
+        let bf = format!("spec.rules[0].backendRefs[{bi}]");
+        let (service, port) =
+            service_ref(&bf, &b.group, &b.kind, &b.name, &b.namespace, b.port, ns)?;
+        backends.push(Backend {
+            service,
+            port,
+            weight: b.weight.unwrap_or(1),
+            filters: vec![],
+        });
+    }
+    Ok(TcpRoute {
+        id: d.metadata.id(),
+        created,
+        parents,
+        backends,
+    })
+}
+
+fn compile_route(d: &Doc<RouteSpec>) -> Result<HttpRoute, Invalid> {
+    let ns = d.metadata.namespace();
+    if !d.spec.hostnames.is_empty() {
+        return Err(Invalid::new(
+            "spec.hostnames",
+            "not supported for Service parents (GAMMA routes match every host)",
+        ));
+    }
+    let created = creation_timestamp(&d.metadata)?;
+    let parents = service_parents(&d.spec.parent_refs, ns)?;
     let mut rules = vec![];
     for (ri, r) in d.spec.rules.iter().enumerate() {
         let rf = format!("spec.rules[{ri}]");
@@ -2142,7 +2287,7 @@ fn compile_route(d: &Doc<RouteSpec>) -> Result<HttpRoute, Invalid> {
     }
     Ok(HttpRoute {
         id: d.metadata.id(),
-        created: d.metadata.creation_timestamp.clone(),
+        created,
         in_order: false,
         parents,
         rules,

@@ -1,5 +1,6 @@
 //! Service routing (R16, R17): Gateway API `HTTPRoute`s whose `parentRefs` name a Service
-//! (group `""`, kind `Service`), with the spec's matching, precedence and filters.
+//! (group `""`, kind `Service`), with the spec's matching, precedence and filters; and
+//! `TCPRoute`s ([`TcpRoute`]), whose ports are opaque TCP split over weighted backends.
 //!
 //! Pure: [`RouteTable::route`] takes a request and returns a [`Decision`]; it never does I/O.
 //!
@@ -532,6 +533,44 @@ pub struct HttpRoute {
     pub rules: Vec<Rule>,
 }
 
+/// A Gateway API `TCPRoute` with Service parents (GAMMA): a connection to a parent's port
+/// is opaque TCP (no protocol detection) and goes to one of `backends` by weight. It has
+/// one rule (more are refused at load) and no filters.
+#[derive(Debug, Clone)]
+pub struct TcpRoute {
+    pub id: ObjectRef,
+    /// As [`HttpRoute::created`]: the oldest of two on one port wins.
+    pub created: Option<String>,
+    pub parents: Vec<(ObjectRef, Option<u16>)>,
+    /// Without filters.
+    pub backends: Vec<Backend>,
+}
+
+impl TcpRoute {
+    /// A backend by weight; `None` when every weight is 0 (or there is none): the
+    /// connection is refused, as the Gateway API says of a rule with no valid backend.
+    pub fn pick(&self, rng: &mut dyn Rng) -> Option<&Backend> {
+        pick_weighted(&self.backends, rng).map(|i| &self.backends[i])
+    }
+}
+
+/// Index of one of `backends` chosen by weight (`None` when the weights sum to 0).
+fn pick_weighted(backends: &[Backend], rng: &mut dyn Rng) -> Option<usize> {
+    let total: u64 = backends.iter().map(|b| b.weight as u64).sum();
+    if total == 0 {
+        return None;
+    }
+    let mut pick = rng.below(total);
+    backends.iter().position(|b| {
+        if pick < b.weight as u64 {
+            true
+        } else {
+            pick -= b.weight as u64;
+            false
+        }
+    })
+}
+
 /// The request as routing sees it.
 #[derive(Debug, Clone, Copy)]
 pub struct Request<'a> {
@@ -642,15 +681,24 @@ pub struct RouteTable {
     /// By parent service: the indices (ascending, so in tie-break order) of the routes
     /// naming it on some port, so that a request looks only at its service's routes.
     by_service: crate::upstream::FnvMap<ObjectRef, Vec<usize>>,
+    /// TCPRoutes, oldest first ([`RouteTable::with_tcp`]).
+    tcp: Vec<TcpRoute>,
+}
+
+/// Oldest first (no `creationTimestamp`: last), then by namespace/name: the Gateway API's
+/// order among conflicting routes.
+fn by_age(
+    a: (&Option<String>, &ObjectRef),
+    b: (&Option<String>, &ObjectRef),
+) -> std::cmp::Ordering {
+    let ta = (a.0.is_none(), a.0.as_deref());
+    let tb = (b.0.is_none(), b.0.as_deref());
+    ta.cmp(&tb).then_with(|| a.1.cmp(b.1))
 }
 
 impl RouteTable {
     pub fn new(mut routes: Vec<HttpRoute>) -> Self {
-        routes.sort_by(|a, b| {
-            let ta = (a.created.is_none(), a.created.as_deref());
-            let tb = (b.created.is_none(), b.created.as_deref());
-            ta.cmp(&tb).then_with(|| a.id.cmp(&b.id))
-        });
+        routes.sort_by(|a, b| by_age((&a.created, &a.id), (&b.created, &b.id)));
         let prebuilt = routes
             .iter()
             .map(|route| {
@@ -674,7 +722,40 @@ impl RouteTable {
             prebuilt,
             self_routed: Default::default(),
             by_service,
+            tcp: Vec::new(),
         }
+    }
+
+    /// This table with the file's TCPRoutes.
+    pub fn with_tcp(mut self, mut tcp: Vec<TcpRoute>) -> Self {
+        tcp.sort_by(|a, b| by_age((&a.created, &a.id), (&b.created, &b.id)));
+        self.tcp = tcp;
+        self
+    }
+
+    pub fn tcp_routes(&self) -> &[TcpRoute] {
+        &self.tcp
+    }
+
+    /// The TCPRoute that takes connections to `service:port` from a client of
+    /// `client_namespace`, if one does: the oldest attached, a consumer route (in the
+    /// client's namespace, naming a service of another) before the producer routes, as for
+    /// HTTP ([`RouteTable::route_from`]).
+    pub fn tcp_route(
+        &self,
+        client_namespace: Option<&str>,
+        service: &ObjectRef,
+        port: u16,
+    ) -> Option<&TcpRoute> {
+        let consumer = client_namespace.filter(|ns| *ns != service.namespace);
+        let attached_in = |ns: &str| {
+            self.tcp
+                .iter()
+                .find(|r| r.id.namespace == ns && attached(&r.parents, service, port))
+        };
+        consumer
+            .and_then(attached_in)
+            .or_else(|| attached_in(&service.namespace))
     }
 
     /// What needs the mesh model `snap` (the snapshot this table is used with):
@@ -816,7 +897,7 @@ impl RouteTable {
             let route = &self.routes[i];
             if route.in_order {
                 // A VirtualService is alone on its service (checked at load).
-                if attached(route, service, port) {
+                if attached(&route.parents, service, port) {
                     return self.first_match(i, client_namespace, req, port, service_exists, rng);
                 }
                 continue;
@@ -828,7 +909,7 @@ impl RouteTable {
             } else {
                 continue;
             };
-            if !attached(route, service, port) {
+            if !attached(&route.parents, service, port) {
                 continue;
             }
             group.any = true;
@@ -928,9 +1009,8 @@ struct Group<'r> {
 type MatchRank = (u8, usize, bool, usize, usize);
 
 /// Whether `route` names `service` (on `port`, or on every port) as a parent.
-fn attached(route: &HttpRoute, service: &ObjectRef, port: u16) -> bool {
-    route
-        .parents
+fn attached(parents: &[(ObjectRef, Option<u16>)], service: &ObjectRef, port: u16) -> bool {
+    parents
         .iter()
         .any(|(p, pp)| p == service && pp.is_none_or(|pp| pp == port))
 }
@@ -1081,26 +1161,12 @@ fn forward_by_rule<'t>(
             None => built = Some(fwd),
         }
     }
-    let total: u64 = rule.backends.iter().map(|b| b.weight as u64).sum();
-    if total == 0 {
+    let Some(bi) = pick_weighted(&rule.backends, rng) else {
         return Err(Decision::Respond {
             status: 500,
             reason: "no backend",
         });
-    }
-    let mut pick = rng.below(total);
-    let bi = rule
-        .backends
-        .iter()
-        .position(|b| {
-            if pick < b.weight as u64 {
-                true
-            } else {
-                pick -= b.weight as u64;
-                false
-            }
-        })
-        .expect("pick below total weight");
+    };
     let backend = &rule.backends[bi];
     if !service_exists(&backend.service) {
         return Err(Decision::Respond {

@@ -871,9 +871,23 @@ async fn tunnel(w: Rc<Worker>, cert: Arc<WorkloadCert>, mut inb: Inbound) {
             times.stream_idle,
         )
     };
+    // A port a TCPRoute takes is opaque TCP: nothing to detect (a server-first protocol
+    // is served at once).
+    let tcp_routed = match &ctx.destination {
+        http1::Destination::Service { service, port } => l7
+            .routes
+            .tcp_route(ctx.client_namespace.as_deref(), service, *port)
+            .is_some(),
+        http1::Destination::Workload { .. } => false,
+    };
     // Boxed: only live until the first bytes, it would otherwise size the whole tunnel.
-    let detect = Box::pin(race(inner::detect(&mut stream, &times), w.ctx.aborted()));
-    let (proto, first) = match detect.await {
+    let detect = async {
+        if tcp_routed {
+            return Either::Left(Ok((Protocol::Tcp, bytes::BytesMut::new())));
+        }
+        race(inner::detect(&mut stream, &times), w.ctx.aborted()).await
+    };
+    let (proto, first) = match Box::pin(detect).await {
         Either::Left(Ok(x)) => x,
         Either::Left(Err(e)) => {
             tracing::debug!(%target, error = %e, "tunnel failed before its first bytes");
@@ -2555,7 +2569,26 @@ impl HboneUpstream {
             return;
         };
         let svc = match &ctx.destination {
-            http1::Destination::Service { service, port } => Some((service.clone(), *port)),
+            http1::Destination::Service { service, port } => {
+                // A TCPRoute sends the connection to one of its backends (GAMMA).
+                match l7
+                    .routes
+                    .tcp_route(ctx.client_namespace.as_deref(), service, *port)
+                {
+                    None => Some((service.clone(), *port)),
+                    Some(route) => match route.pick(&mut self.rng) {
+                        Some(b) if l7.service_exists(&b.service) => {
+                            Some((b.service.clone(), b.port))
+                        }
+                        picked => {
+                            counters.upstream_errors.fetch_add(1, Relaxed);
+                            tracing::debug!(target = %self.target, route = ?route.id, backend = ?picked.map(|b| &b.service), "opaque TCP: no valid TCPRoute backend");
+                            down.reset(h2::Reason::REFUSED_STREAM);
+                            return;
+                        }
+                    },
+                }
+            }
             http1::Destination::Workload { .. } => None,
         };
         // The service's `maxConnections` (circuit breaking): held while the tunnel lives.

@@ -1,0 +1,274 @@
+//! Gateway API `TCPRoute` on Services (GAMMA), as Istio's ambient "TCP traffic shifting"
+//! task uses it: connections to the parent's port are opaque TCP — no protocol detection,
+//! so a server-first protocol is served at once — split over the weighted backends.
+//!
+//! The backends are server-first: each greets with its name before it reads, then echoes
+//! every byte until the client's half-close. Without the route's port claimed, the
+//! waypoint would wait for the client's first byte and the greeting would never come.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::Path;
+use std::time::SystemTime;
+
+use bytes::Bytes;
+use common::{
+    app_model, bind_node_ztunnel, block_on, bounded, fnv, id, ip, open_tunnel, payload,
+    read_to_end, serve_threads, stand_in_ztunnel, test_ca, Ended, Waypoint,
+};
+use hbone::ca::CertSource;
+use hbone::stream::H2Stream;
+
+/// A server-first backend: `<name>\n`, then every byte back until the client's half-close.
+fn greeter(ip: Ipv4Addr, name: &'static str) -> SocketAddr {
+    serve_threads(ip, move |mut c| {
+        if c.write_all(format!("{name}\n").as_bytes()).is_err() {
+            return;
+        }
+        let mut r = c.try_clone().unwrap();
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            match r.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    if c.write_all(&buf[..n]).is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+        let _ = c.shutdown(std::net::Shutdown::Write);
+    })
+}
+
+/// Istio's `tcp-echo` task: 80 % to v1, 20 % to v2. `tcp-broken` routes to a service the
+/// model does not have.
+const ROUTES: &str = r#"apiVersion: gateway.networking.k8s.io/v1alpha2
+kind: TCPRoute
+metadata:
+  name: tcp-echo
+  namespace: app
+spec:
+  parentRefs:
+  - group: ""
+    kind: Service
+    name: tcp-echo
+    port: 9000
+  rules:
+  - backendRefs:
+    - name: tcp-echo-v1
+      port: 9000
+      weight: 80
+    - name: tcp-echo-v2
+      port: 9000
+      weight: 20
+---
+apiVersion: gateway.networking.k8s.io/v1alpha2
+kind: TCPRoute
+metadata: {name: broken, namespace: app}
+spec:
+  parentRefs: [{group: "", kind: Service, name: tcp-broken}]
+  rules: [{backendRefs: [{name: nowhere, port: 9000}]}]
+"#;
+
+struct Mesh {
+    wp: Waypoint,
+}
+
+impl Mesh {
+    fn start() -> Mesh {
+        let (net, zl) = bind_node_ztunnel(31);
+        let ca = test_ca();
+        let _zt = stand_in_ztunnel(
+            zl,
+            &ca.issue(&id("app", "echo"), SystemTime::now()).unwrap(),
+        );
+        let v1 = greeter(ip(net, 2), "v1");
+        let v2 = greeter(ip(net, 3), "v2");
+        let workloads = format!(
+            "  - {{uid: v1, name: tcp-echo-v1, namespace: app, serviceAccount: echo, node: node-b, workloadIps: [\"{}\"], services: {{\"app/tcp-echo.app.svc.cluster.local\": {{9000: {p1}, 9001: {p1}}}, \"app/tcp-echo-v1.app.svc.cluster.local\": {{9000: {p1}}}, \"app/tcp-broken.app.svc.cluster.local\": {{9000: {p1}}}}}}}\n  - {{uid: v2, name: tcp-echo-v2, namespace: app, serviceAccount: echo, node: node-b, workloadIps: [\"{}\"], services: {{\"app/tcp-echo.app.svc.cluster.local\": {{9000: {p2}, 9001: {p2}}}, \"app/tcp-echo-v2.app.svc.cluster.local\": {{9000: {p2}}}}}}}\n",
+            v1.ip(),
+            v2.ip(),
+            p1 = v1.port(),
+            p2 = v2.port(),
+        );
+        let services = "  - {name: tcp-echo, namespace: app, hostname: tcp-echo.app.svc.cluster.local, vips: [\"10.96.0.20\"], ports: {9000: 9000, 9001: 9001}}
+  - {name: tcp-echo-v1, namespace: app, hostname: tcp-echo-v1.app.svc.cluster.local, vips: [\"10.96.0.21\"], ports: {9000: 9000}}
+  - {name: tcp-echo-v2, namespace: app, hostname: tcp-echo-v2.app.svc.cluster.local, vips: [\"10.96.0.22\"], ports: {9000: 9000}}
+  - {name: tcp-broken, namespace: app, hostname: tcp-broken.app.svc.cluster.local, vips: [\"10.96.0.23\"], ports: {9000: 9000}}
+";
+        let text = format!(
+            "{}---\n{ROUTES}",
+            app_model(ip(net, 1), &workloads, services)
+        );
+        let wp = Waypoint::start(&ca, &text, &format!("waypoint-tcp-route-{net}.yaml"));
+        Mesh { wp }
+    }
+
+    async fn tunnel(&self, target: &str) -> (hbone::client::Client, H2Stream) {
+        open_tunnel(self.wp.addr, &self.wp.client_cert, target).await
+    }
+}
+
+/// Read the backend's greeting line (the client has sent nothing yet).
+async fn greeting(s: &mut H2Stream) -> String {
+    let mut buf = Vec::new();
+    while !buf.contains(&b'\n') {
+        match bounded(s.read()).await {
+            Some(Ok(b)) => buf.extend_from_slice(&b),
+            other => panic!("no greeting: {other:?} after {buf:?}"),
+        }
+    }
+    String::from_utf8(buf).unwrap()
+}
+
+#[test]
+fn tcp_route_splits_connections_by_weight_and_serves_server_first_protocols() {
+    let m = Mesh::start();
+    let n = 1000;
+    let v2 = block_on(async {
+        let mut v2 = 0;
+        for _ in 0..n {
+            let (_c, mut s) = m.tunnel("10.96.0.20:9000").await;
+            // The backend speaks first: the waypoint forwarded without waiting for a byte.
+            match greeting(&mut s).await.as_str() {
+                "v1\n" => {}
+                "v2\n" => v2 += 1,
+                other => panic!("greeting {other:?}"),
+            }
+            s.write_all(Bytes::from_static(b"bye"), true).await.unwrap();
+            let (back, ended) = read_to_end(&mut s).await;
+            assert_eq!((back.as_slice(), ended), (&b"bye"[..], Ended::Closed));
+        }
+        v2
+    });
+    // 20 % of 1,000 within ±5 % of all connections (the issue's bound for weights).
+    assert!((150..=250).contains(&v2), "v2 took {v2} of {n}");
+}
+
+#[test]
+fn tcp_route_carries_every_byte_and_the_half_close() {
+    let m = Mesh::start();
+    let data = payload(4 * 1024 * 1024 + 5);
+    let (head, back, ended) = block_on(async {
+        let (_c, mut s) = m.tunnel("10.96.0.20:9000").await;
+        let head = greeting(&mut s).await;
+        s.write_all(Bytes::from(data.clone()), true).await.unwrap();
+        let (back, ended) = read_to_end(&mut s).await;
+        (head, back, ended)
+    });
+    assert!(head == "v1\n" || head == "v2\n", "{head:?}");
+    assert_eq!(ended, Ended::Closed);
+    assert_eq!(back.len(), data.len());
+    assert_eq!(fnv(&back), fnv(&data));
+}
+
+#[test]
+fn a_port_without_a_tcp_route_is_detected_and_self_routed() {
+    let m = Mesh::start();
+    // 9001 has no route: the service routes to itself over both endpoints, after the
+    // client's first bytes (not HTTP: opaque).
+    let seen = block_on(async {
+        let mut seen = std::collections::BTreeSet::new();
+        for _ in 0..40 {
+            let (_c, mut s) = m.tunnel("10.96.0.20:9001").await;
+            s.write_all(Bytes::from_static(b"\x16hi"), true)
+                .await
+                .unwrap();
+            let (back, ended) = read_to_end(&mut s).await;
+            assert_eq!(ended, Ended::Closed);
+            let text = String::from_utf8(back).unwrap();
+            let (name, rest) = text.split_once('\n').unwrap();
+            assert_eq!(rest, "\x16hi");
+            seen.insert(name.to_string());
+        }
+        seen
+    });
+    assert_eq!(seen.into_iter().collect::<Vec<_>>(), ["v1", "v2"]);
+}
+
+#[test]
+fn a_tcp_route_to_a_missing_service_refuses_the_connection() {
+    let m = Mesh::start();
+    // Refused without a byte: the stream is reset, before or after its `200` reached the
+    // client (nothing waits for the client's first byte).
+    block_on(async {
+        let c = common::connect(m.wp.addr, &m.wp.client_cert, id("app", "waypoint"))
+            .await
+            .unwrap();
+        let req = hbone::wire::ConnectRequest::new("10.96.0.23:9000".parse().unwrap());
+        match c.open(&req).await {
+            Ok(mut s) => assert_eq!(read_to_end(&mut s).await, (Vec::new(), Ended::Reset)),
+            Err(e) => assert!(e.to_string().contains("refused stream"), "{e}"),
+        }
+    });
+    assert_eq!(
+        m.wp.counters()
+            .upstream_errors
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+}
+
+#[test]
+fn tcp_route_load_errors_name_the_field() {
+    let mesh = "services:\n  - {name: t, namespace: app, hostname: t.app.svc.cluster.local, vips: [\"10.96.0.30\"], ports: {9000: 9000, 80: 8080}}\n";
+    let tcp = |spec: &str| {
+        format!("apiVersion: gateway.networking.k8s.io/v1alpha2\nkind: TCPRoute\nmetadata: {{name: r, namespace: app}}\nspec:\n{spec}")
+    };
+    let parent = "  parentRefs:\n  - {group: \"\", kind: Service, name: t, port: 9000}\n";
+    let http = |port: &str| {
+        format!("apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: h, namespace: app}}\nspec:\n  parentRefs:\n  - {{group: \"\", kind: Service, name: t{port}}}\n  rules: [{{backendRefs: [{{name: t, port: 80}}]}}]\n")
+    };
+    let cases: Vec<(String, &str, &str)> = vec![
+        (
+            tcp(&format!("{parent}  rules:\n  - backendRefs: [{{name: t, port: 9000}}]\n  - backendRefs: [{{name: t, port: 9000}}]\n")),
+            "spec.rules[1]",
+            "more than one rule",
+        ),
+        (tcp(parent), "spec.rules", "one rule is required"),
+        (
+            tcp("  parentRefs: [{name: gw}]\n  rules: [{backendRefs: [{name: t, port: 9000}]}]\n"),
+            "spec.parentRefs[0]",
+            "only for Services",
+        ),
+        (
+            tcp(&format!("{parent}  rules:\n  - backendRefs:\n    - name: t\n")),
+            "spec.rules[0].backendRefs[0].port",
+            "required",
+        ),
+        (
+            tcp(&format!("{parent}  rules:\n  - backendRefs:\n    - name: t\n      port: 9000\n      filters: []\n")),
+            "spec.rules[0].backendRefs[0]",
+            "unknown field `filters`",
+        ),
+        // An HTTPRoute on every port of the service overlaps the TCPRoute's port…
+        (
+            format!("{}---\n{}", http(""), tcp(&format!("{parent}  rules: [{{backendRefs: [{{name: t, port: 9000}}]}}]\n"))),
+            "spec.parentRefs[0]",
+            "a port is TCP (TCPRoute) or HTTP",
+        ),
+    ];
+    for (doc, field, says) in cases {
+        let text = format!("{mesh}---\n{doc}");
+        let e = match waypoint::config::load_str(Path::new("w.yaml"), &text, 1) {
+            Ok(_) => panic!("loaded:\n{text}"),
+            Err(e) => e,
+        };
+        assert_eq!(e.field.as_deref(), Some(field), "{e}\n{text}");
+        assert!(e.message.contains(says), "{e}");
+        assert!(e.line.is_some(), "{e}");
+    }
+    // …one on another port does not.
+    let text = format!(
+        "{mesh}---\n{}---\n{}",
+        http(", port: 80"),
+        tcp(&format!(
+            "{parent}  rules: [{{backendRefs: [{{name: t, port: 9000}}]}}]\n"
+        ))
+    );
+    let cfg = waypoint::config::load_str(Path::new("w.yaml"), &text, 1).unwrap();
+    assert_eq!(cfg.routes.tcp_routes().len(), 1);
+}
