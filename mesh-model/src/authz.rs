@@ -837,6 +837,7 @@ mod tests {
             services: Default::default(),
             authorization_policies: vec![],
             labels: Default::default(),
+            locality: Default::default(),
             healthy: true,
             capacity: 1,
         };

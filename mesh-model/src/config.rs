@@ -150,6 +150,39 @@ pub struct LocalWorkload {
     pub waypoint: Option<LocalGatewayAddress>,
     #[serde(default)]
     pub labels: Labels,
+    /// Where it runs (its node's `topology.kubernetes.io/region` and `zone`, Istio's
+    /// `subzone`): for services that prefer close endpoints.
+    #[serde(default)]
+    pub locality: Option<LocalLocality>,
+}
+
+/// ztunnel's `{region, zone, subzone}`.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LocalLocality {
+    pub region: String,
+    pub zone: String,
+    pub subzone: String,
+}
+
+/// Kubernetes' `Service.spec.trafficDistribution`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum TrafficDistribution {
+    /// Istio: the same network, then region, zone and subzone, failing over outward.
+    PreferClose,
+    /// Kubernetes 1.34's name for the zone preference (Istio treats it as `PreferClose`).
+    PreferSameZone,
+    /// `PreferClose`, then the client's own node first.
+    PreferSameNode,
+}
+
+/// Kubernetes' `Service.spec.internalTrafficPolicy`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+pub enum InternalTrafficPolicy {
+    #[default]
+    Cluster,
+    /// Only endpoints on the client's node (none there: the connection is refused).
+    Local,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
@@ -188,6 +221,36 @@ pub struct LocalService {
     pub waypoint: Option<LocalGatewayAddress>,
     #[serde(default)]
     pub labels: Labels,
+    #[serde(default)]
+    pub traffic_distribution: Option<TrafficDistribution>,
+    #[serde(default)]
+    pub internal_traffic_policy: InternalTrafficPolicy,
+}
+
+impl LocalService {
+    /// The `LoadBalancing` istiod sends ztunnel for it: `internalTrafficPolicy: Local` is
+    /// the node only, strictly; a `trafficDistribution` fails over from the closest.
+    fn load_balancing(&self) -> Option<ww::LoadBalancing> {
+        use ww::load_balancing::{Mode, Scope as S};
+        let close = [S::Network, S::Region, S::Zone, S::Subzone];
+        let (scopes, mode) = match (self.internal_traffic_policy, self.traffic_distribution) {
+            (InternalTrafficPolicy::Local, _) => (vec![S::Node], Mode::Strict),
+            (_, None) => return None,
+            (_, Some(TrafficDistribution::PreferClose | TrafficDistribution::PreferSameZone)) => {
+                (close.to_vec(), Mode::Failover)
+            }
+            (_, Some(TrafficDistribution::PreferSameNode)) => {
+                let mut s = close.to_vec();
+                s.push(S::Node);
+                (s, Mode::Failover)
+            }
+        };
+        Some(ww::LoadBalancing {
+            routing_preference: scopes.into_iter().map(|s| s as i32).collect(),
+            mode: mode as i32,
+            health_policy: 0,
+        })
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
@@ -610,6 +673,11 @@ impl LocalConfig {
             )?;
             opt(f("workloadName"), &w.workload_name, names::dns_subdomain)?;
             labels(f("labels"), &w.labels)?;
+            if let Some(l) = &w.locality {
+                check(f("locality.region"), &l.region, names::label_value)?;
+                check(f("locality.zone"), &l.zone, names::label_value)?;
+                check(f("locality.subzone"), &l.subzone, names::label_value)?;
+            }
         }
         for (i, s) in self.services.iter().enumerate() {
             let f = |name: &str| format!("services[{i}].{name}");
@@ -905,6 +973,11 @@ impl LocalConfig {
                     } as i32,
                     cluster_id: w.cluster_id.clone(),
                     capacity: w.capacity,
+                    locality: w.locality.as_ref().map(|l| ww::Locality {
+                        region: l.region.clone(),
+                        zone: l.zone.clone(),
+                        subzone: l.subzone.clone(),
+                    }),
                     ..Default::default()
                 })),
             });
@@ -932,6 +1005,7 @@ impl LocalConfig {
                     ports: port_list(&s.ports).ports,
                     subject_alt_names: s.subject_alt_names.clone(),
                     waypoint,
+                    load_balancing: s.load_balancing(),
                     extensions: match s.load_balancing {
                         LocalLoadBalancing::RoundRobin => vec![ww::Extension {
                             name: ROUND_ROBIN_EXTENSION.to_string(),

@@ -45,6 +45,7 @@
 //! | `capacity` | `capacity` | weight for weighted random, default 1 |
 //! | `nativeTunnel` | `native_tunnel` | kept |
 //! | `waypoint` | `waypoint` | explicit, ztunnel's form `{destination: {Address: "net/ip"}, hboneMtlsPort: 15008}`; absent: R3 |
+//! | `locality` | `locality` | `{region, zone, subzone}` (its node's topology labels), for services that prefer close endpoints |
 //! | `labels` | — | extension: the pod's labels, as in Kubernetes (`app: echo`, `version: v1`): kept in the model ([`model::Workload::labels`]) for `selector` policies and telemetry; `istio.io/dataplane-mode` (`ambient`/`none`) and `istio.io/use-waypoint`(`-namespace`) also drive R2/R3 |
 //!
 //! ### `services[]` → `istio.workload.Service`
@@ -58,6 +59,8 @@
 //! | `loadBalancing` | `extensions` | extension: `WeightedRandom` (default) / `RoundRobin` (an `Extension` named [`snapshot::ROUND_ROBIN_EXTENSION`]) |
 //! | `waypoint` | `waypoint` | explicit, as for workloads |
 //! | `labels` | `waypoint` | extension: `istio.io/use-waypoint` binds the service's waypoint |
+//! | `trafficDistribution` | `load_balancing` | Kubernetes': `PreferClose` (and `PreferSameZone`) → scopes network, region, zone, subzone, mode failover, as istiod sends it; `PreferSameNode` adds the node. A client's endpoints are those sharing the longest run of scopes with it, the next tier when none is healthy ([`model::Preference`]); ztunnel measures from the client workload, the waypoint from its own |
+//! | `internalTrafficPolicy` | `load_balancing` | Kubernetes': `Local` → the client's node only, strictly (none there: refused); `Cluster` (default) |
 //!
 //! ### `policies[]` → `istio.security.Authorization`
 //! `name`, `namespace`, `scope` (`Global` default, `Namespace`, `WorkloadSelector`; the

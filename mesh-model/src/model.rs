@@ -68,6 +68,84 @@ pub struct Workload {
     pub healthy: bool,
     /// Relative weight for weighted-random balancing (at least 1).
     pub capacity: u32,
+    /// Where it runs (Kubernetes' topology labels), for locality-aware balancing.
+    pub locality: Locality,
+}
+
+/// `region`, `zone`, `subzone`; empty when not known.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Locality {
+    pub region: String,
+    pub zone: String,
+    pub subzone: String,
+}
+
+/// What a client shares with an endpoint, from the coarsest (Istio's workload API
+/// `LoadBalancing.Scope`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Scope {
+    Network,
+    Region,
+    Zone,
+    Subzone,
+    Node,
+    Cluster,
+}
+
+/// How the scopes of a [`Preference`] are applied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum PreferenceMode {
+    /// Only endpoints sharing every scope with the client.
+    Strict,
+    /// The endpoints sharing the longest run of scopes (from the first) with the client;
+    /// the next tier when a tier has none (healthy).
+    Failover,
+}
+
+/// A service's locality preference (Kubernetes `trafficDistribution: PreferClose`,
+/// `internalTrafficPolicy: Local`; istiod's `LoadBalancing` for ztunnel).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Preference {
+    pub scopes: Vec<Scope>,
+    pub mode: PreferenceMode,
+}
+
+impl Preference {
+    /// How many of the scopes, from the first, `to` shares with `from` (compared as
+    /// ztunnel does: unknown equals unknown); an unknown client shares none.
+    pub fn rank(&self, from: Option<&Workload>, to: &Workload) -> usize {
+        let Some(from) = from else { return 0 };
+        let (a, b) = (&from.locality, &to.locality);
+        self.scopes
+            .iter()
+            .take_while(|scope| match scope {
+                Scope::Network => from.network == to.network,
+                Scope::Region => a.region == b.region,
+                Scope::Zone => a.zone == b.zone,
+                Scope::Subzone => a.subzone == b.subzone,
+                Scope::Node => from.node == to.node,
+                Scope::Cluster => from.cluster_id == to.cluster_id,
+            })
+            .count()
+    }
+
+    /// Of `candidates`, those a client `from` uses: in [`PreferenceMode::Strict`] those of
+    /// full rank; in [`PreferenceMode::Failover`] those of the best rank present.
+    pub fn narrow<T>(&self, from: Option<&Workload>, candidates: Vec<(&Workload, T)>) -> Vec<T> {
+        let ranked: Vec<(usize, T)> = candidates
+            .into_iter()
+            .map(|(w, t)| (self.rank(from, w), t))
+            .collect();
+        let want = match self.mode {
+            PreferenceMode::Strict => self.scopes.len(),
+            PreferenceMode::Failover => ranked.iter().map(|(r, _)| *r).max().unwrap_or(0),
+        };
+        ranked
+            .into_iter()
+            .filter(|(r, _)| *r == want)
+            .map(|(_, t)| t)
+            .collect()
+    }
 }
 
 impl Workload {
@@ -120,6 +198,8 @@ pub struct Service {
     pub endpoints: Vec<Endpoint>,
     pub waypoint: Option<WaypointRef>,
     pub load_balancing: LoadBalancing,
+    /// Locality preference; `None`: every healthy endpoint alike.
+    pub preference: Option<Preference>,
     pub subject_alt_names: Vec<String>,
 }
 

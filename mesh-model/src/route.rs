@@ -107,12 +107,15 @@ pub enum Outbound {
     NoEndpoint { service: String, port: u16 },
 }
 
-/// Pick an endpoint of `svc` for service port `port`: only healthy endpoints that serve the
-/// port; weighted random by capacity, or round robin. Returns the workload and target port.
+/// Pick an endpoint of `svc` for service port `port` for a client `from`: only healthy
+/// endpoints that serve the port, narrowed by the service's locality [`crate::model::Preference`] when it
+/// has one; weighted random by capacity, or round robin. Returns the workload and target
+/// port.
 pub fn choose_endpoint<'s>(
     snap: &'s Snapshot,
     svc: &Service,
     port: u16,
+    from: Option<&Workload>,
     chooser: &mut dyn Chooser,
 ) -> Option<(&'s Workload, u16)> {
     let eligible: Vec<(&Workload, u16)> = svc
@@ -124,6 +127,10 @@ pub fn choose_endpoint<'s>(
             (w.healthy && !w.ips.is_empty()).then_some((w, t))
         })
         .collect();
+    let eligible = match &svc.preference {
+        None => eligible,
+        Some(p) => p.narrow(from, eligible.into_iter().map(|c| (c.0, c)).collect()),
+    };
     if eligible.is_empty() {
         return None;
     }
@@ -199,7 +206,8 @@ pub fn outbound(
             if let Some(wp) = svc.waypoint.as_ref().filter(|wp| !is_waypoint(source, wp)) {
                 return via_waypoint(wp, dst, Some(key), None);
             }
-            let Some((ep, target_port)) = choose_endpoint(snap, svc, dst.port(), chooser) else {
+            let Some((ep, target_port)) = choose_endpoint(snap, svc, dst.port(), source, chooser)
+            else {
                 return Outbound::NoEndpoint {
                     service: key,
                     port: dst.port(),

@@ -7,8 +7,9 @@ use std::net::{IpAddr, SocketAddr};
 
 use crate::authz::{self, Connection, Policy, Verdict};
 use crate::model::{
-    ip_from_bytes, Endpoint, Identity, Labels, LoadBalancing, Namespace, Node, Protocol, Service,
-    Waypoint, WaypointRef, Workload, DEFAULT_SERVICE_ACCOUNT, DEFAULT_TRUST_DOMAIN, HBONE_PORT,
+    ip_from_bytes, Endpoint, Identity, Labels, LoadBalancing, Locality, Namespace, Node,
+    Preference, PreferenceMode, Protocol, Scope, Service, Waypoint, WaypointRef, Workload,
+    DEFAULT_SERVICE_ACCOUNT, DEFAULT_TRUST_DOMAIN, HBONE_PORT,
 };
 use crate::names;
 use crate::wire::workload as ww;
@@ -154,6 +155,15 @@ impl Snapshot {
                         labels: state.extras.labels.get(&w.uid).cloned().unwrap_or_default(),
                         healthy: w.status != ww::WorkloadStatus::Unhealthy as i32,
                         capacity: w.capacity.unwrap_or(1).max(1),
+                        locality: w
+                            .locality
+                            .as_ref()
+                            .map(|l| Locality {
+                                region: l.region.clone(),
+                                zone: l.zone.clone(),
+                                subzone: l.subzone.clone(),
+                            })
+                            .unwrap_or_default(),
                     };
                     for ip in &wl.ips {
                         if let Some(first) = snap.by_ip.insert(*ip, wl.uid.clone()) {
@@ -227,6 +237,7 @@ impl Snapshot {
                 } else {
                     LoadBalancing::WeightedRandom
                 },
+                preference: s.load_balancing.as_ref().and_then(preference),
                 subject_alt_names: s.subject_alt_names.clone(),
             };
             let key = svc.key();
@@ -392,6 +403,33 @@ impl Snapshot {
             conn,
         )
     }
+}
+
+/// istiod's `LoadBalancing` as a [`Preference`] (an unspecified mode fails over); `None`
+/// without scopes, or in `PASSTHROUGH`. Unknown scopes are dropped.
+fn preference(lb: &ww::LoadBalancing) -> Option<Preference> {
+    use ww::load_balancing::{Mode, Scope as S};
+    let mode = match Mode::try_from(lb.mode).ok()? {
+        Mode::Strict => PreferenceMode::Strict,
+        Mode::Failover | Mode::UnspecifiedMode => PreferenceMode::Failover,
+        Mode::Passthrough => return None,
+    };
+    let scopes: Vec<Scope> = lb
+        .routing_preference
+        .iter()
+        .filter_map(|s| {
+            Some(match S::try_from(*s).ok()? {
+                S::Network => Scope::Network,
+                S::Region => Scope::Region,
+                S::Zone => Scope::Zone,
+                S::Subzone => Scope::Subzone,
+                S::Node => Scope::Node,
+                S::Cluster => Scope::Cluster,
+                S::UnspecifiedScope => return None,
+            })
+        })
+        .collect();
+    (!scopes.is_empty()).then_some(Preference { scopes, mode })
 }
 
 fn non_empty(s: &str, default: &str) -> String {

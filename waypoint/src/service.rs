@@ -298,7 +298,7 @@ pub fn start(
                     Arc::new(TlsCounters::default()),
                     ctx.listen_options().clone(),
                 ),
-                balancers: RefCell::new(Balancers::default()),
+                balancers: RefCell::new(Balancers::at(shared.settings.me.address.ip())),
                 l7: RefCell::new(l7),
                 metrics: LocalMetrics::new(shared.metrics.clone()),
                 h2_clients: RefCell::new(Default::default()),

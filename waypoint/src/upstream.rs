@@ -27,12 +27,15 @@ pub struct Endpoint {
 }
 
 /// The healthy endpoints of `service` that serve `port`, in the model's (uid) order; of a
-/// subset, those whose workload has all of `labels`.
+/// subset, those whose workload has all of `labels`; narrowed, when the service prefers
+/// close endpoints (`trafficDistribution`, `internalTrafficPolicy`), to those closest to
+/// `near` (the waypoint's own workload), as ztunnel narrows them for its clients.
 pub fn endpoints(
     snap: &Snapshot,
     service: &ObjectRef,
     port: u16,
     labels: Option<&mesh_model::config::LocalSelector>,
+    near: Option<&mesh_model::model::Workload>,
 ) -> Vec<Endpoint> {
     let Some(svc) = snap
         .services()
@@ -40,26 +43,28 @@ pub fn endpoints(
     else {
         return vec![];
     };
-    svc.endpoints
-        .iter()
-        .filter_map(|ep| {
-            let w = snap.workload(&ep.workload_uid)?;
-            if !w.healthy {
-                return None;
-            }
-            if labels.is_some_and(|l| !l.selects(&w.labels)) {
-                return None;
-            }
-            let target = svc.target_port(ep, port)?;
-            let ip = *w.ips.first()?;
-            let hbone_ip = snap.node(&w.node).map_or(ip, |n| n.ztunnel);
-            Some(Endpoint {
-                workload_uid: w.uid.clone(),
-                authority: SocketAddr::new(ip, target),
-                hbone: SocketAddr::new(hbone_ip, HBONE_PORT),
-            })
-        })
-        .collect()
+    let candidates = svc.endpoints.iter().filter_map(|ep| {
+        let w = snap.workload(&ep.workload_uid)?;
+        if !w.healthy {
+            return None;
+        }
+        if labels.is_some_and(|l| !l.selects(&w.labels)) {
+            return None;
+        }
+        let target = svc.target_port(ep, port)?;
+        let ip = *w.ips.first()?;
+        let hbone_ip = snap.node(&w.node).map_or(ip, |n| n.ztunnel);
+        let e = Endpoint {
+            workload_uid: w.uid.clone(),
+            authority: SocketAddr::new(ip, target),
+            hbone: SocketAddr::new(hbone_ip, HBONE_PORT),
+        };
+        Some((w, e))
+    });
+    match &svc.preference {
+        None => candidates.map(|(_, e)| e).collect(),
+        Some(p) => p.narrow(near, candidates.collect()),
+    }
 }
 
 struct Entry {
@@ -148,9 +153,20 @@ pub type FnvMap<K, V> = HashMap<K, V, std::hash::BuildHasherDefault<Fnv>>;
 #[derive(Default)]
 pub struct Balancers {
     by_service: FnvMap<ObjectRef, Vec<(u16, Entry)>>,
+    /// The waypoint's own address: its workload in the model is where locality
+    /// preferences are measured from ([`endpoints`]).
+    me: Option<std::net::IpAddr>,
 }
 
 impl Balancers {
+    /// The balancers of the waypoint at `me`.
+    pub fn at(me: std::net::IpAddr) -> Self {
+        Balancers {
+            me: Some(me),
+            ..Default::default()
+        }
+    }
+
     /// Choose an endpoint of `service:port`; `None` when it has none. Call
     /// [`Balancers::finish`] with the same key and index when the request ends.
     pub fn pick(
@@ -186,7 +202,8 @@ impl Balancers {
             found => {
                 // A new snapshot (or a first use): keep the balancer's state unless this
                 // service's endpoints or its DestinationRule changed.
-                let eps = endpoints(snap, service, port, cfg.subset_labels(service));
+                let near = self.me.and_then(|ip| snap.workload_by_ip(ip));
+                let eps = endpoints(snap, service, port, cfg.subset_labels(service), near);
                 let lb = cfg.lb(service, Some(port));
                 match found {
                     Some(at) if ports[at].1.endpoints == eps && ports[at].1.lb == lb => {

@@ -34,6 +34,7 @@ fn endpoints_are_healthy_workloads_with_target_ports() {
         &ObjectRef::new("default", "echo"),
         80,
         None,
+        None,
     );
     let got: Vec<(String, String, String)> = eps
         .iter()
@@ -59,6 +60,7 @@ fn endpoints_are_healthy_workloads_with_target_ports() {
         cfg.mesh.as_ref().unwrap(),
         &ObjectRef::new("default", "echo"),
         81,
+        None,
         None
     )
     .is_empty());
@@ -66,6 +68,7 @@ fn endpoints_are_healthy_workloads_with_target_ports() {
         cfg.mesh.as_ref().unwrap(),
         &ObjectRef::new("default", "nope"),
         80,
+        None,
         None
     )
     .is_empty());
@@ -168,4 +171,94 @@ fn query_parameter_hash_from_port_level_settings() {
         *users_per_endpoint.entry(first.unwrap()).or_default() += 1;
     }
     assert_eq!(users_per_endpoint.len(), 3, "{users_per_endpoint:?}");
+}
+
+/// The waypoint (`10.9.0.1`, region `r1`, zone `z1`, node `n1`) and `echo`'s endpoints
+/// around it; `{svc}` is the service's locality fields.
+fn near_model(svc: &str, zone_a_healthy: bool) -> String {
+    let status = if zone_a_healthy {
+        "Healthy"
+    } else {
+        "Unhealthy"
+    };
+    format!(
+        r#"
+workloads:
+  - {{uid: wp, name: wp, namespace: default, workloadIps: ["10.9.0.1"], node: n1, locality: {{region: r1, zone: z1}}}}
+  - {{uid: same-zone, name: a, namespace: default, workloadIps: ["10.1.0.1"], node: n2, status: {status}, locality: {{region: r1, zone: z1}}, services: {{"default/echo.default.svc.cluster.local": {{80: 8080}}}}}}
+  - {{uid: same-node, name: b, namespace: default, workloadIps: ["10.1.0.2"], node: n1, status: {status}, locality: {{region: r1, zone: z1}}, services: {{"default/echo.default.svc.cluster.local": {{80: 8080}}}}}}
+  - {{uid: same-region, name: c, namespace: default, workloadIps: ["10.1.0.3"], node: n3, locality: {{region: r1, zone: z2}}, services: {{"default/echo.default.svc.cluster.local": {{80: 8080}}}}}}
+  - {{uid: far, name: d, namespace: default, workloadIps: ["10.1.0.4"], node: n4, locality: {{region: r2, zone: z9}}, services: {{"default/echo.default.svc.cluster.local": {{80: 8080}}}}}}
+services:
+  - {{name: echo, namespace: default, hostname: echo.default.svc.cluster.local, vips: ["10.96.0.10"], ports: {{80: 8080}}{svc}}}
+"#
+    )
+}
+
+/// The endpoints of `echo:80` the waypoint at `10.9.0.1` uses, and where its balancer
+/// sends 200 requests.
+fn near(svc: &str, zone_a_healthy: bool) -> (Vec<String>, Vec<String>) {
+    let cfg = load_str(Path::new("n.yaml"), &near_model(svc, zone_a_healthy), 1)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let snap = cfg.mesh.as_ref().unwrap();
+    let echo = ObjectRef::new("default", "echo");
+    let me = "10.9.0.1".parse().unwrap();
+    let eps = endpoints(snap, &echo, 80, None, snap.workload_by_ip(me))
+        .into_iter()
+        .map(|e| e.workload_uid)
+        .collect();
+    let mut b = Balancers::at(me);
+    let mut rng = SplitMix64(3);
+    let mut picked = std::collections::BTreeSet::new();
+    for _ in 0..200 {
+        let input = HashInput::default();
+        if let Some((i, e)) = b.pick(&cfg, &echo, 80, &input, Instant::now(), &mut rng) {
+            picked.insert(e.workload_uid.clone());
+            b.finish(&echo, 80, i, 200, Instant::now());
+        }
+    }
+    (eps, picked.into_iter().collect())
+}
+
+#[test]
+fn prefer_close_keeps_the_waypoints_zone_and_fails_over_outward() {
+    // No preference: every healthy endpoint.
+    let (all, picked) = near("", true);
+    assert_eq!(all, ["far", "same-node", "same-region", "same-zone"]);
+    assert_eq!(picked, all);
+    // PreferClose: the waypoint's zone (its node counts no more than the zone)…
+    let zone = ["same-node", "same-zone"];
+    assert_eq!(
+        near(", trafficDistribution: PreferClose", true),
+        (
+            zone.map(String::from).to_vec(),
+            zone.map(String::from).to_vec()
+        )
+    );
+    // …then its region when the zone has no healthy endpoint.
+    let region = vec!["same-region".to_string()];
+    assert_eq!(
+        near(", trafficDistribution: PreferClose", false),
+        (region.clone(), region)
+    );
+    // PreferSameNode: the node first.
+    let node = vec!["same-node".to_string()];
+    assert_eq!(
+        near(", trafficDistribution: PreferSameNode", true),
+        (node.clone(), node)
+    );
+}
+
+#[test]
+fn internal_traffic_policy_local_is_the_node_only_and_strict() {
+    let node = vec!["same-node".to_string()];
+    assert_eq!(
+        near(", internalTrafficPolicy: Local", true),
+        (node.clone(), node)
+    );
+    // Nothing on the node: no endpoint at all (no failover).
+    assert_eq!(
+        near(", internalTrafficPolicy: Local", false),
+        (vec![], vec![])
+    );
 }
