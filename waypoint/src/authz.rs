@@ -224,10 +224,14 @@ pub struct Rule {
 /// the destination's ztunnel; their evaluation here serves tools and tests.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Attachment {
-    /// `targetRefs`: Gateways (this waypoint) and Services, in the policy's namespace.
+    /// `targetRefs`: Gateways (this waypoint) and Services, in the policy's namespace; from
+    /// the root namespace, the GatewayClass `istio-waypoint` (every waypoint).
     Targets {
         gateways: Vec<String>,
         services: Vec<String>,
+        every_waypoint: bool,
+        /// Some target is a GatewayClass (which only the root namespace may name).
+        class: bool,
     },
     /// `selector.matchLabels`: workloads in the policy's namespace (all namespaces from the
     /// root namespace).
@@ -481,12 +485,23 @@ impl Policy {
 }
 
 impl Attachment {
+    /// Whether a target is a GatewayClass.
+    pub fn names_a_class(&self) -> bool {
+        matches!(self, Attachment::Targets { class: true, .. })
+    }
+
     /// Whether an object of namespace `ns` attached so applies to `s`.
     pub fn applies(&self, ns: &str, s: &Subject<'_>) -> bool {
         let root = ns == s.root_namespace;
         match self {
-            Attachment::Targets { gateways, services } => {
-                (ns == s.waypoint.namespace && gateways.contains(&s.waypoint.name))
+            Attachment::Targets {
+                gateways,
+                services,
+                every_waypoint,
+                ..
+            } => {
+                (root && *every_waypoint)
+                    || (ns == s.waypoint.namespace && gateways.contains(&s.waypoint.name))
                     || s.service
                         .is_some_and(|svc| svc.namespace == ns && services.contains(&svc.name))
             }

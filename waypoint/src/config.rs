@@ -16,6 +16,10 @@
 //! | no `apiVersion`/`kind`, a `meshConfig:` key | — | Istio MeshConfig's `extensionProviders` of kinds `envoyExtAuthzHttp` (`service`: a model service's hostname, or `namespace/hostname`; `port`, `pathPrefix`, `timeout`, `failOpen`, `statusOnError`, `includeRequestHeadersInCheck`, `includeAdditionalHeadersInCheck`, `headersToUpstreamOnAllow`, `headersToDownstreamOnDeny`, `headersToDownstreamOnAllow`) and `envoyExtAuthzGrpc` (`service`, `port`, `timeout`, `failOpen`, `statusOnError`), at most one, reloaded with the file; see [`crate::ext_authz`] |
 //! | no `apiVersion`/`kind`, no `waypoint:` key | — | mesh-model's local config (`namespaces`, `workloads`, `services`, `policies`, `waypoints`, `nodes`; see the `mesh_model` crate docs), at most one |
 //!
+//! `targetRefs` name the waypoint's `Gateway`, `Service`s (group `""` or `core`) of the
+//! policy's namespace, or, from the root namespace only, the `GatewayClass`
+//! `istio-waypoint`: every waypoint (a policy elsewhere naming a class is a load error).
+//!
 //! An `AuthorizationPolicy` or `RequestAuthentication` without `targetRefs` (a workload
 //! `selector`, or none: the whole namespace, or the mesh from the root namespace) is loaded
 //! and checked but not enforced, as in Istio, whose waypoints enforce only `targetRefs`
@@ -615,6 +619,9 @@ pub fn load_str(file: &Path, text: &str, version: u64) -> Result<WaypointConfig,
     // TCPRoutes with their document (index, first line, text), checked against the
     // HTTP routes once all are read.
     let mut tcp_routes: Vec<(TcpRoute, usize, usize, String)> = vec![];
+    // Policies naming a GatewayClass (document, first line, text, namespace): only the
+    // root namespace may, which is known once the settings document is read.
+    let mut classes: Vec<(usize, usize, String, String)> = vec![];
     let mut index = 0;
     for (start, doc) in documents(text) {
         let blank = doc
@@ -746,6 +753,9 @@ pub fn load_str(file: &Path, text: &str, version: u64) -> Result<WaypointConfig,
                     )));
                 }
                 let policy = compile_policy(&d).map_err(invalid)?;
+                if policy.attachment.names_a_class() {
+                    classes.push((index, start, doc.clone(), policy.id.namespace.clone()));
+                }
                 if let Some(name) = &policy.provider {
                     let line = locate(&doc, "spec.provider.name").unwrap_or(1) + start - 1;
                     customs.push((name.clone(), index, line));
@@ -773,6 +783,9 @@ pub fn load_str(file: &Path, text: &str, version: u64) -> Result<WaypointConfig,
                     )));
                 }
                 let authn = compile_request_authn(&d).map_err(invalid)?;
+                if authn.attachment.names_a_class() {
+                    classes.push((index, start, doc.clone(), authn.id.namespace.clone()));
+                }
                 let kind = "RequestAuthentication";
                 match set_aside(file, &doc, start, index, kind, &authn.id, &authn.attachment) {
                     Some(i) => cfg.ignored_policies.push(i),
@@ -788,6 +801,12 @@ pub fn load_str(file: &Path, text: &str, version: u64) -> Result<WaypointConfig,
                     )));
                 }
                 if let Some(rule) = compile_telemetry(&d).map_err(invalid)? {
+                    if rule.attachment.names_a_class() {
+                        return Err(invalid(Invalid::new(
+                            "spec.targetRefs",
+                            "a GatewayClass target is for AuthorizationPolicy and RequestAuthentication",
+                        )));
+                    }
                     let kind = "Telemetry";
                     let set_aside_now = matches!(rule.attachment, Attachment::Selector(_));
                     match set_aside_now
@@ -891,6 +910,25 @@ pub fn load_str(file: &Path, text: &str, version: u64) -> Result<WaypointConfig,
     }
     check_virtual_services(file, &routes, &virtuals, &cfg.subsets)?;
     check_tcp_routes(file, &routes, &tcp_routes)?;
+    let root = cfg
+        .settings
+        .as_ref()
+        .map_or_else(default_root_namespace, |s| {
+            s.waypoint.root_namespace.clone()
+        });
+    if let Some((document, start, doc, ns)) = classes.iter().find(|c| c.3 != root) {
+        let field = "spec.targetRefs".to_string();
+        return Err(LoadError {
+            file: file.to_owned(),
+            document: *document,
+            line: Some(locate(doc, &field).unwrap_or(1) + start - 1),
+            column: None,
+            field: Some(field),
+            message: format!(
+                "a GatewayClass target is for policies of the root namespace {root:?} only (this one is in {ns:?})"
+            ),
+        });
+    }
     cfg.generates_cookies = {
         let subsets = cfg.subsets.values().map(|s| &s.policy);
         cfg.destination_rules
@@ -976,6 +1014,9 @@ fn check_virtual_services(
     }
     Ok(())
 }
+
+/// The GatewayClass of every waypoint (Istio's `istio-waypoint`).
+pub const WAYPOINT_CLASS: &str = "istio-waypoint";
 
 /// A TCPRoute's port is opaque TCP: no HTTP route may take it for the same clients (one
 /// of the same namespace, or a VirtualService, naming the service on that port or on
@@ -2496,6 +2537,8 @@ fn attachment(
         }
         let mut gateways = vec![];
         let mut services = vec![];
+        let mut every_waypoint = false;
+        let mut any_class = false;
         for (i, t) in targets.iter().enumerate() {
             let f = if target_ref.is_some() {
                 target_field.to_string()
@@ -2510,16 +2553,30 @@ fn attachment(
             }
             match (t.group.as_deref().unwrap_or(""), t.kind.as_str()) {
                 ("gateway.networking.k8s.io", "Gateway") => gateways.push(t.name.clone()),
-                ("", "Service") => services.push(t.name.clone()),
+                ("" | "core", "Service") => services.push(t.name.clone()),
+                // Istio: the class of every waypoint, from the root namespace only (a
+                // class of other gateways applies to none here).
+                // (checked once the root namespace is known: `check_gateway_classes`).
+                ("gateway.networking.k8s.io", "GatewayClass") => {
+                    every_waypoint |= t.name == WAYPOINT_CLASS;
+                    any_class = true;
+                }
                 (g, k) => {
                     return Err(Invalid::new(
                         format!("{f}.kind"),
-                        format!("unsupported target group {g:?} kind {k:?} (Gateway or Service)"),
+                        format!(
+                            "unsupported target group {g:?} kind {k:?} (Gateway, Service, or GatewayClass {WAYPOINT_CLASS})"
+                        ),
                     ))
                 }
             }
         }
-        Attachment::Targets { gateways, services }
+        Attachment::Targets {
+            gateways,
+            services,
+            every_waypoint,
+            class: any_class,
+        }
     } else if let Some(sel) = &selector {
         Attachment::Selector(sel.match_labels.clone())
     } else {

@@ -661,6 +661,14 @@ fn attachment_target_refs_selector_and_namespace() {
         (deny("", "default"), Some("echo"), None, false),
         (deny("", "elsewhere"), Some("echo"), None, false),
         (deny("", "istio-system"), Some("echo"), None, false),
+        // Istio's `core` group of Services.
+        (deny("  targetRefs: [{kind: Service, group: core, name: echo}]\n", "default"), Some("echo"), None, true),
+        // The GatewayClass of every waypoint, from the root namespace: this waypoint too,
+        // for any service or pod it serves…
+        (deny("  targetRefs: [{kind: GatewayClass, group: gateway.networking.k8s.io, name: istio-waypoint}]\n", "istio-system"), Some("other"), None, true),
+        (deny("  targetRefs: [{kind: GatewayClass, group: gateway.networking.k8s.io, name: istio-waypoint}]\n", "istio-system"), None, Some(("default", &labels)), true),
+        // …but another class (ingress gateways) is not this waypoint's.
+        (deny("  targetRefs: [{kind: GatewayClass, group: gateway.networking.k8s.io, name: istio}]\n", "istio-system"), Some("echo"), None, false),
     ];
     for (yaml, svc, wl, denied) in table {
         let ps = policies(&yaml);
@@ -670,6 +678,25 @@ fn attachment_target_refs_selector_and_namespace() {
             "{yaml} {svc:?}"
         );
     }
+}
+
+#[test]
+fn a_gateway_class_target_outside_the_root_namespace_is_a_load_error() {
+    let policy = |ns: &str| {
+        format!("apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: all-waypoints, namespace: {ns}}}\nspec:\n  targetRefs:\n  - {{kind: GatewayClass, group: gateway.networking.k8s.io, name: istio-waypoint}}\n  action: DENY\n  rules: [{{}}]\n")
+    };
+    let e = load_str(Path::new("p.yaml"), &policy("default"), 1).unwrap_err();
+    assert_eq!(e.field.as_deref(), Some("spec.targetRefs"), "{e}");
+    assert!(e.message.contains("root namespace \"istio-system\""), "{e}");
+    assert_eq!(e.line, Some(5), "{e}");
+    // The root namespace is the settings document's.
+    let settings = "waypoint:\n  gateway: app/wp\n  identity: spiffe://cluster.local/ns/app/sa/wp\n  ca: {builtin: /nonexistent}\n  root_namespace: mesh-root\n---\n";
+    let text = format!("{settings}{}", policy("mesh-root"));
+    if let Err(e) = load_str(Path::new("p.yaml"), &text, 1) {
+        panic!("{e}");
+    }
+    let text = format!("{settings}{}", policy("istio-system"));
+    assert!(load_str(Path::new("p.yaml"), &text, 1).is_err());
 }
 
 #[test]
