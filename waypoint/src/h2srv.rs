@@ -50,6 +50,7 @@ static DEFAULT_RETRY: std::sync::LazyLock<crate::route::Retry> =
 
 const TRACEPARENT: http::HeaderName = http::HeaderName::from_static("traceparent");
 const X_FORWARDED_FOR: http::HeaderName = http::HeaderName::from_static("x-forwarded-for");
+const X_REQUEST_ID: http::HeaderName = http::HeaderName::from_static("x-request-id");
 
 /// Hop-by-hop headers that HTTP/2 forbids (RFC 9113 §8.2.2).
 pub(crate) const HOP_BY_HOP: &[&str] = &[
@@ -585,8 +586,9 @@ fn head_of(parts: &http::request::Parts) -> Option<RequestHead> {
         std::borrow::Cow::Borrowed(p) => Text::slice_of(&src, p),
         std::borrow::Cow::Owned(p) => Text::from(p),
     };
-    // Room for the `traceparent` that [`http1::trace`] adds when the client sent none.
-    let mut headers = Vec::with_capacity(n_spans + 1);
+    // Room for the `traceparent` and `x-request-id` that [`http1::trace`] and
+    // [`http1::request_id`] add when the client sent none.
+    let mut headers = Vec::with_capacity(n_spans + 2);
     headers.extend(spans[..n_spans].iter().map(|&(n, v)| (at(n), at(v))));
     Some(RequestHead {
         method: at(method),
@@ -667,6 +669,7 @@ async fn request<U: Upstream>(
         return up;
     };
     let traceparent = http1::trace(&mut head, ctx.traceparent.as_deref(), &mut rng);
+    http1::request_id(&mut head, &mut rng);
     // The snapshot current now serves this stream to its end (a reload since the tunnel
     // began applies from here on); the tunnel's `x-forwarded-for` is its client's under it.
     let fresh = up.begin();
@@ -770,6 +773,7 @@ async fn request<U: Upstream>(
         response_bytes,
         started,
         traceparent: &traceparent,
+        request_id: head.header("x-request-id").unwrap_or(""),
         denied,
     });
     up
@@ -1083,6 +1087,15 @@ async fn forward_h2<U: Upstream>(
                 hs.append(TRACEPARENT, trace);
                 let xff = xff.as_ref().map_err(|e| io::Error::other(e.to_string()))?;
                 hs.append(X_FORWARDED_FOR, xff.clone());
+                // The one [`http1::request_id`] gave a request without its own (new for
+                // every request: never indexed, as the `traceparent`).
+                if !parts.headers.contains_key(X_REQUEST_ID) {
+                    if let Some(id) = head.header("x-request-id") {
+                        let mut id = http::HeaderValue::from_str(id).map_err(io::Error::other)?;
+                        id.set_sensitive(true);
+                        hs.append(X_REQUEST_ID, id);
+                    }
+                }
             }
             Some(routed) => {
                 hs.reserve(routed.len());
@@ -1091,7 +1104,10 @@ async fn forward_h2<U: Upstream>(
                         continue;
                     }
                     let mut value = http::HeaderValue::from_str(v).map_err(io::Error::other)?;
-                    value.set_sensitive(n.eq_ignore_ascii_case("traceparent"));
+                    value.set_sensitive(
+                        n.eq_ignore_ascii_case("traceparent")
+                            || n.eq_ignore_ascii_case("x-request-id"),
+                    );
                     hs.append(
                         http::HeaderName::from_bytes(n.as_bytes()).map_err(io::Error::other)?,
                         value,

@@ -237,17 +237,18 @@ pub fn parse_head(buf: &[u8]) -> Parsed {
     parse_head_traced(buf, None).0
 }
 
-/// What gives a request its `traceparent` as its head is parsed ([`parse_head_traced`]):
-/// the tunnel's (a [`crate::telemetry::valid_tunnel_traceparent`]) and the random numbers
-/// of a new one.
+/// What gives a request its `traceparent` (and, without one, an `x-request-id`) as its head
+/// is parsed ([`parse_head_traced`]): the tunnel's (a
+/// [`crate::telemetry::valid_tunnel_traceparent`]) and the random numbers of new ones.
 pub(crate) struct TraceFrom<'a> {
     pub tunnel: Option<&'a str>,
     pub rng: &'a mut dyn Rng,
 }
 
 /// [`parse_head`]; with `trace`, the head also gets its `traceparent` as [`trace`] sets
-/// it (returned too), without an allocation of its own: a request's valid one is kept (a
-/// slice of the head), a new one is written after the head in the same copy.
+/// it (returned too) and its `x-request-id` as [`request_id`] does, without an allocation
+/// of their own: a request's valid ones are kept (slices of the head), new ones are
+/// written after the head in the same copy.
 pub(crate) fn parse_head_traced(
     buf: &[u8],
     mut trace: Option<TraceFrom<'_>>,
@@ -350,12 +351,16 @@ fn parse_head_with<'b>(
             // `i` is the only one and takes the value; else any are dropped and it is
             // added last.
             let mut traced: Option<(Option<usize>, TraceValue)> = None;
+            // A new `x-request-id` ([`request_id`]), written after the `traceparent`.
+            let mut new_id: Option<[u8; crate::telemetry::REQUEST_ID_LEN]> = None;
             if let Some(tr) = trace {
-                let (mut first, mut count) = (None, 0);
+                let (mut first, mut count, mut has_id) = (None, 0, false);
                 for (i, h) in req.headers.iter().enumerate() {
                     if h.name.eq_ignore_ascii_case("traceparent") {
                         count += 1;
                         first = first.or(Some(i));
+                    } else if h.name.eq_ignore_ascii_case("x-request-id") {
+                        has_id = true;
                     }
                 }
                 let kept = first
@@ -370,16 +375,31 @@ fn parse_head_with<'b>(
                     None => TraceValue::New(crate::telemetry::new_traceparent(tr.tunnel, tr.rng)),
                 };
                 traced = Some((first.filter(|_| count == 1), value));
+                if !has_id {
+                    new_id = Some(crate::telemetry::new_request_id(tr.rng));
+                }
             }
-            let src: Rc<str> = match &traced {
-                Some((_, TraceValue::New(new))) => HEAD_TEXT.with_borrow_mut(|s| {
+            let new_trace = match &traced {
+                Some((_, TraceValue::New(new))) => Some(new),
+                _ => None,
+            };
+            let src: Rc<str> = if new_trace.is_none() && new_id.is_none() {
+                Rc::from(text)
+            } else {
+                HEAD_TEXT.with_borrow_mut(|s| {
                     s.clear();
                     s.push_str(text);
-                    s.push_str(std::str::from_utf8(new).unwrap_or(""));
+                    for new in [new_trace.map(|t| &t[..]), new_id.as_ref().map(|i| &i[..])]
+                        .into_iter()
+                        .flatten()
+                    {
+                        s.push_str(std::str::from_utf8(new).unwrap_or(""));
+                    }
                     Rc::from(s.as_str())
-                }),
-                _ => Rc::from(text),
+                })
             };
+            // Where the new `traceparent` ends in `src` (the new id follows it).
+            let trace_end = n + new_trace.map_or(0, |t| t.len());
             let range = |start: usize, end: usize| {
                 Text(TextRepr::Slice {
                     src: src.clone(),
@@ -390,9 +410,9 @@ fn parse_head_with<'b>(
             let at = |sub: &[u8]| range(offset(sub), offset(sub) + sub.len());
             let traceparent = traced.as_ref().map(|(_, v)| match *v {
                 TraceValue::Kept(start, end) => range(start, end),
-                TraceValue::New(_) => range(n, src.len()),
+                TraceValue::New(_) => range(n, trace_end),
             });
-            let mut hs = header_list(req.headers.len() + 2);
+            let mut hs = header_list(req.headers.len() + 3);
             for (i, h) in req.headers.iter().enumerate() {
                 let value = match (&traced, &traceparent) {
                     (Some((only, _)), Some(t)) if h.name.eq_ignore_ascii_case("traceparent") => {
@@ -407,6 +427,9 @@ fn parse_head_with<'b>(
             }
             if let (Some((None, _)), Some(t)) = (&traced, &traceparent) {
                 hs.push(("traceparent".into(), t.clone()));
+            }
+            if new_id.is_some() {
+                hs.push(("x-request-id".into(), range(trace_end, src.len())));
             }
             let path = match path {
                 // A slice of the head (a range of its copy), else a copy.
@@ -439,7 +462,8 @@ enum TraceValue {
 }
 
 thread_local! {
-    /// Where a head and its new `traceparent` are put together before their one copy.
+    /// Where a head and its new `traceparent` and `x-request-id` are put together before
+    /// their one copy.
     static HEAD_TEXT: std::cell::RefCell<String> = const { std::cell::RefCell::new(String::new()) };
 }
 
@@ -1517,6 +1541,9 @@ pub struct Record<'a> {
     pub response_bytes: u64,
     pub started: Instant,
     pub traceparent: &'a str,
+    /// Its `x-request-id` (the client's, else the one the waypoint gave it; empty for a
+    /// request whose head never came whole).
+    pub request_id: &'a str,
     /// Whether the waypoint refused it itself: AuthorizationPolicy (R15, `403`) or
     /// RequestAuthentication (a bad JWT, `401`).
     pub denied: Option<Refusal>,
@@ -1555,6 +1582,24 @@ impl Refusal {
             _ => local_flags(status),
         }
     }
+}
+
+/// Give the request an `x-request-id` when it has none (Envoy's `generate_request_id`: a
+/// request's own is kept, as it is for requests from inside the mesh); returns the new one.
+pub fn request_id(head: &mut RequestHead, rng: &mut dyn Rng) -> Option<Text> {
+    if head
+        .headers
+        .iter()
+        .any(|(n, _)| n.eq_ignore_ascii_case("x-request-id"))
+    {
+        return None;
+    }
+    let id = crate::telemetry::new_request_id(rng);
+    let id = Text::from(Rc::<str>::from(
+        std::str::from_utf8(&id).expect("a request id is ASCII"),
+    ));
+    head.headers.push(("x-request-id".into(), id.clone()));
+    Some(id)
 }
 
 /// Set a valid `traceparent` on the request (kept when valid, else continued from the
@@ -1929,7 +1974,9 @@ pub async fn serve_from<T: Tunnel, U: Upstream>(
                     deadline,
                 ))
                 .await?;
-                let rec = Record {
+                // A temporary: not held across the awaits below (the idle tunnel's future
+                // would carry it).
+                upstream.record(&Record {
                     protocol: "HTTP/1.1",
                     method: &head.method,
                     host: head.header("host").unwrap_or(""),
@@ -1941,9 +1988,9 @@ pub async fn serve_from<T: Tunnel, U: Upstream>(
                     response_bytes: out.response_bytes,
                     started,
                     traceparent: &traceparent,
+                    request_id: head.header("x-request-id").unwrap_or(""),
                     denied: None,
-                };
-                upstream.record(&rec);
+                });
                 match out.next {
                     Next::Continue if !close && head.version == 1 => {}
                     Next::Continue | Next::Close => {
@@ -2422,6 +2469,7 @@ impl<'a> Said<'a> {
             response_bytes: resp.len() as u64,
             started: self.started,
             traceparent: self.traceparent,
+            request_id: head.and_then(|h| h.header("x-request-id")).unwrap_or(""),
             denied,
         }
     }
@@ -4380,11 +4428,12 @@ mod tests {
         assert_eq!(out.len(), out.capacity());
     }
 
-    /// A head parsed with its `traceparent` set ([`parse_head_traced`], as [`serve`] reads
-    /// heads) is the head [`parse_head`] gives with [`trace`] applied, the same
-    /// `traceparent` from the same random numbers, for a request with none, a valid one
-    /// (with blanks around it too), an invalid one and several, with and without a valid
-    /// tunnel `traceparent`; a kept or new one is a slice of the head's one copy.
+    /// A head parsed with its `traceparent` and `x-request-id` set ([`parse_head_traced`],
+    /// as [`serve`] reads heads) is the head [`parse_head`] gives with [`trace`] and
+    /// [`request_id`] applied, the same values from the same random numbers, for a request
+    /// with no `traceparent`, a valid one (with blanks around it too), an invalid one and
+    /// several, with and without a valid tunnel `traceparent`, with and without its own
+    /// `x-request-id`; a kept or new value is a slice of the head's one copy.
     #[test]
     fn a_head_traced_as_parsed_is_the_head_traced_after() {
         let good = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
@@ -4395,12 +4444,16 @@ mod tests {
             "GET / HTTP/1.1\r\nhost: e\r\ntraceparent: bad\r\nx: y\r\n\r\n".to_string(),
             format!("GET / HTTP/1.1\r\ntraceparent: {good}\r\nx: y\r\ntraceparent: {good}\r\n\r\n"),
             "GET /x/../y HTTP/1.0\r\ntraceparent: 00-00\r\ntraceparent: z\r\n\r\n".to_string(),
+            "GET / HTTP/1.1\r\nX-Request-Id: mine\r\nhost: echo\r\n\r\n".to_string(),
+            format!("GET / HTTP/1.1\r\ntraceparent: {good}\r\nx-request-id: mine\r\n\r\n"),
         ];
         for tunnel in [None, Some(good), Some("junk")] {
             for raw in &heads {
                 let (mut r1, mut r2) = (crate::lb::SplitMix64(5), crate::lb::SplitMix64(5));
                 let mut want = head_of(raw.as_bytes());
                 let want_t = trace(&mut want, tunnel, &mut r1);
+                let new_id = request_id(&mut want, &mut r1);
+                assert_eq!(new_id.is_none(), raw.contains("mine"), "{raw}");
                 let from = TraceFrom {
                     tunnel: crate::telemetry::valid_tunnel_traceparent(tunnel),
                     rng: &mut r2,
@@ -4415,6 +4468,11 @@ mod tests {
                 assert_eq!(got_t, want_t, "{raw} {tunnel:?}");
                 assert!(crate::telemetry::valid_traceparent(&got_t));
                 assert!(matches!(got_t.0, TextRepr::Slice { .. }));
+                let id = got.header("x-request-id").unwrap();
+                assert!(
+                    id == "mine" || id.len() == crate::telemetry::REQUEST_ID_LEN,
+                    "{id}"
+                );
                 // The same random numbers were taken.
                 assert_eq!(r1.next_u64(), r2.next_u64());
             }

@@ -751,10 +751,16 @@ fn spawn_idle_sweeper(w: std::rc::Weak<Worker>) {
 }
 
 impl Worker {
+    /// A generator of its own for a tunnel (or a task): seeded with the next output of the
+    /// worker's generator, not its next state. SplitMix64 generators whose states differ
+    /// by its step are one sequence shifted by one, so seeding with states would give
+    /// consecutive tunnels the same numbers one draw apart (the same trace and request ids
+    /// across them); mixed seeds put their sequences at unrelated places.
     fn rng(&self) -> SplitMix64 {
-        let s = self.seed.get().wrapping_add(0x9e37_79b9_7f4a_7c15);
-        self.seed.set(s);
-        SplitMix64(s)
+        let mut worker = SplitMix64(self.seed.get());
+        let seed = crate::lb::Rng::next_u64(&mut worker);
+        self.seed.set(worker.0);
+        SplitMix64(seed)
     }
 }
 

@@ -364,6 +364,7 @@ pub fn access_log(
             response_bytes = r.response_bytes,
             duration_ms = ?Millis(duration_ms),
             traceparent = r.traceparent,
+            request_id = r.request_id,
             "request"
         );
     };
@@ -740,10 +741,57 @@ pub fn new_traceparent(tunnel: Option<&str>, rng: &mut dyn Rng) -> [u8; TRACEPAR
     out
 }
 
+/// The length of an `x-request-id` the waypoint makes (a UUID).
+pub const REQUEST_ID_LEN: usize = 36;
+
+/// A new `x-request-id`, as Envoy makes one for a request without it: a random (version
+/// 4) UUID, built in place.
+pub fn new_request_id(rng: &mut dyn Rng) -> [u8; REQUEST_ID_LEN] {
+    let mut hex = [0u8; 32];
+    // Version 4, variant 10xx.
+    let hi = (rng.next_u64() & !0xf000) | 0x4000;
+    let lo = (rng.next_u64() & !(0xc << 60)) | (0x8 << 60);
+    hex16(&mut hex[..16], hi);
+    hex16(&mut hex[16..], lo);
+    let mut out = [b'-'; REQUEST_ID_LEN];
+    out[..8].copy_from_slice(&hex[..8]);
+    out[9..13].copy_from_slice(&hex[8..12]);
+    out[14..18].copy_from_slice(&hex[12..16]);
+    out[19..23].copy_from_slice(&hex[16..20]);
+    out[24..].copy_from_slice(&hex[20..]);
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::lb::SplitMix64;
+
+    #[test]
+    fn request_ids_are_version_4_uuids() {
+        let mut rng = SplitMix64(5);
+        let mut seen = std::collections::BTreeSet::new();
+        for _ in 0..1000 {
+            let id = new_request_id(&mut rng);
+            let id = std::str::from_utf8(&id).unwrap().to_string();
+            let parts: Vec<&str> = id.split('-').collect();
+            assert_eq!(
+                parts.iter().map(|p| p.len()).collect::<Vec<_>>(),
+                [8, 4, 4, 4, 12],
+                "{id}"
+            );
+            assert!(id
+                .bytes()
+                .all(|b| b == b'-' || b.is_ascii_digit() || (b'a'..=b'f').contains(&b)));
+            assert!(parts[2].starts_with('4'), "{id}");
+            assert!(
+                matches!(parts[3].as_bytes()[0], b'8' | b'9' | b'a' | b'b'),
+                "{id}"
+            );
+            seen.insert(id);
+        }
+        assert_eq!(seen.len(), 1000);
+    }
 
     #[test]
     fn grpc_status_label_is_one_of_the_17_codes() {

@@ -168,6 +168,10 @@ fn serve_backend(mut c: TcpStream, name: &str, paths: &mpsc::Sender<String>, hit
         if path.contains("trace") {
             body.push_str(&format!(" tp={tp}"));
         }
+        if path.contains("rid") {
+            let rid = req.header("x-request-id").unwrap_or_default();
+            body.push_str(&format!(" rid={rid}"));
+        }
         if !body_in.is_empty() {
             body.push_str(&format!(" body={}", String::from_utf8_lossy(&body_in)));
         }
@@ -836,6 +840,44 @@ fn h2_prior_knowledge_many_concurrent_streams_policy_first_then_routing() {
         assert_eq!(m.counters().http2_tunnels.load(Ordering::Relaxed), 1);
     });
     assert!(m.echo.seen().is_empty());
+}
+
+/// The `x-request-id` in a backend's answer to a `/rid` path.
+fn rid_of(body: &str) -> &str {
+    body.split_once(" rid=").map_or("", |(_, r)| r)
+}
+
+fn is_uuid4(id: &str) -> bool {
+    let parts: Vec<&str> = id.split('-').collect();
+    parts.iter().map(|p| p.len()).collect::<Vec<_>>() == [8, 4, 4, 4, 12]
+        && parts[2].starts_with('4')
+        && id.bytes().all(|b| b == b'-' || b.is_ascii_hexdigit())
+}
+
+/// Envoy's `x-request-id`: a request with its own keeps it; one without gets a new UUID
+/// (a different one each), over HTTP/1.1 and HTTP/2 alike, and it is in the access log.
+#[test]
+fn x_request_id_is_kept_or_generated_over_both_protocols() {
+    let m = Mesh::start();
+    let own = format!("GET /rid HTTP/1.1\r\nhost: {V1}\r\nx-request-id: client-id-1\r\n\r\n");
+    let got = m
+        .requests("10.96.0.2:80", &[get("/rid", V1), get("/rid", V1), own])
+        .unwrap();
+    let ids: Vec<&str> = got.iter().map(|(_, b)| rid_of(b)).collect();
+    assert!(is_uuid4(ids[0]) && is_uuid4(ids[1]), "{got:?}");
+    assert_ne!(ids[0], ids[1]);
+    assert_eq!(ids[2], "client-id-1");
+    block_on(async {
+        let (_c, send) = h2_over_tunnel(&m, "10.96.0.2:80").await;
+        let (status, body) = h2_get(&send, "/rid", V1).await;
+        assert_eq!(status, 200);
+        assert!(is_uuid4(rid_of(&body)), "{body}");
+        let mut req = h2_request("GET", V1, "/rid");
+        req.headers_mut()
+            .insert("x-request-id", "client-id-2".parse().unwrap());
+        let r = h2_send(&send, req, None).await;
+        assert_eq!(rid_of(&r.text()), "client-id-2");
+    });
 }
 
 /// Read HTTP/2 frames from `s` until a GOAWAY: its error code.

@@ -18,6 +18,8 @@ use hbone::ca::CertSource;
 use hbone::wire::ConnectRequest;
 
 /// A line without its `duration_ms` (checked to be a quoted number with three decimals).
+/// The line without the fields that differ between requests of the same set: its
+/// duration (checked to be one) and its `request_id` (a new one each).
 fn without_duration(l: &[(String, String)]) -> Vec<(String, String)> {
     let d = &l
         .iter()
@@ -35,7 +37,7 @@ fn without_duration(l: &[(String, String)]) -> Vec<(String, String)> {
         "{d}"
     );
     l.iter()
-        .filter(|(k, _)| k != "duration_ms")
+        .filter(|(k, _)| k != "duration_ms" && k != "request_id")
         .cloned()
         .collect()
 }
@@ -151,6 +153,15 @@ spec:
         assert_eq!(field(ok, k), v, "{k}");
     }
     assert_eq!(field(ok, "traceparent"), format!("{TRACE:?}"));
+    // Each request's own `x-request-id` (the waypoint's: the client sent none), the
+    // refused ones' too.
+    let ids: std::collections::BTreeSet<String> =
+        got.iter().map(|l| field(l, "request_id")).collect();
+    assert_eq!(ids.len(), got.len(), "{ids:?}");
+    assert!(
+        ids.iter().all(|i| i.trim_matches('"').len() == 36),
+        "{ids:?}"
+    );
     assert_eq!(field(denied, "status"), "403");
     assert_eq!(field(denied, "path"), "\"/admin\"");
     assert_eq!(field(denied, "dst_workload"), "unknown");
