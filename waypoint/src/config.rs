@@ -7,6 +7,7 @@
 //! | `HTTPRoute` | `gateway.networking.k8s.io/v1`, `/v1beta1` | [`crate::route::HttpRoute`] |
 //! | `GRPCRoute` | `gateway.networking.k8s.io/v1`, `/v1alpha2` | [`crate::route::HttpRoute`] (method matches as path matches, see `grpc_as_http`) |
 //! | `TCPRoute` | `gateway.networking.k8s.io/v1alpha2` | [`crate::route::TcpRoute`]: `parentRefs` (Services), one rule of weighted `backendRefs`; its ports are opaque TCP (no protocol detection) and no HTTPRoute, GRPCRoute or VirtualService may take them for the same clients |
+//! | `PeerAuthentication` | `security.istio.io/v1`, `/v1beta1` | checked (as mesh-model's `peerAuthentications[]`), then set aside as `waypoint_policies_ignored{reason="ztunnel_enforces"}`: the destination's ztunnel enforces it, a waypoint takes mutual-TLS HBONE only |
 //! | `AuthorizationPolicy` | `security.istio.io/v1`, `/v1beta1` | [`crate::authz::Policy`] (`CUSTOM` with `provider.name`: an extension provider of the MeshConfig document) |
 //! | `RequestAuthentication` | `security.istio.io/v1`, `/v1beta1` | [`crate::jwt::RequestAuthn`]: `jwtRules[]` with `issuer`, `audiences`, `jwks` (inline JSON), or `jwksUri` (fetched, with `timeout`; neither: OpenID discovery from the issuer; see [`crate::jwks`]), `fromHeaders` (`name`, `prefix`), `fromParams`, `fromCookies`, `forwardOriginalToken`, `outputPayloadToHeader`, `outputClaimToHeaders` (`header`, `claim`) |
 //! | `VirtualService` | `networking.istio.io/v1`, `/v1beta1`, `/v1alpha3` | [`crate::route::HttpRoute`] with its rules in order (see `config/virtual_service.rs` for the fields) |
@@ -208,14 +209,15 @@ pub struct ServiceLb {
 /// `targetRefs`); the destination's ztunnel enforces those at L4.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct IgnoredPolicy {
-    /// `AuthorizationPolicy` or `RequestAuthentication`.
+    /// `AuthorizationPolicy`, `RequestAuthentication`, `Telemetry` or
+    /// `PeerAuthentication`.
     pub kind: &'static str,
     pub id: ObjectRef,
     /// Counted from 1, as in errors.
     pub document: usize,
     /// Line of `spec.selector` (else of `spec`) in the whole file.
     pub line: usize,
-    /// `selector` or `no_target_refs`.
+    /// `selector`, `no_target_refs`, or `ztunnel_enforces` (a PeerAuthentication).
     pub reason: &'static str,
 }
 
@@ -232,12 +234,23 @@ impl IgnoredPolicy {
         line: usize,
         reason: &'static str,
     ) -> Self {
-        let advice = if kind == "AuthorizationPolicy" {
-            "selector and namespace-wide AuthorizationPolicies are enforced by the \
-             destination's ztunnel at L4: give them to the ztunnel as `policies[]` (with \
-             `selector`), or attach this one to the waypoint or a Service with targetRefs"
+        let advice = match kind {
+            "AuthorizationPolicy" => {
+                "selector and namespace-wide AuthorizationPolicies are enforced by the \
+                 destination's ztunnel at L4: give them to the ztunnel as `policies[]` (with \
+                 `selector`), or attach this one to the waypoint or a Service with targetRefs"
+            }
+            "PeerAuthentication" => {
+                "the destination's ztunnel enforces it (a waypoint takes mutual-TLS HBONE \
+                 only): give it to the ztunnels as `peerAuthentications[]`"
+            }
+            _ => "attach it to the waypoint (Gateway) or a Service with targetRefs",
+        };
+        let why = if kind == "PeerAuthentication" {
+            "not a waypoint's to enforce"
         } else {
-            "attach it to the waypoint (Gateway) or a Service with targetRefs"
+            "without targetRefs ignored by the waypoint (Istio: waypoints enforce only \
+             `targetRefs` policies)"
         };
         tracing::warn!(
             file = %file.display(),
@@ -246,8 +259,7 @@ impl IgnoredPolicy {
             kind,
             policy = %format!("{}/{}", id.namespace, id.name),
             reason,
-            "{kind} without targetRefs ignored by the waypoint (Istio: waypoints enforce only \
-             `targetRefs` policies; {advice})"
+            "{kind} {why}; {advice}"
         );
         IgnoredPolicy {
             kind,
@@ -792,6 +804,26 @@ pub fn load_str(file: &Path, text: &str, version: u64) -> Result<WaypointConfig,
                     None => cfg.request_authns.push(authn),
                 }
             }
+            ("security.istio.io/v1" | "security.istio.io/v1beta1", "PeerAuthentication") => {
+                // Checked as the ztunnel's `peerAuthentications[]` are written, then set
+                // aside: the destination's ztunnel enforces it.
+                let d: Doc<PeerAuthnSpec> = parse(file, &doc).map_err(at)?;
+                if !seen.insert(key(&d.metadata)) {
+                    return Err(invalid(Invalid::new(
+                        "metadata.name",
+                        "duplicate PeerAuthentication",
+                    )));
+                }
+                let line = locate(&doc, "spec").unwrap_or(1) + start - 1;
+                cfg.ignored_policies.push(IgnoredPolicy::warn(
+                    file,
+                    "PeerAuthentication",
+                    d.metadata.id(),
+                    index,
+                    line,
+                    "ztunnel_enforces",
+                ));
+            }
             ("telemetry.istio.io/v1" | "telemetry.istio.io/v1alpha1", "Telemetry") => {
                 let d: Doc<TelemetrySpec> = parse(file, &doc).map_err(at)?;
                 if !seen.insert(key(&d.metadata)) {
@@ -873,7 +905,7 @@ pub fn load_str(file: &Path, text: &str, version: u64) -> Result<WaypointConfig,
             | ("networking.istio.io/v1alpha3", _) => {
                 return Err(invalid(Invalid::new(
                     "kind",
-                    format!("unsupported kind {kind:?} (HTTPRoute, GRPCRoute, TCPRoute, AuthorizationPolicy, RequestAuthentication, VirtualService, DestinationRule, Telemetry)"),
+                    format!("unsupported kind {kind:?} (HTTPRoute, GRPCRoute, TCPRoute, AuthorizationPolicy, PeerAuthentication, RequestAuthentication, VirtualService, DestinationRule, Telemetry)"),
                 )));
             }
             _ => {
@@ -1495,6 +1527,21 @@ fn grpc_as_http(d: Doc<GrpcRouteSpec>) -> Result<Doc<RouteSpec>, Invalid> {
 }
 
 // HTTPRoute ---------------------------------------------------------------
+
+/// `PeerAuthentication.spec` (as mesh-model reads it for ztunnel).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct PeerAuthnSpec {
+    #[serde(default)]
+    #[allow(dead_code)]
+    selector: Option<SelectorRaw>,
+    #[serde(default)]
+    #[allow(dead_code)]
+    mtls: Option<mesh_model::config::Mtls>,
+    #[serde(default)]
+    #[allow(dead_code)]
+    port_level_mtls: BTreeMap<u16, mesh_model::config::Mtls>,
+}
 
 /// `TCPRoute.spec`.
 #[derive(Debug, Deserialize)]

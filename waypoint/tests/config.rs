@@ -43,6 +43,9 @@ fn loads_every_kind_and_version() {
         ROUTE_V1.replace("/v1\n", "/v1beta1\n").replace("name: r\n", "name: r2\n"),
         "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: a}\nspec: {action: DENY}\n".to_string(),
         "apiVersion: security.istio.io/v1beta1\nkind: AuthorizationPolicy\nmetadata: {name: b}\nspec: {action: AUDIT, rules: [{}]}\n".to_string(),
+        // The destination ztunnel's to enforce: checked, set aside.
+        "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: strict, namespace: istio-system}\nspec: {mtls: {mode: STRICT}}\n".to_string(),
+        "apiVersion: security.istio.io/v1beta1\nkind: PeerAuthentication\nmetadata: {name: db}\nspec:\n  selector: {matchLabels: {app: db}}\n  portLevelMtls: {5432: {mode: PERMISSIVE}}\n".to_string(),
         dr("v1", "d1", "echo", "    loadBalancer: {simple: ROUND_ROBIN}\n"),
         dr("v1beta1", "d2", "a.other", "    loadBalancer: {consistentHash: {httpHeaderName: X-User}}\n    outlierDetection: {consecutive5xxErrors: 3, consecutiveGatewayErrors: 4, interval: 2s, baseEjectionTime: 10s, maxEjectionPercent: 50}\n"),
         dr("v1alpha3", "d3", "b.other.svc.cluster.local", "    loadBalancer: {consistentHash: {httpCookie: {name: session}}}\n"),
@@ -60,9 +63,23 @@ fn loads_every_kind_and_version() {
     assert!(cfg.mesh.is_some());
     assert!(cfg.service_exists(&ObjectRef::new("default", "echo")));
     assert_eq!(cfg.routes.routes().len(), 2);
-    // Both namespace-wide (no targetRefs): loaded, and not enforced by a waypoint (Istio).
+    // Both namespace-wide (no targetRefs): loaded, and not enforced by a waypoint (Istio);
+    // nor are PeerAuthentications (the destination ztunnel's).
     assert_eq!(cfg.policies.len(), 0);
-    assert_eq!(cfg.ignored_policies.len(), 2);
+    let ignored: Vec<(&str, &str)> = cfg
+        .ignored_policies
+        .iter()
+        .map(|p| (p.kind, p.reason))
+        .collect();
+    assert_eq!(
+        ignored,
+        [
+            ("AuthorizationPolicy", "no_target_refs"),
+            ("AuthorizationPolicy", "no_target_refs"),
+            ("PeerAuthentication", "ztunnel_enforces"),
+            ("PeerAuthentication", "ztunnel_enforces"),
+        ]
+    );
     let lb = |ns: &str, n: &str| cfg.lb(&ObjectRef::new(ns, n), None);
     assert_eq!(lb("default", "echo").policy, LbPolicy::RoundRobin);
     assert_eq!(
@@ -381,6 +398,13 @@ fn errors_name_document_line_and_field() {
         // The mesh-model document: its errors keep mesh-model's field and the file's line.
         (format!("{ROUTE_V1}---\n# model\nservices:\n  - {{name: a}}\n"), 2, Some(14), "services[0]", "missing field"),
         (format!("{MESH}---\n{MESH}"), 2, None, "workloads", "second mesh-model document"),
+        (
+            "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: p}\nspec:\n  mtls:\n    mode: STRICTER\n".to_string(),
+            1,
+            Some(6),
+            "spec.mtls.mode",
+            "unknown variant",
+        ),
     ];
     for (text, doc, line, field, msg) in table {
         let e = err(&text);
