@@ -12,7 +12,7 @@
 //! | `RequestAuthentication` | `security.istio.io/v1`, `/v1beta1` | [`crate::jwt::RequestAuthn`]: `jwtRules[]` with `issuer`, `audiences`, `jwks` (inline JSON), or `jwksUri` (fetched, with `timeout`; neither: OpenID discovery from the issuer; see [`crate::jwks`]), `fromHeaders` (`name`, `prefix`), `fromParams`, `fromCookies`, `forwardOriginalToken`, `outputPayloadToHeader`, `outputClaimToHeaders` (`header`, `claim`) |
 //! | `VirtualService` | `networking.istio.io/v1`, `/v1beta1`, `/v1alpha3` | [`crate::route::HttpRoute`] with its rules in order (see `config/virtual_service.rs` for the fields) |
 //! | `Telemetry` | `telemetry.istio.io/v1`, `/v1alpha1` | [`TelemetryRule`]: `accessLogging` (`disabled`, `providers` `envoy`, `match.mode` `CLIENT_AND_SERVER`/`SERVER`) and `metrics` (`providers` `prometheus`, `overrides` with `match.metric` (`ALL_METRICS`, `REQUEST_COUNT`, `REQUEST_DURATION`, `REQUEST_SIZE`, `RESPONSE_SIZE`; TCP and gRPC message metrics: nothing to change) and `disabled`) by `targetRefs` (the waypoint's Gateway, Services), namespace or root namespace; `tracing`, `filter`, `tagOverrides`, `reportingInterval`, `customMetric` refused; a `selector` one set aside as AuthorizationPolicies' are |
-//! | `DestinationRule` | `networking.istio.io/v1`, `/v1beta1`, `/v1alpha3` | [`Subset`]s (`subsets[]`: `name`, `labels`, `trafficPolicy` whose fields replace the rule's); [`ServiceLb`]: `trafficPolicy.loadBalancer` (`simple`, or `consistentHash` with `httpHeaderName`, `httpQueryParameterName`, `useSourceIp` or `httpCookie` `name`/`path`/`ttl`/`attributes`), `.outlierDetection` (`consecutive5xxErrors`, `consecutiveGatewayErrors`, `interval`, `baseEjectionTime`, `maxEjectionPercent`), `.connectionPool.http.useClientProtocol`, `.connectionPool.http.idleTimeout`, `.tls.mode: ISTIO_MUTUAL` (what HBONE is; other modes refused), `.portLevelSettings` (all of these per service port, each entry replacing the service's for its port); [`crate::breaker`]: `.connectionPool.tcp.maxConnections`, `.tcp.connectTimeout`, `.http.http1MaxPendingRequests`, `.http.http2MaxRequests`, `.http.maxRequestsPerConnection`, `.http.maxRetries` |
+//! | `DestinationRule` | `networking.istio.io/v1`, `/v1beta1`, `/v1alpha3` | [`Subset`]s (`subsets[]`: `name`, `labels`, `trafficPolicy` whose fields replace the rule's); [`ServiceLb`]: `trafficPolicy.loadBalancer` (`simple`, or `consistentHash` with `httpHeaderName`, `httpQueryParameterName`, `useSourceIp` or `httpCookie` `name`/`path`/`ttl`/`attributes`), `.outlierDetection` (`consecutive5xxErrors`, `consecutiveGatewayErrors`, `interval`, `baseEjectionTime`, `maxEjectionPercent`), `.loadBalancer.localityLbSetting` (with outlier detection, as Istio: locality failover priorities from the waypoint's own workload — `enabled`, `failover` from/to regions, `failoverPriority` label keys; `distribute` refused; see [`crate::lb::LocalityLb`]), `.connectionPool.http.useClientProtocol`, `.connectionPool.http.idleTimeout`, `.tls.mode: ISTIO_MUTUAL` (what HBONE is; other modes refused), `.portLevelSettings` (all of these per service port, each entry replacing the service's for its port); [`crate::breaker`]: `.connectionPool.tcp.maxConnections`, `.tcp.connectTimeout`, `.http.http1MaxPendingRequests`, `.http.http2MaxRequests`, `.http.maxRequestsPerConnection`, `.http.maxRetries` |
 //! | no `apiVersion`/`kind`, a `waypoint:` key | — | [`SettingsDoc`], exactly one for the binary |
 //! | no `apiVersion`/`kind`, a `meshConfig:` key | — | Istio MeshConfig's `extensionProviders` of kinds `envoyExtAuthzHttp` (`service`: a model service's hostname, or `namespace/hostname`; `port`, `pathPrefix`, `timeout`, `failOpen`, `statusOnError`, `includeRequestHeadersInCheck`, `includeAdditionalHeadersInCheck`, `headersToUpstreamOnAllow`, `headersToDownstreamOnDeny`, `headersToDownstreamOnAllow`) and `envoyExtAuthzGrpc` (`service`, `port`, `timeout`, `failOpen`, `statusOnError`), at most one, reloaded with the file; see [`crate::ext_authz`] |
 //! | no `apiVersion`/`kind`, no `waypoint:` key | — | mesh-model's local config (`namespaces`, `workloads`, `services`, `policies`, `waypoints`, `nodes`; see the `mesh_model` crate docs), at most one |
@@ -202,6 +202,9 @@ pub struct ServiceLb {
     /// `connectionPool.http.useClientProtocol`: speak HTTP/2 to the backend when the client
     /// spoke HTTP/2 (Istio's default, `false`, is HTTP/1.1 upstream).
     pub use_client_protocol: bool,
+    /// Locality failover (`loadBalancer.localityLbSetting`, on by default as in Istio's
+    /// mesh config), in force only with `outlierDetection`, as Istio applies it.
+    pub locality: Option<crate::lb::LocalityLb>,
 }
 
 /// An AuthorizationPolicy the waypoint does not enforce, as Istio's waypoints do not: one
@@ -3572,6 +3575,29 @@ struct LbRaw {
     simple: Option<SimpleLb>,
     #[serde(default)]
     consistent_hash: Option<ConsistentHashRaw>,
+    #[serde(default)]
+    locality_lb_setting: Option<LocalityLbRaw>,
+}
+
+/// Istio's `LocalityLoadBalancerSetting`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct LocalityLbRaw {
+    #[serde(default)]
+    enabled: Option<bool>,
+    #[serde(default)]
+    distribute: Vec<serde::de::IgnoredAny>,
+    #[serde(default)]
+    failover: Vec<FailoverRaw>,
+    #[serde(default)]
+    failover_priority: Vec<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FailoverRaw {
+    from: String,
+    to: String,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -3850,6 +3876,52 @@ fn compile_tp(tp: &TrafficPolicyRaw, f: &str) -> Result<TrafficPolicy, Invalid> 
             od.max_ejection_percent = p;
         }
         lb.outlier = Some(od);
+    }
+    let setting = tp
+        .load_balancer
+        .as_ref()
+        .and_then(|l| l.locality_lb_setting.as_ref());
+    if let Some(l) = setting {
+        let f = &format!("{f}.loadBalancer.localityLbSetting");
+        if !l.distribute.is_empty() {
+            return Err(Invalid::new(
+                format!("{f}.distribute"),
+                "weighted locality distribution is not supported (failover and failoverPriority are)",
+            ));
+        }
+        if !l.failover.is_empty() && !l.failover_priority.is_empty() {
+            return Err(Invalid::new(
+                format!("{f}.failoverPriority"),
+                "give failover or failoverPriority, not both",
+            ));
+        }
+        if let Some((i, _)) = l
+            .failover_priority
+            .iter()
+            .enumerate()
+            .find(|(_, k)| k.contains('=') || k.is_empty())
+        {
+            return Err(Invalid::new(
+                format!("{f}.failoverPriority[{i}]"),
+                "a label key (the `key=value` form is not supported)",
+            ));
+        }
+    }
+    // Istio: locality failover (on unless `enabled: false`) needs outlier detection.
+    if lb.outlier.is_some() && setting.and_then(|l| l.enabled) != Some(false) {
+        lb.locality = Some(crate::lb::LocalityLb {
+            failover: setting
+                .map(|l| {
+                    l.failover
+                        .iter()
+                        .map(|x| (x.from.clone(), x.to.clone()))
+                        .collect()
+                })
+                .unwrap_or_default(),
+            failover_priority: setting
+                .map(|l| l.failover_priority.clone())
+                .unwrap_or_default(),
+        });
     }
     // Istio's int32 fields: 0 (unset in its protobuf) is its default, no limit.
     let limit = |v: Option<u32>| v.filter(|n| *n > 0).unwrap_or(u32::MAX);

@@ -5,6 +5,7 @@
 //! the caller passes. A [`Balancer`] belongs to one worker (thread-per-core), so it needs no
 //! locks; its request counts are that worker's view, as with Envoy's per-thread balancers.
 
+use mesh_model::model::Workload;
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
@@ -243,7 +244,79 @@ pub struct Balancer {
     outlier: Option<OutlierDetection>,
     eps: Vec<EndpointState>,
     next_rr: usize,
+    /// Each endpoint's locality priority (0: closest); empty: one priority.
+    tiers: Vec<u8>,
 }
+
+/// A DestinationRule's locality failover in force (`loadBalancer.localityLbSetting`, which
+/// Istio applies with outlier detection): endpoints are put in priorities by how close
+/// they are to the waypoint, and the traffic fails over from one priority to the next as
+/// Envoy's does (see [`Balancer::with_tiers`]).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct LocalityLb {
+    /// `failover[]`: (from region, to region): after the waypoint's own region, `to` comes
+    /// before the other regions.
+    pub failover: Vec<(String, String)>,
+    /// `failoverPriority[]`: label keys; an endpoint matching the waypoint's values for the
+    /// first N of them is in priority `len - N`.
+    pub failover_priority: Vec<String>,
+}
+
+impl LocalityLb {
+    /// The priority of endpoint `w` for the waypoint `me` (0 without a workload of its own
+    /// in the model): by `failoverPriority` when given, else Istio's default — the same
+    /// region, zone and subzone 0, the same zone 1, the same region 2, other regions 3
+    /// (with `failover`: its `to` region 3 and the others 4).
+    pub fn tier(&self, me: Option<&Workload>, w: &Workload) -> u8 {
+        let Some(me) = me else { return 0 };
+        if !self.failover_priority.is_empty() {
+            let n = self
+                .failover_priority
+                .iter()
+                .take_while(|k| same_label(k, me, w))
+                .count();
+            return u8::try_from(self.failover_priority.len() - n).unwrap_or(u8::MAX);
+        }
+        let (a, b) = (&me.locality, &w.locality);
+        if a.region != b.region {
+            let to = self
+                .failover
+                .iter()
+                .any(|(from, to)| *from == a.region && *to == b.region);
+            return if self.failover.is_empty() || to { 3 } else { 4 };
+        }
+        if a.zone != b.zone {
+            2
+        } else if a.subzone != b.subzone {
+            1
+        } else {
+            0
+        }
+    }
+}
+
+/// Whether `me` and `w` have the same value for label `key`: Kubernetes' and Istio's
+/// topology keys read the model's locality, network, cluster and node; any other key the
+/// workloads' labels (both must have it).
+fn same_label(key: &str, me: &Workload, w: &Workload) -> bool {
+    let (a, b) = (&me.locality, &w.locality);
+    match key {
+        "topology.kubernetes.io/region" => a.region == b.region,
+        "topology.kubernetes.io/zone" => a.zone == b.zone,
+        "topology.istio.io/subzone" => a.subzone == b.subzone,
+        "topology.istio.io/network" => me.network == w.network,
+        "topology.istio.io/cluster" => me.cluster_id == w.cluster_id,
+        "kubernetes.io/hostname" => me.node == w.node,
+        _ => me
+            .labels
+            .get(key)
+            .is_some_and(|v| w.labels.get(key) == Some(v)),
+    }
+}
+
+/// Envoy's overprovisioning factor: a priority with at least 1/1.4 (≈71 %) of its endpoints
+/// healthy takes all the traffic it is offered.
+const OVERPROVISION_PERCENT: u64 = 140;
 
 impl Balancer {
     pub fn new(endpoints: usize, policy: LbPolicy, outlier: Option<OutlierDetection>) -> Self {
@@ -252,7 +325,62 @@ impl Balancer {
             outlier,
             eps: vec![EndpointState::default(); endpoints],
             next_rr: 0,
+            tiers: Vec::new(),
         }
+    }
+
+    /// Endpoint `i` in locality priority `tiers[i]` (0 the closest). Requests go to the
+    /// closest priority while enough of it is healthy (not ejected), and spill to the next
+    /// as Envoy's priority load does: each priority takes what is left of the traffic up to
+    /// its healthy share × 1.4; when the priorities' shares sum to less than all of it,
+    /// each takes traffic in proportion to its share; with none healthy, the closest takes
+    /// it all (panic mode).
+    pub fn with_tiers(mut self, tiers: Vec<u8>) -> Self {
+        debug_assert_eq!(tiers.len(), self.eps.len());
+        self.tiers = if tiers.iter().all(|t| *t == 0) {
+            Vec::new()
+        } else {
+            tiers
+        };
+        self
+    }
+
+    /// The priority this request goes to; `None` with one priority.
+    fn tier(&self, now: Instant, rng: &mut dyn Rng) -> Option<u8> {
+        let top = *self.tiers.iter().max()?;
+        let mut total = vec![0u64; usize::from(top) + 1];
+        let mut healthy = vec![0u64; usize::from(top) + 1];
+        for (i, &t) in self.tiers.iter().enumerate() {
+            total[usize::from(t)] += 1;
+            if !self.is_ejected(i, now) {
+                healthy[usize::from(t)] += 1;
+            }
+        }
+        let health: Vec<u64> = total
+            .iter()
+            .zip(&healthy)
+            .map(|(&n, &h)| {
+                (h * OVERPROVISION_PERCENT)
+                    .checked_div(n)
+                    .map_or(0, |p| p.min(100))
+            })
+            .collect();
+        let budget = health.iter().sum::<u64>().min(100);
+        if budget == 0 {
+            // Panic mode: the closest priority that has endpoints.
+            return total.iter().position(|&n| n > 0).map(|t| t as u8);
+        }
+        let mut pick = rng.below(budget);
+        let mut left = budget;
+        for (t, &h) in health.iter().enumerate() {
+            let load = h.min(left);
+            if pick < load {
+                return Some(t as u8);
+            }
+            pick -= load;
+            left -= load;
+        }
+        unreachable!("the loads sum to the budget")
     }
 
     pub fn len(&self) -> usize {
@@ -285,17 +413,23 @@ impl Balancer {
         if self.eps.is_empty() {
             return None;
         }
-        // The candidates: the endpoints not ejected, else all. Without ejections (the
-        // common case) they are all endpoints, and no list is built.
+        // The candidates: the endpoints (of the chosen locality priority) not ejected, else
+        // all of them. Without ejections and priorities (the common case) they are all
+        // endpoints, and no list is built.
+        let tier = self.tier(now, rng);
         let ejected = self
             .eps
             .iter()
             .any(|e| e.ejected_until.is_some_and(|t| now < t));
-        let listed: Vec<usize>;
-        let cands: Cands<'_> = if ejected {
+        let in_tier = |i: usize| tier.is_none_or(|t| self.tiers[i] == t);
+        let mut listed: Vec<usize>;
+        let cands: Cands<'_> = if ejected || tier.is_some() {
             listed = (0..self.eps.len())
-                .filter(|&i| !self.is_ejected(i, now))
+                .filter(|&i| in_tier(i) && !self.is_ejected(i, now))
                 .collect();
+            if listed.is_empty() && tier.is_some() {
+                listed = (0..self.eps.len()).filter(|&i| in_tier(i)).collect();
+            }
             if listed.is_empty() {
                 Cands::All(self.eps.len())
             } else {
@@ -801,5 +935,126 @@ mod tests {
         }
         let c = counts(&mut b, &HashInput::default(), 10, now);
         assert_eq!(c, [5, 5]);
+    }
+
+    /// Envoy's priority load over locality priorities: the closest takes everything while
+    /// at least 1/1.4 of it is healthy, spills the rest to the next below that, and panic
+    /// mode sends everything to the closest when nothing is healthy.
+    #[test]
+    fn locality_priorities_fail_over_as_envoys_priority_load() {
+        let now = Instant::now();
+        let od = OutlierDetection {
+            consecutive_5xx: 1,
+            base_ejection_time: Duration::from_secs(60),
+            max_ejection_percent: 100,
+            interval: EJECTION_DECAY_INTERVAL,
+            consecutive_gateway: 0,
+        };
+        // Endpoints 0-3 in priority 0, 4-5 in priority 1, 6 in priority 3.
+        let new = || {
+            Balancer::new(7, LbPolicy::RoundRobin, Some(od)).with_tiers(vec![0, 0, 0, 0, 1, 1, 3])
+        };
+        let eject = |b: &mut Balancer, i: usize| {
+            b.start(i);
+            b.finish(i, 503, now);
+            assert!(b.is_ejected(i, now));
+        };
+        let by_tier = |c: &[usize]| [c[..4].iter().sum::<usize>(), c[4] + c[5], c[6]];
+        let mut b = new();
+        assert_eq!(
+            by_tier(&counts(&mut b, &HashInput::default(), 1000, now)),
+            [1000, 0, 0]
+        );
+        // 3 of 4 healthy: 75 % × 1.4 ≥ 100 %, no spill; the ejected one is skipped.
+        let mut b = new();
+        eject(&mut b, 0);
+        let c = counts(&mut b, &HashInput::default(), 1000, now);
+        assert_eq!((c[0], by_tier(&c)), (0, [1000, 0, 0]));
+        // 2 of 4: 70 % stays, 30 % spills to priority 1 (10,000 picks, within ±2 %).
+        let mut b = new();
+        eject(&mut b, 0);
+        eject(&mut b, 1);
+        let t = by_tier(&counts(&mut b, &HashInput::default(), 10_000, now));
+        assert!(
+            (6_800..=7_200).contains(&t[0]) && t[0] + t[1] == 10_000,
+            "{t:?}"
+        );
+        // Priority 0 all ejected: priority 1 takes everything (its health covers it).
+        let mut b = new();
+        (0..4).for_each(|i| eject(&mut b, i));
+        assert_eq!(
+            by_tier(&counts(&mut b, &HashInput::default(), 1000, now)),
+            [0, 1000, 0]
+        );
+        // Priorities 0 and 1 all ejected: the last one, though far.
+        (4..6).for_each(|i| eject(&mut b, i));
+        assert_eq!(
+            by_tier(&counts(&mut b, &HashInput::default(), 1000, now)),
+            [0, 0, 1000]
+        );
+        // Everything ejected: panic mode in the closest priority.
+        eject(&mut b, 6);
+        assert_eq!(
+            by_tier(&counts(&mut b, &HashInput::default(), 1000, now)),
+            [1000, 0, 0]
+        );
+    }
+
+    fn workload(region: &str, zone: &str, subzone: &str, labels: &[(&str, &str)]) -> Workload {
+        Workload {
+            uid: String::new(),
+            name: String::new(),
+            namespace: String::new(),
+            service_account: String::new(),
+            trust_domain: String::new(),
+            ips: vec![],
+            node: String::new(),
+            network: String::new(),
+            cluster_id: String::new(),
+            protocol: mesh_model::model::Protocol::Hbone,
+            waypoint: None,
+            canonical_name: String::new(),
+            canonical_revision: String::new(),
+            workload_name: String::new(),
+            services: Default::default(),
+            authorization_policies: vec![],
+            labels: labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            healthy: true,
+            capacity: 1,
+            locality: mesh_model::model::Locality {
+                region: region.into(),
+                zone: zone.into(),
+                subzone: subzone.into(),
+            },
+        }
+    }
+
+    #[test]
+    fn locality_priorities_follow_istios_defaults_failover_and_failover_priority() {
+        let me = workload("us-east", "a", "rack1", &[("version", "v1")]);
+        let eps = [
+            workload("us-east", "a", "rack1", &[("version", "v2")]),
+            workload("us-east", "a", "rack2", &[("version", "v1")]),
+            workload("us-east", "b", "", &[]),
+            workload("us-west", "a", "rack1", &[("version", "v1")]),
+            workload("eu", "a", "", &[]),
+        ];
+        let tiers = |l: &LocalityLb| eps.iter().map(|w| l.tier(Some(&me), w)).collect::<Vec<_>>();
+        assert_eq!(tiers(&LocalityLb::default()), [0, 1, 2, 3, 3]);
+        let failover = LocalityLb {
+            failover: vec![("us-east".into(), "eu".into())],
+            ..Default::default()
+        };
+        assert_eq!(tiers(&failover), [0, 1, 2, 4, 3]);
+        let by_labels = LocalityLb {
+            failover_priority: vec!["topology.kubernetes.io/region".into(), "version".into()],
+            ..Default::default()
+        };
+        assert_eq!(tiers(&by_labels), [1, 0, 1, 2, 2]);
+        // A waypoint the model does not know: one priority.
+        assert_eq!(LocalityLb::default().tier(None, &eps[4]), 0);
     }
 }

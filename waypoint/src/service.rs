@@ -1062,6 +1062,7 @@ fn pod_endpoint(snap: &Snapshot, target: SocketAddr) -> Option<Endpoint> {
         workload_uid: w.uid.clone(),
         authority: target,
         hbone: SocketAddr::new(hbone_ip, HBONE_PORT),
+        tier: 0,
     })
 }
 

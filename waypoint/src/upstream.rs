@@ -15,6 +15,7 @@ use mesh_model::snapshot::Snapshot;
 use crate::config::{ServiceLb, WaypointConfig};
 use crate::lb::{Balancer, HashInput, Rng};
 use crate::route::ObjectRef;
+use mesh_model::model::PreferenceMode;
 
 /// One endpoint of a service port.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -24,18 +25,23 @@ pub struct Endpoint {
     pub authority: SocketAddr,
     /// Where the tunnel goes: the pod's node's ztunnel on 15008 (or the pod itself).
     pub hbone: SocketAddr,
+    /// Its locality priority for this waypoint (0: the closest; see
+    /// [`crate::lb::Balancer::with_tiers`]).
+    pub tier: u8,
 }
 
 /// The healthy endpoints of `service` that serve `port`, in the model's (uid) order; of a
-/// subset, those whose workload has all of `labels`; narrowed, when the service prefers
-/// close endpoints (`trafficDistribution`, `internalTrafficPolicy`), to those closest to
-/// `near` (the waypoint's own workload), as ztunnel narrows them for its clients.
+/// subset, those whose workload has all of `labels`; each in its locality priority for the
+/// waypoint's own workload `near`: by the service's preference (`trafficDistribution`:
+/// fewer scopes shared, a later priority; `internalTrafficPolicy: Local`: only those on its
+/// node), else by the DestinationRule's `locality` failover, else all in one.
 pub fn endpoints(
     snap: &Snapshot,
     service: &ObjectRef,
     port: u16,
     labels: Option<&mesh_model::config::LocalSelector>,
     near: Option<&mesh_model::model::Workload>,
+    locality: Option<&crate::lb::LocalityLb>,
 ) -> Vec<Endpoint> {
     let Some(svc) = snap
         .services()
@@ -43,28 +49,38 @@ pub fn endpoints(
     else {
         return vec![];
     };
-    let candidates = svc.endpoints.iter().filter_map(|ep| {
-        let w = snap.workload(&ep.workload_uid)?;
-        if !w.healthy {
-            return None;
-        }
-        if labels.is_some_and(|l| !l.selects(&w.labels)) {
-            return None;
-        }
-        let target = svc.target_port(ep, port)?;
-        let ip = *w.ips.first()?;
-        let hbone_ip = snap.node(&w.node).map_or(ip, |n| n.ztunnel);
-        let e = Endpoint {
-            workload_uid: w.uid.clone(),
-            authority: SocketAddr::new(ip, target),
-            hbone: SocketAddr::new(hbone_ip, HBONE_PORT),
-        };
-        Some((w, e))
-    });
-    match &svc.preference {
-        None => candidates.map(|(_, e)| e).collect(),
-        Some(p) => p.narrow(near, candidates.collect()),
-    }
+    svc.endpoints
+        .iter()
+        .filter_map(|ep| {
+            let w = snap.workload(&ep.workload_uid)?;
+            if !w.healthy {
+                return None;
+            }
+            if labels.is_some_and(|l| !l.selects(&w.labels)) {
+                return None;
+            }
+            let tier = match &svc.preference {
+                Some(p) => {
+                    let rank = p.rank(near, w);
+                    match p.mode {
+                        PreferenceMode::Strict if rank < p.scopes.len() => return None,
+                        PreferenceMode::Strict => 0,
+                        PreferenceMode::Failover => (p.scopes.len() - rank) as u8,
+                    }
+                }
+                None => locality.map_or(0, |l| l.tier(near, w)),
+            };
+            let target = svc.target_port(ep, port)?;
+            let ip = *w.ips.first()?;
+            let hbone_ip = snap.node(&w.node).map_or(ip, |n| n.ztunnel);
+            Some(Endpoint {
+                workload_uid: w.uid.clone(),
+                authority: SocketAddr::new(ip, target),
+                hbone: SocketAddr::new(hbone_ip, HBONE_PORT),
+                tier,
+            })
+        })
+        .collect()
 }
 
 struct Entry {
@@ -203,15 +219,17 @@ impl Balancers {
                 // A new snapshot (or a first use): keep the balancer's state unless this
                 // service's endpoints or its DestinationRule changed.
                 let near = self.me.and_then(|ip| snap.workload_by_ip(ip));
-                let eps = endpoints(snap, service, port, cfg.subset_labels(service), near);
                 let lb = cfg.lb(service, Some(port));
+                let labels = cfg.subset_labels(service);
+                let eps = endpoints(snap, service, port, labels, near, lb.locality.as_ref());
                 match found {
                     Some(at) if ports[at].1.endpoints == eps && ports[at].1.lb == lb => {
                         ports[at].1.version = snap.version;
                         at
                     }
                     _ => {
-                        let balancer = Balancer::new(eps.len(), lb.policy.clone(), lb.outlier);
+                        let balancer = Balancer::new(eps.len(), lb.policy.clone(), lb.outlier)
+                            .with_tiers(eps.iter().map(|e| e.tier).collect());
                         let entry = Entry {
                             version: snap.version,
                             endpoints: eps,

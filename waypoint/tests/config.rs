@@ -94,6 +94,8 @@ fn loads_every_kind_and_version() {
                 consecutive_gateway: 4,
             }),
             use_client_protocol: false,
+            // Istio: locality failover is on with outlier detection.
+            locality: Some(waypoint::lb::LocalityLb::default()),
         }
     );
     assert_eq!(

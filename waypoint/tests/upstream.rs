@@ -35,6 +35,7 @@ fn endpoints_are_healthy_workloads_with_target_ports() {
         80,
         None,
         None,
+        None,
     );
     let got: Vec<(String, String, String)> = eps
         .iter()
@@ -61,6 +62,7 @@ fn endpoints_are_healthy_workloads_with_target_ports() {
         &ObjectRef::new("default", "echo"),
         81,
         None,
+        None,
         None
     )
     .is_empty());
@@ -68,6 +70,7 @@ fn endpoints_are_healthy_workloads_with_target_ports() {
         cfg.mesh.as_ref().unwrap(),
         &ObjectRef::new("default", "nope"),
         80,
+        None,
         None,
         None
     )
@@ -195,17 +198,17 @@ services:
     )
 }
 
-/// The endpoints of `echo:80` the waypoint at `10.9.0.1` uses, and where its balancer
-/// sends 200 requests.
-fn near(svc: &str, zone_a_healthy: bool) -> (Vec<String>, Vec<String>) {
+/// The endpoints of `echo:80` the waypoint at `10.9.0.1` uses with their locality
+/// priorities, and where its balancer sends 200 requests.
+fn near(svc: &str, zone_a_healthy: bool) -> (Vec<(String, u8)>, Vec<String>) {
     let cfg = load_str(Path::new("n.yaml"), &near_model(svc, zone_a_healthy), 1)
         .unwrap_or_else(|e| panic!("{e}"));
     let snap = cfg.mesh.as_ref().unwrap();
     let echo = ObjectRef::new("default", "echo");
     let me = "10.9.0.1".parse().unwrap();
-    let eps = endpoints(snap, &echo, 80, None, snap.workload_by_ip(me))
+    let eps = endpoints(snap, &echo, 80, None, snap.workload_by_ip(me), None)
         .into_iter()
-        .map(|e| e.workload_uid)
+        .map(|e| (e.workload_uid, e.tier))
         .collect();
     let mut b = Balancers::at(me);
     let mut rng = SplitMix64(3);
@@ -220,45 +223,120 @@ fn near(svc: &str, zone_a_healthy: bool) -> (Vec<String>, Vec<String>) {
     (eps, picked.into_iter().collect())
 }
 
+fn tiers(list: &[(&str, u8)]) -> Vec<(String, u8)> {
+    list.iter().map(|(n, t)| (n.to_string(), *t)).collect()
+}
+
+fn names(list: &[&str]) -> Vec<String> {
+    list.iter().map(|n| n.to_string()).collect()
+}
+
 #[test]
 fn prefer_close_keeps_the_waypoints_zone_and_fails_over_outward() {
-    // No preference: every healthy endpoint.
+    // No preference: every healthy endpoint, one priority.
     let (all, picked) = near("", true);
-    assert_eq!(all, ["far", "same-node", "same-region", "same-zone"]);
-    assert_eq!(picked, all);
-    // PreferClose: the waypoint's zone (its node counts no more than the zone)…
-    let zone = ["same-node", "same-zone"];
+    let every = ["far", "same-node", "same-region", "same-zone"];
+    assert_eq!(all, tiers(&every.map(|n| (n, 0))));
+    assert_eq!(picked, names(&every));
+    // PreferClose (network, region, zone, subzone): the waypoint's zone first (its node
+    // counts no more than the zone)…
+    let svc = ", trafficDistribution: PreferClose";
+    let (eps, picked) = near(svc, true);
     assert_eq!(
-        near(", trafficDistribution: PreferClose", true),
-        (
-            zone.map(String::from).to_vec(),
-            zone.map(String::from).to_vec()
-        )
+        eps,
+        tiers(&[
+            ("far", 3),
+            ("same-node", 0),
+            ("same-region", 2),
+            ("same-zone", 0)
+        ])
     );
+    assert_eq!(picked, names(&["same-node", "same-zone"]));
     // …then its region when the zone has no healthy endpoint.
-    let region = vec!["same-region".to_string()];
-    assert_eq!(
-        near(", trafficDistribution: PreferClose", false),
-        (region.clone(), region)
-    );
+    assert_eq!(near(svc, false).1, names(&["same-region"]));
     // PreferSameNode: the node first.
-    let node = vec!["same-node".to_string()];
-    assert_eq!(
-        near(", trafficDistribution: PreferSameNode", true),
-        (node.clone(), node)
-    );
+    let svc = ", trafficDistribution: PreferSameNode";
+    assert_eq!(near(svc, true).1, names(&["same-node"]));
+    assert_eq!(near(svc, false).1, names(&["same-region"]));
 }
 
 #[test]
 fn internal_traffic_policy_local_is_the_node_only_and_strict() {
-    let node = vec!["same-node".to_string()];
+    let svc = ", internalTrafficPolicy: Local";
     assert_eq!(
-        near(", internalTrafficPolicy: Local", true),
-        (node.clone(), node)
+        near(svc, true),
+        (tiers(&[("same-node", 0)]), names(&["same-node"]))
     );
     // Nothing on the node: no endpoint at all (no failover).
+    assert_eq!(near(svc, false), (vec![], vec![]));
+}
+
+/// A DestinationRule with outlier detection: Istio's locality failover, by the waypoint's
+/// own locality (its region `r1`, zone `z1`).
+#[test]
+fn destination_rule_outlier_detection_brings_locality_failover() {
+    let dr = |lb: &str| {
+        format!("---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: echo, namespace: default}}\nspec:\n  host: echo\n  trafficPolicy:\n    outlierDetection: {{consecutive5xxErrors: 1}}\n{lb}")
+    };
+    let load = |extra: String| {
+        load_str(Path::new("n.yaml"), &(near_model("", true) + &extra), 1)
+            .unwrap_or_else(|e| panic!("{e}"))
+    };
+    let snap_tiers = |cfg: &WaypointConfig| {
+        let snap = cfg.mesh.as_ref().unwrap();
+        let echo = ObjectRef::new("default", "echo");
+        let lb = cfg.lb(&echo, Some(80));
+        let near = snap.workload_by_ip("10.9.0.1".parse().unwrap());
+        endpoints(snap, &echo, 80, None, near, lb.locality.as_ref())
+            .into_iter()
+            .map(|e| (e.workload_uid, e.tier))
+            .collect::<Vec<_>>()
+    };
+    // Same zone 0 (no subzones here), same region 2, another region 3.
     assert_eq!(
-        near(", internalTrafficPolicy: Local", false),
-        (vec![], vec![])
+        snap_tiers(&load(dr(""))),
+        tiers(&[
+            ("far", 3),
+            ("same-node", 0),
+            ("same-region", 2),
+            ("same-zone", 0)
+        ])
     );
+    // failoverPriority: by the region only.
+    let by_region = "    loadBalancer:\n      localityLbSetting:\n        failoverPriority: [topology.kubernetes.io/region]\n";
+    assert_eq!(
+        snap_tiers(&load(dr(by_region))),
+        tiers(&[
+            ("far", 1),
+            ("same-node", 0),
+            ("same-region", 0),
+            ("same-zone", 0)
+        ])
+    );
+    // Turned off, or without outlier detection: one priority.
+    let off = "    loadBalancer:\n      localityLbSetting: {enabled: false}\n";
+    assert!(snap_tiers(&load(dr(off))).iter().all(|(_, t)| *t == 0));
+    let no_od = "---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: echo, namespace: default}\nspec:\n  host: echo\n  trafficPolicy:\n    loadBalancer:\n      localityLbSetting: {failover: [{from: r1, to: r2}]}\n";
+    assert!(snap_tiers(&load(no_od.to_string()))
+        .iter()
+        .all(|(_, t)| *t == 0));
+    // What is refused, by field.
+    for (lb, field) in [
+        (
+            "    loadBalancer:\n      localityLbSetting:\n        distribute: [{from: r1/*, to: {r2/*: 100}}]\n",
+            "spec.trafficPolicy.loadBalancer.localityLbSetting.distribute",
+        ),
+        (
+            "    loadBalancer:\n      localityLbSetting:\n        failover: [{from: r1, to: r2}]\n        failoverPriority: [version]\n",
+            "spec.trafficPolicy.loadBalancer.localityLbSetting.failoverPriority",
+        ),
+        (
+            "    loadBalancer:\n      localityLbSetting:\n        failoverPriority: [version=v1]\n",
+            "spec.trafficPolicy.loadBalancer.localityLbSetting.failoverPriority[0]",
+        ),
+    ] {
+        let text = near_model("", true) + &dr(lb);
+        let e = load_str(Path::new("n.yaml"), &text, 1).unwrap_err();
+        assert_eq!(e.field.as_deref(), Some(field), "{e}");
+    }
 }

@@ -555,7 +555,7 @@ fn subsets_select_endpoints_by_label_and_take_their_own_policy() {
     ));
     let snap = cfg.mesh.as_ref().unwrap();
     let uids = |s: &ObjectRef| -> Vec<String> {
-        waypoint::upstream::endpoints(snap, s, 9080, cfg.subset_labels(s), None)
+        waypoint::upstream::endpoints(snap, s, 9080, cfg.subset_labels(s), None, None)
             .into_iter()
             .map(|e| e.workload_uid)
             .collect()
