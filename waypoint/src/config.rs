@@ -7,6 +7,7 @@
 //! | `HTTPRoute` | `gateway.networking.k8s.io/v1`, `/v1beta1` | [`crate::route::HttpRoute`] |
 //! | `GRPCRoute` | `gateway.networking.k8s.io/v1`, `/v1alpha2` | [`crate::route::HttpRoute`] (method matches as path matches, see `grpc_as_http`) |
 //! | `TCPRoute` | `gateway.networking.k8s.io/v1alpha2` | [`crate::route::TcpRoute`]: `parentRefs` (Services), one rule of weighted `backendRefs`; its ports are opaque TCP (no protocol detection) and no HTTPRoute, GRPCRoute or VirtualService may take them for the same clients |
+//! | `ReferenceGrant` | `gateway.networking.k8s.io/v1beta1`, `/v1alpha2` | lets routes (`from`: group, kind, namespace) name Services (`to`, optionally by name) of its namespace: a route's `backendRef` or `RequestMirror` to a Service of another namespace without one is refused — the backend keeps its weight and answers `500` (a TCPRoute's: the connection is refused), the mirror is dropped — with a warning naming the route and service; VirtualServices (Istio's API) need none |
 //! | `PeerAuthentication` | `security.istio.io/v1`, `/v1beta1` | checked (as mesh-model's `peerAuthentications[]`), then set aside as `waypoint_policies_ignored{reason="ztunnel_enforces"}`: the destination's ztunnel enforces it, a waypoint takes mutual-TLS HBONE only |
 //! | `AuthorizationPolicy` | `security.istio.io/v1`, `/v1beta1` | [`crate::authz::Policy`] (`CUSTOM` with `provider.name`: an extension provider of the MeshConfig document) |
 //! | `RequestAuthentication` | `security.istio.io/v1`, `/v1beta1` | [`crate::jwt::RequestAuthn`]: `jwtRules[]` with `issuer`, `audiences`, `jwks` (inline JSON), or `jwksUri` (fetched, with `timeout`; neither: OpenID discovery from the issuer; see [`crate::jwks`]), `fromHeaders` (`name`, `prefix`), `fromParams`, `fromCookies`, `forwardOriginalToken`, `outputPayloadToHeader`, `outputClaimToHeaders` (`header`, `claim`) |
@@ -634,6 +635,10 @@ pub fn load_str(file: &Path, text: &str, version: u64) -> Result<WaypointConfig,
     // TCPRoutes with their document (index, first line, text), checked against the
     // HTTP routes once all are read.
     let mut tcp_routes: Vec<(TcpRoute, usize, usize, String)> = vec![];
+    // The kind of each of `routes`, and the ReferenceGrants (namespace, spec): which
+    // routes may name Services of other namespaces.
+    let mut route_kinds: Vec<&'static str> = vec![];
+    let mut grants: Vec<(String, GrantSpec)> = vec![];
     // Policies naming a GatewayClass (document, first line, text, namespace): only the
     // root namespace may, which is known once the settings document is read.
     let mut classes: Vec<(usize, usize, String, String)> = vec![];
@@ -732,6 +737,28 @@ pub fn load_str(file: &Path, text: &str, version: u64) -> Result<WaypointConfig,
                     )));
                 }
                 routes.push(compile_route(&d).map_err(invalid)?);
+                route_kinds.push("HTTPRoute");
+            }
+            (
+                "gateway.networking.k8s.io/v1beta1" | "gateway.networking.k8s.io/v1alpha2",
+                "ReferenceGrant",
+            ) => {
+                let d: Doc<GrantSpec> = parse(file, &doc).map_err(at)?;
+                if !seen.insert(key(&d.metadata)) {
+                    return Err(invalid(Invalid::new(
+                        "metadata.name",
+                        "duplicate ReferenceGrant",
+                    )));
+                }
+                if d.spec.from.is_empty() || d.spec.to.is_empty() {
+                    let f = if d.spec.from.is_empty() {
+                        "spec.from"
+                    } else {
+                        "spec.to"
+                    };
+                    return Err(invalid(Invalid::new(f, "at least one entry is required")));
+                }
+                grants.push((d.metadata.namespace().to_string(), d.spec));
             }
             ("gateway.networking.k8s.io/v1alpha2", "TCPRoute") => {
                 let d: Doc<TcpRouteSpec> = parse(file, &doc).map_err(at)?;
@@ -758,6 +785,7 @@ pub fn load_str(file: &Path, text: &str, version: u64) -> Result<WaypointConfig,
                 }
                 let d = grpc_as_http(d).map_err(invalid)?;
                 routes.push(compile_route(&d).map_err(invalid)?);
+                route_kinds.push("GRPCRoute");
             }
             ("security.istio.io/v1" | "security.istio.io/v1beta1", "AuthorizationPolicy") => {
                 let d: Doc<PolicySpec> = parse(file, &doc).map_err(at)?;
@@ -877,6 +905,7 @@ pub fn load_str(file: &Path, text: &str, version: u64) -> Result<WaypointConfig,
                     subsets: c.subsets,
                 });
                 routes.push(c.route);
+                route_kinds.push("VirtualService");
             }
             (
                 "networking.istio.io/v1"
@@ -908,7 +937,7 @@ pub fn load_str(file: &Path, text: &str, version: u64) -> Result<WaypointConfig,
             | ("networking.istio.io/v1alpha3", _) => {
                 return Err(invalid(Invalid::new(
                     "kind",
-                    format!("unsupported kind {kind:?} (HTTPRoute, GRPCRoute, TCPRoute, AuthorizationPolicy, PeerAuthentication, RequestAuthentication, VirtualService, DestinationRule, Telemetry)"),
+                    format!("unsupported kind {kind:?} (HTTPRoute, GRPCRoute, TCPRoute, ReferenceGrant, AuthorizationPolicy, PeerAuthentication, RequestAuthentication, VirtualService, DestinationRule, Telemetry)"),
                 )));
             }
             _ => {
@@ -945,6 +974,67 @@ pub fn load_str(file: &Path, text: &str, version: u64) -> Result<WaypointConfig,
     }
     check_virtual_services(file, &routes, &virtuals, &cfg.subsets)?;
     check_tcp_routes(file, &routes, &tcp_routes)?;
+    // Gateway API: a backendRef to a Service of another namespace needs a ReferenceGrant
+    // there; without one it stays in the route (its weight still counts) and is refused.
+    let permitted = |kind: &str, route: &ObjectRef, svc: &ObjectRef| {
+        svc.namespace == route.namespace
+            || grants.iter().any(|(ns, g)| {
+                *ns == svc.namespace
+                    && g.from.iter().any(|f| {
+                        f.group == "gateway.networking.k8s.io"
+                            && f.kind == kind
+                            && f.namespace == route.namespace
+                    })
+                    && g.to.iter().any(|t| {
+                        matches!(t.group.as_str(), "" | "core")
+                            && t.kind == "Service"
+                            && t.name.as_ref().is_none_or(|n| *n == svc.name)
+                    })
+            })
+    };
+    let refuse = |kind: &str, route: &ObjectRef, svc: &ObjectRef, what: &str| {
+        tracing::warn!(
+            file = %file.display(),
+            route = %format!("{kind} {}/{}", route.namespace, route.name),
+            service = %format!("{}/{}", svc.namespace, svc.name),
+            "{what} names a Service of another namespace without a ReferenceGrant there: refused (Gateway API)"
+        );
+    };
+    for (route, kind) in routes.iter_mut().zip(&route_kinds) {
+        if *kind == "VirtualService" {
+            continue;
+        }
+        for rule in &mut route.rules {
+            for b in &mut rule.backends {
+                b.permitted = permitted(kind, &route.id, &b.service);
+                if !b.permitted {
+                    refuse(kind, &route.id, &b.service, "a backendRef");
+                }
+                b.filters.retain(|f| match f {
+                    Filter::Mirror(m) if !permitted(kind, &route.id, &m.service) => {
+                        refuse(kind, &route.id, &m.service, "a RequestMirror");
+                        false
+                    }
+                    _ => true,
+                });
+            }
+            rule.filters.retain(|f| match f {
+                Filter::Mirror(m) if !permitted(kind, &route.id, &m.service) => {
+                    refuse(kind, &route.id, &m.service, "a RequestMirror");
+                    false
+                }
+                _ => true,
+            });
+        }
+    }
+    for (t, ..) in &mut tcp_routes {
+        for b in &mut t.backends {
+            b.permitted = permitted("TCPRoute", &t.id, &b.service);
+            if !b.permitted {
+                refuse("TCPRoute", &t.id, &b.service, "a backendRef");
+            }
+        }
+    }
     let root = cfg
         .settings
         .as_ref()
@@ -1530,6 +1620,34 @@ fn grpc_as_http(d: Doc<GrpcRouteSpec>) -> Result<Doc<RouteSpec>, Invalid> {
 }
 
 // HTTPRoute ---------------------------------------------------------------
+
+/// `ReferenceGrant.spec` (Gateway API): who (`from`: group, kind, namespace) may name what
+/// (`to`: group, kind, optionally name) in the grant's namespace.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct GrantSpec {
+    #[serde(default)]
+    from: Vec<GrantFrom>,
+    #[serde(default)]
+    to: Vec<GrantTo>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct GrantFrom {
+    group: String,
+    kind: String,
+    namespace: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct GrantTo {
+    group: String,
+    kind: String,
+    #[serde(default)]
+    name: Option<String>,
+}
 
 /// `PeerAuthentication.spec` (as mesh-model reads it for ztunnel).
 #[derive(Debug, Deserialize)]
@@ -2196,6 +2314,8 @@ fn compile_tcp_route(d: &Doc<TcpRouteSpec>) -> Result<TcpRoute, Invalid> {
             port,
             weight: b.weight.unwrap_or(1),
             filters: vec![],
+            // Checked against the ReferenceGrants once all are read.
+            permitted: true,
         });
     }
     Ok(TcpRoute {
@@ -2296,6 +2416,8 @@ fn compile_route(d: &Doc<RouteSpec>) -> Result<HttpRoute, Invalid> {
                 port,
                 weight: b.weight.unwrap_or(1),
                 filters: bfilters,
+                // Checked against the ReferenceGrants once all are read.
+                permitted: true,
             });
         }
         let prefix_mod = filters

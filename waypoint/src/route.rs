@@ -486,6 +486,10 @@ pub struct Backend {
     pub port: u16,
     pub weight: u32,
     pub filters: Vec<Filter>,
+    /// `false`: a Service of another namespace that no `ReferenceGrant` there lets the
+    /// route name (Gateway API): the requests its weight gives it get `500`, the TCP
+    /// connections are refused.
+    pub permitted: bool,
 }
 
 /// `timeouts`.
@@ -1168,6 +1172,12 @@ fn forward_by_rule<'t>(
         });
     };
     let backend = &rule.backends[bi];
+    if !backend.permitted {
+        return Err(Decision::Respond {
+            status: 500,
+            reason: "backend reference not permitted (no ReferenceGrant)",
+        });
+    }
     if !service_exists(&backend.service) {
         return Err(Decision::Respond {
             status: 500,
@@ -1396,6 +1406,7 @@ mod tests {
             port: 80,
             weight,
             filters,
+            permitted: true,
         }
     }
 

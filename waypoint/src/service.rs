@@ -2584,7 +2584,7 @@ impl HboneUpstream {
                 {
                     None => Some((service.clone(), *port)),
                     Some(route) => match route.pick(&mut self.rng) {
-                        Some(b) if l7.service_exists(&b.service) => {
+                        Some(b) if b.permitted && l7.service_exists(&b.service) => {
                             Some((b.service.clone(), b.port))
                         }
                         picked => {

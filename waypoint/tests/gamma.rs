@@ -38,8 +38,25 @@ spec:
     )
 }
 
+/// The ReferenceGrant in `app` that lets the consumer routes of `ns-a` and `ns-b` send to
+/// its Services (Gateway API: a backendRef to another namespace needs one).
+const GRANT: &str = r#"apiVersion: gateway.networking.k8s.io/v1beta1
+kind: ReferenceGrant
+metadata: {name: consumers, namespace: app}
+spec:
+  from:
+  - {group: gateway.networking.k8s.io, kind: HTTPRoute, namespace: ns-a}
+  - {group: gateway.networking.k8s.io, kind: HTTPRoute, namespace: ns-b}
+  to:
+  - {group: "", kind: Service}
+"#;
+
 fn load(routes: &[String]) -> WaypointConfig {
-    let text = format!("{MESH}---\n{}", routes.join("---\n"));
+    load_with(GRANT, routes)
+}
+
+fn load_with(grants: &str, routes: &[String]) -> WaypointConfig {
+    let text = format!("{MESH}---\n{grants}---\n{}", routes.join("---\n"));
     load_str(Path::new("gamma.yaml"), &text, 1).unwrap_or_else(|e| panic!("{e}"))
 }
 
@@ -200,7 +217,7 @@ fn r17_gamma_consumer_route_applies_to_its_namespace_clients_end_to_end() {
         "  - {name: echo, namespace: app, hostname: echo.app.svc.cluster.local, vips: [\"10.96.0.1\"], ports: {80: 8080}}\n  - {name: echo-v1, namespace: app, hostname: echo-v1.app.svc.cluster.local, vips: [\"10.96.0.2\"], ports: {80: 8080}}\n  - {name: echo-v2, namespace: app, hostname: echo-v2.app.svc.cluster.local, vips: [\"10.96.0.3\"], ports: {80: 8080}}\n",
     );
     let text = format!(
-        "{model}---\n{}---\n{}",
+        "{model}---\n{GRANT}---\n{}---\n{}",
         route("app", "prod", None, "/", "echo-v1"),
         route("ns-a", "fast", None, "/", "echo-v2")
     );
@@ -222,4 +239,38 @@ fn r17_gamma_consumer_route_applies_to_its_namespace_clients_end_to_end() {
     assert_eq!(ask("app"), (200, "echo-v1".to_string()));
     shutdown.drain(std::time::Duration::from_millis(200));
     let _ = handle.join();
+}
+
+/// Gateway API `ReferenceGrant`: a route's backendRef to a Service of another namespace is
+/// refused (`500`, its weight still taken) unless a grant in that namespace lets routes of
+/// the route's kind and namespace name it; a grant may name one Service.
+#[test]
+fn r17_cross_namespace_backends_need_a_reference_grant() {
+    let consumer = route("ns-a", "fast", None, "/", "echo-v2");
+    let grant = |from_kind: &str, from_ns: &str, to: &str| {
+        format!("apiVersion: gateway.networking.k8s.io/v1beta1\nkind: ReferenceGrant\nmetadata: {{name: g, namespace: app}}\nspec:\n  from: [{{group: gateway.networking.k8s.io, kind: {from_kind}, namespace: {from_ns}}}]\n  to: [{{group: \"\", kind: Service{to}}}]\n")
+    };
+    let cases = [
+        (grant("HTTPRoute", "ns-a", ""), "echo-v2"),
+        (grant("HTTPRoute", "ns-a", ", name: echo-v2"), "echo-v2"),
+        (grant("HTTPRoute", "ns-a", ", name: echo-v3"), "500"),
+        (grant("HTTPRoute", "ns-b", ""), "500"),
+        (grant("GRPCRoute", "ns-a", ""), "500"),
+        // A grant elsewhere is no grant: a comment-only document.
+        ("# no grant\n".to_string(), "500"),
+    ];
+    for (g, want) in cases {
+        let cfg = load_with(&g, std::slice::from_ref(&consumer));
+        assert_eq!(decide(&cfg, Some("ns-a"), 80, "/"), want, "{g}");
+    }
+    // A producer route's backend in its own namespace needs none.
+    let producer = route("app", "prod", None, "/", "echo-v1");
+    let cfg = load_with("# no grant\n", &[producer]);
+    assert_eq!(decide(&cfg, Some("ns-a"), 80, "/"), "echo-v1");
+    // A grant with no `from` is a load error naming the field.
+    let text = format!(
+        "{MESH}---\napiVersion: gateway.networking.k8s.io/v1beta1\nkind: ReferenceGrant\nmetadata: {{name: g, namespace: app}}\nspec:\n  from: []\n  to: [{{group: \"\", kind: Service}}]\n"
+    );
+    let e = load_str(Path::new("gamma.yaml"), &text, 1).unwrap_err();
+    assert_eq!(e.field.as_deref(), Some("spec.from"), "{e}");
 }

@@ -148,7 +148,18 @@ fn r17_gamma_route_choice_matches_the_rule_over_generated_tables() {
             ));
         }
         let docs: Vec<String> = routes.iter().map(Gen::yaml).collect();
-        let text = format!("{services}---\n{}", docs.join("---\n"));
+        // The consumer routes' backends are in `app`: a ReferenceGrant there lets them.
+        let from: Vec<String> = NAMESPACES
+            .iter()
+            .map(|ns| {
+                format!("{{group: gateway.networking.k8s.io, kind: HTTPRoute, namespace: {ns}}}")
+            })
+            .collect();
+        let grant = format!(
+            "apiVersion: gateway.networking.k8s.io/v1beta1\nkind: ReferenceGrant\nmetadata: {{name: all, namespace: app}}\nspec:\n  from: [{}]\n  to: [{{group: \"\", kind: Service}}]\n",
+            from.join(", ")
+        );
+        let text = format!("{services}---\n{grant}---\n{}", docs.join("---\n"));
         let cfg = load_str(Path::new("gamma-gen.yaml"), &text, 1)
             .unwrap_or_else(|e| panic!("table {table}: {e}\n{text}"));
         for client in [None, Some("app"), Some("ns-a"), Some("ns-b"), Some("ns-c")] {

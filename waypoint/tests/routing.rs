@@ -22,8 +22,19 @@ services:
   - {name: other, namespace: other, hostname: other.other.svc.cluster.local, vips: ["10.96.0.14"], ports: {8080: 8080}}
 "#;
 
+/// Lets the routes of `default` name Services of `other` (Gateway API ReferenceGrant).
+const GRANT: &str = r#"apiVersion: gateway.networking.k8s.io/v1beta1
+kind: ReferenceGrant
+metadata: {name: from-default, namespace: other}
+spec:
+  from:
+  - {group: gateway.networking.k8s.io, kind: HTTPRoute, namespace: default}
+  - {group: gateway.networking.k8s.io, kind: GRPCRoute, namespace: default}
+  to: [{group: "", kind: Service, name: other}]
+"#;
+
 fn load(routes: &str) -> WaypointConfig {
-    let text = format!("{MESH}---\n{routes}");
+    let text = format!("{MESH}---\n{GRANT}---\n{routes}");
     load_str(Path::new("test.yaml"), &text, 1).unwrap_or_else(|e| panic!("{e}"))
 }
 

@@ -272,3 +272,22 @@ fn tcp_route_load_errors_name_the_field() {
     let cfg = waypoint::config::load_str(Path::new("w.yaml"), &text, 1).unwrap();
     assert_eq!(cfg.routes.tcp_routes().len(), 1);
 }
+
+/// A TCPRoute's backend in another namespace needs a ReferenceGrant there for TCPRoutes
+/// (Gateway API); without one its connections are refused.
+#[test]
+fn a_tcp_route_backend_in_another_namespace_needs_a_reference_grant() {
+    let mesh = "services:\n  - {name: t, namespace: app, hostname: t.app.svc.cluster.local, vips: [\"10.96.0.30\"], ports: {9000: 9000}}\n  - {name: db, namespace: data, hostname: db.data.svc.cluster.local, vips: [\"10.96.0.31\"], ports: {5432: 5432}}\n";
+    let route = "apiVersion: gateway.networking.k8s.io/v1alpha2\nkind: TCPRoute\nmetadata: {name: r, namespace: app}\nspec:\n  parentRefs: [{group: \"\", kind: Service, name: t}]\n  rules: [{backendRefs: [{name: db, namespace: data, port: 5432}]}]\n";
+    let grant = |kind: &str| {
+        format!("---\napiVersion: gateway.networking.k8s.io/v1beta1\nkind: ReferenceGrant\nmetadata: {{name: g, namespace: data}}\nspec:\n  from: [{{group: gateway.networking.k8s.io, kind: {kind}, namespace: app}}]\n  to: [{{group: \"\", kind: Service, name: db}}]\n")
+    };
+    let permitted = |extra: &str| {
+        let text = format!("{mesh}---\n{route}{extra}");
+        let cfg = waypoint::config::load_str(Path::new("w.yaml"), &text, 1).unwrap();
+        cfg.routes.tcp_routes()[0].backends[0].permitted
+    };
+    assert!(!permitted(""));
+    assert!(!permitted(&grant("HTTPRoute")));
+    assert!(permitted(&grant("TCPRoute")));
+}

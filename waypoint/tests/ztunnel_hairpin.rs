@@ -56,6 +56,8 @@ fn routes() -> String {
         route("app", "prod", "echo-v1"),
         route("istio-system", "sys", "echo-v2"),
         route("ns-a", "a", "echo-v3"),
+        // The consumer routes' backends are in `app`: a ReferenceGrant there lets them.
+        "apiVersion: gateway.networking.k8s.io/v1beta1\nkind: ReferenceGrant\nmetadata: {name: consumers, namespace: app}\nspec:\n  from:\n  - {group: gateway.networking.k8s.io, kind: HTTPRoute, namespace: istio-system}\n  - {group: gateway.networking.k8s.io, kind: HTTPRoute, namespace: ns-a}\n  to: [{group: \"\", kind: Service}]\n".to_string(),
     ]
     .join("---\n")
 }

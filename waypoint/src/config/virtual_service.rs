@@ -483,6 +483,8 @@ fn compile_http(
             // weighted clusters are.
             weight: r.weight.unwrap_or(if n == 1 { 100 } else { 0 }),
             filters: bfilters,
+            // Istio's API: no ReferenceGrant (exportTo governs visibility).
+            permitted: true,
         });
     }
     if n > 0 && backends.iter().all(|b| b.weight == 0) {
