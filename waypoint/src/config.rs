@@ -974,96 +974,8 @@ pub fn load_str(file: &Path, text: &str, version: u64) -> Result<WaypointConfig,
     }
     check_virtual_services(file, &routes, &virtuals, &cfg.subsets)?;
     check_tcp_routes(file, &routes, &tcp_routes)?;
-    // Gateway API: a backendRef to a Service of another namespace needs a ReferenceGrant
-    // there; without one it stays in the route (its weight still counts) and is refused.
-    let permitted = |kind: &str, route: &ObjectRef, svc: &ObjectRef| {
-        svc.namespace == route.namespace
-            || grants.iter().any(|(ns, g)| {
-                *ns == svc.namespace
-                    && g.from.iter().any(|f| {
-                        f.group == "gateway.networking.k8s.io"
-                            && f.kind == kind
-                            && f.namespace == route.namespace
-                    })
-                    && g.to.iter().any(|t| {
-                        matches!(t.group.as_str(), "" | "core")
-                            && t.kind == "Service"
-                            && t.name.as_ref().is_none_or(|n| *n == svc.name)
-                    })
-            })
-    };
-    let refuse = |kind: &str, route: &ObjectRef, svc: &ObjectRef, what: &str| {
-        tracing::warn!(
-            file = %file.display(),
-            route = %format!("{kind} {}/{}", route.namespace, route.name),
-            service = %format!("{}/{}", svc.namespace, svc.name),
-            "{what} names a Service of another namespace without a ReferenceGrant there: refused (Gateway API)"
-        );
-    };
-    for (route, kind) in routes.iter_mut().zip(&route_kinds) {
-        if *kind == "VirtualService" {
-            continue;
-        }
-        for rule in &mut route.rules {
-            for b in &mut rule.backends {
-                b.permitted = permitted(kind, &route.id, &b.service);
-                if !b.permitted {
-                    refuse(kind, &route.id, &b.service, "a backendRef");
-                }
-                b.filters.retain(|f| match f {
-                    Filter::Mirror(m) if !permitted(kind, &route.id, &m.service) => {
-                        refuse(kind, &route.id, &m.service, "a RequestMirror");
-                        false
-                    }
-                    _ => true,
-                });
-            }
-            rule.filters.retain(|f| match f {
-                Filter::Mirror(m) if !permitted(kind, &route.id, &m.service) => {
-                    refuse(kind, &route.id, &m.service, "a RequestMirror");
-                    false
-                }
-                _ => true,
-            });
-        }
-    }
-    for (t, ..) in &mut tcp_routes {
-        for b in &mut t.backends {
-            b.permitted = permitted("TCPRoute", &t.id, &b.service);
-            if !b.permitted {
-                refuse("TCPRoute", &t.id, &b.service, "a backendRef");
-            }
-        }
-    }
-    let root = cfg
-        .settings
-        .as_ref()
-        .map_or_else(default_root_namespace, |s| {
-            s.waypoint.root_namespace.clone()
-        });
-    if let Some((document, start, doc, ns)) = classes.iter().find(|c| c.3 != root) {
-        let field = "spec.targetRefs".to_string();
-        return Err(LoadError {
-            file: file.to_owned(),
-            document: *document,
-            line: Some(locate(doc, &field).unwrap_or(1) + start - 1),
-            column: None,
-            field: Some(field),
-            message: format!(
-                "a GatewayClass target is for policies of the root namespace {root:?} only (this one is in {ns:?})"
-            ),
-        });
-    }
-    cfg.generates_cookies = {
-        let subsets = cfg.subsets.values().map(|s| &s.policy);
-        cfg.destination_rules
-            .values()
-            .chain(subsets)
-            .flat_map(|d| std::iter::once(&d.whole).chain(d.ports.iter().map(|(_, t)| t)))
-            .any(|t| {
-                matches!(&t.lb.policy, LbPolicy::ConsistentHash(HashKey::Cookie(c)) if c.ttl.is_some())
-            })
-    };
+    apply_reference_grants(file, &mut routes, &route_kinds, &mut tcp_routes, &grants);
+    check_gateway_classes(file, cfg.settings.as_ref(), &classes)?;
     cfg.routes = RouteTable::new(routes).with_tcp(tcp_routes.into_iter().map(|t| t.0).collect());
     if let Some(snap) = &cfg.mesh {
         cfg.routes.prebuild_with_model(snap);
@@ -1138,6 +1050,101 @@ fn check_virtual_services(
         }
     }
     Ok(())
+}
+
+/// Gateway API: a route's backendRef to a Service of another namespace needs a
+/// ReferenceGrant there (`grants`: namespace, spec) naming the route's kind and namespace;
+/// without one the backend stays in the route (its weight still counts) and is refused,
+/// and a RequestMirror to it is dropped, each with a warning. VirtualServices (Istio's
+/// API) are not checked.
+fn apply_reference_grants(
+    file: &Path,
+    routes: &mut [HttpRoute],
+    kinds: &[&'static str],
+    tcp_routes: &mut [(TcpRoute, usize, usize, String)],
+    grants: &[(String, GrantSpec)],
+) {
+    let permitted = |kind: &str, route: &ObjectRef, svc: &ObjectRef| {
+        svc.namespace == route.namespace
+            || grants.iter().any(|(ns, g)| {
+                *ns == svc.namespace
+                    && g.from.iter().any(|f| {
+                        f.group == "gateway.networking.k8s.io"
+                            && f.kind == kind
+                            && f.namespace == route.namespace
+                    })
+                    && g.to.iter().any(|t| {
+                        matches!(t.group.as_str(), "" | "core")
+                            && t.kind == "Service"
+                            && t.name.as_ref().is_none_or(|n| *n == svc.name)
+                    })
+            })
+    };
+    let refuse = |kind: &str, route: &ObjectRef, svc: &ObjectRef, what: &str| {
+        tracing::warn!(
+            file = %file.display(),
+            route = %format!("{kind} {}/{}", route.namespace, route.name),
+            service = %format!("{}/{}", svc.namespace, svc.name),
+            "{what} names a Service of another namespace without a ReferenceGrant there: refused (Gateway API)"
+        );
+    };
+    let check = |kind: &str, route: &ObjectRef, b: &mut Backend| {
+        b.permitted = permitted(kind, route, &b.service);
+        if !b.permitted {
+            refuse(kind, route, &b.service, "a backendRef");
+        }
+    };
+    for (route, kind) in routes.iter_mut().zip(kinds) {
+        if *kind == "VirtualService" {
+            continue;
+        }
+        let id = &route.id;
+        let keep = |f: &Filter| match f {
+            Filter::Mirror(m) if !permitted(kind, id, &m.service) => {
+                refuse(kind, id, &m.service, "a RequestMirror");
+                false
+            }
+            _ => true,
+        };
+        for rule in &mut route.rules {
+            rule.filters.retain(keep);
+            for b in &mut rule.backends {
+                check(kind, id, b);
+                b.filters.retain(keep);
+            }
+        }
+    }
+    for (t, ..) in tcp_routes {
+        for b in &mut t.backends {
+            check("TCPRoute", &t.id, b);
+        }
+    }
+}
+
+/// A policy naming a GatewayClass (`classes`: document, first line, text, namespace) must
+/// be in the root namespace (the settings document's, else the default).
+fn check_gateway_classes(
+    file: &Path,
+    settings: Option<&SettingsDoc>,
+    classes: &[(usize, usize, String, String)],
+) -> Result<(), LoadError> {
+    let root = settings.map_or_else(default_root_namespace, |s| {
+        s.waypoint.root_namespace.clone()
+    });
+    let Some((document, start, doc, ns)) = classes.iter().find(|c| c.3 != root) else {
+        return Ok(());
+    };
+    let field = "spec.targetRefs".to_string();
+    Err(LoadError {
+        file: file.to_owned(),
+        document: *document,
+        line: Some(locate(doc, &field).unwrap_or(1) + start - 1),
+        column: None,
+        field: Some(field),
+        message: format!(
+            "a GatewayClass target is for policies of the root namespace {root:?} only (this one is in {ns:?})"
+        ),
+    })
 }
 
 /// The GatewayClass of every waypoint (Istio's `istio-waypoint`).
