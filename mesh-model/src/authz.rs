@@ -825,21 +825,10 @@ mod tests {
             namespace: "ns".into(),
             service_account: "sa".into(),
             trust_domain: "cluster.local".into(),
-            ips: vec![],
-            node: String::new(),
-            network: String::new(),
-            cluster_id: String::new(),
             protocol: crate::model::Protocol::Hbone,
-            waypoint: None,
-            canonical_name: String::new(),
-            canonical_revision: String::new(),
-            workload_name: String::new(),
-            services: Default::default(),
-            authorization_policies: vec![],
-            labels: Default::default(),
-            locality: Default::default(),
             healthy: true,
             capacity: 1,
+            ..Default::default()
         };
         let mut p = policy("p", Action::Deny, vec![ports(&[1])]);
         p.scope = Scope::Global;

@@ -41,8 +41,9 @@ pub struct WaypointRef {
     pub name: Option<String>,
 }
 
-/// A pod, VM or other endpoint.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A pod, VM or other endpoint. (`Default`: empty, unhealthy, capacity 0 — for tests
+/// that set what they need.)
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Workload {
     pub uid: String,
     pub name: String,

@@ -1687,25 +1687,9 @@ struct TcpRuleRaw {
     #[serde(default)]
     #[allow(dead_code)]
     name: Option<String>,
+    /// `filters` are refused: a TCPRoute's `BackendRef` has none.
     #[serde(default)]
-    backend_refs: Vec<TcpBackendRefRaw>,
-}
-
-/// The Gateway API's `BackendRef` (an `HTTPBackendRef` without `filters`).
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
-struct TcpBackendRefRaw {
-    #[serde(default)]
-    group: Option<String>,
-    #[serde(default)]
-    kind: Option<String>,
-    name: String,
-    #[serde(default)]
-    namespace: Option<String>,
-    #[serde(default)]
-    port: Option<u16>,
-    #[serde(default)]
-    weight: Option<u32>,
+    backend_refs: Vec<BackendRefRaw>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -2314,6 +2298,12 @@ fn compile_tcp_route(d: &Doc<TcpRouteSpec>) -> Result<TcpRoute, Invalid> {
     let mut backends = vec![];
     for (bi, b) in rule.backend_refs.iter().enumerate() {
         let bf = format!("spec.rules[0].backendRefs[{bi}]");
+        if !b.filters.is_empty() {
+            return Err(Invalid::new(
+                format!("{bf}.filters"),
+                "a TCPRoute backendRef has no filters",
+            ));
+        }
         let (service, port) =
             service_ref(&bf, &b.group, &b.kind, &b.name, &b.namespace, b.port, ns)?;
         backends.push(Backend {

@@ -1002,33 +1002,16 @@ mod tests {
 
     fn workload(region: &str, zone: &str, subzone: &str, labels: &[(&str, &str)]) -> Workload {
         Workload {
-            uid: String::new(),
-            name: String::new(),
-            namespace: String::new(),
-            service_account: String::new(),
-            trust_domain: String::new(),
-            ips: vec![],
-            node: String::new(),
-            network: String::new(),
-            cluster_id: String::new(),
-            protocol: mesh_model::model::Protocol::Hbone,
-            waypoint: None,
-            canonical_name: String::new(),
-            canonical_revision: String::new(),
-            workload_name: String::new(),
-            services: Default::default(),
-            authorization_policies: vec![],
             labels: labels
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
-            healthy: true,
-            capacity: 1,
             locality: mesh_model::model::Locality {
                 region: region.into(),
                 zone: zone.into(),
                 subzone: subzone.into(),
             },
+            ..Default::default()
         }
     }
 

@@ -240,9 +240,9 @@ fn tcp_route_load_errors_name_the_field() {
             "required",
         ),
         (
-            tcp(&format!("{parent}  rules:\n  - backendRefs:\n    - name: t\n      port: 9000\n      filters: []\n")),
-            "spec.rules[0].backendRefs[0]",
-            "unknown field `filters`",
+            tcp(&format!("{parent}  rules:\n  - backendRefs:\n    - name: t\n      port: 9000\n      filters: [{{type: RequestHeaderModifier}}]\n")),
+            "spec.rules[0].backendRefs[0].filters",
+            "has no filters",
         ),
         // An HTTPRoute on every port of the service overlaps the TCPRoute's port…
         (
