@@ -976,6 +976,16 @@ pub fn load_str(file: &Path, text: &str, version: u64) -> Result<WaypointConfig,
     check_tcp_routes(file, &routes, &tcp_routes)?;
     apply_reference_grants(file, &mut routes, &route_kinds, &mut tcp_routes, &grants);
     check_gateway_classes(file, cfg.settings.as_ref(), &classes)?;
+    cfg.generates_cookies = {
+        let subsets = cfg.subsets.values().map(|s| &s.policy);
+        cfg.destination_rules
+            .values()
+            .chain(subsets)
+            .flat_map(|d| std::iter::once(&d.whole).chain(d.ports.iter().map(|(_, t)| t)))
+            .any(|t| {
+                matches!(&t.lb.policy, LbPolicy::ConsistentHash(HashKey::Cookie(c)) if c.ttl.is_some())
+            })
+    };
     cfg.routes = RouteTable::new(routes).with_tcp(tcp_routes.into_iter().map(|t| t.0).collect());
     if let Some(snap) = &cfg.mesh {
         cfg.routes.prebuild_with_model(snap);
