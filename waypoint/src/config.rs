@@ -13,7 +13,7 @@
 //! | `RequestAuthentication` | `security.istio.io/v1`, `/v1beta1` | [`crate::jwt::RequestAuthn`]: `jwtRules[]` with `issuer`, `audiences`, `jwks` (inline JSON), or `jwksUri` (fetched, with `timeout`; neither: OpenID discovery from the issuer; see [`crate::jwks`]), `fromHeaders` (`name`, `prefix`), `fromParams`, `fromCookies`, `forwardOriginalToken`, `outputPayloadToHeader`, `outputClaimToHeaders` (`header`, `claim`) |
 //! | `VirtualService` | `networking.istio.io/v1`, `/v1beta1`, `/v1alpha3` | [`crate::route::HttpRoute`] with its rules in order (see `config/virtual_service.rs` for the fields) |
 //! | `Telemetry` | `telemetry.istio.io/v1`, `/v1alpha1` | [`TelemetryRule`]: `accessLogging` (`disabled`, `providers` `envoy`, `match.mode` `CLIENT_AND_SERVER`/`SERVER`) and `metrics` (`providers` `prometheus`, `overrides` with `match.metric` (`ALL_METRICS`, `REQUEST_COUNT`, `REQUEST_DURATION`, `REQUEST_SIZE`, `RESPONSE_SIZE`; TCP and gRPC message metrics: nothing to change) and `disabled`) by `targetRefs` (the waypoint's Gateway, Services), namespace or root namespace; `tracing`, `filter`, `tagOverrides`, `reportingInterval`, `customMetric` refused; a `selector` one set aside as AuthorizationPolicies' are |
-//! | `DestinationRule` | `networking.istio.io/v1`, `/v1beta1`, `/v1alpha3` | [`Subset`]s (`subsets[]`: `name`, `labels`, `trafficPolicy` whose fields replace the rule's); [`ServiceLb`]: `trafficPolicy.loadBalancer` (`simple`, or `consistentHash` with `httpHeaderName`, `httpQueryParameterName`, `useSourceIp` or `httpCookie` `name`/`path`/`ttl`/`attributes`), `.outlierDetection` (`consecutive5xxErrors`, `consecutiveGatewayErrors`, `interval`, `baseEjectionTime`, `maxEjectionPercent`), `.loadBalancer.localityLbSetting` (with outlier detection, as Istio: locality failover priorities from the waypoint's own workload — `enabled`, `failover` from/to regions, `failoverPriority` label keys; `distribute` refused; see [`crate::lb::LocalityLb`]), `.connectionPool.http.useClientProtocol`, `.connectionPool.http.idleTimeout`, `.tls.mode: ISTIO_MUTUAL` (what HBONE is; other modes refused), `.portLevelSettings` (all of these per service port, each entry replacing the service's for its port); [`crate::breaker`]: `.connectionPool.tcp.maxConnections`, `.tcp.connectTimeout`, `.http.http1MaxPendingRequests`, `.http.http2MaxRequests`, `.http.maxRequestsPerConnection`, `.http.maxRetries` |
+//! | `DestinationRule` | `networking.istio.io/v1`, `/v1beta1`, `/v1alpha3` | [`Subset`]s (`subsets[]`: `name`, `labels`, `trafficPolicy` whose fields replace the rule's); [`ServiceLb`]: `trafficPolicy.loadBalancer` (`simple`, or `consistentHash` with `httpHeaderName`, `httpQueryParameterName`, `useSourceIp` or `httpCookie` `name`/`path`/`ttl`/`attributes`), `.outlierDetection` (`consecutive5xxErrors`, `consecutiveGatewayErrors`, `interval`, `baseEjectionTime`, `maxEjectionPercent`), `.loadBalancer.localityLbSetting` (with outlier detection, as Istio: locality failover priorities from the waypoint's own workload — `enabled`, `failover` from/to regions, `failoverPriority` label keys; `distribute` refused; see [`crate::lb::LocalityLb`]), `.loadBalancer.warmupDurationSecs` (Envoy's slow start for round robin, least request and random: a new endpoint's share grows from 10 % to all of it over the window; refused with consistentHash), `.connectionPool.http.useClientProtocol`, `.connectionPool.http.idleTimeout`, `.tls.mode: ISTIO_MUTUAL` (what HBONE is; other modes refused), `.portLevelSettings` (all of these per service port, each entry replacing the service's for its port); [`crate::breaker`]: `.connectionPool.tcp.maxConnections`, `.tcp.connectTimeout`, `.http.http1MaxPendingRequests`, `.http.http2MaxRequests`, `.http.maxRequestsPerConnection`, `.http.maxRetries` |
 //! | no `apiVersion`/`kind`, a `waypoint:` key | — | [`SettingsDoc`], exactly one for the binary |
 //! | no `apiVersion`/`kind`, a `meshConfig:` key | — | Istio MeshConfig's `extensionProviders` of kinds `envoyExtAuthzHttp` (`service`: a model service's hostname, or `namespace/hostname`; `port`, `pathPrefix`, `timeout`, `failOpen`, `statusOnError`, `includeRequestHeadersInCheck`, `includeAdditionalHeadersInCheck`, `headersToUpstreamOnAllow`, `headersToDownstreamOnDeny`, `headersToDownstreamOnAllow`) and `envoyExtAuthzGrpc` (`service`, `port`, `timeout`, `failOpen`, `statusOnError`), at most one, reloaded with the file; see [`crate::ext_authz`] |
 //! | no `apiVersion`/`kind`, no `waypoint:` key | — | mesh-model's local config (`namespaces`, `workloads`, `services`, `policies`, `waypoints`, `nodes`; see the `mesh_model` crate docs), at most one |
@@ -206,6 +206,9 @@ pub struct ServiceLb {
     /// Locality failover (`loadBalancer.localityLbSetting`, on by default as in Istio's
     /// mesh config), in force only with `outlierDetection`, as Istio applies it.
     pub locality: Option<crate::lb::LocalityLb>,
+    /// `loadBalancer.warmupDurationSecs`: slow start of new endpoints
+    /// ([`crate::lb::Balancer::with_warmup`]).
+    pub warmup: Option<Duration>,
 }
 
 /// An AuthorizationPolicy the waypoint does not enforce, as Istio's waypoints do not: one
@@ -3706,6 +3709,9 @@ struct LbRaw {
     consistent_hash: Option<ConsistentHashRaw>,
     #[serde(default)]
     locality_lb_setting: Option<LocalityLbRaw>,
+    /// A duration (`60s`).
+    #[serde(default)]
+    warmup_duration_secs: Option<String>,
 }
 
 /// Istio's `LocalityLoadBalancerSetting`.
@@ -4005,6 +4011,21 @@ fn compile_tp(tp: &TrafficPolicyRaw, f: &str) -> Result<TrafficPolicy, Invalid> 
             od.max_ejection_percent = p;
         }
         lb.outlier = Some(od);
+    }
+    if let Some(w) = tp
+        .load_balancer
+        .as_ref()
+        .and_then(|l| l.warmup_duration_secs.as_deref())
+    {
+        let f = &format!("{f}.loadBalancer.warmupDurationSecs");
+        let d = runtime::config::duration::parse(w).map_err(|e| Invalid::new(f, e))?;
+        if matches!(lb.policy, LbPolicy::ConsistentHash(_)) {
+            return Err(Invalid::new(
+                f,
+                "slow start is for simple ROUND_ROBIN, LEAST_REQUEST or RANDOM balancing, not consistentHash",
+            ));
+        }
+        lb.warmup = Some(d).filter(|d| !d.is_zero());
     }
     let setting = tp
         .load_balancer

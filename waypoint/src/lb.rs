@@ -246,7 +246,14 @@ pub struct Balancer {
     next_rr: usize,
     /// Each endpoint's locality priority (0: closest); empty: one priority.
     tiers: Vec<u8>,
+    /// Slow start (`warmupDurationSecs`): the window, when each endpoint was first seen,
+    /// and when the youngest is warm; `None`: none.
+    warmup: Option<(Duration, Vec<Instant>, Instant)>,
 }
+
+/// Envoy's slow start: an endpoint younger than the window gets this share of its weight
+/// at least (`min_weight_percent`, 10 %), growing linearly (aggression 1) to all of it.
+const WARMUP_MIN_WEIGHT: f64 = 0.1;
 
 /// A DestinationRule's locality failover in force (`loadBalancer.localityLbSetting`, which
 /// Istio applies with outlier detection): endpoints are put in priorities by how close
@@ -326,7 +333,58 @@ impl Balancer {
             eps: vec![EndpointState::default(); endpoints],
             next_rr: 0,
             tiers: Vec::new(),
+            warmup: None,
         }
+    }
+
+    /// Slow start over `window` (DestinationRule `warmupDurationSecs`; round robin, least
+    /// request and random): endpoint `i`, first seen at `since[i]`, takes a share of the
+    /// traffic that grows with its age, as Envoy's slow start mode weights it (at least
+    /// 10 %, linearly to 100 % at the window's end). Endpoints of the same age share alike,
+    /// so the ones seen together at start are not held back against each other.
+    pub fn with_warmup(mut self, window: Duration, since: Vec<Instant>) -> Self {
+        debug_assert_eq!(since.len(), self.eps.len());
+        if let Some(youngest) = since.iter().max().filter(|_| !window.is_zero()) {
+            let warm = *youngest + window;
+            self.warmup = Some((window, since, warm));
+        }
+        self
+    }
+
+    /// Endpoint `i`'s slow-start weight at `now` (1 when warm).
+    fn warm_weight(&self, i: usize, now: Instant) -> f64 {
+        match &self.warmup {
+            Some((window, since, _)) => {
+                let age = now.saturating_duration_since(since[i]);
+                if age >= *window {
+                    1.0
+                } else {
+                    (age.as_secs_f64() / window.as_secs_f64()).max(WARMUP_MIN_WEIGHT)
+                }
+            }
+            None => 1.0,
+        }
+    }
+
+    /// Whether some endpoint is still warming up at `now`.
+    fn warming(&self, now: Instant) -> bool {
+        self.warmup.as_ref().is_some_and(|(.., warm)| now < *warm)
+    }
+
+    /// A candidate by `weight` (random, in proportion).
+    fn weighted(cands: &Cands<'_>, weight: impl Fn(usize) -> f64, rng: &mut dyn Rng) -> usize {
+        let n = cands.len();
+        let ws: Vec<f64> = (0..n).map(|k| weight(cands.get(k))).collect();
+        let total: f64 = ws.iter().sum();
+        // 2^53 steps: as fine as an f64 of the total resolves.
+        let mut x = rng.below(1 << 53) as f64 / (1u64 << 53) as f64 * total;
+        for (k, w) in ws.iter().enumerate() {
+            if x < *w {
+                return cands.get(k);
+            }
+            x -= w;
+        }
+        cands.get(n - 1)
     }
 
     /// Endpoint `i` in locality priority `tiers[i]` (0 the closest). Requests go to the
@@ -439,6 +497,21 @@ impl Balancer {
             Cands::All(self.eps.len())
         };
         let n = cands.len();
+        // Slow start (round robin, least request, random): in proportion to the endpoints'
+        // weights — least request's divided by their requests in flight plus one, as
+        // Envoy's weighted least request schedules them.
+        if n > 1 && self.warming(now) {
+            match self.policy {
+                LbPolicy::Random | LbPolicy::RoundRobin => {
+                    return Some(Self::weighted(&cands, |i| self.warm_weight(i, now), rng));
+                }
+                LbPolicy::LeastRequest => {
+                    let w = |i: usize| self.warm_weight(i, now) / f64::from(self.eps[i].active + 1);
+                    return Some(Self::weighted(&cands, w, rng));
+                }
+                LbPolicy::ConsistentHash(_) => {}
+            }
+        }
         let i = match &self.policy {
             LbPolicy::Random => cands.get(rng.below(n as u64) as usize),
             LbPolicy::RoundRobin => {
@@ -1039,5 +1112,47 @@ mod tests {
         assert_eq!(tiers(&by_labels), [1, 0, 1, 2, 2]);
         // A waypoint the model does not know: one priority.
         assert_eq!(LocalityLb::default().tier(None, &eps[4]), 0);
+    }
+
+    /// Slow start: an endpoint first seen a quarter into the window takes about a quarter
+    /// of a warm one's share (10 % at least), all of it once the window has passed; the
+    /// endpoints seen together share alike. Round robin, least request and random alike.
+    #[test]
+    fn slow_start_weights_new_endpoints_by_age() {
+        let start = Instant::now();
+        let window = Duration::from_secs(100);
+        // Endpoints 0 and 1 warm (seen 200 s ago), 2 seen 25 s ago, 3 just now.
+        let at = start + Duration::from_secs(200);
+        let since = vec![start, start, at - Duration::from_secs(25), at];
+        for policy in [
+            LbPolicy::RoundRobin,
+            LbPolicy::LeastRequest,
+            LbPolicy::Random,
+        ] {
+            let mut b = Balancer::new(4, policy.clone(), None).with_warmup(window, since.clone());
+            let c = counts(&mut b, &HashInput::default(), 13_500, at);
+            // Weights 1, 1, 0.25, 0.1 of 2.35: 5,745, 5,745, 1,436, 574 of 13,500.
+            let want = [5_745.0, 5_745.0, 1_436.0, 574.0];
+            for (got, want) in c.iter().zip(want) {
+                let got = *got as f64;
+                assert!((got - want).abs() < want * 0.15 + 50.0, "{policy:?} {c:?}");
+            }
+            // Past the window everyone is warm: the policy's own spread.
+            let later = at + window;
+            let c = counts(&mut b, &HashInput::default(), 4_000, later);
+            assert!(
+                c.iter().all(|n| (800..1_200).contains(n)),
+                "{policy:?} {c:?}"
+            );
+        }
+        // All seen together (a balancer's first endpoints): no one is held back.
+        let mut b = Balancer::new(3, LbPolicy::RoundRobin, None).with_warmup(window, vec![at; 3]);
+        let c = counts(
+            &mut b,
+            &HashInput::default(),
+            3_000,
+            at + Duration::from_secs(1),
+        );
+        assert!(c.iter().all(|n| (800..1_200).contains(n)), "{c:?}");
     }
 }

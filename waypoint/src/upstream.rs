@@ -87,6 +87,8 @@ struct Entry {
     /// The snapshot version the endpoints were read from.
     version: u64,
     endpoints: Vec<Endpoint>,
+    /// When each endpoint was first seen by this worker's balancer of the service port.
+    since: Vec<Instant>,
     /// The DestinationRule it was built with.
     lb: ServiceLb,
     balancer: Balancer,
@@ -228,11 +230,31 @@ impl Balancers {
                         at
                     }
                     _ => {
-                        let balancer = Balancer::new(eps.len(), lb.policy.clone(), lb.outlier)
+                        // When each endpoint was first seen (slow start): kept from the
+                        // balancer this one replaces.
+                        let old = found.map(|at| &ports[at].1);
+                        let since = eps
+                            .iter()
+                            .map(|e| {
+                                old.and_then(|o| {
+                                    let k = o.endpoints.iter().position(|x| {
+                                        x.workload_uid == e.workload_uid
+                                            && x.authority == e.authority
+                                    })?;
+                                    o.since.get(k).copied()
+                                })
+                                .unwrap_or(now)
+                            })
+                            .collect::<Vec<_>>();
+                        let mut balancer = Balancer::new(eps.len(), lb.policy.clone(), lb.outlier)
                             .with_tiers(eps.iter().map(|e| e.tier).collect());
+                        if let Some(w) = lb.warmup {
+                            balancer = balancer.with_warmup(w, since.clone());
+                        }
                         let entry = Entry {
                             version: snap.version,
                             endpoints: eps,
+                            since,
                             lb,
                             balancer,
                         };

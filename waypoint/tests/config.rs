@@ -96,6 +96,7 @@ fn loads_every_kind_and_version() {
             use_client_protocol: false,
             // Istio: locality failover is on with outlier detection.
             locality: Some(waypoint::lb::LocalityLb::default()),
+            warmup: None,
         }
     );
     assert_eq!(

@@ -340,3 +340,43 @@ fn destination_rule_outlier_detection_brings_locality_failover() {
         assert_eq!(e.field.as_deref(), Some(field), "{e}");
     }
 }
+
+/// DestinationRule `warmupDurationSecs`: an endpoint that joins later ramps up, while the
+/// ones already balanced keep their age across the snapshot change.
+#[test]
+fn warmup_ramps_an_endpoint_that_joins_later() {
+    let model = |extra: &str| {
+        format!(
+            "workloads:\n  - {{uid: e1, name: e1, namespace: default, workloadIps: [\"10.1.0.1\"], services: {{\"default/echo.default.svc.cluster.local\": {{80: 8080}}}}}}\n  - {{uid: e2, name: e2, namespace: default, workloadIps: [\"10.1.0.2\"], services: {{\"default/echo.default.svc.cluster.local\": {{80: 8080}}}}}}\n{extra}services:\n  - {{name: echo, namespace: default, hostname: echo.default.svc.cluster.local, vips: [\"10.96.0.10\"], ports: {{80: 8080}}}}\n---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: echo, namespace: default}}\nspec:\n  host: echo\n  trafficPolicy:\n    loadBalancer: {{simple: ROUND_ROBIN, warmupDurationSecs: 100s}}\n"
+        )
+    };
+    let v1 = load_str(Path::new("w.yaml"), &model(""), 1).unwrap_or_else(|e| panic!("{e}"));
+    let e3 = "  - {uid: e3, name: e3, namespace: default, workloadIps: [\"10.1.0.3\"], services: {\"default/echo.default.svc.cluster.local\": {80: 8080}}}\n";
+    let v2 = load_str(Path::new("w.yaml"), &model(e3), 2).unwrap_or_else(|e| panic!("{e}"));
+    let echo = ObjectRef::new("default", "echo");
+    let mut b = Balancers::default();
+    let mut rng = SplitMix64(9);
+    let t0 = Instant::now();
+    assert!(b
+        .pick(&v1, &echo, 80, &HashInput::default(), t0, &mut rng)
+        .is_some());
+    // e3 joins 50 s later: e1 and e2 are half warm (0.5), e3 starts at 10 %.
+    let at = t0 + Duration::from_secs(50);
+    let mut e3_share = 0;
+    for _ in 0..4_000 {
+        let (_, e) = b
+            .pick(&v2, &echo, 80, &HashInput::default(), at, &mut rng)
+            .unwrap();
+        e3_share += usize::from(e.workload_uid == "e3");
+    }
+    // 0.1 / 1.1 of 4,000 ≈ 364 (had e1 and e2 started over with it: a third, 1,333).
+    assert!((250..500).contains(&e3_share), "{e3_share}");
+    // A warmup on consistent hashing is refused, naming the field.
+    let text = model("").replace("simple: ROUND_ROBIN", "consistentHash: {useSourceIp: true}");
+    let e = load_str(Path::new("w.yaml"), &text, 1).unwrap_err();
+    assert_eq!(
+        e.field.as_deref(),
+        Some("spec.trafficPolicy.loadBalancer.warmupDurationSecs"),
+        "{e}"
+    );
+}
