@@ -232,18 +232,17 @@ impl Balancers {
                     _ => {
                         // When each endpoint was first seen (slow start): kept from the
                         // balancer this one replaces.
-                        let old = found.map(|at| &ports[at].1);
+                        let seen: FnvMap<(&str, SocketAddr), Instant> = found
+                            .map(|at| &ports[at].1)
+                            .into_iter()
+                            .flat_map(|o| o.endpoints.iter().zip(&o.since))
+                            .map(|(e, t)| ((e.workload_uid.as_str(), e.authority), *t))
+                            .collect();
                         let since = eps
                             .iter()
                             .map(|e| {
-                                old.and_then(|o| {
-                                    let k = o.endpoints.iter().position(|x| {
-                                        x.workload_uid == e.workload_uid
-                                            && x.authority == e.authority
-                                    })?;
-                                    o.since.get(k).copied()
-                                })
-                                .unwrap_or(now)
+                                let key = (e.workload_uid.as_str(), e.authority);
+                                seen.get(&key).copied().unwrap_or(now)
                             })
                             .collect::<Vec<_>>();
                         let mut balancer = Balancer::new(eps.len(), lb.policy.clone(), lb.outlier)
