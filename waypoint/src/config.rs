@@ -729,16 +729,21 @@ pub fn load_str(file: &Path, text: &str, version: u64) -> Result<WaypointConfig,
             cfg.mesh = Some(snap);
             continue;
         };
-        let key = |m: &Metadata| (kind.clone(), m.namespace().to_string(), m.name.clone());
+        // Each object once per kind, namespace and name.
+        let mut first = |m: &Metadata| {
+            if seen.insert((kind.clone(), m.namespace().to_string(), m.name.clone())) {
+                Ok(())
+            } else {
+                Err(invalid(Invalid::new(
+                    "metadata.name",
+                    format!("duplicate {kind}"),
+                )))
+            }
+        };
         match (api.as_str(), kind.as_str()) {
             ("gateway.networking.k8s.io/v1" | "gateway.networking.k8s.io/v1beta1", "HTTPRoute") => {
                 let d: Doc<RouteSpec> = parse(file, &doc).map_err(at)?;
-                if !seen.insert(key(&d.metadata)) {
-                    return Err(invalid(Invalid::new(
-                        "metadata.name",
-                        "duplicate HTTPRoute",
-                    )));
-                }
+                first(&d.metadata)?;
                 routes.push(compile_route(&d).map_err(invalid)?);
                 route_kinds.push("HTTPRoute");
             }
@@ -747,12 +752,7 @@ pub fn load_str(file: &Path, text: &str, version: u64) -> Result<WaypointConfig,
                 "ReferenceGrant",
             ) => {
                 let d: Doc<GrantSpec> = parse(file, &doc).map_err(at)?;
-                if !seen.insert(key(&d.metadata)) {
-                    return Err(invalid(Invalid::new(
-                        "metadata.name",
-                        "duplicate ReferenceGrant",
-                    )));
-                }
+                first(&d.metadata)?;
                 if d.spec.from.is_empty() || d.spec.to.is_empty() {
                     let f = if d.spec.from.is_empty() {
                         "spec.from"
@@ -765,9 +765,7 @@ pub fn load_str(file: &Path, text: &str, version: u64) -> Result<WaypointConfig,
             }
             ("gateway.networking.k8s.io/v1alpha2", "TCPRoute") => {
                 let d: Doc<TcpRouteSpec> = parse(file, &doc).map_err(at)?;
-                if !seen.insert(key(&d.metadata)) {
-                    return Err(invalid(Invalid::new("metadata.name", "duplicate TCPRoute")));
-                }
+                first(&d.metadata)?;
                 tcp_routes.push((
                     compile_tcp_route(&d).map_err(invalid)?,
                     index,
@@ -780,24 +778,14 @@ pub fn load_str(file: &Path, text: &str, version: u64) -> Result<WaypointConfig,
                 "GRPCRoute",
             ) => {
                 let d: Doc<GrpcRouteSpec> = parse(file, &doc).map_err(at)?;
-                if !seen.insert(key(&d.metadata)) {
-                    return Err(invalid(Invalid::new(
-                        "metadata.name",
-                        "duplicate GRPCRoute",
-                    )));
-                }
+                first(&d.metadata)?;
                 let d = grpc_as_http(d).map_err(invalid)?;
                 routes.push(compile_route(&d).map_err(invalid)?);
                 route_kinds.push("GRPCRoute");
             }
             ("security.istio.io/v1" | "security.istio.io/v1beta1", "AuthorizationPolicy") => {
                 let d: Doc<PolicySpec> = parse(file, &doc).map_err(at)?;
-                if !seen.insert(key(&d.metadata)) {
-                    return Err(invalid(Invalid::new(
-                        "metadata.name",
-                        "duplicate AuthorizationPolicy",
-                    )));
-                }
+                first(&d.metadata)?;
                 let policy = compile_policy(&d).map_err(invalid)?;
                 if policy.attachment.names_a_class() {
                     classes.push((index, start, doc.clone(), policy.id.namespace.clone()));
@@ -822,12 +810,7 @@ pub fn load_str(file: &Path, text: &str, version: u64) -> Result<WaypointConfig,
             }
             ("security.istio.io/v1" | "security.istio.io/v1beta1", "RequestAuthentication") => {
                 let d: Doc<RequestAuthnSpec> = parse(file, &doc).map_err(at)?;
-                if !seen.insert(key(&d.metadata)) {
-                    return Err(invalid(Invalid::new(
-                        "metadata.name",
-                        "duplicate RequestAuthentication",
-                    )));
-                }
+                first(&d.metadata)?;
                 let authn = compile_request_authn(&d).map_err(invalid)?;
                 if authn.attachment.names_a_class() {
                     classes.push((index, start, doc.clone(), authn.id.namespace.clone()));
@@ -842,12 +825,7 @@ pub fn load_str(file: &Path, text: &str, version: u64) -> Result<WaypointConfig,
                 // Checked as the ztunnel's `peerAuthentications[]` are written, then set
                 // aside: the destination's ztunnel enforces it.
                 let d: Doc<PeerAuthnSpec> = parse(file, &doc).map_err(at)?;
-                if !seen.insert(key(&d.metadata)) {
-                    return Err(invalid(Invalid::new(
-                        "metadata.name",
-                        "duplicate PeerAuthentication",
-                    )));
-                }
+                first(&d.metadata)?;
                 let line = locate(&doc, "spec").unwrap_or(1) + start - 1;
                 cfg.ignored_policies.push(IgnoredPolicy::warn(
                     file,
@@ -860,12 +838,7 @@ pub fn load_str(file: &Path, text: &str, version: u64) -> Result<WaypointConfig,
             }
             ("telemetry.istio.io/v1" | "telemetry.istio.io/v1alpha1", "Telemetry") => {
                 let d: Doc<TelemetrySpec> = parse(file, &doc).map_err(at)?;
-                if !seen.insert(key(&d.metadata)) {
-                    return Err(invalid(Invalid::new(
-                        "metadata.name",
-                        "duplicate Telemetry",
-                    )));
-                }
+                first(&d.metadata)?;
                 if let Some(rule) = compile_telemetry(&d).map_err(invalid)? {
                     if rule.attachment.names_a_class() {
                         return Err(invalid(Invalid::new(
@@ -893,12 +866,7 @@ pub fn load_str(file: &Path, text: &str, version: u64) -> Result<WaypointConfig,
                 "VirtualService",
             ) => {
                 let d: Doc<virtual_service::VsSpec> = parse(file, &doc).map_err(at)?;
-                if !seen.insert(key(&d.metadata)) {
-                    return Err(invalid(Invalid::new(
-                        "metadata.name",
-                        "duplicate VirtualService",
-                    )));
-                }
+                first(&d.metadata)?;
                 let c = virtual_service::compile(&d).map_err(invalid)?;
                 virtuals.push(VsDoc {
                     route: routes.len(),
