@@ -93,6 +93,22 @@ pub enum Scope {
     Cluster,
 }
 
+impl Scope {
+    /// Whether `a` and `b` are in the same one of this scope (compared as ztunnel does:
+    /// unknown equals unknown).
+    pub fn shared(self, a: &Workload, b: &Workload) -> bool {
+        let (la, lb) = (&a.locality, &b.locality);
+        match self {
+            Scope::Network => a.network == b.network,
+            Scope::Region => la.region == lb.region,
+            Scope::Zone => la.zone == lb.zone,
+            Scope::Subzone => la.subzone == lb.subzone,
+            Scope::Node => a.node == b.node,
+            Scope::Cluster => a.cluster_id == b.cluster_id,
+        }
+    }
+}
+
 /// How the scopes of a [`Preference`] are applied.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum PreferenceMode {
@@ -112,38 +128,38 @@ pub struct Preference {
 }
 
 impl Preference {
-    /// How many of the scopes, from the first, `to` shares with `from` (compared as
-    /// ztunnel does: unknown equals unknown); an unknown client shares none.
+    /// How many of the scopes, from the first, `to` shares with `from` ([`Scope::shared`]);
+    /// an unknown client shares none.
     pub fn rank(&self, from: Option<&Workload>, to: &Workload) -> usize {
         let Some(from) = from else { return 0 };
-        let (a, b) = (&from.locality, &to.locality);
         self.scopes
             .iter()
-            .take_while(|scope| match scope {
-                Scope::Network => from.network == to.network,
-                Scope::Region => a.region == b.region,
-                Scope::Zone => a.zone == b.zone,
-                Scope::Subzone => a.subzone == b.subzone,
-                Scope::Node => from.node == to.node,
-                Scope::Cluster => from.cluster_id == to.cluster_id,
-            })
+            .take_while(|scope| scope.shared(from, to))
             .count()
     }
 
-    /// Of `candidates`, those a client `from` uses: in [`PreferenceMode::Strict`] those of
-    /// full rank; in [`PreferenceMode::Failover`] those of the best rank present.
+    /// The priority of endpoint `to` for client `from` (0: the closest): the scopes it
+    /// does not share; `None` when [`PreferenceMode::Strict`] excludes it (it does not
+    /// share them all).
+    pub fn tier(&self, from: Option<&Workload>, to: &Workload) -> Option<u8> {
+        let missing = self.scopes.len() - self.rank(from, to);
+        match self.mode {
+            PreferenceMode::Strict if missing > 0 => None,
+            _ => Some(u8::try_from(missing).unwrap_or(u8::MAX)),
+        }
+    }
+
+    /// Of `candidates`, those a client `from` uses: the closest priority present
+    /// ([`Preference::tier`]; in [`PreferenceMode::Strict`] only full matches have one).
     pub fn narrow<T>(&self, from: Option<&Workload>, candidates: Vec<(&Workload, T)>) -> Vec<T> {
-        let ranked: Vec<(usize, T)> = candidates
+        let tiered: Vec<(u8, T)> = candidates
             .into_iter()
-            .map(|(w, t)| (self.rank(from, w), t))
+            .filter_map(|(w, t)| Some((self.tier(from, w)?, t)))
             .collect();
-        let want = match self.mode {
-            PreferenceMode::Strict => self.scopes.len(),
-            PreferenceMode::Failover => ranked.iter().map(|(r, _)| *r).max().unwrap_or(0),
-        };
-        ranked
+        let best = tiered.iter().map(|(p, _)| *p).min();
+        tiered
             .into_iter()
-            .filter(|(r, _)| *r == want)
+            .filter(|(p, _)| Some(*p) == best)
             .map(|(_, t)| t)
             .collect()
     }

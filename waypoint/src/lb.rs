@@ -5,7 +5,7 @@
 //! the caller passes. A [`Balancer`] belongs to one worker (thread-per-core), so it needs no
 //! locks; its request counts are that worker's view, as with Envoy's per-thread balancers.
 
-use mesh_model::model::Workload;
+use mesh_model::model::{Scope, Workload};
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
@@ -284,41 +284,43 @@ impl LocalityLb {
                 .count();
             return u8::try_from(self.failover_priority.len() - n).unwrap_or(u8::MAX);
         }
-        let (a, b) = (&me.locality, &w.locality);
-        if a.region != b.region {
-            let to = self
-                .failover
-                .iter()
-                .any(|(from, to)| *from == a.region && *to == b.region);
-            return if self.failover.is_empty() || to { 3 } else { 4 };
+        // Istio's default: the same region, zone and subzone 0, … another region 3.
+        let close = [Scope::Region, Scope::Zone, Scope::Subzone]
+            .iter()
+            .take_while(|s| s.shared(me, w))
+            .count();
+        if close > 0 {
+            return 3 - close as u8;
         }
-        if a.zone != b.zone {
-            2
-        } else if a.subzone != b.subzone {
-            1
+        let (from, to) = (&me.locality.region, &w.locality.region);
+        let to_failover = self.failover.iter().any(|(f, t)| f == from && t == to);
+        if self.failover.is_empty() || to_failover {
+            3
         } else {
-            0
+            4
         }
     }
 }
 
 /// Whether `me` and `w` have the same value for label `key`: Kubernetes' and Istio's
-/// topology keys read the model's locality, network, cluster and node; any other key the
-/// workloads' labels (both must have it).
+/// topology keys compare the model's locality, network, cluster and node
+/// ([`Scope::shared`]); any other key the workloads' labels (both must have it).
 fn same_label(key: &str, me: &Workload, w: &Workload) -> bool {
-    let (a, b) = (&me.locality, &w.locality);
-    match key {
-        "topology.kubernetes.io/region" => a.region == b.region,
-        "topology.kubernetes.io/zone" => a.zone == b.zone,
-        "topology.istio.io/subzone" => a.subzone == b.subzone,
-        "topology.istio.io/network" => me.network == w.network,
-        "topology.istio.io/cluster" => me.cluster_id == w.cluster_id,
-        "kubernetes.io/hostname" => me.node == w.node,
-        _ => me
-            .labels
-            .get(key)
-            .is_some_and(|v| w.labels.get(key) == Some(v)),
-    }
+    let scope = match key {
+        "topology.kubernetes.io/region" => Scope::Region,
+        "topology.kubernetes.io/zone" => Scope::Zone,
+        "topology.istio.io/subzone" => Scope::Subzone,
+        "topology.istio.io/network" => Scope::Network,
+        "topology.istio.io/cluster" => Scope::Cluster,
+        "kubernetes.io/hostname" => Scope::Node,
+        _ => {
+            return me
+                .labels
+                .get(key)
+                .is_some_and(|v| w.labels.get(key) == Some(v))
+        }
+    };
+    scope.shared(me, w)
 }
 
 /// Envoy's overprovisioning factor: a priority with at least 1/1.4 (≈71 %) of its endpoints

@@ -15,7 +15,6 @@ use mesh_model::snapshot::Snapshot;
 use crate::config::{ServiceLb, WaypointConfig};
 use crate::lb::{Balancer, HashInput, Rng};
 use crate::route::ObjectRef;
-use mesh_model::model::PreferenceMode;
 
 /// One endpoint of a service port.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -60,14 +59,7 @@ pub fn endpoints(
                 return None;
             }
             let tier = match &svc.preference {
-                Some(p) => {
-                    let rank = p.rank(near, w);
-                    match p.mode {
-                        PreferenceMode::Strict if rank < p.scopes.len() => return None,
-                        PreferenceMode::Strict => 0,
-                        PreferenceMode::Failover => (p.scopes.len() - rank) as u8,
-                    }
-                }
+                Some(p) => p.tier(near, w)?,
                 None => locality.map_or(0, |l| l.tier(near, w)),
             };
             let target = svc.target_port(ep, port)?;
