@@ -1040,7 +1040,7 @@ mod tests {
             by_tier(&counts(&mut b, &HashInput::default(), 1000, now)),
             [1000, 0, 0]
         );
-        // 3 of 4 healthy: 75 % × 1.4 ≥ 100 %, no spill; the ejected one is skipped.
+        // 3 of 4 healthy: 75 % × 1.4 ≥ 100 %, no spill; the ejected one gets nothing.
         let mut b = new();
         eject(&mut b, 0);
         let c = counts(&mut b, &HashInput::default(), 1000, now);
