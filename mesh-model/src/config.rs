@@ -510,6 +510,11 @@ fn sas(v: &[LocalServiceAccountMatch]) -> Vec<ws::ServiceAccountMatch> {
 }
 
 impl LocalPolicy {
+    /// `namespace/name`, as workloads list it.
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+
     /// The scope written, else `WorkloadSelector` with a selector, else `Global`.
     pub fn scope(&self) -> LocalScope {
         match (self.scope, &self.selector) {
@@ -775,7 +780,7 @@ impl LocalConfig {
         }
         let mut policy_keys = BTreeSet::new();
         for (i, p) in self.policies.iter().enumerate() {
-            if !policy_keys.insert(format!("{}/{}", p.namespace, p.name)) {
+            if !policy_keys.insert(p.key()) {
                 return Err(Invalid::new(
                     format!("policies[{i}].name"),
                     format!("policy {}/{} is defined twice", p.namespace, p.name),
@@ -959,7 +964,7 @@ impl LocalConfig {
                         // PeerAuthentication's (istiod's part).
                         let mut keys = w.authorization_policies.clone();
                         for p in self.policies.iter().filter(|p| p.selects(w)) {
-                            let key = format!("{}/{}", p.namespace, p.name);
+                            let key = p.key();
                             if !keys.contains(&key) {
                                 keys.push(key);
                             }

@@ -271,7 +271,7 @@ pub(super) fn convert(
             )),
         };
         per_workload.push(policy.map(|p| {
-            let key = format!("{}/{}", p.namespace, p.name);
+            let key = p.key();
             policies.entry(key.clone()).or_insert(p);
             key
         }));
