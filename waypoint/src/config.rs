@@ -12,10 +12,10 @@
 //! | `AuthorizationPolicy` | `security.istio.io/v1`, `/v1beta1` | [`crate::authz::Policy`] (`CUSTOM` with `provider.name`: an extension provider of the MeshConfig document) |
 //! | `RequestAuthentication` | `security.istio.io/v1`, `/v1beta1` | [`crate::jwt::RequestAuthn`]: `jwtRules[]` with `issuer`, `audiences`, `jwks` (inline JSON), or `jwksUri` (fetched, with `timeout`; neither: OpenID discovery from the issuer; see [`crate::jwks`]), `fromHeaders` (`name`, `prefix`), `fromParams`, `fromCookies`, `forwardOriginalToken`, `outputPayloadToHeader`, `outputClaimToHeaders` (`header`, `claim`) |
 //! | `VirtualService` | `networking.istio.io/v1`, `/v1beta1`, `/v1alpha3` | [`crate::route::HttpRoute`] with its rules in order (see `config/virtual_service.rs` for the fields) |
-//! | `Telemetry` | `telemetry.istio.io/v1`, `/v1alpha1` | [`TelemetryRule`]: `accessLogging` (`disabled`, `providers` `envoy`, `match.mode` `CLIENT_AND_SERVER`/`SERVER`) and `metrics` (`providers` `prometheus`, `overrides` with `match.metric` (`ALL_METRICS`, `REQUEST_COUNT`, `REQUEST_DURATION`, `REQUEST_SIZE`, `RESPONSE_SIZE`; TCP and gRPC message metrics: nothing to change) and `disabled`) by `targetRefs` (the waypoint's Gateway, Services), namespace or root namespace; `tracing`, `filter`, `tagOverrides`, `reportingInterval`, `customMetric` refused; a `selector` one set aside as AuthorizationPolicies' are |
+//! | `Telemetry` | `telemetry.istio.io/v1`, `/v1alpha1` | [`TelemetryRule`]: `accessLogging` (`disabled`, `providers` `envoy`, `match.mode` `CLIENT_AND_SERVER`/`SERVER`) and `metrics` (`providers` `prometheus`, `overrides` with `match.metric` (`ALL_METRICS`, `REQUEST_COUNT`, `REQUEST_DURATION`, `REQUEST_SIZE`, `RESPONSE_SIZE`; TCP and gRPC message metrics: nothing to change) and `disabled`) and `tracing` (`providers` (one), `randomSamplingPercentage`, `disableSpanReporting`, `customTags` `literal`/`environment`/`header`, `match.mode`; see [`crate::spans`]) by `targetRefs` (the waypoint's Gateway, Services), namespace or root namespace; `filter`, `tagOverrides`, `reportingInterval`, `customMetric` refused; a `selector` one set aside as AuthorizationPolicies' are |
 //! | `DestinationRule` | `networking.istio.io/v1`, `/v1beta1`, `/v1alpha3` | [`Subset`]s (`subsets[]`: `name`, `labels`, `trafficPolicy` whose fields replace the rule's); [`ServiceLb`]: `trafficPolicy.loadBalancer` (`simple`, or `consistentHash` with `httpHeaderName`, `httpQueryParameterName`, `useSourceIp` or `httpCookie` `name`/`path`/`ttl`/`attributes`), `.outlierDetection` (`consecutive5xxErrors`, `consecutiveGatewayErrors`, `interval`, `baseEjectionTime`, `maxEjectionPercent`), `.loadBalancer.localityLbSetting` (with outlier detection, as Istio: locality failover priorities from the waypoint's own workload — `enabled`, `failover` from/to regions, `failoverPriority` label keys; `distribute` refused; see [`crate::lb::LocalityLb`]), `.loadBalancer.warmupDurationSecs` (Envoy's slow start for round robin, least request and random: a new endpoint's share grows from 10 % to all of it over the window; refused with consistentHash), `.connectionPool.http.useClientProtocol`, `.connectionPool.http.idleTimeout`, `.tls.mode: ISTIO_MUTUAL` (what HBONE is; other modes refused), `.portLevelSettings` (all of these per service port, each entry replacing the service's for its port); [`crate::breaker`]: `.connectionPool.tcp.maxConnections`, `.tcp.connectTimeout`, `.http.http1MaxPendingRequests`, `.http.http2MaxRequests`, `.http.maxRequestsPerConnection`, `.http.maxRetries` |
 //! | no `apiVersion`/`kind`, a `waypoint:` key | — | [`SettingsDoc`], exactly one for the binary |
-//! | no `apiVersion`/`kind`, a `meshConfig:` key | — | Istio MeshConfig's `extensionProviders` of kinds `envoyExtAuthzHttp` (`service`: a model service's hostname, or `namespace/hostname`; `port`, `pathPrefix`, `timeout`, `failOpen`, `statusOnError`, `includeRequestHeadersInCheck`, `includeAdditionalHeadersInCheck`, `headersToUpstreamOnAllow`, `headersToDownstreamOnDeny`, `headersToDownstreamOnAllow`) and `envoyExtAuthzGrpc` (`service`, `port`, `timeout`, `failOpen`, `statusOnError`), at most one, reloaded with the file; see [`crate::ext_authz`] |
+//! | no `apiVersion`/`kind`, a `meshConfig:` key | — | Istio MeshConfig's `extensionProviders` of kinds `envoyExtAuthzHttp` (`service`: a model service's hostname, or `namespace/hostname`; `port`, `pathPrefix`, `timeout`, `failOpen`, `statusOnError`, `includeRequestHeadersInCheck`, `includeAdditionalHeadersInCheck`, `headersToUpstreamOnAllow`, `headersToDownstreamOnDeny`, `headersToDownstreamOnAllow`) and `envoyExtAuthzGrpc` (`service`, `port`, `timeout`, `failOpen`, `statusOnError`) (see [`crate::ext_authz`]), and the tracing providers `opentelemetry` (`service`, `port`, `maxTagLength`, `http` with `path`, `timeout`, `headers`: OTLP over HTTP, else over gRPC) and `zipkin` (`service`, `port`, `maxTagLength`, `enable64bitTraceId`, `path`, `timeout`, `headers`), with `defaultProviders.tracing` (see [`crate::spans`]); one MeshConfig document, reloaded with the file |
 //! | no `apiVersion`/`kind`, no `waypoint:` key | — | mesh-model's local config (`namespaces`, `workloads`, `services`, `policies`, `waypoints`, `nodes`; see the `mesh_model` crate docs), at most one |
 //!
 //! `targetRefs` name the waypoint's `Gateway`, `Service`s (group `""` or `core`) of the
@@ -112,7 +112,7 @@ use crate::route::{
     Backend, Cors, Filter, HeaderModifier, HttpRoute, Mirror, ObjectRef, PathMatch, PathModifier,
     Redirect, Retry, Rewrite, RouteMatch, RouteTable, Rule, TcpRoute, Timeouts, ValueMatch,
 };
-use crate::{ext_authz, jwks, jwt};
+use crate::{ext_authz, jwks, jwt, spans};
 
 mod virtual_service;
 
@@ -382,6 +382,12 @@ pub struct WaypointConfig {
     /// MeshConfig `extensionProviders` of kinds `envoyExtAuthzHttp` and
     /// `envoyExtAuthzGrpc`, by name (the authorizers of CUSTOM policies).
     pub ext_authz: BTreeMap<String, Arc<ext_authz::Provider>>,
+    /// MeshConfig `extensionProviders` of kinds `opentelemetry` and `zipkin`, by name (the
+    /// providers of Telemetry `tracing`, [`crate::spans`]).
+    pub tracing_providers: BTreeMap<String, Arc<spans::Provider>>,
+    /// MeshConfig `defaultProviders.tracing`: the provider of a destination no Telemetry
+    /// names one for.
+    pub default_tracing: Option<String>,
     /// AuthorizationPolicies and RequestAuthentications loaded but not enforced here (warned about at load, shown as
     /// `waypoint_policies_ignored` on the stats page).
     pub ignored_policies: Vec<IgnoredPolicy>,
@@ -415,6 +421,22 @@ pub struct TelemetryRule {
     /// By [`crate::telemetry::METRICS`]: reported or not, as its overrides say; `None`:
     /// not overridden here.
     pub metrics: [Option<bool>; 4],
+    /// Its `tracing`, when it has one.
+    pub tracing: Option<TracingRule>,
+}
+
+/// A Telemetry's `tracing` (its entries in order, a later one's fields over an earlier
+/// one's); each field `None` where it does not set it.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct TracingRule {
+    /// `providers[0].name`.
+    pub provider: Option<String>,
+    /// `randomSamplingPercentage`.
+    pub sampling: Option<f64>,
+    /// `!disableSpanReporting`.
+    pub report: Option<bool>,
+    /// `customTags` (an `environment` one read at load), by name.
+    pub custom_tags: BTreeMap<String, Option<spans::CustomTag>>,
 }
 
 /// What Telemetry says of one request's destination: logged, and the metrics reported.
@@ -463,6 +485,61 @@ impl WaypointConfig {
             ),
             metrics: shown,
         }
+    }
+
+    /// Tracing for the requests to `s` ([`crate::spans`]), each field from the most
+    /// specific Telemetry `tracing` that sets it and applies (as [`Self::telemetry_for`]:
+    /// `targetRefs`, namespace, root namespace; the first in the file among equals), custom
+    /// tags by name; the provider, without one, MeshConfig `defaultProviders.tracing`.
+    /// `None`: no provider, tracing off.
+    pub fn tracing_for(&self, s: &authz::Subject<'_>) -> Option<spans::Tracing> {
+        if self.default_tracing.is_none() && self.telemetry.iter().all(|t| t.tracing.is_none()) {
+            return None;
+        }
+        let mut provider: Option<(u8, &str)> = None;
+        let mut sampling: Option<(u8, f64)> = None;
+        let mut report: Option<(u8, bool)> = None;
+        let mut tags: BTreeMap<&str, (u8, &Option<spans::CustomTag>)> = BTreeMap::new();
+        fn set<T: Copy>(best: &mut Option<(u8, T)>, rank: u8, v: Option<T>) {
+            if let Some(v) = v.filter(|_| best.is_none_or(|(r, _)| rank > r)) {
+                *best = Some((rank, v));
+            }
+        }
+        for t in &self.telemetry {
+            let Some(tr) = t.tracing.as_ref() else {
+                continue;
+            };
+            if !t.attachment.applies(&t.id.namespace, s) {
+                continue;
+            }
+            let rank = match t.attachment {
+                Attachment::Targets { .. } => 2,
+                _ if t.id.namespace == s.root_namespace => 0,
+                _ => 1,
+            };
+            set(&mut provider, rank, tr.provider.as_deref());
+            set(&mut sampling, rank, tr.sampling);
+            set(&mut report, rank, tr.report);
+            for (name, tag) in &tr.custom_tags {
+                if tags.get(name.as_str()).is_none_or(|(r, _)| rank > *r) {
+                    tags.insert(name, (rank, tag));
+                }
+            }
+        }
+        let name = provider
+            .map(|(_, p)| p)
+            .or(self.default_tracing.as_deref())?;
+        Some(spans::Tracing {
+            provider: self.tracing_providers.get(name)?.clone(),
+            sampling: spans::Sampling::percent(
+                sampling.map_or(spans::DEFAULT_SAMPLING, |(_, v)| v),
+            ),
+            report: report.is_none_or(|(_, on)| on),
+            custom_tags: tags
+                .into_iter()
+                .filter_map(|(n, (_, t))| Some((n.to_string(), t.clone()?)))
+                .collect(),
+        })
     }
 }
 
@@ -632,6 +709,8 @@ pub fn load_str(file: &Path, text: &str, version: u64) -> Result<WaypointConfig,
     let mut mesh_config: Option<(usize, usize, String, MeshConfigDoc)> = None;
     // CUSTOM policies' providers (name, document, line), checked against it.
     let mut customs: Vec<(String, usize, usize)> = vec![];
+    // Telemetry tracing providers (name, document, line), checked against it too.
+    let mut traced: Vec<(String, usize, usize)> = vec![];
     let mut seen = BTreeSet::new();
     // VirtualServices, checked against the HTTPRoutes and DestinationRules once all are read.
     let mut virtuals: Vec<VsDoc> = vec![];
@@ -840,6 +919,10 @@ pub fn load_str(file: &Path, text: &str, version: u64) -> Result<WaypointConfig,
                 let d: Doc<TelemetrySpec> = parse(file, &doc).map_err(at)?;
                 first(&d.metadata)?;
                 if let Some(rule) = compile_telemetry(&d).map_err(invalid)? {
+                    if let Some(name) = rule.tracing.as_ref().and_then(|t| t.provider.clone()) {
+                        let line = locate(&doc, "spec.tracing").unwrap_or(1) + start - 1;
+                        traced.push((name, index, line));
+                    }
                     if rule.attachment.names_a_class() {
                         return Err(invalid(Invalid::new(
                             "spec.targetRefs",
@@ -920,7 +1003,7 @@ pub fn load_str(file: &Path, text: &str, version: u64) -> Result<WaypointConfig,
         }
     }
     if let Some((index, start, doc, d)) = mesh_config {
-        cfg.ext_authz = compile_mesh_config(&d, cfg.mesh.as_ref()).map_err(|e| LoadError {
+        let p = compile_mesh_config(&d, cfg.mesh.as_ref()).map_err(|e| LoadError {
             file: file.to_owned(),
             document: index,
             line: Some(locate(&doc, &e.field).unwrap_or(1) + start - 1),
@@ -928,6 +1011,23 @@ pub fn load_str(file: &Path, text: &str, version: u64) -> Result<WaypointConfig,
             field: Some(e.field),
             message: e.message,
         })?;
+        cfg.ext_authz = p.ext_authz;
+        cfg.tracing_providers = p.tracing;
+        cfg.default_tracing = p.default_tracing;
+    }
+    for (name, document, line) in traced {
+        if !cfg.tracing_providers.contains_key(&name) {
+            return Err(LoadError {
+                file: file.to_owned(),
+                document,
+                line: Some(line),
+                column: None,
+                field: Some("spec.tracing.providers.name".into()),
+                message: format!(
+                    "no tracing provider {name:?} (MeshConfig extensionProviders of kind opentelemetry or zipkin)"
+                ),
+            });
+        }
     }
     for (name, document, line) in customs {
         if !cfg.ext_authz.contains_key(&name) {
@@ -2953,6 +3053,61 @@ struct MeshConfigDoc {
 struct MeshConfigRaw {
     #[serde(default)]
     extension_providers: Vec<ExtProviderRaw>,
+    #[serde(default)]
+    default_providers: Option<DefaultProvidersRaw>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DefaultProvidersRaw {
+    #[serde(default)]
+    tracing: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct OtelRaw {
+    service: String,
+    port: PortRaw,
+    #[serde(default)]
+    max_tag_length: Option<u32>,
+    #[serde(default)]
+    http: Option<OtelHttpRaw>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct OtelHttpRaw {
+    #[serde(default)]
+    path: Option<String>,
+    #[serde(default)]
+    timeout: Option<String>,
+    #[serde(default)]
+    headers: Vec<ProviderHeaderRaw>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct ZipkinRaw {
+    service: String,
+    port: PortRaw,
+    #[serde(default)]
+    max_tag_length: Option<u32>,
+    #[serde(default, rename = "enable64bitTraceId")]
+    enable_64bit_trace_id: bool,
+    #[serde(default)]
+    path: Option<String>,
+    #[serde(default)]
+    timeout: Option<String>,
+    #[serde(default)]
+    headers: Vec<ProviderHeaderRaw>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ProviderHeaderRaw {
+    name: String,
+    value: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -2963,6 +3118,103 @@ struct ExtProviderRaw {
     envoy_ext_authz_http: Option<ExtAuthzHttpRaw>,
     #[serde(default)]
     envoy_ext_authz_grpc: Option<ExtAuthzGrpcRaw>,
+    #[serde(default)]
+    opentelemetry: Option<OtelRaw>,
+    #[serde(default)]
+    zipkin: Option<ZipkinRaw>,
+}
+
+/// The tracing provider `p` (an `opentelemetry` or `zipkin` one) at field `f`.
+fn compile_tracing_provider(
+    f: &str,
+    p: &ExtProviderRaw,
+    mesh: Option<&Snapshot>,
+) -> Result<spans::Provider, Invalid> {
+    let none = Vec::new();
+    let (kf, service, port, max_tag, path, timeout, headers, protocol) =
+        match (&p.opentelemetry, &p.zipkin) {
+            (Some(o), _) => {
+                let h = o.http.as_ref();
+                let protocol = match h {
+                    None => spans::Protocol::OtlpGrpc,
+                    Some(h) => spans::Protocol::OtlpHttp {
+                        path: h.path.clone().unwrap_or_else(|| "/v1/traces".into()),
+                    },
+                };
+                (
+                    format!("{f}.opentelemetry"),
+                    &o.service,
+                    o.port,
+                    o.max_tag_length,
+                    h.and_then(|h| h.path.as_ref()),
+                    h.and_then(|h| h.timeout.as_ref()),
+                    h.map_or(&none, |h| &h.headers),
+                    protocol,
+                )
+            }
+            (None, Some(z)) => (
+                format!("{f}.zipkin"),
+                &z.service,
+                z.port,
+                z.max_tag_length,
+                z.path.as_ref(),
+                z.timeout.as_ref(),
+                &z.headers,
+                spans::Protocol::Zipkin {
+                    path: z.path.clone().unwrap_or_else(|| "/api/v2/spans".into()),
+                    trace_id_64: z.enable_64bit_trace_id,
+                },
+            ),
+            (None, None) => unreachable!("a tracing provider"),
+        };
+    let service_ref =
+        provider_service(mesh, service).map_err(|e| Invalid::new(format!("{kf}.service"), e))?;
+    let host = service.rsplit('/').next().unwrap_or(service).to_string();
+    if let Some(path) = path.filter(|p| !p.starts_with('/')) {
+        let pf = if p.opentelemetry.is_some() {
+            format!("{kf}.http.path")
+        } else {
+            format!("{kf}.path")
+        };
+        return Err(Invalid::new(pf, format!("{path:?} must start with /")));
+    }
+    let timeout = match timeout {
+        None => spans::EXPORT_TIMEOUT,
+        Some(t) => runtime::config::duration::parse(t).map_err(|e| {
+            let tf = if p.opentelemetry.is_some() {
+                format!("{kf}.http.timeout")
+            } else {
+                format!("{kf}.timeout")
+            };
+            Invalid::new(tf, e)
+        })?,
+    };
+    let mut out_headers = vec![];
+    for (j, h) in headers.iter().enumerate() {
+        let hf = if p.opentelemetry.is_some() {
+            format!("{kf}.http.headers[{j}]")
+        } else {
+            format!("{kf}.headers[{j}]")
+        };
+        let n = header_name(&h.name).map_err(|e| Invalid::new(format!("{hf}.name"), e))?;
+        if h.value.contains(['\r', '\n']) {
+            return Err(Invalid::new(
+                format!("{hf}.value"),
+                "a header value cannot hold a line break",
+            ));
+        }
+        out_headers.push((n, h.value.clone()));
+    }
+    Ok(spans::Provider {
+        name: p.name.clone(),
+        protocol,
+        service: service_ref,
+        port: port.0,
+        host,
+        timeout,
+        max_tag_length: max_tag.map_or(spans::MAX_TAG_LENGTH, |m| m as usize),
+        headers: out_headers,
+    })
 }
 
 #[derive(Debug, Deserialize)]
@@ -3017,43 +3269,74 @@ fn provider_service(mesh: Option<&Snapshot>, name: &str) -> Result<ObjectRef, St
         .ok_or_else(|| format!("{name:?} is not a service of the mesh model (by hostname)"))
 }
 
+/// A MeshConfig document's extension providers: the external authorizers, the tracing
+/// providers, and `defaultProviders.tracing`.
+struct MeshProviders {
+    ext_authz: BTreeMap<String, Arc<ext_authz::Provider>>,
+    tracing: BTreeMap<String, Arc<spans::Provider>>,
+    default_tracing: Option<String>,
+}
+
 fn compile_mesh_config(
     d: &MeshConfigDoc,
     mesh: Option<&Snapshot>,
-) -> Result<BTreeMap<String, Arc<ext_authz::Provider>>, Invalid> {
+) -> Result<MeshProviders, Invalid> {
     let mut out = BTreeMap::new();
+    let mut tracing = BTreeMap::new();
     for (i, p) in d.mesh_config.extension_providers.iter().enumerate() {
         let f = format!("meshConfig.extensionProviders[{i}]");
+        let kinds = [
+            p.envoy_ext_authz_http.is_some(),
+            p.envoy_ext_authz_grpc.is_some(),
+            p.opentelemetry.is_some(),
+            p.zipkin.is_some(),
+        ];
+        if kinds.iter().filter(|k| **k).count() > 1 {
+            return Err(Invalid::new(f, "one provider kind per provider"));
+        }
+        if out.contains_key(&p.name) || tracing.contains_key(&p.name) {
+            return Err(Invalid::new(
+                format!("{f}.name"),
+                format!("a second provider {:?}", p.name),
+            ));
+        }
+        if p.opentelemetry.is_some() || p.zipkin.is_some() {
+            let t = compile_tracing_provider(&f, p, mesh)?;
+            tracing.insert(p.name.clone(), Arc::new(t));
+            continue;
+        }
         // What both kinds have: (field prefix, service, port, timeout, failOpen,
         // statusOnError).
-        let (hf, service, port, timeout, fail_open, status_on_error) =
-            match (&p.envoy_ext_authz_http, &p.envoy_ext_authz_grpc) {
-                (Some(h), None) => (
-                    format!("{f}.envoyExtAuthzHttp"),
-                    &h.service,
-                    h.port,
-                    &h.timeout,
-                    h.fail_open,
-                    h.status_on_error,
-                ),
-                (None, Some(g)) => (
-                    format!("{f}.envoyExtAuthzGrpc"),
-                    &g.service,
-                    g.port,
-                    &g.timeout,
-                    g.fail_open,
-                    g.status_on_error,
-                ),
-                (Some(_), Some(_)) => {
-                    return Err(Invalid::new(f, "one provider kind per provider"));
-                }
-                (None, None) => {
-                    return Err(Invalid::new(
+        let (hf, service, port, timeout, fail_open, status_on_error) = match (
+            &p.envoy_ext_authz_http,
+            &p.envoy_ext_authz_grpc,
+        ) {
+            (Some(h), None) => (
+                format!("{f}.envoyExtAuthzHttp"),
+                &h.service,
+                h.port,
+                &h.timeout,
+                h.fail_open,
+                h.status_on_error,
+            ),
+            (None, Some(g)) => (
+                format!("{f}.envoyExtAuthzGrpc"),
+                &g.service,
+                g.port,
+                &g.timeout,
+                g.fail_open,
+                g.status_on_error,
+            ),
+            (Some(_), Some(_)) => {
+                return Err(Invalid::new(f, "one provider kind per provider"));
+            }
+            (None, None) => {
+                return Err(Invalid::new(
                         f,
-                        "a provider kind is required (envoyExtAuthzHttp or envoyExtAuthzGrpc)",
+                        "a provider kind is required (envoyExtAuthzHttp, envoyExtAuthzGrpc, opentelemetry or zipkin)",
                     ));
-                }
-            };
+            }
+        };
         let service = provider_service(mesh, service)
             .map_err(|e| Invalid::new(format!("{hf}.service"), e))?;
         let timeout = match timeout {
@@ -3135,14 +3418,32 @@ fn compile_mesh_config(
                 "headersToDownstreamOnAllow",
             )?;
         }
-        if out.insert(p.name.clone(), Arc::new(provider)).is_some() {
-            return Err(Invalid::new(
-                format!("{f}.name"),
-                format!("a second provider {:?}", p.name),
-            ));
-        }
+        out.insert(p.name.clone(), Arc::new(provider));
     }
-    Ok(out)
+    let default_tracing = match d.mesh_config.default_providers.as_ref() {
+        None => None,
+        Some(dp) => match dp.tracing.as_slice() {
+            [] => None,
+            [name] if tracing.contains_key(name) => Some(name.clone()),
+            [name] => {
+                return Err(Invalid::new(
+                    "meshConfig.defaultProviders.tracing[0]",
+                    format!("no tracing provider {name:?} (extensionProviders of kind opentelemetry or zipkin)"),
+                ))
+            }
+            _ => {
+                return Err(Invalid::new(
+                    "meshConfig.defaultProviders.tracing",
+                    "one tracing provider (Istio uses only one)",
+                ))
+            }
+        },
+    };
+    Ok(MeshProviders {
+        ext_authz: out,
+        tracing,
+        default_tracing,
+    })
 }
 
 // RequestAuthentication ---------------------------------------------------
@@ -3353,7 +3654,130 @@ struct TelemetrySpec {
     #[serde(default)]
     metrics: Vec<MetricsRaw>,
     #[serde(default)]
-    tracing: Vec<serde::de::IgnoredAny>,
+    tracing: Vec<TracingRaw>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct TracingRaw {
+    #[serde(default, rename = "match")]
+    matching: Option<LogMatchRaw>,
+    #[serde(default)]
+    providers: Vec<ProviderRefRaw>,
+    #[serde(default)]
+    random_sampling_percentage: Option<f64>,
+    #[serde(default)]
+    disable_span_reporting: Option<bool>,
+    #[serde(default)]
+    custom_tags: BTreeMap<String, CustomTagRaw>,
+    // Accepted: the decision is a random draw with or without it (the request id the
+    // waypoint gives is random too).
+    #[serde(default, rename = "useRequestIdForTraceSampling")]
+    _use_request_id_for_trace_sampling: Option<serde::de::IgnoredAny>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct CustomTagRaw {
+    #[serde(default)]
+    literal: Option<LiteralTagRaw>,
+    #[serde(default)]
+    environment: Option<NamedTagRaw>,
+    #[serde(default)]
+    header: Option<NamedTagRaw>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LiteralTagRaw {
+    value: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct NamedTagRaw {
+    name: String,
+    #[serde(default)]
+    default_value: Option<String>,
+}
+
+/// A Telemetry's `tracing` entries, in order (a later entry's fields over an earlier's).
+fn compile_tracing(list: &[TracingRaw]) -> Result<Option<TracingRule>, Invalid> {
+    if list.is_empty() {
+        return Ok(None);
+    }
+    let mut out = TracingRule::default();
+    for (i, t) in list.iter().enumerate() {
+        let f = format!("spec.tracing[{i}]");
+        server_mode(
+            &format!("{f}.match.mode"),
+            t.matching.as_ref().map(|m| m.mode.as_str()),
+        )?;
+        match t.providers.as_slice() {
+            [] => {}
+            [p] => out.provider = Some(p.name.clone()),
+            _ => {
+                return Err(Invalid::new(
+                    format!("{f}.providers"),
+                    "one tracing provider per workload (Istio uses only one)",
+                ))
+            }
+        }
+        if let Some(p) = t.random_sampling_percentage {
+            if !(0.0..=100.0).contains(&p) {
+                return Err(Invalid::new(
+                    format!("{f}.randomSamplingPercentage"),
+                    format!("{p} is not a percentage (0 to 100)"),
+                ));
+            }
+            out.sampling = Some(p);
+        }
+        if let Some(d) = t.disable_span_reporting {
+            out.report = Some(!d);
+        }
+        for (name, tag) in &t.custom_tags {
+            let tf = format!("{f}.customTags.{name}");
+            let given = [
+                tag.literal.is_some(),
+                tag.environment.is_some(),
+                tag.header.is_some(),
+            ];
+            if given.iter().filter(|g| **g).count() != 1 {
+                return Err(Invalid::new(
+                    tf,
+                    "exactly one of literal, environment and header",
+                ));
+            }
+            let value = if let Some(l) = &tag.literal {
+                Some(spans::CustomTag::Literal(l.value.clone()))
+            } else if let Some(e) = &tag.environment {
+                // The waypoint's own environment, read now (as Envoy reads it at start).
+                std::env::var(&e.name)
+                    .ok()
+                    .or_else(|| e.default_value.clone())
+                    .map(spans::CustomTag::Literal)
+            } else {
+                let h = tag.header.as_ref().expect("one of the three");
+                // Any field may be read (`host` among them): a token.
+                let token = !h.name.is_empty()
+                    && h.name
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
+                if !token {
+                    return Err(Invalid::new(
+                        format!("{tf}.header.name"),
+                        format!("{:?} is not a valid header name", h.name),
+                    ));
+                }
+                Some(spans::CustomTag::Header {
+                    name: h.name.to_ascii_lowercase(),
+                    default: h.default_value.clone(),
+                })
+            };
+            out.custom_tags.insert(name.clone(), value);
+        }
+    }
+    Ok(Some(out))
 }
 
 #[derive(Debug, Deserialize)]
@@ -3505,17 +3929,11 @@ fn compile_metrics(list: &[MetricsRaw]) -> Result<[Option<bool>; 4], Invalid> {
     Ok(out)
 }
 
-/// A Telemetry's `accessLogging` and `metrics` (`None`: it has neither). Its `tracing` is
-/// refused: the waypoint exports no spans.
+/// A Telemetry's `accessLogging`, `metrics` and `tracing` (`None`: it has none).
 fn compile_telemetry(d: &Doc<TelemetrySpec>) -> Result<Option<TelemetryRule>, Invalid> {
     let s = &d.spec;
     let metrics = compile_metrics(&s.metrics)?;
-    if !s.tracing.is_empty() {
-        return Err(Invalid::new(
-            "spec.tracing",
-            "not supported: the waypoint propagates traceparent and exports no spans",
-        ));
-    }
+    let tracing = compile_tracing(&s.tracing)?;
     let mut on = None;
     for (i, a) in s.access_logging.iter().enumerate() {
         let f = format!("spec.accessLogging[{i}]");
@@ -3539,7 +3957,7 @@ fn compile_telemetry(d: &Doc<TelemetrySpec>) -> Result<Option<TelemetryRule>, In
         let this = a.disabled != Some(true);
         on = Some(on.unwrap_or(false) || this);
     }
-    if on.is_none() && metrics.iter().all(Option::is_none) {
+    if on.is_none() && metrics.iter().all(Option::is_none) && tracing.is_none() {
         return Ok(None);
     }
     let ns = d.metadata.namespace();
@@ -3548,6 +3966,7 @@ fn compile_telemetry(d: &Doc<TelemetrySpec>) -> Result<Option<TelemetryRule>, In
         attachment: attachment(ns, &s.selector, &s.target_ref, &s.target_refs)?,
         access_log: on,
         metrics,
+        tracing,
     }))
 }
 

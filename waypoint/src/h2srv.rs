@@ -668,7 +668,8 @@ async fn request<U: Upstream>(
         send(&mut respond, status_only(400), head_request).await;
         return up;
     };
-    let traceparent = http1::trace(&mut head, ctx.traceparent.as_deref(), &mut rng);
+    let spans = up.sampling();
+    let traceparent = http1::trace(&mut head, ctx.traceparent.as_deref(), &mut rng, spans);
     http1::request_id(&mut head, &mut rng);
     // The snapshot current now serves this stream to its end (a reload since the tunnel
     // began applies from here on); the tunnel's `x-forwarded-for` is its client's under it.
@@ -772,7 +773,9 @@ async fn request<U: Upstream>(
         request_bytes: head_len as u64 + body_len,
         response_bytes,
         started,
-        traceparent: &traceparent,
+        traceparent: &traceparent.value,
+        span: traceparent.span,
+        head: Some(&head),
         request_id: head.header("x-request-id").unwrap_or(""),
         denied,
     });

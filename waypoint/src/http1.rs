@@ -243,6 +243,30 @@ pub fn parse_head(buf: &[u8]) -> Parsed {
 pub(crate) struct TraceFrom<'a> {
     pub tunnel: Option<&'a str>,
     pub rng: &'a mut dyn Rng,
+    /// Tracing on for the tunnel's destination ([`crate::spans`]): the sampling of new
+    /// traces; each request gets a span of the waypoint's own.
+    pub spans: Option<crate::spans::Sampling>,
+}
+
+/// A request's trace context as the waypoint sends it upstream ([`trace`],
+/// [`parse_head_traced`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Trace {
+    /// Its `traceparent`.
+    pub value: Text,
+    /// With tracing on ([`crate::spans`]): `value` names the waypoint's own span, and
+    /// this is its parent's span id (0: it starts the trace).
+    pub span: Option<u64>,
+}
+
+impl Trace {
+    /// No trace context (a request whose head never came whole).
+    pub fn none() -> Trace {
+        Trace {
+            value: Text::from(""),
+            span: None,
+        }
+    }
 }
 
 /// [`parse_head`]; with `trace`, the head also gets its `traceparent` as [`trace`] sets
@@ -252,7 +276,7 @@ pub(crate) struct TraceFrom<'a> {
 pub(crate) fn parse_head_traced(
     buf: &[u8],
     mut trace: Option<TraceFrom<'_>>,
-) -> (Parsed, Option<Text>) {
+) -> (Parsed, Option<Trace>) {
     #[cfg(test)]
     tests::PARSES.with(|n| n.set(n.get() + 1));
     // Most requests have few headers: a small array first (cheap to set up per request),
@@ -306,7 +330,7 @@ fn parse_head_with<'b>(
     buf: &'b [u8],
     headers: &mut [httparse::Header<'b>],
     trace: Option<&mut TraceFrom<'_>>,
-) -> (Parsed, Option<Text>) {
+) -> (Parsed, Option<Trace>) {
     let mut req = httparse::Request::new(headers);
     let bad = |status| (Parsed::Bad(status), None);
     match req.parse(buf) {
@@ -351,6 +375,8 @@ fn parse_head_with<'b>(
             // `i` is the only one and takes the value; else any are dropped and it is
             // added last.
             let mut traced: Option<(Option<usize>, TraceValue)> = None;
+            // With tracing on: the parent of the waypoint's span.
+            let mut span = None;
             // A new `x-request-id` ([`request_id`]), written after the `traceparent`.
             let mut new_id: Option<[u8; crate::telemetry::REQUEST_ID_LEN]> = None;
             if let Some(tr) = trace {
@@ -370,9 +396,17 @@ fn parse_head_with<'b>(
                         let v = v.trim();
                         (offset(v.as_bytes()), offset(v.as_bytes()) + v.len())
                     });
-                let value = match kept {
-                    Some((start, end)) => TraceValue::Kept(start, end),
-                    None => TraceValue::New(crate::telemetry::new_traceparent(tr.tunnel, tr.rng)),
+                let (new, parent) = crate::telemetry::upstream_traceparent(
+                    kept.map(|(start, end)| &text[start..end]),
+                    tr.tunnel,
+                    tr.spans,
+                    tr.rng,
+                );
+                span = parent;
+                let value = match (new, kept) {
+                    (Some(new), _) => TraceValue::New(new),
+                    (None, Some((start, end))) => TraceValue::Kept(start, end),
+                    (None, None) => unreachable!("a new traceparent without the request's"),
                 };
                 traced = Some((first.filter(|_| count == 1), value));
                 if !has_id {
@@ -447,7 +481,8 @@ fn parse_head_with<'b>(
                 version,
                 headers: hs,
             };
-            (Parsed::Head(head, n), traceparent)
+            let trace = traceparent.map(|value| Trace { value, span });
+            (Parsed::Head(head, n), trace)
         }
         Err(httparse::Error::TooManyHeaders) => bad(431),
         Err(_) => bad(400),
@@ -1501,6 +1536,12 @@ pub trait Upstream {
     /// One request is done (answered here or upstream): metrics and the access log.
     fn record(&mut self, _r: &Record<'_>) {}
 
+    /// Tracing on for the tunnel's destination ([`crate::spans`]): the sampling of new
+    /// traces (each request then gets a span of the waypoint's own).
+    fn sampling(&mut self) -> Option<crate::spans::Sampling> {
+        None
+    }
+
     /// A request's head was read: the configuration it is served under, taken now and
     /// kept for its whole life (policy, route, retries, mirrors, response). The default
     /// keeps the one the tunnel was served with.
@@ -1541,6 +1582,10 @@ pub struct Record<'a> {
     pub response_bytes: u64,
     pub started: Instant,
     pub traceparent: &'a str,
+    /// Tracing on: the parent of the waypoint's span of it ([`Trace::span`]).
+    pub span: Option<u64>,
+    /// Its head, when it came whole (for a span's header tags).
+    pub head: Option<&'a RequestHead>,
     /// Its `x-request-id` (the client's, else the one the waypoint gave it; empty for a
     /// request whose head never came whole).
     pub request_id: &'a str,
@@ -1603,8 +1648,14 @@ pub fn request_id(head: &mut RequestHead, rng: &mut dyn Rng) -> Option<Text> {
 }
 
 /// Set a valid `traceparent` on the request (kept when valid, else continued from the
-/// tunnel's or generated); returns it.
-pub fn trace(head: &mut RequestHead, tunnel: Option<&str>, rng: &mut dyn Rng) -> Text {
+/// tunnel's or generated; with tracing on, `spans`, one naming the waypoint's span:
+/// [`crate::telemetry::upstream_traceparent`]); returns it.
+pub fn trace(
+    head: &mut RequestHead,
+    tunnel: Option<&str>,
+    rng: &mut dyn Rng,
+    spans: Option<crate::spans::Sampling>,
+) -> Trace {
     let mut found: Option<usize> = None;
     let mut extra = false;
     for (i, (n, _)) in head.headers.iter().enumerate() {
@@ -1617,18 +1668,21 @@ pub fn trace(head: &mut RequestHead, tunnel: Option<&str>, rng: &mut dyn Rng) ->
         }
     }
     // The request's when valid (a slice of its head, no copy), else a new one.
-    let t = match found
+    let own = found
         .map(|i| &head.headers[i].1)
-        .filter(|v| crate::telemetry::valid_traceparent(v))
-    {
-        Some(v) => v.trimmed(),
-        None => {
-            let tunnel = crate::telemetry::valid_tunnel_traceparent(tunnel);
-            let new = crate::telemetry::new_traceparent(tunnel, rng);
-            Text::from(Rc::<str>::from(
-                std::str::from_utf8(&new).expect("traceparent is ASCII"),
-            ))
-        }
+        .filter(|v| crate::telemetry::valid_traceparent(v));
+    let (new, span) = crate::telemetry::upstream_traceparent(
+        own.map(|v| v.trim()),
+        crate::telemetry::valid_tunnel_traceparent(tunnel),
+        spans,
+        rng,
+    );
+    let t = match (new, own) {
+        (Some(new), _) => Text::from(Rc::<str>::from(
+            std::str::from_utf8(&new).expect("traceparent is ASCII"),
+        )),
+        (None, Some(v)) => v.trimmed(),
+        (None, None) => unreachable!("a new traceparent without the request's"),
     };
     if extra {
         head.headers
@@ -1641,7 +1695,7 @@ pub fn trace(head: &mut RequestHead, tunnel: Option<&str>, rng: &mut dyn Rng) ->
         Some(i) => head.headers[i].1 = t.clone(),
         None => head.headers.push(("traceparent".into(), t.clone())),
     }
-    t
+    Trace { value: t, span }
 }
 
 /// The response flags of a response the waypoint wrote itself (`NR`: no route matched).
@@ -1822,8 +1876,10 @@ pub async fn serve_from<T: Tunnel, U: Upstream>(
     let mut tr = TraceFrom {
         tunnel: crate::telemetry::valid_tunnel_traceparent(ctx.traceparent.as_deref()),
         rng,
+        spans: None,
     };
     loop {
+        tr.spans = upstream.sampling();
         let clock = upstream.clock().unwrap_or(&mut own_clock);
         let (mut head, used, traceparent) =
             match read_head(tunnel, &mut buf, &times, clock, Some(&mut tr)).await? {
@@ -1835,7 +1891,8 @@ pub async fn serve_from<T: Tunnel, U: Upstream>(
                     let resp = simple_response(408, &[], "request headers timeout", true);
                     let (n, at) = (buf.len() as u64, Instant::now());
                     let started = times.request_headers.and_then(|d| at.checked_sub(d));
-                    let said = Said::new(None, n, started.unwrap_or(at), "");
+                    let none = Trace::none();
+                    let said = Said::new(None, n, started.unwrap_or(at), &none);
                     upstream.note(Note::RequestTimeout);
                     return answer_and_close(tunnel, upstream, &said, resp, 408, "-").await;
                 }
@@ -1844,7 +1901,7 @@ pub async fn serve_from<T: Tunnel, U: Upstream>(
         let started = Instant::now();
         let traceparent = match traceparent {
             Some(t) => t,
-            None => trace(&mut head, ctx.traceparent.as_deref(), tr.rng),
+            None => trace(&mut head, ctx.traceparent.as_deref(), tr.rng, tr.spans),
         };
         // The snapshot current now serves this request to its end (a reload since the
         // tunnel's last request applies from here on).
@@ -1987,7 +2044,9 @@ pub async fn serve_from<T: Tunnel, U: Upstream>(
                     request_bytes: used as u64 + out.request_body,
                     response_bytes: out.response_bytes,
                     started,
-                    traceparent: &traceparent,
+                    traceparent: &traceparent.value,
+                    span: traceparent.span,
+                    head: Some(&head),
                     request_id: head.header("x-request-id").unwrap_or(""),
                     denied: None,
                 });
@@ -2091,7 +2150,7 @@ async fn read_body<T: Tunnel, U: Upstream>(
 /// How the wait for a request head ended ([`read_head`]).
 enum HeadWait {
     /// The head, its length, its `traceparent` when [`read_head`] was to set one.
-    Head(RequestHead, usize, Option<Text>),
+    Head(RequestHead, usize, Option<Trace>),
     /// Answer this status and close (see [`Parsed::Bad`]).
     Bad(u16),
     /// The tunnel ended before a byte of it.
@@ -2121,6 +2180,7 @@ async fn read_head<T: Tunnel>(
             let tr = trace.as_mut().map(|t| TraceFrom {
                 tunnel: t.tunnel,
                 rng: &mut *t.rng,
+                spans: t.spans,
             });
             match parse_head_traced(buf, tr) {
                 (Parsed::Head(h, n), t) => return Ok(HeadWait::Head(h, n, t)),
@@ -2429,7 +2489,7 @@ struct Said<'a> {
     head: Option<&'a RequestHead>,
     request_bytes: u64,
     started: Instant,
-    traceparent: &'a str,
+    traceparent: &'a Trace,
 }
 
 impl<'a> Said<'a> {
@@ -2437,7 +2497,7 @@ impl<'a> Said<'a> {
         head: Option<&'a RequestHead>,
         request_bytes: u64,
         started: Instant,
-        traceparent: &'a str,
+        traceparent: &'a Trace,
     ) -> Self {
         Said {
             head,
@@ -2468,7 +2528,9 @@ impl<'a> Said<'a> {
             request_bytes: self.request_bytes,
             response_bytes: resp.len() as u64,
             started: self.started,
-            traceparent: self.traceparent,
+            traceparent: &self.traceparent.value,
+            span: self.traceparent.span,
+            head,
             request_id: head.and_then(|h| h.header("x-request-id")).unwrap_or(""),
             denied,
         }
@@ -4447,16 +4509,25 @@ mod tests {
             "GET / HTTP/1.1\r\nX-Request-Id: mine\r\nhost: echo\r\n\r\n".to_string(),
             format!("GET / HTTP/1.1\r\ntraceparent: {good}\r\nx-request-id: mine\r\n\r\n"),
         ];
-        for tunnel in [None, Some(good), Some("junk")] {
+        let samplings = [
+            None,
+            Some(crate::spans::Sampling::percent(0.0)),
+            Some(crate::spans::Sampling::percent(100.0)),
+        ];
+        for (tunnel, spans) in [None, Some(good), Some("junk")]
+            .into_iter()
+            .flat_map(|t| samplings.map(|s| (t, s)))
+        {
             for raw in &heads {
                 let (mut r1, mut r2) = (crate::lb::SplitMix64(5), crate::lb::SplitMix64(5));
                 let mut want = head_of(raw.as_bytes());
-                let want_t = trace(&mut want, tunnel, &mut r1);
+                let want_t = trace(&mut want, tunnel, &mut r1, spans);
                 let new_id = request_id(&mut want, &mut r1);
                 assert_eq!(new_id.is_none(), raw.contains("mine"), "{raw}");
                 let from = TraceFrom {
                     tunnel: crate::telemetry::valid_tunnel_traceparent(tunnel),
                     rng: &mut r2,
+                    spans,
                 };
                 let (Parsed::Head(got, n), Some(got_t)) =
                     parse_head_traced(raw.as_bytes(), Some(from))
@@ -4466,8 +4537,9 @@ mod tests {
                 assert_eq!(n, raw.len());
                 assert_eq!(got, want, "{raw} {tunnel:?}");
                 assert_eq!(got_t, want_t, "{raw} {tunnel:?}");
-                assert!(crate::telemetry::valid_traceparent(&got_t));
-                assert!(matches!(got_t.0, TextRepr::Slice { .. }));
+                assert!(crate::telemetry::valid_traceparent(&got_t.value));
+                assert!(matches!(got_t.value.0, TextRepr::Slice { .. }));
+                assert_eq!(got_t.span.is_some(), spans.is_some());
                 let id = got.header("x-request-id").unwrap();
                 assert!(
                     id == "mine" || id.len() == crate::telemetry::REQUEST_ID_LEN,
@@ -4517,7 +4589,7 @@ mod tests {
     fn traceparent_header_is_added_once_and_shared_with_the_record() {
         let mut rng = crate::lb::SplitMix64(3);
         let mut h = head_of(b"GET / HTTP/1.1\r\ntraceparent: bad\r\ntraceparent: x\r\n\r\n");
-        let t = trace(&mut h, None, &mut rng);
+        let t = trace(&mut h, None, &mut rng, None).value;
         let found: Vec<&str> = h
             .headers
             .iter()
@@ -4526,6 +4598,43 @@ mod tests {
             .collect();
         assert_eq!(found, [t.as_str()]);
         assert!(crate::telemetry::valid_traceparent(&t));
+    }
+
+    /// With tracing on, the `traceparent` sent upstream names the waypoint's own span: a
+    /// request's trace context is continued (its trace id and flags, a new span id, its
+    /// span the parent); without one a new trace is started (not the tunnel's), sampled
+    /// as the sampling draws, with no parent. Tracing off, a valid `traceparent` goes as
+    /// it came.
+    #[test]
+    fn tracing_on_the_traceparent_names_the_waypoints_span() {
+        use crate::spans::Sampling;
+        let parts = |t: &str| crate::spans::parse_traceparent(t).unwrap();
+        let mine = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00";
+        let tunnel = "00-aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa-bbbbbbbbbbbbbbbb-01";
+        let mut rng = crate::lb::SplitMix64(9);
+        let get = |tp: Option<&str>| match tp {
+            Some(v) => head_of(format!("GET / HTTP/1.1\r\ntraceparent: {v}\r\n\r\n").as_bytes()),
+            None => head_of(b"GET / HTTP/1.1\r\n\r\n"),
+        };
+        // Off: kept.
+        let t = trace(&mut get(Some(mine)), Some(tunnel), &mut rng, None);
+        assert_eq!((t.value.as_str(), t.span), (mine, None));
+        let all = Some(Sampling::percent(100.0));
+        // The request's context: its trace and (unsampled) flags, a new span.
+        let t = trace(&mut get(Some(mine)), Some(tunnel), &mut rng, all);
+        let (trace_id, span, flags) = parts(&t.value);
+        assert_eq!((trace_id, flags), (parts(mine).0, 0));
+        assert_ne!(span, parts(mine).1);
+        assert_eq!(t.span, Some(0x00f0_67aa_0ba9_02b7));
+        // Without one, a new trace whatever the tunnel's: the draw decides.
+        for (s, flags) in [(Sampling::percent(100.0), 1), (Sampling::percent(0.0), 0)] {
+            for tun in [None, Some(tunnel)] {
+                let t = trace(&mut get(None), tun, &mut rng, Some(s));
+                assert_ne!(parts(&t.value).0, parts(tunnel).0);
+                assert_eq!(parts(&t.value).2, flags);
+                assert_eq!(t.span, Some(0));
+            }
+        }
     }
 
     /// The HTTP/1.1 and HTTP/2 response heads come from one filter

@@ -73,6 +73,7 @@ pub mod reload;
 pub mod route;
 pub mod service;
 pub mod source;
+pub mod spans;
 pub mod spec_example;
 pub mod target;
 pub mod telemetry;

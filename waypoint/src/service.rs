@@ -205,6 +205,9 @@ pub struct Counters {
     /// Live HTTP/2 tunnels sent a graceful GOAWAY because a reload no longer serves their
     /// target (R14): at the reload, or at a stream that found it first.
     pub h2_revoked: AtomicU64,
+    /// The waypoint's spans ([`crate::spans`]): exported (the collector took them),
+    /// failed (an export not taken), dropped (a worker's queue full).
+    pub spans: [AtomicU64; 3],
 }
 
 impl Counters {
@@ -306,6 +309,7 @@ pub fn start(
                 breakers: crate::breaker::Locals::default(),
                 seed: std::cell::Cell::new(seed(ctx.id())),
                 mirrors: std::cell::Cell::new(0),
+                spans: RefCell::default(),
                 reloaded: runtime::event::LocalEvent::new(),
                 reload_watchers: Cell::new(0),
                 reload_watcher: Cell::new(false),
@@ -558,6 +562,13 @@ pub fn prometheus(c: &Counters) -> String {
         "Mirrored exchanges that failed.",
         c.mirror_errors.load(Relaxed),
     );
+    out.push_str("# HELP waypoint_tracing_spans_total The waypoint's spans (Telemetry tracing): exported (taken by the collector), failed (an export not taken), dropped (a worker's export queue full).\n# TYPE waypoint_tracing_spans_total counter\n");
+    for (i, result) in ["exported", "failed", "dropped"].iter().enumerate() {
+        out.push_str(&format!(
+            "waypoint_tracing_spans_total{{result=\"{result}\"}} {}\n",
+            c.spans[i].load(Relaxed)
+        ));
+    }
     counter(
         &mut out,
         "waypoint_expect_continue",
@@ -656,6 +667,8 @@ struct Worker {
     seed: std::cell::Cell<u64>,
     /// Mirrored requests in flight on this worker (at most [`MAX_MIRRORS_IN_FLIGHT`]).
     mirrors: std::cell::Cell<usize>,
+    /// Sampled spans waiting for export ([`crate::spans`]).
+    spans: RefCell<SpanQueue>,
     /// Notified when the worker sees a new snapshot version, while live opaque TCP tunnels
     /// watch for one ([`ReloadWatch`]; they are then authorized again, as ztunnel does).
     reloaded: runtime::event::LocalEvent,
@@ -664,6 +677,30 @@ struct Worker {
     /// Whether the version watcher task runs.
     reload_watcher: Cell<bool>,
     shared: Arc<Shared>,
+}
+
+/// A worker's sampled spans waiting for export ([`crate::spans`]).
+#[derive(Default)]
+struct SpanQueue {
+    /// By provider, in the order first seen.
+    batches: Vec<(Arc<crate::spans::Provider>, Vec<crate::spans::Span>)>,
+    /// Spans in `batches`.
+    waiting: usize,
+    /// A timed export is scheduled.
+    timer: bool,
+    /// Exports in flight.
+    in_flight: usize,
+}
+
+/// An export in flight on its worker: dropped (its exchange over, or unwound by a panic),
+/// it gives back its place in [`SpanQueue::in_flight`].
+struct ExportInFlight(Rc<Worker>);
+
+impl Drop for ExportInFlight {
+    fn drop(&mut self) {
+        let mut q = self.0.spans.borrow_mut();
+        q.in_flight = q.in_flight.saturating_sub(1);
+    }
 }
 
 /// A mirrored request in flight on its worker: dropped (its task ended, or unwound by a
@@ -1370,6 +1407,64 @@ struct View {
     ctx: Option<Rc<TunnelCtx>>,
     peer: Rc<Peer>,
     metric_cache: MetricCache,
+    /// Tracing for the tunnel's destination under `l7`, resolved at its first request.
+    tracing: std::cell::OnceCell<Option<Rc<ViewTracing>>>,
+}
+
+/// The tracing of a tunnel's destination ([`WaypointConfig::tracing_for`]) and the name of
+/// its spans.
+struct ViewTracing {
+    tracing: crate::spans::Tracing,
+    /// As Istio names a waypoint's route: `<service hostname>:<port>/*`, or
+    /// `<pod ip>:<port>/*` for a pod target.
+    name: String,
+}
+
+impl View {
+    fn tracing(&self, settings: &Settings) -> Option<&Rc<ViewTracing>> {
+        self.tracing
+            .get_or_init(|| {
+                let (tracing, name) = match self.ctx.as_deref() {
+                    Some(ctx) => {
+                        let name = match &ctx.destination {
+                            http1::Destination::Service { service, port } => {
+                                let host = self.l7.mesh.as_ref().and_then(|s| {
+                                    s.services()
+                                        .find(|x| {
+                                            x.namespace == service.namespace
+                                                && x.name == service.name
+                                        })
+                                        .map(|x| x.hostname.clone())
+                                });
+                                let host = host.unwrap_or_else(|| {
+                                    format!(
+                                        "{}.{}.svc.cluster.local",
+                                        service.name, service.namespace
+                                    )
+                                });
+                                format!("{host}:{port}/*")
+                            }
+                            http1::Destination::Workload { .. } => format!(
+                                "{}/*",
+                                SocketAddr::new(ctx.destination_ip, ctx.destination_port)
+                            ),
+                        };
+                        (self.l7.tracing_for(&http1::subject(ctx)), name)
+                    }
+                    None => (
+                        self.l7.tracing_for(&crate::authz::Subject {
+                            waypoint: &settings.me.gateway,
+                            root_namespace: &settings.root_namespace,
+                            service: None,
+                            workload: None,
+                        }),
+                        "-".to_string(),
+                    ),
+                };
+                tracing.map(|tracing| Rc::new(ViewTracing { tracing, name }))
+            })
+            .as_ref()
+    }
 }
 
 impl TunnelFacts {
@@ -1417,6 +1512,7 @@ impl TunnelFacts {
                     ctx: None,
                     peer: old.peer.clone(),
                     metric_cache: Rc::default(),
+                    tracing: Default::default(),
                     l7,
                 }
             }
@@ -1462,6 +1558,7 @@ fn derive(
         ctx: Some(Rc::new(ctx(destination, source_ip, client_namespace))),
         peer: Rc::new(peer),
         metric_cache: Rc::default(),
+        tracing: Default::default(),
         l7,
     }
 }
@@ -1933,6 +2030,18 @@ impl Upstream for HboneUpstream {
             };
             crate::telemetry::access_log(&src, &set.dst, r, ms);
         }
+        if let Some(parent) = r.span {
+            let cluster = was_routed.then(|| (self.port, set.dst.service.as_str()));
+            self.queue_span(r, parent, cluster);
+        }
+    }
+
+    fn sampling(&mut self) -> Option<crate::spans::Sampling> {
+        let settings = &self.worker.shared.settings;
+        self.view
+            .tracing(settings)
+            .map(|t| t.tracing.sampling)
+            .filter(|_| self.view.ctx.is_some())
     }
 
     fn retried(&mut self) {
@@ -2028,6 +2137,205 @@ impl HboneUpstream {
             retrying: None,
             upgrade_slot: None,
             port: None,
+        }
+    }
+
+    /// The waypoint's span of the request `r` (tracing on: its `traceparent` names the
+    /// span, `parent` its parent, 0 none), queued for export when sampled and reported;
+    /// `cluster`: the routed service port and hostname (Envoy's `upstream_cluster`).
+    fn queue_span(
+        &mut self,
+        r: &http1::Record<'_>,
+        parent: u64,
+        cluster: Option<(Option<u16>, &str)>,
+    ) {
+        let settings = &self.worker.shared.settings;
+        let Some(vt) = self.view.tracing(settings).cloned() else {
+            return;
+        };
+        let t = &vt.tracing;
+        let Some((trace_id, span_id, flags)) = crate::spans::parse_traceparent(r.traceparent)
+        else {
+            return;
+        };
+        if !t.report || flags & 1 == 0 {
+            return;
+        }
+        let counters = &self.worker.shared.counters;
+        if self.worker.spans.borrow().waiting >= crate::spans::MAX_BUFFERED {
+            counters.spans[2].fetch_add(1, Relaxed);
+            return;
+        }
+        let end = SystemTime::now();
+        let start = end.checked_sub(r.started.elapsed()).unwrap_or(end);
+        let header = |n: &str| r.head.and_then(|h| h.header(n));
+        let mut tags: Vec<(std::borrow::Cow<'static, str>, String)> = Vec::with_capacity(20);
+        let mut tag = |k: &'static str, v: String| tags.push((k.into(), v));
+        let query = r.query.map_or(String::new(), |q| format!("?{q}"));
+        tag("component", "proxy".into());
+        tag("guid:x-request-id", r.request_id.to_string());
+        tag("http.method", r.method.to_string());
+        tag("http.url", format!("http://{}{}{query}", r.host, r.path));
+        tag("http.protocol", r.protocol.to_string());
+        tag("http.status_code", r.status.to_string());
+        tag(
+            "user_agent",
+            header("user-agent").unwrap_or("-").to_string(),
+        );
+        tag("request_size", r.request_bytes.to_string());
+        tag("response_size", r.response_bytes.to_string());
+        tag("response_flags", r.flags.to_string());
+        let upstream = match cluster {
+            Some((Some(port), host)) => format!("outbound|{port}||{host}"),
+            _ => "-".to_string(),
+        };
+        tag("upstream_cluster", upstream.clone());
+        tag("upstream_cluster.name", upstream);
+        tag("downstream_cluster", "-".into());
+        tag("peer.address", self.view.peer.addr.to_string());
+        tag("istio.canonical_service", settings.me.gateway.name.clone());
+        tag("istio.namespace", settings.me.gateway.namespace.clone());
+        let error = r.status >= 500;
+        if error {
+            tag("error", "true".into());
+        }
+        for (name, custom) in &t.custom_tags {
+            let value = match custom {
+                crate::spans::CustomTag::Literal(v) => Some(v.clone()),
+                crate::spans::CustomTag::Header { name, default } => {
+                    header(name).map(str::to_string).or_else(|| default.clone())
+                }
+            };
+            if let Some(v) = value {
+                tags.push((name.clone().into(), v));
+            }
+        }
+        let span = crate::spans::Span {
+            trace_id,
+            span_id,
+            parent: (parent != 0).then(|| parent.to_be_bytes()),
+            flags,
+            name: vt.name.clone(),
+            start_unix_nanos: crate::spans::unix_nanos(start),
+            end_unix_nanos: crate::spans::unix_nanos(end),
+            peer: self.view.peer.addr,
+            error,
+            tags,
+        };
+        let due = {
+            let mut q = self.worker.spans.borrow_mut();
+            q.waiting += 1;
+            let i = match q
+                .batches
+                .iter()
+                .position(|(p, _)| Arc::ptr_eq(p, &t.provider))
+            {
+                Some(i) => i,
+                None => {
+                    q.batches.push((t.provider.clone(), Vec::new()));
+                    q.batches.len() - 1
+                }
+            };
+            q.batches[i].1.push(span);
+            let full = q.batches[i].1.len() >= crate::spans::MAX_BATCH
+                && q.in_flight < crate::spans::MAX_EXPORTS_IN_FLIGHT;
+            if full {
+                Some(None)
+            } else if !q.timer {
+                q.timer = true;
+                Some(Some(crate::spans::FLUSH_INTERVAL))
+            } else {
+                None
+            }
+        };
+        if let Some(after) = due {
+            self.spawn_export(after);
+        }
+    }
+
+    /// Export the worker's waiting spans (after `after`, a timed flush), batch by batch,
+    /// in a task of their own, over a copy of this upstream (HBONE to the collector's
+    /// service, as any upstream).
+    fn spawn_export(&self, after: Option<Duration>) {
+        let mut copy = HboneUpstream::new(
+            &self.tunnel,
+            self.view.clone(),
+            &self.worker,
+            false,
+            &self.cert,
+            self.target,
+            Rc::default(),
+            self.stream_idle,
+        );
+        runtime::busy::spawn_tracked(async move {
+            if let Some(d) = after {
+                monoio::time::sleep(d).await;
+                copy.worker.spans.borrow_mut().timer = false;
+            }
+            copy.export_waiting().await;
+        });
+    }
+
+    /// Send the worker's waiting spans, a batch (one provider, up to
+    /// [`crate::spans::MAX_BATCH`] spans) at a time, while fewer than
+    /// [`crate::spans::MAX_EXPORTS_IN_FLIGHT`] are in flight; what is left waits for a
+    /// timed flush.
+    async fn export_waiting(&mut self) {
+        let me = &self.worker.shared.settings.me;
+        let local = crate::spans::Local {
+            service_name: format!("{}.{}", me.gateway.name, me.gateway.namespace),
+            ip: me.address.ip(),
+        };
+        loop {
+            let (provider, batch, _in_flight) = {
+                let mut q = self.worker.spans.borrow_mut();
+                if q.waiting == 0 {
+                    return;
+                }
+                if q.in_flight >= crate::spans::MAX_EXPORTS_IN_FLIGHT {
+                    // Left for a timed flush.
+                    if !q.timer {
+                        q.timer = true;
+                        drop(q);
+                        self.spawn_export(Some(crate::spans::FLUSH_INTERVAL));
+                    }
+                    return;
+                }
+                let Some(i) = q.batches.iter().position(|(_, b)| !b.is_empty()) else {
+                    q.waiting = 0;
+                    return;
+                };
+                let (provider, spans) = &mut q.batches[i];
+                let provider = provider.clone();
+                let n = spans.len().min(crate::spans::MAX_BATCH);
+                let batch: Vec<crate::spans::Span> = spans.drain(..n).collect();
+                if spans.is_empty() {
+                    q.batches.remove(i);
+                }
+                q.waiting -= n;
+                q.in_flight += 1;
+                (provider, batch, ExportInFlight(self.worker.clone()))
+            };
+            let request = crate::spans::export_request(&provider, &local, &batch);
+            let grpc = provider.protocol == crate::spans::Protocol::OtlpGrpc;
+            let service = (provider.service.clone(), provider.port);
+            let r = self
+                .exchange_inner(Some(&service), request, Some(provider.timeout), false, grpc)
+                .await;
+            let taken = matches!(&r, Ok(answer) if crate::spans::accepted(&provider, answer));
+            let c = &self.worker.shared.counters;
+            c.spans[usize::from(!taken)].fetch_add(batch.len() as u64, Relaxed);
+            match &r {
+                Ok(_) if taken => {}
+                Ok(a) => tracing::debug!(
+                    provider = %provider.name,
+                    answer = %String::from_utf8_lossy(&a[..a.len().min(200)]),
+                    "span export not taken"
+                ),
+                Err(e) => {
+                    tracing::debug!(provider = %provider.name, error = %e, "span export failed")
+                }
+            }
         }
     }
 

@@ -741,6 +741,42 @@ pub fn new_traceparent(tunnel: Option<&str>, rng: &mut dyn Rng) -> [u8; TRACEPAR
     out
 }
 
+/// The `traceparent` a request is sent upstream with, and, with tracing on (`spans`, the
+/// sampling of new traces; [`crate::spans`]), the parent of the waypoint's own span (0: a
+/// new trace). `request`: the request's own valid one (trimmed); `tunnel`: the CONNECT's
+/// ([`valid_tunnel_traceparent`]). A new value, or `None` when the request's goes as it is
+/// (tracing off). Tracing on, the value names the waypoint's span: the request's trace and
+/// flags with a new span id; without one a new trace (not the tunnel's: a keep-alive
+/// tunnel's requests are traces of their own, and the ztunnel reports no span to be a
+/// parent), its sampled flag drawn from `spans`.
+pub fn upstream_traceparent(
+    request: Option<&str>,
+    tunnel: Option<&str>,
+    spans: Option<crate::spans::Sampling>,
+    rng: &mut dyn Rng,
+) -> (Option<[u8; TRACEPARENT_LEN]>, Option<u64>) {
+    match (request, spans) {
+        (Some(_), None) => (None, None),
+        (Some(r), Some(_)) => {
+            let mut out = [0u8; TRACEPARENT_LEN];
+            out.copy_from_slice(r.as_bytes());
+            hex16(&mut out[36..52], rng.next_u64() | 1);
+            (
+                Some(out),
+                Some(u64::from_str_radix(&r[36..52], 16).unwrap_or(0)),
+            )
+        }
+        (None, None) => (Some(new_traceparent(tunnel, rng)), None),
+        (None, Some(s)) => {
+            let mut t = new_traceparent(None, rng);
+            if !s.decide(rng) {
+                t[53..55].copy_from_slice(b"00");
+            }
+            (Some(t), Some(0))
+        }
+    }
+}
+
 /// The length of an `x-request-id` the waypoint makes (a UUID).
 pub const REQUEST_ID_LEN: usize = 36;
 

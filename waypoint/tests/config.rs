@@ -221,11 +221,11 @@ fn errors_name_document_line_and_field() {
         ),
         (ap("  action: DENY\n  provider: {name: x}\n"), 1, Some(6), "spec.provider", "only for action CUSTOM"),
         (
-            format!("{MESH}---\nmeshConfig:\n  extensionProviders:\n  - name: z\n    zipkin: {{service: z, port: 9411}}\n"),
+            format!("{MESH}---\nmeshConfig:\n  extensionProviders:\n  - name: s\n    skywalking: {{service: s, port: 11800}}\n"),
             2,
             Some(7),
             "meshConfig.extensionProviders[0]",
-            "unknown field `zipkin`",
+            "unknown field `skywalking`",
         ),
         (
             format!("{MESH}---\nmeshConfig:\n  extensionProviders:\n  - name: a\n    envoyExtAuthzHttp: {{service: authz.default.svc.cluster.local, port: 80}}\n"),

@@ -33,6 +33,16 @@ fn metrics(name: &str, target: &str, metrics: &str) -> String {
     )
 }
 
+/// A Telemetry `name` of namespace `ns` with `target` and `tracing` (its list items).
+fn tracing(ns: &str, name: &str, target: &str, tracing: &str) -> String {
+    format!(
+        "apiVersion: telemetry.istio.io/v1\nkind: Telemetry\nmetadata: {{name: {name}, namespace: {ns}}}\nspec:\n{target}  tracing:\n{tracing}"
+    )
+}
+
+/// Tracing providers `z` (Zipkin) and `o` (OpenTelemetry) whose collector is `loud`.
+const PROVIDERS: &str = "meshConfig:\n  extensionProviders:\n  - name: z\n    zipkin: {service: loud.app.svc.cluster.local, port: 9411}\n  - name: o\n    opentelemetry: {service: loud.app.svc.cluster.local, port: 4317}\n";
+
 fn try_load(docs: &[String]) -> Result<WaypointConfig, String> {
     let text = format!("{MESH}---\n{}", docs.join("---\n"));
     load_str(Path::new("t.yaml"), &text, 1).map_err(|e| e.to_string())
@@ -181,8 +191,54 @@ fn telemetry_errors_name_their_field() {
             "spec.metrics[0].overrides[0].match.mode",
         ),
         (
-            "apiVersion: telemetry.istio.io/v1\nkind: Telemetry\nmetadata: {name: t, namespace: app}\nspec:\n  tracing:\n  - randomSamplingPercentage: 10\n".to_string(),
-            "spec.tracing",
+            tracing("app", "t", "", "  - randomSamplingPercentage: 120\n"),
+            "spec.tracing[0].randomSamplingPercentage",
+        ),
+        (
+            tracing("app", "t", "", "  - providers: [{name: z}, {name: o}]\n"),
+            "spec.tracing[0].providers",
+        ),
+        (
+            tracing("app", "t", "", "  - match: {mode: CLIENT}\n"),
+            "spec.tracing[0].match.mode",
+        ),
+        (
+            tracing(
+                "app",
+                "t",
+                "",
+                "  - customTags: {x: {literal: {value: a}, header: {name: b}}}\n",
+            ),
+            "spec.tracing[0].customTags.x",
+        ),
+        (
+            tracing("app", "t", "", "  - customTags: {x: {header: {name: \"a b\"}}}\n"),
+            "spec.tracing[0].customTags.x.header.name",
+        ),
+        // A provider the MeshConfig does not have.
+        (
+            tracing("app", "t", "", "  - providers: [{name: jaeger}]\n"),
+            "spec.tracing.providers.name",
+        ),
+        (
+            format!("{PROVIDERS}  defaultProviders: {{tracing: [jaeger]}}\n"),
+            "meshConfig.defaultProviders.tracing[0]",
+        ),
+        (
+            "meshConfig:\n  extensionProviders:\n  - name: z\n    zipkin: {service: nowhere.svc, port: 9411}\n".to_string(),
+            "meshConfig.extensionProviders[0].zipkin.service",
+        ),
+        (
+            "meshConfig:\n  extensionProviders:\n  - name: o\n    opentelemetry: {service: loud.app.svc.cluster.local, port: 4318, http: {path: v1/traces}}\n".to_string(),
+            "meshConfig.extensionProviders[0].opentelemetry.http.path",
+        ),
+        (
+            "meshConfig:\n  extensionProviders:\n  - name: o\n    opentelemetry: {service: loud.app.svc.cluster.local, port: 4317, resourceDetectors: {environment: {}}}\n".to_string(),
+            "resourceDetectors",
+        ),
+        (
+            "meshConfig:\n  extensionProviders:\n  - name: o\n    opentelemetry: {service: loud.app.svc.cluster.local, port: 4317}\n    zipkin: {service: loud.app.svc.cluster.local, port: 9411}\n".to_string(),
+            "one provider kind per provider",
         ),
     ];
     for (doc, field) in table {
@@ -267,5 +323,125 @@ fn telemetry_turns_the_access_log_off_for_one_service_end_to_end() {
     assert!(
         series("istio_request_duration_milliseconds_count{", "quiet") > 0,
         "{page}"
+    );
+}
+
+/// Tracing for a request to `ns/name`: (provider, reported, custom tags as `name=value`).
+fn traced(cfg: &WaypointConfig, ns: &str, name: &str) -> Option<(String, bool, Vec<String>)> {
+    let wp = ObjectRef::new("app", "wp");
+    let svc = ObjectRef::new(ns, name);
+    let t = cfg.tracing_for(&Subject {
+        waypoint: &wp,
+        root_namespace: "istio-system",
+        service: Some(&svc),
+        workload: None,
+    })?;
+    let tags = t
+        .custom_tags
+        .iter()
+        .map(|(n, v)| match v {
+            waypoint::spans::CustomTag::Literal(v) => format!("{n}={v}"),
+            waypoint::spans::CustomTag::Header { name, default } => {
+                format!("{n}=header:{name}:{}", default.as_deref().unwrap_or("-"))
+            }
+        })
+        .collect();
+    Some((t.provider.name.clone(), t.report, tags))
+}
+
+/// Each tracing field (provider, sampling, reporting) from the most specific Telemetry that
+/// sets it; custom tags merged by name, the most specific winning; the MeshConfig's
+/// `defaultProviders.tracing` where none names a provider; none at all: tracing off.
+#[test]
+fn tracing_fields_come_from_the_most_specific_telemetry() {
+    use waypoint::spans::Sampling;
+    let svc = |n: &str| format!("  targetRefs: [{{kind: Service, group: \"\", name: {n}}}]\n");
+    let mesh = tracing(
+        "istio-system",
+        "mesh",
+        "",
+        "  - providers: [{name: z}]\n    randomSamplingPercentage: 5\n    customTags:\n      env: {literal: {value: prod}}\n      who: {header: {name: X-User}}\n",
+    );
+    let app = tracing(
+        "app",
+        "ns",
+        "",
+        "  - randomSamplingPercentage: 50\n    customTags: {env: {literal: {value: app}}}\n",
+    );
+    let quiet = tracing(
+        "app",
+        "q",
+        &svc("quiet"),
+        "  - providers: [{name: o}]\n    disableSpanReporting: true\n",
+    );
+    let with_default = format!("{PROVIDERS}  defaultProviders: {{tracing: [o]}}\n");
+    // Providers only: tracing off.
+    let cfg = try_load(&[PROVIDERS.to_string()]).unwrap();
+    assert_eq!(traced(&cfg, "app", "loud"), None);
+    // A Telemetry without a provider and no default: off.
+    let cfg = try_load(&[PROVIDERS.to_string(), app.clone()]).unwrap();
+    assert_eq!(traced(&cfg, "app", "loud"), None);
+    // The default provider alone: on, at Istio's 1 %.
+    let cfg = try_load(std::slice::from_ref(&with_default)).unwrap();
+    assert_eq!(
+        traced(&cfg, "app", "loud"),
+        Some(("o".into(), true, vec![]))
+    );
+    let wp = ObjectRef::new("app", "wp");
+    let loud = ObjectRef::new("app", "loud");
+    let sampling = |cfg: &WaypointConfig, svc: &ObjectRef| {
+        cfg.tracing_for(&Subject {
+            waypoint: &wp,
+            root_namespace: "istio-system",
+            service: Some(svc),
+            workload: None,
+        })
+        .unwrap()
+        .sampling
+    };
+    assert_eq!(sampling(&cfg, &loud), Sampling::percent(1.0));
+    // The hierarchy.
+    let cfg = try_load(&[PROVIDERS.to_string(), quiet, app, mesh]).unwrap();
+    assert_eq!(
+        traced(&cfg, "app", "loud"),
+        Some((
+            "z".into(),
+            true,
+            vec!["env=app".into(), "who=header:x-user:-".into()]
+        ))
+    );
+    assert_eq!(sampling(&cfg, &loud), Sampling::percent(50.0));
+    assert_eq!(
+        traced(&cfg, "app", "quiet"),
+        Some((
+            "o".into(),
+            false,
+            vec!["env=app".into(), "who=header:x-user:-".into()]
+        ))
+    );
+    assert_eq!(
+        traced(&cfg, "shop", "other"),
+        Some((
+            "z".into(),
+            true,
+            vec!["env=prod".into(), "who=header:x-user:-".into()]
+        ))
+    );
+    assert_eq!(
+        sampling(&cfg, &ObjectRef::new("shop", "other")),
+        Sampling::percent(5.0)
+    );
+    // An environment tag is read at load: its value, else its default, else no tag.
+    let env = tracing(
+        "istio-system",
+        "mesh",
+        "",
+        "  - providers: [{name: z}]\n    customTags:\n      path: {environment: {name: PATH}}\n      none: {environment: {name: WAYPOINT_TEST_UNSET_VARIABLE}}\n      dflt: {environment: {name: WAYPOINT_TEST_UNSET_VARIABLE, defaultValue: d}}\n",
+    );
+    let cfg = try_load(&[PROVIDERS.to_string(), env]).unwrap();
+    let path = std::env::var("PATH").unwrap();
+    assert_eq!(
+        traced(&cfg, "app", "loud").unwrap().2,
+        vec!["dflt=d".to_string(), format!("path={path}")]
     );
 }

@@ -1,0 +1,644 @@
+//! Distributed tracing: the waypoint's own span of each sampled request, exported to an
+//! Istio tracing extension provider, as Envoy's tracers do under istiod's configuration.
+//!
+//! * **Configured** by a Telemetry's `tracing` (its provider, `randomSamplingPercentage`,
+//!   `disableSpanReporting`, `customTags`), resolved per destination as accessLogging is
+//!   ([`crate::config::WaypointConfig::tracing_for`]), with the providers of MeshConfig
+//!   `extensionProviders` of kinds `opentelemetry` (OTLP over gRPC, or over HTTP with
+//!   `http`) and `zipkin` (Zipkin v2 JSON), whose `service` is a service of the mesh
+//!   model (reached over HBONE like any upstream).
+//! * **Trace context** (W3C `traceparent`): with tracing on, the waypoint makes a span of
+//!   its own for every request and sends upstream a `traceparent` naming it (the same
+//!   trace id and flags, a new span id), so the server's span is its child. Its parent is
+//!   the request's `traceparent`; without one it starts a new trace (not the CONNECT's:
+//!   the ztunnel reports no span, and a keep-alive tunnel's requests are traces of their
+//!   own), sampled at `randomSamplingPercentage` (Istio's default 1 %). A request with a
+//!   trace context keeps its sampling decision (parent-based, as Envoy's OpenTelemetry
+//!   tracer).
+//! * **The span** ([`Span`]): kind SERVER, named as Istio names a waypoint's route
+//!   (`<service hostname>:<port>/*`, or `<pod ip>:<port>/*` for a pod target), from the
+//!   request's head to its last response byte, with Envoy's standard tags (`http.method`,
+//!   `http.url`, `http.status_code`, `http.protocol`, `user_agent`, `guid:x-request-id`,
+//!   `request_size`, `response_size`, `response_flags`, `upstream_cluster`,
+//!   `peer.address`, `component`, `error` on a 5xx) and Istio's (`istio.canonical_service`,
+//!   `istio.namespace` of the waypoint), then the Telemetry's `customTags` (a literal, an
+//!   environment variable of the waypoint read at load, a request header); string values
+//!   cut to the provider's `maxTagLength` (default 256).
+//! * **Export**: each worker keeps its sampled spans in a batch per provider (no lock) and
+//!   sends a batch when it holds [`MAX_BATCH`] spans or [`FLUSH_INTERVAL`] after its first
+//!   span, at most [`MAX_EXPORTS_IN_FLIGHT`] at once; past [`MAX_BUFFERED`] waiting spans
+//!   new ones are dropped. Counted: `waypoint_tracing_spans_total{result="exported|failed|dropped"}`.
+//!
+//! Not done: B3 headers (Envoy's Zipkin tracer propagates `x-b3-*`; this waypoint reads
+//! and writes `traceparent` with both providers), `useRequestIdForTraceSampling` (the
+//! decision is a random draw either way), OpenTelemetry `resourceDetectors` and samplers.
+
+use std::borrow::Cow;
+use std::net::IpAddr;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+
+use crate::route::ObjectRef;
+
+/// Spans a worker sends in one export at most; a batch this full is sent at once.
+pub const MAX_BATCH: usize = 512;
+/// How long a span waits for its batch to fill before the batch is sent anyway.
+pub const FLUSH_INTERVAL: Duration = Duration::from_secs(1);
+/// Spans a worker keeps waiting for export; more are dropped (counted).
+pub const MAX_BUFFERED: usize = 4 * MAX_BATCH;
+/// Exports a worker has in flight at once; a batch due past them waits for the next flush.
+pub const MAX_EXPORTS_IN_FLIGHT: usize = 2;
+/// Istio's default `maxTagLength`.
+pub const MAX_TAG_LENGTH: usize = 256;
+/// Istio's default sampling of new traces (MeshConfig `defaultConfig.tracing.sampling`).
+pub const DEFAULT_SAMPLING: f64 = 1.0;
+/// An export not answered within this (or an OpenTelemetry provider's `http.timeout`)
+/// has failed.
+pub const EXPORT_TIMEOUT: Duration = Duration::from_secs(10);
+/// The gRPC method of an OTLP export.
+pub const OTLP_GRPC_PATH: &str = "/opentelemetry.proto.collector.trace.v1.TraceService/Export";
+
+/// How a provider takes spans.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Protocol {
+    /// OTLP over gRPC (`TraceService/Export`): an `opentelemetry` provider without `http`.
+    OtlpGrpc,
+    /// OTLP over HTTP: protobuf POSTed to `path` (`opentelemetry.http`).
+    OtlpHttp { path: String },
+    /// Zipkin v2 JSON POSTed to `path` (default `/api/v2/spans`); `trace_id_64`:
+    /// `enable64bitTraceId` (the trace id's low 64 bits).
+    Zipkin { path: String, trace_id_64: bool },
+}
+
+/// One tracing extension provider, compiled.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Provider {
+    pub name: String,
+    pub protocol: Protocol,
+    /// The collector's service and port (in the mesh model) and its hostname.
+    pub service: ObjectRef,
+    pub port: u16,
+    pub host: String,
+    pub timeout: Duration,
+    pub max_tag_length: usize,
+    /// Fields added to every export request (`http.headers` / `headers`).
+    pub headers: Vec<(String, String)>,
+}
+
+/// The share of new traces sampled: a draw below the threshold is sampled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Sampling(u64);
+
+impl Sampling {
+    /// `percent` (0 to 100) of new traces.
+    pub fn percent(percent: f64) -> Sampling {
+        if percent >= 100.0 {
+            Sampling(u64::MAX)
+        } else {
+            // `as` saturates; 0 % samples nothing.
+            Sampling((percent.max(0.0) / 100.0 * 18_446_744_073_709_551_616.0) as u64)
+        }
+    }
+
+    /// Whether a new trace is sampled (one draw).
+    pub fn decide(self, rng: &mut dyn crate::lb::Rng) -> bool {
+        self.0 == u64::MAX || rng.next_u64() < self.0
+    }
+}
+
+/// A Telemetry `customTags` entry, as a span gets it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CustomTag {
+    /// `literal.value`, or an `environment` tag's value read at load.
+    Literal(String),
+    /// `header`: the request's field `name`, else `default` (no tag without either).
+    Header {
+        name: String,
+        default: Option<String>,
+    },
+}
+
+/// The tracing in force for one destination ([`crate::config::WaypointConfig::tracing_for`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Tracing {
+    pub provider: std::sync::Arc<Provider>,
+    pub sampling: Sampling,
+    /// `disableSpanReporting: true` turns this off: spans are made and propagated, not sent.
+    pub report: bool,
+    /// By tag name.
+    pub custom_tags: Vec<(String, CustomTag)>,
+}
+
+/// One finished span, waiting for export.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Span {
+    pub trace_id: [u8; 16],
+    pub span_id: [u8; 8],
+    /// `None`: the root of its trace.
+    pub parent: Option<[u8; 8]>,
+    /// The W3C trace flags.
+    pub flags: u8,
+    pub name: String,
+    pub start_unix_nanos: u64,
+    pub end_unix_nanos: u64,
+    /// The request's client (the original caller).
+    pub peer: IpAddr,
+    /// A 5xx (Envoy's `error` tag; OTLP status ERROR).
+    pub error: bool,
+    pub tags: Vec<(Cow<'static, str>, String)>,
+}
+
+/// The parts of a valid `traceparent` ([`crate::telemetry::valid_traceparent`]): trace
+/// id, span id, flags.
+pub fn parse_traceparent(v: &str) -> Option<([u8; 16], [u8; 8], u8)> {
+    let b = v.trim().as_bytes();
+    if b.len() != crate::telemetry::TRACEPARENT_LEN {
+        return None;
+    }
+    let mut trace = [0u8; 16];
+    let mut span = [0u8; 8];
+    hex_into(&b[3..35], &mut trace)?;
+    hex_into(&b[36..52], &mut span)?;
+    let mut flags = [0u8];
+    hex_into(&b[53..55], &mut flags)?;
+    Some((trace, span, flags[0]))
+}
+
+fn hex_into(hex: &[u8], out: &mut [u8]) -> Option<()> {
+    let digit = |c: u8| match c {
+        b'0'..=b'9' => Some(c - b'0'),
+        b'a'..=b'f' => Some(c - b'a' + 10),
+        b'A'..=b'F' => Some(c - b'A' + 10),
+        _ => None,
+    };
+    for (o, pair) in out.iter_mut().zip(hex.chunks_exact(2)) {
+        *o = digit(pair[0])? << 4 | digit(pair[1])?;
+    }
+    Some(())
+}
+
+fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write;
+    bytes
+        .iter()
+        .fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
+            let _ = write!(s, "{b:02x}");
+            s
+        })
+}
+
+/// Nanoseconds since the Unix epoch of `t`.
+pub fn unix_nanos(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+}
+
+/// Who made the spans: the waypoint (its Gateway) and its address.
+#[derive(Debug, Clone)]
+pub struct Local {
+    /// `<gateway name>.<namespace>`, as Istio names a proxy's service in traces.
+    pub service_name: String,
+    pub ip: IpAddr,
+}
+
+/// `v` cut to `max` bytes (at a character boundary).
+fn cut(v: &str, max: usize) -> &str {
+    if v.len() <= max {
+        return v;
+    }
+    let mut end = max;
+    while !v.is_char_boundary(end) {
+        end -= 1;
+    }
+    &v[..end]
+}
+
+/// The export request of `spans` to `p`: an HTTP/1.1-shaped request (a gRPC one is sent
+/// over HTTP/2, [`crate::http1::Upstream::side_exchange`]).
+pub fn export_request(p: &Provider, local: &Local, spans: &[Span]) -> Bytes {
+    let (path, content_type, body) = match &p.protocol {
+        Protocol::OtlpGrpc => {
+            let msg = otlp(p, local, spans);
+            let mut body = Vec::with_capacity(msg.len() + 5);
+            body.push(0);
+            body.extend_from_slice(&(msg.len() as u32).to_be_bytes());
+            body.extend_from_slice(&msg);
+            (OTLP_GRPC_PATH, "application/grpc", body)
+        }
+        Protocol::OtlpHttp { path } => (
+            path.as_str(),
+            "application/x-protobuf",
+            otlp(p, local, spans),
+        ),
+        Protocol::Zipkin { path, trace_id_64 } => (
+            path.as_str(),
+            "application/json",
+            zipkin(p, local, spans, *trace_id_64),
+        ),
+    };
+    let mut out = format!(
+        "POST {path} HTTP/1.1\r\nhost: {}:{}\r\ncontent-type: {content_type}\r\n",
+        p.host, p.port
+    );
+    if p.protocol == Protocol::OtlpGrpc {
+        out.push_str("te: trailers\r\n");
+    }
+    for (n, v) in &p.headers {
+        out.push_str(&format!("{n}: {v}\r\n"));
+    }
+    out.push_str(&format!("content-length: {}\r\n\r\n", body.len()));
+    let mut out = out.into_bytes();
+    out.extend_from_slice(&body);
+    Bytes::from(out)
+}
+
+/// Whether the collector took the export: a 2xx answer, and for gRPC `grpc-status: 0`
+/// among its fields (an HTTP/2 answer's trailers are among them).
+pub fn accepted(p: &Provider, answer: &[u8]) -> bool {
+    let mut fields = [httparse::EMPTY_HEADER; 64];
+    let mut r = httparse::Response::new(&mut fields);
+    if !matches!(r.parse(answer), Ok(httparse::Status::Complete(_))) {
+        return false;
+    }
+    let ok = r.code.is_some_and(|c| (200..300).contains(&c));
+    if p.protocol != Protocol::OtlpGrpc {
+        return ok;
+    }
+    ok && r
+        .headers
+        .iter()
+        .any(|h| h.name.eq_ignore_ascii_case("grpc-status") && h.value == b"0")
+}
+
+/// `ExportTraceServiceRequest` of `spans`.
+fn otlp(p: &Provider, local: &Local, spans: &[Span]) -> Vec<u8> {
+    use prost::Message;
+    let text = |k: &str, v: &str| pb::KeyValue {
+        key: k.to_string(),
+        value: Some(pb::AnyValue {
+            value: Some(pb::any_value::Value::StringValue(v.to_string())),
+        }),
+    };
+    let spans = spans
+        .iter()
+        .map(|s| pb::Span {
+            trace_id: s.trace_id.to_vec(),
+            span_id: s.span_id.to_vec(),
+            parent_span_id: s.parent.map_or_else(Vec::new, |p| p.to_vec()),
+            name: s.name.clone(),
+            kind: pb::SPAN_KIND_SERVER,
+            start_time_unix_nano: s.start_unix_nanos,
+            end_time_unix_nano: s.end_unix_nanos,
+            attributes: s
+                .tags
+                .iter()
+                .map(|(k, v)| text(k, cut(v, p.max_tag_length)))
+                .collect(),
+            status: Some(pb::Status {
+                message: String::new(),
+                code: if s.error {
+                    pb::STATUS_CODE_ERROR
+                } else {
+                    pb::STATUS_CODE_UNSET
+                },
+            }),
+            flags: u32::from(s.flags),
+            ..Default::default()
+        })
+        .collect();
+    pb::ExportTraceServiceRequest {
+        resource_spans: vec![pb::ResourceSpans {
+            resource: Some(pb::Resource {
+                attributes: vec![text("service.name", &local.service_name)],
+            }),
+            scope_spans: vec![pb::ScopeSpans {
+                scope: Some(pb::InstrumentationScope {
+                    name: "waypoint".into(),
+                    version: env!("CARGO_PKG_VERSION").into(),
+                }),
+                spans,
+            }],
+        }],
+    }
+    .encode_to_vec()
+}
+
+/// A Zipkin v2 JSON list of `spans`.
+fn zipkin(p: &Provider, local: &Local, spans: &[Span], trace_id_64: bool) -> Vec<u8> {
+    let endpoint = |ip: IpAddr, name: Option<&str>| {
+        let mut e = serde_json::Map::new();
+        if let Some(n) = name {
+            e.insert("serviceName".into(), n.into());
+        }
+        let key = if ip.is_ipv4() { "ipv4" } else { "ipv6" };
+        e.insert(key.into(), ip.to_string().into());
+        serde_json::Value::Object(e)
+    };
+    let list: Vec<serde_json::Value> = spans
+        .iter()
+        .map(|s| {
+            let trace = if trace_id_64 {
+                hex(&s.trace_id[8..])
+            } else {
+                hex(&s.trace_id)
+            };
+            let tags: serde_json::Map<String, serde_json::Value> = s
+                .tags
+                .iter()
+                .map(|(k, v)| (k.to_string(), cut(v, p.max_tag_length).into()))
+                .collect();
+            let mut span = serde_json::json!({
+                "traceId": trace,
+                "id": hex(&s.span_id),
+                "name": s.name,
+                "kind": "SERVER",
+                "timestamp": s.start_unix_nanos / 1000,
+                "duration": (s.end_unix_nanos.saturating_sub(s.start_unix_nanos) / 1000).max(1),
+                "localEndpoint": endpoint(local.ip, Some(&local.service_name)),
+                "remoteEndpoint": endpoint(s.peer, None),
+                "tags": tags,
+            });
+            if let Some(parent) = s.parent {
+                span["parentId"] = hex(&parent).into();
+            }
+            span
+        })
+        .collect();
+    serde_json::to_vec(&list).unwrap_or_default()
+}
+
+/// The OTLP messages the waypoint sends (`opentelemetry/proto/collector/trace/v1`,
+/// `trace/v1`, `common/v1`, `resource/v1`), the fields it uses; public for tests and
+/// collectors built on them.
+pub mod pb {
+    pub const SPAN_KIND_SERVER: i32 = 2;
+    pub const STATUS_CODE_UNSET: i32 = 0;
+    pub const STATUS_CODE_ERROR: i32 = 2;
+
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct ExportTraceServiceRequest {
+        #[prost(message, repeated, tag = "1")]
+        pub resource_spans: Vec<ResourceSpans>,
+    }
+
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct ResourceSpans {
+        #[prost(message, optional, tag = "1")]
+        pub resource: Option<Resource>,
+        #[prost(message, repeated, tag = "2")]
+        pub scope_spans: Vec<ScopeSpans>,
+    }
+
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct Resource {
+        #[prost(message, repeated, tag = "1")]
+        pub attributes: Vec<KeyValue>,
+    }
+
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct ScopeSpans {
+        #[prost(message, optional, tag = "1")]
+        pub scope: Option<InstrumentationScope>,
+        #[prost(message, repeated, tag = "2")]
+        pub spans: Vec<Span>,
+    }
+
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct InstrumentationScope {
+        #[prost(string, tag = "1")]
+        pub name: String,
+        #[prost(string, tag = "2")]
+        pub version: String,
+    }
+
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct Span {
+        #[prost(bytes = "vec", tag = "1")]
+        pub trace_id: Vec<u8>,
+        #[prost(bytes = "vec", tag = "2")]
+        pub span_id: Vec<u8>,
+        #[prost(string, tag = "3")]
+        pub trace_state: String,
+        #[prost(bytes = "vec", tag = "4")]
+        pub parent_span_id: Vec<u8>,
+        #[prost(string, tag = "5")]
+        pub name: String,
+        #[prost(int32, tag = "6")]
+        pub kind: i32,
+        #[prost(fixed64, tag = "7")]
+        pub start_time_unix_nano: u64,
+        #[prost(fixed64, tag = "8")]
+        pub end_time_unix_nano: u64,
+        #[prost(message, repeated, tag = "9")]
+        pub attributes: Vec<KeyValue>,
+        #[prost(message, optional, tag = "15")]
+        pub status: Option<Status>,
+        #[prost(fixed32, tag = "16")]
+        pub flags: u32,
+    }
+
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct Status {
+        #[prost(string, tag = "2")]
+        pub message: String,
+        #[prost(int32, tag = "3")]
+        pub code: i32,
+    }
+
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct KeyValue {
+        #[prost(string, tag = "1")]
+        pub key: String,
+        #[prost(message, optional, tag = "2")]
+        pub value: Option<AnyValue>,
+    }
+
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct AnyValue {
+        #[prost(oneof = "any_value::Value", tags = "1, 2, 3, 4")]
+        pub value: Option<any_value::Value>,
+    }
+
+    pub mod any_value {
+        #[derive(Clone, PartialEq, prost::Oneof)]
+        pub enum Value {
+            #[prost(string, tag = "1")]
+            StringValue(String),
+            #[prost(bool, tag = "2")]
+            BoolValue(bool),
+            #[prost(int64, tag = "3")]
+            IntValue(i64),
+            #[prost(double, tag = "4")]
+            DoubleValue(f64),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn provider(protocol: Protocol) -> Provider {
+        Provider {
+            name: "p".into(),
+            protocol,
+            service: ObjectRef::new("obs", "collector"),
+            port: 4317,
+            host: "collector.obs.svc.cluster.local".into(),
+            timeout: EXPORT_TIMEOUT,
+            max_tag_length: 8,
+            headers: vec![("x-tenant".into(), "a".into())],
+        }
+    }
+
+    fn span(parent: Option<[u8; 8]>) -> Span {
+        Span {
+            trace_id: [0xab; 16],
+            span_id: [0x01, 2, 3, 4, 5, 6, 7, 8],
+            parent,
+            flags: 1,
+            name: "echo.app.svc.cluster.local:80/*".into(),
+            start_unix_nanos: 1_000_000_000,
+            end_unix_nanos: 1_002_500_000,
+            peer: "10.1.0.7".parse().unwrap(),
+            error: true,
+            tags: vec![("http.url".into(), "http://echo/a/long/path".into())],
+        }
+    }
+
+    fn local() -> Local {
+        Local {
+            service_name: "wp.app".into(),
+            ip: "10.1.0.9".parse().unwrap(),
+        }
+    }
+
+    #[test]
+    fn traceparent_parts() {
+        let (t, s, f) =
+            parse_traceparent("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01").unwrap();
+        assert_eq!(hex(&t), "0af7651916cd43dd8448eb211c80319c");
+        assert_eq!(hex(&s), "b7ad6b7169203331");
+        assert_eq!(f, 1);
+        assert!(parse_traceparent("00-0af7").is_none());
+    }
+
+    #[test]
+    fn sampling_draws_the_configured_share() {
+        let mut rng = crate::lb::SplitMix64(7);
+        for (pct, lo, hi) in [(0.0, 0, 0), (1.0, 50, 150), (50.0, 4_700, 5_300)] {
+            let s = Sampling::percent(pct);
+            let n = (0..10_000).filter(|_| s.decide(&mut rng)).count();
+            assert!((lo..=hi).contains(&n), "{pct} %: {n} of 10,000");
+        }
+        let all = Sampling::percent(100.0);
+        assert!((0..1000).all(|_| all.decide(&mut rng)));
+    }
+
+    #[test]
+    fn otlp_export_carries_the_span_and_its_resource() {
+        use prost::Message;
+        for grpc in [false, true] {
+            let proto = if grpc {
+                Protocol::OtlpGrpc
+            } else {
+                Protocol::OtlpHttp {
+                    path: "/v1/traces".into(),
+                }
+            };
+            let p = provider(proto);
+            let req = export_request(&p, &local(), &[span(Some([9; 8]))]);
+            let end = req.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
+            let head = std::str::from_utf8(&req[..end + 2]).unwrap();
+            assert!(head.contains("x-tenant: a\r\n"), "{head}");
+            let body = &req[end + 4..];
+            let msg = if grpc {
+                assert!(head.starts_with(&format!("POST {OTLP_GRPC_PATH} HTTP/1.1\r\n")));
+                assert!(head.contains("content-type: application/grpc\r\n"));
+                assert_eq!(body[0], 0);
+                assert_eq!(
+                    u32::from_be_bytes(body[1..5].try_into().unwrap()) as usize,
+                    body.len() - 5
+                );
+                &body[5..]
+            } else {
+                assert!(head.starts_with("POST /v1/traces HTTP/1.1\r\n"));
+                assert!(head.contains("content-type: application/x-protobuf\r\n"));
+                body
+            };
+            let r = pb::ExportTraceServiceRequest::decode(msg).unwrap();
+            let rs = &r.resource_spans[0];
+            let attr = &rs.resource.as_ref().unwrap().attributes[0];
+            assert_eq!(attr.key, "service.name");
+            let s = &rs.scope_spans[0].spans[0];
+            assert_eq!(s.trace_id, vec![0xab; 16]);
+            assert_eq!(s.parent_span_id, vec![9; 8]);
+            assert_eq!(s.kind, pb::SPAN_KIND_SERVER);
+            assert_eq!(s.end_time_unix_nano - s.start_time_unix_nano, 2_500_000);
+            assert_eq!(s.status.as_ref().unwrap().code, pb::STATUS_CODE_ERROR);
+            // Cut to maxTagLength.
+            assert_eq!(
+                s.attributes[0].value.as_ref().unwrap().value,
+                Some(pb::any_value::Value::StringValue("http://e".into()))
+            );
+        }
+    }
+
+    #[test]
+    fn zipkin_export_is_v2_json() {
+        let p = provider(Protocol::Zipkin {
+            path: "/api/v2/spans".into(),
+            trace_id_64: false,
+        });
+        let req = export_request(&p, &local(), &[span(None), span(Some([9; 8]))]);
+        let text = String::from_utf8(req.to_vec()).unwrap();
+        let (head, body) = text.split_once("\r\n\r\n").unwrap();
+        assert!(head.starts_with("POST /api/v2/spans HTTP/1.1\r\n"));
+        let v: serde_json::Value = serde_json::from_str(body).unwrap();
+        assert_eq!(v[0]["traceId"], "ab".repeat(16));
+        assert_eq!(v[0]["id"], "0102030405060708");
+        assert!(v[0].get("parentId").is_none());
+        assert_eq!(v[1]["parentId"], "09".repeat(8));
+        assert_eq!(v[0]["kind"], "SERVER");
+        assert_eq!(v[0]["timestamp"], 1_000_000);
+        assert_eq!(v[0]["duration"], 2_500);
+        assert_eq!(v[0]["localEndpoint"]["serviceName"], "wp.app");
+        assert_eq!(v[0]["remoteEndpoint"]["ipv4"], "10.1.0.7");
+        assert_eq!(v[0]["tags"]["http.url"], "http://e");
+        let p64 = provider(Protocol::Zipkin {
+            path: "/api/v2/spans".into(),
+            trace_id_64: true,
+        });
+        let req = export_request(&p64, &local(), &[span(None)]);
+        let text = String::from_utf8(req.to_vec()).unwrap();
+        assert!(text.contains(&format!("\"traceId\":\"{}\"", "ab".repeat(8))));
+    }
+
+    #[test]
+    fn an_export_is_taken_on_2xx_and_grpc_status_0() {
+        let http = provider(Protocol::OtlpHttp {
+            path: "/v1/traces".into(),
+        });
+        let grpc = provider(Protocol::OtlpGrpc);
+        assert!(accepted(
+            &http,
+            b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n"
+        ));
+        assert!(accepted(&http, b"HTTP/1.1 202 Accepted\r\n\r\n"));
+        assert!(!accepted(
+            &http,
+            b"HTTP/1.1 503 Service Unavailable\r\n\r\n"
+        ));
+        assert!(!accepted(&http, b"garbage"));
+        assert!(accepted(
+            &grpc,
+            b"HTTP/1.1 200 OK\r\ngrpc-status: 0\r\n\r\n"
+        ));
+        assert!(!accepted(
+            &grpc,
+            b"HTTP/1.1 200 OK\r\ngrpc-status: 14\r\n\r\n"
+        ));
+        assert!(!accepted(&grpc, b"HTTP/1.1 200 OK\r\n\r\n"));
+    }
+}
