@@ -668,8 +668,12 @@ async fn request<U: Upstream>(
         send(&mut respond, status_only(400), head_request).await;
         return up;
     };
-    let spans = up.sampling();
-    let traceparent = http1::trace(&mut head, ctx.traceparent.as_deref(), &mut rng, spans);
+    let propagation = up.propagation();
+    let spans = propagation.map(|p| p.sampling);
+    let mut traceparent = http1::trace(&mut head, ctx.traceparent.as_deref(), &mut rng, spans);
+    if let Some(trace_id_64) = propagation.and_then(|p| p.b3) {
+        crate::spans::b3(&mut head, &mut traceparent, trace_id_64);
+    }
     http1::request_id(&mut head, &mut rng);
     // The snapshot current now serves this stream to its end (a reload since the tunnel
     // began applies from here on); the tunnel's `x-forwarded-for` is its client's under it.

@@ -1537,8 +1537,8 @@ pub trait Upstream {
     fn record(&mut self, _r: &Record<'_>) {}
 
     /// Tracing on for the tunnel's destination ([`crate::spans`]): the sampling of new
-    /// traces (each request then gets a span of the waypoint's own).
-    fn sampling(&mut self) -> Option<crate::spans::Sampling> {
+    /// traces and the propagation (each request then gets a span of the waypoint's own).
+    fn propagation(&mut self) -> Option<crate::spans::Propagation> {
         None
     }
 
@@ -1879,7 +1879,8 @@ pub async fn serve_from<T: Tunnel, U: Upstream>(
         spans: None,
     };
     loop {
-        tr.spans = upstream.sampling();
+        let propagation = upstream.propagation();
+        tr.spans = propagation.map(|p| p.sampling);
         let clock = upstream.clock().unwrap_or(&mut own_clock);
         let (mut head, used, traceparent) =
             match read_head(tunnel, &mut buf, &times, clock, Some(&mut tr)).await? {
@@ -1899,10 +1900,13 @@ pub async fn serve_from<T: Tunnel, U: Upstream>(
             };
         buf.advance(used);
         let started = Instant::now();
-        let traceparent = match traceparent {
+        let mut traceparent = match traceparent {
             Some(t) => t,
             None => trace(&mut head, ctx.traceparent.as_deref(), tr.rng, tr.spans),
         };
+        if let Some(trace_id_64) = propagation.and_then(|p| p.b3) {
+            crate::spans::b3(&mut head, &mut traceparent, trace_id_64);
+        }
         // The snapshot current now serves this request to its end (a reload since the
         // tunnel's last request applies from here on).
         let fresh = match upstream.begin() {

@@ -2036,11 +2036,11 @@ impl Upstream for HboneUpstream {
         }
     }
 
-    fn sampling(&mut self) -> Option<crate::spans::Sampling> {
+    fn propagation(&mut self) -> Option<crate::spans::Propagation> {
         let settings = &self.worker.shared.settings;
         self.view
             .tracing(settings)
-            .map(|t| t.tracing.sampling)
+            .map(|t| t.tracing.propagation())
             .filter(|_| self.view.ctx.is_some())
     }
 

@@ -29,9 +29,14 @@
 //!   span, at most [`MAX_EXPORTS_IN_FLIGHT`] at once; past [`MAX_BUFFERED`] waiting spans
 //!   new ones are dropped. Counted: `waypoint_tracing_spans_total{result="exported|failed|dropped"}`.
 //!
-//! Not done: B3 headers (Envoy's Zipkin tracer propagates `x-b3-*`; this waypoint reads
-//! and writes `traceparent` with both providers), `useRequestIdForTraceSampling` (the
-//! decision is a random draw either way), OpenTelemetry `resourceDetectors` and samplers.
+//! * **B3** (a `zipkin` provider, as Envoy's Zipkin tracer): a request without a
+//!   `traceparent` continues its B3 context (`b3`, else `x-b3-traceid`/`x-b3-spanid`/
+//!   `x-b3-sampled`/`x-b3-flags`), and every request goes upstream with `x-b3-traceid`,
+//!   `x-b3-spanid` (the waypoint's span), `x-b3-parentspanid` and `x-b3-sampled` beside
+//!   its `traceparent` ([`b3`]).
+//!
+//! Not done: `useRequestIdForTraceSampling` (the decision is a random draw either way),
+//! OpenTelemetry `resourceDetectors` and samplers, `tracestate` changes (passed as sent).
 
 use std::borrow::Cow;
 use std::net::IpAddr;
@@ -105,6 +110,139 @@ impl Sampling {
     pub fn decide(self, rng: &mut dyn crate::lb::Rng) -> bool {
         self.0 == u64::MAX || rng.next_u64() < self.0
     }
+}
+
+/// What a request's trace context needs from the tracing of its destination.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Propagation {
+    pub sampling: Sampling,
+    /// A `zipkin` provider: B3 headers read and written ([`b3`]), with 64-bit trace ids
+    /// (`enable64bitTraceId`) or not.
+    pub b3: Option<bool>,
+}
+
+impl Tracing {
+    pub fn propagation(&self) -> Propagation {
+        let b3 = match self.provider.protocol {
+            Protocol::Zipkin { trace_id_64, .. } => Some(trace_id_64),
+            _ => None,
+        };
+        Propagation {
+            sampling: self.sampling,
+            b3,
+        }
+    }
+}
+
+/// The B3 fields a request may carry (`b3` is the single-header form).
+const B3_FIELDS: [&str; 6] = [
+    "b3",
+    "x-b3-traceid",
+    "x-b3-spanid",
+    "x-b3-parentspanid",
+    "x-b3-sampled",
+    "x-b3-flags",
+];
+
+/// A trace id and a span id.
+type Ids = ([u8; 16], [u8; 8]);
+
+/// A request's B3 context: its trace and span ids when it has them, and its sampling
+/// decision when it states one.
+fn b3_context(head: &crate::http1::RequestHead) -> (Option<Ids>, Option<bool>) {
+    let ids = |trace: &str, span: &str| {
+        let (trace, span) = (trace.trim(), span.trim());
+        if !matches!(trace.len(), 16 | 32) || span.len() != 16 {
+            return None;
+        }
+        let mut t = [0u8; 16];
+        let mut sp = [0u8; 8];
+        // A 64-bit trace id is the low half of a 128-bit one.
+        hex_into(trace.as_bytes(), &mut t[16 - trace.len() / 2..])?;
+        hex_into(span.as_bytes(), &mut sp)?;
+        (t != [0; 16] && sp != [0; 8]).then_some((t, sp))
+    };
+    let decision = |v: &str| match v.trim() {
+        "1" | "d" | "true" => Some(true),
+        "0" | "false" => Some(false),
+        _ => None,
+    };
+    if let Some(single) = head.header("b3") {
+        let parts: Vec<&str> = single.split('-').collect();
+        return match parts.as_slice() {
+            [state] => (None, decision(state)),
+            [trace, span] => (ids(trace, span), None),
+            [trace, span, state, ..] => (ids(trace, span), decision(state)),
+            [] => (None, None),
+        };
+    }
+    let ids = match (head.header("x-b3-traceid"), head.header("x-b3-spanid")) {
+        (Some(t), Some(sp)) => ids(t, sp),
+        _ => None,
+    };
+    let sampled = if head.header("x-b3-flags").is_some_and(|f| f.trim() == "1") {
+        Some(true)
+    } else {
+        head.header("x-b3-sampled").and_then(decision)
+    };
+    (ids, sampled)
+}
+
+/// B3 for a `zipkin` provider (`trace_id_64`: its `enable64bitTraceId`), on a request
+/// whose trace context `trace` the waypoint made its span in ([`crate::http1::trace`]):
+/// a new trace (no `traceparent` of the request's own) continues the request's B3 context
+/// instead (its trace id, its span the parent, its sampling decision when it states one),
+/// and the request's B3 fields are replaced by the waypoint span's.
+pub fn b3(
+    head: &mut crate::http1::RequestHead,
+    trace: &mut crate::http1::Trace,
+    trace_id_64: bool,
+) {
+    let Some(parent) = trace.span else {
+        return;
+    };
+    let Some((mut trace_id, span_id, mut flags)) = parse_traceparent(&trace.value) else {
+        return;
+    };
+    let mut parent = parent;
+    if parent == 0 {
+        let (ids, sampled) = b3_context(head);
+        if let Some((t, sp)) = ids {
+            trace_id = t;
+            parent = u64::from_be_bytes(sp);
+        }
+        if let Some(on) = sampled {
+            flags = (flags & !1) | u8::from(on);
+        }
+        if ids.is_some() || sampled.is_some() {
+            let value = format!("00-{}-{}-{flags:02x}", hex(&trace_id), hex(&span_id));
+            let text = crate::http1::Text::from(value);
+            for (n, v) in head.headers.iter_mut() {
+                if n.eq_ignore_ascii_case("traceparent") {
+                    *v = text.clone();
+                }
+            }
+            trace.value = text;
+            trace.span = Some(parent);
+        }
+    }
+    head.headers
+        .retain(|(n, _)| !B3_FIELDS.iter().any(|f| n.eq_ignore_ascii_case(f)));
+    let trace_hex = if trace_id_64 {
+        hex(&trace_id[8..])
+    } else {
+        hex(&trace_id)
+    };
+    let mut put = |n: &'static str, v: String| head.headers.push((n.into(), v.into()));
+    put("x-b3-traceid", trace_hex);
+    put("x-b3-spanid", hex(&span_id));
+    if parent != 0 {
+        put("x-b3-parentspanid", format!("{parent:016x}"));
+    }
+    put(
+        "x-b3-sampled",
+        if flags & 1 == 1 { "1" } else { "0" }.into(),
+    );
 }
 
 /// A Telemetry `customTags` entry, as a span gets it.
@@ -613,6 +751,94 @@ mod tests {
         let req = export_request(&p64, &local(), &[span(None)]);
         let text = String::from_utf8(req.to_vec()).unwrap();
         assert!(text.contains(&format!("\"traceId\":\"{}\"", "ab".repeat(8))));
+    }
+
+    /// B3 (a Zipkin provider): a request without a `traceparent` continues its B3 context
+    /// (multi-header or single `b3`, 128- or 64-bit trace ids, its stated decision over
+    /// the draw); a `traceparent` of its own wins; the request leaves with the waypoint
+    /// span's B3 fields, once each, and the same ids in its `traceparent`.
+    #[test]
+    fn b3_context_is_continued_and_replaced() {
+        use crate::http1::{parse_head, trace, Parsed, RequestHead};
+        let head =
+            |fields: &str| match parse_head(format!("GET / HTTP/1.1\r\n{fields}\r\n").as_bytes()) {
+                Parsed::Head(h, _) => h,
+                _ => panic!("{fields}"),
+            };
+        let field = |h: &RequestHead, n: &str| {
+            let all: Vec<&str> = h
+                .headers
+                .iter()
+                .filter(|(k, _)| k.eq_ignore_ascii_case(n))
+                .map(|(_, v)| v.as_str())
+                .collect();
+            assert!(all.len() <= 1, "{n}: {all:?}");
+            all.first().map(|v| v.to_string())
+        };
+        let mut rng = crate::lb::SplitMix64(11);
+        let none = Sampling::percent(0.0);
+        // Multi-header, 128-bit, sampled: over the draw (0 %).
+        let mut h = head("x-b3-traceid: 80f198ee56343ba864fe8b2a57d3eff7\r\nx-b3-spanid: e457b5a2e4d86bd1\r\nx-b3-sampled: 1\r\n");
+        let mut t = trace(&mut h, None, &mut rng, Some(none));
+        b3(&mut h, &mut t, false);
+        let (tid, sid, flags) = parse_traceparent(&t.value).unwrap();
+        assert_eq!(hex(&tid), "80f198ee56343ba864fe8b2a57d3eff7");
+        assert_eq!(flags, 1);
+        assert_eq!(t.span, Some(0xe457_b5a2_e4d8_6bd1));
+        assert_eq!(field(&h, "traceparent").as_deref(), Some(t.value.as_str()));
+        assert_eq!(field(&h, "x-b3-traceid").unwrap(), hex(&tid));
+        assert_eq!(field(&h, "x-b3-spanid").unwrap(), hex(&sid));
+        assert_eq!(
+            field(&h, "x-b3-parentspanid").as_deref(),
+            Some("e457b5a2e4d86bd1")
+        );
+        assert_eq!(field(&h, "x-b3-sampled").as_deref(), Some("1"));
+        // Single header, 64-bit, not sampled; 64-bit ids upstream.
+        let mut h = head("b3: 80f198ee56343ba8-e457b5a2e4d86bd1-0\r\n");
+        let mut t = trace(&mut h, None, &mut rng, Some(Sampling::percent(100.0)));
+        b3(&mut h, &mut t, true);
+        let (tid, _, flags) = parse_traceparent(&t.value).unwrap();
+        assert_eq!(hex(&tid), "000000000000000080f198ee56343ba8");
+        assert_eq!(flags, 0);
+        assert_eq!(field(&h, "b3"), None);
+        assert_eq!(
+            field(&h, "x-b3-traceid").as_deref(),
+            Some("80f198ee56343ba8")
+        );
+        assert_eq!(field(&h, "x-b3-sampled").as_deref(), Some("0"));
+        // A decision only: a new root, as stated.
+        let mut h = head("b3: 0\r\n");
+        let mut t = trace(&mut h, None, &mut rng, Some(Sampling::percent(100.0)));
+        b3(&mut h, &mut t, false);
+        assert_eq!(
+            (parse_traceparent(&t.value).unwrap().2, t.span),
+            (0, Some(0))
+        );
+        assert_eq!(field(&h, "x-b3-parentspanid"), None);
+        // A traceparent of its own wins over B3.
+        let w3c = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let mut h = head(&format!("traceparent: {w3c}\r\nx-b3-traceid: 80f198ee56343ba8\r\nx-b3-spanid: e457b5a2e4d86bd1\r\n"));
+        let mut t = trace(&mut h, None, &mut rng, Some(none));
+        b3(&mut h, &mut t, false);
+        assert_eq!(
+            hex(&parse_traceparent(&t.value).unwrap().0),
+            "4bf92f3577b34da6a3ce929d0e0e4736"
+        );
+        assert_eq!(t.span, Some(0x00f0_67aa_0ba9_02b7));
+        assert_eq!(
+            field(&h, "x-b3-traceid").as_deref(),
+            Some("4bf92f3577b34da6a3ce929d0e0e4736")
+        );
+        assert_eq!(
+            field(&h, "x-b3-parentspanid").as_deref(),
+            Some("00f067aa0ba902b7")
+        );
+        // Bad B3 ids: ignored (a new trace), the fields replaced.
+        let mut h = head("x-b3-traceid: nothex\r\nx-b3-spanid: e457b5a2e4d86bd1\r\n");
+        let mut t = trace(&mut h, None, &mut rng, Some(none));
+        b3(&mut h, &mut t, false);
+        assert_eq!(t.span, Some(0));
+        assert_ne!(field(&h, "x-b3-traceid").as_deref(), Some("nothex"));
     }
 
     #[test]

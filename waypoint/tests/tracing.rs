@@ -26,12 +26,22 @@ const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 1, 0, 7);
 /// first span; this bound is generous).
 const WAIT: Duration = Duration::from_secs(30);
 
-/// The echo backend: answers `<target> <traceparent it got>`.
+/// The echo backend: answers `<target> <traceparent> <x-b3-traceid> <x-b3-spanid>
+/// <x-b3-parentspanid> <x-b3-sampled>` as it got them (`-`: none).
 fn backend(ip: Ipv4Addr) -> SocketAddr {
     common::serve_threads(ip, move |mut c| {
         let mut buf = Vec::new();
         while let Some(req) = next_request(&mut c, &mut buf) {
-            let body = format!("{} {}", req.path, req.header("traceparent").unwrap_or("-"));
+            let f = |n: &str| req.header(n).unwrap_or("-").to_string();
+            let body = format!(
+                "{} {} {} {} {} {}",
+                req.path,
+                f("traceparent"),
+                f("x-b3-traceid"),
+                f("x-b3-spanid"),
+                f("x-b3-parentspanid"),
+                f("x-b3-sampled")
+            );
             if c.write_all(ok_response(&body).as_bytes()).is_err() {
                 return;
             }
@@ -242,7 +252,7 @@ fn get(path: &str, fields: &str) -> String {
 
 /// The `traceparent` the backend got, from its answer `<path> <traceparent>`.
 fn sent(answer: &str) -> ([u8; 16], [u8; 8], u8) {
-    let tp = answer.split_once(' ').unwrap().1;
+    let tp = answer.split(' ').nth(1).unwrap();
     waypoint::spans::parse_traceparent(tp).unwrap_or_else(|| panic!("{answer}"))
 }
 
@@ -429,10 +439,10 @@ spec:
     assert_eq!(m.spans_counted("exported", 1), 1);
 }
 
-/// Zipkin (v2 JSON) and the Telemetry hierarchy: mesh-wide 0 % sampling, the namespace's
-/// 100 %; the service's Telemetry turns span reporting off (its requests still carry the
-/// waypoint's span in their `traceparent`); a pod-addressed request (the service's
-/// Telemetry does not apply) is reported.
+/// Zipkin (v2 JSON, B3) and the Telemetry hierarchy: mesh-wide 0 % sampling, the
+/// namespace's 100 %; the service's Telemetry turns span reporting off (its requests still
+/// carry the waypoint's span in their `traceparent`); a pod-addressed request (the
+/// service's Telemetry does not apply), continuing its client's B3 context, is reported.
 #[test]
 fn tracing_to_zipkin_follows_the_telemetry_hierarchy() {
     let m = Mesh::with(
@@ -464,10 +474,29 @@ spec:
     let quiet = m.http1("10.96.0.1:80", &[get("/quiet", "")]);
     let q = sent(&quiet[0]);
     assert_eq!(q.2, 1, "sampled (the namespace's 100 %)");
-    // Addressed to the pod: reported.
+    // Addressed to the pod: reported; a B3 context (no traceparent) continued, as
+    // Envoy's Zipkin tracer does, and B3 sent upstream beside the traceparent.
     let pod = m.pod.to_string();
-    let got = m.http1(&pod, &[get("/pod", "")]);
+    let got = m.http1(
+        &pod,
+        &[get(
+            "/pod",
+            "x-b3-traceid: 80f198ee56343ba864fe8b2a57d3eff7\r\nx-b3-spanid: e457b5a2e4d86bd1\r\nx-b3-sampled: 1\r\n",
+        )],
+    );
     let p = sent(&got[0]);
+    let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
+    let b3: Vec<&str> = got[0].split(' ').skip(2).collect();
+    assert_eq!(
+        b3,
+        [
+            "80f198ee56343ba864fe8b2a57d3eff7",
+            hex(&p.1).as_str(),
+            "e457b5a2e4d86bd1",
+            "1"
+        ]
+    );
+    assert_eq!(hex(&p.0), "80f198ee56343ba864fe8b2a57d3eff7");
     let e = m.zipkin.recv_timeout(WAIT).expect("an export");
     assert_eq!(e.path, "/api/v2/spans");
     assert_eq!(e.content_type, "application/json");
@@ -475,10 +504,9 @@ spec:
     let list = v.as_array().unwrap();
     assert_eq!(list.len(), 1, "only the pod-addressed request's span: {v}");
     let s = &list[0];
-    let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
     assert_eq!(s["traceId"], hex(&p.0));
     assert_eq!(s["id"], hex(&p.1));
-    assert!(s.get("parentId").is_none());
+    assert_eq!(s["parentId"], "e457b5a2e4d86bd1");
     assert_eq!(s["kind"], "SERVER");
     assert_eq!(s["name"], format!("{pod}/*"));
     assert_eq!(s["localEndpoint"]["serviceName"], "wp.app");
