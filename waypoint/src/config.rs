@@ -3170,32 +3170,30 @@ fn compile_tracing_provider(
     let service_ref =
         provider_service(mesh, service).map_err(|e| Invalid::new(format!("{kf}.service"), e))?;
     let host = service.rsplit('/').next().unwrap_or(service).to_string();
-    if let Some(path) = path.filter(|p| !p.starts_with('/')) {
-        let pf = if p.opentelemetry.is_some() {
-            format!("{kf}.http.path")
+    // The export's own fields: OpenTelemetry's under `http`.
+    let at = |name: &str| {
+        let sub = if p.opentelemetry.is_some() {
+            "http."
         } else {
-            format!("{kf}.path")
+            ""
         };
-        return Err(Invalid::new(pf, format!("{path:?} must start with /")));
+        format!("{kf}.{sub}{name}")
+    };
+    if let Some(path) = path.filter(|p| !p.starts_with('/')) {
+        return Err(Invalid::new(
+            at("path"),
+            format!("{path:?} must start with /"),
+        ));
     }
     let timeout = match timeout {
         None => spans::EXPORT_TIMEOUT,
-        Some(t) => runtime::config::duration::parse(t).map_err(|e| {
-            let tf = if p.opentelemetry.is_some() {
-                format!("{kf}.http.timeout")
-            } else {
-                format!("{kf}.timeout")
-            };
-            Invalid::new(tf, e)
-        })?,
+        Some(t) => {
+            runtime::config::duration::parse(t).map_err(|e| Invalid::new(at("timeout"), e))?
+        }
     };
     let mut out_headers = vec![];
     for (j, h) in headers.iter().enumerate() {
-        let hf = if p.opentelemetry.is_some() {
-            format!("{kf}.http.headers[{j}]")
-        } else {
-            format!("{kf}.headers[{j}]")
-        };
+        let hf = at(&format!("headers[{j}]"));
         let n = header_name(&h.name).map_err(|e| Invalid::new(format!("{hf}.name"), e))?;
         if h.value.contains(['\r', '\n']) {
             return Err(Invalid::new(
@@ -3291,8 +3289,15 @@ fn compile_mesh_config(
             p.opentelemetry.is_some(),
             p.zipkin.is_some(),
         ];
-        if kinds.iter().filter(|k| **k).count() > 1 {
-            return Err(Invalid::new(f, "one provider kind per provider"));
+        match kinds.iter().filter(|k| **k).count() {
+            0 => {
+                return Err(Invalid::new(
+                    f,
+                    "a provider kind is required (envoyExtAuthzHttp, envoyExtAuthzGrpc, opentelemetry or zipkin)",
+                ))
+            }
+            1 => {}
+            _ => return Err(Invalid::new(f, "one provider kind per provider")),
         }
         if out.contains_key(&p.name) || tracing.contains_key(&p.name) {
             return Err(Invalid::new(
@@ -3307,36 +3312,26 @@ fn compile_mesh_config(
         }
         // What both kinds have: (field prefix, service, port, timeout, failOpen,
         // statusOnError).
-        let (hf, service, port, timeout, fail_open, status_on_error) = match (
-            &p.envoy_ext_authz_http,
-            &p.envoy_ext_authz_grpc,
-        ) {
-            (Some(h), None) => (
-                format!("{f}.envoyExtAuthzHttp"),
-                &h.service,
-                h.port,
-                &h.timeout,
-                h.fail_open,
-                h.status_on_error,
-            ),
-            (None, Some(g)) => (
-                format!("{f}.envoyExtAuthzGrpc"),
-                &g.service,
-                g.port,
-                &g.timeout,
-                g.fail_open,
-                g.status_on_error,
-            ),
-            (Some(_), Some(_)) => {
-                return Err(Invalid::new(f, "one provider kind per provider"));
-            }
-            (None, None) => {
-                return Err(Invalid::new(
-                        f,
-                        "a provider kind is required (envoyExtAuthzHttp, envoyExtAuthzGrpc, opentelemetry or zipkin)",
-                    ));
-            }
-        };
+        let (hf, service, port, timeout, fail_open, status_on_error) =
+            match (&p.envoy_ext_authz_http, &p.envoy_ext_authz_grpc) {
+                (Some(h), None) => (
+                    format!("{f}.envoyExtAuthzHttp"),
+                    &h.service,
+                    h.port,
+                    &h.timeout,
+                    h.fail_open,
+                    h.status_on_error,
+                ),
+                (None, Some(g)) => (
+                    format!("{f}.envoyExtAuthzGrpc"),
+                    &g.service,
+                    g.port,
+                    &g.timeout,
+                    g.fail_open,
+                    g.status_on_error,
+                ),
+                _ => unreachable!("one ext_authz kind (checked above)"),
+            };
         let service = provider_service(mesh, service)
             .map_err(|e| Invalid::new(format!("{hf}.service"), e))?;
         let timeout = match timeout {

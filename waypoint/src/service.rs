@@ -1420,48 +1420,34 @@ struct ViewTracing {
     name: String,
 }
 
+/// The hostname of service `svc` in the model `snap` (else Kubernetes' form of it).
+fn service_host(snap: Option<&Snapshot>, svc: &ObjectRef) -> String {
+    snap.and_then(|s| {
+        s.services()
+            .find(|x| x.namespace == svc.namespace && x.name == svc.name)
+            .map(|x| x.hostname.clone())
+    })
+    .unwrap_or_else(|| format!("{}.{}.svc.cluster.local", svc.name, svc.namespace))
+}
+
 impl View {
-    fn tracing(&self, settings: &Settings) -> Option<&Rc<ViewTracing>> {
+    /// Tracing for the tunnel's destination (none when its target is not served here).
+    fn tracing(&self) -> Option<&Rc<ViewTracing>> {
         self.tracing
             .get_or_init(|| {
-                let (tracing, name) = match self.ctx.as_deref() {
-                    Some(ctx) => {
-                        let name = match &ctx.destination {
-                            http1::Destination::Service { service, port } => {
-                                let host = self.l7.mesh.as_ref().and_then(|s| {
-                                    s.services()
-                                        .find(|x| {
-                                            x.namespace == service.namespace
-                                                && x.name == service.name
-                                        })
-                                        .map(|x| x.hostname.clone())
-                                });
-                                let host = host.unwrap_or_else(|| {
-                                    format!(
-                                        "{}.{}.svc.cluster.local",
-                                        service.name, service.namespace
-                                    )
-                                });
-                                format!("{host}:{port}/*")
-                            }
-                            http1::Destination::Workload { .. } => format!(
-                                "{}/*",
-                                SocketAddr::new(ctx.destination_ip, ctx.destination_port)
-                            ),
-                        };
-                        (self.l7.tracing_for(&http1::subject(ctx)), name)
+                let ctx = self.ctx.as_deref()?;
+                let tracing = self.l7.tracing_for(&http1::subject(ctx))?;
+                let name = match &ctx.destination {
+                    http1::Destination::Service { service, port } => {
+                        let host = service_host(self.l7.mesh.as_ref(), service);
+                        format!("{host}:{port}/*")
                     }
-                    None => (
-                        self.l7.tracing_for(&crate::authz::Subject {
-                            waypoint: &settings.me.gateway,
-                            root_namespace: &settings.root_namespace,
-                            service: None,
-                            workload: None,
-                        }),
-                        "-".to_string(),
+                    http1::Destination::Workload { .. } => format!(
+                        "{}/*",
+                        SocketAddr::new(ctx.destination_ip, ctx.destination_port)
                     ),
                 };
-                tracing.map(|tracing| Rc::new(ViewTracing { tracing, name }))
+                Some(Rc::new(ViewTracing { tracing, name }))
             })
             .as_ref()
     }
@@ -2037,11 +2023,7 @@ impl Upstream for HboneUpstream {
     }
 
     fn propagation(&mut self) -> Option<crate::spans::Propagation> {
-        let settings = &self.worker.shared.settings;
-        self.view
-            .tracing(settings)
-            .map(|t| t.tracing.propagation())
-            .filter(|_| self.view.ctx.is_some())
+        self.view.tracing().map(|t| t.tracing.propagation())
     }
 
     fn retried(&mut self) {
@@ -2150,7 +2132,7 @@ impl HboneUpstream {
         cluster: Option<(Option<u16>, &str)>,
     ) {
         let settings = &self.worker.shared.settings;
-        let Some(vt) = self.view.tracing(settings).cloned() else {
+        let Some(vt) = self.view.tracing().cloned() else {
             return;
         };
         let t = &vt.tracing;
@@ -2169,45 +2151,46 @@ impl HboneUpstream {
         let end = SystemTime::now();
         let start = end.checked_sub(r.started.elapsed()).unwrap_or(end);
         let header = |n: &str| r.head.and_then(|h| h.header(n));
-        let mut tags: Vec<(std::borrow::Cow<'static, str>, String)> = Vec::with_capacity(20);
-        let mut tag = |k: &'static str, v: String| tags.push((k.into(), v));
-        let query = r.query.map_or(String::new(), |q| format!("?{q}"));
-        tag("component", "proxy".into());
-        tag("guid:x-request-id", r.request_id.to_string());
-        tag("http.method", r.method.to_string());
-        tag("http.url", format!("http://{}{}{query}", r.host, r.path));
-        tag("http.protocol", r.protocol.to_string());
-        tag("http.status_code", r.status.to_string());
-        tag(
-            "user_agent",
-            header("user-agent").unwrap_or("-").to_string(),
+        let mut tags = crate::spans::Tags::with_capacity(20 + t.custom_tags.len(), 384);
+        let query = r.query.map_or(("", ""), |q| ("?", q));
+        tags.push("component", "proxy");
+        tags.push("guid:x-request-id", r.request_id);
+        tags.push("http.method", r.method);
+        tags.push(
+            "http.url",
+            format_args!("http://{}{}{}{}", r.host, r.path, query.0, query.1),
         );
-        tag("request_size", r.request_bytes.to_string());
-        tag("response_size", r.response_bytes.to_string());
-        tag("response_flags", r.flags.to_string());
-        let upstream = match cluster {
-            Some((Some(port), host)) => format!("outbound|{port}||{host}"),
-            _ => "-".to_string(),
-        };
-        tag("upstream_cluster", upstream.clone());
-        tag("upstream_cluster.name", upstream);
-        tag("downstream_cluster", "-".into());
-        tag("peer.address", self.view.peer.addr.to_string());
-        tag("istio.canonical_service", settings.me.gateway.name.clone());
-        tag("istio.namespace", settings.me.gateway.namespace.clone());
+        tags.push("http.protocol", r.protocol);
+        tags.push("http.status_code", r.status);
+        tags.push("user_agent", header("user-agent").unwrap_or("-"));
+        tags.push("request_size", r.request_bytes);
+        tags.push("response_size", r.response_bytes);
+        tags.push("response_flags", r.flags);
+        for name in ["upstream_cluster", "upstream_cluster.name"] {
+            match cluster {
+                Some((Some(port), host)) => {
+                    tags.push(name, format_args!("outbound|{port}||{host}"))
+                }
+                _ => tags.push(name, "-"),
+            }
+        }
+        tags.push("downstream_cluster", "-");
+        tags.push("peer.address", self.view.peer.addr);
+        tags.push("istio.canonical_service", &settings.me.gateway.name);
+        tags.push("istio.namespace", &settings.me.gateway.namespace);
         let error = r.status >= 500;
         if error {
-            tag("error", "true".into());
+            tags.push("error", "true");
         }
         for (name, custom) in &t.custom_tags {
             let value = match custom {
-                crate::spans::CustomTag::Literal(v) => Some(v.clone()),
+                crate::spans::CustomTag::Literal(v) => Some(v.as_str()),
                 crate::spans::CustomTag::Header { name, default } => {
-                    header(name).map(str::to_string).or_else(|| default.clone())
+                    header(name).or(default.as_deref())
                 }
             };
             if let Some(v) = value {
-                tags.push((name.clone().into(), v));
+                tags.push(name.clone(), v);
             }
         }
         let span = crate::spans::Span {
@@ -2366,14 +2349,9 @@ impl HboneUpstream {
             }
         };
         let unknown = || "unknown".to_string();
-        let host = service.as_ref().map_or_else(unknown, |svc| {
-            snap.and_then(|s| {
-                s.services()
-                    .find(|x| x.namespace == svc.namespace && x.name == svc.name)
-                    .map(|x| x.hostname.clone())
-            })
-            .unwrap_or_else(|| format!("{}.{}.svc.cluster.local", svc.name, svc.namespace))
-        });
+        let host = service
+            .as_ref()
+            .map_or_else(unknown, |svc| service_host(snap, svc));
         // The model's workload of the client, when it is the one telemetry names (see
         // `crate::source::workload_of`).
         let source = snap

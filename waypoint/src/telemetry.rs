@@ -761,10 +761,8 @@ pub fn upstream_traceparent(
             let mut out = [0u8; TRACEPARENT_LEN];
             out.copy_from_slice(r.as_bytes());
             hex16(&mut out[36..52], rng.next_u64() | 1);
-            (
-                Some(out),
-                Some(u64::from_str_radix(&r[36..52], 16).unwrap_or(0)),
-            )
+            let parent = crate::spans::parse_traceparent(r).map(|(_, span, _)| span);
+            (Some(out), Some(parent.map_or(0, u64::from_be_bytes)))
         }
         (None, None) => (Some(new_traceparent(tunnel, rng)), None),
         (None, Some(s)) => {
