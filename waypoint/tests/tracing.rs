@@ -58,7 +58,7 @@ struct Export {
 }
 
 /// An OTLP/HTTP or Zipkin collector: `answer` (`200 OK`) to every POST, each reported
-/// whole.
+/// whole; `""`: it never answers (the connection held open).
 fn collector(ip: Ipv4Addr, answer: &'static str) -> (SocketAddr, mpsc::Receiver<Export>) {
     let (tx, rx) = mpsc::channel();
     let addr = common::serve_threads(ip, move |mut c| {
@@ -80,6 +80,10 @@ fn collector(ip: Ipv4Addr, answer: &'static str) -> (SocketAddr, mpsc::Receiver<
                 tenant: f("x-tenant"),
                 body,
             });
+            if answer.is_empty() {
+                // Stuck: holds the connection, reads on, answers nothing.
+                continue;
+            }
             let resp = format!("HTTP/1.1 {answer}\r\ncontent-length: 0\r\n\r\n");
             if c.write_all(resp.as_bytes()).is_err() {
                 return;
@@ -533,5 +537,32 @@ fn a_failing_collector_costs_the_requests_nothing() {
     let e = m.otlp.recv_timeout(WAIT).expect("an export");
     assert_eq!(e.path, "/v1/traces");
     assert_eq!(m.spans_counted("failed", 2), 2);
+    assert_eq!(m.spans_counted("exported", 0), 0);
+}
+
+/// A stuck collector (it takes exports and never answers): each worker holds at most its
+/// exports in flight and `MAX_BUFFERED` waiting spans; the rest are dropped and counted,
+/// and every request is served.
+#[test]
+fn a_stuck_collector_bounds_the_spans_held() {
+    use waypoint::spans::{MAX_BATCH, MAX_BUFFERED, MAX_EXPORTS_IN_FLIGHT};
+    let m = Mesh::with_answer(MESH_OTLP, "");
+    let held = MAX_EXPORTS_IN_FLIGHT * MAX_BATCH + MAX_BUFFERED;
+    let n = held + 500;
+    // One tunnel, one worker: requests pipelined in rounds of 100.
+    let answered: usize = (0..n.div_ceil(100))
+        .map(|_| {
+            let reqs: Vec<String> = (0..100).map(|i| get(&format!("/{i}"), "")).collect();
+            m.http1("10.96.0.1:80", &reqs).len()
+        })
+        .sum();
+    assert!(answered >= n);
+    let dropped = m.spans_counted("dropped", (answered - held) as u64);
+    assert!(
+        dropped >= (answered - held) as u64 && dropped < answered as u64,
+        "{dropped} of {answered} dropped, {held} held at most"
+    );
+    // The collector got the exports in flight, and nothing was taken.
+    assert!(m.otlp.recv_timeout(WAIT).is_ok());
     assert_eq!(m.spans_counted("exported", 0), 0);
 }
