@@ -12,7 +12,7 @@
 //! | `AuthorizationPolicy` | `security.istio.io/v1`, `/v1beta1` | [`crate::authz::Policy`] (`CUSTOM` with `provider.name`: an extension provider of the MeshConfig document) |
 //! | `RequestAuthentication` | `security.istio.io/v1`, `/v1beta1` | [`crate::jwt::RequestAuthn`]: `jwtRules[]` with `issuer`, `audiences`, `jwks` (inline JSON), or `jwksUri` (fetched, with `timeout`; neither: OpenID discovery from the issuer; see [`crate::jwks`]), `fromHeaders` (`name`, `prefix`), `fromParams`, `fromCookies`, `forwardOriginalToken`, `outputPayloadToHeader`, `outputClaimToHeaders` (`header`, `claim`) |
 //! | `VirtualService` | `networking.istio.io/v1`, `/v1beta1`, `/v1alpha3` | [`crate::route::HttpRoute`] with its rules in order (see `config/virtual_service.rs` for the fields) |
-//! | `Telemetry` | `telemetry.istio.io/v1`, `/v1alpha1` | [`TelemetryRule`]: `accessLogging` (`disabled`, `providers` `envoy`, `match.mode` `CLIENT_AND_SERVER`/`SERVER`) and `metrics` (`providers` `prometheus`, `overrides` with `match.metric` (`ALL_METRICS`, `REQUEST_COUNT`, `REQUEST_DURATION`, `REQUEST_SIZE`, `RESPONSE_SIZE`; TCP and gRPC message metrics: nothing to change) and `disabled`) and `tracing` (`providers` (one), `randomSamplingPercentage`, `disableSpanReporting`, `customTags` `literal`/`environment`/`header`, `match.mode`; see [`crate::spans`]) by `targetRefs` (the waypoint's Gateway, Services), namespace or root namespace; `filter`, `tagOverrides`, `reportingInterval`, `customMetric` refused; a `selector` one set aside as AuthorizationPolicies' are |
+//! | `Telemetry` | `telemetry.istio.io/v1`, `/v1alpha1` | [`TelemetryRule`]: `accessLogging` (`disabled`, `providers` `envoy`, `match.mode` `CLIENT_AND_SERVER`/`SERVER`, `filter.expression` in CEL over Envoy's attributes, see [`crate::cel`]) and `metrics` (`providers` `prometheus`, `overrides` with `match.metric` (`ALL_METRICS`, `REQUEST_COUNT`, `REQUEST_DURATION`, `REQUEST_SIZE`, `RESPONSE_SIZE`; TCP and gRPC message metrics: nothing to change) and `disabled`) and `tracing` (`providers` (one), `randomSamplingPercentage`, `disableSpanReporting`, `customTags` `literal`/`environment`/`header`, `match.mode`; see [`crate::spans`]) by `targetRefs` (the waypoint's Gateway, Services), namespace or root namespace; `tagOverrides`, `reportingInterval`, `customMetric` refused; a `selector` one set aside as AuthorizationPolicies' are |
 //! | `DestinationRule` | `networking.istio.io/v1`, `/v1beta1`, `/v1alpha3` | [`Subset`]s (`subsets[]`: `name`, `labels`, `trafficPolicy` whose fields replace the rule's); [`ServiceLb`]: `trafficPolicy.loadBalancer` (`simple`, or `consistentHash` with `httpHeaderName`, `httpQueryParameterName`, `useSourceIp` or `httpCookie` `name`/`path`/`ttl`/`attributes`), `.outlierDetection` (`consecutive5xxErrors`, `consecutiveGatewayErrors`, `interval`, `baseEjectionTime`, `maxEjectionPercent`), `.loadBalancer.localityLbSetting` (with outlier detection, as Istio: locality failover priorities from the waypoint's own workload — `enabled`, `failover` from/to regions, `failoverPriority` label keys; `distribute` refused; see [`crate::lb::LocalityLb`]), `.loadBalancer.warmupDurationSecs` (Envoy's slow start for round robin, least request and random: a new endpoint's share grows from 10 % to all of it over the window; refused with consistentHash), `.connectionPool.http.useClientProtocol`, `.connectionPool.http.idleTimeout`, `.tls.mode: ISTIO_MUTUAL` (what HBONE is; other modes refused), `.portLevelSettings` (all of these per service port, each entry replacing the service's for its port); [`crate::breaker`]: `.connectionPool.tcp.maxConnections`, `.tcp.connectTimeout`, `.http.http1MaxPendingRequests`, `.http.http2MaxRequests`, `.http.maxRequestsPerConnection`, `.http.maxRetries` |
 //! | no `apiVersion`/`kind`, a `waypoint:` key | — | [`SettingsDoc`], exactly one for the binary |
 //! | no `apiVersion`/`kind`, a `meshConfig:` key | — | Istio MeshConfig's `extensionProviders` of kinds `envoyExtAuthzHttp` (`service`: a model service's hostname, or `namespace/hostname`; `port`, `pathPrefix`, `timeout`, `failOpen`, `statusOnError`, `includeRequestHeadersInCheck`, `includeAdditionalHeadersInCheck`, `headersToUpstreamOnAllow`, `headersToDownstreamOnDeny`, `headersToDownstreamOnAllow`) and `envoyExtAuthzGrpc` (`service`, `port`, `timeout`, `failOpen`, `statusOnError`) (see [`crate::ext_authz`]), and the tracing providers `opentelemetry` (`service`, `port`, `maxTagLength`, `http` with `path`, `timeout`, `headers`: OTLP over HTTP, else over gRPC) and `zipkin` (`service`, `port`, `maxTagLength`, `enable64bitTraceId`, `path`, `timeout`, `headers`), with `defaultProviders.tracing` (see [`crate::spans`]); one MeshConfig document, reloaded with the file |
@@ -418,11 +418,29 @@ pub struct TelemetryRule {
     pub attachment: Attachment,
     /// On, or off (`disabled: true` in every entry); `None`: no `accessLogging`.
     pub access_log: Option<bool>,
+    /// On, only for the requests one of these `filter.expression`s matches (none when an
+    /// entry turning it on has no filter).
+    pub log_filter: Option<Arc<Vec<crate::cel::Expr>>>,
     /// By [`crate::telemetry::METRICS`]: reported or not, as its overrides say; `None`:
     /// not overridden here.
     pub metrics: [Option<bool>; 4],
     /// Its `tracing`, when it has one.
     pub tracing: Option<TracingRule>,
+}
+
+impl TelemetryRule {
+    /// How specific it is for a request to `s` (`targetRefs` 2, its namespace 1, the root
+    /// namespace 0); `None`: it does not apply.
+    fn rank(&self, s: &authz::Subject<'_>) -> Option<u8> {
+        if !self.attachment.applies(&self.id.namespace, s) {
+            return None;
+        }
+        Some(match self.attachment {
+            Attachment::Targets { .. } => 2,
+            _ if self.id.namespace == s.root_namespace => 0,
+            _ => 1,
+        })
+    }
 }
 
 /// A Telemetry's `tracing` (its entries in order, a later one's fields over an earlier
@@ -439,10 +457,12 @@ pub struct TracingRule {
     pub custom_tags: BTreeMap<String, Option<spans::CustomTag>>,
 }
 
-/// What Telemetry says of one request's destination: logged, and the metrics reported.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// What Telemetry says of one request's destination: logged (only the requests one of
+/// `log_filter` matches, when it is set), and the metrics reported.
+#[derive(Debug, Clone)]
 pub struct TelemetryChoice {
     pub access_log: bool,
+    pub log_filter: Option<Arc<Vec<crate::cel::Expr>>>,
     pub metrics: crate::telemetry::Shown,
 }
 
@@ -453,19 +473,16 @@ impl WaypointConfig {
     /// the settings' `access_log` (default on), every metric reported.
     pub fn telemetry_for(&self, s: &authz::Subject<'_>) -> TelemetryChoice {
         let mut log: Option<(u8, bool)> = None;
+        let mut log_filter = None;
         let mut metrics: [Option<(u8, bool)>; 4] = [None; 4];
         let better = |best: &Option<(u8, bool)>, rank: u8| best.is_none_or(|(r, _)| rank > r);
         for t in &self.telemetry {
-            if !t.attachment.applies(&t.id.namespace, s) {
+            let Some(rank) = t.rank(s) else {
                 continue;
-            }
-            let rank = match t.attachment {
-                Attachment::Targets { .. } => 2,
-                _ if t.id.namespace == s.root_namespace => 0,
-                _ => 1,
             };
             if let Some(on) = t.access_log.filter(|_| better(&log, rank)) {
                 log = Some((rank, on));
+                log_filter = t.log_filter.clone();
             }
             for (m, set) in metrics.iter_mut().zip(t.metrics) {
                 if let Some(on) = set.filter(|_| better(m, rank)) {
@@ -483,6 +500,7 @@ impl WaypointConfig {
                 || self.settings.as_ref().is_none_or(|d| d.waypoint.access_log),
                 |(_, on)| on,
             ),
+            log_filter,
             metrics: shown,
         }
     }
@@ -506,16 +524,8 @@ impl WaypointConfig {
             }
         }
         for t in &self.telemetry {
-            let Some(tr) = t.tracing.as_ref() else {
+            let (Some(tr), Some(rank)) = (t.tracing.as_ref(), t.rank(s)) else {
                 continue;
-            };
-            if !t.attachment.applies(&t.id.namespace, s) {
-                continue;
-            }
-            let rank = match t.attachment {
-                Attachment::Targets { .. } => 2,
-                _ if t.id.namespace == s.root_namespace => 0,
-                _ => 1,
             };
             set(&mut provider, rank, tr.provider.as_deref());
             set(&mut sampling, rank, tr.sampling);
@@ -3818,7 +3828,13 @@ struct AccessLoggingRaw {
     #[serde(default, rename = "match")]
     matching: Option<LogMatchRaw>,
     #[serde(default)]
-    filter: Option<serde::de::IgnoredAny>,
+    filter: Option<LogFilterRaw>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LogFilterRaw {
+    expression: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -3930,14 +3946,17 @@ fn compile_telemetry(d: &Doc<TelemetrySpec>) -> Result<Option<TelemetryRule>, In
     let metrics = compile_metrics(&s.metrics)?;
     let tracing = compile_tracing(&s.tracing)?;
     let mut on = None;
+    // The filters of the entries turning the log on; `None` once one has none.
+    let mut filters = Some(vec![]);
     for (i, a) in s.access_logging.iter().enumerate() {
         let f = format!("spec.accessLogging[{i}]");
-        if a.filter.is_some() {
-            return Err(Invalid::new(
-                format!("{f}.filter"),
-                "not supported (CEL filters): the access log takes every request or none",
-            ));
-        }
+        let filter = match &a.filter {
+            None => None,
+            Some(x) => Some(
+                crate::cel::Expr::parse(&x.expression)
+                    .map_err(|e| Invalid::new(format!("{f}.filter.expression"), e))?,
+            ),
+        };
         server_mode(
             &format!("{f}.match.mode"),
             a.matching.as_ref().map(|m| m.mode.as_str()),
@@ -3948,9 +3967,16 @@ fn compile_telemetry(d: &Doc<TelemetrySpec>) -> Result<Option<TelemetryRule>, In
             "envoy",
             "the waypoint writes its own access log (Istio's built-in provider)",
         )?;
-        // Entries add up: any one not disabled turns the log on.
+        // Entries add up: any one not disabled turns the log on, for the requests its
+        // filter matches.
         let this = a.disabled != Some(true);
         on = Some(on.unwrap_or(false) || this);
+        if this {
+            match (filter, &mut filters) {
+                (Some(x), Some(list)) => list.push(x),
+                _ => filters = None,
+            }
+        }
     }
     if on.is_none() && metrics.iter().all(Option::is_none) && tracing.is_none() {
         return Ok(None);
@@ -3960,6 +3986,7 @@ fn compile_telemetry(d: &Doc<TelemetrySpec>) -> Result<Option<TelemetryRule>, In
         id: d.metadata.id(),
         attachment: attachment(ns, &s.selector, &s.target_ref, &s.target_refs)?,
         access_log: on,
+        log_filter: filters.filter(|l| !l.is_empty()).map(Arc::new),
         metrics,
         tracing,
     }))

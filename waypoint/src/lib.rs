@@ -59,6 +59,7 @@ pub mod admin;
 pub mod authz;
 pub mod body;
 pub mod breaker;
+pub mod cel;
 pub mod cli;
 pub mod config;
 pub mod ext_authz;

@@ -1362,8 +1362,10 @@ type MetricCache = Rc<RefCell<Vec<(MetricKey, Rc<LabelSet>)>>>;
 struct LabelSet {
     counters: Arc<crate::telemetry::RequestCounters>,
     dst: crate::telemetry::AccessDst,
-    /// Its requests go to the access log (Telemetry `accessLogging`).
+    /// Its requests go to the access log (Telemetry `accessLogging`): those `log_filter`
+    /// matches, when it is set.
     log: bool,
+    log_filter: Option<Arc<Vec<crate::cel::Expr>>>,
     /// The metrics that count its requests (Telemetry `metrics`).
     shown: crate::telemetry::Shown,
 }
@@ -2006,7 +2008,7 @@ impl Upstream for HboneUpstream {
             // (`Note::Fault`).
             Some(http1::Refusal::External) | Some(http1::Refusal::Fault) | None => {}
         }
-        if access && set.log {
+        if access && set.log && self.log_filter_matches(set.log_filter.as_deref(), r, ms) {
             let p = &self.view.peer;
             let src = crate::telemetry::AccessSrc {
                 addr: p.addr,
@@ -2120,6 +2122,27 @@ impl HboneUpstream {
             upgrade_slot: None,
             port: None,
         }
+    }
+
+    /// Whether the access log takes the request `r` (of `ms` milliseconds) under the
+    /// Telemetry `filter`s of its label set (none: every request).
+    fn log_filter_matches(
+        &self,
+        filters: Option<&Vec<crate::cel::Expr>>,
+        r: &http1::Record<'_>,
+        ms: f64,
+    ) -> bool {
+        let Some(filters) = filters else {
+            return true;
+        };
+        let ctx = self.view.ctx.as_deref();
+        let input = crate::cel::Input {
+            record: r,
+            source: self.view.peer.addr,
+            destination: ctx.map(|c| SocketAddr::new(c.destination_ip, c.destination_port)),
+            duration: Duration::from_secs_f64(ms / 1000.0),
+        };
+        filters.iter().any(|f| f.matches(&input))
     }
 
     /// The waypoint's span of the request `r` (tracing on: its `traceparent` names the
@@ -2393,6 +2416,7 @@ impl HboneUpstream {
             counters,
             dst: crate::telemetry::AccessDst::of(&labels),
             log: choice.access_log,
+            log_filter: choice.log_filter,
             shown: choice.metrics,
         })
     }

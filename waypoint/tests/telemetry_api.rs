@@ -159,8 +159,8 @@ fn metrics_overrides_disable_metrics_per_target() {
 fn telemetry_errors_name_their_field() {
     let table = [
         (
-            telemetry("app", "t", "", "  - filter: {expression: \"response.code >= 400\"}\n"),
-            "spec.accessLogging[0].filter",
+            telemetry("app", "t", "", "  - filter: {expression: \"response.cod >= 400\"}\n"),
+            "spec.accessLogging[0].filter.expression",
         ),
         (
             telemetry("app", "t", "", "  - providers: [{name: otel}]\n"),
@@ -444,4 +444,29 @@ fn tracing_fields_come_from_the_most_specific_telemetry() {
         traced(&cfg, "app", "loud").unwrap().2,
         vec!["dflt=d".to_string(), format!("path={path}")]
     );
+}
+
+/// An access log's entries add up: the log takes a request one entry turning it on takes —
+/// every request when one has no `filter`, else those a filter matches; a disabled entry's
+/// filter plays no part.
+#[test]
+fn access_log_filters_of_entries_add_up() {
+    let errors = "  - filter: {expression: \"response.code >= 400\"}\n";
+    let slow = "  - filter: {expression: \"request.duration > duration('1s')\"}\n";
+    let all = "  - providers: [{name: envoy}]\n";
+    let off = "  - disabled: true\n    filter: {expression: \"response.code >= 500\"}\n";
+    // (entries, logged, filters)
+    let table: [(String, bool, Option<usize>); 4] = [
+        (errors.to_string(), true, Some(1)),
+        (format!("{errors}{slow}"), true, Some(2)),
+        (format!("{errors}{all}"), true, None),
+        (off.to_string(), false, None),
+    ];
+    for (i, (entries, logged, filters)) in table.into_iter().enumerate() {
+        let cfg = try_load(&[telemetry("istio-system", "mesh", "", &entries)])
+            .unwrap_or_else(|e| panic!("row {i}: {e}"));
+        let c = choice(&cfg, "app", "loud");
+        assert_eq!(c.access_log, logged, "row {i}");
+        assert_eq!(c.log_filter.map(|f| f.len()), filters, "row {i}");
+    }
 }
