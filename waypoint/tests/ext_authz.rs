@@ -94,7 +94,7 @@ fn grpc_authorizer(ip: Ipv4Addr) -> (SocketAddr, mpsc::Receiver<String>) {
 /// One call of [`grpc_authorizer`].
 async fn grpc_check(
     req: http::Request<h2::RecvStream>,
-    mut respond: h2::server::SendResponse<Bytes>,
+    respond: h2::server::SendResponse<Bytes>,
     tx: mpsc::Sender<String>,
 ) {
     use prost::Message;
@@ -159,20 +159,7 @@ async fn grpc_check(
             )),
         }
     };
-    let m = answer.encode_to_vec();
-    let mut frame = vec![0u8];
-    frame.extend_from_slice(&(m.len() as u32).to_be_bytes());
-    frame.extend_from_slice(&m);
-    let resp = http::Response::builder()
-        .status(200)
-        .header("content-type", "application/grpc")
-        .body(())
-        .unwrap();
-    let mut out = respond.send_response(resp, false).unwrap();
-    let _ = out.send_data(Bytes::from(frame), false);
-    let mut trailers = http::HeaderMap::new();
-    trailers.insert("grpc-status", "0".parse().unwrap());
-    let _ = out.send_trailers(trailers);
+    common::grpc_reply(respond, &answer.encode_to_vec());
 }
 
 struct Mesh {

@@ -105,7 +105,7 @@ fn grpc_collector(ip: Ipv4Addr) -> (SocketAddr, mpsc::Receiver<Export>) {
 
 async fn grpc_export(
     req: http::Request<h2::RecvStream>,
-    mut respond: h2::server::SendResponse<Bytes>,
+    respond: h2::server::SendResponse<Bytes>,
     tx: mpsc::Sender<Export>,
 ) {
     let path = req.uri().path().to_string();
@@ -128,17 +128,8 @@ async fn grpc_export(
         tenant,
         body: data[5..].to_vec(),
     });
-    let resp = http::Response::builder()
-        .status(200)
-        .header("content-type", "application/grpc")
-        .body(())
-        .unwrap();
-    let mut out = respond.send_response(resp, false).unwrap();
     // An empty ExportTraceServiceResponse.
-    let _ = out.send_data(Bytes::from_static(&[0, 0, 0, 0, 0]), false);
-    let mut trailers = http::HeaderMap::new();
-    trailers.insert("grpc-status", "0".parse().unwrap());
-    let _ = out.send_trailers(trailers);
+    common::grpc_reply(respond, &[]);
 }
 
 struct Mesh {

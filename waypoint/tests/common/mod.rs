@@ -1334,6 +1334,23 @@ where
     })
 }
 
+/// Answer a gRPC call with one message (`message`, its encoding) and `grpc-status: 0`.
+pub fn grpc_reply(mut respond: h2::server::SendResponse<Bytes>, message: &[u8]) {
+    let mut frame = vec![0u8];
+    frame.extend_from_slice(&(message.len() as u32).to_be_bytes());
+    frame.extend_from_slice(message);
+    let resp = http::Response::builder()
+        .status(200)
+        .header("content-type", "application/grpc")
+        .body(())
+        .unwrap();
+    let mut out = respond.send_response(resp, false).unwrap();
+    let _ = out.send_data(Bytes::from(frame), false);
+    let mut trailers = http::HeaderMap::new();
+    trailers.insert("grpc-status", "0".parse().unwrap());
+    let _ = out.send_trailers(trailers);
+}
+
 /// Raw HTTP/1.1 requests, one after the other on one tunnel to `target` through the
 /// waypoint at `addr` as `cert` (for client `from`): each whole response.
 pub fn http1_on_tunnel(
