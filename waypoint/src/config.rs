@@ -13,7 +13,7 @@
 //! | `RequestAuthentication` | `security.istio.io/v1`, `/v1beta1` | [`crate::jwt::RequestAuthn`]: `jwtRules[]` with `issuer`, `audiences`, `jwks` (inline JSON), or `jwksUri` (fetched, with `timeout`; neither: OpenID discovery from the issuer; see [`crate::jwks`]), `fromHeaders` (`name`, `prefix`), `fromParams`, `fromCookies`, `forwardOriginalToken`, `outputPayloadToHeader`, `outputClaimToHeaders` (`header`, `claim`) |
 //! | `VirtualService` | `networking.istio.io/v1`, `/v1beta1`, `/v1alpha3` | [`crate::route::HttpRoute`] with its rules in order (see `config/virtual_service.rs` for the fields) |
 //! | `Telemetry` | `telemetry.istio.io/v1`, `/v1alpha1` | [`TelemetryRule`]: `accessLogging` (`disabled`, `providers` `envoy`, `match.mode` `CLIENT_AND_SERVER`/`SERVER`, `filter.expression` in CEL over Envoy's attributes, see [`crate::cel`]) and `metrics` (`providers` `prometheus`, `overrides` with `match.metric` (`ALL_METRICS`, `REQUEST_COUNT`, `REQUEST_DURATION`, `REQUEST_SIZE`, `RESPONSE_SIZE`; TCP and gRPC message metrics: nothing to change) and `disabled`) and `tracing` (`providers` (one), `randomSamplingPercentage`, `disableSpanReporting`, `customTags` `literal`/`environment`/`header`, `match.mode`; see [`crate::spans`]) by `targetRefs` (the waypoint's Gateway, Services), namespace or root namespace; `tagOverrides`, `reportingInterval`, `customMetric` refused; a `selector` one set aside as AuthorizationPolicies' are |
-//! | `DestinationRule` | `networking.istio.io/v1`, `/v1beta1`, `/v1alpha3` | [`Subset`]s (`subsets[]`: `name`, `labels`, `trafficPolicy` whose fields replace the rule's); [`ServiceLb`]: `trafficPolicy.loadBalancer` (`simple`, or `consistentHash` with `httpHeaderName`, `httpQueryParameterName`, `useSourceIp` or `httpCookie` `name`/`path`/`ttl`/`attributes`), `.outlierDetection` (`consecutive5xxErrors`, `consecutiveGatewayErrors`, `interval`, `baseEjectionTime`, `maxEjectionPercent`), `.loadBalancer.localityLbSetting` (with outlier detection, as Istio: locality failover priorities from the waypoint's own workload — `enabled`, `failover` from/to regions, `failoverPriority` label keys; `distribute` refused; see [`crate::lb::LocalityLb`]), `.loadBalancer.warmupDurationSecs` (Envoy's slow start for round robin, least request and random: a new endpoint's share grows from 10 % to all of it over the window; refused with consistentHash), `.connectionPool.http.useClientProtocol`, `.connectionPool.http.idleTimeout`, `.tls.mode: ISTIO_MUTUAL` (what HBONE is; other modes refused), `.portLevelSettings` (all of these per service port, each entry replacing the service's for its port); [`crate::breaker`]: `.connectionPool.tcp.maxConnections`, `.tcp.connectTimeout`, `.http.http1MaxPendingRequests`, `.http.http2MaxRequests`, `.http.maxRequestsPerConnection`, `.http.maxRetries` |
+//! | `DestinationRule` | `networking.istio.io/v1`, `/v1beta1`, `/v1alpha3` | [`Subset`]s (`subsets[]`: `name`, `labels`, `trafficPolicy` whose fields replace the rule's); [`ServiceLb`]: `trafficPolicy.loadBalancer` (`simple`, or `consistentHash` with `httpHeaderName`, `httpQueryParameterName`, `useSourceIp` or `httpCookie` `name`/`path`/`ttl`/`attributes`), `.outlierDetection` (`consecutive5xxErrors`, `consecutiveGatewayErrors`, `interval`, `baseEjectionTime`, `maxEjectionPercent`), `.loadBalancer.localityLbSetting` (with outlier detection, as Istio: locality failover priorities from the waypoint's own workload — `enabled`, `failover` from/to regions, `failoverPriority` label keys; or, with or without outlier detection, `distribute` locality weights — `from`/`to` patterns `region/zone/subzone` with a last `*`, weights summing to 100; see [`crate::lb::LocalityLb`], [`crate::lb::distribute`]), `.loadBalancer.warmupDurationSecs` (Envoy's slow start for round robin, least request and random: a new endpoint's share grows from 10 % to all of it over the window; refused with consistentHash), `.connectionPool.http.useClientProtocol`, `.connectionPool.http.idleTimeout`, `.tls.mode: ISTIO_MUTUAL` (what HBONE is; other modes refused), `.portLevelSettings` (all of these per service port, each entry replacing the service's for its port); [`crate::breaker`]: `.connectionPool.tcp.maxConnections`, `.tcp.connectTimeout`, `.http.http1MaxPendingRequests`, `.http.http2MaxRequests`, `.http.maxRequestsPerConnection`, `.http.maxRetries` |
 //! | no `apiVersion`/`kind`, a `waypoint:` key | — | [`SettingsDoc`], exactly one for the binary |
 //! | no `apiVersion`/`kind`, a `meshConfig:` key | — | Istio MeshConfig's `extensionProviders` of kinds `envoyExtAuthzHttp` (`service`: a model service's hostname, or `namespace/hostname`; `port`, `pathPrefix`, `timeout`, `failOpen`, `statusOnError`, `includeRequestHeadersInCheck`, `includeAdditionalHeadersInCheck`, `headersToUpstreamOnAllow`, `headersToDownstreamOnDeny`, `headersToDownstreamOnAllow`) and `envoyExtAuthzGrpc` (`service`, `port`, `timeout`, `failOpen`, `statusOnError`) (see [`crate::ext_authz`]), and the tracing providers `opentelemetry` (`service`, `port`, `maxTagLength`, `http` with `path`, `timeout`, `headers`: OTLP over HTTP, else over gRPC) and `zipkin` (`service`, `port`, `maxTagLength`, `enable64bitTraceId`, `path`, `timeout`, `headers`), with `defaultProviders.tracing` (see [`crate::spans`]); one MeshConfig document, reloaded with the file |
 //! | no `apiVersion`/`kind`, no `waypoint:` key | — | mesh-model's local config (`namespaces`, `workloads`, `services`, `policies`, `waypoints`, `nodes`; see the `mesh_model` crate docs), at most one |
@@ -4123,6 +4123,29 @@ struct LbRaw {
     warmup_duration_secs: Option<String>,
 }
 
+/// A `localityLbSetting.distribute` entry.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DistributeRaw {
+    from: String,
+    to: BTreeMap<String, u32>,
+}
+
+/// A locality pattern's fault (`region[/zone[/subzone]]`, a `*` segment only last), if any.
+fn bad_locality_pattern(p: &str) -> Option<String> {
+    let parts: Vec<&str> = p.split('/').collect();
+    if parts.len() > 3 || parts.iter().any(|s| s.is_empty()) {
+        return Some(format!("{p:?} is not region[/zone[/subzone]]"));
+    }
+    if parts[..parts.len() - 1].contains(&"*") || parts.iter().any(|s| *s != "*" && s.contains('*'))
+    {
+        return Some(format!(
+            "{p:?}: a `*` stands for a whole segment, the last one"
+        ));
+    }
+    None
+}
+
 /// Istio's `LocalityLoadBalancerSetting`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
@@ -4130,7 +4153,7 @@ struct LocalityLbRaw {
     #[serde(default)]
     enabled: Option<bool>,
     #[serde(default)]
-    distribute: Vec<serde::de::IgnoredAny>,
+    distribute: Vec<DistributeRaw>,
     #[serde(default)]
     failover: Vec<FailoverRaw>,
     #[serde(default)]
@@ -4442,11 +4465,28 @@ fn compile_tp(tp: &TrafficPolicyRaw, f: &str) -> Result<TrafficPolicy, Invalid> 
         .and_then(|l| l.locality_lb_setting.as_ref());
     if let Some(l) = setting {
         let f = &format!("{f}.loadBalancer.localityLbSetting");
-        if !l.distribute.is_empty() {
+        let failover = !l.failover.is_empty() || !l.failover_priority.is_empty();
+        if !l.distribute.is_empty() && failover {
             return Err(Invalid::new(
                 format!("{f}.distribute"),
-                "weighted locality distribution is not supported (failover and failoverPriority are)",
+                "give distribute or failover/failoverPriority, not both",
             ));
+        }
+        for (i, d) in l.distribute.iter().enumerate() {
+            let df = format!("{f}.distribute[{i}]");
+            if let Some(e) = bad_locality_pattern(&d.from) {
+                return Err(Invalid::new(format!("{df}.from"), e));
+            }
+            if let Some(e) = d.to.keys().find_map(|k| bad_locality_pattern(k)) {
+                return Err(Invalid::new(format!("{df}.to"), e));
+            }
+            let total: u64 = d.to.values().map(|w| u64::from(*w)).sum();
+            if total != 100 {
+                return Err(Invalid::new(
+                    format!("{df}.to"),
+                    format!("the weights sum to {total}, not 100"),
+                ));
+            }
         }
         if !l.failover.is_empty() && !l.failover_priority.is_empty() {
             return Err(Invalid::new(
@@ -4466,8 +4506,26 @@ fn compile_tp(tp: &TrafficPolicyRaw, f: &str) -> Result<TrafficPolicy, Invalid> 
             ));
         }
     }
-    // Istio: locality failover (on unless `enabled: false`) needs outlier detection.
-    if lb.outlier.is_some() && setting.and_then(|l| l.enabled) != Some(false) {
+    let enabled = setting.and_then(|l| l.enabled) != Some(false);
+    let distribute: Vec<crate::lb::Distribute> = setting
+        .map(|l| {
+            l.distribute
+                .iter()
+                .map(|d| crate::lb::Distribute {
+                    from: d.from.clone(),
+                    to: d.to.iter().map(|(k, w)| (k.clone(), *w)).collect(),
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    if enabled && !distribute.is_empty() {
+        // Istio applies locality weights with or without outlier detection.
+        lb.locality = Some(crate::lb::LocalityLb {
+            distribute,
+            ..Default::default()
+        });
+    } else if lb.outlier.is_some() && enabled {
+        // Istio: locality failover (on unless `enabled: false`) needs outlier detection.
         lb.locality = Some(crate::lb::LocalityLb {
             failover: setting
                 .map(|l| {
@@ -4480,6 +4538,7 @@ fn compile_tp(tp: &TrafficPolicyRaw, f: &str) -> Result<TrafficPolicy, Invalid> 
             failover_priority: setting
                 .map(|l| l.failover_priority.clone())
                 .unwrap_or_default(),
+            distribute: vec![],
         });
     }
     // Istio's int32 fields: 0 (unset in its protobuf) is its default, no limit.

@@ -249,16 +249,101 @@ pub struct Balancer {
     /// Slow start (`warmupDurationSecs`): the window, when each endpoint was first seen,
     /// and when the youngest is warm; `None`: none.
     warmup: Option<(Duration, Vec<Instant>, Instant)>,
+    /// Locality weights (`localityLbSetting.distribute`): each endpoint's locality group,
+    /// and each group's weight; empty: none.
+    groups: Vec<u32>,
+    group_weights: Vec<u32>,
+}
+
+/// One `localityLbSetting.distribute` entry: for a waypoint in a locality `from` matches,
+/// the share (of 100) of the traffic each locality `to` names gets.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Distribute {
+    pub from: String,
+    pub to: Vec<(String, u32)>,
+}
+
+/// Whether `l` is in the locality `pattern` names: `region[/zone[/subzone]]`, a `*`
+/// segment matching anything from there on (Istio's `LocalityMatch`).
+pub fn locality_match(l: &mesh_model::model::Locality, pattern: &str) -> bool {
+    for (part, have) in pattern.split('/').zip([&l.region, &l.zone, &l.subzone]) {
+        if part == "*" {
+            return true;
+        }
+        if part != have {
+            return false;
+        }
+    }
+    true
+}
+
+/// The locality groups and weights of `eps` for the waypoint `me` under `rules`, as istiod
+/// gives Envoy locality weights: the first rule whose `from` matches the waypoint's
+/// locality applies; each of its `to` localities (in order) takes the endpoints' groups
+/// (same region, zone and subzone) it matches that no earlier one took, its weight split
+/// among them by their sizes (rounded up); a group no `to` takes gets no traffic (`None`).
+/// `None` as a whole: no rule applies (or no workload of the waypoint's own).
+#[allow(clippy::type_complexity)]
+pub fn distribute(
+    rules: &[Distribute],
+    me: Option<&Workload>,
+    eps: &[&Workload],
+) -> Option<(Vec<Option<u32>>, Vec<u32>)> {
+    let me = me?;
+    let rule = rules
+        .iter()
+        .find(|r| locality_match(&me.locality, &r.from))?;
+    // Groups by locality, in the order first seen, and their sizes.
+    let mut localities: Vec<&mesh_model::model::Locality> = vec![];
+    let mut sizes: Vec<u64> = vec![];
+    let of: Vec<usize> = eps
+        .iter()
+        .map(
+            |w| match localities.iter().position(|l| **l == w.locality) {
+                Some(g) => {
+                    sizes[g] += 1;
+                    g
+                }
+                None => {
+                    localities.push(&w.locality);
+                    sizes.push(1);
+                    localities.len() - 1
+                }
+            },
+        )
+        .collect();
+    let mut weight: Vec<Option<u32>> = vec![None; localities.len()];
+    for (pattern, share) in &rule.to {
+        let took: Vec<usize> = (0..localities.len())
+            .filter(|&g| weight[g].is_none() && locality_match(localities[g], pattern))
+            .collect();
+        let total: u64 = took.iter().map(|&g| sizes[g]).sum();
+        for g in took {
+            let w = (sizes[g] * u64::from(*share)).div_ceil(total.max(1));
+            weight[g] = Some(u32::try_from(w).unwrap_or(u32::MAX));
+        }
+    }
+    // Groups numbered among those with traffic only.
+    let mut number = vec![None; localities.len()];
+    let mut weights = vec![];
+    for (g, w) in weight.iter().enumerate() {
+        if let Some(w) = w.filter(|w| *w > 0) {
+            number[g] = Some(weights.len() as u32);
+            weights.push(w);
+        }
+    }
+    Some((of.iter().map(|&g| number[g]).collect(), weights))
 }
 
 /// Envoy's slow start: an endpoint younger than the window gets this share of its weight
 /// at least (`min_weight_percent`, 10 %), growing linearly (aggression 1) to all of it.
 const WARMUP_MIN_WEIGHT: f64 = 0.1;
 
-/// A DestinationRule's locality failover in force (`loadBalancer.localityLbSetting`, which
-/// Istio applies with outlier detection): endpoints are put in priorities by how close
-/// they are to the waypoint, and the traffic fails over from one priority to the next as
-/// Envoy's does (see [`Balancer::with_tiers`]).
+/// A DestinationRule's locality balancing in force (`loadBalancer.localityLbSetting`):
+/// failover, which Istio applies with outlier detection — endpoints are put in priorities
+/// by how close they are to the waypoint, and the traffic fails over from one priority to
+/// the next as Envoy's does (see [`Balancer::with_tiers`]) —, or `distribute` weights (see
+/// [`Balancer::with_localities`]).
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct LocalityLb {
     /// `failover[]`: (from region, to region): after the waypoint's own region, `to` comes
@@ -267,6 +352,9 @@ pub struct LocalityLb {
     /// `failoverPriority[]`: label keys; an endpoint matching the waypoint's values for the
     /// first N of them is in priority `len - N`.
     pub failover_priority: Vec<String>,
+    /// `distribute[]`: locality weights instead of failover (in force without outlier
+    /// detection too, as Istio applies them; see [`distribute`]).
+    pub distribute: Vec<Distribute>,
 }
 
 impl LocalityLb {
@@ -275,7 +363,9 @@ impl LocalityLb {
     /// region, zone and subzone 0, the same zone 1, the same region 2, other regions 3
     /// (with `failover`: its `to` region 3 and the others 4).
     pub fn tier(&self, me: Option<&Workload>, w: &Workload) -> u8 {
-        let Some(me) = me else { return 0 };
+        let Some(me) = me.filter(|_| self.distribute.is_empty()) else {
+            return 0;
+        };
         if !self.failover_priority.is_empty() {
             let n = self
                 .failover_priority
@@ -336,7 +426,58 @@ impl Balancer {
             next_rr: 0,
             tiers: Vec::new(),
             warmup: None,
+            groups: Vec::new(),
+            group_weights: Vec::new(),
         }
+    }
+
+    /// Endpoint `i` in locality group `groups[i]` of weight `weights[groups[i]]`
+    /// (`localityLbSetting.distribute`, [`distribute`]): a request goes to a group drawn by
+    /// the groups' weights, each scaled by how much of it is healthy as Envoy's locality
+    /// weighted balancing does (a group with at least 1/1.4 of its endpoints healthy keeps
+    /// its whole weight; with none healthy anywhere, by the weights as given), then to an
+    /// endpoint of the group by the policy.
+    pub fn with_localities(mut self, groups: Vec<u32>, weights: Vec<u32>) -> Self {
+        debug_assert_eq!(groups.len(), self.eps.len());
+        self.groups = groups;
+        self.group_weights = weights;
+        self
+    }
+
+    /// The locality group this request goes to; `None` without groups.
+    fn group(&self, now: Instant, rng: &mut dyn Rng) -> Option<u32> {
+        if self.group_weights.is_empty() {
+            return None;
+        }
+        let n = self.group_weights.len();
+        let (mut total, mut healthy) = (vec![0u64; n], vec![0u64; n]);
+        for (i, &g) in self.groups.iter().enumerate() {
+            total[g as usize] += 1;
+            if !self.is_ejected(i, now) {
+                healthy[g as usize] += 1;
+            }
+        }
+        let effective: Vec<u64> = (0..n)
+            .map(|g| {
+                let health = (healthy[g] * OVERPROVISION_PERCENT)
+                    .checked_div(total[g])
+                    .map_or(0, |p| p.min(100));
+                u64::from(self.group_weights[g]) * health
+            })
+            .collect();
+        let weights: Vec<u64> = if effective.iter().all(|w| *w == 0) {
+            self.group_weights.iter().map(|w| u64::from(*w)).collect()
+        } else {
+            effective
+        };
+        let mut x = rng.below(weights.iter().sum::<u64>().max(1));
+        for (g, w) in weights.iter().enumerate() {
+            if x < *w {
+                return Some(g as u32);
+            }
+            x -= w;
+        }
+        Some(n as u32 - 1)
     }
 
     /// Slow start over `window` (DestinationRule `warmupDurationSecs`; round robin, least
@@ -477,17 +618,20 @@ impl Balancer {
         // all of them. Without ejections and priorities (the common case) they are all
         // endpoints, and no list is built.
         let tier = self.tier(now, rng);
+        let group = self.group(now, rng);
         let ejected = self
             .eps
             .iter()
             .any(|e| e.ejected_until.is_some_and(|t| now < t));
-        let in_tier = |i: usize| tier.is_none_or(|t| self.tiers[i] == t);
+        let in_tier = |i: usize| {
+            tier.is_none_or(|t| self.tiers[i] == t) && group.is_none_or(|g| self.groups[i] == g)
+        };
         let mut listed: Vec<usize>;
-        let cands: Cands<'_> = if ejected || tier.is_some() {
+        let cands: Cands<'_> = if ejected || tier.is_some() || group.is_some() {
             listed = (0..self.eps.len())
                 .filter(|&i| in_tier(i) && !self.is_ejected(i, now))
                 .collect();
-            if listed.is_empty() && tier.is_some() {
+            if listed.is_empty() && (tier.is_some() || group.is_some()) {
                 listed = (0..self.eps.len()).filter(|&i| in_tier(i)).collect();
             }
             if listed.is_empty() {
@@ -1088,6 +1232,104 @@ mod tests {
             },
             ..Default::default()
         }
+    }
+
+    /// `distribute`, as istiod weights Envoy's localities: the first rule whose `from`
+    /// matches the waypoint applies; each `to` takes the localities it matches that no
+    /// earlier one took, its weight split by their sizes (rounded up); localities no `to`
+    /// names get nothing.
+    #[test]
+    fn distribute_weighs_localities_as_istiod_does() {
+        let me = workload("us-east", "a", "r1", &[]);
+        let eps = [
+            workload("us-east", "a", "r1", &[]),
+            workload("us-east", "a", "r1", &[]),
+            workload("us-east", "b", "", &[]),
+            workload("us-west", "c", "", &[]),
+            workload("us-west", "d", "", &[]),
+            workload("us-west", "d", "", &[]),
+            workload("eu", "x", "", &[]),
+        ];
+        let refs: Vec<&Workload> = eps.iter().collect();
+        let rule = |from: &str, to: &[(&str, u32)]| Distribute {
+            from: from.into(),
+            to: to.iter().map(|(k, w)| (k.to_string(), *w)).collect(),
+        };
+        let rules = [
+            rule("eu/*", &[("eu/*", 100)]),
+            rule("us-east/a/*", &[("us-east/a/r1", 70), ("us-west/*", 30)]),
+            rule("*", &[("*", 100)]),
+        ];
+        let (groups, weights) = distribute(&rules, Some(&me), &refs).unwrap();
+        // us-east/a/r1 70; us-west's 30 split 1:2 between zones c and d (10, 20); us-east/b
+        // and eu: none.
+        assert_eq!(
+            groups,
+            [Some(0), Some(0), None, Some(1), Some(2), Some(2), None]
+        );
+        assert_eq!(weights, [70, 10, 20]);
+        // A waypoint no rule's `from` matches, or the model does not know: no weights.
+        let other = workload("ap", "z", "", &[]);
+        assert!(distribute(&rules[..2], Some(&other), &refs).is_none());
+        assert!(distribute(&rules, None, &refs).is_none());
+        // Rounded up: 100 over three localities of one endpoint each.
+        let (_, w) = distribute(&rules[2..], Some(&other), &refs[2..5]).unwrap();
+        assert_eq!(w, [34, 34, 34]);
+        // Patterns.
+        let l = |r: &str, z: &str, s: &str| mesh_model::model::Locality {
+            region: r.into(),
+            zone: z.into(),
+            subzone: s.into(),
+        };
+        assert!(locality_match(&l("us", "a", "1"), "us"));
+        assert!(locality_match(&l("us", "a", "1"), "us/a/1"));
+        assert!(locality_match(&l("us", "a", "1"), "us/*"));
+        assert!(!locality_match(&l("us", "b", "1"), "us/a/*"));
+        assert!(locality_match(&l("eu", "", ""), "*"));
+    }
+
+    /// Locality weights: 10,000 picks split between the groups by their weights (±2 %),
+    /// endpoints of a group alike; a group with too few healthy endpoints loses weight as
+    /// Envoy scales it; with everything ejected, the weights as given.
+    #[test]
+    fn locality_weights_split_the_traffic() {
+        let now = Instant::now();
+        let od = OutlierDetection {
+            consecutive_5xx: 1,
+            base_ejection_time: Duration::from_secs(60),
+            max_ejection_percent: 100,
+            interval: EJECTION_DECAY_INTERVAL,
+            consecutive_gateway: 0,
+        };
+        // Endpoints 0-1 in group 0 (weight 80), 2-3 in group 1 (20).
+        let new = || {
+            Balancer::new(4, LbPolicy::LeastRequest, Some(od))
+                .with_localities(vec![0, 0, 1, 1], vec![80, 20])
+        };
+        let mut b = new();
+        let c = counts(&mut b, &HashInput::default(), 10_000, now);
+        let g0 = c[0] + c[1];
+        assert!((7_800..=8_200).contains(&g0), "{c:?}");
+        assert!(
+            c[0].abs_diff(c[1]) < 500 && c[2].abs_diff(c[3]) < 300,
+            "{c:?}"
+        );
+        // Half of group 0 ejected: 50 % × 1.4 = 70 % of its weight, 56 against 20.
+        let eject = |b: &mut Balancer, i: usize| {
+            b.start(i);
+            b.finish(i, 503, now);
+            assert!(b.is_ejected(i, now));
+        };
+        let mut b = new();
+        eject(&mut b, 0);
+        let c = counts(&mut b, &HashInput::default(), 10_000, now);
+        let share = c[1] as f64 / 10_000.0;
+        assert_eq!(c[0], 0);
+        assert!((share - 56.0 / 76.0).abs() < 0.02, "{c:?}");
+        // Everything ejected: by the weights as given.
+        (1..4).for_each(|i| eject(&mut b, i));
+        let c = counts(&mut b, &HashInput::default(), 10_000, now);
+        assert!((7_800..=8_200).contains(&(c[0] + c[1])), "{c:?}");
     }
 
     #[test]

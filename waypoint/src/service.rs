@@ -1100,6 +1100,7 @@ fn pod_endpoint(snap: &Snapshot, target: SocketAddr) -> Option<Endpoint> {
         authority: target,
         hbone: SocketAddr::new(hbone_ip, HBONE_PORT),
         tier: 0,
+        share: None,
     })
 }
 

@@ -27,13 +27,18 @@ pub struct Endpoint {
     /// Its locality priority for this waypoint (0: the closest; see
     /// [`crate::lb::Balancer::with_tiers`]).
     pub tier: u8,
+    /// `localityLbSetting.distribute`: its locality group and the group's weight (see
+    /// [`crate::lb::Balancer::with_localities`]).
+    pub share: Option<(u32, u32)>,
 }
 
 /// The healthy endpoints of `service` that serve `port`, in the model's (uid) order; of a
 /// subset, those whose workload has all of `labels`; each in its locality priority for the
 /// waypoint's own workload `near`: by the service's preference (`trafficDistribution`:
 /// fewer scopes shared, a later priority; `internalTrafficPolicy: Local`: only those on its
-/// node), else by the DestinationRule's `locality` failover, else all in one.
+/// node), else by the DestinationRule's `locality` failover, else all in one. With the
+/// DestinationRule's `distribute` weights for the waypoint's locality, each in its
+/// locality group with the group's weight, and only those of the localities it names.
 pub fn endpoints(
     snap: &Snapshot,
     service: &ObjectRef,
@@ -48,7 +53,8 @@ pub fn endpoints(
     else {
         return vec![];
     };
-    svc.endpoints
+    let listed: Vec<(&mesh_model::model::Workload, Endpoint)> = svc
+        .endpoints
         .iter()
         .filter_map(|ep| {
             let w = snap.workload(&ep.workload_uid)?;
@@ -65,14 +71,32 @@ pub fn endpoints(
             let target = svc.target_port(ep, port)?;
             let ip = *w.ips.first()?;
             let hbone_ip = snap.node(&w.node).map_or(ip, |n| n.ztunnel);
-            Some(Endpoint {
+            let ep = Endpoint {
                 workload_uid: w.uid.clone(),
                 authority: SocketAddr::new(ip, target),
                 hbone: SocketAddr::new(hbone_ip, HBONE_PORT),
                 tier,
-            })
+                share: None,
+            };
+            Some((w, ep))
         })
-        .collect()
+        .collect();
+    let rules = locality.map_or(&[][..], |l| &l.distribute[..]);
+    let ws: Vec<&mesh_model::model::Workload> = listed.iter().map(|(w, _)| *w).collect();
+    match crate::lb::distribute(rules, near, &ws) {
+        None => listed.into_iter().map(|(_, e)| e).collect(),
+        Some((groups, weights)) => listed
+            .into_iter()
+            .zip(groups)
+            .filter_map(|((_, e), g)| {
+                let g = g?;
+                Some(Endpoint {
+                    share: Some((g, weights[g as usize])),
+                    ..e
+                })
+            })
+            .collect(),
+    }
 }
 
 struct Entry {
@@ -239,6 +263,18 @@ impl Balancers {
                             .collect::<Vec<_>>();
                         let mut balancer = Balancer::new(eps.len(), lb.policy.clone(), lb.outlier)
                             .with_tiers(eps.iter().map(|e| e.tier).collect());
+                        if eps.iter().all(|e| e.share.is_some()) && !eps.is_empty() {
+                            let mut weights = vec![];
+                            for (g, w) in eps.iter().filter_map(|e| e.share) {
+                                let g = g as usize;
+                                if weights.len() <= g {
+                                    weights.resize(g + 1, 0);
+                                }
+                                weights[g] = w;
+                            }
+                            let groups = eps.iter().filter_map(|e| e.share).map(|s| s.0).collect();
+                            balancer = balancer.with_localities(groups, weights);
+                        }
                         if let Some(w) = lb.warmup {
                             balancer = balancer.with_warmup(w, since.clone());
                         }

@@ -323,8 +323,16 @@ fn destination_rule_outlier_detection_brings_locality_failover() {
     // What is refused, by field.
     for (lb, field) in [
         (
-            "    loadBalancer:\n      localityLbSetting:\n        distribute: [{from: r1/*, to: {r2/*: 100}}]\n",
+            "    loadBalancer:\n      localityLbSetting:\n        failover: [{from: r1, to: r2}]\n        distribute: [{from: r1/*, to: {r2/*: 100}}]\n",
             "spec.trafficPolicy.loadBalancer.localityLbSetting.distribute",
+        ),
+        (
+            "    loadBalancer:\n      localityLbSetting:\n        distribute: [{from: r1/*, to: {r2/*: 50}}]\n",
+            "spec.trafficPolicy.loadBalancer.localityLbSetting.distribute[0].to",
+        ),
+        (
+            "    loadBalancer:\n      localityLbSetting:\n        distribute: [{from: \"r1/*/z\", to: {r2/*: 100}}]\n",
+            "spec.trafficPolicy.loadBalancer.localityLbSetting.distribute[0].from",
         ),
         (
             "    loadBalancer:\n      localityLbSetting:\n        failover: [{from: r1, to: r2}]\n        failoverPriority: [version]\n",
@@ -379,4 +387,52 @@ fn warmup_ramps_an_endpoint_that_joins_later() {
         Some("spec.trafficPolicy.loadBalancer.warmupDurationSecs"),
         "{e}"
     );
+}
+
+/// DestinationRule `localityLbSetting.distribute` (with or without outlier detection, as
+/// Istio applies it): for the waypoint in `r1/z1`, its zone takes 80 % and region `r2`
+/// 20 %; `r1/z2`, which no `to` names, takes nothing (10,000 requests, ±2 %).
+#[test]
+fn destination_rule_distribute_weighs_localities() {
+    let dr = "---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: echo, namespace: default}\nspec:\n  host: echo\n  trafficPolicy:\n    loadBalancer:\n      simple: ROUND_ROBIN\n      localityLbSetting:\n        distribute:\n        - from: r1/z1/*\n          to: {\"r1/z1/*\": 80, \"r2/*\": 20}\n";
+    let cfg = load_str(Path::new("d.yaml"), &(near_model("", true) + dr), 1)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let snap = cfg.mesh.as_ref().unwrap();
+    let echo = ObjectRef::new("default", "echo");
+    let me = "10.9.0.1".parse().unwrap();
+    let lb = cfg.lb(&echo, Some(80));
+    let shares: Vec<(String, Option<(u32, u32)>)> = endpoints(
+        snap,
+        &echo,
+        80,
+        None,
+        snap.workload_by_ip(me),
+        lb.locality.as_ref(),
+    )
+    .into_iter()
+    .map(|e| (e.workload_uid, e.share))
+    .collect();
+    assert_eq!(
+        shares,
+        [
+            ("far".to_string(), Some((0, 20))),
+            ("same-node".to_string(), Some((1, 80))),
+            ("same-zone".to_string(), Some((1, 80))),
+        ]
+    );
+    let mut b = Balancers::at(me);
+    let mut rng = SplitMix64(5);
+    let mut by = std::collections::BTreeMap::<String, usize>::new();
+    for _ in 0..10_000 {
+        let now = Instant::now();
+        let (i, e) = b
+            .pick(&cfg, &echo, 80, &HashInput::default(), now, &mut rng)
+            .unwrap();
+        *by.entry(e.workload_uid.clone()).or_default() += 1;
+        b.finish(&echo, 80, i, 200, now);
+    }
+    let zone =
+        by.get("same-node").copied().unwrap_or(0) + by.get("same-zone").copied().unwrap_or(0);
+    assert!((7_800..=8_200).contains(&zone), "{by:?}");
+    assert_eq!(by.get("same-region"), None, "{by:?}");
 }
