@@ -292,7 +292,7 @@ impl Parser {
             if self.peek_op(op) {
                 self.at += 1;
                 let right = self.unary()?;
-                return Ok(Ast::Binary(op_static(op), Box::new(left), Box::new(right)));
+                return Ok(Ast::Binary(op, Box::new(left), Box::new(right)));
             }
         }
         Ok(left)
@@ -370,13 +370,6 @@ impl Parser {
             other => Err(format!("unexpected {other:?}")),
         }
     }
-}
-
-fn op_static(op: &str) -> &'static str {
-    ["==", "!=", "<=", ">=", "<", ">"]
-        .into_iter()
-        .find(|o| *o == op)
-        .unwrap_or("==")
 }
 
 /// A dotted name (`request.method`) of `a`, when it is one.

@@ -283,12 +283,11 @@ pub fn locality_match(l: &mesh_model::model::Locality, pattern: &str) -> bool {
 /// (same region, zone and subzone) it matches that no earlier one took, its weight split
 /// among them by their sizes (rounded up); a group no `to` takes gets no traffic (`None`).
 /// `None` as a whole: no rule applies (or no workload of the waypoint's own).
-#[allow(clippy::type_complexity)]
 pub fn distribute(
     rules: &[Distribute],
     me: Option<&Workload>,
     eps: &[&Workload],
-) -> Option<(Vec<Option<u32>>, Vec<u32>)> {
+) -> Option<Shares> {
     let me = me?;
     let rule = rules
         .iter()
@@ -332,7 +331,18 @@ pub fn distribute(
             weights.push(w);
         }
     }
-    Some((of.iter().map(|&g| number[g]).collect(), weights))
+    Some(Shares {
+        groups: of.iter().map(|&g| number[g]).collect(),
+        weights,
+    })
+}
+
+/// What [`distribute`] gives each endpoint: its locality group (`None`: no traffic), and
+/// each group's weight.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Shares {
+    pub groups: Vec<Option<u32>>,
+    pub weights: Vec<u32>,
 }
 
 /// Envoy's slow start: an endpoint younger than the window gets this share of its weight
@@ -1260,7 +1270,7 @@ mod tests {
             rule("us-east/a/*", &[("us-east/a/r1", 70), ("us-west/*", 30)]),
             rule("*", &[("*", 100)]),
         ];
-        let (groups, weights) = distribute(&rules, Some(&me), &refs).unwrap();
+        let Shares { groups, weights } = distribute(&rules, Some(&me), &refs).unwrap();
         // us-east/a/r1 70; us-west's 30 split 1:2 between zones c and d (10, 20); us-east/b
         // and eu: none.
         assert_eq!(
@@ -1273,8 +1283,8 @@ mod tests {
         assert!(distribute(&rules[..2], Some(&other), &refs).is_none());
         assert!(distribute(&rules, None, &refs).is_none());
         // Rounded up: 100 over three localities of one endpoint each.
-        let (_, w) = distribute(&rules[2..], Some(&other), &refs[2..5]).unwrap();
-        assert_eq!(w, [34, 34, 34]);
+        let s = distribute(&rules[2..], Some(&other), &refs[2..5]).unwrap();
+        assert_eq!(s.weights, [34, 34, 34]);
         // Patterns.
         let l = |r: &str, z: &str, s: &str| mesh_model::model::Locality {
             region: r.into(),

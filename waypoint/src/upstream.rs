@@ -85,7 +85,7 @@ pub fn endpoints(
     let ws: Vec<&mesh_model::model::Workload> = listed.iter().map(|(w, _)| *w).collect();
     match crate::lb::distribute(rules, near, &ws) {
         None => listed.into_iter().map(|(_, e)| e).collect(),
-        Some((groups, weights)) => listed
+        Some(crate::lb::Shares { groups, weights }) => listed
             .into_iter()
             .zip(groups)
             .filter_map(|((_, e), g)| {
