@@ -8,10 +8,12 @@
 //! * **Attributes** (Envoy's names): `request.method`, `request.path` (with the query),
 //!   `request.url_path` (without), `request.host`, `request.scheme` (`http`),
 //!   `request.protocol`, `request.id` (`x-request-id`), `request.useragent`,
-//!   `request.size`, `request.total_size`, `request.duration`, `request.headers['name']`
-//!   (any case), `response.code`, `response.size`, `response.total_size`,
-//!   `response.flags` (Envoy's short string, e.g. `UF`; `-` for none), `source.address`,
-//!   `destination.address`, `destination.port`.
+//!   `request.size` (its `content-length`, as Envoy takes it when there is one; else its
+//!   bytes as the request metrics count them), `request.total_size` (those bytes),
+//!   `request.duration`, `request.headers['name']` (any case), `response.code`,
+//!   `response.size` and `response.total_size` (the response's bytes as the metrics count
+//!   them), `response.flags` (Envoy's short string, e.g. `UF`; `-` for none),
+//!   `source.address`, `destination.address`, `destination.port`.
 //! * **Operators**: `==`, `!=`, `<`, `<=`, `>`, `>=` (integers, durations; strings and
 //!   booleans for `==`/`!=`), `&&`, `||`, `!`, parentheses; string methods `startsWith`,
 //!   `endsWith`, `contains`, `matches` (a regular expression, compiled at load).
@@ -498,7 +500,13 @@ fn eval<'a>(n: &'a Node, i: &Input<'a>) -> Result<Value<'a>, NoValue> {
             Attr::UserAgent => Value::Str(Cow::Borrowed(
                 r.head.and_then(|h| h.header("user-agent")).ok_or(NoValue)?,
             )),
-            Attr::RequestSize | Attr::RequestTotalSize => Value::Int(r.request_bytes as i64),
+            Attr::RequestSize => Value::Int(
+                r.head
+                    .and_then(|h| h.header("content-length"))
+                    .and_then(|v| v.trim().parse().ok())
+                    .unwrap_or(r.request_bytes as i64),
+            ),
+            Attr::RequestTotalSize => Value::Int(r.request_bytes as i64),
             Attr::ResponseSize | Attr::ResponseTotalSize => Value::Int(r.response_bytes as i64),
             Attr::Duration => Value::Duration(i.duration),
             Attr::Code => Value::Int(i64::from(r.status)),
@@ -660,6 +668,13 @@ mod tests {
         for (expr, status, want) in table {
             assert_eq!(check(expr, status, GET), want, "{expr} with {status}");
         }
+        // A request's size is its content-length, as Envoy takes it.
+        let post = "POST /f HTTP/1.1\r\nhost: a\r\ncontent-length: 7\r\n\r\n";
+        assert!(check(
+            "request.size == 7 && request.total_size == 120",
+            200,
+            post
+        ));
     }
 
     #[test]
