@@ -316,6 +316,7 @@ pub fn start(
                 shared,
             });
             spawn_idle_sweeper(Rc::downgrade(&worker));
+            let worker_spans = worker.clone();
             let _ = ctx
                 .serve(sock, move |tcp, peer| {
                     let set = certs.borrow_mut().current().clone();
@@ -323,6 +324,7 @@ pub fn start(
                 })
                 .await;
             ctx.finish_drain().await;
+            flush_spans(&worker_spans).await;
         }
     })?;
     let stats = match settings.stats {
@@ -690,6 +692,27 @@ struct SpanQueue {
     timer: bool,
     /// Exports in flight.
     in_flight: usize,
+}
+
+/// How long a stopping worker waits for its spans' exports (after its connections are
+/// done), at most.
+const SPAN_FLUSH_BOUND: Duration = Duration::from_secs(2);
+
+/// After a worker's drain: wait for its spans' exports (started when the drain began,
+/// [`HboneUpstream::spawn_export`]) to end, at most [`SPAN_FLUSH_BOUND`], so that a
+/// restart or a rollout does not lose the last second of spans.
+async fn flush_spans(w: &Worker) {
+    let until = Instant::now() + SPAN_FLUSH_BOUND;
+    loop {
+        let idle = {
+            let q = w.spans.borrow();
+            q.waiting == 0 && q.in_flight == 0
+        };
+        if idle || Instant::now() >= until {
+            return;
+        }
+        monoio::time::sleep(Duration::from_millis(10)).await;
+    }
 }
 
 /// An export in flight on its worker: dropped (its exchange over, or unwound by a panic),
@@ -2276,7 +2299,9 @@ impl HboneUpstream {
         );
         runtime::busy::spawn_tracked(async move {
             if let Some(d) = after {
-                monoio::time::sleep(d).await;
+                // At once when the worker begins to drain: its spans are sent before it
+                // stops (see `flush_spans`).
+                let _ = race(monoio::time::sleep(d), copy.worker.ctx.draining()).await;
                 copy.worker.spans.borrow_mut().timer = false;
             }
             copy.export_waiting().await;
@@ -2285,8 +2310,8 @@ impl HboneUpstream {
 
     /// Send the worker's waiting spans, a batch (one provider, up to
     /// [`crate::spans::MAX_BATCH`] spans) at a time, while fewer than
-    /// [`crate::spans::MAX_EXPORTS_IN_FLIGHT`] are in flight; what is left waits for a
-    /// timed flush.
+    /// [`crate::spans::MAX_EXPORTS_IN_FLIGHT`] are in flight; what is left is taken by the
+    /// exports in flight as they end.
     async fn export_waiting(&mut self) {
         let me = &self.worker.shared.settings.me;
         let local = crate::spans::Local {
@@ -2300,12 +2325,8 @@ impl HboneUpstream {
                     return;
                 }
                 if q.in_flight >= crate::spans::MAX_EXPORTS_IN_FLIGHT {
-                    // Left for a timed flush.
-                    if !q.timer {
-                        q.timer = true;
-                        drop(q);
-                        self.spawn_export(Some(crate::spans::FLUSH_INTERVAL));
-                    }
+                    // Left for the exports in flight: each takes the next batch when it
+                    // is done.
                     return;
                 }
                 let Some(i) = q.batches.iter().position(|(_, b)| !b.is_empty()) else {

@@ -28,6 +28,8 @@
 //!   sends a batch when it holds [`MAX_BATCH`] spans or [`FLUSH_INTERVAL`] after its first
 //!   span, at most [`MAX_EXPORTS_IN_FLIGHT`] at once; past [`MAX_BUFFERED`] waiting spans
 //!   new ones are dropped. Counted: `waypoint_tracing_spans_total{result="exported|failed|dropped"}`.
+//!   A draining worker sends its waiting spans at once and waits for its exports (2 s at
+//!   most) before it stops, so a restart or a rollout loses none.
 //!   A span's tag values share one text ([`Tags`]); OTLP is encoded by hand straight
 //!   from the spans and Zipkin's JSON written as it goes (measured: building message trees
 //!   cost more than the rest of a sampled request's span).

@@ -251,6 +251,17 @@ fn sent(answer: &str) -> ([u8; 16], [u8; 8], u8) {
     waypoint::spans::parse_traceparent(tp).unwrap_or_else(|| panic!("{answer}"))
 }
 
+/// The spans of one OTLP export.
+fn otlp_spans_of(e: &Export) -> Vec<pb::Span> {
+    use prost::Message;
+    let r = pb::ExportTraceServiceRequest::decode(e.body.as_slice()).unwrap();
+    r.resource_spans
+        .into_iter()
+        .flat_map(|rs| rs.scope_spans)
+        .flat_map(|ss| ss.spans)
+        .collect()
+}
+
 /// The spans of OTLP exports (until `n` came), with their resource's `service.name`.
 fn otlp_spans(
     rx: &mpsc::Receiver<Export>,
@@ -556,4 +567,23 @@ fn a_stuck_collector_bounds_the_spans_held() {
     // The collector got the exports in flight, and nothing was taken.
     assert!(m.otlp.recv_timeout(WAIT).is_ok());
     assert_eq!(m.spans_counted("exported", 0), 0);
+}
+
+/// Spans still waiting for their batch when the waypoint stops are sent as it drains (a
+/// restart or rollout loses none): the span of a request made just before the stop
+/// reaches the collector although its batch was not due for a second.
+#[test]
+fn spans_are_sent_when_the_waypoint_stops() {
+    let m = Mesh::with(MESH_OTLP);
+    let got = m.http1("10.96.0.1:80", &[get("/last", "")]);
+    let sent_span = sent(&got[0]);
+    // The drain (200 ms here) and the join, well within the batch's second.
+    drop(m.wp);
+    let e = m
+        .otlp
+        .recv_timeout(WAIT)
+        .expect("the span, sent at the stop");
+    let spans = otlp_spans_of(&e);
+    assert_eq!(spans.len(), 1);
+    assert_eq!(spans[0].span_id, sent_span.1);
 }
