@@ -56,7 +56,8 @@ pub const MAX_BATCH: usize = 512;
 pub const FLUSH_INTERVAL: Duration = Duration::from_secs(1);
 /// Spans a worker keeps waiting for export; more are dropped (counted).
 pub const MAX_BUFFERED: usize = 4 * MAX_BATCH;
-/// Exports a worker has in flight at once; a batch due past them waits for the next flush.
+/// Exports a worker has in flight at once; a batch due past them waits for one to end
+/// (which then takes it).
 pub const MAX_EXPORTS_IN_FLIGHT: usize = 2;
 /// Istio's default `maxTagLength`.
 pub const MAX_TAG_LENGTH: usize = 256;
