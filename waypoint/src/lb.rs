@@ -337,6 +337,26 @@ pub fn distribute(
     })
 }
 
+/// One of `weights`, drawn in proportion to them; `None` when they are all 0.
+pub fn draw(weights: impl Iterator<Item = u64> + Clone, rng: &mut dyn Rng) -> Option<usize> {
+    let total: u64 = weights.clone().sum();
+    if total == 0 {
+        return None;
+    }
+    let mut pick = rng.below(total);
+    weights
+        .enumerate()
+        .find(|(_, w)| {
+            if pick < *w {
+                true
+            } else {
+                pick -= w;
+                false
+            }
+        })
+        .map(|(i, _)| i)
+}
+
 /// What [`distribute`] gives each endpoint: its locality group (`None`: no traffic), and
 /// each group's weight.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -441,16 +461,20 @@ impl Balancer {
         }
     }
 
-    /// Endpoint `i` in locality group `groups[i]` of weight `weights[groups[i]]`
+    /// Endpoint `i` in locality group `shares[i].0` of weight `shares[i].1`
     /// (`localityLbSetting.distribute`, [`distribute`]): a request goes to a group drawn by
     /// the groups' weights, each scaled by how much of it is healthy as Envoy's locality
     /// weighted balancing does (a group with at least 1/1.4 of its endpoints healthy keeps
     /// its whole weight; with none healthy anywhere, by the weights as given), then to an
     /// endpoint of the group by the policy.
-    pub fn with_localities(mut self, groups: Vec<u32>, weights: Vec<u32>) -> Self {
-        debug_assert_eq!(groups.len(), self.eps.len());
-        self.groups = groups;
-        self.group_weights = weights;
+    pub fn with_localities(mut self, shares: &[(u32, u32)]) -> Self {
+        debug_assert_eq!(shares.len(), self.eps.len());
+        self.groups = shares.iter().map(|s| s.0).collect();
+        let n = shares.iter().map(|s| s.0 as usize + 1).max().unwrap_or(0);
+        self.group_weights = vec![0; n];
+        for &(g, w) in shares {
+            self.group_weights[g as usize] = w;
+        }
         self
     }
 
@@ -460,34 +484,46 @@ impl Balancer {
             return None;
         }
         let n = self.group_weights.len();
+        let (_, health) = self.health(&self.groups, n, now);
+        let effective: Vec<u64> = health
+            .iter()
+            .zip(&self.group_weights)
+            .map(|(h, w)| u64::from(*w) * h)
+            .collect();
+        let g = if effective.iter().all(|w| *w == 0) {
+            draw(self.group_weights.iter().map(|w| u64::from(*w)), rng)
+        } else {
+            draw(effective.iter().copied(), rng)
+        };
+        Some(g.unwrap_or(n - 1) as u32)
+    }
+
+    /// Of the endpoints by class `classes[i]` (below `n`): how many each class has, and how
+    /// healthy each is in percent, ×1.4 and at most 100 (Envoy's overprovisioned health).
+    fn health<C: Copy + Into<u64>>(
+        &self,
+        classes: &[C],
+        n: usize,
+        now: Instant,
+    ) -> (Vec<u64>, Vec<u64>) {
         let (mut total, mut healthy) = (vec![0u64; n], vec![0u64; n]);
-        for (i, &g) in self.groups.iter().enumerate() {
-            total[g as usize] += 1;
+        for (i, c) in classes.iter().enumerate() {
+            let c = (*c).into() as usize;
+            total[c] += 1;
             if !self.is_ejected(i, now) {
-                healthy[g as usize] += 1;
+                healthy[c] += 1;
             }
         }
-        let effective: Vec<u64> = (0..n)
-            .map(|g| {
-                let health = (healthy[g] * OVERPROVISION_PERCENT)
-                    .checked_div(total[g])
-                    .map_or(0, |p| p.min(100));
-                u64::from(self.group_weights[g]) * health
+        let health = total
+            .iter()
+            .zip(&healthy)
+            .map(|(&n, &h)| {
+                (h * OVERPROVISION_PERCENT)
+                    .checked_div(n)
+                    .map_or(0, |p| p.min(100))
             })
             .collect();
-        let weights: Vec<u64> = if effective.iter().all(|w| *w == 0) {
-            self.group_weights.iter().map(|w| u64::from(*w)).collect()
-        } else {
-            effective
-        };
-        let mut x = rng.below(weights.iter().sum::<u64>().max(1));
-        for (g, w) in weights.iter().enumerate() {
-            if x < *w {
-                return Some(g as u32);
-            }
-            x -= w;
-        }
-        Some(n as u32 - 1)
+        (total, health)
     }
 
     /// Slow start over `window` (DestinationRule `warmupDurationSecs`; round robin, least
@@ -559,23 +595,7 @@ impl Balancer {
     /// The priority this request goes to; `None` with one priority.
     fn tier(&self, now: Instant, rng: &mut dyn Rng) -> Option<u8> {
         let top = *self.tiers.iter().max()?;
-        let mut total = vec![0u64; usize::from(top) + 1];
-        let mut healthy = vec![0u64; usize::from(top) + 1];
-        for (i, &t) in self.tiers.iter().enumerate() {
-            total[usize::from(t)] += 1;
-            if !self.is_ejected(i, now) {
-                healthy[usize::from(t)] += 1;
-            }
-        }
-        let health: Vec<u64> = total
-            .iter()
-            .zip(&healthy)
-            .map(|(&n, &h)| {
-                (h * OVERPROVISION_PERCENT)
-                    .checked_div(n)
-                    .map_or(0, |p| p.min(100))
-            })
-            .collect();
+        let (total, health) = self.health(&self.tiers, usize::from(top) + 1, now);
         let budget = health.iter().sum::<u64>().min(100);
         if budget == 0 {
             // Panic mode: the closest priority that has endpoints.
@@ -802,6 +822,26 @@ impl Balancer {
 mod tests {
     use super::*;
 
+    /// Outlier detection that ejects an endpoint at its first 5xx, for `base` seconds, up to
+    /// `max_percent` of the endpoints.
+    fn eject_on_first_5xx(base: u64, max_percent: u32) -> OutlierDetection {
+        OutlierDetection {
+            consecutive_5xx: 1,
+            base_ejection_time: Duration::from_secs(base),
+            max_ejection_percent: max_percent,
+            interval: EJECTION_DECAY_INTERVAL,
+            consecutive_gateway: 0,
+        }
+    }
+
+    /// Eject endpoint `i` of `b` at `now` (one failed request, under
+    /// [`eject_on_first_5xx`]).
+    fn eject_one(b: &mut Balancer, i: usize, now: Instant) {
+        b.start(i);
+        b.finish(i, 503, now);
+        assert!(b.is_ejected(i, now));
+    }
+
     fn counts(b: &mut Balancer, input: &HashInput<'_>, n: usize, now: Instant) -> Vec<usize> {
         let mut rng = SplitMix64(7);
         let mut c = vec![0; b.len()];
@@ -896,13 +936,7 @@ mod tests {
     fn consistent_hash_moves_only_the_ejected_endpoints_keys() {
         let now = Instant::now();
         let mut rng = SplitMix64(3);
-        let od = OutlierDetection {
-            consecutive_5xx: 1,
-            base_ejection_time: Duration::from_secs(10),
-            max_ejection_percent: 100,
-            interval: EJECTION_DECAY_INTERVAL,
-            consecutive_gateway: 0,
-        };
+        let od = eject_on_first_5xx(10, 100);
         let policy = LbPolicy::ConsistentHash(HashKey::SourceIp);
         let mut before = Balancer::new(4, policy.clone(), Some(od));
         let mut after = Balancer::new(4, policy, Some(od));
@@ -985,13 +1019,7 @@ mod tests {
 
     #[test]
     fn ejection_time_is_capped_at_envoys_max_ejection_time() {
-        let od = OutlierDetection {
-            consecutive_5xx: 1,
-            base_ejection_time: Duration::from_secs(30),
-            max_ejection_percent: 100,
-            interval: EJECTION_DECAY_INTERVAL,
-            consecutive_gateway: 0,
-        };
+        let od = eject_on_first_5xx(30, 100);
         let mut b = Balancer::new(2, LbPolicy::RoundRobin, Some(od));
         let mut now = Instant::now();
         let mut times = Vec::new();
@@ -1120,13 +1148,7 @@ mod tests {
     #[test]
     fn outlier_detection_respects_max_ejection_percent() {
         let now = Instant::now();
-        let od = OutlierDetection {
-            consecutive_5xx: 1,
-            base_ejection_time: Duration::from_secs(30),
-            max_ejection_percent: 50,
-            interval: EJECTION_DECAY_INTERVAL,
-            consecutive_gateway: 0,
-        };
+        let od = eject_on_first_5xx(30, 50);
         let mut b = Balancer::new(4, LbPolicy::RoundRobin, Some(od));
         for i in 0..4 {
             b.start(i);
@@ -1150,13 +1172,7 @@ mod tests {
     #[test]
     fn all_ejected_falls_back_to_all() {
         let now = Instant::now();
-        let od = OutlierDetection {
-            consecutive_5xx: 1,
-            base_ejection_time: Duration::from_secs(30),
-            max_ejection_percent: 100,
-            interval: EJECTION_DECAY_INTERVAL,
-            consecutive_gateway: 0,
-        };
+        let od = eject_on_first_5xx(30, 100);
         let mut b = Balancer::new(2, LbPolicy::RoundRobin, Some(od));
         for i in 0..2 {
             b.start(i);
@@ -1172,21 +1188,10 @@ mod tests {
     #[test]
     fn locality_priorities_fail_over_as_envoys_priority_load() {
         let now = Instant::now();
-        let od = OutlierDetection {
-            consecutive_5xx: 1,
-            base_ejection_time: Duration::from_secs(60),
-            max_ejection_percent: 100,
-            interval: EJECTION_DECAY_INTERVAL,
-            consecutive_gateway: 0,
-        };
+        let od = eject_on_first_5xx(60, 100);
         // Endpoints 0-3 in priority 0, 4-5 in priority 1, 6 in priority 3.
         let new = || {
             Balancer::new(7, LbPolicy::RoundRobin, Some(od)).with_tiers(vec![0, 0, 0, 0, 1, 1, 3])
-        };
-        let eject = |b: &mut Balancer, i: usize| {
-            b.start(i);
-            b.finish(i, 503, now);
-            assert!(b.is_ejected(i, now));
         };
         let by_tier = |c: &[usize]| [c[..4].iter().sum::<usize>(), c[4] + c[5], c[6]];
         let mut b = new();
@@ -1196,13 +1201,13 @@ mod tests {
         );
         // 3 of 4 healthy: 75 % × 1.4 ≥ 100 %, no spill; the ejected one gets nothing.
         let mut b = new();
-        eject(&mut b, 0);
+        eject_one(&mut b, 0, now);
         let c = counts(&mut b, &HashInput::default(), 1000, now);
         assert_eq!((c[0], by_tier(&c)), (0, [1000, 0, 0]));
         // 2 of 4: 70 % stays, 30 % spills to priority 1 (10,000 picks, within ±2 %).
         let mut b = new();
-        eject(&mut b, 0);
-        eject(&mut b, 1);
+        eject_one(&mut b, 0, now);
+        eject_one(&mut b, 1, now);
         let t = by_tier(&counts(&mut b, &HashInput::default(), 10_000, now));
         assert!(
             (6_800..=7_200).contains(&t[0]) && t[0] + t[1] == 10_000,
@@ -1210,19 +1215,19 @@ mod tests {
         );
         // Priority 0 all ejected: priority 1 takes everything (its health covers it).
         let mut b = new();
-        (0..4).for_each(|i| eject(&mut b, i));
+        (0..4).for_each(|i| eject_one(&mut b, i, now));
         assert_eq!(
             by_tier(&counts(&mut b, &HashInput::default(), 1000, now)),
             [0, 1000, 0]
         );
         // Priorities 0 and 1 all ejected: the last one, though far.
-        (4..6).for_each(|i| eject(&mut b, i));
+        (4..6).for_each(|i| eject_one(&mut b, i, now));
         assert_eq!(
             by_tier(&counts(&mut b, &HashInput::default(), 1000, now)),
             [0, 0, 1000]
         );
         // Everything ejected: panic mode in the closest priority.
-        eject(&mut b, 6);
+        eject_one(&mut b, 6, now);
         assert_eq!(
             by_tier(&counts(&mut b, &HashInput::default(), 1000, now)),
             [1000, 0, 0]
@@ -1304,17 +1309,15 @@ mod tests {
     #[test]
     fn locality_weights_split_the_traffic() {
         let now = Instant::now();
-        let od = OutlierDetection {
-            consecutive_5xx: 1,
-            base_ejection_time: Duration::from_secs(60),
-            max_ejection_percent: 100,
-            interval: EJECTION_DECAY_INTERVAL,
-            consecutive_gateway: 0,
-        };
+        let od = eject_on_first_5xx(60, 100);
         // Endpoints 0-1 in group 0 (weight 80), 2-3 in group 1 (20).
         let new = || {
-            Balancer::new(4, LbPolicy::LeastRequest, Some(od))
-                .with_localities(vec![0, 0, 1, 1], vec![80, 20])
+            Balancer::new(4, LbPolicy::LeastRequest, Some(od)).with_localities(&[
+                (0, 80),
+                (0, 80),
+                (1, 20),
+                (1, 20),
+            ])
         };
         let mut b = new();
         let c = counts(&mut b, &HashInput::default(), 10_000, now);
@@ -1325,19 +1328,14 @@ mod tests {
             "{c:?}"
         );
         // Half of group 0 ejected: 50 % × 1.4 = 70 % of its weight, 56 against 20.
-        let eject = |b: &mut Balancer, i: usize| {
-            b.start(i);
-            b.finish(i, 503, now);
-            assert!(b.is_ejected(i, now));
-        };
         let mut b = new();
-        eject(&mut b, 0);
+        eject_one(&mut b, 0, now);
         let c = counts(&mut b, &HashInput::default(), 10_000, now);
         let share = c[1] as f64 / 10_000.0;
         assert_eq!(c[0], 0);
         assert!((share - 56.0 / 76.0).abs() < 0.02, "{c:?}");
         // Everything ejected: by the weights as given.
-        (1..4).for_each(|i| eject(&mut b, i));
+        (1..4).for_each(|i| eject_one(&mut b, i, now));
         let c = counts(&mut b, &HashInput::default(), 10_000, now);
         assert!((7_800..=8_200).contains(&(c[0] + c[1])), "{c:?}");
     }

@@ -560,19 +560,7 @@ impl TcpRoute {
 
 /// Index of one of `backends` chosen by weight (`None` when the weights sum to 0).
 fn pick_weighted(backends: &[Backend], rng: &mut dyn Rng) -> Option<usize> {
-    let total: u64 = backends.iter().map(|b| b.weight as u64).sum();
-    if total == 0 {
-        return None;
-    }
-    let mut pick = rng.below(total);
-    backends.iter().position(|b| {
-        if pick < b.weight as u64 {
-            true
-        } else {
-            pick -= b.weight as u64;
-            false
-        }
-    })
+    crate::lb::draw(backends.iter().map(|b| b.weight as u64), rng)
 }
 
 /// The request as routing sees it.

@@ -263,17 +263,9 @@ impl Balancers {
                             .collect::<Vec<_>>();
                         let mut balancer = Balancer::new(eps.len(), lb.policy.clone(), lb.outlier)
                             .with_tiers(eps.iter().map(|e| e.tier).collect());
-                        if eps.iter().all(|e| e.share.is_some()) && !eps.is_empty() {
-                            let mut weights = vec![];
-                            for (g, w) in eps.iter().filter_map(|e| e.share) {
-                                let g = g as usize;
-                                if weights.len() <= g {
-                                    weights.resize(g + 1, 0);
-                                }
-                                weights[g] = w;
-                            }
-                            let groups = eps.iter().filter_map(|e| e.share).map(|s| s.0).collect();
-                            balancer = balancer.with_localities(groups, weights);
+                        let shares: Option<Vec<(u32, u32)>> = eps.iter().map(|e| e.share).collect();
+                        if let Some(shares) = shares.filter(|s| !s.is_empty()) {
+                            balancer = balancer.with_localities(&shares);
                         }
                         if let Some(w) = lb.warmup {
                             balancer = balancer.with_warmup(w, since.clone());
