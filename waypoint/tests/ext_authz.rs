@@ -104,12 +104,7 @@ async fn grpc_check(
         "/envoy.service.auth.v3.Authorization/Check"
     );
     assert_eq!(req.headers()["content-type"], "application/grpc");
-    let mut body = req.into_body();
-    let mut data = Vec::new();
-    while let Some(Ok(b)) = body.data().await {
-        let _ = body.flow_control().release_capacity(b.len());
-        data.extend_from_slice(&b);
-    }
+    let data = common::h2_body(req.into_body()).await;
     let check = pb::CheckRequest::decode(&data[5..]).unwrap();
     let a = check.attributes.unwrap();
     let http = a.request.unwrap().http.unwrap();

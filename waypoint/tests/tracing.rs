@@ -115,12 +115,7 @@ async fn grpc_export(
             .map_or("-".to_string(), |v| v.to_str().unwrap().to_string())
     };
     let (content_type, tenant) = (h("content-type"), h("x-tenant"));
-    let mut body = req.into_body();
-    let mut data = Vec::new();
-    while let Some(Ok(b)) = body.data().await {
-        let _ = body.flow_control().release_capacity(b.len());
-        data.extend_from_slice(&b);
-    }
+    let data = common::h2_body(req.into_body()).await;
     assert_eq!(data[0], 0, "an uncompressed gRPC message");
     let _ = tx.send(Export {
         path,

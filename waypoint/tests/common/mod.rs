@@ -1334,6 +1334,17 @@ where
     })
 }
 
+/// A request body as a server reads it: until its end (or a stream error), flow control
+/// released as it comes.
+pub async fn h2_body(mut body: h2::RecvStream) -> Vec<u8> {
+    let mut data = Vec::new();
+    while let Some(Ok(b)) = body.data().await {
+        let _ = body.flow_control().release_capacity(b.len());
+        data.extend_from_slice(&b);
+    }
+    data
+}
+
 /// Answer a gRPC call with one message (`message`, its encoding) and `grpc-status: 0`.
 pub fn grpc_reply(mut respond: h2::server::SendResponse<Bytes>, message: &[u8]) {
     let mut frame = vec![0u8];
