@@ -12,10 +12,10 @@
 //! | `AuthorizationPolicy` | `security.istio.io/v1`, `/v1beta1` | [`crate::authz::Policy`] (`CUSTOM` with `provider.name`: an extension provider of the MeshConfig document) |
 //! | `RequestAuthentication` | `security.istio.io/v1`, `/v1beta1` | [`crate::jwt::RequestAuthn`]: `jwtRules[]` with `issuer`, `audiences`, `jwks` (inline JSON), or `jwksUri` (fetched, with `timeout`; neither: OpenID discovery from the issuer; see [`crate::jwks`]), `fromHeaders` (`name`, `prefix`), `fromParams`, `fromCookies`, `forwardOriginalToken`, `outputPayloadToHeader`, `outputClaimToHeaders` (`header`, `claim`) |
 //! | `VirtualService` | `networking.istio.io/v1`, `/v1beta1`, `/v1alpha3` | [`crate::route::HttpRoute`] with its rules in order (see `config/virtual_service.rs` for the fields) |
-//! | `Telemetry` | `telemetry.istio.io/v1`, `/v1alpha1` | [`TelemetryRule`]: `accessLogging` (`disabled`, `providers` `envoy`, `match.mode` `CLIENT_AND_SERVER`/`SERVER`, `filter.expression` in CEL over Envoy's attributes, see [`crate::cel`]) and `metrics` (`providers` `prometheus`, `overrides` with `match.metric` (`ALL_METRICS`, `REQUEST_COUNT`, `REQUEST_DURATION`, `REQUEST_SIZE`, `RESPONSE_SIZE`; TCP and gRPC message metrics: nothing to change) and `disabled`) and `tracing` (`providers` (one), `randomSamplingPercentage`, `disableSpanReporting`, `customTags` `literal`/`environment`/`header`, `match.mode`; see [`crate::spans`]) by `targetRefs` (the waypoint's Gateway, Services), namespace or root namespace; `tagOverrides`, `reportingInterval`, `customMetric` refused; a `selector` one set aside as AuthorizationPolicies' are |
+//! | `Telemetry` | `telemetry.istio.io/v1`, `/v1alpha1` | [`TelemetryRule`]: `accessLogging` (`providers`: `envoy` or MeshConfig `envoyFileAccessLog` ones, `disabled`, `match.mode` `CLIENT_AND_SERVER`/`SERVER`, `filter.expression` in CEL over Envoy's attributes, see [`crate::cel`]; merged per provider across the hierarchy as Istio's `mergeLogs`, [`WaypointConfig::telemetry_for`]) and `metrics` (`providers` `prometheus`, `overrides` with `match.metric` (`ALL_METRICS`, `REQUEST_COUNT`, `REQUEST_DURATION`, `REQUEST_SIZE`, `RESPONSE_SIZE`; TCP and gRPC message metrics: nothing to change) and `disabled`) and `tracing` (`providers` (one), `randomSamplingPercentage`, `disableSpanReporting`, `customTags` `literal`/`environment`/`header`, `match.mode`; see [`crate::spans`]) by `targetRefs` (the waypoint's Gateway, Services), namespace or root namespace; `tagOverrides`, `reportingInterval`, `customMetric` refused; a `selector` one set aside as AuthorizationPolicies' are |
 //! | `DestinationRule` | `networking.istio.io/v1`, `/v1beta1`, `/v1alpha3` | [`Subset`]s (`subsets[]`: `name`, `labels`, `trafficPolicy` whose fields replace the rule's); [`ServiceLb`]: `trafficPolicy.loadBalancer` (`simple`, or `consistentHash` with `httpHeaderName`, `httpQueryParameterName`, `useSourceIp` or `httpCookie` `name`/`path`/`ttl`/`attributes`), `.outlierDetection` (`consecutive5xxErrors`, `consecutiveGatewayErrors`, `interval`, `baseEjectionTime`, `maxEjectionPercent`), `.loadBalancer.localityLbSetting` (with outlier detection, as Istio: locality failover priorities from the waypoint's own workload — `enabled`, `failover` from/to regions, `failoverPriority` label keys; or, with or without outlier detection, `distribute` locality weights — `from`/`to` patterns `region/zone/subzone` with a last `*`, weights summing to 100; see [`crate::lb::LocalityLb`], [`crate::lb::distribute`]), `.loadBalancer.warmupDurationSecs` (Envoy's slow start for round robin, least request and random: a new endpoint's share grows from 10 % to all of it over the window; refused with consistentHash), `.connectionPool.http.useClientProtocol`, `.connectionPool.http.idleTimeout`, `.tls.mode: ISTIO_MUTUAL` (what HBONE is; other modes refused), `.portLevelSettings` (all of these per service port, each entry replacing the service's for its port); [`crate::breaker`]: `.connectionPool.tcp.maxConnections`, `.tcp.connectTimeout`, `.http.http1MaxPendingRequests`, `.http.http2MaxRequests`, `.http.maxRequestsPerConnection`, `.http.maxRetries` |
 //! | no `apiVersion`/`kind`, a `waypoint:` key | — | [`SettingsDoc`], exactly one for the binary |
-//! | no `apiVersion`/`kind`, a `meshConfig:` key | — | Istio MeshConfig's `extensionProviders` of kinds `envoyExtAuthzHttp` (`service`: a model service's hostname, or `namespace/hostname`; `port`, `pathPrefix`, `timeout`, `failOpen`, `statusOnError`, `includeRequestHeadersInCheck`, `includeAdditionalHeadersInCheck`, `headersToUpstreamOnAllow`, `headersToDownstreamOnDeny`, `headersToDownstreamOnAllow`) and `envoyExtAuthzGrpc` (`service`, `port`, `timeout`, `failOpen`, `statusOnError`) (see [`crate::ext_authz`]), and the tracing providers `opentelemetry` (`service`, `port`, `maxTagLength`, `http` with `path`, `timeout`, `headers`: OTLP over HTTP, else over gRPC) and `zipkin` (`service`, `port`, `maxTagLength`, `enable64bitTraceId`, `path`, `timeout`, `headers`), with `defaultProviders.tracing` (see [`crate::spans`]); one MeshConfig document, reloaded with the file |
+//! | no `apiVersion`/`kind`, a `meshConfig:` key | — | Istio MeshConfig's `extensionProviders` of kinds `envoyExtAuthzHttp` (`service`: a model service's hostname, or `namespace/hostname`; `port`, `pathPrefix`, `timeout`, `failOpen`, `statusOnError`, `includeRequestHeadersInCheck`, `includeAdditionalHeadersInCheck`, `headersToUpstreamOnAllow`, `headersToDownstreamOnDeny`, `headersToDownstreamOnAllow`) and `envoyExtAuthzGrpc` (`service`, `port`, `timeout`, `failOpen`, `statusOnError`) (see [`crate::ext_authz`]), and the tracing providers `opentelemetry` (`service`, `port`, `maxTagLength`, `http` with `path`, `timeout`, `headers`: OTLP over HTTP, else over gRPC) and `zipkin` (`service`, `port`, `maxTagLength`, `enable64bitTraceId`, `path`, `timeout`, `headers`), with `defaultProviders.tracing` (see [`crate::spans`]); the access log providers `envoyFileAccessLog` (`path`, default `/dev/stdout`; `logFormat` `text` or `labels` (JSON), default Istio's text format; `omitEmptyValues`; Envoy's command operators, see [`crate::logfmt`]) with `defaultProviders.accessLogging`, and `accessLogFile`, `accessLogFormat`, `accessLogEncoding` (`TEXT`/`JSON`), which make the built-in `envoy` provider write Istio's format (without them it writes the waypoint's own `access` line to stderr); one MeshConfig document, reloaded with the file |
 //! | no `apiVersion`/`kind`, no `waypoint:` key | — | mesh-model's local config (`namespaces`, `workloads`, `services`, `policies`, `waypoints`, `nodes`; see the `mesh_model` crate docs), at most one |
 //!
 //! `targetRefs` name the waypoint's `Gateway`, `Service`s (group `""` or `core`) of the
@@ -82,8 +82,9 @@
 //!   jwks_ca: /etc/idp/ca.pem     # optional: PEM roots for https key sets instead of the
 //!                                # system's (SSL_CERT_FILE, else the usual bundle files)
 //!   access_log: true             # default; the access log of requests no Telemetry
-//!                                # `accessLogging` applies to (false: Istio's default, logs
-//!                                # only where a Telemetry turns them on)
+//!                                # `accessLogging` applies to, to the default providers
+//!                                # (false: Istio's default, logs only where a Telemetry
+//!                                # turns them on)
 //! runtime: { workers: 2 }        # optional: replaces the --profile's runtime knobs
 //! h2: { max_streams_per_connection: 100 }   # optional: replaces the --profile's h2 knobs
 //! ```
@@ -406,6 +407,53 @@ pub struct WaypointConfig {
     pub generates_cookies: bool,
     /// Istio `Telemetry` objects with `accessLogging` or `metrics`, in file order.
     pub telemetry: Vec<TelemetryRule>,
+    /// Access log providers by name: the built-in `envoy` (always, once loaded) and
+    /// MeshConfig `envoyFileAccessLog` ones.
+    pub log_providers: BTreeMap<String, Arc<LogProvider>>,
+    /// MeshConfig `defaultProviders.accessLogging` (empty: `envoy`).
+    pub default_logging: Vec<String>,
+}
+
+/// An access log provider (Istio's built-in `envoy`, MeshConfig `envoyFileAccessLog`
+/// extension providers): where a request's line goes and what it says.
+#[derive(Debug)]
+pub enum LogProvider {
+    /// The waypoint's own `access` line (`key=value` fields on stderr,
+    /// [`crate::telemetry::access_log`]): the built-in `envoy` provider while MeshConfig sets
+    /// none of `accessLogFile`, `accessLogFormat` and `accessLogEncoding`.
+    Builtin,
+    /// Envoy's format (Istio's default text or JSON, or the provider's own) appended to a
+    /// file or to standard output.
+    File(FileLog),
+}
+
+/// An Envoy-formatted access log ([`crate::logfmt`]) and its file.
+#[derive(Debug)]
+pub struct FileLog {
+    pub format: crate::logfmt::Format,
+    /// `omitEmptyValues`: a missing value is left out (JSON) or empty (text), not `null`
+    /// or `-`.
+    pub omit_empty: bool,
+    pub out: Arc<runtime::logbuf::LogFile>,
+}
+
+/// One access log a request is written to: its provider, and the filter choosing the
+/// requests it takes (none: all).
+#[derive(Debug, Clone)]
+pub struct LogSink {
+    /// The provider's name.
+    pub name: String,
+    pub provider: Arc<LogProvider>,
+    pub filter: Option<Arc<crate::cel::Expr>>,
+}
+
+/// A Telemetry `accessLogging` entry.
+#[derive(Debug, Clone)]
+pub struct LogEntry {
+    /// Its `providers` (empty: the previous entry's, the first one's the default ones).
+    pub providers: Vec<String>,
+    pub disabled: bool,
+    pub filter: Option<Arc<crate::cel::Expr>>,
 }
 
 /// An Istio `Telemetry`: whether the requests it applies to are logged (`accessLogging`)
@@ -416,11 +464,9 @@ pub struct TelemetryRule {
     /// `targetRefs` (this waypoint's Gateway, Services), or the namespace (the mesh from the
     /// root namespace); a `selector` one is set aside at load.
     pub attachment: Attachment,
-    /// On, or off (`disabled: true` in every entry); `None`: no `accessLogging`.
-    pub access_log: Option<bool>,
-    /// On, only for the requests one of these `filter.expression`s matches (none when an
-    /// entry turning it on has no filter).
-    pub log_filter: Option<Arc<Vec<crate::cel::Expr>>>,
+    /// Its `accessLogging` entries (none: it has no `accessLogging`), merged with the
+    /// other Telemetries' as [`WaypointConfig::telemetry_for`] says.
+    pub access_log: Vec<LogEntry>,
     /// By [`crate::telemetry::METRICS`]: reported or not, as its overrides say; `None`:
     /// not overridden here.
     pub metrics: [Option<bool>; 4],
@@ -457,32 +503,39 @@ pub struct TracingRule {
     pub custom_tags: BTreeMap<String, Option<spans::CustomTag>>,
 }
 
-/// What Telemetry says of one request's destination: logged (only the requests one of
-/// `log_filter` matches, when it is set), and the metrics reported.
+/// What Telemetry says of one request's destination: the access logs it is written to
+/// (each with its filter), and the metrics reported.
 #[derive(Debug, Clone)]
 pub struct TelemetryChoice {
-    pub access_log: bool,
-    pub log_filter: Option<Arc<Vec<crate::cel::Expr>>>,
+    pub logs: Vec<LogSink>,
     pub metrics: crate::telemetry::Shown,
 }
 
 impl WaypointConfig {
-    /// Telemetry for the request to `s`, each field from the most specific Telemetry that
-    /// sets it and applies (its `targetRefs`, then its namespace's, then the root
-    /// namespace's; the first in the file among equals). Without one: the access log as
-    /// the settings' `access_log` (default on), every metric reported.
+    /// Telemetry for the request to `s`.
+    ///
+    /// Metrics: each from the most specific Telemetry that sets it and applies (its
+    /// `targetRefs`, then its namespace's, then the root namespace's; the first in the file
+    /// among equals); without one, reported.
+    ///
+    /// Access logs, as Istio's `mergeLogs`: with no `accessLogging` applying, the default
+    /// providers (MeshConfig `defaultProviders.accessLogging`, else `envoy`) when the
+    /// settings' `access_log` is on (the default). Else the applying Telemetries' entries
+    /// from the root namespace's to the `targetRefs` ones (file order among equals), each
+    /// for its `providers` (none named: the previous entry's, the first one's the default
+    /// ones), set the providers they name on (with the entry's filter) or off
+    /// (`disabled`), a later entry over an earlier one. Only the providers named by the
+    /// most specific Telemetry naming any (else the default ones) are in scope.
     pub fn telemetry_for(&self, s: &authz::Subject<'_>) -> TelemetryChoice {
-        let mut log: Option<(u8, bool)> = None;
-        let mut log_filter = None;
         let mut metrics: [Option<(u8, bool)>; 4] = [None; 4];
         let better = |best: &Option<(u8, bool)>, rank: u8| best.is_none_or(|(r, _)| rank > r);
+        let mut logging: Vec<(u8, &TelemetryRule)> = vec![];
         for t in &self.telemetry {
             let Some(rank) = t.rank(s) else {
                 continue;
             };
-            if let Some(on) = t.access_log.filter(|_| better(&log, rank)) {
-                log = Some((rank, on));
-                log_filter = t.log_filter.clone();
+            if !t.access_log.is_empty() {
+                logging.push((rank, t));
             }
             for (m, set) in metrics.iter_mut().zip(t.metrics) {
                 if let Some(on) = set.filter(|_| better(m, rank)) {
@@ -496,12 +549,76 @@ impl WaypointConfig {
             .filter(|(_, m)| m.is_none_or(|(_, on)| on))
             .fold(0, |acc, (i, _)| acc | 1 << i);
         TelemetryChoice {
-            access_log: log.map_or_else(
-                || self.settings.as_ref().is_none_or(|d| d.waypoint.access_log),
-                |(_, on)| on,
-            ),
-            log_filter,
+            logs: self.merge_logs(logging),
             metrics: shown,
+        }
+    }
+
+    /// The access logs of a request the Telemetries `applying` (with their rank) log, as
+    /// [`Self::telemetry_for`] says.
+    fn merge_logs(&self, mut applying: Vec<(u8, &TelemetryRule)>) -> Vec<LogSink> {
+        let defaults: Vec<&str> = match self.default_logging.as_slice() {
+            [] => vec!["envoy"],
+            names => names.iter().map(String::as_str).collect(),
+        };
+        if applying.is_empty() {
+            if self
+                .settings
+                .as_ref()
+                .is_some_and(|d| !d.waypoint.access_log)
+            {
+                return vec![];
+            }
+            // By name, as the merged ones.
+            let names: BTreeSet<&str> = defaults.into_iter().collect();
+            return names
+                .into_iter()
+                .map(|name| self.log_sink(name, None))
+                .collect();
+        }
+        // Stable: file order among equals.
+        applying.sort_by_key(|(rank, _)| *rank);
+        let mut in_scope = defaults.clone();
+        for (_, t) in &applying {
+            let named: Vec<&str> = t
+                .access_log
+                .iter()
+                .flat_map(|e| e.providers.iter().map(String::as_str))
+                .collect();
+            if !named.is_empty() {
+                in_scope = named;
+            }
+        }
+        let mut state: BTreeMap<&str, Option<&Option<Arc<crate::cel::Expr>>>> = BTreeMap::new();
+        let mut parent = defaults;
+        for (_, t) in &applying {
+            for e in &t.access_log {
+                if !e.providers.is_empty() {
+                    parent = e.providers.iter().map(String::as_str).collect();
+                }
+                for name in parent.iter().filter(|n| in_scope.contains(n)) {
+                    state.insert(name, (!e.disabled).then_some(&e.filter));
+                }
+            }
+        }
+        state
+            .into_iter()
+            .filter_map(|(name, on)| on.map(|filter| self.log_sink(name, filter.clone())))
+            .collect()
+    }
+
+    /// The provider `name` (checked at load; `envoy` is the built-in one when no file
+    /// configures it), with `filter`.
+    fn log_sink(&self, name: &str, filter: Option<Arc<crate::cel::Expr>>) -> LogSink {
+        let provider = self
+            .log_providers
+            .get(name)
+            .cloned()
+            .unwrap_or_else(|| Arc::new(LogProvider::Builtin));
+        LogSink {
+            name: name.to_string(),
+            provider,
+            filter,
         }
     }
 
@@ -721,6 +838,8 @@ pub fn load_str(file: &Path, text: &str, version: u64) -> Result<WaypointConfig,
     let mut customs: Vec<(String, usize, usize)> = vec![];
     // Telemetry tracing providers (name, document, line), checked against it too.
     let mut traced: Vec<(String, usize, usize)> = vec![];
+    // Telemetry access log providers (name, document, line, field), checked against it too.
+    let mut logged: Vec<(String, usize, usize, String)> = vec![];
     let mut seen = BTreeSet::new();
     // VirtualServices, checked against the HTTPRoutes and DestinationRules once all are read.
     let mut virtuals: Vec<VsDoc> = vec![];
@@ -933,6 +1052,18 @@ pub fn load_str(file: &Path, text: &str, version: u64) -> Result<WaypointConfig,
                         let line = locate(&doc, "spec.tracing").unwrap_or(1) + start - 1;
                         traced.push((name, index, line));
                     }
+                    for (i, e) in rule.access_log.iter().enumerate() {
+                        let f = format!("spec.accessLogging[{i}]");
+                        let line = locate(&doc, &f).unwrap_or(1) + start - 1;
+                        for (j, name) in e.providers.iter().enumerate() {
+                            logged.push((
+                                name.clone(),
+                                index,
+                                line,
+                                format!("{f}.providers[{j}].name"),
+                            ));
+                        }
+                    }
                     if rule.attachment.names_a_class() {
                         return Err(invalid(Invalid::new(
                             "spec.targetRefs",
@@ -1024,6 +1155,25 @@ pub fn load_str(file: &Path, text: &str, version: u64) -> Result<WaypointConfig,
         cfg.ext_authz = p.ext_authz;
         cfg.tracing_providers = p.tracing;
         cfg.default_tracing = p.default_tracing;
+        cfg.log_providers = p.logs;
+        cfg.default_logging = p.default_logging;
+    }
+    cfg.log_providers
+        .entry("envoy".to_string())
+        .or_insert_with(|| Arc::new(LogProvider::Builtin));
+    for (name, document, line, field) in logged {
+        if !cfg.log_providers.contains_key(&name) {
+            return Err(LoadError {
+                file: file.to_owned(),
+                document,
+                line: Some(line),
+                column: None,
+                field: Some(field),
+                message: format!(
+                    "no access log provider {name:?} (envoy, or MeshConfig extensionProviders of kind envoyFileAccessLog)"
+                ),
+            });
+        }
     }
     for (name, document, line) in traced {
         if !cfg.tracing_providers.contains_key(&name) {
@@ -3065,13 +3215,45 @@ struct MeshConfigRaw {
     extension_providers: Vec<ExtProviderRaw>,
     #[serde(default)]
     default_providers: Option<DefaultProvidersRaw>,
+    /// The built-in `envoy` provider's file (`/dev/stdout` when empty).
+    #[serde(default)]
+    access_log_file: Option<String>,
+    /// Its format: a format string (TEXT) or a JSON object's text (JSON).
+    #[serde(default)]
+    access_log_format: Option<String>,
+    /// `TEXT` (default) or `JSON`.
+    #[serde(default)]
+    access_log_encoding: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct DefaultProvidersRaw {
+    #[serde(default)]
+    tracing: Vec<String>,
+    #[serde(default)]
+    access_logging: Vec<String>,
+}
+
+/// An `envoyFileAccessLog` provider.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct FileLogRaw {
+    #[serde(default)]
+    path: Option<String>,
+    #[serde(default)]
+    log_format: Option<LogFormatRaw>,
+    #[serde(default)]
+    omit_empty_values: bool,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct DefaultProvidersRaw {
+struct LogFormatRaw {
     #[serde(default)]
-    tracing: Vec<String>,
+    text: Option<String>,
+    #[serde(default)]
+    labels: Option<serde_json::Map<String, serde_json::Value>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -3132,6 +3314,8 @@ struct ExtProviderRaw {
     opentelemetry: Option<OtelRaw>,
     #[serde(default)]
     zipkin: Option<ZipkinRaw>,
+    #[serde(default)]
+    envoy_file_access_log: Option<FileLogRaw>,
 }
 
 /// The tracing provider `p` (an `opentelemetry` or `zipkin` one) at field `f`.
@@ -3283,6 +3467,90 @@ struct MeshProviders {
     ext_authz: BTreeMap<String, Arc<ext_authz::Provider>>,
     tracing: BTreeMap<String, Arc<spans::Provider>>,
     default_tracing: Option<String>,
+    logs: BTreeMap<String, Arc<LogProvider>>,
+    default_logging: Vec<String>,
+}
+
+/// The file of an access log at `path` (field `f`), opened for appending.
+fn open_log(f: &str, path: Option<&str>) -> Result<Arc<runtime::logbuf::LogFile>, Invalid> {
+    let path = match path {
+        None | Some("") => "/dev/stdout",
+        Some(p) => p,
+    };
+    runtime::logbuf::LogFile::open(Path::new(path))
+        .map_err(|e| Invalid::new(f, format!("cannot open {path:?} for appending: {e}")))
+}
+
+/// The built-in `envoy` provider as MeshConfig `accessLogFile`, `accessLogFormat` and
+/// `accessLogEncoding` say (Istio's `FileAccessLogFromMeshConfig`): `None` when it sets
+/// none of them (the waypoint's own line).
+fn mesh_access_log(m: &MeshConfigRaw) -> Result<Option<LogProvider>, Invalid> {
+    if m.access_log_file.is_none()
+        && m.access_log_format.is_none()
+        && m.access_log_encoding.is_none()
+    {
+        return Ok(None);
+    }
+    let text = m.access_log_format.as_deref().filter(|t| !t.is_empty());
+    let format = match m.access_log_encoding.as_deref().unwrap_or("TEXT") {
+        "TEXT" => crate::logfmt::Format::text(text.unwrap_or(crate::logfmt::ISTIO_TEXT)),
+        "JSON" => match text {
+            None => Ok(crate::logfmt::Format::istio_json()),
+            Some(t) => match serde_json::from_str::<serde_json::Value>(t) {
+                Ok(serde_json::Value::Object(map)) => crate::logfmt::Format::json(&map),
+                Ok(_) => Err("with accessLogEncoding JSON, a JSON object of fields".to_string()),
+                Err(e) => Err(format!("with accessLogEncoding JSON, a JSON object: {e}")),
+            },
+        },
+        other => {
+            return Err(Invalid::new(
+                "meshConfig.accessLogEncoding",
+                format!("{other:?}: TEXT or JSON"),
+            ))
+        }
+    }
+    .map_err(|e| Invalid::new("meshConfig.accessLogFormat", e))?;
+    Ok(Some(LogProvider::File(FileLog {
+        format,
+        omit_empty: false,
+        out: open_log("meshConfig.accessLogFile", m.access_log_file.as_deref())?,
+    })))
+}
+
+/// An `envoyFileAccessLog` provider at field `f` (Istio's `fileAccessLogFromTelemetry`):
+/// without a `logFormat`, Istio's text format; `labels` without any, Istio's JSON one.
+fn compile_file_log(f: &str, p: &FileLogRaw) -> Result<LogProvider, Invalid> {
+    let format = match &p.log_format {
+        None => crate::logfmt::Format::text(crate::logfmt::ISTIO_TEXT),
+        Some(LogFormatRaw {
+            text: Some(_),
+            labels: Some(_),
+        }) => {
+            return Err(Invalid::new(
+                format!("{f}.logFormat"),
+                "text or labels, not both",
+            ))
+        }
+        Some(LogFormatRaw { text: Some(t), .. }) => crate::logfmt::Format::text(t),
+        Some(LogFormatRaw {
+            labels: Some(l), ..
+        }) if !l.is_empty() => crate::logfmt::Format::json(l),
+        Some(_) => Ok(crate::logfmt::Format::istio_json()),
+    }
+    .map_err(|e| {
+        let which = match &p.log_format {
+            Some(LogFormatRaw {
+                labels: Some(_), ..
+            }) => "labels",
+            _ => "text",
+        };
+        Invalid::new(format!("{f}.logFormat.{which}"), e)
+    })?;
+    Ok(LogProvider::File(FileLog {
+        format,
+        omit_empty: p.omit_empty_values,
+        out: open_log(&format!("{f}.path"), p.path.as_deref())?,
+    }))
 }
 
 fn compile_mesh_config(
@@ -3291,6 +3559,11 @@ fn compile_mesh_config(
 ) -> Result<MeshProviders, Invalid> {
     let mut out = BTreeMap::new();
     let mut tracing = BTreeMap::new();
+    let mut logs = BTreeMap::new();
+    if let Some(builtin) = mesh_access_log(&d.mesh_config)? {
+        logs.insert("envoy".to_string(), Arc::new(builtin));
+    }
+    let mut names = BTreeSet::new();
     for (i, p) in d.mesh_config.extension_providers.iter().enumerate() {
         let f = format!("meshConfig.extensionProviders[{i}]");
         let kinds = [
@@ -3298,22 +3571,29 @@ fn compile_mesh_config(
             p.envoy_ext_authz_grpc.is_some(),
             p.opentelemetry.is_some(),
             p.zipkin.is_some(),
+            p.envoy_file_access_log.is_some(),
         ];
         match kinds.iter().filter(|k| **k).count() {
             0 => {
                 return Err(Invalid::new(
                     f,
-                    "a provider kind is required (envoyExtAuthzHttp, envoyExtAuthzGrpc, opentelemetry or zipkin)",
+                    "a provider kind is required (envoyExtAuthzHttp, envoyExtAuthzGrpc, opentelemetry, zipkin or envoyFileAccessLog)",
                 ))
             }
             1 => {}
             _ => return Err(Invalid::new(f, "one provider kind per provider")),
         }
-        if out.contains_key(&p.name) || tracing.contains_key(&p.name) {
+        if !names.insert(p.name.as_str()) {
             return Err(Invalid::new(
                 format!("{f}.name"),
                 format!("a second provider {:?}", p.name),
             ));
+        }
+        if let Some(file) = &p.envoy_file_access_log {
+            // A provider named `envoy` replaces the built-in one (as in Istio).
+            let provider = compile_file_log(&format!("{f}.envoyFileAccessLog"), file)?;
+            logs.insert(p.name.clone(), Arc::new(provider));
+            continue;
         }
         if p.opentelemetry.is_some() || p.zipkin.is_some() {
             let t = compile_tracing_provider(&f, p, mesh)?;
@@ -3444,10 +3724,25 @@ fn compile_mesh_config(
             }
         },
     };
+    let default_logging = d
+        .mesh_config
+        .default_providers
+        .as_ref()
+        .map_or(&[][..], |dp| dp.access_logging.as_slice());
+    for (i, name) in default_logging.iter().enumerate() {
+        if name != "envoy" && !logs.contains_key(name) {
+            return Err(Invalid::new(
+                format!("meshConfig.defaultProviders.accessLogging[{i}]"),
+                format!("no access log provider {name:?} (envoy, or extensionProviders of kind envoyFileAccessLog)"),
+            ));
+        }
+    }
     Ok(MeshProviders {
         ext_authz: out,
         tracing,
         default_tracing,
+        logs,
+        default_logging: default_logging.to_vec(),
     })
 }
 
@@ -3945,48 +4240,35 @@ fn compile_telemetry(d: &Doc<TelemetrySpec>) -> Result<Option<TelemetryRule>, In
     let s = &d.spec;
     let metrics = compile_metrics(&s.metrics)?;
     let tracing = compile_tracing(&s.tracing)?;
-    let mut on = None;
-    // The filters of the entries turning the log on; `None` once one has none.
-    let mut filters = Some(vec![]);
+    let mut access_log = vec![];
     for (i, a) in s.access_logging.iter().enumerate() {
         let f = format!("spec.accessLogging[{i}]");
         let filter = match &a.filter {
             None => None,
-            Some(x) => Some(
+            Some(x) => Some(Arc::new(
                 crate::cel::Expr::parse(&x.expression)
                     .map_err(|e| Invalid::new(format!("{f}.filter.expression"), e))?,
-            ),
+            )),
         };
         server_mode(
             &format!("{f}.match.mode"),
             a.matching.as_ref().map(|m| m.mode.as_str()),
         )?;
-        only_provider(
-            &f,
-            &a.providers,
-            "envoy",
-            "the waypoint writes its own access log (Istio's built-in provider)",
-        )?;
-        // Entries add up: any one not disabled turns the log on, for the requests its
-        // filter matches.
-        let this = a.disabled != Some(true);
-        on = Some(on.unwrap_or(false) || this);
-        if this {
-            match (filter, &mut filters) {
-                (Some(x), Some(list)) => list.push(x),
-                _ => filters = None,
-            }
-        }
+        // The names are checked against the MeshConfig's providers once it is read.
+        access_log.push(LogEntry {
+            providers: a.providers.iter().map(|p| p.name.clone()).collect(),
+            disabled: a.disabled == Some(true),
+            filter,
+        });
     }
-    if on.is_none() && metrics.iter().all(Option::is_none) && tracing.is_none() {
+    if access_log.is_empty() && metrics.iter().all(Option::is_none) && tracing.is_none() {
         return Ok(None);
     }
     let ns = d.metadata.namespace();
     Ok(Some(TelemetryRule {
         id: d.metadata.id(),
         attachment: attachment(ns, &s.selector, &s.target_ref, &s.target_refs)?,
-        access_log: on,
-        log_filter: filters.filter(|l| !l.is_empty()).map(Arc::new),
+        access_log,
         metrics,
         tracing,
     }))

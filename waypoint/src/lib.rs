@@ -69,6 +69,7 @@ pub mod inner;
 pub mod jwks;
 pub mod jwt;
 pub mod lb;
+pub mod logfmt;
 pub mod path;
 pub mod reload;
 pub mod route;

@@ -257,6 +257,8 @@ impl Handle {
 
 struct Shared {
     settings: Settings,
+    /// `settings.identity` as text (access logs' `%DOWNSTREAM_LOCAL_URI_SAN%`).
+    identity_uri: String,
     counters: Arc<Counters>,
     metrics: Arc<crate::telemetry::Metrics>,
 }
@@ -283,6 +285,7 @@ pub fn start(
     let metrics = Arc::new(crate::telemetry::Metrics::default());
     let shared = Arc::new(Shared {
         settings: settings.clone(),
+        identity_uri: settings.identity.to_string(),
         counters: counters.clone(),
         metrics: metrics.clone(),
     });
@@ -911,6 +914,8 @@ async fn tunnel(w: Rc<Worker>, cert: Arc<WorkloadCert>, mut inb: Inbound) {
     let facts = Rc::new(TunnelFacts {
         peer_identity: inb.peer_identity.take(),
         peer_addr: inb.peer_addr.ip(),
+        peer_port: inb.peer_addr.port(),
+        id: TUNNEL_IDS.fetch_add(1, Relaxed),
         forwarded_for: inb.request.forwarded_for,
         baggage: std::mem::take(&mut inb.request.baggage),
         target,
@@ -1341,6 +1346,8 @@ struct HboneUpstream {
     /// The service port of the current request's last try (with `last`'s service: its
     /// DestinationRule's `portLevelSettings`).
     port: Option<u16>,
+    /// The endpoint (`podIP:port`) of the current request's last try.
+    upstream_host: Option<SocketAddr>,
 }
 
 /// A try still in flight when its request's future is dropped (its tunnel's HBONE
@@ -1386,10 +1393,9 @@ type MetricCache = Rc<RefCell<Vec<(MetricKey, Rc<LabelSet>)>>>;
 struct LabelSet {
     counters: Arc<crate::telemetry::RequestCounters>,
     dst: crate::telemetry::AccessDst,
-    /// Its requests go to the access log (Telemetry `accessLogging`): those `log_filter`
-    /// matches, when it is set.
-    log: bool,
-    log_filter: Option<Arc<Vec<crate::cel::Expr>>>,
+    /// The access logs its requests go to (Telemetry `accessLogging`), each with the filter
+    /// choosing them.
+    logs: Vec<crate::config::LogSink>,
     /// The metrics that count its requests (Telemetry `metrics`).
     shown: crate::telemetry::Shown,
 }
@@ -1408,12 +1414,18 @@ struct Peer {
     destination: http1::Destination,
 }
 
+/// The next tunnel's number.
+static TUNNEL_IDS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
 /// A tunnel's CONNECT facts, fixed for its life, and its view of the newest snapshot one of
 /// its requests took: derived again only when a request (or, for an opaque tunnel, a
 /// reload) finds a newer version, and shared by its HTTP/2 streams.
 struct TunnelFacts {
     peer_identity: Option<Identity>,
     peer_addr: IpAddr,
+    /// The HBONE peer's port, and the tunnel's number (access logs' `%CONNECTION_ID%`).
+    peer_port: u16,
+    id: u64,
     forwarded_for: Option<IpAddr>,
     baggage: hbone::wire::Baggage,
     target: SocketAddr,
@@ -1720,6 +1732,7 @@ impl Upstream for HboneUpstream {
                 let ep = pod_endpoint(snap, self.target)
                     .ok_or_else(|| io::Error::other("target pod left the model"))?;
                 self.current = None;
+                self.upstream_host = Some(ep.authority);
                 let key = (ep.hbone, ep.authority);
                 self.last = Some(Rc::new((None, ep.workload_uid)));
                 key
@@ -2032,15 +2045,34 @@ impl Upstream for HboneUpstream {
             // (`Note::Fault`).
             Some(http1::Refusal::External) | Some(http1::Refusal::Fault) | None => {}
         }
-        if access && set.log && self.log_filter_matches(set.log_filter.as_deref(), r, ms) {
-            let p = &self.view.peer;
-            let src = crate::telemetry::AccessSrc {
-                addr: p.addr,
-                workload: &p.workload,
-                namespace: &p.namespace,
-                identity: &p.principal,
-            };
-            crate::telemetry::access_log(&src, &set.dst, r, ms);
+        for sink in &set.logs {
+            if sink
+                .filter
+                .as_ref()
+                .is_some_and(|f| !self.log_filter_matches(f, r, ms))
+            {
+                continue;
+            }
+            match &*sink.provider {
+                crate::config::LogProvider::Builtin if access => {
+                    let p = &self.view.peer;
+                    let src = crate::telemetry::AccessSrc {
+                        addr: p.addr,
+                        workload: &p.workload,
+                        namespace: &p.namespace,
+                        identity: &p.principal,
+                    };
+                    crate::telemetry::access_log(&src, &set.dst, r, ms);
+                }
+                crate::config::LogProvider::Builtin => {}
+                crate::config::LogProvider::File(f) => {
+                    let cluster = was_routed
+                        .then_some(())
+                        .and(self.port)
+                        .map(|port| format!("outbound|{port}||{}", set.dst.service));
+                    self.file_log(f, r, cluster.as_deref());
+                }
+            }
         }
         if let Some(parent) = r.span {
             let cluster = was_routed.then(|| (self.port, set.dst.service.as_str()));
@@ -2145,6 +2177,7 @@ impl HboneUpstream {
             retrying: None,
             upgrade_slot: None,
             port: None,
+            upstream_host: None,
         }
     }
 
@@ -2152,13 +2185,10 @@ impl HboneUpstream {
     /// Telemetry `filter`s of its label set (none: every request).
     fn log_filter_matches(
         &self,
-        filters: Option<&Vec<crate::cel::Expr>>,
+        filter: &crate::cel::Expr,
         r: &http1::Record<'_>,
         ms: f64,
     ) -> bool {
-        let Some(filters) = filters else {
-            return true;
-        };
         let ctx = self.view.ctx.as_deref();
         let input = crate::cel::Input {
             record: r,
@@ -2166,7 +2196,54 @@ impl HboneUpstream {
             destination: ctx.map(|c| SocketAddr::new(c.destination_ip, c.destination_port)),
             duration: Duration::from_secs_f64(ms / 1000.0),
         };
-        filters.iter().any(|f| f.matches(&input))
+        filter.matches(&input)
+    }
+
+    /// The request `r`'s line in the Envoy-formatted access log `f` ([`crate::logfmt`]);
+    /// `cluster`: its routed service's `outbound|port||host`.
+    fn file_log(&self, f: &crate::config::FileLog, r: &http1::Record<'_>, cluster: Option<&str>) {
+        let duration = r.started.elapsed();
+        let now = SystemTime::now();
+        let request = crate::telemetry::LoggedRequest::new(r);
+        let peer = &self.view.peer;
+        let tunnel = &self.tunnel;
+        let fields = crate::logfmt::Fields {
+            start: now.checked_sub(duration).unwrap_or(now),
+            duration,
+            request_duration: None,
+            response_duration: None,
+            protocol: r.protocol,
+            status: r.status,
+            flags: r.flags,
+            details: Some(crate::telemetry::response_code_details(r)),
+            connection_termination: None,
+            transport_failure: None,
+            bytes_received: r.request_bytes,
+            bytes_sent: r.response_bytes,
+            request: &request,
+            response: &crate::logfmt::NoHeaders,
+            upstream_host: self.upstream_host.filter(|_| self.routed || r.status != 0),
+            upstream_cluster: cluster,
+            upstream_local: None,
+            upstream_peer_uri_san: None,
+            upstream_attempts: None,
+            downstream_local: self.target,
+            // The original client's port is not carried by HBONE: 0, left out.
+            downstream_remote: SocketAddr::new(peer.addr, 0),
+            downstream_direct_remote: SocketAddr::new(tunnel.peer_addr, tunnel.peer_port),
+            downstream_peer_uri_san: Some(peer.principal.as_str())
+                .filter(|p| p.starts_with("spiffe://")),
+            downstream_local_uri_san: Some(self.worker.shared.identity_uri.as_str()),
+            requested_server_name: None,
+            route_name: None,
+            connection_id: tunnel.id,
+            trace_id: r
+                .traceparent
+                .get(3..35)
+                .filter(|_| r.traceparent.len() >= 55),
+        };
+        f.out
+            .append(|buf| f.format.render(&fields, f.omit_empty, buf));
     }
 
     /// The waypoint's span of the request `r` (tracing on: its `traceparent` names the
@@ -2437,8 +2514,7 @@ impl HboneUpstream {
         Rc::new(LabelSet {
             counters,
             dst: crate::telemetry::AccessDst::of(&labels),
-            log: choice.access_log,
-            log_filter: choice.log_filter,
+            logs: choice.logs,
             shown: choice.metrics,
         })
     }
@@ -2472,6 +2548,7 @@ impl HboneUpstream {
             })?;
         set_last(&mut self.last, &self.metric_cache, svc, &ep.workload_uid);
         self.current = Some((port, i));
+        self.upstream_host = Some(ep.authority);
         Ok((ep.hbone, ep.authority))
     }
 

@@ -383,6 +383,65 @@ pub fn access_log(
     }
 }
 
+/// A request as an Envoy-formatted access log reads it ([`crate::logfmt::HeaderLookup`]):
+/// its fields, and the pseudo-headers `:method`, `:path` (with the query), `:authority` and
+/// `:scheme`; `x-request-id` is the one it went upstream with (the client's, else the
+/// waypoint's).
+pub struct LoggedRequest<'a> {
+    r: &'a crate::http1::Record<'a>,
+    /// `path?query`, when it has a query.
+    target: Option<String>,
+}
+
+impl<'a> LoggedRequest<'a> {
+    pub fn new(r: &'a crate::http1::Record<'a>) -> Self {
+        LoggedRequest {
+            r,
+            target: r.query.map(|q| format!("{}?{q}", r.path)),
+        }
+    }
+}
+
+impl crate::logfmt::HeaderLookup for LoggedRequest<'_> {
+    fn header(&self, name: &str) -> Option<&str> {
+        let r = self.r;
+        let v = match name {
+            ":method" => r.method,
+            ":path" => self.target.as_deref().unwrap_or(r.path),
+            ":authority" => r.host,
+            ":scheme" => "http",
+            "x-request-id" => r.request_id,
+            _ => return r.head.and_then(|h| h.header(name)),
+        };
+        Some(v).filter(|v| !v.is_empty())
+    }
+}
+
+/// Envoy's `%RESPONSE_CODE_DETAILS%` of a request: why the waypoint answered it itself, or
+/// `via_upstream`.
+pub fn response_code_details(r: &crate::http1::Record<'_>) -> &'static str {
+    use crate::http1::Refusal;
+    match r.denied {
+        Some(Refusal::Policy) => return "rbac_access_denied",
+        Some(Refusal::Token) => return "jwt_authn_access_denied",
+        Some(Refusal::External) => return "ext_authz_denied",
+        Some(Refusal::Fault) => return "fault_filter_abort",
+        None => {}
+    }
+    match r.flags {
+        "NR" => "route_not_found",
+        "UT" => "upstream_response_timeout",
+        "UF" => "upstream_reset_before_response_started{connection_failure}",
+        "UO" => "upstream_reset_before_response_started{overflow}",
+        "UPE" => "upstream_reset_after_response_started{protocol_error}",
+        "DPE" => "http1.codec_error",
+        "SI" => "stream_idle_timeout",
+        "DC" => "downstream_remote_disconnect",
+        _ if r.status == 0 => "downstream_remote_disconnect",
+        _ => "via_upstream",
+    }
+}
+
 /// Istio's default `istio_request_duration_milliseconds` buckets.
 pub const DURATION_BUCKETS_MS: [f64; 19] = [
     0.5, 1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0, 30000.0,

@@ -62,7 +62,19 @@ fn choice(cfg: &WaypointConfig, ns: &str, name: &str) -> waypoint::config::Telem
 
 /// Whether a request to service `ns/name` is logged.
 fn logged(cfg: &WaypointConfig, ns: &str, name: &str) -> bool {
-    choice(cfg, ns, name).access_log
+    !choice(cfg, ns, name).logs.is_empty()
+}
+
+/// Access logs: provider, and whether a filter chooses its requests.
+type Logs = Vec<(String, bool)>;
+
+/// The access logs of a request to service `ns/name`.
+fn logs(cfg: &WaypointConfig, ns: &str, name: &str) -> Logs {
+    choice(cfg, ns, name)
+        .logs
+        .into_iter()
+        .map(|s| (s.name, s.filter.is_some()))
+        .collect()
 }
 
 #[test]
@@ -239,6 +251,51 @@ fn telemetry_errors_name_their_field() {
         (
             "meshConfig:\n  extensionProviders:\n  - name: o\n    opentelemetry: {service: loud.app.svc.cluster.local, port: 4317}\n    zipkin: {service: loud.app.svc.cluster.local, port: 9411}\n".to_string(),
             "one provider kind per provider",
+        ),
+        // Access log providers.
+        (
+            telemetry("app", "t", "", "  - providers: [{name: envoy}, {name: json}]\n"),
+            "spec.accessLogging[0].providers[1].name",
+        ),
+        (
+            "meshConfig:\n  accessLogEncoding: YAML\n".to_string(),
+            "meshConfig.accessLogEncoding",
+        ),
+        (
+            "meshConfig:\n  accessLogEncoding: JSON\n  accessLogFormat: \"[%START_TIME%]\"\n".to_string(),
+            "meshConfig.accessLogFormat",
+        ),
+        (
+            "meshConfig:\n  accessLogFormat: \"%REQ(:METHOD)% %NOT_AN_OPERATOR%\"\n".to_string(),
+            "meshConfig.accessLogFormat",
+        ),
+        (
+            "meshConfig:\n  accessLogFile: /nonexistent-dir/access.log\n".to_string(),
+            "meshConfig.accessLogFile",
+        ),
+        (
+            "meshConfig:\n  extensionProviders:\n  - name: f\n    envoyFileAccessLog: {path: /dev/null, logFormat: {text: \"%DYNAMIC_METADATA(istio.mixer:status)%\"}}\n".to_string(),
+            "meshConfig.extensionProviders[0].envoyFileAccessLog.logFormat.text",
+        ),
+        (
+            "meshConfig:\n  extensionProviders:\n  - name: f\n    envoyFileAccessLog: {path: /dev/null, logFormat: {labels: {a: \"%RESPONSE_CODE\"}}}\n".to_string(),
+            "meshConfig.extensionProviders[0].envoyFileAccessLog.logFormat.labels",
+        ),
+        (
+            "meshConfig:\n  extensionProviders:\n  - name: f\n    envoyFileAccessLog: {path: /dev/null, logFormat: {text: a, labels: {a: b}}}\n".to_string(),
+            "meshConfig.extensionProviders[0].envoyFileAccessLog.logFormat",
+        ),
+        (
+            "meshConfig:\n  extensionProviders:\n  - name: f\n    envoyFileAccessLog: {path: /nonexistent-dir/access.log}\n".to_string(),
+            "meshConfig.extensionProviders[0].envoyFileAccessLog.path",
+        ),
+        (
+            "meshConfig:\n  defaultProviders: {accessLogging: [otel]}\n".to_string(),
+            "meshConfig.defaultProviders.accessLogging[0]",
+        ),
+        (
+            "meshConfig:\n  extensionProviders:\n  - name: f\n    envoyOtelAls: {service: loud.app.svc.cluster.local, port: 4317}\n".to_string(),
+            "envoyOtelAls",
         ),
     ];
     for (doc, field) in table {
@@ -446,27 +503,117 @@ fn tracing_fields_come_from_the_most_specific_telemetry() {
     );
 }
 
-/// An access log's entries add up: the log takes a request one entry turning it on takes —
-/// every request when one has no `filter`, else those a filter matches; a disabled entry's
-/// filter plays no part.
+/// An access log's entries, as Istio's `mergeLogs`: each sets the providers it names (none:
+/// the previous entry's, the first one's the default ones) on with its filter, or off; a
+/// later entry over an earlier one.
 #[test]
-fn access_log_filters_of_entries_add_up() {
+fn access_log_entries_merge_per_provider() {
     let errors = "  - filter: {expression: \"response.code >= 400\"}\n";
     let slow = "  - filter: {expression: \"request.duration > duration('1s')\"}\n";
     let all = "  - providers: [{name: envoy}]\n";
     let off = "  - disabled: true\n    filter: {expression: \"response.code >= 500\"}\n";
-    // (entries, logged, filters)
-    let table: [(String, bool, Option<usize>); 4] = [
-        (errors.to_string(), true, Some(1)),
-        (format!("{errors}{slow}"), true, Some(2)),
-        (format!("{errors}{all}"), true, None),
-        (off.to_string(), false, None),
+    let on = |filtered: bool| vec![("envoy".to_string(), filtered)];
+    // (entries, logs)
+    let table: [(String, Vec<(String, bool)>); 5] = [
+        (errors.to_string(), on(true)),
+        // The later entry's filter.
+        (format!("{errors}{slow}"), on(true)),
+        (format!("{errors}{all}"), on(false)),
+        (format!("{all}{errors}"), on(true)),
+        (off.to_string(), vec![]),
     ];
-    for (i, (entries, logged, filters)) in table.into_iter().enumerate() {
+    for (i, (entries, want)) in table.into_iter().enumerate() {
         let cfg = try_load(&[telemetry("istio-system", "mesh", "", &entries)])
             .unwrap_or_else(|e| panic!("row {i}: {e}"));
-        let c = choice(&cfg, "app", "loud");
-        assert_eq!(c.access_log, logged, "row {i}");
-        assert_eq!(c.log_filter.map(|f| f.len()), filters, "row {i}");
+        assert_eq!(logs(&cfg, "app", "loud"), want, "row {i}");
+    }
+}
+
+/// Access log providers: MeshConfig `envoyFileAccessLog` ones and `defaultProviders`, named
+/// by Telemetries at each level, merged as Istio's `mergeLogs` (only the providers the most
+/// specific Telemetry naming any names are in scope).
+#[test]
+fn access_log_providers_merge_across_the_hierarchy() {
+    let providers = |defaults: &str| {
+        format!(
+            "meshConfig:\n  extensionProviders:\n  - name: json\n    envoyFileAccessLog: {{path: /dev/null, logFormat: {{labels: {{code: \"%RESPONSE_CODE%\"}}}}}}\n  - name: text\n    envoyFileAccessLog: {{path: /dev/null}}\n{defaults}"
+        )
+    };
+    let svc = |n: &str| format!("  targetRefs: [{{kind: Service, group: \"\", name: {n}}}]\n");
+    let names =
+        |v: &[&str]| -> Vec<(String, bool)> { v.iter().map(|n| (n.to_string(), false)).collect() };
+    let mesh_json = telemetry(
+        "istio-system",
+        "mesh",
+        "",
+        "  - providers: [{name: json}]\n",
+    );
+    let mesh_both = telemetry(
+        "istio-system",
+        "mesh",
+        "",
+        "  - providers: [{name: envoy}, {name: json}]\n",
+    );
+    let app_text = telemetry("app", "ns", "", "  - providers: [{name: text}]\n");
+    let loud_json_off = telemetry(
+        "app",
+        "loud",
+        &svc("loud"),
+        "  - providers: [{name: json}]\n    disabled: true\n",
+    );
+    let loud_inherit = telemetry(
+        "app",
+        "loud",
+        &svc("loud"),
+        "  - providers: [{name: text}]\n  - filter: {expression: \"response.code >= 500\"}\n",
+    );
+    // (documents, loud, quiet, shop/other)
+    let table: Vec<(Vec<String>, [Logs; 3])> = vec![
+        (
+            vec![providers("")],
+            [names(&["envoy"]), names(&["envoy"]), names(&["envoy"])],
+        ),
+        (
+            vec![providers(
+                "  defaultProviders: {accessLogging: [json, envoy]}\n",
+            )],
+            [
+                names(&["envoy", "json"]),
+                names(&["envoy", "json"]),
+                names(&["envoy", "json"]),
+            ],
+        ),
+        (
+            vec![providers(""), mesh_json.clone()],
+            [names(&["json"]), names(&["json"]), names(&["json"])],
+        ),
+        // The namespace names its own: the mesh's is out of scope there.
+        (
+            vec![providers(""), mesh_json.clone(), app_text.clone()],
+            [names(&["text"]), names(&["text"]), names(&["json"])],
+        ),
+        // The service turns json off and names no other: envoy is out of scope for it.
+        (
+            vec![providers(""), mesh_both.clone(), loud_json_off],
+            [vec![], names(&["envoy", "json"]), names(&["envoy", "json"])],
+        ),
+        // An entry without providers takes the previous entry's.
+        (
+            vec![providers(""), mesh_json, loud_inherit],
+            [
+                vec![("text".to_string(), true)],
+                names(&["json"]),
+                names(&["json"]),
+            ],
+        ),
+    ];
+    for (i, (docs, want)) in table.into_iter().enumerate() {
+        let cfg = try_load(&docs).unwrap_or_else(|e| panic!("row {i}: {e}"));
+        let got = [
+            logs(&cfg, "app", "loud"),
+            logs(&cfg, "app", "quiet"),
+            logs(&cfg, "shop", "other"),
+        ];
+        assert_eq!(got, want, "row {i}");
     }
 }
