@@ -12,10 +12,10 @@
 //! | `AuthorizationPolicy` | `security.istio.io/v1`, `/v1beta1` | [`crate::authz::Policy`] (`CUSTOM` with `provider.name`: an extension provider of the MeshConfig document) |
 //! | `RequestAuthentication` | `security.istio.io/v1`, `/v1beta1` | [`crate::jwt::RequestAuthn`]: `jwtRules[]` with `issuer`, `audiences`, `jwks` (inline JSON), or `jwksUri` (fetched, with `timeout`; neither: OpenID discovery from the issuer; see [`crate::jwks`]), `fromHeaders` (`name`, `prefix`), `fromParams`, `fromCookies`, `forwardOriginalToken`, `outputPayloadToHeader`, `outputClaimToHeaders` (`header`, `claim`) |
 //! | `VirtualService` | `networking.istio.io/v1`, `/v1beta1`, `/v1alpha3` | [`crate::route::HttpRoute`] with its rules in order (see `config/virtual_service.rs` for the fields) |
-//! | `Telemetry` | `telemetry.istio.io/v1`, `/v1alpha1` | [`TelemetryRule`]: `accessLogging` (`providers`: `envoy` or MeshConfig `envoyFileAccessLog` ones, `disabled`, `match.mode` `CLIENT_AND_SERVER`/`SERVER`, `filter.expression` in CEL over Envoy's attributes, see [`crate::cel`]; merged per provider across the hierarchy as Istio's `mergeLogs`, [`WaypointConfig::telemetry_for`]) and `metrics` (`providers` `prometheus`, `overrides` with `match.metric` (`ALL_METRICS`, `REQUEST_COUNT`, `REQUEST_DURATION`, `REQUEST_SIZE`, `RESPONSE_SIZE`; TCP and gRPC message metrics: nothing to change) and `disabled`) and `tracing` (`providers` (one), `randomSamplingPercentage`, `disableSpanReporting`, `customTags` `literal`/`environment`/`header`, `match.mode`; see [`crate::spans`]) by `targetRefs` (the waypoint's Gateway, Services), namespace or root namespace; `tagOverrides`, `reportingInterval`, `customMetric` refused; a `selector` one set aside as AuthorizationPolicies' are |
+//! | `Telemetry` | `telemetry.istio.io/v1`, `/v1alpha1` | [`TelemetryRule`]: `accessLogging` (`providers`: `envoy` or MeshConfig `envoyFileAccessLog` and `envoyOtelAls` ones, `disabled`, `match.mode` `CLIENT_AND_SERVER`/`SERVER`, `filter.expression` in CEL over Envoy's attributes, see [`crate::cel`]; merged per provider across the hierarchy as Istio's `mergeLogs`, [`WaypointConfig::telemetry_for`]) and `metrics` (`providers` `prometheus`, `overrides` with `match.metric` (`ALL_METRICS`, `REQUEST_COUNT`, `REQUEST_DURATION`, `REQUEST_SIZE`, `RESPONSE_SIZE`; TCP and gRPC message metrics: nothing to change) and `disabled`) and `tracing` (`providers` (one), `randomSamplingPercentage`, `disableSpanReporting`, `customTags` `literal`/`environment`/`header`, `match.mode`; see [`crate::spans`]) by `targetRefs` (the waypoint's Gateway, Services), namespace or root namespace; `tagOverrides`, `reportingInterval`, `customMetric` refused; a `selector` one set aside as AuthorizationPolicies' are |
 //! | `DestinationRule` | `networking.istio.io/v1`, `/v1beta1`, `/v1alpha3` | [`Subset`]s (`subsets[]`: `name`, `labels`, `trafficPolicy` whose fields replace the rule's); [`ServiceLb`]: `trafficPolicy.loadBalancer` (`simple`, or `consistentHash` with `httpHeaderName`, `httpQueryParameterName`, `useSourceIp` or `httpCookie` `name`/`path`/`ttl`/`attributes`), `.outlierDetection` (`consecutive5xxErrors`, `consecutiveGatewayErrors`, `interval`, `baseEjectionTime`, `maxEjectionPercent`), `.loadBalancer.localityLbSetting` (with outlier detection, as Istio: locality failover priorities from the waypoint's own workload — `enabled`, `failover` from/to regions, `failoverPriority` label keys; or, with or without outlier detection, `distribute` locality weights — `from`/`to` patterns `region/zone/subzone` with a last `*`, weights summing to 100; see [`crate::lb::LocalityLb`], [`crate::lb::distribute`]), `.loadBalancer.warmupDurationSecs` (Envoy's slow start for round robin, least request and random: a new endpoint's share grows from 10 % to all of it over the window; refused with consistentHash), `.connectionPool.http.useClientProtocol`, `.connectionPool.http.idleTimeout`, `.tls.mode: ISTIO_MUTUAL` (what HBONE is; other modes refused), `.portLevelSettings` (all of these per service port, each entry replacing the service's for its port); [`crate::breaker`]: `.connectionPool.tcp.maxConnections`, `.tcp.connectTimeout`, `.http.http1MaxPendingRequests`, `.http.http2MaxRequests`, `.http.maxRequestsPerConnection`, `.http.maxRetries` |
 //! | no `apiVersion`/`kind`, a `waypoint:` key | — | [`SettingsDoc`], exactly one for the binary |
-//! | no `apiVersion`/`kind`, a `meshConfig:` key | — | Istio MeshConfig's `extensionProviders` of kinds `envoyExtAuthzHttp` (`service`: a model service's hostname, or `namespace/hostname`; `port`, `pathPrefix`, `timeout`, `failOpen`, `statusOnError`, `includeRequestHeadersInCheck`, `includeAdditionalHeadersInCheck`, `headersToUpstreamOnAllow`, `headersToDownstreamOnDeny`, `headersToDownstreamOnAllow`) and `envoyExtAuthzGrpc` (`service`, `port`, `timeout`, `failOpen`, `statusOnError`) (see [`crate::ext_authz`]), and the tracing providers `opentelemetry` (`service`, `port`, `maxTagLength`, `http` with `path`, `timeout`, `headers`: OTLP over HTTP, else over gRPC) and `zipkin` (`service`, `port`, `maxTagLength`, `enable64bitTraceId`, `path`, `timeout`, `headers`), with `defaultProviders.tracing` (see [`crate::spans`]); the access log providers `envoyFileAccessLog` (`path`, default `/dev/stdout`; `logFormat` `text` or `labels` (JSON), default Istio's text format; `omitEmptyValues`; Envoy's command operators, see [`crate::logfmt`]) with `defaultProviders.accessLogging`, and `accessLogFile`, `accessLogFormat`, `accessLogEncoding` (`TEXT`/`JSON`), which make the built-in `envoy` provider write Istio's format (without them it writes the waypoint's own `access` line to stderr); one MeshConfig document, reloaded with the file |
+//! | no `apiVersion`/`kind`, a `meshConfig:` key | — | Istio MeshConfig's `extensionProviders` of kinds `envoyExtAuthzHttp` (`service`: a model service's hostname, or `namespace/hostname`; `port`, `pathPrefix`, `timeout`, `failOpen`, `statusOnError`, `includeRequestHeadersInCheck`, `includeAdditionalHeadersInCheck`, `headersToUpstreamOnAllow`, `headersToDownstreamOnDeny`, `headersToDownstreamOnAllow`) and `envoyExtAuthzGrpc` (`service`, `port`, `timeout`, `failOpen`, `statusOnError`) (see [`crate::ext_authz`]), and the tracing providers `opentelemetry` (`service`, `port`, `maxTagLength`, `http` with `path`, `timeout`, `headers`: OTLP over HTTP, else over gRPC) and `zipkin` (`service`, `port`, `maxTagLength`, `enable64bitTraceId`, `path`, `timeout`, `headers`), with `defaultProviders.tracing` (see [`crate::spans`]); the access log providers `envoyFileAccessLog` (`path`, default `/dev/stdout`; `logFormat` `text` or `labels` (JSON), default Istio's text format; `omitEmptyValues`; Envoy's command operators, see [`crate::logfmt`]) and `envoyOtelAls` (`service`, `port`, `logName`, `logFormat` `text` (the record's body, default Istio's text format) and `labels` (its attributes); OTLP logs over gRPC, exported as spans are) with `defaultProviders.accessLogging`, and `accessLogFile`, `accessLogFormat`, `accessLogEncoding` (`TEXT`/`JSON`), which make the built-in `envoy` provider write Istio's format (without them it writes the waypoint's own `access` line to stderr); one MeshConfig document, reloaded with the file |
 //! | no `apiVersion`/`kind`, no `waypoint:` key | — | mesh-model's local config (`namespaces`, `workloads`, `services`, `policies`, `waypoints`, `nodes`; see the `mesh_model` crate docs), at most one |
 //!
 //! `targetRefs` name the waypoint's `Gateway`, `Service`s (group `""` or `core`) of the
@@ -408,14 +408,14 @@ pub struct WaypointConfig {
     /// Istio `Telemetry` objects with `accessLogging` or `metrics`, in file order.
     pub telemetry: Vec<TelemetryRule>,
     /// Access log providers by name: the built-in `envoy` (always, once loaded) and
-    /// MeshConfig `envoyFileAccessLog` ones.
+    /// MeshConfig `envoyFileAccessLog` and `envoyOtelAls` ones.
     pub log_providers: BTreeMap<String, Arc<LogProvider>>,
     /// MeshConfig `defaultProviders.accessLogging` (empty: `envoy`).
     pub default_logging: Vec<String>,
 }
 
-/// An access log provider (Istio's built-in `envoy`, MeshConfig `envoyFileAccessLog`
-/// extension providers): where a request's line goes and what it says.
+/// An access log provider (Istio's built-in `envoy`, MeshConfig `envoyFileAccessLog` and
+/// `envoyOtelAls` extension providers): where a request's line goes and what it says.
 #[derive(Debug)]
 pub enum LogProvider {
     /// The waypoint's own `access` line (`key=value` fields on stderr,
@@ -425,6 +425,17 @@ pub enum LogProvider {
     /// Envoy's format (Istio's default text or JSON, or the provider's own) appended to a
     /// file or to standard output.
     File(FileLog),
+    /// OpenTelemetry log records exported to a collector (an `envoyOtelAls` provider).
+    Otel(OtelLog),
+}
+
+/// An `envoyOtelAls` provider: each request's record has the `body` format's text and an
+/// attribute per `labels` entry; exported as spans are ([`crate::spans`]).
+#[derive(Debug)]
+pub struct OtelLog {
+    pub provider: Arc<spans::Provider>,
+    pub body: crate::logfmt::Format,
+    pub attributes: Vec<(String, crate::logfmt::Format)>,
 }
 
 /// An Envoy-formatted access log ([`crate::logfmt`]) and its file.
@@ -1170,7 +1181,7 @@ pub fn load_str(file: &Path, text: &str, version: u64) -> Result<WaypointConfig,
                 column: None,
                 field: Some(field),
                 message: format!(
-                    "no access log provider {name:?} (envoy, or MeshConfig extensionProviders of kind envoyFileAccessLog)"
+                    "no access log provider {name:?} (envoy, or MeshConfig extensionProviders of kind envoyFileAccessLog or envoyOtelAls)"
                 ),
             });
         }
@@ -3316,6 +3327,20 @@ struct ExtProviderRaw {
     zipkin: Option<ZipkinRaw>,
     #[serde(default)]
     envoy_file_access_log: Option<FileLogRaw>,
+    #[serde(default)]
+    envoy_otel_als: Option<OtelAlsRaw>,
+}
+
+/// An `envoyOtelAls` provider.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct OtelAlsRaw {
+    service: String,
+    port: PortRaw,
+    #[serde(default)]
+    log_name: Option<String>,
+    #[serde(default)]
+    log_format: Option<LogFormatRaw>,
 }
 
 /// The tracing provider `p` (an `opentelemetry` or `zipkin` one) at field `f`.
@@ -3471,6 +3496,68 @@ struct MeshProviders {
     default_logging: Vec<String>,
 }
 
+/// An `envoyOtelAls` provider `name` at field `f` (Istio's `openTelemetryLog`): the body
+/// its `logFormat.text` (Istio's text format without one), an attribute per
+/// `logFormat.labels` entry (a format string each).
+fn compile_otel_log(
+    f: &str,
+    name: &str,
+    p: &OtelAlsRaw,
+    mesh: Option<&Snapshot>,
+) -> Result<LogProvider, Invalid> {
+    let service =
+        provider_service(mesh, &p.service).map_err(|e| Invalid::new(format!("{f}.service"), e))?;
+    let text = p.log_format.as_ref().and_then(|l| l.text.as_deref());
+    let body = crate::logfmt::Format::value(
+        text.filter(|t| !t.is_empty())
+            .unwrap_or(crate::logfmt::ISTIO_TEXT),
+    )
+    .map_err(|e| Invalid::new(format!("{f}.logFormat.text"), e))?;
+    let mut attributes = vec![];
+    for (k, v) in p
+        .log_format
+        .as_ref()
+        .and_then(|l| l.labels.as_ref())
+        .into_iter()
+        .flatten()
+    {
+        let lf = format!("{f}.logFormat.labels.{k}");
+        let serde_json::Value::String(v) = v else {
+            return Err(Invalid::new(lf, "a format string"));
+        };
+        attributes.push((
+            k.clone(),
+            crate::logfmt::Format::value(v).map_err(|e| Invalid::new(lf, e))?,
+        ));
+    }
+    attributes.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(LogProvider::Otel(OtelLog {
+        provider: Arc::new(spans::Provider {
+            name: name.to_string(),
+            protocol: spans::Protocol::OtlpLogs {
+                log_name: p
+                    .log_name
+                    .clone()
+                    .filter(|n| !n.is_empty())
+                    .unwrap_or_else(|| spans::OTEL_LOG_NAME.to_string()),
+            },
+            service,
+            port: p.port.0,
+            host: p
+                .service
+                .rsplit('/')
+                .next()
+                .unwrap_or(&p.service)
+                .to_string(),
+            timeout: spans::EXPORT_TIMEOUT,
+            max_tag_length: usize::MAX,
+            headers: vec![],
+        }),
+        body,
+        attributes,
+    }))
+}
+
 /// The file of an access log at `path` (field `f`), opened for appending.
 fn open_log(f: &str, path: Option<&str>) -> Result<Arc<runtime::logbuf::LogFile>, Invalid> {
     let path = match path {
@@ -3572,12 +3659,13 @@ fn compile_mesh_config(
             p.opentelemetry.is_some(),
             p.zipkin.is_some(),
             p.envoy_file_access_log.is_some(),
+            p.envoy_otel_als.is_some(),
         ];
         match kinds.iter().filter(|k| **k).count() {
             0 => {
                 return Err(Invalid::new(
                     f,
-                    "a provider kind is required (envoyExtAuthzHttp, envoyExtAuthzGrpc, opentelemetry, zipkin or envoyFileAccessLog)",
+                    "a provider kind is required (envoyExtAuthzHttp, envoyExtAuthzGrpc, opentelemetry, zipkin, envoyFileAccessLog or envoyOtelAls)",
                 ))
             }
             1 => {}
@@ -3592,6 +3680,11 @@ fn compile_mesh_config(
         if let Some(file) = &p.envoy_file_access_log {
             // A provider named `envoy` replaces the built-in one (as in Istio).
             let provider = compile_file_log(&format!("{f}.envoyFileAccessLog"), file)?;
+            logs.insert(p.name.clone(), Arc::new(provider));
+            continue;
+        }
+        if let Some(otel) = &p.envoy_otel_als {
+            let provider = compile_otel_log(&format!("{f}.envoyOtelAls"), &p.name, otel, mesh)?;
             logs.insert(p.name.clone(), Arc::new(provider));
             continue;
         }
@@ -3733,7 +3826,7 @@ fn compile_mesh_config(
         if name != "envoy" && !logs.contains_key(name) {
             return Err(Invalid::new(
                 format!("meshConfig.defaultProviders.accessLogging[{i}]"),
-                format!("no access log provider {name:?} (envoy, or extensionProviders of kind envoyFileAccessLog)"),
+                format!("no access log provider {name:?} (envoy, or extensionProviders of kind envoyFileAccessLog or envoyOtelAls)"),
             ));
         }
     }

@@ -349,6 +349,14 @@ impl Format {
         })
     }
 
+    /// A format string as it is, no newline added: an OpenTelemetry log's body or one of
+    /// its attributes (Istio's `envoyOtelAls`).
+    pub fn value(s: &str) -> Result<Format, String> {
+        Ok(Format {
+            body: Body::Text(parse(s)?),
+        })
+    }
+
     /// A JSON object: key → format string (nested objects allowed; numbers and booleans
     /// kept as they are).
     pub fn json(labels: &serde_json::Map<String, serde_json::Value>) -> Result<Format, String> {
@@ -1831,6 +1839,18 @@ mod tests {
             "200\n"
         );
         assert_eq!(render(&Format::text("").unwrap(), &f, false), "\n");
+        // A value (an OpenTelemetry log's body or attribute) is taken as it is.
+        assert_eq!(render(&Format::value("a").unwrap(), &f, false), "a");
+        assert_eq!(render(&Format::value("a\n").unwrap(), &f, false), "a\n");
+        assert_eq!(
+            render(
+                &Format::value("%RESPONSE_CODE% %REQ(X-ABSENT)%").unwrap(),
+                &f,
+                false
+            ),
+            "200 -"
+        );
+        assert!(Format::value("%NOT_AN_OPERATOR%").is_err());
     }
 
     #[test]

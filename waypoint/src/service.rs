@@ -208,6 +208,8 @@ pub struct Counters {
     /// The waypoint's spans ([`crate::spans`]): exported (the collector took them),
     /// failed (an export not taken), dropped (a worker's queue full).
     pub spans: [AtomicU64; 3],
+    /// Access log records for `envoyOtelAls` providers, as `spans`.
+    pub log_records: [AtomicU64; 3],
 }
 
 impl Counters {
@@ -574,6 +576,13 @@ pub fn prometheus(c: &Counters) -> String {
             c.spans[i].load(Relaxed)
         ));
     }
+    out.push_str("# HELP waypoint_access_log_records_total Access log records for OpenTelemetry (envoyOtelAls) providers: exported, failed, dropped (as spans).\n# TYPE waypoint_access_log_records_total counter\n");
+    for (i, result) in ["exported", "failed", "dropped"].iter().enumerate() {
+        out.push_str(&format!(
+            "waypoint_access_log_records_total{{result=\"{result}\"}} {}\n",
+            c.log_records[i].load(Relaxed)
+        ));
+    }
     counter(
         &mut out,
         "waypoint_expect_continue",
@@ -684,12 +693,13 @@ struct Worker {
     shared: Arc<Shared>,
 }
 
-/// A worker's sampled spans waiting for export ([`crate::spans`]).
+/// A worker's sampled spans and OpenTelemetry access log records waiting for export
+/// ([`crate::spans`]).
 #[derive(Default)]
 struct SpanQueue {
     /// By provider, in the order first seen.
-    batches: Vec<(Arc<crate::spans::Provider>, Vec<crate::spans::Span>)>,
-    /// Spans in `batches`.
+    batches: Vec<(Arc<crate::spans::Provider>, Vec<crate::spans::Item>)>,
+    /// Items in `batches`.
     waiting: usize,
     /// A timed export is scheduled.
     timer: bool,
@@ -2045,6 +2055,13 @@ impl Upstream for HboneUpstream {
             // (`Note::Fault`).
             Some(http1::Refusal::External) | Some(http1::Refusal::Fault) | None => {}
         }
+        // Envoy's `UPSTREAM_CLUSTER` of a routed request.
+        let cluster = || {
+            was_routed
+                .then_some(())
+                .and(self.port)
+                .map(|port| format!("outbound|{port}||{}", set.dst.service))
+        };
         for sink in &set.logs {
             if sink
                 .filter
@@ -2066,11 +2083,15 @@ impl Upstream for HboneUpstream {
                 }
                 crate::config::LogProvider::Builtin => {}
                 crate::config::LogProvider::File(f) => {
-                    let cluster = was_routed
-                        .then_some(())
-                        .and(self.port)
-                        .map(|port| format!("outbound|{port}||{}", set.dst.service));
-                    self.file_log(f, r, cluster.as_deref());
+                    self.with_log_fields(r, cluster().as_deref(), |fields| {
+                        f.out
+                            .append(|buf| f.format.render(fields, f.omit_empty, buf))
+                    });
+                }
+                crate::config::LogProvider::Otel(o) => {
+                    self.with_log_fields(r, cluster().as_deref(), |fields| {
+                        self.queue_log(o, fields, r)
+                    });
                 }
             }
         }
@@ -2199,9 +2220,14 @@ impl HboneUpstream {
         filter.matches(&input)
     }
 
-    /// The request `r`'s line in the Envoy-formatted access log `f` ([`crate::logfmt`]);
-    /// `cluster`: its routed service's `outbound|port||host`.
-    fn file_log(&self, f: &crate::config::FileLog, r: &http1::Record<'_>, cluster: Option<&str>) {
+    /// `log` given the fields Envoy-formatted access logs read of the request `r`
+    /// ([`crate::logfmt`]); `cluster`: its routed service's `outbound|port||host`.
+    fn with_log_fields(
+        &self,
+        r: &http1::Record<'_>,
+        cluster: Option<&str>,
+        log: impl FnOnce(&crate::logfmt::Fields<'_>),
+    ) {
         let duration = r.started.elapsed();
         let now = SystemTime::now();
         let request = crate::telemetry::LoggedRequest::new(r);
@@ -2242,8 +2268,37 @@ impl HboneUpstream {
                 .get(3..35)
                 .filter(|_| r.traceparent.len() >= 55),
         };
-        f.out
-            .append(|buf| f.format.render(&fields, f.omit_empty, buf));
+        log(&fields);
+    }
+
+    /// The request `r`'s record for the OpenTelemetry access log `o`, queued for export
+    /// (dropped and counted past [`crate::spans::MAX_BUFFERED`] waiting).
+    fn queue_log(
+        &self,
+        o: &crate::config::OtelLog,
+        fields: &crate::logfmt::Fields<'_>,
+        r: &http1::Record<'_>,
+    ) {
+        if self.worker.spans.borrow().waiting >= crate::spans::MAX_BUFFERED {
+            self.worker.shared.counters.log_records[2].fetch_add(1, Relaxed);
+            return;
+        }
+        let mut text = Vec::with_capacity(256);
+        o.body.render(fields, false, &mut text);
+        let body = String::from_utf8_lossy(&text).into_owned();
+        let mut attributes = crate::spans::Tags::with_capacity(o.attributes.len(), 128);
+        for (k, f) in &o.attributes {
+            text.clear();
+            f.render(fields, false, &mut text);
+            attributes.push(k.clone(), String::from_utf8_lossy(&text));
+        }
+        let record = crate::spans::LogRecord {
+            time_unix_nanos: crate::spans::unix_nanos(fields.start),
+            body,
+            attributes,
+            trace: crate::spans::parse_traceparent(r.traceparent),
+        };
+        self.queue_export(o.provider.clone(), crate::spans::Item::Log(record));
     }
 
     /// The waypoint's span of the request `r` (tracing on: its `traceparent` names the
@@ -2272,6 +2327,7 @@ impl HboneUpstream {
             counters.spans[2].fetch_add(1, Relaxed);
             return;
         }
+        let provider = t.provider.clone();
         let end = SystemTime::now();
         let start = end.checked_sub(r.started.elapsed()).unwrap_or(end);
         let header = |n: &str| r.head.and_then(|h| h.header(n));
@@ -2329,21 +2385,27 @@ impl HboneUpstream {
             error,
             tags,
         };
+        self.queue_export(provider, crate::spans::Item::Span(span));
+    }
+
+    /// Queue `item` for export to `provider` (a batch is sent when full, else a second
+    /// after the first item waiting).
+    fn queue_export(&self, provider: Arc<crate::spans::Provider>, item: crate::spans::Item) {
         let due = {
             let mut q = self.worker.spans.borrow_mut();
             q.waiting += 1;
             let i = match q
                 .batches
                 .iter()
-                .position(|(p, _)| Arc::ptr_eq(p, &t.provider))
+                .position(|(p, _)| Arc::ptr_eq(p, &provider))
             {
                 Some(i) => i,
                 None => {
-                    q.batches.push((t.provider.clone(), Vec::new()));
+                    q.batches.push((provider, Vec::new()));
                     q.batches.len() - 1
                 }
             };
-            q.batches[i].1.push(span);
+            q.batches[i].1.push(item);
             let full = q.batches[i].1.len() >= crate::spans::MAX_BATCH
                 && q.in_flight < crate::spans::MAX_EXPORTS_IN_FLIGHT;
             if full {
@@ -2410,11 +2472,11 @@ impl HboneUpstream {
                     q.waiting = 0;
                     return;
                 };
-                let (provider, spans) = &mut q.batches[i];
+                let (provider, items) = &mut q.batches[i];
                 let provider = provider.clone();
-                let n = spans.len().min(crate::spans::MAX_BATCH);
-                let batch: Vec<crate::spans::Span> = spans.drain(..n).collect();
-                if spans.is_empty() {
+                let n = items.len().min(crate::spans::MAX_BATCH);
+                let batch: Vec<crate::spans::Item> = items.drain(..n).collect();
+                if items.is_empty() {
                     q.batches.remove(i);
                 }
                 q.waiting -= n;
@@ -2422,23 +2484,28 @@ impl HboneUpstream {
                 (provider, batch, ExportInFlight(self.worker.clone()))
             };
             let request = crate::spans::export_request(&provider, &local, &batch);
-            let grpc = provider.protocol == crate::spans::Protocol::OtlpGrpc;
+            let grpc = provider.grpc();
             let service = (provider.service.clone(), provider.port);
             let r = self
                 .exchange_inner(Some(&service), request, Some(provider.timeout), false, grpc)
                 .await;
             let taken = matches!(&r, Ok(answer) if crate::spans::accepted(&provider, answer));
             let c = &self.worker.shared.counters;
-            c.spans[usize::from(!taken)].fetch_add(batch.len() as u64, Relaxed);
+            let counted = if provider.logs() {
+                &c.log_records
+            } else {
+                &c.spans
+            };
+            counted[usize::from(!taken)].fetch_add(batch.len() as u64, Relaxed);
             match &r {
                 Ok(_) if taken => {}
                 Ok(a) => tracing::debug!(
                     provider = %provider.name,
                     answer = %String::from_utf8_lossy(&a[..a.len().min(200)]),
-                    "span export not taken"
+                    "export not taken (spans or log records)"
                 ),
                 Err(e) => {
-                    tracing::debug!(provider = %provider.name, error = %e, "span export failed")
+                    tracing::debug!(provider = %provider.name, error = %e, "export failed (spans or log records)")
                 }
             }
         }

@@ -33,6 +33,11 @@
 //!   A span's tag values share one text ([`Tags`]); OTLP is encoded by hand straight
 //!   from the spans and Zipkin's JSON written as it goes (measured: building message trees
 //!   cost more than the rest of a sampled request's span).
+//! * **Access log records** of `envoyOtelAls` providers (Istio's OpenTelemetry access log,
+//!   configured in [`crate::config`]) take the same way: queued per worker beside the
+//!   spans ([`Item`]), exported as OTLP logs over gRPC (`LogsService/Export`, resource
+//!   attribute `log_name`; each record's time, body, attributes and trace context),
+//!   counted as `waypoint_access_log_records_total{result}`.
 //! * **B3** (a `zipkin` provider, as Envoy's Zipkin tracer): a request without a
 //!   `traceparent` continues its B3 context (`b3`, else `x-b3-traceid`/`x-b3-spanid`/
 //!   `x-b3-sampled`/`x-b3-flags`), and every request goes upstream with `x-b3-traceid`,
@@ -68,6 +73,10 @@ pub const DEFAULT_SAMPLING: f64 = 1.0;
 pub const EXPORT_TIMEOUT: Duration = Duration::from_secs(10);
 /// The gRPC method of an OTLP export.
 pub const OTLP_GRPC_PATH: &str = "/opentelemetry.proto.collector.trace.v1.TraceService/Export";
+/// The gRPC method of an OTLP logs export (an `envoyOtelAls` access log provider).
+pub const OTLP_LOGS_GRPC_PATH: &str = "/opentelemetry.proto.collector.logs.v1.LogsService/Export";
+/// Istio's default `logName` of an `envoyOtelAls` provider.
+pub const OTEL_LOG_NAME: &str = "otel_envoy_accesslog";
 
 /// How a provider takes spans.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -79,6 +88,9 @@ pub enum Protocol {
     /// Zipkin v2 JSON POSTed to `path` (default `/api/v2/spans`); `trace_id_64`:
     /// `enable64bitTraceId` (the trace id's low 64 bits).
     Zipkin { path: String, trace_id_64: bool },
+    /// Access log records, not spans: OTLP logs over gRPC (`LogsService/Export`), an
+    /// `envoyOtelAls` provider; `log_name` is its `logName` (the resource's `log_name`).
+    OtlpLogs { log_name: String },
 }
 
 /// One tracing extension provider, compiled.
@@ -94,6 +106,21 @@ pub struct Provider {
     pub max_tag_length: usize,
     /// Fields added to every export request (`http.headers` / `headers`).
     pub headers: Vec<(String, String)>,
+}
+
+impl Provider {
+    /// Whether it takes its exports over gRPC.
+    pub fn grpc(&self) -> bool {
+        matches!(
+            self.protocol,
+            Protocol::OtlpGrpc | Protocol::OtlpLogs { .. }
+        )
+    }
+
+    /// Whether it takes access log records (else spans).
+    pub fn logs(&self) -> bool {
+        matches!(self.protocol, Protocol::OtlpLogs { .. })
+    }
 }
 
 /// The share of new traces sampled: a draw below the threshold is sampled.
@@ -292,6 +319,26 @@ pub struct Span {
     pub tags: Tags,
 }
 
+/// One request's access log record for an `envoyOtelAls` provider, waiting for export.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogRecord {
+    /// When the request began.
+    pub time_unix_nanos: u64,
+    /// The provider's `logFormat.text` (Istio's text format by default).
+    pub body: String,
+    /// Its `logFormat.labels`, each rendered as text.
+    pub attributes: Tags,
+    /// The request's trace context (its `traceparent`), when it has one.
+    pub trace: Option<([u8; 16], [u8; 8], u8)>,
+}
+
+/// What a worker holds for a provider's next export: a span, or an access log record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Item {
+    Span(Span),
+    Log(LogRecord),
+}
+
 /// A span's tags: their values written one after the other in one text (one allocation
 /// for all of them, none for a value written with `format_args!`).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -401,32 +448,49 @@ fn cut(v: &str, max: usize) -> &str {
 
 /// The export request of `spans` to `p`: an HTTP/1.1-shaped request (a gRPC one is sent
 /// over HTTP/2, [`crate::http1::Upstream::side_exchange`]).
-pub fn export_request(p: &Provider, local: &Local, spans: &[Span]) -> Bytes {
+pub fn export_request(p: &Provider, local: &Local, items: &[Item]) -> Bytes {
+    let spans: Vec<&Span> = items
+        .iter()
+        .filter_map(|i| match i {
+            Item::Span(s) => Some(s),
+            Item::Log(_) => None,
+        })
+        .collect();
+    let grpc = |path: &'static str, msg: Vec<u8>| {
+        let mut body = Vec::with_capacity(msg.len() + 5);
+        body.push(0);
+        body.extend_from_slice(&(msg.len() as u32).to_be_bytes());
+        body.extend_from_slice(&msg);
+        (path, "application/grpc", body)
+    };
     let (path, content_type, body) = match &p.protocol {
-        Protocol::OtlpGrpc => {
-            let msg = otlp(p, local, spans);
-            let mut body = Vec::with_capacity(msg.len() + 5);
-            body.push(0);
-            body.extend_from_slice(&(msg.len() as u32).to_be_bytes());
-            body.extend_from_slice(&msg);
-            (OTLP_GRPC_PATH, "application/grpc", body)
+        Protocol::OtlpGrpc => grpc(OTLP_GRPC_PATH, otlp(p, local, &spans)),
+        Protocol::OtlpLogs { log_name } => {
+            let logs: Vec<&LogRecord> = items
+                .iter()
+                .filter_map(|i| match i {
+                    Item::Log(l) => Some(l),
+                    Item::Span(_) => None,
+                })
+                .collect();
+            grpc(OTLP_LOGS_GRPC_PATH, otlp_logs(log_name, &logs))
         }
         Protocol::OtlpHttp { path } => (
             path.as_str(),
             "application/x-protobuf",
-            otlp(p, local, spans),
+            otlp(p, local, &spans),
         ),
         Protocol::Zipkin { path, trace_id_64 } => (
             path.as_str(),
             "application/json",
-            zipkin(p, local, spans, *trace_id_64),
+            zipkin(p, local, &spans, *trace_id_64),
         ),
     };
     let mut out = format!(
         "POST {path} HTTP/1.1\r\nhost: {}:{}\r\ncontent-type: {content_type}\r\n",
         p.host, p.port
     );
-    if p.protocol == Protocol::OtlpGrpc {
+    if p.grpc() {
         out.push_str("te: trailers\r\n");
     }
     for (n, v) in &p.headers {
@@ -447,7 +511,7 @@ pub fn accepted(p: &Provider, answer: &[u8]) -> bool {
         return false;
     }
     let ok = r.code.is_some_and(|c| (200..300).contains(&c));
-    if p.protocol != Protocol::OtlpGrpc {
+    if !p.grpc() {
         return ok;
     }
     ok && r
@@ -458,30 +522,105 @@ pub fn accepted(p: &Provider, answer: &[u8]) -> bool {
 
 /// `ExportTraceServiceRequest` of `spans`, encoded by hand (the messages of [`pb`], the
 /// fields the waypoint sets): straight from the spans, with no message tree to allocate.
-fn otlp(p: &Provider, local: &Local, spans: &[Span]) -> Vec<u8> {
-    use prost::encoding::{encode_key, encode_varint, encoded_len_varint, key_len, WireType};
-    // A length-delimited field of `len` bytes, whole.
-    fn field_len(tag: u32, len: usize) -> usize {
+/// Protobuf by hand: the pieces of the OTLP encoders.
+mod wire {
+    pub use prost::encoding::{encode_key, encode_varint, encoded_len_varint, key_len, WireType};
+
+    /// A length-delimited field of `len` bytes, whole.
+    pub fn field_len(tag: u32, len: usize) -> usize {
         key_len(tag) + encoded_len_varint(len as u64) + len
     }
-    fn open(tag: u32, len: usize, out: &mut Vec<u8>) {
+
+    pub fn open(tag: u32, len: usize, out: &mut Vec<u8>) {
         encode_key(tag, WireType::LengthDelimited, out);
         encode_varint(len as u64, out);
     }
-    fn bytes(tag: u32, b: &[u8], out: &mut Vec<u8>) {
+
+    pub fn bytes(tag: u32, b: &[u8], out: &mut Vec<u8>) {
         open(tag, b.len(), out);
         out.extend_from_slice(b);
     }
-    // KeyValue { key = 1, value = 2: AnyValue { string_value = 1 } }.
-    fn kv_len(k: &str, v: &str) -> usize {
+
+    /// `KeyValue { key = 1, value = 2: AnyValue { string_value = 1 } }`.
+    pub fn kv_len(k: &str, v: &str) -> usize {
         field_len(1, k.len()) + field_len(2, field_len(1, v.len()))
     }
-    fn kv(k: &str, v: &str, out: &mut Vec<u8>) {
-        open(9, kv_len(k, v), out);
+
+    /// A `KeyValue` as field `tag`.
+    pub fn kv(tag: u32, k: &str, v: &str, out: &mut Vec<u8>) {
+        open(tag, kv_len(k, v), out);
         bytes(1, k.as_bytes(), out);
         open(2, field_len(1, v.len()), out);
         bytes(1, v.as_bytes(), out);
     }
+
+    /// `InstrumentationScope { name = 1, version = 2 }` of the waypoint.
+    pub fn scope_len() -> usize {
+        field_len(1, "waypoint".len()) + field_len(2, env!("CARGO_PKG_VERSION").len())
+    }
+
+    /// The scope as field 1 (of `ScopeSpans` or `ScopeLogs`).
+    pub fn scope(out: &mut Vec<u8>) {
+        open(1, scope_len(), out);
+        bytes(1, b"waypoint", out);
+        bytes(2, env!("CARGO_PKG_VERSION").as_bytes(), out);
+    }
+}
+
+/// `ExportLogsServiceRequest` of `logs` (an `envoyOtelAls` provider's records), encoded by
+/// hand as [`otlp`] is: resource attribute `log_name`, each record's time (as its
+/// observed time too), body, attributes and trace context.
+fn otlp_logs(log_name: &str, logs: &[&LogRecord]) -> Vec<u8> {
+    use wire::*;
+    let record_len = |l: &LogRecord| {
+        2 * (key_len(1) + 8)
+            + field_len(5, field_len(1, l.body.len()))
+            + l.attributes
+                .iter(usize::MAX)
+                .map(|(k, v)| field_len(6, kv_len(k, v)))
+                .sum::<usize>()
+            + l.trace
+                .map_or(0, |_| key_len(8) + 4 + field_len(9, 16) + field_len(10, 8))
+    };
+    let lens: Vec<usize> = logs.iter().map(|l| record_len(l)).collect();
+    let scope_logs_len =
+        field_len(1, scope_len()) + lens.iter().map(|l| field_len(2, *l)).sum::<usize>();
+    let resource_len = field_len(1, kv_len("log_name", log_name));
+    let resource_logs_len = field_len(1, resource_len) + field_len(2, scope_logs_len);
+    let mut out = Vec::with_capacity(field_len(1, resource_logs_len));
+    // ExportLogsServiceRequest.resource_logs = 1.
+    open(1, resource_logs_len, &mut out);
+    // ResourceLogs.resource = 1: Resource.attributes = 1.
+    open(1, resource_len, &mut out);
+    kv(1, "log_name", log_name, &mut out);
+    // ResourceLogs.scope_logs = 2: ScopeLogs { scope = 1, log_records = 2 }.
+    open(2, scope_logs_len, &mut out);
+    scope(&mut out);
+    for (l, len) in logs.iter().zip(lens) {
+        open(2, len, &mut out);
+        encode_key(1, WireType::SixtyFourBit, &mut out);
+        out.extend_from_slice(&l.time_unix_nanos.to_le_bytes());
+        // body = 5: AnyValue { string_value = 1 }.
+        open(5, field_len(1, l.body.len()), &mut out);
+        bytes(1, l.body.as_bytes(), &mut out);
+        for (k, v) in l.attributes.iter(usize::MAX) {
+            kv(6, k, v, &mut out);
+        }
+        if let Some((trace_id, span_id, flags)) = &l.trace {
+            encode_key(8, WireType::ThirtyTwoBit, &mut out);
+            out.extend_from_slice(&u32::from(*flags).to_le_bytes());
+            bytes(9, trace_id, &mut out);
+            bytes(10, span_id, &mut out);
+        }
+        // observed_time_unix_nano = 11.
+        encode_key(11, WireType::SixtyFourBit, &mut out);
+        out.extend_from_slice(&l.time_unix_nanos.to_le_bytes());
+    }
+    out
+}
+
+fn otlp(p: &Provider, local: &Local, spans: &[&Span]) -> Vec<u8> {
+    use wire::*;
     let max = p.max_tag_length;
     let code = |s: &Span| {
         if s.error {
@@ -511,11 +650,9 @@ fn otlp(p: &Provider, local: &Local, spans: &[Span]) -> Vec<u8> {
             + key_len(16)
             + 4
     };
-    let lens: Vec<usize> = spans.iter().map(span_len).collect();
-    let version = env!("CARGO_PKG_VERSION");
-    let scope_len = field_len(1, "waypoint".len()) + field_len(2, version.len());
+    let lens: Vec<usize> = spans.iter().map(|s| span_len(s)).collect();
     let scope_spans_len =
-        field_len(1, scope_len) + lens.iter().map(|l| field_len(2, *l)).sum::<usize>();
+        field_len(1, scope_len()) + lens.iter().map(|l| field_len(2, *l)).sum::<usize>();
     let resource_len = field_len(1, kv_len("service.name", &local.service_name));
     let resource_spans_len = field_len(1, resource_len) + field_len(2, scope_spans_len);
     let mut out = Vec::with_capacity(field_len(1, resource_spans_len));
@@ -523,15 +660,10 @@ fn otlp(p: &Provider, local: &Local, spans: &[Span]) -> Vec<u8> {
     open(1, resource_spans_len, &mut out);
     // ResourceSpans.resource = 1: Resource.attributes = 1.
     open(1, resource_len, &mut out);
-    open(1, kv_len("service.name", &local.service_name), &mut out);
-    bytes(1, b"service.name", &mut out);
-    open(2, field_len(1, local.service_name.len()), &mut out);
-    bytes(1, local.service_name.as_bytes(), &mut out);
+    kv(1, "service.name", &local.service_name, &mut out);
     // ResourceSpans.scope_spans = 2: ScopeSpans { scope = 1, spans = 2 }.
     open(2, scope_spans_len, &mut out);
-    open(1, scope_len, &mut out);
-    bytes(1, b"waypoint", &mut out);
-    bytes(2, version.as_bytes(), &mut out);
+    scope(&mut out);
     for (s, len) in spans.iter().zip(lens) {
         open(2, len, &mut out);
         bytes(1, &s.trace_id, &mut out);
@@ -547,7 +679,7 @@ fn otlp(p: &Provider, local: &Local, spans: &[Span]) -> Vec<u8> {
         encode_key(8, WireType::SixtyFourBit, &mut out);
         out.extend_from_slice(&s.end_unix_nanos.to_le_bytes());
         for (k, v) in s.tags.iter(max) {
-            kv(k, v, &mut out);
+            kv(9, k, v, &mut out);
         }
         open(15, status_len(s), &mut out);
         if code(s) != 0 {
@@ -561,7 +693,7 @@ fn otlp(p: &Provider, local: &Local, spans: &[Span]) -> Vec<u8> {
 }
 
 /// A Zipkin v2 JSON list of `spans`, written as it goes (no document tree).
-fn zipkin(p: &Provider, local: &Local, spans: &[Span], trace_id_64: bool) -> Vec<u8> {
+fn zipkin(p: &Provider, local: &Local, spans: &[&Span], trace_id_64: bool) -> Vec<u8> {
     use std::io::Write;
     let mut out: Vec<u8> = Vec::with_capacity(spans.len() * 900);
     // A JSON string (escaped as JSON needs).
@@ -702,6 +834,46 @@ pub mod pb {
     }
 
     #[derive(Clone, PartialEq, prost::Message)]
+    pub struct ExportLogsServiceRequest {
+        #[prost(message, repeated, tag = "1")]
+        pub resource_logs: Vec<ResourceLogs>,
+    }
+
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct ResourceLogs {
+        #[prost(message, optional, tag = "1")]
+        pub resource: Option<Resource>,
+        #[prost(message, repeated, tag = "2")]
+        pub scope_logs: Vec<ScopeLogs>,
+    }
+
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct ScopeLogs {
+        #[prost(message, optional, tag = "1")]
+        pub scope: Option<InstrumentationScope>,
+        #[prost(message, repeated, tag = "2")]
+        pub log_records: Vec<LogRecord>,
+    }
+
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct LogRecord {
+        #[prost(fixed64, tag = "1")]
+        pub time_unix_nano: u64,
+        #[prost(message, optional, tag = "5")]
+        pub body: Option<AnyValue>,
+        #[prost(message, repeated, tag = "6")]
+        pub attributes: Vec<KeyValue>,
+        #[prost(fixed32, tag = "8")]
+        pub flags: u32,
+        #[prost(bytes = "vec", tag = "9")]
+        pub trace_id: Vec<u8>,
+        #[prost(bytes = "vec", tag = "10")]
+        pub span_id: Vec<u8>,
+        #[prost(fixed64, tag = "11")]
+        pub observed_time_unix_nano: u64,
+    }
+
+    #[derive(Clone, PartialEq, prost::Message)]
     pub struct KeyValue {
         #[prost(string, tag = "1")]
         pub key: String,
@@ -796,6 +968,84 @@ mod tests {
     }
 
     #[test]
+    fn otlp_logs_export_carries_each_record_and_only_the_records() {
+        use prost::Message;
+        let p = provider(Protocol::OtlpLogs {
+            log_name: "otel_envoy_accesslog".into(),
+        });
+        assert!(p.grpc() && p.logs());
+        let record = |trace: Option<([u8; 16], [u8; 8], u8)>, code: &str| {
+            let mut attributes = Tags::with_capacity(2, 32);
+            attributes.push("code", code);
+            attributes.push("long", "a value longer than the provider's tag length");
+            LogRecord {
+                time_unix_nanos: 1_700_000_000_123_456_789,
+                body: format!("GET / {code}\n"),
+                attributes,
+                trace,
+            }
+        };
+        let traced = record(Some(([0xab; 16], [7; 8], 1)), "200");
+        let items = [
+            Item::Log(traced),
+            // A span among them is not the logs provider's: left out.
+            Item::Span(span(None)),
+            Item::Log(record(None, "503")),
+        ];
+        let req = export_request(&p, &local(), &items);
+        let end = req.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
+        let head = std::str::from_utf8(&req[..end + 2]).unwrap();
+        assert!(head.starts_with(&format!("POST {OTLP_LOGS_GRPC_PATH} HTTP/1.1\r\n")));
+        assert!(
+            head.contains("content-type: application/grpc\r\nte: trailers\r\n"),
+            "{head}"
+        );
+        let body = &req[end + 4..];
+        assert_eq!(body[0], 0);
+        assert_eq!(
+            u32::from_be_bytes(body[1..5].try_into().unwrap()) as usize,
+            body.len() - 5
+        );
+        let r = pb::ExportLogsServiceRequest::decode(&body[5..]).unwrap();
+        let rl = &r.resource_logs[0];
+        let attr = &rl.resource.as_ref().unwrap().attributes[0];
+        assert_eq!(attr.key, "log_name");
+        let text = |v: &Option<pb::AnyValue>| match v.as_ref().and_then(|v| v.value.clone()) {
+            Some(pb::any_value::Value::StringValue(s)) => s,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(text(&attr.value), "otel_envoy_accesslog");
+        let sl = &rl.scope_logs[0];
+        assert_eq!(sl.scope.as_ref().unwrap().name, "waypoint");
+        assert_eq!(sl.log_records.len(), 2);
+        let (a, b) = (&sl.log_records[0], &sl.log_records[1]);
+        assert_eq!(a.time_unix_nano, 1_700_000_000_123_456_789);
+        assert_eq!(a.observed_time_unix_nano, a.time_unix_nano);
+        assert_eq!(text(&a.body), "GET / 200\n");
+        let attrs: Vec<(String, String)> = a
+            .attributes
+            .iter()
+            .map(|kv| (kv.key.clone(), text(&kv.value)))
+            .collect();
+        assert_eq!(
+            attrs,
+            [
+                ("code".to_string(), "200".to_string()),
+                (
+                    "long".to_string(),
+                    "a value longer than the provider's tag length".to_string()
+                )
+            ]
+        );
+        assert_eq!(
+            (a.trace_id.clone(), a.span_id.clone(), a.flags),
+            (vec![0xab; 16], vec![7; 8], 1)
+        );
+        assert_eq!(text(&b.body), "GET / 503\n");
+        assert!(b.trace_id.is_empty() && b.span_id.is_empty() && b.flags == 0);
+    }
+
+    #[test]
     fn otlp_export_carries_the_span_and_its_resource() {
         use prost::Message;
         for grpc in [false, true] {
@@ -807,7 +1057,7 @@ mod tests {
                 }
             };
             let p = provider(proto);
-            let req = export_request(&p, &local(), &[span(Some([9; 8]))]);
+            let req = export_request(&p, &local(), &[Item::Span(span(Some([9; 8])))]);
             let end = req.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
             let head = std::str::from_utf8(&req[..end + 2]).unwrap();
             assert!(head.contains("x-tenant: a\r\n"), "{head}");
@@ -852,7 +1102,11 @@ mod tests {
         });
         let mut odd = span(None);
         odd.tags.push("q", "a\"b\\\n");
-        let req = export_request(&p, &local(), &[odd, span(Some([9; 8]))]);
+        let req = export_request(
+            &p,
+            &local(),
+            &[Item::Span(odd), Item::Span(span(Some([9; 8])))],
+        );
         let text = String::from_utf8(req.to_vec()).unwrap();
         let (head, body) = text.split_once("\r\n\r\n").unwrap();
         assert!(head.starts_with("POST /api/v2/spans HTTP/1.1\r\n"));
@@ -872,7 +1126,7 @@ mod tests {
             path: "/api/v2/spans".into(),
             trace_id_64: true,
         });
-        let req = export_request(&p64, &local(), &[span(None)]);
+        let req = export_request(&p64, &local(), &[Item::Span(span(None))]);
         let text = String::from_utf8(req.to_vec()).unwrap();
         assert!(text.contains(&format!("\"traceId\":\"{}\"", "ab".repeat(8))));
     }

@@ -200,3 +200,180 @@ spec:
         "GET /missing 404 [on] [] outbound|80||echo.app.svc.cluster.local\n"
     );
 }
+
+/// The records an OTLP logs collector (`LogsService/Export` over gRPC, HTTP/2) took, with
+/// their resource's `log_name`.
+type Records = Vec<(String, waypoint::spans::pb::LogRecord)>;
+
+/// An OTLP logs collector: OK to every export, each export's records sent on.
+fn logs_collector(
+    ip: std::net::Ipv4Addr,
+) -> (std::net::SocketAddr, std::sync::mpsc::Receiver<Records>) {
+    use prost::Message;
+    use waypoint::spans::pb;
+    let (tx, rx) = std::sync::mpsc::channel();
+    let addr = common::serve_h2(ip, move |req, respond| {
+        let tx = tx.clone();
+        async move {
+            assert_eq!(req.uri().path(), waypoint::spans::OTLP_LOGS_GRPC_PATH);
+            let data = common::h2_body(req.into_body()).await;
+            assert_eq!(data[0], 0, "an uncompressed gRPC message");
+            let msg = pb::ExportLogsServiceRequest::decode(&data[5..]).unwrap();
+            let mut records = vec![];
+            for rl in msg.resource_logs {
+                let name = rl
+                    .resource
+                    .iter()
+                    .flat_map(|r| &r.attributes)
+                    .find(|kv| kv.key == "log_name")
+                    .map(|kv| text(&kv.value))
+                    .unwrap_or_default();
+                for sl in rl.scope_logs {
+                    records.extend(sl.log_records.into_iter().map(|l| (name.clone(), l)));
+                }
+            }
+            let _ = tx.send(records);
+            // An empty ExportLogsServiceResponse.
+            common::grpc_reply(respond, &[]);
+        }
+    });
+    (addr, rx)
+}
+
+fn text(v: &Option<waypoint::spans::pb::AnyValue>) -> String {
+    match v.as_ref().and_then(|v| v.value.clone()) {
+        Some(waypoint::spans::pb::any_value::Value::StringValue(s)) => s,
+        other => panic!("not a string: {other:?}"),
+    }
+}
+
+/// Istio's `envoyOtelAls` providers: each request's record (body from `logFormat.text`,
+/// else Istio's text format; an attribute per `labels` entry; its trace context) exported
+/// to an OpenTelemetry collector in the mesh over HBONE, in batches, and counted.
+#[test]
+fn r15_envoy_otel_als_exports_access_log_records() {
+    let (net, ca, _zt) = echo_node(53);
+    let pod = backend(ip(net, 2));
+    let (collector, records) = logs_collector(ip(net, 3));
+    let workloads = format!(
+        "{}  - {{uid: c1, name: c1, namespace: app, serviceAccount: echo, node: node-b, workloadIps: [\"{}\"], services: {{\"app/otel.app.svc.cluster.local\": {{4317: {}}}}}}}\n",
+        common::app_workload("echo", pod),
+        collector.ip(),
+        collector.port()
+    );
+    let model = common::app_model(
+        ip(net, 1),
+        &workloads,
+        "  - {name: echo, namespace: app, hostname: echo.app.svc.cluster.local, vips: [\"10.96.0.1\"], ports: {80: 8080}}\n  - {name: otel, namespace: app, hostname: otel.app.svc.cluster.local, vips: [\"10.96.0.9\"], ports: {4317: 4317}}\n",
+    );
+    let mesh_config = r#"meshConfig:
+  extensionProviders:
+  - name: als
+    envoyOtelAls:
+      service: otel.app.svc.cluster.local
+      port: 4317
+      logName: custom
+      logFormat:
+        text: "%REQ(:METHOD)% %REQ(:PATH)% %RESPONSE_CODE%"
+        labels:
+          code: "%RESPONSE_CODE%"
+          client: "%DOWNSTREAM_PEER_URI_SAN%"
+          debug: "%REQ(X-DEBUG)%"
+  - name: als-default
+    envoyOtelAls: {service: app/otel.app.svc.cluster.local, port: 4317}
+"#;
+    let telemetry = r#"apiVersion: telemetry.istio.io/v1
+kind: Telemetry
+metadata: {name: mesh-default, namespace: istio-system}
+spec:
+  accessLogging:
+  - providers: [{name: als}, {name: als-default}]
+"#;
+    let text_cfg = format!("{model}---\n{mesh_config}---\n{telemetry}");
+    let wp = common::Waypoint::with_stats(&ca, &text_cfg, &format!("waypoint-otel-als-{net}.yaml"));
+    let trace = "0af7651916cd43dd8448eb211c80319c";
+    let get = |path: &str, fields: &str| {
+        format!("GET {path} HTTP/1.1\r\nhost: echo.app.svc.cluster.local\r\n{fields}\r\n")
+    };
+    let got = common::http1_on_tunnel(
+        wp.addr,
+        &wp.client_cert,
+        "10.96.0.1:80",
+        std::net::Ipv4Addr::new(10, 1, 0, 7),
+        &[
+            get("/ok", ""),
+            get(
+                "/missing?q=1",
+                &format!("x-debug: on\r\ntraceparent: 00-{trace}-b7ad6b7169203331-01\r\n"),
+            ),
+        ],
+    );
+    let statuses: Vec<u16> = got.iter().map(|r| r.status).collect();
+    assert_eq!(statuses, [200, 404]);
+    // The waypoint sends a batch a second after its first record; the bound is generous.
+    let mut all: Records = vec![];
+    while all.len() < 4 {
+        let more = records
+            .recv_timeout(common::EVENT_BOUND)
+            .unwrap_or_else(|e| panic!("records: {e}; got {all:?}"));
+        all.extend(more);
+    }
+    assert_eq!(all.len(), 4, "{all:?}");
+    let of = |name: &str| -> Vec<&waypoint::spans::pb::LogRecord> {
+        all.iter()
+            .filter(|(n, _)| n == name)
+            .map(|(_, l)| l)
+            .collect()
+    };
+    let custom = of("custom");
+    assert_eq!(custom.len(), 2, "{all:?}");
+    let client = wp.client_cert.identity.to_string();
+    for (l, (body, code, debug)) in custom.iter().zip([
+        ("GET /ok 200", "200", "-"),
+        ("GET /missing?q=1 404", "404", "on"),
+    ]) {
+        assert_eq!(text(&l.body), body);
+        let attrs: Vec<(String, String)> = l
+            .attributes
+            .iter()
+            .map(|kv| (kv.key.clone(), text(&kv.value)))
+            .collect();
+        assert_eq!(
+            attrs,
+            [
+                ("client".to_string(), client.clone()),
+                ("code".to_string(), code.to_string()),
+                ("debug".to_string(), debug.to_string()),
+            ]
+        );
+        assert!(l.time_unix_nano > 0 && l.observed_time_unix_nano == l.time_unix_nano);
+    }
+    // The client's trace context, kept.
+    assert_eq!(hex(&custom[1].trace_id), trace);
+    assert_eq!(custom[1].flags, 1);
+    // Without a logFormat: Istio's text format, no attributes.
+    let default = of("otel_envoy_accesslog");
+    assert_eq!(default.len(), 2, "{all:?}");
+    let body = text(&default[0].body);
+    assert!(body.starts_with('['), "{body}");
+    assert!(
+        body.contains("\"GET /ok HTTP/1.1\" 200 - via_upstream"),
+        "{body}"
+    );
+    assert!(body.ends_with('\n'), "{body}");
+    assert!(default[0].attributes.is_empty());
+    let stats = wp.handle().stats_addr().unwrap();
+    let page = common::prometheus_page(stats);
+    assert_eq!(
+        common::counter_in(
+            &page,
+            "waypoint_access_log_records_total{result=\"exported\"}"
+        ),
+        4,
+        "{page}"
+    );
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}

@@ -294,8 +294,20 @@ fn telemetry_errors_name_their_field() {
             "meshConfig.defaultProviders.accessLogging[0]",
         ),
         (
-            "meshConfig:\n  extensionProviders:\n  - name: f\n    envoyOtelAls: {service: loud.app.svc.cluster.local, port: 4317}\n".to_string(),
-            "envoyOtelAls",
+            "meshConfig:\n  extensionProviders:\n  - name: f\n    envoyHttpAls: {service: loud.app.svc.cluster.local, port: 4317}\n".to_string(),
+            "envoyHttpAls",
+        ),
+        (
+            "meshConfig:\n  extensionProviders:\n  - name: f\n    envoyOtelAls: {service: nowhere.svc, port: 4317}\n".to_string(),
+            "meshConfig.extensionProviders[0].envoyOtelAls.service",
+        ),
+        (
+            "meshConfig:\n  extensionProviders:\n  - name: f\n    envoyOtelAls: {service: loud.app.svc.cluster.local, port: 4317, logFormat: {labels: {a: 1}}}\n".to_string(),
+            "meshConfig.extensionProviders[0].envoyOtelAls.logFormat.labels.a",
+        ),
+        (
+            "meshConfig:\n  extensionProviders:\n  - name: f\n    envoyOtelAls: {service: loud.app.svc.cluster.local, port: 4317, logFormat: {text: \"%FILTER_STATE(x)%\"}}\n".to_string(),
+            "meshConfig.extensionProviders[0].envoyOtelAls.logFormat.text",
         ),
     ];
     for (doc, field) in table {
