@@ -2,6 +2,8 @@
 //! `filter.expression` is written in, over Envoy's request attributes: a filter such as
 //! `response.code >= 400 || request.headers['x-debug'] == 'on'` is parsed and checked at
 //! load (an error names the field), then evaluated for each request the log would take.
+//! Metrics `tagOverrides` values (`request.host`, `request.headers['x-tenant']`) are such
+//! expressions too, taken as text ([`Expr::text`]).
 //!
 //! * **Values**: integers (`400`, `400u`), strings (`'…'` or `"…"`, with `\\`, `\'`, `\"`,
 //!   `\n`, `\t` escapes), `true`/`false`, durations (`duration('1.5s')`).
@@ -145,6 +147,18 @@ impl Expr {
     /// Whether the request matches (an expression yielding `true`; an error does not).
     pub fn matches(&self, input: &Input<'_>) -> bool {
         matches!(eval(&self.0, input), Ok(Value::Bool(true)))
+    }
+
+    /// The expression's value for the request as text (a metric label's value, Telemetry
+    /// `tagOverrides`): a string as it is, an integer in decimal, `true`/`false`, a
+    /// duration in seconds (`1.5s`); `None` when it has none (a missing header, say).
+    pub fn text(&self, input: &Input<'_>) -> Option<String> {
+        Some(match eval(&self.0, input).ok()? {
+            Value::Str(s) => s.into_owned(),
+            Value::Int(v) => v.to_string(),
+            Value::Bool(b) => b.to_string(),
+            Value::Duration(d) => format!("{}s", d.as_secs_f64()),
+        })
     }
 }
 
@@ -571,6 +585,12 @@ mod tests {
     use crate::http1::{parse_head, Parsed, Record};
 
     fn check(expr: &str, status: u16, head: &str) -> bool {
+        let e = Expr::parse(expr).unwrap_or_else(|e| panic!("{expr}: {e}"));
+        with_input(status, head, |input| e.matches(input))
+    }
+
+    /// `f` of a request of `head` answered `status`.
+    fn with_input<T>(status: u16, head: &str, f: impl FnOnce(&Input<'_>) -> T) -> T {
         let Parsed::Head(h, _) = parse_head(head.as_bytes()) else {
             panic!("{head}")
         };
@@ -597,9 +617,27 @@ mod tests {
             destination: Some("10.96.0.1:80".parse().unwrap()),
             duration: Duration::from_millis(250),
         };
-        Expr::parse(expr)
-            .unwrap_or_else(|e| panic!("{expr}: {e}"))
-            .matches(&input)
+        f(&input)
+    }
+
+    /// Tag values: each kind of value as text; `None` where the request has none.
+    #[test]
+    fn values_as_text_for_metric_tags() {
+        let table: [(&str, Option<&str>); 8] = [
+            ("request.host", Some("shop.example")),
+            ("request.headers['x-debug']", Some("On")),
+            ("request.headers['x-none']", None),
+            ("response.code", Some("404")),
+            ("response.code >= 400", Some("true")),
+            ("'literal'", Some("literal")),
+            ("request.duration", Some("0.25s")),
+            ("request.size", Some("120")),
+        ];
+        for (expr, want) in table {
+            let e = Expr::parse(expr).unwrap();
+            let got = with_input(404, GET, |i| e.text(i));
+            assert_eq!(got.as_deref(), want, "{expr}");
+        }
     }
 
     const GET: &str = "GET /api/v1/items?page=2 HTTP/1.1\r\nhost: shop.example\r\nx-debug: On\r\nuser-agent: curl/8\r\n\r\n";

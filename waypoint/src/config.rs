@@ -12,7 +12,7 @@
 //! | `AuthorizationPolicy` | `security.istio.io/v1`, `/v1beta1` | [`crate::authz::Policy`] (`CUSTOM` with `provider.name`: an extension provider of the MeshConfig document) |
 //! | `RequestAuthentication` | `security.istio.io/v1`, `/v1beta1` | [`crate::jwt::RequestAuthn`]: `jwtRules[]` with `issuer`, `audiences`, `jwks` (inline JSON), or `jwksUri` (fetched, with `timeout`; neither: OpenID discovery from the issuer; see [`crate::jwks`]), `fromHeaders` (`name`, `prefix`), `fromParams`, `fromCookies`, `forwardOriginalToken`, `outputPayloadToHeader`, `outputClaimToHeaders` (`header`, `claim`) |
 //! | `VirtualService` | `networking.istio.io/v1`, `/v1beta1`, `/v1alpha3` | [`crate::route::HttpRoute`] with its rules in order (see `config/virtual_service.rs` for the fields) |
-//! | `Telemetry` | `telemetry.istio.io/v1`, `/v1alpha1` | [`TelemetryRule`]: `accessLogging` (`providers`: `envoy` or MeshConfig `envoyFileAccessLog` and `envoyOtelAls` ones, `disabled`, `match.mode` `CLIENT_AND_SERVER`/`SERVER`, `filter.expression` in CEL over Envoy's attributes, see [`crate::cel`]; merged per provider across the hierarchy as Istio's `mergeLogs`, [`WaypointConfig::telemetry_for`]) and `metrics` (`providers` `prometheus`, `overrides` with `match.metric` (`ALL_METRICS`, `REQUEST_COUNT`, `REQUEST_DURATION`, `REQUEST_SIZE`, `RESPONSE_SIZE`; TCP and gRPC message metrics: nothing to change) and `disabled`) and `tracing` (`providers` (one), `randomSamplingPercentage`, `disableSpanReporting`, `customTags` `literal`/`environment`/`header`, `match.mode`; see [`crate::spans`]) by `targetRefs` (the waypoint's Gateway, Services), namespace or root namespace; `tagOverrides`, `reportingInterval`, `customMetric` refused; a `selector` one set aside as AuthorizationPolicies' are |
+//! | `Telemetry` | `telemetry.istio.io/v1`, `/v1alpha1` | [`TelemetryRule`]: `accessLogging` (`providers`: `envoy` or MeshConfig `envoyFileAccessLog` and `envoyOtelAls` ones, `disabled`, `match.mode` `CLIENT_AND_SERVER`/`SERVER`, `filter.expression` in CEL over Envoy's attributes, see [`crate::cel`]; merged per provider across the hierarchy as Istio's `mergeLogs`, [`WaypointConfig::telemetry_for`]) and `metrics` (`providers` `prometheus`, `overrides` with `match.metric` (`ALL_METRICS`, `REQUEST_COUNT`, `REQUEST_DURATION`, `REQUEST_SIZE`, `RESPONSE_SIZE`; TCP and gRPC message metrics: nothing to change), `disabled` and `tagOverrides` (`UPSERT` with a CEL `value`, [`crate::cel::Expr::text`], or `REMOVE`; merged label by label as Istio's `mergeMetrics`)) and `tracing` (`providers` (one), `randomSamplingPercentage`, `disableSpanReporting`, `customTags` `literal`/`environment`/`header`, `match.mode`; see [`crate::spans`]) by `targetRefs` (the waypoint's Gateway, Services), namespace or root namespace; `reportingInterval`, `customMetric` refused; a `selector` one set aside as AuthorizationPolicies' are |
 //! | `DestinationRule` | `networking.istio.io/v1`, `/v1beta1`, `/v1alpha3` | [`Subset`]s (`subsets[]`: `name`, `labels`, `trafficPolicy` whose fields replace the rule's); [`ServiceLb`]: `trafficPolicy.loadBalancer` (`simple`, or `consistentHash` with `httpHeaderName`, `httpQueryParameterName`, `useSourceIp` or `httpCookie` `name`/`path`/`ttl`/`attributes`), `.outlierDetection` (`consecutive5xxErrors`, `consecutiveGatewayErrors`, `interval`, `baseEjectionTime`, `maxEjectionPercent`), `.loadBalancer.localityLbSetting` (with outlier detection, as Istio: locality failover priorities from the waypoint's own workload — `enabled`, `failover` from/to regions, `failoverPriority` label keys; or, with or without outlier detection, `distribute` locality weights — `from`/`to` patterns `region/zone/subzone` with a last `*`, weights summing to 100; see [`crate::lb::LocalityLb`], [`crate::lb::distribute`]), `.loadBalancer.warmupDurationSecs` (Envoy's slow start for round robin, least request and random: a new endpoint's share grows from 10 % to all of it over the window; refused with consistentHash), `.connectionPool.http.useClientProtocol`, `.connectionPool.http.idleTimeout`, `.tls.mode: ISTIO_MUTUAL` (what HBONE is; other modes refused), `.portLevelSettings` (all of these per service port, each entry replacing the service's for its port); [`crate::breaker`]: `.connectionPool.tcp.maxConnections`, `.tcp.connectTimeout`, `.http.http1MaxPendingRequests`, `.http.http2MaxRequests`, `.http.maxRequestsPerConnection`, `.http.maxRetries` |
 //! | no `apiVersion`/`kind`, a `waypoint:` key | — | [`SettingsDoc`], exactly one for the binary |
 //! | no `apiVersion`/`kind`, a `meshConfig:` key | — | Istio MeshConfig's `extensionProviders` of kinds `envoyExtAuthzHttp` (`service`: a model service's hostname, or `namespace/hostname`; `port`, `pathPrefix`, `timeout`, `failOpen`, `statusOnError`, `includeRequestHeadersInCheck`, `includeAdditionalHeadersInCheck`, `headersToUpstreamOnAllow`, `headersToDownstreamOnDeny`, `headersToDownstreamOnAllow`) and `envoyExtAuthzGrpc` (`service`, `port`, `timeout`, `failOpen`, `statusOnError`) (see [`crate::ext_authz`]), and the tracing providers `opentelemetry` (`service`, `port`, `maxTagLength`, `http` with `path`, `timeout`, `headers`: OTLP over HTTP, else over gRPC) and `zipkin` (`service`, `port`, `maxTagLength`, `enable64bitTraceId`, `path`, `timeout`, `headers`), with `defaultProviders.tracing` (see [`crate::spans`]); the access log providers `envoyFileAccessLog` (`path`, default `/dev/stdout`; `logFormat` `text` or `labels` (JSON), default Istio's text format; `omitEmptyValues`; Envoy's command operators, see [`crate::logfmt`]) and `envoyOtelAls` (`service`, `port`, `logName`, `logFormat` `text` (the record's body, default Istio's text format) and `labels` (its attributes); OTLP logs over gRPC, exported as spans are) with `defaultProviders.accessLogging`, and `accessLogFile`, `accessLogFormat`, `accessLogEncoding` (`TEXT`/`JSON`), which make the built-in `envoy` provider write Istio's format (without them it writes the waypoint's own `access` line to stderr); one MeshConfig document, reloaded with the file |
@@ -458,6 +458,43 @@ pub struct LogSink {
     pub filter: Option<Arc<crate::cel::Expr>>,
 }
 
+/// A Telemetry metrics override's `tagOverrides` entry.
+#[derive(Debug, Clone)]
+pub enum TagOverride {
+    /// The label is left out.
+    Remove,
+    /// The label (a standard one, or a new one) takes the expression's value for each
+    /// request ([`crate::cel::Expr::text`]; `unknown` when it has none).
+    Upsert(Arc<crate::cel::Expr>),
+}
+
+/// Tag overrides by metric ([`crate::telemetry::METRICS`]), each metric's by label name.
+#[derive(Debug, Clone, Default)]
+pub struct MetricTags(pub [Vec<(String, TagOverride)>; 4]);
+
+impl MetricTags {
+    /// `name` of metric `m` set to `t` (replacing an earlier override of it).
+    fn set(&mut self, m: usize, name: &str, t: TagOverride) {
+        let list = &mut self.0[m];
+        match list.iter_mut().find(|(n, _)| n == name) {
+            Some(e) => e.1 = t,
+            None => list.push((name.to_string(), t)),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.iter().all(Vec::is_empty)
+    }
+
+    /// Whether any override takes a value from the request.
+    pub fn upserts(&self) -> bool {
+        self.0
+            .iter()
+            .flatten()
+            .any(|(_, t)| matches!(t, TagOverride::Upsert(_)))
+    }
+}
+
 /// A Telemetry `accessLogging` entry.
 #[derive(Debug, Clone)]
 pub struct LogEntry {
@@ -481,6 +518,8 @@ pub struct TelemetryRule {
     /// By [`crate::telemetry::METRICS`]: reported or not, as its overrides say; `None`:
     /// not overridden here.
     pub metrics: [Option<bool>; 4],
+    /// Its overrides' `tagOverrides`, by metric.
+    pub tags: MetricTags,
     /// Its `tracing`, when it has one.
     pub tracing: Option<TracingRule>,
 }
@@ -520,6 +559,8 @@ pub struct TracingRule {
 pub struct TelemetryChoice {
     pub logs: Vec<LogSink>,
     pub metrics: crate::telemetry::Shown,
+    /// The metrics' tag overrides (`None`: none).
+    pub tags: Option<Arc<MetricTags>>,
 }
 
 impl WaypointConfig {
@@ -541,12 +582,16 @@ impl WaypointConfig {
         let mut metrics: [Option<(u8, bool)>; 4] = [None; 4];
         let better = |best: &Option<(u8, bool)>, rank: u8| best.is_none_or(|(r, _)| rank > r);
         let mut logging: Vec<(u8, &TelemetryRule)> = vec![];
+        let mut tagged: Vec<(u8, &TelemetryRule)> = vec![];
         for t in &self.telemetry {
             let Some(rank) = t.rank(s) else {
                 continue;
             };
             if !t.access_log.is_empty() {
                 logging.push((rank, t));
+            }
+            if !t.tags.is_empty() {
+                tagged.push((rank, t));
             }
             for (m, set) in metrics.iter_mut().zip(t.metrics) {
                 if let Some(on) = set.filter(|_| better(m, rank)) {
@@ -559,9 +604,22 @@ impl WaypointConfig {
             .enumerate()
             .filter(|(_, m)| m.is_none_or(|(_, on)| on))
             .fold(0, |acc, (i, _)| acc | 1 << i);
+        // Tags as Istio's `mergeMetrics`: from the root namespace's Telemetry to the
+        // `targetRefs` ones (file order among equals), a later override of a label over
+        // an earlier one.
+        tagged.sort_by_key(|(rank, _)| *rank);
+        let mut tags = MetricTags::default();
+        for (_, t) in tagged {
+            for (m, list) in t.tags.0.iter().enumerate() {
+                for (name, o) in list {
+                    tags.set(m, name, o.clone());
+                }
+            }
+        }
         TelemetryChoice {
             logs: self.merge_logs(logging),
             metrics: shown,
+            tags: (!tags.is_empty()).then(|| Arc::new(tags)),
         }
     }
 
@@ -4192,7 +4250,16 @@ struct MetricOverrideRaw {
     #[serde(default)]
     disabled: Option<bool>,
     #[serde(default)]
-    tag_overrides: Option<serde::de::IgnoredAny>,
+    tag_overrides: BTreeMap<String, TagOverrideRaw>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TagOverrideRaw {
+    #[serde(default)]
+    operation: Option<String>,
+    #[serde(default)]
+    value: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -4266,8 +4333,9 @@ fn only_provider(
 /// A Telemetry's `metrics` overrides: by [`crate::telemetry::METRICS`], reported or not.
 /// Only `disabled` is taken (its tags are Istio's standard ones); TCP metrics are accepted
 /// and have nothing to change (the waypoint reports request metrics only).
-fn compile_metrics(list: &[MetricsRaw]) -> Result<[Option<bool>; 4], Invalid> {
+fn compile_metrics(list: &[MetricsRaw]) -> Result<([Option<bool>; 4], MetricTags), Invalid> {
     let mut out = [None; 4];
+    let mut tags = MetricTags::default();
     for (i, m) in list.iter().enumerate() {
         let f = format!("spec.metrics[{i}]");
         only_provider(
@@ -4284,11 +4352,32 @@ fn compile_metrics(list: &[MetricsRaw]) -> Result<[Option<bool>; 4], Invalid> {
         }
         for (k, o) in m.overrides.iter().enumerate() {
             let of = format!("{f}.overrides[{k}]");
-            if o.tag_overrides.is_some() {
-                return Err(Invalid::new(
-                    format!("{of}.tagOverrides"),
-                    "not supported: the waypoint's labels are Istio's standard ones",
-                ));
+            let mut these = vec![];
+            for (name, t) in &o.tag_overrides {
+                let tf = format!("{of}.tagOverrides.{name}");
+                if !crate::telemetry::label_name(name) {
+                    return Err(Invalid::new(tf, "not a Prometheus label name"));
+                }
+                let t = match (t.operation.as_deref().unwrap_or("UPSERT"), &t.value) {
+                    ("REMOVE", _) => TagOverride::Remove,
+                    ("UPSERT", Some(v)) => TagOverride::Upsert(Arc::new(
+                        crate::cel::Expr::parse(v)
+                            .map_err(|e| Invalid::new(format!("{tf}.value"), e))?,
+                    )),
+                    ("UPSERT", None) => {
+                        return Err(Invalid::new(
+                            format!("{tf}.value"),
+                            "an UPSERT needs a value (a CEL expression)",
+                        ))
+                    }
+                    (other, _) => {
+                        return Err(Invalid::new(
+                            format!("{tf}.operation"),
+                            format!("{other:?}: UPSERT or REMOVE"),
+                        ))
+                    }
+                };
+                these.push((name.clone(), t));
             }
             let mm = o.matching.as_ref();
             server_mode(
@@ -4301,12 +4390,21 @@ fn compile_metrics(list: &[MetricsRaw]) -> Result<[Option<bool>; 4], Invalid> {
                     "not supported (Istio's standard metrics only)",
                 ));
             }
-            let on = o.disabled != Some(true);
+            // An override without `disabled` leaves it as it was (only its tags count).
+            let on = o.disabled.map(|d| !d);
+            let mut apply = |x: usize| {
+                if on.is_some() {
+                    out[x] = on;
+                }
+                for (name, t) in &these {
+                    tags.set(x, name, t.clone());
+                }
+            };
             match mm
                 .and_then(|x| x.metric.as_deref())
                 .unwrap_or("ALL_METRICS")
             {
-                "ALL_METRICS" => out = [Some(on); 4],
+                "ALL_METRICS" => (0..4).for_each(&mut apply),
                 "TCP_OPENED_CONNECTIONS"
                 | "TCP_CLOSED_CONNECTIONS"
                 | "TCP_SENT_BYTES"
@@ -4314,7 +4412,7 @@ fn compile_metrics(list: &[MetricsRaw]) -> Result<[Option<bool>; 4], Invalid> {
                 | "GRPC_REQUEST_MESSAGES"
                 | "GRPC_RESPONSE_MESSAGES" => {}
                 name => match crate::telemetry::METRICS.iter().position(|n| *n == name) {
-                    Some(x) => out[x] = Some(on),
+                    Some(x) => apply(x),
                     None => {
                         return Err(Invalid::new(
                             format!("{of}.match.metric"),
@@ -4325,13 +4423,13 @@ fn compile_metrics(list: &[MetricsRaw]) -> Result<[Option<bool>; 4], Invalid> {
             }
         }
     }
-    Ok(out)
+    Ok((out, tags))
 }
 
 /// A Telemetry's `accessLogging`, `metrics` and `tracing` (`None`: it has none).
 fn compile_telemetry(d: &Doc<TelemetrySpec>) -> Result<Option<TelemetryRule>, Invalid> {
     let s = &d.spec;
-    let metrics = compile_metrics(&s.metrics)?;
+    let (metrics, tags) = compile_metrics(&s.metrics)?;
     let tracing = compile_tracing(&s.tracing)?;
     let mut access_log = vec![];
     for (i, a) in s.access_logging.iter().enumerate() {
@@ -4354,7 +4452,11 @@ fn compile_telemetry(d: &Doc<TelemetrySpec>) -> Result<Option<TelemetryRule>, In
             filter,
         });
     }
-    if access_log.is_empty() && metrics.iter().all(Option::is_none) && tracing.is_none() {
+    if access_log.is_empty()
+        && metrics.iter().all(Option::is_none)
+        && tags.is_empty()
+        && tracing.is_none()
+    {
         return Ok(None);
     }
     let ns = d.metadata.namespace();
@@ -4363,6 +4465,7 @@ fn compile_telemetry(d: &Doc<TelemetrySpec>) -> Result<Option<TelemetryRule>, In
         attachment: attachment(ns, &s.selector, &s.target_ref, &s.target_refs)?,
         access_log,
         metrics,
+        tags,
         tracing,
     }))
 }

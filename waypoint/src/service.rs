@@ -1376,9 +1376,35 @@ impl Drop for HboneUpstream {
 /// one copy ([`set_last`]).
 type Dest = (Option<ObjectRef>, String);
 
-/// Status, flags, the routed service and endpoint, and gRPC (`Some` for a gRPC request,
-/// with its status when known).
-type MetricKey = (u16, &'static str, Option<Rc<Dest>>, Option<Option<u32>>);
+/// Status, flags, the routed service and endpoint, gRPC (`Some` for a gRPC request, with
+/// its status when known), and the values of the metrics' `tagOverrides` UPSERTs (`None`:
+/// none).
+type MetricKey = (
+    u16,
+    &'static str,
+    Option<Rc<Dest>>,
+    Option<Option<u32>>,
+    Option<Rc<[String]>>,
+);
+
+/// The label changes of `tags` with `values` (their UPSERTs' values, in order).
+fn tweaks(
+    tags: &crate::config::MetricTags,
+    values: Option<&[String]>,
+) -> Arc<crate::telemetry::TagTweaks> {
+    let mut values = values.unwrap_or_default().iter();
+    let mut out = crate::telemetry::TagTweaks::default();
+    for (m, list) in tags.0.iter().enumerate() {
+        for (name, t) in list {
+            let v = match t {
+                crate::config::TagOverride::Upsert(_) => values.next().cloned(),
+                crate::config::TagOverride::Remove => None,
+            };
+            out.0[m].push((name.clone(), v));
+        }
+    }
+    Arc::new(out)
+}
 
 /// Make `last` (service `svc`, endpoint workload `uid`), reusing the copy already there or
 /// in the tunnel's metric `cache` (an HTTP/2 tunnel's upstream is made per request): no
@@ -1457,6 +1483,8 @@ struct View {
     metric_cache: MetricCache,
     /// Tracing for the tunnel's destination under `l7`, resolved at its first request.
     tracing: std::cell::OnceCell<Option<Rc<ViewTracing>>>,
+    /// The metrics' Telemetry `tagOverrides` for it, resolved at its first request.
+    tags: std::cell::OnceCell<Option<Arc<crate::config::MetricTags>>>,
 }
 
 /// The tracing of a tunnel's destination ([`WaypointConfig::tracing_for`]) and the name of
@@ -1547,6 +1575,7 @@ impl TunnelFacts {
                     peer: old.peer.clone(),
                     metric_cache: Rc::default(),
                     tracing: Default::default(),
+                    tags: Default::default(),
                     l7,
                 }
             }
@@ -1593,6 +1622,7 @@ fn derive(
         peer: Rc::new(peer),
         metric_cache: Rc::default(),
         tracing: Default::default(),
+        tags: Default::default(),
         l7,
     }
 }
@@ -2009,12 +2039,25 @@ impl Upstream for HboneUpstream {
             .grpc
             .take()
             .map(|g| g.or_else(|| crate::telemetry::grpc_status_of_http(r.status)));
+        // The view's (an `Rc`, so no count of the `Arc` per request).
+        let view = self.view.clone();
+        let tags = view
+            .tags
+            .get_or_init(|| self.telemetry_choice().tags)
+            .as_ref();
+        let tag_values = tags
+            .filter(|t| t.upserts())
+            .map(|t| self.tag_values(t, r, ms));
         let cached = self
             .metric_cache
             .borrow()
             .iter()
             .find(|(k, _)| {
-                k.0 == r.status && k.1 == r.flags && k.2.as_ref() == last_ref && k.3 == grpc
+                k.0 == r.status
+                    && k.1 == r.flags
+                    && k.2.as_ref() == last_ref
+                    && k.3 == grpc
+                    && k.4 == tag_values
             })
             .map(|(_, c)| c.clone());
         let access = tracing::enabled!(target: "access", tracing::Level::INFO);
@@ -2023,13 +2066,14 @@ impl Upstream for HboneUpstream {
         let set = match cached {
             Some(set) => set,
             None => {
-                let set = self.new_label_set(r.status, r.flags, was_routed, grpc);
+                let tweaks = tags.map(|t| tweaks(t, tag_values.as_deref()));
+                let set = self.new_label_set(r.status, r.flags, was_routed, grpc, tweaks);
                 let mut cache = self.metric_cache.borrow_mut();
                 if cache.len() >= METRIC_CACHE {
                     cache.remove(0);
                 }
                 let last = if was_routed { self.last.clone() } else { None };
-                cache.push(((r.status, r.flags, last, grpc), set.clone()));
+                cache.push(((r.status, r.flags, last, grpc, tag_values), set.clone()));
                 set
             }
         };
@@ -2210,14 +2254,18 @@ impl HboneUpstream {
         r: &http1::Record<'_>,
         ms: f64,
     ) -> bool {
+        filter.matches(&self.cel_input(r, ms))
+    }
+
+    /// What CEL expressions (log filters, tag values) read of the request `r`, `ms` long.
+    fn cel_input<'a>(&self, r: &'a http1::Record<'a>, ms: f64) -> crate::cel::Input<'a> {
         let ctx = self.view.ctx.as_deref();
-        let input = crate::cel::Input {
+        crate::cel::Input {
             record: r,
             source: self.view.peer.addr,
             destination: ctx.map(|c| SocketAddr::new(c.destination_ip, c.destination_port)),
             duration: Duration::from_secs_f64(ms / 1000.0),
-        };
-        filter.matches(&input)
+        }
     }
 
     /// `log` given the fields Envoy-formatted access logs read of the request `r`
@@ -2520,6 +2568,7 @@ impl HboneUpstream {
         flags: &'static str,
         was_routed: bool,
         grpc: Option<Option<u32>>,
+        tweaks: Option<Arc<crate::telemetry::TagTweaks>>,
     ) -> Rc<LabelSet> {
         let last = if was_routed {
             self.last.as_deref()
@@ -2564,18 +2613,9 @@ impl HboneUpstream {
             request_protocol: if grpc.is_some() { "grpc" } else { "http" },
             response_code: status,
             response_flags: flags,
+            tweaks,
         };
-        // Telemetry, for what the tunnel was addressed to (a tunnel with no served target
-        // as the settings and the mesh-wide Telemetry say).
-        let choice = match self.view.ctx.as_deref() {
-            Some(ctx) => self.view.l7.telemetry_for(&http1::subject(ctx)),
-            None => self.view.l7.telemetry_for(&crate::authz::Subject {
-                waypoint: &self.worker.shared.settings.me.gateway,
-                root_namespace: &self.worker.shared.settings.root_namespace,
-                service: None,
-                workload: None,
-            }),
-        };
+        let choice = self.telemetry_choice();
         let counters = self.worker.metrics.counters(&labels);
         counters.shown.store(choice.metrics, Relaxed);
         Rc::new(LabelSet {
@@ -2588,6 +2628,41 @@ impl HboneUpstream {
 
     fn source_ip(&self) -> IpAddr {
         self.view.peer.addr
+    }
+
+    /// Telemetry, for what the tunnel was addressed to (a tunnel with no served target as
+    /// the settings and the mesh-wide Telemetry say).
+    fn telemetry_choice(&self) -> crate::config::TelemetryChoice {
+        match self.view.ctx.as_deref() {
+            Some(ctx) => self.view.l7.telemetry_for(&http1::subject(ctx)),
+            None => self.view.l7.telemetry_for(&crate::authz::Subject {
+                waypoint: &self.worker.shared.settings.me.gateway,
+                root_namespace: &self.worker.shared.settings.root_namespace,
+                service: None,
+                workload: None,
+            }),
+        }
+    }
+
+    /// The values of `tags`' UPSERTs for the request `r`, in their order (`unknown` where
+    /// an expression has none).
+    fn tag_values(
+        &self,
+        tags: &crate::config::MetricTags,
+        r: &http1::Record<'_>,
+        ms: f64,
+    ) -> Rc<[String]> {
+        let input = self.cel_input(r, ms);
+        tags.0
+            .iter()
+            .flatten()
+            .filter_map(|(_, t)| match t {
+                crate::config::TagOverride::Upsert(e) => {
+                    Some(e.text(&input).unwrap_or_else(|| "unknown".to_string()))
+                }
+                crate::config::TagOverride::Remove => None,
+            })
+            .collect()
     }
 
     /// The balancer's endpoint of `svc:port` for this request (`hdrs`: its headers when the

@@ -74,6 +74,22 @@ pub struct RequestLabels {
     /// as Envoy does); empty otherwise (as Istio's label on HTTP).
     pub grpc_response_status: String,
     pub response_flags: &'static str,
+    /// Telemetry `tagOverrides` with their values for this set's requests (`None`: none).
+    pub tweaks: Option<Arc<TagTweaks>>,
+}
+
+/// Label changes by metric ([`METRICS`]), in order: a label set to a value (a standard one
+/// replaced where it stands, a new one added at the end), or left out (`None`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TagTweaks(pub [Vec<(String, Option<String>)>; 4]);
+
+/// Whether `s` is a Prometheus label name (`[a-zA-Z_][a-zA-Z0-9_]*`, not `__`-prefixed).
+pub fn label_name(s: &str) -> bool {
+    let mut b = s.bytes();
+    b.next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == b'_')
+        && b.all(|c| c.is_ascii_alphanumeric() || c == b'_')
+        && !s.starts_with("__")
 }
 
 /// A workload's app, version, canonical service and revision, and cluster, as Istio's
@@ -216,35 +232,88 @@ pub fn grpc_status_of_http(status: u16) -> Option<u32> {
 }
 
 impl RequestLabels {
+    /// Istio's standard labels, names and values, in Istio's order.
+    fn pairs(&self) -> [(&'static str, std::borrow::Cow<'_, str>); 24] {
+        use std::borrow::Cow::{Borrowed, Owned};
+        let (s, d) = (&self.source, &self.destination);
+        [
+            ("reporter", Borrowed("waypoint")),
+            ("source_workload", Borrowed(&self.source_workload)),
+            ("source_canonical_service", Borrowed(&s.canonical_service)),
+            ("source_canonical_revision", Borrowed(&s.canonical_revision)),
+            (
+                "source_workload_namespace",
+                Borrowed(&self.source_workload_namespace),
+            ),
+            ("source_principal", Borrowed(&self.source_principal)),
+            ("source_app", Borrowed(&s.app)),
+            ("source_version", Borrowed(&s.version)),
+            ("source_cluster", Borrowed(&s.cluster)),
+            ("destination_workload", Borrowed(&self.destination_workload)),
+            (
+                "destination_workload_namespace",
+                Borrowed(&self.destination_workload_namespace),
+            ),
+            (
+                "destination_principal",
+                Borrowed(&self.destination_principal),
+            ),
+            ("destination_app", Borrowed(&d.app)),
+            ("destination_version", Borrowed(&d.version)),
+            ("destination_service", Borrowed(&self.destination_service)),
+            (
+                "destination_canonical_service",
+                Borrowed(&d.canonical_service),
+            ),
+            (
+                "destination_canonical_revision",
+                Borrowed(&d.canonical_revision),
+            ),
+            (
+                "destination_service_name",
+                Borrowed(&self.destination_service_name),
+            ),
+            (
+                "destination_service_namespace",
+                Borrowed(&self.destination_service_namespace),
+            ),
+            ("destination_cluster", Borrowed(&d.cluster)),
+            ("request_protocol", Borrowed(self.request_protocol)),
+            ("response_code", Owned(self.response_code.to_string())),
+            ("grpc_response_status", Borrowed(&self.grpc_response_status)),
+            ("response_flags", Borrowed(self.response_flags)),
+        ]
+    }
+
     /// The label text, Istio's names (rendered once per label set, when first recorded).
     pub fn render(&self) -> String {
-        let (s, d) = (&self.source, &self.destination);
-        format!(
-            "reporter=\"waypoint\",source_workload=\"{}\",source_canonical_service=\"{}\",source_canonical_revision=\"{}\",source_workload_namespace=\"{}\",source_principal=\"{}\",source_app=\"{}\",source_version=\"{}\",source_cluster=\"{}\",destination_workload=\"{}\",destination_workload_namespace=\"{}\",destination_principal=\"{}\",destination_app=\"{}\",destination_version=\"{}\",destination_service=\"{}\",destination_canonical_service=\"{}\",destination_canonical_revision=\"{}\",destination_service_name=\"{}\",destination_service_namespace=\"{}\",destination_cluster=\"{}\",request_protocol=\"{}\",response_code=\"{}\",grpc_response_status=\"{}\",response_flags=\"{}\",connection_security_policy=\"mutual_tls\"",
-            esc(&self.source_workload),
-            esc(&s.canonical_service),
-            esc(&s.canonical_revision),
-            esc(&self.source_workload_namespace),
-            esc(&self.source_principal),
-            esc(&s.app),
-            esc(&s.version),
-            esc(&s.cluster),
-            esc(&self.destination_workload),
-            esc(&self.destination_workload_namespace),
-            esc(&self.destination_principal),
-            esc(&d.app),
-            esc(&d.version),
-            esc(&self.destination_service),
-            esc(&d.canonical_service),
-            esc(&d.canonical_revision),
-            esc(&self.destination_service_name),
-            esc(&self.destination_service_namespace),
-            esc(&d.cluster),
-            self.request_protocol,
-            self.response_code,
-            esc(&self.grpc_response_status),
-            self.response_flags,
-        )
+        self.render_metric(None)
+    }
+
+    /// The label text of metric `m` (its `tagOverrides` applied; `None`: Istio's labels).
+    fn render_metric(&self, m: Option<usize>) -> String {
+        let tweaks = m.and_then(|m| Some(&self.tweaks.as_ref()?.0[m]));
+        let mut pairs: Vec<(&str, std::borrow::Cow<'_, str>)> = self.pairs().into();
+        pairs.push(("connection_security_policy", "mutual_tls".into()));
+        for (name, value) in tweaks.into_iter().flatten() {
+            let at = pairs.iter().position(|(n, _)| n == name);
+            match (at, value) {
+                (Some(i), Some(v)) => pairs[i].1 = v.as_str().into(),
+                (None, Some(v)) => pairs.push((name, v.as_str().into())),
+                (Some(i), None) => {
+                    pairs.remove(i);
+                }
+                (None, None) => {}
+            }
+        }
+        let mut out = String::with_capacity(768);
+        for (i, (n, v)) in pairs.iter().enumerate() {
+            if i > 0 {
+                out.push(',');
+            }
+            let _ = write!(out, "{n}=\"{}\"", esc(v));
+        }
+        out
     }
 }
 
@@ -487,19 +556,22 @@ impl Histogram {
         self.count.load(Relaxed)
     }
 
-    fn render(&self, out: &mut String, name: &str, labels: &str) {
+    /// One series of the histograms `hs` (of the same bounds) added up.
+    fn render_sum(hs: &[&Histogram], out: &mut String, name: &str, labels: &str) {
+        let Some(first) = hs.first() else { return };
         let mut acc = 0;
-        for (i, b) in self.buckets.iter().enumerate() {
-            acc += b.load(Relaxed);
-            let le = match self.bounds.get(i) {
+        for (i, bound) in first.bounds.iter().map(Some).chain([None]).enumerate() {
+            acc += hs.iter().map(|h| h.buckets[i].load(Relaxed)).sum::<u64>();
+            let le = match bound {
                 Some(x) => format!("{x}"),
                 None => "+Inf".into(),
             };
             let _ = writeln!(out, "{name}_bucket{{{labels},le=\"{le}\"}} {acc}");
         }
-        let sum = self.sum_milli.load(Relaxed) as f64 / 1000.0;
+        let sum = hs.iter().map(|h| h.sum_milli.load(Relaxed)).sum::<u64>() as f64 / 1000.0;
+        let count: u64 = hs.iter().map(|h| h.count.load(Relaxed)).sum();
         let _ = writeln!(out, "{name}_sum{{{labels}}} {sum}");
-        let _ = writeln!(out, "{name}_count{{{labels}}} {}", self.count.load(Relaxed));
+        let _ = writeln!(out, "{name}_count{{{labels}}} {count}");
     }
 }
 
@@ -525,6 +597,8 @@ pub const ALL_SHOWN: Shown = 0b1111;
 pub struct RequestCounters {
     /// The label set's text, rendered once when the set was first recorded.
     labels: String,
+    /// Each metric's, when `tagOverrides` change them.
+    tweaked: Option<Box<[String; 4]>>,
     /// The metrics reported for it: the [`Shown`] mask its requests were last recorded
     /// under (a disabled one is neither counted nor shown).
     pub shown: std::sync::atomic::AtomicU8,
@@ -535,9 +609,18 @@ pub struct RequestCounters {
 }
 
 impl RequestCounters {
-    fn new(labels: String) -> Self {
+    /// The label text of metric `m`.
+    fn labels_of(&self, m: usize) -> &str {
+        self.tweaked.as_ref().map_or(&self.labels, |t| &t[m])
+    }
+
+    fn new(l: &RequestLabels) -> Self {
         RequestCounters {
-            labels,
+            labels: l.render(),
+            tweaked: l
+                .tweaks
+                .as_ref()
+                .map(|_| Box::new(std::array::from_fn(|m| l.render_metric(Some(m))))),
             shown: std::sync::atomic::AtomicU8::new(ALL_SHOWN),
             requests: AtomicU64::new(0),
             duration_ms: Histogram::new(&DURATION_BUCKETS_MS),
@@ -565,7 +648,7 @@ impl Metrics {
         if let Some(v) = self.requests.load().get(k) {
             return v.clone();
         }
-        let fresh = Arc::new(RequestCounters::new(k.render()));
+        let fresh = Arc::new(RequestCounters::new(k));
         self.requests.rcu(|m| {
             let mut m = HashMap::clone(m);
             m.entry(k.clone()).or_insert_with(|| fresh.clone());
@@ -589,22 +672,34 @@ impl Metrics {
     /// Prometheus text exposition.
     pub fn render(&self) -> String {
         let m = self.requests.load();
-        // The label text rendered when each set was first recorded (no formatting here).
-        let mut sets: Vec<(&str, &Arc<RequestCounters>)> =
-            m.values().map(|v| (v.labels.as_str(), v)).collect();
-        sets.sort_by(|a, b| a.0.cmp(b.0));
+        let shown = |c: &RequestCounters, i: usize| c.shown.load(Relaxed) & (1 << i) != 0;
+        // Metric `i`'s series: the label text rendered when each set was first recorded
+        // (no formatting here), sorted; sets whose texts are equal (a `tagOverrides` REMOVE
+        // took out what told them apart) are one series, their counts added up.
+        let series = |i: usize| {
+            let mut sets: Vec<(&str, &RequestCounters)> = m
+                .values()
+                .filter(|c| shown(c, i))
+                .map(|c| (c.labels_of(i), &**c))
+                .collect();
+            sets.sort_by(|a, b| a.0.cmp(b.0));
+            let mut out: Vec<(&str, Vec<&RequestCounters>)> = vec![];
+            for (l, c) in sets {
+                match out.last_mut() {
+                    Some((last, cs)) if *last == l => cs.push(c),
+                    _ => out.push((l, vec![c])),
+                }
+            }
+            out
+        };
         let mut out = String::new();
         let _ = writeln!(
             out,
             "# HELP istio_requests_total Requests handled by this waypoint.\n# TYPE istio_requests_total counter"
         );
-        let shown = |c: &RequestCounters, i: usize| c.shown.load(Relaxed) & (1 << i) != 0;
-        for (l, c) in sets.iter().filter(|(_, c)| shown(c, 0)) {
-            let _ = writeln!(
-                out,
-                "istio_requests_total{{{l}}} {}",
-                c.requests.load(Relaxed)
-            );
+        for (l, cs) in series(0) {
+            let n: u64 = cs.iter().map(|c| c.requests.load(Relaxed)).sum();
+            let _ = writeln!(out, "istio_requests_total{{{l}}} {n}");
         }
         type Get = fn(&RequestCounters) -> &Histogram;
         let hists: [(&str, &str, Get); 3] = [
@@ -626,8 +721,9 @@ impl Metrics {
         ];
         for (i, (name, help, get)) in hists.into_iter().enumerate() {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
-            for (l, c) in sets.iter().filter(|(_, c)| shown(c, i + 1)) {
-                get(c).render(&mut out, name, l);
+            for (l, cs) in series(i + 1) {
+                let hs: Vec<&Histogram> = cs.into_iter().map(get).collect();
+                Histogram::render_sum(&hs, &mut out, name, l);
             }
         }
         // Whether this process holds `runtime.cpu_latency_limit` (a process-wide gauge).
@@ -993,7 +1089,7 @@ mod tests {
             h.observe(v);
         }
         let mut out = String::new();
-        h.render(&mut out, "x", "a=\"b\"");
+        Histogram::render_sum(&[&h], &mut out, "x", "a=\"b\"");
         assert!(out.contains("x_bucket{a=\"b\",le=\"1\"} 1\n"), "{out}");
         assert!(out.contains("x_bucket{a=\"b\",le=\"10\"} 3\n"), "{out}");
         assert!(

@@ -1182,6 +1182,7 @@ fn telemetry_istio_request_metrics_keep_the_original_client_and_traceparent() {
             response_code: code,
             grpc_response_status: String::new(),
             response_flags: "-",
+            tweaks: None,
         };
     // Routed echo → echo-v1: the destination is the service and pod that answered.
     let ok = metrics

@@ -183,8 +183,20 @@ fn telemetry_errors_name_their_field() {
             "spec.accessLogging[0].match.mode",
         ),
         (
-            metrics("m", "", "  - overrides: [{tagOverrides: {request_host: {operation: REMOVE}}}]\n"),
-            "spec.metrics[0].overrides[0].tagOverrides",
+            metrics("m", "", "  - overrides: [{tagOverrides: {request-host: {operation: REMOVE}}}]\n"),
+            "spec.metrics[0].overrides[0].tagOverrides.request-host",
+        ),
+        (
+            metrics("m", "", "  - overrides: [{tagOverrides: {request_host: {}}}]\n"),
+            "spec.metrics[0].overrides[0].tagOverrides.request_host.value",
+        ),
+        (
+            metrics("m", "", "  - overrides: [{tagOverrides: {request_host: {operation: DELETE}}}]\n"),
+            "spec.metrics[0].overrides[0].tagOverrides.request_host.operation",
+        ),
+        (
+            metrics("m", "", "  - overrides: [{tagOverrides: {request_host: {value: \"request.hots\"}}}]\n"),
+            "spec.metrics[0].overrides[0].tagOverrides.request_host.value",
         ),
         (
             metrics("m", "", "  - overrides: [{match: {metric: REQUEST_COUNTS}, disabled: true}]\n"),
@@ -628,4 +640,69 @@ fn access_log_providers_merge_across_the_hierarchy() {
         ];
         assert_eq!(got, want, "row {i}");
     }
+}
+
+/// The tag overrides of a request to `ns/name`, by metric: (label, `None` REMOVE / `Some`
+/// UPSERT).
+fn tags(cfg: &WaypointConfig, ns: &str, name: &str) -> Vec<Vec<(String, bool)>> {
+    match choice(cfg, ns, name).tags {
+        None => vec![],
+        Some(t) => {
+            t.0.iter()
+                .map(|list| {
+                    list.iter()
+                        .map(|(n, o)| {
+                            (
+                                n.clone(),
+                                matches!(o, waypoint::config::TagOverride::Upsert(_)),
+                            )
+                        })
+                        .collect()
+                })
+                .collect()
+        }
+    }
+}
+
+/// Tag overrides merge as Istio's `mergeMetrics`: label by label, a more specific
+/// Telemetry's over a less specific one's, a later override over an earlier one;
+/// `ALL_METRICS` (or no match) names the four; an override without `disabled` leaves the
+/// metric's reporting as it was.
+#[test]
+fn metric_tag_overrides_merge_label_by_label() {
+    let svc = |n: &str| format!("  targetRefs: [{{kind: Service, group: \"\", name: {n}}}]\n");
+    let mesh = format!(
+        "apiVersion: telemetry.istio.io/v1\nkind: Telemetry\nmetadata: {{name: mesh, namespace: istio-system}}\nspec:\n  metrics:\n{}",
+        "  - overrides:\n    - tagOverrides: {a: {value: \"request.host\"}, b: {operation: REMOVE}}\n    - match: {metric: REQUEST_COUNT}\n      tagOverrides: {a: {operation: REMOVE}}\n"
+    );
+    let loud = metrics(
+        "l",
+        &svc("loud"),
+        "  - overrides:\n    - match: {metric: REQUEST_SIZE}\n      tagOverrides: {b: {value: \"'x'\"}, c: {value: \"request.method\"}}\n",
+    );
+    let cfg = try_load(&[mesh, loud]).unwrap();
+    let t = |v: &[(&str, bool)]| -> Vec<(String, bool)> {
+        v.iter().map(|(n, u)| (n.to_string(), *u)).collect()
+    };
+    assert_eq!(
+        tags(&cfg, "app", "quiet"),
+        [
+            t(&[("a", false), ("b", false)]),
+            t(&[("a", true), ("b", false)]),
+            t(&[("a", true), ("b", false)]),
+            t(&[("a", true), ("b", false)]),
+        ]
+    );
+    assert_eq!(
+        tags(&cfg, "app", "loud"),
+        [
+            t(&[("a", false), ("b", false)]),
+            t(&[("a", true), ("b", false)]),
+            t(&[("a", true), ("b", true), ("c", true)]),
+            t(&[("a", true), ("b", false)]),
+        ]
+    );
+    // Tags only: every metric still reported.
+    assert_eq!(shown(&cfg, "app", "loud"), 0b1111);
+    assert!(tags(&try_load(&[]).unwrap(), "app", "loud").is_empty());
 }
