@@ -897,18 +897,48 @@ fn documents(text: &str) -> Vec<(usize, String)> {
     docs
 }
 
+/// A provider named by a document (a CUSTOM policy, a Telemetry), checked once the
+/// MeshConfig is read: its name, document, line and field.
+struct ProviderRef {
+    name: String,
+    document: usize,
+    line: usize,
+    field: String,
+}
+
+/// An error naming the first of `refs` that `known` does not know: "no `what` (`kinds`)".
+fn check_provider_refs(
+    file: &Path,
+    refs: Vec<ProviderRef>,
+    known: impl Fn(&str) -> bool,
+    what: &str,
+    kinds: &str,
+) -> Result<(), LoadError> {
+    match refs.into_iter().find(|r| !known(&r.name)) {
+        None => Ok(()),
+        Some(r) => Err(LoadError {
+            file: file.to_owned(),
+            document: r.document,
+            line: Some(r.line),
+            column: None,
+            field: Some(r.field),
+            message: format!("no {what} {:?} ({kinds})", r.name),
+        }),
+    }
+}
+
 /// Parse every document of `text`.
 pub fn load_str(file: &Path, text: &str, version: u64) -> Result<WaypointConfig, LoadError> {
     let mut cfg = WaypointConfig::default();
     let mut routes = vec![];
     // The MeshConfig document (index, first line, text), compiled once the model is read.
     let mut mesh_config: Option<(usize, usize, String, MeshConfigDoc)> = None;
-    // CUSTOM policies' providers (name, document, line), checked against it.
-    let mut customs: Vec<(String, usize, usize)> = vec![];
-    // Telemetry tracing providers (name, document, line), checked against it too.
-    let mut traced: Vec<(String, usize, usize)> = vec![];
-    // Telemetry access log providers (name, document, line, field), checked against it too.
-    let mut logged: Vec<(String, usize, usize, String)> = vec![];
+    // CUSTOM policies' providers, checked against it.
+    let mut customs: Vec<ProviderRef> = vec![];
+    // Telemetry tracing providers, checked against it too.
+    let mut traced: Vec<ProviderRef> = vec![];
+    // Telemetry access log providers, checked against it too.
+    let mut logged: Vec<ProviderRef> = vec![];
     let mut seen = BTreeSet::new();
     // VirtualServices, checked against the HTTPRoutes and DestinationRules once all are read.
     let mut virtuals: Vec<VsDoc> = vec![];
@@ -1069,7 +1099,12 @@ pub fn load_str(file: &Path, text: &str, version: u64) -> Result<WaypointConfig,
                 }
                 if let Some(name) = &policy.provider {
                     let line = locate(&doc, "spec.provider.name").unwrap_or(1) + start - 1;
-                    customs.push((name.clone(), index, line));
+                    customs.push(ProviderRef {
+                        name: name.clone(),
+                        document: index,
+                        line,
+                        field: "spec.provider.name".into(),
+                    });
                 }
                 let kind = "AuthorizationPolicy";
                 match set_aside(
@@ -1119,18 +1154,23 @@ pub fn load_str(file: &Path, text: &str, version: u64) -> Result<WaypointConfig,
                 if let Some(rule) = compile_telemetry(&d).map_err(invalid)? {
                     if let Some(name) = rule.tracing.as_ref().and_then(|t| t.provider.clone()) {
                         let line = locate(&doc, "spec.tracing").unwrap_or(1) + start - 1;
-                        traced.push((name, index, line));
+                        traced.push(ProviderRef {
+                            name,
+                            document: index,
+                            line,
+                            field: "spec.tracing.providers.name".into(),
+                        });
                     }
                     for (i, e) in rule.access_log.iter().enumerate() {
                         let f = format!("spec.accessLogging[{i}]");
                         let line = locate(&doc, &f).unwrap_or(1) + start - 1;
                         for (j, name) in e.providers.iter().enumerate() {
-                            logged.push((
-                                name.clone(),
-                                index,
+                            logged.push(ProviderRef {
+                                name: name.clone(),
+                                document: index,
                                 line,
-                                format!("{f}.providers[{j}].name"),
-                            ));
+                                field: format!("{f}.providers[{j}].name"),
+                            });
                         }
                     }
                     if rule.attachment.names_a_class() {
@@ -1230,48 +1270,27 @@ pub fn load_str(file: &Path, text: &str, version: u64) -> Result<WaypointConfig,
     cfg.log_providers
         .entry("envoy".to_string())
         .or_insert_with(|| Arc::new(LogProvider::Builtin));
-    for (name, document, line, field) in logged {
-        if !cfg.log_providers.contains_key(&name) {
-            return Err(LoadError {
-                file: file.to_owned(),
-                document,
-                line: Some(line),
-                column: None,
-                field: Some(field),
-                message: format!(
-                    "no access log provider {name:?} (envoy, or MeshConfig extensionProviders of kind envoyFileAccessLog or envoyOtelAls)"
-                ),
-            });
-        }
-    }
-    for (name, document, line) in traced {
-        if !cfg.tracing_providers.contains_key(&name) {
-            return Err(LoadError {
-                file: file.to_owned(),
-                document,
-                line: Some(line),
-                column: None,
-                field: Some("spec.tracing.providers.name".into()),
-                message: format!(
-                    "no tracing provider {name:?} (MeshConfig extensionProviders of kind opentelemetry or zipkin)"
-                ),
-            });
-        }
-    }
-    for (name, document, line) in customs {
-        if !cfg.ext_authz.contains_key(&name) {
-            return Err(LoadError {
-                file: file.to_owned(),
-                document,
-                line: Some(line),
-                column: None,
-                field: Some("spec.provider.name".into()),
-                message: format!(
-                    "no extension provider {name:?} (MeshConfig extensionProviders of kind envoyExtAuthzHttp or envoyExtAuthzGrpc)"
-                ),
-            });
-        }
-    }
+    check_provider_refs(
+        file,
+        logged,
+        |n| cfg.log_providers.contains_key(n),
+        "access log provider",
+        "envoy, or MeshConfig extensionProviders of kind envoyFileAccessLog or envoyOtelAls",
+    )?;
+    check_provider_refs(
+        file,
+        traced,
+        |n| cfg.tracing_providers.contains_key(n),
+        "tracing provider",
+        "MeshConfig extensionProviders of kind opentelemetry or zipkin",
+    )?;
+    check_provider_refs(
+        file,
+        customs,
+        |n| cfg.ext_authz.contains_key(n),
+        "extension provider",
+        "MeshConfig extensionProviders of kind envoyExtAuthzHttp or envoyExtAuthzGrpc",
+    )?;
     check_virtual_services(file, &routes, &virtuals, &cfg.subsets)?;
     check_tcp_routes(file, &routes, &tcp_routes)?;
     apply_reference_grants(file, &mut routes, &route_kinds, &mut tcp_routes, &grants);
@@ -3630,14 +3649,18 @@ fn open_log(f: &str, path: Option<&str>) -> Result<Arc<runtime::logbuf::LogFile>
 /// `accessLogEncoding` say (Istio's `FileAccessLogFromMeshConfig`): `None` when it sets
 /// none of them (the waypoint's own line).
 fn mesh_access_log(m: &MeshConfigRaw) -> Result<Option<LogProvider>, Invalid> {
-    if m.access_log_file.is_none()
-        && m.access_log_format.is_none()
-        && m.access_log_encoding.is_none()
-    {
+    // Empty is unset (Istio's `accessLogFile: ""` is no file, the default).
+    let set = |v: &Option<String>| v.as_deref().is_some_and(|v| !v.is_empty());
+    if !set(&m.access_log_file) && !set(&m.access_log_format) && !set(&m.access_log_encoding) {
         return Ok(None);
     }
     let text = m.access_log_format.as_deref().filter(|t| !t.is_empty());
-    let format = match m.access_log_encoding.as_deref().unwrap_or("TEXT") {
+    let format = match m
+        .access_log_encoding
+        .as_deref()
+        .filter(|e| !e.is_empty())
+        .unwrap_or("TEXT")
+    {
         "TEXT" => crate::logfmt::Format::text(text.unwrap_or(crate::logfmt::ISTIO_TEXT)),
         "JSON" => match text {
             None => Ok(crate::logfmt::Format::istio_json()),
@@ -3675,6 +3698,10 @@ fn compile_file_log(f: &str, p: &FileLogRaw) -> Result<LogProvider, Invalid> {
                 format!("{f}.logFormat"),
                 "text or labels, not both",
             ))
+        }
+        // An empty text is Istio's default one too.
+        Some(LogFormatRaw { text: Some(t), .. }) if t.is_empty() => {
+            crate::logfmt::Format::text(crate::logfmt::ISTIO_TEXT)
         }
         Some(LogFormatRaw { text: Some(t), .. }) => crate::logfmt::Format::text(t),
         Some(LogFormatRaw {

@@ -2246,8 +2246,8 @@ impl HboneUpstream {
         }
     }
 
-    /// Whether the access log takes the request `r` (of `ms` milliseconds) under the
-    /// Telemetry `filter`s of its label set (none: every request).
+    /// Whether an access log takes the request `r` (of `ms` milliseconds) under its
+    /// Telemetry `filter`.
     fn log_filter_matches(
         &self,
         filter: &crate::cel::Expr,

@@ -887,6 +887,21 @@ pub mod pb {
         pub value: Option<any_value::Value>,
     }
 
+    impl AnyValue {
+        /// Its string, when it holds one.
+        pub fn string(&self) -> Option<&str> {
+            match &self.value {
+                Some(any_value::Value::StringValue(s)) => Some(s),
+                _ => None,
+            }
+        }
+    }
+
+    /// The string value of an optional [`AnyValue`] (`""` when it holds none).
+    pub fn string_of(v: &Option<AnyValue>) -> &str {
+        v.as_ref().and_then(AnyValue::string).unwrap_or("")
+    }
+
     pub mod any_value {
         #[derive(Clone, PartialEq, prost::Oneof)]
         pub enum Value {
@@ -1010,10 +1025,7 @@ mod tests {
         let rl = &r.resource_logs[0];
         let attr = &rl.resource.as_ref().unwrap().attributes[0];
         assert_eq!(attr.key, "log_name");
-        let text = |v: &Option<pb::AnyValue>| match v.as_ref().and_then(|v| v.value.clone()) {
-            Some(pb::any_value::Value::StringValue(s)) => s,
-            other => panic!("{other:?}"),
-        };
+        let text = pb::string_of;
         assert_eq!(text(&attr.value), "otel_envoy_accesslog");
         let sl = &rl.scope_logs[0];
         assert_eq!(sl.scope.as_ref().unwrap().name, "waypoint");
@@ -1025,7 +1037,7 @@ mod tests {
         let attrs: Vec<(String, String)> = a
             .attributes
             .iter()
-            .map(|kv| (kv.key.clone(), text(&kv.value)))
+            .map(|kv| (kv.key.clone(), text(&kv.value).to_string()))
             .collect();
         assert_eq!(
             attrs,

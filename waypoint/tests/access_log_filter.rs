@@ -4,34 +4,16 @@
 
 mod common;
 
-use std::io::Write;
 use std::sync::mpsc;
 
-use common::{access_lines, echo_node, ip, next_request, Capture};
-
-/// A backend answering `404` to `/missing`, else `200 <path>`.
-fn backend(ip: std::net::Ipv4Addr) -> std::net::SocketAddr {
-    common::serve_threads(ip, |mut c| {
-        let mut buf = Vec::new();
-        while let Some(req) = next_request(&mut c, &mut buf) {
-            let resp = if req.path == "/missing" {
-                "HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n".to_string()
-            } else {
-                common::ok_response(&req.path)
-            };
-            if c.write_all(resp.as_bytes()).is_err() {
-                return;
-            }
-        }
-    })
-}
+use common::{access_lines, echo_node, ip, Capture};
 
 #[test]
 fn r15_access_log_filter_logs_only_the_requests_it_matches() {
     let (tx, rx) = mpsc::channel();
     tracing::subscriber::set_global_default(Capture(tx)).unwrap();
     let (net, ca, _zt) = echo_node(43);
-    let pod = backend(ip(net, 2));
+    let pod = common::backend_404_on_missing(ip(net, 2));
     let model = common::app_model(
         ip(net, 1),
         &common::app_workload("echo", pod),

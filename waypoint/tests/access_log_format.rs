@@ -7,31 +7,13 @@
 
 mod common;
 
-use std::io::Write;
-
-use common::{echo_node, ip, next_request};
-
-/// A backend answering `404` to `/missing`, else `200 <path>`.
-fn backend(ip: std::net::Ipv4Addr) -> std::net::SocketAddr {
-    common::serve_threads(ip, |mut c| {
-        let mut buf = Vec::new();
-        while let Some(req) = next_request(&mut c, &mut buf) {
-            let resp = if req.path.starts_with("/missing") {
-                "HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n".to_string()
-            } else {
-                common::ok_response(&req.path)
-            };
-            if c.write_all(resp.as_bytes()).is_err() {
-                return;
-            }
-        }
-    })
-}
+use common::{echo_node, ip};
+use waypoint::spans::pb::string_of;
 
 #[test]
 fn r15_envoy_file_access_logs_in_istio_text_json_and_custom_formats() {
     let (net, ca, _zt) = echo_node(47);
-    let pod = backend(ip(net, 2));
+    let pod = common::backend_404_on_missing(ip(net, 2));
     let dir = common::TempDir(std::env::temp_dir().join(format!("access-log-format-{net}")));
     let _ = std::fs::remove_dir_all(&dir.0);
     std::fs::create_dir_all(&dir.0).unwrap();
@@ -226,7 +208,7 @@ fn logs_collector(
                     .iter()
                     .flat_map(|r| &r.attributes)
                     .find(|kv| kv.key == "log_name")
-                    .map(|kv| text(&kv.value))
+                    .map(|kv| waypoint::spans::pb::string_of(&kv.value).to_string())
                     .unwrap_or_default();
                 for sl in rl.scope_logs {
                     records.extend(sl.log_records.into_iter().map(|l| (name.clone(), l)));
@@ -240,20 +222,13 @@ fn logs_collector(
     (addr, rx)
 }
 
-fn text(v: &Option<waypoint::spans::pb::AnyValue>) -> String {
-    match v.as_ref().and_then(|v| v.value.clone()) {
-        Some(waypoint::spans::pb::any_value::Value::StringValue(s)) => s,
-        other => panic!("not a string: {other:?}"),
-    }
-}
-
 /// Istio's `envoyOtelAls` providers: each request's record (body from `logFormat.text`,
 /// else Istio's text format; an attribute per `labels` entry; its trace context) exported
 /// to an OpenTelemetry collector in the mesh over HBONE, in batches, and counted.
 #[test]
 fn r15_envoy_otel_als_exports_access_log_records() {
     let (net, ca, _zt) = echo_node(53);
-    let pod = backend(ip(net, 2));
+    let pod = common::backend_404_on_missing(ip(net, 2));
     let (collector, records) = logs_collector(ip(net, 3));
     let workloads = format!(
         "{}  - {{uid: c1, name: c1, namespace: app, serviceAccount: echo, node: node-b, workloadIps: [\"{}\"], services: {{\"app/otel.app.svc.cluster.local\": {{4317: {}}}}}}}\n",
@@ -332,11 +307,11 @@ spec:
         ("GET /ok 200", "200", "-"),
         ("GET /missing?q=1 404", "404", "on"),
     ]) {
-        assert_eq!(text(&l.body), body);
+        assert_eq!(string_of(&l.body), body);
         let attrs: Vec<(String, String)> = l
             .attributes
             .iter()
-            .map(|kv| (kv.key.clone(), text(&kv.value)))
+            .map(|kv| (kv.key.clone(), string_of(&kv.value).to_string()))
             .collect();
         assert_eq!(
             attrs,
@@ -354,7 +329,7 @@ spec:
     // Without a logFormat: Istio's text format, no attributes.
     let default = of("otel_envoy_accesslog");
     assert_eq!(default.len(), 2, "{all:?}");
-    let body = text(&default[0].body);
+    let body = string_of(&default[0].body);
     assert!(body.starts_with('['), "{body}");
     assert!(
         body.contains("\"GET /ok HTTP/1.1\" 200 - via_upstream"),

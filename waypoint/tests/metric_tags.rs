@@ -5,26 +5,7 @@
 
 mod common;
 
-use std::io::Write;
-
-use common::{echo_node, ip, next_request};
-
-/// A backend answering `404` to `/missing…`, else `200 <path>`.
-fn backend(ip: std::net::Ipv4Addr) -> std::net::SocketAddr {
-    common::serve_threads(ip, |mut c| {
-        let mut buf = Vec::new();
-        while let Some(req) = next_request(&mut c, &mut buf) {
-            let resp = if req.path.starts_with("/missing") {
-                "HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n".to_string()
-            } else {
-                common::ok_response(&req.path)
-            };
-            if c.write_all(resp.as_bytes()).is_err() {
-                return;
-            }
-        }
-    })
-}
+use common::{echo_node, ip};
 
 /// The series of `metric` on the page: each its labels (name → value) and value.
 fn series(page: &str, metric: &str) -> Vec<(Vec<(String, String)>, String)> {
@@ -54,7 +35,7 @@ fn label<'a>(labels: &'a [(String, String)], name: &str) -> Option<&'a str> {
 #[test]
 fn r15_metric_tag_overrides_add_replace_and_remove_labels() {
     let (net, ca, _zt) = echo_node(59);
-    let pod = backend(ip(net, 2));
+    let pod = common::backend_404_on_missing(ip(net, 2));
     let model = common::app_model(
         ip(net, 1),
         &common::app_workload("echo", pod),

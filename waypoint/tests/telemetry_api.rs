@@ -706,3 +706,26 @@ fn metric_tag_overrides_merge_label_by_label() {
     assert_eq!(shown(&cfg, "app", "loud"), 0b1111);
     assert!(tags(&try_load(&[]).unwrap(), "app", "loud").is_empty());
 }
+
+/// The built-in `envoy` provider: the waypoint's own line until MeshConfig sets a file, a
+/// format or an encoding (empty ones are unset, as Istio reads `accessLogFile: ""`).
+#[test]
+fn mesh_access_log_settings_make_the_builtin_provider_envoy_formatted() {
+    use waypoint::config::LogProvider;
+    let builtin = |mesh: &str| {
+        let cfg = try_load(&[format!("meshConfig:\n{mesh}")]).unwrap_or_else(|e| panic!("{e}"));
+        matches!(*cfg.log_providers["envoy"], LogProvider::Builtin)
+    };
+    assert!(builtin("  accessLogFile: \"\"\n"));
+    assert!(builtin(
+        "  accessLogFile: \"\"\n  accessLogFormat: \"\"\n  accessLogEncoding: \"\"\n"
+    ));
+    assert!(builtin("  extensionProviders: []\n"));
+    assert!(!builtin("  accessLogFile: /dev/null\n"));
+    assert!(!builtin("  accessLogEncoding: JSON\n"));
+    assert!(!builtin("  accessLogFormat: \"%RESPONSE_CODE%\"\n"));
+    assert!(matches!(
+        *try_load(&[]).unwrap().log_providers["envoy"],
+        LogProvider::Builtin
+    ));
+}

@@ -282,10 +282,11 @@ fn otlp_spans(
 
 fn attr_of(list: &[pb::KeyValue], key: &str) -> Option<String> {
     list.iter().find(|kv| kv.key == key).map(|kv| {
-        match kv.value.as_ref().and_then(|v| v.value.clone()) {
-            Some(pb::any_value::Value::StringValue(s)) => s,
-            other => panic!("{key}: {other:?}"),
-        }
+        kv.value
+            .as_ref()
+            .and_then(pb::AnyValue::string)
+            .unwrap_or_else(|| panic!("{key}: {:?}", kv.value))
+            .to_string()
     })
 }
 

@@ -562,6 +562,23 @@ pub fn next_request(c: &mut impl Read, buf: &mut Vec<u8>) -> Option<RequestHead>
     }
 }
 
+/// A backend answering `404` to `/missing…`, else `200 <path>` (as [`ok_response`]).
+pub fn backend_404_on_missing(ip: Ipv4Addr) -> SocketAddr {
+    serve_threads(ip, |mut c| {
+        let mut buf = Vec::new();
+        while let Some(req) = next_request(&mut c, &mut buf) {
+            let resp = if req.path.starts_with("/missing") {
+                "HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n".to_string()
+            } else {
+                ok_response(&req.path)
+            };
+            if c.write_all(resp.as_bytes()).is_err() {
+                return;
+            }
+        }
+    })
+}
+
 /// A `200 OK` with `body` and its Content-Length.
 pub fn ok_response(body: &str) -> String {
     format!(
