@@ -13,6 +13,9 @@ pub const DATAPLANE_MODE_NONE: &str = "none";
 pub const USE_WAYPOINT_LABEL: &str = "istio.io/use-waypoint";
 /// The namespace of the waypoint named by [`USE_WAYPOINT_LABEL`]; default: the object's own.
 pub const USE_WAYPOINT_NAMESPACE_LABEL: &str = "istio.io/use-waypoint-namespace";
+/// Gateway label choosing the traffic a waypoint takes: `service`, `workload`, `all` (our
+/// default, the spec's) or `none` ([`crate::model::WaypointFor`]).
+pub const WAYPOINT_FOR_LABEL: &str = "istio.io/waypoint-for";
 /// Gateway annotation restricting a waypoint to one service account (R3).
 pub const FOR_SERVICE_ACCOUNT_ANNOTATION: &str = "istio.io/for-service-account";
 
@@ -186,6 +189,7 @@ mod tests {
             address: SocketAddr::new(ip.parse().unwrap(), HBONE_PORT),
             identity: Identity::new("cluster.local", ns, name),
             for_service_account: for_sa.map(Into::into),
+            traffic: Default::default(),
         }
     }
 

@@ -11,10 +11,10 @@ use runtime::config::{ConfigError, Invalid};
 use serde::{Deserialize, Deserializer};
 
 use crate::authz::Cidr;
-use crate::binding::{self, FOR_SERVICE_ACCOUNT_ANNOTATION};
+use crate::binding::{self, FOR_SERVICE_ACCOUNT_ANNOTATION, WAYPOINT_FOR_LABEL};
 use crate::model::{
-    ip_to_bytes, Identity, Labels, Namespace, Node, Protocol, Waypoint, DEFAULT_SERVICE_ACCOUNT,
-    DEFAULT_TRUST_DOMAIN, HBONE_PORT, ROOT_NAMESPACE,
+    ip_to_bytes, Identity, Labels, Namespace, Node, Protocol, Waypoint, WaypointFor,
+    DEFAULT_SERVICE_ACCOUNT, DEFAULT_TRUST_DOMAIN, HBONE_PORT, ROOT_NAMESPACE,
 };
 use crate::names;
 use crate::snapshot::{Extras, Snapshot, WireState, ROUND_ROBIN_EXTENSION};
@@ -421,6 +421,9 @@ pub struct LocalWaypoint {
     pub network: String,
     #[serde(default)]
     pub annotations: Labels,
+    /// The Gateway's labels: `istio.io/waypoint-for` (the traffic it takes).
+    #[serde(default)]
+    pub labels: Labels,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -611,6 +614,12 @@ impl LocalConfig {
                     w.service_account.as_deref().unwrap_or(&w.name),
                 ),
                 for_service_account: w.annotations.get(FOR_SERVICE_ACCOUNT_ANNOTATION).cloned(),
+                // Checked by `check_names`.
+                traffic: w
+                    .labels
+                    .get(WAYPOINT_FOR_LABEL)
+                    .and_then(|v| WaypointFor::parse(v).ok())
+                    .unwrap_or_default(),
             })
             .collect()
     }
@@ -732,6 +741,12 @@ impl LocalConfig {
             }
             if let Some(sa) = w.annotations.get(FOR_SERVICE_ACCOUNT_ANNOTATION) {
                 check(f("annotations"), sa, names::dns_subdomain)?;
+            }
+            labels(f("labels"), &w.labels)?;
+            if let Some(v) = w.labels.get(WAYPOINT_FOR_LABEL) {
+                WaypointFor::parse(v).map_err(|why| {
+                    Invalid::new(format!("{}.{WAYPOINT_FOR_LABEL}", f("labels")), why)
+                })?;
             }
         }
         for (i, n) in self.nodes.iter().enumerate() {

@@ -96,8 +96,11 @@
 //! * `namespaces[]`: `{name, labels}` — `istio.io/dataplane-mode: ambient` captures the
 //!   namespace's pods (R2); `istio.io/use-waypoint: <name>` binds its pods (R3).
 //! * `waypoints[]`: a Gateway — `{name, namespace, address: "ip" | "ip:port" (port 15008
-//!   by default), serviceAccount (default: name), trustDomain, network, annotations}`;
-//!   `annotations: {istio.io/for-service-account: <sa>}` restricts it to that account.
+//!   by default), serviceAccount (default: name), trustDomain, network, annotations,
+//!   labels}`; `annotations: {istio.io/for-service-account: <sa>}` restricts it to that
+//!   account; `labels: {istio.io/waypoint-for: service|workload|all|none}` chooses the
+//!   traffic it takes (default `all`, the spec's; Istio 1.22+ labels its waypoints
+//!   `service`): see [`model::WaypointFor`] and [`route`].
 //! * `nodes[]`: `{name, ztunnel: ip}` — where HBONE for that node's pods goes (port 15008).
 //!
 //! R3 precedence for a pod: its own `use-waypoint` label, then a service-account waypoint

@@ -39,6 +39,48 @@ pub struct WaypointRef {
     pub identity: Option<Identity>,
     /// `namespace/name` of the Gateway, when known.
     pub name: Option<String>,
+    /// The traffic it takes (`istio.io/waypoint-for`); [`WaypointFor::All`] when the
+    /// reference is not to a known waypoint.
+    pub traffic: WaypointFor,
+}
+
+/// The traffic a waypoint takes: its Gateway's `istio.io/waypoint-for` label. Without the
+/// label, `all`: what the spec says of a waypoint (R6, R7, R11, R16). Istio 1.22+ creates
+/// waypoints labelled `service`; label them so to get Istio's behaviour.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum WaypointFor {
+    /// Traffic addressed to a service (its VIP) only: a pod called by its own address
+    /// is reached directly, and takes such calls without a hairpin.
+    Service,
+    /// Traffic addressed to a pod only: a service's traffic goes to its endpoints.
+    Workload,
+    #[default]
+    All,
+    /// Bound, but no traffic goes through it.
+    None,
+}
+
+impl WaypointFor {
+    /// The label's value (`service`, `workload`, `all`, `none`).
+    pub fn parse(v: &str) -> Result<WaypointFor, String> {
+        Ok(match v {
+            "service" => WaypointFor::Service,
+            "workload" => WaypointFor::Workload,
+            "all" => WaypointFor::All,
+            "none" => WaypointFor::None,
+            _ => return Err(format!("{v:?}: service, workload, all or none")),
+        })
+    }
+
+    /// Whether it takes traffic addressed to a service (R7).
+    pub fn services(self) -> bool {
+        matches!(self, WaypointFor::Service | WaypointFor::All)
+    }
+
+    /// Whether it takes traffic addressed to a pod (R6, R11, R12, R16).
+    pub fn workloads(self) -> bool {
+        matches!(self, WaypointFor::Workload | WaypointFor::All)
+    }
 }
 
 /// A pod, VM or other endpoint. (`Default`: empty, unhealthy, capacity 0 — for tests
@@ -255,6 +297,8 @@ pub struct Waypoint {
     pub identity: Identity,
     /// The `istio.io/for-service-account` annotation: applies only to that service account.
     pub for_service_account: Option<String>,
+    /// The `istio.io/waypoint-for` label.
+    pub traffic: WaypointFor,
 }
 
 impl Waypoint {
@@ -268,6 +312,7 @@ impl Waypoint {
             address: self.address,
             identity: Some(self.identity.clone()),
             name: Some(self.key()),
+            traffic: self.traffic,
         }
     }
 }

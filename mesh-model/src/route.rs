@@ -202,8 +202,11 @@ pub fn outbound(
         },
         Some(Destination::Service(svc)) => {
             let key = svc.key();
-            // A waypoint bound to the service itself (use-waypoint label) takes everything.
-            if let Some(wp) = svc.waypoint.as_ref().filter(|wp| !is_waypoint(source, wp)) {
+            // A waypoint bound to the service itself (use-waypoint label) takes everything
+            // (when it takes service traffic, `istio.io/waypoint-for`).
+            let for_services =
+                |wp: &&WaypointRef| wp.traffic.services() && !is_waypoint(source, wp);
+            if let Some(wp) = svc.waypoint.as_ref().filter(for_services) {
                 return via_waypoint(wp, dst, Some(key), None);
             }
             let Some((ep, target_port)) = choose_endpoint(snap, svc, dst.port(), source, chooser)
@@ -214,15 +217,20 @@ pub fn outbound(
                 };
             };
             // R7: the chosen endpoint decides; the waypoint gets the service as target.
-            if let Some(wp) = ep.waypoint.as_ref().filter(|wp| !is_waypoint(source, wp)) {
+            if let Some(wp) = ep.waypoint.as_ref().filter(for_services) {
                 return via_waypoint(wp, dst, Some(key), Some(ep.uid.clone()));
             }
             let pod = SocketAddr::new(pick_ip(ep, dst.ip()), target_port);
             to_workload(snap, ep, pod, Some(key))
         }
         Some(Destination::Workload(w)) => {
-            // R6: a direct pod IP with a waypoint goes to the waypoint.
-            if let Some(wp) = w.waypoint.as_ref().filter(|wp| !is_waypoint(source, wp)) {
+            // R6: a direct pod IP with a waypoint goes to the waypoint (when it takes pod
+            // traffic, `istio.io/waypoint-for`).
+            if let Some(wp) = w
+                .waypoint
+                .as_ref()
+                .filter(|wp| wp.traffic.workloads() && !is_waypoint(source, wp))
+            {
                 return via_waypoint(wp, dst, None, Some(w.uid.clone()));
             }
             to_workload(snap, w, dst, None)
@@ -317,7 +325,9 @@ pub fn inbound(snap: &Snapshot, req: &InboundRequest<'_>, node: &str) -> Inbound
         src: req.src,
         dst: req.dst,
     };
-    if let Some(wp) = &w.waypoint {
+    // A waypoint that takes no pod traffic (`istio.io/waypoint-for: service|none`) is not
+    // enforced here: a call to the pod's own address reaches it directly.
+    if let Some(wp) = w.waypoint.as_ref().filter(|wp| wp.traffic.workloads()) {
         let from_waypoint = match (&wp.identity, req.peer) {
             (Some(id), Some(peer)) => id == peer,
             _ => false,

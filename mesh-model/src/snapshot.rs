@@ -290,6 +290,7 @@ impl Snapshot {
             address,
             identity: self.workload_by_ip(ip).map(Workload::identity),
             name: None,
+            traffic: Default::default(),
         })
     }
 

@@ -475,3 +475,104 @@ fn snapshot_indexes() {
     assert!(s.namespace("mesh").is_some());
     assert_eq!(s.node("node-b").unwrap().ztunnel.to_string(), "10.0.0.2");
 }
+
+/// The topology with the `wpns` namespace waypoint labelled `istio.io/waypoint-for: for`.
+fn snap_waypoint_for(traffic: &str) -> Snapshot {
+    let text = include_str!("topology.yaml").replace(
+        "  - name: wpns-wp\n    namespace: wpns\n    address: 10.1.0.100:15008\n",
+        &format!("  - name: wpns-wp\n    namespace: wpns\n    address: 10.1.0.100:15008\n    labels: {{istio.io/waypoint-for: {traffic}}}\n"),
+    );
+    assert!(text.contains("waypoint-for"));
+    config::load_str(Path::new("tests/topology.yaml"), &text, 1).unwrap()
+}
+
+/// Istio's `istio.io/waypoint-for`: which of service-addressed (R7) and pod-addressed (R6)
+/// traffic the waypoint takes, and whether ztunnel hairpins a pod's direct callers to it
+/// (R11, R12) — only when it takes pod traffic. No label: `all`, the spec's waypoint.
+#[test]
+fn waypoint_for_label_chooses_the_traffic_through_the_waypoint() {
+    let client = id("mesh", "client");
+    let wp = Some(id("wpns", "wpns-wp"));
+    // (label, service VIP via waypoint, pod IP via waypoint, direct caller hairpinned)
+    let table = [
+        (None, true, true, true),
+        (Some("all"), true, true, true),
+        (Some("service"), true, false, false),
+        (Some("workload"), false, true, true),
+        (Some("none"), false, false, false),
+    ];
+    for (label, via_service, via_pod, hairpin) in table {
+        let s = match label {
+            None => snap(),
+            Some(l) => snap_waypoint_for(l),
+        };
+        let go = |dst: &str| outbound(&s, from(&s, "client"), sa(dst), &mut SeededChooser::new(1));
+        let to_service = go("10.96.0.6:80");
+        assert_eq!(
+            matches!(&to_service, Outbound::Waypoint { identity, authority, .. } if *identity == wp && *authority == sa("10.96.0.6:80")),
+            via_service,
+            "{label:?}: {to_service:?}"
+        );
+        if !via_service {
+            // The service's endpoint, over HBONE to its node.
+            assert!(
+                matches!(&to_service, Outbound::Hbone { authority, workload, .. } if *authority == sa("10.1.0.6:8080") && workload == "wpapp"),
+                "{label:?}: {to_service:?}"
+            );
+        }
+        let to_pod = go("10.1.0.6:8080");
+        assert_eq!(
+            matches!(&to_pod, Outbound::Waypoint { identity, .. } if *identity == wp),
+            via_pod,
+            "{label:?}: {to_pod:?}"
+        );
+        if !via_pod {
+            assert!(
+                matches!(&to_pod, Outbound::Hbone { authority, .. } if *authority == sa("10.1.0.6:8080")),
+                "{label:?}: {to_pod:?}"
+            );
+        }
+        let direct = inbound(
+            &s,
+            &req(Some(&client), "10.1.0.1", "10.1.0.6:8080"),
+            "node-b",
+        );
+        assert_eq!(
+            matches!(direct, Inbound::Hairpin { .. }),
+            hairpin,
+            "{label:?}: {direct:?}"
+        );
+        if !hairpin {
+            // Then its own policy decides (it admits only its waypoint).
+            assert!(
+                matches!(direct, Inbound::Deny { .. }),
+                "{label:?}: {direct:?}"
+            );
+        }
+        // The waypoint itself is admitted whatever it takes.
+        let from_wp = inbound(
+            &s,
+            &req(wp.as_ref(), "10.1.0.100", "10.1.0.6:8080"),
+            "node-b",
+        );
+        assert!(
+            matches!(from_wp, Inbound::Allow { .. }),
+            "{label:?}: {from_wp:?}"
+        );
+    }
+}
+
+#[test]
+fn waypoint_for_label_values_are_checked() {
+    let text = include_str!("topology.yaml").replace(
+        "    address: 10.1.0.100:15008\n",
+        "    address: 10.1.0.100:15008\n    labels: {istio.io/waypoint-for: services}\n",
+    );
+    let e = config::load_str(Path::new("tests/topology.yaml"), &text, 1).unwrap_err();
+    let e = e.to_string();
+    assert!(
+        e.contains("waypoints[1].labels.istio.io/waypoint-for"),
+        "{e}"
+    );
+    assert!(e.contains("service, workload, all or none"), "{e}");
+}

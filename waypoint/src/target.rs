@@ -43,11 +43,13 @@ pub fn resolve(snap: &Snapshot, me: &Me, target: SocketAddr) -> Result<Destinati
         if !svc.ports.contains_key(&target.port()) {
             return Err(Refused::NoSuchPort);
         }
-        let bound = svc.waypoint.as_ref().is_some_and(|w| me.is(w))
+        // Bound, for traffic addressed to services (`istio.io/waypoint-for`).
+        let mine = |w: &WaypointRef| me.is(w) && w.traffic.services();
+        let bound = svc.waypoint.as_ref().is_some_and(mine)
             || svc.endpoints.iter().any(|ep| {
                 snap.workload(&ep.workload_uid)
                     .and_then(|w| w.waypoint.as_ref())
-                    .is_some_and(|w| me.is(w))
+                    .is_some_and(mine)
             });
         if !bound {
             return Err(Refused::NotBound);
@@ -58,7 +60,11 @@ pub fn resolve(snap: &Snapshot, me: &Me, target: SocketAddr) -> Result<Destinati
         });
     }
     let w = snap.workload_by_ip(target.ip()).ok_or(Refused::Unknown)?;
-    if !w.waypoint.as_ref().is_some_and(|r| me.is(r)) {
+    if !w
+        .waypoint
+        .as_ref()
+        .is_some_and(|r| me.is(r) && r.traffic.workloads())
+    {
         return Err(Refused::NotBound);
     }
     Ok(Destination::Workload {

@@ -61,3 +61,37 @@ fn r14_target_check_table() {
         Some(Refused::NotBound)
     );
 }
+
+/// R14 with Istio's `istio.io/waypoint-for` on the Gateway: a waypoint for `service`
+/// refuses pod-addressed tunnels (ztunnel sends those straight to the pod), one for
+/// `workload` refuses service-addressed ones, `none` both, `all` neither.
+#[test]
+fn r14_target_check_follows_the_waypoint_for_label() {
+    let me = Me {
+        gateway: ObjectRef::new("app", "wp"),
+        address: "10.1.0.100:15008".parse().unwrap(),
+    };
+    // (label, service VIP served, pod served)
+    let table = [
+        ("all", true, true),
+        ("service", true, false),
+        ("workload", false, true),
+        ("none", false, false),
+    ];
+    for (label, service, pod) in table {
+        let model = MODEL.replace(
+            "{name: wp, namespace: app, address: 10.1.0.100}",
+            &format!("{{name: wp, namespace: app, address: 10.1.0.100, labels: {{istio.io/waypoint-for: {label}}}}}"),
+        );
+        assert_ne!(model, MODEL);
+        let cfg = load_str(Path::new("t.yaml"), &model, 1).unwrap_or_else(|e| panic!("{e}"));
+        let snap = cfg.mesh.as_ref().unwrap();
+        let served = |t: &str| match resolve(snap, &me, t.parse().unwrap()) {
+            Ok(_) => true,
+            Err(Refused::NotBound) => false,
+            Err(e) => panic!("{label} {t}: {e:?}"),
+        };
+        assert_eq!(served("10.96.0.1:80"), service, "{label}");
+        assert_eq!(served("10.1.0.1:8080"), pod, "{label}");
+    }
+}

@@ -641,6 +641,56 @@ fn r6_captured_call_to_waypoint_pod_goes_to_waypoint() {
     assert_eq!(metric(&w.stats(1), PATHS, &[]), 0, "node B not involved");
 }
 
+/// Istio's `istio.io/waypoint-for: service` on the namespace waypoint: a call to the
+/// service's VIP still goes through the waypoint (R7), a call to the pod's own address goes
+/// straight to the pod over HBONE (no R6), and node B lets it in without a hairpin (no
+/// R11/R12) — what Istio 1.22+ waypoints do by default.
+#[test]
+fn waypoint_for_service_takes_service_traffic_only() {
+    need_root!("waypoint_for_service_takes_service_traffic_only");
+    let w = World::with_waypoint_for("wpfor", "service");
+    let wp = start_waypoint(&w);
+    let _pod = w.server("wpod");
+    let vip = SocketAddr::new(IpAddr::V4(WSVC_VIP), 80);
+    let (who, _s) = w.call("client", vip, b"svc");
+    assert_eq!(who, "waypoint");
+    assert_eq!(
+        wp.seen
+            .recv_timeout(Duration::from_secs(2))
+            .unwrap()
+            .authority,
+        vip
+    );
+    let wpod = pod_addr("wpod");
+    let (who, _s) = w.call("client", wpod, b"direct");
+    assert_eq!(
+        who, "wpod",
+        "the pod's own address: not through the waypoint"
+    );
+    // An uncaptured caller too: node B takes it in, no hairpin.
+    let (who, _s) = w.call("legacy-client", wpod, b"plaintext");
+    assert_eq!(who, "wpod");
+    eventually_or(
+        "A sent the pod call over HBONE to the pod, B allowed both",
+        || {
+            let (a, b) = (w.stats(0), w.stats(1));
+            metric(
+                &a,
+                PATHS,
+                &[("route", "hbone"), ("authority", &wpod.to_string())],
+            ) == 1
+                && metric(&b, PATHS, &[("route", "hbone_allow")]) == 1
+                && metric(&b, PATHS, &[("route", "plaintext_allow")]) == 1
+                && metric(&b, PATHS, &[("route", "plaintext_hairpin")]) == 0
+        },
+        w.dump(),
+    );
+    assert!(
+        wp.seen.try_recv().is_err(),
+        "the waypoint saw only the service call"
+    );
+}
+
 #[test]
 fn r7_captured_call_to_service_behind_waypoint_has_vip_authority() {
     need_root!("r7_captured_call_to_service_behind_waypoint_has_vip_authority");

@@ -213,12 +213,15 @@ fn gateway6(node: usize) -> Ipv6Addr {
     Ipv6Addr::new(0xfd00, node as u16 + 1, 0, 0, 0, 0, 0, 1)
 }
 
-fn mesh(policies: &str) -> String {
+fn mesh(policies: &str, waypoint_for: Option<&str>) -> String {
     // No `nodes:` entries: HBONE is addressed to the destination pod (`podIP:15008`, Istio's
     // way), redirected to the node's ztunnel by the capture rules, and answered with the
     // pod's own identity.
     let wp = waypoint_addr();
     let wp2 = waypoint2_addr();
+    let waypoint_labels = waypoint_for
+        .map(|t| format!(", labels: {{istio.io/waypoint-for: {t}}}"))
+        .unwrap_or_default();
     // Dual stack when IPv6 is here: every pod has both addresses.
     let v6 = netlab::ipv6_available();
     let ip = |n: &str| {
@@ -243,7 +246,7 @@ fn mesh(policies: &str) -> String {
     labels: {{istio.io/dataplane-mode: ambient, istio.io/use-waypoint: waypoint}}
   - name: legacy
 waypoints:
-  - {{name: waypoint, namespace: ns-w, address: "{wp}"}}
+  - {{name: waypoint, namespace: ns-w, address: "{wp}"{waypoint_labels}}}
   - {{name: waypoint2, namespace: ns-w, address: "{wp2}", annotations: {{istio.io/for-service-account: wpod2}}}}
 workloads:
   - {{name: client, namespace: ns-a, serviceAccount: client, workloadIps: [{}], node: node-a}}
@@ -292,6 +295,8 @@ pub struct World {
     pub ca_dir: PathBuf,
     nodes: TwoNodes,
     lab: Lab,
+    /// The namespace waypoint's `istio.io/waypoint-for` label, when it has one.
+    waypoint_for: Option<String>,
 }
 
 impl World {
@@ -304,6 +309,15 @@ impl World {
     /// As [`World::new`], with `extra` (top-level YAML, e.g. `nodes:`) appended to both
     /// nodes' mesh.
     pub fn with_mesh(tag: &str, policies_b: &str, extra: &str) -> World {
+        World::build(tag, policies_b, extra, None)
+    }
+
+    /// As [`World::new`], the namespace waypoint labelled `istio.io/waypoint-for: traffic`.
+    pub fn with_waypoint_for(tag: &str, traffic: &str) -> World {
+        World::build(tag, "[]", "", Some(traffic.to_string()))
+    }
+
+    fn build(tag: &str, policies_b: &str, extra: &str, waypoint_for: Option<String>) -> World {
         let mut lab = Lab::for_test("zt", tag).unwrap();
         let dir = lab.dir().expect("the test's folder").to_path_buf();
         let ca_dir = dir.join("ca");
@@ -314,6 +328,7 @@ impl World {
             ca_dir,
             nodes,
             lab,
+            waypoint_for,
         };
         w.start_ztunnels(policies_b, extra);
         w
@@ -346,7 +361,7 @@ impl World {
                 format!(
                     "ztunnel:\n  node: {name}\n  address: 0.0.0.0\n  outbound: 0.0.0.0:15001\n  plaintext:\n    - listen: 0.0.0.0:15006\n{owned}  ca: {{builtin: {}}}\nruntime: {{workers: 1, pin: false, drain_timeout: 1s}}\n{}",
                     self.ca_dir.display(),
-                    mesh(policies) + extra
+                    mesh(policies, self.waypoint_for.as_deref()) + extra
                 ),
             )
             .unwrap();
