@@ -2570,6 +2570,28 @@ impl HboneUpstream {
         grpc: Option<Option<u32>>,
         tweaks: Option<Arc<crate::telemetry::TagTweaks>>,
     ) -> Rc<LabelSet> {
+        let labels = self.request_labels(status, flags, was_routed, grpc, tweaks);
+        let choice = self.telemetry_choice();
+        let counters = self.worker.metrics.counters(&labels);
+        counters.shown.store(choice.metrics, Relaxed);
+        Rc::new(LabelSet {
+            counters,
+            dst: crate::telemetry::AccessDst::of(&labels),
+            logs: choice.logs,
+            shown: choice.metrics,
+        })
+    }
+
+    /// Istio's labels of a request (status, flags, `last` when routed, gRPC) from the
+    /// view's snapshot.
+    fn request_labels(
+        &self,
+        status: u16,
+        flags: &'static str,
+        was_routed: bool,
+        grpc: Option<Option<u32>>,
+        tweaks: Option<Arc<crate::telemetry::TagTweaks>>,
+    ) -> crate::telemetry::RequestLabels {
         let last = if was_routed {
             self.last.as_deref()
         } else {
@@ -2595,7 +2617,7 @@ impl HboneUpstream {
         let source = snap
             .and_then(|s| s.workload_by_ip(p.addr))
             .filter(|w| w.namespace == p.namespace && workload_name(w) == p.workload);
-        let labels = crate::telemetry::RequestLabels {
+        crate::telemetry::RequestLabels {
             source_workload: p.workload.clone(),
             source_workload_namespace: p.namespace.clone(),
             source_principal: p.principal.clone(),
@@ -2614,16 +2636,19 @@ impl HboneUpstream {
             response_code: status,
             response_flags: flags,
             tweaks,
-        };
-        let choice = self.telemetry_choice();
-        let counters = self.worker.metrics.counters(&labels);
-        counters.shown.store(choice.metrics, Relaxed);
-        Rc::new(LabelSet {
-            counters,
-            dst: crate::telemetry::AccessDst::of(&labels),
-            logs: choice.logs,
-            shown: choice.metrics,
-        })
+        }
+    }
+
+    /// Istio's TCP metrics of an opaque tunnel to `last` (response flags `flags`): one
+    /// connection, opened and closed, with its bytes each way.
+    fn record_tcp(&self, flags: &'static str, received: u64, sent: u64) {
+        let mut labels = self.request_labels(0, flags, true, None, None);
+        labels.request_protocol = "tcp";
+        let c = self.worker.metrics.tcp(&labels);
+        c.opened.fetch_add(1, Relaxed);
+        c.closed.fetch_add(1, Relaxed);
+        c.received_bytes.fetch_add(received, Relaxed);
+        c.sent_bytes.fetch_add(sent, Relaxed);
     }
 
     fn source_ip(&self) -> IpAddr {
@@ -3190,6 +3215,7 @@ impl HboneUpstream {
             Err(e) => {
                 counters.upstream_errors.fetch_add(1, Relaxed);
                 tracing::debug!(target = %self.target, error = %e, "opaque TCP: upstream failed");
+                self.record_tcp("UF", 0, 0);
                 down.reset(h2::Reason::CONNECT_ERROR);
                 return;
             }
@@ -3218,6 +3244,8 @@ impl HboneUpstream {
         counters
             .tcp_bytes_received
             .fetch_add(out.upstream_to_downstream, Relaxed);
+        // Istio's names, as the waypoint sees them: received from the client, sent to it.
+        self.record_tcp("-", out.downstream_to_upstream, out.upstream_to_downstream);
         tracing::debug!(target = %self.target, sent = out.downstream_to_upstream, received = out.upstream_to_downstream, end = ?out.end, "opaque TCP tunnel ended");
     }
 

@@ -12,6 +12,8 @@
 //! | `istio_request_duration_milliseconds` | histogram | ms: Istio's buckets 0.5 … 3,600,000 |
 //! | `istio_request_bytes` | histogram | bytes (head + body): 1 … 10^9 by 10× |
 //! | `istio_response_bytes` | histogram | bytes (head + body): 1 … 10^9 by 10× |
+//! | `istio_tcp_connections_opened_total`, `…_closed_total` | counter | opaque TCP tunnels |
+//! | `istio_tcp_received_bytes_total`, `istio_tcp_sent_bytes_total` | counter | bytes from / to the client, counted as the tunnel ends |
 //!
 //! Labels (Istio's standard set): `reporter`, `source_workload`,
 //! `source_canonical_service`, `source_canonical_revision`, `source_workload_namespace`,
@@ -35,6 +37,9 @@
 //! `forwarded` headers its ztunnel sent (workload name and namespace, else the model's
 //! workload at the `forwarded: for=` address). Response flags follow Envoy: `UF`
 //! (upstream connect failure), `UT` (upstream timeout), `NR` (no route), `-` otherwise.
+//! The TCP metrics (opaque TCP tunnels, TCPRoute) take the same labels but
+//! `response_code` and `grpc_response_status`, with `request_protocol="tcp"`; Telemetry
+//! overrides do not change them.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -290,6 +295,15 @@ impl RequestLabels {
         self.render_metric(None)
     }
 
+    /// The label text of Istio's TCP metrics: no `response_code`, no
+    /// `grpc_response_status`.
+    pub fn render_tcp(&self) -> String {
+        let mut pairs: Vec<(&str, std::borrow::Cow<'_, str>)> = self.pairs().into();
+        pairs.retain(|(n, _)| *n != "response_code" && *n != "grpc_response_status");
+        pairs.push(("connection_security_policy", "mutual_tls".into()));
+        join_labels(&pairs)
+    }
+
     /// The label text of metric `m` (its `tagOverrides` applied; `None`: Istio's labels).
     fn render_metric(&self, m: Option<usize>) -> String {
         let tweaks = m.and_then(|m| Some(&self.tweaks.as_ref()?.0[m]));
@@ -306,15 +320,20 @@ impl RequestLabels {
                 (None, None) => {}
             }
         }
-        let mut out = String::with_capacity(768);
-        for (i, (n, v)) in pairs.iter().enumerate() {
-            if i > 0 {
-                out.push(',');
-            }
-            let _ = write!(out, "{n}=\"{}\"", esc(v));
-        }
-        out
+        join_labels(&pairs)
     }
+}
+
+/// `name="value",…` (values escaped).
+fn join_labels(pairs: &[(&str, std::borrow::Cow<'_, str>)]) -> String {
+    let mut out = String::with_capacity(768);
+    for (i, (n, v)) in pairs.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        let _ = write!(out, "{n}=\"{}\"", esc(v));
+    }
+    out
 }
 
 fn esc(s: &str) -> String {
@@ -630,15 +649,29 @@ impl RequestCounters {
     }
 }
 
+/// Istio's TCP metrics of one label set (opaque TCP tunnels; `request_protocol="tcp"`).
+#[derive(Debug)]
+pub struct TcpCounters {
+    /// The label text: Istio's TCP labels (no `response_code`, no `grpc_response_status`).
+    labels: String,
+    pub opened: AtomicU64,
+    pub closed: AtomicU64,
+    /// Bytes from the client (`istio_tcp_received_bytes_total`) and to it (`…_sent_…`).
+    pub received_bytes: AtomicU64,
+    pub sent_bytes: AtomicU64,
+}
+
 /// The process-wide registry.
 pub struct Metrics {
     requests: ArcSwap<HashMap<RequestLabels, Arc<RequestCounters>>>,
+    tcp: ArcSwap<HashMap<RequestLabels, Arc<TcpCounters>>>,
 }
 
 impl Default for Metrics {
     fn default() -> Self {
         Metrics {
             requests: ArcSwap::from_pointee(HashMap::new()),
+            tcp: ArcSwap::from_pointee(HashMap::new()),
         }
     }
 }
@@ -655,6 +688,26 @@ impl Metrics {
             m
         });
         self.requests.load().get(k).cloned().unwrap_or(fresh)
+    }
+
+    /// The TCP counters of `labels` (made when first asked for: an opaque tunnel's end).
+    pub fn tcp(&self, k: &RequestLabels) -> Arc<TcpCounters> {
+        if let Some(v) = self.tcp.load().get(k) {
+            return v.clone();
+        }
+        let fresh = Arc::new(TcpCounters {
+            labels: k.render_tcp(),
+            opened: AtomicU64::new(0),
+            closed: AtomicU64::new(0),
+            received_bytes: AtomicU64::new(0),
+            sent_bytes: AtomicU64::new(0),
+        });
+        self.tcp.rcu(|m| {
+            let mut m = HashMap::clone(m);
+            m.entry(k.clone()).or_insert_with(|| fresh.clone());
+            m
+        });
+        self.tcp.load().get(k).cloned().unwrap_or(fresh)
     }
 
     /// The counters of `labels`, if any request was recorded with them.
@@ -726,6 +779,39 @@ impl Metrics {
                 Histogram::render_sum(&hs, &mut out, name, l);
             }
         }
+        // Istio's TCP metrics (opaque tunnels).
+        let tcp = self.tcp.load();
+        let mut sets: Vec<&Arc<TcpCounters>> = tcp.values().collect();
+        sets.sort_by(|a, b| a.labels.cmp(&b.labels));
+        type TcpGet = fn(&TcpCounters) -> &AtomicU64;
+        let tcp_metrics: [(&str, &str, TcpGet); 4] = [
+            (
+                "istio_tcp_connections_opened_total",
+                "TCP connections opened.",
+                |c| &c.opened,
+            ),
+            (
+                "istio_tcp_connections_closed_total",
+                "TCP connections closed.",
+                |c| &c.closed,
+            ),
+            (
+                "istio_tcp_received_bytes_total",
+                "Bytes received from the client.",
+                |c| &c.received_bytes,
+            ),
+            (
+                "istio_tcp_sent_bytes_total",
+                "Bytes sent to the client.",
+                |c| &c.sent_bytes,
+            ),
+        ];
+        for (name, help, get) in tcp_metrics {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+            for c in &sets {
+                let _ = writeln!(out, "{name}{{{}}} {}", c.labels, get(c).load(Relaxed));
+            }
+        }
         // Whether this process holds `runtime.cpu_latency_limit` (a process-wide gauge).
         out.push_str(&runtime::pmqos::render_prometheus("waypoint"));
         out
@@ -759,6 +845,12 @@ impl LocalMetrics {
                 c
             }
         }
+    }
+
+    /// The TCP counters of `labels` (the process's; an opaque tunnel's end is rare enough
+    /// not to cache them here).
+    pub fn tcp(&self, labels: &RequestLabels) -> Arc<TcpCounters> {
+        self.shared.tcp(labels)
     }
 
     /// Count one request.

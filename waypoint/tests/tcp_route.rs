@@ -103,7 +103,7 @@ impl Mesh {
             "{}---\n{ROUTES}",
             app_model(ip(net, 1), &workloads, services)
         );
-        let wp = Waypoint::start(&ca, &text, &format!("waypoint-tcp-route-{net}.yaml"));
+        let wp = Waypoint::with_stats(&ca, &text, &format!("waypoint-tcp-route-{net}.yaml"));
         Mesh { wp }
     }
 
@@ -187,6 +187,68 @@ fn a_port_without_a_tcp_route_is_detected_and_self_routed() {
         seen
     });
     assert_eq!(seen.into_iter().collect::<Vec<_>>(), ["v1", "v2"]);
+}
+
+/// Istio's TCP metrics (`reporter="waypoint"`, `request_protocol="tcp"`, no
+/// `response_code`) count each opaque connection through the waypoint, by the backend the
+/// TCPRoute chose, with its bytes each way (received from the client, sent to it).
+#[test]
+fn istio_tcp_metrics_count_each_opaque_connection() {
+    let m = Mesh::start();
+    let n = 6;
+    block_on(async {
+        for _ in 0..n {
+            let (_c, mut s) = m.tunnel("10.96.0.20:9000").await;
+            greeting(&mut s).await;
+            s.write_all(Bytes::from_static(b"bye!"), true)
+                .await
+                .unwrap();
+            let (back, ended) = read_to_end(&mut s).await;
+            assert_eq!((back.as_slice(), ended), (&b"bye!"[..], Ended::Closed));
+        }
+    });
+    let stats = m.wp.handle().stats_addr().unwrap();
+    let sum = |metric: &str| -> (u64, Vec<String>) {
+        // Counted as each tunnel ends, after the client saw its end: wait for all.
+        let deadline = std::time::Instant::now() + common::EVENT_BOUND;
+        loop {
+            let page = common::prometheus_page(stats);
+            let lines: Vec<String> = page
+                .lines()
+                .filter(|l| l.starts_with(&format!("{metric}{{")))
+                .map(String::from)
+                .collect();
+            let total = lines
+                .iter()
+                .map(|l| l.rsplit_once(' ').unwrap().1.parse::<u64>().unwrap())
+                .sum();
+            if metric != "istio_tcp_connections_closed_total"
+                || total >= n
+                || std::time::Instant::now() > deadline
+            {
+                return (total, lines);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    };
+    let (closed, lines) = sum("istio_tcp_connections_closed_total");
+    assert_eq!(closed, n, "{lines:?}");
+    assert_eq!(sum("istio_tcp_connections_opened_total").0, n);
+    assert_eq!(sum("istio_tcp_received_bytes_total").0, 4 * n);
+    // The greeting (`v1\n` or `v2\n`) and the echo.
+    assert_eq!(sum("istio_tcp_sent_bytes_total").0, 7 * n);
+    for l in &lines {
+        assert!(l.contains("reporter=\"waypoint\""), "{l}");
+        assert!(l.contains("request_protocol=\"tcp\""), "{l}");
+        assert!(l.contains("response_flags=\"-\""), "{l}");
+        assert!(
+            l.contains("destination_service=\"tcp-echo-v1.app.svc.cluster.local\"")
+                || l.contains("destination_service=\"tcp-echo-v2.app.svc.cluster.local\""),
+            "by the chosen backend: {l}"
+        );
+        assert!(!l.contains("response_code="), "{l}");
+        assert!(!l.contains("grpc_response_status="), "{l}");
+    }
 }
 
 #[test]
