@@ -12,7 +12,7 @@
 //! | `AuthorizationPolicy` | `security.istio.io/v1`, `/v1beta1` | [`crate::authz::Policy`] (`CUSTOM` with `provider.name`: an extension provider of the MeshConfig document) |
 //! | `RequestAuthentication` | `security.istio.io/v1`, `/v1beta1` | [`crate::jwt::RequestAuthn`]: `jwtRules[]` with `issuer`, `audiences`, `jwks` (inline JSON), or `jwksUri` (fetched, with `timeout`; neither: OpenID discovery from the issuer; see [`crate::jwks`]), `fromHeaders` (`name`, `prefix`), `fromParams`, `fromCookies`, `forwardOriginalToken`, `outputPayloadToHeader`, `outputClaimToHeaders` (`header`, `claim`) |
 //! | `VirtualService` | `networking.istio.io/v1`, `/v1beta1`, `/v1alpha3` | [`crate::route::HttpRoute`] with its rules in order (see `config/virtual_service.rs` for the fields) |
-//! | `Telemetry` | `telemetry.istio.io/v1`, `/v1alpha1` | [`TelemetryRule`]: `accessLogging` (`providers`: `envoy` or MeshConfig `envoyFileAccessLog` and `envoyOtelAls` ones, `disabled`, `match.mode` `CLIENT_AND_SERVER`/`SERVER`, `filter.expression` in CEL over Envoy's attributes, see [`crate::cel`]; merged per provider across the hierarchy as Istio's `mergeLogs`, [`WaypointConfig::telemetry_for`]) and `metrics` (`providers` `prometheus`, `overrides` with `match.metric` (`ALL_METRICS`, `REQUEST_COUNT`, `REQUEST_DURATION`, `REQUEST_SIZE`, `RESPONSE_SIZE`; TCP and gRPC message metrics: nothing to change), `disabled` and `tagOverrides` (`UPSERT` with a CEL `value`, [`crate::cel::Expr::text`], or `REMOVE`; merged label by label as Istio's `mergeMetrics`)) and `tracing` (`providers` (one), `randomSamplingPercentage`, `disableSpanReporting`, `customTags` `literal`/`environment`/`header`, `match.mode`; see [`crate::spans`]) by `targetRefs` (the waypoint's Gateway, Services), namespace or root namespace; `reportingInterval`, `customMetric` refused; a `selector` one set aside as AuthorizationPolicies' are |
+//! | `Telemetry` | `telemetry.istio.io/v1`, `/v1alpha1` | [`TelemetryRule`]: `accessLogging` (`providers`: `envoy` or MeshConfig `envoyFileAccessLog` and `envoyOtelAls` ones, `disabled`, `match.mode` `CLIENT_AND_SERVER`/`SERVER`, `filter.expression` in CEL over Envoy's attributes, see [`crate::cel`]; merged per provider across the hierarchy as Istio's `mergeLogs`, [`WaypointConfig::telemetry_for`]) and `metrics` (`providers` `prometheus`, `overrides` with `match.metric` (`ALL_METRICS`, `REQUEST_COUNT`, `REQUEST_DURATION`, `REQUEST_SIZE`, `RESPONSE_SIZE`, `TCP_OPENED_CONNECTIONS`, `TCP_CLOSED_CONNECTIONS`, `TCP_SENT_BYTES`, `TCP_RECEIVED_BYTES`; gRPC message metrics: none here, nothing to change), `disabled` and `tagOverrides` (`UPSERT` with a CEL `value`, [`crate::cel::Expr::text`], or `REMOVE`; merged label by label as Istio's `mergeMetrics`)) and `tracing` (`providers` (one), `randomSamplingPercentage`, `disableSpanReporting`, `customTags` `literal`/`environment`/`header`, `match.mode`; see [`crate::spans`]) by `targetRefs` (the waypoint's Gateway, Services), namespace or root namespace; `reportingInterval`, `customMetric` refused; a `selector` one set aside as AuthorizationPolicies' are |
 //! | `DestinationRule` | `networking.istio.io/v1`, `/v1beta1`, `/v1alpha3` | [`Subset`]s (`subsets[]`: `name`, `labels`, `trafficPolicy` whose fields replace the rule's); [`ServiceLb`]: `trafficPolicy.loadBalancer` (`simple`, or `consistentHash` with `httpHeaderName`, `httpQueryParameterName`, `useSourceIp` or `httpCookie` `name`/`path`/`ttl`/`attributes`), `.outlierDetection` (`consecutive5xxErrors`, `consecutiveGatewayErrors`, `interval`, `baseEjectionTime`, `maxEjectionPercent`), `.loadBalancer.localityLbSetting` (with outlier detection, as Istio: locality failover priorities from the waypoint's own workload — `enabled`, `failover` from/to regions, `failoverPriority` label keys; or, with or without outlier detection, `distribute` locality weights — `from`/`to` patterns `region/zone/subzone` with a last `*`, weights summing to 100; see [`crate::lb::LocalityLb`], [`crate::lb::distribute`]), `.loadBalancer.warmupDurationSecs` (Envoy's slow start for round robin, least request and random: a new endpoint's share grows from 10 % to all of it over the window; refused with consistentHash), `.connectionPool.http.useClientProtocol`, `.connectionPool.http.idleTimeout`, `.tls.mode: ISTIO_MUTUAL` (what HBONE is; other modes refused), `.portLevelSettings` (all of these per service port, each entry replacing the service's for its port); [`crate::breaker`]: `.connectionPool.tcp.maxConnections`, `.tcp.connectTimeout`, `.http.http1MaxPendingRequests`, `.http.http2MaxRequests`, `.http.maxRequestsPerConnection`, `.http.maxRetries` |
 //! | no `apiVersion`/`kind`, a `waypoint:` key | — | [`SettingsDoc`], exactly one for the binary |
 //! | no `apiVersion`/`kind`, a `meshConfig:` key | — | Istio MeshConfig's `extensionProviders` of kinds `envoyExtAuthzHttp` (`service`: a model service's hostname, or `namespace/hostname`; `port`, `pathPrefix`, `timeout`, `failOpen`, `statusOnError`, `includeRequestHeadersInCheck`, `includeAdditionalHeadersInCheck`, `headersToUpstreamOnAllow`, `headersToDownstreamOnDeny`, `headersToDownstreamOnAllow`) and `envoyExtAuthzGrpc` (`service`, `port`, `timeout`, `failOpen`, `statusOnError`) (see [`crate::ext_authz`]), and the tracing providers `opentelemetry` (`service`, `port`, `maxTagLength`, `http` with `path`, `timeout`, `headers`: OTLP over HTTP, else over gRPC) and `zipkin` (`service`, `port`, `maxTagLength`, `enable64bitTraceId`, `path`, `timeout`, `headers`), with `defaultProviders.tracing` (see [`crate::spans`]); the access log providers `envoyFileAccessLog` (`path`, default `/dev/stdout`; `logFormat` `text` or `labels` (JSON), default Istio's text format; `omitEmptyValues`; Envoy's command operators, see [`crate::logfmt`]) and `envoyOtelAls` (`service`, `port`, `logName`, `logFormat` `text` (the record's body, default Istio's text format) and `labels` (its attributes); OTLP logs over gRPC, exported as spans are) with `defaultProviders.accessLogging`, and `accessLogFile`, `accessLogFormat`, `accessLogEncoding` (`TEXT`/`JSON`), which make the built-in `envoy` provider write Istio's format (without them it writes the waypoint's own `access` line to stderr); one MeshConfig document, reloaded with the file |
@@ -470,7 +470,7 @@ pub enum TagOverride {
 
 /// Tag overrides by metric ([`crate::telemetry::METRICS`]), each metric's by label name.
 #[derive(Debug, Clone, Default)]
-pub struct MetricTags(pub [Vec<(String, TagOverride)>; 4]);
+pub struct MetricTags(pub [Vec<(String, TagOverride)>; 8]);
 
 impl MetricTags {
     /// `name` of metric `m` set to `t` (replacing an earlier override of it).
@@ -486,9 +486,10 @@ impl MetricTags {
         self.0.iter().all(Vec::is_empty)
     }
 
-    /// Whether any override takes a value from the request.
-    pub fn upserts(&self) -> bool {
-        self.0
+    /// Whether any override of `metrics` (indices of [`crate::telemetry::METRICS`]) takes
+    /// a value from the request.
+    pub fn upserts(&self, metrics: std::ops::Range<usize>) -> bool {
+        self.0[metrics]
             .iter()
             .flatten()
             .any(|(_, t)| matches!(t, TagOverride::Upsert(_)))
@@ -517,7 +518,7 @@ pub struct TelemetryRule {
     pub access_log: Vec<LogEntry>,
     /// By [`crate::telemetry::METRICS`]: reported or not, as its overrides say; `None`:
     /// not overridden here.
-    pub metrics: [Option<bool>; 4],
+    pub metrics: [Option<bool>; 8],
     /// Its overrides' `tagOverrides`, by metric.
     pub tags: MetricTags,
     /// Its `tracing`, when it has one.
@@ -579,7 +580,7 @@ impl WaypointConfig {
     /// (`disabled`), a later entry over an earlier one. Only the providers named by the
     /// most specific Telemetry naming any (else the default ones) are in scope.
     pub fn telemetry_for(&self, s: &authz::Subject<'_>) -> TelemetryChoice {
-        let mut metrics: [Option<(u8, bool)>; 4] = [None; 4];
+        let mut metrics: [Option<(u8, bool)>; 8] = [None; 8];
         let better = |best: &Option<(u8, bool)>, rank: u8| best.is_none_or(|(r, _)| rank > r);
         let mut logging: Vec<(u8, &TelemetryRule)> = vec![];
         let mut tagged: Vec<(u8, &TelemetryRule)> = vec![];
@@ -4358,10 +4359,10 @@ fn only_provider(
 }
 
 /// A Telemetry's `metrics` overrides: by [`crate::telemetry::METRICS`], reported or not.
-/// Only `disabled` is taken (its tags are Istio's standard ones); TCP metrics are accepted
-/// and have nothing to change (the waypoint reports request metrics only).
-fn compile_metrics(list: &[MetricsRaw]) -> Result<([Option<bool>; 4], MetricTags), Invalid> {
-    let mut out = [None; 4];
+/// and `tagOverrides`; the gRPC message metrics are accepted and have nothing to change
+/// (the waypoint reports none).
+fn compile_metrics(list: &[MetricsRaw]) -> Result<([Option<bool>; 8], MetricTags), Invalid> {
+    let mut out = [None; 8];
     let mut tags = MetricTags::default();
     for (i, m) in list.iter().enumerate() {
         let f = format!("spec.metrics[{i}]");
@@ -4431,13 +4432,9 @@ fn compile_metrics(list: &[MetricsRaw]) -> Result<([Option<bool>; 4], MetricTags
                 .and_then(|x| x.metric.as_deref())
                 .unwrap_or("ALL_METRICS")
             {
-                "ALL_METRICS" => (0..4).for_each(&mut apply),
-                "TCP_OPENED_CONNECTIONS"
-                | "TCP_CLOSED_CONNECTIONS"
-                | "TCP_SENT_BYTES"
-                | "TCP_RECEIVED_BYTES"
-                | "GRPC_REQUEST_MESSAGES"
-                | "GRPC_RESPONSE_MESSAGES" => {}
+                "ALL_METRICS" => (0..crate::telemetry::METRICS.len()).for_each(&mut apply),
+                // The waypoint reports no gRPC message metrics: nothing to change.
+                "GRPC_REQUEST_MESSAGES" | "GRPC_RESPONSE_MESSAGES" => {}
                 name => match crate::telemetry::METRICS.iter().position(|n| *n == name) {
                     Some(x) => apply(x),
                     None => {

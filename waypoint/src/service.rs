@@ -1387,14 +1387,21 @@ type MetricKey = (
     Option<Rc<[String]>>,
 );
 
-/// The label changes of `tags` with `values` (their UPSERTs' values, in order).
+/// The label changes of `tags` for `metrics` (indices of [`crate::telemetry::METRICS`])
+/// with `values` (their UPSERTs' values, in order).
 fn tweaks(
     tags: &crate::config::MetricTags,
+    metrics: std::ops::Range<usize>,
     values: Option<&[String]>,
 ) -> Arc<crate::telemetry::TagTweaks> {
     let mut values = values.unwrap_or_default().iter();
     let mut out = crate::telemetry::TagTweaks::default();
-    for (m, list) in tags.0.iter().enumerate() {
+    for (m, list) in tags
+        .0
+        .iter()
+        .enumerate()
+        .filter(|(m, _)| metrics.contains(m))
+    {
         for (name, t) in list {
             let v = match t {
                 crate::config::TagOverride::Upsert(_) => values.next().cloned(),
@@ -2045,9 +2052,10 @@ impl Upstream for HboneUpstream {
             .tags
             .get_or_init(|| self.telemetry_choice().tags)
             .as_ref();
+        let requests = 0..crate::telemetry::TCP_OPENED;
         let tag_values = tags
-            .filter(|t| t.upserts())
-            .map(|t| self.tag_values(t, r, ms));
+            .filter(|t| t.upserts(requests.clone()))
+            .map(|t| self.tag_values(t, requests.clone(), r, ms));
         let cached = self
             .metric_cache
             .borrow()
@@ -2066,7 +2074,7 @@ impl Upstream for HboneUpstream {
         let set = match cached {
             Some(set) => set,
             None => {
-                let tweaks = tags.map(|t| tweaks(t, tag_values.as_deref()));
+                let tweaks = tags.map(|t| tweaks(t, requests, tag_values.as_deref()));
                 let set = self.new_label_set(r.status, r.flags, was_routed, grpc, tweaks);
                 let mut cache = self.metric_cache.borrow_mut();
                 if cache.len() >= METRIC_CACHE {
@@ -2641,14 +2649,50 @@ impl HboneUpstream {
 
     /// Istio's TCP metrics of an opaque tunnel to `last` (response flags `flags`): one
     /// connection, opened and closed, with its bytes each way.
-    fn record_tcp(&self, flags: &'static str, received: u64, sent: u64) {
-        let mut labels = self.request_labels(0, flags, true, None, None);
+    fn record_tcp(&self, flags: &'static str, received: u64, sent: u64, started: Instant) {
+        let choice = self.telemetry_choice();
+        let tcp = crate::telemetry::TCP_OPENED..crate::telemetry::METRICS.len();
+        // What `tagOverrides` values read of a connection (no HTTP request).
+        let record = http1::Record {
+            protocol: "tcp",
+            method: "",
+            host: "",
+            path: "",
+            query: None,
+            status: 0,
+            flags,
+            request_bytes: received,
+            response_bytes: sent,
+            started,
+            traceparent: "",
+            span: None,
+            head: None,
+            request_id: "",
+            denied: None,
+        };
+        let ms = started.elapsed().as_secs_f64() * 1000.0;
+        let tweaks = choice.tags.as_deref().map(|t| {
+            let values = t
+                .upserts(tcp.clone())
+                .then(|| self.tag_values(t, tcp.clone(), &record, ms));
+            tweaks(t, tcp.clone(), values.as_deref())
+        });
+        let mut labels = self.request_labels(0, flags, true, None, tweaks);
         labels.request_protocol = "tcp";
         let c = self.worker.metrics.tcp(&labels);
-        c.opened.fetch_add(1, Relaxed);
-        c.closed.fetch_add(1, Relaxed);
-        c.received_bytes.fetch_add(received, Relaxed);
-        c.sent_bytes.fetch_add(sent, Relaxed);
+        c.shown.store(choice.metrics, Relaxed);
+        let on = |m: usize| choice.metrics & (1 << m) != 0;
+        let counts = [
+            (&c.opened, 1),
+            (&c.closed, 1),
+            (&c.received_bytes, received),
+            (&c.sent_bytes, sent),
+        ];
+        for (i, (counter, n)) in counts.into_iter().enumerate() {
+            if on(crate::telemetry::TCP_OPENED + i) {
+                counter.fetch_add(n, Relaxed);
+            }
+        }
     }
 
     fn source_ip(&self) -> IpAddr {
@@ -2669,16 +2713,17 @@ impl HboneUpstream {
         }
     }
 
-    /// The values of `tags`' UPSERTs for the request `r`, in their order (`unknown` where
-    /// an expression has none).
+    /// The values of `tags`' UPSERTs of `metrics` for the request `r`, in their order
+    /// (`unknown` where an expression has none).
     fn tag_values(
         &self,
         tags: &crate::config::MetricTags,
+        metrics: std::ops::Range<usize>,
         r: &http1::Record<'_>,
         ms: f64,
     ) -> Rc<[String]> {
         let input = self.cel_input(r, ms);
-        tags.0
+        tags.0[metrics]
             .iter()
             .flatten()
             .filter_map(|(_, t)| match t {
@@ -3128,6 +3173,7 @@ impl HboneUpstream {
 
     /// An opaque TCP tunnel (R15 at L4, then bytes to the chosen endpoint).
     async fn opaque(&mut self, mut down: H2Stream, ctx: &TunnelCtx, first: Bytes) {
+        let started = Instant::now();
         let counters = self.worker.shared.counters.clone();
         // Under the snapshot current at the first bytes; re-checked at each reload after.
         let fresh = self.begin();
@@ -3215,7 +3261,7 @@ impl HboneUpstream {
             Err(e) => {
                 counters.upstream_errors.fetch_add(1, Relaxed);
                 tracing::debug!(target = %self.target, error = %e, "opaque TCP: upstream failed");
-                self.record_tcp("UF", 0, 0);
+                self.record_tcp("UF", 0, 0, started);
                 down.reset(h2::Reason::CONNECT_ERROR);
                 return;
             }
@@ -3245,7 +3291,12 @@ impl HboneUpstream {
             .tcp_bytes_received
             .fetch_add(out.upstream_to_downstream, Relaxed);
         // Istio's names, as the waypoint sees them: received from the client, sent to it.
-        self.record_tcp("-", out.downstream_to_upstream, out.upstream_to_downstream);
+        self.record_tcp(
+            "-",
+            out.downstream_to_upstream,
+            out.upstream_to_downstream,
+            started,
+        );
         tracing::debug!(target = %self.target, sent = out.downstream_to_upstream, received = out.upstream_to_downstream, end = ?out.end, "opaque TCP tunnel ended");
     }
 

@@ -86,7 +86,7 @@ pub struct RequestLabels {
 /// Label changes by metric ([`METRICS`]), in order: a label set to a value (a standard one
 /// replaced where it stands, a new one added at the end), or left out (`None`).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct TagTweaks(pub [Vec<(String, Option<String>)>; 4]);
+pub struct TagTweaks(pub [Vec<(String, Option<String>)>; 8]);
 
 /// Whether `s` is a Prometheus label name (`[a-zA-Z_][a-zA-Z0-9_]*`, not `__`-prefixed).
 pub fn label_name(s: &str) -> bool {
@@ -298,16 +298,18 @@ impl RequestLabels {
     /// The label text of Istio's TCP metrics: no `response_code`, no
     /// `grpc_response_status`.
     pub fn render_tcp(&self) -> String {
-        let mut pairs: Vec<(&str, std::borrow::Cow<'_, str>)> = self.pairs().into();
-        pairs.retain(|(n, _)| *n != "response_code" && *n != "grpc_response_status");
-        pairs.push(("connection_security_policy", "mutual_tls".into()));
-        join_labels(&pairs)
+        self.render_metric(Some(TCP_OPENED))
     }
 
-    /// The label text of metric `m` (its `tagOverrides` applied; `None`: Istio's labels).
+    /// The label text of metric `m` ([`METRICS`]: its `tagOverrides` applied; a TCP
+    /// metric's without `response_code` and `grpc_response_status`; `None`: Istio's
+    /// request labels).
     fn render_metric(&self, m: Option<usize>) -> String {
         let tweaks = m.and_then(|m| Some(&self.tweaks.as_ref()?.0[m]));
         let mut pairs: Vec<(&str, std::borrow::Cow<'_, str>)> = self.pairs().into();
+        if m.is_some_and(|m| m >= TCP_OPENED) {
+            pairs.retain(|(n, _)| *n != "response_code" && *n != "grpc_response_status");
+        }
         pairs.push(("connection_security_policy", "mutual_tls".into()));
         for (name, value) in tweaks.into_iter().flatten() {
             let at = pairs.iter().position(|(n, _)| n == name);
@@ -594,22 +596,30 @@ impl Histogram {
     }
 }
 
-/// Istio's standard request metrics, as Telemetry `metrics` overrides name them, in the
-/// order of a [`Shown`] mask: `REQUEST_COUNT`, `REQUEST_DURATION`, `REQUEST_SIZE`,
-/// `RESPONSE_SIZE`.
-pub const METRICS: [&str; 4] = [
+/// Istio's standard metrics the waypoint reports, as Telemetry `metrics` overrides name
+/// them, in the order of a [`Shown`] mask: the request metrics `REQUEST_COUNT`,
+/// `REQUEST_DURATION`, `REQUEST_SIZE`, `RESPONSE_SIZE`, then the TCP metrics (opaque
+/// tunnels) from [`TCP_OPENED`] on.
+pub const METRICS: [&str; 8] = [
     "REQUEST_COUNT",
     "REQUEST_DURATION",
     "REQUEST_SIZE",
     "RESPONSE_SIZE",
+    "TCP_OPENED_CONNECTIONS",
+    "TCP_CLOSED_CONNECTIONS",
+    "TCP_RECEIVED_BYTES",
+    "TCP_SENT_BYTES",
 ];
+
+/// The index of the first TCP metric in [`METRICS`].
+pub const TCP_OPENED: usize = 4;
 
 /// Which of [`METRICS`] a label set reports (Telemetry `metrics` overrides): bit `i` for
 /// `METRICS[i]`.
 pub type Shown = u8;
 
 /// Every metric reported.
-pub const ALL_SHOWN: Shown = 0b1111;
+pub const ALL_SHOWN: Shown = 0xff;
 
 /// Counters of one label set.
 #[derive(Debug)]
@@ -652,8 +662,11 @@ impl RequestCounters {
 /// Istio's TCP metrics of one label set (opaque TCP tunnels; `request_protocol="tcp"`).
 #[derive(Debug)]
 pub struct TcpCounters {
-    /// The label text: Istio's TCP labels (no `response_code`, no `grpc_response_status`).
-    labels: String,
+    /// The label text of each TCP metric: Istio's TCP labels (no `response_code`, no
+    /// `grpc_response_status`), `tagOverrides` applied.
+    labels: [String; 4],
+    /// The metrics reported for it (bits of [`METRICS`], as [`RequestCounters::shown`]).
+    pub shown: std::sync::atomic::AtomicU8,
     pub opened: AtomicU64,
     pub closed: AtomicU64,
     /// Bytes from the client (`istio_tcp_received_bytes_total`) and to it (`…_sent_…`).
@@ -696,7 +709,8 @@ impl Metrics {
             return v.clone();
         }
         let fresh = Arc::new(TcpCounters {
-            labels: k.render_tcp(),
+            labels: std::array::from_fn(|i| k.render_metric(Some(TCP_OPENED + i))),
+            shown: std::sync::atomic::AtomicU8::new(ALL_SHOWN),
             opened: AtomicU64::new(0),
             closed: AtomicU64::new(0),
             received_bytes: AtomicU64::new(0),
@@ -730,20 +744,12 @@ impl Metrics {
         // (no formatting here), sorted; sets whose texts are equal (a `tagOverrides` REMOVE
         // took out what told them apart) are one series, their counts added up.
         let series = |i: usize| {
-            let mut sets: Vec<(&str, &RequestCounters)> = m
-                .values()
-                .filter(|c| shown(c, i))
-                .map(|c| (c.labels_of(i), &**c))
-                .collect();
-            sets.sort_by(|a, b| a.0.cmp(b.0));
-            let mut out: Vec<(&str, Vec<&RequestCounters>)> = vec![];
-            for (l, c) in sets {
-                match out.last_mut() {
-                    Some((last, cs)) if *last == l => cs.push(c),
-                    _ => out.push((l, vec![c])),
-                }
-            }
-            out
+            merged(
+                m.values()
+                    .filter(|c| shown(c, i))
+                    .map(|c| (c.labels_of(i), &**c))
+                    .collect(),
+            )
         };
         let mut out = String::new();
         let _ = writeln!(
@@ -779,10 +785,8 @@ impl Metrics {
                 Histogram::render_sum(&hs, &mut out, name, l);
             }
         }
-        // Istio's TCP metrics (opaque tunnels).
+        // Istio's TCP metrics (opaque tunnels), in the order of [`METRICS`].
         let tcp = self.tcp.load();
-        let mut sets: Vec<&Arc<TcpCounters>> = tcp.values().collect();
-        sets.sort_by(|a, b| a.labels.cmp(&b.labels));
         type TcpGet = fn(&TcpCounters) -> &AtomicU64;
         let tcp_metrics: [(&str, &str, TcpGet); 4] = [
             (
@@ -806,16 +810,37 @@ impl Metrics {
                 |c| &c.sent_bytes,
             ),
         ];
-        for (name, help, get) in tcp_metrics {
+        for (i, (name, help, get)) in tcp_metrics.into_iter().enumerate() {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
-            for c in &sets {
-                let _ = writeln!(out, "{name}{{{}}} {}", c.labels, get(c).load(Relaxed));
+            let sets = merged(
+                tcp.values()
+                    .filter(|c| c.shown.load(Relaxed) & (1 << (TCP_OPENED + i)) != 0)
+                    .map(|c| (c.labels[i].as_str(), &**c))
+                    .collect(),
+            );
+            for (l, cs) in sets {
+                let n: u64 = cs.iter().map(|c| get(c).load(Relaxed)).sum();
+                let _ = writeln!(out, "{name}{{{l}}} {n}");
             }
         }
         // Whether this process holds `runtime.cpu_latency_limit` (a process-wide gauge).
         out.push_str(&runtime::pmqos::render_prometheus("waypoint"));
         out
     }
+}
+
+/// Series by label text, sorted; sets whose texts are equal (a `tagOverrides` REMOVE took
+/// out what told them apart) are one series.
+fn merged<'a, C>(mut sets: Vec<(&'a str, &'a C)>) -> Vec<(&'a str, Vec<&'a C>)> {
+    sets.sort_by(|a, b| a.0.cmp(b.0));
+    let mut out: Vec<(&str, Vec<&C>)> = vec![];
+    for (l, c) in sets {
+        match out.last_mut() {
+            Some((last, cs)) if *last == l => cs.push(c),
+            _ => out.push((l, vec![c])),
+        }
+    }
+    out
 }
 
 /// One worker's view: caches the counter blocks it has used.

@@ -79,6 +79,11 @@ struct Mesh {
 
 impl Mesh {
     fn start() -> Mesh {
+        Mesh::start_with("")
+    }
+
+    /// The mesh with `docs` (more documents, `---`-led) in the waypoint's file.
+    fn start_with(docs: &str) -> Mesh {
         let (net, zl) = bind_node_ztunnel(31);
         let ca = test_ca();
         let _zt = stand_in_ztunnel(
@@ -100,7 +105,7 @@ impl Mesh {
   - {name: tcp-broken, namespace: app, hostname: tcp-broken.app.svc.cluster.local, vips: [\"10.96.0.23\"], ports: {9000: 9000}}
 ";
         let text = format!(
-            "{}---\n{ROUTES}",
+            "{}---\n{ROUTES}{docs}",
             app_model(ip(net, 1), &workloads, services)
         );
         let wp = Waypoint::with_stats(&ca, &text, &format!("waypoint-tcp-route-{net}.yaml"));
@@ -192,10 +197,8 @@ fn a_port_without_a_tcp_route_is_detected_and_self_routed() {
 /// Istio's TCP metrics (`reporter="waypoint"`, `request_protocol="tcp"`, no
 /// `response_code`) count each opaque connection through the waypoint, by the backend the
 /// TCPRoute chose, with its bytes each way (received from the client, sent to it).
-#[test]
-fn istio_tcp_metrics_count_each_opaque_connection() {
-    let m = Mesh::start();
-    let n = 6;
+/// `n` connections through the TCPRoute of `tcp-echo`, each greeted, then `bye!` echoed.
+fn connections(m: &Mesh, n: u64) {
     block_on(async {
         for _ in 0..n {
             let (_c, mut s) = m.tunnel("10.96.0.20:9000").await;
@@ -207,30 +210,43 @@ fn istio_tcp_metrics_count_each_opaque_connection() {
             assert_eq!((back.as_slice(), ended), (&b"bye!"[..], Ended::Closed));
         }
     });
+}
+
+/// The sum over the series of `metric`, and the series; first waits for
+/// `istio_tcp_connections_closed_total` to reach `n` (counted as each tunnel ends, after
+/// the client saw its end).
+fn tcp_sum(m: &Mesh, metric: &str, n: u64) -> (u64, Vec<String>) {
     let stats = m.wp.handle().stats_addr().unwrap();
-    let sum = |metric: &str| -> (u64, Vec<String>) {
-        // Counted as each tunnel ends, after the client saw its end: wait for all.
-        let deadline = std::time::Instant::now() + common::EVENT_BOUND;
-        loop {
-            let page = common::prometheus_page(stats);
+    let deadline = std::time::Instant::now() + common::EVENT_BOUND;
+    loop {
+        let page = common::prometheus_page(stats);
+        let series = |name: &str| -> (u64, Vec<String>) {
             let lines: Vec<String> = page
                 .lines()
-                .filter(|l| l.starts_with(&format!("{metric}{{")))
+                .filter(|l| l.starts_with(&format!("{name}{{")))
                 .map(String::from)
                 .collect();
             let total = lines
                 .iter()
                 .map(|l| l.rsplit_once(' ').unwrap().1.parse::<u64>().unwrap())
                 .sum();
-            if metric != "istio_tcp_connections_closed_total"
-                || total >= n
-                || std::time::Instant::now() > deadline
-            {
-                return (total, lines);
-            }
-            std::thread::sleep(std::time::Duration::from_millis(20));
+            (total, lines)
+        };
+        if series("istio_tcp_connections_closed_total").0 >= n
+            || std::time::Instant::now() > deadline
+        {
+            return series(metric);
         }
-    };
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn istio_tcp_metrics_count_each_opaque_connection() {
+    let m = Mesh::start();
+    let n = 6;
+    connections(&m, n);
+    let sum = |metric: &str| tcp_sum(&m, metric, n);
     let (closed, lines) = sum("istio_tcp_connections_closed_total");
     assert_eq!(closed, n, "{lines:?}");
     assert_eq!(sum("istio_tcp_connections_opened_total").0, n);
@@ -248,6 +264,45 @@ fn istio_tcp_metrics_count_each_opaque_connection() {
         );
         assert!(!l.contains("response_code="), "{l}");
         assert!(!l.contains("grpc_response_status="), "{l}");
+    }
+}
+
+/// Telemetry metrics overrides on the TCP metrics: one disabled, a label added from the
+/// connection (`destination.port`) and one removed, on the metric they name only.
+#[test]
+fn telemetry_overrides_change_the_tcp_metrics() {
+    let m = Mesh::start_with(
+        "---
+apiVersion: telemetry.istio.io/v1
+kind: Telemetry
+metadata: {name: mesh, namespace: istio-system}
+spec:
+  metrics:
+  - overrides:
+    - match: {metric: TCP_SENT_BYTES}
+      disabled: true
+    - match: {metric: TCP_OPENED_CONNECTIONS}
+      tagOverrides:
+        dport: {value: destination.port}
+        response_flags: {operation: REMOVE}
+",
+    );
+    let n = 4;
+    connections(&m, n);
+    let (closed, closed_lines) = tcp_sum(&m, "istio_tcp_connections_closed_total", n);
+    assert_eq!(closed, n);
+    let (opened, opened_lines) = tcp_sum(&m, "istio_tcp_connections_opened_total", n);
+    assert_eq!(opened, n);
+    assert_eq!(tcp_sum(&m, "istio_tcp_received_bytes_total", n).0, 4 * n);
+    let (sent, sent_lines) = tcp_sum(&m, "istio_tcp_sent_bytes_total", n);
+    assert_eq!((sent, sent_lines.len()), (0, 0), "disabled: no series");
+    for l in &opened_lines {
+        assert!(l.contains(",dport=\"9000\"}"), "{l}");
+        assert!(!l.contains("response_flags="), "{l}");
+    }
+    for l in &closed_lines {
+        assert!(!l.contains("dport="), "{l}");
+        assert!(l.contains("response_flags=\"-\""), "{l}");
     }
 }
 

@@ -124,10 +124,16 @@ fn the_most_specific_telemetry_decides_the_access_log() {
     assert!(!logged(&cfg, "app", "quiet"));
 }
 
-/// The metrics reported for a request to `ns/name`: bits of REQUEST_COUNT,
+/// The request metrics reported for a request to `ns/name`: bits of REQUEST_COUNT,
 /// REQUEST_DURATION, REQUEST_SIZE, RESPONSE_SIZE.
 fn shown(cfg: &WaypointConfig, ns: &str, name: &str) -> u8 {
-    choice(cfg, ns, name).metrics
+    choice(cfg, ns, name).metrics & 0b1111
+}
+
+/// The TCP metrics reported for a connection to `ns/name`: bits of
+/// TCP_OPENED_CONNECTIONS, TCP_CLOSED_CONNECTIONS, TCP_RECEIVED_BYTES, TCP_SENT_BYTES.
+fn tcp_shown(cfg: &WaypointConfig, ns: &str, name: &str) -> u8 {
+    choice(cfg, ns, name).metrics >> 4
 }
 
 #[test]
@@ -139,22 +145,34 @@ fn metrics_overrides_disable_metrics_per_target() {
     let mesh_all_off = format!(
         "apiVersion: telemetry.istio.io/v1\nkind: Telemetry\nmetadata: {{name: mesh, namespace: istio-system}}\nspec:\n  metrics:\n{all_off}"
     );
-    // (documents, loud, quiet, shop/other)
-    let table: Vec<(Vec<String>, [u8; 3])> = vec![
-        (vec![], [0b1111, 0b1111, 0b1111]),
+    let tcp_sent_off = "  - overrides: [{match: {metric: TCP_SENT_BYTES}, disabled: true}]\n";
+    // (documents, request metrics of loud, quiet, shop/other; TCP metrics of the same)
+    let table: Vec<(Vec<String>, [u8; 3], [u8; 3])> = vec![
+        (vec![], [0b1111, 0b1111, 0b1111], [0b1111, 0b1111, 0b1111]),
         (
             vec![metrics("q", &svc("quiet"), count_off)],
             [0b1111, 0b1110, 0b1111],
+            [0b1111, 0b1111, 0b1111],
         ),
-        // Namespace-wide: app's services only.
-        (vec![metrics("ns", "", all_off)], [0, 0, 0b1111]),
+        // Namespace-wide: app's services only (ALL_METRICS: the TCP ones too).
+        (
+            vec![metrics("ns", "", all_off)],
+            [0, 0, 0b1111],
+            [0, 0, 0b1111],
+        ),
         // Mesh-wide off, a Service turning one back on (the others stay off).
         (
             vec![mesh_all_off.clone(), metrics("l", &svc("loud"), sizes_on)],
             [0b0100, 0, 0],
+            [0, 0, 0],
+        ),
+        (
+            vec![metrics("t", &svc("loud"), tcp_sent_off)],
+            [0b1111, 0b1111, 0b1111],
+            [0b0111, 0b1111, 0b1111],
         ),
     ];
-    for (i, (docs, want)) in table.into_iter().enumerate() {
+    for (i, (docs, want, want_tcp)) in table.into_iter().enumerate() {
         let cfg = try_load(&docs).unwrap_or_else(|e| panic!("row {i}: {e}"));
         let got = [
             shown(&cfg, "app", "loud"),
@@ -162,6 +180,12 @@ fn metrics_overrides_disable_metrics_per_target() {
             shown(&cfg, "shop", "other"),
         ];
         assert_eq!(got, want, "row {i}");
+        let got = [
+            tcp_shown(&cfg, "app", "loud"),
+            tcp_shown(&cfg, "app", "quiet"),
+            tcp_shown(&cfg, "shop", "other"),
+        ];
+        assert_eq!(got, want_tcp, "row {i}: TCP");
         // Metrics overrides leave the access log alone.
         assert!(logged(&cfg, "app", "loud"), "row {i}");
     }
@@ -684,23 +708,34 @@ fn metric_tag_overrides_merge_label_by_label() {
     let t = |v: &[(&str, bool)]| -> Vec<(String, bool)> {
         v.iter().map(|(n, u)| (n.to_string(), *u)).collect()
     };
+    // The four request metrics, then the four TCP ones (ALL_METRICS names them too).
+    let all = t(&[("a", true), ("b", false)]);
+    let tcp = vec![all.clone(); 4];
     assert_eq!(
         tags(&cfg, "app", "quiet"),
         [
-            t(&[("a", false), ("b", false)]),
-            t(&[("a", true), ("b", false)]),
-            t(&[("a", true), ("b", false)]),
-            t(&[("a", true), ("b", false)]),
+            vec![
+                t(&[("a", false), ("b", false)]),
+                all.clone(),
+                all.clone(),
+                all.clone()
+            ],
+            tcp.clone()
         ]
+        .concat()
     );
     assert_eq!(
         tags(&cfg, "app", "loud"),
         [
-            t(&[("a", false), ("b", false)]),
-            t(&[("a", true), ("b", false)]),
-            t(&[("a", true), ("b", true), ("c", true)]),
-            t(&[("a", true), ("b", false)]),
+            vec![
+                t(&[("a", false), ("b", false)]),
+                all.clone(),
+                t(&[("a", true), ("b", true), ("c", true)]),
+                all.clone()
+            ],
+            tcp
         ]
+        .concat()
     );
     // Tags only: every metric still reported.
     assert_eq!(shown(&cfg, "app", "loud"), 0b1111);
