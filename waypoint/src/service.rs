@@ -2135,13 +2135,13 @@ impl Upstream for HboneUpstream {
                 }
                 crate::config::LogProvider::Builtin => {}
                 crate::config::LogProvider::File(f) => {
-                    self.with_log_fields(r, cluster().as_deref(), |fields| {
+                    self.with_log_fields(r, was_routed, cluster().as_deref(), |fields| {
                         f.out
                             .append(|buf| f.format.render(fields, f.omit_empty, buf))
                     });
                 }
                 crate::config::LogProvider::Otel(o) => {
-                    self.with_log_fields(r, cluster().as_deref(), |fields| {
+                    self.with_log_fields(r, was_routed, cluster().as_deref(), |fields| {
                         self.queue_log(o, fields, r)
                     });
                 }
@@ -2277,10 +2277,12 @@ impl HboneUpstream {
     }
 
     /// `log` given the fields Envoy-formatted access logs read of the request `r`
-    /// ([`crate::logfmt`]); `cluster`: its routed service's `outbound|port||host`.
+    /// ([`crate::logfmt`]); `routed`: it went upstream; `cluster`: its routed service's
+    /// `outbound|port||host`.
     fn with_log_fields(
         &self,
         r: &http1::Record<'_>,
+        routed: bool,
         cluster: Option<&str>,
         log: impl FnOnce(&crate::logfmt::Fields<'_>),
     ) {
@@ -2304,7 +2306,8 @@ impl HboneUpstream {
             bytes_sent: r.response_bytes,
             request: &request,
             response: &crate::logfmt::NoHeaders,
-            upstream_host: self.upstream_host.filter(|_| self.routed || r.status != 0),
+            // Only a request that went upstream has one (not one answered here).
+            upstream_host: self.upstream_host.filter(|_| routed),
             upstream_cluster: cluster,
             upstream_local: None,
             upstream_peer_uri_san: None,

@@ -14,11 +14,7 @@ fn r15_access_log_filter_logs_only_the_requests_it_matches() {
     tracing::subscriber::set_global_default(Capture(tx)).unwrap();
     let (net, ca, _zt) = echo_node(43);
     let pod = common::backend_404_on_missing(ip(net, 2));
-    let model = common::app_model(
-        ip(net, 1),
-        &common::app_workload("echo", pod),
-        "  - {name: echo, namespace: app, hostname: echo.app.svc.cluster.local, vips: [\"10.96.0.1\"], ports: {80: 8080}}\n",
-    );
+    let model = common::echo_model(ip(net, 1), pod);
     let telemetry = r#"apiVersion: telemetry.istio.io/v1
 kind: Telemetry
 metadata: {name: mesh-default, namespace: istio-system}

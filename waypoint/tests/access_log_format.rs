@@ -22,11 +22,7 @@ fn r15_envoy_file_access_logs_in_istio_text_json_and_custom_formats() {
         dir.0.join("json.log"),
         dir.0.join("custom.log"),
     );
-    let model = common::app_model(
-        ip(net, 1),
-        &common::app_workload("echo", pod),
-        "  - {name: echo, namespace: app, hostname: echo.app.svc.cluster.local, vips: [\"10.96.0.1\"], ports: {80: 8080}}\n",
-    );
+    let model = common::echo_model(ip(net, 1), pod);
     let mesh_config = format!(
         r#"meshConfig:
   accessLogFile: {mesh}
@@ -67,12 +63,26 @@ spec:
     filter:
       expression: "response.code >= 400"
 "#;
-    let text = format!("{model}---\n{mesh_config}---\n{telemetry}");
+    // A request the waypoint answers itself (R15) after routed ones on the same tunnel:
+    // no upstream host, no cluster.
+    let deny = r#"apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: no-denied, namespace: app}
+spec:
+  targetRefs: [{kind: Service, group: "", name: echo}]
+  action: DENY
+  rules: [{to: [{operation: {paths: ["/denied"]}}]}]
+"#;
+    let text = format!("{model}---\n{mesh_config}---\n{telemetry}---\n{deny}");
     let wp = common::Waypoint::with_stats(&ca, &text, &format!("waypoint-log-format-{net}.yaml"));
     let get = |path: &str, fields: &str| {
         format!("GET {path} HTTP/1.1\r\nhost: echo.app.svc.cluster.local\r\nuser-agent: probe/1\r\n{fields}\r\n")
     };
-    let requests = [get("/ok", ""), get("/missing?q=1", "x-debug: on\r\n")];
+    let requests = [
+        get("/ok", ""),
+        get("/missing?q=1", "x-debug: on\r\n"),
+        get("/denied", ""),
+    ];
     let got = common::http1_on_tunnel(
         wp.addr,
         &wp.client_cert,
@@ -81,7 +91,7 @@ spec:
         &requests,
     );
     let statuses: Vec<u16> = got.iter().map(|r| r.status).collect();
-    assert_eq!(statuses, [200, 404]);
+    assert_eq!(statuses, [200, 404, 403]);
     let client = wp.client_cert.identity.to_string();
     // Stopped: every worker wrote what it held.
     drop(wp);
@@ -92,7 +102,7 @@ spec:
     // The built-in provider as MeshConfig's accessLogFile: Istio's default text format.
     let mesh = read(&mesh_log);
     let lines: Vec<&str> = mesh.lines().collect();
-    assert_eq!(lines.len(), 2, "{mesh}");
+    assert_eq!(lines.len(), 3, "{mesh}");
     for ((line, request), (target, code)) in lines
         .iter()
         .zip(&requests)
@@ -141,14 +151,27 @@ spec:
         );
     }
 
+    // Denied here: Envoy's RBAC details, no upstream host or cluster.
+    let denied = lines[2];
+    assert!(
+        denied.contains("\"GET /denied HTTP/1.1\" 403 - rbac_access_denied - "),
+        "{denied}"
+    );
+    let quoted: Vec<&str> = denied.split('"').collect();
+    assert_eq!(quoted[13], "-", "no upstream host: {denied}");
+    assert!(
+        quoted[14].trim_start().starts_with("- "),
+        "no cluster: {denied}"
+    );
+
     // JSON labels: typed values, null for what the request lacks, nested objects.
     let json = read(&json_log);
     let objs: Vec<serde_json::Value> = json
         .lines()
         .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l}: {e}")))
         .collect();
-    assert_eq!(objs.len(), 2, "{json}");
-    let sent: Vec<u64> = objs
+    assert_eq!(objs.len(), 3, "{json}");
+    let sent: Vec<u64> = objs[..2]
         .iter()
         .map(|o| o["sent"].as_u64().expect("a number"))
         .collect();
@@ -169,17 +192,19 @@ spec:
     };
     assert_eq!(objs[0], want("/ok", 200, sent[0], serde_json::Value::Null));
     assert_eq!(objs[1], want("/missing", 404, sent[1], "on".into()));
+    assert_eq!(objs[2]["code"], 403);
+    assert_eq!(objs[2]["upstream"], serde_json::Value::Null, "{json}");
     // Keys in order, one object per line.
     assert!(
         json.lines().all(|l| l.starts_with("{\"called\":")),
         "{json}"
     );
 
-    // The custom text: only the filter's request, `:8` cuts, empty values left empty.
+    // The custom text: only the filter's requests, `:8` cuts, empty values left empty.
     let custom = read(&custom_log);
     assert_eq!(
         custom,
-        "GET /missing 404 [on] [] outbound|80||echo.app.svc.cluster.local\n"
+        "GET /missing 404 [on] [] outbound|80||echo.app.svc.cluster.local\nGET /denied 403 [] [] \n"
     );
 }
 
@@ -239,7 +264,7 @@ fn r15_envoy_otel_als_exports_access_log_records() {
     let model = common::app_model(
         ip(net, 1),
         &workloads,
-        "  - {name: echo, namespace: app, hostname: echo.app.svc.cluster.local, vips: [\"10.96.0.1\"], ports: {80: 8080}}\n  - {name: otel, namespace: app, hostname: otel.app.svc.cluster.local, vips: [\"10.96.0.9\"], ports: {4317: 4317}}\n",
+        &format!("{}  - {{name: otel, namespace: app, hostname: otel.app.svc.cluster.local, vips: [\"10.96.0.9\"], ports: {{4317: 4317}}}}\n", common::ECHO_SERVICE),
     );
     let mesh_config = r#"meshConfig:
   extensionProviders:

@@ -36,11 +36,7 @@ fn label<'a>(labels: &'a [(String, String)], name: &str) -> Option<&'a str> {
 fn r15_metric_tag_overrides_add_replace_and_remove_labels() {
     let (net, ca, _zt) = echo_node(59);
     let pod = common::backend_404_on_missing(ip(net, 2));
-    let model = common::app_model(
-        ip(net, 1),
-        &common::app_workload("echo", pod),
-        "  - {name: echo, namespace: app, hostname: echo.app.svc.cluster.local, vips: [\"10.96.0.1\"], ports: {80: 8080}}\n",
-    );
+    let model = common::echo_model(ip(net, 1), pod);
     // Mesh-wide: REQUEST_COUNT gets `request_host` and `tenant`, loses `response_code`;
     // the namespace's Telemetry replaces `request_protocol` for every metric and takes
     // `tenant` back out of REQUEST_COUNT (the more specific one wins, tag by tag).

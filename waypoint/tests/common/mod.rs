@@ -246,7 +246,7 @@ pub fn echo_model(zt: Ipv4Addr, pod: SocketAddr) -> String {
             ip = pod.ip(),
             port = pod.port()
         ),
-        "  - {name: echo, namespace: app, hostname: echo.app.svc.cluster.local, vips: [\"10.96.0.1\"], ports: {80: 8080}}\n",
+        ECHO_SERVICE,
     )
 }
 
@@ -561,6 +561,9 @@ pub fn next_request(c: &mut impl Read, buf: &mut Vec<u8>) -> Option<RequestHead>
         }
     }
 }
+
+/// Service `app/echo` (VIP `10.96.0.1`, port 80 to 8080), as a model `services` item.
+pub const ECHO_SERVICE: &str = "  - {name: echo, namespace: app, hostname: echo.app.svc.cluster.local, vips: [\"10.96.0.1\"], ports: {80: 8080}}\n";
 
 /// A backend answering `404` to `/missing…`, else `200 <path>` (as [`ok_response`]).
 pub fn backend_404_on_missing(ip: Ipv4Addr) -> SocketAddr {
