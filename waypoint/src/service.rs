@@ -2068,7 +2068,6 @@ impl Upstream for HboneUpstream {
                     && k.4 == tag_values
             })
             .map(|(_, c)| c.clone());
-        let access = tracing::enabled!(target: "access", tracing::Level::INFO);
         // The common case: a label set this tunnel has seen (its counters and access-log
         // text kept), no labels built.
         let set = match cached {
@@ -2107,46 +2106,7 @@ impl Upstream for HboneUpstream {
             // (`Note::Fault`).
             Some(http1::Refusal::External) | Some(http1::Refusal::Fault) | None => {}
         }
-        // Envoy's `UPSTREAM_CLUSTER` of a routed request.
-        let cluster = || {
-            was_routed
-                .then_some(())
-                .and(self.port)
-                .map(|port| format!("outbound|{port}||{}", set.dst.service))
-        };
-        for sink in &set.logs {
-            if sink
-                .filter
-                .as_ref()
-                .is_some_and(|f| !self.log_filter_matches(f, r, ms))
-            {
-                continue;
-            }
-            match &*sink.provider {
-                crate::config::LogProvider::Builtin if access => {
-                    let p = &self.view.peer;
-                    let src = crate::telemetry::AccessSrc {
-                        addr: p.addr,
-                        workload: &p.workload,
-                        namespace: &p.namespace,
-                        identity: &p.principal,
-                    };
-                    crate::telemetry::access_log(&src, &set.dst, r, ms);
-                }
-                crate::config::LogProvider::Builtin => {}
-                crate::config::LogProvider::File(f) => {
-                    self.with_log_fields(r, was_routed, cluster().as_deref(), |fields| {
-                        f.out
-                            .append(|buf| f.format.render(fields, f.omit_empty, buf))
-                    });
-                }
-                crate::config::LogProvider::Otel(o) => {
-                    self.with_log_fields(r, was_routed, cluster().as_deref(), |fields| {
-                        self.queue_log(o, fields, r)
-                    });
-                }
-            }
-        }
+        self.write_logs(&set.logs, &set.dst, r, ms, was_routed);
         if let Some(parent) = r.span {
             let cluster = was_routed.then(|| (self.port, set.dst.service.as_str()));
             self.queue_span(r, parent, cluster);
@@ -2254,6 +2214,60 @@ impl HboneUpstream {
         }
     }
 
+    /// The request (or opaque connection) `r`, `ms` long, to destination `dst`, in the
+    /// access `logs` whose filter takes it; `routed`: it went upstream.
+    fn write_logs(
+        &self,
+        logs: &[crate::config::LogSink],
+        dst: &crate::telemetry::AccessDst,
+        r: &http1::Record<'_>,
+        ms: f64,
+        routed: bool,
+    ) {
+        // Envoy's `UPSTREAM_CLUSTER` of a routed request.
+        let cluster = || {
+            routed
+                .then_some(())
+                .and(self.port)
+                .map(|port| format!("outbound|{port}||{}", dst.service))
+        };
+        for sink in logs {
+            if sink
+                .filter
+                .as_ref()
+                .is_some_and(|f| !self.log_filter_matches(f, r, ms))
+            {
+                continue;
+            }
+            match &*sink.provider {
+                crate::config::LogProvider::Builtin => {
+                    if !tracing::enabled!(target: "access", tracing::Level::INFO) {
+                        continue;
+                    }
+                    let p = &self.view.peer;
+                    let src = crate::telemetry::AccessSrc {
+                        addr: p.addr,
+                        workload: &p.workload,
+                        namespace: &p.namespace,
+                        identity: &p.principal,
+                    };
+                    crate::telemetry::access_log(&src, dst, r, ms);
+                }
+                crate::config::LogProvider::File(f) => {
+                    self.with_log_fields(r, routed, cluster().as_deref(), |fields| {
+                        f.out
+                            .append(|buf| f.format.render(fields, f.omit_empty, buf))
+                    });
+                }
+                crate::config::LogProvider::Otel(o) => {
+                    self.with_log_fields(r, routed, cluster().as_deref(), |fields| {
+                        self.queue_log(o, fields, r)
+                    });
+                }
+            }
+        }
+    }
+
     /// Whether an access log takes the request `r` (of `ms` milliseconds) under its
     /// Telemetry `filter`.
     fn log_filter_matches(
@@ -2296,10 +2310,11 @@ impl HboneUpstream {
             duration,
             request_duration: None,
             response_duration: None,
-            protocol: r.protocol,
+            // Envoy's `-` for a TCP connection.
+            protocol: if r.protocol == "tcp" { "-" } else { r.protocol },
             status: r.status,
             flags: r.flags,
-            details: Some(crate::telemetry::response_code_details(r)),
+            details: crate::telemetry::response_code_details(r),
             connection_termination: None,
             transport_failure: None,
             bytes_received: r.request_bytes,
@@ -2682,6 +2697,9 @@ impl HboneUpstream {
         });
         let mut labels = self.request_labels(0, flags, true, None, tweaks);
         labels.request_protocol = "tcp";
+        // The connection's access log lines, as a request's (Istio's waypoints log TCP).
+        let dst = crate::telemetry::AccessDst::of(&labels);
+        self.write_logs(&choice.logs, &dst, &record, ms, true);
         let c = self.worker.metrics.tcp(&labels);
         c.shown.store(choice.metrics, Relaxed);
         let on = |m: usize| choice.metrics & (1 << m) != 0;
@@ -3238,6 +3256,7 @@ impl HboneUpstream {
         };
         let opened = match self.choose(snap, svc.as_ref(), &[], None) {
             Ok((ep, picked)) => {
+                self.upstream_host = Some(ep.authority);
                 // The service's `connectTimeout` applies to the new stream ([`Self::open`]).
                 self.last = Some(Rc::new((
                     svc.as_ref().map(|s| s.0.clone()),

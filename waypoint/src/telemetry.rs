@@ -508,8 +508,15 @@ impl crate::logfmt::HeaderLookup for LoggedRequest<'_> {
 }
 
 /// Envoy's `%RESPONSE_CODE_DETAILS%` of a request: why the waypoint answered it itself, or
-/// `via_upstream`.
-pub fn response_code_details(r: &crate::http1::Record<'_>) -> &'static str {
+/// `via_upstream`; `None` for an opaque TCP connection (no HTTP response).
+pub fn response_code_details(r: &crate::http1::Record<'_>) -> Option<&'static str> {
+    if r.protocol == "tcp" {
+        return None;
+    }
+    Some(http_response_code_details(r))
+}
+
+fn http_response_code_details(r: &crate::http1::Record<'_>) -> &'static str {
     use crate::http1::Refusal;
     match r.denied {
         Some(Refusal::Policy) => return "rbac_access_denied",

@@ -306,6 +306,45 @@ spec:
     }
 }
 
+/// Each opaque connection leaves an access log line as a request does (Istio's waypoints
+/// log TCP): here in Envoy's format, with its bytes each way, the endpoint the TCPRoute's
+/// backend chose and no HTTP fields.
+#[test]
+fn opaque_tcp_connections_are_logged() {
+    let dir = std::env::temp_dir().join(format!("tcp-access-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let _dir = common::TempDir(dir.clone());
+    let log = dir.join("access.log");
+    let m = Mesh::start_with(&format!(
+        "---
+meshConfig:
+  accessLogFile: {}
+  accessLogFormat: \"%PROTOCOL% %REQ(:METHOD)% %RESPONSE_CODE% %RESPONSE_CODE_DETAILS% %BYTES_RECEIVED% %BYTES_SENT% %UPSTREAM_CLUSTER% %DOWNSTREAM_LOCAL_ADDRESS% %UPSTREAM_HOST%\"
+",
+        log.display()
+    ));
+    let n = 3;
+    connections(&m, n);
+    // Counted (and logged) as each tunnel ends: wait for all, then stop the waypoint (its
+    // workers write what they hold).
+    tcp_sum(&m, "istio_tcp_connections_closed_total", n);
+    drop(m);
+    let text = std::fs::read_to_string(&log).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len() as u64, n, "{text}");
+    for l in lines {
+        let f: Vec<&str> = l.split(' ').collect();
+        assert_eq!(&f[..7], ["-", "-", "0", "-", "4", "7", f[6]], "{l}");
+        assert!(
+            f[6] == "outbound|9000||tcp-echo-v1.app.svc.cluster.local"
+                || f[6] == "outbound|9000||tcp-echo-v2.app.svc.cluster.local",
+            "{l}"
+        );
+        assert_eq!(f[7], "10.96.0.20:9000", "{l}");
+        assert!(f[8].parse::<SocketAddr>().is_ok(), "{l}");
+    }
+}
+
 #[test]
 fn a_tcp_route_to_a_missing_service_refuses_the_connection() {
     let m = Mesh::start();
