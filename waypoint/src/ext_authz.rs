@@ -30,8 +30,12 @@
 //!   (`grpc-status` not 0) or no answer: `failOpen` or `statusOnError`, as over HTTP.
 //! * Counted: `waypoint_ext_authz_checks_total{result="allowed|denied|error"}`.
 //!
-//! Opaque TCP tunnels have no HTTP request to send: one that an applicable `CUSTOM` policy
-//! matches is refused (fail closed; Istio's CUSTOM over TCP needs a gRPC provider).
+//! Opaque TCP tunnels have no HTTP request: one that an applicable `CUSTOM` policy matches
+//! is asked about once, as it opens, of a gRPC authorizer (Envoy's ext_authz network
+//! filter: a `CheckRequest` with its source, the client's identity and its destination,
+//! no `request`, [`tcp_check_request`]); OK lets it through, anything else (or no answer
+//! without `failOpen`) resets it. With an HTTP authorizer it is refused (fail closed):
+//! there is no request to forward.
 
 use std::io;
 use std::time::Duration;
@@ -269,7 +273,6 @@ pub const CHECK_PATH: &str = "/envoy.service.auth.v3.Authorization/Check";
 /// A `CheckRequest` for the client's `head` on the tunnel `ctx`, as an HTTP/1.1-shaped
 /// request carrying one gRPC message (sent over HTTP/2, [`crate::http1::Upstream::side_exchange`]).
 fn grpc_check_request(p: &Provider, head: &RequestHead, ctx: &TunnelCtx, h2: bool) -> Bytes {
-    use prost::Message;
     let host = head.header("host").unwrap_or("");
     let mut headers = std::collections::HashMap::new();
     let mut put = |n: String, v: &str| {
@@ -291,29 +294,12 @@ fn grpc_check_request(p: &Provider, head: &RequestHead, ctx: &TunnelCtx, h2: boo
             put(n, v);
         }
     }
-    let peer = |ip: std::net::IpAddr, port: u16, principal: Option<String>| pb::Peer {
-        address: Some(pb::Address {
-            socket_address: Some(pb::SocketAddress {
-                protocol: 0,
-                address: ip.to_string(),
-                port_value: u32::from(port),
-            }),
-        }),
-        principal: principal.unwrap_or_default(),
-        ..Default::default()
-    };
     let size = head
         .header("content-length")
         .and_then(|v| v.trim().parse::<i64>().ok())
         .unwrap_or(-1);
     let check = pb::CheckRequest {
         attributes: Some(pb::AttributeContext {
-            source: Some(peer(
-                ctx.source_ip,
-                0,
-                ctx.principal.as_ref().map(|p| format!("spiffe://{p}")),
-            )),
-            destination: Some(peer(ctx.destination_ip, ctx.destination_port, None)),
             request: Some(pb::Request {
                 http: Some(pb::HttpRequest {
                     id: head.header("x-request-id").unwrap_or("").to_string(),
@@ -334,9 +320,48 @@ fn grpc_check_request(p: &Provider, head: &RequestHead, ctx: &TunnelCtx, h2: boo
                     ..Default::default()
                 }),
             }),
-            ..Default::default()
+            ..peers(ctx)
         }),
     };
+    grpc_request(p, &check)
+}
+
+/// The check of an opaque TCP connection for a gRPC authorizer (Envoy's ext_authz network
+/// filter): its source and destination, no HTTP request.
+pub fn tcp_check_request(p: &Provider, ctx: &TunnelCtx) -> Bytes {
+    let check = pb::CheckRequest {
+        attributes: Some(peers(ctx)),
+    };
+    grpc_request(p, &check)
+}
+
+/// A check's source (the original client, with its SPIFFE identity) and destination.
+fn peers(ctx: &TunnelCtx) -> pb::AttributeContext {
+    let peer = |ip: std::net::IpAddr, port: u16, principal: Option<String>| pb::Peer {
+        address: Some(pb::Address {
+            socket_address: Some(pb::SocketAddress {
+                protocol: 0,
+                address: ip.to_string(),
+                port_value: u32::from(port),
+            }),
+        }),
+        principal: principal.unwrap_or_default(),
+        ..Default::default()
+    };
+    pb::AttributeContext {
+        source: Some(peer(
+            ctx.source_ip,
+            0,
+            ctx.principal.as_ref().map(|p| format!("spiffe://{p}")),
+        )),
+        destination: Some(peer(ctx.destination_ip, ctx.destination_port, None)),
+        ..Default::default()
+    }
+}
+
+/// `check` as the gRPC request (HTTP/1.1-shaped, sent over HTTP/2) to `p`.
+fn grpc_request(p: &Provider, check: &pb::CheckRequest) -> Bytes {
+    use prost::Message;
     let msg = check.encode_to_vec();
     let mut out = format!(
         "POST {CHECK_PATH} HTTP/1.1\r\nhost: {}.{}.svc:{}\r\ncontent-type: application/grpc\r\nte: trailers\r\ncontent-length: {}\r\n\r\n",

@@ -1637,7 +1637,26 @@ fn derive(
 /// The L4 policy verdict (R15) of an opaque TCP tunnel with facts `ctx` under `l7`.
 fn tcp_verdict(l7: &WaypointConfig, ctx: &TunnelCtx) -> crate::authz::Verdict {
     let subject = http1::subject(ctx);
-    let areq = crate::authz::Request {
+    let areq = tcp_request(ctx);
+    // A CUSTOM policy matching the tunnel: a gRPC authorizer is asked about the connection
+    // once, as it opens (`tcp_authorizer`), so the rest decides here; an HTTP one has no
+    // request to be asked about: refused (fail closed).
+    if tcp_authorizer(l7, ctx).is_some_and(|p| !p.grpc) {
+        tracing::debug!(
+            "opaque TCP tunnel matched by a CUSTOM policy with an HTTP authorizer: refused"
+        );
+        return crate::authz::Verdict {
+            allowed: false,
+            policy: None,
+            audited: vec![],
+        };
+    }
+    crate::authz::evaluate_tcp(&l7.policies, &subject, &areq)
+}
+
+/// What L4 policy reads of an opaque TCP tunnel with facts `ctx` (no HTTP attributes).
+fn tcp_request(ctx: &TunnelCtx) -> crate::authz::Request<'_> {
+    crate::authz::Request {
         source_ip: ctx.source_ip,
         remote_ip: ctx.source_ip,
         principal: ctx.principal.as_deref(),
@@ -1648,21 +1667,21 @@ fn tcp_verdict(l7: &WaypointConfig, ctx: &TunnelCtx) -> crate::authz::Verdict {
         method: "",
         path: "",
         headers: &[],
-    };
-    // A CUSTOM policy matching the tunnel: no HTTP request to ask its authorizer about,
-    // so refused (fail closed).
-    if let Some(p) = crate::authz::custom_tcp(&l7.policies, &subject, &areq) {
-        tracing::debug!(
-            provider = p,
-            "opaque TCP tunnel matched by a CUSTOM policy: refused"
-        );
-        return crate::authz::Verdict {
-            allowed: false,
-            policy: None,
-            audited: vec![],
-        };
     }
-    crate::authz::evaluate_tcp(&l7.policies, &subject, &areq)
+}
+
+/// The external authorizer of the CUSTOM policy an opaque TCP tunnel with facts `ctx`
+/// matches under `l7`, if any.
+fn tcp_authorizer<'c>(
+    l7: &'c WaypointConfig,
+    ctx: &TunnelCtx,
+) -> Option<&'c Arc<crate::ext_authz::Provider>> {
+    if l7.ext_authz.is_empty() {
+        return None;
+    }
+    let areq = tcp_request(ctx);
+    let name = crate::authz::custom_tcp(&l7.policies, &http1::subject(ctx), &areq)?;
+    l7.ext_authz.get(name)
 }
 
 /// Completes when a snapshot newer than `version` no longer allows a live connection (an
@@ -3212,6 +3231,21 @@ impl HboneUpstream {
             tracing::debug!(target = %self.target, policy = ?verdict.policy, "opaque TCP tunnel denied (R15)");
             down.reset(h2::Reason::REFUSED_STREAM);
             return;
+        }
+        // A CUSTOM policy's gRPC authorizer, asked about the connection (Envoy's ext_authz
+        // network filter: its source, destination and the client's identity).
+        if let Some(p) = tcp_authorizer(&self.view.l7, ctx).cloned() {
+            let request = crate::ext_authz::tcp_check_request(&p, ctx);
+            let service = (p.service.clone(), p.port);
+            let answer = Box::pin(self.side_exchange(&service, request, p.timeout, true)).await;
+            let (verdict, outcome) = crate::ext_authz::verdict(&p, &answer, true);
+            self.note(http1::Note::ExtAuthz(outcome));
+            if !matches!(verdict, crate::ext_authz::Verdict::Allow(_)) {
+                counters.tcp_denied.fetch_add(1, Relaxed);
+                tracing::debug!(target = %self.target, provider = %p.name, outcome, "opaque TCP tunnel denied by its external authorizer (R15)");
+                down.reset(h2::Reason::REFUSED_STREAM);
+                return;
+            }
         }
         let l7 = self.view.l7.clone();
         let Some(snap) = l7.mesh.as_ref() else {

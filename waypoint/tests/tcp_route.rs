@@ -75,6 +75,50 @@ spec:
 
 struct Mesh {
     wp: Waypoint,
+    /// What the gRPC authorizer was asked: `principal=<source> dst=<ip:port> http=<bool>`.
+    checks: std::sync::mpsc::Receiver<String>,
+}
+
+/// An Envoy ext_authz gRPC authorizer for connections: allows those to port 9000, denies
+/// the rest; reports each check.
+fn tcp_authorizer(ip: Ipv4Addr) -> (SocketAddr, std::sync::mpsc::Receiver<String>) {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let addr = common::serve_h2(ip, move |req, respond| {
+        let tx = tx.clone();
+        async move {
+            use prost::Message;
+            use waypoint::ext_authz::pb;
+            let data = common::h2_body(req.into_body()).await;
+            let a = pb::CheckRequest::decode(&data[5..])
+                .unwrap()
+                .attributes
+                .unwrap();
+            let dst = a
+                .destination
+                .unwrap()
+                .address
+                .unwrap()
+                .socket_address
+                .unwrap();
+            let _ = tx.send(format!(
+                "principal={} dst={}:{} http={}",
+                a.source.unwrap().principal,
+                dst.address,
+                dst.port_value,
+                a.request.is_some()
+            ));
+            let code = if dst.port_value == 9000 { 0 } else { 7 };
+            let answer = pb::CheckResponse {
+                status: Some(pb::RpcStatus {
+                    code,
+                    message: String::new(),
+                }),
+                http_response: None,
+            };
+            common::grpc_reply(respond, &answer.encode_to_vec());
+        }
+    });
+    (addr, rx)
 }
 
 impl Mesh {
@@ -92,24 +136,30 @@ impl Mesh {
         );
         let v1 = greeter(ip(net, 2), "v1");
         let v2 = greeter(ip(net, 3), "v2");
+        let (authz, checks) = tcp_authorizer(ip(net, 4));
         let workloads = format!(
             "  - {{uid: v1, name: tcp-echo-v1, namespace: app, serviceAccount: echo, node: node-b, workloadIps: [\"{}\"], services: {{\"app/tcp-echo.app.svc.cluster.local\": {{9000: {p1}, 9001: {p1}}}, \"app/tcp-echo-v1.app.svc.cluster.local\": {{9000: {p1}}}, \"app/tcp-broken.app.svc.cluster.local\": {{9000: {p1}}}}}}}\n  - {{uid: v2, name: tcp-echo-v2, namespace: app, serviceAccount: echo, node: node-b, workloadIps: [\"{}\"], services: {{\"app/tcp-echo.app.svc.cluster.local\": {{9000: {p2}, 9001: {p2}}}, \"app/tcp-echo-v2.app.svc.cluster.local\": {{9000: {p2}}}}}}}\n",
             v1.ip(),
             v2.ip(),
             p1 = v1.port(),
             p2 = v2.port(),
+        ) + &format!(
+            "  - {{uid: g1, name: g1, namespace: app, serviceAccount: echo, node: node-b, workloadIps: [\"{}\"], services: {{\"app/ext-authz-grpc.app.svc.cluster.local\": {{9000: {}}}}}}}\n",
+            authz.ip(),
+            authz.port()
         );
         let services = "  - {name: tcp-echo, namespace: app, hostname: tcp-echo.app.svc.cluster.local, vips: [\"10.96.0.20\"], ports: {9000: 9000, 9001: 9001}}
   - {name: tcp-echo-v1, namespace: app, hostname: tcp-echo-v1.app.svc.cluster.local, vips: [\"10.96.0.21\"], ports: {9000: 9000}}
   - {name: tcp-echo-v2, namespace: app, hostname: tcp-echo-v2.app.svc.cluster.local, vips: [\"10.96.0.22\"], ports: {9000: 9000}}
   - {name: tcp-broken, namespace: app, hostname: tcp-broken.app.svc.cluster.local, vips: [\"10.96.0.23\"], ports: {9000: 9000}}
+  - {name: ext-authz-grpc, namespace: app, hostname: ext-authz-grpc.app.svc.cluster.local, vips: [\"10.96.0.24\"], ports: {9000: 9000}}
 ";
         let text = format!(
             "{}---\n{ROUTES}{docs}",
             app_model(ip(net, 1), &workloads, services)
         );
         let wp = Waypoint::with_stats(&ca, &text, &format!("waypoint-tcp-route-{net}.yaml"));
-        Mesh { wp }
+        Mesh { wp, checks }
     }
 
     async fn tunnel(&self, target: &str) -> (hbone::client::Client, H2Stream) {
@@ -343,6 +393,79 @@ meshConfig:
         assert_eq!(f[7], "10.96.0.20:9000", "{l}");
         assert!(f[8].parse::<SocketAddr>().is_ok(), "{l}");
     }
+}
+
+/// A CUSTOM policy on opaque TCP with a gRPC authorizer (Envoy's ext_authz network
+/// filter): the authorizer is asked once per connection, with the source identity and the
+/// destination and no HTTP request, and its answer decides (R15); with an HTTP authorizer
+/// there is no request to ask about, so the connection is refused.
+#[test]
+fn r15_custom_policy_asks_a_grpc_authorizer_about_tcp_connections() {
+    let policy = |provider: &str| {
+        format!(
+            "---
+meshConfig:
+  extensionProviders:
+  - name: grpc
+    envoyExtAuthzGrpc: {{service: ext-authz-grpc.app.svc.cluster.local, port: 9000}}
+  - name: http
+    envoyExtAuthzHttp: {{service: ext-authz-grpc.app.svc.cluster.local, port: 9000}}
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {{name: ext, namespace: app}}
+spec:
+  targetRefs: [{{kind: Service, group: \"\", name: tcp-echo}}]
+  action: CUSTOM
+  provider: {{name: {provider}}}
+  rules: [{{}}]
+"
+        )
+    };
+    let m = Mesh::start_with(&policy("grpc"));
+    // Port 9000 (the TCPRoute's, opaque at once): allowed.
+    connections(&m, 1);
+    let check = m.checks.recv_timeout(common::EVENT_BOUND).unwrap();
+    assert_eq!(
+        check,
+        format!(
+            "principal={} dst=10.96.0.20:9000 http=false",
+            id("app", "client")
+        ),
+    );
+    // Port 9001 (detected opaque once the client speaks): denied, the stream reset.
+    let ended = block_on(async {
+        let (_c, mut s) = m.tunnel("10.96.0.20:9001").await;
+        let _ = s
+            .write_all(Bytes::from_static(b"\x00\x01binary"), false)
+            .await;
+        read_to_end(&mut s).await.1
+    });
+    assert_eq!(ended, Ended::Reset);
+    assert!(m
+        .checks
+        .recv_timeout(common::EVENT_BOUND)
+        .unwrap()
+        .contains("dst=10.96.0.20:9001"));
+    let c = &m.wp.handle().counters;
+    let get = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!((get(&c.ext_authz[0]), get(&c.ext_authz[1])), (1, 1));
+    assert_eq!(get(&c.tcp_denied), 1);
+    drop(m);
+    // An HTTP authorizer: refused, nobody asked.
+    let m = Mesh::start_with(&policy("http"));
+    let ended = block_on(async {
+        let c = common::connect(m.wp.addr, &m.wp.client_cert, id("app", "waypoint"))
+            .await
+            .unwrap();
+        let req = hbone::wire::ConnectRequest::new("10.96.0.20:9000".parse().unwrap());
+        match c.open(&req).await {
+            Ok(mut s) => read_to_end(&mut s).await.1,
+            Err(_) => Ended::Reset,
+        }
+    });
+    assert_eq!(ended, Ended::Reset);
+    assert!(m.checks.try_recv().is_err());
 }
 
 #[test]
