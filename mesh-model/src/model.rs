@@ -72,6 +72,16 @@ impl WaypointFor {
         })
     }
 
+    /// The label's value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WaypointFor::Service => "service",
+            WaypointFor::Workload => "workload",
+            WaypointFor::All => "all",
+            WaypointFor::None => "none",
+        }
+    }
+
     /// Whether it takes traffic addressed to a service (R7).
     pub fn services(self) -> bool {
         matches!(self, WaypointFor::Service | WaypointFor::All)

@@ -506,6 +506,18 @@ fn waypoint_for_label_chooses_the_traffic_through_the_waypoint() {
             None => snap(),
             Some(l) => snap_waypoint_for(l),
         };
+        let traffic = s
+            .workload("wpapp")
+            .unwrap()
+            .waypoint
+            .as_ref()
+            .unwrap()
+            .traffic;
+        assert_eq!(traffic.as_str(), label.unwrap_or("all"));
+        assert_eq!(
+            mesh_model::model::WaypointFor::parse(traffic.as_str()),
+            Ok(traffic)
+        );
         let go = |dst: &str| outbound(&s, from(&s, "client"), sa(dst), &mut SeededChooser::new(1));
         let to_service = go("10.96.0.6:80");
         assert_eq!(

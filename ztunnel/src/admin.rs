@@ -31,6 +31,7 @@ pub fn config_dump(state: &State, version: u64) -> Value {
                 "waypoint": w.waypoint.as_ref().map(|wp| json!({
                     "address": wp.address.to_string(), "name": wp.name,
                     "identity": wp.identity.as_ref().map(|i| i.to_string()),
+                    "for": wp.traffic.as_str(),
                 })),
                 "services": w.services, "authorizationPolicies": w.authorization_policies,
                 "healthy": w.healthy, "capacity": w.capacity,
@@ -46,6 +47,7 @@ pub fn config_dump(state: &State, version: u64) -> Value {
                 "ports": s.ports,
                 "endpoints": s.endpoints.iter().map(|e| json!({"workloadUid": e.workload_uid, "ports": e.ports})).collect::<Vec<_>>(),
                 "waypoint": s.waypoint.as_ref().map(|wp| wp.address.to_string()),
+                "waypointFor": s.waypoint.as_ref().map(|wp| wp.traffic.as_str()),
                 "loadBalancing": format!("{:?}", s.load_balancing),
             })
         })

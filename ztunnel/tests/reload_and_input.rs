@@ -108,6 +108,8 @@ fn hot_reload_keeps_connections_rechecks_policy_and_a_broken_file_keeps_the_old_
     let dump = http_get(t.b().addrs.admin, "/config_dump").1;
     assert!(dump.contains("deny-client"), "{dump}");
     assert!(dump.contains(&format!("\"version\":{v}")), "{dump}");
+    // The waypoint-enabled pods' binding, with the traffic it takes (no label: all).
+    assert!(dump.contains("\"for\":\"all\""), "{dump}");
     // Fixed again: allowed.
     t.rewrite_b(&t.net.node_config("node-b", &t.ca_dir, "[]"));
     eventually("fixed config loaded", || version(&t.stats_b()) > v);
