@@ -3586,11 +3586,8 @@ fn compile_otel_log(
     let service =
         provider_service(mesh, &p.service).map_err(|e| Invalid::new(format!("{f}.service"), e))?;
     let text = p.log_format.as_ref().and_then(|l| l.text.as_deref());
-    let body = crate::logfmt::Format::value(
-        text.filter(|t| !t.is_empty())
-            .unwrap_or(crate::logfmt::ISTIO_TEXT),
-    )
-    .map_err(|e| Invalid::new(format!("{f}.logFormat.text"), e))?;
+    let body = crate::logfmt::Format::value(text_or_istio(text))
+        .map_err(|e| Invalid::new(format!("{f}.logFormat.text"), e))?;
     let mut attributes = vec![];
     for (k, v) in p
         .log_format
@@ -3655,15 +3652,15 @@ fn mesh_access_log(m: &MeshConfigRaw) -> Result<Option<LogProvider>, Invalid> {
     if !set(&m.access_log_file) && !set(&m.access_log_format) && !set(&m.access_log_encoding) {
         return Ok(None);
     }
-    let text = m.access_log_format.as_deref().filter(|t| !t.is_empty());
+    let text = m.access_log_format.as_deref();
     let format = match m
         .access_log_encoding
         .as_deref()
         .filter(|e| !e.is_empty())
         .unwrap_or("TEXT")
     {
-        "TEXT" => crate::logfmt::Format::text(text.unwrap_or(crate::logfmt::ISTIO_TEXT)),
-        "JSON" => match text {
+        "TEXT" => crate::logfmt::Format::text(text_or_istio(text)),
+        "JSON" => match text.filter(|t| !t.is_empty()) {
             None => Ok(crate::logfmt::Format::istio_json()),
             Some(t) => match serde_json::from_str::<serde_json::Value>(t) {
                 Ok(serde_json::Value::Object(map)) => crate::logfmt::Format::json(&map),
@@ -3686,11 +3683,18 @@ fn mesh_access_log(m: &MeshConfigRaw) -> Result<Option<LogProvider>, Invalid> {
     })))
 }
 
+/// A provider's format text: Istio's text format when it has none or an empty one (as
+/// Istio's `fileAccessLogFormat` and `openTelemetryLog` take it).
+fn text_or_istio(text: Option<&str>) -> &str {
+    text.filter(|t| !t.is_empty())
+        .unwrap_or(crate::logfmt::ISTIO_TEXT)
+}
+
 /// An `envoyFileAccessLog` provider at field `f` (Istio's `fileAccessLogFromTelemetry`):
 /// without a `logFormat`, Istio's text format; `labels` without any, Istio's JSON one.
 fn compile_file_log(f: &str, p: &FileLogRaw) -> Result<LogProvider, Invalid> {
     let format = match &p.log_format {
-        None => crate::logfmt::Format::text(crate::logfmt::ISTIO_TEXT),
+        None => crate::logfmt::Format::text(text_or_istio(None)),
         Some(LogFormatRaw {
             text: Some(_),
             labels: Some(_),
@@ -3700,11 +3704,9 @@ fn compile_file_log(f: &str, p: &FileLogRaw) -> Result<LogProvider, Invalid> {
                 "text or labels, not both",
             ))
         }
-        // An empty text is Istio's default one too.
-        Some(LogFormatRaw { text: Some(t), .. }) if t.is_empty() => {
-            crate::logfmt::Format::text(crate::logfmt::ISTIO_TEXT)
+        Some(LogFormatRaw { text: Some(t), .. }) => {
+            crate::logfmt::Format::text(text_or_istio(Some(t)))
         }
-        Some(LogFormatRaw { text: Some(t), .. }) => crate::logfmt::Format::text(t),
         Some(LogFormatRaw {
             labels: Some(l), ..
         }) if !l.is_empty() => crate::logfmt::Format::json(l),

@@ -1636,22 +1636,38 @@ fn derive(
 
 /// The L4 policy verdict (R15) of an opaque TCP tunnel with facts `ctx` under `l7`.
 fn tcp_verdict(l7: &WaypointConfig, ctx: &TunnelCtx) -> crate::authz::Verdict {
+    tcp_policy(l7, ctx).0
+}
+
+/// [`tcp_verdict`], and the gRPC authorizer of the CUSTOM policy the tunnel matches, if
+/// any: asked about the connection once, as it opens, so the rest decides the verdict; an
+/// HTTP authorizer has no request to be asked about: refused (fail closed).
+fn tcp_policy<'c>(
+    l7: &'c WaypointConfig,
+    ctx: &TunnelCtx,
+) -> (
+    crate::authz::Verdict,
+    Option<&'c Arc<crate::ext_authz::Provider>>,
+) {
     let subject = http1::subject(ctx);
     let areq = tcp_request(ctx);
-    // A CUSTOM policy matching the tunnel: a gRPC authorizer is asked about the connection
-    // once, as it opens (`tcp_authorizer`), so the rest decides here; an HTTP one has no
-    // request to be asked about: refused (fail closed).
-    if tcp_authorizer(l7, ctx).is_some_and(|p| !p.grpc) {
+    let authorizer = (!l7.ext_authz.is_empty())
+        .then(|| crate::authz::custom_tcp(&l7.policies, &subject, &areq))
+        .flatten()
+        .and_then(|name| l7.ext_authz.get(name));
+    if authorizer.is_some_and(|p| !p.grpc) {
         tracing::debug!(
             "opaque TCP tunnel matched by a CUSTOM policy with an HTTP authorizer: refused"
         );
-        return crate::authz::Verdict {
+        let refused = crate::authz::Verdict {
             allowed: false,
             policy: None,
             audited: vec![],
         };
+        return (refused, None);
     }
-    crate::authz::evaluate_tcp(&l7.policies, &subject, &areq)
+    let verdict = crate::authz::evaluate_tcp(&l7.policies, &subject, &areq);
+    (verdict, authorizer)
 }
 
 /// What L4 policy reads of an opaque TCP tunnel with facts `ctx` (no HTTP attributes).
@@ -1668,20 +1684,6 @@ fn tcp_request(ctx: &TunnelCtx) -> crate::authz::Request<'_> {
         path: "",
         headers: &[],
     }
-}
-
-/// The external authorizer of the CUSTOM policy an opaque TCP tunnel with facts `ctx`
-/// matches under `l7`, if any.
-fn tcp_authorizer<'c>(
-    l7: &'c WaypointConfig,
-    ctx: &TunnelCtx,
-) -> Option<&'c Arc<crate::ext_authz::Provider>> {
-    if l7.ext_authz.is_empty() {
-        return None;
-    }
-    let areq = tcp_request(ctx);
-    let name = crate::authz::custom_tcp(&l7.policies, &http1::subject(ctx), &areq)?;
-    l7.ext_authz.get(name)
 }
 
 /// Completes when a snapshot newer than `version` no longer allows a live connection (an
@@ -2359,7 +2361,7 @@ impl HboneUpstream {
             trace_id: r
                 .traceparent
                 .get(3..35)
-                .filter(|_| r.traceparent.len() >= 55),
+                .filter(|_| crate::telemetry::valid_traceparent(r.traceparent)),
         };
         log(&fields);
     }
@@ -2604,7 +2606,6 @@ impl HboneUpstream {
         }
     }
 
-    /// The caller's address (the tunnel's client, as its view says).
     /// The counters and access-log text of a label set this tunnel has not seen (status,
     /// flags, `last` when routed, gRPC): its labels built from the view's snapshot.
     fn new_label_set(
@@ -2735,6 +2736,7 @@ impl HboneUpstream {
         }
     }
 
+    /// The caller's address (the tunnel's client, as its view says).
     fn source_ip(&self) -> IpAddr {
         self.view.peer.addr
     }
@@ -3225,7 +3227,8 @@ impl HboneUpstream {
                 return;
             }
         };
-        let verdict = tcp_verdict(&self.view.l7, ctx);
+        let l7 = self.view.l7.clone();
+        let (verdict, authorizer) = tcp_policy(&l7, ctx);
         if !verdict.allowed {
             counters.tcp_denied.fetch_add(1, Relaxed);
             tracing::debug!(target = %self.target, policy = ?verdict.policy, "opaque TCP tunnel denied (R15)");
@@ -3234,11 +3237,11 @@ impl HboneUpstream {
         }
         // A CUSTOM policy's gRPC authorizer, asked about the connection (Envoy's ext_authz
         // network filter: its source, destination and the client's identity).
-        if let Some(p) = tcp_authorizer(&self.view.l7, ctx).cloned() {
-            let request = crate::ext_authz::tcp_check_request(&p, ctx);
+        if let Some(p) = authorizer {
+            let request = crate::ext_authz::tcp_check_request(p, ctx);
             let service = (p.service.clone(), p.port);
             let answer = Box::pin(self.side_exchange(&service, request, p.timeout, true)).await;
-            let (verdict, outcome) = crate::ext_authz::verdict(&p, &answer, true);
+            let (verdict, outcome) = crate::ext_authz::verdict(p, &answer, true);
             self.note(http1::Note::ExtAuthz(outcome));
             if !matches!(verdict, crate::ext_authz::Verdict::Allow(_)) {
                 counters.tcp_denied.fetch_add(1, Relaxed);
@@ -3247,7 +3250,6 @@ impl HboneUpstream {
                 return;
             }
         }
-        let l7 = self.view.l7.clone();
         let Some(snap) = l7.mesh.as_ref() else {
             down.reset(h2::Reason::REFUSED_STREAM);
             return;

@@ -698,37 +698,19 @@ impl Default for Metrics {
 
 impl Metrics {
     fn get(&self, k: &RequestLabels) -> Arc<RequestCounters> {
-        if let Some(v) = self.requests.load().get(k) {
-            return v.clone();
-        }
-        let fresh = Arc::new(RequestCounters::new(k));
-        self.requests.rcu(|m| {
-            let mut m = HashMap::clone(m);
-            m.entry(k.clone()).or_insert_with(|| fresh.clone());
-            m
-        });
-        self.requests.load().get(k).cloned().unwrap_or(fresh)
+        registered(&self.requests, k, || RequestCounters::new(k))
     }
 
     /// The TCP counters of `labels` (made when first asked for: an opaque tunnel's end).
     pub fn tcp(&self, k: &RequestLabels) -> Arc<TcpCounters> {
-        if let Some(v) = self.tcp.load().get(k) {
-            return v.clone();
-        }
-        let fresh = Arc::new(TcpCounters {
+        registered(&self.tcp, k, || TcpCounters {
             labels: std::array::from_fn(|i| k.render_metric(Some(TCP_OPENED + i))),
             shown: std::sync::atomic::AtomicU8::new(ALL_SHOWN),
             opened: AtomicU64::new(0),
             closed: AtomicU64::new(0),
             received_bytes: AtomicU64::new(0),
             sent_bytes: AtomicU64::new(0),
-        });
-        self.tcp.rcu(|m| {
-            let mut m = HashMap::clone(m);
-            m.entry(k.clone()).or_insert_with(|| fresh.clone());
-            m
-        });
-        self.tcp.load().get(k).cloned().unwrap_or(fresh)
+        })
     }
 
     /// The counters of `labels`, if any request was recorded with them.
@@ -746,7 +728,7 @@ impl Metrics {
     /// Prometheus text exposition.
     pub fn render(&self) -> String {
         let m = self.requests.load();
-        let shown = |c: &RequestCounters, i: usize| c.shown.load(Relaxed) & (1 << i) != 0;
+        let shown = |c: &RequestCounters, i: usize| shows(&c.shown, i);
         // Metric `i`'s series: the label text rendered when each set was first recorded
         // (no formatting here), sorted; sets whose texts are equal (a `tagOverrides` REMOVE
         // took out what told them apart) are one series, their counts added up.
@@ -759,14 +741,13 @@ impl Metrics {
             )
         };
         let mut out = String::new();
-        let _ = writeln!(
-            out,
-            "# HELP istio_requests_total Requests handled by this waypoint.\n# TYPE istio_requests_total counter"
+        write_counter(
+            &mut out,
+            "istio_requests_total",
+            "Requests handled by this waypoint.",
+            series(0),
+            |c| &c.requests,
         );
-        for (l, cs) in series(0) {
-            let n: u64 = cs.iter().map(|c| c.requests.load(Relaxed)).sum();
-            let _ = writeln!(out, "istio_requests_total{{{l}}} {n}");
-        }
         type Get = fn(&RequestCounters) -> &Histogram;
         let hists: [(&str, &str, Get); 3] = [
             (
@@ -818,21 +799,57 @@ impl Metrics {
             ),
         ];
         for (i, (name, help, get)) in tcp_metrics.into_iter().enumerate() {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
             let sets = merged(
                 tcp.values()
-                    .filter(|c| c.shown.load(Relaxed) & (1 << (TCP_OPENED + i)) != 0)
+                    .filter(|c| shows(&c.shown, TCP_OPENED + i))
                     .map(|c| (c.labels[i].as_str(), &**c))
                     .collect(),
             );
-            for (l, cs) in sets {
-                let n: u64 = cs.iter().map(|c| get(c).load(Relaxed)).sum();
-                let _ = writeln!(out, "{name}{{{l}}} {n}");
-            }
+            write_counter(&mut out, name, help, sets, get);
         }
         // Whether this process holds `runtime.cpu_latency_limit` (a process-wide gauge).
         out.push_str(&runtime::pmqos::render_prometheus("waypoint"));
         out
+    }
+}
+
+/// The counters of `k` in `map` (a copy-on-write registry), made by `make` and registered
+/// when `k` has none yet.
+fn registered<C>(
+    map: &ArcSwap<HashMap<RequestLabels, Arc<C>>>,
+    k: &RequestLabels,
+    make: impl FnOnce() -> C,
+) -> Arc<C> {
+    if let Some(v) = map.load().get(k) {
+        return v.clone();
+    }
+    let fresh = Arc::new(make());
+    map.rcu(|m| {
+        let mut m = HashMap::clone(m);
+        m.entry(k.clone()).or_insert_with(|| fresh.clone());
+        m
+    });
+    map.load().get(k).cloned().unwrap_or(fresh)
+}
+
+/// Whether metric `m` ([`METRICS`]) is reported under the [`Shown`] mask `shown`.
+fn shows(shown: &std::sync::atomic::AtomicU8, m: usize) -> bool {
+    shown.load(Relaxed) & (1 << m) != 0
+}
+
+/// Counter `name` (with its HELP and TYPE lines): a line per series, its sets' counts
+/// (`get`) added up.
+fn write_counter<C>(
+    out: &mut String,
+    name: &str,
+    help: &str,
+    series: Vec<(&str, Vec<&C>)>,
+    get: impl Fn(&C) -> &AtomicU64,
+) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+    for (l, cs) in series {
+        let n: u64 = cs.iter().map(|c| get(c).load(Relaxed)).sum();
+        let _ = writeln!(out, "{name}{{{l}}} {n}");
     }
 }
 
