@@ -22,7 +22,9 @@ use crate::wire::security as ws;
 use crate::wire::workload as ww;
 
 mod peer_authentication;
+mod service_entry;
 pub use peer_authentication::{LocalPeerAuthentication, Mtls, MtlsMode};
+pub use service_entry::{system_resolver, LocalServiceEntry, Resolver};
 
 /// The whole file.
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
@@ -36,6 +38,9 @@ pub struct LocalConfig {
     pub nodes: Vec<LocalNode>,
     /// Istio's `PeerAuthentication`s, converted to L4 policies as istiod does.
     pub peer_authentications: Vec<LocalPeerAuthentication>,
+    /// Istio's `ServiceEntry`s, converted to services and workloads outside the mesh as
+    /// istiod does ([`LocalServiceEntry`]).
+    pub service_entries: Vec<LocalServiceEntry>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -758,6 +763,92 @@ impl LocalConfig {
     /// Check references and uniqueness, then build the wire types, applying R2 and R3 to
     /// workloads and services that do not state their protocol or waypoint explicitly.
     pub fn compile(&self) -> Result<WireState, Invalid> {
+        self.compile_with(&system_resolver)
+    }
+
+    /// [`LocalConfig::compile`], the `DNS` ServiceEntries' host names resolved by
+    /// `resolve`.
+    pub fn compile_with(&self, resolve: Resolver<'_>) -> Result<WireState, Invalid> {
+        if self.service_entries.is_empty() {
+            return self.compile_expanded();
+        }
+        let mut c = self.clone();
+        c.service_entries.clear();
+        let mut addresses = Vec::new();
+        let mut vips: HashMap<IpAddr, String> = HashMap::new();
+        for s in &self.services {
+            for v in &s.vips {
+                vips.insert(v.ip, format!("service {}/{}", s.namespace, s.hostname));
+            }
+        }
+        let pods: HashMap<IpAddr, String> = self
+            .workloads
+            .iter()
+            .flat_map(|w| w.workload_ips.iter().map(move |ip| (*ip, w.uid())))
+            .collect();
+        for (i, e) in self.service_entries.iter().enumerate() {
+            let f = format!("serviceEntries[{i}]");
+            let (svc, a) = e.expand(&f, resolve)?;
+            for (j, ip) in e.addresses.iter().enumerate() {
+                let also = vips
+                    .get(ip)
+                    .cloned()
+                    .or_else(|| pods.get(ip).map(|u| format!("workload {u}")));
+                if let Some(first) = also {
+                    return Err(Invalid::new(
+                        format!("{f}.addresses[{j}]"),
+                        format!("duplicate IP {ip}: already used by {first}"),
+                    ));
+                }
+                vips.insert(*ip, format!("service {}/{}", svc.namespace, svc.hostname));
+            }
+            for x in &a {
+                if let Some(u) = pods.get(&x.ip) {
+                    return Err(Invalid::new(
+                        x.field.clone(),
+                        format!(
+                            "{} is the address of workload {u}, in the mesh model already",
+                            x.ip
+                        ),
+                    ));
+                }
+                if let Some(v) = vips.get(&x.ip) {
+                    return Err(Invalid::new(
+                        x.field.clone(),
+                        format!("{} is a VIP of {v}", x.ip),
+                    ));
+                }
+            }
+            c.services.push(svc);
+            addresses.extend(a);
+        }
+        let namespace_of = |key: &str| key.split_once('/').map_or("", |(n, _)| n).to_string();
+        c.workloads
+            .extend(service_entry::workloads(namespace_of, addresses)?);
+        // Errors about the entries' services name the entries.
+        let (services, entries) = (self.services.len(), self.service_entries.len());
+        c.compile_expanded().map_err(|e| {
+            let Some(rest) = e.field.strip_prefix("services[") else {
+                return e;
+            };
+            let Some((n, tail)) = rest.split_once(']') else {
+                return e;
+            };
+            match n.parse::<usize>() {
+                Ok(k) if k >= services && k < services + entries => {
+                    let tail = match tail {
+                        ".vips" => ".addresses",
+                        ".hostname" => ".hosts[0]",
+                        t => t,
+                    };
+                    Invalid::new(format!("serviceEntries[{}]{tail}", k - services), e.message)
+                }
+                _ => e,
+            }
+        })
+    }
+
+    fn compile_expanded(&self) -> Result<WireState, Invalid> {
         self.check_names()?;
         let waypoints = self.waypoints();
         // Namespaces, waypoints, nodes, policies: unique names.

@@ -92,6 +92,25 @@
 //! one workload (istiod keeps the oldest; a file cannot tell); port 0.
 //! See [`config::LocalPeerAuthentication`].
 //!
+//! ### `serviceEntries[]` → a service and workloads outside the mesh (as istiod converts them)
+//! Istio's `ServiceEntry`, its `metadata` beside its `spec` as for PeerAuthentications:
+//! `name`, `namespace`, `labels` (`istio.io/use-waypoint: <name>` binds it to a waypoint:
+//! its traffic goes there, R7 — egress through a waypoint), `hosts` (one, no wildcard: the
+//! service's hostname), `addresses` (its VIPs), `ports` (`number`, `name`, `protocol` —
+//! checked, UDP refused —, `targetPort`), `location`, `resolution` (`STATIC`: the
+//! endpoints' IPs; `DNS`: the endpoints' host names, or the host itself when there are
+//! none, resolved when the file is loaded and at every reload), `endpoints` (`address`,
+//! `ports` by port name, `labels`, `network`, `locality` as `region/zone/subzone`,
+//! `weight`, `serviceAccount`) and `subjectAltNames`. Each endpoint address becomes a
+//! workload outside the mesh (R1: reached in plain TCP by ztunnel, by a waypoint in plain
+//! TCP or the TLS its DestinationRule originates), one per address even when several
+//! entries list it. The service is named after the entry, so the waypoint's routes,
+//! policies and DestinationRules name it as they name a Service (or by its host). Load
+//! errors name the field: `resolution: NONE`/`DNS_ROUND_ROBIN`, wildcard or several
+//! hosts, `workloadSelector`, `exportTo` other than `*`, an address that does not resolve,
+//! an endpoint at a pod's address or a VIP, a VIP already used. See
+//! [`config::LocalServiceEntry`].
+//!
 //! ### Extensions
 //! * `namespaces[]`: `{name, labels}` — `istio.io/dataplane-mode: ambient` captures the
 //!   namespace's pods (R2); `istio.io/use-waypoint: <name>` binds its pods (R3).

@@ -68,7 +68,7 @@ use hbone::proxy::CaConfig;
 use hbone::H2Settings;
 use mesh_model::config::{
     LocalConfig, LocalNamespace, LocalNode, LocalPeerAuthentication, LocalPolicy, LocalService,
-    LocalWaypoint, LocalWorkload,
+    LocalServiceEntry, LocalWaypoint, LocalWorkload,
 };
 use mesh_model::snapshot::Snapshot;
 use runtime::config::{ConfigError, Invalid, RuntimeConfig};
@@ -173,6 +173,9 @@ pub struct ZtunnelFile {
     pub nodes: Vec<LocalNode>,
     #[serde(default, rename = "peerAuthentications")]
     pub peer_authentications: Vec<LocalPeerAuthentication>,
+    /// Istio's ServiceEntries ([`mesh_model::config::LocalServiceEntry`]).
+    #[serde(default, rename = "serviceEntries")]
+    pub service_entries: Vec<LocalServiceEntry>,
 }
 
 /// Resolved listener addresses and identities.
@@ -232,6 +235,7 @@ impl ZtunnelFile {
             waypoints: self.waypoints.clone(),
             nodes: self.nodes.clone(),
             peer_authentications: self.peer_authentications.clone(),
+            service_entries: self.service_entries.clone(),
         }
     }
 
