@@ -13,14 +13,23 @@
 //! | `RequestAuthentication` | `security.istio.io/v1`, `/v1beta1` | [`crate::jwt::RequestAuthn`]: `jwtRules[]` with `issuer`, `audiences`, `jwks` (inline JSON), or `jwksUri` (fetched, with `timeout`; neither: OpenID discovery from the issuer; see [`crate::jwks`]), `fromHeaders` (`name`, `prefix`), `fromParams`, `fromCookies`, `forwardOriginalToken`, `outputPayloadToHeader`, `outputClaimToHeaders` (`header`, `claim`) |
 //! | `VirtualService` | `networking.istio.io/v1`, `/v1beta1`, `/v1alpha3` | [`crate::route::HttpRoute`] with its rules in order (see `config/virtual_service.rs` for the fields) |
 //! | `Telemetry` | `telemetry.istio.io/v1`, `/v1alpha1` | [`TelemetryRule`]: `accessLogging` (`providers`: `envoy` or MeshConfig `envoyFileAccessLog` and `envoyOtelAls` ones, `disabled`, `match.mode` `CLIENT_AND_SERVER`/`SERVER`, `filter.expression` in CEL over Envoy's attributes, see [`crate::cel`]; merged per provider across the hierarchy as Istio's `mergeLogs`, [`WaypointConfig::telemetry_for`]) and `metrics` (`providers` `prometheus`, `overrides` with `match.metric` (`ALL_METRICS`, `REQUEST_COUNT`, `REQUEST_DURATION`, `REQUEST_SIZE`, `RESPONSE_SIZE`, `TCP_OPENED_CONNECTIONS`, `TCP_CLOSED_CONNECTIONS`, `TCP_SENT_BYTES`, `TCP_RECEIVED_BYTES`; gRPC message metrics: none here, nothing to change), `disabled` and `tagOverrides` (`UPSERT` with a CEL `value`, [`crate::cel::Expr::text`], or `REMOVE`; merged label by label as Istio's `mergeMetrics`)) and `tracing` (`providers` (one), `randomSamplingPercentage`, `disableSpanReporting`, `customTags` `literal`/`environment`/`header`, `match.mode`; see [`crate::spans`]) by `targetRefs` (the waypoint's Gateway, Services), namespace or root namespace; `reportingInterval`, `customMetric` refused; a `selector` one set aside as AuthorizationPolicies' are |
-//! | `DestinationRule` | `networking.istio.io/v1`, `/v1beta1`, `/v1alpha3` | [`Subset`]s (`subsets[]`: `name`, `labels`, `trafficPolicy` whose fields replace the rule's); [`ServiceLb`]: `trafficPolicy.loadBalancer` (`simple`, or `consistentHash` with `httpHeaderName`, `httpQueryParameterName`, `useSourceIp` or `httpCookie` `name`/`path`/`ttl`/`attributes`), `.outlierDetection` (`consecutive5xxErrors`, `consecutiveGatewayErrors`, `interval`, `baseEjectionTime`, `maxEjectionPercent`), `.loadBalancer.localityLbSetting` (with outlier detection, as Istio: locality failover priorities from the waypoint's own workload — `enabled`, `failover` from/to regions, `failoverPriority` label keys; or, with or without outlier detection, `distribute` locality weights — `from`/`to` patterns `region/zone/subzone` with a last `*`, weights summing to 100; see [`crate::lb::LocalityLb`], [`crate::lb::distribute`]), `.loadBalancer.warmupDurationSecs` (Envoy's slow start for round robin, least request and random: a new endpoint's share grows from 10 % to all of it over the window; refused with consistentHash), `.connectionPool.http.useClientProtocol`, `.connectionPool.http.idleTimeout`, `.tls.mode: ISTIO_MUTUAL` (what HBONE is; other modes refused), `.portLevelSettings` (all of these per service port, each entry replacing the service's for its port); [`crate::breaker`]: `.connectionPool.tcp.maxConnections`, `.tcp.connectTimeout`, `.http.http1MaxPendingRequests`, `.http.http2MaxRequests`, `.http.maxRequestsPerConnection`, `.http.maxRetries` |
+//! | `DestinationRule` | `networking.istio.io/v1`, `/v1beta1`, `/v1alpha3` | [`Subset`]s (`subsets[]`: `name`, `labels`, `trafficPolicy` whose fields replace the rule's); [`ServiceLb`]: `trafficPolicy.loadBalancer` (`simple`, or `consistentHash` with `httpHeaderName`, `httpQueryParameterName`, `useSourceIp` or `httpCookie` `name`/`path`/`ttl`/`attributes`), `.outlierDetection` (`consecutive5xxErrors`, `consecutiveGatewayErrors`, `interval`, `baseEjectionTime`, `maxEjectionPercent`), `.loadBalancer.localityLbSetting` (with outlier detection, as Istio: locality failover priorities from the waypoint's own workload — `enabled`, `failover` from/to regions, `failoverPriority` label keys; or, with or without outlier detection, `distribute` locality weights — `from`/`to` patterns `region/zone/subzone` with a last `*`, weights summing to 100; see [`crate::lb::LocalityLb`], [`crate::lb::distribute`]), `.loadBalancer.warmupDurationSecs` (Envoy's slow start for round robin, least request and random: a new endpoint's share grows from 10 % to all of it over the window; refused with consistentHash), `.connectionPool.http.useClientProtocol`, `.connectionPool.http.idleTimeout`, `.tls.mode: ISTIO_MUTUAL` (what HBONE is), `SIMPLE`/`MUTUAL` (`sni`, `caCertificates`, `clientCertificate`, `privateKey`, `subjectAltNames`, `insecureSkipVerify`: TLS originated to endpoints outside the mesh, [`crate::plain::TlsOrigin`]; `DISABLE`, `credentialName` refused), `.portLevelSettings` (all of these per service port, each entry replacing the service's for its port); [`crate::breaker`]: `.connectionPool.tcp.maxConnections`, `.tcp.connectTimeout`, `.http.http1MaxPendingRequests`, `.http.http2MaxRequests`, `.http.maxRequestsPerConnection`, `.http.maxRetries` |
 //! | no `apiVersion`/`kind`, a `waypoint:` key | — | [`SettingsDoc`], exactly one for the binary |
 //! | no `apiVersion`/`kind`, a `meshConfig:` key | — | Istio MeshConfig's `extensionProviders` of kinds `envoyExtAuthzHttp` (`service`: a model service's hostname, or `namespace/hostname`; `port`, `pathPrefix`, `timeout`, `failOpen`, `statusOnError`, `includeRequestHeadersInCheck`, `includeAdditionalHeadersInCheck`, `headersToUpstreamOnAllow`, `headersToDownstreamOnDeny`, `headersToDownstreamOnAllow`) and `envoyExtAuthzGrpc` (`service`, `port`, `timeout`, `failOpen`, `statusOnError`) (see [`crate::ext_authz`]), and the tracing providers `opentelemetry` (`service`, `port`, `maxTagLength`, `http` with `path`, `timeout`, `headers`: OTLP over HTTP, else over gRPC) and `zipkin` (`service`, `port`, `maxTagLength`, `enable64bitTraceId`, `path`, `timeout`, `headers`), with `defaultProviders.tracing` (see [`crate::spans`]); the access log providers `envoyFileAccessLog` (`path`, default `/dev/stdout`; `logFormat` `text` or `labels` (JSON), default Istio's text format; `omitEmptyValues`; Envoy's command operators, see [`crate::logfmt`]) and `envoyOtelAls` (`service`, `port`, `logName`, `logFormat` `text` (the record's body, default Istio's text format) and `labels` (its attributes); OTLP logs over gRPC, exported as spans are) with `defaultProviders.accessLogging`, and `accessLogFile`, `accessLogFormat`, `accessLogEncoding` (`TEXT`/`JSON`), which make the built-in `envoy` provider write Istio's format (without them it writes the waypoint's own `access` line to stderr); one MeshConfig document, reloaded with the file |
 //! | no `apiVersion`/`kind`, no `waypoint:` key | — | mesh-model's local config (`namespaces`, `workloads`, `services`, `policies`, `waypoints`, `nodes`; see the `mesh_model` crate docs), at most one |
 //!
-//! `targetRefs` name the waypoint's `Gateway`, `Service`s (group `""` or `core`) of the
-//! policy's namespace, or, from the root namespace only, the `GatewayClass`
-//! `istio-waypoint`: every waypoint (a policy elsewhere naming a class is a load error).
+//! `targetRefs` name the waypoint's `Gateway`, `Service`s (group `""` or `core`) or
+//! `ServiceEntry`s (group `networking.istio.io`) of the policy's namespace, or, from the
+//! root namespace only, the `GatewayClass` `istio-waypoint`: every waypoint (a policy
+//! elsewhere naming a class is a load error).
+//!
+//! A ServiceEntry (mesh-model's `serviceEntries[]`) is the service it converts to, of the
+//! same name: routes' `parentRefs` and `backendRefs` name it with group
+//! `networking.istio.io`, kind `ServiceEntry`. A DestinationRule's `host` and a
+//! VirtualService's hosts and destinations name any service of the mesh model by its
+//! hostname (`httpbin.org`, `reviews.prod.svc.cluster.local`; the one of the rule's
+//! namespace first, else the only one), or by Kubernetes' short forms (`name`,
+//! `name.namespace`). The mesh-model document is read first, wherever it stands.
 //!
 //! An `AuthorizationPolicy` or `RequestAuthentication` without `targetRefs` (a workload
 //! `selector`, or none: the whole namespace, or the mesh from the root namespace) is loaded
@@ -157,6 +166,9 @@ pub struct TrafficPolicy {
     pub idle: Option<Duration>,
     /// `connectionPool` limits, when any is set: see [`crate::breaker`].
     pub breaker: Option<Arc<crate::breaker::Breaker>>,
+    /// `tls.mode: SIMPLE` or `MUTUAL`: TLS the waypoint originates to endpoints outside
+    /// the mesh ([`crate::plain`]).
+    pub tls: Option<Arc<crate::plain::TlsOrigin>>,
 }
 
 impl TrafficPolicy {
@@ -859,6 +871,15 @@ impl WaypointConfig {
         }
     }
 
+    /// The TLS service `s` (at `port`) originates to endpoints outside the mesh.
+    pub fn tls_origin(
+        &self,
+        s: &ObjectRef,
+        port: Option<u16>,
+    ) -> Option<&Arc<crate::plain::TlsOrigin>> {
+        self.traffic(s, port)?.tls.as_ref()
+    }
+
     /// The labels an endpoint of `s` needs: its subset's (`None` for a whole service).
     pub fn subset_labels(&self, s: &ObjectRef) -> Option<&mesh_model::config::LocalSelector> {
         s.subset.as_ref()?;
@@ -880,6 +901,12 @@ pub fn load_file(file: &Path, version: u64) -> Result<WaypointConfig, LoadError>
 }
 
 /// Split at `---` lines: (first line of the document, 1-based; its text).
+/// Whether a document holds nothing but blank lines and comments.
+fn is_blank(doc: &str) -> bool {
+    doc.lines()
+        .all(|l| l.trim().is_empty() || l.trim_start().starts_with('#'))
+}
+
 fn documents(text: &str) -> Vec<(usize, String)> {
     let mut docs = vec![];
     let mut cur = String::new();
@@ -953,12 +980,42 @@ pub fn load_str(file: &Path, text: &str, version: u64) -> Result<WaypointConfig,
     // Policies naming a GatewayClass (document, first line, text, namespace): only the
     // root namespace may, which is known once the settings document is read.
     let mut classes: Vec<(usize, usize, String, String)> = vec![];
+    let docs = documents(text);
+    // The mesh model first (the first document with no apiVersion/kind that is neither
+    // the settings nor the MeshConfig): rules and routes may name its services by
+    // hostname ([`Hosts`]), whatever the order of the documents.
+    let mut model_doc = None;
     let mut index = 0;
-    for (start, doc) in documents(text) {
-        let blank = doc
-            .lines()
-            .all(|l| l.trim().is_empty() || l.trim_start().starts_with('#'));
-        if blank {
+    for (start, doc) in &docs {
+        if is_blank(doc) {
+            continue;
+        }
+        index += 1;
+        let Ok(head) = runtime::config::from_yaml_str::<Head>(file, doc) else {
+            continue;
+        };
+        if head.api_version.is_none()
+            && head.kind.is_none()
+            && head.waypoint.is_none()
+            && head.mesh_config.is_none()
+        {
+            let snap = mesh_model::config::load_str(file, doc, version).map_err(|e| LoadError {
+                file: file.to_owned(),
+                document: index,
+                line: e.line.map(|l| l + start - 1),
+                column: e.column,
+                field: e.field,
+                message: e.message,
+            })?;
+            cfg.mesh = Some(snap);
+            model_doc = Some(index);
+            break;
+        }
+    }
+    let hosts = Hosts::of(cfg.mesh.as_ref());
+    let mut index = 0;
+    for (start, doc) in docs {
+        if is_blank(&doc) {
             continue;
         }
         index += 1;
@@ -1027,14 +1084,13 @@ pub fn load_str(file: &Path, text: &str, version: u64) -> Result<WaypointConfig,
                 };
                 return Err(invalid(Invalid::new(f, "required with apiVersion/kind")));
             }
-            if cfg.mesh.is_some() {
+            if model_doc != Some(index) {
                 return Err(invalid(Invalid::new(
                     "workloads",
                     "a second mesh-model document (only one is allowed)",
                 )));
             }
-            let snap = mesh_model::config::load_str(file, &doc, version).map_err(at)?;
-            cfg.mesh = Some(snap);
+            // Loaded before the other documents.
             continue;
         };
         // Each object once per kind, namespace and name.
@@ -1201,7 +1257,7 @@ pub fn load_str(file: &Path, text: &str, version: u64) -> Result<WaypointConfig,
             ) => {
                 let d: Doc<virtual_service::VsSpec> = parse(file, &doc).map_err(at)?;
                 first(&d.metadata)?;
-                let c = virtual_service::compile(&d).map_err(invalid)?;
+                let c = virtual_service::compile(&d, &hosts).map_err(invalid)?;
                 virtuals.push(VsDoc {
                     route: routes.len(),
                     document: index,
@@ -1223,7 +1279,7 @@ pub fn load_str(file: &Path, text: &str, version: u64) -> Result<WaypointConfig,
                     service: svc,
                     whole: policy,
                     subsets,
-                } = compile_dr(&d).map_err(invalid)?;
+                } = compile_dr(&d, &hosts).map_err(invalid)?;
                 cfg.subsets.extend(subsets);
                 if cfg.destination_rules.insert(svc.clone(), policy).is_some() {
                     return Err(invalid(Invalid::new(
@@ -2351,13 +2407,16 @@ fn service_ref(
     port: Option<u16>,
     default_ns: &str,
 ) -> Result<(ObjectRef, u16), Invalid> {
-    if group.as_deref().is_some_and(|g| !g.is_empty())
-        || kind.as_deref().is_some_and(|k| k != "Service")
-    {
-        return Err(Invalid::new(
-            field,
-            "only Services (group \"\", kind Service) can be backends",
-        ));
+    // A ServiceEntry is the service it converts to, of the same name (as Istio takes
+    // `kind: ServiceEntry` backends).
+    match (group.as_deref().unwrap_or(""), kind.as_deref().unwrap_or("Service")) {
+        ("", "Service") | ("networking.istio.io", "ServiceEntry") => {}
+        _ => {
+            return Err(Invalid::new(
+                field,
+                "only Services (group \"\", kind Service) and ServiceEntries (group networking.istio.io) can be backends",
+            ))
+        }
     }
     let port =
         port.ok_or_else(|| Invalid::new(format!("{field}.port"), "required for a Service"))?;
@@ -2595,11 +2654,16 @@ fn service_parents(refs: &[ParentRef], ns: &str) -> Result<Vec<(ObjectRef, Optio
     for (i, p) in refs.iter().enumerate() {
         let group = p.group.as_deref().unwrap_or("gateway.networking.k8s.io");
         let kind = p.kind.as_deref().unwrap_or("Gateway");
-        if !group.is_empty() || kind != "Service" {
+        // A ServiceEntry is the service it converts to, of the same name (Istio's egress
+        // routes attach to one).
+        if !matches!(
+            (group, kind),
+            ("", "Service") | ("networking.istio.io", "ServiceEntry")
+        ) {
             return Err(Invalid::new(
                 format!("spec.parentRefs[{i}]"),
                 format!(
-                    "the waypoint routes only for Services (group \"\", kind Service), not group {group:?} kind {kind:?}"
+                    "the waypoint routes only for Services (group \"\", kind Service) and ServiceEntries (group networking.istio.io), not group {group:?} kind {kind:?}"
                 ),
             ));
         }
@@ -3052,7 +3116,10 @@ fn attachment(
             }
             match (t.group.as_deref().unwrap_or(""), t.kind.as_str()) {
                 ("gateway.networking.k8s.io", "Gateway") => gateways.push(t.name.clone()),
-                ("" | "core", "Service") => services.push(t.name.clone()),
+                // A ServiceEntry: the service it converts to, of the same name.
+                ("" | "core", "Service") | ("networking.istio.io", "ServiceEntry") => {
+                    services.push(t.name.clone())
+                }
                 // Istio: the class of every waypoint, from the root namespace only (a
                 // class of other gateways applies to none here).
                 // (checked once the root namespace is known: `check_gateway_classes`).
@@ -3064,7 +3131,7 @@ fn attachment(
                     return Err(Invalid::new(
                         format!("{f}.kind"),
                         format!(
-                            "unsupported target group {g:?} kind {k:?} (Gateway, Service, or GatewayClass {WAYPOINT_CLASS})"
+                            "unsupported target group {g:?} kind {k:?} (Gateway, Service, ServiceEntry, or GatewayClass {WAYPOINT_CLASS})"
                         ),
                     ))
                 }
@@ -4545,17 +4612,31 @@ struct PortSelectorRaw {
     number: u16,
 }
 
-/// `trafficPolicy.tls` (Istio's ClientTLSSettings). Between the waypoint and an endpoint
-/// the connection is always HBONE, mutual TLS with Istio identities: `ISTIO_MUTUAL` says
-/// just that and is accepted (with its `sni`, which HBONE has no use for); the other modes
-/// ask for what ambient mode does not do and are refused.
+/// `trafficPolicy.tls` (Istio's ClientTLSSettings). To an endpoint in the mesh the
+/// connection is always HBONE, mutual TLS with Istio identities: `ISTIO_MUTUAL` says just
+/// that and is accepted (with its `sni`, which HBONE has no use for). To an endpoint
+/// outside the mesh (a ServiceEntry's, say: egress), `SIMPLE` and `MUTUAL` originate TLS
+/// from the waypoint ([`crate::plain::TlsOrigin`]); endpoints of the same service in the
+/// mesh still get HBONE alone. `DISABLE` (HBONE would still be used) and Kubernetes
+/// secrets (`credentialName`) are refused.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 struct ClientTlsRaw {
     mode: TlsModeRaw,
-    /// Accepted, unused (HBONE has no use for it).
-    #[serde(default, rename = "sni")]
-    _sni: Option<String>,
+    #[serde(default)]
+    sni: Option<String>,
+    #[serde(default)]
+    ca_certificates: Option<String>,
+    #[serde(default)]
+    client_certificate: Option<String>,
+    #[serde(default)]
+    private_key: Option<String>,
+    #[serde(default)]
+    subject_alt_names: Vec<String>,
+    #[serde(default)]
+    insecure_skip_verify: Option<bool>,
+    #[serde(default)]
+    credential_name: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize)]
@@ -4722,12 +4803,45 @@ struct OutlierRaw {
 /// `name`, `name.ns`, `name.ns.svc`, `name.ns.svc.cluster.local` → the service.
 /// The Service a host names (`name`, `name.ns`, `name.ns.svc…`; `name` in namespace `ns`),
 /// at field `field`.
-fn dr_host(field: &str, host: &str, ns: &str) -> Result<ObjectRef, Invalid> {
+/// The services of the mesh model by hostname: how a DestinationRule's `host` or a
+/// VirtualService's hosts name a service that has no Kubernetes name (a ServiceEntry's
+/// `httpbin.org`), or name any by its full hostname.
+#[derive(Default)]
+pub(crate) struct Hosts(std::collections::HashMap<String, Vec<ObjectRef>>);
+
+impl Hosts {
+    fn of(mesh: Option<&Snapshot>) -> Hosts {
+        let mut by = std::collections::HashMap::<String, Vec<ObjectRef>>::new();
+        for s in mesh.iter().flat_map(|m| m.services()) {
+            by.entry(mesh_model::names::host_key(&s.hostname))
+                .or_default()
+                .push(ObjectRef::new(&s.namespace, &s.name));
+        }
+        Hosts(by)
+    }
+
+    /// The service with hostname `host` (any case, trailing dot or not): the one of
+    /// namespace `ns` if there is one, else the only one (a hostname in several other
+    /// namespaces names none of them).
+    fn find(&self, host: &str, ns: &str) -> Option<ObjectRef> {
+        let all = self.0.get(&mesh_model::names::host_key(host))?;
+        match all.iter().find(|r| r.namespace == ns) {
+            Some(r) => Some(r.clone()),
+            None if all.len() == 1 => Some(all[0].clone()),
+            None => None,
+        }
+    }
+}
+
+fn dr_host(field: &str, host: &str, ns: &str, hosts: &Hosts) -> Result<ObjectRef, Invalid> {
+    if let Some(r) = hosts.find(host, ns) {
+        return Ok(r);
+    }
     let parts: Vec<&str> = host.split('.').collect();
     let bad = || {
         Invalid::new(
             field,
-            format!("{host:?}: expected a service name (name, name.ns, name.ns.svc.cluster.local)"),
+            format!("{host:?}: expected a service name (name, name.ns, name.ns.svc.cluster.local) or the hostname of a service of the mesh model"),
         )
     };
     if parts.iter().any(|p| p.is_empty() || p.contains('*')) {
@@ -4745,8 +4859,8 @@ fn dr_host(field: &str, host: &str, ns: &str) -> Result<ObjectRef, Invalid> {
 /// (`portLevelSettings`).
 /// A DestinationRule: its service, the service's traffic policy, and its subsets (the
 /// service narrowed to each, with its labels and policy).
-fn compile_dr(d: &Doc<DrSpec>) -> Result<CompiledDr, Invalid> {
-    let svc = dr_host("spec.host", &d.spec.host, d.metadata.namespace())?;
+fn compile_dr(d: &Doc<DrSpec>, hosts: &Hosts) -> Result<CompiledDr, Invalid> {
+    let svc = dr_host("spec.host", &d.spec.host, d.metadata.namespace(), hosts)?;
     let empty = TrafficPolicyRaw::default();
     let whole_raw = d.spec.traffic_policy.as_ref().unwrap_or(&empty);
     let whole = compile_policy_at(whole_raw, "spec.trafficPolicy")?;
@@ -4900,21 +5014,71 @@ fn compile_tp(tp: &TrafficPolicyRaw, f: &str) -> Result<TrafficPolicy, Invalid> 
             }
         };
     }
+    let mut tls = None;
     if let Some(t) = &tp.tls {
-        let f = &format!("{f}.tls.mode");
+        let f = &format!("{f}.tls");
+        if t.credential_name.is_some() {
+            return Err(Invalid::new(
+                format!("{f}.credentialName"),
+                "Kubernetes secrets are not read: give caCertificates, clientCertificate and privateKey as files",
+            ));
+        }
         match t.mode {
-            TlsModeRaw::IstioMutual => {}
+            TlsModeRaw::IstioMutual => {
+                let set = [
+                    ("caCertificates", t.ca_certificates.is_some()),
+                    ("clientCertificate", t.client_certificate.is_some()),
+                    ("privateKey", t.private_key.is_some()),
+                    ("subjectAltNames", !t.subject_alt_names.is_empty()),
+                    ("insecureSkipVerify", t.insecure_skip_verify.is_some()),
+                ];
+                if let Some((field, _)) = set.iter().find(|(_, on)| *on) {
+                    return Err(Invalid::new(
+                        format!("{f}.{field}"),
+                        "not with ISTIO_MUTUAL: HBONE uses the mesh's certificates (this is for SIMPLE or MUTUAL)",
+                    ));
+                }
+            }
             TlsModeRaw::Disable => {
                 return Err(Invalid::new(
-                    f,
-                    "DISABLE: the waypoint reaches endpoints over HBONE (mutual TLS) only",
+                    format!("{f}.mode"),
+                    "DISABLE: the waypoint reaches endpoints in the mesh over HBONE (mutual TLS) only, and those outside it in plain TCP without a tls field",
                 ))
             }
             TlsModeRaw::Simple | TlsModeRaw::Mutual => {
-                return Err(Invalid::new(
-                    f,
-                    "SIMPLE/MUTUAL TLS origination to the application is not supported (HBONE already encrypts and authenticates the hop; ISTIO_MUTUAL is accepted)",
-                ))
+                let mutual = matches!(t.mode, TlsModeRaw::Mutual);
+                let client = match (&t.client_certificate, &t.private_key) {
+                    (Some(c), Some(k)) if mutual => Some((Path::new(c), Path::new(k))),
+                    (None, _) if mutual => {
+                        return Err(Invalid::new(
+                            format!("{f}.clientCertificate"),
+                            "MUTUAL needs clientCertificate and privateKey",
+                        ))
+                    }
+                    (_, None) if mutual => {
+                        return Err(Invalid::new(
+                            format!("{f}.privateKey"),
+                            "MUTUAL needs clientCertificate and privateKey",
+                        ))
+                    }
+                    (None, None) => None,
+                    _ => {
+                        return Err(Invalid::new(
+                            format!("{f}.clientCertificate"),
+                            "a client certificate is for mode MUTUAL",
+                        ))
+                    }
+                };
+                let spec = crate::plain::TlsSpec {
+                    ca: t.ca_certificates.as_deref().map(Path::new),
+                    client,
+                    sans: &t.subject_alt_names,
+                    skip_verify: t.insecure_skip_verify.unwrap_or(false),
+                    sni: t.sni.as_deref(),
+                };
+                let origin = crate::plain::TlsOrigin::new(&spec)
+                    .map_err(|(field, e)| Invalid::new(format!("{f}.{field}"), e))?;
+                tls = Some(Arc::new(origin));
             }
         }
     }
@@ -5070,5 +5234,10 @@ fn compile_tp(tp: &TrafficPolicyRaw, f: &str) -> Result<TrafficPolicy, Invalid> 
     if limits != crate::breaker::Limits::default() {
         breaker = Some(Arc::new(crate::breaker::Breaker::new(limits)));
     }
-    Ok(TrafficPolicy { lb, idle, breaker })
+    Ok(TrafficPolicy {
+        lb,
+        idle,
+        breaker,
+        tls,
+    })
 }

@@ -256,8 +256,9 @@ fn parse_uri(uri: &str) -> Result<Target, String> {
     })
 }
 
-/// The roots for `https://`: `ca`, else `SSL_CERT_FILE`, else the first usual bundle file.
-fn roots(ca: Option<&Path>) -> Result<rustls::RootCertStore, String> {
+/// The roots for `https://`: `ca`, else `SSL_CERT_FILE`, else the first usual bundle file
+/// (none: an error ending with `hint`, how to name one).
+pub(crate) fn roots(ca: Option<&Path>, hint: &str) -> Result<rustls::RootCertStore, String> {
     let env = std::env::var_os("SSL_CERT_FILE").map(PathBuf::from);
     let file = match (ca, env) {
         (Some(c), _) => c.to_path_buf(),
@@ -271,7 +272,7 @@ fn roots(ca: Option<&Path>) -> Result<rustls::RootCertStore, String> {
         .iter()
         .map(PathBuf::from)
         .find(|p| p.exists())
-        .ok_or("no trusted roots: set waypoint.jwks_ca or SSL_CERT_FILE")?,
+        .ok_or_else(|| format!("no trusted roots: {hint}"))?,
     };
     let mut store = rustls::RootCertStore::empty();
     for c in hbone::ca::pem_certs(&file).map_err(|e| e.to_string())? {
@@ -320,7 +321,7 @@ pub fn get(uri: &str, timeout: Duration, ca: Option<&Path>) -> Result<String, St
         let config = rustls::ClientConfig::builder_with_provider(hbone::tls::provider())
             .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(|e| fail(&e))?
-            .with_root_certificates(roots(ca)?)
+            .with_root_certificates(roots(ca, "set waypoint.jwks_ca or SSL_CERT_FILE")?)
             .with_no_client_auth();
         let name = rustls::pki_types::ServerName::try_from(t.host.clone()).map_err(|e| fail(&e))?;
         let conn = rustls::ClientConnection::new(Arc::new(config), name).map_err(|e| fail(&e))?;

@@ -71,6 +71,7 @@ pub mod jwt;
 pub mod lb;
 pub mod logfmt;
 pub mod path;
+pub mod plain;
 pub mod reload;
 pub mod route;
 pub mod service;

@@ -24,6 +24,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 
+use crate::plain::UpStream;
 use hbone::ca::{CertSource, SigningCa, StaticCerts, WorkloadCert};
 use hbone::pool::{Pool, PoolKey};
 use hbone::proxy::CaConfig;
@@ -150,6 +151,8 @@ pub struct Counters {
     pub tcp_bytes_received: AtomicU64,
     /// Upstream HBONE streams opened.
     pub upstream_streams: AtomicU64,
+    /// Upstream connections opened to endpoints outside the mesh ([`crate::plain`]).
+    pub upstream_plain: AtomicU64,
     /// Upstream HTTP/2 connections made (each on one HBONE stream).
     pub upstream_h2_connections: AtomicU64,
     /// Upstream HTTP/2 connections closed for being idle past their service's DestinationRule
@@ -497,6 +500,12 @@ pub fn prometheus(c: &Counters) -> String {
     );
     counter(
         &mut out,
+        "waypoint_upstream_plain_connections",
+        "Upstream connections opened to endpoints outside the mesh (plain TCP, or TLS the waypoint originates).",
+        c.upstream_plain.load(Relaxed),
+    );
+    counter(
+        &mut out,
         "waypoint_upstream_errors",
         "Upstream exchanges that failed.",
         c.upstream_errors.load(Relaxed),
@@ -672,7 +681,7 @@ struct Worker {
     /// HTTP/2 upstream connections, by (HBONE address, authority), shared by the worker's
     /// tunnels; each dropped by its timer once idle past its `idleTimeout`
     /// ([`spawn_h2_idle_timer`]).
-    h2_clients: RefCell<crate::upstream::FnvMap<(SocketAddr, SocketAddr), H2Slot>>,
+    h2_clients: RefCell<crate::upstream::FnvMap<crate::upstream::ConnKey, H2Slot>>,
     /// Idle upstream HTTP/1.1 streams, shared by the worker's tunnels (none is bound to a
     /// tunnel between its requests).
     idle: RefCell<crate::upstream::IdleStreams>,
@@ -1021,14 +1030,16 @@ async fn tunnel(w: Rc<Worker>, cert: Arc<WorkloadCert>, mut inb: Inbound) {
                                 revoked.set(true);
                             }
                         };
-                        let out = Box::pin(inner::splice(
-                            stream,
-                            upstream,
-                            first,
-                            rt.forward.idle_timeout,
-                            abort,
-                        ))
-                        .await;
+                        let idle = rt.forward.idle_timeout;
+                        let out = match upstream {
+                            UpStream::Hbone(up) => {
+                                Box::pin(inner::splice(stream, up, first, idle, abort)).await
+                            }
+                            UpStream::Plain(up) => {
+                                Box::pin(crate::plain::splice(stream, *up, first, idle, abort))
+                                    .await
+                            }
+                        };
                         if revoked.get() {
                             counters.upgrades_revoked.fetch_add(1, Relaxed);
                         }
@@ -1236,7 +1247,7 @@ impl Drop for H2Use {
 /// [`inner::StreamIo`] shuts down: END_STREAM, a FIN at the pod, and the pod's close waited
 /// for; a later request opens a new one). Ends with the slot (replaced after a
 /// failure) and when the worker drains.
-fn spawn_h2_idle_timer(w: std::rc::Weak<Worker>, key: (SocketAddr, SocketAddr), idle: Rc<H2Idle>) {
+fn spawn_h2_idle_timer(w: std::rc::Weak<Worker>, key: crate::upstream::ConnKey, idle: Rc<H2Idle>) {
     monoio::spawn(async move {
         let mut wait = idle.left(Instant::now());
         while let Some(period) = wait {
@@ -1270,13 +1281,13 @@ fn spawn_h2_idle_timer(w: std::rc::Weak<Worker>, key: (SocketAddr, SocketAddr), 
 /// request is dropped or fails (the slot is then cleared).
 struct Connecting {
     worker: Rc<Worker>,
-    key: (SocketAddr, SocketAddr),
+    key: crate::upstream::ConnKey,
     ev: runtime::event::LocalEvent,
     done: bool,
 }
 
 impl Connecting {
-    fn start(worker: &Rc<Worker>, key: (SocketAddr, SocketAddr)) -> Connecting {
+    fn start(worker: &Rc<Worker>, key: crate::upstream::ConnKey) -> Connecting {
         let ev = runtime::event::LocalEvent::new();
         worker
             .h2_clients
@@ -1330,7 +1341,7 @@ struct HboneUpstream {
     /// Whether `last` names the current request's destination (else it answered here).
     routed: bool,
     /// An upgraded (`101`) upstream stream, and tunnel bytes to send it first.
-    upgrade: Option<H2Stream>,
+    upgrade: Option<UpStream>,
     upgrade_first: Bytes,
     /// The upgrade request, authorized again at each reload while the connection lives.
     upgrade_head: Option<(http1::RequestHead, Option<Arc<crate::jwt::Authenticated>>)>,
@@ -1718,40 +1729,34 @@ async fn revoked_by_reload(
 /// An upstream HBONE stream carrying HTTP/1.1 exchanges, and where it goes (to keep it
 /// for the tunnel's next request to the same endpoint).
 pub struct UpConn {
-    s: H2Stream,
-    key: (SocketAddr, SocketAddr),
+    s: UpStream,
+    key: crate::upstream::ConnKey,
     /// Requests the stream carried before this one (`maxRequestsPerConnection`).
     uses: u32,
 }
 
 impl http1::Tunnel for UpConn {
     async fn read(&mut self) -> Option<io::Result<Bytes>> {
-        self.s.read().await.map(|r| r.map_err(io::Error::other))
+        self.s.read().await
     }
 
     async fn write(&mut self, data: Bytes) -> io::Result<()> {
-        self.s
-            .write_all(data, false)
-            .await
-            .map_err(io::Error::other)
+        self.s.write_all(data, false).await
     }
 
     async fn finish(&mut self) -> io::Result<()> {
-        self.s
-            .write_all(Bytes::new(), true)
-            .await
-            .map_err(io::Error::other)
+        self.s.write_all(Bytes::new(), true).await
     }
 
     async fn write_watching(&mut self, data: &mut Bytes) -> io::Result<http1::Watched> {
-        http1::h2_write_watching(&mut self.s, data).await
+        self.s.write_watching(data).await
     }
 
     async fn read_or_source<S: http1::Tunnel>(
         &mut self,
         source: &mut S,
     ) -> Result<Option<io::Result<Bytes>>, http1::Watched> {
-        http1::h2_read_or_source(&mut self.s, source).await
+        self.s.read_or_source(source).await
     }
 }
 
@@ -1801,7 +1806,7 @@ impl Upstream for HboneUpstream {
                     .ok_or_else(|| io::Error::other("target pod left the model"))?;
                 self.current = None;
                 self.upstream_host = Some(ep.authority);
-                let key = (ep.hbone, ep.authority);
+                let key = (ep.hbone, ep.authority, 0);
                 self.last = Some(Rc::new((None, ep.workload_uid)));
                 key
             }
@@ -1816,11 +1821,11 @@ impl Upstream for HboneUpstream {
         } else {
             crate::upstream::UNSAFE_REUSE_MAX_IDLE
         };
-        let kept =
-            self.worker
-                .idle
-                .borrow_mut()
-                .take(&(key.0, key.1, self.source_ip()), now, max_idle);
+        let kept = self.worker.idle.borrow_mut().take(
+            &(key.0, key.1, key.2, self.source_ip()),
+            now,
+            max_idle,
+        );
         if let Some((s, uses)) = kept {
             return Ok((UpConn { s, key, uses }, true));
         }
@@ -1828,7 +1833,7 @@ impl Upstream for HboneUpstream {
         let uid = self.last.as_deref().map_or("", |l| l.1.as_str());
         // Boxed: a new stream (a connection's TLS handshake, perhaps) is the rare case; its
         // future would otherwise size every request's.
-        let s = Box::pin(self.open(key.0, key.1, uid)).await?;
+        let s = Box::pin(self.open(key.0, key.1, uid, false)).await?;
         Ok((UpConn { s, key, uses: 0 }, false))
     }
 
@@ -2788,7 +2793,7 @@ impl HboneUpstream {
         hdrs: &[(&str, &str)],
         query: Option<&str>,
         now: Instant,
-    ) -> io::Result<(SocketAddr, SocketAddr)> {
+    ) -> io::Result<crate::upstream::ConnKey> {
         let input = HashInput {
             headers: hdrs,
             source_ip: Some(self.source_ip()),
@@ -2803,7 +2808,7 @@ impl HboneUpstream {
         set_last(&mut self.last, &self.metric_cache, svc, &ep.workload_uid);
         self.current = Some((port, i));
         self.upstream_host = Some(ep.authority);
-        Ok((ep.hbone, ep.authority))
+        Ok((ep.hbone, ep.authority, self.origin_id()))
     }
 
     /// A failed exchange counted: an upstream timeout, or an upstream error.
@@ -2944,7 +2949,9 @@ impl HboneUpstream {
         }
         let req = b.body(()).map_err(io::Error::other)?;
         // In flight until this exchange ends.
-        let (mut sender, _in_flight) = self.h2_sender((ep.hbone, ep.authority)).await?;
+        let (mut sender, _in_flight) = self
+            .h2_sender((ep.hbone, ep.authority, self.origin_id()))
+            .await?;
         let (resp, mut tx) = sender
             .send_request(req, body.is_empty())
             .map_err(io::Error::other)?;
@@ -3018,7 +3025,7 @@ impl HboneUpstream {
     /// `key` is (HBONE address, authority) of the endpoint of the current try (`last`).
     async fn h2_sender(
         &self,
-        key: (SocketAddr, SocketAddr),
+        key: crate::upstream::ConnKey,
     ) -> io::Result<(h2::client::SendRequest<Bytes>, H2Use)> {
         // The expiry of the service this request goes to (its DestinationRule).
         let service = self.last.as_deref().and_then(|(svc, _)| svc.as_ref());
@@ -3058,11 +3065,11 @@ impl HboneUpstream {
     /// A new HTTP/2 connection to `ep` over one HBONE stream.
     async fn h2_connect(
         &self,
-        key: (SocketAddr, SocketAddr),
+        key: crate::upstream::ConnKey,
     ) -> io::Result<h2::client::SendRequest<Bytes>> {
         let uid = self.last.as_deref().map_or("", |l| l.1.as_str());
-        let s = self.open(key.0, key.1, uid).await?;
-        let io = inner::StreamIo::new(s, Bytes::new());
+        let s = self.open(key.0, key.1, uid, true).await?;
+        let io = crate::plain::UpIo::new(s);
         let (send, conn) = self
             .worker
             .shared
@@ -3167,50 +3174,91 @@ impl HboneUpstream {
         Ok((ep, picked))
     }
 
-    /// A new upstream CONNECT stream to `authority` through `hbone` (the worker's pool),
-    /// the endpoint (workload `uid`) proving its identity.
+    /// A new upstream stream to `authority`, the endpoint (workload `uid`): a CONNECT
+    /// stream through `hbone` (the worker's pool), the endpoint proving its identity; or,
+    /// to a workload outside the mesh (not captured: R1, R5), a connection of its own to
+    /// `authority` ([`crate::plain`]), in TLS when the service's DestinationRule
+    /// originates it.
     async fn open(
         &self,
         hbone: SocketAddr,
         authority: SocketAddr,
         uid: &str,
-    ) -> io::Result<H2Stream> {
-        let expected = self
+        h2: bool,
+    ) -> io::Result<UpStream> {
+        let workload = self
             .view
             .l7
             .mesh
             .as_ref()
             .and_then(|snap| snap.workload(uid))
-            .map(|w| w.identity())
             .ok_or_else(|| io::Error::other("endpoint left the model"))?;
         let w = &self.worker;
-        let mut req = ConnectRequest::new(authority);
-        req.forwarded_for = Some(self.source_ip());
-        let key = PoolKey {
-            src: w.shared.settings.identity.clone(),
-            dst: vec![expected],
-            addr: hbone,
-        };
-        let open = w.pool.open(&key, &self.cert, &req);
         // The service's DestinationRule `tcp.connectTimeout`, when set.
         let limit = self
             .current_breaker()
             .and_then(|b| b.limits.connect_timeout);
-        let s = match limit {
-            None => open.await.map_err(io::Error::other)?,
-            Some(t) => match race(open, http1::timer(t)).await {
-                Either::Left(r) => r.map_err(io::Error::other)?,
-                // Not a timeout of the request (504): a connect failure (503, `UF`).
-                Either::Right(()) => {
-                    return Err(io::Error::new(
-                        io::ErrorKind::ConnectionRefused,
-                        format!("upstream connect timeout ({t:?}, connectTimeout)"),
-                    ))
-                }
-            },
+        let opened = if workload.captured() {
+            let mut req = ConnectRequest::new(authority);
+            req.forwarded_for = Some(self.source_ip());
+            let key = PoolKey {
+                src: w.shared.settings.identity.clone(),
+                dst: vec![workload.identity()],
+                addr: hbone,
+            };
+            let open = async {
+                w.pool
+                    .open(&key, &self.cert, &req)
+                    .await
+                    .map(UpStream::Hbone)
+                    .map_err(io::Error::other)
+            };
+            let r = within(limit, open).await;
+            if r.is_ok() {
+                w.shared.counters.upstream_streams.fetch_add(1, Relaxed);
+            }
+            r
+        } else {
+            let tls = self.origination(h2)?;
+            let opts = w.ctx.listen_options();
+            let open = async {
+                crate::plain::PlainConn::connect(authority, opts, tls.as_ref())
+                    .await
+                    .map(|c| UpStream::Plain(Box::new(c)))
+            };
+            let r = within(limit, open).await;
+            if r.is_ok() {
+                w.shared.counters.upstream_plain.fetch_add(1, Relaxed);
+            }
+            r
         };
-        w.shared.counters.upstream_streams.fetch_add(1, Relaxed);
-        Ok(s)
+        opened
+    }
+
+    /// Which TLS origination the current request's connections outside the mesh use
+    /// ([`crate::plain::TlsOrigin::id`]; 0: none): part of the key its kept upstream
+    /// connections are found by, so that one made for another service's TLS (its SNI, its
+    /// client certificate) is not reused.
+    fn origin_id(&self) -> u64 {
+        self.last
+            .as_deref()
+            .and_then(|(svc, _)| svc.as_ref())
+            .and_then(|svc| self.view.l7.tls_origin(svc, self.port))
+            .map_or(0, |o| o.id())
+    }
+
+    /// The TLS the current request's service (its DestinationRule `tls`, at its port)
+    /// originates to endpoints outside the mesh, for HTTP/2 (`h2`: ALPN `h2`) or not; the
+    /// SNI is the rule's `sni`, else the service's hostname.
+    fn origination(&self, h2: bool) -> io::Result<Option<crate::plain::Origination>> {
+        let Some(svc) = self.last.as_deref().and_then(|(svc, _)| svc.as_ref()) else {
+            return Ok(None);
+        };
+        let Some(origin) = self.view.l7.tls_origin(svc, self.port) else {
+            return Ok(None);
+        };
+        let host = service_host(self.view.l7.mesh.as_ref(), svc);
+        origin.to(&host, h2).map(Some)
     }
 
     /// An opaque TCP tunnel (R15 at L4, then bytes to the chosen endpoint).
@@ -3298,7 +3346,9 @@ impl HboneUpstream {
                     svc.as_ref().map(|s| s.0.clone()),
                     ep.workload_uid.clone(),
                 )));
-                let r = self.open(ep.hbone, ep.authority, &ep.workload_uid).await;
+                let r = self
+                    .open(ep.hbone, ep.authority, &ep.workload_uid, false)
+                    .await;
                 if let (Some((svc, port, i)), Err(_)) = (picked, &r) {
                     self.worker
                         .balancers
@@ -3338,7 +3388,11 @@ impl HboneUpstream {
                 revoked.set(true);
             }
         };
-        let out = inner::splice(down, up, first, rt.forward.idle_timeout, abort).await;
+        let idle = rt.forward.idle_timeout;
+        let out = match up {
+            UpStream::Hbone(up) => inner::splice(down, up, first, idle, abort).await,
+            UpStream::Plain(up) => crate::plain::splice(down, *up, first, idle, abort).await,
+        };
         if revoked.get() {
             counters.tcp_revoked.fetch_add(1, Relaxed);
         }
@@ -3369,9 +3423,9 @@ impl HboneUpstream {
         close: bool,
         discard: bool,
     ) -> io::Result<Vec<u8>> {
-        let idle_key = (ep.hbone, ep.authority);
+        let idle_key = (ep.hbone, ep.authority, self.origin_id());
         let kept = self.worker.idle.borrow_mut().take(
-            &(idle_key.0, idle_key.1, self.source_ip()),
+            &(idle_key.0, idle_key.1, idle_key.2, self.source_ip()),
             Instant::now(),
             Duration::MAX,
         );
@@ -3379,7 +3433,7 @@ impl HboneUpstream {
             let mut got = false;
             let r = match s.write_all(request.clone(), false).await {
                 Ok(()) => read_response(&mut s, head_request, discard, &mut got).await,
-                Err(e) => Err(io::Error::other(e)),
+                Err(e) => Err(e),
             };
             match r {
                 Ok((resp, reusable)) => {
@@ -3396,10 +3450,10 @@ impl HboneUpstream {
                 }
             }
         }
-        let mut s = self.open(ep.hbone, ep.authority, &ep.workload_uid).await?;
-        s.write_all(request, false)
-            .await
-            .map_err(io::Error::other)?;
+        let mut s = self
+            .open(ep.hbone, ep.authority, &ep.workload_uid, false)
+            .await?;
+        s.write_all(request, false).await?;
         match read_response(&mut s, head_request, discard, &mut false).await {
             Ok((resp, reusable)) => {
                 self.keep(idle_key, s, 1, reusable && !close, Instant::now());
@@ -3418,8 +3472,8 @@ impl HboneUpstream {
     /// a FIN at the pod; only a failed exchange resets its stream).
     fn keep(
         &mut self,
-        key: (SocketAddr, SocketAddr),
-        s: H2Stream,
+        key: crate::upstream::ConnKey,
+        s: UpStream,
         uses: u32,
         reusable: bool,
         now: Instant,
@@ -3434,15 +3488,31 @@ impl HboneUpstream {
         if reusable && !spent {
             let expiry = self.view.l7.idle_expiry(service, self.port);
             self.worker.idle.borrow_mut().put(
-                (key.0, key.1, self.source_ip()),
+                (key.0, key.1, key.2, self.source_ip()),
                 s,
                 uses,
                 now,
                 expiry,
             );
         } else {
-            crate::upstream::close_stream(s);
+            s.close();
         }
+    }
+}
+
+/// `open` within the service's `connectTimeout` (`limit`), when set: past it, a connect
+/// failure (503, `UF`), not a timeout of the request (504).
+async fn within<T>(
+    limit: Option<Duration>,
+    open: impl std::future::Future<Output = io::Result<T>>,
+) -> io::Result<T> {
+    let Some(t) = limit else { return open.await };
+    match race(open, http1::timer(t)).await {
+        Either::Left(r) => r,
+        Either::Right(()) => Err(io::Error::new(
+            io::ErrorKind::ConnectionRefused,
+            format!("upstream connect timeout ({t:?}, connectTimeout)"),
+        )),
     }
 }
 
@@ -3470,7 +3540,7 @@ fn status_of(resp: &[u8]) -> u16 {
 /// once any response byte arrived. (Timeouts are the route's, applied around the whole
 /// exchange by [`HboneUpstream::exchange`].)
 async fn read_response(
-    s: &mut H2Stream,
+    s: &mut UpStream,
     head_request: bool,
     discard: bool,
     got: &mut bool,
@@ -3486,7 +3556,7 @@ async fn read_response(
 /// one read whatever the body's size. Returns its status line alone (for the balancer)
 /// and whether the stream can carry another request.
 async fn discard_response(
-    s: &mut H2Stream,
+    s: &mut UpStream,
     head_request: bool,
     got: &mut bool,
 ) -> io::Result<(Vec<u8>, bool)> {
@@ -3498,7 +3568,7 @@ async fn discard_response(
         return Ok((status, false));
     }
     bytes::Buf::advance(&mut ubuf, h.len);
-    crate::body::copy::<H2Stream, H2Stream>(s, &mut ubuf, h.framing, None, false)
+    crate::body::copy::<UpStream, UpStream>(s, &mut ubuf, h.framing, None, false)
         .await
         .map_err(|e| io::Error::other(format!("mirrored response body: {e:?}")))?;
     let reusable = !h.close && h.framing != crate::body::Framing::Eof && ubuf.is_empty();
@@ -3509,7 +3579,7 @@ async fn discard_response(
 /// exchange (`503`) instead of growing without bound.
 pub const MAX_RESPONSE: usize = h2srv::MAX_BODY + http1::MAX_HEAD;
 
-async fn read_more(s: &mut H2Stream, buf: &mut Vec<u8>, got: &mut bool) -> io::Result<bool> {
+async fn read_more(s: &mut UpStream, buf: &mut Vec<u8>, got: &mut bool) -> io::Result<bool> {
     match s.read().await {
         Some(Ok(b)) => {
             *got = true;
@@ -3519,14 +3589,14 @@ async fn read_more(s: &mut H2Stream, buf: &mut Vec<u8>, got: &mut bool) -> io::R
             buf.extend_from_slice(&b);
             Ok(true)
         }
-        Some(Err(e)) => Err(io::Error::other(e)),
+        Some(Err(e)) => Err(e),
         None => Ok(false),
     }
 }
 
 /// One complete HTTP/1.1 response (head and body) from the stream.
 async fn read_response_inner(
-    s: &mut H2Stream,
+    s: &mut UpStream,
     head_request: bool,
     got: &mut bool,
 ) -> io::Result<(Vec<u8>, bool)> {

@@ -333,7 +333,12 @@ impl Balancers {
 /// Which idle upstream streams can carry a request: (HBONE address, `podIP:targetPort`
 /// authority, original client address). The client address is part of the key because the
 /// CONNECT names it (`forwarded`), so a stream only ever carries one client's requests.
-pub type IdleKey = (SocketAddr, SocketAddr, std::net::IpAddr);
+/// An upstream connection's key: the HBONE address it goes through (an endpoint outside
+/// the mesh: its own address), the endpoint's, and the TLS origination it was made with
+/// ([`crate::plain::TlsOrigin::id`], 0: none).
+pub type ConnKey = (SocketAddr, SocketAddr, u64);
+
+pub type IdleKey = (SocketAddr, SocketAddr, u64, std::net::IpAddr);
 
 /// How long an idle upstream stream is kept for reuse unless the service's DestinationRule
 /// sets `trafficPolicy.connectionPool.http.idleTimeout` (then that, per service: see
@@ -409,7 +414,7 @@ pub const MIN_SWEEP_PERIOD: Duration = Duration::from_millis(10);
 pub const MAX_IDLE_PER_KEY: usize = 256;
 pub const MAX_IDLE_STREAMS: usize = 4096;
 
-/// A worker's upstream HBONE streams whose last HTTP/1.1 response was complete (HTTP/1.1
+/// A worker's upstream HBONE streams (and connections outside the mesh, [`crate::plain`]) whose last HTTP/1.1 response was complete (HTTP/1.1
 /// keep-alive), shared by all the worker's tunnels: an idle downstream tunnel holds no
 /// upstream stream, and the next request to the same endpoint from the same client, on
 /// any tunnel of the worker, reuses the most recently used one. A stream idle for its
@@ -429,7 +434,7 @@ pub struct IdleStreams {
 /// A kept stream, when it was put back, how long it may stay idle, and how many requests
 /// it carried (for `maxRequestsPerConnection`).
 struct Kept {
-    stream: hbone::stream::H2Stream,
+    stream: crate::plain::UpStream,
     at: Instant,
     expiry: Duration,
     uses: u32,
@@ -441,7 +446,7 @@ impl Kept {
     }
     /// End the kept stream: its exchanges completed ([`close_stream`]).
     fn close(self) {
-        close_stream(self.stream);
+        self.stream.close();
     }
     /// Abort it (the worker drains).
     fn reset(mut self) {
@@ -469,7 +474,7 @@ impl IdleStreams {
         key: &IdleKey,
         now: Instant,
         max_idle: Duration,
-    ) -> Option<(hbone::stream::H2Stream, u32)> {
+    ) -> Option<(crate::plain::UpStream, u32)> {
         if self.sweep_due(now) {
             self.sweep(now);
         }
@@ -493,7 +498,7 @@ impl IdleStreams {
             }
             let Some(mut k) = q.remove(i) else { break };
             self.total -= 1;
-            if idle_stream_usable(&mut k.stream) {
+            if k.stream.usable_idle() {
                 found = Some((k.stream, k.uses));
                 break;
             }
@@ -509,7 +514,7 @@ impl IdleStreams {
     pub fn put(
         &mut self,
         key: IdleKey,
-        s: hbone::stream::H2Stream,
+        s: crate::plain::UpStream,
         uses: u32,
         now: Instant,
         expiry: Duration,
@@ -522,12 +527,12 @@ impl IdleStreams {
             self.sweep(now);
         }
         if self.total >= MAX_IDLE_STREAMS || expiry.is_zero() {
-            close_stream(s);
+            s.close();
             return;
         }
         let q = self.by_key.entry(key).or_default();
         if q.len() >= MAX_IDLE_PER_KEY {
-            close_stream(s);
+            s.close();
             return;
         }
         q.push_back(Kept {

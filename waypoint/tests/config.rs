@@ -333,13 +333,14 @@ fn errors_name_document_line_and_field() {
             "outlierDetection.interval",
             "more than 0",
         ),
-        // tls: only what HBONE is (ISTIO_MUTUAL).
+        // tls: ISTIO_MUTUAL is what HBONE is; SIMPLE/MUTUAL originate TLS to endpoints
+        // outside the mesh, from files (no Kubernetes secrets).
         (
-            "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: d}\nspec:\n  host: echo\n  trafficPolicy:\n    tls: {mode: SIMPLE}\n".into(),
+            "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: d}\nspec:\n  host: echo\n  trafficPolicy:\n    tls: {mode: SIMPLE, credentialName: echo-tls}\n".into(),
             1,
             None,
-            "tls.mode",
-            "TLS origination",
+            "tls.credentialName",
+            "Kubernetes secrets",
         ),
         (
             "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: d}\nspec:\n  host: echo\n  trafficPolicy:\n    tls: {mode: DISABLE}\n".into(),
@@ -349,11 +350,18 @@ fn errors_name_document_line_and_field() {
             "HBONE",
         ),
         (
-            "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: d}\nspec:\n  host: echo\n  trafficPolicy:\n    tls: {mode: ISTIO_MUTUAL, credentialName: c}\n".into(),
+            "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: d}\nspec:\n  host: echo\n  trafficPolicy:\n    tls: {mode: ISTIO_MUTUAL, caCrl: c}\n".into(),
             1,
             Some(7),
             "tls",
-            "unknown field `credentialName`",
+            "unknown field `caCrl`",
+        ),
+        (
+            "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: d}\nspec:\n  host: echo\n  trafficPolicy:\n    tls: {mode: ISTIO_MUTUAL, caCertificates: /etc/ca.pem}\n".into(),
+            1,
+            None,
+            "tls.caCertificates",
+            "ISTIO_MUTUAL",
         ),
         // connectionPool: what the waypoint does not enforce is refused, by name.
         (

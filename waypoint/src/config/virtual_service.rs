@@ -28,7 +28,7 @@ use base64::Engine;
 use serde::de::IgnoredAny;
 use serde::Deserialize;
 
-use super::{anchored, dr_host, Doc, Invalid, PortSelectorRaw};
+use super::{anchored, dr_host, Doc, Hosts, Invalid, PortSelectorRaw};
 use crate::route::{
     Abort, Backend, Cors, Fault, Filter, HeaderModifier, HttpRoute, Mirror, MoreConditions,
     ObjectRef, PathMatch, PathModifier, Pattern, Redirect, Retry, Rewrite, RouteMatch, Rule, Share,
@@ -338,7 +338,7 @@ pub(super) struct Compiled {
     pub subsets: Vec<(String, ObjectRef)>,
 }
 
-pub(super) fn compile(d: &Doc<VsSpec>) -> Result<Compiled, Invalid> {
+pub(super) fn compile(d: &Doc<VsSpec>, hosts: &Hosts) -> Result<Compiled, Invalid> {
     let ns = d.metadata.namespace();
     let spec = &d.spec;
     if !spec.tcp.is_empty() {
@@ -356,7 +356,7 @@ pub(super) fn compile(d: &Doc<VsSpec>) -> Result<Compiled, Invalid> {
     }
     let mut parents = vec![];
     for (i, h) in spec.hosts.iter().enumerate() {
-        let svc = dr_host(&format!("spec.hosts[{i}]"), h, ns)?;
+        let svc = dr_host(&format!("spec.hosts[{i}]"), h, ns, hosts)?;
         if !parents.iter().any(|(p, _)| *p == svc) {
             parents.push((svc, None));
         }
@@ -365,7 +365,7 @@ pub(super) fn compile(d: &Doc<VsSpec>) -> Result<Compiled, Invalid> {
     let mut rules = vec![];
     for (ri, h) in spec.http.iter().enumerate() {
         let rf = format!("spec.http[{ri}]");
-        rules.push(compile_http(&rf, h, ns, &mut subsets)?);
+        rules.push(compile_http(&rf, h, ns, hosts, &mut subsets)?);
     }
     Ok(Compiled {
         route: HttpRoute {
@@ -393,6 +393,7 @@ fn compile_http(
     rf: &str,
     h: &HttpRaw,
     ns: &str,
+    hosts: &Hosts,
     subsets: &mut Vec<(String, ObjectRef)>,
 ) -> Result<Rule, Invalid> {
     if h.delegate.is_some() {
@@ -462,13 +463,13 @@ fn compile_http(
     if let Some(fault) = &h.fault {
         filters.push(Filter::Fault(compile_fault(&format!("{rf}.fault"), fault)?));
     }
-    let mirrors = mirrors(rf, h, ns, subsets)?;
+    let mirrors = mirrors(rf, h, ns, hosts, subsets)?;
     filters.extend(mirrors);
     let mut backends = vec![];
     let n = h.route.len();
     for (bi, r) in h.route.iter().enumerate() {
         let bf = format!("{rf}.route[{bi}]");
-        let (service, port) = destination(&format!("{bf}.destination"), &r.destination, ns)?;
+        let (service, port) = destination(&format!("{bf}.destination"), &r.destination, ns, hosts)?;
         if service.subset.is_some() {
             subsets.push((format!("{bf}.destination.subset"), service.clone()));
         }
@@ -958,8 +959,13 @@ fn grpc_code(name: &str) -> Option<u32> {
 }
 
 /// A destination's service (with its subset) and port (0: the request's).
-fn destination(f: &str, d: &DestinationRaw, ns: &str) -> Result<(ObjectRef, u16), Invalid> {
-    let svc = dr_host(&format!("{f}.host"), &d.host, ns)?;
+fn destination(
+    f: &str,
+    d: &DestinationRaw,
+    ns: &str,
+    hosts: &Hosts,
+) -> Result<(ObjectRef, u16), Invalid> {
+    let svc = dr_host(&format!("{f}.host"), &d.host, ns, hosts)?;
     if d.subset.as_deref() == Some("") {
         return Err(Invalid::new(format!("{f}.subset"), "empty"));
     }
@@ -973,11 +979,12 @@ fn mirrors(
     rf: &str,
     h: &HttpRaw,
     ns: &str,
+    hosts: &Hosts,
     subsets: &mut Vec<(String, ObjectRef)>,
 ) -> Result<Vec<Filter>, Invalid> {
     let mut out = vec![];
     let mut one = |f: String, d: &DestinationRaw, share: Share| -> Result<(), Invalid> {
-        let (service, port) = destination(&f, d, ns)?;
+        let (service, port) = destination(&f, d, ns, hosts)?;
         if service.subset.is_some() {
             subsets.push((format!("{f}.subset"), service.clone()));
         }
