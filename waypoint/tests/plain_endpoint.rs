@@ -1,9 +1,11 @@
 //! Endpoints outside the mesh (R1, R5): a Service bound to the waypoint whose endpoints
 //! are not captured (`protocol: TCP`, no ztunnel in front of them) is reached by the
-//! waypoint over plain TCP to `podIP:targetPort`, as Envoy-based waypoints reach
-//! endpoints without Istio's mTLS — never in an HBONE tunnel their node's ztunnel would
-//! refuse. HTTP/1.1 (kept alive between requests), HTTP/2 (`useClientProtocol`) and
-//! opaque TCP, byte-exact with the half-close.
+//! waypoint over a connection of its own to `podIP:targetPort`, as Envoy-based waypoints
+//! reach endpoints without Istio's mTLS — never in an HBONE tunnel their node's ztunnel
+//! would refuse: HTTP/1.1 (kept alive between requests), HTTP/2 (`useClientProtocol`),
+//! opaque TCP and upgrades, byte-exact with the half-close; in TLS the waypoint
+//! originates when a DestinationRule says so (`SIMPLE`, `MUTUAL`); and Istio's egress
+//! through a waypoint, a ServiceEntry bound to it.
 
 mod common;
 
@@ -70,6 +72,35 @@ fn plain_echo(ip: Ipv4Addr) -> SocketAddr {
     })
 }
 
+/// A backend outside the mesh that switches protocols: `101` to the first request, then
+/// every byte back until the client's half-close.
+fn plain_upgrade(ip: Ipv4Addr) -> SocketAddr {
+    serve_threads(ip, |mut c| {
+        let mut buf = Vec::new();
+        if next_request(&mut c, &mut buf).is_none() {
+            return;
+        }
+        let resp =
+            "HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: websocket\r\n\r\n";
+        if c.write_all(resp.as_bytes()).is_err() || c.write_all(&buf).is_err() {
+            return;
+        }
+        let mut r = c.try_clone().unwrap();
+        let mut chunk = vec![0u8; 64 * 1024];
+        loop {
+            match r.read(&mut chunk) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    if c.write_all(&chunk[..n]).is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+        let _ = c.shutdown(std::net::Shutdown::Write);
+    })
+}
+
 /// HTTP/2 for `ext-h2` endpoints (`useClientProtocol`).
 const USE_CLIENT_PROTOCOL: &str = "---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: ext-h2, namespace: app}\nspec:\n  host: ext-h2\n  trafficPolicy:\n    connectionPool:\n      http: {useClientProtocol: true}\n";
 
@@ -81,7 +112,8 @@ struct Mesh {
 }
 
 /// Services `ext` (HTTP, `10.96.0.30:80`), `ext-tcp` (`10.96.0.31:9000`), `ext-h2`
-/// (`10.96.0.32:80`) and `ext-down` (`10.96.0.33:80`, nothing listening), each with one
+/// (`10.96.0.32:80`), `ext-down` (`10.96.0.33:80`, nothing listening) and `ext-ws`
+/// (`10.96.0.34:80`, switching protocols), each with one
 /// endpoint outside the mesh and bound to the waypoint by their `istio.io/use-waypoint`
 /// label (their endpoints, not captured, are bound to none).
 fn start() -> Mesh {
@@ -104,6 +136,7 @@ fn start() -> Mesh {
         let mut send = respond.send_response(resp, false).unwrap();
         send.send_data(Bytes::from(body), true).unwrap();
     });
+    let ws = plain_upgrade(ip(net, 9));
     // A port nothing listens on: bound, then closed.
     let down = std::net::TcpListener::bind((ip(net, 8), 0))
         .unwrap()
@@ -119,11 +152,13 @@ fn start() -> Mesh {
     let workloads = plain("ext-1", "ext", http, 80)
         + &plain("ext-tcp-1", "ext-tcp", echo, 9000)
         + &plain("ext-h2-1", "ext-h2", h2, 80)
-        + &plain("ext-down-1", "ext-down", down, 80);
+        + &plain("ext-down-1", "ext-down", down, 80)
+        + &plain("ext-ws-1", "ext-ws", ws, 80);
     let services = "  - {name: ext, namespace: app, hostname: ext.app.svc.cluster.local, vips: [\"10.96.0.30\"], ports: {80: 80}, labels: {istio.io/use-waypoint: wp}}
   - {name: ext-tcp, namespace: app, hostname: ext-tcp.app.svc.cluster.local, vips: [\"10.96.0.31\"], ports: {9000: 9000}, labels: {istio.io/use-waypoint: wp}}
   - {name: ext-h2, namespace: app, hostname: ext-h2.app.svc.cluster.local, vips: [\"10.96.0.32\"], ports: {80: 80}, labels: {istio.io/use-waypoint: wp}}
   - {name: ext-down, namespace: app, hostname: ext-down.app.svc.cluster.local, vips: [\"10.96.0.33\"], ports: {80: 80}, labels: {istio.io/use-waypoint: wp}}
+  - {name: ext-ws, namespace: app, hostname: ext-ws.app.svc.cluster.local, vips: [\"10.96.0.34\"], ports: {80: 80}, labels: {istio.io/use-waypoint: wp}}
 ";
     let text = app_model(ip(net, 1), &workloads, services) + USE_CLIENT_PROTOCOL;
     let wp = Waypoint::with_stats(&ca, &text, &format!("waypoint-plain-{net}.yaml"));
@@ -225,6 +260,33 @@ fn r5_http2_to_an_endpoint_outside_the_mesh_is_multiplexed_on_one_connection() {
     );
     assert_eq!(
         counter_in(&page, "waypoint_upstream_h2_connections_total"),
+        1
+    );
+}
+
+#[test]
+fn r5_an_upgrade_to_an_endpoint_outside_the_mesh_splices_every_byte_with_half_close() {
+    let m = start();
+    let data = payload(3 * 1024 * 1024 + 7);
+    let (status, back, ended) = block_on(async {
+        let (_c, mut s) = open_tunnel(m.wp.addr, &m.wp.client_cert, "10.96.0.34:80").await;
+        let head = "GET /ws HTTP/1.1\r\nhost: ext-ws.app.svc.cluster.local\r\nconnection: upgrade\r\nupgrade: websocket\r\n\r\n";
+        s.write_all(Bytes::from_static(head.as_bytes()), false)
+            .await
+            .unwrap();
+        let mut buf = Vec::new();
+        let status = read_response(&mut s, &mut buf).await.status;
+        s.write_all(Bytes::from(data.clone()), true).await.unwrap();
+        let (mut back, ended) = read_to_end(&mut s).await;
+        // Bytes read with the 101 come first.
+        buf.append(&mut back);
+        (status, buf, ended)
+    });
+    assert_eq!(status, 101);
+    assert_eq!(ended, Ended::Closed);
+    assert_eq!((back.len(), fnv(&back)), (data.len(), fnv(&data)));
+    assert_eq!(
+        counter_in(&stats(&m), "waypoint_upstream_plain_connections_total"),
         1
     );
 }
