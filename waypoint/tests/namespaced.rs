@@ -60,6 +60,7 @@ macro_rules! need_root {
 const PODS: &[Pod] = &[
     Pod::new("client", 0, [10, 51, 0, 2], true),
     Pod::new("outsider", 0, [10, 51, 0, 3], false),
+    Pod::new("external", 0, [10, 51, 0, 5], false),
     Pod::new("echo-1", 1, [10, 52, 0, 2], true),
     Pod::new("echo-2", 1, [10, 52, 0, 3], true),
     Pod::new("echo-v1", 1, [10, 52, 0, 4], true),
@@ -73,6 +74,8 @@ const NODE_IPS: [Ipv4Addr; 2] = [
 const ECHO_VIP: Ipv4Addr = Ipv4Addr::new(10, 196, 0, 1);
 const PLAIN_VIP: Ipv4Addr = Ipv4Addr::new(10, 196, 0, 3);
 const OTHER_VIP: Ipv4Addr = Ipv4Addr::new(10, 196, 0, 9);
+/// The VIP of the ServiceEntry `external.example.com`.
+const EXTERNAL_VIP: Ipv4Addr = Ipv4Addr::new(10, 196, 0, 7);
 
 fn pod(name: &str) -> Pod {
     *PODS.iter().find(|p| p.name == name).expect("pod")
@@ -87,7 +90,9 @@ fn waypoint_addr() -> SocketAddr {
 }
 
 /// The mesh model: `client` (ns-a) calls services of `default`, whose namespace uses the
-/// waypoint; `outsider` is not in the mesh; `other` has no waypoint.
+/// waypoint; `outsider` is not in the mesh; `other` has no waypoint; the ServiceEntry
+/// `external.example.com`, bound to the waypoint, has the pod `external` (no workload of
+/// the model, outside the mesh) as its endpoint.
 fn model() -> String {
     let ip = |n: &str| pod(n).ip;
     format!(
@@ -132,6 +137,15 @@ services:
     vips: [{OTHER_VIP}]
     ports: {{80: 8080}}
     endpoints: []
+serviceEntries:
+  - name: external
+    namespace: default
+    labels: {{istio.io/use-waypoint: waypoint}}
+    hosts: [external.example.com]
+    addresses: [{EXTERNAL_VIP}]
+    ports: [{{number: 80, name: http, protocol: HTTP, targetPort: 8080}}]
+    resolution: STATIC
+    endpoints: [{{address: {x}}}]
 "#,
         wp = waypoint_addr(),
         c = ip("client"),
@@ -139,6 +153,7 @@ services:
         e1 = ip("echo-1"),
         e2 = ip("echo-2"),
         v1 = ip("echo-v1"),
+        x = ip("external"),
     )
 }
 
@@ -634,5 +649,53 @@ fn r17_service_routes_to_itself_across_endpoints_and_the_httproute_wins() {
             PATHS,
             &[("direction", "outbound"), ("route", "waypoint")],
         ) == 2
+    });
+}
+
+#[test]
+fn r7_egress_through_the_waypoint_reaches_a_service_entry_outside_the_mesh() {
+    need_root!("r7_egress_through_the_waypoint_reaches_a_service_entry_outside_the_mesh");
+    let w = World::new("egress", SPEC_ECHO_ROUTE);
+    let external = w.http_pod("external");
+    // The client calls the entry's VIP: node A's ztunnel captures it and tunnels it to the
+    // waypoint (R7); the waypoint reaches the endpoint, outside the mesh, in plain TCP.
+    let mut s = w.connect("client", vip(EXTERNAL_VIP));
+    for i in 0..3 {
+        let (code, body) = exchange(&mut s, &get(&format!("/x{i}"), "external.example.com"));
+        assert_eq!(code, 200, "{}", w.dump());
+        assert_eq!(body, format!("external /x{i} xff={}", pod("client").ip));
+    }
+    drop(s);
+    // Straight from the waypoint's pod, on one kept connection.
+    let seen: Vec<(SocketAddr, String)> = external.seen.try_iter().collect();
+    assert_eq!(seen.len(), 3);
+    for (peer, _) in &seen {
+        assert_eq!(peer.ip(), IpAddr::V4(pod("waypoint").ip));
+        assert_eq!(peer.port(), seen[0].0.port());
+    }
+    let st = w.wp();
+    assert_eq!(
+        metric(&st, "waypoint_upstream_plain_connections_total", &[]),
+        1,
+        "{st}"
+    );
+    assert_eq!(
+        metric(
+            &st,
+            "istio_requests_total",
+            &[
+                ("destination_service", "external.example.com"),
+                ("response_code", "200"),
+            ]
+        ),
+        3,
+        "{st}"
+    );
+    w.eventually("node A sent the connection to the waypoint", || {
+        metric(
+            &w.zt(0),
+            PATHS,
+            &[("direction", "outbound"), ("route", "waypoint")],
+        ) == 1
     });
 }
