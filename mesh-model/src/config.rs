@@ -24,7 +24,7 @@ use crate::wire::workload as ww;
 mod peer_authentication;
 mod service_entry;
 pub use peer_authentication::{LocalPeerAuthentication, Mtls, MtlsMode};
-pub use service_entry::{system_resolver, LocalServiceEntry, Resolver};
+pub use service_entry::{system_resolver, LocalServiceEntry, Resolver, ResolverFn};
 
 /// The whole file.
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
@@ -441,8 +441,20 @@ pub struct LocalNode {
 
 /// Parse, validate and build: the snapshot of a config text.
 pub fn load_str(file: &Path, text: &str, version: u64) -> Result<Snapshot, ConfigError> {
+    load_str_with(file, text, version, &system_resolver)
+}
+
+/// [`load_str`], the `DNS` ServiceEntries' host names resolved by `resolve`.
+pub fn load_str_with(
+    file: &Path,
+    text: &str,
+    version: u64,
+    resolve: Resolver<'_>,
+) -> Result<Snapshot, ConfigError> {
     let cfg: LocalConfig = runtime::config::from_yaml_str(file, text)?;
-    let wire = cfg.compile().map_err(|e| e.in_file(file, Some(text)))?;
+    let wire = cfg
+        .compile_with(resolve)
+        .map_err(|e| e.in_file(file, Some(text)))?;
     Snapshot::from_wire(version, &wire).map_err(|e| ConfigError {
         file: file.to_owned(),
         line: None,
@@ -774,6 +786,17 @@ impl LocalConfig {
         }
         let mut c = self.clone();
         c.service_entries.clear();
+        // Every answer used, kept with the snapshot ([`dns_changed`]).
+        let answers = std::cell::RefCell::new(BTreeMap::<String, Vec<IpAddr>>::new());
+        let recording = |host: &str| {
+            let r = resolve(host)?;
+            let mut sorted = r.clone();
+            sorted.sort();
+            sorted.dedup();
+            answers.borrow_mut().insert(host.to_string(), sorted);
+            Ok(r)
+        };
+        let resolve: Resolver<'_> = &recording;
         let mut addresses = Vec::new();
         let mut vips: HashMap<IpAddr, String> = HashMap::new();
         for s in &self.services {
@@ -827,7 +850,7 @@ impl LocalConfig {
             .extend(service_entry::workloads(namespace_of, addresses)?);
         // Errors about the entries' services name the entries.
         let (services, entries) = (self.services.len(), self.service_entries.len());
-        c.compile_expanded().map_err(|e| {
+        let mut wire = c.compile_expanded().map_err(|e| {
             let Some(rest) = e.field.strip_prefix("services[") else {
                 return e;
             };
@@ -845,7 +868,9 @@ impl LocalConfig {
                 }
                 _ => e,
             }
-        })
+        })?;
+        wire.extras.dns = answers.into_inner();
+        Ok(wire)
     }
 
     fn compile_expanded(&self) -> Result<WireState, Invalid> {
@@ -1160,7 +1185,24 @@ impl LocalConfig {
                     .filter(|w| !w.labels.is_empty())
                     .map(|w| (w.uid(), w.labels.clone()))
                     .collect(),
+                dns: BTreeMap::new(),
             },
         })
     }
+}
+
+/// Whether `resolve` now answers otherwise for a host name `snap`'s ServiceEntries were
+/// built from (another set of addresses). A lookup that fails keeps its last answer, as
+/// Envoy keeps a cluster's last good hosts: no change.
+pub fn dns_changed(snap: &Snapshot, resolve: Resolver<'_>) -> bool {
+    snap.dns_answers()
+        .iter()
+        .any(|(host, was)| match resolve(host) {
+            Ok(mut now) if !now.is_empty() => {
+                now.sort();
+                now.dedup();
+                now != *was
+            }
+            _ => false,
+        })
 }

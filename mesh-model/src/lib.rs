@@ -99,7 +99,8 @@
 //! service's hostname), `addresses` (its VIPs), `ports` (`number`, `name`, `protocol` —
 //! checked, UDP refused —, `targetPort`), `location`, `resolution` (`STATIC`: the
 //! endpoints' IPs; `DNS`: the endpoints' host names, or the host itself when there are
-//! none, resolved when the file is loaded and at every reload), `endpoints` (`address`,
+//! none, resolved when the file is loaded, and looked up again by ztunnel and the waypoint
+//! every `dns_refresh`: a changed answer loads the file again), `endpoints` (`address`,
 //! `ports` by port name, `labels`, `network`, `locality` as `region/zone/subzone`,
 //! `weight`, `serviceAccount`) and `subjectAltNames`. Each endpoint address becomes a
 //! workload outside the mesh (R1: reached in plain TCP by ztunnel, by a waypoint in plain

@@ -26,6 +26,9 @@ pub struct Extras {
     /// Pod labels by workload uid (Istio's workload API carries none: istiod resolves
     /// selectors itself; the local config keeps them for telemetry and selection).
     pub labels: BTreeMap<String, Labels>,
+    /// The answers `DNS` ServiceEntries were built from: host name → its addresses
+    /// (sorted), to tell when a lookup now answers otherwise ([`crate::config::dns_changed`]).
+    pub dns: BTreeMap<String, Vec<IpAddr>>,
 }
 
 /// The wire types that make up one configuration version.
@@ -71,6 +74,8 @@ pub struct Snapshot {
     /// service (in key order) with that hostname.
     by_host: HashMap<String, String>,
     by_identity: HashMap<Identity, Vec<String>>,
+    /// [`Extras::dns`].
+    dns: BTreeMap<String, Vec<IpAddr>>,
 }
 
 /// What an IP address is.
@@ -95,6 +100,12 @@ fn ports(what: &str, ports: &[ww::Port]) -> Result<BTreeMap<u16, u16>, ModelErro
 }
 
 impl Snapshot {
+    /// The DNS answers its ServiceEntries were built from (host name → sorted addresses);
+    /// empty without `DNS` entries.
+    pub fn dns_answers(&self) -> &BTreeMap<String, Vec<IpAddr>> {
+        &self.dns
+    }
+
     /// Build the internal model from the wire types. Waypoint references (`GatewayAddress`)
     /// are resolved to a known waypoint by address, else to the workload at that address
     /// (for its identity).
@@ -102,6 +113,7 @@ impl Snapshot {
         let mut snap = Snapshot {
             version,
             waypoints: state.extras.waypoints.clone(),
+            dns: state.extras.dns.clone(),
             ..Default::default()
         };
         for n in &state.extras.namespaces {

@@ -235,3 +235,40 @@ fn the_file_loader_resolves_with_the_system_resolver() {
     let w = snap.workload(&svc.endpoints[0].workload_uid).unwrap();
     assert!(w.ips[0].is_loopback(), "{:?}", w.ips);
 }
+
+#[test]
+fn dns_answers_are_kept_and_a_changed_answer_is_seen() {
+    let snap = compile(
+        r#"  - {name: api, namespace: app, hosts: [api.example.com], addresses: [240.240.0.5], ports: [{number: 443, name: https}], resolution: DNS}
+  - {name: s, namespace: app, hosts: [s.example.com], addresses: [240.240.0.6], ports: [{number: 80, name: http}], resolution: STATIC, endpoints: [{address: 198.51.100.9}]}
+"#,
+    )
+    .unwrap();
+    // Only DNS names, each with its sorted answer.
+    let answers: Vec<(&str, Vec<String>)> = snap
+        .dns_answers()
+        .iter()
+        .map(|(h, ips)| (h.as_str(), ips.iter().map(|i| i.to_string()).collect()))
+        .collect();
+    assert_eq!(
+        answers,
+        vec![(
+            "api.example.com",
+            vec!["203.0.113.10".to_string(), "203.0.113.11".to_string()]
+        )]
+    );
+    // The same addresses in another order: no change.
+    let same = |h: &str| -> Result<Vec<IpAddr>, String> {
+        let mut v = resolver(h)?;
+        v.reverse();
+        Ok(v)
+    };
+    assert!(!config::dns_changed(&snap, &same));
+    // Another set: a change.
+    let moved =
+        |_: &str| -> Result<Vec<IpAddr>, String> { Ok(vec!["203.0.113.12".parse().unwrap()]) };
+    assert!(config::dns_changed(&snap, &moved));
+    // A failed lookup keeps the last answer.
+    let failing = |_: &str| -> Result<Vec<IpAddr>, String> { Err("timeout".into()) };
+    assert!(!config::dns_changed(&snap, &failing));
+}

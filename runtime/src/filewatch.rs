@@ -54,6 +54,11 @@ impl FileWatch {
         &self.path
     }
 
+    /// The text in force: the last one [`FileWatch::poll`] handed out, else the first.
+    pub fn current(&self) -> &str {
+        &self.current
+    }
+
     /// One look at the file: a text to load when the file holds one other than the text in
     /// force and the previous poll read the same. The text returned is in force from then
     /// on (a broken one is not handed out again until the file changes).

@@ -118,6 +118,7 @@ pub fn main_with_args(args: Vec<std::ffi::OsString>) -> ExitCode {
         h.addr
     );
     let _ = std::io::stdout().flush();
+    let dns = crate::reload::DnsRefresh::system(doc.waypoint.dns_refresh);
     let _watcher = match crate::reload::watch(
         config,
         text,
@@ -125,6 +126,7 @@ pub fn main_with_args(args: Vec<std::ffi::OsString>) -> ExitCode {
         publisher,
         h.counters.clone(),
         fetcher,
+        dns,
     ) {
         Ok(w) => w,
         Err(e) => {

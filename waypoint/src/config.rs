@@ -90,6 +90,9 @@
 //!                                # fetched again; see `crate::jwks`
 //!   jwks_ca: /etc/idp/ca.pem     # optional: PEM roots for https key sets instead of the
 //!                                # system's (SSL_CERT_FILE, else the usual bundle files)
+//!   dns_refresh: 60s             # default (Istio's dnsRefreshRate): how often the host
+//!                                # names of DNS ServiceEntries are looked up again (a
+//!                                # changed answer reloads the file); 0s: at load only
 //!   access_log: true             # default; the access log of requests no Telemetry
 //!                                # `accessLogging` applies to, to the default providers
 //!                                # (false: Istio's default, logs only where a Telemetry
@@ -957,6 +960,16 @@ fn check_provider_refs(
 
 /// Parse every document of `text`.
 pub fn load_str(file: &Path, text: &str, version: u64) -> Result<WaypointConfig, LoadError> {
+    load_str_with(file, text, version, &mesh_model::config::system_resolver)
+}
+
+/// [`load_str`], the mesh model's `DNS` ServiceEntries resolved by `resolve`.
+pub fn load_str_with(
+    file: &Path,
+    text: &str,
+    version: u64,
+    resolve: mesh_model::config::Resolver<'_>,
+) -> Result<WaypointConfig, LoadError> {
     let mut cfg = WaypointConfig::default();
     let mut routes = vec![];
     // The MeshConfig document (index, first line, text), compiled once the model is read.
@@ -999,14 +1012,17 @@ pub fn load_str(file: &Path, text: &str, version: u64) -> Result<WaypointConfig,
             && head.waypoint.is_none()
             && head.mesh_config.is_none()
         {
-            let snap = mesh_model::config::load_str(file, doc, version).map_err(|e| LoadError {
-                file: file.to_owned(),
-                document: index,
-                line: e.line.map(|l| l + start - 1),
-                column: e.column,
-                field: e.field,
-                message: e.message,
-            })?;
+            let snap =
+                mesh_model::config::load_str_with(file, doc, version, resolve).map_err(|e| {
+                    LoadError {
+                        file: file.to_owned(),
+                        document: index,
+                        line: e.line.map(|l| l + start - 1),
+                        column: e.column,
+                        field: e.field,
+                        message: e.message,
+                    }
+                })?;
             cfg.mesh = Some(snap);
             model_doc = Some(index);
             break;
@@ -1677,6 +1693,11 @@ pub struct WaypointSection {
     /// identity provider).
     #[serde(default)]
     pub jwks_ca: Option<PathBuf>,
+    /// How often the host names `DNS` ServiceEntries were built from are looked up again;
+    /// an answer that changed reloads the file (default 60 s, Istio's `dnsRefreshRate`;
+    /// `0s`: only when the file is loaded).
+    #[serde(default = "default_dns_refresh", with = "runtime::config::duration")]
+    pub dns_refresh: Duration,
     /// Whether requests no Telemetry `accessLogging` applies to are logged.
     #[serde(default = "yes")]
     pub access_log: bool,
@@ -1688,6 +1709,13 @@ fn yes() -> bool {
 
 fn default_jwks_refresh() -> Duration {
     jwks::REFRESH
+}
+
+/// Istio's `dnsRefreshRate` default.
+pub const DNS_REFRESH: Duration = Duration::from_secs(60);
+
+fn default_dns_refresh() -> Duration {
+    DNS_REFRESH
 }
 
 /// The waypoint's own bounds on a tunnel's waits (the settings document's

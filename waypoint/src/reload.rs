@@ -33,7 +33,11 @@
 //!
 //! The same thread fetches the key sets RequestAuthentication rules name by URI
 //! ([`crate::jwks`]): those of a reloaded file before it is published, and each set again
-//! when its refresh is due (a changed set is published as a new snapshot).
+//! when its refresh is due (a changed set is published as a new snapshot). It also looks up
+//! the host names of the mesh model's `DNS` ServiceEntries again every `dns_refresh` (60 s,
+//! Istio's `dnsRefreshRate`): when one answers with other addresses, the file in force is
+//! loaded again and published (`waypoint_dns_reloads_total`); a failed lookup keeps the
+//! last answer.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -65,6 +69,24 @@ impl Drop for Watcher {
     }
 }
 
+/// How the model's `DNS` ServiceEntries are looked up again: how often (zero: never) and
+/// with which resolver (the system's; a test's).
+#[derive(Clone, Copy)]
+pub struct DnsRefresh {
+    pub every: Duration,
+    pub resolve: fn(&str) -> Result<Vec<std::net::IpAddr>, String>,
+}
+
+impl DnsRefresh {
+    /// Every `every`, with the system's resolver.
+    pub fn system(every: Duration) -> DnsRefresh {
+        DnsRefresh {
+            every,
+            resolve: mesh_model::config::system_resolver,
+        }
+    }
+}
+
 /// Watch `file`; `text` is what the running snapshot was loaded from and `settings` the
 /// settings document in force; `fetcher` has the key sets the running snapshot was given
 /// (and counts in `counters` from now on).
@@ -75,6 +97,7 @@ pub fn watch(
     publisher: Publisher<WaypointConfig>,
     counters: Arc<Counters>,
     mut fetcher: Fetcher,
+    dns: DnsRefresh,
 ) -> std::io::Result<Watcher> {
     fetcher.count_in(counters.clone());
     let stop = Arc::new(AtomicBool::new(false));
@@ -84,7 +107,10 @@ pub fn watch(
         .spawn(move || {
             // The first look reads the file and compares it with the text the snapshot was
             // loaded from (an edit made before this thread ran is not missed).
-            let mut watch = FileWatch::new(&file, text);
+            let mut watch = FileWatch::new(&file, text.clone());
+            // The text in force (what a DNS refresh loads again).
+            let mut in_force = text;
+            let mut dns_due = Instant::now() + dns.every;
             while !s2.load(Ordering::SeqCst) {
                 std::thread::sleep(POLL);
                 let now = Instant::now();
@@ -95,8 +121,25 @@ pub fn watch(
                         tracing::info!(version = v, "key sets refreshed: config snapshot published");
                     }
                 }
-                let Some(text) = watch.poll() else { continue };
-                match config::load_str(&file, &text, publisher.version() + 1) {
+                let text = match watch.poll() {
+                    Some(text) => text,
+                    None if !dns.every.is_zero() && now >= dns_due => {
+                        dns_due = now + dns.every;
+                        let current = publisher.load();
+                        let changed = current
+                            .mesh
+                            .as_ref()
+                            .is_some_and(|m| mesh_model::config::dns_changed(m, &dns.resolve));
+                        if !changed {
+                            continue;
+                        }
+                        tracing::info!(file = %file.display(), "a DNS ServiceEntry's host name answers otherwise: loading the file again");
+                        counters.dns_reloads.fetch_add(1, Ordering::Relaxed);
+                        in_force.clone()
+                    }
+                    None => continue,
+                };
+                match config::load_str_with(&file, &text, publisher.version() + 1, &dns.resolve) {
                     Ok(mut next) => {
                         next.adopt_breakers(&publisher.load());
                         fetcher.resolve(&mut next, Instant::now());
@@ -104,6 +147,7 @@ pub fn watch(
                             tracing::warn!(file = %file.display(), "the settings document (waypoint/runtime/h2) changed: restart to apply it; reloading routes, policies and the model only");
                         }
                         let v = publisher.publish(next);
+                        in_force = text;
                         counters.config_reloads.fetch_add(1, Ordering::Relaxed);
                         tracing::info!(version = v, file = %file.display(), "config snapshot published");
                     }
@@ -151,6 +195,7 @@ mod tests {
             publisher.clone(),
             counters.clone(),
             Fetcher::new(crate::jwks::REFRESH, None),
+            DnsRefresh::system(Duration::ZERO),
         )
         .unwrap();
         (w, counters, publisher)

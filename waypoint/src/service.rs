@@ -193,6 +193,8 @@ pub struct Counters {
     pub config_reloads: AtomicU64,
     /// Edited configurations rejected (the old snapshot kept serving).
     pub config_reload_errors: AtomicU64,
+    /// Loads of the file in force because a DNS ServiceEntry's host name answered otherwise.
+    pub dns_reloads: AtomicU64,
     /// Live tunnels that took a newer snapshot at a request (or, opaque, at the reload)
     /// and derived their facts again (R14 target, client address, telemetry).
     pub tunnel_refreshes: AtomicU64,
@@ -627,6 +629,12 @@ pub fn prometheus(c: &Counters) -> String {
         "waypoint_config_reload_errors",
         "Edited configurations rejected; the old snapshot kept serving.",
         c.config_reload_errors.load(Relaxed),
+    );
+    counter(
+        &mut out,
+        "waypoint_dns_reloads",
+        "Loads of the file in force because a DNS ServiceEntry's host name answered with other addresses.",
+        c.dns_reloads.load(Relaxed),
     );
     counter(
         &mut out,
@@ -1148,6 +1156,7 @@ fn pod_endpoint(snap: &Snapshot, target: SocketAddr) -> Option<Endpoint> {
         workload_uid: w.uid.clone(),
         authority: target,
         hbone: SocketAddr::new(hbone_ip, HBONE_PORT),
+        plain: !w.captured(),
         tier: 0,
         share: None,
     })
@@ -2808,7 +2817,8 @@ impl HboneUpstream {
         set_last(&mut self.last, &self.metric_cache, svc, &ep.workload_uid);
         self.current = Some((port, i));
         self.upstream_host = Some(ep.authority);
-        Ok((ep.hbone, ep.authority, self.origin_id()))
+        let origin = if ep.plain { self.origin_id() } else { 0 };
+        Ok((ep.hbone, ep.authority, origin))
     }
 
     /// A failed exchange counted: an upstream timeout, or an upstream error.
@@ -2949,9 +2959,8 @@ impl HboneUpstream {
         }
         let req = b.body(()).map_err(io::Error::other)?;
         // In flight until this exchange ends.
-        let (mut sender, _in_flight) = self
-            .h2_sender((ep.hbone, ep.authority, self.origin_id()))
-            .await?;
+        let origin = if ep.plain { self.origin_id() } else { 0 };
+        let (mut sender, _in_flight) = self.h2_sender((ep.hbone, ep.authority, origin)).await?;
         let (resp, mut tx) = sender
             .send_request(req, body.is_empty())
             .map_err(io::Error::other)?;
@@ -3423,7 +3432,8 @@ impl HboneUpstream {
         close: bool,
         discard: bool,
     ) -> io::Result<Vec<u8>> {
-        let idle_key = (ep.hbone, ep.authority, self.origin_id());
+        let origin = if ep.plain { self.origin_id() } else { 0 };
+        let idle_key = (ep.hbone, ep.authority, origin);
         let kept = self.worker.idle.borrow_mut().take(
             &(idle_key.0, idle_key.1, idle_key.2, self.source_ip()),
             Instant::now(),

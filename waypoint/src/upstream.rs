@@ -24,6 +24,9 @@ pub struct Endpoint {
     pub authority: SocketAddr,
     /// Where the tunnel goes: the pod's node's ztunnel on 15008 (or the pod itself).
     pub hbone: SocketAddr,
+    /// Outside the mesh (not captured): reached by a connection of its own to
+    /// `authority`, not through `hbone` ([`crate::plain`]).
+    pub plain: bool,
     /// Its locality priority for this waypoint (0: the closest; see
     /// [`crate::lb::Balancer::with_tiers`]).
     pub tier: u8,
@@ -75,6 +78,7 @@ pub fn endpoints(
                 workload_uid: w.uid.clone(),
                 authority: SocketAddr::new(ip, target),
                 hbone: SocketAddr::new(hbone_ip, HBONE_PORT),
+                plain: !w.captured(),
                 tier,
                 share: None,
             };

@@ -659,3 +659,89 @@ fn r7_egress_through_the_waypoint_to_a_service_entry_with_tls_origination() {
         1
     );
 }
+
+/// The IPv4 address (its bits) the test resolver answers for `moving.example.com`.
+static MOVING: AtomicU64 = AtomicU64::new(0);
+
+/// A resolver for `moving.example.com` only: the IPv4 address whose bits are [`MOVING`].
+fn moving_resolver(host: &str) -> Result<Vec<std::net::IpAddr>, String> {
+    match host {
+        "moving.example.com" => {
+            let bits = MOVING.load(SeqCst) as u32;
+            Ok(vec![std::net::IpAddr::V4(Ipv4Addr::from(bits))])
+        }
+        _ => Err("unknown host".into()),
+    }
+}
+
+/// A keep-alive HTTP/1.1 backend answering `200 <name>` on `addr` exactly.
+fn named_at(addr: SocketAddr, name: &'static str) {
+    let l = std::net::TcpListener::bind(addr).unwrap();
+    std::thread::spawn(move || {
+        for c in l.incoming() {
+            let Ok(mut c) = c else { return };
+            std::thread::spawn(move || {
+                let mut buf = Vec::new();
+                while next_request(&mut c, &mut buf).is_some() {
+                    if c.write_all(ok_response(name).as_bytes()).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+}
+
+#[test]
+fn a_dns_service_entry_follows_its_host_name_to_new_addresses() {
+    let (net, zl) = bind_node_ztunnel(53);
+    drop(zl);
+    let ca = test_ca();
+    // Two backends on one port, at two addresses the name will answer in turn.
+    let a = common::named_backend(ip(net, 5), "a");
+    let b = SocketAddr::new(std::net::IpAddr::V4(ip(net, 6)), a.port());
+    named_at(b, "b");
+    MOVING.store(u32::from(ip(net, 5)) as u64, SeqCst);
+    let entries = format!(
+        "serviceEntries:\n  - {{name: moving, namespace: app, labels: {{istio.io/use-waypoint: wp}}, hosts: [moving.example.com], addresses: [240.240.0.60], ports: [{{number: 80, name: http, targetPort: {}}}], resolution: DNS}}\n",
+        a.port()
+    );
+    let text = app_model(ip(net, 1), "", "") + &entries;
+    let dns = waypoint::reload::DnsRefresh {
+        every: std::time::Duration::from_millis(100),
+        resolve: moving_resolver,
+    };
+    let dir = format!("wp-dns-refresh-{net}");
+    let wp = common::Watched::start_with_dns(&ca, &dir, "wp.yaml", text, dns);
+    let client = ca_client(&ca);
+    let get = || {
+        block_on(common::tunnel_get(
+            wp.handle().addr,
+            &client,
+            None,
+            "240.240.0.60:80",
+            "moving.example.com",
+        ))
+    };
+    assert_eq!(get(), (200, "a".to_string()));
+    // The name now answers with the other address: at the next lookup the file in force
+    // is loaded again, and new requests go there.
+    MOVING.store(u32::from(ip(net, 6)) as u64, SeqCst);
+    let c = &wp.handle().counters;
+    block_on(common::bounded(async {
+        while c.dns_reloads.load(SeqCst) == 0 || c.config_reloads.load(SeqCst) == 0 {
+            monoio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }));
+    assert_eq!(get(), (200, "b".to_string()));
+}
+
+/// A client certificate (`app/client`) from `ca`.
+fn ca_client(ca: &Arc<hbone::ca::SigningCa>) -> hbone::ca::WorkloadCert {
+    hbone::ca::CertSource::issue(
+        &**ca,
+        &common::id("app", "client"),
+        std::time::SystemTime::now(),
+    )
+    .unwrap()
+}

@@ -26,6 +26,9 @@
 //!   capture: { table: ztunnel_capture } # optional: this process owns the node's nftables
 //!                                     # capture rules and keeps them in step with reloads
 //!                                     # (needs root; see `crate::capture`)
+//!   dns_refresh: 60s                  # default (Istio's dnsRefreshRate): how often DNS
+//!                                     # ServiceEntries' host names are looked up again (an
+//!                                     # answer that changed reloads the file); 0s: at load
 //! runtime: { workers: 2 }             # runtime knobs (optional; replaces the profile's)
 //! h2: { max_streams_per_connection: 100 }  # HTTP/2 knobs (optional; replaces the profile's)
 //! workloads: []
@@ -148,6 +151,14 @@ pub struct ZtunnelSection {
     pub ca: CaConfig,
     #[serde(default)]
     pub capture: Option<CaptureSettings>,
+    /// How often the host names of `DNS` ServiceEntries are looked up again (default 60 s,
+    /// Istio's `dnsRefreshRate`; `0s`: only when the file is loaded).
+    #[serde(default = "default_dns_refresh", with = "runtime::config::duration")]
+    pub dns_refresh: std::time::Duration,
+}
+
+fn default_dns_refresh() -> std::time::Duration {
+    std::time::Duration::from_secs(60)
 }
 
 /// The whole file as written.
@@ -197,6 +208,10 @@ pub struct Settings {
     pub peer_identity: hbone::Identity,
     /// `ztunnel.cluster_id`, default [`DEFAULT_CLUSTER_ID`].
     pub cluster_id: String,
+    /// `ztunnel.dns_refresh`, and the resolver it looks up with (the system's; a test may
+    /// put its own).
+    pub dns_refresh: std::time::Duration,
+    pub dns_resolver: mesh_model::config::ResolverFn,
     pub ca: CaConfig,
     /// Set: this process owns the node's capture rules (see [`crate::capture`]).
     pub capture: Option<CaptureSettings>,
@@ -296,6 +311,8 @@ impl ZtunnelFile {
                 .cluster_id
                 .clone()
                 .unwrap_or_else(|| DEFAULT_CLUSTER_ID.into()),
+            dns_refresh: z.dns_refresh,
+            dns_resolver: mesh_model::config::ResolverFn::default(),
             ca: z.ca.clone(),
             capture: z.capture.clone(),
             runtime,
@@ -311,13 +328,30 @@ pub fn load_str(
     profile: &tuning::Profile,
     version: u64,
 ) -> Result<Loaded, ConfigError> {
+    load_str_with(
+        file,
+        text,
+        profile,
+        version,
+        &mesh_model::config::system_resolver,
+    )
+}
+
+/// [`load_str`], the `DNS` ServiceEntries' host names looked up by `resolve`.
+pub fn load_str_with(
+    file: &Path,
+    text: &str,
+    profile: &tuning::Profile,
+    version: u64,
+    resolve: mesh_model::config::Resolver<'_>,
+) -> Result<Loaded, ConfigError> {
     let f: ZtunnelFile = runtime::config::from_yaml_str(file, text)?;
     let settings = f
         .settings(profile)
         .map_err(|e| e.in_file(file, Some(text)))?;
     let wire = f
         .mesh()
-        .compile()
+        .compile_with(resolve)
         .map_err(|e| e.in_file(file, Some(text)))?;
     let snapshot = Snapshot::from_wire(version, &wire).map_err(|e| ConfigError {
         file: file.to_owned(),

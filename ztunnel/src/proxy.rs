@@ -85,6 +85,8 @@ pub struct ReloadCounters {
     pub capture_installs: AtomicU64,
     /// Capture rule updates that failed (the previous rules stay).
     pub capture_errors: AtomicU64,
+    /// Loads of the file in force because a DNS ServiceEntry's host name answered otherwise.
+    pub dns_reloads: AtomicU64,
 }
 
 /// Addresses actually bound.
@@ -327,11 +329,12 @@ pub fn start(
         "/stats/prometheus" | "/metrics" | "/stats" => {
             let mut body = m2.render(p2.version());
             body.push_str(&format!(
-                "# TYPE ztunnel_config_reloads_total counter\nztunnel_config_reloads_total {}\n# TYPE ztunnel_config_reload_errors_total counter\nztunnel_config_reload_errors_total {}\n# TYPE ztunnel_capture_installs_total counter\nztunnel_capture_installs_total {}\n# TYPE ztunnel_capture_errors_total counter\nztunnel_capture_errors_total {}\n",
+                "# TYPE ztunnel_config_reloads_total counter\nztunnel_config_reloads_total {}\n# TYPE ztunnel_config_reload_errors_total counter\nztunnel_config_reload_errors_total {}\n# TYPE ztunnel_capture_installs_total counter\nztunnel_capture_installs_total {}\n# TYPE ztunnel_capture_errors_total counter\nztunnel_capture_errors_total {}\n# TYPE ztunnel_dns_reloads_total counter\nztunnel_dns_reloads_total {}\n",
                 rl2.reloads.load(Ordering::Relaxed),
                 rl2.errors.load(Ordering::Relaxed),
                 rl2.capture_installs.load(Ordering::Relaxed),
-                rl2.capture_errors.load(Ordering::Relaxed)
+                rl2.capture_errors.load(Ordering::Relaxed),
+                rl2.dns_reloads.load(Ordering::Relaxed)
             ));
             body.push_str(&runtime::pmqos::render_prometheus("ztunnel"));
             ("200 OK", "text/plain; version=0.0.4", body)
@@ -535,6 +538,10 @@ fn spawn_watcher(
     let _ = std::thread::Builder::new()
         .name("config-watch".into())
         .spawn(move || {
+            let resolve = settings.dns_resolver.0;
+            let mut dns_due = std::time::Instant::now() + settings.dns_refresh;
+            // The text in force (what a DNS refresh loads again).
+            let mut in_force = watch.as_ref().map(|(f, _)| f.current().to_string());
             while !stop.load(Ordering::SeqCst) {
                 std::thread::sleep(Duration::from_millis(100));
                 if stop.load(Ordering::SeqCst) {
@@ -543,9 +550,27 @@ fn spawn_watcher(
                 let current = publisher.load();
                 let mut next_model: Option<Snapshot> = None;
                 if let Some((file, profile)) = watch.as_mut() {
-                    if let Some(text) = file.poll() {
-                        match config::load_str(file.path(), &text, profile, publisher.version() + 1) {
+                    let now = std::time::Instant::now();
+                    let text = match file.poll() {
+                        Some(text) => Some(text),
+                        // DNS ServiceEntries' names looked up again: an answer that
+                        // changed loads the text in force again.
+                        None if !settings.dns_refresh.is_zero() && now >= dns_due => {
+                            dns_due = now + settings.dns_refresh;
+                            if mesh_model::config::dns_changed(&current.model, &resolve) {
+                                tracing::info!(file = %file.path().display(), "a DNS ServiceEntry's host name answers otherwise: loading the file again");
+                                counters.dns_reloads.fetch_add(1, Ordering::Relaxed);
+                                in_force.clone()
+                            } else {
+                                None
+                            }
+                        }
+                        None => None,
+                    };
+                    if let Some(text) = text {
+                        match config::load_str_with(file.path(), &text, profile, publisher.version() + 1, &resolve) {
                             Ok(l) => {
+                                in_force = Some(text);
                                 if l.settings != settings {
                                     tracing::warn!(file = %file.path().display(), "the ztunnel/runtime/h2 sections changed: restart to apply them; reloading the mesh only");
                                 }

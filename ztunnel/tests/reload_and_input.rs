@@ -331,3 +331,70 @@ fn an_edit_saved_between_load_and_start_is_applied() {
     h.stop(Duration::from_secs(5)).unwrap();
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The IPv4 address (its bits) the test resolver answers for `moving.example.com`.
+static MOVING: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
+fn moving_resolver(host: &str) -> Result<Vec<std::net::IpAddr>, String> {
+    match host {
+        "moving.example.com" => Ok(vec![std::net::IpAddr::V4(std::net::Ipv4Addr::from(
+            MOVING.load(std::sync::atomic::Ordering::SeqCst),
+        ))]),
+        _ => Err("unknown host".into()),
+    }
+}
+
+/// A DNS ServiceEntry's host name is looked up again every `dns_refresh`: an answer with
+/// other addresses loads the file in force again, and the entry's endpoint follows it.
+#[test]
+fn a_dns_service_entry_follows_its_host_name_to_new_addresses() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let net = Net { n: 127 };
+    let dir = tmpdir("dns-refresh");
+    let file = dir.join("z.yaml");
+    let text = format!(
+        "{}serviceEntries:\n  - {{name: moving, namespace: ns-b, hosts: [moving.example.com], addresses: [240.240.0.70], ports: [{{number: 80, name: http}}], resolution: DNS}}\n",
+        net.node_config("node-b", &dir.join("ca"), "[]")
+    );
+    std::fs::write(&file, &text).unwrap();
+    let (first, second) = (
+        std::net::Ipv4Addr::new(203, 0, 113, 1),
+        std::net::Ipv4Addr::new(203, 0, 113, 2),
+    );
+    MOVING.store(first.into(), SeqCst);
+    let profile = tuning::Profile::default();
+    let resolve = mesh_model::config::ResolverFn(moving_resolver);
+    let mut loaded = ztunnel::config::load_str_with(&file, &text, &profile, 1, &resolve.0).unwrap();
+    loaded.text = Some(text.clone());
+    loaded.settings.dns_refresh = Duration::from_millis(100);
+    loaded.settings.dns_resolver = resolve;
+    let h = ztunnel::start(
+        loaded,
+        Some(ztunnel::config::Source {
+            file: file.clone(),
+            profile,
+        }),
+        runtime::Shutdown::new(),
+    )
+    .unwrap();
+    let endpoint = |h: &ztunnel::Handle| {
+        let st = h.state.load();
+        let svc = st
+            .model
+            .service_by_vip("240.240.0.70".parse().unwrap())
+            .unwrap();
+        st.model
+            .workload(&svc.endpoints[0].workload_uid)
+            .unwrap()
+            .ips[0]
+    };
+    assert_eq!(endpoint(&h), first);
+    MOVING.store(second.into(), SeqCst);
+    eventually_within("the new answer loaded", Duration::from_secs(30), || {
+        endpoint(&h) == second
+    });
+    let stats = http_get(h.addrs.stats, "/stats/prometheus").1;
+    assert_eq!(metric(&stats, "ztunnel_dns_reloads_total", &[]), 1);
+    h.stop(Duration::from_secs(5)).unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -7,8 +7,11 @@
 //! waypoint (R7) — Istio's egress through a waypoint.
 //!
 //! `resolution: STATIC` takes the endpoints' IP addresses; `DNS` resolves the endpoints'
-//! host names (or, with no endpoints, the host itself) when the file is loaded — again
-//! at every reload, not on a timer. Several entries (or endpoints) at one address share
+//! host names (or, with no endpoints, the host itself) when the file is loaded; the
+//! answers are kept with the snapshot ([`crate::snapshot::Snapshot::dns_answers`]), and
+//! ztunnel and the waypoint look them up again every `dns_refresh` (Istio's
+//! `dnsRefreshRate`, 60 s), loading the file again when one changed
+//! ([`crate::config::dns_changed`]). Several entries (or endpoints) at one address share
 //! one workload, which then backs each of their services. Refused with an error naming
 //! the field: `resolution: NONE` and `DNS_ROUND_ROBIN`, wildcard hosts, more than one
 //! host, `workloadSelector`, and `exportTo` other than `*`.
@@ -118,6 +121,29 @@ const PROTOCOLS: &[&str] = &[
 
 /// How a host name is resolved (`DNS`): its addresses. The system's resolver by default.
 pub type Resolver<'a> = &'a dyn Fn(&str) -> Result<Vec<IpAddr>, String>;
+
+/// A resolver function as a setting: the system's by default, a test's own; any two
+/// compare equal (what resolves is not part of a configuration).
+#[derive(Clone, Copy)]
+pub struct ResolverFn(pub fn(&str) -> Result<Vec<IpAddr>, String>);
+
+impl Default for ResolverFn {
+    fn default() -> Self {
+        ResolverFn(system_resolver)
+    }
+}
+
+impl PartialEq for ResolverFn {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl std::fmt::Debug for ResolverFn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ResolverFn")
+    }
+}
 
 /// The system's resolver (`getaddrinfo`), each address once, in its order.
 pub fn system_resolver(host: &str) -> Result<Vec<IpAddr>, String> {

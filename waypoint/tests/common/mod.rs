@@ -1187,12 +1187,26 @@ pub struct Watched {
 
 impl Watched {
     pub fn start(ca: &Arc<hbone::ca::SigningCa>, dir: &str, name: &str, text: String) -> Watched {
+        let dns = waypoint::reload::DnsRefresh::system(std::time::Duration::ZERO);
+        Watched::start_with_dns(ca, dir, name, text, dns)
+    }
+
+    /// [`Watched::start`], the mesh model's DNS ServiceEntries looked up by `dns`, at load
+    /// and again every `dns.every`.
+    pub fn start_with_dns(
+        ca: &Arc<hbone::ca::SigningCa>,
+        dir: &str,
+        name: &str,
+        text: String,
+        dns: waypoint::reload::DnsRefresh,
+    ) -> Watched {
         let dir = std::env::temp_dir().join(dir);
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         let file = dir.join(name);
         std::fs::write(&file, &text).unwrap();
-        let mut l7 = waypoint::config::load_str(&file, &text, 1).unwrap_or_else(|e| panic!("{e}"));
+        let mut l7 = waypoint::config::load_str_with(&file, &text, 1, &dns.resolve)
+            .unwrap_or_else(|e| panic!("{e}"));
         let mut fetcher = waypoint::jwks::Fetcher::for_config(&l7);
         fetcher.resolve(&mut l7, std::time::Instant::now());
         let shutdown = runtime::Shutdown::new();
@@ -1212,6 +1226,7 @@ impl Watched {
             publisher,
             handle.counters.clone(),
             fetcher,
+            dns,
         )
         .unwrap();
         Watched {
