@@ -24,7 +24,6 @@ use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 
-use crate::plain::UpStream;
 use hbone::ca::{CertSource, SigningCa, StaticCerts, WorkloadCert};
 use hbone::pool::{Pool, PoolKey};
 use hbone::proxy::CaConfig;
@@ -45,6 +44,7 @@ use crate::h2srv::{self, H2End};
 use crate::http1::{self, TunnelCtx, Upstream};
 use crate::inner::{self, Protocol};
 use crate::lb::{HashInput, SplitMix64};
+use crate::plain::UpStream;
 use crate::route::ObjectRef;
 use crate::target::{self, Me, Refused};
 use crate::telemetry::LocalMetrics;
@@ -686,7 +686,7 @@ struct Worker {
     /// version compare when it did not change) and keeps it to its end ([`TunnelFacts`]).
     l7: RefCell<runtime::snapshot::Subscriber<WaypointConfig>>,
     metrics: LocalMetrics,
-    /// HTTP/2 upstream connections, by (HBONE address, authority), shared by the worker's
+    /// HTTP/2 upstream connections, by [`crate::upstream::ConnKey`], shared by the worker's
     /// tunnels; each dropped by its timer once idle past its `idleTimeout`
     /// ([`spawn_h2_idle_timer`]).
     h2_clients: RefCell<crate::upstream::FnvMap<crate::upstream::ConnKey, H2Slot>>,
@@ -1735,8 +1735,9 @@ async fn revoked_by_reload(
     }
 }
 
-/// An upstream HBONE stream carrying HTTP/1.1 exchanges, and where it goes (to keep it
-/// for the tunnel's next request to the same endpoint).
+/// An upstream stream (HBONE, or a connection outside the mesh) carrying HTTP/1.1
+/// exchanges, and where it goes (to keep it for the tunnel's next request to the same
+/// endpoint).
 pub struct UpConn {
     s: UpStream,
     key: crate::upstream::ConnKey,
@@ -3031,7 +3032,7 @@ impl HboneUpstream {
     /// replaced when it failed or was idle past its service's `idleTimeout`; concurrent
     /// first uses wait for one connect), and the request's hold on it (in flight until
     /// dropped).
-    /// `key` is (HBONE address, authority) of the endpoint of the current try (`last`).
+    /// `key` is the [`crate::upstream::ConnKey`] of the endpoint of the current try (`last`).
     async fn h2_sender(
         &self,
         key: crate::upstream::ConnKey,
@@ -3071,7 +3072,8 @@ impl HboneUpstream {
         }
     }
 
-    /// A new HTTP/2 connection to `ep` over one HBONE stream.
+    /// A new HTTP/2 connection to `ep` over one HBONE stream (or, outside the mesh, a
+    /// connection of its own).
     async fn h2_connect(
         &self,
         key: crate::upstream::ConnKey,
@@ -3207,7 +3209,7 @@ impl HboneUpstream {
         let limit = self
             .current_breaker()
             .and_then(|b| b.limits.connect_timeout);
-        let opened = if workload.captured() {
+        if workload.captured() {
             let mut req = ConnectRequest::new(authority);
             req.forwarded_for = Some(self.source_ip());
             let key = PoolKey {
@@ -3240,8 +3242,7 @@ impl HboneUpstream {
                 w.shared.counters.upstream_plain.fetch_add(1, Relaxed);
             }
             r
-        };
-        opened
+        }
     }
 
     /// Which TLS origination the current request's connections outside the mesh use

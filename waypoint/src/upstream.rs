@@ -418,8 +418,9 @@ pub const MIN_SWEEP_PERIOD: Duration = Duration::from_millis(10);
 pub const MAX_IDLE_PER_KEY: usize = 256;
 pub const MAX_IDLE_STREAMS: usize = 4096;
 
-/// A worker's upstream HBONE streams (and connections outside the mesh, [`crate::plain`]) whose last HTTP/1.1 response was complete (HTTP/1.1
-/// keep-alive), shared by all the worker's tunnels: an idle downstream tunnel holds no
+/// A worker's upstream HBONE streams (and connections outside the mesh,
+/// [`crate::plain`]) whose last HTTP/1.1 response was complete (HTTP/1.1 keep-alive),
+/// shared by all the worker's tunnels: an idle downstream tunnel holds no
 /// upstream stream, and the next request to the same endpoint from the same client, on
 /// any tunnel of the worker, reuses the most recently used one. A stream idle for its
 /// expiry (the service's DestinationRule `connectionPool.http.idleTimeout`, by default

@@ -9,7 +9,7 @@
 
 mod common;
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
 use std::sync::mpsc::{channel, Receiver};
@@ -55,21 +55,7 @@ fn plain_http(ip: Ipv4Addr) -> (SocketAddr, Arc<AtomicU64>, Receiver<String>) {
 
 /// A TCP echo outside the mesh: every byte back until the client's half-close.
 fn plain_echo(ip: Ipv4Addr) -> SocketAddr {
-    serve_threads(ip, |mut c| {
-        let mut r = c.try_clone().unwrap();
-        let mut buf = vec![0u8; 64 * 1024];
-        loop {
-            match r.read(&mut buf) {
-                Ok(0) | Err(_) => break,
-                Ok(n) => {
-                    if c.write_all(&buf[..n]).is_err() {
-                        return;
-                    }
-                }
-            }
-        }
-        let _ = c.shutdown(std::net::Shutdown::Write);
-    })
+    serve_threads(ip, common::echo_to_end)
 }
 
 /// A backend outside the mesh that switches protocols: `101` to the first request, then
@@ -85,19 +71,7 @@ fn plain_upgrade(ip: Ipv4Addr) -> SocketAddr {
         if c.write_all(resp.as_bytes()).is_err() || c.write_all(&buf).is_err() {
             return;
         }
-        let mut r = c.try_clone().unwrap();
-        let mut chunk = vec![0u8; 64 * 1024];
-        loop {
-            match r.read(&mut chunk) {
-                Ok(0) | Err(_) => break,
-                Ok(n) => {
-                    if c.write_all(&chunk[..n]).is_err() {
-                        return;
-                    }
-                }
-            }
-        }
-        let _ = c.shutdown(std::net::Shutdown::Write);
+        common::echo_to_end(c);
     })
 }
 

@@ -8,7 +8,7 @@
 
 mod common;
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::Path;
 use std::time::SystemTime;
@@ -27,19 +27,7 @@ fn greeter(ip: Ipv4Addr, name: &'static str) -> SocketAddr {
         if c.write_all(format!("{name}\n").as_bytes()).is_err() {
             return;
         }
-        let mut r = c.try_clone().unwrap();
-        let mut buf = vec![0u8; 64 * 1024];
-        loop {
-            match r.read(&mut buf) {
-                Ok(0) | Err(_) => break,
-                Ok(n) => {
-                    if c.write_all(&buf[..n]).is_err() {
-                        return;
-                    }
-                }
-            }
-        }
-        let _ = c.shutdown(std::net::Shutdown::Write);
+        common::echo_to_end(c);
     })
 }
 

@@ -372,6 +372,23 @@ where
     addr
 }
 
+/// Every byte `c` reads written back, until the peer's half-close; then ours.
+pub fn echo_to_end(mut c: std::net::TcpStream) {
+    let mut r = c.try_clone().unwrap();
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        match r.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                if c.write_all(&buf[..n]).is_err() {
+                    return;
+                }
+            }
+        }
+    }
+    let _ = c.shutdown(std::net::Shutdown::Write);
+}
+
 /// A keep-alive HTTP/1.1 backend on `ip` (any port) answering `200 <name>` to every
 /// request, one thread per connection.
 pub fn named_backend(ip: Ipv4Addr, name: &'static str) -> SocketAddr {
