@@ -272,3 +272,30 @@ fn dns_answers_are_kept_and_a_changed_answer_is_seen() {
     let failing = |_: &str| -> Result<Vec<IpAddr>, String> { Err("timeout".into()) };
     assert!(!config::dns_changed(&snap, &failing));
 }
+
+#[test]
+fn r7_a_service_entry_uses_a_waypoint_of_another_namespace() {
+    // Istio's egress layout: the entry in the application's namespace, the waypoint in a
+    // namespace of its own (`istio.io/use-waypoint-namespace`).
+    let snap = compile(
+        r#"  - name: httpbin
+    namespace: app
+    labels: {istio.io/use-waypoint: egress-wp, istio.io/use-waypoint-namespace: egress}
+    hosts: [httpbin.org]
+    addresses: [240.240.0.7]
+    ports: [{number: 80, name: http}]
+    resolution: STATIC
+    endpoints: [{address: 198.51.100.8}]
+"#,
+    )
+    .unwrap();
+    match route(&snap, "240.240.0.7:80") {
+        Outbound::Waypoint {
+            target, waypoint, ..
+        } => {
+            assert_eq!(target, "10.0.9.9:15008".parse().unwrap());
+            assert_eq!(waypoint.as_deref(), Some("egress/egress-wp"));
+        }
+        other => panic!("{other:?}"),
+    }
+}

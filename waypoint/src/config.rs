@@ -25,7 +25,8 @@
 //!
 //! A ServiceEntry (mesh-model's `serviceEntries[]`) is the service it converts to, of the
 //! same name: routes' `parentRefs` and `backendRefs` name it with group
-//! `networking.istio.io`, kind `ServiceEntry`. A DestinationRule's `host` and a
+//! `networking.istio.io`, kind `ServiceEntry` (or, backends, kind `Hostname` with its
+//! host). A DestinationRule's `host` and a
 //! VirtualService's hosts and destinations name any service of the mesh model by its
 //! hostname (`httpbin.org`, `reviews.prod.svc.cluster.local`; the one of the rule's
 //! namespace first, else the only one), or by Kubernetes' short forms (`name`,
@@ -1124,7 +1125,7 @@ pub fn load_str_with(
             ("gateway.networking.k8s.io/v1" | "gateway.networking.k8s.io/v1beta1", "HTTPRoute") => {
                 let d: Doc<RouteSpec> = parse(file, &doc).map_err(at)?;
                 first(&d.metadata)?;
-                routes.push(compile_route(&d).map_err(invalid)?);
+                routes.push(compile_route(&d, &hosts).map_err(invalid)?);
                 route_kinds.push("HTTPRoute");
             }
             (
@@ -1147,7 +1148,7 @@ pub fn load_str_with(
                 let d: Doc<TcpRouteSpec> = parse(file, &doc).map_err(at)?;
                 first(&d.metadata)?;
                 tcp_routes.push((
-                    compile_tcp_route(&d).map_err(invalid)?,
+                    compile_tcp_route(&d, &hosts).map_err(invalid)?,
                     index,
                     start,
                     doc.clone(),
@@ -1160,7 +1161,7 @@ pub fn load_str_with(
                 let d: Doc<GrpcRouteSpec> = parse(file, &doc).map_err(at)?;
                 first(&d.metadata)?;
                 let d = grpc_as_http(d).map_err(invalid)?;
-                routes.push(compile_route(&d).map_err(invalid)?);
+                routes.push(compile_route(&d, &hosts).map_err(invalid)?);
                 route_kinds.push("GRPCRoute");
             }
             ("security.istio.io/v1" | "security.istio.io/v1beta1", "AuthorizationPolicy") => {
@@ -2426,6 +2427,7 @@ fn anchored(field: &str, re: &str) -> Result<Regex, Invalid> {
         .map_err(|e| Invalid::new(field, format!("invalid regular expression: {e}")))
 }
 
+#[allow(clippy::too_many_arguments)]
 fn service_ref(
     field: &str,
     group: &Option<String>,
@@ -2434,21 +2436,33 @@ fn service_ref(
     namespace: &Option<String>,
     port: Option<u16>,
     default_ns: &str,
+    hosts: &Hosts,
 ) -> Result<(ObjectRef, u16), Invalid> {
     // A ServiceEntry is the service it converts to, of the same name (as Istio takes
-    // `kind: ServiceEntry` backends).
-    match (group.as_deref().unwrap_or(""), kind.as_deref().unwrap_or("Service")) {
-        ("", "Service") | ("networking.istio.io", "ServiceEntry") => {}
+    // `kind: ServiceEntry` backends); a `Hostname` (Istio's egress routes) is the service
+    // of the mesh model with that hostname.
+    let hostname = match (group.as_deref().unwrap_or(""), kind.as_deref().unwrap_or("Service")) {
+        ("", "Service") | ("networking.istio.io", "ServiceEntry") => false,
+        ("networking.istio.io", "Hostname") => true,
         _ => {
             return Err(Invalid::new(
                 field,
-                "only Services (group \"\", kind Service) and ServiceEntries (group networking.istio.io) can be backends",
+                "only Services (group \"\", kind Service), ServiceEntries and Hostnames (group networking.istio.io) can be backends",
             ))
         }
-    }
+    };
     let port =
         port.ok_or_else(|| Invalid::new(format!("{field}.port"), "required for a Service"))?;
     let ns = namespace.as_deref().unwrap_or(default_ns);
+    if hostname {
+        let svc = hosts.find(name, ns).ok_or_else(|| {
+            Invalid::new(
+                format!("{field}.name"),
+                format!("{name:?}: no service of the mesh model has this hostname (a ServiceEntry's host)"),
+            )
+        })?;
+        return Ok((svc, port));
+    }
     Ok((ObjectRef::new(ns, name), port))
 }
 
@@ -2514,6 +2528,7 @@ fn compile_filters(
     raw: &[FilterRaw],
     backend_level: bool,
     ns: &str,
+    hosts: &Hosts,
 ) -> Result<Vec<Filter>, Invalid> {
     let mut out = vec![];
     for (i, f) in raw.iter().enumerate() {
@@ -2614,6 +2629,7 @@ fn compile_filters(
                     &b.namespace,
                     b.port,
                     ns,
+                    hosts,
                 )?;
                 let mf = format!("{fld}.requestMirror");
                 let (numerator, denominator) = match (m.percent, &m.fraction) {
@@ -2702,7 +2718,7 @@ fn service_parents(refs: &[ParentRef], ns: &str) -> Result<Vec<(ObjectRef, Optio
 }
 
 /// A `TCPRoute` (Gateway API `tcproute_types.go`): one rule of weighted Service backends.
-fn compile_tcp_route(d: &Doc<TcpRouteSpec>) -> Result<TcpRoute, Invalid> {
+fn compile_tcp_route(d: &Doc<TcpRouteSpec>, hosts: &Hosts) -> Result<TcpRoute, Invalid> {
     let ns = d.metadata.namespace();
     let created = creation_timestamp(&d.metadata)?;
     let parents = service_parents(&d.spec.parent_refs, ns)?;
@@ -2726,8 +2742,16 @@ fn compile_tcp_route(d: &Doc<TcpRouteSpec>) -> Result<TcpRoute, Invalid> {
                 "a TCPRoute backendRef has no filters",
             ));
         }
-        let (service, port) =
-            service_ref(&bf, &b.group, &b.kind, &b.name, &b.namespace, b.port, ns)?;
+        let (service, port) = service_ref(
+            &bf,
+            &b.group,
+            &b.kind,
+            &b.name,
+            &b.namespace,
+            b.port,
+            ns,
+            hosts,
+        )?;
         backends.push(Backend {
             service,
             port,
@@ -2745,7 +2769,7 @@ fn compile_tcp_route(d: &Doc<TcpRouteSpec>) -> Result<TcpRoute, Invalid> {
     })
 }
 
-fn compile_route(d: &Doc<RouteSpec>) -> Result<HttpRoute, Invalid> {
+fn compile_route(d: &Doc<RouteSpec>, hosts: &Hosts) -> Result<HttpRoute, Invalid> {
     let ns = d.metadata.namespace();
     if !d.spec.hostnames.is_empty() {
         return Err(Invalid::new(
@@ -2816,7 +2840,7 @@ fn compile_route(d: &Doc<RouteSpec>) -> Result<HttpRoute, Invalid> {
         if matches.is_empty() {
             matches.push(RouteMatch::default());
         }
-        let filters = compile_filters(&format!("{rf}.filters"), &r.filters, false, ns)?;
+        let filters = compile_filters(&format!("{rf}.filters"), &r.filters, false, ns, hosts)?;
         let has = |f: fn(&Filter) -> bool| filters.iter().any(f);
         if has(|f| matches!(f, Filter::Redirect(_))) && has(|f| matches!(f, Filter::Rewrite(_))) {
             return Err(Invalid::new(
@@ -2827,9 +2851,17 @@ fn compile_route(d: &Doc<RouteSpec>) -> Result<HttpRoute, Invalid> {
         let mut backends = vec![];
         for (bi, b) in r.backend_refs.iter().enumerate() {
             let bf = format!("{rf}.backendRefs[{bi}]");
-            let (service, port) =
-                service_ref(&bf, &b.group, &b.kind, &b.name, &b.namespace, b.port, ns)?;
-            let bfilters = compile_filters(&format!("{bf}.filters"), &b.filters, true, ns)?;
+            let (service, port) = service_ref(
+                &bf,
+                &b.group,
+                &b.kind,
+                &b.name,
+                &b.namespace,
+                b.port,
+                ns,
+                hosts,
+            )?;
+            let bfilters = compile_filters(&format!("{bf}.filters"), &b.filters, true, ns, hosts)?;
             backends.push(Backend {
                 service,
                 port,

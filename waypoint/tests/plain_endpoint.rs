@@ -557,8 +557,8 @@ fn destination_rule_tls_errors_name_the_field() {
 
 /// Istio's egress through a waypoint, written as its tasks write it: a ServiceEntry for
 /// `httpbin.org` bound to the waypoint (`istio.io/use-waypoint`), TLS originated by a
-/// DestinationRule naming the host, an HTTPRoute attached to the ServiceEntry, and an
-/// AuthorizationPolicy targeting it.
+/// DestinationRule naming the host, an HTTPRoute attached to the ServiceEntry (backends
+/// by ServiceEntry and by `Hostname`), and an AuthorizationPolicy targeting it.
 const EGRESS: &str = r#"---
 apiVersion: networking.istio.io/v1
 kind: DestinationRule
@@ -580,6 +580,8 @@ spec:
     - type: RequestHeaderModifier
       requestHeaderModifier: {add: [{name: x-egress, value: waypoint}]}
     backendRefs: [{group: networking.istio.io, kind: ServiceEntry, name: httpbin, port: 80}]
+  - matches: [{path: {type: PathPrefix, value: /headers}}]
+    backendRefs: [{group: networking.istio.io, kind: Hostname, name: httpbin.org, port: 80}]
 ---
 apiVersion: security.istio.io/v1
 kind: AuthorizationPolicy
@@ -622,6 +624,11 @@ fn r7_egress_through_the_waypoint_to_a_service_entry_with_tls_origination() {
     assert_eq!(
         get("/get"),
         (200, "tls httpbin.org no /get x-egress=waypoint".to_string())
+    );
+    // A `Hostname` backend: the entry's host.
+    assert_eq!(
+        get("/headers"),
+        (200, "tls httpbin.org no /headers".to_string())
     );
     // The AuthorizationPolicy on the ServiceEntry.
     assert_eq!(get("/get/secret").0, 403);
@@ -718,4 +725,17 @@ fn ca_client(ca: &Arc<hbone::ca::SigningCa>) -> hbone::ca::WorkloadCert {
         std::time::SystemTime::now(),
     )
     .unwrap()
+}
+
+#[test]
+fn a_hostname_backend_no_service_has_is_a_load_error() {
+    let route = "---\napiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: r, namespace: app}\nspec:\n  parentRefs: [{group: \"\", kind: Service, name: echo, port: 80}]\n  rules:\n  - backendRefs: [{group: networking.istio.io, kind: Hostname, name: nowhere.example.com, port: 80}]\n";
+    let text = app_model(Ipv4Addr::new(127, 0, 0, 1), "", common::ECHO_SERVICE) + route;
+    let e = waypoint::config::load_str(std::path::Path::new("r.yaml"), &text, 1)
+        .expect_err("loaded")
+        .to_string();
+    assert!(
+        e.contains("spec.rules[0].backendRefs[0].name") && e.contains("nowhere.example.com"),
+        "{e}"
+    );
 }
