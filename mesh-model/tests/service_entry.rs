@@ -209,7 +209,12 @@ fn service_entry_errors_name_the_field() {
             "UDP",
         ),
         (
-            entry("    resolution: STATIC\n    labels: {istio.io/use-waypoint: nowhere}\n    endpoints: [{address: 198.51.100.1}]\n"),
+            entry("    resolution: STATIC\n    labels: {istio.io/use-waypoint: egress-wp, istio.io/use-waypoint-namespace: egress}\n    endpoints: [{address: 198.51.100.1}]\n"),
+            "serviceEntries[0].addresses",
+            "required for an entry bound to a waypoint",
+        ),
+        (
+            entry("    resolution: STATIC\n    addresses: [240.240.0.99]\n    labels: {istio.io/use-waypoint: nowhere}\n    endpoints: [{address: 198.51.100.1}]\n"),
             "serviceEntries[0].labels",
             "nowhere",
         ),

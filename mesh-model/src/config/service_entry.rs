@@ -14,7 +14,10 @@
 //! ([`crate::config::dns_changed`]). Several entries (or endpoints) at one address share
 //! one workload, which then backs each of their services. Refused with an error naming
 //! the field: `resolution: NONE` and `DNS_ROUND_ROBIN`, wildcard hosts, more than one
-//! host, `workloadSelector`, and `exportTo` other than `*`.
+//! host, `workloadSelector`, and `exportTo` other than `*`; an entry bound to a waypoint
+//! without `addresses` (its clients must resolve the host to them: there is no DNS proxy
+//! here to answer with an allocated VIP, and the host's own addresses go past the
+//! waypoint).
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, ToSocketAddrs};
@@ -220,6 +223,16 @@ impl LocalServiceEntry {
         }
         if self.ports.is_empty() {
             return Err(Invalid::new(format!("{f}.ports"), "at least one port"));
+        }
+        // Clients reach a waypoint's entry by its VIPs only: with none, they would reach
+        // the host at its own addresses, past the waypoint (no DNS proxy here answers its
+        // name with an allocated VIP, as Istio's does).
+        if self.addresses.is_empty() && self.labels.contains_key(crate::binding::USE_WAYPOINT_LABEL)
+        {
+            return Err(Invalid::new(
+                format!("{f}.addresses"),
+                "required for an entry bound to a waypoint: clients reach it by these VIPs (resolve its host to them), since no DNS proxy here allocates one",
+            ));
         }
         let mut ports = BTreeMap::new();
         let mut names = BTreeMap::new();
