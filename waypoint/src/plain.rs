@@ -28,6 +28,11 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::http1::{self, Tunnel, Watched};
 
+/// How long a connection outside the mesh may take to connect (and to finish its TLS
+/// handshake) when the service's DestinationRule sets no `connectTimeout`: Istio's default
+/// `connectTimeout`, 10 s. Past it: `503`, flag `UF`.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// The least a read asks the socket for (and the allocation it reads into, reused once
 /// every chunk handed out of it is gone).
 const READ_CHUNK: usize = 16 * 1024;

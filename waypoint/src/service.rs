@@ -3210,6 +3210,8 @@ impl HboneUpstream {
             .current_breaker()
             .and_then(|b| b.limits.connect_timeout);
         if workload.captured() {
+            // (An HBONE connection's setup is bounded by the h2 settings' handshake
+            // timeout as well.)
             let mut req = ConnectRequest::new(authority);
             req.forwarded_for = Some(self.source_ip());
             let key = PoolKey {
@@ -3232,6 +3234,8 @@ impl HboneUpstream {
         } else {
             let tls = self.origination(h2)?;
             let opts = w.ctx.listen_options();
+            // TCP connect and TLS handshake within `connectTimeout`, else Istio's default.
+            let limit = Some(limit.unwrap_or(crate::plain::CONNECT_TIMEOUT));
             let open = async {
                 crate::plain::PlainConn::connect(authority, opts, tls.as_ref())
                     .await

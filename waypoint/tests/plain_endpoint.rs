@@ -739,3 +739,34 @@ fn a_hostname_backend_no_service_has_is_a_load_error() {
         "{e}"
     );
 }
+
+#[test]
+fn a_tls_handshake_that_never_completes_is_bounded_by_the_connect_timeout() {
+    // `connectTimeout` bounds the TCP connect and the TLS handshake (without one, Istio's
+    // 10 s: `waypoint::plain::CONNECT_TIMEOUT`, each of the default retries' tries): the
+    // request is answered `503`, not left to the 5-minute stream idle timeout.
+    let dir = common::test_dir("tls-silent");
+    let (net, zl) = bind_node_ztunnel(59);
+    drop(zl);
+    let ca = test_ca();
+    let p = pki(&dir, &["silent.example.com"]);
+    // Accepts, reads, never answers: the TLS handshake cannot finish.
+    let silent = serve_threads(ip(net, 5), |mut c| {
+        let mut buf = [0u8; 4096];
+        while matches!(std::io::Read::read(&mut c, &mut buf), Ok(n) if n > 0) {}
+    });
+    let workload = format!(
+        "  - {{uid: silent-1, name: silent-1, namespace: app, protocol: TCP, workloadIps: [\"{}\"], services: {{\"app/silent.example.com\": {{80: {}}}}}}}\n",
+        silent.ip(),
+        silent.port()
+    );
+    let service = "  - {name: silent, namespace: app, hostname: silent.example.com, vips: [\"10.96.0.46\"], ports: {80: 443}, labels: {istio.io/use-waypoint: wp}}\n";
+    let rule = format!(
+        "---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: silent, namespace: app}}\nspec:\n  host: silent\n  trafficPolicy:\n    tls: {{mode: SIMPLE, caCertificates: {}}}\n    connectionPool: {{tcp: {{connectTimeout: 300ms}}}}\n",
+        p.ca.display()
+    );
+    let text = app_model(ip(net, 1), &workload, service) + &rule;
+    let wp = Waypoint::with_stats(&ca, &text, &format!("waypoint-tls-silent-{net}.yaml"));
+    let (status, _) = get_through(&wp, "10.96.0.46:80", "silent.example.com");
+    assert_eq!(status, 503);
+}

@@ -541,7 +541,11 @@ fn spawn_watcher(
             let resolve = settings.dns_resolver.0;
             let mut dns_due = std::time::Instant::now() + settings.dns_refresh;
             // The text in force (what a DNS refresh loads again).
-            let mut in_force = watch.as_ref().map(|(f, _)| f.current().to_string());
+            // (None until one is known: a start without the text waits for its first reload.)
+            let mut in_force = watch
+                .as_ref()
+                .map(|(f, _)| f.current().to_string())
+                .filter(|t| !t.is_empty());
             while !stop.load(Ordering::SeqCst) {
                 std::thread::sleep(Duration::from_millis(100));
                 if stop.load(Ordering::SeqCst) {
