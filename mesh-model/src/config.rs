@@ -24,7 +24,9 @@ use crate::wire::workload as ww;
 mod peer_authentication;
 mod service_entry;
 pub use peer_authentication::{LocalPeerAuthentication, Mtls, MtlsMode};
-pub use service_entry::{system_resolver, LocalServiceEntry, Resolver, ResolverFn};
+pub use service_entry::{
+    allocate as allocate_vip, system_resolver, LocalServiceEntry, Resolver, ResolverFn,
+};
 
 /// The whole file.
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
@@ -844,6 +846,41 @@ impl LocalConfig {
             }
             c.services.push(svc);
             addresses.extend(a);
+        }
+        // Entries without `addresses` get one, as Istio allocates them (ztunnel's DNS proxy
+        // answers their host with it): from 240.240.0.0/16, by a hash of namespace and
+        // host (in that order, so a collision resolves the same way at every load).
+        let taken: std::collections::HashSet<IpAddr> = vips
+            .keys()
+            .chain(pods.keys())
+            .copied()
+            .chain(addresses.iter().map(|a| a.ip))
+            .collect();
+        let first = self.services.len();
+        let mut unaddressed: Vec<usize> = (first..c.services.len())
+            .filter(|&k| c.services[k].vips.is_empty())
+            .collect();
+        unaddressed.sort_by(|&a, &b| {
+            let key = |k: usize| (&c.services[k].namespace, &c.services[k].hostname);
+            key(a).cmp(&key(b))
+        });
+        let mut allocated = std::collections::HashSet::new();
+        for k in unaddressed {
+            let s = &c.services[k];
+            let ip = service_entry::allocate(&s.namespace, &s.hostname, |ip| {
+                taken.contains(&ip) || allocated.contains(&ip)
+            })
+            .ok_or_else(|| {
+                Invalid::new(
+                    format!("serviceEntries[{}].addresses", k - first),
+                    "no address left to allocate in 240.240.0.0/16",
+                )
+            })?;
+            allocated.insert(ip);
+            c.services[k].vips.push(NetIp {
+                network: String::new(),
+                ip,
+            });
         }
         let namespace_of = |key: &str| key.split_once('/').map_or("", |(n, _)| n).to_string();
         c.workloads

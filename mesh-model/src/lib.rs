@@ -109,9 +109,9 @@
 //! policies and DestinationRules name it as they name a Service (or by its host). Load
 //! errors name the field: `resolution: NONE`/`DNS_ROUND_ROBIN`, wildcard or several
 //! hosts, `workloadSelector`, `exportTo` other than `*`, an address that does not resolve,
-//! an endpoint at a pod's address or a VIP, a VIP already used, an entry bound to a waypoint
-//! without `addresses` (no DNS proxy here allocates one: its clients must resolve the host
-//! to its `addresses`, else they reach the host's own addresses, past the waypoint). See
+//! an endpoint at a pod's address or a VIP, a VIP already used. An entry without
+//! `addresses` is given one VIP from 240.240.0.0/16, as Istio allocates them
+//! ([`config::allocate_vip`]), which ztunnel's DNS proxy answers its host with. See
 //! [`config::LocalServiceEntry`].
 //!
 //! ### Extensions

@@ -209,11 +209,6 @@ fn service_entry_errors_name_the_field() {
             "UDP",
         ),
         (
-            entry("    resolution: STATIC\n    labels: {istio.io/use-waypoint: egress-wp, istio.io/use-waypoint-namespace: egress}\n    endpoints: [{address: 198.51.100.1}]\n"),
-            "serviceEntries[0].addresses",
-            "required for an entry bound to a waypoint",
-        ),
-        (
             entry("    resolution: STATIC\n    addresses: [240.240.0.99]\n    labels: {istio.io/use-waypoint: nowhere}\n    endpoints: [{address: 198.51.100.1}]\n"),
             "serviceEntries[0].labels",
             "nowhere",
@@ -303,4 +298,42 @@ fn r7_a_service_entry_uses_a_waypoint_of_another_namespace() {
         }
         other => panic!("{other:?}"),
     }
+}
+
+#[test]
+fn an_entry_without_addresses_is_given_one_as_istio_allocates_them() {
+    let text = r#"  - {name: a, namespace: app, hosts: [a.example.com], ports: [{number: 80, name: http}], resolution: DNS, endpoints: [{address: api.example.com}]}
+  - {name: b, namespace: app, labels: {istio.io/use-waypoint: egress-wp, istio.io/use-waypoint-namespace: egress}, hosts: [httpbin.org], ports: [{number: 80, name: http}], resolution: STATIC, endpoints: [{address: 198.51.100.1}]}
+"#;
+    let snap = compile(text).unwrap();
+    let vip = |host: &str| {
+        let s = snap.service_by_host(host).unwrap();
+        assert_eq!(s.vips.len(), 1, "{host}");
+        s.vips[0].1
+    };
+    let (a, b) = (vip("a.example.com"), vip("httpbin.org"));
+    assert_ne!(a, b);
+    for ip in [a, b] {
+        match ip {
+            IpAddr::V4(v4) => assert_eq!(v4.octets()[..2], [240, 240], "{ip}"),
+            IpAddr::V6(_) => panic!("{ip}"),
+        }
+    }
+    // The same at every load.
+    assert_eq!(vip("httpbin.org"), {
+        let again = compile(text).unwrap();
+        again.service_by_host("httpbin.org").unwrap().vips[0].1
+    });
+    // Reached by it: through its waypoint.
+    match route(&snap, &format!("{b}:80")) {
+        Outbound::Waypoint { waypoint, .. } => {
+            assert_eq!(waypoint.as_deref(), Some("egress/egress-wp"))
+        }
+        other => panic!("{other:?}"),
+    }
+    // A collision takes the next free address.
+    let first = config::allocate_vip("app", "httpbin.org", |_| false).unwrap();
+    let next = config::allocate_vip("app", "httpbin.org", |ip| ip == first).unwrap();
+    assert_ne!(first, next);
+    assert_eq!(config::allocate_vip("app", "httpbin.org", |_| true), None);
 }

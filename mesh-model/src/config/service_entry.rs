@@ -14,10 +14,12 @@
 //! ([`crate::config::dns_changed`]). Several entries (or endpoints) at one address share
 //! one workload, which then backs each of their services. Refused with an error naming
 //! the field: `resolution: NONE` and `DNS_ROUND_ROBIN`, wildcard hosts, more than one
-//! host, `workloadSelector`, and `exportTo` other than `*`; an entry bound to a waypoint
-//! without `addresses` (its clients must resolve the host to them: there is no DNS proxy
-//! here to answer with an allocated VIP, and the host's own addresses go past the
-//! waypoint).
+//! host, `workloadSelector`, and `exportTo` other than `*`.
+//!
+//! An entry without `addresses` is given one VIP, as Istio allocates them ([`allocate`]:
+//! 240.240.0.0/16, by a hash of its namespace and host). Its clients reach it by that
+//! address: ztunnel's DNS proxy (`ztunnel.dns`) answers the host with it. Without the
+//! proxy they would resolve the host to its own addresses, and go past a waypoint.
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, ToSocketAddrs};
@@ -148,6 +150,28 @@ impl std::fmt::Debug for ResolverFn {
     }
 }
 
+/// The address Istio would allocate an entry without `addresses` (its `ipAutoallocate`
+/// range, 240.240.0.0/16): one picked by a hash of `namespace/host`, else the next free
+/// one after it; `None` when `taken` says all are.
+pub fn allocate(namespace: &str, host: &str, taken: impl Fn(IpAddr) -> bool) -> Option<IpAddr> {
+    // FNV-1a of `namespace/host` (the host as services are found by it).
+    let mut h: u32 = 0x811c_9dc5;
+    for b in namespace
+        .bytes()
+        .chain(std::iter::once(b'/'))
+        .chain(crate::names::host_key(host).bytes())
+    {
+        h = (h ^ u32::from(b)).wrapping_mul(0x0100_0193);
+    }
+    // 240.240.0.1 ..= 240.240.255.254.
+    const SIZE: u32 = 65534;
+    (0..SIZE).find_map(|i| {
+        let n = (h % SIZE + i) % SIZE + 1;
+        let ip = IpAddr::V4(std::net::Ipv4Addr::new(240, 240, (n >> 8) as u8, n as u8));
+        (!taken(ip)).then_some(ip)
+    })
+}
+
 /// The system's resolver (`getaddrinfo`), each address once, in its order.
 pub fn system_resolver(host: &str) -> Result<Vec<IpAddr>, String> {
     let mut out: Vec<IpAddr> = Vec::new();
@@ -223,16 +247,6 @@ impl LocalServiceEntry {
         }
         if self.ports.is_empty() {
             return Err(Invalid::new(format!("{f}.ports"), "at least one port"));
-        }
-        // Clients reach a waypoint's entry by its VIPs only: with none, they would reach
-        // the host at its own addresses, past the waypoint (no DNS proxy here answers its
-        // name with an allocated VIP, as Istio's does).
-        if self.addresses.is_empty() && self.labels.contains_key(crate::binding::USE_WAYPOINT_LABEL)
-        {
-            return Err(Invalid::new(
-                format!("{f}.addresses"),
-                "required for an entry bound to a waypoint: clients reach it by these VIPs (resolve its host to them), since no DNS proxy here allocates one",
-            ));
         }
         let mut ports = BTreeMap::new();
         let mut names = BTreeMap::new();
