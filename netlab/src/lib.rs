@@ -13,9 +13,9 @@
 //!   veths the caller's capture rules must cover.
 //! - Commands ([`run`], [`run_in`], [`nft`], [`nft_list_table`]), namespace entry ([`enter`],
 //!   [`in_ns`], [`try_in_ns`]), sockets made inside a namespace ([`connect_in`],
-//!   [`serve_in`], [`http_get_in`]), readiness ([`Lab::spawn_ready`], [`eventually`]) and the
-//!   gate of tests that need root ([`require_root`], [`require_ipv6`]), and the proxies'
-//!   Prometheus counters ([`metric`]).
+//!   [`serve_in`], [`http_get_in`], [`resolve_a_in`]), readiness ([`Lab::spawn_ready`],
+//!   [`eventually`]) and the gate of tests that need root ([`require_root`],
+//!   [`require_ipv6`]), and the proxies' Prometheus counters ([`metric`]).
 //!
 //! Namespace names start with `<tag><pid>` ([`process_prefix`]) so that [`sweep_stale`] can
 //! remove what a killed process left behind without touching live runs.
@@ -35,7 +35,7 @@ pub use gate::{
     cannot_run, eventually, in_ci, ipv6_available, is_root, require_ipv6, require_root,
 };
 pub use lab::{netns_command, process_prefix, sweep_stale, Lab};
-pub use ns::{connect_in, enter, http_get_in, in_ns, serve_in, try_in_ns, Served};
+pub use ns::{connect_in, enter, http_get_in, in_ns, resolve_a_in, serve_in, try_in_ns, Served};
 pub use stats::metric;
 pub use topo::{captured_devs, Addressing, Pod, TwoNodes};
 

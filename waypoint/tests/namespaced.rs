@@ -74,8 +74,6 @@ const NODE_IPS: [Ipv4Addr; 2] = [
 const ECHO_VIP: Ipv4Addr = Ipv4Addr::new(10, 196, 0, 1);
 const PLAIN_VIP: Ipv4Addr = Ipv4Addr::new(10, 196, 0, 3);
 const OTHER_VIP: Ipv4Addr = Ipv4Addr::new(10, 196, 0, 9);
-/// The VIP of the ServiceEntry `external.example.com`.
-const EXTERNAL_VIP: Ipv4Addr = Ipv4Addr::new(10, 196, 0, 7);
 
 fn pod(name: &str) -> Pod {
     *PODS.iter().find(|p| p.name == name).expect("pod")
@@ -92,7 +90,8 @@ fn waypoint_addr() -> SocketAddr {
 /// The mesh model: `client` (ns-a) calls services of `default`, whose namespace uses the
 /// waypoint; `outsider` is not in the mesh; `other` has no waypoint; the ServiceEntry
 /// `external.example.com`, bound to the waypoint, has the pod `external` (no workload of
-/// the model, outside the mesh) as its endpoint.
+/// the model, outside the mesh) as its endpoint, and no `addresses`: its VIP is allocated,
+/// and the ztunnels' DNS proxies answer its host with it.
 fn model() -> String {
     let ip = |n: &str| pod(n).ip;
     format!(
@@ -142,7 +141,6 @@ serviceEntries:
     namespace: default
     labels: {{istio.io/use-waypoint: waypoint}}
     hosts: [external.example.com]
-    addresses: [{EXTERNAL_VIP}]
     ports: [{{number: 80, name: http, protocol: HTTP, targetPort: 8080}}]
     resolution: STATIC
     endpoints: [{{address: {x}}}]
@@ -253,7 +251,7 @@ impl World {
             std::fs::write(
                 &file,
                 format!(
-                    "ztunnel:\n  node: {name}\n  address: 0.0.0.0\n  outbound: 0.0.0.0:15001\n  plaintext:\n    - listen: 0.0.0.0:15006\n{owned}  ca: {{builtin: {}}}\nruntime: {{workers: 1, pin: false, drain_timeout: 1s}}\n{}",
+                    "ztunnel:\n  node: {name}\n  address: 0.0.0.0\n  outbound: 0.0.0.0:15001\n  plaintext:\n    - listen: 0.0.0.0:15006\n{owned}  ca: {{builtin: {}}}\n  dns: {{listen: \"0.0.0.0:15053\", upstream: [\"127.0.0.1:9\"]}}\nruntime: {{workers: 1, pin: false, drain_timeout: 1s}}\n{}",
                     self.ca_dir.display(),
                     model()
                 ),
@@ -262,9 +260,12 @@ impl World {
             if i == 0 {
                 let loaded =
                     ztunnel::config::load_file(&file, &tuning::Profile::default(), 1).unwrap();
-                let rules = ztunnel::capture::Rules::for_node(&loaded.snapshot, name, |w| {
+                let mut rules = ztunnel::capture::Rules::for_node(&loaded.snapshot, name, |w| {
                     Some(TwoNodes::pod_dev(&w.name))
                 });
+                // The pods' DNS to the node's DNS proxy, as `ztunnel capture install
+                // --dns-port 15053` would.
+                rules.dns_port = Some(15053);
                 assert_eq!(rules.pod_interfaces, netlab::captured_devs(PODS, 0));
                 rules.install(Some(&self.node(i))).unwrap();
             }
@@ -657,9 +658,17 @@ fn r7_egress_through_the_waypoint_reaches_a_service_entry_outside_the_mesh() {
     need_root!("r7_egress_through_the_waypoint_reaches_a_service_entry_outside_the_mesh");
     let w = World::new("egress", SPEC_ECHO_ROUTE);
     let external = w.http_pod("external");
+    // The client resolves the entry's host with its usual resolver: node A's capture
+    // hands the query to its ztunnel's DNS proxy, which answers with the VIP allocated to
+    // the entry (it has no `addresses`), as Istio's DNS proxy does.
+    let resolver = SocketAddr::from(([10, 96, 0, 10], 53));
+    let ips = netlab::resolve_a_in(&w.pod_ns("client"), resolver, "external.example.com")
+        .unwrap_or_else(|e| panic!("{e}\n{}", w.dump()));
+    assert_eq!(ips.len(), 1, "{ips:?}");
+    assert_eq!(ips[0].octets()[..2], [240, 240], "{ips:?}");
     // The client calls the entry's VIP: node A's ztunnel captures it and tunnels it to the
     // waypoint (R7); the waypoint reaches the endpoint, outside the mesh, in plain TCP.
-    let mut s = w.connect("client", vip(EXTERNAL_VIP));
+    let mut s = w.connect("client", vip(ips[0]));
     for i in 0..3 {
         let (code, body) = exchange(&mut s, &get(&format!("/x{i}"), "external.example.com"));
         assert_eq!(code, 200, "{}", w.dump());

@@ -120,6 +120,10 @@ pub struct Rules {
     pub inbound_port: u16,
     /// HBONE to a captured pod's `:hbone_port` goes to this node's `:hbone_port`.
     pub hbone_port: u16,
+    /// With the DNS proxy ([`crate::dns`]): UDP to port 53 from a captured pod goes to
+    /// this node's `:dns_port` (a `redirect`: the answer's source is put back by
+    /// conntrack).
+    pub dns_port: Option<u16>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -146,6 +150,7 @@ impl Rules {
             outbound_port: OUTBOUND_CAPTURE_PORT,
             inbound_port: PLAINTEXT_PORT,
             hbone_port: HBONE_PORT,
+            dns_port: None,
         }
     }
 
@@ -277,6 +282,13 @@ impl Rules {
         if !hbone.is_empty() {
             s.push_str(&format!(
                 "  chain output {{\n    type nat hook output priority -100; policy accept;\n{hbone}  }}\n"
+            ));
+        }
+        // DNS of captured pods to the DNS proxy: a `redirect` (UDP has no tproxy socket
+        // lookup to rely on; conntrack puts the answer's source back).
+        if let (Some(d), false) = (self.dns_port, self.pod_interfaces.is_empty()) {
+            s.push_str(&format!(
+                "  chain dns {{\n    type nat hook prerouting priority dstnat; policy accept;\n    iifname {{ {ifs} }} udp dport 53 redirect to :{d}\n  }}\n"
             ));
         }
         s.push_str("}\n");
@@ -589,6 +601,22 @@ workloads:
         });
         assert_eq!(r.pod_interfaces, vec!["p-a1".to_string()]);
         assert_eq!(r.pod_cidrs, vec!["10.1.0.2/32".to_string()]);
+    }
+
+    #[test]
+    fn ruleset_sends_captured_pods_dns_to_the_proxy() {
+        let mut r = Rules::new(vec!["p-client".into()], vec!["10.1.0.2/32".into()]);
+        assert!(!r.ruleset().unwrap().contains("udp dport 53"));
+        r.dns_port = Some(15053);
+        let s = r.ruleset().unwrap();
+        assert!(
+            s.contains("type nat hook prerouting priority dstnat; policy accept;\n    iifname { \"p-client\" } udp dport 53 redirect to :15053\n"),
+            "{s}"
+        );
+        // No captured pod: no DNS rule.
+        let mut none = Rules::new(vec![], vec!["10.1.0.2/32".into()]);
+        none.dns_port = Some(15053);
+        assert!(!none.ruleset().unwrap().contains("udp dport 53"));
     }
 
     #[test]

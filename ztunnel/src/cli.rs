@@ -47,6 +47,10 @@ struct CaptureArgs {
     inbound_port: u16,
     #[arg(long, default_value = crate::capture::DEFAULT_TABLE)]
     table: String,
+    /// Send the captured pods' UDP DNS (port 53) to this port of the node: the DNS proxy's
+    /// (`ztunnel.dns`, Istio's 15053).
+    #[arg(long)]
+    dns_port: Option<u16>,
 }
 
 fn capture_main(args: impl Iterator<Item = std::ffi::OsString>) -> ExitCode {
@@ -61,6 +65,7 @@ fn capture_main(args: impl Iterator<Item = std::ffi::OsString>) -> ExitCode {
     rules.table = a.table;
     rules.outbound_port = a.outbound_port;
     rules.inbound_port = a.inbound_port;
+    rules.dns_port = a.dns_port;
     let r = match a.action.as_str() {
         "install" => rules.install(a.netns.as_deref()),
         "remove" => rules.remove(a.netns.as_deref()),

@@ -26,6 +26,9 @@
 //!   capture: { table: ztunnel_capture } # optional: this process owns the node's nftables
 //!                                     # capture rules and keeps them in step with reloads
 //!                                     # (needs root; see `crate::capture`)
+//!   dns:                              # optional: the DNS proxy (see `crate::dns`); with
+//!     listen: 0.0.0.0:15053           # `capture`, captured pods' UDP DNS goes to its port
+//!     upstream: [10.96.0.10:53]       # default: the nameservers of /etc/resolv.conf
 //!   dns_refresh: 60s                  # default (Istio's dnsRefreshRate): how often DNS
 //!                                     # ServiceEntries' host names are looked up again (an
 //!                                     # answer that changed reloads the file); 0s: at load
@@ -155,7 +158,33 @@ pub struct ZtunnelSection {
     /// Istio's `dnsRefreshRate`; `0s`: only when the file is loaded).
     #[serde(default = "default_dns_refresh", with = "runtime::config::duration")]
     pub dns_refresh: std::time::Duration,
+    /// The DNS proxy ([`crate::dns`]), when set.
+    #[serde(default)]
+    pub dns: Option<DnsSection>,
 }
+
+/// `ztunnel.dns`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DnsSection {
+    /// UDP address (default `<address>:15053`; with capture, `0.0.0.0:15053`: captured
+    /// queries arrive on the pod veth's node address).
+    #[serde(default)]
+    pub listen: Option<SocketAddr>,
+    /// Where other queries go (default: the nameservers of `/etc/resolv.conf`).
+    #[serde(default)]
+    pub upstream: Vec<SocketAddr>,
+}
+
+/// The DNS proxy's resolved settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DnsSettings {
+    pub listen: SocketAddr,
+    pub upstream: Vec<SocketAddr>,
+}
+
+/// Istio's ztunnel DNS port.
+pub const DNS_PORT: u16 = 15053;
 
 fn default_dns_refresh() -> std::time::Duration {
     std::time::Duration::from_secs(60)
@@ -212,6 +241,8 @@ pub struct Settings {
     /// put its own).
     pub dns_refresh: std::time::Duration,
     pub dns_resolver: mesh_model::config::ResolverFn,
+    /// `ztunnel.dns`: the DNS proxy, when on.
+    pub dns: Option<DnsSettings>,
     pub ca: CaConfig,
     /// Set: this process owns the node's capture rules (see [`crate::capture`]).
     pub capture: Option<CaptureSettings>,
@@ -313,6 +344,14 @@ impl ZtunnelFile {
                 .unwrap_or_else(|| DEFAULT_CLUSTER_ID.into()),
             dns_refresh: z.dns_refresh,
             dns_resolver: mesh_model::config::ResolverFn::default(),
+            dns: z.dns.as_ref().map(|d| DnsSettings {
+                listen: d.listen.unwrap_or(SocketAddr::new(ip, DNS_PORT)),
+                upstream: if d.upstream.is_empty() {
+                    crate::dns::system_upstreams()
+                } else {
+                    d.upstream.clone()
+                },
+            }),
             ca: z.ca.clone(),
             capture: z.capture.clone(),
             runtime,

@@ -10,6 +10,8 @@
 //! - [`socks`] — SOCKS5 parsing and handshake.
 //! - [`capture`] — transparent capture: the design (node-level `tproxy`) and the helper
 //!   that installs/removes a node's nftables rules.
+//! - [`dns`] — the DNS proxy: captured pods' queries for the mesh's hostnames answered
+//!   with their VIPs, the rest forwarded.
 //! - [`proxy`] — listeners, outbound (R1, R4–R8) and inbound (R9–R12) paths, reload watcher.
 //! - [`metrics`] — `istio_tcp_*` with Istio's labels and ztunnel's path counters.
 //! - [`admin`] — `/healthz/ready`, `/stats/prometheus`, `/config_dump`.
@@ -18,6 +20,7 @@ pub mod admin;
 pub mod capture;
 pub mod cli;
 pub mod config;
+pub mod dns;
 pub mod metrics;
 pub mod proxy;
 pub mod socks;

@@ -74,6 +74,8 @@ pub enum StartError {
     Workers(#[from] std::io::Error),
     #[error("capture rules: {0}")]
     Capture(#[from] crate::capture::CaptureError),
+    #[error("dns proxy on {0}: {1}")]
+    Dns(SocketAddr, std::io::Error),
 }
 
 /// Control-side counters of the config watcher.
@@ -113,6 +115,9 @@ pub struct Handle {
     pub reloads: Arc<ReloadCounters>,
     endpoints: Vec<Endpoint>,
     stop_watch: Arc<AtomicBool>,
+    /// The DNS proxy (`ztunnel.dns`), when on; and what it did.
+    pub dns: Option<crate::dns::DnsProxy>,
+    pub dns_counters: Arc<crate::dns::DnsCounters>,
 }
 
 impl Handle {
@@ -312,10 +317,26 @@ pub fn start(
         }
     }
     // Capture rules owned by this process: in place before anything reports ready.
+    // The DNS proxy, answering from the snapshot in force.
+    let dns_counters = Arc::new(crate::dns::DnsCounters::default());
+    let dns = match &settings.dns {
+        Some(d) => {
+            let p = publisher.clone();
+            let lookup = move |q: &crate::dns::Query| crate::dns::lookup(&p.load().model, q);
+            let proxy =
+                crate::dns::serve(d.listen, d.upstream.clone(), lookup, dns_counters.clone())
+                    .map_err(|e| StartError::Dns(d.listen, e))?;
+            tracing::info!(listen = %proxy.addr, upstream = ?d.upstream, "dns proxy up");
+            Some(proxy)
+        }
+        None => None,
+    };
+    let dns_port = dns.as_ref().map(|d| d.addr.port());
     let capture = match &settings.capture {
         Some(c) => {
-            let rules =
+            let mut rules =
                 crate::capture::owned_rules(&publisher.load().model, &settings.node, &c.table);
+            rules.dns_port = dns_port;
             rules.install(None)?;
             reloads.capture_installs.fetch_add(1, Ordering::Relaxed);
             tracing::info!(table = %rules.table, interfaces = ?rules.pod_interfaces, pods = ?rules.pod_cidrs, "capture rules installed");
@@ -324,7 +345,12 @@ pub fn start(
         None => None,
     };
 
-    let (m2, p2, rl2) = (metrics.clone(), publisher.clone(), reloads.clone());
+    let (m2, p2, rl2, dc2) = (
+        metrics.clone(),
+        publisher.clone(),
+        reloads.clone(),
+        dns_counters.clone(),
+    );
     let stats_ep = admin::serve("stats", settings.stats, move |path| match path {
         "/stats/prometheus" | "/metrics" | "/stats" => {
             let mut body = m2.render(p2.version());
@@ -336,6 +362,7 @@ pub fn start(
                 rl2.capture_errors.load(Ordering::Relaxed),
                 rl2.dns_reloads.load(Ordering::Relaxed)
             ));
+            body.push_str(&dc2.render());
             body.push_str(&runtime::pmqos::render_prometheus("ztunnel"));
             ("200 OK", "text/plain; version=0.0.4", body)
         }
@@ -520,6 +547,8 @@ pub fn start(
         reloads,
         endpoints,
         stop_watch,
+        dns,
+        dns_counters,
     })
 }
 
@@ -598,7 +627,8 @@ fn spawn_watcher(
                         // The capture rules follow the new snapshot (R2) before it serves:
                         // a pod captured from now on is already known to the proxy.
                         if let Some(old) = capture.as_mut() {
-                            let next = crate::capture::owned_rules(&st.model, &settings.node, &old.table);
+                            let mut next = crate::capture::owned_rules(&st.model, &settings.node, &old.table);
+                            next.dns_port = old.dns_port;
                             if next != *old {
                                 match next.replace_table(None) {
                                     Ok(()) => {
