@@ -425,6 +425,47 @@ mod tests {
         }
     }
 
+    /// Mutated queries (bytes flipped, cut, extended; a fixed-seed generator): parsing
+    /// never panics, and whatever parses is answered without panicking.
+    #[test]
+    fn mutated_queries_never_panic() {
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut next = move || {
+            x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+            let mut z = x;
+            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            z ^ (z >> 31)
+        };
+        let base = query("api.example.com", TYPE_A);
+        let ips: Vec<IpAddr> = vec!["240.240.0.1".parse().unwrap()];
+        let mut parsed = 0;
+        for _ in 0..200_000 {
+            let mut q = base.clone();
+            for _ in 0..(next() % 4) {
+                let i = (next() as usize) % q.len();
+                match next() % 3 {
+                    0 => q[i] = next() as u8,
+                    1 => q.truncate(i),
+                    _ => q.insert(i, next() as u8),
+                }
+                if q.is_empty() {
+                    break;
+                }
+            }
+            if let Some(p) = parse_query(&q) {
+                parsed += 1;
+                let a = answer(&q, &p, &ips);
+                assert_eq!(&a[..2], &q[..2]);
+            }
+            if is_query(&q) {
+                assert_eq!(servfail(&q).len(), q.len());
+            }
+        }
+        // The generator does reach parsable queries, not only garbage.
+        assert!(parsed > 1000, "{parsed}");
+    }
+
     #[test]
     fn servfail_keeps_the_question_and_clears_the_records() {
         let raw = query("x.y", TYPE_AAAA);
