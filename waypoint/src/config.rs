@@ -2370,6 +2370,39 @@ struct BackendRefRaw {
     filters: Vec<FilterRaw>,
 }
 
+/// The object a `backendRef` (or a mirror's) names, as [`service_ref`] reads it.
+struct RefFields<'a> {
+    group: Option<&'a str>,
+    kind: Option<&'a str>,
+    name: &'a str,
+    namespace: Option<&'a str>,
+    port: Option<u16>,
+}
+
+impl BackendRefRaw {
+    fn fields(&self) -> RefFields<'_> {
+        RefFields {
+            group: self.group.as_deref(),
+            kind: self.kind.as_deref(),
+            name: &self.name,
+            namespace: self.namespace.as_deref(),
+            port: self.port,
+        }
+    }
+}
+
+impl BackendObjRaw {
+    fn fields(&self) -> RefFields<'_> {
+        RefFields {
+            group: self.group.as_deref(),
+            kind: self.kind.as_deref(),
+            name: &self.name,
+            namespace: self.namespace.as_deref(),
+            port: self.port,
+        }
+    }
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 struct TimeoutsRaw {
@@ -2427,21 +2460,23 @@ fn anchored(field: &str, re: &str) -> Result<Regex, Invalid> {
         .map_err(|e| Invalid::new(field, format!("invalid regular expression: {e}")))
 }
 
-#[allow(clippy::too_many_arguments)]
 fn service_ref(
     field: &str,
-    group: &Option<String>,
-    kind: &Option<String>,
-    name: &str,
-    namespace: &Option<String>,
-    port: Option<u16>,
+    r: RefFields<'_>,
     default_ns: &str,
     hosts: &Hosts,
 ) -> Result<(ObjectRef, u16), Invalid> {
+    let RefFields {
+        group,
+        kind,
+        name,
+        namespace,
+        port,
+    } = r;
     // A ServiceEntry is the service it converts to, of the same name (as Istio takes
     // `kind: ServiceEntry` backends); a `Hostname` (Istio's egress routes) is the service
     // of the mesh model with that hostname.
-    let hostname = match (group.as_deref().unwrap_or(""), kind.as_deref().unwrap_or("Service")) {
+    let hostname = match (group.unwrap_or(""), kind.unwrap_or("Service")) {
         ("", "Service") | ("networking.istio.io", "ServiceEntry") => false,
         ("networking.istio.io", "Hostname") => true,
         _ => {
@@ -2453,7 +2488,7 @@ fn service_ref(
     };
     let port =
         port.ok_or_else(|| Invalid::new(format!("{field}.port"), "required for a Service"))?;
-    let ns = namespace.as_deref().unwrap_or(default_ns);
+    let ns = namespace.unwrap_or(default_ns);
     if hostname {
         let svc = hosts.find(name, ns).ok_or_else(|| {
             Invalid::new(
@@ -2623,11 +2658,7 @@ fn compile_filters(
                 let b = &m.backend_ref;
                 let (service, port) = service_ref(
                     &format!("{fld}.requestMirror.backendRef"),
-                    &b.group,
-                    &b.kind,
-                    &b.name,
-                    &b.namespace,
-                    b.port,
+                    b.fields(),
                     ns,
                     hosts,
                 )?;
@@ -2742,16 +2773,7 @@ fn compile_tcp_route(d: &Doc<TcpRouteSpec>, hosts: &Hosts) -> Result<TcpRoute, I
                 "a TCPRoute backendRef has no filters",
             ));
         }
-        let (service, port) = service_ref(
-            &bf,
-            &b.group,
-            &b.kind,
-            &b.name,
-            &b.namespace,
-            b.port,
-            ns,
-            hosts,
-        )?;
+        let (service, port) = service_ref(&bf, b.fields(), ns, hosts)?;
         backends.push(Backend {
             service,
             port,
@@ -2851,16 +2873,7 @@ fn compile_route(d: &Doc<RouteSpec>, hosts: &Hosts) -> Result<HttpRoute, Invalid
         let mut backends = vec![];
         for (bi, b) in r.backend_refs.iter().enumerate() {
             let bf = format!("{rf}.backendRefs[{bi}]");
-            let (service, port) = service_ref(
-                &bf,
-                &b.group,
-                &b.kind,
-                &b.name,
-                &b.namespace,
-                b.port,
-                ns,
-                hosts,
-            )?;
+            let (service, port) = service_ref(&bf, b.fields(), ns, hosts)?;
             let bfilters = compile_filters(&format!("{bf}.filters"), &b.filters, true, ns, hosts)?;
             backends.push(Backend {
                 service,
