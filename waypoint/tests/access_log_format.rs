@@ -362,16 +362,21 @@ spec:
     );
     assert!(body.ends_with('\n'), "{body}");
     assert!(default[0].attributes.is_empty());
+    // Counted once the collector's answer to each export is back: the collector may have
+    // handed over the last records before the waypoint read that answer.
     let stats = wp.handle().stats_addr().unwrap();
-    let page = common::prometheus_page(stats);
-    assert_eq!(
+    let exported = || {
         common::counter_in(
-            &page,
-            "waypoint_access_log_records_total{result=\"exported\"}"
-        ),
-        4,
-        "{page}"
-    );
+            &common::prometheus_page(stats),
+            "waypoint_access_log_records_total{result=\"exported\"}",
+        )
+    };
+    common::block_on(common::bounded(async {
+        while exported() < 4 {
+            monoio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }));
+    assert_eq!(exported(), 4, "{}", common::prometheus_page(stats));
 }
 
 fn hex(b: &[u8]) -> String {
