@@ -291,6 +291,9 @@ pub async fn splice(
         let H2Stream { send, recv, .. } = &mut down;
         let d2u = async {
             let mut data = first;
+            // Window taken by `data` (none for `first`, read by detection): given back once
+            // it is written, so what waits here stays within the stream's window.
+            let mut held = 0;
             loop {
                 let n = data.len();
                 if n > 0 {
@@ -299,9 +302,14 @@ pub async fn splice(
                     }
                     counts[0].set(counts[0].get() + n as u64);
                 }
+                if held > 0 {
+                    let _ = recv
+                        .flow_control()
+                        .release_capacity(std::mem::take(&mut held));
+                }
                 match poll_fn(|cx| recv.poll_data(cx)).await {
                     Some(Ok(b)) => {
-                        let _ = recv.flow_control().release_capacity(b.len());
+                        held = b.len();
                         data = b;
                     }
                     Some(Err(e)) => return DirEnd::ReadFailed(io::Error::other(e)),
