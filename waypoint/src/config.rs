@@ -994,56 +994,47 @@ pub fn load_str_with(
     // Policies naming a GatewayClass (document, first line, text, namespace): only the
     // root namespace may, which is known once the settings document is read.
     let mut classes: Vec<(usize, usize, String, String)> = vec![];
-    let docs = documents(text);
+    // Each non-blank document (numbered from 1 in errors) with its first line and its
+    // head, read once.
+    let docs: Vec<(usize, String, Result<Head, ConfigError>)> = documents(text)
+        .into_iter()
+        .filter(|(_, doc)| !is_blank(doc))
+        .map(|(start, doc)| {
+            let head = runtime::config::from_yaml_str::<Head>(file, &doc);
+            (start, doc, head)
+        })
+        .collect();
+    // A parse error of document `index` (first line `start`), placed in the file.
+    let located = |index: usize, start: usize, e: ConfigError| LoadError {
+        file: file.to_owned(),
+        document: index,
+        line: e.line.map(|l| l + start - 1),
+        column: e.column,
+        field: e.field,
+        message: e.message,
+    };
     // The mesh model first (the first document with no apiVersion/kind that is neither
     // the settings nor the MeshConfig): rules and routes may name its services by
     // hostname ([`Hosts`]), whatever the order of the documents.
-    let mut model_doc = None;
-    let mut index = 0;
-    for (start, doc) in &docs {
-        if is_blank(doc) {
-            continue;
-        }
-        index += 1;
-        let Ok(head) = runtime::config::from_yaml_str::<Head>(file, doc) else {
-            continue;
-        };
-        if head.api_version.is_none()
-            && head.kind.is_none()
-            && head.waypoint.is_none()
-            && head.mesh_config.is_none()
-        {
-            let snap =
-                mesh_model::config::load_str_with(file, doc, version, resolve).map_err(|e| {
-                    LoadError {
-                        file: file.to_owned(),
-                        document: index,
-                        line: e.line.map(|l| l + start - 1),
-                        column: e.column,
-                        field: e.field,
-                        message: e.message,
-                    }
-                })?;
-            cfg.mesh = Some(snap);
-            model_doc = Some(index);
-            break;
-        }
+    let model_doc = docs.iter().position(|(_, _, head)| {
+        head.as_ref().is_ok_and(|h| {
+            h.api_version.is_none()
+                && h.kind.is_none()
+                && h.waypoint.is_none()
+                && h.mesh_config.is_none()
+        })
+    });
+    if let Some(i) = model_doc {
+        let (start, doc, _) = &docs[i];
+        let snap = mesh_model::config::load_str_with(file, doc, version, resolve)
+            .map_err(|e| located(i + 1, *start, e))?;
+        cfg.mesh = Some(snap);
     }
+    let model_doc = model_doc.map(|i| i + 1);
     let hosts = Hosts::of(cfg.mesh.as_ref());
-    let mut index = 0;
-    for (start, doc) in docs {
-        if is_blank(&doc) {
-            continue;
-        }
-        index += 1;
-        let at = |e: ConfigError| LoadError {
-            file: file.to_owned(),
-            document: index,
-            line: e.line.map(|l| l + start - 1),
-            column: e.column,
-            field: e.field,
-            message: e.message,
-        };
+    for (i, (start, doc, head)) in docs.into_iter().enumerate() {
+        let index = i + 1;
+        let at = |e: ConfigError| located(index, start, e);
         let invalid = |e: Invalid| {
             // Not written out at all: the document's first line.
             let line = Some(locate(&doc, &e.field).unwrap_or(1) + start - 1);
@@ -1056,7 +1047,7 @@ pub fn load_str_with(
                 message: e.message,
             }
         };
-        let head: Head = runtime::config::from_yaml_str(file, &doc).map_err(at)?;
+        let head = head.map_err(at)?;
         if head.waypoint.is_some() {
             if head.api_version.is_some() || head.kind.is_some() {
                 return Err(invalid(Invalid::new(
