@@ -26,9 +26,7 @@ spec:
 "#;
     let text = format!("{model}---\n{telemetry}");
     let wp = common::Waypoint::with_stats(&ca, &text, &format!("waypoint-log-filter-{net}.yaml"));
-    let get = |path: &str, fields: &str| {
-        format!("GET {path} HTTP/1.1\r\nhost: echo.app.svc.cluster.local\r\n{fields}\r\n")
-    };
+    let get = common::echo_get;
     let got = common::http1_on_tunnel(
         wp.addr,
         &wp.client_cert,

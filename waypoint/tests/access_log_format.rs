@@ -76,7 +76,7 @@ spec:
     let text = format!("{model}---\n{mesh_config}---\n{telemetry}---\n{deny}");
     let wp = common::Waypoint::with_stats(&ca, &text, &format!("waypoint-log-format-{net}.yaml"));
     let get = |path: &str, fields: &str| {
-        format!("GET {path} HTTP/1.1\r\nhost: echo.app.svc.cluster.local\r\nuser-agent: probe/1\r\n{fields}\r\n")
+        common::echo_get(path, &format!("user-agent: probe/1\r\n{fields}"))
     };
     let requests = [
         get("/ok", ""),
@@ -292,9 +292,7 @@ spec:
     let text_cfg = format!("{model}---\n{mesh_config}---\n{telemetry}");
     let wp = common::Waypoint::with_stats(&ca, &text_cfg, &format!("waypoint-otel-als-{net}.yaml"));
     let trace = "0af7651916cd43dd8448eb211c80319c";
-    let get = |path: &str, fields: &str| {
-        format!("GET {path} HTTP/1.1\r\nhost: echo.app.svc.cluster.local\r\n{fields}\r\n")
-    };
+    let get = common::echo_get;
     let got = common::http1_on_tunnel(
         wp.addr,
         &wp.client_cert,

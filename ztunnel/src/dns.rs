@@ -350,7 +350,7 @@ fn forward(query: &[u8], upstreams: &[SocketAddr]) -> Option<Vec<u8>> {
             continue;
         }
         let mut buf = vec![0u8; 65535];
-        // Stray datagrams (another ID) are skipped until the wait ends.
+        // A datagram with another ID (a stray answer) is read past, until the wait ends.
         while let Ok(n) = s.recv(&mut buf) {
             if n >= 12 && &buf[..2] == id && buf[2] & 0x80 != 0 {
                 buf.truncate(n);

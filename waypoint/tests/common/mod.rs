@@ -389,6 +389,12 @@ pub fn echo_to_end(mut c: std::net::TcpStream) {
     let _ = c.shutdown(std::net::Shutdown::Write);
 }
 
+/// A GET of `path` on the `echo` service's host, with `fields` (each line ending in CRLF)
+/// after `host`.
+pub fn echo_get(path: &str, fields: &str) -> String {
+    format!("GET {path} HTTP/1.1\r\nhost: echo.app.svc.cluster.local\r\n{fields}\r\n")
+}
+
 /// A keep-alive HTTP/1.1 backend on `ip` (any port) answering `200 <name>` to every
 /// request, one thread per connection.
 pub fn named_backend(ip: Ipv4Addr, name: &'static str) -> SocketAddr {
