@@ -8,7 +8,9 @@ use std::sync::Arc;
 use bytes::Bytes;
 use h2::client::SendRequest;
 use h2::SendStream;
+use monoio::net::TcpStream;
 use runtime::listener::ListenOptions;
+use runtime::worker::{race, Either};
 use rustls_pki_types::ServerName;
 
 use crate::error::HboneError;
@@ -106,11 +108,24 @@ impl Client {
         opts: &ListenOptions,
         req: &ConnectRequest,
     ) -> Result<(Client, H2Stream), HboneError> {
+        Self::connect_and_open_early(addr, tls, settings, counters, opts, req, None).await
+    }
+
+    /// [`Client::connect_and_open`], sending `early`'s bytes ahead of the reply.
+    pub async fn connect_and_open_early(
+        addr: SocketAddr,
+        tls: Arc<rustls::ClientConfig>,
+        settings: &H2Settings,
+        counters: &TlsCounters,
+        opts: &ListenOptions,
+        req: &ConnectRequest,
+        early: Option<&mut Early<'_>>,
+    ) -> Result<(Client, H2Stream), HboneError> {
         let req = connect_request(req)?;
         let (client, first) =
             Self::establish(addr, tls, settings, counters, opts, Some(req)).await?;
         let (resp, stream) = first.expect("a first request was asked for");
-        let stream = answered(resp, stream).await?;
+        let stream = answered_with(resp, stream, early).await?;
         Ok((client, stream))
     }
 
@@ -218,15 +233,24 @@ impl Client {
 
     /// Open a CONNECT stream; fails with `HboneError::Status` unless the server answers 200.
     pub async fn open(&self, req: &ConnectRequest) -> Result<H2Stream, HboneError> {
+        let (reply, stream) = self.send_connect(req).await?;
+        answered(reply, stream).await
+    }
+
+    /// Send a CONNECT, its reply not awaited yet.
+    pub(crate) async fn send_connect(
+        &self,
+        req: &ConnectRequest,
+    ) -> Result<FirstRequest, HboneError> {
         let req = connect_request(req)?;
         let mut send = self.send.clone().ready().await?;
         let (resp, stream) = send.send_request(req, false)?;
-        let resp = Reply {
+        let reply = Reply {
             resp,
             peer: self.peer,
             timeout: self.reply_timeout,
         };
-        answered(resp, stream).await
+        Ok((reply, stream))
     }
 }
 
@@ -255,13 +279,39 @@ pub(crate) async fn answered(
     reply: Reply,
     stream: SendStream<Bytes>,
 ) -> Result<H2Stream, HboneError> {
+    answered_with(reply, stream, None).await
+}
+
+/// [`answered`], sending `early`'s bytes on the stream while the reply is awaited.
+pub(crate) async fn answered_with(
+    reply: Reply,
+    mut stream: SendStream<Bytes>,
+    early: Option<&mut Early<'_>>,
+) -> Result<H2Stream, HboneError> {
     let Reply {
         resp,
         peer,
         timeout,
     } = reply;
+    let wait = async {
+        let mut resp = resp;
+        if let Some(early) = early {
+            if early.data.is_none() {
+                // The client's first bytes, if they come before the reply (the reply
+                // first: the bridge forwards them, as without `early`).
+                match race(&mut resp, early.tcp.readable(false)).await {
+                    Either::Left(r) => return r.map_err(HboneError::from),
+                    Either::Right(r) => early.read(r)?,
+                }
+            }
+            if let Some(data) = early.data.clone().filter(|d| !d.is_empty()) {
+                crate::stream::send_all(&mut stream, data, false).await?;
+            }
+        }
+        resp.await.map_err(HboneError::from)
+    };
     let resp =
-        crate::settings::within(timeout, resp)
+        crate::settings::within(timeout, wait)
             .await
             .map_err(|_| HboneError::ReplyTimeout {
                 peer,
@@ -271,4 +321,51 @@ pub(crate) async fn answered(
         return Err(HboneError::Status(resp.status()));
     }
     Ok(H2Stream::new(stream, resp.into_body()))
+}
+
+/// The client's first bytes, sent on a CONNECT stream ahead of its reply: a client that
+/// speaks first (an HTTP request, a TLS ClientHello) has them at the server while it
+/// connects to the destination, instead of one more round trip between the two ends after
+/// the `200`. A server that refuses the stream drops them, and the client's connection is
+/// refused as before.
+///
+/// Read once, at most [`EARLY_MAX`] bytes, only if they arrived before the reply; kept for
+/// a retry on another connection (the pool's), so they go on whichever stream is answered.
+pub struct Early<'a> {
+    tcp: &'a TcpStream,
+    data: Option<Bytes>,
+}
+
+/// The most a client's early bytes take: one read.
+pub const EARLY_MAX: usize = 16 * 1024;
+
+impl<'a> Early<'a> {
+    /// Early bytes from `tcp`, the client connection the stream will carry.
+    pub fn new(tcp: &'a TcpStream) -> Self {
+        Early { tcp, data: None }
+    }
+
+    /// The bytes sent ahead of the reply (to count with what the bridge moves after).
+    pub fn sent(&self) -> u64 {
+        self.data.as_ref().map_or(0, |d| d.len() as u64)
+    }
+
+    /// One non-blocking read once `tcp` was readable (`ready`). End of stream or no bytes
+    /// after all: none early (the bridge sees the end again). A failed connection ends the
+    /// open: [`HboneError::Client`].
+    fn read(&mut self, ready: std::io::Result<()>) -> Result<(), HboneError> {
+        ready.map_err(HboneError::Client)?;
+        let mut buf = bytes::BytesMut::with_capacity(EARLY_MAX);
+        let fd = std::os::fd::AsRawFd::as_raw_fd(self.tcp);
+        match runtime::sys::recv_spare(fd, &mut buf, EARLY_MAX) {
+            Ok(_) => self.data = Some(buf.freeze()),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted
+                ) => {}
+            Err(e) => return Err(HboneError::Client(e)),
+        }
+        Ok(())
+    }
 }

@@ -28,6 +28,10 @@ pub enum HboneError {
         peer: SocketAddr,
         after: std::time::Duration,
     },
+    /// The client connection whose first bytes were being read for the stream (see
+    /// [`crate::client::Early`]) failed before the CONNECT was answered.
+    #[error("client connection: {0}")]
+    Client(std::io::Error),
     /// A CONNECT sent and not answered within `h2.handshake_timeout` (the server could not
     /// reach its destination in time). Not retried: the connection itself is fine.
     #[error("HBONE CONNECT to {peer} not answered within {after:?} (h2.handshake_timeout)")]

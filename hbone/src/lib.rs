@@ -13,7 +13,8 @@
 //!   [`stream::TcpIo`]: non-blocking `recv`/`sendmsg` with readiness from the ring, small
 //!   records gathered per flush, + tokio-rustls + the stock `h2`), keepalive PINGs, GOAWAY
 //!   on drain. A new client connection sends TLS Finished, preface, SETTINGS and its first
-//!   CONNECT in one packet.
+//!   CONNECT in one packet. A client's first bytes may go ahead of the CONNECT's reply
+//!   ([`client::Early`]).
 //! - [`pool`] — per-worker connection pools keyed by (source identity, destination
 //!   identities, destination address); their sockets get the worker's socket options
 //!   ([`pool::Pool::with_socket_options`]).

@@ -21,7 +21,7 @@ use runtime::event::LocalEvent;
 use runtime::listener::ListenOptions;
 
 use crate::ca::WorkloadCert;
-use crate::client::{answered, default_socket_options, Client, FirstRequest};
+use crate::client::{answered_with, default_socket_options, Client, Early, FirstRequest};
 use crate::error::HboneError;
 use crate::identity::Identity;
 use crate::settings::H2Settings;
@@ -186,6 +186,18 @@ impl Pool {
         cert: &WorkloadCert,
         req: &ConnectRequest,
     ) -> Result<H2Stream, HboneError> {
+        self.open_early(key, cert, req, None).await
+    }
+
+    /// [`Pool::open`], sending the client's first bytes ahead of the reply ([`Early`]);
+    /// a retry sends them again on the stream it opens.
+    pub async fn open_early(
+        &self,
+        key: &PoolKey,
+        cert: &WorkloadCert,
+        req: &ConnectRequest,
+        mut early: Option<&mut Early<'_>>,
+    ) -> Result<H2Stream, HboneError> {
         loop {
             let (slot, owner) = self.reserve(key, cert, req)?;
             // Runs however this iteration ends, cancellation included: the first stream
@@ -205,7 +217,7 @@ impl Pool {
             if let Some((resp, send)) = first {
                 // A fresh connection's first stream: like any first failure on an
                 // unproven connection, not retried.
-                let mut s = answered(resp, send).await?;
+                let mut s = answered_with(resp, send, early.as_deref_mut()).await?;
                 slot.proven.set(true);
                 s._guard = Some(guard);
                 return Ok(s);
@@ -216,7 +228,11 @@ impl Pool {
                 .clone()
                 .expect("ready slot has a client");
             let proven = slot.proven.get();
-            match client.open(req).await {
+            let opened = match client.send_connect(req).await {
+                Ok((reply, send)) => answered_with(reply, send, early.as_deref_mut()).await,
+                Err(e) => Err(e),
+            };
+            match opened {
                 Ok(mut s) => {
                     slot.proven.set(true);
                     s._guard = Some(guard);

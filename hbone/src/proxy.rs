@@ -405,24 +405,28 @@ async fn outbound_conn(
         dst: vec![dst.clone()],
         addr: o.hbone,
     };
+    // The client's first bytes go ahead of the reply (see `Early`).
+    let mut early = crate::client::Early::new(&tcp);
     let stream = if o.pool {
-        pool.open(&key, &cert, &req).await
+        pool.open_early(&key, &cert, &req, Some(&mut early)).await
     } else {
         // Cold path: a fresh connection per stream (handshake benchmark).
         match crate::tls::client_config_to(&cert, &key.dst, o.hbone, cfg.h2.tls_resumption) {
-            Ok(tls) => crate::client::Client::connect_and_open(
+            Ok(tls) => crate::client::Client::connect_and_open_early(
                 o.hbone,
                 tls,
                 &cfg.h2,
                 &counters.client_tls,
                 ctx.listen_options(),
                 &req,
+                Some(&mut early),
             )
             .await
             .map(|(_client, stream)| stream),
             Err(e) => Err(crate::HboneError::Config(e)),
         }
     };
+    let early = early.sent();
     let stream = match stream {
         Ok(s) => s,
         Err(e) => {
@@ -442,7 +446,10 @@ async fn outbound_conn(
     )
     .await;
     let st = ctx.stats();
-    WorkerStats::add(&st.bytes_client_to_upstream, out.downstream_to_upstream);
+    WorkerStats::add(
+        &st.bytes_client_to_upstream,
+        early + out.downstream_to_upstream,
+    );
     WorkerStats::add(&st.bytes_upstream_to_client, out.upstream_to_downstream);
     if matches!(out.end, runtime::forward::End::Reset { .. }) {
         WorkerStats::inc(&st.resets);

@@ -120,7 +120,7 @@ impl H2Stream {
     }
 }
 
-async fn send_all(
+pub(crate) async fn send_all(
     send: &mut SendStream<Bytes>,
     mut data: Bytes,
     end: bool,

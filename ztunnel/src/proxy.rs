@@ -966,6 +966,8 @@ struct Tunnel {
     direction: &'static str,
     tcp: TcpStream,
     stream: H2Stream,
+    /// Bytes of the client's sent on the stream before it was answered (counted as sent).
+    early: u64,
     labels: ConnLabels,
     peer: SocketAddr,
     dst: SocketAddr,
@@ -988,11 +990,8 @@ impl Tunnel {
             w.ctx.aborted(),
         )
         .await;
-        metrics::close(
-            &counters,
-            out.downstream_to_upstream,
-            out.upstream_to_downstream,
-        );
+        let sent = self.early + out.downstream_to_upstream;
+        metrics::close(&counters, sent, out.upstream_to_downstream);
         access_log(
             self.direction,
             &self.route,
@@ -1001,7 +1000,7 @@ impl Tunnel {
             &self.labels,
             Some(self.target),
             Some(self.authority),
-            out.downstream_to_upstream,
+            sent,
             out.upstream_to_downstream,
             self.started,
             &Ended::End(&out.end),
@@ -1232,7 +1231,7 @@ async fn outbound_hbone(
     };
     // The request and the pool key in their own scope: not kept across the bridge's await,
     // in the task of a connection for as long as it lives.
-    let opened = {
+    let (opened, early) = {
         let mut req = ConnectRequest::new(authority);
         req.forwarded_for = Some(peer.ip());
         req.host = host;
@@ -1242,7 +1241,12 @@ async fn outbound_hbone(
             dst: expected,
             addr: target,
         };
-        Box::pin(w.pool.open(&key, &source.cert, &req)).await
+        // A captured client may have sent its first bytes already: they go ahead of the
+        // reply. A SOCKS5 client waits for our reply, so it has none to send.
+        let mut early = hbone::client::Early::new(&tcp);
+        let early_ref = matches!(mode, Downstream::Captured).then_some(&mut early);
+        let opened = Box::pin(w.pool.open_early(&key, &source.cert, &req, early_ref)).await;
+        (opened, early.sent())
     };
     let stream = match opened {
         Ok(s) => s,
@@ -1262,6 +1266,7 @@ async fn outbound_hbone(
         direction: "outbound",
         tcp,
         stream,
+        early,
         labels,
         peer,
         dst,
@@ -1833,6 +1838,7 @@ async fn plaintext_conn(w: Rc<Worker>, idx: usize, tcp: TcpStream, peer: SocketA
                     direction: "inbound",
                     tcp,
                     stream: up,
+                    early: 0,
                     labels,
                     peer,
                     dst: target,
