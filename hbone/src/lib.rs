@@ -4,9 +4,10 @@
 //! - [`identity`] — `spiffe://<td>/ns/<ns>/sa/<sa>`.
 //! - [`ca`] — certificate sources behind [`ca::CertSource`] — the built-in CA, Istio's
 //!   plug-in CA files, static files — and the half-life renewing [`ca::CertStore`].
-//! - [`tls`] — rustls configs (TLS 1.3, AES-GCM, P-256 key share first, ALPN h2, no
-//!   session tickets) with SPIFFE verifiers and refusal counters; per worker, a chain
-//!   verified once is not re-verified while valid, and client configs are cached.
+//! - [`tls`] — rustls configs (TLS 1.3, AES-GCM, P-256 key share first, ALPN h2,
+//!   session resumption by stateless tickets: [`resumption`]) with SPIFFE verifiers and
+//!   refusal counters; per worker, a chain verified once is not re-verified while valid,
+//!   and client configs are cached.
 //! - [`wire`] — the CONNECT request and its headers (`forwarded`, `baggage`,
 //!   `traceparent`), status codes; pure and fuzzed.
 //! - [`client`], [`server`] — connections on the runtime's workers (the socket as
