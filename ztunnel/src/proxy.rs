@@ -1526,7 +1526,8 @@ async fn hbone_stream(w: Rc<Worker>, mut inb: Box<HboneInbound>, conn: Rc<InConn
             dest_labels(&mut labels, &st, None, Some(&workload));
             w.metrics
                 .path(&path("hbone_hairpin", Some(waypoint.address)));
-            let up = match Box::pin(hairpin_open(&w, &st, &waypoint, authority, src_ip)).await {
+            let up = match Box::pin(hairpin_open(&w, &st, &waypoint, authority, src_ip, None)).await
+            {
                 Ok(s) => s,
                 Err(e) => {
                     tracing::info!(target: "access", direction = "inbound", authority = %target, waypoint = %waypoint.address, error = %e, "hairpin to waypoint failed: 503");
@@ -1674,13 +1675,15 @@ fn close_reason<'a>(
     }
 }
 
-/// R12: open an HBONE stream to `waypoint` for `authority`, as the ztunnel identity.
+/// R12: open an HBONE stream to `waypoint` for `authority`, as the ztunnel identity (a
+/// plaintext client's first bytes ahead of the reply with `early`).
 async fn hairpin_open(
     w: &Worker,
     st: &State,
     waypoint: &mesh_model::model::WaypointRef,
     authority: SocketAddr,
     src_ip: IpAddr,
+    early: Option<&mut hbone::client::Early<'_>>,
 ) -> Result<H2Stream, HboneError> {
     let me = &w.settings().identity;
     let cert = st
@@ -1700,7 +1703,7 @@ async fn hairpin_open(
         dst: expected,
         addr: waypoint.address,
     };
-    w.pool.open(&key, &cert, &req).await
+    w.pool.open_early(&key, &cert, &req, early).await
 }
 
 async fn copy_h2(
@@ -1825,7 +1828,19 @@ async fn plaintext_conn(w: Rc<Worker>, idx: usize, tcp: TcpStream, peer: SocketA
                 Some(waypoint.address),
                 Some(authority),
             ));
-            let up = match Box::pin(hairpin_open(&w, &st, &waypoint, authority, peer.ip())).await {
+            // The client's first bytes go ahead of the waypoint's reply (as outbound).
+            let mut early = hbone::client::Early::new(&tcp);
+            let opened = Box::pin(hairpin_open(
+                &w,
+                &st,
+                &waypoint,
+                authority,
+                peer.ip(),
+                Some(&mut early),
+            ))
+            .await;
+            let early = early.sent();
+            let up = match opened {
                 Ok(s) => s,
                 Err(e) => {
                     tracing::info!(target: "access", direction = "inbound", src = %peer, dst = %target, waypoint = %waypoint.address, error = %e, "plaintext hairpin failed: reset");
@@ -1838,7 +1853,7 @@ async fn plaintext_conn(w: Rc<Worker>, idx: usize, tcp: TcpStream, peer: SocketA
                     direction: "inbound",
                     tcp,
                     stream: up,
-                    early: 0,
+                    early,
                     labels,
                     peer,
                     dst: target,
