@@ -13,7 +13,7 @@
 //!   veths the caller's capture rules must cover.
 //! - Commands ([`run`], [`run_in`], [`nft`], [`nft_list_table`]), namespace entry ([`enter`],
 //!   [`in_ns`], [`try_in_ns`]), sockets made inside a namespace ([`connect_in`],
-//!   [`serve_in`], [`http_get_in`], [`resolve_a_in`]), readiness ([`Lab::spawn_ready`],
+//!   [`serve_in`], [`http_get_in`], [`resolve_a_in`], [`resolve_a_tcp_in`]), readiness ([`Lab::spawn_ready`],
 //!   [`eventually`]) and the gate of tests that need root ([`require_root`],
 //!   [`require_ipv6`]), and the proxies' Prometheus counters ([`metric`]).
 //!
@@ -35,7 +35,10 @@ pub use gate::{
     cannot_run, eventually, in_ci, ipv6_available, is_root, require_ipv6, require_root,
 };
 pub use lab::{netns_command, process_prefix, sweep_stale, Lab};
-pub use ns::{connect_in, enter, http_get_in, in_ns, resolve_a_in, serve_in, try_in_ns, Served};
+pub use ns::{
+    connect_in, enter, http_get_in, in_ns, resolve_a_in, resolve_a_tcp_in, serve_in, try_in_ns,
+    Served,
+};
 pub use stats::metric;
 pub use topo::{captured_devs, Addressing, Pod, TwoNodes};
 

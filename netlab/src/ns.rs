@@ -141,44 +141,78 @@ pub fn resolve_a_in(
     in_ns(ns, move || {
         let s = std::net::UdpSocket::bind("0.0.0.0:0")?;
         s.set_read_timeout(Some(std::time::Duration::from_secs(10)))?;
-        let mut q = vec![0x51, 0x18, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0];
-        for label in name.split('.').filter(|l| !l.is_empty()) {
-            q.push(label.len() as u8);
-            q.extend_from_slice(label.as_bytes());
-        }
-        q.extend_from_slice(&[0, 0, 1, 0, 1]);
+        let q = a_query(&name);
         s.send_to(&q, server)?;
         let mut a = vec![0u8; 1500];
         let n = s.recv(&mut a)?;
-        let a = &a[..n];
-        let bad = |why: &str| std::io::Error::other(format!("answer for {name}: {why}"));
-        if n < q.len() || a[..2] != q[..2] || a[2] & 0x80 == 0 {
-            return Err(bad("not a response to the query"));
-        }
-        if a[3] & 0x0f != 0 {
-            return Err(bad(&format!("rcode {}", a[3] & 0x0f)));
-        }
-        // The records after the question: name (a pointer or labels), type, class, TTL,
-        // length, data.
-        let mut i = q.len();
-        let mut out = Vec::new();
-        for _ in 0..u16::from_be_bytes([a[6], a[7]]) {
-            if a.get(i).is_some_and(|b| b & 0xc0 == 0xc0) {
-                i += 2;
-            } else {
-                while a.get(i).is_some_and(|b| *b != 0) {
-                    i += 1 + a[i] as usize;
-                }
-                i += 1;
-            }
-            let rec = a.get(i..i + 10).ok_or_else(|| bad("cut"))?;
-            let len = u16::from_be_bytes([rec[8], rec[9]]) as usize;
-            let data = a.get(i + 10..i + 10 + len).ok_or_else(|| bad("cut"))?;
-            if rec[..2] == [0, 1] && len == 4 {
-                out.push(std::net::Ipv4Addr::new(data[0], data[1], data[2], data[3]));
-            }
-            i += 10 + len;
-        }
-        Ok(out)
+        a_records(&name, &q, &a[..n])
     })
+}
+
+/// [`resolve_a_in`] over TCP (the query and the answer each after a two-byte length, as
+/// a resolver asks after a truncated answer, or always with `use-vc`).
+pub fn resolve_a_tcp_in(
+    ns: &str,
+    server: SocketAddr,
+    name: &str,
+) -> std::io::Result<Vec<std::net::Ipv4Addr>> {
+    let name = name.to_string();
+    in_ns(ns, move || {
+        let mut s =
+            std::net::TcpStream::connect_timeout(&server, std::time::Duration::from_secs(10))?;
+        s.set_read_timeout(Some(std::time::Duration::from_secs(10)))?;
+        let q = a_query(&name);
+        let mut framed = (q.len() as u16).to_be_bytes().to_vec();
+        framed.extend_from_slice(&q);
+        s.write_all(&framed)?;
+        let mut len = [0u8; 2];
+        s.read_exact(&mut len)?;
+        let mut a = vec![0u8; u16::from_be_bytes(len) as usize];
+        s.read_exact(&mut a)?;
+        a_records(&name, &q, &a)
+    })
+}
+
+/// An `A` query for `name` (ID 0x5118, recursion desired).
+fn a_query(name: &str) -> Vec<u8> {
+    let mut q = vec![0x51, 0x18, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0];
+    for label in name.split('.').filter(|l| !l.is_empty()) {
+        q.push(label.len() as u8);
+        q.extend_from_slice(label.as_bytes());
+    }
+    q.extend_from_slice(&[0, 0, 1, 0, 1]);
+    q
+}
+
+/// The `A` records of `a`, the answer to `q` (an error unless it is one, `NOERROR`).
+fn a_records(name: &str, q: &[u8], a: &[u8]) -> std::io::Result<Vec<std::net::Ipv4Addr>> {
+    let bad = |why: &str| std::io::Error::other(format!("answer for {name}: {why}"));
+    if a.len() < q.len() || a[..2] != q[..2] || a[2] & 0x80 == 0 {
+        return Err(bad("not a response to the query"));
+    }
+    if a[3] & 0x0f != 0 {
+        return Err(bad(&format!("rcode {}", a[3] & 0x0f)));
+    }
+    // The records after the question: name (a pointer or labels), type, class, TTL,
+    // length, data.
+    let mut i = q.len();
+    let mut out = Vec::new();
+    for _ in 0..u16::from_be_bytes([a[6], a[7]]) {
+        if a.get(i).is_some_and(|b| b & 0xc0 == 0xc0) {
+            i += 2;
+        } else {
+            while a.get(i).is_some_and(|b| *b != 0) {
+                i += 1 + a[i] as usize;
+            }
+            i += 1;
+        }
+        let rec = a.get(i..i + 10).ok_or_else(|| bad("cut"))?;
+        let len = u16::from_be_bytes([rec[8], rec[9]]) as usize;
+        let data = a.get(i + 10..i + 10 + len).ok_or_else(|| bad("cut"))?;
+        if rec[..2] == [0, 1] && len == 4 {
+            out.push(std::net::Ipv4Addr::new(data[0], data[1], data[2], data[3]));
+        }
+        i += 10 + len;
+    }
+    Ok(out)
 }

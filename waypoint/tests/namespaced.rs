@@ -666,6 +666,10 @@ fn r7_egress_through_the_waypoint_reaches_a_service_entry_outside_the_mesh() {
         .unwrap_or_else(|e| panic!("{e}\n{}", w.dump()));
     assert_eq!(ips.len(), 1, "{ips:?}");
     assert_eq!(ips[0].octets()[..2], [240, 240], "{ips:?}");
+    // The same over TCP (the capture redirects TCP to port 53 as well).
+    let over_tcp = netlab::resolve_a_tcp_in(&w.pod_ns("client"), resolver, "external.example.com")
+        .unwrap_or_else(|e| panic!("{e}\n{}", w.dump()));
+    assert_eq!(over_tcp, ips);
     // The client calls the entry's VIP: node A's ztunnel captures it and tunnels it to the
     // waypoint (R7); the waypoint reaches the endpoint, outside the mesh, in plain TCP.
     let mut s = w.connect("client", vip(ips[0]));

@@ -120,9 +120,9 @@ pub struct Rules {
     pub inbound_port: u16,
     /// HBONE to a captured pod's `:hbone_port` goes to this node's `:hbone_port`.
     pub hbone_port: u16,
-    /// With the DNS proxy ([`crate::dns`]): UDP to port 53 from a captured pod goes to
-    /// this node's `:dns_port` (a `redirect`: the answer's source is put back by
-    /// conntrack).
+    /// With the DNS proxy ([`crate::dns`]): UDP and TCP to port 53 from a captured pod go
+    /// to this node's `:dns_port` (a `redirect`: the answer's source is put back by
+    /// conntrack; TCP to port 53 is left out of the outbound `tproxy`).
     pub dns_port: Option<u16>,
 }
 
@@ -251,6 +251,11 @@ impl Rules {
         // listener for is delivered locally and reset (fail closed).
         let mut tp = String::new();
         if !self.pod_interfaces.is_empty() {
+            // DNS over TCP goes to the DNS proxy (the `dns` chain's redirect), not to the
+            // outbound listener.
+            if self.dns_port.is_some() {
+                tp.push_str(&format!("    iifname {{ {ifs} }} tcp dport 53 accept\n"));
+            }
             // Outbound: everything a captured pod sends.
             let p = self.outbound_port;
             tp.push_str(&format!(
@@ -284,11 +289,11 @@ impl Rules {
                 "  chain output {{\n    type nat hook output priority -100; policy accept;\n{hbone}  }}\n"
             ));
         }
-        // DNS of captured pods to the DNS proxy: a `redirect` (UDP has no tproxy socket
-        // lookup to rely on; conntrack puts the answer's source back).
+        // DNS of captured pods (UDP and TCP) to the DNS proxy: a `redirect` (UDP has no
+        // tproxy socket lookup to rely on; conntrack puts the answer's source back).
         if let (Some(d), false) = (self.dns_port, self.pod_interfaces.is_empty()) {
             s.push_str(&format!(
-                "  chain dns {{\n    type nat hook prerouting priority dstnat; policy accept;\n    iifname {{ {ifs} }} udp dport 53 redirect to :{d}\n  }}\n"
+                "  chain dns {{\n    type nat hook prerouting priority dstnat; policy accept;\n    iifname {{ {ifs} }} udp dport 53 redirect to :{d}\n    iifname {{ {ifs} }} tcp dport 53 redirect to :{d}\n  }}\n"
             ));
         }
         s.push_str("}\n");
@@ -610,13 +615,22 @@ workloads:
         r.dns_port = Some(15053);
         let s = r.ruleset().unwrap();
         assert!(
-            s.contains("type nat hook prerouting priority dstnat; policy accept;\n    iifname { \"p-client\" } udp dport 53 redirect to :15053\n"),
+            s.contains("type nat hook prerouting priority dstnat; policy accept;\n    iifname { \"p-client\" } udp dport 53 redirect to :15053\n    iifname { \"p-client\" } tcp dport 53 redirect to :15053\n"),
             "{s}"
         );
+        // TCP DNS is let past the outbound tproxy (before it), to the redirect.
+        let pass = s
+            .find("iifname { \"p-client\" } tcp dport 53 accept\n")
+            .expect(&s);
+        let tproxy = s.find("meta l4proto tcp tproxy to :15001").expect(&s);
+        assert!(pass < tproxy, "{s}");
         // No captured pod: no DNS rule.
         let mut none = Rules::new(vec![], vec!["10.1.0.2/32".into()]);
         none.dns_port = Some(15053);
-        assert!(!none.ruleset().unwrap().contains("udp dport 53"));
+        assert!(!none.ruleset().unwrap().contains("dport 53"));
+        // No DNS proxy: pods' TCP to port 53 is captured as any other.
+        r.dns_port = None;
+        assert!(!r.ruleset().unwrap().contains("dport 53"));
     }
 
     #[test]

@@ -27,7 +27,7 @@
 //!                                     # capture rules and keeps them in step with reloads
 //!                                     # (needs root; see `crate::capture`)
 //!   dns:                              # optional: the DNS proxy (see `crate::dns`); with
-//!     listen: 0.0.0.0:15053           # `capture`, captured pods' UDP DNS goes to its port
+//!     listen: 0.0.0.0:15053           # `capture`, captured pods' DNS (UDP, TCP) goes to its port
 //!     upstream: [10.96.0.10:53]       # default: the nameservers of /etc/resolv.conf
 //!   dns_refresh: 60s                  # default (Istio's dnsRefreshRate): how often DNS
 //!                                     # ServiceEntries' host names are looked up again (an
@@ -167,7 +167,7 @@ pub struct ZtunnelSection {
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DnsSection {
-    /// UDP address (default `<address>:15053`; with capture, `0.0.0.0:15053`: captured
+    /// UDP and TCP address (default `<address>:15053`; with capture, `0.0.0.0:15053`: captured
     /// queries arrive on the pod veth's node address).
     #[serde(default)]
     pub listen: Option<SocketAddr>,

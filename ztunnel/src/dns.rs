@@ -15,13 +15,19 @@
 //!
 //! The wire format is read by hand (RFC 1035 §4: the 12-byte header, one question's
 //! labels, type and class) — the little this needs — and the answers point back at the
-//! question's name (`0xC00C`). UDP only: a client that needs TCP (a truncated forwarded
-//! answer) retries to its resolver directly.
+//! question's name (`0xC00C`).
+//!
+//! UDP and TCP, on the same port (the capture redirects both). Over TCP (RFC 7766: each
+//! message after its two-byte length; a connection may carry several queries, answered in
+//! turn) a query is forwarded over TCP, so a client that retried with TCP after a
+//! truncated answer gets the whole one. At most [`MAX_TCP_CONNECTIONS`] connections at
+//! once (one more is closed, counted failed); one silent for [`TCP_IDLE`], or sending what
+//! is not a query, is closed.
 //!
 //! Counters: `ztunnel_dns_requests_total{result="answered|forwarded|failed|malformed"}`.
 
-use std::io;
-use std::net::{IpAddr, SocketAddr, UdpSocket};
+use std::io::{self, Read, Write};
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -210,125 +216,259 @@ pub fn system_upstreams() -> Vec<SocketAddr> {
         .collect()
 }
 
-/// The running proxy: stopped (and its thread joined) when dropped.
+/// The running proxy: stopped (and its threads joined) when dropped.
 pub struct DnsProxy {
+    /// Its address, UDP and TCP.
     pub addr: SocketAddr,
     stop: Arc<AtomicBool>,
-    thread: Option<std::thread::JoinHandle<()>>,
+    threads: Vec<std::thread::JoinHandle<()>>,
 }
 
 impl Drop for DnsProxy {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::SeqCst);
-        if let Some(t) = self.thread.take() {
+        // The TCP accept loop waits in `accept`: a connection wakes it to see the flag.
+        let _ = TcpStream::connect_timeout(&self.addr, Duration::from_secs(1));
+        for t in self.threads.drain(..) {
             let _ = t.join();
         }
     }
 }
 
-/// Serve DNS on `listen` (UDP), answering what `lookup` answers (the mesh model in force:
-/// [`lookup`]) and forwarding the rest to `upstreams`.
+/// What is answered to one query (UDP datagram or TCP message).
+enum Decision {
+    /// Sent back as it is.
+    Reply(Vec<u8>),
+    /// For the upstreams.
+    Forward,
+    /// Not a query: nothing is answered.
+    Drop,
+}
+
+/// The shared part of both transports: the lookup, the counters, the forward slots.
+struct Core<L> {
+    upstreams: Vec<SocketAddr>,
+    lookup: L,
+    counters: Arc<DnsCounters>,
+    in_flight: AtomicUsize,
+}
+
+impl<L: Fn(&Query) -> Option<Vec<IpAddr>>> Core<L> {
+    /// Answered from the model, refused (no upstream, or [`MAX_FORWARDS`] in flight: the
+    /// slot taken otherwise is given back with [`Core::forwarded`]), or forwarded.
+    fn decide(&self, query: &[u8]) -> Decision {
+        if !is_query(query) {
+            self.counters.malformed.fetch_add(1, Ordering::Relaxed);
+            return Decision::Drop;
+        }
+        if let Some(q) = parse_query(query) {
+            if let Some(ips) = (self.lookup)(&q) {
+                self.counters.answered.fetch_add(1, Ordering::Relaxed);
+                return Decision::Reply(answer(query, &q, &ips));
+            }
+        }
+        if self.upstreams.is_empty()
+            || self.in_flight.fetch_add(1, Ordering::SeqCst) >= MAX_FORWARDS
+        {
+            if !self.upstreams.is_empty() {
+                self.in_flight.fetch_sub(1, Ordering::SeqCst);
+            }
+            self.counters.failed.fetch_add(1, Ordering::Relaxed);
+            return Decision::Reply(servfail(query));
+        }
+        Decision::Forward
+    }
+
+    /// A forward decided by [`Core::decide`] ended with `answer`: what to send back (the
+    /// upstream's answer, else `SERVFAIL`), its slot given back.
+    fn forwarded(&self, query: &[u8], answer: Option<Vec<u8>>) -> Vec<u8> {
+        self.in_flight.fetch_sub(1, Ordering::SeqCst);
+        match answer {
+            Some(a) => {
+                self.counters.forwarded.fetch_add(1, Ordering::Relaxed);
+                a
+            }
+            None => {
+                self.counters.failed.fetch_add(1, Ordering::Relaxed);
+                servfail(query)
+            }
+        }
+    }
+}
+
+/// Serve DNS on `listen`, over UDP and over TCP (RFC 7766: two-byte length before each
+/// message, several queries per connection), answering what `lookup` answers (the mesh
+/// model in force: [`lookup`]) and forwarding the rest to `upstreams` — over the
+/// transport the query came on.
 pub fn serve(
     listen: SocketAddr,
     upstreams: Vec<SocketAddr>,
-    lookup: impl Fn(&Query) -> Option<Vec<IpAddr>> + Send + 'static,
+    lookup: impl Fn(&Query) -> Option<Vec<IpAddr>> + Send + Sync + 'static,
     counters: Arc<DnsCounters>,
 ) -> io::Result<DnsProxy> {
     let socket = UdpSocket::bind(listen)?;
     // Woken now and then to see the stop flag.
     socket.set_read_timeout(Some(Duration::from_millis(200)))?;
     let addr = socket.local_addr()?;
+    // TCP on the same port (the one picked for UDP when `listen` asked for any).
+    let tcp = TcpListener::bind(addr)?;
     let stop = Arc::new(AtomicBool::new(false));
-    let s2 = stop.clone();
-    let upstreams = Arc::new(upstreams);
-    let in_flight = Arc::new(AtomicUsize::new(0));
-    let thread = std::thread::Builder::new()
+    let core = Arc::new(Core {
+        upstreams,
+        lookup,
+        counters,
+        in_flight: AtomicUsize::new(0),
+    });
+    let (s2, c2) = (stop.clone(), core.clone());
+    let udp = std::thread::Builder::new()
         .name("dns-proxy".into())
-        .spawn(move || {
-            let mut buf = vec![0u8; 4096];
-            while !s2.load(Ordering::SeqCst) {
-                let (n, from) = match socket.recv_from(&mut buf) {
-                    Ok(x) => x,
-                    Err(e)
-                        if matches!(
-                            e.kind(),
-                            io::ErrorKind::WouldBlock
-                                | io::ErrorKind::TimedOut
-                                | io::ErrorKind::Interrupted
-                        ) =>
-                    {
-                        continue
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "dns proxy: receive failed");
-                        continue;
-                    }
-                };
-                let query = &buf[..n];
-                if !is_query(query) {
-                    counters.malformed.fetch_add(1, Ordering::Relaxed);
-                    continue;
-                }
-                if let Some(q) = parse_query(query) {
-                    if let Some(ips) = lookup(&q) {
-                        counters.answered.fetch_add(1, Ordering::Relaxed);
-                        let _ = socket.send_to(&answer(query, &q, &ips), from);
-                        continue;
-                    }
-                }
-                if upstreams.is_empty() || in_flight.fetch_add(1, Ordering::SeqCst) >= MAX_FORWARDS
-                {
-                    if !upstreams.is_empty() {
-                        in_flight.fetch_sub(1, Ordering::SeqCst);
-                    }
-                    counters.failed.fetch_add(1, Ordering::Relaxed);
-                    let _ = socket.send_to(&servfail(query), from);
-                    continue;
-                }
-                let Ok(reply) = socket.try_clone() else {
-                    in_flight.fetch_sub(1, Ordering::SeqCst);
-                    continue;
-                };
-                let (query, ups, c, flight) = (
-                    query.to_vec(),
-                    upstreams.clone(),
-                    counters.clone(),
-                    in_flight.clone(),
-                );
-                let spawned = std::thread::Builder::new()
-                    .name("dns-forward".into())
-                    .spawn(move || {
-                        let answer = forward(&query, &ups);
-                        let out = match &answer {
-                            Some(a) => {
-                                c.forwarded.fetch_add(1, Ordering::Relaxed);
-                                a.as_slice()
-                            }
-                            None => {
-                                c.failed.fetch_add(1, Ordering::Relaxed);
-                                &[][..]
-                            }
-                        };
-                        let fail;
-                        let out = if out.is_empty() {
-                            fail = servfail(&query);
-                            &fail[..]
-                        } else {
-                            out
-                        };
-                        let _ = reply.send_to(out, from);
-                        flight.fetch_sub(1, Ordering::SeqCst);
-                    });
-                if spawned.is_err() {
-                    in_flight.fetch_sub(1, Ordering::SeqCst);
-                }
-            }
-        })?;
+        .spawn(move || serve_udp(socket, &s2, c2))?;
+    let (s3, c3) = (stop.clone(), core);
+    let tcp = std::thread::Builder::new()
+        .name("dns-proxy-tcp".into())
+        .spawn(move || serve_tcp(tcp, &s3, c3));
+    let tcp = match tcp {
+        Ok(t) => t,
+        Err(e) => {
+            stop.store(true, Ordering::SeqCst);
+            let _ = udp.join();
+            return Err(e);
+        }
+    };
     Ok(DnsProxy {
         addr,
         stop,
-        thread: Some(thread),
+        threads: vec![udp, tcp],
     })
+}
+
+fn serve_udp<L>(socket: UdpSocket, stop: &AtomicBool, core: Arc<Core<L>>)
+where
+    L: Fn(&Query) -> Option<Vec<IpAddr>> + Send + Sync + 'static,
+{
+    let mut buf = vec![0u8; 4096];
+    while !stop.load(Ordering::SeqCst) {
+        let (n, from) = match socket.recv_from(&mut buf) {
+            Ok(x) => x,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock
+                        | io::ErrorKind::TimedOut
+                        | io::ErrorKind::Interrupted
+                ) =>
+            {
+                continue
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "dns proxy: receive failed");
+                continue;
+            }
+        };
+        let query = &buf[..n];
+        match core.decide(query) {
+            Decision::Reply(a) => {
+                let _ = socket.send_to(&a, from);
+            }
+            Decision::Drop => {}
+            Decision::Forward => {
+                let Ok(reply) = socket.try_clone() else {
+                    let _ = socket.send_to(&core.forwarded(query, None), from);
+                    continue;
+                };
+                let (query, c) = (query.to_vec(), core.clone());
+                let spawned = std::thread::Builder::new()
+                    .name("dns-forward".into())
+                    .spawn(move || {
+                        let answer = forward(&query, &c.upstreams);
+                        let _ = reply.send_to(&c.forwarded(&query, answer), from);
+                    });
+                if spawned.is_err() {
+                    let _ = socket.send_to(&core.forwarded(&buf[..n], None), from);
+                }
+            }
+        }
+    }
+}
+
+/// TCP connections served at once at most; one more is closed at once.
+pub const MAX_TCP_CONNECTIONS: usize = 64;
+
+/// How long a TCP connection may sit between queries (or in the middle of one).
+pub const TCP_IDLE: Duration = Duration::from_secs(10);
+
+fn serve_tcp<L>(listener: TcpListener, stop: &AtomicBool, core: Arc<Core<L>>)
+where
+    L: Fn(&Query) -> Option<Vec<IpAddr>> + Send + Sync + 'static,
+{
+    let open = Arc::new(AtomicUsize::new(0));
+    for conn in listener.incoming() {
+        if stop.load(Ordering::SeqCst) {
+            return;
+        }
+        let Ok(conn) = conn else { continue };
+        if open.fetch_add(1, Ordering::SeqCst) >= MAX_TCP_CONNECTIONS {
+            open.fetch_sub(1, Ordering::SeqCst);
+            core.counters.failed.fetch_add(1, Ordering::Relaxed);
+            continue;
+        }
+        let (c, o) = (core.clone(), open.clone());
+        let spawned = std::thread::Builder::new()
+            .name("dns-tcp".into())
+            .spawn(move || {
+                tcp_connection(conn, &c);
+                o.fetch_sub(1, Ordering::SeqCst);
+            });
+        if spawned.is_err() {
+            open.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+}
+
+/// One client's TCP connection: its queries answered in turn until it closes, sends what
+/// is not a query (the stream cannot be trusted past it), or stays silent [`TCP_IDLE`].
+fn tcp_connection<L: Fn(&Query) -> Option<Vec<IpAddr>>>(mut conn: TcpStream, core: &Core<L>) {
+    if conn.set_read_timeout(Some(TCP_IDLE)).is_err()
+        || conn.set_write_timeout(Some(TCP_IDLE)).is_err()
+    {
+        return;
+    }
+    while let Some(query) = read_message(&mut conn) {
+        let out = match core.decide(&query) {
+            Decision::Reply(a) => a,
+            Decision::Drop => return,
+            Decision::Forward => {
+                let answer = forward_tcp(&query, &core.upstreams);
+                core.forwarded(&query, answer)
+            }
+        };
+        if write_message(&mut conn, &out).is_err() {
+            return;
+        }
+    }
+}
+
+/// One length-prefixed message (RFC 1035 §4.2.2); `None` at the end of the stream, on an
+/// error or timeout, or for an empty one.
+fn read_message(conn: &mut impl Read) -> Option<Vec<u8>> {
+    let mut len = [0u8; 2];
+    conn.read_exact(&mut len).ok()?;
+    let len = u16::from_be_bytes(len) as usize;
+    if len == 0 {
+        return None;
+    }
+    let mut msg = vec![0u8; len];
+    conn.read_exact(&mut msg).ok()?;
+    Some(msg)
+}
+
+fn write_message(conn: &mut impl Write, msg: &[u8]) -> io::Result<()> {
+    let len = u16::try_from(msg.len())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "a DNS message over 64 KiB"))?;
+    let mut out = Vec::with_capacity(2 + msg.len());
+    out.extend_from_slice(&len.to_be_bytes());
+    out.extend_from_slice(msg);
+    conn.write_all(&out)
 }
 
 /// Ask `upstreams` in turn: the first answer with the query's ID.
@@ -352,13 +492,40 @@ fn forward(query: &[u8], upstreams: &[SocketAddr]) -> Option<Vec<u8>> {
         let mut buf = vec![0u8; 65535];
         // A datagram with another ID (a stray answer) is read past, until the wait ends.
         while let Ok(n) = s.recv(&mut buf) {
-            if n >= 12 && &buf[..2] == id && buf[2] & 0x80 != 0 {
+            if is_answer_to(&buf[..n], id) {
                 buf.truncate(n);
                 return Some(buf);
             }
         }
     }
     None
+}
+
+/// [`forward`] over TCP: each upstream in turn, connected, asked and read within
+/// [`UPSTREAM_WAIT`] each.
+fn forward_tcp(query: &[u8], upstreams: &[SocketAddr]) -> Option<Vec<u8>> {
+    let id = &query[..2];
+    for up in upstreams {
+        let Ok(mut s) = TcpStream::connect_timeout(up, UPSTREAM_WAIT) else {
+            continue;
+        };
+        if s.set_read_timeout(Some(UPSTREAM_WAIT)).is_err()
+            || s.set_write_timeout(Some(UPSTREAM_WAIT)).is_err()
+            || write_message(&mut s, query).is_err()
+        {
+            continue;
+        }
+        match read_message(&mut s) {
+            Some(a) if is_answer_to(&a, id) => return Some(a),
+            _ => continue,
+        }
+    }
+    None
+}
+
+/// A response carrying the query ID `id`.
+fn is_answer_to(msg: &[u8], id: &[u8]) -> bool {
+    msg.len() >= 12 && &msg[..2] == id && msg[2] & 0x80 != 0
 }
 
 #[cfg(test)]
