@@ -305,7 +305,14 @@ pub(crate) async fn answered_with(
                 }
             }
             if let Some(data) = early.data.clone().filter(|d| !d.is_empty()) {
-                crate::stream::send_all(&mut stream, data, false).await?;
+                if let Err(e) = crate::stream::send_all(&mut stream, data, false).await {
+                    // A server that refused the stream may have reset it once answered:
+                    // its answer says why.
+                    return match resp.await {
+                        Ok(r) if r.status() != http::StatusCode::OK => Ok(r),
+                        _ => Err(HboneError::from(e)),
+                    };
+                }
             }
         }
         resp.await.map_err(HboneError::from)
