@@ -317,13 +317,16 @@ pub(crate) async fn answered_with(
         }
         resp.await.map_err(HboneError::from)
     };
-    let resp =
-        crate::settings::within(timeout, wait)
-            .await
-            .map_err(|_| HboneError::ReplyTimeout {
+    // Raced in place (held once: this future waits in every opener while it is pending).
+    let resp = match race(wait, crate::settings::Deadline::after(timeout)).await {
+        Either::Left(r) => r?,
+        Either::Right(()) => {
+            return Err(HboneError::ReplyTimeout {
                 peer,
                 after: timeout,
-            })??;
+            })
+        }
+    };
     if resp.status() != http::StatusCode::OK {
         return Err(HboneError::Status(resp.status()));
     }

@@ -97,6 +97,41 @@ impl Default for H2Settings {
 /// full-size TLS record (16 KiB + overhead) every record would take several wake-ups.
 pub const MIN_SOCKET_BYTES: usize = 4096;
 
+/// Ready once `limit` has passed from its first poll; never with a zero `limit` (a
+/// setting's "no timeout"). Raced after what it bounds (`race(f, Deadline::after(t))`), so
+/// `f` is held once, in place: an `async fn` taking `f` by value (as [`within`]) keeps it
+/// twice, its argument and the local it is moved into. Its timer is made (boxed) at its
+/// first poll, when what it bounds is pending.
+pub struct Deadline {
+    limit: Duration,
+    sleep: Option<std::pin::Pin<Box<monoio::time::Sleep>>>,
+}
+
+impl Deadline {
+    pub fn after(limit: Duration) -> Self {
+        Deadline { limit, sleep: None }
+    }
+}
+
+impl std::future::Future for Deadline {
+    type Output = ();
+
+    fn poll(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<()> {
+        let this = self.get_mut();
+        if this.limit.is_zero() {
+            return std::task::Poll::Pending;
+        }
+        let limit = this.limit;
+        this.sleep
+            .get_or_insert_with(|| Box::pin(monoio::time::sleep(limit)))
+            .as_mut()
+            .poll(cx)
+    }
+}
+
 /// `fut` bounded by `limit`, where a zero `limit` (a setting's "no timeout") means no bound:
 /// `Err(Elapsed)` when the limit passed first (`fut` is dropped, closing what it owns).
 /// Callers map the error to their own.

@@ -865,8 +865,10 @@ async fn connection(
     let cert = certs.cert.clone();
     let handler = Rc::new(move |inb: Inbound| {
         let (w, cert) = (w2.clone(), cert.clone());
-        // Boxed: the per-stream task then holds a pointer, not the tunnel's state twice.
-        Box::pin(tunnel(w, cert, inb))
+        // Boxed: the per-stream task then holds a pointer, not the tunnel's state twice;
+        // and the stream's `Inbound` boxed until it is accepted: an `async fn` keeps its
+        // arguments beside the locals they are moved into, for the life of the tunnel.
+        Box::pin(tunnel(w, cert, Box::new(inb)))
     });
     let r = serve_connection(
         tcp,
@@ -891,7 +893,7 @@ fn principal(id: &Identity) -> String {
     )
 }
 
-async fn tunnel(w: Rc<Worker>, cert: Arc<WorkloadCert>, mut inb: Inbound) {
+async fn tunnel(w: Rc<Worker>, cert: Arc<WorkloadCert>, mut inb: Box<Inbound>) {
     let shared = w.shared.clone();
     let (settings, counters) = (&shared.settings, &shared.counters);
     // The CONNECT is checked under the snapshot current now; each request then takes the
@@ -3226,7 +3228,7 @@ impl HboneUpstream {
                     .map(UpStream::Hbone)
                     .map_err(io::Error::other)
             };
-            let r = within(limit, open).await;
+            let r = connect_result(limit, race(open, connect_bound(limit)).await);
             if r.is_ok() {
                 w.shared.counters.upstream_streams.fetch_add(1, Relaxed);
             }
@@ -3241,7 +3243,7 @@ impl HboneUpstream {
                     .await
                     .map(|c| UpStream::Plain(Box::new(c)))
             };
-            let r = within(limit, open).await;
+            let r = connect_result(limit, race(open, connect_bound(limit)).await);
             if r.is_ok() {
                 w.shared.counters.upstream_plain.fetch_add(1, Relaxed);
             }
@@ -3515,18 +3517,24 @@ impl HboneUpstream {
     }
 }
 
-/// `open` within the service's `connectTimeout` (`limit`), when set: past it, a connect
-/// failure (503, `UF`), not a timeout of the request (504).
-async fn within<T>(
-    limit: Option<Duration>,
-    open: impl std::future::Future<Output = io::Result<T>>,
-) -> io::Result<T> {
-    let Some(t) = limit else { return open.await };
-    match race(open, http1::timer(t)).await {
+/// An upstream connect's bound, the service's `connectTimeout` (`limit`) when set, raced
+/// after the connect in place (`race(open, connect_bound(limit))`: the connect's future held
+/// once; an `async fn` taking it would hold it twice) and read by [`connect_result`].
+fn connect_bound(limit: Option<Duration>) -> http1::Bound<'static> {
+    http1::Bound::deadline(limit.map(|t| Instant::now() + t))
+}
+
+/// A connect raced with [`connect_bound`]`(limit)`: its result, or past the bound a
+/// connect failure (503, `UF`), not a timeout of the request (504).
+fn connect_result<T>(limit: Option<Duration>, raced: Either<io::Result<T>, ()>) -> io::Result<T> {
+    match raced {
         Either::Left(r) => r,
         Either::Right(()) => Err(io::Error::new(
             io::ErrorKind::ConnectionRefused,
-            format!("upstream connect timeout ({t:?}, connectTimeout)"),
+            format!(
+                "upstream connect timeout ({:?}, connectTimeout)",
+                limit.unwrap_or_default()
+            ),
         )),
     }
 }
