@@ -97,22 +97,11 @@ impl Client {
             .0)
     }
 
-    /// [`Client::connect`] and open a first stream with `req`. The TLS Finished, the h2
-    /// preface and SETTINGS and the CONNECT request leave in one packet (a separate
-    /// `open` after `connect` costs one more).
+    /// [`Client::connect`] and open a first stream with `req` (`early`: the client's
+    /// first bytes sent ahead of the reply). The TLS Finished, the h2 preface and SETTINGS
+    /// and the CONNECT request leave in one packet (a separate `open` after `connect` costs
+    /// one more).
     pub async fn connect_and_open(
-        addr: SocketAddr,
-        tls: Arc<rustls::ClientConfig>,
-        settings: &H2Settings,
-        counters: &TlsCounters,
-        opts: &ListenOptions,
-        req: &ConnectRequest,
-    ) -> Result<(Client, H2Stream), HboneError> {
-        Self::connect_and_open_early(addr, tls, settings, counters, opts, req, None).await
-    }
-
-    /// [`Client::connect_and_open`], sending `early`'s bytes ahead of the reply.
-    pub async fn connect_and_open_early(
         addr: SocketAddr,
         tls: Arc<rustls::ClientConfig>,
         settings: &H2Settings,

@@ -412,7 +412,7 @@ async fn outbound_conn(
     } else {
         // Cold path: a fresh connection per stream (handshake benchmark).
         match crate::tls::client_config_to(&cert, &key.dst, o.hbone, cfg.h2.tls_resumption) {
-            Ok(tls) => crate::client::Client::connect_and_open_early(
+            Ok(tls) => crate::client::Client::connect_and_open(
                 o.hbone,
                 tls,
                 &cfg.h2,

@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use common::*;
+use hbone::ca::WorkloadCert;
 use hbone::client::Early;
 use hbone::pool::{Pool, PoolKey};
 use hbone::tls::TlsCounters;
@@ -133,8 +134,11 @@ fn application(mut app: std::net::TcpStream, total: usize, seed: u64) -> (Sum, S
     (writer.join().unwrap(), got)
 }
 
-#[test]
-fn first_bytes_go_ahead_of_the_reply_on_fresh_and_pooled_connections() {
+/// The server of [`answer_after_data_server`], with the client's certificate, pool key
+/// and a pool, for `f` on an io_uring runtime; then what the server said of each stream.
+fn with_answer_after_data_server<F: std::future::Future<Output = ()>>(
+    f: impl FnOnce(WorkloadCert, PoolKey, Pool) -> F,
+) -> std::sync::mpsc::Receiver<bool> {
     let ca = ca();
     let (addr, got_early) = answer_after_data_server(&ca);
     let client_cert = cert(&ca, "client");
@@ -145,6 +149,14 @@ fn first_bytes_go_ahead_of_the_reply_on_fresh_and_pooled_connections() {
     };
     block_on(DriverKind::Uring, async move {
         let pool = Pool::new(H2Settings::default(), Arc::new(TlsCounters::default()));
+        f(client_cert, k, pool).await
+    });
+    got_early
+}
+
+#[test]
+fn first_bytes_go_ahead_of_the_reply_on_fresh_and_pooled_connections() {
+    let got_early = with_answer_after_data_server(|client_cert, k, pool| async move {
         // The first stream rides the connection's setup; the second a pooled connection.
         for (i, total) in [(0u64, 3 << 20), (1, 100)] {
             let (app, tcp) = tcp_pair().await;
@@ -196,16 +208,7 @@ fn first_bytes_go_ahead_of_the_reply_on_fresh_and_pooled_connections() {
 
 #[test]
 fn a_refusal_after_early_bytes_is_the_servers_status() {
-    let ca = ca();
-    let (addr, got_early) = answer_after_data_server(&ca);
-    let client_cert = cert(&ca, "client");
-    let k = PoolKey {
-        src: id("client"),
-        dst: vec![id("server")],
-        addr,
-    };
-    block_on(DriverKind::Uring, async move {
-        let pool = Pool::new(H2Settings::default(), Arc::new(TlsCounters::default()));
+    let got_early = with_answer_after_data_server(|client_cert, k, pool| async move {
         let (mut app, tcp) = tcp_pair().await;
         std::io::Write::write_all(&mut app, b"GET / HTTP/1.1\r\n\r\n").unwrap();
         let mut early = Early::new(&tcp);

@@ -415,10 +415,17 @@ fn connect_and_open_resumes() {
             let tls = client_config_to(&client, &[id("server")], addr, true).unwrap();
             let opts = hbone::client::default_socket_options();
             let req = ConnectRequest::new("10.1.2.3:80".parse().unwrap());
-            let (_client, s) =
-                Client::connect_and_open(addr, tls, &H2Settings::default(), &counters, &opts, &req)
-                    .await
-                    .unwrap();
+            let (_client, s) = Client::connect_and_open(
+                addr,
+                tls,
+                &H2Settings::default(),
+                &counters,
+                &opts,
+                &req,
+                None,
+            )
+            .await
+            .unwrap();
             let (mut w, mut r) = s.split();
             w.write_all(Bytes::from_static(b"cold"), true)
                 .await

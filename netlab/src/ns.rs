@@ -137,16 +137,7 @@ pub fn resolve_a_in(
     server: SocketAddr,
     name: &str,
 ) -> std::io::Result<Vec<std::net::Ipv4Addr>> {
-    let name = name.to_string();
-    in_ns(ns, move || {
-        let s = std::net::UdpSocket::bind("0.0.0.0:0")?;
-        s.set_read_timeout(Some(std::time::Duration::from_secs(10)))?;
-        let q = a_query(&name);
-        s.send_to(&q, server)?;
-        let mut a = vec![0u8; 1500];
-        let n = s.recv(&mut a)?;
-        a_records(&name, &q, &a[..n])
-    })
+    resolve_in(ns, server, name, false)
 }
 
 /// [`resolve_a_in`] over TCP (the query and the answer each after a two-byte length, as
@@ -156,19 +147,39 @@ pub fn resolve_a_tcp_in(
     server: SocketAddr,
     name: &str,
 ) -> std::io::Result<Vec<std::net::Ipv4Addr>> {
+    resolve_in(ns, server, name, true)
+}
+
+fn resolve_in(
+    ns: &str,
+    server: SocketAddr,
+    name: &str,
+    tcp: bool,
+) -> std::io::Result<Vec<std::net::Ipv4Addr>> {
     let name = name.to_string();
+    let wait = std::time::Duration::from_secs(10);
     in_ns(ns, move || {
-        let mut s =
-            std::net::TcpStream::connect_timeout(&server, std::time::Duration::from_secs(10))?;
-        s.set_read_timeout(Some(std::time::Duration::from_secs(10)))?;
         let q = a_query(&name);
-        let mut framed = (q.len() as u16).to_be_bytes().to_vec();
-        framed.extend_from_slice(&q);
-        s.write_all(&framed)?;
-        let mut len = [0u8; 2];
-        s.read_exact(&mut len)?;
-        let mut a = vec![0u8; u16::from_be_bytes(len) as usize];
-        s.read_exact(&mut a)?;
+        let a = if tcp {
+            let mut s = std::net::TcpStream::connect_timeout(&server, wait)?;
+            s.set_read_timeout(Some(wait))?;
+            let mut framed = (q.len() as u16).to_be_bytes().to_vec();
+            framed.extend_from_slice(&q);
+            s.write_all(&framed)?;
+            let mut len = [0u8; 2];
+            s.read_exact(&mut len)?;
+            let mut a = vec![0u8; u16::from_be_bytes(len) as usize];
+            s.read_exact(&mut a)?;
+            a
+        } else {
+            let s = std::net::UdpSocket::bind("0.0.0.0:0")?;
+            s.set_read_timeout(Some(wait))?;
+            s.send_to(&q, server)?;
+            let mut a = vec![0u8; 1500];
+            let n = s.recv(&mut a)?;
+            a.truncate(n);
+            a
+        };
         a_records(&name, &q, &a)
     })
 }
