@@ -341,6 +341,23 @@ pub(crate) async fn send_all(
     Ok(())
 }
 
+/// How a splice's `end` is passed on (RFC 9113 §8.5): the reasons to reset the
+/// (downstream, upstream) side with, if any. A reset on one side is a `CONNECT_ERROR` to
+/// the other; an idle or aborted splice cancels both; a clean close resets neither.
+pub(crate) fn resets(end: &End) -> (Option<Reason>, Option<Reason>) {
+    match end {
+        End::Reset {
+            by: Side::Downstream,
+            ..
+        } => (None, Some(Reason::CONNECT_ERROR)),
+        End::Reset {
+            by: Side::Upstream, ..
+        } => (Some(Reason::CONNECT_ERROR), None),
+        End::Idle | End::Aborted => (Some(Reason::CANCEL), Some(Reason::CANCEL)),
+        End::Closed => (None, None),
+    }
+}
+
 /// Move bytes between the downstream tunnel and the upstream CONNECT stream until both
 /// halves close, a reset on either (passed on as RST_STREAM), `idle` with no bytes, or
 /// `abort`. `first` (what detection read) goes upstream first.
@@ -363,19 +380,12 @@ pub async fn splice(
         )
         .await
     };
-    match &end {
-        End::Reset {
-            by: Side::Downstream,
-            ..
-        } => up.reset(Reason::CONNECT_ERROR),
-        End::Reset {
-            by: Side::Upstream, ..
-        } => down.reset(Reason::CONNECT_ERROR),
-        End::Idle | End::Aborted => {
-            up.reset(Reason::CANCEL);
-            down.reset(Reason::CANCEL);
-        }
-        End::Closed => {}
+    let (d, u) = resets(&end);
+    if let Some(r) = u {
+        up.reset(r);
+    }
+    if let Some(r) = d {
+        down.reset(r);
     }
     Outcome {
         downstream_to_upstream: counts[0].get(),

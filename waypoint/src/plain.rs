@@ -21,7 +21,7 @@ use std::time::Duration;
 use bytes::{Buf, Bytes, BytesMut};
 use h2::Reason;
 use hbone::stream::{H2Stream, TcpIo};
-use runtime::forward::{drive, DirEnd, End, Outcome, Side};
+use runtime::forward::{drive, DirEnd, Outcome};
 use runtime::listener::ListenOptions;
 use runtime::worker::{race, Either};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -207,6 +207,22 @@ impl UpStream {
         }
     }
 
+    /// Move bytes between the downstream tunnel `down` and this stream (opaque TCP, or
+    /// after an upgrade): [`crate::inner::splice`], or to a connection outside the mesh
+    /// [`splice`].
+    pub async fn splice(
+        self,
+        down: H2Stream,
+        first: Bytes,
+        idle: Duration,
+        abort: impl Future<Output = ()>,
+    ) -> Outcome {
+        match self {
+            UpStream::Hbone(up) => crate::inner::splice(down, up, first, idle, abort).await,
+            UpStream::Plain(up) => splice(down, *up, first, idle, abort).await,
+        }
+    }
+
     /// End it after complete exchanges, as a TCP connection is closed
     /// ([`crate::upstream::close_stream`]; a plain connection is closed at once).
     pub fn close(self) {
@@ -345,20 +361,13 @@ pub async fn splice(
         };
         Box::pin(drive(d2u, u2d, &counts, idle, abort)).await
     };
-    let mut up = up.into_inner();
-    match &end {
-        End::Reset {
-            by: Side::Downstream,
-            ..
-        } => up.reset(),
-        End::Reset {
-            by: Side::Upstream, ..
-        } => down.reset(Reason::CONNECT_ERROR),
-        End::Idle | End::Aborted => {
-            up.reset();
-            down.reset(Reason::CANCEL);
-        }
-        End::Closed => {}
+    // As between two CONNECT streams; a TCP reset carries no reason.
+    let (d, u) = crate::inner::resets(&end);
+    if u.is_some() {
+        up.into_inner().reset();
+    }
+    if let Some(r) = d {
+        down.reset(r);
     }
     Outcome {
         downstream_to_upstream: counts[0].get(),

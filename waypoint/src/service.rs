@@ -1041,15 +1041,7 @@ async fn tunnel(w: Rc<Worker>, cert: Arc<WorkloadCert>, mut inb: Box<Inbound>) {
                             }
                         };
                         let idle = rt.forward.idle_timeout;
-                        let out = match upstream {
-                            UpStream::Hbone(up) => {
-                                Box::pin(inner::splice(stream, up, first, idle, abort)).await
-                            }
-                            UpStream::Plain(up) => {
-                                Box::pin(crate::plain::splice(stream, *up, first, idle, abort))
-                                    .await
-                            }
-                        };
+                        let out = Box::pin(upstream.splice(stream, first, idle, abort)).await;
                         if revoked.get() {
                             counters.upgrades_revoked.fetch_add(1, Relaxed);
                         }
@@ -1833,11 +1825,11 @@ impl Upstream for HboneUpstream {
         } else {
             crate::upstream::UNSAFE_REUSE_MAX_IDLE
         };
-        let kept = self.worker.idle.borrow_mut().take(
-            &(key.0, key.1, key.2, self.source_ip()),
-            now,
-            max_idle,
-        );
+        let kept = self
+            .worker
+            .idle
+            .borrow_mut()
+            .take(&self.idle_key(key), now, max_idle);
         if let Some((s, uses)) = kept {
             return Ok((UpConn { s, key, uses }, true));
         }
@@ -2820,8 +2812,7 @@ impl HboneUpstream {
         set_last(&mut self.last, &self.metric_cache, svc, &ep.workload_uid);
         self.current = Some((port, i));
         self.upstream_host = Some(ep.authority);
-        let origin = if ep.plain { self.origin_id() } else { 0 };
-        Ok((ep.hbone, ep.authority, origin))
+        Ok(self.conn_key(ep))
     }
 
     /// A failed exchange counted: an upstream timeout, or an upstream error.
@@ -2962,8 +2953,7 @@ impl HboneUpstream {
         }
         let req = b.body(()).map_err(io::Error::other)?;
         // In flight until this exchange ends.
-        let origin = if ep.plain { self.origin_id() } else { 0 };
-        let (mut sender, _in_flight) = self.h2_sender((ep.hbone, ep.authority, origin)).await?;
+        let (mut sender, _in_flight) = self.h2_sender(self.conn_key(ep)).await?;
         let (resp, mut tx) = sender
             .send_request(req, body.is_empty())
             .map_err(io::Error::other)?;
@@ -3251,6 +3241,19 @@ impl HboneUpstream {
         }
     }
 
+    /// Where the current try's connections to `ep` are kept and found: its HBONE address
+    /// and authority, and outside the mesh its TLS origination ([`Self::origin_id`]).
+    fn conn_key(&self, ep: &Endpoint) -> crate::upstream::ConnKey {
+        let origin = if ep.plain { self.origin_id() } else { 0 };
+        (ep.hbone, ep.authority, origin)
+    }
+
+    /// `key`'s idle streams for this tunnel's client: a stream's CONNECT names the client
+    /// (`forwarded`), so it is kept for that client's requests only.
+    fn idle_key(&self, key: crate::upstream::ConnKey) -> crate::upstream::IdleKey {
+        (key.0, key.1, key.2, self.source_ip())
+    }
+
     /// Which TLS origination the current request's connections outside the mesh use
     /// ([`crate::plain::TlsOrigin::id`]; 0: none): part of the key its kept upstream
     /// connections are found by, so that one made for another service's TLS (its SNI, its
@@ -3404,11 +3407,7 @@ impl HboneUpstream {
                 revoked.set(true);
             }
         };
-        let idle = rt.forward.idle_timeout;
-        let out = match up {
-            UpStream::Hbone(up) => inner::splice(down, up, first, idle, abort).await,
-            UpStream::Plain(up) => crate::plain::splice(down, *up, first, idle, abort).await,
-        };
+        let out = up.splice(down, first, rt.forward.idle_timeout, abort).await;
         if revoked.get() {
             counters.tcp_revoked.fetch_add(1, Relaxed);
         }
@@ -3439,10 +3438,9 @@ impl HboneUpstream {
         close: bool,
         discard: bool,
     ) -> io::Result<Vec<u8>> {
-        let origin = if ep.plain { self.origin_id() } else { 0 };
-        let idle_key = (ep.hbone, ep.authority, origin);
+        let idle_key = self.conn_key(ep);
         let kept = self.worker.idle.borrow_mut().take(
-            &(idle_key.0, idle_key.1, idle_key.2, self.source_ip()),
+            &self.idle_key(idle_key),
             Instant::now(),
             Duration::MAX,
         );
@@ -3504,13 +3502,10 @@ impl HboneUpstream {
         });
         if reusable && !spent {
             let expiry = self.view.l7.idle_expiry(service, self.port);
-            self.worker.idle.borrow_mut().put(
-                (key.0, key.1, key.2, self.source_ip()),
-                s,
-                uses,
-                now,
-                expiry,
-            );
+            self.worker
+                .idle
+                .borrow_mut()
+                .put(self.idle_key(key), s, uses, now, expiry);
         } else {
             s.close();
         }
