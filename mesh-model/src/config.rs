@@ -792,10 +792,9 @@ impl LocalConfig {
         let answers = std::cell::RefCell::new(BTreeMap::<String, Vec<IpAddr>>::new());
         let recording = |host: &str| {
             let r = resolve(host)?;
-            let mut sorted = r.clone();
-            sorted.sort();
-            sorted.dedup();
-            answers.borrow_mut().insert(host.to_string(), sorted);
+            answers
+                .borrow_mut()
+                .insert(host.to_string(), answer_set(r.clone()));
             Ok(r)
         };
         let resolve: Resolver<'_> = &recording;
@@ -1235,11 +1234,47 @@ pub fn dns_changed(snap: &Snapshot, resolve: Resolver<'_>) -> bool {
     snap.dns_answers()
         .iter()
         .any(|(host, was)| match resolve(host) {
-            Ok(mut now) if !now.is_empty() => {
-                now.sort();
-                now.dedup();
-                now != *was
-            }
+            Ok(now) if !now.is_empty() => answer_set(now) != *was,
             _ => false,
         })
+}
+
+/// When a config watcher looks the `DNS` ServiceEntries' host names up again: every
+/// `every` (`dns_refresh`; zero: never), from its start.
+pub struct DnsRecheck {
+    every: std::time::Duration,
+    next: std::time::Instant,
+}
+
+impl DnsRecheck {
+    pub fn new(every: std::time::Duration, now: std::time::Instant) -> Self {
+        DnsRecheck {
+            every,
+            next: now + every,
+        }
+    }
+
+    /// At `now`, when a look-up is due (the next one is then `every` later): whether one of
+    /// `snap`'s host names answers otherwise ([`dns_changed`]) — the file in force is to be
+    /// loaded again. `false` while none is due.
+    pub fn changed(
+        &mut self,
+        now: std::time::Instant,
+        snap: &Snapshot,
+        resolve: Resolver<'_>,
+    ) -> bool {
+        if self.every.is_zero() || now < self.next {
+            return false;
+        }
+        self.next = now + self.every;
+        dns_changed(snap, resolve)
+    }
+}
+
+/// A lookup's addresses as they are kept and compared: in order, each once (an answer
+/// in another order is the same answer).
+fn answer_set(mut ips: Vec<IpAddr>) -> Vec<IpAddr> {
+    ips.sort();
+    ips.dedup();
+    ips
 }

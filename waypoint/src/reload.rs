@@ -110,7 +110,7 @@ pub fn watch(
             let mut watch = FileWatch::new(&file, text.clone());
             // The text in force (what a DNS refresh loads again).
             let mut in_force = text;
-            let mut dns_due = Instant::now() + dns.every;
+            let mut recheck = mesh_model::config::DnsRecheck::new(dns.every, Instant::now());
             while !s2.load(Ordering::SeqCst) {
                 std::thread::sleep(POLL);
                 let now = Instant::now();
@@ -123,16 +123,12 @@ pub fn watch(
                 }
                 let text = match watch.poll() {
                     Some(text) => text,
-                    None if !dns.every.is_zero() && now >= dns_due => {
-                        dns_due = now + dns.every;
-                        let current = publisher.load();
-                        let changed = current
-                            .mesh
-                            .as_ref()
-                            .is_some_and(|m| mesh_model::config::dns_changed(m, &dns.resolve));
-                        if !changed {
-                            continue;
-                        }
+                    None if publisher
+                        .load()
+                        .mesh
+                        .as_ref()
+                        .is_some_and(|m| recheck.changed(now, m, &dns.resolve)) =>
+                    {
                         tracing::info!(file = %file.display(), "a DNS ServiceEntry's host name answers otherwise: loading the file again");
                         counters.dns_reloads.fetch_add(1, Ordering::Relaxed);
                         in_force.clone()

@@ -568,7 +568,8 @@ fn spawn_watcher(
         .name("config-watch".into())
         .spawn(move || {
             let resolve = settings.dns_resolver.0;
-            let mut dns_due = std::time::Instant::now() + settings.dns_refresh;
+            let mut dns =
+                mesh_model::config::DnsRecheck::new(settings.dns_refresh, std::time::Instant::now());
             // The text in force (what a DNS refresh loads again).
             // (None until one is known: a start without the text waits for its first reload.)
             let mut in_force = watch
@@ -588,15 +589,10 @@ fn spawn_watcher(
                         Some(text) => Some(text),
                         // DNS ServiceEntries' names looked up again: an answer that
                         // changed loads the text in force again.
-                        None if !settings.dns_refresh.is_zero() && now >= dns_due => {
-                            dns_due = now + settings.dns_refresh;
-                            if mesh_model::config::dns_changed(&current.model, &resolve) {
-                                tracing::info!(file = %file.path().display(), "a DNS ServiceEntry's host name answers otherwise: loading the file again");
-                                counters.dns_reloads.fetch_add(1, Ordering::Relaxed);
-                                in_force.clone()
-                            } else {
-                                None
-                            }
+                        None if dns.changed(now, &current.model, &resolve) => {
+                            tracing::info!(file = %file.path().display(), "a DNS ServiceEntry's host name answers otherwise: loading the file again");
+                            counters.dns_reloads.fetch_add(1, Ordering::Relaxed);
+                            in_force.clone()
                         }
                         None => None,
                     };
