@@ -142,11 +142,7 @@ fn with_answer_after_data_server<F: std::future::Future<Output = ()>>(
     let ca = ca();
     let (addr, got_early) = answer_after_data_server(&ca);
     let client_cert = cert(&ca, "client");
-    let k = PoolKey {
-        src: id("client"),
-        dst: vec![id("server")],
-        addr,
-    };
+    let k = key("client", "server", addr);
     block_on(DriverKind::Uring, async move {
         let pool = Pool::new(H2Settings::default(), Arc::new(TlsCounters::default()));
         f(client_cert, k, pool).await
@@ -170,14 +166,7 @@ fn first_bytes_go_ahead_of_the_reply_on_fresh_and_pooled_connections() {
             let sent = early.sent();
             assert!(sent > 0, "stream {i}: nothing went ahead of the reply");
             assert!(sent as usize <= hbone::client::EARLY_MAX);
-            let out = hbone::stream::bridge(
-                tcp,
-                s,
-                64 * 1024,
-                Duration::from_secs(60),
-                std::future::pending(),
-            )
-            .await;
+            let out = bridge(tcp, s).await;
             let (wrote, read) = app.join().unwrap();
             assert_eq!(wrote.len, total as u64);
             assert_eq!(
@@ -234,11 +223,7 @@ fn with_no_bytes_before_the_reply_the_bridge_carries_everything() {
     let ca = ca();
     let srv = echo_server(&cert(&ca, "server"));
     let client_cert = cert(&ca, "client");
-    let k = PoolKey {
-        src: id("client"),
-        dst: vec![id("server")],
-        addr: srv.addr,
-    };
+    let k = key("client", "server", srv.addr);
     block_on(DriverKind::Uring, async move {
         let pool = Pool::new(H2Settings::default(), Arc::new(TlsCounters::default()));
         let (app, tcp) = tcp_pair().await;
@@ -250,14 +235,7 @@ fn with_no_bytes_before_the_reply_the_bridge_carries_everything() {
             .unwrap();
         assert_eq!(early.sent(), 0);
         let app = std::thread::spawn(move || application(app, 1 << 20, 3));
-        let out = hbone::stream::bridge(
-            tcp,
-            s,
-            64 * 1024,
-            Duration::from_secs(60),
-            std::future::pending(),
-        )
-        .await;
+        let out = bridge(tcp, s).await;
         let (wrote, read) = app.join().unwrap();
         assert_eq!(read, wrote);
         assert_eq!(out.downstream_to_upstream, 1 << 20);

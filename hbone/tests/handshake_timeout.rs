@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use common::*;
 use hbone::error::HboneError;
-use hbone::pool::{Pool, PoolKey};
+use hbone::pool::Pool;
 use hbone::tls::TlsCounters;
 use hbone::wire::ConnectRequest;
 use hbone::H2Settings;
@@ -258,11 +258,7 @@ fn every_waiter_on_a_stalled_pool_slot_gets_the_error_and_the_next_open_succeeds
     let srv = echo_server(&cert(&ca, "server"));
     let p = peer(1, srv.addr);
     let client_cert = cert(&ca, "client");
-    let k = PoolKey {
-        src: id("client"),
-        dst: vec![id("server")],
-        addr: p.addr,
-    };
+    let k = key("client", "server", p.addr);
     let (errors, first_round_connects, timeouts, after) = block_on(DriverKind::Uring, async move {
         let counters = Arc::new(TlsCounters::default());
         let pool = Pool::new(short_deadline(), counters.clone());

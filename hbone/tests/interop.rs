@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use common::*;
-use hbone::pool::{Pool, PoolKey};
+use hbone::pool::Pool;
 use hbone::tls::TlsCounters;
 use hbone::wire::ConnectRequest;
 use hbone::H2Settings;
@@ -83,11 +83,7 @@ fn our_client_through_stock_server() {
     let client_cert = cert(&ca, "client");
     block_on(DriverKind::Uring, async move {
         let pool = Pool::new(H2Settings::default(), Arc::new(TlsCounters::default()));
-        let k = PoolKey {
-            src: id("client"),
-            dst: vec![id("server")],
-            addr,
-        };
+        let k = key("client", "server", addr);
         let s = pool
             .open(
                 &k,

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use common::*;
-use hbone::pool::{Pool, PoolKey};
+use hbone::pool::Pool;
 use hbone::tls::TlsCounters;
 use hbone::wire::ConnectRequest;
 use hbone::H2Settings;
@@ -64,11 +64,7 @@ fn unanswered_ping_closes_the_connection() {
         ..Default::default()
     };
     let client_cert = cert(&ca, "client");
-    let k = PoolKey {
-        src: id("client"),
-        dst: vec![id("server")],
-        addr,
-    };
+    let k = key("client", "server", addr);
     block_on(DriverKind::Uring, async move {
         let pool = Pool::new(settings, Arc::new(TlsCounters::default()));
         let open = || async {

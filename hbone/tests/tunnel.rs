@@ -20,14 +20,6 @@ use runtime::driver::DriverKind;
 
 const TARGET: &str = "10.1.2.3:8080";
 
-fn key(src: &str, dst: &str, addr: SocketAddr) -> PoolKey {
-    PoolKey {
-        src: id(src),
-        dst: vec![id(dst)],
-        addr,
-    }
-}
-
 /// A CONNECT to an address nobody listens on is answered 503 (the server's upstream connect
 /// failed), over the pool's existing connection.
 async fn assert_dead_upstream_is_503(pool: &Pool, k: &PoolKey, cert: &WorkloadCert) {

@@ -315,15 +315,7 @@ fn an_edit_saved_between_load_and_start_is_applied() {
     assert_eq!(loaded.text.as_deref(), Some(text.as_str()));
     // The edit lands before the watcher exists.
     std::fs::write(&file, format!("{text}# edited\n")).unwrap();
-    let h = ztunnel::start(
-        loaded,
-        Some(ztunnel::config::Source {
-            file: file.clone(),
-            profile,
-        }),
-        runtime::Shutdown::new(),
-    )
-    .unwrap();
+    let h = start_watching(loaded, &file);
     assert_eq!(h.state.version(), 1);
     eventually_within("the edited file loaded", Duration::from_secs(30), || {
         h.state.version() > 1
@@ -368,15 +360,7 @@ fn a_dns_service_entry_follows_its_host_name_to_new_addresses() {
     loaded.text = Some(text.clone());
     loaded.settings.dns_refresh = Duration::from_millis(100);
     loaded.settings.dns_resolver = resolve;
-    let h = ztunnel::start(
-        loaded,
-        Some(ztunnel::config::Source {
-            file: file.clone(),
-            profile,
-        }),
-        runtime::Shutdown::new(),
-    )
-    .unwrap();
+    let h = start_watching(loaded, &file);
     let endpoint = |h: &ztunnel::Handle| {
         let st = h.state.load();
         let svc = st

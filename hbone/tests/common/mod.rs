@@ -20,6 +20,31 @@ pub fn id(sa: &str) -> Identity {
     Identity::new("cluster.local", "default", sa)
 }
 
+/// The pool key of a stream from workload `src` to a server that must be `dst`, at `addr`.
+pub fn key(src: &str, dst: &str, addr: SocketAddr) -> hbone::pool::PoolKey {
+    hbone::pool::PoolKey {
+        src: id(src),
+        dst: vec![id(dst)],
+        addr,
+    }
+}
+
+/// [`hbone::stream::bridge`] as the tests run it: 64 KiB reads, a minute's idle bound, no
+/// abort.
+pub async fn bridge(
+    tcp: monoio::net::TcpStream,
+    s: hbone::stream::H2Stream,
+) -> runtime::forward::Outcome {
+    hbone::stream::bridge(
+        tcp,
+        s,
+        64 * 1024,
+        Duration::from_secs(60),
+        std::future::pending(),
+    )
+    .await
+}
+
 pub fn ca() -> SigningCa {
     SigningCa::generate_root("cluster.local").unwrap().0
 }
@@ -107,14 +132,7 @@ async fn forward(inbound: Inbound) {
         return;
     };
     let Ok(s) = inbound.accept() else { return };
-    hbone::stream::bridge(
-        tcp,
-        s,
-        64 * 1024,
-        Duration::from_secs(60),
-        std::future::pending(),
-    )
-    .await;
+    bridge(tcp, s).await;
 }
 
 /// Start an HBONE server with `cert` on 127.0.0.1:0.

@@ -223,18 +223,23 @@ pub struct Topo {
     pub file_b: PathBuf,
 }
 
-pub fn start_node(file: &Path) -> ztunnel::Handle {
-    let profile = tuning::Profile::default();
-    let loaded = ztunnel::config::load_file(file, &profile, 1).unwrap();
-    let h = ztunnel::start(
+/// Start `loaded` (from `file`, with the default profile) with its reload watcher on
+/// `file`.
+pub fn start_watching(loaded: ztunnel::config::Loaded, file: &Path) -> ztunnel::Handle {
+    ztunnel::start(
         loaded,
         Some(ztunnel::config::Source {
             file: file.to_owned(),
-            profile,
+            profile: tuning::Profile::default(),
         }),
         runtime::Shutdown::new(),
     )
-    .unwrap();
+    .unwrap()
+}
+
+pub fn start_node(file: &Path) -> ztunnel::Handle {
+    let loaded = ztunnel::config::load_file(file, &tuning::Profile::default(), 1).unwrap();
+    let h = start_watching(loaded, file);
     let body = http_get(h.addrs.readiness, "/healthz/ready");
     assert!(body.0.contains("200"), "not ready: {body:?}");
     h
